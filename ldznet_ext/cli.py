@@ -1,0 +1,47 @@
+"""`ldznet` command line: each sub-command lives beside the code it drives.
+
+A command module exposes ``register(subparsers)``, which adds its parser and sets
+``func(args) -> int`` as the parser default. Modules are imported only when the
+CLI starts, so ``import ldznet_ext`` stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import LdznetError
+
+COMMAND_MODULES: tuple[str, ...] = (
+    "ldznet_ext.checkpoint_cli",
+    "ldznet_ext.world.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldznet", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"ldznet {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except LdznetError as error:
+        print(f"ldznet {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

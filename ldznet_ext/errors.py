@@ -1,0 +1,22 @@
+"""Errors that describe bad input; front ends (CLI, WebUI, API) show their message as is."""
+
+
+class LdznetError(ValueError):
+    """Base class: the message says what was found and what is supported or expected."""
+
+
+class CheckpointError(LdznetError):
+    """A model file that is missing, corrupt, of an unsupported family or mismatched."""
+
+
+class ImageError(LdznetError):
+    """An image that cannot be read, is too large, or is not an image."""
+
+
+class ExpressionError(LdznetError):
+    """A malformed mask expression; ``position`` is the 0-based character offset."""
+
+    def __init__(self, message: str, position: int | None = None):
+        self.position = position
+        where = f" at position {position}" if position is not None else ""
+        super().__init__(f"{message}{where}")
