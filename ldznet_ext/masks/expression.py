@@ -1,0 +1,237 @@
+"""Mask expressions: ``goblin OR sword``, ``(cat | dog) & !collar {+8}``, ``face{-4} OR hair{*1.5}``.
+
+Grammar (a superset of imaginAIry's)::
+
+    expr := or            or  := and (("OR" | "|") and)*      and := not (("AND" | "&") not)*
+    not  := ("NOT" | "!") not | mod                            mod := atom modifier*
+    atom := TERM | '"' text '"' | "(" expr ")"                modifier := "{" ("+"|"-"|"*"|"/") NUMBER "}"
+
+A TERM is free text up to one of the reserved characters ``( ) | & ! { } "``. The keywords OR, AND,
+NOT are case-sensitive whole words (separated by spaces or reserved characters), so ``orange``,
+``Norway`` and ``cat and dog`` stay terms. Whitespace inside a term is collapsed; a quoted term may
+hold reserved characters and keywords (but no ``"``). NUMBER is ``12``, ``1.5``, ``.5`` or ``2.``,
+optionally with spaces inside the braces.
+
+The tree and its semantics (max, min, 1 - p, scaling, disk dilation/erosion) live in :mod:`.tree`;
+its node classes are re-exported here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from ..errors import ExpressionError
+from .tree import KEYWORDS, RESERVED, And, Expression, Modified, Modifier, Not, Or, Term
+
+__all__ = ["MAX_NESTING", "And", "Expression", "Modified", "Modifier", "Not", "Or", "Term", "parse"]
+
+MAX_NESTING = 64  # parentheses plus NOTs; keeps recursion in parsing, printing and evaluation shallow
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+
+
+@dataclass(frozen=True)
+class _Token:
+    kind: str  # "term", "or", "and", "not", "(", ")", "mod", "end"
+    pos: int
+    text: str = ""  # the term, or the operator as typed
+    modifier: Modifier | None = None
+
+    def describe(self) -> str:
+        if self.kind == "end":
+            return "the end of the text"
+        if self.kind == "term":
+            return f"the term {self.text!r}"
+        return f"'{self.text}'"
+
+
+def _found(text: str, i: int) -> str:
+    return f"{text[i]!r}" if i < len(text) else "the end of the text"
+
+
+def _skip_space(text: str, i: int) -> int:
+    while i < len(text) and text[i].isspace():
+        i += 1
+    return i
+
+
+def _lex_modifier(text: str, start: int) -> tuple[Modifier, int]:
+    """Read ``{op number}`` from ``text[start] == '{'``; return it and the index after ``}``."""
+    i = _skip_space(text, start + 1)
+    if i == len(text):
+        raise ExpressionError("'{' is never closed: expected a modifier such as {+8}", start)
+    op = text[i]
+    if op not in "+-*/":
+        raise ExpressionError(f"unknown modifier {op!r}: expected one of '+', '-', '*', '/' after '{{'", i)
+    i = _skip_space(text, i + 1)
+    number = _NUMBER.match(text, i)
+    if not number:
+        raise ExpressionError(f"expected a number after '{{{op}', found {_found(text, i)}", i)
+    amount = float(number.group())
+    if not math.isfinite(amount):
+        raise ExpressionError(f"the number in '{{{op}...}}' is too large", i)
+    if op == "/" and amount == 0:
+        raise ExpressionError("cannot divide by zero: '{/N}' needs N > 0", i)
+    end = _skip_space(text, number.end())
+    if end == len(text):
+        raise ExpressionError(f"'{{' is never closed: expected '}}' after '{{{op}{number.group()}'", start)
+    if text[end] != "}":
+        raise ExpressionError(f"expected '}}' after '{{{op}{number.group()}', found {_found(text, end)}", end)
+    return Modifier(op, amount), end + 1
+
+
+def _lex_words(text: str, start: int, stop: int) -> Iterator[_Token]:
+    """Split free text into terms and keyword tokens."""
+    words: list[re.Match[str]] = []
+    for word in re.finditer(r"\S+", text[start:stop]):
+        if word.group() in KEYWORDS:
+            if words:
+                yield _Token("term", start + words[0].start(), " ".join(w.group() for w in words))
+                words = []
+            yield _Token(KEYWORDS[word.group()], start + word.start(), word.group())
+        else:
+            words.append(word)
+    if words:
+        yield _Token("term", start + words[0].start(), " ".join(w.group() for w in words))
+
+
+_SYMBOLS = {"(": "(", ")": ")", "|": "or", "&": "and", "!": "not"}
+
+
+def _tokenize(text: str) -> Iterator[_Token]:
+    """Tokens on demand, so the parser reports the leftmost problem first."""
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c.isspace():
+            i += 1
+        elif c in _SYMBOLS:
+            yield _Token(_SYMBOLS[c], i, c)
+            i += 1
+        elif c == "{":
+            modifier, end = _lex_modifier(text, i)
+            yield _Token("mod", i, text[i:end], modifier)
+            i = end
+        elif c == "}":
+            raise ExpressionError("unexpected '}' without a '{' (modifiers look like {+8})", i)
+        elif c == '"':
+            end = text.find('"', i + 1)
+            if end < 0:
+                raise ExpressionError("unterminated quote: expected a closing '\"'", i)
+            term = " ".join(text[i + 1 : end].split())
+            if not term:
+                raise ExpressionError("empty quoted term: expected text between the quotes", i)
+            yield _Token("term", i, term)
+            i = end + 1
+        else:
+            end = i
+            while end < len(text) and text[end] not in RESERVED:
+                end += 1
+            yield from _lex_words(text, i, end)
+            i = end
+    yield _Token("end", len(text))
+
+
+def _unexpected(token: _Token, closer: str) -> ExpressionError:
+    """A token where an operator, a modifier or ``closer`` should follow a complete operand."""
+    hint = " (write 'AND NOT' to subtract)" if token.kind == "not" else ""
+    message = f"expected 'OR', 'AND', a modifier or {closer}, found {token.describe()}{hint}"
+    return ExpressionError(message, token.pos)
+
+
+class _Parser:
+    """Recursive descent over the tokens; ``after`` names what precedes an operand, for messages."""
+
+    def __init__(self, tokens: Iterator[_Token]):
+        self.tokens = tokens
+        self.current = next(tokens)
+        self.nesting = 0
+
+    def peek(self) -> _Token:
+        return self.current
+
+    def take(self) -> _Token:
+        token = self.current
+        if token.kind != "end":
+            self.current = next(self.tokens)
+        return token
+
+    def chain(
+        self, kind: str, node_type: type[Or] | type[And], operand: Callable[[str], Expression], after: str
+    ) -> Expression:
+        operands = [operand(after)]
+        while self.peek().kind == kind:
+            operands.append(operand(f"after '{self.take().text}'"))
+        return operands[0] if len(operands) == 1 else node_type(tuple(operands))
+
+    def expr(self, after: str) -> Expression:
+        return self.chain("or", Or, self.conjunction, after)
+
+    def conjunction(self, after: str) -> Expression:
+        return self.chain("and", And, self.negation, after)
+
+    def negation(self, after: str) -> Expression:
+        nots = 0
+        while self.peek().kind == "not":
+            token = self.take()
+            nots += 1
+            self.enter(token)
+            after = f"after '{token.text}'"
+        node = self.modified(after)
+        for _ in range(nots):
+            node = Not(node)
+        self.nesting -= nots
+        return node
+
+    def modified(self, after: str) -> Expression:
+        node = self.atom(after)
+        modifiers: list[Modifier] = []
+        while self.peek().kind == "mod":
+            modifiers.append(self.take().modifier)
+        if not modifiers:
+            return node
+        if isinstance(node, Modified):  # "(a{+1}){*2}" is the same tree as "a{+1}{*2}"
+            return Modified(node.operand, node.modifiers + tuple(modifiers))
+        return Modified(node, tuple(modifiers))
+
+    def atom(self, after: str) -> Expression:
+        token = self.take()
+        if token.kind == "term":
+            return Term(token.text)
+        if token.kind != "(":
+            raise ExpressionError(f"expected a term or '(' {after}, found {token.describe()}", token.pos)
+        if self.peek().kind == ")":
+            raise ExpressionError("empty parentheses: expected a term inside '()'", token.pos)
+        self.enter(token)
+        node = self.expr("after '('")
+        close = self.take()
+        if close.kind == "end":
+            raise ExpressionError("'(' is never closed: expected ')'", token.pos)
+        if close.kind != ")":
+            raise _unexpected(close, "')'")
+        self.nesting -= 1
+        return node
+
+    def enter(self, token: _Token) -> None:
+        self.nesting += 1
+        if self.nesting > MAX_NESTING:
+            message = f"expression nested too deeply: at most {MAX_NESTING} levels of '(' and NOT"
+            raise ExpressionError(message, token.pos)
+
+
+def parse(text: str) -> Expression:
+    """Parse a mask expression; raises :class:`ExpressionError` with the 0-based position of the problem."""
+    if not isinstance(text, str):
+        raise ExpressionError(f"a mask expression must be text, got {type(text).__name__}")
+    if not text.strip():
+        raise ExpressionError("expected a mask expression such as 'cat OR dog', got empty text", 0)
+    parser = _Parser(_tokenize(text))
+    node = parser.expr("at the start")
+    token = parser.take()
+    if token.kind == ")":
+        raise ExpressionError("unmatched ')': no '(' is open", token.pos)
+    if token.kind != "end":
+        raise _unexpected(token, "the end")
+    return node

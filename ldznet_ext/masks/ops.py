@@ -1,0 +1,257 @@
+"""Mask operations on probability maps: disk dilation/erosion, feathering, connected components,
+and the final threshold step (:class:`MaskOptions`, :func:`finalize`).
+
+Maps are float tensors ``[..., H, W]`` with values in [0, 1] on any device; sizes are in pixels of
+the map, which is the output image. Component filtering runs on the CPU with OpenCV.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import LdznetError
+
+__all__ = [
+    "MaskOptions",
+    "dilate",
+    "disk",
+    "erode",
+    "feather",
+    "finalize",
+    "keep_largest_components",
+    "remove_small_regions",
+]
+
+
+def _check_radius(radius: float, what: str) -> float:
+    if isinstance(radius, bool) or not isinstance(radius, numbers.Real) or not math.isfinite(radius) or radius < 0:
+        raise LdznetError(f"{what} must be a finite number of pixels >= 0, got {radius!r}")
+    return float(radius)
+
+
+def _check_map(p: Tensor, what: str) -> None:
+    if not isinstance(p, Tensor) or p.ndim < 2 or not p.is_floating_point():
+        found = f"{p.dtype} tensor of shape {tuple(p.shape)}" if isinstance(p, Tensor) else type(p).__name__
+        raise LdznetError(f"{what} expects a floating-point tensor [..., H, W], got {found}")
+
+
+def _half_widths(radius: float, max_dy: int) -> list[int]:
+    """``w[dy]``: the largest integer w with w² + dy² <= radius², for dy = 0 .. min(floor(radius), max_dy)."""
+    r2 = radius * radius
+    widths = []
+    for dy in range(min(math.floor(radius), max_dy) + 1):
+        w = math.isqrt(int(r2 - dy * dy))  # int() floors the non-negative float: exact for integer r2
+        while (w + 1) ** 2 + dy * dy <= r2:  # fractional radii: the float part may allow one more
+            w += 1
+        widths.append(w)
+    return widths
+
+
+def disk(radius: float) -> Tensor:
+    """The structuring element: bool ``[2n+1, 2n+1]``, n = floor(radius), True where dx²+dy² <= radius²."""
+    radius = _check_radius(radius, "disk radius")
+    widths = _half_widths(radius, math.floor(radius))
+    n = len(widths) - 1
+    offsets = torch.arange(-n, n + 1)
+    half = torch.tensor(widths)[offsets.abs()]
+    return offsets.abs()[None, :] <= half[:, None]
+
+
+def _max_filter_disk(p: Tensor, radius: float) -> Tensor:
+    """Grey-scale max over the disk of ``radius`` around each pixel, ignoring pixels outside the map.
+
+    Why this decomposition: the disk is a stack of horizontal segments, one per row offset dy, of
+    half-width w(dy). A 1-D horizontal max of half-width w+1 is the max of the half-width-w result
+    shifted by one pixel left and right, so walking w upwards costs two elementwise maxima per step,
+    and each row offset adds one more. That is O(radius) full-map operations: exact, any device, no
+    kernel of radius² taps. Measured on 1024², radius 100: 69 ms on 2 CPU threads against 814 ms for
+    cv2.dilate with the same disk (radius 8: 10 ms vs 6 ms), 5 ms on an H200; so there is no
+    separate OpenCV path.
+    Offsets beyond the map's size see only padding, so the radius is cut to the map's extent.
+    Padding with -inf ("ignore outside pixels") equals replicate padding for a centred convex
+    element: the border pixel a replicated one copies is always closer, hence inside the disk too.
+    """
+    height, width = p.shape[-2:]
+    if p.numel() == 0:
+        return p.clone()
+    if radius * radius >= (height - 1) ** 2 + (width - 1) ** 2:  # the disk covers the whole map
+        return p.amax(dim=(-2, -1), keepdim=True).expand_as(p).clone()
+    widths = _half_widths(radius, height - 1)
+    ny = len(widths) - 1
+    nx = min(widths[0], width - 1)
+    if ny == 0 and nx == 0:
+        return p.clone()
+    padded = F.pad(p.reshape(-1, 1, height, width), (nx, nx, ny, ny), value=-math.inf)
+    padded = padded.reshape(*p.shape[:-2], height + 2 * ny, width + 2 * nx)
+    out = torch.full_like(p, -math.inf)
+    # rows[w] lists the row offsets whose segment half-width is w (capped at the map width).
+    rows: dict[int, list[int]] = {}
+    for dy, w in enumerate(widths):
+        rows.setdefault(min(w, nx), []).extend([dy] if dy == 0 else [dy, -dy])
+    segment = padded  # segment[..., :, j] = max over columns j .. j + 2w of padded, i.e. centre j + w - nx
+    for w in range(nx + 1):
+        if w == 1:
+            segment = torch.maximum(torch.maximum(padded[..., :-2], padded[..., 1:-1]), padded[..., 2:])
+        elif w > 1:
+            segment = torch.maximum(segment[..., :-2], segment[..., 2:])
+        for dy in rows.get(w, ()):
+            torch.maximum(out, segment[..., ny + dy : ny + dy + height, nx - w : nx - w + width], out=out)
+    return out
+
+
+def dilate(p: Tensor, radius: float) -> Tensor:
+    """Grey-scale dilation ``[..., H, W] -> [..., H, W]``: max over a true disk of ``radius`` pixels.
+
+    The disk holds the offsets with dx² + dy² <= radius², so fractional radii are meaningful
+    (1.5 adds the diagonals to the radius-1 cross); radius < 1 is the identity. Values outside the
+    map are ignored. Returns a new tensor with ``p``'s dtype and device.
+    """
+    _check_map(p, "dilate")
+    return _max_filter_disk(p, _check_radius(radius, "dilation radius"))
+
+
+def erode(p: Tensor, radius: float) -> Tensor:
+    """Grey-scale erosion ``[..., H, W] -> [..., H, W]``: min over the disk of :func:`dilate`.
+
+    Pixels outside the map are ignored, so a mask touching the image border is not eaten from it.
+    """
+    _check_map(p, "erode")
+    return -_max_filter_disk(-p, _check_radius(radius, "erosion radius"))
+
+
+def feather(mask: Tensor, radius: float) -> Tensor:
+    """Soften edges ``[..., H, W] -> [..., H, W]`` with a Gaussian blur of sigma = radius / 2.
+
+    ``radius`` is the visible half-width of the transition: a hard edge becomes a ramp that is
+    within 2.3% of 0 and 1 at ``radius`` pixels on either side (±2 sigma). The kernel is cut at
+    3 sigma and renormalised; borders are replicated so a mask filling the image stays 1 there.
+    Radius 0 returns a copy.
+    """
+    _check_map(mask, "feather")
+    radius = _check_radius(radius, "feather radius")
+    if radius == 0:
+        return mask.clone()
+    sigma = radius / 2
+    half = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-half, half + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(device=mask.device, dtype=mask.dtype)
+    height, width = mask.shape[-2:]
+    flat = mask.reshape(-1, 1, height, width)
+    # Replicate padding is applied per axis so a kernel wider than the map still sees only the edge value.
+    flat = F.conv2d(F.pad(flat, (0, 0, half, half), mode="replicate"), kernel.view(1, 1, -1, 1))
+    flat = F.conv2d(F.pad(flat, (half, half, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
+    return flat.reshape(mask.shape).clamp_(0, 1)
+
+
+def _components(mask: Tensor, what: str) -> tuple[int, np.ndarray, np.ndarray]:
+    """8-connected components of a bool ``[H, W]`` mask: (count incl. background, labels, areas)."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.ndim != 2:
+        found = f"{mask.dtype} tensor of shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise LdznetError(f"{what} expects a bool tensor [H, W], got {found}")
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        mask.cpu().numpy().astype(np.uint8), connectivity=8, ltype=cv2.CV_32S
+    )
+    return count, labels, stats[:, cv2.CC_STAT_AREA]
+
+
+def _select(mask: Tensor, labels: np.ndarray, keep: np.ndarray) -> Tensor:
+    keep = np.concatenate([[False], keep])  # label 0 is the background
+    return torch.from_numpy(keep[labels]).to(mask.device)
+
+
+def keep_largest_components(mask: Tensor, k: int) -> Tensor:
+    """Keep the ``k`` largest 8-connected foreground components of a bool ``[H, W]`` mask.
+
+    Equal areas are ranked by the raster position (row, then column) of each component's first
+    pixel. Returns a bool ``[H, W]`` tensor on ``mask``'s device.
+    """
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise LdznetError(f"the number of components to keep must be an integer >= 1, got {k!r}")
+    count, labels, areas = _components(mask, "keep_largest_components")
+    order = np.argsort(-areas[1:], kind="stable")
+    if k < len(order) and areas[1 + order[k - 1]] == areas[1 + order[k]]:
+        # OpenCV's block-based labelling does not number components in raster order, so a tie at
+        # the cut is settled by each component's first pixel (np.unique: first index per label).
+        _, first = np.unique(labels, return_index=True)
+        order = np.lexsort((first[1:], -areas[1:]))
+    keep = np.zeros(count - 1, dtype=bool)
+    keep[order[:k]] = True
+    return _select(mask, labels, keep)
+
+
+def remove_small_regions(mask: Tensor, min_area: int) -> Tensor:
+    """Drop 8-connected foreground components of fewer than ``min_area`` pixels from a bool ``[H, W]`` mask.
+
+    Only islands are removed (holes are left as they are); ``min_area`` 0 or 1 keeps everything.
+    Returns a bool ``[H, W]`` tensor on ``mask``'s device.
+    """
+    if isinstance(min_area, bool) or not isinstance(min_area, numbers.Integral) or min_area < 0:
+        raise LdznetError(f"the minimum region area must be an integer number of pixels >= 0, got {min_area!r}")
+    _, labels, areas = _components(mask, "remove_small_regions")
+    return _select(mask, labels, areas[1:] >= min_area)
+
+
+@dataclass(frozen=True)
+class MaskOptions:
+    """How :func:`finalize` turns a probability map into the final mask.
+
+    threshold: a pixel is foreground when p > threshold (strict, as in CLIPSeg's metric), in [0, 1).
+    invert: swap foreground and background after component filtering.
+    keep_largest: keep only this many largest connected objects (None: all), >= 1.
+    min_area: drop objects smaller than this many pixels, >= 0.
+    feather: soft-edge radius in pixels (see :func:`feather`), >= 0.
+    """
+
+    threshold: float = 0.5
+    invert: bool = False
+    keep_largest: int | None = None
+    min_area: int = 0
+    feather: float = 0.0
+
+    def __post_init__(self) -> None:
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 <= t < 1:
+            raise LdznetError(
+                f"threshold must be a number in [0, 1) (p > threshold is foreground, so 1 selects nothing), got {t!r}"
+            )
+        if not isinstance(self.invert, bool):
+            raise LdznetError(f"invert must be True or False, got {self.invert!r}")
+        k = self.keep_largest
+        if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1):
+            raise LdznetError(f"keep_largest must be None (keep all) or an integer >= 1, got {k!r}")
+        a = self.min_area
+        if isinstance(a, bool) or not isinstance(a, numbers.Integral) or a < 0:
+            raise LdznetError(f"min_area must be an integer number of pixels >= 0, got {a!r}")
+        _check_radius(self.feather, "feather")
+
+
+def finalize(probability: Tensor, options: MaskOptions = MaskOptions()) -> Tensor:
+    """Final mask from a probability map: float ``[H, W]`` in [0, 1] -> float ``[H, W]`` in [0, 1].
+
+    Order: threshold -> remove small regions -> keep the largest -> invert -> feather.
+    Component filters need a binary mask, so they follow the threshold; small specks go first so
+    they never count as objects. Inversion follows them so that "keep the largest object" means the
+    object the expression describes, not the background around it. Feathering comes last because it
+    makes the edges soft (it commutes with inversion, so that part of the order is free).
+    Without feathering the result holds only 0 and 1. Keeps ``probability``'s dtype and device.
+    """
+    _check_map(probability, "finalize")
+    if probability.ndim != 2:
+        raise LdznetError(f"finalize expects one map [H, W], got shape {tuple(probability.shape)}")
+    mask = probability > options.threshold
+    if options.min_area > 1:
+        mask = remove_small_regions(mask, options.min_area)
+    if options.keep_largest is not None:
+        mask = keep_largest_components(mask, options.keep_largest)
+    if options.invert:
+        mask = ~mask
+    return feather(mask.to(probability.dtype), options.feather)

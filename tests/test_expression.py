@@ -1,0 +1,307 @@
+"""Mask expressions: grammar, canonical text, error positions and evaluation on exact small maps."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from ldznet_ext.errors import ExpressionError, LdznetError
+from ldznet_ext.masks.expression import MAX_NESTING, And, Modified, Modifier, Not, Or, Term, parse
+
+A, B, C, D = Term("a"), Term("b"), Term("c"), Term("d")
+
+
+@pytest.mark.parametrize(
+    "text, tree",
+    [
+        ("a OR b AND NOT c", Or((A, And((B, Not(C)))))),
+        ("NOT a AND b OR c", Or((And((Not(A), B)), C))),
+        ("a | b & !c", Or((A, And((B, Not(C)))))),
+        ("(a OR b) AND c", And((Or((A, B)), C))),
+        ("a OR b OR c AND d", Or((A, B, And((C, D))))),
+        ("a OR (b OR c)", Or((A, Or((B, C))))),
+        ("((a))", A),
+        ("!!a", Not(Not(A))),
+        ("NOT(a)AND(b)", And((Not(A), B))),
+        ("a{+1}{*2}", Modified(A, (Modifier("+", 1), Modifier("*", 2)))),
+        ("(a{+1}){*2}", Modified(A, (Modifier("+", 1), Modifier("*", 2)))),
+        ("a { - 4 } ", Modified(A, (Modifier("-", 4),))),
+        ("NOT a{+1.5}", Not(Modified(A, (Modifier("+", 1.5),)))),
+        ("(NOT a){/2}", Modified(Not(A), (Modifier("/", 2),))),
+        ("(a OR b){+.5}", Modified(Or((A, B)), (Modifier("+", 0.5),))),
+        ("a{*2.}", Modified(A, (Modifier("*", 2),))),
+    ],
+)
+def test_precedence_parentheses_and_modifiers(text, tree):
+    assert parse(text) == tree
+
+
+@pytest.mark.parametrize(
+    "text, terms",
+    [
+        ("cat or dog", ("cat or dog",)),  # keywords are upper case only
+        ("orange OR Norway", ("orange", "Norway")),
+        ("ORange ANDroid NOTebook", ("ORange ANDroid NOTebook",)),
+        ("  big \t red\n car  OR x", ("big red car", "x")),
+        ("t-shirt AND-ish", ("t-shirt AND-ish",)),  # a keyword must stand alone between spaces or symbols
+        ('"cat OR dog" OR " (x) {+1} "', ("cat OR dog", "(x) {+1}")),
+        ("b OR a AND b OR c", ("b", "a", "c")),
+        ("cat OR cat", ("cat",)),
+        ("person's hat*2 OR a+b", ("person's hat*2", "a+b")),
+    ],
+)
+def test_terms_are_normalised_and_listed_once_in_order(text, terms):
+    assert parse(text).terms() == terms
+
+
+@pytest.mark.parametrize(
+    "text, canonical",
+    [
+        ("goblin | sword", "goblin OR sword"),
+        ("(cat | dog) & !collar {+8}", "(cat OR dog) AND NOT collar{+8}"),
+        ("face{-4} OR hair{*1.5}", "face{-4} OR hair{*1.5}"),
+        ("((a & b)) | (c)", "a AND b OR c"),
+        ("a & (b & c)", "a AND (b AND c)"),
+        ("(!a){+08.50}", "(NOT a){+8.5}"),
+        ("a{*0.0000001}", "a{*0.0000001}"),
+        ('"OR" OR "a|b" OR "x AND y" OR "cat and dog"', '"OR" OR "a|b" OR "x AND y" OR cat and dog'),
+    ],
+)
+def test_canonical_text(text, canonical):
+    e = parse(text)
+    assert str(e) == canonical
+    assert parse(canonical) == e
+
+
+ERRORS = [
+    ("", 0, "expected a mask expression such as 'cat OR dog', got empty text"),
+    (" \t ", 0, "expected a mask expression such as 'cat OR dog', got empty text"),
+    ("(a", 0, "'(' is never closed: expected ')'"),
+    ("x AND ((a) OR b", 6, "'(' is never closed"),
+    ("a)", 1, "unmatched ')': no '(' is open"),
+    ("(a OR b)) OR c", 8, "unmatched ')'"),
+    ("a{%3}", 2, "unknown modifier '%': expected one of '+', '-', '*', '/' after '{'"),
+    ("a{+x}", 3, "expected a number after '{+', found 'x'"),
+    ("a{+}", 3, "expected a number after '{+', found '}'"),
+    ("a{+3", 1, "'{' is never closed: expected '}' after '{+3'"),
+    ("a{+3 x}", 5, "expected '}' after '{+3', found 'x'"),
+    ("a{+1e3}", 4, "expected '}' after '{+1', found 'e'"),
+    ("a{", 1, "'{' is never closed: expected a modifier such as {+8}"),
+    ("a{/0}", 3, "cannot divide by zero: '{/N}' needs N > 0"),
+    ("a{*" + "9" * 400 + "}", 3, "the number in '{*...}' is too large"),
+    ("a} OR b", 1, "unexpected '}' without a '{'"),
+    ("{+2} a", 0, "expected a term or '(' at the start, found '{+2}'"),
+    ("cat OR", 6, "expected a term or '(' after 'OR', found the end of the text"),
+    ("cat |  ", 7, "expected a term or '(' after '|', found the end of the text"),
+    ("AND dog", 0, "expected a term or '(' at the start, found 'AND'"),
+    ("a OR OR b", 5, "expected a term or '(' after 'OR', found 'OR'"),
+    ("a & | b", 4, "expected a term or '(' after '&', found '|'"),
+    ("!", 1, "expected a term or '(' after '!', found the end of the text"),
+    ("a AND NOT", 9, "expected a term or '(' after 'NOT', found the end of the text"),
+    ("()", 0, "empty parentheses: expected a term inside '()'"),
+    ("a OR ( )", 5, "empty parentheses"),
+    ('"abc', 0, "unterminated quote: expected a closing '\"'"),
+    ('a OR "b', 5, "unterminated quote"),
+    ('a OR " "', 5, "empty quoted term: expected text between the quotes"),
+    ("a NOT b", 2, "expected 'OR', 'AND', a modifier or the end, found 'NOT' (write 'AND NOT' to subtract)"),
+    ("(a ! b)", 3, "expected 'OR', 'AND', a modifier or ')', found '!'"),
+    ("a (b)", 2, "expected 'OR', 'AND', a modifier or the end, found '('"),
+    ('big "red car"', 4, "expected 'OR', 'AND', a modifier or the end, found the term 'red car'"),
+    ("AND b{%3}", 0, "expected a term or '(' at the start, found 'AND'"),  # the leftmost problem wins
+    ("a{+٣}", 3, "expected a number after '{+', found '٣'"),  # ASCII digits only
+]
+
+
+@pytest.mark.parametrize("text, position, message", ERRORS)
+def test_errors_name_the_problem_and_its_position(text, position, message):
+    with pytest.raises(ExpressionError) as info:
+        parse(text)
+    assert info.value.position == position
+    assert str(info.value).startswith(message)
+    assert str(info.value).endswith(f" at position {position}")
+
+
+def test_nesting_is_limited():
+    deep = "(" * MAX_NESTING + "a" + ")" * MAX_NESTING
+    assert parse(deep) == A
+    assert parse("!" * MAX_NESTING + "a").terms() == ("a",)
+    with pytest.raises(ExpressionError, match=f"nested too deeply: at most {MAX_NESTING} levels") as info:
+        parse("(" + deep + ")")
+    assert info.value.position == MAX_NESTING
+    with pytest.raises(ExpressionError, match="nested too deeply") as info:
+        parse("(" * 40 + "!" * 30 + "a" + ")" * 40)
+    assert info.value.position == 40 + 24
+
+
+def test_parse_rejects_non_text():
+    with pytest.raises(ExpressionError, match="a mask expression must be text, got bytes"):
+        parse(b"cat")
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: Term(" cat"), "single spaces"),
+        (lambda: Term(""), "non-empty"),
+        (lambda: Term('say "hi"'), "cannot contain"),
+        (lambda: Or((A,)), "Or needs two or more Expressions"),
+        (lambda: And((A, "b")), "And needs two or more Expressions"),
+        (lambda: Not("a"), "Not needs an Expression"),
+        (lambda: Modified(Modified(A, (Modifier("+", 1),)), (Modifier("*", 2),)), "other than Modified"),
+        (lambda: Modified(A, ()), "one or more Modifier"),
+        (lambda: Modifier("%", 1), "one of '\\+', '-', '\\*', '/'"),
+        (lambda: Modifier("+", -1), "finite number >= 0"),
+        (lambda: Modifier("/", 0), "needs N > 0"),
+    ],
+)
+def test_trees_are_validated(build, message):
+    with pytest.raises(ExpressionError, match=message):
+        build()
+
+
+def test_trees_are_immutable_and_hashable():
+    e = parse("a OR b{+1}")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        e.operands = ()
+    assert hash(e) == hash(parse("a | b {+1.0}"))
+    assert Or((A, B)) != And((A, B))
+
+
+def t(rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+# Values exact in binary floating point, so every expected array below is exact.
+MAPS = {
+    "a": t([[0.25, 0.75], [0.5, 0.0]]),
+    "b": t([[0.5, 0.125], [1.0, 0.5]]),
+    "c": t([[1.0, 0.25], [0.0, 0.625]]),
+}
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("a OR b", [[0.5, 0.75], [1.0, 0.5]]),
+        ("a AND b", [[0.25, 0.125], [0.5, 0.0]]),
+        ("NOT a", [[0.75, 0.25], [0.5, 1.0]]),
+        ("a OR b AND c", [[0.5, 0.75], [0.5, 0.5]]),  # max(a, min(b, c))
+        ("(a OR b) AND c", [[0.5, 0.25], [0.0, 0.5]]),
+        ("NOT a AND b", [[0.5, 0.125], [0.5, 0.5]]),  # min(1 - a, b)
+        ("NOT (a AND b)", [[0.75, 0.875], [0.5, 1.0]]),
+        ("a{*2}", [[0.5, 1.0], [1.0, 0.0]]),  # 1.5 is clamped
+        ("a{/4}", [[0.0625, 0.1875], [0.125, 0.0]]),
+        ("a{*0}", [[0.0, 0.0], [0.0, 0.0]]),
+        ("b{/0.5} AND c", [[1.0, 0.25], [0.0, 0.625]]),
+        ("a{*2}{/4}", [[0.125, 0.25], [0.25, 0.0]]),  # left to right: the clamp happens before the division
+        ("a{/4}{*2}", [[0.125, 0.375], [0.25, 0.0]]),
+    ],
+)
+def test_evaluate_combines_exactly(text, expected):
+    assert torch.equal(parse(text).evaluate(MAPS), t(expected))
+
+
+def test_dilation_and_erosion_modifiers_use_true_disks():
+    dot = torch.zeros(5, 5)
+    dot[2, 2] = 1
+    cross = t([[0, 0, 0, 0, 0], [0, 0, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 0, 0], [0, 0, 0, 0, 0]])
+    disk2 = t([[0, 0, 1, 0, 0], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0], [0, 0, 1, 0, 0]])
+    maps = {"dot": dot}
+    assert torch.equal(parse("dot{+1}").evaluate(maps), cross)
+    assert torch.equal(parse("dot{+2}").evaluate(maps), disk2)
+    assert torch.equal(parse("dot{+1}{+1}").evaluate(maps), disk2)  # cross ⊕ cross is the radius-2 disk
+    assert torch.equal(parse("dot{+2}{-1}").evaluate(maps), cross)  # only the cross fits the cross into disk2
+    assert torch.equal(parse("dot{+2}{-2}").evaluate(maps), dot)
+    assert torch.equal(parse("dot{+0}").evaluate(maps), dot)
+    # The modifier binds tighter than NOT: NOT dilates first, then inverts; "(NOT dot){+1}" dilates the inverse.
+    assert torch.equal(parse("NOT dot{+1}").evaluate(maps), 1 - cross)
+    assert torch.equal(parse("(NOT dot){+1}").evaluate(maps), torch.ones(5, 5))
+    assert torch.equal(parse("(NOT dot){-1}").evaluate(maps), 1 - cross)
+
+
+def test_evaluate_accepts_batches_and_returns_new_tensors():
+    batch = {k: torch.stack([v, 1 - v]) for k, v in MAPS.items()}
+    out = parse("a OR b").evaluate(batch)
+    assert torch.equal(out, torch.stack([t([[0.5, 0.75], [1.0, 0.5]]), t([[0.75, 0.875], [0.5, 1.0]])]))
+    same = parse("a").evaluate(MAPS)
+    assert torch.equal(same, MAPS["a"]) and same is not MAPS["a"]
+
+
+def test_evaluate_rejects_missing_or_mismatched_maps():
+    with pytest.raises(LdznetError, match=r"no probability map for term 'dog'; maps were given for \['a', 'b', 'c'\]"):
+        parse("a OR dog").evaluate(MAPS)
+    differ = r"the maps for 'a' and 'b' differ: \(2, 2\) torch.float32 on cpu vs \(3, 2\)"
+    with pytest.raises(LdznetError, match=differ):
+        parse("a OR b").evaluate({"a": MAPS["a"], "b": torch.zeros(3, 2)})
+    not_float = r"the map for 'a' must be a float tensor \[H, W\] or \[B, H, W\], got torch.int64"
+    with pytest.raises(LdznetError, match=not_float):
+        parse("a").evaluate({"a": torch.zeros(2, 2, dtype=torch.long)})
+    with pytest.raises(LdznetError, match="got ndarray"):
+        parse("a").evaluate({"a": MAPS["a"].numpy()})
+
+
+# Free-text terms that stay plain, and ones that canonical text must quote.
+VOCABULARY = ["cat", "big red car", "orange", "Norway", "t-shirt", "a+b*2", "cat and dog", "ä ö", "person's hat",
+              "OR", "NOT me", "a | b", "(x)", "{+1}", "x AND y", "don't!"]  # fmt: skip
+AMOUNTS = [0, 1, 2.5, 0.125, 100, 1e-7, 3.3333, 123456789.5]
+
+
+def random_tree(rng: random.Random, depth: int):
+    kind = rng.choice(["term", "term", "not", "mod", "or", "and"] if depth else ["term"])
+    if kind == "term":
+        return Term(rng.choice(VOCABULARY))
+    if kind == "not":
+        return Not(random_tree(rng, depth - 1))
+    if kind == "mod":
+        operand = random_tree(rng, depth - 1)
+        while isinstance(operand, Modified):
+            operand = random_tree(rng, depth - 1)
+        ops = [(op, a) for op in "+-*/" for a in AMOUNTS if not (op == "/" and a == 0)]
+        return Modified(operand, tuple(Modifier(*rng.choice(ops)) for _ in range(rng.randint(1, 3))))
+    operands = tuple(random_tree(rng, depth - 1) for _ in range(rng.randint(2, 4)))
+    return (Or if kind == "or" else And)(operands)
+
+
+def random_text(rng: random.Random, depth: int) -> str:
+    """Surface syntax with random spellings, spacing and redundant parentheses."""
+    space = lambda: rng.choice(["", " ", "  ", "\t"])  # noqa: E731
+    kind = rng.choice(["term", "term", "quoted", "not", "mod", "or", "and", "paren"] if depth else ["term"])
+    if kind == "term":
+        return space() + rng.choice(VOCABULARY[:9]) + space()
+    if kind == "quoted":
+        return f'{space()}"{space()}{rng.choice(VOCABULARY)}{space()}"'
+    if kind == "not":
+        return rng.choice(["NOT ", "!", "! "]) + random_text(rng, depth - 1)
+    if kind == "mod":
+        amounts = ["1", "2.5", ".5", "10."]
+        mods = "".join(f"{{{rng.choice('+-*')}{rng.choice(amounts)}}}" for _ in range(rng.randint(1, 2)))
+        return f"({random_text(rng, depth - 1)}){space()}{mods}"
+    if kind == "paren":
+        return f"({random_text(rng, depth - 1)})"
+    word = rng.choice(["OR", "|"] if kind == "or" else ["AND", "&"])
+    return f" {word} ".join(f"({random_text(rng, depth - 1)})" for _ in range(rng.randint(2, 3)))
+
+
+def test_random_trees_round_trip_through_canonical_text():
+    rng = random.Random(1234)
+    for _ in range(200):
+        tree = random_tree(rng, rng.randint(0, 4))
+        text = str(tree)
+        assert parse(text) == tree, text
+        assert str(parse(text)) == text
+
+
+def test_random_texts_parse_to_canonical_fixed_points():
+    rng = random.Random(5678)
+    maps = {w: torch.rand(4, 5, generator=torch.Generator().manual_seed(i)) for i, w in enumerate(VOCABULARY)}
+    for _ in range(200):
+        text = random_text(rng, rng.randint(0, 4))
+        tree = parse(text)
+        canonical = str(tree)
+        assert parse(canonical) == tree, (text, canonical)
+        assert str(parse(canonical)) == canonical
+        out = tree.evaluate(maps)
+        assert out.shape == (4, 5) and 0 <= out.min() and out.max() <= 1
