@@ -1,0 +1,87 @@
+"""Head architectures by name and size, and their initialisation from an SD v1 UNet."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import Tensor, nn
+
+from ..sd.unet import UNetConfig, unet_config
+from ..tap import LDZNET_BLOCKS
+from .ldznet import LDZNet
+from .rgbnet import RGBNet
+from .znet import ZNet
+
+ARCHITECTURES = ("ldznet", "znet", "rgbnet")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """What a segmentation head is: architecture, UNet shape, the SD blocks it reads, the z side its
+    positional embeddings are made for (LD-ZNet), and the SD timestep its features come from."""
+
+    arch: str
+    unet: UNetConfig = field(default_factory=lambda: unet_config("sd-v1", out_channels=1))
+    sd_blocks: tuple[int, ...] = LDZNET_BLOCKS
+    latent_size: int = 48
+    timestep: int = 400
+
+    def __post_init__(self):
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+
+    @property
+    def uses_sd_features(self) -> bool:
+        return self.arch == "ldznet"
+
+    @property
+    def input_kind(self) -> str:
+        """"image" for RGBNet (RGB in [-1, 1]), "latent" for the others (z = VAE mean x 0.18215)."""
+        return "image" if self.arch == "rgbnet" else "latent"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "unet": self.unet.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> HeadConfig:
+        fields = dict(data)
+        fields["unet"] = UNetConfig.from_dict(fields["unet"])
+        fields["sd_blocks"] = tuple(fields.get("sd_blocks", LDZNET_BLOCKS))
+        return cls(**fields)
+
+
+def head_config(arch: str, size: str = "sd-v1", **overrides) -> HeadConfig:
+    """The head of ``arch`` matching the SD UNet of ``size`` ("sd-v1" or "tiny")."""
+    return replace(HeadConfig(arch, unet=unet_config(size, out_channels=1)), **overrides)
+
+
+def build_head(config: HeadConfig) -> ZNet:
+    """Instantiate a head (on the current default device; use ``torch.device("meta")`` for a dry build)."""
+    if config.arch == "ldznet":
+        return LDZNet(config.unet, config.sd_blocks, config.latent_size)
+    return (ZNet if config.arch == "znet" else RGBNet)(config.unet)
+
+
+def init_from_sd_unet(head: nn.Module, sd_unet_state: Mapping[str, Tensor]) -> list[str]:
+    """Copy an SD UNet's weights into a head, as the official training starts.
+
+    Every head tensor with a same-named, same-shaped SD tensor is copied; the 4-channel ``out.2``
+    conv is sliced to its channel 0. Returns the names left at their fresh initialisation
+    (``attn3``, ``norm_sd``, attention pools, ``final``, RGBNet's stem).
+    """
+    own = head.state_dict()
+    loaded, fresh = {}, []
+    for name, tensor in own.items():
+        source = sd_unet_state.get(name)
+        if source is not None and name.startswith("out.2."):
+            source = source[: tensor.shape[0]]
+        if source is not None and source.shape == tensor.shape:
+            loaded[name] = source
+        else:
+            fresh.append(name)
+    with torch.no_grad():
+        for name, source in loaded.items():
+            own[name].copy_(source)
+    return fresh

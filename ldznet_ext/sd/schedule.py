@@ -1,0 +1,51 @@
+"""The SD v1 noise schedule: scaled-linear betas from 0.00085 to 0.012 over 1000 steps."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+NUM_TIMESTEPS = 1000
+LINEAR_START = 0.00085
+LINEAR_END = 0.012
+
+
+def alphas_cumprod(num_timesteps: int = NUM_TIMESTEPS, start: float = LINEAR_START, end: float = LINEAR_END) -> Tensor:
+    """Cumulative products of 1 - beta [num_timesteps], float64, as ldm's ``make_beta_schedule("linear")``."""
+    betas = torch.linspace(start ** 0.5, end ** 0.5, num_timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+class NoiseSchedule:
+    """Forward diffusion q(z_t | z_0) for a given ``alphas_cumprod`` table (the host's or the SD v1 one)."""
+
+    def __init__(self, table: Tensor | None = None):
+        self.alphas_cumprod = (alphas_cumprod() if table is None else table).to(torch.float64).cpu()
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.alphas_cumprod.shape[0]
+
+    def q_sample(self, z: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """z_t = sqrt(a_t) z + sqrt(1 - a_t) noise, for z [B, C, h, w] and integer t [B]."""
+        a = self.alphas_cumprod[t.cpu().long()].to(device=z.device, dtype=torch.float32)[:, None, None, None]
+        return (a.sqrt() * z.float() + (1 - a).sqrt() * noise.float()).to(z.dtype)
+
+
+OFFICIAL_TIMESTEPS = (300, 500)
+"""The official code draws the feature timestep uniformly from [300, 500)."""
+
+
+def noise_draws(seed: int, count: int, shape: tuple[int, ...], timestep: int | None) -> list[tuple[int, Tensor]]:
+    """``count`` (timestep, noise [shape]) pairs from one seeded CPU generator.
+
+    ``timestep`` None draws each timestep from OFFICIAL_TIMESTEPS as the official code does. The
+    pairs depend only on the arguments, so a result never depends on what was computed before, and
+    an image gets the same noise alone or inside a batch (pass the per-image shape).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    draws = []
+    for _ in range(count):
+        t = timestep if timestep is not None else int(torch.randint(*OFFICIAL_TIMESTEPS, (1,), generator=generator))
+        draws.append((t, torch.randn(shape, generator=generator)))
+    return draws

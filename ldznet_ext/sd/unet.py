@@ -1,0 +1,321 @@
+"""The SD v1 UNet in the ldm layout (`openaimodel.UNetModel`), state-dict compatible with it.
+
+Module names equal ldm's so that the ``model.diffusion_model.*`` part of an SD checkpoint loads
+strictly, and so that code written against ldm's module tree (the feature tap, the WebUI's hooks)
+sees the same structure: ``time_embed``, ``input_blocks``, ``middle_block``, ``output_blocks``,
+``out``; spatial transformers sit at index [1] of their block.
+
+The 16 spatial-transformer blocks carry a 1-based ``block_number`` in execution order (the paper's
+numbering). Segmentation networks built on this class pass extra per-block inputs (``sd_features``)
+to the blocks that take them; the plain SD UNet takes none.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Hyper-parameters of an ldm-layout UNet (defaults: SD v1.x)."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (0, 1, 2)
+    num_heads: int = 8
+    context_dim: int = 768
+    transformer_depth: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> UNetConfig:
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**fields)
+
+
+UNET_CONFIGS: dict[str, UNetConfig] = {
+    "sd-v1": UNetConfig(),
+    # Smallest shape with the full SD v1 topology (4 levels, 16 transformer blocks); GroupNorm(32)
+    # needs channel counts that are multiples of 32.
+    "tiny": UNetConfig(model_channels=32, channel_mult=(1, 1, 2, 2), num_heads=2, context_dim=64),
+}
+
+
+def unet_config(size: str, **overrides) -> UNetConfig:
+    """The named configuration ("sd-v1" or "tiny"), with fields optionally overridden."""
+    if size not in UNET_CONFIGS:
+        raise ValueError(f"unknown UNet size {size!r}; known sizes: {', '.join(UNET_CONFIGS)}")
+    return UNetConfig(**{**UNET_CONFIGS[size].to_dict(), **overrides})
+
+
+def timestep_embedding(timesteps: Tensor, dim: int, max_period: int = 10000) -> Tensor:
+    """Sinusoidal embedding [B, dim] of (possibly fractional) timesteps [B], cosines first as ldm."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in fp32 whatever the input dtype, as ldm does for fp16 stability.
+
+    The affine parameters are upcast too: a half/bfloat16 model run without autocast would
+    otherwise hand group_norm an fp32 input with low-precision weights, which it rejects.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
+
+
+def normalization(channels: int) -> GroupNorm32:
+    return GroupNorm32(32, channels)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """Residual block conditioned on the timestep embedding (ldm ``ResBlock``, no scale-shift)."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            normalization(out_channels),
+            nn.SiLU(),
+            nn.Dropout(0.0),
+            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).type(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of ``x`` over ``context`` (itself when None); ldm's key names."""
+
+    def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        b = x.shape[0]
+        q, k, v = (t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, text cross-attention, feed-forward; pre-norm residuals."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, heads, dim_head, context_dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of a feature map, conditioned on text (conv projections, SD v1)."""
+
+    block_class: type[BasicTransformerBlock] = BasicTransformerBlock
+
+    def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int, depth: int, block_number: int):
+        super().__init__()
+        self.block_number = block_number
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            self.block_class(inner, heads, dim_head, context_dim) for _ in range(depth))
+        self.proj_out = zero_module(nn.Conv2d(inner, channels, 1))
+
+    def to_tokens(self, x: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, HW, inner]: normalised, projected tokens."""
+        return self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+
+    def from_tokens(self, tokens: Tensor, x: Tensor) -> Tensor:
+        """Project tokens back to a residual on ``x``."""
+        b, c, h, w = x.shape
+        return self.proj_out(tokens.transpose(1, 2).reshape(b, -1, h, w)) + x
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        tokens = self.to_tokens(x)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        return self.from_tokens(tokens, x)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A block: each layer gets what it needs (timestep embedding, text context, SD feature)."""
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor, sd_features: Mapping[int, Tensor] | None = None) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                feature = sd_features.get(layer.block_number) if sd_features else None
+                x = layer(x, context) if feature is None else layer(x, context, feature)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    """ldm-layout UNet: ``forward(x, timesteps, context) -> eps`` ([B, out_channels, h, w])."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        emb_dim = c.model_channels * 4
+        self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self._block_count = 0
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1))])
+        skip_channels = [c.model_channels]
+        ch = c.model_channels
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * c.model_channels)]
+                ch = mult * c.model_channels
+                if level in c.attention_levels:
+                    layers.append(self._new_transformer(ch, level))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(c.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim), self._new_transformer(ch, len(c.channel_mult) - 1), ResBlock(ch, emb_dim))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * c.model_channels)]
+                ch = mult * c.model_channels
+                if level in c.attention_levels:
+                    layers.append(self._new_transformer(ch, level))
+                if level and i == c.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, c.out_channels, 3, padding=1)))
+
+    def _new_transformer(self, channels: int, level: int) -> SpatialTransformer:
+        self._block_count += 1
+        heads = self.config.num_heads
+        return self.make_spatial_transformer(channels, heads, channels // heads, self._block_count, level)
+
+    def make_spatial_transformer(self, channels: int, heads: int, dim_head: int, block_number: int,
+                                 level: int) -> SpatialTransformer:
+        """Build spatial-transformer block ``block_number`` (1-based) working at resolution level
+        ``level`` (feature side = z side / 2**level); subclasses swap in variants."""
+        c = self.config
+        return SpatialTransformer(channels, heads, dim_head, c.context_dim, c.transformer_depth, block_number)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.time_embed[0].weight.dtype
+
+    def forward_features(self, x: Tensor, timesteps: Tensor, context: Tensor,
+                         sd_features: Mapping[int, Tensor] | None = None) -> Tensor:
+        """Everything but ``out``: the last decoder feature map [B, model_channels, h, w]."""
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(self.dtype))
+        h = x.type(self.dtype)
+        context = context.type(self.dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context, sd_features)
+            skips.append(h)
+        h = self.middle_block(h, emb, context, sd_features)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, sd_features)
+        return h
+
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
+        """Noise prediction [B, out_channels, h, w] for latents ``x`` [B, in_channels, h, w] at ``timesteps`` [B]."""
+        return self.out(self.forward_features(x, timesteps, context)).type(x.dtype)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters (works on the meta device)."""
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,95 @@
+"""Capture SD UNet features with forward hooks during one UNet call, optionally stopping early.
+
+Works on any ldm-layout UNet (ours, ldm's inside A1111, Forge's): the spatial-transformer blocks
+are found by structure, numbered 1-16 in execution order, and hooked only inside the ``with``
+block. With ``early_exit`` the call is stopped as soon as the last tapped block has produced its
+output, which skips the high-resolution decoder levels (output_blocks 6-11 and ``out``), the most
+expensive part of the UNet. Nothing about the host model changes: hooks are removed on exit, also
+when the call raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import Tensor, nn
+
+LDZNET_BLOCKS: tuple[int, ...] = (6, 7, 8, 9, 10)
+"""The blocks LD-ZNet taps: input_blocks[8][1], middle_block[1], output_blocks[3..5][1]."""
+
+
+def spatial_transformers(unet: nn.Module) -> list[nn.Module]:
+    """The spatial-transformer modules of an ldm-layout UNet in execution order (16 for SD v1)."""
+    try:
+        blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+    except AttributeError as error:
+        raise TypeError(f"{type(unet).__name__} is not an ldm-layout UNet (no input/middle/output blocks)") from error
+    return [layer for block in blocks for layer in block if hasattr(layer, "transformer_blocks")]
+
+
+class _StopUNet(BaseException):
+    """Raised by the last hook to end the UNet call.
+
+    A BaseException, not an Exception: host code and other extensions often wrap model calls in
+    ``except Exception`` fallbacks, which would swallow the stop and silently run the rest.
+    """
+
+
+class FeatureTap:
+    """Context manager that records the outputs of chosen spatial-transformer blocks.
+
+    >>> with FeatureTap(unet, blocks=(6, 7, 8, 9, 10)) as tap:
+    ...     features = tap.run(lambda: unet(z_t, t, context))   # {6: [B, C, h, w], ...}
+
+    ``run`` returns the features by block number; ``tap.output`` holds the call's return value,
+    or None when the call was stopped early.
+    """
+
+    def __init__(self, unet: nn.Module, blocks: Iterable[int] = LDZNET_BLOCKS, early_exit: bool = True):
+        self.modules = spatial_transformers(unet)
+        self.blocks = tuple(sorted(set(blocks)))
+        if not self.blocks:
+            raise ValueError("choose at least one block to tap")
+        bad = [b for b in self.blocks if not 1 <= b <= len(self.modules)]
+        if bad:
+            raise ValueError(f"blocks {bad} do not exist: this UNet has spatial-transformer blocks 1-{len(self.modules)}")
+        self.early_exit = early_exit
+        self.features: dict[int, Tensor] = {}
+        self.output: Any = None
+        self._handles: list = []
+
+    def __enter__(self) -> FeatureTap:
+        last = self.blocks[-1]
+        for number in self.blocks:
+            self._handles.append(self.modules[number - 1].register_forward_hook(self._hook(number, number == last)))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, number: int, is_last: bool) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            self.features[number] = output
+            if is_last and self.early_exit:
+                raise _StopUNet
+
+        return hook
+
+    def run(self, call: Callable[[], Any]) -> dict[int, Tensor]:
+        """Make the one UNet call and return the captured features {block number: [B, C, h, w]}."""
+        if not self._handles:
+            raise RuntimeError("FeatureTap.run must be called inside its `with` block")
+        self.features, self.output = {}, None
+        try:
+            self.output = call()
+        except _StopUNet:
+            pass
+        missing = [b for b in self.blocks if b not in self.features]
+        if missing:
+            raise RuntimeError(
+                f"the UNet call did not run tapped blocks {missing}; the torch UNet was bypassed "
+                "(a TensorRT or compiled UNet?) or is not an SD v1 layout")
+        return dict(self.features)
