@@ -1,0 +1,135 @@
+"""Reading and writing tensor files without ever executing code from them.
+
+``.safetensors`` is read as is. Pickle-based files (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) go
+through ``torch.load(weights_only=True)``; a PyTorch-Lightning checkpoint that also pickles
+objects outside that allow-list (hyper-parameter namespaces, callbacks) is read with an unpickler
+that rebuilds tensors and containers only and turns every other object into an inert
+placeholder, so nothing from the file is imported or called.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .errors import CheckpointError
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class _Inert:
+    """Stands in for any pickled object outside the allow-list; accepts and ignores everything."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+# Globals a tensor checkpoint legitimately needs; everything else becomes _Inert.
+_ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch", "Size"): torch.Size,
+    ("torch", "Tensor"): torch.Tensor,
+    ("torch._tensor", "_rebuild_from_type_v2"): torch._tensor._rebuild_from_type_v2,
+    ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
+    **{("torch", name): getattr(torch, name) for name in (
+        "FloatStorage", "HalfStorage", "BFloat16Storage", "DoubleStorage", "LongStorage", "IntStorage",
+        "ShortStorage", "CharStorage", "ByteStorage", "BoolStorage")},
+}
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        return _ALLOWED_GLOBALS.get((module, name), _Inert)
+
+
+class _AllowListPickleModule:
+    """A ``pickle_module`` for torch.load whose unpickler never resolves unknown globals."""
+
+    Unpickler = _AllowListUnpickler
+    load = staticmethod(pickle.load)
+
+
+def _load_pickle(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Lightning checkpoints pickle objects beside the tensors; read them inertly.
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_AllowListPickleModule)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """All tensors of a checkpoint file as {name: tensor} on the CPU.
+
+    A Lightning/ldm ``.ckpt`` is unwrapped from its ``state_dict`` entry. Raises CheckpointError
+    for a missing, unreadable, truncated or non-checkpoint file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            return load_file(str(path), device="cpu")
+        if suffix in PICKLE_SUFFIXES:
+            data = _load_pickle(path)
+        else:
+            raise CheckpointError(f"{path.name}: unknown checkpoint format {suffix!r}; "
+                                  f"supported: .safetensors, {', '.join(PICKLE_SUFFIXES)}")
+    except CheckpointError:
+        raise
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError,
+            KeyError, AttributeError, TypeError) as error:
+        raise CheckpointError(f"{path.name}: cannot read the file ({type(error).__name__}: {error}); "
+                              "it may be truncated, corrupt or not a model checkpoint") from error
+    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
+        data = data["state_dict"]
+    if not isinstance(data, Mapping):
+        raise CheckpointError(f"{path.name}: holds a {type(data).__name__}, not a state dict of tensors")
+    tensors = {k: v for k, v in data.items() if isinstance(v, Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path.name}: contains no tensors")
+    return tensors
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON-decoded ``ldznet.*`` metadata of a safetensors file ({} for other files or none)."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    try:
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            if not 0 < header_size <= 100 * 2**20:
+                raise ValueError(f"implausible header size {header_size}")
+            header = json.loads(f.read(header_size))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path.name}: cannot read the safetensors header ({error})") from error
+    raw = header.get("__metadata__") or {}
+    return {k[len("ldznet."):]: json.loads(v) for k, v in raw.items() if k.startswith("ldznet.")}
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, Any]) -> None:
+    """Write tensors with JSON metadata under ``ldznet.<key>``, atomically (temporary file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={f"ldznet.{k}": json.dumps(v) for k, v in metadata.items()})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

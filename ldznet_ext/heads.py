@@ -1,0 +1,119 @@
+"""Segmentation-head checkpoints: our .safetensors files and the official LD-ZNet release.
+
+Our heads are ``.safetensors`` holding the head's state dict (official key names) and metadata
+``ldznet.head`` (a HeadConfig: architecture, UNet configuration, tapped blocks, z size of the
+positional embeddings, SD timestep) plus free-form ``ldznet.training`` details.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint_io import read_metadata, read_state_dict, write_safetensors
+from .errors import CheckpointError
+from .modeling.build import HeadConfig, build_head, head_config
+
+OFFICIAL_EMA_PREFIX = "model_ema."
+OFFICIAL_MODEL_PREFIX = "model.diffusion_model."
+OFFICIAL_EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")
+OFFICIAL_TRAINING = {"source": "official LD-ZNet release (PhraseCut)", "resolution": 384,
+                     "timesteps": [300, 499]}
+
+
+def _check_keys(found: Mapping[str, Tensor], expected: Mapping[str, Tensor], name: str) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(found) & set(expected) if found[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:12]) + (f" ... ({len(keys)} in all)" if len(keys) > 12 else "")
+        parts = [f"missing {len(missing)}: {show(missing)}" if missing else "",
+                 f"unexpected {len(unexpected)}: {show(unexpected)}" if unexpected else "",
+                 "wrong shape: " + show([f"{k} {tuple(found[k].shape)} != {tuple(expected[k].shape)}" for k in wrong])
+                 if wrong else ""]
+        raise CheckpointError(f"{name}: the weights do not match the head architecture; "
+                              + "; ".join(p for p in parts if p))
+
+
+def save_head(head: nn.Module, config: HeadConfig, path: str | os.PathLike, training: Mapping[str, Any] | None = None,
+              dtype: torch.dtype | None = None) -> None:
+    """Write a head as .safetensors with its configuration (and optional training details) as metadata."""
+    state = head.state_dict()
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    write_safetensors(path, state, {"head": config.to_dict(), "training": dict(training or {})})
+
+
+def read_head_config(path: str | os.PathLike) -> HeadConfig:
+    """The HeadConfig stored in a head file; CheckpointError when the file is not one of our heads."""
+    metadata = read_metadata(path)
+    if "head" not in metadata:
+        raise CheckpointError(f"{Path(path).name}: not an ldznet head (no 'ldznet.head' metadata); "
+                              "an official LD-ZNet .ckpt must first be imported with `ldznet convert`")
+    return HeadConfig.from_dict(metadata["head"])
+
+
+def load_head(path: str | os.PathLike, device: str | torch.device = "cpu",
+              dtype: torch.dtype = torch.float32) -> tuple[nn.Module, HeadConfig]:
+    """Load a head file; its tensors must match the architecture its metadata describes exactly."""
+    config = read_head_config(path)
+    state = read_state_dict(path)
+    with torch.device("meta"):
+        head = build_head(config)
+    _check_keys(state, head.state_dict(), Path(path).name)
+    head.load_state_dict(state, strict=True, assign=True)
+    return head.to(device=device, dtype=dtype).eval().requires_grad_(False), config
+
+
+def official_ema_name(key: str) -> str:
+    """The name the official checkpoint gives the EMA copy of head tensor ``key``."""
+    return OFFICIAL_EMA_PREFIX + ("diffusion_model." + key).replace(".", "")
+
+
+def official_head_state(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], use_ema: bool = True,
+                        name: str = "checkpoint") -> dict[str, Tensor]:
+    """Pick the head's tensors out of the official Lightning state dict, under our (official) names.
+
+    The EMA weights (used by the official inference) have every '.' removed from their names; they
+    are mapped back through the known layout, which is checked to be unambiguous. Everything else
+    (VAE, CLIP, the frozen SD copy, schedule buffers) is dropped.
+    """
+    if use_ema:
+        by_ema_name: dict[str, str] = {}
+        for key in expected:
+            other = by_ema_name.setdefault(official_ema_name(key), key)
+            if other != key:
+                raise CheckpointError(f"ambiguous EMA names: {key!r} and {other!r} both become {official_ema_name(key)!r}")
+        found = {k: v for k, v in state.items()
+                 if k.startswith(OFFICIAL_EMA_PREFIX) and k not in OFFICIAL_EMA_BOOKKEEPING}
+        if not found:
+            raise CheckpointError(f"{name}: no EMA weights ('{OFFICIAL_EMA_PREFIX}*'); "
+                                  "convert the training weights instead (--no-ema)")
+        head_state = {by_ema_name.get(k, k): v for k, v in found.items()}
+    else:
+        head_state = {k[len(OFFICIAL_MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(OFFICIAL_MODEL_PREFIX)}
+        if not head_state:
+            raise CheckpointError(f"{name}: no '{OFFICIAL_MODEL_PREFIX}*' weights found")
+    _check_keys(head_state, expected, name)
+    return head_state
+
+
+def convert_official(source: str | os.PathLike, target: str | os.PathLike, use_ema: bool = True,
+                     config: HeadConfig | None = None, dtype: torch.dtype | None = None) -> HeadConfig:
+    """Import the official ``LDZNet_txt2mask.ckpt`` (or a tiny file in its layout, given ``config``)."""
+    config = config or head_config("ldznet")
+    with torch.device("meta"):
+        expected = build_head(config).state_dict()
+    state = official_head_state(read_state_dict(source), expected, use_ema, Path(source).name)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    write_safetensors(target, state, {"head": config.to_dict(),
+                                      "training": {**OFFICIAL_TRAINING, "weights": "ema" if use_ema else "model",
+                                                   "converted_from": Path(source).name}})
+    return config

@@ -1,0 +1,206 @@
+"""Single-file SD v1 checkpoints (the format WebUI users have): recognise, load, save.
+
+Layout: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE),
+``cond_stage_model.transformer.*`` (CLIP text encoder). The architecture is read from the tensor
+shapes, so SD v1 models of any width load; other families (SD2, SDXL, inpainting UNets, LD-ZNet
+files) are recognised and refused with an error that says what they are.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..checkpoint_io import read_metadata, read_state_dict, write_safetensors
+from ..errors import CheckpointError
+from .model import StableDiffusion
+from .schedule import NoiseSchedule
+from .text import TextEncoder, normalize_text_state_dict, text_config
+from .unet import UNetConfig, UNetModel, unet_config
+from .vae import AutoencoderKL, VAEConfig, vae_config
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+SUPPORTED = "SD v1.x single-file checkpoints (UNet with 4 input channels, CLIP text encoder, 768-d context)"
+_TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                "max_position_embeddings")
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint file holds, as far as its keys and shapes tell."""
+
+    family: str
+    problem: str | None = None
+    details: dict = field(default_factory=dict)
+
+
+def _sub(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def classify(state: Mapping[str, Tensor], metadata: Mapping | None = None) -> CheckpointInfo:
+    """Name the model family of a state dict; ``problem`` says why it is not a usable SD v1 model."""
+    metadata = metadata or {}
+    keys = state.keys()
+    if "head" in metadata or any(k.startswith("final.") for k in keys):
+        return CheckpointInfo("ldznet-head", "this is a segmentation head, not an SD model; pass it as the head")
+    if any(k.startswith("sd_features_stage_model.") for k in keys):
+        return CheckpointInfo("ldznet-official", "this is the official LD-ZNet release; import its head with "
+                              "`ldznet convert FILE -o head.safetensors`")
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        return CheckpointInfo("sdxl", "SDXL checkpoints are not supported")
+    if any(k.startswith(("down_blocks.", "unet.down_blocks.", "encoder.down_blocks.")) for k in keys):
+        return CheckpointInfo("diffusers", "this is a diffusers-format file; use a single-file SD v1 checkpoint")
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return CheckpointInfo("sd2", "SD 2.x checkpoints (OpenCLIP text encoder, 1024-d context) are not supported")
+    conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is None:
+        return CheckpointInfo("unknown", f"no UNet found (no '{UNET_PREFIX}input_blocks.0.0.weight')")
+    details = {"unet_in_channels": conv_in.shape[1], "model_channels": conv_in.shape[0]}
+    context = [v.shape[1] for k, v in state.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")]
+    if context:
+        details["context_dim"] = context[0]
+    if conv_in.shape[1] == 9:
+        return CheckpointInfo("sd-v1-inpainting", "inpainting UNets (9 input channels) are not supported; "
+                              "use the base model the inpainting model was made from", details)
+    if conv_in.shape[1] != 4:
+        return CheckpointInfo("unknown", f"the UNet takes {conv_in.shape[1]} input channels, not 4 "
+                              "(an instruct-pix2pix or other conditioned UNet?)", details)
+    if context and context[0] == 1024:
+        return CheckpointInfo("sd2", "the UNet's text context is 1024-d (SD 2.x); SD 2.x is not supported", details)
+    proj_in = state.get(UNET_PREFIX + "middle_block.1.proj_in.weight")
+    if proj_in is not None and proj_in.ndim != 4:
+        return CheckpointInfo("unknown", "the UNet's transformers use linear projections (an SD 2.x-style UNet)",
+                              details)
+    token_embedding = [v for k, v in state.items()
+                       if k.startswith(TEXT_PREFIX) and k.endswith("token_embedding.weight")]
+    if context and token_embedding and token_embedding[0].shape[1] != context[0]:
+        return CheckpointInfo("unknown", f"mismatched parts: the text encoder is {token_embedding[0].shape[1]}-d "
+                              f"but the UNet expects a {context[0]}-d context", details)
+    missing = [name for name, prefix in (("VAE", VAE_PREFIX), ("text encoder", TEXT_PREFIX))
+               if not any(k.startswith(prefix) for k in keys)]
+    if missing:
+        return CheckpointInfo("sd-v1", f"the file has no {' and no '.join(missing)} "
+                              f"(keys '{VAE_PREFIX}*', '{TEXT_PREFIX}*'); a full single-file checkpoint is needed",
+                              details)
+    return CheckpointInfo("sd-v1", None, details)
+
+
+def _indices(state: Mapping[str, Tensor], pattern: str) -> list[int]:
+    regex = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in state if (m := regex.match(k))})
+
+
+def unet_config_from_state_dict(state: Mapping[str, Tensor], num_heads: int = 8) -> UNetConfig:
+    """Recover an ldm UNet's configuration from its tensors (prefix removed). Head count is not
+    visible in the weights: SD v1 uses 8."""
+    conv_in = state["input_blocks.0.0.weight"]
+    model_channels = conv_in.shape[0]
+    channel_mult, attention_levels, res_per_level = [], [], []
+    level_blocks = 0
+    for i in _indices(state, r"input_blocks\.(\d+)\.")[1:]:
+        if f"input_blocks.{i}.0.op.weight" in state:
+            res_per_level.append(level_blocks)
+            level_blocks = 0
+            continue
+        level = len(res_per_level)
+        if level_blocks == 0:
+            channel_mult.append(state[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] // model_channels)
+            if f"input_blocks.{i}.1.proj_in.weight" in state:
+                attention_levels.append(level)
+        level_blocks += 1
+    res_per_level.append(level_blocks)
+    if len(set(res_per_level)) != 1:
+        raise CheckpointError(f"unsupported UNet: res blocks per level differ ({res_per_level})")
+    context_dim = state["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    depth = len(_indices(state, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    return UNetConfig(in_channels=conv_in.shape[1], out_channels=state["out.2.weight"].shape[0],
+                      model_channels=model_channels, channel_mult=tuple(channel_mult),
+                      num_res_blocks=res_per_level[0], attention_levels=tuple(attention_levels),
+                      num_heads=num_heads, context_dim=context_dim, transformer_depth=depth)
+
+
+def _text_encoder_from_state_dict(state: Mapping[str, Tensor], metadata: Mapping) -> TextEncoder:
+    state = normalize_text_state_dict(state)
+    config = text_config("sd-v1")
+    hidden = state["text_model.embeddings.token_embedding.weight"].shape[1]
+    fields = {
+        "vocab_size": state["text_model.embeddings.token_embedding.weight"].shape[0],
+        "hidden_size": hidden,
+        "intermediate_size": state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        "num_hidden_layers": len(_indices(state, r"text_model\.encoder\.layers\.(\d+)\.")),
+        "max_position_embeddings": state["text_model.embeddings.position_embedding.weight"].shape[0],
+        "num_attention_heads": max(1, hidden // 64),
+        **metadata.get("text", {}),
+    }
+    for name, value in fields.items():
+        setattr(config, name, value)
+    encoder = TextEncoder.from_config(config)
+    encoder.load_text_state_dict(state)
+    return encoder
+
+
+def stable_diffusion_from_state_dict(state: Mapping[str, Tensor], metadata: Mapping | None = None,
+                                     name: str = "checkpoint") -> StableDiffusion:
+    """Build an SD v1 model from a single-file state dict; CheckpointError for anything else."""
+    metadata = metadata or {}
+    info = classify(state, metadata)
+    if info.problem:
+        raise CheckpointError(f"{name}: {info.family}: {info.problem}. Supported: {SUPPORTED}.")
+    unet_state = _sub(state, UNET_PREFIX)
+    vae_state = {k: v for k, v in _sub(state, VAE_PREFIX).items() if not k.startswith("loss.")}
+    try:
+        unet_cfg = (UNetConfig.from_dict(metadata["unet"]) if "unet" in metadata
+                    else unet_config_from_state_dict(unet_state))
+        with torch.device("meta"):
+            unet = UNetModel(unet_cfg)
+            vae = AutoencoderKL(VAEConfig.from_state_dict(vae_state))
+        unet.load_state_dict(unet_state, strict=True, assign=True)
+        vae.load_state_dict(vae_state, strict=True, assign=True)
+        text = _text_encoder_from_state_dict(_sub(state, TEXT_PREFIX), metadata)
+    except (KeyError, RuntimeError) as error:
+        raise CheckpointError(f"{name}: the SD v1 weights do not fit the architecture they describe: "
+                              f"{str(error)[:600]}") from error
+    table = state.get("alphas_cumprod")
+    schedule = NoiseSchedule(table if table is not None and table.ndim == 1 else None)
+    return StableDiffusion(unet, vae, text, schedule).float()
+
+
+def load_stable_diffusion(path: str | os.PathLike, device: str | torch.device = "cpu",
+                          dtype: torch.dtype = torch.float32) -> StableDiffusion:
+    """Load an SD v1 single-file checkpoint (.safetensors, or .ckpt read without executing pickled code)."""
+    model = stable_diffusion_from_state_dict(read_state_dict(path), read_metadata(path), os.path.basename(path))
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def stable_diffusion_state_dict(model: StableDiffusion) -> dict[str, Tensor]:
+    """The single-file (ldm) layout of a model: what A1111 and ``load_stable_diffusion`` read."""
+    state = {UNET_PREFIX + k: v for k, v in model.unet.state_dict().items()}
+    state.update({VAE_PREFIX + k: v for k, v in model.vae.state_dict().items()})
+    state.update({TEXT_PREFIX + k: v for k, v in model.text_encoder.text_state_dict().items()})
+    state["alphas_cumprod"] = model.schedule.alphas_cumprod.float()
+    return state
+
+
+def save_stable_diffusion(model: StableDiffusion, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+    """Write a single-file .safetensors checkpoint, with our configurations as metadata."""
+    config = model.text_encoder.transformer.config
+    state = stable_diffusion_state_dict(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    write_safetensors(path, state, {"unet": model.unet.config.to_dict(),
+                                    "text": {f: getattr(config, f) for f in _TEXT_FIELDS}})
+
+
+def build_stable_diffusion(size: str = "tiny", seed: int = 0) -> StableDiffusion:
+    """A randomly initialised SD v1-architecture model of a named size (tests, benchmarks)."""
+    torch.manual_seed(seed)
+    return StableDiffusion(UNetModel(unet_config(size)), AutoencoderKL(vae_config(size)),
+                           TextEncoder.from_config(text_config(size))).eval().requires_grad_(False)

@@ -1,0 +1,87 @@
+"""A standalone SD v1 model and the backbone interface the segmenter runs on.
+
+The segmenter asks a backbone four things: encode an image to z, encode text, call the UNet at a
+timestep (under the feature tap), and the noise schedule. ``StableDiffusion`` answers them with
+our own modules; the WebUI adapters answer them with the host's loaded model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from .schedule import NoiseSchedule
+from .text import TextEncoder
+from .unet import UNetModel
+from .vae import SCALE_FACTOR, AutoencoderKL
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """What the segmenter needs from an SD v1 model (ours or a host's)."""
+
+    schedule: NoiseSchedule
+
+    @property
+    def unet(self) -> nn.Module:
+        """The ldm-layout UNet whose spatial transformers the tap hooks."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def downsample_factor(self) -> int: ...
+
+    def encode_image(self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """image [B, 3, H, W] in [-1, 1] -> z [B, 4, H/f, W/f], scaled by the model's scale factor."""
+
+    def encode_text(self, prompts: Sequence[str]) -> Tensor:
+        """prompts -> context [B, 77, D]."""
+
+    def predict_noise(self, z_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        """One UNet call: eps [B, 4, h, w] for z_t [B, 4, h, w] at integer timesteps t [B]."""
+
+
+class StableDiffusion(nn.Module):
+    """An SD v1 model built from our modules (see ``checkpoint.load_stable_diffusion``)."""
+
+    def __init__(self, unet: UNetModel, vae: AutoencoderKL, text_encoder: TextEncoder,
+                 schedule: NoiseSchedule | None = None, scale_factor: float = SCALE_FACTOR):
+        super().__init__()
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.schedule = schedule or NoiseSchedule()
+        self.scale_factor = scale_factor
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.time_embed[0].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.vae.downsample_factor
+
+    def encode_image(self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        image = image.to(device=self.device, dtype=self.vae.encoder.conv_in.weight.dtype)
+        return self.vae.encode(image, sample=sample, generator=generator) * self.scale_factor
+
+    def decode_latent(self, z: Tensor) -> Tensor:
+        """z (scaled) -> image [B, 3, H, W] in about [-1, 1]."""
+        return self.vae.decode(z / self.scale_factor)
+
+    def encode_text(self, prompts: Sequence[str]) -> Tensor:
+        return self.text_encoder.encode(prompts)
+
+    def predict_noise(self, z_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        return self.unet(z_t, t.to(z_t.device), context)
