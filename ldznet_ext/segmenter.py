@@ -1,0 +1,228 @@
+"""The user-facing engine: set an image once, then ask for as many mask expressions as you like.
+
+>>> segmenter = Segmenter(backbone, head, head_config)
+>>> segmenter.set_image("photo.png")               # z is encoded once and cached
+>>> result = segmenter.predict("goblin OR sword")   # all terms in one batch
+>>> result.mask                                      # [H, W] at the image's own size
+
+Data flows one way: image -> z (cached) -> SD features (tap) + head -> per-term probability ->
+resize to the image -> expression algebra -> final mask. Without a head, per-term maps come from
+the zero-shot probe instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .images import ImageInput, load_image, resize_probability, to_model_input, working_size
+from .masks.expression import parse
+from .masks.ops import MaskOptions, finalize
+from .masks.tree import Expression
+from .modeling.build import HeadConfig
+from .sd.model import Backbone
+from .sd.schedule import noise_draws
+from .tap import FeatureTap
+from .zeroshot import ZeroShotSettings, zero_shot_maps
+
+
+def sd_features(backbone: Backbone, z: Tensor, context: Tensor, timesteps: Tensor, noise: Tensor,
+                blocks: Sequence[int]) -> dict[int, Tensor]:
+    """The SD UNet's features {block: [B, C, h', w']} for z_t = q_sample(z [B, 4, h, w], t [B], noise),
+    conditioned on ``context`` [B, 77, D], in ONE UNet call that stops after the last tapped block.
+    ``noise`` is [B or 1, 4, h, w]. Inference and training both compute features here."""
+    z_t = backbone.schedule.q_sample(z, timesteps, noise.to(z.device, z.dtype).expand_as(z))
+    with FeatureTap(backbone.unet, blocks, early_exit=True) as tap:
+        return tap.run(lambda: backbone.predict_noise(z_t, timesteps, context))
+
+
+@dataclass(frozen=True)
+class SegmenterSettings:
+    """resolution: side of the working area (sides become multiples of 64; None = the head's training
+    resolution, 384 for the official head); timestep: SD timestep of the feature step (None: drawn
+    from 300..499 per draw, as the official code); draws: feature steps averaged; seed: noise seed;
+    sample_latent: encode with a seeded posterior sample instead of the mean; prompt_template: how a
+    term becomes a prompt ("{}" = as typed)."""
+
+    resolution: int | None = None
+    timestep: int | None = 400
+    draws: int = 1
+    seed: int = 0
+    sample_latent: bool = False
+    prompt_template: str = "{}"
+    zero_shot: ZeroShotSettings = field(default_factory=ZeroShotSettings)
+
+    def __post_init__(self):
+        if self.draws < 1:
+            raise ValueError(f"draws must be >= 1, got {self.draws}")
+        if self.timestep is not None and not 0 <= self.timestep < 1000:
+            raise ValueError(f"timestep must be in [0, 1000), got {self.timestep}")
+        if "{}" not in self.prompt_template:
+            raise ValueError(f"prompt_template must contain '{{}}', got {self.prompt_template!r}")
+
+
+@dataclass
+class Prediction:
+    """One answer: ``probability`` (the expression's combined map) and ``mask`` (after threshold,
+    region filters, invert and feather), both float [H, W] in [0, 1] at the image's size;
+    ``terms`` holds each term's own map."""
+
+    expression: Expression
+    probability: Tensor
+    mask: Tensor
+    terms: dict[str, Tensor]
+
+    def mask_image(self) -> np.ndarray:
+        """The mask as uint8 [H, W] (0/255 unless feathered), white = selected (repaint)."""
+        return (self.mask.float().cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+
+    def probability_image(self) -> np.ndarray:
+        """The probability as uint16 [H, W] in 0..65535."""
+        return (self.probability.float().cpu().numpy() * 65535.0 + 0.5).astype(np.uint16)
+
+
+@dataclass
+class _ImageState:
+    size: tuple[int, int]  # (H, W) of the original image
+    z: Tensor  # [1, 4, h, w]
+    pixels: Tensor | None  # [1, 3, 8h, 8w] in [-1, 1], kept for RGBNet
+    cache: dict[str, Tensor] = field(default_factory=dict)  # term -> [8h, 8w] probability at working size
+
+
+class Segmenter:
+    """Text-prompted masks on one SD v1 backbone, with an LD-ZNet / ZNet / RGBNet head or zero-shot."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module | None = None, head_config: HeadConfig | None = None,
+                 settings: SegmenterSettings = SegmenterSettings()):
+        if (head is None) != (head_config is None):
+            raise ValueError("pass both head and head_config, or neither for zero-shot masks")
+        self.backbone = backbone
+        self.head = head
+        self.head_config = head_config
+        self.settings = settings
+        self._image: _ImageState | None = None
+
+    @property
+    def zero_shot(self) -> bool:
+        return self.head is None
+
+    @property
+    def resolution(self) -> int:
+        if self.settings.resolution:
+            return self.settings.resolution
+        if self.head_config is not None:
+            return self.head_config.latent_size * self.backbone.downsample_factor
+        return 384
+
+    # -- image -----------------------------------------------------------------------------
+
+    def set_image(self, image: ImageInput) -> None:
+        """Load an image (path, bytes, PIL, array) and encode it once; later predictions reuse it."""
+        self._image = self._encode([load_image(image)])[0]
+
+    def reset_image(self) -> None:
+        self._image = None
+
+    @property
+    def is_image_set(self) -> bool:
+        return self._image is not None
+
+    @torch.no_grad()
+    def _encode(self, images: Sequence[np.ndarray]) -> list[_ImageState]:
+        height, width = images[0].shape[:2]
+        if any(im.shape[:2] != (height, width) for im in images):
+            raise ValueError("images encoded together must have the same size")
+        size = working_size(width, height, self.resolution)
+        pixels = torch.cat([to_model_input(im, size) for im in images]).to(self.backbone.device)
+        generator = torch.Generator(pixels.device).manual_seed(self.settings.seed)
+        z = self.backbone.encode_image(pixels, sample=self.settings.sample_latent, generator=generator)
+        keep_pixels = self.head_config is not None and self.head_config.input_kind == "image"
+        return [_ImageState((height, width), z[i:i + 1], pixels[i:i + 1] if keep_pixels else None)
+                for i in range(len(images))]
+
+    # -- prediction ------------------------------------------------------------------------
+
+    def predict(self, expression: str | Expression, options: MaskOptions = MaskOptions()) -> Prediction:
+        """Evaluate a mask expression on the current image."""
+        if self._image is None:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        return self._predict([self._image], expression, options)[0]
+
+    def predict_images(self, images: Sequence[ImageInput], expression: str | Expression,
+                       options: MaskOptions = MaskOptions()) -> list[Prediction]:
+        """Evaluate one expression on several same-size images in one batch (the current image is kept)."""
+        return self._predict(self._encode([load_image(im) for im in images]), expression, options)
+
+    def predict_terms(self, terms: Sequence[str]) -> dict[str, Tensor]:
+        """Each term's probability map [H, W] in [0, 1] at the current image's size."""
+        if self._image is None:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        self._fill_cache([self._image], list(dict.fromkeys(terms)))
+        return {t: resize_probability(self._image.cache[t], self._image.size) for t in terms}
+
+    def _predict(self, states: list[_ImageState], expression: str | Expression,
+                 options: MaskOptions) -> list[Prediction]:
+        tree = parse(expression) if isinstance(expression, str) else expression
+        terms = tree.terms()
+        self._fill_cache(states, terms)
+        predictions = []
+        for state in states:
+            maps = {t: resize_probability(state.cache[t], state.size) for t in terms}
+            probability = tree.evaluate(maps)
+            predictions.append(Prediction(tree, probability, finalize(probability, options), maps))
+        return predictions
+
+    @torch.no_grad()
+    def _fill_cache(self, states: list[_ImageState], terms: Sequence[str]) -> None:
+        todo = [t for t in terms if any(t not in s.cache for s in states)]
+        if not todo:
+            return
+        z = torch.cat([s.z for s in states])
+        context = self.backbone.encode_text([self.settings.prompt_template.format(t) for t in todo])
+        if self.zero_shot:
+            probabilities = zero_shot_maps(self.backbone, z, todo, context, self.settings.zero_shot,
+                                           self.settings.seed)
+            probabilities = resize_probability(probabilities, tuple(8 * s for s in z.shape[-2:]))
+        else:
+            pixels = torch.cat([s.pixels for s in states]) if states[0].pixels is not None else None
+            probabilities = self._head_probabilities(z, pixels, context)
+        for i, state in enumerate(states):
+            for j, term in enumerate(todo):
+                state.cache[term] = probabilities[i, j].float()
+
+    def _head_probabilities(self, z: Tensor, pixels: Tensor | None, context: Tensor) -> Tensor:
+        """[N, T, 8h, 8w] head probabilities for N latents and T term contexts, in one batch."""
+        n, t_count = z.shape[0], context.shape[0]
+        z_rep = z.repeat_interleave(t_count, dim=0)
+        context_rep = context.repeat(n, 1, 1)
+        config = self.head_config
+        if not config.uses_sd_features:
+            inputs = z_rep if pixels is None else pixels.repeat_interleave(t_count, dim=0)
+            logits = self.head(inputs.to(self._head_dtype), context_rep.to(self._head_dtype))
+            return torch.sigmoid(logits.float()).view(n, t_count, *logits.shape[-2:])
+        total = None
+        for timestep, noise in noise_draws(self.settings.seed, self.settings.draws, (1, *z.shape[1:]),
+                                           self.settings.timestep):
+            features = self.sd_features(z_rep, context_rep, timestep, noise)
+            logits = self.head(z_rep.to(self._head_dtype), context_rep.to(self._head_dtype),
+                               {b: f.to(self._head_dtype) for b, f in features.items()})
+            p = torch.sigmoid(logits.float())
+            total = p if total is None else total + p
+        return (total / self.settings.draws).view(n, t_count, *total.shape[-2:])
+
+    def sd_features(self, z: Tensor, context: Tensor, timestep: int, noise: Tensor) -> dict[int, Tensor]:
+        """The SD UNet's features of the head's blocks for z_t = q_sample(z, t, noise) (see ``sd_features``)."""
+        t = torch.full((z.shape[0],), timestep, dtype=torch.long, device=z.device)
+        return sd_features(self.backbone, z, context, t, noise, self.head_config.sd_blocks)
+
+    @property
+    def _head_dtype(self) -> torch.dtype:
+        return next(self.head.parameters()).dtype
+
+    def with_settings(self, **changes) -> Segmenter:
+        """A segmenter on the same models with changed settings (no image set)."""
+        return Segmenter(self.backbone, self.head, self.head_config, replace(self.settings, **changes))
