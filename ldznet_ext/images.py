@@ -55,13 +55,14 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         return _array_to_rgb(source, max_pixels)
     name = Path(source).name if isinstance(source, (str, os.PathLike)) else "image"
     try:
-        if isinstance(source, Image.Image):
-            image = source
-        else:
-            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-        _check_size(image.width, image.height, max_pixels, name)
+        # Our own pixel limit is the guard; Pillow's bomb warning (at open, above 89M pixels) is noise.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if isinstance(source, Image.Image):
+                image = source
+            else:
+                image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            _check_size(image.width, image.height, max_pixels, name)
             image = ImageOps.exif_transpose(image)
             rgb = _to_rgb(image)
             rgb.load()
@@ -71,7 +72,9 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageError(f"{name}: file not found") from error
     except UnidentifiedImageError as error:
         raise ImageError(f"{name}: not an image, or a format Pillow cannot read") from error
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:  # Pillow refuses twice its MAX_IMAGE_PIXELS at open
+        raise ImageError(f"{name}: too large, refused by Pillow before our pixel limit applies ({error})") from error
+    except (OSError, ValueError, SyntaxError) as error:
         raise ImageError(f"{name}: cannot decode the image ({error}); the file may be truncated or corrupt") from error
     return np.asarray(rgb, dtype=np.uint8).copy()
 
@@ -117,7 +120,7 @@ def to_model_input(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     Resized in 8-bit by Pillow's antialiased bicubic, so a huge image never becomes a huge float tensor.
     """
     if (image.shape[1], image.shape[0]) != tuple(size):
-        image = np.asarray(Image.fromarray(image).resize(tuple(size), Image.BICUBIC))
+        image = np.array(Image.fromarray(image).resize(tuple(size), Image.BICUBIC))  # a writable copy for torch
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
     return tensor / 127.5 - 1.0
 

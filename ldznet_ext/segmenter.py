@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .images import ImageInput, load_image, resize_probability, to_model_input, working_size
+from .images import MAX_PIXELS, ImageInput, load_image, resize_probability, to_model_input, working_size
 from .masks.expression import parse
 from .masks.ops import MaskOptions, finalize
 from .masks.tree import Expression
@@ -90,7 +90,9 @@ class _ImageState:
     size: tuple[int, int]  # (H, W) of the original image
     z: Tensor  # [1, 4, h, w]
     pixels: Tensor | None  # [1, 3, 8h, 8w] in [-1, 1], kept for RGBNet
-    cache: dict[str, Tensor] = field(default_factory=dict)  # term -> [8h, 8w] probability at working size
+    # term -> probability as the model gives it ([8h, 8w] from a head, [h, w] zero-shot); resized
+    # to the image's size only once, on the way out (a second resize would blur it twice)
+    cache: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Segmenter:
@@ -120,9 +122,10 @@ class Segmenter:
 
     # -- image -----------------------------------------------------------------------------
 
-    def set_image(self, image: ImageInput) -> None:
-        """Load an image (path, bytes, PIL, array) and encode it once; later predictions reuse it."""
-        self._image = self._encode([load_image(image)])[0]
+    def set_image(self, image: ImageInput, max_pixels: int = MAX_PIXELS) -> None:
+        """Load an image (path, bytes, PIL, array; at most ``max_pixels``) and encode it once; later
+        predictions reuse it."""
+        self._image = self._encode([load_image(image, max_pixels)])[0]
 
     def reset_image(self) -> None:
         self._image = None
@@ -153,9 +156,9 @@ class Segmenter:
         return self._predict([self._image], expression, options)[0]
 
     def predict_images(self, images: Sequence[ImageInput], expression: str | Expression,
-                       options: MaskOptions = MaskOptions()) -> list[Prediction]:
+                       options: MaskOptions = MaskOptions(), max_pixels: int = MAX_PIXELS) -> list[Prediction]:
         """Evaluate one expression on several same-size images in one batch (the current image is kept)."""
-        return self._predict(self._encode([load_image(im) for im in images]), expression, options)
+        return self._predict(self._encode([load_image(im, max_pixels) for im in images]), expression, options)
 
     def predict_terms(self, terms: Sequence[str]) -> dict[str, Tensor]:
         """Each term's probability map [H, W] in [0, 1] at the current image's size."""
@@ -186,7 +189,6 @@ class Segmenter:
         if self.zero_shot:
             probabilities = zero_shot_maps(self.backbone, z, todo, context, self.settings.zero_shot,
                                            self.settings.seed)
-            probabilities = resize_probability(probabilities, tuple(8 * s for s in z.shape[-2:]))
         else:
             pixels = torch.cat([s.pixels for s in states]) if states[0].pixels is not None else None
             probabilities = self._head_probabilities(z, pixels, context)

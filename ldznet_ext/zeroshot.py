@@ -36,6 +36,8 @@ class ZeroShotSettings:
     def __post_init__(self):
         if self.draws < 1:
             raise ValueError(f"draws must be >= 1, got {self.draws}")
+        if self.timestep is not None and not 0 <= self.timestep < 1000:
+            raise ValueError(f"timestep must be in [0, 1000), got {self.timestep}")
         if not 0.0 <= self.cross_attention <= 1.0:
             raise ValueError(f"cross_attention weight must be in [0, 1], got {self.cross_attention}")
 

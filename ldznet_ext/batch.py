@@ -1,0 +1,320 @@
+"""`ldznet batch INPUT_DIR EXPR -o OUT_DIR`: masks for a whole folder, resumable and shardable.
+
+Writes ``OUT_DIR/{stem}.png`` for every image ``INPUT_DIR/{stem}.{ext}``: the names A1111's
+"Inpaint batch mask directory" looks up. A mask counts as done once it has been renamed into
+place (outputs.save_png), so a killed run leaves no half-written mask and a rerun skips exactly the
+finished ones. Every file gets one line in a JSONL manifest. A bad file is recorded and the batch
+goes on. ``--shard K/N`` splits the sorted file list between N processes without overlap; they
+may share OUT_DIR and the manifest (each line is one O_APPEND write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from . import outputs
+from .errors import ImageError, LdznetError
+from .images import MAX_PIXELS, load_image
+from .mask_cli import (add_mask_arguments, add_model_arguments, bounded_number, expression_from_args,
+                       mask_options_from_args, segmenter_from_args)
+from .masks.ops import MaskOptions
+from .masks.tree import Expression
+from .segmenter import Segmenter
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+MANIFEST_NAME = "ldznet-manifest.jsonl"
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """The image files directly in ``folder`` (suffix in IMAGE_SUFFIXES, any case), sorted by name.
+    Hidden files (".name", e.g. macOS "._x.png" resource forks) are not images and are left out."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LdznetError(f"input folder not found: {folder}")
+    return sorted((p for p in folder.iterdir()
+                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()),
+                  key=lambda p: p.name)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"K/N" -> (K, N) with 1 <= K <= N."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N such as 2/4, got {text!r}") from None
+    if not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"expected 1 <= K <= N in K/N, got {text!r}")
+    return k, n
+
+
+def shard(files: Sequence[Path], k: int, n: int) -> list[Path]:
+    """Shard K of N (1-based): every N-th file starting at index K-1; the N shards partition ``files``."""
+    return list(files[k - 1::n])
+
+
+def stem_owners(files: Sequence[Path]) -> dict[str, Path]:
+    """For each output name, the first file (in order) that writes it. Stems are compared
+    case-insensitively, since "A.png" and "a.png" are one file on Windows and macOS."""
+    owners: dict[str, Path] = {}
+    for path in files:
+        owners.setdefault(path.stem.casefold(), path)
+    return owners
+
+
+@dataclass
+class BatchSummary:
+    """Files counted by manifest status ("ok", "skipped", "error") in one run."""
+
+    counts: Counter = field(default_factory=Counter)
+
+    @property
+    def exit_status(self) -> int:
+        """0 when every file is ok or skipped, 1 when any failed."""
+        return 1 if self.counts["error"] else 0
+
+
+class Manifest:
+    """Appends one JSON object per line; each line goes out in a single O_APPEND write, so shards
+    sharing the file never interleave and a kill loses at most the line being written."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
+        if self._ends_torn():  # a kill mid-line: start a fresh line so the next entry stays readable
+            os.write(self._fd, b"\n")
+
+    def _ends_torn(self) -> bool:
+        with open(self.path, "rb") as file:
+            file.seek(0, os.SEEK_END)
+            if file.tell() == 0:
+                return False
+            file.seek(-1, os.SEEK_END)
+            return file.read(1) != b"\n"
+
+    def write(self, entry: dict) -> None:
+        os.write(self._fd, (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self) -> Manifest:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def read_manifest(path: str | os.PathLike) -> list[dict]:
+    """The entries of a manifest; a torn last line (from a kill) is skipped."""
+    entries = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
+
+
+@dataclass
+class BatchJob:
+    """One batch run: which files, which expression and options, where the results go."""
+
+    input_dir: Path
+    output_dir: Path
+    expression: Expression
+    expression_text: str
+    options: MaskOptions = field(default_factory=MaskOptions)
+    settings: dict = field(default_factory=dict)  # recorded in the manifest as is
+    overwrite: bool = False
+    shard: tuple[int, int] = (1, 1)
+    batch_size: int = 4
+    max_pixels: int = MAX_PIXELS
+
+    def output_for(self, path: Path) -> Path:
+        return self.output_dir / f"{path.stem}.png"
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the file header without decoding; None when that is unreadable (the
+    decoder then reports the problem properly)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def _groups(files: Sequence[Path], batch_size: int) -> Iterator[list[Path]]:
+    """Files with the same header size, in chunks of ``batch_size``, in order of first appearance.
+    Only headers are read here, so memory holds one chunk of decoded images at a time."""
+    by_size: dict[object, list[Path]] = {}
+    for path in files:
+        size = _header_size(path)
+        by_size.setdefault(size if size is not None else path, []).append(path)
+    for same in by_size.values():
+        for start in range(0, len(same), batch_size):
+            yield same[start:start + batch_size]
+
+
+class _Run:
+    """The state of one batch run: the job, the model, the manifest, the counts and the progress bar."""
+
+    def __init__(self, job: BatchJob, segmenter: Segmenter, manifest: Manifest, progress: tqdm):
+        self.job, self.segmenter, self.manifest, self.progress = job, segmenter, manifest, progress
+        self.summary = BatchSummary()
+
+    def record(self, path: Path, status: str, output: Path | None = None, error: str | None = None,
+               seconds: float = 0.0) -> None:
+        self.manifest.write({"input": str(path), "expression": self.job.expression_text,
+                             "settings": self.job.settings, "output": str(output) if output else None,
+                             "status": status, "error": error, "seconds": round(seconds, 4)})
+        self.summary.counts[status] += 1
+        if error:  # image errors already start with the file name
+            self.progress.write(error if error.startswith(f"{path.name}:") else f"{path.name}: {error}",
+                                file=sys.stderr)
+        self.progress.update(1)
+
+    def group(self, paths: list[Path]) -> None:
+        """Decode, predict (one batch per image size) and write the masks of one group."""
+        loaded: dict[tuple[int, int], list[tuple[Path, np.ndarray, float]]] = {}
+        for path in paths:
+            start = time.perf_counter()
+            try:
+                image = load_image(path, self.job.max_pixels)
+            except ImageError as error:
+                self.record(path, "error", error=str(error), seconds=time.perf_counter() - start)
+                continue
+            loaded.setdefault(image.shape[:2], []).append((path, image, time.perf_counter() - start))
+        for items in loaded.values():  # an EXIF rotation can split a header-size group
+            start = time.perf_counter()
+            try:
+                predictions = self.segmenter.predict_images([image for _, image, _ in items], self.job.expression,
+                                                            self.job.options, max_pixels=self.job.max_pixels)
+            except (LdznetError, RuntimeError) as error:  # RuntimeError: e.g. out of device memory
+                share = (time.perf_counter() - start) / len(items)
+                for path, _, seconds in items:
+                    self.record(path, "error", error=f"prediction failed: {error}", seconds=seconds + share)
+                continue
+            share = (time.perf_counter() - start) / len(items)
+            for (path, _, seconds), prediction in zip(items, predictions):
+                start = time.perf_counter()
+                output = self.job.output_for(path)
+                try:
+                    outputs.write_mask(output, prediction.mask_image())
+                except OSError as error:  # a full disk, a read-only folder, ...
+                    self.record(path, "error", error=f"cannot write {output.name}: {error.strerror or error}",
+                                seconds=seconds + share + time.perf_counter() - start)
+                    continue
+                self.record(path, "ok", output, seconds=seconds + share + time.perf_counter() - start)
+
+
+def _remove_stale_temporaries(folder: Path, names: set[str]) -> None:
+    """Temporary files a killed run left for the outputs this run owns (other shards' are theirs)."""
+    for path in folder.iterdir():
+        if outputs.temporary_target(path.name) in names:
+            path.unlink(missing_ok=True)
+
+
+def check_folders(input_dir: Path, output_dir: Path) -> list[Path]:
+    """The input images (:func:`list_images`); LdznetError when there are none or when the masks
+    would land among them."""
+    files = list_images(input_dir)
+    if not files:
+        raise LdznetError(f"no images in {input_dir} (looked for {', '.join(IMAGE_SUFFIXES)})")
+    if output_dir.resolve() == input_dir.resolve():
+        raise LdznetError("the output folder is the input folder: the masks ({stem}.png) would overwrite "
+                          "the images; choose another output folder")
+    return files
+
+
+def run_batch(job: BatchJob, segmenter: Segmenter, manifest: Manifest, show_progress: bool | None = None) -> BatchSummary:
+    """Process this shard's files; per-file problems are recorded in ``manifest``, never raised.
+
+    ``show_progress`` None shows the progress bar only on a terminal.
+    """
+    files = check_folders(job.input_dir, job.output_dir)
+    job.output_dir.mkdir(parents=True, exist_ok=True)
+    owners = stem_owners(files)
+    mine = shard(files, *job.shard)
+    disable = None if show_progress is None else not show_progress
+    with tqdm(total=len(mine), unit="image", desc="ldznet batch", disable=disable, file=sys.stderr) as progress:
+        run = _Run(job, segmenter, manifest, progress)
+        owned, todo = set(), []
+        for path in mine:
+            output = job.output_for(path)
+            owner = owners[path.stem.casefold()]
+            if owner != path:
+                run.record(path, "error", error=f"{owner.name} has the same stem and already writes "
+                           f"{output.name}; rename one of them")
+                continue
+            owned.add(output.name)
+            if output.exists() and not job.overwrite:
+                run.record(path, "skipped", output)
+            else:
+                todo.append(path)
+        _remove_stale_temporaries(job.output_dir, owned)
+        for group in _groups(todo, job.batch_size):
+            run.group(group)
+    return run.summary
+
+
+def _run(args: argparse.Namespace) -> int:
+    expression = expression_from_args(args)
+    options = mask_options_from_args(args)
+    input_dir, output_dir = Path(args.input_dir), Path(args.output)
+    check_folders(input_dir, output_dir)  # before the models load
+    segmenter, settings = segmenter_from_args(args)
+    job = BatchJob(input_dir, output_dir, expression, args.expression, options,
+                   {**settings, "mask": {**asdict(options), "grow": args.grow}}, args.overwrite, args.shard,
+                   args.batch_size, args.max_pixels)
+    manifest_path = Path(args.manifest) if args.manifest else output_dir / MANIFEST_NAME
+    try:
+        with Manifest(manifest_path) as manifest:
+            summary = run_batch(job, segmenter, manifest)
+    except KeyboardInterrupt:
+        print("ldznet batch: interrupted; finished masks are kept, run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    counts = summary.counts
+    print(f"{counts['ok']} written, {counts['skipped']} skipped (already done), {counts['error']} failed"
+          + (f"; see {manifest_path}" if counts["error"] else ""))
+    return summary.exit_status
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "batch", help="write masks for every image of a folder (resumable)",
+        description="Write OUT_DIR/{stem}.png, the mask of EXPR, for every image INPUT_DIR/{stem}.{ext}\n"
+                    "(png, jpg, jpeg, webp, bmp, tif, tiff): the names A1111's inpaint batch mask folder\n"
+                    "looks up. Masks already in OUT_DIR are skipped, so an interrupted run resumes.",
+        epilog="Every file gets a line in the JSONL manifest: input, expression, settings, output,\n"
+               "status (ok, skipped or error), error, seconds. Exit status: 0 all ok or skipped,\n"
+               "1 some files failed, 2 bad arguments or models, 130 interrupted.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input_dir", metavar="INPUT_DIR", help="folder of images (not searched recursively)")
+    parser.add_argument("expression", metavar="EXPR", help='mask expression, e.g. "cat OR dog"')
+    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the masks")
+    parser.add_argument("--overwrite", action="store_true", help="redo masks that already exist")
+    parser.add_argument("--shard", type=parse_shard, default=(1, 1), metavar="K/N",
+                        help="process only shard K of N (1-based) of the sorted files, to split a folder "
+                             "between N processes")
+    parser.add_argument("--batch-size", type=bounded_number(int, 1), default=4, metavar="B",
+                        help="same-size images predicted together (default 4)")
+    parser.add_argument("--manifest", metavar="PATH", help=f"JSONL log, appended (default OUT_DIR/{MANIFEST_NAME})")
+    add_mask_arguments(parser)
+    add_model_arguments(parser)
+    parser.set_defaults(func=_run)
+

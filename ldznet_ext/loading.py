@@ -1,0 +1,154 @@
+"""From user choices (file paths, device and dtype names, numbers) to a ready :class:`Segmenter`.
+
+Shared by the CLI and the API/WebUI front ends, so every front end accepts the same choices and
+refuses bad ones with the same messages. Checks that are cheap (files exist, names are known, the
+head fits the SD model) run before anything large is computed.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from .defaults import default_model_paths
+from .errors import CheckpointError, LdznetError
+from .heads import load_head
+from .masks.tree import Expression, Modified, Modifier
+from .modeling.build import HeadConfig
+from .sd.checkpoint import load_stable_diffusion
+from .sd.model import StableDiffusion
+from .segmenter import Segmenter, SegmenterSettings
+from .zeroshot import ZeroShotSettings
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# UNet fields that fix the shapes of the SD features an LD-ZNet head attends to.
+_TOPOLOGY = ("model_channels", "channel_mult", "num_res_blocks", "attention_levels", "transformer_depth")
+
+
+def resolve_model_paths(model: str | os.PathLike | None, head: str | os.PathLike | None,
+                        zero_shot: bool = False) -> tuple[Path, Path | None]:
+    """(SD checkpoint, head or None for zero-shot) from the user's choices.
+
+    No ``model``: the embedded micro model, with its own head unless ``head`` or ``zero_shot`` is
+    given. A user ``model`` needs an explicit ``head`` or ``zero_shot``, because the embedded head
+    was trained on the embedded model's features only.
+    """
+    if head is not None and zero_shot:
+        raise LdznetError("choose either a head file or zero-shot masks, not both")
+    if model is None:
+        default_sd, default_head = default_model_paths()
+        if not default_sd.is_file():
+            raise LdznetError(f"the embedded micro model is not installed ({default_sd} is missing); "
+                              "pass --model SD.safetensors with --head HEAD.safetensors or --zero-shot")
+        if head is None and not zero_shot:
+            if not default_head.is_file():
+                raise LdznetError(f"the embedded micro model's head is not installed ({default_head} is missing); "
+                                  "pass --head HEAD.safetensors or --zero-shot")
+            head = default_head
+        model = default_sd
+    elif head is None and not zero_shot:
+        raise LdznetError(f"{Path(model).name}: a model of your own needs a segmentation head: pass "
+                          "--head HEAD.safetensors (an LD-ZNet head trained for this model) or --zero-shot")
+    for path, what in ((model, "model"), (head, "head")):
+        if path is not None and not Path(path).is_file():
+            raise CheckpointError(f"{what} file not found: {path}")
+    return Path(model), Path(head) if head is not None else None
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """A torch device from a name ("cpu", "cuda", "cuda:1", "mps"); None or "auto" picks CUDA, then
+    MPS, then the CPU."""
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise LdznetError(f"unknown device {name!r}: expected auto, cpu, cuda, cuda:N or mps") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LdznetError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise LdznetError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) found")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise LdznetError(f"device {name!r} was asked for but MPS is not available; use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype for "fp32", "fp16" or "bf16" on ``device``.
+
+    fp16 on the CPU falls back to fp32 with a warning: several PyTorch releases lack CPU kernels
+    for half-precision convolutions and norms, and where they exist they are slower than fp32.
+    """
+    if name not in DTYPES:
+        raise LdznetError(f"unknown dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    if name == "fp16" and device.type == "cpu":
+        warnings.warn("fp16 is not supported on the CPU; computing in fp32 (use bf16 for lower memory)",
+                      stacklevel=2)
+        return torch.float32
+    return DTYPES[name]
+
+
+def check_head_fits(backbone: StableDiffusion, config: HeadConfig, head_name: str = "head") -> None:
+    """Refuse a head made for another SD model: its text width, its z channels and, for LD-ZNet,
+    the UNet topology whose features it reads must match ``backbone``'s."""
+    sd, own = backbone.unet.config, config.unet
+    problems = []
+    if own.context_dim != sd.context_dim:
+        problems.append(f"text context {own.context_dim}-d vs {sd.context_dim}-d")
+    if config.input_kind == "latent" and own.in_channels != sd.in_channels:
+        problems.append(f"latent channels {own.in_channels} vs {sd.in_channels}")
+    if config.uses_sd_features:
+        problems += [f"{field} {getattr(own, field)} vs {getattr(sd, field)}"
+                     for field in _TOPOLOGY if getattr(own, field) != getattr(sd, field)]
+    if problems:
+        raise CheckpointError(f"{head_name}: this {config.arch} head was made for a different SD model "
+                              f"(head vs model: {'; '.join(problems)}); use a head trained on this model, "
+                              "or --zero-shot")
+
+
+def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = None, *,
+                   device: str | torch.device | None = None, dtype: str = "fp32", resolution: int | None = None,
+                   timestep: int | None = None, draws: int | None = None, seed: int = 0) -> Segmenter:
+    """Load an SD v1 checkpoint and optionally a head (None: zero-shot masks) into a Segmenter.
+
+    ``timestep`` and ``draws`` default to the head's training timestep and one draw, or to the
+    zero-shot defaults (:class:`ZeroShotSettings`); ``resolution`` None uses the head's own.
+    """
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    if resolution is not None and resolution < 1:
+        raise LdznetError(f"resolution must be a positive number of pixels, got {resolution}")
+    head_module = head_config = None
+    if head is not None:
+        head_module, head_config = load_head(head, device=device, dtype=torch_dtype)
+    backbone = load_stable_diffusion(model, device=device, dtype=torch_dtype)
+    try:
+        if head_config is None:
+            zero_shot = ZeroShotSettings(**{k: v for k, v in (("timestep", timestep), ("draws", draws)) if v is not None})
+            settings = SegmenterSettings(resolution=resolution, seed=seed, zero_shot=zero_shot)
+        else:
+            settings = SegmenterSettings(resolution=resolution, seed=seed, draws=draws or 1,
+                                         timestep=head_config.timestep if timestep is None else timestep)
+    except ValueError as error:
+        raise LdznetError(str(error)) from error
+    if head_config is not None:
+        check_head_fits(backbone, head_config, Path(head).name)
+    return Segmenter(backbone, head_module, head_config, settings)
+
+
+def with_grow(expression: Expression, pixels: float) -> Expression:
+    """The expression with its final map grown (``pixels`` > 0) or shrunk (< 0) by a disk of
+    ``abs(pixels)``. Done on the probability map: thresholding commutes with dilation, so this
+    equals growing the thresholded mask, and it happens before the component filters."""
+    if pixels == 0:
+        return expression
+    modifier = Modifier("+" if pixels > 0 else "-", abs(pixels))
+    if isinstance(expression, Modified):
+        return Modified(expression.operand, (*expression.modifiers, modifier))
+    return Modified(expression, (modifier,))

@@ -1,0 +1,116 @@
+"""Writing results: mask, probability and overlay PNGs, each written atomically.
+
+A file is written to a temporary name in the target's folder and renamed into place, so a reader
+(or a resumed batch) sees either the old file, nothing, or the complete new file; never half a
+PNG. Temporary files are named ``.{name}.{random}.ldznet-tmp`` so they are hidden and can be
+recognised after a crash (:func:`temporary_target`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+TEMP_SUFFIX = ".ldznet-tmp"
+OVERLAY_COLOR = (255, 0, 0)
+OVERLAY_OPACITY = 0.5
+
+
+_TEMPORARY = re.compile(rf"\.(?P<target>.+)\.\d+-[0-9a-f]{{8}}{re.escape(TEMP_SUFFIX)}")
+
+
+def _temporary_name(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}"
+
+
+def temporary_target(name: str) -> str | None:
+    """The file name that a temporary file named ``name`` of :func:`save_png` was to become, or None."""
+    match = _TEMPORARY.fullmatch(name)
+    return match.group("target") if match else None
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write ``image`` as PNG to ``path`` atomically (temporary file in the same folder, fsync, rename).
+
+    On any failure (a full disk raises OSError) or interruption the temporary file is removed and
+    an existing ``path`` is left untouched.
+    """
+    path = Path(path)
+    temporary = path.with_name(_temporary_name(path))
+    # O_EXCL: never write into someone else's file; mode 0o666 lets the umask decide, as for any new file.
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            image.save(file, format="PNG")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def mask_image(mask: np.ndarray) -> Image.Image:
+    """uint8 [H, W] (0/255, or soft when feathered) -> a mode "L" image, white = selected."""
+    return Image.fromarray(_check(mask, np.uint8, "mask"))
+
+
+def probability_image(probability: np.ndarray) -> Image.Image:
+    """uint16 [H, W] in 0..65535 -> a 16-bit grey image (mode "I;16")."""
+    return Image.fromarray(_check(probability, np.uint16, "probability").astype("<u2"))
+
+
+def _check(array: np.ndarray, dtype: type, what: str) -> np.ndarray:
+    if array.ndim != 2 or array.dtype != dtype:
+        raise ValueError(f"{what} must be {np.dtype(dtype).name} [H, W], got {array.dtype} {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+def outline_width(height: int, width: int) -> int:
+    """Outline thickness in pixels: 1 up to 1024 px on the long side, then 1 more per 1024 px."""
+    return max(1, round(max(height, width) / 1024))
+
+
+def render_overlay(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = OVERLAY_COLOR,
+                   opacity: float = OVERLAY_OPACITY) -> np.ndarray:
+    """The image with the mask laid over it: uint8 [H, W, 3] RGB, mask uint8 [H, W] -> uint8 [H, W, 3].
+
+    Each pixel moves towards ``color`` by ``opacity`` x mask/255 (soft masks blend softly); the
+    outline of the mask (mask >= 128) is drawn in ``color`` at full strength, ``outline_width`` px
+    thick, inside the selected region. The image border is not an outline.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+    if mask.shape != image.shape[:2] or mask.dtype != np.uint8:
+        raise ValueError(f"mask must be uint8 {image.shape[:2]}, got {mask.dtype} {mask.shape}")
+    weight = (mask.astype(np.float32) / 255.0 * opacity)[..., None]
+    blended = image.astype(np.float32) * (1.0 - weight) + np.asarray(color, np.float32) * weight
+    out = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    selected = (mask >= 128).astype(np.uint8)
+    size = 2 * outline_width(*mask.shape) + 1
+    # cv2.erode pads with the maximum, so a region touching the image border keeps that edge un-outlined.
+    inner = cv2.erode(selected, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)))
+    out[(selected > 0) & (inner == 0)] = color
+    return out
+
+
+def write_mask(path: str | os.PathLike, mask: np.ndarray) -> Path:
+    """Write a uint8 [H, W] mask as an 8-bit grey PNG, atomically."""
+    return save_png(mask_image(mask), path)
+
+
+def write_probability(path: str | os.PathLike, probability: np.ndarray) -> Path:
+    """Write a uint16 [H, W] probability map as a 16-bit grey PNG, atomically."""
+    return save_png(probability_image(probability), path)
+
+
+def write_overlay(path: str | os.PathLike, image: np.ndarray, mask: np.ndarray) -> Path:
+    """Write :func:`render_overlay` of ``image`` and ``mask`` as an RGB PNG, atomically."""
+    return save_png(Image.fromarray(render_overlay(image, mask)), path)

@@ -1,0 +1,237 @@
+"""`ldznet batch`: resuming after a kill, --overwrite, shards, bad files, a full disk, same-stem
+inputs, size batching, and the manifest."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixtures_models import random_image
+from PIL import Image
+
+from ldznet_ext import cli, outputs
+from ldznet_ext.batch import MANIFEST_NAME, list_images, parse_shard, read_manifest, shard
+from ldznet_ext.segmenter import Segmenter
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture
+def ldznet(capsys):
+    def run(*args: object) -> tuple[int, str, str]:
+        try:
+            code = cli.main([str(a) for a in args])
+        except SystemExit as exit_:
+            code = exit_.code
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+@pytest.fixture
+def batch(ldznet, tmp_path, tiny_model_files):
+    """Run `ldznet batch IN "cat OR dog" -o OUT` with the tiny models and extra arguments."""
+    sd, head = tiny_model_files
+
+    def run(*extra: object, input_dir: Path | None = None) -> tuple[int, str, str]:
+        return ldznet("batch", input_dir or tmp_path / "in", "cat OR dog", "-o", tmp_path / "out",
+                      "--model", sd, "--head", head, *extra)
+    return run
+
+
+def make_gallery(folder: Path, names: list[str], size: tuple[int, int] = (64, 64)) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed, name in enumerate(names):
+        Image.fromarray(random_image(size[1], size[0], seed=30 + seed)).save(folder / name)
+        paths.append(folder / name)
+    return paths
+
+
+def statuses(manifest: Path) -> dict[str, list[str]]:
+    """input file name -> its statuses, in manifest order."""
+    result: dict[str, list[str]] = {}
+    for entry in read_manifest(manifest):
+        result.setdefault(Path(entry["input"]).name, []).append(entry["status"])
+    return result
+
+
+def check_masks(out: Path, stems: list[str], size: tuple[int, int] = (64, 64), manifest: bool = True) -> None:
+    """Exactly these masks (and the manifest) are in ``out``; each is a complete PNG of ``size``."""
+    expected = [f"{s}.png" for s in stems] + ([MANIFEST_NAME] if manifest else [])
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
+    for stem in stems:
+        with Image.open(out / f"{stem}.png") as mask:
+            mask.load()  # a truncated PNG fails here
+            assert (mask.mode, mask.size) == ("L", size)
+
+
+def test_a_killed_run_resumes_without_redoing_or_corrupting(batch, tmp_path, monkeypatch):
+    make_gallery(tmp_path / "in", [f"img{i}.png" for i in range(5)])
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".img4.png.999-0123abcd.ldznet-tmp"  # left by an earlier kill -9
+    stale.write_bytes(b"\x89PNG half")
+    real_replace, renamed = os.replace, []
+
+    def killed_on_the_third_rename(source, target):
+        if len(renamed) == 2:  # the third mask is fully written but not yet renamed into place
+            raise KeyboardInterrupt
+        renamed.append(target)
+        real_replace(source, target)
+
+    monkeypatch.setattr(outputs.os, "replace", killed_on_the_third_rename)
+    code, _, err = batch("--batch-size", 2)
+    assert code == 130 and "interrupted" in err and "Traceback" not in err
+    check_masks(out, ["img0", "img1"])  # no temporaries, no half-written img2.png
+    monkeypatch.setattr(outputs.os, "replace", real_replace)
+    with (out / MANIFEST_NAME).open("a") as manifest:
+        manifest.write('{"input": "torn')  # a kill in the middle of a manifest line
+
+    code, stdout, _ = batch("--batch-size", 2)
+    assert code == 0 and "3 written, 2 skipped (already done), 0 failed" in stdout
+    check_masks(out, [f"img{i}" for i in range(5)])
+    assert statuses(out / MANIFEST_NAME) == {"img0.png": ["ok", "skipped"], "img1.png": ["ok", "skipped"],
+                                             "img2.png": ["ok"], "img3.png": ["ok"], "img4.png": ["ok"]}
+
+
+def test_overwrite_redoes_existing_masks(batch, tmp_path):
+    make_gallery(tmp_path / "in", ["a.png", "b.png"])
+    out = tmp_path / "out"
+    assert batch()[0] == 0
+    produced = np.asarray(Image.open(out / "a.png"))
+    Image.fromarray(np.full((64, 64), 7, np.uint8)).save(out / "a.png")  # a stale mask
+    assert batch()[0] == 0
+    assert (np.asarray(Image.open(out / "a.png")) == 7).all()  # kept
+    assert batch("--overwrite")[0] == 0
+    assert np.array_equal(np.asarray(Image.open(out / "a.png")), produced)
+    assert statuses(out / MANIFEST_NAME) == {"a.png": ["ok", "skipped", "ok"], "b.png": ["ok", "skipped", "ok"]}
+
+
+def test_shards_partition_the_files(batch, tmp_path):
+    names = [f"{c}.png" for c in "abcdefg"]
+    make_gallery(tmp_path / "in", names)
+    taken = []
+    for k in (1, 2, 3):
+        code, _, _ = batch("--shard", f"{k}/3", "--manifest", tmp_path / f"shard{k}.jsonl")
+        assert code == 0
+        taken.append(sorted(statuses(tmp_path / f"shard{k}.jsonl")))
+    assert taken == [["a.png", "d.png", "g.png"], ["b.png", "e.png"], ["c.png", "f.png"]]
+    check_masks(tmp_path / "out", list("abcdefg"), manifest=False)
+
+
+def test_shard_arguments():
+    files = [Path(f"{i}.png") for i in range(10)]
+    parts = [shard(files, k, 4) for k in (1, 2, 3, 4)]
+    assert sorted(sum(parts, [])) == sorted(files) and parts[1] == [Path("1.png"), Path("5.png"), Path("9.png")]
+    assert parse_shard("2/4") == (2, 4)
+    for bad in ("0/3", "4/3", "3", "a/b", "1/0"):
+        with pytest.raises(Exception, match="K/N"):
+            parse_shard(bad)
+
+
+def test_bad_files_are_recorded_and_the_rest_succeed(batch, tmp_path):
+    make_gallery(tmp_path / "in", ["good1.png", "good2.jpg"])
+    data = (tmp_path / "in" / "good1.png").read_bytes()
+    (tmp_path / "in" / "corrupt.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "in" / "notes.webp").write_text("not an image")
+    (tmp_path / "in" / "readme.txt").write_text("ignored: not an image suffix")
+    (tmp_path / "in" / "._good1.png").write_bytes(b"resource fork")  # hidden: ignored
+    code, stdout, err = batch()
+    assert code == 1 and "2 written, 0 skipped (already done), 2 failed" in stdout
+    assert "corrupt.png: cannot decode the image" in err and "Traceback" not in err
+    entries = {Path(e["input"]).name: e for e in read_manifest(tmp_path / "out" / MANIFEST_NAME)}
+    assert sorted(entries) == ["corrupt.png", "good1.png", "good2.jpg", "notes.webp"]
+    assert entries["notes.webp"]["status"] == "error" and "not an image" in entries["notes.webp"]["error"]
+    assert entries["corrupt.png"]["status"] == "error" and entries["corrupt.png"]["output"] is None
+    ok = entries["good2.jpg"]
+    assert (ok["status"], ok["error"], ok["expression"]) == ("ok", None, "cat OR dog")
+    assert ok["output"] == str(tmp_path / "out" / "good2.png") and ok["seconds"] > 0
+    assert ok["settings"]["head"].endswith("head.safetensors") and ok["settings"]["dtype"] == "float32"
+    assert ok["settings"]["mask"]["threshold"] == 0.5
+    check_masks(tmp_path / "out", ["good1", "good2"])
+
+
+class _FullDisk:
+    """An image whose PNG encoder hits a full disk after writing a few bytes."""
+
+    def save(self, file, format: str) -> None:
+        file.write(b"\x89PNG\r\n")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_is_recorded_and_the_batch_goes_on(batch, tmp_path, monkeypatch):
+    make_gallery(tmp_path / "in", ["a.png", "b.png", "c.png"])
+    real_save = outputs.save_png
+    monkeypatch.setattr(outputs, "save_png",
+                        lambda image, path: real_save(_FullDisk() if Path(path).name == "b.png" else image, path))
+    code, _, _ = batch()
+    assert code == 1
+    entries = {Path(e["input"]).name: e for e in read_manifest(tmp_path / "out" / MANIFEST_NAME)}
+    assert [entries[n]["status"] for n in ("a.png", "b.png", "c.png")] == ["ok", "error", "ok"]
+    assert entries["b.png"]["error"] == "cannot write b.png: No space left on device"
+    check_masks(tmp_path / "out", ["a", "c"])  # no b.png, no temporary left
+
+
+def test_same_stem_is_an_error_never_an_overwrite(batch, tmp_path):
+    make_gallery(tmp_path / "in", ["a.jpg", "a.png", "b.png"])
+    code, _, _ = batch("--shard", "2/2")  # a.png alone in this shard; a.jpg (shard 1) owns a.png
+    assert code == 1
+    assert not (tmp_path / "out" / "a.png").exists()
+    code, _, _ = batch()
+    assert code == 1
+    entries = [e for e in read_manifest(tmp_path / "out" / MANIFEST_NAME) if e["input"].endswith("a.png")]
+    assert [e["status"] for e in entries] == ["error", "error"]
+    assert entries[0]["error"] == "a.jpg has the same stem and already writes a.png; rename one of them"
+    assert statuses(tmp_path / "out" / MANIFEST_NAME)["a.jpg"] == ["ok"]
+    with Image.open(tmp_path / "in" / "a.jpg") as source, Image.open(tmp_path / "out" / "a.png") as mask:
+        assert mask.mode == "L" and mask.size == source.size
+
+
+def test_same_size_images_are_predicted_together(batch, tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    make_gallery(folder, ["a1.png", "a2.png", "a3.png"], size=(64, 64))
+    make_gallery(folder, ["b1.png", "b2.png"], size=(80, 48))
+    stored = random_image(48, 80, seed=40)  # stored 80x48 like b*, shown rotated: 48 wide, 80 high
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(folder / "b3.jpg", exif=exif)
+    calls = []
+    real = Segmenter.predict_images
+
+    def recording(self, images, *args, **kwargs):
+        calls.append([image.shape[:2] for image in images])
+        return real(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(Segmenter, "predict_images", recording)
+    assert batch("--batch-size", 2)[0] == 0
+    assert calls == [[(64, 64), (64, 64)], [(64, 64)], [(48, 80), (48, 80)], [(80, 48)]]
+    with Image.open(tmp_path / "out" / "b3.png") as mask:
+        assert mask.size == (48, 80)
+
+
+def test_folder_errors_stop_before_the_models_load(ldznet, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, _, err = ldznet("batch", tmp_path / "empty", "cat", "-o", tmp_path / "out")
+    assert code == 2 and "no images in" in err
+    code, _, err = ldznet("batch", tmp_path / "absent", "cat", "-o", tmp_path / "out")
+    assert code == 2 and "input folder not found" in err
+    make_gallery(tmp_path / "in", ["a.png"])
+    code, _, err = ldznet("batch", tmp_path / "in", "cat", "-o", tmp_path / "in")
+    assert code == 2 and "the output folder is the input folder" in err
+    code, _, err = ldznet("batch", tmp_path / "in", "cat AND", "-o", tmp_path / "out")
+    assert code == 2 and "expected a term or '(' after 'AND'" in err
+    assert list_images(tmp_path / "in") == [tmp_path / "in" / "a.png"]
+
+
+def test_manifest_lines_are_whole_json_objects(batch, tmp_path):
+    make_gallery(tmp_path / "in", ["x.png"])
+    batch()
+    batch()
+    lines = (tmp_path / "out" / MANIFEST_NAME).read_text(encoding="utf-8").splitlines()
+    assert Counter(json.loads(line)["status"] for line in lines) == {"ok": 1, "skipped": 1}

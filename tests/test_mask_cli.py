@@ -1,0 +1,250 @@
+"""`ldznet mask`: the three output files, the options, the default model rule, and a clear message
+with exit status 2 (never a traceback) for every kind of bad input."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures_models import random_image
+from PIL import Image
+from safetensors.torch import save_file
+
+from ldznet_ext import cli, loading
+from ldznet_ext.heads import save_head
+from ldznet_ext.loading import load_segmenter, with_grow
+from ldznet_ext.masks.expression import parse
+from ldznet_ext.masks.ops import MaskOptions
+from ldznet_ext.modeling.build import build_head, head_config
+from ldznet_ext.outputs import render_overlay
+from ldznet_ext.sd.unet import unet_config
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture
+def ldznet(capsys):
+    """Run the CLI in-process: (exit status, stdout, stderr)."""
+    def run(*args: object) -> tuple[int, str, str]:
+        try:
+            code = cli.main([str(a) for a in args])
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+@pytest.fixture
+def image_path(tmp_path) -> Path:
+    path = tmp_path / "photo.png"
+    Image.fromarray(random_image(64, 64, seed=20)).save(path)
+    return path
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (and whose pixel data is empty)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_mask_writes_mask_probability_and_overlay(ldznet, tmp_path, tiny_model_files):
+    sd, head = tiny_model_files
+    image = random_image(77, 101, seed=21)  # odd sizes: 101 wide, 77 high
+    Image.fromarray(image).save(tmp_path / "odd.png")
+    reference = load_segmenter(sd, head)
+    reference.set_image(image)
+    threshold = round(float(reference.predict("cat OR dog").probability.median()), 4)
+    expected = reference.predict("cat OR dog", MaskOptions(threshold=threshold))
+
+    out = tmp_path / "new" / "folder"  # created on demand
+    code, stdout, err = ldznet("mask", tmp_path / "odd.png", "cat OR dog", "-o", out / "mask.png",
+                               "--overlay", out / "overlay.png", "--probability", out / "prob.png",
+                               "--threshold", threshold, "--model", sd, "--head", head)
+    assert (code, err) == (0, "")
+    assert "mask.png: 101x77" in stdout and "selected by cat OR dog" in stdout
+    mask, prob, overlay = (Image.open(out / name) for name in ("mask.png", "prob.png", "overlay.png"))
+    assert (mask.mode, prob.mode, overlay.mode) == ("L", "I;16", "RGB")
+    assert mask.size == prob.size == overlay.size == (101, 77)
+    assert set(np.unique(np.asarray(mask))) == {0, 255}
+    assert np.array_equal(np.asarray(mask), expected.mask_image())
+    assert np.array_equal(np.asarray(prob), expected.probability_image())
+    assert np.array_equal(np.asarray(overlay), render_overlay(image, expected.mask_image()))
+    assert sorted(p.name for p in out.iterdir()) == ["mask.png", "overlay.png", "prob.png"]  # no temporaries
+
+
+def test_mask_options_reach_the_mask(ldznet, image_path, tmp_path, tiny_model_files):
+    sd, head = tiny_model_files
+    reference = load_segmenter(sd, head)
+    reference.set_image(image_path)
+    expression = with_grow(parse("cat{*1.2}"), -2)
+    threshold = round(float(reference.predict(expression).probability.quantile(0.4)), 4)
+    options = MaskOptions(threshold=threshold, invert=True, keep_largest=1, min_area=5, feather=1.5)
+    expected = reference.predict(expression, options).mask_image()
+    code, _, err = ldznet("mask", image_path, "cat{*1.2}", "-o", tmp_path / "m.png", "--threshold", threshold,
+                          "--invert", "--keep-largest", 1, "--min-area", 5, "--feather", 1.5, "--grow", -2,
+                          "--model", sd, "--head", head)
+    assert (code, err) == (0, "")
+    written = np.asarray(Image.open(tmp_path / "m.png"))
+    assert np.array_equal(written, expected)
+    assert (written == 0).any() and (written == 255).any()
+    assert ((written > 0) & (written < 255)).any()  # feathered: soft edges
+
+
+def test_zero_shot_and_dtypes(ldznet, image_path, tmp_path, tiny_model_files):
+    sd, _ = tiny_model_files
+    reference = load_segmenter(sd, None, resolution=64, draws=1)
+    reference.set_image(image_path)
+    expected = reference.predict("cat").probability_image()
+    common = ("--model", sd, "--zero-shot", "--resolution", 64, "--draws", 1, "--device", "cpu")
+    code, _, err = ldznet("mask", image_path, "cat", "-o", tmp_path / "m.png", "--probability", tmp_path / "p.png",
+                          *common)
+    assert (code, err) == (0, "")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "p.png")), expected)
+    with pytest.warns(UserWarning, match="fp16 is not supported on the CPU; computing in fp32"):
+        code, _, _ = ldznet("mask", image_path, "cat", "-o", tmp_path / "h.png", "--probability",
+                            tmp_path / "hp.png", "--dtype", "fp16", *common)
+    assert code == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "hp.png")), expected)
+    # bf16 runs on the CPU; on this random model its rounding swamps the text's tiny effect, so
+    # only the run and the dtype are checked.
+    code, _, err = ldznet("mask", image_path, "cat", "-o", tmp_path / "b.png", "--dtype", "bf16", *common)
+    assert (code, err) == (0, "")
+    assert Image.open(tmp_path / "b.png").size == (64, 64)
+    assert load_segmenter(sd, None, dtype="bf16", device="cpu").backbone.dtype == torch.bfloat16
+
+
+def test_default_model_is_used_only_with_its_own_head(ldznet, image_path, tmp_path, tiny_model_files, monkeypatch):
+    sd, head = tiny_model_files
+    code, _, _ = ldznet("mask", image_path, "cat", "-o", tmp_path / "explicit.png", "--model", sd, "--head", head)
+    assert code == 0
+    monkeypatch.setattr(loading, "default_model_paths", lambda: (sd, head))
+    code, _, err = ldznet("mask", image_path, "cat", "-o", tmp_path / "default.png")
+    assert (code, err) == (0, "")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "default.png")),
+                          np.asarray(Image.open(tmp_path / "explicit.png")))
+    code, _, err = ldznet("mask", image_path, "cat", "-o", tmp_path / "x.png", "--model", sd)
+    assert code == 2 and "needs a segmentation head: pass --head HEAD.safetensors" in err
+
+    monkeypatch.setattr(loading, "default_model_paths", lambda: (sd, tmp_path / "absent-head.safetensors"))
+    code, _, err = ldznet("mask", image_path, "cat", "-o", tmp_path / "x.png")
+    assert code == 2 and "micro model's head is not installed" in err and "--zero-shot" in err
+    monkeypatch.setattr(loading, "default_model_paths",
+                        lambda: (tmp_path / "absent.safetensors", tmp_path / "absent-head.safetensors"))
+    code, _, err = ldznet("mask", image_path, "cat", "-o", tmp_path / "x.png")
+    assert code == 2 and "the embedded micro model is not installed" in err and "pass --model" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_overlay_blends_the_mask_and_outlines_it():
+    image = np.full((20, 20, 3), (10, 200, 40), np.uint8)
+    mask = np.zeros((20, 20), np.uint8)
+    mask[5:14, 5:14] = 255  # a 9x9 square inside the image
+    mask[15:, 0:3] = 255  # a block touching the left and bottom borders
+    overlay = render_overlay(image, mask)
+    ring = np.zeros((20, 20), bool)
+    ring[5:14, 5:14] = True
+    ring[6:13, 6:13] = False
+    assert (overlay[ring] == (255, 0, 0)).all()  # 1 px outline inside the square
+    assert (overlay[6:13, 6:13] == (133, 100, 20)).all()  # 50 % red: (10+255)/2, 200/2, 40/2, rounded
+    assert (overlay[mask == 0] == (10, 200, 40)).all()  # unselected pixels untouched
+    assert (overlay[16:, 0:2] == (133, 100, 20)).all()  # the image border is not an outline
+    assert (overlay[15:, 2] == (255, 0, 0)).all() and (overlay[15, 0:3] == (255, 0, 0)).all()
+
+
+def _sd_like(tmp_path: Path, name: str, in_channels: int, context: int) -> Path:
+    """The first keys of an SD-family UNet, enough for the family check."""
+    path = tmp_path / name
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, in_channels, 3, 3),
+               "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight":
+                   torch.zeros(64, context)}, str(path))
+    return path
+
+
+def _truncated(tmp_path: Path, source: Path, name: str) -> Path:
+    data = source.read_bytes()
+    (tmp_path / name).write_bytes(data[: len(data) // 2])
+    return tmp_path / name
+
+
+def _mismatched_head(tmp_path: Path) -> Path:
+    config = head_config("ldznet", "tiny", latent_size=8, unet=unet_config("tiny", out_channels=1, model_channels=64))
+    save_head(build_head(config), config, tmp_path / "wide-head.safetensors")
+    return tmp_path / "wide-head.safetensors"
+
+
+# Each case: how to build the arguments (tmp_path, image, sd, head) and what the message must say.
+BAD_INPUTS = {
+    "missing image": (lambda t, i, s, h: [t / "absent.png", "cat", "--model", s, "--head", h],
+                      "absent.png: file not found"),
+    "truncated png": (lambda t, i, s, h: [_truncated(t, i, "cut.png"), "cat", "--model", s, "--head", h],
+                      "cut.png: cannot decode the image"),
+    "text file": (lambda t, i, s, h: [_write(t / "notes.png", b"just some notes\n"), "cat", "--model", s, "--head", h],
+                  "notes.png: not an image"),
+    "over the limit": (lambda t, i, s, h: [_write(t / "big.png", png_header(12000, 10000)), "cat"],
+                       "big.png: 12000x10000 = 120,000,000 pixels is over the limit of 100,000,000"),
+    "bomb header": (lambda t, i, s, h: [_write(t / "bomb.png", png_header(100000, 100000)), "cat"],
+                    "bomb.png: too large, refused by Pillow"),
+    "--max-pixels": (lambda t, i, s, h: [i, "cat", "--max-pixels", 1000],
+                     "64x64 = 4,096 pixels is over the limit of 1,000"),
+    "empty expression": (lambda t, i, s, h: [i, ""], "expected a mask expression such as 'cat OR dog', got empty text"),
+    "blank expression": (lambda t, i, s, h: [i, "   "], "got empty text"),
+    "dangling operator": (lambda t, i, s, h: [i, "cat OR"],
+                          "expected a term or '(' after 'OR', found the end of the text at position 6"),
+    "unclosed parenthesis": (lambda t, i, s, h: [i, "(cat OR dog"], "'(' is never closed: expected ')' at position 0"),
+    "unmatched parenthesis": (lambda t, i, s, h: [i, "cat)"], "unmatched ')': no '(' is open at position 3"),
+    "SD 2 model": (lambda t, i, s, h: [i, "cat", "--model", _sd_like(t, "sd2.safetensors", 4, 1024), "--zero-shot"],
+                   "sd2.safetensors: sd2: the UNet's text context is 1024-d (SD 2.x); SD 2.x is not supported"),
+    "inpainting model": (lambda t, i, s, h: [i, "cat", "--model", _sd_like(t, "inp.safetensors", 9, 768), "--zero-shot"],
+                         "inpainting UNets (9 input channels) are not supported"),
+    "head as model": (lambda t, i, s, h: [i, "cat", "--model", h, "--zero-shot"],
+                      "this is a segmentation head, not an SD model"),
+    "model as head": (lambda t, i, s, h: [i, "cat", "--model", s, "--head", s], "not an ldznet head"),
+    "mismatched head": (lambda t, i, s, h: [i, "cat", "--model", s, "--head", _mismatched_head(t)],
+                        "wide-head.safetensors: this ldznet head was made for a different SD model "
+                        "(head vs model: model_channels 64 vs 32)"),
+    "truncated model": (lambda t, i, s, h: [i, "cat", "--model", _truncated(t, s, "cut.safetensors"), "--zero-shot"],
+                        "cut.safetensors: cannot read the file"),
+    "truncated head": (lambda t, i, s, h: [i, "cat", "--model", s, "--head", _truncated(t, h, "cut-head.safetensors")],
+                       "cut-head.safetensors: cannot read the file"),
+    "missing model": (lambda t, i, s, h: [i, "cat", "--model", t / "absent.safetensors", "--zero-shot"],
+                      "model file not found"),
+    "not a png output": (lambda t, i, s, h: [i, "cat", "--overlay", t / "o.jpg"], "o.jpg: outputs are PNG files"),
+    "output over input": (lambda t, i, s, h: [i, "cat", "--probability", i], "the same file as the input image"),
+    "unwritable output": (lambda t, i, s, h: [_write(t / "out", b"") and i, "cat", "--model", s, "--head", h],
+                          "out/mask.png: File exists"),  # the output's folder "out" is a file
+    "unknown device": (lambda t, i, s, h: [i, "cat", "--model", s, "--zero-shot", "--device", "tpu"],
+                       "unknown device 'tpu': expected auto, cpu, cuda, cuda:N or mps"),
+    "threshold out of range": (lambda t, i, s, h: [i, "cat", "--threshold", 1],
+                               "argument --threshold: expected a value in 0 .. 1 (exclusive), got 1"),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_a_clear_error_and_status_2(case, ldznet, image_path, tmp_path, tiny_model_files):
+    build, message = BAD_INPUTS[case]
+    output = tmp_path / "out" / "mask.png"
+    code, stdout, err = ldznet("mask", *build(tmp_path, image_path, *tiny_model_files), "-o", output)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and stdout == ""
+    assert not output.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_cuda(ldznet, image_path, tmp_path, tiny_model_files):
+    sd, head = tiny_model_files
+    code, _, err = ldznet("mask", image_path, "cat", "-o", tmp_path / "m.png", "--model", sd, "--head", head,
+                          "--device", "cuda")
+    assert code == 2 and "device 'cuda' was asked for but CUDA is not available; use --device cpu" in err
