@@ -17,7 +17,13 @@ from .errors import LdznetError
 
 COMMAND_MODULES: tuple[str, ...] = (
     "ldznet_ext.checkpoint_cli",
+    "ldznet_ext.demo",
+    "ldznet_ext.mask_cli",
+    "ldznet_ext.batch",
     "ldznet_ext.world.cli",
+    "ldznet_ext.webui.install_model",
+    "ldznet_ext.train.cli",
+    "ldznet_ext.eval.cli",
 )
 
 
