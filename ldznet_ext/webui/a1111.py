@@ -1,0 +1,96 @@
+"""Backbone adapter over AUTOMATIC1111's loaded model (``shared.sd_model``, an ldm LatentDiffusion).
+
+Every call goes through the model's own methods, so the WebUI's hijacks and its --medvram /
+--lowvram offloading hooks fire exactly as in a generation: ``encode_first_stage`` +
+``get_first_stage_encoding`` (VAE), ``get_learned_conditioning`` (A1111's CLIP wrapper with
+75-token chunks and emphasis), ``apply_model`` (UNet). Nothing is changed on the model; the
+feature tap adds forward hooks for one call only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CheckpointError
+from ..sd.schedule import NoiseSchedule
+
+
+def check_a1111_model(sd_model, current_unet=None) -> None:
+    """Raise CheckpointError when the loaded model is not one LD-ZNet can read features from."""
+    if sd_model is None:
+        raise CheckpointError("no Stable Diffusion model is loaded; load an SD 1.x checkpoint first")
+    name = getattr(getattr(sd_model, "sd_checkpoint_info", None), "name_for_extra", None) or "the loaded model"
+    families = [label for attr, label in (("is_sdxl", "SDXL"), ("is_sd2", "SD 2.x"), ("is_sd3", "SD 3"),
+                                          ("is_ssd", "SSD-1B")) if getattr(sd_model, attr, False)]
+    if families or not getattr(sd_model, "is_sd1", True):
+        found = families[0] if families else "not SD 1.x"
+        raise CheckpointError(f"{name} is {found}; LD-ZNet reads SD 1.x UNet features, so load an SD 1.x checkpoint")
+    if getattr(sd_model, "parameterization", "eps") != "eps":
+        raise CheckpointError(f"{name} predicts {sd_model.parameterization!r}; LD-ZNet needs an eps-prediction SD 1.x model")
+    unet = sd_model.model.diffusion_model
+    in_channels = unet.input_blocks[0][0].in_channels
+    if in_channels != 4:
+        kind = "an inpainting model (9 input channels)" if in_channels == 9 else f"a {in_channels}-channel UNet"
+        raise CheckpointError(f"{name} is {kind}; LD-ZNet needs a plain SD 1.x model with 4 input channels: "
+                              "load the base model the inpainting model was made from")
+    if current_unet is not None:
+        label = getattr(getattr(current_unet, "option", None), "label", type(current_unet).__name__)
+        raise CheckpointError(f"the UNet is replaced by {label!r} (TensorRT or another SD Unet), which bypasses "
+                              "the torch modules LD-ZNet reads; set Settings > Stable Diffusion > SD Unet to None")
+
+
+class A1111Backbone:
+    """The segmenter's Backbone over A1111's ``shared.sd_model``; ``devices`` is ``modules.devices``."""
+
+    def __init__(self, sd_model, devices: ModuleType):
+        self.sd_model = sd_model
+        self.devices = devices
+        self.schedule = NoiseSchedule(sd_model.alphas_cumprod.detach())
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.sd_model.model.diffusion_model
+
+    @property
+    def device(self) -> torch.device:
+        return self.devices.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.devices.dtype_unet
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.sd_model.first_stage_model.encoder.down) - 1)
+
+    @torch.no_grad()
+    def encode_image(self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """image [B, 3, H, W] in [-1, 1] -> scaled z [B, 4, H/8, W/8] (posterior mean unless ``sample``)."""
+        with self.devices.autocast():
+            posterior = self.sd_model.encode_first_stage(image.to(self.device, self.devices.dtype_vae))
+            if isinstance(posterior, Tensor):
+                z = posterior
+            elif sample:
+                # ldm's posterior.sample() draws from the global RNG; a seeded draw keeps masks reproducible.
+                noise = torch.randn(posterior.mean.shape, generator=generator,
+                                    device=generator.device if generator is not None else posterior.mean.device)
+                z = posterior.mean + posterior.std * noise.to(posterior.mean)
+            else:
+                z = posterior.mode()
+            return self.sd_model.get_first_stage_encoding(z).float()
+
+    @torch.no_grad()
+    def encode_text(self, prompts: Sequence[str]) -> Tensor:
+        """prompts -> context [B, 77k, 768] through the WebUI's CLIP wrapper."""
+        with self.devices.autocast():
+            return self.sd_model.get_learned_conditioning(list(prompts))
+
+    @torch.no_grad()
+    def predict_noise(self, z_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        """eps [B, 4, h, w] from ``sd_model.apply_model`` (eps-prediction models only, see check_a1111_model)."""
+        with self.devices.autocast():
+            return self.sd_model.apply_model(z_t.to(self.device), t.to(self.device), context.to(self.device))

@@ -1,0 +1,251 @@
+"""HTTP API: ``POST /ldznet/v1/mask``, ``GET /ldznet/v1/version``, and checks of the LD-ZNet args
+of ``/sdapi/v1/img2img`` and ``/sdapi/v1/txt2img`` that answer 4xx before a generation starts.
+
+The host runs script hooks with every exception caught and logged, so a bad ``alwayson_scripts``
+arg could only be reported after a generation. An ASGI middleware (:class:`ApiGuard`) reads those
+request bodies first; it also enforces the request size limit and the host's --api-auth on our
+routes. The handlers here are plain functions of a JSON payload, raising :class:`ApiError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import secrets
+from collections.abc import Callable, Mapping
+
+import numpy as np
+from PIL import Image
+
+from .. import __version__
+from ..errors import CheckpointError, LdznetError
+from ..outputs import render_overlay
+from .request import ARG_NAMES, TITLE, MaskRequest, split_mask_line
+
+MASK_ROUTE = "/ldznet/v1/mask"
+VERSION_ROUTE = "/ldznet/v1/version"
+GENERATION_ROUTES = ("/sdapi/v1/img2img", "/sdapi/v1/txt2img")
+MAX_REQUEST_BYTES = 64 * 2**20
+MAX_PIXELS = 4096 * 4096
+
+
+class ApiError(Exception):
+    """An HTTP error with a message for the client."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+    def body(self) -> bytes:
+        return json.dumps({"error": type(self).__name__, "detail": self.detail}).encode()
+
+
+def decode_image(data, what: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """A base64 (optionally data-URL) PNG/JPEG/WebP -> PIL image; 422 when unreadable, 413 when too large."""
+    if not isinstance(data, str) or not data:
+        raise ApiError(422, f"{what} must be a base64-encoded image, got {type(data).__name__}")
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, f"{what} is not valid base64") from None
+    try:
+        image = Image.open(io.BytesIO(raw))
+    except Exception:
+        raise ApiError(422, f"{what} is not an image Pillow can read (PNG, JPEG, WebP...)") from None
+    if image.width * image.height > max_pixels:
+        raise ApiError(413, f"{what} is {image.width}x{image.height} = {image.width * image.height:,} pixels; "
+                            f"the limit is {max_pixels:,}")
+    try:
+        image.load()
+    except Exception:
+        raise ApiError(422, f"{what} cannot be decoded; the data may be truncated") from None
+    return image
+
+
+def encode_png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _our_args(payload: Mapping) -> list | None:
+    scripts = payload.get("alwayson_scripts")
+    if not isinstance(scripts, Mapping):
+        return None
+    for name, entry in scripts.items():
+        if isinstance(name, str) and name.lower() == TITLE.lower():
+            if not isinstance(entry, Mapping):
+                raise ApiError(422, f"alwayson_scripts[{name!r}] must be an object with 'args': {list(ARG_NAMES)}")
+            args = entry.get("args", [])
+            if not isinstance(args, list):
+                raise ApiError(422, f"alwayson_scripts[{name!r}].args must be a list in the order {list(ARG_NAMES)}")
+            return args
+    return None
+
+
+def check_generation(payload, is_img2img: bool, check_ready: Callable[[MaskRequest], None]) -> None:
+    """Validate the LD-ZNet part of a generation request; ApiError(422) with the reason."""
+    if not isinstance(payload, Mapping):
+        return  # the host answers malformed bodies itself
+    args = _our_args(payload)
+    prompt = payload.get("prompt")
+    try:
+        request = MaskRequest.from_args(args or [])
+    except LdznetError as error:
+        raise ApiError(422, f"alwayson_scripts[{TITLE.lower()!r}].args: {error}") from None
+    try:
+        expression = split_mask_line(prompt)[1] if isinstance(prompt, str) else None
+        if expression is not None:
+            request = request.with_expression(expression)
+    except LdznetError as error:
+        raise ApiError(422, f"prompt: {error}") from None
+    if not request.active:
+        return
+    if is_img2img and not payload.get("init_images"):
+        raise ApiError(422, "an LD-ZNet mask needs init_images")
+    try:
+        check_ready(request)
+    except LdznetError as error:
+        raise ApiError(422, str(error)) from None
+
+
+def mask_response(payload, compute: Callable, check_ready: Callable[[MaskRequest], None]) -> dict:
+    """POST /ldznet/v1/mask: {"image": b64, "expression": str, optional "mode", "threshold", "grow",
+    "feather", "invert", "combine", "mask" (b64 brush mask)} -> {"mask", "probability" (16-bit),
+    "overlay": b64 PNGs, "coverage", "width", "height", "expression"}.
+
+    ``compute(image, request, brush) -> MaskResult`` runs under the host's queue lock."""
+    if not isinstance(payload, Mapping):
+        raise ApiError(422, "the body must be a JSON object")
+    known = {"image", "mask", *ARG_NAMES}
+    unknown = sorted(set(payload) - known)
+    if unknown:
+        raise ApiError(422, f"unknown fields {unknown}; expected {sorted(known)}")
+    if not payload.get("expression"):
+        raise ApiError(422, "expression is required, e.g. \"cat OR dog\"")
+    try:
+        request = MaskRequest(**{k: payload[k] for k in ARG_NAMES if payload.get(k) is not None})
+    except LdznetError as error:
+        raise ApiError(422, str(error)) from None
+    image = decode_image(payload.get("image"), "image")
+    brush = None
+    if payload.get("mask") is not None:
+        brush_image = decode_image(payload["mask"], "mask")
+        if brush_image.size != image.size:
+            raise ApiError(422, f"mask is {brush_image.width}x{brush_image.height} but image is "
+                                f"{image.width}x{image.height}; they must be the same size")
+        brush = np.asarray(brush_image.convert("L"))
+    try:
+        check_ready(request)
+        result = compute(image, request, brush)
+    except CheckpointError as error:
+        raise ApiError(409, str(error)) from None
+    except LdznetError as error:
+        raise ApiError(422, str(error)) from None
+    rgb = np.asarray(image.convert("RGB"))
+    return {
+        "expression": str(result.prediction.expression),
+        "width": image.width,
+        "height": image.height,
+        "coverage": float((result.mask >= 128).mean()),
+        "mask": encode_png(Image.fromarray(result.mask, "L")),
+        "probability": encode_png(Image.fromarray(result.prediction.probability_image().astype("<u2"))),
+        "overlay": encode_png(Image.fromarray(render_overlay(rgb, result.mask))),
+    }
+
+
+def parse_credentials(api_auth: str | None) -> dict[str, str]:
+    """--api-auth "user:password,user2:password2" -> {user: password}."""
+    return dict(item.split(":", 1) for item in api_auth.split(",") if ":" in item) if api_auth else {}
+
+
+def authorized(headers: Mapping[str, str], credentials: Mapping[str, str]) -> bool:
+    if not credentials:
+        return True
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, _, password = base64.b64decode(token).decode().partition(":")
+    except (binascii.Error, ValueError):
+        return False
+    expected = credentials.get(user)
+    return expected is not None and secrets.compare_digest(password, expected)
+
+
+class ApiGuard:
+    """ASGI middleware: size limit and auth for /ldznet/*, LD-ZNet arg checks for generations.
+
+    ``check_generation(payload, is_img2img)`` raises ApiError; bodies are read once and replayed.
+    """
+
+    def __init__(self, app, check_generation: Callable[[object, bool], None], credentials: Mapping[str, str],
+                 max_bytes: int = MAX_REQUEST_BYTES):
+        self.app = app
+        self.check_generation = check_generation
+        self.credentials = dict(credentials)
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        ours = path.startswith("/ldznet/")
+        generation = path in GENERATION_ROUTES and scope.get("method") == "POST"
+        if not (ours or generation):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        try:
+            if ours and not authorized(headers, self.credentials):
+                raise ApiError(401, "this server requires --api-auth credentials (HTTP Basic)")
+            body = await self._read_body(receive, limit=self.max_bytes if ours else None,
+                                         declared=headers.get("content-length"))
+            if generation:
+                try:
+                    payload = json.loads(body or b"null")
+                except ValueError:
+                    payload = None  # the host reports malformed JSON in its own words
+                self.check_generation(payload, path.endswith("img2img"))
+        except ApiError as error:
+            extra = [(b"www-authenticate", b"Basic")] if error.status == 401 else []
+            await send({"type": "http.response.start", "status": error.status,
+                        "headers": [(b"content-type", b"application/json"), *extra]})
+            await send({"type": "http.response.body", "body": error.body()})
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _read_body(receive, limit: int | None, declared: str | None) -> bytes:
+        if limit is not None and declared and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"the request is {int(declared):,} bytes; the limit is {limit:,}")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if limit is not None and size > limit:
+                raise ApiError(413, f"the request is over the limit of {limit:,} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+
+def version_response(host_name: str, heads: list[str], head: str) -> dict:
+    """GET /ldznet/v1/version."""
+    return {"version": __version__, "api": 1, "host": host_name, "heads": heads, "head": head,
+            "script_args": list(ARG_NAMES), "script_title": TITLE}

@@ -1,0 +1,160 @@
+"""Masks inside the WebUI: the host's model as backbone, a lazily loaded and cached head, and one
+Segmenter per call.
+
+The head file is read once and kept (on the GPU, or offloaded to the CPU between calls) until the
+settings name another file or dtype, the host loads another model, or the UI reloads
+(:meth:`MaskEngine.release`). The feature tap hooks the host UNet only during a call and removes
+its hooks on the way out, also when the call raises.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, LdznetError
+from ..heads import load_head
+from ..images import ImageInput
+from ..loading import DTYPES, check_head_fits, with_grow
+from ..masks.expression import parse
+from ..modeling.build import HeadConfig
+from ..sd.checkpoint import unet_config_from_state_dict
+from ..sd.model import Backbone
+from ..sd.unet import UNetConfig
+from ..segmenter import Prediction, Segmenter, SegmenterSettings
+from ..zeroshot import ZeroShotSettings
+from .request import MaskRequest, combine
+
+HEAD_SUFFIX = ".safetensors"
+NO_HEAD = "None"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The WebUI settings that shape a mask. head: file name in the heads folder (NO_HEAD: none);
+    timestep: SD timestep of the features (None: the head's own); keep_on_gpu: leave the head on
+    the GPU between calls; dtype: "auto" (the host UNet's) or one of loading.DTYPES; resolution:
+    side of the working area in pixels (None: the head's own, 384 for zero-shot); seed: noise seed
+    of the feature step."""
+
+    head: str = NO_HEAD
+    timestep: int | None = None
+    keep_on_gpu: bool = True
+    dtype: str = "auto"
+    resolution: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise LdznetError(f"head dtype must be 'auto' or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.timestep is not None and not 0 <= self.timestep < 1000:
+            raise LdznetError(f"timestep must be in [0, 1000), got {self.timestep}")
+        if self.resolution is not None and self.resolution < 64:
+            raise LdznetError(f"working resolution must be at least 64 pixels, got {self.resolution}")
+
+
+@dataclass
+class MaskResult:
+    """mask: uint8 [H, W] after combining with a brush mask (255 = repaint); prediction: the
+    segmenter's answer (probability and our own mask before combining)."""
+
+    mask: np.ndarray
+    prediction: Prediction
+
+
+def host_unet_config(unet: nn.Module) -> UNetConfig:
+    """The UNetConfig of a host's ldm-layout UNet, read from its weight shapes."""
+    return unet_config_from_state_dict(unet.state_dict())
+
+
+class MaskEngine:
+    """Head cache + mask computation for the WebUI front ends (script, tab, API)."""
+
+    def __init__(self, heads_dir: str | Path):
+        self.heads_dir = Path(heads_dir)
+        self._lock = threading.RLock()
+        self._key: tuple | None = None
+        self._head: tuple[nn.Module, HeadConfig] | None = None
+        self._fits: dict[tuple[int, tuple], None] = {}
+
+    def list_heads(self) -> list[str]:
+        """Head file names in the heads folder, sorted."""
+        if not self.heads_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.heads_dir.iterdir() if p.suffix == HEAD_SUFFIX and p.is_file())
+
+    def release(self) -> None:
+        """Drop the cached head (model change, settings change, UI reload)."""
+        with self._lock:
+            self._key = self._head = None
+            self._fits.clear()
+
+    def head_path(self, options: EngineOptions) -> Path:
+        """The selected head file; LdznetError when none is selected or it is missing (cheap: no loading)."""
+        if options.head in ("", NO_HEAD):
+            raise LdznetError("no LD-ZNet head is selected: put a head .safetensors file into "
+                              f"{self.heads_dir} and choose it in Settings > LD-ZNet, or use mode 'zero-shot'")
+        path = self.heads_dir / options.head
+        if path.parent != self.heads_dir or not path.is_file():
+            raise CheckpointError(f"head file {options.head!r} not found in {self.heads_dir}; "
+                                  "press the refresh button next to the head setting after adding files")
+        return path
+
+    def check(self, request: MaskRequest, options: EngineOptions) -> None:
+        """Cheap readiness check for ``request`` (API validation): a head exists unless zero-shot."""
+        if not request.zero_shot:
+            self.head_path(options)
+
+    def _load_head(self, options: EngineOptions, device: torch.device, host_dtype: torch.dtype
+                   ) -> tuple[nn.Module, HeadConfig]:
+        path = self.head_path(options)
+        dtype = host_dtype if options.dtype == "auto" else DTYPES[options.dtype]
+        if device.type == "cpu" and dtype == torch.float16:
+            dtype = torch.float32  # half-precision CPU kernels are missing or slow
+        key = (str(path), path.stat().st_mtime_ns, dtype)
+        if self._key != key:
+            self.release()
+            self._head = load_head(path, device="cpu", dtype=dtype)
+            self._key = key
+        head, config = self._head
+        return head.to(device), config
+
+    def _check_fits(self, backbone: Backbone, config: HeadConfig, name: str) -> None:
+        key = (id(backbone.unet), tuple(sorted(config.to_dict()["unet"].items())))
+        if key not in self._fits:
+            shim = SimpleNamespace(unet=SimpleNamespace(config=host_unet_config(backbone.unet)))
+            check_head_fits(shim, config, name)
+            self._fits[key] = None
+
+    def segmenter(self, backbone: Backbone, request: MaskRequest, options: EngineOptions) -> Segmenter:
+        """A Segmenter on ``backbone`` for ``request``'s mode (the head is loaded on first use)."""
+        if request.zero_shot:
+            zero_shot = ZeroShotSettings(**({"timestep": options.timestep} if options.timestep is not None else {}))
+            return Segmenter(backbone, settings=SegmenterSettings(resolution=options.resolution, seed=options.seed,
+                                                                  zero_shot=zero_shot))
+        head, config = self._load_head(options, backbone.device, backbone.dtype)
+        self._check_fits(backbone, config, options.head)
+        timestep = config.timestep if options.timestep is None else options.timestep
+        return Segmenter(backbone, head, config,
+                         SegmenterSettings(resolution=options.resolution, timestep=timestep, seed=options.seed))
+
+    def predict(self, backbone: Backbone, image: ImageInput, request: MaskRequest, options: EngineOptions,
+                brush: np.ndarray | None = None) -> MaskResult:
+        """The mask of ``request`` on ``image`` at the image's size, combined with ``brush`` (uint8 [H, W])."""
+        if not request.active:
+            raise LdznetError("the mask expression is empty")
+        with self._lock:
+            segmenter = self.segmenter(backbone, request, options)
+            try:
+                segmenter.set_image(image)
+                prediction = segmenter.predict(with_grow(parse(request.expression), request.grow), request.options())
+            finally:
+                if segmenter.head is not None and not options.keep_on_gpu:
+                    segmenter.head.to("cpu")
+        return MaskResult(combine(prediction.mask_image(), brush, request.combine), prediction)

@@ -1,0 +1,100 @@
+"""Backbone adapter over Forge's loaded model (``shared.sd_model``, a Forge diffusion engine).
+
+Forge keeps its parts in ``sd_model.forge_objects`` (``unet``: a UnetPatcher around a KModel,
+``vae``, ``clip``) and moves them between devices itself (``backend.memory_management``). The
+KModel speaks k-diffusion: ``apply_model(x, sigma, c_crossattn=...)`` takes x = z + sigma * noise
+and returns the denoised x0. At an SD timestep t with a_t = alphas_cumprod[t]:
+sigma_t = sqrt((1 - a_t) / a_t), x = z_t / sqrt(a_t) (the UNet sees x / sqrt(sigma^2 + 1) = z_t,
+at timestep t), and eps = (x - x0) / sigma_t.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CheckpointError
+from ..sd.schedule import NoiseSchedule
+
+
+def check_forge_model(sd_model) -> None:
+    """Raise CheckpointError when Forge's loaded model is not a plain SD 1.x model."""
+    if sd_model is None or getattr(sd_model, "forge_objects", None) is None:
+        raise CheckpointError("no Stable Diffusion model is loaded; load an SD 1.x checkpoint first")
+    if not getattr(sd_model, "is_sd1", False):
+        families = [label for attr, label in (("is_sdxl", "SDXL"), ("is_sd2", "SD 2.x"), ("is_sd3", "SD 3"))
+                    if getattr(sd_model, attr, False)]
+        found = families[0] if families else f"a {type(sd_model).__name__} model (not SD 1.x)"
+        raise CheckpointError(f"the loaded model is {found}; LD-ZNet reads SD 1.x UNet features, "
+                              "so load an SD 1.x checkpoint")
+    if getattr(sd_model, "is_inpaint", False):
+        raise CheckpointError("the loaded model is an inpainting model (9 input channels); LD-ZNet needs a plain "
+                              "SD 1.x model: load the base model the inpainting model was made from")
+    prediction = getattr(sd_model.forge_objects.unet.model.predictor, "prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise CheckpointError(f"the loaded model predicts {prediction!r}; LD-ZNet needs an eps-prediction SD 1.x model")
+
+
+class ForgeBackbone:
+    """The segmenter's Backbone over Forge's ``shared.sd_model``.
+
+    ``load_model_gpu`` is ``backend.memory_management.load_model_gpu`` (injected so that tests run
+    without Forge).
+    """
+
+    def __init__(self, sd_model, load_model_gpu: Callable[[object], object]):
+        self.sd_model = sd_model
+        self.patcher = sd_model.forge_objects.unet
+        self.load_model_gpu = load_model_gpu
+        self.schedule = NoiseSchedule(self.patcher.model.predictor.alphas_cumprod.detach())
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.patcher.model.diffusion_model
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.patcher.load_device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patcher.model.computation_dtype
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.sd_model.forge_objects.vae.downscale_ratio
+
+    def encode_image(self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """image [B, 3, H, W] in [-1, 1] -> scaled z (posterior mean unless ``sample``, never the global RNG)."""
+        vae = self.sd_model.forge_objects.vae.clone()
+
+        def regulation(posterior):
+            if not sample:
+                return posterior.mode()
+            noise = torch.randn(posterior.mean.shape, generator=generator,
+                                device=generator.device if generator is not None else posterior.mean.device)
+            return posterior.mean + posterior.std * noise.to(posterior.mean)
+
+        vae.patcher.model_options["model_vae_regulation"] = regulation
+        with torch.inference_mode():
+            z = vae.encode(image.movedim(1, -1) * 0.5 + 0.5)
+            z = vae.first_stage_model.process_in(z)
+        return z.clone().to(self.device)  # a normal tensor, not an inference-mode one
+
+    def encode_text(self, prompts: Sequence[str]) -> Tensor:
+        """prompts -> context [B, 77k, 768] through Forge's text engine (emphasis, embeddings)."""
+        with torch.inference_mode():
+            context = self.sd_model.get_learned_conditioning(list(prompts))
+        return context.clone()
+
+    @torch.no_grad()
+    def predict_noise(self, z_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        """eps [B, 4, h, w] for z_t at integer timesteps t, through KModel.apply_model (sigma in, x0 out)."""
+        self.load_model_gpu(self.patcher)
+        a = self.schedule.alphas_cumprod[t.cpu().long()].to(self.device, torch.float32)
+        sigma = ((1 - a) / a).sqrt()
+        x = z_t.to(self.device, torch.float32) / a.sqrt()[:, None, None, None]
+        denoised = self.patcher.model.apply_model(x, sigma, c_crossattn=context.to(self.device))
+        return (x - denoised.float()) / sigma[:, None, None, None]

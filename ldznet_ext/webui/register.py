@@ -1,0 +1,59 @@
+"""Hook the extension into the host: callbacks, settings, tab, API routes (called by scripts/ldznet.py).
+
+The host clears all callbacks when it reloads scripts (Reload UI) and runs scripts/ldznet.py again,
+so registering on every load is right; the cached head is released on unload.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from . import api, host, script, settings, tab, ui
+
+
+def add_routes(demo, app) -> None:
+    """on_app_started: the ApiGuard middleware and, with --api/--nowebui, the /ldznet/v1 routes."""
+    from modules import shared
+
+    cmd_opts = shared.cmd_opts
+
+    def check(payload, is_img2img: bool) -> None:
+        api.check_generation(payload, is_img2img, host.check_ready)
+
+    app.middleware_stack = None  # let the app rebuild its stack with ours outermost (as the host does)
+    app.add_middleware(api.ApiGuard, check_generation=check,
+                       credentials=api.parse_credentials(getattr(cmd_opts, "api_auth", None)))
+    if not (getattr(cmd_opts, "api", False) or getattr(cmd_opts, "nowebui", False)):
+        return
+    from fastapi import Body
+    from fastapi.responses import JSONResponse
+
+    def compute(image, request, brush):
+        with host.gpu_job("ldznet api"):
+            return host.compute(image, request, brush)
+
+    def mask(payload: dict = Body(...)):
+        try:
+            return api.mask_response(payload, compute, host.check_ready)
+        except api.ApiError as error:
+            return JSONResponse(status_code=error.status, content={"error": "ApiError", "detail": error.detail})
+
+    def version():
+        name = "forge" if importlib.util.find_spec("modules_forge") else "a1111"
+        return api.version_response(name, host.engine().list_heads(), host.engine_options().head)
+
+    app.add_api_route(api.MASK_ROUTE, mask, methods=["POST"])
+    app.add_api_route(api.VERSION_ROUTE, version, methods=["GET"])
+
+
+def register() -> None:
+    """Register every callback of the extension with ``modules.script_callbacks``."""
+    from modules import script_callbacks
+
+    script_callbacks.on_ui_settings(settings.add_settings)
+    script_callbacks.on_after_component(ui.remember_component)
+    script_callbacks.on_ui_tabs(tab.build_tab)
+    script_callbacks.on_app_started(add_routes)
+    script_callbacks.on_model_loaded(lambda sd_model: host.release())
+    script_callbacks.on_script_unloaded(host.release)
+    script_callbacks.on_image_saved(script.save_pending_mask)

@@ -1,0 +1,128 @@
+"""The always-visible "LD-ZNet mask" script for txt2img and img2img (imported by scripts/ldznet.py).
+
+img2img (all single-image modes and the Batch tab): ``process`` computes the mask on the init
+image and sets ``p.image_mask`` before ``p.init()`` reads it. txt2img: the accordion feeds the
+"send to inpaint" button and, with the setting on, a mask saved beside every generated image.
+A ``mask: <expression>`` line in the prompt is used as the expression and removed from the prompts
+the sampler sees. The settings go into the infotext and come back through PNG Info.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from modules import scripts, shared
+from PIL import Image
+
+from ..errors import LdznetError
+from ..outputs import write_mask
+from . import host
+from .request import TITLE, MaskRequest, split_mask_line
+
+MASK_SUFFIX = "-ldznet-mask"
+_PROMPT_LISTS = ("all_prompts", "all_hr_prompts")
+
+
+def strip_mask_lines(p) -> str | None:
+    """Remove the ``mask:`` line from every prompt of ``p`` (after the host's setup_prompts) and
+    return the expression of the main prompt, or None. ``p.prompt`` is left as typed, so a reused
+    ``p`` (img2img Batch tab) finds the line again for every image."""
+    main = getattr(p, "main_prompt", None) or p.prompt
+    _, expression = split_mask_line(main if isinstance(main, str) else main[0])
+    if expression is None:
+        return None
+    for name in _PROMPT_LISTS:
+        prompts = getattr(p, name, None)
+        if prompts:
+            setattr(p, name, [split_mask_line(x)[0] for x in prompts])
+    if getattr(p, "main_prompt", None) is not None:
+        p.main_prompt = split_mask_line(p.main_prompt)[0]
+    return expression
+
+
+def brush_mask(p, size: tuple[int, int]) -> np.ndarray | None:
+    """The user's own mask on ``p`` (inpaint brush, uploaded mask, batch mask folder) as uint8
+    [H, W] at ``size`` = (W, H), read the way ``p.init()`` reads it; None when there is none or
+    when it is the mask this script set for the previous image of a batch."""
+    mask = getattr(p, "image_mask", None)
+    if mask is None or mask is getattr(p, "_ldznet_mask", None):
+        return None
+    from modules import processing
+
+    mask = processing.create_binary_mask(mask, round=getattr(p, "mask_round", True))
+    if mask.size != size:
+        mask = mask.resize(size, Image.BILINEAR)
+    return np.asarray(mask, dtype=np.uint8)
+
+
+def fail(p, error: Exception) -> None:
+    """Stop the generation with a visible reason: inpainting the wrong area is worse than nothing."""
+    message = f"{TITLE}: {error}"
+    print(message, file=sys.stderr)
+    p.comment(message)
+    shared.state.interrupted = True
+
+
+class LdznetScript(scripts.Script):
+    """Text-prompted inpainting masks (the accordion "LD-ZNet mask")."""
+
+    def title(self) -> str:
+        return TITLE
+
+    def show(self, is_img2img: bool):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img: bool) -> list:
+        from . import ui
+
+        return ui.build_accordion(self, is_img2img)
+
+    def process(self, p, *args) -> None:
+        try:
+            request = MaskRequest.from_args(args)
+            expression = strip_mask_lines(p)
+            if expression is not None:
+                request = request.with_expression(expression)
+            p._ldznet_request = request if request.active else None
+            if not request.active:
+                return
+            p.extra_generation_params.update(request.infotext())
+            if self.is_img2img:
+                self._set_mask(p, request)
+        except LdznetError as error:
+            fail(p, error)
+
+    def _set_mask(self, p, request: MaskRequest) -> None:
+        if not getattr(p, "init_images", None):
+            raise LdznetError("img2img has no init image to mask")
+        image = p.init_images[0]
+        result = host.compute(image, request, brush_mask(p, image.size))
+        p._ldznet_mask = p.image_mask = Image.fromarray(result.mask, "L")
+        # A blank mask makes p.init() switch "only masked" off on this p; a reused p (Batch tab)
+        # must start every image from the user's choice.
+        if not hasattr(p, "_ldznet_full_res"):
+            p._ldznet_full_res = p.inpaint_full_res
+        p.inpaint_full_res = p._ldznet_full_res
+
+    def postprocess_image_after_composite(self, p, pp, *args) -> None:
+        request = getattr(p, "_ldznet_request", None)
+        if request is None or not host.opt("ldznet_save_masks", False):
+            return
+        try:
+            result = host.compute(pp.image, MaskRequest(**{**request.as_dict(), "combine": "replace"}))
+        except LdznetError as error:
+            print(f"{TITLE}: mask not saved: {error}", file=sys.stderr)
+            return
+        p._ldznet_pending = (pp.image, result.mask)
+
+
+def save_pending_mask(params) -> None:
+    """on_image_saved: write the mask computed for the image just saved, beside it."""
+    pending = getattr(params.p, "_ldznet_pending", None)
+    if pending is None or pending[0] is not params.image:
+        return
+    params.p._ldznet_pending = None
+    path = Path(params.filename)
+    write_mask(path.with_name(path.stem + MASK_SUFFIX + ".png"), pending[1])

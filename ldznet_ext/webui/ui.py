@@ -1,0 +1,171 @@
+"""The accordion, its Preview button, and the results-row button that sends an image and its mask
+to img2img > Inpaint upload. Gradio is imported only here (and in ``tab``).
+
+Components the accordion needs from the host's page (the img2img images, the galleries, the
+Inpaint-upload image and mask) are picked up by elem_id as the host creates them
+(:func:`remember_component`, an on_after_component callback); buttons are wired as soon as both
+ends exist, whichever tab is built first.
+"""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+from PIL import Image
+
+from ..errors import LdznetError
+from ..outputs import render_overlay
+from . import host
+from .request import COMBINE_MODES, INFOTEXT_KEYS, MAX_FEATHER, MODES, TITLE, MaskRequest, split_mask_line
+
+IMG2IMG_INPUTS = ("img2img_image", "img2img_sketch", "img2maskimg", "inpaint_sketch", "img_inpaint_base",
+                  "img_inpaint_mask")
+"""elem_ids of img2img's images, in the order of its mode tabs (the last two: Inpaint upload)."""
+WANTED = {*IMG2IMG_INPUTS, "txt2img_gallery", "img2img_gallery", "txt2img_prompt", "img2img_prompt",
+          "txt2img_send_to_extras", "img2img_send_to_extras"}
+_components: dict[str, object] = {}
+_accordions: dict[str, dict] = {}
+_wired: set[int] = set()
+
+
+def _status(text: str, error: bool = False) -> str:
+    return f"<p class='ldznet-{'error' if error else 'status'}'>{html.escape(text)}</p>"
+
+
+def remember_component(component, **kwargs) -> None:
+    """on_after_component: keep the host components we connect to; add our send button to the
+    results rows."""
+    elem_id = kwargs.get("elem_id") or getattr(component, "elem_id", None)
+    if elem_id not in WANTED:
+        return
+    _components[elem_id] = component
+    if elem_id.endswith("_send_to_extras"):
+        from modules.ui_components import ToolButton
+
+        tab = elem_id.split("_", 1)[0]
+        _components[f"{tab}_ldznet_send"] = ToolButton(
+            "🎭", elem_id=f"{tab}_send_to_ldznet_inpaint",
+            tooltip="LD-ZNet: send the selected image and its mask (the accordion's expression) to img2img > Inpaint upload")
+    _wire_send_buttons()
+
+
+def build_accordion(script, is_img2img: bool) -> list:
+    """The accordion's components; returns the controls whose values arrive as script args
+    (ARG_NAMES order)."""
+    import gradio as gr
+
+    tab = "img2img" if is_img2img else "txt2img"
+    threshold = float(host.opt("ldznet_threshold", 0.5))
+    with gr.Accordion(TITLE, open=False, elem_id=script.elem_id("accordion"), elem_classes=["ldznet-accordion"]):
+        expression = gr.Textbox(label="Mask expression", lines=1, elem_id=script.elem_id("expression"),
+                                placeholder="goblin OR sword  ·  face{+8}  ·  person AND NOT hat  "
+                                            "(or a line 'mask: ...' in the prompt)")
+        with gr.Row():
+            mode = gr.Radio(list(MODES), value=MODES[0], label="Mode", elem_id=script.elem_id("mode"))
+            combine = gr.Radio(list(COMBINE_MODES), value=COMBINE_MODES[0], visible=is_img2img,
+                               label="With the brush / uploaded mask", elem_id=script.elem_id("combine"))
+        with gr.Row():
+            threshold = gr.Slider(0.0, 0.99, value=threshold, step=0.01, label="Threshold",
+                                  elem_id=script.elem_id("threshold"))
+            grow = gr.Slider(-64, 64, value=0, step=1, label="Grow (+) / shrink (-), px", elem_id=script.elem_id("grow"))
+            feather = gr.Slider(0, min(64, MAX_FEATHER), value=0, step=1, label="Feather, px",
+                                elem_id=script.elem_id("feather"))
+            invert = gr.Checkbox(False, label="Invert", elem_id=script.elem_id("invert"))
+        controls = [expression, mode, threshold, grow, feather, invert, combine]
+        status = gr.HTML(elem_id=script.elem_id("status"))
+        if is_img2img:
+            preview_button = gr.Button("Preview mask", elem_id=script.elem_id("preview_button"))
+            preview = gr.Image(label="LD-ZNet preview", type="pil", interactive=False, elem_id=script.elem_id("preview"))
+            inputs = [_components.get(name) for name in IMG2IMG_INPUTS]
+            if all(c is not None for c in inputs):
+                preview_button.click(fn=preview_mask, _js="ldznet_preview_args",
+                                     inputs=[status, _components.get("img2img_prompt", status), *inputs, *controls],
+                                     outputs=[preview, status], show_progress=True)
+    script.infotext_fields = [(expression, lambda params: params.get(INFOTEXT_KEYS["expression"], "")),
+                              *((c, INFOTEXT_KEYS[name]) for c, name in zip(controls[1:], list(INFOTEXT_KEYS)[1:]))]
+    script.paste_field_names = list(INFOTEXT_KEYS.values())
+    _accordions[tab] = {"controls": controls, "status": status}
+    _wire_send_buttons()
+    return controls
+
+
+def _request(prompt: str | None, args) -> MaskRequest:
+    request = MaskRequest.from_args(args)
+    if prompt and not request.active:
+        _, expression = split_mask_line(prompt)
+        request = request.with_expression(expression or "")
+    if not request.active:
+        raise LdznetError("type a mask expression (or a line 'mask: ...' in the prompt)")
+    return request
+
+
+def pick_image(mode: int, images: list) -> tuple[Image.Image, np.ndarray | None]:
+    """(image, brush mask uint8 [H, W] or None) from img2img's images for mode tab ``mode``."""
+    from modules import processing
+
+    if mode == 2:
+        edited = images[2] or {}
+        image, mask = edited.get("image"), edited.get("mask")
+        brush = processing.create_binary_mask(mask) if mask is not None else None
+    elif mode == 4:
+        image, brush = images[4], (processing.create_binary_mask(images[5]) if images[5] is not None else None)
+    elif 0 <= mode < 4:
+        image, brush = images[mode], None
+    else:
+        raise LdznetError("Preview works on the single-image tabs (img2img, Sketch, Inpaint, Inpaint upload)")
+    if image is None:
+        raise LdznetError("put an image into the img2img tab first")
+    if brush is not None:
+        brush = np.asarray(brush.resize(image.size, Image.BILINEAR) if brush.size != image.size else brush)
+        if not brush.any():
+            brush = None  # an untouched canvas is no brush mask
+    return image, brush
+
+
+def preview_mask(mode, prompt, *values):
+    """Preview button: (overlay image, status html) without generating."""
+    images, args = list(values[:len(IMG2IMG_INPUTS)]), values[len(IMG2IMG_INPUTS):]
+    try:
+        request = _request(prompt, args)
+        image, brush = pick_image(int(mode), images)
+        with host.gpu_job("ldznet preview"):
+            result = host.compute(image, request, brush)
+    except LdznetError as error:
+        return None, _status(str(error), error=True)
+    overlay = render_overlay(np.asarray(image.convert("RGB")), result.mask)
+    share = float((result.mask >= 128).mean())
+    return Image.fromarray(overlay), _status(f"{request.expression}: {share:.1%} of the image selected")
+
+
+def send_to_inpaint(gallery, index, *args):
+    """Send button: (image, mask, status) for img2img > Inpaint upload."""
+    from modules.infotext_utils import image_from_url_text
+
+    try:
+        if not gallery:
+            raise LdznetError("no image in the results gallery to send")
+        index = int(index) if index is not None and 0 <= int(index) < len(gallery) else 0
+        image = image_from_url_text(gallery[index])
+        request = _request(None, args)
+        with host.gpu_job("ldznet send to inpaint"):
+            result = host.compute(image, request)
+    except LdznetError as error:
+        import gradio as gr
+
+        return gr.update(), gr.update(), _status(str(error), error=True)
+    return image, Image.fromarray(result.mask, "L"), _status(f"sent to Inpaint upload with the mask of {request.expression}")
+
+
+def _wire_send_buttons() -> None:
+    base, mask = _components.get("img_inpaint_base"), _components.get("img_inpaint_mask")
+    for tab in ("txt2img", "img2img"):
+        button, gallery = _components.get(f"{tab}_ldznet_send"), _components.get(f"{tab}_gallery")
+        accordion = _accordions.get(tab)
+        if None in (button, gallery, accordion, base, mask) or id(button) in _wired:
+            continue
+        _wired.add(id(button))
+        button.click(fn=send_to_inpaint, _js="ldznet_send_args",
+                     inputs=[gallery, accordion["status"], *accordion["controls"]],
+                     outputs=[base, mask, accordion["status"]], show_progress=False,
+                     ).then(fn=None, _js="ldznet_switch_to_inpaint_upload", inputs=None, outputs=None)

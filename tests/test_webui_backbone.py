@@ -1,0 +1,206 @@
+"""The host adapters on ldm's real UNetModel (A1111) and on a Forge-style KModel: same numbers as
+the model's own calls, refusals, and a host model left exactly as it was after masks, also failed ones."""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
+
+from fake_webui import world  # noqa: E402
+from fake_webui.models import FakeLatentDiffusion, tiny_sd  # noqa: E402
+
+from ldznet_ext.errors import CheckpointError, LdznetError  # noqa: E402
+from ldznet_ext.webui import host  # noqa: E402
+from ldznet_ext.webui.a1111 import A1111Backbone, check_a1111_model  # noqa: E402
+from ldznet_ext.webui.forge import ForgeBackbone, check_forge_model  # noqa: E402
+from ldznet_ext.webui.request import MaskRequest  # noqa: E402
+
+IMAGE = (np.random.default_rng(3).random((40, 56, 3)) * 255).astype(np.uint8)
+
+
+@pytest.fixture
+def fake(tmp_path):
+    world.install(tmp_path)
+    return world.fake_model()
+
+
+def _backbone(model) -> A1111Backbone:
+    import modules.devices
+
+    return A1111Backbone(model, modules.devices)
+
+
+def test_a1111_adapter_matches_the_model(fake):
+    backbone = _backbone(fake)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z = backbone.encode_image(x)
+    assert torch.equal(z, fake.encode_first_stage(x).mode() * 0.18215)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(backbone.encode_image(x, sample=True, generator=g1), backbone.encode_image(x, sample=True, generator=g2))
+    context = backbone.encode_text(["a cat", "a dog"])
+    t = torch.tensor([400, 10])
+    assert torch.equal(backbone.predict_noise(z, t, context), fake.model.diffusion_model(z, t, context=context))
+    assert torch.equal(backbone.schedule.alphas_cumprod, fake.alphas_cumprod.double())
+    assert backbone.downsample_factor == 8 and backbone.unet is fake.model.diffusion_model
+
+
+def _generate(model) -> Tensor:
+    """A UNet call as a sampler makes it, with a fixed seed."""
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        return model.apply_model(x, torch.tensor([500.0]), model.get_learned_conditioning(["a goblin"]))
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("mode", ["LD-ZNet head", "zero-shot"])
+def test_generation_is_bit_identical_after_masks_and_failures(fake, mode, monkeypatch):
+    before_state = {k: v.clone() for k, v in fake.state_dict().items()}
+    grads = [p.requires_grad for p in fake.parameters()]
+    before = _generate(fake)
+    hooks = _hook_count(fake)
+    result = host.compute(IMAGE, MaskRequest("goblin OR sword", mode, threshold=0.3))
+    assert result.mask.shape == (40, 56) and result.mask.dtype == np.uint8
+    assert _hook_count(fake) == hooks
+    assert torch.equal(_generate(fake), before)
+
+    calls = []
+
+    def exploding_head(*args, **kwargs):  # fails inside the UNet call, with the tap's hooks installed
+        calls.append(_hook_count(fake))
+        raise RuntimeError("boom")
+
+    if mode == "LD-ZNet head":
+        engine_head = host.engine()._head[0]
+        monkeypatch.setattr(engine_head.__class__, "forward", exploding_head)
+        with pytest.raises(RuntimeError, match="boom"):
+            host.compute(IMAGE, MaskRequest("goblin", mode))
+        monkeypatch.undo()
+    unet = fake.model.diffusion_model
+    block = unet.output_blocks[3][1]
+    handle = block.register_forward_hook(lambda *a: exploding_head())
+    with pytest.raises(RuntimeError, match="boom"):
+        host.compute(IMAGE, MaskRequest("dragon", mode))
+    handle.remove()
+    assert calls and calls[-1] > hooks  # the tap's hooks were in place when it failed...
+    assert _hook_count(fake) == hooks  # ...and are gone now
+    assert torch.equal(_generate(fake), before)
+    assert all(torch.equal(v, before_state[k]) for k, v in fake.state_dict().items())
+    assert [p.requires_grad for p in fake.parameters()] == grads and not fake.training
+
+
+def test_masks_are_deterministic(fake):
+    request = MaskRequest("goblin", threshold=0.2)
+    first = host.compute(IMAGE, request)
+    host.release()
+    second = host.compute(IMAGE, request)
+    assert np.array_equal(first.mask, second.mask)
+    assert torch.equal(first.prediction.probability, second.prediction.probability)
+
+
+def test_refusals(fake):
+    cases = [(dict(is_sd1=False, is_sdxl=True), "is SDXL"), (dict(is_sd1=False, is_sd2=True), "is SD 2.x"),
+             (dict(parameterization="v"), "predicts 'v'")]
+    for flags, message in cases:
+        model = types.SimpleNamespace(**{**vars(fake), "model": fake.model, **flags})
+        with pytest.raises(CheckpointError, match=message):
+            check_a1111_model(model)
+    inpainting = FakeLatentDiffusion.__new__(FakeLatentDiffusion)
+    nn.Module.__init__(inpainting)
+    inpainting.model = types.SimpleNamespace(diffusion_model=types.SimpleNamespace(
+        input_blocks=[[nn.Conv2d(9, 32, 3)]]))
+    with pytest.raises(CheckpointError, match="inpainting model \\(9 input channels\\)"):
+        check_a1111_model(inpainting)
+    trt = types.SimpleNamespace(option=types.SimpleNamespace(label="[TRT] tiny"))
+    with pytest.raises(CheckpointError, match="TensorRT.*SD Unet to None"):
+        check_a1111_model(fake, trt)
+    with pytest.raises(CheckpointError, match="no Stable Diffusion model is loaded"):
+        check_a1111_model(None)
+
+
+def test_missing_and_mismatched_heads(tmp_path):
+    world.install(tmp_path, head=False)
+    with pytest.raises(LdznetError, match="no LD-ZNet head is selected"):
+        host.compute(IMAGE, MaskRequest("cat"))
+    import modules.shared
+
+    modules.shared.opts.data["ldznet_head"] = "gone.safetensors"
+    with pytest.raises(CheckpointError, match="'gone.safetensors' not found"):
+        host.compute(IMAGE, MaskRequest("cat"))
+    world.install(tmp_path)
+    other = FakeLatentDiffusion(_wider_sd())
+    import modules.sd_models
+
+    modules.sd_models.model_data.sd_model = other
+    with pytest.raises(CheckpointError, match="made for a different SD model.*model_channels 32 vs 64"):
+        host.compute(IMAGE, MaskRequest("cat"))
+
+
+def _wider_sd():
+    from ldznet_ext.sd.model import StableDiffusion
+    from ldznet_ext.sd.text import TextEncoder, text_config
+    from ldznet_ext.sd.unet import UNetModel, unet_config
+    from ldznet_ext.sd.vae import AutoencoderKL
+
+    from fake_webui.models import WEBUI_VAE
+
+    return StableDiffusion(UNetModel(unet_config("tiny", model_channels=64)), AutoencoderKL(WEBUI_VAE),
+                           TextEncoder.from_config(text_config("tiny"))).eval()
+
+
+class _Predictor(nn.Module):
+    """Forge's k_prediction.Prediction (eps) for SD 1.x's schedule: sigma <-> t, input scaling, x0."""
+
+    prediction_type = "epsilon"
+
+    def __init__(self, alphas_cumprod: Tensor):
+        super().__init__()
+        self.alphas_cumprod = alphas_cumprod.float()
+        self.log_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).log()
+
+    def timestep(self, sigma: Tensor) -> Tensor:
+        return (sigma.log()[None] - self.log_sigmas[:, None]).abs().argmin(dim=0)
+
+
+class _KModel(nn.Module):
+    """Forge's KModel.apply_model for an eps model: sigma in, denoised x0 out."""
+
+    def __init__(self, unet: nn.Module, alphas_cumprod: Tensor):
+        super().__init__()
+        self.diffusion_model = unet
+        self.predictor = _Predictor(alphas_cumprod)
+        self.computation_dtype = torch.float32
+
+    def apply_model(self, x, t, c_crossattn=None, **kwargs):
+        sigma = t.view(-1, 1, 1, 1)
+        out = self.diffusion_model(x / (sigma ** 2 + 1) ** 0.5, self.predictor.timestep(t).float(), context=c_crossattn)
+        return x - out.float() * sigma
+
+
+def test_forge_adapter_converts_x0_to_eps(fake):
+    kmodel = _KModel(fake.model.diffusion_model, fake.alphas_cumprod)
+    loads = []
+    engine = types.SimpleNamespace(forge_objects=types.SimpleNamespace(
+        unet=types.SimpleNamespace(model=kmodel, load_device="cpu")), is_sd1=True, is_inpaint=False)
+    check_forge_model(engine)
+    backbone = ForgeBackbone(engine, loads.append)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([400, 37])
+    context = fake.get_learned_conditioning(["a", "b"])
+    with torch.no_grad():
+        expected = fake.model.diffusion_model(z, t, context=context)
+    assert torch.allclose(backbone.predict_noise(z, t, context), expected, atol=2e-4, rtol=1e-4)
+    assert loads == [engine.forge_objects.unet]
+    engine.is_inpaint = True
+    with pytest.raises(CheckpointError, match="inpainting model"):
+        check_forge_model(engine)
+    with pytest.raises(CheckpointError, match="is SDXL"):
+        check_forge_model(types.SimpleNamespace(forge_objects=object(), is_sd1=False, is_sdxl=True))

@@ -1,0 +1,136 @@
+"""The img2img/txt2img script and the tab on the fake WebUI: p.image_mask before p.init(), the
+Batch tab's reused p, the prompt's mask line, infotext, masks saved beside images, failures."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
+
+from fake_webui import world  # noqa: E402
+
+import modules.shared  # noqa: E402
+from modules import processing, script_callbacks  # noqa: E402
+
+from ldznet_ext.webui import host, script, tab  # noqa: E402
+from ldznet_ext.webui.request import MaskRequest  # noqa: E402
+
+ARGS = ("", "LD-ZNet head", 0.3, 0, 0, False, "replace")
+
+
+def _image(seed: int, size=(56, 40)) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype(np.uint8))
+
+
+@pytest.fixture
+def img2img(tmp_path):
+    world.install(tmp_path)
+    s = script.LdznetScript()
+    s.is_img2img = True
+    return s
+
+
+def _run(s, p, args=ARGS):
+    return processing.process_images(p, s, args)
+
+
+def test_process_sets_the_mask_before_init(img2img):
+    image = _image(1)
+    p = _run(img2img, processing.StableDiffusionProcessingImg2Img(prompt="a photo\nmask: goblin", init_images=[image]),
+             ("", "LD-ZNet head", 0.3))
+    expected = host.compute(image, MaskRequest("goblin", threshold=0.3)).mask
+    assert np.array_equal(np.asarray(p.used_masks[0]), expected)
+    assert p.all_prompts == ["a photo"] and p.main_prompt == "a photo" and p.prompt == "a photo\nmask: goblin"
+    assert p.extra_generation_params["LD-ZNet mask"] == "goblin"
+    assert MaskRequest.from_infotext(p.extra_generation_params) == MaskRequest("goblin", threshold=0.3)
+
+
+def test_no_expression_leaves_p_alone(img2img):
+    brush = Image.new("L", (56, 40), 255)
+    p = _run(img2img, processing.StableDiffusionProcessingImg2Img(prompt="plain", init_images=[_image(1)], mask=brush))
+    assert p.image_mask is brush and p.extra_generation_params == {}
+
+
+@pytest.mark.parametrize("mode", ["add", "subtract", "intersect"])
+def test_combine_with_the_brush(img2img, mode):
+    image = _image(2)
+    brush = np.zeros((40, 56), np.uint8)
+    brush[:, :28] = 255
+    rgba = Image.fromarray(np.dstack([brush] * 4), "RGBA")  # an uploaded RGBA mask: alpha carries it
+    args = ("goblin", "LD-ZNet head", 0.3, 0, 0, False, mode)
+    p = _run(img2img, processing.StableDiffusionProcessingImg2Img(init_images=[image], mask=rgba), args)
+    ours = host.compute(image, MaskRequest("goblin", threshold=0.3)).mask
+    expected = {"add": np.maximum(ours, brush), "subtract": np.minimum(ours, 255 - brush),
+                "intersect": np.minimum(ours, brush)}[mode]
+    assert np.array_equal(np.asarray(p.used_masks[0]), expected)
+
+
+def test_batch_tab_reuses_p(img2img):
+    """img2img's Batch tab runs one p for every image, changing only init_images (and image_mask
+    when a mask folder is set). Each image gets its own mask; a blank mask that switched
+    "only masked" off for one image does not carry over."""
+    p = processing.StableDiffusionProcessingImg2Img(prompt="mask: goblin", init_images=None, inpaint_full_res=True)
+    images = [_image(3), _image(4)]
+    masks = []
+    for image, threshold in ((images[0], 0.99), (images[1], 0.3)):  # 0.99: a blank mask
+        p.init_images = [image]
+        _run(img2img, p, ("", "LD-ZNet head", threshold))
+        masks.append(np.asarray(p.image_mask))
+    assert not masks[0].any() and p.used_masks[0] is None
+    assert np.array_equal(masks[1], host.compute(images[1], MaskRequest("goblin", threshold=0.3)).mask)
+    assert p.inpaint_full_res is True and p.used_masks[1] is not None
+
+
+def test_failure_stops_the_generation(tmp_path):
+    world.install(tmp_path, head=False)
+    s = script.LdznetScript()
+    s.is_img2img = True
+    p = _run(s, processing.StableDiffusionProcessingImg2Img(prompt="mask: goblin", init_images=[_image(1)]))
+    assert modules.shared.state.interrupted
+    assert any("no LD-ZNet head is selected" in c for c in p.comments) and p.image_mask is None
+
+
+def test_txt2img_saves_a_mask_beside_each_image(tmp_path):
+    world.install(tmp_path)
+    modules.shared.opts.data["ldznet_save_masks"] = True
+    s = script.LdznetScript()
+    s.is_img2img = False
+    p = processing.StableDiffusionProcessingTxt2Img(prompt="a goblin\nmask: goblin")
+    _run(s, p, ("", "LD-ZNet head", 0.3))
+    assert p.all_prompts == ["a goblin"]
+    generated = _image(5)
+    from modules.scripts import PostprocessImageArgs
+
+    s.postprocess_image_after_composite(p, PostprocessImageArgs(generated), *ARGS)
+    target = tmp_path / "00001-1.png"
+    script.save_pending_mask(script_callbacks.ImageSaveParams(generated, p, str(target), {}))
+    saved = np.asarray(Image.open(tmp_path / "00001-1-ldznet-mask.png"))
+    assert np.array_equal(saved, host.compute(generated, MaskRequest("goblin", threshold=0.3)).mask)
+    script.save_pending_mask(script_callbacks.ImageSaveParams(_image(6), p, str(tmp_path / "grid.png"), {}))
+    assert not (tmp_path / "grid-ldznet-mask.png").exists()
+
+
+def test_tab_masks_a_folder_resumably(tmp_path):
+    world.install(tmp_path)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for i in range(3):
+        _image(10 + i).save(inputs / f"img{i}.png")
+    (inputs / "broken.jpg").write_bytes(b"not a jpeg")
+    args = ("goblin", "LD-ZNet head", 0.3, 0, 0, False, "replace")
+    previews, status = tab.mask_folder(str(inputs), None, str(out), False, *args)
+    assert "3 masked, 0 skipped, 1 failed" in status and len(previews) == 3
+    assert sorted(p.name for p in out.glob("*.png")) == ["img0.png", "img1.png", "img2.png"]
+    mask = np.asarray(Image.open(out / "img1.png"))
+    assert np.array_equal(mask, host.compute(np.asarray(_image(11)), MaskRequest("goblin", threshold=0.3)).mask)
+    (out / "img0.png").unlink()
+    modules.shared.state.begun = 0
+    previews, status = tab.mask_folder(str(inputs), None, str(out), False, *args)
+    assert "1 masked, 2 skipped, 1 failed" in status and modules.shared.state.begun == 1
+    lines = [json.loads(line) for line in (out / "ldznet-manifest.jsonl").read_text().splitlines()]
+    assert [e["status"] for e in lines].count("skipped") == 2 and len(lines) == 8
+    _, status = tab.mask_folder(str(inputs), None, str(inputs), False, *args)
+    assert "output folder is the input folder" in status
