@@ -1,0 +1,1 @@
+"""Evaluation: CLIPSeg and PhraseCut metrics (``metrics``), the evaluation loop (``evaluate``), ``ldznet eval``."""

@@ -1,0 +1,157 @@
+"""Referring-segmentation metrics: CLIPSeg's fixed-interval methodology plus PhraseCut's binary IoUs.
+
+CLIPSeg (``metrics.py: FixedIntervalMetrics``, which the LD-ZNet paper's numbers come from): a
+prediction is a probability map in [0, 1], resized bilinearly (align_corners=True) to its ground
+truth when the sizes differ. At each of 49 thresholds t = 0.02, 0.04, ..., 0.98 a pixel is
+positive when p > t (compared in float32, as the reference compares float32 tensors), and
+TP/FP/FN/TN are counted per sample and summed:
+
+- IoU_FG(t) = sum TP / (1 + sum TP + sum FP + sum FN);
+- mIoU(t) = mean over samples of TP / (1 + TP + FP + FN) (for PhraseCut the "class" is the sample);
+- the reported values are the best over t, chosen on the evaluated set itself;
+- AP = Simpson integral (scipy.integrate.simpson's rule, ``simpson`` below) of precision
+  TP / (1 + TP + FP) over recall TP / (1 + TP + FN), using the thresholds where TP + FP > 0,
+  duplicate (recall, precision) pairs removed, sorted by recall (ties by precision; the reference
+  leaves ties in set order). With no positive prediction at any threshold AP is 0 (the reference
+  refuses to compute it).
+
+PhraseCut's evaluator adds, on binary masks p > threshold: mean IoU (per-sample I / U averaged;
+a sample with an empty union, a correctly rejected absent phrase, counts 1) and cumulative IoU
+(sum I / sum U).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+THRESHOLDS: np.ndarray = np.linspace(0, 1, 51)[1:-1]
+"""The 49 thresholds 0.02 .. 0.98 of CLIPSeg's FixedIntervalMetrics."""
+
+
+def _divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den where den != 0, else 0 (scipy's guarded divisions)."""
+    num, den = np.broadcast_arrays(np.asarray(num, np.float64), np.asarray(den, np.float64))
+    return np.divide(num, den, out=np.zeros_like(num), where=den != 0)
+
+
+def _basic_simpson(y: np.ndarray, x: np.ndarray, stop: int) -> float:
+    """Composite Simpson over the parabola triples starting at 0, 2, ... before ``stop``."""
+    h = np.diff(x)
+    h0, h1 = h[0:stop:2], h[1:stop + 1:2]
+    y0, y1, y2 = y[0:stop:2], y[1:stop + 1:2], y[2:stop + 2:2]
+    hsum, hprod = h0 + h1, h0 * h1
+    h0divh1 = _divide(h0, h1)
+    tmp = hsum / 6.0 * (y0 * (2.0 - _divide(np.ones_like(h0divh1), h0divh1))
+                        + y1 * (hsum * _divide(hsum, hprod))
+                        + y2 * (2.0 - h0divh1))
+    return float(np.sum(tmp))
+
+
+def simpson(y: Sequence[float], x: Sequence[float]) -> float:
+    """The integral of samples y(x) by ``scipy.integrate.simpson(y, x=x)`` (scipy >= 1.11 default).
+
+    Irregular spacing is allowed; zero-width intervals (repeated x) contribute through scipy's
+    guarded divisions (x / 0 taken as 0). An even number of samples gets Simpson's rule on all but
+    the last interval plus Cartwright's correction for it; two samples the trapezoid; one sample 0.
+    """
+    y, x = np.asarray(y, np.float64), np.asarray(x, np.float64)
+    if y.ndim != 1 or y.shape != x.shape or len(y) == 0:
+        raise ValueError(f"simpson needs 1-D y and x of the same non-zero length, got {y.shape} and {x.shape}")
+    n = len(y)
+    if n % 2:
+        return _basic_simpson(y, x, n - 2)
+    if n == 2:
+        return float(0.5 * (x[1] - x[0]) * (y[1] + y[0]))
+    h0, h1 = x[-2] - x[-3], x[-1] - x[-2]
+    alpha = _divide(2 * h1 ** 2 + 3 * h0 * h1, 6 * (h1 + h0))
+    beta = _divide(h1 ** 2 + 3.0 * h0 * h1, 6 * h0)
+    eta = _divide(1 * h1 ** 3, 6 * h0 * (h0 + h1))
+    return float(_basic_simpson(y, x, n - 3) + (alpha * y[-1] + beta * y[-2] - eta * y[-3]))
+
+
+def threshold_counts(probability: Tensor, truth: Tensor, thresholds: np.ndarray = THRESHOLDS) -> np.ndarray:
+    """Per-threshold pixel counts int64 [T, 4] (TP, FP, FN, TN) of ``probability`` [h, w] in [0, 1]
+    against ``truth`` bool [H, W]; the probability is first resized to [H, W] (bilinear,
+    align_corners=True) if needed. A pixel is positive when p > t."""
+    p = probability.detach().float().cpu()
+    g = torch.as_tensor(truth).bool().cpu()
+    if p.shape != g.shape:
+        p = F.interpolate(p[None, None], size=tuple(g.shape), mode="bilinear", align_corners=True)[0, 0]
+    p, order = p.flatten().sort()
+    g = g.flatten()[order].long()
+    total, positives = len(g), int(g.sum())
+    # Below-or-equal counts per threshold; thresholds in float32 as the reference's tensor comparison.
+    below = torch.searchsorted(p, torch.as_tensor(thresholds, dtype=torch.float32), right=True)
+    fn = torch.cat([torch.zeros(1, dtype=torch.long), g.cumsum(0)])[below]  # mask pixels at or below t
+    tp = positives - fn
+    fp = total - below - tp
+    tn = below - fn
+    return torch.stack([tp, fp, fn, tn], dim=1).numpy().astype(np.int64)
+
+
+@dataclass(frozen=True)
+class MetricSummary:
+    """Metric values in [0, 1] (the paper reports them x 100) and the thresholds that gave them."""
+
+    count: int
+    miou: float
+    miou_threshold: float
+    iou_fg: float
+    iou_fg_threshold: float
+    ap: float
+    mean_iou: float
+    cumulative_iou: float
+    binary_threshold: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SegmentationMetrics:
+    """Accumulates samples one at a time; ``summary()`` gives every metric of the module docstring.
+
+    ``binary_threshold`` is the fixed threshold of PhraseCut's mean and cumulative IoU.
+    """
+
+    def __init__(self, binary_threshold: float = 0.5):
+        self.binary_threshold = binary_threshold
+        self.counts: list[np.ndarray] = []  # per sample [49, 4]
+        self.intersections: list[int] = []
+        self.unions: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def add(self, probability: Tensor, truth: Tensor | np.ndarray) -> None:
+        """One sample: probability [h, w] in [0, 1] and its ground-truth mask bool [H, W]."""
+        truth = torch.as_tensor(np.asarray(truth)).bool()
+        counts = threshold_counts(probability, truth, np.array([*THRESHOLDS, self.binary_threshold]))
+        self.counts.append(counts[:-1])
+        tp, fp, fn, _ = (int(v) for v in counts[-1])
+        self.intersections.append(tp)
+        self.unions.append(tp + fp + fn)
+
+    def summary(self) -> MetricSummary:
+        if not self.counts:
+            raise ValueError("no samples were added")
+        per_sample = np.stack(self.counts).astype(np.float64)  # [N, 49, 4]
+        tp, fp, fn = per_sample[..., 0], per_sample[..., 1], per_sample[..., 2]
+        miou = (tp / (1 + tp + fp + fn)).mean(axis=0)
+        tp, fp, fn = tp.sum(0), fp.sum(0), fn.sum(0)
+        iou_fg = tp / (1 + tp + fp + fn)
+        predicted = tp + fp > 0
+        pairs = sorted(set(zip((tp / (1 + tp + fn))[predicted].tolist(), (tp / (1 + tp + fp))[predicted].tolist())))
+        ap = simpson([p for _, p in pairs], [r for r, _ in pairs]) if pairs else 0.0
+        inter, union = np.array(self.intersections, np.float64), np.array(self.unions, np.float64)
+        per_iou = np.divide(inter, union, out=np.ones_like(inter), where=union > 0)
+        return MetricSummary(
+            count=len(self.counts), miou=float(miou.max()), miou_threshold=float(THRESHOLDS[np.argmax(miou)]),
+            iou_fg=float(iou_fg.max()), iou_fg_threshold=float(THRESHOLDS[np.argmax(iou_fg)]), ap=ap,
+            mean_iou=float(per_iou.mean()), cumulative_iou=float(inter.sum() / union.sum()) if union.sum() else 1.0,
+            binary_threshold=self.binary_threshold)

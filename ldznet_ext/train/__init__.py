@@ -1,0 +1,1 @@
+"""Training segmentation heads: data sources (``data``), the training loop (``trainer``), ``ldznet train``."""

@@ -1,0 +1,103 @@
+"""Evaluation loop and `ldznet eval`: exact metrics with an oracle, real runs on a tiny random SD."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from ldznet_ext.cli import main
+from ldznet_ext.errors import LdznetError
+from ldznet_ext.eval.evaluate import evaluate
+from ldznet_ext.heads import save_head
+from ldznet_ext.train.data import Example, open_source
+from ldznet_ext.train.trainer import training_head
+
+SIZE = 64
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+class ListSource(list):
+    """Examples in a list: the smallest Source."""
+
+    description = "absent only"
+
+
+class Oracle:
+    """A segmenter stand-in answering each phrase with its true mask (as float probabilities)."""
+
+    def __init__(self, source):
+        self.backbone = SimpleNamespace(device=torch.device("cpu"))
+        self.masks = {}
+        self.source = source
+        self.calls = 0
+
+    def set_image(self, image: np.ndarray) -> None:
+        example = next(e for e in (self.source[i] for i in range(len(self.source))) if np.array_equal(e.image, image))
+        self.masks = dict(example.pairs)
+
+    def predict_terms(self, terms):
+        self.calls += 1
+        return {t: torch.from_numpy(self.masks[t]).float() for t in terms}
+
+    def reset_image(self) -> None:
+        self.masks = {}
+
+
+def test_oracle_scores_follow_the_plus_one_formulas():
+    source = open_source("world:test:3", size=SIZE)
+    present = [s.mask.sum() for i in range(3) for s in source[i].samples(include_absent=False)]
+    oracle = Oracle(source)
+    result = evaluate(oracle, source, "oracle", progress=False)
+    m = result.metrics
+    assert oracle.calls == 3 and m.count == len(present)
+    sizes = np.array(present, np.float64)
+    assert m.miou == pytest.approx(float(np.mean(sizes / (1 + sizes))), abs=1e-12)
+    assert m.iou_fg == pytest.approx(sizes.sum() / (1 + sizes.sum()), abs=1e-12)
+    assert m.ap == 0.0 and m.mean_iou == 1.0 and m.cumulative_iou == 1.0  # a single (recall, precision) point
+    everything = evaluate(Oracle(source), source, "oracle", include_absent=True, progress=False).metrics
+    total = sum(len(source[i].pairs) for i in range(3))
+    assert everything.count == total > m.count and everything.mean_iou == 1.0
+    row = result.table_row()
+    assert row.startswith(f"| oracle | world:test:3 | {m.count} | ") and row.count("|") == 10
+    assert result.table_header().splitlines()[0].count("|") == 10
+
+
+def test_only_absent_phrases_is_an_error():
+    image = np.zeros((8, 8, 3), np.uint8)
+    source = ListSource([Example("k", image, (("blue star", np.zeros((8, 8), bool)),))])
+    with pytest.raises(LdznetError, match="absent only: no phrases to evaluate"):
+        evaluate(Oracle(source), source, progress=False)
+    assert evaluate(Oracle(source), source, include_absent=True, progress=False).metrics.mean_iou == 1.0
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory, tiny_sd, tiny_model_files):
+    """The tiny SD file and a freshly initialised LD-ZNet head trained for 64 px, in one folder."""
+    folder = tmp_path_factory.mktemp("eval")
+    head, config = training_head(tiny_sd, "ldznet", SIZE)
+    save_head(head, config, folder / "head.safetensors")
+    (folder / "sd.safetensors").symlink_to(tiny_model_files[0])
+    return folder
+
+
+def test_eval_command_with_a_head(files, capsys):
+    out_json = files / "result.json"
+    assert main(["eval", "--model", str(files / "sd.safetensors"), "--head", str(files / "head.safetensors"),
+                 "--data", "world:test:2", "--domain", "photo", "--json", str(out_json)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| model | data | masks | mIoU | IoU_FG | AP |")
+    assert lines[2].startswith("| head | world:test:2 (photo) | ")
+    result = json.loads(out_json.read_text())
+    assert result["count"] == int(lines[2].split("|")[3]) and 0.0 <= result["miou"] <= 1.0
+    assert result["ms_per_mask"] > 0
+
+
+def test_eval_command_zero_shot(files, capsys):
+    assert main(["eval", "--model", str(files / "sd.safetensors"), "--zero-shot", "--data", "world:test:1",
+                 "--resolution", "64", "--include-absent"]) == 0
+    row = capsys.readouterr().out.splitlines()[2]
+    assert row.startswith("| zero-shot | world:test:1 | ")
