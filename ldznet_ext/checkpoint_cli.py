@@ -34,7 +34,10 @@ def describe_file(path: Path) -> dict:
         report.update(metadata)
     elif info.family == "sd-v1":
         unet = {k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
-        report["unet"] = metadata.get("unet") or unet_config_from_state_dict(unet).to_dict()
+        try:
+            report["unet"] = metadata.get("unet") or unet_config_from_state_dict(unet).to_dict()
+        except KeyError as error:
+            info.problem = f"the UNet is incomplete (no '{UNET_PREFIX}{error.args[0]}')"
         for part, prefix in (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", TEXT_PREFIX)):
             report[f"{part}_parameters"] = sum(v.numel() for k, v in state.items() if k.startswith(prefix))
         report["dtype"] = str(next(v.dtype for k, v in state.items() if k.startswith(UNET_PREFIX))).replace("torch.", "")

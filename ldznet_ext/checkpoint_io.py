@@ -58,10 +58,15 @@ class _AllowListUnpickler(pickle.Unpickler):
 
 
 class _AllowListPickleModule:
-    """A ``pickle_module`` for torch.load whose unpickler never resolves unknown globals."""
+    """A ``pickle_module`` for torch.load whose unpicklers never resolve unknown globals."""
 
     Unpickler = _AllowListUnpickler
-    load = staticmethod(pickle.load)
+
+    @staticmethod
+    def load(file: Any, **kwargs: Any) -> Any:
+        # torch's legacy (non-zip) format reads its header pickles with ``load``: plain
+        # pickle.load there would run whatever a crafted header asks for.
+        return _AllowListUnpickler(file, **kwargs).load()
 
 
 def _load_pickle(path: Path) -> Any:
