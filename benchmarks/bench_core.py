@@ -15,16 +15,11 @@ is its own; the median of ``--repeats`` timed runs follows one warm-up run.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import resource
 import statistics
 import sys
-import time
-from collections.abc import Callable
-from queue import Empty
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ldznet_ext.modeling.build import build_head, head_config
 from ldznet_ext.sd.schedule import NoiseSchedule
@@ -32,45 +27,11 @@ from ldznet_ext.sd.unet import UNetModel, unet_config
 from ldznet_ext.sd.vae import SCALE_FACTOR, AutoencoderKL, vae_config
 from ldznet_ext.tap import LDZNET_BLOCKS, FeatureTap
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from common import DTYPES, environment, materialise, peak_rss_mib, run_isolated, time_runs
+
 STAGES = ("vae_encode", "features_full", "features_early", "ldznet_head")
 TIMESTEP = 400
 CONTEXT_DIM, CONTEXT_TOKENS = 768, 77
-
-
-def _materialise(build: Callable[[], nn.Module], device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Build on meta, allocate on ``device`` and fill with cheap random weights (timing ignores values,
-    but zeros or denormals could hit fast or slow paths)."""
-    with torch.device("meta"):
-        model = build()
-    model = model.to_empty(device=device)
-    norms = {id(m.weight) for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))}
-    with torch.no_grad():
-        for p in model.parameters():
-            if id(p) in norms:
-                p.fill_(1.0)
-            elif p.ndim == 1:
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02)
-    return model.to(dtype).eval()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(run: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
-    run()  # warm-up: allocator, kernel selection, lazy init
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        run()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def _stage(name: str, size: int, repeats: int, device_name: str, dtype_name: str) -> dict:
@@ -85,11 +46,11 @@ def _stage(name: str, size: int, repeats: int, device_name: str, dtype_name: str
 
     with torch.inference_mode():
         if name == "vae_encode":
-            vae = _materialise(lambda: AutoencoderKL(vae_config("sd-v1")), device, dtype)
+            vae = materialise(lambda: AutoencoderKL(vae_config("sd-v1")), device, dtype)
             image = (torch.rand(1, 3, size, size, generator=g) * 2 - 1).to(device, dtype)
             run = lambda: vae.encode(image) * SCALE_FACTOR  # noqa: E731
         elif name.startswith("features"):
-            unet = _materialise(lambda: UNetModel(unet_config("sd-v1")), device, dtype)
+            unet = materialise(lambda: UNetModel(unet_config("sd-v1")), device, dtype)
             z_t = NoiseSchedule().q_sample(z, t, torch.randn(z.shape, generator=g).to(device, dtype))
             early = name == "features_early"
 
@@ -97,7 +58,7 @@ def _stage(name: str, size: int, repeats: int, device_name: str, dtype_name: str
                 with FeatureTap(unet, LDZNET_BLOCKS, early_exit=early) as tap:
                     return tap.run(lambda: unet(z_t, t, context))
         else:
-            head = _materialise(lambda: build_head(head_config("ldznet", latent_size=side)), device, dtype)
+            head = materialise(lambda: build_head(head_config("ldznet", latent_size=side)), device, dtype)
             # Values do not matter for timing: random features of the shapes the SD UNet gives.
             shapes = {6: (1280, side // 4), 7: (1280, side // 8), 8: (1280, side // 4), 9: (1280, side // 4),
                       10: (1280, side // 4)}
@@ -105,36 +66,15 @@ def _stage(name: str, size: int, repeats: int, device_name: str, dtype_name: str
             run = lambda: head(z, context, features)  # noqa: E731
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = _time(run, device, repeats)
+        times = time_runs(run, device, repeats)
 
     return {
         "name": name,
         "median_s": statistics.median(times),
         "min_s": min(times),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
+        "peak_rss_mib": peak_rss_mib(),
         "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
     }
-
-
-def _run_in_child(queue: multiprocessing.Queue, *args) -> None:
-    queue.put(_stage(*args))
-
-
-def run_stage(*args) -> dict:
-    """Run ``_stage`` in a fresh process (spawned, so no memory is inherited from this one)."""
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    process = ctx.Process(target=_run_in_child, args=(queue, *args))
-    process.start()
-    while True:
-        try:
-            result = queue.get(timeout=1.0)
-            break
-        except Empty:
-            if process.exitcode is not None:  # died without a result (its traceback is on stderr)
-                raise RuntimeError(f"stage {args[0]} failed with exit code {process.exitcode}") from None
-    process.join()
-    return result
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -160,12 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
 
-    print(f"torch {torch.__version__}, device {args.device}, {args.dtype}, {torch.get_num_threads()} threads, "
-          f"image {args.size}x{args.size} (z {args.size // 8}), batch 1, median of {args.repeats} after 1 warm-up",
-          flush=True)
+    print(f"{environment(args.device, args.dtype)}, image {args.size}x{args.size} (z {args.size // 8}), batch 1, "
+          f"median of {args.repeats} after 1 warm-up", flush=True)
     results = []
     for name in args.stages:
-        results.append(run_stage(name, args.size, args.repeats, args.device, args.dtype))
+        results.append(run_isolated(_stage, name, args.size, args.repeats, args.device, args.dtype))
         print(f"  {name}: {results[-1]['median_s'] * 1e3:.0f} ms", file=sys.stderr, flush=True)
     print(markdown_table(results))
     by_name = {r["name"]: r["median_s"] for r in results}

@@ -1,0 +1,179 @@
+"""Time LD-ZNet masks through the Segmenter against a naive pipeline, with random weights.
+
+All in one process, on one image (square, --resolution px), SD timestep 400, one noise draw:
+  (a) one mask: set_image + predict of one term, and predict alone (image set), next to the naive
+      pipeline (VAE encode, text encode, the FULL SD UNet with the tap, LD-ZNet), which is first
+      checked to give the segmenter's map;
+  (b) k terms: one predict of "t1 OR ... OR tk" (one batch) next to k separate predicts;
+  (c) a second expression with new terms on the image already set (z cached) next to the first
+      (set_image + predict), both of two terms.
+Every predict asks for terms never asked before, so no per-term map comes from the cache; (b) times
+predicts only, on the image already set, so that it compares batching alone (at k = 1 both sides
+are the same call, measured twice: their ratio shows the run-to-run noise). A measurement shared
+by two comparisons (a's predict alone is b's k = 1 batch; c's second expression is b's k = 2 batch)
+is taken once. Each is the median of --repeats runs after one warm-up run.
+
+    python benchmarks/bench_mask.py [--size sd-v1|tiny] [--resolution 384] [--repeats 3]
+                                    [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--terms 1 2 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ldznet_ext.images import to_model_input
+from ldznet_ext.modeling.build import HeadConfig, build_head, head_config
+from ldznet_ext.sd.model import StableDiffusion
+from ldznet_ext.sd.text import TextEncoder, text_config
+from ldznet_ext.sd.unet import UNetModel, unet_config
+from ldznet_ext.sd.vae import SCALE_FACTOR, AutoencoderKL, VAEConfig, vae_config
+from ldznet_ext.segmenter import Segmenter, SegmenterSettings
+from ldznet_ext.tap import FeatureTap
+
+from common import DTYPES, environment, materialise, peak_rss_mib, time_runs
+
+SIZES = ("sd-v1", "tiny")
+TIMESTEP = 400
+TARGET_RATIO = 0.8  # (a): segmenter / naive for one mask
+# The "tiny" VAE downsamples by 2, which would give the tiny UNet 192 x 192 latents at 384 px (a
+# 36,864-token attention); this one downsamples by 8 as SD's does, so z has the SD v1 side.
+TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
+
+
+def build_models(size: str, resolution: int, device: torch.device,
+                 dtype: torch.dtype) -> tuple[StableDiffusion, nn.Module, HeadConfig]:
+    """A random-weight SD v1 model of ``size`` and an LD-ZNet head for ``resolution`` px images."""
+    vae = TINY_VAE if size == "tiny" else vae_config(size)
+    backbone = StableDiffusion(materialise(lambda: UNetModel(unet_config(size)), device, dtype),
+                               materialise(lambda: AutoencoderKL(vae), device, dtype),
+                               materialise(lambda: TextEncoder.from_config(text_config(size)), device, dtype))
+    config = head_config("ldznet", size, latent_size=resolution // vae.downsample_factor, timestep=TIMESTEP)
+    return backbone, materialise(lambda: build_head(config), device, dtype), config
+
+
+def naive_probability(backbone: StableDiffusion, head: nn.Module, config: HeadConfig, image: np.ndarray,
+                      prompt: str, noise: Tensor) -> Tensor:
+    """One term's map with no engine: every step once and the SD UNet run to its end (no early exit).
+
+    ``image`` is uint8 [S, S, 3] with S the head's resolution; ``noise`` [1, 4, S/8, S/8] on the
+    model's device and dtype. Returns the probability [S, S] in [0, 1], float32."""
+    pixels = to_model_input(image, (image.shape[1], image.shape[0])).to(backbone.device, backbone.dtype)
+    z = backbone.vae.encode(pixels) * SCALE_FACTOR
+    context = backbone.text_encoder.encode([prompt])
+    t = torch.full((1,), config.timestep, dtype=torch.long, device=z.device)
+    z_t = backbone.schedule.q_sample(z, t, noise)
+    with FeatureTap(backbone.unet, config.sd_blocks, early_exit=False) as tap:
+        features = tap.run(lambda: backbone.unet(z_t, t, context))
+    logits = head(z, context, features)
+    return torch.sigmoid(logits.float())[0, 0]
+
+
+def run_benchmark(size: str, resolution: int, repeats: int, device_name: str, dtype_name: str,
+                  term_counts: list[int]) -> tuple[dict[str, list[float]], list[tuple[str, str, str, str]]]:
+    """Take the measurements; return {label: seconds per run} and the comparisons to print as
+    (what, numerator label, denominator label, target)."""
+    torch.set_flush_denormal(True)
+    device, dtype = torch.device(device_name), DTYPES[dtype_name]
+    backbone, head, config = build_models(size, resolution, device, dtype)
+    segmenter = Segmenter(backbone, head, config, SegmenterSettings(resolution=resolution, timestep=TIMESTEP))
+    image = np.random.default_rng(0).integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
+    side = resolution // backbone.downsample_factor
+    noise = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    fresh = (f"thing {i}" for i in itertools.count())
+
+    def expression(k: int) -> str:
+        return " OR ".join(next(fresh) for _ in range(k))
+
+    def first(k: int) -> None:
+        segmenter.set_image(image)
+        segmenter.predict(expression(k))
+
+    def again(k: int) -> None:
+        segmenter.predict(expression(k))
+
+    times: dict[str, list[float]] = {}
+
+    def measure(label: str, run: Callable[[], object]) -> str:
+        if label not in times:
+            times[label] = time_runs(run, device, repeats)
+            print(f"  {label}: {statistics.median(times[label]) * 1e3:.1f} ms", file=sys.stderr, flush=True)
+        return label
+
+    comparisons = []
+    with torch.no_grad():  # what the Segmenter runs under
+        # Both paths must compute the same map (same t and noise; early exit drops no tapped block).
+        segmenter.set_image(image)
+        difference = (segmenter.predict("a cat").probability.to(device)
+                      - naive_probability(backbone, head, config, image, "a cat", noise)).abs().max()
+        print(f"check: the segmenter's and the naive map of one term differ by at most {float(difference):.2e}",
+              flush=True)
+        naive = measure("naive: VAE + text + full UNet + LD-ZNet, 1 term",
+                        lambda: naive_probability(backbone, head, config, image, next(fresh), noise))
+        one = measure("segmenter: set_image + predict, 1 term", lambda: first(1))
+        # Every measurement below runs on the image the one above left set (same image, z cached).
+        alone = measure("segmenter: predict, 1 term (image set)", lambda: again(1))
+        comparisons += [("(a) one mask: segmenter / naive", one, naive, f"<= {TARGET_RATIO}"),
+                        ("(a) predict alone / naive", alone, naive, "")]
+        for k in term_counts:
+            batched = measure(f"segmenter: predict, {k} terms OR-ed (one batch)" if k > 1 else alone,
+                              lambda k=k: again(k))
+            separate = measure(f"segmenter: {k} x predict of 1 term (separate calls)",
+                               lambda k=k: [again(1) for _ in range(k)])
+            comparisons.append((f"(b) k = {k}: one predict / {k} separate", batched, separate, ""))
+        second = measure("segmenter: predict, 2 terms OR-ed (one batch)", lambda: again(2))
+        first_expression = measure("segmenter: set_image + predict, 2 terms OR-ed", lambda: first(2))
+        comparisons.append(("(c) 2nd expression (z cached) / 1st (set_image + predict)", second,
+                            first_expression, ""))
+    return times, comparisons
+
+
+def markdown_tables(times: dict[str, list[float]], comparisons: list[tuple[str, str, str, str]]) -> str:
+    """The measurements (median and min, ms) and the ratios of their medians."""
+    lines = ["| measurement | median ms | min ms |", "|---|---|---|"]
+    lines += [f"| {label} | {statistics.median(t) * 1e3:.1f} | {min(t) * 1e3:.1f} |" for label, t in times.items()]
+    lines += ["", "| comparison | ratio of medians | target |", "|---|---|---|"]
+    for what, numerator, denominator, target in comparisons:
+        ratio = statistics.median(times[numerator]) / statistics.median(times[denominator])
+        lines.append(f"| {what} | {ratio:.3f} | {target} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=SIZES, default="sd-v1", help="model size (tiny: a quick check)")
+    parser.add_argument("--resolution", type=int, default=384, help="image side in pixels, a multiple of 64")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (after one warm-up)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp16 is for GPUs")
+    parser.add_argument("--terms", type=int, nargs="+", default=[1, 2, 4], help="term counts k for (b)")
+    args = parser.parse_args(argv)
+    if args.resolution % 64:
+        parser.error(f"--resolution must be a multiple of 64, got {args.resolution}")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if min(args.terms) < 1:
+        parser.error(f"--terms must be at least 1, got {args.terms}")
+
+    print(f"{environment(args.device, args.dtype)}, {args.size} models with random weights, image "
+          f"{args.resolution}x{args.resolution} (z {args.resolution // 8}), median of {args.repeats} after 1 warm-up",
+          flush=True)
+    times, comparisons = run_benchmark(args.size, args.resolution, args.repeats, args.device, args.dtype,
+                                       list(dict.fromkeys(args.terms)))
+    print(markdown_tables(times, comparisons))
+    memory = f"\npeak RSS {peak_rss_mib():.0f} MiB"
+    if torch.device(args.device).type == "cuda":
+        memory += f", peak GPU {torch.cuda.max_memory_allocated(torch.device(args.device)) / 2**20:.0f} MiB"
+    print(memory)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
