@@ -118,7 +118,7 @@ class Segmenter:
             return self.settings.resolution
         if self.head_config is not None:
             return self.head_config.latent_size * self.backbone.downsample_factor
-        return 384
+        return getattr(self.backbone, "resolution", None) or 384
 
     # -- image -----------------------------------------------------------------------------
 

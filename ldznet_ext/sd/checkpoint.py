@@ -170,7 +170,7 @@ def stable_diffusion_from_state_dict(state: Mapping[str, Tensor], metadata: Mapp
                               f"{str(error)[:600]}") from error
     table = state.get("alphas_cumprod")
     schedule = NoiseSchedule(table if table is not None and table.ndim == 1 else None)
-    return StableDiffusion(unet, vae, text, schedule).float()
+    return StableDiffusion(unet, vae, text, schedule, resolution=metadata.get("resolution")).float()
 
 
 def load_stable_diffusion(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -194,9 +194,12 @@ def save_stable_diffusion(model: StableDiffusion, path: str | os.PathLike, dtype
     config = model.text_encoder.transformer.config
     state = stable_diffusion_state_dict(model)
     if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    write_safetensors(path, state, {"unet": model.unet.config.to_dict(),
-                                    "text": {f: getattr(config, f) for f in _TEXT_FIELDS}})
+        # The schedule stays fp32: in fp16, sqrt(1 - a_t) near t = 0 would lose most of its digits.
+        state = {k: v.to(dtype) if v.is_floating_point() and k != "alphas_cumprod" else v for k, v in state.items()}
+    metadata = {"unet": model.unet.config.to_dict(), "text": {f: getattr(config, f) for f in _TEXT_FIELDS}}
+    if model.resolution:
+        metadata["resolution"] = model.resolution
+    write_safetensors(path, state, metadata)
 
 
 def build_stable_diffusion(size: str = "tiny", seed: int = 0) -> StableDiffusion:

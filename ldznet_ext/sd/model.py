@@ -52,13 +52,15 @@ class StableDiffusion(nn.Module):
     """An SD v1 model built from our modules (see ``checkpoint.load_stable_diffusion``)."""
 
     def __init__(self, unet: UNetModel, vae: AutoencoderKL, text_encoder: TextEncoder,
-                 schedule: NoiseSchedule | None = None, scale_factor: float = SCALE_FACTOR):
+                 schedule: NoiseSchedule | None = None, scale_factor: float = SCALE_FACTOR,
+                 resolution: int | None = None):
         super().__init__()
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
         self.schedule = schedule or NoiseSchedule()
         self.scale_factor = scale_factor
+        self.resolution = resolution  # the image side it was trained at, when its file says so
 
     @property
     def device(self) -> torch.device:
