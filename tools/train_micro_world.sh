@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The whole micro-world recipe, seeds fixed: the micro SD v1 (VAE, text encoder, UNet), the
+# LD-ZNet, ZNet and RGBNet heads on both domains, then the same heads on the cartoon domain only
+# (for the cross-domain report). With --install, the SD model and the three both-domain heads
+# (fp16) are copied to ldznet_ext/world/weights/, the embedded default.
+#
+#   tools/train_micro_world.sh [RUN_DIR] [DEVICE] [--install]    (defaults: runs/micro, cpu)
+#
+# LDZNET_COLLECT=DIR copies each product there as soon as it exists (used on a lent GPU machine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+run=${1:-runs/micro}
+device=${2:-cpu}
+install=${3:-}
+python=${PYTHON:-.venv/bin/python}
+collect=${LDZNET_COLLECT:-}
+weights=ldznet_ext/world/weights
+head_args=(--data world:train:4000 --steps 1500 --batch-size 8 --device "$device" --save-every 250)
+
+keep() {  # keep FILE NAME: copy a product to the collect folder
+  [ -z "$collect" ] || cp "$1" "$collect/$2"
+}
+
+mkdir -p "$run"
+$python -m ldznet_ext.cli world train-sd -o "$run/sd" --recipe full --device "$device" --quiet
+sd="$run/sd/micro-sd-v1.safetensors"
+keep "$sd" micro-sd-v1.safetensors
+for arch in ldznet znet rgbnet; do
+  $python -m ldznet_ext.cli train --arch "$arch" --model "$sd" "${head_args[@]}" -o "$run/$arch"
+  keep "$run/$arch/head.safetensors" "micro-$arch.safetensors"
+done
+for arch in ldznet znet rgbnet; do
+  $python -m ldznet_ext.cli train --arch "$arch" --model "$sd" "${head_args[@]}" --domain cartoon \
+    -o "$run/$arch-cartoon"
+  keep "$run/$arch-cartoon/head.safetensors" "micro-$arch-cartoon.safetensors"
+done
+
+if [ "$install" = "--install" ]; then
+  cp "$sd" "$weights/micro-sd-v1.safetensors"
+  for arch in ldznet znet rgbnet; do
+    $python - "$run/$arch/head.safetensors" "$weights/micro-$arch.safetensors" <<'PY'
+import sys, torch
+from ldznet_ext.checkpoint_io import read_metadata
+from ldznet_ext.heads import load_head, save_head
+head, config = load_head(sys.argv[1])
+save_head(head, config, sys.argv[2], read_metadata(sys.argv[1]).get("training"), dtype=torch.float16)
+PY
+  done
+fi
