@@ -1,0 +1,98 @@
+"""The micro SD v1: SD v1's exact architecture at a size trainable in minutes, and its recipe.
+
+The model keeps every structural trait of SD v1 (VAE with f = 8 and 4 latent channels, the
+ldm UNet with 4 levels and 16 spatial transformers, a CLIP text tower with the real tokenizer
+and 77 positions) and SD's own latent scale 0.18215, so every code path that handles SD v1
+handles it. ``MicroRecipe`` holds every training hyper-parameter; the same preset gives the
+same recipe on any device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import transformers
+
+from ..errors import LdznetError
+from ..sd.model import StableDiffusion
+from ..sd.text import TextEncoder, text_config
+from ..sd.unet import UNetConfig, UNetModel, unet_config
+from ..sd.vae import AutoencoderKL, VAEConfig
+
+MICRO_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)
+"""1.25 M parameters; f = 8, so a 128 px image has a 16 x 16 latent."""
+
+MICRO_UNET: UNetConfig = unet_config("tiny")
+"""2.5 M parameters: model_channels 32, channel_mult (1, 1, 2, 2), 2 heads, 64-d context."""
+
+MICRO_TEXT = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2}
+"""CLIP text tower fields that differ from ViT-L/14; vocabulary (49,408) and 77 positions stay."""
+
+
+def micro_text_config() -> transformers.CLIPTextConfig:
+    """The micro text encoder's ``CLIPTextConfig`` (3.3 M parameters, 3.2 M of them token embeddings)."""
+    config = text_config("tiny")
+    for name, value in MICRO_TEXT.items():
+        setattr(config, name, value)
+    return config
+
+
+def build_micro_sd(seed: int = 0) -> StableDiffusion:
+    """A randomly initialised micro SD v1 (float32, train mode); equal seeds give equal weights."""
+    torch.manual_seed(seed)
+    return StableDiffusion(UNetModel(MICRO_UNET), AutoencoderKL(MICRO_VAE),
+                           TextEncoder.from_config(micro_text_config()))
+
+
+@dataclass(frozen=True)
+class MicroRecipe:
+    """Every hyper-parameter of ``ldznet world train-sd``; steps count optimizer updates.
+
+    Both stages train on train-split seeds ``0 .. scenes - 1`` rendered at ``image_size``.
+    """
+
+    name: str
+    seed: int = 0
+    image_size: int = 128
+    scenes: int = 16384
+    # Stage 1, VAE: L1 + mse_weight * MSE + kl_weight * KL, the KL summed per image and weighed
+    # against the per-image sum of the reconstruction error, as ldm does.
+    vae_steps: int = 2500
+    vae_batch: int = 16
+    vae_crop: int = 64  # random square crops (px): the VAE is convolutional, crops cost 4x less
+    vae_lr: float = 1e-3
+    vae_warmup: int = 100
+    vae_mse_weight: float = 0.1
+    vae_kl_weight: float = 1e-6
+    scale_images: int = 512  # train images whose latent std sets the latent rescaling
+    # Stage 2, text encoder + UNet: eps-prediction, uniform t, SD's schedule, EMA weights saved.
+    unet_steps: int = 2000
+    unet_batch: int = 128
+    unet_lr: float = 1e-3
+    unet_warmup: int = 100
+    uncond_p: float = 0.1  # captions replaced by "" (unconditional)
+    ema_decay: float = 0.995  # horizon ~200 steps, a tenth of the run as SD's 0.9999
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    # Logging and probes.
+    log_every: int = 50
+    probe_scenes: int = 64  # val scenes for the quality probes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+RECIPES: dict[str, MicroRecipe] = {
+    "full": MicroRecipe("full"),
+    "smoke": MicroRecipe("smoke", image_size=64, scenes=32, vae_steps=8, vae_batch=4, vae_warmup=2, scale_images=16,
+                         unet_steps=8, unet_batch=16, unet_warmup=2, log_every=2, probe_scenes=8),
+}
+
+
+def micro_recipe(name: str) -> MicroRecipe:
+    """The preset ``"full"`` (the shipped model) or ``"smoke"`` (seconds on a CPU, for tests)."""
+    if name not in RECIPES:
+        raise LdznetError(f"unknown micro recipe {name!r}; expected one of {', '.join(RECIPES)}")
+    return RECIPES[name]

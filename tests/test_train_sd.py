@@ -1,0 +1,145 @@
+"""Micro SD v1 training: scene sets, the latent rescaling, and the smoke recipe end to end via the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldznet_ext.checkpoint_io import read_metadata, read_state_dict
+from ldznet_ext.cli import main
+from ldznet_ext.errors import CheckpointError, LdznetError
+from ldznet_ext.sd.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, classify, load_stable_diffusion
+from ldznet_ext.sd.vae import SCALE_FACTOR, AutoencoderKL
+from ldznet_ext.world.data import SceneSet, render_scene_set
+from ldznet_ext.world.micro import MICRO_TEXT, MICRO_UNET, MICRO_VAE, micro_recipe
+from ldznet_ext.world.scenes import make_scene
+from ldznet_ext.world.train_sd import (GRID_FILE, LOG_FILE, SD_FILE, VAE_FILE, rescale_latents_, train_sd,
+                                       vae_losses, warmup_cosine)
+
+SMOKE = micro_recipe("smoke")
+SMOKE_ARGS = ["--recipe", "smoke", "--dtype", "float32", "--workers", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory):
+    """The smoke recipe trained once through the CLI (float32: the same numbers on every CPU)."""
+    out = tmp_path_factory.mktemp("micro")
+    assert main(["world", "train-sd", "-o", str(out), *SMOKE_ARGS]) == 0
+    return out, json.loads((out / LOG_FILE).read_text(encoding="utf-8"))
+
+
+def test_scene_set_matches_make_scene_and_round_trips(tmp_path):
+    scenes = render_scene_set([5, 2_000_001, 8], size=32, workers=1)
+    assert len(scenes) == 3 and scenes.images.shape == (3, 32, 32, 3) and scenes.labels.dtype == np.uint8
+    for i, seed in enumerate((5, 2_000_001, 8)):
+        scene = make_scene(seed, 32)
+        np.testing.assert_array_equal(scenes.images[i], scene.image)
+        assert scenes.captions[i] == scene.caption and list(scenes.phrases[i]) == list(scene.phrases)
+        for phrase, mask in scene.phrases.items():
+            np.testing.assert_array_equal(scenes.mask(i, phrase), mask)
+    scenes.save(tmp_path / "set.npz")
+    loaded = SceneSet.load(tmp_path / "set.npz")
+    np.testing.assert_array_equal(loaded.images, scenes.images)
+    np.testing.assert_array_equal(loaded.labels, scenes.labels)
+    assert loaded.seeds.tolist() == [5, 2_000_001, 8] and loaded.size == 32
+    assert loaded.captions == scenes.captions and loaded.phrases == scenes.phrases
+    with pytest.raises(LdznetError, match="has no phrase 'pink moon'"):
+        scenes.mask(0, "pink moon")
+
+
+def test_scene_set_is_the_same_with_worker_processes():
+    seeds = range(300, 560)  # three chunks
+    one, two = render_scene_set(seeds, 16, workers=1), render_scene_set(seeds, 16, workers=2)
+    np.testing.assert_array_equal(one.images, two.images)
+    np.testing.assert_array_equal(one.labels, two.labels)
+    assert one.captions == two.captions and one.phrases == two.phrases
+    photos = render_scene_set([4, 7], 16, workers=1, domain="photo")
+    np.testing.assert_array_equal(photos.images[0], make_scene(4, 16, "photo").image)
+    assert [c.split()[1] for c in photos.captions] == ["photo", "photo"]
+
+
+def test_latent_rescaling_keeps_reconstructions_and_gives_unit_std():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(MICRO_VAE).eval().requires_grad_(False)
+    images = torch.from_numpy(np.stack([make_scene(s, 64).image for s in range(6)]))
+    x = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+    mean, logvar = vae.encode_moments(x)
+    before = vae.decode(mean)
+    std, a = rescale_latents_(vae, images)
+    assert std == pytest.approx(float(mean.std()), rel=1e-5)  # fp32 sums in another order
+    assert a == pytest.approx(1 / (SCALE_FACTOR * std), rel=1e-12) and not 0.5 < a < 2  # a real change
+    mean2, logvar2 = vae.encode_moments(x)
+    torch.testing.assert_close(mean2, a * mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logvar2, logvar + 2 * math.log(a), rtol=1e-5, atol=1e-4)
+    assert float((mean2 * SCALE_FACTOR).std()) == pytest.approx(1.0, abs=1e-5)
+    torch.testing.assert_close(vae.decode(mean2), before, rtol=1e-4, atol=1e-5)
+
+
+def test_vae_losses_and_lr_schedule_are_exact():
+    x = torch.zeros(2, 3, 4, 4)
+    y = torch.full_like(x, 0.5)
+    mean, logvar = torch.ones(2, 4, 1, 1), torch.zeros(2, 4, 1, 1)  # KL per image: 0.5 * 4 * 1
+    losses = vae_losses(x, y, mean, logvar, mse_weight=0.1, kl_weight=0.3)
+    assert float(losses["l1"]) == 0.5 and float(losses["mse"]) == 0.25 and float(losses["kl"]) == 2.0
+    assert float(losses["loss"]) == pytest.approx(0.5 + 0.025 + 0.3 * 2.0 / 48)
+    factor = warmup_cosine(4, 14, 0.1)
+    assert [factor(s) for s in (0, 3, 4, 9, 14, 20)] == pytest.approx([0.25, 1.0, 1.0, 0.55, 0.1, 0.1])
+
+
+def test_smoke_losses_fall_in_every_stage(smoke_run):
+    _, log = smoke_run
+    for stage, margin in (("vae", 0.05), ("unet", 0.05)):
+        entries = log["stages"][stage]["log"]
+        assert [e["step"] for e in entries] == list(range(2, 9, 2))
+        assert entries[-1]["loss"] < entries[0]["loss"] - margin, (stage, entries)
+    assert log["recipe"] == SMOKE.to_dict() and log["dtype"] == {"vae": "float32", "unet": "float32"}
+    vae = log["stages"]["vae"]
+    assert vae["latent_rescale"] == pytest.approx(1 / (SCALE_FACTOR * vae["latent_std"]), rel=1e-5)
+    probes = log["probes"]
+    assert 5 < probes["vae_psnr"] < 60
+    assert set(probes["eps_mse"]) == {"100", "400", "700"}
+    assert all(0 < v < 2 for t in probes["eps_mse"].values() for v in (t["caption"], t["empty"]))
+
+
+def test_smoke_output_is_a_micro_sd_v1_file(smoke_run):
+    out, _ = smoke_run
+    state = read_state_dict(out / SD_FILE)
+    assert classify(state, read_metadata(out / SD_FILE)).problem is None
+    assert {k for k in state if not k.startswith((UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX))} == {"alphas_cumprod"}
+    for key in ("model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight",
+                "first_stage_model.post_quant_conv.weight",
+                "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"):
+        assert state[key].dtype == torch.float16, key
+    model = load_stable_diffusion(out / SD_FILE)
+    assert model.unet.config == MICRO_UNET and model.vae.config == MICRO_VAE
+    config = model.text_encoder.transformer.config
+    assert {k: getattr(config, k) for k in MICRO_TEXT} == MICRO_TEXT
+    assert (config.vocab_size, config.max_position_embeddings) == (49408, 77)
+    grid = Image.open(out / GRID_FILE)
+    assert grid.size == (8 * SMOKE.image_size, 2 * SMOKE.image_size) and grid.mode == "RGB"
+
+
+def test_unet_stage_reruns_alone_from_the_vae_stage(smoke_run, tmp_path):
+    out, log = smoke_run
+    for name in (VAE_FILE, LOG_FILE):
+        shutil.copy(out / name, tmp_path / name)
+    assert main(["world", "train-sd", "-o", str(tmp_path), "--stages", "unet", *SMOKE_ARGS]) == 0
+    rerun = json.loads((tmp_path / LOG_FILE).read_text(encoding="utf-8"))
+    assert rerun["stages"]["vae"] == log["stages"]["vae"]
+    losses = [[(e["step"], e["loss"]) for e in run["stages"]["unet"]["log"]] for run in (log, rerun)]
+    assert losses[0] == losses[1]  # seeded: the same run
+    first, again = read_state_dict(out / SD_FILE), read_state_dict(tmp_path / SD_FILE)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_bad_stages_are_refused(tmp_path):
+    with pytest.raises(LdznetError, match="unknown or no training stages"):
+        train_sd(tmp_path, SMOKE, stages=["vae", "unet", "head"])
+    with pytest.raises(CheckpointError, match="vae_stage.safetensors not found: run stage vae first"):
+        train_sd(tmp_path, SMOKE, stages=["unet"])
