@@ -19,7 +19,8 @@ from ldznet_ext.sd.schedule import NoiseSchedule
 from ldznet_ext.sd.unet import count_parameters, unet_config
 from ldznet_ext.tap import LDZNET_BLOCKS, FeatureTap
 
-OFFICIAL_KEYS = Path("/work/shared/reference/official_ldznet_unet_keys.json")
+# The project's shared/ folder sits beside the checkout (locally and in CI).
+OFFICIAL_KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_ldznet_unet_keys.json"
 SD_UNET_PARAMETERS = 859_520_964
 
 
