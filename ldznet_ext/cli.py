@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "ldznet_ext.webui.install_model",
     "ldznet_ext.train.cli",
     "ldznet_ext.eval.cli",
+    "ldznet_ext.data_cli",
 )
 
 

@@ -1,9 +1,13 @@
 """`ldznet eval`: CLIPSeg-methodology metrics of a head (or zero-shot masks) on a data source.
 
 ``ldznet eval --model sd.safetensors --head runs/a/head.safetensors --data world:test:500`` prints
-a markdown table (mIoU, IoU_FG, AP, PhraseCut mean and cumulative IoU at a fixed threshold,
-milliseconds per mask) and optionally writes the full numbers as JSON. Without --model and
---head it evaluates the embedded micro model and its head.
+a markdown table in the shape of the paper's Table 1 (``--table 2|3|4`` for the others) and
+optionally writes the full result, raw counts included, as JSON. Without --model and --head it
+evaluates the embedded micro model and its head.
+
+At scale, run N processes with ``--shard K/N --json shard-K.json`` (one per GPU) and combine
+them with ``ldznet eval --merge shard-*.json``: the merged metrics equal those of one unsharded
+run exactly. ``--merge`` also joins results of several models and data sets into one table.
 """
 
 from __future__ import annotations
@@ -12,40 +16,98 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import LdznetError
 from ..loading import DTYPES, load_segmenter, resolve_model_paths
 from ..train.data import open_source
 from ..world.scenes import VOCABULARY
-from .evaluate import evaluate
+from .evaluate import FORMAT, VERSION, EvalResult, evaluate, merge_results
+from .tables import TABLES, build_table, default_table, markdown_table
 
 
-def _run(args: argparse.Namespace) -> int:
-    model, head = resolve_model_paths(args.model, args.head, args.zero_shot)
-    segmenter = load_segmenter(model, head, device=args.device, dtype=args.dtype, resolution=args.resolution)
-    source = open_source(args.data, size=args.size or segmenter.resolution, domain=args.domain)
-    result = evaluate(segmenter, source, head.stem if head else "zero-shot", include_absent=args.include_absent,
-                      binary_threshold=args.threshold)
-    print(result.table_header())
-    print(result.table_row())
+def parse_shard(text: str) -> tuple[int, int]:
+    """'K/N' -> (K, N) with 0 <= K < N."""
+    k, slash, n = text.partition("/")
+    if not (slash and k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise argparse.ArgumentTypeError(f"expected K/N with 0 <= K < N (e.g. 0/8), got {text!r}")
+    return int(k), int(n)
+
+
+def read_results(path: str) -> list[EvalResult]:
+    """The results in an ``ldznet eval --json`` file."""
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise LdznetError(f"{path}: cannot read an eval result ({error})") from error
+    if not isinstance(report, dict) or report.get("format") != FORMAT:
+        raise LdznetError(f"{path}: not written by ldznet eval --json (no \"format\": \"{FORMAT}\")")
+    if report.get("version") != VERSION:
+        raise LdznetError(f"{path}: eval result version {report.get('version')}, this ldznet reads {VERSION}")
+    return [EvalResult.from_dict(r, f"{path} result {i}") for i, r in enumerate(report.get("results", []))]
+
+
+def _report(results: list[EvalResult], args: argparse.Namespace) -> int:
+    complete = [r for r in results if r.shard[1] == 1]
+    table = build_table(complete, args.table or default_table(complete)) if complete else None
+    if table:
+        print(markdown_table(table))
+        for r in complete:
+            s = r.summary
+            print(f"\n{r.name} on {r.data}: {s.count} masks of {r.examples} examples"
+                  f"{f' ({len(r.skipped)} unreadable, skipped)' if r.skipped else ''}; best mIoU at t = "
+                  f"{s.miou_threshold:.2f}, IoU_FG at t = {s.iou_fg_threshold:.2f}; mean/cum IoU at t = "
+                  f"{s.binary_threshold:g}; {r.ms_per_mask:.1f} ms per mask")
+    for r in results:
+        if r.shard[1] > 1:
+            print(f"{r.name} on {r.data}: shard {r.shard[0]}/{r.shard[1]}, {len(r.metrics)} masks of {r.examples} "
+                  f"examples, {len(r.skipped)} skipped; merge all shards with ldznet eval --merge")
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+        report = {"format": FORMAT, "version": VERSION, "table": table, "results": [r.to_dict() for r in results]}
+        Path(args.json).write_text(json.dumps(report) + "\n", encoding="utf-8")
+    if args.markdown and table:
+        Path(args.markdown).write_text(f"{table['title']}\n\n{markdown_table(table)}\n", encoding="utf-8")
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    if args.merge:
+        return _report(merge_results([r for path in args.merge for r in read_results(path)]), args)
+    model, head = resolve_model_paths(args.model, args.head, args.zero_shot)
+    segmenter = load_segmenter(model, head, device=args.device, dtype=args.dtype, resolution=args.resolution)
+    source = open_source(args.data, size=args.size or segmenter.resolution, domain=args.domain)
+    name = args.name or (head.stem if head else "zero-shot")
+    result = evaluate(segmenter, source, name, include_absent=args.include_absent, binary_threshold=args.threshold,
+                      shard=args.shard, workers=args.workers, square=args.square)
+    return _report([result], args)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a head or zero-shot masks (mIoU, IoU_FG, AP)")
+    p = subparsers.add_parser("eval", help="evaluate a head or zero-shot masks (mIoU, IoU_FG, AP), or merge results")
     p.add_argument("--model", metavar="SD.safetensors", help="SD v1 checkpoint (default: the embedded micro model)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--head", metavar="HEAD.safetensors", help="a trained or converted head")
     which.add_argument("--zero-shot", action="store_true", help="masks from the SD model alone")
+    which.add_argument("--merge", nargs="+", metavar="RESULT.json",
+                       help="merge the --json results of shards (and of other models or data sets) into one table")
     p.add_argument("--data", default="world:test:500", metavar="SPEC",
-                   help="world:SPLIT:N, world:FILE.npz, jsonl:PATH or PATH.jsonl (default world:test:500)")
+                   help="data spec: world:SPLIT:N, PATH.jsonl, phrasecut:DIR:SPLIT, refcoco:DIR:SPLIT, aigi:DIR ... "
+                        "(docs/datasets.md; default world:test:500)")
+    p.add_argument("--name", help="the method's name in the table (default: the head's file name)")
+    p.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="K/N",
+                   help="evaluate only examples K, K+N, K+2N, ... (merge the N --json files with --merge)")
+    p.add_argument("--workers", type=int, default=0, help="processes that read examples ahead (default 0)")
+    p.add_argument("--square", type=int, metavar="N",
+                   help="squash each image and mask to N x N first, CLIPSeg's PhraseCut test protocol (the paper: 384)")
     p.add_argument("--domain", choices=VOCABULARY.domains, help="render micro-world scenes in one domain")
     p.add_argument("--size", type=int, help="micro-world render size (default: the model's working resolution)")
     p.add_argument("--resolution", type=int, help="working resolution (default: the head's training resolution)")
     p.add_argument("--include-absent", action="store_true",
                    help="also score absent phrases (empty masks); CLIPSeg and PhraseCut score present ones only")
     p.add_argument("--threshold", type=float, default=0.5, help="threshold of the binary mean/cumulative IoU")
-    p.add_argument("--json", metavar="OUT.json", help="write all numbers as JSON")
+    p.add_argument("--table", type=int, choices=tuple(TABLES),
+                   help="table shape: 1 PhraseCut, 2 AIGI, 3 RefCOCO family, 4 ablation (default 1, or 3 for "
+                        "several RefCOCO-family data sets)")
+    p.add_argument("--json", metavar="OUT.json", help="write the results (raw counts included) and the table as JSON")
+    p.add_argument("--markdown", metavar="OUT.md", help="write the markdown table")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     p.set_defaults(func=_run)

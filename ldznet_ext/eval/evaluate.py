@@ -2,50 +2,85 @@
 
 Each example's image is set once and all its phrases are predicted in one batch, each phrase as
 a single-term expression. PhraseCut and CLIPSeg evaluate only phrases that are in the image, so
-absent phrases (empty masks) are skipped unless ``include_absent``. The segmenter returns maps at
-the image's own size (micro-world scenes are rendered at the working resolution by default, so
-nothing is resized; other images are resized by the segmenter with align_corners=False).
+absent phrases (empty masks) are skipped unless ``include_absent``. By default predictions are
+scored at the image's own size (the segmenter resizes); with ``square=N`` the whole image and its
+masks are first squashed to N x N (``data.resize_square``, CLIPSeg's PhraseCut test protocol) and
+PhraseCut's binary IoUs are measured on the original masks, the prediction resized back.
+
+Sharding: ``shard=(k, n)`` evaluates examples k, k + n, k + 2n, ... Every sample is keyed by
+(example index, phrase position); ``merge_results`` of all n shards gives exactly the metrics of
+one unsharded run (``SegmentationMetrics.merge``). Unreadable examples are skipped and listed.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from ..errors import LdznetError
 from ..segmenter import Segmenter
-from ..train.data import Source
+from ..train.data import Source, resize_square
+from ..train.stream import iterate_examples
 from .metrics import MetricSummary, SegmentationMetrics
 
-TABLE_HEADER = ("| model | data | masks | mIoU | IoU_FG | AP | mean IoU@{t} | cum IoU@{t} | ms/mask |\n"
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|")
+FORMAT = "ldznet-eval"
+VERSION = 1
 
 
-@dataclass(frozen=True)
+@dataclass
 class EvalResult:
-    """Metrics of one evaluation; ``ms_per_mask`` is model time (encoding included) per predicted mask."""
+    """One evaluation (or one shard of it): raw counts in ``metrics``, settings, time and skips.
+
+    ``seconds`` is model time (encoding included); ``examples`` the examples read;
+    ``skipped`` (example index, reason) of unreadable ones.
+    """
 
     name: str
     data: str
-    metrics: MetricSummary
-    ms_per_mask: float
+    metrics: SegmentationMetrics
+    seconds: float = 0.0
+    examples: int = 0
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    shard: tuple[int, int] = (0, 1)
+    square: int | None = None
+    include_absent: bool = False
 
-    def table_row(self) -> str:
-        """A markdown row matching ``table_header()``; metrics x 100 as in the paper."""
-        m = self.metrics
-        values = [100 * v for v in (m.miou, m.iou_fg, m.ap, m.mean_iou, m.cumulative_iou)]
-        return (f"| {self.name} | {self.data} | {m.count} | " + " | ".join(f"{v:.1f}" for v in values)
-                + f" | {self.ms_per_mask:.1f} |")
+    @property
+    def summary(self) -> MetricSummary:
+        """All metric values (raises ValueError when no sample was scored)."""
+        return self.metrics.summary()
 
-    def table_header(self) -> str:
-        return TABLE_HEADER.format(t=f"{self.metrics.binary_threshold:g}")
+    @property
+    def ms_per_mask(self) -> float:
+        return 1000.0 * self.seconds / max(1, len(self.metrics))
+
+    def settings(self) -> tuple:
+        """What must agree between shards of one evaluation."""
+        return (self.name, self.data, self.shard[1], self.square, self.include_absent, self.metrics.binary_threshold)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "data": self.data, "ms_per_mask": self.ms_per_mask, **self.metrics.to_dict()}
+        """JSON-able: settings, the summary (None for a shard without samples) and the raw records."""
+        return {"name": self.name, "data": self.data, "shard": list(self.shard), "square": self.square,
+                "include_absent": self.include_absent, "binary_threshold": self.metrics.binary_threshold,
+                "examples": self.examples, "skipped": [list(s) for s in self.skipped], "seconds": self.seconds,
+                "ms_per_mask": self.ms_per_mask,
+                "summary": self.summary.to_dict() if len(self.metrics) else None,
+                "records": self.metrics.records()}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "result") -> EvalResult:
+        try:
+            return cls(str(data["name"]), str(data["data"]),
+                       SegmentationMetrics.from_records(data["records"], float(data["binary_threshold"])),
+                       float(data["seconds"]), int(data["examples"]), [(int(i), str(r)) for i, r in data["skipped"]],
+                       (int(data["shard"][0]), int(data["shard"][1])), data["square"], bool(data["include_absent"]))
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise LdznetError(f"{where}: not an ldznet eval result ({error!r})") from error
 
 
 def _sync(device: torch.device) -> None:
@@ -54,27 +89,69 @@ def _sync(device: torch.device) -> None:
 
 
 def evaluate(segmenter: Segmenter, source: Source, name: str = "model", include_absent: bool = False,
-             binary_threshold: float = 0.5, progress: bool | None = None) -> EvalResult:
-    """Run ``segmenter`` on every example of ``source`` and score its per-phrase probability maps."""
-    metrics = SegmentationMetrics(binary_threshold)
-    seconds = 0.0
+             binary_threshold: float = 0.5, progress: bool | None = None, shard: tuple[int, int] = (0, 1),
+             workers: int = 0, square: int | None = None) -> EvalResult:
+    """Run ``segmenter`` on the examples of ``source`` in ``shard`` (k, n) and count its per-phrase
+    probability maps; ``workers`` processes read the examples ahead (module docstring)."""
+    k, n = shard
+    if not 0 <= k < n:
+        raise LdznetError(f"shard {k}/{n}: expected K/N with 0 <= K < N")
+    result = EvalResult(name, source.description, SegmentationMetrics(binary_threshold), shard=shard, square=square,
+                        include_absent=include_absent)
     device = segmenter.backbone.device
     progress = sys.stderr.isatty() if progress is None else progress
-    for index in tqdm(range(len(source)), desc="eval", disable=not progress, dynamic_ncols=True):
-        example = source[index]
-        samples = example.samples(include_absent)
-        if not samples:
+    indices = range(k, len(source), n)
+    stream = iterate_examples(source, indices, workers, on_error=lambda i, e: result.skipped.append((i, str(e))))
+    for index, original in tqdm(stream, total=len(indices), desc="eval", disable=not progress, dynamic_ncols=True):
+        result.examples += 1
+        example = resize_square(original, square) if square else original
+        wanted = [j for j, (_, mask) in enumerate(example.pairs) if include_absent or mask.any()]
+        if not wanted:
             continue
         _sync(device)
         start = time.perf_counter()
         segmenter.set_image(example.image)
-        maps = segmenter.predict_terms([s.phrase for s in samples])
+        maps = segmenter.predict_terms(list(dict.fromkeys(example.pairs[j][0] for j in wanted)))
         _sync(device)
-        seconds += time.perf_counter() - start
-        for sample in samples:
-            metrics.add(maps[sample.phrase], sample.mask)
+        result.seconds += time.perf_counter() - start
+        for j in wanted:
+            phrase, mask = example.pairs[j]
+            result.metrics.add(maps[phrase], mask, key=(index, j),
+                               binary_truth=original.pairs[j][1] if square else None)
     segmenter.reset_image()
-    if not len(metrics):
+    if n == 1 and not len(result.metrics):
         raise LdznetError(f"{source.description}: no phrases to evaluate"
                           + ("" if include_absent else " (all absent; include absent phrases to score them)"))
-    return EvalResult(name, source.description, metrics.summary(), 1000.0 * seconds / len(metrics))
+    return result
+
+
+def merge_results(results: Sequence[EvalResult]) -> list[EvalResult]:
+    """Shards merged into whole evaluations, grouped by model name and data in first-seen order.
+
+    Each group must hold every shard 0..N-1 of one N exactly once, with the same settings;
+    an unsharded result is its own group (shard 0/1).
+    """
+    groups: dict[tuple, list[EvalResult]] = {}
+    for result in results:
+        groups.setdefault((result.name, result.data), []).append(result)
+    merged = []
+    for (name, data), parts in groups.items():
+        settings = {p.settings() for p in parts}
+        if len(settings) > 1:
+            raise LdznetError(f"{name} on {data}: the parts differ in shard count, square size, absent phrases or "
+                              f"binary threshold: {sorted(map(str, settings))}")
+        count = parts[0].shard[1]
+        shards = sorted(p.shard[0] for p in parts)
+        if shards != list(range(count)):
+            raise LdznetError(f"{name} on {data}: expected shards 0..{count - 1} of {count} once each, got "
+                              f"{', '.join(map(str, shards))}")
+        try:
+            metrics = SegmentationMetrics.merge([p.metrics for p in parts])
+        except ValueError as error:
+            raise LdznetError(f"{name} on {data}: {error}") from error
+        if not len(metrics):
+            raise LdznetError(f"{name} on {data}: no phrases were scored in any shard")
+        merged.append(EvalResult(name, data, metrics, sum(p.seconds for p in parts), sum(p.examples for p in parts),
+                                 sorted(s for p in parts for s in p.skipped), (0, 1), parts[0].square,
+                                 parts[0].include_absent))
+    return merged

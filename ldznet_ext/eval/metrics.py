@@ -116,7 +116,10 @@ class MetricSummary:
 class SegmentationMetrics:
     """Accumulates samples one at a time; ``summary()`` gives every metric of the module docstring.
 
-    ``binary_threshold`` is the fixed threshold of PhraseCut's mean and cumulative IoU.
+    ``binary_threshold`` is the fixed threshold of PhraseCut's mean and cumulative IoU. Each sample
+    may carry a ``key`` (e.g. (example index, phrase position)); ``records()`` are the raw counts as
+    JSON-able lists, and ``merge`` puts the records of several parts (shards) back in key order,
+    so the merged summary is bit-identical to that of one run over all samples in key order.
     """
 
     def __init__(self, binary_threshold: float = 0.5):
@@ -124,18 +127,75 @@ class SegmentationMetrics:
         self.counts: list[np.ndarray] = []  # per sample [49, 4]
         self.intersections: list[int] = []
         self.unions: list[int] = []
+        self.keys: list[tuple[int, ...]] = []
 
     def __len__(self) -> int:
         return len(self.counts)
 
-    def add(self, probability: Tensor, truth: Tensor | np.ndarray) -> None:
-        """One sample: probability [h, w] in [0, 1] and its ground-truth mask bool [H, W]."""
+    def add(self, probability: Tensor, truth: Tensor | np.ndarray, key: tuple[int, ...] = (),
+            binary_truth: Tensor | np.ndarray | None = None) -> None:
+        """One sample: probability [h, w] in [0, 1] and its ground-truth mask bool [H, W].
+
+        ``binary_truth`` (bool [H', W'], default ``truth``) is the mask PhraseCut's binary IoUs are
+        measured on, e.g. the original-resolution mask when ``truth`` was resized.
+        """
         truth = torch.as_tensor(np.asarray(truth)).bool()
-        counts = threshold_counts(probability, truth, np.array([*THRESHOLDS, self.binary_threshold]))
-        self.counts.append(counts[:-1])
-        tp, fp, fn, _ = (int(v) for v in counts[-1])
+        if binary_truth is None:
+            counts = threshold_counts(probability, truth, np.array([*THRESHOLDS, self.binary_threshold]))
+            self.counts.append(counts[:-1])
+            binary = counts[-1]
+        else:
+            self.counts.append(threshold_counts(probability, truth))
+            binary = threshold_counts(probability, torch.as_tensor(np.asarray(binary_truth)).bool(),
+                                      np.array([self.binary_threshold]))[0]
+        tp, fp, fn, _ = (int(v) for v in binary)
         self.intersections.append(tp)
         self.unions.append(tp + fp + fn)
+        self.keys.append(tuple(int(k) for k in key))
+
+    def records(self) -> dict[str, list]:
+        """The raw per-sample counts: keys, TP and FP at the 49 thresholds, mask and total pixels,
+        and the binary intersection and union (FN and TN follow from the pixel counts)."""
+        counts = np.stack(self.counts) if self.counts else np.zeros((0, len(THRESHOLDS), 4), np.int64)
+        return {"keys": [list(k) for k in self.keys], "tp": counts[..., 0].tolist(), "fp": counts[..., 1].tolist(),
+                "positives": (counts[:, 0, 0] + counts[:, 0, 2]).tolist(), "pixels": counts[:, 0].sum(1).tolist(),
+                "intersection": list(self.intersections), "union": list(self.unions)}
+
+    @classmethod
+    def from_records(cls, records: dict[str, list], binary_threshold: float) -> SegmentationMetrics:
+        """The inverse of ``records()``."""
+        metrics = cls(binary_threshold)
+        tp, fp = np.asarray(records["tp"], np.int64), np.asarray(records["fp"], np.int64)
+        positives, pixels = np.asarray(records["positives"], np.int64), np.asarray(records["pixels"], np.int64)
+        count = len(records["keys"])
+        if not (tp.shape == fp.shape == (count, len(THRESHOLDS)) or count == 0) or not (
+                len(positives) == len(pixels) == len(records["intersection"]) == len(records["union"]) == count):
+            raise ValueError(f"inconsistent metric records: {count} keys, tp {tp.shape}, fp {fp.shape}")
+        if count:
+            fn, tn = positives[:, None] - tp, pixels[:, None] - positives[:, None] - fp
+            metrics.counts = list(np.stack([tp, fp, fn, tn], axis=2))
+        metrics.keys = [tuple(int(v) for v in k) for k in records["keys"]]
+        metrics.intersections = [int(v) for v in records["intersection"]]
+        metrics.unions = [int(v) for v in records["union"]]
+        return metrics
+
+    @classmethod
+    def merge(cls, parts: Sequence[SegmentationMetrics]) -> SegmentationMetrics:
+        """All samples of ``parts`` in key order; duplicate keys (overlapping shards) are an error."""
+        thresholds = sorted({p.binary_threshold for p in parts})
+        if len(thresholds) > 1:
+            raise ValueError(f"parts measured at different binary thresholds: {thresholds}")
+        rows = sorted((k, i, j) for i, p in enumerate(parts) for j, k in enumerate(p.keys))
+        if any(a[0] == b[0] for a, b in zip(rows, rows[1:])):
+            duplicate = next(a[0] for a, b in zip(rows, rows[1:]) if a[0] == b[0])
+            raise ValueError(f"sample {list(duplicate)} is in more than one part (overlapping shards?)")
+        merged = cls(parts[0].binary_threshold if parts else 0.5)
+        for key, i, j in rows:
+            merged.counts.append(parts[i].counts[j])
+            merged.intersections.append(parts[i].intersections[j])
+            merged.unions.append(parts[i].unions[j])
+            merged.keys.append(key)
+        return merged
 
     def summary(self) -> MetricSummary:
         if not self.counts:

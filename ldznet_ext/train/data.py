@@ -2,21 +2,34 @@
 
 A source is a finite sequence of ``Example``s: one image with its referring phrases and their
 masks (an absent phrase has an empty mask). Trainers and evaluators turn examples into
-``Sample``s, one (image, phrase, mask) each. Sources are opened from a spec string:
+``Sample``s, one (image, phrase, mask) each; ``stream.iterate_examples`` reads them in worker
+processes and skips unreadable ones. Sources are opened from a spec string::
+
+    SPEC    = PREFIX ":" ARGUMENT [ "?" OPTION { "&" OPTION } ]  |  PATH ".jsonl"
+    OPTION  = KEY "=" VALUE
 
 - ``world:SPLIT:N``: the first N scenes of a micro-world split (train, val, test; the seed ranges
   are fixed, see ``world.scenes.split_seeds``), rendered once at the requested size into memory
   (about 65 KB a scene at 128 px), in parallel processes (so a script that opens one needs the
   ``if __name__ == "__main__":`` guard of multiprocessing); ``world:FILE.npz``: a saved scene set;
-- ``jsonl:PATH`` or ``PATH.jsonl``: a manifest, one JSON object a line,
-  ``{"image": "a.png", "phrase": "red star", "mask": "a_red_star.png"}`` (paths relative to the
-  manifest; a mask is any image, non-zero = inside); rows of one image form one example.
+- ``jsonl:PATH`` or ``PATH.jsonl``: a manifest, one JSON object a line, ``{"image": "a.png",
+  "phrase": "red star", "mask": "a_red_star.png"}`` (a mask is any image, non-zero = inside) or
+  ``{"image": "a.png", "phrase": "red star", "polygons": [[x0, y0, x1, y1, ...], ...]}`` (pixel
+  units, COCO's pixel-centre rule, ``sources.geometry``; ``[]`` = absent); paths are relative to
+  the manifest; rows of one image form one example;
+- ``phrasecut:DIR:SPLIT[?images=DIR1,DIR2]``: PhraseCut (``sources.phrasecut``);
+- ``refcoco:DIR:SPLIT``, ``refcoco+:DIR:SPLIT``, ``refcocog:DIR:SPLIT``
+  ``[?partition=unc|google|umd&images=DIR]``: the refer toolkit's layout (``sources.refcoco``);
+- ``aigi:DIR`` (alias ``folder:DIR``): images/NAME.png with masks/NAME/PROMPT.png
+  (``sources.folder``).
 
-New sources (PhraseCut, RefCOCO) add a factory to ``SOURCES``.
+DIR may contain ':' (the split is what follows the last one); options follow the last '?'.
+docs/datasets.md has the downloads and layouts.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -26,12 +39,15 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import LdznetError
-from ..images import load_image
 from ..world.data import SceneSet, render_scene_set
 from ..world.scenes import VOCABULARY, make_scene, phrase_labels, split_seeds
+from .sources.files import read_image, read_mask
+from .sources.geometry import polygon_mask
 
 PHRASECUT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.", "a photograph of a {}.", "an image of a {}.", "{}.", "a cropped photo of a {}.",
@@ -115,12 +131,13 @@ def render_world(seeds: Sequence[int], size: int, domain: str | None = None, pro
 
 
 class ManifestSource:
-    """Examples from a JSON-lines manifest of (image, phrase, mask) rows; files are read on demand."""
+    """Examples from a JSON-lines manifest of (image, phrase, mask file or polygons) rows; files are
+    read on demand, and a missing or corrupt image or mask raises ImageError naming its path."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.description = f"jsonl:{self.path}"
-        rows: dict[str, list[tuple[str, str]]] = {}
+        rows: dict[str, list[tuple[str, object]]] = {}
         try:
             lines = self.path.read_text(encoding="utf-8").splitlines()
         except OSError as error:
@@ -130,11 +147,14 @@ class ManifestSource:
                 continue
             try:
                 row = json.loads(line)
-                image, phrase, mask = row["image"], row["phrase"], row["mask"]
+                image, phrase = row["image"], row["phrase"]
+                region = row["mask"] if "mask" in row else row["polygons"]
+                if not isinstance(region, (str, list)) or not isinstance(image, str):
+                    raise TypeError(region)
             except (ValueError, KeyError, TypeError) as error:
                 raise LdznetError(f"{self.path}:{number}: expected a JSON object with 'image', 'phrase' and "
-                                  f"'mask', got {line[:120]!r}") from error
-            rows.setdefault(image, []).append((str(phrase), mask))
+                                  f"'mask' (a file) or 'polygons' (a list), got {line[:120]!r}") from error
+            rows.setdefault(image, []).append((str(phrase), region))
         if not rows:
             raise LdznetError(f"{self.path}: the manifest has no rows")
         self._items = list(rows.items())
@@ -144,18 +164,20 @@ class ManifestSource:
 
     def __getitem__(self, index: int) -> Example:
         image_file, rows = self._items[index]
-        image = load_image(self.path.parent / image_file)
+        image = read_image(self.path.parent / image_file)
+        height, width = image.shape[:2]
         pairs = []
-        for phrase, mask_file in rows:
-            mask = np.asarray(Image.open(self.path.parent / mask_file).convert("L")) > 0
-            if mask.shape != image.shape[:2]:
-                raise LdznetError(f"{mask_file}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
-                                  f"{image_file} is {image.shape[1]}x{image.shape[0]}")
-            pairs.append((phrase, mask))
+        for phrase, region in rows:
+            if isinstance(region, str):
+                pairs.append((phrase, read_mask(self.path.parent / region, (height, width))))
+            else:
+                pairs.append((phrase, polygon_mask(region, height, width, f"{self.path} {image_file} {phrase!r}")))
         return Example(f"jsonl:{self.path}:{image_file}", image, tuple(pairs))
 
 
-def _open_world(argument: str, size: int, domain: str | None) -> Source:
+def _open_world(argument: str, size: int, domain: str | None, options: dict[str, str]) -> Source:
+    if options:
+        raise LdznetError(f"world data takes no options, got {', '.join(options)}")
     if argument.endswith(".npz"):
         if domain is not None:
             raise LdznetError("a saved scene set keeps the domains it was rendered with; drop the domain")
@@ -170,27 +192,79 @@ def _open_world(argument: str, size: int, domain: str | None) -> Source:
     return WorldSource(scenes, f"world:{argument}" + (f" ({domain})" if domain else ""), domain)
 
 
-def _open_manifest(argument: str, size: int, domain: str | None) -> Source:
+def _file_source(module: str, factory: str) -> Callable[[str, int, str | None, dict[str, str]], Source]:
+    """A factory for a source of real files (no render size, no domain), imported when first used."""
+
+    def open_files(argument: str, size: int, domain: str | None, options: dict[str, str]) -> Source:
+        if domain is not None:
+            raise LdznetError("a domain can only be chosen for micro-world data (world:...)")
+        return getattr(importlib.import_module(module, __package__), factory)(argument, options)
+
+    return open_files
+
+
+def _open_manifest(argument: str, size: int, domain: str | None, options: dict[str, str]) -> Source:
     if domain is not None:
         raise LdznetError("a domain can only be chosen for micro-world data (world:...)")
+    if options:
+        raise LdznetError(f"a JSONL manifest takes no options, got {', '.join(options)}")
     return ManifestSource(argument)
 
 
-SOURCES: dict[str, Callable[[str, int, str | None], Source]] = {"world": _open_world, "jsonl": _open_manifest}
-"""Source factories by spec prefix: ``factory(argument after 'prefix:', render size, domain)``."""
+SOURCES: dict[str, Callable[[str, int, str | None, dict[str, str]], Source]] = {
+    "world": _open_world,
+    "jsonl": _open_manifest,
+    "phrasecut": _file_source(".sources.phrasecut", "open_phrasecut"),
+    "refcoco": _file_source(".sources.refcoco", "open_refcoco"),
+    "refcoco+": _file_source(".sources.refcoco", "open_refcoco_plus"),
+    "refcocog": _file_source(".sources.refcoco", "open_refcocog"),
+    "aigi": _file_source(".sources.folder", "open_folder"),
+    "folder": _file_source(".sources.folder", "open_folder"),
+}
+"""Source factories by spec prefix: ``factory(argument after 'prefix:', render size, domain, options)``."""
+
+
+def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
+    """(prefix, argument, options) of a spec (module docstring); a bare ``PATH.jsonl`` is ``jsonl``."""
+    body, options = spec, {}
+    if "?" in spec:
+        body, _, query = spec.rpartition("?")
+        for item in query.split("&"):
+            key, equals, value = item.partition("=")
+            if not key or not equals:
+                raise LdznetError(f"data spec {spec!r}: options are KEY=VALUE joined by '&', got {item!r}")
+            options[key] = value
+    prefix, _, argument = body.partition(":")
+    if prefix in SOURCES and argument:
+        return prefix, argument, options
+    if body.endswith(".jsonl"):
+        return "jsonl", body, options
+    raise LdznetError(f"unknown data spec {spec!r}; expected world:SPLIT:N, world:FILE.npz, jsonl:PATH, PATH.jsonl, "
+                      "phrasecut:DIR:SPLIT, refcoco:DIR:SPLIT, refcoco+:DIR:SPLIT, refcocog:DIR:SPLIT or aigi:DIR")
 
 
 def open_source(spec: str, size: int = 128, domain: str | None = None) -> Source:
     """Open a data source from its spec (see the module docstring); ``size`` is the render size of
     sources that render (the world), ``domain`` a micro-world domain."""
-    prefix, _, argument = spec.partition(":")
-    if prefix in SOURCES and argument:
-        return SOURCES[prefix](argument, size, domain)
-    if spec.endswith(".jsonl"):
-        return _open_manifest(spec, size, domain)
-    raise LdznetError(f"unknown data spec {spec!r}; expected one of: world:SPLIT:N, world:FILE.npz, jsonl:PATH, "
-                      "PATH.jsonl"
-                      + "".join(f", {p}:..." for p in SOURCES if p not in ("world", "jsonl")))
+    prefix, argument, options = parse_spec(spec)
+    return SOURCES[prefix](argument, size, domain, options)
+
+
+def resize_square(example: Example, size: int) -> Example:
+    """The whole example squashed to ``size`` x ``size``, as CLIPSeg's PhraseCut test loader does:
+    the image bilinearly (align_corners=True, rounded to uint8), masks by nearest neighbour
+    (torch's: source pixel floor(i * in / out)). Aspect ratio is not kept."""
+    height, width = example.image.shape[:2]
+    if height == width == size:
+        return example
+    pixels = torch.from_numpy(example.image).permute(2, 0, 1)[None].float()
+    pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=True)
+    image = pixels[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    pairs = []
+    for phrase, mask in example.pairs:
+        resized = F.interpolate(torch.from_numpy(mask)[None, None].to(torch.uint8), size=(size, size), mode="nearest")
+        pairs.append((phrase, resized[0, 0].bool().numpy()))
+    return Example(f"{example.key}@square{size}", image, tuple(pairs))
 
 
 MIN_CROP_COVER = 0.05

@@ -1,0 +1,61 @@
+"""Reading dataset files with errors that name the whole path (a data set has many ``1.jpg``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ...errors import ImageError, LdznetError
+from ...images import load_image
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """The image at ``path`` as uint8 [H, W, 3]; a missing, unreadable or corrupt file raises
+    ImageError whose message starts with the full path."""
+    path = Path(path)
+    try:
+        return load_image(path)
+    except ImageError as error:
+        reason = str(error).removeprefix(f"{path.name}: ")
+        raise ImageError(f"{path}: {reason}") from error
+
+
+def read_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
+    """The mask image at ``path`` as bool [H, W]: non-zero grey level (colours converted to grey,
+    alpha ignored) is inside. It must be ``shape`` (its image's [H, W]); anything else, or a file
+    that is missing or not an image, raises ImageError naming the path."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            mask = np.asarray(image.convert("L")) > 0
+    except FileNotFoundError as error:
+        raise ImageError(f"{path}: mask file not found") from error
+    except (OSError, ValueError, SyntaxError) as error:  # UnidentifiedImageError is an OSError
+        raise ImageError(f"{path}: cannot read the mask ({error})") from error
+    if mask.shape != tuple(shape):
+        raise ImageError(f"{path}: the mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                         f"{shape[1]}x{shape[0]}")
+    return mask
+
+
+def read_json(path: str | os.PathLike, what: str) -> object:
+    """A JSON file, or LdznetError naming ``what`` it should have been."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except FileNotFoundError as error:
+        raise LdznetError(f"{path}: not found; expected {what}") from error
+    except (OSError, ValueError) as error:
+        raise LdznetError(f"{path}: cannot read {what} ({error})") from error
+
+
+def parse_options(spec: str, options: dict[str, str], allowed: dict[str, str]) -> None:
+    """Refuse options a source does not know; ``allowed`` maps each known option to its meaning."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        known = "; ".join(f"{k}: {v}" for k, v in allowed.items()) or "none"
+        raise LdznetError(f"data spec {spec!r}: unknown option {', '.join(unknown)} (options: {known})")

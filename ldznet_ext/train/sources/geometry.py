@@ -1,0 +1,128 @@
+"""Region annotations to masks: polygons (two conventions) and COCO run-length encodings.
+
+Two polygon conventions are in use and they differ on boundary pixels:
+
+- ``polygon_mask`` (COCO, JSONL manifests): coordinates are continuous, pixel (row r, column c)
+  covers the unit square [c, c + 1) x [r, r + 1) and is inside when its centre (c + 0.5, r + 0.5)
+  is inside the polygon by the even-odd rule (a centre exactly on a left edge counts as inside,
+  on a right edge as outside), so the rectangle (1, 1)-(5, 4) covers 4 x 3 = 12 pixels. Without
+  pycocotools this is how COCO polygons are rasterised; pycocotools' own rasteriser (used when it
+  is installed) can differ by a pixel along the boundary.
+- ``phrasecut_mask`` (PhraseCut): the dataset's own evaluator truncates the coordinates to
+  integers and draws each polygon filled *and* outlined with Pillow, so the square (2, 2)-(5, 5)
+  covers 4 x 4 = 16 pixels.
+
+COCO RLE: ``{"size": [h, w], "counts": [...] or "string"}``; runs alternate background and
+foreground starting with background, over the pixels in column-major order. Compressed counts
+are a string: each count in 5-bit groups, least significant first, as characters 48 + group,
+0x20 marking "more groups follow", the last group's 0x10 bit the sign; counts from the fourth on
+are stored as the difference to the count two places before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ...errors import LdznetError
+
+
+def _points(polygon: Sequence, what: str) -> np.ndarray:
+    """A polygon as float64 [K, 2] (x, y): from [[x, y], ...] or a flat [x0, y0, x1, y1, ...]."""
+    try:
+        points = np.asarray(polygon, np.float64)
+    except (TypeError, ValueError) as error:
+        raise LdznetError(f"{what}: a polygon must be numbers, got {str(polygon)[:80]}") from error
+    if points.ndim == 1 and len(points) % 2 == 0:
+        points = points.reshape(-1, 2)
+    if points.ndim != 2 or points.shape[1] != 2 or not np.isfinite(points).all():
+        raise LdznetError(f"{what}: expected a polygon as [[x, y], ...] or [x0, y0, x1, y1, ...], "
+                          f"got {str(polygon)[:80]}")
+    return points
+
+
+def polygon_mask(polygons: Sequence[Sequence], height: int, width: int, what: str = "polygon") -> np.ndarray:
+    """The union of ``polygons`` (each [[x, y], ...] or flat [x0, y0, ...], pixel units) as bool
+    [height, width], by the COCO pixel-centre convention of the module docstring."""
+    mask = np.zeros((height, width), bool)
+    for polygon in polygons:
+        points = _points(polygon, what)
+        if len(points) >= 3:
+            mask |= _even_odd(points, height, width)
+    return mask
+
+
+def _even_odd(points: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pixels whose centre is inside one polygon (even-odd rule) as bool [height, width]."""
+    toggles = np.zeros((height, width + 1), np.int32)
+    x0, y0 = points[:, 0], points[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    for ax, ay, bx, by in zip(x0, y0, x1, y1):
+        if ay == by:
+            continue
+        # Rows whose centre line y = r + 0.5 the edge crosses, half-open so shared vertices count once.
+        low, high = min(ay, by), max(ay, by)
+        rows = np.arange(max(0, int(np.ceil(low - 0.5))), min(height, int(np.ceil(high - 0.5))))
+        if not len(rows):
+            continue
+        x = ax + (rows + 0.5 - ay) * (bx - ax) / (by - ay)
+        # The first pixel whose centre is right of (or on) the crossing.
+        start = np.clip(np.ceil(x - 0.5), 0, width).astype(np.int64)
+        np.add.at(toggles, (rows, start), 1)
+    return (np.cumsum(toggles, axis=1)[:, :width] % 2).astype(bool)
+
+
+def phrasecut_mask(polygons: Sequence[Sequence], height: int, width: int, what: str = "polygon") -> np.ndarray:
+    """The union of PhraseCut ``polygons`` ([[x, y], ...]) as bool [height, width], drawn as the
+    dataset's evaluator draws them (integer-truncated vertices, filled and outlined)."""
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for polygon in polygons:
+        points = _points(polygon, what)
+        if len(points) < 2:
+            continue
+        draw.polygon([(int(x), int(y)) for x, y in points], fill=1, outline=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def decode_counts(text: str | bytes) -> list[int]:
+    """The run lengths of a compressed COCO RLE string (module docstring)."""
+    if isinstance(text, bytes):
+        text = text.decode("ascii")
+    counts: list[int] = []
+    position = 0
+    while position < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(text):
+                raise LdznetError(f"RLE string ends inside a count: {text[:60]!r}")
+            group = ord(text[position]) - 48
+            if not 0 <= group < 64:
+                raise LdznetError(f"RLE string has a character outside '0'..'o': {text[position]!r}")
+            value |= (group & 0x1F) << shift
+            more = bool(group & 0x20)
+            position += 1
+            shift += 5
+            if not more and group & 0x10:
+                value -= 1 << shift
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+    return counts
+
+
+def decode_rle(rle: dict, what: str = "RLE") -> np.ndarray:
+    """A COCO RLE ``{"size": [h, w], "counts": list or string}`` as bool [h, w]."""
+    try:
+        height, width = (int(v) for v in rle["size"])
+        counts = rle["counts"]
+    except (KeyError, TypeError, ValueError) as error:
+        raise LdznetError(f"{what}: expected {{'size': [h, w], 'counts': ...}}, got {str(rle)[:80]}") from error
+    runs = np.asarray(decode_counts(counts) if isinstance(counts, (str, bytes)) else counts, np.int64)
+    if (runs < 0).any() or runs.sum() != height * width:
+        raise LdznetError(f"{what}: the runs cover {int(runs.sum())} pixels, the mask has {height}x{width}"
+                          + (" (negative run)" if (runs < 0).any() else ""))
+    flat = np.repeat(np.arange(len(runs)) % 2 == 1, runs)
+    return flat.reshape(width, height).T.copy()

@@ -1,0 +1,351 @@
+"""Data sources on tiny fixture data sets built here in each real format: PhraseCut, RefCOCO, AIGI
+folders, JSONL manifests; polygon and RLE decoding; the streaming reader; `ldznet data summary`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldznet_ext.cli import main
+from ldznet_ext.errors import ImageError, LdznetError
+from ldznet_ext.train.data import PHRASECUT_TEMPLATES, Example, fit_square, open_source, parse_spec, resize_square
+from ldznet_ext.train.sources.geometry import decode_counts, decode_rle, phrasecut_mask, polygon_mask
+from ldznet_ext.train.stream import iterate_examples
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _image(path, width: int, height: int, value: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.full((height, width, 3), value, np.uint8)
+    pixels[..., 1] = np.arange(width, dtype=np.uint8)[None] * 3  # not flat, so a bad crop would show
+    Image.fromarray(pixels).save(path)
+
+
+def _mask(path, width: int, height: int, box: tuple[int, int, int, int] | None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mask = np.zeros((height, width), np.uint8)
+    if box:
+        left, top, right, bottom = box
+        mask[top:bottom, left:right] = 255
+    Image.fromarray(mask).save(path)
+
+
+def _corrupt(path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"truncated")
+
+
+# -- geometry ---------------------------------------------------------------------------------
+
+
+def test_polygon_mask_uses_pixel_centres():
+    rect = polygon_mask([[1, 1, 5, 1, 5, 4, 1, 4]], 6, 7)
+    assert rect.sum() == 12 and rect[1:4, 1:5].all()  # 4 x 3: columns 1..4, rows 1..3
+    nested = polygon_mask([[[1, 1], [5, 1], [5, 4], [1, 4]]], 6, 7)
+    assert np.array_equal(rect, nested)
+    triangle = polygon_mask([[0, 0, 4, 0, 0, 4]], 5, 5)  # centres with x + y < 4
+    assert triangle.astype(int).tolist()[:3] == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]
+    assert triangle.sum() == 6
+    union = polygon_mask([[0, 0, 2, 0, 2, 2, 0, 2], [1, 1, 3, 1, 3, 3, 1, 3]], 4, 4)
+    assert union.sum() == 7  # two 2x2 squares sharing one pixel
+    clipped = polygon_mask([[-2, -2, 2, -2, 2, 2, -2, 2]], 4, 4)
+    assert clipped.sum() == 4 and clipped[:2, :2].all()
+    with pytest.raises(LdznetError, match="expected a polygon"):
+        polygon_mask([[1, 2, 3]], 4, 4)
+
+
+def test_phrasecut_mask_draws_like_its_evaluator():
+    square = phrasecut_mask([[[2, 2], [5, 2], [5, 5], [2, 5]]], 8, 8)
+    assert square.sum() == 16 and square[2:6, 2:6].all()  # filled and outlined: 2..5 inclusive
+    truncated = phrasecut_mask([[[2.9, 2.9], [5.9, 2.9], [5.9, 5.9], [2.9, 5.9]]], 8, 8)
+    assert np.array_equal(truncated, square)  # vertices are truncated to integers
+
+
+def test_rle_decoding():
+    assert decode_counts("12322") == [1, 2, 3, 4, 5]  # the 4th and 5th are deltas to the 2nd and 3rd
+    assert decode_counts("X1") == [40]  # 8 + 1 << 5: two groups
+    assert decode_counts("`0") == [16]  # 16 needs a second group, else its 0x10 bit would mean negative
+    assert decode_counts("11G") == [1, 1, -9]  # a lone group with 0x10 set is negative
+    assert decode_counts("Q1") == [33]  # 'Q' = 33: group 1 with the continuation bit, then 1 << 5
+    columns = decode_rle({"size": [3, 3], "counts": [2, 3, 4]})  # column-major runs: 0 0 | 1 1 1 | 0 0 0 0
+    assert columns.astype(int).tolist() == [[0, 1, 0], [0, 1, 0], [1, 0, 0]]
+    assert np.array_equal(decode_rle({"size": [3, 3], "counts": "234"}), columns)
+    with pytest.raises(LdznetError, match="cover 8 pixels, the mask has 3x3"):
+        decode_rle({"size": [3, 3], "counts": [2, 3, 3]})
+
+
+# -- PhraseCut --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def phrasecut(tmp_path):
+    root = tmp_path / "VGPhraseCut_v0"
+    _image(root / "images" / "10.jpg", 20, 12)
+    _image(root / "images" / "3.jpg", 8, 8)
+    _image(root / "images" / "5.jpg", 9, 9)  # the image list says 10x9
+    _corrupt(root / "images" / "7.jpg")
+    tasks = [
+        {"task_id": "10__1", "image_id": 10, "phrase": "red car", "instance_boxes": [[2, 2, 4, 4], [10, 1, 3, 2]],
+         "Polygons": [[[[2, 2], [5, 2], [5, 5], [2, 5]]], [[[10, 1], [12, 1], [12, 2], [10, 2]]]]},
+        {"task_id": "3__1", "image_id": 3, "phrase": "sky", "instance_boxes": [[0, 0, 8, 2]],
+         "Polygons": [[[[0, 0], [7, 0], [7, 1], [0, 1]], [[6, 6], [7, 6], [7, 7]]]]},
+        {"task_id": "10__2", "image_id": 10, "phrase": "road", "instance_boxes": [[0, 10, 20, 2]],
+         "Polygons": [[[[0, 10], [19, 10], [19, 11], [0, 11]]]]},
+        {"task_id": "7__1", "image_id": 7, "phrase": "tree", "instance_boxes": [], "Polygons": [[[[0, 0], [1, 0], [1, 1]]]]},
+        {"task_id": "5__1", "image_id": 5, "phrase": "wall", "instance_boxes": [], "Polygons": [[[[0, 0], [1, 0], [1, 1]]]]},
+    ]
+    (root / "refer_test.json").write_text(json.dumps(tasks))
+    sizes = [{"image_id": 10, "width": 20, "height": 12, "split": "test"}, {"image_id": 5, "width": 10, "height": 9}]
+    (root / "image_data_split3000.json").write_text(json.dumps(sizes))
+    return root
+
+
+def test_phrasecut_source(phrasecut):
+    source = open_source(f"phrasecut:{phrasecut}:test")
+    assert len(source) == 4 and source.description == f"phrasecut:{phrasecut}:test"
+    small, wrong_size, corrupt, big = 0, 1, 2, 3  # images in id order: 3, 5, 7, 10
+    example = source[big]
+    assert example.key == "phrasecut:10" and example.image.shape == (12, 20, 3)
+    (car, car_mask), (road, road_mask) = example.pairs
+    assert (car, road) == ("red car", "road")  # tasks of one image in file order
+    assert car_mask.sum() == 16 + 3 * 2 and car_mask[2:6, 2:6].all() and car_mask[1:3, 10:13].all()
+    assert road_mask.sum() == 40 and road_mask[10:12].all()
+    sky = source[small].pairs[0][1]
+    assert sky.sum() == 16 + 3 and sky[:2].all()  # two polygons of one instance: a band and a triangle
+    with pytest.raises(ImageError, match=f"{phrasecut / 'images' / '7.jpg'}: "):
+        source[corrupt]
+    with pytest.raises(ImageError, match="9x9 but PhraseCut's image list says 10x9"):
+        source[wrong_size]
+
+
+def test_phrasecut_spec_errors_and_image_folders(phrasecut, tmp_path):
+    other = tmp_path / "VG_100K_2"
+    _image(other / "7.jpg", 4, 4)
+    source = open_source(f"phrasecut:{phrasecut}:test?images={other},{phrasecut / 'images'}")
+    assert source[2].image.shape == (4, 4, 3)  # the good copy in the first folder
+    assert source[3].image.shape == (12, 20, 3)  # only in the second folder
+    with pytest.raises(LdznetError, match="expected one of train, val, test, miniv"):
+        open_source(f"phrasecut:{phrasecut}:testing")
+    with pytest.raises(LdznetError, match="refer_val.json: not found"):
+        open_source(f"phrasecut:{phrasecut}:val")
+    with pytest.raises(LdznetError, match="unknown option colour"):
+        open_source(f"phrasecut:{phrasecut}:test?colour=1")
+
+
+# -- RefCOCO ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def refcoco(tmp_path):
+    root = tmp_path / "refer" / "data" / "refcoco"
+    images = tmp_path / "refer" / "data" / "images" / "mscoco" / "images" / "train2014"
+    _image(images / "COCO_train2014_000000000001.jpg", 10, 6)
+    _image(images / "COCO_train2014_000000000002.jpg", 5, 4)
+    instances = {
+        "images": [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "height": 6, "width": 10},
+                   {"id": 2, "file_name": "COCO_train2014_000000000002.jpg", "height": 4, "width": 5},
+                   {"id": 3, "file_name": "unused.jpg", "height": 1, "width": 1}],
+        "annotations": [{"id": 11, "image_id": 1, "segmentation": [[1, 1, 5, 1, 5, 4, 1, 4]], "category_id": 1},
+                        {"id": 12, "image_id": 1, "segmentation": [[6, 0, 9, 0, 9, 2, 6, 2], [0, 5, 1, 5, 1, 6, 0, 6]]},
+                        {"id": 21, "image_id": 2, "segmentation": {"size": [4, 5], "counts": "42<0"}}],
+        "categories": [{"id": 1, "name": "person"}]}
+    root.mkdir(parents=True)
+    (root / "instances.json").write_text(json.dumps(instances))
+
+    def ref(ref_id, ann_id, image_id, split, *sentences):
+        return {"ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "split": split, "category_id": 1,
+                "file_name": f"COCO_train2014_{image_id:012d}_{ref_id}.jpg",
+                "sentences": [{"sent_id": 100 * ref_id + i, "sent": s, "raw": s.upper(), "tokens": s.split()}
+                              for i, s in enumerate(sentences)]}
+
+    refs = [ref(1, 11, 1, "testA", "man on left", "guy in red"), ref(2, 12, 1, "testA", "top right thing"),
+            ref(3, 21, 2, "testB", "bowl"), ref(4, 21, 2, "train", "a bowl")]
+    (root / "refs(unc).json").write_text(json.dumps(refs))
+    (root / "refs(google).p").write_bytes(b"\x80\x04N.")  # a pickle: must never be loaded
+    return root
+
+
+def test_refcoco_source(refcoco):
+    test_a = open_source(f"refcoco:{refcoco}:testA")
+    assert len(test_a) == 1 and test_a.description == f"refcoco:{refcoco}:testA (unc)"
+    example = test_a[0]
+    assert example.key == "refcoco:1" and example.image.shape == (6, 10, 3)
+    assert [p for p, _ in example.pairs] == ["man on left", "guy in red", "top right thing"]
+    person, same, thing = (m for _, m in example.pairs)
+    assert person.sum() == 12 and person[1:4, 1:5].all() and person is same  # one mask per object
+    assert thing.sum() == 3 * 2 + 1 and thing[0:2, 6:9].all() and thing[5, 0]
+    # The RLE "42<0" is the runs [4, 2, 12, 2 (the 4th is a delta to the 2nd)], column-major over 4 x 5.
+    bowl = open_source(f"refcoco:{refcoco}:testB")[0].pairs[0][1]
+    assert bowl.astype(int).tolist() == [[0, 1, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 1]]
+    test = open_source(f"refcoco:{refcoco}:test")  # testA and testB
+    assert len(test) == 2 and sum(len(test[i].pairs) for i in range(2)) == 4
+
+
+def test_refcoco_errors(refcoco, tmp_path):
+    with pytest.raises(LdznetError, match=r"refs\(google\).p is a pickle, which is never loaded"):
+        open_source(f"refcoco:{refcoco}:val?partition=google")
+    with pytest.raises(LdznetError, match="no refs in split 'val' .splits there: testA, testB, train"):
+        open_source(f"refcoco:{refcoco}:val")
+    with pytest.raises(LdznetError, match="partitions umd, google, not 'unc'"):
+        open_source(f"refcocog:{refcoco}:val?partition=unc")
+    source = open_source(f"refcoco:{refcoco}:train?images={tmp_path / 'nowhere'}")
+    with pytest.raises(ImageError, match="nowhere.*COCO_train2014_000000000002.jpg: file not found"):
+        source[0]
+
+
+# -- AIGI folders and manifests ---------------------------------------------------------------
+
+
+@pytest.fixture
+def aigi(tmp_path):
+    root = tmp_path / "aigi"
+    _image(root / "images" / "castle.png", 8, 6)
+    _image(root / "images" / "cat.jpg", 4, 4)
+    _mask(root / "masks" / "castle" / "red_roof.png", 8, 6, (0, 0, 8, 2))
+    _mask(root / "masks" / "castle" / "moon.png", 8, 6, None)
+    _mask(root / "masks" / "castle" / "q1.png", 8, 6, (1, 1, 3, 4))
+    _mask(root / "masks" / "cat" / "cat.png", 4, 4, (0, 0, 2, 2))
+    (root / "prompts.json").write_text(json.dumps({"castle/q1.png": "what's that? a door"}))
+    return root
+
+
+def test_aigi_folder(aigi):
+    source = open_source(f"aigi:{aigi}")
+    assert len(source) == 2
+    castle = source[0]
+    assert castle.image.shape == (6, 8, 3)
+    assert [(p, int(m.sum())) for p, m in castle.pairs] == [("moon", 0), ("what's that? a door", 6), ("red roof", 16)]
+    assert source[1].pairs[0][0] == "cat" and source[1].pairs[0][1].sum() == 4
+    _image(aigi / "images" / "dog.png", 4, 4)
+    with pytest.raises(LdznetError, match="images without masks/NAME/.*: dog"):
+        open_source(f"folder:{aigi}")
+    (aigi / "images" / "dog.png").unlink()
+    _mask(aigi / "masks" / "castle" / "wall.png", 4, 4, None)
+    with pytest.raises(ImageError, match="wall.png: the mask is 4x4 but its image is 8x6"):
+        open_source(f"aigi:{aigi}")[0]
+
+
+def test_manifest_polygons_and_bad_files(tmp_path):
+    _image(tmp_path / "a.png", 6, 5)
+    _corrupt(tmp_path / "bad_mask.png")
+    rows = [{"image": "a.png", "phrase": "box", "polygons": [[1, 1, 5, 1, 5, 4, 1, 4]]},
+            {"image": "a.png", "phrase": "nothing", "polygons": []},
+            {"image": "a.png", "phrase": "broken", "mask": "bad_mask.png"},
+            {"image": "missing.png", "phrase": "x", "polygons": []}]
+    (tmp_path / "set.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    source = open_source(f"jsonl:{tmp_path / 'set.jsonl'}")
+    with pytest.raises(ImageError, match=f"{tmp_path / 'bad_mask.png'}: cannot read the mask"):
+        source[0]
+    with pytest.raises(ImageError, match=f"{tmp_path / 'missing.png'}: file not found"):
+        source[1]
+    (tmp_path / "set.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:2]))
+    (box, mask), (nothing, empty) = open_source(str(tmp_path / "set.jsonl"))[0].pairs
+    assert (box, int(mask.sum()), nothing, int(empty.sum())) == ("box", 12, "nothing", 0)
+
+
+def test_spec_grammar():
+    assert parse_spec("phrasecut:C:/data:x/VG:test?images=a,b&x=") == ("phrasecut", "C:/data:x/VG:test",
+                                                                       {"images": "a,b", "x": ""})
+    assert parse_spec("runs/set.jsonl") == ("jsonl", "runs/set.jsonl", {})
+    assert parse_spec("refcoco+:/d:val") == ("refcoco+", "/d:val", {})
+    with pytest.raises(LdznetError, match="options are KEY=VALUE"):
+        parse_spec("aigi:/d?images")
+    with pytest.raises(LdznetError, match="unknown data spec 'coco:/d'"):
+        parse_spec("coco:/d")
+    with pytest.raises(LdznetError, match="world data takes no options"):
+        open_source("world:test:1?x=1")
+
+
+def test_resize_square_is_clipseg_geometry():
+    image = np.zeros((4, 2, 3), np.uint8)
+    image[:, 1] = 255
+    mask = np.zeros((4, 2), bool)
+    mask[1] = True  # row 1 only: torch's nearest takes source rows floor(i * 4 / 2) = 0, 2
+    mask[2, 0] = True
+    square = resize_square(Example("k", image, (("thing", mask),)), 2)
+    assert square.key == "k@square2" and square.image.shape == (2, 2, 3)
+    assert square.image[..., 0].tolist() == [[0, 255], [0, 255]]  # align_corners keeps the corner columns
+    assert square.pairs[0][1].tolist() == [[False, False], [True, False]]
+    wide = resize_square(Example("w", np.zeros((2, 3, 3), np.uint8), (("t", np.ones((2, 3), bool)),)), 5)
+    assert wide.image.shape == (5, 5, 3) and wide.pairs[0][1].all()
+
+
+# -- streaming and the summary command --------------------------------------------------------
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    rows = []
+    for i in range(5):
+        if i == 2:
+            _corrupt(tmp_path / f"{i}.png")
+        else:
+            _image(tmp_path / f"{i}.png", 4 + i, 4, value=10 * i)
+        rows.append({"image": f"{i}.png", "phrase": f"thing {i}", "polygons": [[0, 0, 2, 0, 2, 2, 0, 2]] if i % 2 else []})
+    (tmp_path / "set.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return tmp_path / "set.jsonl"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iterate_examples_skips_unreadable(manifest, workers):
+    source = open_source(str(manifest))
+    errors = []
+    order = [4, 2, 0, 1, 2, 3]
+    out = list(iterate_examples(source, order, workers, on_error=lambda i, e: errors.append((i, e))))
+    assert [i for i, _ in out] == [4, 0, 1, 3]
+    assert all(ex.key == source[i].key and ex.image.shape == (4, 4 + i, 3) for i, ex in out)
+    assert [i for i, _ in errors] == [2, 2]
+    assert all(isinstance(e, ImageError) and str(manifest.parent / "2.png") in str(e) for _, e in errors)
+
+
+def test_iterate_examples_logs_by_default(manifest, caplog):
+    with caplog.at_level(logging.WARNING, logger="ldznet_ext.data"):
+        assert [i for i, _ in iterate_examples(open_source(str(manifest)), range(3))] == [0, 1]
+    assert "skipping example 2: " in caplog.text and "2.png" in caplog.text
+
+
+def test_data_summary_command(manifest, aigi, tmp_path, capsys):
+    out = tmp_path / "summary.json"
+    assert main(["data", "summary", f"aigi:{aigi}", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "- images: 2 (2 read, 0 unreadable)" in text and "- phrases: 4 (3 present, 1 absent; 4 distinct)" in text
+    assert "- image sizes: 4x4 .. 8x6" in text and text.rstrip().endswith("OK")
+    # present areas: 4/16, 6/48, 16/48
+    summary = json.loads(out.read_text())[0]
+    assert summary["valid"] and summary["area"]["min"] == pytest.approx(0.125)
+    assert summary["area"]["max"] == pytest.approx(1 / 3) and summary["area"]["median"] == pytest.approx(0.25)
+    assert main(["data", "summary", str(manifest), "world:nowhere", "--workers", "2"]) == 1
+    text = capsys.readouterr().out
+    assert "- images: 5 (4 read, 1 unreadable)" in text and "- phrases: 4 (2 present, 2 absent" in text
+    assert f"- unreadable example 2: {manifest.parent / '2.png'}: " in text
+    assert "INVALID: unreadable examples" in text and "INVALID: cannot open: world data spec" in text
+
+
+def test_iterate_examples_takes_endless_orders(manifest):
+    """A training order can be endless: the reader follows it lazily, in order, skipping index 2."""
+    stream = iterate_examples(open_source(str(manifest)), (i % 5 for i in itertools.count(1)), workers=2)
+    assert [i for i, _ in itertools.islice(stream, 6)] == [1, 3, 4, 0, 1, 3]
+    stream.close()
+
+
+def test_phrasecut_examples_take_the_official_crop_and_templates(phrasecut):
+    assert PHRASECUT_TEMPLATES == (  # FACTS.md section 2, in CLIPSeg's order
+        "a photo of a {}.", "a photograph of a {}.", "an image of a {}.", "{}.", "a cropped photo of a {}.",
+        "a good photo of a {}.", "a photo of one {}.", "a bad photo of a {}.", "a photo of the {}.")
+    road = open_source(f"phrasecut:{phrasecut}:test")[3].samples()[1]
+    assert road.phrase == "road" and road.mask.shape == (12, 20)
+    # Square side min(12, 20) = 12: the road (rows 10-11) gives every crop 24 px = 10 % > 5 % of the
+    # image, so the first draw is kept: top 0, left = the generator's first integer below 9.
+    rng = np.random.default_rng(7)
+    top, left = int(rng.integers(1)), int(rng.integers(9))  # the draws fit_square makes
+    square = fit_square(road, 6, np.random.default_rng(7))
+    assert square.image.shape == (6, 6, 3) and square.key is None
+    assert square.mask.sum() == 6 and square.mask[5].all()  # nearest rows 1, 3, ..., 11 of the crop
+    expected = np.asarray(Image.fromarray(road.image[top:top + 12, left:left + 12]).resize((6, 6), Image.BILINEAR))
+    assert np.array_equal(square.image, expected)

@@ -1,0 +1,185 @@
+"""Evaluation at scale: shards merge to exactly the unsharded metrics, unreadable examples are
+skipped, the square protocol, and the paper's table shapes (markdown and JSON)."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldznet_ext.cli import main
+from ldznet_ext.errors import LdznetError
+from ldznet_ext.eval.evaluate import FORMAT, VERSION, EvalResult, evaluate, merge_results
+from ldznet_ext.eval.metrics import SegmentationMetrics
+from ldznet_ext.eval.tables import build_table, default_table, markdown_table
+from ldznet_ext.train.data import Example
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+class ListSource(list):
+    description = "list:fixture"
+
+
+class Noisy:
+    """A segmenter stand-in: each phrase's true mask blended with noise seeded by (image, phrase), so
+    the maps are the same whichever process or order asks, and the metrics are non-trivial."""
+
+    def __init__(self, source):
+        self.backbone = SimpleNamespace(device=torch.device("cpu"))
+        self.source = source
+        self.image = None
+        self.terms = []
+
+    def set_image(self, image: np.ndarray) -> None:
+        self.image = image
+
+    def predict_terms(self, terms):
+        self.terms.append(list(terms))
+        example = next(e for e in self.source if e.image.shape == self.image.shape and np.array_equal(e.image, self.image))
+        out = {}
+        for phrase, mask in example.pairs:
+            if phrase in terms:
+                rng = np.random.default_rng(zlib.crc32(phrase.encode()) + int(self.image.sum()))
+                out[phrase] = torch.from_numpy(0.6 * mask + 0.4 * rng.random(mask.shape)).float()
+        return out
+
+    def reset_image(self) -> None:
+        self.image = None
+
+
+def _source(count: int = 7) -> ListSource:
+    rng = np.random.default_rng(0)
+    examples = []
+    for i in range(count):
+        height, width = 6 + i % 3, 9 - i % 2
+        pairs = []
+        for j in range(1 + i % 3):
+            mask = rng.random((height, width)) < 0.3 * j  # j == 0: absent
+            pairs.append((f"thing {i}.{j}", mask))
+        examples.append(Example(f"e{i}", rng.integers(0, 255, (height, width, 3), dtype=np.uint8), tuple(pairs)))
+    return ListSource(examples)
+
+
+def test_shards_merge_to_exactly_the_unsharded_metrics(tmp_path):
+    source = _source()
+    whole = evaluate(Noisy(source), source, "m", progress=False)
+    assert whole.examples == 7 and len(whole.metrics) == sum(bool(m.any()) for e in source for _, m in e.pairs)
+    shards = [evaluate(Noisy(source), source, "m", progress=False, shard=(k, 3)) for k in range(3)]
+    assert [s.examples for s in shards] == [3, 2, 2]
+    assert whole.metrics.keys == sorted(k for s in shards for k in s.metrics.keys)
+    # Through JSON and in any order, as `ldznet eval --merge` reads them.
+    loaded = [EvalResult.from_dict(json.loads(json.dumps(s.to_dict()))) for s in reversed(shards)]
+    (merged,) = merge_results(loaded)
+    assert merged.summary == whole.summary  # bit-identical floats, not approximately equal
+    assert merged.metrics.records() == whole.metrics.records() and merged.examples == 7
+    assert whole.summary.miou not in (0.0, 1.0) and whole.summary.ap > 0
+
+
+def test_merge_refuses_incomplete_or_mixed_shards():
+    source = _source()
+    shards = [evaluate(Noisy(source), source, "m", progress=False, shard=(k, 3)) for k in range(3)]
+    with pytest.raises(LdznetError, match="expected shards 0..2 of 3 once each, got 0, 2"):
+        merge_results([shards[0], shards[2]])
+    with pytest.raises(LdznetError, match="expected shards 0..2 of 3 once each, got 0, 0, 1, 2"):
+        merge_results([*shards, shards[0]])
+    other = evaluate(Noisy(source), source, "m", progress=False, shard=(1, 3), binary_threshold=0.3)
+    with pytest.raises(LdznetError, match="the parts differ"):
+        merge_results([shards[0], other, shards[2]])
+    two = merge_results([*shards, evaluate(Noisy(source), source, "n", progress=False)])
+    assert [r.name for r in two] == ["m", "n"]
+    a, b = SegmentationMetrics(), SegmentationMetrics()
+    for metrics in (a, b):
+        metrics.add(torch.zeros(2, 2), np.eye(2, dtype=bool), key=(0, 1))
+    with pytest.raises(ValueError, match=r"sample \[0, 1\] is in more than one part"):
+        SegmentationMetrics.merge([a, b])
+
+
+def test_unreadable_examples_are_skipped_and_listed(tmp_path):
+    Image.fromarray(np.full((4, 4, 3), 50, np.uint8)).save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    rows = [{"image": "bad.png", "phrase": "x", "polygons": [[0, 0, 2, 0, 2, 2]]},
+            {"image": "good.png", "phrase": "corner", "polygons": [[0, 0, 2, 0, 2, 2, 0, 2]]}]
+    (tmp_path / "set.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    from ldznet_ext.train.data import open_source
+
+    source = open_source(str(tmp_path / "set.jsonl"))
+    result = evaluate(Noisy([source[1]]), source, progress=False, workers=2)
+    assert result.examples == 1 and len(result.metrics) == 1
+    assert [i for i, _ in result.skipped] == [0] and str(tmp_path / "bad.png") in result.skipped[0][1]
+
+
+def test_square_protocol_scores_binary_iou_on_the_original_mask():
+    mask = np.zeros((4, 8), bool)
+    mask[:, :4] = True  # the left half
+    example = Example("k", np.zeros((4, 8, 3), np.uint8), (("left", mask),))
+    source = ListSource([example])
+
+    class Fixed(Noisy):
+        def predict_terms(self, terms):
+            assert self.image.shape == (2, 2, 3)
+            return {"left": torch.tensor([[1.0, 0.0], [1.0, 0.0]])}
+
+    result = evaluate(Fixed(source), source, progress=False, square=2)
+    s = result.summary
+    # CLIPSeg's counts at 2 x 2: the squashed mask is [[1, 0], [1, 0]], TP 2 at every threshold.
+    assert s.iou_fg == pytest.approx(2 / 3) and result.square == 2
+    # Binary IoU at 4 x 8: the map resized with align_corners=True is 1 - c / 7 along a row: > 0.5 for c <= 3.
+    assert s.mean_iou == 1.0 and result.metrics.unions == [16]
+
+
+def _result(name: str, data: str, scale: float) -> EvalResult:
+    metrics = SegmentationMetrics()
+    truth = np.array([[1, 1, 0, 0]], bool)
+    metrics.add(torch.tensor([[0.9, 0.4 * scale, 0.2, 0.1]]), truth, key=(0, 0))
+    return EvalResult(name, data, metrics, seconds=0.01, examples=1)
+
+
+def test_tables_have_the_papers_shapes():
+    results = [_result("RGBNet", "phrasecut:/d:test", 1.0), _result("LD-ZNet", "phrasecut:/d:test", 2.0)]
+    table = build_table(results, 1)
+    assert table["columns"] == ["Method", "mIoU", "IoU_FG", "AP", "mean IoU", "cum IoU"]
+    s = results[1].summary
+    assert table["rows"][1] == ["LD-ZNet", 100 * s.miou, 100 * s.iou_fg, 100 * s.ap, 100 * s.mean_iou,
+                                100 * s.cumulative_iou]
+    text = markdown_table(table).splitlines()
+    assert text[1] == "|---|---:|---:|---:|---:|---:|"
+    # LD-ZNet: 0.8 > t for t < 0.8 gives TP 2 (IoU 2/3); at 0.5 I 2, U 2.
+    assert text[3] == f"| LD-ZNet | 66.7 | 66.7 | {100 * s.ap:.1f} | 100.0 | 100.0 |"
+    assert build_table(results, 2)["columns"] == ["Method", "mIoU", "AP"]
+    assert build_table(results, 4)["columns"][0] == "Diffusion features via"
+    refer = [_result("ZNet", "refcoco:/r/refcoco:val (unc)", 1.0), _result("ZNet", "refcocog:/r/refcocog:val (umd)", 1.0),
+             _result("LD-ZNet", "refcocog:/r/refcocog:val (umd)", 2.0)]
+    assert default_table(refer) == 3 and default_table(results) == 1
+    table3 = build_table(refer, 3)
+    assert table3["columns"] == ["Method", "refcoco val (unc) IoU", "refcoco val (unc) AP",
+                                 "refcocog val (umd) IoU", "refcocog val (umd) AP"]
+    assert markdown_table(table3).splitlines()[3].startswith("| LD-ZNet | - | - | 66.7 | ")
+    mixed = build_table(results + refer[:1], 1)
+    assert mixed["columns"][:2] == ["Method", "data"] and mixed["rows"][2][:2] == ["ZNet", refer[0].data]
+
+
+def test_merge_command_writes_markdown_and_json(tmp_path, capsys):
+    source = _source()
+    for k in range(2):
+        shard = evaluate(Noisy(source), source, "LD-ZNet", progress=False, shard=(k, 2))
+        report = {"format": FORMAT, "version": VERSION, "table": None, "results": [shard.to_dict()]}
+        (tmp_path / f"s{k}.json").write_text(json.dumps(report))
+    whole = evaluate(Noisy(source), source, "LD-ZNet", progress=False)
+    assert main(["eval", "--merge", str(tmp_path / "s0.json"), str(tmp_path / "s1.json"), "--table", "2",
+                 "--markdown", str(tmp_path / "t.md"), "--json", str(tmp_path / "all.json")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    s = whole.summary
+    assert out[:3] == ["| Method | mIoU | AP |", "|---|---:|---:|", f"| LD-ZNet | {100 * s.miou:.1f} | {100 * s.ap:.1f} |"]
+    assert (tmp_path / "t.md").read_text().splitlines()[2:] == out[:3]
+    saved = json.loads((tmp_path / "all.json").read_text())
+    assert saved["table"]["table"] == 2 and saved["results"][0]["summary"] == s.to_dict()
+    assert main(["eval", "--merge", str(tmp_path / "s0.json")]) == 2  # shard 1/2 missing
+    assert "expected shards 0..1 of 2 once each, got 0" in capsys.readouterr().err
+    (tmp_path / "x.json").write_text("{}")
+    assert main(["eval", "--merge", str(tmp_path / "x.json")]) == 2
