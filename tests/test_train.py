@@ -3,6 +3,7 @@ heads that the segmenter runs, and the `ldznet train` command."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -185,8 +186,8 @@ def test_resume_gives_the_uninterrupted_result(backbone, tmp_path):
     state = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)
     assert state["step"] == 6 and set(state) >= {"model", "ema", "optimizer", "scheduler", "rng"}
     assert all(torch.equal(state["model"][k], v) for k, v in straight.head.state_dict().items())
-    log = [json.loads(line) for line in (tmp_path / "cut" / LOG).read_text().splitlines()]
-    assert [r["step"] for r in log] == [2, 4, 6]
+    log = list(csv.DictReader((tmp_path / "cut" / LOG).read_text().splitlines()))
+    assert [int(r["step"]) for r in log] == [2, 4, 6]
     other = Trainer(backbone, source, _config(arch="ldznet", steps=6, seed=1), tmp_path / "cut")
     with pytest.raises(LdznetError, match="seed: 0 -> 1"):
         other.resume()
@@ -215,6 +216,6 @@ def test_train_command(sd_file, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "rgbnet head, 2 steps on world:train:2" in out
     assert read_metadata(run / HEAD)["training"]["steps"] == 2
-    assert len((run / LOG).read_text().splitlines()) == 2
+    assert len((run / LOG).read_text().splitlines()) == 3  # the header and steps 1 and 2
     assert main(["train", "--model", str(sd_file), "-o", str(tmp_path / "x")]) == 2
     assert "--arch is required" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..sd.unet import UNetConfig, unet_config
 from ..tap import LDZNET_BLOCKS
-from .ldznet import LDZNet
+from .ldznet import FUSIONS, LDZNet
 from .rgbnet import RGBNet
 from .znet import ZNet
 
@@ -20,17 +20,24 @@ ARCHITECTURES = ("ldznet", "znet", "rgbnet")
 @dataclass(frozen=True)
 class HeadConfig:
     """What a segmentation head is: architecture, UNet shape, the SD blocks it reads, the z side its
-    positional embeddings are made for (LD-ZNet), and the SD timestep its features come from."""
+    positional embeddings are made for (LD-ZNet), the SD timestep its features come from, and how
+    LD-ZNet takes them in (``sd_fusion``: "attention", the paper's model, or "concat", its Table 4
+    ablation; heads saved before the option existed are "attention")."""
 
     arch: str
     unet: UNetConfig = field(default_factory=lambda: unet_config("sd-v1", out_channels=1))
     sd_blocks: tuple[int, ...] = LDZNET_BLOCKS
     latent_size: int = 48
     timestep: int = 400
+    sd_fusion: str = "attention"
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if self.sd_fusion not in FUSIONS:
+            raise ValueError(f"unknown SD feature fusion {self.sd_fusion!r}; choose one of {', '.join(FUSIONS)}")
+        if self.sd_fusion != "attention" and self.arch != "ldznet":
+            raise ValueError(f"sd_fusion={self.sd_fusion!r} is an LD-ZNet option; {self.arch} reads no SD features")
 
     @property
     def uses_sd_features(self) -> bool:
@@ -42,7 +49,12 @@ class HeadConfig:
         return "image" if self.arch == "rgbnet" else "latent"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "unet": self.unet.to_dict()}
+        """JSON-ready fields; ``sd_fusion`` only when not "attention", so that attention heads stay
+        readable by releases that predate the option."""
+        data = {**asdict(self), "unet": self.unet.to_dict()}
+        if self.sd_fusion == "attention":
+            del data["sd_fusion"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping) -> HeadConfig:
@@ -60,7 +72,7 @@ def head_config(arch: str, size: str = "sd-v1", **overrides) -> HeadConfig:
 def build_head(config: HeadConfig) -> ZNet:
     """Instantiate a head (on the current default device; use ``torch.device("meta")`` for a dry build)."""
     if config.arch == "ldznet":
-        return LDZNet(config.unet, config.sd_blocks, config.latent_size)
+        return LDZNet(config.unet, config.sd_blocks, config.latent_size, config.sd_fusion)
     return (ZNet if config.arch == "znet" else RGBNet)(config.unet)
 
 

@@ -3,6 +3,10 @@
 In each of those blocks an attention pool turns the SD feature map (same channels and size as the
 ZNet block) into hw+1 tokens, and an extra cross-attention ``attn3`` (after the text
 cross-attention, with its own LayerNorm ``norm_sd``) lets ZNet's tokens read them.
+
+The paper's ablation (Table 4, ``fusion="concat"``) instead concatenates the SD feature with the
+ZNet feature right before the block's spatial transformer; a 1x1 conv ``sd_concat`` brings the
+2C channels back to C (the transformer and the rest of the UNet keep their SD shapes and weights).
 """
 
 from __future__ import annotations
@@ -93,15 +97,47 @@ class SDAttentionSpatialTransformer(SpatialTransformer):
         return self.from_tokens(tokens, x)
 
 
+class SDConcatSpatialTransformer(SpatialTransformer):
+    """A spatial transformer whose input is ``sd_concat([x, SD feature])``: [B, 2C, h, w] -> [B, C, h, w].
+
+    ``sd_concat`` starts as [identity | 0], so an untrained head is ZNet and the SD half is learned
+    from there (a random 2C -> C mix would scramble the SD-initialised features it passes on).
+    """
+
+    def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int, depth: int, block_number: int):
+        super().__init__(channels, heads, dim_head, context_dim, depth, block_number)
+        self.sd_concat = nn.Conv2d(2 * channels, channels, 1)
+        with torch.no_grad():
+            self.sd_concat.weight.zero_()
+            self.sd_concat.weight[:, :channels, 0, 0] = torch.eye(channels)
+            self.sd_concat.bias.zero_()
+
+    def forward(self, x: Tensor, context: Tensor, sd_feature: Tensor) -> Tensor:  # type: ignore[override]
+        if sd_feature.shape[1:] != x.shape[1:]:
+            raise ValueError(f"block {self.block_number}: SD feature {tuple(sd_feature.shape[1:])} does not match "
+                             f"the LD-ZNet feature {tuple(x.shape[1:])}; the head and the SD model differ in size")
+        return super().forward(self.sd_concat(torch.cat([x, sd_feature.to(x.dtype)], dim=1)), context)
+
+
+FUSIONS = ("attention", "concat")
+"""How LD-ZNet takes in the SD features: cross-attention through attention pools (the paper's
+model) or concatenation (its Table 4 ablation)."""
+
+
 class LDZNet(ZNet):
     """``forward(z, context, sd_features={6: f6, ..., 10: f10}) -> logits [B, 1, 8h, 8w]``.
 
-    ``latent_size`` is the z side the positional embeddings are made for (48 = 384 px).
+    ``latent_size`` is the z side the positional embeddings are made for (48 = 384 px); ``fusion``
+    is one of ``FUSIONS``.
     """
 
-    def __init__(self, config: UNetConfig, sd_blocks: tuple[int, ...] = LDZNET_BLOCKS, latent_size: int = 48):
+    def __init__(self, config: UNetConfig, sd_blocks: tuple[int, ...] = LDZNET_BLOCKS, latent_size: int = 48,
+                 fusion: str = "attention"):
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown SD feature fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
         self.sd_blocks = tuple(sd_blocks)
         self.latent_size = latent_size
+        self.fusion = fusion
         super().__init__(config)
 
     def make_spatial_transformer(self, channels: int, heads: int, dim_head: int, block_number: int,
@@ -109,6 +145,9 @@ class LDZNet(ZNet):
         if block_number not in self.sd_blocks:
             return super().make_spatial_transformer(channels, heads, dim_head, block_number, level)
         c = self.config
+        if self.fusion == "concat":
+            return SDConcatSpatialTransformer(channels, heads, dim_head, c.context_dim, c.transformer_depth,
+                                              block_number)
         return SDAttentionSpatialTransformer(channels, heads, dim_head, c.context_dim, c.transformer_depth,
                                              block_number, pool_size=self.latent_size >> level)
 

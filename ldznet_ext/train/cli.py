@@ -2,8 +2,11 @@
 
 ``ldznet train --arch ldznet --model sd.safetensors --data world:train:5000 -o runs/a`` writes
 ``runs/a/head.safetensors`` (the EMA head, usable with the segmenter), ``runs/a/last.pt`` (resume
-state) and ``runs/a/log.jsonl``. ``--resume`` continues a run from its last.pt with its saved
-settings; options given with it (e.g. a larger ``--steps``) override those that may change.
+state) and ``runs/a/log.csv``. Settings come from the defaults, ``--preset``, ``--config FILE``
+(YAML or JSON, keys = TrainConfig fields) and the flags, later ones winning. ``--resume``
+continues a run from its last.pt with its saved settings; options given with it (e.g. a larger
+``--steps``) override those that may change. Under ``torchrun --nproc-per-node N -m
+ldznet_ext.cli train ...`` the N processes train one head data-parallel (see docs/training.md).
 """
 
 from __future__ import annotations
@@ -17,55 +20,85 @@ import torch
 from ..errors import LdznetError
 from ..loading import resolve_device
 from ..modeling.build import ARCHITECTURES
+from ..modeling.ldznet import FUSIONS
 from ..sd.checkpoint import load_stable_diffusion
+from . import distributed
+from .config import PRECISIONS, PRESETS, SCHEDULES, TrainConfig, check_values, compose_config, read_config_file
 from .data import TEMPLATES, open_source
-from .trainer import CHECKPOINT, HEAD, TrainConfig, Trainer
-
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .trainer import AMP_DTYPES, CHECKPOINT, HEAD, Trainer
 
 
-def _config(args: argparse.Namespace) -> TrainConfig:
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """The run's TrainConfig from the parsed arguments (see the module docstring for the order)."""
+    flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    if args.preset is not None:
+        flags["preset"] = args.preset
+    file_values = read_config_file(args.config) if args.config else {}
     if args.resume:
         path = Path(args.output) / CHECKPOINT
         if not path.is_file():
             raise LdznetError(f"--resume: {path} does not exist")
-        saved = torch.load(path, map_location="cpu", weights_only=True)["config"]
-        return TrainConfig.from_dict({**saved, **given})
-    if "arch" not in given:
-        raise LdznetError("--arch is required (unless --resume)")
-    return TrainConfig.from_dict({**asdict(TrainConfig()), **given})
+        base = torch.load(path, map_location="cpu", weights_only=True)["config"]
+    else:
+        if "arch" not in flags and "arch" not in file_values:
+            raise LdznetError("--arch is required (unless --resume or the config file sets arch)")
+        base = asdict(TrainConfig())
+    return compose_config(base, file_values, check_values(flags, "command line"))
+
+
+def train(args: argparse.Namespace) -> Trainer:
+    """Run ``ldznet train``: join torchrun's process group if the environment describes one (and
+    leave it at the end; a group the caller joined stays), train, return the finished Trainer."""
+    config = resolve_config(args)
+    device, joined = distributed.init_from_env(resolve_device(args.device))
+    try:
+        backbone = load_stable_diffusion(args.model, device, AMP_DTYPES[config.precision] or torch.float32)
+        source = open_source(config.data, size=config.resolution, domain=args.domain)
+        trainer = Trainer(backbone, source, config, args.output, model_name=Path(args.model).name)
+        if args.resume:
+            trainer.resume()
+        trainer.run()
+    finally:
+        if joined:
+            distributed.shutdown()
+    return trainer
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = _config(args)
-    amp_dtype = AMP_DTYPES[args.dtype]
-    backbone = load_stable_diffusion(args.model, resolve_device(args.device), amp_dtype or torch.float32)
-    source = open_source(config.data, size=config.resolution, domain=args.domain)
-    trainer = Trainer(backbone, source, config, args.output, amp_dtype, model_name=Path(args.model).name)
-    if args.resume:
-        trainer.resume()
-    loss = trainer.run()
-    print(f"{Path(args.output) / HEAD}: {config.arch} head, {trainer.step} steps on {source.description}, "
-          f"loss {loss:.4f}")
+    trainer = train(args)
+    if trainer.is_main:
+        print(f"{Path(args.output) / HEAD}: {trainer.config.arch} head, {trainer.step} steps on "
+              f"{trainer.source.description} with {trainer.world_size} process(es), loss {trainer.recent_loss:.4f}")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     d = TrainConfig()
+    bool_flag = argparse.BooleanOptionalAction
     p = subparsers.add_parser("train", help="train a segmentation head (LD-ZNet, ZNet, RGBNet) on a frozen SD model")
+    p.add_argument("--config", metavar="FILE", help="settings file, YAML or JSON (keys: TrainConfig fields, preset)")
+    p.add_argument("--preset", choices=tuple(PRESETS), help="named settings under the file and flags "
+                                                            "(official: the released model's recipe)")
     p.add_argument("--arch", choices=ARCHITECTURES)
     p.add_argument("--model", required=True, metavar="SD.safetensors", help="SD v1 checkpoint (frozen backbone)")
     p.add_argument("--domain", help="paint micro-world scenes in this domain only (cartoon or photo)")
-    p.add_argument("--data", metavar="SPEC", help=f"world:SPLIT:N, world:FILE.npz, jsonl:PATH or PATH.jsonl (default {d.data})")
+    p.add_argument("--data", metavar="SPEC",
+                   help=f"data spec, e.g. world:train:5000 or phrasecut:DIR:train (docs/datasets.md; default {d.data})")
     p.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run directory (created)")
     p.add_argument("--steps", type=int, help=f"optimiser steps in all (default {d.steps})")
-    p.add_argument("--batch-size", type=int, help=f"default {d.batch_size}")
+    p.add_argument("--batch-size", type=int, help=f"samples per process and micro-batch (default {d.batch_size})")
+    p.add_argument("--accumulate", type=int, help=f"micro-batches per optimiser step (default {d.accumulate})")
     p.add_argument("--lr", type=float, help=f"AdamW rate of the SD-initialised layers (default {d.lr:g})")
+    p.add_argument("--scale-lr", action=bool_flag,
+                   help="--lr is per sample: the rate used is lr x batch size x accumulate x processes")
     p.add_argument("--new-lr-scale", type=float,
                    help=f"rate multiplier for layers trained from scratch (default {d.new_lr_scale:g})")
     p.add_argument("--warmup", type=int, help=f"linear warm-up steps (default {d.warmup})")
-    p.add_argument("--schedule", choices=("constant", "cosine"), help=f"after warm-up (default {d.schedule})")
+    p.add_argument("--schedule", choices=SCHEDULES, help=f"after warm-up (default {d.schedule})")
+    p.add_argument("--plateau-factor", type=float, help=f"plateau: rate multiplier (default {d.plateau_factor:g})")
+    p.add_argument("--plateau-patience", type=int,
+                   help=f"plateau: windows without improvement before a cut (default {d.plateau_patience})")
+    p.add_argument("--plateau-every", type=int, help=f"plateau: steps per loss window (default {d.plateau_every})")
     p.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay:g}")
     p.add_argument("--ema", type=float, help=f"EMA decay of the saved head (default {d.ema:g})")
     p.add_argument("--grad-clip", type=float, help=f"gradient norm limit, 0 = off (default {d.grad_clip:g})")
@@ -73,16 +106,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--decoder-init", choices=("identity", "default"),
                    help=f"mask decoder start: identity up-sampling, or torch's default as the official code "
                         f"(default {d.decoder_init})")
+    p.add_argument("--sd-fusion", choices=FUSIONS,
+                   help=f"LD-ZNet: cross-attend to the SD features, or concatenate them (the paper's Table 4 "
+                        f"ablation) (default {d.sd_fusion})")
     p.add_argument("--templates", choices=tuple(TEMPLATES), help=f"prompt templates (default {d.templates})")
-    p.add_argument("--no-negatives", dest="negatives", action="store_const", const=False,
-                   help="train on present phrases only (default: absent phrases too, with empty masks)")
+    p.add_argument("--negatives", action=bool_flag,
+                   help="also train on absent phrases, with empty masks (default: on)")
     p.add_argument("--resolution", type=int, help=f"training image side, a multiple of 64 (default {d.resolution})")
+    p.add_argument("--precision", "--dtype", choices=PRECISIONS,
+                   help="fp32, or bf16/fp16 (CUDA): the frozen SD model's dtype and the head's autocast; the "
+                        f"head's weights stay fp32 (default {d.precision})")
+    p.add_argument("--grad-checkpoint", action=bool_flag,
+                   help="recompute the head's activations in the backward pass (less memory, about one more forward pass a step)")
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
     p.add_argument("--save-every", type=int, help=f"checkpoint interval in steps (default {d.save_every})")
-    p.add_argument("--log-every", type=int, help=f"log.jsonl interval in steps (default {d.log_every})")
+    p.add_argument("--log-every", type=int, help=f"log.csv interval in steps (default {d.log_every})")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pt")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", choices=tuple(AMP_DTYPES), default="fp32",
-                   help="precision of the frozen SD model and autocast dtype of the head (bf16/fp16: CUDA only; "
-                        "the head's weights stay fp32)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; under torchrun each process "
+                        "takes cuda:LOCAL_RANK")
     p.set_defaults(func=_run)

@@ -17,24 +17,28 @@ shapes stay the official ones. Layers that do not come from the SD UNet (``out``
 LD-ZNet's ``attn3``, ``norm_sd`` and attention pools, RGBNet's stem) get ``new_lr_scale`` times
 the learning rate.
 
-Every step's randomness comes from a generator seeded by (seed, step), and images and prompts
-are encoded one at a time, so a resumed run repeats an uninterrupted one exactly.
+Every micro-batch's randomness comes from a generator seeded by (seed, its global index: step,
+micro-batch and rank), and images and prompts are encoded one at a time, so a resumed run repeats
+an uninterrupted one exactly; the data position is the step. Under torchrun each process draws
+from its own shard of the examples and DistributedDataParallel averages the gradients; all
+processes keep the same head, optimiser and EMA, and rank 0 alone logs and writes files.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from contextlib import nullcontext
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..errors import CheckpointError, LdznetError
@@ -44,67 +48,27 @@ from ..modeling.build import HeadConfig, build_head, init_from_sd_unet
 from ..sd.model import StableDiffusion
 from ..sd.schedule import OFFICIAL_TIMESTEPS
 from ..segmenter import sd_features
-from .data import TEMPLATES, Sample, Source, fit_square
+from . import distributed
+from .config import TrainConfig
+from .ema import EMA
+from .data import TEMPLATES, Example, Sample, Source, fit_square
+from .logs import LOG, RunLog
+
+__all__ = ["CHECKPOINT", "EMA", "HEAD", "LOG", "TrainConfig", "Trainer", "identity_decoder_", "is_new_layer",
+           "lr_factor", "pick_example", "training_head"]
 
 CHECKPOINT = "last.pt"
 HEAD = "head.safetensors"
-LOG = "log.jsonl"
 NEW_LAYER_PREFIXES = ("out.", "final.", "stem.")
-NEW_LAYER_PARTS = (".attn3.", ".norm_sd.", ".attentionpool2D.")
-_RESUME_FREE = ("steps", "save_every", "log_every")  # what a resumed run may change
+NEW_LAYER_PARTS = (".attn3.", ".norm_sd.", ".attentionpool2D.", ".sd_concat.")
+# what a resumed run may change: lengths and intervals, and how (not what) it computes
+_RESUME_FREE = ("steps", "save_every", "log_every", "precision", "grad_checkpoint")
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEXT_CACHE = 1024  # prompts whose context is kept (240 MB at SD v1's 77 x 768)
 MASK_PRIOR = 0.1
 """Initial mask probability of the identity decoder (about the mean mask fraction of the data)."""
 DECODER_OFFSET = 4.0
 """Where the identity decoder's SiLUs work: their slope is 1.05 at 4 (0.5 at 0)."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """What a run does. lr: AdamW rate of the SD-initialised layers; new_lr_scale: multiplier for
-    the layers trained from scratch; warmup: steps of linear warm-up; schedule: "constant" or
-    "cosine" (to 0 at ``steps``) after it; ema: EMA decay (with ldm's (1+n)/(10+n) ramp);
-    pos_weight: BCE weight of mask pixels; decoder_init: "identity" or "default" (torch's, as the
-    official code); templates: "plain" (the phrase as is) or "phrasecut";
-    negatives: also train on absent phrases (empty masks)."""
-
-    arch: str = "ldznet"
-    data: str = "world:train:10000"
-    resolution: int = 128
-    steps: int = 2000
-    batch_size: int = 8
-    lr: float = 1e-4
-    new_lr_scale: float = 10.0
-    warmup: int = 100
-    schedule: str = "constant"
-    weight_decay: float = 0.01
-    ema: float = 0.999
-    grad_clip: float = 1.0
-    pos_weight: float = 1.0
-    decoder_init: str = "identity"
-    templates: str = "plain"
-    negatives: bool = True
-    seed: int = 0
-    save_every: int = 500
-    log_every: int = 10
-
-    def __post_init__(self):
-        if self.schedule not in ("constant", "cosine"):
-            raise LdznetError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
-        if self.decoder_init not in ("identity", "default"):
-            raise LdznetError(f"decoder_init must be 'identity' or 'default', got {self.decoder_init!r}")
-        if self.templates not in TEMPLATES:
-            raise LdznetError(f"templates must be one of {', '.join(TEMPLATES)}, got {self.templates!r}")
-        if self.resolution % 64:
-            raise LdznetError(f"resolution must be a multiple of 64, got {self.resolution}")
-        if min(self.steps, self.batch_size, self.save_every, self.log_every) < 1 or self.warmup < 0:
-            raise LdznetError("steps, batch size, save and log intervals must be >= 1 and warm-up >= 0")
-        if not 0.0 <= self.ema < 1.0:
-            raise LdznetError(f"EMA decay must be in [0, 1), got {self.ema}")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 def identity_decoder_(decoder: nn.Sequential, prior: float = MASK_PRIOR, offset: float = DECODER_OFFSET) -> None:
@@ -127,13 +91,13 @@ def identity_decoder_(decoder: nn.Sequential, prior: float = MASK_PRIOR, offset:
 
 
 def training_head(backbone: StableDiffusion, arch: str, resolution: int, seed: int = 0,
-                  decoder_init: str = "identity") -> tuple[nn.Module, HeadConfig]:
+                  decoder_init: str = "identity", sd_fusion: str = "attention") -> tuple[nn.Module, HeadConfig]:
     """A head shaped like ``backbone``'s UNet (one output channel) for ``resolution`` px inputs,
     initialised from the SD UNet's weights as the official training starts; the layers that SD
     lacks are drawn from ``seed`` (the global RNG is left alone), the decoder optionally made an
     identity up-sampler (see the module docstring). On the CPU, float32."""
     config = HeadConfig(arch, unet=replace(backbone.unet.config, out_channels=1),
-                        latent_size=resolution // backbone.downsample_factor)
+                        latent_size=resolution // backbone.downsample_factor, sd_fusion=sd_fusion)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = build_head(config)
@@ -148,38 +112,6 @@ def is_new_layer(name: str) -> bool:
     return name.startswith(NEW_LAYER_PREFIXES) or any(part in f".{name}" for part in NEW_LAYER_PARTS)
 
 
-class EMA:
-    """Exponential moving average of a module's float tensors, with ldm's warm-up:
-    decay_n = min(decay, (1 + n) / (10 + n)) at update n."""
-
-    def __init__(self, module: nn.Module, decay: float):
-        self.decay = decay
-        self.updates = 0
-        self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        state = module.state_dict()
-        torch._foreach_lerp_(list(self.shadow.values()), [state[k].float() for k in self.shadow], 1.0 - decay)
-
-    def state_dict(self) -> dict:
-        return {"updates": self.updates, "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.updates = int(state["updates"])
-        for name, value in state["shadow"].items():
-            self.shadow[name].copy_(value)
-
-    def module(self, config: HeadConfig) -> nn.Module:
-        """A new head holding a copy of the averaged weights (float32, eval mode, no gradients)."""
-        with torch.device("meta"):
-            head = build_head(config)
-        head.load_state_dict({k: v.clone() for k, v in self.shadow.items()}, assign=True)
-        return head.eval().requires_grad_(False)
-
-
 def lr_factor(step: int, warmup: int, steps: int, schedule: str) -> float:
     """Multiplier of the learning rate at optimiser step ``step`` (0-based)."""
     factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
@@ -188,54 +120,81 @@ def lr_factor(step: int, warmup: int, steps: int, schedule: str) -> float:
     return factor
 
 
+def pick_example(source: Source, rng: np.random.Generator, rank: int = 0, world_size: int = 1) -> Example:
+    """An example of rank ``rank``'s shard of ``source`` (indices rank, rank + world_size, ...),
+    drawn uniformly by ``rng``. The trainer reads its data only through this function."""
+    count = len(source)
+    if count < world_size:
+        raise LdznetError(f"{source.description}: {count} examples cannot be shared by {world_size} processes")
+    return source[rank + world_size * int(rng.integers((count - rank + world_size - 1) // world_size))]
+
+
 class Trainer:
     """Trains one head on ``source`` with a frozen ``backbone``; state lives in ``run_dir``.
 
-    ``amp_dtype`` (bfloat16 or float16, CUDA only) runs the head under autocast; the head's
-    weights, the optimiser and the EMA stay float32.
+    ``config.precision`` bf16 or fp16 (CUDA only) runs the head under autocast; the head's weights,
+    the optimiser and the EMA stay float32. Inside a torch.distributed process group (see
+    ``distributed.init_from_env``) the head is trained data-parallel.
     """
 
     def __init__(self, backbone: StableDiffusion, source: Source, config: TrainConfig, run_dir: str | os.PathLike,
-                 amp_dtype: torch.dtype | None = None, model_name: str = "model"):
+                 model_name: str = "model"):
         self.backbone = backbone.eval().requires_grad_(False)
         self.source = source
         self.config = config
         self.run_dir = Path(run_dir)
         self.device = backbone.device
-        if amp_dtype is not None and self.device.type != "cuda":
-            raise LdznetError(f"mixed precision ({amp_dtype}) is for CUDA; train in float32 on {self.device.type}")
-        self.amp_dtype = amp_dtype
+        self.amp_dtype = AMP_DTYPES[config.precision]
+        if self.amp_dtype is not None and self.device.type != "cuda":
+            raise LdznetError(f"mixed precision ({config.precision}) is for CUDA; train in fp32 on {self.device.type}")
         self.model_name = model_name
+        self.rank, self.world_size = distributed.world()
         self.head, self.head_config = training_head(backbone, config.arch, config.resolution, config.seed,
-                                                      config.decoder_init)
+                                                      config.decoder_init, config.sd_fusion)
         self.head.to(self.device).train()
+        self.head.set_gradient_checkpointing(config.grad_checkpoint)
+        self.model: nn.Module = self.head
+        if self.world_size > 1:
+            # gradients as views into DDP's all-reduce buckets: no second 3.7 GB copy at SD v1 size
+            self.model = DistributedDataParallel(self.head, device_ids=[self.device] if self.device.type == "cuda" else None,
+                                                 gradient_as_bucket_view=True)
         groups = {False: [], True: []}
         for name, parameter in self.head.named_parameters():
             groups[is_new_layer(name)].append(parameter)
+        lr = config.base_lr(self.world_size)
         self.optimizer = torch.optim.AdamW(
-            [{"params": groups[False], "lr": config.lr}, {"params": groups[True], "lr": config.lr * config.new_lr_scale}],
-            lr=config.lr, weight_decay=config.weight_decay)
+            [{"params": groups[False], "lr": lr}, {"params": groups[True], "lr": lr * config.new_lr_scale}],
+            lr=lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, config.warmup, config.steps, config.schedule))
-        fp16 = amp_dtype == torch.float16
+        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, factor=config.plateau_factor, patience=config.plateau_patience)
+        fp16 = self.amp_dtype == torch.float16
         # torch < 2.3 has the scaler only as torch.cuda.amp.GradScaler
         self.scaler = (torch.amp.GradScaler("cuda", enabled=fp16) if hasattr(torch.amp, "GradScaler")
                        else torch.cuda.amp.GradScaler(enabled=fp16))
         self.ema = EMA(self.head, config.ema)
         self._pos_weight = torch.tensor(config.pos_weight, device=self.device)
         self.step = 0
-        self.losses: list[float] = []
+        self.losses: list[float] = []  # of the last log_every steps
+        self.window: list[float] = []  # since the last plateau check
         self._z: dict[str, Tensor] = {}
         self._context: dict[str, Tensor] = {}
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process logs and writes files (rank 0)."""
+        return self.rank == 0
 
     # -- data ------------------------------------------------------------------------------
 
     def draw(self, rng: np.random.Generator) -> list[tuple[Sample, str]]:
-        """A batch of (sample at the training resolution, prompt)."""
+        """A micro-batch of (sample at the training resolution, prompt) from this process's shard."""
         batch, templates = [], TEMPLATES[self.config.templates]
         while len(batch) < self.config.batch_size:
             for _ in range(100):
-                candidates = self.source[int(rng.integers(len(self.source)))].samples(self.config.negatives)
+                example = pick_example(self.source, rng, self.rank, self.world_size)
+                candidates = example.samples(self.config.negatives)
                 if candidates:
                     break
             else:
@@ -282,7 +241,7 @@ class Trainer:
                 features = sd_features(self.backbone, inputs.to(self.backbone.dtype), context.to(self.backbone.dtype),
                                        t.to(self.device), noise.to(self.device), self.head_config.sd_blocks)
         with self._autocast():
-            logits = self.head(inputs, context) if features is None else self.head(inputs, context, features)
+            logits = self.model(inputs, context) if features is None else self.model(inputs, context, features)
         logits = logits.float()
         if logits.shape[-2:] != target.shape[-2:]:  # backbones whose VAE does not downsample by 8
             logits = F.interpolate(logits, target.shape[-2:], mode="bilinear", align_corners=False)
@@ -292,75 +251,115 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
 
     def train_step(self) -> float:
-        """One optimiser step; returns the batch's loss."""
-        rng = np.random.default_rng([self.config.seed, self.step])
-        generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-        loss = self.loss(self.draw(rng), generator)
-        value = loss.item()
+        """One optimiser step over ``accumulate`` micro-batches per process; returns the step's mean
+        loss over all micro-batches and processes."""
+        accumulate = self.config.accumulate
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(accumulate):
+            index = (self.step * accumulate + micro) * self.world_size + self.rank
+            rng = np.random.default_rng([self.config.seed, index])
+            generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+            # DDP all-reduces in the backward pass; only the last micro-batch's need be
+            last = micro == accumulate - 1
+            with nullcontext() if last or self.model is self.head else self.model.no_sync():
+                loss = self.loss(self.draw(rng), generator)
+                self.scaler.scale(loss if accumulate == 1 else loss / accumulate).backward()
+            total += loss.item()
+        value = distributed.mean_over_ranks([total / accumulate], self.device)[0]
         if not math.isfinite(value):
             raise LdznetError(f"step {self.step}: the loss is {value}; lower the learning rate or use fp32")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
         if self.config.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.head.parameters(), self.config.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        if self.config.schedule != "plateau" or self.step < self.config.warmup:
+            self.scheduler.step()  # with "plateau", after warm-up the rate is the plateau scheduler's alone
         self.ema.update(self.head)
         self.step += 1
+        self.window.append(value)
+        if self.config.schedule == "plateau" and self.step % self.config.plateau_every == 0:
+            self.plateau.step(float(np.mean(self.window)))
+            self.window = []
         return value
+
+    @property
+    def lr(self) -> float:
+        """The current rate of the SD-initialised layers."""
+        return float(self.optimizer.param_groups[0]["lr"])
 
     # -- run, save, resume -----------------------------------------------------------------
 
     def run(self, progress: bool | None = None) -> float:
         """Train up to ``config.steps``, saving every ``save_every`` steps and at the end; returns
         the mean loss of the last ``log_every`` steps."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        progress = sys.stderr.isatty() if progress is None else progress
-        start = time.perf_counter()
-        with tqdm(total=self.config.steps, initial=self.step, disable=not progress, desc="train",
-                  dynamic_ncols=True) as bar:
-            while self.step < self.config.steps:
-                self.losses = (self.losses + [self.train_step()])[-self.config.log_every:]
-                bar.update(1)
-                if self.step % self.config.log_every == 0:
-                    self._log({"step": self.step, "loss": self.recent_loss, "lr": self.scheduler.get_last_lr()[0],
-                               "seconds": round(time.perf_counter() - start, 3)})
-                    bar.set_postfix(loss=f"{self.recent_loss:.4f}")
-                if self.step % self.config.save_every == 0 or self.step == self.config.steps:
-                    self.save()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        progress = self.is_main and (sys.stderr.isatty() if progress is None else progress)
+        log = RunLog(self.run_dir) if self.is_main else None
+        start, first = time.perf_counter(), self.step
+        samples = self.config.total_batch(self.world_size)
+        try:
+            with tqdm(total=self.config.steps, initial=self.step, disable=not progress, desc="train",
+                      dynamic_ncols=True) as bar:
+                while self.step < self.config.steps:
+                    self.losses = (self.losses + [self.train_step()])[-self.config.log_every:]
+                    bar.update(1)
+                    if self.step % self.config.log_every == 0:
+                        seconds = time.perf_counter() - start
+                        bar.set_postfix(loss=f"{self.recent_loss:.4f}", lr=f"{self.lr:.3g}")
+                        if log is not None:
+                            log.write({"step": self.step, "loss": self.recent_loss, "lr": self.lr,
+                                       "seconds": round(seconds, 3),
+                                       "samples_per_second": round((self.step - first) * samples / seconds, 3)})
+                    if self.step % self.config.save_every == 0 or self.step == self.config.steps:
+                        self.save()
+        finally:
+            if log is not None:
+                log.close()
         return self.recent_loss
 
     @property
     def recent_loss(self) -> float:
         return float(np.mean(self.losses)) if self.losses else float("nan")
 
-    def _log(self, record: dict) -> None:
-        with open(self.run_dir / LOG, "a", encoding="utf-8") as log:
-            log.write(json.dumps(record) + "\n")
-
     def save(self) -> None:
-        """Write RUN_DIR/last.pt (everything needed to resume) and RUN_DIR/head.safetensors (EMA)."""
-        state = {"config": asdict(self.config), "step": self.step, "losses": self.losses,
+        """Write RUN_DIR/last.pt (everything needed to resume) and RUN_DIR/head.safetensors (EMA).
+        Every process must call it (the RNG states are gathered); rank 0 writes."""
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        rng_states = distributed.gather_objects(rng)
+        if self.is_main:
+            self._write(rng_states)
+        distributed.barrier()
+
+    def _write(self, rng_states: list[dict]) -> None:
+        state = {"config": asdict(self.config), "step": self.step, "losses": self.losses, "window": self.window,
                  "model": self.head.state_dict(), "ema": self.ema.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict(), "rng": {"torch": torch.get_rng_state()}}
-        if torch.cuda.is_available():
-            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+                 "plateau": self.plateau.state_dict(), "scaler": self.scaler.state_dict(),
+                 "data": {"position": self.step, "world_size": self.world_size},
+                 "rng": {"torch": [r["torch"] for r in rng_states]}}
+        if "cuda" in rng_states[0]:
+            state["rng"]["cuda"] = [r["cuda"] for r in rng_states]
         tmp = self.run_dir / f".{CHECKPOINT}.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.run_dir / CHECKPOINT)
         c = self.config
         save_head(self.ema.module(self.head_config), self.head_config, self.run_dir / HEAD, training={
             "steps": self.step, "data": self.source.description, "sd_model": self.model_name,
-            "resolution": c.resolution, "batch_size": c.batch_size, "lr": c.lr, "new_lr_scale": c.new_lr_scale,
+            "resolution": c.resolution, "batch_size": c.batch_size, "accumulate": c.accumulate,
+            "processes": self.world_size, "lr": c.lr, "scale_lr": c.scale_lr, "new_lr_scale": c.new_lr_scale,
             "warmup": c.warmup, "schedule": c.schedule, "ema": c.ema, "pos_weight": c.pos_weight,
-            "decoder_init": c.decoder_init,
+            "decoder_init": c.decoder_init, "precision": c.precision,
             "templates": c.templates, "negatives": c.negatives, "seed": c.seed, "final_loss": self.recent_loss})
 
     def resume(self) -> None:
-        """Continue from RUN_DIR/last.pt; only ``steps`` and the save and log intervals may differ."""
+        """Continue from RUN_DIR/last.pt; only ``steps``, the save and log intervals, precision and
+        gradient checkpointing may differ. A different number of processes is allowed but changes
+        the data each step draws (the run no longer repeats an uninterrupted one)."""
         path = self.run_dir / CHECKPOINT
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
@@ -371,13 +370,20 @@ class Trainer:
                    if f.name not in _RESUME_FREE and getattr(saved, f.name) != getattr(self.config, f.name)]
         if changed:
             raise LdznetError(f"{path}: the run was started with other settings ({'; '.join(changed)})")
+        processes = state.get("data", {}).get("world_size", 1)
+        if processes != self.world_size and self.is_main:
+            print(f"warning: {path} was written by {processes} process(es), resuming with {self.world_size}: "
+                  "the data order differs from the uninterrupted run's", file=sys.stderr)
         self.head.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.plateau.load_state_dict(state["plateau"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        rng = state["rng"]  # one state per process that wrote it; a new process count reuses them cyclically
+        torch.set_rng_state(rng["torch"][self.rank % len(rng["torch"])].cpu())
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"][self.rank % len(rng["cuda"])]])
         self.step = int(state["step"])
         self.losses = list(state["losses"])
+        self.window = list(state["window"])

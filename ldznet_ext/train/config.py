@@ -1,0 +1,193 @@
+"""What a training run does (``TrainConfig``), the official recipe as a preset, and config files.
+
+A run's settings are layered, later layers winning: the defaults (or, with ``--resume``, the
+settings the run was started with), a preset (``preset: official`` in the file or ``--preset``),
+the config file (``--config run.yaml``, YAML or JSON, keys = ``TrainConfig`` field names), the
+command-line flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import LdznetError
+from ..modeling.build import ARCHITECTURES
+from ..modeling.ldznet import FUSIONS
+from .data import TEMPLATES
+
+SCHEDULES = ("constant", "cosine", "plateau")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What a run does.
+
+    batch_size: samples per process and micro-batch; accumulate: micro-batches per optimiser step
+    (total batch = batch_size x accumulate x processes). lr: AdamW rate of the SD-initialised
+    layers, or with scale_lr the rate per sample of the total batch (ldm's rule: the rate used is
+    lr x total batch); new_lr_scale: multiplier for the layers trained from scratch; warmup: steps
+    of linear warm-up; schedule after it: "constant", "cosine" (to 0 at ``steps``) or "plateau"
+    (torch's ReduceLROnPlateau on the mean training loss of every ``plateau_every`` steps, times
+    ``plateau_factor`` after ``plateau_patience`` windows without improvement); ema: EMA decay
+    (with ldm's (1+n)/(10+n) ramp); pos_weight: BCE weight of mask pixels; decoder_init: "identity"
+    or "default" (torch's, as the official code); sd_fusion: LD-ZNet's "attention" or the "concat"
+    ablation; templates: "plain" (the phrase as is) or "phrasecut"; negatives: also train on
+    absent phrases (empty masks); precision: "fp32", or "bf16"/"fp16" autocast (CUDA; the frozen
+    SD model is loaded in it, the head's weights stay fp32); grad_checkpoint: recompute the head's
+    activations in the backward pass.
+    """
+
+    arch: str = "ldznet"
+    data: str = "world:train:10000"
+    resolution: int = 128
+    steps: int = 2000
+    batch_size: int = 8
+    accumulate: int = 1
+    lr: float = 1e-4
+    scale_lr: bool = False
+    new_lr_scale: float = 10.0
+    warmup: int = 100
+    schedule: str = "constant"
+    plateau_factor: float = 0.5
+    plateau_patience: int = 1
+    plateau_every: int = 1000
+    weight_decay: float = 0.01
+    ema: float = 0.999
+    grad_clip: float = 1.0
+    pos_weight: float = 1.0
+    decoder_init: str = "identity"
+    sd_fusion: str = "attention"
+    templates: str = "plain"
+    negatives: bool = True
+    precision: str = "fp32"
+    grad_checkpoint: bool = False
+    seed: int = 0
+    save_every: int = 500
+    log_every: int = 10
+
+    def __post_init__(self):
+        choices = {"arch": ARCHITECTURES, "schedule": SCHEDULES, "decoder_init": ("identity", "default"),
+                   "sd_fusion": FUSIONS, "templates": tuple(TEMPLATES), "precision": PRECISIONS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise LdznetError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.sd_fusion != "attention" and self.arch != "ldznet":
+            raise LdznetError(f"sd_fusion={self.sd_fusion!r} is an LD-ZNet option; {self.arch} reads no SD features")
+        if self.resolution % 64:
+            raise LdznetError(f"resolution must be a multiple of 64, got {self.resolution}")
+        if min(self.steps, self.batch_size, self.accumulate, self.save_every, self.log_every, self.plateau_every) < 1:
+            raise LdznetError("steps, batch size, accumulate and the save, log and plateau intervals must be >= 1")
+        if self.warmup < 0 or self.plateau_patience < 0:
+            raise LdznetError("warm-up and plateau patience must be >= 0")
+        if not 0.0 < self.plateau_factor < 1.0:
+            raise LdznetError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
+        if not 0.0 <= self.ema < 1.0:
+            raise LdznetError(f"EMA decay must be in [0, 1), got {self.ema}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> TrainConfig:
+        """A config from the fields in ``data`` (other keys are ignored; missing fields take defaults)."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+    def total_batch(self, world_size: int) -> int:
+        """Samples per optimiser step over ``world_size`` processes."""
+        return self.batch_size * self.accumulate * world_size
+
+    def base_lr(self, world_size: int) -> float:
+        """The AdamW rate of the SD-initialised layers with ``world_size`` processes."""
+        return self.lr * self.total_batch(world_size) if self.scale_lr else self.lr
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "official": dict(resolution=384, batch_size=4, lr=5e-7, scale_lr=True, new_lr_scale=1.0, warmup=0,
+                     schedule="plateau", plateau_factor=0.5, plateau_patience=1, weight_decay=0.01, ema=0.9999,
+                     grad_clip=0.0, decoder_init="default", templates="phrasecut", negatives=False,
+                     grad_checkpoint=True),
+}
+"""Named settings. "official": the released model's recipe (FACTS.md section 2): 384 px, batch 4
+per GPU, AdamW at 5e-7 per sample of the total batch (1.6e-5 on 8 GPUs), ReduceLROnPlateau(0.5,
+patience 1), EMA 0.9999, every layer at the same rate, no clipping (Lightning's default), torch's
+decoder init, the nine PhraseCut templates, no negatives, gradient checkpointing."""
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """A file or flag value as the field's type; YAML reads 5e-7 (no dot) as a string."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        try:
+            value, ok = (value, False) if isinstance(value, bool) else (float(value), True)
+        except (TypeError, ValueError):
+            ok = False
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise LdznetError(f"{name}: expected a {type(default).__name__}, got {value!r}")
+    return value
+
+
+def check_values(values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``values`` with each key checked to be a TrainConfig field (or ``preset``) and each value
+    coerced to the field's type; LdznetError naming ``where`` otherwise."""
+    defaults = asdict(TrainConfig())
+    unknown = sorted(set(values) - set(defaults) - {"preset"})
+    if unknown:
+        raise LdznetError(f"{where}: unknown key(s) {', '.join(unknown)}; expected preset or one of "
+                          f"{', '.join(defaults)}")
+    checked = {}
+    for name, value in values.items():
+        try:
+            checked[name] = value if name == "preset" else _coerce(name, value, defaults[name])
+        except LdznetError as error:
+            raise LdznetError(f"{where}: {error}") from None
+    if "preset" in checked and checked["preset"] not in PRESETS:
+        raise LdznetError(f"{where}: unknown preset {checked['preset']!r}; expected one of {', '.join(PRESETS)}")
+    return checked
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings in a YAML (.yaml, .yml) or JSON file: one mapping of TrainConfig fields (and
+    optionally ``preset``), checked and typed."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise LdznetError(f"{path}: cannot read the config file ({error})") from error
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml  # transformers requires PyYAML; imported here as only config files need it
+
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise LdznetError(f"{path}: not valid YAML ({error})") from error
+    else:
+        try:
+            values = json.loads(text)
+        except ValueError as error:
+            raise LdznetError(f"{path}: not valid JSON ({error})") from error
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise LdznetError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
+    return check_values(values, str(path))
+
+
+def compose_config(base: Mapping[str, Any], file_values: Mapping[str, Any] | None = None,
+                   flags: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The run's config: ``base`` (defaults or a resumed run's settings), then the preset named by
+    ``flags`` or else by the file, then the file, then the flags (None values in flags are unset)."""
+    file_values = dict(file_values or {})
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    preset = flags.pop("preset", None) or file_values.pop("preset", None)
+    file_values.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise LdznetError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    return TrainConfig.from_dict({**base, **PRESETS.get(preset, {}), **file_values, **flags})

@@ -1,0 +1,74 @@
+"""`ldznet train --config FILE`: YAML and JSON settings, the official preset, and the precedence
+defaults < preset < file < flags (with --resume: the run's saved settings at the bottom)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ldznet_ext.checkpoint_io import read_metadata
+from ldznet_ext.cli import main
+from ldznet_ext.errors import LdznetError
+from ldznet_ext.train.config import PRESETS, TrainConfig, compose_config, read_config_file
+from ldznet_ext.train.trainer import CHECKPOINT, HEAD
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+DEFAULTS = TrainConfig().__dict__
+
+
+def test_yaml_file_over_preset_under_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    # YAML 1.1 reads 5e-7 (no dot) as a string: floats are coerced
+    path.write_text("preset: official\narch: znet\nlr: 5e-7\nema: 0.999\nsteps: 10\nnegatives: true\n")
+    values = read_config_file(path)
+    assert values == {"preset": "official", "arch": "znet", "lr": 5e-7, "ema": 0.999, "steps": 10, "negatives": True}
+    config = compose_config(DEFAULTS, values, {"steps": 20, "seed": None})
+    assert (config.arch, config.lr, config.steps, config.seed) == ("znet", 5e-7, 20, 0)  # flag > file; None = unset
+    assert (config.ema, config.negatives) == (0.999, True)  # file > preset
+    assert (config.resolution, config.schedule, config.scale_lr, config.grad_checkpoint) == (384, "plateau", True, True)
+    assert compose_config(DEFAULTS, {"ema": 0.99}, {"preset": "official"}).ema == 0.99  # a flag's preset is under the file
+    assert compose_config(DEFAULTS).ema == 0.999 and compose_config(DEFAULTS, None, {"preset": "official"}).ema == 0.9999
+
+
+def test_json_file_and_the_official_rate():
+    official = TrainConfig(**PRESETS["official"])
+    assert official.total_batch(8) == 32 and official.base_lr(8) == 5e-7 * 32  # 1.6e-5 on 8 GPUs, batch 4
+    assert TrainConfig(lr=1e-4, batch_size=4, accumulate=2).base_lr(8) == 1e-4  # unscaled by default
+
+
+def test_bad_files_and_values(tmp_path):
+    cases = {"a.yaml": "stpes: 3\n", "b.json": json.dumps({"steps": "ten"}), "c.yaml": "- 1\n- 2\n",
+             "d.json": "{", "e.yaml": "preset: paper\n", "f.yaml": "negatives: 1\n", "g.yaml": "a: [\n"}
+    messages = {"a.yaml": r"unknown key\(s\) stpes", "b.json": "steps: expected a int, got 'ten'",
+                "c.yaml": "expected a mapping", "d.json": "not valid JSON", "e.yaml": "unknown preset 'paper'",
+                "f.yaml": "negatives: expected a bool", "g.yaml": "not valid YAML"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(LdznetError, match=messages[name]):
+            read_config_file(tmp_path / name)
+    with pytest.raises(LdznetError, match="cannot read"):
+        read_config_file(tmp_path / "missing.yaml")
+    with pytest.raises(LdznetError, match="sd_fusion='concat' is an LD-ZNet option"):
+        TrainConfig(arch="znet", sd_fusion="concat")
+    with pytest.raises(LdznetError, match="schedule must be one of constant, cosine, plateau"):
+        TrainConfig(schedule="step")
+
+
+def test_train_command_with_config_file(tiny_model_files, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("arch: znet\ndata: world:train:2\nresolution: 64\nbatch_size: 2\nsteps: 5\nsave_every: 1\n"
+                      "log_every: 1\nwarmup: 0\n")
+    run = tmp_path / "run"
+    common = ["train", "--model", str(tiny_model_files[0]), "--device", "cpu", "-o", str(run)]
+    assert main([*common, "--config", str(config), "--steps", "1", "--lr", "3e-4"]) == 0
+    saved = torch.load(run / CHECKPOINT, weights_only=True)["config"]
+    assert (saved["arch"], saved["steps"], saved["lr"], saved["batch_size"]) == ("znet", 1, 3e-4, 2)
+    assert "znet head, 1 steps on world:train:2 with 1 process(es)" in capsys.readouterr().out
+    config.write_text("steps: 2\n")  # a resumed run takes its saved settings, then the file, then the flags
+    assert main([*common, "--resume", "--config", str(config)]) == 0
+    assert read_metadata(run / HEAD)["training"]["steps"] == 2
+    config.write_text("seed: 1\n")
+    assert main([*common, "--resume", "--config", str(config), "--steps", "3"]) == 2
+    assert "seed: 0 -> 1" in capsys.readouterr().err
