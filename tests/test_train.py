@@ -19,8 +19,8 @@ from ldznet_ext.sd.checkpoint import build_stable_diffusion
 from ldznet_ext.modeling.znet import upsampling_decoder
 from ldznet_ext.segmenter import Segmenter
 from ldznet_ext.train.data import PHRASECUT_TEMPLATES, ManifestSource, Sample, fit_square, open_source
-from ldznet_ext.train.trainer import (CHECKPOINT, HEAD, LOG, TrainConfig, Trainer, identity_decoder_, is_new_layer,
-                                     lr_factor)
+from ldznet_ext.train.trainer import (CHECKPOINT, HEAD, LOG, TrainConfig, Trainer, identity_decoder_,
+                                     is_cross_attention, is_new_layer, lr_factor)
 from ldznet_ext.world.data import render_scene_set
 
 SIZE = 64
@@ -113,6 +113,21 @@ def test_schedule_and_parameter_groups():
     assert is_new_layer("output_blocks.3.1.attentionpool2D.positional_embedding")
     assert not is_new_layer("input_blocks.7.1.transformer_blocks.0.attn2.to_q.weight")
     assert not is_new_layer("middle_block.0.out_layers.3.weight")
+    assert is_cross_attention("input_blocks.7.1.transformer_blocks.0.attn2.to_k.weight")
+    assert not is_cross_attention("input_blocks.7.1.transformer_blocks.0.attn3.to_k.weight")
+
+
+def test_fast_cross_attention_moves_attn2_to_the_fast_group(backbone, tmp_path):
+    def fast_names(**changes):
+        trainer = Trainer(backbone, open_source("world:train:2", size=SIZE), _config(**changes), tmp_path)
+        fast = {id(p) for p in trainer.optimizer.param_groups[1]["params"]}
+        return {n for n, p in trainer.head.named_parameters() if id(p) in fast}
+
+    slow_run, fast_run = fast_names(), fast_names(fast_cross_attention=True)
+    moved = fast_run - slow_run
+    assert slow_run <= fast_run and moved
+    assert all(".attn2." in name for name in moved)
+    assert {n for n in fast_run if ".attn2." in n} == moved
 
 
 def test_draw_prompts_and_negatives(backbone, tmp_path):

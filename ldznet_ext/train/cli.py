@@ -93,6 +93,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="--lr is per sample: the rate used is lr x batch size x accumulate x processes")
     p.add_argument("--new-lr-scale", type=float,
                    help=f"rate multiplier for layers trained from scratch (default {d.new_lr_scale:g})")
+    p.add_argument("--fast-cross-attention", action=bool_flag,
+                   help="the text cross-attention layers get the --new-lr-scale rate too (default off)")
     p.add_argument("--warmup", type=int, help=f"linear warm-up steps (default {d.warmup})")
     p.add_argument("--schedule", choices=SCHEDULES, help=f"after warm-up (default {d.schedule})")
     p.add_argument("--plateau-factor", type=float, help=f"plateau: rate multiplier (default {d.plateau_factor:g})")

@@ -31,7 +31,9 @@ class TrainConfig:
     batch_size: samples per process and micro-batch; accumulate: micro-batches per optimiser step
     (total batch = batch_size x accumulate x processes). lr: AdamW rate of the SD-initialised
     layers, or with scale_lr the rate per sample of the total batch (ldm's rule: the rate used is
-    lr x total batch); new_lr_scale: multiplier for the layers trained from scratch; warmup: steps
+    lr x total batch); new_lr_scale: multiplier for the layers trained from scratch; fast_cross_attention: the
+    text cross-attention layers (``attn2``) get that multiplier too (an SD model that barely uses
+    its text, as the micro one, hands the head cross-attention that must relearn fast); warmup: steps
     of linear warm-up; schedule after it: "constant", "cosine" (to 0 at ``steps``) or "plateau"
     (torch's ReduceLROnPlateau on the mean training loss of every ``plateau_every`` steps, times
     ``plateau_factor`` after ``plateau_patience`` windows without improvement); ema: EMA decay
@@ -52,6 +54,7 @@ class TrainConfig:
     lr: float = 1e-4
     scale_lr: bool = False
     new_lr_scale: float = 10.0
+    fast_cross_attention: bool = False
     warmup: int = 100
     schedule: str = "constant"
     plateau_factor: float = 0.5
