@@ -1,11 +1,28 @@
 """Zero-shot masks from the SD model alone, before any segmentation head is trained.
 
-The paper's Figure 1: where the text changes the noise prediction, the text's object is. For
-each term, the per-pixel norm of eps(z_t, t, text) - eps(z_t, t, "") is averaged over a few noise
-draws and normalised to [0, 1]. Conditional and unconditional predictions go through the UNet as
-one batch. Optionally the text cross-attention of the same call is recorded (recomputed from the
-attention inputs in forward hooks, since optimised attention never materialises the
-probabilities) and blended in.
+The paper's Figure 1: where the text changes the noise prediction, the text's object is. Each
+draw noises the image latent z to z_t, and the UNet predicts eps for every term and for the
+empty prompt in one batch. eps_u - eps_c is, up to a positive factor sqrt(1 - a_t) / sqrt(a_t),
+x0_c - x0_u: the direction in which the text moves the predicted clean latent. Two per-pixel
+scores, summed over draws and min-max normalised to [0, 1] per map:
+
+- ``"agreement"`` (default): <eps_u - eps_c, z - mean(z)> over the latent channels, positive
+  where the text pulls the prediction toward what the pixel shows (its deviation from the
+  image's mean latent), negative where it pulls it away;
+- ``"difference"``: the paper's |eps_c - eps_u|.
+
+Why agreement: the norm responds to any change, and any text changes the prediction at every
+object, so it marks all objects for every term, and for a region like "sand" it peaks where the
+image is NOT sand (the text pushes those pixels toward sand). On the micro world (771 present
+phrases of world:test:100) the pixel AUC of telling the named object from the other objects
+rises from 0.60 to 0.65 and that of stuff regions from 0.52 to 0.57 (that of objects against
+the background falls from 0.90 to 0.75); maps of large regions come out broad and those of
+objects peaked, so one threshold fits both: mIoU 20.3 -> 26.5 (README, with the variants tried).
+
+Optionally the text cross-attention of the same call is recorded (recomputed from the attention
+inputs in forward hooks, since optimised attention never materialises the probabilities) and
+blended in. Cost: ``draws`` UNet calls (4 by default) on a batch of N x (T + 1) latents (48 x 48
+for a 384 px image), the same as the plain eps difference, and no other model calls.
 """
 
 from __future__ import annotations
@@ -22,24 +39,34 @@ from .sd.schedule import noise_draws
 from .sd.tokenizer import BOS_ID, EOS_ID, tokenize
 from .tap import spatial_transformers
 
+SCORES = ("agreement", "difference")
+
 
 @dataclass(frozen=True)
 class ZeroShotSettings:
     """timestep: SD timestep of the probe (None: drawn per draw from 300..499); draws: noise draws
-    averaged; cross_attention: weight in [0, 1] of the cross-attention map blended with the
-    eps-difference map (0 = off, no hooks)."""
+    summed; score: "agreement" or "difference" (module docstring); cross_attention: weight in
+    [0, 1] of the cross-attention map blended with the score map (0 = off, no hooks);
+    attention_blocks: spatial-transformer blocks (1-16 for SD v1) whose maps are averaged
+    (None: all)."""
 
     timestep: int | None = 400
     draws: int = 4
+    score: str = "agreement"
     cross_attention: float = 0.0
+    attention_blocks: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.draws < 1:
             raise ValueError(f"draws must be >= 1, got {self.draws}")
         if self.timestep is not None and not 0 <= self.timestep < 1000:
             raise ValueError(f"timestep must be in [0, 1000), got {self.timestep}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if not 0.0 <= self.cross_attention <= 1.0:
             raise ValueError(f"cross_attention weight must be in [0, 1], got {self.cross_attention}")
+        if self.attention_blocks is not None and (not self.attention_blocks or min(self.attention_blocks) < 1):
+            raise ValueError(f"attention_blocks must be None or block numbers >= 1, got {self.attention_blocks}")
 
 
 def normalize_maps(maps: Tensor) -> Tensor:
@@ -59,14 +86,21 @@ def term_token_spans(prompts: Sequence[str]) -> list[tuple[int, int]]:
 
 
 class CrossAttentionRecorder:
-    """Record, during one UNet call, each spatial transformer's text cross-attention mass on given
-    token spans: ``maps`` [B, h, w] per block, averaged over heads and summed over the span.
+    """Record, during one UNet call, the text cross-attention mass of chosen spatial transformers
+    (``blocks``, numbered from 1; None: all) on given token spans: ``maps`` [B, h, w] per block,
+    averaged over heads and summed over the span.
 
     Works on ldm-layout UNets whose ``attn2`` has ``to_q``, ``to_k`` and ``heads``.
     """
 
-    def __init__(self, unet: nn.Module, spans: Sequence[tuple[int, int] | None]):
-        self.transformers = spatial_transformers(unet)
+    def __init__(self, unet: nn.Module, spans: Sequence[tuple[int, int] | None],
+                 blocks: Sequence[int] | None = None):
+        transformers = spatial_transformers(unet)
+        numbers = range(1, len(transformers) + 1) if blocks is None else sorted(set(blocks))
+        missing = [b for b in numbers if not 1 <= b <= len(transformers)]
+        if missing:
+            raise ValueError(f"attention blocks {missing} do not exist: this UNet has blocks 1-{len(transformers)}")
+        self.transformers = [transformers[b - 1] for b in numbers]
         self.spans = list(spans)
         self.maps: list[Tensor] = []
         self._handles: list = []
@@ -118,21 +152,24 @@ def zero_shot_maps(backbone: Backbone, z: Tensor, terms: Sequence[str], context:
     uncond = backbone.encode_text([""])
     contexts = torch.cat([context, uncond]).repeat(n, 1, 1)  # per image: T conditional + 1 unconditional
     spans = [*term_token_spans(terms), None] * n
-    difference = torch.zeros(n, t_count, *z.shape[-2:], device=z.device)
-    attention = torch.zeros_like(difference)
+    dtype = torch.promote_types(z.dtype, torch.float32)  # fp16/bf16 models: score in fp32
+    centred = (z.to(dtype) - z.to(dtype).mean((-2, -1), keepdim=True))[:, None]  # [N, 1, 4, h, w]
+    score = torch.zeros(n, t_count, *z.shape[-2:], device=z.device, dtype=dtype)
+    attention = torch.zeros_like(score)
     for timestep, noise in noise_draws(seed, settings.draws, (1, *z.shape[1:]), settings.timestep):
         z_t = backbone.schedule.q_sample(z, torch.full((n,), timestep), noise.to(z.device, z.dtype).expand_as(z))
         z_t = z_t.repeat_interleave(t_count + 1, dim=0)
         t = torch.full((z_t.shape[0],), timestep, device=z.device, dtype=torch.long)
         if settings.cross_attention > 0:
-            with CrossAttentionRecorder(backbone.unet, spans) as recorder:
+            with CrossAttentionRecorder(backbone.unet, spans, settings.attention_blocks) as recorder:
                 eps = backbone.predict_noise(z_t, t, contexts)
             attention += recorder.mean_map(tuple(z.shape[-2:])).view(n, t_count + 1, *z.shape[-2:])[:, :t_count]
         else:
             eps = backbone.predict_noise(z_t, t, contexts)
-        eps = eps.float().view(n, t_count + 1, *eps.shape[1:])
-        difference += (eps[:, :t_count] - eps[:, t_count:]).norm(dim=2)
-    maps = normalize_maps(difference)
+        eps = eps.to(dtype).view(n, t_count + 1, *eps.shape[1:])
+        change = eps[:, t_count:] - eps[:, :t_count]  # eps_u - eps_c, the direction of x0_c - x0_u
+        score += (change * centred).sum(2) if settings.score == "agreement" else change.norm(dim=2)
+    maps = normalize_maps(score)
     if settings.cross_attention > 0:
         w = settings.cross_attention
         maps = (1 - w) * maps + w * normalize_maps(attention)
