@@ -18,6 +18,7 @@ from .loading import DTYPES, load_segmenter, resolve_model_paths, with_grow
 from .masks.expression import parse
 from .masks.ops import MaskOptions
 from .masks.tree import Expression
+from .refine import RefineSettings
 from .outputs import write_mask, write_overlay, write_probability
 from .segmenter import Segmenter
 
@@ -27,7 +28,8 @@ EPILOG = """examples:
   ldznet mask photo.jpg "cat" --model sd15.safetensors --zero-shot -o mask.png
 
 Without --model the embedded micro model (and its head) is used. Masks are white where the
-expression holds (the area to repaint), at the image's own size. Exit status: 0 done,
+expression holds (the area to repaint), at the image's own size; their edges follow the image's
+(--no-refine: plain bilinear upsampling of the model's maps). Exit status: 0 done,
 2 bad input (message on stderr)."""
 
 
@@ -75,7 +77,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
-    """--threshold, --grow, --feather, --invert, --keep-largest, --min-area."""
+    """--threshold, --grow, --feather, --invert, --keep-largest, --min-area, and the edge refinement
+    (--no-refine, --refine-strength, --refine-radius)."""
     group = parser.add_argument_group("mask")
     group.add_argument("--threshold", type=bounded_number(float, 0, 1, high_open=True), default=0.5, metavar="T",
                        help="a pixel is selected when its probability is above T (default 0.5)")
@@ -88,6 +91,12 @@ def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
                        help="keep only the K largest regions")
     group.add_argument("--min-area", type=bounded_number(int, 0), default=0, metavar="A",
                        help="drop regions smaller than A pixels")
+    group.add_argument("--no-refine", action="store_true",
+                       help="upsample the model's maps bilinearly instead of snapping their edges to the image's")
+    group.add_argument("--refine-strength", type=bounded_number(float, 0, 1), default=1.0, metavar="S",
+                       help="edge refinement strength, 0 (bilinear) .. 1 (default 1)")
+    group.add_argument("--refine-radius", type=bounded_number(float, 1), metavar="PX",
+                       help="how far (output pixels) refinement may move an edge (default: two latent pixels)")
 
 
 def expression_from_args(args: argparse.Namespace) -> Expression:
@@ -101,11 +110,17 @@ def mask_options_from_args(args: argparse.Namespace) -> MaskOptions:
                        min_area=args.min_area, feather=args.feather)
 
 
+def refine_settings_from_args(args: argparse.Namespace) -> RefineSettings:
+    """The RefineSettings of --no-refine, --refine-strength and --refine-radius."""
+    return RefineSettings(enabled=not args.no_refine, strength=args.refine_strength, radius=args.refine_radius)
+
+
 def segmenter_from_args(args: argparse.Namespace) -> tuple[Segmenter, dict]:
     """The Segmenter the arguments describe, and a JSON-ready record of what was loaded and how."""
     model, head = resolve_model_paths(args.model, args.head, args.zero_shot)
     segmenter = load_segmenter(model, head, device=args.device, dtype=args.dtype, resolution=args.resolution,
                                timestep=args.timestep, draws=args.draws, seed=args.seed)
+    segmenter = segmenter.with_settings(refine=refine_settings_from_args(args))
     # Only the settings that apply: a head run has no zero-shot settings and vice versa.
     unused = {"resolution", "timestep", "draws"} if segmenter.zero_shot else {"resolution", "zero_shot"}
     record = {"model": str(model), "head": str(head) if head else None, "device": str(segmenter.backbone.device),

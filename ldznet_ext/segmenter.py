@@ -6,7 +6,8 @@
 >>> result.mask                                      # [H, W] at the image's own size
 
 Data flows one way: image -> z (cached) -> SD features (tap) + head -> per-term probability ->
-resize to the image -> expression algebra -> final mask. Without a head, per-term maps come from
+upsampling to the image, guided by its full-resolution pixels (``refine.py``; bilinear when
+refinement is off) -> expression algebra -> final mask. Without a head, per-term maps come from
 the zero-shot probe instead.
 """
 
@@ -24,6 +25,7 @@ from .masks.expression import parse
 from .masks.ops import MaskOptions, finalize
 from .masks.tree import Expression
 from .modeling.build import HeadConfig
+from .refine import RefineSettings, refine_probability
 from .sd.model import Backbone
 from .sd.schedule import noise_draws
 from .tap import FeatureTap
@@ -46,7 +48,8 @@ class SegmenterSettings:
     resolution, 384 for the official head); timestep: SD timestep of the feature step (None: drawn
     from 300..499 per draw, as the official code); draws: feature steps averaged; seed: noise seed;
     sample_latent: encode with a seeded posterior sample instead of the mean; prompt_template: how a
-    term becomes a prompt ("{}" = as typed)."""
+    term becomes a prompt ("{}" = as typed); refine: how each term's map is upsampled to the image
+    (image-guided by default; ``RefineSettings(enabled=False)``: bilinear)."""
 
     resolution: int | None = None
     timestep: int | None = 400
@@ -55,6 +58,7 @@ class SegmenterSettings:
     sample_latent: bool = False
     prompt_template: str = "{}"
     zero_shot: ZeroShotSettings = field(default_factory=ZeroShotSettings)
+    refine: RefineSettings = field(default_factory=RefineSettings)
 
     def __post_init__(self):
         if self.draws < 1:
@@ -69,7 +73,8 @@ class SegmenterSettings:
 class Prediction:
     """One answer: ``probability`` (the expression's combined map) and ``mask`` (after threshold,
     region filters, invert and feather), both float [H, W] in [0, 1] at the image's size;
-    ``terms`` holds each term's own map."""
+    ``terms`` holds each term's own map [H, W] as the expression combined it: upsampled to the
+    image's size, image-guided when ``SegmenterSettings.refine`` is on."""
 
     expression: Expression
     probability: Tensor
@@ -87,12 +92,16 @@ class Prediction:
 
 @dataclass
 class _ImageState:
-    size: tuple[int, int]  # (H, W) of the original image
+    image: np.ndarray  # uint8 [H, W, 3], the original: it guides the upsampling of every term map
     z: Tensor  # [1, 4, h, w]
     pixels: Tensor | None  # [1, 3, 8h, 8w] in [-1, 1], kept for RGBNet
     # term -> probability as the model gives it ([8h, 8w] from a head, [h, w] zero-shot); resized
     # to the image's size only once, on the way out (a second resize would blur it twice)
     cache: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.shape[:2]
 
 
 class Segmenter:
@@ -144,8 +153,8 @@ class Segmenter:
         generator = torch.Generator(pixels.device).manual_seed(self.settings.seed)
         z = self.backbone.encode_image(pixels, sample=self.settings.sample_latent, generator=generator)
         keep_pixels = self.head_config is not None and self.head_config.input_kind == "image"
-        return [_ImageState((height, width), z[i:i + 1], pixels[i:i + 1] if keep_pixels else None)
-                for i in range(len(images))]
+        return [_ImageState(im, z[i:i + 1], pixels[i:i + 1] if keep_pixels else None)
+                for i, im in enumerate(images)]
 
     # -- prediction ------------------------------------------------------------------------
 
@@ -161,11 +170,22 @@ class Segmenter:
         return self._predict(self._encode([load_image(im, max_pixels) for im in images]), expression, options)
 
     def predict_terms(self, terms: Sequence[str]) -> dict[str, Tensor]:
-        """Each term's probability map [H, W] in [0, 1] at the current image's size."""
+        """Each term's probability map [H, W] in [0, 1] at the current image's size (refined as set)."""
         if self._image is None:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
-        self._fill_cache([self._image], list(dict.fromkeys(terms)))
-        return {t: resize_probability(self._image.cache[t], self._image.size) for t in terms}
+        unique = list(dict.fromkeys(terms))
+        self._fill_cache([self._image], unique)
+        return self._upsample(self._image, unique)
+
+    def _upsample(self, state: _ImageState, terms: Sequence[str]) -> dict[str, Tensor]:
+        """The terms' cached maps at the image's size: image-guided, or bilinear when refinement is off."""
+        refine = self.settings.refine
+        if not refine.active or not terms:
+            return {t: resize_probability(state.cache[t], state.size) for t in terms}
+        # One model gives all maps of an image the same size, so they are refined as one stack.
+        maps = refine_probability(torch.stack([state.cache[t] for t in terms]), state.image, refine,
+                                  decided_at=tuple(state.z.shape[-2:]))
+        return dict(zip(terms, maps))
 
     def _predict(self, states: list[_ImageState], expression: str | Expression,
                  options: MaskOptions) -> list[Prediction]:
@@ -174,7 +194,7 @@ class Segmenter:
         self._fill_cache(states, terms)
         predictions = []
         for state in states:
-            maps = {t: resize_probability(state.cache[t], state.size) for t in terms}
+            maps = self._upsample(state, terms)
             probability = tree.evaluate(maps)
             predictions.append(Prediction(tree, probability, finalize(probability, options), maps))
         return predictions

@@ -14,6 +14,7 @@ from fixtures_models import random_image
 from PIL import Image
 
 from ldznet_ext.images import to_model_input, working_size
+from ldznet_ext.refine import RefineSettings
 from ldznet_ext.sd.schedule import noise_draws
 from ldznet_ext.segmenter import Segmenter, SegmenterSettings
 from ldznet_ext.zeroshot import ZeroShotSettings
@@ -70,7 +71,8 @@ def test_zero_shot_equals_the_formula(tiny_models64):
     tiny_sd = tiny_models64[0]
     seed, draws, height, width = 5, 3, 60, 130
     image = random_image(height, width, seed=4)
-    settings = SegmenterSettings(resolution=128, seed=seed, zero_shot=ZeroShotSettings(timestep=None, draws=draws))
+    zero_shot = ZeroShotSettings(timestep=None, draws=draws, score="difference")
+    settings = SegmenterSettings(resolution=128, seed=seed, zero_shot=zero_shot, refine=RefineSettings(enabled=False))
     segmenter = Segmenter(tiny_sd, settings=settings)
     segmenter.set_image(image)
     maps = segmenter.predict_terms(["cat", "blue sky"])

@@ -33,11 +33,11 @@ def test_split_mask_line_errors(prompt, message):
 
 
 def test_infotext_round_trip():
-    request = MaskRequest("goblin OR sword{+4}", "zero-shot", 0.35, -3, 2.5, True, "subtract")
+    request = MaskRequest("goblin OR sword{+4}", "zero-shot", 0.35, -3, 2.5, True, "subtract", False)
     params = request.infotext()
     assert params == {"LD-ZNet mask": "goblin OR sword{+4}", "LD-ZNet mode": "zero-shot", "LD-ZNet threshold": "0.35",
                       "LD-ZNet grow": "-3", "LD-ZNet feather": "2.5", "LD-ZNet invert": "True",
-                      "LD-ZNet combine": "subtract"}
+                      "LD-ZNet combine": "subtract", "LD-ZNet refine": "False"}
     assert MaskRequest.from_infotext(params) == request
     assert MaskRequest.from_infotext({"Steps": "20"}) is None
     assert set(INFOTEXT_KEYS.values()) == set(params)
@@ -47,6 +47,8 @@ def test_from_args_defaults_and_strings():
     assert MaskRequest.from_args(["cat"]) == MaskRequest("cat")
     assert MaskRequest.from_args(["cat", None, "0.25", None, None, "false"]) == MaskRequest("cat", threshold=0.25)
     assert MaskRequest.from_args([]).active is False
+    assert MaskRequest.from_args(["cat"]).refine_settings().enabled  # refinement is on unless switched off
+    assert not MaskRequest.from_args(["cat", *[None] * 6, "false"]).refine_settings().enabled
 
 
 @pytest.mark.parametrize("args, message", [
@@ -58,7 +60,8 @@ def test_from_args_defaults_and_strings():
     (["cat", "zero-shot", 0.5, 0, 0, "yes"], "invert must be true or false, got 'yes'"),
     (["cat", "zero-shot", 0.5, 0, 0, False, "xor"], "combine must be one of"),
     ([1], "expression \\(arg 0\\) must be text"),
-    (["cat"] * 8, "got 8 args, expected at most 7"),
+    (["cat", "zero-shot", 0.5, 0, 0, False, "add", "on"], "refine must be true or false, got 'on'"),
+    (["cat"] * 9, "got 9 args, expected at most 8"),
     (["cat OR"], "expected a term"),
 ])
 def test_from_args_errors(args, message):

@@ -18,8 +18,10 @@ from pathlib import Path
 
 from ..errors import LdznetError
 from ..loading import DTYPES, load_segmenter, resolve_model_paths
+from ..refine import RefineSettings
 from ..train.data import open_source
 from ..world.scenes import VOCABULARY
+from .boundary import BoundaryMetrics
 from .evaluate import FORMAT, VERSION, EvalResult, evaluate, merge_results
 from .tables import TABLES, build_table, default_table, markdown_table
 
@@ -73,11 +75,19 @@ def _run(args: argparse.Namespace) -> int:
         return _report(merge_results([r for path in args.merge for r in read_results(path)]), args)
     model, head = resolve_model_paths(args.model, args.head, args.zero_shot)
     segmenter = load_segmenter(model, head, device=args.device, dtype=args.dtype, resolution=args.resolution)
+    if args.no_refine:
+        segmenter = segmenter.with_settings(refine=RefineSettings(enabled=False))
     source = open_source(args.data, size=args.size or segmenter.resolution, domain=args.domain)
     name = args.name or (head.stem if head else "zero-shot")
+    boundary = BoundaryMetrics(args.boundary, args.threshold) if args.boundary is not None else None
     result = evaluate(segmenter, source, name, include_absent=args.include_absent, binary_threshold=args.threshold,
-                      shard=args.shard, workers=args.workers, square=args.square)
-    return _report([result], args)
+                      shard=args.shard, workers=args.workers, square=args.square, boundary=boundary)
+    status = _report([result], args)
+    if boundary is not None and len(boundary):
+        b = boundary.summary()
+        print(f"boundary F (within {b.tolerance:g} px, {b.count} masks): {100 * b.boundary_f:.1f} at best t = "
+              f"{b.boundary_f_threshold:.1f}, {100 * b.boundary_f_at_binary:.1f} at t = {b.binary_threshold:g}")
+    return status
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -98,7 +108,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--square", type=int, metavar="N",
                    help="squash each image and mask to N x N first, CLIPSeg's PhraseCut test protocol (the paper: 384)")
     p.add_argument("--domain", choices=VOCABULARY.domains, help="render micro-world scenes in one domain")
-    p.add_argument("--size", type=int, help="micro-world render size (default: the model's working resolution)")
+    p.add_argument("--size", type=int, help="micro-world render size (default: the model's working resolution); "
+                                            "larger than the working size scores the upsampling too, e.g. 512")
+    p.add_argument("--no-refine", action="store_true",
+                   help="upsample each map bilinearly instead of guided by the image (refine.py)")
+    p.add_argument("--boundary", type=float, nargs="?", const=2.0, metavar="PX",
+                   help="also print the boundary F-score, edges matched within PX pixels (default 2)")
     p.add_argument("--resolution", type=int, help="working resolution (default: the head's training resolution)")
     p.add_argument("--include-absent", action="store_true",
                    help="also score absent phrases (empty masks); CLIPSeg and PhraseCut score present ones only")

@@ -10,6 +10,9 @@ PhraseCut's binary IoUs are measured on the original masks, the prediction resiz
 Sharding: ``shard=(k, n)`` evaluates examples k, k + n, k + 2n, ... Every sample is keyed by
 (example index, phrase position); ``merge_results`` of all n shards gives exactly the metrics of
 one unsharded run (``SegmentationMetrics.merge``). Unreadable examples are skipped and listed.
+
+``boundary``: a :class:`BoundaryMetrics` that also scores the edge of every map (against the mask
+the map is scored on); it stays outside the result, so it is neither in the JSON nor merged.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ..errors import LdznetError
 from ..segmenter import Segmenter
 from ..train.data import Source, resize_square
 from ..train.stream import iterate_examples
+from .boundary import BoundaryMetrics
 from .metrics import MetricSummary, SegmentationMetrics
 
 FORMAT = "ldznet-eval"
@@ -90,7 +94,7 @@ def _sync(device: torch.device) -> None:
 
 def evaluate(segmenter: Segmenter, source: Source, name: str = "model", include_absent: bool = False,
              binary_threshold: float = 0.5, progress: bool | None = None, shard: tuple[int, int] = (0, 1),
-             workers: int = 0, square: int | None = None) -> EvalResult:
+             workers: int = 0, square: int | None = None, boundary: BoundaryMetrics | None = None) -> EvalResult:
     """Run ``segmenter`` on the examples of ``source`` in ``shard`` (k, n) and count its per-phrase
     probability maps; ``workers`` processes read the examples ahead (module docstring)."""
     k, n = shard
@@ -118,6 +122,8 @@ def evaluate(segmenter: Segmenter, source: Source, name: str = "model", include_
             phrase, mask = example.pairs[j]
             result.metrics.add(maps[phrase], mask, key=(index, j),
                                binary_truth=original.pairs[j][1] if square else None)
+            if boundary is not None:
+                boundary.add(maps[phrase], mask)
     segmenter.reset_image()
     if n == 1 and not len(result.metrics):
         raise LdznetError(f"{source.description}: no phrases to evaluate"

@@ -116,7 +116,8 @@ def check_generation(payload, is_img2img: bool, check_ready: Callable[[MaskReque
 
 def mask_response(payload, compute: Callable, check_ready: Callable[[MaskRequest], None]) -> dict:
     """POST /ldznet/v1/mask: {"image": b64, "expression": str, optional "mode", "threshold", "grow",
-    "feather", "invert", "combine", "mask" (b64 brush mask)} -> {"mask", "probability" (16-bit),
+    "feather", "invert", "combine", "refine" (bool, default true), "mask" (b64 brush mask)} ->
+    {"mask", "probability" (16-bit),
     "overlay": b64 PNGs, "coverage", "width", "height", "expression"}.
 
     ``compute(image, request, brush) -> MaskResult`` runs under the host's queue lock."""

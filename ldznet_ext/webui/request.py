@@ -18,11 +18,12 @@ import numpy as np
 from ..errors import LdznetError
 from ..masks.expression import parse
 from ..masks.ops import MaskOptions
+from ..refine import RefineSettings
 
 TITLE = "LD-ZNet mask"
 MODES = ("LD-ZNet head", "zero-shot")
 COMBINE_MODES = ("replace", "add", "subtract", "intersect")
-ARG_NAMES = ("expression", "mode", "threshold", "grow", "feather", "invert", "combine")
+ARG_NAMES = ("expression", "mode", "threshold", "grow", "feather", "invert", "combine", "refine")
 MAX_GROW = 256
 MAX_FEATHER = 256
 MAX_EXPRESSION_CHARS = 2000
@@ -35,6 +36,7 @@ INFOTEXT_KEYS = {
     "feather": "LD-ZNet feather",
     "invert": "LD-ZNet invert",
     "combine": "LD-ZNet combine",
+    "refine": "LD-ZNet refine",
 }
 """Infotext key of each setting; the expression's key is the accordion's title."""
 
@@ -76,7 +78,8 @@ def _choice(value, name: str, choices: Sequence[str]) -> str:
 class MaskRequest:
     """One mask job. expression: mask expression ("" = off); mode: one of MODES; threshold in
     [0, 1); grow: pixels, negative shrinks; feather: soft-edge radius in pixels; invert: swap
-    selected and kept; combine: how the mask meets a brush/uploaded mask (one of COMBINE_MODES)."""
+    selected and kept; combine: how the mask meets a brush/uploaded mask (one of COMBINE_MODES);
+    refine: snap the mask's edges to the image's (``refine.py``; False: bilinear upsampling)."""
 
     expression: str = ""
     mode: str = MODES[0]
@@ -85,6 +88,7 @@ class MaskRequest:
     feather: float = 0.0
     invert: bool = False
     combine: str = COMBINE_MODES[0]
+    refine: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.expression, str):
@@ -98,6 +102,7 @@ class MaskRequest:
         object.__setattr__(self, "feather", _number(self.feather, "feather", 0, MAX_FEATHER))
         object.__setattr__(self, "invert", _flag(self.invert, "invert"))
         object.__setattr__(self, "combine", _choice(self.combine, "combine", COMBINE_MODES))
+        object.__setattr__(self, "refine", _flag(self.refine, "refine"))
         if self.expression:
             parse(self.expression)  # ExpressionError now, with its position, rather than mid-generation
 
@@ -111,6 +116,9 @@ class MaskRequest:
 
     def options(self) -> MaskOptions:
         return MaskOptions(threshold=self.threshold, invert=self.invert, feather=self.feather)
+
+    def refine_settings(self) -> RefineSettings:
+        return RefineSettings(enabled=self.refine)
 
     def with_expression(self, expression: str) -> MaskRequest:
         return MaskRequest(**{**self.as_dict(), "expression": expression})
