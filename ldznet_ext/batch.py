@@ -78,11 +78,27 @@ class BatchSummary:
     """Files counted by manifest status ("ok", "skipped", "error") in one run."""
 
     counts: Counter = field(default_factory=Counter)
+    interrupted: bool = False  # stopped early by BatchCallbacks.stop_requested
 
     @property
     def exit_status(self) -> int:
         """0 when every file is ok or skipped, 1 when any failed."""
         return 1 if self.counts["error"] else 0
+
+
+class BatchCallbacks:
+    """How a front end (the WebUI tab) follows and stops :func:`run_batch`; the defaults do nothing."""
+
+    def started(self, total: int) -> None:
+        """Once, before any file, with the number of files of this run (this shard's)."""
+
+    def file_done(self, entry: dict) -> None:
+        """After each file, with its manifest entry (status "ok", "skipped" or "error")."""
+
+    def stop_requested(self) -> bool:
+        """Asked before each group of up to ``batch_size`` files is read; True ends the run there,
+        keeping the masks and manifest lines written so far (a rerun resumes)."""
+        return False
 
 
 class Manifest:
@@ -132,7 +148,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
 class BatchJob:
     """One batch run: which files, which expression and options, where the results go."""
 
-    input_dir: Path
+    input_dir: Path | None  # None when ``files`` are given (uploads)
     output_dir: Path
     expression: Expression
     expression_text: str
@@ -142,6 +158,7 @@ class BatchJob:
     shard: tuple[int, int] = (1, 1)
     batch_size: int = 4
     max_pixels: int = MAX_PIXELS
+    files: list[Path] | None = None  # the images to mask instead of input_dir's (already checked)
 
     def output_for(self, path: Path) -> Path:
         return self.output_dir / f"{path.stem}.png"
@@ -172,20 +189,24 @@ def _groups(files: Sequence[Path], batch_size: int) -> Iterator[list[Path]]:
 class _Run:
     """The state of one batch run: the job, the model, the manifest, the counts and the progress bar."""
 
-    def __init__(self, job: BatchJob, segmenter: Segmenter, manifest: Manifest, progress: tqdm):
+    def __init__(self, job: BatchJob, segmenter: Segmenter, manifest: Manifest, progress: tqdm,
+                 callbacks: BatchCallbacks):
         self.job, self.segmenter, self.manifest, self.progress = job, segmenter, manifest, progress
+        self.callbacks = callbacks
         self.summary = BatchSummary()
 
     def record(self, path: Path, status: str, output: Path | None = None, error: str | None = None,
                seconds: float = 0.0) -> None:
-        self.manifest.write({"input": str(path), "expression": self.job.expression_text,
-                             "settings": self.job.settings, "output": str(output) if output else None,
-                             "status": status, "error": error, "seconds": round(seconds, 4)})
+        entry = {"input": str(path), "expression": self.job.expression_text, "settings": self.job.settings,
+                 "output": str(output) if output else None, "status": status, "error": error,
+                 "seconds": round(seconds, 4)}
+        self.manifest.write(entry)
         self.summary.counts[status] += 1
         if error:  # image errors already start with the file name
             self.progress.write(error if error.startswith(f"{path.name}:") else f"{path.name}: {error}",
                                 file=sys.stderr)
         self.progress.update(1)
+        self.callbacks.file_done(entry)
 
     def group(self, paths: list[Path]) -> None:
         """Decode, predict (one batch per image size) and write the masks of one group."""
@@ -240,18 +261,22 @@ def check_folders(input_dir: Path, output_dir: Path) -> list[Path]:
     return files
 
 
-def run_batch(job: BatchJob, segmenter: Segmenter, manifest: Manifest, show_progress: bool | None = None) -> BatchSummary:
+def run_batch(job: BatchJob, segmenter: Segmenter, manifest: Manifest, show_progress: bool | None = None,
+              callbacks: BatchCallbacks | None = None) -> BatchSummary:
     """Process this shard's files; per-file problems are recorded in ``manifest``, never raised.
 
-    ``show_progress`` None shows the progress bar only on a terminal.
+    ``show_progress`` None shows the progress bar only on a terminal; ``callbacks`` hear of every
+    file and may stop the run between groups (summary.interrupted).
     """
-    files = check_folders(job.input_dir, job.output_dir)
+    callbacks = callbacks or BatchCallbacks()
+    files = check_folders(job.input_dir, job.output_dir) if job.files is None else list(job.files)
     job.output_dir.mkdir(parents=True, exist_ok=True)
     owners = stem_owners(files)
     mine = shard(files, *job.shard)
+    callbacks.started(len(mine))
     disable = None if show_progress is None else not show_progress
     with tqdm(total=len(mine), unit="image", desc="ldznet batch", disable=disable, file=sys.stderr) as progress:
-        run = _Run(job, segmenter, manifest, progress)
+        run = _Run(job, segmenter, manifest, progress, callbacks)
         owned, todo = set(), []
         for path in mine:
             output = job.output_for(path)
@@ -267,6 +292,9 @@ def run_batch(job: BatchJob, segmenter: Segmenter, manifest: Manifest, show_prog
                 todo.append(path)
         _remove_stale_temporaries(job.output_dir, owned)
         for group in _groups(todo, job.batch_size):
+            if callbacks.stop_requested():
+                run.summary.interrupted = True
+                break
             run.group(group)
     return run.summary
 

@@ -204,3 +204,41 @@ def test_forge_adapter_converts_x0_to_eps(fake):
         check_forge_model(engine)
     with pytest.raises(CheckpointError, match="is SDXL"):
         check_forge_model(types.SimpleNamespace(forge_objects=object(), is_sd1=False, is_sdxl=True))
+
+
+def test_forge_model_is_loaded_lazily(fake, monkeypatch):
+    """Forge's ``sd_model`` is a placeholder until something loads the selected checkpoint (and the
+    previous model after the setting changed): validation never loads it, a mask computation does."""
+    import sys
+
+    import modules.sd_models
+
+    kmodel = _KModel(fake.model.diffusion_model, fake.alphas_cumprod)
+    engine = types.SimpleNamespace(forge_objects=types.SimpleNamespace(
+        unet=types.SimpleNamespace(model=kmodel, load_device="cpu")), is_sd1=True, is_inpaint=False)
+    data = types.SimpleNamespace(sd_model=types.SimpleNamespace(chunk_length=75), forge_hash="",
+                                 forge_loading_parameters={"checkpoint_info": "sd15.safetensors"})
+    reloads = []
+
+    def forge_model_reload():
+        reloads.append(str(data.forge_loading_parameters))
+        data.sd_model, data.forge_hash = engine, str(data.forge_loading_parameters)
+        return engine, True
+
+    monkeypatch.setattr(host, "is_forge", lambda: True)
+    monkeypatch.setattr(modules.sd_models, "model_data", data)
+    monkeypatch.setattr(modules.sd_models, "forge_model_reload", forge_model_reload, raising=False)
+    monkeypatch.setitem(sys.modules, "backend", types.SimpleNamespace(memory_management=types.SimpleNamespace(
+        load_model_gpu=lambda patcher: None)))
+    zero_shot = MaskRequest("cat", mode="zero-shot")
+    host.check_ready(zero_shot)
+    assert reloads == [] and host.loaded_model() is None
+    backbone = host.current_backbone()
+    assert isinstance(backbone, ForgeBackbone) and backbone.sd_model is engine and len(reloads) == 1
+    assert host.loaded_model() is engine
+    engine.is_inpaint = True
+    with pytest.raises(CheckpointError, match="inpainting model"):
+        host.check_ready(zero_shot)
+    data.forge_loading_parameters = {"checkpoint_info": "other.safetensors"}  # chosen, not yet loaded
+    host.check_ready(zero_shot)
+    assert host.loaded_model() is None and len(reloads) == 1

@@ -1,9 +1,15 @@
-"""Opt-in: the extension inside a real AUTOMATIC1111 v1.10.1 (set LDZNET_WEBUI_DIR to its folder).
+"""Opt-in: the extension inside a real WebUI. LDZNET_WEBUI_DIR: an AUTOMATIC1111 v1.10.1 folder;
+LDZNET_FORGE_DIR: a Forge folder. Each needs its Python environment (``venv/``, or
+LDZNET_WEBUI_PYTHON / LDZNET_FORGE_PYTHON) and its ``repositories/``.
 
-The WebUI folder needs its Python environment (``venv/``, or LDZNET_WEBUI_PYTHON) and its
-``repositories/``. The test installs a tiny SD model and head with ``ldznet webui install-model``,
-links this repository into ``extensions/ldznet``, starts the WebUI offline in API mode on a free
-port, and checks the script, the API and the infotext. Takes a minute or two on a CPU.
+A1111: the test installs a tiny SD model and head with ``ldznet webui install-model``, links this
+repository into ``extensions/ldznet``, starts the WebUI offline in API mode on a free port of
+127.0.0.1, and checks the script, the API and the infotext; the send-to-inpaint button is clicked in
+headless Chromium (needs the ``playwright`` package and a Chromium: LDZNET_CHROMIUM, or ``chromium``
+on PATH; Playwright's own browser download is not used). About a minute on a CPU.
+Forge: its loader knows only the real model sizes, so the test writes a random full-size SD v1 and
+head into its ``models/`` (once) and checks the routes, the ``mask:`` line, the infotext and that a
+mask leaves the next generation unchanged. About four minutes on a CPU.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +25,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +34,9 @@ import pytest
 from PIL import Image
 
 WEBUI = os.environ.get("LDZNET_WEBUI_DIR")
-pytestmark = pytest.mark.skipif(not WEBUI, reason="set LDZNET_WEBUI_DIR to an A1111 v1.10.1 folder to run")
+FORGE = os.environ.get("LDZNET_FORGE_DIR")
 REPO = Path(__file__).resolve().parents[1]
+FORGE_SD, FORGE_HEAD = "ldznet-test-sd-v1-random.safetensors", "ldznet-test-sd-v1-random-head.safetensors"
 
 
 def _call(base: str, path: str, payload=None):
@@ -49,8 +59,53 @@ def _png(data: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))
 
 
+@contextmanager
+def _serve(webui: Path, work: Path, flags: list[str], options: dict, python_variable: str) -> Iterator[str]:
+    """Link this repository into ``webui/extensions``, start the WebUI offline on a free port of
+    127.0.0.1 with ``flags``, wait for our routes, set ``options``; yields the base URL."""
+    link = webui / "extensions" / "ldznet"
+    if not link.exists():
+        link.symlink_to(REPO, target_is_directory=True)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    python = os.environ.get(python_variable, str(webui / "venv" / "bin" / "python"))
+    env = {**os.environ, "HF_HOME": str(work / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    command = [python, "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-version-check",
+               "--api", "--no-download-sd-model", "--no-hashing", "--server-name", "127.0.0.1", "--port", str(port),
+               *flags]
+    log = open(work / "server.log", "w")
+    process = subprocess.Popen(command, cwd=webui, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                if _call(base, "/ldznet/v1/version")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if process.poll() is not None:
+                break
+            time.sleep(2)
+        else:
+            pytest.fail("the WebUI did not answer within 600 s")
+        if process.poll() is not None:
+            pytest.fail(f"the WebUI exited: {(work / 'server.log').read_text()[-3000:]}")
+        assert _call(base, "/sdapi/v1/options", options)[0] == 200
+        yield base
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+        log.close()
+        print((work / "server.log").read_text()[-2000:], file=sys.stderr)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """A1111 v1.10.1 on the CPU with the tiny test model and head."""
+    if not WEBUI:
+        pytest.skip("set LDZNET_WEBUI_DIR to an A1111 v1.10.1 folder to run")
     from fake_webui.models import tiny_head, tiny_sd
 
     from ldznet_ext.heads import save_head
@@ -62,44 +117,37 @@ def server(tmp_path_factory):
     install_model(work / "ldznet-test-sd.safetensors", webui, hf_home=work / "hf")
     (webui / "models" / "ldznet").mkdir(parents=True, exist_ok=True)
     save_head(*tiny_head(), webui / "models" / "ldznet" / "ldznet-test-head.safetensors")
-    link = webui / "extensions" / "ldznet"
-    if not link.exists():
-        link.symlink_to(REPO, target_is_directory=True)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    python = os.environ.get("LDZNET_WEBUI_PYTHON", str(webui / "venv" / "bin" / "python"))
-    env = {**os.environ, "HF_HOME": str(work / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    command = [python, "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-version-check",
-               "--api", "--no-half", "--disable-opt-split-attention", "--use-cpu", "all", "--no-download-sd-model",
-               "--do-not-download-clip", "--no-hashing", "--port", str(port),
-               "--ckpt", str(webui / "models" / "Stable-diffusion" / "ldznet-test-sd.safetensors")]
-    log = open(work / "server.log", "w")
-    process = subprocess.Popen(command, cwd=webui, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if _call(base, "/ldznet/v1/version")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if process.poll() is not None:
-                break
-            time.sleep(2)
-        else:
-            pytest.fail("the WebUI did not answer within 300 s")
-        if process.poll() is not None:
-            pytest.fail(f"the WebUI exited: {(work / 'server.log').read_text()[-3000:]}")
-        assert _call(base, "/sdapi/v1/options", {"ldznet_head": "ldznet-test-head.safetensors",
-                                                 "return_mask": True})[0] == 200
+    flags = ["--no-half", "--disable-opt-split-attention", "--use-cpu", "all", "--do-not-download-clip",
+             "--ckpt", str(webui / "models" / "Stable-diffusion" / "ldznet-test-sd.safetensors")]
+    with _serve(webui, work, flags, {"ldznet_head": "ldznet-test-head.safetensors", "return_mask": True},
+                "LDZNET_WEBUI_PYTHON") as base:
         yield base
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
-        log.close()
-        print((work / "server.log").read_text()[-2000:], file=sys.stderr)
+
+
+@pytest.fixture(scope="module")
+def forge(tmp_path_factory):
+    """Forge on the CPU with a random full-size SD v1 and head (written into its models/ once,
+    2.1 + 1.9 GB in fp16, about two minutes), features at 128 px to keep masks fast."""
+    if not FORGE:
+        pytest.skip("set LDZNET_FORGE_DIR to a Forge folder to run")
+    import torch
+    from fake_webui.models import full_size_head, full_size_sd
+
+    from ldznet_ext.heads import save_head
+    from ldznet_ext.sd.checkpoint import save_stable_diffusion
+
+    forge_dir, work = Path(FORGE), tmp_path_factory.mktemp("forge")
+    checkpoint = forge_dir / "models" / "Stable-diffusion" / FORGE_SD
+    head = forge_dir / "models" / "ldznet" / FORGE_HEAD
+    if not checkpoint.exists():
+        save_stable_diffusion(full_size_sd(), checkpoint, dtype=torch.float16)
+    if not head.exists():
+        head.parent.mkdir(parents=True, exist_ok=True)
+        save_head(*full_size_head(), head, dtype=torch.float16)
+    flags = ["--skip-install", "--always-cpu", "--ckpt", str(checkpoint)]
+    options = {"ldznet_head": FORGE_HEAD, "ldznet_resolution": 128, "return_mask": True}
+    with _serve(forge_dir, work, flags, options, "LDZNET_FORGE_PYTHON") as base:
+        yield base
 
 
 IMAGE = Image.fromarray((np.random.default_rng(0).random((96, 128, 3)) * 255).astype(np.uint8))
@@ -145,3 +193,154 @@ def test_infotext_round_trip_through_png_info(server):
 
     assert MaskRequest.from_infotext(parsed["parameters"]) == MaskRequest("cat{+2} OR dog", "zero-shot", 0.4, 3, 1, True)
     assert parsed["parameters"]["Prompt"] == ""
+
+
+CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+READ_IMAGES = """async (selector) => Promise.all(Array.from(gradioApp().querySelectorAll(selector)).map(async img => {
+    const blob = await (await fetch(img.src)).blob();
+    return await new Promise(done => {
+        const reader = new FileReader();
+        reader.onload = () => done(reader.result);
+        reader.readAsDataURL(blob);
+    });
+}))"""
+"""The pixels of every <img> that ``selector`` matches, as data URLs (data:, file= and blob: sources alike)."""
+
+
+@pytest.fixture
+def page(server):
+    """A headless Chromium page on the A1111 server, the WebUI loaded; ``page.errors``: page errors
+    raised by this extension's code (the host's own page errors are left out)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = os.environ.get("LDZNET_CHROMIUM") or shutil.which("chromium")
+    if not chromium:
+        pytest.skip("no Chromium: set LDZNET_CHROMIUM")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1200})
+            page.errors = []
+            page.on("pageerror", lambda error: "ldznet" in (error.stack or "") and page.errors.append(error.stack))
+            page.goto(server)
+            page.wait_for_selector("#txt2img_send_to_ldznet_inpaint", state="attached", timeout=120_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def _read(page, selector: str) -> list[np.ndarray]:
+    return [_png(url.split(",", 1)[1]) for url in page.evaluate(READ_IMAGES, selector)]
+
+
+def test_send_to_inpaint_button_in_the_browser(server, page):
+    """txt2img -> the accordion's expression -> the results-row button: img2img > Inpaint upload
+    opens with the generated image, its mask and its size, and an img2img generation inpaints with that mask."""
+    page.locator("#txt2img_prompt textarea").fill("a photo")
+    for name, value in (("steps", "1"), ("width", "128"), ("height", "96")):
+        page.locator(f"#txt2img_{name} input[type=number]").fill(value)
+    page.locator("#txt2img_generate").click()
+    page.wait_for_selector("#txt2img_gallery img", timeout=300_000)
+    generated = _read(page, "#txt2img_gallery img")[0]
+    page.locator("#script_txt2img_ldznet_mask_accordion .label-wrap").click()
+    page.locator("#script_txt2img_ldznet_mask_expression textarea").fill("cat")
+    page.locator("#txt2img_send_to_ldznet_inpaint").click()
+    page.wait_for_function("get_tab_index('tabs') == 1 && get_tab_index('mode_img2img') == 4 && "
+                           "!!gradioApp().querySelector('#img_inpaint_mask img')", timeout=300_000)
+    base, mask = _read(page, "#img_inpaint_base img")[0], _read(page, "#img_inpaint_mask img")[0]
+    status = page.evaluate("gradioApp().querySelector('#script_txt2img_ldznet_mask_status').innerText")
+    assert "sent to Inpaint upload with the mask of cat" in status
+    size = [page.locator(f"#img2img_{name} input[type=number]").input_value() for name in ("width", "height")]
+    assert size == ["128", "96"]  # opts.send_size, as with the host's own send buttons
+    assert generated.shape == base.shape == (96, 128, 3) and np.array_equal(base, generated)
+    code, direct = _call(server, "/ldznet/v1/mask", {"image": _b64(Image.fromarray(base)), "expression": "cat"})
+    assert code == 200 and mask.shape == (96, 128) and np.array_equal(mask, _png(direct["mask"]))
+
+    # Generate from the filled tab: the mask the WebUI inpainted with (opts.return_mask) is ours.
+    page.locator("#img2img_steps input[type=number]").fill("1")
+    page.locator("#img2img_mask_blur input[type=number]").fill("0")
+    page.locator("#img2img_generate").click()
+    page.wait_for_function("gradioApp().querySelectorAll('#img2img_gallery .thumbnail-item').length >= 2",
+                           timeout=300_000)
+    outputs = _read(page, "#img2img_gallery .thumbnail-item img")
+    assert any(o.shape == (96, 128, 3) and np.array_equal(o[..., 0], mask) for o in outputs)
+    assert page.errors == []
+
+
+def test_tab_masks_a_folder_in_the_browser(server, page, tmp_path):
+    """The LD-ZNet tab on the real host (its shared.state, queue lock and gradio): masks and
+    previews for a folder, then a rerun that skips them."""
+    images = [IMAGE, IMAGE.transpose(Image.FLIP_LEFT_RIGHT)]
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"img{i}.png")
+    page.evaluate("() => { for (const b of gradioApp().querySelectorAll('#tabs > .tab-nav button')) "
+                  "if (b.innerText.trim() == 'LD-ZNet') b.click(); }")
+    page.locator("#ldznet_tab_input textarea").fill(str(tmp_path))
+    page.locator("#ldznet_tab_output textarea").fill(str(tmp_path / "masks"))
+    page.locator("#ldznet_tab_expression textarea").fill("cat")
+    status = "gradioApp().querySelector('#tab_ldznet .ldznet-status, #tab_ldznet .ldznet-error')?.innerText || ''"
+    for expected in ("2 masked, 0 skipped, 0 failed", "0 masked, 2 skipped, 0 failed"):
+        page.evaluate("() => { const s = gradioApp().querySelector('#tab_ldznet .ldznet-status'); if (s) s.remove(); }")
+        page.locator("#ldznet_tab_run").click()
+        page.wait_for_function(f"({status}).includes('masked')", timeout=300_000)
+        assert expected in page.evaluate(status)
+        if expected.startswith("2 masked"):
+            assert len(_read(page, "#ldznet_tab_gallery .thumbnail-item img")) == 2
+    for i, image in enumerate(images):
+        code, direct = _call(server, "/ldznet/v1/mask", {"image": _b64(image), "expression": "cat"})
+        assert code == 200 and np.array_equal(np.asarray(Image.open(tmp_path / "masks" / f"img{i}.png")),
+                                              _png(direct["mask"]))
+    assert page.errors == []
+
+
+def _forge_image(seed: int = 0) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((96, 128, 3)) * 255).astype(np.uint8))
+
+
+def test_forge_routes_and_validation(forge):
+    status, version = _call(forge, "/ldznet/v1/version")
+    assert status == 200 and version["host"] == "forge" and version["head"] == FORGE_HEAD
+    payload = {"init_images": [_b64(_forge_image())], "prompt": "x", "steps": 1,
+               "alwayson_scripts": {"ld-znet mask": {"args": ["cat", "LD-ZNet head", 1.5]}}}
+    status, body = _call(forge, "/sdapi/v1/img2img", payload)
+    assert status == 422 and "threshold must be in [0, 1)" in body["detail"]
+    status, body = _call(forge, "/ldznet/v1/mask", {"image": _b64(_forge_image()), "expression": "cat AND"})
+    assert status == 422 and "position 7" in body["detail"]
+
+
+def test_forge_mask_line_masks_img2img(forge):
+    """The head on Forge's UNet (the feature tap on its own modules): the route's mask is the one
+    img2img inpaints with when the prompt says ``mask: cat``."""
+    image = _forge_image()
+    status, first = _call(forge, "/ldznet/v1/mask", {"image": _b64(image), "expression": "cat"})
+    assert status == 200, first
+    probability = _png(first["probability"]) / 65535
+    assert probability.shape == (96, 128) and probability.max() > probability.min()
+    threshold = round(float(probability.min() + probability.max()) / 2, 4)  # a random head: both sides occupied
+    status, direct = _call(forge, "/ldznet/v1/mask",
+                           {"image": _b64(image), "expression": "cat", "threshold": threshold})
+    assert status == 200 and 0 < direct["coverage"] < 1
+    payload = {"init_images": [_b64(image)], "prompt": "a photo\nmask: cat", "steps": 2, "width": 128, "height": 96,
+               "seed": 1, "sampler_name": "Euler", "denoising_strength": 0.5, "mask_blur": 0, "inpaint_full_res": False,
+               "alwayson_scripts": {"LD-ZNet mask": {"args": ["", "LD-ZNet head", threshold]}}}
+    status, result = _call(forge, "/sdapi/v1/img2img", payload)
+    assert status == 200, result
+    infotext = json.loads(result["info"])["infotexts"][0]
+    assert infotext.startswith("a photo\n") and "LD-ZNet mask: cat" in infotext
+    used = _png(result["images"][-1])  # opts.return_mask
+    assert np.array_equal(used[..., 0] if used.ndim == 3 else used, _png(direct["mask"]))
+    status, parsed = _call(forge, "/sdapi/v1/png-info", {"image": result["images"][0]})
+    from ldznet_ext.webui.request import MaskRequest
+
+    assert status == 200 and MaskRequest.from_infotext(parsed["parameters"]) == MaskRequest("cat", threshold=threshold)
+
+
+def test_forge_zero_shot_leaves_the_next_generation_unchanged(forge):
+    generation = {"prompt": "a photo", "steps": 2, "width": 64, "height": 64, "seed": 7, "sampler_name": "Euler"}
+    status, before = _call(forge, "/sdapi/v1/txt2img", generation)
+    assert status == 200, before
+    status, mask = _call(forge, "/ldznet/v1/mask", {"image": _b64(_forge_image(1)), "expression": "cat OR dog",
+                                                      "mode": "zero-shot"})
+    assert status == 200 and np.ptp(_png(mask["probability"])) > 0
+    status, after = _call(forge, "/sdapi/v1/txt2img", generation)
+    assert status == 200 and np.array_equal(_png(after["images"][0]), _png(before["images"][0]))

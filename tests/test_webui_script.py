@@ -1,8 +1,6 @@
-"""The img2img/txt2img script and the tab on the fake WebUI: p.image_mask before p.init(), the
-Batch tab's reused p, the prompt's mask line, infotext, masks saved beside images, failures."""
+"""The img2img/txt2img script on the fake WebUI: p.image_mask before p.init(), the Batch tab's
+reused p, the prompt's mask line, infotext, masks saved beside images, failures."""
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from fake_webui import world  # noqa: E402
 import modules.shared  # noqa: E402
 from modules import processing, script_callbacks  # noqa: E402
 
-from ldznet_ext.webui import host, script, tab  # noqa: E402
+from ldznet_ext.webui import host, script  # noqa: E402
 from ldznet_ext.webui.request import MaskRequest  # noqa: E402
 
 ARGS = ("", "LD-ZNet head", 0.3, 0, 0, False, "replace")
@@ -111,26 +109,3 @@ def test_txt2img_saves_a_mask_beside_each_image(tmp_path):
     assert np.array_equal(saved, host.compute(generated, MaskRequest("goblin", threshold=0.3)).mask)
     script.save_pending_mask(script_callbacks.ImageSaveParams(_image(6), p, str(tmp_path / "grid.png"), {}))
     assert not (tmp_path / "grid-ldznet-mask.png").exists()
-
-
-def test_tab_masks_a_folder_resumably(tmp_path):
-    world.install(tmp_path)
-    inputs, out = tmp_path / "in", tmp_path / "out"
-    inputs.mkdir()
-    for i in range(3):
-        _image(10 + i).save(inputs / f"img{i}.png")
-    (inputs / "broken.jpg").write_bytes(b"not a jpeg")
-    args = ("goblin", "LD-ZNet head", 0.3, 0, 0, False, "replace")
-    previews, status = tab.mask_folder(str(inputs), None, str(out), False, *args)
-    assert "3 masked, 0 skipped, 1 failed" in status and len(previews) == 3
-    assert sorted(p.name for p in out.glob("*.png")) == ["img0.png", "img1.png", "img2.png"]
-    mask = np.asarray(Image.open(out / "img1.png"))
-    assert np.array_equal(mask, host.compute(np.asarray(_image(11)), MaskRequest("goblin", threshold=0.3)).mask)
-    (out / "img0.png").unlink()
-    modules.shared.state.begun = 0
-    previews, status = tab.mask_folder(str(inputs), None, str(out), False, *args)
-    assert "1 masked, 2 skipped, 1 failed" in status and modules.shared.state.begun == 1
-    lines = [json.loads(line) for line in (out / "ldznet-manifest.jsonl").read_text().splitlines()]
-    assert [e["status"] for e in lines].count("skipped") == 2 and len(lines) == 8
-    _, status = tab.mask_folder(str(inputs), None, str(inputs), False, *args)
-    assert "output folder is the input folder" in status

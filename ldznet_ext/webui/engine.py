@@ -10,6 +10,8 @@ its hooks on the way out, also when the call raises.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +25,7 @@ from ..heads import load_head
 from ..images import ImageInput
 from ..loading import DTYPES, check_head_fits, with_grow
 from ..masks.expression import parse
+from ..masks.tree import Expression
 from ..modeling.build import HeadConfig
 from ..sd.checkpoint import unet_config_from_state_dict
 from ..sd.model import Backbone
@@ -137,24 +140,38 @@ class MaskEngine:
         if request.zero_shot:
             zero_shot = ZeroShotSettings(**({"timestep": options.timestep} if options.timestep is not None else {}))
             return Segmenter(backbone, settings=SegmenterSettings(resolution=options.resolution, seed=options.seed,
-                                                                  zero_shot=zero_shot))
+                                                                  zero_shot=zero_shot,
+                                                                  refine=request.refine_settings()))
         head, config = self._load_head(options, backbone.device, backbone.dtype)
         self._check_fits(backbone, config, options.head)
         timestep = config.timestep if options.timestep is None else options.timestep
         return Segmenter(backbone, head, config,
-                         SegmenterSettings(resolution=options.resolution, timestep=timestep, seed=options.seed))
+                         SegmenterSettings(resolution=options.resolution, timestep=timestep, seed=options.seed,
+                                           refine=request.refine_settings()))
+
+    @contextmanager
+    def session(self, backbone: Backbone, request: MaskRequest, options: EngineOptions) -> Iterator[Segmenter]:
+        """A Segmenter for ``request`` held for several images (the batch tab): the head cache is
+        locked meanwhile, and the head goes back to the CPU afterwards unless ``keep_on_gpu``."""
+        with self._lock:
+            segmenter = self.segmenter(backbone, request, options)
+            try:
+                yield segmenter
+            finally:
+                if segmenter.head is not None and not options.keep_on_gpu:
+                    segmenter.head.to("cpu")
 
     def predict(self, backbone: Backbone, image: ImageInput, request: MaskRequest, options: EngineOptions,
                 brush: np.ndarray | None = None) -> MaskResult:
         """The mask of ``request`` on ``image`` at the image's size, combined with ``brush`` (uint8 [H, W])."""
         if not request.active:
             raise LdznetError("the mask expression is empty")
-        with self._lock:
-            segmenter = self.segmenter(backbone, request, options)
-            try:
-                segmenter.set_image(image)
-                prediction = segmenter.predict(with_grow(parse(request.expression), request.grow), request.options())
-            finally:
-                if segmenter.head is not None and not options.keep_on_gpu:
-                    segmenter.head.to("cpu")
+        with self.session(backbone, request, options) as segmenter:
+            segmenter.set_image(image)
+            prediction = segmenter.predict(request_expression(request), request.options())
         return MaskResult(combine(prediction.mask_image(), brush, request.combine), prediction)
+
+
+def request_expression(request: MaskRequest) -> Expression:
+    """The parsed expression of ``request`` with its grow/shrink applied to the whole mask."""
+    return with_grow(parse(request.expression), request.grow)

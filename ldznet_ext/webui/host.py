@@ -5,8 +5,9 @@ All ``modules`` imports are lazy, inside functions: this file imports without a 
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 
 from ..images import ImageInput
 from ..sd.model import Backbone
+from ..segmenter import Segmenter
 from .engine import NO_HEAD, EngineOptions, MaskEngine, MaskResult
 from .request import MaskRequest
 
@@ -51,30 +53,57 @@ def engine_options() -> EngineOptions:
                          resolution=resolution or None)
 
 
-def current_backbone() -> Backbone:
-    """An adapter over the host's loaded model; CheckpointError when it is not usable (SD2, SDXL,
-    inpainting, TensorRT UNet)."""
-    from modules import shared
+def is_forge() -> bool:
+    """True inside Forge (its model is a Forge engine, loaded lazily), False inside A1111."""
+    return importlib.util.find_spec("modules_forge") is not None
 
-    sd_model = shared.sd_model
-    if getattr(sd_model, "forge_objects", None) is not None:
-        from backend import memory_management
 
-        from .forge import ForgeBackbone, check_forge_model
+def loaded_model():
+    """The host's current model without loading one; None when none is loaded. Forge loads the
+    selected checkpoint only when something asks for it: until then its ``sd_model`` is a
+    placeholder, or the previous model after the checkpoint setting changed."""
+    from modules import sd_models
+
+    data = sd_models.model_data
+    if is_forge():
+        current = data.forge_hash == str(data.forge_loading_parameters)
+        return data.sd_model if current and getattr(data.sd_model, "forge_objects", None) is not None else None
+    return data.sd_model
+
+
+def _check(sd_model) -> None:
+    if is_forge():
+        from .forge import check_forge_model
 
         check_forge_model(sd_model)
+    else:
+        from modules import sd_unet
+
+        from .a1111 import check_a1111_model
+
+        check_a1111_model(sd_model, sd_unet.current_unet)
+
+
+def current_backbone() -> Backbone:
+    """An adapter over the host's model, loading Forge's selected checkpoint first as its own
+    generations do (the caller holds the GPU); CheckpointError when the model is not usable (SD2,
+    SDXL, inpainting, TensorRT UNet)."""
+    if is_forge():
+        from backend import memory_management
+        from modules import sd_models
+
+        from .forge import ForgeBackbone
+
+        sd_model, _ = sd_models.forge_model_reload()  # a no-op when the selected model is loaded
+        _check(sd_model)
         return ForgeBackbone(sd_model, memory_management.load_model_gpu)
-    from modules import devices, sd_unet
+    from modules import devices, shared
 
-    from .a1111 import A1111Backbone, check_a1111_model
+    from .a1111 import A1111Backbone
 
-    check_a1111_model(sd_model, sd_unet.current_unet)
+    sd_model = shared.sd_model
+    _check(sd_model)
     return A1111Backbone(sd_model, devices)
-
-
-def check_model() -> None:
-    """Raise CheckpointError when the loaded model cannot give LD-ZNet features."""
-    current_backbone()
 
 
 def compute(image: ImageInput, request: MaskRequest, brush: np.ndarray | None = None) -> MaskResult:
@@ -84,6 +113,12 @@ def compute(image: ImageInput, request: MaskRequest, brush: np.ndarray | None = 
         # Pixels as the host uses them: no EXIF rotation (the host does not rotate API images either).
         image = np.asarray(image.convert("RGBA") if image.mode in ("RGBA", "LA", "P") else image.convert("RGB"))
     return engine().predict(current_backbone(), image, request, engine_options(), brush)
+
+
+def session(request: MaskRequest) -> AbstractContextManager[Segmenter]:
+    """A context manager yielding a Segmenter for ``request`` on the host's model, for several
+    images in a row (the batch tab). The caller holds the GPU (:func:`gpu_job`)."""
+    return engine().session(current_backbone(), request, engine_options())
 
 
 @contextmanager
@@ -104,8 +139,6 @@ def check_ready(request: MaskRequest) -> None:
     """Cheap, non-blocking readiness check (API validation): the head exists unless zero-shot and
     the model already loaded, if any, is usable. Never loads a model."""
     engine().check(request, engine_options())
-    from modules import sd_models
-
-    data = getattr(sd_models, "model_data", None)
-    if getattr(data, "sd_model", None) is not None:
-        current_backbone()
+    sd_model = loaded_model()
+    if sd_model is not None:
+        _check(sd_model)

@@ -1,36 +1,67 @@
 """The "LD-ZNet" tab: masks for a folder (or uploaded files) on the loaded model.
 
-Writes ``{stem}.png`` masks (the names img2img's "Inpaint batch mask directory" looks up) and a
-JSONL manifest line per file, skips finished masks unless told to overwrite, reports progress and
-stops on Interrupt through ``shared.state``, and shows overlays of the first results.
+The work is :func:`ldznet_ext.batch.run_batch`, the engine of ``ldznet batch``: ``{stem}.png``
+masks (the names img2img's "Inpaint batch mask directory" looks up), a JSONL manifest line per
+file, finished masks skipped unless told to overwrite. Here it runs on the host's model, reports
+progress and stops on Interrupt through ``shared.state``, and shows overlays of the first results.
 """
 
 from __future__ import annotations
 
 import html
-import time
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
-from ..batch import MANIFEST_NAME, IMAGE_SUFFIXES, Manifest, check_folders, stem_owners
+from ..batch import IMAGE_SUFFIXES, MANIFEST_NAME, BatchCallbacks, BatchJob, Manifest, check_folders, run_batch
 from ..errors import LdznetError
 from ..images import load_image
-from ..outputs import render_overlay, write_mask
+from ..outputs import render_overlay
 from . import host
+from .engine import request_expression
 from .request import COMBINE_MODES, MODES, MaskRequest
 
 PREVIEW_COUNT = 12
 
 
-def _files(input_dir: str, uploads) -> tuple[list[Path], Path | None]:
+class StateCallbacks(BatchCallbacks):
+    """run_batch <-> ``shared.state``: job_count / job_no / textinfo for progress, ``interrupted``
+    to stop after the current file; overlays of the first PREVIEW_COUNT masks for the gallery."""
+
+    def __init__(self, state):
+        self.state = state
+        self.previews: list[tuple[Image.Image, str]] = []
+
+    def started(self, total: int) -> None:
+        self.state.job_count = total
+
+    def file_done(self, entry: dict) -> None:
+        name = Path(entry["input"]).name
+        self.state.textinfo = f"LD-ZNet: {name}"
+        if entry["status"] == "ok" and len(self.previews) < PREVIEW_COUNT:
+            try:
+                mask = np.asarray(Image.open(entry["output"]).convert("L"))
+                image = load_image(entry["input"])
+            except (LdznetError, OSError):  # the mask is written; only its preview is lost
+                pass
+            else:
+                self.previews.append((Image.fromarray(render_overlay(image, mask)), name))
+        self.state.nextjob()
+
+    def stop_requested(self) -> bool:
+        return bool(self.state.interrupted)
+
+
+def _files(input_dir: str, uploads, output: Path) -> tuple[list[Path], Path | None]:
     """(images, input folder or None for uploads)."""
     if uploads:
         files = [Path(getattr(f, "name", f)) for f in uploads]
         return [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES], None
     if not input_dir.strip():
         raise LdznetError("choose an input folder or upload images")
-    return [], Path(input_dir.strip()).expanduser()
+    folder = Path(input_dir.strip()).expanduser()
+    return check_folders(folder, output), folder
 
 
 def mask_folder(input_dir: str, uploads, output_dir: str, overwrite: bool, *args) -> tuple[list, str]:
@@ -42,52 +73,24 @@ def mask_folder(input_dir: str, uploads, output_dir: str, overwrite: bool, *args
         if not output_dir.strip():
             raise LdznetError("choose an output folder for the masks")
         out = Path(output_dir.strip()).expanduser()
-        files, folder = _files(input_dir, uploads)
-        if folder is not None:
-            files = check_folders(folder, out)
+        files, folder = _files(input_dir, uploads, out)
         if not files:
             raise LdznetError("no images to mask")
-        out.mkdir(parents=True, exist_ok=True)
-        with host.gpu_job("ldznet batch") as state:
-            return _run(files, out, request, overwrite, state)
+        settings = {k: v for k, v in request.as_dict().items() if k != "expression"}
+        # One image at a time, as in a generation: Interrupt answers after the current file and
+        # memory stays at one image's (--medvram / --lowvram hosts).
+        job = BatchJob(folder, out, request_expression(request), request.expression, request.options(), settings,
+                       overwrite, batch_size=1, files=files)
+        with host.gpu_job("ldznet batch") as state, host.session(request) as segmenter, \
+                Manifest(out / MANIFEST_NAME) as manifest:
+            callbacks = StateCallbacks(state)
+            summary = run_batch(job, segmenter, manifest, show_progress=False, callbacks=callbacks)
     except LdznetError as error:
         return [], f"<p class='ldznet-error'>{html.escape(str(error))}</p>"
-
-
-def _run(files: list[Path], out: Path, request: MaskRequest, overwrite: bool, state) -> tuple[list, str]:
-    owners = stem_owners(files)
-    counts = {"ok": 0, "skipped": 0, "error": 0}
-    previews: list = []
-    state.job_count = len(files)
-    settings = {k: v for k, v in request.as_dict().items() if k != "expression"}
-    with Manifest(out / MANIFEST_NAME) as manifest:
-        for path in files:
-            if state.interrupted:
-                break
-            state.textinfo = f"LD-ZNet: {path.name}"
-            target = out / f"{path.stem}.png"
-            start, error, status = time.perf_counter(), None, "ok"
-            if owners[path.stem.casefold()] != path:
-                status, error = "error", f"{owners[path.stem.casefold()].name} already writes {target.name}"
-            elif target.exists() and not overwrite:
-                status = "skipped"
-            else:
-                try:
-                    image = load_image(path)
-                    result = host.compute(image, request)
-                    write_mask(target, result.mask)
-                    if len(previews) < PREVIEW_COUNT:
-                        previews.append((Image.fromarray(render_overlay(image, result.mask)), path.name))
-                except (LdznetError, OSError) as failure:
-                    status, error = "error", str(failure)
-            manifest.write({"input": str(path), "expression": request.expression, "settings": settings,
-                            "output": str(target) if status != "error" else None, "status": status,
-                            "error": error, "seconds": round(time.perf_counter() - start, 4)})
-            counts[status] += 1
-            state.nextjob()
-    stopped = " (interrupted)" if state.interrupted else ""
-    summary = f"{counts['ok']} masked, {counts['skipped']} skipped, {counts['error']} failed{stopped}; masks in {out}"
-    return previews, f"<p class='ldznet-status'>{html.escape(summary)}</p>"
+    counts = summary.counts
+    stopped = " (interrupted)" if summary.interrupted else ""
+    text = f"{counts['ok']} masked, {counts['skipped']} skipped, {counts['error']} failed{stopped}; masks in {out}"
+    return callbacks.previews, f"<p class='ldznet-status'>{html.escape(text)}</p>"
 
 
 def build_tab():
@@ -107,6 +110,7 @@ def build_tab():
                 with gr.Row():
                     mode = gr.Radio(list(MODES), value=MODES[0], label="Mode")
                     invert = gr.Checkbox(False, label="Invert")
+                    refine = gr.Checkbox(True, label="Refine edges")
                     overwrite = gr.Checkbox(False, label="Redo finished masks")
                 with gr.Row():
                     threshold = gr.Slider(0.0, 0.99, value=float(host.opt("ldznet_threshold", 0.5)), step=0.01,
@@ -121,7 +125,7 @@ def build_tab():
                 status = gr.HTML()
                 gallery = gr.Gallery(label="First results", columns=4, elem_id="ldznet_tab_gallery")
         run.click(fn=mask_folder, inputs=[input_dir, uploads, output_dir, overwrite, expression, mode, threshold,
-                                          grow, feather, invert, combine], outputs=[gallery, status])
+                                          grow, feather, invert, combine, refine], outputs=[gallery, status])
         stop.click(fn=lambda: shared.state.interrupt(), inputs=None, outputs=None)
     return [(blocks, "LD-ZNet", "ldznet")]
 

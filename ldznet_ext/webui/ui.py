@@ -23,7 +23,7 @@ IMG2IMG_INPUTS = ("img2img_image", "img2img_sketch", "img2maskimg", "inpaint_ske
                   "img_inpaint_mask")
 """elem_ids of img2img's images, in the order of its mode tabs (the last two: Inpaint upload)."""
 WANTED = {*IMG2IMG_INPUTS, "txt2img_gallery", "img2img_gallery", "txt2img_prompt", "img2img_prompt",
-          "txt2img_send_to_extras", "img2img_send_to_extras"}
+          "txt2img_send_to_extras", "img2img_send_to_extras", "img2img_width", "img2img_height"}
 _components: dict[str, object] = {}
 _accordions: dict[str, dict] = {}
 _wired: set[int] = set()
@@ -72,7 +72,8 @@ def build_accordion(script, is_img2img: bool) -> list:
             feather = gr.Slider(0, min(64, MAX_FEATHER), value=0, step=1, label="Feather, px",
                                 elem_id=script.elem_id("feather"))
             invert = gr.Checkbox(False, label="Invert", elem_id=script.elem_id("invert"))
-        controls = [expression, mode, threshold, grow, feather, invert, combine]
+            refine = gr.Checkbox(True, label="Refine edges", elem_id=script.elem_id("refine"))
+        controls = [expression, mode, threshold, grow, feather, invert, combine, refine]
         status = gr.HTML(elem_id=script.elem_id("status"))
         if is_img2img:
             preview_button = gr.Button("Preview mask", elem_id=script.elem_id("preview_button"))
@@ -139,7 +140,9 @@ def preview_mask(mode, prompt, *values):
 
 
 def send_to_inpaint(gallery, index, *args):
-    """Send button: (image, mask, status) for img2img > Inpaint upload."""
+    """Send button: (image, mask, width, height, status) for img2img > Inpaint upload; the size goes
+    along unless Settings > "Send size" is off, as with the host's own send buttons."""
+    import gradio as gr
     from modules.infotext_utils import image_from_url_text
 
     try:
@@ -151,21 +154,22 @@ def send_to_inpaint(gallery, index, *args):
         with host.gpu_job("ldznet send to inpaint"):
             result = host.compute(image, request)
     except LdznetError as error:
-        import gradio as gr
-
-        return gr.update(), gr.update(), _status(str(error), error=True)
-    return image, Image.fromarray(result.mask, "L"), _status(f"sent to Inpaint upload with the mask of {request.expression}")
+        return gr.update(), gr.update(), gr.update(), gr.update(), _status(str(error), error=True)
+    width, height = image.size if host.opt("send_size", True) else (gr.update(), gr.update())
+    return (image, Image.fromarray(result.mask, "L"), width, height,
+            _status(f"sent to Inpaint upload with the mask of {request.expression}"))
 
 
 def _wire_send_buttons() -> None:
     base, mask = _components.get("img_inpaint_base"), _components.get("img_inpaint_mask")
+    width, height = _components.get("img2img_width"), _components.get("img2img_height")
     for tab in ("txt2img", "img2img"):
         button, gallery = _components.get(f"{tab}_ldznet_send"), _components.get(f"{tab}_gallery")
         accordion = _accordions.get(tab)
-        if None in (button, gallery, accordion, base, mask) or id(button) in _wired:
+        if None in (button, gallery, accordion, base, mask, width, height) or id(button) in _wired:
             continue
         _wired.add(id(button))
         button.click(fn=send_to_inpaint, _js="ldznet_send_args",
                      inputs=[gallery, accordion["status"], *accordion["controls"]],
-                     outputs=[base, mask, accordion["status"]], show_progress=False,
+                     outputs=[base, mask, width, height, accordion["status"]], show_progress=False,
                      ).then(fn=None, _js="ldznet_switch_to_inpaint_upload", inputs=None, outputs=None)

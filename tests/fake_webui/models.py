@@ -1,5 +1,6 @@
-"""Small models for the WebUI tests: an SD v1-topology model with an 8x VAE (A1111 sizes latents
-as image/8), a tiny LD-ZNet head for it, and a stand-in for ldm's LatentDiffusion (which needs
+"""Models for the WebUI tests: a small SD v1-topology model with an 8x VAE (A1111 sizes latents
+as image/8) and a tiny LD-ZNet head for it, a random full-size SD v1 and head (for Forge, whose
+loader knows only the real sizes), and a stand-in for ldm's LatentDiffusion (which needs
 pytorch_lightning) built around ldm's real UNetModel and DiagonalGaussianDistribution, with the
 methods A1111 v1.10.1 calls on ``shared.sd_model``."""
 
@@ -41,6 +42,35 @@ def tiny_head(seed: int = 0):
     head = build_head(config).eval().requires_grad_(False)
     _perturb(head, 0.05)
     return head, config
+
+
+def _wake(module: nn.Module, std: float = 0.01) -> nn.Module:
+    # Only the zero-initialised weights get noise: a full-size UNet stays numerically tame.
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim > 1 and not p.any():
+                p.add_(torch.randn_like(p) * std)
+    return module
+
+
+def full_size_sd(seed: int = 0) -> StableDiffusion:
+    """Random SD v1 of the real size (what Forge's loader recognises as SD 1.5; 1.07 G parameters)
+    whose UNet output depends on the text. Building it takes about a minute on one CPU core."""
+    torch.manual_seed(seed)
+    sd = StableDiffusion(UNetModel(unet_config("sd-v1")), AutoencoderKL(VAEConfig()),
+                         TextEncoder.from_config(text_config("sd-v1")))
+    _wake(sd.unet)
+    return sd.eval().requires_grad_(False)
+
+
+FULL_SIZE_HEAD_LATENT = 16  # 128 px working size
+
+
+def full_size_head(seed: int = 0):
+    """(head, config): a random LD-ZNet head for ``full_size_sd``."""
+    config = head_config("ldznet", "sd-v1", latent_size=FULL_SIZE_HEAD_LATENT)
+    torch.manual_seed(seed)
+    return _wake(build_head(config).eval().requires_grad_(False)), config
 
 
 class _Wrapper(nn.Module):

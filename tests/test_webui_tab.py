@@ -1,0 +1,139 @@
+"""The "LD-ZNet" tab on the fake WebUI: run_batch on the host's model, resumable masks, progress
+and Interrupt through shared.state, uploads, folder errors."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
+
+from fake_webui import world  # noqa: E402
+
+import modules.shared  # noqa: E402
+
+from ldznet_ext.batch import MANIFEST_NAME, read_manifest  # noqa: E402
+from ldznet_ext.segmenter import Segmenter  # noqa: E402
+from ldznet_ext.webui import host, tab  # noqa: E402
+from ldznet_ext.webui.request import MaskRequest  # noqa: E402
+
+ARGS = ("goblin", "LD-ZNet head", 0.3, 0, 0, False, "replace")
+
+
+def _image(seed: int, size=(56, 40)) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype(np.uint8))
+
+
+def _gallery(folder: Path, count: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        _image(10 + i).save(folder / f"img{i}.png")
+        paths.append(folder / f"img{i}.png")
+    return paths
+
+
+def _expected(seed: int) -> np.ndarray:
+    return host.compute(np.asarray(_image(seed)), MaskRequest("goblin", threshold=0.3)).mask
+
+
+def test_tab_masks_a_folder_resumably(tmp_path):
+    world.install(tmp_path)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    _gallery(inputs, 3)
+    (inputs / "broken.jpg").write_bytes(b"not a jpeg")
+    previews, status = tab.mask_folder(str(inputs), None, str(out), False, *ARGS)
+    assert "3 masked, 0 skipped, 1 failed; masks in" in status and "interrupted" not in status
+    assert [name for _, name in previews] == ["img0.png", "img1.png", "img2.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["img0.png", "img1.png", "img2.png"]
+    assert np.array_equal(np.asarray(Image.open(out / "img1.png")), _expected(11))
+    (out / "img0.png").unlink()
+    modules.shared.state.begun = 0
+    previews, status = tab.mask_folder(str(inputs), None, str(out), False, *ARGS)
+    assert "1 masked, 2 skipped, 1 failed" in status and modules.shared.state.begun == 1
+    assert [name for _, name in previews] == ["img0.png"]
+    entries = read_manifest(out / MANIFEST_NAME)
+    assert [(Path(e["input"]).name, e["status"]) for e in entries] == [
+        ("broken.jpg", "error"), ("img0.png", "ok"), ("img1.png", "ok"), ("img2.png", "ok"),
+        ("img1.png", "skipped"), ("img2.png", "skipped"), ("broken.jpg", "error"), ("img0.png", "ok")]
+    assert entries[1]["expression"] == "goblin" and entries[1]["settings"]["threshold"] == 0.3
+
+
+def test_tab_reports_progress_per_file(tmp_path, monkeypatch):
+    world.install(tmp_path)
+    _gallery(tmp_path / "in", 3)
+    _image(1).save(tmp_path / "out.png")  # not an input: a file beside the folder
+    (tmp_path / "out").mkdir()
+    Image.new("L", (56, 40)).save(tmp_path / "out" / "img1.png")  # finished earlier: skipped, still counted
+    state, seen = modules.shared.state, []
+    real_next = state.nextjob
+
+    def recording_next():
+        seen.append((state.job, state.job_no, state.job_count, state.textinfo))
+        real_next()
+
+    monkeypatch.setattr(state, "nextjob", recording_next)
+    _, status = tab.mask_folder(str(tmp_path / "in"), None, str(tmp_path / "out"), False, *ARGS)
+    assert "2 masked, 1 skipped, 0 failed" in status
+    assert seen == [("ldznet batch", 0, 3, "LD-ZNet: img1.png"), ("ldznet batch", 1, 3, "LD-ZNet: img0.png"),
+                    ("ldznet batch", 2, 3, "LD-ZNet: img2.png")]  # skipped files are settled first
+    assert state.job_no == 3 and state.job == ""  # state.end() ran
+
+
+def test_interrupt_stops_after_the_current_file(tmp_path, monkeypatch):
+    world.install(tmp_path)
+    paths = _gallery(tmp_path / "in", 5)
+    out = tmp_path / "out"
+    calls = []
+    real_predict = Segmenter.predict_images
+
+    def interrupted_during_the_second(self, images, *args, **kwargs):
+        calls.append(len(images))
+        if len(calls) == 2:  # the Interrupt button, pressed while the second file computes
+            modules.shared.state.interrupt()
+        return real_predict(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(Segmenter, "predict_images", interrupted_during_the_second)
+    previews, status = tab.mask_folder(str(tmp_path / "in"), None, str(out), False, *ARGS)
+    assert calls == [1, 1] and "2 masked, 0 skipped, 0 failed (interrupted)" in status and len(previews) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["img0.png", "img1.png", MANIFEST_NAME]  # no temporaries
+    assert np.array_equal(np.asarray(Image.open(out / "img1.png")), _expected(11))
+    entries = read_manifest(out / MANIFEST_NAME)
+    assert [(e["input"], e["status"], e["output"]) for e in entries] == [
+        (str(p), "ok", str(out / p.name)) for p in paths[:2]]
+
+    _, status = tab.mask_folder(str(tmp_path / "in"), None, str(out), False, *ARGS)  # begin() clears the flag
+    assert "3 masked, 2 skipped, 0 failed; masks in" in status and calls == [1, 1, 1, 1, 1]
+    assert np.array_equal(np.asarray(Image.open(out / "img4.png")), _expected(14))
+    statuses = [(Path(e["input"]).name, e["status"]) for e in read_manifest(out / MANIFEST_NAME)]
+    assert statuses[2:] == [("img0.png", "skipped"), ("img1.png", "skipped"), ("img2.png", "ok"),
+                            ("img3.png", "ok"), ("img4.png", "ok")]
+
+
+def test_uploaded_files_and_folder_errors(tmp_path):
+    world.install(tmp_path)
+    first, second = _gallery(tmp_path / "up1", 1)[0], tmp_path / "up2" / "other.png"
+    second.parent.mkdir()
+    _image(11).save(second)
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "notes.txt").write_text("not an image")
+    uploads = [SimpleNamespace(name=str(first)), SimpleNamespace(name=str(second)), tmp_path / "text" / "notes.txt"]
+    out = tmp_path / "out"
+    _, status = tab.mask_folder("", uploads, str(out), False, *ARGS)
+    assert "2 masked, 0 skipped, 0 failed" in status
+    assert np.array_equal(np.asarray(Image.open(out / "other.png")), _expected(11))
+    errors = {
+        "output folder is the input folder": ("up1", str(tmp_path / "up1"), ARGS),
+        "no images in": ("text", str(out), ARGS),
+        "choose an input folder or upload images": ("", str(out), ARGS),
+        "choose an output folder": ("up1", " ", ARGS),
+        "type a mask expression": ("up1", str(out), ("",)),
+    }
+    for message, (folder, output, args) in errors.items():
+        modules.shared.state.begun = 0
+        previews, status = tab.mask_folder(str(tmp_path / folder) if folder else "", None, output, False, *args)
+        assert previews == [] and message in status and "ldznet-error" in status
+        assert modules.shared.state.begun == 0  # refused before taking the GPU
