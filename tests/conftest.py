@@ -1,13 +1,16 @@
-"""Shared fixtures for the UNet, tap and head tests: tiny UNets with random weights, ldm's twin."""
+"""Shared fixtures: tiny UNets with random weights and ldm's twin (UNet, tap and head tests), and the
+in-process CLI runner (command tests)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import Tensor, nn
 
+from ldznet_ext import cli
 from ldznet_ext.sd.unet import UNetConfig, UNetModel, unet_config
 
 # The test models are tiny: intra-op threads buy nothing, and on a 2-core machine that also runs
@@ -71,6 +74,19 @@ def tiny_inputs(batch: int = 2, h: int = 24, w: int = 40, seed: int = 1) -> tupl
 def any_tiny_unet(request: pytest.FixtureRequest) -> nn.Module:
     """Each ldm-layout UNet implementation the tap must work on, tiny and random."""
     return tiny_unet(request.param)
+
+
+@pytest.fixture
+def ldznet(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    """Run the CLI in-process: (exit status, stdout, stderr)."""
+    def run(*args: object) -> tuple[int, str, str]:
+        try:
+            code = cli.main([str(a) for a in args])
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
 
 
 from fixtures_models import *  # noqa: E402,F401,F403  (tiny SD model and head fixtures)

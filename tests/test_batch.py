@@ -14,23 +14,11 @@ import pytest
 from fixtures_models import random_image
 from PIL import Image
 
-from ldznet_ext import cli, outputs
+from ldznet_ext import outputs
 from ldznet_ext.batch import MANIFEST_NAME, list_images, parse_shard, read_manifest, shard
 from ldznet_ext.segmenter import Segmenter
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture
-def ldznet(capsys):
-    def run(*args: object) -> tuple[int, str, str]:
-        try:
-            code = cli.main([str(a) for a in args])
-        except SystemExit as exit_:
-            code = exit_.code
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
 
 
 @pytest.fixture

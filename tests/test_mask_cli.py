@@ -14,7 +14,7 @@ from fixtures_models import random_image
 from PIL import Image
 from safetensors.torch import save_file
 
-from ldznet_ext import cli, loading
+from ldznet_ext import loading
 from ldznet_ext.heads import save_head
 from ldznet_ext.loading import load_segmenter, with_grow
 from ldznet_ext.masks.expression import parse
@@ -24,19 +24,6 @@ from ldznet_ext.outputs import render_overlay
 from ldznet_ext.sd.unet import unet_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture
-def ldznet(capsys):
-    """Run the CLI in-process: (exit status, stdout, stderr)."""
-    def run(*args: object) -> tuple[int, str, str]:
-        try:
-            code = cli.main([str(a) for a in args])
-        except SystemExit as exit_:  # argparse's own errors
-            code = exit_.code
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
 
 
 @pytest.fixture

@@ -85,18 +85,37 @@ def test_dilating_a_single_pixel_draws_the_disk(radius, element):
     assert torch.equal(erode(1 - p, radius), 1 - expected)
 
 
-def test_dilation_is_grey_scale_max_and_clips_at_the_border():
-    p = torch.zeros(3, 5)
-    p[0, 0] = 0.25
-    p[2, 3] = 0.75
-    assert torch.equal(
-        dilate(p, 1),
-        t([
-            [0.25, 0.25, 0.0, 0.0, 0.0],
-            [0.25, 0.0, 0.0, 0.75, 0.0],
-            [0.0, 0.0, 0.75, 0.75, 0.75],
-        ]),
-    )  # fmt: skip
+@pytest.mark.parametrize(
+    "op, radius, before, after",
+    [
+        pytest.param(
+            dilate, 1,
+            [[0.25, 0.0, 0.0, 0.0, 0.0],
+             [0.0, 0.0, 0.0, 0.0, 0.0],
+             [0.0, 0.0, 0.0, 0.75, 0.0]],
+            [[0.25, 0.25, 0.0, 0.0, 0.0],
+             [0.25, 0.0, 0.0, 0.75, 0.0],
+             [0.0, 0.0, 0.75, 0.75, 0.75]],
+            id="dilation-is-grey-max-clipped-at-the-border",
+        ),
+        pytest.param(
+            erode, 2,
+            [[1.0, 1.0, 1.0, 1.0, 1.0],
+             [1.0, 1.0, 1.0, 1.0, 1.0],
+             [1.0, 1.0, 0.5, 1.0, 1.0],
+             [1.0, 1.0, 1.0, 1.0, 1.0],
+             [1.0, 1.0, 1.0, 1.0, 1.0]],
+            [[1.0, 1.0, 0.5, 1.0, 1.0],
+             [1.0, 0.5, 0.5, 0.5, 1.0],
+             [0.5, 0.5, 0.5, 0.5, 0.5],
+             [1.0, 0.5, 0.5, 0.5, 1.0],
+             [1.0, 1.0, 0.5, 1.0, 1.0]],
+            id="erosion-is-grey-min-ignoring-outside-pixels",
+        ),
+    ],
+)  # fmt: skip
+def test_grey_scale_morphology_by_hand(op, radius, before, after):
+    assert torch.equal(op(t(before), radius), t(after))
 
 
 def test_erosion_does_not_eat_the_mask_from_the_image_border():
@@ -106,18 +125,6 @@ def test_erosion_does_not_eat_the_mask_from_the_image_border():
     expected[:, :2] = 1
     assert torch.equal(erode(p, 1), expected)
     assert torch.equal(erode(torch.ones(4, 7), 3), torch.ones(4, 7))
-    p = torch.ones(5, 5)
-    p[2, 2] = 0.5
-    assert torch.equal(
-        erode(p, 2),
-        t([
-            [1.0, 1.0, 0.5, 1.0, 1.0],
-            [1.0, 0.5, 0.5, 0.5, 1.0],
-            [0.5, 0.5, 0.5, 0.5, 0.5],
-            [1.0, 0.5, 0.5, 0.5, 1.0],
-            [1.0, 1.0, 0.5, 1.0, 1.0],
-        ]),
-    )  # fmt: skip
 
 
 def test_radius_below_one_is_a_copy():

@@ -22,6 +22,14 @@ def tiny() -> TextEncoder:
     return make_tiny(0)
 
 
+def assert_loads_as(state: dict, encoder: TextEncoder) -> None:
+    """A differently seeded encoder that strictly loads ``state`` encodes PROMPTS exactly like ``encoder``."""
+    fresh = make_tiny(1)
+    fresh.load_text_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(fresh.encode(PROMPTS), encoder.encode(PROMPTS))
+
+
 def sd_style_state(encoder: TextEncoder, *, modern: bool, position_ids: torch.Tensor | None) -> dict:
     """The encoder's weights keyed as an SD file stores them below ``cond_stage_model.transformer.``."""
     state = {}
@@ -117,10 +125,7 @@ def test_both_layouts_load_strictly_and_match(tiny, modern, position_ids):
     expected = {"text_model." + k.removeprefix("text_model.") for k in tiny.transformer.state_dict()}
     assert set(normalized) == expected - {"text_model.embeddings.position_ids"}
     assert all(normalized[k] is v for k, v in state.items() if k in normalized)
-    fresh = make_tiny(1)
-    fresh.load_text_state_dict(state)
-    with torch.no_grad():
-        assert torch.equal(fresh.encode(PROMPTS), tiny.encode(PROMPTS))
+    assert_loads_as(state, tiny)
 
 
 def test_text_state_dict_is_sd_layout_and_round_trips(tiny):
@@ -128,10 +133,7 @@ def test_text_state_dict_is_sd_layout_and_round_trips(tiny):
     reference = sd_style_state(tiny, modern=True, position_ids=None)
     assert set(state) == set(reference) and all(torch.equal(state[k], reference[k]) for k in reference)
     assert len(state) == 2 * 16 + 4  # per layer 16 tensors; token/position embeddings; final norm
-    fresh = make_tiny(1)
-    fresh.load_text_state_dict(state)
-    with torch.no_grad():
-        assert torch.equal(fresh.encode(PROMPTS), tiny.encode(PROMPTS))
+    assert_loads_as(state, tiny)
 
 
 def test_missing_weight_fails_strict_load(tiny):

@@ -8,10 +8,11 @@ defines fractional radii. Chained modifiers apply left to right. :func:`.express
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import ClassVar
@@ -197,6 +198,7 @@ class Not(Expression):
 class _Chain(Expression):
     operands: tuple[Expression, ...]
     keyword: ClassVar[str]
+    _combine: ClassVar[Callable[[Tensor, Tensor], Tensor]]  # folds the operands' maps left to right
 
     def __post_init__(self) -> None:
         operands = tuple(self.operands) if isinstance(self.operands, (list, tuple)) else ()
@@ -212,6 +214,9 @@ class _Chain(Expression):
         # A nested chain of the same kind keeps its parentheses, so str() round-trips to an equal tree.
         return f" {self.keyword} ".join(self._child(o, self.precedence + 1) for o in self.operands)
 
+    def _eval(self, maps: Mapping[str, Tensor]) -> Tensor:
+        return functools.reduce(self._combine, (operand._eval(maps) for operand in self.operands))
+
 
 @dataclass(frozen=True)
 class And(_Chain):
@@ -219,12 +224,7 @@ class And(_Chain):
 
     precedence: ClassVar[int] = 2
     keyword: ClassVar[str] = "AND"
-
-    def _eval(self, maps: Mapping[str, Tensor]) -> Tensor:
-        p = self.operands[0]._eval(maps)
-        for operand in self.operands[1:]:
-            p = torch.minimum(p, operand._eval(maps))
-        return p
+    _combine = staticmethod(torch.minimum)
 
 
 @dataclass(frozen=True)
@@ -233,9 +233,4 @@ class Or(_Chain):
 
     precedence: ClassVar[int] = 1
     keyword: ClassVar[str] = "OR"
-
-    def _eval(self, maps: Mapping[str, Tensor]) -> Tensor:
-        p = self.operands[0]._eval(maps)
-        for operand in self.operands[1:]:
-            p = torch.maximum(p, operand._eval(maps))
-        return p
+    _combine = staticmethod(torch.maximum)
