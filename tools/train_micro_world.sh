@@ -6,6 +6,8 @@
 #
 #   tools/train_micro_world.sh [RUN_DIR] [DEVICE] [--install]    (defaults: runs/micro, cpu)
 #
+# On the CPU the SD stage uses every core and the heads train two at a time, one thread each
+# (small convolutions gain little from a second thread; two processes use both cores fully).
 # LDZNET_COLLECT=DIR copies each product there as soon as it exists (used on a lent GPU machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,24 +17,33 @@ install=${3:-}
 python=${PYTHON:-.venv/bin/python}
 collect=${LDZNET_COLLECT:-}
 weights=ldznet_ext/world/weights
-head_args=(--data world:train:4000 --steps 1500 --batch-size 8 --device "$device" --save-every 250)
+head_args=(--data world:train:4000 --steps 1500 --batch-size 8 --device "$device" --save-every 250
+           --fast-cross-attention)
 
 keep() {  # keep FILE NAME: copy a product to the collect folder
   [ -z "$collect" ] || cp "$1" "$collect/$2"
+}
+
+train_head() {  # train_head ARCH [DOMAIN]: one head into $run/ARCH[-DOMAIN]
+  local arch=$1 domain=${2:-} name=$1${2:+-$2}
+  OMP_NUM_THREADS=1 $python -m ldznet_ext.cli train --arch "$arch" --model "$sd" "${head_args[@]}" \
+    ${domain:+--domain "$domain"} -o "$run/$name" > "$run/$name.log" 2>&1
+  keep "$run/$name/head.safetensors" "micro-$name.safetensors"
 }
 
 mkdir -p "$run"
 $python -m ldznet_ext.cli world train-sd -o "$run/sd" --recipe full --device "$device" --quiet
 sd="$run/sd/micro-sd-v1.safetensors"
 keep "$sd" micro-sd-v1.safetensors
-for arch in ldznet znet rgbnet; do
-  $python -m ldznet_ext.cli train --arch "$arch" --model "$sd" "${head_args[@]}" -o "$run/$arch"
-  keep "$run/$arch/head.safetensors" "micro-$arch.safetensors"
-done
-for arch in ldznet znet rgbnet; do
-  $python -m ldznet_ext.cli train --arch "$arch" --model "$sd" "${head_args[@]}" --domain cartoon \
-    -o "$run/$arch-cartoon"
-  keep "$run/$arch-cartoon/head.safetensors" "micro-$arch-cartoon.safetensors"
+pairs=("ldznet znet" "rgbnet ldznet:cartoon" "znet:cartoon rgbnet:cartoon")
+[ "$device" = cpu ] || pairs=("ldznet" "znet" "rgbnet" "ldznet:cartoon" "znet:cartoon" "rgbnet:cartoon")
+for pair in "${pairs[@]}"; do
+  pids=()
+  for job in $pair; do  # ARCH or ARCH:DOMAIN
+    train_head "${job%%:*}" "$([ "$job" = "${job#*:}" ] || echo "${job#*:}")" &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done  # a failed head stops the recipe (set -e)
 done
 
 if [ "$install" = "--install" ]; then
