@@ -1,0 +1,42 @@
+"""Quality floors of the embedded micro model on a fixed slice of the micro world's test split.
+
+The shipped SD model and heads segment scenes they never saw; if the chain between image and mask
+breaks (a tap on the wrong block, a wrong latent scale, a mis-wired attention pool, a text path
+that no longer reaches the head), these scores drop. Each floor sits a little under the value
+measured when the weights were committed (given beside it, x 100, CLIPSeg methodology: the best
+of 49 thresholds; edge refinement on, as by default), so that round-off and library versions do not trip it but a broken link does.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ldznet_ext.defaults import WEIGHTS_DIR
+from ldznet_ext.eval.evaluate import evaluate
+from ldznet_ext.loading import load_segmenter
+from ldznet_ext.train.data import open_source
+
+SUBSET = "world:test:16"  # 146 present phrases, both domains
+
+# method: head file (None = zero-shot) and floors (mIoU, IoU_FG) with the measured values
+FLOORS = {
+    "ldznet": ("micro-ldznet.safetensors", (52.5, 83.0)),  # measured 53.94, 84.13
+    "znet": ("micro-znet.safetensors", (51.0, 82.5)),  # measured 53.12, 84.40
+    "rgbnet": ("micro-rgbnet.safetensors", (43.5, 80.0)),  # measured 44.80, 81.21
+    "zero-shot": (None, (31.0, 23.5)),  # measured 33.14, 25.46
+}
+
+
+@pytest.fixture(scope="module")
+def subset():
+    return open_source(SUBSET, size=128)
+
+
+@pytest.mark.parametrize("method", list(FLOORS))
+def test_embedded_models_reach_their_floors(method, subset):
+    head, (miou_floor, iou_fg_floor) = FLOORS[method]
+    segmenter = load_segmenter(WEIGHTS_DIR / "micro-sd-v1.safetensors", head and WEIGHTS_DIR / head, device="cpu")
+    summary = evaluate(segmenter, subset, method, progress=False).summary
+    assert summary.count == 146
+    assert 100 * summary.miou >= miou_floor, f"{method}: mIoU {100 * summary.miou:.2f} < {miou_floor}"
+    assert 100 * summary.iou_fg >= iou_fg_floor, f"{method}: IoU_FG {100 * summary.iou_fg:.2f} < {iou_fg_floor}"
