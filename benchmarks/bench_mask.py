@@ -3,7 +3,9 @@
 All in one process, on one image (square, --resolution px), SD timestep 400, one noise draw:
   (a) one mask: set_image + predict of one term, and predict alone (image set), next to the naive
       pipeline (VAE encode, text encode, the FULL SD UNet with the tap, LD-ZNet), which is first
-      checked to give the segmenter's map;
+      checked to give the segmenter's map (the segmenter's after edge refinement of the naive map);
+      the refinement step of that one map is timed on its own, to show its share of the mask
+      (the naive pipeline does not refine);
   (b) k terms: one predict of "t1 OR ... OR tk" (one batch) next to k separate predicts;
   (c) a second expression with new terms on the image already set (z cached) next to the first
       (set_image + predict), both of two terms.
@@ -11,9 +13,11 @@ Every predict asks for terms never asked before, so no per-term map comes from t
 predicts only, on the image already set, so that it compares batching alone (at k = 1 both sides
 are the same call, measured twice: their ratio shows the run-to-run noise). A measurement shared
 by two comparisons (a's predict alone is b's k = 1 batch; c's second expression is b's k = 2 batch)
-is taken once. Each is the median of --repeats runs after one warm-up run.
+is taken once. The measurements run in rounds, each calling every one of them once in turn (one
+untimed warm-up round, then --repeats timed rounds), so that a load drifting on a shared machine
+weighs on both sides of every ratio alike; each figure is the median over the timed rounds.
 
-    python benchmarks/bench_mask.py [--size sd-v1|tiny] [--resolution 384] [--repeats 3]
+    python benchmarks/bench_mask.py [--size sd-v1|tiny] [--resolution 384] [--repeats 3] [--threads N]
                                     [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--terms 1 2 4]
 """
 
@@ -31,6 +35,7 @@ from torch import Tensor, nn
 
 from ldznet_ext.images import to_model_input
 from ldznet_ext.modeling.build import HeadConfig, build_head, head_config
+from ldznet_ext.refine import refine_probability
 from ldznet_ext.sd.model import StableDiffusion
 from ldznet_ext.sd.text import TextEncoder, text_config
 from ldznet_ext.sd.unet import UNetModel, unet_config
@@ -38,7 +43,7 @@ from ldznet_ext.sd.vae import SCALE_FACTOR, AutoencoderKL, VAEConfig, vae_config
 from ldznet_ext.segmenter import Segmenter, SegmenterSettings
 from ldznet_ext.tap import FeatureTap
 
-from common import DTYPES, environment, materialise, peak_rss_mib, time_runs
+from common import DTYPES, environment, load_average, materialise, peak_rss_mib, time_interleaved
 
 SIZES = ("sd-v1", "tiny")
 TIMESTEP = 400
@@ -83,7 +88,8 @@ def run_benchmark(size: str, resolution: int, repeats: int, device_name: str, dt
     torch.set_flush_denormal(True)
     device, dtype = torch.device(device_name), DTYPES[dtype_name]
     backbone, head, config = build_models(size, resolution, device, dtype)
-    segmenter = Segmenter(backbone, head, config, SegmenterSettings(resolution=resolution, timestep=TIMESTEP))
+    settings = SegmenterSettings(resolution=resolution, timestep=TIMESTEP)
+    segmenter = Segmenter(backbone, head, config, settings)
     image = np.random.default_rng(0).integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
     side = resolution // backbone.downsample_factor
     noise = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0)).to(device, dtype)
@@ -99,39 +105,46 @@ def run_benchmark(size: str, resolution: int, repeats: int, device_name: str, dt
     def again(k: int) -> None:
         segmenter.predict(expression(k))
 
-    times: dict[str, list[float]] = {}
-
-    def measure(label: str, run: Callable[[], object]) -> str:
-        if label not in times:
-            times[label] = time_runs(run, device, repeats)
-            print(f"  {label}: {statistics.median(times[label]) * 1e3:.1f} ms", file=sys.stderr, flush=True)
-        return label
-
-    comparisons = []
     with torch.no_grad():  # what the Segmenter runs under
-        # Both paths must compute the same map (same t and noise; early exit drops no tapped block).
+        # Both paths must compute the same map (same t and noise; early exit drops no tapped block);
+        # the segmenter's is refined as the segmenter refines it (guided by the image, decided on z).
         segmenter.set_image(image)
-        difference = (segmenter.predict("a cat").probability.to(device)
-                      - naive_probability(backbone, head, config, image, "a cat", noise)).abs().max()
+        naive_map = naive_probability(backbone, head, config, image, "a cat", noise)[None]
+
+        def refine() -> Tensor:
+            return refine_probability(naive_map, image, settings.refine, decided_at=(side, side))[0]
+
+        difference = (segmenter.predict("a cat").probability.to(device) - refine()).abs().max()
         print(f"check: the segmenter's and the naive map of one term differ by at most {float(difference):.2e}",
               flush=True)
-        naive = measure("naive: VAE + text + full UNet + LD-ZNet, 1 term",
-                        lambda: naive_probability(backbone, head, config, image, next(fresh), noise))
-        one = measure("segmenter: set_image + predict, 1 term", lambda: first(1))
-        # Every measurement below runs on the image the one above left set (same image, z cached).
-        alone = measure("segmenter: predict, 1 term (image set)", lambda: again(1))
-        comparisons += [("(a) one mask: segmenter / naive", one, naive, f"<= {TARGET_RATIO}"),
-                        ("(a) predict alone / naive", alone, naive, "")]
+        naive = "naive: VAE + text + full UNet + LD-ZNet, 1 term"
+        one = "segmenter: set_image + predict, 1 term"
+        refinement = "refinement of 1 term's map (part of set_image + predict)"
+        alone = "segmenter: predict, 1 term (image set)"
+        runs: dict[str, Callable[[], object]] = {
+            naive: lambda: naive_probability(backbone, head, config, image, next(fresh), noise),
+            one: lambda: first(1), refinement: refine, alone: lambda: again(1)}
+        comparisons = [("(a) one mask: segmenter / naive", one, naive, f"<= {TARGET_RATIO}"),
+                       ("(a) refinement's share of one mask", refinement, one, ""),
+                       ("(a) predict alone / naive", alone, naive, "")]
         for k in term_counts:
-            batched = measure(f"segmenter: predict, {k} terms OR-ed (one batch)" if k > 1 else alone,
-                              lambda k=k: again(k))
-            separate = measure(f"segmenter: {k} x predict of 1 term (separate calls)",
-                               lambda k=k: [again(1) for _ in range(k)])
+            batched = f"segmenter: predict, {k} terms OR-ed (one batch)" if k > 1 else alone
+            separate = f"segmenter: {k} x predict of 1 term (separate calls)"
+            runs.setdefault(batched, lambda k=k: again(k))
+            runs[separate] = lambda k=k: [again(1) for _ in range(k)]
             comparisons.append((f"(b) k = {k}: one predict / {k} separate", batched, separate, ""))
-        second = measure("segmenter: predict, 2 terms OR-ed (one batch)", lambda: again(2))
-        first_expression = measure("segmenter: set_image + predict, 2 terms OR-ed", lambda: first(2))
+        second = "segmenter: predict, 2 terms OR-ed (one batch)"
+        first_expression = "segmenter: set_image + predict, 2 terms OR-ed"
+        runs.setdefault(second, lambda: again(2))
+        runs[first_expression] = lambda: first(2)
         comparisons.append(("(c) 2nd expression (z cached) / 1st (set_image + predict)", second,
                             first_expression, ""))
+
+        def report(round_number: int, times: dict[str, list[float]]) -> None:
+            medians = ", ".join(f"{statistics.median(t) * 1e3:.0f}" for t in times.values())
+            print(f"  round {round_number}/{repeats}, medians so far (ms): {medians}", file=sys.stderr, flush=True)
+
+        times = time_interleaved(runs, device, repeats, report)
     return times, comparisons
 
 
@@ -154,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp16 is for GPUs")
     parser.add_argument("--terms", type=int, nargs="+", default=[1, 2, 4], help="term counts k for (b)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     args = parser.parse_args(argv)
     if args.resolution % 64:
         parser.error(f"--resolution must be a multiple of 64, got {args.resolution}")
@@ -161,14 +175,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be at least 1")
     if min(args.terms) < 1:
         parser.error(f"--terms must be at least 1, got {args.terms}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
     print(f"{environment(args.device, args.dtype)}, {args.size} models with random weights, image "
-          f"{args.resolution}x{args.resolution} (z {args.resolution // 8}), median of {args.repeats} after 1 warm-up",
-          flush=True)
+          f"{args.resolution}x{args.resolution} (z {args.resolution // 8}), median of {args.repeats} rounds "
+          f"after 1 warm-up round; {load_average()} at the start", flush=True)
     times, comparisons = run_benchmark(args.size, args.resolution, args.repeats, args.device, args.dtype,
                                        list(dict.fromkeys(args.terms)))
     print(markdown_tables(times, comparisons))
-    memory = f"\npeak RSS {peak_rss_mib():.0f} MiB"
+    memory = f"\n{load_average()} at the end; peak RSS {peak_rss_mib():.0f} MiB"
     if torch.device(args.device).type == "cuda":
         memory += f", peak GPU {torch.cuda.max_memory_allocated(torch.device(args.device)) / 2**20:.0f} MiB"
     print(memory)

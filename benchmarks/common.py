@@ -7,9 +7,10 @@ The scripts import this module by its bare name, so run them as ``python benchma
 from __future__ import annotations
 
 import multiprocessing
+import os
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from queue import Empty
 from typing import Any
@@ -82,9 +83,37 @@ def time_runs(run: Callable[[], object], device: torch.device, repeats: int) -> 
     return times
 
 
+def time_interleaved(runs: Mapping[str, Callable[[], object]], device: torch.device, repeats: int,
+                     report: Callable[[int, dict[str, list[float]]], None] | None = None) -> dict[str, list[float]]:
+    """Seconds of each of ``runs`` {label: call}, taken in ``repeats`` rounds that call every run once
+    in turn, after one untimed warm-up round. On a shared machine the load drifts over minutes; in
+    rounds it weighs on every run alike, so ratios of medians stay fair where back-to-back blocks of
+    runs would not be. ``report(round, times so far)`` is called after each timed round."""
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for round_number in range(1, repeats + 1):
+        for label, run in runs.items():
+            sync(device)
+            start = time.perf_counter()
+            run()
+            sync(device)
+            times[label].append(time.perf_counter() - start)
+        if report is not None:
+            report(round_number, times)
+    return times
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far, in MiB (Linux reports ``ru_maxrss`` in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_average() -> str:
+    """The machine's load averages over 1, 5 and 15 minutes, as text: how busy a shared CPU was."""
+    if not hasattr(os, "getloadavg"):  # Windows
+        return "load average unknown"
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def environment(device: str, dtype: str) -> str:
