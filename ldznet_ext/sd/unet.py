@@ -214,7 +214,10 @@ class SpatialTransformer(nn.Module):
     def from_tokens(self, tokens: Tensor, x: Tensor) -> Tensor:
         """Project tokens back to a residual on ``x``."""
         b, c, h, w = x.shape
-        return self.proj_out(tokens.transpose(1, 2).reshape(b, -1, h, w)) + x
+        # x first: the sum takes its (contiguous) layout. The projected tokens are a channels-last
+        # view, and with B > 1 a sum led by them would stay channels-last through the rest of the
+        # UNet, where every 3x3 conv would then copy its weights to that layout on each call.
+        return x + self.proj_out(tokens.transpose(1, 2).reshape(b, -1, h, w))
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         tokens = self.to_tokens(x)
