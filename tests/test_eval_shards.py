@@ -81,6 +81,25 @@ def test_shards_merge_to_exactly_the_unsharded_metrics(tmp_path):
     assert whole.summary.miou not in (0.0, 1.0) and whole.summary.ap > 0
 
 
+def test_boundary_scores_are_in_the_json_and_merge_exactly():
+    source = _source()
+    whole = evaluate(Noisy(source), source, "m", progress=False, boundary=1.5)
+    assert len(whole.boundary) == len(whole.metrics) and whole.boundary.keys == whole.metrics.keys
+    shards = [evaluate(Noisy(source), source, "m", progress=False, shard=(k, 3), boundary=1.5) for k in range(3)]
+    loaded = [EvalResult.from_dict(json.loads(json.dumps(s.to_dict()))) for s in reversed(shards)]
+    (merged,) = merge_results(loaded)
+    assert merged.boundary.summary() == whole.boundary.summary()  # bit-identical
+    assert merged.boundary.records() == whole.boundary.records()
+    summary = whole.to_dict()["boundary_summary"]
+    assert summary == whole.boundary.summary().to_dict() and summary["tolerance"] == 1.5
+    # The stand-in's maps separate at 0.4 < t < 0.6 and bleed over the edge at t = 0.1 or 0.9.
+    assert summary["boundary_f"] == 1.0 and min(min(r) for r in whole.boundary.records()["scores"]) < 0.7
+    plain = evaluate(Noisy(source), source, "m", progress=False, shard=(1, 3))
+    assert plain.boundary is None and plain.to_dict()["boundary"] is None
+    with pytest.raises(LdznetError, match="the parts differ"):  # with and without edges, or other tolerances
+        merge_results([shards[0], plain, shards[2]])
+
+
 def test_merge_refuses_incomplete_or_mixed_shards():
     source = _source()
     shards = [evaluate(Noisy(source), source, "m", progress=False, shard=(k, 3)) for k in range(3)]

@@ -94,18 +94,20 @@ class BoundarySummary:
 
 class BoundaryMetrics:
     """Accumulates boundary F-scores of probability maps at :data:`BOUNDARY_THRESHOLDS` and at
-    ``binary_threshold``; a pixel is foreground when p > threshold."""
+    ``binary_threshold``; a pixel is foreground when p > threshold. Samples carry keys (as
+    ``SegmentationMetrics``), so the scores of shards merge into those of one unsharded run."""
 
     def __init__(self, tolerance: float = DEFAULT_TOLERANCE, binary_threshold: float = 0.5):
         self.tolerance = tolerance
         self.binary_threshold = binary_threshold
         self.thresholds = np.array([*BOUNDARY_THRESHOLDS, binary_threshold])
         self.scores: list[np.ndarray] = []  # per sample [T + 1]
+        self.keys: list[tuple[int, ...]] = []
 
     def __len__(self) -> int:
         return len(self.scores)
 
-    def add(self, probability: Tensor, truth: Tensor | np.ndarray) -> None:
+    def add(self, probability: Tensor, truth: Tensor | np.ndarray, key: tuple[int, ...] = ()) -> None:
         """One sample: probability [h, w] in [0, 1] and its bool [H, W] truth; the probability is
         resized bilinearly (align_corners=True, as the region metrics) when the sizes differ."""
         truth = np.asarray(truth, bool)
@@ -115,6 +117,35 @@ class BoundaryMetrics:
         p = p.numpy()
         self.scores.append(np.array([boundary_f_score(p > t, truth, self.tolerance)
                                      for t in self.thresholds.astype(np.float32)]))
+        self.keys.append(tuple(key))
+
+    def records(self) -> dict:
+        """JSON-able: the settings, each sample's key and its F-scores at ``thresholds``."""
+        return {"tolerance": self.tolerance, "binary_threshold": self.binary_threshold,
+                "keys": [list(k) for k in self.keys], "scores": [s.tolist() for s in self.scores]}
+
+    @classmethod
+    def from_records(cls, records: dict) -> BoundaryMetrics:
+        """The inverse of ``records()``."""
+        metrics = cls(float(records["tolerance"]), float(records["binary_threshold"]))
+        metrics.keys = [tuple(int(v) for v in k) for k in records["keys"]]
+        metrics.scores = [np.asarray(s, np.float64) for s in records["scores"]]
+        if len(metrics.scores) != len(metrics.keys) or any(s.shape != metrics.thresholds.shape for s in metrics.scores):
+            raise ValueError(f"inconsistent boundary records: {len(metrics.keys)} keys, {len(metrics.scores)} "
+                             f"score rows, {len(metrics.thresholds)} thresholds expected per row")
+        return metrics
+
+    @classmethod
+    def merge(cls, parts: list[BoundaryMetrics]) -> BoundaryMetrics:
+        """All samples of ``parts`` (same tolerance and threshold) in key order."""
+        settings = {(p.tolerance, p.binary_threshold) for p in parts}
+        if len(settings) != 1:
+            raise ValueError(f"parts measured with different boundary tolerances or thresholds: {sorted(settings)}")
+        merged = cls(*settings.pop())
+        for key, i, j in sorted((k, i, j) for i, p in enumerate(parts) for j, k in enumerate(p.keys)):
+            merged.keys.append(key)
+            merged.scores.append(parts[i].scores[j])
+        return merged
 
     def summary(self) -> BoundarySummary:
         if not self.scores:
@@ -123,4 +154,3 @@ class BoundaryMetrics:
         best = int(np.argmax(mean[:-1]))
         return BoundarySummary(len(self.scores), self.tolerance, float(mean[best]), float(self.thresholds[best]),
                                float(mean[-1]), self.binary_threshold)
-

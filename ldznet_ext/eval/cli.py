@@ -21,7 +21,6 @@ from ..loading import DTYPES, load_segmenter, resolve_model_paths
 from ..refine import RefineSettings
 from ..train.data import open_source
 from ..world.scenes import VOCABULARY
-from .boundary import BoundaryMetrics
 from .evaluate import FORMAT, VERSION, EvalResult, evaluate, merge_results
 from .tables import TABLES, build_table, default_table, markdown_table
 
@@ -58,6 +57,11 @@ def _report(results: list[EvalResult], args: argparse.Namespace) -> int:
                   f"{f' ({len(r.skipped)} unreadable, skipped)' if r.skipped else ''}; best mIoU at t = "
                   f"{s.miou_threshold:.2f}, IoU_FG at t = {s.iou_fg_threshold:.2f}; mean/cum IoU at t = "
                   f"{s.binary_threshold:g}; {r.ms_per_mask:.1f} ms per mask")
+            if r.boundary is not None and len(r.boundary):
+                b = r.boundary.summary()
+                print(f"boundary F (within {b.tolerance:g} px, {b.count} masks): {100 * b.boundary_f:.1f} at best "
+                      f"t = {b.boundary_f_threshold:.1f}, {100 * b.boundary_f_at_binary:.1f} at t = "
+                      f"{b.binary_threshold:g}")
     for r in results:
         if r.shard[1] > 1:
             print(f"{r.name} on {r.data}: shard {r.shard[0]}/{r.shard[1]}, {len(r.metrics)} masks of {r.examples} "
@@ -79,15 +83,9 @@ def _run(args: argparse.Namespace) -> int:
         segmenter = segmenter.with_settings(refine=RefineSettings(enabled=False))
     source = open_source(args.data, size=args.size or segmenter.resolution, domain=args.domain)
     name = args.name or (head.stem if head else "zero-shot")
-    boundary = BoundaryMetrics(args.boundary, args.threshold) if args.boundary is not None else None
     result = evaluate(segmenter, source, name, include_absent=args.include_absent, binary_threshold=args.threshold,
-                      shard=args.shard, workers=args.workers, square=args.square, boundary=boundary)
-    status = _report([result], args)
-    if boundary is not None and len(boundary):
-        b = boundary.summary()
-        print(f"boundary F (within {b.tolerance:g} px, {b.count} masks): {100 * b.boundary_f:.1f} at best t = "
-              f"{b.boundary_f_threshold:.1f}, {100 * b.boundary_f_at_binary:.1f} at t = {b.binary_threshold:g}")
-    return status
+                      shard=args.shard, workers=args.workers, square=args.square, boundary=args.boundary)
+    return _report([result], args)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -113,7 +111,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-refine", action="store_true",
                    help="upsample each map bilinearly instead of guided by the image (refine.py)")
     p.add_argument("--boundary", type=float, nargs="?", const=2.0, metavar="PX",
-                   help="also print the boundary F-score, edges matched within PX pixels (default 2)")
+                   help="also score edges: boundary F-score, edges matched within PX pixels (default 2); "
+                        "printed, in the JSON and merged")
     p.add_argument("--resolution", type=int, help="working resolution (default: the head's training resolution)")
     p.add_argument("--include-absent", action="store_true",
                    help="also score absent phrases (empty masks); CLIPSeg and PhraseCut score present ones only")

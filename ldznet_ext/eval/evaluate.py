@@ -11,8 +11,9 @@ Sharding: ``shard=(k, n)`` evaluates examples k, k + n, k + 2n, ... Every sample
 (example index, phrase position); ``merge_results`` of all n shards gives exactly the metrics of
 one unsharded run (``SegmentationMetrics.merge``). Unreadable examples are skipped and listed.
 
-``boundary``: a :class:`BoundaryMetrics` that also scores the edge of every map (against the mask
-the map is scored on); it stays outside the result, so it is neither in the JSON nor merged.
+``boundary``: a tolerance in pixels; every map's edge is then also scored (boundary F against the
+mask the map is scored on, :class:`BoundaryMetrics`), kept in the result with keys, so it is in the
+JSON and merges across shards exactly like the region metrics.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class EvalResult:
     """One evaluation (or one shard of it): raw counts in ``metrics``, settings, time and skips.
 
     ``seconds`` is model time (encoding included); ``examples`` the examples read;
-    ``skipped`` (example index, reason) of unreadable ones.
+    ``skipped`` (example index, reason) of unreadable ones; ``boundary`` the boundary F-scores
+    when they were asked for.
     """
 
     name: str
@@ -53,6 +55,7 @@ class EvalResult:
     shard: tuple[int, int] = (0, 1)
     square: int | None = None
     include_absent: bool = False
+    boundary: BoundaryMetrics | None = None
 
     @property
     def summary(self) -> MetricSummary:
@@ -65,7 +68,8 @@ class EvalResult:
 
     def settings(self) -> tuple:
         """What must agree between shards of one evaluation."""
-        return (self.name, self.data, self.shard[1], self.square, self.include_absent, self.metrics.binary_threshold)
+        return (self.name, self.data, self.shard[1], self.square, self.include_absent, self.metrics.binary_threshold,
+                None if self.boundary is None else self.boundary.tolerance)
 
     def to_dict(self) -> dict:
         """JSON-able: settings, the summary (None for a shard without samples) and the raw records."""
@@ -74,7 +78,9 @@ class EvalResult:
                 "examples": self.examples, "skipped": [list(s) for s in self.skipped], "seconds": self.seconds,
                 "ms_per_mask": self.ms_per_mask,
                 "summary": self.summary.to_dict() if len(self.metrics) else None,
-                "records": self.metrics.records()}
+                "records": self.metrics.records(),
+                "boundary_summary": self.boundary.summary().to_dict() if self.boundary and len(self.boundary) else None,
+                "boundary": self.boundary.records() if self.boundary is not None else None}
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "result") -> EvalResult:
@@ -82,7 +88,8 @@ class EvalResult:
             return cls(str(data["name"]), str(data["data"]),
                        SegmentationMetrics.from_records(data["records"], float(data["binary_threshold"])),
                        float(data["seconds"]), int(data["examples"]), [(int(i), str(r)) for i, r in data["skipped"]],
-                       (int(data["shard"][0]), int(data["shard"][1])), data["square"], bool(data["include_absent"]))
+                       (int(data["shard"][0]), int(data["shard"][1])), data["square"], bool(data["include_absent"]),
+                       BoundaryMetrics.from_records(data["boundary"]) if data.get("boundary") else None)
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise LdznetError(f"{where}: not an ldznet eval result ({error!r})") from error
 
@@ -94,14 +101,16 @@ def _sync(device: torch.device) -> None:
 
 def evaluate(segmenter: Segmenter, source: Source, name: str = "model", include_absent: bool = False,
              binary_threshold: float = 0.5, progress: bool | None = None, shard: tuple[int, int] = (0, 1),
-             workers: int = 0, square: int | None = None, boundary: BoundaryMetrics | None = None) -> EvalResult:
+             workers: int = 0, square: int | None = None, boundary: float | None = None) -> EvalResult:
     """Run ``segmenter`` on the examples of ``source`` in ``shard`` (k, n) and count its per-phrase
-    probability maps; ``workers`` processes read the examples ahead (module docstring)."""
+    probability maps; ``workers`` processes read the examples ahead; ``boundary``: also score edges
+    matched within that many pixels (module docstring)."""
     k, n = shard
     if not 0 <= k < n:
         raise LdznetError(f"shard {k}/{n}: expected K/N with 0 <= K < N")
     result = EvalResult(name, source.description, SegmentationMetrics(binary_threshold), shard=shard, square=square,
-                        include_absent=include_absent)
+                        include_absent=include_absent,
+                        boundary=None if boundary is None else BoundaryMetrics(boundary, binary_threshold))
     device = segmenter.backbone.device
     progress = sys.stderr.isatty() if progress is None else progress
     indices = range(k, len(source), n)
@@ -122,8 +131,8 @@ def evaluate(segmenter: Segmenter, source: Source, name: str = "model", include_
             phrase, mask = example.pairs[j]
             result.metrics.add(maps[phrase], mask, key=(index, j),
                                binary_truth=original.pairs[j][1] if square else None)
-            if boundary is not None:
-                boundary.add(maps[phrase], mask)
+            if result.boundary is not None:
+                result.boundary.add(maps[phrase], mask, key=(index, j))
     segmenter.reset_image()
     if n == 1 and not len(result.metrics):
         raise LdznetError(f"{source.description}: no phrases to evaluate"
@@ -157,7 +166,8 @@ def merge_results(results: Sequence[EvalResult]) -> list[EvalResult]:
             raise LdznetError(f"{name} on {data}: {error}") from error
         if not len(metrics):
             raise LdznetError(f"{name} on {data}: no phrases were scored in any shard")
+        boundary = None if parts[0].boundary is None else BoundaryMetrics.merge([p.boundary for p in parts])
         merged.append(EvalResult(name, data, metrics, sum(p.seconds for p in parts), sum(p.examples for p in parts),
                                  sorted(s for p in parts for s in p.skipped), (0, 1), parts[0].square,
-                                 parts[0].include_absent))
+                                 parts[0].include_absent, boundary))
     return merged
