@@ -120,9 +120,9 @@ def to_model_input(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     Resized in 8-bit by Pillow's antialiased bicubic, so a huge image never becomes a huge float tensor.
     """
     if (image.shape[1], image.shape[0]) != tuple(size):
-        image = np.array(Image.fromarray(image).resize(tuple(size), Image.BICUBIC))  # a writable copy for torch
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    return tensor / 127.5 - 1.0
+        image = np.asarray(Image.fromarray(image).resize(tuple(size), Image.BICUBIC))
+    # astype copies: read-only inputs (views of PIL images) are fine, and torch gets its own memory
+    return torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None] / 127.5 - 1.0
 
 
 def resize_probability(probability: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -86,7 +86,7 @@ def test_two_ranks_learn_in_lockstep(two_ranks, tiny_sd):
     before, after = _fixed_batch_loss(tiny_sd, two_ranks, None), _fixed_batch_loss(tiny_sd, two_ranks, rank0)
     assert after < 0.97 * before, (before, after)  # measured: 0.958
     state = torch.load(two_ranks / "straight" / CHECKPOINT, weights_only=True)
-    assert state["step"] == STEPS and state["data"] == {"position": STEPS, "world_size": 2}
+    assert state["step"] == STEPS and state["data"] == {"positions": [STEPS * 3] * 2, "world_size": 2}
     assert len(state["rng"]["torch"]) == 2  # each rank's RNG state
     log = (two_ranks / "straight" / "log.csv").read_text().splitlines()
     assert log[0] == "step,loss,lr,seconds,samples_per_second" and len(log) == 1 + STEPS  # rank 0 alone logs

@@ -1,10 +1,8 @@
 """Training at scale on one process: gradient accumulation and the plateau schedule resume
-bit-identically, gradient checkpointing changes nothing but memory, ranks draw disjoint shards,
-and the concatenation ablation (paper Table 4) builds, runs, trains and round-trips through a file."""
+bit-identically, gradient checkpointing changes nothing but memory, and the concatenation ablation (paper Table 4) builds, runs, trains and round-trips through a file."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,7 +12,7 @@ from ldznet_ext.modeling.build import HeadConfig, build_head, head_config
 from ldznet_ext.modeling.ldznet import SDConcatSpatialTransformer
 from ldznet_ext.segmenter import sd_features
 from ldznet_ext.train.data import open_source
-from ldznet_ext.train.trainer import CHECKPOINT, HEAD, TrainConfig, Trainer, is_new_layer, pick_example
+from ldznet_ext.train.trainer import CHECKPOINT, HEAD, TrainConfig, Trainer, is_new_layer
 
 SIZE = 64
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -37,7 +35,7 @@ def test_accumulation_and_plateau_resume_bit_identically(tiny_sd, source, tmp_pa
                      plateau_patience=0)
     straight = Trainer(tiny_sd, source, config, tmp_path / "straight")
     straight.run(progress=False)
-    assert straight.lr == 5e-5  # the loss rose at step 6 (measured): the rate was halved
+    assert straight.lr == 2.5e-5  # the loss rose at steps 3 and 5 (measured): the rate was halved twice
     Trainer(tiny_sd, source, TrainConfig(**{**config.__dict__, "steps": 3}), tmp_path / "cut").run(progress=False)
     resumed = Trainer(tiny_sd, source, config, tmp_path / "cut")
     resumed.resume()
@@ -52,7 +50,7 @@ def test_accumulation_and_plateau_resume_bit_identically(tiny_sd, source, tmp_pa
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd, source, tmp_path):
     trainer = Trainer(tiny_sd, source, _config(arch="ldznet"), tmp_path)
-    batch = trainer.draw(np.random.default_rng(0))
+    batch = trainer.draw()
     grads = []
     for enabled in (False, True, False):
         trainer.head.set_gradient_checkpointing(enabled)
@@ -61,24 +59,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd, source, tmp_pa
         grads.append({k: p.grad.clone() for k, p in trainer.head.named_parameters()})
     assert all(torch.equal(grads[0][k], grads[1][k]) and torch.equal(grads[0][k], grads[2][k]) for k in grads[0])
     assert "forward" not in vars(trainer.head.input_blocks[1])  # switched off again: the class's forward
-
-
-def test_ranks_draw_from_disjoint_shards(source):
-    class Indexed:
-        description = "indices"
-
-        def __len__(self):
-            return 5
-
-        def __getitem__(self, index):
-            return index
-
-    rng = np.random.default_rng(0)
-    drawn = {rank: {pick_example(Indexed(), rng, rank, 2) for _ in range(200)} for rank in (0, 1)}
-    assert drawn == {0: {0, 2, 4}, 1: {1, 3}}
-    assert {pick_example(Indexed(), rng) for _ in range(200)} == set(range(5))
-    with pytest.raises(LdznetError, match="5 examples cannot be shared by 8 processes"):
-        pick_example(Indexed(), rng, 0, 8)
 
 
 def test_concat_ablation_starts_as_znet_and_reads_sd_features(tiny_sd):

@@ -121,6 +121,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-checkpoint", action=bool_flag,
                    help="recompute the head's activations in the backward pass (less memory, about one more forward pass a step)")
     p.add_argument("--seed", type=int, help=f"default {d.seed}")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="processes that read and decode examples ahead of training; results do not depend on it "
+                        f"and --resume may change it (default {d.workers}: read in the training process)")
     p.add_argument("--save-every", type=int, help=f"checkpoint interval in steps (default {d.save_every})")
     p.add_argument("--log-every", type=int, help=f"log.csv interval in steps (default {d.log_every})")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pt")

@@ -42,7 +42,8 @@ class TrainConfig:
     ablation; templates: "plain" (the phrase as is) or "phrasecut"; negatives: also train on
     absent phrases (empty masks); precision: "fp32", or "bf16"/"fp16" autocast (CUDA; the frozen
     SD model is loaded in it, the head's weights stay fp32); grad_checkpoint: recompute the head's
-    activations in the backward pass.
+    activations in the backward pass; workers: processes that read examples ahead (0: read in the
+    training process; the results are the same either way).
     """
 
     arch: str = "ldznet"
@@ -71,6 +72,7 @@ class TrainConfig:
     precision: str = "fp32"
     grad_checkpoint: bool = False
     seed: int = 0
+    workers: int = 0
     save_every: int = 500
     log_every: int = 10
 
@@ -86,8 +88,8 @@ class TrainConfig:
             raise LdznetError(f"resolution must be a multiple of 64, got {self.resolution}")
         if min(self.steps, self.batch_size, self.accumulate, self.save_every, self.log_every, self.plateau_every) < 1:
             raise LdznetError("steps, batch size, accumulate and the save, log and plateau intervals must be >= 1")
-        if self.warmup < 0 or self.plateau_patience < 0:
-            raise LdznetError("warm-up and plateau patience must be >= 0")
+        if self.warmup < 0 or self.plateau_patience < 0 or self.workers < 0:
+            raise LdznetError("warm-up, plateau patience and workers must be >= 0")
         if not 0.0 < self.plateau_factor < 1.0:
             raise LdznetError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
         if not 0.0 <= self.ema < 1.0:

@@ -18,19 +18,25 @@ LD-ZNet's ``attn3``, ``norm_sd`` and attention pools, RGBNet's stem) get ``new_l
 the learning rate, and with ``fast_cross_attention`` so do the text cross-attention layers: on the
 micro world that halves the steps to a given loss (measured: 0.066 at step 600 vs 0.092 at 750).
 
-Every micro-batch's randomness comes from a generator seeded by (seed, its global index: step,
-micro-batch and rank), and images and prompts are encoded one at a time, so a resumed run repeats
-an uninterrupted one exactly; the data position is the step. Under torchrun each process draws
-from its own shard of the examples and DistributedDataParallel averages the gradients; all
-processes keep the same head, optimiser and EMA, and rank 0 alone logs and writes files.
+Each process reads its own shard of the examples as a stream (``stream.iterate_examples``, read
+ahead by ``workers`` processes) in an order that depends on (seed, rank, processes, position) alone
+(``stream.ShardOrder``); an example's phrase, crop and prompt template depend on (seed, rank,
+position), so worker counts change nothing. Unreadable examples are logged and skipped, as are
+those without a usable phrase. Each micro-batch's noise and timesteps come from (seed, step,
+micro-batch, rank), and images and prompts are encoded one at a time, so a run resumed at the saved
+data positions (each process's next unconsumed one) repeats an uninterrupted one exactly. Under
+torchrun DistributedDataParallel averages the gradients; all processes keep the same head,
+optimiser and EMA, and rank 0 alone logs and writes files.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -54,9 +60,10 @@ from .config import TrainConfig
 from .ema import EMA
 from .data import TEMPLATES, Example, Sample, Source, fit_square
 from .logs import LOG, RunLog
+from .stream import PositionView, ShardOrder, example_rng, iterate_examples, log_error
 
 __all__ = ["CHECKPOINT", "EMA", "HEAD", "LOG", "TrainConfig", "Trainer", "identity_decoder_", "is_cross_attention",
-           "is_new_layer", "lr_factor", "pick_example", "training_head"]
+           "is_new_layer", "lr_factor", "training_head"]
 
 CHECKPOINT = "last.pt"
 HEAD = "head.safetensors"
@@ -64,8 +71,9 @@ NEW_LAYER_PREFIXES = ("out.", "final.", "stem.")
 NEW_LAYER_PARTS = (".attn3.", ".norm_sd.", ".attentionpool2D.", ".sd_concat.")
 CROSS_ATTENTION_PART = ".attn2."
 # what a resumed run may change: lengths and intervals, and how (not what) it computes
-_RESUME_FREE = ("steps", "save_every", "log_every", "precision", "grad_checkpoint")
+_RESUME_FREE = ("steps", "save_every", "log_every", "precision", "grad_checkpoint", "workers")
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_UNUSABLE = 100  # positions in a row without a usable sample that stop a run
 TEXT_CACHE = 1024  # prompts whose context is kept (240 MB at SD v1's 77 x 768)
 MASK_PRIOR = 0.1
 """Initial mask probability of the identity decoder (about the mean mask fraction of the data)."""
@@ -127,15 +135,6 @@ def lr_factor(step: int, warmup: int, steps: int, schedule: str) -> float:
     return factor
 
 
-def pick_example(source: Source, rng: np.random.Generator, rank: int = 0, world_size: int = 1) -> Example:
-    """An example of rank ``rank``'s shard of ``source`` (indices rank, rank + world_size, ...),
-    drawn uniformly by ``rng``. The trainer reads its data only through this function."""
-    count = len(source)
-    if count < world_size:
-        raise LdznetError(f"{source.description}: {count} examples cannot be shared by {world_size} processes")
-    return source[rank + world_size * int(rng.integers((count - rank + world_size - 1) // world_size))]
-
-
 class Trainer:
     """Trains one head on ``source`` with a frozen ``backbone``; state lives in ``run_dir``.
 
@@ -156,6 +155,11 @@ class Trainer:
             raise LdznetError(f"mixed precision ({config.precision}) is for CUDA; train in fp32 on {self.device.type}")
         self.model_name = model_name
         self.rank, self.world_size = distributed.world()
+        self.order = ShardOrder(len(source), config.seed, self.rank, self.world_size, source.description)
+        self.position = 0  # this process's next data position not yet consumed (not the prefetched one)
+        self.unreadable = 0  # examples skipped in this run because they could not be read
+        self._unusable = 0  # consumed positions in a row without a usable sample
+        self._examples: Iterator[tuple[int, Example]] | None = None
         self.head, self.head_config = training_head(backbone, config.arch, config.resolution, config.seed,
                                                       config.decoder_init, config.sd_fusion)
         self.head.to(self.device).train()
@@ -196,20 +200,43 @@ class Trainer:
 
     # -- data ------------------------------------------------------------------------------
 
-    def draw(self, rng: np.random.Generator) -> list[tuple[Sample, str]]:
-        """A micro-batch of (sample at the training resolution, prompt) from this process's shard."""
+    def draw(self) -> list[tuple[Sample, str]]:
+        """A micro-batch of (sample at the training resolution, prompt) from the next usable
+        positions of this process's data order; consumes them (``self.position``)."""
+        if self._examples is None:  # one reader across steps: its workers keep reading ahead
+            view = PositionView(self.source, self.order)
+            self._examples = iterate_examples(view, itertools.count(self.position), self.config.workers,
+                                              self._unreadable)
         batch, templates = [], TEMPLATES[self.config.templates]
         while len(batch) < self.config.batch_size:
-            for _ in range(100):
-                example = pick_example(self.source, rng, self.rank, self.world_size)
-                candidates = example.samples(self.config.negatives)
-                if candidates:
-                    break
-            else:
-                raise LdznetError(f"{self.source.description}: 100 examples in a row had no usable phrase")
+            position, example = next(self._examples)
+            candidates = example.samples(self.config.negatives)
+            if not candidates:
+                self._skip(position)
+                continue
+            self.position, self._unusable = position + 1, 0
+            rng = example_rng(self.config.seed, self.rank, position)
             sample = fit_square(candidates[int(rng.integers(len(candidates)))], self.config.resolution, rng)
             batch.append((sample, templates[int(rng.integers(len(templates)))].format(sample.phrase)))
         return batch
+
+    def _unreadable(self, position: int, error: Exception) -> None:
+        self.unreadable += 1
+        log_error(self.order.index(position), error)  # the sources' errors name the file
+        self._skip(position)
+
+    def _skip(self, position: int) -> None:
+        self.position = position + 1
+        self._unusable += 1
+        if self._unusable >= MAX_UNUSABLE:
+            raise LdznetError(f"{self.source.description}: {MAX_UNUSABLE} examples in a row were unreadable "
+                              "or had no usable phrase")
+
+    def close_reader(self) -> None:
+        """Stop the reader (and its workers); the next draw restarts it at ``self.position``."""
+        if self._examples is not None:
+            self._examples.close()
+            self._examples = None
 
     @torch.no_grad()
     def _latent(self, sample: Sample) -> Tensor:
@@ -266,12 +293,12 @@ class Trainer:
         total = 0.0
         for micro in range(accumulate):
             index = (self.step * accumulate + micro) * self.world_size + self.rank
-            rng = np.random.default_rng([self.config.seed, index])
-            generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+            seed = np.random.default_rng([self.config.seed, index]).integers(2 ** 62)
+            generator = torch.Generator().manual_seed(int(seed))
             # DDP all-reduces in the backward pass; only the last micro-batch's need be
             last = micro == accumulate - 1
             with nullcontext() if last or self.model is self.head else self.model.no_sync():
-                loss = self.loss(self.draw(rng), generator)
+                loss = self.loss(self.draw(), generator)
                 self.scaler.scale(loss if accumulate == 1 else loss / accumulate).backward()
             total += loss.item()
         value = distributed.mean_over_ranks([total / accumulate], self.device)[0]
@@ -324,8 +351,13 @@ class Trainer:
                     if self.step % self.config.save_every == 0 or self.step == self.config.steps:
                         self.save()
         finally:
+            self.close_reader()
             if log is not None:
                 log.close()
+        skipped = round(distributed.mean_over_ranks([float(self.unreadable)], self.device)[0] * self.world_size)
+        if skipped and self.is_main:
+            print(f"{self.source.description}: skipped {skipped} unreadable example(s) (warnings above)",
+                  file=sys.stderr)
         return self.recent_loss
 
     @property
@@ -335,23 +367,23 @@ class Trainer:
     def save(self) -> None:
         """Write RUN_DIR/last.pt (everything needed to resume) and RUN_DIR/head.safetensors (EMA).
         Every process must call it (the RNG states are gathered); rank 0 writes."""
-        rng = {"torch": torch.get_rng_state()}
+        mine = {"torch": torch.get_rng_state(), "position": self.position}
         if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        rng_states = distributed.gather_objects(rng)
+            mine["cuda"] = torch.cuda.get_rng_state_all()
+        states = distributed.gather_objects(mine)
         if self.is_main:
-            self._write(rng_states)
+            self._write(states)
         distributed.barrier()
 
-    def _write(self, rng_states: list[dict]) -> None:
+    def _write(self, states: list[dict]) -> None:
         state = {"config": asdict(self.config), "step": self.step, "losses": self.losses, "window": self.window,
                  "model": self.head.state_dict(), "ema": self.ema.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "plateau": self.plateau.state_dict(), "scaler": self.scaler.state_dict(),
-                 "data": {"position": self.step, "world_size": self.world_size},
-                 "rng": {"torch": [r["torch"] for r in rng_states]}}
-        if "cuda" in rng_states[0]:
-            state["rng"]["cuda"] = [r["cuda"] for r in rng_states]
+                 "data": {"positions": [r["position"] for r in states], "world_size": self.world_size},
+                 "rng": {"torch": [r["torch"] for r in states]}}
+        if "cuda" in states[0]:
+            state["rng"]["cuda"] = [r["cuda"] for r in states]
         tmp = self.run_dir / f".{CHECKPOINT}.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.run_dir / CHECKPOINT)
@@ -366,9 +398,10 @@ class Trainer:
             "templates": c.templates, "negatives": c.negatives, "seed": c.seed, "final_loss": self.recent_loss})
 
     def resume(self) -> None:
-        """Continue from RUN_DIR/last.pt; only ``steps``, the save and log intervals, precision and
-        gradient checkpointing may differ. A different number of processes is allowed but changes
-        the data each step draws (the run no longer repeats an uninterrupted one)."""
+        """Continue from RUN_DIR/last.pt at each process's saved data position; only ``steps``, the
+        save and log intervals, precision, gradient checkpointing and ``workers`` may differ. A
+        different number of processes is allowed but changes the data each step draws (the run no
+        longer repeats an uninterrupted one)."""
         path = self.run_dir / CHECKPOINT
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
@@ -379,9 +412,11 @@ class Trainer:
                    if f.name not in _RESUME_FREE and getattr(saved, f.name) != getattr(self.config, f.name)]
         if changed:
             raise LdznetError(f"{path}: the run was started with other settings ({'; '.join(changed)})")
-        processes = state.get("data", {}).get("world_size", 1)
-        if processes != self.world_size and self.is_main:
-            print(f"warning: {path} was written by {processes} process(es), resuming with {self.world_size}: "
+        data = state.get("data", {})
+        positions = data.get("positions")  # absent from an older version's last.pt: the data order restarts
+        if self.is_main and (positions is None or data.get("world_size", 1) != self.world_size):
+            written = "without data positions" if positions is None else f"by {data['world_size']} process(es)"
+            print(f"warning: {path} was written {written}, resuming with {self.world_size} process(es): "
                   "the data order differs from the uninterrupted run's", file=sys.stderr)
         self.head.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
@@ -394,5 +429,7 @@ class Trainer:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"][self.rank % len(rng["cuda"])]])
         self.step = int(state["step"])
+        self.position = int(positions[self.rank % len(positions)]) if positions else 0  # cyclically, as the RNG
+        self.close_reader()
         self.losses = list(state["losses"])
         self.window = list(state["window"])
