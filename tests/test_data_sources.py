@@ -14,6 +14,8 @@ from PIL import Image
 from ldznet_ext.cli import main
 from ldznet_ext.errors import ImageError, LdznetError
 from ldznet_ext.train.data import PHRASECUT_TEMPLATES, Example, fit_square, open_source, parse_spec, resize_square
+from ldznet_ext.eval.boundary import mask_boundary
+from ldznet_ext.train.sources import refcoco as refcoco_module
 from ldznet_ext.train.sources.geometry import decode_counts, decode_rle, phrasecut_mask, polygon_mask
 from ldznet_ext.train.stream import iterate_examples
 
@@ -58,6 +60,31 @@ def test_polygon_mask_uses_pixel_centres():
     assert clipped.sum() == 4 and clipped[:2, :2].all()
     with pytest.raises(LdznetError, match="expected a polygon"):
         polygon_mask([[1, 2, 3]], 4, 4)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools 2.0 on numpy 2
+def test_rle_and_polygons_agree_with_pycocotools():
+    """The COCO reference implementation (a test dependency): our RLE decoder equals its decoder
+    exactly on its own compressed and uncompressed encodings; our polygon rasteriser differs from
+    its rasteriser only along polygon edges."""
+    from pycocotools import mask as coco_mask
+    rng = np.random.default_rng(0)
+    for height, width in ((1, 1), (7, 5), (33, 64), (64, 33)):
+        truth = rng.random((height, width)) < rng.random()
+        compressed = coco_mask.encode(np.asfortranarray(truth.astype(np.uint8)))
+        assert np.array_equal(decode_rle({"size": compressed["size"], "counts": compressed["counts"].decode()}), truth)
+        runs = np.diff(np.flatnonzero(np.diff(np.r_[-1, truth.T.ravel().astype(int), -1]))).tolist()
+        runs = ([0] if truth.T.ravel()[0] else []) + runs  # runs start with background
+        assert np.array_equal(decode_rle({"size": [height, width], "counts": runs}), truth)
+    for trial in range(20):
+        points = rng.uniform(-5, 45, (int(rng.integers(3, 9)), 2))
+        polygon = points[np.argsort(np.arctan2(*(points - points.mean(0)).T[::-1]))].ravel().tolist()
+        ours = polygon_mask([polygon], 40, 40)
+        theirs = coco_mask.decode(coco_mask.frPyObjects([polygon], 40, 40)).any(axis=2)
+        differ = ours ^ theirs
+        assert differ.sum() <= 0.5 * max(1, mask_boundary(ours).sum()), trial
+        assert not (differ & ~(mask_boundary(ours) | mask_boundary(theirs)
+                               | mask_boundary(~ours) | mask_boundary(~theirs))).any(), trial
 
 
 def test_phrasecut_mask_draws_like_its_evaluator():
@@ -171,7 +198,13 @@ def refcoco(tmp_path):
     return root
 
 
-def test_refcoco_source(refcoco):
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools 2.0 on numpy 2
+@pytest.mark.parametrize("rasteriser", ["pycocotools", "ours"])
+def test_refcoco_source(refcoco, rasteriser, monkeypatch):
+    if rasteriser == "ours":
+        monkeypatch.setattr(refcoco_module, "coco_mask", None)
+    else:
+        assert refcoco_module.coco_mask is not None, "pycocotools is a test dependency (pyproject.toml)"
     test_a = open_source(f"refcoco:{refcoco}:testA")
     assert len(test_a) == 1 and test_a.description == f"refcoco:{refcoco}:testA (unc)"
     example = test_a[0]
