@@ -17,6 +17,7 @@ from ldznet_ext.errors import LdznetError
 from ldznet_ext.train.config import TrainConfig, read_config_file
 from ldznet_ext.train.data import open_source
 from ldznet_ext.train.stream import ShardOrder
+from ldznet_ext.train import trainer as trainer_module
 from ldznet_ext.train.trainer import CHECKPOINT, Trainer
 
 SIZE = 64
@@ -97,6 +98,18 @@ def test_worker_processes_change_nothing(tiny_sd, manifest, tmp_path):
     workers.run(progress=False)
     assert alone.position == workers.position == 7 and alone.unreadable == workers.unreadable == 1
     assert _same_weights(alone, workers)
+
+
+def test_latent_cache_is_bounded_and_changes_nothing(tiny_sd, tmp_path, monkeypatch):
+    data = "world:train:6"  # square scenes: their latents are cached by key
+    source = open_source(data, size=SIZE)
+    unbounded = Trainer(tiny_sd, source, _config(data, steps=4), tmp_path / "unbounded")
+    unbounded.run(progress=False)
+    monkeypatch.setattr(trainer_module, "LATENT_CACHE", 2)
+    bounded = Trainer(tiny_sd, source, _config(data, steps=4), tmp_path / "bounded")
+    bounded.run(progress=False)
+    assert len(unbounded._z) == 6 and 1 <= len(bounded._z) <= 2
+    assert _same_weights(unbounded, bounded)
 
 
 def test_resume_with_workers_continues_at_the_consumed_position(tiny_sd, manifest, tmp_path):

@@ -75,6 +75,7 @@ _RESUME_FREE = ("steps", "save_every", "log_every", "precision", "grad_checkpoin
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_UNUSABLE = 100  # positions in a row without a usable sample that stop a run
 TEXT_CACHE = 1024  # prompts whose context is kept (240 MB at SD v1's 77 x 768)
+LATENT_CACHE = 8192  # images whose latent is kept (the micro world's 4,000; 300 MB at 384 px)
 MASK_PRIOR = 0.1
 """Initial mask probability of the identity decoder (about the mean mask fraction of the data)."""
 DECODER_OFFSET = 4.0
@@ -245,6 +246,8 @@ class Trainer:
         pixels = to_model_input(sample.image, (self.config.resolution,) * 2).to(self.device, self.backbone.dtype)
         z = self.backbone.encode_image(pixels).float()
         if sample.key is not None:
+            if len(self._z) >= LATENT_CACHE:  # a large data set is seen once per epoch: keep memory flat
+                self._z.clear()
             self._z[sample.key] = z
         return z
 
