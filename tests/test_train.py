@@ -159,7 +159,7 @@ def test_loss_falls(backbone, tmp_path, arch):
 
 def test_official_decoder_init_learns_slowly(backbone, tmp_path):
     """Why decoder_init="identity": torch's default init of the one-channel decoder has a gain of
-    ~1e-4, so in the same 20 steps the loss falls 4x less (only the last bias learns)."""
+    ~1e-4, so in the same 20 steps the loss falls several times less (only the last bias learns)."""
     source = open_source("world:train:1", size=SIZE)
     trainer = Trainer(backbone, source, _config(arch="znet", batch_size=8, lr=1e-4, decoder_init="default"), tmp_path)
     every = [(s, s.phrase) for s in source[0].samples()]
