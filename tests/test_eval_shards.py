@@ -14,6 +14,7 @@ from PIL import Image
 
 from ldznet_ext.cli import main
 from ldznet_ext.errors import LdznetError
+from ldznet_ext.eval.boundary import BoundaryMetrics
 from ldznet_ext.eval.evaluate import FORMAT, VERSION, EvalResult, evaluate, merge_results
 from ldznet_ext.eval.metrics import SegmentationMetrics
 from ldznet_ext.eval.tables import build_table, default_table, markdown_table
@@ -98,6 +99,8 @@ def test_boundary_scores_are_in_the_json_and_merge_exactly():
     assert plain.boundary is None and plain.to_dict()["boundary"] is None
     with pytest.raises(LdznetError, match="the parts differ"):  # with and without edges, or other tolerances
         merge_results([shards[0], plain, shards[2]])
+    with pytest.raises(ValueError, match="is in more than one part"):
+        BoundaryMetrics.merge([shards[1].boundary, shards[1].boundary])  # shard 0 scored no sample
 
 
 def test_merge_refuses_incomplete_or_mixed_shards():

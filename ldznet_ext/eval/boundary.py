@@ -26,6 +26,8 @@ import numpy as np
 import torch.nn.functional as F
 from torch import Tensor
 
+from .metrics import merge_order
+
 BOUNDARY_THRESHOLDS: np.ndarray = np.round(np.arange(1, 10) / 10, 2)
 """Thresholds 0.1 .. 0.9 at which :class:`BoundaryMetrics` binarises probability maps."""
 DEFAULT_TOLERANCE = 2.0
@@ -137,12 +139,13 @@ class BoundaryMetrics:
 
     @classmethod
     def merge(cls, parts: list[BoundaryMetrics]) -> BoundaryMetrics:
-        """All samples of ``parts`` (same tolerance and threshold) in key order."""
+        """All samples of ``parts`` (same tolerance and threshold) in key order; duplicate keys are an
+        error, as in ``SegmentationMetrics.merge``."""
         settings = {(p.tolerance, p.binary_threshold) for p in parts}
         if len(settings) != 1:
             raise ValueError(f"parts measured with different boundary tolerances or thresholds: {sorted(settings)}")
         merged = cls(*settings.pop())
-        for key, i, j in sorted((k, i, j) for i, p in enumerate(parts) for j, k in enumerate(p.keys)):
+        for key, i, j in merge_order([p.keys for p in parts]):
             merged.keys.append(key)
             merged.scores.append(parts[i].scores[j])
         return merged

@@ -113,6 +113,16 @@ class MetricSummary:
         return asdict(self)
 
 
+def merge_order(keys: Sequence[Sequence[tuple[int, ...]]]) -> list[tuple[tuple[int, ...], int, int]]:
+    """(key, part i, sample j) of every sample of parts whose sample keys are ``keys[i]``, in key
+    order; a key in more than one part (overlapping shards) raises ValueError."""
+    rows = sorted((k, i, j) for i, part in enumerate(keys) for j, k in enumerate(part))
+    duplicate = next((a[0] for a, b in zip(rows, rows[1:]) if a[0] == b[0]), None)
+    if duplicate is not None:
+        raise ValueError(f"sample {list(duplicate)} is in more than one part (overlapping shards?)")
+    return rows
+
+
 class SegmentationMetrics:
     """Accumulates samples one at a time; ``summary()`` gives every metric of the module docstring.
 
@@ -185,12 +195,8 @@ class SegmentationMetrics:
         thresholds = sorted({p.binary_threshold for p in parts})
         if len(thresholds) > 1:
             raise ValueError(f"parts measured at different binary thresholds: {thresholds}")
-        rows = sorted((k, i, j) for i, p in enumerate(parts) for j, k in enumerate(p.keys))
-        if any(a[0] == b[0] for a, b in zip(rows, rows[1:])):
-            duplicate = next(a[0] for a, b in zip(rows, rows[1:]) if a[0] == b[0])
-            raise ValueError(f"sample {list(duplicate)} is in more than one part (overlapping shards?)")
         merged = cls(parts[0].binary_threshold if parts else 0.5)
-        for key, i, j in rows:
+        for key, i, j in merge_order([p.keys for p in parts]):
             merged.counts.append(parts[i].counts[j])
             merged.intersections.append(parts[i].intersections[j])
             merged.unions.append(parts[i].unions[j])
