@@ -138,6 +138,17 @@ def test_unet_stage_reruns_alone_from_the_vae_stage(smoke_run, tmp_path):
     assert all(torch.equal(first[k], again[k]) for k in first)
 
 
+def test_seed_option_changes_the_training_draws_only(smoke_run, tmp_path):
+    out, log = smoke_run
+    shutil.copy(out / VAE_FILE, tmp_path / VAE_FILE)
+    assert main(["world", "train-sd", "-o", str(tmp_path), "--stages", "unet", "--seed", "1", *SMOKE_ARGS]) == 0
+    other = json.loads((tmp_path / LOG_FILE).read_text(encoding="utf-8"))
+    assert other["recipe"] == {**log["recipe"], "seed": 1}
+    assert other["probes"]["vae_psnr"] == log["probes"]["vae_psnr"]  # same scenes, same VAE
+    first, second = ([e["loss"] for e in run["stages"]["unet"]["log"]] for run in (log, other))
+    assert len(first) == len(second) and all(a != b for a, b in zip(first, second))
+
+
 def test_bad_stages_are_refused(tmp_path):
     with pytest.raises(LdznetError, match="unknown or no training stages"):
         train_sd(tmp_path, SMOKE, stages=["vae", "unet", "head"])

@@ -61,11 +61,16 @@ def _run_split(args: argparse.Namespace) -> int:
 
 
 def _run_train_sd(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from .micro import micro_recipe
     from .train_sd import train_sd
 
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    log = train_sd(Path(args.output), micro_recipe(args.recipe), args.device, args.dtype, stages,
+    recipe = micro_recipe(args.recipe)
+    if args.seed is not None:
+        recipe = replace(recipe, seed=args.seed)
+    log = train_sd(Path(args.output), recipe, args.device, args.dtype, stages,
                    args.workers, progress=not args.quiet and sys.stderr.isatty())
     print(json.dumps({"output": args.output, "seconds": log["seconds"], "probes": log["probes"]}, indent=1))
     return 0
@@ -93,6 +98,8 @@ def _add_train_sd(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="directory for vae_stage.safetensors, micro-sd-v1.safetensors and train_sd_log.json")
     p.add_argument("--recipe", default="full", choices=("full", "smoke"), help="hyper-parameter preset (default full)")
+    p.add_argument("--seed", type=int, help="seed of the initial weights, batches and noise (default: the recipe's, 0); "
+                                            "the training scenes stay the same")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="autocast dtype (default auto: bfloat16 on CUDA; on CPUs with native bf16, "
