@@ -98,8 +98,8 @@ def _add_train_sd(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="directory for vae_stage.safetensors, micro-sd-v1.safetensors and train_sd_log.json")
     p.add_argument("--recipe", default="full", choices=("full", "smoke"), help="hyper-parameter preset (default full)")
-    p.add_argument("--seed", type=int, help="seed of the initial weights, batches and noise (default: the recipe's, 0); "
-                                            "the training scenes stay the same")
+    p.add_argument("--seed", type=int,
+                   help="seed of the initial weights, batches and noise (default: the recipe's, 0); same scenes")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="autocast dtype (default auto: bfloat16 on CUDA; on CPUs with native bf16, "

@@ -332,7 +332,8 @@ def train_sd(out: Path, recipe: MicroRecipe, device: str | torch.device = "cpu",
         save_stable_diffusion(sd, out / SD_FILE, dtype=torch.float16)
         shipped = load_stable_diffusion(out / SD_FILE)
         val_latents = encode_means(shipped.vae, torch.from_numpy(val.images)) * SCALE_FACTOR
-        log.data["probes"]["eps_mse"] = eps_probe(shipped, val_latents, val.captions)  # one noise for every seed: comparable
+        # the probe's noise stays the same for every --seed, so that the probes of two seeds compare
+        log.data["probes"]["eps_mse"] = eps_probe(shipped, val_latents, val.captions)
     log.data["seconds"] = round(time.perf_counter() - start, 2)
     log.write()
     return log.data
