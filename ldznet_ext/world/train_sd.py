@@ -267,11 +267,12 @@ def vae_psnr(vae: AutoencoderKL, images: Tensor) -> float:
 
 @torch.no_grad()
 def eps_probe(model: StableDiffusion, latents: Tensor, captions: Sequence[str],
-              timesteps: Sequence[int] = PROBE_TIMESTEPS, seed: int = 0) -> dict[str, dict[str, float]]:
+              timesteps: Sequence[int] = PROBE_TIMESTEPS) -> dict[str, dict[str, float]]:
     """UNet eps-MSE on scaled latents [N, 4, h, w] at each timestep, with each latent's caption and
-    with "" (fixed noise from ``seed``): ``{"100": {"caption": mse, "empty": mse}, ...}``.
-    Conditional below unconditional means the text conditioning carries information."""
-    generator = torch.Generator().manual_seed(seed)
+    with "": ``{"100": {"caption": mse, "empty": mse}, ...}``. The noise is the same for every call
+    (whatever the recipe's seed), so that the probes of two runs compare. Conditional below
+    unconditional means the text conditioning carries information."""
+    generator = torch.Generator().manual_seed(0)
     contexts = {"caption": model.encode_text(list(captions)), "empty": model.encode_text([""] * len(captions))}
     out = {}
     for t in timesteps:
@@ -332,7 +333,6 @@ def train_sd(out: Path, recipe: MicroRecipe, device: str | torch.device = "cpu",
         save_stable_diffusion(sd, out / SD_FILE, dtype=torch.float16)
         shipped = load_stable_diffusion(out / SD_FILE)
         val_latents = encode_means(shipped.vae, torch.from_numpy(val.images)) * SCALE_FACTOR
-        # the probe's noise stays the same for every --seed, so that the probes of two seeds compare
         log.data["probes"]["eps_mse"] = eps_probe(shipped, val_latents, val.captions)
     log.data["seconds"] = round(time.perf_counter() - start, 2)
     log.write()
