@@ -20,7 +20,7 @@ from ldznet_ext.modeling.znet import upsampling_decoder
 from ldznet_ext.segmenter import Segmenter
 from ldznet_ext.train.data import PHRASECUT_TEMPLATES, ManifestSource, Sample, fit_square, open_source
 from ldznet_ext.train.trainer import (CHECKPOINT, HEAD, LOG, TrainConfig, Trainer, identity_decoder_,
-                                     is_cross_attention, is_new_layer, lr_factor)
+                                     is_cross_attention, is_new_layer, lr_factor, soft_dice_loss)
 from ldznet_ext.world.data import render_scene_set
 
 SIZE = 64
@@ -155,6 +155,31 @@ def test_loss_falls(backbone, tmp_path, arch):
     after = trainer.loss(every, torch.Generator().manual_seed(0)).item()
     assert np.isfinite(losses).all()
     assert after < 0.95 * before, (before, after)  # measured: 0.92
+
+
+def test_soft_dice_loss_is_per_sample_and_defined_on_empty_masks():
+    logits = torch.zeros(2, 1, 2, 2)  # p = 0.5 everywhere
+    target = torch.zeros(2, 1, 2, 2)
+    target[0, 0, 0, 0] = 1.0  # sample 0: one mask pixel; sample 1: empty
+    # sample 0: 1 - (2 * 0.5 + 1) / (2 + 1 + 1) = 0.5; sample 1: 1 - 1 / (2 + 0 + 1) = 2 / 3
+    assert soft_dice_loss(logits, target).item() == pytest.approx((0.5 + 2 / 3) / 2)
+    confident = torch.where(target > 0, 30.0, -30.0)
+    assert soft_dice_loss(confident, target).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dice_weight_adds_the_dice_of_the_same_logits(backbone, tmp_path):
+    source = open_source("world:train:1", size=SIZE)
+    batch = [(s, s.phrase) for s in source[0].samples()]
+    bce = Trainer(backbone, source, _config(arch="znet"), tmp_path / "bce")
+    both = Trainer(backbone, source, _config(arch="znet", dice_weight=0.5), tmp_path / "both")
+    inputs = torch.cat([bce._latent(s) for s, _ in batch])
+    context = torch.cat([bce._text(p) for _, p in batch])
+    target = torch.from_numpy(np.stack([s.mask for s, _ in batch])).float()[:, None]
+    with torch.no_grad():
+        dice = soft_dice_loss(bce.model(inputs, context).float(), target).item()
+        plain, total = (t.loss(batch, torch.Generator()).item() for t in (bce, both))
+    assert 0.1 < dice < 1.0
+    assert total == pytest.approx(plain + 0.5 * dice, rel=1e-5)
 
 
 def test_official_decoder_init_learns_slowly(backbone, tmp_path):

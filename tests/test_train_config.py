@@ -54,6 +54,8 @@ def test_bad_files_and_values(tmp_path):
         TrainConfig(arch="znet", sd_fusion="concat")
     with pytest.raises(LdznetError, match="schedule must be one of constant, cosine, plateau"):
         TrainConfig(schedule="step")
+    with pytest.raises(LdznetError, match="dice_weight must be >= 0, got -1"):
+        TrainConfig(dice_weight=-1.0)
 
 
 def test_train_command_with_config_file(tiny_model_files, tmp_path, capsys):

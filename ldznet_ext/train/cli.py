@@ -105,6 +105,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ema", type=float, help=f"EMA decay of the saved head (default {d.ema:g})")
     p.add_argument("--grad-clip", type=float, help=f"gradient norm limit, 0 = off (default {d.grad_clip:g})")
     p.add_argument("--pos-weight", type=float, help=f"BCE weight of mask pixels (default {d.pos_weight:g})")
+    p.add_argument("--dice-weight", type=float,
+                   help=f"weight of a per-sample soft Dice loss added to the BCE (default {d.dice_weight:g})")
     p.add_argument("--decoder-init", choices=("identity", "default"),
                    help=f"mask decoder start: identity up-sampling, or torch's default as the official code "
                         f"(default {d.decoder_init})")

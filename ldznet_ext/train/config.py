@@ -37,7 +37,9 @@ class TrainConfig:
     of linear warm-up; schedule after it: "constant", "cosine" (to 0 at ``steps``) or "plateau"
     (torch's ReduceLROnPlateau on the mean training loss of every ``plateau_every`` steps, times
     ``plateau_factor`` after ``plateau_patience`` windows without improvement); ema: EMA decay
-    (with ldm's (1+n)/(10+n) ramp); pos_weight: BCE weight of mask pixels; decoder_init: "identity"
+    (with ldm's (1+n)/(10+n) ramp); pos_weight: BCE weight of mask pixels; dice_weight: weight of a
+    soft Dice loss added to the BCE (per sample, so a small object counts as much as the sky, as in
+    the per-sample mIoU); decoder_init: "identity"
     or "default" (torch's, as the official code); sd_fusion: LD-ZNet's "attention" or the "concat"
     ablation; templates: "plain" (the phrase as is) or "phrasecut"; negatives: also train on
     absent phrases (empty masks); precision: "fp32", or "bf16"/"fp16" autocast (CUDA; the frozen
@@ -65,6 +67,7 @@ class TrainConfig:
     ema: float = 0.999
     grad_clip: float = 1.0
     pos_weight: float = 1.0
+    dice_weight: float = 0.0
     decoder_init: str = "identity"
     sd_fusion: str = "attention"
     templates: str = "plain"
@@ -92,6 +95,8 @@ class TrainConfig:
             raise LdznetError("warm-up, plateau patience and workers must be >= 0")
         if not 0.0 < self.plateau_factor < 1.0:
             raise LdznetError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
+        if self.dice_weight < 0.0:
+            raise LdznetError(f"dice_weight must be >= 0, got {self.dice_weight}")
         if not 0.0 <= self.ema < 1.0:
             raise LdznetError(f"EMA decay must be in [0, 1), got {self.ema}")
 

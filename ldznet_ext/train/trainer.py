@@ -4,8 +4,9 @@ One step: draw a batch of (image, phrase, mask) samples (absent phrases, with em
 included by default), z = VAE posterior mean x scale factor (cached per image), the phrase's text
 context (cached per prompt), for LD-ZNet the SD UNet's features of blocks 6-10 at t ~ U[300, 500)
 on q_sample(z, t, noise) (``segmenter.sd_features``, as at inference), then the head's
-full-resolution logits, BCE with logits against the mask, AdamW with a linear warm-up, gradient
-clipping and an EMA of the head (the saved head is the EMA).
+full-resolution logits, BCE with logits against the mask (plus, with ``dice_weight``, a per-sample
+soft Dice loss), AdamW with a linear warm-up, gradient clipping and an EMA of the head (the saved
+head is the EMA).
 
 The one-channel mask decoder ``final`` (a conv and three x2 up-sampling stages after ``out``)
 decides how fast a head learns. With torch's default initialisation its gain from ``out`` to the
@@ -116,6 +117,15 @@ def training_head(backbone: StableDiffusion, arch: str, resolution: int, seed: i
     if decoder_init == "identity":
         identity_decoder_(head.final)
     return head, config
+
+
+def soft_dice_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean over samples of 1 - (2 |p g| + 1) / (|p| + |g| + 1) for logits and masks [B, 1, H, W].
+
+    Per sample, so every mask weighs the same whatever its area; the +1 keeps an empty mask's loss
+    defined (it then pushes every probability to 0)."""
+    p, dims = torch.sigmoid(logits), (1, 2, 3)
+    return (1.0 - (2.0 * (p * target).sum(dims) + 1.0) / (p.sum(dims) + target.sum(dims) + 1.0)).mean()
 
 
 def is_new_layer(name: str) -> bool:
@@ -262,7 +272,8 @@ class Trainer:
     # -- one step --------------------------------------------------------------------------
 
     def loss(self, batch: list[tuple[Sample, str]], generator: torch.Generator) -> Tensor:
-        """Mean BCE of the head's logits against the masks (differentiable in the head only)."""
+        """Mean BCE of the head's logits against the masks, plus ``dice_weight`` x the mean soft
+        Dice loss (differentiable in the head only)."""
         arch = self.config.arch
         context = torch.cat([self._text(prompt) for _, prompt in batch])
         target = torch.from_numpy(np.stack([s.mask for s, _ in batch])).to(self.device, torch.float32)[:, None]
@@ -283,7 +294,10 @@ class Trainer:
         logits = logits.float()
         if logits.shape[-2:] != target.shape[-2:]:  # backbones whose VAE does not downsample by 8
             logits = F.interpolate(logits, target.shape[-2:], mode="bilinear", align_corners=False)
-        return F.binary_cross_entropy_with_logits(logits, target, pos_weight=self._pos_weight)
+        loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=self._pos_weight)
+        if self.config.dice_weight:
+            loss = loss + self.config.dice_weight * soft_dice_loss(logits, target)
+        return loss
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
@@ -397,6 +411,7 @@ class Trainer:
             "processes": self.world_size, "lr": c.lr, "scale_lr": c.scale_lr, "new_lr_scale": c.new_lr_scale,
             "fast_cross_attention": c.fast_cross_attention,
             "warmup": c.warmup, "schedule": c.schedule, "ema": c.ema, "pos_weight": c.pos_weight,
+            "dice_weight": c.dice_weight,
             "decoder_init": c.decoder_init, "precision": c.precision,
             "templates": c.templates, "negatives": c.negatives, "seed": c.seed, "final_loss": self.recent_loss})
 
