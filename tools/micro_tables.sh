@@ -22,7 +22,7 @@ mkdir -p "$run"
 if [ ! -f "$run/ldznet-concat/head.safetensors" ]; then
   $python -m ldznet_ext.cli train --arch ldznet --sd-fusion concat --model "$weights/micro-sd-v1.safetensors" \
     --data world:train:4000 --steps 1500 --batch-size 8 --save-every 250 --fast-cross-attention \
-    -o "$run/ldznet-concat" > "$run/ldznet-concat.log" 2>&1
+    --dice-weight 1 -o "$run/ldznet-concat" > "$run/ldznet-concat.log" 2>&1
 fi
 
 evaluate() {  # evaluate NAME [eval arguments]: one method's result as $run/NAME.json
@@ -42,9 +42,7 @@ evaluate concatenation --head "$run/ldznet-concat/head.safetensors"
   echo
   echo "Produced by \`tools/micro_tables.sh\` ($data: 100 unseen scenes, both rendering domains; CLIPSeg"
   echo "methodology, x 100; edge refinement on, as by default). The titles are the paper's; the data"
-  echo "here is the micro world, not PhraseCut. The Table 4 concatenation head was trained by this script"
-  echo "with the trainer's streamed data order; the shipped heads by tools/train_micro_world.sh before the"
-  echo "trainer streamed its data (same recipe and steps, another random order of the same examples)."
+  echo "here is the micro world, not PhraseCut."
   echo
   $python -m ldznet_ext.cli eval --merge "$run"/{zero-shot,RGBNet,ZNet,LD-ZNet}.json --table 1 --markdown "$run/table1.md" > /dev/null
   cat "$run/table1.md"
