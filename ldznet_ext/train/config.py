@@ -28,24 +28,23 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 class TrainConfig:
     """What a run does.
 
-    batch_size: samples per process and micro-batch; accumulate: micro-batches per optimiser step
-    (total batch = batch_size x accumulate x processes). lr: AdamW rate of the SD-initialised
-    layers, or with scale_lr the rate per sample of the total batch (ldm's rule: the rate used is
-    lr x total batch); new_lr_scale: multiplier for the layers trained from scratch; fast_cross_attention: the
-    text cross-attention layers (``attn2``) get that multiplier too (an SD model that barely uses
-    its text, as the micro one, hands the head cross-attention that must relearn fast); warmup: steps
-    of linear warm-up; schedule after it: "constant", "cosine" (to 0 at ``steps``) or "plateau"
-    (torch's ReduceLROnPlateau on the mean training loss of every ``plateau_every`` steps, times
-    ``plateau_factor`` after ``plateau_patience`` windows without improvement); ema: EMA decay
-    (with ldm's (1+n)/(10+n) ramp); pos_weight: BCE weight of mask pixels; dice_weight: weight of a
-    soft Dice loss added to the BCE (per sample, so a small object counts as much as the sky, as in
-    the per-sample mIoU); decoder_init: "identity"
-    or "default" (torch's, as the official code); sd_fusion: LD-ZNet's "attention" or the "concat"
-    ablation; templates: "plain" (the phrase as is) or "phrasecut"; negatives: also train on
-    absent phrases (empty masks); precision: "fp32", or "bf16"/"fp16" autocast (CUDA; the frozen
-    SD model is loaded in it, the head's weights stay fp32); grad_checkpoint: recompute the head's
-    activations in the backward pass; workers: processes that read examples ahead (0: read in the
-    training process; the results are the same either way).
+    batch_size: samples per process and micro-batch; accumulate: micro-batches per optimiser step (total
+    batch = batch_size x accumulate x processes). lr: AdamW rate of the SD-initialised layers, or with
+    scale_lr the rate per sample of the total batch (ldm's rule: the rate used is lr x total batch);
+    new_lr_scale: multiplier for the layers trained from scratch; fast_cross_attention: the text
+    cross-attention layers (``attn2``) get that multiplier too (an SD model that barely uses its text,
+    as the micro one, hands the head cross-attention that must relearn fast); warmup: steps of linear
+    warm-up; schedule after it: "constant", "cosine" (to 0 at ``steps``) or "plateau" (torch's
+    ReduceLROnPlateau on the mean training loss of every ``plateau_every`` steps, times
+    ``plateau_factor`` after ``plateau_patience`` windows without improvement); ema: EMA decay (with
+    ldm's (1+n)/(10+n) ramp); pos_weight: BCE weight of mask pixels; dice_weight: weight of a soft Dice
+    loss added to the BCE (per sample, so a small object counts as much as the sky, as in the per-sample
+    mIoU); decoder_init: "identity" or "default" (torch's, as the official code); sd_fusion: LD-ZNet's
+    "attention" or the "concat" ablation; templates: "plain" (the phrase as is) or "phrasecut";
+    negatives: also train on absent phrases (empty masks); precision: "fp32", or "bf16"/"fp16" autocast
+    (CUDA; the frozen SD model is loaded in it, the head's weights stay fp32); grad_checkpoint:
+    recompute the head's activations in the backward pass; workers: processes that read examples ahead
+    (0: read in the training process; the results are the same either way).
     """
 
     arch: str = "ldznet"
