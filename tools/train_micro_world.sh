@@ -19,9 +19,6 @@ collect=${LDZNET_COLLECT:-}
 weights=ldznet_ext/world/weights
 head_args=(--data world:train:4000 --steps 1500 --batch-size 8 --device "$device" --save-every 250
            --fast-cross-attention)
-# The latent heads add a per-sample Dice loss to the BCE (+4 mIoU); an RGBNet trained with it stays
-# a constant map for all 1,500 steps, so RGBNet keeps the BCE alone (README, "The micro world").
-dice_args=(--dice-weight 1)
 
 keep() {  # keep FILE NAME: copy a product to the collect folder
   [ -z "$collect" ] || cp "$1" "$collect/$2"
@@ -29,9 +26,11 @@ keep() {  # keep FILE NAME: copy a product to the collect folder
 
 train_head() {  # train_head ARCH [DOMAIN]: one head into $run/ARCH[-DOMAIN]
   local arch=$1 domain=${2:-} name=$1${2:+-$2}
-  local extra=("${dice_args[@]}")
-  [ "$arch" != rgbnet ] || extra=()
-  OMP_NUM_THREADS=1 $python -m ldznet_ext.cli train --arch "$arch" --model "$sd" "${head_args[@]}" "${extra[@]}" \
+  # The latent heads add a per-sample Dice loss to the BCE (+4 mIoU); an RGBNet trained with it stays
+  # a constant map for all 1,500 steps, so RGBNet keeps the BCE alone (README, "The micro world").
+  local dice=()
+  [ "$arch" = rgbnet ] || dice=(--dice-weight 1)
+  OMP_NUM_THREADS=1 $python -m ldznet_ext.cli train --arch "$arch" --model "$sd" "${head_args[@]}" "${dice[@]}" \
     ${domain:+--domain "$domain"} -o "$run/$name" > "$run/$name.log" 2>&1
   keep "$run/$name/head.safetensors" "micro-$name.safetensors"
 }
