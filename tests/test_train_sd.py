@@ -17,12 +17,16 @@ from ldznet_ext.errors import CheckpointError, LdznetError
 from ldznet_ext.sd.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, classify, load_stable_diffusion
 from ldznet_ext.sd.vae import SCALE_FACTOR, AutoencoderKL
 from ldznet_ext.world.data import SceneSet, render_scene_set
-from ldznet_ext.world.micro import MICRO_TEXT, MICRO_UNET, MICRO_VAE, micro_recipe
+from ldznet_ext.sd.text import TextEncoder
+from ldznet_ext.sd.tokenizer import tokenize
+from ldznet_ext.world.micro import MICRO_TEXT, MICRO_UNET, MICRO_VAE, micro_recipe, micro_text_config
 from ldznet_ext.world.scenes import make_scene
-from ldznet_ext.world.train_sd import (GRID_FILE, LOG_FILE, SD_FILE, VAE_FILE, rescale_latents_, train_sd,
-                                       vae_losses, warmup_cosine)
+from ldznet_ext.world.train_sd import (GRID_FILE, LOG_FILE, SD_FILE, TEXT_FILE, VAE_FILE, contrastive_loss,
+                                       load_text_stage, pooled_text, rescale_latents_, train_sd, vae_losses,
+                                       warmup_cosine)
 
 SMOKE = micro_recipe("smoke")
+TOKEN_EMBEDDING = "text_model.embeddings.token_embedding.weight"
 SMOKE_ARGS = ["--recipe", "smoke", "--dtype", "float32", "--workers", "1", "--quiet"]
 
 
@@ -94,11 +98,12 @@ def test_vae_losses_and_lr_schedule_are_exact():
 
 def test_smoke_losses_fall_in_every_stage(smoke_run):
     _, log = smoke_run
-    for stage, margin in (("vae", 0.05), ("unet", 0.05)):
+    for stage, margin in (("vae", 0.05), ("text", 0.05), ("unet", 0.05)):
         entries = log["stages"][stage]["log"]
         assert [e["step"] for e in entries] == list(range(2, 9, 2))
         assert entries[-1]["loss"] < entries[0]["loss"] - margin, (stage, entries)
-    assert log["recipe"] == SMOKE.to_dict() and log["dtype"] == {"vae": "float32", "unet": "float32"}
+    assert log["recipe"] == SMOKE.to_dict()
+    assert log["dtype"] == {"vae": "float32", "text": "float32", "unet": "float32"}
     vae = log["stages"]["vae"]
     assert vae["latent_rescale"] == pytest.approx(1 / (SCALE_FACTOR * vae["latent_std"]), rel=1e-5)
     probes = log["probes"]
@@ -125,13 +130,22 @@ def test_smoke_output_is_a_micro_sd_v1_file(smoke_run):
     assert grid.size == (8 * SMOKE.image_size, 2 * SMOKE.image_size) and grid.mode == "RGB"
 
 
-def test_unet_stage_reruns_alone_from_the_vae_stage(smoke_run, tmp_path):
+def test_the_text_stage_tower_is_frozen_into_the_sd_file(smoke_run):
+    out, _ = smoke_run
+    stage, model = load_text_stage(out / TEXT_FILE), load_stable_diffusion(out / SD_FILE)
+    fresh = TextEncoder.from_config(micro_text_config())
+    for name, weight in stage.text_state_dict().items():
+        assert torch.equal(weight.half(), model.text_encoder.text_state_dict()[name].half()), name
+    assert not torch.equal(stage.text_state_dict()[TOKEN_EMBEDDING], fresh.text_state_dict()[TOKEN_EMBEDDING])
+
+
+def test_unet_stage_reruns_alone_from_the_earlier_stages(smoke_run, tmp_path):
     out, log = smoke_run
-    for name in (VAE_FILE, LOG_FILE):
+    for name in (VAE_FILE, TEXT_FILE, LOG_FILE):
         shutil.copy(out / name, tmp_path / name)
     assert main(["world", "train-sd", "-o", str(tmp_path), "--stages", "unet", *SMOKE_ARGS]) == 0
     rerun = json.loads((tmp_path / LOG_FILE).read_text(encoding="utf-8"))
-    assert rerun["stages"]["vae"] == log["stages"]["vae"]
+    assert rerun["stages"]["vae"] == log["stages"]["vae"] and rerun["stages"]["text"] == log["stages"]["text"]
     losses = [[(e["step"], e["loss"]) for e in run["stages"]["unet"]["log"]] for run in (log, rerun)]
     assert losses[0] == losses[1]  # seeded: the same run
     first, again = read_state_dict(out / SD_FILE), read_state_dict(tmp_path / SD_FILE)
@@ -140,7 +154,8 @@ def test_unet_stage_reruns_alone_from_the_vae_stage(smoke_run, tmp_path):
 
 def test_seed_option_changes_the_training_draws_only(smoke_run, tmp_path):
     out, log = smoke_run
-    shutil.copy(out / VAE_FILE, tmp_path / VAE_FILE)
+    for name in (VAE_FILE, TEXT_FILE):
+        shutil.copy(out / name, tmp_path / name)
     assert main(["world", "train-sd", "-o", str(tmp_path), "--stages", "unet", "--seed", "1", *SMOKE_ARGS]) == 0
     other = json.loads((tmp_path / LOG_FILE).read_text(encoding="utf-8"))
     assert other["recipe"] == {**log["recipe"], "seed": 1}
@@ -152,5 +167,33 @@ def test_seed_option_changes_the_training_draws_only(smoke_run, tmp_path):
 def test_bad_stages_are_refused(tmp_path):
     with pytest.raises(LdznetError, match="unknown or no training stages"):
         train_sd(tmp_path, SMOKE, stages=["vae", "unet", "head"])
+    with pytest.raises(LdznetError, match="recipe 'full' has vae, unet"):
+        train_sd(tmp_path, micro_recipe("full"), stages=["text"])
     with pytest.raises(CheckpointError, match="vae_stage.safetensors not found: run stage vae first"):
         train_sd(tmp_path, SMOKE, stages=["unet"])
+    (tmp_path / VAE_FILE).touch()
+    with pytest.raises(CheckpointError, match="text_stage.safetensors not found: run stage text first"):
+        train_sd(tmp_path, SMOKE, stages=["unet"])
+
+
+def test_contrastive_loss_is_clips_symmetric_cross_entropy():
+    image = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    text = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    log_scale = torch.tensor(math.log(2.0))
+    # cosines [[1, 0], [1/sqrt2, 1/sqrt2]] x 2; rows: image -> text, columns: text -> image
+    c = 2 / math.sqrt(2)
+    rows = [-math.log(math.exp(2) / (math.exp(2) + 1)), -math.log(math.exp(c) / (2 * math.exp(c)))]
+    cols = [-math.log(math.exp(2) / (math.exp(2) + math.exp(c))), -math.log(math.exp(c) / (1 + math.exp(c)))]
+    assert float(contrastive_loss(image, text, log_scale)) == pytest.approx((sum(rows) + sum(cols)) / 4, rel=1e-6)
+
+
+def test_pooled_text_is_the_state_at_the_end_token():
+    torch.manual_seed(0)
+    text = TextEncoder.from_config(micro_text_config()).eval()
+    tokens = tokenize(["a red star", "two blue circles on grass under the sky"])
+    with torch.no_grad():
+        full = text(tokens)
+        pooled = pooled_text(text, tokens)
+    eot = [4, 9]  # <start>, one token per word, <end>
+    assert tokens.argmax(-1).tolist() == eot
+    assert torch.allclose(pooled, full[torch.arange(2), torch.tensor(eot)], atol=1e-5)

@@ -9,8 +9,8 @@ become ``_``: ``red_star.png``) and ``DIR/phrases.json``::
 
 ``area`` is the mask's pixel count; absent phrases have ``"present": false`` and area 0.
 ``ldznet world split NAME [--count N]`` prints the first N seeds of split NAME as a JSON list.
-``ldznet world train-sd -o DIR [--recipe full|smoke] [--device cpu|cuda] [--dtype auto|float32|bfloat16]
-[--stages vae,unet]`` trains the micro SD v1 (``world.train_sd``) into DIR.
+``ldznet world train-sd -o DIR [--recipe full|clip|smoke] [--device cpu|cuda] [--dtype auto|float32|bfloat16]
+[--stages vae,text,unet]`` trains the micro SD v1 (``world.train_sd``) into DIR.
 Each sub-command is one ``_add_*`` function in ``SUBCOMMANDS``; add more there.
 """
 
@@ -66,7 +66,7 @@ def _run_train_sd(args: argparse.Namespace) -> int:
     from .micro import micro_recipe
     from .train_sd import train_sd
 
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    stages = None if args.stages is None else [s.strip() for s in args.stages.split(",") if s.strip()]
     recipe = micro_recipe(args.recipe)
     if args.seed is not None:
         recipe = replace(recipe, seed=args.seed)
@@ -94,18 +94,20 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train_sd(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train-sd", help="train the micro SD v1 (VAE, then text encoder + UNet) on micro-world scenes")
+    p = sub.add_parser("train-sd", help="train the micro SD v1 (VAE, text encoder, UNet) on micro-world scenes")
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="directory for vae_stage.safetensors, micro-sd-v1.safetensors and train_sd_log.json")
-    p.add_argument("--recipe", default="full", choices=("full", "smoke"), help="hyper-parameter preset (default full)")
+    p.add_argument("--recipe", default="full", choices=("full", "clip", "smoke"),
+                   help="hyper-parameter preset (default full; clip: with the contrastive text-tower stage)")
     p.add_argument("--seed", type=int,
                    help="seed of the initial weights, batches and noise (default: the recipe's, 0); same scenes")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="autocast dtype (default auto: bfloat16 on CUDA; on CPUs with native bf16, "
                         "bfloat16 for the VAE stage only; else float32)")
-    p.add_argument("--stages", default="vae,unet",
-                   help="comma-separated stages to run (default vae,unet); unet alone reuses DIR/vae_stage.safetensors")
+    p.add_argument("--stages",
+                   help="comma-separated stages to run (default: all of the recipe's, vae,unet or with clip "
+                        "vae,text,unet); a later stage alone reuses DIR/vae_stage.safetensors and DIR/text_stage.safetensors")
     p.add_argument("--workers", type=int, help="scene-rendering processes (default: the usable cores, at most 16)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_train_sd)

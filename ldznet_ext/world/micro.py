@@ -49,7 +49,7 @@ def build_micro_sd(seed: int = 0) -> StableDiffusion:
 class MicroRecipe:
     """Every hyper-parameter of ``ldznet world train-sd``; steps count optimizer updates.
 
-    Both stages train on train-split seeds ``0 .. scenes - 1`` rendered at ``image_size``.
+    Every stage trains on train-split seeds ``0 .. scenes - 1`` rendered at ``image_size``.
     """
 
     name: str
@@ -66,7 +66,14 @@ class MicroRecipe:
     vae_mse_weight: float = 0.1
     vae_kl_weight: float = 1e-6
     scale_images: int = 512  # train images whose latent std sets the latent rescaling
-    # Stage 2, text encoder + UNet: eps-prediction, uniform t, SD's schedule, EMA weights saved.
+    # Stage 2, text tower (skipped when text_steps is 0): CLIP's contrastive loss between captions
+    # and a small image tower reading the VAE's latents; the tower is then frozen in stage 3, as
+    # SD v1 freezes CLIP's. With text_steps 0, stage 3 trains a random text tower with the UNet.
+    text_steps: int = 0
+    text_batch: int = 256
+    text_lr: float = 1e-3
+    text_warmup: int = 100
+    # Stage 3, UNet (and text encoder when stage 2 is skipped): eps-prediction, uniform t, SD's schedule, EMA weights saved.
     unet_steps: int = 2000
     unet_batch: int = 128
     unet_lr: float = 1e-3
@@ -86,13 +93,16 @@ class MicroRecipe:
 
 RECIPES: dict[str, MicroRecipe] = {
     "full": MicroRecipe("full"),
+    "clip": MicroRecipe("clip", text_steps=1500),
     "smoke": MicroRecipe("smoke", image_size=64, scenes=32, vae_steps=8, vae_batch=4, vae_warmup=2, scale_images=16,
+                         text_steps=8, text_batch=16, text_warmup=2,
                          unet_steps=8, unet_batch=16, unet_warmup=2, log_every=2, probe_scenes=8),
 }
 
 
 def micro_recipe(name: str) -> MicroRecipe:
-    """The preset ``"full"`` (the shipped model) or ``"smoke"`` (seconds on a CPU, for tests)."""
+    """The preset ``"full"`` (the shipped model), ``"clip"`` (full with the contrastive text-tower
+    stage) or ``"smoke"`` (seconds on a CPU, for tests; all three stages)."""
     if name not in RECIPES:
         raise LdznetError(f"unknown micro recipe {name!r}; expected one of {', '.join(RECIPES)}")
     return RECIPES[name]

@@ -2,14 +2,18 @@
 
 Stage ``vae``: the KL autoencoder on train scenes (L1 + MSE + a tiny KL, random flips); then the
 latent space is rescaled inside the weights so that the posterior means times SD's 0.18215 have
-unit std, exactly as SD v1's latents do. Stage ``unet``: the CLIP text tower (random init: no
-CLIP weights exist here) and the UNet jointly on eps-prediction over frozen-VAE latents, SD's
-scaled-linear schedule, uniform timesteps and ``uncond_p`` empty captions; EMA weights are saved.
+unit std, exactly as SD v1's latents do. Stage ``text`` (recipes with ``text_steps`` > 0): no CLIP
+weights exist here, so the CLIP text tower is pre-trained as CLIP was, contrastively against an
+image tower, which reads the VAE's latents (what the UNet and the heads see; cheap at 16 x 16).
+Stage ``unet``: the UNet on eps-prediction over frozen-VAE latents, SD's scaled-linear schedule,
+uniform timesteps and ``uncond_p`` empty captions, with the stage-``text`` tower frozen as SD v1
+freezes CLIP's (or, without that stage, a random text tower trained jointly); EMA weights are saved.
 
-Outputs in DIR: ``vae_stage.safetensors`` (after stage vae; stage unet alone starts from it),
-``micro-sd-v1.safetensors`` (single-file SD v1, fp16), ``vae_reconstructions.png`` (val scenes
-over their reconstructions) and ``train_sd_log.json`` (losses every ``log_every`` steps, timings,
-probes), rewritten as training goes so that it can be polled.
+Outputs in DIR: ``vae_stage.safetensors`` and ``text_stage.safetensors`` (a later run of a
+following stage alone starts from them), ``micro-sd-v1.safetensors`` (single-file SD v1, fp16),
+``vae_reconstructions.png`` (val scenes over their reconstructions) and ``train_sd_log.json``
+(losses every ``log_every`` steps, timings, probes), rewritten as training goes so that it can be
+polled.
 """
 
 from __future__ import annotations
@@ -43,8 +47,9 @@ from .data import render_scene_set
 from .micro import MICRO_UNET, MICRO_VAE, MicroRecipe, micro_text_config
 from .scenes import split_seeds
 
-STAGES = ("vae", "unet")
+STAGES = ("vae", "text", "unet")
 VAE_FILE = "vae_stage.safetensors"
+TEXT_FILE = "text_stage.safetensors"
 SD_FILE = DEFAULT_SD_NAME
 LOG_FILE = "train_sd_log.json"
 GRID_FILE = "vae_reconstructions.png"
@@ -219,15 +224,94 @@ def load_vae_stage(path: Path) -> AutoencoderKL:
     return vae.eval().requires_grad_(False)
 
 
+class LatentImageTower(nn.Module):
+    """CLIP's image tower for stage text: scaled latents [B, 4, h, w] -> embeddings [B, dim]."""
+
+    def __init__(self, latent_channels: int, dim: int):
+        super().__init__()
+
+        def block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1), nn.GroupNorm(8, c_out), nn.SiLU())
+
+        self.body = nn.Sequential(block(latent_channels, 64, 1), block(64, 64, 1), block(64, 128, 2),
+                                  block(128, 128, 1), block(128, 256, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(256, dim))
+
+    def forward(self, latents: Tensor) -> Tensor:
+        return self.body(latents)
+
+
+def pooled_text(text: TextEncoder, tokens: Tensor) -> Tensor:
+    """CLIP's text feature before its projection: the last hidden state at each prompt's first
+    end-of-text token (the largest id), [B, dim]. Tokens after the last one are cut: the causal
+    mask keeps them from changing it."""
+    eot = tokens.argmax(dim=-1)
+    hidden = text.transformer(input_ids=tokens[:, :int(eot.max()) + 1]).last_hidden_state
+    return hidden[torch.arange(len(tokens), device=tokens.device), eot]
+
+
+def contrastive_loss(image: Tensor, text: Tensor, log_scale: Tensor) -> Tensor:
+    """CLIP's symmetric InfoNCE of matching rows of image and text embeddings [B, D] (any norm)."""
+    logits = log_scale.exp().clamp(max=100.0) * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def train_text(latents: Tensor, tokens: Tensor, recipe: MicroRecipe, device: torch.device, dtype: torch.dtype,
+               log: RunLog, progress: bool = False) -> TextEncoder:
+    """Stage text on scaled latents [N, 4, h, w] and caption token ids [N, 77] (same device): the
+    text tower, float32, eval mode, no gradients. Latents are flipped at random (captions say
+    nothing of left and right)."""
+    torch.manual_seed(recipe.seed + 2)
+    text = TextEncoder.from_config(micro_text_config())
+    dim = text.context_dim
+    model = nn.ModuleDict({"text": text, "image": LatentImageTower(latents.shape[1], dim),
+                           "projection": nn.Linear(dim, dim, bias=False)}).to(device).train()
+    log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))  # CLIP's initial temperature
+    model.register_parameter("log_scale", log_scale)
+    generator = torch.Generator().manual_seed(recipe.seed + 2)
+    b = min(recipe.text_batch, len(latents))
+
+    def step_loss(step: int) -> dict[str, Tensor]:
+        index = torch.randperm(len(latents), generator=generator)[:b].to(device)  # distinct: no false negatives
+        flip = (torch.rand(b, generator=generator) < 0.5).view(b, 1, 1, 1).to(device)
+        x = torch.where(flip, latents[index].flip(-1), latents[index])
+        with _autocast(device, dtype):
+            image = model["image"](x)
+            caption = model["projection"](pooled_text(model["text"], tokens[index]))
+        return {"loss": contrastive_loss(image.float(), caption.float(), log_scale)}
+
+    _fit("text", model, recipe, recipe.text_steps, recipe.text_lr, recipe.text_warmup, step_loss,
+         log.stage("text"), log, progress)
+    return text.eval().requires_grad_(False)
+
+
+def save_text_stage(path: Path, text: TextEncoder) -> None:
+    """Write stage text's tower (SD's text-encoder key layout) for :func:`load_text_stage`."""
+    write_safetensors(path, text.text_state_dict(), {"text": "micro CLIP text tower, SD layout"})
+
+
+def load_text_stage(path: Path) -> TextEncoder:
+    """The text tower written by stage text (float32, eval mode, no gradients)."""
+    text = TextEncoder.from_config(micro_text_config())
+    text.load_text_state_dict(read_state_dict(path))
+    return text.eval().requires_grad_(False)
+
+
 def train_unet(latents: Tensor, tokens: Tensor, recipe: MicroRecipe, device: torch.device, dtype: torch.dtype,
-               log: RunLog, progress: bool = False) -> tuple[UNetModel, TextEncoder]:
-    """Stage 2 on scaled latents [N, 4, h, w] and caption token ids [N, 77] (same device): the EMA
-    UNet and text encoder, float32, eval mode."""
+               log: RunLog, progress: bool = False,
+               text: TextEncoder | None = None) -> tuple[UNetModel, TextEncoder]:
+    """Stage unet on scaled latents [N, 4, h, w] and caption token ids [N, 77] (same device): the
+    EMA UNet and text encoder, float32, eval mode. ``text``: a pre-trained tower, kept frozen
+    (returned as given); None trains a random one with the UNet."""
     torch.manual_seed(recipe.seed + 1)
-    model = nn.ModuleDict({"unet": UNetModel(MICRO_UNET), "text": TextEncoder.from_config(micro_text_config())})
+    model = nn.ModuleDict({"unet": UNetModel(MICRO_UNET)})
+    if text is None:
+        model["text"] = TextEncoder.from_config(micro_text_config())
     model.to(device).train()
     ema = copy.deepcopy(model).requires_grad_(False)
     model_params, ema_params = list(model.parameters()), list(ema.parameters())
+    encode = model["text"] if text is None else text.to(device)
     schedule = NoiseSchedule()
     empty = tokenize([""]).to(device)
     generator = torch.Generator().manual_seed(recipe.seed + 1)
@@ -241,7 +325,7 @@ def train_unet(latents: Tensor, tokens: Tensor, recipe: MicroRecipe, device: tor
         index = index.to(device)
         z_t = schedule.q_sample(latents[index], t, noise)
         with _autocast(device, dtype):
-            eps = model["unet"](z_t, t.to(device), model["text"](torch.where(drop, empty, tokens[index])))
+            eps = model["unet"](z_t, t.to(device), encode(torch.where(drop, empty, tokens[index])))
         return {"loss": F.mse_loss(eps.float(), noise)}
 
     @torch.no_grad()
@@ -252,7 +336,7 @@ def train_unet(latents: Tensor, tokens: Tensor, recipe: MicroRecipe, device: tor
     _fit("unet", model, recipe, recipe.unet_steps, recipe.unet_lr, recipe.unet_warmup, step_loss,
          log.stage("unet"), log, progress, update_ema)
     ema.eval()
-    return ema["unet"], ema["text"]
+    return ema["unet"], ema["text"] if text is None else text
 
 
 @torch.no_grad()
@@ -292,16 +376,26 @@ def reconstruction_grid(vae: AutoencoderKL, images: Tensor) -> np.ndarray:
     return torch.cat([torch.cat(list(images.cpu()), dim=1), torch.cat(list(recon), dim=1)], dim=0).numpy()
 
 
+def recipe_stages(recipe: MicroRecipe) -> tuple[str, ...]:
+    """The stages ``recipe`` trains, in order: stage text only where ``text_steps`` > 0."""
+    return tuple(s for s in STAGES if s != "text" or recipe.text_steps > 0)
+
+
 def train_sd(out: Path, recipe: MicroRecipe, device: str | torch.device = "cpu", dtype: str = "auto",
-             stages: Sequence[str] = STAGES, workers: int | None = None, progress: bool = False) -> dict:
-    """Run ``stages`` of ``recipe`` into directory ``out`` (created); returns the log's content."""
-    bad = [s for s in stages if s not in STAGES]
-    if bad or not stages:
-        raise LdznetError(f"unknown or no training stages {list(stages)}; expected some of {', '.join(STAGES)}")
-    if "vae" not in stages and not (out / VAE_FILE).is_file():
-        raise CheckpointError(f"{out / VAE_FILE} not found: run stage vae first (--stages vae,unet)")
+             stages: Sequence[str] | None = None, workers: int | None = None, progress: bool = False) -> dict:
+    """Run ``stages`` of ``recipe`` (None: all it has) into directory ``out`` (created); returns the
+    log's content."""
+    available = recipe_stages(recipe)
+    stages = available if stages is None else tuple(stages)
+    if not stages or any(s not in available for s in stages):
+        raise LdznetError(f"unknown or no training stages {list(stages)}; recipe {recipe.name!r} has "
+                          f"{', '.join(available)}")
+    needs_text = "unet" in stages and "text" in available and "text" not in stages
+    for stage, name, needed in (("vae", VAE_FILE, "vae" not in stages), ("text", TEXT_FILE, needs_text)):
+        if needed and not (out / name).is_file():
+            raise CheckpointError(f"{out / name} not found: run stage {stage} first (--stages {','.join(available)})")
     device = torch.device(device)
-    amp = {stage: resolve_dtype(device, dtype, stage) for stage in STAGES}
+    amp = {stage: resolve_dtype(device, dtype, stage) for stage in available}
     out.mkdir(parents=True, exist_ok=True)
     log = RunLog(out / LOG_FILE, {"recipe": recipe.to_dict(), "device": str(device), "torch": torch.__version__,
                                   "dtype": {k: str(v).replace("torch.", "") for k, v in amp.items()}})
@@ -322,12 +416,20 @@ def train_sd(out: Path, recipe: MicroRecipe, device: str | torch.device = "cpu",
     log.data["probes"]["vae_psnr"] = round(vae_psnr(vae, torch.from_numpy(val.images)), 3)
     Image.fromarray(reconstruction_grid(vae, torch.from_numpy(val.images[:8]))).save(out / GRID_FILE)
     log.write()
-    if "unet" in stages:
+    run_text = "text" in stages
+    if run_text or "unet" in stages:
         begin = time.perf_counter()
         latents = encode_means(vae.to(device), images, amp["vae"]) * SCALE_FACTOR
         tokens = tokenize(list(train.captions)).to(device)
         encode_seconds = round(time.perf_counter() - begin, 2)
-        unet, text = train_unet(latents, tokens, recipe, device, amp["unet"], log, progress)
+    text = None
+    if run_text:
+        text = train_text(latents, tokens, recipe, device, amp["text"], log, progress)
+        save_text_stage(out / TEXT_FILE, text)
+    elif needs_text:
+        text = load_text_stage(out / TEXT_FILE)
+    if "unet" in stages:
+        unet, text = train_unet(latents, tokens, recipe, device, amp["unet"], log, progress, text)
         log.data["stages"]["unet"]["encode_seconds"] = encode_seconds
         sd = StableDiffusion(unet.cpu(), vae.cpu(), text.cpu())
         save_stable_diffusion(sd, out / SD_FILE, dtype=torch.float16)
