@@ -107,7 +107,8 @@ def _add_train_sd(sub: argparse._SubParsersAction) -> None:
                         "bfloat16 for the VAE stage only; else float32)")
     p.add_argument("--stages",
                    help="comma-separated stages to run (default: all of the recipe's, vae,unet or with clip "
-                        "vae,text,unet); a later stage alone reuses DIR/vae_stage.safetensors and DIR/text_stage.safetensors")
+                        "vae,text,unet); a later stage alone reuses DIR/vae_stage.safetensors and "
+                        "DIR/text_stage.safetensors")
     p.add_argument("--workers", type=int, help="scene-rendering processes (default: the usable cores, at most 16)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_train_sd)

@@ -73,7 +73,8 @@ class MicroRecipe:
     text_batch: int = 256
     text_lr: float = 1e-3
     text_warmup: int = 100
-    # Stage 3, UNet (and text encoder when stage 2 is skipped): eps-prediction, uniform t, SD's schedule, EMA weights saved.
+    # Stage 3, UNet (and text tower when stage 2 is skipped): eps-prediction, uniform t, SD's
+    # schedule, EMA weights saved.
     unet_steps: int = 2000
     unet_batch: int = 128
     unet_lr: float = 1e-3
