@@ -180,11 +180,12 @@ def test_contrastive_loss_is_clips_symmetric_cross_entropy():
     image = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     text = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
     log_scale = torch.tensor(math.log(2.0))
-    # cosines [[1, 0], [1/sqrt2, 1/sqrt2]] x 2; rows: image -> text, columns: text -> image
+    # logits = 2 x cosines, images in rows, texts in columns: [[2, c], [0, c]] with c = 2 / sqrt2
     c = 2 / math.sqrt(2)
-    rows = [-math.log(math.exp(2) / (math.exp(2) + 1)), -math.log(math.exp(c) / (2 * math.exp(c)))]
-    cols = [-math.log(math.exp(2) / (math.exp(2) + math.exp(c))), -math.log(math.exp(c) / (1 + math.exp(c)))]
-    assert float(contrastive_loss(image, text, log_scale)) == pytest.approx((sum(rows) + sum(cols)) / 4, rel=1e-6)
+    per_image = [-math.log(math.exp(2) / (math.exp(2) + math.exp(c))), -math.log(math.exp(c) / (1 + math.exp(c)))]
+    per_text = [-math.log(math.exp(2) / (math.exp(2) + 1)), -math.log(math.exp(c) / (2 * math.exp(c)))]
+    expected = (sum(per_image) + sum(per_text)) / 4
+    assert float(contrastive_loss(image, text, log_scale)) == pytest.approx(expected, rel=1e-6)
 
 
 def test_pooled_text_is_the_state_at_the_end_token():
