@@ -97,8 +97,11 @@ def _add_train_sd(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-sd", help="train the micro SD v1 (VAE, text encoder, UNet) on micro-world scenes")
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="directory for vae_stage.safetensors, micro-sd-v1.safetensors and train_sd_log.json")
-    p.add_argument("--recipe", default="full", choices=("full", "clip", "smoke"),
-                   help="hyper-parameter preset (default full; clip: with the contrastive text-tower stage)")
+    # no argparse choices: micro.RECIPES is the one list (micro_recipe names them on a bad one),
+    # and importing it here would load torch for every world sub-command
+    p.add_argument("--recipe", default="full",
+                   help="hyper-parameter preset: full (default), clip (with the contrastive text-tower stage) "
+                        "or smoke")
     p.add_argument("--seed", type=int,
                    help="seed of the initial weights, batches and noise (default: the recipe's, 0); same scenes")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
