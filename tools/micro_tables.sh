@@ -20,9 +20,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 mkdir -p "$run"
 if [ ! -f "$run/ldznet-concat/head.safetensors" ]; then
+  source tools/micro_head_args.sh
   $python -m ldznet_ext.cli train --arch ldznet --sd-fusion concat --model "$weights/micro-sd-v1.safetensors" \
-    --data world:train:4000 --steps 1500 --batch-size 8 --save-every 250 --fast-cross-attention \
-    --dice-weight 1 -o "$run/ldznet-concat" > "$run/ldznet-concat.log" 2>&1
+    "${micro_head_args[@]}" --dice-weight 1 -o "$run/ldznet-concat" > "$run/ldznet-concat.log" 2>&1
 fi
 
 evaluate() {  # evaluate NAME [eval arguments]: one method's result as $run/NAME.json

@@ -17,8 +17,8 @@ install=${3:-}
 python=${PYTHON:-.venv/bin/python}
 collect=${LDZNET_COLLECT:-}
 weights=ldznet_ext/world/weights
-head_args=(--data world:train:4000 --steps 1500 --batch-size 8 --device "$device" --save-every 250
-           --fast-cross-attention)
+source tools/micro_head_args.sh
+head_args=("${micro_head_args[@]}" --device "$device")
 
 keep() {  # keep FILE NAME: copy a product to the collect folder
   [ -z "$collect" ] || cp "$1" "$collect/$2"
@@ -27,7 +27,7 @@ keep() {  # keep FILE NAME: copy a product to the collect folder
 train_head() {  # train_head ARCH [DOMAIN]: one head into $run/ARCH[-DOMAIN]
   local arch=$1 domain=${2:-} name=$1${2:+-$2}
   # The latent heads add a per-sample Dice loss to the BCE (+4 mIoU); an RGBNet trained with it stays
-  # a constant map for all 1,500 steps, so RGBNet keeps the BCE alone (README, "The micro world").
+  # a constant map, so RGBNet keeps the BCE alone (README, "The micro world").
   local dice=()
   [ "$arch" = rgbnet ] || dice=(--dice-weight 1)
   OMP_NUM_THREADS=1 $python -m ldznet_ext.cli train --arch "$arch" --model "$sd" "${head_args[@]}" "${dice[@]}" \
@@ -39,7 +39,7 @@ mkdir -p "$run"
 $python -m ldznet_ext.cli world train-sd -o "$run/sd" --recipe full --device "$device" --quiet
 sd="$run/sd/micro-sd-v1.safetensors"
 keep "$sd" micro-sd-v1.safetensors
-pairs=("ldznet znet" "rgbnet ldznet:cartoon" "znet:cartoon rgbnet:cartoon")
+pairs=("rgbnet rgbnet:cartoon" "ldznet znet" "ldznet:cartoon znet:cartoon")  # like with like: neither waits long
 [ "$device" = cpu ] || pairs=("ldznet" "znet" "rgbnet" "ldznet:cartoon" "znet:cartoon" "rgbnet:cartoon")
 for pair in "${pairs[@]}"; do
   pids=()
