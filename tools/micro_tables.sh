@@ -22,7 +22,7 @@ mkdir -p "$run"
 if [ ! -f "$run/ldznet-concat/head.safetensors" ]; then
   source tools/micro_head_args.sh
   $python -m ldznet_ext.cli train --arch ldznet --sd-fusion concat --model "$weights/micro-sd-v1.safetensors" \
-    "${micro_head_args[@]}" --dice-weight 1 -o "$run/ldznet-concat" > "$run/ldznet-concat.log" 2>&1
+    "${micro_head_args[@]}" "${micro_latent_head_args[@]}" -o "$run/ldznet-concat" > "$run/ldznet-concat.log" 2>&1
 fi
 
 evaluate() {  # evaluate NAME [eval arguments]: one method's result as $run/NAME.json

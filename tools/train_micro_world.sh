@@ -29,7 +29,7 @@ train_head() {  # train_head ARCH [DOMAIN]: one head into $run/ARCH[-DOMAIN]
   # The latent heads add a per-sample Dice loss to the BCE (+4 mIoU); an RGBNet trained with it stays
   # a constant map, so RGBNet keeps the BCE alone (README, "The micro world").
   local dice=()
-  [ "$arch" = rgbnet ] || dice=(--dice-weight 1)
+  [ "$arch" = rgbnet ] || dice=("${micro_latent_head_args[@]}")
   OMP_NUM_THREADS=1 $python -m ldznet_ext.cli train --arch "$arch" --model "$sd" "${head_args[@]}" "${dice[@]}" \
     ${domain:+--domain "$domain"} -o "$run/$name" > "$run/$name.log" 2>&1
   keep "$run/$name/head.safetensors" "micro-$name.safetensors"
