@@ -2,7 +2,8 @@
 
 A command module exposes ``register(subparsers)``, which adds its parser and sets
 ``func(args) -> int`` as the parser default. Modules are imported only when the
-CLI starts, so ``import ldznet_ext`` stays light.
+CLI starts, so ``import ldznet_ext`` stays light. Errors are one line, ``ldznet COMMAND: error: ...``,
+never a traceback: exit status 2 for bad input (LdznetError), 1 for the system's (OSError).
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LdznetError as error:
         print(f"ldznet {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # what no command anticipated (an unwritable -o folder, a full disk): no traceback
+        print(f"ldznet {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

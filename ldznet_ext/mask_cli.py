@@ -19,7 +19,7 @@ from .masks.expression import parse
 from .masks.ops import MaskOptions
 from .masks.tree import Expression
 from .refine import RefineSettings
-from .outputs import write_mask, write_overlay, write_probability
+from .outputs import writable_path, write_mask, write_overlay, write_probability
 from .segmenter import Segmenter
 
 EPILOG = """examples:
@@ -130,7 +130,8 @@ def segmenter_from_args(args: argparse.Namespace) -> tuple[Segmenter, dict]:
 
 
 def check_png_outputs(image: str | Path, outputs: list[str | Path]) -> None:
-    """Output names must end in .png, differ from each other and from the input image."""
+    """Output names must end in .png, differ from each other and from the input image, and be writable
+    (their folders are created)."""
     seen = {Path(image).resolve(): "the input image"}
     for output in outputs:
         if Path(output).suffix.lower() != ".png":
@@ -139,6 +140,7 @@ def check_png_outputs(image: str | Path, outputs: list[str | Path]) -> None:
         if resolved in seen:
             raise LdznetError(f"{output}: the same file as {seen[resolved]}; give each output its own name")
         seen[resolved] = str(output)
+        writable_path(output)
 
 
 def _run_mask(args: argparse.Namespace) -> int:
@@ -158,7 +160,6 @@ def _run_mask(args: argparse.Namespace) -> int:
         if path is None:
             continue
         try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
             write(path)
         except OSError as error:  # a full disk, a read-only folder, ...
             raise LdznetError(f"cannot write {path}: {error.strerror or error}") from error

@@ -17,6 +17,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from .errors import LdznetError
+
 TEMP_SUFFIX = ".ldznet-tmp"
 OVERLAY_COLOR = (255, 0, 0)
 OVERLAY_OPACITY = 0.5
@@ -33,6 +35,26 @@ def temporary_target(name: str) -> str | None:
     """The file name that a temporary file named ``name`` of :func:`save_png` was to become, or None."""
     match = _TEMPORARY.fullmatch(name)
     return match.group("target") if match else None
+
+
+def writable_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, its folder created; LdznetError naming it when it cannot be written there.
+
+    Commands call it before their work starts, so an evaluation or a model load is not lost to an
+    output path that was never usable (a file where a folder should be, a read-only folder).
+    """
+    path = Path(path)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise LdznetError(f"cannot write {path}: {path.parent} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise LdznetError(f"cannot write {path}: {error.strerror or error}") from error
+    if path.is_dir():
+        raise LdznetError(f"cannot write {path}: it is a folder")
+    if not os.access(path.parent, os.W_OK):
+        raise LdznetError(f"cannot write {path}: {path.parent} is not writable")
+    return path
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:

@@ -109,6 +109,17 @@ def test_eval_command_shards_merge_to_the_whole(files, capsys):
     assert merged["summary"] == whole["summary"] and merged["records"] == whole["records"]
 
 
+def test_eval_command_checks_its_outputs_before_evaluating(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("ldznet_ext.eval.cli.evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
+    (tmp_path / "file").write_text("")
+    common = ["eval", "--model", str(files / "sd.safetensors"), "--zero-shot", "--data", "world:test:1"]
+    assert main([*common, "--json", str(tmp_path / "file" / "r.json")]) == 2
+    assert capsys.readouterr().err == (f"ldznet eval: error: cannot write {tmp_path}/file/r.json: "
+                                       f"{tmp_path}/file is a file, not a folder\n")
+    assert main([*common, "--markdown", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"ldznet eval: error: cannot write {tmp_path}: it is a folder\n"
+
+
 def test_eval_command_zero_shot(files, capsys):
     assert main(["eval", "--model", str(files / "sd.safetensors"), "--zero-shot", "--data", "world:test:1",
                  "--resolution", "64", "--include-absent"]) == 0

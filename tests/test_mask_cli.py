@@ -205,7 +205,7 @@ BAD_INPUTS = {
     "not a png output": (lambda t, i, s, h: [i, "cat", "--overlay", t / "o.jpg"], "o.jpg: outputs are PNG files"),
     "output over input": (lambda t, i, s, h: [i, "cat", "--probability", i], "the same file as the input image"),
     "unwritable output": (lambda t, i, s, h: [_write(t / "out", b"") and i, "cat", "--model", s, "--head", h],
-                          "out/mask.png: File exists"),  # the output's folder "out" is a file
+                          "/out is a file, not a folder"),
     "unknown device": (lambda t, i, s, h: [i, "cat", "--model", s, "--zero-shot", "--device", "tpu"],
                        "unknown device 'tpu': expected auto, cpu, cuda, cuda:N or mps"),
     "threshold out of range": (lambda t, i, s, h: [i, "cat", "--threshold", 1],

@@ -206,3 +206,11 @@ def test_cli_split_and_errors(capsys):
     assert main(["world", "sample", "--seed", "-4", "-o", "unused"]) == 2
     assert "seed must be an integer >= 0" in capsys.readouterr().err
     assert main(["world"]) == 2
+
+
+def test_cli_unwritable_output_is_a_clear_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["world", "sample", "--seed", "5", "-o", str(blocker / "scene")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ldznet world: error: [Errno 20] Not a directory:") and "Traceback" not in err

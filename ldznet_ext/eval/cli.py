@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import LdznetError
 from ..loading import DTYPES, load_segmenter, resolve_model_paths
+from ..outputs import writable_path
 from ..refine import RefineSettings
 from ..train.data import open_source
 from ..world.scenes import VOCABULARY
@@ -68,13 +69,23 @@ def _report(results: list[EvalResult], args: argparse.Namespace) -> int:
                   f"examples, {len(r.skipped)} skipped; merge all shards with ldznet eval --merge")
     if args.json:
         report = {"format": FORMAT, "version": VERSION, "table": table, "results": [r.to_dict() for r in results]}
-        Path(args.json).write_text(json.dumps(report) + "\n", encoding="utf-8")
+        _write(args.json, json.dumps(report) + "\n")
     if args.markdown and table:
-        Path(args.markdown).write_text(f"{table['title']}\n\n{markdown_table(table)}\n", encoding="utf-8")
+        _write(args.markdown, f"{table['title']}\n\n{markdown_table(table)}\n")
     return 0
 
 
+def _write(path: str, text: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as error:  # a full disk after a long evaluation: the table above is still printed
+        raise LdznetError(f"cannot write {path}: {error.strerror or error}") from error
+
+
 def _run(args: argparse.Namespace) -> int:
+    for path in (args.json, args.markdown):  # before the work, so that none of it is lost to a bad path
+        if path:
+            writable_path(path)
     if args.merge:
         return _report(merge_results([r for path in args.merge for r in read_results(path)]), args)
     model, head = resolve_model_paths(args.model, args.head, args.zero_shot)
