@@ -19,7 +19,7 @@ from .masks.expression import parse
 from .masks.ops import MaskOptions
 from .masks.tree import Expression
 from .refine import RefineSettings
-from .outputs import writable_path, write_mask, write_overlay, write_probability
+from .outputs import writable_path, write_mask, write_overlay, write_probability, writing
 from .segmenter import Segmenter
 
 EPILOG = """examples:
@@ -159,10 +159,8 @@ def _run_mask(args: argparse.Namespace) -> int:
     for path, write in writers:
         if path is None:
             continue
-        try:
+        with writing(path):
             write(path)
-        except OSError as error:  # a full disk, a read-only folder, ...
-            raise LdznetError(f"cannot write {path}: {error.strerror or error}") from error
     selected = float((mask >= 128).mean()) * 100
     print(f"{args.output}: {mask.shape[1]}x{mask.shape[0]}, {selected:.1f}% selected by {expression}")
     return 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -37,6 +39,15 @@ def temporary_target(name: str) -> str | None:
     return match.group("target") if match else None
 
 
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn an OSError raised inside (a full disk, a read-only folder) into LdznetError naming ``path``."""
+    try:
+        yield
+    except OSError as error:
+        raise LdznetError(f"cannot write {path}: {error.strerror or error}") from error
+
+
 def writable_path(path: str | os.PathLike) -> Path:
     """``path`` as a Path, its folder created; LdznetError naming it when it cannot be written there.
 
@@ -46,10 +57,8 @@ def writable_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.parent.exists() and not path.parent.is_dir():
         raise LdznetError(f"cannot write {path}: {path.parent} is a file, not a folder")
-    try:
+    with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise LdznetError(f"cannot write {path}: {error.strerror or error}") from error
     if path.is_dir():
         raise LdznetError(f"cannot write {path}: it is a folder")
     if not os.access(path.parent, os.W_OK):

@@ -120,6 +120,18 @@ def test_eval_command_checks_its_outputs_before_evaluating(files, tmp_path, caps
     assert capsys.readouterr().err == f"ldznet eval: error: cannot write {tmp_path}: it is a folder\n"
 
 
+def test_eval_command_full_disk_at_the_end_still_prints_the_table(files, tmp_path, capsys, monkeypatch):
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("pathlib.Path.write_text", full_disk)
+    assert main(["eval", "--model", str(files / "sd.safetensors"), "--zero-shot", "--data", "world:test:1",
+                 "--resolution", "64", "--json", str(tmp_path / "r.json")]) == 2
+    out, err = capsys.readouterr()
+    assert out.splitlines()[2].startswith("| zero-shot | ")
+    assert err == f"ldznet eval: error: cannot write {tmp_path}/r.json: No space left on device\n"
+
+
 def test_eval_command_zero_shot(files, capsys):
     assert main(["eval", "--model", str(files / "sd.safetensors"), "--zero-shot", "--data", "world:test:1",
                  "--resolution", "64", "--include-absent"]) == 0

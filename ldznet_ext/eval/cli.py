@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import LdznetError
 from ..loading import DTYPES, load_segmenter, resolve_model_paths
-from ..outputs import writable_path
+from ..outputs import writable_path, writing
 from ..refine import RefineSettings
 from ..train.data import open_source
 from ..world.scenes import VOCABULARY
@@ -69,17 +69,12 @@ def _report(results: list[EvalResult], args: argparse.Namespace) -> int:
                   f"examples, {len(r.skipped)} skipped; merge all shards with ldznet eval --merge")
     if args.json:
         report = {"format": FORMAT, "version": VERSION, "table": table, "results": [r.to_dict() for r in results]}
-        _write(args.json, json.dumps(report) + "\n")
+        with writing(args.json):  # a full disk after a long evaluation: the table above is still printed
+            Path(args.json).write_text(json.dumps(report) + "\n", encoding="utf-8")
     if args.markdown and table:
-        _write(args.markdown, f"{table['title']}\n\n{markdown_table(table)}\n")
+        with writing(args.markdown):
+            Path(args.markdown).write_text(f"{table['title']}\n\n{markdown_table(table)}\n", encoding="utf-8")
     return 0
-
-
-def _write(path: str, text: str) -> None:
-    try:
-        Path(path).write_text(text, encoding="utf-8")
-    except OSError as error:  # a full disk after a long evaluation: the table above is still printed
-        raise LdznetError(f"cannot write {path}: {error.strerror or error}") from error
 
 
 def _run(args: argparse.Namespace) -> int:
