@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -104,6 +105,9 @@ def test_smoke_losses_fall_in_every_stage(smoke_run):
         assert entries[-1]["loss"] < entries[0]["loss"] - margin, (stage, entries)
     assert log["recipe"] == SMOKE.to_dict()
     assert log["dtype"] == {"vae": "float32", "text": "float32", "unet": "float32"}
+    assert log["platform"]["torch"] == torch.__version__
+    assert set(log["platform"]) == {"torch", "cpu_capability", "numpy", "opencv", "pillow"}
+    assert re.fullmatch(r"[0-9a-f]{64}", log["train_images_sha256"])
     vae = log["stages"]["vae"]
     assert vae["latent_rescale"] == pytest.approx(1 / (SCALE_FACTOR * vae["latent_std"]), rel=1e-5)
     probes = log["probes"]
@@ -146,6 +150,7 @@ def test_unet_stage_reruns_alone_from_the_earlier_stages(smoke_run, tmp_path):
     assert main(["world", "train-sd", "-o", str(tmp_path), "--stages", "unet", *SMOKE_ARGS]) == 0
     rerun = json.loads((tmp_path / LOG_FILE).read_text(encoding="utf-8"))
     assert rerun["stages"]["vae"] == log["stages"]["vae"] and rerun["stages"]["text"] == log["stages"]["text"]
+    assert rerun["train_images_sha256"] == log["train_images_sha256"]  # the same scenes, rendered again
     losses = [[(e["step"], e["loss"]) for e in run["stages"]["unet"]["log"]] for run in (log, rerun)]
     assert losses[0] == losses[1]  # seeded: the same run
     first, again = read_state_dict(out / SD_FILE), read_state_dict(tmp_path / SD_FILE)

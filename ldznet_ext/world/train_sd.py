@@ -19,6 +19,7 @@ polled.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import time
@@ -26,7 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import cv2
 import numpy as np
+import PIL
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -93,6 +96,14 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], 
         progress = (step - warmup) / max(1, total - warmup)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
+
+
+def platform_record() -> dict:
+    """What a run's numbers depend on besides the recipe and the seeds: the instruction set of the
+    CPU kernels (bf16 rounds differently per set) and the versions of the libraries that render the
+    scenes and train on them."""
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "numpy": np.__version__, "opencv": cv2.__version__, "pillow": PIL.__version__}
 
 
 class RunLog:
@@ -397,12 +408,14 @@ def train_sd(out: Path, recipe: MicroRecipe, device: str | torch.device = "cpu",
     device = torch.device(device)
     amp = {stage: resolve_dtype(device, dtype, stage) for stage in available}
     out.mkdir(parents=True, exist_ok=True)
-    log = RunLog(out / LOG_FILE, {"recipe": recipe.to_dict(), "device": str(device), "torch": torch.__version__,
+    log = RunLog(out / LOG_FILE, {"recipe": recipe.to_dict(), "device": str(device), "platform": platform_record(),
                                   "dtype": {k: str(v).replace("torch.", "") for k, v in amp.items()}})
     start = time.perf_counter()
     train = render_scene_set(split_seeds("train", recipe.scenes), recipe.image_size, workers, progress)
     val = render_scene_set(split_seeds("val", recipe.probe_scenes), recipe.image_size, 1)
     log.data["render_seconds"] = round(time.perf_counter() - start, 2)
+    # two runs that render the same scenes and still part trained on different kernels
+    log.data["train_images_sha256"] = hashlib.sha256(train.images.tobytes()).hexdigest()
     log.write()
     images = torch.from_numpy(train.images).to(device)
     if "vae" in stages:
