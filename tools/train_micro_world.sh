@@ -2,7 +2,7 @@
 # The whole micro-world recipe, seeds fixed: the micro SD v1 (VAE, text encoder, UNet), the
 # LD-ZNet, ZNet and RGBNet heads on both domains, then the same heads on the cartoon domain only
 # (for the cross-domain report). With --install, the SD model and the three both-domain heads
-# (fp16) are copied to ldznet_ext/world/weights/, the embedded default.
+# (fp16) are copied to ldznet_ext/world/weights/, the embedded default, with the SD stage's log.
 #
 #   tools/train_micro_world.sh [RUN_DIR] [DEVICE] [--install]    (defaults: runs/micro, cpu)
 #
@@ -52,6 +52,7 @@ done
 
 if [ "$install" = "--install" ]; then
   cp "$sd" "$weights/micro-sd-v1.safetensors"
+  cp "$run/sd/train_sd_log.json" "$weights/micro-sd-v1.train_log.json"
   for arch in ldznet znet rgbnet; do
     $python - "$run/$arch/head.safetensors" "$weights/micro-$arch.safetensors" <<'PY'
 import sys, torch
