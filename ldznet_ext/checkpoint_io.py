@@ -89,7 +89,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
-            return load_file(str(path), device="cpu")
+            # safetensors maps the file, so each tensor's data sits at its file offset, unaligned, and
+            # CPU kernels take other paths for unaligned data (measured on AVX2: outputs 1 ulp away
+            # from the same weights in memory). Owned copies also tie nothing to a file that may be
+            # replaced or truncated later.
+            return {k: v.clone() for k, v in load_file(str(path), device="cpu").items()}
         if suffix in PICKLE_SUFFIXES:
             data = _load_pickle(path)
         else:

@@ -306,6 +306,12 @@ def test_safetensors_round_trip_gives_identical_outputs(sd_file, tiny_sd, refere
     assert reference_outputs[2].abs().min() > 0  # the UNet output is not trivially zero
 
 
+def test_safetensors_tensors_are_owned_and_aligned(sd_file) -> None:
+    # mapped tensors sit at their file offsets; unaligned data changes CPU results in the last bit
+    state = read_state_dict(sd_file)
+    assert all(t.data_ptr() % 64 == 0 for t in state.values())
+
+
 def test_ckpt_of_the_same_state_dict_loads(sd_state, tiny_sd, reference_outputs, tmp_path) -> None:
     path = tmp_path / "tiny-sd.ckpt"
     torch.save({"state_dict": sd_state, "global_step": 470000}, path)
