@@ -17,7 +17,8 @@ image is NOT sand (the text pushes those pixels toward sand). On the micro world
 phrases of world:test:100) the pixel AUC of telling the named object from the other objects
 rises from 0.60 to 0.65 and that of stuff regions from 0.52 to 0.57 (that of objects against
 the background falls from 0.90 to 0.75); maps of large regions come out broad and those of
-objects peaked, so one threshold fits both: mIoU 20.3 -> 26.5 (README, with the variants tried).
+objects peaked, so one threshold fits both: mIoU 20.3 -> 26.5 (the variants tried:
+docs/micro-world-experiments.md).
 
 Optionally the text cross-attention of the same call is recorded (recomputed from the attention
 inputs in forward hooks, since optimised attention never materialises the probabilities) and
