@@ -414,7 +414,7 @@ def train_sd(out: Path, recipe: MicroRecipe, device: str | torch.device = "cpu",
     train = render_scene_set(split_seeds("train", recipe.scenes), recipe.image_size, workers, progress)
     val = render_scene_set(split_seeds("val", recipe.probe_scenes), recipe.image_size, 1)
     log.data["render_seconds"] = round(time.perf_counter() - start, 2)
-    # two runs that render the same scenes and still part trained on different kernels
+    # two runs that part despite equal hashes trained the same scenes on different kernels
     log.data["train_images_sha256"] = hashlib.sha256(train.images.tobytes()).hexdigest()
     log.write()
     images = torch.from_numpy(train.images).to(device)
