@@ -162,17 +162,18 @@ def test_api_guard():
         api.check_generation(payload, is_img2img, _ready)
 
     guard = api.ApiGuard(None, check, {"u": "p"}, max_bytes=100)
-    good = json.dumps({"prompt": "cat"}).encode()
-    assert _asgi(guard, "/sdapi/v1/img2img", good) == (200, b"ok", good)
-    bad = json.dumps({"alwayson_scripts": {"ld-znet mask": {"args": ["cat", "nope"]}}}).encode()
-    status, body, seen = _asgi(guard, "/sdapi/v1/txt2img", bad)
-    assert (status, seen) == (422, None) and "mode must be one of" in json.loads(body)["detail"]
-    assert _asgi(guard, "/ldznet/v1/mask", b"{}")[0] == 401
     auth = [(b"authorization", b"Basic " + base64.b64encode(b"u:p"))]
+    good = json.dumps({"prompt": "cat"}).encode()
+    assert _asgi(guard, "/sdapi/v1/img2img", good, auth) == (200, b"ok", good)
+    bad = json.dumps({"alwayson_scripts": {"ld-znet mask": {"args": ["cat", "nope"]}}}).encode()
+    status, body, seen = _asgi(guard, "/sdapi/v1/txt2img", bad, auth)
+    assert (status, seen) == (422, None) and "mode must be one of" in json.loads(body)["detail"]
+    assert _asgi(guard, "/sdapi/v1/txt2img", bad) == (200, b"ok", bad)  # the host's auth answers it
+    assert _asgi(guard, "/ldznet/v1/mask", b"{}")[0] == 401
     assert _asgi(guard, "/ldznet/v1/mask", b"{}", auth) == (200, b"ok", b"{}")
     status, body, _ = _asgi(guard, "/ldznet/v1/mask", b"x" * 101, auth)
     assert status == 413 and "limit of 100 bytes" in json.loads(body)["detail"]
-    assert _asgi(guard, "/sdapi/v1/img2img", b"not json")[:2] == (200, b"ok")
+    assert _asgi(guard, "/sdapi/v1/img2img", b"not json", auth)[:2] == (200, b"ok")
 
 
 def test_expression_error_position():

@@ -165,24 +165,40 @@ def parse_credentials(api_auth: str | None) -> dict[str, str]:
     return dict(item.split(":", 1) for item in api_auth.split(",") if ":" in item) if api_auth else {}
 
 
+def _first_headers(scope) -> dict[str, str]:
+    """Request headers by lower-case name; the first of repeated ones, as Starlette's ``get`` reads them."""
+    headers: dict[str, str] = {}
+    for name, value in scope.get("headers", []):
+        headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+    return headers
+
+
 def authorized(headers: Mapping[str, str], credentials: Mapping[str, str]) -> bool:
+    """Whether the host's --api-auth check lets the request in; True without credentials.
+
+    The same test as A1111's and Forge's ``Api.auth`` (FastAPI's ``HTTPBasic``: "Basic" scheme, a
+    base64 token of ASCII "user:password"; then ``compare_digest`` of the password), so that a
+    request is never checked by us when the host would refuse it."""
     if not credentials:
         return True
     scheme, _, token = headers.get("authorization", "").partition(" ")
     if scheme.lower() != "basic":
         return False
     try:
-        user, _, password = base64.b64decode(token).decode().partition(":")
-    except (binascii.Error, ValueError):
+        user, colon, password = base64.b64decode(token).decode("ascii").partition(":")
+    except ValueError:  # binascii.Error and UnicodeDecodeError included
         return False
     expected = credentials.get(user)
-    return expected is not None and secrets.compare_digest(password, expected)
+    # bytes: compare_digest refuses non-ASCII str (the host then fails with 500; we only say "no")
+    return bool(colon) and expected is not None and secrets.compare_digest(password.encode(), expected.encode())
 
 
 class ApiGuard:
     """ASGI middleware: size limit and auth for /ldznet/*, LD-ZNet arg checks for generations.
 
     ``check_generation(payload, is_img2img)`` raises ApiError; bodies are read once and replayed.
+    With --api-auth, a generation request without the host's credentials goes to the host
+    unread: the host answers it (401), never our checks.
     """
 
     def __init__(self, app, check_generation: Callable[[object, bool], None], credentials: Mapping[str, str],
@@ -198,9 +214,12 @@ class ApiGuard:
         generation = path in GENERATION_ROUTES and scope.get("method") == "POST"
         if not (ours or generation):
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        headers = _first_headers(scope)
+        allowed = authorized(headers, self.credentials)
+        if generation and not allowed:
+            return await self.app(scope, receive, send)  # the host refuses it, in its own words
         try:
-            if ours and not authorized(headers, self.credentials):
+            if ours and not allowed:
                 raise ApiError(401, "this server requires --api-auth credentials (HTTP Basic)")
             body = await self._read_body(receive, limit=self.max_bytes if ours else None,
                                          declared=headers.get("content-length"))

@@ -1,0 +1,1 @@
+"""modules.api: the host's HTTP API."""
