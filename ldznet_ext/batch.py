@@ -243,22 +243,54 @@ class _Run:
 
 
 def _remove_stale_temporaries(folder: Path, names: set[str]) -> None:
-    """Temporary files a killed run left for the outputs this run owns (other shards' are theirs)."""
+    """Temporary files that ended runs left for the outputs this run owns. Those of running processes
+    are theirs (another shard, or a second run on the same folder, is writing them)."""
     for path in folder.iterdir():
-        if outputs.temporary_target(path.name) in names:
+        if outputs.abandoned_target(path.name) in names:
             path.unlink(missing_ok=True)
 
 
 def check_folders(input_dir: Path, output_dir: Path) -> list[Path]:
-    """The input images (:func:`list_images`); LdznetError when there are none or when the masks
-    would land among them."""
+    """The input images (:func:`list_images`); LdznetError when there are none, when the masks
+    would land among them or when the output folder cannot take files (it is created)."""
     files = list_images(input_dir)
     if not files:
         raise LdznetError(f"no images in {input_dir} (looked for {', '.join(IMAGE_SUFFIXES)})")
-    if output_dir.resolve() == input_dir.resolve():
+    if outputs.same_file(output_dir, input_dir):
         raise LdznetError("the output folder is the input folder: the masks ({stem}.png) would overwrite "
                           "the images; choose another output folder")
+    outputs.writable_folder(output_dir)
     return files
+
+
+def check_manifest(path: Path, files: Sequence[Path], output_dir: Path) -> None:
+    """LdznetError unless ``path`` can take manifest lines without harm: a .jsonl (or .json) name that
+    is neither an input image nor a mask of the run, new, empty or already a manifest, and writable."""
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        raise LdznetError(f"{path}: a manifest is a JSON Lines file; give a name ending in .jsonl")
+    for image in files:
+        for other, what in ((image, "the input image"), (output_dir / f"{image.stem}.png", "the mask")):
+            if outputs.same_file(path, other):
+                raise LdznetError(f"{path}: the same file as {what} {other}; give the manifest another name")
+    outputs.writable_path(path)
+    if not _is_manifest(path):
+        raise LdznetError(f"{path}: not an ldznet manifest (its first line is not a JSON object); "
+                          "give a new file or an earlier run's manifest")
+
+
+def _is_manifest(path: Path) -> bool:
+    """True for a missing or empty file, or one whose first line is a JSON object."""
+    try:
+        with open(path, "rb") as file:
+            first = file.readline(1 << 20)
+    except FileNotFoundError:
+        return True
+    if not first:
+        return True
+    try:
+        return isinstance(json.loads(first), dict)
+    except ValueError:  # not JSON, or not UTF-8
+        return False
 
 
 def run_batch(job: BatchJob, segmenter: Segmenter, manifest: Manifest, show_progress: bool | None = None,
@@ -303,12 +335,12 @@ def _run(args: argparse.Namespace) -> int:
     expression = expression_from_args(args)
     options = mask_options_from_args(args)
     input_dir, output_dir = Path(args.input_dir), Path(args.output)
-    check_folders(input_dir, output_dir)  # before the models load
+    manifest_path = Path(args.manifest) if args.manifest else output_dir / MANIFEST_NAME
+    check_manifest(manifest_path, check_folders(input_dir, output_dir), output_dir)  # before the models load
     segmenter, settings = segmenter_from_args(args)
     job = BatchJob(input_dir, output_dir, expression, args.expression, options,
                    {**settings, "mask": {**asdict(options), "grow": args.grow}}, args.overwrite, args.shard,
                    args.batch_size, args.max_pixels)
-    manifest_path = Path(args.manifest) if args.manifest else output_dir / MANIFEST_NAME
     try:
         with Manifest(manifest_path) as manifest:
             summary = run_batch(job, segmenter, manifest)

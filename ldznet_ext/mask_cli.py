@@ -19,7 +19,7 @@ from .masks.expression import parse
 from .masks.ops import MaskOptions
 from .masks.tree import Expression
 from .refine import RefineSettings
-from .outputs import writable_path, write_mask, write_overlay, write_probability, writing
+from .outputs import same_file, writable_path, write_mask, write_overlay, write_probability, writing
 from .segmenter import Segmenter
 
 EPILOG = """examples:
@@ -132,14 +132,14 @@ def segmenter_from_args(args: argparse.Namespace) -> tuple[Segmenter, dict]:
 def check_png_outputs(image: str | Path, outputs: list[str | Path]) -> None:
     """Output names must end in .png, differ from each other and from the input image, and be writable
     (their folders are created)."""
-    seen = {Path(image).resolve(): "the input image"}
+    seen = {image: "the input image"}
     for output in outputs:
         if Path(output).suffix.lower() != ".png":
             raise LdznetError(f"{output}: outputs are PNG files; give a name ending in .png")
-        resolved = Path(output).resolve()
-        if resolved in seen:
-            raise LdznetError(f"{output}: the same file as {seen[resolved]}; give each output its own name")
-        seen[resolved] = str(output)
+        for other, name in seen.items():
+            if same_file(output, other):
+                raise LdznetError(f"{output}: the same file as {name}; give each output its own name")
+        seen[output] = str(output)
         writable_path(output)
 
 

@@ -2,8 +2,8 @@
 
 A file is written to a temporary name in the target's folder and renamed into place, so a reader
 (or a resumed batch) sees either the old file, nothing, or the complete new file; never half a
-PNG. Temporary files are named ``.{name}.{random}.ldznet-tmp`` so they are hidden and can be
-recognised after a crash (:func:`temporary_target`).
+PNG. Temporary files are named ``.{name}.{pid}-{random}.ldznet-tmp`` so they are hidden and can be
+recognised after a crash, with the process that writes them (:func:`abandoned_target`).
 """
 
 from __future__ import annotations
@@ -26,17 +26,44 @@ OVERLAY_COLOR = (255, 0, 0)
 OVERLAY_OPACITY = 0.5
 
 
-_TEMPORARY = re.compile(rf"\.(?P<target>.+)\.\d+-[0-9a-f]{{8}}{re.escape(TEMP_SUFFIX)}")
+_TEMPORARY = re.compile(rf"\.(?P<target>.+)\.(?P<pid>\d+)-[0-9a-f]{{8}}{re.escape(TEMP_SUFFIX)}")
 
 
 def _temporary_name(path: Path) -> str:
     return f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}"
 
 
-def temporary_target(name: str) -> str | None:
-    """The file name that a temporary file named ``name`` of :func:`save_png` was to become, or None."""
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (ours included); True when that cannot be told."""
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there: keep everything
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    except OverflowError:  # a number no PID can be
+        return False
+    return True
+
+
+def abandoned_target(name: str) -> str | None:
+    """The file name that ``name``, a temporary file of :func:`save_png` whose process has ended, was to
+    become; None for any other name, a temporary file of a running process (ours included) too."""
     match = _TEMPORARY.fullmatch(name)
-    return match.group("target") if match else None
+    if match is None or process_alive(int(match.group("pid"))):
+        return None
+    return match.group("target")
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` name one file: through symlinks and hard links when both exist,
+    else by their resolved paths (a symlink to a file not yet written is that file)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one is missing (or unreadable)
+        return Path(a).resolve() == Path(b).resolve()
 
 
 @contextmanager
@@ -57,13 +84,30 @@ def writable_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.parent.exists() and not path.parent.is_dir():
         raise LdznetError(f"cannot write {path}: {path.parent} is a file, not a folder")
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir():
         raise LdznetError(f"cannot write {path}: it is a folder")
-    if not os.access(path.parent, os.W_OK):
-        raise LdznetError(f"cannot write {path}: {path.parent} is not writable")
+    with writing(path):
+        _try_creating_a_file(path.parent)
     return path
+
+
+def writable_folder(folder: str | os.PathLike) -> Path:
+    """``folder`` as a Path, created; LdznetError when it is a file or no file can be created in it."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise LdznetError(f"{folder} is a file, not a folder")
+    with writing(f"to {folder}"):
+        _try_creating_a_file(folder)
+    return folder
+
+
+def _try_creating_a_file(folder: Path) -> None:
+    """Create ``folder`` and a file in it, then remove the file. Permissions alone do not tell: root
+    passes every access check, yet /proc or a read-only mount take no file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    trial = folder / _temporary_name(folder / "trial")
+    os.close(os.open(trial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    trial.unlink()
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 from fixtures_models import random_image
 from PIL import Image
 
+from ldznet_ext import batch as batch_module
 from ldznet_ext import outputs
 from ldznet_ext.batch import MANIFEST_NAME, list_images, parse_shard, read_manifest, shard
 from ldznet_ext.segmenter import Segmenter
@@ -30,6 +33,22 @@ def batch(ldznet, tmp_path, tiny_model_files):
         return ldznet("batch", input_dir or tmp_path / "in", "cat OR dog", "-o", tmp_path / "out",
                       "--model", sd, "--head", head, *extra)
     return run
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """The cases of a test are refused before any model loads."""
+    def refuse(args):
+        raise AssertionError("the models were loaded before the outputs were checked")
+    monkeypatch.setattr(batch_module, "segmenter_from_args", refuse)
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The PID of a process that has ended (and been reaped)."""
+    finished = subprocess.Popen([sys.executable, "-c", ""])
+    finished.wait()
+    return finished.pid
 
 
 def make_gallery(folder: Path, names: list[str], size: tuple[int, int] = (64, 64)) -> list[Path]:
@@ -59,11 +78,11 @@ def check_masks(out: Path, stems: list[str], size: tuple[int, int] = (64, 64), m
             assert (mask.mode, mask.size) == ("L", size)
 
 
-def test_a_killed_run_resumes_without_redoing_or_corrupting(batch, tmp_path, monkeypatch):
+def test_a_killed_run_resumes_without_redoing_or_corrupting(batch, tmp_path, monkeypatch, dead_pid):
     make_gallery(tmp_path / "in", [f"img{i}.png" for i in range(5)])
     out = tmp_path / "out"
     out.mkdir()
-    stale = out / ".img4.png.999-0123abcd.ldznet-tmp"  # left by an earlier kill -9
+    stale = out / f".img4.png.{dead_pid}-0123abcd.ldznet-tmp"  # left by an earlier kill -9
     stale.write_bytes(b"\x89PNG half")
     real_replace, renamed = os.replace, []
 
@@ -223,3 +242,87 @@ def test_manifest_lines_are_whole_json_objects(batch, tmp_path):
     batch()
     lines = (tmp_path / "out" / MANIFEST_NAME).read_text(encoding="utf-8").splitlines()
     assert Counter(json.loads(line)["status"] for line in lines) == {"ok": 1, "skipped": 1}
+
+
+def test_another_live_runs_temporaries_are_left_alone(batch, tmp_path, dead_pid):
+    make_gallery(tmp_path / "in", ["a.png", "b.png"])
+    out = tmp_path / "out"
+    out.mkdir()
+    live = out / f".a.png.{os.getppid()}-0123abcd.ldznet-tmp"  # another run (our parent) writing a.png now
+    dead = out / f".b.png.{dead_pid}-4567cdef.ldznet-tmp"
+    live.write_bytes(b"\x89PNG being written")
+    dead.write_bytes(b"\x89PNG half")
+    assert batch()[0] == 0
+    assert live.read_bytes() == b"\x89PNG being written" and not dead.exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted([live.name, "a.png", "b.png", MANIFEST_NAME])
+
+
+def _manifest_case(case: str, tmp_path: Path) -> tuple[Path, str]:
+    """(the --manifest path of a refused case, the error message)."""
+    images, out = tmp_path / "in", tmp_path / "out"
+    if case == "input image":
+        return images / "b.png", f"{images}/b.png: a manifest is a JSON Lines file; give a name ending in .jsonl"
+    if case in ("symlink to an input", "hard link to an input"):
+        link = tmp_path / "log.jsonl"
+        link.symlink_to(images / "b.png") if case.startswith("symlink") else link.hardlink_to(images / "b.png")
+        return link, f"{link}: the same file as the input image {images}/b.png; give the manifest another name"
+    if case == "mask name":
+        return out / "a.png", f"{out}/a.png: a manifest is a JSON Lines file; give a name ending in .jsonl"
+    if case == "symlink to a mask":
+        (tmp_path / "log.jsonl").symlink_to(out / "a.png")
+        return tmp_path / "log.jsonl", (f"{tmp_path}/log.jsonl: the same file as the mask {out}/a.png; "
+                                        "give the manifest another name")
+    if case == "not a manifest":
+        (tmp_path / "notes.jsonl").write_text("my notes\n")
+        return tmp_path / "notes.jsonl", (f"{tmp_path}/notes.jsonl: not an ldznet manifest (its first line is "
+                                          "not a JSON object); give a new file or an earlier run's manifest")
+    if case == "JSON array":
+        (tmp_path / "list.json").write_text("[1, 2]\n")
+        return tmp_path / "list.json", (f"{tmp_path}/list.json: not an ldznet manifest (its first line is "
+                                        "not a JSON object); give a new file or an earlier run's manifest")
+    assert case == "folder"
+    return tmp_path / "in", f"{images}: a manifest is a JSON Lines file; give a name ending in .jsonl"
+
+
+@pytest.mark.parametrize("case", ["input image", "symlink to an input", "hard link to an input", "mask name",
+                                  "symlink to a mask", "not a manifest", "JSON array", "folder"])
+def test_a_manifest_never_lands_on_a_user_file(batch, tmp_path, case, no_model_load):
+    make_gallery(tmp_path / "in", ["a.png", "b.png"])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "in").iterdir()}
+    manifest, message = _manifest_case(case, tmp_path)
+    kept = manifest.read_bytes() if manifest.is_file() else None
+    code, stdout, err = batch("--manifest", manifest)
+    assert (code, stdout, err) == (2, "", f"ldznet batch: error: {message}\n")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "in").iterdir()} == before
+    assert not (tmp_path / "out" / "a.png").exists()
+    assert kept is None or manifest.read_bytes() == kept
+
+
+def test_existing_manifests_and_json_names_are_accepted(batch, tmp_path):
+    make_gallery(tmp_path / "in", ["a.png"])
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    assert batch("--manifest", tmp_path / "empty.jsonl")[0] == 0
+    assert batch("--manifest", tmp_path / "empty.jsonl")[0] == 0  # the manifest it wrote
+    assert batch("--manifest", tmp_path / "log.json")[0] == 0
+    assert statuses(tmp_path / "empty.jsonl") == {"a.png": ["ok", "skipped"]}
+    assert statuses(tmp_path / "log.json") == {"a.png": ["skipped"]}
+
+
+def test_unusable_outputs_stop_before_the_models_load(ldznet, tmp_path, tiny_model_files, no_model_load):
+    make_gallery(tmp_path / "in", ["a.png"])
+    (tmp_path / "file").write_text("a file")
+
+    def batch_into(out: object, *extra: object) -> tuple[int, str]:
+        code, _, err = ldznet("batch", tmp_path / "in", "cat", "-o", out, "--model", tiny_model_files[0],
+                              "--head", tiny_model_files[1], *extra)
+        return code, err
+
+    assert batch_into(tmp_path / "file") == (2, f"ldznet batch: error: {tmp_path}/file is a file, not a folder\n")
+    code, err = batch_into(tmp_path / "out", "--manifest", tmp_path / "file" / "m.jsonl")
+    assert (code, err) == (2, f"ldznet batch: error: cannot write {tmp_path}/file/m.jsonl: "
+                              f"{tmp_path}/file is a file, not a folder\n")
+    if Path("/proc/self").is_dir():  # nothing can be created in /proc, even by root
+        code, err = batch_into(tmp_path / "out", "--manifest", "/proc/m.jsonl")
+        assert code == 2 and err.startswith("ldznet batch: error: cannot write /proc/m.jsonl: ")
+        code, err = batch_into("/proc")
+        assert code == 2 and err.startswith("ldznet batch: error: cannot write to /proc: ")
