@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint_io import read_metadata, read_state_dict, write_safetensors
-from .errors import CheckpointError
+from .errors import CheckpointError, LdznetError
 from .modeling.build import HeadConfig, build_head, head_config
+from .outputs import same_file, writable_path
 
 OFFICIAL_EMA_PREFIX = "model_ema."
 OFFICIAL_MODEL_PREFIX = "model.diffusion_model."
@@ -104,9 +105,19 @@ def official_head_state(state: Mapping[str, Tensor], expected: Mapping[str, Tens
     return head_state
 
 
+def _check_head_output(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """LdznetError unless ``target`` is a writable .safetensors name other than ``source``."""
+    if Path(target).suffix.lower() != ".safetensors":
+        raise LdznetError(f"{target}: a head is written as .safetensors; give a name ending in .safetensors")
+    if same_file(source, target):
+        raise LdznetError(f"{target}: the same file as the checkpoint {source}; give the head another name")
+    writable_path(target)
+
+
 def convert_official(source: str | os.PathLike, target: str | os.PathLike, use_ema: bool = True,
                      config: HeadConfig | None = None, dtype: torch.dtype | None = None) -> HeadConfig:
     """Import the official ``LDZNet_txt2mask.ckpt`` (or a tiny file in its layout, given ``config``)."""
+    _check_head_output(source, target)  # before reading a multi-GB file
     config = config or head_config("ldznet")
     with torch.device("meta"):
         expected = build_head(config).state_dict()

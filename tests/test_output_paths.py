@@ -1,0 +1,110 @@
+"""Output paths are checked before any work: the same-file test (symlinks, hard links), folders that
+cannot take a file, and `ldznet convert`, which must never overwrite the checkpoint it reads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ldznet_ext import heads, outputs
+from ldznet_ext.errors import LdznetError
+from ldznet_ext.modeling.build import build_head, head_config
+
+TINY_HEAD = head_config("ldznet", "tiny", latent_size=8)
+NO_PROC = not Path("/proc/self").is_dir()
+
+
+def test_same_file_sees_through_symlinks_and_hard_links(tmp_path):
+    original = tmp_path / "a.png"
+    original.write_bytes(b"image")
+    (tmp_path / "hard.png").hardlink_to(original)
+    (tmp_path / "soft.png").symlink_to(original)
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "later.png")
+    (tmp_path / "other.png").write_bytes(b"image")
+    assert outputs.same_file(original, tmp_path / "hard.png")
+    assert outputs.same_file(tmp_path / "soft.png", original)
+    assert outputs.same_file(tmp_path / "sub" / ".." / "a.png", original)  # through a missing folder: resolved
+    assert outputs.same_file(tmp_path / "dangling.png", tmp_path / "later.png")  # neither exists yet
+    assert not outputs.same_file(original, tmp_path / "other.png")  # equal bytes, another file
+    assert not outputs.same_file(original, tmp_path / "new.png")
+
+
+@pytest.mark.skipif(NO_PROC, reason="needs Linux's /proc, where no file can be created, even by root")
+def test_writable_path_tries_to_create_a_file_there(tmp_path):
+    with pytest.raises(LdznetError, match=r"^cannot write /proc/mask\.png: "):
+        outputs.writable_path("/proc/mask.png")
+    assert outputs.writable_path(tmp_path / "new" / "mask.png") == tmp_path / "new" / "mask.png"
+    assert os.listdir(tmp_path / "new") == []  # the trial file is gone
+
+
+def test_process_alive():
+    finished = subprocess.Popen([sys.executable, "-c", ""])
+    finished.wait()
+    assert outputs.process_alive(os.getpid()) and outputs.process_alive(os.getppid())
+    assert not outputs.process_alive(finished.pid)
+    assert not outputs.process_alive(2**64)  # a temporary file's name can hold any number
+
+
+# ---------------------------------------------------------------- ldznet convert
+
+
+@pytest.fixture
+def official(tmp_path, monkeypatch) -> Path:
+    """A tiny checkpoint in the official layout (training weights only), as .safetensors: the one
+    kind of source that `convert -o SOURCE` could silently replace with the head."""
+    monkeypatch.setattr(heads, "head_config", lambda arch: TINY_HEAD)
+    torch.manual_seed(0)
+    state = {heads.OFFICIAL_MODEL_PREFIX + k: v.contiguous() for k, v in build_head(TINY_HEAD).state_dict().items()}
+    path = tmp_path / "release.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+@pytest.fixture
+def no_reading(monkeypatch):
+    """Every case below is refused before the checkpoint is read."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the output was checked")
+    monkeypatch.setattr(heads, "read_state_dict", refuse)
+
+
+@pytest.mark.parametrize("link", ["itself", "symlink", "hard link"])
+def test_convert_never_writes_over_its_checkpoint(ldznet, official, tmp_path, link, no_reading):
+    before = official.read_bytes()
+    target = {"itself": official, "symlink": tmp_path / "soft.safetensors",
+              "hard link": tmp_path / "hard.safetensors"}[link]
+    if link == "symlink":
+        target.symlink_to(official)
+    elif link == "hard link":
+        target.hardlink_to(official)
+    code, stdout, err = ldznet("convert", official, "--no-ema", "-o", target)
+    assert (code, stdout) == (2, "")
+    assert err == (f"ldznet convert: error: {target}: the same file as the checkpoint {official}; "
+                   "give the head another name\n")
+    assert official.read_bytes() == before
+
+
+def test_convert_checks_its_output_before_reading(ldznet, official, tmp_path, no_reading):
+    (tmp_path / "file").write_text("")
+    cases = {tmp_path / "head.ckpt": f"{tmp_path}/head.ckpt: a head is written as .safetensors; "
+                                     "give a name ending in .safetensors",
+             tmp_path / "file" / "h.safetensors": f"cannot write {tmp_path}/file/h.safetensors: "
+                                                  f"{tmp_path}/file is a file, not a folder"}
+    if not NO_PROC:
+        cases[Path("/proc/h.safetensors")] = "cannot write /proc/h.safetensors: "
+    for target, message in cases.items():
+        code, stdout, err = ldznet("convert", official, "--no-ema", "-o", target)
+        assert (code, stdout) == (2, "") and err.startswith(f"ldznet convert: error: {message}")
+
+
+def test_convert_into_a_new_folder(ldznet, official, tmp_path):
+    target = tmp_path / "models" / "head.safetensors"
+    code, stdout, _ = ldznet("convert", official, "--no-ema", "-o", target)
+    assert code == 0 and stdout.startswith(f"wrote {target}: ldznet head")
+    assert heads.read_head_config(target) == TINY_HEAD
