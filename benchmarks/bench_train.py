@@ -38,7 +38,7 @@ from ldznet_ext.sd.text import TextEncoder, text_config
 from ldznet_ext.sd.unet import UNetModel, unet_config
 from ldznet_ext.sd.vae import AutoencoderKL, vae_config
 from ldznet_ext.train.config import PRECISIONS, PRESETS, TrainConfig
-from ldznet_ext.train.data import Example
+from ldznet_ext.data.examples import Example
 from ldznet_ext.train.trainer import Trainer
 
 from bench_mask import SIZES, TINY_VAE

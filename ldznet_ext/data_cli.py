@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .data.examples import Source
+from .data.spec import open_source
+from .data.stream import iterate_examples
 from .errors import LdznetError
-from .train.data import Source, open_source
-from .train.stream import iterate_examples
 
 SHOWN_ERRORS = 10
 

@@ -13,11 +13,13 @@ from PIL import Image
 
 from ldznet_ext.cli import main
 from ldznet_ext.errors import ImageError, LdznetError
-from ldznet_ext.train.data import PHRASECUT_TEMPLATES, Example, fit_square, open_source, parse_spec, resize_square
+from ldznet_ext.data import refcoco as refcoco_module
+from ldznet_ext.data.examples import Example, resize_square
+from ldznet_ext.data.geometry import decode_counts, decode_rle, phrasecut_mask, polygon_mask
+from ldznet_ext.data.spec import open_source, parse_spec
+from ldznet_ext.data.stream import iterate_examples
 from ldznet_ext.eval.boundary import mask_boundary
-from ldznet_ext.train.sources import refcoco as refcoco_module
-from ldznet_ext.train.sources.geometry import decode_counts, decode_rle, phrasecut_mask, polygon_mask
-from ldznet_ext.train.stream import iterate_examples
+from ldznet_ext.train.augment import PHRASECUT_TEMPLATES, fit_square
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

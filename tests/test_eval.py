@@ -13,7 +13,8 @@ from ldznet_ext.cli import main
 from ldznet_ext.errors import LdznetError
 from ldznet_ext.eval.evaluate import evaluate
 from ldznet_ext.heads import save_head
-from ldznet_ext.train.data import Example, open_source
+from ldznet_ext.data.examples import Example
+from ldznet_ext.data.spec import open_source
 from ldznet_ext.train.trainer import training_head
 
 SIZE = 64

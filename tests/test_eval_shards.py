@@ -18,7 +18,7 @@ from ldznet_ext.eval.boundary import BoundaryMetrics
 from ldznet_ext.eval.evaluate import FORMAT, VERSION, EvalResult, evaluate, merge_results
 from ldznet_ext.eval.metrics import SegmentationMetrics
 from ldznet_ext.eval.tables import build_table, default_table, markdown_table
-from ldznet_ext.train.data import Example
+from ldznet_ext.data.examples import Example
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -128,7 +128,7 @@ def test_unreadable_examples_are_skipped_and_listed(tmp_path):
     rows = [{"image": "bad.png", "phrase": "x", "polygons": [[0, 0, 2, 0, 2, 2]]},
             {"image": "good.png", "phrase": "corner", "polygons": [[0, 0, 2, 0, 2, 2, 0, 2]]}]
     (tmp_path / "set.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    from ldznet_ext.train.data import open_source
+    from ldznet_ext.data.spec import open_source
 
     source = open_source(str(tmp_path / "set.jsonl"))
     result = evaluate(Noisy([source[1]]), source, progress=False, workers=2)

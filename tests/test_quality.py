@@ -14,7 +14,7 @@ import pytest
 from ldznet_ext.defaults import WEIGHTS_DIR
 from ldznet_ext.eval.evaluate import evaluate
 from ldznet_ext.loading import load_segmenter
-from ldznet_ext.train.data import open_source
+from ldznet_ext.data.spec import open_source
 
 SUBSET = "world:test:16"  # 146 present phrases, both domains
 

@@ -18,7 +18,10 @@ from ldznet_ext.heads import load_head
 from ldznet_ext.sd.checkpoint import build_stable_diffusion
 from ldznet_ext.modeling.znet import upsampling_decoder
 from ldznet_ext.segmenter import Segmenter
-from ldznet_ext.train.data import PHRASECUT_TEMPLATES, ManifestSource, Sample, fit_square, open_source
+from ldznet_ext.data.examples import Sample
+from ldznet_ext.data.manifest import ManifestSource
+from ldznet_ext.data.spec import open_source
+from ldznet_ext.train.augment import PHRASECUT_TEMPLATES, fit_square
 from ldznet_ext.train.trainer import (CHECKPOINT, HEAD, LOG, TrainConfig, Trainer, identity_decoder_,
                                      is_cross_attention, is_new_layer, lr_factor, soft_dice_loss)
 from ldznet_ext.world.data import render_scene_set

@@ -15,7 +15,7 @@ from PIL import Image
 from fixtures_models import random_image
 from ldznet_ext.errors import LdznetError
 from ldznet_ext.train.config import TrainConfig, read_config_file
-from ldznet_ext.train.data import open_source
+from ldznet_ext.data.spec import open_source
 from ldznet_ext.train.stream import ShardOrder
 from ldznet_ext.train import trainer as trainer_module
 from ldznet_ext.train.trainer import CHECKPOINT, Trainer

@@ -20,7 +20,7 @@ from ..errors import LdznetError
 from ..loading import DTYPES, load_segmenter, resolve_model_paths
 from ..outputs import writable_path, writing
 from ..refine import RefineSettings
-from ..train.data import open_source
+from ..data.spec import open_source
 from ..world.scenes import VOCABULARY
 from .evaluate import FORMAT, VERSION, EvalResult, evaluate, merge_results
 from .tables import TABLES, build_table, default_table, markdown_table

@@ -4,7 +4,7 @@ Each example's image is set once and all its phrases are predicted in one batch,
 a single-term expression. PhraseCut and CLIPSeg evaluate only phrases that are in the image, so
 absent phrases (empty masks) are skipped unless ``include_absent``. By default predictions are
 scored at the image's own size (the segmenter resizes); with ``square=N`` the whole image and its
-masks are first squashed to N x N (``data.resize_square``, CLIPSeg's PhraseCut test protocol) and
+masks are first squashed to N x N (``data.examples.resize_square``, CLIPSeg's PhraseCut test protocol) and
 PhraseCut's binary IoUs are measured on the original masks, the prediction resized back.
 
 Sharding: ``shard=(k, n)`` evaluates examples k, k + n, k + 2n, ... Every sample is keyed by
@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from ..data.examples import Source, resize_square
+from ..data.stream import iterate_examples
 from ..errors import LdznetError
 from ..segmenter import Segmenter
-from ..train.data import Source, resize_square
-from ..train.stream import iterate_examples
 from .boundary import BoundaryMetrics
 from .metrics import MetricSummary, SegmentationMetrics
 

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import torch
 
+from ..data.spec import open_source
 from ..errors import LdznetError
 from ..loading import resolve_device
 from ..modeling.build import ARCHITECTURES
 from ..modeling.ldznet import FUSIONS
 from ..sd.checkpoint import load_stable_diffusion
 from . import distributed
+from .augment import TEMPLATES
 from .config import PRECISIONS, PRESETS, SCHEDULES, TrainConfig, check_values, compose_config, read_config_file
-from .data import TEMPLATES, open_source
 from .trainer import AMP_DTYPES, CHECKPOINT, HEAD, Trainer
 
 

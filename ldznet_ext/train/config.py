@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import LdznetError
 from ..modeling.build import ARCHITECTURES
 from ..modeling.ldznet import FUSIONS
-from .data import TEMPLATES
+from .augment import TEMPLATES
 
 SCHEDULES = ("constant", "cosine", "plateau")
 PRECISIONS = ("fp32", "bf16", "fp16")

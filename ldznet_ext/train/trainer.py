@@ -19,7 +19,7 @@ LD-ZNet's ``attn3``, ``norm_sd`` and attention pools, RGBNet's stem) get ``new_l
 the learning rate, and with ``fast_cross_attention`` so do the text cross-attention layers: on the
 micro world that halves the steps to a given loss (measured: 0.066 at step 600 vs 0.092 at 750).
 
-Each process reads its own shard of the examples as a stream (``stream.iterate_examples``, read
+Each process reads its own shard of the examples as a stream (``data.stream.iterate_examples``, read
 ahead by ``workers`` processes) in an order that depends on (seed, rank, processes, position) alone
 (``stream.ShardOrder``); an example's phrase, crop and prompt template depend on (seed, rank,
 position), so worker counts change nothing. Unreadable examples are logged and skipped, as are
@@ -49,6 +49,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..data.examples import Example, Sample, Source
+from ..data.stream import iterate_examples, log_error
 from ..errors import CheckpointError, LdznetError
 from ..heads import save_head
 from ..images import to_model_input
@@ -57,11 +59,11 @@ from ..sd.model import StableDiffusion
 from ..sd.schedule import OFFICIAL_TIMESTEPS
 from ..segmenter import sd_features
 from . import distributed
+from .augment import TEMPLATES, fit_square
 from .config import TrainConfig
 from .ema import EMA
-from .data import TEMPLATES, Example, Sample, Source, fit_square
 from .logs import LOG, RunLog
-from .stream import PositionView, ShardOrder, example_rng, iterate_examples, log_error
+from .stream import PositionView, ShardOrder, example_rng
 
 __all__ = ["CHECKPOINT", "EMA", "HEAD", "LOG", "TrainConfig", "Trainer", "identity_decoder_", "is_cross_attention",
            "is_new_layer", "lr_factor", "training_head"]

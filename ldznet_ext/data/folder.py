@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ...errors import LdznetError
-from ..data import Example
+from ..errors import LdznetError
+from .examples import Example
 from .files import parse_options, read_image, read_json, read_mask
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")

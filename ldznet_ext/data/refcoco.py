@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import ImageError, LdznetError
-from ..data import Example
+from ..errors import ImageError, LdznetError
+from .examples import Example
 from .files import parse_options, read_image, read_json
 from .geometry import decode_rle, polygon_mask
 

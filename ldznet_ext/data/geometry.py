@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ...errors import LdznetError
+from ..errors import LdznetError
 
 
 def _points(polygon: Sequence, what: str) -> np.ndarray:

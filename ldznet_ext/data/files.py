@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ...errors import ImageError, LdznetError
-from ...images import load_image
+from ..errors import ImageError, LdznetError
+from ..images import load_image
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

@@ -11,8 +11,8 @@ all its tasks, in file order; images in increasing id order.
 When ``image_data_split3000.json`` (the dataset's image list with width and height) is in DIR, an
 image whose size differs from it raises ImageError (CLIPSeg drops the 17 such images; polygons
 would not line up with them). The training crop, resize and prompt templates are the trainer's
-(``data.fit_square``, ``data.PHRASECUT_TEMPLATES``); evaluation resizes the whole image to a
-square (``data.resize_square``) as CLIPSeg's test loader does.
+(``train.augment.fit_square``, ``train.augment.PHRASECUT_TEMPLATES``); evaluation resizes the
+whole image to a square (``examples.resize_square``) as CLIPSeg's test loader does.
 
 The annotations are kept compact (one float32 array of all polygon points) so that worker
 processes share them; loading ``refer_train.json`` (400 MB) needs a few GB of memory briefly.
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import ImageError, LdznetError
-from ..data import Example
+from ..errors import ImageError, LdznetError
+from .examples import Example
 from .files import parse_options, read_image, read_json
 from .geometry import phrasecut_mask
 
