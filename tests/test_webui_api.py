@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
+import struct
+import zlib
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from fake_webui import world  # noqa: F401  (puts the fake ``modules`` on sys.path)
 
 import modules.shared  # noqa: E402
 from modules.api.api import Api  # noqa: E402
 
-from ldznet_ext.webui import api  # noqa: E402
+from ldznet_ext.images import load_image  # noqa: E402
+from ldznet_ext.outputs import render_overlay  # noqa: E402
+from ldznet_ext.webui import api, host, ui  # noqa: E402
+from ldznet_ext.webui.request import MaskRequest  # noqa: E402
 
 BAD_ARGS = json.dumps({"prompt": "cat", "alwayson_scripts": {"ld-znet mask": {"args": ["cat", "nope"]}}}).encode()
 
@@ -86,3 +95,143 @@ def test_without_api_auth_every_request_is_checked(monkeypatch):
                          api.parse_credentials(None))
     status, body = _post(guard, "/sdapi/v1/img2img", BAD_ARGS)
     assert status == 422 and "mode must be one of" in body["detail"]
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _grey16() -> Image.Image:
+    """A 16-bit grey image whose values all lie above 255 (``convert("RGB")`` makes it solid white)."""
+    values = np.linspace(1000, 64000, 40 * 56).reshape(40, 56).astype(np.uint16)
+    image = Image.fromarray(values)
+    assert image.mode == "I;16"
+    return image
+
+
+def _recording_compute(seen: list):
+    def compute(image, request, brush):
+        seen.append(np.array(image))
+        mask = np.zeros(np.asarray(image).shape[:2], np.uint8)
+        mask[:, :10] = 255
+        prediction = SimpleNamespace(expression=request.expression, mask_image=lambda: mask,
+                                     probability_image=lambda: mask.astype(np.uint16) * 257)
+        return SimpleNamespace(mask=mask, prediction=prediction)
+
+    return compute
+
+
+def test_route_reads_images_like_load_image():
+    """/ldznet/v1/mask reads its image with load_image (16-bit grey scaled, not clipped to white):
+    the engine and the overlay get the same pixels as the CLI."""
+    raw = _png_bytes(_grey16())
+    seen = []
+    response = api.mask_response({"image": base64.b64encode(raw).decode(), "expression": "cat"},
+                                 _recording_compute(seen), lambda request: None)
+    expected = load_image(raw)
+    assert len(np.unique(expected)) > 200 and np.array_equal(seen[0], expected)
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(response["mask"]))))
+    overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(response["overlay"]))))
+    assert np.array_equal(overlay, render_overlay(expected, mask))
+    assert (response["width"], response["height"]) == (56, 40)
+
+
+def test_host_compute_reads_a_16_bit_image_like_the_cli(tmp_path, monkeypatch):
+    """The script path (a PIL init image) and the route give the engine the pixels load_image gives,
+    and so the CLI's mask."""
+    pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
+    world.install(tmp_path)
+    image, request = _grey16(), MaskRequest("goblin", threshold=0.3)
+    raw = _png_bytes(image)
+    expected = host.compute(load_image(raw), request)
+    predict, seen = host.engine().predict, []
+
+    def spy(backbone, picture, *args):
+        seen.append(load_image(picture))
+        return predict(backbone, picture, *args)
+
+    monkeypatch.setattr(host.engine(), "predict", spy)
+    result = host.compute(image, request)
+    assert np.array_equal(seen[0], load_image(raw)) and len(np.unique(seen[0])) > 200
+    response = api.mask_response({"image": base64.b64encode(raw).decode(), "expression": "goblin",
+                                  "threshold": 0.3}, host.compute, host.check_ready)
+    assert np.array_equal(seen[1], load_image(raw))
+    for mask, probability in ((result.mask, result.prediction.probability_image()),
+                              (_decoded(response["mask"]), _decoded(response["probability"]))):
+        assert np.array_equal(mask, expected.mask)
+        assert np.array_equal(probability, expected.prediction.probability_image())
+
+
+def _decoded(png: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(png))))
+
+
+def _find_encoding(want: str) -> tuple[bytes, str]:
+    """A small PNG whose standard base64 contains ``want`` ('+' or '/') and so differs url-safe."""
+    for seed in range(100):
+        raw = _png_bytes(Image.fromarray(np.random.default_rng(seed).integers(0, 255, (6, 8, 3), np.uint8)))
+        if want in base64.b64encode(raw).decode():
+            return raw, base64.urlsafe_b64encode(raw).decode()
+    raise AssertionError("no such image")
+
+
+def test_route_accepts_wrapped_and_url_safe_base64():
+    raw = _png_bytes(Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 56, 3), np.uint8)))
+    expected = load_image(raw)
+    plus, url_plus = _find_encoding("+")
+    slash, url_slash = _find_encoding("/")
+    encodings = [(raw, base64.encodebytes(raw).decode()),  # 76-character lines, as `base64` prints
+                 (raw, "data:image/png;base64," + base64.encodebytes(raw).decode()),
+                 (plus, url_plus), (slash, url_slash), (slash, url_slash.rstrip("="))]
+    assert "\n" in encodings[0][1] and "-" in url_plus and "_" in url_slash
+    for source, text in encodings:
+        assert np.array_equal(api.decode_image(text, "image"), load_image(source))
+    assert np.array_equal(api.decode_image(encodings[0][1], "image"), expected)
+    for garbage in ("!!", "abc$", "aGVsbG8=x", "a"):
+        with pytest.raises(api.ApiError, match="image is not valid base64") as caught:
+            api.decode_image(garbage, "image")
+        assert caught.value.status == 422
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` 1-bit pixels and holds no image data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side, message", [(5000, "image is 5000x5000 = 25,000,000 pixels; the limit is"),
+                                           (20000, "image is over Pillow's decompression-bomb limit")])
+def test_huge_images_are_413(side, message):
+    with pytest.raises(api.ApiError, match=message) as caught:
+        api.decode_image(base64.b64encode(_png_header(side, side)).decode(), "image")
+    assert caught.value.status == 413
+
+
+def test_brush_masks_are_read_as_the_host_reads_them():
+    """Grey levels (16-bit ones scaled like load_image's), or the alpha channel when it is not opaque."""
+    levels = np.zeros((40, 56), np.uint8)
+    levels[:, 20:] = 255
+    levels[:, 40:] = 100
+    grey = np.asarray(Image.fromarray(load_image(_png_bytes(Image.fromarray(levels.astype(np.uint16) * 257))))
+                      .convert("L"))
+    assert np.array_equal(grey, levels)
+    alpha = Image.fromarray(np.dstack([np.zeros_like(levels)] * 3 + [levels]), "RGBA")
+    for image in (Image.fromarray(levels), Image.fromarray(levels.astype(np.uint16) * 257), alpha):
+        assert np.array_equal(api.decode_mask(base64.b64encode(_png_bytes(image)).decode(), "mask"), levels)
+
+
+def test_preview_reads_the_image_like_load_image(tmp_path):
+    """img2img's Preview button: the overlay is drawn on load_image's pixels of a 16-bit image."""
+    pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
+    world.install(tmp_path)
+    image = _grey16()
+    overlay, status = ui.preview_mask(0, "a photo\nmask: goblin", image, None, None, None, None, None,
+                                      "", "LD-ZNet head", 0.3)
+    mask = host.compute(load_image(_png_bytes(image)), MaskRequest("goblin", threshold=0.3)).mask
+    assert np.array_equal(np.asarray(overlay), render_overlay(load_image(_png_bytes(image)), mask))
+    assert "goblin: " in status and "ldznet-status" in status

@@ -14,13 +14,15 @@ import binascii
 import io
 import json
 import secrets
+import warnings
 from collections.abc import Callable, Mapping
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .. import __version__
-from ..errors import CheckpointError, LdznetError
+from ..errors import CheckpointError, ImageError, LdznetError
+from ..images import load_image
 from ..outputs import render_overlay
 from .request import ARG_NAMES, TITLE, MaskRequest, split_mask_line
 
@@ -43,28 +45,70 @@ class ApiError(Exception):
         return json.dumps({"error": type(self).__name__, "detail": self.detail}).encode()
 
 
-def decode_image(data, what: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """A base64 (optionally data-URL) PNG/JPEG/WebP -> PIL image; 422 when unreadable, 413 when too large."""
+def _base64_bytes(data, what: str) -> bytes:
+    """Standard or url-safe base64, optionally a data URL, line-wrapped or unpadded -> bytes; 422 otherwise."""
     if not isinstance(data, str) or not data:
         raise ApiError(422, f"{what} must be a base64-encoded image, got {type(data).__name__}")
     if data.startswith("data:"):
         data = data.partition(",")[2]
+    # `base64` wraps its output in lines; url-safe encoders write - and _ and often drop the padding
+    text = "".join(data.split()).replace("-", "+").replace("_", "/")
+    text += "=" * (-len(text) % 4) if len(text) % 4 != 1 else ""
     try:
-        raw = base64.b64decode(data, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(422, f"{what} is not valid base64") from None
+
+
+def _check_pixels(raw: bytes, what: str, max_pixels: int) -> None:
+    """413 for an image over ``max_pixels`` (read from its header, before decoding), 422 for no image."""
     try:
-        image = Image.open(io.BytesIO(raw))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as image:
+                width, height = image.size
+    except Image.DecompressionBombError:
+        width = height = None  # over Pillow's own limit, which is above ours
     except Exception:
         raise ApiError(422, f"{what} is not an image Pillow can read (PNG, JPEG, WebP...)") from None
-    if image.width * image.height > max_pixels:
-        raise ApiError(413, f"{what} is {image.width}x{image.height} = {image.width * image.height:,} pixels; "
-                            f"the limit is {max_pixels:,}")
+    if width is None:
+        raise ApiError(413, f"{what} is over Pillow's decompression-bomb limit; the limit is {max_pixels:,} pixels")
+    if width * height > max_pixels:
+        raise ApiError(413, f"{what} is {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
+
+
+def _image_bytes(data, what: str, max_pixels: int) -> bytes:
+    raw = _base64_bytes(data, what)
+    _check_pixels(raw, what, max_pixels)
+    return raw
+
+
+def _load(raw: bytes, what: str, max_pixels: int) -> np.ndarray:
     try:
-        image.load()
-    except Exception:
+        return load_image(raw, max_pixels)
+    except ImageError as error:
+        raise ApiError(422, f"{what} cannot be decoded ({error})") from None
+
+
+def decode_image(data, what: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A base64 (optionally data-URL) PNG/JPEG/WebP -> RGB uint8 [H, W, 3], read by ``load_image`` as
+    the CLI reads files (16-bit, alpha, EXIF); 422 when unreadable, 413 when too large."""
+    return _load(_image_bytes(data, what, max_pixels), what, max_pixels)
+
+
+def decode_mask(data, what: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A base64 brush mask -> uint8 [H, W], read as the host reads img2img masks: the alpha channel
+    when it is not fully opaque, else the grey levels (``load_image``'s, so 16-bit masks scale)."""
+    raw = _image_bytes(data, what, max_pixels)
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            if "A" in image.getbands() or "transparency" in image.info:
+                alpha = ImageOps.exif_transpose(image.convert("RGBA")).getchannel("A")
+                if alpha.getextrema() != (255, 255):
+                    return np.asarray(alpha)
+    except (OSError, ValueError, SyntaxError):
         raise ApiError(422, f"{what} cannot be decoded; the data may be truncated") from None
-    return image
+    return np.asarray(Image.fromarray(_load(raw, what, max_pixels)).convert("L"))
 
 
 def encode_png(image: Image.Image) -> str:
@@ -134,13 +178,13 @@ def mask_response(payload, compute: Callable, check_ready: Callable[[MaskRequest
     except LdznetError as error:
         raise ApiError(422, str(error)) from None
     image = decode_image(payload.get("image"), "image")
+    height, width = image.shape[:2]
     brush = None
     if payload.get("mask") is not None:
-        brush_image = decode_image(payload["mask"], "mask")
-        if brush_image.size != image.size:
-            raise ApiError(422, f"mask is {brush_image.width}x{brush_image.height} but image is "
-                                f"{image.width}x{image.height}; they must be the same size")
-        brush = np.asarray(brush_image.convert("L"))
+        brush = decode_mask(payload["mask"], "mask")
+        if brush.shape != (height, width):
+            raise ApiError(422, f"mask is {brush.shape[1]}x{brush.shape[0]} but image is {width}x{height}; "
+                                "they must be the same size")
     try:
         check_ready(request)
         result = compute(image, request, brush)
@@ -148,15 +192,14 @@ def mask_response(payload, compute: Callable, check_ready: Callable[[MaskRequest
         raise ApiError(409, str(error)) from None
     except LdznetError as error:
         raise ApiError(422, str(error)) from None
-    rgb = np.asarray(image.convert("RGB"))
     return {
         "expression": str(result.prediction.expression),
-        "width": image.width,
-        "height": image.height,
+        "width": width,
+        "height": height,
         "coverage": float((result.mask >= 128).mean()),
         "mask": encode_png(Image.fromarray(result.mask, "L")),
         "probability": encode_png(Image.fromarray(result.prediction.probability_image().astype("<u2"))),
-        "overlay": encode_png(Image.fromarray(render_overlay(rgb, result.mask))),
+        "overlay": encode_png(Image.fromarray(render_overlay(image, result.mask))),
     }
 
 

@@ -11,7 +11,6 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..images import ImageInput
 from ..sd.model import Backbone
@@ -108,10 +107,9 @@ def current_backbone() -> Backbone:
 
 def compute(image: ImageInput, request: MaskRequest, brush: np.ndarray | None = None) -> MaskResult:
     """A mask on the host's model with the current settings. The caller holds the GPU (a
-    generation in progress, or :func:`gpu_job`)."""
-    if isinstance(image, Image.Image):
-        # Pixels as the host uses them: no EXIF rotation (the host does not rotate API images either).
-        image = np.asarray(image.convert("RGBA") if image.mode in ("RGBA", "LA", "P") else image.convert("RGB"))
+    generation in progress, or :func:`gpu_job`). Images are read by ``load_image``, as in the CLI; the
+    host's own images are already upright (it reads every image through ``images.read``/``fix_image``,
+    which applies and drops the EXIF orientation), so masks stay aligned with its pixels."""
     return engine().predict(current_backbone(), image, request, engine_options(), brush)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import LdznetError
+from ..images import load_image
 from ..outputs import render_overlay
 from . import host
 from .request import COMBINE_MODES, INFOTEXT_KEYS, MAX_FEATHER, MODES, TITLE, MaskRequest, split_mask_line
@@ -134,7 +135,7 @@ def preview_mask(mode, prompt, *values):
             result = host.compute(image, request, brush)
     except LdznetError as error:
         return None, _status(str(error), error=True)
-    overlay = render_overlay(np.asarray(image.convert("RGB")), result.mask)
+    overlay = render_overlay(load_image(image), result.mask)
     share = float((result.mask >= 128).mean())
     return Image.fromarray(overlay), _status(f"{request.expression}: {share:.1%} of the image selected")
 
