@@ -94,9 +94,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def check_head_fits(backbone: StableDiffusion, config: HeadConfig, head_name: str = "head") -> None:
+def check_head_fits(backbone: StableDiffusion, config: HeadConfig, head_name: str = "head",
+                    zero_shot: str = "--zero-shot") -> None:
     """Refuse a head made for another SD model: its text width, its z channels and, for LD-ZNet,
-    the UNet topology whose features it reads must match ``backbone``'s."""
+    the UNet topology whose features it reads must match ``backbone``'s. ``zero_shot`` names the
+    front end's way to masks without a head, for the message."""
     sd, own = backbone.unet.config, config.unet
     problems = []
     if own.context_dim != sd.context_dim:
@@ -109,7 +111,7 @@ def check_head_fits(backbone: StableDiffusion, config: HeadConfig, head_name: st
     if problems:
         raise CheckpointError(f"{head_name}: this {config.arch} head was made for a different SD model "
                               f"(head vs model: {'; '.join(problems)}); use a head trained on this model, "
-                              "or --zero-shot")
+                              f"or {zero_shot}")
 
 
 def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = None, *,

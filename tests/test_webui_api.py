@@ -16,9 +16,11 @@ from PIL import Image
 
 from fake_webui import world  # noqa: F401  (puts the fake ``modules`` on sys.path)
 
+import modules.sd_models  # noqa: E402
 import modules.shared  # noqa: E402
 from modules.api.api import Api  # noqa: E402
 
+from ldznet_ext.errors import CheckpointError  # noqa: E402
 from ldznet_ext.images import load_image  # noqa: E402
 from ldznet_ext.outputs import render_overlay  # noqa: E402
 from ldznet_ext.webui import api, host, ui  # noqa: E402
@@ -235,3 +237,39 @@ def test_preview_reads_the_image_like_load_image(tmp_path):
     mask = host.compute(load_image(_png_bytes(image)), MaskRequest("goblin", threshold=0.3)).mask
     assert np.array_equal(np.asarray(overlay), render_overlay(load_image(_png_bytes(image)), mask))
     assert "goblin: " in status and "ldznet-status" in status
+
+
+def _install_wide_head(tmp_path) -> None:
+    """The fake WebUI with a head made for a wider UNet (model_channels 64; the model's is 32) selected."""
+    from ldznet_ext.heads import save_head
+    from ldznet_ext.modeling.build import build_head, head_config
+    from ldznet_ext.sd.unet import unet_config
+
+    world.install(tmp_path)
+    config = head_config("ldznet", "tiny", latent_size=8, unet=unet_config("tiny", model_channels=64, out_channels=1))
+    save_head(build_head(config), config, tmp_path / "models" / "ldznet" / "wide.safetensors")
+    modules.shared.opts.data["ldznet_head"] = "wide.safetensors"
+
+
+def test_a_head_for_another_model_is_refused_before_the_generation(tmp_path):
+    """The real host answers such an img2img call 200 with no images (the reason only in its log):
+    the pre-generation check finds it, names the WebUI's zero-shot mode, and answers 409."""
+    pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
+    _install_wide_head(tmp_path)
+    reason = ("wide.safetensors: this ldznet head was made for a different SD model (head vs model: "
+              "model_channels 64 vs 32); use a head trained on this model, or mode 'zero-shot'")
+    with pytest.raises(CheckpointError) as caught:
+        host.check_ready(MaskRequest("cat"))
+    assert str(caught.value) == reason
+    for payload, is_img2img in (({"prompt": "mask: cat", "init_images": ["x"]}, True),
+                                ({"alwayson_scripts": {"LD-ZNet mask": {"args": ["cat"]}}}, False)):
+        with pytest.raises(api.ApiError) as caught:
+            api.check_generation(payload, is_img2img, host.check_ready)
+        assert (caught.value.status, caught.value.detail) == (409, reason)
+    with pytest.raises(api.ApiError) as caught:
+        api.mask_response({"image": base64.b64encode(_png_bytes(_grey16())).decode(), "expression": "cat"},
+                          host.compute, host.check_ready)
+    assert (caught.value.status, caught.value.detail) == (409, reason)
+    host.check_ready(MaskRequest("cat", mode="zero-shot"))
+    modules.sd_models.model_data.sd_model = None  # nothing loaded: nothing to compare with yet
+    host.check_ready(MaskRequest("cat"))

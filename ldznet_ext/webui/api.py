@@ -133,7 +133,8 @@ def _our_args(payload: Mapping) -> list | None:
 
 
 def check_generation(payload, is_img2img: bool, check_ready: Callable[[MaskRequest], None]) -> None:
-    """Validate the LD-ZNet part of a generation request; ApiError(422) with the reason."""
+    """Validate the LD-ZNet part of a generation request; ApiError with the reason: 409 when the
+    head or the loaded model does not allow the mask, 422 for bad args."""
     if not isinstance(payload, Mapping):
         return  # the host answers malformed bodies itself
     args = _our_args(payload)
@@ -154,6 +155,8 @@ def check_generation(payload, is_img2img: bool, check_ready: Callable[[MaskReque
         raise ApiError(422, "an LD-ZNet mask needs init_images")
     try:
         check_ready(request)
+    except CheckpointError as error:  # the host's model or our head file: a conflict, as on /ldznet/v1/mask
+        raise ApiError(409, str(error)) from None
     except LdznetError as error:
         raise ApiError(422, str(error)) from None
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, LdznetError
-from ..heads import load_head
+from ..heads import load_head, read_head_config
 from ..images import ImageInput
 from ..loading import DTYPES, check_head_fits, with_grow
 from ..masks.expression import parse
@@ -32,7 +32,7 @@ from ..sd.model import Backbone
 from ..sd.unet import UNetConfig
 from ..segmenter import Prediction, Segmenter, SegmenterSettings
 from ..zeroshot import ZeroShotSettings
-from .request import MaskRequest, combine
+from .request import ZERO_SHOT_MODE, MaskRequest, combine
 
 HEAD_SUFFIX = ".safetensors"
 NO_HEAD = "None"
@@ -109,10 +109,14 @@ class MaskEngine:
                                   "press the refresh button next to the head setting after adding files")
         return path
 
-    def check(self, request: MaskRequest, options: EngineOptions) -> None:
-        """Cheap readiness check for ``request`` (API validation): a head exists unless zero-shot."""
-        if not request.zero_shot:
-            self.head_path(options)
+    def check(self, request: MaskRequest, options: EngineOptions, backbone: Backbone | None = None) -> None:
+        """Cheap readiness check for ``request`` (API validation): unless zero-shot, a head exists
+        and, given the loaded model's ``backbone``, was made for it (its metadata only is read)."""
+        if request.zero_shot:
+            return
+        path = self.head_path(options)
+        if backbone is not None:
+            self._check_fits(backbone, read_head_config(path), options.head)
 
     def _load_head(self, options: EngineOptions, device: torch.device, host_dtype: torch.dtype
                    ) -> tuple[nn.Module, HeadConfig]:
@@ -132,7 +136,7 @@ class MaskEngine:
         key = (id(backbone.unet), tuple(sorted(config.to_dict()["unet"].items())))
         if key not in self._fits:
             shim = SimpleNamespace(unet=SimpleNamespace(config=host_unet_config(backbone.unet)))
-            check_head_fits(shim, config, name)
+            check_head_fits(shim, config, name, zero_shot=f"mode {ZERO_SHOT_MODE!r}")
             self._fits[key] = None
 
     def segmenter(self, backbone: Backbone, request: MaskRequest, options: EngineOptions) -> Segmenter:

@@ -83,26 +83,35 @@ def _check(sd_model) -> None:
         check_a1111_model(sd_model, sd_unet.current_unet)
 
 
+def _backbone(sd_model) -> Backbone:
+    """The Backbone adapter over a host model (nothing is loaded or moved)."""
+    if is_forge():
+        from backend import memory_management
+
+        from .forge import ForgeBackbone
+
+        return ForgeBackbone(sd_model, memory_management.load_model_gpu)
+    from modules import devices
+
+    from .a1111 import A1111Backbone
+
+    return A1111Backbone(sd_model, devices)
+
+
 def current_backbone() -> Backbone:
     """An adapter over the host's model, loading Forge's selected checkpoint first as its own
     generations do (the caller holds the GPU); CheckpointError when the model is not usable (SD2,
     SDXL, inpainting, TensorRT UNet)."""
     if is_forge():
-        from backend import memory_management
         from modules import sd_models
 
-        from .forge import ForgeBackbone
-
         sd_model, _ = sd_models.forge_model_reload()  # a no-op when the selected model is loaded
-        _check(sd_model)
-        return ForgeBackbone(sd_model, memory_management.load_model_gpu)
-    from modules import devices, shared
+    else:
+        from modules import shared
 
-    from .a1111 import A1111Backbone
-
-    sd_model = shared.sd_model
+        sd_model = shared.sd_model
     _check(sd_model)
-    return A1111Backbone(sd_model, devices)
+    return _backbone(sd_model)
 
 
 def compute(image: ImageInput, request: MaskRequest, brush: np.ndarray | None = None) -> MaskResult:
@@ -134,9 +143,11 @@ def gpu_job(name: str) -> Iterator[object]:
 
 
 def check_ready(request: MaskRequest) -> None:
-    """Cheap, non-blocking readiness check (API validation): the head exists unless zero-shot and
-    the model already loaded, if any, is usable. Never loads a model."""
-    engine().check(request, engine_options())
+    """Cheap, non-blocking readiness check (API validation): the model already loaded, if any, is
+    usable; the head exists unless zero-shot, and was made for that model. Never loads a model."""
     sd_model = loaded_model()
+    backbone = None
     if sd_model is not None:
         _check(sd_model)
+        backbone = _backbone(sd_model)
+    engine().check(request, engine_options(), backbone)

@@ -22,6 +22,7 @@ from ..refine import RefineSettings
 
 TITLE = "LD-ZNet mask"
 MODES = ("LD-ZNet head", "zero-shot")
+ZERO_SHOT_MODE = MODES[1]
 COMBINE_MODES = ("replace", "add", "subtract", "intersect")
 ARG_NAMES = ("expression", "mode", "threshold", "grow", "feather", "invert", "combine", "refine")
 MAX_GROW = 256
@@ -112,7 +113,7 @@ class MaskRequest:
 
     @property
     def zero_shot(self) -> bool:
-        return self.mode == "zero-shot"
+        return self.mode == ZERO_SHOT_MODE
 
     def options(self) -> MaskOptions:
         return MaskOptions(threshold=self.threshold, invert=self.invert, feather=self.feather)
