@@ -93,7 +93,10 @@ def test_authenticated_generations_are_checked(guarded):
 
 def test_without_api_auth_every_request_is_checked(monkeypatch):
     monkeypatch.setattr(modules.shared.cmd_opts, "api_auth", None)
-    guard = api.ApiGuard(Api(), lambda payload, is_img2img: api.check_generation(payload, is_img2img, lambda request: None),
+    def check(payload, is_img2img):
+        api.check_generation(payload, is_img2img, lambda request: None)
+
+    guard = api.ApiGuard(Api(), check,
                          api.parse_credentials(None))
     status, body = _post(guard, "/sdapi/v1/img2img", BAD_ARGS)
     assert status == 422 and "mode must be one of" in body["detail"]

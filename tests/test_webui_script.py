@@ -109,3 +109,26 @@ def test_txt2img_saves_a_mask_beside_each_image(tmp_path):
     assert np.array_equal(saved, host.compute(generated, MaskRequest("goblin", threshold=0.3)).mask)
     script.save_pending_mask(script_callbacks.ImageSaveParams(_image(6), p, str(tmp_path / "grid.png"), {}))
     assert not (tmp_path / "grid-ldznet-mask.png").exists()
+
+
+def test_an_empty_mask_is_reported(img2img):
+    """An expression that selects nothing leaves a visible warning in the comments and the infotext
+    (the host then generates without a mask); the next image of a reused p that has a mask drops it."""
+    p = processing.StableDiffusionProcessingImg2Img(prompt="mask: goblin", init_images=[_image(3)])
+    _run(img2img, p, ("", "LD-ZNet head", 0.99))
+    warning = "the mask is empty: nothing selected for 'goblin' at threshold 0.99"
+    assert not np.asarray(p.image_mask).any()
+    assert p.extra_generation_params["LD-ZNet warning"] == warning
+    assert f"LD-ZNet mask: {warning}" in p.comments
+    p.init_images = [_image(4)]
+    _run(img2img, p, ("", "LD-ZNet head", 0.3))
+    assert np.asarray(p.image_mask).any() and "LD-ZNet warning" not in p.extra_generation_params
+
+
+def test_a_failure_is_in_the_infotext(tmp_path):
+    """The API's answer to a stopped generation has no images but carries the infotext parameters."""
+    world.install(tmp_path, head=False)
+    s = script.LdznetScript()
+    s.is_img2img = True
+    p = _run(s, processing.StableDiffusionProcessingImg2Img(prompt="mask: goblin", init_images=[_image(1)]))
+    assert p.extra_generation_params["LD-ZNet error"].startswith("no LD-ZNet head is selected")

@@ -22,6 +22,10 @@ from . import host
 from .request import TITLE, MaskRequest, split_mask_line
 
 MASK_SUFFIX = "-ldznet-mask"
+WARNING_KEY = "LD-ZNet warning"
+ERROR_KEY = "LD-ZNet error"
+"""Infotext keys of a warning and of an error: the host's API answer carries the infotext
+parameters, not the comments, also when a stopped generation returns no images."""
 _PROMPT_LISTS = ("all_prompts", "all_hr_prompts")
 
 
@@ -62,6 +66,7 @@ def fail(p, error: Exception) -> None:
     message = f"{TITLE}: {error}"
     print(message, file=sys.stderr)
     p.comment(message)
+    p.extra_generation_params[ERROR_KEY] = str(error)
     shared.state.interrupted = True
 
 
@@ -100,6 +105,13 @@ class LdznetScript(scripts.Script):
         image = p.init_images[0]
         result = host.compute(image, request, brush_mask(p, image.size))
         p._ldznet_mask = p.image_mask = Image.fromarray(result.mask, "L")
+        if result.mask.any():
+            p.extra_generation_params.pop(WARNING_KEY, None)  # a reused p: the previous image's
+        else:
+            warning = (f"the mask is empty: nothing selected for {request.expression!r} "
+                       f"at threshold {request.threshold:g}")
+            p.extra_generation_params[WARNING_KEY] = warning
+            p.comment(f"{TITLE}: {warning}")
         # A blank mask makes p.init() switch "only masked" off on this p; a reused p (Batch tab)
         # must start every image from the user's choice.
         if not hasattr(p, "_ldznet_full_res"):
