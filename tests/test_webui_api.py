@@ -7,7 +7,9 @@ import base64
 import io
 import json
 import struct
+import sys
 import zlib
+from collections import defaultdict
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,12 +20,13 @@ from fake_webui import world  # noqa: F401  (puts the fake ``modules`` on sys.pa
 
 import modules.sd_models  # noqa: E402
 import modules.shared  # noqa: E402
+from modules import script_callbacks  # noqa: E402
 from modules.api.api import Api  # noqa: E402
 
 from ldznet_ext.errors import CheckpointError  # noqa: E402
 from ldznet_ext.images import load_image  # noqa: E402
 from ldznet_ext.outputs import render_overlay  # noqa: E402
-from ldznet_ext.webui import api, host, ui  # noqa: E402
+from ldznet_ext.webui import api, host, register, ui  # noqa: E402
 from ldznet_ext.webui.request import MaskRequest  # noqa: E402
 
 BAD_ARGS = json.dumps({"prompt": "cat", "alwayson_scripts": {"ld-znet mask": {"args": ["cat", "nope"]}}}).encode()
@@ -276,3 +279,33 @@ def test_a_head_for_another_model_is_refused_before_the_generation(tmp_path):
     host.check_ready(MaskRequest("cat", mode="zero-shot"))
     modules.sd_models.model_data.sd_model = None  # nothing loaded: nothing to compare with yet
     host.check_ready(MaskRequest("cat"))
+
+
+def _get(app, path: str) -> tuple[int, dict]:
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app({"type": "http", "method": "GET", "path": path, "headers": []}, receive, send))
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+def test_options_are_in_the_api_with_nowebui(monkeypatch):
+    """--nowebui: the host loads the scripts (our register()), builds its API (freezing the options
+    model), then runs the on_ui_settings callbacks; GET /sdapi/v1/options lists the ldznet_* options."""
+    monkeypatch.setitem(sys.modules, "gradio", SimpleNamespace(Dropdown=object, Slider=object, Radio=object))
+    monkeypatch.setattr(modules.shared, "opts", modules.shared.Options())
+    monkeypatch.setattr(script_callbacks, "callbacks", defaultdict(list))
+    register.register()
+    host_api = Api()
+    for callback in script_callbacks.callbacks["ui_settings"]:
+        callback()
+    status, options = _get(host_api, "/sdapi/v1/options")
+    assert status == 200
+    assert options == {"ldznet_head": "None", "ldznet_timestep": -1, "ldznet_resolution": 0, "ldznet_threshold": 0.5,
+                       "ldznet_keep_on_gpu": True, "ldznet_dtype": "auto", "ldznet_save_masks": False}
+    assert modules.shared.opts.data_labels["ldznet_head"].section == ("ldznet", "LD-ZNet")

@@ -1,7 +1,8 @@
-"""Hook the extension into the host: callbacks, settings, tab, API routes (called by scripts/ldznet.py).
+"""Hook the extension into the host: settings, callbacks, tab, API routes (called by scripts/ldznet.py).
 
 The host clears all callbacks when it reloads scripts (Reload UI) and runs scripts/ldznet.py again,
-so registering on every load is right; the cached head is released on unload.
+so registering on every load is right (adding an option again replaces it, keeping its value); the
+cached head is released on unload.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def register() -> None:
     """Register every callback of the extension with ``modules.script_callbacks``."""
     from modules import script_callbacks
 
-    script_callbacks.on_ui_settings(settings.add_settings)
+    # Now rather than on_ui_settings: with --nowebui the host builds its API's options model (the
+    # keys GET /sdapi/v1/options returns) from the options it knows before those callbacks run.
+    settings.add_settings()
     script_callbacks.on_after_component(ui.remember_component)
     script_callbacks.on_ui_tabs(tab.build_tab)
     script_callbacks.on_app_started(add_routes)

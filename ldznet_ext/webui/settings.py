@@ -15,7 +15,8 @@ def head_choices() -> list[str]:
 
 
 def add_settings() -> None:
-    """on_ui_settings: add the LD-ZNet section (changing the head or dtype drops the cached head)."""
+    """Add the LD-ZNet section to the host's options, when the extension loads (changing the head or
+    dtype drops the cached head)."""
     import gradio as gr
     from modules import shared
 

@@ -10,6 +10,10 @@ it can observe, as a plain ASGI app (no FastAPI here).
   without credentials.
 - Errors are JSON ``{"error", "detail", "body", "errors"}`` (the host's exception handler).
 - txt2img/img2img answer 200 with ``images: []`` (no generation is modelled).
+- GET /sdapi/v1/options answers the options of the host's ``OptionsModel``, which
+  ``modules.api.models`` builds from ``opts.data_labels`` when it is imported: with --nowebui that
+  is when ``webui.create_api`` imports the Api, before ``Api.__init__`` runs ``ui.create_ui`` and
+  with it the on_ui_settings callbacks; FastAPI drops the keys the model lacks.
 """
 import base64
 import binascii
@@ -35,6 +39,7 @@ class Api:
         if shared.cmd_opts.api_auth:
             self.credentials = dict(entry.split(":") for entry in shared.cmd_opts.api_auth.split(","))
         self.requests = []
+        self.option_keys = set(shared.opts.data_labels)
 
     def _basic(self, headers):
         value = next((v.decode("latin-1") for k, v in headers if k.lower() == b"authorization"), None)
@@ -63,20 +68,33 @@ class Api:
             if not message.get("more_body"):
                 break
         try:
-            if scope["path"] not in GENERATION_ROUTES or scope["method"] != "POST":
-                raise HostError(404, "Not Found")
-            try:
-                payload = json.loads(body)
-            except ValueError:
-                raise HostError(422, "JSON decode error") from None
-            if self.credentials is not None:
-                self._auth(scope.get("headers", []))
-            self.requests.append(payload)
-            status, content = 200, {"images": [], "parameters": payload, "info": "{}"}
+            status, content = 200, self._route(scope, body)
         except HostError as error:
             status = error.status
             content = {"error": "HTTPException", "detail": error.detail, "body": "",
                        "errors": f"{error.status}: {error.detail}"}
+        await self._answer(send, status, content)
+
+    def _route(self, scope, body):
+        route = (scope["path"], scope["method"])
+        if route == ("/sdapi/v1/options", "GET"):
+            payload = None
+        elif scope["path"] in GENERATION_ROUTES and scope["method"] == "POST":
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                raise HostError(422, "JSON decode error") from None
+        else:
+            raise HostError(404, "Not Found")
+        if self.credentials is not None:
+            self._auth(scope.get("headers", []))
+        if payload is None:
+            return {k: v for k, v in shared.opts.data.items() if k in self.option_keys}
+        self.requests.append(payload)
+        return {"images": [], "parameters": payload, "info": "{}"}
+
+    @staticmethod
+    async def _answer(send, status, content):
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": json.dumps(content).encode()})
