@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fake_webui import world  # noqa: F401  (puts the fake ``modules`` on sys.path)
+from fake_webui import world  # puts the fake ``modules`` on sys.path
 
 import modules.sd_models  # noqa: E402
 import modules.shared  # noqa: E402
