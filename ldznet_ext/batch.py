@@ -27,6 +27,7 @@ from tqdm import tqdm
 from . import outputs
 from .errors import ImageError, LdznetError
 from .images import MAX_PIXELS, load_image
+from .limits import BATCH_SIZE
 from .mask_cli import (add_mask_arguments, add_model_arguments, bounded_number, expression_from_args,
                        mask_options_from_args, segmenter_from_args)
 from .masks.ops import MaskOptions
@@ -371,8 +372,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--shard", type=parse_shard, default=(1, 1), metavar="K/N",
                         help="process only shard K of N (1-based) of the sorted files, to split a folder "
                              "between N processes")
-    parser.add_argument("--batch-size", type=bounded_number(int, 1), default=4, metavar="B",
-                        help="same-size images predicted together (default 4)")
+    parser.add_argument("--batch-size", type=bounded_number(BATCH_SIZE), default=4, metavar="B",
+                        help=f"same-size images predicted together, 1..{BATCH_SIZE.high} (default 4)")
     parser.add_argument("--manifest", metavar="PATH", help=f"JSONL log, appended (default OUT_DIR/{MANIFEST_NAME})")
     add_mask_arguments(parser)
     add_model_arguments(parser)

@@ -19,6 +19,7 @@ from .data.examples import Source
 from .data.spec import open_source
 from .data.stream import iterate_examples
 from .errors import LdznetError
+from .limits import EXAMPLES, RENDER_SIZE, WORKERS, bounded_number
 
 SHOWN_ERRORS = 10
 
@@ -119,8 +120,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("specs", nargs="+", metavar="SPEC",
                    help="data specs: world:SPLIT:N, PATH.jsonl, phrasecut:DIR:SPLIT, refcoco:DIR:SPLIT, aigi:DIR ... "
                         "(docs/datasets.md)")
-    s.add_argument("--workers", type=int, default=0, help="processes reading examples (default 0: this one)")
-    s.add_argument("--limit", type=int, help="read only the first N examples of each source")
-    s.add_argument("--size", type=int, default=128, help="render size of micro-world specs (default 128)")
+    s.add_argument("--workers", type=bounded_number(WORKERS), default=0,
+                   help="processes reading examples, 0..64 (default 0: this one)")
+    s.add_argument("--limit", type=bounded_number(EXAMPLES),
+                   help="read only the first N (>= 1) examples of each source")
+    s.add_argument("--size", type=bounded_number(RENDER_SIZE), default=128,
+                   help="render size of micro-world specs, 8..4096 (default 128)")
     s.add_argument("--json", metavar="OUT.json", help="also write the summaries as JSON")
     s.set_defaults(func=_summary)

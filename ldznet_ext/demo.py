@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .limits import RENDER_SIZE, SCENE_INDEX, SEED, THRESHOLD, bounded_number, device_name
 from .loading import load_segmenter, resolve_model_paths
 from .masks.expression import parse
 from .masks.ops import MaskOptions
@@ -83,12 +84,15 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="mask a micro-world scene with the embedded model and score it")
     p.add_argument("expression", nargs="?", help="mask expression (default: an object OR a stuff phrase of the scene)")
-    p.add_argument("--scene", type=int, default=DEFAULT_SCENE, help="index into the test split (default %(default)s)")
-    p.add_argument("--seed", type=int, help="any scene seed instead of --scene")
+    p.add_argument("--scene", type=bounded_number(SCENE_INDEX), default=DEFAULT_SCENE,
+                   help="index into the test split, 0..999999 (default %(default)s)")
+    p.add_argument("--seed", type=bounded_number(SEED), help="any scene seed instead of --scene")
     p.add_argument("--domain", choices=VOCABULARY.domains, help="render the scene in this domain")
-    p.add_argument("--size", type=int, default=256, help="image side in pixels (default %(default)s)")
+    p.add_argument("--size", type=bounded_number(RENDER_SIZE), default=256,
+                   help="image side in pixels, 8..4096 (default %(default)s)")
     p.add_argument("--zero-shot", action="store_true", help="use zero-shot masks instead of the LD-ZNet head")
-    p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--threshold", type=bounded_number(THRESHOLD), default=0.5,
+                   help="a pixel is selected when its probability is above T, 0 <= T < 1 (default 0.5)")
+    p.add_argument("--device", type=device_name, default="cpu", help="auto, cpu, cuda, cuda:N or mps (default cpu)")
     p.add_argument("-o", "--output", default="ldznet-demo", help="output folder (default %(default)s)")
     p.set_defaults(func=_run)

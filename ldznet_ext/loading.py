@@ -16,6 +16,7 @@ import torch
 from .defaults import default_model_paths
 from .errors import CheckpointError, LdznetError
 from .heads import load_head
+from .limits import RESOLUTION, check_device_name
 from .masks.tree import Expression, Modified, Modifier
 from .modeling.build import HeadConfig
 from .sd.checkpoint import load_stable_diffusion
@@ -60,16 +61,15 @@ def resolve_model_paths(model: str | os.PathLike | None, head: str | os.PathLike
 
 def resolve_device(name: str | None = None) -> torch.device:
     """A torch device from a name ("cpu", "cuda", "cuda:1", "mps"); None or "auto" picks CUDA, then
-    MPS, then the CPU."""
+    MPS, then the CPU. Other names (``meta``, ``xla``, ...) are refused: LdznetError."""
+    if name is not None:
+        check_device_name(name)
     if name in (None, "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda")
         mps = getattr(torch.backends, "mps", None)
         return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as error:
-        raise LdznetError(f"unknown device {name!r}: expected auto, cpu, cuda, cuda:N or mps") from error
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LdznetError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -124,8 +124,8 @@ def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = No
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    if resolution is not None and resolution < 1:
-        raise LdznetError(f"resolution must be a positive number of pixels, got {resolution}")
+    if resolution is not None:
+        RESOLUTION.check(resolution, "resolution")
     head_module = head_config = None
     if head is not None:
         head_module, head_config = load_head(head, device=device, dtype=torch_dtype)

@@ -8,12 +8,13 @@ image, output names) run before any model is loaded, so a typo costs no model lo
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import asdict
 from pathlib import Path
 
 from .errors import LdznetError
 from .images import MAX_PIXELS, load_image
+from .limits import (DEVICE_NAMES, DRAWS, FEATHER, GROW, KEEP_LARGEST, MIN_AREA, PIXELS, REFINE_RADIUS,
+                     REFINE_STRENGTH, RESOLUTION, SEED, THRESHOLD, TIMESTEP, bounded_number, device_name)
 from .loading import DTYPES, load_segmenter, resolve_model_paths, with_grow
 from .masks.expression import parse
 from .masks.ops import MaskOptions
@@ -33,22 +34,6 @@ expression holds (the area to repaint), at the image's own size; their edges fol
 2 bad input (message on stderr)."""
 
 
-def bounded_number(kind: type, low: float | None = None, high: float | None = None, high_open: bool = False):
-    """An argparse type: a finite ``kind`` within [low, high] (or [low, high) when ``high_open``)."""
-    def convert(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if not math.isfinite(value) or (low is not None and value < low) or (
-                high is not None and (value >= high if high_open else value > high)):
-            bounds = f"{low if low is not None else '-inf'} .. {high if high is not None else 'inf'}"
-            raise argparse.ArgumentTypeError(f"expected a value in {bounds}{' (exclusive)' if high_open else ''}, "
-                                             f"got {text}")
-        return value
-    return convert
-
-
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --head/--zero-shot, sampling settings, --device, --dtype, --max-pixels."""
     group = parser.add_argument_group("model")
@@ -60,43 +45,46 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                             "only with the embedded model)")
     which.add_argument("--zero-shot", action="store_true",
                        help="no head: masks from where the text changes the SD model's noise prediction")
-    group.add_argument("--resolution", type=bounded_number(int, 64), metavar="R",
-                       help="working side in pixels (area about R^2, sides multiples of 64; default: the head's, "
-                            "384 zero-shot)")
-    group.add_argument("--timestep", type=bounded_number(int, 0, 1000, high_open=True), metavar="T",
+    group.add_argument("--resolution", type=bounded_number(RESOLUTION), metavar="R",
+                       help="working side in pixels, 64..2048 (area about R^2, sides multiples of 64; default: "
+                            "the head's, 384 zero-shot)")
+    group.add_argument("--timestep", type=bounded_number(TIMESTEP), metavar="T",
                        help="SD timestep of the feature step, 0..999 (default: the head's, 400 zero-shot)")
-    group.add_argument("--draws", type=bounded_number(int, 1), metavar="K",
-                       help="noise draws averaged (default: 1 with a head, 4 zero-shot)")
-    group.add_argument("--seed", type=int, default=0, metavar="S", help="noise seed (default 0)")
-    group.add_argument("--device", default="auto", metavar="D",
-                       help="auto, cpu, cuda, cuda:N or mps (default auto: CUDA when available)")
+    group.add_argument("--draws", type=bounded_number(DRAWS), metavar="K",
+                       help="noise draws averaged, 1..64 (default: 1 with a head, 4 zero-shot)")
+    group.add_argument("--seed", type=bounded_number(SEED), default=0, metavar="S",
+                       help="noise seed, 0..2^63-1 (default 0)")
+    group.add_argument("--device", type=device_name, default="auto", metavar="D",
+                       help=f"{DEVICE_NAMES} (default auto: CUDA, then MPS, then the CPU)")
     group.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                        help="compute precision (default fp32; fp16 falls back to fp32 on the CPU)")
-    group.add_argument("--max-pixels", type=bounded_number(int, 1), default=MAX_PIXELS, metavar="N",
-                       help=f"refuse larger images before decoding them (default {MAX_PIXELS:,})")
+    group.add_argument("--max-pixels", type=bounded_number(PIXELS), default=MAX_PIXELS, metavar="N",
+                       help=f"refuse larger images before decoding them, 1..{PIXELS.high:,} (default {MAX_PIXELS:,})")
 
 
 def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
     """--threshold, --grow, --feather, --invert, --keep-largest, --min-area, and the edge refinement
     (--no-refine, --refine-strength, --refine-radius)."""
     group = parser.add_argument_group("mask")
-    group.add_argument("--threshold", type=bounded_number(float, 0, 1, high_open=True), default=0.5, metavar="T",
-                       help="a pixel is selected when its probability is above T (default 0.5)")
-    group.add_argument("--grow", type=bounded_number(float), default=0.0, metavar="N",
-                       help="grow the mask by N pixels (negative: shrink), before the region filters")
-    group.add_argument("--feather", type=bounded_number(float, 0), default=0.0, metavar="R",
-                       help="soft edge of R pixels (the mask is then grey at its border)")
+    group.add_argument("--threshold", type=bounded_number(THRESHOLD), default=0.5, metavar="T",
+                       help="a pixel is selected when its probability is above T, 0 <= T < 1 (default 0.5)")
+    group.add_argument("--grow", type=bounded_number(GROW), default=0.0, metavar="N",
+                       help=f"grow the mask by N pixels (negative: shrink), at most {GROW.high:g}, before the region "
+                            "filters")
+    group.add_argument("--feather", type=bounded_number(FEATHER), default=0.0, metavar="R",
+                       help=f"soft edge of R pixels, 0..{FEATHER.high:g} (the mask is then grey at its border)")
     group.add_argument("--invert", action="store_true", help="select everything the expression does not")
-    group.add_argument("--keep-largest", type=bounded_number(int, 1), metavar="K",
-                       help="keep only the K largest regions")
-    group.add_argument("--min-area", type=bounded_number(int, 0), default=0, metavar="A",
+    group.add_argument("--keep-largest", type=bounded_number(KEEP_LARGEST), metavar="K",
+                       help=f"keep only the K largest regions, 1..{KEEP_LARGEST.high:,}")
+    group.add_argument("--min-area", type=bounded_number(MIN_AREA), default=0, metavar="A",
                        help="drop regions smaller than A pixels")
     group.add_argument("--no-refine", action="store_true",
                        help="upsample the model's maps bilinearly instead of snapping their edges to the image's")
-    group.add_argument("--refine-strength", type=bounded_number(float, 0, 1), default=1.0, metavar="S",
+    group.add_argument("--refine-strength", type=bounded_number(REFINE_STRENGTH), default=1.0, metavar="S",
                        help="edge refinement strength, 0 (bilinear) .. 1 (default 1)")
-    group.add_argument("--refine-radius", type=bounded_number(float, 1), metavar="PX",
-                       help="how far (output pixels) refinement may move an edge (default: two latent pixels)")
+    group.add_argument("--refine-radius", type=bounded_number(REFINE_RADIUS), metavar="PX",
+                       help=f"how far (output pixels, 1..{REFINE_RADIUS.high:g}) refinement may move an edge "
+                            "(default: two latent pixels)")
 
 
 def expression_from_args(args: argparse.Namespace) -> Expression:

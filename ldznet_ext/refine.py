@@ -23,8 +23,6 @@ each band is moved to that device on its own.
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 
 import cv2
@@ -34,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import LdznetError
+from .limits import REFINE_EPS, REFINE_RADIUS, REFINE_STRENGTH
 
 __all__ = ["RefineSettings", "refine_probability", "upsample_rows"]
 
@@ -50,8 +49,8 @@ class RefineSettings:
 
     enabled: False keeps plain bilinear upsampling (the behaviour before refinement existed).
     strength: blend in [0, 1] between bilinear (0) and fully guided (1).
-    radius: how far, in output pixels, an edge may move and how wide the filter window is;
-        None = automatic, ``RADIUS_PER_SCALE`` coarse pixels (at least ``MIN_RADIUS``).
+    radius: how far, in output pixels (``limits.REFINE_RADIUS``), an edge may move and how wide the
+        filter window is; None = automatic, ``RADIUS_PER_SCALE`` coarse pixels (at least ``MIN_RADIUS``).
     eps: the guided filter's regulariser, in squared colour units of a [0, 1] image: image edges
         weaker than about sqrt(eps) are treated as flat.
     """
@@ -64,20 +63,14 @@ class RefineSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise LdznetError(f"refine enabled must be True or False, got {self.enabled!r}")
-        if not _finite(self.strength) or not 0 <= self.strength <= 1:
-            raise LdznetError(f"refine strength must be a number in [0, 1], got {self.strength!r}")
-        if self.radius is not None and (not _finite(self.radius) or self.radius < 1):
-            raise LdznetError(f"refine radius must be None (automatic) or >= 1 output pixel, got {self.radius!r}")
-        if not _finite(self.eps) or self.eps <= 0:
-            raise LdznetError(f"refine eps must be a number > 0, got {self.eps!r}")
+        REFINE_STRENGTH.check(self.strength, "refine strength")
+        if self.radius is not None:
+            REFINE_RADIUS.check(self.radius, "refine radius")
+        REFINE_EPS.check(self.eps, "refine eps")
 
     @property
     def active(self) -> bool:
         return self.enabled and self.strength > 0
-
-
-def _finite(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
 
 
 def _row_taps(start: int, stop: int, size_in: int, size_out: int, device: torch.device

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .images import MAX_PIXELS, ImageInput, load_image, resize_probability, to_model_input, working_size
+from .limits import DRAWS, RESOLUTION, SEED, TIMESTEP
 from .masks.expression import parse
 from .masks.ops import MaskOptions, finalize
 from .masks.tree import Expression
@@ -49,7 +50,8 @@ class SegmenterSettings:
     from 300..499 per draw, as the official code); draws: feature steps averaged; seed: noise seed;
     sample_latent: encode with a seeded posterior sample instead of the mean; prompt_template: how a
     term becomes a prompt ("{}" = as typed); refine: how each term's map is upsampled to the image
-    (image-guided by default; ``RefineSettings(enabled=False)``: bilinear)."""
+    (image-guided by default; ``RefineSettings(enabled=False)``: bilinear). The numbers' ranges are
+    ``limits.RESOLUTION``, ``TIMESTEP``, ``DRAWS`` and ``SEED``; others raise LdznetError."""
 
     resolution: int | None = None
     timestep: int | None = 400
@@ -61,10 +63,12 @@ class SegmenterSettings:
     refine: RefineSettings = field(default_factory=RefineSettings)
 
     def __post_init__(self):
-        if self.draws < 1:
-            raise ValueError(f"draws must be >= 1, got {self.draws}")
-        if self.timestep is not None and not 0 <= self.timestep < 1000:
-            raise ValueError(f"timestep must be in [0, 1000), got {self.timestep}")
+        if self.resolution is not None:
+            RESOLUTION.check(self.resolution, "resolution")
+        if self.timestep is not None:
+            TIMESTEP.check(self.timestep, "timestep")
+        DRAWS.check(self.draws, "draws")
+        SEED.check(self.seed, "seed")
         if "{}" not in self.prompt_template:
             raise ValueError(f"prompt_template must contain '{{}}', got {self.prompt_template!r}")
 

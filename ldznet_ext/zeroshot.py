@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .limits import DRAWS, TIMESTEP
 from .sd.model import Backbone
 from .sd.schedule import noise_draws
 from .sd.tokenizer import BOS_ID, EOS_ID, tokenize
@@ -58,10 +59,9 @@ class ZeroShotSettings:
     attention_blocks: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        if self.draws < 1:
-            raise ValueError(f"draws must be >= 1, got {self.draws}")
-        if self.timestep is not None and not 0 <= self.timestep < 1000:
-            raise ValueError(f"timestep must be in [0, 1000), got {self.timestep}")
+        DRAWS.check(self.draws, "draws")
+        if self.timestep is not None:
+            TIMESTEP.check(self.timestep, "timestep")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if not 0.0 <= self.cross_attention <= 1.0:

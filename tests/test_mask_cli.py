@@ -209,7 +209,7 @@ BAD_INPUTS = {
     "unknown device": (lambda t, i, s, h: [i, "cat", "--model", s, "--zero-shot", "--device", "tpu"],
                        "unknown device 'tpu': expected auto, cpu, cuda, cuda:N or mps"),
     "threshold out of range": (lambda t, i, s, h: [i, "cat", "--threshold", 1],
-                               "argument --threshold: expected a value in 0 .. 1 (exclusive), got 1"),
+                               "argument --threshold: expected a number in [0, 1), got 1"),
 }
 
 

@@ -203,8 +203,10 @@ def test_cli_sample_writes_documented_files(tmp_path, capsys):
 def test_cli_split_and_errors(capsys):
     assert main(["world", "split", "test", "--count", "3"]) == 0
     assert json.loads(capsys.readouterr().out) == [1_000_000, 1_000_001, 1_000_002]
-    assert main(["world", "sample", "--seed", "-4", "-o", "unused"]) == 2
-    assert "seed must be an integer >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # argparse refuses it, before any work
+        main(["world", "sample", "--seed", "-4", "-o", "unused"])
+    assert refused.value.code == 2
+    assert "argument --seed: expected an integer in [0, 9223372036854775807], got -4" in capsys.readouterr().err
     assert main(["world"]) == 2
 
 

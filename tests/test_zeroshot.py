@@ -112,7 +112,7 @@ def test_bad_settings_and_blocks(tiny_sd):
         ZeroShotSettings(score="norm")
     with pytest.raises(ValueError, match=r"attention_blocks must be None or block numbers >= 1, got \(0,\)"):
         ZeroShotSettings(attention_blocks=(0,))
-    with pytest.raises(ValueError, match="draws must be >= 1"):
+    with pytest.raises(ValueError, match=r"draws must be an integer in \[1, 64\], got 0"):
         ZeroShotSettings(draws=0)
     count = len(CrossAttentionRecorder(tiny_sd.unet, []).transformers)
     message = rf"attention blocks \[{count + 1}\] do not exist: this UNet has blocks 1-{count}"

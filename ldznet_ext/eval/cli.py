@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from ..errors import LdznetError
+from ..limits import BOUNDARY_TOLERANCE, RENDER_SIZE, RESOLUTION, THRESHOLD, WORKERS, bounded_number, device_name
 from ..loading import DTYPES, load_segmenter, resolve_model_paths
 from ..outputs import writable_path, writing
 from ..refine import RefineSettings
@@ -108,26 +109,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="the method's name in the table (default: the head's file name)")
     p.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="K/N",
                    help="evaluate only examples K, K+N, K+2N, ... (merge the N --json files with --merge)")
-    p.add_argument("--workers", type=int, default=0, help="processes that read examples ahead (default 0)")
-    p.add_argument("--square", type=int, metavar="N",
-                   help="squash each image and mask to N x N first, CLIPSeg's PhraseCut test protocol (the paper: 384)")
+    p.add_argument("--workers", type=bounded_number(WORKERS), default=0,
+                   help="processes that read examples ahead, 0..64 (default 0)")
+    p.add_argument("--square", type=bounded_number(RENDER_SIZE), metavar="N",
+                   help="squash each image and mask to N x N (8..4096) first, CLIPSeg's PhraseCut test protocol "
+                        "(the paper: 384)")
     p.add_argument("--domain", choices=VOCABULARY.domains, help="render micro-world scenes in one domain")
-    p.add_argument("--size", type=int, help="micro-world render size (default: the model's working resolution); "
-                                            "larger than the working size scores the upsampling too, e.g. 512")
+    p.add_argument("--size", type=bounded_number(RENDER_SIZE),
+                   help="micro-world render size, 8..4096 (default: the model's working resolution); "
+                        "larger than the working size scores the upsampling too, e.g. 512")
     p.add_argument("--no-refine", action="store_true",
                    help="upsample each map bilinearly instead of guided by the image (refine.py)")
-    p.add_argument("--boundary", type=float, nargs="?", const=2.0, metavar="PX",
-                   help="also score edges: boundary F-score, edges matched within PX pixels (default 2); "
+    p.add_argument("--boundary", type=bounded_number(BOUNDARY_TOLERANCE), nargs="?", const=2.0, metavar="PX",
+                   help="also score edges: boundary F-score, edges matched within PX pixels, 0 < PX <= 64 (default 2); "
                         "printed, in the JSON and merged")
-    p.add_argument("--resolution", type=int, help="working resolution (default: the head's training resolution)")
+    p.add_argument("--resolution", type=bounded_number(RESOLUTION),
+                   help="working resolution, 64..2048 (default: the head's training resolution)")
     p.add_argument("--include-absent", action="store_true",
                    help="also score absent phrases (empty masks); CLIPSeg and PhraseCut score present ones only")
-    p.add_argument("--threshold", type=float, default=0.5, help="threshold of the binary mean/cumulative IoU")
+    p.add_argument("--threshold", type=bounded_number(THRESHOLD), default=0.5,
+                   help="threshold of the binary mean/cumulative IoU, 0 <= T < 1 (default 0.5)")
     p.add_argument("--table", type=int, choices=tuple(TABLES),
                    help="table shape: 1 PhraseCut, 2 AIGI, 3 RefCOCO family, 4 ablation (default 1, or 3 for "
                         "several RefCOCO-family data sets)")
     p.add_argument("--json", metavar="OUT.json", help="write the results (raw counts included) and the table as JSON")
     p.add_argument("--markdown", metavar="OUT.md", help="write the markdown table")
-    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     p.set_defaults(func=_run)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import LdznetError
+from ..limits import FEATHER, KEEP_LARGEST, MIN_AREA, THRESHOLD
 
 __all__ = [
     "MaskOptions",
@@ -204,11 +205,13 @@ def remove_small_regions(mask: Tensor, min_area: int) -> Tensor:
 class MaskOptions:
     """How :func:`finalize` turns a probability map into the final mask.
 
-    threshold: a pixel is foreground when p > threshold (strict, as in CLIPSeg's metric), in [0, 1).
+    threshold: a pixel is foreground when p > threshold (strict, as in CLIPSeg's metric), in [0, 1)
+        (so 1 would select nothing).
     invert: swap foreground and background after component filtering.
-    keep_largest: keep only this many largest connected objects (None: all), >= 1.
-    min_area: drop objects smaller than this many pixels, >= 0.
-    feather: soft-edge radius in pixels (see :func:`feather`), >= 0.
+    keep_largest: keep only this many largest connected objects (None: all).
+    min_area: drop objects smaller than this many pixels.
+    feather: soft-edge radius in pixels (see :func:`feather`).
+    The ranges of the numbers are ``limits.THRESHOLD``, ``KEEP_LARGEST``, ``MIN_AREA`` and ``FEATHER``.
     """
 
     threshold: float = 0.5
@@ -218,20 +221,13 @@ class MaskOptions:
     feather: float = 0.0
 
     def __post_init__(self) -> None:
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 <= t < 1:
-            raise LdznetError(
-                f"threshold must be a number in [0, 1) (p > threshold is foreground, so 1 selects nothing), got {t!r}"
-            )
+        THRESHOLD.check(self.threshold, "threshold")
         if not isinstance(self.invert, bool):
             raise LdznetError(f"invert must be True or False, got {self.invert!r}")
-        k = self.keep_largest
-        if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1):
-            raise LdznetError(f"keep_largest must be None (keep all) or an integer >= 1, got {k!r}")
-        a = self.min_area
-        if isinstance(a, bool) or not isinstance(a, numbers.Integral) or a < 0:
-            raise LdznetError(f"min_area must be an integer number of pixels >= 0, got {a!r}")
-        _check_radius(self.feather, "feather")
+        if self.keep_largest is not None:
+            KEEP_LARGEST.check(self.keep_largest, "keep_largest")
+        MIN_AREA.check(self.min_area, "min_area")
+        FEATHER.check(self.feather, "feather")
 
 
 def finalize(probability: Tensor, options: MaskOptions = MaskOptions()) -> Tensor:

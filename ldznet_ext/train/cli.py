@@ -19,6 +19,9 @@ import torch
 
 from ..data.spec import open_source
 from ..errors import LdznetError
+from ..limits import (ACCUMULATE, EMA_DECAY, FACTOR, GRAD_CLIP, LEARNING_RATE, LOSS_WEIGHT, LR_SCALE, PATIENCE,
+                      RESOLUTION, SEED, STEP_INTERVAL, STEPS, TRAIN_BATCH_SIZE, WARMUP, WEIGHT_DECAY, WORKERS,
+                      bounded_number, device_name)
 from ..loading import resolve_device
 from ..modeling.build import ARCHITECTURES
 from ..modeling.ldznet import FUSIONS
@@ -86,27 +89,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="SPEC",
                    help=f"data spec, e.g. world:train:5000 or phrasecut:DIR:train (docs/datasets.md; default {d.data})")
     p.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run directory (created)")
-    p.add_argument("--steps", type=int, help=f"optimiser steps in all (default {d.steps})")
-    p.add_argument("--batch-size", type=int, help=f"samples per process and micro-batch (default {d.batch_size})")
-    p.add_argument("--accumulate", type=int, help=f"micro-batches per optimiser step (default {d.accumulate})")
-    p.add_argument("--lr", type=float, help=f"AdamW rate of the SD-initialised layers (default {d.lr:g})")
+    p.add_argument("--steps", type=bounded_number(STEPS), help=f"optimiser steps in all (default {d.steps})")
+    p.add_argument("--batch-size", type=bounded_number(TRAIN_BATCH_SIZE),
+                   help=f"samples per process and micro-batch (default {d.batch_size})")
+    p.add_argument("--accumulate", type=bounded_number(ACCUMULATE),
+                   help=f"micro-batches per optimiser step (default {d.accumulate})")
+    p.add_argument("--lr", type=bounded_number(LEARNING_RATE),
+                   help=f"AdamW rate of the SD-initialised layers (default {d.lr:g})")
     p.add_argument("--scale-lr", action=bool_flag,
                    help="--lr is per sample: the rate used is lr x batch size x accumulate x processes")
-    p.add_argument("--new-lr-scale", type=float,
+    p.add_argument("--new-lr-scale", type=bounded_number(LR_SCALE),
                    help=f"rate multiplier for layers trained from scratch (default {d.new_lr_scale:g})")
     p.add_argument("--fast-cross-attention", action=bool_flag,
                    help="the text cross-attention layers get the --new-lr-scale rate too (default off)")
-    p.add_argument("--warmup", type=int, help=f"linear warm-up steps (default {d.warmup})")
+    p.add_argument("--warmup", type=bounded_number(WARMUP), help=f"linear warm-up steps (default {d.warmup})")
     p.add_argument("--schedule", choices=SCHEDULES, help=f"after warm-up (default {d.schedule})")
-    p.add_argument("--plateau-factor", type=float, help=f"plateau: rate multiplier (default {d.plateau_factor:g})")
-    p.add_argument("--plateau-patience", type=int,
+    p.add_argument("--plateau-factor", type=bounded_number(FACTOR),
+                   help=f"plateau: rate multiplier (default {d.plateau_factor:g})")
+    p.add_argument("--plateau-patience", type=bounded_number(PATIENCE),
                    help=f"plateau: windows without improvement before a cut (default {d.plateau_patience})")
-    p.add_argument("--plateau-every", type=int, help=f"plateau: steps per loss window (default {d.plateau_every})")
-    p.add_argument("--weight-decay", type=float, help=f"default {d.weight_decay:g}")
-    p.add_argument("--ema", type=float, help=f"EMA decay of the saved head (default {d.ema:g})")
-    p.add_argument("--grad-clip", type=float, help=f"gradient norm limit, 0 = off (default {d.grad_clip:g})")
-    p.add_argument("--pos-weight", type=float, help=f"BCE weight of mask pixels (default {d.pos_weight:g})")
-    p.add_argument("--dice-weight", type=float,
+    p.add_argument("--plateau-every", type=bounded_number(STEP_INTERVAL),
+                   help=f"plateau: steps per loss window (default {d.plateau_every})")
+    p.add_argument("--weight-decay", type=bounded_number(WEIGHT_DECAY), help=f"default {d.weight_decay:g}")
+    p.add_argument("--ema", type=bounded_number(EMA_DECAY), help=f"EMA decay of the saved head (default {d.ema:g})")
+    p.add_argument("--grad-clip", type=bounded_number(GRAD_CLIP),
+                   help=f"gradient norm limit, 0 = off (default {d.grad_clip:g})")
+    p.add_argument("--pos-weight", type=bounded_number(LOSS_WEIGHT),
+                   help=f"BCE weight of mask pixels (default {d.pos_weight:g})")
+    p.add_argument("--dice-weight", type=bounded_number(LOSS_WEIGHT),
                    help=f"weight of a per-sample soft Dice loss added to the BCE (default {d.dice_weight:g})")
     p.add_argument("--decoder-init", choices=("identity", "default"),
                    help=f"mask decoder start: identity up-sampling, or torch's default as the official code "
@@ -117,20 +127,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--templates", choices=tuple(TEMPLATES), help=f"prompt templates (default {d.templates})")
     p.add_argument("--negatives", action=bool_flag,
                    help="also train on absent phrases, with empty masks (default: on)")
-    p.add_argument("--resolution", type=int, help=f"training image side, a multiple of 64 (default {d.resolution})")
+    p.add_argument("--resolution", type=bounded_number(RESOLUTION),
+                   help=f"training image side, a multiple of 64 (default {d.resolution})")
     p.add_argument("--precision", "--dtype", choices=PRECISIONS,
                    help="fp32, or bf16/fp16 (CUDA): the frozen SD model's dtype and the head's autocast; the "
                         f"head's weights stay fp32 (default {d.precision})")
     p.add_argument("--grad-checkpoint", action=bool_flag,
                    help="recompute the head's activations in the backward pass (less memory, about one more forward pass a step)")
-    p.add_argument("--seed", type=int, help=f"default {d.seed}")
-    p.add_argument("--workers", type=int, metavar="N",
+    p.add_argument("--seed", type=bounded_number(SEED), help=f"default {d.seed}")
+    p.add_argument("--workers", type=bounded_number(WORKERS), metavar="N",
                    help="processes that read and decode examples ahead of training; results do not depend on it "
                         f"and --resume may change it (default {d.workers}: read in the training process)")
-    p.add_argument("--save-every", type=int, help=f"checkpoint interval in steps (default {d.save_every})")
-    p.add_argument("--log-every", type=int, help=f"log.csv interval in steps (default {d.log_every})")
+    p.add_argument("--save-every", type=bounded_number(STEP_INTERVAL),
+                   help=f"checkpoint interval in steps (default {d.save_every})")
+    p.add_argument("--log-every", type=bounded_number(STEP_INTERVAL),
+                   help=f"log.csv interval in steps (default {d.log_every})")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pt")
-    p.add_argument("--device", default="auto",
+    p.add_argument("--device", type=device_name, default="auto",
                    help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; under torchrun each process "
                         "takes cuda:LOCAL_RANK")
     p.set_defaults(func=_run)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..limits import PROCESSES, RENDER_SIZE, SCENES, SEED, bounded_number
 from .scenes import SPLIT_START, VOCABULARY, make_scene, split_seeds
 
 
@@ -78,9 +79,10 @@ def _run_train_sd(args: argparse.Namespace) -> int:
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="render one scene with its caption and phrase masks")
-    p.add_argument("--seed", type=int, required=True, help="scene seed, an integer >= 0")
+    p.add_argument("--seed", type=bounded_number(SEED), required=True, help="scene seed, an integer >= 0")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to write into")
-    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--size", type=bounded_number(RENDER_SIZE), default=128,
+                   help="image side in pixels, 8..4096 (default 128)")
     p.add_argument("--domain", choices=VOCABULARY.domains,
                    help="rendering domain (default: cartoon for even seeds, photo for odd)")
     p.set_defaults(func=_run_sample)
@@ -89,7 +91,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
 def _add_split(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("split", help="print the seeds of a fixed data split as a JSON list")
     p.add_argument("name", choices=tuple(SPLIT_START))
-    p.add_argument("--count", type=int, default=10, help="how many seeds, from the split's first (default 10)")
+    p.add_argument("--count", type=bounded_number(SCENES), default=10,
+                   help="how many seeds, from the split's first, 1..1000000 (default 10)")
     p.set_defaults(func=_run_split)
 
 
@@ -102,7 +105,7 @@ def _add_train_sd(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", default="full",
                    help="hyper-parameter preset: full (default), clip (with the contrastive text-tower stage) "
                         "or smoke")
-    p.add_argument("--seed", type=int,
+    p.add_argument("--seed", type=bounded_number(SEED),
                    help="seed of the initial weights, batches and noise (default: the recipe's, 0); same scenes")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
@@ -112,7 +115,8 @@ def _add_train_sd(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated stages to run (default: all of the recipe's, vae,unet or with clip "
                         "vae,text,unet); a later stage alone reuses DIR/vae_stage.safetensors and "
                         "DIR/text_stage.safetensors")
-    p.add_argument("--workers", type=int, help="scene-rendering processes (default: the usable cores, at most 16)")
+    p.add_argument("--workers", type=bounded_number(PROCESSES),
+                   help="scene-rendering processes, 1..64 (default: the usable cores, at most 16)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_train_sd)
 

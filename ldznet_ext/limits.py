@@ -1,0 +1,153 @@
+"""The allowed range of every numeric setting, in one place.
+
+The command-line options (``mask_cli.bounded_number``) and the library's settings objects
+(``MaskOptions``, ``RefineSettings``, ``SegmenterSettings``, ``ZeroShotSettings``) check against
+the same :class:`Limit`, so a value is refused with the same words wherever it comes from, and
+before any work starts. Upper bounds keep a typo (``--feather 1e9``) from becoming a huge
+allocation or a run that never ends; they sit well above any useful value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import numbers
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import LdznetError
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A finite ``kind`` (int or float) in [low, high]; ``low_open``/``high_open`` exclude that end."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def describe(self) -> str:
+        """E.g. "an integer in [64, 2048]", "a number in (0, 1]", "a number >= 0"."""
+        what = "an integer" if self.kind is int else "a number"
+        low, high = _text(self.low), _text(self.high)
+        if self.low is not None and self.high is not None:
+            return f"{what} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{what} {'>' if self.low_open else '>='} {low}"
+        if self.high is not None:
+            return f"{what} {'<' if self.high_open else '<='} {high}"
+        return what if self.kind is int else "a finite number"
+
+    def accepts(self, value: object) -> bool:
+        """Whether ``value`` is of the kind (bools are not numbers here), finite and within range."""
+        kind = numbers.Integral if self.kind is int else numbers.Real
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return False
+        if not isinstance(value, numbers.Integral) and not math.isfinite(value):  # ints: no float overflow
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def check(self, value, name: str):
+        """``value`` if accepted, else LdznetError "NAME must be ..., got VALUE"."""
+        if not self.accepts(value):
+            raise LdznetError(f"{name} must be {self.describe()}, got {value!r}")
+        return value
+
+    def parse(self, text: str):
+        """``text`` as the kind within range; ValueError with a one-line reason otherwise."""
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise ValueError(f"expected {self.describe()}, got {text!r}") from None
+        if not self.accepts(value):
+            raise ValueError(f"expected {self.describe()}, got {text}")
+        return value
+
+
+def bounded_number(limit: Limit) -> Callable[[str], float]:
+    """An argparse type for values within ``limit`` (its ``limit`` attribute says which)."""
+    def convert(text: str):
+        try:
+            return limit.parse(text)
+        except ValueError as error:  # argparse prints only an ArgumentTypeError's own words
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.limit = limit
+    return convert
+
+
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
+_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if it is one of :data:`DEVICE_NAMES`; LdznetError otherwise (``meta`` and other torch
+    device types compute nothing a mask can be made of). Whether the device exists is
+    ``loading.resolve_device``'s to say."""
+    if not isinstance(name, str) or not _DEVICE_NAME.fullmatch(name):
+        raise LdznetError(f"unknown device {name!r}: expected {DEVICE_NAMES}")
+    return name
+
+
+def device_name(text: str) -> str:
+    """An argparse type for ``--device``: :func:`check_device_name`, refused before anything loads."""
+    try:
+        return check_device_name(text)
+    except LdznetError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _text(bound: float | None) -> str:
+    if bound is None:
+        return ""
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
+
+
+MAX_RADIUS = 2048  # output pixels: far beyond any useful edge move or soft edge
+MAX_STEPS = 10_000_000
+MAX_WORKERS = 64
+
+# Models and sampling
+RESOLUTION = Limit(int, 64, 2048)  # working side in pixels
+TIMESTEP = Limit(int, 0, 999)  # SD v1's 1000-step schedule
+DRAWS = Limit(int, 1, 64)
+SEED = Limit(int, 0, 2**63 - 1)  # torch.Generator.manual_seed's range
+PIXELS = Limit(int, 1, 1_000_000_000)  # --max-pixels: an image's pixel count
+BATCH_SIZE = Limit(int, 1, 64)  # images predicted together
+
+# Masks (MaskOptions) and edge refinement (RefineSettings)
+THRESHOLD = Limit(float, 0, 1, high_open=True)
+GROW = Limit(float, -MAX_RADIUS, MAX_RADIUS)
+FEATHER = Limit(float, 0, MAX_RADIUS)
+KEEP_LARGEST = Limit(int, 1, 100_000)
+MIN_AREA = Limit(int, 0, PIXELS.high)
+REFINE_STRENGTH = Limit(float, 0, 1)
+REFINE_RADIUS = Limit(float, 1, MAX_RADIUS)
+REFINE_EPS = Limit(float, 0, 1, low_open=True)  # squared colour units of a [0, 1] image
+
+# Data, evaluation and training
+RENDER_SIZE = Limit(int, 8, 4096)  # a micro-world scene's side: world.scenes.render's range
+SCENES = Limit(int, 1, 1_000_000)  # seeds of one split
+SCENE_INDEX = Limit(int, 0, SCENES.high - 1)
+WORKERS = Limit(int, 0, MAX_WORKERS)
+PROCESSES = Limit(int, 1, MAX_WORKERS)
+EXAMPLES = Limit(int, 1, 100_000_000)
+BOUNDARY_TOLERANCE = Limit(float, 0, 64, low_open=True)  # pixels
+STEPS = Limit(int, 1, MAX_STEPS)
+STEP_INTERVAL = Limit(int, 1, MAX_STEPS)
+WARMUP = Limit(int, 0, MAX_STEPS)
+TRAIN_BATCH_SIZE = Limit(int, 1, 4096)
+ACCUMULATE = Limit(int, 1, 1024)
+LEARNING_RATE = Limit(float, 0, 1, low_open=True)
+LR_SCALE = Limit(float, 0, 1000, low_open=True)
+FACTOR = Limit(float, 0, 1, low_open=True)  # a rate multiplier that lowers the rate
+PATIENCE = Limit(int, 1, 10_000)
+WEIGHT_DECAY = Limit(float, 0, 1)
+EMA_DECAY = Limit(float, 0, 1, high_open=True)
+GRAD_CLIP = Limit(float, 0, 1e6)
+LOSS_WEIGHT = Limit(float, 0, 1000)

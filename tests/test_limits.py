@@ -1,0 +1,105 @@
+"""Every numeric option of every command is bounded, refused in one line before any work, and the
+library's settings objects refuse the same values with the same words (``ldznet_ext/limits.py``)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from ldznet_ext import cli
+from ldznet_ext.errors import LdznetError
+from ldznet_ext.limits import SEED, Limit
+from ldznet_ext.loading import resolve_device
+from ldznet_ext.masks.ops import MaskOptions
+from ldznet_ext.refine import RefineSettings
+from ldznet_ext.segmenter import SegmenterSettings
+from ldznet_ext.zeroshot import ZeroShotSettings
+
+
+def _numeric_options(parser: argparse.ArgumentParser, path: str = "ldznet"):
+    """(command, option, type) of every option whose values are numbers (not a list of choices), in
+    every sub-command."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _numeric_options(sub, f"{path} {name}")
+        elif action.choices is None and (action.type in (int, float) or hasattr(action.type, "limit")):
+            yield path, action.option_strings[-1] if action.option_strings else action.dest, action.type
+
+
+def test_every_numeric_option_of_every_command_is_bounded():
+    options = list(_numeric_options(cli.build_parser()))
+    assert len(options) > 40  # mask, batch, eval, train, world, data, demo
+    unbounded = [f"{command} {option}" for command, option, kind in options
+                 if kind in (int, float) or kind.limit.low is None or kind.limit.high is None]
+    assert unbounded == []
+
+
+# The values of issue #21, and one per kind of option: each is refused by argparse (status 2) in one line.
+REFUSED = [
+    (["mask", "i.png", "cat", "-o", "m.png", "--feather", "1e9"], "argument --feather: expected a number in [0, 2048], got 1e9"),
+    (["mask", "i.png", "cat", "-o", "m.png", "--resolution", "1000000"],
+     "argument --resolution: expected an integer in [64, 2048], got 1000000"),
+    (["mask", "i.png", "cat", "-o", "m.png", "--refine-radius", "1e12"],
+     "argument --refine-radius: expected a number in [1, 2048], got 1e12"),
+    (["mask", "i.png", "cat", "-o", "m.png", "--seed", "1e23"],
+     f"argument --seed: expected an integer in [0, {2**63 - 1}], got '1e23'"),
+    (["mask", "i.png", "cat", "-o", "m.png", "--seed", str(10**23)],
+     f"argument --seed: expected an integer in [0, {2**63 - 1}], got {10**23}"),
+    (["mask", "i.png", "cat", "-o", "m.png", "--draws", "65"], "argument --draws: expected an integer in [1, 64], got 65"),
+    (["mask", "i.png", "cat", "-o", "m.png", "--grow=-1e9"], "argument --grow: expected a number in [-2048, 2048]"),
+    (["mask", "i.png", "cat", "-o", "m.png", "--threshold", "nan"], "argument --threshold: expected a number in [0, 1)"),
+    (["batch", "in", "cat", "-o", "out", "--batch-size", "100000"], "argument --batch-size: expected an integer in [1, 64]"),
+    (["eval", "--workers", "-1"], "argument --workers: expected an integer in [0, 64], got -1"),
+    (["eval", "--boundary", "0"], "argument --boundary: expected a number in (0, 64], got 0"),
+    (["train", "--model", "m", "-o", "o", "--lr", "0"], "argument --lr: expected a number in (0, 1], got 0"),
+    (["train", "--model", "m", "-o", "o", "--lr", "inf"], "argument --lr: expected a number in (0, 1], got inf"),
+    (["train", "--model", "m", "-o", "o", "--steps", "1e23"], "argument --steps: expected an integer in [1, 10000000]"),
+    (["world", "sample", "--seed", "-1", "-o", "o"], "argument --seed: expected an integer in [0, 9223372036854775807]"),
+    (["world", "split", "test", "--count", "10000000"], "argument --count: expected an integer in [1, 1000000]"),
+    (["data", "summary", "world:test:1", "--size", "100000"], "argument --size: expected an integer in [8, 4096]"),
+    (["demo", "--threshold", "2"], "argument --threshold: expected a number in [0, 1), got 2"),
+    (["mask", "absent.png", "cat", "-o", "m.png", "--device", "meta"],
+     "argument --device: unknown device 'meta': expected auto, cpu, cuda, cuda:N or mps"),
+]
+
+
+@pytest.mark.parametrize("argv, message", REFUSED, ids=[" ".join(a[:1] + a[-2:]) for a, _ in REFUSED])
+def test_out_of_range_options_are_refused_in_one_line(ldznet, argv, message, tmp_path):
+    code, stdout, err = ldznet(*argv)
+    assert code == 2 and stdout == ""
+    assert message in err and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"ldznet {argv[0]}")  # argparse's usage line, then one error line
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: MaskOptions(feather=1e9), "feather must be a number in [0, 2048], got 1000000000.0"),
+    (lambda: MaskOptions(keep_largest=10**9), "keep_largest must be an integer in [1, 100000]"),
+    (lambda: MaskOptions(threshold=1.0), "threshold must be a number in [0, 1), got 1.0"),
+    (lambda: RefineSettings(radius=1e12), "refine radius must be a number in [1, 2048], got 1000000000000.0"),
+    (lambda: RefineSettings(strength=float("nan")), "refine strength must be a number in [0, 1], got nan"),
+    (lambda: SegmenterSettings(resolution=1_000_000), "resolution must be an integer in [64, 2048], got 1000000"),
+    (lambda: SegmenterSettings(seed=10**23), f"seed must be an integer in [0, {2**63 - 1}], got {10**23}"),
+    (lambda: SegmenterSettings(draws=10**23), f"draws must be an integer in [1, 64], got {10**23}"),
+    (lambda: SegmenterSettings(timestep=1000), "timestep must be an integer in [0, 999], got 1000"),
+    (lambda: ZeroShotSettings(draws=0), "draws must be an integer in [1, 64], got 0"),
+])
+def test_library_settings_refuse_the_same_values(make, message):
+    with pytest.raises(LdznetError) as raised:
+        make()
+    assert str(raised.value) == message or str(raised.value).startswith(message)
+
+
+@pytest.mark.parametrize("name", ["meta", "tpu", "cuda:x", "cpu:0", "vulkan", ""])
+def test_unknown_device_names_are_refused_before_loading(name):
+    with pytest.raises(LdznetError, match="expected auto, cpu, cuda, cuda:N or mps"):
+        resolve_device(name)
+
+
+def test_limit_describes_and_checks():
+    assert Limit(float, 0, 1, low_open=True).describe() == "a number in (0, 1]"
+    assert SEED.accepts(2**63 - 1) and not SEED.accepts(2**63) and not SEED.accepts(10**400)
+    assert not Limit(float, 0, 2).accepts(True) and Limit(float, 0, 2).accepts(2)
+    with pytest.raises(ValueError, match=r"expected an integer in \[0, 2\], got '1.5'"):
+        Limit(int, 0, 2).parse("1.5")
