@@ -3,7 +3,10 @@
 A command module exposes ``register(subparsers)``, which adds its parser and sets
 ``func(args) -> int`` as the parser default. Modules are imported only when the
 CLI starts, so ``import ldznet_ext`` stays light. Errors are one line, ``ldznet COMMAND: error: ...``,
-never a traceback: exit status 2 for bad input (LdznetError), 1 for the system's (OSError).
+never a traceback. Exit status: 0 done, 1 a system error (OSError, out of memory), 2 bad input
+(LdznetError, and the usage errors argparse reports), 130 interrupted (Ctrl-C: one line,
+"ldznet COMMAND: interrupted"; outputs are written atomically, so none is left half-written).
+A command may return its own status too (``ldznet batch``: 1 when some files failed).
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:  # what no command anticipated (an unwritable -o folder, a full disk): no traceback
         print(f"ldznet {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print(f"ldznet {args.command}: error: out of memory", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ldznet {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ EPILOG = """examples:
 Without --model the embedded micro model (and its head) is used. Masks are white where the
 expression holds (the area to repaint), at the image's own size; their edges follow the image's
 (--no-refine: plain bilinear upsampling of the model's maps). Exit status: 0 done,
-2 bad input (message on stderr)."""
+1 a system error, 2 bad input (message on stderr), 130 interrupted."""
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,36 @@
+"""`ldznet`'s exit statuses, as cli.py's docstring states them: one line on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from ldznet_ext import cli, mask_cli
+from ldznet_ext.errors import ImageError
+
+
+def _raising(error: BaseException):
+    def run(args):
+        raise error
+    return run
+
+
+@pytest.mark.parametrize("error, code, line", [
+    (ImageError("photo.png: not an image"), 2, "ldznet mask: error: photo.png: not an image"),
+    (PermissionError(13, "Permission denied", "out/m.png"), 1,
+     "ldznet mask: error: [Errno 13] Permission denied: 'out/m.png'"),
+    (MemoryError(), 1, "ldznet mask: error: out of memory"),
+    (KeyboardInterrupt(), 130, "ldznet mask: interrupted"),
+])
+def test_exit_status_and_one_line(ldznet, monkeypatch, error, code, line):
+    monkeypatch.setattr(mask_cli, "_run_mask", _raising(error))
+    assert ldznet("mask", "photo.png", "cat", "-o", "m.png") == (code, "", line + "\n")
+
+
+def test_usage_errors_are_status_2(ldznet):
+    code, stdout, err = ldznet("mask", "photo.png")
+    assert code == 2 and stdout == "" and err.splitlines()[-1].startswith("ldznet mask: error: ")
+
+
+def test_the_docstring_states_the_statuses():
+    assert "0 done, 1 a system error (OSError, out of memory), 2 bad input" in " ".join(cli.__doc__.split())
+    assert "130 interrupted" in cli.__doc__
