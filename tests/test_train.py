@@ -22,8 +22,9 @@ from ldznet_ext.data.examples import Sample
 from ldznet_ext.data.manifest import ManifestSource
 from ldznet_ext.data.spec import open_source
 from ldznet_ext.train.augment import PHRASECUT_TEMPLATES, fit_square
+from ldznet_ext.train.schedule import lr_factor
 from ldznet_ext.train.trainer import (CHECKPOINT, HEAD, LOG, TrainConfig, Trainer, identity_decoder_,
-                                     is_cross_attention, is_new_layer, lr_factor, soft_dice_loss)
+                                     is_cross_attention, is_new_layer, soft_dice_loss)
 from ldznet_ext.world.data import render_scene_set
 
 SIZE = 64

@@ -22,9 +22,9 @@ from ldznet_ext.sd.text import TextEncoder
 from ldznet_ext.sd.tokenizer import tokenize
 from ldznet_ext.world.micro import MICRO_TEXT, MICRO_UNET, MICRO_VAE, micro_recipe, micro_text_config
 from ldznet_ext.world.scenes import make_scene
+from ldznet_ext.train.schedule import lr_factor
 from ldznet_ext.world.train_sd import (GRID_FILE, LOG_FILE, SD_FILE, TEXT_FILE, VAE_FILE, contrastive_loss,
-                                       load_text_stage, pooled_text, rescale_latents_, train_sd, vae_losses,
-                                       warmup_cosine)
+                                       load_text_stage, pooled_text, rescale_latents_, train_sd, vae_losses)
 
 SMOKE = micro_recipe("smoke")
 TOKEN_EMBEDDING = "text_model.embeddings.token_embedding.weight"
@@ -93,8 +93,8 @@ def test_vae_losses_and_lr_schedule_are_exact():
     losses = vae_losses(x, y, mean, logvar, mse_weight=0.1, kl_weight=0.3)
     assert float(losses["l1"]) == 0.5 and float(losses["mse"]) == 0.25 and float(losses["kl"]) == 2.0
     assert float(losses["loss"]) == pytest.approx(0.5 + 0.025 + 0.3 * 2.0 / 48)
-    factor = warmup_cosine(4, 14, 0.1)
-    assert [factor(s) for s in (0, 3, 4, 9, 14, 20)] == pytest.approx([0.25, 1.0, 1.0, 0.55, 0.1, 0.1])
+    factors = [lr_factor(s, 4, 14, "cosine", 0.1) for s in (0, 3, 4, 9, 14, 20)]
+    assert factors == pytest.approx([0.25, 1.0, 1.0, 0.55, 0.1, 0.1])
 
 
 def test_smoke_losses_fall_in_every_stage(smoke_run):

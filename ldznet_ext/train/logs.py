@@ -1,8 +1,10 @@
-"""A run's training log: RUN_DIR/log.csv, and TensorBoard event files when tensorboard is installed."""
+"""Training logs: a head run's RUN_DIR/log.csv (and TensorBoard event files when tensorboard is installed),
+and the JSON log of staged runs such as the micro SD's."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -40,3 +42,22 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class StageLog:
+    """A JSON run log of training stages (the micro SD's ``train_sd_log.json``): the run's header,
+    per stage ``{"log": [interval records], ...}``, and ``probes``; rewritten on every change so that
+    it can be polled. Entries of stages not run this time are kept from an earlier log at ``path``."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path = path
+        old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        self.data = {**header, "stages": old.get("stages", {}), "probes": {}}
+
+    def stage(self, name: str) -> dict:
+        """Start (reset) a stage's entry and return it; fill it, then call :meth:`write`."""
+        self.data["stages"][name] = {"log": []}
+        return self.data["stages"][name]
+
+    def write(self) -> None:
+        self.path.write_text(json.dumps(self.data, indent=1) + "\n", encoding="utf-8")

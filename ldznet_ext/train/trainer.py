@@ -63,10 +63,11 @@ from .augment import TEMPLATES, fit_square
 from .config import TrainConfig
 from .ema import EMA
 from .logs import LOG, RunLog
+from .schedule import lr_factor
 from .stream import PositionView, ShardOrder, example_rng
 
 __all__ = ["CHECKPOINT", "EMA", "HEAD", "LOG", "TrainConfig", "Trainer", "identity_decoder_", "is_cross_attention",
-           "is_new_layer", "lr_factor", "training_head"]
+           "is_new_layer", "training_head"]
 
 CHECKPOINT = "last.pt"
 HEAD = "head.safetensors"
@@ -138,14 +139,6 @@ def is_new_layer(name: str) -> bool:
 def is_cross_attention(name: str) -> bool:
     """Whether a head parameter belongs to a text cross-attention layer (SD's ``attn2``)."""
     return CROSS_ATTENTION_PART in f".{name}"
-
-
-def lr_factor(step: int, warmup: int, steps: int, schedule: str) -> float:
-    """Multiplier of the learning rate at optimiser step ``step`` (0-based)."""
-    factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
-    if schedule == "cosine" and step >= warmup:
-        factor *= 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-    return factor
 
 
 class Trainer:

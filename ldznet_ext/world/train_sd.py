@@ -18,9 +18,7 @@ polled.
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +44,9 @@ from ..sd.text import TextEncoder
 from ..sd.tokenizer import tokenize
 from ..sd.unet import UNetModel
 from ..sd.vae import SCALE_FACTOR, AutoencoderKL, VAEConfig
+from ..train.ema import EMA
+from ..train.logs import StageLog
+from ..train.schedule import lr_factor
 from .data import render_scene_set
 from .micro import MICRO_UNET, MICRO_VAE, MicroRecipe, micro_text_config
 from .scenes import split_seeds
@@ -88,16 +89,6 @@ def to_model_images(images: Tensor) -> Tensor:
     return images.permute(0, 3, 1, 2).contiguous().float() / 127.5 - 1.0
 
 
-def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
-    """LR multiplier per step: linear warm-up over ``warmup`` steps, then cosine down to ``min_ratio``."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
 def platform_record() -> dict:
     """What a run's numbers depend on besides the recipe and the seeds: the instruction set of the
     CPU kernels (bf16 rounds differently per set) and the versions of the libraries that render the
@@ -106,32 +97,15 @@ def platform_record() -> dict:
             "numpy": np.__version__, "opencv": cv2.__version__, "pillow": PIL.__version__}
 
 
-class RunLog:
-    """``train_sd_log.json``: run header, per-stage loss logs and timings, probes of this run; written
-    on every change. Entries of stages not run this time are kept from an earlier log in the same place."""
-
-    def __init__(self, path: Path, header: dict):
-        self.path = path
-        old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        self.data = {**header, "stages": old.get("stages", {}), "probes": {}}
-
-    def stage(self, name: str) -> dict:
-        """Start (reset) a stage's entry and return it; fill it, then call :meth:`write`."""
-        self.data["stages"][name] = {"log": []}
-        return self.data["stages"][name]
-
-    def write(self) -> None:
-        self.path.write_text(json.dumps(self.data, indent=1) + "\n", encoding="utf-8")
-
-
 def _fit(name: str, model: nn.Module, recipe: MicroRecipe, steps: int, lr: float, warmup: int,
-         step_loss: Callable[[int], dict[str, Tensor]], entry: dict, log: RunLog, progress: bool,
+         step_loss: Callable[[int], dict[str, Tensor]], entry: dict, log: StageLog, progress: bool,
          after_step: Callable[[int], None] | None = None) -> None:
     """The shared loop: AdamW, warm-up + cosine LR, gradient clipping, running means logged every
     ``log_every`` steps. ``step_loss(step)`` returns named scalar losses, the optimised one as "loss"."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, steps, recipe.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup, steps, "cosine", recipe.min_lr_ratio))
     running: dict[str, Tensor] = {}
     start, cpu_start, count = time.perf_counter(), time.process_time(), 0
     for step in tqdm(range(steps), desc=name, unit="step", disable=not progress):
@@ -168,7 +142,7 @@ def vae_losses(x: Tensor, y: Tensor, mean: Tensor, logvar: Tensor, mse_weight: f
 
 
 def train_vae(images: Tensor, recipe: MicroRecipe, device: torch.device, dtype: torch.dtype,
-              log: RunLog, progress: bool = False) -> AutoencoderKL:
+              log: StageLog, progress: bool = False) -> AutoencoderKL:
     """Stage 1 on uint8 images [N, S, S, 3] (any device), random ``vae_crop`` px crops, flipped at
     random: a trained VAE in float32, eval mode, its latent space not yet rescaled (see
     :func:`rescale_latents_`)."""
@@ -269,7 +243,7 @@ def contrastive_loss(image: Tensor, text: Tensor, log_scale: Tensor) -> Tensor:
 
 
 def train_text(latents: Tensor, tokens: Tensor, recipe: MicroRecipe, device: torch.device, dtype: torch.dtype,
-               log: RunLog, progress: bool = False) -> TextEncoder:
+               log: StageLog, progress: bool = False) -> TextEncoder:
     """Stage text on scaled latents [N, 4, h, w] and caption token ids [N, 77] (same device): the
     text tower, float32, eval mode, no gradients. Latents are flipped at random (captions say
     nothing of left and right)."""
@@ -310,7 +284,7 @@ def load_text_stage(path: Path) -> TextEncoder:
 
 
 def train_unet(latents: Tensor, tokens: Tensor, recipe: MicroRecipe, device: torch.device, dtype: torch.dtype,
-               log: RunLog, progress: bool = False,
+               log: StageLog, progress: bool = False,
                text: TextEncoder | None = None) -> tuple[UNetModel, TextEncoder]:
     """Stage unet on scaled latents [N, 4, h, w] and caption token ids [N, 77] (same device): the
     EMA UNet and text encoder, float32, eval mode. ``text``: a pre-trained tower, kept frozen
@@ -320,8 +294,7 @@ def train_unet(latents: Tensor, tokens: Tensor, recipe: MicroRecipe, device: tor
     if text is None:
         model["text"] = TextEncoder.from_config(micro_text_config())
     model.to(device).train()
-    ema = copy.deepcopy(model).requires_grad_(False)
-    model_params, ema_params = list(model.parameters()), list(ema.parameters())
+    ema = EMA(model, recipe.ema_decay, count_from=0)
     encode = model["text"] if text is None else text.to(device)
     schedule = NoiseSchedule()
     empty = tokenize([""]).to(device)
@@ -339,15 +312,10 @@ def train_unet(latents: Tensor, tokens: Tensor, recipe: MicroRecipe, device: tor
             eps = model["unet"](z_t, t.to(device), encode(torch.where(drop, empty, tokens[index])))
         return {"loss": F.mse_loss(eps.float(), noise)}
 
-    @torch.no_grad()
-    def update_ema(step: int) -> None:
-        decay = min(recipe.ema_decay, (1 + step) / (10 + step))  # early steps follow the weights closely
-        torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
-
     _fit("unet", model, recipe, recipe.unet_steps, recipe.unet_lr, recipe.unet_warmup, step_loss,
-         log.stage("unet"), log, progress, update_ema)
-    ema.eval()
-    return ema["unet"], ema["text"] if text is None else text
+         log.stage("unet"), log, progress, lambda step: ema.update(model))
+    ema.copy_to(model).eval().requires_grad_(False)
+    return model["unet"], model["text"] if text is None else text
 
 
 @torch.no_grad()
@@ -408,7 +376,7 @@ def train_sd(out: Path, recipe: MicroRecipe, device: str | torch.device = "cpu",
     device = torch.device(device)
     amp = {stage: resolve_dtype(device, dtype, stage) for stage in available}
     out.mkdir(parents=True, exist_ok=True)
-    log = RunLog(out / LOG_FILE, {"recipe": recipe.to_dict(), "device": str(device), "platform": platform_record(),
+    log = StageLog(out / LOG_FILE, {"recipe": recipe.to_dict(), "device": str(device), "platform": platform_record(),
                                   "dtype": {k: str(v).replace("torch.", "") for k, v in amp.items()}})
     start = time.perf_counter()
     train = render_scene_set(split_seeds("train", recipe.scenes), recipe.image_size, workers, progress)
