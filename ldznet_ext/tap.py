@@ -6,10 +6,18 @@ block. With ``early_exit`` the call is stopped as soon as the last tapped block 
 output, which skips the high-resolution decoder levels (output_blocks 6-11 and ``out``), the most
 expensive part of the UNet. Nothing about the host model changes: hooks are removed on exit, also
 when the call raises.
+
+Threads: the UNet may be shared (between segmenters, or with the WebUI host that owns it). Hooks act
+only in the thread that installed them, so a UNet call of another thread is neither recorded nor
+stopped; and a tap holds the UNet's re-entrant lock (:func:`unet_lock`) from ``__enter__`` to
+``__exit__``, so two taps on one UNet run one after the other and no hook is added or removed while
+another tap's call runs. A thread may nest taps on the same UNet (the lock is re-entrant).
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,6 +25,19 @@ from torch import Tensor, nn
 
 LDZNET_BLOCKS: tuple[int, ...] = (6, 7, 8, 9, 10)
 """The blocks LD-ZNet taps: input_blocks[8][1], middle_block[1], output_blocks[3..5][1]."""
+
+
+_UNET_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_UNET_LOCKS_GUARD = threading.Lock()
+
+
+def unet_lock(unet: nn.Module) -> threading.RLock:
+    """The re-entrant lock that serialises hooked calls of ``unet`` (one per UNet, made on first use)."""
+    with _UNET_LOCKS_GUARD:
+        lock = _UNET_LOCKS.get(unet)
+        if lock is None:
+            lock = _UNET_LOCKS[unet] = threading.RLock()
+        return lock
 
 
 def spatial_transformers(unet: nn.Module) -> list[nn.Module]:
@@ -48,6 +69,8 @@ class FeatureTap:
 
     def __init__(self, unet: nn.Module, blocks: Iterable[int] = LDZNET_BLOCKS, early_exit: bool = True):
         self.modules = spatial_transformers(unet)
+        self._lock = unet_lock(unet)
+        self._thread: int | None = None
         self.blocks = tuple(sorted(set(blocks)))
         if not self.blocks:
             raise ValueError("choose at least one block to tap")
@@ -60,6 +83,8 @@ class FeatureTap:
         self._handles: list = []
 
     def __enter__(self) -> FeatureTap:
+        self._lock.acquire()
+        self._thread = threading.get_ident()
         last = self.blocks[-1]
         for number in self.blocks:
             self._handles.append(self.modules[number - 1].register_forward_hook(self._hook(number, number == last)))
@@ -69,9 +94,13 @@ class FeatureTap:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._thread = None
+        self._lock.release()
 
     def _hook(self, number: int, is_last: bool) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            if threading.get_ident() != self._thread:  # another thread's call of a shared UNet
+                return
             self.features[number] = output
             if is_last and self.early_exit:
                 raise _StopUNet

@@ -28,6 +28,7 @@ for a 384 px image), the same as the plain eps difference, and no other model ca
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,7 +40,7 @@ from .limits import DRAWS, TIMESTEP
 from .sd.model import Backbone
 from .sd.schedule import noise_draws
 from .sd.tokenizer import BOS_ID, EOS_ID, tokenize
-from .tap import spatial_transformers
+from .tap import spatial_transformers, unet_lock
 
 SCORES = ("agreement", "difference")
 
@@ -91,7 +92,8 @@ class CrossAttentionRecorder:
     (``blocks``, numbered from 1; None: all) on given token spans: ``maps`` [B, h, w] per block,
     averaged over heads and summed over the span.
 
-    Works on ldm-layout UNets whose ``attn2`` has ``to_q``, ``to_k`` and ``heads``.
+    Works on ldm-layout UNets whose ``attn2`` has ``to_q``, ``to_k`` and ``heads``. Thread-safe as
+    :class:`tap.FeatureTap`: it holds the UNet's lock and records only its own thread's calls.
     """
 
     def __init__(self, unet: nn.Module, spans: Sequence[tuple[int, int] | None],
@@ -102,15 +104,18 @@ class CrossAttentionRecorder:
         if missing:
             raise ValueError(f"attention blocks {missing} do not exist: this UNet has blocks 1-{len(transformers)}")
         self.transformers = [transformers[b - 1] for b in numbers]
+        self._lock = unet_lock(unet)
+        self._thread: int | None = None
         self.spans = list(spans)
         self.maps: list[Tensor] = []
         self._handles: list = []
 
     def __enter__(self) -> CrossAttentionRecorder:
+        self._lock.acquire()
+        self._thread = threading.get_ident()
         for transformer in self.transformers:
             sizes: dict = {}
-            self._handles.append(transformer.register_forward_pre_hook(
-                lambda module, args, sizes=sizes: sizes.update(hw=tuple(args[0].shape[-2:]))))
+            self._handles.append(transformer.register_forward_pre_hook(self._size_hook(sizes)))
             attention = transformer.transformer_blocks[0].attn2
             self._handles.append(attention.register_forward_hook(self._hook(sizes), with_kwargs=True))
         return self
@@ -119,9 +124,20 @@ class CrossAttentionRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._thread = None
+        self._lock.release()
+
+    def _size_hook(self, sizes: dict):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if threading.get_ident() == self._thread:
+                sizes.update(hw=tuple(args[0].shape[-2:]))
+
+        return hook
 
     def _hook(self, sizes: dict):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
+            if threading.get_ident() != self._thread:  # another thread's call of a shared UNet
+                return
             x = args[0]
             context = kwargs.get("context", args[1] if len(args) > 1 else None)
             heads = module.heads
