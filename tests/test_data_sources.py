@@ -370,7 +370,7 @@ def test_iterate_examples_takes_endless_orders(manifest):
 
 
 def test_phrasecut_examples_take_the_official_crop_and_templates(phrasecut):
-    assert PHRASECUT_TEMPLATES == (  # FACTS.md section 2, in CLIPSeg's order
+    assert PHRASECUT_TEMPLATES == (  # the official recipe's templates (koutilya-pnvr/LD-ZNet), in CLIPSeg's order
         "a photo of a {}.", "a photograph of a {}.", "an image of a {}.", "{}.", "a cropped photo of a {}.",
         "a good photo of a {}.", "a photo of one {}.", "a bad photo of a {}.", "a photo of the {}.")
     road = open_source(f"phrasecut:{phrasecut}:test")[3].samples()[1]

@@ -119,9 +119,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                      grad_clip=0.0, decoder_init="default", templates="phrasecut", negatives=False,
                      grad_checkpoint=True),
 }
-"""Named settings. "official": the released model's recipe (FACTS.md section 2): 384 px, batch 4
-per GPU, AdamW at 5e-7 per sample of the total batch (1.6e-5 on 8 GPUs), ReduceLROnPlateau(0.5,
-patience 1), EMA 0.9999, every layer at the same rate, no clipping (Lightning's default), torch's
+"""Named settings. "official": the released model's recipe (the paper and the official code,
+koutilya-pnvr/LD-ZNet): 384 px, batch 4 per GPU, AdamW at 5e-7 per sample of the total batch
+(1.6e-5 on 8 GPUs), ReduceLROnPlateau(0.5, patience 1), EMA 0.9999, every layer at the same rate, no clipping (Lightning's default), torch's
 decoder init, the nine PhraseCut templates, no negatives, gradient checkpointing."""
 
 
