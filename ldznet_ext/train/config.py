@@ -121,8 +121,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 """Named settings. "official": the released model's recipe (the paper and the official code,
 koutilya-pnvr/LD-ZNet): 384 px, batch 4 per GPU, AdamW at 5e-7 per sample of the total batch
-(1.6e-5 on 8 GPUs), ReduceLROnPlateau(0.5, patience 1), EMA 0.9999, every layer at the same rate, no clipping (Lightning's default), torch's
-decoder init, the nine PhraseCut templates, no negatives, gradient checkpointing."""
+(1.6e-5 on 8 GPUs), ReduceLROnPlateau(0.5, patience 1), EMA 0.9999, every layer at the same rate,
+no clipping (Lightning's default), torch's decoder init, the nine PhraseCut templates, no negatives,
+gradient checkpointing."""
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
