@@ -16,8 +16,8 @@ import torch
 from .defaults import default_model_paths
 from .errors import CheckpointError, LdznetError
 from .heads import load_head
+from .job import with_grow  # noqa: F401  (moved to job.py; mask_cli still imports it from here)
 from .limits import RESOLUTION, check_device_name
-from .masks.tree import Expression, Modified, Modifier
 from .modeling.build import HeadConfig
 from .sd.checkpoint import load_stable_diffusion
 from .sd.model import StableDiffusion
@@ -142,15 +142,3 @@ def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = No
     if head_config is not None:
         check_head_fits(backbone, head_config, Path(head).name)
     return Segmenter(backbone, head_module, head_config, settings)
-
-
-def with_grow(expression: Expression, pixels: float) -> Expression:
-    """The expression with its final map grown (``pixels`` > 0) or shrunk (< 0) by a disk of
-    ``abs(pixels)``. Done on the probability map: thresholding commutes with dilation, so this
-    equals growing the thresholded mask, and it happens before the component filters."""
-    if pixels == 0:
-        return expression
-    modifier = Modifier("+" if pixels > 0 else "-", abs(pixels))
-    if isinstance(expression, Modified):
-        return Modified(expression.operand, (*expression.modifiers, modifier))
-    return Modified(expression, (modifier,))
