@@ -141,4 +141,5 @@ def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = No
         raise LdznetError(str(error)) from error
     if head_config is not None:
         check_head_fits(backbone, head_config, Path(head).name)
-    return Segmenter(backbone, head_module, head_config, settings)
+    name = Path(model).name + (f" with {Path(head).name}" if head is not None else "")
+    return Segmenter(backbone, head_module, head_config, settings, name)

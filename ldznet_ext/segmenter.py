@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .errors import LdznetError
 from .images import MAX_PIXELS, ImageInput, load_image, resize_probability, to_model_input, working_size
 from .limits import DRAWS, RESOLUTION, SEED, TIMESTEP
 from .masks.expression import parse
@@ -109,16 +110,26 @@ class _ImageState:
 
 
 class Segmenter:
-    """Text-prompted masks on one SD v1 backbone, with an LD-ZNet / ZNet / RGBNet head or zero-shot."""
+    """Text-prompted masks on one SD v1 backbone, with an LD-ZNet / ZNet / RGBNet head or zero-shot.
+
+    Threads: the models may be shared. Give each thread its own Segmenter (``with_settings()`` makes
+    one on the same models, no copy) or call ``predict_images`` on a shared one; each thread then
+    gets exactly its single-thread result. The feature tap serialises the hooked UNet calls (a lock
+    per UNet, which the WebUI host's own calls of it do not take) and its hooks ignore other threads'
+    calls. The current image (``set_image``) is one per Segmenter: threads that set different images
+    on one Segmenter see each other's.
+    """
 
     def __init__(self, backbone: Backbone, head: nn.Module | None = None, head_config: HeadConfig | None = None,
-                 settings: SegmenterSettings = SegmenterSettings()):
+                 settings: SegmenterSettings = SegmenterSettings(), name: str = "the SD model"):
+        """``name``: what errors call the models (``load_segmenter`` gives the file names)."""
         if (head is None) != (head_config is None):
             raise ValueError("pass both head and head_config, or neither for zero-shot masks")
         self.backbone = backbone
         self.head = head
         self.head_config = head_config
         self.settings = settings
+        self.name = name
         self._image: _ImageState | None = None
 
     @property
@@ -156,6 +167,7 @@ class Segmenter:
         pixels = torch.cat([to_model_input(im, size) for im in images]).to(self.backbone.device)
         generator = torch.Generator(pixels.device).manual_seed(self.settings.seed)
         z = self.backbone.encode_image(pixels, sample=self.settings.sample_latent, generator=generator)
+        self._check_finite(z, "latents")
         keep_pixels = self.head_config is not None and self.head_config.input_kind == "image"
         return [_ImageState(im, z[i:i + 1], pixels[i:i + 1] if keep_pixels else None)
                 for i, im in enumerate(images)]
@@ -216,9 +228,16 @@ class Segmenter:
         else:
             pixels = torch.cat([s.pixels for s in states]) if states[0].pixels is not None else None
             probabilities = self._head_probabilities(z, pixels, context)
+        self._check_finite(probabilities, "probabilities")
         for i, state in enumerate(states):
             for j, term in enumerate(todo):
                 state.cache[term] = probabilities[i, j].float()
+
+    def _check_finite(self, values: Tensor, what: str) -> None:
+        """Refuse NaN/inf (NaN weights, or fp16 overflow): thresholded, they would pass as an empty mask."""
+        if not bool(torch.isfinite(values).all()):
+            raise LdznetError(f"{self.name}: the model produced NaN/inf {what}; its weights may be corrupt, "
+                              "or it needs fp32 (dtype fp32)")
 
     def _head_probabilities(self, z: Tensor, pixels: Tensor | None, context: Tensor) -> Tensor:
         """[N, T, 8h, 8w] head probabilities for N latents and T term contexts, in one batch."""
@@ -251,4 +270,4 @@ class Segmenter:
 
     def with_settings(self, **changes) -> Segmenter:
         """A segmenter on the same models with changed settings (no image set)."""
-        return Segmenter(self.backbone, self.head, self.head_config, replace(self.settings, **changes))
+        return Segmenter(self.backbone, self.head, self.head_config, replace(self.settings, **changes), self.name)
