@@ -4,6 +4,11 @@ Input images come in every mode PIL knows (RGBA, LA, P, L, 16-bit, CMYK), EXIF-r
 truncated or not images at all. Everything becomes an upright 8-bit RGB array or a clear
 ImageError. The model works at a "working size" (area about resolution^2, aspect kept, sides
 multiples of 64, as the official inference); masks come back at the image's own size.
+
+An image more elongated than MAX_ASPECT (a 1 x 100000 strip) would otherwise get a working size
+far over resolution^2, since no side can be under 64: such an image is letterboxed instead, i.e.
+scaled into a working frame of MAX_ASPECT with mid-grey bands, and the maps are cropped back to
+its box before they are upsampled to its size.
 """
 
 from __future__ import annotations
@@ -25,8 +30,18 @@ from .errors import ImageError
 MAX_PIXELS = 100_000_000
 """Default pixel limit: larger images are refused before decoding (decompression-bomb guard)."""
 SIDE_MULTIPLE = 64
+MAX_ASPECT = 8.0
+"""Longest side / shortest side of a working frame. Up to it panoramas keep the whole working area;
+at 384 px it leaves the short side 128 px, two cells of the UNet's deepest level, and more
+elongated frames would leave it one cell (at 64 px) or none."""
+PAD_GREY = 128
+"""What transparent pixels and letterbox bands become: mid-grey, 0 in the model's [-1, 1] range."""
+
+Box = tuple[int, int, int, int]
+"""(left, top, right, bottom) of an image inside its working frame, in working pixels."""
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+_SOURCES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -39,7 +54,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (128, 128, 128, 255))
+        background = Image.new("RGBA", rgba.size, (PAD_GREY, PAD_GREY, PAD_GREY, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
 
@@ -48,9 +63,11 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """An upright RGB image as uint8 [H, W, 3].
 
     ``source``: a path, encoded bytes, a PIL image or an array ([H, W] grey, [H, W, 3] RGB or
-    [H, W, 4] RGBA; uint8, uint16 or float in [0, 1]). Raises ImageError for unreadable, corrupt,
-    empty or over-limit (``max_pixels``) input.
+    [H, W, 4] RGBA; uint8, uint16 or float in [0, 1]). Raises ImageError for any other type, and for
+    unreadable, corrupt, empty or over-limit (``max_pixels``) input.
     """
+    if not isinstance(source, _SOURCES):
+        raise ImageError(_unsupported_source(source))
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, max_pixels)
     name = Path(source).name if isinstance(source, (str, os.PathLike)) else "image"
@@ -61,7 +78,8 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             if isinstance(source, Image.Image):
                 image = source
             else:
-                image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+                is_path = isinstance(source, (str, os.PathLike))
+                image = Image.open(source if is_path else io.BytesIO(source))
             _check_size(image.width, image.height, max_pixels, name)
             image = ImageOps.exif_transpose(image)
             rgb = _to_rgb(image)
@@ -70,13 +88,32 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise
     except FileNotFoundError as error:
         raise ImageError(f"{name}: file not found") from error
+    except (PermissionError, IsADirectoryError) as error:
+        raise ImageError(f"{name}: cannot read the file ({error.strerror})") from error
     except UnidentifiedImageError as error:
         raise ImageError(f"{name}: not an image, or a format Pillow cannot read") from error
     except Image.DecompressionBombError as error:  # Pillow refuses twice its MAX_IMAGE_PIXELS at open
         raise ImageError(f"{name}: too large, refused by Pillow before our pixel limit applies ({error})") from error
-    except (OSError, ValueError, SyntaxError) as error:
-        raise ImageError(f"{name}: cannot decode the image ({error}); the file may be truncated or corrupt") from error
+    except MemoryError as error:
+        raise ImageError(f"{name}: too large to decode in the memory available; downscale it") from error
+    except Exception as error:  # corrupt data makes Pillow's decoders raise almost anything (TypeError, struct.error)
+        raise ImageError(f"{name}: cannot decode the image ({type(error).__name__}: {error}); "
+                         "the file may be truncated or corrupt") from error
     return np.asarray(rgb, dtype=np.uint8).copy()
+
+
+def type_name(value: object) -> str:
+    """A value's type as users write it: "None", "list", "torch.Tensor", "numpy.ndarray"."""
+    kind = type(value)
+    return "None" if value is None else f"{kind.__module__}.{kind.__qualname__}".removeprefix("builtins.")
+
+
+def _unsupported_source(source: object) -> str:
+    hint = ""
+    if isinstance(source, torch.Tensor):
+        # A tensor's layout ([3, H, W] or [H, W, 3]) and range ([0, 1] or [-1, 1]) can't be told apart reliably.
+        hint = "; convert it, e.g. a [3, H, W] tensor in [0, 1]: tensor.permute(1, 2, 0).cpu().numpy()"
+    return f"expected a path, bytes, PIL image or numpy array as the image, got {type_name(source)}{hint}"
 
 
 def _check_size(width: int, height: int, max_pixels: int, name: str) -> None:
@@ -108,21 +145,59 @@ def _array_to_rgb(array: np.ndarray, max_pixels: int) -> np.ndarray:
 
 
 def working_size(width: int, height: int, resolution: int = 384, multiple: int = SIDE_MULTIPLE) -> tuple[int, int]:
-    """(width, height) with area about ``resolution``^2, the aspect ratio kept, sides multiples of ``multiple``."""
-    scale = math.sqrt(resolution * resolution / (width * height))
-    return (max(multiple, round(width * scale / multiple) * multiple),
-            max(multiple, round(height * scale / multiple) * multiple))
+    """(width, height) with area about ``resolution``^2, the aspect ratio kept up to MAX_ASPECT (more
+    elongated images are letterboxed, see ``image_box``), sides multiples of ``multiple``."""
+    aspect = min(max(width / height, 1.0 / MAX_ASPECT), MAX_ASPECT)
+    return (max(multiple, round(resolution * math.sqrt(aspect) / multiple) * multiple),
+            max(multiple, round(resolution / math.sqrt(aspect) / multiple) * multiple))
 
 
-def to_model_input(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 [H, W, 3] -> float [1, 3, h, w] in [-1, 1] at ``size`` = (w, h).
+def image_box(width: int, height: int, size: tuple[int, int], cell: int = 8) -> Box:
+    """Where a ``width`` x ``height`` image lies in its working frame ``size`` = (w, h): the whole frame
+    (stretched a little, as the sides are rounded), or for an image more elongated than MAX_ASPECT a
+    centred band: the long side fills the frame, the short side is scaled alike. Its edges are on
+    multiples of ``cell`` (the latent's downsampling), so maps at the latent's size crop exactly."""
+    frame_w, frame_h = size
+    if max(width / height, height / width) <= MAX_ASPECT:
+        return 0, 0, frame_w, frame_h
+
+    def band(extent: float, frame: int) -> tuple[int, int]:
+        length = min(frame, max(cell, round(extent / cell) * cell))
+        start = (frame - length) // 2 // cell * cell
+        return start, start + length
+
+    if width > height:
+        top, bottom = band(frame_w * height / width, frame_h)
+        return 0, top, frame_w, bottom
+    left, right = band(frame_h * width / height, frame_w)
+    return left, 0, right, frame_h
+
+
+def to_model_input(image: np.ndarray, size: tuple[int, int], box: Box | None = None) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float [1, 3, h, w] in [-1, 1] at ``size`` = (w, h), the image inside ``box``
+    (None: the whole frame) and mid-grey around it.
 
     Resized in 8-bit by Pillow's antialiased bicubic, so a huge image never becomes a huge float tensor.
     """
-    if (image.shape[1], image.shape[0]) != tuple(size):
-        image = np.asarray(Image.fromarray(image).resize(tuple(size), Image.BICUBIC))
+    left, top, right, bottom = box or (0, 0, *size)
+    if (image.shape[1], image.shape[0]) != (right - left, bottom - top):
+        image = np.asarray(Image.fromarray(image).resize((right - left, bottom - top), Image.BICUBIC))
+    if (right - left, bottom - top) != tuple(size):
+        frame = np.full((size[1], size[0], 3), PAD_GREY, np.uint8)
+        frame[top:bottom, left:right] = image
+        image = frame
     # astype copies: read-only inputs (views of PIL images) are fine, and torch gets its own memory
     return torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None] / 127.5 - 1.0
+
+
+def crop_to_box(maps: torch.Tensor, box: Box, size: tuple[int, int]) -> torch.Tensor:
+    """The part over ``box`` of maps [..., m_h, m_w] that cover the working frame ``size`` = (w, h) on a
+    grid of their own (the frame's, or the latent's); a view."""
+    left, top, right, bottom = box
+    step = size[0] // maps.shape[-1]  # frame pixels per map pixel
+    if step * maps.shape[-1] != size[0] or step * maps.shape[-2] != size[1] or any(edge % step for edge in box):
+        raise ValueError(f"box {box} of frame {size} is not on the grid of {maps.shape[-1]}x{maps.shape[-2]} maps")
+    return maps[..., top // step:bottom // step, left // step:right // step]
 
 
 def resize_probability(probability: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

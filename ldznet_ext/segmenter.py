@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LdznetError
-from .images import MAX_PIXELS, ImageInput, load_image, resize_probability, to_model_input, working_size
+from .images import (MAX_PIXELS, Box, ImageInput, crop_to_box, image_box, load_image, resize_probability,
+                     to_model_input, type_name, working_size)
 from .limits import DRAWS, RESOLUTION, SEED, TIMESTEP
 from .masks.expression import parse
 from .masks.ops import MaskOptions, finalize
@@ -100,13 +101,19 @@ class _ImageState:
     image: np.ndarray  # uint8 [H, W, 3], the original: it guides the upsampling of every term map
     z: Tensor  # [1, 4, h, w]
     pixels: Tensor | None  # [1, 3, 8h, 8w] in [-1, 1], kept for RGBNet
-    # term -> probability as the model gives it ([8h, 8w] from a head, [h, w] zero-shot); resized
-    # to the image's size only once, on the way out (a second resize would blur it twice)
+    frame: tuple[int, int]  # (8w, 8h), the working size
+    box: Box  # where the image lies in the frame (all of it, unless letterboxed)
+    # term -> probability as the model gives it ([8h, 8w] from a head, [h, w] zero-shot) over the box;
+    # resized to the image's size only once, on the way out (a second resize would blur it twice)
     cache: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def size(self) -> tuple[int, int]:
         return self.image.shape[:2]
+
+    def crop(self, maps: Tensor) -> Tensor:
+        """The part of maps over the frame (on its grid or the latent's) that covers the image."""
+        return crop_to_box(maps, self.box, self.frame)
 
 
 class Segmenter:
@@ -161,15 +168,18 @@ class Segmenter:
     @torch.no_grad()
     def _encode(self, images: Sequence[np.ndarray]) -> list[_ImageState]:
         height, width = images[0].shape[:2]
-        if any(im.shape[:2] != (height, width) for im in images):
-            raise ValueError("images encoded together must have the same size")
+        for number, im in enumerate(images[1:], 2):
+            if im.shape[:2] != (height, width):
+                raise LdznetError(f"predict_images needs images of one size: image {number} is {im.shape[1]}x"
+                                  f"{im.shape[0]} (width x height), image 1 is {width}x{height}")
         size = working_size(width, height, self.resolution)
-        pixels = torch.cat([to_model_input(im, size) for im in images]).to(self.backbone.device)
+        box = image_box(width, height, size, self.backbone.downsample_factor)
+        pixels = torch.cat([to_model_input(im, size, box) for im in images]).to(self.backbone.device)
         generator = torch.Generator(pixels.device).manual_seed(self.settings.seed)
         z = self.backbone.encode_image(pixels, sample=self.settings.sample_latent, generator=generator)
         self._check_finite(z, "latents")
         keep_pixels = self.head_config is not None and self.head_config.input_kind == "image"
-        return [_ImageState(im, z[i:i + 1], pixels[i:i + 1] if keep_pixels else None)
+        return [_ImageState(im, z[i:i + 1], pixels[i:i + 1] if keep_pixels else None, size, box)
                 for i, im in enumerate(images)]
 
     # -- prediction ------------------------------------------------------------------------
@@ -182,14 +192,21 @@ class Segmenter:
 
     def predict_images(self, images: Sequence[ImageInput], expression: str | Expression,
                        options: MaskOptions = MaskOptions(), max_pixels: int = MAX_PIXELS) -> list[Prediction]:
-        """Evaluate one expression on several same-size images in one batch (the current image is kept)."""
-        return self._predict(self._encode([load_image(im, max_pixels) for im in images]), expression, options)
+        """Evaluate one expression on a list of same-size images in one batch (the current image is kept)."""
+        if not isinstance(images, (list, tuple)):  # a str or an array would be iterated as many "images"
+            raise LdznetError(f"predict_images expects a list of images, got {type_name(images)}; "
+                              "for one image use set_image and predict")
+        loaded = [load_image(im, max_pixels) for im in images]
+        return self._predict(self._encode(loaded), expression, options) if loaded else []
 
-    def predict_terms(self, terms: Sequence[str]) -> dict[str, Tensor]:
-        """Each term's probability map [H, W] in [0, 1] at the current image's size (refined as set)."""
+    def predict_terms(self, terms: str | Sequence[str]) -> dict[str, Tensor]:
+        """Each term's probability map [H, W] in [0, 1] at the current image's size (refined as set);
+        a str is one term."""
         if self._image is None:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
-        unique = list(dict.fromkeys(terms))
+        unique = list(dict.fromkeys([terms] if isinstance(terms, str) else terms))
+        if not all(isinstance(term, str) for term in unique):
+            raise LdznetError(f"terms must be strings, got {unique!r}")
         self._fill_cache([self._image], unique)
         return self._upsample(self._image, unique)
 
@@ -200,7 +217,7 @@ class Segmenter:
             return {t: resize_probability(state.cache[t], state.size) for t in terms}
         # One model gives all maps of an image the same size, so they are refined as one stack.
         maps = refine_probability(torch.stack([state.cache[t] for t in terms]), state.image, refine,
-                                  decided_at=tuple(state.z.shape[-2:]))
+                                  decided_at=tuple(state.crop(state.z).shape[-2:]))
         return dict(zip(terms, maps))
 
     def _predict(self, states: list[_ImageState], expression: str | Expression,
@@ -231,7 +248,7 @@ class Segmenter:
         self._check_finite(probabilities, "probabilities")
         for i, state in enumerate(states):
             for j, term in enumerate(todo):
-                state.cache[term] = probabilities[i, j].float()
+                state.cache[term] = state.crop(probabilities[i, j].float())
 
     def _check_finite(self, values: Tensor, what: str) -> None:
         """Refuse NaN/inf (NaN weights, or fp16 overflow): thresholded, they would pass as an empty mask."""

@@ -204,8 +204,8 @@ def test_every_image_mode_equals_its_rgb_equivalent(with_head):
     (640, 480, 384, (448, 320)),    # scale 384/554.3 = 0.6928: 443.4 -> 448, 332.6 -> 320
     (1920, 1080, 512, (704, 384)),  # scale 512/1440 = 0.3556: 682.7 -> 704, 384 -> 384
     (101, 77, 64, (64, 64)),        # 73.3 x 55.9: both round to one multiple of 64
-    (2000, 40, 64, (448, 64)),      # 452.5 -> 448; 9.05 rounds to 0, raised to the minimum 64
-    (40, 2000, 384, (64, 2688)),    # scale 1.3576: 54.3 -> 64; 2715.3 -> 2688
+    (2000, 40, 64, (192, 64)),      # 50:1 taken as 8:1: 181.0 -> 192; 22.6 rounds to 0, raised to 64
+    (40, 2000, 384, (128, 1088)),   # 1:50 taken as 1:8: 135.8 -> 128; 1086.1 -> 1088
     (1, 1, 384, (384, 384)),
 ])
 def test_working_size_by_hand(width, height, resolution, expected):

@@ -1,0 +1,231 @@
+"""Reading images (wrong types, corrupt files of every format) and the working frame of any shape:
+its area stays about resolution^2, extreme shapes are letterboxed, and maps come back aligned at
+the image's own size."""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from fixtures_models import random_image
+from PIL import Image
+
+from ldznet_ext.errors import ImageError, LdznetError
+from ldznet_ext.images import (MAX_ASPECT, crop_to_box, image_box, load_image, resize_probability, to_model_input,
+                               working_size)
+from ldznet_ext.refine import RefineSettings
+from ldznet_ext.segmenter import Segmenter, SegmenterSettings
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+FORMATS = ["PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"]
+PAD = float(torch.tensor(128.0) / 127.5 - 1.0)  # mid-grey in the model's [-1, 1], as float32 computes it
+
+
+def _encoded(image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(random_image(12, 16, seed=1)).save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def _mutations(data: bytes, seed: int):
+    """Every byte of the header set to 0, 2 (a small type or count) and 255, then random 1-3 byte mutations."""
+    for position in range(min(len(data), 96)):
+        for value in (0, 2, 255):
+            yield f"byte {position} = {value}", data[:position] + bytes([value]) + data[position + 1:]
+    rng = np.random.default_rng(seed)
+    for number in range(40):
+        mutated = bytearray(data)
+        for _ in range(int(rng.integers(1, 4))):
+            mutated[int(rng.integers(len(data)))] = int(rng.integers(256))
+        yield f"random mutation {number}", bytes(mutated)
+
+
+def test_mutated_files_of_every_format_load_or_raise_image_error():
+    wrong = []
+    for seed, image_format in enumerate(FORMATS):
+        wrong += _wrong_outcomes(image_format, _mutations(_encoded(image_format), seed))
+    assert wrong == []
+
+
+def _wrong_outcomes(image_format: str, mutations) -> list[str]:
+    wrong = []
+    for mutation, data in mutations:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Pillow warns about some corrupt TIFF tags
+                image = load_image(data, max_pixels=100_000)
+        except ImageError:
+            continue
+        except Exception as error:  # noqa: BLE001 (what the test looks for)
+            wrong.append(f"{image_format} {mutation}: {type(error).__name__}: {error}")
+            continue
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            wrong.append(f"{image_format} {mutation}: {image.dtype} array of shape {image.shape}")
+    return wrong
+
+
+@pytest.mark.parametrize("tag_type, raised", [(2, "TypeError"), (5, "TypeError")])
+def test_tiff_with_a_corrupt_tag_type_is_an_image_error(tag_type, raised):
+    data = bytearray(_encoded("TIFF"))
+    assert data[70:73] == b"\x11\x01\x04"  # StripOffsets (0x0111), of type LONG (4)
+    data[72] = tag_type
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ImageError, match=rf"^image: cannot decode the image \({raised}: .*truncated or corrupt$"):
+            load_image(bytes(data))
+
+
+def test_out_of_memory_while_decoding_is_an_image_error(monkeypatch, tmp_path):
+    def out_of_memory(image):
+        raise MemoryError
+
+    monkeypatch.setattr("ldznet_ext.images._to_rgb", out_of_memory)
+    path = tmp_path / "big.png"
+    path.write_bytes(_encoded("PNG"))
+    with pytest.raises(ImageError, match="^big.png: too large to decode in the memory available; downscale it$"):
+        load_image(path)
+
+
+@pytest.mark.parametrize("source, found", [
+    (torch.zeros(3, 8, 8), "torch.Tensor; convert it, e.g. a [3, H, W] tensor in [0, 1]: "
+                           "tensor.permute(1, 2, 0).cpu().numpy()"),
+    (None, "None"),
+    ([[0, 0, 0]], "list"),
+    (io.BytesIO(b"png"), "_io.BytesIO"),
+])
+def test_unsupported_image_types_say_what_is_expected(source, found, with_head):
+    message = re.escape(f"expected a path, bytes, PIL image or numpy array as the image, got {found}") + "$"
+    with pytest.raises(ImageError, match=message):
+        load_image(source)
+    with pytest.raises(ImageError, match=message):
+        with_head.set_image(source)
+    with pytest.raises(ImageError, match=message):
+        with_head.predict_images([source], "cat")
+
+
+def test_bytearray_reads_as_bytes():
+    data = _encoded("PNG")
+    assert np.array_equal(load_image(bytearray(data)), load_image(data))
+
+
+@pytest.mark.parametrize("width, height, resolution, expected", [
+    (1, 100000, 256, (64, 704)),      # aspect 1:8: 90.5 -> 64, 724.1 -> 704 (was 64 x 80960)
+    (100000, 1, 384, (1088, 128)),    # aspect 8:1: 1086.1 -> 1088, 135.8 -> 128
+    (30000, 1, 512, (1472, 192)),     # 1448.2 -> 1472, 181.0 -> 192
+])
+def test_working_size_of_extreme_shapes_by_hand(width, height, resolution, expected):
+    assert working_size(width, height, resolution) == expected
+
+
+@pytest.mark.parametrize("resolution", [256, 384, 512, 768])
+@pytest.mark.parametrize("width, height", [(1, 100000), (100000, 1), (1, 30000), (7000, 3)])
+def test_working_area_stays_about_resolution_squared(width, height, resolution):
+    w, h = working_size(width, height, resolution)
+    assert w % 64 == 0 and h % 64 == 0
+    assert w * h <= 1.25 * resolution ** 2
+
+
+@pytest.mark.parametrize("width, height, size, expected", [
+    (700, 24, (1088, 128), (0, 40, 1088, 80)),    # band 1088 * 24 / 700 = 37.3 -> 40 rows, from (128 - 40) // 2
+    (24, 700, (128, 1088), (40, 0, 80, 1088)),
+    (100000, 1, (1088, 128), (0, 56, 1088, 64)),  # at least one cell of 8
+    (820, 100, (1088, 128), (0, 0, 1088, 128)),   # 8.2:1 fills more than the frame's 128 rows: clamped
+    (640, 480, (448, 320), (0, 0, 448, 320)),     # within MAX_ASPECT: the whole frame, as always
+])
+def test_image_box_by_hand(width, height, size, expected):
+    assert image_box(width, height, size) == expected
+
+
+def test_letterboxed_input_crops_back_to_the_image():
+    image = np.full((24, 700, 3), 255, np.uint8)
+    image[:, 200:300] = 0
+    size = working_size(700, 24, 384)
+    box = image_box(700, 24, size)
+    assert max(700 / 24, 24 / 700) > MAX_ASPECT and (size, box) == ((1088, 128), (0, 40, 1088, 80))
+    pixels = to_model_input(image, size, box)
+    assert pixels.shape == (1, 3, 128, 1088)
+    assert (pixels[..., :40, :] == PAD).all() and (pixels[..., 80:, :] == PAD).all()
+    brightness = (pixels[0].mean(0) + 1.0) / 2.0
+    latent_grid = F.avg_pool2d(brightness[None, None], 8)[0, 0]  # as maps at the latent's size
+    for maps in (brightness, latent_grid):
+        back = resize_probability(crop_to_box(maps, box, size), (24, 700))
+        assert back.shape == (24, 700)
+        assert back[:, :180].min() > 0.99 and back[:, 220:280].max() < 0.01 and back[:, 320:].min() > 0.99
+
+
+def test_crop_off_the_maps_grid_is_refused():
+    message = "box (0, 4, 64, 12) of frame (64, 16) is not on the grid of 8x2 maps"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        crop_to_box(torch.zeros(2, 8), (0, 4, 64, 12), (64, 16))
+
+
+@pytest.fixture
+def with_head(tiny_sd, tiny_head) -> Segmenter:
+    return Segmenter(tiny_sd, *tiny_head, SegmenterSettings(resolution=64))
+
+
+@pytest.mark.parametrize("height, width, vae_input", [(1, 100000, (1, 3, 64, 192)), (100000, 1, (1, 3, 192, 64))])
+def test_extreme_shapes_encode_a_bounded_frame_and_give_masks_of_their_size(height, width, vae_input, with_head,
+                                                                             monkeypatch):
+    inputs = []
+    encode = with_head.backbone.encode_image
+    monkeypatch.setattr(with_head.backbone, "encode_image", lambda pixels, **kw: inputs.append(pixels) or encode(
+        pixels, **kw))
+    with_head.set_image(random_image(height, width, seed=2))
+    prediction = with_head.predict("cat OR dog")
+    assert [tuple(pixels.shape) for pixels in inputs] == [vae_input]  # not 64 x 20224 at resolution 64
+    assert prediction.probability.shape == prediction.mask.shape == prediction.terms["cat"].shape == (height, width)
+
+
+def test_letterboxed_maps_are_aligned_with_the_image(with_head, monkeypatch):
+    """A head that answers with the model input's brightness must give back the image itself."""
+    image = np.full((700, 24, 3), 255, np.uint8)
+    image[200:300] = 0
+    segmenter = with_head.with_settings(refine=RefineSettings(enabled=False))
+    inputs = []
+    encode = segmenter.backbone.encode_image
+    monkeypatch.setattr(segmenter.backbone, "encode_image", lambda pixels, **kw: inputs.append(pixels) or encode(
+        pixels, **kw))
+    monkeypatch.setattr(segmenter, "_head_probabilities", lambda z, pixels, context: (
+        (inputs[-1].mean(1, keepdim=True) + 1.0) / 2.0).expand(-1, context.shape[0], -1, -1))
+    segmenter.set_image(image)
+    assert inputs[0].shape == (1, 3, 192, 64) and (inputs[0][..., :24] == PAD).all()  # letterboxed
+    brightness = segmenter.predict_terms(["cat"])["cat"]
+    assert brightness.shape == (700, 24)
+    assert brightness[:180].min() > 0.99 and brightness[220:280].max() < 0.01 and brightness[320:].min() > 0.99
+
+
+def test_a_string_is_one_term(with_head):
+    with_head.set_image(random_image(64, 64, seed=3))
+    maps = with_head.predict_terms("sand")
+    assert list(maps) == ["sand"]
+    assert torch.equal(maps["sand"], with_head.predict_terms(["sand"])["sand"])
+
+
+@pytest.mark.parametrize("images, found", [("photo.png", "str"), (random_image(8, 8), "numpy.ndarray")])
+def test_predict_images_wants_a_list(images, found, with_head):
+    with pytest.raises(LdznetError, match=re.escape(f"predict_images expects a list of images, got {found}; "
+                                                   "for one image use set_image and predict")):
+        with_head.predict_images(images, "cat")
+
+
+def test_predict_images_of_two_sizes_names_them(with_head):
+    with pytest.raises(LdznetError, match=re.escape("predict_images needs images of one size: image 2 is 8x4 "
+                                                   "(width x height), image 1 is 8x8")):
+        with_head.predict_images([random_image(8, 8), random_image(4, 8)], "cat")
+
+
+def test_terms_must_be_strings(with_head):
+    with_head.set_image(random_image(64, 64, seed=3))
+    with pytest.raises(LdznetError, match=re.escape("terms must be strings, got ['sand', None]")):
+        with_head.predict_terms(["sand", None])
+
+
+def test_predict_images_of_no_images_is_no_predictions(with_head):
+    assert with_head.predict_images([], "cat") == []
