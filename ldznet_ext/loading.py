@@ -8,7 +8,6 @@ head fits the SD model) run before anything large is computed.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -19,12 +18,12 @@ from .heads import load_head
 from .job import with_grow  # noqa: F401  (moved to job.py; mask_cli still imports it from here)
 from .limits import RESOLUTION, check_device_name
 from .modeling.build import HeadConfig
+from .precision import DTYPES, resolve_dtype  # noqa: F401  (DTYPES: mask_cli imports it from here)
 from .sd.checkpoint import load_stable_diffusion
 from .sd.model import StableDiffusion
 from .segmenter import Segmenter, SegmenterSettings
 from .zeroshot import ZeroShotSettings
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # UNet fields that fix the shapes of the SD features an LD-ZNet head attends to.
 _TOPOLOGY = ("model_channels", "channel_mult", "num_res_blocks", "attention_levels", "transformer_depth")
 
@@ -77,21 +76,6 @@ def resolve_device(name: str | None = None) -> torch.device:
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise LdznetError(f"device {name!r} was asked for but MPS is not available; use --device cpu")
     return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The torch dtype for "fp32", "fp16" or "bf16" on ``device``.
-
-    fp16 on the CPU falls back to fp32 with a warning: several PyTorch releases lack CPU kernels
-    for half-precision convolutions and norms, and where they exist they are slower than fp32.
-    """
-    if name not in DTYPES:
-        raise LdznetError(f"unknown dtype {name!r}: expected one of {', '.join(DTYPES)}")
-    if name == "fp16" and device.type == "cpu":
-        warnings.warn("fp16 is not supported on the CPU; computing in fp32 (use bf16 for lower memory)",
-                      stacklevel=2)
-        return torch.float32
-    return DTYPES[name]
 
 
 def check_head_fits(backbone: StableDiffusion, config: HeadConfig, head_name: str = "head",

@@ -18,10 +18,10 @@ from typing import Any
 from ..errors import LdznetError
 from ..modeling.build import ARCHITECTURES
 from ..modeling.ldznet import FUSIONS
+from ..precision import PRECISIONS
 from .augment import TEMPLATES
 
 SCHEDULES = ("constant", "cosine", "plateau")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)

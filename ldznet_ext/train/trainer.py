@@ -55,6 +55,7 @@ from ..errors import CheckpointError, LdznetError
 from ..heads import save_head
 from ..images import to_model_input
 from ..modeling.build import HeadConfig, build_head, init_from_sd_unet
+from ..precision import PRECISIONS, autocast_dtype
 from ..sd.model import StableDiffusion
 from ..sd.schedule import OFFICIAL_TIMESTEPS
 from ..segmenter import sd_features
@@ -76,7 +77,7 @@ NEW_LAYER_PARTS = (".attn3.", ".norm_sd.", ".attentionpool2D.", ".sd_concat.")
 CROSS_ATTENTION_PART = ".attn2."
 # what a resumed run may change: lengths and intervals, and how (not what) it computes
 _RESUME_FREE = ("steps", "save_every", "log_every", "precision", "grad_checkpoint", "workers")
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {name: autocast_dtype(name) for name in PRECISIONS}  # None: no autocast
 MAX_UNUSABLE = 100  # positions in a row without a usable sample that stop a run
 TEXT_CACHE = 1024  # prompts whose context is kept (240 MB at SD v1's 77 x 768)
 LATENT_CACHE = 8192  # images whose latent is kept (the micro world's 4,000; 300 MB at 384 px)

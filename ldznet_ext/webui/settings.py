@@ -3,7 +3,7 @@ masks saved beside generated images."""
 
 from __future__ import annotations
 
-from ..loading import DTYPES
+from ..precision import DTYPES
 from . import host
 from .engine import NO_HEAD
 

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from ..checkpoint_io import read_state_dict, write_safetensors
 from ..defaults import DEFAULT_SD_NAME
 from ..errors import CheckpointError, LdznetError
+from ..precision import dtype_named
 from ..sd.checkpoint import load_stable_diffusion, save_stable_diffusion
 from ..sd.model import StableDiffusion
 from ..sd.schedule import NoiseSchedule
@@ -61,7 +62,7 @@ PROBE_TIMESTEPS = (100, 400, 700)
 _ENCODE_BATCH = 64
 
 
-def resolve_dtype(device: torch.device, name: str = "auto", stage: str = "vae") -> torch.dtype:
+def stage_dtype(device: torch.device, name: str = "auto", stage: str = "vae") -> torch.dtype:
     """Autocast dtype of ``stage`` for ``--dtype``: "float32" (no autocast), "bfloat16", or "auto".
 
     "auto" is bfloat16 on CUDA devices with bf16. On CPUs with native bf16 (AVX512-BF16/AMX) it
@@ -76,7 +77,7 @@ def resolve_dtype(device: torch.device, name: str = "auto", stage: str = "vae") 
         return torch.bfloat16 if native else torch.float32
     if name not in ("float32", "bfloat16"):
         raise LdznetError(f"unknown training dtype {name!r}; expected auto, float32 or bfloat16")
-    return getattr(torch, name)
+    return dtype_named(name)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -374,7 +375,7 @@ def train_sd(out: Path, recipe: MicroRecipe, device: str | torch.device = "cpu",
         if needed and not (out / name).is_file():
             raise CheckpointError(f"{out / name} not found: run stage {stage} first (--stages {','.join(available)})")
     device = torch.device(device)
-    amp = {stage: resolve_dtype(device, dtype, stage) for stage in available}
+    amp = {stage: stage_dtype(device, dtype, stage) for stage in available}
     out.mkdir(parents=True, exist_ok=True)
     log = StageLog(out / LOG_FILE, {"recipe": recipe.to_dict(), "device": str(device), "platform": platform_record(),
                                   "dtype": {k: str(v).replace("torch.", "") for k, v in amp.items()}})
