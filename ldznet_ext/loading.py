@@ -14,18 +14,13 @@ import torch
 
 from .defaults import default_model_paths
 from .errors import CheckpointError, LdznetError
+from .factory import ModelSettings, build_segmenter
 from .heads import load_head
 from .job import with_grow  # noqa: F401  (moved to job.py; mask_cli still imports it from here)
 from .limits import RESOLUTION, check_device_name
-from .modeling.build import HeadConfig
 from .precision import DTYPES, resolve_dtype  # noqa: F401  (DTYPES: mask_cli imports it from here)
 from .sd.checkpoint import load_stable_diffusion
-from .sd.model import StableDiffusion
-from .segmenter import Segmenter, SegmenterSettings
-from .zeroshot import ZeroShotSettings
-
-# UNet fields that fix the shapes of the SD features an LD-ZNet head attends to.
-_TOPOLOGY = ("model_channels", "channel_mult", "num_res_blocks", "attention_levels", "transformer_depth")
+from .segmenter import Segmenter
 
 
 def resolve_model_paths(model: str | os.PathLike | None, head: str | os.PathLike | None,
@@ -78,26 +73,6 @@ def resolve_device(name: str | None = None) -> torch.device:
     return device
 
 
-def check_head_fits(backbone: StableDiffusion, config: HeadConfig, head_name: str = "head",
-                    zero_shot: str = "--zero-shot") -> None:
-    """Refuse a head made for another SD model: its text width, its z channels and, for LD-ZNet,
-    the UNet topology whose features it reads must match ``backbone``'s. ``zero_shot`` names the
-    front end's way to masks without a head, for the message."""
-    sd, own = backbone.unet.config, config.unet
-    problems = []
-    if own.context_dim != sd.context_dim:
-        problems.append(f"text context {own.context_dim}-d vs {sd.context_dim}-d")
-    if config.input_kind == "latent" and own.in_channels != sd.in_channels:
-        problems.append(f"latent channels {own.in_channels} vs {sd.in_channels}")
-    if config.uses_sd_features:
-        problems += [f"{field} {getattr(own, field)} vs {getattr(sd, field)}"
-                     for field in _TOPOLOGY if getattr(own, field) != getattr(sd, field)]
-    if problems:
-        raise CheckpointError(f"{head_name}: this {config.arch} head was made for a different SD model "
-                              f"(head vs model: {'; '.join(problems)}); use a head trained on this model, "
-                              f"or {zero_shot}")
-
-
 def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = None, *,
                    device: str | torch.device | None = None, dtype: str = "fp32", resolution: int | None = None,
                    timestep: int | None = None, draws: int | None = None, seed: int = 0) -> Segmenter:
@@ -114,16 +89,7 @@ def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = No
     if head is not None:
         head_module, head_config = load_head(head, device=device, dtype=torch_dtype)
     backbone = load_stable_diffusion(model, device=device, dtype=torch_dtype)
-    try:
-        if head_config is None:
-            zero_shot = ZeroShotSettings(**{k: v for k, v in (("timestep", timestep), ("draws", draws)) if v is not None})
-            settings = SegmenterSettings(resolution=resolution, seed=seed, zero_shot=zero_shot)
-        else:
-            settings = SegmenterSettings(resolution=resolution, seed=seed, draws=draws or 1,
-                                         timestep=head_config.timestep if timestep is None else timestep)
-    except ValueError as error:
-        raise LdznetError(str(error)) from error
-    if head_config is not None:
-        check_head_fits(backbone, head_config, Path(head).name)
     name = Path(model).name + (f" with {Path(head).name}" if head is not None else "")
-    return Segmenter(backbone, head_module, head_config, settings, name)
+    return build_segmenter(backbone, head_module, head_config,
+                           ModelSettings(resolution=resolution, timestep=timestep, draws=draws, seed=seed),
+                           name=name, head_name=Path(head).name if head is not None else "head")

@@ -14,24 +14,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..errors import CheckpointError, LdznetError
+from ..factory import ModelSettings, build_segmenter, check_head_fits, head_dtype
 from ..heads import load_head, read_head_config
 from ..images import ImageInput
-from ..loading import DTYPES, check_head_fits, with_grow
+from ..loading import with_grow
 from ..masks.expression import parse
 from ..masks.tree import Expression
 from ..modeling.build import HeadConfig
-from ..sd.checkpoint import unet_config_from_state_dict
+from ..precision import DTYPES
 from ..sd.model import Backbone
-from ..sd.unet import UNetConfig
-from ..segmenter import Prediction, Segmenter, SegmenterSettings
-from ..zeroshot import ZeroShotSettings
+from ..segmenter import Prediction, Segmenter
 from .request import ZERO_SHOT_MODE, MaskRequest, combine
 
 HEAD_SUFFIX = ".safetensors"
@@ -42,7 +39,7 @@ NO_HEAD = "None"
 class EngineOptions:
     """The WebUI settings that shape a mask. head: file name in the heads folder (NO_HEAD: none);
     timestep: SD timestep of the features (None: the head's own); keep_on_gpu: leave the head on
-    the GPU between calls; dtype: "auto" (the host UNet's) or one of loading.DTYPES; resolution:
+    the GPU between calls; dtype: "auto" (the host UNet's) or one of precision.DTYPES; resolution:
     side of the working area in pixels (None: the head's own, 384 for zero-shot); seed: noise seed
     of the feature step."""
 
@@ -71,11 +68,6 @@ class MaskResult:
     prediction: Prediction
 
 
-def host_unet_config(unet: nn.Module) -> UNetConfig:
-    """The UNetConfig of a host's ldm-layout UNet, read from its weight shapes."""
-    return unet_config_from_state_dict(unet.state_dict())
-
-
 class MaskEngine:
     """Head cache + mask computation for the WebUI front ends (script, tab, API)."""
 
@@ -84,7 +76,6 @@ class MaskEngine:
         self._lock = threading.RLock()
         self._key: tuple | None = None
         self._head: tuple[nn.Module, HeadConfig] | None = None
-        self._fits: dict[tuple[int, tuple], None] = {}
 
     def list_heads(self) -> list[str]:
         """Head file names in the heads folder, sorted."""
@@ -96,7 +87,6 @@ class MaskEngine:
         """Drop the cached head (model change, settings change, UI reload)."""
         with self._lock:
             self._key = self._head = None
-            self._fits.clear()
 
     def head_path(self, options: EngineOptions) -> Path:
         """The selected head file; LdznetError when none is selected or it is missing (cheap: no loading)."""
@@ -116,42 +106,28 @@ class MaskEngine:
             return
         path = self.head_path(options)
         if backbone is not None:
-            self._check_fits(backbone, read_head_config(path), options.head)
+            check_head_fits(backbone, read_head_config(path), options.head, zero_shot=f"mode {ZERO_SHOT_MODE!r}")
 
-    def _load_head(self, options: EngineOptions, device: torch.device, host_dtype: torch.dtype
-                   ) -> tuple[nn.Module, HeadConfig]:
+    def _load_head(self, options: EngineOptions, backbone: Backbone) -> tuple[nn.Module, HeadConfig]:
         path = self.head_path(options)
-        dtype = host_dtype if options.dtype == "auto" else DTYPES[options.dtype]
-        if device.type == "cpu" and dtype == torch.float16:
-            dtype = torch.float32  # half-precision CPU kernels are missing or slow
+        dtype = head_dtype(options.dtype, backbone)
         key = (str(path), path.stat().st_mtime_ns, dtype)
         if self._key != key:
             self.release()
             self._head = load_head(path, device="cpu", dtype=dtype)
             self._key = key
         head, config = self._head
-        return head.to(device), config
-
-    def _check_fits(self, backbone: Backbone, config: HeadConfig, name: str) -> None:
-        key = (id(backbone.unet), tuple(sorted(config.to_dict()["unet"].items())))
-        if key not in self._fits:
-            shim = SimpleNamespace(unet=SimpleNamespace(config=host_unet_config(backbone.unet)))
-            check_head_fits(shim, config, name, zero_shot=f"mode {ZERO_SHOT_MODE!r}")
-            self._fits[key] = None
+        return head.to(backbone.device), config
 
     def segmenter(self, backbone: Backbone, request: MaskRequest, options: EngineOptions) -> Segmenter:
         """A Segmenter on ``backbone`` for ``request``'s mode (the head is loaded on first use)."""
+        settings = ModelSettings(resolution=options.resolution, timestep=options.timestep, seed=options.seed,
+                                 refine=request.refine_settings())
         if request.zero_shot:
-            zero_shot = ZeroShotSettings(**({"timestep": options.timestep} if options.timestep is not None else {}))
-            return Segmenter(backbone, settings=SegmenterSettings(resolution=options.resolution, seed=options.seed,
-                                                                  zero_shot=zero_shot,
-                                                                  refine=request.refine_settings()))
-        head, config = self._load_head(options, backbone.device, backbone.dtype)
-        self._check_fits(backbone, config, options.head)
-        timestep = config.timestep if options.timestep is None else options.timestep
-        return Segmenter(backbone, head, config,
-                         SegmenterSettings(resolution=options.resolution, timestep=timestep, seed=options.seed,
-                                           refine=request.refine_settings()))
+            return build_segmenter(backbone, settings=settings)
+        head, config = self._load_head(options, backbone)
+        return build_segmenter(backbone, head, config, settings, head_name=options.head,
+                               zero_shot=f"mode {ZERO_SHOT_MODE!r}")
 
     @contextmanager
     def session(self, backbone: Backbone, request: MaskRequest, options: EngineOptions) -> Iterator[Segmenter]:
