@@ -130,8 +130,8 @@ class MaskJob:
     def json_schema(cls) -> dict:
         """A JSON Schema (draft 2020-12) of :meth:`from_dict`'s input: types, choices, ranges,
         defaults and descriptions."""
-        return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "LD-ZNet mask job", "type": "object",
-                "additionalProperties": False,
+        return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "LD-ZNet mask job",
+                "type": "object", "additionalProperties": False,
                 "properties": {spec.name: _field_schema(spec) for spec in _fields()}}
 
 

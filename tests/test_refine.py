@@ -192,7 +192,7 @@ def test_cli_refinement_switches(tmp_path, tiny_model_files, capsys):
 
 
 def test_api_option_reaches_the_segmenter(tmp_path, tiny_sd):
-    """POST /ldznet/v1/mask's "refine" goes through MaskRequest and the engine into the segmenter;
+    """POST /ldznet/v1/mask's "refine" goes through MaskJob and the engine into the segmenter;
     it is on when left out, and a value that is not a boolean is refused with 422."""
     image = random_image(40, 56, seed=7)
     encoded = base64.b64encode(_png(image)).decode()

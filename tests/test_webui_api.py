@@ -24,10 +24,16 @@ from modules import script_callbacks  # noqa: E402
 from modules.api.api import Api  # noqa: E402
 
 from ldznet_ext.errors import CheckpointError  # noqa: E402
+from ldznet_ext.heads import load_head  # noqa: E402
 from ldznet_ext.images import load_image  # noqa: E402
+from ldznet_ext.job import MaskJob, with_grow  # noqa: E402
+from ldznet_ext.masks.expression import parse  # noqa: E402
+from ldznet_ext.masks.ops import MaskOptions  # noqa: E402
 from ldznet_ext.outputs import render_overlay  # noqa: E402
-from ldznet_ext.webui import api, host, register, ui  # noqa: E402
-from ldznet_ext.webui.request import MaskRequest  # noqa: E402
+from ldznet_ext.refine import RefineSettings  # noqa: E402
+from ldznet_ext.segmenter import Segmenter, SegmenterSettings  # noqa: E402
+from ldznet_ext.webui import api, host, register, request, ui  # noqa: E402
+from ldznet_ext.world.scenes import make_scene  # noqa: E402
 
 BAD_ARGS = json.dumps({"prompt": "cat", "alwayson_scripts": {"ld-znet mask": {"args": ["cat", "nope"]}}}).encode()
 
@@ -151,7 +157,7 @@ def test_host_compute_reads_a_16_bit_image_like_the_cli(tmp_path, monkeypatch):
     and so the CLI's mask."""
     pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
     world.install(tmp_path)
-    image, request = _grey16(), MaskRequest("goblin", threshold=0.3)
+    image, request = _grey16(), MaskJob("goblin", threshold=0.3)
     raw = _png_bytes(image)
     expected = host.compute(load_image(raw), request)
     predict, seen = host.engine().predict, []
@@ -240,9 +246,68 @@ def test_preview_reads_the_image_like_load_image(tmp_path):
     image = _grey16()
     overlay, status = ui.preview_mask(0, "a photo\nmask: goblin", image, None, None, None, None, None,
                                       "", "LD-ZNet head", 0.3)
-    mask = host.compute(load_image(_png_bytes(image)), MaskRequest("goblin", threshold=0.3)).mask
+    mask = host.compute(load_image(_png_bytes(image)), MaskJob("goblin", threshold=0.3)).mask
     assert np.array_equal(np.asarray(overlay), render_overlay(load_image(_png_bytes(image)), mask))
     assert "goblin: " in status and "ldznet-status" in status
+
+
+def test_preview_uses_the_prompt_line_first(tmp_path):
+    """Preview shows what a generation masks: the prompt's line wins over the accordion's expression."""
+    pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
+    world.install(tmp_path)
+    image = _grey16()
+    overlay, status = ui.preview_mask(0, "a photo\nmask: goblin", image, None, None, None, None, None,
+                                      "sword", "LD-ZNet head", 0.3)
+    mask = host.compute(load_image(_png_bytes(image)), MaskJob("goblin", threshold=0.3)).mask
+    assert np.array_equal(np.asarray(overlay), render_overlay(load_image(_png_bytes(image)), mask))
+    assert status.startswith("<p class='ldznet-status'>goblin: ")
+    _, status = ui.preview_mask(0, "a photo", image, None, None, None, None, None, "sword", "LD-ZNet head", 0.3)
+    assert status.startswith("<p class='ldznet-status'>sword: ")
+
+
+def _mask_before_mask_job(image, brush, expression, mode, threshold, grow, feather, invert, combine, refine):
+    """The engine's mask as it was computed before MaskJob: MaskRequest handed threshold, invert
+    and feather to MaskOptions, refine to RefineSettings(enabled=...), grow as a modifier, and the
+    engine built the Segmenter from the host's settings and the selected head."""
+    backbone, options = host.current_backbone(), host.engine_options()
+    refine_settings = RefineSettings(enabled=refine)
+    if mode == "zero-shot":
+        segmenter = Segmenter(backbone, settings=SegmenterSettings(resolution=options.resolution, seed=options.seed,
+                                                                   refine=refine_settings))
+    else:
+        head, config = load_head(host.engine().heads_dir / options.head, device="cpu", dtype=backbone.dtype)
+        segmenter = Segmenter(backbone, head, config, SegmenterSettings(
+            resolution=options.resolution, timestep=config.timestep, seed=options.seed, refine=refine_settings))
+    segmenter.set_image(image)
+    prediction = segmenter.predict(with_grow(parse(expression), grow),
+                                   MaskOptions(threshold=threshold, invert=invert, feather=feather))
+    return request.combine(prediction.mask_image(), brush, combine)
+
+
+@pytest.mark.parametrize("args", [
+    ["yellow square OR grass", "LD-ZNet head", 0.5, 0, 0, False, "replace"],
+    ["grass{+2}", "LD-ZNet head", 0.5, -3, 2, True, "add", False],
+    ["grass AND NOT sky", "zero-shot", "0.45", "2", "1.5", "false", "subtract", "true"],
+    ["grass", "zero-shot", 0.5, 0, 0, False, "intersect", False],
+])
+def test_todays_args_and_body_give_todays_masks(tmp_path, args):
+    """Compatibility: positional args of 7 and 8 items and the README's /ldznet/v1/mask body give
+    the masks they gave before MaskJob, bit for bit, on a micro-world scene."""
+    pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
+    world.install(tmp_path)
+    image = make_scene(5, size=64).image
+    brush = np.zeros(image.shape[:2], np.uint8)
+    brush[:, :30] = 255
+    full = [*args, True] if len(args) == 7 else args
+    expected = _mask_before_mask_job(image, brush, full[0], full[1], float(full[2]), float(full[3]), float(full[4]),
+                                     str(full[5]).lower() == "true", full[6], str(full[7]).lower() == "true")
+    assert 0 < expected.mean() < 255  # a mask with both sides
+    assert np.array_equal(host.compute(image, request.from_args(args), brush).mask, expected)
+    body = dict(zip(request.ARG_NAMES, args))
+    body.update(image=base64.b64encode(_png_bytes(Image.fromarray(image))).decode(),
+                mask=base64.b64encode(_png_bytes(Image.fromarray(brush))).decode())
+    response = api.mask_response(body, host.compute, host.check_ready)
+    assert np.array_equal(_decoded(response["mask"]), expected)
 
 
 def _install_wide_head(tmp_path) -> None:
@@ -265,7 +330,7 @@ def test_a_head_for_another_model_is_refused_before_the_generation(tmp_path):
     reason = ("wide.safetensors: this ldznet head was made for a different SD model (head vs model: "
               "model_channels 64 vs 32); use a head trained on this model, or mode 'zero-shot'")
     with pytest.raises(CheckpointError) as caught:
-        host.check_ready(MaskRequest("cat"))
+        host.check_ready(MaskJob("cat"))
     assert str(caught.value) == reason
     for payload, is_img2img in (({"prompt": "mask: cat", "init_images": ["x"]}, True),
                                 ({"alwayson_scripts": {"LD-ZNet mask": {"args": ["cat"]}}}, False)):
@@ -276,9 +341,9 @@ def test_a_head_for_another_model_is_refused_before_the_generation(tmp_path):
         api.mask_response({"image": base64.b64encode(_png_bytes(_grey16())).decode(), "expression": "cat"},
                           host.compute, host.check_ready)
     assert (caught.value.status, caught.value.detail) == (409, reason)
-    host.check_ready(MaskRequest("cat", mode="zero-shot"))
+    host.check_ready(MaskJob("cat", mode="zero-shot"))
     modules.sd_models.model_data.sd_model = None  # nothing loaded: nothing to compare with yet
-    host.check_ready(MaskRequest("cat"))
+    host.check_ready(MaskJob("cat"))
 
 
 def _get(app, path: str) -> tuple[int, dict]:

@@ -18,7 +18,7 @@ from ldznet_ext.errors import CheckpointError, LdznetError  # noqa: E402
 from ldznet_ext.webui import host  # noqa: E402
 from ldznet_ext.webui.a1111 import A1111Backbone, check_a1111_model  # noqa: E402
 from ldznet_ext.webui.forge import ForgeBackbone, check_forge_model  # noqa: E402
-from ldznet_ext.webui.request import MaskRequest  # noqa: E402
+from ldznet_ext.job import MaskJob  # noqa: E402
 
 IMAGE = (np.random.default_rng(3).random((40, 56, 3)) * 255).astype(np.uint8)
 
@@ -67,7 +67,7 @@ def test_generation_is_bit_identical_after_masks_and_failures(fake, mode, monkey
     grads = [p.requires_grad for p in fake.parameters()]
     before = _generate(fake)
     hooks = _hook_count(fake)
-    result = host.compute(IMAGE, MaskRequest("goblin OR sword", mode, threshold=0.3))
+    result = host.compute(IMAGE, MaskJob("goblin OR sword", mode, threshold=0.3))
     assert result.mask.shape == (40, 56) and result.mask.dtype == np.uint8
     assert _hook_count(fake) == hooks
     assert torch.equal(_generate(fake), before)
@@ -82,13 +82,13 @@ def test_generation_is_bit_identical_after_masks_and_failures(fake, mode, monkey
         engine_head = host.engine()._head[0]
         monkeypatch.setattr(engine_head.__class__, "forward", exploding_head)
         with pytest.raises(RuntimeError, match="boom"):
-            host.compute(IMAGE, MaskRequest("goblin", mode))
+            host.compute(IMAGE, MaskJob("goblin", mode))
         monkeypatch.undo()
     unet = fake.model.diffusion_model
     block = unet.output_blocks[3][1]
     handle = block.register_forward_hook(lambda *a: exploding_head())
     with pytest.raises(RuntimeError, match="boom"):
-        host.compute(IMAGE, MaskRequest("dragon", mode))
+        host.compute(IMAGE, MaskJob("dragon", mode))
     handle.remove()
     assert calls and calls[-1] > hooks  # the tap's hooks were in place when it failed...
     assert _hook_count(fake) == hooks  # ...and are gone now
@@ -98,7 +98,7 @@ def test_generation_is_bit_identical_after_masks_and_failures(fake, mode, monkey
 
 
 def test_masks_are_deterministic(fake):
-    request = MaskRequest("goblin", threshold=0.2)
+    request = MaskJob("goblin", threshold=0.2)
     first = host.compute(IMAGE, request)
     host.release()
     second = host.compute(IMAGE, request)
@@ -129,19 +129,19 @@ def test_refusals(fake):
 def test_missing_and_mismatched_heads(tmp_path):
     world.install(tmp_path, head=False)
     with pytest.raises(LdznetError, match="no LD-ZNet head is selected"):
-        host.compute(IMAGE, MaskRequest("cat"))
+        host.compute(IMAGE, MaskJob("cat"))
     import modules.shared
 
     modules.shared.opts.data["ldznet_head"] = "gone.safetensors"
     with pytest.raises(CheckpointError, match="'gone.safetensors' not found"):
-        host.compute(IMAGE, MaskRequest("cat"))
+        host.compute(IMAGE, MaskJob("cat"))
     world.install(tmp_path)
     other = FakeLatentDiffusion(_wider_sd())
     import modules.sd_models
 
     modules.sd_models.model_data.sd_model = other
     with pytest.raises(CheckpointError, match="made for a different SD model.*model_channels 32 vs 64"):
-        host.compute(IMAGE, MaskRequest("cat"))
+        host.compute(IMAGE, MaskJob("cat"))
 
 
 def _wider_sd():
@@ -230,7 +230,7 @@ def test_forge_model_is_loaded_lazily(fake, monkeypatch):
     monkeypatch.setattr(modules.sd_models, "forge_model_reload", forge_model_reload, raising=False)
     monkeypatch.setitem(sys.modules, "backend", types.SimpleNamespace(memory_management=types.SimpleNamespace(
         load_model_gpu=lambda patcher: None)))
-    zero_shot = MaskRequest("cat", mode="zero-shot")
+    zero_shot = MaskJob("cat", mode="zero-shot")
     host.check_ready(zero_shot)
     assert reloads == [] and host.loaded_model() is None
     backbone = host.current_backbone()

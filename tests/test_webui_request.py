@@ -5,14 +5,18 @@ import asyncio
 import base64
 import io
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from ldznet_ext.errors import ExpressionError, LdznetError
-from ldznet_ext.webui import api
-from ldznet_ext.webui.request import INFOTEXT_KEYS, MaskRequest, combine, split_mask_line
+from ldznet_ext.job import MaskJob
+from ldznet_ext.masks.ops import MaskOptions
+from ldznet_ext.refine import RefineSettings
+from ldznet_ext.webui import api, request
+from ldznet_ext.webui.request import INFOTEXT_KEYS, combine, from_args, from_infotext, infotext, split_mask_line
 
 
 @pytest.mark.parametrize("prompt, rest, expression", [
@@ -32,41 +36,115 @@ def test_split_mask_line_errors(prompt, message):
         split_mask_line(prompt)
 
 
+OLD_INFOTEXT = {"LD-ZNet mask": "goblin OR sword{+4}", "LD-ZNet mode": "zero-shot", "LD-ZNet threshold": "0.35",
+                "LD-ZNet grow": "-3", "LD-ZNet feather": "2.5", "LD-ZNet invert": "True",
+                "LD-ZNet combine": "subtract", "LD-ZNet refine": "False"}
+"""The infotext of a job with none of the options added with MaskJob: as written before it."""
+
+
 def test_infotext_round_trip():
-    request = MaskRequest("goblin OR sword{+4}", "zero-shot", 0.35, -3, 2.5, True, "subtract", False)
-    params = request.infotext()
-    assert params == {"LD-ZNet mask": "goblin OR sword{+4}", "LD-ZNet mode": "zero-shot", "LD-ZNet threshold": "0.35",
-                      "LD-ZNet grow": "-3", "LD-ZNet feather": "2.5", "LD-ZNet invert": "True",
-                      "LD-ZNet combine": "subtract", "LD-ZNet refine": "False"}
-    assert MaskRequest.from_infotext(params) == request
-    assert MaskRequest.from_infotext({"Steps": "20"}) is None
-    assert set(INFOTEXT_KEYS.values()) == set(params)
+    job = MaskJob("goblin OR sword{+4}", "zero-shot", 0.35, -3, 2.5, True, "subtract", False)
+    assert infotext(job) == OLD_INFOTEXT
+    assert from_infotext(OLD_INFOTEXT) == job
+    assert from_infotext({"Steps": "20"}) is None
+
+
+def test_infotext_round_trips_every_field():
+    job = MaskJob("goblin", "zero-shot", 0.123456789, 2048, 0.5, False, "add", True, 3, 40, 0.25, 7.5)
+    params = infotext(job)
+    assert params == {"LD-ZNet mask": "goblin", "LD-ZNet mode": "zero-shot", "LD-ZNet threshold": "0.123456789",
+                      "LD-ZNet grow": "2048", "LD-ZNet feather": "0.5", "LD-ZNet invert": "False",
+                      "LD-ZNet combine": "add", "LD-ZNet refine": "True", "LD-ZNet keep largest": "3",
+                      "LD-ZNet min area": "40", "LD-ZNet refine strength": "0.25", "LD-ZNet refine radius": "7.5"}
+    assert set(INFOTEXT_KEYS.values()) == set(params) and list(INFOTEXT_KEYS) == list(request.ARG_NAMES)
+    assert from_infotext(params) == job
+    assert from_infotext({**params, "LD-ZNet keep largest": "0"}).keep_largest is None  # the control's "all"
+
+
+def test_pasted_values():
+    """PNG Info fills every control: an older image without the newer keys resets them to their
+    defaults (the control values of "all" and "automatic"); missing older keys leave controls alone."""
+    pasted = {name: request.pasted_value(OLD_INFOTEXT, name) for name in request.ARG_NAMES}
+    assert pasted == {"expression": "goblin OR sword{+4}", "mode": "zero-shot", "threshold": "0.35", "grow": "-3",
+                      "feather": "2.5", "invert": "True", "combine": "subtract", "refine": "False",
+                      "keep_largest": "0", "min_area": "0", "refine_strength": "1", "refine_radius": "0"}
+    assert [request.pasted_value({}, name) for name in ("expression", "threshold", "min_area")] == ["", None, "0"]
+    assert from_args(list(pasted.values())) == from_infotext(OLD_INFOTEXT)
 
 
 def test_from_args_defaults_and_strings():
-    assert MaskRequest.from_args(["cat"]) == MaskRequest("cat")
-    assert MaskRequest.from_args(["cat", None, "0.25", None, None, "false"]) == MaskRequest("cat", threshold=0.25)
-    assert MaskRequest.from_args([]).active is False
-    assert MaskRequest.from_args(["cat"]).refine_settings().enabled  # refinement is on unless switched off
-    assert not MaskRequest.from_args(["cat", *[None] * 6, "false"]).refine_settings().enabled
+    assert from_args(["cat"]) == MaskJob("cat")
+    assert from_args(("cat", None, "0.25", None, None, "false")) == MaskJob("cat", threshold=0.25)
+    assert from_args([]).active is False
+    assert from_args(["cat"]).refine_settings().enabled  # refinement is on unless switched off
+    assert not from_args(["cat", *[None] * 6, "false"]).refine_settings().enabled
+
+
+def test_from_args_with_the_newer_args():
+    """Args 9-12 (keep_largest, min_area, refine_strength, refine_radius) reach the job; 0 keeps
+    all objects and picks the radius automatically, as None does."""
+    job = from_args(["cat", "zero-shot", 0.3, 2, 1, True, "add", False, 2, "50", 0.5, 12])
+    assert job == MaskJob("cat", "zero-shot", 0.3, 2, 1, True, "add", False, 2, 50, 0.5, 12)
+    assert job.mask_options() == MaskOptions(threshold=0.3, invert=True, keep_largest=2, min_area=50, feather=1.0)
+    assert job.refine_settings() == RefineSettings(enabled=False, strength=0.5, radius=12.0)
+    for unset in (0, 0.0, "0", None):
+        assert from_args(["cat", *[None] * 7, unset, None, None, unset]) == MaskJob("cat")
+    assert [request.control_value(job, name) for name in request.ARG_NAMES] == [
+        "cat", "zero-shot", 0.3, 2.0, 1.0, True, "add", False, 2, 50, 0.5, 12.0]
+    assert [request.control_value(MaskJob(), name) for name in request.ZERO_MEANS_NONE] == [0, 0]
+
+
+@pytest.mark.parametrize("args", [
+    ["cat", "LD-ZNet head", 0.4, 8, 4, False, "replace"],  # the README's example, 7 args
+    ["cat", "zero-shot", "0.4", "-8", "4", "true", "Subtract", "false"],  # 8 args, as text
+])
+def test_todays_positional_args_give_todays_job(args):
+    """7 and 8 args mean what they meant before the newer args were appended: the same fields,
+    and the newer options at their defaults (which are the engine's behaviour before them)."""
+    job = from_args(args)
+    old = dict(zip(("expression", "mode", "threshold", "grow", "feather", "invert", "combine", "refine"),
+                   (args[0], args[1], float(args[2]), float(args[3]), float(args[4]), str(args[5]).lower() == "true",
+                    args[6].lower(), str(args[7]).lower() == "true" if len(args) > 7 else True)))
+    assert job.as_dict() == {**old, "keep_largest": None, "min_area": 0, "refine_strength": 1.0,
+                             "refine_radius": None}
+    assert job.mask_options() == MaskOptions(threshold=old["threshold"], invert=old["invert"], feather=old["feather"])
+    assert job.refine_settings() == RefineSettings(enabled=old["refine"])
+
+
+def test_the_prompt_line_wins_over_the_accordion():
+    job = MaskJob("sword", threshold=0.3, grow=2)
+    assert request.with_prompt_line(job, "a knight\nmask: goblin") == MaskJob("goblin", threshold=0.3, grow=2)
+    assert request.with_prompt_line(job, "a knight") is job
+    assert request.with_prompt_line(job, None) is job
+    assert request.with_prompt_line(MaskJob(), "mask: cat{+2}").expression == "cat{+2}"
+    with pytest.raises(LdznetError, match="2 'mask:' lines"):
+        request.with_prompt_line(job, "mask: a\nmask: b")
+
+
+EIGHT = ["cat", "zero-shot", 0.5, 0, 0, False, "add", True]
 
 
 @pytest.mark.parametrize("args, message", [
     ("cat", "args must be a list"),
     (["cat", "head"], "mode must be one of 'LD-ZNet head', 'zero-shot', got 'head'"),
-    (["cat", "zero-shot", 1.0], r"threshold must be in \[0, 1\), got 1.0"),
-    (["cat", "zero-shot", 0.5, 300], r"grow must be in \[-256, 256\], got 300"),
-    (["cat", "zero-shot", 0.5, 0, -1], r"feather must be in \[0, 256\], got -1"),
+    (["cat", "zero-shot", 1.0], r"^threshold must be a number in \[0, 1\), got 1.0$"),
+    (["cat", "zero-shot", 0.5, 3000], r"^grow must be a number in \[-2048, 2048\], got 3000$"),
+    (["cat", "zero-shot", 0.5, 0, -1], r"^feather must be a number in \[0, 2048\], got -1$"),
+    (["cat", "zero-shot", "x"], r"^threshold must be a number in \[0, 1\), got 'x'$"),
     (["cat", "zero-shot", 0.5, 0, 0, "yes"], "invert must be true or false, got 'yes'"),
     (["cat", "zero-shot", 0.5, 0, 0, False, "xor"], "combine must be one of"),
     ([1], "expression \\(arg 0\\) must be text"),
     (["cat", "zero-shot", 0.5, 0, 0, False, "add", "on"], "refine must be true or false, got 'on'"),
-    (["cat"] * 9, "got 9 args, expected at most 8"),
+    ([*EIGHT, -1], r"^keep_largest must be an integer in \[1, 100000\], got -1$"),
+    ([*EIGHT, None, 2.5], r"^min_area must be an integer in \[0, 1000000000\], got 2.5$"),
+    ([*EIGHT, None, None, 2], r"^refine_strength must be a number in \[0, 1\], got 2$"),
+    ([*EIGHT, None, None, None, 0.5], r"^refine_radius must be a number in \[1, 2048\], got 0.5$"),
+    ([*EIGHT] * 2, "got 16 args, expected at most 12"),
     (["cat OR"], "expected a term"),
 ])
 def test_from_args_errors(args, message):
     with pytest.raises(LdznetError, match=message):
-        MaskRequest.from_args(args)
+        from_args(args)
 
 
 def test_combine_modes_on_hand_arrays():
@@ -87,7 +165,7 @@ def _b64(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _ready(request):
+def _ready(job):
     pass
 
 
@@ -103,8 +181,8 @@ def test_check_generation():
     with pytest.raises(api.ApiError, match="args must be a list"):
         api.check_generation({"alwayson_scripts": {"ld-znet mask": {"args": "cat"}}}, False, _ready)
 
-    def not_ready(request):
-        raise LdznetError(f"no head for {request.expression}")
+    def not_ready(job):
+        raise LdznetError(f"no head for {job.expression}")
 
     with pytest.raises(api.ApiError, match="no head for cat"):
         api.check_generation({"prompt": "mask: cat", "init_images": ["x"]}, True, not_ready)
@@ -126,6 +204,59 @@ def test_mask_response_validation():
     with pytest.raises(api.ApiError, match="pixels; the limit is 40") as caught:
         api.decode_image(image, "image", max_pixels=40)
     assert caught.value.status == 413
+
+
+def _job_of(payload: dict) -> MaskJob:
+    """The job POST /ldznet/v1/mask hands to compute for ``payload`` (with a small image)."""
+    seen = []
+
+    def compute(image, job, brush):
+        seen.append(job)
+        mask = np.zeros(image.shape[:2], np.uint8)
+        return SimpleNamespace(mask=mask, prediction=SimpleNamespace(expression=job.expression,
+                                                                     probability_image=lambda: mask))
+
+    api.mask_response({"image": _b64(Image.new("RGB", (8, 6))), **payload}, compute, _ready)
+    return seen[0]
+
+
+def test_todays_mask_body_gives_todays_job():
+    """The README's body of POST /ldznet/v1/mask: every field as before, the newer ones at their
+    defaults; null still means the default."""
+    body = {"expression": "goblin  OR sword", "mode": "zero-shot", "threshold": 0.4, "grow": 8, "feather": 4,
+            "invert": True, "combine": "add", "refine": False}
+    assert _job_of(body).as_dict() == {**body, "expression": "goblin OR sword", "grow": 8.0, "feather": 4.0,
+                                       "keep_largest": None, "min_area": 0, "refine_strength": 1.0,
+                                       "refine_radius": None}
+    assert _job_of({"expression": "cat", "threshold": None, "refine": None}) == MaskJob("cat")
+
+
+def test_mask_body_takes_the_newer_fields_by_name():
+    body = {"expression": "cat", "keep_largest": 2, "min_area": 30, "refine_strength": 0.5, "refine_radius": 6}
+    assert _job_of(body) == MaskJob("cat", keep_largest=2, min_area=30, refine_strength=0.5, refine_radius=6.0)
+    with pytest.raises(api.ApiError, match=r"^keep_largest must be an integer in \[1, 100000\], got 0$") as caught:
+        _job_of({"expression": "cat", "keep_largest": 0})
+    assert caught.value.status == 422
+
+
+def test_schema_route():
+    schema = api.schema_response()
+    assert schema["job"] == MaskJob.json_schema()
+    assert schema["script_args"] == list(request.ARG_NAMES) == list(MaskJob.field_names())
+    assert schema["script_args"][:8] == ["expression", "mode", "threshold", "grow", "feather", "invert", "combine",
+                                         "refine"]
+    assert (schema["image_fields"], schema["script_args_zero_is_null"]) == (["image", "mask"],
+                                                                            ["keep_largest", "refine_radius"])
+    assert json.loads(json.dumps(schema)) == schema
+
+
+def test_generation_check_uses_the_prompt_line_first():
+    """The pre-generation check validates the job the script will run: the prompt's line, not the args'."""
+    seen = []
+    payload = {"prompt": "a\nmask: goblin", "init_images": ["x"],
+               "alwayson_scripts": {"LD-ZNet mask": {"args": ["sword", "zero-shot", 0.3]}}}
+    api.check_generation(payload, True, seen.append)
+    assert seen == [MaskJob("goblin", "zero-shot", 0.3)]
 
 
 def _asgi(guard, path, body: bytes, headers=()):
@@ -178,5 +309,5 @@ def test_api_guard():
 
 def test_expression_error_position():
     with pytest.raises(ExpressionError) as caught:
-        MaskRequest("cat AND")
+        MaskJob("cat AND")
     assert caught.value.position == 7

@@ -14,7 +14,8 @@ import modules.shared  # noqa: E402
 from modules import processing, script_callbacks  # noqa: E402
 
 from ldznet_ext.webui import host, script  # noqa: E402
-from ldznet_ext.webui.request import MaskRequest  # noqa: E402
+from ldznet_ext.job import MaskJob  # noqa: E402
+from ldznet_ext.webui.request import from_infotext  # noqa: E402
 
 ARGS = ("", "LD-ZNet head", 0.3, 0, 0, False, "replace")
 
@@ -39,11 +40,32 @@ def test_process_sets_the_mask_before_init(img2img):
     image = _image(1)
     p = _run(img2img, processing.StableDiffusionProcessingImg2Img(prompt="a photo\nmask: goblin", init_images=[image]),
              ("", "LD-ZNet head", 0.3))
-    expected = host.compute(image, MaskRequest("goblin", threshold=0.3)).mask
+    expected = host.compute(image, MaskJob("goblin", threshold=0.3)).mask
     assert np.array_equal(np.asarray(p.used_masks[0]), expected)
     assert p.all_prompts == ["a photo"] and p.main_prompt == "a photo" and p.prompt == "a photo\nmask: goblin"
     assert p.extra_generation_params["LD-ZNet mask"] == "goblin"
-    assert MaskRequest.from_infotext(p.extra_generation_params) == MaskRequest("goblin", threshold=0.3)
+    assert from_infotext(p.extra_generation_params) == MaskJob("goblin", threshold=0.3)
+
+
+def test_the_prompt_line_wins_over_the_accordion(img2img):
+    """The precedence Preview uses too (request.with_prompt_line): the line's expression, the accordion's settings."""
+    image = _image(1)
+    p = _run(img2img, processing.StableDiffusionProcessingImg2Img(prompt="a photo\nmask: goblin", init_images=[image]),
+             ("sword", "LD-ZNet head", 0.3, 2))
+    expected = host.compute(image, MaskJob("goblin", threshold=0.3, grow=2)).mask
+    assert np.array_equal(np.asarray(p.used_masks[0]), expected)
+    assert from_infotext(p.extra_generation_params) == MaskJob("goblin", threshold=0.3, grow=2)
+    assert p.all_prompts == ["a photo"]
+
+
+def test_the_newer_args_reach_the_mask_and_the_infotext(img2img):
+    image = _image(2)
+    args = ("goblin", "LD-ZNet head", 0.51, 0, 0, False, "replace", True, 1, 2, 0.5, 6)
+    p = _run(img2img, processing.StableDiffusionProcessingImg2Img(init_images=[image]), args)
+    job = MaskJob("goblin", threshold=0.51, keep_largest=1, min_area=2, refine_strength=0.5, refine_radius=6)
+    assert np.array_equal(np.asarray(p.used_masks[0]), host.compute(image, job).mask)
+    assert not np.array_equal(np.asarray(p.used_masks[0]), host.compute(image, MaskJob("goblin", threshold=0.51)).mask)
+    assert p.extra_generation_params["LD-ZNet keep largest"] == "1" and from_infotext(p.extra_generation_params) == job
 
 
 def test_no_expression_leaves_p_alone(img2img):
@@ -60,7 +82,7 @@ def test_combine_with_the_brush(img2img, mode):
     rgba = Image.fromarray(np.dstack([brush] * 4), "RGBA")  # an uploaded RGBA mask: alpha carries it
     args = ("goblin", "LD-ZNet head", 0.3, 0, 0, False, mode)
     p = _run(img2img, processing.StableDiffusionProcessingImg2Img(init_images=[image], mask=rgba), args)
-    ours = host.compute(image, MaskRequest("goblin", threshold=0.3)).mask
+    ours = host.compute(image, MaskJob("goblin", threshold=0.3)).mask
     expected = {"add": np.maximum(ours, brush), "subtract": np.minimum(ours, 255 - brush),
                 "intersect": np.minimum(ours, brush)}[mode]
     assert np.array_equal(np.asarray(p.used_masks[0]), expected)
@@ -78,7 +100,7 @@ def test_batch_tab_reuses_p(img2img):
         _run(img2img, p, ("", "LD-ZNet head", threshold))
         masks.append(np.asarray(p.image_mask))
     assert not masks[0].any() and p.used_masks[0] is None
-    assert np.array_equal(masks[1], host.compute(images[1], MaskRequest("goblin", threshold=0.3)).mask)
+    assert np.array_equal(masks[1], host.compute(images[1], MaskJob("goblin", threshold=0.3)).mask)
     assert p.inpaint_full_res is True and p.used_masks[1] is not None
 
 
@@ -106,7 +128,7 @@ def test_txt2img_saves_a_mask_beside_each_image(tmp_path):
     target = tmp_path / "00001-1.png"
     script.save_pending_mask(script_callbacks.ImageSaveParams(generated, p, str(target), {}))
     saved = np.asarray(Image.open(tmp_path / "00001-1-ldznet-mask.png"))
-    assert np.array_equal(saved, host.compute(generated, MaskRequest("goblin", threshold=0.3)).mask)
+    assert np.array_equal(saved, host.compute(generated, MaskJob("goblin", threshold=0.3)).mask)
     script.save_pending_mask(script_callbacks.ImageSaveParams(_image(6), p, str(tmp_path / "grid.png"), {}))
     assert not (tmp_path / "grid-ldznet-mask.png").exists()
 

@@ -18,7 +18,7 @@ import modules.shared  # noqa: E402
 from ldznet_ext.batch import MANIFEST_NAME, read_manifest  # noqa: E402
 from ldznet_ext.segmenter import Segmenter  # noqa: E402
 from ldznet_ext.webui import host, tab  # noqa: E402
-from ldznet_ext.webui.request import MaskRequest  # noqa: E402
+from ldznet_ext.job import MaskJob  # noqa: E402
 
 ARGS = ("goblin", "LD-ZNet head", 0.3, 0, 0, False, "replace")
 
@@ -37,7 +37,7 @@ def _gallery(folder: Path, count: int) -> list[Path]:
 
 
 def _expected(seed: int) -> np.ndarray:
-    return host.compute(np.asarray(_image(seed)), MaskRequest("goblin", threshold=0.3)).mask
+    return host.compute(np.asarray(_image(seed)), MaskJob("goblin", threshold=0.3)).mask
 
 
 def test_tab_masks_a_folder_resumably(tmp_path):
@@ -59,7 +59,24 @@ def test_tab_masks_a_folder_resumably(tmp_path):
     assert [(Path(e["input"]).name, e["status"]) for e in entries] == [
         ("broken.jpg", "error"), ("img0.png", "ok"), ("img1.png", "ok"), ("img2.png", "ok"),
         ("img1.png", "skipped"), ("img2.png", "skipped"), ("broken.jpg", "error"), ("img0.png", "ok")]
-    assert entries[1]["expression"] == "goblin" and entries[1]["settings"]["threshold"] == 0.3
+    assert entries[1]["expression"] == "goblin"
+    assert entries[1]["settings"] == MaskJob("goblin", threshold=0.3).manifest_settings() == {
+        "mode": "LD-ZNet head", "threshold": 0.3, "grow": 0.0, "feather": 0.0, "invert": False, "combine": "replace",
+        "refine": True, "keep_largest": None, "min_area": 0, "refine_strength": 1.0, "refine_radius": None}
+
+
+def test_tab_takes_every_mask_option(tmp_path):
+    world.install(tmp_path)
+    _gallery(tmp_path / "in", 1)
+    # the largest object only, no specks, half-strength refinement, automatic radius (0)
+    args = ("goblin", "LD-ZNet head", 0.51, 0, 0, False, "replace", True, 1, 2, 0.5, 0)
+    _, status = tab.mask_folder(str(tmp_path / "in"), None, str(tmp_path / "out"), False, *args)
+    assert "1 masked" in status
+    job = MaskJob("goblin", threshold=0.51, keep_largest=1, min_area=2, refine_strength=0.5)
+    expected = host.compute(np.asarray(_image(10)), job).mask
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "img0.png")), expected)
+    assert not np.array_equal(expected, host.compute(np.asarray(_image(10)), MaskJob("goblin", threshold=0.51)).mask)
+    assert read_manifest(tmp_path / "out" / MANIFEST_NAME)[0]["settings"] == job.manifest_settings()
 
 
 def test_tab_reports_progress_per_file(tmp_path, monkeypatch):

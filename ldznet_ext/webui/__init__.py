@@ -4,7 +4,7 @@ The repository root is the extension folder (``scripts/ldznet.py`` is its entry 
 here import the host lazily, inside functions, so the pure parts (``request``, ``combine``) import
 and test without a WebUI. Nothing in the core ``ldznet_ext`` imports this package.
 
-- ``request``: the mask settings of one generation (script args, infotext, ``mask:`` prompt lines)
+- ``request``: the WebUI side of a mask job (``ldznet_ext.job``): script args, infotext, ``mask:`` prompt lines
 - ``a1111`` / ``forge``: Backbone adapters over the host's loaded model; ``host`` picks one
 - ``engine``: heads cache + Segmenter per call, under the host's locks and devices
 - ``script``: the always-visible img2img/txt2img script; ``ui``, ``tab``, ``settings``, ``api``

@@ -1,5 +1,6 @@
-"""HTTP API: ``POST /ldznet/v1/mask``, ``GET /ldznet/v1/version``, and checks of the LD-ZNet args
-of ``/sdapi/v1/img2img`` and ``/sdapi/v1/txt2img`` that answer 4xx before a generation starts.
+"""HTTP API: ``POST /ldznet/v1/mask``, ``GET /ldznet/v1/version``, ``GET /ldznet/v1/schema``, and
+checks of the LD-ZNet args of ``/sdapi/v1/img2img`` and ``/sdapi/v1/txt2img`` that answer 4xx
+before a generation starts.
 
 The host runs script hooks with every exception caught and logged, so a bad ``alwayson_scripts``
 arg could only be reported after a generation. An ASGI middleware (:class:`ApiGuard`) reads those
@@ -23,11 +24,14 @@ from PIL import Image, ImageOps
 from .. import __version__
 from ..errors import CheckpointError, ImageError, LdznetError
 from ..images import load_image
+from ..job import MaskJob
 from ..outputs import render_overlay
-from .request import ARG_NAMES, TITLE, MaskRequest, split_mask_line
+from .request import ARG_NAMES, TITLE, ZERO_MEANS_NONE, from_args, with_prompt_line
 
 MASK_ROUTE = "/ldznet/v1/mask"
 VERSION_ROUTE = "/ldznet/v1/version"
+SCHEMA_ROUTE = "/ldznet/v1/schema"
+IMAGE_FIELDS = ("image", "mask")
 GENERATION_ROUTES = ("/sdapi/v1/img2img", "/sdapi/v1/txt2img")
 MAX_REQUEST_BYTES = 64 * 2**20
 MAX_PIXELS = 4096 * 4096
@@ -132,7 +136,7 @@ def _our_args(payload: Mapping) -> list | None:
     return None
 
 
-def check_generation(payload, is_img2img: bool, check_ready: Callable[[MaskRequest], None]) -> None:
+def check_generation(payload, is_img2img: bool, check_ready: Callable[[MaskJob], None]) -> None:
     """Validate the LD-ZNet part of a generation request; ApiError with the reason: 409 when the
     head or the loaded model does not allow the mask, 422 for bad args."""
     if not isinstance(payload, Mapping):
@@ -140,46 +144,39 @@ def check_generation(payload, is_img2img: bool, check_ready: Callable[[MaskReque
     args = _our_args(payload)
     prompt = payload.get("prompt")
     try:
-        request = MaskRequest.from_args(args or [])
+        job = from_args(args or [])
     except LdznetError as error:
         raise ApiError(422, f"alwayson_scripts[{TITLE.lower()!r}].args: {error}") from None
     try:
-        expression = split_mask_line(prompt)[1] if isinstance(prompt, str) else None
-        if expression is not None:
-            request = request.with_expression(expression)
+        job = with_prompt_line(job, prompt)  # the script's own rule: the prompt's line wins
     except LdznetError as error:
         raise ApiError(422, f"prompt: {error}") from None
-    if not request.active:
+    if not job.active:
         return
     if is_img2img and not payload.get("init_images"):
         raise ApiError(422, "an LD-ZNet mask needs init_images")
     try:
-        check_ready(request)
+        check_ready(job)
     except CheckpointError as error:  # the host's model or our head file: a conflict, as on /ldznet/v1/mask
         raise ApiError(409, str(error)) from None
     except LdznetError as error:
         raise ApiError(422, str(error)) from None
 
 
-def mask_response(payload, compute: Callable, check_ready: Callable[[MaskRequest], None]) -> dict:
-    """POST /ldznet/v1/mask: {"image": b64, "expression": str, optional "mode", "threshold", "grow",
-    "feather", "invert", "combine", "refine" (bool, default true), "mask" (b64 brush mask)} ->
-    {"mask", "probability" (16-bit),
-    "overlay": b64 PNGs, "coverage", "width", "height", "expression"}.
+def mask_response(payload, compute: Callable, check_ready: Callable[[MaskJob], None]) -> dict:
+    """POST /ldznet/v1/mask: {"image": b64, "mask": optional b64 brush mask, and the MaskJob fields
+    by name (:meth:`MaskJob.json_schema`; "expression" required, null = default)} ->
+    {"mask", "probability" (16-bit), "overlay": b64 PNGs, "coverage", "width", "height", "expression"}.
 
-    ``compute(image, request, brush) -> MaskResult`` runs under the host's queue lock."""
+    ``compute(image, job, brush) -> MaskResult`` runs under the host's queue lock."""
     if not isinstance(payload, Mapping):
         raise ApiError(422, "the body must be a JSON object")
-    known = {"image", "mask", *ARG_NAMES}
-    unknown = sorted(set(payload) - known)
-    if unknown:
-        raise ApiError(422, f"unknown fields {unknown}; expected {sorted(known)}")
-    if not payload.get("expression"):
-        raise ApiError(422, "expression is required, e.g. \"cat OR dog\"")
     try:
-        request = MaskRequest(**{k: payload[k] for k in ARG_NAMES if payload.get(k) is not None})
+        job = MaskJob.from_dict(payload, other_fields=IMAGE_FIELDS)
     except LdznetError as error:
         raise ApiError(422, str(error)) from None
+    if not job.active:
+        raise ApiError(422, "expression is required, e.g. \"cat OR dog\"")
     image = decode_image(payload.get("image"), "image")
     height, width = image.shape[:2]
     brush = None
@@ -189,8 +186,8 @@ def mask_response(payload, compute: Callable, check_ready: Callable[[MaskRequest
             raise ApiError(422, f"mask is {brush.shape[1]}x{brush.shape[0]} but image is {width}x{height}; "
                                 "they must be the same size")
     try:
-        check_ready(request)
-        result = compute(image, request, brush)
+        check_ready(job)
+        result = compute(image, job, brush)
     except CheckpointError as error:
         raise ApiError(409, str(error)) from None
     except LdznetError as error:
@@ -315,3 +312,11 @@ def version_response(host_name: str, heads: list[str], head: str) -> dict:
     """GET /ldznet/v1/version."""
     return {"version": __version__, "api": 1, "host": host_name, "heads": heads, "head": head,
             "script_args": list(ARG_NAMES), "script_title": TITLE}
+
+
+def schema_response() -> dict:
+    """GET /ldznet/v1/schema: the JSON Schema of a mask job (the fields of POST /ldznet/v1/mask
+    besides IMAGE_FIELDS), and the script's positional args: their order, and the ones whose 0
+    stands for null."""
+    return {"job": MaskJob.json_schema(), "image_fields": list(IMAGE_FIELDS), "script_title": TITLE,
+            "script_args": list(ARG_NAMES), "script_args_zero_is_null": list(ZERO_MEANS_NONE)}

@@ -22,14 +22,12 @@ from ..errors import CheckpointError, LdznetError
 from ..factory import ModelSettings, build_segmenter, check_head_fits, head_dtype
 from ..heads import load_head, read_head_config
 from ..images import ImageInput
-from ..loading import with_grow
-from ..masks.expression import parse
-from ..masks.tree import Expression
+from ..job import ZERO_SHOT_MODE, MaskJob
 from ..modeling.build import HeadConfig
 from ..precision import DTYPES
 from ..sd.model import Backbone
 from ..segmenter import Prediction, Segmenter
-from .request import ZERO_SHOT_MODE, MaskRequest, combine
+from .request import combine
 
 HEAD_SUFFIX = ".safetensors"
 NO_HEAD = "None"
@@ -99,10 +97,10 @@ class MaskEngine:
                                   "press the refresh button next to the head setting after adding files")
         return path
 
-    def check(self, request: MaskRequest, options: EngineOptions, backbone: Backbone | None = None) -> None:
-        """Cheap readiness check for ``request`` (API validation): unless zero-shot, a head exists
+    def check(self, job: MaskJob, options: EngineOptions, backbone: Backbone | None = None) -> None:
+        """Cheap readiness check for ``job`` (API validation): unless zero-shot, a head exists
         and, given the loaded model's ``backbone``, was made for it (its metadata only is read)."""
-        if request.zero_shot:
+        if job.zero_shot:
             return
         path = self.head_path(options)
         if backbone is not None:
@@ -119,39 +117,33 @@ class MaskEngine:
         head, config = self._head
         return head.to(backbone.device), config
 
-    def segmenter(self, backbone: Backbone, request: MaskRequest, options: EngineOptions) -> Segmenter:
-        """A Segmenter on ``backbone`` for ``request``'s mode (the head is loaded on first use)."""
+    def segmenter(self, backbone: Backbone, job: MaskJob, options: EngineOptions) -> Segmenter:
+        """A Segmenter on ``backbone`` for ``job``'s mode and refinement (the head is loaded on first use)."""
         settings = ModelSettings(resolution=options.resolution, timestep=options.timestep, seed=options.seed,
-                                 refine=request.refine_settings())
-        if request.zero_shot:
+                                 refine=job.refine_settings())
+        if job.zero_shot:
             return build_segmenter(backbone, settings=settings)
         head, config = self._load_head(options, backbone)
         return build_segmenter(backbone, head, config, settings, head_name=options.head,
                                zero_shot=f"mode {ZERO_SHOT_MODE!r}")
 
     @contextmanager
-    def session(self, backbone: Backbone, request: MaskRequest, options: EngineOptions) -> Iterator[Segmenter]:
-        """A Segmenter for ``request`` held for several images (the batch tab): the head cache is
+    def session(self, backbone: Backbone, job: MaskJob, options: EngineOptions) -> Iterator[Segmenter]:
+        """A Segmenter for ``job`` held for several images (the batch tab): the head cache is
         locked meanwhile, and the head goes back to the CPU afterwards unless ``keep_on_gpu``."""
         with self._lock:
-            segmenter = self.segmenter(backbone, request, options)
+            segmenter = self.segmenter(backbone, job, options)
             try:
                 yield segmenter
             finally:
                 if segmenter.head is not None and not options.keep_on_gpu:
                     segmenter.head.to("cpu")
 
-    def predict(self, backbone: Backbone, image: ImageInput, request: MaskRequest, options: EngineOptions,
+    def predict(self, backbone: Backbone, image: ImageInput, job: MaskJob, options: EngineOptions,
                 brush: np.ndarray | None = None) -> MaskResult:
-        """The mask of ``request`` on ``image`` at the image's size, combined with ``brush`` (uint8 [H, W])."""
-        if not request.active:
-            raise LdznetError("the mask expression is empty")
-        with self.session(backbone, request, options) as segmenter:
+        """The mask of ``job`` on ``image`` at the image's size, combined with ``brush`` (uint8 [H, W])."""
+        expression = job.tree()  # LdznetError for an empty expression, before any work
+        with self.session(backbone, job, options) as segmenter:
             segmenter.set_image(image)
-            prediction = segmenter.predict(request_expression(request), request.options())
-        return MaskResult(combine(prediction.mask_image(), brush, request.combine), prediction)
-
-
-def request_expression(request: MaskRequest) -> Expression:
-    """The parsed expression of ``request`` with its grow/shrink applied to the whole mask."""
-    return with_grow(parse(request.expression), request.grow)
+            prediction = segmenter.predict(expression, job.mask_options())
+        return MaskResult(combine(prediction.mask_image(), brush, job.combine), prediction)

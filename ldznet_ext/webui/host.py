@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from ..images import ImageInput
+from ..job import MaskJob
 from ..sd.model import Backbone
 from ..segmenter import Segmenter
 from .engine import NO_HEAD, EngineOptions, MaskEngine, MaskResult
-from .request import MaskRequest
 
 HEADS_FOLDER = "ldznet"
 _ENGINE: MaskEngine | None = None
@@ -114,18 +114,18 @@ def current_backbone() -> Backbone:
     return _backbone(sd_model)
 
 
-def compute(image: ImageInput, request: MaskRequest, brush: np.ndarray | None = None) -> MaskResult:
+def compute(image: ImageInput, job: MaskJob, brush: np.ndarray | None = None) -> MaskResult:
     """A mask on the host's model with the current settings. The caller holds the GPU (a
     generation in progress, or :func:`gpu_job`). Images are read by ``load_image``, as in the CLI; the
     host's own images are already upright (it reads every image through ``images.read``/``fix_image``,
     which applies and drops the EXIF orientation), so masks stay aligned with its pixels."""
-    return engine().predict(current_backbone(), image, request, engine_options(), brush)
+    return engine().predict(current_backbone(), image, job, engine_options(), brush)
 
 
-def session(request: MaskRequest) -> AbstractContextManager[Segmenter]:
-    """A context manager yielding a Segmenter for ``request`` on the host's model, for several
+def session(job: MaskJob) -> AbstractContextManager[Segmenter]:
+    """A context manager yielding a Segmenter for ``job`` on the host's model, for several
     images in a row (the batch tab). The caller holds the GPU (:func:`gpu_job`)."""
-    return engine().session(current_backbone(), request, engine_options())
+    return engine().session(current_backbone(), job, engine_options())
 
 
 @contextmanager
@@ -142,7 +142,7 @@ def gpu_job(name: str) -> Iterator[object]:
             shared.state.end()
 
 
-def check_ready(request: MaskRequest) -> None:
+def check_ready(job: MaskJob) -> None:
     """Cheap, non-blocking readiness check (API validation): the model already loaded, if any, is
     usable; the head exists unless zero-shot, and was made for that model. Never loads a model."""
     sd_model = loaded_model()
@@ -150,4 +150,4 @@ def check_ready(request: MaskRequest) -> None:
     if sd_model is not None:
         _check(sd_model)
         backbone = _backbone(sd_model)
-    engine().check(request, engine_options(), backbone)
+    engine().check(job, engine_options(), backbone)

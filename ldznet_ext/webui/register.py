@@ -13,7 +13,8 @@ from . import api, host, script, settings, tab, ui
 
 
 def add_routes(demo, app) -> None:
-    """on_app_started: the ApiGuard middleware and, with --api/--nowebui, the /ldznet/v1 routes."""
+    """on_app_started: the ApiGuard middleware and, with --api/--nowebui, the /ldznet/v1 routes
+    (mask, version, schema)."""
     from modules import shared
 
     cmd_opts = shared.cmd_opts
@@ -45,6 +46,7 @@ def add_routes(demo, app) -> None:
 
     app.add_api_route(api.MASK_ROUTE, mask, methods=["POST"])
     app.add_api_route(api.VERSION_ROUTE, version, methods=["GET"])
+    app.add_api_route(api.SCHEMA_ROUTE, api.schema_response, methods=["GET"])
 
 
 def register() -> None:

@@ -1,33 +1,27 @@
-"""The mask settings of one generation: from script args (UI or API), to and from infotext, and
-the ``mask: <expression>`` line of a prompt. Pure Python: no WebUI, no gradio.
+"""The WebUI side of a mask job (:class:`ldznet_ext.job.MaskJob`): script args (UI or API), infotext,
+the ``mask: <expression>`` line of a prompt and which expression wins, and how the mask meets the
+user's brush. Pure Python: no WebUI, no gradio.
 
 Script args are positional (the order of ``ARG_NAMES``), as the host passes component values and
-as API clients send ``alwayson_scripts: {"ld-znet mask": {"args": [...]}}``.
+as API clients send ``alwayson_scripts: {"ld-znet mask": {"args": [...]}}``. Fields added later go
+at the end, so older arg lists keep their meaning.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
 
 import numpy as np
 
 from ..errors import LdznetError
-from ..masks.expression import parse
-from ..masks.ops import MaskOptions
-from ..refine import RefineSettings
+from ..job import COMBINE_MODES, MaskJob, checked_choice
 
 TITLE = "LD-ZNet mask"
-MODES = ("LD-ZNet head", "zero-shot")
-ZERO_SHOT_MODE = MODES[1]
-COMBINE_MODES = ("replace", "add", "subtract", "intersect")
-ARG_NAMES = ("expression", "mode", "threshold", "grow", "feather", "invert", "combine", "refine")
-MAX_GROW = 256
-MAX_FEATHER = 256
-MAX_EXPRESSION_CHARS = 2000
+ARG_NAMES = ("expression", "mode", "threshold", "grow", "feather", "invert", "combine", "refine",
+             "keep_largest", "min_area", "refine_strength", "refine_radius")
+ZERO_MEANS_NONE = ("keep_largest", "refine_radius")
+"""Script args whose 0 stands for None (all objects, automatic radius): a number box cannot be empty."""
 
 INFOTEXT_KEYS = {
     "expression": "LD-ZNet mask",
@@ -38,126 +32,85 @@ INFOTEXT_KEYS = {
     "invert": "LD-ZNet invert",
     "combine": "LD-ZNet combine",
     "refine": "LD-ZNet refine",
+    "keep_largest": "LD-ZNet keep largest",
+    "min_area": "LD-ZNet min area",
+    "refine_strength": "LD-ZNet refine strength",
+    "refine_radius": "LD-ZNet refine radius",
 }
 """Infotext key of each setting; the expression's key is the accordion's title."""
+WRITTEN_WHEN_SET = ("keep_largest", "min_area", "refine_strength", "refine_radius")
+"""Infotext keys written only when not the default, so a job that leaves them alone reads as before."""
 
 _MASK_LINE = re.compile(r"^[ \t]*mask[ \t]*:(.*)(?:\n|$)", re.IGNORECASE | re.MULTILINE)
 
 
-def _number(value, name: str, low: float, high: float, *, integer: bool = False, high_open: bool = False) -> float:
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise LdznetError(f"{name} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise LdznetError(f"{name} must be a finite number, got {value!r}")
-    inside = low <= value < high if high_open else low <= value <= high
-    if not inside:
-        raise LdznetError(f"{name} must be in [{low:g}, {high:g}{')' if high_open else ']'}, got {value!r}")
-    if integer and value != int(value):
-        raise LdznetError(f"{name} must be a whole number of pixels, got {value!r}")
-    return float(value)
+def _job(values: Mapping[str, object]) -> MaskJob:
+    """A job from WebUI values by field name: None takes the default, 0 of ZERO_MEANS_NONE is None."""
+    kept = {name: value for name, value in values.items() if value is not None}
+    for name in ZERO_MEANS_NONE:
+        if name in kept and _is_zero(kept[name]):
+            del kept[name]
+    return MaskJob(**kept)
 
 
-def _flag(value, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise LdznetError(f"{name} must be true or false, got {value!r}")
+def _is_zero(value) -> bool:
+    try:
+        return not isinstance(value, bool) and float(value) == 0
+    except (TypeError, ValueError):
+        return False
 
 
-def _choice(value, name: str, choices: Sequence[str]) -> str:
-    for choice in choices:
-        if isinstance(value, str) and value.strip().lower() == choice.lower():
-            return choice
-    raise LdznetError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+def from_args(args: Sequence) -> MaskJob:
+    """The job of positional script args in ARG_NAMES order; missing trailing args take defaults,
+    None means "default" (the host fills unsent API args with the UI's defaults)."""
+    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+        raise LdznetError(f"args must be a list in the order {list(ARG_NAMES)}, got {type(args).__name__}")
+    if len(args) > len(ARG_NAMES):
+        raise LdznetError(f"got {len(args)} args, expected at most {len(ARG_NAMES)}: {list(ARG_NAMES)}")
+    values = dict(zip(ARG_NAMES, args))
+    if not isinstance(values.get("expression", ""), (str, type(None))):
+        raise LdznetError(f"expression (arg 0) must be text, got {values['expression']!r}")
+    return _job(values)
 
 
-@dataclass(frozen=True)
-class MaskRequest:
-    """One mask job. expression: mask expression ("" = off); mode: one of MODES; threshold in
-    [0, 1); grow: pixels, negative shrinks; feather: soft-edge radius in pixels; invert: swap
-    selected and kept; combine: how the mask meets a brush/uploaded mask (one of COMBINE_MODES);
-    refine: snap the mask's edges to the image's (``refine.py``; False: bilinear upsampling)."""
+def control_value(job: MaskJob, name: str):
+    """The script arg (control value) of field ``name`` for ``job``: 0 for None in ZERO_MEANS_NONE."""
+    value = getattr(job, name)
+    return 0 if value is None and name in ZERO_MEANS_NONE else value
 
-    expression: str = ""
-    mode: str = MODES[0]
-    threshold: float = 0.5
-    grow: float = 0.0
-    feather: float = 0.0
-    invert: bool = False
-    combine: str = COMBINE_MODES[0]
-    refine: bool = True
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.expression, str):
-            raise LdznetError(f"expression must be text, got {type(self.expression).__name__}")
-        if len(self.expression) > MAX_EXPRESSION_CHARS:
-            raise LdznetError(f"expression is {len(self.expression)} characters long; the limit is {MAX_EXPRESSION_CHARS}")
-        object.__setattr__(self, "expression", " ".join(self.expression.split()))
-        object.__setattr__(self, "mode", _choice(self.mode, "mode", MODES))
-        object.__setattr__(self, "threshold", _number(self.threshold, "threshold", 0, 1, high_open=True))
-        object.__setattr__(self, "grow", _number(self.grow, "grow", -MAX_GROW, MAX_GROW))
-        object.__setattr__(self, "feather", _number(self.feather, "feather", 0, MAX_FEATHER))
-        object.__setattr__(self, "invert", _flag(self.invert, "invert"))
-        object.__setattr__(self, "combine", _choice(self.combine, "combine", COMBINE_MODES))
-        object.__setattr__(self, "refine", _flag(self.refine, "refine"))
-        if self.expression:
-            parse(self.expression)  # ExpressionError now, with its position, rather than mid-generation
+def infotext(job: MaskJob) -> dict[str, str]:
+    """Infotext parameters of ``job`` (the host quotes values that need it)."""
+    default = MaskJob()
+    return {key: _format(getattr(job, name)) for name, key in INFOTEXT_KEYS.items()
+            if name not in WRITTEN_WHEN_SET or getattr(job, name) != getattr(default, name)}
 
-    @property
-    def active(self) -> bool:
-        return bool(self.expression)
 
-    @property
-    def zero_shot(self) -> bool:
-        return self.mode == ZERO_SHOT_MODE
+def from_infotext(params: Mapping[str, str]) -> MaskJob | None:
+    """The job recorded in parsed infotext, or None when it holds no LD-ZNet mask. Keys it lacks
+    (older images have no WRITTEN_WHEN_SET keys) take their defaults."""
+    if not params.get(INFOTEXT_KEYS["expression"]):
+        return None
+    return _job({name: params[key] for name, key in INFOTEXT_KEYS.items() if key in params})
 
-    def options(self) -> MaskOptions:
-        return MaskOptions(threshold=self.threshold, invert=self.invert, feather=self.feather)
 
-    def refine_settings(self) -> RefineSettings:
-        return RefineSettings(enabled=self.refine)
-
-    def with_expression(self, expression: str) -> MaskRequest:
-        return MaskRequest(**{**self.as_dict(), "expression": expression})
-
-    def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    def infotext(self) -> dict[str, str]:
-        """Infotext parameters (the host quotes values that need it)."""
-        values = self.as_dict()
-        return {key: _format(values[name]) for name, key in INFOTEXT_KEYS.items()}
-
-    @classmethod
-    def from_infotext(cls, params: Mapping[str, str]) -> MaskRequest | None:
-        """The request recorded in parsed infotext, or None when it holds no LD-ZNet mask."""
-        if not params.get(INFOTEXT_KEYS["expression"]):
-            return None
-        return cls(**{name: params[key] for name, key in INFOTEXT_KEYS.items() if key in params})
-
-    @classmethod
-    def from_args(cls, args: Sequence) -> MaskRequest:
-        """From positional script args in ARG_NAMES order; missing trailing args take defaults,
-        None means "default" (the host fills unsent API args with the UI's defaults)."""
-        if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
-            raise LdznetError(f"args must be a list in the order {list(ARG_NAMES)}, got {type(args).__name__}")
-        if len(args) > len(ARG_NAMES):
-            raise LdznetError(f"got {len(args)} args, expected at most {len(ARG_NAMES)}: {list(ARG_NAMES)}")
-        values = {name: value for name, value in zip(ARG_NAMES, args) if value is not None}
-        if not isinstance(values.get("expression", ""), str):
-            raise LdznetError(f"expression (arg 0) must be text, got {values['expression']!r}")
-        return cls(**values)
+def pasted_value(params: Mapping[str, str], name: str) -> str | None:
+    """What PNG Info and the send-to buttons put into the control of field ``name``: the recorded
+    value; when the infotext has none, "" for the expression (no mask) and the control's default
+    for WRITTEN_WHEN_SET (so an image made without them resets them); otherwise None, which leaves
+    the control as it is."""
+    key = INFOTEXT_KEYS[name]
+    if key in params:
+        return params[key]
+    if name == "expression":
+        return ""
+    return _format(control_value(MaskJob(), name)) if name in WRITTEN_WHEN_SET else None
 
 
 def _format(value) -> str:
-    if isinstance(value, bool):
-        return str(value)
     if isinstance(value, float):
-        return f"{value:g}"
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)  # "0.35", but never a rounded value
     return str(value)
 
 
@@ -178,13 +131,21 @@ def split_mask_line(prompt: str) -> tuple[str, str | None]:
     return _MASK_LINE.sub("", prompt).strip(), expression
 
 
+def with_prompt_line(job: MaskJob, prompt: str | None) -> MaskJob:
+    """The job a generation with ``prompt`` runs, and Preview shows: a ``mask:`` line in the prompt
+    replaces the accordion's expression; every other setting stays the accordion's. Without a line
+    (or a prompt) the accordion's expression applies."""
+    expression = split_mask_line(prompt)[1] if isinstance(prompt, str) else None
+    return job if expression is None else job.replace(expression=expression)
+
+
 def combine(mask: np.ndarray, brush: np.ndarray | None, mode: str) -> np.ndarray:
     """Combine our mask with a brush/uploaded mask, both uint8 [H, W] (255 = repaint).
 
     replace: ours; add: union (max); subtract: ours minus the brush; intersect: min. Without a
     brush mask every mode returns ours. Soft (feathered) values combine as fuzzy sets.
     """
-    mode = _choice(mode, "combine", COMBINE_MODES)
+    mode = checked_choice(mode, "combine", COMBINE_MODES)
     if brush is None or mode == "replace":
         return mask.copy()
     if brush.shape != mask.shape:

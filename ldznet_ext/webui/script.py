@@ -3,8 +3,9 @@
 img2img (all single-image modes and the Batch tab): ``process`` computes the mask on the init
 image and sets ``p.image_mask`` before ``p.init()`` reads it. txt2img: the accordion feeds the
 "send to inpaint" button and, with the setting on, a mask saved beside every generated image.
-A ``mask: <expression>`` line in the prompt is used as the expression and removed from the prompts
-the sampler sees. The settings go into the infotext and come back through PNG Info.
+A ``mask: <expression>`` line in the prompt replaces the accordion's expression
+(:func:`request.with_prompt_line`, as in Preview) and is removed from the prompts the sampler
+sees. The settings go into the infotext and come back through PNG Info.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from modules import scripts, shared
 from PIL import Image
 
 from ..errors import LdznetError
+from ..job import MaskJob
 from ..outputs import write_mask
 from . import host
-from .request import TITLE, MaskRequest, split_mask_line
+from .request import TITLE, from_args, infotext, split_mask_line, with_prompt_line
 
 MASK_SUFFIX = "-ldznet-mask"
 WARNING_KEY = "LD-ZNet warning"
@@ -29,21 +31,24 @@ parameters, not the comments, also when a stopped generation returns no images."
 _PROMPT_LISTS = ("all_prompts", "all_hr_prompts")
 
 
-def strip_mask_lines(p) -> str | None:
-    """Remove the ``mask:`` line from every prompt of ``p`` (after the host's setup_prompts) and
-    return the expression of the main prompt, or None. ``p.prompt`` is left as typed, so a reused
-    ``p`` (img2img Batch tab) finds the line again for every image."""
+def main_prompt(p) -> str:
+    """The prompt of ``p``'s first image (after the host's setup_prompts), whose ``mask:`` line counts."""
     main = getattr(p, "main_prompt", None) or p.prompt
-    _, expression = split_mask_line(main if isinstance(main, str) else main[0])
-    if expression is None:
-        return None
+    return main if isinstance(main, str) else main[0]
+
+
+def strip_mask_lines(p) -> None:
+    """Remove the ``mask:`` line from every prompt of ``p`` when the main prompt has one.
+    ``p.prompt`` is left as typed, so a reused ``p`` (img2img Batch tab) finds the line again for
+    every image."""
+    if split_mask_line(main_prompt(p))[1] is None:
+        return
     for name in _PROMPT_LISTS:
         prompts = getattr(p, name, None)
         if prompts:
             setattr(p, name, [split_mask_line(x)[0] for x in prompts])
     if getattr(p, "main_prompt", None) is not None:
         p.main_prompt = split_mask_line(p.main_prompt)[0]
-    return expression
 
 
 def brush_mask(p, size: tuple[int, int]) -> np.ndarray | None:
@@ -86,30 +91,28 @@ class LdznetScript(scripts.Script):
 
     def process(self, p, *args) -> None:
         try:
-            request = MaskRequest.from_args(args)
-            expression = strip_mask_lines(p)
-            if expression is not None:
-                request = request.with_expression(expression)
-            p._ldznet_request = request if request.active else None
-            if not request.active:
+            job = with_prompt_line(from_args(args), main_prompt(p))
+            strip_mask_lines(p)
+            p._ldznet_job = job if job.active else None
+            if not job.active:
                 return
-            p.extra_generation_params.update(request.infotext())
+            p.extra_generation_params.update(infotext(job))
             if self.is_img2img:
-                self._set_mask(p, request)
+                self._set_mask(p, job)
         except LdznetError as error:
             fail(p, error)
 
-    def _set_mask(self, p, request: MaskRequest) -> None:
+    def _set_mask(self, p, job: MaskJob) -> None:
         if not getattr(p, "init_images", None):
             raise LdznetError("img2img has no init image to mask")
         image = p.init_images[0]
-        result = host.compute(image, request, brush_mask(p, image.size))
+        result = host.compute(image, job, brush_mask(p, image.size))
         p._ldznet_mask = p.image_mask = Image.fromarray(result.mask, "L")
         if result.mask.any():
             p.extra_generation_params.pop(WARNING_KEY, None)  # a reused p: the previous image's
         else:
-            warning = (f"the mask is empty: nothing selected for {request.expression!r} "
-                       f"at threshold {request.threshold:g}")
+            warning = (f"the mask is empty: nothing selected for {job.expression!r} "
+                       f"at threshold {job.threshold:g}")
             p.extra_generation_params[WARNING_KEY] = warning
             p.comment(f"{TITLE}: {warning}")
         # A blank mask makes p.init() switch "only masked" off on this p; a reused p (Batch tab)
@@ -119,11 +122,11 @@ class LdznetScript(scripts.Script):
         p.inpaint_full_res = p._ldznet_full_res
 
     def postprocess_image_after_composite(self, p, pp, *args) -> None:
-        request = getattr(p, "_ldznet_request", None)
-        if request is None or not host.opt("ldznet_save_masks", False):
+        job = getattr(p, "_ldznet_job", None)
+        if job is None or not host.opt("ldznet_save_masks", False):
             return
         try:
-            result = host.compute(pp.image, MaskRequest(**{**request.as_dict(), "combine": "replace"}))
+            result = host.compute(pp.image, job.replace(combine="replace"))
         except LdznetError as error:
             print(f"{TITLE}: mask not saved: {error}", file=sys.stderr)
             return

@@ -17,10 +17,11 @@ from PIL import Image
 from ..batch import IMAGE_SUFFIXES, MANIFEST_NAME, BatchCallbacks, BatchJob, Manifest, check_folders, run_batch
 from ..errors import LdznetError
 from ..images import load_image
+from ..job import COMBINE_MODES, MODES
 from ..outputs import render_overlay
 from . import host
-from .engine import request_expression
-from .request import COMBINE_MODES, MODES, MaskRequest
+from .request import from_args
+from .ui import more_mask_controls
 
 PREVIEW_COUNT = 12
 
@@ -67,8 +68,8 @@ def _files(input_dir: str, uploads, output: Path) -> tuple[list[Path], Path | No
 def mask_folder(input_dir: str, uploads, output_dir: str, overwrite: bool, *args) -> tuple[list, str]:
     """Batch button: (preview overlays, status html). ``args`` are the script args (ARG_NAMES)."""
     try:
-        request = MaskRequest.from_args(list(args))
-        if not request.active:
+        job = from_args(args)
+        if not job.active:
             raise LdznetError("type a mask expression")
         if not output_dir.strip():
             raise LdznetError("choose an output folder for the masks")
@@ -76,15 +77,14 @@ def mask_folder(input_dir: str, uploads, output_dir: str, overwrite: bool, *args
         files, folder = _files(input_dir, uploads, out)
         if not files:
             raise LdznetError("no images to mask")
-        settings = {k: v for k, v in request.as_dict().items() if k != "expression"}
         # One image at a time, as in a generation: Interrupt answers after the current file and
         # memory stays at one image's (--medvram / --lowvram hosts).
-        job = BatchJob(folder, out, request_expression(request), request.expression, request.options(), settings,
-                       overwrite, batch_size=1, files=files)
-        with host.gpu_job("ldznet batch") as state, host.session(request) as segmenter, \
+        batch = BatchJob(folder, out, job.tree(), job.expression, job.mask_options(), job.manifest_settings(),
+                         overwrite, batch_size=1, files=files)
+        with host.gpu_job("ldznet batch") as state, host.session(job) as segmenter, \
                 Manifest(out / MANIFEST_NAME) as manifest:
             callbacks = StateCallbacks(state)
-            summary = run_batch(job, segmenter, manifest, show_progress=False, callbacks=callbacks)
+            summary = run_batch(batch, segmenter, manifest, show_progress=False, callbacks=callbacks)
     except LdznetError as error:
         return [], f"<p class='ldznet-error'>{html.escape(str(error))}</p>"
     counts = summary.counts
@@ -118,6 +118,7 @@ def build_tab():
                     grow = gr.Slider(-64, 64, value=0, step=1, label="Grow (+) / shrink (-), px")
                     feather = gr.Slider(0, 64, value=0, step=1, label="Feather, px")
                 combine = gr.Textbox(COMBINE_MODES[0], visible=False)
+                more = more_mask_controls(lambda name: f"ldznet_tab_{name}")
                 with gr.Row():
                     run = gr.Button("Mask all", variant="primary", elem_id="ldznet_tab_run")
                     stop = gr.Button("Interrupt", elem_id="ldznet_tab_interrupt")
@@ -125,7 +126,8 @@ def build_tab():
                 status = gr.HTML()
                 gallery = gr.Gallery(label="First results", columns=4, elem_id="ldznet_tab_gallery")
         run.click(fn=mask_folder, inputs=[input_dir, uploads, output_dir, overwrite, expression, mode, threshold,
-                                          grow, feather, invert, combine, refine], outputs=[gallery, status])
+                                          grow, feather, invert, combine, refine, *more],
+                  outputs=[gallery, status])
         stop.click(fn=lambda: shared.state.interrupt(), inputs=None, outputs=None)
     return [(blocks, "LD-ZNet", "ldznet")]
 

@@ -16,9 +16,11 @@ from PIL import Image
 
 from ..errors import LdznetError
 from ..images import load_image
+from ..job import COMBINE_MODES, MODES, MaskJob
+from ..limits import FEATHER
 from ..outputs import render_overlay
 from . import host
-from .request import COMBINE_MODES, INFOTEXT_KEYS, MAX_FEATHER, MODES, TITLE, MaskRequest, split_mask_line
+from .request import ARG_NAMES, INFOTEXT_KEYS, TITLE, control_value, from_args, pasted_value, with_prompt_line
 
 IMG2IMG_INPUTS = ("img2img_image", "img2img_sketch", "img2maskimg", "inpaint_sketch", "img_inpaint_base",
                   "img_inpaint_mask")
@@ -70,11 +72,12 @@ def build_accordion(script, is_img2img: bool) -> list:
             threshold = gr.Slider(0.0, 0.99, value=threshold, step=0.01, label="Threshold",
                                   elem_id=script.elem_id("threshold"))
             grow = gr.Slider(-64, 64, value=0, step=1, label="Grow (+) / shrink (-), px", elem_id=script.elem_id("grow"))
-            feather = gr.Slider(0, min(64, MAX_FEATHER), value=0, step=1, label="Feather, px",
+            feather = gr.Slider(0, min(64, FEATHER.high), value=0, step=1, label="Feather, px",
                                 elem_id=script.elem_id("feather"))
             invert = gr.Checkbox(False, label="Invert", elem_id=script.elem_id("invert"))
             refine = gr.Checkbox(True, label="Refine edges", elem_id=script.elem_id("refine"))
-        controls = [expression, mode, threshold, grow, feather, invert, combine, refine]
+        controls = [expression, mode, threshold, grow, feather, invert, combine, refine,
+                    *more_mask_controls(script.elem_id)]
         status = gr.HTML(elem_id=script.elem_id("status"))
         if is_img2img:
             preview_button = gr.Button("Preview mask", elem_id=script.elem_id("preview_button"))
@@ -84,22 +87,43 @@ def build_accordion(script, is_img2img: bool) -> list:
                 preview_button.click(fn=preview_mask, _js="ldznet_preview_args",
                                      inputs=[status, _components.get("img2img_prompt", status), *inputs, *controls],
                                      outputs=[preview, status], show_progress=True)
-    script.infotext_fields = [(expression, lambda params: params.get(INFOTEXT_KEYS["expression"], "")),
-                              *((c, INFOTEXT_KEYS[name]) for c, name in zip(controls[1:], list(INFOTEXT_KEYS)[1:]))]
+    script.infotext_fields = [(control, _paste(name)) for control, name in zip(controls, ARG_NAMES)]
     script.paste_field_names = list(INFOTEXT_KEYS.values())
     _accordions[tab] = {"controls": controls, "status": status}
     _wire_send_buttons()
     return controls
 
 
-def _request(prompt: str | None, args) -> MaskRequest:
-    request = MaskRequest.from_args(args)
-    if prompt and not request.active:
-        _, expression = split_mask_line(prompt)
-        request = request.with_expression(expression or "")
-    if not request.active:
+def more_mask_controls(elem_id) -> list:
+    """Keep-largest, min-area and refinement strength/radius controls (ARG_NAMES order), for the
+    accordion and the tab; ``elem_id(name)`` names each."""
+    import gradio as gr
+
+    default = MaskJob()
+    with gr.Row():
+        return [gr.Number(control_value(default, "keep_largest"), precision=0,
+                          label="Keep the largest N objects (0: all)", elem_id=elem_id("keep_largest")),
+                gr.Number(default.min_area, precision=0, label="Drop objects under N px",
+                          elem_id=elem_id("min_area")),
+                gr.Slider(0.0, 1.0, value=default.refine_strength, step=0.05, label="Edge refinement strength",
+                          elem_id=elem_id("refine_strength")),
+                gr.Number(float(control_value(default, "refine_radius")), label="Refinement radius, px (0: automatic)",
+                          elem_id=elem_id("refine_radius"))]
+
+
+def _paste(name: str):
+    """The infotext field of control ``name``: a key the host reads, or a function for the ones
+    that have a value also when the infotext lacks them (:func:`request.pasted_value`)."""
+    if pasted_value({}, name) is None:
+        return INFOTEXT_KEYS[name]
+    return lambda params: pasted_value(params, name)
+
+
+def _job(prompt: str | None, args) -> MaskJob:
+    job = with_prompt_line(from_args(args), prompt)
+    if not job.active:
         raise LdznetError("type a mask expression (or a line 'mask: ...' in the prompt)")
-    return request
+    return job
 
 
 def pick_image(mode: int, images: list) -> tuple[Image.Image, np.ndarray | None]:
@@ -129,15 +153,15 @@ def preview_mask(mode, prompt, *values):
     """Preview button: (overlay image, status html) without generating."""
     images, args = list(values[:len(IMG2IMG_INPUTS)]), values[len(IMG2IMG_INPUTS):]
     try:
-        request = _request(prompt, args)
+        job = _job(prompt, args)
         image, brush = pick_image(int(mode), images)
         with host.gpu_job("ldznet preview"):
-            result = host.compute(image, request, brush)
+            result = host.compute(image, job, brush)
     except LdznetError as error:
         return None, _status(str(error), error=True)
     overlay = render_overlay(load_image(image), result.mask)
     share = float((result.mask >= 128).mean())
-    return Image.fromarray(overlay), _status(f"{request.expression}: {share:.1%} of the image selected")
+    return Image.fromarray(overlay), _status(f"{job.expression}: {share:.1%} of the image selected")
 
 
 def send_to_inpaint(gallery, index, *args):
@@ -151,14 +175,14 @@ def send_to_inpaint(gallery, index, *args):
             raise LdznetError("no image in the results gallery to send")
         index = int(index) if index is not None and 0 <= int(index) < len(gallery) else 0
         image = image_from_url_text(gallery[index])
-        request = _request(None, args)
+        job = _job(None, args)
         with host.gpu_job("ldznet send to inpaint"):
-            result = host.compute(image, request)
+            result = host.compute(image, job)
     except LdznetError as error:
         return gr.update(), gr.update(), gr.update(), gr.update(), _status(str(error), error=True)
     width, height = image.size if host.opt("send_size", True) else (gr.update(), gr.update())
     return (image, Image.fromarray(result.mask, "L"), width, height,
-            _status(f"sent to Inpaint upload with the mask of {request.expression}"))
+            _status(f"sent to Inpaint upload with the mask of {job.expression}"))
 
 
 def _wire_send_buttons() -> None:
