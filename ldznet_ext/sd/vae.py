@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backbones.sampling import sample_posterior
 from ..errors import CheckpointError, ImageError, LdznetError
 
 SCALE_FACTOR = 0.18215
@@ -287,9 +288,7 @@ class AutoencoderKL(nn.Module):
         mean, logvar = self.encode_moments(x)
         if not sample:
             return mean
-        device = generator.device if generator is not None else mean.device
-        noise = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32)
-        return mean + torch.exp(0.5 * logvar) * noise.to(mean)
+        return sample_posterior(mean, torch.exp(0.5 * logvar), generator)
 
     def decode(self, z: Tensor) -> Tensor:
         """Image ``[B, out_ch, h*f, w*f]``, roughly in [-1, 1], from an unscaled latent.

@@ -15,6 +15,7 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
+from ..backbones.sampling import sample_posterior
 from ..errors import CheckpointError
 from ..sd.schedule import NoiseSchedule
 
@@ -75,10 +76,7 @@ class A1111Backbone:
             if isinstance(posterior, Tensor):
                 z = posterior
             elif sample:
-                # ldm's posterior.sample() draws from the global RNG; a seeded draw keeps masks reproducible.
-                noise = torch.randn(posterior.mean.shape, generator=generator,
-                                    device=generator.device if generator is not None else posterior.mean.device)
-                z = posterior.mean + posterior.std * noise.to(posterior.mean)
+                z = sample_posterior(posterior.mean, posterior.std, generator)
             else:
                 z = posterior.mode()
             return self.sd_model.get_first_stage_encoding(z).float()

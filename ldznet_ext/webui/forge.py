@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..backbones.sampling import sample_posterior
 from ..errors import CheckpointError
 from ..sd.schedule import NoiseSchedule
 
@@ -71,11 +72,7 @@ class ForgeBackbone:
         vae = self.sd_model.forge_objects.vae.clone()
 
         def regulation(posterior):
-            if not sample:
-                return posterior.mode()
-            noise = torch.randn(posterior.mean.shape, generator=generator,
-                                device=generator.device if generator is not None else posterior.mean.device)
-            return posterior.mean + posterior.std * noise.to(posterior.mean)
+            return sample_posterior(posterior.mean, posterior.std, generator) if sample else posterior.mode()
 
         vae.patcher.model_options["model_vae_regulation"] = regulation
         with torch.inference_mode():
