@@ -1,23 +1,24 @@
-"""`ldznet batch INPUT_DIR EXPR -o OUT_DIR`: masks for a whole folder, resumable and shardable.
+"""The batch engine of `ldznet batch` and the WebUI's LD-ZNet tab: masks for a whole folder,
+resumable and shardable.
 
 Writes ``OUT_DIR/{stem}.png`` for every image ``INPUT_DIR/{stem}.{ext}``: the names A1111's
 "Inpaint batch mask directory" looks up. A mask counts as done once it has been renamed into
 place (outputs.save_png), so a killed run leaves no half-written mask and a rerun skips exactly the
 finished ones. Every file gets one line in a JSONL manifest. A bad file is recorded and the batch
-goes on. ``--shard K/N`` splits the sorted file list between N processes without overlap; they
-may share OUT_DIR and the manifest (each line is one O_APPEND write).
+goes on. Shard K of N (1-based) takes every N-th file of the sorted list, so N processes split a
+folder without overlap; they may share OUT_DIR and the manifest (each line is one O_APPEND write).
+Front ends follow and stop a run through :class:`BatchCallbacks`; this module reads no arguments.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,6 @@ from tqdm import tqdm
 from . import outputs
 from .errors import ImageError, LdznetError
 from .images import MAX_PIXELS, load_image
-from .limits import BATCH_SIZE
-from .mask_cli import (add_mask_arguments, add_model_arguments, bounded_number, expression_from_args,
-                       mask_options_from_args, segmenter_from_args)
 from .masks.ops import MaskOptions
 from .masks.tree import Expression
 from .segmenter import Segmenter
@@ -47,17 +45,6 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return sorted((p for p in folder.iterdir()
                    if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()),
                   key=lambda p: p.name)
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """"K/N" -> (K, N) with 1 <= K <= N."""
-    try:
-        k, n = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected K/N such as 2/4, got {text!r}") from None
-    if not 1 <= k <= n:
-        raise argparse.ArgumentTypeError(f"expected 1 <= K <= N in K/N, got {text!r}")
-    return k, n
 
 
 def shard(files: Sequence[Path], k: int, n: int) -> list[Path]:
@@ -330,52 +317,3 @@ def run_batch(job: BatchJob, segmenter: Segmenter, manifest: Manifest, show_prog
                 break
             run.group(group)
     return run.summary
-
-
-def _run(args: argparse.Namespace) -> int:
-    expression = expression_from_args(args)
-    options = mask_options_from_args(args)
-    input_dir, output_dir = Path(args.input_dir), Path(args.output)
-    manifest_path = Path(args.manifest) if args.manifest else output_dir / MANIFEST_NAME
-    check_manifest(manifest_path, check_folders(input_dir, output_dir), output_dir)  # before the models load
-    segmenter, settings = segmenter_from_args(args)
-    job = BatchJob(input_dir, output_dir, expression, args.expression, options,
-                   {**settings, "mask": {**asdict(options), "grow": args.grow}}, args.overwrite, args.shard,
-                   args.batch_size, args.max_pixels)
-    try:
-        with Manifest(manifest_path) as manifest:
-            summary = run_batch(job, segmenter, manifest)
-    except KeyboardInterrupt:
-        print("ldznet batch: interrupted; finished masks are kept, run the same command again to resume",
-              file=sys.stderr)
-        return 130
-    counts = summary.counts
-    print(f"{counts['ok']} written, {counts['skipped']} skipped (already done), {counts['error']} failed"
-          + (f"; see {manifest_path}" if counts["error"] else ""))
-    return summary.exit_status
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "batch", help="write masks for every image of a folder (resumable)",
-        description="Write OUT_DIR/{stem}.png, the mask of EXPR, for every image INPUT_DIR/{stem}.{ext}\n"
-                    "(png, jpg, jpeg, webp, bmp, tif, tiff): the names A1111's inpaint batch mask folder\n"
-                    "looks up. Masks already in OUT_DIR are skipped, so an interrupted run resumes.",
-        epilog="Every file gets a line in the JSONL manifest: input, expression, settings, output,\n"
-               "status (ok, skipped or error), error, seconds. Exit status: 0 all ok or skipped,\n"
-               "1 some files failed, 2 bad arguments or models, 130 interrupted.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input_dir", metavar="INPUT_DIR", help="folder of images (not searched recursively)")
-    parser.add_argument("expression", metavar="EXPR", help='mask expression, e.g. "cat OR dog"')
-    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the masks")
-    parser.add_argument("--overwrite", action="store_true", help="redo masks that already exist")
-    parser.add_argument("--shard", type=parse_shard, default=(1, 1), metavar="K/N",
-                        help="process only shard K of N (1-based) of the sorted files, to split a folder "
-                             "between N processes")
-    parser.add_argument("--batch-size", type=bounded_number(BATCH_SIZE), default=4, metavar="B",
-                        help=f"same-size images predicted together, 1..{BATCH_SIZE.high} (default 4)")
-    parser.add_argument("--manifest", metavar="PATH", help=f"JSONL log, appended (default OUT_DIR/{MANIFEST_NAME})")
-    add_mask_arguments(parser)
-    add_model_arguments(parser)
-    parser.set_defaults(func=_run)
-

@@ -1,6 +1,6 @@
 """The allowed range of every numeric setting, in one place.
 
-The command-line options (``mask_cli.bounded_number``) and the library's settings objects
+The command-line options (:func:`bounded_number`) and the library's settings objects
 (``MaskOptions``, ``RefineSettings``, ``SegmenterSettings``, ``ZeroShotSettings``) check against
 the same :class:`Limit`, so a value is refused with the same words wherever it comes from, and
 before any work starts. Upper bounds keep a typo (``--feather 1e9``) from becoming a huge

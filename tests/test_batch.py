@@ -16,9 +16,11 @@ import pytest
 from fixtures_models import random_image
 from PIL import Image
 
-from ldznet_ext import batch as batch_module
 from ldznet_ext import outputs
-from ldznet_ext.batch import MANIFEST_NAME, list_images, parse_shard, read_manifest, shard
+from ldznet_ext.batch import MANIFEST_NAME, list_images, read_manifest, shard
+from ldznet_ext.cli import batch as batch_cli
+from ldznet_ext.cli.common import parse_shard
+from ldznet_ext.job import MaskJob
 from ldznet_ext.segmenter import Segmenter
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -38,9 +40,9 @@ def batch(ldznet, tmp_path, tiny_model_files):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """The cases of a test are refused before any model loads."""
-    def refuse(args):
+    def refuse(*args):
         raise AssertionError("the models were loaded before the outputs were checked")
-    monkeypatch.setattr(batch_module, "segmenter_from_args", refuse)
+    monkeypatch.setattr(batch_cli, "segmenter_from_args", refuse)
 
 
 @pytest.fixture
@@ -160,7 +162,9 @@ def test_bad_files_are_recorded_and_the_rest_succeed(batch, tmp_path):
     assert (ok["status"], ok["error"], ok["expression"]) == ("ok", None, "cat OR dog")
     assert ok["output"] == str(tmp_path / "out" / "good2.png") and ok["seconds"] > 0
     assert ok["settings"]["head"].endswith("head.safetensors") and ok["settings"]["dtype"] == "float32"
-    assert ok["settings"]["mask"]["threshold"] == 0.5
+    # the job's settings, in the shape the WebUI tab writes, then what was loaded
+    assert {k: ok["settings"][k] for k in MaskJob.field_names() if k != "expression"} == MaskJob(
+        "cat OR dog").manifest_settings()
     check_masks(tmp_path / "out", ["good1", "good2"])
 
 

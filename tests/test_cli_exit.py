@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ldznet_ext import cli, mask_cli
+from ldznet_ext import cli
+from ldznet_ext.cli import mask as mask_cli
 from ldznet_ext.errors import ImageError
 
 

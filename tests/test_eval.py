@@ -111,7 +111,7 @@ def test_eval_command_shards_merge_to_the_whole(files, capsys):
 
 
 def test_eval_command_checks_its_outputs_before_evaluating(files, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("ldznet_ext.eval.cli.evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
+    monkeypatch.setattr("ldznet_ext.cli.eval.evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
     (tmp_path / "file").write_text("")
     common = ["eval", "--model", str(files / "sd.safetensors"), "--zero-shot", "--data", "world:test:1"]
     assert main([*common, "--json", str(tmp_path / "file" / "r.json")]) == 2

@@ -14,9 +14,11 @@ from fixtures_models import random_image
 from PIL import Image
 from safetensors.torch import save_file
 
-from ldznet_ext import loading, mask_cli
+from ldznet_ext import loading
+from ldznet_ext.cli import mask as mask_cli
 from ldznet_ext.heads import save_head
-from ldznet_ext.loading import load_segmenter, with_grow
+from ldznet_ext.job import with_grow
+from ldznet_ext.loading import load_segmenter
 from ldznet_ext.masks.expression import parse
 from ldznet_ext.masks.ops import MaskOptions
 from ldznet_ext.modeling.build import build_head, head_config
@@ -239,7 +241,7 @@ def test_cuda_asked_for_without_cuda(ldznet, image_path, tmp_path, tiny_model_fi
 
 @pytest.mark.parametrize("link", ["symlink", "hard link"])
 def test_no_output_is_a_link_to_the_input_image(link, ldznet, image_path, tmp_path, tiny_model_files, monkeypatch):
-    monkeypatch.setattr(mask_cli, "segmenter_from_args", lambda args: pytest.fail("the models loaded"))
+    monkeypatch.setattr(mask_cli, "segmenter_from_args", lambda *args: pytest.fail("the models loaded"))
     alias = tmp_path / "alias.png"
     alias.symlink_to(image_path) if link == "symlink" else alias.hardlink_to(image_path)
     before = image_path.read_bytes()
@@ -253,7 +255,7 @@ def test_no_output_is_a_link_to_the_input_image(link, ldznet, image_path, tmp_pa
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no file can be created")
 def test_an_output_where_nothing_can_be_written_stops_before_the_models_load(ldznet, image_path, tmp_path,
                                                                              tiny_model_files, monkeypatch):
-    monkeypatch.setattr(mask_cli, "segmenter_from_args", lambda args: pytest.fail("the models loaded"))
+    monkeypatch.setattr(mask_cli, "segmenter_from_args", lambda *args: pytest.fail("the models loaded"))
     code, stdout, err = ldznet("mask", image_path, "cat", "-o", tmp_path / "mask.png", "--overlay", "/proc/o.png",
                                "--model", tiny_model_files[0], "--head", tiny_model_files[1])
     assert (code, stdout) == (2, "") and err.startswith("ldznet mask: error: cannot write /proc/o.png: ")

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ldznet_ext.train import cli as train_cli
+from ldznet_ext.cli import train as train_cli
 from ldznet_ext.train import distributed
 from ldznet_ext.data.spec import open_source
 from ldznet_ext.train.trainer import CHECKPOINT, TrainConfig, Trainer

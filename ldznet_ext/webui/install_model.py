@@ -15,7 +15,6 @@ creates the CLIP text encoder and tokenizer from Hugging Face files named by the
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -177,21 +176,3 @@ def install_model(checkpoint: str | os.PathLike, webui_dir: str | os.PathLike, n
         encoding="utf-8")
     fill_hf_cache(Path(hf_home) if hf_home else Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")))
     return target
-
-
-def _run(args: argparse.Namespace) -> int:
-    target = install_model(args.checkpoint, args.webui_dir, args.name, args.hf_home)
-    print(f"installed {target} (+ {target.with_suffix('.yaml').name}, {target.stem}.clip/)")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    webui = subparsers.add_parser("webui", help="WebUI helpers")
-    commands = webui.add_subparsers(dest="webui_command", metavar="COMMAND", required=True)
-    parser = commands.add_parser("install-model", help="install an SD v1 checkpoint into an A1111 WebUI, offline",
-                                 description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="SD v1 single-file checkpoint (.safetensors or .ckpt)")
-    parser.add_argument("webui_dir", help="the WebUI folder (holds webui.py)")
-    parser.add_argument("--name", help="file name in models/Stable-diffusion (default: the checkpoint's)")
-    parser.add_argument("--hf-home", help="Hugging Face home (default: $HF_HOME or ~/.cache/huggingface)")
-    parser.set_defaults(func=_run)

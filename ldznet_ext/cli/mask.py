@@ -1,27 +1,23 @@
 """`ldznet mask IMAGE EXPR -o MASK.png`: one image, one mask expression, up to three PNGs.
 
-The model and mask options are defined here once (``add_model_arguments``,
-``add_mask_arguments``) and shared with `ldznet batch`. Cheap checks (expression, options,
-image, output names) run before any model is loaded, so a typo costs no model load.
+The mask options are defined here once (``add_mask_arguments``) and shared with `ldznet batch`;
+:func:`job_from_args` turns them into the :class:`~ldznet_ext.job.MaskJob` every front end builds.
+Cheap checks (expression, options, image, output names) run before any model is loaded, so a typo
+costs no model load.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
 from pathlib import Path
 
-from .errors import LdznetError
-from .images import MAX_PIXELS, load_image
-from .limits import (DEVICE_NAMES, DRAWS, FEATHER, GROW, KEEP_LARGEST, MIN_AREA, PIXELS, REFINE_RADIUS,
-                     REFINE_STRENGTH, RESOLUTION, SEED, THRESHOLD, TIMESTEP, bounded_number, device_name)
-from .loading import DTYPES, load_segmenter, resolve_model_paths, with_grow
-from .masks.expression import parse
-from .masks.ops import MaskOptions
-from .masks.tree import Expression
-from .refine import RefineSettings
-from .outputs import same_file, writable_path, write_mask, write_overlay, write_probability, writing
-from .segmenter import Segmenter
+from ..errors import LdznetError
+from ..images import load_image
+from ..job import MODES, ZERO_SHOT_MODE, MaskJob
+from ..limits import FEATHER, GROW, KEEP_LARGEST, MIN_AREA, REFINE_RADIUS, REFINE_STRENGTH, THRESHOLD, bounded_number
+from ..masks.expression import parse
+from ..outputs import same_file, writable_path, write_mask, write_overlay, write_probability, writing
+from .common import add_model_arguments, segmenter_from_args
 
 EPILOG = """examples:
   ldznet mask photo.jpg "goblin OR sword" -o mask.png --overlay check.png
@@ -32,34 +28,6 @@ Without --model the embedded micro model (and its head) is used. Masks are white
 expression holds (the area to repaint), at the image's own size; their edges follow the image's
 (--no-refine: plain bilinear upsampling of the model's maps). Exit status: 0 done,
 1 a system error, 2 bad input (message on stderr), 130 interrupted."""
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, --head/--zero-shot, sampling settings, --device, --dtype, --max-pixels."""
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", metavar="SD.safetensors",
-                       help="SD v1 single-file checkpoint (default: the embedded micro model)")
-    which = group.add_mutually_exclusive_group()
-    which.add_argument("--head", metavar="HEAD.safetensors",
-                       help="LD-ZNet/ZNet head trained for the model (default: the embedded head, "
-                            "only with the embedded model)")
-    which.add_argument("--zero-shot", action="store_true",
-                       help="no head: masks from where the text changes the SD model's noise prediction")
-    group.add_argument("--resolution", type=bounded_number(RESOLUTION), metavar="R",
-                       help="working side in pixels, 64..2048 (area about R^2, sides multiples of 64; default: "
-                            "the head's, 384 zero-shot)")
-    group.add_argument("--timestep", type=bounded_number(TIMESTEP), metavar="T",
-                       help="SD timestep of the feature step, 0..999 (default: the head's, 400 zero-shot)")
-    group.add_argument("--draws", type=bounded_number(DRAWS), metavar="K",
-                       help="noise draws averaged, 1..64 (default: 1 with a head, 4 zero-shot)")
-    group.add_argument("--seed", type=bounded_number(SEED), default=0, metavar="S",
-                       help="noise seed, 0..2^63-1 (default 0)")
-    group.add_argument("--device", type=device_name, default="auto", metavar="D",
-                       help=f"{DEVICE_NAMES} (default auto: CUDA, then MPS, then the CPU)")
-    group.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
-                       help="compute precision (default fp32; fp16 falls back to fp32 on the CPU)")
-    group.add_argument("--max-pixels", type=bounded_number(PIXELS), default=MAX_PIXELS, metavar="N",
-                       help=f"refuse larger images before decoding them, 1..{PIXELS.high:,} (default {MAX_PIXELS:,})")
 
 
 def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,34 +55,16 @@ def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default: two latent pixels)")
 
 
-def expression_from_args(args: argparse.Namespace) -> Expression:
-    """The parsed expression with --grow applied (ExpressionError for malformed text)."""
-    return with_grow(parse(args.expression), args.grow)
-
-
-def mask_options_from_args(args: argparse.Namespace) -> MaskOptions:
-    """The MaskOptions of --threshold, --invert, --keep-largest, --min-area and --feather."""
-    return MaskOptions(threshold=args.threshold, invert=args.invert, keep_largest=args.keep_largest,
-                       min_area=args.min_area, feather=args.feather)
-
-
-def refine_settings_from_args(args: argparse.Namespace) -> RefineSettings:
-    """The RefineSettings of --no-refine, --refine-strength and --refine-radius."""
-    return RefineSettings(enabled=not args.no_refine, strength=args.refine_strength, radius=args.refine_radius)
-
-
-def segmenter_from_args(args: argparse.Namespace) -> tuple[Segmenter, dict]:
-    """The Segmenter the arguments describe, and a JSON-ready record of what was loaded and how."""
-    model, head = resolve_model_paths(args.model, args.head, args.zero_shot)
-    segmenter = load_segmenter(model, head, device=args.device, dtype=args.dtype, resolution=args.resolution,
-                               timestep=args.timestep, draws=args.draws, seed=args.seed)
-    segmenter = segmenter.with_settings(refine=refine_settings_from_args(args))
-    # Only the settings that apply: a head run has no zero-shot settings and vice versa.
-    unused = {"resolution", "timestep", "draws"} if segmenter.zero_shot else {"resolution", "zero_shot"}
-    record = {"model": str(model), "head": str(head) if head else None, "device": str(segmenter.backbone.device),
-              "dtype": str(segmenter.backbone.dtype).replace("torch.", ""), "resolution": segmenter.resolution,
-              **{k: v for k, v in asdict(segmenter.settings).items() if k not in unused}}
-    return segmenter, record
+def job_from_args(args: argparse.Namespace) -> MaskJob:
+    """The MaskJob of EXPR, --zero-shot and the mask options. A malformed or empty EXPR is an
+    ExpressionError here, before any work."""
+    job = MaskJob(expression=args.expression, mode=ZERO_SHOT_MODE if args.zero_shot else MODES[0],
+                  threshold=args.threshold, grow=args.grow, feather=args.feather, invert=args.invert,
+                  refine=not args.no_refine, keep_largest=args.keep_largest, min_area=args.min_area,
+                  refine_strength=args.refine_strength, refine_radius=args.refine_radius)
+    if not job.active:  # a job may have no mask, a command needs one: the parser says what one looks like
+        parse(job.expression)
+    return job
 
 
 def check_png_outputs(image: str | Path, outputs: list[str | Path]) -> None:
@@ -134,12 +84,12 @@ def check_png_outputs(image: str | Path, outputs: list[str | Path]) -> None:
 def _run_mask(args: argparse.Namespace) -> int:
     outputs = [p for p in (args.output, args.overlay, args.probability) if p is not None]
     check_png_outputs(args.image, outputs)
-    expression = expression_from_args(args)
-    options = mask_options_from_args(args)
+    job = job_from_args(args)
+    expression = job.tree()
     image = load_image(args.image, max_pixels=args.max_pixels)
-    segmenter, _ = segmenter_from_args(args)
+    segmenter, _ = segmenter_from_args(args, job.refine_settings())
     segmenter.set_image(image, max_pixels=args.max_pixels)
-    prediction = segmenter.predict(expression, options)
+    prediction = segmenter.predict(expression, job.mask_options())
     mask = prediction.mask_image()
     writers = [(args.output, lambda path: write_mask(path, mask)),
                (args.probability, lambda path: write_probability(path, prediction.probability_image())),

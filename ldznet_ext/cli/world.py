@@ -9,7 +9,7 @@ become ``_``: ``red_star.png``) and ``DIR/phrases.json``::
 
 ``area`` is the mask's pixel count; absent phrases have ``"present": false`` and area 0.
 ``ldznet world split NAME [--count N]`` prints the first N seeds of split NAME as a JSON list.
-``ldznet world train-sd -o DIR [--recipe full|clip|smoke] [--device cpu|cuda] [--dtype auto|float32|bfloat16]
+``ldznet world train-sd -o DIR [--recipe full|clip|smoke] [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16]
 [--stages vae,text,unet]`` trains the micro SD v1 (``world.train_sd``) into DIR.
 Each sub-command is one ``_add_*`` function in ``SUBCOMMANDS``; add more there.
 """
@@ -25,7 +25,8 @@ from pathlib import Path
 from PIL import Image
 
 from ..limits import PROCESSES, RENDER_SIZE, SCENES, SEED, bounded_number
-from .scenes import SPLIT_START, VOCABULARY, make_scene, split_seeds
+from ..world.scenes import SPLIT_START, VOCABULARY, make_scene, split_seeds
+from .common import add_device_argument
 
 
 def mask_filename(phrase: str) -> str:
@@ -64,14 +65,15 @@ def _run_split(args: argparse.Namespace) -> int:
 def _run_train_sd(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .micro import micro_recipe
-    from .train_sd import train_sd
+    from ..loading import resolve_device
+    from ..world.micro import micro_recipe
+    from ..world.train_sd import train_sd
 
     stages = None if args.stages is None else [s.strip() for s in args.stages.split(",") if s.strip()]
     recipe = micro_recipe(args.recipe)
     if args.seed is not None:
         recipe = replace(recipe, seed=args.seed)
-    log = train_sd(Path(args.output), recipe, args.device, args.dtype, stages,
+    log = train_sd(Path(args.output), recipe, resolve_device(args.device), args.dtype, stages,
                    args.workers, progress=not args.quiet and sys.stderr.isatty())
     print(json.dumps({"output": args.output, "seconds": log["seconds"], "probes": log["probes"]}, indent=1))
     return 0
@@ -107,7 +109,7 @@ def _add_train_sd(sub: argparse._SubParsersAction) -> None:
                         "or smoke")
     p.add_argument("--seed", type=bounded_number(SEED),
                    help="seed of the initial weights, batches and noise (default: the recipe's, 0); same scenes")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    add_device_argument(p)
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="autocast dtype (default auto: bfloat16 on CUDA; on CPUs with native bf16, "
                         "bfloat16 for the VAE stage only; else float32)")

@@ -15,13 +15,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .limits import RENDER_SIZE, SCENE_INDEX, SEED, THRESHOLD, bounded_number, device_name
-from .loading import load_segmenter, resolve_model_paths
-from .masks.expression import parse
-from .masks.ops import MaskOptions
-from .masks.tree import Expression
-from .outputs import save_png, write_mask, write_overlay, write_probability
-from .world.scenes import VOCABULARY, Scene, make_scene, split_seeds
+from ..limits import RENDER_SIZE, SCENE_INDEX, SEED, THRESHOLD, bounded_number
+from ..loading import load_segmenter, resolve_model_paths
+from ..masks.expression import parse
+from ..masks.ops import MaskOptions
+from ..masks.tree import Expression
+from ..outputs import save_png, write_mask, write_overlay, write_probability
+from ..world.scenes import VOCABULARY, Scene, make_scene, split_seeds
+from .common import add_device_argument
 
 DEFAULT_SCENE = 7
 """Index into the test split of the scene the demo shows (one with an attribute phrase and grass)."""
@@ -93,6 +94,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--zero-shot", action="store_true", help="use zero-shot masks instead of the LD-ZNet head")
     p.add_argument("--threshold", type=bounded_number(THRESHOLD), default=0.5,
                    help="a pixel is selected when its probability is above T, 0 <= T < 1 (default 0.5)")
-    p.add_argument("--device", type=device_name, default="cpu", help="auto, cpu, cuda, cuda:N or mps (default cpu)")
+    add_device_argument(p)
     p.add_argument("-o", "--output", default="ldznet-demo", help="output folder (default %(default)s)")
     p.set_defaults(func=_run)

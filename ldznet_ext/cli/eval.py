@@ -16,15 +16,15 @@ import argparse
 import json
 from pathlib import Path
 
+from ..data.spec import open_source
 from ..errors import LdznetError
-from ..limits import BOUNDARY_TOLERANCE, RENDER_SIZE, RESOLUTION, THRESHOLD, WORKERS, bounded_number, device_name
-from ..loading import DTYPES, load_segmenter, resolve_model_paths
+from ..eval.evaluate import FORMAT, VERSION, EvalResult, evaluate, merge_results
+from ..eval.tables import TABLES, build_table, default_table, markdown_table
+from ..limits import BOUNDARY_TOLERANCE, RENDER_SIZE, THRESHOLD, WORKERS, bounded_number
 from ..outputs import writable_path, writing
 from ..refine import RefineSettings
-from ..data.spec import open_source
 from ..world.scenes import VOCABULARY
-from .evaluate import FORMAT, VERSION, EvalResult, evaluate, merge_results
-from .tables import TABLES, build_table, default_table, markdown_table
+from .common import add_model_arguments, segmenter_from_args
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -84,12 +84,9 @@ def _run(args: argparse.Namespace) -> int:
             writable_path(path)
     if args.merge:
         return _report(merge_results([r for path in args.merge for r in read_results(path)]), args)
-    model, head = resolve_model_paths(args.model, args.head, args.zero_shot)
-    segmenter = load_segmenter(model, head, device=args.device, dtype=args.dtype, resolution=args.resolution)
-    if args.no_refine:
-        segmenter = segmenter.with_settings(refine=RefineSettings(enabled=False))
+    segmenter, loaded = segmenter_from_args(args, RefineSettings(enabled=False) if args.no_refine else None)
     source = open_source(args.data, size=args.size or segmenter.resolution, domain=args.domain)
-    name = args.name or (head.stem if head else "zero-shot")
+    name = args.name or (Path(loaded["head"]).stem if loaded["head"] else "zero-shot")
     result = evaluate(segmenter, source, name, include_absent=args.include_absent, binary_threshold=args.threshold,
                       shard=args.shard, workers=args.workers, square=args.square, boundary=args.boundary)
     return _report([result], args)
@@ -97,10 +94,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="evaluate a head or zero-shot masks (mIoU, IoU_FG, AP), or merge results")
-    p.add_argument("--model", metavar="SD.safetensors", help="SD v1 checkpoint (default: the embedded micro model)")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--head", metavar="HEAD.safetensors", help="a trained or converted head")
-    which.add_argument("--zero-shot", action="store_true", help="masks from the SD model alone")
+    which = add_model_arguments(p, sampling=False)
     which.add_argument("--merge", nargs="+", metavar="RESULT.json",
                        help="merge the --json results of shards (and of other models or data sets) into one table")
     p.add_argument("--data", default="world:test:500", metavar="SPEC",
@@ -123,8 +117,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--boundary", type=bounded_number(BOUNDARY_TOLERANCE), nargs="?", const=2.0, metavar="PX",
                    help="also score edges: boundary F-score, edges matched within PX pixels, 0 < PX <= 64 (default 2); "
                         "printed, in the JSON and merged")
-    p.add_argument("--resolution", type=bounded_number(RESOLUTION),
-                   help="working resolution, 64..2048 (default: the head's training resolution)")
     p.add_argument("--include-absent", action="store_true",
                    help="also score absent phrases (empty masks); CLIPSeg and PhraseCut score present ones only")
     p.add_argument("--threshold", type=bounded_number(THRESHOLD), default=0.5,
@@ -134,7 +126,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "several RefCOCO-family data sets)")
     p.add_argument("--json", metavar="OUT.json", help="write the results (raw counts included) and the table as JSON")
     p.add_argument("--markdown", metavar="OUT.md", help="write the markdown table")
-    p.add_argument("--device", type=device_name, default="auto",
-                   help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     p.set_defaults(func=_run)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.examples import Source
-from .data.spec import open_source
-from .data.stream import iterate_examples
-from .errors import LdznetError
-from .limits import EXAMPLES, RENDER_SIZE, WORKERS, bounded_number
+from ..data.examples import Source
+from ..data.spec import open_source
+from ..data.stream import iterate_examples
+from ..errors import LdznetError
+from ..limits import EXAMPLES, RENDER_SIZE, WORKERS, bounded_number
 
 SHOWN_ERRORS = 10
 

@@ -21,15 +21,17 @@ from ..data.spec import open_source
 from ..errors import LdznetError
 from ..limits import (ACCUMULATE, EMA_DECAY, FACTOR, GRAD_CLIP, LEARNING_RATE, LOSS_WEIGHT, LR_SCALE, PATIENCE,
                       RESOLUTION, SEED, STEP_INTERVAL, STEPS, TRAIN_BATCH_SIZE, WARMUP, WEIGHT_DECAY, WORKERS,
-                      bounded_number, device_name)
+                      bounded_number)
 from ..loading import resolve_device
 from ..modeling.build import ARCHITECTURES
 from ..modeling.ldznet import FUSIONS
+from ..precision import PRECISIONS, autocast_dtype
 from ..sd.checkpoint import load_stable_diffusion
-from . import distributed
-from .augment import TEMPLATES
-from .config import PRECISIONS, PRESETS, SCHEDULES, TrainConfig, check_values, compose_config, read_config_file
-from .trainer import AMP_DTYPES, CHECKPOINT, HEAD, Trainer
+from ..train import distributed
+from ..train.augment import TEMPLATES
+from ..train.config import PRESETS, SCHEDULES, TrainConfig, check_values, compose_config, read_config_file
+from ..train.trainer import CHECKPOINT, HEAD, Trainer
+from .common import add_device_argument
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
@@ -56,7 +58,7 @@ def train(args: argparse.Namespace) -> Trainer:
     config = resolve_config(args)
     device, joined = distributed.init_from_env(resolve_device(args.device))
     try:
-        backbone = load_stable_diffusion(args.model, device, AMP_DTYPES[config.precision] or torch.float32)
+        backbone = load_stable_diffusion(args.model, device, autocast_dtype(config.precision) or torch.float32)
         source = open_source(config.data, size=config.resolution, domain=args.domain)
         trainer = Trainer(backbone, source, config, args.output, model_name=Path(args.model).name)
         if args.resume:
@@ -143,7 +145,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--log-every", type=bounded_number(STEP_INTERVAL),
                    help=f"log.csv interval in steps (default {d.log_every})")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pt")
-    p.add_argument("--device", type=device_name, default="auto",
-                   help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; under torchrun each process "
-                        "takes cuda:LOCAL_RANK")
+    add_device_argument(p, "; under torchrun each process takes cuda:LOCAL_RANK")
     p.set_defaults(func=_run)

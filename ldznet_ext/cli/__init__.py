@@ -1,9 +1,10 @@
-"""`ldznet` command line: each sub-command lives beside the code it drives.
+"""`ldznet` command line: one module of this package per command group.
 
 A command module exposes ``register(subparsers)``, which adds its parser and sets
-``func(args) -> int`` as the parser default. Modules are imported only when the
-CLI starts, so ``import ldznet_ext`` stays light. Errors are one line, ``ldznet COMMAND: error: ...``,
-never a traceback. Exit status: 0 done, 1 a system error (OSError, out of memory), 2 bad input
+``func(args) -> int`` as the parser default; options several commands take are defined once in
+``common.py``. The library modules the commands drive import nothing from here, and this package
+is imported only when the CLI starts, so ``import ldznet_ext`` stays light. Errors are one line,
+``ldznet COMMAND: error: ...``, never a traceback. Exit status: 0 done, 1 a system error (OSError, out of memory), 2 bad input
 (LdznetError, and the usage errors argparse reports), 130 interrupted (Ctrl-C: one line,
 "ldznet COMMAND: interrupted"; outputs are written atomically, so none is left half-written).
 A command may return its own status too (``ldznet batch``: 1 when some files failed).
@@ -16,19 +17,19 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from .errors import LdznetError
+from .. import __version__
+from ..errors import LdznetError
 
 COMMAND_MODULES: tuple[str, ...] = (
     "ldznet_ext.checkpoint_cli",
-    "ldznet_ext.demo",
-    "ldznet_ext.mask_cli",
-    "ldznet_ext.batch",
-    "ldznet_ext.world.cli",
-    "ldznet_ext.webui.install_model",
-    "ldznet_ext.train.cli",
-    "ldznet_ext.eval.cli",
-    "ldznet_ext.data_cli",
+    "ldznet_ext.cli.demo",
+    "ldznet_ext.cli.mask",
+    "ldznet_ext.cli.batch",
+    "ldznet_ext.cli.world",
+    "ldznet_ext.cli.webui",
+    "ldznet_ext.cli.train",
+    "ldznet_ext.cli.eval",
+    "ldznet_ext.cli.data",
 )
 
 
@@ -61,7 +62,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ldznet {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

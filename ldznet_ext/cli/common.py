@@ -1,0 +1,93 @@
+"""The options several commands share, defined once: the model arguments, ``--device`` and ``--shard``.
+
+``ldznet mask``, ``batch`` and ``eval`` take the model arguments (:func:`add_model_arguments`),
+``demo`` and ``train`` the parts that apply to them (:func:`add_device_argument`). Every bound comes
+from ``limits.py``, every ``--device`` defaults to ``auto`` and every ``--shard K/N`` is 1-based.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+
+from ..images import MAX_PIXELS
+from ..limits import DEVICE_NAMES, DRAWS, PIXELS, RESOLUTION, SEED, TIMESTEP, bounded_number, device_name
+from ..loading import load_segmenter, resolve_model_paths
+from ..precision import DTYPES
+from ..refine import RefineSettings
+from ..segmenter import Segmenter
+
+DEFAULT_DEVICE = "auto"
+
+
+def add_device_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup, note: str = "") -> None:
+    """``--device`` (default auto: CUDA, then MPS, then the CPU); ``note`` is appended to its help."""
+    parser.add_argument("--device", type=device_name, default=DEFAULT_DEVICE, metavar="D",
+                        help=f"{DEVICE_NAMES} (default auto: CUDA, then MPS, then the CPU){note}")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True) -> argparse._MutuallyExclusiveGroup:
+    """--model, --head/--zero-shot, --resolution, --device, --dtype and, with ``sampling``, --timestep,
+    --draws, --seed and --max-pixels. Returns the --head/--zero-shot group, so that a command can
+    add a third choice (``eval --merge``)."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", metavar="SD.safetensors",
+                       help="SD v1 single-file checkpoint (default: the embedded micro model)")
+    which = group.add_mutually_exclusive_group()
+    which.add_argument("--head", metavar="HEAD.safetensors",
+                       help="LD-ZNet/ZNet head trained for the model (default: the embedded head, "
+                            "only with the embedded model)")
+    which.add_argument("--zero-shot", action="store_true",
+                       help="no head: masks from where the text changes the SD model's noise prediction")
+    group.add_argument("--resolution", type=bounded_number(RESOLUTION), metavar="R",
+                       help="working side in pixels, 64..2048 (area about R^2, sides multiples of 64; default: "
+                            "the head's, 384 zero-shot)")
+    if sampling:
+        group.add_argument("--timestep", type=bounded_number(TIMESTEP), metavar="T",
+                           help="SD timestep of the feature step, 0..999 (default: the head's, 400 zero-shot)")
+        group.add_argument("--draws", type=bounded_number(DRAWS), metavar="K",
+                           help="noise draws averaged, 1..64 (default: 1 with a head, 4 zero-shot)")
+        group.add_argument("--seed", type=bounded_number(SEED), default=0, metavar="S",
+                           help="noise seed, 0..2^63-1 (default 0)")
+    add_device_argument(group)
+    group.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                       help="compute precision (default fp32; fp16 falls back to fp32 on the CPU)")
+    if sampling:
+        group.add_argument("--max-pixels", type=bounded_number(PIXELS), default=MAX_PIXELS, metavar="N",
+                           help=f"refuse larger images before decoding them, 1..{PIXELS.high:,} "
+                                f"(default {MAX_PIXELS:,})")
+    return which
+
+
+def segmenter_from_args(args: argparse.Namespace, refine: RefineSettings | None = None) -> tuple[Segmenter, dict]:
+    """The Segmenter the model arguments describe (with ``refine``, when given), and a JSON-ready
+    record of what was loaded and how. Options a command lacks take the library's defaults."""
+    model, head = resolve_model_paths(args.model, args.head, args.zero_shot)
+    segmenter = load_segmenter(model, head, device=args.device, dtype=args.dtype, resolution=args.resolution,
+                               timestep=getattr(args, "timestep", None), draws=getattr(args, "draws", None),
+                               seed=getattr(args, "seed", 0))
+    if refine is not None:
+        segmenter = segmenter.with_settings(refine=refine)
+    # Only the settings that apply: a head run has no zero-shot settings and vice versa.
+    unused = {"resolution", "timestep", "draws"} if segmenter.zero_shot else {"resolution", "zero_shot"}
+    record = {"model": str(model), "head": str(head) if head else None, "device": str(segmenter.backbone.device),
+              "dtype": str(segmenter.backbone.dtype).replace("torch.", ""), "resolution": segmenter.resolution,
+              **{k: v for k, v in asdict(segmenter.settings).items() if k not in unused}}
+    return segmenter, record
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """An argparse type: "K/N" -> (K, N) with 1 <= K <= N, shard K of N counted from 1."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N such as 2/4, got {text!r}") from None
+    if not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"expected 1 <= K <= N in K/N, got {text!r}")
+    return k, n
+
+
+def add_shard_argument(parser: argparse.ArgumentParser, what: str, shard_type=parse_shard) -> None:
+    """``--shard K/N`` (default 1/1): ``what`` says what the shard holds (help text)."""
+    parser.add_argument("--shard", type=shard_type, default=(1, 1), metavar="K/N",
+                        help=f"process only shard K of N, 1 <= K <= N: {what}")
