@@ -1,12 +1,14 @@
-"""backbones/: the seeded posterior sampler every backbone shares."""
+"""backbones/: the seeded posterior sampler every backbone shares and the model-family classifier."""
 
 from __future__ import annotations
 
 import re
+import types
 from pathlib import Path
 
 import torch
 
+from ldznet_ext.backbones.family import LABELS, host_family
 from ldznet_ext.backbones.sampling import sample_posterior
 from ldznet_ext.sd.vae import AutoencoderKL, VAEConfig
 
@@ -40,3 +42,23 @@ def test_the_posterior_is_sampled_in_one_place():
     holders = sorted(str(p.relative_to(PACKAGE)) for p in inference
                      if draw.search(p.read_text()) and "posterior" in p.read_text())
     assert holders == ["backbones/sampling.py"]
+
+
+def test_host_family_from_flags_and_channels():
+    def model(**flags):
+        return types.SimpleNamespace(**flags)
+
+    assert host_family(model(is_sd1=True)) == "sd-v1"
+    assert host_family(model(is_sd1=False, is_sdxl=True)) == "sdxl"
+    assert host_family(model(is_sd1=False, is_ssd=True, is_sdxl=True)) == "sdxl"  # most specific first
+    assert host_family(model(is_sd1=False)) == "unknown"
+    assert host_family(model()) == "sd-v1" and host_family(model(), sd1_unless_told=False) == "unknown"
+    assert host_family(model(is_sd1=True, is_inpaint=True)) == "sd-v1-inpainting"
+    assert host_family(model(), in_channels=9) == "sd-v1-inpainting"
+    assert host_family(model(), in_channels=8) == "unknown"
+    assert LABELS["sd2"] == "SD 2.x" and LABELS["ssd"] == "SSD-1B"
+
+
+def test_host_flags_are_read_in_one_place():
+    holders = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if '"is_sdxl"' in p.read_text())
+    assert holders == ["backbones/family.py"]

@@ -15,6 +15,7 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
+from ..backbones.family import LABELS, host_family
 from ..backbones.sampling import sample_posterior
 from ..errors import CheckpointError
 from ..sd.schedule import NoiseSchedule
@@ -25,17 +26,17 @@ def check_a1111_model(sd_model, current_unet=None) -> None:
     if sd_model is None:
         raise CheckpointError("no Stable Diffusion model is loaded; load an SD 1.x checkpoint first")
     name = getattr(getattr(sd_model, "sd_checkpoint_info", None), "name_for_extra", None) or "the loaded model"
-    families = [label for attr, label in (("is_sdxl", "SDXL"), ("is_sd2", "SD 2.x"), ("is_sd3", "SD 3"),
-                                          ("is_ssd", "SSD-1B")) if getattr(sd_model, attr, False)]
-    if families or not getattr(sd_model, "is_sd1", True):
-        found = families[0] if families else "not SD 1.x"
-        raise CheckpointError(f"{name} is {found}; LD-ZNet reads SD 1.x UNet features, so load an SD 1.x checkpoint")
+    family = host_family(sd_model)
+    if family not in ("sd-v1", "sd-v1-inpainting"):
+        raise CheckpointError(f"{name} is {LABELS[family]}; LD-ZNet reads SD 1.x UNet features, "
+                              "so load an SD 1.x checkpoint")
     if getattr(sd_model, "parameterization", "eps") != "eps":
         raise CheckpointError(f"{name} predicts {sd_model.parameterization!r}; LD-ZNet needs an eps-prediction SD 1.x model")
     unet = sd_model.model.diffusion_model
     in_channels = unet.input_blocks[0][0].in_channels
-    if in_channels != 4:
-        kind = "an inpainting model (9 input channels)" if in_channels == 9 else f"a {in_channels}-channel UNet"
+    family = host_family(sd_model, in_channels)
+    if family != "sd-v1":
+        kind = LABELS[family] if family == "sd-v1-inpainting" else f"a {in_channels}-channel UNet"
         raise CheckpointError(f"{name} is {kind}; LD-ZNet needs a plain SD 1.x model with 4 input channels: "
                               "load the base model the inpainting model was made from")
     if current_unet is not None:

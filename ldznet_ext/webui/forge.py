@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..backbones.family import LABELS, host_family
 from ..backbones.sampling import sample_posterior
 from ..errors import CheckpointError
 from ..sd.schedule import NoiseSchedule
@@ -24,14 +25,13 @@ def check_forge_model(sd_model) -> None:
     """Raise CheckpointError when Forge's loaded model is not a plain SD 1.x model."""
     if sd_model is None or getattr(sd_model, "forge_objects", None) is None:
         raise CheckpointError("no Stable Diffusion model is loaded; load an SD 1.x checkpoint first")
-    if not getattr(sd_model, "is_sd1", False):
-        families = [label for attr, label in (("is_sdxl", "SDXL"), ("is_sd2", "SD 2.x"), ("is_sd3", "SD 3"))
-                    if getattr(sd_model, attr, False)]
-        found = families[0] if families else f"a {type(sd_model).__name__} model (not SD 1.x)"
+    family = host_family(sd_model, sd1_unless_told=False)
+    if family not in ("sd-v1", "sd-v1-inpainting"):
+        found = LABELS[family] if family != "unknown" else f"a {type(sd_model).__name__} model (not SD 1.x)"
         raise CheckpointError(f"the loaded model is {found}; LD-ZNet reads SD 1.x UNet features, "
                               "so load an SD 1.x checkpoint")
-    if getattr(sd_model, "is_inpaint", False):
-        raise CheckpointError("the loaded model is an inpainting model (9 input channels); LD-ZNet needs a plain "
+    if family == "sd-v1-inpainting":
+        raise CheckpointError(f"the loaded model is {LABELS[family]}; LD-ZNet needs a plain "
                               "SD 1.x model: load the base model the inpainting model was made from")
     prediction = getattr(sd_model.forge_objects.unet.model.predictor, "prediction_type", "epsilon")
     if prediction != "epsilon":
