@@ -1,0 +1,40 @@
+"""The package root: every public name resolves to its defining module, lazily."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import ldznet_ext
+
+
+@pytest.mark.parametrize("name", [n for n in ldznet_ext.__all__ if n != "__version__"])
+def test_every_public_name_is_the_object_its_module_defines(name: str) -> None:
+    module = __import__(ldznet_ext._EXPORTS[name], fromlist=[name])
+    assert getattr(ldznet_ext, name) is getattr(module, name)
+
+
+def test_an_unknown_name_is_an_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="has no attribute 'Segmentor'"):
+        ldznet_ext.Segmentor  # noqa: B018
+
+
+def test_importing_the_package_loads_no_torch() -> None:
+    code = "import sys, ldznet_ext; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_the_readme_example_runs_on_the_embedded_model(tmp_path) -> None:
+    from ldznet_ext import MaskJob, load_segmenter
+    from ldznet_ext.defaults import default_model_paths
+    from ldznet_ext.world.scenes import make_scene
+
+    segmenter = load_segmenter(*default_model_paths())
+    scene = make_scene(1000007, size=256)  # the demo's scene
+    segmenter.set_image(scene.image)
+    job = MaskJob("grass")
+    mask = segmenter.predict(job.tree(), job.mask_options()).mask_image() == 255
+    truth = scene.phrases["grass"]
+    assert mask.shape == truth.shape
+    assert (mask & truth).sum() / (mask | truth).sum() > 0.9
