@@ -14,11 +14,11 @@ pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
 from fake_webui import world  # noqa: E402
 from fake_webui.models import FakeLatentDiffusion, tiny_sd  # noqa: E402
 
+from ldznet_ext.backbones.a1111 import A1111Backbone, check_a1111_model  # noqa: E402
+from ldznet_ext.backbones.forge import ForgeBackbone, check_forge_model  # noqa: E402
 from ldznet_ext.errors import CheckpointError, LdznetError  # noqa: E402
-from ldznet_ext.webui import host  # noqa: E402
-from ldznet_ext.webui.a1111 import A1111Backbone, check_a1111_model  # noqa: E402
-from ldznet_ext.webui.forge import ForgeBackbone, check_forge_model  # noqa: E402
 from ldznet_ext.job import MaskJob  # noqa: E402
+from ldznet_ext.webui import host  # noqa: E402
 
 IMAGE = (np.random.default_rng(3).random((40, 56, 3)) * 255).astype(np.uint8)
 

@@ -72,13 +72,13 @@ def loaded_model():
 
 def _check(sd_model) -> None:
     if is_forge():
-        from .forge import check_forge_model
+        from ..backbones.forge import check_forge_model
 
         check_forge_model(sd_model)
     else:
         from modules import sd_unet
 
-        from .a1111 import check_a1111_model
+        from ..backbones.a1111 import check_a1111_model
 
         check_a1111_model(sd_model, sd_unet.current_unet)
 
@@ -88,12 +88,12 @@ def _backbone(sd_model) -> Backbone:
     if is_forge():
         from backend import memory_management
 
-        from .forge import ForgeBackbone
+        from ..backbones.forge import ForgeBackbone
 
         return ForgeBackbone(sd_model, memory_management.load_model_gpu)
     from modules import devices
 
-    from .a1111 import A1111Backbone
+    from ..backbones.a1111 import A1111Backbone
 
     return A1111Backbone(sd_model, devices)
 

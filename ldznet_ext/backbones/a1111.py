@@ -15,10 +15,10 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
-from ..backbones.family import LABELS, host_family
-from ..backbones.sampling import sample_posterior
 from ..errors import CheckpointError
 from ..sd.schedule import NoiseSchedule
+from .family import LABELS, host_family
+from .sampling import sample_posterior
 
 
 def check_a1111_model(sd_model, current_unet=None) -> None:
