@@ -3,6 +3,7 @@ skipped, the square protocol, and the paper's table shapes (markdown and JSON)."
 
 from __future__ import annotations
 
+import argparse
 import json
 import zlib
 from types import SimpleNamespace
@@ -12,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ldznet_ext.cli import eval as eval_cli
 from ldznet_ext.cli import main
 from ldznet_ext.errors import LdznetError
 from ldznet_ext.eval.boundary import BoundaryMetrics
@@ -71,7 +73,7 @@ def test_shards_merge_to_exactly_the_unsharded_metrics(tmp_path):
     source = _source()
     whole = evaluate(Noisy(source), source, "m", progress=False)
     assert whole.examples == 7 and len(whole.metrics) == sum(bool(m.any()) for e in source for _, m in e.pairs)
-    shards = [evaluate(Noisy(source), source, "m", progress=False, shard=(k, 3)) for k in range(3)]
+    shards = [evaluate(Noisy(source), source, "m", progress=False, shard=(k, 3)) for k in (1, 2, 3)]
     assert [s.examples for s in shards] == [3, 2, 2]
     assert whole.metrics.keys == sorted(k for s in shards for k in s.metrics.keys)
     # Through JSON and in any order, as `ldznet eval --merge` reads them.
@@ -86,7 +88,7 @@ def test_boundary_scores_are_in_the_json_and_merge_exactly():
     source = _source()
     whole = evaluate(Noisy(source), source, "m", progress=False, boundary=1.5)
     assert len(whole.boundary) == len(whole.metrics) and whole.boundary.keys == whole.metrics.keys
-    shards = [evaluate(Noisy(source), source, "m", progress=False, shard=(k, 3), boundary=1.5) for k in range(3)]
+    shards = [evaluate(Noisy(source), source, "m", progress=False, shard=(k, 3), boundary=1.5) for k in (1, 2, 3)]
     loaded = [EvalResult.from_dict(json.loads(json.dumps(s.to_dict()))) for s in reversed(shards)]
     (merged,) = merge_results(loaded)
     assert merged.boundary.summary() == whole.boundary.summary()  # bit-identical
@@ -95,22 +97,22 @@ def test_boundary_scores_are_in_the_json_and_merge_exactly():
     assert summary == whole.boundary.summary().to_dict() and summary["tolerance"] == 1.5
     # The stand-in's maps separate at 0.4 < t < 0.6 and bleed over the edge at t = 0.1 or 0.9.
     assert summary["boundary_f"] == 1.0 and min(min(r) for r in whole.boundary.records()["scores"]) < 0.7
-    plain = evaluate(Noisy(source), source, "m", progress=False, shard=(1, 3))
+    plain = evaluate(Noisy(source), source, "m", progress=False, shard=(2, 3))
     assert plain.boundary is None and plain.to_dict()["boundary"] is None
     with pytest.raises(LdznetError, match="the parts differ"):  # with and without edges, or other tolerances
         merge_results([shards[0], plain, shards[2]])
     with pytest.raises(ValueError, match="is in more than one part"):
-        BoundaryMetrics.merge([shards[1].boundary, shards[1].boundary])  # shard 0 scored no sample
+        BoundaryMetrics.merge([shards[1].boundary, shards[1].boundary])  # shard 1 scored no sample
 
 
 def test_merge_refuses_incomplete_or_mixed_shards():
     source = _source()
-    shards = [evaluate(Noisy(source), source, "m", progress=False, shard=(k, 3)) for k in range(3)]
-    with pytest.raises(LdznetError, match="expected shards 0..2 of 3 once each, got 0, 2"):
+    shards = [evaluate(Noisy(source), source, "m", progress=False, shard=(k, 3)) for k in (1, 2, 3)]
+    with pytest.raises(LdznetError, match="expected shards 1..3 of 3 once each, got 1, 3"):
         merge_results([shards[0], shards[2]])
-    with pytest.raises(LdznetError, match="expected shards 0..2 of 3 once each, got 0, 0, 1, 2"):
+    with pytest.raises(LdznetError, match="expected shards 1..3 of 3 once each, got 1, 1, 2, 3"):
         merge_results([*shards, shards[0]])
-    other = evaluate(Noisy(source), source, "m", progress=False, shard=(1, 3), binary_threshold=0.3)
+    other = evaluate(Noisy(source), source, "m", progress=False, shard=(2, 3), binary_threshold=0.3)
     with pytest.raises(LdznetError, match="the parts differ"):
         merge_results([shards[0], other, shards[2]])
     two = merge_results([*shards, evaluate(Noisy(source), source, "n", progress=False)])
@@ -188,12 +190,12 @@ def test_tables_have_the_papers_shapes():
 
 def test_merge_command_writes_markdown_and_json(tmp_path, capsys):
     source = _source()
-    for k in range(2):
+    for k in (1, 2):
         shard = evaluate(Noisy(source), source, "LD-ZNet", progress=False, shard=(k, 2))
         report = {"format": FORMAT, "version": VERSION, "table": None, "results": [shard.to_dict()]}
         (tmp_path / f"s{k}.json").write_text(json.dumps(report))
     whole = evaluate(Noisy(source), source, "LD-ZNet", progress=False)
-    assert main(["eval", "--merge", str(tmp_path / "s0.json"), str(tmp_path / "s1.json"), "--table", "2",
+    assert main(["eval", "--merge", str(tmp_path / "s1.json"), str(tmp_path / "s2.json"), "--table", "2",
                  "--markdown", str(tmp_path / "t.md"), "--json", str(tmp_path / "all.json")]) == 0
     out = capsys.readouterr().out.splitlines()
     s = whole.summary
@@ -201,7 +203,49 @@ def test_merge_command_writes_markdown_and_json(tmp_path, capsys):
     assert (tmp_path / "t.md").read_text().splitlines()[2:] == out[:3]
     saved = json.loads((tmp_path / "all.json").read_text())
     assert saved["table"]["table"] == 2 and saved["results"][0]["summary"] == s.to_dict()
-    assert main(["eval", "--merge", str(tmp_path / "s0.json")]) == 2  # shard 1/2 missing
-    assert "expected shards 0..1 of 2 once each, got 0" in capsys.readouterr().err
+    assert main(["eval", "--merge", str(tmp_path / "s1.json")]) == 2  # shard 2/2 missing
+    assert "expected shards 1..2 of 2 once each, got 1" in capsys.readouterr().err
     (tmp_path / "x.json").write_text("{}")
     assert main(["eval", "--merge", str(tmp_path / "x.json")]) == 2
+
+
+def test_shards_count_from_1_and_version_1_files_from_0(tmp_path, capsys):
+    """Since version 2 of the result files, eval's shards are 1..N like batch's; a version-1 file
+    (shards 0..N-1) is read as 1-based, so old and new shards of one evaluation still merge."""
+    source = _source()
+    with pytest.raises(LdznetError, match="expected K/N with 1 <= K <= N"):
+        evaluate(Noisy(source), source, "m", progress=False, shard=(0, 2))
+    first, second = (evaluate(Noisy(source), source, "m", progress=False, shard=(k, 2)) for k in (1, 2))
+    assert (first.examples, second.examples) == (4, 3) and first.to_dict()["shard"] == [1, 2]
+    old = {**first.to_dict(), "shard": [0, 2]}  # the first shard, as version 1 wrote it
+    (tmp_path / "old.json").write_text(json.dumps({"format": FORMAT, "version": 1, "results": [old]}))
+    new = {"format": FORMAT, "version": VERSION, "results": [second.to_dict()]}
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    whole = evaluate(Noisy(source), source, "m", progress=False)
+    assert main(["eval", "--merge", str(tmp_path / "old.json"), str(tmp_path / "new.json"),
+                 "--json", str(tmp_path / "all.json")]) == 0
+    merged = json.loads((tmp_path / "all.json").read_text())
+    assert merged["version"] == VERSION == 2 and merged["results"][0]["records"] == json.loads(json.dumps(whole.metrics.records()))
+    # version 1's second shard was "1/2": with a version-2 first shard it is a duplicate, not a silent overlap
+    (tmp_path / "old.json").write_text(json.dumps({"format": FORMAT, "version": 1,
+                                                   "results": [{**second.to_dict(), "shard": [1, 2]}]}))
+    capsys.readouterr()
+    assert main(["eval", "--merge", str(tmp_path / "old.json"), str(tmp_path / "new.json")]) == 2
+    assert "expected shards 1..2 of 2 once each, got 2, 2" in capsys.readouterr().err
+
+
+def test_shard_option_counts_from_1_and_reads_the_old_first_shard(capsys):
+    parser = argparse.ArgumentParser()
+    eval_cli.register(parser.add_subparsers())
+    assert parser.parse_args(["eval", "--shard", "2/4"]).shard == (2, 4)
+    assert capsys.readouterr().err == ("ldznet eval: note: --shard counts from 1 (K = 1..N, as in ldznet batch) "
+                                       "since eval results version 2; --merge checks that the shards cover 1..N "
+                                       "once each\n")
+    assert parser.parse_args(["eval", "--shard", "0/4"]).shard == (1, 4)
+    assert capsys.readouterr().err == ("ldznet eval: warning: --shard 0/4 counts from 0, which is deprecated: "
+                                       "read as 1/4 (shards are 1..N, as in ldznet batch)\n")
+    assert parser.parse_args(["eval"]).shard == (1, 1) and capsys.readouterr().err == ""
+    for bad in ("0/0", "5/4", "4", "a/b"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["eval", "--shard", bad])
+        assert "ldznet eval: warning" not in capsys.readouterr().err

@@ -5,34 +5,44 @@ a markdown table in the shape of the paper's Table 1 (``--table 2|3|4`` for the 
 optionally writes the full result, raw counts included, as JSON. Without --model and --head it
 evaluates the embedded micro model and its head.
 
-At scale, run N processes with ``--shard K/N --json shard-K.json`` (one per GPU) and combine
-them with ``ldznet eval --merge shard-*.json``: the merged metrics equal those of one unsharded
-run exactly. ``--merge`` also joins results of several models and data sets into one table.
+At scale, run N processes with ``--shard K/N --json shard-K.json``, K = 1..N (one per GPU), and
+combine them with ``ldznet eval --merge shard-*.json``: the merged metrics equal those of one
+unsharded run exactly, and --merge refuses shards that do not cover 1..N once each. ``--merge``
+also joins results of several models and data sets into one table. Shards counted from 0 before
+(as they no longer do, like ``batch``'s); ``--shard 0/N`` still means the first, with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..data.spec import open_source
 from ..errors import LdznetError
-from ..eval.evaluate import FORMAT, VERSION, EvalResult, evaluate, merge_results
+from ..eval.evaluate import FORMAT, READABLE_VERSIONS, VERSION, EvalResult, evaluate, merge_results
 from ..eval.tables import TABLES, build_table, default_table, markdown_table
 from ..limits import BOUNDARY_TOLERANCE, RENDER_SIZE, THRESHOLD, WORKERS, bounded_number
 from ..outputs import writable_path, writing
 from ..refine import RefineSettings
 from ..world.scenes import VOCABULARY
-from .common import add_model_arguments, segmenter_from_args
+from .common import add_model_arguments, add_shard_argument, parse_shard, segmenter_from_args
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """'K/N' -> (K, N) with 0 <= K < N."""
-    k, slash, n = text.partition("/")
-    if not (slash and k.isdigit() and n.isdigit() and int(k) < int(n)):
-        raise argparse.ArgumentTypeError(f"expected K/N with 0 <= K < N (e.g. 0/8), got {text!r}")
-    return int(k), int(n)
+def eval_shard(text: str) -> tuple[int, int]:
+    """``--shard``'s type: "K/N" 1-based (:func:`parse_shard`), with one line on stderr whenever it is
+    given, since eval counted from 0 until version 2 of its result files: "0/N", which only the old
+    counting wrote, is read as the first shard (1/N)."""
+    k, _, n = text.partition("/")
+    if k.strip() == "0" and n.strip().isdigit() and int(n) >= 1:
+        print(f"ldznet eval: warning: --shard {text} counts from 0, which is deprecated: read as 1/{int(n)} "
+              f"(shards are 1..N, as in ldznet batch)", file=sys.stderr)
+        return 1, int(n)
+    shard = parse_shard(text)
+    print(f"ldznet eval: note: --shard counts from 1 (K = 1..N, as in ldznet batch) since eval results "
+          f"version {VERSION}; --merge checks that the shards cover 1..N once each", file=sys.stderr)
+    return shard
 
 
 def read_results(path: str) -> list[EvalResult]:
@@ -43,9 +53,11 @@ def read_results(path: str) -> list[EvalResult]:
         raise LdznetError(f"{path}: cannot read an eval result ({error})") from error
     if not isinstance(report, dict) or report.get("format") != FORMAT:
         raise LdznetError(f"{path}: not written by ldznet eval --json (no \"format\": \"{FORMAT}\")")
-    if report.get("version") != VERSION:
-        raise LdznetError(f"{path}: eval result version {report.get('version')}, this ldznet reads {VERSION}")
-    return [EvalResult.from_dict(r, f"{path} result {i}") for i, r in enumerate(report.get("results", []))]
+    version = report.get("version")
+    if version not in READABLE_VERSIONS:
+        raise LdznetError(f"{path}: eval result version {version}, this ldznet reads "
+                          f"{', '.join(map(str, READABLE_VERSIONS))}")
+    return [EvalResult.from_dict(r, f"{path} result {i}", version) for i, r in enumerate(report.get("results", []))]
 
 
 def _report(results: list[EvalResult], args: argparse.Namespace) -> int:
@@ -101,8 +113,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="data spec: world:SPLIT:N, PATH.jsonl, phrasecut:DIR:SPLIT, refcoco:DIR:SPLIT, aigi:DIR ... "
                         "(docs/datasets.md; default world:test:500)")
     p.add_argument("--name", help="the method's name in the table (default: the head's file name)")
-    p.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="K/N",
-                   help="evaluate only examples K, K+N, K+2N, ... (merge the N --json files with --merge)")
+    add_shard_argument(p, "examples K, K+N, K+2N, ... counted from 1 (merge the N --json files with --merge)",
+                       eval_shard)
     p.add_argument("--workers", type=bounded_number(WORKERS), default=0,
                    help="processes that read examples ahead, 0..64 (default 0)")
     p.add_argument("--square", type=bounded_number(RENDER_SIZE), metavar="N",

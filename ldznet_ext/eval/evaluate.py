@@ -7,9 +7,11 @@ scored at the image's own size (the segmenter resizes); with ``square=N`` the wh
 masks are first squashed to N x N (``data.examples.resize_square``, CLIPSeg's PhraseCut test protocol) and
 PhraseCut's binary IoUs are measured on the original masks, the prediction resized back.
 
-Sharding: ``shard=(k, n)`` evaluates examples k, k + n, k + 2n, ... Every sample is keyed by
-(example index, phrase position); ``merge_results`` of all n shards gives exactly the metrics of
-one unsharded run (``SegmentationMetrics.merge``). Unreadable examples are skipped and listed.
+Sharding: ``shard=(k, n)``, 1 <= k <= n as everywhere in ldznet, evaluates examples k - 1,
+k - 1 + n, k - 1 + 2n, ... (0-based indices). Every sample is keyed by (example index, phrase
+position); ``merge_results`` of shards 1..n gives exactly the metrics of one unsharded run
+(``SegmentationMetrics.merge``). Unreadable examples are skipped and listed. Result files of
+version 1 numbered shards from 0; :meth:`EvalResult.from_dict` reads them as 1-based.
 
 ``boundary``: a tolerance in pixels; every map's edge is then also scored (boundary F against the
 mask the map is scored on, :class:`BoundaryMetrics`), kept in the result with keys, so it is in the
@@ -34,7 +36,8 @@ from .boundary import BoundaryMetrics
 from .metrics import MetricSummary, SegmentationMetrics
 
 FORMAT = "ldznet-eval"
-VERSION = 1
+VERSION = 2  # 2: shards numbered 1..N (1: 0..N-1)
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -52,7 +55,7 @@ class EvalResult:
     seconds: float = 0.0
     examples: int = 0
     skipped: list[tuple[int, str]] = field(default_factory=list)
-    shard: tuple[int, int] = (0, 1)
+    shard: tuple[int, int] = (1, 1)
     square: int | None = None
     include_absent: bool = False
     boundary: BoundaryMetrics | None = None
@@ -83,12 +86,14 @@ class EvalResult:
                 "boundary": self.boundary.records() if self.boundary is not None else None}
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "result") -> EvalResult:
+    def from_dict(cls, data: dict, where: str = "result", version: int = VERSION) -> EvalResult:
+        """The result :meth:`to_dict` wrote, in a file of format ``version`` (1: shards from 0)."""
         try:
+            first = int(data["shard"][0]) + (1 if version == 1 else 0)
             return cls(str(data["name"]), str(data["data"]),
                        SegmentationMetrics.from_records(data["records"], float(data["binary_threshold"])),
                        float(data["seconds"]), int(data["examples"]), [(int(i), str(r)) for i, r in data["skipped"]],
-                       (int(data["shard"][0]), int(data["shard"][1])), data["square"], bool(data["include_absent"]),
+                       (first, int(data["shard"][1])), data["square"], bool(data["include_absent"]),
                        BoundaryMetrics.from_records(data["boundary"]) if data.get("boundary") else None)
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise LdznetError(f"{where}: not an ldznet eval result ({error!r})") from error
@@ -100,20 +105,20 @@ def _sync(device: torch.device) -> None:
 
 
 def evaluate(segmenter: Segmenter, source: Source, name: str = "model", include_absent: bool = False,
-             binary_threshold: float = 0.5, progress: bool | None = None, shard: tuple[int, int] = (0, 1),
+             binary_threshold: float = 0.5, progress: bool | None = None, shard: tuple[int, int] = (1, 1),
              workers: int = 0, square: int | None = None, boundary: float | None = None) -> EvalResult:
-    """Run ``segmenter`` on the examples of ``source`` in ``shard`` (k, n) and count its per-phrase
+    """Run ``segmenter`` on the examples of ``source`` in ``shard`` (k, n), 1 <= k <= n, and count its per-phrase
     probability maps; ``workers`` processes read the examples ahead; ``boundary``: also score edges
     matched within that many pixels (module docstring)."""
     k, n = shard
-    if not 0 <= k < n:
-        raise LdznetError(f"shard {k}/{n}: expected K/N with 0 <= K < N")
+    if not 1 <= k <= n:
+        raise LdznetError(f"shard {k}/{n}: expected K/N with 1 <= K <= N")
     result = EvalResult(name, source.description, SegmentationMetrics(binary_threshold), shard=shard, square=square,
                         include_absent=include_absent,
                         boundary=None if boundary is None else BoundaryMetrics(boundary, binary_threshold))
     device = segmenter.backbone.device
     progress = sys.stderr.isatty() if progress is None else progress
-    indices = range(k, len(source), n)
+    indices = range(k - 1, len(source), n)
     stream = iterate_examples(source, indices, workers, on_error=lambda i, e: result.skipped.append((i, str(e))))
     for index, original in tqdm(stream, total=len(indices), desc="eval", disable=not progress, dynamic_ncols=True):
         result.examples += 1
@@ -143,8 +148,8 @@ def evaluate(segmenter: Segmenter, source: Source, name: str = "model", include_
 def merge_results(results: Sequence[EvalResult]) -> list[EvalResult]:
     """Shards merged into whole evaluations, grouped by model name and data in first-seen order.
 
-    Each group must hold every shard 0..N-1 of one N exactly once, with the same settings;
-    an unsharded result is its own group (shard 0/1).
+    Each group must hold every shard 1..N of one N exactly once, with the same settings;
+    an unsharded result is its own group (shard 1/1).
     """
     groups: dict[tuple, list[EvalResult]] = {}
     for result in results:
@@ -157,8 +162,8 @@ def merge_results(results: Sequence[EvalResult]) -> list[EvalResult]:
                               f"binary threshold: {sorted(map(str, settings))}")
         count = parts[0].shard[1]
         shards = sorted(p.shard[0] for p in parts)
-        if shards != list(range(count)):
-            raise LdznetError(f"{name} on {data}: expected shards 0..{count - 1} of {count} once each, got "
+        if shards != list(range(1, count + 1)):
+            raise LdznetError(f"{name} on {data}: expected shards 1..{count} of {count} once each, got "
                               f"{', '.join(map(str, shards))}")
         try:
             metrics = SegmentationMetrics.merge([p.metrics for p in parts])
@@ -168,6 +173,6 @@ def merge_results(results: Sequence[EvalResult]) -> list[EvalResult]:
             raise LdznetError(f"{name} on {data}: no phrases were scored in any shard")
         boundary = None if parts[0].boundary is None else BoundaryMetrics.merge([p.boundary for p in parts])
         merged.append(EvalResult(name, data, metrics, sum(p.seconds for p in parts), sum(p.examples for p in parts),
-                                 sorted(s for p in parts for s in p.skipped), (0, 1), parts[0].square,
+                                 sorted(s for p in parts for s in p.skipped), (1, 1), parts[0].square,
                                  parts[0].include_absent, boundary))
     return merged
