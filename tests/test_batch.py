@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_models import random_image
 from PIL import Image
 
 from ldznet_ext import outputs
@@ -22,6 +21,8 @@ from ldznet_ext.cli import batch as batch_cli
 from ldznet_ext.cli.common import parse_shard
 from ldznet_ext.job import MaskJob
 from ldznet_ext.segmenter import Segmenter
+
+from fixtures_models import random_image
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

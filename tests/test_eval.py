@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from ldznet_ext.cli import main
+from ldznet_ext.data.examples import Example
+from ldznet_ext.data.spec import open_source
 from ldznet_ext.errors import LdznetError
 from ldznet_ext.eval.evaluate import evaluate
 from ldznet_ext.heads import save_head
-from ldznet_ext.data.examples import Example
-from ldznet_ext.data.spec import open_source
 from ldznet_ext.train.trainer import training_head
 
 SIZE = 64

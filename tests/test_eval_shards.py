@@ -15,12 +15,12 @@ from PIL import Image
 
 from ldznet_ext.cli import eval as eval_cli
 from ldznet_ext.cli import main
+from ldznet_ext.data.examples import Example
 from ldznet_ext.errors import LdznetError
 from ldznet_ext.eval.boundary import BoundaryMetrics
 from ldznet_ext.eval.evaluate import FORMAT, VERSION, EvalResult, evaluate, merge_results
 from ldznet_ext.eval.metrics import SegmentationMetrics
 from ldznet_ext.eval.tables import build_table, default_table, markdown_table
-from ldznet_ext.data.examples import Example
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -225,7 +225,8 @@ def test_shards_count_from_1_and_version_1_files_from_0(tmp_path, capsys):
     assert main(["eval", "--merge", str(tmp_path / "old.json"), str(tmp_path / "new.json"),
                  "--json", str(tmp_path / "all.json")]) == 0
     merged = json.loads((tmp_path / "all.json").read_text())
-    assert merged["version"] == VERSION == 2 and merged["results"][0]["records"] == json.loads(json.dumps(whole.metrics.records()))
+    assert merged["version"] == VERSION == 2
+    assert merged["results"][0]["records"] == json.loads(json.dumps(whole.metrics.records()))
     # version 1's second shard was "1/2": with a version-2 first shard it is a duplicate, not a silent overlap
     (tmp_path / "old.json").write_text(json.dumps({"format": FORMAT, "version": 1,
                                                    "results": [{**second.to_dict(), "shard": [1, 2]}]}))

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_models import random_image
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -24,6 +23,8 @@ from ldznet_ext.masks.ops import MaskOptions
 from ldznet_ext.modeling.build import build_head, head_config
 from ldznet_ext.outputs import render_overlay
 from ldznet_ext.sd.unet import unet_config
+
+from fixtures_models import random_image
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -14,8 +14,8 @@ import torch
 import torch.multiprocessing as mp
 
 from ldznet_ext.cli import train as train_cli
-from ldznet_ext.train import distributed
 from ldznet_ext.data.spec import open_source
+from ldznet_ext.train import distributed
 from ldznet_ext.train.trainer import CHECKPOINT, TrainConfig, Trainer
 from ldznet_ext.world.data import render_scene_set
 

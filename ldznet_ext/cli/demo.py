@@ -32,7 +32,8 @@ def default_expression(scene: Scene) -> str:
     """"<first object phrase> OR <first stuff phrase>" of a scene, e.g. "red star OR grass"."""
     present = [p for p in scene.phrases if scene.present(p)]
     objects = [p for p in present if " " in p]
-    stuff = [p for p in present if p in VOCABULARY.stuff and p != "sky"] or [p for p in present if p in VOCABULARY.stuff]
+    stuff = ([p for p in present if p in VOCABULARY.stuff and p != "sky"]
+             or [p for p in present if p in VOCABULARY.stuff])
     return " OR ".join(p for p in (objects[:1] + stuff[:1]))
 
 

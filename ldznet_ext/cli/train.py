@@ -19,9 +19,25 @@ import torch
 
 from ..data.spec import open_source
 from ..errors import LdznetError
-from ..limits import (ACCUMULATE, EMA_DECAY, FACTOR, GRAD_CLIP, LEARNING_RATE, LOSS_WEIGHT, LR_SCALE, PATIENCE,
-                      RESOLUTION, SEED, STEP_INTERVAL, STEPS, TRAIN_BATCH_SIZE, WARMUP, WEIGHT_DECAY, WORKERS,
-                      bounded_number)
+from ..limits import (
+    ACCUMULATE,
+    EMA_DECAY,
+    FACTOR,
+    GRAD_CLIP,
+    LEARNING_RATE,
+    LOSS_WEIGHT,
+    LR_SCALE,
+    PATIENCE,
+    RESOLUTION,
+    SEED,
+    STEP_INTERVAL,
+    STEPS,
+    TRAIN_BATCH_SIZE,
+    WARMUP,
+    WEIGHT_DECAY,
+    WORKERS,
+    bounded_number,
+)
 from ..loading import resolve_device
 from ..modeling.build import ARCHITECTURES
 from ..modeling.ldznet import FUSIONS
@@ -135,7 +151,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="fp32, or bf16/fp16 (CUDA): the frozen SD model's dtype and the head's autocast; the "
                         f"head's weights stay fp32 (default {d.precision})")
     p.add_argument("--grad-checkpoint", action=bool_flag,
-                   help="recompute the head's activations in the backward pass (less memory, about one more forward pass a step)")
+                   help="recompute the head's activations in the backward pass (less memory, about one more "
+                        "forward pass a step)")
     p.add_argument("--seed", type=bounded_number(SEED), help=f"default {d.seed}")
     p.add_argument("--workers", type=bounded_number(WORKERS), metavar="N",
                    help="processes that read and decode examples ahead of training; results do not depend on it "
