@@ -2,13 +2,13 @@
 
 One module of this package per command group. A command module exposes ``register(subparsers)``,
 which adds its parser and sets ``func(args) -> int`` as the parser default; options several
-commands take are defined once in ``common.py``. The library modules the commands drive import nothing from here, and this package
-is imported only when the CLI starts, so ``import ldznet_ext`` stays light. Errors are one line,
-``ldznet COMMAND: error: ...``, never a traceback. Exit status: 0 done, 1 a system error (OSError,
-out of memory), 2 bad input (LdznetError, and the usage errors argparse reports), 130 interrupted
-(Ctrl-C: one line, "ldznet COMMAND: interrupted"; outputs are written atomically, so none is left
-half-written).
-A command may return its own status too (``ldznet batch``: 1 when some files failed).
+commands take are defined once in ``common.py``. The library modules the commands drive import
+nothing from here, and this package is imported only when the CLI starts, so ``import ldznet_ext``
+stays light. Errors are one line, ``ldznet COMMAND: error: ...``, never a traceback. Exit status:
+0 done, 1 a system error (OSError, out of memory), 2 bad input (LdznetError, and the usage errors
+argparse reports), 130 interrupted (Ctrl-C: one line, "ldznet COMMAND: interrupted"; outputs are
+written atomically, so none is left half-written). A command may return its own status too
+(``ldznet batch``: 1 when some files failed).
 """
 
 from __future__ import annotations
