@@ -188,7 +188,7 @@ def test_cli_refinement_switches(tmp_path, tiny_model_files, capsys):
                      "--model", str(sd), "--head", str(head)]) == 0
     capsys.readouterr()
     entry = read_manifest(tmp_path / "out" / MANIFEST_NAME)[0]
-    assert entry["status"] == "ok" and entry["settings"]["refine"]["enabled"] is False
+    assert entry["status"] == "ok" and entry["settings"]["refine"] is False  # the job's field (MaskJob.refine)
 
 
 def test_api_option_reaches_the_segmenter(tmp_path, tiny_sd):
