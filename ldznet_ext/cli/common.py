@@ -8,6 +8,7 @@ from ``limits.py``, every ``--device`` defaults to ``auto`` and every ``--shard 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import asdict
 
 from ..images import MAX_PIXELS
@@ -87,7 +88,9 @@ def parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
-def add_shard_argument(parser: argparse.ArgumentParser, what: str, shard_type=parse_shard) -> None:
-    """``--shard K/N`` (default 1/1): ``what`` says what the shard holds (help text)."""
+def add_shard_argument(parser: argparse.ArgumentParser, what: str,
+                       shard_type: Callable[[str], tuple[int, int]] = parse_shard) -> None:
+    """``--shard K/N`` (default 1/1): ``what`` says what the shard holds (help text); ``shard_type``
+    reads the value (:func:`parse_shard`, or a command's variant that also reads an old spelling)."""
     parser.add_argument("--shard", type=shard_type, default=(1, 1), metavar="K/N",
                         help=f"process only shard K of N, 1 <= K <= N: {what}")
