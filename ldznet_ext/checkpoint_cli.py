@@ -9,10 +9,18 @@ from pathlib import Path
 import torch
 
 from .checkpoint_io import read_metadata, read_state_dict
-from .errors import LdznetError
-from .heads import convert_official
+from .errors import CheckpointError, LdznetError
+from .heads import convert_official, read_head_config
 from .modeling.build import ARCHITECTURES, build_head, head_config
-from .sd.checkpoint import SUPPORTED, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, classify, unet_config_from_state_dict
+from .sd.checkpoint import (
+    SUPPORTED,
+    TEXT_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    classify,
+    parse_sd_metadata,
+    unet_config_from_state_dict,
+)
 from .sd.unet import UNET_CONFIGS, UNetModel, count_parameters, unet_config
 
 
@@ -24,20 +32,29 @@ def describe_architecture(arch: str, size: str) -> dict:
 
 
 def describe_file(path: Path) -> dict:
-    """Family, sizes, parameter counts and metadata of a checkpoint file."""
+    """Family, sizes, parameter counts and metadata of a checkpoint file.
+
+    Metadata of the wrong kind is a CheckpointError; weights that no model fits make the file
+    ``usable: false`` with a note.
+    """
     metadata = read_metadata(path)
     state = read_state_dict(path)
     info = classify(state, metadata)
     report = {"file": str(path), "family": info.family, "tensors": len(state),
               "parameters": sum(v.numel() for v in state.values()), **info.details}
     if info.family == "ldznet-head":
+        if "head" in metadata:
+            read_head_config(path)
         report.update(metadata)
     elif info.family == "sd-v1":
         unet = {k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+        described = parse_sd_metadata(metadata, path.name)
         try:
-            report["unet"] = metadata.get("unet") or unet_config_from_state_dict(unet).to_dict()
+            report["unet"] = (described.unet or unet_config_from_state_dict(unet)).to_dict()
         except KeyError as error:
             info.problem = f"the UNet is incomplete (no '{UNET_PREFIX}{error.args[0]}')"
+        except CheckpointError as error:
+            info.problem = f"the UNet's {error}"
         for part, prefix in (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", TEXT_PREFIX)):
             report[f"{part}_parameters"] = sum(v.numel() for k, v in state.items() if k.startswith(prefix))
         report["dtype"] = str(next(v.dtype for k, v in state.items() if k.startswith(UNET_PREFIX))).replace("torch.", "")

@@ -9,13 +9,15 @@ placeholder, so nothing from the file is imported or called.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
+import typing
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -25,6 +27,8 @@ from torch import Tensor
 from .errors import CheckpointError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SINGLE_FILE = "a single-file .safetensors or .ckpt (diffusers folders are not supported yet)"
+_Config = TypeVar("_Config")
 
 
 class _Inert:
@@ -83,9 +87,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     A Lightning/ldm ``.ckpt`` is unwrapped from its ``state_dict`` entry. Raises CheckpointError
     for a missing, unreadable, truncated or non-checkpoint file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    path = readable_file(path)
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
@@ -115,9 +117,35 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     return tensors
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON-decoded ``ldznet.*`` metadata of a safetensors file ({} for other files or none)."""
+def readable_file(path: str | os.PathLike, what: str = "checkpoint", expected: str = SINGLE_FILE) -> Path:
+    """``path`` once it is known to be a readable regular file; CheckpointError saying what it is
+    otherwise (missing, a folder, not a regular file, unreadable). ``expected`` ends the folder message."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder; expected {expected}")
+    if not path.exists():
+        raise CheckpointError(f"{what} not found: {path}")
+    if not path.is_file():  # a FIFO or device: opening it could block or never end
+        raise CheckpointError(f"{what} {path} is not a regular file; expected {expected}")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise CheckpointError(f"cannot read {what} {path}: {(error.strerror or str(error)).lower()}") from error
+    return path
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "a JSON object", list: "a JSON list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON-decoded ``ldznet.*`` metadata of a safetensors file ({} for other files or none).
+
+    Only the JSON is checked here; :func:`parse_config` checks a field against what it describes.
+    """
+    path = readable_file(path)
     if path.suffix.lower() != ".safetensors":
         return {}
     try:
@@ -126,10 +154,72 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             if not 0 < header_size <= 100 * 2**20:
                 raise ValueError(f"implausible header size {header_size}")
             header = json.loads(f.read(header_size))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise CheckpointError(f"{path.name}: cannot read the safetensors header ({error})") from error
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name}: the safetensors header is {_json_kind(header)}, not a JSON object")
     raw = header.get("__metadata__") or {}
-    return {k[len("ldznet."):]: json.loads(v) for k, v in raw.items() if k.startswith("ldznet.")}
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path.name}: the safetensors '__metadata__' is {_json_kind(raw)}, "
+                              "not a JSON object of strings")
+    metadata = {}
+    for key, text in raw.items():
+        if key.startswith("ldznet."):
+            try:
+                metadata[key[len("ldznet."):]] = json.loads(text)
+            except (TypeError, ValueError, RecursionError) as error:
+                raise CheckpointError(f"{path.name}: metadata field {key!r} is not valid JSON ({error})") from error
+    return metadata
+
+
+def parse_config(cls: type[_Config], value: Any, where: str, required: tuple[str, ...] = ()) -> _Config:
+    """Build the dataclass ``cls`` from a JSON ``value``, or raise CheckpointError starting with
+    ``where`` (e.g. "model.safetensors: field 'ldznet.unet'") that says what is wrong and expected.
+
+    Keys must be fields of ``cls``; fields without a default and those in ``required`` must be
+    present. int fields take integers >= 0, ``tuple[int, ...]`` fields lists of them, str fields
+    strings, dataclass fields nested objects. A value the dataclass refuses (its ValueError) is
+    reported the same way.
+    """
+    return _parse_value(cls, value, where, (), required)
+
+
+def _parse_value(hint: Any, value: Any, where: str, keys: tuple[str, ...], required: tuple[str, ...] = ()) -> Any:
+    at = f"{where}, key '{'.'.join(keys)}'" if keys else where
+
+    def refuse(expected: str) -> CheckpointError:
+        shown = json.dumps(value)
+        return CheckpointError(f"{at} is {shown if len(shown) <= 40 else _json_kind(value)}; expected {expected}")
+
+    if dataclasses.is_dataclass(hint):
+        fields = {f.name: f for f in dataclasses.fields(hint)}
+        if not isinstance(value, dict):
+            raise refuse(f"a JSON object with keys {', '.join(fields)}")
+        unknown = sorted(set(value) - set(fields))
+        missing = [k for k, f in fields.items() if k not in value and (k in required or (
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING))]
+        if unknown or missing:
+            problem = f"unknown key(s) {', '.join(unknown)}" if unknown else f"no key {', '.join(missing)}"
+            raise CheckpointError(f"{at} has {problem}; expected keys among {', '.join(fields)}")
+        hints = typing.get_type_hints(hint)
+        parsed = {k: _parse_value(hints[k], v, where, (*keys, k)) for k, v in value.items()}
+        try:
+            return hint(**parsed)
+        except ValueError as error:
+            raise CheckpointError(f"{at}: {error}") from error
+    if hint is int:
+        if type(value) is not int or value < 0:
+            raise refuse("an integer >= 0")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise refuse("a string")
+        return value
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)) or any(type(v) is not int or v < 0 for v in value):
+            raise refuse("a list of integers >= 0")
+        return tuple(value)
+    raise TypeError(f"parse_config cannot check a field of type {hint}")
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, Any]) -> None:

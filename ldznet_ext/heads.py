@@ -19,10 +19,17 @@ from .checkpoint_io import read_metadata, read_state_dict, write_safetensors
 from .errors import CheckpointError, LdznetError
 from .modeling.build import HeadConfig, build_head, head_config
 from .outputs import same_file, writable_path
+from .sd.checkpoint import classify
+from .tap import spatial_transformers
 
 OFFICIAL_EMA_PREFIX = "model_ema."
 OFFICIAL_MODEL_PREFIX = "model.diffusion_model."
 OFFICIAL_EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")
+OFFICIAL_RELEASE = "the official LD-ZNet release (LDZNet_txt2mask.ckpt)"
+# What `convert` says a file of another family is.
+_FAMILY_NAMES = {"ldznet-head": "an ldznet head file", "sd-v1": "an SD v1 checkpoint",
+                 "sd-v1-inpainting": "an SD v1 inpainting checkpoint", "sd2": "an SD 2.x checkpoint",
+                 "sdxl": "an SDXL checkpoint", "diffusers": "a diffusers-format checkpoint"}
 OFFICIAL_TRAINING = {"source": "official LD-ZNet release (PhraseCut)", "resolution": 384,
                      "timesteps": [300, 499]}
 
@@ -57,7 +64,22 @@ def read_head_config(path: str | os.PathLike) -> HeadConfig:
     if "head" not in metadata:
         raise CheckpointError(f"{Path(path).name}: not an ldznet head (no 'ldznet.head' metadata); "
                               "an official LD-ZNet .ckpt must first be imported with `ldznet convert`")
-    return HeadConfig.from_dict(metadata["head"])
+    return HeadConfig.from_dict(metadata["head"], f"{Path(path).name}: field 'ldznet.head'")
+
+
+def _build_described_head(config: HeadConfig, name: str) -> nn.Module:
+    """The head ``config`` describes, on the meta device; CheckpointError for a crafted config that
+    names no buildable head or taps SD blocks the UNet lacks."""
+    try:
+        with torch.device("meta"):
+            head = build_head(config)
+    except (ValueError, ZeroDivisionError) as error:
+        raise CheckpointError(f"{name}: field 'ldznet.head' describes no head that can be built ({error})") from error
+    count = len(spatial_transformers(head))
+    if config.uses_sd_features and (not config.sd_blocks or not all(1 <= b <= count for b in config.sd_blocks)):
+        raise CheckpointError(f"{name}: field 'ldznet.head', key 'sd_blocks' is {list(config.sd_blocks)}; "
+                              f"expected block numbers from 1 to {count}")
+    return head
 
 
 def load_head(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -65,8 +87,7 @@ def load_head(path: str | os.PathLike, device: str | torch.device = "cpu",
     """Load a head file; its tensors must match the architecture its metadata describes exactly."""
     config = read_head_config(path)
     state = read_state_dict(path)
-    with torch.device("meta"):
-        head = build_head(config)
+    head = _build_described_head(config, Path(path).name)
     _check_keys(state, head.state_dict(), Path(path).name)
     head.load_state_dict(state, strict=True, assign=True)
     return head.to(device=device, dtype=dtype).eval().requires_grad_(False), config
@@ -114,6 +135,17 @@ def _check_head_output(source: str | os.PathLike, target: str | os.PathLike) -> 
     writable_path(target)
 
 
+def _read_official(source: str | os.PathLike) -> dict[str, Tensor]:
+    """The state dict of the official release; CheckpointError saying what ``source`` is otherwise."""
+    metadata, state = read_metadata(source), read_state_dict(source)
+    official = (OFFICIAL_EMA_PREFIX, OFFICIAL_MODEL_PREFIX + "final.", "sd_features_stage_model.")
+    if "head" in metadata or not any(k.startswith(official) for k in state):
+        family = classify(state, metadata).family
+        what = _FAMILY_NAMES.get(family, "not a model checkpoint this tool recognises")
+        raise CheckpointError(f"{Path(source).name} is {what}, not {OFFICIAL_RELEASE}")
+    return state
+
+
 def convert_official(source: str | os.PathLike, target: str | os.PathLike, use_ema: bool = True,
                      config: HeadConfig | None = None, dtype: torch.dtype | None = None) -> HeadConfig:
     """Import the official ``LDZNet_txt2mask.ckpt`` (or a tiny file in its layout, given ``config``)."""
@@ -121,7 +153,7 @@ def convert_official(source: str | os.PathLike, target: str | os.PathLike, use_e
     config = config or head_config("ldznet")
     with torch.device("meta"):
         expected = build_head(config).state_dict()
-    state = official_head_state(read_state_dict(source), expected, use_ema, Path(source).name)
+    state = official_head_state(_read_official(source), expected, use_ema, Path(source).name)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     write_safetensors(target, state, {"head": config.to_dict(),

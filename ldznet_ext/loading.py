@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint_io import SINGLE_FILE, readable_file
 from .defaults import default_model_paths
-from .errors import CheckpointError, LdznetError
+from .errors import LdznetError
 from .factory import ModelSettings, build_segmenter
 from .heads import load_head
 from .job import with_grow  # noqa: F401  (moved to job.py; mask_cli still imports it from here)
@@ -47,10 +48,8 @@ def resolve_model_paths(model: str | os.PathLike | None, head: str | os.PathLike
     elif head is None and not zero_shot:
         raise LdznetError(f"{Path(model).name}: a model of your own needs a segmentation head: pass "
                           "--head HEAD.safetensors (an LD-ZNet head trained for this model) or --zero-shot")
-    for path, what in ((model, "model"), (head, "head")):
-        if path is not None and not Path(path).is_file():
-            raise CheckpointError(f"{what} file not found: {path}")
-    return Path(model), Path(head) if head is not None else None
+    return (readable_file(model, "model file", f"an SD v1 checkpoint, {SINGLE_FILE}"),
+            readable_file(head, "head file", "a head .safetensors file") if head is not None else None)
 
 
 def resolve_device(name: str | None = None) -> torch.device:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint_io import parse_config
 from ..sd.unet import UNetConfig, unet_config
 from ..tap import LDZNET_BLOCKS
 from .ldznet import FUSIONS, LDZNet
@@ -57,11 +59,10 @@ class HeadConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> HeadConfig:
-        fields = dict(data)
-        fields["unet"] = UNetConfig.from_dict(fields["unet"])
-        fields["sd_blocks"] = tuple(fields.get("sd_blocks", LDZNET_BLOCKS))
-        return cls(**fields)
+    def from_dict(cls, data: Any, where: str = "head config") -> HeadConfig:
+        """The config a JSON object describes (``unet`` required); CheckpointError starting with
+        ``where`` for anything else."""
+        return parse_config(cls, data, where, required=("unet",))
 
 
 def head_config(arch: str, size: str = "sd-v1", **overrides) -> HeadConfig:

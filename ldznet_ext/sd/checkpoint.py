@@ -8,16 +8,18 @@ files) are recognised and refused with an error that says what they are.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..checkpoint_io import read_metadata, read_state_dict, write_safetensors
-from ..errors import CheckpointError
+from ..checkpoint_io import parse_config, read_metadata, read_state_dict, write_safetensors
+from ..errors import CheckpointError, LdznetError
 from .model import StableDiffusion
 from .schedule import NoiseSchedule
 from .text import TextEncoder, normalize_text_state_dict, text_config
@@ -30,6 +32,9 @@ TEXT_PREFIX = "cond_stage_model.transformer."
 SUPPORTED = "SD v1.x single-file checkpoints (UNet with 4 input channels, CLIP text encoder, 768-d context)"
 _TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                 "max_position_embeddings")
+# Image sides an SD file's 'ldznet.resolution' may name: the smallest working side, and a cap so
+# that a crafted value cannot make the working size exhaust memory.
+RESOLUTION_RANGE = (64, 8192)
 
 
 @dataclass
@@ -63,8 +68,13 @@ def classify(state: Mapping[str, Tensor], metadata: Mapping | None = None) -> Ch
     conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None:
         return CheckpointInfo("unknown", f"no UNet found (no '{UNET_PREFIX}input_blocks.0.0.weight')")
+    if conv_in.ndim != 4 or 0 in conv_in.shape:
+        return CheckpointInfo("unknown", f"'{UNET_PREFIX}input_blocks.0.0.weight' has shape {tuple(conv_in.shape)}; "
+                              "expected a convolution weight [out, in, k, k]")
     details = {"unet_in_channels": conv_in.shape[1], "model_channels": conv_in.shape[0]}
-    context = [v.shape[1] for k, v in state.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")]
+    # Tensors of other ranks are left to the strict load, which names them.
+    context = [v.shape[1] for k, v in state.items()
+               if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight") and v.ndim == 2]
     if context:
         details["context_dim"] = context[0]
     if conv_in.shape[1] == 9:
@@ -80,7 +90,7 @@ def classify(state: Mapping[str, Tensor], metadata: Mapping | None = None) -> Ch
         return CheckpointInfo("unknown", "the UNet's transformers use linear projections (an SD 2.x-style UNet)",
                               details)
     token_embedding = [v for k, v in state.items()
-                       if k.startswith(TEXT_PREFIX) and k.endswith("token_embedding.weight")]
+                       if k.startswith(TEXT_PREFIX) and k.endswith("token_embedding.weight") and v.ndim == 2]
     if context and token_embedding and token_embedding[0].shape[1] != context[0]:
         return CheckpointInfo("unknown", f"mismatched parts: the text encoder is {token_embedding[0].shape[1]}-d "
                               f"but the UNet expects a {context[0]}-d context", details)
@@ -98,11 +108,19 @@ def _indices(state: Mapping[str, Tensor], pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in state if (m := regex.match(k))})
 
 
+def _dim(state: Mapping[str, Tensor], key: str, axis: int) -> int:
+    """Size of ``axis`` of tensor ``key`` (KeyError when absent); CheckpointError naming the tensor
+    when that axis is missing or empty."""
+    shape = tuple(state[key].shape)
+    if len(shape) <= axis or shape[axis] == 0:
+        raise CheckpointError(f"tensor '{key}' has shape {shape}; expected a non-empty axis {axis}")
+    return shape[axis]
+
+
 def unet_config_from_state_dict(state: Mapping[str, Tensor], num_heads: int = 8) -> UNetConfig:
     """Recover an ldm UNet's configuration from its tensors (prefix removed). Head count is not
     visible in the weights: SD v1 uses 8."""
-    conv_in = state["input_blocks.0.0.weight"]
-    model_channels = conv_in.shape[0]
+    model_channels = _dim(state, "input_blocks.0.0.weight", 0)
     channel_mult, attention_levels, res_per_level = [], [], []
     level_blocks = 0
     for i in _indices(state, r"input_blocks\.(\d+)\.")[1:]:
@@ -112,39 +130,64 @@ def unet_config_from_state_dict(state: Mapping[str, Tensor], num_heads: int = 8)
             continue
         level = len(res_per_level)
         if level_blocks == 0:
-            channel_mult.append(state[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] // model_channels)
+            channel_mult.append(_dim(state, f"input_blocks.{i}.0.out_layers.3.weight", 0) // model_channels)
             if f"input_blocks.{i}.1.proj_in.weight" in state:
                 attention_levels.append(level)
         level_blocks += 1
     res_per_level.append(level_blocks)
     if len(set(res_per_level)) != 1:
         raise CheckpointError(f"unsupported UNet: res blocks per level differ ({res_per_level})")
-    context_dim = state["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    context_dim = _dim(state, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", 1)
     depth = len(_indices(state, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
-    return UNetConfig(in_channels=conv_in.shape[1], out_channels=state["out.2.weight"].shape[0],
+    in_channels, out_channels = _dim(state, "input_blocks.0.0.weight", 1), _dim(state, "out.2.weight", 0)
+    return UNetConfig(in_channels=in_channels, out_channels=out_channels,
                       model_channels=model_channels, channel_mult=tuple(channel_mult),
                       num_res_blocks=res_per_level[0], attention_levels=tuple(attention_levels),
                       num_heads=num_heads, context_dim=context_dim, transformer_depth=depth)
 
 
-def _text_encoder_from_state_dict(state: Mapping[str, Tensor], metadata: Mapping) -> TextEncoder:
+def _text_encoder_from_state_dict(state: Mapping[str, Tensor], text_fields: Mapping[str, int]) -> TextEncoder:
     state = normalize_text_state_dict(state)
     config = text_config("sd-v1")
-    hidden = state["text_model.embeddings.token_embedding.weight"].shape[1]
+    hidden = _dim(state, "text_model.embeddings.token_embedding.weight", 1)
     fields = {
-        "vocab_size": state["text_model.embeddings.token_embedding.weight"].shape[0],
+        "vocab_size": _dim(state, "text_model.embeddings.token_embedding.weight", 0),
         "hidden_size": hidden,
-        "intermediate_size": state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        "intermediate_size": _dim(state, "text_model.encoder.layers.0.mlp.fc1.weight", 0),
         "num_hidden_layers": len(_indices(state, r"text_model\.encoder\.layers\.(\d+)\.")),
-        "max_position_embeddings": state["text_model.embeddings.position_embedding.weight"].shape[0],
+        "max_position_embeddings": _dim(state, "text_model.embeddings.position_embedding.weight", 0),
         "num_attention_heads": max(1, hidden // 64),
-        **metadata.get("text", {}),
+        **text_fields,
     }
     for name, value in fields.items():
         setattr(config, name, value)
     encoder = TextEncoder.from_config(config)
     encoder.load_text_state_dict(state)
     return encoder
+
+
+class SDMetadata(NamedTuple):
+    """What an SD file's ``ldznet.*`` metadata may say (None or {} where it says nothing)."""
+
+    unet: UNetConfig | None
+    text: dict[str, int]
+    resolution: int | None
+
+
+def parse_sd_metadata(metadata: Mapping, name: str) -> SDMetadata:
+    """Check the 'ldznet.unet', 'ldznet.text' and 'ldznet.resolution' fields of SD file ``name``;
+    CheckpointError naming the file and field for a value of the wrong kind."""
+    unet = parse_config(UNetConfig, metadata["unet"], f"{name}: field 'ldznet.unet'") if "unet" in metadata else None
+    text = metadata.get("text", {})
+    if not isinstance(text, dict) or any(k not in _TEXT_FIELDS or type(v) is not int or v < 1 for k, v in text.items()):
+        raise CheckpointError(f"{name}: field 'ldznet.text' is {json.dumps(text)[:80]}; expected a JSON object of "
+                              f"integers >= 1 with keys among {', '.join(_TEXT_FIELDS)}")
+    resolution = metadata.get("resolution")
+    low, high = RESOLUTION_RANGE
+    if resolution is not None and not (type(resolution) is int and low <= resolution <= high):
+        raise CheckpointError(f"{name}: field 'ldznet.resolution' is {json.dumps(resolution)[:80]}; "
+                              f"expected an integer from {low} to {high} (pixels)")
+    return SDMetadata(unet, text, resolution)
 
 
 def stable_diffusion_from_state_dict(state: Mapping[str, Tensor], metadata: Mapping | None = None,
@@ -154,29 +197,34 @@ def stable_diffusion_from_state_dict(state: Mapping[str, Tensor], metadata: Mapp
     info = classify(state, metadata)
     if info.problem:
         raise CheckpointError(f"{name}: {info.family}: {info.problem}. Supported: {SUPPORTED}.")
+    described = parse_sd_metadata(metadata, name)
     unet_state = _sub(state, UNET_PREFIX)
     vae_state = {k: v for k, v in _sub(state, VAE_PREFIX).items() if not k.startswith("loss.")}
     try:
-        unet_cfg = (UNetConfig.from_dict(metadata["unet"]) if "unet" in metadata
-                    else unet_config_from_state_dict(unet_state))
+        unet_cfg = described.unet or unet_config_from_state_dict(unet_state)
         with torch.device("meta"):
             unet = UNetModel(unet_cfg)
             vae = AutoencoderKL(VAEConfig.from_state_dict(vae_state))
         unet.load_state_dict(unet_state, strict=True, assign=True)
         vae.load_state_dict(vae_state, strict=True, assign=True)
-        text = _text_encoder_from_state_dict(_sub(state, TEXT_PREFIX), metadata)
-    except (KeyError, RuntimeError) as error:
+        text = _text_encoder_from_state_dict(_sub(state, TEXT_PREFIX), described.text)
+    except LdznetError as error:
+        raise CheckpointError(f"{name}: {error}") from error
+    # The architecture comes from the file's shapes and metadata: a crafted one can fail anywhere
+    # in the constructors above.
+    except (KeyError, IndexError, ValueError, ZeroDivisionError, RuntimeError) as error:
         raise CheckpointError(f"{name}: the SD v1 weights do not fit the architecture they describe: "
                               f"{str(error)[:600]}") from error
     table = state.get("alphas_cumprod")
     schedule = NoiseSchedule(table if table is not None and table.ndim == 1 else None)
-    return StableDiffusion(unet, vae, text, schedule, resolution=metadata.get("resolution")).float()
+    return StableDiffusion(unet, vae, text, schedule, resolution=described.resolution).float()
 
 
 def load_stable_diffusion(path: str | os.PathLike, device: str | torch.device = "cpu",
                           dtype: torch.dtype = torch.float32) -> StableDiffusion:
     """Load an SD v1 single-file checkpoint (.safetensors, or .ckpt read without executing pickled code)."""
-    model = stable_diffusion_from_state_dict(read_state_dict(path), read_metadata(path), os.path.basename(path))
+    metadata = read_metadata(path)  # first: a crafted header gets its own message
+    model = stable_diffusion_from_state_dict(read_state_dict(path), metadata, os.path.basename(path))
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

@@ -1,0 +1,310 @@
+"""Hostile checkpoint files: crafted ``ldznet.*`` metadata, raw safetensors headers, odd tensor
+shapes, folders, unreadable files and the wrong file given to `convert`. Every reader (the SD
+loader, the head loader, `ldznet info`, `ldznet mask --model/--head`) answers with one
+CheckpointError line that names the file and the field, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ldznet_ext import checkpoint_io
+from ldznet_ext.checkpoint_io import read_state_dict
+from ldznet_ext.errors import CheckpointError
+from ldznet_ext.heads import convert_official, load_head
+from ldznet_ext.sd.checkpoint import SUPPORTED, load_stable_diffusion
+
+from fixtures_models import random_image
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+UNET_KEYS = ("in_channels, out_channels, model_channels, channel_mult, num_res_blocks, attention_levels, "
+             "num_heads, context_dim, transformer_depth")
+HEAD_KEYS = "arch, unet, sd_blocks, latent_size, timestep, sd_fusion"
+CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+FOLDER_EXPECTED = "a single-file .safetensors or .ckpt (diffusers folders are not supported yet)"
+
+
+def _raw_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's ``__metadata__`` exactly as stored (JSON strings)."""
+    with open(path, "rb") as f:
+        return json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+
+
+def _write(path: Path, state: dict[str, Tensor], metadata: dict[str, str]) -> Path:
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    return path
+
+
+def _write_header(path: Path, header: object) -> Path:
+    """A safetensors file that is only a header: 8-byte little-endian length, then the JSON."""
+    data = json.dumps(header).encode()
+    path.write_bytes(len(data).to_bytes(8, "little") + data)
+    return path
+
+
+def _unet_with(source: Path, **changes: object) -> str:
+    return json.dumps({**json.loads(_raw_metadata(source)["ldznet.unet"]), **changes})
+
+
+def _head_with(source: Path, **changes: object) -> str:
+    return json.dumps({**json.loads(_raw_metadata(source)["ldznet.head"]), **changes})
+
+
+# ---------------------------------------------------------------- crafted SD model files
+
+# name: (metadata changes given the original file, tensor changes, the message after "FILE: ")
+SD_CASES: dict[str, tuple[Callable[[Path], dict[str, str]], dict[str, Tensor], str]] = {
+    "unet not JSON": (lambda sd: {"ldznet.unet": "{nope"}, {},
+                      "metadata field 'ldznet.unet' is not valid JSON (Expecting property name enclosed in double "
+                      "quotes: line 1 column 2 (char 1))"),
+    "unet of wrong keys": (lambda sd: {"ldznet.unet": '{"foo": 1}'}, {},
+                           f"field 'ldznet.unet' has unknown key(s) foo; expected keys among {UNET_KEYS}"),
+    "unet a list": (lambda sd: {"ldznet.unet": "[1, 2]"}, {},
+                    f"field 'ldznet.unet' is [1, 2]; expected a JSON object with keys {UNET_KEYS}"),
+    "unet width a string": (lambda sd: {"ldznet.unet": _unet_with(sd, model_channels="32")}, {},
+                            "field 'ldznet.unet', key 'model_channels' is \"32\"; expected an integer >= 0"),
+    "unet levels not a list": (lambda sd: {"ldznet.unet": _unet_with(sd, channel_mult=4)}, {},
+                               "field 'ldznet.unet', key 'channel_mult' is 4; expected a list of integers >= 0"),
+    "resolution a string": (lambda sd: {"ldznet.resolution": '"big"'}, {},
+                            "field 'ldznet.resolution' is \"big\"; expected an integer from 64 to 8192 (pixels)"),
+    "resolution huge": (lambda sd: {"ldznet.resolution": "1000000000"}, {},
+                        "field 'ldznet.resolution' is 1000000000; expected an integer from 64 to 8192 (pixels)"),
+    "text a list": (lambda sd: {"ldznet.text": "[]"}, {},
+                    "field 'ldznet.text' is []; expected a JSON object of integers >= 1 with keys among hidden_size, "
+                    "intermediate_size, num_hidden_layers, num_attention_heads, vocab_size, max_position_embeddings"),
+    "0-d conv_in": (lambda sd: {}, {CONV_IN: torch.tensor(1.0)},
+                    f"unknown: '{CONV_IN}' has shape (); expected a convolution weight [out, in, k, k]. "
+                    f"Supported: {SUPPORTED}."),
+    "empty conv_in": (lambda sd: {}, {CONV_IN: torch.zeros(0, 4, 3, 3)},
+                      f"unknown: '{CONV_IN}' has shape (0, 4, 3, 3); expected a convolution weight [out, in, k, k]. "
+                      f"Supported: {SUPPORTED}."),
+}
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("image") / "image.png"
+    Image.fromarray(random_image(64, 64, seed=1)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd_state(tiny_model_files) -> dict[str, Tensor]:
+    return read_state_dict(tiny_model_files[0])
+
+
+@pytest.fixture(scope="module")
+def head_state(tiny_model_files) -> dict[str, Tensor]:
+    return read_state_dict(tiny_model_files[1])
+
+
+def _crafted_sd(case: str, folder: Path, sd: Path, sd_state: dict[str, Tensor]) -> Path:
+    metadata, tensors, _ = SD_CASES[case]
+    return _write(folder / "crafted.safetensors", {**sd_state, **tensors}, {**_raw_metadata(sd), **metadata(sd)})
+
+
+def _one_line_error(result: tuple[int, str, str], command: str, message: str) -> None:
+    code, out, err = result
+    assert (code, out, err) == (2, "", f"ldznet {command}: error: {message}\n")
+
+
+@pytest.mark.parametrize("case", SD_CASES)
+def test_crafted_sd_files_are_refused_by_the_loader_and_mask(case, tiny_model_files, sd_state, image, tmp_path, ldznet):
+    path = _crafted_sd(case, tmp_path, tiny_model_files[0], sd_state)
+    message = f"crafted.safetensors: {SD_CASES[case][2]}"
+    with pytest.raises(CheckpointError) as error:
+        load_stable_diffusion(path)
+    assert str(error.value) == message
+    out = tmp_path / "mask.png"
+    _one_line_error(ldznet("mask", image, "cube", "-o", out, "--model", path, "--zero-shot"), "mask", message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", [c for c in SD_CASES if not SD_CASES[c][1]])
+def test_info_refuses_crafted_sd_metadata(case, tiny_model_files, sd_state, tmp_path, ldznet):
+    path = _crafted_sd(case, tmp_path, tiny_model_files[0], sd_state)
+    _one_line_error(ldznet("info", path), "info", f"crafted.safetensors: {SD_CASES[case][2]}")
+
+
+@pytest.mark.parametrize("case", [c for c in SD_CASES if SD_CASES[c][1]])
+def test_info_calls_sd_files_of_crafted_shapes_unusable(case, tiny_model_files, sd_state, tmp_path, ldznet):
+    path = _crafted_sd(case, tmp_path, tiny_model_files[0], sd_state)
+    code, out, err = ldznet("info", path, "--json")
+    report = json.loads(out)
+    assert (code, err, report["family"], report["usable"]) == (0, "", "unknown", False)
+    assert report["note"] == SD_CASES[case][2].removeprefix("unknown: ")
+
+
+def test_a_0d_tensor_inside_the_unet_is_named(tiny_model_files, sd_state, tmp_path, ldznet):
+    # Without 'ldznet.unet' the architecture is read from the shapes, tensor by tensor.
+    key = "input_blocks.1.0.out_layers.3.weight"
+    metadata = {k: v for k, v in _raw_metadata(tiny_model_files[0]).items() if k != "ldznet.unet"}
+    path = _write(tmp_path / "shapes.safetensors", {**sd_state, "model.diffusion_model." + key: torch.tensor(2.0)},
+                  metadata)
+    problem = f"tensor '{key}' has shape (); expected a non-empty axis 0"
+    with pytest.raises(CheckpointError) as error:
+        load_stable_diffusion(path)
+    assert str(error.value) == f"shapes.safetensors: {problem}"
+    code, out, _ = ldznet("info", path, "--json")
+    assert code == 0 and json.loads(out)["note"] == f"the UNet's {problem}. Supported: {SUPPORTED}."
+
+
+# ---------------------------------------------------------------- raw safetensors headers
+
+HEADER_CASES = {
+    "a JSON list": ([1, 2], "the safetensors header is a JSON list, not a JSON object"),
+    "a string": ("x", "the safetensors header is a string, not a JSON object"),
+    "metadata a list": ({"__metadata__": ["ldznet.unet"]},
+                        "the safetensors '__metadata__' is a JSON list, not a JSON object of strings"),
+    "metadata value not a string": ({"__metadata__": {"ldznet.unet": 5}},
+                                    "metadata field 'ldznet.unet' is not valid JSON (the JSON object must be str, "
+                                    "bytes or bytearray, not int)"),
+}
+
+
+@pytest.mark.parametrize("case", HEADER_CASES)
+def test_crafted_headers_are_refused_everywhere(case, tiny_model_files, image, tmp_path, ldznet):
+    header, problem = HEADER_CASES[case]
+    path = _write_header(tmp_path / "raw.safetensors", header)
+    message = f"raw.safetensors: {problem}"
+    for load in (load_stable_diffusion, load_head):
+        with pytest.raises(CheckpointError) as error:
+            load(path)
+        assert str(error.value) == message
+    _one_line_error(ldznet("info", path), "info", message)
+    out = tmp_path / "mask.png"
+    _one_line_error(ldznet("mask", image, "cube", "-o", out, "--model", path, "--zero-shot"), "mask", message)
+    _one_line_error(ldznet("mask", image, "cube", "-o", out, "--model", tiny_model_files[0], "--head", path),
+                    "mask", message)
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- crafted head files
+
+# name: (the 'ldznet.head' value given the original head file, the message after "FILE: ", whether
+# `info` (which reads the metadata but builds nothing) refuses it too)
+HEAD_CASES: dict[str, tuple[Callable[[Path], str], str, bool]] = {
+    "not JSON": (lambda head: "{x", "metadata field 'ldznet.head' is not valid JSON (Expecting property name "
+                                    "enclosed in double quotes: line 1 column 2 (char 1))", True),
+    "a string": (lambda head: '"ldznet"',
+                 f"field 'ldznet.head' is \"ldznet\"; expected a JSON object with keys {HEAD_KEYS}", True),
+    "no unet": (lambda head: '{"arch": "ldznet"}',
+                f"field 'ldznet.head' has no key unet; expected keys among {HEAD_KEYS}", True),
+    "unet a list": (lambda head: _head_with(head, unet=[32]),
+                    f"field 'ldznet.head', key 'unet' is [32]; expected a JSON object with keys {UNET_KEYS}", True),
+    "unknown arch": (lambda head: _head_with(head, arch="clipseg"),
+                     "field 'ldznet.head': unknown architecture 'clipseg'; choose one of ldznet, znet, rgbnet", True),
+    "negative timestep": (lambda head: _head_with(head, timestep=-1),
+                          "field 'ldznet.head', key 'timestep' is -1; expected an integer >= 0", True),
+    "blocks out of range": (lambda head: _head_with(head, sd_blocks=[6, 99]),
+                            "field 'ldznet.head', key 'sd_blocks' is [6, 99]; expected block numbers from 1 to 16",
+                            False),
+    "no attention heads": (lambda head: _head_with(head, unet={**json.loads(_head_with(head))["unet"], "num_heads": 0}),
+                           "field 'ldznet.head' describes no head that can be built (integer division or modulo by "
+                           "zero)", False),
+}
+
+
+@pytest.mark.parametrize("case", HEAD_CASES)
+def test_crafted_heads_are_refused_by_the_loader_mask_and_info(case, tiny_model_files, head_state, image, tmp_path,
+                                                              ldznet):
+    sd, head = tiny_model_files
+    value, problem, info_refuses = HEAD_CASES[case]
+    metadata = {**_raw_metadata(head), "ldznet.head": value(head)}
+    path = _write(tmp_path / "crafted-head.safetensors", head_state, metadata)
+    message = f"crafted-head.safetensors: {problem}"
+    with pytest.raises(CheckpointError) as error:
+        load_head(path)
+    assert str(error.value) == message
+    out = tmp_path / "mask.png"
+    _one_line_error(ldznet("mask", image, "cube", "-o", out, "--model", sd, "--head", path), "mask", message)
+    assert not out.exists()
+    if info_refuses:
+        _one_line_error(ldznet("info", path), "info", message)
+
+
+# ---------------------------------------------------------------- folders, unreadable and special files
+
+
+def test_folders_say_what_is_expected(tiny_model_files, image, tmp_path, ldznet):
+    sd, _ = tiny_model_files
+    folder = tmp_path / "sd15-diffusers"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    out = tmp_path / "mask.png"
+    _one_line_error(ldznet("mask", image, "cube", "-o", out, "--model", folder, "--zero-shot"), "mask",
+                    f"model file {folder} is a folder; expected an SD v1 checkpoint, {FOLDER_EXPECTED}")
+    _one_line_error(ldznet("mask", image, "cube", "-o", out, "--model", sd, "--head", folder), "mask",
+                    f"head file {folder} is a folder; expected a head .safetensors file")
+    _one_line_error(ldznet("info", folder), "info", f"checkpoint {folder} is a folder; expected {FOLDER_EXPECTED}")
+    named_like_a_file = tmp_path / "model.safetensors"
+    named_like_a_file.mkdir()
+    with pytest.raises(CheckpointError, match=f"^checkpoint {named_like_a_file} is a folder; expected a single-file"):
+        load_stable_diffusion(named_like_a_file)
+    assert not out.exists()
+
+
+def test_unreadable_files_say_permission_denied(tiny_model_files, tmp_path, ldznet, monkeypatch):
+    locked = tmp_path / "locked.safetensors"
+    locked.write_bytes((tiny_model_files[0]).read_bytes()[:64])
+    real_open = open
+
+    def denying_open(file, *args, **kwargs):
+        if Path(file) == locked:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    # Root reads any file whatever its mode, so the refusal is simulated where the package opens files.
+    monkeypatch.setattr(checkpoint_io, "open", denying_open, raising=False)
+    message = f"cannot read checkpoint {locked}: permission denied"
+    for load in (load_stable_diffusion, load_head):
+        with pytest.raises(CheckpointError) as error:
+            load(locked)
+        assert str(error.value) == message
+    _one_line_error(ldznet("info", locked), "info", message)
+
+
+def _timed_out(signum: int, frame: object) -> None:
+    raise TimeoutError("blocked opening the named pipe")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are a POSIX feature")
+def test_a_named_pipe_is_not_opened(tmp_path, ldznet):
+    pipe = tmp_path / "pipe.safetensors"
+    os.mkfifo(pipe)  # opening it for reading would block until a writer comes
+    previous = signal.signal(signal.SIGALRM, _timed_out)  # a regression fails the test instead of hanging it
+    signal.alarm(10)
+    try:
+        result = ldznet("info", pipe)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    _one_line_error(result, "info", f"checkpoint {pipe} is not a regular file; expected {FOLDER_EXPECTED}")
+
+
+# ---------------------------------------------------------------- convert given the wrong file
+
+
+def test_convert_says_what_the_file_is(tiny_model_files, tmp_path, ldznet):
+    sd, head = tiny_model_files
+    stray = _write(tmp_path / "stray.safetensors", {"weight": torch.zeros(2)}, {})
+    cases = {sd: "sd.safetensors is an SD v1 checkpoint", head: "head.safetensors is an ldznet head file",
+             stray: "stray.safetensors is not a model checkpoint this tool recognises"}
+    for source, what in cases.items():
+        out = tmp_path / "converted.safetensors"
+        message = f"{what}, not the official LD-ZNet release (LDZNet_txt2mask.ckpt)"
+        with pytest.raises(CheckpointError) as error:
+            convert_official(source, out)
+        assert str(error.value) == message
+        _one_line_error(ldznet("convert", source, "-o", out), "convert", message)
+        assert not out.exists()
