@@ -22,7 +22,7 @@ from .. import __version__
 from ..errors import LdznetError
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "ldznet_ext.checkpoint_cli",
+    "ldznet_ext.cli.checkpoint",
     "ldznet_ext.cli.demo",
     "ldznet_ext.cli.mask",
     "ldznet_ext.cli.batch",

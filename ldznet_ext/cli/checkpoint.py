@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_io import read_metadata, read_state_dict
-from .errors import CheckpointError, LdznetError
-from .heads import convert_official, read_head_config
-from .modeling.build import ARCHITECTURES, build_head, head_config
-from .sd.checkpoint import (
+from ..checkpoint_io import read_metadata, read_state_dict
+from ..errors import CheckpointError, LdznetError
+from ..heads import convert_official, read_head_config
+from ..modeling.build import ARCHITECTURES, build_head, head_config
+from ..sd.checkpoint import (
     SUPPORTED,
     TEXT_PREFIX,
     UNET_PREFIX,
@@ -21,7 +21,7 @@ from .sd.checkpoint import (
     parse_sd_metadata,
     unet_config_from_state_dict,
 )
-from .sd.unet import UNET_CONFIGS, UNetModel, count_parameters, unet_config
+from ..sd.unet import UNET_CONFIGS, UNetModel, count_parameters, unet_config
 
 
 def describe_architecture(arch: str, size: str) -> dict:
@@ -57,7 +57,8 @@ def describe_file(path: Path) -> dict:
             info.problem = f"the UNet's {error}"
         for part, prefix in (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", TEXT_PREFIX)):
             report[f"{part}_parameters"] = sum(v.numel() for k, v in state.items() if k.startswith(prefix))
-        report["dtype"] = str(next(v.dtype for k, v in state.items() if k.startswith(UNET_PREFIX))).replace("torch.", "")
+        unet_dtype = next(v.dtype for k, v in state.items() if k.startswith(UNET_PREFIX))
+        report["dtype"] = str(unet_dtype).replace("torch.", "")
     if info.problem:
         report["usable"] = False
         report["note"] = f"{info.problem}. Supported: {SUPPORTED}."
