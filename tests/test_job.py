@@ -28,7 +28,7 @@ def test_defaults():
 
 
 @pytest.mark.parametrize("name, low, high", [
-    ("threshold", 0.0, math.nextafter(1.0, 0.0)), ("grow", -2048.0, 2048.0), ("feather", 0.0, 2048.0),
+    ("threshold", 0.0, math.nextafter(1.0, 0.0)), ("grow", -2048.0, 2048.0), ("feather", 0.0, 256.0),
     ("keep_largest", 1, 100_000), ("min_area", 0, 1_000_000_000), ("refine_strength", 0.0, 1.0),
     ("refine_radius", 1.0, 2048.0)])
 def test_every_number_accepts_its_range_ends(name, low, high):
@@ -46,8 +46,8 @@ def test_every_number_accepts_its_range_ends(name, low, high):
     ("grow", 2048.5, "grow must be a number in [-2048, 2048], got 2048.5"),
     ("grow", -2049, "grow must be a number in [-2048, 2048], got -2049"),
     ("grow", math.inf, "grow must be a number in [-2048, 2048], got inf"),
-    ("feather", -1, "feather must be a number in [0, 2048], got -1"),
-    ("feather", "1e400", "feather must be a number in [0, 2048], got inf"),
+    ("feather", -1, "feather must be a number in [0, 256], got -1"),
+    ("feather", "1e400", "feather must be a number in [0, 256], got inf"),
     ("keep_largest", 0, "keep_largest must be an integer in [1, 100000], got 0"),
     ("keep_largest", 100_001, "keep_largest must be an integer in [1, 100000], got 100001"),
     ("keep_largest", 2.5, "keep_largest must be an integer in [1, 100000], got 2.5"),
@@ -158,7 +158,7 @@ def test_json_schema():
         "mode": {"type": "string", "enum": ["LD-ZNet head", "zero-shot"]},
         "threshold": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
         "grow": {"type": "number", "minimum": -2048, "maximum": 2048},
-        "feather": {"type": "number", "minimum": 0, "maximum": 2048},
+        "feather": {"type": "number", "minimum": 0, "maximum": 256},
         "invert": {"type": "boolean"},
         "combine": {"type": "string", "enum": ["replace", "add", "subtract", "intersect"]},
         "refine": {"type": "boolean"},

@@ -38,7 +38,7 @@ def test_every_numeric_option_of_every_command_is_bounded():
 
 # The values of issue #21, and one per kind of option: each is refused by argparse (status 2) in one line.
 REFUSED = [
-    (["mask", "i.png", "cat", "-o", "m.png", "--feather", "1e9"], "argument --feather: expected a number in [0, 2048], got 1e9"),
+    (["mask", "i.png", "cat", "-o", "m.png", "--feather", "1e9"], "argument --feather: expected a number in [0, 256], got 1e9"),
     (["mask", "i.png", "cat", "-o", "m.png", "--resolution", "1000000"],
      "argument --resolution: expected an integer in [64, 2048], got 1000000"),
     (["mask", "i.png", "cat", "-o", "m.png", "--refine-radius", "1e12"],
@@ -74,7 +74,7 @@ def test_out_of_range_options_are_refused_in_one_line(ldznet, argv, message, tmp
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: MaskOptions(feather=1e9), "feather must be a number in [0, 2048], got 1000000000.0"),
+    (lambda: MaskOptions(feather=1e9), "feather must be a number in [0, 256], got 1000000000.0"),
     (lambda: MaskOptions(keep_largest=10**9), "keep_largest must be an integer in [1, 100000]"),
     (lambda: MaskOptions(threshold=1.0), "threshold must be a number in [0, 1), got 1.0"),
     (lambda: RefineSettings(radius=1e12), "refine radius must be a number in [1, 2048], got 1000000000000.0"),

@@ -257,7 +257,7 @@ def test_component_functions_reject_bad_input():
         ("keep_largest", 1.5, r"got 1.5"),
         ("min_area", -1, r"min_area must be an integer in \[0, 1000000000\], got -1"),
         ("min_area", 2.0, r"got 2.0"),
-        ("feather", -1.0, r"feather must be a number in \[0, 2048\], got -1.0"),
+        ("feather", -1.0, r"feather must be a number in \[0, 256\], got -1.0"),
         ("feather", float("inf"), r"got inf"),
     ],
 )

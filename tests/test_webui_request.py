@@ -129,7 +129,7 @@ EIGHT = ["cat", "zero-shot", 0.5, 0, 0, False, "add", True]
     (["cat", "head"], "mode must be one of 'LD-ZNet head', 'zero-shot', got 'head'"),
     (["cat", "zero-shot", 1.0], r"^threshold must be a number in \[0, 1\), got 1.0$"),
     (["cat", "zero-shot", 0.5, 3000], r"^grow must be a number in \[-2048, 2048\], got 3000$"),
-    (["cat", "zero-shot", 0.5, 0, -1], r"^feather must be a number in \[0, 2048\], got -1$"),
+    (["cat", "zero-shot", 0.5, 0, -1], r"^feather must be a number in \[0, 256\], got -1$"),
     (["cat", "zero-shot", "x"], r"^threshold must be a number in \[0, 1\), got 'x'$"),
     (["cat", "zero-shot", 0.5, 0, 0, "yes"], "invert must be true or false, got 'yes'"),
     (["cat", "zero-shot", 0.5, 0, 0, False, "xor"], "combine must be one of"),
