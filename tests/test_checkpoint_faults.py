@@ -308,3 +308,17 @@ def test_convert_says_what_the_file_is(tiny_model_files, tmp_path, ldznet):
         assert str(error.value) == message
         _one_line_error(ldznet("convert", source, "-o", out), "convert", message)
         assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["unet of wrong keys", "unet a list", "unet width a string"])
+def test_webui_install_model_refuses_crafted_unet_metadata(case, tiny_model_files, sd_state, tmp_path):
+    from ldznet_ext.webui.install_model import install_model
+
+    path = _crafted_sd(case, tmp_path, tiny_model_files[0], sd_state)
+    webui = tmp_path / "webui"
+    webui.mkdir()
+    (webui / "webui.py").write_text("")
+    with pytest.raises(CheckpointError) as error:
+        install_model(path, webui, hf_home=tmp_path / "hf")
+    assert str(error.value) == f"crafted.safetensors: {SD_CASES[case][2]}"
+    assert not (webui / "models").exists()

@@ -25,10 +25,10 @@ from pathlib import Path
 
 from ..checkpoint_io import read_metadata, read_state_dict
 from ..errors import CheckpointError
-from ..sd.checkpoint import SUPPORTED, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, classify, unet_config_from_state_dict
+from ..sd.checkpoint import (SUPPORTED, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, classify, parse_sd_metadata,
+                             unet_config_from_state_dict)
 from ..sd.text import normalize_text_state_dict, text_config
 from ..sd.tokenizer import tokenizer_dir
-from ..sd.unet import UNetConfig
 from ..sd.vae import VAEConfig
 
 CLIP_REPO = "openai/clip-vit-large-patch14"
@@ -155,7 +155,7 @@ def install_model(checkpoint: str | os.PathLike, webui_dir: str | os.PathLike, n
     info = classify(state, metadata)
     if info.problem:
         raise CheckpointError(f"{checkpoint.name}: {info.family}: {info.problem}. Supported: {SUPPORTED}.")
-    unet = (UNetConfig.from_dict(metadata["unet"]) if "unet" in metadata else
+    unet = (parse_sd_metadata(metadata, checkpoint.name).unet or
             unet_config_from_state_dict({k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}))
     vae = VAEConfig.from_state_dict({k[len(VAE_PREFIX):]: v for k, v in state.items() if k.startswith(VAE_PREFIX)})
     factor = 2 ** (len(vae.ch_mult) - 1)
