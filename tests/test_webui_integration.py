@@ -39,9 +39,13 @@ REPO = Path(__file__).resolve().parents[1]
 FORGE_SD, FORGE_HEAD = "ldznet-test-sd-v1-random.safetensors", "ldznet-test-sd-v1-random-head.safetensors"
 
 
-def _call(base: str, path: str, payload=None):
+def _call(base: str, path: str, payload=None, auth: str | None = None):
+    """(status, JSON body); ``auth`` "user:password" is sent as HTTP Basic credentials."""
     data = json.dumps(payload).encode() if payload is not None else None
-    request = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if auth is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    request = urllib.request.Request(base + path, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=600) as response:
             return response.status, json.loads(response.read())
@@ -60,9 +64,11 @@ def _png(data: str) -> np.ndarray:
 
 
 @contextmanager
-def _serve(webui: Path, work: Path, flags: list[str], options: dict, python_variable: str) -> Iterator[str]:
+def _serve(webui: Path, work: Path, flags: list[str], options: dict, python_variable: str,
+           auth: str | None = None) -> Iterator[str]:
     """Link this repository into ``webui/extensions``, start the WebUI offline on a free port of
-    127.0.0.1 with ``flags``, wait for our routes, set ``options``; yields the base URL."""
+    127.0.0.1 with ``flags``, wait for our routes, set ``options`` (with the ``--api-auth``
+    credentials ``auth``); yields the base URL."""
     link = webui / "extensions" / "ldznet"
     if not link.exists():
         link.symlink_to(REPO, target_is_directory=True)
@@ -81,7 +87,7 @@ def _serve(webui: Path, work: Path, flags: list[str], options: dict, python_vari
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             try:
-                if _call(base, "/ldznet/v1/version")[0] == 200:
+                if _call(base, "/ldznet/v1/version", auth=auth)[0] == 200:
                     break
             except OSError:
                 pass
@@ -92,7 +98,7 @@ def _serve(webui: Path, work: Path, flags: list[str], options: dict, python_vari
             pytest.fail("the WebUI did not answer within 600 s")
         if process.poll() is not None:
             pytest.fail(f"the WebUI exited: {(work / 'server.log').read_text()[-3000:]}")
-        assert _call(base, "/sdapi/v1/options", options)[0] == 200
+        assert _call(base, "/sdapi/v1/options", options, auth)[0] == 200
         yield base
     finally:
         with suppress(ProcessLookupError):  # a WebUI that exited by itself left no group to signal
@@ -102,9 +108,9 @@ def _serve(webui: Path, work: Path, flags: list[str], options: dict, python_vari
         print((work / "server.log").read_text()[-2000:], file=sys.stderr)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A1111 v1.10.1 on the CPU with the tiny test model and head."""
+@contextmanager
+def a1111(tmp_path_factory, extra_flags: tuple[str, ...] = (), auth: str | None = None) -> Iterator[str]:
+    """A1111 v1.10.1 on the CPU with the tiny test model and head; yields the base URL."""
     if not WEBUI:
         pytest.skip("set LDZNET_WEBUI_DIR to an A1111 v1.10.1 folder to run")
     from fake_webui.models import tiny_head, tiny_sd
@@ -119,9 +125,15 @@ def server(tmp_path_factory):
     (webui / "models" / "ldznet").mkdir(parents=True, exist_ok=True)
     save_head(*tiny_head(), webui / "models" / "ldznet" / "ldznet-test-head.safetensors")
     flags = ["--no-half", "--disable-opt-split-attention", "--use-cpu", "all", "--do-not-download-clip",
-             "--ckpt", str(webui / "models" / "Stable-diffusion" / "ldznet-test-sd.safetensors")]
+             "--ckpt", str(webui / "models" / "Stable-diffusion" / "ldznet-test-sd.safetensors"), *extra_flags]
     with _serve(webui, work, flags, {"ldznet_head": "ldznet-test-head.safetensors", "return_mask": True},
-                "LDZNET_WEBUI_PYTHON") as base:
+                "LDZNET_WEBUI_PYTHON", auth) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with a1111(tmp_path_factory) as base:
         yield base
 
 
@@ -178,7 +190,7 @@ def test_bad_args_are_4xx(server):
     payload = {"init_images": [_b64(IMAGE)], "prompt": "x", "steps": 1,
                "alwayson_scripts": {"ld-znet mask": {"args": ["cat", "LD-ZNet head", 1.5]}}}
     status, body = _call(server, "/sdapi/v1/img2img", payload)
-    assert status == 422 and "threshold must be in [0, 1)" in body["detail"]
+    assert status == 422 and "threshold must be a number in [0, 1), got 1.5" in body["detail"]
     status, body = _call(server, "/ldznet/v1/mask", {"image": _b64(IMAGE), "expression": "cat AND"})
     assert status == 422 and "position 7" in body["detail"]
 
@@ -305,7 +317,7 @@ def test_forge_routes_and_validation(forge):
     payload = {"init_images": [_b64(_forge_image())], "prompt": "x", "steps": 1,
                "alwayson_scripts": {"ld-znet mask": {"args": ["cat", "LD-ZNet head", 1.5]}}}
     status, body = _call(forge, "/sdapi/v1/img2img", payload)
-    assert status == 422 and "threshold must be in [0, 1)" in body["detail"]
+    assert status == 422 and "threshold must be a number in [0, 1), got 1.5" in body["detail"]
     status, body = _call(forge, "/ldznet/v1/mask", {"image": _b64(_forge_image()), "expression": "cat AND"})
     assert status == 422 and "position 7" in body["detail"]
 
