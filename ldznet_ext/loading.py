@@ -17,9 +17,8 @@ from .defaults import default_model_paths
 from .errors import LdznetError
 from .factory import ModelSettings, build_segmenter
 from .heads import load_head
-from .job import with_grow  # noqa: F401  (moved to job.py; mask_cli still imports it from here)
 from .limits import RESOLUTION, check_device_name
-from .precision import DTYPES, resolve_dtype  # noqa: F401  (DTYPES: mask_cli imports it from here)
+from .precision import resolve_dtype
 from .sd.checkpoint import load_stable_diffusion
 from .segmenter import Segmenter
 
