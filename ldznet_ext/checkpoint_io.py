@@ -15,12 +15,12 @@ import os
 import pickle
 import typing
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -140,14 +140,8 @@ def _json_kind(value: Any) -> str:
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON-decoded ``ldznet.*`` metadata of a safetensors file ({} for other files or none).
-
-    Only the JSON is checked here; :func:`parse_config` checks a field against what it describes.
-    """
-    path = readable_file(path)
-    if path.suffix.lower() != ".safetensors":
-        return {}
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor names, dtypes, shapes, offsets, ``__metadata__``)."""
     try:
         with open(path, "rb") as f:
             header_size = int.from_bytes(f.read(8), "little")
@@ -158,7 +152,18 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path.name}: cannot read the safetensors header ({error})") from error
     if not isinstance(header, dict):
         raise CheckpointError(f"{path.name}: the safetensors header is {_json_kind(header)}, not a JSON object")
-    raw = header.get("__metadata__") or {}
+    return header
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON-decoded ``ldznet.*`` metadata of a safetensors file ({} for other files or none).
+
+    Only the JSON is checked here; :func:`parse_config` checks a field against what it describes.
+    """
+    path = readable_file(path)
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    raw = _safetensors_header(path).get("__metadata__") or {}
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path.name}: the safetensors '__metadata__' is {_json_kind(raw)}, "
                               "not a JSON object of strings")
@@ -170,6 +175,35 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             except (TypeError, ValueError, RecursionError) as error:
                 raise CheckpointError(f"{path.name}: metadata field {key!r} is not valid JSON ({error})") from error
     return metadata
+
+
+def read_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
+    """{name: shape} of every tensor in a safetensors file, from its header alone (no tensor data is
+    read); None for pickle-based files, whose shapes cannot be known without unpickling them."""
+    path = readable_file(path)
+    if path.suffix.lower() != ".safetensors":
+        return None
+    shapes = {}
+    for name, entry in _safetensors_header(path).items():
+        if name == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or any(type(n) is not int or n < 0 for n in shape):
+            raise CheckpointError(f"{path.name}: tensor {name[:80]!r} has no valid 'shape' in the safetensors header")
+        shapes[name] = tuple(shape)
+    return shapes
+
+
+def read_tensors(path: str | os.PathLike, names: Iterable[str]) -> dict[str, Tensor]:
+    """The named tensors of a safetensors file, read one by one (the others are never read), as owned
+    CPU copies (see :func:`read_state_dict`)."""
+    path = readable_file(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as file:
+            return {name: file.get_tensor(name).clone() for name in names}
+    except (SafetensorError, RuntimeError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path.name}: cannot read the file ({type(error).__name__}: {error}); "
+                              "it may be truncated, corrupt or not a model checkpoint") from error
 
 
 def parse_config(cls: type[_Config], value: Any, where: str, required: tuple[str, ...] = ()) -> _Config:

@@ -3,7 +3,7 @@
 Layout: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE),
 ``cond_stage_model.transformer.*`` (CLIP text encoder). The architecture is read from the tensor
 shapes, so SD v1 models of any width load; other families (SD2, SDXL, inpainting UNets, LD-ZNet
-files) are recognised and refused with an error that says what they are.
+files) are recognised (``backbones.family.classify``) and refused with an error that says what they are.
 """
 
 from __future__ import annotations
@@ -11,24 +11,24 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..checkpoint_io import parse_config, read_metadata, read_state_dict, write_safetensors
+from ..backbones.family import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, classify
+from ..checkpoint_io import (parse_config, read_metadata, read_state_dict, read_tensor_shapes, read_tensors,
+                             write_safetensors)
 from ..errors import CheckpointError, LdznetError
 from .model import StableDiffusion
+from .parts import check_parts, trim_for_masks
 from .schedule import NoiseSchedule
 from .text import TextEncoder, normalize_text_state_dict, text_config
 from .unet import UNetConfig, UNetModel, unet_config
 from .vae import AutoencoderKL, VAEConfig, vae_config
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer."
 SUPPORTED = "SD v1.x single-file checkpoints (UNet with 4 input channels, CLIP text encoder, 768-d context)"
 _TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                 "max_position_embeddings")
@@ -37,70 +37,8 @@ _TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_at
 RESOLUTION_RANGE = (64, 8192)
 
 
-@dataclass
-class CheckpointInfo:
-    """What a checkpoint file holds, as far as its keys and shapes tell."""
-
-    family: str
-    problem: str | None = None
-    details: dict = field(default_factory=dict)
-
-
 def _sub(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def classify(state: Mapping[str, Tensor], metadata: Mapping | None = None) -> CheckpointInfo:
-    """Name the model family of a state dict; ``problem`` says why it is not a usable SD v1 model."""
-    metadata = metadata or {}
-    keys = state.keys()
-    if "head" in metadata or any(k.startswith("final.") for k in keys):
-        return CheckpointInfo("ldznet-head", "this is a segmentation head, not an SD model; pass it as the head")
-    if any(k.startswith("sd_features_stage_model.") for k in keys):
-        return CheckpointInfo("ldznet-official", "this is the official LD-ZNet release; import its head with "
-                              "`ldznet convert FILE -o head.safetensors`")
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        return CheckpointInfo("sdxl", "SDXL checkpoints are not supported")
-    if any(k.startswith(("down_blocks.", "unet.down_blocks.", "encoder.down_blocks.")) for k in keys):
-        return CheckpointInfo("diffusers", "this is a diffusers-format file; use a single-file SD v1 checkpoint")
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return CheckpointInfo("sd2", "SD 2.x checkpoints (OpenCLIP text encoder, 1024-d context) are not supported")
-    conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
-    if conv_in is None:
-        return CheckpointInfo("unknown", f"no UNet found (no '{UNET_PREFIX}input_blocks.0.0.weight')")
-    if conv_in.ndim != 4 or 0 in conv_in.shape:
-        return CheckpointInfo("unknown", f"'{UNET_PREFIX}input_blocks.0.0.weight' has shape {tuple(conv_in.shape)}; "
-                              "expected a convolution weight [out, in, k, k]")
-    details = {"unet_in_channels": conv_in.shape[1], "model_channels": conv_in.shape[0]}
-    # Tensors of other ranks are left to the strict load, which names them.
-    context = [v.shape[1] for k, v in state.items()
-               if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight") and v.ndim == 2]
-    if context:
-        details["context_dim"] = context[0]
-    if conv_in.shape[1] == 9:
-        return CheckpointInfo("sd-v1-inpainting", "inpainting UNets (9 input channels) are not supported; "
-                              "use the base model the inpainting model was made from", details)
-    if conv_in.shape[1] != 4:
-        return CheckpointInfo("unknown", f"the UNet takes {conv_in.shape[1]} input channels, not 4 "
-                              "(an instruct-pix2pix or other conditioned UNet?)", details)
-    if context and context[0] == 1024:
-        return CheckpointInfo("sd2", "the UNet's text context is 1024-d (SD 2.x); SD 2.x is not supported", details)
-    proj_in = state.get(UNET_PREFIX + "middle_block.1.proj_in.weight")
-    if proj_in is not None and proj_in.ndim != 4:
-        return CheckpointInfo("unknown", "the UNet's transformers use linear projections (an SD 2.x-style UNet)",
-                              details)
-    token_embedding = [v for k, v in state.items()
-                       if k.startswith(TEXT_PREFIX) and k.endswith("token_embedding.weight") and v.ndim == 2]
-    if context and token_embedding and token_embedding[0].shape[1] != context[0]:
-        return CheckpointInfo("unknown", f"mismatched parts: the text encoder is {token_embedding[0].shape[1]}-d "
-                              f"but the UNet expects a {context[0]}-d context", details)
-    missing = [name for name, prefix in (("VAE", VAE_PREFIX), ("text encoder", TEXT_PREFIX))
-               if not any(k.startswith(prefix) for k in keys)]
-    if missing:
-        return CheckpointInfo("sd-v1", f"the file has no {' and no '.join(missing)} "
-                              f"(keys '{VAE_PREFIX}*', '{TEXT_PREFIX}*'); a full single-file checkpoint is needed",
-                              details)
-    return CheckpointInfo("sd-v1", None, details)
 
 
 def _indices(state: Mapping[str, Tensor], pattern: str) -> list[int]:
@@ -190,21 +128,47 @@ def parse_sd_metadata(metadata: Mapping, name: str) -> SDMetadata:
     return SDMetadata(unet, text, resolution)
 
 
+def _read_missing(state: dict[str, Tensor], names: list[str], read: Callable[[list[str]], dict[str, Tensor]] | None,
+                  ) -> None:
+    """Replace the meta (shape-only) tensors among ``names`` in ``state`` by the real ones from ``read``."""
+    wanted = [k for k in names if k in state and state[k].is_meta]
+    if wanted:
+        if read is None:
+            raise ValueError("the state dict holds tensors without data and no reader was given")
+        state.update(read(wanted))
+
+
 def stable_diffusion_from_state_dict(state: Mapping[str, Tensor], metadata: Mapping | None = None,
-                                     name: str = "checkpoint") -> StableDiffusion:
-    """Build an SD v1 model from a single-file state dict; CheckpointError for anything else."""
+                                     name: str = "checkpoint", parts: str = "all",
+                                     read: Callable[[list[str]], dict[str, Tensor]] | None = None) -> StableDiffusion:
+    """Build an SD v1 model from a single-file state dict; CheckpointError for anything else.
+
+    ``parts="mask"`` builds only what a segmentation head reads (see :mod:`.parts`). ``state`` may hold
+    meta tensors (shapes only, e.g. from a safetensors header): ``read(names)`` then returns the real
+    tensors of the names that are loaded, and the others are never read.
+    """
+    check_parts(parts)
     metadata = metadata or {}
+    state = dict(state)
     info = classify(state, metadata)
     if info.problem:
         raise CheckpointError(f"{name}: {info.family}: {info.problem}. Supported: {SUPPORTED}.")
     described = parse_sd_metadata(metadata, name)
-    unet_state = _sub(state, UNET_PREFIX)
-    vae_state = {k: v for k, v in _sub(state, VAE_PREFIX).items() if not k.startswith("loss.")}
     try:
-        unet_cfg = described.unet or unet_config_from_state_dict(unet_state)
+        unet_cfg = described.unet or unet_config_from_state_dict(_sub(state, UNET_PREFIX))
         with torch.device("meta"):
             unet = UNetModel(unet_cfg)
-            vae = AutoencoderKL(VAEConfig.from_state_dict(vae_state))
+            vae = AutoencoderKL(VAEConfig.from_state_dict(_sub(state, VAE_PREFIX)))
+        if parts == "mask":
+            trim_for_masks(unet, vae)
+        _read_missing(state, [UNET_PREFIX + k for k in unet.state_dict()] + [VAE_PREFIX + k for k in vae.state_dict()]
+                      + [k for k in state if k.startswith(TEXT_PREFIX)] + ["alphas_cumprod"], read)
+        unet_state, vae_state = _sub(state, UNET_PREFIX), _sub(state, VAE_PREFIX)
+        if parts == "mask":  # the skipped parts' tensors are dropped, never loaded
+            unet_state = {k: unet_state[k] for k in unet.state_dict() if k in unet_state}
+            vae_state = {k: vae_state[k] for k in vae.state_dict() if k in vae_state}
+        else:
+            vae_state = {k: v for k, v in vae_state.items() if not k.startswith("loss.")}
         unet.load_state_dict(unet_state, strict=True, assign=True)
         vae.load_state_dict(vae_state, strict=True, assign=True)
         text = _text_encoder_from_state_dict(_sub(state, TEXT_PREFIX), described.text)
@@ -221,10 +185,22 @@ def stable_diffusion_from_state_dict(state: Mapping[str, Tensor], metadata: Mapp
 
 
 def load_stable_diffusion(path: str | os.PathLike, device: str | torch.device = "cpu",
-                          dtype: torch.dtype = torch.float32) -> StableDiffusion:
-    """Load an SD v1 single-file checkpoint (.safetensors, or .ckpt read without executing pickled code)."""
+                          dtype: torch.dtype = torch.float32, parts: str = "all") -> StableDiffusion:
+    """Load an SD v1 single-file checkpoint (.safetensors, or .ckpt read without executing pickled code).
+
+    ``parts="mask"``: only what a segmentation head reads (VAE encoder, text encoder, UNet up to the
+    last tapped block); from a .safetensors file only those tensors are read, a .ckpt is read whole
+    and the rest dropped. Running a skipped part raises LdznetError.
+    """
+    check_parts(parts)
     metadata = read_metadata(path)  # first: a crafted header gets its own message
-    model = stable_diffusion_from_state_dict(read_state_dict(path), metadata, os.path.basename(path))
+    shapes = read_tensor_shapes(path) if parts == "mask" else None
+    if shapes is None:
+        state, read = read_state_dict(path), None
+    else:
+        state = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+        read = partial(read_tensors, path)
+    model = stable_diffusion_from_state_dict(state, metadata, os.path.basename(path), parts, read)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

@@ -1,0 +1,83 @@
+"""load_stable_diffusion(parts="mask"): only what a head reads is read from the file and built, it
+computes the same features as the whole model, and the skipped parts refuse to run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fixtures_models import perturb_
+from ldznet_ext import checkpoint_io
+from ldznet_ext.errors import LdznetError
+from ldznet_ext.sd import checkpoint
+from ldznet_ext.sd.checkpoint import (
+    UNET_PREFIX, VAE_PREFIX, build_stable_diffusion, load_stable_diffusion, save_stable_diffusion,
+    stable_diffusion_state_dict,
+)
+from ldznet_ext.tap import LDZNET_BLOCKS, FeatureTap
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+SKIPPED = tuple(f"{UNET_PREFIX}output_blocks.{i}." for i in range(6, 12)) + (
+    f"{UNET_PREFIX}out.", f"{VAE_PREFIX}decoder.", f"{VAE_PREFIX}post_quant_conv.")
+
+
+@pytest.fixture(scope="module")
+def sd_file(tmp_path_factory):
+    model = build_stable_diffusion("tiny", seed=3)
+    perturb_(model.unet, seed=4)
+    path = tmp_path_factory.mktemp("parts") / "sd.safetensors"
+    save_stable_diffusion(model, path)
+    return path
+
+
+def _features(model, seed: int = 0) -> tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.rand(1, 3, 32, 48, generator=generator) * 2 - 1
+    z = model.encode_image(image)
+    context = model.encode_text(["a goblin"])
+    with FeatureTap(model.unet, LDZNET_BLOCKS, early_exit=True) as tap:
+        features = tap.run(lambda: model.predict_noise(z, torch.tensor([400]), context))
+    return z, features, context
+
+
+def _assert_same_features(whole, mask) -> None:
+    (z, features, context), (z2, features2, context2) = _features(whole), _features(mask)
+    assert torch.equal(z, z2) and torch.equal(context, context2)
+    assert features.keys() == features2.keys() == set(LDZNET_BLOCKS)
+    assert all(torch.equal(features[b], features2[b]) for b in LDZNET_BLOCKS)
+
+
+def test_mask_parts_read_only_the_needed_tensors(sd_file, monkeypatch):
+    read = []
+    real = checkpoint_io.read_tensors
+    monkeypatch.setattr(checkpoint, "read_tensors", lambda path, names: read.extend(names) or real(path, names))
+    mask = load_stable_diffusion(sd_file, parts="mask")
+    all_names = checkpoint_io.read_tensor_shapes(sd_file)
+    assert read and not [k for k in read if k.startswith(SKIPPED)]
+    assert sorted(k for k in all_names if not k.startswith(SKIPPED)) == sorted(read)
+    assert not any(p.is_meta for p in mask.parameters()) and not any(b.is_meta for b in mask.buffers())
+    _assert_same_features(load_stable_diffusion(sd_file), mask)
+
+
+def test_mask_parts_from_a_ckpt_load_all_then_drop(sd_file, tmp_path):
+    path = tmp_path / "sd.ckpt"
+    torch.save({"state_dict": stable_diffusion_state_dict(load_stable_diffusion(sd_file))}, path)
+    mask = load_stable_diffusion(path, parts="mask")
+    assert not [k for k in mask.state_dict() if ("unet." + k[5:]).startswith(SKIPPED)]
+    whole = load_stable_diffusion(path)  # without our metadata: the text encoder's head count is guessed
+    assert len(mask.unet.state_dict()) < len(whole.unet.state_dict())
+    _assert_same_features(whole, mask)
+
+
+def test_skipped_parts_refuse_to_run(sd_file):
+    mask = load_stable_diffusion(sd_file, parts="mask")
+    z, context = torch.zeros(1, 4, 16, 16), mask.encode_text(["x"])
+    with pytest.raises(LdznetError, match="UNet output block 6 was not loaded: .*parts='mask'"):
+        mask.predict_noise(z, torch.tensor([400]), context)
+    with pytest.raises(LdznetError, match="VAE decoder's post_quant_conv was not loaded"):
+        mask.decode_latent(z)
+
+
+def test_unknown_parts_are_refused(sd_file):
+    with pytest.raises(LdznetError, match="parts must be one of all, mask, got 'head'"):
+        load_stable_diffusion(sd_file, parts="head")
