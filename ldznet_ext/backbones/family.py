@@ -1,18 +1,42 @@
-"""Model families: which kind of diffusion model a WebUI host has loaded, in one place.
+"""Model families, in one place: which kind of diffusion model a WebUI host has loaded (its flags)
+and which kind a checkpoint file holds (its tensor names and shapes).
 
-A family has a name (as the checkpoint loader's ``CheckpointInfo.family`` spells it) and a label
-for messages. LD-ZNet reads SD 1.x UNet features, so "sd-v1" is the family every adapter needs;
-the others are named so that the refusal says what was found.
+A family has a name (``CheckpointInfo.family``) and a label for messages. LD-ZNet reads SD 1.x UNet
+features, so "sd-v1" is the family every backbone needs today; the others are named so that the
+refusal says what was found. :func:`classify` needs only the shapes: a mapping of names to tensors,
+meta tensors or shapes (a safetensors header read without its data) is classified alike.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# The single-file (ldm) layout every WebUI reads.
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+
 LABELS: dict[str, str] = {
     "sd-v1": "SD 1.x", "sd-v1-inpainting": "an inpainting model (9 input channels)", "sd2": "SD 2.x",
     "sdxl": "SDXL", "sd3": "SD 3", "ssd": "SSD-1B", "flux": "Flux", "unknown": "not SD 1.x",
+    "instruct-pix2pix": "an instruct-pix2pix model (8 input channels)", "diffusers": "a diffusers-format file",
+    "ldznet-head": "an LD-ZNet segmentation head", "ldznet-official": "the official LD-ZNet release",
 }
 # The flags A1111 and Forge set on their loaded model, most specific first.
 _HOST_FLAGS = (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd3", "sd3"), ("is_ssd", "ssd"), ("is_flux", "flux"))
+# Key prefixes that name a family outright, checked in order after the LD-ZNet files.
+_PREFIX_FAMILIES = (
+    (("conditioner.embedders.",), "sdxl", "SDXL checkpoints are not supported"),
+    ((UNET_PREFIX + "joint_blocks.", "joint_blocks."), "sd3",
+     "SD 3 checkpoints (an MMDiT with joint blocks, no UNet) are not supported"),
+    ((UNET_PREFIX + "double_blocks.", "double_blocks."), "flux",
+     "Flux checkpoints (a transformer with double blocks, no UNet) are not supported"),
+    (("down_blocks.", "unet.down_blocks.", "encoder.down_blocks."), "diffusers",
+     "this is a diffusers-format file; use a single-file SD v1 checkpoint"),
+    (("cond_stage_model.model.",), "sd2",
+     "SD 2.x checkpoints (OpenCLIP text encoder, 1024-d context) are not supported"),
+)
 
 
 def host_family(sd_model, in_channels: int | None = None, sd1_unless_told: bool = True) -> str:
@@ -28,3 +52,80 @@ def host_family(sd_model, in_channels: int | None = None, sd1_unless_told: bool 
     if getattr(sd_model, "is_inpaint", False) or in_channels == 9:
         return "sd-v1-inpainting"
     return "sd-v1" if in_channels in (None, 4) else "unknown"
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint file holds, as far as its keys and shapes tell."""
+
+    family: str
+    problem: str | None = None
+    details: dict = field(default_factory=dict)
+
+
+def _shape(value) -> tuple[int, ...]:
+    """The shape of a tensor, a meta tensor or a shape given as such."""
+    return tuple(getattr(value, "shape", value))
+
+
+def classify(state: Mapping, metadata: Mapping | None = None) -> CheckpointInfo:
+    """Name the model family of a state dict (names -> tensors or shapes); ``problem`` says why it is
+    not a usable SD v1 model."""
+    metadata = metadata or {}
+    keys = state.keys()
+    if "head" in metadata or any(k.startswith("final.") for k in keys):
+        return CheckpointInfo("ldznet-head", "this is a segmentation head, not an SD model; pass it as the head")
+    if any(k.startswith("sd_features_stage_model.") for k in keys):
+        return CheckpointInfo("ldznet-official", "this is the official LD-ZNet release; import its head with "
+                              "`ldznet convert FILE -o head.safetensors`")
+    for prefixes, family, problem in _PREFIX_FAMILIES:
+        if any(k.startswith(prefixes) for k in keys):
+            return CheckpointInfo(family, problem)
+    conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is None:
+        return CheckpointInfo("unknown", f"no UNet found (no '{UNET_PREFIX}input_blocks.0.0.weight')")
+    shape = _shape(conv_in)
+    if len(shape) != 4 or 0 in shape:
+        return CheckpointInfo("unknown", f"'{UNET_PREFIX}input_blocks.0.0.weight' has shape {shape}; "
+                              "expected a convolution weight [out, in, k, k]")
+    return _classify_unet(state, shape[1], shape[0])
+
+
+def _classify_unet(state: Mapping, in_channels: int, model_channels: int) -> CheckpointInfo:
+    """The family of a single file with an ldm UNet of ``in_channels`` x ``model_channels``."""
+    details = {"unet_in_channels": in_channels, "model_channels": model_channels}
+    # Tensors of other ranks are left to the strict load, which names them.
+    context = [s[1] for k, v in state.items()
+               if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight") and len(s := _shape(v)) == 2]
+    if context:
+        details["context_dim"] = context[0]
+    if UNET_PREFIX + "label_emb.0.0.weight" in state or (context and context[0] == 2048):
+        return CheckpointInfo("sdxl", "the UNet has SDXL's pooled-text and size conditioning (label_emb) or "
+                              "2048-d text context; SDXL checkpoints are not supported", details)
+    if in_channels == 9:
+        return CheckpointInfo("sd-v1-inpainting", "inpainting UNets (9 input channels) are not supported; "
+                              "use the base model the inpainting model was made from", details)
+    if in_channels == 8:
+        return CheckpointInfo("instruct-pix2pix", "the UNet takes 8 input channels, not 4 "
+                              "(an instruct-pix2pix UNet, conditioned on an image)", details)
+    if in_channels != 4:
+        return CheckpointInfo("unknown", f"the UNet takes {in_channels} input channels, not 4 "
+                              "(an instruct-pix2pix or other conditioned UNet?)", details)
+    if context and context[0] == 1024:
+        return CheckpointInfo("sd2", "the UNet's text context is 1024-d (SD 2.x); SD 2.x is not supported", details)
+    proj_in = state.get(UNET_PREFIX + "middle_block.1.proj_in.weight")
+    if proj_in is not None and len(_shape(proj_in)) != 4:
+        return CheckpointInfo("unknown", "the UNet's transformers use linear projections (an SD 2.x-style UNet)",
+                              details)
+    text_width = [s[1] for k, v in state.items() if k.startswith(TEXT_PREFIX)
+                  and k.endswith("token_embedding.weight") and len(s := _shape(v)) == 2]
+    if context and text_width and text_width[0] != context[0]:
+        return CheckpointInfo("unknown", f"mismatched parts: the text encoder is {text_width[0]}-d "
+                              f"but the UNet expects a {context[0]}-d context", details)
+    missing = [name for name, prefix in (("VAE", VAE_PREFIX), ("text encoder", TEXT_PREFIX))
+               if not any(k.startswith(prefix) for k in state)]
+    if missing:
+        return CheckpointInfo("sd-v1", f"the file has no {' and no '.join(missing)} "
+                              f"(keys '{VAE_PREFIX}*', '{TEXT_PREFIX}*'); a full single-file checkpoint is needed",
+                              details)
+    return CheckpointInfo("sd-v1", None, details)
