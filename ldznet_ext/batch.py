@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from . import outputs
 from .errors import ImageError, LdznetError
@@ -75,7 +73,8 @@ class BatchSummary:
 
 
 class BatchCallbacks:
-    """How a front end (the WebUI tab) follows and stops :func:`run_batch`; the defaults do nothing."""
+    """How a front end (the CLI's progress bar, the WebUI tab) follows and stops :func:`run_batch`;
+    the defaults do nothing."""
 
     def started(self, total: int) -> None:
         """Once, before any file, with the number of files of this run (this shard's)."""
@@ -87,6 +86,9 @@ class BatchCallbacks:
         """Asked before each group of up to ``batch_size`` files is read; True ends the run there,
         keeping the masks and manifest lines written so far (a rerun resumes)."""
         return False
+
+    def finished(self) -> None:
+        """Once at the end, also when the run ends by an exception (Ctrl-C)."""
 
 
 class Manifest:
@@ -175,12 +177,10 @@ def _groups(files: Sequence[Path], batch_size: int) -> Iterator[list[Path]]:
 
 
 class _Run:
-    """The state of one batch run: the job, the model, the manifest, the counts and the progress bar."""
+    """The state of one batch run: the job, the model, the manifest, the counts and the callbacks."""
 
-    def __init__(self, job: BatchJob, segmenter: Segmenter, manifest: Manifest, progress: tqdm,
-                 callbacks: BatchCallbacks):
-        self.job, self.segmenter, self.manifest, self.progress = job, segmenter, manifest, progress
-        self.callbacks = callbacks
+    def __init__(self, job: BatchJob, segmenter: Segmenter, manifest: Manifest, callbacks: BatchCallbacks):
+        self.job, self.segmenter, self.manifest, self.callbacks = job, segmenter, manifest, callbacks
         self.summary = BatchSummary()
 
     def record(self, path: Path, status: str, output: Path | None = None, error: str | None = None,
@@ -190,10 +190,6 @@ class _Run:
                  "seconds": round(seconds, 4)}
         self.manifest.write(entry)
         self.summary.counts[status] += 1
-        if error:  # image errors already start with the file name
-            self.progress.write(error if error.startswith(f"{path.name}:") else f"{path.name}: {error}",
-                                file=sys.stderr)
-        self.progress.update(1)
         self.callbacks.file_done(entry)
 
     def group(self, paths: list[Path]) -> None:
@@ -281,12 +277,12 @@ def _is_manifest(path: Path) -> bool:
         return False
 
 
-def run_batch(job: BatchJob, segmenter: Segmenter, manifest: Manifest, show_progress: bool | None = None,
+def run_batch(job: BatchJob, segmenter: Segmenter, manifest: Manifest,
               callbacks: BatchCallbacks | None = None) -> BatchSummary:
     """Process this shard's files; per-file problems are recorded in ``manifest``, never raised.
 
-    ``show_progress`` None shows the progress bar only on a terminal; ``callbacks`` hear of every
-    file and may stop the run between groups (summary.interrupted).
+    ``callbacks`` hear of every file (a progress bar, the WebUI's job state) and may stop the run
+    between groups (summary.interrupted).
     """
     callbacks = callbacks or BatchCallbacks()
     files = check_folders(job.input_dir, job.output_dir) if job.files is None else list(job.files)
@@ -294,9 +290,8 @@ def run_batch(job: BatchJob, segmenter: Segmenter, manifest: Manifest, show_prog
     owners = stem_owners(files)
     mine = shard(files, *job.shard)
     callbacks.started(len(mine))
-    disable = None if show_progress is None else not show_progress
-    with tqdm(total=len(mine), unit="image", desc="ldznet batch", disable=disable, file=sys.stderr) as progress:
-        run = _Run(job, segmenter, manifest, progress, callbacks)
+    try:
+        run = _Run(job, segmenter, manifest, callbacks)
         owned, todo = set(), []
         for path in mine:
             output = job.output_for(path)
@@ -316,4 +311,6 @@ def run_batch(job: BatchJob, segmenter: Segmenter, manifest: Manifest, show_prog
                 run.summary.interrupted = True
                 break
             run.group(group)
+    finally:
+        callbacks.finished()
     return run.summary

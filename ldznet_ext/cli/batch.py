@@ -12,10 +12,31 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..batch import MANIFEST_NAME, BatchJob, Manifest, check_folders, check_manifest, run_batch
+from tqdm import tqdm
+
+from ..batch import MANIFEST_NAME, BatchCallbacks, BatchJob, Manifest, check_folders, check_manifest, run_batch
 from ..limits import BATCH_SIZE, bounded_number
 from .common import add_model_arguments, add_shard_argument, segmenter_from_args
 from .mask import add_mask_arguments, job_from_args
+
+
+class ProgressBar(BatchCallbacks):
+    """run_batch -> a tqdm bar on stderr (shown only on a terminal) and one line per failed file."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def started(self, total: int) -> None:
+        self.bar = tqdm(total=total, unit="image", desc="ldznet batch", disable=None, file=sys.stderr)
+
+    def file_done(self, entry: dict) -> None:
+        error, name = entry["error"], Path(entry["input"]).name
+        if error:  # image errors already start with the file name
+            self.bar.write(error if error.startswith(f"{name}:") else f"{name}: {error}", file=sys.stderr)
+        self.bar.update(1)
+
+    def finished(self) -> None:
+        self.bar.close()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -30,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
                      args.max_pixels)
     try:
         with Manifest(manifest_path) as manifest:
-            summary = run_batch(batch, segmenter, manifest)
+            summary = run_batch(batch, segmenter, manifest, ProgressBar())
     except KeyboardInterrupt:
         print("ldznet batch: interrupted; finished masks are kept, run the same command again to resume",
               file=sys.stderr)

@@ -84,7 +84,7 @@ def mask_folder(input_dir: str, uploads, output_dir: str, overwrite: bool, *args
         with host.gpu_job("ldznet batch") as state, host.session(job) as segmenter, \
                 Manifest(out / MANIFEST_NAME) as manifest:
             callbacks = StateCallbacks(state)
-            summary = run_batch(batch, segmenter, manifest, show_progress=False, callbacks=callbacks)
+            summary = run_batch(batch, segmenter, manifest, callbacks)
     except LdznetError as error:
         return [], f"<p class='ldznet-error'>{html.escape(str(error))}</p>"
     counts = summary.counts
