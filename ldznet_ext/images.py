@@ -17,6 +17,7 @@ import io
 import math
 import os
 import warnings
+from fractions import Fraction
 from pathlib import Path
 from typing import Union
 
@@ -192,12 +193,16 @@ def to_model_input(image: np.ndarray, size: tuple[int, int], box: Box | None = N
 
 def crop_to_box(maps: torch.Tensor, box: Box, size: tuple[int, int]) -> torch.Tensor:
     """The part over ``box`` of maps [..., m_h, m_w] that cover the working frame ``size`` = (w, h) on a
-    grid of their own (the frame's, or the latent's); a view."""
-    left, top, right, bottom = box
-    step = size[0] // maps.shape[-1]  # frame pixels per map pixel
-    if step * maps.shape[-1] != size[0] or step * maps.shape[-2] != size[1] or any(edge % step for edge in box):
+    grid of their own (the latent's, the frame's, or finer: a head's logits are 8x the latent, which is
+    more than the frame for a model with f < 8); a view."""
+    if tuple(box) == (0, 0, *size):
+        return maps
+    scale = Fraction(maps.shape[-1], size[0])  # map pixels per frame pixel
+    edges = [edge * scale for edge in box]
+    if Fraction(maps.shape[-2], size[1]) != scale or any(edge.denominator != 1 for edge in edges):
         raise ValueError(f"box {box} of frame {size} is not on the grid of {maps.shape[-1]}x{maps.shape[-2]} maps")
-    return maps[..., top // step:bottom // step, left // step:right // step]
+    left, top, right, bottom = (int(edge) for edge in edges)
+    return maps[..., top:bottom, left:right]
 
 
 def resize_probability(probability: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

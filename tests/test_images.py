@@ -159,6 +159,13 @@ def test_letterboxed_input_crops_back_to_the_image():
         assert back[:, :180].min() > 0.99 and back[:, 220:280].max() < 0.01 and back[:, 320:].min() > 0.99
 
 
+def test_crop_of_maps_finer_than_the_frame():
+    """A head's logits are 8x the latent: 4x the frame for a model with f = 2."""
+    maps = torch.arange(4 * 64 * 4 * 16, dtype=torch.float32).reshape(4 * 16, 4 * 64)
+    assert torch.equal(crop_to_box(maps, (0, 4, 64, 12), (64, 16)), maps[16:48, :])
+    assert crop_to_box(maps, (0, 0, 64, 16), (64, 16)) is maps
+
+
 def test_crop_off_the_maps_grid_is_refused():
     message = "box (0, 4, 64, 12) of frame (64, 16) is not on the grid of 8x2 maps"
     with pytest.raises(ValueError, match=re.escape(message)):
