@@ -21,11 +21,12 @@ import sys
 import torch
 from torch import Tensor
 
+from ldznet_ext.backbones.base import LDZNET_BLOCKS, ldm_layout
 from ldznet_ext.modeling.build import build_head, head_config
 from ldznet_ext.sd.schedule import NoiseSchedule
 from ldznet_ext.sd.unet import UNetModel, unet_config
 from ldznet_ext.sd.vae import SCALE_FACTOR, AutoencoderKL, vae_config
-from ldznet_ext.tap import LDZNET_BLOCKS, FeatureTap
+from ldznet_ext.tap import FeatureTap
 
 from common import DTYPES, environment, materialise, peak_rss_mib, run_isolated, time_runs
 
@@ -55,7 +56,7 @@ def _stage(name: str, size: int, repeats: int, device_name: str, dtype_name: str
             early = name == "features_early"
 
             def run() -> dict[int, Tensor]:
-                with FeatureTap(unet, LDZNET_BLOCKS, early_exit=early) as tap:
+                with FeatureTap(ldm_layout(unet), LDZNET_BLOCKS, early_exit=early) as tap:
                     return tap.run(lambda: unet(z_t, t, context))
         else:
             head = materialise(lambda: build_head(head_config("ldznet", latent_size=side)), device, dtype)

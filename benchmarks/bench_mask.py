@@ -75,7 +75,7 @@ def naive_probability(backbone: StableDiffusion, head: nn.Module, config: HeadCo
     context = backbone.text_encoder.encode([prompt])
     t = torch.full((1,), config.timestep, dtype=torch.long, device=z.device)
     z_t = backbone.schedule.q_sample(z, t, noise)
-    with FeatureTap(backbone.unet, config.sd_blocks, early_exit=False) as tap:
+    with FeatureTap(backbone.layout, config.sd_blocks, early_exit=False) as tap:
         features = tap.run(lambda: backbone.unet(z_t, t, context))
     logits = head(z, context, features)
     return torch.sigmoid(logits.float())[0, 0]

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .backbones.base import Backbone
 from .errors import CheckpointError, LdznetError
 from .modeling.build import HeadConfig
 from .precision import compute_dtype, dtype_named
 from .refine import RefineSettings
 from .sd.checkpoint import unet_config_from_state_dict
-from .sd.model import Backbone
 from .sd.unet import UNetConfig
 from .segmenter import Segmenter, SegmenterSettings
 from .zeroshot import ZeroShotSettings

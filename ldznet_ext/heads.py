@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .backbones.base import spatial_transformers
 from .checkpoint_io import read_metadata, read_state_dict, write_safetensors
 from .errors import CheckpointError, LdznetError
 from .modeling.build import HeadConfig, build_head, head_config
 from .outputs import same_file, writable_path
 from .sd.checkpoint import classify
-from .tap import spatial_transformers
 
 OFFICIAL_EMA_PREFIX = "model_ema."
 OFFICIAL_MODEL_PREFIX = "model.diffusion_model."

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .backbones.base import Backbone, Conditioning
 from .errors import LdznetError
 from .images import (MAX_PIXELS, Box, ImageInput, crop_to_box, image_box, load_image, resize_probability,
                      to_model_input, type_name, working_size)
@@ -29,20 +30,20 @@ from .masks.ops import MaskOptions, finalize
 from .masks.tree import Expression
 from .modeling.build import HeadConfig
 from .refine import RefineSettings, refine_probability
-from .sd.model import Backbone
 from .sd.schedule import noise_draws
 from .tap import FeatureTap
 from .zeroshot import ZeroShotSettings, zero_shot_maps
 
 
-def sd_features(backbone: Backbone, z: Tensor, context: Tensor, timesteps: Tensor, noise: Tensor,
+def sd_features(backbone: Backbone, z: Tensor, conditioning: Conditioning, timesteps: Tensor, noise: Tensor,
                 blocks: Sequence[int]) -> dict[int, Tensor]:
-    """The SD UNet's features {block: [B, C, h', w']} for z_t = q_sample(z [B, 4, h, w], t [B], noise),
-    conditioned on ``context`` [B, 77, D], in ONE UNet call that stops after the last tapped block.
-    ``noise`` is [B or 1, 4, h, w]. Inference and training both compute features here."""
+    """The denoiser's features {block: [B, C', h', w']} for z_t = q_sample(z [B, C, h, w], t [B], noise),
+    conditioned on ``conditioning`` (B rows), in ONE call that stops after the last tapped block of
+    the backbone's layout. ``noise`` is [B or 1, C, h, w]. Inference and training both compute
+    features here."""
     z_t = backbone.schedule.q_sample(z, timesteps, noise.to(z.device, z.dtype).expand_as(z))
-    with FeatureTap(backbone.unet, blocks, early_exit=True) as tap:
-        return tap.run(lambda: backbone.predict_noise(z_t, timesteps, context))
+    with FeatureTap(backbone.layout, blocks, early_exit=True) as tap:
+        return tap.run(lambda: backbone.predict_noise(z_t, timesteps, conditioning))
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class Prediction:
 @dataclass
 class _ImageState:
     image: np.ndarray  # uint8 [H, W, 3], the original: it guides the upsampling of every term map
-    z: Tensor  # [1, 4, h, w]
+    z: Tensor  # [1, C, h, w]
     pixels: Tensor | None  # [1, 3, 8h, 8w] in [-1, 1], kept for RGBNet
     frame: tuple[int, int]  # (8w, 8h), the working size
     box: Box  # where the image lies in the frame (all of it, unless letterboxed)
@@ -117,7 +118,7 @@ class _ImageState:
 
 
 class Segmenter:
-    """Text-prompted masks on one SD v1 backbone, with an LD-ZNet / ZNet / RGBNet head or zero-shot.
+    """Text-prompted masks on one backbone, with an LD-ZNet / ZNet / RGBNet head or zero-shot.
 
     Threads: the models may be shared. Give each thread its own Segmenter (``with_settings()`` makes
     one on the same models, no copy) or call ``predict_images`` on a shared one; each thread then
@@ -238,13 +239,13 @@ class Segmenter:
         if not todo:
             return
         z = torch.cat([s.z for s in states])
-        context = self.backbone.encode_text([self.settings.prompt_template.format(t) for t in todo])
+        conditioning = self.backbone.encode_text([self.settings.prompt_template.format(t) for t in todo])
         if self.zero_shot:
-            probabilities = zero_shot_maps(self.backbone, z, todo, context, self.settings.zero_shot,
+            probabilities = zero_shot_maps(self.backbone, z, todo, conditioning, self.settings.zero_shot,
                                            self.settings.seed)
         else:
             pixels = torch.cat([s.pixels for s in states]) if states[0].pixels is not None else None
-            probabilities = self._head_probabilities(z, pixels, context)
+            probabilities = self._head_probabilities(z, pixels, conditioning)
         self._check_finite(probabilities, "probabilities")
         for i, state in enumerate(states):
             for j, term in enumerate(todo):
@@ -256,11 +257,12 @@ class Segmenter:
             raise LdznetError(f"{self.name}: the model produced NaN/inf {what}; its weights may be corrupt, "
                               "or it needs fp32 (dtype fp32)")
 
-    def _head_probabilities(self, z: Tensor, pixels: Tensor | None, context: Tensor) -> Tensor:
-        """[N, T, 8h, 8w] head probabilities for N latents and T term contexts, in one batch."""
-        n, t_count = z.shape[0], context.shape[0]
+    def _head_probabilities(self, z: Tensor, pixels: Tensor | None, conditioning: Conditioning) -> Tensor:
+        """[N, T, 8h, 8w] head probabilities for N latents and T terms' conditioning, in one batch."""
+        n, t_count = z.shape[0], len(conditioning)
         z_rep = z.repeat_interleave(t_count, dim=0)
-        context_rep = context.repeat(n, 1, 1)
+        conditioning_rep = conditioning.repeat(n)
+        context_rep = conditioning_rep.context
         config = self.head_config
         if not config.uses_sd_features:
             inputs = z_rep if pixels is None else pixels.repeat_interleave(t_count, dim=0)
@@ -269,17 +271,17 @@ class Segmenter:
         total = None
         for timestep, noise in noise_draws(self.settings.seed, self.settings.draws, (1, *z.shape[1:]),
                                            self.settings.timestep):
-            features = self.sd_features(z_rep, context_rep, timestep, noise)
+            features = self.sd_features(z_rep, conditioning_rep, timestep, noise)
             logits = self.head(z_rep.to(self._head_dtype), context_rep.to(self._head_dtype),
                                {b: f.to(self._head_dtype) for b, f in features.items()})
             p = torch.sigmoid(logits.float())
             total = p if total is None else total + p
         return (total / self.settings.draws).view(n, t_count, *total.shape[-2:])
 
-    def sd_features(self, z: Tensor, context: Tensor, timestep: int, noise: Tensor) -> dict[int, Tensor]:
-        """The SD UNet's features of the head's blocks for z_t = q_sample(z, t, noise) (see ``sd_features``)."""
+    def sd_features(self, z: Tensor, conditioning: Conditioning, timestep: int, noise: Tensor) -> dict[int, Tensor]:
+        """The denoiser's features of the head's blocks for z_t = q_sample(z, t, noise) (see ``sd_features``)."""
         t = torch.full((z.shape[0],), timestep, dtype=torch.long, device=z.device)
-        return sd_features(self.backbone, z, context, t, noise, self.head_config.sd_blocks)
+        return sd_features(self.backbone, z, conditioning, t, noise, self.head_config.sd_blocks)
 
     @property
     def _head_dtype(self) -> torch.dtype:

@@ -1,10 +1,10 @@
-"""Capture SD UNet features with forward hooks during one UNet call, optionally stopping early.
+"""Capture a denoiser's features with forward hooks during one call, optionally stopping early.
 
-Works on any ldm-layout UNet (ours, ldm's inside A1111, Forge's): the spatial-transformer blocks
-are found by structure, numbered 1-16 in execution order, and hooked only inside the ``with``
+The tap knows the denoiser only by its layout (``backbone.layout``, a ``backbones.base.UNetLayout``):
+the spatial transformers in execution order, numbered from 1, hooked only inside the ``with``
 block. With ``early_exit`` the call is stopped as soon as the last tapped block has produced its
-output, which skips the high-resolution decoder levels (output_blocks 6-11 and ``out``), the most
-expensive part of the UNet. Nothing about the host model changes: hooks are removed on exit, also
+output, which skips the rest of the decoder (for SD v1 output_blocks 6-11 and ``out``, the most
+expensive part of the UNet). Nothing about the host model changes: hooks are removed on exit, also
 when the call raises.
 
 Threads: the UNet may be shared (between segmenters, or with the WebUI host that owns it). Hooks act
@@ -23,9 +23,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-LDZNET_BLOCKS: tuple[int, ...] = (6, 7, 8, 9, 10)
-"""The blocks LD-ZNet taps: input_blocks[8][1], middle_block[1], output_blocks[3..5][1]."""
-
+from .backbones.base import UNetLayout
 
 _UNET_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _UNET_LOCKS_GUARD = threading.Lock()
@@ -40,15 +38,6 @@ def unet_lock(unet: nn.Module) -> threading.RLock:
         return lock
 
 
-def spatial_transformers(unet: nn.Module) -> list[nn.Module]:
-    """The spatial-transformer modules of an ldm-layout UNet in execution order (16 for SD v1)."""
-    try:
-        blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
-    except AttributeError as error:
-        raise TypeError(f"{type(unet).__name__} is not an ldm-layout UNet (no input/middle/output blocks)") from error
-    return [layer for block in blocks for layer in block if hasattr(layer, "transformer_blocks")]
-
-
 class _StopUNet(BaseException):
     """Raised by the last hook to end the UNet call.
 
@@ -60,23 +49,20 @@ class _StopUNet(BaseException):
 class FeatureTap:
     """Context manager that records the outputs of chosen spatial-transformer blocks.
 
-    >>> with FeatureTap(unet, blocks=(6, 7, 8, 9, 10)) as tap:
-    ...     features = tap.run(lambda: unet(z_t, t, context))   # {6: [B, C, h, w], ...}
+    >>> with FeatureTap(backbone.layout, blocks=(6, 7, 8, 9, 10)) as tap:
+    ...     features = tap.run(lambda: backbone.predict_noise(z_t, t, conditioning))   # {6: [B, C, h, w], ...}
 
-    ``run`` returns the features by block number; ``tap.output`` holds the call's return value,
-    or None when the call was stopped early.
+    ``blocks``: None taps the layout's own (``layout.tapped``). ``run`` returns the features by
+    block number; ``tap.output`` holds the call's return value, or None when the call was stopped early.
     """
 
-    def __init__(self, unet: nn.Module, blocks: Iterable[int] = LDZNET_BLOCKS, early_exit: bool = True):
-        self.modules = spatial_transformers(unet)
-        self._lock = unet_lock(unet)
-        self._thread: int | None = None
-        self.blocks = tuple(sorted(set(blocks)))
+    def __init__(self, layout: UNetLayout, blocks: Iterable[int] | None = None, early_exit: bool = True):
+        self.blocks = layout.pick(layout.tapped if blocks is None else blocks)
         if not self.blocks:
             raise ValueError("choose at least one block to tap")
-        bad = [b for b in self.blocks if not 1 <= b <= len(self.modules)]
-        if bad:
-            raise ValueError(f"blocks {bad} do not exist: this UNet has spatial-transformer blocks 1-{len(self.modules)}")
+        self.modules = [site.module for site in layout.sites]
+        self._lock = unet_lock(layout.unet)
+        self._thread: int | None = None
         self.early_exit = early_exit
         self.features: dict[int, Tensor] = {}
         self.output: Any = None
@@ -120,5 +106,5 @@ class FeatureTap:
         if missing:
             raise RuntimeError(
                 f"the UNet call did not run tapped blocks {missing}; the torch UNet was bypassed "
-                "(a TensorRT or compiled UNet?) or is not an SD v1 layout")
+                "(a TensorRT or compiled UNet?) or does not have the backbone's layout")
         return dict(self.features)

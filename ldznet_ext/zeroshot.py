@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backbones.base import Backbone, Conditioning, UNetLayout
 from .limits import DRAWS, TIMESTEP
-from .sd.model import Backbone
 from .sd.schedule import noise_draws
 from .sd.tokenizer import BOS_ID, EOS_ID, tokenize
-from .tap import spatial_transformers, unet_lock
+from .tap import unet_lock
 
 SCORES = ("agreement", "difference")
 
@@ -50,8 +50,8 @@ class ZeroShotSettings:
     """timestep: SD timestep of the probe (None: drawn per draw from 300..499); draws: noise draws
     summed; score: "agreement" or "difference" (module docstring); cross_attention: weight in
     [0, 1] of the cross-attention map blended with the score map (0 = off, no hooks);
-    attention_blocks: spatial-transformer blocks (1-16 for SD v1) whose maps are averaged
-    (None: all)."""
+    attention_blocks: spatial-transformer blocks of the backbone's layout (1-16 for SD v1) whose
+    maps are averaged (None: all)."""
 
     timestep: int | None = 400
     draws: int = 4
@@ -79,7 +79,7 @@ def normalize_maps(maps: Tensor) -> Tensor:
 
 
 def term_token_spans(prompts: Sequence[str]) -> list[tuple[int, int]]:
-    """For each prompt, the [start, stop) positions of its content tokens in the 77-token context."""
+    """For each prompt, the [start, stop) positions of its content tokens in a CLIP-tokenised context."""
     spans = []
     for ids in tokenize(prompts).tolist():
         stop = ids.index(EOS_ID) if EOS_ID in ids else len(ids)
@@ -89,22 +89,18 @@ def term_token_spans(prompts: Sequence[str]) -> list[tuple[int, int]]:
 
 class CrossAttentionRecorder:
     """Record, during one UNet call, the text cross-attention mass of chosen spatial transformers
-    (``blocks``, numbered from 1; None: all) on given token spans: ``maps`` [B, h, w] per block,
-    averaged over heads and summed over the span.
+    of a layout (``blocks``, numbered from 1; None: all) on given token spans: ``maps`` [B, h, w]
+    per block, averaged over heads and summed over the span.
 
-    Works on ldm-layout UNets whose ``attn2`` has ``to_q``, ``to_k`` and ``heads``. Thread-safe as
-    :class:`tap.FeatureTap`: it holds the UNet's lock and records only its own thread's calls.
+    Reads each site's ``cross_attention`` (``to_q``, ``to_k`` and ``heads``, see
+    ``backbones.base.TransformerSite``). Thread-safe as :class:`tap.FeatureTap`: it holds the
+    UNet's lock and records only its own thread's calls.
     """
 
-    def __init__(self, unet: nn.Module, spans: Sequence[tuple[int, int] | None],
+    def __init__(self, layout: UNetLayout, spans: Sequence[tuple[int, int] | None],
                  blocks: Sequence[int] | None = None):
-        transformers = spatial_transformers(unet)
-        numbers = range(1, len(transformers) + 1) if blocks is None else sorted(set(blocks))
-        missing = [b for b in numbers if not 1 <= b <= len(transformers)]
-        if missing:
-            raise ValueError(f"attention blocks {missing} do not exist: this UNet has blocks 1-{len(transformers)}")
-        self.transformers = [transformers[b - 1] for b in numbers]
-        self._lock = unet_lock(unet)
+        self.sites = [layout.sites[b - 1] for b in layout.pick(blocks, "attention blocks")]
+        self._lock = unet_lock(layout.unet)
         self._thread: int | None = None
         self.spans = list(spans)
         self.maps: list[Tensor] = []
@@ -113,11 +109,10 @@ class CrossAttentionRecorder:
     def __enter__(self) -> CrossAttentionRecorder:
         self._lock.acquire()
         self._thread = threading.get_ident()
-        for transformer in self.transformers:
+        for site in self.sites:
             sizes: dict = {}
-            self._handles.append(transformer.register_forward_pre_hook(self._size_hook(sizes)))
-            attention = transformer.transformer_blocks[0].attn2
-            self._handles.append(attention.register_forward_hook(self._hook(sizes), with_kwargs=True))
+            self._handles.append(site.module.register_forward_pre_hook(self._size_hook(sizes)))
+            self._handles.append(site.cross_attention.register_forward_hook(self._hook(sizes), with_kwargs=True))
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -145,7 +140,7 @@ class CrossAttentionRecorder:
             b, n, inner = q.shape
             q = q.view(b, n, heads, -1).transpose(1, 2).float()
             k = k.view(b, k.shape[1], heads, -1).transpose(1, 2).float()
-            probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1).mean(1)  # [B, n, 77]
+            probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1).mean(1)  # [B, n, T]
             masses = torch.zeros(b, n, device=x.device)
             for i, span in enumerate(self.spans):
                 if span is not None:
@@ -161,16 +156,16 @@ class CrossAttentionRecorder:
 
 
 @torch.no_grad()
-def zero_shot_maps(backbone: Backbone, z: Tensor, terms: Sequence[str], context: Tensor, settings: ZeroShotSettings,
-                   seed: int = 0) -> Tensor:
-    """Zero-shot probability maps [N, T, h, w] in [0, 1] at z resolution for latents z [N, 4, h, w]
-    and the terms' text context [T, 77, D]."""
+def zero_shot_maps(backbone: Backbone, z: Tensor, terms: Sequence[str], conditioning: Conditioning,
+                   settings: ZeroShotSettings, seed: int = 0) -> Tensor:
+    """Zero-shot probability maps [N, T, h, w] in [0, 1] at z resolution for latents z [N, C, h, w]
+    and the terms' conditioning (T rows)."""
     n, t_count = z.shape[0], len(terms)
     uncond = backbone.encode_text([""])
-    contexts = torch.cat([context, uncond]).repeat(n, 1, 1)  # per image: T conditional + 1 unconditional
+    contexts = Conditioning.cat([conditioning, uncond]).repeat(n)  # per image: T conditional + 1 unconditional
     spans = [*term_token_spans(terms), None] * n
     dtype = torch.promote_types(z.dtype, torch.float32)  # fp16/bf16 models: score in fp32
-    centred = (z.to(dtype) - z.to(dtype).mean((-2, -1), keepdim=True))[:, None]  # [N, 1, 4, h, w]
+    centred = (z.to(dtype) - z.to(dtype).mean((-2, -1), keepdim=True))[:, None]  # [N, 1, C, h, w]
     score = torch.zeros(n, t_count, *z.shape[-2:], device=z.device, dtype=dtype)
     attention = torch.zeros_like(score)
     for timestep, noise in noise_draws(seed, settings.draws, (1, *z.shape[1:]), settings.timestep):
@@ -178,7 +173,7 @@ def zero_shot_maps(backbone: Backbone, z: Tensor, terms: Sequence[str], context:
         z_t = z_t.repeat_interleave(t_count + 1, dim=0)
         t = torch.full((z_t.shape[0],), timestep, device=z.device, dtype=torch.long)
         if settings.cross_attention > 0:
-            with CrossAttentionRecorder(backbone.unet, spans, settings.attention_blocks) as recorder:
+            with CrossAttentionRecorder(backbone.layout, spans, settings.attention_blocks) as recorder:
                 eps = backbone.predict_noise(z_t, t, contexts)
             attention += recorder.mean_map(tuple(z.shape[-2:])).view(n, t_count + 1, *z.shape[-2:])[:, :t_count]
         else:

@@ -287,7 +287,7 @@ def _outputs(model) -> tuple[Tensor, Tensor, Tensor]:
     context = model.encode_text(["a red cube", ""])
     g = torch.Generator().manual_seed(8)
     eps = model.predict_noise(torch.randn(2, 4, 8, 8, generator=g), torch.tensor([400, 37]), context)
-    return z, context, eps
+    return z, context.context, eps
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from conftest import randomize_, tiny_unet
+from ldznet_ext.backbones.base import LDZNET_BLOCKS, ldm_layout
 from ldznet_ext.modeling.build import HeadConfig, build_head, head_config, init_from_sd_unet
 from ldznet_ext.modeling.ldznet import AttentionPool2d, SDAttentionTransformerBlock
 from ldznet_ext.sd.schedule import NoiseSchedule
 from ldznet_ext.sd.unet import count_parameters, unet_config
-from ldznet_ext.tap import LDZNET_BLOCKS, FeatureTap
+from ldznet_ext.tap import FeatureTap
 
 # Names and shapes of the official network's state dict (from the project's shared reference
 # facts: the official UNetModel instantiated with configs/ldznet/phrasecut.yaml).
@@ -41,7 +42,7 @@ def _sd_features(seed: int = 0, h: int = 16, w: int = 24) -> tuple[Tensor, Tenso
     z, noise = torch.randn(2, 4, h, w, generator=g), torch.randn(2, 4, h, w, generator=g)
     context = torch.randn(2, 77, 64, generator=g)
     sd_unet, t = tiny_unet("ours", seed=seed + 1), torch.tensor([400, 400])
-    with torch.no_grad(), FeatureTap(sd_unet, LDZNET_BLOCKS) as tap:
+    with torch.no_grad(), FeatureTap(ldm_layout(sd_unet), LDZNET_BLOCKS) as tap:
         features = tap.run(lambda: sd_unet(NoiseSchedule().q_sample(z, t, noise), t, context))
     return z, context, features
 

@@ -8,13 +8,14 @@ import torch
 
 from fixtures_models import perturb_
 from ldznet_ext import checkpoint_io
+from ldznet_ext.backbones.base import LDZNET_BLOCKS
 from ldznet_ext.errors import LdznetError
 from ldznet_ext.sd import checkpoint
 from ldznet_ext.sd.checkpoint import (
     UNET_PREFIX, VAE_PREFIX, build_stable_diffusion, load_stable_diffusion, save_stable_diffusion,
     stable_diffusion_state_dict,
 )
-from ldznet_ext.tap import LDZNET_BLOCKS, FeatureTap
+from ldznet_ext.tap import FeatureTap
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SKIPPED = tuple(f"{UNET_PREFIX}output_blocks.{i}." for i in range(6, 12)) + (
@@ -35,9 +36,9 @@ def _features(model, seed: int = 0) -> tuple[torch.Tensor, dict[int, torch.Tenso
     image = torch.rand(1, 3, 32, 48, generator=generator) * 2 - 1
     z = model.encode_image(image)
     context = model.encode_text(["a goblin"])
-    with FeatureTap(model.unet, LDZNET_BLOCKS, early_exit=True) as tap:
+    with FeatureTap(model.layout, LDZNET_BLOCKS, early_exit=True) as tap:
         features = tap.run(lambda: model.predict_noise(z, torch.tensor([400]), context))
-    return z, features, context
+    return z, features, context.context
 
 
 def _assert_same_features(whole, mask) -> None:

@@ -80,11 +80,11 @@ def test_zero_shot_equals_the_formula(tiny_models64):
     # 128^2 area for 130x60: scale 128/sqrt(7800) = 1.449 -> 188.4 x 86.9 -> multiples of 64: 192 x 64.
     z = tiny_sd.encode_image(to_model_input(image, (192, 64)).double())
     assert z.shape == (1, 4, 8, 24)
-    unconditional = tiny_sd.encode_text([""])
+    unconditional = tiny_sd.encode_text([""]).context
     draws_list = noise_draws(seed, draws, (1, 4, 8, 24), None)
     assert len({t for t, _ in draws_list}) > 1  # timesteps drawn from 300..499, not one fixed step
     for term in ("cat", "blue sky"):
-        conditional = tiny_sd.encode_text([term])
+        conditional = tiny_sd.encode_text([term]).context
         total = torch.zeros(8, 24, dtype=torch.float64)
         for t, noise in draws_list:
             a = tiny_sd.schedule.alphas_cumprod[t]

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from conftest import TINY, tiny_inputs
 from ldznet_ext.sd.unet import timestep_embedding
-from ldznet_ext.tap import LDZNET_BLOCKS, FeatureTap, spatial_transformers
+from ldznet_ext.backbones.base import LDZNET_BLOCKS, ldm_layout, spatial_transformers
+from ldznet_ext.tap import FeatureTap
 
 # Tiny z is 16 x 24: blocks 6 and 8-10 run at z / 4 (level 2), block 7 at z / 8 (the middle block);
 # all five have model_channels * channel_mult[2] = 64 channels (1280 at SD v1 size).
@@ -70,7 +71,7 @@ def test_finds_the_16_blocks_in_execution_order(any_tiny_unet: nn.Module) -> Non
 def test_features_equal_a_manual_forward(any_tiny_unet: nn.Module) -> None:
     unet, inputs = any_tiny_unet, _inputs()
     with torch.no_grad():
-        with FeatureTap(unet, LDZNET_BLOCKS, early_exit=False) as tap:
+        with FeatureTap(ldm_layout(unet), LDZNET_BLOCKS, early_exit=False) as tap:
             features = tap.run(_call(unet, inputs))
         manual_out, recorded = _manual_forward(unet, *inputs)
     assert torch.equal(manual_out, tap.output)  # the manual forward is the real one
@@ -83,7 +84,7 @@ def test_tap_without_early_exit_leaves_the_output_bit_identical(any_tiny_unet: n
     unet, inputs = any_tiny_unet, _inputs()
     with torch.no_grad():
         plain = unet(*inputs)
-        with FeatureTap(unet, blocks=(1, 7, 16), early_exit=False) as tap:
+        with FeatureTap(ldm_layout(unet), blocks=(1, 7, 16), early_exit=False) as tap:
             features = tap.run(_call(unet, inputs))
     assert sorted(features) == [1, 7, 16]
     assert torch.equal(tap.output, plain)
@@ -98,11 +99,11 @@ def test_early_exit_skips_the_decoder_tail_and_keeps_the_features(any_tiny_unet:
     handles = [m.register_forward_hook(lambda *_, name=name: counts.update([name])) for name, m in watched.items()]
     try:
         with torch.no_grad():
-            with FeatureTap(unet, early_exit=False) as tap:
+            with FeatureTap(ldm_layout(unet), early_exit=False) as tap:
                 full = tap.run(_call(unet, inputs))
             assert counts == Counter(list(watched))  # each watched module ran exactly once
             counts.clear()
-            with FeatureTap(unet, early_exit=True) as tap:
+            with FeatureTap(ldm_layout(unet), early_exit=True) as tap:
                 early = tap.run(_call(unet, inputs))
     finally:
         for handle in handles:
@@ -124,14 +125,14 @@ def test_early_exit_is_not_swallowed_by_except_exception(any_tiny_unet: nn.Modul
         except Exception:
             return "fallback"
 
-    with torch.no_grad(), FeatureTap(unet, blocks=(6,)) as tap:
+    with torch.no_grad(), FeatureTap(ldm_layout(unet), blocks=(6,)) as tap:
         features = tap.run(guarded_call)
     assert tap.output is None and list(features) == [6]
 
 
 def test_hooks_exist_only_inside_the_with_block(any_tiny_unet: nn.Module) -> None:
     unet, inputs = any_tiny_unet, _inputs()
-    with torch.no_grad(), FeatureTap(unet) as tap:
+    with torch.no_grad(), FeatureTap(ldm_layout(unet)) as tap:
         assert _hooked_modules(unet) == ["input_blocks.8.1", "middle_block.1"] + [
             f"output_blocks.{i}.1" for i in (3, 4, 5)]
         tap.run(_call(unet, inputs))
@@ -147,7 +148,7 @@ def test_hooks_are_removed_when_the_unet_raises(any_tiny_unet: nn.Module, monkey
     # The second ResBlock of the middle block runs after blocks 6 and 7 and before 8-10.
     monkeypatch.setattr(unet.middle_block[2], "forward", broken)
     with torch.no_grad(), pytest.raises(ValueError, match="broken ResBlock"):
-        with FeatureTap(unet) as tap:
+        with FeatureTap(ldm_layout(unet)) as tap:
             tap.run(_call(unet, inputs))
     assert sorted(tap.features) == [6, 7]
     assert _hooked_modules(unet) == []
@@ -157,7 +158,7 @@ def test_unet_is_unchanged_after_an_early_exit(any_tiny_unet: nn.Module) -> None
     unet, inputs = any_tiny_unet, _inputs()
     with torch.no_grad():
         before = unet(*inputs)
-        with FeatureTap(unet, early_exit=True) as tap:
+        with FeatureTap(ldm_layout(unet), early_exit=True) as tap:
             tap.run(_call(unet, inputs))
         after = unet(*inputs)
     assert torch.equal(before, after)
@@ -166,15 +167,15 @@ def test_unet_is_unchanged_after_an_early_exit(any_tiny_unet: nn.Module) -> None
 @pytest.mark.parametrize("blocks", [(0,), (6, 17), ()])
 def test_bad_block_numbers(any_tiny_unet: nn.Module, blocks: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match="block"):
-        FeatureTap(any_tiny_unet, blocks)
+        FeatureTap(ldm_layout(any_tiny_unet), blocks)
 
 
 def test_bypassed_unet_call_raises(any_tiny_unet: nn.Module) -> None:
     unet = any_tiny_unet
-    tap = FeatureTap(unet)
+    tap = FeatureTap(ldm_layout(unet))
     with pytest.raises(RuntimeError, match="inside its `with` block"):
         tap.run(lambda: None)
-    with FeatureTap(unet) as tap, pytest.raises(RuntimeError, match=r"blocks \[6, 7, 8, 9, 10\].*TensorRT"):
+    with FeatureTap(ldm_layout(unet)) as tap, pytest.raises(RuntimeError, match=r"blocks \[6, 7, 8, 9, 10\].*TensorRT"):
         tap.run(lambda: torch.zeros(1, 4, 16, 24))  # what a TensorRT UNet looks like from here
 
 

@@ -71,7 +71,7 @@ def test_hooks_ignore_calls_from_other_threads(tiny_sd):
     t = torch.tensor([400])
     with one_thread():
         expected = unet(x, t, context)
-        with FeatureTap(unet, (6, 7), early_exit=True) as tap:
+        with FeatureTap(tiny_sd.layout, (6, 7), early_exit=True) as tap:
             other = _in_threads(lambda i: unet(x, t, context), 1)[0]
             assert tap.features == {}
             features = tap.run(lambda: unet(x, t, context))

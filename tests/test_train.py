@@ -177,7 +177,7 @@ def test_dice_weight_adds_the_dice_of_the_same_logits(backbone, tmp_path):
     bce = Trainer(backbone, source, _config(arch="znet"), tmp_path / "bce")
     both = Trainer(backbone, source, _config(arch="znet", dice_weight=0.5), tmp_path / "both")
     inputs = torch.cat([bce._latent(s) for s, _ in batch])
-    context = torch.cat([bce._text(p) for _, p in batch])
+    context = torch.cat([bce._text(p).context for _, p in batch])
     target = torch.from_numpy(np.stack([s.mask for s, _ in batch])).float()[:, None]
     with torch.no_grad():
         dice = soft_dice_loss(bce.model(inputs, context).float(), target).item()

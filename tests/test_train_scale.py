@@ -75,8 +75,10 @@ def test_concat_ablation_starts_as_znet_and_reads_sd_features(tiny_sd):
     znet = build_head(head_config("znet", "tiny"))
     missing, unexpected = znet.load_state_dict(head.state_dict(), strict=False)
     assert not missing and set(unexpected) == set(names)  # ZNet's layers plus the 1x1 fusion convs
-    z, context = torch.randn(2, 4, 8, 8), tiny_sd.encode_text(["red star", "sky"])
-    features = sd_features(tiny_sd, z, context, torch.tensor([300, 450]), torch.randn(2, 4, 8, 8), config.sd_blocks)
+    z, conditioning = torch.randn(2, 4, 8, 8), tiny_sd.encode_text(["red star", "sky"])
+    features = sd_features(tiny_sd, z, conditioning, torch.tensor([300, 450]), torch.randn(2, 4, 8, 8),
+                           config.sd_blocks)
+    context = conditioning.context
     with torch.no_grad():
         logits = head(z, context, features)
         assert logits.shape == (2, 1, 64, 64)

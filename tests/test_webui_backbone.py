@@ -15,6 +15,7 @@ from fake_webui import world  # noqa: E402
 from fake_webui.models import FakeLatentDiffusion, tiny_sd  # noqa: E402
 
 from ldznet_ext.backbones.a1111 import A1111Backbone, check_a1111_model  # noqa: E402
+from ldznet_ext.backbones.base import Conditioning  # noqa: E402
 from ldznet_ext.backbones.forge import ForgeBackbone, check_forge_model  # noqa: E402
 from ldznet_ext.errors import CheckpointError, LdznetError  # noqa: E402
 from ldznet_ext.job import MaskJob  # noqa: E402
@@ -44,7 +45,7 @@ def test_a1111_adapter_matches_the_model(fake):
     assert torch.equal(backbone.encode_image(x, sample=True, generator=g1), backbone.encode_image(x, sample=True, generator=g2))
     context = backbone.encode_text(["a cat", "a dog"])
     t = torch.tensor([400, 10])
-    assert torch.equal(backbone.predict_noise(z, t, context), fake.model.diffusion_model(z, t, context=context))
+    assert torch.equal(backbone.predict_noise(z, t, context), fake.model.diffusion_model(z, t, context=context.context))
     assert torch.equal(backbone.schedule.alphas_cumprod, fake.alphas_cumprod.double())
     assert backbone.downsample_factor == 8 and backbone.unet is fake.model.diffusion_model
 
@@ -197,7 +198,7 @@ def test_forge_adapter_converts_x0_to_eps(fake):
     context = fake.get_learned_conditioning(["a", "b"])
     with torch.no_grad():
         expected = fake.model.diffusion_model(z, t, context=context)
-    assert torch.allclose(backbone.predict_noise(z, t, context), expected, atol=2e-4, rtol=1e-4)
+    assert torch.allclose(backbone.predict_noise(z, t, Conditioning(context)), expected, atol=2e-4, rtol=1e-4)
     assert loads == [engine.forge_objects.unet]
     engine.is_inpaint = True
     with pytest.raises(CheckpointError, match="inpainting model"):

@@ -38,7 +38,7 @@ def test_agreement_equals_the_formula(tiny_models64):
     terms = ["cat", "blue sky"]
     # One UNet call per draw with the terms and "" (as the module batches them): this tiny random
     # UNet's text effect is so small that float32 attention rounding across batch shapes would show.
-    contexts = torch.cat([tiny_sd.encode_text(terms), tiny_sd.encode_text([""])])
+    contexts = torch.cat([tiny_sd.encode_text(terms).context, tiny_sd.encode_text([""]).context])
     a = tiny_sd.schedule.alphas_cumprod[250].float()
     totals = torch.zeros(2, 8, 8, dtype=torch.float64)
     for _, noise in noise_draws(seed, draws, (1, 4, 8, 8), 250):
@@ -95,11 +95,11 @@ def test_recorder_blocks_and_token_mass(tiny_sd):
     context = tiny_sd.encode_text(["red cat", "red cat"])
     assert term_token_spans(["red cat", ""]) == [(1, 3), (1, 1)]
     spans = [term_token_spans(["red cat"])[0], (0, 77)]
-    with CrossAttentionRecorder(tiny_sd.unet, spans) as every:
+    with CrossAttentionRecorder(tiny_sd.layout, spans) as every:
         tiny_sd.predict_noise(z_t, t, context)
-    with CrossAttentionRecorder(tiny_sd.unet, spans, blocks=[3]) as third:
+    with CrossAttentionRecorder(tiny_sd.layout, spans, blocks=[3]) as third:
         tiny_sd.predict_noise(z_t, t, context)
-    assert len(every.maps) == len(every.transformers) > 3 and len(third.maps) == 1
+    assert len(every.maps) == len(every.sites) > 3 and len(third.maps) == 1
     assert torch.equal(third.maps[0], every.maps[2])
     for block_map in every.maps:
         assert (block_map[1] - 1).abs().max() <= 1e-5
@@ -114,7 +114,7 @@ def test_bad_settings_and_blocks(tiny_sd):
         ZeroShotSettings(attention_blocks=(0,))
     with pytest.raises(ValueError, match=r"draws must be an integer in \[1, 64\], got 0"):
         ZeroShotSettings(draws=0)
-    count = len(CrossAttentionRecorder(tiny_sd.unet, []).transformers)
-    message = rf"attention blocks \[{count + 1}\] do not exist: this UNet has blocks 1-{count}"
+    count = len(CrossAttentionRecorder(tiny_sd.layout, []).sites)
+    message = rf"attention blocks \[{count + 1}\] do not exist: this UNet has spatial-transformer blocks 1-{count}"
     with pytest.raises(ValueError, match=message):
-        CrossAttentionRecorder(tiny_sd.unet, [], blocks=[1, count + 1])
+        CrossAttentionRecorder(tiny_sd.layout, [], blocks=[1, count + 1])

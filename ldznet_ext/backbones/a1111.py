@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from ..sd.schedule import NoiseSchedule
+from .base import Conditioning, UNetLayout, ldm_layout
 from .family import LABELS, host_family
 from .sampling import sample_posterior
 
@@ -31,7 +32,8 @@ def check_a1111_model(sd_model, current_unet=None) -> None:
         raise CheckpointError(f"{name} is {LABELS[family]}; LD-ZNet reads SD 1.x UNet features, "
                               "so load an SD 1.x checkpoint")
     if getattr(sd_model, "parameterization", "eps") != "eps":
-        raise CheckpointError(f"{name} predicts {sd_model.parameterization!r}; LD-ZNet needs an eps-prediction SD 1.x model")
+        raise CheckpointError(f"{name} predicts {sd_model.parameterization!r}; "
+                              "LD-ZNet needs an eps-prediction SD 1.x model")
     unet = sd_model.model.diffusion_model
     in_channels = unet.input_blocks[0][0].in_channels
     family = host_family(sd_model, in_channels)
@@ -66,6 +68,10 @@ class A1111Backbone:
         return self.devices.dtype_unet
 
     @property
+    def layout(self) -> UNetLayout:
+        return ldm_layout(self.unet)
+
+    @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.sd_model.first_stage_model.encoder.down) - 1)
 
@@ -83,13 +89,14 @@ class A1111Backbone:
             return self.sd_model.get_first_stage_encoding(z).float()
 
     @torch.no_grad()
-    def encode_text(self, prompts: Sequence[str]) -> Tensor:
+    def encode_text(self, prompts: Sequence[str]) -> Conditioning:
         """prompts -> context [B, 77k, 768] through the WebUI's CLIP wrapper."""
         with self.devices.autocast():
-            return self.sd_model.get_learned_conditioning(list(prompts))
+            return Conditioning(self.sd_model.get_learned_conditioning(list(prompts)))
 
     @torch.no_grad()
-    def predict_noise(self, z_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def predict_noise(self, z_t: Tensor, t: Tensor, conditioning: Conditioning) -> Tensor:
         """eps [B, 4, h, w] from ``sd_model.apply_model`` (eps-prediction models only, see check_a1111_model)."""
         with self.devices.autocast():
-            return self.sd_model.apply_model(z_t.to(self.device), t.to(self.device), context.to(self.device))
+            return self.sd_model.apply_model(z_t.to(self.device), t.to(self.device),
+                                             conditioning.context.to(self.device))

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from ..sd.schedule import NoiseSchedule
+from .base import Conditioning, UNetLayout, ldm_layout
 from .family import LABELS, host_family
 from .sampling import sample_posterior
 
@@ -64,6 +65,10 @@ class ForgeBackbone:
         return self.patcher.model.computation_dtype
 
     @property
+    def layout(self) -> UNetLayout:
+        return ldm_layout(self.unet)
+
+    @property
     def downsample_factor(self) -> int:
         return self.sd_model.forge_objects.vae.downscale_ratio
 
@@ -80,18 +85,18 @@ class ForgeBackbone:
             z = vae.first_stage_model.process_in(z)
         return z.clone().to(self.device)  # a normal tensor, not an inference-mode one
 
-    def encode_text(self, prompts: Sequence[str]) -> Tensor:
+    def encode_text(self, prompts: Sequence[str]) -> Conditioning:
         """prompts -> context [B, 77k, 768] through Forge's text engine (emphasis, embeddings)."""
         with torch.inference_mode():
             context = self.sd_model.get_learned_conditioning(list(prompts))
-        return context.clone()
+        return Conditioning(context.clone())
 
     @torch.no_grad()
-    def predict_noise(self, z_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def predict_noise(self, z_t: Tensor, t: Tensor, conditioning: Conditioning) -> Tensor:
         """eps [B, 4, h, w] for z_t at integer timesteps t, through KModel.apply_model (sigma in, x0 out)."""
         self.load_model_gpu(self.patcher)
         a = self.schedule.alphas_cumprod[t.cpu().long()].to(self.device, torch.float32)
         sigma = ((1 - a) / a).sqrt()
         x = z_t.to(self.device, torch.float32) / a.sqrt()[:, None, None, None]
-        denoised = self.patcher.model.apply_model(x, sigma, c_crossattn=context.to(self.device))
+        denoised = self.patcher.model.apply_model(x, sigma, c_crossattn=conditioning.context.to(self.device))
         return (x - denoised.float()) / sigma[:, None, None, None]

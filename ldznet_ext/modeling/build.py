@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..backbones.base import LDZNET_BLOCKS
 from ..checkpoint_io import parse_config
 from ..sd.unet import UNetConfig, unet_config
-from ..tap import LDZNET_BLOCKS
 from .ldznet import FUSIONS, LDZNet
 from .rgbnet import RGBNet
 from .znet import ZNet

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backbones.base import LDZNET_BLOCKS
 from ..sd.unet import BasicTransformerBlock, CrossAttention, SpatialTransformer, UNetConfig
-from ..tap import LDZNET_BLOCKS
 from .znet import ZNet
 
 

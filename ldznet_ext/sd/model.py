@@ -1,51 +1,22 @@
-"""A standalone SD v1 model and the backbone interface the segmenter runs on.
+"""A standalone SD v1 model, itself a ``backbones.base.Backbone``.
 
-The segmenter asks a backbone four things: encode an image to z, encode text, call the UNet at a
-timestep (under the feature tap), and the noise schedule. ``StableDiffusion`` answers them with
-our own modules; the WebUI adapters answer them with the host's loaded model.
+The segmenter asks a backbone to encode an image to z, encode text, call the UNet at a timestep
+(under the feature tap, which reads the UNet's layout), and for the noise schedule.
+``StableDiffusion`` answers with our own modules; the WebUI adapters answer with the host's model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
+from ..backbones.base import Conditioning, UNetLayout, ldm_layout
 from .schedule import NoiseSchedule
 from .text import TextEncoder
 from .unet import UNetModel
 from .vae import SCALE_FACTOR, AutoencoderKL
-
-
-@runtime_checkable
-class Backbone(Protocol):
-    """What the segmenter needs from an SD v1 model (ours or a host's)."""
-
-    schedule: NoiseSchedule
-
-    @property
-    def unet(self) -> nn.Module:
-        """The ldm-layout UNet whose spatial transformers the tap hooks."""
-
-    @property
-    def device(self) -> torch.device: ...
-
-    @property
-    def dtype(self) -> torch.dtype: ...
-
-    @property
-    def downsample_factor(self) -> int: ...
-
-    def encode_image(self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
-        """image [B, 3, H, W] in [-1, 1] -> z [B, 4, H/f, W/f], scaled by the model's scale factor."""
-
-    def encode_text(self, prompts: Sequence[str]) -> Tensor:
-        """prompts -> context [B, 77, D]."""
-
-    def predict_noise(self, z_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        """One UNet call: eps [B, 4, h, w] for z_t [B, 4, h, w] at integer timesteps t [B]."""
 
 
 class StableDiffusion(nn.Module):
@@ -74,6 +45,10 @@ class StableDiffusion(nn.Module):
     def downsample_factor(self) -> int:
         return self.vae.downsample_factor
 
+    @property
+    def layout(self) -> UNetLayout:
+        return ldm_layout(self.unet)
+
     def encode_image(self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
         image = image.to(device=self.device, dtype=self.vae.encoder.conv_in.weight.dtype)
         return self.vae.encode(image, sample=sample, generator=generator) * self.scale_factor
@@ -82,8 +57,9 @@ class StableDiffusion(nn.Module):
         """z (scaled) -> image [B, 3, H, W] in about [-1, 1]."""
         return self.vae.decode(z / self.scale_factor)
 
-    def encode_text(self, prompts: Sequence[str]) -> Tensor:
-        return self.text_encoder.encode(prompts)
+    def encode_text(self, prompts: Sequence[str]) -> Conditioning:
+        """prompts -> context [B, 77, D] (CLIP)."""
+        return Conditioning(self.text_encoder.encode(prompts))
 
-    def predict_noise(self, z_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        return self.unet(z_t, t.to(z_t.device), context)
+    def predict_noise(self, z_t: Tensor, t: Tensor, conditioning: Conditioning) -> Tensor:
+        return self.unet(z_t, t.to(z_t.device), conditioning.context)

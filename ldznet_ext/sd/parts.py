@@ -1,7 +1,7 @@
 """Which parts of an SD v1 model a segmentation head reads, and how to leave out the rest.
 
 A head needs the VAE *encoder* (image -> z), the text encoder and the UNet up to the last block the
-feature tap reads (``tap.LDZNET_BLOCKS``: the transformer in output block 5 of SD v1); the tap stops
+feature tap reads (``backbones.base.LDZNET_BLOCKS``: the transformer in output block 5 of SD v1); the tap stops
 the UNet call there. The VAE decoder, the remaining output blocks and the UNet's ``out`` are never
 run, so ``load_stable_diffusion(..., parts="mask")`` replaces them by :class:`SkippedPart` before
 any weight is read: their tensors are never materialised.
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..backbones.base import LDZNET_BLOCKS
 from ..errors import LdznetError
-from ..tap import LDZNET_BLOCKS
 from .unet import UNetModel
 from .vae import AutoencoderKL
 

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..backbones.base import Conditioning
 from ..data.examples import Example, Sample, Source
 from ..data.stream import iterate_examples, log_error
 from ..errors import CheckpointError, LdznetError
@@ -198,7 +199,7 @@ class Trainer:
         self.losses: list[float] = []  # of the last log_every steps
         self.window: list[float] = []  # since the last plateau check
         self._z: dict[str, Tensor] = {}
-        self._context: dict[str, Tensor] = {}
+        self._context: dict[str, Conditioning] = {}
 
     @property
     def is_main(self) -> bool:
@@ -258,11 +259,11 @@ class Trainer:
         return z
 
     @torch.no_grad()
-    def _text(self, prompt: str) -> Tensor:
+    def _text(self, prompt: str) -> Conditioning:
         if prompt not in self._context:
             if len(self._context) >= TEXT_CACHE:
                 self._context.clear()
-            self._context[prompt] = self.backbone.encode_text([prompt]).float()
+            self._context[prompt] = self.backbone.encode_text([prompt]).to(dtype=torch.float32)
         return self._context[prompt]
 
     # -- one step --------------------------------------------------------------------------
@@ -271,7 +272,8 @@ class Trainer:
         """Mean BCE of the head's logits against the masks, plus ``dice_weight`` x the mean soft
         Dice loss (differentiable in the head only)."""
         arch = self.config.arch
-        context = torch.cat([self._text(prompt) for _, prompt in batch])
+        conditioning = Conditioning.cat([self._text(prompt) for _, prompt in batch])
+        context = conditioning.context
         target = torch.from_numpy(np.stack([s.mask for s, _ in batch])).to(self.device, torch.float32)[:, None]
         features = None
         if arch == "rgbnet":
@@ -283,8 +285,9 @@ class Trainer:
             t = torch.randint(*OFFICIAL_TIMESTEPS, (len(batch),), generator=generator)
             noise = torch.randn(inputs.shape, generator=generator)
             with torch.no_grad(), self._autocast():
-                features = sd_features(self.backbone, inputs.to(self.backbone.dtype), context.to(self.backbone.dtype),
-                                       t.to(self.device), noise.to(self.device), self.head_config.sd_blocks)
+                features = sd_features(self.backbone, inputs.to(self.backbone.dtype),
+                                       conditioning.to(dtype=self.backbone.dtype), t.to(self.device),
+                                       noise.to(self.device), self.head_config.sd_blocks)
         with self._autocast():
             logits = self.model(inputs, context) if features is None else self.model(inputs, context, features)
         logits = logits.float()

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from ..backbones.base import Backbone
 from ..errors import CheckpointError, LdznetError
 from ..factory import ModelSettings, build_segmenter, check_head_fits, head_dtype
 from ..heads import load_head, read_head_config
@@ -25,7 +26,6 @@ from ..images import ImageInput
 from ..job import ZERO_SHOT_MODE, MaskJob
 from ..modeling.build import HeadConfig
 from ..precision import DTYPES
-from ..sd.model import Backbone
 from ..segmenter import Prediction, Segmenter
 from .request import combine
 

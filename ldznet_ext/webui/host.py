@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backbones.base import Backbone
 from ..images import ImageInput
 from ..job import MaskJob
-from ..sd.model import Backbone
 from ..segmenter import Segmenter
 from .engine import NO_HEAD, EngineOptions, MaskEngine, MaskResult
 

@@ -1,0 +1,154 @@
+"""What the segmenter runs on: the Backbone protocol, the text conditioning it passes around and the
+layout of its denoiser's spatial transformers.
+
+The segmenter, the zero-shot probe and the feature tap know a backbone only through these three.
+A new model family (an SDXL-family UNet with two text encoders, a pooled vector and size
+conditioning, or another layout) plugs in as an adapter: its ``encode_text`` puts whatever its
+denoiser needs into a :class:`Conditioning`, its ``predict_noise`` unpacks it, and its ``layout``
+says which modules are the spatial transformers and which of them a head taps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from ..sd.schedule import NoiseSchedule
+
+LDZNET_BLOCKS: tuple[int, ...] = (6, 7, 8, 9, 10)
+"""The blocks LD-ZNet taps in an SD v1 UNet: input_blocks[8][1], middle_block[1], output_blocks[3..5][1]."""
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """The text conditioning of a batch: ``context`` [B, T, D] (what cross-attention and the heads
+    read), an optional ``pooled`` vector [B, P] and ``extra`` UNet inputs [B, ...] by name (size
+    conditioning, ...) for families that need them. Every tensor's first axis is the batch."""
+
+    context: Tensor
+    pooled: Tensor | None = None
+    extra: Mapping[str, Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.context.shape[0]
+
+    def _map(self, change) -> Conditioning:
+        return Conditioning(change(self.context), None if self.pooled is None else change(self.pooled),
+                            {name: change(value) for name, value in self.extra.items()})
+
+    def select(self, indices: Sequence[int] | Tensor) -> Conditioning:
+        """The rows ``indices`` of every tensor."""
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.context.device)
+        return self._map(lambda x: x.index_select(0, index.to(x.device)))
+
+    def repeat(self, n: int) -> Conditioning:
+        """The whole batch ``n`` times over ([c0, c1, c0, c1, ...] for n = 2), like ``Tensor.repeat``."""
+        return self._map(lambda x: x.repeat(n, *([1] * (x.ndim - 1))))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
+        """Every tensor on ``device`` and, if floating point, in ``dtype``."""
+        return self._map(lambda x: x.to(device=device, dtype=dtype if x.is_floating_point() else None))
+
+    @staticmethod
+    def cat(parts: Sequence[Conditioning]) -> Conditioning:
+        """The batches of ``parts`` one after the other (they carry the same kinds of tensor)."""
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        extra = {name: torch.cat([p.extra[name] for p in parts]) for name in parts[0].extra}
+        return Conditioning(torch.cat([p.context for p in parts]), pooled, extra)
+
+
+@dataclass(frozen=True)
+class TransformerSite:
+    """One spatial transformer of a denoiser: ``module``'s output [B, C, h, w] is the feature,
+    ``cross_attention`` is its text attention (``to_q``, ``to_k``, ``heads``; called with the
+    context as second argument or ``context=``), and it runs at 1 / ``downscale`` of the latent's side."""
+
+    name: str
+    module: nn.Module
+    cross_attention: nn.Module
+    downscale: int
+
+
+@dataclass(frozen=True)
+class UNetLayout:
+    """A denoiser's spatial transformers in execution order (block numbers count from 1) and the
+    blocks a head taps by default. ``unet`` is the module whose hooked calls are serialised."""
+
+    unet: nn.Module
+    sites: tuple[TransformerSite, ...]
+    tapped: tuple[int, ...]
+
+    def pick(self, blocks: Iterable[int] | None, what: str = "blocks") -> tuple[int, ...]:
+        """``blocks`` sorted without repeats (None: all); ValueError naming ``what`` for a number
+        this layout lacks."""
+        numbers = tuple(range(1, len(self.sites) + 1)) if blocks is None else tuple(sorted(set(blocks)))
+        bad = [b for b in numbers if not 1 <= b <= len(self.sites)]
+        if bad:
+            raise ValueError(f"{what} {bad} do not exist: this UNet has spatial-transformer blocks 1-{len(self.sites)}")
+        return numbers
+
+# How an ldm UNet's resampling layers change the level (the latent's side is halved per level).
+_LEVEL_STEP = {"Downsample": 1, "Upsample": -1}
+
+
+def spatial_transformers(unet: nn.Module) -> list[nn.Module]:
+    """The spatial-transformer modules of an ldm-layout UNet in execution order (16 for SD v1)."""
+    return [site.module for site in ldm_layout(unet).sites]
+
+
+def ldm_layout(unet: nn.Module, tapped: tuple[int, ...] = LDZNET_BLOCKS) -> UNetLayout:
+    """The layout of an ldm-layout UNet (ours, ldm's inside A1111, Forge's): its spatial transformers
+    found by structure in execution order; TypeError for a module of another layout."""
+    try:
+        parts = [("input_blocks", unet.input_blocks), ("middle_block", [unet.middle_block]),
+                 ("output_blocks", unet.output_blocks)]
+    except AttributeError as error:
+        raise TypeError(f"{type(unet).__name__} is not an ldm-layout UNet (no input/middle/output blocks)") from error
+    sites, level = [], 0
+    for part, blocks in parts:
+        for index, block in enumerate(blocks):
+            name = part if part == "middle_block" else f"{part}.{index}"
+            for position, layer in enumerate(block):
+                if hasattr(layer, "transformer_blocks"):
+                    sites.append(TransformerSite(f"{name}.{position}", layer, layer.transformer_blocks[0].attn2,
+                                                 2 ** level))
+                # A level change takes effect for the layers after it.
+                level += _LEVEL_STEP.get(type(layer).__name__, 0)
+    return UNetLayout(unet, tuple(sites), tapped)
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """What the segmenter needs from a diffusion model (ours or a host's)."""
+
+    schedule: NoiseSchedule
+
+    @property
+    def unet(self) -> nn.Module:
+        """The denoiser (for the head-fits-model check)."""
+
+    @property
+    def layout(self) -> UNetLayout:
+        """The denoiser's spatial transformers: what the feature tap and the zero-shot probe hook."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def downsample_factor(self) -> int: ...
+
+    def encode_image(self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """image [B, 3, H, W] in [-1, 1] -> z [B, C, H/f, W/f], scaled by the model's scale factor."""
+
+    def encode_text(self, prompts: Sequence[str]) -> Conditioning:
+        """prompts -> their conditioning (context [B, T, D] and what else the denoiser needs)."""
+
+    def predict_noise(self, z_t: Tensor, t: Tensor, conditioning: Conditioning) -> Tensor:
+        """One denoiser call: eps [B, C, h, w] for z_t [B, C, h, w] at integer timesteps t [B]."""
