@@ -3,10 +3,12 @@
 Grammar (a superset of imaginAIry's)::
 
     expr := or            or  := and (("OR" | "|") and)*      and := not (("AND" | "&") not)*
-    not  := ("NOT" | "!") not | mod                            mod := atom modifier*
+    not  := ("NOT" | "!") not | mod                            mod := atom (modifier | selector)*
     atom := TERM | '"' text '"' | "(" expr ")"                modifier := "{" ("+"|"-"|"*"|"/") NUMBER "}"
+    selector := "[" (ORDER? INDEX ("," INDEX)* | "largest" | "smallest") "]"
+    ORDER := "left" | "top" | "center" | "area"                INDEX := "-"? DIGITS (not 0)
 
-A TERM is free text up to one of the reserved characters ``( ) | & ! { } "``. The keywords OR, AND,
+A TERM is free text up to one of the reserved characters ``( ) | & ! { } [ ] "``. The keywords OR, AND,
 NOT are case-sensitive whole words (separated by spaces or reserved characters), so ``orange``,
 ``Norway`` and ``cat and dog`` stay terms. Whitespace inside a term is collapsed; a quoted term may
 hold reserved characters and keywords (but no ``"``). NUMBER is ``12``, ``1.5``, ``.5`` or ``2.``,
@@ -24,12 +26,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..errors import ExpressionError
-from .tree import KEYWORDS, RESERVED, And, Expression, Modified, Modifier, Not, Or, Term
+from .instances import ORDERS
+from .tree import KEYWORDS, MAX_INDEX, RESERVED, And, Expression, Modified, Modifier, Not, Or, Selector, Term
 
-__all__ = ["MAX_NESTING", "And", "Expression", "Modified", "Modifier", "Not", "Or", "Term", "parse"]
+__all__ = ["MAX_NESTING", "And", "Expression", "Modified", "Modifier", "Not", "Or", "Selector", "Term", "parse"]
 
 MAX_NESTING = 64  # parentheses plus NOTs; keeps recursion in parsing, printing and evaluation shallow
 _NUMBER = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+_SELECTOR_WORD = re.compile(r"[A-Za-z]+|-?[0-9]+|,")
+_SELECTOR_ALIASES = {"largest": ("area", (1,)), "smallest": ("area", (-1,))}
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,7 @@ class _Token:
     kind: str  # "term", "or", "and", "not", "(", ")", "mod", "end"
     pos: int
     text: str = ""  # the term, or the operator as typed
-    modifier: Modifier | None = None
+    modifier: Modifier | Selector | None = None
 
     def describe(self) -> str:
         if self.kind == "end":
@@ -82,6 +87,52 @@ def _lex_modifier(text: str, start: int) -> tuple[Modifier, int]:
     return Modifier(op, amount), end + 1
 
 
+def _selector_index(word: re.Match[str]) -> int:
+    index = int(word.group())
+    if index == 0 or abs(index) > MAX_INDEX:
+        raise ExpressionError(f"instance index {word.group()} is out of range: 1..{MAX_INDEX} counts from the "
+                              "first, -1.. from the last", word.start())
+    return index
+
+
+def _lex_selector(text: str, start: int) -> tuple[Selector, int]:
+    """Read ``[order i, j]``, ``[largest]`` or ``[smallest]`` from ``text[start] == '['``; return it and
+    the index after ``]``."""
+    words = []
+    i = _skip_space(text, start + 1)
+    while i < len(text) and text[i] != "]":
+        word = _SELECTOR_WORD.match(text, i)
+        if not word:
+            raise ExpressionError(f"unexpected {_found(text, i)} in an instance selector: expected an index such "
+                                  "as [1], [-1], [1,3], [largest] or [area 2]", i)
+        words.append(word)
+        i = _skip_space(text, word.end())
+    if i == len(text):
+        raise ExpressionError("'[' is never closed: expected an instance selector such as [1]", start)
+    if not words:
+        raise ExpressionError("empty instance selector: expected an index such as [1] or [largest]", start)
+    names = [w for w in words if w.group().isalpha()]
+    if len(words) == 1 and names and names[0].group().lower() in _SELECTOR_ALIASES:
+        return Selector(*_SELECTOR_ALIASES[names[0].group().lower()]), i + 1
+    order = "left"
+    if words[0].group().isalpha():
+        order = words.pop(0).group().lower()
+        if order not in ORDERS:
+            raise ExpressionError(f"unknown instance order {order!r}: expected one of {', '.join(ORDERS)}, "
+                                  "'largest' or 'smallest'", names[0].start())
+    indices = []
+    for position, word in enumerate(words):
+        wants_index = position % 2 == 0
+        if wants_index != (word.group() != ",") or (wants_index and word.group().isalpha()):
+            expected = "an index" if wants_index else "',' or ']'"
+            raise ExpressionError(f"expected {expected} in the instance selector, found {word.group()!r}", word.start())
+        if wants_index:
+            indices.append(_selector_index(word))
+    if not indices or len(words) % 2 == 0:
+        raise ExpressionError("expected an index before ']' in the instance selector", i)
+    return Selector(order, tuple(indices)), i + 1
+
+
 def _lex_words(text: str, start: int, stop: int) -> Iterator[_Token]:
     """Split free text into terms and keyword tokens."""
     words: list[re.Match[str]] = []
@@ -116,6 +167,12 @@ def _tokenize(text: str) -> Iterator[_Token]:
             i = end
         elif c == "}":
             raise ExpressionError("unexpected '}' without a '{' (modifiers look like {+8})", i)
+        elif c == "[":
+            selector, end = _lex_selector(text, i)
+            yield _Token("mod", i, text[i:end], selector)
+            i = end
+        elif c == "]":
+            raise ExpressionError("unexpected ']' without a '[' (instance selectors look like [1])", i)
         elif c == '"':
             end = text.find('"', i + 1)
             if end < 0:
@@ -187,7 +244,7 @@ class _Parser:
 
     def modified(self, after: str) -> Expression:
         node = self.atom(after)
-        modifiers: list[Modifier] = []
+        modifiers: list[Modifier | Selector] = []
         while self.peek().kind == "mod":
             modifiers.append(self.take().modifier)
         if not modifiers:

@@ -3,7 +3,9 @@
 Semantics on maps in [0, 1]: OR is the elementwise max, AND the min, NOT is ``1 - p``; ``{*w}``
 multiplies and ``{/w}`` (w > 0) divides, then clamps to [0, 1]; ``{+n}`` / ``{-n}`` dilate / erode by
 a true disk of radius n pixels of the maps (the output image), see :func:`.ops.dilate`, which also
-defines fractional radii. Chained modifiers apply left to right. :func:`.expression.parse` builds trees.
+defines fractional radii. ``[...]`` (:class:`Selector`) keeps some instances of the map thresholded at
+the job's threshold (:mod:`.instances`), so selection composes with the operators. Chained modifiers and
+selectors apply left to right. :func:`.expression.parse` builds trees.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import torch
 from torch import Tensor
 
 from ..errors import ExpressionError, LdznetError
+from ..limits import THRESHOLD
 from . import ops
+from .instances import ORDERS, select_instances
 
-__all__ = ["And", "Expression", "Modified", "Modifier", "Not", "Or", "Term"]
+__all__ = ["And", "Expression", "Modified", "Modifier", "Not", "Or", "Selector", "Term"]
 
-RESERVED = '()|&!{}"'  # characters that end a free-text term
+RESERVED = '()|&!{}[]"'  # characters that end a free-text term
 KEYWORDS = {"OR": "or", "AND": "and", "NOT": "not"}
 
 
@@ -39,9 +43,10 @@ class Expression(ABC):
         """The distinct terms, in order of first appearance."""
         return tuple(dict.fromkeys(self._iter_terms()))
 
-    def evaluate(self, probabilities: Mapping[str, Tensor]) -> Tensor:
+    def evaluate(self, probabilities: Mapping[str, Tensor], threshold: float = 0.5) -> Tensor:
         """Combine per-term maps, each float ``[H, W]`` or ``[B, H, W]`` in [0, 1] (same shape, dtype,
-        device), keyed by the strings of :meth:`terms`. Returns a new tensor of that shape in [0, 1]."""
+        device), keyed by the strings of :meth:`terms`; ``threshold`` makes the instances that selectors
+        choose from. Returns a new tensor of that shape in [0, 1]."""
         maps = {}
         for term in self.terms():
             if term not in probabilities:
@@ -58,7 +63,8 @@ class Expression(ABC):
                     f"the maps for {first_term!r} and {term!r} differ: {tuple(first.shape)} {first.dtype} on "
                     f"{first.device} vs {tuple(p.shape)} {p.dtype} on {p.device}; all maps must match"
                 )
-        result = self._eval(maps)
+        THRESHOLD.check(threshold, "threshold")
+        result = self._eval(maps, threshold)
         return result.clone() if any(result is p for p in maps.values()) else result
 
     def __str__(self) -> str:
@@ -73,7 +79,7 @@ class Expression(ABC):
         """Every term occurrence, left to right."""
 
     @abstractmethod
-    def _eval(self, maps: Mapping[str, Tensor]) -> Tensor:
+    def _eval(self, maps: Mapping[str, Tensor], threshold: float) -> Tensor:
         """The map for this node; may return an input map itself."""
 
     @abstractmethod
@@ -101,7 +107,7 @@ class Term(Expression):
     def _iter_terms(self) -> Iterator[str]:
         yield self.text
 
-    def _eval(self, maps: Mapping[str, Tensor]) -> Tensor:
+    def _eval(self, maps: Mapping[str, Tensor], threshold: float) -> Tensor:
         return maps[self.text]
 
     def _format(self) -> str:
@@ -144,29 +150,62 @@ class Modifier:
         return f"{{{self.op}{_format_number(self.amount)}}}"
 
 
+MAX_INDEX = 10_000  # instance indices in a selector; more objects than this are not told apart by number
+
+
+@dataclass(frozen=True)
+class Selector:
+    """``[order i, j, ...]``: keep the instances at 1-based places ``indices`` (negative: from the end)
+    in ``order`` (:data:`.instances.ORDERS`); ``[largest]`` is ``[area 1]``, ``[smallest]`` ``[area -1]``."""
+
+    order: str
+    indices: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise _invalid(f"a selector's order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        indices = tuple(self.indices) if isinstance(self.indices, (list, tuple)) else ()
+        if not indices or not all(isinstance(i, int) and not isinstance(i, bool) and 0 < abs(i) <= MAX_INDEX
+                                  for i in indices):
+            raise _invalid(f"a selector needs 1-based indices, non-zero, at most {MAX_INDEX} in size, "
+                           f"got {self.indices!r}")
+        object.__setattr__(self, "indices", indices)
+
+    def apply(self, p: Tensor, threshold: float) -> Tensor:
+        """``p`` ``[..., H, W]`` kept on the chosen instances of ``p > threshold``, 0 elsewhere."""
+        return select_instances(p, threshold, self.order, self.indices)
+
+    def __str__(self) -> str:
+        if self.order == "area" and self.indices in ((1,), (-1,)):
+            return "[largest]" if self.indices == (1,) else "[smallest]"
+        prefix = "" if self.order == "left" else f"{self.order} "
+        return f"[{prefix}{','.join(map(str, self.indices))}]"
+
+
 @dataclass(frozen=True)
 class Modified(Expression):
-    """``operand{..}{..}``: modifiers applied left to right; the operand is never itself Modified."""
+    """``operand{..}[..]``: modifiers and selectors applied left to right; the operand is never itself
+    Modified."""
 
     operand: Expression
-    modifiers: tuple[Modifier, ...]
+    modifiers: tuple[Modifier | Selector, ...]
     precedence: ClassVar[int] = 4
 
     def __post_init__(self) -> None:
         if not isinstance(self.operand, Expression) or isinstance(self.operand, Modified):
             raise _invalid(f"a Modified operand must be an Expression other than Modified, got {self.operand!r}")
         mods = tuple(self.modifiers) if isinstance(self.modifiers, (list, tuple)) else ()
-        if not mods or not all(isinstance(m, Modifier) for m in mods):
-            raise _invalid(f"Modified needs one or more Modifier objects, got {self.modifiers!r}")
+        if not mods or not all(isinstance(m, (Modifier, Selector)) for m in mods):
+            raise _invalid(f"Modified needs one or more Modifier or Selector objects, got {self.modifiers!r}")
         object.__setattr__(self, "modifiers", mods)
 
     def _iter_terms(self) -> Iterator[str]:
         yield from self.operand._iter_terms()
 
-    def _eval(self, maps: Mapping[str, Tensor]) -> Tensor:
-        p = self.operand._eval(maps)
+    def _eval(self, maps: Mapping[str, Tensor], threshold: float) -> Tensor:
+        p = self.operand._eval(maps, threshold)
         for modifier in self.modifiers:
-            p = modifier.apply(p)
+            p = modifier.apply(p, threshold) if isinstance(modifier, Selector) else modifier.apply(p)
         return p
 
     def _format(self) -> str:
@@ -187,8 +226,8 @@ class Not(Expression):
     def _iter_terms(self) -> Iterator[str]:
         yield from self.operand._iter_terms()
 
-    def _eval(self, maps: Mapping[str, Tensor]) -> Tensor:
-        return 1 - self.operand._eval(maps)
+    def _eval(self, maps: Mapping[str, Tensor], threshold: float) -> Tensor:
+        return 1 - self.operand._eval(maps, threshold)
 
     def _format(self) -> str:
         return "NOT " + self._child(self.operand, self.precedence)
@@ -214,8 +253,8 @@ class _Chain(Expression):
         # A nested chain of the same kind keeps its parentheses, so str() round-trips to an equal tree.
         return f" {self.keyword} ".join(self._child(o, self.precedence + 1) for o in self.operands)
 
-    def _eval(self, maps: Mapping[str, Tensor]) -> Tensor:
-        return functools.reduce(self._combine, (operand._eval(maps) for operand in self.operands))
+    def _eval(self, maps: Mapping[str, Tensor], threshold: float) -> Tensor:
+        return functools.reduce(self._combine, (operand._eval(maps, threshold) for operand in self.operands))
 
 
 @dataclass(frozen=True)

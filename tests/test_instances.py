@@ -1,0 +1,110 @@
+"""Instances and their selection in expressions (``star[1]``, ``star[largest]``), checked against the
+micro world's own object geometry: the ground-truth phrase mask is the map (an oracle segmenter)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ldznet_ext.errors import ExpressionError
+from ldznet_ext.masks.expression import parse
+from ldznet_ext.masks.instances import find_instances
+from ldznet_ext.world.scenes import VOCABULARY, make_scene, split_seeds
+from ldznet_ext.world.spec import OBJECT_LABEL0
+
+
+def _boxes_map() -> torch.Tensor:
+    """40 x 60 map: a 5x5 square at x 30, a 9x9 at x 2, a 7x7 at x 50 (probability 0.9), a 1-pixel speck."""
+    p = torch.zeros(40, 60)
+    p[10:15, 30:35] = 0.9
+    p[20:29, 2:11] = 0.9
+    p[1:8, 50:57] = 0.9
+    p[38, 20] = 0.9  # a fragment: under 0.05 % of 2400 pixels rounds up to 2 pixels
+    return p
+
+
+def _box(p: torch.Tensor) -> tuple[int, int, int, int]:
+    rows, cols = torch.nonzero(p > 0.5, as_tuple=True)
+    return int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1
+
+
+@pytest.mark.parametrize("text, x0", [("x[1]", 2), ("x[2]", 30), ("x[-1]", 50), ("x[3]", 50), ("x[largest]", 2),
+                                      ("x[smallest]", 30), ("x[top 1]", 50), ("x[center 1]", 30),
+                                      ("x[area 2]", 50)])
+def test_selectors_pick_one_square(text: str, x0: int) -> None:
+    selected = parse(text).evaluate({"x": _boxes_map()})
+    assert _box(selected)[0] == x0
+    assert torch.equal(selected[selected > 0], torch.full((int((selected > 0).sum()),), 0.9))
+
+
+def test_several_indices_missing_ones_and_composition() -> None:
+    maps = {"x": _boxes_map(), "y": torch.zeros(40, 60)}
+    assert int((parse("x[1,3]").evaluate(maps) > 0.5).sum()) == 81 + 49
+    assert int((parse("x[4]").evaluate(maps) > 0.5).sum()) == 0  # no fourth instance: nothing, not an error
+    maps["y"][0:2, 0:2] = 1.0
+    assert int((parse("x[1] OR y").evaluate(maps) > 0.5).sum()) == 81 + 4
+    assert int((parse("x AND NOT x[1]").evaluate(maps) > 0.5).sum()) == 25 + 49 + 1  # the speck is not an instance
+    # Selection runs on the threshold given to evaluate: at 0.95 nothing passes.
+    assert int((parse("x[1]").evaluate(maps, threshold=0.95) > 0).sum()) == 0
+
+
+def test_find_instances_lists_boxes_areas_and_left_to_right_order() -> None:
+    p = _boxes_map()
+    found = find_instances(p > 0.5, p, order="area")
+    assert [(i.box, i.area, i.order) for i in found] == [((2, 20, 11, 29), 81, 1), ((50, 1, 57, 8), 49, 3),
+                                                        ((30, 10, 35, 15), 25, 2)]
+    assert all(i.score == pytest.approx(0.9) for i in found)
+
+
+@pytest.mark.parametrize("text, position, words", [
+    ("star[0]", 5, "out of range"), ("star[]", 4, "empty instance selector"), ("star[1,]", 7, "expected an index"),
+    ("star[foo 1]", 5, "unknown instance order 'foo'"), ("star[1 2]", 7, "expected ',' or ']'"),
+    ("star[", 4, "never closed"), ("star]", 4, "unexpected ']'"), ("star[1.5]", 6, "unexpected '.'"),
+])
+def test_selector_parse_errors_name_the_position(text: str, position: int, words: str) -> None:
+    with pytest.raises(ExpressionError, match=words) as error:
+        parse(text)
+    assert error.value.position == position
+
+
+@pytest.mark.parametrize("text", ["star[1]", "star[-1]", "face[1,3]", "face[area 2,-1]{+4} OR sky",
+                                  "(a OR b)[center 1]", "star[largest]", "star[smallest]", '"rock [live]"'])
+def test_selectors_round_trip(text: str) -> None:
+    assert str(parse(text)) == text
+    assert parse(str(parse(text))) == parse(text)
+
+
+def _separated_instances(scene) -> tuple[str, list[np.ndarray]] | None:
+    """A class phrase with 2+ objects whose visible parts are apart (so regions are objects), or None."""
+    import cv2
+    for shape, plural in zip(VOCABULARY.shapes, VOCABULARY.plurals):
+        ids = [OBJECT_LABEL0 + k for k, o in enumerate(scene.spec.objects) if o.shape == shape]
+        if len(ids) < 2:
+            continue
+        objects = [scene.labels == i for i in ids]
+        count, _ = cv2.connectedComponents(scene.phrases[plural].astype(np.uint8), connectivity=8)
+        areas = sorted(int(o.sum()) for o in objects)
+        if count - 1 == len(objects) and areas[-1] != areas[-2] and areas[0] >= 0.0005 * scene.labels.size:
+            return plural, objects
+    return None
+
+
+def test_selection_is_exact_on_50_micro_world_scenes() -> None:
+    checked = 0
+    for seed in split_seeds("test"):
+        scene = make_scene(seed, 128)
+        found = _separated_instances(scene)
+        if found is None:
+            continue
+        plural, objects = found
+        maps = {plural: torch.from_numpy(scene.phrases[plural]).float()}
+        leftmost = min(objects, key=lambda o: (np.nonzero(o)[1].min(), np.nonzero(o)[0].min()))
+        rightmost = max(objects, key=lambda o: (np.nonzero(o)[1].min(), np.nonzero(o)[0].min()))
+        largest = max(objects, key=lambda o: int(o.sum()))
+        for text, truth in ((f"{plural}[1]", leftmost), (f"{plural}[-1]", rightmost), (f"{plural}[largest]", largest)):
+            assert np.array_equal(parse(text).evaluate(maps).numpy() > 0.5, truth), (seed, text)
+        checked += 1
+        if checked == 50:
+            break
+    assert checked == 50
