@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from fixtures_models import perturb_
 from ldznet_ext import checkpoint_io
 from ldznet_ext.backbones.base import LDZNET_BLOCKS
-from ldznet_ext.errors import LdznetError
+from ldznet_ext.errors import CheckpointError, LdznetError
 from ldznet_ext.sd import checkpoint
 from ldznet_ext.sd.checkpoint import (
-    UNET_PREFIX, VAE_PREFIX, build_stable_diffusion, load_stable_diffusion, save_stable_diffusion,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    build_stable_diffusion,
+    load_stable_diffusion,
+    save_stable_diffusion,
     stable_diffusion_state_dict,
 )
+from ldznet_ext.sd.header import PICKLE_FAMILY, classify_file
 from ldznet_ext.tap import FeatureTap
+
+from fixtures_models import perturb_
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SKIPPED = tuple(f"{UNET_PREFIX}output_blocks.{i}." for i in range(6, 12)) + (
@@ -82,3 +89,18 @@ def test_skipped_parts_refuse_to_run(sd_file):
 def test_unknown_parts_are_refused(sd_file):
     with pytest.raises(LdznetError, match="parts must be one of all, mask, got 'head'"):
         load_stable_diffusion(sd_file, parts="head")
+
+
+def test_classify_file_reads_the_header_only(sd_file, tmp_path):
+    header_only = tmp_path / "cut.safetensors"
+    raw = sd_file.read_bytes()
+    header_only.write_bytes(raw[:8 + int.from_bytes(raw[:8], "little")])  # no tensor data at all
+    with pytest.raises(CheckpointError):
+        load_stable_diffusion(header_only)
+    assert (classify_file(header_only).family, classify_file(header_only).problem) == ("sd-v1", None)
+    inpainting = tmp_path / "inpainting.safetensors"
+    save_file({f"{UNET_PREFIX}input_blocks.0.0.weight": torch.zeros(32, 9, 3, 3)}, str(inpainting))
+    assert classify_file(inpainting).family == "sd-v1-inpainting"
+    pickled = tmp_path / "model.ckpt"
+    pickled.write_bytes(b"never unpickled")
+    assert classify_file(pickled).family == PICKLE_FAMILY == "unknown (pickle)"

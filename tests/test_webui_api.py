@@ -269,7 +269,8 @@ def _mask_before_mask_job(image, brush, expression, mode, threshold, grow, feath
     """The engine's mask as it was computed before MaskJob: MaskRequest handed threshold, invert
     and feather to MaskOptions, refine to RefineSettings(enabled=...), grow as a modifier, and the
     engine built the Segmenter from the host's settings and the selected head."""
-    backbone, options = host.current_backbone(), host.engine_options()
+    with host.job_backbone(MaskJob(expression, mode)) as backbone:
+        options = host.engine_options()
     refine_settings = RefineSettings(enabled=refine)
     if mode == "zero-shot":
         segmenter = Segmenter(backbone, settings=SegmenterSettings(resolution=options.resolution, seed=options.seed,
@@ -371,6 +372,7 @@ def test_options_are_in_the_api_with_nowebui(monkeypatch):
         callback()
     status, options = _get(host_api, "/sdapi/v1/options")
     assert status == 200
-    assert options == {"ldznet_head": "None", "ldznet_timestep": -1, "ldznet_resolution": 0, "ldznet_threshold": 0.5,
+    assert options == {"ldznet_head": "None", "ldznet_mask_model": "automatic", "ldznet_timestep": -1,
+                       "ldznet_resolution": 0, "ldznet_threshold": 0.5,
                        "ldznet_keep_on_gpu": True, "ldznet_dtype": "auto", "ldznet_save_masks": False}
     assert modules.shared.opts.data_labels["ldznet_head"].section == ("ldznet", "LD-ZNet")

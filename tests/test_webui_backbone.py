@@ -234,8 +234,8 @@ def test_forge_model_is_loaded_lazily(fake, monkeypatch):
     zero_shot = MaskJob("cat", mode="zero-shot")
     host.check_ready(zero_shot)
     assert reloads == [] and host.loaded_model() is None
-    backbone = host.current_backbone()
-    assert isinstance(backbone, ForgeBackbone) and backbone.sd_model is engine and len(reloads) == 1
+    with host.job_backbone(zero_shot) as backbone:
+        assert isinstance(backbone, ForgeBackbone) and backbone.sd_model is engine and len(reloads) == 1
     assert host.loaded_model() is engine
     engine.is_inpaint = True
     with pytest.raises(CheckpointError, match="inpainting model"):

@@ -27,6 +27,7 @@ from ..job import ZERO_SHOT_MODE, MaskJob
 from ..modeling.build import HeadConfig
 from ..precision import DTYPES
 from ..segmenter import Prediction, Segmenter
+from .mask_model import SeparateModel
 from .request import combine
 
 HEAD_SUFFIX = ".safetensors"
@@ -74,6 +75,7 @@ class MaskEngine:
         self._lock = threading.RLock()
         self._key: tuple | None = None
         self._head: tuple[nn.Module, HeadConfig] | None = None
+        self.mask_model = SeparateModel()  # the SD 1.x model for heads when the host's cannot serve them
 
     def list_heads(self) -> list[str]:
         """Head file names in the heads folder, sorted."""

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..backbones.base import Backbone
+from ..backbones.family import host_family
+from ..errors import CheckpointError
 from ..images import ImageInput
-from ..job import MaskJob
+from ..job import MODES, MaskJob
 from ..segmenter import Segmenter
+from . import mask_model
 from .engine import NO_HEAD, EngineOptions, MaskEngine, MaskResult
 
 HEADS_FOLDER = "ldznet"
@@ -33,9 +37,22 @@ def engine() -> MaskEngine:
 
 
 def release() -> None:
-    """Drop the cached head (on model change, settings change, Reload UI)."""
+    """Drop the cached head (on model change, settings change)."""
     if _ENGINE is not None:
         _ENGINE.release()
+
+
+def unload() -> None:
+    """Drop the cached head and the separate SD 1.x mask model (Reload UI, the Unload button)."""
+    if _ENGINE is not None:
+        _ENGINE.release()
+        _ENGINE.mask_model.unload()
+
+
+def unload_mask_model() -> None:
+    """Drop the separate SD 1.x mask model (its setting changed)."""
+    if _ENGINE is not None:
+        _ENGINE.mask_model.unload()
 
 
 def opt(key: str, default=None):
@@ -98,34 +115,109 @@ def _backbone(sd_model) -> Backbone:
     return A1111Backbone(sd_model, devices)
 
 
-def current_backbone() -> Backbone:
-    """An adapter over the host's model, loading Forge's selected checkpoint first as its own
-    generations do (the caller holds the GPU); CheckpointError when the model is not usable (SD2,
-    SDXL, inpainting, TensorRT UNet)."""
+def _host_model():
+    """The host's model, loading Forge's selected checkpoint first as its own generations do."""
     if is_forge():
         from modules import sd_models
 
         sd_model, _ = sd_models.forge_model_reload()  # a no-op when the selected model is loaded
-    else:
+        return sd_model
+    from modules import shared
+
+    return shared.sd_model
+
+
+def _refusal(sd_model) -> CheckpointError | None:
+    """Why the host's model cannot serve LD-ZNet (None: it can)."""
+    try:
+        _check(sd_model)
+    except CheckpointError as error:
+        return error
+    return None
+
+
+def _zero_shot_refused(refusal: CheckpointError) -> CheckpointError:
+    return CheckpointError(f"{refusal}. Zero-shot masks read the loaded model's own features; mode "
+                           f"{MODES[0]!r} works with any loaded model: it runs on the SD 1.x model set in "
+                           f"Settings > LD-ZNet > '{mask_model.SETTING_LABEL}'")
+
+
+def _reason(refusal: CheckpointError) -> str:
+    return f"the loaded model cannot serve the LD-ZNet head ({str(refusal).split(';')[0]})"
+
+
+def mask_model_path(refusal: CheckpointError) -> Path:
+    """The SD 1.x file the head runs on when the host's model cannot serve it (``refusal`` says why):
+    the setting's choice among the host's SD 1.x checkpoints; CheckpointError saying what to put
+    where when there is none. Cheap: checkpoint headers and the head's metadata only."""
+    from modules import paths, sd_models
+
+    head = engine().head_path(engine_options())
+    return mask_model.choose(opt(mask_model.SETTING, mask_model.AUTOMATIC),
+                             mask_model.sd1_checkpoints(sd_models.checkpoints_list), mask_model.head_sd_model(head),
+                             Path(paths.models_path) / mask_model.CHECKPOINT_FOLDER, _reason(refusal))
+
+
+def _placement(sd_model) -> tuple[torch.device, torch.dtype, mask_model.MakeRoom | None]:
+    """Where the separate model runs: the host UNet's device and precision, and, in Forge, its
+    memory manager's way to make room on the GPU (as its own models ask before loading)."""
+    if is_forge():
+        from backend import memory_management
+
+        patcher = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
+        device, dtype = ((torch.device(patcher.load_device), patcher.model.computation_dtype) if patcher is not None
+                         else (memory_management.get_torch_device(), memory_management.unet_dtype()))
+
+        def make_room(size: int, device: torch.device) -> None:
+            memory_management.free_memory(size + memory_management.minimum_inference_memory(), device)
+
+        return device, dtype, make_room
+    from modules import devices
+
+    return devices.device, devices.dtype_unet, None
+
+
+@contextmanager
+def job_backbone(job: MaskJob) -> Iterator[Backbone]:
+    """The backbone for ``job``: an adapter over the host's model when it can serve LD-ZNet; else, for
+    head mode, the separate SD 1.x mask model (loaded on first use; back on the CPU after the job
+    unless kept on the GPU); zero-shot there is refused with a pointer to head mode. The caller holds
+    the GPU."""
+    sd_model = _host_model()
+    refusal = _refusal(sd_model)
+    if refusal is None:
+        yield _backbone(sd_model)
+        return
+    if job.zero_shot:
+        raise _zero_shot_refused(refusal)
+    device, dtype, make_room = _placement(sd_model)
+    separate = engine().mask_model
+    try:
+        yield separate.get(mask_model_path(refusal), device, dtype, make_room)
+    finally:
         from modules import shared
 
-        sd_model = shared.sd_model
-    _check(sd_model)
-    return _backbone(sd_model)
+        family = host_family(sd_model) if sd_model is not None else "unknown"
+        if mask_model.rests_on_cpu(engine_options().keep_on_gpu, shared.cmd_opts, family):
+            separate.rest()
 
 
 def compute(image: ImageInput, job: MaskJob, brush: np.ndarray | None = None) -> MaskResult:
-    """A mask on the host's model with the current settings. The caller holds the GPU (a
-    generation in progress, or :func:`gpu_job`). Images are read by ``load_image``, as in the CLI; the
-    host's own images are already upright (it reads every image through ``images.read``/``fix_image``,
-    which applies and drops the EXIF orientation), so masks stay aligned with its pixels."""
-    return engine().predict(current_backbone(), image, job, engine_options(), brush)
+    """A mask with the current settings, on the host's model or the separate SD 1.x mask model
+    (:func:`job_backbone`). The caller holds the GPU (a generation in progress, or :func:`gpu_job`).
+    Images are read by ``load_image``, as in the CLI; the host's own images are already upright (it
+    reads every image through ``images.read``/``fix_image``, which applies and drops the EXIF
+    orientation), so masks stay aligned with its pixels."""
+    with job_backbone(job) as backbone:
+        return engine().predict(backbone, image, job, engine_options(), brush)
 
 
-def session(job: MaskJob) -> AbstractContextManager[Segmenter]:
-    """A context manager yielding a Segmenter for ``job`` on the host's model, for several
+@contextmanager
+def session(job: MaskJob) -> Iterator[Segmenter]:
+    """A context manager yielding a Segmenter for ``job`` (see :func:`job_backbone`), for several
     images in a row (the batch tab). The caller holds the GPU (:func:`gpu_job`)."""
-    return engine().session(current_backbone(), job, engine_options())
+    with job_backbone(job) as backbone, engine().session(backbone, job, engine_options()) as segmenter:
+        yield segmenter
 
 
 @contextmanager
@@ -143,11 +235,17 @@ def gpu_job(name: str) -> Iterator[object]:
 
 
 def check_ready(job: MaskJob) -> None:
-    """Cheap, non-blocking readiness check (API validation): the model already loaded, if any, is
-    usable; the head exists unless zero-shot, and was made for that model. Never loads a model."""
+    """Cheap, non-blocking readiness check (API validation): the head exists unless zero-shot and was
+    made for the loaded model, if that can serve it; if it cannot, zero-shot is refused and head mode
+    needs an SD 1.x mask model among the host's checkpoints. Never loads a model."""
     sd_model = loaded_model()
-    backbone = None
+    backbone = refusal = None
     if sd_model is not None:
-        _check(sd_model)
-        backbone = _backbone(sd_model)
+        refusal = _refusal(sd_model)
+        if refusal is None:
+            backbone = _backbone(sd_model)
+        elif job.zero_shot:
+            raise _zero_shot_refused(refusal)
     engine().check(job, engine_options(), backbone)
+    if refusal is not None:
+        mask_model_path(refusal)

@@ -2,7 +2,7 @@
 
 The host clears all callbacks when it reloads scripts (Reload UI) and runs scripts/ldznet.py again,
 so registering on every load is right (adding an option again replaces it, keeping its value); the
-cached head is released on unload.
+cached head and the separate SD 1.x mask model are unloaded on unload.
 """
 
 from __future__ import annotations
@@ -60,5 +60,5 @@ def register() -> None:
     script_callbacks.on_ui_tabs(tab.build_tab)
     script_callbacks.on_app_started(add_routes)
     script_callbacks.on_model_loaded(lambda sd_model: host.release())
-    script_callbacks.on_script_unloaded(host.release)
+    script_callbacks.on_script_unloaded(host.unload)
     script_callbacks.on_image_saved(script.save_pending_mask)

@@ -79,6 +79,8 @@ def build_accordion(script, is_img2img: bool) -> list:
         controls = [expression, mode, threshold, grow, feather, invert, combine, refine,
                     *more_mask_controls(script.elem_id)]
         status = gr.HTML(elem_id=script.elem_id("status"))
+        unload_button = gr.Button("Unload LD-ZNet models", size="sm", elem_id=script.elem_id("unload"))
+        unload_button.click(fn=unload_models, inputs=[], outputs=[status], show_progress=False)
         if is_img2img:
             preview_button = gr.Button("Preview mask", elem_id=script.elem_id("preview_button"))
             preview = gr.Image(label="LD-ZNet preview", type="pil", interactive=False, elem_id=script.elem_id("preview"))
@@ -162,6 +164,13 @@ def preview_mask(mode, prompt, *values):
     overlay = render_overlay(load_image(image), result.mask)
     share = float((result.mask >= 128).mean())
     return Image.fromarray(overlay), _status(f"{job.expression}: {share:.1%} of the image selected")
+
+
+def unload_models() -> str:
+    """Unload button: drop the cached head and the separate SD 1.x mask model (status html)."""
+    with host.gpu_job("ldznet unload"):  # not while a mask is being made with them
+        host.unload()
+    return _status("LD-ZNet models unloaded; they load again on the next mask")
 
 
 def send_to_inpaint(gallery, index, *args):

@@ -54,7 +54,8 @@ class State:
 
 opts = Options()
 state = State()
-cmd_opts = types.SimpleNamespace(api=True, nowebui=False, api_auth=None)
+cmd_opts = types.SimpleNamespace(api=True, nowebui=False, api_auth=None, medvram=False, lowvram=False,
+                                 medvram_sdxl=False)
 
 
 def __getattr__(name):
