@@ -26,7 +26,9 @@ from .images import (MAX_PIXELS, Box, ImageInput, crop_to_box, image_box, load_i
                      to_model_input, type_name, working_size)
 from .limits import DRAWS, RESOLUTION, SEED, TIMESTEP
 from .masks.expression import parse
-from .masks.ops import MaskOptions, finalize
+from .masks.instances import Instance, find_instances
+from .masks.ops import MaskOptions, feather, select_mask
+from .masks.presence import HEAD_RULE, ZERO_SHOT_RULE, PresenceRule, TermPresence
 from .masks.tree import Expression
 from .modeling.build import HeadConfig
 from .refine import RefineSettings, refine_probability
@@ -81,12 +83,26 @@ class Prediction:
     """One answer: ``probability`` (the expression's combined map) and ``mask`` (after threshold,
     region filters, invert and feather), both float [H, W] in [0, 1] at the image's size;
     ``terms`` holds each term's own map [H, W] as the expression combined it: upsampled to the
-    image's size, image-guided when ``SegmenterSettings.refine`` is on."""
+    image's size, image-guided when ``SegmenterSettings.refine`` is on, empty for a term not found;
+    ``presence`` each term's found / not-found decision and score (empty when presence is off);
+    ``selected`` the mask before feathering, bool [H, W]."""
 
     expression: Expression
     probability: Tensor
     mask: Tensor
     terms: dict[str, Tensor]
+    presence: dict[str, TermPresence] = field(default_factory=dict)
+    selected: Tensor | None = None
+
+    @property
+    def missing(self) -> list[str]:
+        """The terms that were decided not to be in the image."""
+        return [term for term, decision in self.presence.items() if not decision.found]
+
+    def instances(self) -> list[Instance]:
+        """The final mask's instances, left to right (``masks.instances``), scored on ``probability``."""
+        selected = self.mask > 0.5 if self.selected is None else self.selected
+        return find_instances(selected, self.probability)
 
     def mask_image(self) -> np.ndarray:
         """The mask as uint8 [H, W] (0/255 unless feathered), white = selected (repaint)."""
@@ -221,6 +237,11 @@ class Segmenter:
                                   decided_at=tuple(state.crop(state.z).shape[-2:]))
         return dict(zip(terms, maps))
 
+    @property
+    def presence_rule(self) -> PresenceRule:
+        """How a term's map decides whether it is in the image (calibrated per mode, masks/presence.py)."""
+        return ZERO_SHOT_RULE if self.zero_shot else HEAD_RULE
+
     def _predict(self, states: list[_ImageState], expression: str | Expression,
                  options: MaskOptions) -> list[Prediction]:
         tree = parse(expression) if isinstance(expression, str) else expression
@@ -229,8 +250,13 @@ class Segmenter:
         predictions = []
         for state in states:
             maps = self._upsample(state, terms)
-            probability = tree.evaluate(maps)
-            predictions.append(Prediction(tree, probability, finalize(probability, options), maps))
+            presence = {t: self.presence_rule.decide(maps[t]) for t in terms} if options.presence else {}
+            # An absent term adds nothing: "goblin OR sky" is the sky, "sky AND NOT goblin" all of it.
+            maps = {t: torch.zeros_like(m) if t in presence and not presence[t].found else m for t, m in maps.items()}
+            probability = tree.evaluate(maps, options.threshold)
+            selected = select_mask(probability, options)
+            mask = feather(selected.to(probability.dtype), options.feather)
+            predictions.append(Prediction(tree, probability, mask, maps, presence, selected))
         return predictions
 
     @torch.no_grad()

@@ -29,6 +29,7 @@ __all__ = [
     "finalize",
     "keep_largest_components",
     "remove_small_regions",
+    "select_mask",
 ]
 
 
@@ -211,6 +212,8 @@ class MaskOptions:
     keep_largest: keep only this many largest connected objects (None: all).
     min_area: drop objects smaller than this many pixels.
     feather: soft-edge radius in pixels (see :func:`feather`).
+    presence: decide per term whether it is in the image and give the terms that are not an empty
+        map (:mod:`.presence`); False combines every term's map as it is.
     The ranges of the numbers are ``limits.THRESHOLD``, ``KEEP_LARGEST``, ``MIN_AREA`` and ``FEATHER``.
     """
 
@@ -219,11 +222,14 @@ class MaskOptions:
     keep_largest: int | None = None
     min_area: int = 0
     feather: float = 0.0
+    presence: bool = True
 
     def __post_init__(self) -> None:
         THRESHOLD.check(self.threshold, "threshold")
         if not isinstance(self.invert, bool):
             raise LdznetError(f"invert must be True or False, got {self.invert!r}")
+        if not isinstance(self.presence, bool):
+            raise LdznetError(f"presence must be True or False, got {self.presence!r}")
         if self.keep_largest is not None:
             KEEP_LARGEST.check(self.keep_largest, "keep_largest")
         MIN_AREA.check(self.min_area, "min_area")
@@ -240,6 +246,11 @@ def finalize(probability: Tensor, options: MaskOptions = MaskOptions()) -> Tenso
     makes the edges soft (it commutes with inversion, so that part of the order is free).
     Without feathering the result holds only 0 and 1. Keeps ``probability``'s dtype and device.
     """
+    return feather(select_mask(probability, options).to(probability.dtype), options.feather)
+
+
+def select_mask(probability: Tensor, options: MaskOptions = MaskOptions()) -> Tensor:
+    """:func:`finalize` before feathering: the bool ``[H, W]`` mask (threshold, region filters, invert)."""
     _check_map(probability, "finalize")
     if probability.ndim != 2:
         raise LdznetError(f"finalize expects one map [H, W], got shape {tuple(probability.shape)}")
@@ -248,6 +259,4 @@ def finalize(probability: Tensor, options: MaskOptions = MaskOptions()) -> Tenso
         mask = remove_small_regions(mask, options.min_area)
     if options.keep_largest is not None:
         mask = keep_largest_components(mask, options.keep_largest)
-    if options.invert:
-        mask = ~mask
-    return feather(mask.to(probability.dtype), options.feather)
+    return ~mask if options.invert else mask

@@ -1,0 +1,121 @@
+"""Choose and measure the presence rule (ldznet_ext/masks/presence.py) on the micro world.
+
+The rule: a term is found when its score, the probability that the top ``area`` share of the image
+reaches (the ``ceil(area * pixels)``-th largest value of its map), exceeds ``level``. Two steps:
+
+    .venv/bin/python tools/calibrate_presence.py collect --data world:val:60 [--zero-shot] -o val.json
+    .venv/bin/python tools/calibrate_presence.py choose val.json [--report test.json]
+
+``collect`` runs the embedded model (and its head, or zero-shot) on every phrase of the data, absent
+ones included, and stores each phrase's scores for a grid of ``area`` values and, for present
+phrases, the CLIPSeg per-sample IoU at the 49 thresholds. ``choose`` picks (area, level) on those
+features only: the most absent phrases rejected while present-phrase mIoU drops by at most
+``--max-drop`` points, ties to the smaller drop; ``--report`` applies the chosen rule to features
+collected on another split (test) and prints the numbers, never choosing on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ldznet_ext.data.spec import open_source  # noqa: E402
+from ldznet_ext.data.stream import iterate_examples  # noqa: E402
+from ldznet_ext.eval.metrics import THRESHOLDS  # noqa: E402
+from ldznet_ext.loading import load_segmenter, resolve_model_paths  # noqa: E402
+from ldznet_ext.masks.presence import presence_score  # noqa: E402
+
+AREAS = (0.0, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02)  # 0.0: the peak
+LEVELS = np.round(np.arange(0.05, 0.96, 0.01), 2)
+EMPTY_AT = 0.5  # an absent phrase "comes back empty" when no pixel exceeds eval's binary threshold
+
+
+def collect(args: argparse.Namespace) -> None:
+    """Per-phrase scores (and per-threshold IoUs of present phrases) of the embedded model on --data."""
+    torch.set_grad_enabled(False)
+    model, head = resolve_model_paths(None, None, args.zero_shot)
+    segmenter = load_segmenter(model, head, device=args.device)
+    source = open_source(args.data, size=segmenter.resolution)
+    rows = []
+    for index, example in iterate_examples(source, range(len(source))):
+        segmenter.set_image(example.image)
+        maps = segmenter.predict_terms(list(dict.fromkeys(phrase for phrase, _ in example.pairs)))
+        for phrase, truth in example.pairs:
+            p = maps[phrase].float()
+            truth = torch.as_tensor(truth, dtype=torch.bool)
+            row = {"example": index, "phrase": phrase, "present": bool(truth.any()),
+                   "scores": [presence_score(p, area) for area in AREAS], "empty": bool((p <= EMPTY_AT).all())}
+            if row["present"]:
+                positive = p[None] > torch.as_tensor(THRESHOLDS, dtype=torch.float32)[:, None, None]
+                tp = (positive & truth).sum((1, 2)).double()
+                fp = (positive & ~truth).sum((1, 2)).double()
+                fn = (~positive & truth).sum((1, 2)).double()
+                row["iou"] = (tp / (1 + tp + fp + fn)).tolist()
+            rows.append(row)
+        print(f"{index + 1}/{len(source)}", file=sys.stderr)
+    Path(args.output).write_text(json.dumps({"data": args.data, "zero_shot": args.zero_shot, "areas": AREAS,
+                                             "rows": rows}) + "\n", encoding="utf-8")
+
+
+def measure(rows: list[dict], area_index: int | None, level: float) -> dict:
+    """Absent phrases returned empty and present-phrase mIoU (best t), with the rule or without (None)."""
+    absent = [r for r in rows if not r["present"]]
+    present = [r for r in rows if r["present"]]
+
+    def found(r: dict) -> bool:
+        return area_index is None or r["scores"][area_index] > level
+
+    empty = sum(r["empty"] or not found(r) for r in absent) / max(1, len(absent))
+    iou = np.array([r["iou"] for r in present]) * np.array([[found(r)] for r in present])
+    return {"absent": len(absent), "absent_empty": 100 * empty, "present": len(present),
+            "present_found": 100 * float(np.mean([found(r) for r in present])),
+            "miou": 100 * float(iou.mean(0).max())}
+
+
+def choose(args: argparse.Namespace) -> None:
+    """Pick (area, level) on the validation features; optionally report it on test features."""
+    val = json.loads(Path(args.features).read_text(encoding="utf-8"))
+    base = measure(val["rows"], None, 0)
+    best = None
+    for a, area in enumerate(val["areas"]):
+        for level in LEVELS:
+            m = measure(val["rows"], a, float(level))
+            drop = base["miou"] - m["miou"]
+            key = (m["absent_empty"], -drop)
+            if drop <= args.max_drop and (best is None or key > best[0]):
+                best = (key, area, float(level), m)
+    _, area, level, m = best
+    print(json.dumps({"data": val["data"], "zero_shot": val["zero_shot"], "area": area, "level": level,
+                      "before": base, "after": m}))
+    if args.report:
+        test = json.loads(Path(args.report).read_text(encoding="utf-8"))
+        a = test["areas"].index(area)
+        print(json.dumps({"data": test["data"], "zero_shot": test["zero_shot"], "area": area, "level": level,
+                          "before": measure(test["rows"], None, 0), "after": measure(test["rows"], a, level)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("collect", help="per-phrase presence features of the embedded model")
+    p.add_argument("--data", required=True, help="e.g. world:val:60 (choose) or world:test:100 (report)")
+    p.add_argument("--zero-shot", action="store_true", help="zero-shot maps instead of the embedded head")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("-o", "--output", required=True, help="features JSON")
+    p = commands.add_parser("choose", help="pick the rule on validation features")
+    p.add_argument("features", help="features JSON of a validation split")
+    p.add_argument("--report", help="features JSON of the test split: apply the chosen rule, print the numbers")
+    p.add_argument("--max-drop", type=float, default=0.5, help="allowed present mIoU drop on val, points")
+    args = parser.parse_args()
+    (collect if args.command == "collect" else choose)(args)
+
+
+if __name__ == "__main__":
+    main()
