@@ -115,7 +115,8 @@ def measure(backbone: StableDiffusion, source: SyntheticSource, config: TrainCon
 
 def markdown_tables(rows: list[dict], memory: str) -> str:
     """The measurements, then gradient checkpointing on / off per arch and precision."""
-    lines = [f"| arch | precision | grad checkpoint | s/step | samples/s | {memory} (MiB) |", "|---|---|---|---|---|---|"]
+    lines = [f"| arch | precision | grad checkpoint | s/step | samples/s | {memory} (MiB) |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['arch']} | {r['precision']} | {r['ckpt']} | {r['error']} | | |")

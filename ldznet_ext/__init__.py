@@ -32,7 +32,10 @@ _EXPORTS = {
     "load_image": "ldznet_ext.images",
     "LdznetError": "ldznet_ext.errors",
 }
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "__version__", "Segmenter", "SegmenterSettings", "Prediction", "load_segmenter", "build_segmenter",
+    "load_stable_diffusion", "load_head", "MaskJob", "MaskOptions", "RefineSettings", "load_image", "LdznetError",
+]
 
 if TYPE_CHECKING:
     from .errors import LdznetError

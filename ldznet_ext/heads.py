@@ -111,7 +111,8 @@ def official_head_state(state: Mapping[str, Tensor], expected: Mapping[str, Tens
         for key in expected:
             other = by_ema_name.setdefault(official_ema_name(key), key)
             if other != key:
-                raise CheckpointError(f"ambiguous EMA names: {key!r} and {other!r} both become {official_ema_name(key)!r}")
+                raise CheckpointError(f"ambiguous EMA names: {key!r} and {other!r} both become "
+                                      f"{official_ema_name(key)!r}")
         found = {k: v for k, v in state.items()
                  if k.startswith(OFFICIAL_EMA_PREFIX) and k not in OFFICIAL_EMA_BOOKKEEPING}
         if not found:
@@ -119,7 +120,8 @@ def official_head_state(state: Mapping[str, Tensor], expected: Mapping[str, Tens
                                   "convert the training weights instead (--no-ema)")
         head_state = {by_ema_name.get(k, k): v for k, v in found.items()}
     else:
-        head_state = {k[len(OFFICIAL_MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(OFFICIAL_MODEL_PREFIX)}
+        head_state = {k[len(OFFICIAL_MODEL_PREFIX):]: v for k, v in state.items()
+                      if k.startswith(OFFICIAL_MODEL_PREFIX)}
         if not head_state:
             raise CheckpointError(f"{name}: no '{OFFICIAL_MODEL_PREFIX}*' weights found")
     _check_keys(head_state, expected, name)

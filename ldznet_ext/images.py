@@ -19,7 +19,6 @@ import os
 import warnings
 from fractions import Fraction
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -41,7 +40,7 @@ PAD_GREY = 128
 Box = tuple[int, int, int, int]
 """(left, top, right, bottom) of an image inside its working frame, in working pixels."""
 
-ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 _SOURCES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray)
 
 

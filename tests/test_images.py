@@ -200,7 +200,7 @@ def test_letterboxed_maps_are_aligned_with_the_image(with_head, monkeypatch):
     monkeypatch.setattr(segmenter.backbone, "encode_image", lambda pixels, **kw: inputs.append(pixels) or encode(
         pixels, **kw))
     monkeypatch.setattr(segmenter, "_head_probabilities", lambda z, pixels, context: (
-        (inputs[-1].mean(1, keepdim=True) + 1.0) / 2.0).expand(-1, context.shape[0], -1, -1))
+        (inputs[-1].mean(1, keepdim=True) + 1.0) / 2.0).expand(-1, len(context), -1, -1))
     segmenter.set_image(image)
     assert inputs[0].shape == (1, 3, 192, 64) and (inputs[0][..., :24] == PAD).all()  # letterboxed
     brightness = segmenter.predict_terms(["cat"])["cat"]

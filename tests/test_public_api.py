@@ -15,6 +15,10 @@ def test_every_public_name_is_the_object_its_module_defines(name: str) -> None:
     assert getattr(ldznet_ext, name) is getattr(module, name)
 
 
+def test_all_lists_exactly_the_exports() -> None:
+    assert sorted(ldznet_ext.__all__) == sorted(["__version__", *ldznet_ext._EXPORTS])
+
+
 def test_an_unknown_name_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="has no attribute 'Segmentor'"):
         ldznet_ext.Segmentor  # noqa: B018

@@ -30,7 +30,7 @@ def tokenizer_dir() -> Path:
     return Path(__file__).resolve().parent / "assets" / "clip_tokenizer"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_tokenizer() -> transformers.CLIPTokenizer:
     """The shared ``CLIPTokenizer`` read from :func:`tokenizer_dir`; never touches the network."""
     return transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir()), local_files_only=True)

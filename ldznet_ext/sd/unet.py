@@ -99,7 +99,8 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None):
         super().__init__()
         out_channels = out_channels or channels
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             normalization(out_channels),
@@ -229,7 +230,8 @@ class SpatialTransformer(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """A block: each layer gets what it needs (timestep embedding, text context, SD feature)."""
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor, sd_features: Mapping[int, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor,
+                sd_features: Mapping[int, Tensor] | None = None) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
@@ -252,7 +254,8 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self._block_count = 0
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1))])
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1))])
         skip_channels = [c.model_channels]
         ch = c.model_channels
         for level, mult in enumerate(c.channel_mult):

@@ -175,8 +175,8 @@ class Trainer:
         self.model: nn.Module = self.head
         if self.world_size > 1:
             # gradients as views into DDP's all-reduce buckets: no second 3.7 GB copy at SD v1 size
-            self.model = DistributedDataParallel(self.head, device_ids=[self.device] if self.device.type == "cuda" else None,
-                                                 gradient_as_bucket_view=True)
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.head, device_ids=device_ids, gradient_as_bucket_view=True)
         groups = {False: [], True: []}
         for name, parameter in self.head.named_parameters():
             fast = is_new_layer(name) or (config.fast_cross_attention and is_cross_attention(name))
@@ -299,7 +299,8 @@ class Trainer:
         return loss
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
 
     def train_step(self) -> float:
         """One optimiser step over ``accumulate`` micro-batches per process; returns the step's mean
@@ -425,7 +426,8 @@ class Trainer:
         except (OSError, RuntimeError) as error:
             raise CheckpointError(f"{path}: cannot resume from it ({error})") from error
         saved = TrainConfig.from_dict(state["config"])
-        changed = [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(self.config, f.name)!r}" for f in fields(TrainConfig)
+        changed = [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(self.config, f.name)!r}"
+                   for f in fields(TrainConfig)
                    if f.name not in _RESUME_FREE and getattr(saved, f.name) != getattr(self.config, f.name)]
         if changed:
             raise LdznetError(f"{path}: the run was started with other settings ({'; '.join(changed)})")

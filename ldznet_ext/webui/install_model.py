@@ -156,7 +156,8 @@ def install_model(checkpoint: str | os.PathLike, webui_dir: str | os.PathLike, n
     if info.problem:
         raise CheckpointError(f"{checkpoint.name}: {info.family}: {info.problem}. Supported: {SUPPORTED}.")
     unet = (parse_sd_metadata(metadata, checkpoint.name).unet or
-            unet_config_from_state_dict({k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}))
+            unet_config_from_state_dict({k[len(UNET_PREFIX):]: v for k, v in state.items()
+                                         if k.startswith(UNET_PREFIX)}))
     vae = VAEConfig.from_state_dict({k[len(VAE_PREFIX):]: v for k, v in state.items() if k.startswith(VAE_PREFIX)})
     factor = 2 ** (len(vae.ch_mult) - 1)
     if factor != A1111_LATENT_FACTOR:

@@ -106,7 +106,8 @@ def build_tab():
                 uploads = gr.File(label="...or upload images", file_count="multiple", elem_id="ldznet_tab_uploads")
                 output_dir = gr.Textbox(label="Output folder ({stem}.png masks)", value=default_out,
                                         elem_id="ldznet_tab_output")
-                expression = gr.Textbox(label="Mask expression", placeholder="goblin OR sword", elem_id="ldznet_tab_expression")
+                expression = gr.Textbox(label="Mask expression", placeholder="goblin OR sword",
+                                        elem_id="ldznet_tab_expression")
                 with gr.Row():
                     mode = gr.Radio(list(MODES), value=MODES[0], label="Mode")
                     invert = gr.Checkbox(False, label="Invert")

@@ -103,7 +103,7 @@ def _draw_object(image: np.ndarray, obj: ObjectSpec, size: int, light: np.ndarra
         shadow_shift = -light * (0.012 + 0.08 * obj.size) * size
         blur = 0.01 * size + 0.03 * obj.size * size
         pad += int(np.abs(shadow_shift).max() + 3 * blur)
-    x0, y0, x1, y1 = box = pixel_box(polygon, size, pad)
+    x0, y0, x1, y1 = pixel_box(polygon, size, pad)
     if x0 >= x1 or y0 >= y1:
         return
     crop = image[y0:y1, x0:x1]

@@ -9,7 +9,7 @@ derived from that rule, so geometry is the same at any size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import cv2
 import numpy as np
@@ -180,7 +180,7 @@ def _unit_cross(arm: float = 0.34) -> np.ndarray:
                      (-a, a), (-1, a), (-1, -a), (-a, -a)], dtype=np.float64)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _unit_polygon(shape: str) -> np.ndarray:
     if shape == "circle":
         t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
@@ -209,7 +209,7 @@ def unit_polygon(shape: str) -> np.ndarray:
     return _unit_polygon(shape)
 
 
-@lru_cache(maxsize=None)
+@cache
 def unit_area(shape: str) -> float:
     """Area enclosed by ``unit_polygon(shape)`` (shoelace formula)."""
     x, y = unit_polygon(shape).T

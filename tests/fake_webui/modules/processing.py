@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
 
 def create_binary_mask(image, round=True):
