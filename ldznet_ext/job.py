@@ -58,6 +58,9 @@ class MaskJob:
     refine_strength: float = _number(1.0, REFINE_STRENGTH, "edge refinement: 0 bilinear .. 1 fully guided")
     refine_radius: float | None = _number(None, REFINE_RADIUS, "how far refinement may move an edge, in pixels "
                                           "(null: automatic)", optional=True)
+    # On by default: a term that is not in the image should select nothing rather than a few weak blobs;
+    # the rule is conservative (README, "Presence"), and false turns it off when recall matters more.
+    presence: bool = _flag(True, "decide per term whether it is in the image; a term not found selects nothing")
     _tree: Expression | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -92,7 +95,7 @@ class MaskJob:
 
     def mask_options(self) -> MaskOptions:
         return MaskOptions(threshold=self.threshold, invert=self.invert, keep_largest=self.keep_largest,
-                           min_area=self.min_area, feather=self.feather)
+                           min_area=self.min_area, feather=self.feather, presence=self.presence)
 
     def refine_settings(self) -> RefineSettings:
         return RefineSettings(enabled=self.refine, strength=self.refine_strength, radius=self.refine_radius)

@@ -26,7 +26,7 @@ from ldznet_ext.sd.model import StableDiffusion
 from ldznet_ext.sd.vae import AutoencoderKL, VAEConfig
 from ldznet_ext.segmenter import Segmenter, SegmenterSettings
 
-__all__ = ["one_thread", "perturb_", "random_image", "single_thread", "tiny_head", "tiny_model_files", "tiny_models64", "tiny_sd"]
+__all__ = ["every_term_found", "one_thread", "perturb_", "random_image", "single_thread", "tiny_head", "tiny_model_files", "tiny_models64", "tiny_sd"]
 
 TINY_VAE8 = VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
 
@@ -118,3 +118,13 @@ def tiny_model_files(tmp_path_factory: pytest.TempPathFactory, tiny_sd, tiny_hea
     save_stable_diffusion(tiny_sd, folder / "sd.safetensors")
     save_head(*tiny_head, folder / "head.safetensors")
     return folder / "sd.safetensors", folder / "head.safetensors"
+
+
+@pytest.fixture
+def every_term_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Presence finds every term with a map above 0 anywhere: tiny random models make weak maps that
+    the calibrated rules reject, and tests of how options travel need masks that are not empty."""
+    from ldznet_ext import segmenter
+    from ldznet_ext.masks.presence import PresenceRule
+    monkeypatch.setattr(segmenter, "HEAD_RULE", PresenceRule(0.0, 0.0))
+    monkeypatch.setattr(segmenter, "ZERO_SHOT_RULE", PresenceRule(0.0, 0.0))

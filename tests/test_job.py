@@ -16,7 +16,7 @@ from ldznet_ext.refine import RefineSettings
 
 DEFAULTS = {"expression": "", "mode": "LD-ZNet head", "threshold": 0.5, "grow": 0.0, "feather": 0.0,
             "invert": False, "combine": "replace", "refine": True, "keep_largest": None, "min_area": 0,
-            "refine_strength": 1.0, "refine_radius": None}
+            "refine_strength": 1.0, "refine_radius": None, "presence": True}
 FULL = MaskJob("goblin OR sword{+4}", "zero-shot", 0.35, -3, 2.5, True, "subtract", False, 2, 40, 0.25, 7.5)
 
 
@@ -86,9 +86,9 @@ def test_text_from_json_script_args_and_infotext_is_read():
     assert job == MaskJob("cat OR dog", "zero-shot", 0.4, -3.0, 1.5, True, "add", False, 5, 10, 0.5, 8.0)
     assert job.as_dict() == {"expression": "cat OR dog", "mode": "zero-shot", "threshold": 0.4, "grow": -3.0,
                              "feather": 1.5, "invert": True, "combine": "add", "refine": False, "keep_largest": 5,
-                             "min_area": 10, "refine_strength": 0.5, "refine_radius": 8.0}
+                             "min_area": 10, "refine_strength": 0.5, "refine_radius": 8.0, "presence": True}
     assert [type(v) for v in job.as_dict().values()] == [str, str, float, float, float, bool, str, bool, int, int,
-                                                         float, float]
+                                                         float, float, bool]
     assert MaskJob(keep_largest=3.0, min_area=7.0).mask_options() == MaskOptions(keep_largest=3, min_area=7)
 
 
@@ -128,7 +128,7 @@ def test_dict_round_trip():
     assert MaskJob.from_dict({"expression": "cat", "threshold": None, "keep_largest": None}) == MaskJob("cat")
     assert MaskJob.from_dict({"expression": "cat", "image": "..."}, other_fields=("image",)) == MaskJob("cat")
     assert FULL.manifest_settings() == {k: v for k, v in data.items() if k != "expression"}
-    assert "expression" not in FULL.manifest_settings() and len(FULL.manifest_settings()) == 11
+    assert "expression" not in FULL.manifest_settings() and len(FULL.manifest_settings()) == 12
 
 
 def test_from_dict_refuses_unknown_names_and_non_objects():
@@ -136,7 +136,7 @@ def test_from_dict_refuses_unknown_names_and_non_objects():
         MaskJob.from_dict({"expression": "cat", "colour": 1, "Threshold": 0.2}, other_fields=("image",))
     assert str(caught.value) == (
         "unknown fields ['Threshold', 'colour']; expected ['combine', 'expression', 'feather', 'grow', 'image', "
-        "'invert', 'keep_largest', 'min_area', 'mode', 'refine', 'refine_radius', 'refine_strength', 'threshold']")
+        "'invert', 'keep_largest', 'min_area', 'mode', 'presence', 'refine', 'refine_radius', 'refine_strength', 'threshold']")
     with pytest.raises(LdznetError, match=r"^a mask job must be an object \(a mapping\), got list$"):
         MaskJob.from_dict(["cat"])
 
@@ -166,5 +166,12 @@ def test_json_schema():
         "min_area": {"type": "integer", "minimum": 0, "maximum": 1_000_000_000},
         "refine_strength": {"type": "number", "minimum": 0, "maximum": 1},
         "refine_radius": {"type": ["number", "null"], "minimum": 1, "maximum": 2048},
+        "presence": {"type": "boolean"},
     }
     assert properties["keep_largest"]["description"] == "keep only this many largest objects (null: all)"
+
+
+def test_presence_is_a_job_switch():
+    assert MaskJob.from_dict({"presence": "false"}).mask_options() == MaskOptions(presence=False)
+    with pytest.raises(LdznetError, match="presence must be true or false, got 2"):
+        MaskJob(presence=2)

@@ -26,7 +26,7 @@ from ldznet_ext.sd.unet import unet_config
 
 from fixtures_models import random_image
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "every_term_found")
 
 
 @pytest.fixture

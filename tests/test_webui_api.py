@@ -35,6 +35,8 @@ from ldznet_ext.segmenter import Segmenter, SegmenterSettings  # noqa: E402
 from ldznet_ext.webui import api, host, register, request, ui  # noqa: E402
 from ldznet_ext.world.scenes import make_scene  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("every_term_found")  # option plumbing on tiny random models
+
 BAD_ARGS = json.dumps({"prompt": "cat", "alwayson_scripts": {"ld-znet mask": {"args": ["cat", "nope"]}}}).encode()
 
 

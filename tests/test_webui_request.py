@@ -56,8 +56,11 @@ def test_infotext_round_trips_every_field():
                       "LD-ZNet grow": "2048", "LD-ZNet feather": "0.5", "LD-ZNet invert": "False",
                       "LD-ZNet combine": "add", "LD-ZNet refine": "True", "LD-ZNet keep largest": "3",
                       "LD-ZNet min area": "40", "LD-ZNet refine strength": "0.25", "LD-ZNet refine radius": "7.5"}
-    assert set(INFOTEXT_KEYS.values()) == set(params) and list(INFOTEXT_KEYS) == list(request.ARG_NAMES)
+    assert set(INFOTEXT_KEYS.values()) - {"LD-ZNet presence"} == set(params)  # presence on: not written
+    assert list(INFOTEXT_KEYS) == list(request.ARG_NAMES)
     assert from_infotext(params) == job
+    assert request.infotext(job.replace(presence=False))["LD-ZNet presence"] == "False"
+    assert from_infotext(request.infotext(job.replace(presence=False))) == job.replace(presence=False)
     assert from_infotext({**params, "LD-ZNet keep largest": "0"}).keep_largest is None  # the control's "all"
 
 
@@ -67,7 +70,8 @@ def test_pasted_values():
     pasted = {name: request.pasted_value(OLD_INFOTEXT, name) for name in request.ARG_NAMES}
     assert pasted == {"expression": "goblin OR sword{+4}", "mode": "zero-shot", "threshold": "0.35", "grow": "-3",
                       "feather": "2.5", "invert": "True", "combine": "subtract", "refine": "False",
-                      "keep_largest": "0", "min_area": "0", "refine_strength": "1", "refine_radius": "0"}
+                      "keep_largest": "0", "min_area": "0", "refine_strength": "1", "refine_radius": "0",
+                      "presence": "True"}
     assert [request.pasted_value({}, name) for name in ("expression", "threshold", "min_area")] == ["", None, "0"]
     assert from_args(list(pasted.values())) == from_infotext(OLD_INFOTEXT)
 
@@ -90,7 +94,7 @@ def test_from_args_with_the_newer_args():
     for unset in (0, 0.0, "0", None):
         assert from_args(["cat", *[None] * 7, unset, None, None, unset]) == MaskJob("cat")
     assert [request.control_value(job, name) for name in request.ARG_NAMES] == [
-        "cat", "zero-shot", 0.3, 2.0, 1.0, True, "add", False, 2, 50, 0.5, 12.0]
+        "cat", "zero-shot", 0.3, 2.0, 1.0, True, "add", False, 2, 50, 0.5, 12.0, True]
     assert [request.control_value(MaskJob(), name) for name in request.ZERO_MEANS_NONE] == [0, 0]
 
 
@@ -106,7 +110,7 @@ def test_todays_positional_args_give_todays_job(args):
                    (args[0], args[1], float(args[2]), float(args[3]), float(args[4]), str(args[5]).lower() == "true",
                     args[6].lower(), str(args[7]).lower() == "true" if len(args) > 7 else True)))
     assert job.as_dict() == {**old, "keep_largest": None, "min_area": 0, "refine_strength": 1.0,
-                             "refine_radius": None}
+                             "refine_radius": None, "presence": True}
     assert job.mask_options() == MaskOptions(threshold=old["threshold"], invert=old["invert"], feather=old["feather"])
     assert job.refine_settings() == RefineSettings(enabled=old["refine"])
 
@@ -139,7 +143,7 @@ EIGHT = ["cat", "zero-shot", 0.5, 0, 0, False, "add", True]
     ([*EIGHT, None, 2.5], r"^min_area must be an integer in \[0, 1000000000\], got 2.5$"),
     ([*EIGHT, None, None, 2], r"^refine_strength must be a number in \[0, 1\], got 2$"),
     ([*EIGHT, None, None, None, 0.5], r"^refine_radius must be a number in \[1, 2048\], got 0.5$"),
-    ([*EIGHT] * 2, "got 16 args, expected at most 12"),
+    ([*EIGHT] * 2, "got 16 args, expected at most 13"),
     (["cat OR"], "expected a term"),
 ])
 def test_from_args_errors(args, message):
@@ -227,7 +231,7 @@ def test_todays_mask_body_gives_todays_job():
             "invert": True, "combine": "add", "refine": False}
     assert _job_of(body).as_dict() == {**body, "expression": "goblin OR sword", "grow": 8.0, "feather": 4.0,
                                        "keep_largest": None, "min_area": 0, "refine_strength": 1.0,
-                                       "refine_radius": None}
+                                       "refine_radius": None, "presence": True}
     assert _job_of({"expression": "cat", "threshold": None, "refine": None}) == MaskJob("cat")
 
 

@@ -17,6 +17,8 @@ from ldznet_ext.webui import host, script  # noqa: E402
 from ldznet_ext.job import MaskJob  # noqa: E402
 from ldznet_ext.webui.request import from_infotext  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("every_term_found")  # option plumbing on tiny random models
+
 ARGS = ("", "LD-ZNet head", 0.3, 0, 0, False, "replace")
 
 

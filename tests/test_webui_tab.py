@@ -20,6 +20,8 @@ from ldznet_ext.segmenter import Segmenter  # noqa: E402
 from ldznet_ext.webui import host, tab  # noqa: E402
 from ldznet_ext.job import MaskJob  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("every_term_found")  # option plumbing on tiny random models
+
 ARGS = ("goblin", "LD-ZNet head", 0.3, 0, 0, False, "replace")
 
 
@@ -62,7 +64,8 @@ def test_tab_masks_a_folder_resumably(tmp_path):
     assert entries[1]["expression"] == "goblin"
     assert entries[1]["settings"] == MaskJob("goblin", threshold=0.3).manifest_settings() == {
         "mode": "LD-ZNet head", "threshold": 0.3, "grow": 0.0, "feather": 0.0, "invert": False, "combine": "replace",
-        "refine": True, "keep_largest": None, "min_area": 0, "refine_strength": 1.0, "refine_radius": None}
+        "refine": True, "keep_largest": None, "min_area": 0, "refine_strength": 1.0, "refine_radius": None,
+            "presence": True}
 
 
 def test_tab_takes_every_mask_option(tmp_path):

@@ -19,7 +19,7 @@ from ..job import COMBINE_MODES, MaskJob, checked_choice
 
 TITLE = "LD-ZNet mask"
 ARG_NAMES = ("expression", "mode", "threshold", "grow", "feather", "invert", "combine", "refine",
-             "keep_largest", "min_area", "refine_strength", "refine_radius")
+             "keep_largest", "min_area", "refine_strength", "refine_radius", "presence")
 ZERO_MEANS_NONE = ("keep_largest", "refine_radius")
 """Script args whose 0 stands for None (all objects, automatic radius): a number box cannot be empty."""
 
@@ -36,9 +36,10 @@ INFOTEXT_KEYS = {
     "min_area": "LD-ZNet min area",
     "refine_strength": "LD-ZNet refine strength",
     "refine_radius": "LD-ZNet refine radius",
+    "presence": "LD-ZNet presence",
 }
 """Infotext key of each setting; the expression's key is the accordion's title."""
-WRITTEN_WHEN_SET = ("keep_largest", "min_area", "refine_strength", "refine_radius")
+WRITTEN_WHEN_SET = ("keep_largest", "min_area", "refine_strength", "refine_radius", "presence")
 """Infotext keys written only when not the default, so a job that leaves them alone reads as before."""
 
 _MASK_LINE = re.compile(r"^[ \t]*mask[ \t]*:(.*)(?:\n|$)", re.IGNORECASE | re.MULTILINE)
