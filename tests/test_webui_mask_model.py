@@ -88,6 +88,11 @@ def _cli_prediction(sd_file: Path, tmp_path: Path):
     return segmenter.predict(JOB.tree(), JOB.mask_options())
 
 
+def _scores(prediction) -> dict[str, float]:
+    """Each term's presence score: read from its map before the found / not-found decision."""
+    return {term: decision.score for term, decision in prediction.presence.items()}
+
+
 @pytest.mark.parametrize("family", list(HOSTS))
 def test_head_mode_on_a_host_that_cannot_serve_it_equals_the_cli(tmp_path, family):
     world.install(tmp_path, model=_host_model(HOSTS[family]))
@@ -102,7 +107,8 @@ def test_head_mode_on_a_host_that_cannot_serve_it_equals_the_cli(tmp_path, famil
 
     expected = _cli_prediction(folder / "sd15.safetensors", tmp_path)
     assert torch.equal(result.prediction.probability, expected.probability)
-    assert np.array_equal(result.mask, expected.mask_image()) and 0 < (result.mask > 0).mean() < 1
+    assert np.array_equal(result.mask, expected.mask_image())
+    assert _scores(result.prediction) == _scores(expected) and len(_scores(expected)) == 2
     separate = host.engine().mask_model.loaded
     assert isinstance(separate.unet.output_blocks[6], SkippedPart) and isinstance(separate.vae.decoder, SkippedPart)
     assert separate.dtype == torch.float32  # the host UNet's precision (fake: --no-half)
@@ -110,7 +116,7 @@ def test_head_mode_on_a_host_that_cannot_serve_it_equals_the_cli(tmp_path, famil
     assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
     for name, value in dict(is_sd1=True, is_sdxl=False, is_sd2=False, is_inpaint=False, parameterization="eps").items():
         setattr(loaded, name, value)  # now an SD 1.x host: its own model serves the head, with other weights
-    assert not torch.equal(host.compute(IMAGE, JOB).prediction.probability, result.prediction.probability)
+    assert _scores(host.compute(IMAGE, JOB).prediction) != _scores(result.prediction)
 
 
 def test_zero_shot_on_sdxl_is_refused_with_a_pointer_to_head_mode(sdxl_host):
@@ -187,6 +193,13 @@ def test_setting_change_reload_ui_and_unload_release_it(sdxl_host, monkeypatch):
     from ldznet_ext.webui import ui
 
     assert "unloaded" in ui.unload_models() and separate.loaded is None
+    host.compute(IMAGE, JOB)
+    for callback in script_callbacks.callbacks["model_loaded"]:  # another SDXL model: kept
+        callback(_host_model(HOSTS["SDXL"]))
+    assert separate.loaded is not None and host.engine()._head is None
+    for callback in script_callbacks.callbacks["model_loaded"]:  # an SD 1.x model serves the head itself
+        callback(world.fake_model())
+    assert separate.loaded is None
 
 
 @pytest.mark.parametrize("keep_on_gpu, flag, rests", [(True, None, False), (False, None, True), (True, "medvram", True),

@@ -49,6 +49,14 @@ def unload() -> None:
         _ENGINE.mask_model.unload()
 
 
+def model_loaded(sd_model) -> None:
+    """on_model_loaded: drop the cached head, and the separate SD 1.x mask model when the new model
+    serves heads itself (it would only hold memory)."""
+    release()
+    if _refusal(sd_model) is None:
+        unload_mask_model()
+
+
 def unload_mask_model() -> None:
     """Drop the separate SD 1.x mask model (its setting changed)."""
     if _ENGINE is not None:

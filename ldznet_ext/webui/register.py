@@ -59,6 +59,6 @@ def register() -> None:
     script_callbacks.on_after_component(ui.remember_component)
     script_callbacks.on_ui_tabs(tab.build_tab)
     script_callbacks.on_app_started(add_routes)
-    script_callbacks.on_model_loaded(lambda sd_model: host.release())
+    script_callbacks.on_model_loaded(host.model_loaded)
     script_callbacks.on_script_unloaded(host.unload)
     script_callbacks.on_image_saved(script.save_pending_mask)
