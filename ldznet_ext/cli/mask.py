@@ -9,6 +9,8 @@ costs no model load.
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 
 from ..errors import LdznetError
@@ -16,23 +18,31 @@ from ..images import load_image
 from ..job import MODES, ZERO_SHOT_MODE, MaskJob
 from ..limits import FEATHER, GROW, KEEP_LARGEST, MIN_AREA, REFINE_RADIUS, REFINE_STRENGTH, THRESHOLD, bounded_number
 from ..masks.expression import parse
+from ..masks.instances import instance_image
 from ..outputs import same_file, writable_path, write_mask, write_overlay, write_probability, writing
+from ..segmenter import Prediction
 from .common import add_model_arguments, segmenter_from_args
+
+NO_MATCH_STATUS = 3  # --require-match and the mask selects nothing
 
 EPILOG = """examples:
   ldznet mask photo.jpg "goblin OR sword" -o mask.png --overlay check.png
   ldznet mask photo.jpg "face{-4} AND NOT hair" -o mask.png --feather 4
   ldznet mask photo.jpg "cat" --model sd15.safetensors --zero-shot -o mask.png
+  ldznet mask photo.jpg "stars[1] OR moon" -o mask.png     (the leftmost star, and the moon)
+  ldznet mask photo.jpg "face" -o face.png --instances     (face-1.png, face-2.png, face-instances.json)
 
 Without --model the embedded micro model (and its head) is used. Masks are white where the
 expression holds (the area to repaint), at the image's own size; their edges follow the image's
-(--no-refine: plain bilinear upsampling of the model's maps). Exit status: 0 done,
-1 a system error, 2 bad input (message on stderr), 130 interrupted."""
+(--no-refine: plain bilinear upsampling of the model's maps). A term that is not in the image
+selects nothing and is named on stderr ("no match for 'goblin'"). Exit status: 0 done,
+1 a system error, 2 bad input (message on stderr), 3 with --require-match when the mask selects
+nothing (the outputs are still written), 130 interrupted."""
 
 
 def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
-    """--threshold, --grow, --feather, --invert, --keep-largest, --min-area, and the edge refinement
-    (--no-refine, --refine-strength, --refine-radius)."""
+    """--threshold, --grow, --feather, --invert, --keep-largest, --min-area, --no-presence and the edge
+    refinement (--no-refine, --refine-strength, --refine-radius)."""
     group = parser.add_argument_group("mask")
     group.add_argument("--threshold", type=bounded_number(THRESHOLD), default=0.5, metavar="T",
                        help="a pixel is selected when its probability is above T, 0 <= T < 1 (default 0.5)")
@@ -46,6 +56,8 @@ def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"keep only the K largest regions, 1..{KEEP_LARGEST.high:,}")
     group.add_argument("--min-area", type=bounded_number(MIN_AREA), default=0, metavar="A",
                        help="drop regions smaller than A pixels")
+    group.add_argument("--no-presence", action="store_true",
+                       help="use every term's map as it is, also of terms judged not to be in the image")
     group.add_argument("--no-refine", action="store_true",
                        help="upsample the model's maps bilinearly instead of snapping their edges to the image's")
     group.add_argument("--refine-strength", type=bounded_number(REFINE_STRENGTH), default=1.0, metavar="S",
@@ -61,7 +73,8 @@ def job_from_args(args: argparse.Namespace) -> MaskJob:
     job = MaskJob(expression=args.expression, mode=ZERO_SHOT_MODE if args.zero_shot else MODES[0],
                   threshold=args.threshold, grow=args.grow, feather=args.feather, invert=args.invert,
                   refine=not args.no_refine, keep_largest=args.keep_largest, min_area=args.min_area,
-                  refine_strength=args.refine_strength, refine_radius=args.refine_radius)
+                  refine_strength=args.refine_strength, refine_radius=args.refine_radius,
+                  presence=not args.no_presence)
     if not job.active:  # a job may have no mask, a command needs one: the parser says what one looks like
         parse(job.expression)
     return job
@@ -81,8 +94,41 @@ def check_png_outputs(image: str | Path, outputs: list[str | Path]) -> None:
         writable_path(output)
 
 
+def report_missing(prediction: Prediction, where: str = "") -> None:
+    """One stderr line per term judged not to be in the image."""
+    for term in prediction.missing:
+        print(f"{where}no match for {term!r} (score {prediction.presence[term].score:.2f})", file=sys.stderr)
+
+
+def instance_paths(output: str | Path, count: int) -> tuple[list[Path], Path]:
+    """``NAME-1.png`` .. ``NAME-count.png`` and ``NAME-instances.json`` beside ``output`` (NAME.png)."""
+    output = Path(output)
+    stem = output.with_suffix("")
+    return [Path(f"{stem}-{k}.png") for k in range(1, count + 1)], Path(f"{stem}-instances.json")
+
+
+def write_instances(output: str | Path, image: str | Path, prediction: Prediction, feather_radius: float) -> int:
+    """One mask per instance of the prediction and a JSON list (order, box, area, score, file);
+    returns the number of instances."""
+    instances = prediction.instances()
+    paths, report = instance_paths(output, len(instances))
+    check_png_outputs(image, paths)
+    for instance, path in zip(instances, paths):
+        with writing(path):
+            write_mask(path, instance_image(instance, feather_radius))
+    entries = [{**instance.to_dict(), "file": path.name} for instance, path in zip(instances, paths)]
+    terms = {term: decision.to_dict() for term, decision in prediction.presence.items()}
+    with writing(report):
+        report.write_text(json.dumps({"expression": str(prediction.expression), "terms": terms,
+                                      "instances": entries}, indent=1) + "\n", encoding="utf-8")
+    return len(instances)
+
+
 def _run_mask(args: argparse.Namespace) -> int:
     outputs = [p for p in (args.output, args.overlay, args.probability) if p is not None]
+    if args.instances:
+        outputs.append(instance_paths(args.output, 1)[0][0])
+        writable_path(instance_paths(args.output, 0)[1])
     check_png_outputs(args.image, outputs)
     job = job_from_args(args)
     expression = job.tree()
@@ -99,9 +145,11 @@ def _run_mask(args: argparse.Namespace) -> int:
             continue
         with writing(path):
             write(path)
+    found = f", {write_instances(args.output, args.image, prediction, job.feather)} instances" if args.instances else ""
+    report_missing(prediction)
     selected = float((mask >= 128).mean()) * 100
-    print(f"{args.output}: {mask.shape[1]}x{mask.shape[0]}, {selected:.1f}% selected by {expression}")
-    return 0
+    print(f"{args.output}: {mask.shape[1]}x{mask.shape[0]}, {selected:.1f}% selected by {expression}{found}")
+    return NO_MATCH_STATUS if args.require_match and not mask.any() else 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -117,6 +165,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overlay", metavar="OVERLAY.png", help="also write the image with the mask in red")
     parser.add_argument("--probability", metavar="PROB.png",
                         help="also write the expression's probability map as 16-bit grey")
+    parser.add_argument("--instances", action="store_true",
+                        help="also write one mask per object, MASK-1.png, MASK-2.png, ... left to right, and "
+                             "MASK-instances.json (order, box, area, score, file)")
+    parser.add_argument("--require-match", action="store_true",
+                        help=f"exit with status {NO_MATCH_STATUS} when the mask selects nothing")
     add_mask_arguments(parser)
     add_model_arguments(parser)
     parser.set_defaults(func=_run_mask)

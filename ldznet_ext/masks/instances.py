@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from ..errors import LdznetError
+from .ops import feather
 
-__all__ = ["FRAGMENT_SHARE", "ORDERS", "Instance", "find_instances", "select_instances"]
+__all__ = ["FRAGMENT_SHARE", "ORDERS", "Instance", "find_instances", "instance_image", "select_instances"]
 
 FRAGMENT_SHARE = 0.0005  # 0.05 % of the image: 131 px at 512 x 512
 ORDERS = ("left", "top", "center", "area")
@@ -82,6 +83,12 @@ def find_instances(mask: Tensor, probability: Tensor | None = None, order: str =
         score = 1.0 if p is None else float(p[region].mean())
         out.append(Instance(box, area, score, left[label], torch.from_numpy(region).to(mask.device)))
     return out
+
+
+def instance_image(instance: Instance, feather_radius: float = 0.0) -> np.ndarray:
+    """The instance's mask as uint8 [H, W], 255 = selected, with the whole mask's soft edge."""
+    soft = feather(instance.mask.float(), feather_radius)
+    return (soft.cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
 
 
 def select_instances(probability: Tensor, threshold: float, order: str, indices: tuple[int, ...]) -> Tensor:
