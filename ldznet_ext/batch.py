@@ -8,6 +8,11 @@ finished ones. Every file gets one line in a JSONL manifest. A bad file is recor
 goes on. Shard K of N (1-based) takes every N-th file of the sorted list, so N processes split a
 folder without overlap; they may share OUT_DIR and the manifest (each line is one O_APPEND write).
 Front ends follow and stop a run through :class:`BatchCallbacks`; this module reads no arguments.
+
+Manifest lines of written masks carry ``terms``: each term's ``found`` and ``score`` (``masks/presence.py``).
+With ``instances``, each object of a mask is also written as ``OUT_DIR/instances/{stem}-{k}.png``
+(k = 1.. left to right; stems cannot collide: ``a-1``'s are ``a-1-{k}``) before the mask itself, and
+the line lists them (order, box, area, score, file).
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ from PIL import Image
 from . import outputs
 from .errors import ImageError, LdznetError
 from .images import MAX_PIXELS, load_image
+from .masks.instances import instance_image
 from .masks.ops import MaskOptions
 from .masks.tree import Expression
-from .segmenter import Segmenter
+from .segmenter import Prediction, Segmenter
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+INSTANCES_FOLDER = "instances"
 MANIFEST_NAME = "ldznet-manifest.jsonl"
 
 
@@ -149,9 +156,13 @@ class BatchJob:
     batch_size: int = 4
     max_pixels: int = MAX_PIXELS
     files: list[Path] | None = None  # the images to mask instead of input_dir's (already checked)
+    instances: bool = False  # also one mask per object, in OUT_DIR/instances
 
     def output_for(self, path: Path) -> Path:
         return self.output_dir / f"{path.stem}.png"
+
+    def instance_for(self, path: Path, order: int) -> Path:
+        return self.output_dir / INSTANCES_FOLDER / f"{path.stem}-{order}.png"
 
 
 def _header_size(path: Path) -> tuple[int, int] | None:
@@ -184,10 +195,11 @@ class _Run:
         self.summary = BatchSummary()
 
     def record(self, path: Path, status: str, output: Path | None = None, error: str | None = None,
-               seconds: float = 0.0) -> None:
+               seconds: float = 0.0, found: dict | None = None) -> None:
+        """One manifest line; ``found``: the written mask's "terms" (and "instances") fields."""
         entry = {"input": str(path), "expression": self.job.expression_text, "settings": self.job.settings,
                  "output": str(output) if output else None, "status": status, "error": error,
-                 "seconds": round(seconds, 4)}
+                 "seconds": round(seconds, 4), **(found or {})}
         self.manifest.write(entry)
         self.summary.counts[status] += 1
         self.callbacks.file_done(entry)
@@ -218,12 +230,30 @@ class _Run:
                 start = time.perf_counter()
                 output = self.job.output_for(path)
                 try:
-                    outputs.write_mask(output, prediction.mask_image())
+                    found = self.write(path, output, prediction)
                 except OSError as error:  # a full disk, a read-only folder, ...
                     self.record(path, "error", error=f"cannot write {output.name}: {error.strerror or error}",
                                 seconds=seconds + share + time.perf_counter() - start)
                     continue
-                self.record(path, "ok", output, seconds=seconds + share + time.perf_counter() - start)
+                self.record(path, "ok", output, seconds=seconds + share + time.perf_counter() - start, found=found)
+
+    def write(self, path: Path, output: Path, prediction: Prediction) -> dict:
+        """Write the instances (when asked) and then the mask, which marks the file done; returns the
+        manifest fields of what was found."""
+        found: dict = {"terms": {term: decision.to_dict() for term, decision in prediction.presence.items()}}
+        if self.job.instances:
+            listed = []
+            for instance in prediction.instances():
+                target = self.job.instance_for(path, instance.order)
+                outputs.write_mask(target, instance_image(instance, self.job.options.feather))
+                listed.append({**instance.to_dict(), "file": str(target)})
+            extra = len(listed) + 1
+            while self.job.instance_for(path, extra).exists():  # an earlier run (--overwrite) found more objects
+                self.job.instance_for(path, extra).unlink()
+                extra += 1
+            found["instances"] = listed
+        outputs.write_mask(output, prediction.mask_image())
+        return found
 
 
 def _remove_stale_temporaries(folder: Path, names: set[str]) -> None:
@@ -287,6 +317,8 @@ def run_batch(job: BatchJob, segmenter: Segmenter, manifest: Manifest,
     callbacks = callbacks or BatchCallbacks()
     files = check_folders(job.input_dir, job.output_dir) if job.files is None else list(job.files)
     job.output_dir.mkdir(parents=True, exist_ok=True)
+    if job.instances:
+        (job.output_dir / INSTANCES_FOLDER).mkdir(exist_ok=True)
     owners = stem_owners(files)
     mine = shard(files, *job.shard)
     callbacks.started(len(mine))

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ldznet_ext.masks.ops import MaskOptions
 from ldznet_ext.segmenter import Segmenter, _ImageState
 
 
@@ -26,6 +27,10 @@ class OracleSegmenter(Segmenter):
     @property
     def zero_shot(self) -> bool:
         return self.oracle_zero_shot
+
+    def predict_images(self, images: Sequence, expression, options=MaskOptions(), max_pixels: int = 0) -> list:
+        """The oracle's prediction once per image (the images themselves are not read)."""
+        return [self.predict(expression, options) for _ in images]
 
     def _fill_cache(self, states: list[_ImageState], terms: Sequence[str]) -> None:
         """Nothing to compute."""

@@ -48,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
     loaded.pop("refine")  # the job's refine, refine_strength and refine_radius say it
     batch = BatchJob(input_dir, output_dir, job.tree(), job.expression, job.mask_options(),
                      {**job.manifest_settings(), **loaded}, args.overwrite, args.shard, args.batch_size,
-                     args.max_pixels)
+                     args.max_pixels, instances=args.instances)
     try:
         with Manifest(manifest_path) as manifest:
             summary = run_batch(batch, segmenter, manifest, ProgressBar())
@@ -69,13 +69,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "(png, jpg, jpeg, webp, bmp, tif, tiff): the names A1111's inpaint batch mask folder\n"
                     "looks up. Masks already in OUT_DIR are skipped, so an interrupted run resumes.",
         epilog="Every file gets a line in the JSONL manifest: input, expression, settings, output,\n"
-               "status (ok, skipped or error), error, seconds. Exit status: 0 all ok or skipped,\n"
+               "status (ok, skipped or error), error, seconds, and for a written mask each term's found\n"
+               "and score (and with --instances the objects). Exit status: 0 all ok or skipped,\n"
                "1 some files failed, 2 bad arguments or models, 130 interrupted.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input_dir", metavar="INPUT_DIR", help="folder of images (not searched recursively)")
     parser.add_argument("expression", metavar="EXPR", help='mask expression, e.g. "cat OR dog"')
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the masks")
     parser.add_argument("--overwrite", action="store_true", help="redo masks that already exist")
+    parser.add_argument("--instances", action="store_true",
+                        help="also write each object of a mask as OUT_DIR/instances/{stem}-{k}.png, k = 1.. left "
+                             "to right, listed in the manifest")
     add_shard_argument(parser, "every N-th of the sorted files, to split a folder between N processes")
     parser.add_argument("--batch-size", type=bounded_number(BATCH_SIZE), default=4, metavar="B",
                         help=f"same-size images predicted together, 1..{BATCH_SIZE.high} (default 4)")

@@ -1,0 +1,40 @@
+"""The batch engine records each term's presence and, with instances, writes one mask per object."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldznet_ext.batch import BatchJob, Manifest, read_manifest, run_batch
+from ldznet_ext.masks.expression import parse
+from oracle import OracleSegmenter
+
+
+def _maps() -> dict[str, torch.Tensor]:
+    star = torch.zeros(30, 40)
+    star[5:10, 25:30] = 0.9
+    star[20:26, 3:9] = 0.9
+    return {"star": star, "goblin": torch.full((30, 40), 0.2)}
+
+
+def test_manifest_has_terms_and_instances(tmp_path: Path) -> None:
+    source, out = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    for stem in ("a", "a-1"):
+        Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(source / f"{stem}.png")
+    (out / "instances").mkdir(parents=True)
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(out / "instances" / "a-3.png")  # from an earlier run
+    job = BatchJob(source, out, parse("star OR goblin"), "star OR goblin", instances=True, overwrite=True)
+    with Manifest(out / "m.jsonl") as manifest:
+        summary = run_batch(job, OracleSegmenter(_maps()), manifest)
+    assert summary.counts["ok"] == 2
+    entry = next(e for e in read_manifest(out / "m.jsonl") if Path(e["input"]).name == "a.png")
+    assert entry["terms"] == {"star": {"found": True, "score": 0.9}, "goblin": {"found": False, "score": 0.2}}
+    assert [(i["order"], i["box"], i["area"], Path(i["file"]).name) for i in entry["instances"]] == [
+        (1, [3, 20, 9, 26], 36, "a-1.png"), (2, [25, 5, 30, 10], 25, "a-2.png")]
+    assert sorted(p.name for p in (out / "instances").iterdir()) == ["a-1-1.png", "a-1-2.png", "a-1.png", "a-2.png"]
+    first = np.asarray(Image.open(out / "instances" / "a-1.png"))
+    assert int((first == 255).sum()) == 36 and first[20, 3] == 255
