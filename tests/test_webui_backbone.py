@@ -12,7 +12,7 @@ from torch import Tensor, nn
 pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
 
 from fake_webui import world  # noqa: E402
-from fake_webui.models import FakeLatentDiffusion, tiny_sd  # noqa: E402
+from fake_webui.models import FakeLatentDiffusion  # noqa: E402
 
 from ldznet_ext.backbones.a1111 import A1111Backbone, check_a1111_model  # noqa: E402
 from ldznet_ext.backbones.base import Conditioning  # noqa: E402

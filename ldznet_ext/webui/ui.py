@@ -49,7 +49,8 @@ def remember_component(component, **kwargs) -> None:
         tab = elem_id.split("_", 1)[0]
         _components[f"{tab}_ldznet_send"] = ToolButton(
             "🎭", elem_id=f"{tab}_send_to_ldznet_inpaint",
-            tooltip="LD-ZNet: send the selected image and its mask (the accordion's expression) to img2img > Inpaint upload")
+            tooltip="LD-ZNet: send the selected image and its mask (the accordion's expression) to "
+                    "img2img > Inpaint upload")
     _wire_send_buttons()
 
 
@@ -71,7 +72,8 @@ def build_accordion(script, is_img2img: bool) -> list:
         with gr.Row():
             threshold = gr.Slider(0.0, 0.99, value=threshold, step=0.01, label="Threshold",
                                   elem_id=script.elem_id("threshold"))
-            grow = gr.Slider(-64, 64, value=0, step=1, label="Grow (+) / shrink (-), px", elem_id=script.elem_id("grow"))
+            grow = gr.Slider(-64, 64, value=0, step=1, label="Grow (+) / shrink (-), px",
+                             elem_id=script.elem_id("grow"))
             feather = gr.Slider(0, min(64, FEATHER.high), value=0, step=1, label="Feather, px",
                                 elem_id=script.elem_id("feather"))
             invert = gr.Checkbox(False, label="Invert", elem_id=script.elem_id("invert"))
@@ -83,7 +85,8 @@ def build_accordion(script, is_img2img: bool) -> list:
         unload_button.click(fn=unload_models, inputs=[], outputs=[status], show_progress=False)
         if is_img2img:
             preview_button = gr.Button("Preview mask", elem_id=script.elem_id("preview_button"))
-            preview = gr.Image(label="LD-ZNet preview", type="pil", interactive=False, elem_id=script.elem_id("preview"))
+            preview = gr.Image(label="LD-ZNet preview", type="pil", interactive=False,
+                           elem_id=script.elem_id("preview"))
             inputs = [_components.get(name) for name in IMG2IMG_INPUTS]
             if all(c is not None for c in inputs):
                 preview_button.click(fn=preview_mask, _js="ldznet_preview_args",
