@@ -13,6 +13,7 @@ from collections import defaultdict
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -133,7 +134,8 @@ def _recording_compute(seen: list):
         mask = np.zeros(np.asarray(image).shape[:2], np.uint8)
         mask[:, :10] = 255
         prediction = SimpleNamespace(expression=request.expression, mask_image=lambda: mask,
-                                     probability_image=lambda: mask.astype(np.uint16) * 257)
+                                     probability_image=lambda: mask.astype(np.uint16) * 257, presence={},
+                                     instances=lambda: [])
         return SimpleNamespace(mask=mask, prediction=prediction)
 
     return compute
@@ -378,3 +380,29 @@ def test_options_are_in_the_api_with_nowebui(monkeypatch):
                        "ldznet_resolution": 0, "ldznet_threshold": 0.5,
                        "ldznet_keep_on_gpu": True, "ldznet_dtype": "auto", "ldznet_save_masks": False}
     assert modules.shared.opts.data_labels["ldznet_head"].section == ("ldznet", "LD-ZNet")
+
+
+def test_mask_route_answers_terms_and_instances():
+    """/ldznet/v1/mask: each term's found and score, and the objects of the mask left to right (with their
+    masks when "instances" is true), from the engine's prediction (an oracle's maps here)."""
+    from oracle import OracleSegmenter
+    star = torch.zeros(40, 56)
+    star[5:10, 30:35] = 0.9
+    star[20:30, 2:12] = 0.9
+    segmenter = OracleSegmenter({"star": star, "goblin": torch.zeros(40, 56)})
+
+    def compute(image, job, brush):
+        prediction = segmenter.predict(job.tree(), job.mask_options())
+        return SimpleNamespace(mask=prediction.mask_image(), prediction=prediction)
+
+    body = {"image": base64.b64encode(_png_bytes(Image.new("RGB", (56, 40)))).decode(),
+            "expression": "goblin OR star", "instances": True}
+    response = api.mask_response(body, compute, lambda job: None)
+    assert response["terms"] == {"goblin": {"found": False, "score": 0.0}, "star": {"found": True, "score": 0.9}}
+    assert [(i["order"], i["box"], i["area"], i["score"]) for i in response["instances"]] == [
+        (1, [2, 20, 12, 30], 100, 0.9), (2, [30, 5, 35, 10], 25, 0.9)]
+    assert int((_decoded(response["instances"][1]["mask"]) == 255).sum()) == 25
+    response = api.mask_response({**body, "expression": "star[-1]", "instances": None}, compute, lambda job: None)
+    assert [("mask" in i, i["box"]) for i in response["instances"]] == [(False, [30, 5, 35, 10])]
+    with pytest.raises(api.ApiError, match="instances must be true or false"):
+        api.mask_response({**body, "instances": "some"}, compute, lambda job: None)

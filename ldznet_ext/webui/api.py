@@ -24,7 +24,8 @@ from PIL import Image, ImageOps
 from .. import __version__
 from ..errors import CheckpointError, ImageError, LdznetError
 from ..images import load_image
-from ..job import MaskJob
+from ..job import MaskJob, checked_flag
+from ..masks.instances import Instance, instance_image
 from ..outputs import render_overlay
 from .request import ARG_NAMES, TITLE, ZERO_MEANS_NONE, from_args, with_prompt_line
 
@@ -32,6 +33,7 @@ MASK_ROUTE = "/ldznet/v1/mask"
 VERSION_ROUTE = "/ldznet/v1/version"
 SCHEMA_ROUTE = "/ldznet/v1/schema"
 IMAGE_FIELDS = ("image", "mask")
+ANSWER_FIELDS = ("instances",)  # what the answer holds; not part of the job
 GENERATION_ROUTES = ("/sdapi/v1/img2img", "/sdapi/v1/txt2img")
 MAX_REQUEST_BYTES = 64 * 2**20
 MAX_PIXELS = 4096 * 4096
@@ -165,14 +167,17 @@ def check_generation(payload, is_img2img: bool, check_ready: Callable[[MaskJob],
 
 def mask_response(payload, compute: Callable, check_ready: Callable[[MaskJob], None]) -> dict:
     """POST /ldznet/v1/mask: {"image": b64, "mask": optional b64 brush mask, and the MaskJob fields
-    by name (:meth:`MaskJob.json_schema`; "expression" required, null = default)} ->
-    {"mask", "probability" (16-bit), "overlay": b64 PNGs, "coverage", "width", "height", "expression"}.
+    by name (:meth:`MaskJob.json_schema`; "expression" required, null = default), "instances": true
+    for each object's mask} -> {"mask", "probability" (16-bit), "overlay": b64 PNGs, "coverage", "width",
+    "height", "expression", "terms": {term: {"found", "score"}}, "instances": [{"order", "box", "area",
+    "score"} (+ "mask" when asked), left to right, of our mask before it meets the brush]}.
 
     ``compute(image, job, brush) -> MaskResult`` runs under the host's queue lock."""
     if not isinstance(payload, Mapping):
         raise ApiError(422, "the body must be a JSON object")
     try:
-        job = MaskJob.from_dict(payload, other_fields=IMAGE_FIELDS)
+        job = MaskJob.from_dict(payload, other_fields=IMAGE_FIELDS + ANSWER_FIELDS)
+        instance_masks = checked_flag(payload.get("instances") or False, "instances")
     except LdznetError as error:
         raise ApiError(422, str(error)) from None
     if not job.active:
@@ -200,7 +205,16 @@ def mask_response(payload, compute: Callable, check_ready: Callable[[MaskJob], N
         "mask": encode_png(Image.fromarray(result.mask, "L")),
         "probability": encode_png(Image.fromarray(result.prediction.probability_image().astype("<u2"))),
         "overlay": encode_png(Image.fromarray(render_overlay(image, result.mask))),
+        "terms": {term: decision.to_dict() for term, decision in result.prediction.presence.items()},
+        "instances": [_instance_entry(i, job.feather, instance_masks) for i in result.prediction.instances()],
     }
+
+
+def _instance_entry(instance: Instance, feather: float, with_mask: bool) -> dict:
+    entry = instance.to_dict()
+    if with_mask:
+        entry["mask"] = encode_png(Image.fromarray(instance_image(instance, feather), "L"))
+    return entry
 
 
 def parse_credentials(api_auth: str | None) -> dict[str, str]:
