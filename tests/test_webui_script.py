@@ -140,13 +140,33 @@ def test_an_empty_mask_is_reported(img2img):
     (the host then generates without a mask); the next image of a reused p that has a mask drops it."""
     p = processing.StableDiffusionProcessingImg2Img(prompt="mask: goblin", init_images=[_image(3)])
     _run(img2img, p, ("", "LD-ZNet head", 0.99))
-    warning = "the mask is empty: nothing selected for 'goblin' at threshold 0.99"
-    assert not np.asarray(p.image_mask).any()
+    warning = "the mask is empty (nothing selected for 'goblin' at threshold 0.99): the image was not inpainted"
+    assert not np.asarray(p.image_mask).any() and p.batches_sampled == 0 and p.n_iter == 1
     assert p.extra_generation_params["LD-ZNet warning"] == warning
     assert f"LD-ZNet mask: {warning}" in p.comments
     p.init_images = [_image(4)]
     _run(img2img, p, ("", "LD-ZNet head", 0.3))
     assert np.asarray(p.image_mask).any() and "LD-ZNet warning" not in p.extra_generation_params
+    assert p.batches_sampled == 1
+
+
+def test_a_term_not_found_is_named_and_nothing_is_inpainted(img2img, monkeypatch):
+    """Presence (here a rule no map passes): the warning names the term; a brush mask added to the
+    empty one still gets its image inpainted."""
+    from ldznet_ext import segmenter
+    from ldznet_ext.masks.presence import PresenceRule
+    monkeypatch.setattr(segmenter, "HEAD_RULE", PresenceRule(0.0, 0.999))
+    p = _run(img2img, processing.StableDiffusionProcessingImg2Img(prompt="mask: goblin", init_images=[_image(3)]),
+             ("", "LD-ZNet head", 0.3))
+    assert p.batches_sampled == 0
+    assert p.extra_generation_params["LD-ZNet warning"] == (
+        "the mask is empty (no match for 'goblin'): the image was not inpainted")
+    brush = Image.new("L", _image(3).size, 0)
+    brush.paste(255, (0, 0, 8, 8))
+    p = _run(img2img, processing.StableDiffusionProcessingImg2Img(prompt="mask: goblin", init_images=[_image(3)],
+                                                                  mask=brush), ("", "LD-ZNet head", 0.3, 0, 0,
+                                                                                False, "add"))
+    assert p.batches_sampled == 1 and "LD-ZNet warning" not in p.extra_generation_params
 
 
 def test_a_failure_is_in_the_infotext(tmp_path):

@@ -5,7 +5,10 @@ image and sets ``p.image_mask`` before ``p.init()`` reads it. txt2img: the accor
 "send to inpaint" button and, with the setting on, a mask saved beside every generated image.
 A ``mask: <expression>`` line in the prompt replaces the accordion's expression
 (:func:`request.with_prompt_line`, as in Preview) and is removed from the prompts the sampler
-sees. The settings go into the infotext and come back through PNG Info.
+sees. The settings go into the infotext and come back through PNG Info. An image whose final mask
+(after meeting the brush) is empty is not generated: ``p.n_iter`` 0 makes the host's sampling loop
+run no batch (unlike an interruption, the Batch tab goes on with its next image), and the reason is
+in the comments and the infotext.
 """
 
 from __future__ import annotations
@@ -108,18 +111,30 @@ class LdznetScript(scripts.Script):
         image = p.init_images[0]
         result = host.compute(image, job, brush_mask(p, image.size))
         p._ldznet_mask = p.image_mask = Image.fromarray(result.mask, "L")
+        if not hasattr(p, "_ldznet_n_iter"):  # a reused p (Batch tab): every image starts from the user's count
+            p._ldznet_n_iter = p.n_iter
+        p.n_iter = p._ldznet_n_iter
         if result.mask.any():
             p.extra_generation_params.pop(WARNING_KEY, None)  # a reused p: the previous image's
         else:
-            warning = (f"the mask is empty: nothing selected for {job.expression!r} "
-                       f"at threshold {job.threshold:g}")
+            missing = ", ".join(repr(term) for term in result.prediction.missing)
+            reason = (f"no match for {missing}" if missing else
+                      f"nothing selected for {job.expression!r} at threshold {job.threshold:g}")
+            warning = f"the mask is empty ({reason}): the image was not inpainted"
             p.extra_generation_params[WARNING_KEY] = warning
             p.comment(f"{TITLE}: {warning}")
+            print(f"{TITLE}: {warning}", file=sys.stderr)
+            p.n_iter = 0  # postprocess restores it
         # A blank mask makes p.init() switch "only masked" off on this p; a reused p (Batch tab)
         # must start every image from the user's choice.
         if not hasattr(p, "_ldznet_full_res"):
             p._ldznet_full_res = p.inpaint_full_res
         p.inpaint_full_res = p._ldznet_full_res
+
+    def postprocess(self, p, processed, *args) -> None:
+        """The user's batch count back on ``p``, which the Batch tab reuses (its prompts are set up from it)."""
+        if hasattr(p, "_ldznet_n_iter"):
+            p.n_iter = p._ldznet_n_iter
 
     def postprocess_image_after_composite(self, p, pp, *args) -> None:
         job = getattr(p, "_ldznet_job", None)

@@ -75,6 +75,8 @@ def process_images(p, script, args):
     p.setup_prompts()
     script.process(p, *args)
     p.init()
+    p.batches_sampled = p.n_iter  # the host's sampling loop runs range(p.n_iter) after process
+    script.postprocess(p, p, *args)
     return p
 
 

@@ -27,6 +27,9 @@ class Script:
     def process(self, p, *args):
         pass
 
+    def postprocess(self, p, processed, *args):
+        pass
+
     def postprocess_image_after_composite(self, p, pp, *args):
         pass
 
