@@ -29,6 +29,7 @@ for a 384 px image), the same as the plain eps difference, and no other model ca
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,27 +38,39 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones.base import Backbone, Conditioning, UNetLayout
-from .limits import DRAWS, TIMESTEP
+from .limits import DOWNSCALE, DRAWS, PROPAGATION_STEPS, SCALE_WEIGHT, SHARPEN, TIMESTEP
 from .sd.schedule import noise_draws
 from .sd.tokenizer import BOS_ID, EOS_ID, tokenize
 from .tap import unet_lock
 
-SCORES = ("agreement", "difference")
+SCORES = ("agreement", "difference", "attention")
 
 
 @dataclass(frozen=True)
 class ZeroShotSettings:
     """timestep: SD timestep of the probe (None: drawn per draw from 300..499); draws: noise draws
-    summed; score: "agreement" or "difference" (module docstring); cross_attention: weight in
-    [0, 1] of the cross-attention map blended with the score map (0 = off, no hooks);
-    attention_blocks: spatial-transformer blocks of the backbone's layout (1-16 for SD v1) whose
-    maps are averaged (None: all)."""
+    summed; score: "agreement", "difference" or "attention" (module docstring).
+
+    For "agreement" and "difference": cross_attention: weight in [0, 1] of the cross-attention map
+    blended with the score map (0 = off, no hooks); attention_blocks: spatial-transformer blocks of
+    the backbone's layout (1-16 for SD v1) whose maps are averaged (None: all).
+
+    For "attention": attention_scales: (downscale, weight) pairs, the cross-attention of every block
+    running at 1/downscale of the latent's side, weighted (by resolution, so one setting serves
+    every layout; scales a layout lacks are skipped); self_attention_scale: the downscale of the
+    blocks whose self-attention propagates the map (None: the layout's finest);
+    propagation_steps: how many times (0: cross-attention alone, DAAM-style); sharpen: exponent
+    >= 1 applied to the self-attention before its rows are renormalised (lower entropy)."""
 
     timestep: int | None = 400
     draws: int = 4
     score: str = "agreement"
     cross_attention: float = 0.0
     attention_blocks: tuple[int, ...] | None = None
+    attention_scales: tuple[tuple[int, float], ...] = ((4, 0.7), (2, 0.3))
+    self_attention_scale: int | None = None
+    propagation_steps: int = 1
+    sharpen: float = 1.0
 
     def __post_init__(self):
         DRAWS.check(self.draws, "draws")
@@ -69,6 +82,16 @@ class ZeroShotSettings:
             raise ValueError(f"cross_attention weight must be in [0, 1], got {self.cross_attention}")
         if self.attention_blocks is not None and (not self.attention_blocks or min(self.attention_blocks) < 1):
             raise ValueError(f"attention_blocks must be None or block numbers >= 1, got {self.attention_blocks}")
+        if not self.attention_scales or sum(w for _, w in self.attention_scales) <= 0:
+            raise ValueError(f"attention_scales must hold (downscale, weight) pairs with a positive weight, "
+                             f"got {self.attention_scales}")
+        for downscale, weight in self.attention_scales:
+            DOWNSCALE.check(downscale, "attention scale downscale")
+            SCALE_WEIGHT.check(weight, "attention scale weight")
+        if self.self_attention_scale is not None:
+            DOWNSCALE.check(self.self_attention_scale, "self_attention_scale")
+        PROPAGATION_STEPS.check(self.propagation_steps, "propagation_steps")
+        SHARPEN.check(self.sharpen, "sharpen")
 
 
 def normalize_maps(maps: Tensor) -> Tensor:
@@ -87,32 +110,71 @@ def term_token_spans(prompts: Sequence[str]) -> list[tuple[int, int]]:
     return spans
 
 
+def head_mean_attention(q: Tensor, k: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(d)) averaged over heads: [n, m] for one batch row's queries q [H, n, d]
+    and keys k [H, m, d], in fp32, one head's [n, m] at a time (never all heads' at once)."""
+    scale = q.shape[-1] ** -0.5
+    total = torch.zeros(q.shape[1], k.shape[1], device=q.device, dtype=torch.float32)
+    for head_q, head_k in zip(q.float(), k.float()):
+        total += torch.softmax(head_q @ head_k.T * scale, dim=-1)
+    return total / q.shape[0]
+
+
+def _queries_keys(module: nn.Module, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
+    """An attention module's queries of x and keys of context, per head: [B, H, n, d], [B, H, m, d]."""
+    heads = module.heads
+    q, k = module.to_q(x), module.to_k(context)
+    return (q.view(q.shape[0], q.shape[1], heads, -1).transpose(1, 2),
+            k.view(k.shape[0], k.shape[1], heads, -1).transpose(1, 2))
+
+
+def blocks_at(layout: UNetLayout, downscales: Sequence[int]) -> tuple[int, ...]:
+    """The block numbers (from 1) of the layout's spatial transformers at 1/downscale of the latent's side."""
+    return tuple(number for number, site in enumerate(layout.sites, 1) if site.downscale in downscales)
+
+
 class CrossAttentionRecorder:
     """Record, during one UNet call, the text cross-attention mass of chosen spatial transformers
     of a layout (``blocks``, numbered from 1; None: all) on given token spans: ``maps`` [B, h, w]
-    per block, averaged over heads and summed over the span.
+    per block in block order, averaged over heads and summed over the span. With
+    ``self_attention_blocks``, also the self-attention of those blocks, averaged over heads, blocks
+    and the ``rows_per_image`` consecutive batch rows of each image: ``affinity`` [N / rows, hw, hw]
+    (row i: where pixel i attends), its side ``affinity_size``.
 
-    Reads each site's ``cross_attention`` (``to_q``, ``to_k`` and ``heads``, see
-    ``backbones.base.TransformerSite``). Thread-safe as :class:`tap.FeatureTap`: it holds the
-    UNet's lock and records only its own thread's calls.
+    Probabilities are recomputed from each module's inputs (``to_q``, ``to_k``, ``heads``, see
+    ``backbones.base.TransformerSite``), since optimised attention never materialises them.
+    Thread-safe as :class:`tap.FeatureTap`: it holds the UNet's lock and records only its own
+    thread's calls.
     """
 
     def __init__(self, layout: UNetLayout, spans: Sequence[tuple[int, int] | None],
-                 blocks: Sequence[int] | None = None):
+                 blocks: Sequence[int] | None = None, self_attention_blocks: Sequence[int] = (),
+                 rows_per_image: int = 1):
         self.sites = [layout.sites[b - 1] for b in layout.pick(blocks, "attention blocks")]
+        self.self_sites = [layout.sites[b - 1] for b in layout.pick(self_attention_blocks, "attention blocks")]
+        unexposed = [site.name for site in self.self_sites if site.self_attention is None]
+        if unexposed:
+            raise ValueError(f"the layout does not expose the self-attention of {', '.join(unexposed)}")
         self._lock = unet_lock(layout.unet)
         self._thread: int | None = None
         self.spans = list(spans)
+        self.rows_per_image = rows_per_image
         self.maps: list[Tensor] = []
+        self.affinity: Tensor | None = None
+        self.affinity_size: tuple[int, int] | None = None
         self._handles: list = []
 
     def __enter__(self) -> CrossAttentionRecorder:
         self._lock.acquire()
         self._thread = threading.get_ident()
-        for site in self.sites:
+        self.maps, self.affinity, self._affinity_count = [], None, 0
+        for site in {id(s): s for s in self.sites + self.self_sites}.values():
             sizes: dict = {}
             self._handles.append(site.module.register_forward_pre_hook(self._size_hook(sizes)))
-            self._handles.append(site.cross_attention.register_forward_hook(self._hook(sizes), with_kwargs=True))
+            if site in self.sites:
+                self._handles.append(site.cross_attention.register_forward_hook(self._hook(sizes), with_kwargs=True))
+            if site in self.self_sites:
+                self._handles.append(site.self_attention.register_forward_hook(self._self_hook(sizes)))
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -121,6 +183,8 @@ class CrossAttentionRecorder:
         self._handles.clear()
         self._thread = None
         self._lock.release()
+        if self.affinity is not None:
+            self.affinity /= self._affinity_count
 
     def _size_hook(self, sizes: dict):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -134,18 +198,29 @@ class CrossAttentionRecorder:
             if threading.get_ident() != self._thread:  # another thread's call of a shared UNet
                 return
             x = args[0]
-            context = kwargs.get("context", args[1] if len(args) > 1 else None)
-            heads = module.heads
-            q, k = module.to_q(x), module.to_k(context)
-            b, n, inner = q.shape
-            q = q.view(b, n, heads, -1).transpose(1, 2).float()
-            k = k.view(b, k.shape[1], heads, -1).transpose(1, 2).float()
-            probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1).mean(1)  # [B, n, T]
-            masses = torch.zeros(b, n, device=x.device)
+            q, k = _queries_keys(module, x, kwargs.get("context", args[1] if len(args) > 1 else None))
+            probs = torch.softmax(q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1).mean(1)
+            masses = torch.zeros(x.shape[0], x.shape[1], device=x.device)
             for i, span in enumerate(self.spans):
                 if span is not None:
                     masses[i] = probs[i, :, span[0]:span[1]].sum(-1)
-            self.maps.append(masses.view(b, *sizes["hw"]))
+            self.maps.append(masses.view(x.shape[0], *sizes["hw"]))
+
+        return hook
+
+    def _self_hook(self, sizes: dict):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if threading.get_ident() != self._thread:
+                return
+            x = args[0]
+            q, k = _queries_keys(module, x, x)
+            if self.affinity is None:
+                n = x.shape[0] // self.rows_per_image
+                self.affinity = torch.zeros(n, x.shape[1], x.shape[1], device=x.device)
+                self.affinity_size = sizes["hw"]
+            for row in range(x.shape[0]):
+                self.affinity[row // self.rows_per_image] += head_mean_attention(q[row], k[row])
+            self._affinity_count += self.rows_per_image
 
         return hook
 
@@ -155,11 +230,77 @@ class CrossAttentionRecorder:
         return torch.stack(resized).mean(0)
 
 
+def propagate(cross: Tensor, affinity: Tensor, steps: int, sharpen: float = 1.0) -> Tensor:
+    """Maps cross [n, T, P] on P pixels carried ``steps`` times through the self-attention affinity
+    [n, P, P] (row-stochastic: row i is where pixel i attends): A^steps @ c per map, A's entries
+    first raised to ``sharpen`` and its rows renormalised."""
+    if sharpen != 1.0:  # A ** p with rows renormalised, as a softmax of p log A so that no row underflows
+        affinity = torch.softmax(sharpen * affinity.clamp_min(1e-30).log(), dim=-1)
+    maps = cross.transpose(1, 2)
+    for _ in range(steps):
+        maps = affinity @ maps
+    return maps.transpose(1, 2)
+
+
+def _noised(backbone: Backbone, z: Tensor, timestep: int, noise: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """z noised to ``timestep`` with one noise shared by every image, each image repeated ``rows``
+    times, and the timesteps [N * rows]."""
+    n = z.shape[0]
+    z_t = backbone.schedule.q_sample(z, torch.full((n,), timestep), noise.to(z.device, z.dtype).expand_as(z))
+    z_t = z_t.repeat_interleave(rows, dim=0)
+    return z_t, torch.full((z_t.shape[0],), timestep, device=z.device, dtype=torch.long)
+
+
+def _weighted_cross(recorder: CrossAttentionRecorder, weights: Sequence[float], size: tuple[int, int]) -> Tensor:
+    """The recorded block maps, each divided by its spatial sum (so every block counts alike), resized
+    to ``size`` and summed with ``weights``: [B, h, w]."""
+    total = 0
+    for block_map, weight in zip(recorder.maps, weights):
+        block_map = block_map / block_map.sum((-2, -1), keepdim=True).clamp_min(1e-30)
+        resized = F.interpolate(block_map[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        total = total + weight * resized
+    return total
+
+
+def attention_maps(backbone: Backbone, z: Tensor, terms: Sequence[str], conditioning: Conditioning,
+                   settings: ZeroShotSettings, seed: int = 0) -> Tensor:
+    """The "attention" score: [N, T, h, w] in [0, 1] at z resolution, one UNet call per draw on the
+    N x T batch of terms (no unconditional row)."""
+    layout = backbone.layout
+    weight_of = dict(settings.attention_scales)
+    blocks = blocks_at(layout, tuple(weight_of))
+    if not blocks:
+        raise ValueError(f"no spatial transformer at attention scales {sorted(weight_of)}; this UNet's run at "
+                         f"{sorted({s.downscale for s in layout.sites})}")
+    per_scale = Counter(layout.sites[b - 1].downscale for b in blocks)
+    weights = [weight_of[s] / per_scale[s] for s in (layout.sites[b - 1].downscale for b in blocks)]
+    self_scale = settings.self_attention_scale or min(site.downscale for site in layout.sites)
+    self_blocks = blocks_at(layout, (self_scale,)) if settings.propagation_steps else ()
+    if settings.propagation_steps and not self_blocks:
+        raise ValueError(f"no spatial transformer at self_attention_scale {self_scale}")
+    n, t_count = z.shape[0], len(terms)
+    contexts = conditioning.repeat(n)
+    spans = term_token_spans(terms) * n
+    total = torch.zeros(n, t_count, *z.shape[-2:], device=z.device)
+    for timestep, noise in noise_draws(seed, settings.draws, (1, *z.shape[1:]), settings.timestep):
+        z_t, t = _noised(backbone, z, timestep, noise, t_count)
+        with CrossAttentionRecorder(layout, spans, blocks, self_blocks, rows_per_image=t_count) as recorder:
+            backbone.predict_noise(z_t, t, contexts)
+        size = recorder.affinity_size or max((m.shape[-2:] for m in recorder.maps), key=lambda hw: hw[0] * hw[1])
+        cross = _weighted_cross(recorder, weights, tuple(size)).view(n, t_count, -1)
+        if self_blocks:
+            cross = propagate(cross, recorder.affinity, settings.propagation_steps, settings.sharpen)
+        total += F.interpolate(cross.view(n, t_count, *size), size=z.shape[-2:], mode="bilinear", align_corners=False)
+    return normalize_maps(total)
+
+
 @torch.no_grad()
 def zero_shot_maps(backbone: Backbone, z: Tensor, terms: Sequence[str], conditioning: Conditioning,
                    settings: ZeroShotSettings, seed: int = 0) -> Tensor:
     """Zero-shot probability maps [N, T, h, w] in [0, 1] at z resolution for latents z [N, C, h, w]
     and the terms' conditioning (T rows)."""
+    if settings.score == "attention":
+        return attention_maps(backbone, z, terms, conditioning, settings, seed)
     n, t_count = z.shape[0], len(terms)
     uncond = backbone.encode_text([""])
     contexts = Conditioning.cat([conditioning, uncond]).repeat(n)  # per image: T conditional + 1 unconditional
@@ -169,9 +310,7 @@ def zero_shot_maps(backbone: Backbone, z: Tensor, terms: Sequence[str], conditio
     score = torch.zeros(n, t_count, *z.shape[-2:], device=z.device, dtype=dtype)
     attention = torch.zeros_like(score)
     for timestep, noise in noise_draws(seed, settings.draws, (1, *z.shape[1:]), settings.timestep):
-        z_t = backbone.schedule.q_sample(z, torch.full((n,), timestep), noise.to(z.device, z.dtype).expand_as(z))
-        z_t = z_t.repeat_interleave(t_count + 1, dim=0)
-        t = torch.full((z_t.shape[0],), timestep, device=z.device, dtype=torch.long)
+        z_t, t = _noised(backbone, z, timestep, noise, t_count + 1)
         if settings.cross_attention > 0:
             with CrossAttentionRecorder(backbone.layout, spans, settings.attention_blocks) as recorder:
                 eps = backbone.predict_noise(z_t, t, contexts)

@@ -13,7 +13,15 @@ from ldznet_ext.images import to_model_input
 from ldznet_ext.refine import RefineSettings
 from ldznet_ext.sd.schedule import noise_draws
 from ldznet_ext.segmenter import Segmenter, SegmenterSettings
-from ldznet_ext.zeroshot import CrossAttentionRecorder, ZeroShotSettings, term_token_spans, zero_shot_maps
+from ldznet_ext.zeroshot import (
+    CrossAttentionRecorder,
+    ZeroShotSettings,
+    blocks_at,
+    head_mean_attention,
+    propagate,
+    term_token_spans,
+    zero_shot_maps,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -108,7 +116,7 @@ def test_recorder_blocks_and_token_mass(tiny_sd):
 
 
 def test_bad_settings_and_blocks(tiny_sd):
-    with pytest.raises(ValueError, match="score must be one of agreement, difference, got 'norm'"):
+    with pytest.raises(ValueError, match="score must be one of agreement, difference, attention, got 'norm'"):
         ZeroShotSettings(score="norm")
     with pytest.raises(ValueError, match=r"attention_blocks must be None or block numbers >= 1, got \(0,\)"):
         ZeroShotSettings(attention_blocks=(0,))
@@ -118,3 +126,99 @@ def test_bad_settings_and_blocks(tiny_sd):
     message = rf"attention blocks \[{count + 1}\] do not exist: this UNet has spatial-transformer blocks 1-{count}"
     with pytest.raises(ValueError, match=message):
         CrossAttentionRecorder(tiny_sd.layout, [], blocks=[1, count + 1])
+    with pytest.raises(ValueError, match=r"propagation_steps must be an integer in \[0, 64\], got -1"):
+        ZeroShotSettings(propagation_steps=-1)
+    with pytest.raises(ValueError, match=r"sharpen must be a number in \[1, 64\], got 0.5"):
+        ZeroShotSettings(sharpen=0.5)
+    with pytest.raises(ValueError, match=r"attention scale downscale must be an integer in \[1, 64\], got 0"):
+        ZeroShotSettings(attention_scales=((0, 1.0),))
+    with pytest.raises(ValueError, match="attention_scales must hold .* with a positive weight"):
+        ZeroShotSettings(attention_scales=((2, 0.0),))
+    with pytest.raises(ValueError, match=r"no spatial transformer at attention scales \[16\]"):
+        zero_shot_maps(tiny_sd, torch.zeros(1, 4, 8, 8), ["cat"], tiny_sd.encode_text(["cat"]),
+                       ZeroShotSettings(score="attention", draws=1, attention_scales=((16, 1.0),)))
+
+
+def test_head_mean_attention_is_the_mean_of_each_heads_softmax():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(3, 5, 4, generator=g), torch.randn(3, 7, 4, generator=g)
+    expected = sum(torch.exp(q[h] @ k[h].T / 2) / torch.exp(q[h] @ k[h].T / 2).sum(-1, keepdim=True)
+                   for h in range(3)) / 3
+    assert (head_mean_attention(q, k) - expected).abs().max() <= 1e-6
+
+
+def test_propagate_is_a_power_of_the_affinity():
+    """A^k @ c per map; sharpen p: A's entries to the power p, rows renormalised, then the same."""
+    g = torch.Generator().manual_seed(1)
+    affinity = torch.softmax(torch.randn(2, 6, 6, generator=g, dtype=torch.float64), -1)
+    cross = torch.rand(2, 3, 6, generator=g, dtype=torch.float64)
+    assert torch.equal(propagate(cross, affinity, 0), cross)
+    for i in range(2):
+        expected = torch.linalg.matrix_power(affinity[i], 3) @ cross[i].T
+        assert (propagate(cross, affinity, 3)[i] - expected.T).abs().max() <= 1e-12
+        sharp = affinity[i] ** 4 / (affinity[i] ** 4).sum(-1, keepdim=True)
+        expected = torch.linalg.matrix_power(sharp, 2) @ cross[i].T
+        assert (propagate(cross, affinity, 2, sharpen=4.0)[i] - expected.T).abs().max() <= 1e-12
+
+
+def test_blocks_by_resolution(tiny_sd):
+    """The tiny UNet has SD v1's topology: latent/1 blocks 1, 2, 14-16; latent/8 the middle block."""
+    layout = tiny_sd.layout
+    assert blocks_at(layout, (1,)) == (1, 2, 14, 15, 16)
+    assert blocks_at(layout, (4, 2)) == (3, 4, 5, 6, 8, 9, 10, 11, 12, 13)
+    assert blocks_at(layout, (8,)) == (7,) and blocks_at(layout, (16,)) == ()
+
+
+def test_capture_equals_the_explicit_attention_of_the_unet(tiny_sd):
+    """The recorded self-attention (mean over heads, blocks and an image's rows) and cross-attention
+    mass equal softmax(q k^T / sqrt(d)) computed here from the modules' inputs with all heads at once."""
+    z_t = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    t = torch.tensor([300] * 4)
+    terms = ["red cat", "sky"]
+    context = tiny_sd.encode_text(terms * 2)
+    explicit: dict = {}
+
+    def record(name):
+        def hook(module, args, kwargs, output):
+            x = args[0]
+            source = kwargs.get("context", args[1] if len(args) > 1 else None)
+            source = x if source is None else source
+            b, h = x.shape[0], module.heads
+            q = module.to_q(x).view(b, x.shape[1], h, -1).transpose(1, 2)
+            k = module.to_k(source).view(b, source.shape[1], h, -1).transpose(1, 2)
+            explicit.setdefault(name, []).append(torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1))
+        return hook
+
+    sites = [tiny_sd.layout.sites[b - 1] for b in (1, 14)]
+    handles = [module.register_forward_hook(record(name), with_kwargs=True) for site in sites
+               for name, module in (("self", site.self_attention), ("cross", site.cross_attention))]
+    try:
+        with CrossAttentionRecorder(tiny_sd.layout, term_token_spans(terms) * 2, blocks=(1, 14),
+                                    self_attention_blocks=(1, 14), rows_per_image=2) as recorder:
+            tiny_sd.predict_noise(z_t, t, context)
+    finally:
+        for handle in handles:
+            handle.remove()
+    self_attention = torch.stack(explicit["self"]).mean((0, 2))  # blocks, heads -> [4, 64, 64]
+    expected = self_attention.view(2, 2, 64, 64).mean(1)  # an image's two rows
+    assert recorder.affinity.shape == (2, 64, 64) and recorder.affinity_size == (8, 8)
+    assert (recorder.affinity - expected).abs().max() <= 1e-6
+    assert (recorder.affinity.sum(-1) - 1).abs().max() <= 1e-5
+    for block_map, probs in zip(recorder.maps, explicit["cross"]):
+        mass = probs.mean(1)
+        expected = torch.stack([mass[0, :, 1:3].sum(-1), mass[1, :, 1:2].sum(-1),
+                                mass[2, :, 1:3].sum(-1), mass[3, :, 1:2].sum(-1)]).view(4, 8, 8)
+        assert (block_map - expected).abs().max() <= 1e-6
+
+
+def test_attention_score_is_one_call_per_draw_without_the_empty_prompt(tiny_sd, monkeypatch):
+    """N images x T terms rows per call, ``draws`` calls, no unconditional row; maps in [0, 1]."""
+    calls = []
+    predict = tiny_sd.predict_noise
+    monkeypatch.setattr(tiny_sd, "predict_noise", lambda z_t, t, c: calls.append(len(c)) or predict(z_t, t, c))
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    terms = ["red cat", "sky", "grass"]
+    settings = ZeroShotSettings(score="attention", draws=2, timestep=100, propagation_steps=2, sharpen=2.0)
+    maps = zero_shot_maps(tiny_sd, z, terms, tiny_sd.encode_text(terms), settings)
+    assert calls == [6, 6] and maps.shape == (2, 3, 8, 8)
+    assert maps.amin((-2, -1)).max() == 0 and maps.amax((-2, -1)).min() == 1

@@ -65,12 +65,15 @@ class Conditioning:
 class TransformerSite:
     """One spatial transformer of a denoiser: ``module``'s output [B, C, h, w] is the feature,
     ``cross_attention`` is its text attention (``to_q``, ``to_k``, ``heads``; called with the
-    context as second argument or ``context=``), and it runs at 1 / ``downscale`` of the latent's side."""
+    context as second argument or ``context=``), ``self_attention`` that of its first block over its
+    own pixels (same attributes; None where a layout does not expose it), and it runs at
+    1 / ``downscale`` of the latent's side."""
 
     name: str
     module: nn.Module
     cross_attention: nn.Module
     downscale: int
+    self_attention: nn.Module | None = None
 
 
 @dataclass(frozen=True)
@@ -114,8 +117,8 @@ def ldm_layout(unet: nn.Module, tapped: tuple[int, ...] = LDZNET_BLOCKS) -> UNet
             name = part if part == "middle_block" else f"{part}.{index}"
             for position, layer in enumerate(block):
                 if hasattr(layer, "transformer_blocks"):
-                    sites.append(TransformerSite(f"{name}.{position}", layer, layer.transformer_blocks[0].attn2,
-                                                 2 ** level))
+                    first = layer.transformer_blocks[0]
+                    sites.append(TransformerSite(f"{name}.{position}", layer, first.attn2, 2 ** level, first.attn1))
                 # A level change takes effect for the layers after it.
                 level += _LEVEL_STEP.get(type(layer).__name__, 0)
     return UNetLayout(unet, tuple(sites), tapped)
