@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import html
+import re
 import io
 import json
 import struct
@@ -267,6 +269,25 @@ def test_preview_uses_the_prompt_line_first(tmp_path):
     assert status.startswith("<p class='ldznet-status'>goblin: ")
     _, status = ui.preview_mask(0, "a photo", image, None, None, None, None, None, "sword", "LD-ZNet head", 0.3)
     assert status.startswith("<p class='ldznet-status'>sword: ")
+
+
+def test_preview_names_the_terms_not_found(tmp_path, monkeypatch):
+    """Preview says which terms presence rejected (their maps gave nothing), and the found ones' share."""
+    pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
+    from ldznet_ext import segmenter
+    from ldznet_ext.masks.presence import PresenceRule
+
+    world.install(tmp_path)
+    image = _grey16()
+    monkeypatch.setattr(segmenter, "HEAD_RULE", PresenceRule(0.0, 0.999999))  # nothing is found
+    overlay, status = ui.preview_mask(0, "a photo", image, None, None, None, None, None,
+                                      "goblin OR sword", "LD-ZNet head", 0.3)
+    assert re.fullmatch(r"<p class='ldznet-status'>goblin OR sword: 0\.0% of the image selected; "
+                        r"no match for 'goblin' \(score 0\.\d\d\); no match for 'sword' \(score 0\.\d\d\)</p>",
+                        html.unescape(status))
+    _, status = ui.preview_mask(0, "a photo", image, None, None, None, None, None, "goblin", "LD-ZNet head", 0.3,
+                                0, 0, False, "replace", True, 0, 0, 1.0, 0, False)  # presence off
+    assert "no match" not in status
 
 
 def _mask_before_mask_job(image, brush, expression, mode, threshold, grow, feather, invert, combine, refine):

@@ -166,7 +166,10 @@ def preview_mask(mode, prompt, *values):
         return None, _status(str(error), error=True)
     overlay = render_overlay(load_image(image), result.mask)
     share = float((result.mask >= 128).mean())
-    return Image.fromarray(overlay), _status(f"{job.expression}: {share:.1%} of the image selected")
+    missing = [f"no match for {term!r} (score {decision.score:.2f})"
+               for term, decision in result.prediction.presence.items() if not decision.found]
+    return Image.fromarray(overlay), _status("; ".join([f"{job.expression}: {share:.1%} of the image selected",
+                                                        *missing]))
 
 
 def unload_models() -> str:
