@@ -211,9 +211,9 @@ def parse_config(cls: type[_Config], value: Any, where: str, required: tuple[str
     ``where`` (e.g. "model.safetensors: field 'ldznet.unet'") that says what is wrong and expected.
 
     Keys must be fields of ``cls``; fields without a default and those in ``required`` must be
-    present. int fields take integers >= 0, ``tuple[int, ...]`` fields lists of them, str fields
-    strings, dataclass fields nested objects. A value the dataclass refuses (its ValueError) is
-    reported the same way.
+    present. int fields take integers >= 0, ``tuple[int, ...]`` fields lists of them, bool fields
+    true/false, str fields strings, dataclass fields nested objects. A value the dataclass refuses
+    (its ValueError) is reported the same way.
     """
     return _parse_value(cls, value, where, (), required)
 
@@ -244,6 +244,10 @@ def _parse_value(hint: Any, value: Any, where: str, keys: tuple[str, ...], requi
     if hint is int:
         if type(value) is not int or value < 0:
             raise refuse("an integer >= 0")
+        return value
+    if hint is bool:
+        if type(value) is not bool:
+            raise refuse("true or false")
         return value
     if hint is str:
         if not isinstance(value, str):

@@ -1,4 +1,5 @@
-"""The SD v1 UNet in the ldm layout (`openaimodel.UNetModel`), state-dict compatible with it.
+"""The SD UNet in the ldm layout (`openaimodel.UNetModel`; sgm's for SD 2.x and SDXL), state-dict
+compatible with it.
 
 Module names equal ldm's so that the ``model.diffusion_model.*`` part of an SD checkpoint loads
 strictly, and so that code written against ldm's module tree (the feature tap, the WebUI's hooks)
@@ -6,7 +7,9 @@ sees the same structure: ``time_embed``, ``input_blocks``, ``middle_block``, ``o
 ``out``; spatial transformers sit at index [1] of their block.
 
 The 16 spatial-transformer blocks carry a 1-based ``block_number`` in execution order (the paper's
-numbering). Segmentation networks built on this class pass extra per-block inputs (``sd_features``)
+numbering). SD 2.x and SDXL differ only in options of :class:`UNetConfig` (heads of a fixed width,
+linear projections in the transformers, a transformer depth per level, SDXL's ``label_emb`` for the
+pooled-text and size vector ``y``). Segmentation networks built on this class pass extra per-block inputs (``sd_features``)
 to the blocks that take them; the plain SD UNet takes none.
 """
 
@@ -23,7 +26,15 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Hyper-parameters of an ldm-layout UNet (defaults: SD v1.x)."""
+    """Hyper-parameters of an ldm-layout UNet (defaults: SD v1.x).
+
+    The last four fields are SD 2.x / SDXL options (sgm's names in brackets): ``level_depths``
+    [transformer_depth as a list], the transformer depth at each level, the middle block taking the
+    last (empty: ``transformer_depth`` everywhere); ``num_head_channels`` > 0, heads of that width
+    instead of ``num_heads`` heads; ``linear_projection`` [use_linear_in_transformer], linear
+    proj_in/proj_out; ``adm_in_channels`` > 0, the width of the vector ``y`` that ``label_emb`` adds
+    to the timestep embedding.
+    """
 
     in_channels: int = 4
     out_channels: int = 4
@@ -34,9 +45,31 @@ class UNetConfig:
     num_heads: int = 8
     context_dim: int = 768
     transformer_depth: int = 1
+    level_depths: tuple[int, ...] = ()
+    num_head_channels: int = 0
+    linear_projection: bool = False
+    adm_in_channels: int = 0
+
+    def __post_init__(self):
+        if self.level_depths and len(self.level_depths) != len(self.channel_mult):
+            raise ValueError(f"level_depths {list(self.level_depths)} needs one depth per level "
+                             f"({len(self.channel_mult)} levels in channel_mult)")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as JSON-ready values; the SD 2.x / SDXL options only where they are set, so that
+        an SD v1 configuration reads as it always did (and older readers accept it)."""
+        data = asdict(self)
+        return {k: v for k, v in data.items() if k not in _SGM_DEFAULTS or v != _SGM_DEFAULTS[k]}
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks per spatial transformer at ``level`` (the middle block: the last level)."""
+        return self.level_depths[level] if self.level_depths else self.transformer_depth
+
+    def heads_at(self, channels: int) -> tuple[int, int]:
+        """(heads, head width) of the attention layers of a transformer over ``channels``."""
+        if self.num_head_channels > 0:
+            return channels // self.num_head_channels, self.num_head_channels
+        return self.num_heads, channels // self.num_heads
 
     @classmethod
     def from_dict(cls, data: Mapping) -> UNetConfig:
@@ -44,16 +77,25 @@ class UNetConfig:
         return cls(**fields)
 
 
+_SGM_DEFAULTS = {"level_depths": (), "num_head_channels": 0, "linear_projection": False, "adm_in_channels": 0}
+
 UNET_CONFIGS: dict[str, UNetConfig] = {
     "sd-v1": UNetConfig(),
     # Smallest shape with the full SD v1 topology (4 levels, 16 transformer blocks); GroupNorm(32)
     # needs channel counts that are multiples of 32.
     "tiny": UNetConfig(model_channels=32, channel_mult=(1, 1, 2, 2), num_heads=2, context_dim=64),
+    # sgm's configs/inference/sd_xl_base.yaml (SDXL base 1.0 and its fine-tunes: Pony, Illustrious, ...).
+    "sdxl": UNetConfig(channel_mult=(1, 2, 4), attention_levels=(1, 2), context_dim=2048, level_depths=(1, 2, 10),
+                       num_head_channels=64, linear_projection=True, adm_in_channels=2816),
+    # SDXL's topology at test widths: no transformer at level 0, depths 1 / 2, heads of 16 channels.
+    "tiny-sdxl": UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_levels=(1, 2), context_dim=96,
+                            level_depths=(1, 1, 2), num_head_channels=16, linear_projection=True,
+                            adm_in_channels=80),
 }
 
 
 def unet_config(size: str, **overrides) -> UNetConfig:
-    """The named configuration ("sd-v1" or "tiny"), with fields optionally overridden."""
+    """The named configuration (one of :data:`UNET_CONFIGS`), with fields optionally overridden."""
     if size not in UNET_CONFIGS:
         raise ValueError(f"unknown UNet size {size!r}; known sizes: {', '.join(UNET_CONFIGS)}")
     return UNetConfig(**{**UNET_CONFIGS[size].to_dict(), **overrides})
@@ -194,27 +236,34 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Transformer over the pixels of a feature map, conditioned on text (conv projections, SD v1)."""
+    """Transformer over the pixels of a feature map, conditioned on text (1x1 conv projections as SD v1,
+    or ``linear`` ones as SD 2.x and SDXL)."""
 
     block_class: type[BasicTransformerBlock] = BasicTransformerBlock
 
-    def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int, depth: int, block_number: int):
+    def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int, depth: int, block_number: int,
+                 linear: bool = False):
         super().__init__()
         self.block_number = block_number
+        self.linear = linear
         inner = heads * dim_head
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.proj_in = nn.Linear(channels, inner) if linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             self.block_class(inner, heads, dim_head, context_dim) for _ in range(depth))
-        self.proj_out = zero_module(nn.Conv2d(inner, channels, 1))
+        self.proj_out = zero_module(nn.Linear(inner, channels) if linear else nn.Conv2d(inner, channels, 1))
 
     def to_tokens(self, x: Tensor) -> Tensor:
         """[B, C, H, W] -> [B, HW, inner]: normalised, projected tokens."""
+        if self.linear:
+            return self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
         return self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
 
     def from_tokens(self, tokens: Tensor, x: Tensor) -> Tensor:
         """Project tokens back to a residual on ``x``."""
         b, c, h, w = x.shape
+        if self.linear:
+            return x + self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w)
         # x first: the sum takes its (contiguous) layout. The projected tokens are a channels-last
         # view, and with B > 1 a sum led by them would stay channels-last through the rest of the
         # UNet, where every 3x3 conv would then copy its weights to that layout on each call.
@@ -244,7 +293,7 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    """ldm-layout UNet: ``forward(x, timesteps, context) -> eps`` ([B, out_channels, h, w])."""
+    """ldm-layout UNet: ``forward(x, timesteps, context[, y]) -> eps`` ([B, out_channels, h, w])."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -252,6 +301,10 @@ class UNetModel(nn.Module):
         c = config
         emb_dim = c.model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if c.adm_in_channels:
+            # Nested as sgm's (num_classes="sequential") so that its keys read label_emb.0.0 / label_emb.0.2.
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
         self._block_count = 0
 
         self.input_blocks = nn.ModuleList(
@@ -288,24 +341,32 @@ class UNetModel(nn.Module):
 
     def _new_transformer(self, channels: int, level: int) -> SpatialTransformer:
         self._block_count += 1
-        heads = self.config.num_heads
-        return self.make_spatial_transformer(channels, heads, channels // heads, self._block_count, level)
+        heads, dim_head = self.config.heads_at(channels)
+        return self.make_spatial_transformer(channels, heads, dim_head, self._block_count, level)
 
     def make_spatial_transformer(self, channels: int, heads: int, dim_head: int, block_number: int,
                                  level: int) -> SpatialTransformer:
         """Build spatial-transformer block ``block_number`` (1-based) working at resolution level
         ``level`` (feature side = z side / 2**level); subclasses swap in variants."""
         c = self.config
-        return SpatialTransformer(channels, heads, dim_head, c.context_dim, c.transformer_depth, block_number)
+        return SpatialTransformer(channels, heads, dim_head, c.context_dim, c.depth_at(level), block_number,
+                                  c.linear_projection)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.time_embed[0].weight.dtype
 
     def forward_features(self, x: Tensor, timesteps: Tensor, context: Tensor,
-                         sd_features: Mapping[int, Tensor] | None = None) -> Tensor:
-        """Everything but ``out``: the last decoder feature map [B, model_channels, h, w]."""
+                         sd_features: Mapping[int, Tensor] | None = None, y: Tensor | None = None) -> Tensor:
+        """Everything but ``out``: the last decoder feature map [B, model_channels, h, w]. ``y``
+        [B, adm_in_channels] is required exactly when the configuration has ``adm_in_channels``."""
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(self.dtype))
+        width = self.config.adm_in_channels
+        if (y is None) != (width == 0):
+            raise ValueError(f"this UNet takes {f'a vector y [B, {width}]' if width else 'no vector y'}, "
+                             f"got {'none' if y is None else tuple(y.shape)}")
+        if y is not None:
+            emb = emb + self.label_emb(y.type(self.dtype))
         h = x.type(self.dtype)
         context = context.type(self.dtype)
         skips = []
@@ -317,9 +378,10 @@ class UNetModel(nn.Module):
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context, sd_features)
         return h
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
-        """Noise prediction [B, out_channels, h, w] for latents ``x`` [B, in_channels, h, w] at ``timesteps`` [B]."""
-        return self.out(self.forward_features(x, timesteps, context)).type(x.dtype)
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
+        """Noise prediction [B, out_channels, h, w] for latents ``x`` [B, in_channels, h, w] at ``timesteps`` [B]
+        (and SDXL's vector ``y`` [B, adm_in_channels])."""
+        return self.out(self.forward_features(x, timesteps, context, y=y)).type(x.dtype)
 
 
 def count_parameters(module: nn.Module) -> int:
