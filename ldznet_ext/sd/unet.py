@@ -9,8 +9,8 @@ sees the same structure: ``time_embed``, ``input_blocks``, ``middle_block``, ``o
 The 16 spatial-transformer blocks carry a 1-based ``block_number`` in execution order (the paper's
 numbering). SD 2.x and SDXL differ only in options of :class:`UNetConfig` (heads of a fixed width,
 linear projections in the transformers, a transformer depth per level, SDXL's ``label_emb`` for the
-pooled-text and size vector ``y``). Segmentation networks built on this class pass extra per-block inputs (``sd_features``)
-to the blocks that take them; the plain SD UNet takes none.
+pooled-text and size vector ``y``). Segmentation networks built on this class pass extra per-block
+inputs (``sd_features``) to the blocks that take them; the plain SD UNet takes none.
 """
 
 from __future__ import annotations
