@@ -137,6 +137,11 @@ REFINE_STRENGTH = Limit(float, 0, 1)
 REFINE_RADIUS = Limit(float, 1, MAX_RADIUS)
 REFINE_EPS = Limit(float, 0, 1, low_open=True)  # squared colour units of a [0, 1] image
 
+# The WebUI's detail pass: one img2img per instance after generation
+DENOISING = Limit(float, 0, 1, low_open=True)  # 0 would repaint nothing
+SAMPLING_STEPS = Limit(int, 1, 1000)
+CROP_PADDING = Limit(int, 0, MAX_RADIUS)  # pixels around an instance's box
+
 # Data, evaluation and training
 RENDER_SIZE = Limit(int, 8, 4096)  # a micro-world scene's side: world.scenes.render's range
 SCENES = Limit(int, 1, 1_000_000)  # seeds of one split

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldznet_ext.detail import DetailPass
 from ldznet_ext.errors import ExpressionError, LdznetError
 from ldznet_ext.job import MaskJob
 from ldznet_ext.masks.ops import MaskOptions
@@ -56,7 +57,8 @@ def test_infotext_round_trips_every_field():
                       "LD-ZNet grow": "2048", "LD-ZNet feather": "0.5", "LD-ZNet invert": "False",
                       "LD-ZNet combine": "add", "LD-ZNet refine": "True", "LD-ZNet keep largest": "3",
                       "LD-ZNet min area": "40", "LD-ZNet refine strength": "0.25", "LD-ZNet refine radius": "7.5"}
-    assert set(INFOTEXT_KEYS.values()) - {"LD-ZNet presence"} == set(params)  # presence on: not written
+    mask_keys = {INFOTEXT_KEYS[name] for name in request.MASK_ARG_NAMES}
+    assert mask_keys - {"LD-ZNet presence"} == set(params)  # presence on: not written; no detail pass: none of it
     assert list(INFOTEXT_KEYS) == list(request.ARG_NAMES)
     assert from_infotext(params) == job
     assert request.infotext(job.replace(presence=False))["LD-ZNet presence"] == "False"
@@ -71,7 +73,8 @@ def test_pasted_values():
     assert pasted == {"expression": "goblin OR sword{+4}", "mode": "zero-shot", "threshold": "0.35", "grow": "-3",
                       "feather": "2.5", "invert": "True", "combine": "subtract", "refine": "False",
                       "keep_largest": "0", "min_area": "0", "refine_strength": "1", "refine_radius": "0",
-                      "presence": "True"}
+                      "presence": "True", "detail_expression": "", "detail_prompts": "", "detail_denoising": "0.4",
+                      "detail_steps": "20", "detail_padding": "32"}
     assert [request.pasted_value({}, name) for name in ("expression", "threshold", "min_area")] == ["", None, "0"]
     assert from_args(list(pasted.values())) == from_infotext(OLD_INFOTEXT)
 
@@ -93,7 +96,7 @@ def test_from_args_with_the_newer_args():
     assert job.refine_settings() == RefineSettings(enabled=False, strength=0.5, radius=12.0)
     for unset in (0, 0.0, "0", None):
         assert from_args(["cat", *[None] * 7, unset, None, None, unset]) == MaskJob("cat")
-    assert [request.control_value(job, name) for name in request.ARG_NAMES] == [
+    assert [request.control_value(job, name) for name in request.MASK_ARG_NAMES] == [
         "cat", "zero-shot", 0.3, 2.0, 1.0, True, "add", False, 2, 50, 0.5, 12.0, True]
     assert [request.control_value(MaskJob(), name) for name in request.ZERO_MEANS_NONE] == [0, 0]
 
@@ -143,12 +146,59 @@ EIGHT = ["cat", "zero-shot", 0.5, 0, 0, False, "add", True]
     ([*EIGHT, None, 2.5], r"^min_area must be an integer in \[0, 1000000000\], got 2.5$"),
     ([*EIGHT, None, None, 2], r"^refine_strength must be a number in \[0, 1\], got 2$"),
     ([*EIGHT, None, None, None, 0.5], r"^refine_radius must be a number in \[1, 2048\], got 0.5$"),
-    ([*EIGHT] * 2, "got 16 args, expected at most 13"),
+    ([*EIGHT] * 3, "got 24 args, expected at most 18"),
     (["cat OR"], "expected a term"),
 ])
 def test_from_args_errors(args, message):
     with pytest.raises(LdznetError, match=message):
         from_args(args)
+
+
+THIRTEEN = [*EIGHT, None, None, None, None, None]
+"""Every mask arg: the detail pass's come after them."""
+
+
+def test_the_detail_pass_args_come_after_the_mask_args():
+    args = [*THIRTEEN, "face[1] OR hand", "a smiling face [SEP] a hand", "0.55", 12, "8"]
+    assert from_args(args) == from_args(THIRTEEN) == MaskJob("cat", "zero-shot", 0.5, combine="add")
+    assert request.detail_from_args(args) == DetailPass("face[1] OR hand", "a smiling face [SEP] a hand", 0.55, 12, 8)
+    assert request.detail_from_args([*THIRTEEN, "face", None, None, None, None]) == DetailPass("face", "", 0.4, 20, 32)
+    assert not request.detail_from_args(THIRTEEN).active and not request.detail_from_args([*THIRTEEN, " "]).active
+
+
+@pytest.mark.parametrize("detail, message", [
+    (["face", "", 0], r"^detail pass: denoising must be a number in \(0, 1\], got 0$"),
+    (["face", "", 0.5, 0], r"^detail pass: steps must be an integer in \[1, 1000\], got 0$"),
+    (["face", "", 0.5, 20, -1], r"^detail pass: padding must be an integer in \[0, 2048\], got -1$"),
+    (["face", "", 0.5, "many"], r"^detail pass: steps must be an integer in \[1, 1000\], got 'many'$"),
+    (["face OR"], r"^detail pass: expected a term or '\(' after 'OR', found the end of the text at position 7$"),
+    ([3], r"^detail_expression \(arg 13\) must be text, got 3$"),
+    (["face", ["a", "b"]], r"^detail_prompts \(arg 14\) must be text"),
+])
+def test_detail_pass_arg_errors(detail, message):
+    with pytest.raises(LdznetError, match=message):
+        request.detail_from_args([*THIRTEEN, *detail])
+
+
+def test_detail_pass_infotext_round_trip():
+    """A txt2img with only the detail pass records the mask settings it masks with (not an empty
+    expression), and PNG Info puts every control back; an image without a pass turns it off."""
+    job = MaskJob(threshold=0.4, feather=3)
+    detail = DetailPass("face[1]", "a smiling face, detailed [SEP] an old face", 0.35, 12, 16)
+    params = infotext(job, detail)
+    assert params == {"LD-ZNet mode": "LD-ZNet head", "LD-ZNet threshold": "0.4", "LD-ZNet grow": "0",
+                      "LD-ZNet feather": "3", "LD-ZNet invert": "False", "LD-ZNet combine": "replace",
+                      "LD-ZNet refine": "True", "LD-ZNet detail": "face[1]",
+                      "LD-ZNet detail prompts": "a smiling face, detailed [SEP] an old face",
+                      "LD-ZNet detail denoising": "0.35", "LD-ZNet detail steps": "12", "LD-ZNet detail padding": "16"}
+    assert request.detail_from_infotext(params) == detail and from_infotext(params) is None
+    pasted = [request.pasted_value(params, name) for name in request.ARG_NAMES]
+    assert request.detail_from_args(pasted) == detail and from_args(pasted) == job
+    assert "LD-ZNet detail prompts" not in infotext(job, DetailPass("face"))
+    assert infotext(job) == infotext(job, DetailPass()) == {}
+    assert infotext(MaskJob("cat"), DetailPass()) == infotext(MaskJob("cat"))
+    assert request.detail_from_infotext(OLD_INFOTEXT) is None
+    assert not request.detail_from_args([request.pasted_value(OLD_INFOTEXT, name) for name in request.ARG_NAMES]).active
 
 
 def test_combine_modes_on_hand_arrays():
@@ -246,7 +296,10 @@ def test_mask_body_takes_the_newer_fields_by_name():
 def test_schema_route():
     schema = api.schema_response()
     assert schema["job"] == MaskJob.json_schema()
-    assert schema["script_args"] == list(request.ARG_NAMES) == list(MaskJob.field_names())
+    assert schema["script_args"] == list(request.ARG_NAMES)
+    assert list(request.MASK_ARG_NAMES) == list(MaskJob.field_names())
+    assert schema["script_args"][len(request.MASK_ARG_NAMES):] == [
+        "detail_expression", "detail_prompts", "detail_denoising", "detail_steps", "detail_padding"]
     assert schema["script_args"][:8] == ["expression", "mode", "threshold", "grow", "feather", "invert", "combine",
                                          "refine"]
     assert (schema["image_fields"], schema["script_args_zero_is_null"]) == (["image", "mask"],

@@ -14,12 +14,17 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..errors import LdznetError
+from ..detail import DetailPass
+from ..errors import ExpressionError, LdznetError
 from ..job import COMBINE_MODES, MaskJob, checked_choice
 
 TITLE = "LD-ZNet mask"
-ARG_NAMES = ("expression", "mode", "threshold", "grow", "feather", "invert", "combine", "refine",
-             "keep_largest", "min_area", "refine_strength", "refine_radius", "presence")
+MASK_ARG_NAMES = ("expression", "mode", "threshold", "grow", "feather", "invert", "combine", "refine",
+                  "keep_largest", "min_area", "refine_strength", "refine_radius", "presence")
+"""The args of the mask job (:class:`MaskJob`'s fields)."""
+DETAIL_ARG_NAMES = ("detail_expression", "detail_prompts", "detail_denoising", "detail_steps", "detail_padding")
+"""The args of the detail pass (:class:`DetailPass`'s fields, prefixed)."""
+ARG_NAMES = MASK_ARG_NAMES + DETAIL_ARG_NAMES
 ZERO_MEANS_NONE = ("keep_largest", "refine_radius")
 """Script args whose 0 stands for None (all objects, automatic radius): a number box cannot be empty."""
 
@@ -37,8 +42,14 @@ INFOTEXT_KEYS = {
     "refine_strength": "LD-ZNet refine strength",
     "refine_radius": "LD-ZNet refine radius",
     "presence": "LD-ZNet presence",
+    "detail_expression": "LD-ZNet detail",
+    "detail_prompts": "LD-ZNet detail prompts",
+    "detail_denoising": "LD-ZNet detail denoising",
+    "detail_steps": "LD-ZNet detail steps",
+    "detail_padding": "LD-ZNet detail padding",
 }
-"""Infotext key of each setting; the expression's key is the accordion's title."""
+"""Infotext key of each setting; the expression's key is the accordion's title. The detail keys are
+written only for a generation with a detail pass."""
 WRITTEN_WHEN_SET = ("keep_largest", "min_area", "refine_strength", "refine_radius", "presence")
 """Infotext keys written only when not the default, so a job that leaves them alone reads as before."""
 
@@ -46,8 +57,9 @@ _MASK_LINE = re.compile(r"^[ \t]*mask[ \t]*:(.*)(?:\n|$)", re.IGNORECASE | re.MU
 
 
 def _job(values: Mapping[str, object]) -> MaskJob:
-    """A job from WebUI values by field name: None takes the default, 0 of ZERO_MEANS_NONE is None."""
-    kept = {name: value for name, value in values.items() if value is not None}
+    """A job from WebUI values by field name (the mask's; others are ignored): None takes the
+    default, 0 of ZERO_MEANS_NONE is None."""
+    kept = {name: value for name, value in values.items() if value is not None and name in MASK_ARG_NAMES}
     for name in ZERO_MEANS_NONE:
         if name in kept and _is_zero(kept[name]):
             del kept[name]
@@ -61,17 +73,40 @@ def _is_zero(value) -> bool:
         return False
 
 
-def from_args(args: Sequence) -> MaskJob:
-    """The job of positional script args in ARG_NAMES order; missing trailing args take defaults,
-    None means "default" (the host fills unsent API args with the UI's defaults)."""
+def _values(args: Sequence) -> dict[str, object]:
     if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
         raise LdznetError(f"args must be a list in the order {list(ARG_NAMES)}, got {type(args).__name__}")
     if len(args) > len(ARG_NAMES):
         raise LdznetError(f"got {len(args)} args, expected at most {len(ARG_NAMES)}: {list(ARG_NAMES)}")
     values = dict(zip(ARG_NAMES, args))
-    if not isinstance(values.get("expression", ""), (str, type(None))):
-        raise LdznetError(f"expression (arg 0) must be text, got {values['expression']!r}")
-    return _job(values)
+    for name in ("expression", "detail_expression", "detail_prompts"):
+        if not isinstance(values.get(name, ""), (str, type(None))):
+            raise LdznetError(f"{name} (arg {ARG_NAMES.index(name)}) must be text, got {values[name]!r}")
+    return values
+
+
+def from_args(args: Sequence) -> MaskJob:
+    """The job of positional script args in ARG_NAMES order; missing trailing args take defaults,
+    None means "default" (the host fills unsent API args with the UI's defaults)."""
+    return _job(_values(args))
+
+
+def detail_from_args(args: Sequence) -> DetailPass:
+    """The detail pass of positional script args (ARG_NAMES order; missing or None: defaults, which
+    leave it off)."""
+    return _detail(_values(args))
+
+
+def _detail(values: Mapping[str, object]) -> DetailPass:
+    """The detail pass of WebUI values by arg name; None takes the default; errors say "detail pass"."""
+    kept = {name.removeprefix("detail_"): value for name, value in values.items()
+            if name in DETAIL_ARG_NAMES and value is not None}
+    try:
+        return DetailPass(**kept)
+    except ExpressionError as error:
+        raise ExpressionError(f"detail pass: {error}") from None  # the position is in the message
+    except LdznetError as error:
+        raise LdznetError(f"detail pass: {error}") from None
 
 
 def control_value(job: MaskJob, name: str):
@@ -80,11 +115,21 @@ def control_value(job: MaskJob, name: str):
     return 0 if value is None and name in ZERO_MEANS_NONE else value
 
 
-def infotext(job: MaskJob) -> dict[str, str]:
-    """Infotext parameters of ``job`` (the host quotes values that need it)."""
+def infotext(job: MaskJob, detail: DetailPass | None = None) -> dict[str, str]:
+    """Infotext parameters of ``job`` and ``detail`` (the host quotes values that need it): the
+    mask's settings when either is active (the pass masks with them), its expression when it has
+    one; the pass's settings when it is active (its prompts when there are any)."""
+    detail = detail or DetailPass()
+    if not (job.active or detail.active):
+        return {}
     default = MaskJob()
-    return {key: _format(getattr(job, name)) for name, key in INFOTEXT_KEYS.items()
-            if name not in WRITTEN_WHEN_SET or getattr(job, name) != getattr(default, name)}
+    written = [name for name in MASK_ARG_NAMES if (name not in WRITTEN_WHEN_SET or getattr(job, name) !=
+                                                   getattr(default, name)) and (name != "expression" or job.active)]
+    params = {INFOTEXT_KEYS[name]: _format(getattr(job, name)) for name in written}
+    if detail.active:
+        params.update({INFOTEXT_KEYS[name]: _format(getattr(detail, name.removeprefix("detail_")))
+                       for name in DETAIL_ARG_NAMES if name != "detail_prompts" or detail.prompts})
+    return params
 
 
 def from_infotext(params: Mapping[str, str]) -> MaskJob | None:
@@ -95,16 +140,25 @@ def from_infotext(params: Mapping[str, str]) -> MaskJob | None:
     return _job({name: params[key] for name, key in INFOTEXT_KEYS.items() if key in params})
 
 
+def detail_from_infotext(params: Mapping[str, str]) -> DetailPass | None:
+    """The detail pass recorded in parsed infotext, or None when there was none."""
+    if not params.get(INFOTEXT_KEYS["detail_expression"]):
+        return None
+    return _detail({name: params[key] for name, key in INFOTEXT_KEYS.items() if key in params})
+
+
 def pasted_value(params: Mapping[str, str], name: str) -> str | None:
     """What PNG Info and the send-to buttons put into the control of field ``name``: the recorded
-    value; when the infotext has none, "" for the expression (no mask) and the control's default
-    for WRITTEN_WHEN_SET (so an image made without them resets them); otherwise None, which leaves
-    the control as it is."""
+    value; when the infotext has none, "" for the expressions and the detail prompts (no mask, no
+    pass) and the control's default for WRITTEN_WHEN_SET and the detail pass's numbers (so an image
+    made without them resets them); otherwise None, which leaves the control as it is."""
     key = INFOTEXT_KEYS[name]
     if key in params:
         return params[key]
-    if name == "expression":
+    if name in ("expression", "detail_expression", "detail_prompts"):
         return ""
+    if name in DETAIL_ARG_NAMES:
+        return _format(getattr(DetailPass(), name.removeprefix("detail_")))
     return _format(control_value(MaskJob(), name)) if name in WRITTEN_WHEN_SET else None
 
 
