@@ -1,29 +1,29 @@
 """Zero-shot masks from the SD model alone, before any segmentation head is trained.
 
-The paper's Figure 1: where the text changes the noise prediction, the text's object is. Each
-draw noises the image latent z to z_t, and the UNet predicts eps for every term and for the
-empty prompt in one batch. eps_u - eps_c is, up to a positive factor sqrt(1 - a_t) / sqrt(a_t),
-x0_c - x0_u: the direction in which the text moves the predicted clean latent. Two per-pixel
-scores, summed over draws and min-max normalised to [0, 1] per map:
+Each draw noises the image latent z to z_t and runs the UNet once on a batch of the terms. Three
+per-pixel scores, summed over draws and min-max normalised to [0, 1] per map:
 
-- ``"agreement"`` (default): <eps_u - eps_c, z - mean(z)> over the latent channels, positive
-  where the text pulls the prediction toward what the pixel shows (its deviation from the
-  image's mean latent), negative where it pulls it away;
+- ``"attention"`` (default; the DAAM / DiffSegmenter / iSeg family): how much each pixel's
+  queries attend to the term's tokens in the text cross-attention, averaged over heads, in the
+  blocks chosen by resolution (1/D of the latent's side, so one setting serves every layout), each
+  block's map divided by its sum and the resolutions weighted; optionally carried k times
+  through the self-attention of the finest blocks (map = A^k @ c, A averaged over heads, blocks
+  and the image's rows; iSeg-style sharpening of A as an option). No unconditional row. The
+  probabilities are recomputed from the attention inputs in forward hooks, since optimised
+  attention never materialises them, one head at a time, and only in the chosen blocks.
+- ``"agreement"``: the paper's Figure 1 turned signed. The batch also holds the empty prompt;
+  eps_u - eps_c is, up to a positive factor sqrt(1 - a_t) / sqrt(a_t), x0_c - x0_u, the direction
+  in which the text moves the predicted clean latent, and the score is <eps_u - eps_c, z - mean(z)>
+  over the latent channels: positive where the text pulls the prediction toward what the pixel
+  shows, negative where it pulls it away. The norm responds to any change, and any text changes
+  the prediction at every object, so it would mark all objects for every term, and for a region
+  like "sand" peak where the image is NOT sand.
 - ``"difference"``: the paper's |eps_c - eps_u|.
 
-Why agreement: the norm responds to any change, and any text changes the prediction at every
-object, so it marks all objects for every term, and for a region like "sand" it peaks where the
-image is NOT sand (the text pushes those pixels toward sand). On the micro world (771 present
-phrases of world:test:100) the pixel AUC of telling the named object from the other objects
-rises from 0.60 to 0.65 and that of stuff regions from 0.52 to 0.57 (that of objects against
-the background falls from 0.90 to 0.75); maps of large regions come out broad and those of
-objects peaked, so one threshold fits both: mIoU 20.3 -> 26.5 (the variants tried:
-docs/micro-world-experiments.md).
-
-Optionally the text cross-attention of the same call is recorded (recomputed from the attention
-inputs in forward hooks, since optimised attention never materialises the probabilities) and
-blended in. Cost: ``draws`` UNet calls (4 by default) on a batch of N x (T + 1) latents (48 x 48
-for a 384 px image), the same as the plain eps difference, and no other model calls.
+For the last two, the cross-attention of the same call can be blended in. Which settings were
+tried on the micro world and how they scored: docs/micro-world-experiments.md, "Zero-shot
+variants" (``tools/zero_shot_sweep.py``). Cost: ``draws`` UNet calls on N x T latents (attention)
+or N x (T + 1) (agreement, difference), and no other model calls.
 """
 
 from __future__ import annotations
@@ -43,13 +43,14 @@ from .sd.schedule import noise_draws
 from .sd.tokenizer import BOS_ID, EOS_ID, tokenize
 from .tap import unet_lock
 
-SCORES = ("agreement", "difference", "attention")
+SCORES = ("attention", "agreement", "difference")
 
 
 @dataclass(frozen=True)
 class ZeroShotSettings:
     """timestep: SD timestep of the probe (None: drawn per draw from 300..499); draws: noise draws
-    summed; score: "agreement", "difference" or "attention" (module docstring).
+    summed; score: "attention", "agreement" or "difference" (module docstring). The defaults are the
+    attention score's; agreement was chosen at timestep=400, draws=4.
 
     For "agreement" and "difference": cross_attention: weight in [0, 1] of the cross-attention map
     blended with the score map (0 = off, no hooks); attention_blocks: spatial-transformer blocks of
@@ -62,14 +63,14 @@ class ZeroShotSettings:
     propagation_steps: how many times (0: cross-attention alone, DAAM-style); sharpen: exponent
     >= 1 applied to the self-attention before its rows are renormalised (lower entropy)."""
 
-    timestep: int | None = 400
-    draws: int = 4
-    score: str = "agreement"
+    timestep: int | None = 100
+    draws: int = 2
+    score: str = "attention"
     cross_attention: float = 0.0
     attention_blocks: tuple[int, ...] | None = None
-    attention_scales: tuple[tuple[int, float], ...] = ((4, 0.7), (2, 0.3))
+    attention_scales: tuple[tuple[int, float], ...] = ((1, 1.0),)
     self_attention_scale: int | None = None
-    propagation_steps: int = 1
+    propagation_steps: int = 0
     sharpen: float = 1.0
 
     def __post_init__(self):

@@ -31,7 +31,7 @@ def test_head_defaults_and_zero_shot_defaults(tiny_sd, tiny_head):
     assert (with_head.settings.timestep, with_head.settings.draws, with_head.settings.seed) == (config.timestep, 1, 3)
     zero_shot = build_segmenter(tiny_sd, settings=ModelSettings(draws=2, refine=RefineSettings(enabled=False)))
     assert zero_shot.zero_shot and zero_shot.settings.zero_shot.draws == 2
-    assert zero_shot.settings.zero_shot.timestep == 400 and not zero_shot.settings.refine.enabled
+    assert zero_shot.settings.zero_shot.timestep == 100 and not zero_shot.settings.refine.enabled
     chosen = build_segmenter(tiny_sd, head, config, ModelSettings(timestep=123))
     assert chosen.settings.timestep == 123
 

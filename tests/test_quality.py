@@ -23,7 +23,7 @@ FLOORS = {
     "ldznet": ("micro-ldznet.safetensors", (58.5, 82.1)),  # measured 59.93, 83.27
     "znet": ("micro-znet.safetensors", (58.3, 82.8)),  # measured 59.67, 83.96
     "rgbnet": ("micro-rgbnet.safetensors", (48.0, 81.0)),  # measured 49.25, 82.15
-    "zero-shot": (None, (31.0, 23.5)),  # measured 33.14, 25.46
+    "zero-shot": (None, (29.5, 27.5)),  # measured 30.46, 28.44 (attention, t = 100, 2 draws; agreement: 33.14, 25.46)
 }
 
 

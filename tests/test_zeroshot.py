@@ -33,7 +33,8 @@ def test_agreement_equals_the_formula(tiny_models64):
     tiny_sd = tiny_models64[0]
     seed, draws, height, width = 7, 2, 70, 50
     image = random_image(height, width, seed=8)
-    settings = SegmenterSettings(resolution=64, seed=seed, zero_shot=ZeroShotSettings(timestep=250, draws=draws),
+    settings = SegmenterSettings(resolution=64, seed=seed,
+                                 zero_shot=ZeroShotSettings(timestep=250, draws=draws, score="agreement"),
                                  refine=RefineSettings(enabled=False))
     segmenter = Segmenter(tiny_sd, settings=settings)
     segmenter.set_image(image)
@@ -63,20 +64,21 @@ def test_agreement_equals_the_formula(tiny_models64):
 
 
 def test_images_in_one_batch_equal_each_alone(tiny_models64):
-    """Each image is centred on its own mean latent: batching two must not mix their statistics."""
+    """Each image is centred on its own mean latent (agreement) and keeps its own self-attention
+    (attention): batching two must not mix them."""
     tiny_sd = tiny_models64[0]
     g = torch.Generator().manual_seed(3)
     offsets = torch.tensor([0.0, 2.0], dtype=torch.float64)[:, None, None, None]  # different image means
     z = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) + offsets
     terms = ["cat", "dog"]
     context = tiny_sd.encode_text(terms)
-    settings = ZeroShotSettings(draws=2)
-    together = zero_shot_maps(tiny_sd, z, terms, context, settings, seed=1)
-    assert together.shape == (2, 2, 8, 8)
-    for i in range(2):
-        alone = zero_shot_maps(tiny_sd, z[i:i + 1], terms, context, settings, seed=1)
-        assert (together[i] - alone[0]).abs().max() <= 1e-5
-    assert together.amin((-2, -1)).max() == 0 and together.amax((-2, -1)).min() == 1
+    for settings in (ZeroShotSettings(draws=2, score="agreement"), ZeroShotSettings(propagation_steps=2)):
+        together = zero_shot_maps(tiny_sd, z, terms, context, settings, seed=1)
+        assert together.shape == (2, 2, 8, 8)
+        for i in range(2):
+            alone = zero_shot_maps(tiny_sd, z[i:i + 1], terms, context, settings, seed=1)
+            assert (together[i] - alone[0]).abs().max() <= 1e-5
+        assert together.amin((-2, -1)).max() == 0 and together.amax((-2, -1)).min() == 1
 
 
 def test_scores_differ_and_cross_attention_blends(tiny_models64):
@@ -85,10 +87,10 @@ def test_scores_differ_and_cross_attention_blends(tiny_models64):
     terms = ["red cat"]
     context = tiny_sd.encode_text(terms)
     maps = {name: zero_shot_maps(tiny_sd, z, terms, context, settings) for name, settings in {
-        "agreement": ZeroShotSettings(draws=1),
+        "agreement": ZeroShotSettings(draws=1, score="agreement"),
         "difference": ZeroShotSettings(draws=1, score="difference"),
-        "attention": ZeroShotSettings(draws=1, cross_attention=1.0, attention_blocks=(2,)),
-        "half": ZeroShotSettings(draws=1, cross_attention=0.5, attention_blocks=(2,)),
+        "attention": ZeroShotSettings(draws=1, score="agreement", cross_attention=1.0, attention_blocks=(2,)),
+        "half": ZeroShotSettings(draws=1, score="agreement", cross_attention=0.5, attention_blocks=(2,)),
     }.items()}
     assert (maps["agreement"] - maps["difference"]).abs().max() > 1e-2
     assert (maps["attention"] - maps["agreement"]).abs().max() > 1e-2
@@ -116,7 +118,7 @@ def test_recorder_blocks_and_token_mass(tiny_sd):
 
 
 def test_bad_settings_and_blocks(tiny_sd):
-    with pytest.raises(ValueError, match="score must be one of agreement, difference, attention, got 'norm'"):
+    with pytest.raises(ValueError, match="score must be one of attention, agreement, difference, got 'norm'"):
         ZeroShotSettings(score="norm")
     with pytest.raises(ValueError, match=r"attention_blocks must be None or block numbers >= 1, got \(0,\)"):
         ZeroShotSettings(attention_blocks=(0,))

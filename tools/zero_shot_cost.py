@@ -5,7 +5,7 @@
 
 Each measurement runs in its own process, so that the peak resident memory (VmHWM) it reports above
 the resident memory before the call belongs to that call alone. The micro rows time whole masks
-(``Segmenter.predict_terms`` on a 384 px image, 4 terms, default settings of each score); the UNet
+(``Segmenter.predict_terms`` on a 384 px image, 4 terms, the settings in ``SCORES``); the UNet
 rows time one zero-shot map computation on random latents and a random context, without the text
 encoder and the VAE.
 """
@@ -26,7 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TERMS = ["red circle", "blue square", "sky", "grass"]
 SCORES = {"agreement": dict(score="agreement", timestep=400, draws=4),
-          "attention": dict(score="attention", timestep=100, draws=1, attention_scales=((1, 1.0),))}
+          "attention": dict(score="attention", timestep=100, draws=1, attention_scales=((1, 1.0),),
+                            propagation_steps=0),
+          "attention x self": dict(score="attention", timestep=100, draws=1, attention_scales=((1, 1.0),),
+                                   propagation_steps=1)}
 
 
 def _memory_kib(field: str) -> int:

@@ -45,9 +45,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True) 
                             "the head's, 384 zero-shot)")
     if sampling:
         group.add_argument("--timestep", type=bounded_number(TIMESTEP), metavar="T",
-                           help="SD timestep of the feature step, 0..999 (default: the head's, 400 zero-shot)")
+                           help="SD timestep of the feature step, 0..999 (default: the head's, 100 zero-shot)")
         group.add_argument("--draws", type=bounded_number(DRAWS), metavar="K",
-                           help="noise draws averaged, 1..64 (default: 1 with a head, 4 zero-shot)")
+                           help="noise draws averaged, 1..64 (default: 1 with a head, 2 zero-shot)")
         group.add_argument("--seed", type=bounded_number(SEED), default=0, metavar="S",
                            help="noise seed, 0..2^63-1 (default 0)")
     add_device_argument(group)
