@@ -74,7 +74,8 @@ def resolve_device(name: str | None = None) -> torch.device:
 def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = None, *,
                    device: str | torch.device | None = None, dtype: str = "fp32", resolution: int | None = None,
                    timestep: int | None = None, draws: int | None = None, seed: int = 0) -> Segmenter:
-    """Load an SD v1 checkpoint and optionally a head (None: zero-shot masks) into a Segmenter.
+    """Load an SD checkpoint and optionally a head (None: zero-shot masks, where SDXL-family models
+    serve too) into a Segmenter.
 
     ``timestep`` and ``draws`` default to the head's training timestep and one draw, or to the
     zero-shot defaults (:class:`ZeroShotSettings`); ``resolution`` None uses the head's own.
@@ -86,7 +87,7 @@ def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = No
     head_module = head_config = None
     if head is not None:
         head_module, head_config = load_head(head, device=device, dtype=torch_dtype)
-    backbone = load_stable_diffusion(model, device=device, dtype=torch_dtype)
+    backbone = load_stable_diffusion(model, device=device, dtype=torch_dtype, zero_shot=head is None)
     name = Path(model).name + (f" with {Path(head).name}" if head is not None else "")
     return build_segmenter(backbone, head_module, head_config,
                            ModelSettings(resolution=resolution, timestep=timestep, draws=draws, seed=seed),

@@ -397,7 +397,7 @@ FAMILIES = {  # case: (transform, family, what the message says was found)
     "sd2-openclip": (_sd2_openclip, "sd2",
                      "SD 2.x checkpoints (OpenCLIP text encoder, 1024-d context) are not supported"),
     "sd2-context": (_sd2_context, "sd2", "the UNet's text context is 1024-d (SD 2.x); SD 2.x is not supported"),
-    "sdxl": (_sdxl, "sdxl", "SDXL checkpoints are not supported"),
+    "sdxl": (_sdxl, "sdxl", "SDXL"),  # refused unless zero-shot: test_sdxl_model.py
     "inpainting": (_inpainting, "sd-v1-inpainting", "inpainting UNets (9 input channels) are not supported"),
     "diffusers": (_diffusers, "diffusers", "this is a diffusers-format file; use a single-file SD v1 checkpoint"),
     "no-vae": (_no_vae, "sd-v1", "the file has no VAE (keys 'first_stage_model.*'"),

@@ -1,13 +1,17 @@
-"""Single-file SD v1 checkpoints (the format WebUI users have): recognise, load, save.
+"""Single-file SD checkpoints (the format WebUI users have): recognise, load, save.
 
 Layout: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE),
-``cond_stage_model.transformer.*`` (CLIP text encoder). The architecture is read from the tensor
-shapes, so SD v1 models of any width load; other families (SD2, SDXL, inpainting UNets, LD-ZNet
-files) are recognised (``backbones.family.classify``) and refused with an error that says what they are.
+``cond_stage_model.transformer.*`` (CLIP text encoder); SDXL files hold their two text encoders under
+``conditioner.embedders.0.transformer.*`` (CLIP ViT-L) and ``conditioner.embedders.1.model.*``
+(OpenCLIP bigG). The architecture is read from the tensor shapes, so models of any width load. SD v1
+serves heads and zero-shot masks, the SDXL family zero-shot masks only; other families (SD2,
+inpainting UNets, LD-ZNet files) are recognised (``backbones.family.classify``) and refused with an
+error that says what they are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -25,11 +29,21 @@ from ..errors import CheckpointError, LdznetError
 from .model import StableDiffusion
 from .parts import check_parts, trim_for_masks
 from .schedule import NoiseSchedule
+from .sdxl import OpenCLIPTextEncoder, SDXLConditioner, StableDiffusionXL
 from .text import TextEncoder, normalize_text_state_dict, text_config
 from .unet import UNetConfig, UNetModel, unet_config
 from .vae import AutoencoderKL, VAEConfig, vae_config
 
-SUPPORTED = "SD v1.x single-file checkpoints (UNet with 4 input channels, CLIP text encoder, 768-d context)"
+SUPPORTED = ("SD v1.x single-file checkpoints (UNet with 4 input channels, CLIP text encoder, 768-d context); "
+             "SDXL-family ones for zero-shot masks")
+SDXL_FOR_ZERO_SHOT_ONLY = ("an LD-ZNet head reads SD 1.x UNet features, which an SDXL-family model does not have; "
+                           "make masks with this model zero-shot (--zero-shot), or pass an SD 1.x checkpoint as the "
+                           "model for the head")
+CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+BIGG_PREFIX = "conditioner.embedders.1.model."
+# Marker tensors that v-prediction SDXL fine-tunes carry (A1111 dev, ComfyUI and Forge read them too).
+V_PREDICTION_KEY = "v_pred"
+SGM_HEAD_CHANNELS = 64  # head width of every sgm UNet with linear transformer projections (SD 2.x, SDXL)
 _TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                 "max_position_embeddings")
 # Image sides an SD file's 'ldznet.resolution' may name: the smallest working side, and a cap so
@@ -56,10 +70,11 @@ def _dim(state: Mapping[str, Tensor], key: str, axis: int) -> int:
 
 
 def unet_config_from_state_dict(state: Mapping[str, Tensor], num_heads: int = 8) -> UNetConfig:
-    """Recover an ldm UNet's configuration from its tensors (prefix removed). Head count is not
-    visible in the weights: SD v1 uses 8."""
+    """Recover an ldm UNet's configuration from its tensors (prefix removed). Heads are not visible
+    in the weights: SD v1 uses 8; sgm UNets (linear projections, a depth per level or ``label_emb``:
+    SD 2.x, SDXL) use heads of 64 channels."""
     model_channels = _dim(state, "input_blocks.0.0.weight", 0)
-    channel_mult, attention_levels, res_per_level = [], [], []
+    channel_mult, attention_levels, res_per_level, level_depths = [], [], [], []
     level_blocks = 0
     for i in _indices(state, r"input_blocks\.(\d+)\.")[1:]:
         if f"input_blocks.{i}.0.op.weight" in state:
@@ -71,6 +86,7 @@ def unet_config_from_state_dict(state: Mapping[str, Tensor], num_heads: int = 8)
             channel_mult.append(_dim(state, f"input_blocks.{i}.0.out_layers.3.weight", 0) // model_channels)
             if f"input_blocks.{i}.1.proj_in.weight" in state:
                 attention_levels.append(level)
+            level_depths.append(len(_indices(state, rf"input_blocks\.{i}\.1\.transformer_blocks\.(\d+)\.")))
         level_blocks += 1
     res_per_level.append(level_blocks)
     if len(set(res_per_level)) != 1:
@@ -78,10 +94,17 @@ def unet_config_from_state_dict(state: Mapping[str, Tensor], num_heads: int = 8)
     context_dim = _dim(state, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", 1)
     depth = len(_indices(state, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
     in_channels, out_channels = _dim(state, "input_blocks.0.0.weight", 1), _dim(state, "out.2.weight", 0)
-    return UNetConfig(in_channels=in_channels, out_channels=out_channels,
-                      model_channels=model_channels, channel_mult=tuple(channel_mult),
-                      num_res_blocks=res_per_level[0], attention_levels=tuple(attention_levels),
-                      num_heads=num_heads, context_dim=context_dim, transformer_depth=depth)
+    config = UNetConfig(in_channels=in_channels, out_channels=out_channels,
+                        model_channels=model_channels, channel_mult=tuple(channel_mult),
+                        num_res_blocks=res_per_level[0], attention_levels=tuple(attention_levels),
+                        num_heads=num_heads, context_dim=context_dim, transformer_depth=depth)
+    linear = len(state["middle_block.1.proj_in.weight"].shape) == 2
+    adm_in_channels = _dim(state, "label_emb.0.0.weight", 1) if "label_emb.0.0.weight" in state else 0
+    if not (linear or adm_in_channels or {level_depths[level] for level in attention_levels} != {depth}):
+        return config
+    return dataclasses.replace(config, transformer_depth=1, level_depths=tuple(level_depths),
+                               num_head_channels=SGM_HEAD_CHANNELS, linear_projection=linear,
+                               adm_in_channels=adm_in_channels)
 
 
 def _text_encoder_from_state_dict(state: Mapping[str, Tensor], text_fields: Mapping[str, int]) -> TextEncoder:
@@ -141,8 +164,9 @@ def _read_missing(state: dict[str, Tensor], names: list[str], read: Callable[[li
 def stable_diffusion_from_state_dict(state: Mapping[str, Tensor], metadata: Mapping | None = None,
                                      name: str = "checkpoint", parts: str = "all",
                                      read: Callable[[list[str]], dict[str, Tensor]] | None = None,
-                                     dtype: torch.dtype = torch.float32) -> StableDiffusion:
-    """Build an SD v1 model in ``dtype`` from a single-file state dict; CheckpointError for anything else.
+                                     dtype: torch.dtype = torch.float32, zero_shot: bool = False) -> StableDiffusion:
+    """Build an SD model in ``dtype`` from a single-file state dict: SD v1, or with ``zero_shot`` (the
+    model is for zero-shot masks, no head) also the SDXL family; CheckpointError for anything else.
 
     ``parts="mask"`` builds only what a segmentation head reads (see :mod:`.parts`). ``state`` may hold
     meta tensors (shapes only, e.g. from a safetensors header): ``read(names)`` then returns the real
@@ -152,34 +176,50 @@ def stable_diffusion_from_state_dict(state: Mapping[str, Tensor], metadata: Mapp
     metadata = metadata or {}
     state = dict(state)
     info = classify(state, metadata)
-    if info.problem:
+    if info.family == "sdxl" and not (zero_shot and parts == "all"):
+        raise CheckpointError(f"{name}: sdxl: {SDXL_FOR_ZERO_SHOT_ONLY}. Supported: {SUPPORTED}.")
+    if info.problem and info.family != "sdxl":
         raise CheckpointError(f"{name}: {info.family}: {info.problem}. Supported: {SUPPORTED}.")
     described = parse_sd_metadata(metadata, name)
+    if info.family == "sdxl":
+        _read_missing(state, list(state), read)
+        return _guarded(name, "SDXL", lambda: sdxl_from_state_dict(state, described, dtype))
+    return _guarded(name, "SD v1", lambda: _sd_v1_from_state_dict(state, described, parts, read, dtype))
+
+
+def _guarded(name: str, family: str, build: Callable[[], StableDiffusion]) -> StableDiffusion:
+    """``build()``, its failures as CheckpointError naming the file ``name``."""
     try:
-        unet_cfg = described.unet or unet_config_from_state_dict(_sub(state, UNET_PREFIX))
-        with torch.device("meta"):
-            unet = UNetModel(unet_cfg)
-            vae = AutoencoderKL(VAEConfig.from_state_dict(_sub(state, VAE_PREFIX)))
-        if parts == "mask":
-            trim_for_masks(unet, vae)
-        _read_missing(state, [UNET_PREFIX + k for k in unet.state_dict()] + [VAE_PREFIX + k for k in vae.state_dict()]
-                      + [k for k in state if k.startswith(TEXT_PREFIX)] + ["alphas_cumprod"], read)
-        unet_state, vae_state = _sub(state, UNET_PREFIX), _sub(state, VAE_PREFIX)
-        if parts == "mask":  # the skipped parts' tensors are dropped, never loaded
-            unet_state = {k: unet_state[k] for k in unet.state_dict() if k in unet_state}
-            vae_state = {k: vae_state[k] for k in vae.state_dict() if k in vae_state}
-        else:
-            vae_state = {k: v for k, v in vae_state.items() if not k.startswith("loss.")}
-        unet.load_state_dict(unet_state, strict=True, assign=True)
-        vae.load_state_dict(vae_state, strict=True, assign=True)
-        text = _text_encoder_from_state_dict(_sub(state, TEXT_PREFIX), described.text)
+        return build()
     except LdznetError as error:
         raise CheckpointError(f"{name}: {error}") from error
     # The architecture comes from the file's shapes and metadata: a crafted one can fail anywhere
-    # in the constructors above.
+    # in the constructors.
     except (KeyError, IndexError, ValueError, ZeroDivisionError, RuntimeError) as error:
-        raise CheckpointError(f"{name}: the SD v1 weights do not fit the architecture they describe: "
+        raise CheckpointError(f"{name}: the {family} weights do not fit the architecture they describe: "
                               f"{str(error)[:600]}") from error
+
+
+def _sd_v1_from_state_dict(state: dict[str, Tensor], described: SDMetadata, parts: str,
+                           read: Callable[[list[str]], dict[str, Tensor]] | None, dtype: torch.dtype,
+                           ) -> StableDiffusion:
+    unet_cfg = described.unet or unet_config_from_state_dict(_sub(state, UNET_PREFIX))
+    with torch.device("meta"):
+        unet = UNetModel(unet_cfg)
+        vae = AutoencoderKL(VAEConfig.from_state_dict(_sub(state, VAE_PREFIX)))
+    if parts == "mask":
+        trim_for_masks(unet, vae)
+    _read_missing(state, [UNET_PREFIX + k for k in unet.state_dict()] + [VAE_PREFIX + k for k in vae.state_dict()]
+                  + [k for k in state if k.startswith(TEXT_PREFIX)] + ["alphas_cumprod"], read)
+    unet_state, vae_state = _sub(state, UNET_PREFIX), _sub(state, VAE_PREFIX)
+    if parts == "mask":  # the skipped parts' tensors are dropped, never loaded
+        unet_state = {k: unet_state[k] for k in unet.state_dict() if k in unet_state}
+        vae_state = {k: vae_state[k] for k in vae.state_dict() if k in vae_state}
+    else:
+        vae_state = {k: v for k, v in vae_state.items() if not k.startswith("loss.")}
+    unet.load_state_dict(unet_state, strict=True, assign=True)
+    vae.load_state_dict(vae_state, strict=True, assign=True)
+    text = _text_encoder_from_state_dict(_sub(state, TEXT_PREFIX), described.text)
     table = state.get("alphas_cumprod")
     schedule = NoiseSchedule(table if table is not None and table.ndim == 1 else None)
     # Straight to the target dtype: a detour through fp32 would hold the file's tensors and an fp32
@@ -187,9 +227,29 @@ def stable_diffusion_from_state_dict(state: Mapping[str, Tensor], metadata: Mapp
     return StableDiffusion(unet, vae, text, schedule, resolution=described.resolution).to(dtype)
 
 
+def sdxl_from_state_dict(state: Mapping[str, Tensor], described: SDMetadata,
+                         dtype: torch.dtype = torch.float32) -> StableDiffusionXL:
+    """Build an SDXL-family model in ``dtype`` from a single file's tensors (all read); v-prediction
+    when the file carries the ``v_pred`` marker."""
+    unet_state, bigg_state = _sub(state, UNET_PREFIX), _sub(state, BIGG_PREFIX)
+    vae_state = {k: v for k, v in _sub(state, VAE_PREFIX).items() if not k.startswith("loss.")}
+    with torch.device("meta"):
+        unet = UNetModel(described.unet or unet_config_from_state_dict(unet_state))
+        vae = AutoencoderKL(VAEConfig.from_state_dict(vae_state))
+        bigg = OpenCLIPTextEncoder.from_state_dict(bigg_state)
+    unet.load_state_dict(unet_state, strict=True, assign=True)
+    vae.load_state_dict(vae_state, strict=True, assign=True)
+    bigg.load_text_state_dict(bigg_state)
+    clip_l = _text_encoder_from_state_dict(_sub(state, CLIP_L_PREFIX), described.text)
+    prediction = "v" if V_PREDICTION_KEY in state else "eps"
+    return StableDiffusionXL(unet, vae, SDXLConditioner(clip_l, bigg), prediction=prediction).to(dtype)
+
+
 def load_stable_diffusion(path: str | os.PathLike, device: str | torch.device = "cpu",
-                          dtype: torch.dtype = torch.float32, parts: str = "all") -> StableDiffusion:
-    """Load an SD v1 single-file checkpoint (.safetensors, or .ckpt read without executing pickled code).
+                          dtype: torch.dtype = torch.float32, parts: str = "all",
+                          zero_shot: bool = False) -> StableDiffusion:
+    """Load an SD v1 single-file checkpoint (.safetensors, or .ckpt read without executing pickled code);
+    with ``zero_shot`` (for zero-shot masks, no head) an SDXL-family one too.
 
     ``parts="mask"``: only what a segmentation head reads (VAE encoder, text encoder, UNet up to the
     last tapped block); from a .safetensors file only those tensors are read, a .ckpt is read whole
@@ -203,7 +263,7 @@ def load_stable_diffusion(path: str | os.PathLike, device: str | torch.device = 
     else:
         state = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
         read = partial(read_tensors, path)
-    model = stable_diffusion_from_state_dict(state, metadata, os.path.basename(path), parts, read, dtype)
+    model = stable_diffusion_from_state_dict(state, metadata, os.path.basename(path), parts, read, dtype, zero_shot)
     return model.to(device=device).eval().requires_grad_(False)
 
 

@@ -1,0 +1,170 @@
+"""SDXL built from our modules: the two text encoders of sgm's conditioner, its size vector, and the
+model itself (a ``backbones.base.Backbone`` for zero-shot masks).
+
+sgm's conditioner (configs/inference/sd_xl_base.yaml) concatenates the CLIP ViT-L hidden state of
+layer -2 (768) and OpenCLIP bigG's penultimate layer (1280) into the [B, 77, 2048] context; the UNet's
+vector ``y`` [B, 2816] is bigG's pooled text (the projected EOS token after ``ln_final``) followed by
+sinusoidal embeddings of six numbers: original size (h, w), crop (top, left) and target size (h, w).
+Module names follow the single file's ``conditioner.embedders.0.transformer.*`` (transformers'
+``CLIPTextModel``) and ``conditioner.embedders.1.model.*`` (open_clip's text tower).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..backbones.base import Conditioning
+from .model import StableDiffusion
+from .schedule import NoiseSchedule
+from .text import TextEncoder
+from .tokenizer import EOS_ID, tokenize
+from .unet import UNetModel, timestep_embedding
+from .vae import AutoencoderKL
+
+SDXL_SCALE_FACTOR = 0.13025
+PREDICTIONS = ("eps", "v")
+# open_clip keys that are no part of the text tower's forward pass (CLIP's contrastive temperature).
+_UNUSED_OPENCLIP_KEYS = ("logit_scale",)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """open_clip's text-transformer layer: pre-norm causal self-attention and a GELU MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(
+            c_fc=nn.Linear(width, mlp_width), gelu=nn.GELU(), c_proj=nn.Linear(mlp_width, width)))
+
+    def forward(self, x: Tensor, causal_mask: Tensor) -> Tensor:
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=causal_mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class OpenCLIPTextEncoder(nn.Module):
+    """open_clip's text tower (SDXL's bigG, SD 2.x's ViT-H) with its key names; returns the
+    penultimate layer's tokens and the pooled, projected EOS token."""
+
+    def __init__(self, width: int, layers: int, heads: int, mlp_width: int, embed_dim: int,
+                 vocab_size: int = 49408, context_length: int = 77):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.zeros(context_length, width))
+        self.transformer = nn.Module()
+        self.transformer.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_width)
+                                                   for _ in range(layers))
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.zeros(width, embed_dim))
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Tensor]) -> OpenCLIPTextEncoder:
+        """An encoder shaped as the weights ``state`` (prefix removed) say (build it on the meta device
+        and fill it with :meth:`load_text_state_dict`); heads are 64 channels wide, as in every open_clip
+        text tower SD uses."""
+        width = state["token_embedding.weight"].shape[1]
+        layers = len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")})
+        return cls(width, layers, max(1, width // 64), state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                   state["text_projection"].shape[1], state["token_embedding.weight"].shape[0],
+                   state["positional_embedding"].shape[0])
+
+    def load_text_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Strictly load open_clip text weights (the single file's prefix removed)."""
+        self.load_state_dict({k: v for k, v in state.items() if k not in _UNUSED_OPENCLIP_KEYS},
+                             strict=True, assign=True)
+
+    def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Token ids [B, T] (EOS, the largest id, ends each prompt) -> (penultimate hidden state
+        [B, T, width], pooled [B, embed_dim])."""
+        x = self.token_embedding(input_ids) + self.positional_embedding.to(self.token_embedding.weight.dtype)
+        length = input_ids.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+        penultimate = x
+        for index, block in enumerate(self.transformer.resblocks):
+            if index == len(self.transformer.resblocks) - 1:
+                penultimate = x
+            x = block(x, causal)
+        eos = input_ids.argmax(dim=-1)
+        pooled = self.ln_final(x)[torch.arange(x.shape[0], device=x.device), eos] @ self.text_projection
+        return penultimate, pooled
+
+
+def openclip_ids(ids: Tensor) -> Tensor:
+    """CLIP token ids padded as open_clip pads them: zeros after the first EOS (ViT-L pads with EOS)."""
+    after_end = (ids == EOS_ID).int().cumsum(dim=1) - (ids == EOS_ID).int() > 0
+    return ids.masked_fill(after_end, 0)
+
+
+def size_vector(pooled: Tensor, sizes: Tensor, dim: int) -> Tensor:
+    """sgm's vector y [B, P + 6 dim]: ``pooled`` [B, P], then each of the six numbers of ``sizes``
+    [B, 6] (original h, w, crop top, left, target h, w) as a ``dim``-wide sinusoidal embedding."""
+    embedded = timestep_embedding(sizes.flatten().float(), dim).view(sizes.shape[0], -1)
+    return torch.cat([pooled, embedded.to(pooled.dtype)], dim=1)
+
+
+class SDXLConditioner(nn.Module):
+    """sgm's text conditioning: ``embedders[0]`` CLIP ViT-L (ours, transformers' CLIPTextModel),
+    ``embedders[1].model`` open_clip bigG."""
+
+    def __init__(self, clip_l: TextEncoder, bigg: OpenCLIPTextEncoder):
+        super().__init__()
+        second = nn.Module()
+        second.model = bigg
+        self.embedders = nn.ModuleList([clip_l, second])
+
+    @property
+    def context_dim(self) -> int:
+        return self.embedders[0].context_dim + self.embedders[1].model.ln_final.weight.shape[0]
+
+    def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Prompts -> (context [B, 77, 768 + 1280], pooled [B, 1280]) on the module's device."""
+        clip_l, bigg = self.embedders[0], self.embedders[1].model
+        ids = tokenize(prompts).to(bigg.token_embedding.weight.device)
+        hidden = clip_l.transformer(input_ids=ids, output_hidden_states=True).hidden_states[-2]
+        penultimate, pooled = bigg(openclip_ids(ids))
+        return torch.cat([hidden, penultimate.to(hidden.dtype)], dim=-1), pooled
+
+
+class StableDiffusionXL(StableDiffusion):
+    """An SDXL-family model built from our modules (see ``checkpoint.load_stable_diffusion``).
+
+    Its conditioning is (context, pooled); each UNet call builds the vector ``y`` for an image of the
+    latent's size, uncropped, as A1111 does for a generation of that size. ``prediction`` "v" (a
+    v-prediction fine-tune) is converted to eps, which the zero-shot score reads.
+    """
+
+    def __init__(self, unet: UNetModel, vae: AutoencoderKL, conditioner: SDXLConditioner,
+                 schedule: NoiseSchedule | None = None, scale_factor: float = SDXL_SCALE_FACTOR,
+                 prediction: str = "eps"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
+        super().__init__(unet, vae, conditioner, schedule, scale_factor)
+        self.prediction = prediction
+        pooled_width = conditioner.embedders[1].model.text_projection.shape[1]
+        self.size_dim = (unet.config.adm_in_channels - pooled_width) // 6
+
+    def encode_text(self, prompts: Sequence[str]) -> Conditioning:
+        """prompts -> context [B, 77, 2048] and bigG's pooled text [B, 1280]."""
+        context, pooled = self.text_encoder.encode(prompts)
+        return Conditioning(context, pooled)
+
+    def predict_noise(self, z_t: Tensor, t: Tensor, conditioning: Conditioning) -> Tensor:
+        t = t.to(z_t.device)
+        height, width = (side * self.downsample_factor for side in z_t.shape[-2:])
+        sizes = torch.tensor([[height, width, 0, 0, height, width]], device=z_t.device).expand(z_t.shape[0], 6)
+        y = size_vector(conditioning.pooled.to(z_t.device), sizes, self.size_dim)
+        out = self.unet(z_t, t, conditioning.context, y)
+        return out if self.prediction == "eps" else v_to_eps(out, z_t, self.schedule, t)
+
+
+def v_to_eps(v: Tensor, z_t: Tensor, schedule: NoiseSchedule, t: Tensor) -> Tensor:
+    """eps from a v-prediction: with z_t = sqrt(a) z_0 + sqrt(1 - a) eps and v = sqrt(a) eps - sqrt(1 - a) z_0,
+    eps = sqrt(a) v + sqrt(1 - a) z_t (a = alphas_cumprod[t])."""
+    a = schedule.alphas_cumprod[t.cpu().long()].to(device=v.device, dtype=torch.float32)[:, None, None, None]
+    return (a.sqrt() * v.float() + (1 - a).sqrt() * z_t.float()).to(v.dtype)
