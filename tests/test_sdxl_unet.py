@@ -12,6 +12,7 @@ from conftest import randomize_
 from ldznet_ext.backbones.base import ldm_layout
 from ldznet_ext.checkpoint_io import parse_config
 from ldznet_ext.errors import CheckpointError
+from ldznet_ext.sd.checkpoint import unet_config_from_state_dict
 from ldznet_ext.sd.unet import UNetConfig, UNetModel, count_parameters, timestep_embedding, unet_config
 
 diffusers = pytest.importorskip("diffusers")
@@ -139,3 +140,11 @@ def test_config_metadata_round_trips_and_sd_v1_reads_as_before() -> None:
         parse_config(UNetConfig, {**stored, "linear_projection": 1}, "x.safetensors: field 'ldznet.unet'")
     with pytest.raises(CheckpointError, match=r"level_depths \[1, 2\] needs one depth per level \(3 levels"):
         parse_config(UNetConfig, {**stored, "level_depths": [1, 2]}, "x.safetensors: field 'ldznet.unet'")
+
+
+def test_the_sdxl_config_is_recovered_from_the_file_shapes() -> None:
+    with torch.device("meta"):
+        state = UNetModel(unet_config("sdxl")).state_dict()
+    assert unet_config_from_state_dict(state) == unet_config("sdxl")
+    # SD v1 keeps its plain config (heads are not in the weights: 8 assumed)
+    assert unet_config_from_state_dict(UNetModel(unet_config("tiny")).state_dict()) == unet_config("tiny", num_heads=8)
