@@ -267,8 +267,9 @@ def _job_of(payload: dict) -> MaskJob:
     def compute(image, job, brush):
         seen.append(job)
         mask = np.zeros(image.shape[:2], np.uint8)
-        return SimpleNamespace(mask=mask, prediction=SimpleNamespace(expression=job.expression,
-                                                                     probability_image=lambda: mask))
+        return SimpleNamespace(mask=mask, prediction=SimpleNamespace(expression=job.expression, presence={},
+                                                                     probability_image=lambda: mask,
+                                                                     instances=lambda: []))
 
     api.mask_response({"image": _b64(Image.new("RGB", (8, 6))), **payload}, compute, _ready)
     return seen[0]
@@ -314,6 +315,19 @@ def test_generation_check_uses_the_prompt_line_first():
                "alwayson_scripts": {"LD-ZNet mask": {"args": ["sword", "zero-shot", 0.3]}}}
     api.check_generation(payload, True, seen.append)
     assert seen == [MaskJob("goblin", "zero-shot", 0.3)]
+
+
+def test_generation_check_validates_the_detail_pass():
+    """A txt2img with only a detail pass is checked (its mask job, the accordion's settings with the
+    pass's expression); bad detail args are a 422 naming the pass."""
+    seen = []
+    args = [*THIRTEEN[:1], None, 0.3, *[None] * 10]
+    payload = {"prompt": "a knight", "alwayson_scripts": {"LD-ZNet mask": {"args": ["", *args[1:], "face[1]"]}}}
+    api.check_generation(payload, False, seen.append)
+    assert seen == [MaskJob("face[1]", threshold=0.3)]
+    payload["alwayson_scripts"]["LD-ZNet mask"]["args"] += ["", 2]
+    with pytest.raises(api.ApiError, match=r"args: detail pass: denoising must be a number in \(0, 1\], got 2$"):
+        api.check_generation(payload, False, seen.append)
 
 
 def _asgi(guard, path, body: bytes, headers=()):
