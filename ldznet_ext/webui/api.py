@@ -27,7 +27,7 @@ from ..images import load_image
 from ..job import MaskJob, checked_flag
 from ..masks.instances import Instance, instance_image
 from ..outputs import render_overlay
-from .request import ARG_NAMES, TITLE, ZERO_MEANS_NONE, from_args, with_prompt_line
+from .request import ARG_NAMES, TITLE, ZERO_MEANS_NONE, detail_from_args, from_args, with_prompt_line
 
 MASK_ROUTE = "/ldznet/v1/mask"
 VERSION_ROUTE = "/ldznet/v1/version"
@@ -146,19 +146,19 @@ def check_generation(payload, is_img2img: bool, check_ready: Callable[[MaskJob],
     args = _our_args(payload)
     prompt = payload.get("prompt")
     try:
-        job = from_args(args or [])
+        job, detail = from_args(args or []), detail_from_args(args or [])
     except LdznetError as error:
         raise ApiError(422, f"alwayson_scripts[{TITLE.lower()!r}].args: {error}") from None
     try:
         job = with_prompt_line(job, prompt)  # the script's own rule: the prompt's line wins
     except LdznetError as error:
         raise ApiError(422, f"prompt: {error}") from None
-    if not job.active:
+    if not (job.active or detail.active):
         return
-    if is_img2img and not payload.get("init_images"):
+    if is_img2img and job.active and not payload.get("init_images"):
         raise ApiError(422, "an LD-ZNet mask needs init_images")
     try:
-        check_ready(job)
+        check_ready(job if job.active else detail.mask_job(job))
     except CheckpointError as error:  # the host's model or our head file: a conflict, as on /ldznet/v1/mask
         raise ApiError(409, str(error)) from None
     except LdznetError as error:

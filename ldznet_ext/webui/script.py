@@ -8,7 +8,8 @@ A ``mask: <expression>`` line in the prompt replaces the accordion's expression
 sees. The settings go into the infotext and come back through PNG Info. An image whose final mask
 (after meeting the brush) is empty is not generated: ``p.n_iter`` 0 makes the host's sampling loop
 run no batch (unlike an interruption, the Batch tab goes on with its next image), and the reason is
-in the comments and the infotext.
+in the comments and the infotext. The detail pass (txt2img and img2img) repaints each instance of
+its own expression on every generated image, after the host's composite (:mod:`.detail_pass`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from PIL import Image
 from ..errors import LdznetError
 from ..job import MaskJob
 from ..outputs import write_mask
-from . import host
-from .request import TITLE, from_args, infotext, split_mask_line, with_prompt_line
+from . import detail_pass, host
+from .request import TITLE, detail_from_args, from_args, infotext, split_mask_line, with_prompt_line
 
 MASK_SUFFIX = "-ldznet-mask"
 WARNING_KEY = "LD-ZNet warning"
+DETAIL_WARNING_KEY = "LD-ZNet detail warning"
 ERROR_KEY = "LD-ZNet error"
 """Infotext keys of a warning and of an error: the host's API answer carries the infotext
 parameters, not the comments, also when a stopped generation returns no images."""
@@ -69,6 +71,13 @@ def brush_mask(p, size: tuple[int, int]) -> np.ndarray | None:
     return np.asarray(mask, dtype=np.uint8)
 
 
+def warn(p, key: str, warning: str) -> None:
+    """A visible warning: in the comments, the infotext (under ``key``) and on stderr."""
+    p.extra_generation_params[key] = warning
+    p.comment(f"{TITLE}: {warning}")
+    print(f"{TITLE}: {warning}", file=sys.stderr)
+
+
 def fail(p, error: Exception) -> None:
     """Stop the generation with a visible reason: inpainting the wrong area is worse than nothing."""
     message = f"{TITLE}: {error}"
@@ -95,12 +104,12 @@ class LdznetScript(scripts.Script):
     def process(self, p, *args) -> None:
         try:
             job = with_prompt_line(from_args(args), main_prompt(p))
+            detail = detail_from_args(args)
             strip_mask_lines(p)
             p._ldznet_job = job if job.active else None
-            if not job.active:
-                return
-            p.extra_generation_params.update(infotext(job))
-            if self.is_img2img:
+            p._ldznet_detail = (job, detail) if detail.active else None
+            p.extra_generation_params.update(infotext(job, detail))
+            if job.active and self.is_img2img:
                 self._set_mask(p, job)
         except LdznetError as error:
             fail(p, error)
@@ -120,10 +129,7 @@ class LdznetScript(scripts.Script):
             missing = ", ".join(repr(term) for term in result.prediction.missing)
             reason = (f"no match for {missing}" if missing else
                       f"nothing selected for {job.expression!r} at threshold {job.threshold:g}")
-            warning = f"the mask is empty ({reason}): the image was not inpainted"
-            p.extra_generation_params[WARNING_KEY] = warning
-            p.comment(f"{TITLE}: {warning}")
-            print(f"{TITLE}: {warning}", file=sys.stderr)
+            warn(p, WARNING_KEY, f"the mask is empty ({reason}): the image was not inpainted")
             p.n_iter = 0  # postprocess restores it
         # A blank mask makes p.init() switch "only masked" off on this p; a reused p (Batch tab)
         # must start every image from the user's choice.
@@ -137,6 +143,7 @@ class LdznetScript(scripts.Script):
             p.n_iter = p._ldznet_n_iter
 
     def postprocess_image_after_composite(self, p, pp, *args) -> None:
+        self._detail(p, pp)
         job = getattr(p, "_ldznet_job", None)
         if job is None or not host.opt("ldznet_save_masks", False):
             return
@@ -146,6 +153,20 @@ class LdznetScript(scripts.Script):
             print(f"{TITLE}: mask not saved: {error}", file=sys.stderr)
             return
         p._ldznet_pending = (pp.image, result.mask)
+
+    def _detail(self, p, pp) -> None:
+        """The detail pass on the composited image (the whole image, also after "only masked")."""
+        planned = getattr(p, "_ldznet_detail", None)
+        if planned is None or shared.state.interrupted:
+            return
+        p.extra_generation_params.pop(DETAIL_WARNING_KEY, None)  # a reused p or a batch: the previous image's
+        try:
+            pp.image, warning = detail_pass.run(p, pp.image, *planned)
+        except LdznetError as error:
+            warn(p, DETAIL_WARNING_KEY, f"the detail pass stopped: {error}")
+            return
+        if warning is not None:
+            warn(p, DETAIL_WARNING_KEY, warning)
 
 
 def save_pending_mask(params) -> None:
