@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones.base import Backbone, Conditioning, UNetLayout
+from .errors import LdznetError
 from .limits import DOWNSCALE, DRAWS, PROPAGATION_STEPS, SCALE_WEIGHT, SHARPEN, TIMESTEP
 from .sd.schedule import noise_draws
 from .sd.tokenizer import BOS_ID, EOS_ID, tokenize
@@ -58,8 +59,9 @@ class ZeroShotSettings:
 
     For "attention": attention_scales: (downscale, weight) pairs, the cross-attention of every block
     running at 1/downscale of the latent's side, weighted (by resolution, so one setting serves
-    every layout; scales a layout lacks are skipped); self_attention_scale: the downscale of the
-    blocks whose self-attention propagates the map (None: the layout's finest);
+    every layout; scales a layout lacks are skipped; None: the layout's finest scale, latent/1 for
+    SD v1 and latent/2 for SDXL, which has no transformer at full latent size); self_attention_scale:
+    the downscale of the blocks whose self-attention propagates the map (None: the layout's finest);
     propagation_steps: how many times (0: cross-attention alone, DAAM-style); sharpen: exponent
     >= 1 applied to the self-attention before its rows are renormalised (lower entropy)."""
 
@@ -68,7 +70,7 @@ class ZeroShotSettings:
     score: str = "attention"
     cross_attention: float = 0.0
     attention_blocks: tuple[int, ...] | None = None
-    attention_scales: tuple[tuple[int, float], ...] = ((1, 1.0),)
+    attention_scales: tuple[tuple[int, float], ...] | None = None
     self_attention_scale: int | None = None
     propagation_steps: int = 0
     sharpen: float = 1.0
@@ -83,10 +85,11 @@ class ZeroShotSettings:
             raise ValueError(f"cross_attention weight must be in [0, 1], got {self.cross_attention}")
         if self.attention_blocks is not None and (not self.attention_blocks or min(self.attention_blocks) < 1):
             raise ValueError(f"attention_blocks must be None or block numbers >= 1, got {self.attention_blocks}")
-        if not self.attention_scales or sum(w for _, w in self.attention_scales) <= 0:
+        if self.attention_scales is not None and (
+                not self.attention_scales or sum(w for _, w in self.attention_scales) <= 0):
             raise ValueError(f"attention_scales must hold (downscale, weight) pairs with a positive weight, "
                              f"got {self.attention_scales}")
-        for downscale, weight in self.attention_scales:
+        for downscale, weight in self.attention_scales or ():
             DOWNSCALE.check(downscale, "attention scale downscale")
             SCALE_WEIGHT.check(weight, "attention scale weight")
         if self.self_attention_scale is not None:
@@ -268,17 +271,18 @@ def attention_maps(backbone: Backbone, z: Tensor, terms: Sequence[str], conditio
     """The "attention" score: [N, T, h, w] in [0, 1] at z resolution, one UNet call per draw on the
     N x T batch of terms (no unconditional row)."""
     layout = backbone.layout
-    weight_of = dict(settings.attention_scales)
+    finest = min(site.downscale for site in layout.sites)
+    weight_of = dict(settings.attention_scales or ((finest, 1.0),))
     blocks = blocks_at(layout, tuple(weight_of))
     if not blocks:
-        raise ValueError(f"no spatial transformer at attention scales {sorted(weight_of)}; this UNet's run at "
-                         f"{sorted({s.downscale for s in layout.sites})}")
+        raise LdznetError(f"no spatial transformer at attention scales {sorted(weight_of)}; this UNet's run at "
+                          f"{sorted({s.downscale for s in layout.sites})}")
     per_scale = Counter(layout.sites[b - 1].downscale for b in blocks)
     weights = [weight_of[s] / per_scale[s] for s in (layout.sites[b - 1].downscale for b in blocks)]
-    self_scale = settings.self_attention_scale or min(site.downscale for site in layout.sites)
+    self_scale = settings.self_attention_scale or finest
     self_blocks = blocks_at(layout, (self_scale,)) if settings.propagation_steps else ()
     if settings.propagation_steps and not self_blocks:
-        raise ValueError(f"no spatial transformer at self_attention_scale {self_scale}")
+        raise LdznetError(f"no spatial transformer at self_attention_scale {self_scale}")
     n, t_count = z.shape[0], len(terms)
     contexts = conditioning.repeat(n)
     spans = term_token_spans(terms) * n

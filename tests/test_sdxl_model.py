@@ -144,8 +144,6 @@ def test_ldznet_mask_with_a_head_on_an_sdxl_file_is_refused(ldznet, sdxl_file, t
     assert code == 2 and f"tiny-sdxl.safetensors: sdxl: {SDXL_FOR_ZERO_SHOT_ONLY}" in err
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="the default zero-shot score reads the transformers at "
-                   "latent/1 (attention_scales ((1, 1.0),)), which an SDXL UNet does not have (zeroshot.py)")
 def test_ldznet_mask_zero_shot_on_an_sdxl_file(ldznet, sdxl_file, image_file, tmp_path) -> None:
     code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--probability", tmp_path / "p.png",
                           "--model", sdxl_file, "--zero-shot", "--resolution", 64, "--draws", 1, "--device", "cpu")
