@@ -46,7 +46,7 @@ def add_settings() -> None:
         "first SD 1.x file; loaded on first use, only what the head reads)", gr.Dropdown,
         lambda: {"choices": mask_model_choices()}, refresh=refresh_mask_models, onchange=host.unload_mask_model))
     option("ldznet_timestep", shared.OptionInfo(
-        -1, "Feature timestep (-1: the head's own; zero-shot: 400)", gr.Slider,
+        -1, "Feature timestep (-1: the head's own; zero-shot: 100)", gr.Slider,
         {"minimum": -1, "maximum": 999, "step": 1}, onchange=host.release))
     option("ldznet_resolution", shared.OptionInfo(
         0, "Working resolution in pixels (0: the head's own; 384 for zero-shot); higher is sharper and slower",
