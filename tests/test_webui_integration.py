@@ -209,6 +209,26 @@ def test_infotext_round_trip_through_png_info(server):
     assert parsed["parameters"]["Prompt"] == ""
 
 
+MASK_ARGS = ["", "LD-ZNet head", 0.5, 0, 0, False, "replace", True, 0, 0, 1.0, 0, True]
+
+
+def _txt2img(server: str, detail: list) -> dict:
+    payload = {"prompt": "a photo", "steps": 2, "width": 128, "height": 96, "seed": 3, "sampler_name": "Euler",
+               "alwayson_scripts": {"LD-ZNet mask": {"args": [*MASK_ARGS, *detail]}}}
+    status, result = _call(server, "/sdapi/v1/txt2img", payload)
+    assert status == 200, result
+    return result
+
+
+def test_detail_pass_that_finds_nothing_says_so(server):
+    """txt2img with a detail pass whose expression selects nothing: the image is as generated without
+    the pass, and the infotext says why."""
+    result = _txt2img(server, ["cat[9]", "", 0.6, 2, 8])
+    info = json.loads(result["info"])
+    assert "LD-ZNet detail warning" in info["infotexts"][0]
+    assert np.array_equal(_png(result["images"][0]), _png(_txt2img(server, [])["images"][0]))
+
+
 CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 READ_IMAGES = """async (selector) => Promise.all(Array.from(gradioApp().querySelectorAll(selector)).map(async img => {
@@ -278,6 +298,22 @@ def test_send_to_inpaint_button_in_the_browser(server, page):
                            timeout=300_000)
     outputs = _read(page, "#img2img_gallery .thumbnail-item img")
     assert any(o.shape == (96, 128, 3) and np.array_equal(o[..., 0], mask) for o in outputs)
+    assert page.errors == []
+
+
+def test_detail_pass_accordion_in_the_browser(server, page, tmp_path):
+    """The detail pass's controls in the txt2img accordion; a screenshot goes to LDZNET_SCREENSHOT_DIR
+    (docs/webui-detail-pass.png) when that is set."""
+    page.locator("#script_txt2img_ldznet_mask_accordion .label-wrap").first.click()
+    page.locator("#script_txt2img_ldznet_mask_detail .label-wrap").first.click()
+    page.locator("#script_txt2img_ldznet_mask_detail_expression textarea").fill("face[1,2]")
+    page.locator("#script_txt2img_ldznet_mask_detail_prompts textarea").fill(
+        "a smiling face, detailed skin [SEP] an old man's face")
+    accordion = page.locator("#script_txt2img_ldznet_mask_accordion")
+    for name in ("denoising", "steps", "padding"):
+        assert page.locator(f"#script_txt2img_ldznet_mask_detail_{name} input[type=number]").count() == 1
+    folder = Path(os.environ.get("LDZNET_SCREENSHOT_DIR") or tmp_path)
+    accordion.screenshot(path=str(folder / "webui-detail-pass.png"))
     assert page.errors == []
 
 

@@ -27,7 +27,7 @@ def _of_image(p, name: str, fallback):
 
 
 def _img2img(p, image: Image.Image, step: DetailStep, detail: DetailPass, negative_prompt: str):
-    from modules import processing
+    from modules import processing, shared
 
     inner = processing.StableDiffusionProcessingImg2Img(
         init_images=[image], mask=Image.fromarray(step.mask, "L"), mask_blur=0, inpainting_fill=1,
@@ -35,9 +35,9 @@ def _img2img(p, image: Image.Image, step: DetailStep, detail: DetailPass, negati
         denoising_strength=detail.denoising, steps=detail.steps, prompt=step.prompt, negative_prompt=negative_prompt,
         styles=[], seed=step.seed, subseed=step.seed, subseed_strength=0, seed_resize_from_h=-1,
         seed_resize_from_w=-1, sampler_name=p.sampler_name, scheduler=getattr(p, "scheduler", None),
-        cfg_scale=p.cfg_scale, width=p.width, height=p.height, batch_size=1, n_iter=1, sd_model=p.sd_model,
-        outpath_samples=p.outpath_samples, outpath_grids=p.outpath_grids, do_not_save_samples=True,
-        do_not_save_grid=True, override_settings={})
+        cfg_scale=p.cfg_scale, width=p.width, height=p.height, batch_size=1, n_iter=1,
+        sd_model=p.sd_model or shared.sd_model, outpath_samples=p.outpath_samples, outpath_grids=p.outpath_grids,
+        do_not_save_samples=True, do_not_save_grid=True, override_settings={})
     # The mask is soft where the job feathers it; mask_blur 0 keeps it as the user saw it in Preview.
     inner.scripts, inner.script_args = None, []
     return inner

@@ -14,6 +14,7 @@ import html
 import numpy as np
 from PIL import Image
 
+from ..detail import SEPARATOR, DetailPass
 from ..errors import LdznetError
 from ..images import load_image
 from ..job import COMBINE_MODES, MODES, MaskJob
@@ -79,7 +80,7 @@ def build_accordion(script, is_img2img: bool) -> list:
             invert = gr.Checkbox(False, label="Invert", elem_id=script.elem_id("invert"))
             refine = gr.Checkbox(True, label="Refine edges", elem_id=script.elem_id("refine"))
         controls = [expression, mode, threshold, grow, feather, invert, combine, refine,
-                    *more_mask_controls(script.elem_id)]
+                    *more_mask_controls(script.elem_id), *detail_controls(script.elem_id)]
         status = gr.HTML(elem_id=script.elem_id("status"))
         unload_button = gr.Button("Unload LD-ZNet models", size="sm", elem_id=script.elem_id("unload"))
         unload_button.click(fn=unload_models, inputs=[], outputs=[status], show_progress=False)
@@ -100,8 +101,8 @@ def build_accordion(script, is_img2img: bool) -> list:
 
 
 def more_mask_controls(elem_id) -> list:
-    """Keep-largest, min-area and refinement strength/radius controls (ARG_NAMES order), for the
-    accordion and the tab; ``elem_id(name)`` names each."""
+    """Keep-largest, min-area, refinement strength/radius and presence controls (ARG_NAMES order),
+    for the accordion and the tab; ``elem_id(name)`` names each."""
     import gradio as gr
 
     default = MaskJob()
@@ -113,7 +114,30 @@ def more_mask_controls(elem_id) -> list:
                 gr.Slider(0.0, 1.0, value=default.refine_strength, step=0.05, label="Edge refinement strength",
                           elem_id=elem_id("refine_strength")),
                 gr.Number(float(control_value(default, "refine_radius")), label="Refinement radius, px (0: automatic)",
-                          elem_id=elem_id("refine_radius"))]
+                          elem_id=elem_id("refine_radius")),
+                gr.Checkbox(default.presence, label="A term not found selects nothing",
+                            elem_id=elem_id("presence"))]
+
+
+def detail_controls(elem_id) -> list:
+    """The detail pass's controls (DETAIL_ARG_NAMES order), in an accordion of their own."""
+    import gradio as gr
+
+    default = DetailPass()
+    with gr.Accordion("Detail pass", open=False, elem_id=elem_id("detail")):
+        expression = gr.Textbox(label="Detail pass: each instance of this expression is inpainted after generation",
+                                lines=1, placeholder="face  ·  face[1,2]  ·  hand OR face  (empty: off)",
+                                elem_id=elem_id("detail_expression"))
+        prompts = gr.Textbox(label=f"Prompts, one per instance left to right, separated by {SEPARATOR} "
+                                   "(fewer: the last repeats; empty: the generation's prompt)", lines=2,
+                             elem_id=elem_id("detail_prompts"))
+        with gr.Row():
+            denoising = gr.Slider(0.01, 1.0, value=default.denoising, step=0.01, label="Denoising strength",
+                                  elem_id=elem_id("detail_denoising"))
+            steps = gr.Slider(1, 150, value=default.steps, step=1, label="Steps", elem_id=elem_id("detail_steps"))
+            padding = gr.Slider(0, 256, value=default.padding, step=4, label="Padding around each instance, px",
+                                elem_id=elem_id("detail_padding"))
+    return [expression, prompts, denoising, steps, padding]
 
 
 def _paste(name: str):
