@@ -119,8 +119,9 @@ def test_head_mode_on_a_host_that_cannot_serve_it_equals_the_cli(tmp_path, famil
     assert _scores(host.compute(IMAGE, JOB).prediction) != _scores(result.prediction)
 
 
-def test_zero_shot_on_sdxl_is_refused_with_a_pointer_to_head_mode(sdxl_host):
-    message = ("is SDXL; LD-ZNet reads SD 1.x UNet features, so load an SD 1.x checkpoint. Zero-shot masks read the "
+def test_zero_shot_on_flux_is_refused_with_a_pointer_to_head_mode(sdxl_host):
+    modules.shared.sd_model.is_sdxl, modules.shared.sd_model.is_flux = False, True  # SDXL serves zero-shot itself
+    message = ("is Flux; LD-ZNet reads SD 1.x UNet features, so load an SD 1.x checkpoint. Zero-shot masks read the "
                "loaded model's own features; mode 'LD-ZNet head' works with any loaded model: it runs on the SD 1.x "
                "model set in Settings > LD-ZNet > 'SD 1.x model for masks when the loaded model is not SD 1.x'")
     zero_shot = MaskJob("goblin", "zero-shot")

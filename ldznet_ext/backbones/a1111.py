@@ -26,7 +26,7 @@ def check_a1111_model(sd_model, current_unet=None) -> None:
     """Raise CheckpointError when the loaded model is not one LD-ZNet can read features from."""
     if sd_model is None:
         raise CheckpointError("no Stable Diffusion model is loaded; load an SD 1.x checkpoint first")
-    name = getattr(getattr(sd_model, "sd_checkpoint_info", None), "name_for_extra", None) or "the loaded model"
+    name = model_name(sd_model)
     family = host_family(sd_model)
     if family not in ("sd-v1", "sd-v1-inpainting"):
         raise CheckpointError(f"{name} is {LABELS[family]}; LD-ZNet reads SD 1.x UNet features, "
@@ -41,6 +41,16 @@ def check_a1111_model(sd_model, current_unet=None) -> None:
         kind = LABELS[family] if family == "sd-v1-inpainting" else f"a {in_channels}-channel UNet"
         raise CheckpointError(f"{name} is {kind}; LD-ZNet needs a plain SD 1.x model with 4 input channels: "
                               "load the base model the inpainting model was made from")
+    check_torch_unet(current_unet)
+
+
+def model_name(sd_model) -> str:
+    """The loaded checkpoint's name for messages."""
+    return getattr(getattr(sd_model, "sd_checkpoint_info", None), "name_for_extra", None) or "the loaded model"
+
+
+def check_torch_unet(current_unet) -> None:
+    """Raise CheckpointError when A1111's ``sd_unet.current_unet`` replaces the torch UNet (None: it does not)."""
     if current_unet is not None:
         label = getattr(getattr(current_unet, "option", None), "label", type(current_unet).__name__)
         raise CheckpointError(f"the UNet is replaced by {label!r} (TensorRT or another SD Unet), which bypasses "

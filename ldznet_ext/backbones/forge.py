@@ -91,12 +91,17 @@ class ForgeBackbone:
             context = self.sd_model.get_learned_conditioning(list(prompts))
         return Conditioning(context.clone())
 
-    @torch.no_grad()
     def predict_noise(self, z_t: Tensor, t: Tensor, conditioning: Conditioning) -> Tensor:
         """eps [B, 4, h, w] for z_t at integer timesteps t, through KModel.apply_model (sigma in, x0 out)."""
+        return self.eps_from_x0(z_t, t, c_crossattn=conditioning.context.to(self.device))
+
+    @torch.no_grad()
+    def eps_from_x0(self, z_t: Tensor, t: Tensor, **conditions: Tensor) -> Tensor:
+        """eps for z_t at integer timesteps t from the KModel's x0 with ``conditions`` (its keyword
+        inputs: ``c_crossattn``, ``y``, ...); the predictor turns any prediction type into x0."""
         self.load_model_gpu(self.patcher)
         a = self.schedule.alphas_cumprod[t.cpu().long()].to(self.device, torch.float32)
         sigma = ((1 - a) / a).sqrt()
         x = z_t.to(self.device, torch.float32) / a.sqrt()[:, None, None, None]
-        denoised = self.patcher.model.apply_model(x, sigma, c_crossattn=conditioning.context.to(self.device))
+        denoised = self.patcher.model.apply_model(x, sigma, **conditions)
         return (x - denoised.float()) / sigma[:, None, None, None]

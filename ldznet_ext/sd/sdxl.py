@@ -108,6 +108,15 @@ def size_vector(pooled: Tensor, sizes: Tensor, dim: int) -> Tensor:
     return torch.cat([pooled, embedded.to(pooled.dtype)], dim=1)
 
 
+def working_size_vector(pooled: Tensor, z: Tensor, downsample_factor: int, dim: int) -> Tensor:
+    """The vector y for latents ``z`` [B, C, h, w]: an image of their size (h, w times
+    ``downsample_factor``), uncropped and not resized (original = target size, crop 0, 0), as A1111
+    and Forge condition a generation of that size."""
+    height, width = (side * downsample_factor for side in z.shape[-2:])
+    sizes = torch.tensor([[height, width, 0, 0, height, width]], device=z.device).expand(z.shape[0], 6)
+    return size_vector(pooled, sizes, dim)
+
+
 class SDXLConditioner(nn.Module):
     """sgm's text conditioning: ``embedders[0]`` CLIP ViT-L (ours, transformers' CLIPTextModel),
     ``embedders[1].model`` open_clip bigG."""
@@ -156,9 +165,7 @@ class StableDiffusionXL(StableDiffusion):
 
     def predict_noise(self, z_t: Tensor, t: Tensor, conditioning: Conditioning) -> Tensor:
         t = t.to(z_t.device)
-        height, width = (side * self.downsample_factor for side in z_t.shape[-2:])
-        sizes = torch.tensor([[height, width, 0, 0, height, width]], device=z_t.device).expand(z_t.shape[0], 6)
-        y = size_vector(conditioning.pooled.to(z_t.device), sizes, self.size_dim)
+        y = working_size_vector(conditioning.pooled.to(z_t.device), z_t, self.downsample_factor, self.size_dim)
         out = self.unet(z_t, t, conditioning.context, y)
         return out if self.prediction == "eps" else v_to_eps(out, z_t, self.schedule, t)
 

@@ -108,19 +108,48 @@ def _check(sd_model) -> None:
         check_a1111_model(sd_model, sd_unet.current_unet)
 
 
-def _backbone(sd_model) -> Backbone:
-    """The Backbone adapter over a host model (nothing is loaded or moved)."""
+def _backbone(sd_model, sdxl: bool = False) -> Backbone:
+    """The Backbone adapter over a host model, its SD 1.x or its SDXL-family one (nothing is loaded or moved)."""
     if is_forge():
         from backend import memory_management
 
         from ..backbones.forge import ForgeBackbone
+        from ..backbones.forge_sdxl import ForgeSDXLBackbone
 
-        return ForgeBackbone(sd_model, memory_management.load_model_gpu)
+        return (ForgeSDXLBackbone if sdxl else ForgeBackbone)(sd_model, memory_management.load_model_gpu)
     from modules import devices
 
     from ..backbones.a1111 import A1111Backbone
+    from ..backbones.a1111_sdxl import A1111SDXLBackbone
 
-    return A1111Backbone(sd_model, devices)
+    return (A1111SDXLBackbone if sdxl else A1111Backbone)(sd_model, devices)
+
+
+def _check_sdxl(sd_model) -> None:
+    """CheckpointError unless the host's SDXL-family model can serve zero-shot masks itself."""
+    if is_forge():
+        from ..backbones.forge_sdxl import check_forge_sdxl_model
+
+        check_forge_sdxl_model(sd_model)
+    else:
+        from modules import sd_unet
+
+        from ..backbones.a1111_sdxl import check_a1111_sdxl_model
+
+        check_a1111_sdxl_model(sd_model, sd_unet.current_unet)
+
+
+def _zero_shot_backbone(sd_model, refusal: CheckpointError) -> Backbone:
+    """The adapter over the host's SDXL-family model for zero-shot masks (no extra download), where
+    the SD 1.x path refused it (``refusal``); otherwise CheckpointError pointing to head mode."""
+    if sd_model is not None and host_family(sd_model) == "sdxl":
+        try:
+            _check_sdxl(sd_model)
+        except CheckpointError as error:
+            refusal = error
+        else:
+            return _backbone(sd_model, sdxl=True)
+    raise _zero_shot_refused(refusal)
 
 
 def _host_model():
@@ -187,17 +216,18 @@ def _placement(sd_model) -> tuple[torch.device, torch.dtype, mask_model.MakeRoom
 
 @contextmanager
 def job_backbone(job: MaskJob) -> Iterator[Backbone]:
-    """The backbone for ``job``: an adapter over the host's model when it can serve LD-ZNet; else, for
-    head mode, the separate SD 1.x mask model (loaded on first use; back on the CPU after the job
-    unless kept on the GPU); zero-shot there is refused with a pointer to head mode. The caller holds
-    the GPU."""
+    """The backbone for ``job``: an adapter over the host's model when it can serve LD-ZNet, and for
+    zero-shot also over an SDXL-family host model; else, for head mode, the separate SD 1.x mask model
+    (loaded on first use; back on the CPU after the job unless kept on the GPU); zero-shot on other
+    families is refused with a pointer to head mode. The caller holds the GPU."""
     sd_model = _host_model()
     refusal = _refusal(sd_model)
     if refusal is None:
         yield _backbone(sd_model)
         return
     if job.zero_shot:
-        raise _zero_shot_refused(refusal)
+        yield _zero_shot_backbone(sd_model, refusal)
+        return
     device, dtype, make_room = _placement(sd_model)
     separate = engine().mask_model
     try:
@@ -244,8 +274,9 @@ def gpu_job(name: str) -> Iterator[object]:
 
 def check_ready(job: MaskJob) -> None:
     """Cheap, non-blocking readiness check (API validation): the head exists unless zero-shot and was
-    made for the loaded model, if that can serve it; if it cannot, zero-shot is refused and head mode
-    needs an SD 1.x mask model among the host's checkpoints. Never loads a model."""
+    made for the loaded model, if that can serve it; if it cannot, zero-shot needs an SDXL-family host
+    model (else it is refused) and head mode an SD 1.x mask model among the host's checkpoints.
+    Never loads a model."""
     sd_model = loaded_model()
     backbone = refusal = None
     if sd_model is not None:
@@ -253,7 +284,7 @@ def check_ready(job: MaskJob) -> None:
         if refusal is None:
             backbone = _backbone(sd_model)
         elif job.zero_shot:
-            raise _zero_shot_refused(refusal)
+            backbone, refusal = _zero_shot_backbone(sd_model, refusal), None
     engine().check(job, engine_options(), backbone)
     if refusal is not None:
         mask_model_path(refusal)
