@@ -394,9 +394,9 @@ def _no_unet(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 FAMILIES = {  # case: (transform, family, what the message says was found)
-    "sd2-openclip": (_sd2_openclip, "sd2",
-                     "SD 2.x checkpoints (OpenCLIP text encoder, 1024-d context) are not supported"),
-    "sd2-context": (_sd2_context, "sd2", "the UNet's text context is 1024-d (SD 2.x); SD 2.x is not supported"),
+    # SD 2.x serves zero-shot masks only (test_sd2_model.py): a head is refused
+    "sd2-openclip": (_sd2_openclip, "sd2", "SD 2.x"),
+    "sd2-context": (_sd2_context, "sd2", "SD 2.x"),
     "sdxl": (_sdxl, "sdxl", "SDXL"),  # refused unless zero-shot: test_sdxl_model.py
     "inpainting": (_inpainting, "sd-v1-inpainting", "inpainting UNets (9 input channels) are not supported"),
     "diffusers": (_diffusers, "diffusers", "this is a diffusers-format file; use a single-file SD v1 checkpoint"),

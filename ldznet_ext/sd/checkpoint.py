@@ -3,10 +3,11 @@
 Layout: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (VAE),
 ``cond_stage_model.transformer.*`` (CLIP text encoder); SDXL files hold their two text encoders under
 ``conditioner.embedders.0.transformer.*`` (CLIP ViT-L) and ``conditioner.embedders.1.model.*``
-(OpenCLIP bigG). The architecture is read from the tensor shapes, so models of any width load. SD v1
-serves heads and zero-shot masks, the SDXL family zero-shot masks only; other families (SD2,
-inpainting UNets, LD-ZNet files) are recognised (``backbones.family.classify``) and refused with an
-error that says what they are.
+(OpenCLIP bigG), SD 2.x files their OpenCLIP ViT-H under ``cond_stage_model.model.*``. The
+architecture is read from the tensor shapes, so models of any width load. SD v1 serves heads and
+zero-shot masks, the SDXL family and SD 2.x zero-shot masks only; other families (inpainting UNets,
+LD-ZNet files, ...) are recognised (``backbones.family.classify``) and refused with an error that
+says what they are.
 """
 
 from __future__ import annotations
@@ -29,16 +30,27 @@ from ..errors import CheckpointError, LdznetError
 from .model import StableDiffusion
 from .parts import check_parts, trim_for_masks
 from .schedule import NoiseSchedule
+from .sd2 import OpenCLIPContext, StableDiffusion2, predicts_v
 from .sdxl import OpenCLIPTextEncoder, SDXLConditioner, StableDiffusionXL
 from .text import TextEncoder, normalize_text_state_dict, text_config
 from .unet import UNetConfig, UNetModel, unet_config
 from .vae import AutoencoderKL, VAEConfig, vae_config
 
 SUPPORTED = ("SD v1.x single-file checkpoints (UNet with 4 input channels, CLIP text encoder, 768-d context); "
-             "SDXL-family ones for zero-shot masks")
-SDXL_FOR_ZERO_SHOT_ONLY = ("an LD-ZNet head reads SD 1.x UNet features, which an SDXL-family model does not have; "
-                           "make masks with this model zero-shot (--zero-shot), or pass an SD 1.x checkpoint as the "
-                           "model for the head")
+             "SDXL-family and SD 2.x ones for zero-shot masks")
+
+
+def zero_shot_only(label: str) -> str:
+    """Why a head cannot run on a model of the family ``label``, and what to do instead."""
+    return (f"an LD-ZNet head reads SD 1.x UNet features, which an {label} model does not have; make masks with "
+            "this model zero-shot (--zero-shot), or pass an SD 1.x checkpoint as the model for the head")
+
+
+SDXL_FOR_ZERO_SHOT_ONLY = zero_shot_only("SDXL-family")
+SD2_FOR_ZERO_SHOT_ONLY = zero_shot_only("SD 2.x")
+# Families whose files serve zero-shot masks but no head.
+ZERO_SHOT_ONLY = {"sdxl": SDXL_FOR_ZERO_SHOT_ONLY, "sd2": SD2_FOR_ZERO_SHOT_ONLY}
+SD2_TEXT_PREFIX = "cond_stage_model.model."
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 BIGG_PREFIX = "conditioner.embedders.1.model."
 # Marker tensors that v-prediction SDXL fine-tunes carry (A1111 dev, ComfyUI and Forge read them too).
@@ -166,7 +178,8 @@ def stable_diffusion_from_state_dict(state: Mapping[str, Tensor], metadata: Mapp
                                      read: Callable[[list[str]], dict[str, Tensor]] | None = None,
                                      dtype: torch.dtype = torch.float32, zero_shot: bool = False) -> StableDiffusion:
     """Build an SD model in ``dtype`` from a single-file state dict: SD v1, or with ``zero_shot`` (the
-    model is for zero-shot masks, no head) also the SDXL family; CheckpointError for anything else.
+    model is for zero-shot masks, no head) also the SDXL family and SD 2.x; CheckpointError for
+    anything else.
 
     ``parts="mask"`` builds only what a segmentation head reads (see :mod:`.parts`). ``state`` may hold
     meta tensors (shapes only, e.g. from a safetensors header): ``read(names)`` then returns the real
@@ -176,13 +189,15 @@ def stable_diffusion_from_state_dict(state: Mapping[str, Tensor], metadata: Mapp
     metadata = metadata or {}
     state = dict(state)
     info = classify(state, metadata)
-    if info.family == "sdxl" and not (zero_shot and parts == "all"):
-        raise CheckpointError(f"{name}: sdxl: {SDXL_FOR_ZERO_SHOT_ONLY}. Supported: {SUPPORTED}.")
-    if info.problem and info.family != "sdxl":
+    if info.family in ZERO_SHOT_ONLY and not (zero_shot and parts == "all"):
+        raise CheckpointError(f"{name}: {info.family}: {ZERO_SHOT_ONLY[info.family]}. Supported: {SUPPORTED}.")
+    if info.problem and info.family not in ZERO_SHOT_ONLY:
         raise CheckpointError(f"{name}: {info.family}: {info.problem}. Supported: {SUPPORTED}.")
     described = parse_sd_metadata(metadata, name)
-    if info.family == "sdxl":
+    if info.family in ZERO_SHOT_ONLY:
         _read_missing(state, list(state), read)
+        if info.family == "sd2":
+            return _guarded(name, "SD 2.x", lambda: sd2_from_state_dict(state, described, dtype))
         return _guarded(name, "SDXL", lambda: sdxl_from_state_dict(state, described, dtype))
     return _guarded(name, "SD v1", lambda: _sd_v1_from_state_dict(state, described, parts, read, dtype))
 
@@ -227,19 +242,43 @@ def _sd_v1_from_state_dict(state: dict[str, Tensor], described: SDMetadata, part
     return StableDiffusion(unet, vae, text, schedule, resolution=described.resolution).to(dtype)
 
 
-def sdxl_from_state_dict(state: Mapping[str, Tensor], described: SDMetadata,
-                         dtype: torch.dtype = torch.float32) -> StableDiffusionXL:
-    """Build an SDXL-family model in ``dtype`` from a single file's tensors (all read); v-prediction
-    when the file carries the ``v_pred`` marker."""
-    unet_state, bigg_state = _sub(state, UNET_PREFIX), _sub(state, BIGG_PREFIX)
+def _unet_vae_and_openclip(state: Mapping[str, Tensor], described: SDMetadata, openclip_prefix: str,
+                           ) -> tuple[UNetModel, AutoencoderKL, OpenCLIPTextEncoder]:
+    """The UNet, the VAE and the open_clip text tower (under ``openclip_prefix``) of a single file whose
+    tensors are all read, shaped as the tensors say."""
+    unet_state, openclip_state = _sub(state, UNET_PREFIX), _sub(state, openclip_prefix)
     vae_state = {k: v for k, v in _sub(state, VAE_PREFIX).items() if not k.startswith("loss.")}
     with torch.device("meta"):
         unet = UNetModel(described.unet or unet_config_from_state_dict(unet_state))
         vae = AutoencoderKL(VAEConfig.from_state_dict(vae_state))
-        bigg = OpenCLIPTextEncoder.from_state_dict(bigg_state)
+        openclip = OpenCLIPTextEncoder.from_state_dict(openclip_state)
     unet.load_state_dict(unet_state, strict=True, assign=True)
     vae.load_state_dict(vae_state, strict=True, assign=True)
-    bigg.load_text_state_dict(bigg_state)
+    openclip.load_text_state_dict(openclip_state)
+    return unet, vae, openclip
+
+
+def sd2_from_state_dict(state: Mapping[str, Tensor], described: SDMetadata,
+                        dtype: torch.dtype = torch.float32) -> StableDiffusion2:
+    """Build an SD 2.x model in ``dtype`` from a single file's tensors (all read); v-prediction when the
+    file carries the ``v_pred`` marker or A1111's probe says so (``sd2.predicts_v``)."""
+    in_channels = _dim(state, UNET_PREFIX + "input_blocks.0.0.weight", 1)
+    if in_channels != 4:
+        raise CheckpointError(f"the SD 2.x UNet takes {in_channels} input channels, not 4 (an inpainting or depth "
+                              "model); use the base model it was made from")
+    unet, vae, vit_h = _unet_vae_and_openclip(state, described, SD2_TEXT_PREFIX)
+    table = state.get("alphas_cumprod")
+    schedule = NoiseSchedule(table if table is not None and table.ndim == 1 else None)
+    model = StableDiffusion2(unet, vae, OpenCLIPContext(vit_h), schedule).to(dtype)
+    model.prediction = "v" if V_PREDICTION_KEY in state or predicts_v(model.unet) else "eps"
+    return model
+
+
+def sdxl_from_state_dict(state: Mapping[str, Tensor], described: SDMetadata,
+                         dtype: torch.dtype = torch.float32) -> StableDiffusionXL:
+    """Build an SDXL-family model in ``dtype`` from a single file's tensors (all read); v-prediction
+    when the file carries the ``v_pred`` marker."""
+    unet, vae, bigg = _unet_vae_and_openclip(state, described, BIGG_PREFIX)
     clip_l = _text_encoder_from_state_dict(_sub(state, CLIP_L_PREFIX), described.text)
     prediction = "v" if V_PREDICTION_KEY in state else "eps"
     return StableDiffusionXL(unet, vae, SDXLConditioner(clip_l, bigg), prediction=prediction).to(dtype)
@@ -249,7 +288,7 @@ def load_stable_diffusion(path: str | os.PathLike, device: str | torch.device = 
                           dtype: torch.dtype = torch.float32, parts: str = "all",
                           zero_shot: bool = False) -> StableDiffusion:
     """Load an SD v1 single-file checkpoint (.safetensors, or .ckpt read without executing pickled code);
-    with ``zero_shot`` (for zero-shot masks, no head) an SDXL-family one too.
+    with ``zero_shot`` (for zero-shot masks, no head) an SDXL-family or SD 2.x one too.
 
     ``parts="mask"``: only what a segmentation head reads (VAE encoder, text encoder, UNet up to the
     last tapped block); from a .safetensors file only those tensors are read, a .ckpt is read whole

@@ -1,0 +1,153 @@
+"""SD 2.x single files for zero-shot masks: the OpenCLIP ViT-H text conditioning against transformers
+(diffusers' convert_open_clip_checkpoint, at tiny size), A1111's v-prediction probe, refusals, and
+`ldznet mask --zero-shot` end to end on a tiny file with the real key layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from conftest import randomize_
+from fixtures_models import TINY_VAE8, random_image
+from ldznet_ext.backbones.base import Backbone
+from ldznet_ext.backbones.family import UNET_PREFIX, VAE_PREFIX
+from ldznet_ext.checkpoint_io import write_safetensors
+from ldznet_ext.errors import CheckpointError
+from ldznet_ext.sd.checkpoint import SD2_FOR_ZERO_SHOT_ONLY, SD2_TEXT_PREFIX, load_stable_diffusion
+from ldznet_ext.sd.sd2 import OpenCLIPContext, StableDiffusion2
+from ldznet_ext.sd.sdxl import OpenCLIPTextEncoder, openclip_ids, v_to_eps
+from ldznet_ext.sd.tokenizer import EOS_ID, tokenize
+from ldznet_ext.sd.unet import UNetModel, unet_config
+from ldznet_ext.sd.vae import AutoencoderKL
+
+single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+PROMPTS = ["a red cat on a mat", "sky", ""]
+# SD 2.x's UNet topology (linear projections, heads of a fixed width) at test widths.
+TINY_SD2_UNET = unet_config("tiny", linear_projection=True, num_head_channels=16)
+
+
+def tiny_vit_h(seed: int = 4) -> OpenCLIPTextEncoder:
+    """ViT-H's shape at test widths: 3 layers, 64 wide (one head of 64, as width // 64 says), MLP x4."""
+    return randomize_(OpenCLIPTextEncoder(width=64, layers=3, heads=1, mlp_width=256, embed_dim=64), seed)
+
+
+def tiny_sd2_state(out_bias: float | None = None) -> dict[str, torch.Tensor]:
+    """An SD 2.x single file at test widths under its real prefixes; ``out_bias``: the UNet's last conv
+    made a constant of that value (to steer the v-prediction probe)."""
+    unet = randomize_(UNetModel(TINY_SD2_UNET), seed=1)
+    if out_bias is not None:
+        with torch.no_grad():
+            unet.out[2].weight.zero_()
+            unet.out[2].bias.fill_(out_bias)
+    torch.manual_seed(2)
+    vae = AutoencoderKL(TINY_VAE8).eval()
+    state = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
+    state.update({VAE_PREFIX + k: v for k, v in vae.state_dict().items()})
+    state.update({SD2_TEXT_PREFIX + k: v for k, v in tiny_vit_h().state_dict().items()})
+    state[SD2_TEXT_PREFIX + "logit_scale"] = torch.tensor(4.6)  # in real files; not part of the text tower
+    state["alphas_cumprod"] = torch.linspace(0.999, 0.01, 1000)
+    return state
+
+
+METADATA = {"unet": TINY_SD2_UNET.to_dict()}  # the tiny heads are not 64 wide: the file says so
+
+
+def write_sd2(path: Path, state: dict[str, torch.Tensor]) -> Path:
+    write_safetensors(path, state, METADATA)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd2_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_sd2(tmp_path_factory.mktemp("sd2") / "tiny-sd2.safetensors", tiny_sd2_state())
+
+
+def test_vit_h_context_matches_transformers() -> None:
+    """ldm's penultimate + ln_final is transformers' last_hidden_state of the tower without its last layer
+    (diffusers' SD 2.x text encoder has 23 of ViT-H's 24 layers)."""
+    ours = OpenCLIPContext(tiny_vit_h())
+    config = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=1, max_position_embeddings=77, hidden_act="gelu",
+                                         layer_norm_eps=1e-5, projection_dim=64, bos_token_id=49406,
+                                         eos_token_id=EOS_ID, pad_token_id=0)
+    # the model with a projection: its keys keep the "text_model." level that the conversion writes
+    twin = transformers.CLIPTextModelWithProjection(config).eval()
+    checkpoint = {SD2_TEXT_PREFIX + k: v for k, v in ours.model.state_dict().items()
+                  if not k.startswith("transformer.resblocks.2.")}
+    converted = single_file.convert_open_clip_checkpoint(twin, checkpoint)
+    missing, unexpected = twin.load_state_dict(converted, strict=False)
+    # diffusers leaves SD 2.x's text projection out: the context does not use it
+    assert not unexpected and all(k.endswith("position_ids") or k == "text_projection.weight" for k in missing)
+    with torch.no_grad():
+        context = ours.encode(PROMPTS)
+        expected = twin(input_ids=openclip_ids(tokenize(PROMPTS))).last_hidden_state
+    assert context.shape == (3, 77, 64) and ours.context_dim == 64
+    assert (context - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert (context[0] - context[1]).abs().max() > 0.1
+
+
+def test_loads_every_weight_and_meets_the_backbone_protocol(sd2_file) -> None:
+    model = load_stable_diffusion(sd2_file, zero_shot=True)
+    assert isinstance(model, StableDiffusion2) and isinstance(model, Backbone)
+    assert (model.scale_factor, model.downsample_factor) == (0.18215, 8)
+    state = tiny_sd2_state()
+    loaded = {UNET_PREFIX + k: v for k, v in model.unet.state_dict().items()}
+    loaded.update({SD2_TEXT_PREFIX + k: v for k, v in model.text_encoder.model.state_dict().items()})
+    loaded["alphas_cumprod"] = model.schedule.alphas_cumprod
+    assert all(torch.equal(v, state[k]) for k, v in loaded.items())
+    conditioning = model.encode_text(["a cat"])
+    assert torch.equal(conditioning.context, model.text_encoder.encode(["a cat"]))
+
+
+@pytest.mark.parametrize(("out_bias", "marker", "prediction"),
+                         [(-2.0, False, "v"), (0.0, False, "eps"), (0.0, True, "v")])
+def test_v_prediction_as_a1111_decides_it(tmp_path, out_bias, marker, prediction) -> None:
+    """A1111's probe: (UNet(0.5) - 0.5).mean() < -1 at t = 999 means v; -2.5 is v, -0.5 eps; the marker wins."""
+    state = tiny_sd2_state(out_bias)
+    if marker:
+        state["v_pred"] = torch.zeros(())
+    model = load_stable_diffusion(write_sd2(tmp_path / "m.safetensors", state), zero_shot=True)
+    assert model.prediction == prediction
+
+
+def test_a_v_model_answers_eps(tmp_path) -> None:
+    state = {**tiny_sd2_state(), "v_pred": torch.zeros(())}
+    model = load_stable_diffusion(write_sd2(tmp_path / "v.safetensors", state), zero_shot=True)
+    conditioning = model.encode_text(["a cat"])
+    z, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([300])
+    with torch.no_grad():
+        v = model.unet(z, t, conditioning.context)
+        assert torch.equal(model.predict_noise(z, t, conditioning), v_to_eps(v, z, model.schedule, t))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"zero_shot": True, "parts": "mask"}])
+def test_head_mode_on_sd2_is_refused_with_what_to_do(sd2_file, kwargs) -> None:
+    with pytest.raises(CheckpointError) as error:
+        load_stable_diffusion(sd2_file, **kwargs)
+    assert str(error.value).startswith(f"tiny-sd2.safetensors: sd2: {SD2_FOR_ZERO_SHOT_ONLY}. Supported: ")
+
+
+def test_an_sd2_inpainting_file_is_refused_by_name(tmp_path) -> None:
+    state = tiny_sd2_state()
+    state[UNET_PREFIX + "input_blocks.0.0.weight"] = torch.zeros(32, 9, 3, 3)
+    with pytest.raises(CheckpointError, match=r"^inpaint.safetensors: the SD 2.x UNet takes 9 input channels, not 4 "
+                                              r"\(an inpainting or depth model\); use the base model it was made from$"):
+        load_stable_diffusion(write_sd2(tmp_path / "inpaint.safetensors", state), zero_shot=True)
+
+
+def test_ldznet_mask_zero_shot_on_an_sd2_file(ldznet, sd2_file, tmp_path) -> None:
+    image = tmp_path / "in.png"
+    Image.fromarray(random_image(64, 64, seed=3)).save(image)
+    code, out, err = ldznet("mask", image, "cat OR sky", "-o", tmp_path / "m.png", "--probability", tmp_path / "p.png",
+                            "--model", sd2_file, "--zero-shot", "--resolution", 64, "--draws", 1, "--device", "cpu")
+    assert (code, err) == (0, "") and out.startswith(f"{tmp_path / 'm.png'}: 64x64, ")
+    probability = np.asarray(Image.open(tmp_path / "p.png"))
+    assert probability.shape == (64, 64) and probability.std() > 0
