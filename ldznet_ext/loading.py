@@ -12,14 +12,16 @@ from pathlib import Path
 
 import torch
 
+from .backbones.family import LABELS
 from .checkpoint_io import SINGLE_FILE, readable_file
 from .defaults import default_model_paths
-from .errors import LdznetError
+from .errors import CheckpointError, LdznetError
 from .factory import ModelSettings, build_segmenter
 from .heads import load_head
 from .limits import RESOLUTION, check_device_name
 from .precision import resolve_dtype
 from .sd.checkpoint import load_stable_diffusion
+from .sd.header import PICKLE_FAMILY, classify_file
 from .segmenter import Segmenter
 
 
@@ -51,6 +53,25 @@ def resolve_model_paths(model: str | os.PathLike | None, head: str | os.PathLike
             readable_file(head, "head file", "a head .safetensors file") if head is not None else None)
 
 
+def resolve_mask_model(mask_model: str | os.PathLike | None, head: str | os.PathLike | None,
+                       zero_shot: bool = False) -> Path | None:
+    """The SD 1.x checkpoint a head runs on instead of the model (None: the model itself), checked before
+    any work: it serves a head only, and its safetensors header must say SD 1.x."""
+    if mask_model is None:
+        return None
+    if zero_shot or head is None:
+        raise LdznetError(f"{Path(mask_model).name}: a mask model serves a head, and zero-shot masks come from the "
+                          "model itself; pass --head HEAD.safetensors with --mask-model, or drop --mask-model")
+    path = readable_file(mask_model, "mask model file", f"an SD 1.x checkpoint, {SINGLE_FILE}")
+    info = classify_file(path)
+    # A pickle's family is known only once it is read: load_stable_diffusion refuses it then by name.
+    if info.family != PICKLE_FAMILY and (info.family != "sd-v1" or info.problem):
+        found = LABELS.get(info.family, info.family) + (f" ({info.problem})" if info.problem else "")
+        raise CheckpointError(f"{path.name}: the mask model must be an SD 1.x checkpoint, since the head reads SD 1.x "
+                              f"UNet features; this file is {found}")
+    return path
+
+
 def resolve_device(name: str | None = None) -> torch.device:
     """A torch device from a name ("cpu", "cuda", "cuda:1", "mps"); None or "auto" picks CUDA, then
     MPS, then the CPU. Other names (``meta``, ``xla``, ...) are refused: LdznetError."""
@@ -72,10 +93,14 @@ def resolve_device(name: str | None = None) -> torch.device:
 
 
 def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = None, *,
+                   mask_model: str | os.PathLike | None = None,
                    device: str | torch.device | None = None, dtype: str = "fp32", resolution: int | None = None,
                    timestep: int | None = None, draws: int | None = None, seed: int = 0) -> Segmenter:
-    """Load an SD checkpoint and optionally a head (None: zero-shot masks, where SDXL-family models
-    serve too) into a Segmenter.
+    """Load an SD checkpoint and optionally a head (None: zero-shot masks, where SDXL-family and SD 2.x
+    models serve too) into a Segmenter.
+
+    ``mask_model``: an SD 1.x checkpoint the head runs on, beside a ``model`` that cannot serve a head
+    (SDXL family, SD 2.x); ``model`` is then not loaded, the mask is the one ``mask_model`` makes.
 
     ``timestep`` and ``draws`` default to the head's training timestep and one draw, or to the
     zero-shot defaults (:class:`ZeroShotSettings`); ``resolution`` None uses the head's own.
@@ -84,11 +109,12 @@ def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = No
     torch_dtype = resolve_dtype(dtype, device)
     if resolution is not None:
         RESOLUTION.check(resolution, "resolution")
+    mask_model = resolve_mask_model(mask_model, head)
     head_module = head_config = None
     if head is not None:
         head_module, head_config = load_head(head, device=device, dtype=torch_dtype)
-    backbone = load_stable_diffusion(model, device=device, dtype=torch_dtype, zero_shot=head is None)
-    name = Path(model).name + (f" with {Path(head).name}" if head is not None else "")
+    backbone = load_stable_diffusion(mask_model or model, device=device, dtype=torch_dtype, zero_shot=head is None)
+    name = Path(mask_model or model).name + (f" with {Path(head).name}" if head is not None else "")
     return build_segmenter(backbone, head_module, head_config,
                            ModelSettings(resolution=resolution, timestep=timestep, draws=draws, seed=seed),
                            name=name, head_name=Path(head).name if head is not None else "head")

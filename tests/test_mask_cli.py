@@ -189,8 +189,11 @@ BAD_INPUTS = {
                           "expected a term or '(' after 'OR', found the end of the text at position 6"),
     "unclosed parenthesis": (lambda t, i, s, h: [i, "(cat OR dog"], "'(' is never closed: expected ')' at position 0"),
     "unmatched parenthesis": (lambda t, i, s, h: [i, "cat)"], "unmatched ')': no '(' is open at position 3"),
-    "SD 2 model": (lambda t, i, s, h: [i, "cat", "--model", _sd_like(t, "sd2.safetensors", 4, 1024), "--zero-shot"],
-                   "sd2.safetensors: sd2: the UNet's text context is 1024-d (SD 2.x); SD 2.x is not supported"),
+    # SD 2.x serves zero-shot masks (test_sd2_model.py), not a head
+    "SD 2 model": (lambda t, i, s, h: [i, "cat", "--model", _sd_like(t, "sd2.safetensors", 4, 1024), "--head", h],
+                   "sd2.safetensors: sd2: an LD-ZNet head reads SD 1.x UNet features, which an SD 2.x model does "
+                   "not have; make masks with this model zero-shot (--zero-shot), or keep it and run the head on an "
+                   "SD 1.x checkpoint (--mask-model SD1.safetensors)"),
     "inpainting model": (lambda t, i, s, h: [i, "cat", "--model", _sd_like(t, "inp.safetensors", 9, 768), "--zero-shot"],
                          "inpainting UNets (9 input channels) are not supported"),
     "head as model": (lambda t, i, s, h: [i, "cat", "--model", h, "--zero-shot"],

@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 from ..images import MAX_PIXELS
 from ..limits import DEVICE_NAMES, DRAWS, PIXELS, RESOLUTION, SEED, TIMESTEP, bounded_number, device_name
-from ..loading import load_segmenter, resolve_model_paths
+from ..loading import load_segmenter, resolve_mask_model, resolve_model_paths
 from ..precision import DTYPES
 from ..refine import RefineSettings
 from ..segmenter import Segmenter
@@ -33,7 +33,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True) 
     add a third choice (``eval --merge``)."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", metavar="SD.safetensors",
-                       help="SD v1 single-file checkpoint (default: the embedded micro model)")
+                       help="SD single-file checkpoint: SD 1.x for a head or zero-shot, SDXL family or SD 2.x for "
+                            "zero-shot (default: the embedded micro model)")
+    group.add_argument("--mask-model", metavar="SD1.safetensors",
+                       help="SD 1.x checkpoint the head runs on when --model cannot serve one (SDXL family, SD 2.x); "
+                            "needs --head")
     which = group.add_mutually_exclusive_group()
     which.add_argument("--head", metavar="HEAD.safetensors",
                        help="LD-ZNet/ZNet head trained for the model (default: the embedded head, "
@@ -63,15 +67,18 @@ def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True) 
 def segmenter_from_args(args: argparse.Namespace, refine: RefineSettings | None = None) -> tuple[Segmenter, dict]:
     """The Segmenter the model arguments describe (with ``refine``, when given), and a JSON-ready
     record of what was loaded and how. Options a command lacks take the library's defaults."""
+    # the head given by name: the embedded head was trained on the embedded model only
+    mask_model = resolve_mask_model(args.mask_model, args.head, args.zero_shot)
     model, head = resolve_model_paths(args.model, args.head, args.zero_shot)
-    segmenter = load_segmenter(model, head, device=args.device, dtype=args.dtype, resolution=args.resolution,
-                               timestep=getattr(args, "timestep", None), draws=getattr(args, "draws", None),
-                               seed=getattr(args, "seed", 0))
+    segmenter = load_segmenter(model, head, mask_model=mask_model, device=args.device, dtype=args.dtype,
+                               resolution=args.resolution, timestep=getattr(args, "timestep", None),
+                               draws=getattr(args, "draws", None), seed=getattr(args, "seed", 0))
     if refine is not None:
         segmenter = segmenter.with_settings(refine=refine)
     # Only the settings that apply: a head run has no zero-shot settings and vice versa.
     unused = {"resolution", "timestep", "draws"} if segmenter.zero_shot else {"resolution", "zero_shot"}
-    record = {"model": str(model), "head": str(head) if head else None, "device": str(segmenter.backbone.device),
+    record = {"model": str(model), "head": str(head) if head else None,
+              **({"mask_model": str(mask_model)} if mask_model else {}), "device": str(segmenter.backbone.device),
               "dtype": str(segmenter.backbone.dtype).replace("torch.", ""), "resolution": segmenter.resolution,
               **{k: v for k, v in asdict(segmenter.settings).items() if k not in unused}}
     return segmenter, record

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..backbones.family import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, classify
+from ..backbones.family import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointInfo, classify
 from ..checkpoint_io import (parse_config, read_metadata, read_state_dict, read_tensor_shapes, read_tensors,
                              write_safetensors)
 from ..errors import CheckpointError, LdznetError
@@ -43,7 +43,8 @@ SUPPORTED = ("SD v1.x single-file checkpoints (UNet with 4 input channels, CLIP 
 def zero_shot_only(label: str) -> str:
     """Why a head cannot run on a model of the family ``label``, and what to do instead."""
     return (f"an LD-ZNet head reads SD 1.x UNet features, which an {label} model does not have; make masks with "
-            "this model zero-shot (--zero-shot), or pass an SD 1.x checkpoint as the model for the head")
+            "this model zero-shot (--zero-shot), or keep it and run the head on an SD 1.x checkpoint "
+            "(--mask-model SD1.safetensors)")
 
 
 SDXL_FOR_ZERO_SHOT_ONLY = zero_shot_only("SDXL-family")
@@ -173,6 +174,15 @@ def _read_missing(state: dict[str, Tensor], names: list[str], read: Callable[[li
         state.update(read(wanted))
 
 
+def check_family(info: CheckpointInfo, name: str, zero_shot: bool, parts: str = "all") -> None:
+    """CheckpointError naming the file ``name``, its family and what to do, unless a model of that family
+    serves this use (``zero_shot``: masks without a head; ``parts``: see :mod:`.parts`)."""
+    if info.family in ZERO_SHOT_ONLY and not (zero_shot and parts == "all"):
+        raise CheckpointError(f"{name}: {info.family}: {ZERO_SHOT_ONLY[info.family]}. Supported: {SUPPORTED}.")
+    if info.problem and info.family not in ZERO_SHOT_ONLY:
+        raise CheckpointError(f"{name}: {info.family}: {info.problem}. Supported: {SUPPORTED}.")
+
+
 def stable_diffusion_from_state_dict(state: Mapping[str, Tensor], metadata: Mapping | None = None,
                                      name: str = "checkpoint", parts: str = "all",
                                      read: Callable[[list[str]], dict[str, Tensor]] | None = None,
@@ -189,10 +199,7 @@ def stable_diffusion_from_state_dict(state: Mapping[str, Tensor], metadata: Mapp
     metadata = metadata or {}
     state = dict(state)
     info = classify(state, metadata)
-    if info.family in ZERO_SHOT_ONLY and not (zero_shot and parts == "all"):
-        raise CheckpointError(f"{name}: {info.family}: {ZERO_SHOT_ONLY[info.family]}. Supported: {SUPPORTED}.")
-    if info.problem and info.family not in ZERO_SHOT_ONLY:
-        raise CheckpointError(f"{name}: {info.family}: {info.problem}. Supported: {SUPPORTED}.")
+    check_family(info, name, zero_shot, parts)
     described = parse_sd_metadata(metadata, name)
     if info.family in ZERO_SHOT_ONLY:
         _read_missing(state, list(state), read)
@@ -296,8 +303,10 @@ def load_stable_diffusion(path: str | os.PathLike, device: str | torch.device = 
     """
     check_parts(parts)
     metadata = read_metadata(path)  # first: a crafted header gets its own message
-    shapes = read_tensor_shapes(path) if parts == "mask" else None
-    if shapes is None:
+    shapes = read_tensor_shapes(path)
+    if shapes is not None:  # a family that cannot serve is refused before any tensor data is read
+        check_family(classify(shapes, metadata), os.path.basename(path), zero_shot, parts)
+    if shapes is None or parts != "mask":
         state, read = read_state_dict(path), None
     else:
         state = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
