@@ -27,7 +27,7 @@ from torch import Tensor
 from .errors import CheckpointError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-SINGLE_FILE = "a single-file .safetensors or .ckpt (diffusers folders are not supported yet)"
+SINGLE_FILE = "a single-file .safetensors or .ckpt"
 _Config = TypeVar("_Config")
 
 

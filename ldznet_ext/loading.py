@@ -21,13 +21,14 @@ from .heads import load_head
 from .limits import RESOLUTION, check_device_name
 from .precision import resolve_dtype
 from .sd.checkpoint import load_stable_diffusion
+from .sd.diffusers_folder import INDEX_FILE, is_diffusers_folder, load_diffusers_folder
 from .sd.header import PICKLE_FAMILY, classify_file
 from .segmenter import Segmenter
 
 
 def resolve_model_paths(model: str | os.PathLike | None, head: str | os.PathLike | None,
                         zero_shot: bool = False) -> tuple[Path, Path | None]:
-    """(SD checkpoint, head or None for zero-shot) from the user's choices.
+    """(SD checkpoint file or diffusers folder, head or None for zero-shot) from the user's choices.
 
     No ``model``: the embedded micro model, with its own head unless ``head`` or ``zero_shot`` is
     given. A user ``model`` needs an explicit ``head`` or ``zero_shot``, because the embedded head
@@ -49,7 +50,12 @@ def resolve_model_paths(model: str | os.PathLike | None, head: str | os.PathLike
     elif head is None and not zero_shot:
         raise LdznetError(f"{Path(model).name}: a model of your own needs a segmentation head: pass "
                           "--head HEAD.safetensors (an LD-ZNet head trained for this model) or --zero-shot")
-    return (readable_file(model, "model file", f"an SD v1 checkpoint, {SINGLE_FILE}"),
+    if Path(model).is_dir() and not is_diffusers_folder(model):
+        raise CheckpointError(f"model file {model} is a folder without {INDEX_FILE}; expected an SD checkpoint, "
+                              f"{SINGLE_FILE}, or a diffusers folder")
+    model = Path(model) if is_diffusers_folder(model) else readable_file(model, "model file", f"an SD checkpoint, "
+                                                                                              f"{SINGLE_FILE}")
+    return (model,
             readable_file(head, "head file", "a head .safetensors file") if head is not None else None)
 
 
@@ -113,7 +119,8 @@ def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = No
     head_module = head_config = None
     if head is not None:
         head_module, head_config = load_head(head, device=device, dtype=torch_dtype)
-    backbone = load_stable_diffusion(mask_model or model, device=device, dtype=torch_dtype, zero_shot=head is None)
+    load = load_diffusers_folder if is_diffusers_folder(mask_model or model) else load_stable_diffusion
+    backbone = load(mask_model or model, device=device, dtype=torch_dtype, zero_shot=head is None)
     name = Path(mask_model or model).name + (f" with {Path(head).name}" if head is not None else "")
     return build_segmenter(backbone, head_module, head_config,
                            ModelSettings(resolution=resolution, timestep=timestep, draws=draws, seed=seed),

@@ -32,7 +32,7 @@ UNET_KEYS = ("in_channels, out_channels, model_channels, channel_mult, num_res_b
              "adm_in_channels")
 HEAD_KEYS = "arch, unet, sd_blocks, latent_size, timestep, sd_fusion"
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
-FOLDER_EXPECTED = "a single-file .safetensors or .ckpt (diffusers folders are not supported yet)"
+FOLDER_EXPECTED = "a single-file .safetensors or .ckpt"
 
 
 def _raw_metadata(path: Path) -> dict[str, str]:
@@ -243,8 +243,13 @@ def test_folders_say_what_is_expected(tiny_model_files, image, tmp_path, ldznet)
     folder.mkdir()
     (folder / "model_index.json").write_text("{}")
     out = tmp_path / "mask.png"
+    # a diffusers folder is read (test_diffusers_folder.py): this one is named with what it lacks
     _one_line_error(ldznet("mask", image, "cube", "-o", out, "--model", folder, "--zero-shot"), "mask",
-                    f"model file {folder} is a folder; expected an SD v1 checkpoint, {FOLDER_EXPECTED}")
+                    "sd15-diffusers: diffusers folder without unet/config.json")
+    (folder / "model_index.json").unlink()
+    _one_line_error(ldznet("mask", image, "cube", "-o", out, "--model", folder, "--zero-shot"), "mask",
+                    f"model file {folder} is a folder without model_index.json; expected an SD checkpoint, "
+                    f"{FOLDER_EXPECTED}, or a diffusers folder")
     _one_line_error(ldznet("mask", image, "cube", "-o", out, "--model", sd, "--head", folder), "mask",
                     f"head file {folder} is a folder; expected a head .safetensors file")
     _one_line_error(ldznet("info", folder), "info", f"checkpoint {folder} is a folder; expected {FOLDER_EXPECTED}")

@@ -1,0 +1,261 @@
+"""Diffusers-format model folders (SD 1.x and SDXL) read into the single-file (ldm) layout.
+
+A folder holds ``model_index.json`` and one sub-folder per part: ``unet/``, ``vae/``, ``text_encoder/``
+(and SDXL's ``text_encoder_2/``), each with a ``config.json`` and its weights. Only what the folder
+holds is read: no download, weights from ``.safetensors`` (a ``.bin`` only through
+``checkpoint_io.read_state_dict``, which unpickles tensors alone), sharded weights through their
+``*.safetensors.index.json``. The key mapping follows the two layouts' definitions (diffusers'
+``UNet2DConditionModel``/``AutoencoderKL``/transformers' CLIP against ldm's ``openaimodel``/
+``autoencoder``/open_clip); the architecture then comes from the tensor shapes as for a single file,
+with the head counts that shapes do not show taken from the configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..backbones.family import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointInfo
+from ..checkpoint_io import read_state_dict
+from ..errors import CheckpointError
+from .checkpoint import (V_PREDICTION_KEY, _sub, check_family, stable_diffusion_from_state_dict,
+                         unet_config_from_state_dict)
+from .model import StableDiffusion
+from .text import normalize_text_state_dict
+from .unet import UNetConfig
+
+INDEX_FILE = "model_index.json"
+# Weight files of a part, in the order they are looked for.
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                 "model.fp16.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin")
+_RESNET = (("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
+           ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection."))
+_UNET_TOP = (("conv_in.", "input_blocks.0.0."), ("time_embedding.linear_1.", "time_embed.0."),
+             ("time_embedding.linear_2.", "time_embed.2."), ("add_embedding.linear_1.", "label_emb.0.0."),
+             ("add_embedding.linear_2.", "label_emb.0.2."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."))
+# diffusers' VAE attention (current names, then those of diffusers before 0.14) -> ldm's AttnBlock
+_VAE_ATTENTION = (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."),
+                  ("to_out.0.", "proj_out."), ("query.", "q."), ("key.", "k."), ("value.", "v."),
+                  ("proj_attn.", "proj_out."))
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_BIGG_PREFIX = "conditioner.embedders.1.model."
+
+
+def is_diffusers_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder with a ``model_index.json``."""
+    return Path(path).is_dir() and (Path(path) / INDEX_FILE).is_file()
+
+
+def _json(path: Path, folder: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder.name}: diffusers folder without {path.relative_to(folder)}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{folder.name}: cannot read {path.relative_to(folder)} ({error})") from error
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{folder.name}: {path.relative_to(folder)} is not a JSON object")
+    return data
+
+
+def _read_part(folder: Path, part: str) -> dict[str, Tensor]:
+    """All tensors of the part ``part`` (a sub-folder); sharded files through their index."""
+    where = folder / part
+    for index in sorted(where.glob("*.safetensors.index.json")):
+        shards = set(_json(index, folder).get("weight_map", {}).values())
+        if not shards or any(Path(name).name != name for name in shards):
+            raise CheckpointError(f"{folder.name}: {part}/{index.name} must map weights to files in {part}/")
+        state: dict[str, Tensor] = {}
+        for name in sorted(shards):
+            state.update(read_state_dict(where / name))
+        return state
+    for name in _WEIGHT_FILES:
+        if (where / name).is_file():
+            return read_state_dict(where / name)
+    found = sorted(p.name for p in where.iterdir()) if where.is_dir() else []
+    raise CheckpointError(f"{folder.name}: no weights in {part}/ (found {', '.join(found) or 'nothing'}); expected "
+                          f"one of {', '.join(_WEIGHT_FILES)} or a *.safetensors.index.json")
+
+
+def _rename(key: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    """``key`` with its leading name replaced by the first pair whose old name it starts with."""
+    return next((new + key[len(old):] for old, new in pairs if key.startswith(old)), key)
+
+
+def _unet_key(key: str, n: int, upsampled_after_attention: set[int]) -> str:
+    """One diffusers UNet key in ldm's layout (``n`` resnets per down level)."""
+    if m := re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        level, index = int(m[2]), int(m[4])
+        block = f"input_blocks.{1 + level * (n + 1) + index}" if m[1] == "down" else \
+            f"output_blocks.{level * (n + 1) + index}"
+        return f"{block}.0.{_rename(m[5], _RESNET)}" if m[3] == "resnets" else f"{block}.1.{m[5]}"
+    if m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        return f"middle_block.1.{m[3]}" if m[1] == "attentions" else \
+            f"middle_block.{2 * int(m[2])}.{_rename(m[3], _RESNET)}"
+    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
+        return f"input_blocks.{(int(m[1]) + 1) * (n + 1)}.0.op.{m[2]}"
+    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key):
+        level = int(m[1])
+        return f"output_blocks.{level * (n + 1) + n}.{2 if level in upsampled_after_attention else 1}.{m[2]}"
+    return _rename(key, _UNET_TOP)
+
+
+def unet_to_ldm(state: Mapping[str, Tensor], layers_per_block: int) -> dict[str, Tensor]:
+    """diffusers' UNet2DConditionModel weights -> ldm's UNetModel (no prefix); its transformers keep
+    their names. An up level with attentions has its upsampler third in each ldm block, else second."""
+    with_attention = {int(m[1]) for k in state if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    return {_unet_key(k, layers_per_block, with_attention): v for k, v in state.items()}
+
+
+def _vae_key(key: str, up_levels: int) -> str:
+    """One diffusers VAE key in ldm's layout; the decoder's up levels are numbered the other way."""
+    shortcut = (("conv_shortcut.", "nin_shortcut."),)
+    if m := re.match(r"(encoder|decoder)\.(?:down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.*)",
+                     key):
+        side, kind, rest = m[1], m[3], m[5]
+        stage, level = ("down", int(m[2])) if side == "encoder" else ("up", up_levels - 1 - int(m[2]))
+        if kind == "resnets":
+            return f"{side}.{stage}.{level}.block.{m[4]}.{_rename(rest, shortcut)}"
+        return f"{side}.{stage}.{level}.{kind[:-2]}.{rest}"
+    if m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.*)", key):
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{_rename(m[3], shortcut)}"
+    if m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)", key):
+        return f"{m[1]}.mid.attn_1.{_rename(m[2], _VAE_ATTENTION)}"
+    return _rename(key, (("encoder.conv_norm_out.", "encoder.norm_out."),
+                         ("decoder.conv_norm_out.", "decoder.norm_out.")))
+
+
+def vae_to_ldm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """diffusers' AutoencoderKL weights -> ldm's (no prefix); the attention's linear layers become ldm's
+    1x1 convolutions."""
+    up_levels = len({m[1] for k in state if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))})
+    out = {}
+    for key, value in state.items():
+        new = _vae_key(key, up_levels)
+        attention_weight = ".mid.attn_1." in new and new.endswith(".weight") and ".norm." not in new
+        out[new] = value[:, :, None, None] if attention_weight and value.ndim == 2 else value
+    return out
+
+
+def clip_to_openclip(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """transformers' CLIPTextModelWithProjection weights (SDXL's text_encoder_2) -> open_clip's text tower."""
+    state = dict(state)
+    projection = state.pop("text_projection.weight", None)
+    if projection is None:
+        raise CheckpointError("text_encoder_2 has no 'text_projection.weight' (a CLIPTextModelWithProjection)")
+    text = normalize_text_state_dict(state)
+    out = {"token_embedding.weight": text.pop("text_model.embeddings.token_embedding.weight"),
+           "positional_embedding": text.pop("text_model.embeddings.position_embedding.weight"),
+           "ln_final.weight": text.pop("text_model.final_layer_norm.weight"),
+           "ln_final.bias": text.pop("text_model.final_layer_norm.bias"),
+           "text_projection": projection.T.contiguous()}
+    layer_names = (("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("self_attn.out_proj.", "attn.out_proj."),
+                   ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."))
+    for key in sorted(text):
+        m = re.match(r"text_model\.encoder\.layers\.(\d+)\.(.*)", key)
+        if m is None:
+            raise CheckpointError(f"text_encoder_2: unexpected weight {key!r}")
+        block, rest = f"transformer.resblocks.{m[1]}.", m[2]
+        if q := re.match(r"self_attn\.q_proj\.(weight|bias)", rest):
+            name = f"text_model.encoder.layers.{m[1]}.self_attn.{{}}_proj.{q[1]}"
+            out[f"{block}attn.in_proj_{q[1]}"] = torch.cat([text[name.format(p)] for p in "qkv"])
+        elif not rest.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
+            out[block + _rename(rest, layer_names)] = text[key]
+    return out
+
+
+def _heads(config: Mapping[str, Any]) -> list[int]:
+    """Head counts per level of a diffusers UNet config (``attention_head_dim`` holds the count in SD 1.x
+    and SDXL configs, ``num_attention_heads`` where set)."""
+    heads = config.get("num_attention_heads") or config.get("attention_head_dim")
+    levels = len(config.get("block_out_channels") or [])
+    heads = [heads] * levels if isinstance(heads, int) else heads
+    if not (isinstance(heads, list) and len(heads) == levels and all(type(h) is int and h > 0 for h in heads)):
+        raise ValueError("'attention_head_dim' (heads per level) must be a positive integer or one per level")
+    return heads
+
+
+def unet_heads(unet: UNetConfig, config: Mapping[str, Any]) -> UNetConfig:
+    """``unet`` (from the shapes) with the head layout of a diffusers UNet ``config``: a head count
+    (SD 1.x) or, for sgm UNets, a head width that every attention level must share."""
+    heads = [_heads(config)[level] for level in unet.attention_levels]
+    widths = {unet.model_channels * unet.channel_mult[level] // h for level, h in zip(unet.attention_levels, heads)}
+    if unet.num_head_channels == 0 and len(set(heads)) == 1:
+        return dataclasses.replace(unet, num_heads=heads[0])
+    if unet.num_head_channels and len(widths) == 1:
+        return dataclasses.replace(unet, num_head_channels=widths.pop())
+    raise ValueError(f"heads {heads} at the attention levels give no single head count or width")
+
+
+def _int_field(config: Mapping[str, Any], field: str, where: str) -> int:
+    value = config.get(field)
+    if type(value) is not int or value < 1:
+        raise CheckpointError(f"{where}: field '{field}' is {json.dumps(value)[:40]}; expected an integer >= 1")
+    return value
+
+
+class DiffusersModel(NamedTuple):
+    """A diffusers folder in the single-file layout: tensors, ``ldznet.*``-style metadata, VAE scale."""
+
+    state: dict[str, Tensor]
+    metadata: dict[str, Any]
+    scale_factor: float | None
+
+
+def read_diffusers_folder(path: str | os.PathLike) -> DiffusersModel:
+    """An SD 1.x or SDXL diffusers folder (``text_encoder_2/`` makes it SDXL) as a single file's tensors
+    (every weight read), with the UNet and text configurations that shapes do not show as metadata.
+    CheckpointError naming the folder and what it holds otherwise (an SD 2.x folder: use its single file)."""
+    folder = Path(path)
+    index = _json(folder / INDEX_FILE, folder)
+    kind = index.get("_class_name", "an unnamed pipeline")
+    unet_config = _json(folder / "unet" / "config.json", folder)
+    text_config = _json(folder / "text_encoder" / "config.json", folder)
+    sdxl = (folder / "text_encoder_2").is_dir()
+    if not sdxl and 1024 in (text_config.get("hidden_size"), unet_config.get("cross_attention_dim")):
+        raise CheckpointError(f"{folder.name}: a diffusers folder of {kind} with a 1024-d "
+                              "text encoder (SD 2.x?); diffusers folders of SD 1.x and SDXL are read, for SD 2.x "
+                              "use its single-file checkpoint")
+    layers = _int_field(unet_config, "layers_per_block", f"{folder.name}: unet/config.json")
+    state = {UNET_PREFIX + k: v for k, v in unet_to_ldm(_read_part(folder, "unet"), layers).items()}
+    state.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(_read_part(folder, "vae")).items()})
+    clip_l = normalize_text_state_dict(_read_part(folder, "text_encoder"))
+    state.update({(SDXL_CLIP_L_PREFIX if sdxl else TEXT_PREFIX) + k: v for k, v in clip_l.items()})
+    if sdxl:
+        bigg = clip_to_openclip(_read_part(folder, "text_encoder_2"))
+        state.update({SDXL_BIGG_PREFIX + k: v for k, v in bigg.items()})
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file() and _json(scheduler, folder).get("prediction_type") == "v_prediction":
+        state[V_PREDICTION_KEY] = torch.zeros(())
+    try:
+        unet = unet_heads(unet_config_from_state_dict(_sub(state, UNET_PREFIX)), unet_config)
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"{folder.name}: the UNet in unet/ does not fit its config.json: {error}") from error
+    metadata = {"unet": unet.to_dict(),
+                "text": {"num_attention_heads": _int_field(text_config, "num_attention_heads",
+                                                           f"{folder.name}: text_encoder/config.json")}}
+    scale = _json(folder / "vae" / "config.json", folder).get("scaling_factor")
+    return DiffusersModel(state, metadata, float(scale) if isinstance(scale, (int, float)) else None)
+
+
+def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = "cpu",
+                          dtype: torch.dtype = torch.float32, parts: str = "all",
+                          zero_shot: bool = False) -> StableDiffusion:
+    """``load_stable_diffusion`` for a diffusers folder: the same model its single-file equivalent gives
+    (SD 1.x for a head or zero-shot, SDXL for zero-shot), with the VAE scale of ``vae/config.json``."""
+    if (Path(path) / "text_encoder_2").is_dir():  # SDXL: a head is refused before any weight is read
+        check_family(CheckpointInfo("sdxl"), Path(path).name, zero_shot, parts)
+    folder = read_diffusers_folder(path)
+    model = stable_diffusion_from_state_dict(folder.state, folder.metadata, Path(path).name, parts,
+                                             dtype=dtype, zero_shot=zero_shot)
+    if folder.scale_factor is not None:
+        model.scale_factor = folder.scale_factor
+    return model.to(device=device).eval().requires_grad_(False)

@@ -1,0 +1,160 @@
+"""Diffusers-format folders (SD 1.x, SDXL), built here from our tiny single files with diffusers' own
+ldm -> diffusers conversion: our reader gives back the single file's tensors exactly, and masks from a
+folder equal, bit for bit, those of its single file; folders we cannot read are refused by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from fixtures_models import TINY_VAE8, random_image
+from ldznet_ext.checkpoint_io import read_state_dict, write_safetensors
+from ldznet_ext.errors import CheckpointError
+from ldznet_ext.sd.diffusers_folder import read_diffusers_folder
+from ldznet_ext.sd.unet import UNetConfig, unet_config
+from ldznet_ext.sd.vae import VAEConfig
+from test_sdxl_model import METADATA as SDXL_METADATA, tiny_sdxl_state
+from test_sdxl_unet import TIME_DIM, diffusers_config
+
+single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+BIGG_PREFIX = "conditioner.embedders.1.model."
+# tensors the diffusers layout has no place for: the schedule (the scheduler's config) and CLIP's temperature
+NOT_IN_DIFFUSERS = ("alphas_cumprod", BIGG_PREFIX + "logit_scale")
+
+
+def _save(folder: Path, part: str, state: dict[str, torch.Tensor], config: dict, name: str) -> None:
+    (folder / part).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / part / name))
+    (folder / part / "config.json").write_text(json.dumps(config))
+
+
+def write_folder(folder: Path, ldm: dict[str, torch.Tensor], unet: UNetConfig, vae: VAEConfig, text_heads: int,
+                 sdxl: bool = False, scale: float = 0.18215) -> Path:
+    """A diffusers folder of the single file ``ldm``, each part converted by diffusers' own functions."""
+    blocks = len(vae.ch_mult)
+    (folder / "model_index.json").parent.mkdir(parents=True, exist_ok=True)
+    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    unet_fields = diffusers_config(unet, TIME_DIM)
+    _save(folder, "unet", single_file.convert_ldm_unet_checkpoint(ldm, unet_fields), unet_fields,
+          "diffusion_pytorch_model.safetensors")
+    vae_fields = {"down_block_types": ["DownEncoderBlock2D"] * blocks, "up_block_types": ["UpDecoderBlock2D"] * blocks,
+                  "scaling_factor": scale}
+    _save(folder, "vae", single_file.convert_ldm_vae_checkpoint(ldm, vae_fields), vae_fields,
+          "diffusion_pytorch_model.safetensors")
+    _save(folder, "text_encoder", single_file.convert_ldm_clip_checkpoint(ldm), {"num_attention_heads": text_heads,
+          "hidden_size": 64}, "model.safetensors")
+    if sdxl:
+        bigg = single_file.convert_open_clip_checkpoint(None, ldm, prefix=BIGG_PREFIX)
+        _save(folder, "text_encoder_2", bigg, {"num_attention_heads": 1}, "model.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sd1_pair(tiny_model_files, tmp_path_factory) -> tuple[Path, Path]:
+    sd_file = tiny_model_files[0]
+    folder = write_folder(tmp_path_factory.mktemp("sd1") / "tiny-sd1", read_state_dict(sd_file), unet_config("tiny"),
+                          TINY_VAE8, text_heads=2)
+    return sd_file, folder
+
+
+@pytest.fixture(scope="module")
+def sdxl_pair(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("sdxl")
+    state = tiny_sdxl_state()
+    write_safetensors(base / "tiny-sdxl.safetensors", state, SDXL_METADATA)
+    folder = write_folder(base / "tiny-sdxl", state, unet_config("tiny-sdxl"), VAEConfig(ch=32, ch_mult=(1, 2),
+                          num_res_blocks=1), text_heads=2, sdxl=True, scale=0.13025)
+    return base / "tiny-sdxl.safetensors", folder
+
+
+def _same_tensors(folder: Path, single: Path) -> None:
+    got = read_diffusers_folder(folder).state
+    expected = {k: v for k, v in read_state_dict(single).items() if k not in NOT_IN_DIFFUSERS}
+    assert sorted(got) == sorted(expected)
+    assert [k for k in expected if not torch.equal(got[k], expected[k])] == []
+
+
+def test_sd1_folder_converts_back_exactly(sd1_pair) -> None:
+    _same_tensors(sd1_pair[1], sd1_pair[0])
+    assert read_diffusers_folder(sd1_pair[1]).metadata == {"unet": unet_config("tiny").to_dict(),
+                                                           "text": {"num_attention_heads": 2}}
+
+
+def test_sdxl_folder_converts_back_exactly(sdxl_pair) -> None:
+    _same_tensors(sdxl_pair[1], sdxl_pair[0])
+    read = read_diffusers_folder(sdxl_pair[1])
+    assert read.metadata["unet"] == unet_config("tiny-sdxl").to_dict() and read.scale_factor == 0.13025
+
+
+@pytest.fixture
+def image_file(tmp_path) -> Path:
+    path = tmp_path / "in.png"
+    Image.fromarray(random_image(64, 64, seed=3)).save(path)
+    return path
+
+
+def _masks(ldznet, image, model, tmp_path, name, *mode) -> list[np.ndarray]:
+    code, _, err = ldznet("mask", image, "cat OR sky", "-o", tmp_path / f"{name}.png", "--probability",
+                          tmp_path / f"{name}-p.png", "--model", model, "--device", "cpu", "--no-presence", *mode)
+    assert (code, err) == (0, "")
+    return [np.asarray(Image.open(tmp_path / f"{name}{suffix}.png")) for suffix in ("", "-p")]
+
+
+@pytest.mark.parametrize("mode", ["head", "zero-shot"])
+def test_sd1_folder_masks_equal_the_single_files(ldznet, sd1_pair, tiny_model_files, image_file, tmp_path,
+                                                 mode) -> None:
+    args = ("--head", tiny_model_files[1]) if mode == "head" else ("--zero-shot", "--resolution", 64, "--draws", 1)
+    from_folder = _masks(ldznet, image_file, sd1_pair[1], tmp_path, "folder", *args)
+    from_file = _masks(ldznet, image_file, sd1_pair[0], tmp_path, "file", *args)
+    assert all(np.array_equal(a, b) for a, b in zip(from_folder, from_file)) and from_file[1].std() > 0
+
+
+def test_sdxl_folder_zero_shot_masks_equal_the_single_files(ldznet, sdxl_pair, image_file, tmp_path) -> None:
+    args = ("--zero-shot", "--resolution", 64, "--draws", 1)
+    from_folder = _masks(ldznet, image_file, sdxl_pair[1], tmp_path, "folder", *args)
+    from_file = _masks(ldznet, image_file, sdxl_pair[0], tmp_path, "file", *args)
+    assert all(np.array_equal(a, b) for a, b in zip(from_folder, from_file)) and from_file[1].std() > 0
+
+
+def test_a_bin_part_is_read_by_the_safe_reader(sd1_pair, tmp_path) -> None:
+    import shutil
+    folder = shutil.copytree(sd1_pair[1], tmp_path / "bin-folder")
+    state = read_state_dict(folder / "text_encoder" / "model.safetensors")
+    (folder / "text_encoder" / "model.safetensors").unlink()
+    torch.save(state, folder / "text_encoder" / "pytorch_model.bin")
+    _same_tensors(folder, sd1_pair[0])
+
+
+def test_folders_we_cannot_read_are_named(ldznet, sd1_pair, tiny_model_files, image_file, tmp_path) -> None:
+    import shutil
+    folder = shutil.copytree(sd1_pair[1], tmp_path / "no-unet")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"^no-unet: no weights in unet/ \(found config.json\); expected one of "):
+        read_diffusers_folder(folder)
+    sd2 = shutil.copytree(sd1_pair[1], tmp_path / "sd2")
+    (sd2 / "text_encoder" / "config.json").write_text(json.dumps({"num_attention_heads": 16, "hidden_size": 1024}))
+    code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", sd2, "--zero-shot")
+    assert (code, err) == (2, "ldznet mask: error: sd2: a diffusers folder of StableDiffusionPipeline with a 1024-d "
+                              "text encoder (SD 2.x?); diffusers folders of SD 1.x and SDXL are read, for SD 2.x use "
+                              "its single-file checkpoint\n")
+    code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", tmp_path, "--zero-shot")
+    assert code == 2 and f"model file {tmp_path} is a folder without model_index.json" in err
+
+
+def test_head_mode_on_an_sdxl_folder_is_refused_before_reading_it(ldznet, sdxl_pair, tiny_model_files, image_file,
+                                                                   tmp_path, monkeypatch) -> None:
+    from ldznet_ext.sd import diffusers_folder
+    monkeypatch.setattr(diffusers_folder, "read_state_dict", lambda path: pytest.fail(f"{path} was read"))
+    code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", sdxl_pair[1],
+                          "--head", tiny_model_files[1])
+    assert code == 2 and "tiny-sdxl: sdxl: an LD-ZNet head reads SD 1.x UNet features" in err
