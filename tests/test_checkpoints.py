@@ -27,8 +27,8 @@ from ldznet_ext.heads import (
 )
 from ldznet_ext.modeling.build import build_head, head_config
 from ldznet_ext.sd.checkpoint import (
-    SUPPORTED, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, classify, load_stable_diffusion, save_stable_diffusion,
-    stable_diffusion_state_dict, unet_config_from_state_dict,
+    SD2_FOR_ZERO_SHOT_ONLY, SUPPORTED, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, classify, load_stable_diffusion,
+    save_stable_diffusion, stable_diffusion_state_dict, unet_config_from_state_dict,
 )
 from ldznet_ext.sd.unet import UNetModel, unet_config
 
@@ -515,9 +515,8 @@ def test_info_on_files(ldznet, sd_file, sd_state, head_a, tmp_path) -> None:
     save_file({k: v.contiguous() for k, v in _sd2_openclip(sd_state).items()}, str(sd2))
     code, out, _ = ldznet("info", sd2, "--json")
     report = json.loads(out)
-    assert code == 0 and report["family"] == "sd2" and report["usable"] is False
-    assert report["note"] == ("SD 2.x checkpoints (OpenCLIP text encoder, 1024-d context) are not supported. "
-                              f"Supported: {SUPPORTED}.")
+    assert code == 0 and report["family"] == "sd2" and report["usable"] == "zero-shot"
+    assert report["note"] == f"{SD2_FOR_ZERO_SHOT_ONLY}."
 
     partial = tmp_path / "partial.safetensors"
     save_file({k: v.contiguous() for k, v in sd_state.items() if not k.startswith(UNET_PREFIX + "middle_block.")},

@@ -12,15 +12,8 @@ from ..checkpoint_io import read_metadata, read_state_dict
 from ..errors import CheckpointError, LdznetError
 from ..heads import convert_official, read_head_config
 from ..modeling.build import ARCHITECTURES, build_head, head_config
-from ..sd.checkpoint import (
-    SUPPORTED,
-    TEXT_PREFIX,
-    UNET_PREFIX,
-    VAE_PREFIX,
-    classify,
-    parse_sd_metadata,
-    unet_config_from_state_dict,
-)
+from ..sd.checkpoint import (SUPPORTED, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, ZERO_SHOT_ONLY, classify,
+                             parse_sd_metadata, unet_config_from_state_dict)
 from ..sd.unet import UNET_CONFIGS, UNetModel, count_parameters, unet_config
 
 
@@ -59,7 +52,10 @@ def describe_file(path: Path) -> dict:
             report[f"{part}_parameters"] = sum(v.numel() for k, v in state.items() if k.startswith(prefix))
         unet_dtype = next(v.dtype for k, v in state.items() if k.startswith(UNET_PREFIX))
         report["dtype"] = str(unet_dtype).replace("torch.", "")
-    if info.problem:
+    if info.family in ZERO_SHOT_ONLY:
+        report["usable"] = "zero-shot"
+        report["note"] = f"{ZERO_SHOT_ONLY[info.family]}."
+    elif info.problem:
         report["usable"] = False
         report["note"] = f"{info.problem}. Supported: {SUPPORTED}."
     return report
