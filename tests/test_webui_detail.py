@@ -109,6 +109,25 @@ def test_the_same_seed_gives_the_same_image(objects):
     assert not np.array_equal(first, np.asarray(_generate(DETAIL, seed=8)[2]))
 
 
+def test_the_pass_leaves_the_hosts_global_rng_as_it_found_it(objects, monkeypatch):
+    """The host's img2img seeds the global torch RNG (``rng.randn``), and A1111 encodes the next
+    img2img's init image with a draw from it (the VAE posterior's sample): a pass that left it
+    reseeded made a repeated img2img request with the same seed give another image."""
+    inpaint = processing._inpaint
+
+    def seeding_inpaint(p):
+        torch.manual_seed(p.seed)
+        torch.randn(4)
+        return inpaint(p)
+
+    monkeypatch.setattr(processing, "_inpaint", seeding_inpaint)
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    _generate(DETAIL)
+    assert len(processing.inpaint_calls) == 2
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_fewer_prompts_reuse_the_last_and_empty_is_the_original(objects):
     _generate(("goblin OR sword", "", 0.3, 7, 4))
     _generate(("goblin OR sword", "a goblin", 0.3, 7, 4))

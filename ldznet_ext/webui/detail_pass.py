@@ -8,6 +8,7 @@ region back (Settings > "overlay_inpaint" off).
 
 from __future__ import annotations
 
+import torch
 from PIL import Image
 
 from ..detail import DetailPass, DetailStep, plan
@@ -45,9 +46,8 @@ def _img2img(p, image: Image.Image, step: DetailStep, detail: DetailPass, negati
 
 def run(p, image: Image.Image, job: MaskJob, detail: DetailPass) -> tuple[Image.Image, str | None]:
     """(the image with every instance inpainted, None), or (``image``, why nothing was done) when the
-    expression selects nothing. The caller holds the GPU (a generation in progress)."""
-    from modules import processing, shared
-
+    expression selects nothing. The host's global RNG is left as the pass found it. The caller holds the
+    GPU (a generation in progress)."""
     mask_job = detail.mask_job(job)
     result = host.compute(image, mask_job)
     prompt, seed = _of_image(p, "all_prompts", p.prompt), int(_of_image(p, "all_seeds", p.seed))
@@ -58,7 +58,17 @@ def run(p, image: Image.Image, job: MaskJob, detail: DetailPass) -> tuple[Image.
                   f"nothing selected for {mask_job.expression!r} at threshold {mask_job.threshold:g}")
         return image, f"the detail pass found no instance ({reason}): the image is as generated"
     negative_prompt = _of_image(p, "all_negative_prompts", getattr(p, "negative_prompt", ""))
-    current = image.convert("RGB")
+    # Each img2img reseeds the global torch RNG, from which A1111 samples the next img2img's init
+    # latent: restored afterwards, the next generation starts as it would have without the pass.
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        return _inpaint_each(p, image.convert("RGB"), steps, detail, negative_prompt), None
+
+
+def _inpaint_each(p, current: Image.Image, steps: list[DetailStep], detail: DetailPass,
+                  negative_prompt: str) -> Image.Image:
+    """``current`` with each step's img2img pasted in turn, inside its padded crop."""
+    from modules import processing, shared
+
     for step in steps:
         if shared.state.interrupted:
             break
@@ -75,4 +85,4 @@ def run(p, image: Image.Image, job: MaskJob, detail: DetailPass) -> tuple[Image.
                               f"{current.width}x{current.height} image")
         current = current.copy()  # the img2img keeps its init image
         current.paste(repainted.convert("RGB").crop(step.box), step.box[:2])
-    return current, None
+    return current
