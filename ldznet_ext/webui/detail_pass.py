@@ -53,10 +53,7 @@ def run(p, image: Image.Image, job: MaskJob, detail: DetailPass) -> tuple[Image.
     prompt, seed = _of_image(p, "all_prompts", p.prompt), int(_of_image(p, "all_seeds", p.seed))
     steps = plan(result.prediction.instances(), detail, prompt, seed, mask_job.feather)
     if not steps:
-        missing = ", ".join(repr(term) for term in result.prediction.missing)
-        reason = (f"no match for {missing}" if missing else
-                  f"nothing selected for {mask_job.expression!r} at threshold {mask_job.threshold:g}")
-        return image, f"the detail pass found no instance ({reason}): the image is as generated"
+        return image, f"the detail pass found no instance ({result.empty_reason(mask_job)}): the image is as generated"
     negative_prompt = _of_image(p, "all_negative_prompts", getattr(p, "negative_prompt", ""))
     # Each img2img reseeds the global torch RNG, from which A1111 samples the next img2img's init
     # latent: restored afterwards, the next generation starts as it would have without the pass.

@@ -66,6 +66,12 @@ class MaskResult:
     mask: np.ndarray
     prediction: Prediction
 
+    def empty_reason(self, job: MaskJob) -> str:
+        """Why ``job`` selected nothing: the terms judged absent, else the expression and threshold."""
+        missing = ", ".join(repr(term) for term in self.prediction.missing)
+        return (f"no match for {missing}" if missing else
+                f"nothing selected for {job.expression!r} at threshold {job.threshold:g}")
+
 
 class MaskEngine:
     """Head cache + mask computation for the WebUI front ends (script, tab, API)."""

@@ -126,10 +126,7 @@ class LdznetScript(scripts.Script):
         if result.mask.any():
             p.extra_generation_params.pop(WARNING_KEY, None)  # a reused p: the previous image's
         else:
-            missing = ", ".join(repr(term) for term in result.prediction.missing)
-            reason = (f"no match for {missing}" if missing else
-                      f"nothing selected for {job.expression!r} at threshold {job.threshold:g}")
-            warn(p, WARNING_KEY, f"the mask is empty ({reason}): the image was not inpainted")
+            warn(p, WARNING_KEY, f"the mask is empty ({result.empty_reason(job)}): the image was not inpainted")
             p.n_iter = 0  # postprocess restores it
         # A blank mask makes p.init() switch "only masked" off on this p; a reused p (Batch tab)
         # must start every image from the user's choice.
