@@ -27,6 +27,8 @@ DETAIL_ARG_NAMES = ("detail_expression", "detail_prompts", "detail_denoising", "
 ARG_NAMES = MASK_ARG_NAMES + DETAIL_ARG_NAMES
 ZERO_MEANS_NONE = ("keep_largest", "refine_radius")
 """Script args whose 0 stands for None (all objects, automatic radius): a number box cannot be empty."""
+_TEXT_ARG_NAMES = ("expression", "detail_expression", "detail_prompts")
+"""Script args that are text, where "" means none (no mask, no pass, the generation's prompt)."""
 
 INFOTEXT_KEYS = {
     "expression": "LD-ZNet mask",
@@ -79,7 +81,7 @@ def _values(args: Sequence) -> dict[str, object]:
     if len(args) > len(ARG_NAMES):
         raise LdznetError(f"got {len(args)} args, expected at most {len(ARG_NAMES)}: {list(ARG_NAMES)}")
     values = dict(zip(ARG_NAMES, args))
-    for name in ("expression", "detail_expression", "detail_prompts"):
+    for name in _TEXT_ARG_NAMES:
         if not isinstance(values.get(name, ""), (str, type(None))):
             raise LdznetError(f"{name} (arg {ARG_NAMES.index(name)}) must be text, got {values[name]!r}")
     return values
@@ -137,14 +139,19 @@ def from_infotext(params: Mapping[str, str]) -> MaskJob | None:
     (older images have no WRITTEN_WHEN_SET keys) take their defaults."""
     if not params.get(INFOTEXT_KEYS["expression"]):
         return None
-    return _job({name: params[key] for name, key in INFOTEXT_KEYS.items() if key in params})
+    return _job(_recorded(params))
 
 
 def detail_from_infotext(params: Mapping[str, str]) -> DetailPass | None:
     """The detail pass recorded in parsed infotext, or None when there was none."""
     if not params.get(INFOTEXT_KEYS["detail_expression"]):
         return None
-    return _detail({name: params[key] for name, key in INFOTEXT_KEYS.items() if key in params})
+    return _detail(_recorded(params))
+
+
+def _recorded(params: Mapping[str, str]) -> dict[str, str]:
+    """{arg name: value} of the LD-ZNet keys in parsed infotext ``params``."""
+    return {name: params[key] for name, key in INFOTEXT_KEYS.items() if key in params}
 
 
 def pasted_value(params: Mapping[str, str], name: str) -> str | None:
@@ -155,7 +162,7 @@ def pasted_value(params: Mapping[str, str], name: str) -> str | None:
     key = INFOTEXT_KEYS[name]
     if key in params:
         return params[key]
-    if name in ("expression", "detail_expression", "detail_prompts"):
+    if name in _TEXT_ARG_NAMES:
         return ""
     if name in DETAIL_ARG_NAMES:
         return _format(getattr(DetailPass(), name.removeprefix("detail_")))
