@@ -242,11 +242,15 @@ def _sd_v1_from_state_dict(state: dict[str, Tensor], described: SDMetadata, part
     unet.load_state_dict(unet_state, strict=True, assign=True)
     vae.load_state_dict(vae_state, strict=True, assign=True)
     text = _text_encoder_from_state_dict(_sub(state, TEXT_PREFIX), described.text)
-    table = state.get("alphas_cumprod")
-    schedule = NoiseSchedule(table if table is not None and table.ndim == 1 else None)
     # Straight to the target dtype: a detour through fp32 would hold the file's tensors and an fp32
     # copy at once (6.4 GB to load a 2.1 GB fp16 file).
-    return StableDiffusion(unet, vae, text, schedule, resolution=described.resolution).to(dtype)
+    return StableDiffusion(unet, vae, text, _file_schedule(state), resolution=described.resolution).to(dtype)
+
+
+def _file_schedule(state: Mapping[str, Tensor]) -> NoiseSchedule:
+    """The file's ``alphas_cumprod`` table when it holds one, else SD's default schedule."""
+    table = state.get("alphas_cumprod")
+    return NoiseSchedule(table if table is not None and table.ndim == 1 else None)
 
 
 def _unet_vae_and_openclip(state: Mapping[str, Tensor], described: SDMetadata, openclip_prefix: str,
@@ -274,9 +278,7 @@ def sd2_from_state_dict(state: Mapping[str, Tensor], described: SDMetadata,
         raise CheckpointError(f"the SD 2.x UNet takes {in_channels} input channels, not 4 (an inpainting or depth "
                               "model); use the base model it was made from")
     unet, vae, vit_h = _unet_vae_and_openclip(state, described, SD2_TEXT_PREFIX)
-    table = state.get("alphas_cumprod")
-    schedule = NoiseSchedule(table if table is not None and table.ndim == 1 else None)
-    model = StableDiffusion2(unet, vae, OpenCLIPContext(vit_h), schedule).to(dtype)
+    model = StableDiffusion2(unet, vae, OpenCLIPContext(vit_h), _file_schedule(state)).to(dtype)
     model.prediction = "v" if V_PREDICTION_KEY in state or predicts_v(model.unet) else "eps"
     return model
 
