@@ -26,8 +26,8 @@ from torch import Tensor
 from ..backbones.family import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointInfo
 from ..checkpoint_io import read_state_dict
 from ..errors import CheckpointError
-from .checkpoint import (V_PREDICTION_KEY, _sub, check_family, stable_diffusion_from_state_dict,
-                         unet_config_from_state_dict)
+from .checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, V_PREDICTION_KEY, _sub, check_family,
+                         stable_diffusion_from_state_dict, unet_config_from_state_dict)
 from .model import StableDiffusion
 from .text import normalize_text_state_dict
 from .unet import UNetConfig
@@ -45,8 +45,6 @@ _UNET_TOP = (("conv_in.", "input_blocks.0.0."), ("time_embedding.linear_1.", "ti
 _VAE_ATTENTION = (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."),
                   ("to_out.0.", "proj_out."), ("query.", "q."), ("key.", "k."), ("value.", "v."),
                   ("proj_attn.", "proj_out."))
-SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
-SDXL_BIGG_PREFIX = "conditioner.embedders.1.model."
 
 
 def is_diffusers_folder(path: str | os.PathLike) -> bool:
@@ -228,10 +226,10 @@ def read_diffusers_folder(path: str | os.PathLike) -> DiffusersModel:
     state = {UNET_PREFIX + k: v for k, v in unet_to_ldm(_read_part(folder, "unet"), layers).items()}
     state.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(_read_part(folder, "vae")).items()})
     clip_l = normalize_text_state_dict(_read_part(folder, "text_encoder"))
-    state.update({(SDXL_CLIP_L_PREFIX if sdxl else TEXT_PREFIX) + k: v for k, v in clip_l.items()})
+    state.update({(CLIP_L_PREFIX if sdxl else TEXT_PREFIX) + k: v for k, v in clip_l.items()})
     if sdxl:
         bigg = clip_to_openclip(_read_part(folder, "text_encoder_2"))
-        state.update({SDXL_BIGG_PREFIX + k: v for k, v in bigg.items()})
+        state.update({BIGG_PREFIX + k: v for k, v in bigg.items()})
     scheduler = folder / "scheduler" / "scheduler_config.json"
     if scheduler.is_file() and _json(scheduler, folder).get("prediction_type") == "v_prediction":
         state[V_PREDICTION_KEY] = torch.zeros(())
