@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-from ..sd.sdxl import v_to_eps, working_size_vector
+from ..sd.sdxl import pooled_text, v_to_eps, working_size_vector
 from .a1111 import A1111Backbone, check_torch_unet, model_name
 from .base import Conditioning
 from .family import LABELS, host_family
@@ -80,8 +80,7 @@ class A1111SDXLBackbone(A1111Backbone):
         """prompts -> context [B, 77k, 2048] and the pooled text of the host's vector [B, 1280]."""
         with self.devices.autocast():
             conditioning = self.sd_model.get_learned_conditioning(list(prompts))
-        vector = conditioning["vector"]
-        return Conditioning(conditioning["crossattn"], vector[:, :vector.shape[1] - 6 * self.size_dim])
+        return Conditioning(conditioning["crossattn"], pooled_text(conditioning["vector"], self.size_dim))
 
     @torch.no_grad()
     def predict_noise(self, z_t: Tensor, t: Tensor, conditioning: Conditioning) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-from ..sd.sdxl import working_size_vector
+from ..sd.sdxl import pooled_text, working_size_vector
 from .base import Conditioning
 from .family import LABELS, host_family
 from .forge import ForgeBackbone
@@ -61,9 +61,9 @@ class ForgeSDXLBackbone(ForgeBackbone):
         """prompts -> context [B, 77k, 2048] and the pooled text of Forge's vector [B, 1280]."""
         with torch.inference_mode():
             conditioning = self.sd_model.get_learned_conditioning(list(prompts))
-        vector = conditioning["vector"]
         # clones: normal tensors, not inference-mode ones
-        return Conditioning(conditioning["crossattn"].clone(), vector[:, :vector.shape[1] - 6 * self.size_dim].clone())
+        pooled = pooled_text(conditioning["vector"], self.size_dim)
+        return Conditioning(conditioning["crossattn"].clone(), pooled.clone())
 
     def predict_noise(self, z_t: Tensor, t: Tensor, conditioning: Conditioning) -> Tensor:
         """eps [B, 4, h, w] through KModel.apply_model with the vector of the latent's size."""

@@ -108,6 +108,11 @@ def size_vector(pooled: Tensor, sizes: Tensor, dim: int) -> Tensor:
     return torch.cat([pooled, embedded.to(pooled.dtype)], dim=1)
 
 
+def pooled_text(vector: Tensor, dim: int) -> Tensor:
+    """The pooled text [B, P] at the head of sgm's vector y [B, P + 6 dim] (:func:`size_vector`'s first part)."""
+    return vector[:, :vector.shape[1] - 6 * dim]
+
+
 def working_size_vector(pooled: Tensor, z: Tensor, downsample_factor: int, dim: int) -> Tensor:
     """The vector y for latents ``z`` [B, C, h, w]: an image of their size (h, w times
     ``downsample_factor``), uncropped and not resized (original = target size, crop 0, 0), as A1111
