@@ -240,7 +240,7 @@ class _Run:
     def write(self, path: Path, output: Path, prediction: Prediction) -> dict:
         """Write the instances (when asked) and then the mask, which marks the file done; returns the
         manifest fields of what was found."""
-        found: dict = {"terms": {term: decision.to_dict() for term, decision in prediction.presence.items()}}
+        found: dict = {"terms": prediction.presence_report()}
         if self.job.instances:
             listed = []
             for instance in prediction.instances():

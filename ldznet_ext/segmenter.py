@@ -99,6 +99,10 @@ class Prediction:
         """The terms that were decided not to be in the image."""
         return [term for term, decision in self.presence.items() if not decision.found]
 
+    def presence_report(self) -> dict[str, dict]:
+        """{term: {"found", "score"}}, JSON-ready (empty when presence is off)."""
+        return {term: decision.to_dict() for term, decision in self.presence.items()}
+
     def instances(self) -> list[Instance]:
         """The final mask's instances, left to right (``masks.instances``), scored on ``probability``."""
         selected = self.mask > 0.5 if self.selected is None else self.selected

@@ -136,7 +136,7 @@ def _recording_compute(seen: list):
         mask = np.zeros(np.asarray(image).shape[:2], np.uint8)
         mask[:, :10] = 255
         prediction = SimpleNamespace(expression=request.expression, mask_image=lambda: mask,
-                                     probability_image=lambda: mask.astype(np.uint16) * 257, presence={},
+                                     probability_image=lambda: mask.astype(np.uint16) * 257, presence_report=lambda: {},
                                      instances=lambda: [])
         return SimpleNamespace(mask=mask, prediction=prediction)
 

@@ -117,9 +117,8 @@ def write_instances(output: str | Path, image: str | Path, prediction: Predictio
         with writing(path):
             write_mask(path, instance_image(instance, feather_radius))
     entries = [{**instance.to_dict(), "file": path.name} for instance, path in zip(instances, paths)]
-    terms = {term: decision.to_dict() for term, decision in prediction.presence.items()}
     with writing(report):
-        report.write_text(json.dumps({"expression": str(prediction.expression), "terms": terms,
+        report.write_text(json.dumps({"expression": str(prediction.expression), "terms": prediction.presence_report(),
                                       "instances": entries}, indent=1) + "\n", encoding="utf-8")
     return len(instances)
 

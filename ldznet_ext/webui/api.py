@@ -205,7 +205,7 @@ def mask_response(payload, compute: Callable, check_ready: Callable[[MaskJob], N
         "mask": encode_png(Image.fromarray(result.mask, "L")),
         "probability": encode_png(Image.fromarray(result.prediction.probability_image().astype("<u2"))),
         "overlay": encode_png(Image.fromarray(render_overlay(image, result.mask))),
-        "terms": {term: decision.to_dict() for term, decision in result.prediction.presence.items()},
+        "terms": result.prediction.presence_report(),
         "instances": [_instance_entry(i, job.feather, instance_masks) for i in result.prediction.instances()],
     }
 
