@@ -10,7 +10,8 @@ per-pixel scores, summed over draws and min-max normalised to [0, 1] per map:
   through the self-attention of the finest blocks (map = A^k @ c, A averaged over heads, blocks
   and the image's rows; iSeg-style sharpening of A as an option). No unconditional row. The
   probabilities are recomputed from the attention inputs in forward hooks, since optimised
-  attention never materialises them, one head at a time, and only in the chosen blocks.
+  attention never materialises them, only in the chosen blocks (the self-attention's [hw, hw] one
+  head at a time).
 - ``"agreement"``: the paper's Figure 1 turned signed. The batch also holds the empty prompt;
   eps_u - eps_c is, up to a positive factor sqrt(1 - a_t) / sqrt(a_t), x0_c - x0_u, the direction
   in which the text moves the predicted clean latent, and the score is <eps_u - eps_c, z - mean(z)>

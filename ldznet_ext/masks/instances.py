@@ -26,7 +26,7 @@ from .ops import feather
 
 __all__ = ["FRAGMENT_SHARE", "ORDERS", "Instance", "find_instances", "instance_image", "select_instances"]
 
-FRAGMENT_SHARE = 0.0005  # 0.05 % of the image: 131 px at 512 x 512
+FRAGMENT_SHARE = 0.0005  # 0.05 % of the image: at 512 x 512, regions under 132 px are fragments
 ORDERS = ("left", "top", "center", "area")
 
 
