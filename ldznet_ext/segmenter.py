@@ -99,6 +99,10 @@ class Prediction:
         """The terms that were decided not to be in the image."""
         return [term for term, decision in self.presence.items() if not decision.found]
 
+    def missing_notes(self) -> list[str]:
+        """One line per term judged not to be in the image: "no match for 'goblin' (score 0.12)"."""
+        return [f"no match for {term!r} (score {self.presence[term].score:.2f})" for term in self.missing]
+
     def presence_report(self) -> dict[str, dict]:
         """{term: {"found", "score"}}, JSON-ready (empty when presence is off)."""
         return {term: decision.to_dict() for term, decision in self.presence.items()}

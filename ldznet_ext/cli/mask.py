@@ -94,10 +94,10 @@ def check_png_outputs(image: str | Path, outputs: list[str | Path]) -> None:
         writable_path(output)
 
 
-def report_missing(prediction: Prediction, where: str = "") -> None:
+def report_missing(prediction: Prediction) -> None:
     """One stderr line per term judged not to be in the image."""
-    for term in prediction.missing:
-        print(f"{where}no match for {term!r} (score {prediction.presence[term].score:.2f})", file=sys.stderr)
+    for note in prediction.missing_notes():
+        print(note, file=sys.stderr)
 
 
 def instance_paths(output: str | Path, count: int) -> tuple[list[Path], Path]:

@@ -190,10 +190,8 @@ def preview_mask(mode, prompt, *values):
         return None, _status(str(error), error=True)
     overlay = render_overlay(load_image(image), result.mask)
     share = float((result.mask >= 128).mean())
-    missing = [f"no match for {term!r} (score {decision.score:.2f})"
-               for term, decision in result.prediction.presence.items() if not decision.found]
     return Image.fromarray(overlay), _status("; ".join([f"{job.expression}: {share:.1%} of the image selected",
-                                                        *missing]))
+                                                        *result.prediction.missing_notes()]))
 
 
 def unload_models() -> str:
