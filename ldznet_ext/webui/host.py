@@ -44,9 +44,8 @@ def release() -> None:
 
 def unload() -> None:
     """Drop the cached head and the separate SD 1.x mask model (Reload UI, the Unload button)."""
-    if _ENGINE is not None:
-        _ENGINE.release()
-        _ENGINE.mask_model.unload()
+    release()
+    unload_mask_model()
 
 
 def model_loaded(sd_model) -> None:
