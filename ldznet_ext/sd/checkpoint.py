@@ -243,7 +243,7 @@ def _sd_v1_from_state_dict(state: dict[str, Tensor], described: SDMetadata, part
     vae.load_state_dict(vae_state, strict=True, assign=True)
     text = _text_encoder_from_state_dict(_sub(state, TEXT_PREFIX), described.text)
     # Straight to the target dtype: a detour through fp32 would hold the file's tensors and an fp32
-    # copy at once (6.4 GB to load a 2.1 GB fp16 file).
+    # copy at once (README, "Any host model").
     return StableDiffusion(unet, vae, text, _file_schedule(state), resolution=described.resolution).to(dtype)
 
 
