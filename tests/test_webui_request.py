@@ -267,7 +267,8 @@ def _job_of(payload: dict) -> MaskJob:
     def compute(image, job, brush):
         seen.append(job)
         mask = np.zeros(image.shape[:2], np.uint8)
-        return SimpleNamespace(mask=mask, prediction=SimpleNamespace(expression=job.expression, presence={},
+        return SimpleNamespace(mask=mask, prediction=SimpleNamespace(expression=job.expression,
+                                                                     presence_report=lambda: {},
                                                                      probability_image=lambda: mask,
                                                                      instances=lambda: []))
 
