@@ -1,7 +1,9 @@
 """Cost of the zero-shot methods side by side: ms per mask and the peak memory a call adds, on the CPU.
 
     .venv/bin/python tools/zero_shot_cost.py                 # micro model, 384 px, both methods
-    .venv/bin/python tools/zero_shot_cost.py --unet sd-v1    # also a random full-size SD v1 UNet at 384 px
+    .venv/bin/python tools/zero_shot_cost.py --unet micro --unet sd-v1   # and a random full-size SD v1 UNet
+    .venv/bin/python tools/zero_shot_cost.py --unet sdxl --side 1024 --terms 1 --only attention
+                                                             # a random full-size SDXL UNet at 1024 px
 
 Each measurement runs in its own process, so that the peak resident memory (VmHWM) it reports above
 the resident memory before the call belongs to that call alone. The micro rows time whole masks
@@ -26,10 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TERMS = ["red circle", "blue square", "sky", "grass"]
 SCORES = {"agreement": dict(score="agreement", timestep=400, draws=4),
-          "attention": dict(score="attention", timestep=100, draws=1, attention_scales=((1, 1.0),),
-                            propagation_steps=0),
-          "attention x self": dict(score="attention", timestep=100, draws=1, attention_scales=((1, 1.0),),
-                                   propagation_steps=1)}
+          "attention": dict(score="attention", timestep=100, draws=1, propagation_steps=0),
+          "attention x self": dict(score="attention", timestep=100, draws=1, propagation_steps=1)}
 
 
 def _memory_kib(field: str) -> int:
@@ -39,7 +39,22 @@ def _memory_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _measure(unet_size: str, score: str, side: int) -> dict:
+class _UNetBackbone:
+    """Only what the zero-shot score reads of a backbone: a UNet's layout and calls (no VAE, no text
+    encoder: the latents and the conditioning are random). SDXL's vector rides in ``extra["y"]``."""
+
+    def __init__(self, unet: torch.nn.Module):
+        from ldznet_ext.backbones.base import ldm_layout
+        from ldznet_ext.sd.schedule import NoiseSchedule
+
+        self.unet, self.schedule, self.layout = unet, NoiseSchedule(), ldm_layout(unet)
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+
+    def predict_noise(self, z_t, t, conditioning):
+        return self.unet(z_t, t, conditioning.context, conditioning.extra.get("y"))
+
+
+def _measure(unet_size: str, score: str, side: int, terms: list[str]) -> dict:
     """One process's measurement (see the module docstring)."""
     from ldznet_ext.backbones.base import Conditioning
     from ldznet_ext.defaults import WEIGHTS_DIR
@@ -56,38 +71,48 @@ def _measure(unet_size: str, score: str, side: int) -> dict:
 
         def call():
             segmenter.set_image(image)
-            segmenter.predict_terms(TERMS)
+            segmenter.predict_terms(terms)
     else:
-        sd = build_stable_diffusion(unet_size)
+        if unet_size == "sdxl":
+            from ldznet_ext.sd.unet import UNetModel, unet_config
+            sd = _UNetBackbone(UNetModel(unet_config("sdxl")).eval())
+        else:
+            sd = build_stable_diffusion(unet_size)
+        config = sd.unet.config
         z = torch.randn(1, 4, side // 8, side // 8)
-        context = Conditioning(torch.randn(len(TERMS), 77, sd.unet.config.context_dim))
+        extra = {"y": torch.randn(len(terms), config.adm_in_channels)} if config.adm_in_channels else {}
+        context = Conditioning(torch.randn(len(terms), 77, config.context_dim), extra=extra)
 
         def call():
             with torch.no_grad():
-                zero_shot_maps(sd, z, TERMS, context, settings)
+                zero_shot_maps(sd, z, terms, context, settings)
     call()  # warm-up: first-call allocations and lazy initialisation
     before = _memory_kib("VmRSS")
     start = time.perf_counter()
     call()
     seconds = time.perf_counter() - start
-    return {"unet": unet_size, "score": score, "side": side, "ms_per_mask": 1000 * seconds / len(TERMS),
+    return {"unet": unet_size, "score": score, "side": side, "ms_per_mask": 1000 * seconds / len(terms),
             "peak_above_rss_mib": (_memory_kib("VmHWM") - before) / 1024}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--unet", action="append", default=["micro"], help="micro, and/or sd-v1 (random weights)")
+    parser.add_argument("--unet", action="append", default=None,
+                        help="micro (default), sd-v1 and/or sdxl (random weights); repeatable")
     parser.add_argument("--side", type=int, default=384)
+    parser.add_argument("--terms", type=int, default=len(TERMS), choices=range(1, len(TERMS) + 1))
+    parser.add_argument("--only", choices=tuple(SCORES), help="measure one score only")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    terms = TERMS[:args.terms]
     if args.child:
-        print(json.dumps(_measure(args.child[0], args.child[1], args.side)))
+        print(json.dumps(_measure(args.child[0], args.child[1], args.side, terms)))
         return
     print("| UNet | score | ms per mask | peak memory above RSS (MiB) |")
-    for unet_size in dict.fromkeys(args.unet):
-        for score in SCORES:
-            out = subprocess.run([sys.executable, __file__, "--side", str(args.side), "--child", unet_size, score],
-                                 check=True, capture_output=True, text=True).stdout
+    for unet_size in dict.fromkeys(args.unet or ["micro"]):
+        for score in [args.only] if args.only else SCORES:
+            out = subprocess.run([sys.executable, __file__, "--side", str(args.side), "--terms", str(args.terms),
+                                  "--child", unet_size, score], check=True, capture_output=True, text=True).stdout
             row = json.loads(out.splitlines()[-1])
             print(f"| {unet_size} {args.side} px | {score} | {row['ms_per_mask']:.0f} | "
                   f"{row['peak_above_rss_mib']:.0f} |", flush=True)
