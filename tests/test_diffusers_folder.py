@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from fixtures_models import TINY_VAE8, random_image
-from ldznet_ext.checkpoint_io import read_state_dict, write_safetensors
+from ldznet_ext.checkpoint_io import read_metadata, read_state_dict, write_safetensors
 from ldznet_ext.errors import CheckpointError
 from ldznet_ext.sd.diffusers_folder import read_diffusers_folder
 from ldznet_ext.sd.unet import UNetConfig, unet_config
@@ -178,3 +178,19 @@ def test_sharded_weights_are_read_through_their_index(sd1_pair, tmp_path) -> Non
     with pytest.raises(CheckpointError, match=r"^sharded: unet/diffusion_pytorch_model.safetensors.index.json must "
                                               r"map weights to files in unet/$"):
         read_diffusers_folder(folder)
+
+
+def test_sd1_v_prediction_is_refused_from_a_folder_and_a_file(ldznet, sd1_pair, image_file, tmp_path) -> None:
+    """An SD 1.x v-prediction model read as eps would give wrong masks with no error: refused instead."""
+    import shutil
+    folder = shutil.copytree(sd1_pair[1], tmp_path / "v-folder")
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "v_prediction"}))
+    single = tmp_path / "v-file.safetensors"
+    write_safetensors(single, {**read_state_dict(sd1_pair[0]), "v_pred": torch.zeros(())},
+                      read_metadata(sd1_pair[0]))
+    for model in (folder, single):
+        code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", model, "--zero-shot")
+        assert (code, err) == (2, f"ldznet mask: error: {model.name}: an SD 1.x v-prediction model; LD-ZNet "
+                                  "heads and the zero-shot score read an eps-prediction SD 1.x model: use the eps "
+                                  "model it was fine-tuned from\n")

@@ -225,6 +225,9 @@ def _guarded(name: str, family: str, build: Callable[[], StableDiffusion]) -> St
 def _sd_v1_from_state_dict(state: dict[str, Tensor], described: SDMetadata, parts: str,
                            read: Callable[[list[str]], dict[str, Tensor]] | None, dtype: torch.dtype,
                            ) -> StableDiffusion:
+    if V_PREDICTION_KEY in state:  # read as eps, its masks would be wrong with no error
+        raise CheckpointError("an SD 1.x v-prediction model; LD-ZNet heads and the zero-shot score read an "
+                              "eps-prediction SD 1.x model: use the eps model it was fine-tuned from")
     unet_cfg = described.unet or unet_config_from_state_dict(_sub(state, UNET_PREFIX))
     with torch.device("meta"):
         unet = UNetModel(unet_cfg)
