@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from ldznet_ext.heads import save_head
@@ -26,9 +27,17 @@ from ldznet_ext.sd.model import StableDiffusion
 from ldznet_ext.sd.vae import AutoencoderKL, VAEConfig
 from ldznet_ext.segmenter import Segmenter, SegmenterSettings
 
-__all__ = ["every_term_found", "one_thread", "perturb_", "random_image", "single_thread", "tiny_head", "tiny_model_files", "tiny_models64", "tiny_sd"]
+__all__ = ["every_term_found", "image_file", "one_thread", "perturb_", "random_image", "single_thread", "tiny_head", "tiny_model_files", "tiny_models64", "tiny_sd"]
 
 TINY_VAE8 = VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
+
+
+@pytest.fixture
+def image_file(tmp_path) -> Path:
+    """A 64 x 64 PNG of :func:`random_image` (seed 3) for the command-line tests."""
+    path = tmp_path / "in.png"
+    Image.fromarray(random_image(64, 64, seed=3)).save(path)
+    return path
 
 
 def perturb_(module: nn.Module, seed: int, std: float = 0.05) -> nn.Module:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from fixtures_models import TINY_VAE8, random_image
+from fixtures_models import TINY_VAE8, image_file, random_image  # noqa: F401  (pytest fixture)
 from ldznet_ext.checkpoint_io import read_metadata, read_state_dict, write_safetensors
 from ldznet_ext.errors import CheckpointError
 from ldznet_ext.sd.diffusers_folder import read_diffusers_folder
@@ -94,13 +94,6 @@ def test_sdxl_folder_converts_back_exactly(sdxl_pair) -> None:
     _same_tensors(sdxl_pair[1], sdxl_pair[0])
     read = read_diffusers_folder(sdxl_pair[1])
     assert read.metadata["unet"] == unet_config("tiny-sdxl").to_dict() and read.scale_factor == 0.13025
-
-
-@pytest.fixture
-def image_file(tmp_path) -> Path:
-    path = tmp_path / "in.png"
-    Image.fromarray(random_image(64, 64, seed=3)).save(path)
-    return path
 
 
 def _masks(ldznet, image, model, tmp_path, name, *mode) -> list[np.ndarray]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fixtures_models import random_image
+from fixtures_models import image_file, random_image  # noqa: F401  (pytest fixture)
 from ldznet_ext.checkpoint_io import write_safetensors
 from ldznet_ext.loading import load_segmenter
 from ldznet_ext.sd import checkpoint
@@ -24,13 +24,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def sdxl_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl.safetensors"
     write_safetensors(path, tiny_sdxl_state(), METADATA)
-    return path
-
-
-@pytest.fixture
-def image_file(tmp_path) -> Path:
-    path = tmp_path / "in.png"
-    Image.fromarray(random_image(64, 64, seed=3)).save(path)
     return path
 
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import randomize_
-from fixtures_models import random_image
+from fixtures_models import image_file, random_image  # noqa: F401  (pytest fixture)
 from ldznet_ext.backbones.base import Backbone
 from ldznet_ext.backbones.family import UNET_PREFIX, VAE_PREFIX
 from ldznet_ext.checkpoint_io import write_safetensors
@@ -128,13 +128,6 @@ def test_zero_shot_masks_on_an_sdxl_file(sdxl_file, settings) -> None:
     maps = prediction.terms
     assert set(maps) == {"cat", "blue sky"} and maps["cat"].shape == (64, 64)
     assert not torch.equal(maps["cat"], maps["blue sky"])  # the text reaches the maps
-
-
-@pytest.fixture
-def image_file(tmp_path) -> Path:
-    path = tmp_path / "in.png"
-    Image.fromarray(random_image(64, 64, seed=3)).save(path)
-    return path
 
 
 def test_ldznet_mask_with_a_head_on_an_sdxl_file_is_refused(ldznet, sdxl_file, tiny_model_files, image_file,
