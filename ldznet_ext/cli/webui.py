@@ -20,10 +20,10 @@ def _run_install_model(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     webui = subparsers.add_parser("webui", help="WebUI helpers")
     commands = webui.add_subparsers(dest="webui_command", metavar="COMMAND", required=True)
-    parser = commands.add_parser("install-model", help="install an SD v1 checkpoint into an A1111 WebUI, offline",
-                                 description="make an SD v1 checkpoint of any width loadable by A1111 v1.10 "
-                                             "without network access")
-    parser.add_argument("checkpoint", help="SD v1 single-file checkpoint (.safetensors or .ckpt)")
+    parser = commands.add_parser("install-model", help="install an SD v1 or SDXL checkpoint into A1111, offline",
+                                 description="make an SD v1 checkpoint of any width, or an SDXL-architecture one, "
+                                             "loadable by A1111 v1.10 without network access")
+    parser.add_argument("checkpoint", help="SD v1 or SDXL single-file checkpoint (.safetensors or .ckpt)")
     parser.add_argument("webui_dir", help="the WebUI folder (holds webui.py)")
     parser.add_argument("--name", help="file name in models/Stable-diffusion (default: the checkpoint's)")
     parser.add_argument("--hf-home", help="Hugging Face home (default: $HF_HOME or ~/.cache/huggingface)")

@@ -1,16 +1,20 @@
-"""`ldznet webui install-model SD.safetensors WEBUI_DIR`: make an SD v1 checkpoint of any width
-loadable by A1111 v1.10 without network access.
+"""`ldznet webui install-model SD.safetensors WEBUI_DIR`: make an SD v1 checkpoint of any width, or an
+SDXL-architecture one whose OpenCLIP text tower is one open_clip registers, loadable by A1111 v1.10
+without network access.
 
 A1111 builds the model from a YAML config found beside the checkpoint (same name, ``.yaml``) and
 creates the CLIP text encoder and tokenizer from Hugging Face files named by the config's
-``cond_stage_config.params.version``. This command
+``version`` (SD v1: ``cond_stage_config``; SDXL: the conditioner's first embedder). This command
 - copies the checkpoint into ``WEBUI_DIR/models/Stable-diffusion/``,
-- writes the YAML from the checkpoint's own shapes (UNet, VAE) and metadata (CLIP),
+- writes the YAML from the checkpoint's own shapes (UNet, VAE, text towers) and metadata (CLIP),
 - writes a per-model CLIP folder (offline tokenizer + ``config.json`` of this model's text tower)
   beside it and points ``version`` at it, so a small model never changes what other models load,
 - fills the Hugging Face cache (HF_HOME or ~/.cache/huggingface) for openai/clip-vit-large-patch14
   with the tokenizer and the real ViT-L/14 text config where they are missing (never overwriting),
   which A1111 reads for ordinary SD 1.x checkpoints.
+SDXL's OpenCLIP embedder is built by open_clip from an architecture name, which the YAML takes from
+:data:`OPENCLIP_TEXT_TOWERS` by the file's shapes; A1111 builds it without pretrained weights (its
+``DisableInitialization``) and loads the file's, and the YAML names none (``version: null``).
 """
 
 from __future__ import annotations
@@ -23,16 +27,26 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..checkpoint_io import read_metadata, read_state_dict
+import torch
+
+from ..checkpoint_io import read_metadata, read_state_dict, read_tensor_shapes
 from ..errors import CheckpointError
-from ..sd.checkpoint import (SUPPORTED, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, classify, parse_sd_metadata,
-                             unet_config_from_state_dict)
+from ..sd.checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, SUPPORTED, TEXT_PREFIX, UNET_PREFIX, V_PREDICTION_KEY,
+                             VAE_PREFIX, classify, parse_sd_metadata, unet_config_from_state_dict)
 from ..sd.text import normalize_text_state_dict, text_config
 from ..sd.tokenizer import tokenizer_dir
+from ..sd.unet import UNetConfig
 from ..sd.vae import VAEConfig
 
 CLIP_REPO = "openai/clip-vit-large-patch14"
 A1111_LATENT_FACTOR = 8  # A1111 sizes latents as image // 8 (opt_f) whatever the VAE
+# Text towers of open_clip 2.20's registered architectures (open_clip/model_configs/*.json), by name:
+# (width, layers, MLP width, embedding width); each has 77 positions, 49408 tokens and heads 64 wide.
+# ViT-bigG-14 is SDXL's; ViT-S-32-alt has the smallest registered text tower (test models).
+OPENCLIP_TEXT_TOWERS = {"ViT-bigG-14": (1280, 32, 5120, 1280), "ViT-H-14": (1024, 24, 4096, 1024),
+                        "ViT-L-14": (768, 12, 3072, 768), "ViT-B-32": (512, 12, 2048, 512),
+                        "ViT-S-32-alt": (256, 10, 1024, 256)}
+OPENCLIP_CONTEXT = (49408, 77)  # (vocabulary, positions) of every registered OpenAI-tokenizer text tower
 
 YAML = """model:
   base_learning_rate: 1.0e-04
@@ -93,9 +107,107 @@ YAML = """model:
 """
 
 
-def _text_fields(state: Mapping, metadata: Mapping) -> dict:
-    """The CLIPTextConfig fields of a checkpoint's text tower, from its shapes and our metadata."""
-    text = normalize_text_state_dict({k[len(TEXT_PREFIX):]: v for k, v in state.items() if k.startswith(TEXT_PREFIX)})
+# sgm's configs/inference/sd_xl_base.yaml with this file's shapes; sgm reads no latent size from it.
+SDXL_YAML = """model:
+  target: sgm.models.diffusion.DiffusionEngine
+  params:
+    scale_factor: 0.13025
+    disable_first_stage_autocast: True
+    denoiser_config:
+      target: sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser
+      params:
+        num_idx: 1000
+        weighting_config:
+          target: sgm.modules.diffusionmodules.denoiser_weighting.{prediction}Weighting
+        scaling_config:
+          target: sgm.modules.diffusionmodules.denoiser_scaling.{prediction}Scaling
+        discretization_config:
+          target: sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization
+    network_config:
+      target: sgm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        adm_in_channels: {unet.adm_in_channels}
+        num_classes: sequential
+        use_checkpoint: False
+        in_channels: {unet.in_channels}
+        out_channels: {unet.out_channels}
+        model_channels: {unet.model_channels}
+        attention_resolutions: {attention_resolutions}
+        num_res_blocks: {unet.num_res_blocks}
+        channel_mult: {channel_mult}
+        num_heads: {unet.num_heads}
+        num_head_channels: {num_head_channels}
+        use_spatial_transformer: True
+        use_linear_in_transformer: {linear}
+        transformer_depth: {transformer_depth}
+        context_dim: {unet.context_dim}
+        spatial_transformer_attn_type: softmax
+        legacy: False
+    conditioner_config:
+      target: sgm.modules.GeneralConditioner
+      params:
+        emb_models:
+          - is_trainable: False
+            input_key: txt
+            target: sgm.modules.encoders.modules.FrozenCLIPEmbedder
+            params:
+              version: {clip_dir}
+              layer: hidden
+              layer_idx: {clip_layer}
+          - is_trainable: False
+            input_key: txt
+            target: sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2
+            params:
+              arch: {openclip_arch}
+              version: null
+              freeze: True
+              layer: penultimate
+              always_return_pooled: True
+              legacy: False
+          - is_trainable: False
+            input_key: original_size_as_tuple
+            target: sgm.modules.encoders.modules.ConcatTimestepEmbedderND
+            params:
+              outdim: {size_dim}
+          - is_trainable: False
+            input_key: crop_coords_top_left
+            target: sgm.modules.encoders.modules.ConcatTimestepEmbedderND
+            params:
+              outdim: {size_dim}
+          - is_trainable: False
+            input_key: target_size_as_tuple
+            target: sgm.modules.encoders.modules.ConcatTimestepEmbedderND
+            params:
+              outdim: {size_dim}
+    first_stage_config:
+      target: sgm.models.autoencoder.AutoencoderKLInferenceWrapper
+      params:
+        embed_dim: {vae.embed_dim}
+        monitor: val/rec_loss
+        ddconfig:
+          attn_type: vanilla
+          double_z: true
+          z_channels: {vae.z_channels}
+          resolution: 256
+          in_channels: {vae.in_channels}
+          out_ch: {vae.out_ch}
+          ch: {vae.ch}
+          ch_mult: {vae_mult}
+          num_res_blocks: {vae.num_res_blocks}
+          attn_resolutions: []
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity
+"""
+
+def _sub(state: Mapping, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _text_fields(state: Mapping, metadata: Mapping, prefix: str = TEXT_PREFIX) -> dict:
+    """The CLIPTextConfig fields of a checkpoint's CLIP text tower (under ``prefix``), from its shapes and
+    our metadata."""
+    text = normalize_text_state_dict(_sub(state, prefix))
     hidden = text["text_model.embeddings.token_embedding.weight"].shape[1]
     layers = {int(m.group(1)) for k in text if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))}
     return {"vocab_size": text["text_model.embeddings.token_embedding.weight"].shape[0], "hidden_size": hidden,
@@ -145,35 +257,92 @@ def fill_hf_cache(hf_home: Path) -> Path:
     return snapshot
 
 
+def _shapes(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, as meta tensors (shapes only, from the header) for a .safetensors file:
+    an SDXL file is gigabytes, and only its shapes are needed."""
+    shapes = read_tensor_shapes(checkpoint)
+    if shapes is None:
+        return read_state_dict(checkpoint)
+    return {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+
+
+def openclip_arch(state: Mapping, name: str) -> str:
+    """The open_clip architecture whose text tower has the shapes of the SDXL file's OpenCLIP embedder
+    (``conditioner.embedders.1.model.*``); CheckpointError naming the file ``name`` when none has."""
+    tower = _sub(state, BIGG_PREFIX)
+    try:
+        width = tower["token_embedding.weight"].shape[1]
+        layers = len({k.split(".")[2] for k in tower if k.startswith("transformer.resblocks.")})
+        shape = (width, layers, tower["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                 tower["text_projection"].shape[1])
+        context = (tower["token_embedding.weight"].shape[0], tower["positional_embedding"].shape[0])
+    except (KeyError, IndexError) as error:
+        raise CheckpointError(f"{name}: the OpenCLIP text tower ({BIGG_PREFIX}*) lacks {error}") from None
+    arch = next((arch for arch, tower_shape in OPENCLIP_TEXT_TOWERS.items() if tower_shape == shape), None)
+    if arch is None or context != OPENCLIP_CONTEXT:
+        known = "; ".join(f"{arch} {tower_shape}" for arch, tower_shape in OPENCLIP_TEXT_TOWERS.items())
+        raise CheckpointError(f"{name}: its OpenCLIP text tower (width, layers, MLP width, embedding width) = {shape}, "
+                              f"vocabulary and positions {context}, is no open_clip architecture A1111 can build; "
+                              f"expected one of: {known}, with {OPENCLIP_CONTEXT}")
+    return arch
+
+
+def _sdxl_yaml(state: Mapping, unet: UNetConfig, vae: VAEConfig, clip_dir: Path, clip_layers: int, name: str) -> str:
+    """The sgm config of an SDXL-architecture file ``name`` (its CLIP ViT-L of ``clip_layers`` layers in
+    ``clip_dir``); CheckpointError when A1111 could not build it."""
+    if not unet.adm_in_channels:
+        raise CheckpointError(f"{name}: its UNet has no vector input (label_emb), which an SDXL base model has")
+    arch = openclip_arch(state, name)
+    pooled = OPENCLIP_TEXT_TOWERS[arch][3]
+    size_dim, rest = divmod(unet.adm_in_channels - pooled, 6)
+    if rest or size_dim < 1:
+        raise CheckpointError(f"{name}: its UNet's vector is {unet.adm_in_channels} wide, which is not the pooled "
+                              f"text ({pooled}) and six size embeddings of one width")
+    levels = range(len(unet.channel_mult))
+    return SDXL_YAML.format(
+        unet=unet, vae=vae, prediction="V" if V_PREDICTION_KEY in state else "Eps",
+        attention_resolutions=[2 ** level for level in unet.attention_levels], channel_mult=list(unet.channel_mult),
+        num_head_channels=unet.num_head_channels or -1, linear=unet.linear_projection,
+        transformer_depth=[unet.depth_at(level) for level in levels], clip_dir=json.dumps(str(clip_dir.resolve())),
+        clip_layer=clip_layers - 1,  # hidden_states[n - 1]: the penultimate layer's output, as SDXL's 11 of 12
+        openclip_arch=arch, size_dim=size_dim, vae_mult=list(vae.ch_mult))
+
+
 def install_model(checkpoint: str | os.PathLike, webui_dir: str | os.PathLike, name: str | None = None,
                   hf_home: str | os.PathLike | None = None) -> Path:
-    """Install ``checkpoint`` into the WebUI at ``webui_dir``; returns the installed checkpoint path."""
+    """Install ``checkpoint`` (SD v1 or SDXL architecture) into the WebUI at ``webui_dir``; returns the
+    installed checkpoint path."""
     checkpoint, webui_dir = Path(checkpoint), Path(webui_dir)
     if not (webui_dir / "webui.py").is_file():
         raise CheckpointError(f"{webui_dir} is not a WebUI folder (no webui.py)")
-    state, metadata = read_state_dict(checkpoint), read_metadata(checkpoint)
+    state, metadata = _shapes(checkpoint), read_metadata(checkpoint)
     info = classify(state, metadata)
-    if info.problem:
+    sdxl = info.family == "sdxl"
+    if info.problem and not sdxl:
         raise CheckpointError(f"{checkpoint.name}: {info.family}: {info.problem}. Supported: {SUPPORTED}.")
-    unet = (parse_sd_metadata(metadata, checkpoint.name).unet or
-            unet_config_from_state_dict({k[len(UNET_PREFIX):]: v for k, v in state.items()
-                                         if k.startswith(UNET_PREFIX)}))
-    vae = VAEConfig.from_state_dict({k[len(VAE_PREFIX):]: v for k, v in state.items() if k.startswith(VAE_PREFIX)})
+    if sdxl and not any(k.startswith(CLIP_L_PREFIX) for k in state):
+        raise CheckpointError(f"{checkpoint.name}: no CLIP ViT-L text encoder ({CLIP_L_PREFIX}*), which an SDXL base "
+                              "model has (an SDXL refiner?); only SDXL base-architecture files are installed")
+    unet = parse_sd_metadata(metadata, checkpoint.name).unet or unet_config_from_state_dict(_sub(state, UNET_PREFIX))
+    vae = VAEConfig.from_state_dict(_sub(state, VAE_PREFIX))
     factor = 2 ** (len(vae.ch_mult) - 1)
     if factor != A1111_LATENT_FACTOR:
         raise CheckpointError(f"{checkpoint.name}: its VAE downsamples {factor}x, but A1111 sizes latents as "
                               f"image/{A1111_LATENT_FACTOR} (opt_f = 8); only VAEs with 4 levels work in the WebUI")
     name = name or checkpoint.stem
     target_dir = webui_dir / "models" / "Stable-diffusion"
-    target_dir.mkdir(parents=True, exist_ok=True)
+    clip_dir = target_dir / f"{name}.clip"
+    clip_config = _clip_config(_text_fields(state, metadata, CLIP_L_PREFIX if sdxl else TEXT_PREFIX))
+    if sdxl:
+        config = _sdxl_yaml(state, unet, vae, clip_dir, clip_config["num_hidden_layers"], checkpoint.name)
+    else:
+        config = YAML.format(unet=unet, vae=vae, attention_resolutions=[2 ** level for level in unet.attention_levels],
+                             channel_mult=list(unet.channel_mult), vae_mult=list(vae.ch_mult),
+                             clip_dir=json.dumps(str(clip_dir.resolve())))
+    write_clip_folder(clip_dir, clip_config)
     target = target_dir / f"{name}{checkpoint.suffix}"
     if target.resolve() != checkpoint.resolve():
         shutil.copyfile(checkpoint, target)
-    clip_dir = target_dir / f"{name}.clip"
-    write_clip_folder(clip_dir, _clip_config(_text_fields(state, metadata)))
-    (target_dir / f"{name}.yaml").write_text(YAML.format(
-        unet=unet, vae=vae, attention_resolutions=[2 ** level for level in unet.attention_levels],
-        channel_mult=list(unet.channel_mult), vae_mult=list(vae.ch_mult), clip_dir=json.dumps(str(clip_dir.resolve()))),
-        encoding="utf-8")
+    (target_dir / f"{name}.yaml").write_text(config, encoding="utf-8")
     fill_hf_cache(Path(hf_home) if hf_home else Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")))
     return target

@@ -1,0 +1,101 @@
+"""`ldznet webui install-model` with an SDXL-architecture file: the sgm YAML A1111 v1.10.1 builds the
+model from (shapes from the file, the OpenCLIP embedder as a registered open_clip architecture), the
+per-model CLIP ViT-L folder, and the refusals that leave the WebUI folder untouched."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fake_webui.sdxl_file import OPENCLIP_ARCH, tiny_a1111_sdxl_state, write_tiny_a1111_sdxl
+from ldznet_ext.checkpoint_io import write_safetensors
+from ldznet_ext.errors import CheckpointError
+from ldznet_ext.sd.checkpoint import BIGG_PREFIX, CLIP_L_PREFIX
+from ldznet_ext.webui.install_model import install_model
+
+SGM = "sgm.modules."
+
+
+@pytest.fixture(scope="module")
+def sdxl_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl.safetensors"
+    write_tiny_a1111_sdxl(path)
+    return path
+
+
+@pytest.fixture
+def webui(tmp_path: Path) -> Path:
+    (tmp_path / "webui.py").touch()
+    return tmp_path
+
+
+def _installed(webui: Path, name: str) -> dict:
+    return yaml.safe_load((webui / "models" / "Stable-diffusion" / f"{name}.yaml").read_text())["model"]
+
+
+def test_sdxl_file_gets_an_sgm_config_of_its_own_shapes(sdxl_file, webui, tmp_path) -> None:
+    target = install_model(sdxl_file, webui, hf_home=tmp_path / "hf")
+    folder = webui / "models" / "Stable-diffusion"
+    assert target == folder / "tiny-sdxl.safetensors" and target.read_bytes() == sdxl_file.read_bytes()
+    model = _installed(webui, "tiny-sdxl")
+    assert model["target"] == "sgm.models.diffusion.DiffusionEngine" and model["params"]["scale_factor"] == 0.13025
+    unet = model["params"]["network_config"]["params"]
+    assert {k: unet[k] for k in ("adm_in_channels", "num_classes", "model_channels", "channel_mult", "num_res_blocks",
+                                 "attention_resolutions", "transformer_depth", "num_head_channels", "context_dim",
+                                 "use_linear_in_transformer")} == {
+        "adm_in_channels": 304, "num_classes": "sequential", "model_channels": 32, "channel_mult": [1, 2, 2],
+        "num_res_blocks": 2, "attention_resolutions": [2, 4], "transformer_depth": [0, 1, 2],
+        "num_head_channels": 16, "context_dim": 320, "use_linear_in_transformer": True}
+    clip_l, openclip, *sizes = model["params"]["conditioner_config"]["params"]["emb_models"]
+    assert clip_l["target"] == SGM + "encoders.modules.FrozenCLIPEmbedder"
+    clip_dir = str((folder / "tiny-sdxl.clip").resolve())
+    assert clip_l["params"] == {"version": clip_dir, "layer": "hidden", "layer_idx": 1}
+    assert openclip["target"] == SGM + "encoders.modules.FrozenOpenCLIPEmbedder2"
+    assert openclip["params"] == {"arch": OPENCLIP_ARCH, "version": None, "freeze": True, "layer": "penultimate",
+                                  "always_return_pooled": True, "legacy": False}
+    assert [(s["input_key"], s["params"]["outdim"]) for s in sizes] == [
+        ("original_size_as_tuple", 8), ("crop_coords_top_left", 8), ("target_size_as_tuple", 8)]
+    vae = model["params"]["first_stage_config"]["params"]["ddconfig"]
+    assert (vae["ch"], vae["ch_mult"], vae["num_res_blocks"], vae["attn_type"]) == (32, [1, 1, 1, 1], 1, "vanilla")
+    scaling = model["params"]["denoiser_config"]["params"]["scaling_config"]["target"]
+    assert scaling == SGM + "diffusionmodules.denoiser_scaling.EpsScaling"
+    config = json.loads((folder / "tiny-sdxl.clip" / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]) == (64, 2, 2)
+    assert (folder / "tiny-sdxl.clip" / "vocab.json").is_file()
+
+
+def test_the_v_pred_marker_makes_a_v_denoiser(webui, tmp_path) -> None:
+    path = tmp_path / "vpred.safetensors"
+    write_tiny_a1111_sdxl(path, extra={"v_pred": torch.zeros(())})
+    install_model(path, webui, hf_home=tmp_path / "hf")
+    denoiser = _installed(webui, "vpred")["params"]["denoiser_config"]["params"]
+    assert denoiser["scaling_config"]["target"] == SGM + "diffusionmodules.denoiser_scaling.VScaling"
+    assert denoiser["weighting_config"]["target"] == SGM + "diffusionmodules.denoiser_weighting.VWeighting"
+
+
+def _refused(state: dict, webui: Path, tmp_path: Path) -> str:
+    path = tmp_path / "odd.safetensors"
+    write_safetensors(path, state, {})
+    with pytest.raises(CheckpointError) as error:
+        install_model(path, webui, hf_home=tmp_path / "hf")
+    assert not (webui / "models").exists()  # nothing half-installed
+    return str(error.value)
+
+
+def test_an_openclip_tower_open_clip_does_not_register_is_refused(webui, tmp_path) -> None:
+    state = {k: v for k, v in tiny_a1111_sdxl_state().items() if ".resblocks.9." not in k}  # 9 layers
+    message = _refused(state, webui, tmp_path)
+    assert message.startswith("odd.safetensors: its OpenCLIP text tower (width, layers, MLP width, embedding width) = "
+                              "(256, 9, 1024, 256), vocabulary and positions (49408, 77), is no open_clip architecture")
+    assert "ViT-S-32-alt (256, 10, 1024, 256)" in message and "ViT-bigG-14 (1280, 32, 5120, 1280)" in message
+
+
+def test_an_sdxl_file_without_clip_vit_l_is_refused(webui, tmp_path) -> None:
+    state = {k: v for k, v in tiny_a1111_sdxl_state().items() if not k.startswith(CLIP_L_PREFIX)}
+    assert BIGG_PREFIX + "ln_final.weight" in state
+    assert _refused(state, webui, tmp_path).startswith(
+        f"odd.safetensors: no CLIP ViT-L text encoder ({CLIP_L_PREFIX}*), which an SDXL base model has")
