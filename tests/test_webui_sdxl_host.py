@@ -143,7 +143,7 @@ def test_sdxl_models_zero_shot_cannot_read(tmp_path):
         check_a1111_sdxl_model(loaded)
 
 
-@pytest.mark.parametrize("flag, family", [("is_sd3", "SD 3"), ("is_flux", "Flux"), ("is_sd2", "SD 2.x")])
+@pytest.mark.parametrize("flag, family", [("is_sd3", "SD 3"), ("is_flux", "Flux")])
 def test_zero_shot_without_an_sdxl_unet_points_to_head_mode(tmp_path, flag, family):
     loaded = FakeDiffusionEngine(tiny_sdxl()).eval()
     loaded.is_sdxl = False

@@ -1,4 +1,6 @@
-"""Backbone adapter over AUTOMATIC1111's loaded model (``shared.sd_model``, an ldm LatentDiffusion).
+"""Backbone adapter over AUTOMATIC1111's loaded model (``shared.sd_model``, an ldm LatentDiffusion): SD 1.x,
+and SD 2.x for zero-shot masks (A1111's OpenCLIP wrapper gives its 1024-d context; a v-prediction
+model's output, ``parameterization`` "v", is converted to eps).
 
 Every call goes through the model's own methods, so the WebUI's hijacks and its --medvram /
 --lowvram offloading hooks fire exactly as in a generation: ``encode_first_stage`` +
@@ -17,8 +19,9 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from ..sd.schedule import NoiseSchedule
+from ..sd.sdxl import PREDICTIONS, v_to_eps
 from .base import Conditioning, UNetLayout, ldm_layout
-from .family import LABELS, host_family
+from .family import LABELS, host_family, sd2_variant
 from .sampling import sample_posterior
 
 
@@ -41,6 +44,24 @@ def check_a1111_model(sd_model, current_unet=None) -> None:
         kind = LABELS[family] if family == "sd-v1-inpainting" else f"a {in_channels}-channel UNet"
         raise CheckpointError(f"{name} is {kind}; LD-ZNet needs a plain SD 1.x model with 4 input channels: "
                               "load the base model the inpainting model was made from")
+    check_torch_unet(current_unet)
+
+
+def check_a1111_sd2_model(sd_model, current_unet=None) -> None:
+    """Raise CheckpointError unless A1111's loaded model is a text-to-image SD 2.x model whose own features
+    zero-shot masks can read: a 4-channel UNet conditioned on text alone, eps or v prediction, torch modules."""
+    name = model_name(sd_model)
+    family = host_family(sd_model)
+    if family != "sd2":
+        raise CheckpointError(f"{name} is {LABELS[family]}, not SD 2.x")
+    in_channels = sd_model.model.diffusion_model.input_blocks[0][0].in_channels
+    variant = sd2_variant(in_channels, getattr(sd_model.model, "conditioning_key", None))
+    if variant is not None:
+        raise CheckpointError(f"{name} is {variant}; zero-shot masks need a text-to-image SD 2.x model: "
+                              "load the SD 2.x model it was made from")
+    prediction = getattr(sd_model, "parameterization", "eps")
+    if prediction not in PREDICTIONS:
+        raise CheckpointError(f"{name} predicts {prediction!r}; zero-shot masks need an eps- or v-prediction model")
     check_torch_unet(current_unet)
 
 
@@ -100,13 +121,21 @@ class A1111Backbone:
 
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str]) -> Conditioning:
-        """prompts -> context [B, 77k, 768] through the WebUI's CLIP wrapper."""
+        """prompts -> context [B, 77k, 768] (SD 2.x: 1024) through the WebUI's CLIP or OpenCLIP wrapper."""
         with self.devices.autocast():
             return Conditioning(self.sd_model.get_learned_conditioning(list(prompts)))
 
     @torch.no_grad()
     def predict_noise(self, z_t: Tensor, t: Tensor, conditioning: Conditioning) -> Tensor:
-        """eps [B, 4, h, w] from ``sd_model.apply_model`` (eps-prediction models only, see check_a1111_model)."""
+        """eps [B, 4, h, w] from ``sd_model.apply_model`` (an SD 2.x v-prediction model's v converted)."""
+        z_t, t = z_t.to(self.device), t.to(self.device)
         with self.devices.autocast():
-            return self.sd_model.apply_model(z_t.to(self.device), t.to(self.device),
-                                             conditioning.context.to(self.device))
+            out = self.sd_model.apply_model(z_t, t, conditioning.context.to(self.device))
+        return self.as_eps(out, z_t, t)
+
+    def as_eps(self, out: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
+        """The UNet's output ``out`` for z_t at timesteps t as eps: as it is for an eps model, converted
+        from v for a v-prediction one (``sd_model.parameterization``)."""
+        if getattr(self.sd_model, "parameterization", "eps") == "eps":
+            return out
+        return v_to_eps(out, z_t, self.schedule, t)

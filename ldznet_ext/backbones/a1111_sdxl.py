@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-from ..sd.sdxl import pooled_text, v_to_eps, working_size_vector
+from ..sd.sdxl import PREDICTIONS, pooled_text, working_size_vector
 from .a1111 import A1111Backbone, check_torch_unet, model_name
 from .base import Conditioning
 from .family import LABELS, host_family
@@ -48,7 +48,7 @@ def check_a1111_sdxl_model(sd_model, current_unet=None) -> None:
         raise CheckpointError(f"{name} is an SDXL inpainting model ({in_channels} input channels); zero-shot masks "
                               "need an SDXL model with 4: load the model the inpainting model was made from")
     prediction = getattr(sd_model, "parameterization", "eps")
-    if prediction not in ("eps", "v"):
+    if prediction not in PREDICTIONS:
         raise CheckpointError(f"{name} predicts {prediction!r}; zero-shot masks need an eps- or v-prediction model")
     check_torch_unet(current_unet)
 
@@ -90,4 +90,4 @@ class A1111SDXLBackbone(A1111Backbone):
         y = working_size_vector(conditioning.pooled.to(self.device), z_t, self.downsample_factor, self.size_dim)
         with self.devices.autocast():
             out = self.sd_model.apply_model(z_t, t, {"crossattn": conditioning.context.to(self.device), "vector": y})
-        return out if self.sd_model.parameterization == "eps" else v_to_eps(out, z_t, self.schedule, t)
+        return self.as_eps(out, z_t, t)

@@ -54,6 +54,21 @@ def host_family(sd_model, in_channels: int | None = None, sd1_unless_told: bool 
     return "sd-v1" if in_channels in (None, 4) else "unknown"
 
 
+def sd2_variant(in_channels: int, conditioning_key: str | None = None) -> str | None:
+    """Which SD 2.x model conditioned on more than text a host's SD 2.x model is, for messages (None: a
+    text-to-image one, 4 input channels). ``conditioning_key`` is ldm's (A1111; None where the host has
+    none): "crossattn-adm" is unCLIP, "hybrid" / "concat" put an image or depth map beside the latent."""
+    if conditioning_key == "crossattn-adm":
+        return "an SD 2.x unCLIP model (conditioned on an image embedding)"
+    if in_channels == 9:
+        return "an SD 2.x inpainting model (9 input channels)"
+    if in_channels == 5:
+        return "an SD 2.x depth model (5 input channels: a depth map beside the latent)"
+    if in_channels != 4 or conditioning_key not in (None, "crossattn"):
+        return f"an SD 2.x model conditioned on more than text ({in_channels} input channels)"
+    return None
+
+
 @dataclass
 class CheckpointInfo:
     """What a checkpoint file holds, as far as its keys and shapes tell."""

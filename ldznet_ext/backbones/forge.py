@@ -1,4 +1,6 @@
-"""Backbone adapter over Forge's loaded model (``shared.sd_model``, a Forge diffusion engine).
+"""Backbone adapter over Forge's loaded model (``shared.sd_model``, a Forge diffusion engine): SD 1.x, and
+SD 2.x (``backend/diffusion_engine/sd20.py``: its OpenCLIP text engine gives the 1024-d context) for
+zero-shot masks.
 
 Forge keeps its parts in ``sd_model.forge_objects`` (``unet``: a UnetPatcher around a KModel,
 ``vae``, ``clip``) and moves them between devices itself (``backend.memory_management``). The
@@ -18,8 +20,11 @@ from torch import Tensor, nn
 from ..errors import CheckpointError
 from ..sd.schedule import NoiseSchedule
 from .base import Conditioning, UNetLayout, ldm_layout
-from .family import LABELS, host_family
+from .family import LABELS, host_family, sd2_variant
 from .sampling import sample_posterior
+
+# The KModel predictions whose x0 the eps conversion reads.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def check_forge_model(sd_model) -> None:
@@ -37,6 +42,25 @@ def check_forge_model(sd_model) -> None:
     prediction = getattr(sd_model.forge_objects.unet.model.predictor, "prediction_type", "epsilon")
     if prediction != "epsilon":
         raise CheckpointError(f"the loaded model predicts {prediction!r}; LD-ZNet needs an eps-prediction SD 1.x model")
+
+
+def check_forge_sd2_model(sd_model) -> None:
+    """Raise CheckpointError unless Forge's loaded model is a text-to-image SD 2.x model whose own features
+    zero-shot masks can read: a 4-channel UNet, eps or v prediction."""
+    if sd_model is None or getattr(sd_model, "forge_objects", None) is None:
+        raise CheckpointError("no Stable Diffusion model is loaded")
+    family = host_family(sd_model, sd1_unless_told=False)
+    if family != "sd2":
+        raise CheckpointError(f"the loaded model is {LABELS[family]}, not SD 2.x")
+    kmodel = sd_model.forge_objects.unet.model
+    variant = sd2_variant(kmodel.diffusion_model.input_blocks[0][0].in_channels)
+    if variant is not None:
+        raise CheckpointError(f"the loaded model is {variant}; zero-shot masks need a text-to-image SD 2.x model: "
+                              "load the SD 2.x model it was made from")
+    prediction = getattr(kmodel.predictor, "prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise CheckpointError(f"the loaded model predicts {prediction!r}; zero-shot masks need an eps- or "
+                              "v-prediction model")
 
 
 class ForgeBackbone:
@@ -86,13 +110,14 @@ class ForgeBackbone:
         return z.clone().to(self.device)  # a normal tensor, not an inference-mode one
 
     def encode_text(self, prompts: Sequence[str]) -> Conditioning:
-        """prompts -> context [B, 77k, 768] through Forge's text engine (emphasis, embeddings)."""
+        """prompts -> context [B, 77k, 768] (SD 2.x: 1024) through Forge's text engine (emphasis, embeddings)."""
         with torch.inference_mode():
             context = self.sd_model.get_learned_conditioning(list(prompts))
         return Conditioning(context.clone())
 
     def predict_noise(self, z_t: Tensor, t: Tensor, conditioning: Conditioning) -> Tensor:
-        """eps [B, 4, h, w] for z_t at integer timesteps t, through KModel.apply_model (sigma in, x0 out)."""
+        """eps [B, 4, h, w] for z_t at integer timesteps t, through KModel.apply_model (sigma in, x0 out, for eps
+        and v-prediction models alike)."""
         return self.eps_from_x0(z_t, t, c_crossattn=conditioning.context.to(self.device))
 
     @torch.no_grad()

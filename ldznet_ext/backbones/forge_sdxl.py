@@ -21,10 +21,7 @@ from ..errors import CheckpointError
 from ..sd.sdxl import pooled_text, working_size_vector
 from .base import Conditioning
 from .family import LABELS, host_family
-from .forge import ForgeBackbone
-
-# The KModel predictions whose x0 the eps conversion reads.
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+from .forge import PREDICTION_TYPES, ForgeBackbone
 
 
 def check_forge_sdxl_model(sd_model) -> None:

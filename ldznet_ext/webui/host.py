@@ -23,6 +23,8 @@ from . import mask_model
 from .engine import NO_HEAD, EngineOptions, MaskEngine, MaskResult
 
 HEADS_FOLDER = "ldznet"
+# Host model families that cannot serve a head but serve zero-shot masks on their own model.
+ZERO_SHOT_FAMILIES = ("sdxl", "sd2")
 _ENGINE: MaskEngine | None = None
 
 
@@ -107,47 +109,54 @@ def _check(sd_model) -> None:
         check_a1111_model(sd_model, sd_unet.current_unet)
 
 
-def _backbone(sd_model, sdxl: bool = False) -> Backbone:
-    """The Backbone adapter over a host model, its SD 1.x or its SDXL-family one (nothing is loaded or moved)."""
+def _backbone(sd_model, family: str = "sd-v1") -> Backbone:
+    """The Backbone adapter over a host model of ``family`` ("sd-v1", "sd2" or "sdxl"; nothing is loaded
+    or moved): one adapter per host for SD 1.x and SD 2.x, one for the SDXL family."""
     if is_forge():
         from backend import memory_management
 
         from ..backbones.forge import ForgeBackbone
         from ..backbones.forge_sdxl import ForgeSDXLBackbone
 
-        return (ForgeSDXLBackbone if sdxl else ForgeBackbone)(sd_model, memory_management.load_model_gpu)
+        adapter = ForgeSDXLBackbone if family == "sdxl" else ForgeBackbone
+        return adapter(sd_model, memory_management.load_model_gpu)
     from modules import devices
 
     from ..backbones.a1111 import A1111Backbone
     from ..backbones.a1111_sdxl import A1111SDXLBackbone
 
-    return (A1111SDXLBackbone if sdxl else A1111Backbone)(sd_model, devices)
+    return (A1111SDXLBackbone if family == "sdxl" else A1111Backbone)(sd_model, devices)
 
 
-def _check_sdxl(sd_model) -> None:
-    """CheckpointError unless the host's SDXL-family model can serve zero-shot masks itself."""
+def _check_zero_shot(sd_model, family: str) -> None:
+    """CheckpointError unless the host's model of ``family`` (one of ZERO_SHOT_FAMILIES) can serve
+    zero-shot masks itself."""
     if is_forge():
+        from ..backbones.forge import check_forge_sd2_model
         from ..backbones.forge_sdxl import check_forge_sdxl_model
 
-        check_forge_sdxl_model(sd_model)
+        (check_forge_sdxl_model if family == "sdxl" else check_forge_sd2_model)(sd_model)
     else:
         from modules import sd_unet
 
+        from ..backbones.a1111 import check_a1111_sd2_model
         from ..backbones.a1111_sdxl import check_a1111_sdxl_model
 
-        check_a1111_sdxl_model(sd_model, sd_unet.current_unet)
+        check = check_a1111_sdxl_model if family == "sdxl" else check_a1111_sd2_model
+        check(sd_model, sd_unet.current_unet)
 
 
 def _zero_shot_backbone(sd_model, refusal: CheckpointError) -> Backbone:
-    """The adapter over the host's SDXL-family model for zero-shot masks (no extra download), where
-    the SD 1.x path refused it (``refusal``); otherwise CheckpointError pointing to head mode."""
-    if sd_model is not None and host_family(sd_model) == "sdxl":
+    """The adapter over the host's SDXL-family or SD 2.x model for zero-shot masks (no extra download),
+    where the SD 1.x path refused it (``refusal``); otherwise CheckpointError pointing to head mode."""
+    family = host_family(sd_model) if sd_model is not None else None
+    if family in ZERO_SHOT_FAMILIES:
         try:
-            _check_sdxl(sd_model)
+            _check_zero_shot(sd_model, family)
         except CheckpointError as error:
             refusal = error
         else:
-            return _backbone(sd_model, sdxl=True)
+            return _backbone(sd_model, family)
     raise _zero_shot_refused(refusal)
 
 
@@ -216,7 +225,7 @@ def _placement(sd_model) -> tuple[torch.device, torch.dtype, mask_model.MakeRoom
 @contextmanager
 def job_backbone(job: MaskJob) -> Iterator[Backbone]:
     """The backbone for ``job``: an adapter over the host's model when it can serve LD-ZNet, and for
-    zero-shot also over an SDXL-family host model; else, for head mode, the separate SD 1.x mask model
+    zero-shot also over an SDXL-family or SD 2.x host model; else, for head mode, the separate SD 1.x mask model
     (loaded on first use; back on the CPU after the job unless kept on the GPU); zero-shot on other
     families is refused with a pointer to head mode. The caller holds the GPU."""
     sd_model = _host_model()
@@ -273,8 +282,8 @@ def gpu_job(name: str) -> Iterator[object]:
 
 def check_ready(job: MaskJob) -> None:
     """Cheap, non-blocking readiness check (API validation): the head exists unless zero-shot and was
-    made for the loaded model, if that can serve it; if it cannot, zero-shot needs an SDXL-family host
-    model (else it is refused) and head mode an SD 1.x mask model among the host's checkpoints.
+    made for the loaded model, if that can serve it; if it cannot, zero-shot needs an SDXL-family or
+    SD 2.x host model (else it is refused) and head mode an SD 1.x mask model among the host's checkpoints.
     Never loads a model."""
     sd_model = loaded_model()
     backbone = refusal = None

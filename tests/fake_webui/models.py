@@ -102,16 +102,18 @@ class _FirstStage(nn.Module):
 class FakeLatentDiffusion(nn.Module):
     """What A1111 calls on an SD 1.x ``LatentDiffusion``, over ldm's own UNetModel.
 
-    ``model.diffusion_model`` is ldm's openaimodel.UNetModel loaded with ``sd``'s UNet weights;
-    ``cond_stage_model`` is ``sd``'s CLIP (A1111 wraps it for chunks and emphasis; not modelled).
+    ``model.diffusion_model`` is ldm's openaimodel.UNetModel loaded with ``sd``'s UNet weights, or ``unet``
+    where given; ``cond_stage_model`` is ``sd``'s text encoder (A1111 wraps it for chunks and emphasis; not
+    modelled).
     """
 
-    def __init__(self, sd: StableDiffusion):
+    def __init__(self, sd: StableDiffusion, unet: nn.Module | None = None):
         super().__init__()
-        from conftest import ldm_unet  # tests/ is on sys.path under pytest
+        if unet is None:
+            from conftest import ldm_unet  # tests/ is on sys.path under pytest
 
-        unet = ldm_unet(sd.unet.config)
-        unet.load_state_dict(sd.unet.state_dict(), strict=True)
+            unet = ldm_unet(sd.unet.config)
+            unet.load_state_dict(sd.unet.state_dict(), strict=True)
         self.model = _Wrapper(unet.eval())
         self.first_stage_model = _FirstStage(sd.vae)
         self.cond_stage_model = sd.text_encoder

@@ -138,7 +138,7 @@ class Predictor(nn.Module):
 
 
 class KModel(nn.Module):
-    """Forge's KModel.apply_model: sigma and x = z + sigma * noise in, x0 out; extra keywords (y) to the UNet."""
+    """Forge's KModel.apply_model: sigma and x = z + sigma * noise in, x0 out; SDXL's vector ``y`` to the UNet."""
 
     def __init__(self, unet: nn.Module, alphas_cumprod: Tensor, prediction_type: str):
         super().__init__()
@@ -149,7 +149,7 @@ class KModel(nn.Module):
     def apply_model(self, x: Tensor, t: Tensor, c_crossattn=None, **kwargs) -> Tensor:
         sigma = t.view(-1, 1, 1, 1)
         out = self.diffusion_model(x / (sigma ** 2 + 1) ** 0.5, self.predictor.timestep(t).float(), c_crossattn,
-                                   kwargs["y"])
+                                   kwargs.get("y"))
         return self.predictor.calculate_denoised(t, out.float(), x)
 
 
