@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .backbones.family import LABELS
+from .backbones.family import LABELS, CheckpointInfo
 from .checkpoint_io import SINGLE_FILE, readable_file
 from .defaults import default_model_paths
 from .errors import CheckpointError, LdznetError
@@ -21,7 +21,7 @@ from .heads import load_head
 from .limits import RESOLUTION, check_device_name
 from .precision import resolve_dtype
 from .sd.checkpoint import load_stable_diffusion
-from .sd.diffusers_folder import INDEX_FILE, is_diffusers_folder, load_diffusers_folder
+from .sd.diffusers_folder import INDEX_FILE, diffusers_family, is_diffusers_folder, load_diffusers_folder
 from .sd.header import PICKLE_FAMILY, classify_file
 from .segmenter import Segmenter
 
@@ -61,20 +61,25 @@ def resolve_model_paths(model: str | os.PathLike | None, head: str | os.PathLike
 
 def resolve_mask_model(mask_model: str | os.PathLike | None, head: str | os.PathLike | None,
                        zero_shot: bool = False) -> Path | None:
-    """The SD 1.x checkpoint a head runs on instead of the model (None: the model itself), checked before
-    any work: it serves a head only, and its safetensors header must say SD 1.x."""
+    """The SD 1.x checkpoint file or diffusers folder a head runs on instead of the model (None: the model
+    itself), checked before any work: it serves a head only, and its safetensors header (a folder: its
+    layout and configs) must say SD 1.x."""
     if mask_model is None:
         return None
     if zero_shot or head is None:
         raise LdznetError(f"{Path(mask_model).name}: a mask model serves a head, and zero-shot masks come from the "
                           "model itself; pass --head HEAD.safetensors with --mask-model, or drop --mask-model")
-    path = readable_file(mask_model, "mask model file", f"an SD 1.x checkpoint, {SINGLE_FILE}")
-    info = classify_file(path)
+    if is_diffusers_folder(mask_model):
+        path, kind, info = Path(mask_model), "folder", CheckpointInfo(diffusers_family(mask_model))
+    else:
+        path, kind = readable_file(mask_model, "mask model file", f"an SD 1.x checkpoint, {SINGLE_FILE}, or an "
+                                   f"SD 1.x diffusers folder (with {INDEX_FILE})"), "file"
+        info = classify_file(path)
     # A pickle's family is known only once it is read: load_stable_diffusion refuses it then by name.
     if info.family != PICKLE_FAMILY and (info.family != "sd-v1" or info.problem):
         found = LABELS.get(info.family, info.family) + (f" ({info.problem})" if info.problem else "")
         raise CheckpointError(f"{path.name}: the mask model must be an SD 1.x checkpoint, since the head reads SD 1.x "
-                              f"UNet features; this file is {found}")
+                              f"UNet features; this {kind} is {found}")
     return path
 
 
@@ -105,8 +110,9 @@ def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = No
     """Load an SD checkpoint and optionally a head (None: zero-shot masks, where SDXL-family and SD 2.x
     models serve too) into a Segmenter.
 
-    ``mask_model``: an SD 1.x checkpoint the head runs on, beside a ``model`` that cannot serve a head
-    (SDXL family, SD 2.x); ``model`` is then not loaded, the mask is the one ``mask_model`` makes.
+    ``mask_model``: an SD 1.x checkpoint file or diffusers folder the head runs on, beside a ``model`` that
+    cannot serve a head (SDXL family, SD 2.x); ``model`` is then not loaded, ``mask_model`` only as far as the
+    head reads it (``parts="mask"``), and the mask is the one ``mask_model`` makes.
 
     ``timestep`` and ``draws`` default to the head's training timestep and one draw, or to the
     zero-shot defaults (:class:`ZeroShotSettings`); ``resolution`` None uses the head's own.
@@ -120,7 +126,9 @@ def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = No
     if head is not None:
         head_module, head_config = load_head(head, device=device, dtype=torch_dtype)
     load = load_diffusers_folder if is_diffusers_folder(mask_model or model) else load_stable_diffusion
-    backbone = load(mask_model or model, device=device, dtype=torch_dtype, zero_shot=head is None)
+    # A mask model serves the head alone: only what the head reads is loaded.
+    backbone = load(mask_model or model, device=device, dtype=torch_dtype, zero_shot=head is None,
+                    parts="mask" if mask_model else "all")
     name = Path(mask_model or model).name + (f" with {Path(head).name}" if head is not None else "")
     return build_segmenter(backbone, head_module, head_config,
                            ModelSettings(resolution=resolution, timestep=timestep, draws=draws, seed=seed),

@@ -1,6 +1,7 @@
-"""`--mask-model SD1.safetensors` (and load_segmenter's ``mask_model``): head masks beside a --model that
-cannot serve a head (SDXL family, SD 2.x) come from the SD 1.x mask model, bit for bit as with that file
-as --model; refusals before any work name the family and what to do."""
+"""`--mask-model SD1.safetensors` or an SD 1.x diffusers folder (and load_segmenter's ``mask_model``): head masks
+beside a --model that cannot serve a head (SDXL family, SD 2.x) come from the SD 1.x mask model, bit for bit
+as with that file as --model, loaded only as far as the head reads it; refusals before any work name the
+family and what to do."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fixtures_models import image_file, random_image  # noqa: F401  (pytest fixture)
-from ldznet_ext.checkpoint_io import write_safetensors
+from fixtures_models import TINY_VAE8, image_file, random_image  # noqa: F401  (pytest fixture)
+from ldznet_ext.checkpoint_io import read_state_dict, write_safetensors
 from ldznet_ext.loading import load_segmenter
-from ldznet_ext.sd import checkpoint
+from ldznet_ext.sd import checkpoint, diffusers_folder
+from ldznet_ext.sd.parts import SkippedPart
+from ldznet_ext.sd.unet import unet_config
 from test_sdxl_model import METADATA, tiny_sdxl_state
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -90,3 +93,54 @@ def test_a_missing_mask_model_is_named(ldznet, sdxl_file, tiny_model_files, imag
     code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", sdxl_file,
                           "--mask-model", tmp_path / "nope.safetensors", "--head", tiny_model_files[1])
     assert code == 2 and "nope.safetensors" in err and "mask model file" in err
+
+
+@pytest.fixture(scope="module")
+def sd1_folder(tiny_model_files, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD 1.x file as a diffusers folder (diffusers' own conversion)."""
+    write_folder = pytest.importorskip("test_diffusers_folder").write_folder
+    return write_folder(tmp_path_factory.mktemp("sd1-folder") / "tiny-sd1", read_state_dict(tiny_model_files[0]),
+                        unet_config("tiny"), TINY_VAE8, text_heads=2)
+
+
+def test_an_sd1_diffusers_folder_serves_as_mask_model(ldznet, sdxl_file, sd1_folder, tiny_model_files, image_file,
+                                                      tmp_path) -> None:
+    sd1, head = tiny_model_files
+    common = ("mask", image_file, "cat OR sky", "--head", head, "--device", "cpu", "--no-presence")
+    code, out, err = ldznet(*common, "-o", tmp_path / "a.png", "--probability", tmp_path / "pa.png",
+                            "--model", sdxl_file, "--mask-model", sd1_folder)
+    assert (code, err) == (0, "")
+    assert ldznet(*common, "-o", tmp_path / "b.png", "--probability", tmp_path / "pb.png", "--model", sd1)[0] == 0
+    for a, b in (("a.png", "b.png"), ("pa.png", "pb.png")):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / a)), np.asarray(Image.open(tmp_path / b)))
+    assert np.asarray(Image.open(tmp_path / "pa.png")).std() > 0
+
+
+def test_a_mask_model_is_loaded_only_as_far_as_the_head_reads(sdxl_file, sd1_folder, tiny_model_files) -> None:
+    sd1, head = tiny_model_files
+    for mask_model in (sd1, sd1_folder):
+        backbone = load_segmenter(sdxl_file, head, mask_model=mask_model, device="cpu").backbone
+        assert isinstance(backbone.unet.output_blocks[6], SkippedPart) and isinstance(backbone.vae.decoder, SkippedPart)
+    assert not isinstance(load_segmenter(sd1, head, device="cpu").backbone.vae.decoder, SkippedPart)
+
+
+def test_a_mask_model_folder_that_is_not_sd1_is_refused_by_family(ldznet, sdxl_file, sd1_folder, tiny_model_files,
+                                                                  image_file, tmp_path, monkeypatch) -> None:
+    import json
+    import shutil
+    sdxl_folder = shutil.copytree(sd1_folder, tmp_path / "tiny-sdxl")
+    (sdxl_folder / "text_encoder_2").mkdir()
+    sd2_folder = shutil.copytree(sd1_folder, tmp_path / "tiny-sd2")
+    (sd2_folder / "text_encoder" / "config.json").write_text(json.dumps({"num_attention_heads": 16,
+                                                                         "hidden_size": 1024}))
+    monkeypatch.setattr(diffusers_folder, "read_state_dict", lambda path: pytest.fail(f"{path} was read"))
+    for folder, family in ((sdxl_folder, "SDXL"), (sd2_folder, "SD 2.x")):
+        code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", sdxl_file,
+                              "--mask-model", folder, "--head", tiny_model_files[1])
+        assert (code, err) == (2, f"ldznet mask: error: {folder.name}: the mask model must be an SD 1.x checkpoint, "
+                                  f"since the head reads SD 1.x UNet features; this folder is {family}\n")
+    code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", sdxl_file,
+                          "--mask-model", tmp_path, "--head", tiny_model_files[1])
+    assert (code, err) == (2, f"ldznet mask: error: mask model file {tmp_path} is a folder; expected an SD 1.x "
+                              "checkpoint, a single-file .safetensors or .ckpt, or an SD 1.x diffusers folder "
+                              "(with model_index.json)\n")

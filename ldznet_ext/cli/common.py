@@ -36,8 +36,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True) 
                        help="SD single-file checkpoint: SD 1.x for a head or zero-shot, SDXL family or SD 2.x for "
                             "zero-shot (default: the embedded micro model)")
     group.add_argument("--mask-model", metavar="SD1.safetensors",
-                       help="SD 1.x checkpoint the head runs on when --model cannot serve one (SDXL family, SD 2.x); "
-                            "needs --head")
+                       help="SD 1.x checkpoint (single file or diffusers folder) the head runs on when --model cannot "
+                            "serve one (SDXL family, SD 2.x); needs --head")
     which = group.add_mutually_exclusive_group()
     which.add_argument("--head", metavar="HEAD.safetensors",
                        help="LD-ZNet/ZNet head trained for the model (default: the embedded head, "

@@ -52,6 +52,17 @@ def is_diffusers_folder(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / INDEX_FILE).is_file()
 
 
+def diffusers_family(path: str | os.PathLike) -> str:
+    """The family of a diffusers folder from its layout and configs alone, no weight read: "sdxl" (a
+    ``text_encoder_2/``), "sd2" (a 1024-d text encoder or cross-attention), else "sd-v1"."""
+    folder = Path(path)
+    if (folder / "text_encoder_2").is_dir():
+        return "sdxl"
+    unet_config = _json(folder / "unet" / "config.json", folder)
+    text_config = _json(folder / "text_encoder" / "config.json", folder)
+    return "sd2" if 1024 in (text_config.get("hidden_size"), unet_config.get("cross_attention_dim")) else "sd-v1"
+
+
 def _json(path: Path, folder: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -217,8 +228,9 @@ def read_diffusers_folder(path: str | os.PathLike) -> DiffusersModel:
     kind = index.get("_class_name", "an unnamed pipeline")
     unet_config = _json(folder / "unet" / "config.json", folder)
     text_config = _json(folder / "text_encoder" / "config.json", folder)
-    sdxl = (folder / "text_encoder_2").is_dir()
-    if not sdxl and 1024 in (text_config.get("hidden_size"), unet_config.get("cross_attention_dim")):
+    family = diffusers_family(folder)
+    sdxl = family == "sdxl"
+    if family == "sd2":
         raise CheckpointError(f"{folder.name}: a diffusers folder of {kind} with a 1024-d "
                               "text encoder (SD 2.x?); diffusers folders of SD 1.x and SDXL are read, for SD 2.x "
                               "use its single-file checkpoint")
@@ -249,7 +261,7 @@ def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = 
                           zero_shot: bool = False) -> StableDiffusion:
     """``load_stable_diffusion`` for a diffusers folder: the same model its single-file equivalent gives
     (SD 1.x for a head or zero-shot, SDXL for zero-shot), with the VAE scale of ``vae/config.json``."""
-    if (Path(path) / "text_encoder_2").is_dir():  # SDXL: a head is refused before any weight is read
+    if diffusers_family(path) == "sdxl":  # a head is refused before any weight is read
         check_family(CheckpointInfo("sdxl"), Path(path).name, zero_shot, parts)
     folder = read_diffusers_folder(path)
     model = stable_diffusion_from_state_dict(folder.state, folder.metadata, Path(path).name, parts,
