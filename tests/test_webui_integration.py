@@ -36,6 +36,8 @@ from PIL import Image
 WEBUI = os.environ.get("LDZNET_WEBUI_DIR")
 FORGE = os.environ.get("LDZNET_FORGE_DIR")
 REPO = Path(__file__).resolve().parents[1]
+# A1111 on the CPU in fp32, without downloading CLIP (install-model writes what it reads instead).
+A1111_FLAGS = ("--no-half", "--disable-opt-split-attention", "--use-cpu", "all", "--do-not-download-clip")
 FORGE_SD, FORGE_HEAD = "ldznet-test-sd-v1-random.safetensors", "ldznet-test-sd-v1-random-head.safetensors"
 
 
@@ -124,8 +126,8 @@ def a1111(tmp_path_factory, extra_flags: tuple[str, ...] = (), auth: str | None 
     install_model(work / "ldznet-test-sd.safetensors", webui, hf_home=work / "hf")
     (webui / "models" / "ldznet").mkdir(parents=True, exist_ok=True)
     save_head(*tiny_head(), webui / "models" / "ldznet" / "ldznet-test-head.safetensors")
-    flags = ["--no-half", "--disable-opt-split-attention", "--use-cpu", "all", "--do-not-download-clip",
-             "--ckpt", str(webui / "models" / "Stable-diffusion" / "ldznet-test-sd.safetensors"), *extra_flags]
+    flags = [*A1111_FLAGS, "--ckpt", str(webui / "models" / "Stable-diffusion" / "ldznet-test-sd.safetensors"),
+             *extra_flags]
     with _serve(webui, work, flags, {"ldznet_head": "ldznet-test-head.safetensors", "return_mask": True},
                 "LDZNET_WEBUI_PYTHON", auth) as base:
         yield base
