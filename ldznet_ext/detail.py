@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from .errors import LdznetError
-from .job import MaskJob, _checked_number, _number
+from .job import MaskJob, checked_number, number_field
 from .limits import CROP_PADDING, DENOISING, SAMPLING_STEPS
 from .masks.instances import Instance, instance_image
 
@@ -40,9 +40,9 @@ class DetailPass:
 
     expression: str = ""
     prompts: str = ""
-    denoising: float = _number(0.4, DENOISING, "denoising strength of each instance's img2img")
-    steps: int = _number(20, SAMPLING_STEPS, "sampling steps of each instance's img2img")
-    padding: int = _number(32, CROP_PADDING, "pixels of context around each instance's box")
+    denoising: float = number_field(0.4, DENOISING, "denoising strength of each instance's img2img")
+    steps: int = number_field(20, SAMPLING_STEPS, "sampling steps of each instance's img2img")
+    padding: int = number_field(32, CROP_PADDING, "pixels of context around each instance's box")
 
     def __post_init__(self) -> None:
         # The mask job's own checks: length, whitespace, and a parse error with its position now
@@ -51,7 +51,7 @@ class DetailPass:
             raise LdznetError(f"detail prompts must be text, got {type(self.prompts).__name__}")
         for spec in fields(self):
             if "limit" in spec.metadata:
-                object.__setattr__(self, spec.name, _checked_number(getattr(self, spec.name), spec))
+                object.__setattr__(self, spec.name, checked_number(getattr(self, spec.name), spec))
 
     @property
     def active(self) -> bool:

@@ -25,7 +25,8 @@ COMBINE_MODES = ("replace", "add", "subtract", "intersect")
 MAX_EXPRESSION_CHARS = 2000
 
 
-def _number(default, limit: Limit, description: str, optional: bool = False):
+def number_field(default, limit: Limit, description: str, optional: bool = False):
+    """A dataclass field checked against ``limit`` (``optional``: None allowed) and described in the JSON Schema."""
     return field(default=default, metadata={"limit": limit, "optional": optional, "description": description})
 
 
@@ -46,17 +47,17 @@ class MaskJob:
     expression: str = field(default="", metadata={
         "description": 'mask expression, e.g. "goblin OR sword{+4}"; "" = no mask'})
     mode: str = _choice(MODES, "LD-ZNet head: the selected head; zero-shot: the model's own attention")
-    threshold: float = _number(0.5, THRESHOLD, "a pixel is selected when its probability is above this")
-    grow: float = _number(0.0, GROW, "grow the mask by this many pixels (negative: shrink)")
-    feather: float = _number(0.0, FEATHER, "soft-edge radius in pixels")
+    threshold: float = number_field(0.5, THRESHOLD, "a pixel is selected when its probability is above this")
+    grow: float = number_field(0.0, GROW, "grow the mask by this many pixels (negative: shrink)")
+    feather: float = number_field(0.0, FEATHER, "soft-edge radius in pixels")
     invert: bool = _flag(False, "swap selected and kept")
     combine: str = _choice(COMBINE_MODES, "how the mask meets a brush or uploaded mask")
     refine: bool = _flag(True, "snap the mask's edges to the image's (false: bilinear upsampling)")
-    keep_largest: int | None = _number(None, KEEP_LARGEST, "keep only this many largest objects (null: all)",
+    keep_largest: int | None = number_field(None, KEEP_LARGEST, "keep only this many largest objects (null: all)",
                                        optional=True)
-    min_area: int = _number(0, MIN_AREA, "drop objects smaller than this many pixels")
-    refine_strength: float = _number(1.0, REFINE_STRENGTH, "edge refinement: 0 bilinear .. 1 fully guided")
-    refine_radius: float | None = _number(None, REFINE_RADIUS, "how far refinement may move an edge, in pixels "
+    min_area: int = number_field(0, MIN_AREA, "drop objects smaller than this many pixels")
+    refine_strength: float = number_field(1.0, REFINE_STRENGTH, "edge refinement: 0 bilinear .. 1 fully guided")
+    refine_radius: float | None = number_field(None, REFINE_RADIUS, "how far refinement may move an edge, in pixels "
                                           "(null: automatic)", optional=True)
     # On by default: a term that is not in the image should select nothing rather than a few weak blobs;
     # the rule is conservative (README, "Presence"), and false turns it off when recall matters more.
@@ -67,7 +68,7 @@ class MaskJob:
         for spec in _fields():
             value = getattr(self, spec.name)
             if "limit" in spec.metadata:
-                value = _checked_number(value, spec)
+                value = checked_number(value, spec)
             elif "choices" in spec.metadata:
                 value = checked_choice(value, spec.name, spec.metadata["choices"])
             elif "flag" in spec.metadata:
@@ -167,7 +168,7 @@ def checked_flag(value, name: str) -> bool:
     raise LdznetError(f"{name} must be true or false, got {value!r}")
 
 
-def _checked_number(value, spec: dataclasses.Field):
+def checked_number(value, spec: dataclasses.Field) -> int | float | None:
     """``value`` (a number or its text) checked against the field's Limit; floats are stored as
     float, integers as int (an integral float such as 3.0 from a slider or JSON counts)."""
     limit: Limit = spec.metadata["limit"]

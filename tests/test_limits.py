@@ -103,3 +103,16 @@ def test_limit_describes_and_checks():
     assert not Limit(float, 0, 2).accepts(True) and Limit(float, 0, 2).accepts(2)
     with pytest.raises(ValueError, match=r"expected an integer in \[0, 2\], got '1.5'"):
         Limit(int, 0, 2).parse("1.5")
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"timestep": 1000}, "timestep must be an integer in [0, 999], got 1000"),
+    ({"resolution": 32}, "working resolution must be an integer in [64, 2048], got 32"),
+    ({"resolution": 100_000}, "working resolution must be an integer in [64, 2048], got 100000"),
+])
+def test_the_webui_engine_options_use_the_library_limits(changes, message) -> None:
+    from ldznet_ext.webui.engine import EngineOptions
+
+    with pytest.raises(LdznetError) as error:
+        EngineOptions(**changes)
+    assert str(error.value) == message

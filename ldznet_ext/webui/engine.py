@@ -24,6 +24,7 @@ from ..factory import ModelSettings, build_segmenter, check_head_fits, head_dtyp
 from ..heads import load_head, read_head_config
 from ..images import ImageInput
 from ..job import ZERO_SHOT_MODE, MaskJob
+from ..limits import RESOLUTION, TIMESTEP
 from ..modeling.build import HeadConfig
 from ..precision import DTYPES
 from ..segmenter import Prediction, Segmenter
@@ -52,10 +53,10 @@ class EngineOptions:
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise LdznetError(f"head dtype must be 'auto' or one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.timestep is not None and not 0 <= self.timestep < 1000:
-            raise LdznetError(f"timestep must be in [0, 1000), got {self.timestep}")
-        if self.resolution is not None and self.resolution < 64:
-            raise LdznetError(f"working resolution must be at least 64 pixels, got {self.resolution}")
+        if self.timestep is not None:
+            TIMESTEP.check(self.timestep, "timestep")
+        if self.resolution is not None:
+            RESOLUTION.check(self.resolution, "working resolution")
 
 
 @dataclass
