@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 import typing
@@ -253,6 +254,10 @@ def _parse_value(hint: Any, value: Any, where: str, keys: tuple[str, ...], requi
         if not isinstance(value, str):
             raise refuse("a string")
         return value
+    if hint is float:
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise refuse("a number")
+        return float(value)
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, (list, tuple)) or any(type(v) is not int or v < 0 for v in value):
             raise refuse("a list of integers >= 0")

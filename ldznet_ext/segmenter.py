@@ -13,7 +13,7 @@ the zero-shot probe instead.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -131,6 +131,8 @@ class _ImageState:
     # term -> probability as the model gives it ([8h, 8w] from a head, [h, w] zero-shot) over the box;
     # resized to the image's size only once, on the way out (a second resize would blur it twice)
     cache: dict[str, Tensor] = field(default_factory=dict)
+    # term -> presence score of a head with a presence output, from the same head call as its map
+    scores: dict[str, float] = field(default_factory=dict)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -247,8 +249,27 @@ class Segmenter:
 
     @property
     def presence_rule(self) -> PresenceRule:
-        """How a term's map decides whether it is in the image (calibrated per mode, masks/presence.py)."""
+        """How a term's map decides whether it is in the image (calibrated per mode, masks/presence.py);
+        a head with a learned presence output decides with that instead (``decide_presence``)."""
         return ZERO_SHOT_RULE if self.zero_shot else HEAD_RULE
+
+    @property
+    def learned_presence(self) -> bool:
+        """Whether the head has a presence output (its score, not the map rule, decides presence)."""
+        return self.head_config is not None and self.head_config.presence
+
+    def decide_presence(self, maps: dict[str, Tensor]) -> dict[str, TermPresence]:
+        """Each term's found / not-found decision on the current image, for its map as
+        ``predict_terms`` gave it."""
+        if self._image is None:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        return self._decide(self._image, maps)
+
+    def _decide(self, state: _ImageState, maps: dict[str, Tensor]) -> dict[str, TermPresence]:
+        if not self.learned_presence:
+            return {t: self.presence_rule.decide(m) for t, m in maps.items()}
+        level = self.head_config.presence_level
+        return {t: TermPresence(state.scores[t] > level, state.scores[t]) for t in maps}
 
     def _predict(self, states: list[_ImageState], expression: str | Expression,
                  options: MaskOptions) -> list[Prediction]:
@@ -258,7 +279,7 @@ class Segmenter:
         predictions = []
         for state in states:
             maps = self._upsample(state, terms)
-            presence = {t: self.presence_rule.decide(maps[t]) for t in terms} if options.presence else {}
+            presence = self._decide(state, maps) if options.presence else {}
             # An absent term adds nothing: "goblin OR sky" is the sky, "sky AND NOT goblin" all of it.
             maps = {t: torch.zeros_like(m) if t in presence and not presence[t].found else m for t, m in maps.items()}
             probability = tree.evaluate(maps, options.threshold)
@@ -279,11 +300,14 @@ class Segmenter:
                                            self.settings.seed)
         else:
             pixels = torch.cat([s.pixels for s in states]) if states[0].pixels is not None else None
-            probabilities = self._head_probabilities(z, pixels, conditioning)
+            probabilities, scores = (self._head_outputs(z, pixels, conditioning) if self.learned_presence
+                                     else (self._head_probabilities(z, pixels, conditioning), None))
         self._check_finite(probabilities, "probabilities")
         for i, state in enumerate(states):
             for j, term in enumerate(todo):
                 state.cache[term] = state.crop(probabilities[i, j].float())
+                if self.learned_presence:
+                    state.scores[term] = float(scores[i, j])
 
     def _check_finite(self, values: Tensor, what: str) -> None:
         """Refuse NaN/inf (NaN weights, or fp16 overflow): thresholded, they would pass as an empty mask."""
@@ -293,24 +317,36 @@ class Segmenter:
 
     def _head_probabilities(self, z: Tensor, pixels: Tensor | None, conditioning: Conditioning) -> Tensor:
         """[N, T, 8h, 8w] head probabilities for N latents and T terms' conditioning, in one batch."""
+        return self._head_outputs(z, pixels, conditioning)[0]
+
+    def _head_outputs(self, z: Tensor, pixels: Tensor | None,
+                      conditioning: Conditioning) -> tuple[Tensor, Tensor | None]:
+        """``_head_probabilities`` and the presence scores [N, T] from the same head calls (None
+        without a presence output); both averaged over the draws."""
         n, t_count = z.shape[0], len(conditioning)
         z_rep = z.repeat_interleave(t_count, dim=0)
         conditioning_rep = conditioning.repeat(n)
-        context_rep = conditioning_rep.context
-        config = self.head_config
-        if not config.uses_sd_features:
+        context_rep = conditioning_rep.context.to(self._head_dtype)
+        if not self.head_config.uses_sd_features:
             inputs = z_rep if pixels is None else pixels.repeat_interleave(t_count, dim=0)
-            logits = self.head(inputs.to(self._head_dtype), context_rep.to(self._head_dtype))
-            return torch.sigmoid(logits.float()).view(n, t_count, *logits.shape[-2:])
-        total = None
-        for timestep, noise in noise_draws(self.settings.seed, self.settings.draws, (1, *z.shape[1:]),
-                                           self.settings.timestep):
-            features = self.sd_features(z_rep, conditioning_rep, timestep, noise)
-            logits = self.head(z_rep.to(self._head_dtype), context_rep.to(self._head_dtype),
-                               {b: f.to(self._head_dtype) for b, f in features.items()})
+            calls: Iterable[tuple] = [(inputs.to(self._head_dtype), context_rep)]
+        else:  # one draw's SD features at a time
+            draws = noise_draws(self.settings.seed, self.settings.draws, (1, *z.shape[1:]), self.settings.timestep)
+            calls = ((z_rep.to(self._head_dtype), context_rep, {
+                b: f.to(self._head_dtype) for b, f in self.sd_features(z_rep, conditioning_rep, t, noise).items()})
+                for t, noise in draws)
+        total, scores, count = None, None, 0
+        for args in calls:
+            logits, presence = (self.head(*args, with_presence=True) if self.learned_presence
+                                else (self.head(*args), None))
             p = torch.sigmoid(logits.float())
             total = p if total is None else total + p
-        return (total / self.settings.draws).view(n, t_count, *total.shape[-2:])
+            if presence is not None:
+                score = torch.sigmoid(presence.float())
+                scores = score if scores is None else scores + score
+            count += 1
+        scores = None if scores is None else (scores / count).view(n, t_count)
+        return (total / count).view(n, t_count, *total.shape[-2:]), scores
 
     def sd_features(self, z: Tensor, conditioning: Conditioning, timestep: int, noise: Tensor) -> dict[int, Tensor]:
         """The denoiser's features of the head's blocks for z_t = q_sample(z, t, noise) (see ``sd_features``)."""

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 UNET_KEYS = ("in_channels, out_channels, model_channels, channel_mult, num_res_blocks, attention_levels, "
              "num_heads, context_dim, transformer_depth, level_depths, num_head_channels, linear_projection, "
              "adm_in_channels")
-HEAD_KEYS = "arch, unet, sd_blocks, latent_size, timestep, sd_fusion"
+HEAD_KEYS = "arch, unet, sd_blocks, latent_size, timestep, sd_fusion, presence, presence_level"
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 FOLDER_EXPECTED = "a single-file .safetensors or .ckpt"
 

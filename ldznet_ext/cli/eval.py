@@ -71,6 +71,13 @@ def _report(results: list[EvalResult], args: argparse.Namespace) -> int:
                   f"{f' ({len(r.skipped)} unreadable, skipped)' if r.skipped else ''}; best mIoU at t = "
                   f"{s.miou_threshold:.2f}, IoU_FG at t = {s.iou_fg_threshold:.2f}; mean/cum IoU at t = "
                   f"{s.binary_threshold:g}; {r.ms_per_mask:.1f} ms per mask")
+            if r.include_absent:
+                a = r.absent_summary
+                print(f"absent phrases{' (presence decided)' if r.presence else ''}: {a.absent_empty} of {a.absent} "
+                      f"returned empty ({100 * a.absent_empty_share:.1f} %, no pixel above t = "
+                      f"{s.binary_threshold:g}); "
+                      f"present phrases: {a.present}, mIoU {100 * a.present_miou:.2f} at t = "
+                      f"{a.present_miou_threshold:.2f}")
             if r.boundary is not None and len(r.boundary):
                 b = r.boundary.summary()
                 print(f"boundary F (within {b.tolerance:g} px, {b.count} masks): {100 * b.boundary_f:.1f} at best "
@@ -100,7 +107,8 @@ def _run(args: argparse.Namespace) -> int:
     source = open_source(args.data, size=args.size or segmenter.resolution, domain=args.domain)
     name = args.name or (Path(loaded["head"]).stem if loaded["head"] else "zero-shot")
     result = evaluate(segmenter, source, name, include_absent=args.include_absent, binary_threshold=args.threshold,
-                      shard=args.shard, workers=args.workers, square=args.square, boundary=args.boundary)
+                      shard=args.shard, workers=args.workers, square=args.square, boundary=args.boundary,
+                      presence=args.presence)
     return _report([result], args)
 
 
@@ -131,6 +139,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "printed, in the JSON and merged")
     p.add_argument("--include-absent", action="store_true",
                    help="also score absent phrases (empty masks); CLIPSeg and PhraseCut score present ones only")
+    p.add_argument("--presence", action="store_true",
+                   help="decide each phrase found or not first (the head's presence output, else the calibrated "
+                        "rule on its map) and score a phrase not found as an empty map; with --include-absent, "
+                        "also print the share of absent phrases returned empty and the present phrases' mIoU")
     p.add_argument("--threshold", type=bounded_number(THRESHOLD), default=0.5,
                    help="threshold of the binary mean/cumulative IoU, 0 <= T < 1 (default 0.5)")
     p.add_argument("--table", type=int, choices=tuple(TABLES),

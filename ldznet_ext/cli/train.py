@@ -145,6 +145,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--templates", choices=tuple(TEMPLATES), help=f"prompt templates (default {d.templates})")
     p.add_argument("--negatives", action=bool_flag,
                    help="also train on absent phrases, with empty masks (default: on)")
+    p.add_argument("--presence-weight", type=bounded_number(LOSS_WEIGHT),
+                   help="> 0: give the head a learned presence output (is the phrase in the image?), its BCE "
+                        f"added with this weight; absent phrases come from --negatives (default {d.presence_weight:g})")
+    p.add_argument("--init", metavar="HEAD.safetensors",
+                   help="start from this head file (same architecture, SD model and resolution) instead of the SD "
+                        "UNet; a presence output it lacks starts fresh")
+    p.add_argument("--freeze-head", action=bool_flag,
+                   help="with --init and --presence-weight: train the presence output alone, the head's maps stay "
+                        "exactly the same (default off)")
     p.add_argument("--resolution", type=bounded_number(RESOLUTION),
                    help=f"training image side, a multiple of 64 (default {d.resolution})")
     p.add_argument("--precision", "--dtype", choices=PRECISIONS,

@@ -16,6 +16,12 @@ version 1 numbered shards from 0; :meth:`EvalResult.from_dict` reads them as 1-b
 ``boundary``: a tolerance in pixels; every map's edge is then also scored (boundary F against the
 mask the map is scored on, :class:`BoundaryMetrics`), kept in the result with keys, so it is in the
 JSON and merges across shards exactly like the region metrics.
+
+``presence``: each phrase first gets the segmenter's found / not-found decision (a head's learned
+presence output, or else the calibrated rule on its map, ``Segmenter.decide_presence``), and a
+phrase not found is scored as an empty map, as an expression would use it. With absent phrases
+included, ``EvalResult.absent_summary`` says how many of them came back empty (no pixel above the
+binary threshold) beside the present phrases' mIoU.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -33,7 +40,7 @@ from ..data.stream import iterate_examples
 from ..errors import LdznetError
 from ..segmenter import Segmenter
 from .boundary import BoundaryMetrics
-from .metrics import MetricSummary, SegmentationMetrics
+from .metrics import THRESHOLDS, MetricSummary, SegmentationMetrics
 
 FORMAT = "ldznet-eval"
 VERSION = 2  # 2: shards numbered 1..N (1: 0..N-1)
@@ -59,6 +66,7 @@ class EvalResult:
     square: int | None = None
     include_absent: bool = False
     boundary: BoundaryMetrics | None = None
+    presence: bool = False
 
     @property
     def summary(self) -> MetricSummary:
@@ -72,15 +80,22 @@ class EvalResult:
     def settings(self) -> tuple:
         """What must agree between shards of one evaluation."""
         return (self.name, self.data, self.shard[1], self.square, self.include_absent, self.metrics.binary_threshold,
-                None if self.boundary is None else self.boundary.tolerance)
+                None if self.boundary is None else self.boundary.tolerance, self.presence)
+
+    @property
+    def absent_summary(self) -> AbsentSummary:
+        """Absent phrases returned empty and present-phrase mIoU (:func:`absent_summary`)."""
+        return absent_summary(self.metrics)
 
     def to_dict(self) -> dict:
         """JSON-able: settings, the summary (None for a shard without samples) and the raw records."""
         return {"name": self.name, "data": self.data, "shard": list(self.shard), "square": self.square,
-                "include_absent": self.include_absent, "binary_threshold": self.metrics.binary_threshold,
+                "include_absent": self.include_absent, "presence": self.presence,
+                "binary_threshold": self.metrics.binary_threshold,
                 "examples": self.examples, "skipped": [list(s) for s in self.skipped], "seconds": self.seconds,
                 "ms_per_mask": self.ms_per_mask,
                 "summary": self.summary.to_dict() if len(self.metrics) else None,
+                "absent_summary": self.absent_summary.to_dict() if self.include_absent else None,
                 "records": self.metrics.records(),
                 "boundary_summary": self.boundary.summary().to_dict() if self.boundary and len(self.boundary) else None,
                 "boundary": self.boundary.records() if self.boundary is not None else None}
@@ -94,9 +109,42 @@ class EvalResult:
                        SegmentationMetrics.from_records(data["records"], float(data["binary_threshold"])),
                        float(data["seconds"]), int(data["examples"]), [(int(i), str(r)) for i, r in data["skipped"]],
                        (first, int(data["shard"][1])), data["square"], bool(data["include_absent"]),
-                       BoundaryMetrics.from_records(data["boundary"]) if data.get("boundary") else None)
+                       BoundaryMetrics.from_records(data["boundary"]) if data.get("boundary") else None,
+                       bool(data.get("presence", False)))
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise LdznetError(f"{where}: not an ldznet eval result ({error!r})") from error
+
+
+@dataclass(frozen=True)
+class AbsentSummary:
+    """Absent phrases (empty ground truth) and how many came back empty (no pixel above the binary
+    threshold), beside the mIoU (best t) of the present phrases alone."""
+
+    absent: int
+    absent_empty: int
+    present: int
+    present_miou: float
+    present_miou_threshold: float
+
+    @property
+    def absent_empty_share(self) -> float:
+        """absent_empty / absent in [0, 1] (0 without absent phrases)."""
+        return self.absent_empty / self.absent if self.absent else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "absent_empty_share": self.absent_empty_share}
+
+
+def absent_summary(metrics: SegmentationMetrics) -> AbsentSummary:
+    """``metrics``' samples split by their ground truth: absent ones returned empty, present ones' mIoU."""
+    counts = np.stack(metrics.counts).astype(np.float64) if len(metrics) else np.zeros((0, len(THRESHOLDS), 4))
+    tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
+    present = (tp[:, 0] + fn[:, 0]) > 0
+    empty = np.array(metrics.unions, np.int64) == 0  # an absent phrase's binary union is its false positives
+    miou = (tp / (1 + tp + fp + fn))[present].mean(axis=0) if present.any() else np.zeros(len(THRESHOLDS))
+    return AbsentSummary(absent=int((~present).sum()), absent_empty=int((~present & empty).sum()),
+                         present=int(present.sum()), present_miou=float(miou.max()),
+                         present_miou_threshold=float(THRESHOLDS[np.argmax(miou)]))
 
 
 def _sync(device: torch.device) -> None:
@@ -106,16 +154,18 @@ def _sync(device: torch.device) -> None:
 
 def evaluate(segmenter: Segmenter, source: Source, name: str = "model", include_absent: bool = False,
              binary_threshold: float = 0.5, progress: bool | None = None, shard: tuple[int, int] = (1, 1),
-             workers: int = 0, square: int | None = None, boundary: float | None = None) -> EvalResult:
+             workers: int = 0, square: int | None = None, boundary: float | None = None,
+             presence: bool = False) -> EvalResult:
     """Run ``segmenter`` on the examples of ``source`` in ``shard`` (k, n), 1 <= k <= n, and count its per-phrase
     probability maps; ``workers`` processes read the examples ahead; ``boundary``: also score edges
-    matched within that many pixels (module docstring)."""
+    matched within that many pixels; ``presence``: a phrase not found is an empty map (module docstring)."""
     k, n = shard
     if not 1 <= k <= n:
         raise LdznetError(f"shard {k}/{n}: expected K/N with 1 <= K <= N")
     result = EvalResult(name, source.description, SegmentationMetrics(binary_threshold), shard=shard, square=square,
                         include_absent=include_absent,
-                        boundary=None if boundary is None else BoundaryMetrics(boundary, binary_threshold))
+                        boundary=None if boundary is None else BoundaryMetrics(boundary, binary_threshold),
+                        presence=presence)
     device = segmenter.backbone.device
     progress = sys.stderr.isatty() if progress is None else progress
     indices = range(k - 1, len(source), n)
@@ -130,6 +180,9 @@ def evaluate(segmenter: Segmenter, source: Source, name: str = "model", include_
         start = time.perf_counter()
         segmenter.set_image(example.image)
         maps = segmenter.predict_terms(list(dict.fromkeys(example.pairs[j][0] for j in wanted)))
+        if presence:
+            decisions = segmenter.decide_presence(maps)
+            maps = {t: m if decisions[t].found else torch.zeros_like(m) for t, m in maps.items()}
         _sync(device)
         result.seconds += time.perf_counter() - start
         for j in wanted:
@@ -158,8 +211,8 @@ def merge_results(results: Sequence[EvalResult]) -> list[EvalResult]:
     for (name, data), parts in groups.items():
         settings = {p.settings() for p in parts}
         if len(settings) > 1:
-            raise LdznetError(f"{name} on {data}: the parts differ in shard count, square size, absent phrases or "
-                              f"binary threshold: {sorted(map(str, settings))}")
+            raise LdznetError(f"{name} on {data}: the parts differ in shard count, square size, absent phrases, "
+                              f"presence or binary threshold: {sorted(map(str, settings))}")
         count = parts[0].shard[1]
         shards = sorted(p.shard[0] for p in parts)
         if shards != list(range(1, count + 1)):
@@ -174,5 +227,5 @@ def merge_results(results: Sequence[EvalResult]) -> list[EvalResult]:
         boundary = None if parts[0].boundary is None else BoundaryMetrics.merge([p.boundary for p in parts])
         merged.append(EvalResult(name, data, metrics, sum(p.seconds for p in parts), sum(p.examples for p in parts),
                                  sorted(s for p in parts for s in p.skipped), (1, 1), parts[0].square,
-                                 parts[0].include_absent, boundary))
+                                 parts[0].include_absent, boundary, parts[0].presence))
     return merged

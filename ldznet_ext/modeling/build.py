@@ -24,7 +24,10 @@ class HeadConfig:
     """What a segmentation head is: architecture, UNet shape, the SD blocks it reads, the z side its
     positional embeddings are made for (LD-ZNet), the SD timestep its features come from, and how
     LD-ZNet takes them in (``sd_fusion``: "attention", the paper's model, or "concat", its Table 4
-    ablation; heads saved before the option existed are "attention")."""
+    ablation; heads saved before the option existed are "attention"), whether it has a learned
+    presence output (``presence``, ``modeling.presence``) and the level its score must exceed for a
+    term to be found (``presence_level``, in [0, 1), chosen on validation data so that it travels
+    with the head)."""
 
     arch: str
     unet: UNetConfig = field(default_factory=lambda: unet_config("sd-v1", out_channels=1))
@@ -32,6 +35,8 @@ class HeadConfig:
     latent_size: int = 48
     timestep: int = 400
     sd_fusion: str = "attention"
+    presence: bool = False
+    presence_level: float = 0.5
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -40,6 +45,8 @@ class HeadConfig:
             raise ValueError(f"unknown SD feature fusion {self.sd_fusion!r}; choose one of {', '.join(FUSIONS)}")
         if self.sd_fusion != "attention" and self.arch != "ldznet":
             raise ValueError(f"sd_fusion={self.sd_fusion!r} is an LD-ZNet option; {self.arch} reads no SD features")
+        if not 0.0 <= self.presence_level < 1.0:
+            raise ValueError(f"presence_level must be in [0, 1), got {self.presence_level}")
 
     @property
     def uses_sd_features(self) -> bool:
@@ -51,11 +58,13 @@ class HeadConfig:
         return "image" if self.arch == "rgbnet" else "latent"
 
     def to_dict(self) -> dict:
-        """JSON-ready fields; ``sd_fusion`` only when not "attention", so that attention heads stay
-        readable by releases that predate the option."""
+        """JSON-ready fields; ``sd_fusion`` only when not "attention" and the presence fields only
+        with a presence output, so that other heads stay readable by releases that predate them."""
         data = {**asdict(self), "unet": self.unet.to_dict()}
         if self.sd_fusion == "attention":
             del data["sd_fusion"]
+        if not self.presence:
+            del data["presence"], data["presence_level"]
         return data
 
     @classmethod
@@ -73,8 +82,12 @@ def head_config(arch: str, size: str = "sd-v1", **overrides) -> HeadConfig:
 def build_head(config: HeadConfig) -> ZNet:
     """Instantiate a head (on the current default device; use ``torch.device("meta")`` for a dry build)."""
     if config.arch == "ldznet":
-        return LDZNet(config.unet, config.sd_blocks, config.latent_size, config.sd_fusion)
-    return (ZNet if config.arch == "znet" else RGBNet)(config.unet)
+        head = LDZNet(config.unet, config.sd_blocks, config.latent_size, config.sd_fusion)
+    else:
+        head = (ZNet if config.arch == "znet" else RGBNet)(config.unet)
+    if config.presence:
+        head.add_presence()
+    return head
 
 
 def init_from_sd_unet(head: nn.Module, sd_unet_state: Mapping[str, Tensor]) -> list[str]:

@@ -125,7 +125,8 @@ model) or concatenation (its Table 4 ablation)."""
 
 
 class LDZNet(ZNet):
-    """``forward(z, context, sd_features={6: f6, ..., 10: f10}) -> logits [B, 1, 8h, 8w]``.
+    """``forward(z, context, sd_features={6: f6, ..., 10: f10}) -> logits [B, 1, 8h, 8w]``
+    (``with_presence``: as ZNet's).
 
     ``latent_size`` is the z side the positional embeddings are made for (48 = 384 px); ``fusion``
     is one of ``FUSIONS``.
@@ -151,8 +152,9 @@ class LDZNet(ZNet):
         return SDAttentionSpatialTransformer(channels, heads, dim_head, c.context_dim, c.transformer_depth,
                                              block_number, pool_size=self.latent_size >> level)
 
-    def forward(self, z: Tensor, context: Tensor, sd_features: Mapping[int, Tensor]) -> Tensor:  # type: ignore[override]
+    def forward(self, z: Tensor, context: Tensor, sd_features: Mapping[int, Tensor],  # type: ignore[override]
+                with_presence: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         missing = [b for b in self.sd_blocks if b not in sd_features]
         if missing:
             raise ValueError(f"LD-ZNet needs SD features of blocks {list(self.sd_blocks)}; missing {missing}")
-        return self.segment(z, context, sd_features)
+        return self.segment(z, context, sd_features, with_presence)

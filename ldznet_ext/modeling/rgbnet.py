@@ -24,13 +24,15 @@ def image_stem(out_channels: int, widths: tuple[int, ...] = (64, 128, 256)) -> n
 
 
 class RGBNet(ZNet):
-    """``forward(image [B, 3, H, W] in [-1, 1], context) -> logits [B, 1, H, W]`` (H, W multiples of 8)."""
+    """``forward(image [B, 3, H, W] in [-1, 1], context) -> logits [B, 1, H, W]`` (H, W multiples of 8;
+    ``with_presence``: as ZNet's)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__(config)
         self.stem = image_stem(config.in_channels)
 
-    def forward(self, image: Tensor, context: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, image: Tensor, context: Tensor,  # type: ignore[override]
+                with_presence: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         if image.shape[-1] % 8 or image.shape[-2] % 8:
             raise ValueError(f"RGBNet needs image sides that are multiples of 8, got {tuple(image.shape[-2:])}")
-        return self.segment(self.stem(image.to(self.dtype)), context)
+        return self.segment(self.stem(image.to(self.dtype)), context, with_presence=with_presence)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..sd.unet import UNetConfig, UNetModel, normalization, zero_module
+from .presence import PresenceHead
 
 
 def upsampling_decoder(channels: int) -> nn.Sequential:
@@ -25,6 +26,8 @@ class ZNet(UNetModel):
 
     ``forward(z [B, 4, h, w], context [B, 77, D]) -> logits [B, 1, 8h, 8w]``. The mask is decided as
     one channel at z resolution (``out``) and then up-sampled by ``final``; sigmoid only at inference.
+    A head built with a presence output (``build_head``) has ``presence``; ``with_presence=True``
+    then returns ``(logits, presence logit [B])`` from the same UNet pass.
     """
 
     def __init__(self, config: UNetConfig):
@@ -33,6 +36,11 @@ class ZNet(UNetModel):
         self.out = nn.Sequential(
             normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, config.out_channels, 3, padding=1)), nn.SiLU())
         self.final = upsampling_decoder(config.out_channels)
+        self.presence: PresenceHead | None = None  # a submodule only when built with one: old keys stay
+
+    def add_presence(self) -> None:
+        """Give the head a fresh presence output (``modeling.presence``), drawn from the global RNG."""
+        self.presence = PresenceHead(self.config.model_channels)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each UNet block's activations during the backward pass instead of keeping them
@@ -45,12 +53,21 @@ class ZNet(UNetModel):
             elif "forward" in vars(block):
                 del block.forward
 
-    def segment(self, z: Tensor, context: Tensor, sd_features: Mapping[int, Tensor] | None = None) -> Tensor:
+    def segment(self, z: Tensor, context: Tensor, sd_features: Mapping[int, Tensor] | None = None,
+                with_presence: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Mask logits [B, 1, 8h, 8w]; with ``with_presence`` also the presence logits [B]."""
         timesteps = torch.zeros(z.shape[0], device=z.device)
-        return self.final(self.out(self.forward_features(z, timesteps, context, sd_features))).float()
+        feature = self.forward_features(z, timesteps, context, sd_features)
+        logits = self.final(self.out(feature)).float()
+        if not with_presence:
+            return logits
+        if self.presence is None:
+            raise ValueError("this head has no presence output")
+        return logits, self.presence(feature)
 
-    def forward(self, z: Tensor, context: Tensor) -> Tensor:  # type: ignore[override]
-        return self.segment(z, context)
+    def forward(self, z: Tensor, context: Tensor,  # type: ignore[override]
+                with_presence: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        return self.segment(z, context, with_presence=with_presence)
 
 
 def _checkpointed(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:

@@ -44,7 +44,11 @@ class TrainConfig:
     negatives: also train on absent phrases (empty masks); precision: "fp32", or "bf16"/"fp16" autocast
     (CUDA; the frozen SD model is loaded in it, the head's weights stay fp32); grad_checkpoint:
     recompute the head's activations in the backward pass; workers: processes that read examples ahead
-    (0: read in the training process; the results are the same either way).
+    (0: read in the training process; the results are the same either way); presence_weight: > 0 gives
+    the head a presence output, trained with that weight x BCE(presence logit, mask not empty); init: a
+    head file of the same architecture and backbone to start from (a presence output it lacks is drawn
+    from ``seed``); freeze_head: train the presence output alone, every other tensor of the ``init``
+    head stays as it is (its maps do not change).
     """
 
     arch: str = "ldznet"
@@ -75,6 +79,9 @@ class TrainConfig:
     grad_checkpoint: bool = False
     seed: int = 0
     workers: int = 0
+    presence_weight: float = 0.0
+    init: str = ""
+    freeze_head: bool = False
     save_every: int = 500
     log_every: int = 10
 
@@ -94,8 +101,12 @@ class TrainConfig:
             raise LdznetError("warm-up, plateau patience and workers must be >= 0")
         if not 0.0 < self.plateau_factor < 1.0:
             raise LdznetError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
-        if self.dice_weight < 0.0:
-            raise LdznetError(f"dice_weight must be >= 0, got {self.dice_weight}")
+        for name in ("dice_weight", "presence_weight"):
+            if getattr(self, name) < 0.0:
+                raise LdznetError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.freeze_head and not (self.init and self.presence_weight > 0.0):
+            raise LdznetError("freeze_head trains the presence output of an existing head alone: it needs init "
+                              "(the head file) and presence_weight > 0")
         if not 0.0 <= self.ema < 1.0:
             raise LdznetError(f"EMA decay must be in [0, 1), got {self.ema}")
 

@@ -53,7 +53,7 @@ from ..backbones.base import Conditioning
 from ..data.examples import Example, Sample, Source
 from ..data.stream import iterate_examples, log_error
 from ..errors import CheckpointError, LdznetError
-from ..heads import save_head
+from ..heads import load_head, save_head
 from ..images import to_model_input
 from ..modeling.build import HeadConfig, build_head, init_from_sd_unet
 from ..precision import PRECISIONS, autocast_dtype
@@ -73,7 +73,7 @@ __all__ = ["CHECKPOINT", "EMA", "HEAD", "LOG", "TrainConfig", "Trainer", "identi
 
 CHECKPOINT = "last.pt"
 HEAD = "head.safetensors"
-NEW_LAYER_PREFIXES = ("out.", "final.", "stem.")
+NEW_LAYER_PREFIXES = ("out.", "final.", "stem.", "presence.")
 NEW_LAYER_PARTS = (".attn3.", ".norm_sd.", ".attentionpool2D.", ".sd_concat.")
 CROSS_ATTENTION_PART = ".attn2."
 # what a resumed run may change: lengths and intervals, and how (not what) it computes
@@ -108,20 +108,41 @@ def identity_decoder_(decoder: nn.Sequential, prior: float = MASK_PRIOR, offset:
 
 
 def training_head(backbone: StableDiffusion, arch: str, resolution: int, seed: int = 0,
-                  decoder_init: str = "identity", sd_fusion: str = "attention") -> tuple[nn.Module, HeadConfig]:
+                  decoder_init: str = "identity", sd_fusion: str = "attention", presence: bool = False,
+                  init: str = "") -> tuple[nn.Module, HeadConfig]:
     """A head shaped like ``backbone``'s UNet (one output channel) for ``resolution`` px inputs,
-    initialised from the SD UNet's weights as the official training starts; the layers that SD
-    lacks are drawn from ``seed`` (the global RNG is left alone), the decoder optionally made an
+    initialised from the SD UNet's weights as the official training starts, or with ``init`` from
+    that head file (``init_from_head``); the layers that neither has (a ``presence`` output among
+    them) are drawn from ``seed`` (the global RNG is left alone), the decoder optionally made an
     identity up-sampler (see the module docstring). On the CPU, float32."""
     config = HeadConfig(arch, unet=replace(backbone.unet.config, out_channels=1),
-                        latent_size=resolution // backbone.downsample_factor, sd_fusion=sd_fusion)
+                        latent_size=resolution // backbone.downsample_factor, sd_fusion=sd_fusion, presence=presence)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = build_head(config)
+    if init:
+        init_from_head(head, config, init)
+        return head, config
     init_from_sd_unet(head, {k: v.float().cpu() for k, v in backbone.unet.state_dict().items()})
     if decoder_init == "identity":
         identity_decoder_(head.final)
     return head, config
+
+
+def init_from_head(head: nn.Module, config: HeadConfig, path: str | os.PathLike) -> None:
+    """Load the weights of the head file ``path`` into ``head`` (built from ``config``), in place; a
+    presence output the file lacks keeps its fresh weights. LdznetError when the file's head is not
+    ``config``'s architecture on the same backbone, or has a presence output ``config`` lacks."""
+    loaded, saved = load_head(path)
+    differ = [f"{name} {getattr(saved, name)!r} (training: {getattr(config, name)!r})"
+              for name in ("arch", "unet", "sd_blocks", "latent_size", "sd_fusion")
+              if getattr(saved, name) != getattr(config, name)]
+    if differ:
+        raise LdznetError(f"init {path}: the head differs from the one this run trains on this SD model and "
+                          f"resolution: {'; '.join(differ)}")
+    if saved.presence and not config.presence:
+        raise LdznetError(f"init {path}: the head has a presence output; train it with presence_weight > 0")
+    head.load_state_dict(loaded.state_dict(), strict=not config.presence or saved.presence)
 
 
 def soft_dice_loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -169,8 +190,12 @@ class Trainer:
         self._unusable = 0  # consumed positions in a row without a usable sample
         self._examples: Iterator[tuple[int, Example]] | None = None
         self.head, self.head_config = training_head(backbone, config.arch, config.resolution, config.seed,
-                                                      config.decoder_init, config.sd_fusion)
+                                                      config.decoder_init, config.sd_fusion,
+                                                      config.presence_weight > 0, config.init)
         self.head.to(self.device).train()
+        if config.freeze_head:  # the presence output alone learns; the frozen rest builds no graph
+            self.head.requires_grad_(False)
+            self.head.presence.requires_grad_(True)
         self.head.set_gradient_checkpointing(config.grad_checkpoint)
         self.model: nn.Module = self.head
         if self.world_size > 1:
@@ -179,6 +204,8 @@ class Trainer:
             self.model = DistributedDataParallel(self.head, device_ids=device_ids, gradient_as_bucket_view=True)
         groups = {False: [], True: []}
         for name, parameter in self.head.named_parameters():
+            if not parameter.requires_grad:
+                continue
             fast = is_new_layer(name) or (config.fast_cross_attention and is_cross_attention(name))
             groups[fast].append(parameter)
         lr = config.base_lr(self.world_size)
@@ -270,7 +297,8 @@ class Trainer:
 
     def loss(self, batch: list[tuple[Sample, str]], generator: torch.Generator) -> Tensor:
         """Mean BCE of the head's logits against the masks, plus ``dice_weight`` x the mean soft
-        Dice loss (differentiable in the head only)."""
+        Dice loss, plus ``presence_weight`` x the BCE of the presence logits against "the mask is
+        not empty" (with ``freeze_head`` that last term alone); differentiable in the head only."""
         arch = self.config.arch
         conditioning = Conditioning.cat([self._text(prompt) for _, prompt in batch])
         context = conditioning.context
@@ -288,14 +316,23 @@ class Trainer:
                 features = sd_features(self.backbone, inputs.to(self.backbone.dtype),
                                        conditioning.to(dtype=self.backbone.dtype), t.to(self.device),
                                        noise.to(self.device), self.head_config.sd_blocks)
+        c = self.config
         with self._autocast():
-            logits = self.model(inputs, context) if features is None else self.model(inputs, context, features)
+            args = (inputs, context) if features is None else (inputs, context, features)
+            output = self.model(*args, with_presence=True) if c.presence_weight else self.model(*args)
+        logits, presence = output if c.presence_weight else (output, None)
+        loss = torch.zeros((), device=self.device)
+        if presence is not None:
+            present = target.flatten(1).amax(dim=1)
+            loss = c.presence_weight * F.binary_cross_entropy_with_logits(presence.float(), present)
+        if c.freeze_head:
+            return loss
         logits = logits.float()
         if logits.shape[-2:] != target.shape[-2:]:  # backbones whose VAE does not downsample by 8
             logits = F.interpolate(logits, target.shape[-2:], mode="bilinear", align_corners=False)
-        loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=self._pos_weight)
-        if self.config.dice_weight:
-            loss = loss + self.config.dice_weight * soft_dice_loss(logits, target)
+        loss = loss + F.binary_cross_entropy_with_logits(logits, target, pos_weight=self._pos_weight)
+        if c.dice_weight:
+            loss = loss + c.dice_weight * soft_dice_loss(logits, target)
         return loss
 
     def _autocast(self):
@@ -413,7 +450,9 @@ class Trainer:
             "warmup": c.warmup, "schedule": c.schedule, "ema": c.ema, "pos_weight": c.pos_weight,
             "dice_weight": c.dice_weight,
             "decoder_init": c.decoder_init, "precision": c.precision,
-            "templates": c.templates, "negatives": c.negatives, "seed": c.seed, "final_loss": self.recent_loss})
+            "templates": c.templates, "negatives": c.negatives, "seed": c.seed, "final_loss": self.recent_loss,
+            **({"presence_weight": c.presence_weight, "init": Path(c.init).name, "freeze_head": c.freeze_head}
+               if c.presence_weight or c.init else {})})
 
     def resume(self) -> None:
         """Continue from RUN_DIR/last.pt at each process's saved data position; only ``steps``, the
