@@ -203,13 +203,18 @@ class SegmentationMetrics:
             merged.keys.append(key)
         return merged
 
-    def summary(self) -> MetricSummary:
+    def sample_ious(self) -> np.ndarray:
+        """Per-sample IoU TP / (1 + TP + FP + FN) at each threshold, float64 [N, 49]; mIoU(t) is its column mean."""
         if not self.counts:
             raise ValueError("no samples were added")
         per_sample = np.stack(self.counts).astype(np.float64)  # [N, 49, 4]
         tp, fp, fn = per_sample[..., 0], per_sample[..., 1], per_sample[..., 2]
-        miou = (tp / (1 + tp + fp + fn)).mean(axis=0)
-        tp, fp, fn = tp.sum(0), fp.sum(0), fn.sum(0)
+        return tp / (1 + tp + fp + fn)
+
+    def summary(self) -> MetricSummary:
+        miou = self.sample_ious().mean(axis=0)
+        pooled = np.stack(self.counts).astype(np.float64).sum(0)  # [49, 4]
+        tp, fp, fn = pooled[:, 0], pooled[:, 1], pooled[:, 2]
         iou_fg = tp / (1 + tp + fp + fn)
         predicted = tp + fp > 0
         pairs = sorted(set(zip((tp / (1 + tp + fn))[predicted].tolist(), (tp / (1 + tp + fp))[predicted].tolist())))
