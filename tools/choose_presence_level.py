@@ -1,0 +1,86 @@
+"""Choose the level of a head's learned presence output on validation data and write it into a copy.
+
+    .venv/bin/python tools/choose_presence_level.py HEAD.safetensors --data world:val:60 -o HEAD-calibrated.safetensors
+
+The head's score (sigmoid of its presence logit) is collected for every phrase of ``--data``,
+absent ones included, with each present phrase's CLIPSeg per-sample IoUs at the 49 thresholds;
+the level kept is the one that returns the most absent phrases empty while present-phrase mIoU
+drops by at most ``--max-drop`` points (``calibrate_presence.measure``, ties to the smaller
+drop). The output is the same head with ``presence_level`` set. Report on test data with
+``ldznet eval --presence --include-absent``, never choosing there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from calibrate_presence import EMPTY_AT, measure  # noqa: E402
+from ldznet_ext.checkpoint_io import read_metadata  # noqa: E402
+from ldznet_ext.data.spec import open_source  # noqa: E402
+from ldznet_ext.data.stream import iterate_examples  # noqa: E402
+from ldznet_ext.eval.metrics import THRESHOLDS  # noqa: E402
+from ldznet_ext.heads import load_head, save_head  # noqa: E402
+from ldznet_ext.loading import load_segmenter, resolve_model_paths  # noqa: E402
+
+LEVELS = np.round(np.arange(0.01, 1.0, 0.01), 2)
+
+
+def collect(head_path: str, data: str) -> list[dict]:
+    """One row per phrase: present, the head's presence score, empty (no pixel above 0.5), IoUs."""
+    torch.set_grad_enabled(False)
+    model, _ = resolve_model_paths(None, None, False)
+    segmenter = load_segmenter(model, head_path)
+    source = open_source(data, size=segmenter.resolution)
+    rows = []
+    for _, example in iterate_examples(source, range(len(source))):
+        segmenter.set_image(example.image)
+        maps = segmenter.predict_terms(list(dict.fromkeys(phrase for phrase, _ in example.pairs)))
+        decisions = segmenter.decide_presence(maps)
+        for phrase, truth in example.pairs:
+            p, truth = maps[phrase].float(), torch.as_tensor(truth, dtype=torch.bool)
+            row = {"present": bool(truth.any()), "scores": [decisions[phrase].score],
+                   "empty": bool((p <= EMPTY_AT).all())}
+            if row["present"]:
+                positive = p[None] > torch.as_tensor(THRESHOLDS, dtype=torch.float32)[:, None, None]
+                tp = (positive & truth).sum((1, 2)).double()
+                fp = (positive & ~truth).sum((1, 2)).double()
+                fn = (~positive & truth).sum((1, 2)).double()
+                row["iou"] = (tp / (1 + tp + fp + fn)).tolist()
+            rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("head", help="a head file with a presence output (ldznet train --presence-weight)")
+    parser.add_argument("--data", default="world:val:60", help="validation data (default world:val:60)")
+    parser.add_argument("--max-drop", type=float, default=1.0, help="allowed present mIoU drop, points (default 1)")
+    parser.add_argument("-o", "--output", required=True, help="the head with the chosen level")
+    args = parser.parse_args()
+    rows = collect(args.head, args.data)
+    base = measure(rows, None, 0)
+    best = None
+    for level in LEVELS:
+        m = measure(rows, 0, float(level))
+        key = (m["absent_empty"], -(base["miou"] - m["miou"]))
+        if base["miou"] - m["miou"] <= args.max_drop and (best is None or key > best[0]):
+            best = (key, float(level), m)
+    _, level, after = best
+    head, config = load_head(args.head)
+    save_head(head, replace(config, presence_level=level), args.output,
+              training={**read_metadata(args.head).get("training", {}), "presence_level_data": args.data})
+    print(json.dumps({"data": args.data, "level": level, "before": base, "after": after}))
+
+
+if __name__ == "__main__":
+    main()
