@@ -99,3 +99,31 @@ def test_an_sdxl_file_without_clip_vit_l_is_refused(webui, tmp_path) -> None:
     assert BIGG_PREFIX + "ln_final.weight" in state
     assert _refused(state, webui, tmp_path).startswith(
         f"odd.safetensors: no CLIP ViT-L text encoder ({CLIP_L_PREFIX}*), which an SDXL base model has")
+
+
+def test_a_truncated_file_is_refused_before_anything_is_installed(sdxl_file, webui, tmp_path) -> None:
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(sdxl_file.read_bytes()[:-1000])  # header intact, the last tensor cut
+    with pytest.raises(CheckpointError, match="^short.safetensors: cannot read the file .*file not fully covered"):
+        install_model(short, webui, hf_home=tmp_path / "hf")
+    assert not (webui / "models").exists()
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/b", "{tmp}/absolute", ".", "..", ".hidden"])
+def test_a_name_that_is_no_plain_file_name_is_refused(sdxl_file, webui, tmp_path, name) -> None:
+    name = name.format(tmp=tmp_path)
+    with pytest.raises(CheckpointError, match="^--name .*: expected a file name without a folder or a leading dot"):
+        install_model(sdxl_file, webui, name=name, hf_home=tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["webui.py"]
+
+
+def test_another_model_of_the_same_name_is_never_replaced(sdxl_file, webui, tmp_path) -> None:
+    target = install_model(sdxl_file, webui, hf_home=tmp_path / "hf")
+    assert install_model(sdxl_file, webui, hf_home=tmp_path / "hf") == target  # the same file again: fine
+    other = tmp_path / "other" / "tiny-sdxl.safetensors"
+    other.parent.mkdir()
+    write_tiny_a1111_sdxl(other, seed=1)
+    before = {p: p.read_bytes() for p in target.parent.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match=f"^{target} is another model already; pass --name or remove it"):
+        install_model(other, webui, hf_home=tmp_path / "hf")
+    assert {p: p.read_bytes() for p in target.parent.rglob("*") if p.is_file()} == before

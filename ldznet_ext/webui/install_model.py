@@ -19,6 +19,7 @@ SDXL's OpenCLIP embedder is built by open_clip from an architecture name, which 
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint_io import read_metadata, read_state_dict, read_tensor_shapes
+from ..checkpoint_io import read_metadata, read_state_dict, read_tensor_shapes, read_tensors
 from ..errors import CheckpointError
 from ..sd.checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, SUPPORTED, TEXT_PREFIX, UNET_PREFIX, V_PREDICTION_KEY,
                              VAE_PREFIX, classify, parse_sd_metadata, unet_config_from_state_dict)
@@ -263,7 +264,29 @@ def _shapes(checkpoint: Path) -> dict[str, torch.Tensor]:
     shapes = read_tensor_shapes(checkpoint)
     if shapes is None:
         return read_state_dict(checkpoint)
+    read_tensors(checkpoint, ())  # no tensor read, but a file shorter than its header says is refused
     return {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+
+
+def _model_name(name: str | None, checkpoint: Path) -> str:
+    """``name`` (default: the checkpoint's stem) if it is a plain file name in models/Stable-diffusion."""
+    if not name:
+        return checkpoint.stem
+    if Path(name).name != name or name.startswith(".") or (os.altsep and os.altsep in name):
+        raise CheckpointError(f"--name {name!r}: expected a file name without a folder or a leading dot "
+                              "(the model goes into models/Stable-diffusion)")
+    return name
+
+
+def _needs_copy(checkpoint: Path, target: Path) -> bool:
+    """Whether ``checkpoint`` must be copied to ``target``: not when it is there already; CheckpointError when
+    ``target`` is another model (a WebUI model is never replaced)."""
+    if not target.exists() and not target.is_symlink():
+        return True
+    if target.is_file() and (target.resolve() == checkpoint.resolve()
+                             or filecmp.cmp(checkpoint, target, shallow=False)):
+        return False
+    raise CheckpointError(f"{target} is another model already; pass --name or remove it")
 
 
 def openclip_arch(state: Mapping, name: str) -> str:
@@ -329,7 +352,7 @@ def install_model(checkpoint: str | os.PathLike, webui_dir: str | os.PathLike, n
     if factor != A1111_LATENT_FACTOR:
         raise CheckpointError(f"{checkpoint.name}: its VAE downsamples {factor}x, but A1111 sizes latents as "
                               f"image/{A1111_LATENT_FACTOR} (opt_f = 8); only VAEs with 4 levels work in the WebUI")
-    name = name or checkpoint.stem
+    name = _model_name(name, checkpoint)
     target_dir = webui_dir / "models" / "Stable-diffusion"
     clip_dir = target_dir / f"{name}.clip"
     clip_config = _clip_config(_text_fields(state, metadata, CLIP_L_PREFIX if sdxl else TEXT_PREFIX))
@@ -339,9 +362,10 @@ def install_model(checkpoint: str | os.PathLike, webui_dir: str | os.PathLike, n
         config = YAML.format(unet=unet, vae=vae, attention_resolutions=[2 ** level for level in unet.attention_levels],
                              channel_mult=list(unet.channel_mult), vae_mult=list(vae.ch_mult),
                              clip_dir=json.dumps(str(clip_dir.resolve())))
-    write_clip_folder(clip_dir, clip_config)
     target = target_dir / f"{name}{checkpoint.suffix}"
-    if target.resolve() != checkpoint.resolve():
+    copy = _needs_copy(checkpoint, target)
+    write_clip_folder(clip_dir, clip_config)
+    if copy:
         shutil.copyfile(checkpoint, target)
     (target_dir / f"{name}.yaml").write_text(config, encoding="utf-8")
     fill_hf_cache(Path(hf_home) if hf_home else Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")))
