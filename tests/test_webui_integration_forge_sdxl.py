@@ -1,0 +1,124 @@
+"""Opt-in, like test_webui_integration.py (LDZNET_FORGE_DIR): the extension in Forge while an SDXL model
+is loaded. Forge recognises a checkpoint only by the real models' shapes, so the test writes a random
+full-size SDXL base (6.9 GB in fp16) into its ``models/Stable-diffusion/`` once, beside the embedded
+micro SD v1, and the micro head into ``models/ldznet/``. Forge runs it on the CPU with its UNet in fp32
+(10.3 GB of weights alone), so the machine needs well over that in free RAM. Zero-shot masks come from the host's own SDXL model; head mode runs the micro
+LD-ZNet head on the micro SD v1 (our loader reads it, not Forge's), in /ldznet/v1/mask and in an
+img2img ``mask:`` line alike.
+
+A module of its own so that its WebUI starts after the other modules' have stopped.
+"""
+from __future__ import annotations
+
+import filecmp
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_webui_integration import FORGE, _b64, _call, _png, _serve
+
+SDXL_FILE = "ldznet-test-sdxl-random.safetensors"
+SCENE_SEED, SIZE = 33, 256  # a green triangle on the left, an orange circle on the right (micro world)
+ZERO_SHOT = {"expression": "cat", "mode": "zero-shot", "presence": False}  # a random model: the map is the point
+# Settings the fixture changes, with the values it leaves behind (Forge keeps them in config.json).
+RESTORED = {"ldznet_mask_model": "automatic", "ldznet_resolution": 0, "live_previews_enable": True}
+
+
+def _install(source: Path, target: Path) -> None:
+    if not target.exists() or not filecmp.cmp(source, target, shallow=False):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+
+
+@pytest.fixture(scope="module")
+def forge(tmp_path_factory):
+    """Forge on the CPU with the random full-size SDXL file loaded, the micro SD v1 among its checkpoints
+    and the micro head selected. Live previews are off: with an SDXL model loaded, the default
+    "Approx NN" preview downloads vaeapprox-sdxl.pt before a generation, which fails offline."""
+    if not FORGE:
+        pytest.skip("set LDZNET_FORGE_DIR to a Forge folder to run")
+    from fake_webui.full_size_sdxl import write_full_size_sdxl
+
+    from ldznet_ext.defaults import default_model_paths
+
+    forge_dir, work = Path(FORGE), tmp_path_factory.mktemp("forge")
+    checkpoint = forge_dir / "models" / "Stable-diffusion" / SDXL_FILE
+    if not checkpoint.exists():
+        write_full_size_sdxl(checkpoint)
+    sd, head = default_model_paths()
+    _install(sd, forge_dir / "models" / "Stable-diffusion" / sd.name)
+    _install(head, forge_dir / "models" / "ldznet" / head.name)
+    flags = ["--skip-install", "--always-cpu", "--ckpt", str(checkpoint)]
+    options = {"ldznet_head": head.name, "return_mask": True, "ldznet_mask_model": "automatic",
+               "ldznet_resolution": 0, "live_previews_enable": False}
+    with _serve(forge_dir, work, flags, options, "LDZNET_FORGE_PYTHON") as base:
+        try:
+            yield base
+        finally:
+            _call(base, "/sdapi/v1/options", RESTORED)
+
+
+def _title(server: str, stem: str) -> str:
+    status, models = _call(server, "/sdapi/v1/sd-models")
+    assert status == 200
+    return next(m["title"] for m in models if Path(m["filename"]).stem == stem)
+
+
+def _scene() -> Image.Image:
+    from ldznet_ext.world.scenes import make_scene
+
+    return Image.fromarray(make_scene(SCENE_SEED, size=SIZE).image)
+
+
+def test_zero_shot_masks_come_from_the_host_sdxl_model(forge):
+    """Zero-shot on Forge's SDXL model (at 256 px to keep it quick): a non-flat map whose mid-range
+    threshold splits the image, the same for the same request; with the mask-model setting naming the
+    SDXL file, head mode is refused and zero-shot still answers."""
+    assert _call(forge, "/sdapi/v1/options", {"ldznet_resolution": SIZE})[0] == 200
+    try:
+        image = _b64(_scene())
+        status, first = _call(forge, "/ldznet/v1/mask", {"image": image, **ZERO_SHOT})
+        assert status == 200, first
+        probability = _png(first["probability"]) / 65535
+        assert probability.shape == (SIZE, SIZE) and probability.max() > probability.min()
+        threshold = round(float(probability.min() + probability.max()) / 2, 4)
+        status, split = _call(forge, "/ldznet/v1/mask", {"image": image, **ZERO_SHOT, "threshold": threshold})
+        assert status == 200 and 0 < split["coverage"] < 1 and _png(split["mask"]).shape == (SIZE, SIZE)
+        assert np.array_equal(_png(split["probability"]), _png(first["probability"]))
+
+        sdxl = _title(forge, Path(SDXL_FILE).stem)
+        assert _call(forge, "/sdapi/v1/options", {"ldznet_mask_model": sdxl})[0] == 200
+        status, refused = _call(forge, "/ldznet/v1/mask", {"image": image, "expression": "green triangle"})
+        assert status == 409 and refused["detail"].startswith(
+            f"Settings > LD-ZNet > 'SD 1.x model for masks when the loaded model is not SD 1.x' is {sdxl!r}, "
+            "which is not among the WebUI's SD 1.x checkpoints (")
+        status, again = _call(forge, "/ldznet/v1/mask", {"image": image, **ZERO_SHOT, "threshold": threshold})
+        assert status == 200 and np.array_equal(_png(again["probability"]), _png(split["probability"]))
+        assert np.array_equal(_png(again["mask"]), _png(split["mask"])) and again["coverage"] == split["coverage"]
+    finally:
+        assert _call(forge, "/sdapi/v1/options", {"ldznet_mask_model": "automatic", "ldznet_resolution": 0})[0] == 200
+
+
+def test_head_mode_mask_line_inpaints_with_the_routes_mask(forge):
+    """LD-ZNet head mode with Forge's SDXL model loaded: the micro head on the micro SD v1 (the setting
+    names it) finds the triangle, and img2img's ``mask:`` line inpaints with exactly the route's mask."""
+    micro = _title(forge, "micro-sd-v1")
+    assert _call(forge, "/sdapi/v1/options", {"ldznet_mask_model": micro})[0] == 200
+    image = _scene()
+    status, direct = _call(forge, "/ldznet/v1/mask", {"image": _b64(image), "expression": "green triangle"})
+    assert status == 200, direct
+    assert 0 < direct["coverage"] < 0.5 and direct["terms"]["green triangle"]["found"]
+    payload = {"init_images": [_b64(image)], "prompt": "a photo\nmask: green triangle", "steps": 2, "width": SIZE,
+               "height": SIZE, "seed": 1, "sampler_name": "Euler", "denoising_strength": 0.5, "mask_blur": 0,
+               "inpaint_full_res": False,
+               "alwayson_scripts": {"LD-ZNet mask": {"args": ["", "LD-ZNet head", 0.5]}}}
+    status, result = _call(forge, "/sdapi/v1/img2img", payload)
+    assert status == 200, result
+    infotext = json.loads(result["info"])["infotexts"][0]
+    assert infotext.startswith("a photo\n") and "LD-ZNet mask: green triangle" in infotext
+    assert "Model: " + Path(SDXL_FILE).stem in infotext  # generated by the SDXL model, not the mask model
+    used = _png(result["images"][-1])  # opts.return_mask: the mask the WebUI inpainted with
+    assert np.array_equal(used[..., 0] if used.ndim == 3 else used, _png(direct["mask"]))
