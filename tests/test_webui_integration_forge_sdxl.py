@@ -2,9 +2,9 @@
 is loaded. Forge recognises a checkpoint only by the real models' shapes, so the test writes a random
 full-size SDXL base (6.9 GB in fp16) into its ``models/Stable-diffusion/`` once, beside the embedded
 micro SD v1, and the micro head into ``models/ldznet/``. Forge runs it on the CPU with its UNet in fp32
-(10.3 GB of weights alone), so the machine needs well over that in free RAM. Zero-shot masks come from the host's own SDXL model; head mode runs the micro
-LD-ZNet head on the micro SD v1 (our loader reads it, not Forge's), in /ldznet/v1/mask and in an
-img2img ``mask:`` line alike.
+(10.3 GB of weights alone), so the machine needs well over that in free RAM. Zero-shot masks come from
+the host's own SDXL model; head mode runs the micro LD-ZNet head on the micro SD v1 (our loader reads
+it, not Forge's), in /ldznet/v1/mask and in an img2img ``mask:`` line alike.
 
 A module of its own so that its WebUI starts after the other modules' have stopped.
 """
