@@ -255,8 +255,10 @@ def _parse_value(hint: Any, value: Any, where: str, keys: tuple[str, ...], requi
             raise refuse("a string")
         return value
     if hint is float:
-        if type(value) not in (int, float) or not math.isfinite(value):
+        if type(value) not in (int, float):
             raise refuse("a number")
+        if abs(value) >= 2**1024 or not math.isfinite(value):  # a JSON integer may be too large for a float
+            raise refuse("a finite number")
         return float(value)
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, (list, tuple)) or any(type(v) is not int or v < 0 for v in value):

@@ -73,8 +73,10 @@ def _build_described_head(config: HeadConfig, name: str) -> nn.Module:
     try:
         with torch.device("meta"):
             head = build_head(config)
-    except (ValueError, ZeroDivisionError) as error:
-        raise CheckpointError(f"{name}: field 'ldznet.head' describes no head that can be built ({error})") from error
+    except (ValueError, ZeroDivisionError, TypeError, RuntimeError, OverflowError) as error:
+        # a crafted size (latent_size 10**12) reaches torch as a shape it cannot make, even on meta
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{name}: field 'ldznet.head' describes no head that can be built ({reason})") from error
     count = len(spatial_transformers(head))
     if config.uses_sd_features and (not config.sd_blocks or not all(1 <= b <= count for b in config.sd_blocks)):
         raise CheckpointError(f"{name}: field 'ldznet.head', key 'sd_blocks' is {list(config.sd_blocks)}; "

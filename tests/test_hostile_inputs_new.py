@@ -1,0 +1,45 @@
+"""Crafted inputs against the features of December 2026 (presence heads, --init, eval results): each is
+refused in one line naming the file and field, never with a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ldznet_ext.checkpoint_io import read_metadata, read_state_dict, write_safetensors
+from ldznet_ext.errors import CheckpointError
+from ldznet_ext.heads import load_head, read_head_config
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _crafted_head(tmp_path, head_file, **fields):
+    """``head_file`` with its 'ldznet.head' metadata fields changed (a dotted name: a nested one)."""
+    metadata = read_metadata(head_file)
+    for name, value in fields.items():
+        *outer, last = name.split("__")
+        where = metadata["head"]
+        for key in outer:
+            where = where[key]
+        where[last] = value
+    path = tmp_path / "crafted.safetensors"
+    write_safetensors(path, read_state_dict(head_file), metadata)
+    return path
+
+
+def test_a_huge_integer_presence_level_is_refused(tiny_model_files, tmp_path) -> None:
+    path = _crafted_head(tmp_path, tiny_model_files[1], presence=True, presence_level=10**400)
+    assert '"presence_level": 1000' in json.dumps(read_metadata(path)["head"])  # the file holds the integer
+    with pytest.raises(CheckpointError, match="^crafted.safetensors: field 'ldznet.head', key 'presence_level' is "
+                                              "a number; expected a finite number$"):
+        read_head_config(path)
+
+
+@pytest.mark.parametrize("field, value", [("latent_size", 10**12), ("unet__model_channels", 10**12),
+                                          ("latent_size", 10**400)])
+def test_sizes_no_head_can_have_are_refused(tiny_model_files, tmp_path, field, value) -> None:
+    path = _crafted_head(tmp_path, tiny_model_files[1], **{field: value})
+    with pytest.raises(CheckpointError, match="^crafted.safetensors: field 'ldznet.head' describes no head that can "
+                                              "be built \\("):
+        load_head(path)
