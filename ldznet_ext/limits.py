@@ -154,6 +154,7 @@ STEPS = Limit(int, 1, MAX_STEPS)
 STEP_INTERVAL = Limit(int, 1, MAX_STEPS)
 WARMUP = Limit(int, 0, MAX_STEPS)
 TRAIN_BATCH_SIZE = Limit(int, 1, 4096)
+TIME_BUDGET = Limit(float, 0, 1e7)  # seconds a training run may take before it stops
 ACCUMULATE = Limit(int, 1, 1024)
 LEARNING_RATE = Limit(float, 0, 1, low_open=True)
 LR_SCALE = Limit(float, 0, 1000, low_open=True)

@@ -10,7 +10,8 @@ become ``_``: ``red_star.png``) and ``DIR/phrases.json``::
 ``area`` is the mask's pixel count; absent phrases have ``"present": false`` and area 0.
 ``ldznet world split NAME [--count N]`` prints the first N seeds of split NAME as a JSON list.
 ``ldznet world train-sd -o DIR [--recipe full|clip|smoke] [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16]
-[--stages vae,text,unet]`` trains the micro SD v1 (``world.train_sd``) into DIR.
+[--stages vae,text,unet] [--init-model FILE [--init-unet]] [--unet-steps N] [--unet-batch N] [--snapshot-every K]
+[--time-budget-s S]`` trains the micro SD v1 (``world.train_sd``) into DIR.
 Each sub-command is one ``_add_*`` function in ``SUBCOMMANDS``; add more there.
 """
 
@@ -24,7 +25,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..limits import PROCESSES, RENDER_SIZE, SCENES, SEED, bounded_number
+from ..limits import (PROCESSES, RENDER_SIZE, SCENES, SEED, STEP_INTERVAL, STEPS, TIME_BUDGET,
+                      TRAIN_BATCH_SIZE, bounded_number)
 from ..world.scenes import SPLIT_START, VOCABULARY, make_scene, split_seeds
 from .common import add_device_argument
 
@@ -67,14 +69,16 @@ def _run_train_sd(args: argparse.Namespace) -> int:
 
     from ..loading import resolve_device
     from ..world.micro import micro_recipe
-    from ..world.train_sd import train_sd
+    from ..world.train_sd import UNetOptions, train_sd
 
     stages = None if args.stages is None else [s.strip() for s in args.stages.split(",") if s.strip()]
     recipe = micro_recipe(args.recipe)
-    if args.seed is not None:
-        recipe = replace(recipe, seed=args.seed)
+    overrides = {"seed": args.seed, "unet_steps": args.unet_steps, "unet_batch": args.unet_batch}
+    recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    options = UNetOptions(None if args.init_model is None else Path(args.init_model), args.init_unet,
+                          args.snapshot_every or 0, args.time_budget_s)
     log = train_sd(Path(args.output), recipe, resolve_device(args.device), args.dtype, stages,
-                   args.workers, progress=not args.quiet and sys.stderr.isatty())
+                   args.workers, progress=not args.quiet and sys.stderr.isatty(), options=options)
     print(json.dumps({"output": args.output, "seconds": log["seconds"], "probes": log["probes"]}, indent=1))
     return 0
 
@@ -119,6 +123,20 @@ def _add_train_sd(sub: argparse._SubParsersAction) -> None:
                         "DIR/text_stage.safetensors")
     p.add_argument("--workers", type=bounded_number(PROCESSES),
                    help="scene-rendering processes, 1..64 (default: the usable cores, at most 16)")
+    p.add_argument("--init-model", metavar="FILE",
+                   help="a micro SD v1 file (e.g. the shipped micro-sd-v1.safetensors) whose VAE and text tower "
+                        "stage unet starts from, both kept as they are; runs stage unet alone")
+    p.add_argument("--init-unet", action="store_true",
+                   help="with --init-model: start from its UNet too (default: a random UNet)")
+    p.add_argument("--unet-steps", type=bounded_number(STEPS), help="stage unet's steps (default: the recipe's)")
+    p.add_argument("--unet-batch", type=bounded_number(TRAIN_BATCH_SIZE),
+                   help="stage unet's batch, 1..4096 (default: the recipe's)")
+    p.add_argument("--snapshot-every", type=bounded_number(STEP_INTERVAL), metavar="K",
+                   help="write the EMA weights every K steps of stage unet as "
+                        "DIR/snapshots/micro-sd-v1-stepNNNNNN.safetensors")
+    p.add_argument("--time-budget-s", type=bounded_number(TIME_BUDGET), metavar="S",
+                   help="stop stage unet after the step that ends S seconds after the run's start "
+                        "(the final file and probes are still written)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_train_sd)
 

@@ -13,16 +13,19 @@ Outputs in DIR: ``vae_stage.safetensors`` and ``text_stage.safetensors`` (a late
 following stage alone starts from them), ``micro-sd-v1.safetensors`` (single-file SD v1, fp16),
 ``vae_reconstructions.png`` (val scenes over their reconstructions) and ``train_sd_log.json``
 (losses every ``log_every`` steps, timings, probes), rewritten as training goes so that it can be
-polled.
+polled. Stage unet can also start from a micro SD file's VAE and text tower (and UNet), write EMA
+snapshots every K steps into ``snapshots/`` and stop at a time budget (:class:`UNetOptions`), which
+``tools/binding_run.py`` uses to measure text binding against training length.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -49,7 +52,7 @@ from ..train.ema import EMA
 from ..train.logs import StageLog
 from ..train.schedule import lr_factor
 from .data import render_scene_set
-from .micro import MICRO_UNET, MICRO_VAE, MicroRecipe, micro_text_config
+from .micro import MICRO_TEXT, MICRO_UNET, MICRO_VAE, MicroRecipe, micro_text_config
 from .scenes import split_seeds
 
 STAGES = ("vae", "text", "unet")
@@ -57,6 +60,7 @@ VAE_FILE = "vae_stage.safetensors"
 TEXT_FILE = "text_stage.safetensors"
 SD_FILE = DEFAULT_SD_NAME
 LOG_FILE = "train_sd_log.json"
+SNAPSHOT_DIR = "snapshots"
 GRID_FILE = "vae_reconstructions.png"
 PROBE_TIMESTEPS = (100, 400, 700)
 _ENCODE_BATCH = 64
@@ -100,15 +104,17 @@ def platform_record() -> dict:
 
 def _fit(name: str, model: nn.Module, recipe: MicroRecipe, steps: int, lr: float, warmup: int,
          step_loss: Callable[[int], dict[str, Tensor]], entry: dict, log: StageLog, progress: bool,
-         after_step: Callable[[int], None] | None = None) -> None:
+         after_step: Callable[[int], None] | None = None, deadline: float | None = None) -> None:
     """The shared loop: AdamW, warm-up + cosine LR, gradient clipping, running means logged every
-    ``log_every`` steps. ``step_loss(step)`` returns named scalar losses, the optimised one as "loss"."""
+    ``log_every`` steps. ``step_loss(step)`` returns named scalar losses, the optimised one as "loss".
+    ``deadline`` (a ``time.perf_counter()`` value): stop after the first step that ends past it, logged
+    as ``stopped_at_step`` (the LR schedule stays the one of ``steps``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, warmup, steps, "cosine", recipe.min_lr_ratio))
     running: dict[str, Tensor] = {}
-    start, cpu_start, count = time.perf_counter(), time.process_time(), 0
+    start, cpu_start, count, done = time.perf_counter(), time.process_time(), 0, 0
     for step in tqdm(range(steps), desc=name, unit="step", disable=not progress):
         losses = step_loss(step)
         optimizer.zero_grad(set_to_none=True)
@@ -120,16 +126,20 @@ def _fit(name: str, model: nn.Module, recipe: MicroRecipe, steps: int, lr: float
             after_step(step)
         for key, value in losses.items():  # summed on the device: no host sync per step
             running[key] = running.get(key, 0) + value.detach().float()
-        count += 1
-        if count == recipe.log_every or step == steps - 1:
+        count, done = count + 1, step + 1
+        stop = deadline is not None and done < steps and time.perf_counter() >= deadline
+        if count == recipe.log_every or done == steps or stop:
             means = {k: round(float(v) / count, 6) for k, v in running.items()}
-            entry["log"].append({"step": step + 1, **means, "lr": scheduler.get_last_lr()[0],
+            entry["log"].append({"step": done, **means, "lr": scheduler.get_last_lr()[0],
                                  "seconds": round(time.perf_counter() - start, 2),
                                  "cpu_seconds": round(time.process_time() - cpu_start, 2)})
             log.write()
             running, count = {}, 0
+        if stop:
+            entry["stopped_at_step"] = done
+            break
     entry.update(seconds=round(time.perf_counter() - start, 2), cpu_seconds=round(time.process_time() - cpu_start, 2))
-    entry["seconds_per_step"] = round(entry["seconds"] / max(1, steps), 4)
+    entry["seconds_per_step"] = round(entry["seconds"] / max(1, done), 4)
 
 
 def vae_losses(x: Tensor, y: Tensor, mean: Tensor, logvar: Tensor, mse_weight: float,
@@ -284,14 +294,20 @@ def load_text_stage(path: Path) -> TextEncoder:
     return text.eval().requires_grad_(False)
 
 
+SnapshotWriter = Callable[[int, UNetModel, TextEncoder], None]
+
+
 def train_unet(latents: Tensor, tokens: Tensor, recipe: MicroRecipe, device: torch.device, dtype: torch.dtype,
-               log: StageLog, progress: bool = False,
-               text: TextEncoder | None = None) -> tuple[UNetModel, TextEncoder]:
+               log: StageLog, progress: bool = False, text: TextEncoder | None = None, unet: UNetModel | None = None,
+               snapshot_every: int = 0, on_snapshot: SnapshotWriter | None = None,
+               deadline: float | None = None) -> tuple[UNetModel, TextEncoder]:
     """Stage unet on scaled latents [N, 4, h, w] and caption token ids [N, 77] (same device): the
     EMA UNet and text encoder, float32, eval mode. ``text``: a pre-trained tower, kept frozen
-    (returned as given); None trains a random one with the UNet."""
+    (returned as given); None trains a random one with the UNet. ``unet``: the weights to start from
+    (trained further in place), None a random UNet. Every ``snapshot_every`` steps ``on_snapshot``
+    gets the step count and the EMA weights so far (CPU modules, reused between calls)."""
     torch.manual_seed(recipe.seed + 1)
-    model = nn.ModuleDict({"unet": UNetModel(MICRO_UNET)})
+    model = nn.ModuleDict({"unet": UNetModel(MICRO_UNET) if unet is None else unet.requires_grad_(True)})
     if text is None:
         model["text"] = TextEncoder.from_config(micro_text_config())
     model.to(device).train()
@@ -301,6 +317,7 @@ def train_unet(latents: Tensor, tokens: Tensor, recipe: MicroRecipe, device: tor
     empty = tokenize([""]).to(device)
     generator = torch.Generator().manual_seed(recipe.seed + 1)
     b = recipe.unet_batch
+    averaged: list[nn.ModuleDict] = []  # the EMA weights' CPU copy for snapshots, made on the first
 
     def step_loss(step: int) -> dict[str, Tensor]:
         index = torch.randint(len(latents), (b,), generator=generator)
@@ -313,8 +330,16 @@ def train_unet(latents: Tensor, tokens: Tensor, recipe: MicroRecipe, device: tor
             eps = model["unet"](z_t, t.to(device), encode(torch.where(drop, empty, tokens[index])))
         return {"loss": F.mse_loss(eps.float(), noise)}
 
+    def after_step(step: int) -> None:
+        ema.update(model)
+        if on_snapshot is not None and snapshot_every > 0 and (step + 1) % snapshot_every == 0:
+            if not averaged:
+                averaged.append(copy.deepcopy(model).cpu().eval().requires_grad_(False))
+            snapshot = ema.copy_to(averaged[0])
+            on_snapshot(step + 1, snapshot["unet"], snapshot["text"] if text is None else text)
+
     _fit("unet", model, recipe, recipe.unet_steps, recipe.unet_lr, recipe.unet_warmup, step_loss,
-         log.stage("unet"), log, progress, lambda step: ema.update(model))
+         log.stage("unet"), log, progress, after_step, deadline)
     ema.copy_to(model).eval().requires_grad_(False)
     return model["unet"], model["text"] if text is None else text
 
@@ -361,11 +386,47 @@ def recipe_stages(recipe: MicroRecipe) -> tuple[str, ...]:
     return tuple(s for s in STAGES if s != "text" or recipe.text_steps > 0)
 
 
-def train_sd(out: Path, recipe: MicroRecipe, device: str | torch.device = "cpu", dtype: str = "auto",
-             stages: Sequence[str] | None = None, workers: int | None = None, progress: bool = False) -> dict:
-    """Run ``stages`` of ``recipe`` (None: all it has) into directory ``out`` (created); returns the
-    log's content."""
+@dataclass(frozen=True)
+class UNetOptions:
+    """How stage unet runs beyond its recipe. ``init_model``: a micro SD v1 file whose VAE and text
+    tower the stage starts from, both kept as they are (stages vae and text do not run), and with
+    ``init_unet`` its UNet too (else a random one). ``snapshot_every`` > 0: the EMA weights every that
+    many steps as DIR/snapshots/micro-sd-v1-stepNNNNNN.safetensors. ``time_budget_s``: stop the stage
+    after the step that ends past that many seconds from the run's start (the final file and probes are
+    still written)."""
+
+    init_model: Path | None = None
+    init_unet: bool = False
+    snapshot_every: int = 0
+    time_budget_s: float | None = None
+
+
+def snapshot_path(out: Path, step: int) -> Path:
+    """Where stage unet writes its snapshot after ``step`` steps."""
+    return out / SNAPSHOT_DIR / f"{Path(SD_FILE).stem}-step{step:06d}.safetensors"
+
+
+def load_micro_sd(path: Path) -> StableDiffusion:
+    """A micro SD v1 file (float32, eval mode); CheckpointError for any other model."""
+    model = load_stable_diffusion(path)
+    config = model.text_encoder.transformer.config
+    if (model.unet.config != MICRO_UNET or model.vae.config != MICRO_VAE
+            or any(getattr(config, k) != v for k, v in MICRO_TEXT.items())):
+        raise CheckpointError(f"{path}: not a micro SD v1 (its UNet, VAE or text tower has other sizes); "
+                              "expected a file written by ldznet world train-sd")
+    return model
+
+
+def _checked_stages(out: Path, recipe: MicroRecipe, stages: Sequence[str] | None,
+                    options: UNetOptions) -> tuple[tuple[str, ...], bool]:
+    """The stages to run and whether stage unet needs DIR's text stage, or an error naming what is missing."""
     available = recipe_stages(recipe)
+    if options.init_model is not None:
+        if stages is not None and tuple(stages) != ("unet",):
+            raise LdznetError(f"an initial model starts stage unet alone; got stages {list(stages)}")
+        return ("unet",), False
+    if options.init_unet:
+        raise LdznetError("starting from a model's UNet needs the model file (init_model)")
     stages = available if stages is None else tuple(stages)
     if not stages or any(s not in available for s in stages):
         raise LdznetError(f"unknown or no training stages {list(stages)}; recipe {recipe.name!r} has "
@@ -374,12 +435,49 @@ def train_sd(out: Path, recipe: MicroRecipe, device: str | torch.device = "cpu",
     for stage, name, needed in (("vae", VAE_FILE, "vae" not in stages), ("text", TEXT_FILE, needs_text)):
         if needed and not (out / name).is_file():
             raise CheckpointError(f"{out / name} not found: run stage {stage} first (--stages {','.join(available)})")
+    return stages, needs_text
+
+
+def _run_unet_stage(out: Path, latents: Tensor, tokens: Tensor, recipe: MicroRecipe, device: torch.device,
+                    dtype: torch.dtype, log: StageLog, progress: bool, vae: AutoencoderKL,
+                    frozen_text: TextEncoder | None, unet: UNetModel | None, options: UNetOptions,
+                    deadline: float | None) -> None:
+    """Stage unet (see :func:`train_unet`) with its snapshots, then the final file, saved with ``vae``."""
+    vae = vae.cpu()
+    saved_text = None if frozen_text is None else copy.deepcopy(frozen_text).cpu()
+
+    def write_snapshot(step: int, unet: UNetModel, text: TextEncoder) -> None:
+        path = snapshot_path(out, step)
+        path.parent.mkdir(exist_ok=True)
+        save_stable_diffusion(StableDiffusion(unet, vae, saved_text or text, resolution=recipe.image_size), path,
+                              dtype=torch.float16)
+        log.data["snapshots"].append({"step": step, "file": path.relative_to(out).as_posix()})
+        log.write()
+
+    unet, text = train_unet(latents, tokens, recipe, device, dtype, log, progress, frozen_text, unet,
+                            options.snapshot_every, write_snapshot, deadline)
+    # the image side recorded in the file is the one zero-shot masks then run at by default
+    sd = StableDiffusion(unet.cpu(), vae, text.cpu(), resolution=recipe.image_size)
+    save_stable_diffusion(sd, out / SD_FILE, dtype=torch.float16)
+
+
+def train_sd(out: Path, recipe: MicroRecipe, device: str | torch.device = "cpu", dtype: str = "auto",
+             stages: Sequence[str] | None = None, workers: int | None = None, progress: bool = False,
+             options: UNetOptions = UNetOptions()) -> dict:
+    """Run ``stages`` of ``recipe`` (None: all it has, or stage unet alone from ``options.init_model``)
+    into directory ``out`` (created); returns the log's content."""
+    stages, needs_text = _checked_stages(out, recipe, stages, options)
+    init = None if options.init_model is None else load_micro_sd(options.init_model)
     device = torch.device(device)
-    amp = {stage: stage_dtype(device, dtype, stage) for stage in available}
+    amp = {stage: stage_dtype(device, dtype, stage) for stage in recipe_stages(recipe)}
     out.mkdir(parents=True, exist_ok=True)
-    log = StageLog(out / LOG_FILE, {"recipe": recipe.to_dict(), "device": str(device), "platform": platform_record(),
-                                  "dtype": {k: str(v).replace("torch.", "") for k, v in amp.items()}})
     start = time.perf_counter()
+    deadline = None if options.time_budget_s is None else start + options.time_budget_s
+    log = StageLog(out / LOG_FILE, {"recipe": recipe.to_dict(), "device": str(device), "platform": platform_record(),
+                                  "dtype": {k: str(v).replace("torch.", "") for k, v in amp.items()},
+                                  "init": {"model": None if init is None else str(options.init_model),
+                                           "unet": options.init_unet},
+                                  "snapshots": []})
     train = render_scene_set(split_seeds("train", recipe.scenes), recipe.image_size, workers, progress)
     val = render_scene_set(split_seeds("val", recipe.probe_scenes), recipe.image_size, 1)
     log.data["render_seconds"] = round(time.perf_counter() - start, 2)
@@ -394,7 +492,7 @@ def train_sd(out: Path, recipe: MicroRecipe, device: str | torch.device = "cpu",
         write_safetensors(out / VAE_FILE, vae.state_dict(), {"vae": asdict(vae.config), "latent_rescale": scale})
         vae = vae.cpu()
     else:
-        vae = load_vae_stage(out / VAE_FILE)
+        vae = load_vae_stage(out / VAE_FILE) if init is None else init.vae
     log.data["probes"]["vae_psnr"] = round(vae_psnr(vae, torch.from_numpy(val.images)), 3)
     Image.fromarray(reconstruction_grid(vae, torch.from_numpy(val.images[:8]))).save(out / GRID_FILE)
     log.write()
@@ -404,17 +502,17 @@ def train_sd(out: Path, recipe: MicroRecipe, device: str | torch.device = "cpu",
         latents = encode_means(vae.to(device), images, amp["vae"]) * SCALE_FACTOR
         tokens = tokenize(list(train.captions)).to(device)
         encode_seconds = round(time.perf_counter() - begin, 2)
-    text = None
+    text = None if init is None else init.text_encoder
     if run_text:
         text = train_text(latents, tokens, recipe, device, amp["text"], log, progress)
         save_text_stage(out / TEXT_FILE, text)
     elif needs_text:
         text = load_text_stage(out / TEXT_FILE)
     if "unet" in stages:
-        unet, text = train_unet(latents, tokens, recipe, device, amp["unet"], log, progress, text)
+        unet = init.unet if init is not None and options.init_unet else None
+        _run_unet_stage(out, latents, tokens, recipe, device, amp["unet"], log, progress, vae, text, unet, options,
+                        deadline)
         log.data["stages"]["unet"]["encode_seconds"] = encode_seconds
-        sd = StableDiffusion(unet.cpu(), vae.cpu(), text.cpu())
-        save_stable_diffusion(sd, out / SD_FILE, dtype=torch.float16)
         shipped = load_stable_diffusion(out / SD_FILE)
         val_latents = encode_means(shipped.vae, torch.from_numpy(val.images)) * SCALE_FACTOR
         log.data["probes"]["eps_mse"] = eps_probe(shipped, val_latents, val.captions)
