@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,6 +26,7 @@ from ldznet_ext.data.spec import open_source  # noqa: E402
 from ldznet_ext.defaults import WEIGHTS_DIR  # noqa: E402
 from ldznet_ext.eval.evaluate import evaluate  # noqa: E402
 from ldznet_ext.loading import load_segmenter  # noqa: E402
+from ldznet_ext.world.binding import binding_auc  # noqa: E402
 from ldznet_ext.zeroshot import ZeroShotSettings  # noqa: E402
 
 ISEG = ((4, 0.7), (2, 0.3))  # iSeg's 16^2 / 32^2 weights at 512 px
@@ -61,35 +61,6 @@ VARIANTS: dict[str, ZeroShotSettings] = {
     "cross-1-x-sharp16-5": _attention(FINEST, steps=5, sharpen=16.0),
     "iseg-x-sharp16-5": _attention(ISEG, steps=5, sharpen=16.0),
 }
-
-
-def _auc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """P(a positive value > a negative one), ties counting half (Mann-Whitney)."""
-    values = np.concatenate([positive, negative])
-    order = values.argsort(kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(1, len(values) + 1)
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    ranks = (sums / counts)[inverse]  # tied values share their mean rank
-    return float((ranks[:len(positive)].sum() - len(positive) * (len(positive) + 1) / 2)
-                 / (len(positive) * len(negative)))
-
-
-def binding_auc(segmenter, source) -> float:
-    """Mean over present phrases with another phrase present of the map's AUC, named vs other phrases' pixels."""
-    aucs = []
-    for index in range(len(source)):
-        example = source[index]
-        present = [(p, m) for p, m in example.pairs if m.any()]
-        segmenter.set_image(example.image)
-        maps = segmenter.predict_terms(list(dict.fromkeys(p for p, _ in present)))
-        for phrase, mask in present:
-            others = np.logical_or.reduce([m for p, m in present if p != phrase] or [np.zeros_like(mask)]) & ~mask
-            if others.any():
-                values = maps[phrase].numpy()
-                aucs.append(_auc(values[mask], values[others]))
-    return float(np.mean(aucs))
 
 
 def main() -> None:

@@ -1,0 +1,79 @@
+"""How strongly a micro SD model binds text to image regions (issue #26, hypothesis 2).
+
+Three measures of one model file, each one of the project's own:
+
+- the eps-MSE gap: :func:`train_sd.eps_probe` with each val scene's caption and with "", at
+  t = 100, 400, 700; the gap is empty minus caption (positive: the caption helps the UNet denoise);
+- the text-binding AUC of the zero-shot maps (default settings, ``tools/zero_shot_sweep.py
+  --binding``): per present phrase with another phrase present, the pixel AUC of the phrase's map
+  telling its own pixels from the other phrases' pixels, averaged over phrases;
+- zero-shot mIoU / IoU_FG / AP (x 100, CLIPSeg method, as ``ldznet eval --zero-shot``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.examples import Source
+from ..eval.evaluate import evaluate
+from ..loading import load_segmenter
+from ..sd.checkpoint import load_stable_diffusion
+from ..sd.vae import SCALE_FACTOR
+from ..segmenter import Segmenter
+from .train_sd import encode_means, eps_probe
+
+
+def pixel_auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(a positive value > a negative one), ties counting half (Mann-Whitney)."""
+    values = np.concatenate([positive, negative])
+    order = values.argsort(kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    ranks = (sums / counts)[inverse]  # tied values share their mean rank
+    return float((ranks[:len(positive)].sum() - len(positive) * (len(positive) + 1) / 2)
+                 / (len(positive) * len(negative)))
+
+
+def binding_auc(segmenter: Segmenter, source: Source) -> float:
+    """Mean over present phrases with another phrase present of the map's AUC, named vs other phrases' pixels."""
+    aucs = []
+    for index in range(len(source)):
+        example = source[index]
+        present = [(p, m) for p, m in example.pairs if m.any()]
+        segmenter.set_image(example.image)
+        maps = segmenter.predict_terms(list(dict.fromkeys(p for p, _ in present)))
+        for phrase, mask in present:
+            others = np.logical_or.reduce([m for p, m in present if p != phrase] or [np.zeros_like(mask)]) & ~mask
+            if others.any():
+                values = maps[phrase].float().cpu().numpy()
+                aucs.append(pixel_auc(values[mask], values[others]))
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def eps_gaps(probe: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """:func:`eps_probe`'s result with, per timestep, ``gap`` (empty - caption) and ``relative_gap``
+    (the gap over the empty-caption MSE)."""
+    return {t: {**row, "gap": round(row["empty"] - row["caption"], 6),
+                "relative_gap": round((row["empty"] - row["caption"]) / row["empty"], 6)}
+            for t, row in probe.items()}
+
+
+def measure_binding(path: Path, source: Source, probe_images: torch.Tensor, probe_captions: Sequence[str],
+                    device: torch.device) -> dict:
+    """The three measures (module docstring) of the micro SD file ``path``: eps gaps on uint8 scenes
+    ``probe_images`` [N, S, S, 3] with their captions, binding AUC and zero-shot scores on ``source``."""
+    model = load_stable_diffusion(path, device=device)
+    latents = encode_means(model.vae, probe_images) * SCALE_FACTOR
+    eps = eps_gaps(eps_probe(model, latents, probe_captions))
+    del model
+    segmenter = load_segmenter(path, None, device=device)
+    summary = evaluate(segmenter, source, Path(path).name, progress=False).summary
+    return {"eps": eps, "binding_auc": round(binding_auc(segmenter, source), 4),
+            "zero_shot": {"miou": round(100 * summary.miou, 2), "iou_fg": round(100 * summary.iou_fg, 2),
+                          "ap": round(100 * summary.ap, 2)}}

@@ -1,0 +1,186 @@
+"""Issue #26 hypothesis 2: stage unet from a micro SD file, snapshots, the time budget, the binding
+measures (world.binding) and tools/binding_run.py, on the smoke recipe."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ldznet_ext.checkpoint_io import read_metadata, read_state_dict
+from ldznet_ext.cli import main
+from ldznet_ext.data.examples import Example
+from ldznet_ext.defaults import WEIGHTS_DIR
+from ldznet_ext.errors import CheckpointError, LdznetError
+from ldznet_ext.sd.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, save_stable_diffusion
+from ldznet_ext.sd.model import StableDiffusion
+from ldznet_ext.sd.text import TextEncoder
+from ldznet_ext.sd.unet import UNetModel
+from ldznet_ext.sd.vae import AutoencoderKL, VAEConfig
+from ldznet_ext.world.binding import binding_auc, eps_gaps, pixel_auc
+from ldznet_ext.world.micro import MICRO_UNET, micro_recipe, micro_text_config
+from ldznet_ext.world.train_sd import LOG_FILE, SD_FILE, UNetOptions, load_micro_sd, snapshot_path, train_sd
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("binding_run", ROOT / "tools" / "binding_run.py")
+binding_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(binding_run)
+
+SHIPPED = WEIGHTS_DIR / SD_FILE
+SMOKE = replace(micro_recipe("smoke"), unet_steps=6)
+
+
+def _run(out: Path, options: UNetOptions, recipe=SMOKE) -> dict:
+    return train_sd(out, recipe, dtype="float32", workers=1, options=options)
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory: pytest.TempPathFactory):
+    """Stage unet from the shipped file's VAE, text tower and UNet, snapshots every 2 of 6 steps."""
+    out = tmp_path_factory.mktemp("resumed")
+    return out, _run(out, UNetOptions(SHIPPED, init_unet=True, snapshot_every=2))
+
+
+def test_a_run_from_a_model_file_keeps_its_vae_and_text_tower(resumed):
+    out, log = resumed
+    shipped, trained = read_state_dict(SHIPPED), read_state_dict(out / SD_FILE)
+    kept = [k for k in shipped if k.startswith((VAE_PREFIX, TEXT_PREFIX))]
+    assert kept and all(torch.equal(shipped[k], trained[k]) for k in kept)
+    unet = [k for k in shipped if k.startswith(UNET_PREFIX)]
+    assert any(not torch.equal(shipped[k], trained[k]) for k in unet)
+    assert log["init"] == {"model": str(SHIPPED), "unet": True}
+    assert list(log["stages"]) == ["unet"]
+
+
+def test_init_unet_starts_from_the_files_unet(resumed, tmp_path):
+    _, log = resumed
+    fresh = _run(tmp_path, UNetOptions(SHIPPED))
+    # the shipped UNet already denoises; a random one predicts noise no better than zeros (MSE ~1)
+    assert log["stages"]["unet"]["log"][0]["loss"] < 0.5 < 0.8 < fresh["stages"]["unet"]["log"][0]["loss"]
+    assert fresh["init"] == {"model": str(SHIPPED), "unet": False}
+
+
+def test_snapshots_every_k_steps_the_last_equal_to_the_final_file(resumed):
+    out, log = resumed
+    assert log["snapshots"] == [{"step": s, "file": f"snapshots/micro-sd-v1-step{s:06d}.safetensors"}
+                                for s in (2, 4, 6)]
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == [snapshot_path(out, s).name for s in (2, 4, 6)]
+    last, final = read_state_dict(snapshot_path(out, 6)), read_state_dict(out / SD_FILE)
+    assert all(torch.equal(last[k], final[k]) for k in final)
+    first = read_state_dict(snapshot_path(out, 2))
+    assert any(not torch.equal(first[k], final[k]) for k in final if k.startswith(UNET_PREFIX))
+
+
+def test_sd_files_record_the_recipes_image_size(resumed):
+    out, _ = resumed
+    for path in (out / SD_FILE, snapshot_path(out, 2)):
+        assert read_metadata(path)["resolution"] == SMOKE.image_size  # zero-shot masks run at it
+
+
+def test_time_budget_stops_the_unet_stage_and_still_writes_the_model(tmp_path):
+    log = _run(tmp_path, UNetOptions(SHIPPED, snapshot_every=1, time_budget_s=0.0))
+    unet = log["stages"]["unet"]
+    assert unet["stopped_at_step"] == 1 and [e["step"] for e in unet["log"]] == [1]
+    assert log["snapshots"] == [{"step": 1, "file": "snapshots/micro-sd-v1-step000001.safetensors"}]
+    assert (tmp_path / SD_FILE).is_file() and set(log["probes"]["eps_mse"]) == {"100", "400", "700"}
+
+
+def test_bad_starts_are_refused(tmp_path):
+    with pytest.raises(LdznetError, match="an initial model starts stage unet alone; got stages"):
+        train_sd(tmp_path, SMOKE, stages=["vae", "unet"], options=UNetOptions(SHIPPED))
+    with pytest.raises(LdznetError, match="starting from a model's UNet needs the model file"):
+        train_sd(tmp_path, SMOKE, options=UNetOptions(init_unet=True))
+    other = StableDiffusion(UNetModel(MICRO_UNET), AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2, 2))),
+                            TextEncoder.from_config(micro_text_config()))
+    save_stable_diffusion(other, tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match="other.safetensors: not a micro SD v1"):
+        load_micro_sd(tmp_path / "other.safetensors")
+    assert not (tmp_path / LOG_FILE).exists()
+
+
+def test_cli_options_reach_the_unet_stage(tmp_path, capsys):
+    args = ["world", "train-sd", "-o", str(tmp_path), "--recipe", "smoke", "--dtype", "float32", "--workers", "1",
+            "--quiet", "--init-model", str(SHIPPED), "--unet-steps", "3", "--unet-batch", "4", "--snapshot-every", "3"]
+    assert main(args) == 0
+    log = json.loads((tmp_path / LOG_FILE).read_text(encoding="utf-8"))
+    assert (log["recipe"]["unet_steps"], log["recipe"]["unet_batch"]) == (3, 4)
+    assert [s["step"] for s in log["snapshots"]] == [3] and log["init"]["unet"] is False
+    assert main(["world", "train-sd", "-o", str(tmp_path), "--init-unet"]) == 2
+    assert "ldznet world: error: starting from a model's UNet needs the model file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("positive, negative, expected", [
+    ([0.9, 0.8], [0.1, 0.2, 0.3], 1.0), ([0.1], [0.9, 0.8], 0.0), ([0.5, 0.5], [0.5], 0.5),
+    ([1.0, 3.0], [2.0], 0.5), ([2.0, 3.0], [2.0, 1.0], 0.875)])
+def test_pixel_auc_is_mann_whitney_with_half_ties(positive, negative, expected):
+    assert pixel_auc(np.array(positive), np.array(negative)) == pytest.approx(expected, abs=1e-12)
+
+
+class _MapSegmenter:
+    """predict_terms answers each phrase's map from ``maps(example, phrase)``."""
+
+    def __init__(self, maps):
+        self.maps, self.example = maps, None
+
+    def set_image(self, image):
+        self.example = image
+
+    def predict_terms(self, terms):
+        return {t: torch.from_numpy(self.maps(self.example, t)) for t in terms}
+
+
+def _scene_source() -> list[Example]:
+    a, b, sky = (np.zeros((8, 8), bool) for _ in range(3))
+    a[:3, :3], b[5:, 5:], sky[3:5] = True, True, True
+    absent = np.zeros((8, 8), bool)
+    image = np.zeros((8, 8, 3), np.uint8)
+    return [Example("0", image, (("red star", a), ("blue moon", b), ("sky", sky), ("tree", absent)))]
+
+
+def test_binding_auc_of_maps_equal_to_the_masks_is_one_and_of_swapped_maps_zero():
+    source = _scene_source()
+    masks = dict(source[0].pairs)
+    exact = _MapSegmenter(lambda image, phrase: masks[phrase].astype(np.float32))
+    assert binding_auc(exact, source) == 1.0
+    others = {"red star": "blue moon", "blue moon": "red star", "sky": "red star"}
+    swapped = _MapSegmenter(lambda image, phrase: masks[others[phrase]].astype(np.float32))
+    # red star's map is blue moon's mask: 0 against the others' pixels, part of which it marks
+    expected = [pixel_auc(np.zeros(9), np.r_[np.ones(9), np.zeros(16)]),
+                pixel_auc(np.zeros(9), np.r_[np.ones(9), np.zeros(16)]),
+                pixel_auc(np.zeros(16), np.r_[np.ones(9), np.zeros(9)])]
+    assert binding_auc(swapped, source) == pytest.approx(np.mean(expected))
+    assert np.mean(expected) == pytest.approx((0.32 + 0.32 + 0.25) / 3)
+
+
+def test_eps_gaps_are_empty_minus_caption():
+    gaps = eps_gaps({"400": {"caption": 0.05, "empty": 0.0625}})
+    assert gaps == {"400": {"caption": 0.05, "empty": 0.0625, "gap": 0.0125, "relative_gap": 0.2}}
+
+
+def test_planned_steps_fit_the_time_left_in_multiples_of_the_snapshots():
+    assert binding_run.planned_steps(100.0, 0.1, 8) == 896  # 0.9 x 1000 = 900, down to a multiple of 8
+    assert binding_run.planned_steps(-5.0, 0.1, 4) == 4
+
+
+def test_tool_writes_the_table_and_measures_the_final_model_after_the_budget(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["binding_run.py", "-o", str(out), "--work", str(tmp_path / "work"),
+                                      "--recipe", "smoke", "--unet-steps", "8", "--snapshots", "4",
+                                      "--eval-scenes", "1", "--device", "cpu", "--dtype", "float32",
+                                      "--workers", "1", "--time-budget-s", "0", "--measure-reserve-s", "0"])
+    binding_run.main()
+    result = json.loads((out / "binding.json").read_text(encoding="utf-8"))
+    assert result["train"]["stopped_at_step"] == 1 and result["plan"] == {"unet_steps": 8}
+    assert [r["model"] for r in result["rows"]] == ["final"] and result["unmeasured"] == ["reference"]
+    row = result["rows"][0]
+    assert row["steps"] == 1 and set(row["eps"]) == {"100", "400", "700"} and 0 <= row["binding_auc"] <= 1
+    table = (out / "binding.md").read_text(encoding="utf-8")
+    assert "| final | 1 | 16 |" in table and "Not measured within the time budget: reference" in table
+    assert table == capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted(["binding.json", "binding.md", LOG_FILE, SD_FILE])
