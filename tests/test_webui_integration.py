@@ -366,19 +366,20 @@ def test_forge_routes_and_validation(forge):
 
 def test_forge_mask_line_masks_img2img(forge):
     """The head on Forge's UNet (the feature tap on its own modules): the route's mask is the one
-    img2img inpaints with when the prompt says ``mask: cat``."""
+    img2img inpaints with when the prompt says ``mask: cat``. The random head's maps are weak, so presence
+    (on by default) would drop "cat": it is off here, as in the A1111 tests."""
     image = _forge_image()
-    status, first = _call(forge, "/ldznet/v1/mask", {"image": _b64(image), "expression": "cat"})
+    status, first = _call(forge, "/ldznet/v1/mask", {"image": _b64(image), "expression": "cat", "presence": False})
     assert status == 200, first
     probability = _png(first["probability"]) / 65535
     assert probability.shape == (96, 128) and probability.max() > probability.min()
     threshold = round(float(probability.min() + probability.max()) / 2, 4)  # a random head: both sides occupied
     status, direct = _call(forge, "/ldznet/v1/mask",
-                           {"image": _b64(image), "expression": "cat", "threshold": threshold})
+                           {"image": _b64(image), "expression": "cat", "threshold": threshold, "presence": False})
     assert status == 200 and 0 < direct["coverage"] < 1
     payload = {"init_images": [_b64(image)], "prompt": "a photo\nmask: cat", "steps": 2, "width": 128, "height": 96,
                "seed": 1, "sampler_name": "Euler", "denoising_strength": 0.5, "mask_blur": 0, "inpaint_full_res": False,
-               "alwayson_scripts": {"LD-ZNet mask": {"args": ["", "LD-ZNet head", threshold]}}}
+               "alwayson_scripts": {"LD-ZNet mask": {"args": ["", "LD-ZNet head", threshold, *[None] * 9, False]}}}
     status, result = _call(forge, "/sdapi/v1/img2img", payload)
     assert status == 200, result
     infotext = json.loads(result["info"])["infotexts"][0]
@@ -389,7 +390,7 @@ def test_forge_mask_line_masks_img2img(forge):
     from ldznet_ext.job import MaskJob
     from ldznet_ext.webui.request import from_infotext
 
-    assert status == 200 and from_infotext(parsed["parameters"]) == MaskJob("cat", threshold=threshold)
+    assert status == 200 and from_infotext(parsed["parameters"]) == MaskJob("cat", threshold=threshold, presence=False)
 
 
 def test_forge_zero_shot_leaves_the_next_generation_unchanged(forge):
