@@ -1,6 +1,6 @@
 """`ldznet webui install-model SD.safetensors WEBUI_DIR`: make an SD v1 checkpoint of any width, or an
-SDXL-architecture one whose OpenCLIP text tower is one open_clip registers, loadable by A1111 v1.10
-without network access.
+SD 2.x- or SDXL-architecture one whose OpenCLIP text tower is one open_clip registers, loadable by A1111
+v1.10 without network access.
 
 A1111 builds the model from a YAML config found beside the checkpoint (same name, ``.yaml``) and
 creates the CLIP text encoder and tokenizer from Hugging Face files named by the config's
@@ -14,7 +14,9 @@ creates the CLIP text encoder and tokenizer from Hugging Face files named by the
   which A1111 reads for ordinary SD 1.x checkpoints.
 SDXL's OpenCLIP embedder is built by open_clip from an architecture name, which the YAML takes from
 :data:`OPENCLIP_TEXT_TOWERS` by the file's shapes; A1111 builds it without pretrained weights (its
-``DisableInitialization``) and loads the file's, and the YAML names none (``version: null``).
+``DisableInitialization``) and loads the file's, and the YAML names none (``version: null``). SD 2.x's
+``FrozenOpenCLIPEmbedder`` is built the same way, and needs no CLIP folder; its YAML is ldm's
+v2-inference.yaml, or v2-inference-v.yaml where the file predicts v (:func:`sd2_prediction`).
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ import torch
 
 from ..checkpoint_io import read_metadata, read_state_dict, read_tensor_shapes, read_tensors
 from ..errors import CheckpointError
-from ..sd.checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, SUPPORTED, TEXT_PREFIX, UNET_PREFIX, V_PREDICTION_KEY,
-                             VAE_PREFIX, classify, parse_sd_metadata, unet_config_from_state_dict)
+from ..backbones.family import sd2_variant
+from ..sd.checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, SD2_TEXT_PREFIX, SUPPORTED, TEXT_PREFIX, UNET_PREFIX,
+                             V_PREDICTION_KEY, VAE_PREFIX, classify, parse_sd_metadata, unet_config_from_state_dict)
+from ..sd.sd2 import predicts_v
 from ..sd.text import normalize_text_state_dict, text_config
 from ..sd.tokenizer import tokenizer_dir
-from ..sd.unet import UNetConfig
+from ..sd.unet import UNetConfig, UNetModel
 from ..sd.vae import VAEConfig
 
 CLIP_REPO = "openai/clip-vit-large-patch14"
@@ -67,6 +71,7 @@ YAML = """model:
     monitor: val/loss_simple_ema
     scale_factor: 0.18215
     use_ema: False
+    parameterization: "{parameterization}"
     unet_config:
       target: ldm.modules.diffusionmodules.openaimodel.UNetModel
       params:
@@ -78,8 +83,10 @@ YAML = """model:
         num_res_blocks: {unet.num_res_blocks}
         channel_mult: {channel_mult}
         num_heads: {unet.num_heads}
+        num_head_channels: {num_head_channels}
         use_spatial_transformer: True
-        transformer_depth: {unet.transformer_depth}
+        use_linear_in_transformer: {unet.linear_projection}
+        transformer_depth: {transformer_depth}
         context_dim: {unet.context_dim}
         use_checkpoint: False
         legacy: False
@@ -102,10 +109,19 @@ YAML = """model:
         lossconfig:
           target: torch.nn.Identity
     cond_stage_config:
-      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
-      params:
-        version: {clip_dir}
+      target: ldm.modules.encoders.modules.{cond_stage}
 """
+# The text encoders of YAML's cond_stage_config: SD v1's CLIP ViT-L from a Hugging Face folder, SD 2.x's
+# OpenCLIP (ldm's v2-inference.yaml) from an open_clip architecture name, without pretrained weights.
+SD1_COND_STAGE = """FrozenCLIPEmbedder
+      params:
+        version: {clip_dir}"""
+SD2_COND_STAGE = """FrozenOpenCLIPEmbedder
+      params:
+        arch: {openclip_arch}
+        version: null
+        freeze: True
+        layer: penultimate"""
 
 
 # sgm's configs/inference/sd_xl_base.yaml with this file's shapes; sgm reads no latent size from it.
@@ -289,10 +305,11 @@ def _needs_copy(checkpoint: Path, target: Path) -> bool:
     raise CheckpointError(f"{target} is another model already; pass --name or remove it")
 
 
-def openclip_arch(state: Mapping, name: str) -> str:
-    """The open_clip architecture whose text tower has the shapes of the SDXL file's OpenCLIP embedder
-    (``conditioner.embedders.1.model.*``); CheckpointError naming the file ``name`` when none has."""
-    tower = _sub(state, BIGG_PREFIX)
+def openclip_arch(state: Mapping, name: str, prefix: str = BIGG_PREFIX) -> str:
+    """The open_clip architecture whose text tower has the shapes of the file's OpenCLIP embedder under
+    ``prefix`` (SDXL's ``conditioner.embedders.1.model.``, SD 2.x's ``cond_stage_model.model.``);
+    CheckpointError naming the file ``name`` when none has."""
+    tower = _sub(state, prefix)
     try:
         width = tower["token_embedding.weight"].shape[1]
         layers = len({k.split(".")[2] for k in tower if k.startswith("transformer.resblocks.")})
@@ -300,7 +317,7 @@ def openclip_arch(state: Mapping, name: str) -> str:
                  tower["text_projection"].shape[1])
         context = (tower["token_embedding.weight"].shape[0], tower["positional_embedding"].shape[0])
     except (KeyError, IndexError) as error:
-        raise CheckpointError(f"{name}: the OpenCLIP text tower ({BIGG_PREFIX}*) lacks {error}") from None
+        raise CheckpointError(f"{name}: the OpenCLIP text tower ({prefix}*) lacks {error}") from None
     arch = next((arch for arch, tower_shape in OPENCLIP_TEXT_TOWERS.items() if tower_shape == shape), None)
     if arch is None or context != OPENCLIP_CONTEXT:
         known = "; ".join(f"{arch} {tower_shape}" for arch, tower_shape in OPENCLIP_TEXT_TOWERS.items())
@@ -331,17 +348,62 @@ def _sdxl_yaml(state: Mapping, unet: UNetConfig, vae: VAEConfig, clip_dir: Path,
         openclip_arch=arch, size_dim=size_dim, vae_mult=list(vae.ch_mult))
 
 
+def sd2_prediction(checkpoint: Path, state: Mapping, unet: UNetConfig) -> str:
+    """"v" or "eps", decided as our loader decides for an SD 2.x file (``checkpoint.sd2_from_state_dict``):
+    its ``v_pred`` marker, else A1111's probe (``sd2.predicts_v``) on its UNet in fp32, the only tensors read."""
+    if V_PREDICTION_KEY in state:
+        return "v"
+    names = [k for k in state if k.startswith(UNET_PREFIX)]
+    tensors = read_tensors(checkpoint, names) if any(state[k].is_meta for k in names) else state
+    with torch.device("meta"):
+        model = UNetModel(unet)
+    weights = {k: v.float() for k, v in _sub(tensors, UNET_PREFIX).items()}
+    try:
+        model.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"{checkpoint.name}: the SD 2.x UNet does not fit the architecture it describes: "
+                              f"{str(error)[:600]}") from None
+    return "v" if predicts_v(model) else "eps"
+
+
+def _ldm_yaml(checkpoint: Path, state: Mapping, unet: UNetConfig, vae: VAEConfig, clip_dir: Path, sd2: bool) -> str:
+    """The ldm config of an SD v1 file (its CLIP in ``clip_dir``) or, with ``sd2``, of an SD 2.x one (ldm's
+    v2-inference.yaml or v2-inference-v.yaml, by :func:`sd2_prediction`); CheckpointError when A1111 could not
+    build it."""
+    name = checkpoint.name
+    depths = sorted({unet.depth_at(level) for level in unet.attention_levels}) or [unet.transformer_depth]
+    if len(depths) > 1:
+        raise CheckpointError(f"{name}: its UNet's transformer depth differs between levels ({depths}); ldm's "
+                              "UNet (SD v1, SD 2.x) has one depth for all")
+    cond_stage, parameterization = SD1_COND_STAGE.format(clip_dir=json.dumps(str(clip_dir.resolve()))), "eps"
+    if sd2:
+        variant = sd2_variant(unet.in_channels)
+        if variant:
+            raise CheckpointError(f"{name}: {variant}; only SD 2.x text-to-image files (4 input channels) are "
+                                  "installed")
+        arch = openclip_arch(state, name, SD2_TEXT_PREFIX)
+        if unet.context_dim != OPENCLIP_TEXT_TOWERS[arch][0]:
+            raise CheckpointError(f"{name}: its UNet reads a {unet.context_dim}-wide context, but its OpenCLIP "
+                                  f"text tower ({arch}) gives {OPENCLIP_TEXT_TOWERS[arch][0]}")
+        cond_stage, parameterization = SD2_COND_STAGE.format(openclip_arch=arch), sd2_prediction(checkpoint, state,
+                                                                                                   unet)
+    return YAML.format(unet=unet, vae=vae, attention_resolutions=[2 ** level for level in unet.attention_levels],
+                       channel_mult=list(unet.channel_mult), vae_mult=list(vae.ch_mult),
+                       num_head_channels=unet.num_head_channels or -1, transformer_depth=depths[0],
+                       parameterization=parameterization, cond_stage=cond_stage)
+
+
 def install_model(checkpoint: str | os.PathLike, webui_dir: str | os.PathLike, name: str | None = None,
                   hf_home: str | os.PathLike | None = None) -> Path:
-    """Install ``checkpoint`` (SD v1 or SDXL architecture) into the WebUI at ``webui_dir``; returns the
+    """Install ``checkpoint`` (SD v1, SD 2.x or SDXL architecture) into the WebUI at ``webui_dir``; returns the
     installed checkpoint path."""
     checkpoint, webui_dir = Path(checkpoint), Path(webui_dir)
     if not (webui_dir / "webui.py").is_file():
         raise CheckpointError(f"{webui_dir} is not a WebUI folder (no webui.py)")
     state, metadata = _shapes(checkpoint), read_metadata(checkpoint)
     info = classify(state, metadata)
-    sdxl = info.family == "sdxl"
-    if info.problem and not sdxl:
+    sdxl, sd2 = info.family == "sdxl", info.family == "sd2"
+    if info.problem and not (sdxl or sd2):
         raise CheckpointError(f"{checkpoint.name}: {info.family}: {info.problem}. Supported: {SUPPORTED}.")
     if sdxl and not any(k.startswith(CLIP_L_PREFIX) for k in state):
         raise CheckpointError(f"{checkpoint.name}: no CLIP ViT-L text encoder ({CLIP_L_PREFIX}*), which an SDXL base "
@@ -355,16 +417,16 @@ def install_model(checkpoint: str | os.PathLike, webui_dir: str | os.PathLike, n
     name = _model_name(name, checkpoint)
     target_dir = webui_dir / "models" / "Stable-diffusion"
     clip_dir = target_dir / f"{name}.clip"
-    clip_config = _clip_config(_text_fields(state, metadata, CLIP_L_PREFIX if sdxl else TEXT_PREFIX))
+    clip_config = None if sd2 else _clip_config(_text_fields(state, metadata, CLIP_L_PREFIX if sdxl else TEXT_PREFIX))
     if sdxl:
         config = _sdxl_yaml(state, unet, vae, clip_dir, clip_config["num_hidden_layers"], checkpoint.name)
     else:
-        config = YAML.format(unet=unet, vae=vae, attention_resolutions=[2 ** level for level in unet.attention_levels],
-                             channel_mult=list(unet.channel_mult), vae_mult=list(vae.ch_mult),
-                             clip_dir=json.dumps(str(clip_dir.resolve())))
+        config = _ldm_yaml(checkpoint, state, unet, vae, clip_dir, sd2)
     target = target_dir / f"{name}{checkpoint.suffix}"
     copy = _needs_copy(checkpoint, target)
-    write_clip_folder(clip_dir, clip_config)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    if clip_config is not None:  # SD 2.x has no CLIP ViT-L
+        write_clip_folder(clip_dir, clip_config)
     if copy:
         shutil.copyfile(checkpoint, target)
     (target_dir / f"{name}.yaml").write_text(config, encoding="utf-8")

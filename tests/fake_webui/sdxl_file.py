@@ -27,14 +27,19 @@ UNET = unet_config("tiny-sdxl", context_dim=CLIP_L_WIDTH + OPENCLIP_WIDTH,
 METADATA = {"unet": UNET.to_dict(), "text": {"num_attention_heads": 2}}
 
 
+def openclip_tower(seed: int) -> OpenCLIPTextEncoder:
+    """Random (seeded) weights in the shapes of ViT-S-32-alt's text tower."""
+    return randomize_(OpenCLIPTextEncoder(width=OPENCLIP_WIDTH, layers=10, heads=4, mlp_width=1024,
+                                          embed_dim=OPENCLIP_WIDTH), seed=seed)
+
+
 def tiny_a1111_sdxl_state(seed: int = 0) -> dict[str, torch.Tensor]:
     """Random (seeded) weights: UNet "tiny-sdxl" widened to this context and vector, the WebUI tests'
     8x VAE, a 64-wide CLIP ViT-L and ViT-S-32-alt's text tower, each under its real prefix."""
     unet = randomize_(UNetModel(UNET), seed=seed + 1)
     vae = randomize_(AutoencoderKL(WEBUI_VAE), seed=seed + 2, std=0.05)
     clip_l = randomize_(TextEncoder.from_config(text_config("tiny")), seed=seed + 3)
-    openclip = randomize_(OpenCLIPTextEncoder(width=OPENCLIP_WIDTH, layers=10, heads=4, mlp_width=1024,
-                                              embed_dim=OPENCLIP_WIDTH), seed=seed + 4)
+    openclip = openclip_tower(seed + 4)
     state = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
     state.update({VAE_PREFIX + k: v for k, v in vae.state_dict().items()})
     state.update({CLIP_L_PREFIX + k: v for k, v in clip_l.text_state_dict().items()})
