@@ -4,12 +4,14 @@ refused in one line naming the file and field, never with a traceback."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 
 from ldznet_ext.checkpoint_io import read_metadata, read_state_dict, write_safetensors
-from ldznet_ext.errors import CheckpointError
+from ldznet_ext.errors import CheckpointError, LdznetError
 from ldznet_ext.heads import load_head, read_head_config
+from ldznet_ext.train.config import TrainConfig, compose_config, read_config_file
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -43,3 +45,27 @@ def test_sizes_no_head_can_have_are_refused(tiny_model_files, tmp_path, field, v
     with pytest.raises(CheckpointError, match="^crafted.safetensors: field 'ldznet.head' describes no head that can "
                                               "be built \\("):
         load_head(path)
+
+
+
+@pytest.mark.parametrize("text, message", [
+    ("presence_weight: .nan", "presence_weight must be a number in [0, 1000], got nan"),
+    ("presence_weight: 1e9", "presence_weight must be a number in [0, 1000], got 1000000000.0"),
+    ("dice_weight: .inf", "dice_weight must be a number in [0, 1000], got inf"),
+    ("lr: 1e9", "lr must be a number in (0, 1], got 1000000000.0"),
+    ("batch_size: 1000000000", "batch_size must be an integer in [1, 4096], got 1000000000"),
+])
+def test_config_file_values_have_the_command_line_bounds(tmp_path, text, message) -> None:
+    (tmp_path / "run.yaml").write_text(text + "\n")
+    with pytest.raises(LdznetError) as error:
+        compose_config(asdict(TrainConfig()), read_config_file(tmp_path / "run.yaml"))
+    assert str(error.value) == message
+
+
+def test_a_nan_presence_weight_is_one_line_before_training(ldznet, tiny_model_files, tmp_path) -> None:
+    (tmp_path / "run.yaml").write_text("presence_weight: .nan\n")
+    code, out, err = ldznet("train", "--arch", "ldznet", "--model", tiny_model_files[0], "--config",
+                            tmp_path / "run.yaml", "-o", tmp_path / "run", "--data", "world:train:2", "--resolution",
+                            "64", "--batch-size", "2", "--steps", "1")
+    assert (code, out, err) == (2, "", "ldznet train: error: presence_weight must be a number in [0, 1000], got nan\n")
+    assert not (tmp_path / "run").exists()

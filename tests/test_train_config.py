@@ -54,7 +54,7 @@ def test_bad_files_and_values(tmp_path):
         TrainConfig(arch="znet", sd_fusion="concat")
     with pytest.raises(LdznetError, match="schedule must be one of constant, cosine, plateau"):
         TrainConfig(schedule="step")
-    with pytest.raises(LdznetError, match="dice_weight must be >= 0, got -1"):
+    with pytest.raises(LdznetError, match=r"dice_weight must be a number in \[0, 1000\], got -1.0"):
         TrainConfig(dice_weight=-1.0)
 
 

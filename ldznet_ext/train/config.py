@@ -16,12 +16,22 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LdznetError
+from ..limits import (ACCUMULATE, GRAD_CLIP, LEARNING_RATE, LOSS_WEIGHT, LR_SCALE, RESOLUTION, SEED, STEP_INTERVAL,
+                      STEPS, TRAIN_BATCH_SIZE, WARMUP, WEIGHT_DECAY, WORKERS)
 from ..modeling.build import ARCHITECTURES
 from ..modeling.ldznet import FUSIONS
 from ..precision import PRECISIONS
 from .augment import TEMPLATES
 
 SCHEDULES = ("constant", "cosine", "plateau")
+FIELD_LIMITS = {
+    "resolution": RESOLUTION, "steps": STEPS, "batch_size": TRAIN_BATCH_SIZE, "accumulate": ACCUMULATE,
+    "lr": LEARNING_RATE, "new_lr_scale": LR_SCALE, "warmup": WARMUP, "plateau_every": STEP_INTERVAL,
+    "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP, "pos_weight": LOSS_WEIGHT, "dice_weight": LOSS_WEIGHT,
+    "presence_weight": LOSS_WEIGHT, "seed": SEED, "workers": WORKERS, "save_every": STEP_INTERVAL,
+    "log_every": STEP_INTERVAL}
+"""The command line's bound of each numeric field that has one there as well as here (``ema``,
+``plateau_factor`` and ``plateau_patience`` keep their own, wider, checks below)."""
 
 
 @dataclass(frozen=True)
@@ -101,9 +111,8 @@ class TrainConfig:
             raise LdznetError("warm-up, plateau patience and workers must be >= 0")
         if not 0.0 < self.plateau_factor < 1.0:
             raise LdznetError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
-        for name in ("dice_weight", "presence_weight"):
-            if getattr(self, name) < 0.0:
-                raise LdznetError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name, limit in FIELD_LIMITS.items():  # a config file is held to the flags' bounds (NaN too)
+            limit.check(getattr(self, name), name)
         if self.freeze_head and not (self.init and self.presence_weight > 0.0):
             raise LdznetError("freeze_head trains the presence output of an existing head alone: it needs init "
                               "(the head file) and presence_weight > 0")
