@@ -10,6 +10,8 @@ import pytest
 
 from ldznet_ext.checkpoint_io import read_metadata, read_state_dict, write_safetensors
 from ldznet_ext.errors import CheckpointError, LdznetError
+from ldznet_ext.eval.evaluate import EvalResult
+from ldznet_ext.eval.metrics import SegmentationMetrics
 from ldznet_ext.heads import load_head, read_head_config
 from ldznet_ext.train.config import TrainConfig, compose_config, read_config_file
 
@@ -69,3 +71,13 @@ def test_a_nan_presence_weight_is_one_line_before_training(ldznet, tiny_model_fi
                             "64", "--batch-size", "2", "--steps", "1")
     assert (code, out, err) == (2, "", "ldznet train: error: presence_weight must be a number in [0, 1000], got nan\n")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key", ["presence", "include_absent"])
+@pytest.mark.parametrize("value", ["false", 0, None, [True]])
+def test_eval_result_flags_must_be_true_or_false(key, value) -> None:
+    data = EvalResult("m", "world:test:2", SegmentationMetrics(0.5), presence=True).to_dict()
+    assert EvalResult.from_dict(json.loads(json.dumps(data))).presence is True
+    data[key] = value  # "false" was read as True and merged with results scored otherwise
+    with pytest.raises(LdznetError, match=f"^shard.json: not an ldznet eval result .*'{key}' is "):
+        EvalResult.from_dict(data, "shard.json")

@@ -108,11 +108,20 @@ class EvalResult:
             return cls(str(data["name"]), str(data["data"]),
                        SegmentationMetrics.from_records(data["records"], float(data["binary_threshold"])),
                        float(data["seconds"]), int(data["examples"]), [(int(i), str(r)) for i, r in data["skipped"]],
-                       (first, int(data["shard"][1])), data["square"], bool(data["include_absent"]),
+                       (first, int(data["shard"][1])), data["square"], _flag(data, "include_absent"),
                        BoundaryMetrics.from_records(data["boundary"]) if data.get("boundary") else None,
-                       bool(data.get("presence", False)))
+                       _flag(data, "presence", default=False))
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise LdznetError(f"{where}: not an ldznet eval result ({error!r})") from error
+
+
+def _flag(data: dict, key: str, default: bool | None = None) -> bool:
+    """``data[key]`` if it is true or false (``default`` when absent, for files older than the key); a string
+    such as "false" is refused, since merging decides by it which results were scored alike."""
+    value = data[key] if default is None or key in data else default
+    if type(value) is not bool:
+        raise TypeError(f"{key!r} is {value!r}; expected true or false")
+    return value
 
 
 @dataclass(frozen=True)
