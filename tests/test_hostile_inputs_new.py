@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict
 
 import pytest
+import torch
 
 from ldznet_ext.checkpoint_io import read_metadata, read_state_dict, write_safetensors
 from ldznet_ext.errors import CheckpointError, LdznetError
@@ -81,3 +82,21 @@ def test_eval_result_flags_must_be_true_or_false(key, value) -> None:
     data[key] = value  # "false" was read as True and merged with results scored otherwise
     with pytest.raises(LdznetError, match=f"^shard.json: not an ldznet eval result .*'{key}' is "):
         EvalResult.from_dict(data, "shard.json")
+
+
+def test_resume_does_not_need_the_init_file_again(ldznet, tiny_model_files, tmp_path) -> None:
+    sd_file, head_file = tiny_model_files
+    init = tmp_path / "init.safetensors"
+    init.write_bytes(head_file.read_bytes())
+    common = ("train", "--arch", "ldznet", "--model", sd_file, "--data", "world:train:2", "--resolution", "64",
+              "--batch-size", "2", "-o", tmp_path / "run")
+    assert ldznet(*common, "--steps", "1", "--save-every", "1", "--init", init, "--presence-weight", "1",
+                  "--freeze-head")[0] == 0
+    assert ldznet(*common[:-1], tmp_path / "whole", "--steps", "2", "--init", init, "--presence-weight", "1",
+                  "--freeze-head")[0] == 0
+    init.unlink()  # last.pt holds every weight: the run resumes without it
+    code, out, err = ldznet(*common, "--steps", "2", "--resume")
+    assert (code, err) == (0, "") and "2 steps" in out
+    resumed, whole = read_state_dict(tmp_path / "run" / "head.safetensors"), read_state_dict(tmp_path / "whole" /
+                                                                                            "head.safetensors")
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)

@@ -76,7 +76,8 @@ def train(args: argparse.Namespace) -> Trainer:
     try:
         backbone = load_stable_diffusion(args.model, device, autocast_dtype(config.precision) or torch.float32)
         source = open_source(config.data, size=config.resolution, domain=args.domain)
-        trainer = Trainer(backbone, source, config, args.output, model_name=Path(args.model).name)
+        trainer = Trainer(backbone, source, config, args.output, model_name=Path(args.model).name,
+                          resuming=args.resume)
         if args.resume:
             trainer.resume()
         trainer.run()

@@ -173,7 +173,9 @@ class Trainer:
     """
 
     def __init__(self, backbone: StableDiffusion, source: Source, config: TrainConfig, run_dir: str | os.PathLike,
-                 model_name: str = "model"):
+                 model_name: str = "model", resuming: bool = False):
+        """``resuming``: :meth:`resume` follows, whose last.pt holds every weight, so ``config.init`` is
+        not read again (the file may be gone or rewritten since the run started)."""
         self.backbone = backbone.eval().requires_grad_(False)
         self.source = source
         self.config = config
@@ -191,7 +193,7 @@ class Trainer:
         self._examples: Iterator[tuple[int, Example]] | None = None
         self.head, self.head_config = training_head(backbone, config.arch, config.resolution, config.seed,
                                                       config.decoder_init, config.sd_fusion,
-                                                      config.presence_weight > 0, config.init)
+                                                      config.presence_weight > 0, "" if resuming else config.init)
         self.head.to(self.device).train()
         if config.freeze_head:  # the presence output alone learns; the frozen rest builds no graph
             self.head.requires_grad_(False)
