@@ -105,6 +105,12 @@ def test_zero_shot_masks_come_from_the_host_sdxl_model(server):
 def test_head_mode_mask_line_inpaints_with_the_routes_mask(server):
     """LD-ZNet head mode with the SDXL file loaded: the micro head on the micro SD v1 (the setting names
     it) finds the triangle, and img2img's ``mask:`` line inpaints with exactly the route's mask."""
+    check_head_mode_on_the_micro_sd_v1(server)
+
+
+def check_head_mode_on_the_micro_sd_v1(server: str) -> None:
+    """The mask-model setting names the micro SD v1; the micro head finds the triangle through the route, and
+    an img2img ``mask:`` line inpaints with exactly the route's mask (A1111 returns the mask it used)."""
     micro = _title(server, "micro-sd-v1")
     assert _call(server, "/sdapi/v1/options", {"ldznet_mask_model": micro})[0] == 200
     image = _scene()
