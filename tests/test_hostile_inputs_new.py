@@ -3,8 +3,11 @@ refused in one line naming the file and field, never with a traceback."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,8 @@ from ldznet_ext.heads import load_head, read_head_config
 from ldznet_ext.train.config import TrainConfig, compose_config, read_config_file
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _crafted_head(tmp_path, head_file, **fields):
@@ -100,3 +105,48 @@ def test_resume_does_not_need_the_init_file_again(ldznet, tiny_model_files, tmp_
     resumed, whole = read_state_dict(tmp_path / "run" / "head.safetensors"), read_state_dict(tmp_path / "whole" /
                                                                                             "head.safetensors")
     assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("tool, args, message", [
+    ("feature_ablation", ["--data", "nonsense"], "unknown data spec"),
+    ("feature_ablation", ["--resolution", "100000"], "argument --resolution: expected an integer in [64, 2048]"),
+    ("feature_ablation", ["--seed", "-1"], "argument --seed: expected an integer in [0, "),
+    ("choose_presence_level", ["missing.safetensors", "-o", "x.safetensors"], "checkpoint not found: missing"),
+    ("choose_presence_level", ["{head}", "-o", "x.safetensors"],
+     "head.safetensors: the head has no presence output to choose a level for"),
+    ("choose_presence_level", ["{head}", "--max-drop", "nan", "-o", "x.safetensors"],
+     "argument --max-drop: expected a number in [0, 100], got nan"),
+])
+def test_tools_refuse_bad_arguments_in_one_line(tiny_model_files, monkeypatch, capsys, tmp_path, tool, args,
+                                                message) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [f"{tool}.py", *(a.format(head=tiny_model_files[1]) for a in args)])
+    with pytest.raises(SystemExit) as exit_:
+        _tool(tool).main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"{tool}.py: error: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_choose_presence_level_says_when_no_level_fits(tiny_model_files, monkeypatch, capsys, tmp_path) -> None:
+    head = _crafted_head(tmp_path, tiny_model_files[1], presence=True)  # its metadata is all the check reads
+    tool = _tool("choose_presence_level")
+    # a present phrase scored 0.005 is lost at every level from 0.01: its IoU of 1 drops to 0
+    rows = [{"present": True, "scores": [0.005], "empty": False, "iou": [1.0] * 49}]
+    monkeypatch.setattr(tool, "collect", lambda head, data: rows)
+    monkeypatch.setattr(sys, "argv", ["choose_presence_level.py", str(head), "--max-drop", "5", "-o",
+                                      str(tmp_path / "out.safetensors")])
+    with pytest.raises(SystemExit) as exit_:
+        tool.main()
+    assert exit_.value.code == 2 and capsys.readouterr().err == (
+        "choose_presence_level.py: error: no level keeps the present phrases' mIoU within --max-drop 5 points of "
+        "100.00; allow a larger drop\n")
+    assert not (tmp_path / "out.safetensors").exists()

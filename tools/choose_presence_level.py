@@ -29,10 +29,13 @@ from ldznet_ext.checkpoint_io import read_metadata  # noqa: E402
 from ldznet_ext.data.spec import open_source  # noqa: E402
 from ldznet_ext.data.stream import iterate_examples  # noqa: E402
 from ldznet_ext.eval.metrics import THRESHOLDS  # noqa: E402
-from ldznet_ext.heads import load_head, save_head  # noqa: E402
+from ldznet_ext.errors import LdznetError  # noqa: E402
+from ldznet_ext.heads import load_head, read_head_config, save_head  # noqa: E402
+from ldznet_ext.limits import Limit, bounded_number  # noqa: E402
 from ldznet_ext.loading import load_segmenter, resolve_model_paths  # noqa: E402
 
 LEVELS = np.round(np.arange(0.01, 1.0, 0.01), 2)
+MAX_DROP = Limit(float, 0, 100)  # mIoU points
 
 
 def collect(head_path: str, data: str) -> list[dict]:
@@ -64,9 +67,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("head", help="a head file with a presence output (ldznet train --presence-weight)")
     parser.add_argument("--data", default="world:val:60", help="validation data (default world:val:60)")
-    parser.add_argument("--max-drop", type=float, default=1.0, help="allowed present mIoU drop, points (default 1)")
+    parser.add_argument("--max-drop", type=bounded_number(MAX_DROP), default=1.0,
+                        help="allowed present mIoU drop, points (default 1)")
     parser.add_argument("-o", "--output", required=True, help="the head with the chosen level")
     args = parser.parse_args()
+    try:
+        choose(args)
+    except LdznetError as error:  # a bad head, data spec or --max-drop: one line, as the ldznet commands
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+
+
+def choose(args: argparse.Namespace) -> None:
+    """Collect, choose the level and write the head (see the module docstring)."""
+    if not read_head_config(args.head).presence:
+        raise LdznetError(f"{Path(args.head).name}: the head has no presence output to choose a level for; "
+                          "train one with ldznet train --presence-weight")
     rows = collect(args.head, args.data)
     base = measure(rows, None, 0)
     best = None
@@ -75,6 +90,9 @@ def main() -> None:
         key = (m["absent_empty"], -(base["miou"] - m["miou"]))
         if base["miou"] - m["miou"] <= args.max_drop and (best is None or key > best[0]):
             best = (key, float(level), m)
+    if best is None:
+        raise LdznetError(f"no level keeps the present phrases' mIoU within --max-drop {args.max_drop:g} points of "
+                          f"{base['miou']:.2f}; allow a larger drop")
     _, level, after = best
     head, config = load_head(args.head)
     save_head(head, replace(config, presence_level=level), args.output,

@@ -33,7 +33,9 @@ from ldznet_ext.data.examples import Example, Source  # noqa: E402
 from ldznet_ext.data.spec import open_source  # noqa: E402
 from ldznet_ext.defaults import WEIGHTS_DIR  # noqa: E402
 from ldznet_ext.eval.evaluate import evaluate  # noqa: E402
+from ldznet_ext.errors import LdznetError  # noqa: E402
 from ldznet_ext.eval.metrics import THRESHOLDS, SegmentationMetrics  # noqa: E402
+from ldznet_ext.limits import RESOLUTION, SEED, bounded_number  # noqa: E402
 from ldznet_ext.loading import load_segmenter  # noqa: E402
 from ldznet_ext.segmenter import Segmenter  # noqa: E402
 from ldznet_ext.world.scenes import VOCABULARY  # noqa: E402
@@ -160,13 +162,17 @@ def markdown(report: dict, key: str = "bins") -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="world:test:100", help="micro-world data spec (default world:test:100)")
-    parser.add_argument("--resolution", type=int, default=REFERENCE_SIZE,
+    parser.add_argument("--resolution", type=bounded_number(RESOLUTION), default=REFERENCE_SIZE,
                         help="working and render size (default 128, the heads' training size)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the replacement noise (default 0)")
+    parser.add_argument("--seed", type=bounded_number(SEED), default=0,
+                        help="seed of the replacement noise (default 0)")
     parser.add_argument("--json", metavar="OUT.json", help="also write the report as JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    report = run(args.data, args.resolution, args.seed)
+    try:
+        report = run(args.data, args.resolution, args.seed)
+    except LdznetError as error:  # a bad data spec or resolution: one line, as the ldznet commands
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(markdown(report) + "\n\n" + markdown(report, "bins_at_ldznet_threshold"))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
