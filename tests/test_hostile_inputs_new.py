@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -150,3 +151,40 @@ def test_choose_presence_level_says_when_no_level_fits(tiny_model_files, monkeyp
         "choose_presence_level.py: error: no level keeps the present phrases' mIoU within --max-drop 5 points of "
         "100.00; allow a larger drop\n")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def sd1_folder(tiny_model_files, tmp_path_factory) -> Path:
+    from fixtures_models import TINY_VAE8
+    from ldznet_ext.sd.unet import unet_config
+    from test_diffusers_folder import write_folder
+    return write_folder(tmp_path_factory.mktemp("sd1") / "tiny-sd1", read_state_dict(tiny_model_files[0]),
+                        unet_config("tiny"), TINY_VAE8, text_heads=2)
+
+
+def _edited_folder(folder: Path, tmp_path: Path, config: str, **fields) -> Path:
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy)
+    path = copy / config
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({**(json.loads(path.read_text()) if path.exists() else {}), **fields}))
+    return copy
+
+
+@pytest.mark.parametrize("config, fields, message", [
+    ("vae/config.json", {"scaling_factor": "x"}, "field 'scaling_factor' is \"x\"; expected a number in (0, 100]"),
+    ("vae/config.json", {"scaling_factor": float("nan")}, "field 'scaling_factor' is NaN; expected a number in (0, 100]"),
+    ("vae/config.json", {"scaling_factor": -1.0}, "field 'scaling_factor' is -1.0; expected a number in (0, 100]"),
+    ("scheduler/scheduler_config.json", {"prediction_type": "sample"},
+     "field 'prediction_type' is \"sample\"; expected \"epsilon\" or \"v_prediction\""),
+    ("unet/config.json", {"attention_head_dim": 10**6},
+     "the UNet in unet/ does not fit its config.json: 1000000 heads do not divide the 32 channels of level 0"),
+])
+def test_diffusers_configs_that_would_change_the_masks_silently_are_refused(sd1_folder, tmp_path, config, fields,
+                                                                            message) -> None:
+    from ldznet_ext.sd.diffusers_folder import read_diffusers_folder
+    folder = _edited_folder(sd1_folder, tmp_path, config, **fields)
+    with pytest.raises(CheckpointError) as error:
+        read_diffusers_folder(folder)
+    where = "" if message.startswith("the UNet") else f"{config}: "
+    assert str(error.value) == f"tiny-sd1: {where}{message}"

@@ -26,6 +26,7 @@ from torch import Tensor
 from ..backbones.family import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointInfo
 from ..checkpoint_io import read_state_dict
 from ..errors import CheckpointError
+from ..limits import Limit
 from .checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, V_PREDICTION_KEY, _sub, check_family,
                          stable_diffusion_from_state_dict, unet_config_from_state_dict)
 from .model import StableDiffusion
@@ -33,6 +34,7 @@ from .text import normalize_text_state_dict
 from .unet import UNetConfig
 
 INDEX_FILE = "model_index.json"
+VAE_SCALE = Limit(float, 0, 100, low_open=True)  # latents = scale x posterior (SD 0.18215, SDXL 0.13025)
 # Weight files of a part, in the order they are looked for.
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                  "model.fp16.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin")
@@ -196,6 +198,10 @@ def unet_heads(unet: UNetConfig, config: Mapping[str, Any]) -> UNetConfig:
     """``unet`` (from the shapes) with the head layout of a diffusers UNet ``config``: a head count
     (SD 1.x) or, for sgm UNets, a head width that every attention level must share."""
     heads = [_heads(config)[level] for level in unet.attention_levels]
+    for level, count in zip(unet.attention_levels, heads):
+        if (unet.model_channels * unet.channel_mult[level]) % count:
+            raise ValueError(f"{count} heads do not divide the {unet.model_channels * unet.channel_mult[level]} "
+                             f"channels of level {level}")
     widths = {unet.model_channels * unet.channel_mult[level] // h for level, h in zip(unet.attention_levels, heads)}
     if unet.num_head_channels == 0 and len(set(heads)) == 1:
         return dataclasses.replace(unet, num_heads=heads[0])
@@ -207,8 +213,33 @@ def unet_heads(unet: UNetConfig, config: Mapping[str, Any]) -> UNetConfig:
 def _int_field(config: Mapping[str, Any], field: str, where: str) -> int:
     value = config.get(field)
     if type(value) is not int or value < 1:
-        raise CheckpointError(f"{where}: field '{field}' is {json.dumps(value)[:40]}; expected an integer >= 1")
+        raise _field_error(value, field, where, "an integer >= 1")
     return value
+
+
+def _field_error(value: Any, field: str, where: str, expected: str) -> CheckpointError:
+    return CheckpointError(f"{where}: field '{field}' is {json.dumps(value)[:40]}; expected {expected}")
+
+
+def _vae_scale(config: Mapping[str, Any], where: str) -> float | None:
+    """``scaling_factor`` (None when unset: the family's); a scale that is no positive number would give
+    every latent, and so every mask, silently wrong or NaN."""
+    if "scaling_factor" not in config:
+        return None
+    value = config["scaling_factor"]
+    if not VAE_SCALE.accepts(value):
+        raise _field_error(value, "scaling_factor", where, VAE_SCALE.describe())
+    return float(value)
+
+
+def _is_v_prediction(folder: Path) -> bool:
+    """Whether the scheduler config says v-prediction; a prediction type we do not convert is refused."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    prediction = _json(path, folder).get("prediction_type", "epsilon") if path.is_file() else "epsilon"
+    if prediction not in ("epsilon", "v_prediction"):
+        raise _field_error(prediction, "prediction_type", f"{folder.name}: scheduler/scheduler_config.json",
+                           '"epsilon" or "v_prediction"')
+    return prediction == "v_prediction"
 
 
 class DiffusersModel(NamedTuple):
@@ -242,8 +273,7 @@ def read_diffusers_folder(path: str | os.PathLike) -> DiffusersModel:
     if sdxl:
         bigg = clip_to_openclip(_read_part(folder, "text_encoder_2"))
         state.update({BIGG_PREFIX + k: v for k, v in bigg.items()})
-    scheduler = folder / "scheduler" / "scheduler_config.json"
-    if scheduler.is_file() and _json(scheduler, folder).get("prediction_type") == "v_prediction":
+    if _is_v_prediction(folder):
         state[V_PREDICTION_KEY] = torch.zeros(())
     try:
         unet = unet_heads(unet_config_from_state_dict(_sub(state, UNET_PREFIX)), unet_config)
@@ -252,8 +282,8 @@ def read_diffusers_folder(path: str | os.PathLike) -> DiffusersModel:
     metadata = {"unet": unet.to_dict(),
                 "text": {"num_attention_heads": _int_field(text_config, "num_attention_heads",
                                                            f"{folder.name}: text_encoder/config.json")}}
-    scale = _json(folder / "vae" / "config.json", folder).get("scaling_factor")
-    return DiffusersModel(state, metadata, float(scale) if isinstance(scale, (int, float)) else None)
+    scale = _vae_scale(_json(folder / "vae" / "config.json", folder), f"{folder.name}: vae/config.json")
+    return DiffusersModel(state, metadata, scale)
 
 
 def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = "cpu",
