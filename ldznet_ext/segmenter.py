@@ -303,6 +303,8 @@ class Segmenter:
             probabilities, scores = (self._head_outputs(z, pixels, conditioning) if self.learned_presence
                                      else (self._head_probabilities(z, pixels, conditioning), None))
         self._check_finite(probabilities, "probabilities")
+        if self.learned_presence:  # a NaN score is below every level: the term would pass as absent
+            self._check_finite(scores, "presence scores")
         for i, state in enumerate(states):
             for j, term in enumerate(todo):
                 state.cache[term] = state.crop(probabilities[i, j].float())

@@ -188,3 +188,21 @@ def test_diffusers_configs_that_would_change_the_masks_silently_are_refused(sd1_
         read_diffusers_folder(folder)
     where = "" if message.startswith("the UNet") else f"{config}: "
     assert str(error.value) == f"tiny-sd1: {where}{message}"
+
+
+def test_nan_presence_scores_are_refused_not_read_as_absent(tiny_sd, tiny_head) -> None:
+    from dataclasses import replace
+
+    from ldznet_ext.modeling.build import build_head
+    from ldznet_ext.segmenter import Segmenter, SegmenterSettings
+    from fixtures_models import random_image
+    head, config = tiny_head
+    config = replace(config, presence=True)
+    with_presence = build_head(config)
+    with_presence.load_state_dict(head.state_dict(), strict=False)
+    with torch.no_grad():
+        with_presence.presence.mlp[2].bias.fill_(float("nan"))  # a corrupt file: NaN > level is False, "absent"
+    segmenter = Segmenter(tiny_sd, with_presence.eval(), config, SegmenterSettings(resolution=64))
+    segmenter.set_image(random_image(64, 64, seed=3))
+    with pytest.raises(LdznetError, match="the model produced NaN/inf presence scores; its weights may be corrupt"):
+        segmenter.predict("sky")
