@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import typing
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -75,11 +76,14 @@ class _AllowListPickleModule:
 
 
 def _load_pickle(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Lightning checkpoints pickle objects beside the tensors; read them inertly.
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_AllowListPickleModule)
+    # torch warns about pickles it did not write (e.g. protocol 4) on stderr before the error we raise
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # Lightning checkpoints pickle objects beside the tensors; read them inertly.
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_AllowListPickleModule)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:

@@ -206,3 +206,16 @@ def test_nan_presence_scores_are_refused_not_read_as_absent(tiny_sd, tiny_head) 
     segmenter.set_image(random_image(64, 64, seed=3))
     with pytest.raises(LdznetError, match="the model produced NaN/inf presence scores; its weights may be corrupt"):
         segmenter.predict("sky")
+
+
+def test_a_plain_pickle_given_as_a_checkpoint_is_one_line_without_torch_warnings(tmp_path) -> None:
+    import pickle
+    import warnings
+
+    path = tmp_path / "plain.ckpt"
+    path.write_bytes(pickle.dumps({"a": 1}, protocol=4))  # not torch's format: read by nothing, run by nothing
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError, match="^plain.ckpt: cannot read the file"):
+            read_state_dict(path)
+    assert [str(w.message) for w in caught] == []
