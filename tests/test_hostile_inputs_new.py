@@ -173,7 +173,8 @@ def _edited_folder(folder: Path, tmp_path: Path, config: str, **fields) -> Path:
 
 @pytest.mark.parametrize("config, fields, message", [
     ("vae/config.json", {"scaling_factor": "x"}, "field 'scaling_factor' is \"x\"; expected a number in (0, 100]"),
-    ("vae/config.json", {"scaling_factor": float("nan")}, "field 'scaling_factor' is NaN; expected a number in (0, 100]"),
+    ("vae/config.json", {"scaling_factor": float("nan")},
+     "field 'scaling_factor' is NaN; expected a number in (0, 100]"),
     ("vae/config.json", {"scaling_factor": -1.0}, "field 'scaling_factor' is -1.0; expected a number in (0, 100]"),
     ("scheduler/scheduler_config.json", {"prediction_type": "sample"},
      "field 'prediction_type' is \"sample\"; expected \"epsilon\" or \"v_prediction\""),
