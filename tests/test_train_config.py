@@ -74,3 +74,18 @@ def test_train_command_with_config_file(tiny_model_files, tmp_path, capsys):
     config.write_text("seed: 1\n")
     assert main([*common, "--resume", "--config", str(config), "--steps", "3"]) == 2
     assert "seed: 0 -> 1" in capsys.readouterr().err
+
+
+def test_a_presence_output_needs_negatives(tmp_path, capsys):
+    message = "presence_weight > 0 trains the presence output on absent phrases: keep negatives on (--negatives)"
+    with pytest.raises(LdznetError) as raised:
+        TrainConfig(presence_weight=1.0, negatives=False)
+    assert str(raised.value) == message
+    with pytest.raises(LdznetError, match=r"keep negatives on \(--negatives\)$"):
+        compose_config(DEFAULTS, {"presence_weight": 1.0}, {"preset": "official"})  # the preset turns them off
+    assert TrainConfig(**{**PRESETS["official"], "presence_weight": 1.0, "negatives": True}).negatives
+    (tmp_path / "run.yaml").write_text("negatives: false\npresence_weight: 2\n")
+    assert main(["train", "--arch", "znet", "--model", "m.safetensors", "-o", str(tmp_path / "run"),
+                 "--config", str(tmp_path / "run.yaml")]) == 2
+    assert capsys.readouterr().err == f"ldznet train: error: {message}\n"
+    assert not (tmp_path / "run").exists()

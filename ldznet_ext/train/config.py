@@ -55,7 +55,8 @@ class TrainConfig:
     (CUDA; the frozen SD model is loaded in it, the head's weights stay fp32); grad_checkpoint:
     recompute the head's activations in the backward pass; workers: processes that read examples ahead
     (0: read in the training process; the results are the same either way); presence_weight: > 0 gives
-    the head a presence output, trained with that weight x BCE(presence logit, mask not empty); init: a
+    the head a presence output, trained with that weight x BCE(presence logit, mask not empty) (it needs
+    ``negatives``: without absent phrases every target is "present"); init: a
     head file of the same architecture and backbone to start from (a presence output it lacks is drawn
     from ``seed``); freeze_head: train the presence output alone, every other tensor of the ``init``
     head stays as it is (its maps do not change).
@@ -113,6 +114,9 @@ class TrainConfig:
             raise LdznetError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
         for name, limit in FIELD_LIMITS.items():  # a config file is held to the flags' bounds (NaN too)
             limit.check(getattr(self, name), name)
+        if self.presence_weight > 0.0 and not self.negatives:  # every phrase present: one class to learn
+            raise LdznetError("presence_weight > 0 trains the presence output on absent phrases: keep negatives on "
+                              "(--negatives)")
         if self.freeze_head and not (self.init and self.presence_weight > 0.0):
             raise LdznetError("freeze_head trains the presence output of an existing head alone: it needs init "
                               "(the head file) and presence_weight > 0")
