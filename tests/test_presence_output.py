@@ -111,6 +111,28 @@ def test_freeze_head_trains_the_presence_output_alone(tiny_sd, tiny_model_files,
     assert all(torch.equal(again[k], v) for k, v in read_state_dict(tmp_path / "run" / HEAD).items())
 
 
+@pytest.mark.parametrize("presence_weight, init_presence", [(0.0, False), (1.0, False), (1.0, True)])
+def test_a_head_trained_from_init_keeps_the_init_heads_config(tiny_sd, tiny_head, tmp_path, presence_weight,
+                                                             init_presence) -> None:
+    # timestep, SD blocks and presence level are the init head's (calibrated with it), not the defaults
+    init_config = replace(tiny_head[1], sd_blocks=(7, 9), timestep=250, presence=init_presence, presence_level=0.25)
+    torch.manual_seed(7)
+    save_head(build_head(init_config), init_config, tmp_path / "init.safetensors")
+    config = _train_config(init=str(tmp_path / "init.safetensors"), presence_weight=presence_weight,
+                           freeze_head=presence_weight > 0, steps=2, save_every=1)
+    source = open_source("world:train:4", size=64)
+    Trainer(tiny_sd, source, replace(config, steps=1), tmp_path / "run").run(progress=False)
+    expected = replace(read_head_config(tmp_path / "init.safetensors"), presence=presence_weight > 0)
+    level = 0.25 if init_presence else 0.5  # a head without a presence output stores no level
+    assert (expected.sd_blocks, expected.timestep, expected.presence_level) == ((7, 9), 250, level)
+    assert read_head_config(tmp_path / "run" / HEAD) == expected
+    (tmp_path / "init.safetensors").unlink()  # a resumed run takes the config from its own head file
+    resumed = Trainer(tiny_sd, source, config, tmp_path / "run", resuming=True)
+    resumed.resume()
+    resumed.run(progress=False)
+    assert resumed.step == 2 and read_head_config(tmp_path / "run" / HEAD) == expected
+
+
 def test_init_and_freeze_head_are_checked(tiny_sd, tmp_path) -> None:
     with pytest.raises(LdznetError, match="freeze_head .* needs init .* and presence_weight > 0"):
         _train_config()

@@ -69,7 +69,7 @@ from .schedule import lr_factor
 from .stream import PositionView, ShardOrder, example_rng
 
 __all__ = ["CHECKPOINT", "EMA", "HEAD", "LOG", "TrainConfig", "Trainer", "identity_decoder_", "is_cross_attention",
-           "is_new_layer", "training_head"]
+           "init_config", "is_new_layer", "training_head"]
 
 CHECKPOINT = "last.pt"
 HEAD = "head.safetensors"
@@ -109,19 +109,23 @@ def identity_decoder_(decoder: nn.Sequential, prior: float = MASK_PRIOR, offset:
 
 def training_head(backbone: StableDiffusion, arch: str, resolution: int, seed: int = 0,
                   decoder_init: str = "identity", sd_fusion: str = "attention", presence: bool = False,
-                  init: str = "") -> tuple[nn.Module, HeadConfig]:
+                  init: str | os.PathLike = "") -> tuple[nn.Module, HeadConfig]:
     """A head shaped like ``backbone``'s UNet (one output channel) for ``resolution`` px inputs,
     initialised from the SD UNet's weights as the official training starts, or with ``init`` from
-    that head file (``init_from_head``); the layers that neither has (a ``presence`` output among
-    them) are drawn from ``seed`` (the global RNG is left alone), the decoder optionally made an
-    identity up-sampler (see the module docstring). On the CPU, float32."""
+    that head file, whose config it keeps (``init_config``); the layers that neither has (a
+    ``presence`` output among them) are drawn from ``seed`` (the global RNG is left alone), the
+    decoder optionally made an identity up-sampler (see the module docstring). On the CPU, float32."""
     config = HeadConfig(arch, unet=replace(backbone.unet.config, out_channels=1),
                         latent_size=resolution // backbone.downsample_factor, sd_fusion=sd_fusion, presence=presence)
+    loaded = None
+    if init:
+        loaded, saved = load_head(init)
+        config = init_config(config, saved, init)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = build_head(config)
-    if init:
-        init_from_head(head, config, init)
+    if loaded is not None:  # a presence output the file lacks keeps its fresh weights
+        head.load_state_dict(loaded.state_dict(), strict=not presence or saved.presence)
         return head, config
     init_from_sd_unet(head, {k: v.float().cpu() for k, v in backbone.unet.state_dict().items()})
     if decoder_init == "identity":
@@ -129,20 +133,21 @@ def training_head(backbone: StableDiffusion, arch: str, resolution: int, seed: i
     return head, config
 
 
-def init_from_head(head: nn.Module, config: HeadConfig, path: str | os.PathLike) -> None:
-    """Load the weights of the head file ``path`` into ``head`` (built from ``config``), in place; a
-    presence output the file lacks keeps its fresh weights. LdznetError when the file's head is not
-    ``config``'s architecture on the same backbone, or has a presence output ``config`` lacks."""
-    loaded, saved = load_head(path)
+def init_config(config: HeadConfig, saved: HeadConfig, path: str | os.PathLike) -> HeadConfig:
+    """The config of a head trained from the head file ``path`` (config ``saved``) in a run that
+    would otherwise train ``config``: the run decides the shape (architecture, UNet, latent side, SD
+    fusion) and whether there is a presence output, and ``saved`` must agree; the file decides the
+    rest (SD blocks, timestep, presence level), which its weights were trained or calibrated for.
+    LdznetError when the shapes differ or the file has a presence output ``config`` lacks."""
     differ = [f"{name} {getattr(saved, name)!r} (training: {getattr(config, name)!r})"
-              for name in ("arch", "unet", "sd_blocks", "latent_size", "sd_fusion")
+              for name in ("arch", "unet", "latent_size", "sd_fusion")
               if getattr(saved, name) != getattr(config, name)]
     if differ:
         raise LdznetError(f"init {path}: the head differs from the one this run trains on this SD model and "
                           f"resolution: {'; '.join(differ)}")
     if saved.presence and not config.presence:
         raise LdznetError(f"init {path}: the head has a presence output; train it with presence_weight > 0")
-    head.load_state_dict(loaded.state_dict(), strict=not config.presence or saved.presence)
+    return replace(saved, presence=config.presence)
 
 
 def soft_dice_loss(logits: Tensor, target: Tensor) -> Tensor:
@@ -175,7 +180,8 @@ class Trainer:
     def __init__(self, backbone: StableDiffusion, source: Source, config: TrainConfig, run_dir: str | os.PathLike,
                  model_name: str = "model", resuming: bool = False):
         """``resuming``: :meth:`resume` follows, whose last.pt holds every weight, so ``config.init`` is
-        not read again (the file may be gone or rewritten since the run started)."""
+        not read again (the file may be gone or rewritten since the run started); the head config it
+        decided is read from the run's own head file."""
         self.backbone = backbone.eval().requires_grad_(False)
         self.source = source
         self.config = config
@@ -191,9 +197,11 @@ class Trainer:
         self.unreadable = 0  # examples skipped in this run because they could not be read
         self._unusable = 0  # consumed positions in a row without a usable sample
         self._examples: Iterator[tuple[int, Example]] | None = None
+        # a resumed run's own head file has the init's config (resume() then loads every weight)
+        init = (self.run_dir / HEAD if config.init else "") if resuming else config.init
         self.head, self.head_config = training_head(backbone, config.arch, config.resolution, config.seed,
                                                       config.decoder_init, config.sd_fusion,
-                                                      config.presence_weight > 0, "" if resuming else config.init)
+                                                      config.presence_weight > 0, init)
         self.head.to(self.device).train()
         if config.freeze_head:  # the presence output alone learns; the frozen rest builds no graph
             self.head.requires_grad_(False)
