@@ -57,8 +57,8 @@ class TrainConfig:
     (0: read in the training process; the results are the same either way); presence_weight: > 0 gives
     the head a presence output, trained with that weight x BCE(presence logit, mask not empty) (it needs
     ``negatives``: without absent phrases every target is "present"); init: a
-    head file of the same architecture and backbone to start from (a presence output it lacks is drawn
-    from ``seed``); freeze_head: train the presence output alone, every other tensor of the ``init``
+    head file of the same architecture and backbone to start from (the saved head keeps its SD blocks,
+    timestep and presence level; a presence output it lacks is drawn from ``seed``); freeze_head: train the presence output alone, every other tensor of the ``init``
     head stays as it is (its maps do not change).
     """
 
