@@ -13,7 +13,8 @@ import yaml
 
 from fake_webui.sdxl_file import OPENCLIP_ARCH, tiny_a1111_sdxl_state, write_tiny_a1111_sdxl
 from ldznet_ext.checkpoint_io import write_safetensors
-from ldznet_ext.errors import CheckpointError
+from ldznet_ext.cli import main
+from ldznet_ext.errors import CheckpointError, LdznetError
 from ldznet_ext.sd.checkpoint import BIGG_PREFIX, CLIP_L_PREFIX
 from ldznet_ext.webui.install_model import install_model
 
@@ -127,3 +128,64 @@ def test_another_model_of_the_same_name_is_never_replaced(sdxl_file, webui, tmp_
     with pytest.raises(CheckpointError, match=f"^{target} is another model already; pass --name or remove it"):
         install_model(other, webui, hf_home=tmp_path / "hf")
     assert {p: p.read_bytes() for p in target.parent.rglob("*") if p.is_file()} == before
+
+
+def test_a_name_with_the_checkpoints_suffix_is_taken_without_it(sdxl_file, webui, tmp_path) -> None:
+    folder = webui / "models" / "Stable-diffusion"
+    for name, installed in [("mine.safetensors", "mine"), ("Big.SafeTensors", "Big"), ("v1.5", "v1.5")]:
+        target = install_model(sdxl_file, webui, name=name, hf_home=tmp_path / "hf")
+        assert target == folder / f"{installed}.safetensors"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "Big.clip", "Big.safetensors", "Big.yaml", "mine.clip", "mine.safetensors", "mine.yaml",
+        "v1.5.clip", "v1.5.safetensors", "v1.5.yaml"]
+
+
+@pytest.mark.parametrize("via", ["argument", "environment"])
+def test_an_unusable_hf_cache_is_refused_before_anything_is_installed(sdxl_file, webui, tmp_path, monkeypatch,
+                                                                     capsys, via) -> None:
+    not_a_folder = tmp_path / "hf-file"
+    not_a_folder.write_text("x")
+    if via == "argument":
+        with pytest.raises(LdznetError, match=f"^Hugging Face cache \\(--hf-home or HF_HOME\\): cannot write to "
+                                              f"{not_a_folder}/hub: "):
+            install_model(sdxl_file, webui, hf_home=not_a_folder)
+    else:
+        monkeypatch.setenv("HF_HOME", str(not_a_folder))
+        assert main(["webui", "install-model", str(sdxl_file), str(webui)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("ldznet webui: error: Hugging Face cache (--hf-home or HF_HOME): ")
+        assert err.count("\n") == 1
+    assert not (webui / "models").exists() and not_a_folder.read_text() == "x"
+
+
+def _resaved(source: Path, target: Path, metadata_order: list[str]) -> None:
+    """``source`` written again as another process's safetensors would: its ``__metadata__`` keys in
+    ``metadata_order`` (the header JSON changes, the tensors' bytes do not)."""
+    data = source.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    header["__metadata__"] = {k: header["__metadata__"][k] for k in metadata_order}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    target.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size:])
+
+
+def test_the_same_model_saved_again_is_not_another_model(sdxl_file, webui, tmp_path) -> None:
+    target = install_model(sdxl_file, webui, hf_home=tmp_path / "hf")
+    data = sdxl_file.read_bytes()
+    keys = list(json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"])
+    assert len(keys) > 1
+    resaved = tmp_path / "again" / sdxl_file.name
+    resaved.parent.mkdir()
+    _resaved(sdxl_file, resaved, keys[::-1])
+    assert resaved.read_bytes() != data
+    assert install_model(resaved, webui, hf_home=tmp_path / "hf") == target
+    assert target.read_bytes() == data  # kept as it was
+    changed = bytearray(data)
+    changed[-1] ^= 1  # same header, one tensor byte differs
+    resaved.write_bytes(bytes(changed))
+    with pytest.raises(CheckpointError, match=f"^{target} is another model already"):
+        install_model(resaved, webui, hf_home=tmp_path / "hf")
+    target.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match=f"^{target} is another model already"):
+        install_model(sdxl_file, webui, hf_home=tmp_path / "hf")

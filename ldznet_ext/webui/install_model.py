@@ -32,9 +32,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint_io import read_metadata, read_state_dict, read_tensor_shapes, read_tensors
-from ..errors import CheckpointError
+from ..checkpoint_io import _safetensors_header, read_metadata, read_state_dict, read_tensor_shapes, read_tensors
+from ..errors import CheckpointError, LdznetError
 from ..backbones.family import sd2_variant
+from ..outputs import writable_folder
 from ..sd.checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, SD2_TEXT_PREFIX, SUPPORTED, TEXT_PREFIX, UNET_PREFIX,
                              V_PREDICTION_KEY, VAE_PREFIX, classify, parse_sd_metadata, unet_config_from_state_dict)
 from ..sd.sd2 import predicts_v
@@ -51,6 +52,7 @@ A1111_LATENT_FACTOR = 8  # A1111 sizes latents as image // 8 (opt_f) whatever th
 OPENCLIP_TEXT_TOWERS = {"ViT-bigG-14": (1280, 32, 5120, 1280), "ViT-H-14": (1024, 24, 4096, 1024),
                         "ViT-L-14": (768, 12, 3072, 768), "ViT-B-32": (512, 12, 2048, 512),
                         "ViT-S-32-alt": (256, 10, 1024, 256)}
+COMPARE_CHUNK = 16 * 2**20  # bytes of each file held at once when comparing two checkpoints
 OPENCLIP_CONTEXT = (49408, 77)  # (vocabulary, positions) of every registered OpenAI-tokenizer text tower
 
 YAML = """model:
@@ -285,13 +287,15 @@ def _shapes(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def _model_name(name: str | None, checkpoint: Path) -> str:
-    """``name`` (default: the checkpoint's stem) if it is a plain file name in models/Stable-diffusion."""
+    """``name`` (default: the checkpoint's stem; a name ending in the checkpoint's suffix is taken
+    without it) if it is a plain file name in models/Stable-diffusion."""
     if not name:
         return checkpoint.stem
     if Path(name).name != name or name.startswith(".") or (os.altsep and os.altsep in name):
         raise CheckpointError(f"--name {name!r}: expected a file name without a folder or a leading dot "
                               "(the model goes into models/Stable-diffusion)")
-    return name
+    suffix = checkpoint.suffix
+    return name[:-len(suffix)] if suffix and name.lower().endswith(suffix.lower()) else name
 
 
 def _needs_copy(checkpoint: Path, target: Path) -> bool:
@@ -299,10 +303,32 @@ def _needs_copy(checkpoint: Path, target: Path) -> bool:
     ``target`` is another model (a WebUI model is never replaced)."""
     if not target.exists() and not target.is_symlink():
         return True
-    if target.is_file() and (target.resolve() == checkpoint.resolve()
-                             or filecmp.cmp(checkpoint, target, shallow=False)):
+    if target.is_file() and (target.resolve() == checkpoint.resolve() or _same_model(checkpoint, target)):
         return False
     raise CheckpointError(f"{target} is another model already; pass --name or remove it")
+
+
+def _same_model(checkpoint: Path, target: Path) -> bool:
+    """Whether ``target`` holds the model of ``checkpoint``: for safetensors files the same header as
+    JSON (safetensors writes ``__metadata__`` keys in a per-process order, so one model saved twice
+    differs in bytes) and the same tensor bytes, compared a chunk at a time (files are gigabytes);
+    other files byte for byte."""
+    if checkpoint.suffix.lower() != ".safetensors":
+        return filecmp.cmp(checkpoint, target, shallow=False)
+    try:
+        if _safetensors_header(checkpoint) != _safetensors_header(target):
+            return False
+    except CheckpointError:  # the target is no safetensors file (the checkpoint's header was read before)
+        return False
+    with open(checkpoint, "rb") as ours, open(target, "rb") as theirs:
+        for file in (ours, theirs):  # to the first tensor byte
+            file.seek(8 + int.from_bytes(file.read(8), "little"))
+        while True:
+            chunk = ours.read(COMPARE_CHUNK)
+            if chunk != theirs.read(COMPARE_CHUNK):
+                return False
+            if not chunk:
+                return True
 
 
 def openclip_arch(state: Mapping, name: str, prefix: str = BIGG_PREFIX) -> str:
@@ -424,11 +450,16 @@ def install_model(checkpoint: str | os.PathLike, webui_dir: str | os.PathLike, n
         config = _ldm_yaml(checkpoint, state, unet, vae, clip_dir, sd2)
     target = target_dir / f"{name}{checkpoint.suffix}"
     copy = _needs_copy(checkpoint, target)
+    hf_home = Path(hf_home) if hf_home else Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    try:  # before anything is installed: a cache that cannot be filled would leave a half install
+        writable_folder(hf_home / "hub")
+    except LdznetError as error:
+        raise LdznetError(f"Hugging Face cache (--hf-home or HF_HOME): {error}") from None
     target_dir.mkdir(parents=True, exist_ok=True)
     if clip_config is not None:  # SD 2.x has no CLIP ViT-L
         write_clip_folder(clip_dir, clip_config)
     if copy:
         shutil.copyfile(checkpoint, target)
     (target_dir / f"{name}.yaml").write_text(config, encoding="utf-8")
-    fill_hf_cache(Path(hf_home) if hf_home else Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")))
+    fill_hf_cache(hf_home)
     return target
