@@ -158,8 +158,8 @@ TIME_BUDGET = Limit(float, 0, 1e7)  # seconds a training run may take before it 
 ACCUMULATE = Limit(int, 1, 1024)
 LEARNING_RATE = Limit(float, 0, 1, low_open=True)
 LR_SCALE = Limit(float, 0, 1000, low_open=True)
-FACTOR = Limit(float, 0, 1, low_open=True)  # a rate multiplier that lowers the rate
-PATIENCE = Limit(int, 1, 10_000)
+FACTOR = Limit(float, 0, 1, low_open=True, high_open=True)  # a rate multiplier that lowers the rate
+PATIENCE = Limit(int, 0, 10_000)  # 0: cut the rate after every window without improvement
 WEIGHT_DECAY = Limit(float, 0, 1)
 EMA_DECAY = Limit(float, 0, 1, high_open=True)
 GRAD_CLIP = Limit(float, 0, 1e6)

@@ -3,15 +3,17 @@ defaults < preset < file < flags (with --resume: the run's saved settings at the
 
 from __future__ import annotations
 
+import argparse
 import json
+from dataclasses import fields
 
 import pytest
 import torch
 
 from ldznet_ext.checkpoint_io import read_metadata
-from ldznet_ext.cli import main
+from ldznet_ext.cli import build_parser, main
 from ldznet_ext.errors import LdznetError
-from ldznet_ext.train.config import PRESETS, TrainConfig, compose_config, read_config_file
+from ldznet_ext.train.config import FIELD_LIMITS, PRESETS, TrainConfig, compose_config, read_config_file
 from ldznet_ext.train.trainer import CHECKPOINT, HEAD
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -89,3 +91,27 @@ def test_a_presence_output_needs_negatives(tmp_path, capsys):
                  "--config", str(tmp_path / "run.yaml")]) == 2
     assert capsys.readouterr().err == f"ldznet train: error: {message}\n"
     assert not (tmp_path / "run").exists()
+
+
+def _train_subparser() -> argparse.ArgumentParser:
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices["train"]
+
+
+def test_flags_and_config_files_share_one_bound_per_field(tmp_path, capsys):
+    numeric = {f.name for f in fields(TrainConfig) if type(DEFAULTS[f.name]) in (int, float)}
+    assert set(FIELD_LIMITS) == numeric
+    bounded = {a.dest: a.type.limit for a in _train_subparser()._actions if hasattr(a.type, "limit")}
+    assert bounded == FIELD_LIMITS  # each flag's range is the table's
+    common = ["train", "--arch", "znet", "--model", "m.safetensors", "-o", str(tmp_path / "run")]
+    for flag, value, message in [("--plateau-factor", "1", "expected a number in (0, 1), got 1"),
+                                 ("--ema", "1", "expected a number in [0, 1), got 1"),
+                                 ("--plateau-patience", "-1", "expected an integer in [0, 10000], got -1")]:
+        with pytest.raises(SystemExit):
+            main([*common, flag, value])
+        assert capsys.readouterr().err.endswith(f"error: argument {flag}: {message}\n")
+    with pytest.raises(LdznetError, match=r"^ema must be a number in \[0, 1\), got 1.0$"):
+        TrainConfig(ema=1.0)
+    with pytest.raises(LdznetError, match=r"^plateau_patience must be an integer in \[0, 10000\], got 100000$"):
+        TrainConfig(plateau_patience=100_000)
+    assert TrainConfig(plateau_patience=0).plateau_patience == 0  # torch's patience 0: cut after every bad window

@@ -12,6 +12,7 @@ ldznet_ext.cli train ...`` the N processes train one head data-parallel (see doc
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -19,25 +20,7 @@ import torch
 
 from ..data.spec import open_source
 from ..errors import LdznetError
-from ..limits import (
-    ACCUMULATE,
-    EMA_DECAY,
-    FACTOR,
-    GRAD_CLIP,
-    LEARNING_RATE,
-    LOSS_WEIGHT,
-    LR_SCALE,
-    PATIENCE,
-    RESOLUTION,
-    SEED,
-    STEP_INTERVAL,
-    STEPS,
-    TRAIN_BATCH_SIZE,
-    WARMUP,
-    WEIGHT_DECAY,
-    WORKERS,
-    bounded_number,
-)
+from ..limits import bounded_number
 from ..loading import resolve_device
 from ..modeling.build import ARCHITECTURES
 from ..modeling.ldznet import FUSIONS
@@ -45,7 +28,8 @@ from ..precision import PRECISIONS, autocast_dtype
 from ..sd.checkpoint import load_stable_diffusion
 from ..train import distributed
 from ..train.augment import TEMPLATES
-from ..train.config import PRESETS, SCHEDULES, TrainConfig, check_values, compose_config, read_config_file
+from ..train.config import (FIELD_LIMITS, PRESETS, SCHEDULES, TrainConfig, check_values, compose_config,
+                            read_config_file)
 from ..train.trainer import CHECKPOINT, HEAD, Trainer
 from .common import add_device_argument
 
@@ -95,6 +79,12 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _field(name: str) -> Callable[[str], float]:
+    """The argparse type of TrainConfig field ``name``'s flag: its bound in ``FIELD_LIMITS``, which
+    config files are held to as well."""
+    return bounded_number(FIELD_LIMITS[name])
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     d = TrainConfig()
     bool_flag = argparse.BooleanOptionalAction
@@ -108,34 +98,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", metavar="SPEC",
                    help=f"data spec, e.g. world:train:5000 or phrasecut:DIR:train (docs/datasets.md; default {d.data})")
     p.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run directory (created)")
-    p.add_argument("--steps", type=bounded_number(STEPS), help=f"optimiser steps in all (default {d.steps})")
-    p.add_argument("--batch-size", type=bounded_number(TRAIN_BATCH_SIZE),
+    p.add_argument("--steps", type=_field("steps"), help=f"optimiser steps in all (default {d.steps})")
+    p.add_argument("--batch-size", type=_field("batch_size"),
                    help=f"samples per process and micro-batch (default {d.batch_size})")
-    p.add_argument("--accumulate", type=bounded_number(ACCUMULATE),
+    p.add_argument("--accumulate", type=_field("accumulate"),
                    help=f"micro-batches per optimiser step (default {d.accumulate})")
-    p.add_argument("--lr", type=bounded_number(LEARNING_RATE),
+    p.add_argument("--lr", type=_field("lr"),
                    help=f"AdamW rate of the SD-initialised layers (default {d.lr:g})")
     p.add_argument("--scale-lr", action=bool_flag,
                    help="--lr is per sample: the rate used is lr x batch size x accumulate x processes")
-    p.add_argument("--new-lr-scale", type=bounded_number(LR_SCALE),
+    p.add_argument("--new-lr-scale", type=_field("new_lr_scale"),
                    help=f"rate multiplier for layers trained from scratch (default {d.new_lr_scale:g})")
     p.add_argument("--fast-cross-attention", action=bool_flag,
                    help="the text cross-attention layers get the --new-lr-scale rate too (default off)")
-    p.add_argument("--warmup", type=bounded_number(WARMUP), help=f"linear warm-up steps (default {d.warmup})")
+    p.add_argument("--warmup", type=_field("warmup"), help=f"linear warm-up steps (default {d.warmup})")
     p.add_argument("--schedule", choices=SCHEDULES, help=f"after warm-up (default {d.schedule})")
-    p.add_argument("--plateau-factor", type=bounded_number(FACTOR),
+    p.add_argument("--plateau-factor", type=_field("plateau_factor"),
                    help=f"plateau: rate multiplier (default {d.plateau_factor:g})")
-    p.add_argument("--plateau-patience", type=bounded_number(PATIENCE),
+    p.add_argument("--plateau-patience", type=_field("plateau_patience"),
                    help=f"plateau: windows without improvement before a cut (default {d.plateau_patience})")
-    p.add_argument("--plateau-every", type=bounded_number(STEP_INTERVAL),
+    p.add_argument("--plateau-every", type=_field("plateau_every"),
                    help=f"plateau: steps per loss window (default {d.plateau_every})")
-    p.add_argument("--weight-decay", type=bounded_number(WEIGHT_DECAY), help=f"default {d.weight_decay:g}")
-    p.add_argument("--ema", type=bounded_number(EMA_DECAY), help=f"EMA decay of the saved head (default {d.ema:g})")
-    p.add_argument("--grad-clip", type=bounded_number(GRAD_CLIP),
+    p.add_argument("--weight-decay", type=_field("weight_decay"), help=f"default {d.weight_decay:g}")
+    p.add_argument("--ema", type=_field("ema"), help=f"EMA decay of the saved head (default {d.ema:g})")
+    p.add_argument("--grad-clip", type=_field("grad_clip"),
                    help=f"gradient norm limit, 0 = off (default {d.grad_clip:g})")
-    p.add_argument("--pos-weight", type=bounded_number(LOSS_WEIGHT),
+    p.add_argument("--pos-weight", type=_field("pos_weight"),
                    help=f"BCE weight of mask pixels (default {d.pos_weight:g})")
-    p.add_argument("--dice-weight", type=bounded_number(LOSS_WEIGHT),
+    p.add_argument("--dice-weight", type=_field("dice_weight"),
                    help=f"weight of a per-sample soft Dice loss added to the BCE (default {d.dice_weight:g})")
     p.add_argument("--decoder-init", choices=("identity", "default"),
                    help=f"mask decoder start: identity up-sampling, or torch's default as the official code "
@@ -146,7 +136,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--templates", choices=tuple(TEMPLATES), help=f"prompt templates (default {d.templates})")
     p.add_argument("--negatives", action=bool_flag,
                    help="also train on absent phrases, with empty masks (default: on)")
-    p.add_argument("--presence-weight", type=bounded_number(LOSS_WEIGHT),
+    p.add_argument("--presence-weight", type=_field("presence_weight"),
                    help="> 0: give the head a learned presence output (is the phrase in the image?), its BCE "
                         f"added with this weight; absent phrases come from --negatives (default {d.presence_weight:g})")
     p.add_argument("--init", metavar="HEAD.safetensors",
@@ -155,7 +145,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--freeze-head", action=bool_flag,
                    help="with --init and --presence-weight: train the presence output alone, the head's maps stay "
                         "exactly the same (default off)")
-    p.add_argument("--resolution", type=bounded_number(RESOLUTION),
+    p.add_argument("--resolution", type=_field("resolution"),
                    help=f"training image side, a multiple of 64 (default {d.resolution})")
     p.add_argument("--precision", "--dtype", choices=PRECISIONS,
                    help="fp32, or bf16/fp16 (CUDA): the frozen SD model's dtype and the head's autocast; the "
@@ -163,13 +153,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-checkpoint", action=bool_flag,
                    help="recompute the head's activations in the backward pass (less memory, about one more "
                         "forward pass a step)")
-    p.add_argument("--seed", type=bounded_number(SEED), help=f"default {d.seed}")
-    p.add_argument("--workers", type=bounded_number(WORKERS), metavar="N",
+    p.add_argument("--seed", type=_field("seed"), help=f"default {d.seed}")
+    p.add_argument("--workers", type=_field("workers"), metavar="N",
                    help="processes that read and decode examples ahead of training; results do not depend on it "
                         f"and --resume may change it (default {d.workers}: read in the training process)")
-    p.add_argument("--save-every", type=bounded_number(STEP_INTERVAL),
+    p.add_argument("--save-every", type=_field("save_every"),
                    help=f"checkpoint interval in steps (default {d.save_every})")
-    p.add_argument("--log-every", type=bounded_number(STEP_INTERVAL),
+    p.add_argument("--log-every", type=_field("log_every"),
                    help=f"log.csv interval in steps (default {d.log_every})")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pt")
     add_device_argument(p, "; under torchrun each process takes cuda:LOCAL_RANK")

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LdznetError
-from ..limits import (ACCUMULATE, GRAD_CLIP, LEARNING_RATE, LOSS_WEIGHT, LR_SCALE, RESOLUTION, SEED, STEP_INTERVAL,
-                      STEPS, TRAIN_BATCH_SIZE, WARMUP, WEIGHT_DECAY, WORKERS)
+from ..limits import (ACCUMULATE, EMA_DECAY, FACTOR, GRAD_CLIP, LEARNING_RATE, LOSS_WEIGHT, LR_SCALE, PATIENCE,
+                      RESOLUTION, SEED, STEP_INTERVAL, STEPS, TRAIN_BATCH_SIZE, WARMUP, WEIGHT_DECAY, WORKERS)
 from ..modeling.build import ARCHITECTURES
 from ..modeling.ldznet import FUSIONS
 from ..precision import PRECISIONS
@@ -26,12 +26,11 @@ from .augment import TEMPLATES
 SCHEDULES = ("constant", "cosine", "plateau")
 FIELD_LIMITS = {
     "resolution": RESOLUTION, "steps": STEPS, "batch_size": TRAIN_BATCH_SIZE, "accumulate": ACCUMULATE,
-    "lr": LEARNING_RATE, "new_lr_scale": LR_SCALE, "warmup": WARMUP, "plateau_every": STEP_INTERVAL,
-    "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP, "pos_weight": LOSS_WEIGHT, "dice_weight": LOSS_WEIGHT,
-    "presence_weight": LOSS_WEIGHT, "seed": SEED, "workers": WORKERS, "save_every": STEP_INTERVAL,
-    "log_every": STEP_INTERVAL}
-"""The command line's bound of each numeric field that has one there as well as here (``ema``,
-``plateau_factor`` and ``plateau_patience`` keep their own, wider, checks below)."""
+    "lr": LEARNING_RATE, "new_lr_scale": LR_SCALE, "warmup": WARMUP, "plateau_factor": FACTOR,
+    "plateau_patience": PATIENCE, "plateau_every": STEP_INTERVAL, "weight_decay": WEIGHT_DECAY, "ema": EMA_DECAY,
+    "grad_clip": GRAD_CLIP, "pos_weight": LOSS_WEIGHT, "dice_weight": LOSS_WEIGHT, "presence_weight": LOSS_WEIGHT,
+    "seed": SEED, "workers": WORKERS, "save_every": STEP_INTERVAL, "log_every": STEP_INTERVAL}
+"""The bound of every numeric field, held by the command line's flags and by config files alike."""
 
 
 @dataclass(frozen=True)
@@ -58,8 +57,9 @@ class TrainConfig:
     the head a presence output, trained with that weight x BCE(presence logit, mask not empty) (it needs
     ``negatives``: without absent phrases every target is "present"); init: a
     head file of the same architecture and backbone to start from (the saved head keeps its SD blocks,
-    timestep and presence level; a presence output it lacks is drawn from ``seed``); freeze_head: train the presence output alone, every other tensor of the ``init``
-    head stays as it is (its maps do not change).
+    timestep and presence level; a presence output it lacks is drawn from ``seed``); freeze_head: train
+    the presence output alone, every other tensor of the ``init`` head stays as it is (its maps do not
+    change).
     """
 
     arch: str = "ldznet"
@@ -104,24 +104,16 @@ class TrainConfig:
                 raise LdznetError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.sd_fusion != "attention" and self.arch != "ldznet":
             raise LdznetError(f"sd_fusion={self.sd_fusion!r} is an LD-ZNet option; {self.arch} reads no SD features")
-        if self.resolution % 64:
-            raise LdznetError(f"resolution must be a multiple of 64, got {self.resolution}")
-        if min(self.steps, self.batch_size, self.accumulate, self.save_every, self.log_every, self.plateau_every) < 1:
-            raise LdznetError("steps, batch size, accumulate and the save, log and plateau intervals must be >= 1")
-        if self.warmup < 0 or self.plateau_patience < 0 or self.workers < 0:
-            raise LdznetError("warm-up, plateau patience and workers must be >= 0")
-        if not 0.0 < self.plateau_factor < 1.0:
-            raise LdznetError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
         for name, limit in FIELD_LIMITS.items():  # a config file is held to the flags' bounds (NaN too)
             limit.check(getattr(self, name), name)
+        if self.resolution % 64:
+            raise LdznetError(f"resolution must be a multiple of 64, got {self.resolution}")
         if self.presence_weight > 0.0 and not self.negatives:  # every phrase present: one class to learn
             raise LdznetError("presence_weight > 0 trains the presence output on absent phrases: keep negatives on "
                               "(--negatives)")
         if self.freeze_head and not (self.init and self.presence_weight > 0.0):
             raise LdznetError("freeze_head trains the presence output of an existing head alone: it needs init "
                               "(the head file) and presence_weight > 0")
-        if not 0.0 <= self.ema < 1.0:
-            raise LdznetError(f"EMA decay must be in [0, 1), got {self.ema}")
 
     @classmethod
     def from_dict(cls, data: Mapping) -> TrainConfig:
