@@ -13,6 +13,8 @@ from __future__ import annotations
 import filecmp
 import json
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -33,25 +35,26 @@ def _install(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-@pytest.fixture(scope="module")
-def forge(tmp_path_factory):
-    """Forge on the CPU with the random full-size SDXL file loaded, the micro SD v1 among its checkpoints
-    and the micro head selected. Live previews are off: with an SDXL model loaded, the default
+@contextmanager
+def forge_with(tmp_path_factory, checkpoint_name: str, write: Callable[[Path], None],
+               extra_files: Callable[[Path], None] = lambda folder: None) -> Iterator[str]:
+    """Forge on the CPU with ``models/Stable-diffusion/checkpoint_name`` loaded (``write`` makes it once),
+    the micro SD v1 among its checkpoints (``extra_files``: more, into that folder) and the micro head
+    selected; yields the base URL. Live previews are off: with an SDXL model loaded, the default
     "Approx NN" preview downloads vaeapprox-sdxl.pt before a generation, which fails offline."""
     if not FORGE:
         pytest.skip("set LDZNET_FORGE_DIR to a Forge folder to run")
-    from fake_webui.full_size_sdxl import write_full_size_sdxl
-
     from ldznet_ext.defaults import default_model_paths
 
     forge_dir, work = Path(FORGE), tmp_path_factory.mktemp("forge")
-    checkpoint = forge_dir / "models" / "Stable-diffusion" / SDXL_FILE
-    if not checkpoint.exists():
-        write_full_size_sdxl(checkpoint)
+    checkpoints = forge_dir / "models" / "Stable-diffusion"
+    if not (checkpoints / checkpoint_name).exists():
+        write(checkpoints / checkpoint_name)
+    extra_files(checkpoints)
     sd, head = default_model_paths()
-    _install(sd, forge_dir / "models" / "Stable-diffusion" / sd.name)
+    _install(sd, checkpoints / sd.name)
     _install(head, forge_dir / "models" / "ldznet" / head.name)
-    flags = ["--skip-install", "--always-cpu", "--ckpt", str(checkpoint)]
+    flags = ["--skip-install", "--always-cpu", "--ckpt", str(checkpoints / checkpoint_name)]
     options = {"ldznet_head": head.name, "return_mask": True, "ldznet_mask_model": "automatic",
                "ldznet_resolution": 0, "live_previews_enable": False}
     with _serve(forge_dir, work, flags, options, "LDZNET_FORGE_PYTHON") as base:
@@ -59,6 +62,15 @@ def forge(tmp_path_factory):
             yield base
         finally:
             _call(base, "/sdapi/v1/options", RESTORED)
+
+
+@pytest.fixture(scope="module")
+def forge(tmp_path_factory):
+    """Forge with the random full-size SDXL file loaded (forge_with)."""
+    from fake_webui.full_size import write_full_size_sdxl
+
+    with forge_with(tmp_path_factory, SDXL_FILE, write_full_size_sdxl) as base:
+        yield base
 
 
 def _title(server: str, stem: str) -> str:
@@ -74,9 +86,14 @@ def _scene() -> Image.Image:
 
 
 def test_zero_shot_masks_come_from_the_host_sdxl_model(forge):
-    """Zero-shot on Forge's SDXL model (at 256 px to keep it quick): a non-flat map whose mid-range
-    threshold splits the image, the same for the same request; with the mask-model setting naming the
-    SDXL file, head mode is refused and zero-shot still answers."""
+    """Zero-shot on Forge's SDXL model (check_zero_shot_on_the_loaded_model)."""
+    check_zero_shot_on_the_loaded_model(forge, Path(SDXL_FILE).stem)
+
+
+def check_zero_shot_on_the_loaded_model(forge: str, stem: str) -> np.ndarray:
+    """Zero-shot on Forge's loaded model, checkpoint ``stem`` (at 256 px to keep it quick): a non-flat map
+    whose mid-range threshold splits the image, the same for the same request; with the mask-model setting
+    naming that file, head mode is refused and zero-shot still answers. Returns the probability map."""
     assert _call(forge, "/sdapi/v1/options", {"ldznet_resolution": SIZE})[0] == 200
     try:
         image = _b64(_scene())
@@ -89,21 +106,27 @@ def test_zero_shot_masks_come_from_the_host_sdxl_model(forge):
         assert status == 200 and 0 < split["coverage"] < 1 and _png(split["mask"]).shape == (SIZE, SIZE)
         assert np.array_equal(_png(split["probability"]), _png(first["probability"]))
 
-        sdxl = _title(forge, Path(SDXL_FILE).stem)
-        assert _call(forge, "/sdapi/v1/options", {"ldznet_mask_model": sdxl})[0] == 200
+        loaded = _title(forge, stem)
+        assert _call(forge, "/sdapi/v1/options", {"ldznet_mask_model": loaded})[0] == 200
         status, refused = _call(forge, "/ldznet/v1/mask", {"image": image, "expression": "green triangle"})
         assert status == 409 and refused["detail"].startswith(
-            f"Settings > LD-ZNet > 'SD 1.x model for masks when the loaded model is not SD 1.x' is {sdxl!r}, "
+            f"Settings > LD-ZNet > 'SD 1.x model for masks when the loaded model is not SD 1.x' is {loaded!r}, "
             "which is not among the WebUI's SD 1.x checkpoints (")
         status, again = _call(forge, "/ldznet/v1/mask", {"image": image, **ZERO_SHOT, "threshold": threshold})
         assert status == 200 and np.array_equal(_png(again["probability"]), _png(split["probability"]))
         assert np.array_equal(_png(again["mask"]), _png(split["mask"])) and again["coverage"] == split["coverage"]
+        return probability
     finally:
         assert _call(forge, "/sdapi/v1/options", {"ldznet_mask_model": "automatic", "ldznet_resolution": 0})[0] == 200
 
 
 def test_head_mode_mask_line_inpaints_with_the_routes_mask(forge):
-    """LD-ZNet head mode with Forge's SDXL model loaded: the micro head on the micro SD v1 (the setting
+    """LD-ZNet head mode with Forge's SDXL model loaded (check_forge_head_mode)."""
+    check_forge_head_mode(forge, Path(SDXL_FILE).stem)
+
+
+def check_forge_head_mode(forge: str, stem: str) -> None:
+    """LD-ZNet head mode with Forge's model ``stem`` loaded: the micro head on the micro SD v1 (the setting
     names it) finds the triangle, and img2img's ``mask:`` line inpaints with exactly the route's mask."""
     micro = _title(forge, "micro-sd-v1")
     assert _call(forge, "/sdapi/v1/options", {"ldznet_mask_model": micro})[0] == 200
@@ -119,6 +142,6 @@ def test_head_mode_mask_line_inpaints_with_the_routes_mask(forge):
     assert status == 200, result
     infotext = json.loads(result["info"])["infotexts"][0]
     assert infotext.startswith("a photo\n") and "LD-ZNet mask: green triangle" in infotext
-    assert "Model: " + Path(SDXL_FILE).stem in infotext  # generated by the SDXL model, not the mask model
+    assert "Model: " + stem in infotext  # generated by the loaded model, not the mask model
     used = _png(result["images"][-1])  # opts.return_mask: the mask the WebUI inpainted with
     assert np.array_equal(used[..., 0] if used.ndim == 3 else used, _png(direct["mask"]))
