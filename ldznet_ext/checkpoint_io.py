@@ -145,7 +145,7 @@ def _json_kind(value: Any) -> str:
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
-def _safetensors_header(path: Path) -> dict[str, Any]:
+def safetensors_header(path: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file (tensor names, dtypes, shapes, offsets, ``__metadata__``)."""
     try:
         with open(path, "rb") as f:
@@ -168,7 +168,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     path = readable_file(path)
     if path.suffix.lower() != ".safetensors":
         return {}
-    raw = _safetensors_header(path).get("__metadata__") or {}
+    raw = safetensors_header(path).get("__metadata__") or {}
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path.name}: the safetensors '__metadata__' is {_json_kind(raw)}, "
                               "not a JSON object of strings")
@@ -189,7 +189,7 @@ def read_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]] | 
     if path.suffix.lower() != ".safetensors":
         return None
     shapes = {}
-    for name, entry in _safetensors_header(path).items():
+    for name, entry in safetensors_header(path).items():
         if name == "__metadata__":
             continue
         shape = entry.get("shape") if isinstance(entry, dict) else None

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint_io import _safetensors_header, read_metadata, read_state_dict, read_tensor_shapes, read_tensors
+from ..checkpoint_io import safetensors_header, read_metadata, read_state_dict, read_tensor_shapes, read_tensors
 from ..errors import CheckpointError, LdznetError
 from ..backbones.family import sd2_variant
 from ..outputs import writable_folder
@@ -316,7 +316,7 @@ def _same_model(checkpoint: Path, target: Path) -> bool:
     if checkpoint.suffix.lower() != ".safetensors":
         return filecmp.cmp(checkpoint, target, shallow=False)
     try:
-        if _safetensors_header(checkpoint) != _safetensors_header(target):
+        if safetensors_header(checkpoint) != safetensors_header(target):
             return False
     except CheckpointError:  # the target is no safetensors file (the checkpoint's header was read before)
         return False
