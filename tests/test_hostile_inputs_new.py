@@ -142,7 +142,7 @@ def test_choose_presence_level_says_when_no_level_fits(tiny_model_files, monkeyp
     tool = _tool("choose_presence_level")
     # a present phrase scored 0.005 is lost at every level from 0.01: its IoU of 1 drops to 0
     rows = [{"present": True, "scores": [0.005], "empty": False, "iou": [1.0] * 49}]
-    monkeypatch.setattr(tool, "collect", lambda head, data: rows)
+    monkeypatch.setattr(tool, "collect", lambda *args: rows)
     monkeypatch.setattr(sys, "argv", ["choose_presence_level.py", str(head), "--max-drop", "5", "-o",
                                       str(tmp_path / "out.safetensors")])
     with pytest.raises(SystemExit) as exit_:
@@ -151,6 +151,32 @@ def test_choose_presence_level_says_when_no_level_fits(tiny_model_files, monkeyp
         "choose_presence_level.py: error: no level keeps the present phrases' mIoU within --max-drop 5 points of "
         "100.00; allow a larger drop\n")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_choose_presence_level_never_writes_over_its_head(tiny_model_files, monkeypatch, capsys, tmp_path) -> None:
+    head = _crafted_head(tmp_path, tiny_model_files[1], presence=True)
+    before = head.read_bytes()
+    tool = _tool("choose_presence_level")
+    monkeypatch.setattr(tool, "collect", lambda *args: pytest.fail("collected before refusing the output"))
+    monkeypatch.setattr(sys, "argv", ["choose_presence_level.py", str(head), "-o", str(head)])
+    with pytest.raises(SystemExit) as exit_:
+        tool.main()
+    assert exit_.value.code == 2 and capsys.readouterr().err == (
+        f"choose_presence_level.py: error: {head}: the same file as the head {head}; give the output another name\n")
+    assert head.read_bytes() == before
+
+
+def test_choose_presence_level_scores_on_the_given_model(tiny_model_files, monkeypatch, capsys, tmp_path) -> None:
+    head = _crafted_head(tmp_path, tiny_model_files[1], presence=True)
+    tool, seen = _tool("choose_presence_level"), []
+    rows = [{"present": True, "scores": [0.9], "empty": False, "iou": [1.0] * 49}]
+    monkeypatch.setattr(tool, "collect", lambda *args: seen.append(args[2:]) or rows)
+    monkeypatch.setattr(tool, "load_head", lambda path: (None, read_head_config(path)))
+    monkeypatch.setattr(tool, "save_head", lambda *args, **kwargs: None)
+    monkeypatch.setattr(sys, "argv", ["choose_presence_level.py", str(head), "--model", "sd.safetensors",
+                                      "--device", "cpu", "-o", str(tmp_path / "out.safetensors")])
+    tool.main()
+    assert seen == [("sd.safetensors", "cpu")]
 
 
 @pytest.fixture(scope="module")

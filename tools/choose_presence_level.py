@@ -1,6 +1,8 @@
 """Choose the level of a head's learned presence output on validation data and write it into a copy.
 
     .venv/bin/python tools/choose_presence_level.py HEAD.safetensors --data world:val:60 -o HEAD-calibrated.safetensors
+    .venv/bin/python tools/choose_presence_level.py HEAD.safetensors --model sd-v1-5.safetensors \
+        --data phrasecut:/data/VGPhraseCut_v0:val --device cuda -o HEAD-calibrated.safetensors
 
 The head's score (sigmoid of its presence logit) is collected for every phrase of ``--data``,
 absent ones included, with each present phrase's CLIPSeg per-sample IoUs at the 49 thresholds;
@@ -31,18 +33,20 @@ from ldznet_ext.data.stream import iterate_examples  # noqa: E402
 from ldznet_ext.eval.metrics import THRESHOLDS  # noqa: E402
 from ldznet_ext.errors import LdznetError  # noqa: E402
 from ldznet_ext.heads import load_head, read_head_config, save_head  # noqa: E402
-from ldznet_ext.limits import Limit, bounded_number  # noqa: E402
-from ldznet_ext.loading import load_segmenter, resolve_model_paths  # noqa: E402
+from ldznet_ext.limits import DEVICE_NAMES, Limit, bounded_number, device_name  # noqa: E402
+from ldznet_ext.loading import load_segmenter, resolve_device, resolve_model_paths  # noqa: E402
+from ldznet_ext.outputs import same_file, writable_path  # noqa: E402
 
 LEVELS = np.round(np.arange(0.01, 1.0, 0.01), 2)
 MAX_DROP = Limit(float, 0, 100)  # mIoU points
 
 
-def collect(head_path: str, data: str) -> list[dict]:
-    """One row per phrase: present, the head's presence score, empty (no pixel above 0.5), IoUs."""
+def collect(head_path: str, data: str, model: str | None = None, device: str = "auto") -> list[dict]:
+    """One row per phrase: present, the head's presence score, empty (no pixel above 0.5), IoUs; on the
+    SD ``model`` the head was trained on (None: the embedded micro model)."""
     torch.set_grad_enabled(False)
-    model, _ = resolve_model_paths(None, None, False)
-    segmenter = load_segmenter(model, head_path)
+    model, _ = resolve_model_paths(model, head_path, False)
+    segmenter = load_segmenter(model, head_path, device=resolve_device(device))
     source = open_source(data, size=segmenter.resolution)
     rows = []
     for _, example in iterate_examples(source, range(len(source))):
@@ -69,7 +73,9 @@ def main() -> None:
     parser.add_argument("--data", default="world:val:60", help="validation data (default world:val:60)")
     parser.add_argument("--max-drop", type=bounded_number(MAX_DROP), default=1.0,
                         help="allowed present mIoU drop, points (default 1)")
-    parser.add_argument("-o", "--output", required=True, help="the head with the chosen level")
+    parser.add_argument("--model", help="the SD model the head was trained on (default: the embedded micro model)")
+    parser.add_argument("--device", type=device_name, default="auto", help=f"{DEVICE_NAMES} (default auto)")
+    parser.add_argument("-o", "--output", required=True, help="the head with the chosen level (a new file)")
     args = parser.parse_args()
     try:
         choose(args)
@@ -82,7 +88,10 @@ def choose(args: argparse.Namespace) -> None:
     if not read_head_config(args.head).presence:
         raise LdznetError(f"{Path(args.head).name}: the head has no presence output to choose a level for; "
                           "train one with ldznet train --presence-weight")
-    rows = collect(args.head, args.data)
+    if same_file(args.head, args.output):
+        raise LdznetError(f"{args.output}: the same file as the head {args.head}; give the output another name")
+    writable_path(args.output)  # before the evaluation, which takes minutes
+    rows = collect(args.head, args.data, args.model, args.device)
     base = measure(rows, None, 0)
     best = None
     for level in LEVELS:
