@@ -145,5 +145,5 @@ def test_no_usable_example_stops_with_a_clear_message(tiny_sd, tmp_path):
 def test_workers_setting(tmp_path):
     (tmp_path / "run.yaml").write_text("workers: 3\n")
     assert read_config_file(tmp_path / "run.yaml") == {"workers": 3}
-    with pytest.raises(LdznetError, match="workers must be >= 0"):
+    with pytest.raises(LdznetError, match=r"workers must be an integer in \[0, 64\], got -1"):
         TrainConfig(workers=-1)
