@@ -3,6 +3,7 @@ separate SD 1.x mask model chosen among the host's checkpoints, its memory polic
 refusals and the API pre-check, on the fake A1111."""
 from __future__ import annotations
 
+import re
 import sys
 import types
 from collections import defaultdict
@@ -121,11 +122,12 @@ def test_head_mode_on_a_host_that_cannot_serve_it_equals_the_cli(tmp_path, famil
 
 def test_zero_shot_on_flux_is_refused_with_a_pointer_to_head_mode(sdxl_host):
     modules.shared.sd_model.is_sdxl, modules.shared.sd_model.is_flux = False, True  # SDXL serves zero-shot itself
-    message = ("is Flux; LD-ZNet reads SD 1.x UNet features, so load an SD 1.x checkpoint. Zero-shot masks read the "
+    message = ("is Flux; LD-ZNet reads the features of SD 1.x UNets (for zero-shot masks also of SD 2.x and "
+               "SDXL-family ones). Zero-shot masks read the "
                "loaded model's own features; mode 'LD-ZNet head' works with any loaded model: it runs on the SD 1.x "
                "model set in Settings > LD-ZNet > 'SD 1.x model for masks when the loaded model is not SD 1.x'")
     zero_shot = MaskJob("goblin", "zero-shot")
-    with pytest.raises(CheckpointError, match=f"{message}$".replace(".", "\\.").replace("(", "\\(")):
+    with pytest.raises(CheckpointError, match=re.escape(message) + "$"):
         host.compute(IMAGE, zero_shot)
     with pytest.raises(api.ApiError) as refused:
         api.check_generation({"init_images": ["x"], "alwayson_scripts": {

@@ -149,7 +149,8 @@ def test_zero_shot_without_an_sdxl_unet_points_to_head_mode(tmp_path, flag, fami
     loaded.is_sdxl = False
     setattr(loaded, flag, True)
     world.install(tmp_path, head=False, model=loaded)
-    message = (f"the loaded model is {family}; LD-ZNet reads SD 1.x UNet features, so load an SD 1.x checkpoint. "
+    message = (f"the loaded model is {family}; LD-ZNet reads the features of SD 1.x UNets (for zero-shot masks "
+               "also of SD 2.x and SDXL-family ones). "
                "Zero-shot masks read the loaded model's own features; mode 'LD-ZNet head' works with any loaded "
                "model: it runs on the SD 1.x model set in Settings > LD-ZNet")
     for call in (lambda: host.compute(IMAGE, ZERO_SHOT), lambda: host.check_ready(ZERO_SHOT)):

@@ -28,12 +28,12 @@ from .sampling import sample_posterior
 def check_a1111_model(sd_model, current_unet=None) -> None:
     """Raise CheckpointError when the loaded model is not one LD-ZNet can read features from."""
     if sd_model is None:
-        raise CheckpointError("no Stable Diffusion model is loaded; load an SD 1.x checkpoint first")
+        raise CheckpointError("no Stable Diffusion model is loaded; load a checkpoint first")
     name = model_name(sd_model)
     family = host_family(sd_model)
     if family not in ("sd-v1", "sd-v1-inpainting"):
-        raise CheckpointError(f"{name} is {LABELS[family]}; LD-ZNet reads SD 1.x UNet features, "
-                              "so load an SD 1.x checkpoint")
+        raise CheckpointError(f"{name} is {LABELS[family]}; LD-ZNet reads the features of SD 1.x "
+                              "UNets (for zero-shot masks also of SD 2.x and SDXL-family ones)")
     if getattr(sd_model, "parameterization", "eps") != "eps":
         raise CheckpointError(f"{name} predicts {sd_model.parameterization!r}; "
                               "LD-ZNet needs an eps-prediction SD 1.x model")

@@ -30,12 +30,12 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 def check_forge_model(sd_model) -> None:
     """Raise CheckpointError when Forge's loaded model is not a plain SD 1.x model."""
     if sd_model is None or getattr(sd_model, "forge_objects", None) is None:
-        raise CheckpointError("no Stable Diffusion model is loaded; load an SD 1.x checkpoint first")
+        raise CheckpointError("no Stable Diffusion model is loaded; load a checkpoint first")
     family = host_family(sd_model, sd1_unless_told=False)
     if family not in ("sd-v1", "sd-v1-inpainting"):
         found = LABELS[family] if family != "unknown" else f"a {type(sd_model).__name__} model (not SD 1.x)"
-        raise CheckpointError(f"the loaded model is {found}; LD-ZNet reads SD 1.x UNet features, "
-                              "so load an SD 1.x checkpoint")
+        raise CheckpointError(f"the loaded model is {found}; LD-ZNet reads the features of SD 1.x "
+                              "UNets (for zero-shot masks also of SD 2.x and SDXL-family ones)")
     if family == "sd-v1-inpainting":
         raise CheckpointError(f"the loaded model is {LABELS[family]}; LD-ZNet needs a plain "
                               "SD 1.x model: load the base model the inpainting model was made from")
