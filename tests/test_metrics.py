@@ -116,3 +116,9 @@ def test_perfect_and_empty_predictions():
 def test_summary_needs_samples():
     with pytest.raises(ValueError, match="no samples"):
         SegmentationMetrics().summary()
+
+
+def test_sample_iou_of_counts() -> None:
+    from ldznet_ext.eval.metrics import sample_iou
+
+    assert sample_iou(np.array([[3, 1, 2, 9], [0, 0, 0, 5]])).tolist() == [3 / 7, 0.0]

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldznet_ext.data.spec import open_source  # noqa: E402
 from ldznet_ext.data.stream import iterate_examples  # noqa: E402
-from ldznet_ext.eval.metrics import THRESHOLDS  # noqa: E402
+from ldznet_ext.eval.metrics import sample_iou, threshold_counts  # noqa: E402
 from ldznet_ext.loading import load_segmenter, resolve_model_paths  # noqa: E402
 from ldznet_ext.masks.presence import presence_score  # noqa: E402
 
@@ -53,11 +53,7 @@ def collect(args: argparse.Namespace) -> None:
             row = {"example": index, "phrase": phrase, "present": bool(truth.any()),
                    "scores": [presence_score(p, area) for area in AREAS], "empty": bool((p <= EMPTY_AT).all())}
             if row["present"]:
-                positive = p[None] > torch.as_tensor(THRESHOLDS, dtype=torch.float32)[:, None, None]
-                tp = (positive & truth).sum((1, 2)).double()
-                fp = (positive & ~truth).sum((1, 2)).double()
-                fn = (~positive & truth).sum((1, 2)).double()
-                row["iou"] = (tp / (1 + tp + fp + fn)).tolist()
+                row["iou"] = sample_iou(threshold_counts(p, truth)).tolist()
             rows.append(row)
         print(f"{index + 1}/{len(source)}", file=sys.stderr)
     Path(args.output).write_text(json.dumps({"data": args.data, "zero_shot": args.zero_shot, "areas": AREAS,

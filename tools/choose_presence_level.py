@@ -30,7 +30,7 @@ from calibrate_presence import EMPTY_AT, measure  # noqa: E402
 from ldznet_ext.checkpoint_io import read_metadata  # noqa: E402
 from ldznet_ext.data.spec import open_source  # noqa: E402
 from ldznet_ext.data.stream import iterate_examples  # noqa: E402
-from ldznet_ext.eval.metrics import THRESHOLDS  # noqa: E402
+from ldznet_ext.eval.metrics import sample_iou, threshold_counts  # noqa: E402
 from ldznet_ext.errors import LdznetError  # noqa: E402
 from ldznet_ext.heads import load_head, read_head_config, save_head  # noqa: E402
 from ldznet_ext.limits import DEVICE_NAMES, Limit, bounded_number, device_name  # noqa: E402
@@ -58,11 +58,7 @@ def collect(head_path: str, data: str, model: str | None = None, device: str = "
             row = {"present": bool(truth.any()), "scores": [decisions[phrase].score],
                    "empty": bool((p <= EMPTY_AT).all())}
             if row["present"]:
-                positive = p[None] > torch.as_tensor(THRESHOLDS, dtype=torch.float32)[:, None, None]
-                tp = (positive & truth).sum((1, 2)).double()
-                fp = (positive & ~truth).sum((1, 2)).double()
-                fn = (~positive & truth).sum((1, 2)).double()
-                row["iou"] = (tp / (1 + tp + fp + fn)).tolist()
+                row["iou"] = sample_iou(threshold_counts(p, truth)).tolist()
             rows.append(row)
     return rows
 

@@ -95,6 +95,14 @@ def threshold_counts(probability: Tensor, truth: Tensor, thresholds: np.ndarray 
     return torch.stack([tp, fp, fn, tn], dim=1).numpy().astype(np.int64)
 
 
+def sample_iou(counts: np.ndarray) -> np.ndarray:
+    """IoU TP / (1 + TP + FP + FN) of (TP, FP, FN, TN) counts [..., 4], float64 [...]: one sample's IoU
+    at each threshold from :func:`threshold_counts`, the quantity mIoU averages over samples."""
+    counts = np.asarray(counts, dtype=np.float64)
+    tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
+    return tp / (1 + tp + fp + fn)
+
+
 @dataclass(frozen=True)
 class MetricSummary:
     """Metric values in [0, 1] (the paper reports them x 100) and the thresholds that gave them."""
@@ -207,9 +215,7 @@ class SegmentationMetrics:
         """Per-sample IoU TP / (1 + TP + FP + FN) at each threshold, float64 [N, 49]; mIoU(t) is its column mean."""
         if not self.counts:
             raise ValueError("no samples were added")
-        per_sample = np.stack(self.counts).astype(np.float64)  # [N, 49, 4]
-        tp, fp, fn = per_sample[..., 0], per_sample[..., 1], per_sample[..., 2]
-        return tp / (1 + tp + fp + fn)
+        return sample_iou(np.stack(self.counts))  # counts [N, 49, 4]
 
     def summary(self) -> MetricSummary:
         miou = self.sample_ious().mean(axis=0)
