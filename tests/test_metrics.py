@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldznet_ext.eval.metrics import THRESHOLDS, SegmentationMetrics, simpson, threshold_counts
+from ldznet_ext.eval.metrics import THRESHOLDS, SegmentationMetrics, sample_iou, simpson, threshold_counts
 
 
 def test_thresholds_are_clipseg_fixed_interval():
@@ -119,6 +119,4 @@ def test_summary_needs_samples():
 
 
 def test_sample_iou_of_counts() -> None:
-    from ldznet_ext.eval.metrics import sample_iou
-
     assert sample_iou(np.array([[3, 1, 2, 9], [0, 0, 0, 5]])).tolist() == [3 / 7, 0.0]
