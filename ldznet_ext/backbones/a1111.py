@@ -21,7 +21,7 @@ from ..errors import CheckpointError
 from ..sd.schedule import NoiseSchedule
 from ..sd.sdxl import PREDICTIONS, v_to_eps
 from .base import Conditioning, UNetLayout, ldm_layout
-from .family import LABELS, host_family, sd2_variant
+from .family import LABELS, check_zero_shot_prediction, host_family, sd2_variant
 from .sampling import sample_posterior
 
 
@@ -59,9 +59,7 @@ def check_a1111_sd2_model(sd_model, current_unet=None) -> None:
     if variant is not None:
         raise CheckpointError(f"{name} is {variant}; zero-shot masks need a text-to-image SD 2.x model: "
                               "load the SD 2.x model it was made from")
-    prediction = getattr(sd_model, "parameterization", "eps")
-    if prediction not in PREDICTIONS:
-        raise CheckpointError(f"{name} predicts {prediction!r}; zero-shot masks need an eps- or v-prediction model")
+    check_zero_shot_prediction(name, getattr(sd_model, "parameterization", "eps"), PREDICTIONS)
     check_torch_unet(current_unet)
 
 

@@ -21,7 +21,7 @@ from ..errors import CheckpointError
 from ..sd.sdxl import PREDICTIONS, pooled_text, working_size_vector
 from .a1111 import A1111Backbone, check_torch_unet, model_name
 from .base import Conditioning
-from .family import LABELS, host_family
+from .family import LABELS, check_zero_shot_prediction, host_family
 from .sampling import sample_posterior
 
 # The inputs of sgm's size embedders in an SDXL base-family conditioner (a refiner has an aesthetic score instead).
@@ -47,9 +47,7 @@ def check_a1111_sdxl_model(sd_model, current_unet=None) -> None:
     if in_channels != 4 or getattr(sd_model, "is_sdxl_inpaint", False):
         raise CheckpointError(f"{name} is an SDXL inpainting model ({in_channels} input channels); zero-shot masks "
                               "need an SDXL model with 4: load the model the inpainting model was made from")
-    prediction = getattr(sd_model, "parameterization", "eps")
-    if prediction not in PREDICTIONS:
-        raise CheckpointError(f"{name} predicts {prediction!r}; zero-shot masks need an eps- or v-prediction model")
+    check_zero_shot_prediction(name, getattr(sd_model, "parameterization", "eps"), PREDICTIONS)
     check_torch_unet(current_unet)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ..errors import CheckpointError
+
 # The single-file (ldm) layout every WebUI reads.
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -67,6 +69,13 @@ def sd2_variant(in_channels: int, conditioning_key: str | None = None) -> str | 
     if in_channels != 4 or conditioning_key not in (None, "crossattn"):
         return f"an SD 2.x model conditioned on more than text ({in_channels} input channels)"
     return None
+
+
+def check_zero_shot_prediction(name: str, prediction: str, allowed: tuple[str, ...]) -> None:
+    """CheckpointError unless a host model's ``prediction`` is one of ``allowed`` (the host's own names for
+    eps and v, which zero-shot masks convert to eps); ``name`` is the model's, for the message."""
+    if prediction not in allowed:
+        raise CheckpointError(f"{name} predicts {prediction!r}; zero-shot masks need an eps- or v-prediction model")
 
 
 @dataclass

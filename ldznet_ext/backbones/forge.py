@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError
 from ..sd.schedule import NoiseSchedule
 from .base import Conditioning, UNetLayout, ldm_layout
-from .family import LABELS, host_family, sd2_variant
+from .family import LABELS, check_zero_shot_prediction, host_family, sd2_variant
 from .sampling import sample_posterior
 
 # The KModel predictions whose x0 the eps conversion reads.
@@ -57,10 +57,8 @@ def check_forge_sd2_model(sd_model) -> None:
     if variant is not None:
         raise CheckpointError(f"the loaded model is {variant}; zero-shot masks need a text-to-image SD 2.x model: "
                               "load the SD 2.x model it was made from")
-    prediction = getattr(kmodel.predictor, "prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES:
-        raise CheckpointError(f"the loaded model predicts {prediction!r}; zero-shot masks need an eps- or "
-                              "v-prediction model")
+    check_zero_shot_prediction("the loaded model", getattr(kmodel.predictor, "prediction_type", "epsilon"),
+                               PREDICTION_TYPES)
 
 
 class ForgeBackbone:

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..errors import CheckpointError
 from ..sd.sdxl import pooled_text, working_size_vector
 from .base import Conditioning
-from .family import LABELS, host_family
+from .family import LABELS, check_zero_shot_prediction, host_family
 from .forge import PREDICTION_TYPES, ForgeBackbone
 
 
@@ -40,10 +40,8 @@ def check_forge_sdxl_model(sd_model) -> None:
     if in_channels != 4:
         raise CheckpointError(f"the loaded model is an SDXL inpainting model ({in_channels} input channels); "
                               "zero-shot masks need an SDXL model with 4: load the model it was made from")
-    prediction = getattr(kmodel.predictor, "prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES:
-        raise CheckpointError(f"the loaded model predicts {prediction!r}; zero-shot masks need an eps- or "
-                              "v-prediction model")
+    check_zero_shot_prediction("the loaded model", getattr(kmodel.predictor, "prediction_type", "epsilon"),
+                               PREDICTION_TYPES)
 
 
 class ForgeSDXLBackbone(ForgeBackbone):
