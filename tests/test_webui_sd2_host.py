@@ -14,6 +14,7 @@ pytest.importorskip("ldm.modules.distributions.distributions")
 
 from fake_webui import world  # noqa: E402  (first: it puts the fake `modules` on sys.path)
 from fake_webui.sd2_models import FakeForgeSD2, fake_a1111_sd2, tiny_sd2  # noqa: E402
+from fake_webui.zero_shot_host import IMAGE, ZERO_SHOT, engine_prediction, our_model, sampler_call  # noqa: E402
 
 # isort: split
 
@@ -22,35 +23,10 @@ import modules.shared  # noqa: E402
 from ldznet_ext.backbones.a1111 import A1111Backbone, check_a1111_sd2_model  # noqa: E402
 from ldznet_ext.backbones.forge import ForgeBackbone, check_forge_sd2_model  # noqa: E402
 from ldznet_ext.errors import CheckpointError  # noqa: E402
-from ldznet_ext.job import MaskJob  # noqa: E402
-from ldznet_ext.sd.schedule import NoiseSchedule  # noqa: E402
-from ldznet_ext.sd.sd2 import StableDiffusion2  # noqa: E402
 from ldznet_ext.webui import host  # noqa: E402
 
-IMAGE = (np.random.default_rng(3).random((40, 56, 3)) * 255).astype(np.uint8)
-ZERO_SHOT = MaskJob("goblin OR sword", "zero-shot", threshold=0.5)
 HEAD_MODE = ("mode 'LD-ZNet head' works with any loaded model: it runs on the SD 1.x model set in "
              "Settings > LD-ZNet")
-
-
-def _ours(host_sd: StableDiffusion2, alphas_cumprod: torch.Tensor) -> StableDiffusion2:
-    """Our StableDiffusion2 on the host's weights and noise schedule."""
-    return StableDiffusion2(host_sd.unet, host_sd.vae, host_sd.text_encoder, NoiseSchedule(alphas_cumprod),
-                            prediction=host_sd.prediction).eval()
-
-
-def _reference(model: StableDiffusion2):
-    """What the WebUI's engine makes of IMAGE and ZERO_SHOT on ``model`` with the current settings."""
-    segmenter = host.engine().segmenter(model, ZERO_SHOT, host.engine_options())
-    segmenter.set_image(IMAGE)
-    return segmenter.predict(ZERO_SHOT.tree(), ZERO_SHOT.mask_options())
-
-
-def _generate(model) -> torch.Tensor:
-    """A UNet call as A1111's sampler makes it, with a fixed seed."""
-    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1234))
-    with torch.no_grad():
-        return model.apply_model(x, torch.tensor([500.0]), model.get_learned_conditioning(["a goblin"]))
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
@@ -59,17 +35,17 @@ def test_a1111_sd2_zero_shot_equals_our_sd2(tmp_path, prediction):
     loaded = fake_a1111_sd2(sd)
     world.install(tmp_path, head=False, model=loaded)
     state = {k: v.clone() for k, v in loaded.state_dict().items()}
-    before = _generate(loaded)
+    before = sampler_call(loaded)
     with host.job_backbone(ZERO_SHOT) as backbone:
         assert type(backbone) is A1111Backbone and backbone.sd_model is loaded
     host.check_ready(ZERO_SHOT)
 
     result = host.compute(IMAGE, ZERO_SHOT)
 
-    expected = _reference(_ours(sd, loaded.alphas_cumprod))
+    expected = engine_prediction(our_model(sd, loaded.alphas_cumprod))
     assert torch.equal(result.prediction.probability, expected.probability)
     assert np.array_equal(result.mask, expected.mask_image())
-    assert torch.equal(_generate(loaded), before)
+    assert torch.equal(sampler_call(loaded), before)
     assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
     assert host.engine().mask_model.loaded is None  # no separate model for zero-shot
 
@@ -81,7 +57,7 @@ def test_a1111_sd2_adapter_calls(prediction):
     sd = tiny_sd2(prediction)
     loaded = fake_a1111_sd2(sd)
     backbone = A1111Backbone(loaded, modules.devices)
-    ours = _ours(sd, loaded.alphas_cumprod)
+    ours = our_model(sd, loaded.alphas_cumprod)
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         assert torch.equal(backbone.encode_image(x), ours.encode_image(x))
@@ -103,7 +79,7 @@ def test_forge_sd2_adapter_matches_our_sd2(prediction_type):
     check_forge_sd2_model(engine)
     loads = []
     backbone = ForgeBackbone(engine, loads.append)
-    ours = _ours(sd, engine.forge_objects.unet.model.predictor.alphas_cumprod)
+    ours = our_model(sd, engine.forge_objects.unet.model.predictor.alphas_cumprod)
     with torch.no_grad():
         conditioning = backbone.encode_text(["a cat", ""])
         assert torch.equal(conditioning.context, ours.encode_text(["a cat", ""]).context)
