@@ -30,12 +30,15 @@ def sdxl_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_head_mask_beside_an_sdxl_model_is_the_sd1_files_mask(ldznet, sdxl_file, tiny_model_files, image_file,
-                                                              tmp_path) -> None:
+@pytest.mark.parametrize("mask_model", ["file", "sd1_folder"])
+def test_head_mask_beside_an_sdxl_model_is_the_sd1_models_mask(ldznet, sdxl_file, tiny_model_files, image_file,
+                                                               tmp_path, request, mask_model) -> None:
+    """--mask-model, an SD 1.x file or diffusers folder, gives the mask --model of that SD 1.x file gives."""
     sd1, head = tiny_model_files
+    served_by = sd1 if mask_model == "file" else request.getfixturevalue(mask_model)
     common = ("mask", image_file, "cat OR sky", "--head", head, "--device", "cpu", "--no-presence")
     code, out, err = ldznet(*common, "-o", tmp_path / "a.png", "--probability", tmp_path / "pa.png",
-                            "--model", sdxl_file, "--mask-model", sd1)
+                            "--model", sdxl_file, "--mask-model", served_by)
     assert (code, err) == (0, "")
     assert ldznet(*common, "-o", tmp_path / "b.png", "--probability", tmp_path / "pb.png", "--model", sd1)[0] == 0
     for a, b in (("a.png", "b.png"), ("pa.png", "pb.png")):
@@ -101,19 +104,6 @@ def sd1_folder(tiny_model_files, tmp_path_factory: pytest.TempPathFactory) -> Pa
     write_folder = pytest.importorskip("test_diffusers_folder").write_folder
     return write_folder(tmp_path_factory.mktemp("sd1-folder") / "tiny-sd1", read_state_dict(tiny_model_files[0]),
                         unet_config("tiny"), TINY_VAE8, text_heads=2)
-
-
-def test_an_sd1_diffusers_folder_serves_as_mask_model(ldznet, sdxl_file, sd1_folder, tiny_model_files, image_file,
-                                                      tmp_path) -> None:
-    sd1, head = tiny_model_files
-    common = ("mask", image_file, "cat OR sky", "--head", head, "--device", "cpu", "--no-presence")
-    code, out, err = ldznet(*common, "-o", tmp_path / "a.png", "--probability", tmp_path / "pa.png",
-                            "--model", sdxl_file, "--mask-model", sd1_folder)
-    assert (code, err) == (0, "")
-    assert ldznet(*common, "-o", tmp_path / "b.png", "--probability", tmp_path / "pb.png", "--model", sd1)[0] == 0
-    for a, b in (("a.png", "b.png"), ("pa.png", "pb.png")):
-        assert np.array_equal(np.asarray(Image.open(tmp_path / a)), np.asarray(Image.open(tmp_path / b)))
-    assert np.asarray(Image.open(tmp_path / "pa.png")).std() > 0
 
 
 def test_a_mask_model_is_loaded_only_as_far_as_the_head_reads(sdxl_file, sd1_folder, tiny_model_files) -> None:
