@@ -1,0 +1,268 @@
+"""Do the micro SD's tapped features know WHAT an object is, beyond z? (issue #26)
+
+For every object (not stuff) of micro-world scenes, one vector per source: the VAE latent z (the
+mean) and the embedded LD-ZNet's tapped SD blocks at one timestep and one fixed noise, each pooled
+over the object's own mask (the mask area-averaged onto the source's grid; a weighted mean). The
+blocks are computed twice: conditioned on the empty caption and on the scene's caption. Linear
+probes (multinomial logistic regression on standardised inputs, weight decay chosen on world:val)
+then name each object's SHAPE and, as a sanity check, its COLOUR from each source; accuracy on
+world:test, overall and by object area (tools/feature_ablation.py's bins).
+
+Controls, so that a gain is read as knowledge of the object and not of the scene:
+
+- "z window": the latent cells around the object (8 x 8, 64 px at f = 8) flattened, z's spatial
+  detail that a mask-pooled z drops (the head reads z whole);
+- "scene contents": which shapes and colours the scene holds (what its caption names);
+- "... scene mean": the blocks pooled over the whole image (what the scene holds, not where).
+
+    OMP_NUM_THREADS=1 .venv/bin/python tools/feature_probe.py --train 600 --val 150 --test 300 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # when imported by path, as the tests do
+
+from feature_ablation import bin_names, size_bin  # noqa: E402
+from ldznet_ext.defaults import DEFAULT_HEAD_NAME, DEFAULT_SD_NAME, WEIGHTS_DIR  # noqa: E402
+from ldznet_ext.errors import LdznetError  # noqa: E402
+from ldznet_ext.images import to_model_input  # noqa: E402
+from ldznet_ext.limits import SEED, TIMESTEP, Limit, bounded_number  # noqa: E402
+from ldznet_ext.loading import load_segmenter  # noqa: E402
+from ldznet_ext.sd.schedule import noise_draws  # noqa: E402
+from ldznet_ext.segmenter import Segmenter, sd_features  # noqa: E402
+from ldznet_ext.world.scenes import Scene, make_scene, split_seeds  # noqa: E402
+from ldznet_ext.world.spec import OBJECT_LABEL0, VOCABULARY  # noqa: E402
+
+SIZE = 128  # the heads' and the micro SD's training size
+WINDOW = 8  # latent cells per side of the "z window" control
+BATCH = 16
+CONDITIONINGS = {"empty": lambda scene: "", "caption": lambda scene: scene.caption}
+WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+TARGETS = {"shape": VOCABULARY.shapes, "colour": VOCABULARY.colours}
+SCENES = Limit(int, 1, 100_000)
+
+
+@dataclass
+class ObjectTable:
+    """One row per object: ``features`` {source: [N, D]}, the ``shape`` / ``colour`` indices [N]
+    (into TARGETS) and the visible ``area`` in pixels at SIZE [N]."""
+
+    features: dict[str, np.ndarray]
+    shape: np.ndarray
+    colour: np.ndarray
+    area: np.ndarray
+
+
+def mask_weights(mask: np.ndarray, grid: tuple[int, int]) -> Tensor:
+    """bool [H, W] -> [h, w]: the fraction of each grid cell that the mask covers (area averaging)."""
+    return F.adaptive_avg_pool2d(torch.from_numpy(mask).float()[None, None], grid)[0, 0]
+
+
+def pool_over_mask(grid: Tensor, mask: np.ndarray) -> Tensor:
+    """grid [C, h, w] -> [C]: its mean over the mask, each cell weighted by the mask's share of it."""
+    weights = mask_weights(mask, tuple(grid.shape[-2:])).to(grid)
+    return (grid * weights).sum(dim=(1, 2)) / weights.sum()
+
+
+def latent_window(z: Tensor, mask: np.ndarray, size: int = WINDOW) -> Tensor:
+    """z [C, h, w] -> [C * size * size]: the ``size`` x ``size`` cells centred on the mask's centroid,
+    zero beyond the border."""
+    factor = mask.shape[0] // z.shape[-2]
+    rows, cols = np.nonzero(mask)
+    top = int(round(rows.mean() / factor - size / 2)) + size
+    left = int(round(cols.mean() / factor - size / 2)) + size
+    return F.pad(z, (size, size, size, size))[:, top:top + size, left:left + size].flatten()
+
+
+def scene_contents(scene: Scene) -> np.ndarray:
+    """Multi-hot over shapes and colours: which ones the scene (and so its caption) holds."""
+    shapes = {obj.shape for obj in scene.spec.objects}
+    colours = {obj.colour for obj in scene.spec.objects}
+    return np.array([s in shapes for s in VOCABULARY.shapes] + [c in colours for c in VOCABULARY.colours], np.float32)
+
+
+def _batch_rows(segmenter: Segmenter, scenes: Sequence[Scene], timestep: int, seed: int) -> list[dict]:
+    """Each object's {source: vector, "shape", "colour", "area"} for one batch of scenes."""
+    backbone = segmenter.backbone
+    pixels = torch.cat([to_model_input(scene.image, (SIZE, SIZE)) for scene in scenes]).to(backbone.device)
+    with torch.no_grad():
+        z = backbone.encode_image(pixels).float()
+        draw = noise_draws(seed, 1, (1, *z.shape[1:]), timestep)[0][1]  # the same for every batch
+        timesteps = torch.full((len(scenes),), timestep, dtype=torch.long, device=z.device)
+        blocks = {name: sd_features(backbone, z, backbone.encode_text([prompt(s) for s in scenes]), timesteps, draw,
+                                    segmenter.head_config.sd_blocks) for name, prompt in CONDITIONINGS.items()}
+    rows = []
+    for i, scene in enumerate(scenes):
+        whole = np.ones((SIZE, SIZE), bool)
+        for k, obj in enumerate(scene.spec.objects):
+            mask = scene.labels == OBJECT_LABEL0 + k
+            if not mask.any():
+                continue
+            row = {"z": pool_over_mask(z[i], mask), "z window": latent_window(z[i], mask),
+                   "scene contents": torch.from_numpy(scene_contents(scene))}
+            for name, features in blocks.items():
+                pooled = [pool_over_mask(f[i].float(), mask) for f in features.values()]
+                row.update({f"block {b}, {name}": p for b, p in zip(features, pooled)})
+                row[f"all blocks, {name}"] = torch.cat(pooled)
+                row[f"all blocks scene mean, {name}"] = torch.cat([pool_over_mask(f[i].float(), whole)
+                                                                   for f in features.values()])
+                row[f"z + all blocks, {name}"] = torch.cat([row["z"], row[f"all blocks, {name}"]])
+                row[f"z window + all blocks, {name}"] = torch.cat([row["z window"], row[f"all blocks, {name}"]])
+            row.update(shape=VOCABULARY.shapes.index(obj.shape), colour=VOCABULARY.colours.index(obj.colour),
+                       area=int(mask.sum()))
+            rows.append(row)
+    return rows
+
+
+def object_table(segmenter: Segmenter, seeds: Sequence[int], timestep: int = 400, seed: int = 0) -> ObjectTable:
+    """Every object of the scenes ``seeds`` (rendered at SIZE), with the features at ``timestep`` and the
+    noise of ``seed`` (the same noise for every scene, as ``Segmenter`` does) on its head's blocks."""
+    rows: list[dict] = []
+    for start in range(0, len(seeds), BATCH):
+        rows += _batch_rows(segmenter, [make_scene(s, SIZE) for s in seeds[start:start + BATCH]], timestep, seed)
+    if not rows:
+        raise LdznetError(f"scenes {seeds[0]}..{seeds[-1]} hold no visible object")
+    sources = [key for key in rows[0] if key not in ("shape", "colour", "area")]
+    return ObjectTable({s: torch.stack([r[s] for r in rows]).numpy() for s in sources},
+                       *(np.array([r[key] for r in rows]) for key in ("shape", "colour", "area")))
+
+
+@dataclass
+class LinearProbe:
+    """Multinomial logistic regression on inputs standardised by the training set's mean and std."""
+
+    mean: Tensor
+    std: Tensor
+    weight: Tensor
+    bias: Tensor
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Class indices [N] for inputs [N, D]."""
+        standard = (torch.from_numpy(x).double() - self.mean) / self.std
+        return (standard @ self.weight + self.bias).argmax(dim=1).numpy()
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, classes: int, weight_decay: float, steps: int = 300) -> LinearProbe:
+    """The probe minimising mean cross-entropy + weight_decay / 2 * |W|^2 on (x [N, D], y [N]); full-batch
+    L-BFGS from zero weights, so the result depends on nothing but the data."""
+    inputs = torch.from_numpy(x).double()
+    mean, std = inputs.mean(0), inputs.std(0)
+    std = torch.where(std > 1e-8, std, torch.ones_like(std))  # a constant input stays zero, not NaN
+    standard, labels = (inputs - mean) / std, torch.from_numpy(y).long()
+    weight = torch.zeros(x.shape[1], classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-7, tolerance_change=1e-10)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(standard @ weight + bias, labels) + weight_decay / 2 * (weight ** 2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return LinearProbe(mean, std, weight.detach(), bias.detach())
+
+
+def select_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], classes: int,
+                 decays: Sequence[float] = WEIGHT_DECAYS) -> tuple[float, LinearProbe]:
+    """(weight decay, probe) of the decay whose probe is most accurate on ``val``; ties go to the
+    stronger decay."""
+    best = None
+    for decay in sorted(decays, reverse=True):
+        probe = fit_probe(*train, classes, decay)
+        accuracy = float((probe.predict(val[0]) == val[1]).mean())
+        if best is None or accuracy > best[0]:
+            best = (accuracy, decay, probe)
+    return best[1], best[2]
+
+
+def probe_report(tables: dict[str, ObjectTable]) -> dict:
+    """Per target and source: the chosen decay, test accuracy, and test accuracy per area bin."""
+    bins = np.array([size_bin(VOCABULARY.shapes[0], int(a), SIZE) for a in tables["test"].area])
+    report: dict = {"bins": {b: int((bins == b).sum()) for b in bin_names() if (bins == b).any()}, "targets": {}}
+    for target, names in TARGETS.items():
+        labels = {split: getattr(table, target) for split, table in tables.items()}
+        majority = int(np.bincount(labels["train"], minlength=len(names)).argmax())
+        results = {"chance (majority class)": _scores(labels["test"] == majority, bins) | {"dims": 0, "decay": None}}
+        for source in tables["train"].features:
+            data = {split: (table.features[source], labels[split]) for split, table in tables.items()}
+            decay, probe = select_probe(data["train"], data["val"], len(names))
+            correct = probe.predict(data["test"][0]) == labels["test"]
+            results[source] = _scores(correct, bins) | {"dims": int(data["train"][0].shape[1]), "decay": decay}
+        report["targets"][target] = results
+    return report
+
+
+def _scores(correct: np.ndarray, bins: np.ndarray) -> dict:
+    """Accuracy overall and per bin of boolean ``correct`` [N]."""
+    return {"accuracy": float(correct.mean()),
+            "bins": {b: float(correct[bins == b].mean()) for b in bin_names() if (bins == b).any()}}
+
+
+def run(train: int, val: int, test: int, timestep: int, seed: int) -> dict:
+    """The object tables of the three splits and the probes' report."""
+    started = time.perf_counter()
+    segmenter = load_segmenter(WEIGHTS_DIR / DEFAULT_SD_NAME, WEIGHTS_DIR / DEFAULT_HEAD_NAME, device="cpu",
+                               resolution=SIZE)
+    tables = {split: object_table(segmenter, split_seeds(split, count), timestep, seed)
+              for split, count in (("train", train), ("val", val), ("test", test))}
+    extracted = time.perf_counter() - started
+    print(f"features of {sum(len(t.area) for t in tables.values())} objects: {extracted:.0f} s", file=sys.stderr)
+    report = probe_report(tables)
+    report.update(scenes={"train": train, "val": val, "test": test},
+                  objects={split: len(t.area) for split, t in tables.items()}, timestep=timestep, seed=seed,
+                  blocks=list(segmenter.head_config.sd_blocks), seconds_features=extracted,
+                  seconds=time.perf_counter() - started)
+    return report
+
+
+def markdown(report: dict) -> str:
+    """A row per source: its dims, shape accuracy overall and per area bin, colour accuracy (x 100)."""
+    bins = list(report["bins"])
+    header = ["source", "dims", "shape", *(f"shape {b} (n {report['bins'][b]})" for b in bins), "colour"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    shape, colour = report["targets"]["shape"], report["targets"]["colour"]
+    for source, result in shape.items():
+        cells = [f"{100 * result['accuracy']:.1f}", *(f"{100 * result['bins'][b]:.1f}" for b in bins),
+                 f"{100 * colour[source]['accuracy']:.1f}"]
+        lines.append(f"| {source} | {result['dims']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for split, count in (("train", 600), ("val", 150), ("test", 300)):
+        parser.add_argument(f"--{split}", type=bounded_number(SCENES), default=count,
+                            help=f"world:{split} scenes (default {count})")
+    parser.add_argument("--timestep", type=bounded_number(TIMESTEP), default=400, help="SD timestep (default 400)")
+    parser.add_argument("--seed", type=bounded_number(SEED), default=0, help="seed of the fixed noise (default 0)")
+    parser.add_argument("--json", metavar="OUT.json", help="also write the report as JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    try:
+        report = run(args.train, args.val, args.test, args.timestep, args.seed)
+    except LdznetError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    print(markdown(report))
+    print(f"\n{report['objects']} objects; {report['seconds']:.0f} s", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
