@@ -34,13 +34,15 @@ class ModelSettings:
     """The user's numbers for a segmenter. resolution: working side in pixels (None: the head's own,
     384 zero-shot); timestep: SD timestep of the feature step (None: the head's training timestep,
     or :class:`ZeroShotSettings`' default); draws: noise draws averaged (None: 1 with a head, the
-    zero-shot default without); seed: noise seed; refine: how term maps are upsampled."""
+    zero-shot default without); seed: noise seed; refine: how term maps are upsampled; cuda_graphs:
+    replay the model calls as captured CUDA graphs where safe (``graphs.py``)."""
 
     resolution: int | None = None
     timestep: int | None = None
     draws: int | None = None
     seed: int = 0
     refine: RefineSettings = field(default_factory=RefineSettings)
+    cuda_graphs: bool = True
 
     def segmenter_settings(self, head_config: HeadConfig | None) -> SegmenterSettings:
         """The SegmenterSettings for a head with ``head_config`` (None: zero-shot); LdznetError for
@@ -49,10 +51,10 @@ class ModelSettings:
             if head_config is None:
                 chosen = {k: v for k, v in (("timestep", self.timestep), ("draws", self.draws)) if v is not None}
                 return SegmenterSettings(resolution=self.resolution, seed=self.seed, refine=self.refine,
-                                         zero_shot=ZeroShotSettings(**chosen))
+                                         zero_shot=ZeroShotSettings(**chosen), cuda_graphs=self.cuda_graphs)
             return SegmenterSettings(resolution=self.resolution, seed=self.seed, draws=self.draws or 1,
                                      timestep=head_config.timestep if self.timestep is None else self.timestep,
-                                     refine=self.refine)
+                                     refine=self.refine, cuda_graphs=self.cuda_graphs)
         except ValueError as error:
             raise LdznetError(str(error)) from error
 

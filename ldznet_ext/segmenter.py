@@ -13,7 +13,7 @@ the zero-shot probe instead.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -25,6 +25,7 @@ from .errors import LdznetError
 from .images import (MAX_PIXELS, Box, ImageInput, crop_to_box, image_box, load_image, resize_probability,
                      to_model_input, type_name, working_size)
 from .limits import DRAWS, RESOLUTION, SEED, TIMESTEP
+from .graphs import GraphCache, graph_cache
 from .masks.expression import parse
 from .masks.instances import Instance, find_instances
 from .masks.ops import MaskOptions, feather, select_mask
@@ -43,7 +44,17 @@ def sd_features(backbone: Backbone, z: Tensor, conditioning: Conditioning, times
     conditioned on ``conditioning`` (B rows), in ONE call that stops after the last tapped block of
     the backbone's layout. ``noise`` is [B or 1, C, h, w]. Inference and training both compute
     features here."""
-    z_t = backbone.schedule.q_sample(z, timesteps, noise.to(z.device, z.dtype).expand_as(z))
+    return tapped_features(backbone, noised(backbone, z, timesteps, noise), timesteps, conditioning, blocks)
+
+
+def noised(backbone: Backbone, z: Tensor, timesteps: Tensor, noise: Tensor) -> Tensor:
+    """z_t = q_sample(z [B, C, h, w], t [B], noise [B or 1, C, h, w]) on the backbone's schedule."""
+    return backbone.schedule.q_sample(z, timesteps, noise.to(z.device, z.dtype).expand_as(z))
+
+
+def tapped_features(backbone: Backbone, z_t: Tensor, timesteps: Tensor, conditioning: Conditioning,
+                    blocks: Sequence[int]) -> dict[int, Tensor]:
+    """``sd_features`` of latents already noised: one denoiser call, stopped after the last tapped block."""
     with FeatureTap(backbone.layout, blocks, early_exit=True) as tap:
         return tap.run(lambda: backbone.predict_noise(z_t, timesteps, conditioning))
 
@@ -55,7 +66,9 @@ class SegmenterSettings:
     from 300..499 per draw, as the official code); draws: feature steps averaged; seed: noise seed;
     sample_latent: encode with a seeded posterior sample instead of the mean; prompt_template: how a
     term becomes a prompt ("{}" = as typed); refine: how each term's map is upsampled to the image
-    (image-guided by default; ``RefineSettings(enabled=False)``: bilinear). The numbers' ranges are
+    (image-guided by default; ``RefineSettings(enabled=False)``: bilinear); cuda_graphs: on CUDA,
+    replay the model calls as captured graphs where safe (``graphs.py``; same masks, less launch
+    overhead; False: always eager). The numbers' ranges are
     ``limits.RESOLUTION``, ``TIMESTEP``, ``DRAWS`` and ``SEED``; others raise LdznetError."""
 
     resolution: int | None = None
@@ -66,6 +79,7 @@ class SegmenterSettings:
     prompt_template: str = "{}"
     zero_shot: ZeroShotSettings = field(default_factory=ZeroShotSettings)
     refine: RefineSettings = field(default_factory=RefineSettings)
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         if self.resolution is not None:
@@ -155,8 +169,10 @@ class Segmenter:
     """
 
     def __init__(self, backbone: Backbone, head: nn.Module | None = None, head_config: HeadConfig | None = None,
-                 settings: SegmenterSettings = SegmenterSettings(), name: str = "the SD model"):
-        """``name``: what errors call the models (``load_segmenter`` gives the file names)."""
+                 settings: SegmenterSettings = SegmenterSettings(), name: str = "the SD model",
+                 graphs: GraphCache | None = None):
+        """``name``: what errors call the models (``load_segmenter`` gives the file names); ``graphs``:
+        where captured calls are kept (None: the UNet's shared cache, ``graphs.graph_cache``)."""
         if (head is None) != (head_config is None):
             raise ValueError("pass both head and head_config, or neither for zero-shot masks")
         self.backbone = backbone
@@ -164,6 +180,7 @@ class Segmenter:
         self.head_config = head_config
         self.settings = settings
         self.name = name
+        self.graphs = graph_cache(backbone.unet) if graphs is None else graphs
         self._image: _ImageState | None = None
 
     @property
@@ -202,8 +219,11 @@ class Segmenter:
         size = working_size(width, height, self.resolution)
         box = image_box(width, height, size, self.backbone.downsample_factor)
         pixels = torch.cat([to_model_input(im, size, box) for im in images]).to(self.backbone.device)
-        generator = torch.Generator(pixels.device).manual_seed(self.settings.seed)
-        z = self.backbone.encode_image(pixels, sample=self.settings.sample_latent, generator=generator)
+        if self.settings.sample_latent:
+            generator = torch.Generator(pixels.device).manual_seed(self.settings.seed)
+            z = self.backbone.encode_image(pixels, sample=True, generator=generator)
+        else:
+            z, = self.run_graphed("encode", lambda p: (self.backbone.encode_image(p),), (pixels,), uses_head=False)
         self._check_finite(z, "latents")
         keep_pixels = self.head_config is not None and self.head_config.input_kind == "image"
         return [_ImageState(im, z[i:i + 1], pixels[i:i + 1] if keep_pixels else None, size, box)
@@ -297,7 +317,7 @@ class Segmenter:
         conditioning = self.backbone.encode_text([self.settings.prompt_template.format(t) for t in todo])
         if self.zero_shot:
             probabilities = zero_shot_maps(self.backbone, z, todo, conditioning, self.settings.zero_shot,
-                                           self.settings.seed)
+                                           self.settings.seed, self.run_graphed)
         else:
             pixels = torch.cat([s.pixels for s in states]) if states[0].pixels is not None else None
             probabilities, scores = (self._head_outputs(z, pixels, conditioning) if self.learned_presence
@@ -328,32 +348,59 @@ class Segmenter:
         n, t_count = z.shape[0], len(conditioning)
         z_rep = z.repeat_interleave(t_count, dim=0)
         conditioning_rep = conditioning.repeat(n)
-        context_rep = conditioning_rep.context.to(self._head_dtype)
         if not self.head_config.uses_sd_features:
             inputs = z_rep if pixels is None else pixels.repeat_interleave(t_count, dim=0)
-            calls: Iterable[tuple] = [(inputs.to(self._head_dtype), context_rep)]
+            calls: Iterable[tuple[Tensor, ...]] = [self.run_graphed(
+                "head", lambda x, context: self._head(x, context, None), (inputs, conditioning_rep.context))]
         else:  # one draw's SD features at a time
             draws = noise_draws(self.settings.seed, self.settings.draws, (1, *z.shape[1:]), self.settings.timestep)
-            calls = ((z_rep.to(self._head_dtype), context_rep, {
-                b: f.to(self._head_dtype) for b, f in self.sd_features(z_rep, conditioning_rep, t, noise).items()})
-                for t, noise in draws)
+            calls = (self._head_on_features(z_rep, conditioning_rep, t, noise) for t, noise in draws)
         total, scores, count = None, None, 0
-        for args in calls:
-            logits, presence = (self.head(*args, with_presence=True) if self.learned_presence
-                                else (self.head(*args), None))
+        for logits, *presence in calls:
             p = torch.sigmoid(logits.float())
             total = p if total is None else total + p
-            if presence is not None:
-                score = torch.sigmoid(presence.float())
+            if presence:
+                score = torch.sigmoid(presence[0].float())
                 scores = score if scores is None else scores + score
             count += 1
         scores = None if scores is None else (scores / count).view(n, t_count)
         return (total / count).view(n, t_count, *total.shape[-2:]), scores
 
-    def sd_features(self, z: Tensor, conditioning: Conditioning, timestep: int, noise: Tensor) -> dict[int, Tensor]:
-        """The denoiser's features of the head's blocks for z_t = q_sample(z, t, noise) (see ``sd_features``)."""
-        t = torch.full((z.shape[0],), timestep, dtype=torch.long, device=z.device)
-        return sd_features(self.backbone, z, conditioning, t, noise, self.head_config.sd_blocks)
+    def _head_on_features(self, z: Tensor, conditioning: Conditioning, timestep: int,
+                          noise: Tensor) -> tuple[Tensor, ...]:
+        """One draw: the head's outputs (``_head``) on the SD features of z noised to ``timestep``."""
+        t = torch.full((z.shape[0],), timestep, dtype=torch.long)
+        z_t = noised(self.backbone, z, t, noise)  # eager: each draw's noise is new, the graph's shapes are not
+
+        def features_and_head(z: Tensor, z_t: Tensor, t: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+            rows = conditioning.with_tensors(tensors)
+            features = tapped_features(self.backbone, z_t, t, rows, self.head_config.sd_blocks)
+            return self._head(z, rows.context, features)
+
+        return self.run_graphed("head", features_and_head, (z, z_t, t.to(z.device), *conditioning.tensors()))
+
+    def _head(self, x: Tensor, context: Tensor, features: dict[int, Tensor] | None) -> tuple[Tensor, ...]:
+        """The head on its inputs in its own dtype: (logits,), or (logits, presence logits) when it
+        has a presence output."""
+        dtype = self._head_dtype
+        args = (x.to(dtype), context.to(dtype)) + (() if features is None else
+                                                   ({b: f.to(dtype) for b, f in features.items()},))
+        return tuple(self.head(*args, with_presence=True)) if self.learned_presence else (self.head(*args),)
+
+    def run_graphed(self, purpose: str, call: Callable[..., tuple[Tensor, ...]], inputs: Sequence[Tensor],
+                    constants: Hashable = (), uses_head: bool = True) -> tuple[Tensor, ...]:
+        """``call(*inputs)`` (tensors in, a tuple of tensors out), replayed from a captured CUDA graph
+        where ``settings.cuda_graphs`` allows and ``graphs.GraphCache`` finds it safe, else eager.
+        ``purpose`` names the call; what it bakes in beyond its inputs' shapes is fixed by the models
+        and the settings (keyed here) or given as ``constants``; ``uses_head``: whether it runs the head."""
+        if not self.settings.cuda_graphs:
+            return call(*inputs)
+        modules = getattr(self.backbone, "capture_modules", None)
+        if modules is not None and self.head is not None and uses_head:
+            modules = (*modules, self.head)
+        state = getattr(self.backbone, "capture_state", None)
+        key = (constants, self.settings.zero_shot if self.zero_shot else None)
+        return self.graphs.run(purpose, call, inputs, modules, key, state() if state else None)
 
     @property
     def _head_dtype(self) -> torch.dtype:
@@ -361,4 +408,5 @@ class Segmenter:
 
     def with_settings(self, **changes) -> Segmenter:
         """A segmenter on the same models with changed settings (no image set)."""
-        return Segmenter(self.backbone, self.head, self.head_config, replace(self.settings, **changes), self.name)
+        return Segmenter(self.backbone, self.head, self.head_config, replace(self.settings, **changes), self.name,
+                         self.graphs)

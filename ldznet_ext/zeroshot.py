@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from .backbones.base import Backbone, Conditioning, UNetLayout
 from .errors import LdznetError
+from .graphs import Runner, eager
 from .limits import DOWNSCALE, DRAWS, PROPAGATION_STEPS, SCALE_WEIGHT, SHARPEN, TIMESTEP
 from .sd.schedule import noise_draws
 from .sd.tokenizer import BOS_ID, EOS_ID, tokenize
@@ -268,9 +269,10 @@ def _weighted_cross(recorder: CrossAttentionRecorder, weights: Sequence[float], 
 
 
 def attention_maps(backbone: Backbone, z: Tensor, terms: Sequence[str], conditioning: Conditioning,
-                   settings: ZeroShotSettings, seed: int = 0) -> Tensor:
+                   settings: ZeroShotSettings, seed: int = 0, run: Runner = eager) -> Tensor:
     """The "attention" score: [N, T, h, w] in [0, 1] at z resolution, one UNet call per draw on the
-    N x T batch of terms (no unconditional row)."""
+    N x T batch of terms (no unconditional row); ``run`` makes each draw's call (``graphs.eager``, or
+    ``Segmenter.run_graphed``)."""
     layout = backbone.layout
     finest = min(site.downscale for site in layout.sites)
     weight_of = dict(settings.attention_scales or ((finest, 1.0),))
@@ -287,42 +289,54 @@ def attention_maps(backbone: Backbone, z: Tensor, terms: Sequence[str], conditio
     n, t_count = z.shape[0], len(terms)
     contexts = conditioning.repeat(n)
     spans = term_token_spans(terms) * n
-    total = torch.zeros(n, t_count, *z.shape[-2:], device=z.device)
-    for timestep, noise in noise_draws(seed, settings.draws, (1, *z.shape[1:]), settings.timestep):
-        z_t, t = _noised(backbone, z, timestep, noise, t_count)
+
+    def attention(z_t: Tensor, t: Tensor, *tensors: Tensor) -> tuple[Tensor]:
         with CrossAttentionRecorder(layout, spans, blocks, self_blocks, rows_per_image=t_count) as recorder:
-            backbone.predict_noise(z_t, t, contexts)
+            backbone.predict_noise(z_t, t, contexts.with_tensors(tensors))
         size = recorder.affinity_size or max((m.shape[-2:] for m in recorder.maps), key=lambda hw: hw[0] * hw[1])
         cross = _weighted_cross(recorder, weights, tuple(size)).view(n, t_count, -1)
         if self_blocks:
             cross = propagate(cross, recorder.affinity, settings.propagation_steps, settings.sharpen)
-        total += F.interpolate(cross.view(n, t_count, *size), size=z.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(cross.view(n, t_count, *size), size=z.shape[-2:], mode="bilinear", align_corners=False),
+
+    total = torch.zeros(n, t_count, *z.shape[-2:], device=z.device)
+    for timestep, noise in noise_draws(seed, settings.draws, (1, *z.shape[1:]), settings.timestep):
+        z_t, t = _noised(backbone, z, timestep, noise, t_count)
+        total += run("zero-shot attention", attention, (z_t, t, *contexts.tensors()), tuple(spans))[0]
     return normalize_maps(total)
 
 
 @torch.no_grad()
 def zero_shot_maps(backbone: Backbone, z: Tensor, terms: Sequence[str], conditioning: Conditioning,
-                   settings: ZeroShotSettings, seed: int = 0) -> Tensor:
+                   settings: ZeroShotSettings, seed: int = 0, run: Runner = eager) -> Tensor:
     """Zero-shot probability maps [N, T, h, w] in [0, 1] at z resolution for latents z [N, C, h, w]
-    and the terms' conditioning (T rows)."""
+    and the terms' conditioning (T rows); ``run`` makes each draw's UNet call (``graphs.eager``, or
+    ``Segmenter.run_graphed``)."""
     if settings.score == "attention":
-        return attention_maps(backbone, z, terms, conditioning, settings, seed)
+        return attention_maps(backbone, z, terms, conditioning, settings, seed, run)
     n, t_count = z.shape[0], len(terms)
     uncond = backbone.encode_text([""])
     contexts = Conditioning.cat([conditioning, uncond]).repeat(n)  # per image: T conditional + 1 unconditional
     spans = [*term_token_spans(terms), None] * n
     dtype = torch.promote_types(z.dtype, torch.float32)  # fp16/bf16 models: score in fp32
     centred = (z.to(dtype) - z.to(dtype).mean((-2, -1), keepdim=True))[:, None]  # [N, 1, C, h, w]
+
+    def denoise(z_t: Tensor, t: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """eps, and with cross-attention the recorded attention maps [N * (T + 1), h, w]."""
+        rows = contexts.with_tensors(tensors)
+        if settings.cross_attention <= 0:
+            return backbone.predict_noise(z_t, t, rows),
+        with CrossAttentionRecorder(backbone.layout, spans, settings.attention_blocks) as recorder:
+            eps = backbone.predict_noise(z_t, t, rows)
+        return eps, recorder.mean_map(tuple(z.shape[-2:]))
+
     score = torch.zeros(n, t_count, *z.shape[-2:], device=z.device, dtype=dtype)
     attention = torch.zeros_like(score)
     for timestep, noise in noise_draws(seed, settings.draws, (1, *z.shape[1:]), settings.timestep):
         z_t, t = _noised(backbone, z, timestep, noise, t_count + 1)
-        if settings.cross_attention > 0:
-            with CrossAttentionRecorder(backbone.layout, spans, settings.attention_blocks) as recorder:
-                eps = backbone.predict_noise(z_t, t, contexts)
-            attention += recorder.mean_map(tuple(z.shape[-2:])).view(n, t_count + 1, *z.shape[-2:])[:, :t_count]
-        else:
-            eps = backbone.predict_noise(z_t, t, contexts)
+        eps, *recorded = run("zero-shot", denoise, (z_t, t, *contexts.tensors()), tuple(spans))
+        if recorded:
+            attention += recorded[0].view(n, t_count + 1, *z.shape[-2:])[:, :t_count]
         eps = eps.to(dtype).view(n, t_count + 1, *eps.shape[1:])
         change = eps[:, t_count:] - eps[:, :t_count]  # eps_u - eps_c, the direction of x0_c - x0_u
         score += (change * centred).sum(2) if settings.score == "agreement" else change.norm(dim=2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ldznet_ext import cli
+from ldznet_ext.cli.common import segmenter_from_args
 from ldznet_ext.limits import device_name
 
 
@@ -39,3 +40,17 @@ def test_every_shard_option_counts_from_1():
     shards = dict(_options(cli.build_parser(), "shard"))
     assert sorted(shards) == ["ldznet batch", "ldznet eval"]
     assert all(action.default == (1, 1) and "1 <= K <= N" in action.help for action in shards.values())
+
+
+def test_every_model_command_can_turn_cuda_graphs_off():
+    graphs = dict(_options(cli.build_parser(), "cuda_graphs"))
+    assert sorted(graphs) == ["ldznet batch", "ldznet eval", "ldznet mask"]
+    assert {action.default for action in graphs.values()} == {True}
+
+
+def test_no_cuda_graphs_reaches_the_segmenter_and_its_record():
+    parser = cli.build_parser()
+    for flags, expected in (([], True), (["--no-cuda-graphs"], False)):
+        args = parser.parse_args(["mask", "image.png", "cat", "-o", "mask.png", *flags])
+        segmenter, record = segmenter_from_args(args)
+        assert (segmenter.settings.cuda_graphs, record["cuda_graphs"]) == (expected, expected)

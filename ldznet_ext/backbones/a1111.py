@@ -11,6 +11,7 @@ feature tap adds forward hooks for one call only.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -99,6 +100,20 @@ class A1111Backbone:
     @property
     def layout(self) -> UNetLayout:
         return ldm_layout(self.unet)
+
+    @property
+    def capture_modules(self) -> tuple[nn.Module, ...]:
+        """The VAE and the UNet: CUDA graphs may capture their calls (``graphs.py``); --medvram /
+        --lowvram put offloading hooks on them, which keeps those hosts eager."""
+        return self.sd_model.first_stage_model, self.unet
+
+    @staticmethod
+    def capture_state() -> tuple:
+        """The built-in Lora extension's active networks. It patches their weights into the UNet
+        lazily, in its own forward, which a replay does not run: a new set must be captured anew."""
+        networks = sys.modules.get("networks")
+        return tuple((n.name, n.te_multiplier, n.unet_multiplier, n.dyn_dim)
+                     for n in getattr(networks, "loaded_networks", ()))
 
     @property
     def downsample_factor(self) -> int:

@@ -53,6 +53,16 @@ class Conditioning:
         """Every tensor on ``device`` and, if floating point, in ``dtype``."""
         return self._map(lambda x: x.to(device=device, dtype=dtype if x.is_floating_point() else None))
 
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Every tensor: context, pooled (if any), then the extras in order (``with_tensors`` inverts it)."""
+        return (self.context, *(() if self.pooled is None else (self.pooled,)), *self.extra.values())
+
+    def with_tensors(self, tensors: Sequence[Tensor]) -> Conditioning:
+        """A conditioning shaped like this one holding ``tensors``, in the order ``tensors()`` gives."""
+        context, *rest = tensors
+        pooled = None if self.pooled is None else rest.pop(0)
+        return Conditioning(context, pooled, dict(zip(self.extra, rest)))
+
     @staticmethod
     def cat(parts: Sequence[Conditioning]) -> Conditioning:
         """The batches of ``parts`` one after the other (they carry the same kinds of tensor)."""
@@ -126,7 +136,14 @@ def ldm_layout(unet: nn.Module, tapped: tuple[int, ...] = LDZNET_BLOCKS) -> UNet
 
 @runtime_checkable
 class Backbone(Protocol):
-    """What the segmenter needs from a diffusion model (ours or a host's)."""
+    """What the segmenter needs from a diffusion model (ours or a host's).
+
+    Optional: ``capture_modules``, the modules ``encode_image`` and ``predict_noise`` run (VAE, UNet),
+    for a backbone whose calls a CUDA graph may capture (``graphs.py``): pure torch, nothing host-side
+    that must run on every call. A backbone without it always runs eagerly. ``capture_state()``, if
+    present, returns a hashable that changes whenever the same weights would compute differently
+    (a host's patches applied lazily); captured calls are keyed by it.
+    """
 
     schedule: NoiseSchedule
 

@@ -123,7 +123,7 @@ class ForgeBackbone:
         """eps for z_t at integer timesteps t from the KModel's x0 with ``conditions`` (its keyword
         inputs: ``c_crossattn``, ``y``, ...); the predictor turns any prediction type into x0."""
         self.load_model_gpu(self.patcher)
-        a = self.schedule.alphas_cumprod[t.cpu().long()].to(self.device, torch.float32)
+        a = self.schedule.alphas_at(t.to(self.device))
         sigma = ((1 - a) / a).sqrt()
         x = z_t.to(self.device, torch.float32) / a.sqrt()[:, None, None, None]
         denoised = self.patcher.model.apply_model(x, sigma, **conditions)

@@ -57,6 +57,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True) 
     add_device_argument(group)
     group.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
                        help="compute precision (default fp32; fp16 falls back to fp32 on the CPU)")
+    group.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                       help="on CUDA, run every model call eagerly instead of replaying captured graphs "
+                            "(same masks; graphs save launch overhead but hold GPU memory)")
     if sampling:
         group.add_argument("--max-pixels", type=bounded_number(PIXELS), default=MAX_PIXELS, metavar="N",
                            help=f"refuse larger images before decoding them, 1..{PIXELS.high:,} "
@@ -73,8 +76,8 @@ def segmenter_from_args(args: argparse.Namespace, refine: RefineSettings | None 
     segmenter = load_segmenter(model, head, mask_model=mask_model, device=args.device, dtype=args.dtype,
                                resolution=args.resolution, timestep=getattr(args, "timestep", None),
                                draws=getattr(args, "draws", None), seed=getattr(args, "seed", 0))
-    if refine is not None:
-        segmenter = segmenter.with_settings(refine=refine)
+    segmenter = segmenter.with_settings(cuda_graphs=getattr(args, "cuda_graphs", True),
+                                        **({} if refine is None else {"refine": refine}))
     # Only the settings that apply: a head run has no zero-shot settings and vice versa.
     unused = {"resolution", "timestep", "draws"} if segmenter.zero_shot else {"resolution", "zero_shot"}
     record = {"model": str(model), "head": str(head) if head else None,

@@ -49,6 +49,11 @@ class StableDiffusion(nn.Module):
     def layout(self) -> UNetLayout:
         return ldm_layout(self.unet)
 
+    @property
+    def capture_modules(self) -> tuple[nn.Module, ...]:
+        """What ``encode_image`` and ``predict_noise`` run: CUDA graphs may capture them (``graphs.py``)."""
+        return self.vae, self.unet
+
     def encode_image(self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
         image = image.to(device=self.device, dtype=self.vae.encoder.conv_in.weight.dtype)
         return self.vae.encode(image, sample=sample, generator=generator) * self.scale_factor

@@ -21,14 +21,23 @@ class NoiseSchedule:
 
     def __init__(self, table: Tensor | None = None):
         self.alphas_cumprod = (alphas_cumprod() if table is None else table).to(torch.float64).cpu()
+        self._tables: dict[torch.device, Tensor] = {}
 
     @property
     def num_timesteps(self) -> int:
         return self.alphas_cumprod.shape[0]
 
+    def alphas_at(self, t: Tensor) -> Tensor:
+        """a_t = alphas_cumprod[t], float32 [B] on t's device for integer t [B]: looked up there, with no
+        copy to the host, so that a captured CUDA graph can hold the lookup."""
+        table = self._tables.get(t.device)
+        if table is None:
+            table = self._tables[t.device] = self.alphas_cumprod.to(t.device, torch.float32)
+        return table[t.long()]
+
     def q_sample(self, z: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """z_t = sqrt(a_t) z + sqrt(1 - a_t) noise, for z [B, C, h, w] and integer t [B]."""
-        a = self.alphas_cumprod[t.cpu().long()].to(device=z.device, dtype=torch.float32)[:, None, None, None]
+        a = self.alphas_at(t.to(z.device))[:, None, None, None]
         return (a.sqrt() * z.float() + (1 - a).sqrt() * noise.float()).to(z.dtype)
 
 

@@ -118,7 +118,8 @@ def working_size_vector(pooled: Tensor, z: Tensor, downsample_factor: int, dim: 
     ``downsample_factor``), uncropped and not resized (original = target size, crop 0, 0), as A1111
     and Forge condition a generation of that size."""
     height, width = (side * downsample_factor for side in z.shape[-2:])
-    sizes = torch.tensor([[height, width, 0, 0, height, width]], device=z.device).expand(z.shape[0], 6)
+    sizes = torch.zeros(z.shape[0], 6, dtype=torch.long, device=z.device)  # filled, not copied from the host:
+    sizes[:, 0::4], sizes[:, 1::4] = height, width  # a CUDA graph can hold fills (original and target size)
     return size_vector(pooled, sizes, dim)
 
 
@@ -178,5 +179,5 @@ class StableDiffusionXL(StableDiffusion):
 def v_to_eps(v: Tensor, z_t: Tensor, schedule: NoiseSchedule, t: Tensor) -> Tensor:
     """eps from a v-prediction: with z_t = sqrt(a) z_0 + sqrt(1 - a) eps and v = sqrt(a) eps - sqrt(1 - a) z_0,
     eps = sqrt(a) v + sqrt(1 - a) z_t (a = alphas_cumprod[t])."""
-    a = schedule.alphas_cumprod[t.cpu().long()].to(device=v.device, dtype=torch.float32)[:, None, None, None]
+    a = schedule.alphas_at(t.to(v.device))[:, None, None, None]
     return (a.sqrt() * v.float() + (1 - a).sqrt() * z_t.float()).to(v.dtype)

@@ -21,6 +21,7 @@ from torch import nn
 from ..backbones.base import Backbone
 from ..errors import CheckpointError, LdznetError
 from ..factory import ModelSettings, build_segmenter, check_head_fits, head_dtype
+from ..graphs import clear_graph_caches
 from ..heads import load_head, read_head_config
 from ..images import ImageInput
 from ..job import ZERO_SHOT_MODE, MaskJob
@@ -41,7 +42,7 @@ class EngineOptions:
     timestep: SD timestep of the features (None: the head's own); keep_on_gpu: leave the head on
     the GPU between calls; dtype: "auto" (the host UNet's) or one of precision.DTYPES; resolution:
     side of the working area in pixels (None: the head's own, 384 for zero-shot); seed: noise seed
-    of the feature step."""
+    of the feature step; cuda_graphs: replay the model calls as captured CUDA graphs where safe."""
 
     head: str = NO_HEAD
     timestep: int | None = None
@@ -49,6 +50,7 @@ class EngineOptions:
     dtype: str = "auto"
     resolution: int | None = None
     seed: int = 0
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -91,9 +93,10 @@ class MaskEngine:
         return sorted(p.name for p in self.heads_dir.iterdir() if p.suffix == HEAD_SUFFIX and p.is_file())
 
     def release(self) -> None:
-        """Drop the cached head (model change, settings change, UI reload)."""
+        """Drop the cached head and every captured CUDA graph (model change, settings change, UI reload)."""
         with self._lock:
             self._key = self._head = None
+            clear_graph_caches()
 
     def head_path(self, options: EngineOptions) -> Path:
         """The selected head file; LdznetError when none is selected or it is missing (cheap: no loading)."""
@@ -129,7 +132,7 @@ class MaskEngine:
     def segmenter(self, backbone: Backbone, job: MaskJob, options: EngineOptions) -> Segmenter:
         """A Segmenter on ``backbone`` for ``job``'s mode and refinement (the head is loaded on first use)."""
         settings = ModelSettings(resolution=options.resolution, timestep=options.timestep, seed=options.seed,
-                                 refine=job.refine_settings())
+                                 refine=job.refine_settings(), cuda_graphs=options.cuda_graphs)
         if job.zero_shot:
             return build_segmenter(backbone, settings=settings)
         head, config = self._load_head(options, backbone)

@@ -75,7 +75,7 @@ def engine_options() -> EngineOptions:
     timestep, resolution = int(opt("ldznet_timestep", -1)), int(opt("ldznet_resolution", 0))
     return EngineOptions(head=opt("ldznet_head", NO_HEAD) or NO_HEAD, timestep=None if timestep < 0 else timestep,
                          keep_on_gpu=bool(opt("ldznet_keep_on_gpu", True)), dtype=opt("ldznet_dtype", "auto"),
-                         resolution=resolution or None)
+                         resolution=resolution or None, cuda_graphs=bool(opt("ldznet_cuda_graphs", True)))
 
 
 def is_forge() -> bool:

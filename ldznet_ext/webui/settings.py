@@ -57,6 +57,10 @@ def add_settings() -> None:
         True, "Keep the head (and the SD 1.x mask model) on the GPU between masks (off: move them to the CPU after "
         "each mask; --medvram/--lowvram: the mask model always goes back)",
         onchange=host.release))
+    option("ldznet_cuda_graphs", shared.OptionInfo(
+        True, "Replay the mask's model calls as CUDA graphs (faster on NVIDIA GPUs; captured per image size and term "
+        "count on first use, each holding GPU memory; not used under --medvram/--lowvram or with other "
+        "extensions' hooks on the UNet)", onchange=host.release))
     option("ldznet_dtype", shared.OptionInfo(
         "auto", "Head precision (auto: the UNet's)", gr.Radio, {"choices": ["auto", *DTYPES]}, onchange=host.release))
     option("ldznet_save_masks", shared.OptionInfo(
