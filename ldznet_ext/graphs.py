@@ -6,17 +6,17 @@ and replays them as one. :class:`GraphCache` holds the captured calls of one mod
 UNet (:func:`graph_cache`), shared by every Segmenter on it, so a WebUI job or a ``with_settings``
 copy reuses what an earlier one captured. A call is keyed by what a replay cannot change: its
 purpose and the Python-level constants baked into it, its inputs' shapes, dtypes and device, and
-the identity and place of every weight it reads (:func:`weights_fingerprint`), so a model that is
+the place of every weight it reads (:func:`inspect_modules`), so a model that is
 reloaded, moved, cast or patched with new tensors is captured anew; weights changed in place are
 read by the replay as they are, like an eager call.
 
-Eager, always, where a graph could be wrong or cannot help (:meth:`GraphCache.blocker`):
+Eager, always, where a graph could be wrong or cannot help (:meth:`GraphCache.inspect`):
 - not on CUDA (CPU, MPS), or turned off (``SegmenterSettings.cuda_graphs``, CLI ``--no-cuda-graphs``);
 - a backbone whose calls run host logic a replay would skip (Forge's memory management): it has no
   ``capture_modules``;
 - hooks on the models (another extension's, or A1111's --medvram/--lowvram offloading, which moves
   modules in forward pre-hooks): a replay would not call them;
-- weights not all on the input's device (offloaded);
+- inside an autocast region entered outside the call (its cast cache would outlive the capture);
 - after a capture failed, or its replay disagreed with the eager call, for that purpose (logged once);
 - when the weights keep moving between calls (a host offloading between jobs): captured again
   ``RECAPTURE_LIMIT`` times for one call, the purpose goes eager (logged once).
@@ -35,6 +35,8 @@ import torch
 from torch import Tensor, nn
 
 LOG = logging.getLogger("ldznet_ext.graphs")
+# hooks torch calls for every module (register_module_forward_hook): a replay would skip them too
+_GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
 
 WARMUP_CALLS = 2  # eager calls on a side stream before capture: cuDNN / cuBLAS pick their kernels
 CACHE_LIMIT = 8  # captured calls kept per model: a few working sizes x term counts x purposes
@@ -82,23 +84,25 @@ def capture_cuda_graph(call: Call, inputs: tuple[Tensor, ...]) -> CapturedCall:
     return CapturedCall(static, tuple(outputs), graph.replay, torch.cuda.memory_reserved(device) - reserved)
 
 
-def weights_fingerprint(modules: Iterable[nn.Module]) -> tuple:
-    """Where every parameter and buffer of ``modules`` lives (storage, device, dtype): a captured
-    graph reads those addresses, so any change means capturing again."""
-    return tuple((id(m), *((t.data_ptr(), t.device, t.dtype) for t in (*m.parameters(), *m.buffers())))
-                 for m in modules)
-
-
-def _hooked(modules: Iterable[nn.Module]) -> bool:
-    """Whether any submodule, or every module (global hooks), has forward hooks a replay would skip."""
-    global_hooks = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
-    if any(global_hooks):
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for module in modules for m in module.modules())
-
-
-def _off_device(modules: Iterable[nn.Module], device: torch.device) -> bool:
-    return any(t.device != device for m in modules for t in (*m.parameters(), *m.buffers()))
+def inspect_modules(modules: Iterable[nn.Module]) -> tuple[tuple, bool]:
+    """One pass over ``modules`` (it runs before every call, so it is kept to one): a fingerprint of
+    where their weights live, the storage address of every parameter and buffer and each module's
+    device and dtype (a captured graph reads those addresses, so any change means capturing again:
+    a model reloaded, moved, cast or given new tensors), and whether any submodule has forward hooks."""
+    fingerprint: list = []
+    hooked = False
+    for module in modules:
+        first, stack = None, [module]
+        while stack:  # not module.modules(): it builds every submodule's name, a third of the time
+            sub = stack.pop()
+            stack.extend(child for child in sub._modules.values() if child is not None)
+            hooked = hooked or bool(sub._forward_hooks or sub._forward_pre_hooks)
+            for tensor in (*sub._parameters.values(), *sub._buffers.values()):
+                if tensor is not None:
+                    fingerprint.append(tensor.data_ptr())
+                    first = tensor if first is None else first
+        fingerprint.append(None if first is None else (first.device, first.dtype))
+    return tuple(fingerprint), hooked
 
 
 def _agree(output: Tensor, expected: Tensor) -> bool:
@@ -144,19 +148,20 @@ class GraphCache:
         with self._lock:
             self._calls.clear()
 
-    def blocker(self, inputs: Sequence[Tensor], modules: Sequence[nn.Module] | None) -> str | None:
-        """Why a call on ``inputs`` running ``modules`` must run eagerly now, or None."""
+    def inspect(self, inputs: Sequence[Tensor], modules: Sequence[nn.Module] | None) -> tuple[str | None, tuple]:
+        """Why a call on ``inputs`` running ``modules`` must run eagerly now (None: it may be captured),
+        and the modules' weights fingerprint. Weights on another device need no check: the eager call,
+        which comes first, fails on them as it would without graphs."""
         if not inputs or inputs[0].device.type != self.device_type:
-            return f"not on {self.device_type}"
+            return f"not on {self.device_type}", ()
         if modules is None:
-            return "the backbone's calls run host code a replay would skip"
-        if _hooked(modules):
-            return "the models have forward hooks (another extension, or --medvram/--lowvram offloading)"
-        if _off_device(modules, inputs[0].device):
-            return f"the models' weights are not all on {inputs[0].device} (offloaded)"
+            return "the backbone's calls run host code a replay would skip", ()
+        fingerprint, hooked = inspect_modules(modules)
+        if hooked or any(_GLOBAL_HOOKS):
+            return "the models have forward hooks (another extension, or --medvram/--lowvram offloading)", ()
         if torch.is_autocast_enabled(inputs[0].device.type):
-            return "called inside an autocast region (its cached casts would outlive a capture)"
-        return None
+            return "called inside an autocast region (its cached casts would outlive a capture)", ()
+        return None, fingerprint
 
     def run(self, purpose: str, call: Call, inputs: Sequence[Tensor], modules: Sequence[nn.Module] | None,
             constants: Hashable = (), state: Hashable = None) -> tuple[Tensor, ...]:
@@ -165,13 +170,14 @@ class GraphCache:
         ``constants``: every Python value the call bakes in beyond its inputs' shapes; ``state``: the
         host's lazily applied patches (``capture_state``): when it changes every captured call is
         dropped, and the next capture's eager calls apply the patches before recording."""
-        reason = self.disabled.get(purpose) or self.blocker(inputs, modules)
+        reason, fingerprint = ((self.disabled[purpose], ()) if purpose in self.disabled
+                               else self.inspect(inputs, modules))
         if reason is not None:
             self._note(purpose, reason)
             return call(*inputs)
         inputs = tuple(inputs)
         shapes = (purpose, constants, tuple((tuple(x.shape), x.dtype, x.device) for x in inputs))
-        key = (shapes, weights_fingerprint(modules))
+        key = (shapes, fingerprint)
         with self._lock:
             if state != self._state:
                 self._calls.clear()

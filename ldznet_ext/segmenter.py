@@ -223,7 +223,7 @@ class Segmenter:
             generator = torch.Generator(pixels.device).manual_seed(self.settings.seed)
             z = self.backbone.encode_image(pixels, sample=True, generator=generator)
         else:
-            z, = self.run_graphed("encode", lambda p: (self.backbone.encode_image(p),), (pixels,), uses_head=False)
+            z, = self.run_graphed("encode", lambda p: (self.backbone.encode_image(p),), (pixels,), encodes_image=True)
         self._check_finite(z, "latents")
         keep_pixels = self.head_config is not None and self.head_config.input_kind == "image"
         return [_ImageState(im, z[i:i + 1], pixels[i:i + 1] if keep_pixels else None, size, box)
@@ -388,16 +388,17 @@ class Segmenter:
         return tuple(self.head(*args, with_presence=True)) if self.learned_presence else (self.head(*args),)
 
     def run_graphed(self, purpose: str, call: Callable[..., tuple[Tensor, ...]], inputs: Sequence[Tensor],
-                    constants: Hashable = (), uses_head: bool = True) -> tuple[Tensor, ...]:
+                    constants: Hashable = (), encodes_image: bool = False) -> tuple[Tensor, ...]:
         """``call(*inputs)`` (tensors in, a tuple of tensors out), replayed from a captured CUDA graph
         where ``settings.cuda_graphs`` allows and ``graphs.GraphCache`` finds it safe, else eager.
         ``purpose`` names the call; what it bakes in beyond its inputs' shapes is fixed by the models
-        and the settings (keyed here) or given as ``constants``; ``uses_head``: whether it runs the head."""
+        and the settings (keyed here) or given as ``constants``. The call runs the backbone's image
+        encoder if ``encodes_image``, else its denoiser and the head (if any)."""
         if not self.settings.cuda_graphs:
             return call(*inputs)
-        modules = getattr(self.backbone, "capture_modules", None)
-        if modules is not None and self.head is not None and uses_head:
-            modules = (*modules, self.head)
+        parts = getattr(self.backbone, "capture_modules", None)
+        modules = None if parts is None else (
+            (parts.image_encoder,) if encodes_image else (parts.denoiser, *(() if self.head is None else (self.head,))))
         state = getattr(self.backbone, "capture_state", None)
         key = (constants, self.settings.zero_shot if self.zero_shot else None)
         return self.graphs.run(purpose, call, inputs, modules, key, state() if state else None)

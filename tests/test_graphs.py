@@ -16,7 +16,7 @@ from torch import nn
 
 from ldznet_ext import graphs
 from ldznet_ext.backbones.base import Conditioning
-from ldznet_ext.graphs import RECAPTURE_LIMIT, CapturedCall, GraphCache, graph_cache, weights_fingerprint
+from ldznet_ext.graphs import RECAPTURE_LIMIT, CapturedCall, GraphCache, graph_cache, inspect_modules
 from ldznet_ext.modeling.build import build_head, head_config
 from ldznet_ext.sd.schedule import NoiseSchedule
 from ldznet_ext.segmenter import Segmenter, SegmenterSettings
@@ -179,27 +179,28 @@ class HookedBackbone:
         return getattr(self.sd, name)
 
 
-def test_blockers(tiny_sd, tiny_head):
+def test_calls_that_must_run_eagerly(tiny_sd, tiny_head):
     cache = fake_cache(FakeCapture())
     x = torch.zeros(1, 4, 8, 8)
     head = tiny_head[0]
-    assert cache.blocker([x], (tiny_sd.unet, head)) is None
-    assert cache.blocker([x.to("meta")], (head,)) == "not on cpu"
-    assert GraphCache().blocker([x], (head,)) == "not on cuda"
-    assert cache.blocker([x], None) == "the backbone's calls run host code a replay would skip"
-    hooked = "the models have forward hooks (another extension, or --medvram/--lowvram offloading)"
+    assert cache.inspect([x], (tiny_sd.unet, head)) == (None, inspect_modules((tiny_sd.unet, head))[0])
+    assert cache.inspect([x.to("meta")], (head,)) == ("not on cpu", ())
+    assert GraphCache().inspect([x], (head,)) == ("not on cuda", ())
+    assert cache.inspect([x], None) == ("the backbone's calls run host code a replay would skip", ())
+    hooked = ("the models have forward hooks (another extension, or --medvram/--lowvram offloading)", ())
     handle = tiny_sd.unet.input_blocks[1].register_forward_pre_hook(lambda module, args: None)
     try:
-        assert cache.blocker([x], (tiny_sd.unet, head)) == hooked
+        assert cache.inspect([x], (tiny_sd.unet, head)) == hooked
     finally:
         handle.remove()
     handle = nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
     try:
-        assert cache.blocker([x], (head,)) == hooked
+        assert cache.inspect([x], (head,)) == hooked
     finally:
         handle.remove()
-    offloaded = nn.Linear(2, 2, device="meta")
-    assert cache.blocker([x], (head, offloaded)) == "the models' weights are not all on cpu (offloaded)"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cache.inspect([x], (head,)) == (
+            "called inside an autocast region (its cached casts would outlive a capture)", ())
 
 
 def test_a_backbone_without_capture_modules_runs_eagerly(tiny_sd, tiny_head):
@@ -239,13 +240,6 @@ def test_a1111_state_is_the_lora_extensions_active_networks(monkeypatch):
     assert A1111Backbone.capture_state() == (("goblin_style", 1.0, 0.7, None),)
 
 
-def test_inside_autocast_calls_run_eagerly(tiny_head):
-    cache = fake_cache(FakeCapture())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        reason = cache.blocker([torch.zeros(1)], (tiny_head[0],))
-    assert reason == "called inside an autocast region (its cached casts would outlive a capture)"
-
-
 def test_clearing_every_cache_frees_the_captured_calls(tiny_sd, tiny_head):
     capture = FakeCapture()
     segmenter = Segmenter(tiny_sd, *tiny_head, SETTINGS, graphs=fake_cache(capture))
@@ -258,15 +252,17 @@ def test_clearing_every_cache_frees_the_captured_calls(tiny_sd, tiny_head):
     assert len(segmenter.graphs) == 0 and segmenter.graphs.memory_bytes == 0
 
 
-def test_fingerprint_follows_storage_device_and_dtype():
+def test_fingerprint_follows_storage_and_dtype_not_values():
     layer = nn.Linear(3, 3)
-    before = weights_fingerprint([layer])
-    assert weights_fingerprint([layer]) == before
+    before = inspect_modules([layer])[0]
+    assert before == (layer.weight.data_ptr(), layer.bias.data_ptr(), (torch.device("cpu"), torch.float32))
     with torch.no_grad():
         layer.weight.mul_(2)  # in place: same storage
-    assert weights_fingerprint([layer]) == before
+    assert inspect_modules([layer])[0] == before
     layer.double()
-    assert weights_fingerprint([layer]) != before
+    assert inspect_modules([layer])[0][-1] == (torch.device("cpu"), torch.float64)
+    layer.weight = nn.Parameter(layer.weight.clone())
+    assert inspect_modules([layer])[0][0] == layer.weight.data_ptr() != before[0]
 
 
 def test_cache_limit_must_hold_a_call():

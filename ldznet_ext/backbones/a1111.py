@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError
 from ..sd.schedule import NoiseSchedule
 from ..sd.sdxl import PREDICTIONS, v_to_eps
-from .base import Conditioning, UNetLayout, ldm_layout
+from .base import CaptureModules, Conditioning, UNetLayout, ldm_layout
 from .family import LABELS, check_zero_shot_prediction, host_family, sd2_variant
 from .sampling import sample_posterior
 
@@ -102,10 +102,10 @@ class A1111Backbone:
         return ldm_layout(self.unet)
 
     @property
-    def capture_modules(self) -> tuple[nn.Module, ...]:
+    def capture_modules(self) -> CaptureModules:
         """The VAE and the UNet: CUDA graphs may capture their calls (``graphs.py``); --medvram /
         --lowvram put offloading hooks on them, which keeps those hosts eager."""
-        return self.sd_model.first_stage_model, self.unet
+        return CaptureModules(self.sd_model.first_stage_model, self.unet)
 
     @staticmethod
     def capture_state() -> tuple:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +69,15 @@ class Conditioning:
         pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
         extra = {name: torch.cat([p.extra[name] for p in parts]) for name in parts[0].extra}
         return Conditioning(torch.cat([p.context for p in parts]), pooled, extra)
+
+
+class CaptureModules(NamedTuple):
+    """The modules a backbone's calls run, for captured CUDA graphs (``graphs.py``), which are keyed
+    by where their weights live: ``image_encoder`` runs in ``encode_image``, ``denoiser`` in
+    ``predict_noise``."""
+
+    image_encoder: nn.Module
+    denoiser: nn.Module
 
 
 @dataclass(frozen=True)
@@ -138,9 +147,9 @@ def ldm_layout(unet: nn.Module, tapped: tuple[int, ...] = LDZNET_BLOCKS) -> UNet
 class Backbone(Protocol):
     """What the segmenter needs from a diffusion model (ours or a host's).
 
-    Optional: ``capture_modules``, the modules ``encode_image`` and ``predict_noise`` run (VAE, UNet),
-    for a backbone whose calls a CUDA graph may capture (``graphs.py``): pure torch, nothing host-side
-    that must run on every call. A backbone without it always runs eagerly. ``capture_state()``, if
+    Optional: ``capture_modules`` (:class:`CaptureModules`), for a backbone whose calls a CUDA graph
+    may capture (``graphs.py``): pure torch, nothing host-side that must run on every call. A
+    backbone without it always runs eagerly. ``capture_state()``, if
     present, returns a hashable that changes whenever the same weights would compute differently
     (a host's patches applied lazily); captured calls are keyed by it.
     """

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..backbones.base import Conditioning, UNetLayout, ldm_layout
+from ..backbones.base import CaptureModules, Conditioning, UNetLayout, ldm_layout
 from .schedule import NoiseSchedule
 from .text import TextEncoder
 from .unet import UNetModel
@@ -50,9 +50,9 @@ class StableDiffusion(nn.Module):
         return ldm_layout(self.unet)
 
     @property
-    def capture_modules(self) -> tuple[nn.Module, ...]:
+    def capture_modules(self) -> CaptureModules:
         """What ``encode_image`` and ``predict_noise`` run: CUDA graphs may capture them (``graphs.py``)."""
-        return self.vae, self.unet
+        return CaptureModules(self.vae, self.unet)
 
     def encode_image(self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
         image = image.to(device=self.device, dtype=self.vae.encoder.conv_in.weight.dtype)
