@@ -374,10 +374,14 @@ class Segmenter:
 
         def features_and_head(z: Tensor, z_t: Tensor, t: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
             rows = conditioning.with_tensors(tensors)
-            features = tapped_features(self.backbone, z_t, t, rows, self.head_config.sd_blocks)
-            return self._head(z, rows.context, features)
+            return self._head(z, rows.context, self.head_features(z_t, t, rows))
 
         return self.run_graphed("head", features_and_head, (z, z_t, t.to(z.device), *conditioning.tensors()))
+
+    def head_features(self, z_t: Tensor, t: Tensor, conditioning: Conditioning) -> dict[int, Tensor]:
+        """The SD features of the head's blocks for latents already noised to timesteps t (one
+        denoiser call): where every head prediction gets them, so a tool may replace them."""
+        return tapped_features(self.backbone, z_t, t, conditioning, self.head_config.sd_blocks)
 
     def _head(self, x: Tensor, context: Tensor, features: dict[int, Tensor] | None) -> tuple[Tensor, ...]:
         """The head on its inputs in its own dtype: (logits,), or (logits, presence logits) when it

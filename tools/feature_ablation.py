@@ -76,13 +76,13 @@ def replace_feature(feature: Tensor, how: str, generator: torch.Generator) -> Te
 
 def with_replaced_features(segmenter: Segmenter, how: str, seed: int = 0) -> Segmenter:
     """``segmenter`` (an LD-ZNet) whose head gets its tapped SD features replaced as ``how`` says."""
-    tapped: Callable[..., dict[int, Tensor]] = segmenter.sd_features
+    tapped: Callable[..., dict[int, Tensor]] = segmenter.head_features
     generator = torch.Generator().manual_seed(seed)
 
     def replaced(*args) -> dict[int, Tensor]:
         return {block: replace_feature(f, how, generator) for block, f in tapped(*args).items()}
 
-    segmenter.sd_features = replaced  # the instance's own: Segmenter._head_probabilities calls self.sd_features
+    segmenter.head_features = replaced  # the instance's own: every head prediction calls self.head_features
     return segmenter
 
 
