@@ -81,3 +81,24 @@ def test_replacements_keep_scale_or_channel_means_and_drop_the_rest():
     assert torch.equal(mean, mean[..., :1, :1].expand_as(mean))
     with pytest.raises(ValueError, match="unknown replacement 'shuffle'"):
         ablation.replace_feature(feature, "shuffle", generator)
+
+
+def test_replaced_features_reach_the_head(tiny_sd, tiny_head):
+    from fixtures_models import one_thread, random_image
+
+    from ldznet_ext.segmenter import Segmenter, SegmenterSettings
+
+    def maps(segmenter: Segmenter) -> torch.Tensor:
+        with one_thread():
+            segmenter.set_image(random_image(64, 64, seed=3))
+            return segmenter.predict_terms(["cat"])["cat"]
+
+    settings = SegmenterSettings(resolution=64)
+    plain = maps(Segmenter(tiny_sd, *tiny_head, settings))
+    seen: list[dict] = []
+    zeroed = ablation.with_replaced_features(Segmenter(tiny_sd, *tiny_head, settings), "zeros")
+    tapped = zeroed.head_features
+    zeroed.head_features = lambda *args: seen.append(tapped(*args)) or seen[-1]
+    replaced = maps(zeroed)
+    assert len(seen) == 1 and all(not f.any() for f in seen[0].values())
+    assert (replaced - plain).abs().max() > 0.01
