@@ -105,6 +105,13 @@ def inspect_modules(modules: Iterable[nn.Module]) -> tuple[tuple, bool]:
     return tuple(fingerprint), hooked
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 (A1111 v1.10 installs 2.1) takes no device: CUDA's, and CPU's apart
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def _agree(output: Tensor, expected: Tensor) -> bool:
     if output.shape != expected.shape or output.dtype != expected.dtype:
         return False
@@ -159,7 +166,7 @@ class GraphCache:
         fingerprint, hooked = inspect_modules(modules)
         if hooked or any(_GLOBAL_HOOKS):
             return "the models have forward hooks (another extension, or --medvram/--lowvram offloading)", ()
-        if torch.is_autocast_enabled(inputs[0].device.type):
+        if _autocast_on(inputs[0].device.type):
             return "called inside an autocast region (its cached casts would outlive a capture)", ()
         return None, fingerprint
 

@@ -297,3 +297,20 @@ def test_heads_without_sd_features_are_replayed_too(tiny_sd):
     image = random_image(64, 64)
     assert_same(masks(graphed, image), masks(graphed.with_settings(cuda_graphs=False), image))
     assert capture.captured == 3
+
+
+def test_autocast_is_detected_on_torch_without_a_device_argument(monkeypatch, tiny_head):
+    """torch < 2.4 (A1111 v1.10 installs 2.1): is_autocast_enabled() takes no device and means CUDA."""
+    cuda_only = torch.is_autocast_enabled
+
+    def old_signature(*args):
+        if args:
+            raise TypeError("is_autocast_enabled() takes 0 positional arguments but 1 was given")
+        return cuda_only("cuda")
+
+    monkeypatch.setattr(torch, "is_autocast_enabled", old_signature)
+    cache = fake_cache(FakeCapture())
+    assert cache.inspect([torch.zeros(1)], (tiny_head[0],))[0] is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cache.inspect([torch.zeros(1)], (tiny_head[0],))[0] == (
+            "called inside an autocast region (its cached casts would outlive a capture)")
