@@ -299,7 +299,7 @@ def test_heads_without_sd_features_are_replayed_too(tiny_sd):
     assert capture.captured == 3
 
 
-def test_autocast_is_detected_on_torch_without_a_device_argument(monkeypatch, tiny_head):
+def test_autocast_is_detected_on_torch_without_a_device_argument(tiny_head):
     """torch < 2.4 (A1111 v1.10 installs 2.1): is_autocast_enabled() takes no device and means CUDA."""
     cuda_only = torch.is_autocast_enabled
 
@@ -308,9 +308,11 @@ def test_autocast_is_detected_on_torch_without_a_device_argument(monkeypatch, ti
             raise TypeError("is_autocast_enabled() takes 0 positional arguments but 1 was given")
         return cuda_only("cuda")
 
-    monkeypatch.setattr(torch, "is_autocast_enabled", old_signature)
     cache = fake_cache(FakeCapture())
-    assert cache.inspect([torch.zeros(1)], (tiny_head[0],))[0] is None
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert cache.inspect([torch.zeros(1)], (tiny_head[0],))[0] == (
-            "called inside an autocast region (its cached casts would outlive a capture)")
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with pytest.MonkeyPatch.context() as patch:  # inside: torch.autocast itself calls the new signature
+                patch.setattr(torch, "is_autocast_enabled", old_signature)
+                reason = cache.inspect([torch.zeros(1)], (tiny_head[0],))[0]
+        assert reason == ("called inside an autocast region (its cached casts would outlive a capture)"
+                          if autocast else None)
