@@ -180,8 +180,15 @@ class Segmenter:
         self.head_config = head_config
         self.settings = settings
         self.name = name
-        self.graphs = graph_cache(backbone.unet) if graphs is None else graphs
+        self._graphs = graphs
         self._image: _ImageState | None = None
+
+    @property
+    def graphs(self) -> GraphCache:
+        """Where this segmenter's captured CUDA graphs are kept (the UNet's shared cache unless given)."""
+        if self._graphs is None:
+            self._graphs = graph_cache(self.backbone.unet)
+        return self._graphs
 
     @property
     def zero_shot(self) -> bool:
@@ -414,4 +421,4 @@ class Segmenter:
     def with_settings(self, **changes) -> Segmenter:
         """A segmenter on the same models with changed settings (no image set)."""
         return Segmenter(self.backbone, self.head, self.head_config, replace(self.settings, **changes), self.name,
-                         self.graphs)
+                         self._graphs)

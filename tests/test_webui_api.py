@@ -399,7 +399,8 @@ def test_options_are_in_the_api_with_nowebui(monkeypatch):
     assert status == 200
     assert options == {"ldznet_head": "None", "ldznet_mask_model": "automatic", "ldznet_timestep": -1,
                        "ldznet_resolution": 0, "ldznet_threshold": 0.5,
-                       "ldznet_keep_on_gpu": True, "ldznet_dtype": "auto", "ldznet_save_masks": False}
+                       "ldznet_keep_on_gpu": True, "ldznet_cuda_graphs": True, "ldznet_dtype": "auto",
+                       "ldznet_save_masks": False}
     assert modules.shared.opts.data_labels["ldznet_head"].section == ("ldznet", "LD-ZNet")
 
 
