@@ -151,9 +151,11 @@ class GraphCache:
         return sum(call.memory_bytes for call in self._calls.values())
 
     def clear(self) -> None:
-        """Drop every captured call (their memory is freed when no replay is running)."""
+        """Drop every captured call (their memory is freed when no replay is running) and forget how
+        often each was captured."""
         with self._lock:
             self._calls.clear()
+            self._captures.clear()
 
     def inspect(self, inputs: Sequence[Tensor], modules: Sequence[nn.Module] | None) -> tuple[str | None, tuple]:
         """Why a call on ``inputs`` running ``modules`` must run eagerly now (None: it may be captured),
@@ -183,8 +185,11 @@ class GraphCache:
             self._note(purpose, reason)
             return call(*inputs)
         inputs = tuple(inputs)
-        shapes = (purpose, constants, tuple((tuple(x.shape), x.dtype, x.device) for x in inputs))
-        key = (shapes, fingerprint)
+        # which modules, apart from where their weights are: other models are other entries, while the
+        # same modules with moved weights replace their entry (and count towards RECAPTURE_LIMIT)
+        call_key = (purpose, constants, tuple((tuple(x.shape), x.dtype, x.device) for x in inputs),
+                    tuple(map(id, modules)))
+        key = (call_key, fingerprint)
         with self._lock:
             if state != self._state:
                 self._calls.clear()
@@ -203,12 +208,12 @@ class GraphCache:
         return tuple(output.clone() for output in captured.outputs)
 
     def _capture(self, key: tuple, call: Call, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        shapes, purpose = key[0], key[0][0]
+        call_key, purpose = key[0], key[0][0]
         expected = tuple(call(*inputs))
-        for stale in [k for k in self._calls if k[0] == shapes]:  # the same call on weights that moved
+        for stale in [k for k in self._calls if k[0] == call_key]:  # the same call on weights that moved
             del self._calls[stale]
-        self._captures[shapes] += 1
-        if self._captures[shapes] > RECAPTURE_LIMIT:
+        self._captures[call_key] += 1
+        if self._captures[call_key] > RECAPTURE_LIMIT:
             self._disable(purpose, f"its weights moved {RECAPTURE_LIMIT} times (offloaded between calls?)")
             return expected
         try:

@@ -316,3 +316,31 @@ def test_autocast_is_detected_on_torch_without_a_device_argument(tiny_head):
                 reason = cache.inspect([torch.zeros(1)], (tiny_head[0],))[0]
         assert reason == ("called inside an autocast region (its cached casts would outlive a capture)"
                           if autocast else None)
+
+
+def test_switching_between_heads_keeps_both_captured(tiny_sd, tiny_head):
+    """Another model is another entry, not moved weights: alternating heads never gives up on graphs."""
+    other = copy.deepcopy(tiny_head[0])
+    capture = FakeCapture()
+    cache = fake_cache(capture)
+    first = Segmenter(tiny_sd, *tiny_head, SETTINGS, graphs=cache)
+    second = Segmenter(tiny_sd, other, tiny_head[1], SETTINGS, graphs=cache)
+    image = random_image(64, 64)
+    for _ in range(RECAPTURE_LIMIT + 1):
+        for segmenter in (first, second):
+            masks(segmenter, image, [["cat"]])
+    assert capture.captured == 3 and cache.disabled == {}  # one encode, one head call per head
+
+
+def test_clear_forgets_the_capture_counts(tiny_sd, tiny_head):
+    head = copy.deepcopy(tiny_head[0])
+    capture = FakeCapture()
+    graphed = Segmenter(tiny_sd, head, tiny_head[1], SETTINGS, graphs=fake_cache(capture))
+    image = random_image(64, 64)
+    for _ in range(RECAPTURE_LIMIT):
+        head.final[-1].weight = nn.Parameter(head.final[-1].weight.detach().clone())
+        masks(graphed, image, [["cat"]])
+    graphed.graphs.clear()  # what a host's release does: the next move starts counting afresh
+    head.final[-1].weight = nn.Parameter(head.final[-1].weight.detach().clone())
+    masks(graphed, image, [["cat"]])
+    assert graphed.graphs.disabled == {} and len(graphed.graphs) == 2
