@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
+from fake_webui.installs import installed_config, webui  # noqa: F401  (webui: a pytest fixture)
 from fake_webui.sdxl_file import OPENCLIP_ARCH, tiny_a1111_sdxl_state, write_tiny_a1111_sdxl
 from ldznet_ext.checkpoint_io import write_safetensors
 from ldznet_ext.cli import main
@@ -28,21 +28,11 @@ def sdxl_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-def webui(tmp_path: Path) -> Path:
-    (tmp_path / "webui.py").touch()
-    return tmp_path
-
-
-def _installed(webui: Path, name: str) -> dict:
-    return yaml.safe_load((webui / "models" / "Stable-diffusion" / f"{name}.yaml").read_text())["model"]
-
-
 def test_sdxl_file_gets_an_sgm_config_of_its_own_shapes(sdxl_file, webui, tmp_path) -> None:
     target = install_model(sdxl_file, webui, hf_home=tmp_path / "hf")
     folder = webui / "models" / "Stable-diffusion"
     assert target == folder / "tiny-sdxl.safetensors" and target.read_bytes() == sdxl_file.read_bytes()
-    model = _installed(webui, "tiny-sdxl")
+    model = installed_config(webui, "tiny-sdxl")
     assert model["target"] == "sgm.models.diffusion.DiffusionEngine" and model["params"]["scale_factor"] == 0.13025
     unet = model["params"]["network_config"]["params"]
     assert {k: unet[k] for k in ("adm_in_channels", "num_classes", "model_channels", "channel_mult", "num_res_blocks",
@@ -73,7 +63,7 @@ def test_the_v_pred_marker_makes_a_v_denoiser(webui, tmp_path) -> None:
     path = tmp_path / "vpred.safetensors"
     write_tiny_a1111_sdxl(path, extra={"v_pred": torch.zeros(())})
     install_model(path, webui, hf_home=tmp_path / "hf")
-    denoiser = _installed(webui, "vpred")["params"]["denoiser_config"]["params"]
+    denoiser = installed_config(webui, "vpred")["params"]["denoiser_config"]["params"]
     assert denoiser["scaling_config"]["target"] == SGM + "diffusionmodules.denoiser_scaling.VScaling"
     assert denoiser["weighting_config"]["target"] == SGM + "diffusionmodules.denoiser_weighting.VWeighting"
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
+from fake_webui.installs import installed_config, webui  # noqa: F401  (webui: a pytest fixture)
 from fake_webui.sd2_file import tiny_a1111_sd2_state, write_tiny_a1111_sd2
 from fake_webui.sdxl_file import OPENCLIP_ARCH
 from ldznet_ext.backbones.family import UNET_PREFIX
@@ -26,23 +26,13 @@ LDM = "ldm.modules."
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture
-def webui(tmp_path: Path) -> Path:
-    (tmp_path / "webui.py").touch()
-    return tmp_path
-
-
-def _installed(webui: Path, name: str) -> dict:
-    return yaml.safe_load((webui / "models" / "Stable-diffusion" / f"{name}.yaml").read_text())["model"]
-
-
 def test_sd2_file_gets_an_ldm_v2_config_of_its_own_shapes(webui, tmp_path) -> None:
     path = tmp_path / "tiny-sd2.safetensors"
     write_tiny_a1111_sd2(path)
     target = install_model(path, webui, hf_home=tmp_path / "hf")
     folder = webui / "models" / "Stable-diffusion"
     assert target == folder / "tiny-sd2.safetensors" and target.read_bytes() == path.read_bytes()
-    model = _installed(webui, "tiny-sd2")
+    model = installed_config(webui, "tiny-sd2")
     assert model["target"] == "ldm.models.diffusion.ddpm.LatentDiffusion"
     assert (model["params"]["parameterization"], model["params"]["scale_factor"]) == ("eps", 0.18215)
     unet = model["params"]["unet_config"]["params"]
@@ -67,13 +57,13 @@ def test_the_yaml_predicts_what_our_loader_reads(webui, tmp_path, v_by_probe, ma
     path = tmp_path / "pred.safetensors"
     write_tiny_a1111_sd2(path, v_by_probe=v_by_probe, extra={"v_pred": torch.zeros(())} if marker else None)
     install_model(path, webui, hf_home=tmp_path / "hf")
-    assert _installed(webui, "pred")["params"]["parameterization"] == expected
+    assert installed_config(webui, "pred")["params"]["parameterization"] == expected
     assert load_stable_diffusion(path, zero_shot=True).prediction == expected
 
 
 def test_sd1_yaml_keeps_the_clip_embedder_and_eps(tiny_model_files, webui, tmp_path) -> None:
     install_model(tiny_model_files[0], webui, name="micro", hf_home=tmp_path / "hf")
-    model = _installed(webui, "micro")
+    model = installed_config(webui, "micro")
     unet = model["params"]["unet_config"]["params"]
     assert (model["params"]["parameterization"], unet["num_head_channels"], unet["use_linear_in_transformer"],
             unet["num_heads"], unet["transformer_depth"]) == ("eps", -1, False, 2, 1)
