@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -123,3 +124,21 @@ def test_object_table_has_one_row_per_visible_object_of_six_scenes(segmenter):
     # the caption reaches the features; the empty caption and the caption give the same z
     assert not np.allclose(table.features["all blocks, empty"], table.features["all blocks, caption"])
     np.testing.assert_array_equal(table.features["z + all blocks, empty"][:, :4], table.features["z"])
+
+
+def test_chosen_blocks_are_the_ones_probed(segmenter):
+    table = probe.object_table(segmenter, range(2), blocks=(1, 16))
+    assert sorted(k for k in table.features if k.startswith("block ")) == [
+        "block 1, caption", "block 1, empty", "block 16, caption", "block 16, empty"]
+    assert table.features["block 16, empty"].shape[1] == 32  # the micro UNet's finest level: 32 channels
+
+
+@pytest.mark.parametrize("text, expected", [("6,7,8", (6, 7, 8)), ("16", (16,))])
+def test_block_list_parses(text, expected):
+    assert probe.block_list(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "6,x", "0,1", "-1"])
+def test_block_list_refuses(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        probe.block_list(text)

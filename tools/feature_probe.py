@@ -95,7 +95,8 @@ def scene_contents(scene: Scene) -> np.ndarray:
     return np.array([s in shapes for s in VOCABULARY.shapes] + [c in colours for c in VOCABULARY.colours], np.float32)
 
 
-def _batch_rows(segmenter: Segmenter, scenes: Sequence[Scene], timestep: int, seed: int) -> list[dict]:
+def _batch_rows(segmenter: Segmenter, scenes: Sequence[Scene], timestep: int, seed: int,
+                blocks: Sequence[int]) -> list[dict]:
     """Each object's {source: vector, "shape", "colour", "area"} for one batch of scenes."""
     backbone = segmenter.backbone
     pixels = torch.cat([to_model_input(scene.image, (SIZE, SIZE)) for scene in scenes]).to(backbone.device)
@@ -103,8 +104,8 @@ def _batch_rows(segmenter: Segmenter, scenes: Sequence[Scene], timestep: int, se
         z = backbone.encode_image(pixels).float()
         draw = noise_draws(seed, 1, (1, *z.shape[1:]), timestep)[0][1]  # the same for every batch
         timesteps = torch.full((len(scenes),), timestep, dtype=torch.long, device=z.device)
-        blocks = {name: sd_features(backbone, z, backbone.encode_text([prompt(s) for s in scenes]), timesteps, draw,
-                                    segmenter.head_config.sd_blocks) for name, prompt in CONDITIONINGS.items()}
+        tapped = {name: sd_features(backbone, z, backbone.encode_text([prompt(s) for s in scenes]), timesteps, draw,
+                                    blocks) for name, prompt in CONDITIONINGS.items()}
     rows = []
     for i, scene in enumerate(scenes):
         whole = np.ones((SIZE, SIZE), bool)
@@ -114,7 +115,7 @@ def _batch_rows(segmenter: Segmenter, scenes: Sequence[Scene], timestep: int, se
                 continue
             row = {"z": pool_over_mask(z[i], mask), "z window": latent_window(z[i], mask),
                    "scene contents": torch.from_numpy(scene_contents(scene))}
-            for name, features in blocks.items():
+            for name, features in tapped.items():
                 pooled = [pool_over_mask(f[i].float(), mask) for f in features.values()]
                 row.update({f"block {b}, {name}": p for b, p in zip(features, pooled)})
                 row[f"all blocks, {name}"] = torch.cat(pooled)
@@ -128,12 +129,16 @@ def _batch_rows(segmenter: Segmenter, scenes: Sequence[Scene], timestep: int, se
     return rows
 
 
-def object_table(segmenter: Segmenter, seeds: Sequence[int], timestep: int = 400, seed: int = 0) -> ObjectTable:
+def object_table(segmenter: Segmenter, seeds: Sequence[int], timestep: int = 400, seed: int = 0,
+                 blocks: Sequence[int] | None = None) -> ObjectTable:
     """Every object of the scenes ``seeds`` (rendered at SIZE), with the features at ``timestep`` and the
-    noise of ``seed`` (the same noise for every scene, as ``Segmenter`` does) on its head's blocks."""
+    noise of ``seed`` (the same noise for every scene, as ``Segmenter`` does) on ``blocks`` (None: its
+    head's)."""
+    blocks = segmenter.head_config.sd_blocks if blocks is None else blocks
     rows: list[dict] = []
     for start in range(0, len(seeds), BATCH):
-        rows += _batch_rows(segmenter, [make_scene(s, SIZE) for s in seeds[start:start + BATCH]], timestep, seed)
+        rows += _batch_rows(segmenter, [make_scene(s, SIZE) for s in seeds[start:start + BATCH]], timestep, seed,
+                            blocks)
     if not rows:
         raise LdznetError(f"scenes {seeds[0]}..{seeds[-1]} hold no visible object")
     sources = [key for key in rows[0] if key not in ("shape", "colour", "area")]
@@ -214,19 +219,20 @@ def _scores(correct: np.ndarray, bins: np.ndarray) -> dict:
             "bins": {b: float(correct[bins == b].mean()) for b in bin_names() if (bins == b).any()}}
 
 
-def run(train: int, val: int, test: int, timestep: int, seed: int) -> dict:
-    """The object tables of the three splits and the probes' report."""
+def run(train: int, val: int, test: int, timestep: int, seed: int, blocks: Sequence[int] | None = None) -> dict:
+    """The object tables of the three splits and the probes' report (``blocks``: None, the head's)."""
     started = time.perf_counter()
     segmenter = load_segmenter(WEIGHTS_DIR / DEFAULT_SD_NAME, WEIGHTS_DIR / DEFAULT_HEAD_NAME, device="cpu",
                                resolution=SIZE)
-    tables = {split: object_table(segmenter, split_seeds(split, count), timestep, seed)
+    blocks = tuple(segmenter.head_config.sd_blocks if blocks is None else blocks)
+    tables = {split: object_table(segmenter, split_seeds(split, count), timestep, seed, blocks)
               for split, count in (("train", train), ("val", val), ("test", test))}
     extracted = time.perf_counter() - started
     print(f"features of {sum(len(t.area) for t in tables.values())} objects: {extracted:.0f} s", file=sys.stderr)
     report = probe_report(tables)
     report.update(scenes={"train": train, "val": val, "test": test},
                   objects={split: len(t.area) for split, t in tables.items()}, timestep=timestep, seed=seed,
-                  blocks=list(segmenter.head_config.sd_blocks), seconds_features=extracted,
+                  blocks=list(blocks), seconds_features=extracted,
                   seconds=time.perf_counter() - started)
     return report
 
@@ -244,6 +250,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def block_list(text: str) -> tuple[int, ...]:
+    """An argparse type: "6,7,8" -> (6, 7, 8)."""
+    try:
+        blocks = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block numbers such as 6,7,8, got {text!r}") from None
+    if not blocks or min(blocks) < 1:
+        raise argparse.ArgumentTypeError(f"expected block numbers >= 1, got {text!r}")
+    return blocks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for split, count in (("train", 600), ("val", 150), ("test", 300)):
@@ -251,12 +268,14 @@ def main() -> None:
                             help=f"world:{split} scenes (default {count})")
     parser.add_argument("--timestep", type=bounded_number(TIMESTEP), default=400, help="SD timestep (default 400)")
     parser.add_argument("--seed", type=bounded_number(SEED), default=0, help="seed of the fixed noise (default 0)")
+    parser.add_argument("--blocks", type=block_list, metavar="B,B,...",
+                        help="spatial-transformer blocks to probe, numbered from 1 (default: the head's, 6-10)")
     parser.add_argument("--json", metavar="OUT.json", help="also write the report as JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
     try:
-        report = run(args.train, args.val, args.test, args.timestep, args.seed)
-    except LdznetError as error:
+        report = run(args.train, args.val, args.test, args.timestep, args.seed, args.blocks)
+    except (LdznetError, ValueError) as error:  # ValueError: a block number this UNet lacks
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(markdown(report))
     print(f"\n{report['objects']} objects; {report['seconds']:.0f} s", file=sys.stderr)
