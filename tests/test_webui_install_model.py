@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fake_webui.installs import installed_config, webui  # noqa: F401  (webui: a pytest fixture)
+from fake_webui.installs import installed_config, installed_digest, webui  # noqa: F401  (webui: a pytest fixture)
 from fake_webui.sdxl_file import OPENCLIP_ARCH, tiny_a1111_sdxl_state, write_tiny_a1111_sdxl
 from ldznet_ext.checkpoint_io import write_safetensors
 from ldznet_ext.cli import main
@@ -66,6 +66,20 @@ def test_the_v_pred_marker_makes_a_v_denoiser(webui, tmp_path) -> None:
     denoiser = installed_config(webui, "vpred")["params"]["denoiser_config"]["params"]
     assert denoiser["scaling_config"]["target"] == SGM + "diffusionmodules.denoiser_scaling.VScaling"
     assert denoiser["weighting_config"]["target"] == SGM + "diffusionmodules.denoiser_weighting.VWeighting"
+
+
+# sha256 of the SDXL YAML (WebUI path as WEBUI), recorded before the ldm and sgm templates shared their
+# first-stage block: any byte A1111 would read differently fails here.
+SDXL_YAML_SHA256 = {"eps": "6f0824e1a5ddd2e0224ee08621de6bf093fc7b3adf7ac8a735c041bf3d253bdd",
+                    "v": "6d109579b5893b04c86aec674bf2a0d1f1bd660fdec6cdaba39ca43f2cb877a0"}
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_the_sdxl_yaml_is_byte_for_byte_the_recorded_one(webui, tmp_path, prediction) -> None:
+    path = tmp_path / "tiny-sdxl.safetensors"
+    write_tiny_a1111_sdxl(path, extra={"v_pred": torch.zeros(())} if prediction == "v" else None)
+    install_model(path, webui, hf_home=tmp_path / "hf")
+    assert installed_digest(webui, "tiny-sdxl") == SDXL_YAML_SHA256[prediction]
 
 
 def _refused(state: dict, webui: Path, tmp_path: Path) -> str:

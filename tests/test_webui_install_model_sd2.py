@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fake_webui.installs import installed_config, webui  # noqa: F401  (webui: a pytest fixture)
+from fake_webui.installs import installed_config, installed_digest, webui  # noqa: F401  (webui: a pytest fixture)
 from fake_webui.sd2_file import tiny_a1111_sd2_state, write_tiny_a1111_sd2
 from fake_webui.sdxl_file import OPENCLIP_ARCH
 from ldznet_ext.backbones.family import UNET_PREFIX
@@ -70,6 +70,26 @@ def test_sd1_yaml_keeps_the_clip_embedder_and_eps(tiny_model_files, webui, tmp_p
     clip_dir = str((webui / "models" / "Stable-diffusion" / "micro.clip").resolve())
     assert model["params"]["cond_stage_config"] == {"target": LDM + "encoders.modules.FrozenCLIPEmbedder",
                                                     "params": {"version": clip_dir}}
+
+
+# sha256 of each family's YAML (WebUI path as WEBUI), recorded before the ldm and sgm templates shared their
+# first-stage block: any byte A1111 would read differently fails here.
+SD1_YAML_SHA256 = "81818adeecbd4f8bc18ec6ec60ee6d5d46044d70fb0280a2e9d57e8f5f7ed4ea"
+SD2_YAML_SHA256 = {"eps": "108c078fe982c2fb2652c9ff22fe781cff89c85289649fe6c096096ebaa9f813",
+                   "v": "9337871a21bf649919d9302f183b73e41462db16ea7f866645ef7e7b3658f2e2"}
+
+
+def test_the_sd1_yaml_is_byte_for_byte_the_recorded_one(tiny_model_files, webui, tmp_path) -> None:
+    install_model(tiny_model_files[0], webui, name="micro", hf_home=tmp_path / "hf")
+    assert installed_digest(webui, "micro") == SD1_YAML_SHA256
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_the_sd2_yaml_is_byte_for_byte_the_recorded_one(webui, tmp_path, prediction) -> None:
+    path = tmp_path / "tiny-sd2.safetensors"
+    write_tiny_a1111_sd2(path, v_by_probe=prediction == "v")
+    install_model(path, webui, hf_home=tmp_path / "hf")
+    assert installed_digest(webui, "tiny-sd2") == SD2_YAML_SHA256[prediction]
 
 
 def _refused(state: dict, webui: Path, tmp_path: Path, metadata: dict | None = None) -> str:
