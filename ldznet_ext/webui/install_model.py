@@ -55,6 +55,26 @@ OPENCLIP_TEXT_TOWERS = {"ViT-bigG-14": (1280, 32, 5120, 1280), "ViT-H-14": (1024
 COMPARE_CHUNK = 16 * 2**20  # bytes of each file held at once when comparing two checkpoints
 OPENCLIP_CONTEXT = (49408, 77)  # (vocabulary, positions) of every registered OpenAI-tokenizer text tower
 
+# The VAE block of both templates (ldm's and sgm's first_stage_config), rendered by _first_stage_yaml.
+FIRST_STAGE = """    first_stage_config:
+      target: {target}
+      params:
+        embed_dim: {vae.embed_dim}
+        monitor: val/rec_loss
+        ddconfig:
+{attn_type_line}          double_z: true
+          z_channels: {vae.z_channels}
+          resolution: 256
+          in_channels: {vae.in_channels}
+          out_ch: {vae.out_ch}
+          ch: {vae.ch}
+          ch_mult: {vae_mult}
+          num_res_blocks: {vae.num_res_blocks}
+          attn_resolutions: []
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity"""
+
 YAML = """model:
   base_learning_rate: 1.0e-04
   target: ldm.models.diffusion.ddpm.LatentDiffusion
@@ -92,24 +112,7 @@ YAML = """model:
         context_dim: {unet.context_dim}
         use_checkpoint: False
         legacy: False
-    first_stage_config:
-      target: ldm.models.autoencoder.AutoencoderKL
-      params:
-        embed_dim: {vae.embed_dim}
-        monitor: val/rec_loss
-        ddconfig:
-          double_z: true
-          z_channels: {vae.z_channels}
-          resolution: 256
-          in_channels: {vae.in_channels}
-          out_ch: {vae.out_ch}
-          ch: {vae.ch}
-          ch_mult: {vae_mult}
-          num_res_blocks: {vae.num_res_blocks}
-          attn_resolutions: []
-          dropout: 0.0
-        lossconfig:
-          target: torch.nn.Identity
+{first_stage}
     cond_stage_config:
       target: ldm.modules.encoders.modules.{cond_stage}
 """
@@ -198,26 +201,16 @@ SDXL_YAML = """model:
             target: sgm.modules.encoders.modules.ConcatTimestepEmbedderND
             params:
               outdim: {size_dim}
-    first_stage_config:
-      target: sgm.models.autoencoder.AutoencoderKLInferenceWrapper
-      params:
-        embed_dim: {vae.embed_dim}
-        monitor: val/rec_loss
-        ddconfig:
-          attn_type: vanilla
-          double_z: true
-          z_channels: {vae.z_channels}
-          resolution: 256
-          in_channels: {vae.in_channels}
-          out_ch: {vae.out_ch}
-          ch: {vae.ch}
-          ch_mult: {vae_mult}
-          num_res_blocks: {vae.num_res_blocks}
-          attn_resolutions: []
-          dropout: 0.0
-        lossconfig:
-          target: torch.nn.Identity
+{first_stage}
 """
+
+
+def _first_stage_yaml(vae: VAEConfig, target: str, attn_type: str | None = None) -> str:
+    """The first_stage_config block of the shapes in ``vae``, built as ``target``; sgm's ddconfig also names
+    its ``attn_type``, which ldm's has not."""
+    attn_type_line = f"          attn_type: {attn_type}\n" if attn_type else ""
+    return FIRST_STAGE.format(target=target, vae=vae, vae_mult=list(vae.ch_mult), attn_type_line=attn_type_line)
+
 
 def _sub(state: Mapping, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -366,12 +359,13 @@ def _sdxl_yaml(state: Mapping, unet: UNetConfig, vae: VAEConfig, clip_dir: Path,
                               f"text ({pooled}) and six size embeddings of one width")
     levels = range(len(unet.channel_mult))
     return SDXL_YAML.format(
-        unet=unet, vae=vae, prediction="V" if V_PREDICTION_KEY in state else "Eps",
+        unet=unet, prediction="V" if V_PREDICTION_KEY in state else "Eps",
         attention_resolutions=[2 ** level for level in unet.attention_levels], channel_mult=list(unet.channel_mult),
         num_head_channels=unet.num_head_channels or -1, linear=unet.linear_projection,
         transformer_depth=[unet.depth_at(level) for level in levels], clip_dir=json.dumps(str(clip_dir.resolve())),
         clip_layer=clip_layers - 1,  # hidden_states[n - 1]: the penultimate layer's output, as SDXL's 11 of 12
-        openclip_arch=arch, size_dim=size_dim, vae_mult=list(vae.ch_mult))
+        openclip_arch=arch, size_dim=size_dim,
+        first_stage=_first_stage_yaml(vae, "sgm.models.autoencoder.AutoencoderKLInferenceWrapper", "vanilla"))
 
 
 def sd2_prediction(checkpoint: Path, state: Mapping, unet: UNetConfig) -> str:
@@ -413,10 +407,10 @@ def _ldm_yaml(checkpoint: Path, state: Mapping, unet: UNetConfig, vae: VAEConfig
                                   f"text tower ({arch}) gives {OPENCLIP_TEXT_TOWERS[arch][0]}")
         cond_stage, parameterization = SD2_COND_STAGE.format(openclip_arch=arch), sd2_prediction(checkpoint, state,
                                                                                                    unet)
-    return YAML.format(unet=unet, vae=vae, attention_resolutions=[2 ** level for level in unet.attention_levels],
-                       channel_mult=list(unet.channel_mult), vae_mult=list(vae.ch_mult),
-                       num_head_channels=unet.num_head_channels or -1, transformer_depth=depths[0],
-                       parameterization=parameterization, cond_stage=cond_stage)
+    return YAML.format(unet=unet, attention_resolutions=[2 ** level for level in unet.attention_levels],
+                       channel_mult=list(unet.channel_mult), num_head_channels=unet.num_head_channels or -1,
+                       transformer_depth=depths[0], parameterization=parameterization, cond_stage=cond_stage,
+                       first_stage=_first_stage_yaml(vae, "ldm.models.autoencoder.AutoencoderKL"))
 
 
 def install_model(checkpoint: str | os.PathLike, webui_dir: str | os.PathLike, name: str | None = None,
