@@ -5,13 +5,11 @@ it: ``is_sd2``, ``parameterization``, ``cond_stage_model.model``) and a Forge-sh
 
 from __future__ import annotations
 
-import types
-
 from torch import Tensor
 
 from conftest import randomize_  # tests/ is on sys.path under pytest
 from fake_webui.models import WEBUI_VAE, FakeLatentDiffusion
-from fake_webui.sdxl_models import KModel
+from fake_webui.sdxl_models import FakeForgeEngine
 from ldznet_ext.sd.sd2 import OpenCLIPContext, StableDiffusion2
 from ldznet_ext.sd.sdxl import OpenCLIPTextEncoder
 from ldznet_ext.sd.unet import UNetModel, unet_config
@@ -38,14 +36,11 @@ def fake_a1111_sd2(sd: StableDiffusion2, conditioning_key: str = "crossattn") ->
     return model.eval()
 
 
-class FakeForgeSD2:
+class FakeForgeSD2(FakeForgeEngine):
     """What Forge's StableDiffusion2 engine offers: ``forge_objects`` and its text conditioning."""
 
     def __init__(self, sd: StableDiffusion2, prediction_type: str = "epsilon"):
-        self.sd = sd
-        kmodel = KModel(sd.unet, sd.schedule.alphas_cumprod, prediction_type)
-        self.forge_objects = types.SimpleNamespace(unet=types.SimpleNamespace(model=kmodel, load_device="cpu"),
-                                                   vae=types.SimpleNamespace(downscale_ratio=sd.downsample_factor))
+        super().__init__(sd, prediction_type)
         self.is_sd1, self.is_sd2, self.is_sdxl, self.is_sd3, self.is_inpaint = False, True, False, False, False
 
     def get_learned_conditioning(self, prompt: list) -> Tensor:

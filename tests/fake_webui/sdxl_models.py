@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from conftest import randomize_  # tests/ is on sys.path under pytest
 from fake_webui.models import WEBUI_VAE
 from ldznet_ext.sd.schedule import NoiseSchedule
+from ldznet_ext.sd.sd2 import StableDiffusion2
 from ldznet_ext.sd.sdxl import OpenCLIPTextEncoder, SDXLConditioner, StableDiffusionXL
 from ldznet_ext.sd.text import TextEncoder, text_config
 from ldznet_ext.sd.unet import UNetModel, timestep_embedding, unet_config
@@ -153,14 +154,22 @@ class KModel(nn.Module):
         return self.predictor.calculate_denoised(t, out.float(), x)
 
 
-class FakeForgeSDXL:
-    """What Forge's StableDiffusionXL engine offers: ``forge_objects``, ``embedder`` and its conditioning."""
+class FakeForgeEngine:
+    """What every Forge engine offers: ``forge_objects``, its UNet patcher around a KModel of ``sd``'s UNet and
+    schedule and its VAE's downscale ratio (``sd`` kept for the engine's text conditioning)."""
 
-    def __init__(self, sd: StableDiffusionXL, prediction_type: str = "epsilon"):
+    def __init__(self, sd: StableDiffusionXL | StableDiffusion2, prediction_type: str = "epsilon"):
         self.sd = sd
         kmodel = KModel(sd.unet, sd.schedule.alphas_cumprod, prediction_type)
         self.forge_objects = types.SimpleNamespace(unet=types.SimpleNamespace(model=kmodel, load_device="cpu"),
                                                    vae=types.SimpleNamespace(downscale_ratio=sd.downsample_factor))
+
+
+class FakeForgeSDXL(FakeForgeEngine):
+    """What Forge's StableDiffusionXL engine offers: ``forge_objects``, ``embedder`` and its conditioning."""
+
+    def __init__(self, sd: StableDiffusionXL, prediction_type: str = "epsilon"):
+        super().__init__(sd, prediction_type)
         self.embedder = types.SimpleNamespace(dim=SIZE_DIM)
         self.text_processing_engine_l = object()
         self.is_sd1, self.is_sdxl, self.is_inpaint = False, True, False
