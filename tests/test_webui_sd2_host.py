@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 import types
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,7 +13,8 @@ pytest.importorskip("ldm.modules.distributions.distributions")
 
 from fake_webui import world  # noqa: E402  (first: it puts the fake `modules` on sys.path)
 from fake_webui.sd2_models import FakeForgeSD2, fake_a1111_sd2, tiny_sd2  # noqa: E402
-from fake_webui.zero_shot_host import IMAGE, ZERO_SHOT, engine_prediction, our_model, sampler_call  # noqa: E402
+from fake_webui.zero_shot_host import (  # noqa: E402
+    IMAGE, ZERO_SHOT, assert_host_zero_shot_is_ours, checked_forge_adapter, our_model)
 
 # isort: split
 
@@ -34,20 +34,8 @@ def test_a1111_sd2_zero_shot_equals_our_sd2(tmp_path, prediction):
     sd = tiny_sd2(prediction)
     loaded = fake_a1111_sd2(sd)
     world.install(tmp_path, head=False, model=loaded)
-    state = {k: v.clone() for k, v in loaded.state_dict().items()}
-    before = sampler_call(loaded)
-    with host.job_backbone(ZERO_SHOT) as backbone:
-        assert type(backbone) is A1111Backbone and backbone.sd_model is loaded
-    host.check_ready(ZERO_SHOT)
-
-    result = host.compute(IMAGE, ZERO_SHOT)
-
-    expected = engine_prediction(our_model(sd, loaded.alphas_cumprod))
-    assert torch.equal(result.prediction.probability, expected.probability)
-    assert np.array_equal(result.mask, expected.mask_image())
-    assert torch.equal(sampler_call(loaded), before)
-    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
-    assert host.engine().mask_model.loaded is None  # no separate model for zero-shot
+    assert_host_zero_shot_is_ours(sd, loaded, lambda backbone: type(backbone) is A1111Backbone
+                                  and backbone.sd_model is loaded)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
@@ -74,12 +62,8 @@ def test_a1111_sd2_adapter_calls(prediction):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_forge_sd2_adapter_matches_our_sd2(prediction_type):
-    sd = tiny_sd2("eps" if prediction_type == "epsilon" else "v")
-    engine = FakeForgeSD2(sd, prediction_type)
-    check_forge_sd2_model(engine)
-    loads = []
-    backbone = ForgeBackbone(engine, loads.append)
-    ours = our_model(sd, engine.forge_objects.unet.model.predictor.alphas_cumprod)
+    engine = FakeForgeSD2(tiny_sd2("eps" if prediction_type == "epsilon" else "v"), prediction_type)
+    backbone, ours, loads = checked_forge_adapter(engine, check_forge_sd2_model, ForgeBackbone)
     with torch.no_grad():
         conditioning = backbone.encode_text(["a cat", ""])
         assert torch.equal(conditioning.context, ours.encode_text(["a cat", ""]).context)

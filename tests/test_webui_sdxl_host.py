@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import types
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,7 +12,8 @@ pytest.importorskip("ldm.modules.distributions.distributions")
 
 from fake_webui import world  # noqa: E402  (first: it puts the fake `modules` on sys.path)
 from fake_webui.sdxl_models import FakeDiffusionEngine, FakeForgeSDXL, tiny_sdxl  # noqa: E402
-from fake_webui.zero_shot_host import IMAGE, ZERO_SHOT, engine_prediction, our_model, sampler_call  # noqa: E402
+from fake_webui.zero_shot_host import (  # noqa: E402
+    IMAGE, ZERO_SHOT, assert_host_zero_shot_is_ours, checked_forge_adapter, our_model)
 
 # isort: split
 
@@ -31,20 +31,8 @@ def test_a1111_sdxl_zero_shot_equals_our_sdxl(tmp_path, parameterization):
     sd = tiny_sdxl("eps" if parameterization == "eps" else "v")
     loaded = FakeDiffusionEngine(sd, parameterization).eval()
     world.install(tmp_path, head=False, model=loaded)
-    state = {k: v.clone() for k, v in loaded.state_dict().items()}
-    before = sampler_call(loaded)
-    with host.job_backbone(ZERO_SHOT) as backbone:
-        assert isinstance(backbone, A1111SDXLBackbone) and backbone.size_dim == 8
-    host.check_ready(ZERO_SHOT)
-
-    result = host.compute(IMAGE, ZERO_SHOT)
-
-    expected = engine_prediction(our_model(sd, loaded.alphas_cumprod))
-    assert torch.equal(result.prediction.probability, expected.probability)
-    assert np.array_equal(result.mask, expected.mask_image())
-    assert torch.equal(sampler_call(loaded), before)
-    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
-    assert host.engine().mask_model.loaded is None  # no separate model for zero-shot
+    assert_host_zero_shot_is_ours(sd, loaded, lambda backbone: isinstance(backbone, A1111SDXLBackbone)
+                                  and backbone.size_dim == 8)
 
 
 def test_a1111_sdxl_adapter_calls(tmp_path):
@@ -69,12 +57,8 @@ def test_a1111_sdxl_adapter_calls(tmp_path):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_forge_sdxl_adapter_matches_our_sdxl(prediction_type):
-    sd = tiny_sdxl("eps" if prediction_type == "epsilon" else "v")
-    engine = FakeForgeSDXL(sd, prediction_type)
-    check_forge_sdxl_model(engine)
-    loads = []
-    backbone = ForgeSDXLBackbone(engine, loads.append)
-    ours = our_model(sd, engine.forge_objects.unet.model.predictor.alphas_cumprod)
+    engine = FakeForgeSDXL(tiny_sdxl("eps" if prediction_type == "epsilon" else "v"), prediction_type)
+    backbone, ours, loads = checked_forge_adapter(engine, check_forge_sdxl_model, ForgeSDXLBackbone)
     with torch.no_grad():
         conditioning, expected = backbone.encode_text(["a cat", ""]), ours.encode_text(["a cat", ""])
         assert torch.equal(conditioning.context, expected.context) and torch.equal(conditioning.pooled, expected.pooled)
