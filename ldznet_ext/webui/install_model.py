@@ -55,6 +55,20 @@ OPENCLIP_TEXT_TOWERS = {"ViT-bigG-14": (1280, 32, 5120, 1280), "ViT-H-14": (1024
 COMPARE_CHUNK = 16 * 2**20  # bytes of each file held at once when comparing two checkpoints
 OPENCLIP_CONTEXT = (49408, 77)  # (vocabulary, positions) of every registered OpenAI-tokenizer text tower
 
+# The UNet's shapes in both templates (ldm's unet_config and sgm's network_config), rendered by _unet_shapes_yaml.
+UNET_SHAPES = """        in_channels: {unet.in_channels}
+        out_channels: {unet.out_channels}
+        model_channels: {unet.model_channels}
+        attention_resolutions: {attention_resolutions}
+        num_res_blocks: {unet.num_res_blocks}
+        channel_mult: {channel_mult}
+        num_heads: {unet.num_heads}
+        num_head_channels: {num_head_channels}
+        use_spatial_transformer: True
+        use_linear_in_transformer: {unet.linear_projection}
+        transformer_depth: {transformer_depth}
+        context_dim: {unet.context_dim}"""
+
 # The VAE block of both templates (ldm's and sgm's first_stage_config), rendered by _first_stage_yaml.
 FIRST_STAGE = """    first_stage_config:
       target: {target}
@@ -98,18 +112,7 @@ YAML = """model:
       target: ldm.modules.diffusionmodules.openaimodel.UNetModel
       params:
         image_size: 32
-        in_channels: {unet.in_channels}
-        out_channels: {unet.out_channels}
-        model_channels: {unet.model_channels}
-        attention_resolutions: {attention_resolutions}
-        num_res_blocks: {unet.num_res_blocks}
-        channel_mult: {channel_mult}
-        num_heads: {unet.num_heads}
-        num_head_channels: {num_head_channels}
-        use_spatial_transformer: True
-        use_linear_in_transformer: {unet.linear_projection}
-        transformer_depth: {transformer_depth}
-        context_dim: {unet.context_dim}
+{unet_shapes}
         use_checkpoint: False
         legacy: False
 {first_stage}
@@ -151,18 +154,7 @@ SDXL_YAML = """model:
         adm_in_channels: {unet.adm_in_channels}
         num_classes: sequential
         use_checkpoint: False
-        in_channels: {unet.in_channels}
-        out_channels: {unet.out_channels}
-        model_channels: {unet.model_channels}
-        attention_resolutions: {attention_resolutions}
-        num_res_blocks: {unet.num_res_blocks}
-        channel_mult: {channel_mult}
-        num_heads: {unet.num_heads}
-        num_head_channels: {num_head_channels}
-        use_spatial_transformer: True
-        use_linear_in_transformer: {linear}
-        transformer_depth: {transformer_depth}
-        context_dim: {unet.context_dim}
+{unet_shapes}
         spatial_transformer_attn_type: softmax
         legacy: False
     conditioner_config:
@@ -203,6 +195,14 @@ SDXL_YAML = """model:
               outdim: {size_dim}
 {first_stage}
 """
+
+
+def _unet_shapes_yaml(unet: UNetConfig, transformer_depth: int | list[int]) -> str:
+    """The UNet shape fields of ``unet`` both templates share; ``transformer_depth`` one for all levels (ldm) or
+    one a level (sgm)."""
+    return UNET_SHAPES.format(unet=unet, attention_resolutions=[2 ** level for level in unet.attention_levels],
+                              channel_mult=list(unet.channel_mult), num_head_channels=unet.num_head_channels or -1,
+                              transformer_depth=transformer_depth)
 
 
 def _first_stage_yaml(vae: VAEConfig, target: str, attn_type: str | None = None) -> str:
@@ -360,9 +360,8 @@ def _sdxl_yaml(state: Mapping, unet: UNetConfig, vae: VAEConfig, clip_dir: Path,
     levels = range(len(unet.channel_mult))
     return SDXL_YAML.format(
         unet=unet, prediction="V" if V_PREDICTION_KEY in state else "Eps",
-        attention_resolutions=[2 ** level for level in unet.attention_levels], channel_mult=list(unet.channel_mult),
-        num_head_channels=unet.num_head_channels or -1, linear=unet.linear_projection,
-        transformer_depth=[unet.depth_at(level) for level in levels], clip_dir=json.dumps(str(clip_dir.resolve())),
+        unet_shapes=_unet_shapes_yaml(unet, [unet.depth_at(level) for level in levels]),
+        clip_dir=json.dumps(str(clip_dir.resolve())),
         clip_layer=clip_layers - 1,  # hidden_states[n - 1]: the penultimate layer's output, as SDXL's 11 of 12
         openclip_arch=arch, size_dim=size_dim,
         first_stage=_first_stage_yaml(vae, "sgm.models.autoencoder.AutoencoderKLInferenceWrapper", "vanilla"))
@@ -407,9 +406,8 @@ def _ldm_yaml(checkpoint: Path, state: Mapping, unet: UNetConfig, vae: VAEConfig
                                   f"text tower ({arch}) gives {OPENCLIP_TEXT_TOWERS[arch][0]}")
         cond_stage, parameterization = SD2_COND_STAGE.format(openclip_arch=arch), sd2_prediction(checkpoint, state,
                                                                                                    unet)
-    return YAML.format(unet=unet, attention_resolutions=[2 ** level for level in unet.attention_levels],
-                       channel_mult=list(unet.channel_mult), num_head_channels=unet.num_head_channels or -1,
-                       transformer_depth=depths[0], parameterization=parameterization, cond_stage=cond_stage,
+    return YAML.format(unet_shapes=_unet_shapes_yaml(unet, depths[0]), parameterization=parameterization,
+                       cond_stage=cond_stage,
                        first_stage=_first_stage_yaml(vae, "ldm.models.autoencoder.AutoencoderKL"))
 
 
