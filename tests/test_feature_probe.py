@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from ldznet_ext.errors import LdznetError
 from ldznet_ext.world.scenes import make_scene
 from ldznet_ext.world.spec import OBJECT_LABEL0, VOCABULARY
 
@@ -96,6 +97,72 @@ def test_probe_ignores_constant_inputs():
     assert torch.isfinite(fitted.weight).all() and fitted.weight[-1].abs().max() == 0
 
 
+PLUS = [(3, c) for c in range(1, 6)] + [(r, 3) for r in (1, 2, 4, 5)]
+CROSS = [(d, d) for d in range(1, 6)] + [(1, 5), (2, 4), (4, 2), (5, 1)]  # an x: the plus's 9 cells of mass
+
+
+def _plus_or_cross(count: int, seed: int, channels: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Windows [count, channels, 8, 8] of a plus (label 0) or an x (label 1) of equal mass, each moved by
+    -1..1 cells either way, plus noise: a spatial pattern whose mean over the window says nothing."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % 2
+    windows = rng.normal(scale=0.3, size=(count, channels, 8, 8))
+    for window, label, (dr, dc) in zip(windows, labels, rng.integers(-1, 2, size=(count, 2))):
+        for r, c in (PLUS, CROSS)[label]:
+            window[:, r + dr, c + dc] += 1.0
+    return windows.astype(np.float32), labels
+
+
+def test_cnn_probe_reads_a_spatial_pattern_that_a_pooled_linear_probe_cannot():
+    train, val, test = _plus_or_cross(400, 0), _plus_or_cross(200, 1), _plus_or_cross(400, 2)
+    fitted = probe.fit_cnn(train, val, 2)
+    assert (fitted.predict(test[0]) == test[1]).mean() == 1.0
+    assert 1 <= fitted.epochs <= probe.CNN_EPOCHS
+    pooled = [(x.mean(axis=(2, 3)), y) for x, y in (train, val, test)]
+    _, linear = probe.select_probe(pooled[0], pooled[1], 2)
+    assert abs((linear.predict(pooled[2][0]) == test[1]).mean() - 0.5) < 0.1  # 4 standard deviations
+
+
+def test_cnn_probe_is_at_chance_on_shuffled_labels_and_repeats_itself():
+    rng = np.random.default_rng(3)
+    (x, y), (xv, yv), (xt, yt) = _plus_or_cross(400, 0), _plus_or_cross(200, 1), _plus_or_cross(600, 2)
+    shuffled = [(x, rng.permutation(y)), (xv, rng.permutation(yv))]
+    fitted = probe.fit_cnn(*shuffled, 2)
+    predicted = fitted.predict(xt)
+    assert abs((predicted == rng.permutation(yt)).mean() - 0.5) < 0.1  # 600 objects: 5 standard deviations
+    np.testing.assert_array_equal(probe.fit_cnn(*shuffled, 2).predict(xt), predicted)
+
+
+def _window_table(count: int, seed: int) -> probe.ObjectTable:
+    """The CNN sources' windows: "z" holds a plus (shape 0) or an x (shape 1), the others noise."""
+    z, shape = _plus_or_cross(count, seed, channels=4)
+    rng = np.random.default_rng(seed + 100)
+    features = {"z": z, "RGB": rng.normal(size=(count, 3, 8, 8)),
+                "finest blocks, empty": rng.normal(size=(count, 5, 8, 8)),
+                "finest blocks, caption": rng.normal(size=(count, 5, 8, 8))}
+    return probe.ObjectTable({k: v.astype(np.float32) for k, v in features.items()}, shape, shape,
+                             np.resize([50, 200, 800, 3000], count))
+
+
+def test_cnn_report_names_the_shape_from_the_sources_holding_it():
+    report = probe.cnn_report({"train": _window_table(240, 0), "val": _window_table(100, 1),
+                               "test": _window_table(200, 2)})
+    results = report["targets"]["shape"]
+    assert list(report["targets"]) == ["shape"]
+    assert list(results) == ["chance (majority class)", *probe.CNN_SOURCES]
+    assert results["chance (majority class)"]["accuracy"] == 0.5
+    assert [results[s]["dims"] for s in probe.CNN_SOURCES] == [3, 4, 5, 5, 9, 9]
+    for source in ("z", "z + finest blocks, empty", "z + finest blocks, caption"):
+        assert results[source]["accuracy"] == 1.0 and set(results[source]["bins"].values()) == {1.0}
+    for source in ("RGB (every pixel)", "finest blocks, empty", "finest blocks, caption"):
+        assert abs(results[source]["accuracy"] - 0.5) < 0.12, source  # 200 objects: 3.4 standard deviations
+    report["probe"] = "cnn"
+    lines = probe.markdown(report).splitlines()
+    assert lines[0] == ("| source | channels, epochs | shape | shape < 100 px (n 50) | shape 100-400 px (n 50) | "
+                        "shape 400-1600 px (n 50) | shape >= 1600 px (n 50) |")
+    assert lines[4].startswith(f"| z | 4, {results['z']['epochs']} | 100.0 | 100.0 |")
+
+
 @pytest.fixture(scope="module")
 def segmenter():
     from ldznet_ext.defaults import DEFAULT_HEAD_NAME, DEFAULT_SD_NAME, WEIGHTS_DIR
@@ -142,3 +209,35 @@ def test_block_list_parses(text, expected):
 def test_block_list_refuses(text):
     with pytest.raises(argparse.ArgumentTypeError):
         probe.block_list(text)
+
+
+def test_windows_hold_every_pixel_z_and_the_finest_blocks_around_each_object(segmenter):
+    from ldznet_ext.images import to_model_input
+    from ldznet_ext.zeroshot import blocks_at
+    finest = blocks_at(segmenter.backbone.layout, (1,))
+    assert finest == (1, 2, 14, 15, 16)  # the micro UNet's blocks at 16 x 16
+    seeds = range(3)
+    windows = probe.object_table(segmenter, seeds, blocks=finest, windows=True)
+    vectors = probe.object_table(segmenter, seeds, blocks=finest)
+    count = len(vectors.area)
+    assert {k: v.shape for k, v in windows.features.items()} == {
+        "RGB": (count, 3 * 64, 8, 8), "z": (count, 4, 8, 8), "finest blocks, empty": (count, 5 * 32, 8, 8),
+        "finest blocks, caption": (count, 5 * 32, 8, 8)}
+    np.testing.assert_array_equal(windows.shape, vectors.shape)
+    np.testing.assert_array_equal(windows.features["z"].reshape(count, -1), vectors.features["z window"])
+    # the RGB window, its channels put back as pixels, is the image's 64 x 64 px around the object's cell
+    pixels = torch.nn.functional.pad(to_model_input(make_scene(0).image, (probe.SIZE, probe.SIZE))[0], (64,) * 4)
+    row = 0
+    for k, _ in enumerate(make_scene(0).spec.objects):
+        rows, cols = np.nonzero(make_scene(0).labels == OBJECT_LABEL0 + k)
+        if len(rows):
+            top, left = (8 * int(round(v.mean() / 8 - 4)) + 64 for v in (rows, cols))
+            rgb = torch.nn.functional.pixel_shuffle(torch.from_numpy(windows.features["RGB"][row])[None], 8)[0]
+            torch.testing.assert_close(rgb, pixels[:, top:top + 64, left:left + 64], rtol=0, atol=0)
+            row += 1
+    assert not np.allclose(windows.features["finest blocks, empty"], windows.features["finest blocks, caption"])
+
+
+def test_windows_refuse_blocks_off_z_grid(segmenter):
+    with pytest.raises(LdznetError, match="z's \\(16, 16\\) grid"):
+        probe.object_table(segmenter, range(1), blocks=(6,), windows=True)

@@ -16,22 +16,28 @@ Controls, so that a gain is read as knowledge of the object and not of the scene
 - "... scene mean": the blocks pooled over the whole image (what the scene holds, not where).
 
     OMP_NUM_THREADS=1 .venv/bin/python tools/feature_probe.py --train 600 --val 150 --test 300 --json out.json
+
+``--probe cnn`` asks the same of shape without pooling: a small CNN per source reads the WINDOW x WINDOW
+cells around each object of z, of the finest level's blocks (those on z's own grid) stacked, conditioned
+on the empty caption and on the scene's, of z with each, and of the RGB pixels (each cell's 8 x 8 px as
+channels, a reference that lost nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # when imported by path, as the tests do
@@ -45,21 +51,33 @@ from ldznet_ext.loading import load_segmenter  # noqa: E402
 from ldznet_ext.sd.schedule import noise_draws  # noqa: E402
 from ldznet_ext.segmenter import Segmenter, sd_features  # noqa: E402
 from ldznet_ext.world.scenes import Scene, make_scene, split_seeds  # noqa: E402
-from ldznet_ext.world.spec import OBJECT_LABEL0, VOCABULARY  # noqa: E402
+from ldznet_ext.world.spec import OBJECT_LABEL0, VOCABULARY, ObjectSpec  # noqa: E402
+from ldznet_ext.zeroshot import blocks_at  # noqa: E402
 
 SIZE = 128  # the heads' and the micro SD's training size
 WINDOW = 8  # latent cells per side of the "z window" control
 BATCH = 16
 CONDITIONINGS = {"empty": lambda scene: "", "caption": lambda scene: scene.caption}
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+FINEST = 1  # the CNN probe's blocks: those at 1 / FINEST of the latent's side, on z's own grid
+CNN_SOURCES = {"RGB (every pixel)": ("RGB",), "z": ("z",), "finest blocks, empty": ("finest blocks, empty",),
+               "finest blocks, caption": ("finest blocks, caption",),
+               "z + finest blocks, empty": ("z", "finest blocks, empty"),
+               "z + finest blocks, caption": ("z", "finest blocks, caption")}
+CNN_WIDTH = 64
+CNN_BATCH = 128
+CNN_RATE = 1e-3
+CNN_DECAY = 1e-2
+CNN_EPOCHS = 40
+CNN_PATIENCE = 6
 TARGETS = {"shape": VOCABULARY.shapes, "colour": VOCABULARY.colours}
 SCENES = Limit(int, 1, 100_000)
 
 
 @dataclass
 class ObjectTable:
-    """One row per object: ``features`` {source: [N, D]}, the ``shape`` / ``colour`` indices [N]
-    (into TARGETS) and the visible ``area`` in pixels at SIZE [N]."""
+    """One row per object: ``features`` {source: [N, D], or windows [N, C, WINDOW, WINDOW]}, the ``shape`` /
+    ``colour`` indices [N] (into TARGETS) and the visible ``area`` in pixels at SIZE [N]."""
 
     features: dict[str, np.ndarray]
     shape: np.ndarray
@@ -95,9 +113,10 @@ def scene_contents(scene: Scene) -> np.ndarray:
     return np.array([s in shapes for s in VOCABULARY.shapes] + [c in colours for c in VOCABULARY.colours], np.float32)
 
 
-def _batch_rows(segmenter: Segmenter, scenes: Sequence[Scene], timestep: int, seed: int,
-                blocks: Sequence[int]) -> list[dict]:
-    """Each object's {source: vector, "shape", "colour", "area"} for one batch of scenes."""
+def _batch_features(segmenter: Segmenter, scenes: Sequence[Scene], timestep: int, seed: int,
+                    blocks: Sequence[int]) -> tuple[Tensor, Tensor, dict[str, dict[int, Tensor]]]:
+    """One batch of scenes: the pixels [B, 3, SIZE, SIZE], z [B, C, h, w] and, per conditioning, the tapped
+    ``blocks`` {block: [B, C', h', w']}."""
     backbone = segmenter.backbone
     pixels = torch.cat([to_model_input(scene.image, (SIZE, SIZE)) for scene in scenes]).to(backbone.device)
     with torch.no_grad():
@@ -106,13 +125,31 @@ def _batch_rows(segmenter: Segmenter, scenes: Sequence[Scene], timestep: int, se
         timesteps = torch.full((len(scenes),), timestep, dtype=torch.long, device=z.device)
         tapped = {name: sd_features(backbone, z, backbone.encode_text([prompt(s) for s in scenes]), timesteps, draw,
                                     blocks) for name, prompt in CONDITIONINGS.items()}
+    return pixels, z, tapped
+
+
+def _visible_objects(scene: Scene) -> Iterator[tuple[ObjectSpec, np.ndarray]]:
+    """Each object of the scene that shows, with its mask [SIZE, SIZE]."""
+    for k, obj in enumerate(scene.spec.objects):
+        mask = scene.labels == OBJECT_LABEL0 + k
+        if mask.any():
+            yield obj, mask
+
+
+def _labels(obj: ObjectSpec, mask: np.ndarray) -> dict:
+    """An object table row's "shape", "colour" and "area"."""
+    return {"shape": VOCABULARY.shapes.index(obj.shape), "colour": VOCABULARY.colours.index(obj.colour),
+            "area": int(mask.sum())}
+
+
+def _batch_rows(segmenter: Segmenter, scenes: Sequence[Scene], timestep: int, seed: int,
+                blocks: Sequence[int]) -> list[dict]:
+    """Each object's {source: vector, "shape", "colour", "area"} for one batch of scenes."""
+    _, z, tapped = _batch_features(segmenter, scenes, timestep, seed, blocks)
     rows = []
     for i, scene in enumerate(scenes):
         whole = np.ones((SIZE, SIZE), bool)
-        for k, obj in enumerate(scene.spec.objects):
-            mask = scene.labels == OBJECT_LABEL0 + k
-            if not mask.any():
-                continue
+        for obj, mask in _visible_objects(scene):
             row = {"z": pool_over_mask(z[i], mask), "z window": latent_window(z[i], mask),
                    "scene contents": torch.from_numpy(scene_contents(scene))}
             for name, features in tapped.items():
@@ -123,21 +160,40 @@ def _batch_rows(segmenter: Segmenter, scenes: Sequence[Scene], timestep: int, se
                                                                    for f in features.values()])
                 row[f"z + all blocks, {name}"] = torch.cat([row["z"], row[f"all blocks, {name}"]])
                 row[f"z window + all blocks, {name}"] = torch.cat([row["z window"], row[f"all blocks, {name}"]])
-            row.update(shape=VOCABULARY.shapes.index(obj.shape), colour=VOCABULARY.colours.index(obj.colour),
-                       area=int(mask.sum()))
-            rows.append(row)
+            rows.append(row | _labels(obj, mask))
+    return rows
+
+
+def _batch_windows(segmenter: Segmenter, scenes: Sequence[Scene], timestep: int, seed: int,
+                   blocks: Sequence[int]) -> list[dict]:
+    """Each object's {source: [C, WINDOW, WINDOW], "shape", "colour", "area"} for one batch of scenes: the
+    windows around it of "RGB" (every pixel, each latent cell's pixels as channels), "z" and, per
+    conditioning, ``blocks`` (which must run on z's grid) stacked."""
+    pixels, z, tapped = _batch_features(segmenter, scenes, timestep, seed, blocks)
+    grids = {"RGB": F.pixel_unshuffle(pixels, pixels.shape[-1] // z.shape[-1]), "z": z}
+    grids |= {f"finest blocks, {name}": torch.cat([f.float() for f in features.values()], dim=1)
+              for name, features in tapped.items()}
+    if any(grid.shape[-2:] != z.shape[-2:] for grid in grids.values()):
+        raise LdznetError(f"the CNN probe reads windows on z's {tuple(z.shape[-2:])} grid; blocks {list(blocks)} "
+                          f"run on {sorted({tuple(g.shape[-2:]) for g in grids.values()})}")
+    rows = []
+    for i, scene in enumerate(scenes):
+        for obj, mask in _visible_objects(scene):
+            row = {name: latent_window(grid[i], mask).view(-1, WINDOW, WINDOW) for name, grid in grids.items()}
+            rows.append(row | _labels(obj, mask))
     return rows
 
 
 def object_table(segmenter: Segmenter, seeds: Sequence[int], timestep: int = 400, seed: int = 0,
-                 blocks: Sequence[int] | None = None) -> ObjectTable:
+                 blocks: Sequence[int] | None = None, windows: bool = False) -> ObjectTable:
     """Every object of the scenes ``seeds`` (rendered at SIZE), with the features at ``timestep`` and the
     noise of ``seed`` (the same noise for every scene, as ``Segmenter`` does) on ``blocks`` (None: its
-    head's)."""
+    head's); ``windows``: the CNN probe's windows (``_batch_windows``) instead of vectors."""
     blocks = segmenter.head_config.sd_blocks if blocks is None else blocks
+    batch_rows = _batch_windows if windows else _batch_rows
     rows: list[dict] = []
     for start in range(0, len(seeds), BATCH):
-        rows += _batch_rows(segmenter, [make_scene(s, SIZE) for s in seeds[start:start + BATCH]], timestep, seed,
+        rows += batch_rows(segmenter, [make_scene(s, SIZE) for s in seeds[start:start + BATCH]], timestep, seed,
                             blocks)
     if not rows:
         raise LdznetError(f"scenes {seeds[0]}..{seeds[-1]} hold no visible object")
@@ -196,14 +252,97 @@ def select_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np
     return best[1], best[2]
 
 
+def window_cnn(channels: int, classes: int) -> nn.Sequential:
+    """Two 3 x 3 convolutions of CNN_WIDTH channels, a global average pool and a linear layer: it can read
+    where in a window something lies, which a pooled linear probe cannot."""
+    return nn.Sequential(nn.Conv2d(channels, CNN_WIDTH, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(CNN_WIDTH, CNN_WIDTH, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(CNN_WIDTH, classes))
+
+
+@dataclass
+class CNNProbe:
+    """A ``window_cnn`` on windows standardised per channel by the training set's mean and std [C], as it
+    was after ``epochs`` epochs, the last of those most accurate on val."""
+
+    mean: Tensor
+    std: Tensor
+    model: nn.Module
+    epochs: int
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Class indices [N] for windows [N, C, h, w]."""
+        standard = (torch.from_numpy(x).float() - self.mean[:, None, None]) / self.std[:, None, None]
+        with torch.no_grad():
+            return torch.cat([self.model(part).argmax(dim=1) for part in standard.split(1024)]).numpy()
+
+
+def fit_cnn(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], classes: int,
+            epochs: int = CNN_EPOCHS, patience: int = CNN_PATIENCE, seed: int = 0) -> CNNProbe:
+    """A ``window_cnn`` trained on (windows [N, C, h, w], labels [N]) by AdamW in shuffled batches of
+    CNN_BATCH for up to ``epochs``, stopping ``patience`` epochs after val's last best; initial weights and
+    order from ``seed``, so the result depends on nothing but the data and the seed."""
+    torch.manual_seed(seed)
+    order = torch.Generator().manual_seed(seed)
+    inputs = torch.from_numpy(train[0]).float()
+    mean, std = inputs.mean(dim=(0, 2, 3)), inputs.std(dim=(0, 2, 3))
+    std = torch.where(std > 1e-8, std, torch.ones_like(std))  # a constant channel stays zero, not NaN
+    standard, labels = (inputs - mean[:, None, None]) / std[:, None, None], torch.from_numpy(train[1]).long()
+    probe = CNNProbe(mean, std, window_cnn(inputs.shape[1], classes), 0)
+    optimizer = torch.optim.AdamW(probe.model.parameters(), lr=CNN_RATE, weight_decay=CNN_DECAY)
+    best = (-1.0, None)
+    for epoch in range(1, epochs + 1):
+        for batch in torch.randperm(len(labels), generator=order).split(CNN_BATCH):
+            optimizer.zero_grad()
+            F.cross_entropy(probe.model(standard[batch]), labels[batch]).backward()
+            optimizer.step()
+        accuracy = float((probe.predict(val[0]) == val[1]).mean())
+        if accuracy >= best[0]:  # a tie goes to the longer-trained net
+            best, probe.epochs = (accuracy, copy.deepcopy(probe.model.state_dict())), epoch
+        elif epoch - probe.epochs >= patience:
+            break
+    probe.model.load_state_dict(best[1])
+    return probe
+
+
+def _test_bins(tables: dict[str, ObjectTable]) -> tuple[np.ndarray, dict]:
+    """The area bin of each test object, and a report holding the bins' counts."""
+    bins = np.array([size_bin(VOCABULARY.shapes[0], int(a), SIZE) for a in tables["test"].area])
+    return bins, {"bins": {b: int((bins == b).sum()) for b in bin_names() if (bins == b).any()}, "targets": {}}
+
+
+def _chance(labels: dict[str, np.ndarray], classes: int, bins: np.ndarray) -> dict:
+    """The scores of always naming train's commonest class."""
+    majority = int(np.bincount(labels["train"], minlength=classes).argmax())
+    return _scores(labels["test"] == majority, bins) | {"dims": 0}
+
+
+def cnn_report(tables: dict[str, ObjectTable]) -> dict:
+    """Shape only, per CNN_SOURCES (windows stacked along channels): test accuracy, per area bin, the
+    channels and the epochs kept."""
+    bins, report = _test_bins(tables)
+    names = TARGETS["shape"]
+    labels = {split: table.shape for split, table in tables.items()}
+    results = {"chance (majority class)": _chance(labels, len(names), bins)}
+    for source, parts in CNN_SOURCES.items():
+        data = {split: (np.concatenate([table.features[part] for part in parts], axis=1), labels[split])
+                for split, table in tables.items()}
+        started = time.perf_counter()
+        probe = fit_cnn(data["train"], data["val"], len(names))
+        correct = probe.predict(data["test"][0]) == labels["test"]
+        results[source] = _scores(correct, bins) | {"dims": int(data["train"][0].shape[1]), "epochs": probe.epochs,
+                                                    "seconds": time.perf_counter() - started}
+        print(f"{source}: {100 * correct.mean():.1f} % ({results[source]['seconds']:.0f} s)", file=sys.stderr)
+    report["targets"]["shape"] = results
+    return report
+
+
 def probe_report(tables: dict[str, ObjectTable]) -> dict:
     """Per target and source: the chosen decay, test accuracy, and test accuracy per area bin."""
-    bins = np.array([size_bin(VOCABULARY.shapes[0], int(a), SIZE) for a in tables["test"].area])
-    report: dict = {"bins": {b: int((bins == b).sum()) for b in bin_names() if (bins == b).any()}, "targets": {}}
+    bins, report = _test_bins(tables)
     for target, names in TARGETS.items():
         labels = {split: getattr(table, target) for split, table in tables.items()}
-        majority = int(np.bincount(labels["train"], minlength=len(names)).argmax())
-        results = {"chance (majority class)": _scores(labels["test"] == majority, bins) | {"dims": 0, "decay": None}}
+        results = {"chance (majority class)": _chance(labels, len(names), bins) | {"decay": None}}
         for source in tables["train"].features:
             data = {split: (table.features[source], labels[split]) for split, table in tables.items()}
             decay, probe = select_probe(data["train"], data["val"], len(names))
@@ -219,18 +358,22 @@ def _scores(correct: np.ndarray, bins: np.ndarray) -> dict:
             "bins": {b: float(correct[bins == b].mean()) for b in bin_names() if (bins == b).any()}}
 
 
-def run(train: int, val: int, test: int, timestep: int, seed: int, blocks: Sequence[int] | None = None) -> dict:
-    """The object tables of the three splits and the probes' report (``blocks``: None, the head's)."""
+def run(train: int, val: int, test: int, timestep: int, seed: int, blocks: Sequence[int] | None = None,
+        probe: str = "linear") -> dict:
+    """The object tables of the three splits and the ``probe`` ("linear" or "cnn") report; ``blocks``: None,
+    the head's for the linear probe, the finest level's (1 / FINEST of z's side) for the CNN."""
     started = time.perf_counter()
     segmenter = load_segmenter(WEIGHTS_DIR / DEFAULT_SD_NAME, WEIGHTS_DIR / DEFAULT_HEAD_NAME, device="cpu",
                                resolution=SIZE)
-    blocks = tuple(segmenter.head_config.sd_blocks if blocks is None else blocks)
-    tables = {split: object_table(segmenter, split_seeds(split, count), timestep, seed, blocks)
+    if blocks is None:
+        blocks = blocks_at(segmenter.backbone.layout, (FINEST,)) if probe == "cnn" else segmenter.head_config.sd_blocks
+    blocks = tuple(blocks)
+    tables = {split: object_table(segmenter, split_seeds(split, count), timestep, seed, blocks, probe == "cnn")
               for split, count in (("train", train), ("val", val), ("test", test))}
     extracted = time.perf_counter() - started
     print(f"features of {sum(len(t.area) for t in tables.values())} objects: {extracted:.0f} s", file=sys.stderr)
-    report = probe_report(tables)
-    report.update(scenes={"train": train, "val": val, "test": test},
+    report = cnn_report(tables) if probe == "cnn" else probe_report(tables)
+    report.update(probe=probe, scenes={"train": train, "val": val, "test": test},
                   objects={split: len(t.area) for split, t in tables.items()}, timestep=timestep, seed=seed,
                   blocks=list(blocks), seconds_features=extracted,
                   seconds=time.perf_counter() - started)
@@ -238,15 +381,18 @@ def run(train: int, val: int, test: int, timestep: int, seed: int, blocks: Seque
 
 
 def markdown(report: dict) -> str:
-    """A row per source: its dims, shape accuracy overall and per area bin, colour accuracy (x 100)."""
-    bins = list(report["bins"])
-    header = ["source", "dims", "shape", *(f"shape {b} (n {report['bins'][b]})" for b in bins), "colour"]
+    """A row per source: its dims (the CNN's: channels, and the epochs kept), shape accuracy overall and
+    per area bin, colour accuracy where probed (x 100)."""
+    bins, cnn = list(report["bins"]), report.get("probe") == "cnn"
+    shape, colour = report["targets"]["shape"], report["targets"].get("colour")
+    header = ["source", "channels, epochs" if cnn else "dims", "shape",
+              *(f"shape {b} (n {report['bins'][b]})" for b in bins), *(["colour"] if colour else [])]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    shape, colour = report["targets"]["shape"], report["targets"]["colour"]
     for source, result in shape.items():
-        cells = [f"{100 * result['accuracy']:.1f}", *(f"{100 * result['bins'][b]:.1f}" for b in bins),
-                 f"{100 * colour[source]['accuracy']:.1f}"]
-        lines.append(f"| {source} | {result['dims']} | " + " | ".join(cells) + " |")
+        size = f"{result['dims']}, {result['epochs']}" if cnn and "epochs" in result else str(result["dims"])
+        cells = [size, f"{100 * result['accuracy']:.1f}", *(f"{100 * result['bins'][b]:.1f}" for b in bins),
+                 *([f"{100 * colour[source]['accuracy']:.1f}"] if colour else [])]
+        lines.append(f"| {source} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -269,12 +415,16 @@ def main() -> None:
     parser.add_argument("--timestep", type=bounded_number(TIMESTEP), default=400, help="SD timestep (default 400)")
     parser.add_argument("--seed", type=bounded_number(SEED), default=0, help="seed of the fixed noise (default 0)")
     parser.add_argument("--blocks", type=block_list, metavar="B,B,...",
-                        help="spatial-transformer blocks to probe, numbered from 1 (default: the head's, 6-10)")
+                        help="spatial-transformer blocks to probe, numbered from 1 (default: the head's, 6-10; "
+                             "with --probe cnn the finest level's)")
+    parser.add_argument("--probe", choices=("linear", "cnn"), default="linear",
+                        help="linear: logistic regression on mask-pooled features, shape and colour (default); "
+                             "cnn: a small CNN on the WINDOW x WINDOW cells around each object, shape only")
     parser.add_argument("--json", metavar="OUT.json", help="also write the report as JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
     try:
-        report = run(args.train, args.val, args.test, args.timestep, args.seed, args.blocks)
+        report = run(args.train, args.val, args.test, args.timestep, args.seed, args.blocks, args.probe)
     except (LdznetError, ValueError) as error:  # ValueError: a block number this UNet lacks
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(markdown(report))
