@@ -133,11 +133,20 @@ def test_cnn_probe_is_at_chance_on_shuffled_labels_and_repeats_itself():
     np.testing.assert_array_equal(probe.fit_cnn(*shuffled, 2).predict(xt), predicted)
 
 
+def test_cnn_reads_rgb_pixels_at_full_resolution_down_to_the_window_grid():
+    model = probe.window_cnn(3 * 64, 6, cell=8)
+    assert isinstance(model[0], torch.nn.PixelShuffle) and model[1].in_channels == 3
+    assert [m.out_channels for m in model if isinstance(m, torch.nn.Conv2d)] == [16, 32, 64, 64, 64]
+    assert model(torch.zeros(2, 3 * 64, 8, 8)).shape == (2, 6)
+    assert [type(m) for m in probe.window_cnn(4, 6)][:2] == [torch.nn.Conv2d, torch.nn.ReLU]
+
+
 def _window_table(count: int, seed: int) -> probe.ObjectTable:
-    """The CNN sources' windows: "z" holds a plus (shape 0) or an x (shape 1), the others noise."""
+    """The CNN sources' windows: "z" holds a plus (shape 0) or an x (shape 1), the others noise ("RGB":
+    2 x 2 pixels per cell)."""
     z, shape = _plus_or_cross(count, seed, channels=4)
     rng = np.random.default_rng(seed + 100)
-    features = {"z": z, "RGB": rng.normal(size=(count, 3, 8, 8)),
+    features = {"z": z, "RGB": rng.normal(size=(count, 3 * 4, 8, 8)),
                 "finest blocks, empty": rng.normal(size=(count, 5, 8, 8)),
                 "finest blocks, caption": rng.normal(size=(count, 5, 8, 8))}
     return probe.ObjectTable({k: v.astype(np.float32) for k, v in features.items()}, shape, shape,
@@ -151,7 +160,7 @@ def test_cnn_report_names_the_shape_from_the_sources_holding_it():
     assert list(report["targets"]) == ["shape"]
     assert list(results) == ["chance (majority class)", *probe.CNN_SOURCES]
     assert results["chance (majority class)"]["accuracy"] == 0.5
-    assert [results[s]["dims"] for s in probe.CNN_SOURCES] == [3, 4, 5, 5, 9, 9]
+    assert [results[s]["dims"] for s in probe.CNN_SOURCES] == [12, 4, 5, 5, 9, 9]
     for source in ("z", "z + finest blocks, empty", "z + finest blocks, caption"):
         assert results[source]["accuracy"] == 1.0 and set(results[source]["bins"].values()) == {1.0}
     for source in ("RGB (every pixel)", "finest blocks, empty", "finest blocks, caption"):

@@ -252,10 +252,19 @@ def select_probe(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np
     return best[1], best[2]
 
 
-def window_cnn(channels: int, classes: int) -> nn.Sequential:
+def window_cnn(channels: int, classes: int, cell: int = 1) -> nn.Sequential:
     """Two 3 x 3 convolutions of CNN_WIDTH channels, a global average pool and a linear layer: it can read
-    where in a window something lies, which a pooled linear probe cannot."""
-    return nn.Sequential(nn.Conv2d(channels, CNN_WIDTH, 3, padding=1), nn.ReLU(),
+    where in a window something lies, which a pooled linear probe cannot. ``cell`` > 1 (a power of 2):
+    the channels are RGB pixels, cell x cell per window cell, put back in place and read by 3 x 3
+    convolutions and 2 x 2 max pools down to the window's grid first (a linear map of a cell's pixels
+    would not see a shape move by a pixel)."""
+    stages = cell.bit_length() - 1
+    layers: list[nn.Module] = [nn.PixelShuffle(cell)] if stages else []
+    width = channels // cell ** 2
+    for stage in range(stages):
+        layers += [nn.Conv2d(width, CNN_WIDTH >> (stages - 1 - stage), 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        width = CNN_WIDTH >> (stages - 1 - stage)
+    return nn.Sequential(*layers, nn.Conv2d(width, CNN_WIDTH, 3, padding=1), nn.ReLU(),
                          nn.Conv2d(CNN_WIDTH, CNN_WIDTH, 3, padding=1), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(CNN_WIDTH, classes))
 
@@ -278,17 +287,18 @@ class CNNProbe:
 
 
 def fit_cnn(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], classes: int,
-            epochs: int = CNN_EPOCHS, patience: int = CNN_PATIENCE, seed: int = 0) -> CNNProbe:
+            epochs: int = CNN_EPOCHS, patience: int = CNN_PATIENCE, seed: int = 0, cell: int = 1) -> CNNProbe:
     """A ``window_cnn`` trained on (windows [N, C, h, w], labels [N]) by AdamW in shuffled batches of
     CNN_BATCH for up to ``epochs``, stopping ``patience`` epochs after val's last best; initial weights and
-    order from ``seed``, so the result depends on nothing but the data and the seed."""
+    order from ``seed``, so the result depends on nothing but the data and the seed; ``cell``: see
+    ``window_cnn``."""
     torch.manual_seed(seed)
     order = torch.Generator().manual_seed(seed)
     inputs = torch.from_numpy(train[0]).float()
     mean, std = inputs.mean(dim=(0, 2, 3)), inputs.std(dim=(0, 2, 3))
     std = torch.where(std > 1e-8, std, torch.ones_like(std))  # a constant channel stays zero, not NaN
     standard, labels = (inputs - mean[:, None, None]) / std[:, None, None], torch.from_numpy(train[1]).long()
-    probe = CNNProbe(mean, std, window_cnn(inputs.shape[1], classes), 0)
+    probe = CNNProbe(mean, std, window_cnn(inputs.shape[1], classes, cell), 0)
     optimizer = torch.optim.AdamW(probe.model.parameters(), lr=CNN_RATE, weight_decay=CNN_DECAY)
     best = (-1.0, None)
     for epoch in range(1, epochs + 1):
@@ -328,9 +338,11 @@ def cnn_report(tables: dict[str, ObjectTable]) -> dict:
         data = {split: (np.concatenate([table.features[part] for part in parts], axis=1), labels[split])
                 for split, table in tables.items()}
         started = time.perf_counter()
-        probe = fit_cnn(data["train"], data["val"], len(names))
+        channels = data["train"][0].shape[1]
+        cell = round((channels / 3) ** 0.5) if parts == ("RGB",) else 1  # the RGB window's pixels per cell
+        probe = fit_cnn(data["train"], data["val"], len(names), cell=cell)
         correct = probe.predict(data["test"][0]) == labels["test"]
-        results[source] = _scores(correct, bins) | {"dims": int(data["train"][0].shape[1]), "epochs": probe.epochs,
+        results[source] = _scores(correct, bins) | {"dims": int(channels), "epochs": probe.epochs,
                                                     "seconds": time.perf_counter() - started}
         print(f"{source}: {100 * correct.mean():.1f} % ({results[source]['seconds']:.0f} s)", file=sys.stderr)
     report["targets"]["shape"] = results
