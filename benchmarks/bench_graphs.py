@@ -21,7 +21,6 @@ One process, random weights, one set of models shared by a graphed segmenter (``
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import statistics
@@ -37,7 +36,8 @@ from torch import Tensor
 from ldznet_ext.graphs import AGREEMENT, GraphCache
 from ldznet_ext.segmenter import Prediction, Segmenter, SegmenterSettings
 
-from bench_mask import SIZES, TIMESTEP, build_models, markdown_tables, naive_probability
+from bench_mask import (TIMESTEP, build_models, check_mask_bench_args, markdown_tables, mask_bench_parser,
+                        naive_probability)
 from common import DTYPES, environment, load_average, peak_rss_mib, sync, time_interleaved
 
 GALLERY_BATCHES = (1, 4, 16)
@@ -203,17 +203,9 @@ def targets(times: dict[str, list[float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=SIZES, default="sd-v1", help="model size (tiny: a quick check)")
-    parser.add_argument("--resolution", type=int, default=384, help="image side in pixels, a multiple of 64")
-    parser.add_argument("--repeats", type=int, default=20, help="timed rounds (after one warm-up round)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, else fp32")
+    parser = mask_bench_parser(__doc__.splitlines()[0], 20, None, "default: fp16 on CUDA, else fp32")
     args = parser.parse_args(argv)
-    if args.resolution % 64:
-        parser.error(f"--resolution must be a multiple of 64, got {args.resolution}")
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
+    check_mask_bench_args(parser, args)
     device = torch.device(args.device)
     dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     # The graph cache logs each capture (purpose, shapes, MiB) and each fallback to eager

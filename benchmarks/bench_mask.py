@@ -159,20 +159,33 @@ def markdown_tables(times: dict[str, list[float]], comparisons: list[tuple[str, 
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def mask_bench_parser(description: str, repeats: int, dtype: str | None, dtype_help: str) -> argparse.ArgumentParser:
+    """The options every mask benchmark takes: --size, --resolution, --repeats (rounds after a warm-up
+    round, default ``repeats``), --device, --dtype (default ``dtype``); check them with
+    :func:`check_mask_bench_args`."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--size", choices=SIZES, default="sd-v1", help="model size (tiny: a quick check)")
     parser.add_argument("--resolution", type=int, default=384, help="image side in pixels, a multiple of 64")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed rounds (after one warm-up round)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp16 is for GPUs")
-    parser.add_argument("--terms", type=int, nargs="+", default=[1, 2, 4], help="term counts k for (b)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=dtype, help=dtype_help)
+    return parser
+
+
+def check_mask_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse what :func:`mask_bench_parser`'s options cannot be (parser.error exits 2)."""
     if args.resolution % 64:
         parser.error(f"--resolution must be a multiple of 64, got {args.resolution}")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = mask_bench_parser(__doc__.splitlines()[0], 3, "fp32", "fp16 is for GPUs")
+    parser.add_argument("--terms", type=int, nargs="+", default=[1, 2, 4], help="term counts k for (b)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
+    args = parser.parse_args(argv)
+    check_mask_bench_args(parser, args)
     if min(args.terms) < 1:
         parser.error(f"--terms must be at least 1, got {args.terms}")
     if args.threads is not None:
