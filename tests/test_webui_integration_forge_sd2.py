@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 from test_webui_integration import _call, _png
-from test_webui_integration_forge_sdxl import check_zero_shot_on_the_loaded_model, forge_with
+from test_webui_integration_forge_sdxl import check_zero_shot_at_256_px, forge_with
 from test_webui_integration_sdxl import SIZE, _title, check_head_mode_on_the_micro_sd_v1
 
 SD2_FILE = "ldznet-test-sd2-random.safetensors"
@@ -65,7 +65,7 @@ def test_zero_shot_masks_come_from_the_host_sd2_model_eps_and_v(forge):
             assert _call(forge, "/sdapi/v1/options", {"sd_model_checkpoint": _title(forge, stem)})[0] == 200
             images[stem] = _txt2img(forge)
             assert images[stem].shape == (SIZE, SIZE, 3)
-            maps[stem] = check_zero_shot_on_the_loaded_model(forge, stem)
+            maps[stem] = check_zero_shot_at_256_px(forge, stem)
     finally:
         assert _call(forge, "/sdapi/v1/options", {"sd_model_checkpoint": _title(forge, eps_stem)})[0] == 200
     assert not np.array_equal(images[eps_stem], images[V_STEM])

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_webui_integration import FORGE, _b64, _call, _png, _serve
-from test_webui_integration_sdxl import SIZE, ZERO_SHOT, _scene, _title, check_head_mode_on_the_micro_sd_v1
+from test_webui_integration import FORGE, _call, _serve
+from test_webui_integration_sdxl import (SIZE, check_head_mode_on_the_micro_sd_v1,
+                                        check_zero_shot_on_the_loaded_model)
 
 SDXL_FILE = "ldznet-test-sdxl-random.safetensors"
 # Settings the fixture changes, with the values it leaves behind (Forge keeps them in config.json).
@@ -72,37 +73,16 @@ def forge(tmp_path_factory):
 
 def test_zero_shot_masks_come_from_the_host_sdxl_model(forge):
     """Zero-shot on Forge's SDXL model (check_zero_shot_on_the_loaded_model)."""
-    check_zero_shot_on_the_loaded_model(forge, Path(SDXL_FILE).stem)
+    check_zero_shot_at_256_px(forge, Path(SDXL_FILE).stem)
 
 
-def check_zero_shot_on_the_loaded_model(forge: str, stem: str) -> np.ndarray:
-    """Zero-shot on Forge's loaded model, checkpoint ``stem`` (at 256 px to keep it quick): a non-flat map
-    whose mid-range threshold splits the image, the same for the same request; with the mask-model setting
-    naming that file, head mode is refused and zero-shot still answers. Returns the probability map."""
+def check_zero_shot_at_256_px(forge: str, stem: str) -> np.ndarray:
+    """``check_zero_shot_on_the_loaded_model`` on Forge's loaded model at 256 px, to keep it quick."""
     assert _call(forge, "/sdapi/v1/options", {"ldznet_resolution": SIZE})[0] == 200
     try:
-        image = _b64(_scene())
-        status, first = _call(forge, "/ldznet/v1/mask", {"image": image, **ZERO_SHOT})
-        assert status == 200, first
-        probability = _png(first["probability"]) / 65535
-        assert probability.shape == (SIZE, SIZE) and probability.max() > probability.min()
-        threshold = round(float(probability.min() + probability.max()) / 2, 4)
-        status, split = _call(forge, "/ldznet/v1/mask", {"image": image, **ZERO_SHOT, "threshold": threshold})
-        assert status == 200 and 0 < split["coverage"] < 1 and _png(split["mask"]).shape == (SIZE, SIZE)
-        assert np.array_equal(_png(split["probability"]), _png(first["probability"]))
-
-        loaded = _title(forge, stem)
-        assert _call(forge, "/sdapi/v1/options", {"ldznet_mask_model": loaded})[0] == 200
-        status, refused = _call(forge, "/ldznet/v1/mask", {"image": image, "expression": "green triangle"})
-        assert status == 409 and refused["detail"].startswith(
-            f"Settings > LD-ZNet > 'SD 1.x model for masks when the loaded model is not SD 1.x' is {loaded!r}, "
-            "which is not among the WebUI's SD 1.x checkpoints (")
-        status, again = _call(forge, "/ldznet/v1/mask", {"image": image, **ZERO_SHOT, "threshold": threshold})
-        assert status == 200 and np.array_equal(_png(again["probability"]), _png(split["probability"]))
-        assert np.array_equal(_png(again["mask"]), _png(split["mask"])) and again["coverage"] == split["coverage"]
-        return probability
+        return check_zero_shot_on_the_loaded_model(forge, stem)
     finally:
-        assert _call(forge, "/sdapi/v1/options", {"ldznet_mask_model": "automatic", "ldznet_resolution": 0})[0] == 200
+        assert _call(forge, "/sdapi/v1/options", {"ldznet_resolution": 0})[0] == 200
 
 
 def test_head_mode_mask_line_inpaints_with_the_routes_mask(forge):

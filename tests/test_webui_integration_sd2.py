@@ -19,7 +19,8 @@ import pytest
 import yaml
 from PIL import Image
 from test_webui_integration import A1111_FLAGS, WEBUI, _b64, _call, _png, _serve
-from test_webui_integration_sdxl import ZERO_SHOT, _scene, _title, check_head_mode_on_the_micro_sd_v1
+from test_webui_integration_sdxl import (ZERO_SHOT, _scene, _title, check_head_mode_on_the_micro_sd_v1,
+                                        check_loaded_and_generating)
 
 EPS_NAME, V_NAME = "ldznet-test-sd2", "ldznet-test-sd2-v"
 # Largest difference between the host's zero-shot map and `ldznet mask`'s on the same file: ldm's
@@ -72,12 +73,7 @@ def _zero_shot(base: str, image: Image.Image) -> np.ndarray:
 
 def test_the_sd2_file_is_loaded_and_generates(server):
     base, _ = server
-    status, options = _call(base, "/sdapi/v1/options")
-    assert status == 200 and options["sd_model_checkpoint"] == _title(base, EPS_NAME)
-    status, result = _call(base, "/sdapi/v1/txt2img", {"prompt": "a photo", "steps": 1, "width": 128, "height": 96,
-                                                       "seed": 1, "sampler_name": "Euler"})
-    assert status == 200, result
-    assert _png(result["images"][0]).shape == (96, 128, 3)
+    check_loaded_and_generating(base, _title(base, EPS_NAME))
 
 
 def test_zero_shot_masks_come_from_the_host_sd2_model(server):

@@ -64,19 +64,25 @@ def _scene() -> Image.Image:
     return Image.fromarray(make_scene(SCENE_SEED, size=SIZE).image)
 
 
-def test_the_sdxl_file_is_loaded_and_generates(server):
+def check_loaded_and_generating(server: str, title: str) -> None:
+    """The WebUI has loaded the checkpoint ``title`` and generates a 128 x 96 image with it."""
     status, options = _call(server, "/sdapi/v1/options")
-    assert status == 200 and options["sd_model_checkpoint"] == _title(server, SDXL_NAME)
+    assert status == 200 and options["sd_model_checkpoint"] == title
     status, result = _call(server, "/sdapi/v1/txt2img", {"prompt": "a photo", "steps": 1, "width": 128, "height": 96,
                                                          "seed": 1, "sampler_name": "Euler"})
     assert status == 200, result
     assert _png(result["images"][0]).shape == (96, 128, 3)
 
 
-def test_zero_shot_masks_come_from_the_host_sdxl_model(server):
-    """Zero-shot on the loaded SDXL model: a non-flat map whose mid-range threshold splits the image,
-    the same for the same request (the noise seed is a setting), and no SD 1.x model needed: with the
-    mask-model setting naming the SDXL file, head mode is refused and zero-shot still answers."""
+def test_the_sdxl_file_is_loaded_and_generates(server):
+    check_loaded_and_generating(server, _title(server, SDXL_NAME))
+
+
+def check_zero_shot_on_the_loaded_model(server: str, stem: str) -> np.ndarray:
+    """Zero-shot on the loaded (not SD 1.x) model, checkpoint ``stem``: a non-flat map [SIZE, SIZE] whose
+    mid-range threshold splits the image; with the mask-model setting naming that file, head mode is
+    refused and zero-shot still answers, the same map and mask for the same request (the noise seed is a
+    setting). Returns the probability map."""
     image = _b64(_scene())
     status, first = _call(server, "/ldznet/v1/mask", {"image": image, **ZERO_SHOT})
     assert status == 200, first
@@ -85,21 +91,25 @@ def test_zero_shot_masks_come_from_the_host_sdxl_model(server):
     threshold = round(float(probability.min() + probability.max()) / 2, 4)
     status, split = _call(server, "/ldznet/v1/mask", {"image": image, **ZERO_SHOT, "threshold": threshold})
     assert status == 200 and 0 < split["coverage"] < 1 and _png(split["mask"]).shape == (SIZE, SIZE)
-    status, again = _call(server, "/ldznet/v1/mask", {"image": image, **ZERO_SHOT, "threshold": threshold})
-    assert status == 200 and np.array_equal(_png(again["probability"]), _png(split["probability"]))
-    assert np.array_equal(_png(again["mask"]), _png(split["mask"])) and again["coverage"] == split["coverage"]
-
-    sdxl = _title(server, SDXL_NAME)
-    assert _call(server, "/sdapi/v1/options", {"ldznet_mask_model": sdxl})[0] == 200
+    assert np.array_equal(_png(split["probability"]), _png(first["probability"]))
+    loaded = _title(server, stem)
+    assert _call(server, "/sdapi/v1/options", {"ldznet_mask_model": loaded})[0] == 200
     try:
         status, refused = _call(server, "/ldznet/v1/mask", {"image": image, "expression": "green triangle"})
         assert status == 409 and refused["detail"].startswith(
-            f"Settings > LD-ZNet > 'SD 1.x model for masks when the loaded model is not SD 1.x' is {sdxl!r}, "
+            f"Settings > LD-ZNet > 'SD 1.x model for masks when the loaded model is not SD 1.x' is {loaded!r}, "
             "which is not among the WebUI's SD 1.x checkpoints (")
-        status, still = _call(server, "/ldznet/v1/mask", {"image": image, **ZERO_SHOT, "threshold": threshold})
-        assert status == 200 and np.array_equal(_png(still["mask"]), _png(split["mask"]))
+        status, again = _call(server, "/ldznet/v1/mask", {"image": image, **ZERO_SHOT, "threshold": threshold})
+        assert status == 200 and np.array_equal(_png(again["probability"]), _png(split["probability"]))
+        assert np.array_equal(_png(again["mask"]), _png(split["mask"])) and again["coverage"] == split["coverage"]
     finally:
         assert _call(server, "/sdapi/v1/options", {"ldznet_mask_model": "automatic"})[0] == 200
+    return probability
+
+
+def test_zero_shot_masks_come_from_the_host_sdxl_model(server):
+    """Zero-shot on the loaded SDXL model, with no SD 1.x model needed (check_zero_shot_on_the_loaded_model)."""
+    check_zero_shot_on_the_loaded_model(server, SDXL_NAME)
 
 
 def test_head_mode_mask_line_inpaints_with_the_routes_mask(server):
