@@ -44,12 +44,8 @@ def sd_features(backbone: Backbone, z: Tensor, conditioning: Conditioning, times
     conditioned on ``conditioning`` (B rows), in ONE call that stops after the last tapped block of
     the backbone's layout. ``noise`` is [B or 1, C, h, w]. Inference and training both compute
     features here."""
-    return tapped_features(backbone, noised(backbone, z, timesteps, noise), timesteps, conditioning, blocks)
-
-
-def noised(backbone: Backbone, z: Tensor, timesteps: Tensor, noise: Tensor) -> Tensor:
-    """z_t = q_sample(z [B, C, h, w], t [B], noise [B or 1, C, h, w]) on the backbone's schedule."""
-    return backbone.schedule.q_sample(z, timesteps, noise.to(z.device, z.dtype).expand_as(z))
+    return tapped_features(backbone, backbone.schedule.q_sample(z, timesteps, noise), timesteps, conditioning,
+                           blocks)
 
 
 def tapped_features(backbone: Backbone, z_t: Tensor, timesteps: Tensor, conditioning: Conditioning,
@@ -377,7 +373,7 @@ class Segmenter:
                           noise: Tensor) -> tuple[Tensor, ...]:
         """One draw: the head's outputs (``_head``) on the SD features of z noised to ``timestep``."""
         t = torch.full((z.shape[0],), timestep, dtype=torch.long)
-        z_t = noised(self.backbone, z, t, noise)  # eager: each draw's noise is new, the graph's shapes are not
+        z_t = self.backbone.schedule.q_sample(z, t, noise)  # eager: the noise is new each draw, the shapes are not
 
         def features_and_head(z: Tensor, z_t: Tensor, t: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
             rows = conditioning.with_tensors(tensors)

@@ -252,7 +252,7 @@ def _noised(backbone: Backbone, z: Tensor, timestep: int, noise: Tensor, rows: i
     """z noised to ``timestep`` with one noise shared by every image, each image repeated ``rows``
     times, and the timesteps [N * rows]."""
     n = z.shape[0]
-    z_t = backbone.schedule.q_sample(z, torch.full((n,), timestep), noise.to(z.device, z.dtype).expand_as(z))
+    z_t = backbone.schedule.q_sample(z, torch.full((n,), timestep), noise)
     z_t = z_t.repeat_interleave(rows, dim=0)
     return z_t, torch.full((z_t.shape[0],), timestep, device=z.device, dtype=torch.long)
 

@@ -87,6 +87,10 @@ def test_q_sample_formula_on_hand_values() -> None:
     half = schedule.q_sample(z.half(), torch.tensor([1, 2, 3]), noise.half())
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), expected, rtol=0, atol=2e-3)
+    # one noise [1, ...] for the batch, in another dtype and on another device: put on z's and broadcast
+    assert torch.equal(schedule.q_sample(z, torch.tensor([1, 2, 3]), noise[:1].double()), z_t)
+    on_meta = schedule.q_sample(z.to("meta"), torch.tensor([1, 2, 3]), noise[:1])
+    assert (on_meta.device.type, on_meta.shape, on_meta.dtype) == ("meta", z.shape, torch.float32)
 
 
 def test_unet_config_by_name() -> None:

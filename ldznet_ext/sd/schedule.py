@@ -36,8 +36,11 @@ class NoiseSchedule:
         return table[t.long()]
 
     def q_sample(self, z: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """z_t = sqrt(a_t) z + sqrt(1 - a_t) noise, for z [B, C, h, w] and integer t [B]."""
+        """z_t = sqrt(a_t) z + sqrt(1 - a_t) noise, [B, C, h, w] for z [B, C, h, w], integer t [B] and
+        noise [B or 1, C, h, w] on any device (one noise for the whole batch; it is first put on z's
+        device and dtype, so a half-precision model's noise is rounded as its latents are)."""
         a = self.alphas_at(t.to(z.device))[:, None, None, None]
+        noise = noise.to(z.device, z.dtype)
         return (a.sqrt() * z.float() + (1 - a).sqrt() * noise.float()).to(z.dtype)
 
 
