@@ -112,6 +112,10 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
+def _on(inputs: Sequence[Tensor], device_type: str) -> bool:
+    return bool(inputs) and inputs[0].device.type == device_type
+
+
 def _agree(output: Tensor, expected: Tensor) -> bool:
     if output.shape != expected.shape or output.dtype != expected.dtype:
         return False
@@ -161,7 +165,7 @@ class GraphCache:
         """Why a call on ``inputs`` running ``modules`` must run eagerly now (None: it may be captured),
         and the modules' weights fingerprint. Weights on another device need no check: the eager call,
         which comes first, fails on them as it would without graphs."""
-        if not inputs or inputs[0].device.type != self.device_type:
+        if not _on(inputs, self.device_type):
             return f"not on {self.device_type}", ()
         if modules is None:
             return "the backbone's calls run host code a replay would skip", ()
@@ -179,6 +183,8 @@ class GraphCache:
         ``constants``: every Python value the call bakes in beyond its inputs' shapes; ``state``: the
         host's lazily applied patches (``capture_state``): when it changes every captured call is
         dropped, and the next capture's eager calls apply the patches before recording."""
+        if not _on(inputs, self.device_type):
+            return call(*inputs)  # graphs are CUDA's alone: nothing to capture, nothing worth a log line
         reason, fingerprint = ((self.disabled[purpose], ()) if purpose in self.disabled
                                else self.inspect(inputs, modules))
         if reason is not None:
@@ -240,8 +246,8 @@ class GraphCache:
         self._logged.add(f"{purpose}: {reason}")
 
     def _note(self, purpose: str, reason: str) -> None:
-        """Log once why graphs are off, for the reasons a user can act on (not device or setting)."""
-        if reason.startswith("not on ") or f"{purpose}: {reason}" in self._logged:
+        """Log once per purpose and reason why graphs are off."""
+        if f"{purpose}: {reason}" in self._logged:
             return
         self._logged.add(f"{purpose}: {reason}")
         LOG.info("ldznet: CUDA graphs not used for %s: %s", purpose, reason)

@@ -167,6 +167,19 @@ def test_a_failed_capture_falls_back_once_with_a_log_line(failure, tiny_sd, tiny
     assert capture.captured == (0 if failure == "error" else 2)
 
 
+def test_only_reasons_a_user_can_act_on_are_logged_once(caplog):
+    x = torch.ones(2)
+    with caplog.at_level(logging.INFO, logger="ldznet_ext.graphs"):
+        for _ in range(2):
+            assert GraphCache().run("head", lambda t: (t + 1,), [x], None)[0].tolist() == [2.0, 2.0]
+        assert caplog.records == []  # on the CPU graphs do not exist: nothing to tell
+        for cache in (fake_cache(FakeCapture()), fake_cache(FakeCapture())):  # each cache tells it once
+            for _ in range(3):
+                cache.run("head", lambda t: (t + 1,), [x], None)
+    assert [r.getMessage() for r in caplog.records] == [
+        "ldznet: CUDA graphs not used for head: the backbone's calls run host code a replay would skip"] * 2
+
+
 class HookedBackbone:
     """The tiny SD model seen through a host adapter without ``capture_modules``."""
 
