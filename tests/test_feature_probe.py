@@ -247,6 +247,24 @@ def test_windows_hold_every_pixel_z_and_the_finest_blocks_around_each_object(seg
     assert not np.allclose(windows.features["finest blocks, empty"], windows.features["finest blocks, caption"])
 
 
+def test_a_larger_render_keeps_the_windows_share_of_the_image(segmenter):
+    assert [probe.window_cells(size) for size in (64, 128, 256, 384)] == [4, 8, 16, 24]
+    vectors = probe.object_table(segmenter, range(2), size=256)
+    windows = probe.object_table(segmenter, range(2), blocks=(1, 16), windows=True, size=256)
+    scenes = [make_scene(seed, 256) for seed in range(2)]
+    areas = [int((scene.labels == OBJECT_LABEL0 + k).sum()) for scene in scenes
+             for k, _ in enumerate(scene.spec.objects)]
+    assert vectors.size == windows.size == 256 and vectors.area.tolist() == [a for a in areas if a]
+    count = len(vectors.area)
+    assert vectors.features["z window"].shape == (count, 4 * 16 * 16)
+    assert {k: v.shape for k, v in windows.features.items()} == {
+        "RGB": (count, 3 * 64, 16, 16), "z": (count, 4, 16, 16), "finest blocks, empty": (count, 2 * 32, 16, 16),
+        "finest blocks, caption": (count, 2 * 32, 16, 16)}
+    np.testing.assert_array_equal(windows.features["z"].reshape(count, -1), vectors.features["z window"])
+    bins, _ = probe._test_bins({"test": vectors})  # areas at 256 px are binned as at 128 px
+    assert bins.tolist() == [probe.size_bin(VOCABULARY.shapes[0], a / 4, 128) for a in vectors.area.tolist()]
+
+
 def test_windows_refuse_blocks_off_z_grid(segmenter):
     with pytest.raises(LdznetError, match="z's \\(16, 16\\) grid"):
         probe.object_table(segmenter, range(1), blocks=(6,), windows=True)

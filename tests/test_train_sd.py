@@ -169,6 +169,42 @@ def test_seed_option_changes_the_training_draws_only(smoke_run, tmp_path):
     assert len(first) == len(second) and all(a != b for a, b in zip(first, second))
 
 
+def test_image_size_option_trains_and_records_that_side(smoke_run, tmp_path):
+    out, log = smoke_run
+    for name in (VAE_FILE, TEXT_FILE):
+        shutil.copy(out / name, tmp_path / name)
+    assert main(["world", "train-sd", "-o", str(tmp_path), "--stages", "unet", "--image-size", "128",
+                 *SMOKE_ARGS]) == 0
+    other = json.loads((tmp_path / LOG_FILE).read_text(encoding="utf-8"))
+    assert other["recipe"] == {**log["recipe"], "image_size": 128}
+    assert other["train_images_sha256"] != log["train_images_sha256"]  # the same scenes, rendered at 128 px
+    assert load_stable_diffusion(tmp_path / SD_FILE).resolution == 128
+    assert load_stable_diffusion(out / SD_FILE).resolution == SMOKE.image_size == 64
+
+
+@pytest.mark.parametrize("size, message", [
+    ("96", "image_size must be a multiple of 64 and >= vae_crop (64), got 96"),
+    ("32", "argument --image-size: expected an integer in [64, 1024], got 32"),
+    ("1088", "argument --image-size: expected an integer in [64, 1024], got 1088")])
+def test_bad_image_sizes_are_refused_before_any_work(tmp_path, capsys, size, message):
+    args = ["world", "train-sd", "-o", str(tmp_path / "run"), "--image-size", size, *SMOKE_ARGS]
+    try:
+        code = main(args)
+    except SystemExit as exit:  # argparse refuses the out-of-range ones
+        code = exit.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipes_check_their_image_size():
+    from dataclasses import replace
+    assert replace(SMOKE, image_size=192).image_size == 192
+    with pytest.raises(LdznetError, match="image_size must be an integer in \\[64, 1024\\], got 4096"):
+        replace(SMOKE, image_size=4096)
+    with pytest.raises(LdznetError, match="multiple of 64 and >= vae_crop \\(128\\), got 64"):
+        replace(SMOKE, vae_crop=128)
+
+
 def test_bad_stages_are_refused(tmp_path):
     with pytest.raises(LdznetError, match="unknown or no training stages"):
         train_sd(tmp_path, SMOKE, stages=["vae", "unet", "head"])

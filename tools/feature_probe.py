@@ -17,6 +17,9 @@ Controls, so that a gain is read as knowledge of the object and not of the scene
 
     OMP_NUM_THREADS=1 .venv/bin/python tools/feature_probe.py --train 600 --val 150 --test 300 --json out.json
 
+``--model FILE --size PX`` probes another micro SD (one trained at 256 px, say) on scenes rendered at
+that size; the windows below keep their share of the image (half its side).
+
 ``--probe cnn`` asks the same of shape without pooling: a small CNN per source reads the WINDOW x WINDOW
 cells around each object of z, of the finest level's blocks (those on z's own grid) stacked, conditioned
 on the empty caption and on the scene's, of z with each, and of the RGB pixels (each cell's 8 x 8 px as
@@ -46,7 +49,7 @@ from feature_ablation import bin_names, size_bin  # noqa: E402
 from ldznet_ext.defaults import DEFAULT_HEAD_NAME, DEFAULT_SD_NAME, WEIGHTS_DIR  # noqa: E402
 from ldznet_ext.errors import LdznetError  # noqa: E402
 from ldznet_ext.images import to_model_input  # noqa: E402
-from ldznet_ext.limits import SEED, TIMESTEP, Limit, bounded_number  # noqa: E402
+from ldznet_ext.limits import MICRO_IMAGE_SIZE, SEED, TIMESTEP, Limit, bounded_number  # noqa: E402
 from ldznet_ext.loading import load_segmenter  # noqa: E402
 from ldznet_ext.sd.schedule import noise_draws  # noqa: E402
 from ldznet_ext.segmenter import Segmenter, sd_features  # noqa: E402
@@ -54,8 +57,8 @@ from ldznet_ext.world.scenes import Scene, make_scene, split_seeds  # noqa: E402
 from ldznet_ext.world.spec import OBJECT_LABEL0, VOCABULARY, ObjectSpec  # noqa: E402
 from ldznet_ext.zeroshot import blocks_at  # noqa: E402
 
-SIZE = 128  # the heads' and the micro SD's training size
-WINDOW = 8  # latent cells per side of the "z window" control
+SIZE = 128  # the default render side: the heads' and the shipped micro SD's training size
+WINDOW = 8  # latent cells per side of the "z window" control at SIZE (half the image's side)
 BATCH = 16
 CONDITIONINGS = {"empty": lambda scene: "", "caption": lambda scene: scene.caption}
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -76,13 +79,21 @@ SCENES = Limit(int, 1, 100_000)
 
 @dataclass
 class ObjectTable:
-    """One row per object: ``features`` {source: [N, D], or windows [N, C, WINDOW, WINDOW]}, the ``shape`` /
-    ``colour`` indices [N] (into TARGETS) and the visible ``area`` in pixels at SIZE [N]."""
+    """One row per object: ``features`` {source: [N, D], or windows [N, C, w, w]}, the ``shape`` /
+    ``colour`` indices [N] (into TARGETS) and the visible ``area`` [N] in pixels of the ``size`` x ``size``
+    render."""
 
     features: dict[str, np.ndarray]
     shape: np.ndarray
     colour: np.ndarray
     area: np.ndarray
+    size: int = SIZE
+
+
+def window_cells(size: int) -> int:
+    """The side in latent cells of the window around an object at a ``size`` px render: the same share of
+    the image (WINDOW cells at SIZE) at every size, so a window holds the same objects."""
+    return WINDOW * size // SIZE
 
 
 def mask_weights(mask: np.ndarray, grid: tuple[int, int]) -> Tensor:
@@ -115,10 +126,11 @@ def scene_contents(scene: Scene) -> np.ndarray:
 
 def _batch_features(segmenter: Segmenter, scenes: Sequence[Scene], timestep: int, seed: int,
                     blocks: Sequence[int]) -> tuple[Tensor, Tensor, dict[str, dict[int, Tensor]]]:
-    """One batch of scenes: the pixels [B, 3, SIZE, SIZE], z [B, C, h, w] and, per conditioning, the tapped
-    ``blocks`` {block: [B, C', h', w']}."""
+    """One batch of scenes of one size S: the pixels [B, 3, S, S], z [B, C, h, w] and, per conditioning, the
+    tapped ``blocks`` {block: [B, C', h', w']}."""
     backbone = segmenter.backbone
-    pixels = torch.cat([to_model_input(scene.image, (SIZE, SIZE)) for scene in scenes]).to(backbone.device)
+    side = scenes[0].size
+    pixels = torch.cat([to_model_input(scene.image, (side, side)) for scene in scenes]).to(backbone.device)
     with torch.no_grad():
         z = backbone.encode_image(pixels).float()
         draw = noise_draws(seed, 1, (1, *z.shape[1:]), timestep)[0][1]  # the same for every batch
@@ -129,7 +141,7 @@ def _batch_features(segmenter: Segmenter, scenes: Sequence[Scene], timestep: int
 
 
 def _visible_objects(scene: Scene) -> Iterator[tuple[ObjectSpec, np.ndarray]]:
-    """Each object of the scene that shows, with its mask [SIZE, SIZE]."""
+    """Each object of the scene that shows, with its mask at the scene's size."""
     for k, obj in enumerate(scene.spec.objects):
         mask = scene.labels == OBJECT_LABEL0 + k
         if mask.any():
@@ -148,9 +160,9 @@ def _batch_rows(segmenter: Segmenter, scenes: Sequence[Scene], timestep: int, se
     _, z, tapped = _batch_features(segmenter, scenes, timestep, seed, blocks)
     rows = []
     for i, scene in enumerate(scenes):
-        whole = np.ones((SIZE, SIZE), bool)
+        whole = np.ones(scene.labels.shape, bool)
         for obj, mask in _visible_objects(scene):
-            row = {"z": pool_over_mask(z[i], mask), "z window": latent_window(z[i], mask),
+            row = {"z": pool_over_mask(z[i], mask), "z window": latent_window(z[i], mask, window_cells(scene.size)),
                    "scene contents": torch.from_numpy(scene_contents(scene))}
             for name, features in tapped.items():
                 pooled = [pool_over_mask(f[i].float(), mask) for f in features.values()]
@@ -166,7 +178,7 @@ def _batch_rows(segmenter: Segmenter, scenes: Sequence[Scene], timestep: int, se
 
 def _batch_windows(segmenter: Segmenter, scenes: Sequence[Scene], timestep: int, seed: int,
                    blocks: Sequence[int]) -> list[dict]:
-    """Each object's {source: [C, WINDOW, WINDOW], "shape", "colour", "area"} for one batch of scenes: the
+    """Each object's {source: [C, w, w] (``window_cells``), "shape", "colour", "area"} for one batch of scenes: the
     windows around it of "RGB" (every pixel, each latent cell's pixels as channels), "z" and, per
     conditioning, ``blocks`` (which must run on z's grid) stacked."""
     pixels, z, tapped = _batch_features(segmenter, scenes, timestep, seed, blocks)
@@ -176,30 +188,30 @@ def _batch_windows(segmenter: Segmenter, scenes: Sequence[Scene], timestep: int,
     if any(grid.shape[-2:] != z.shape[-2:] for grid in grids.values()):
         raise LdznetError(f"the CNN probe reads windows on z's {tuple(z.shape[-2:])} grid; blocks {list(blocks)} "
                           f"run on {sorted({tuple(g.shape[-2:]) for g in grids.values()})}")
-    rows = []
+    rows, window = [], window_cells(scenes[0].size)
     for i, scene in enumerate(scenes):
         for obj, mask in _visible_objects(scene):
-            row = {name: latent_window(grid[i], mask).view(-1, WINDOW, WINDOW) for name, grid in grids.items()}
+            row = {name: latent_window(grid[i], mask, window).view(-1, window, window) for name, grid in grids.items()}
             rows.append(row | _labels(obj, mask))
     return rows
 
 
 def object_table(segmenter: Segmenter, seeds: Sequence[int], timestep: int = 400, seed: int = 0,
-                 blocks: Sequence[int] | None = None, windows: bool = False) -> ObjectTable:
-    """Every object of the scenes ``seeds`` (rendered at SIZE), with the features at ``timestep`` and the
+                 blocks: Sequence[int] | None = None, windows: bool = False, size: int = SIZE) -> ObjectTable:
+    """Every object of the scenes ``seeds`` (rendered at ``size`` px), with the features at ``timestep`` and the
     noise of ``seed`` (the same noise for every scene, as ``Segmenter`` does) on ``blocks`` (None: its
     head's); ``windows``: the CNN probe's windows (``_batch_windows``) instead of vectors."""
     blocks = segmenter.head_config.sd_blocks if blocks is None else blocks
     batch_rows = _batch_windows if windows else _batch_rows
     rows: list[dict] = []
     for start in range(0, len(seeds), BATCH):
-        rows += batch_rows(segmenter, [make_scene(s, SIZE) for s in seeds[start:start + BATCH]], timestep, seed,
+        rows += batch_rows(segmenter, [make_scene(s, size) for s in seeds[start:start + BATCH]], timestep, seed,
                             blocks)
     if not rows:
         raise LdznetError(f"scenes {seeds[0]}..{seeds[-1]} hold no visible object")
     sources = [key for key in rows[0] if key not in ("shape", "colour", "area")]
     return ObjectTable({s: torch.stack([r[s] for r in rows]).numpy() for s in sources},
-                       *(np.array([r[key] for r in rows]) for key in ("shape", "colour", "area")))
+                       *(np.array([r[key] for r in rows]) for key in ("shape", "colour", "area")), size)
 
 
 @dataclass
@@ -317,7 +329,7 @@ def fit_cnn(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndar
 
 def _test_bins(tables: dict[str, ObjectTable]) -> tuple[np.ndarray, dict]:
     """The area bin of each test object, and a report holding the bins' counts."""
-    bins = np.array([size_bin(VOCABULARY.shapes[0], int(a), SIZE) for a in tables["test"].area])
+    bins = np.array([size_bin(VOCABULARY.shapes[0], int(a), tables["test"].size) for a in tables["test"].area])
     return bins, {"bins": {b: int((bins == b).sum()) for b in bin_names() if (bins == b).any()}, "targets": {}}
 
 
@@ -371,22 +383,24 @@ def _scores(correct: np.ndarray, bins: np.ndarray) -> dict:
 
 
 def run(train: int, val: int, test: int, timestep: int, seed: int, blocks: Sequence[int] | None = None,
-        probe: str = "linear") -> dict:
-    """The object tables of the three splits and the ``probe`` ("linear" or "cnn") report; ``blocks``: None,
-    the head's for the linear probe, the finest level's (1 / FINEST of z's side) for the CNN."""
+        probe: str = "linear", model: Path | None = None, size: int = SIZE) -> dict:
+    """The object tables of the three splits and the ``probe`` ("linear" or "cnn") report on the SD
+    ``model`` (None: the embedded one) with scenes rendered at ``size`` px; ``blocks``: None, the head's
+    for the linear probe, the finest level's (1 / FINEST of z's side) for the CNN."""
     started = time.perf_counter()
-    segmenter = load_segmenter(WEIGHTS_DIR / DEFAULT_SD_NAME, WEIGHTS_DIR / DEFAULT_HEAD_NAME, device="cpu",
-                               resolution=SIZE)
+    segmenter = load_segmenter(model or WEIGHTS_DIR / DEFAULT_SD_NAME, WEIGHTS_DIR / DEFAULT_HEAD_NAME,
+                               device="cpu", resolution=size)
     if blocks is None:
         blocks = blocks_at(segmenter.backbone.layout, (FINEST,)) if probe == "cnn" else segmenter.head_config.sd_blocks
     blocks = tuple(blocks)
-    tables = {split: object_table(segmenter, split_seeds(split, count), timestep, seed, blocks, probe == "cnn")
-              for split, count in (("train", train), ("val", val), ("test", test))}
+    tables = {split: object_table(segmenter, split_seeds(split, count), timestep, seed, blocks, probe == "cnn",
+                                  size) for split, count in (("train", train), ("val", val), ("test", test))}
     extracted = time.perf_counter() - started
     print(f"features of {sum(len(t.area) for t in tables.values())} objects: {extracted:.0f} s", file=sys.stderr)
     report = cnn_report(tables) if probe == "cnn" else probe_report(tables)
     report.update(probe=probe, scenes={"train": train, "val": val, "test": test},
                   objects={split: len(t.area) for split, t in tables.items()}, timestep=timestep, seed=seed,
+                  model=str(model or DEFAULT_SD_NAME), size=size,
                   blocks=list(blocks), seconds_features=extracted,
                   seconds=time.perf_counter() - started)
     return report
@@ -432,11 +446,19 @@ def main() -> None:
     parser.add_argument("--probe", choices=("linear", "cnn"), default="linear",
                         help="linear: logistic regression on mask-pooled features, shape and colour (default); "
                              "cnn: a small CNN on the WINDOW x WINDOW cells around each object, shape only")
+    parser.add_argument("--model", metavar="FILE", type=Path,
+                        help="the micro SD v1 file to probe (default: the embedded one)")
+    parser.add_argument("--size", type=bounded_number(MICRO_IMAGE_SIZE), default=SIZE, metavar="PX",
+                        help=f"render side in pixels, a multiple of 64 (default {SIZE}); the z window grows "
+                             "with it to keep its share of the image")
     parser.add_argument("--json", metavar="OUT.json", help="also write the report as JSON")
     args = parser.parse_args()
+    if args.size % 64:
+        parser.error(f"argument --size: expected a multiple of 64, got {args.size}")
     torch.set_num_threads(1)
     try:
-        report = run(args.train, args.val, args.test, args.timestep, args.seed, args.blocks, args.probe)
+        report = run(args.train, args.val, args.test, args.timestep, args.seed, args.blocks, args.probe,
+                     args.model, args.size)
     except (LdznetError, ValueError) as error:  # ValueError: a block number this UNet lacks
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(markdown(report))

@@ -10,8 +10,8 @@ become ``_``: ``red_star.png``) and ``DIR/phrases.json``::
 ``area`` is the mask's pixel count; absent phrases have ``"present": false`` and area 0.
 ``ldznet world split NAME [--count N]`` prints the first N seeds of split NAME as a JSON list.
 ``ldznet world train-sd -o DIR [--recipe full|clip|smoke] [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16]
-[--stages vae,text,unet] [--init-model FILE [--init-unet]] [--unet-steps N] [--unet-batch N] [--snapshot-every K]
-[--time-budget-s S]`` trains the micro SD v1 (``world.train_sd``) into DIR.
+[--image-size PX] [--stages vae,text,unet] [--init-model FILE [--init-unet]] [--unet-steps N] [--unet-batch N]
+[--snapshot-every K] [--time-budget-s S]`` trains the micro SD v1 (``world.train_sd``) into DIR.
 Each sub-command is one ``_add_*`` function in ``SUBCOMMANDS``; add more there.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..limits import (PROCESSES, RENDER_SIZE, SCENES, SEED, STEP_INTERVAL, STEPS, TIME_BUDGET,
+from ..limits import (MICRO_IMAGE_SIZE, PROCESSES, RENDER_SIZE, SCENES, SEED, STEP_INTERVAL, STEPS, TIME_BUDGET,
                       TRAIN_BATCH_SIZE, bounded_number)
 from ..world.scenes import SPLIT_START, VOCABULARY, make_scene, split_seeds
 from .common import add_device_argument
@@ -73,7 +73,8 @@ def _run_train_sd(args: argparse.Namespace) -> int:
 
     stages = None if args.stages is None else [s.strip() for s in args.stages.split(",") if s.strip()]
     recipe = micro_recipe(args.recipe)
-    overrides = {"seed": args.seed, "unet_steps": args.unet_steps, "unet_batch": args.unet_batch}
+    overrides = {"seed": args.seed, "image_size": args.image_size, "unet_steps": args.unet_steps,
+                 "unet_batch": args.unet_batch}
     recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     options = UNetOptions(None if args.init_model is None else Path(args.init_model), args.init_unet,
                           args.snapshot_every or 0, args.time_budget_s)
@@ -113,6 +114,9 @@ def _add_train_sd(sub: argparse._SubParsersAction) -> None:
                         "or smoke")
     p.add_argument("--seed", type=bounded_number(SEED),
                    help="seed of the initial weights, batches and noise (default: the recipe's, 0); same scenes")
+    p.add_argument("--image-size", type=bounded_number(MICRO_IMAGE_SIZE), metavar="PX",
+                   help="side of the training scenes in pixels, a multiple of 64 in 64..1024 (default: the "
+                        "recipe's, 128); the model file records it as its working size")
     add_device_argument(p)
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="autocast dtype (default auto: bfloat16 on CUDA; on CPUs with native bf16, "

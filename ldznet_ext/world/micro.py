@@ -15,6 +15,7 @@ import torch
 import transformers
 
 from ..errors import LdznetError
+from ..limits import MICRO_IMAGE_SIZE
 from ..sd.model import StableDiffusion
 from ..sd.text import TextEncoder, text_config
 from ..sd.unet import UNetConfig, UNetModel, unet_config
@@ -87,6 +88,12 @@ class MicroRecipe:
     # Logging and probes.
     log_every: int = 50
     probe_scenes: int = 64  # val scenes for the quality probes
+
+    def __post_init__(self) -> None:
+        MICRO_IMAGE_SIZE.check(self.image_size, "image_size")
+        if self.image_size % 64 or self.vae_crop > self.image_size:
+            raise LdznetError(f"image_size must be a multiple of 64 and >= vae_crop ({self.vae_crop}), "
+                              f"got {self.image_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)
