@@ -163,6 +163,14 @@ def test_eps_gaps_are_empty_minus_caption():
     assert gaps == {"400": {"caption": 0.05, "empty": 0.0625, "gap": 0.0125, "relative_gap": 0.2}}
 
 
+def test_an_image_size_off_the_grid_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["binding_run.py", "-o", str(tmp_path / "out"), "--image-size", "100"])
+    with pytest.raises(SystemExit) as exit:
+        binding_run.main()
+    assert exit.value.code == 2 and "error: image_size must be a multiple of 64" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_planned_steps_fit_the_time_left_in_multiples_of_the_snapshots():
     assert binding_run.planned_steps(100.0, 0.1, 8) == 896  # 0.9 x 1000 = 900, down to a multiple of 8
     assert binding_run.planned_steps(-5.0, 0.1, 4) == 4
@@ -173,10 +181,12 @@ def test_tool_writes_the_table_and_measures_the_final_model_after_the_budget(tmp
     monkeypatch.setattr(sys, "argv", ["binding_run.py", "-o", str(out), "--work", str(tmp_path / "work"),
                                       "--recipe", "smoke", "--unet-steps", "8", "--snapshots", "4",
                                       "--eval-scenes", "1", "--device", "cpu", "--dtype", "float32",
-                                      "--workers", "1", "--time-budget-s", "0", "--measure-reserve-s", "0"])
+                                      "--workers", "1", "--time-budget-s", "0", "--measure-reserve-s", "0",
+                                      "--image-size", "128"])
     binding_run.main()
     result = json.loads((out / "binding.json").read_text(encoding="utf-8"))
     assert result["train"]["stopped_at_step"] == 1 and result["plan"] == {"unet_steps": 8}
+    assert result["recipe"]["image_size"] == 128 and load_micro_sd(out / SD_FILE).resolution == 128
     assert [r["model"] for r in result["rows"]] == ["final"] and result["unmeasured"] == ["reference"]
     row = result["rows"][0]
     assert row["steps"] == 1 and set(row["eps"]) == {"100", "400", "700"} and 0 <= row["binding_auc"] <= 1

@@ -142,6 +142,8 @@ def main() -> None:
     parser.add_argument("--init-unet", action="store_true", help="start from its UNet too (default: a random UNet)")
     parser.add_argument("--unet-steps", default="auto", help="an integer, or auto (fit the time budget; default)")
     parser.add_argument("--unet-batch", type=int, help="stage unet's batch (default: the recipe's)")
+    parser.add_argument("--image-size", type=int,
+                        help="side of the training and measuring scenes, a multiple of 64 (default: the recipe's)")
     parser.add_argument("--snapshots", type=int, default=8, help="snapshots over the planned steps (default 8)")
     parser.add_argument("--eval-scenes", type=int, default=50, help="world:val scenes for AUC and mIoU (default 50)")
     parser.add_argument("--time-budget-s", type=float, help="seconds for the whole tool (default: no limit)")
@@ -159,7 +161,11 @@ def main() -> None:
         parser.error(f"--unet-steps: expected an integer or auto, got {args.unet_steps!r}")
     out, device = Path(args.output), resolve_device(args.device)
     recipe = micro_recipe(args.recipe)
-    recipe = recipe if args.unet_batch is None else replace(recipe, unet_batch=args.unet_batch)
+    overrides = {"unet_batch": args.unet_batch, "image_size": args.image_size}
+    try:
+        recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    except LdznetError as error:
+        parser.error(str(error))
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="binding_run-"))
     trained = train(args, recipe, device, work, start)
