@@ -145,6 +145,7 @@ CROP_PADDING = Limit(int, 0, MAX_RADIUS)  # pixels around an instance's box
 # Data, evaluation and training
 RENDER_SIZE = Limit(int, 8, 4096)  # a micro-world scene's side: world.scenes.render's range
 MICRO_IMAGE_SIZE = Limit(int, 64, 1024)  # the micro SD's training side; also a multiple of 64 (its UNet's depth)
+MIN_SNR_GAMMA = Limit(float, 0, 10_000)  # micro UNet loss weighting: 0 off, >= 1,175 (SNR at t = 0) all 1
 SCENES = Limit(int, 1, 1_000_000)  # seeds of one split
 SCENE_INDEX = Limit(int, 0, SCENES.high - 1)
 WORKERS = Limit(int, 0, MAX_WORKERS)

@@ -182,6 +182,24 @@ def test_image_size_option_trains_and_records_that_side(smoke_run, tmp_path):
     assert load_stable_diffusion(out / SD_FILE).resolution == SMOKE.image_size == 64
 
 
+def test_min_snr_weighting_changes_the_unet_loss_only_where_it_weighs(smoke_run, tmp_path):
+    out, log = smoke_run
+    losses = {}
+    for gamma in ("5", "10000"):  # 10,000 is above SD's largest SNR (1,175 at t = 0): every weight 1
+        run = tmp_path / gamma
+        run.mkdir()
+        for name in (VAE_FILE, TEXT_FILE):
+            shutil.copy(out / name, run / name)
+        assert main(["world", "train-sd", "-o", str(run), "--stages", "unet", "--unet-min-snr-gamma", gamma,
+                     *SMOKE_ARGS]) == 0
+        other = json.loads((run / LOG_FILE).read_text(encoding="utf-8"))
+        assert other["recipe"] == {**log["recipe"], "unet_min_snr_gamma": float(gamma)}
+        losses[gamma] = [e["loss"] for e in other["stages"]["unet"]["log"]]
+    plain = [e["loss"] for e in log["stages"]["unet"]["log"]]
+    assert losses["10000"] == pytest.approx(plain, rel=1e-5)
+    assert all(w < p for w, p in zip(losses["5"], plain))  # weights <= 1, below 1 on the low-noise steps
+
+
 @pytest.mark.parametrize("size, message", [
     ("96", "image_size must be a multiple of 64 and >= vae_crop (64), got 96"),
     ("32", "argument --image-size: expected an integer in [64, 1024], got 32"),

@@ -11,7 +11,8 @@ become ``_``: ``red_star.png``) and ``DIR/phrases.json``::
 ``ldznet world split NAME [--count N]`` prints the first N seeds of split NAME as a JSON list.
 ``ldznet world train-sd -o DIR [--recipe full|clip|smoke] [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16]
 [--image-size PX] [--stages vae,text,unet] [--init-model FILE [--init-unet]] [--unet-steps N] [--unet-batch N]
-[--snapshot-every K] [--time-budget-s S]`` trains the micro SD v1 (``world.train_sd``) into DIR.
+[--unet-min-snr-gamma G] [--snapshot-every K] [--time-budget-s S]`` trains the micro SD v1 (``world.train_sd``)
+into DIR.
 Each sub-command is one ``_add_*`` function in ``SUBCOMMANDS``; add more there.
 """
 
@@ -25,8 +26,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..limits import (MICRO_IMAGE_SIZE, PROCESSES, RENDER_SIZE, SCENES, SEED, STEP_INTERVAL, STEPS, TIME_BUDGET,
-                      TRAIN_BATCH_SIZE, bounded_number)
+from ..limits import (MICRO_IMAGE_SIZE, MIN_SNR_GAMMA, PROCESSES, RENDER_SIZE, SCENES, SEED, STEP_INTERVAL, STEPS,
+                      TIME_BUDGET, TRAIN_BATCH_SIZE, bounded_number)
 from ..world.scenes import SPLIT_START, VOCABULARY, make_scene, split_seeds
 from .common import add_device_argument
 
@@ -74,7 +75,7 @@ def _run_train_sd(args: argparse.Namespace) -> int:
     stages = None if args.stages is None else [s.strip() for s in args.stages.split(",") if s.strip()]
     recipe = micro_recipe(args.recipe)
     overrides = {"seed": args.seed, "image_size": args.image_size, "unet_steps": args.unet_steps,
-                 "unet_batch": args.unet_batch}
+                 "unet_batch": args.unet_batch, "unet_min_snr_gamma": args.unet_min_snr_gamma}
     recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     options = UNetOptions(None if args.init_model is None else Path(args.init_model), args.init_unet,
                           args.snapshot_every or 0, args.time_budget_s)
@@ -135,6 +136,9 @@ def _add_train_sd(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unet-steps", type=bounded_number(STEPS), help="stage unet's steps (default: the recipe's)")
     p.add_argument("--unet-batch", type=bounded_number(TRAIN_BATCH_SIZE),
                    help="stage unet's batch, 1..4096 (default: the recipe's)")
+    p.add_argument("--unet-min-snr-gamma", type=bounded_number(MIN_SNR_GAMMA), metavar="G",
+                   help="stage unet's loss: min-SNR weighting with this gamma, 0..10000 (0, the recipe's: SD's "
+                        "plain eps MSE; Hang et al. use 5)")
     p.add_argument("--snapshot-every", type=bounded_number(STEP_INTERVAL), metavar="K",
                    help="write the EMA weights every K steps of stage unet as "
                         "DIR/snapshots/micro-sd-v1-stepNNNNNN.safetensors")

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from ..errors import LdznetError
-from ..limits import MICRO_IMAGE_SIZE
+from ..limits import MICRO_IMAGE_SIZE, MIN_SNR_GAMMA
 from ..sd.model import StableDiffusion
 from ..sd.text import TextEncoder, text_config
 from ..sd.unet import UNetConfig, UNetModel, unet_config
@@ -81,6 +81,10 @@ class MicroRecipe:
     unet_lr: float = 1e-3
     unet_warmup: int = 100
     uncond_p: float = 0.1  # captions replaced by "" (unconditional)
+    # 0: SD's plain eps MSE. gamma > 0: min-SNR weighting (Hang et al., ICCV 2023), each sample's eps
+    # MSE times min(SNR_t, gamma) / SNR_t, which takes weight off the low-noise steps (local detail)
+    # and leaves it on the steps where the image's layout, and so the caption, must be inferred.
+    unet_min_snr_gamma: float = 0.0
     ema_decay: float = 0.995  # horizon ~200 steps, a tenth of the run as SD's 0.9999
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -91,6 +95,7 @@ class MicroRecipe:
 
     def __post_init__(self) -> None:
         MICRO_IMAGE_SIZE.check(self.image_size, "image_size")
+        MIN_SNR_GAMMA.check(self.unet_min_snr_gamma, "unet_min_snr_gamma")
         if self.image_size % 64 or self.vae_crop > self.image_size:
             raise LdznetError(f"image_size must be a multiple of 64 and >= vae_crop ({self.vae_crop}), "
                               f"got {self.image_size}")

@@ -328,7 +328,12 @@ def train_unet(latents: Tensor, tokens: Tensor, recipe: MicroRecipe, device: tor
         z_t = schedule.q_sample(latents[index], t, noise)
         with _autocast(device, dtype):
             eps = model["unet"](z_t, t.to(device), encode(torch.where(drop, empty, tokens[index])))
-        return {"loss": F.mse_loss(eps.float(), noise)}
+        if not recipe.unet_min_snr_gamma:
+            return {"loss": F.mse_loss(eps.float(), noise)}
+        a = schedule.alphas_at(t.to(device))
+        snr = a / (1 - a)
+        weight = snr.clamp(max=recipe.unet_min_snr_gamma) / snr
+        return {"loss": (weight * (eps.float() - noise).pow(2).mean(dim=(1, 2, 3))).mean()}
 
     def after_step(step: int) -> None:
         ema.update(model)
