@@ -160,10 +160,8 @@ def main() -> None:
     if args.unet_steps != "auto" and not args.unet_steps.isdigit():
         parser.error(f"--unet-steps: expected an integer or auto, got {args.unet_steps!r}")
     out, device = Path(args.output), resolve_device(args.device)
-    recipe = micro_recipe(args.recipe)
-    overrides = {"unet_batch": args.unet_batch, "image_size": args.image_size}
     try:
-        recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+        recipe = micro_recipe(args.recipe).with_overrides(unet_batch=args.unet_batch, image_size=args.image_size)
     except LdznetError as error:
         parser.error(str(error))
     out.mkdir(parents=True, exist_ok=True)

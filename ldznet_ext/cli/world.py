@@ -66,17 +66,14 @@ def _run_split(args: argparse.Namespace) -> int:
 
 
 def _run_train_sd(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from ..loading import resolve_device
     from ..world.micro import micro_recipe
     from ..world.train_sd import UNetOptions, train_sd
 
     stages = None if args.stages is None else [s.strip() for s in args.stages.split(",") if s.strip()]
-    recipe = micro_recipe(args.recipe)
-    overrides = {"seed": args.seed, "image_size": args.image_size, "unet_steps": args.unet_steps,
-                 "unet_batch": args.unet_batch, "unet_min_snr_gamma": args.unet_min_snr_gamma}
-    recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    recipe = micro_recipe(args.recipe).with_overrides(
+        seed=args.seed, image_size=args.image_size, unet_steps=args.unet_steps, unet_batch=args.unet_batch,
+        unet_min_snr_gamma=args.unet_min_snr_gamma)
     options = UNetOptions(None if args.init_model is None else Path(args.init_model), args.init_unet,
                           args.snapshot_every or 0, args.time_budget_s)
     log = train_sd(Path(args.output), recipe, resolve_device(args.device), args.dtype, stages,

@@ -9,7 +9,7 @@ same recipe on any device.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import transformers
@@ -99,6 +99,11 @@ class MicroRecipe:
         if self.image_size % 64 or self.vae_crop > self.image_size:
             raise LdznetError(f"image_size must be a multiple of 64 and >= vae_crop ({self.vae_crop}), "
                               f"got {self.image_size}")
+
+    def with_overrides(self, **values) -> MicroRecipe:
+        """This recipe with the given fields replaced, those given as None left as they are (the CLI's
+        unset options); the new values are checked as any recipe's are."""
+        return replace(self, **{name: value for name, value in values.items() if value is not None})
 
     def to_dict(self) -> dict:
         return asdict(self)
