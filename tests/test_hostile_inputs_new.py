@@ -119,6 +119,8 @@ def _tool(name: str):
     ("feature_ablation", ["--data", "nonsense"], "unknown data spec"),
     ("feature_ablation", ["--resolution", "100000"], "argument --resolution: expected an integer in [64, 2048]"),
     ("feature_ablation", ["--seed", "-1"], "argument --seed: expected an integer in [0, "),
+    ("feature_ablation", ["--ldznet-head", "missing.safetensors"], "LD-ZNet head not found: missing.safetensors"),
+    ("feature_ablation", ["--model", "."], "model . is a folder; expected "),
     ("choose_presence_level", ["missing.safetensors", "-o", "x.safetensors"], "checkpoint not found: missing"),
     ("choose_presence_level", ["{head}", "-o", "x.safetensors"],
      "head.safetensors: the head has no presence output to choose a level for"),

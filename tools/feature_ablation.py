@@ -13,6 +13,10 @@ another render size are scaled to 128 px).
 
     .venv/bin/python tools/feature_ablation.py --data world:test:100
     .venv/bin/python tools/feature_ablation.py --data world:test:100 --resolution 256 --json out.json
+    .venv/bin/python tools/feature_ablation.py --model RUN/micro-sd-v1.safetensors --ldznet-head HEAD.safetensors
+
+``--model`` and the head options evaluate another micro SD and heads (a head trained on that SD) in place of
+the embedded ones.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ldznet_ext.checkpoint_io import readable_file  # noqa: E402
 from ldznet_ext.data.examples import Example, Source  # noqa: E402
 from ldznet_ext.data.spec import open_source  # noqa: E402
 from ldznet_ext.defaults import WEIGHTS_DIR  # noqa: E402
@@ -108,18 +113,25 @@ def sample_bins(source: Source, metrics: SegmentationMetrics, size: int) -> list
     return bins
 
 
-def run(data: str, resolution: int, seed: int) -> dict:
-    """Every method's threshold and per-bin (count, IoU) on ``data`` at ``resolution``."""
-    sd = WEIGHTS_DIR / "micro-sd-v1.safetensors"
+def run(data: str, resolution: int, seed: int, model: Path | None = None, ldznet_head: Path | None = None,
+        znet_head: Path | None = None) -> dict:
+    """Every method's threshold and per-bin (count, IoU) on ``data`` at ``resolution``; ``model`` and the heads
+    default to the embedded micro SD and heads."""
+    sd = model or WEIGHTS_DIR / "micro-sd-v1.safetensors"
+    for given, what in ((model, "model"), (ldznet_head, "LD-ZNet head"), (znet_head, "ZNet head")):
+        if given is not None:  # refused before the first method's minutes of work, not after
+            readable_file(given, what)
     methods: dict[str, Callable[[], Segmenter]] = {
-        "ZNet": lambda: load_segmenter(sd, WEIGHTS_DIR / "micro-znet.safetensors", device="cpu",
+        "ZNet": lambda: load_segmenter(sd, znet_head or WEIGHTS_DIR / "micro-znet.safetensors", device="cpu",
                                        resolution=resolution),
-        "LD-ZNet": lambda: load_segmenter(sd, WEIGHTS_DIR / "micro-ldznet.safetensors", device="cpu",
+        "LD-ZNet": lambda: load_segmenter(sd, ldznet_head or WEIGHTS_DIR / "micro-ldznet.safetensors", device="cpu",
                                           resolution=resolution)}
     for how in REPLACEMENTS:
         methods[f"LD-ZNet, {how}"] = lambda how=how: with_replaced_features(methods["LD-ZNet"](), how, seed)
     source = open_source(data, size=resolution)
-    report: dict = {"data": data, "resolution": resolution, "seed": seed, "methods": {}}
+    report: dict = {"data": data, "resolution": resolution, "seed": seed, "model": str(sd),
+                    "heads": {"LD-ZNet": str(ldznet_head or "embedded"), "ZNet": str(znet_head or "embedded")},
+                    "methods": {}}
     results = {name: evaluate(make(), source, name, progress=False) for name, make in methods.items()}
     bins = sample_bins(source, results["ZNet"].metrics, resolution)  # every method scores the same samples
     ldznet_threshold = results["LD-ZNet"].summary.miou_threshold
@@ -166,11 +178,14 @@ def main() -> None:
                         help="working and render size (default 128, the heads' training size)")
     parser.add_argument("--seed", type=bounded_number(SEED), default=0,
                         help="seed of the replacement noise (default 0)")
+    parser.add_argument("--model", metavar="FILE", type=Path, help="micro SD v1 file (default: the embedded one)")
+    parser.add_argument("--ldznet-head", metavar="FILE", type=Path, help="LD-ZNet head (default: the embedded one)")
+    parser.add_argument("--znet-head", metavar="FILE", type=Path, help="ZNet head (default: the embedded one)")
     parser.add_argument("--json", metavar="OUT.json", help="also write the report as JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
     try:
-        report = run(args.data, args.resolution, args.seed)
+        report = run(args.data, args.resolution, args.seed, args.model, args.ldznet_head, args.znet_head)
     except LdznetError as error:  # a bad data spec or resolution: one line, as the ldznet commands
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(markdown(report) + "\n\n" + markdown(report, "bins_at_ldznet_threshold"))
