@@ -23,9 +23,12 @@ from ldznet_ext.sd.model import StableDiffusion
 from ldznet_ext.sd.text import TextEncoder
 from ldznet_ext.sd.unet import UNetModel
 from ldznet_ext.sd.vae import AutoencoderKL, VAEConfig
-from ldznet_ext.world.binding import binding_auc, eps_gaps, pixel_auc
+from ldznet_ext.world.binding import binding_auc, eps_gaps, pixel_auc, swapped_caption
 from ldznet_ext.world.micro import MICRO_UNET, micro_recipe, micro_text_config
-from ldznet_ext.world.train_sd import LOG_FILE, SD_FILE, UNetOptions, load_micro_sd, snapshot_path, train_sd
+from ldznet_ext.world.scenes import caption, sample_scene
+from ldznet_ext.world.spec import ObjectSpec
+from ldznet_ext.world.train_sd import (LOG_FILE, SD_FILE, UNetOptions, eps_probe, load_micro_sd, snapshot_path,
+                                       train_sd)
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("binding_run", ROOT / "tools" / "binding_run.py")
@@ -163,6 +166,37 @@ def test_eps_gaps_are_empty_minus_caption():
     assert gaps == {"400": {"caption": 0.05, "empty": 0.0625, "gap": 0.0125, "relative_gap": 0.2}}
 
 
+def test_word_gaps_are_the_swapped_caption_minus_the_true_one():
+    gaps = eps_gaps({"400": {"caption": 0.05, "empty": 0.0625, "shape swapped": 0.0525, "colour swapped": 0.049}})
+    assert gaps["400"]["shape_gap"] == 0.0025 and gaps["400"]["colour_gap"] == -0.001
+
+
+def _object(shape: str, colour: str) -> ObjectSpec:
+    return ObjectSpec(shape, colour, (0.5, 0.5), 0.2, 0.0, (0.0, 0.0, 0.0))
+
+
+def test_swapped_captions_name_the_next_shape_or_colour_and_keep_the_groups():
+    spec = replace(sample_scene(0, "cartoon"), ground="grass", regions=(),
+                   objects=(_object("star", "red"), _object("star", "red"), _object("cross", "purple")))
+    assert caption(spec) == "a cartoon of two red stars and a purple cross on grass"
+    assert swapped_caption(spec, "shape") == "a cartoon of two red hearts and a purple circle on grass"
+    assert swapped_caption(spec, "colour") == "a cartoon of two orange stars and a red cross on grass"
+    with pytest.raises(ValueError, match="unknown word kind 'size'"):
+        swapped_caption(spec, "size")
+
+
+def test_every_caption_set_of_the_eps_probe_sees_the_same_noise():
+    model = load_micro_sd(SHIPPED)
+    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(3))
+    captions = ["a photo of a red star on sand", "a cartoon of two blue circles on grass"]
+    plain = eps_probe(model, latents, captions, timesteps=(400,))
+    probe = eps_probe(model, latents, captions, timesteps=(400,),
+                      variants={"same": captions, "empty again": ["", ""], "other": captions[::-1]})
+    row = probe["400"]
+    assert {k: row[k] for k in ("caption", "empty")} == plain["400"]
+    assert row["same"] == row["caption"] and row["empty again"] == row["empty"] and row["other"] != row["caption"]
+
+
 def test_an_image_size_off_the_grid_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["binding_run.py", "-o", str(tmp_path / "out"), "--image-size", "100"])
     with pytest.raises(SystemExit) as exit:
@@ -194,3 +228,38 @@ def test_tool_writes_the_table_and_measures_the_final_model_after_the_budget(tmp
     assert "| final | 1 | 16 |" in table and "Not measured within the time budget: reference" in table
     assert table == capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == sorted(["binding.json", "binding.md", LOG_FILE, SD_FILE])
+
+
+def test_measure_reads_an_existing_run_and_adds_the_word_gaps(resumed, tmp_path, monkeypatch, capsys):
+    run, log = resumed
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["binding_run.py", "-o", str(out), "--measure", str(run), "--eval-scenes", "1",
+                                      "--device", "cpu"])
+    binding_run.main()
+    result = json.loads((out / "binding.json").read_text(encoding="utf-8"))
+    assert [r["model"] for r in result["rows"]] == ["final", "reference", "step 2", "step 4"]
+    assert result["rows"][1]["file"] == str(SHIPPED) and result["recipe"] == log["recipe"]
+    for row in result["rows"]:
+        assert set(row["eps"]["400"]) == {"caption", "empty", "shape swapped", "colour swapped", "gap",
+                                          "relative_gap", "shape_gap", "colour_gap"}
+    assert sorted(p.name for p in out.iterdir()) == ["binding.json", "binding.md"]
+    assert "| shape gap t=400 | colour gap t=400 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda run: None, "the run's train_sd_log.json not found: "),
+    (lambda run: (run / LOG_FILE).write_text("{}") and (run / SD_FILE).write_bytes(b"x"),
+     "train_sd_log.json is not the log of a finished train-sd run"),
+    (lambda run: (run / LOG_FILE).write_text('{"recipe": {"name": "x", "colour": 1}, "stages": {"unet": {}}}')
+     and (run / SD_FILE).write_bytes(b"x"), "holds a recipe this version cannot read"),
+])
+def test_measure_refuses_what_is_not_a_run_in_one_line(tmp_path, monkeypatch, capsys, make, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    make(run)
+    monkeypatch.setattr(sys, "argv", ["binding_run.py", "-o", str(tmp_path / "out"), "--measure", str(run)])
+    with pytest.raises(SystemExit) as exit:
+        binding_run.main()
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -8,6 +8,9 @@ eps-MSE gap (empty caption minus caption), text-binding AUC of the zero-shot map
 mIoU / IoU_FG / AP on world:val:N; (c) writes OUTPUT/binding.json and OUTPUT/binding.md (one row per
 model, by steps), rewritten after each model, with the run's train_sd_log.json and final model.
 
+--measure RUN skips (a) and measures an existing `ldznet world train-sd` run folder instead (its
+snapshots, final model and the model it started from, or --init-model when it started from none).
+
 --unet-steps auto times a few steps first (random latents) and plans the most steps that fit the
 time budget, so that the cosine schedule ends inside it. --time-budget-s bounds the whole tool:
 training stops at the budget minus --measure-reserve-s; models are measured in the order final,
@@ -18,6 +21,8 @@ listed as not measured).
     .venv/bin/python tools/binding_run.py -o /tmp/binding --recipe smoke --unet-steps 4 --snapshots 2 \
         --eval-scenes 2 --device cpu
     # the prepared GPU run: docs/micro-world-experiments.md, "Prepared GPU run"
+    # an existing run:
+    .venv/bin/python tools/binding_run.py -o /tmp/binding --measure RUN --device cpu
 """
 
 from __future__ import annotations
@@ -31,20 +36,21 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ldznet_ext.checkpoint_io import readable_file  # noqa: E402
 from ldznet_ext.data.spec import open_source  # noqa: E402
 from ldznet_ext.defaults import WEIGHTS_DIR  # noqa: E402
 from ldznet_ext.errors import LdznetError  # noqa: E402
 from ldznet_ext.loading import resolve_device  # noqa: E402
 from ldznet_ext.sd.tokenizer import tokenize  # noqa: E402
 from ldznet_ext.train.logs import StageLog  # noqa: E402
-from ldznet_ext.world.binding import measure_binding  # noqa: E402
-from ldznet_ext.world.data import render_scene_set  # noqa: E402
+from ldznet_ext.world.binding import SWAPPED_WORDS, measure_binding  # noqa: E402
 from ldznet_ext.world.micro import MicroRecipe, micro_recipe  # noqa: E402
-from ldznet_ext.world.scenes import split_seeds  # noqa: E402
+from ldznet_ext.world.scenes import make_scene, split_seeds  # noqa: E402
 from ldznet_ext.world.train_sd import (LOG_FILE, SD_FILE, UNetOptions, load_micro_sd, stage_dtype,  # noqa: E402
                                        train_sd, train_unet)
 
@@ -87,19 +93,43 @@ def models_to_measure(work: Path, init: Path, log: dict) -> list[dict]:
             {"model": "reference", "steps": 0 if log["init"]["unet"] else None, "file": str(init)}, *snapshots]
 
 
+def read_run(run: Path) -> tuple[dict, MicroRecipe]:
+    """The train-sd log of the run folder ``run`` (once its final model is there too) and its recipe."""
+    for name in (LOG_FILE, SD_FILE):
+        readable_file(run / name, f"the run's {name}", "a train-sd run's file")
+    try:
+        log = json.loads((run / LOG_FILE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LdznetError(f"{run / LOG_FILE} is not a train-sd log: {error}") from None
+    if not isinstance(log, dict) or "unet" not in log.get("stages", {}) or "recipe" not in log:
+        raise LdznetError(f"{run / LOG_FILE} is not the log of a finished train-sd run")
+    try:
+        return log, MicroRecipe(**log["recipe"])
+    except TypeError as error:  # a field this version does not know, or one missing
+        raise LdznetError(f"{run / LOG_FILE} holds a recipe this version cannot read: {error}") from None
+
+
+def run_reference(log: dict, default: Path) -> Path:
+    """The model a run's UNet stage started from (its VAE and text tower), else ``default``."""
+    init = (log.get("init") or {}).get("model")
+    return Path(init) if init else default
+
+
 def table(result: dict) -> str:
     """binding.md: one row per measured model, the reference first, then by steps."""
     batch = result["recipe"]["unet_batch"]
     lines = [f"Micro SD binding against UNet steps (batch {batch}; {result['data']}; eps on "
              f"{result['recipe']['probe_scenes']} val scenes; x 100 for zero-shot)", "",
-             "| model | steps | samples | eps gap t=100 | t=400 | t=700 | rel. gap t=400 | binding AUC "
-             "| zero-shot mIoU | IoU_FG | AP |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | steps | samples | eps gap t=100 | t=400 | t=700 | rel. gap t=400 | shape gap t=400 "
+             "| colour gap t=400 | binding AUC | zero-shot mIoU | IoU_FG | AP |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rows = sorted(result["rows"], key=lambda r: (r["model"] != "reference", r["steps"] or 0))
     for row in rows:
         eps, shot = row["eps"], row["zero_shot"]
         samples = "" if row["steps"] is None else f"{row['steps'] * batch:,}"
         cells = [row["model"], "" if row["steps"] is None else str(row["steps"]), samples,
                  *(f"{eps[t]['gap']:.4f}" for t in TIMESTEPS), f"{100 * eps['400']['relative_gap']:.1f} %",
+                 *(f"{eps['400'][f'{word}_gap']:.4f}" for word in SWAPPED_WORDS),
                  f"{row['binding_auc']:.3f}", *(f"{shot[k]:.1f}" for k in ("miou", "iou_fg", "ap"))]
         lines.append("| " + " | ".join(cells) + " |")
     if result["unmeasured"]:
@@ -136,6 +166,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-o", "--output", required=True, help="folder for binding.json, binding.md and the run's log")
     parser.add_argument("--work", help="folder for the training run and its snapshots (default: a new temporary one)")
+    parser.add_argument("--measure", metavar="RUN", help="measure this existing train-sd run folder; train nothing")
     parser.add_argument("--recipe", default="full", help="micro SD recipe: full (default), clip or smoke")
     parser.add_argument("--init-model", type=Path, default=WEIGHTS_DIR / SD_FILE,
                         help="micro SD file whose VAE and text tower are kept (default: the shipped one)")
@@ -164,26 +195,37 @@ def main() -> None:
         recipe = micro_recipe(args.recipe).with_overrides(unet_batch=args.unet_batch, image_size=args.image_size)
     except LdznetError as error:
         parser.error(str(error))
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="binding_run-"))
-    trained = train(args, recipe, device, work, start)
-    log = trained["log"]
-    for name in (LOG_FILE, SD_FILE):
-        shutil.copyfile(work / name, out / name)
+    if args.measure and args.work:
+        parser.error("--measure measures an existing run; --work names where a new one trains")
+    if args.measure:  # the run's own files stay where they are
+        try:
+            log, recipe = read_run(Path(args.measure))
+            reference = readable_file(run_reference(log, args.init_model), "the run's starting model")
+        except LdznetError as error:
+            parser.error(str(error))
+        work, plan = Path(args.measure), {}
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="binding_run-"))
+        out.mkdir(parents=True, exist_ok=True)
+        trained = train(args, recipe, device, work, start)
+        log, plan, reference = trained["log"], trained["plan"], args.init_model
+        for name in (LOG_FILE, SD_FILE):
+            shutil.copyfile(work / name, out / name)
     unet = log["stages"]["unet"]
-    result = {"device": str(device), "init": log["init"], "recipe": log["recipe"], "plan": trained["plan"],
+    result = {"device": str(device), "init": log["init"], "recipe": log["recipe"], "plan": plan,
               "train": {k: unet.get(k) for k in ("seconds", "seconds_per_step", "stopped_at_step")}
               | {"final_loss": unet["log"][-1]["loss"], "seconds_total": round(time.perf_counter() - start, 2)},
               "data": f"world:val:{args.eval_scenes}", "rows": [], "unmeasured": []}
-    probe = render_scene_set(split_seeds("val", recipe.probe_scenes), recipe.image_size, 1)
-    probe_images = torch.from_numpy(probe.images)
-    for row in models_to_measure(work, args.init_model, log):
+    probe = [make_scene(seed, recipe.image_size) for seed in split_seeds("val", recipe.probe_scenes)]
+    probe_images = torch.from_numpy(np.stack([scene.image for scene in probe]))
+    for row in models_to_measure(work, reference, log):
         late = args.time_budget_s is not None and time.perf_counter() - start > args.time_budget_s
         if late and row["model"] != "final":  # the final model is measured whatever the time
             result["unmeasured"].append(row["model"])
         else:
             source = open_source(result["data"], size=recipe.image_size)
-            row.update(measure_binding(Path(row["file"]), source, probe_images, probe.captions, device))
+            row.update(measure_binding(Path(row["file"]), source, probe_images, [s.spec for s in probe], device))
             result["rows"].append(row)
         result["seconds"] = round(time.perf_counter() - start, 2)
         write_result(out, result)

@@ -4,6 +4,8 @@ Three measures of one model file, each one of the project's own:
 
 - the eps-MSE gap: :func:`train_sd.eps_probe` with each val scene's caption and with "", at
   t = 100, 400, 700; the gap is empty minus caption (positive: the caption helps the UNet denoise);
+  and the word gaps: the caption with every object's shape (or colour) named wrongly minus the true
+  caption (positive: the UNet denoises by what the word names, so it knows the shapes or colours);
 - the text-binding AUC of the zero-shot maps (default settings, ``tools/zero_shot_sweep.py
   --binding``): per present phrase with another phrase present, the pixel AUC of the phrase's map
   telling its own pixels from the other phrases' pixels, averaged over phrases;
@@ -13,6 +15,7 @@ Three measures of one model file, each one of the project's own:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +27,11 @@ from ..loading import load_segmenter
 from ..sd.checkpoint import load_stable_diffusion
 from ..sd.vae import SCALE_FACTOR
 from ..segmenter import Segmenter
+from .scenes import VOCABULARY, caption
+from .spec import SceneSpec
 from .train_sd import encode_means, eps_probe
+
+SWAPPED_WORDS = ("shape", "colour")
 
 
 def pixel_auc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -56,21 +63,39 @@ def binding_auc(segmenter: Segmenter, source: Source) -> float:
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
+def swapped_caption(spec: SceneSpec, word: str) -> str:
+    """``spec``'s caption with every object's ``word`` ("shape" or "colour") replaced by the next one in the
+    vocabulary's order: a one-to-one swap, so that the object groups and their counts stay as they were
+    and only what the words name is wrong."""
+    if word not in SWAPPED_WORDS:
+        raise ValueError(f"unknown word kind {word!r}; expected one of {SWAPPED_WORDS}")
+    values = VOCABULARY.shapes if word == "shape" else VOCABULARY.colours
+    following = dict(zip(values, values[1:] + values[:1]))
+    objects = tuple(replace(obj, **{word: following[getattr(obj, word)]}) for obj in spec.objects)
+    return caption(replace(spec, objects=objects))
+
+
 def eps_gaps(probe: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """:func:`eps_probe`'s result with, per timestep, ``gap`` (empty - caption) and ``relative_gap``
-    (the gap over the empty-caption MSE)."""
-    return {t: {**row, "gap": round(row["empty"] - row["caption"], 6),
-                "relative_gap": round((row["empty"] - row["caption"]) / row["empty"], 6)}
-            for t, row in probe.items()}
+    """:func:`eps_probe`'s result with, per timestep, ``gap`` (empty - caption), ``relative_gap`` (the gap
+    over the empty-caption MSE) and, for each swapped word the probe holds (``"shape swapped"``...),
+    ``shape_gap`` ... (swapped - caption)."""
+    out = {}
+    for t, row in probe.items():
+        out[t] = {**row, "gap": round(row["empty"] - row["caption"], 6),
+                  "relative_gap": round((row["empty"] - row["caption"]) / row["empty"], 6)}
+        out[t] |= {f"{word}_gap": round(row[f"{word} swapped"] - row["caption"], 6)
+                   for word in SWAPPED_WORDS if f"{word} swapped" in row}
+    return out
 
 
-def measure_binding(path: Path, source: Source, probe_images: torch.Tensor, probe_captions: Sequence[str],
+def measure_binding(path: Path, source: Source, probe_images: torch.Tensor, probe_specs: Sequence[SceneSpec],
                     device: torch.device) -> dict:
     """The three measures (module docstring) of the micro SD file ``path``: eps gaps on uint8 scenes
-    ``probe_images`` [N, S, S, 3] with their captions, binding AUC and zero-shot scores on ``source``."""
+    ``probe_images`` [N, S, S, 3] rendered from ``probe_specs``, binding AUC and zero-shot scores on ``source``."""
     model = load_stable_diffusion(path, device=device)
     latents = encode_means(model.vae, probe_images) * SCALE_FACTOR
-    eps = eps_gaps(eps_probe(model, latents, probe_captions))
+    variants = {f"{word} swapped": [swapped_caption(spec, word) for spec in probe_specs] for word in SWAPPED_WORDS}
+    eps = eps_gaps(eps_probe(model, latents, [caption(spec) for spec in probe_specs], variants=variants))
     del model
     segmenter = load_segmenter(path, None, device=device)
     summary = evaluate(segmenter, source, Path(path).name, progress=False).summary

@@ -24,7 +24,7 @@ import copy
 import hashlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -361,13 +361,16 @@ def vae_psnr(vae: AutoencoderKL, images: Tensor) -> float:
 
 @torch.no_grad()
 def eps_probe(model: StableDiffusion, latents: Tensor, captions: Sequence[str],
-              timesteps: Sequence[int] = PROBE_TIMESTEPS) -> dict[str, dict[str, float]]:
+              timesteps: Sequence[int] = PROBE_TIMESTEPS,
+              variants: Mapping[str, Sequence[str]] | None = None) -> dict[str, dict[str, float]]:
     """UNet eps-MSE on scaled latents [N, 4, h, w] at each timestep, with each latent's caption and
-    with "": ``{"100": {"caption": mse, "empty": mse}, ...}``. The noise is the same for every call
+    with "": ``{"100": {"caption": mse, "empty": mse}, ...}``, and with each of ``variants`` (a name ->
+    one caption per latent) under its name. The noise is the same for every call and every caption set
     (whatever the recipe's seed), so that the probes of two runs compare. Conditional below
     unconditional means the text conditioning carries information."""
     generator = torch.Generator().manual_seed(0)
     contexts = {"caption": model.encode_text(list(captions)), "empty": model.encode_text([""] * len(captions))}
+    contexts |= {name: model.encode_text(list(texts)) for name, texts in (variants or {}).items()}
     out = {}
     for t in timesteps:
         noise = torch.randn(latents.shape, generator=generator).to(latents)
