@@ -23,9 +23,10 @@ from ldznet_ext.sd.model import StableDiffusion
 from ldznet_ext.sd.text import TextEncoder
 from ldznet_ext.sd.unet import UNetModel
 from ldznet_ext.sd.vae import AutoencoderKL, VAEConfig
-from ldznet_ext.world.binding import binding_auc, eps_gaps, pixel_auc, swapped_caption
+from ldznet_ext.world.binding import binding_auc, eps_gaps, pixel_auc, swapped_caption, word_distances
 from ldznet_ext.world.micro import MICRO_UNET, micro_recipe, micro_text_config
-from ldznet_ext.world.scenes import caption, sample_scene
+from ldznet_ext.sd.tokenizer import tokenize
+from ldznet_ext.world.scenes import VOCABULARY, caption, sample_scene
 from ldznet_ext.world.spec import ObjectSpec
 from ldznet_ext.world.train_sd import (LOG_FILE, SD_FILE, UNetOptions, eps_probe, load_micro_sd, snapshot_path,
                                        train_sd)
@@ -185,6 +186,20 @@ def test_swapped_captions_name_the_next_shape_or_colour_and_keep_the_groups():
         swapped_caption(spec, "size")
 
 
+def test_word_distances_are_zero_for_words_the_tower_merges():
+    model = load_micro_sd(SHIPPED)
+    assert word_distances(model)["shape"] > 0
+    with torch.no_grad():
+        circles = model.encode_text([f"a cartoon of {'an' if c == 'orange' else 'a'} {c} circle on grass"
+                                     for c in VOCABULARY.colours]).context
+    circle_colour_distance = float(torch.pdist(circles.flatten(1)).mean())
+    embeddings = model.text_encoder.transformer.get_input_embeddings().weight
+    shape_tokens = [int(tokenize([shape])[0, 1]) for shape in VOCABULARY.shapes]
+    with torch.no_grad():
+        embeddings[shape_tokens] = embeddings[shape_tokens[0]].clone()  # every shape word now reads as "circle"
+    assert word_distances(model) == {"shape": 0.0, "colour": pytest.approx(circle_colour_distance, abs=1e-4)}
+
+
 def test_every_caption_set_of_the_eps_probe_sees_the_same_noise():
     model = load_micro_sd(SHIPPED)
     latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(3))
@@ -242,8 +257,9 @@ def test_measure_reads_an_existing_run_and_adds_the_word_gaps(resumed, tmp_path,
     for row in result["rows"]:
         assert set(row["eps"]["400"]) == {"caption", "empty", "shape swapped", "colour swapped", "gap",
                                           "relative_gap", "shape_gap", "colour_gap"}
+        assert set(row["word_distances"]) == {"shape", "colour"}
     assert sorted(p.name for p in out.iterdir()) == ["binding.json", "binding.md"]
-    assert "| shape gap t=400 | colour gap t=400 |" in capsys.readouterr().out
+    assert "| shape gap t=400 | colour gap t=400 | word distance shape / colour |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("make, message", [

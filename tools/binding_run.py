@@ -121,8 +121,8 @@ def table(result: dict) -> str:
     lines = [f"Micro SD binding against UNet steps (batch {batch}; {result['data']}; eps on "
              f"{result['recipe']['probe_scenes']} val scenes; x 100 for zero-shot)", "",
              "| model | steps | samples | eps gap t=100 | t=400 | t=700 | rel. gap t=400 | shape gap t=400 "
-             "| colour gap t=400 | binding AUC | zero-shot mIoU | IoU_FG | AP |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| colour gap t=400 | word distance shape / colour | binding AUC | zero-shot mIoU | IoU_FG | AP |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rows = sorted(result["rows"], key=lambda r: (r["model"] != "reference", r["steps"] or 0))
     for row in rows:
         eps, shot = row["eps"], row["zero_shot"]
@@ -130,6 +130,7 @@ def table(result: dict) -> str:
         cells = [row["model"], "" if row["steps"] is None else str(row["steps"]), samples,
                  *(f"{eps[t]['gap']:.4f}" for t in TIMESTEPS), f"{100 * eps['400']['relative_gap']:.1f} %",
                  *(f"{eps['400'][f'{word}_gap']:.4f}" for word in SWAPPED_WORDS),
+                 " / ".join(f"{row['word_distances'][word]:.2f}" for word in SWAPPED_WORDS),
                  f"{row['binding_auc']:.3f}", *(f"{shot[k]:.1f}" for k in ("miou", "iou_fg", "ap"))]
         lines.append("| " + " | ".join(cells) + " |")
     if result["unmeasured"]:

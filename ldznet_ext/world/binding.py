@@ -1,11 +1,13 @@
 """How strongly a micro SD model binds text to image regions (issue #26, hypothesis 2).
 
-Three measures of one model file, each one of the project's own:
+The measures of one model file, each one of the project's own:
 
 - the eps-MSE gap: :func:`train_sd.eps_probe` with each val scene's caption and with "", at
   t = 100, 400, 700; the gap is empty minus caption (positive: the caption helps the UNet denoise);
   and the word gaps: the caption with every object's shape (or colour) named wrongly minus the true
   caption (positive: the UNet denoises by what the word names, so it knows the shapes or colours);
+- the word distances: how far apart the text tower keeps captions that differ in one shape word or
+  one colour word (words the tower merges, no UNet can tell apart);
 - the text-binding AUC of the zero-shot maps (default settings, ``tools/zero_shot_sweep.py
   --binding``): per present phrase with another phrase present, the pixel AUC of the phrase's map
   telling its own pixels from the other phrases' pixels, averaged over phrases;
@@ -14,6 +16,7 @@ Three measures of one model file, each one of the project's own:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -25,10 +28,11 @@ from ..data.examples import Source
 from ..eval.evaluate import evaluate
 from ..loading import load_segmenter
 from ..sd.checkpoint import load_stable_diffusion
+from ..sd.model import StableDiffusion
 from ..sd.vae import SCALE_FACTOR
 from ..segmenter import Segmenter
-from .scenes import VOCABULARY, caption
-from .spec import SceneSpec
+from .scenes import VOCABULARY, caption, sample_scene
+from .spec import ObjectSpec, SceneSpec
 from .train_sd import encode_means, eps_probe
 
 SWAPPED_WORDS = ("shape", "colour")
@@ -75,6 +79,26 @@ def swapped_caption(spec: SceneSpec, word: str) -> str:
     return caption(replace(spec, objects=objects))
 
 
+@torch.no_grad()
+def word_distances(model: StableDiffusion) -> dict[str, float]:
+    """Mean L2 distance between the text tower's contexts [77, D] of the one-object captions "a cartoon of
+    a red star on grass" ... that differ in the shape word alone (every colour, every pair of shapes),
+    and in the colour word alone (every shape, every pair of colours): ``{"shape": d, "colour": d}``."""
+    plain = replace(sample_scene(0, "cartoon"), ground="grass", regions=(), absent=())
+    pairs = list(itertools.product(VOCABULARY.colours, VOCABULARY.shapes))
+    texts = [caption(replace(plain, objects=(ObjectSpec(shape, colour, (0.5, 0.5), 0.2, 0.0, (0.0, 0.0, 0.0)),)))
+             for colour, shape in pairs]
+    contexts = dict(zip(pairs, model.encode_text(texts).context.float()))
+
+    def distance(a: tuple[str, str], b: tuple[str, str]) -> float:
+        return float((contexts[a] - contexts[b]).norm())
+
+    shapes, colours = VOCABULARY.shapes, VOCABULARY.colours
+    by_shape = [distance((c, a), (c, b)) for c in colours for a, b in itertools.combinations(shapes, 2)]
+    by_colour = [distance((a, s), (b, s)) for s in shapes for a, b in itertools.combinations(colours, 2)]
+    return {"shape": round(float(np.mean(by_shape)), 4), "colour": round(float(np.mean(by_colour)), 4)}
+
+
 def eps_gaps(probe: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """:func:`eps_probe`'s result with, per timestep, ``gap`` (empty - caption), ``relative_gap`` (the gap
     over the empty-caption MSE) and, for each swapped word the probe holds (``"shape swapped"``...),
@@ -90,15 +114,17 @@ def eps_gaps(probe: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
 
 def measure_binding(path: Path, source: Source, probe_images: torch.Tensor, probe_specs: Sequence[SceneSpec],
                     device: torch.device) -> dict:
-    """The three measures (module docstring) of the micro SD file ``path``: eps gaps on uint8 scenes
-    ``probe_images`` [N, S, S, 3] rendered from ``probe_specs``, binding AUC and zero-shot scores on ``source``."""
+    """The measures (module docstring) of the micro SD file ``path``: eps and word gaps on uint8 scenes
+    ``probe_images`` [N, S, S, 3] rendered from ``probe_specs``, word distances, binding AUC and zero-shot
+    scores on ``source``."""
     model = load_stable_diffusion(path, device=device)
     latents = encode_means(model.vae, probe_images) * SCALE_FACTOR
     variants = {f"{word} swapped": [swapped_caption(spec, word) for spec in probe_specs] for word in SWAPPED_WORDS}
     eps = eps_gaps(eps_probe(model, latents, [caption(spec) for spec in probe_specs], variants=variants))
+    distances = word_distances(model)
     del model
     segmenter = load_segmenter(path, None, device=device)
     summary = evaluate(segmenter, source, Path(path).name, progress=False).summary
-    return {"eps": eps, "binding_auc": round(binding_auc(segmenter, source), 4),
+    return {"eps": eps, "word_distances": distances, "binding_auc": round(binding_auc(segmenter, source), 4),
             "zero_shot": {"miou": round(100 * summary.miou, 2), "iou_fg": round(100 * summary.iou_fg, 2),
                           "ap": round(100 * summary.ap, 2)}}
