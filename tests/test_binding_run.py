@@ -58,7 +58,7 @@ def test_a_run_from_a_model_file_keeps_its_vae_and_text_tower(resumed):
     assert kept and all(torch.equal(shipped[k], trained[k]) for k in kept)
     unet = [k for k in shipped if k.startswith(UNET_PREFIX)]
     assert any(not torch.equal(shipped[k], trained[k]) for k in unet)
-    assert log["init"] == {"model": str(SHIPPED), "unet": True}
+    assert log["init"] == {"model": str(SHIPPED), "unet": True, "text_tower": "keep"}
     assert list(log["stages"]) == ["unet"]
 
 
@@ -67,7 +67,21 @@ def test_init_unet_starts_from_the_files_unet(resumed, tmp_path):
     fresh = _run(tmp_path, UNetOptions(SHIPPED))
     # the shipped UNet already denoises; a random one predicts noise no better than zeros (MSE ~1)
     assert log["stages"]["unet"]["log"][0]["loss"] < 0.5 < 0.8 < fresh["stages"]["unet"]["log"][0]["loss"]
-    assert fresh["init"] == {"model": str(SHIPPED), "unet": False}
+    assert fresh["init"] == {"model": str(SHIPPED), "unet": False, "text_tower": "keep"}
+
+
+@pytest.mark.parametrize("tower", ["train", "random"])
+def test_text_tower_trained_with_the_unet_or_random_and_frozen(tmp_path, tower):
+    log = _run(tmp_path, UNetOptions(SHIPPED, snapshot_every=3, text_tower=tower))
+    assert log["init"]["text_tower"] == tower
+    shipped, first, final = (read_state_dict(path) for path in (SHIPPED, snapshot_path(tmp_path, 3),
+                                                                   tmp_path / SD_FILE))
+    text = [k for k in final if k.startswith(TEXT_PREFIX)]
+    vae = [k for k in final if k.startswith(VAE_PREFIX)]
+    assert all(torch.equal(shipped[k], final[k]) for k in vae)  # the file's VAE, whatever the tower
+    assert not any(torch.equal(shipped[k], final[k]) for k in text if k.endswith("token_embedding.weight"))
+    # a frozen tower is the same at every snapshot; a trained one moves between them
+    assert all(torch.equal(first[k], final[k]) for k in text) == (tower == "random")
 
 
 def test_snapshots_every_k_steps_the_last_equal_to_the_final_file(resumed):
@@ -100,6 +114,10 @@ def test_bad_starts_are_refused(tmp_path):
         train_sd(tmp_path, SMOKE, stages=["vae", "unet"], options=UNetOptions(SHIPPED))
     with pytest.raises(LdznetError, match="starting from a model's UNet needs the model file"):
         train_sd(tmp_path, SMOKE, options=UNetOptions(init_unet=True))
+    with pytest.raises(LdznetError, match="text tower 'random' needs an initial model"):
+        UNetOptions(text_tower="random")
+    with pytest.raises(LdznetError, match="unknown text tower 'clip'; expected one of keep, train, random"):
+        UNetOptions(SHIPPED, text_tower="clip")
     other = StableDiffusion(UNetModel(MICRO_UNET), AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2, 2))),
                             TextEncoder.from_config(micro_text_config()))
     save_stable_diffusion(other, tmp_path / "other.safetensors")
@@ -117,6 +135,8 @@ def test_cli_options_reach_the_unet_stage(tmp_path, capsys):
     assert [s["step"] for s in log["snapshots"]] == [3] and log["init"]["unet"] is False
     assert main(["world", "train-sd", "-o", str(tmp_path), "--init-unet"]) == 2
     assert "ldznet world: error: starting from a model's UNet needs the model file" in capsys.readouterr().err
+    assert main(["world", "train-sd", "-o", str(tmp_path), "--text-tower", "train"]) == 2
+    assert "ldznet world: error: text tower 'train' needs an initial model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("positive, negative, expected", [

@@ -51,8 +51,8 @@ from ldznet_ext.train.logs import StageLog  # noqa: E402
 from ldznet_ext.world.binding import SWAPPED_WORDS, measure_binding  # noqa: E402
 from ldznet_ext.world.micro import MicroRecipe, micro_recipe  # noqa: E402
 from ldznet_ext.world.scenes import make_scene, split_seeds  # noqa: E402
-from ldznet_ext.world.train_sd import (LOG_FILE, SD_FILE, UNetOptions, load_micro_sd, stage_dtype,  # noqa: E402
-                                       train_sd, train_unet)
+from ldznet_ext.world.train_sd import (LOG_FILE, SD_FILE, TEXT_TOWERS, UNetOptions, load_micro_sd,  # noqa: E402
+                                       stage_dtype, train_sd, train_unet)
 
 JSON_FILE, TABLE_FILE = "binding.json", "binding.md"
 MARGIN = 0.9  # planned steps use this share of the time left: the per-step time drifts
@@ -60,9 +60,10 @@ TIMESTEPS = ("100", "400", "700")
 
 
 def seconds_per_step(recipe: MicroRecipe, init: Path, device: torch.device, dtype: torch.dtype,
-                     steps: int = 30) -> float:
+                     steps: int = 30, text_tower: str = "keep") -> float:
     """Seconds per stage-unet step at the recipe's batch, on random latents and captions, timed over
-    the last two thirds of ``steps`` (the first third warms the kernels up)."""
+    the last two thirds of ``steps`` (the first third warms the kernels up), with the text tower that
+    ``text_tower`` (train-sd's option) names."""
     third = max(1, steps // 3)
     timing = replace(recipe, unet_steps=3 * third, log_every=third)
     side = recipe.image_size // 8
@@ -71,7 +72,8 @@ def seconds_per_step(recipe: MicroRecipe, init: Path, device: torch.device, dtyp
     with tempfile.TemporaryDirectory() as scratch:
         log = StageLog(Path(scratch) / LOG_FILE, {})
         train_unet(latents.to(device), tokens.to(device), timing, device, dtype, log,
-                   text=load_micro_sd(init).text_encoder)
+                   text=load_micro_sd(init).text_encoder if text_tower == "keep" else None,
+                   train_text=text_tower != "random")
     entries = log.data["stages"]["unet"]["log"]
     return (entries[-1]["seconds"] - entries[0]["seconds"]) / (entries[-1]["step"] - entries[0]["step"])
 
@@ -151,14 +153,15 @@ def train(args: argparse.Namespace, recipe: MicroRecipe, device: torch.device, w
         if budget is None:
             raise LdznetError("--unet-steps auto needs --time-budget-s")
         plan["seconds_per_step"] = seconds_per_step(recipe, args.init_model, device,
-                                                    stage_dtype(device, args.dtype, "unet"), args.calibration_steps)
+                                                    stage_dtype(device, args.dtype, "unet"), args.calibration_steps,
+                                                    args.text_tower)
         left = budget - (time.perf_counter() - start) - args.setup_s
         recipe = replace(recipe, unet_steps=planned_steps(left, plan["seconds_per_step"], args.snapshots))
     else:
         recipe = replace(recipe, unet_steps=int(args.unet_steps))
     plan["unet_steps"] = recipe.unet_steps
     options = UNetOptions(args.init_model, args.init_unet, max(1, recipe.unet_steps // args.snapshots),
-                          None if budget is None else budget - (time.perf_counter() - start))
+                          None if budget is None else budget - (time.perf_counter() - start), args.text_tower)
     log = train_sd(work, recipe, device, args.dtype, workers=args.workers, options=options)
     return {"log": log, "plan": plan}
 
@@ -172,6 +175,9 @@ def main() -> None:
     parser.add_argument("--init-model", type=Path, default=WEIGHTS_DIR / SD_FILE,
                         help="micro SD file whose VAE and text tower are kept (default: the shipped one)")
     parser.add_argument("--init-unet", action="store_true", help="start from its UNet too (default: a random UNet)")
+    parser.add_argument("--text-tower", choices=TEXT_TOWERS, default="keep",
+                        help="keep (default) the file's text tower, frozen; train a random one with the UNet; "
+                             "or random: that random tower, frozen (train-sd --text-tower)")
     parser.add_argument("--unet-steps", default="auto", help="an integer, or auto (fit the time budget; default)")
     parser.add_argument("--unet-batch", type=int, help="stage unet's batch (default: the recipe's)")
     parser.add_argument("--image-size", type=int,

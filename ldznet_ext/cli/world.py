@@ -10,9 +10,9 @@ become ``_``: ``red_star.png``) and ``DIR/phrases.json``::
 ``area`` is the mask's pixel count; absent phrases have ``"present": false`` and area 0.
 ``ldznet world split NAME [--count N]`` prints the first N seeds of split NAME as a JSON list.
 ``ldznet world train-sd -o DIR [--recipe full|clip|smoke] [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16]
-[--image-size PX] [--stages vae,text,unet] [--init-model FILE [--init-unet]] [--unet-steps N] [--unet-batch N]
-[--unet-min-snr-gamma G] [--snapshot-every K] [--time-budget-s S]`` trains the micro SD v1 (``world.train_sd``)
-into DIR.
+[--image-size PX] [--stages vae,text,unet] [--init-model FILE [--init-unet] [--text-tower T]] [--unet-steps N]
+[--unet-batch N] [--unet-min-snr-gamma G] [--snapshot-every K] [--time-budget-s S]`` trains the micro SD v1
+(``world.train_sd``) into DIR.
 Each sub-command is one ``_add_*`` function in ``SUBCOMMANDS``; add more there.
 """
 
@@ -75,7 +75,7 @@ def _run_train_sd(args: argparse.Namespace) -> int:
         seed=args.seed, image_size=args.image_size, unet_steps=args.unet_steps, unet_batch=args.unet_batch,
         unet_min_snr_gamma=args.unet_min_snr_gamma)
     options = UNetOptions(None if args.init_model is None else Path(args.init_model), args.init_unet,
-                          args.snapshot_every or 0, args.time_budget_s)
+                          args.snapshot_every or 0, args.time_budget_s, args.text_tower)
     log = train_sd(Path(args.output), recipe, resolve_device(args.device), args.dtype, stages,
                    args.workers, progress=not args.quiet and sys.stderr.isatty(), options=options)
     print(json.dumps({"output": args.output, "seconds": log["seconds"], "probes": log["probes"]}, indent=1))
@@ -127,9 +127,13 @@ def _add_train_sd(sub: argparse._SubParsersAction) -> None:
                    help="scene-rendering processes, 1..64 (default: the usable cores, at most 16)")
     p.add_argument("--init-model", metavar="FILE",
                    help="a micro SD v1 file (e.g. the shipped micro-sd-v1.safetensors) whose VAE and text tower "
-                        "stage unet starts from, both kept as they are; runs stage unet alone")
+                        "stage unet starts from, both kept as they are (see --text-tower); runs stage unet alone")
     p.add_argument("--init-unet", action="store_true",
                    help="with --init-model: start from its UNet too (default: a random UNet)")
+    # no argparse choices, as for --recipe: train_sd.TEXT_TOWERS is the one list
+    p.add_argument("--text-tower", default="keep",
+                   help="with --init-model: keep (default) its text tower, frozen; train a random one with the "
+                        "UNet, as the recipe does; or random: that random tower, frozen untrained")
     p.add_argument("--unet-steps", type=bounded_number(STEPS), help="stage unet's steps (default: the recipe's)")
     p.add_argument("--unet-batch", type=bounded_number(TRAIN_BATCH_SIZE),
                    help="stage unet's batch, 1..4096 (default: the recipe's)")

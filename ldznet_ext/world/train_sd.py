@@ -300,16 +300,17 @@ SnapshotWriter = Callable[[int, UNetModel, TextEncoder], None]
 def train_unet(latents: Tensor, tokens: Tensor, recipe: MicroRecipe, device: torch.device, dtype: torch.dtype,
                log: StageLog, progress: bool = False, text: TextEncoder | None = None, unet: UNetModel | None = None,
                snapshot_every: int = 0, on_snapshot: SnapshotWriter | None = None,
-               deadline: float | None = None) -> tuple[UNetModel, TextEncoder]:
+               deadline: float | None = None, train_text: bool = True) -> tuple[UNetModel, TextEncoder]:
     """Stage unet on scaled latents [N, 4, h, w] and caption token ids [N, 77] (same device): the
     EMA UNet and text encoder, float32, eval mode. ``text``: a pre-trained tower, kept frozen
-    (returned as given); None trains a random one with the UNet. ``unet``: the weights to start from
+    (returned as given); None trains a random one with the UNet, or with ``train_text`` False keeps
+    that random one frozen. ``unet``: the weights to start from
     (trained further in place), None a random UNet. Every ``snapshot_every`` steps ``on_snapshot``
     gets the step count and the EMA weights so far (CPU modules, reused between calls)."""
     torch.manual_seed(recipe.seed + 1)
     model = nn.ModuleDict({"unet": UNetModel(MICRO_UNET) if unet is None else unet.requires_grad_(True)})
     if text is None:
-        model["text"] = TextEncoder.from_config(micro_text_config())
+        model["text"] = TextEncoder.from_config(micro_text_config()).requires_grad_(train_text)
     model.to(device).train()
     ema = EMA(model, recipe.ema_decay, count_from=0)
     encode = model["text"] if text is None else text.to(device)
@@ -394,11 +395,16 @@ def recipe_stages(recipe: MicroRecipe) -> tuple[str, ...]:
     return tuple(s for s in STAGES if s != "text" or recipe.text_steps > 0)
 
 
+TEXT_TOWERS = ("keep", "train", "random")
+
+
 @dataclass(frozen=True)
 class UNetOptions:
-    """How stage unet runs beyond its recipe. ``init_model``: a micro SD v1 file whose VAE and text
-    tower the stage starts from, both kept as they are (stages vae and text do not run), and with
-    ``init_unet`` its UNet too (else a random one). ``snapshot_every`` > 0: the EMA weights every that
+    """How stage unet runs beyond its recipe. ``init_model``: a micro SD v1 file whose VAE (kept as it is)
+    the stage starts from (stages vae and text do not run), and with ``init_unet`` its UNet too (else a
+    random one). ``text_tower`` (with ``init_model``; one of TEXT_TOWERS): "keep" its text tower, frozen;
+    "train" a random one with the UNet, as the recipe's stage unet does; "random" that random tower,
+    frozen untrained. ``snapshot_every`` > 0: the EMA weights every that
     many steps as DIR/snapshots/micro-sd-v1-stepNNNNNN.safetensors. ``time_budget_s``: stop the stage
     after the step that ends past that many seconds from the run's start (the final file and probes are
     still written)."""
@@ -407,6 +413,14 @@ class UNetOptions:
     init_unet: bool = False
     snapshot_every: int = 0
     time_budget_s: float | None = None
+    text_tower: str = "keep"
+
+    def __post_init__(self) -> None:
+        if self.text_tower not in TEXT_TOWERS:
+            raise LdznetError(f"unknown text tower {self.text_tower!r}; expected one of {', '.join(TEXT_TOWERS)}")
+        if self.text_tower != "keep" and self.init_model is None:
+            raise LdznetError(f"text tower {self.text_tower!r} needs an initial model; without one the recipe "
+                              "decides the text tower")
 
 
 def snapshot_path(out: Path, step: int) -> Path:
@@ -463,7 +477,7 @@ def _run_unet_stage(out: Path, latents: Tensor, tokens: Tensor, recipe: MicroRec
         log.write()
 
     unet, text = train_unet(latents, tokens, recipe, device, dtype, log, progress, frozen_text, unet,
-                            options.snapshot_every, write_snapshot, deadline)
+                            options.snapshot_every, write_snapshot, deadline, options.text_tower != "random")
     # the image side recorded in the file is the one zero-shot masks then run at by default
     sd = StableDiffusion(unet.cpu(), vae, text.cpu(), resolution=recipe.image_size)
     save_stable_diffusion(sd, out / SD_FILE, dtype=torch.float16)
@@ -484,7 +498,7 @@ def train_sd(out: Path, recipe: MicroRecipe, device: str | torch.device = "cpu",
     log = StageLog(out / LOG_FILE, {"recipe": recipe.to_dict(), "device": str(device), "platform": platform_record(),
                                   "dtype": {k: str(v).replace("torch.", "") for k, v in amp.items()},
                                   "init": {"model": None if init is None else str(options.init_model),
-                                           "unet": options.init_unet},
+                                           "unet": options.init_unet, "text_tower": options.text_tower},
                                   "snapshots": []})
     train = render_scene_set(split_seeds("train", recipe.scenes), recipe.image_size, workers, progress)
     val = render_scene_set(split_seeds("val", recipe.probe_scenes), recipe.image_size, 1)
@@ -510,7 +524,7 @@ def train_sd(out: Path, recipe: MicroRecipe, device: str | torch.device = "cpu",
         latents = encode_means(vae.to(device), images, amp["vae"]) * SCALE_FACTOR
         tokens = tokenize(list(train.captions)).to(device)
         encode_seconds = round(time.perf_counter() - begin, 2)
-    text = None if init is None else init.text_encoder
+    text = None if init is None or options.text_tower != "keep" else init.text_encoder
     if run_text:
         text = train_text(latents, tokens, recipe, device, amp["text"], log, progress)
         save_text_stage(out / TEXT_FILE, text)
