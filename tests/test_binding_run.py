@@ -232,11 +232,16 @@ def test_every_caption_set_of_the_eps_probe_sees_the_same_noise():
     assert row["same"] == row["caption"] and row["empty again"] == row["empty"] and row["other"] != row["caption"]
 
 
-def test_an_image_size_off_the_grid_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["binding_run.py", "-o", str(tmp_path / "out"), "--image-size", "100"])
+@pytest.mark.parametrize("option, value, message", [
+    ("--image-size", "100", "error: image_size must be a multiple of 64"),
+    ("--unet-min-snr-gamma", "-1", "error: unet_min_snr_gamma"),
+    ("--unet-min-snr-gamma", "nan", "error: unet_min_snr_gamma"),
+    ("--text-tower", "clip", "argument --text-tower: invalid choice: 'clip'")])
+def test_a_bad_recipe_value_is_refused_before_any_work(tmp_path, monkeypatch, capsys, option, value, message):
+    monkeypatch.setattr(sys, "argv", ["binding_run.py", "-o", str(tmp_path / "out"), option, value])
     with pytest.raises(SystemExit) as exit:
         binding_run.main()
-    assert exit.value.code == 2 and "error: image_size must be a multiple of 64" in capsys.readouterr().err
+    assert exit.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -251,10 +256,11 @@ def test_tool_writes_the_table_and_measures_the_final_model_after_the_budget(tmp
                                       "--recipe", "smoke", "--unet-steps", "8", "--snapshots", "4",
                                       "--eval-scenes", "1", "--device", "cpu", "--dtype", "float32",
                                       "--workers", "1", "--time-budget-s", "0", "--measure-reserve-s", "0",
-                                      "--image-size", "128"])
+                                      "--image-size", "128", "--unet-min-snr-gamma", "5"])
     binding_run.main()
     result = json.loads((out / "binding.json").read_text(encoding="utf-8"))
     assert result["train"]["stopped_at_step"] == 1 and result["plan"] == {"unet_steps": 8}
+    assert result["recipe"]["unet_min_snr_gamma"] == 5.0
     assert result["recipe"]["image_size"] == 128 and load_micro_sd(out / SD_FILE).resolution == 128
     assert [r["model"] for r in result["rows"]] == ["final"] and result["unmeasured"] == ["reference"]
     row = result["rows"][0]

@@ -180,6 +180,8 @@ def main() -> None:
                              "or random: that random tower, frozen (train-sd --text-tower)")
     parser.add_argument("--unet-steps", default="auto", help="an integer, or auto (fit the time budget; default)")
     parser.add_argument("--unet-batch", type=int, help="stage unet's batch (default: the recipe's)")
+    parser.add_argument("--unet-min-snr-gamma", type=float, metavar="G",
+                        help="stage unet's min-SNR loss weighting, 0..10000 (default: the recipe's, 0: plain eps MSE)")
     parser.add_argument("--image-size", type=int,
                         help="side of the training and measuring scenes, a multiple of 64 (default: the recipe's)")
     parser.add_argument("--snapshots", type=int, default=8, help="snapshots over the planned steps (default 8)")
@@ -199,7 +201,8 @@ def main() -> None:
         parser.error(f"--unet-steps: expected an integer or auto, got {args.unet_steps!r}")
     out, device = Path(args.output), resolve_device(args.device)
     try:
-        recipe = micro_recipe(args.recipe).with_overrides(unet_batch=args.unet_batch, image_size=args.image_size)
+        recipe = micro_recipe(args.recipe).with_overrides(unet_batch=args.unet_batch, image_size=args.image_size,
+                                                          unet_min_snr_gamma=args.unet_min_snr_gamma)
     except LdznetError as error:
         parser.error(str(error))
     if args.measure and args.work:
