@@ -173,7 +173,8 @@ def main() -> None:
     parser.add_argument("--measure", metavar="RUN", help="measure this existing train-sd run folder; train nothing")
     parser.add_argument("--recipe", default="full", help="micro SD recipe: full (default), clip or smoke")
     parser.add_argument("--init-model", type=Path, default=WEIGHTS_DIR / SD_FILE,
-                        help="micro SD file whose VAE and text tower are kept (default: the shipped one)")
+                        help="micro SD file whose VAE is kept, and its text tower with --text-tower keep "
+                             "(default: the shipped one)")
     parser.add_argument("--init-unet", action="store_true", help="start from its UNet too (default: a random UNet)")
     parser.add_argument("--text-tower", choices=TEXT_TOWERS, default="keep",
                         help="keep (default) the file's text tower, frozen; train a random one with the UNet; "
