@@ -70,7 +70,7 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageError(_unsupported_source(source))
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, max_pixels)
-    name = Path(source).name if isinstance(source, (str, os.PathLike)) else "image"
+    name = (Path(source).name or str(source)) if isinstance(source, (str, os.PathLike)) else "image"
     try:
         # Our own pixel limit is the guard; Pillow's bomb warning (at open, above 89M pixels) is noise.
         with warnings.catch_warnings():

@@ -35,3 +35,24 @@ def test_usage_errors_are_status_2(ldznet):
 def test_the_docstring_states_the_statuses():
     assert "0 done, 1 a system error (OSError, out of memory), 2 bad input" in " ".join(cli.__doc__.split())
     assert "130 interrupted" in cli.__doc__
+
+
+def test_warnings_are_one_line_and_the_display_is_restored(ldznet, monkeypatch):
+    import warnings
+
+    def warn(args):
+        warnings.warn("prompt 'sky sky…' has 200 tokens but CLIP reads 75: dropped the last 125", UserWarning,
+                      stacklevel=1)
+        return 0
+
+    shown = warnings.showwarning
+    monkeypatch.setattr(mask_cli, "_run_mask", warn)
+    assert ldznet("mask", "photo.png", "sky", "-o", "m.png") == (
+        0, "", "ldznet mask: warning: prompt 'sky sky…' has 200 tokens but CLIP reads 75: dropped the last 125\n")
+    assert warnings.showwarning is shown
+
+
+def test_a_folder_given_as_the_image_is_named(ldznet, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = ldznet("mask", ".", "sky", "-o", "m.png")
+    assert code == 2 and err.startswith("ldznet mask: error: .: cannot read the file (")

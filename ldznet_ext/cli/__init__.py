@@ -8,7 +8,7 @@ stays light. Errors are one line, ``ldznet COMMAND: error: ...``, never a traceb
 0 done, 1 a system error (OSError, out of memory), 2 bad input (LdznetError, and the usage errors
 argparse reports), 130 interrupted (Ctrl-C: one line, "ldznet COMMAND: interrupted"; outputs are
 written atomically, so none is left half-written). A command may return its own status too
-(``ldznet batch``: 1 when some files failed).
+(``ldznet batch``: 1 when some files failed). Warnings are one line too, ``ldznet COMMAND: warning: ...``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .. import __version__
@@ -50,7 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():  # restores the caller's warning display when main returns
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"ldznet {args.command}: warning: {message}", file=sys.stderr)
+            return int(args.func(args) or 0)
     except LdznetError as error:
         print(f"ldznet {args.command}: error: {error}", file=sys.stderr)
         return 2
