@@ -146,7 +146,7 @@ def _window_table(count: int, seed: int) -> probe.ObjectTable:
     2 x 2 pixels per cell)."""
     z, shape = _plus_or_cross(count, seed, channels=4)
     rng = np.random.default_rng(seed + 100)
-    features = {"z": z, "RGB": rng.normal(size=(count, 3 * 4, 8, 8)),
+    features = {"z": z, "RGB": rng.normal(size=(count, 3 * 4, 8, 8)), "RGB decoded": rng.normal(size=(count, 3 * 4, 8, 8)),
                 "finest blocks, empty": rng.normal(size=(count, 5, 8, 8)),
                 "finest blocks, caption": rng.normal(size=(count, 5, 8, 8))}
     return probe.ObjectTable({k: v.astype(np.float32) for k, v in features.items()}, shape, shape,
@@ -160,16 +160,16 @@ def test_cnn_report_names_the_shape_from_the_sources_holding_it():
     assert list(report["targets"]) == ["shape"]
     assert list(results) == ["chance (majority class)", *probe.CNN_SOURCES]
     assert results["chance (majority class)"]["accuracy"] == 0.5
-    assert [results[s]["dims"] for s in probe.CNN_SOURCES] == [12, 4, 5, 5, 9, 9]
+    assert [results[s]["dims"] for s in probe.CNN_SOURCES] == [12, 12, 4, 5, 5, 9, 9]
     for source in ("z", "z + finest blocks, empty", "z + finest blocks, caption"):
         assert results[source]["accuracy"] == 1.0 and set(results[source]["bins"].values()) == {1.0}
-    for source in ("RGB (every pixel)", "finest blocks, empty", "finest blocks, caption"):
+    for source in ("RGB (every pixel)", "RGB decoded from z", "finest blocks, empty", "finest blocks, caption"):
         assert abs(results[source]["accuracy"] - 0.5) < 0.12, source  # 200 objects: 3.4 standard deviations
     report["probe"] = "cnn"
     lines = probe.markdown(report).splitlines()
     assert lines[0] == ("| source | channels, epochs | shape | shape < 100 px (n 50) | shape 100-400 px (n 50) | "
                         "shape 400-1600 px (n 50) | shape >= 1600 px (n 50) |")
-    assert lines[4].startswith(f"| z | 4, {results['z']['epochs']} | 100.0 | 100.0 |")
+    assert lines[5].startswith(f"| z | 4, {results['z']['epochs']} | 100.0 | 100.0 |")
 
 
 @pytest.fixture(scope="module")
@@ -230,20 +230,29 @@ def test_windows_hold_every_pixel_z_and_the_finest_blocks_around_each_object(seg
     vectors = probe.object_table(segmenter, seeds, blocks=finest)
     count = len(vectors.area)
     assert {k: v.shape for k, v in windows.features.items()} == {
-        "RGB": (count, 3 * 64, 8, 8), "z": (count, 4, 8, 8), "finest blocks, empty": (count, 5 * 32, 8, 8),
+        "RGB": (count, 3 * 64, 8, 8), "RGB decoded": (count, 3 * 64, 8, 8), "z": (count, 4, 8, 8),
+        "finest blocks, empty": (count, 5 * 32, 8, 8),
         "finest blocks, caption": (count, 5 * 32, 8, 8)}
     np.testing.assert_array_equal(windows.shape, vectors.shape)
     np.testing.assert_array_equal(windows.features["z"].reshape(count, -1), vectors.features["z window"])
     # the RGB window, its channels put back as pixels, is the image's 64 x 64 px around the object's cell
-    pixels = torch.nn.functional.pad(to_model_input(make_scene(0).image, (probe.SIZE, probe.SIZE))[0], (64,) * 4)
+    # and the decoded window is the VAE's decoding of z around it
+    image = to_model_input(make_scene(0).image, (probe.SIZE, probe.SIZE))
+    with torch.no_grad():
+        decoded = segmenter.backbone.decode_latent(segmenter.backbone.encode_image(image)).float().clamp(-1, 1)
+    sources = {"RGB": torch.nn.functional.pad(image[0], (64,) * 4),
+               "RGB decoded": torch.nn.functional.pad(decoded[0], (64,) * 4)}
     row = 0
     for k, _ in enumerate(make_scene(0).spec.objects):
         rows, cols = np.nonzero(make_scene(0).labels == OBJECT_LABEL0 + k)
         if len(rows):
             top, left = (8 * int(round(v.mean() / 8 - 4)) + 64 for v in (rows, cols))
-            rgb = torch.nn.functional.pixel_shuffle(torch.from_numpy(windows.features["RGB"][row])[None], 8)[0]
-            torch.testing.assert_close(rgb, pixels[:, top:top + 64, left:left + 64], rtol=0, atol=0)
+            for source, pixels in sources.items():
+                window = torch.nn.functional.pixel_shuffle(torch.from_numpy(windows.features[source][row])[None], 8)[0]
+                torch.testing.assert_close(window, pixels[:, top:top + 64, left:left + 64], rtol=0, atol=1e-5)
             row += 1
+    assert row >= 1  # scene 0 has objects, so the windows were compared
+    assert not np.allclose(windows.features["RGB"], windows.features["RGB decoded"], atol=0.05)
     assert not np.allclose(windows.features["finest blocks, empty"], windows.features["finest blocks, caption"])
 
 
@@ -258,7 +267,8 @@ def test_a_larger_render_keeps_the_windows_share_of_the_image(segmenter):
     count = len(vectors.area)
     assert vectors.features["z window"].shape == (count, 4 * 16 * 16)
     assert {k: v.shape for k, v in windows.features.items()} == {
-        "RGB": (count, 3 * 64, 16, 16), "z": (count, 4, 16, 16), "finest blocks, empty": (count, 2 * 32, 16, 16),
+        "RGB": (count, 3 * 64, 16, 16), "RGB decoded": (count, 3 * 64, 16, 16), "z": (count, 4, 16, 16),
+        "finest blocks, empty": (count, 2 * 32, 16, 16),
         "finest blocks, caption": (count, 2 * 32, 16, 16)}
     np.testing.assert_array_equal(windows.features["z"].reshape(count, -1), vectors.features["z window"])
     bins, _ = probe._test_bins({"test": vectors})  # areas at 256 px are binned as at 128 px

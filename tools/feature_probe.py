@@ -22,8 +22,9 @@ that size; the windows below keep their share of the image (half its side).
 
 ``--probe cnn`` asks the same of shape without pooling: a small CNN per source reads the WINDOW x WINDOW
 cells around each object of z, of the finest level's blocks (those on z's own grid) stacked, conditioned
-on the empty caption and on the scene's, of z with each, and of the RGB pixels (each cell's 8 x 8 px as
-channels, a reference that lost nothing).
+on the empty caption and on the scene's, of z with each, of the RGB pixels (each cell's 8 x 8 px as
+channels, a reference that lost nothing) and of the pixels the VAE decodes from z (what z holds for a
+decoder, which a CNN on z's few channels may fail to read).
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ BATCH = 16
 CONDITIONINGS = {"empty": lambda scene: "", "caption": lambda scene: scene.caption}
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 FINEST = 1  # the CNN probe's blocks: those at 1 / FINEST of the latent's side, on z's own grid
-CNN_SOURCES = {"RGB (every pixel)": ("RGB",), "z": ("z",), "finest blocks, empty": ("finest blocks, empty",),
+RGB_SOURCES = ("RGB", "RGB decoded")  # windows of pixels, each cell's as channels
+CNN_SOURCES = {"RGB (every pixel)": ("RGB",), "RGB decoded from z": ("RGB decoded",),
+               "z": ("z",), "finest blocks, empty": ("finest blocks, empty",),
                "finest blocks, caption": ("finest blocks, caption",),
                "z + finest blocks, empty": ("z", "finest blocks, empty"),
                "z + finest blocks, caption": ("z", "finest blocks, caption")}
@@ -179,10 +182,14 @@ def _batch_rows(segmenter: Segmenter, scenes: Sequence[Scene], timestep: int, se
 def _batch_windows(segmenter: Segmenter, scenes: Sequence[Scene], timestep: int, seed: int,
                    blocks: Sequence[int]) -> list[dict]:
     """Each object's {source: [C, w, w] (``window_cells``), "shape", "colour", "area"} for one batch of scenes: the
-    windows around it of "RGB" (every pixel, each latent cell's pixels as channels), "z" and, per
-    conditioning, ``blocks`` (which must run on z's grid) stacked."""
+    windows around it of "RGB" (every pixel, each latent cell's pixels as channels), "RGB decoded" (the
+    same of the VAE's decoding of z), "z" and, per conditioning, ``blocks`` (which must run on z's grid)
+    stacked."""
     pixels, z, tapped = _batch_features(segmenter, scenes, timestep, seed, blocks)
-    grids = {"RGB": F.pixel_unshuffle(pixels, pixels.shape[-1] // z.shape[-1]), "z": z}
+    factor = pixels.shape[-1] // z.shape[-1]
+    with torch.no_grad():
+        decoded = segmenter.backbone.decode_latent(z).float().clamp(-1, 1)
+    grids = {"RGB": F.pixel_unshuffle(pixels, factor), "RGB decoded": F.pixel_unshuffle(decoded, factor), "z": z}
     grids |= {f"finest blocks, {name}": torch.cat([f.float() for f in features.values()], dim=1)
               for name, features in tapped.items()}
     if any(grid.shape[-2:] != z.shape[-2:] for grid in grids.values()):
@@ -351,7 +358,7 @@ def cnn_report(tables: dict[str, ObjectTable]) -> dict:
                 for split, table in tables.items()}
         started = time.perf_counter()
         channels = data["train"][0].shape[1]
-        cell = round((channels / 3) ** 0.5) if parts == ("RGB",) else 1  # the RGB window's pixels per cell
+        cell = round((channels / 3) ** 0.5) if parts[0] in RGB_SOURCES else 1  # an RGB window's pixels per cell
         probe = fit_cnn(data["train"], data["val"], len(names), cell=cell)
         correct = probe.predict(data["test"][0]) == labels["test"]
         results[source] = _scores(correct, bins) | {"dims": int(channels), "epochs": probe.epochs,
