@@ -43,12 +43,14 @@ MANIFEST_NAME = "ldznet-manifest.jsonl"
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
     """The image files directly in ``folder`` (suffix in IMAGE_SUFFIXES, any case), sorted by name.
-    Hidden files (".name", e.g. macOS "._x.png" resource forks) are not images and are left out."""
+    Hidden files (".name", e.g. macOS "._x.png" resource forks) are not images and are left out; a
+    broken link is kept, so that it is reported as a failed file rather than passed over."""
     folder = Path(folder)
     if not folder.is_dir():
         raise LdznetError(f"input folder not found: {folder}")
     return sorted((p for p in folder.iterdir()
-                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()),
+                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+                   and (p.is_file() or (p.is_symlink() and not p.exists()))),
                   key=lambda p: p.name)
 
 

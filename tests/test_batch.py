@@ -152,11 +152,14 @@ def test_bad_files_are_recorded_and_the_rest_succeed(batch, tmp_path):
     (tmp_path / "in" / "notes.webp").write_text("not an image")
     (tmp_path / "in" / "readme.txt").write_text("ignored: not an image suffix")
     (tmp_path / "in" / "._good1.png").write_bytes(b"resource fork")  # hidden: ignored
+    (tmp_path / "in" / "moved.png").symlink_to(tmp_path / "gone.png")  # a broken link: reported, not passed over
+    (tmp_path / "in" / "sub.png").mkdir()  # a folder: not a file
     code, stdout, err = batch()
-    assert code == 1 and "2 written, 0 skipped (already done), 2 failed" in stdout
+    assert code == 1 and "2 written, 0 skipped (already done), 3 failed" in stdout
     assert "corrupt.png: cannot decode the image" in err and "Traceback" not in err
+    assert "moved.png: file not found" in err
     entries = {Path(e["input"]).name: e for e in read_manifest(tmp_path / "out" / MANIFEST_NAME)}
-    assert sorted(entries) == ["corrupt.png", "good1.png", "good2.jpg", "notes.webp"]
+    assert sorted(entries) == ["corrupt.png", "good1.png", "good2.jpg", "moved.png", "notes.webp"]
     assert entries["notes.webp"]["status"] == "error" and "not an image" in entries["notes.webp"]["error"]
     assert entries["corrupt.png"]["status"] == "error" and entries["corrupt.png"]["output"] is None
     ok = entries["good2.jpg"]
