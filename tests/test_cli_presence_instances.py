@@ -52,3 +52,9 @@ def test_require_match_exits_3_on_an_empty_mask(ldznet, scene_file, tmp_path) ->
                           "--device", "cpu")
     assert code == 3 and "no match" not in err  # the sky's map stays under the threshold anyway
     assert ldznet("mask", image, "crosses[1]", "-o", tmp_path / "g.png", "--require-match", "--device", "cpu")[0] == 0
+
+
+def test_one_instance_is_counted_in_the_singular(ldznet, scene_file, tmp_path) -> None:
+    image, _ = scene_file
+    code, out, _ = ldznet("mask", image, "crosses[1]", "-o", tmp_path / "one.png", "--instances", "--device", "cpu")
+    assert code == 0 and out.rstrip().endswith(", 1 instance")

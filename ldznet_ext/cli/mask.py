@@ -144,7 +144,10 @@ def _run_mask(args: argparse.Namespace) -> int:
             continue
         with writing(path):
             write(path)
-    found = f", {write_instances(args.output, args.image, prediction, job.feather)} instances" if args.instances else ""
+    found = ""
+    if args.instances:
+        count = write_instances(args.output, args.image, prediction, job.feather)
+        found = f", {count} instance{'' if count == 1 else 's'}"
     report_missing(prediction)
     selected = float((mask >= 128).mean()) * 100
     print(f"{args.output}: {mask.shape[1]}x{mask.shape[0]}, {selected:.1f}% selected by {expression}{found}")
