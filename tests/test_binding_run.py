@@ -192,6 +192,17 @@ def test_word_gaps_are_the_swapped_caption_minus_the_true_one():
     assert gaps["400"]["shape_gap"] == 0.0025 and gaps["400"]["colour_gap"] == -0.001
 
 
+def test_per_scene_probes_give_each_gap_the_standard_error_of_its_paired_differences():
+    # shape swapped - caption per scene: 0.001, 0.003, 0.002, 0.006 -> mean 0.003, sd sqrt(14/3) e-3, se / 2
+    gaps = eps_gaps({"400": {"caption": [0.05, 0.04, 0.06, 0.05], "empty": [0.06, 0.05, 0.07, 0.06],
+                             "shape swapped": [0.051, 0.043, 0.062, 0.056]}})["400"]
+    assert gaps["caption"] == 0.05 and gaps["empty"] == 0.06 and gaps["shape swapped"] == 0.053
+    assert (gaps["gap"], gaps["gap_se"]) == (0.01, 0.0)  # the same difference in every scene
+    assert gaps["shape_gap"] == 0.003 and gaps["shape_gap_se"] == round((14 / 3) ** 0.5 / 2 * 1e-3, 6)
+    assert binding_run.word_gap_cell(gaps, "shape") == "0.003000 ± 0.001080"
+    assert binding_run.word_gap_cell({"shape_gap": -0.00002}, "shape") == "-0.000020"  # a result without errors
+
+
 def _object(shape: str, colour: str) -> ObjectSpec:
     return ObjectSpec(shape, colour, (0.5, 0.5), 0.2, 0.0, (0.0, 0.0, 0.0))
 
@@ -230,6 +241,12 @@ def test_every_caption_set_of_the_eps_probe_sees_the_same_noise():
     row = probe["400"]
     assert {k: row[k] for k in ("caption", "empty")} == plain["400"]
     assert row["same"] == row["caption"] and row["empty again"] == row["empty"] and row["other"] != row["caption"]
+    scenes = eps_probe(model, latents, captions, timesteps=(400,), variants={"other": captions[::-1]},
+                       per_sample=True)["400"]
+    assert all(len(v) == 2 for v in scenes.values())
+    assert scenes["other"][::-1] != scenes["other"]  # each scene its own error
+    for name in ("caption", "empty", "other"):
+        assert np.mean(scenes[name]) == pytest.approx(row[name], abs=2e-6)
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -281,8 +298,9 @@ def test_measure_reads_an_existing_run_and_adds_the_word_gaps(resumed, tmp_path,
     assert [r["model"] for r in result["rows"]] == ["final", "reference", "step 2", "step 4"]
     assert result["rows"][1]["file"] == str(SHIPPED) and result["recipe"] == log["recipe"]
     for row in result["rows"]:
-        assert set(row["eps"]["400"]) == {"caption", "empty", "shape swapped", "colour swapped", "gap",
-                                          "relative_gap", "shape_gap", "colour_gap"}
+        assert set(row["eps"]["400"]) == {"caption", "empty", "shape swapped", "colour swapped", "gap", "gap_se",
+                                          "relative_gap", "shape_gap", "shape_gap_se", "colour_gap",
+                                          "colour_gap_se"}
         assert set(row["word_distances"]) == {"shape", "colour"}
     assert sorted(p.name for p in out.iterdir()) == ["binding.json", "binding.md"]
     assert "| shape gap t=400 | colour gap t=400 | word distance shape / colour |" in capsys.readouterr().out

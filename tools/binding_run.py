@@ -117,6 +117,12 @@ def run_reference(log: dict, default: Path) -> Path:
     return Path(init) if init else default
 
 
+def word_gap_cell(row: dict, word: str) -> str:
+    """A word gap to the sixth decimal (they are 1e-5 to 1e-3), with its standard error where measured."""
+    gap, se = row[f"{word}_gap"], row.get(f"{word}_gap_se")
+    return f"{gap:.6f}" if se is None else f"{gap:.6f} ± {se:.6f}"
+
+
 def table(result: dict) -> str:
     """binding.md: one row per measured model, the reference first, then by steps."""
     batch = result["recipe"]["unet_batch"]
@@ -131,7 +137,7 @@ def table(result: dict) -> str:
         samples = "" if row["steps"] is None else f"{row['steps'] * batch:,}"
         cells = [row["model"], "" if row["steps"] is None else str(row["steps"]), samples,
                  *(f"{eps[t]['gap']:.4f}" for t in TIMESTEPS), f"{100 * eps['400']['relative_gap']:.1f} %",
-                 *(f"{eps['400'][f'{word}_gap']:.4f}" for word in SWAPPED_WORDS),
+                 *(word_gap_cell(eps["400"], word) for word in SWAPPED_WORDS),
                  " / ".join(f"{row['word_distances'][word]:.2f}" for word in SWAPPED_WORDS),
                  f"{row['binding_auc']:.3f}", *(f"{shot[k]:.1f}" for k in ("miou", "iou_fg", "ap"))]
         lines.append("| " + " | ".join(cells) + " |")

@@ -5,7 +5,8 @@ The measures of one model file, each one of the project's own:
 - the eps-MSE gap: :func:`train_sd.eps_probe` with each val scene's caption and with "", at
   t = 100, 400, 700; the gap is empty minus caption (positive: the caption helps the UNet denoise);
   and the word gaps: the caption with every object's shape (or colour) named wrongly minus the true
-  caption (positive: the UNet denoises by what the word names, so it knows the shapes or colours);
+  caption (positive: the UNet denoises by what the word names, so it knows the shapes or colours),
+  each with its standard error over the scenes;
 - the word distances: how far apart the text tower keeps captions that differ in one shape word or
   one colour word (words the tower merges, no UNet can tell apart);
 - the text-binding AUC of the zero-shot maps (default settings, ``tools/zero_shot_sweep.py
@@ -99,16 +100,24 @@ def word_distances(model: StableDiffusion) -> dict[str, float]:
     return {"shape": round(float(np.mean(by_shape)), 4), "colour": round(float(np.mean(by_colour)), 4)}
 
 
-def eps_gaps(probe: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+def eps_gaps(probe: dict[str, dict[str, float | list[float]]]) -> dict[str, dict[str, float]]:
     """:func:`eps_probe`'s result with, per timestep, ``gap`` (empty - caption), ``relative_gap`` (the gap
     over the empty-caption MSE) and, for each swapped word the probe holds (``"shape swapped"``...),
-    ``shape_gap`` ... (swapped - caption)."""
+    ``shape_gap`` ... (swapped - caption). A probe ``per_sample`` gives the means, and each gap's
+    standard error over the scenes (``gap_se``, ``shape_gap_se`` ...: of the paired differences, since
+    every caption set sees the same noise)."""
     out = {}
     for t, row in probe.items():
-        out[t] = {**row, "gap": round(row["empty"] - row["caption"], 6),
-                  "relative_gap": round((row["empty"] - row["caption"]) / row["empty"], 6)}
-        out[t] |= {f"{word}_gap": round(row[f"{word} swapped"] - row["caption"], 6)
-                   for word in SWAPPED_WORDS if f"{word} swapped" in row}
+        values = {name: np.asarray(v, dtype=np.float64) for name, v in row.items()}
+        means = {name: round(float(v.mean()), 6) for name, v in values.items()}
+        differences = {"gap": values["empty"] - values["caption"]}
+        differences |= {f"{word}_gap": values[f"{word} swapped"] - values["caption"]
+                        for word in SWAPPED_WORDS if f"{word} swapped" in row}
+        out[t] = {**means, "relative_gap": round((means["empty"] - means["caption"]) / means["empty"], 6)}
+        for name, difference in differences.items():
+            out[t][name] = round(float(difference.mean()), 6)
+            if difference.size > 1:
+                out[t][f"{name}_se"] = round(float(difference.std(ddof=1) / np.sqrt(difference.size)), 6)
     return out
 
 
@@ -120,7 +129,8 @@ def measure_binding(path: Path, source: Source, probe_images: torch.Tensor, prob
     model = load_stable_diffusion(path, device=device)
     latents = encode_means(model.vae, probe_images) * SCALE_FACTOR
     variants = {f"{word} swapped": [swapped_caption(spec, word) for spec in probe_specs] for word in SWAPPED_WORDS}
-    eps = eps_gaps(eps_probe(model, latents, [caption(spec) for spec in probe_specs], variants=variants))
+    eps = eps_gaps(eps_probe(model, latents, [caption(spec) for spec in probe_specs], variants=variants,
+                             per_sample=True))
     distances = word_distances(model)
     del model
     segmenter = load_segmenter(path, None, device=device)

@@ -363,11 +363,13 @@ def vae_psnr(vae: AutoencoderKL, images: Tensor) -> float:
 @torch.no_grad()
 def eps_probe(model: StableDiffusion, latents: Tensor, captions: Sequence[str],
               timesteps: Sequence[int] = PROBE_TIMESTEPS,
-              variants: Mapping[str, Sequence[str]] | None = None) -> dict[str, dict[str, float]]:
+              variants: Mapping[str, Sequence[str]] | None = None,
+              per_sample: bool = False) -> dict[str, dict[str, float | list[float]]]:
     """UNet eps-MSE on scaled latents [N, 4, h, w] at each timestep, with each latent's caption and
     with "": ``{"100": {"caption": mse, "empty": mse}, ...}``, and with each of ``variants`` (a name ->
-    one caption per latent) under its name. The noise is the same for every call and every caption set
-    (whatever the recipe's seed), so that the probes of two runs compare. Conditional below
+    one caption per latent) under its name; ``per_sample``: each latent's MSE [N] instead of their mean,
+    so that paired differences get a standard error. The noise is the same for every call and every
+    caption set (whatever the recipe's seed), so that the probes of two runs compare. Conditional below
     unconditional means the text conditioning carries information."""
     generator = torch.Generator().manual_seed(0)
     contexts = {"caption": model.encode_text(list(captions)), "empty": model.encode_text([""] * len(captions))}
@@ -377,8 +379,13 @@ def eps_probe(model: StableDiffusion, latents: Tensor, captions: Sequence[str],
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         steps = torch.full((len(latents),), t, dtype=torch.long)
         z_t = model.schedule.q_sample(latents, steps, noise)
-        out[str(t)] = {name: round(float(F.mse_loss(model.predict_noise(z_t, steps, ctx).float(), noise)), 6)
-                       for name, ctx in contexts.items()}
+        out[str(t)] = {}
+        for name, ctx in contexts.items():
+            eps = model.predict_noise(z_t, steps, ctx).float()
+            if per_sample:
+                out[str(t)][name] = [round(float(e), 6) for e in (eps - noise).square().mean(dim=(1, 2, 3))]
+            else:
+                out[str(t)][name] = round(float(F.mse_loss(eps, noise)), 6)
     return out
 
 
