@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from ldznet_ext import cli
@@ -38,8 +40,6 @@ def test_the_docstring_states_the_statuses():
 
 
 def test_warnings_are_one_line_and_the_display_is_restored(ldznet, monkeypatch):
-    import warnings
-
     def warn(args):
         warnings.warn("prompt 'sky sky…' has 200 tokens but CLIP reads 75: dropped the last 125", UserWarning,
                       stacklevel=1)
