@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -89,6 +89,21 @@ def writable_path(path: str | os.PathLike) -> Path:
     with writing(path):
         _try_creating_a_file(path.parent)
     return path
+
+
+def check_outputs(outputs: Iterable[str | os.PathLike | None], inputs: Mapping[str | os.PathLike, str]) -> None:
+    """LdznetError unless each output given (None: not asked for) is writable (``writable_path``) and is
+    neither another output nor one of the run's ``inputs`` (path -> what it is). Commands call it before
+    their work, so that no run overwrites a file it reads, or one output another."""
+    seen = {Path(path): what for path, what in inputs.items()}
+    for output in outputs:
+        if output is None:
+            continue
+        for other, what in seen.items():
+            if same_file(output, other):
+                raise LdznetError(f"{output}: the same file as {what}; give each output its own name")
+        seen[Path(output)] = f"the output {output}"
+        writable_path(output)
 
 
 def writable_folder(folder: str | os.PathLike) -> Path:

@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from ldznet_ext import heads, outputs
+from ldznet_ext.cli import data as data_cli
+from ldznet_ext.cli import eval as eval_cli
 from ldznet_ext.errors import LdznetError
 from ldznet_ext.modeling.build import build_head, head_config
 
@@ -108,3 +110,46 @@ def test_convert_into_a_new_folder(ldznet, official, tmp_path):
     code, stdout, _ = ldznet("convert", official, "--no-ema", "-o", target)
     assert code == 0 and stdout.startswith(f"wrote {target}: ldznet head")
     assert heads.read_head_config(target) == TINY_HEAD
+
+
+# ---------------------------------------------------------------- ldznet eval, ldznet data summary
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Every case below is refused before a model, a result or a data set is read."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started before the outputs were checked")
+    for name in ("segmenter_from_args", "read_results"):
+        monkeypatch.setattr(eval_cli, name, refuse)
+    monkeypatch.setattr(data_cli, "summarize", refuse)
+
+
+def test_eval_and_data_summary_never_write_over_what_they_read(ldznet, tmp_path, no_work):
+    inputs = {name: tmp_path / name for name in ("data.jsonl", "scenes.npz", "head.safetensors", "shard.json")}
+    for path in inputs.values():
+        path.write_text(f"{path.name} stays\n")
+    manifest, scenes, head, shard = inputs.values()
+    table = tmp_path / "table.md"
+    cases = {
+        ("eval", "--data", manifest, "--json", manifest): f"{manifest}: the same file as the data {manifest}",
+        ("eval", "--data", f"jsonl:{manifest}", "--markdown", manifest):
+            f"{manifest}: the same file as the data jsonl:{manifest}",
+        ("eval", "--data", f"world:{scenes}", "--json", scenes): f"{scenes}: the same file as the data world:{scenes}",
+        ("eval", "--head", head, "--data", "world:test:1", "--markdown", head): f"{head}: the same file as the head",
+        ("eval", "--merge", shard, "--json", shard): f"{shard}: the same file as a result to merge",
+        ("eval", "--data", "world:test:1", "--json", table, "--markdown", table):
+            f"{table}: the same file as the output {table}",
+        ("data", "summary", "world:test:1", manifest, "--json", manifest):
+            f"{manifest}: the same file as the data {manifest}",
+    }
+    for args, message in cases.items():
+        code, stdout, err = ldznet(*args)
+        assert (code, stdout, err) == (2, "", f"ldznet {args[0]}: error: {message}; give each output its own name\n")
+    assert {path.read_text() for path in inputs.values()} == {f"{path.name} stays\n" for path in inputs.values()}
+    assert not table.exists()
+
+
+def test_data_summary_checks_its_output_before_reading(ldznet, tmp_path, no_work):
+    code, stdout, err = ldznet("data", "summary", "world:test:1", "--json", tmp_path)
+    assert (code, stdout, err) == (2, "", f"ldznet data: error: cannot write {tmp_path}: it is a folder\n")

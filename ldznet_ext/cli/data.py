@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from ..data.examples import Source
-from ..data.spec import open_source
+from ..data.spec import open_source, spec_file
 from ..data.stream import iterate_examples
 from ..errors import LdznetError
 from ..limits import EXAMPLES, RENDER_SIZE, WORKERS, bounded_number
+from ..outputs import check_outputs, writing
 
 SHOWN_ERRORS = 10
 
@@ -102,13 +103,15 @@ def format_summary(s: DataSummary) -> str:
 
 
 def _summary(args: argparse.Namespace) -> int:
+    check_outputs((args.json,), {path: f"the data {spec}" for spec in args.specs if (path := spec_file(spec))})
     summaries = []
     for spec in args.specs:
         summaries.append(summarize(spec, args.size, args.workers, args.limit))
         print(format_summary(summaries[-1]) + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps([{**asdict(s), "valid": s.valid} for s in summaries], indent=1) + "\n",
-                                   encoding="utf-8")
+        with writing(args.json):
+            Path(args.json).write_text(json.dumps([{**asdict(s), "valid": s.valid} for s in summaries], indent=1)
+                                       + "\n", encoding="utf-8")
     return 0 if all(s.valid for s in summaries) else 1
 
 

@@ -19,12 +19,12 @@ import json
 import sys
 from pathlib import Path
 
-from ..data.spec import open_source
+from ..data.spec import open_source, spec_file
 from ..errors import LdznetError
 from ..eval.evaluate import FORMAT, READABLE_VERSIONS, VERSION, EvalResult, evaluate, merge_results
 from ..eval.tables import TABLES, build_table, default_table, markdown_table
 from ..limits import BOUNDARY_TOLERANCE, RENDER_SIZE, THRESHOLD, WORKERS, bounded_number
-from ..outputs import writable_path, writing
+from ..outputs import check_outputs, writing
 from ..refine import RefineSettings
 from ..world.scenes import VOCABULARY
 from .common import add_model_arguments, add_shard_argument, parse_shard, segmenter_from_args
@@ -97,10 +97,16 @@ def _report(results: list[EvalResult], args: argparse.Namespace) -> int:
     return 0
 
 
+def _inputs(args: argparse.Namespace) -> dict[str, str]:
+    """The files the run reads by name (path -> what it is), which its outputs must not overwrite."""
+    named = {args.model: "the model", args.mask_model: "the mask model", args.head: "the head",
+             spec_file(args.data or ""): f"the data {args.data}"}
+    named |= {path: "a result to merge" for path in args.merge or ()}
+    return {path: what for path, what in named.items() if path}
+
+
 def _run(args: argparse.Namespace) -> int:
-    for path in (args.json, args.markdown):  # before the work, so that none of it is lost to a bad path
-        if path:
-            writable_path(path)
+    check_outputs((args.json, args.markdown), _inputs(args))  # before the work, so none of it is lost to a bad path
     if args.merge:
         return _report(merge_results([r for path in args.merge for r in read_results(path)]), args)
     segmenter, loaded = segmenter_from_args(args, RefineSettings(enabled=False) if args.no_refine else None)

@@ -19,7 +19,7 @@ from ..job import MODES, ZERO_SHOT_MODE, MaskJob
 from ..limits import FEATHER, GROW, KEEP_LARGEST, MIN_AREA, REFINE_RADIUS, REFINE_STRENGTH, THRESHOLD, bounded_number
 from ..masks.expression import parse
 from ..masks.instances import instance_image
-from ..outputs import same_file, writable_path, write_mask, write_overlay, write_probability, writing
+from ..outputs import check_outputs, writable_path, write_mask, write_overlay, write_probability, writing
 from ..segmenter import Prediction
 from .common import add_model_arguments, segmenter_from_args
 
@@ -83,15 +83,10 @@ def job_from_args(args: argparse.Namespace) -> MaskJob:
 def check_png_outputs(image: str | Path, outputs: list[str | Path]) -> None:
     """Output names must end in .png, differ from each other and from the input image, and be writable
     (their folders are created)."""
-    seen = {image: "the input image"}
     for output in outputs:
         if Path(output).suffix.lower() != ".png":
             raise LdznetError(f"{output}: outputs are PNG files; give a name ending in .png")
-        for other, name in seen.items():
-            if same_file(output, other):
-                raise LdznetError(f"{output}: the same file as {name}; give each output its own name")
-        seen[output] = str(output)
-        writable_path(output)
+    check_outputs(outputs, {image: "the input image"})
 
 
 def report_missing(prediction: Prediction) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from ..errors import LdznetError
 from ..world.data import SceneSet, render_scene_set
@@ -101,6 +102,18 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
         return "jsonl", body, options
     raise LdznetError(f"unknown data spec {spec!r}; expected world:SPLIT:N, world:FILE.npz, jsonl:PATH, PATH.jsonl, "
                       "phrasecut:DIR:SPLIT, refcoco:DIR:SPLIT, refcoco+:DIR:SPLIT, refcocog:DIR:SPLIT or aigi:DIR")
+
+
+def spec_file(spec: str) -> Path | None:
+    """The file a spec reads by its name (a manifest, a saved scene set), which no output of a run may
+    overwrite; None for folders, rendered splits and text that is not a spec (opening it says why)."""
+    try:
+        prefix, argument, _ = parse_spec(spec)
+    except LdznetError:
+        return None
+    if prefix == "jsonl" or (prefix == "world" and argument.endswith(".npz")):
+        return Path(argument)
+    return None
 
 
 def open_source(spec: str, size: int = 128, domain: str | None = None) -> Source:
