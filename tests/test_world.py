@@ -213,6 +213,13 @@ def test_cli_split_and_errors(capsys):
 def test_cli_unwritable_output_is_a_clear_error(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert main(["world", "sample", "--seed", "5", "-o", str(blocker / "scene")]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("ldznet world: error: [Errno 20] Not a directory:") and "Traceback" not in err
+    (tmp_path / "scene" / "masks").parent.mkdir()
+    (tmp_path / "scene" / "masks").write_text("")
+    cases = {("sample", "--seed", "5", "-o", blocker / "scene"): f"cannot write to {blocker}/scene: Not a directory",
+             ("sample", "--seed", "5", "-o", blocker): f"{blocker} is a file, not a folder",
+             ("sample", "--seed", "5", "-o", tmp_path / "scene"): f"{tmp_path}/scene/masks is a file, not a folder",
+             ("train-sd", "--recipe", "smoke", "-o", blocker): f"{blocker} is a file, not a folder"}
+    for args, message in cases.items():
+        assert main(["world", *map(str, args)]) == 2
+        assert capsys.readouterr().err == f"ldznet world: error: {message}\n"
+    assert blocker.read_text() == "" and sorted(p.name for p in tmp_path.rglob("*")) == ["file", "masks", "scene"]

@@ -28,6 +28,7 @@ from PIL import Image
 
 from ..limits import (MICRO_IMAGE_SIZE, MIN_SNR_GAMMA, PROCESSES, RENDER_SIZE, SCENES, SEED, STEP_INTERVAL, STEPS,
                       TIME_BUDGET, TRAIN_BATCH_SIZE, bounded_number)
+from ..outputs import writable_folder
 from ..world.scenes import SPLIT_START, VOCABULARY, make_scene, split_seeds
 from .common import add_device_argument
 
@@ -39,8 +40,8 @@ def mask_filename(phrase: str) -> str:
 
 def write_sample(seed: int, out: Path, size: int = 128, domain: str | None = None) -> dict:
     """Render scene ``seed`` into directory ``out`` (created); returns the phrases.json content."""
+    writable_folder(writable_folder(out) / "masks")
     scene = make_scene(seed, size, domain)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
     Image.fromarray(scene.image, "RGB").save(out / "image.png")
     entries = []
     for phrase, mask in scene.phrases.items():
@@ -70,6 +71,7 @@ def _run_train_sd(args: argparse.Namespace) -> int:
     from ..world.micro import micro_recipe
     from ..world.train_sd import UNetOptions, train_sd
 
+    writable_folder(args.output)  # before hours of training, not at the first file written
     stages = None if args.stages is None else [s.strip() for s in args.stages.split(",") if s.strip()]
     recipe = micro_recipe(args.recipe).with_overrides(
         seed=args.seed, image_size=args.image_size, unet_steps=args.unet_steps, unet_batch=args.unet_batch,
