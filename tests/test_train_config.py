@@ -43,9 +43,10 @@ def test_json_file_and_the_official_rate():
 def test_bad_files_and_values(tmp_path):
     cases = {"a.yaml": "stpes: 3\n", "b.json": json.dumps({"steps": "ten"}), "c.yaml": "- 1\n- 2\n",
              "d.json": "{", "e.yaml": "preset: paper\n", "f.yaml": "negatives: 1\n", "g.yaml": "a: [\n"}
-    messages = {"a.yaml": r"unknown key\(s\) stpes", "b.json": "steps: expected a int, got 'ten'",
+    messages = {"a.yaml": r"unknown key\(s\) stpes", "b.json": "steps: expected an integer, got 'ten'",
                 "c.yaml": "expected a mapping", "d.json": "not valid JSON", "e.yaml": "unknown preset 'paper'",
-                "f.yaml": "negatives: expected a bool", "g.yaml": "not valid YAML"}
+                "f.yaml": "negatives: expected true or false, got 1$",
+                "g.yaml": r"g.yaml: not valid YAML \(line 2, column 1: expected the node content, but found '<stream end>'\)$"}
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
         with pytest.raises(LdznetError, match=messages[name]):
@@ -115,3 +116,11 @@ def test_flags_and_config_files_share_one_bound_per_field(tmp_path, capsys):
     with pytest.raises(LdznetError, match=r"^plateau_patience must be an integer in \[0, 10000\], got 100000$"):
         TrainConfig(plateau_patience=100_000)
     assert TrainConfig(plateau_patience=0).plateau_patience == 0  # torch's patience 0: cut after every bad window
+
+
+def test_a_run_folder_that_is_a_file_is_refused_before_the_model_loads(tmp_path, capsys):
+    blocker = tmp_path / "run"
+    blocker.write_text("mine\n")
+    assert main(["train", "--arch", "znet", "--model", str(tmp_path / "missing.safetensors"), "-o", str(blocker)]) == 2
+    assert capsys.readouterr().err == f"ldznet train: error: {blocker} is a file, not a folder\n"
+    assert blocker.read_text() == "mine\n"

@@ -24,6 +24,7 @@ from ..limits import bounded_number
 from ..loading import resolve_device
 from ..modeling.build import ARCHITECTURES
 from ..modeling.ldznet import FUSIONS
+from ..outputs import writable_folder
 from ..precision import PRECISIONS, autocast_dtype
 from ..sd.checkpoint import load_stable_diffusion
 from ..train import distributed
@@ -56,6 +57,7 @@ def train(args: argparse.Namespace) -> Trainer:
     """Run ``ldznet train``: join torchrun's process group if the environment describes one (and
     leave it at the end; a group the caller joined stays), train, return the finished Trainer."""
     config = resolve_config(args)
+    writable_folder(args.output)  # before the model loads and the data opens, not at the first checkpoint
     device, joined = distributed.init_from_env(resolve_device(args.device))
     try:
         backbone = load_stable_diffusion(args.model, device, autocast_dtype(config.precision) or torch.float32)

@@ -142,6 +142,9 @@ no clipping (Lightning's default), torch's decoder init, the nine PhraseCut temp
 gradient checkpointing."""
 
 
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
 def _coerce(name: str, value: Any, default: Any) -> Any:
     """A file or flag value as the field's type; YAML reads 5e-7 (no dot) as a string."""
     if isinstance(default, bool):
@@ -156,7 +159,7 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     else:
         ok = isinstance(value, str)
     if not ok:
-        raise LdznetError(f"{name}: expected a {type(default).__name__}, got {value!r}")
+        raise LdznetError(f"{name}: expected {_KIND_NAMES[type(default)]}, got {value!r}")
     return value
 
 
@@ -193,7 +196,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         try:
             values = yaml.safe_load(text)
         except yaml.YAMLError as error:
-            raise LdznetError(f"{path}: not valid YAML ({error})") from error
+            raise LdznetError(f"{path}: not valid YAML ({_one_line(error)})") from error
     else:
         try:
             values = json.loads(text)
@@ -204,6 +207,14 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise LdznetError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
     return check_values(values, str(path))
+
+
+def _one_line(error: Exception) -> str:
+    """A YAML error as one line: the problem and where, without PyYAML's quoted source lines."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(error).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def compose_config(base: Mapping[str, Any], file_values: Mapping[str, Any] | None = None,
