@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,7 +19,7 @@ from ..loading import load_segmenter, resolve_model_paths
 from ..masks.expression import parse
 from ..masks.ops import MaskOptions
 from ..masks.tree import Expression
-from ..outputs import save_png, write_mask, write_overlay, write_probability
+from ..outputs import save_png, writable_folder, write_mask, write_overlay, write_probability
 from ..world.scenes import VOCABULARY, Scene, make_scene, split_seeds
 from .common import add_device_argument
 
@@ -57,9 +56,10 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _run(args: argparse.Namespace) -> int:
+    out = writable_folder(args.output)  # before the model loads
     seed = split_seeds("test")[args.scene] if args.seed is None else args.seed
     scene = make_scene(seed, size=args.size, domain=args.domain)
-    text = args.expression or default_expression(scene)
+    text = default_expression(scene) if args.expression is None else args.expression
     expression = parse(text)
     model, head = resolve_model_paths(None, None, zero_shot=args.zero_shot)
     segmenter = load_segmenter(model, head, device=args.device)
@@ -67,8 +67,6 @@ def _run(args: argparse.Namespace) -> int:
     segmenter.set_image(scene.image)
     prediction = segmenter.predict(expression, MaskOptions(threshold=args.threshold))
     seconds = time.perf_counter() - start
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     save_png(Image.fromarray(scene.image), out / "image.png")
     mask = prediction.mask_image()
     write_mask(out / "mask.png", mask)
@@ -86,9 +84,10 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="mask a micro-world scene with the embedded model and score it")
     p.add_argument("expression", nargs="?", help="mask expression (default: an object OR a stuff phrase of the scene)")
-    p.add_argument("--scene", type=bounded_number(SCENE_INDEX), default=DEFAULT_SCENE,
-                   help="index into the test split, 0..999999 (default %(default)s)")
-    p.add_argument("--seed", type=bounded_number(SEED), help="any scene seed instead of --scene")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--scene", type=bounded_number(SCENE_INDEX), default=DEFAULT_SCENE,
+                       help="index into the test split, 0..999999 (default %(default)s)")
+    which.add_argument("--seed", type=bounded_number(SEED), help="any scene seed instead of --scene")
     p.add_argument("--domain", choices=VOCABULARY.domains, help="render the scene in this domain")
     p.add_argument("--size", type=bounded_number(RENDER_SIZE), default=256,
                    help="image side in pixels, 8..4096 (default %(default)s)")
