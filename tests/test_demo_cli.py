@@ -25,6 +25,14 @@ def test_demo_writes_four_pngs_and_scores_the_default_expression(ldznet, tmp_pat
         assert np.asarray(Image.open(tmp_path / "out" / f"{name}.png")).shape[:2] == (64, 64)
 
 
+def test_demo_says_which_terms_are_not_in_the_scene(ldznet, tmp_path):
+    scene = demo.make_scene(demo.split_seeds("test")[demo.DEFAULT_SCENE], 64)
+    absent = next(p for p in scene.spec.absent if p in ("sand", "water", "grass", "sky"))
+    code, stdout, err = ldznet("demo", absent, "--size", 64, "-o", tmp_path)
+    assert code == 0 and "IoU against the ground truth: 1.000" in stdout
+    assert re.fullmatch(rf"no match for '{absent}' \(score 0\.\d\d\)\n", err)
+
+
 @pytest.fixture
 def no_model(monkeypatch):
     def refuse(*args, **kwargs):

@@ -22,6 +22,7 @@ from ..masks.tree import Expression
 from ..outputs import save_png, writable_folder, write_mask, write_overlay, write_probability
 from ..world.scenes import VOCABULARY, Scene, make_scene, split_seeds
 from .common import add_device_argument
+from .mask import report_missing
 
 DEFAULT_SCENE = 7
 """Index into the test split of the scene the demo shows (one with an attribute phrase and grass)."""
@@ -67,6 +68,7 @@ def _run(args: argparse.Namespace) -> int:
     segmenter.set_image(scene.image)
     prediction = segmenter.predict(expression, MaskOptions(threshold=args.threshold))
     seconds = time.perf_counter() - start
+    report_missing(prediction)
     save_png(Image.fromarray(scene.image), out / "image.png")
     mask = prediction.mask_image()
     write_mask(out / "mask.png", mask)
