@@ -111,6 +111,7 @@ def test_resume_does_not_need_the_init_file_again(ldznet, tiny_model_files, tmp_
 def _tool(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -121,6 +122,9 @@ def _tool(name: str):
     ("feature_ablation", ["--seed", "-1"], "argument --seed: expected an integer in [0, "),
     ("feature_ablation", ["--ldznet-head", "missing.safetensors"], "LD-ZNet head not found: missing.safetensors"),
     ("feature_ablation", ["--model", "."], "model . is a folder; expected "),
+    ("feature_ablation", ["--data", "world:test:1", "--json", "."], "cannot write .: it is a folder"),
+    ("feature_probe", ["--train", "1", "--val", "1", "--test", "1", "--json", "."], "cannot write .: it is a folder"),
+    ("binding_run", ["-o", "/dev/null", "--measure", "."], "/dev/null is a file, not a folder"),
     ("choose_presence_level", ["missing.safetensors", "-o", "x.safetensors"], "checkpoint not found: missing"),
     ("choose_presence_level", ["{head}", "-o", "x.safetensors"],
      "head.safetensors: the head has no presence output to choose a level for"),

@@ -46,6 +46,7 @@ from ldznet_ext.data.spec import open_source  # noqa: E402
 from ldznet_ext.defaults import WEIGHTS_DIR  # noqa: E402
 from ldznet_ext.errors import LdznetError  # noqa: E402
 from ldznet_ext.loading import resolve_device  # noqa: E402
+from ldznet_ext.outputs import writable_folder  # noqa: E402
 from ldznet_ext.sd.tokenizer import tokenize  # noqa: E402
 from ldznet_ext.train.logs import StageLog  # noqa: E402
 from ldznet_ext.world.binding import SWAPPED_WORDS, measure_binding  # noqa: E402
@@ -208,6 +209,7 @@ def main() -> None:
         parser.error(f"--unet-steps: expected an integer or auto, got {args.unet_steps!r}")
     out, device = Path(args.output), resolve_device(args.device)
     try:
+        writable_folder(out)  # before the training
         recipe = micro_recipe(args.recipe).with_overrides(unet_batch=args.unet_batch, image_size=args.image_size,
                                                           unet_min_snr_gamma=args.unet_min_snr_gamma)
     except LdznetError as error:
@@ -221,10 +223,8 @@ def main() -> None:
         except LdznetError as error:
             parser.error(str(error))
         work, plan = Path(args.measure), {}
-        out.mkdir(parents=True, exist_ok=True)
     else:
         work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="binding_run-"))
-        out.mkdir(parents=True, exist_ok=True)
         trained = train(args, recipe, device, work, start)
         log, plan, reference = trained["log"], trained["plan"], args.init_model
         for name in (LOG_FILE, SD_FILE):

@@ -42,6 +42,7 @@ from ldznet_ext.errors import LdznetError  # noqa: E402
 from ldznet_ext.eval.metrics import THRESHOLDS, SegmentationMetrics  # noqa: E402
 from ldznet_ext.limits import RESOLUTION, SEED, bounded_number  # noqa: E402
 from ldznet_ext.loading import load_segmenter  # noqa: E402
+from ldznet_ext.outputs import writable_path  # noqa: E402
 from ldznet_ext.segmenter import Segmenter  # noqa: E402
 from ldznet_ext.world.scenes import VOCABULARY  # noqa: E402
 
@@ -185,6 +186,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     try:
+        if args.json:  # before the work, so that none of it is lost to a bad path
+            writable_path(args.json)
         report = run(args.data, args.resolution, args.seed, args.model, args.ldznet_head, args.znet_head)
     except LdznetError as error:  # a bad data spec or resolution: one line, as the ldznet commands
         parser.exit(2, f"{parser.prog}: error: {error}\n")

@@ -52,6 +52,7 @@ from ldznet_ext.errors import LdznetError  # noqa: E402
 from ldznet_ext.images import to_model_input  # noqa: E402
 from ldznet_ext.limits import MICRO_IMAGE_SIZE, SEED, TIMESTEP, Limit, bounded_number  # noqa: E402
 from ldznet_ext.loading import load_segmenter  # noqa: E402
+from ldznet_ext.outputs import writable_path  # noqa: E402
 from ldznet_ext.sd.schedule import noise_draws  # noqa: E402
 from ldznet_ext.segmenter import Segmenter, sd_features  # noqa: E402
 from ldznet_ext.world.scenes import Scene, make_scene, split_seeds  # noqa: E402
@@ -464,6 +465,8 @@ def main() -> None:
         parser.error(f"argument --size: expected a multiple of 64, got {args.size}")
     torch.set_num_threads(1)
     try:
+        if args.json:  # before the work, so that none of it is lost to a bad path
+            writable_path(args.json)
         report = run(args.train, args.val, args.test, args.timestep, args.seed, args.blocks, args.probe,
                      args.model, args.size)
     except (LdznetError, ValueError) as error:  # ValueError: a block number this UNet lacks
