@@ -124,7 +124,7 @@ def _tool(name: str):
     ("feature_ablation", ["--model", "."], "model . is a folder; expected "),
     ("feature_ablation", ["--data", "world:test:1", "--json", "."], "cannot write .: it is a folder"),
     ("feature_probe", ["--train", "1", "--val", "1", "--test", "1", "--json", "."], "cannot write .: it is a folder"),
-    ("binding_run", ["-o", "/dev/null", "--measure", "."], "/dev/null is a file, not a folder"),
+    ("binding_run", ["-o", "/dev/null"], "/dev/null is a file, not a folder"),
     ("choose_presence_level", ["missing.safetensors", "-o", "x.safetensors"], "checkpoint not found: missing"),
     ("choose_presence_level", ["{head}", "-o", "x.safetensors"],
      "head.safetensors: the head has no presence output to choose a level for"),

@@ -209,19 +209,20 @@ def main() -> None:
         parser.error(f"--unet-steps: expected an integer or auto, got {args.unet_steps!r}")
     out, device = Path(args.output), resolve_device(args.device)
     try:
-        writable_folder(out)  # before the training
         recipe = micro_recipe(args.recipe).with_overrides(unet_batch=args.unet_batch, image_size=args.image_size,
                                                           unet_min_snr_gamma=args.unet_min_snr_gamma)
     except LdznetError as error:
         parser.error(str(error))
     if args.measure and args.work:
         parser.error("--measure measures an existing run; --work names where a new one trains")
-    if args.measure:  # the run's own files stay where they are
-        try:
+    try:
+        if args.measure:  # the run's own files stay where they are
             log, recipe = read_run(Path(args.measure))
             reference = readable_file(run_reference(log, args.init_model), "the run's starting model")
-        except LdznetError as error:
-            parser.error(str(error))
+        writable_folder(out)  # after every other check, before the training
+    except LdznetError as error:
+        parser.error(str(error))
+    if args.measure:
         work, plan = Path(args.measure), {}
     else:
         work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="binding_run-"))
