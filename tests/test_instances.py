@@ -61,6 +61,7 @@ def test_find_instances_lists_boxes_areas_and_left_to_right_order() -> None:
     ("star[0]", 5, "out of range"), ("star[]", 4, "empty instance selector"), ("star[1,]", 7, "expected an index"),
     ("star[foo 1]", 5, "unknown instance order 'foo'"), ("star[1 2]", 7, "expected ',' or ']'"),
     ("star[", 4, "never closed"), ("star]", 4, "unexpected ']'"), ("star[1.5]", 6, "unexpected '.'"),
+    ("star[largest, 2]", 5, r"^\[largest\] stands alone; to pick several by size write \[area 1, 2\] \(largest"),
 ])
 def test_selector_parse_errors_name_the_position(text: str, position: int, words: str) -> None:
     with pytest.raises(ExpressionError, match=words) as error:

@@ -117,6 +117,9 @@ def _lex_selector(text: str, start: int) -> tuple[Selector, int]:
     order = "left"
     if words[0].group().isalpha():
         order = words.pop(0).group().lower()
+        if order in _SELECTOR_ALIASES:
+            raise ExpressionError(f"[{order}] stands alone; to pick several by size write [area 1, 2] "
+                                  "(largest first) or [area -1, -2] (smallest first)", names[0].start())
         if order not in ORDERS:
             raise ExpressionError(f"unknown instance order {order!r}: expected one of {', '.join(ORDERS)}, "
                                   "'largest' or 'smallest'", names[0].start())
