@@ -296,6 +296,8 @@ class Segmenter:
 
     def _predict(self, states: list[_ImageState], expression: str | Expression,
                  options: MaskOptions) -> list[Prediction]:
+        if not isinstance(expression, (str, Expression)):
+            raise LdznetError(f"expected a mask expression as text, such as 'cat OR dog', got {type_name(expression)}")
         tree = parse(expression) if isinstance(expression, str) else expression
         terms = tree.terms()
         self._fill_cache(states, terms)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from fixtures_models import random_image
 from PIL import Image
 
+from ldznet_ext.errors import LdznetError
 from ldznet_ext.images import to_model_input, working_size
 from ldznet_ext.refine import RefineSettings
 from ldznet_ext.sd.schedule import noise_draws
@@ -218,3 +219,11 @@ def test_predict_before_set_image_says_what_to_do(with_head):
         with_head.predict("cat")
     with pytest.raises(RuntimeError, match=message):
         with_head.predict_terms(["cat"])
+
+
+@pytest.mark.parametrize("expression, name", [(None, "None"), (5, "int"), (["cat"], "list")])
+def test_an_expression_that_is_not_text_is_one_clear_error(with_head, expression, name):
+    with_head.set_image(random_image(32, 32))
+    with pytest.raises(LdznetError) as error:
+        with_head.predict(expression)
+    assert str(error.value) == f"expected a mask expression as text, such as 'cat OR dog', got {name}"
