@@ -44,7 +44,7 @@ def test_demo_refuses_bad_arguments_before_loading_the_model(ldznet, tmp_path, n
     blocker = tmp_path / "file"
     blocker.write_text("mine\n")
     cases = {("-o", blocker): f"{blocker} is a file, not a folder",
-             ("", "-o", tmp_path): "expected a mask expression such as 'cat OR dog', got empty text at position 0",
+             ("", "-o", tmp_path / "new"): "expected a mask expression such as 'cat OR dog', got empty text at position 0",
              ("--seed", 5, "--scene", 3): "argument --scene: not allowed with argument --seed"}
     for args, message in cases.items():
         code, stdout, err = ldznet("demo", *args)

@@ -57,11 +57,11 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _run(args: argparse.Namespace) -> int:
-    out = writable_folder(args.output)  # before the model loads
     seed = split_seeds("test")[args.scene] if args.seed is None else args.seed
     scene = make_scene(seed, size=args.size, domain=args.domain)
     text = default_expression(scene) if args.expression is None else args.expression
     expression = parse(text)
+    out = writable_folder(args.output)  # before the model loads
     model, head = resolve_model_paths(None, None, zero_shot=args.zero_shot)
     segmenter = load_segmenter(model, head, device=args.device)
     start = time.perf_counter()

@@ -71,7 +71,6 @@ def _run_train_sd(args: argparse.Namespace) -> int:
     from ..world.micro import micro_recipe
     from ..world.train_sd import UNetOptions, train_sd
 
-    writable_folder(args.output)  # before hours of training, not at the first file written
     stages = None if args.stages is None else [s.strip() for s in args.stages.split(",") if s.strip()]
     recipe = micro_recipe(args.recipe).with_overrides(
         seed=args.seed, image_size=args.image_size, unet_steps=args.unet_steps, unet_batch=args.unet_batch,

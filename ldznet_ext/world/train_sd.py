@@ -40,6 +40,7 @@ from tqdm import tqdm
 from ..checkpoint_io import read_state_dict, write_safetensors
 from ..defaults import DEFAULT_SD_NAME
 from ..errors import CheckpointError, LdznetError
+from ..outputs import writable_folder
 from ..precision import dtype_named
 from ..sd.checkpoint import load_stable_diffusion, save_stable_diffusion
 from ..sd.model import StableDiffusion
@@ -499,7 +500,7 @@ def train_sd(out: Path, recipe: MicroRecipe, device: str | torch.device = "cpu",
     init = None if options.init_model is None else load_micro_sd(options.init_model)
     device = torch.device(device)
     amp = {stage: stage_dtype(device, dtype, stage) for stage in recipe_stages(recipe)}
-    out.mkdir(parents=True, exist_ok=True)
+    writable_folder(out)  # after every argument check, before the rendering
     start = time.perf_counter()
     deadline = None if options.time_budget_s is None else start + options.time_budget_s
     log = StageLog(out / LOG_FILE, {"recipe": recipe.to_dict(), "device": str(device), "platform": platform_record(),
