@@ -23,6 +23,7 @@ from .precision import resolve_dtype
 from .sd.checkpoint import load_stable_diffusion
 from .sd.diffusers_folder import INDEX_FILE, diffusers_family, is_diffusers_folder, load_diffusers_folder
 from .sd.header import PICKLE_FAMILY, classify_file
+from .sd.vae_file import read_vae_file
 from .segmenter import Segmenter
 
 
@@ -83,6 +84,14 @@ def resolve_mask_model(mask_model: str | os.PathLike | None, head: str | os.Path
     return path
 
 
+def check_vae_choice(vae: str | os.PathLike | None, mask_model: str | os.PathLike | None) -> None:
+    """LdznetError when a VAE file is given beside a mask model: the VAE replaces the model's, and with a
+    mask model the masks come from the mask model, whose own VAE its head reads."""
+    if vae is not None and mask_model is not None:
+        raise LdznetError(f"{Path(vae).name}: a VAE file replaces the VAE of --model, but with --mask-model the masks "
+                          "come from the mask model and its own VAE; drop --vae, or drop --mask-model")
+
+
 def resolve_device(name: str | None = None) -> torch.device:
     """A torch device from a name ("cpu", "cuda", "cuda:1", "mps"); None or "auto" picks CUDA, then
     MPS, then the CPU. Other names (``meta``, ``xla``, ...) are refused: LdznetError."""
@@ -104,7 +113,7 @@ def resolve_device(name: str | None = None) -> torch.device:
 
 
 def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = None, *,
-                   mask_model: str | os.PathLike | None = None,
+                   mask_model: str | os.PathLike | None = None, vae: str | os.PathLike | None = None,
                    device: str | torch.device | None = None, dtype: str = "fp32", resolution: int | None = None,
                    timestep: int | None = None, draws: int | None = None, seed: int = 0) -> Segmenter:
     """Load an SD checkpoint and optionally a head (None: zero-shot masks, where SDXL-family and SD 2.x
@@ -114,6 +123,9 @@ def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = No
     cannot serve a head (SDXL family, SD 2.x); ``model`` is then not loaded, ``mask_model`` only as far as the
     head reads it (``parts="mask"``), and the mask is the one ``mask_model`` makes.
 
+    ``vae``: a VAE file (ldm or diffusers layout, or a checkpoint whose VAE is taken) used in place of the
+    model's VAE, or where its file has none; not with ``mask_model``, whose own VAE the head was matched to.
+
     ``timestep`` and ``draws`` default to the head's training timestep and one draw, or to the
     zero-shot defaults (:class:`ZeroShotSettings`); ``resolution`` None uses the head's own.
     """
@@ -122,14 +134,17 @@ def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = No
     if resolution is not None:
         RESOLUTION.check(resolution, "resolution")
     mask_model = resolve_mask_model(mask_model, head)
+    check_vae_choice(vae, mask_model)
     head_module = head_config = None
     if head is not None:
         head_module, head_config = load_head(head, device=device, dtype=torch_dtype)
+    vae_state = read_vae_file(vae) if vae is not None else None
     load = load_diffusers_folder if is_diffusers_folder(mask_model or model) else load_stable_diffusion
     # A mask model serves the head alone: only what the head reads is loaded.
     backbone = load(mask_model or model, device=device, dtype=torch_dtype, zero_shot=head is None,
-                    parts="mask" if mask_model else "all")
-    name = Path(mask_model or model).name + (f" with {Path(head).name}" if head is not None else "")
+                    parts="mask" if mask_model else "all", vae=vae_state)
+    name = (Path(mask_model or model).name + (f" (VAE {Path(vae).name})" if vae is not None else "")
+            + (f" with {Path(head).name}" if head is not None else ""))
     return build_segmenter(backbone, head_module, head_config,
                            ModelSettings(resolution=resolution, timestep=timestep, draws=draws, seed=seed),
                            name=name, head_name=Path(head).name if head is not None else "head")

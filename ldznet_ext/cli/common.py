@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 
 from ..images import MAX_PIXELS
 from ..limits import DEVICE_NAMES, DRAWS, PIXELS, RESOLUTION, SEED, TIMESTEP, bounded_number, device_name
+from ..errors import LdznetError
 from ..loading import load_segmenter, resolve_mask_model, resolve_model_paths
 from ..precision import DTYPES
 from ..refine import RefineSettings
@@ -38,6 +40,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True) 
     group.add_argument("--mask-model", metavar="SD1.safetensors",
                        help="SD 1.x checkpoint (single file or diffusers folder) the head runs on when --model cannot "
                             "serve one (SDXL family, SD 2.x); needs --head")
+    group.add_argument("--vae", metavar="VAE.safetensors",
+                       help="VAE file used in place of --model's VAE, or where its file has none (ldm or diffusers "
+                            "layout, or a checkpoint whose VAE is taken)")
     which = group.add_mutually_exclusive_group()
     which.add_argument("--head", metavar="HEAD.safetensors",
                        help="LD-ZNet/ZNet head trained for the model (default: the embedded head, "
@@ -72,8 +77,11 @@ def segmenter_from_args(args: argparse.Namespace, refine: RefineSettings | None 
     record of what was loaded and how. Options a command lacks take the library's defaults."""
     # the head given by name: the embedded head was trained on the embedded model only
     mask_model = resolve_mask_model(args.mask_model, args.head, args.zero_shot)
+    if args.vae is not None and args.model is None:
+        raise LdznetError(f"{Path(args.vae).name}: --vae replaces the VAE of --model, and the embedded micro model "
+                          "keeps its own; pass --model SD.safetensors with --vae")
     model, head = resolve_model_paths(args.model, args.head, args.zero_shot)
-    segmenter = load_segmenter(model, head, mask_model=mask_model, device=args.device, dtype=args.dtype,
+    segmenter = load_segmenter(model, head, mask_model=mask_model, vae=args.vae, device=args.device, dtype=args.dtype,
                                resolution=args.resolution, timestep=getattr(args, "timestep", None),
                                draws=getattr(args, "draws", None), seed=getattr(args, "seed", 0))
     segmenter = segmenter.with_settings(cuda_graphs=getattr(args, "cuda_graphs", True),
@@ -81,7 +89,8 @@ def segmenter_from_args(args: argparse.Namespace, refine: RefineSettings | None 
     # Only the settings that apply: a head run has no zero-shot settings and vice versa.
     unused = {"resolution", "timestep", "draws"} if segmenter.zero_shot else {"resolution", "zero_shot"}
     record = {"model": str(model), "head": str(head) if head else None,
-              **({"mask_model": str(mask_model)} if mask_model else {}), "device": str(segmenter.backbone.device),
+              **({"mask_model": str(mask_model)} if mask_model else {}), **({"vae": str(args.vae)} if args.vae else {}),
+              "device": str(segmenter.backbone.device),
               "dtype": str(segmenter.backbone.dtype).replace("torch.", ""), "resolution": segmenter.resolution,
               **{k: v for k, v in asdict(segmenter.settings).items() if k not in unused}}
     return segmenter, record

@@ -99,7 +99,7 @@ def _report(results: list[EvalResult], args: argparse.Namespace) -> int:
 
 def _inputs(args: argparse.Namespace) -> dict[str, str]:
     """The files the run reads by name (path -> what it is), which its outputs must not overwrite."""
-    named = {args.model: "the model", args.mask_model: "the mask model", args.head: "the head",
+    named = {args.model: "the model", args.mask_model: "the mask model", args.vae: "the VAE", args.head: "the head",
              spec_file(args.data or ""): f"the data {args.data}"}
     named |= {path: "a result to merge" for path in args.merge or ()}
     return {path: what for path, what in named.items() if path}

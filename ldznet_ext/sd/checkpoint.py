@@ -18,7 +18,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -174,6 +174,14 @@ def _read_missing(state: dict[str, Tensor], names: list[str], read: Callable[[li
         state.update(read(wanted))
 
 
+def with_vae(state: Mapping[str, Any], vae: Mapping[str, Any]) -> dict[str, Any]:
+    """A single-file state dict (tensors, meta tensors or shapes) with its VAE replaced by ``vae`` (the same
+    kind of values, ldm layout, no prefix: ``vae_file.read_vae_file``), or given one where it had none."""
+    merged = {k: v for k, v in state.items() if not k.startswith(VAE_PREFIX)}
+    merged.update({VAE_PREFIX + k: v for k, v in vae.items()})
+    return merged
+
+
 def check_family(info: CheckpointInfo, name: str, zero_shot: bool, parts: str = "all") -> None:
     """CheckpointError naming the file ``name``, its family and what to do, unless a model of that family
     serves this use (``zero_shot``: masks without a head; ``parts``: see :mod:`.parts`)."""
@@ -298,24 +306,29 @@ def sdxl_from_state_dict(state: Mapping[str, Tensor], described: SDMetadata,
 
 def load_stable_diffusion(path: str | os.PathLike, device: str | torch.device = "cpu",
                           dtype: torch.dtype = torch.float32, parts: str = "all",
-                          zero_shot: bool = False) -> StableDiffusion:
+                          zero_shot: bool = False, vae: Mapping[str, Tensor] | None = None) -> StableDiffusion:
     """Load an SD v1 single-file checkpoint (.safetensors, or .ckpt read without executing pickled code);
     with ``zero_shot`` (for zero-shot masks, no head) an SDXL-family or SD 2.x one too.
 
     ``parts="mask"``: only what a segmentation head reads (VAE encoder, text encoder, UNet up to the
     last tapped block); from a .safetensors file only those tensors are read, a .ckpt is read whole
-    and the rest dropped. Running a skipped part raises LdznetError.
+    and the rest dropped. Running a skipped part raises LdznetError. ``vae``: VAE weights
+    (``vae_file.read_vae_file``) used in place of the file's VAE, or where the file has none.
     """
     check_parts(parts)
     metadata = read_metadata(path)  # first: a crafted header gets its own message
     shapes = read_tensor_shapes(path)
+    if shapes is not None and vae is not None:
+        shapes = with_vae(shapes, {k: tuple(v.shape) for k, v in vae.items()})
     if shapes is not None:  # a family that cannot serve is refused before any tensor data is read
         check_family(classify(shapes, metadata), os.path.basename(path), zero_shot, parts)
     if shapes is None or parts != "mask":
         state, read = read_state_dict(path), None
-    else:
+    else:  # the file's VAE tensors are never read when ``vae`` replaces them: with_vae drops them here
         state = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
         read = partial(read_tensors, path)
+    if vae is not None:
+        state = with_vae(state, vae)
     model = stable_diffusion_from_state_dict(state, metadata, os.path.basename(path), parts, read, dtype, zero_shot)
     return model.to(device=device).eval().requires_grad_(False)
 

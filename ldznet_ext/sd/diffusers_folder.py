@@ -27,7 +27,7 @@ from ..backbones.family import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointI
 from ..checkpoint_io import read_state_dict
 from ..errors import CheckpointError
 from ..limits import Limit
-from .checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, V_PREDICTION_KEY, _sub, check_family,
+from .checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, V_PREDICTION_KEY, _sub, check_family, with_vae,
                          stable_diffusion_from_state_dict, unet_config_from_state_dict)
 from .model import StableDiffusion
 from .text import normalize_text_state_dict
@@ -288,13 +288,15 @@ def read_diffusers_folder(path: str | os.PathLike) -> DiffusersModel:
 
 def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = "cpu",
                           dtype: torch.dtype = torch.float32, parts: str = "all",
-                          zero_shot: bool = False) -> StableDiffusion:
+                          zero_shot: bool = False, vae: Mapping[str, Tensor] | None = None) -> StableDiffusion:
     """``load_stable_diffusion`` for a diffusers folder: the same model its single-file equivalent gives
-    (SD 1.x for a head or zero-shot, SDXL for zero-shot), with the VAE scale of ``vae/config.json``."""
+    (SD 1.x for a head or zero-shot, SDXL for zero-shot), with the VAE scale of ``vae/config.json``;
+    ``vae``: VAE weights (``vae_file.read_vae_file``) used in place of the folder's ``vae/``."""
     if diffusers_family(path) == "sdxl":  # a head is refused before any weight is read
         check_family(CheckpointInfo("sdxl"), Path(path).name, zero_shot, parts)
     folder = read_diffusers_folder(path)
-    model = stable_diffusion_from_state_dict(folder.state, folder.metadata, Path(path).name, parts,
+    state = folder.state if vae is None else with_vae(folder.state, vae)
+    model = stable_diffusion_from_state_dict(state, folder.metadata, Path(path).name, parts,
                                              dtype=dtype, zero_shot=zero_shot)
     if folder.scale_factor is not None:
         model.scale_factor = folder.scale_factor
