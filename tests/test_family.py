@@ -39,6 +39,8 @@ CASES = {  # case: (transform, family, what the problem says)
     "sd2-context": (lambda s: _context(s, 1024), "sd2", "the UNet's text context is 1024-d (SD 2.x)"),
     "inpainting": (lambda s: _unet_with(s, **{"input_blocks.0.0.weight": torch.zeros(32, 9, 3, 3)}),
                    "sd-v1-inpainting", "inpainting UNets (9 input channels) are not supported"),
+    "vae": (lambda s: {k[len("first_stage_model."):]: v for k, v in s.items() if k.startswith("first_stage_model.")},
+            "vae", "this is a VAE file, not an SD model; pass it as --vae beside the model"),
     "sd-v1": (lambda s: s, "sd-v1", None),
 }
 

@@ -24,7 +24,10 @@ LABELS: dict[str, str] = {
     "sdxl": "SDXL", "sd3": "SD 3", "ssd": "SSD-1B", "flux": "Flux", "unknown": "not SD 1.x",
     "instruct-pix2pix": "an instruct-pix2pix model (8 input channels)", "diffusers": "a diffusers-format file",
     "ldznet-head": "an LD-ZNet segmentation head", "ldznet-official": "the official LD-ZNet release",
+    "vae": "a VAE",
 }
+# Every VAE layout (ldm's, diffusers') has this tensor, and no whole checkpoint has it unprefixed.
+VAE_FILE_KEY = "encoder.conv_in.weight"
 # The flags A1111 and Forge set on their loaded model, most specific first.
 _HOST_FLAGS = (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd3", "sd3"), ("is_ssd", "ssd"), ("is_flux", "flux"))
 # Key prefixes that name a family outright, checked in order after the LD-ZNet files.
@@ -102,6 +105,8 @@ def classify(state: Mapping, metadata: Mapping | None = None) -> CheckpointInfo:
     if any(k.startswith("sd_features_stage_model.") for k in keys):
         return CheckpointInfo("ldznet-official", "this is the official LD-ZNet release; import its head with "
                               "`ldznet convert FILE -o head.safetensors`")
+    if VAE_FILE_KEY in keys:
+        return CheckpointInfo("vae", "this is a VAE file, not an SD model; pass it as --vae beside the model")
     for prefixes, family, problem in _PREFIX_FAMILIES:
         if any(k.startswith(prefixes) for k in keys):
             return CheckpointInfo(family, problem)

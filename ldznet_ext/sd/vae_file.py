@@ -13,7 +13,7 @@ import os
 
 from torch import Tensor
 
-from ..backbones.family import VAE_PREFIX
+from ..backbones.family import VAE_FILE_KEY, VAE_PREFIX
 from ..checkpoint_io import SINGLE_FILE, read_state_dict, readable_file
 from ..errors import CheckpointError
 from .diffusers_folder import vae_to_ldm
@@ -21,7 +21,6 @@ from .vae import VAEConfig
 
 LATENT_CHANNELS = 4  # every SD 1.x, SD 2.x and SDXL UNet denoises 4-channel latents
 _DIFFUSERS_MARK = "encoder.down_blocks."
-_LDM_MARK = "encoder.conv_in.weight"
 
 
 def read_vae_file(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -33,8 +32,8 @@ def read_vae_file(path: str | os.PathLike) -> dict[str, Tensor]:
         state = {k[len(VAE_PREFIX):]: v for k, v in state.items() if k.startswith(VAE_PREFIX)}
     elif any(k.startswith(_DIFFUSERS_MARK) for k in state):
         state = vae_to_ldm(state)
-    if _LDM_MARK not in state:
-        raise CheckpointError(f"{path.name}: not a VAE: it has no '{_LDM_MARK}' (ldm layout), "
+    if VAE_FILE_KEY not in state:
+        raise CheckpointError(f"{path.name}: not a VAE: it has no '{VAE_FILE_KEY}' (ldm layout), "
                               f"'{_DIFFUSERS_MARK}*' (diffusers) or '{VAE_PREFIX}*' (a whole checkpoint)")
     state = {k: v for k, v in state.items() if not k.startswith("loss.")}  # training losses some VAE files carry
     moments = state.get("encoder.conv_out.weight")  # mean and log-variance of each latent channel
