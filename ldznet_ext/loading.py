@@ -123,8 +123,9 @@ def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = No
     cannot serve a head (SDXL family, SD 2.x); ``model`` is then not loaded, ``mask_model`` only as far as the
     head reads it (``parts="mask"``), and the mask is the one ``mask_model`` makes.
 
-    ``vae``: a VAE file (ldm or diffusers layout, or a checkpoint whose VAE is taken) used in place of the
-    model's VAE, or where its file has none; not with ``mask_model``, whose own VAE the head was matched to.
+    ``vae``: a VAE file (ldm or diffusers layout, a diffusers ``vae/`` folder, or a checkpoint whose VAE is
+    taken) used in place of the model's VAE, or where its file has none; not with ``mask_model``, whose own
+    VAE the head was matched to.
 
     ``timestep`` and ``draws`` default to the head's training timestep and one draw, or to the
     zero-shot defaults (:class:`ZeroShotSettings`); ``resolution`` None uses the head's own.

@@ -63,10 +63,11 @@ def files(tiny_model_files, tmp_path_factory) -> dict[str, Path]:
     write_folder = pytest.importorskip("test_diffusers_folder").write_folder
     paths["folder"] = write_folder(folder / "tiny-sd1", state, unet_config("tiny"), TINY_VAE8, text_heads=2)
     paths["diffusers"] = paths["folder"] / "vae" / "diffusion_pytorch_model.safetensors"
+    paths["diffusers-folder"] = paths["folder"] / "vae"
     return paths
 
 
-@pytest.mark.parametrize("layout", ["ldm", "sd", "diffusers", "pickle"])
+@pytest.mark.parametrize("layout", ["ldm", "sd", "diffusers", "diffusers-folder", "pickle"])
 def test_every_layout_reads_to_the_checkpoints_vae(files, layout) -> None:
     assert _equal(read_vae_file(files[layout]), _vae_part(read_state_dict(files["sd"])))
 
@@ -125,6 +126,9 @@ def test_files_that_are_no_sd_vae_are_refused_by_name(files, tiny_model_files, t
         read_vae_file(tmp_path / "part.safetensors")
     with pytest.raises(CheckpointError, match=r"^VAE file not found: .*missing.safetensors$"):
         read_vae_file(tmp_path / "missing.safetensors")
+    (tmp_path / "model" / "vae").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"^model: no weights in vae/ \(found nothing\); expected one of "):
+        read_vae_file(tmp_path / "model" / "vae")
     with pytest.raises(LdznetError, match=r"^vae.safetensors: a VAE file replaces the VAE of --model, but with "
                                           r"--mask-model the masks come from the mask model"):
         load_segmenter(files["sd"], tiny_model_files[1], mask_model=files["sd"], vae=files["ldm"])

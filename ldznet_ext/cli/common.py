@@ -42,7 +42,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True) 
                             "serve one (SDXL family, SD 2.x); needs --head")
     group.add_argument("--vae", metavar="VAE.safetensors",
                        help="VAE file used in place of --model's VAE, or where its file has none (ldm or diffusers "
-                            "layout, or a checkpoint whose VAE is taken)")
+                            "layout, a diffusers vae/ folder, or a checkpoint whose VAE is taken)")
     which = group.add_mutually_exclusive_group()
     which.add_argument("--head", metavar="HEAD.safetensors",
                        help="LD-ZNet/ZNet head trained for the model (default: the embedded head, "

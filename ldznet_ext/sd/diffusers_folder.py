@@ -77,7 +77,7 @@ def _json(path: Path, folder: Path) -> dict[str, Any]:
     return data
 
 
-def _read_part(folder: Path, part: str) -> dict[str, Tensor]:
+def read_part(folder: Path, part: str) -> dict[str, Tensor]:
     """All tensors of the part ``part`` (a sub-folder); sharded files through their index."""
     where = folder / part
     for index in sorted(where.glob("*.safetensors.index.json")):
@@ -266,12 +266,12 @@ def read_diffusers_folder(path: str | os.PathLike) -> DiffusersModel:
                               "text encoder (SD 2.x?); diffusers folders of SD 1.x and SDXL are read, for SD 2.x "
                               "use its single-file checkpoint")
     layers = _int_field(unet_config, "layers_per_block", f"{folder.name}: unet/config.json")
-    state = {UNET_PREFIX + k: v for k, v in unet_to_ldm(_read_part(folder, "unet"), layers).items()}
-    state.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(_read_part(folder, "vae")).items()})
-    clip_l = normalize_text_state_dict(_read_part(folder, "text_encoder"))
+    state = {UNET_PREFIX + k: v for k, v in unet_to_ldm(read_part(folder, "unet"), layers).items()}
+    state.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(read_part(folder, "vae")).items()})
+    clip_l = normalize_text_state_dict(read_part(folder, "text_encoder"))
     state.update({(CLIP_L_PREFIX if sdxl else TEXT_PREFIX) + k: v for k, v in clip_l.items()})
     if sdxl:
-        bigg = clip_to_openclip(_read_part(folder, "text_encoder_2"))
+        bigg = clip_to_openclip(read_part(folder, "text_encoder_2"))
         state.update({BIGG_PREFIX + k: v for k, v in bigg.items()})
     if _is_v_prediction(folder):
         state[V_PREDICTION_KEY] = torch.zeros(())

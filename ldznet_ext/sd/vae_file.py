@@ -3,20 +3,21 @@
 WebUI users keep VAEs beside their checkpoints (``models/VAE/``): checkpoints published without one,
 or a fixed VAE preferred to the baked-in one. A VAE file comes in one of three layouts, read the same:
 ldm's (``encoder.down.0.block.0.*``, as A1111 and ComfyUI save VAEs), diffusers' (``encoder.down_blocks.*``,
-``vae/diffusion_pytorch_model.safetensors``), or a whole single-file checkpoint whose
+``vae/diffusion_pytorch_model.safetensors`` or the ``vae/`` folder), or a whole single-file checkpoint whose
 ``first_stage_model.*`` is taken. Only tensors are read (``checkpoint_io``), never pickled code.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from torch import Tensor
 
 from ..backbones.family import VAE_FILE_KEY, VAE_PREFIX
 from ..checkpoint_io import SINGLE_FILE, read_state_dict, readable_file
 from ..errors import CheckpointError
-from .diffusers_folder import vae_to_ldm
+from .diffusers_folder import read_part, vae_to_ldm
 from .vae import VAEConfig
 
 LATENT_CHANNELS = 4  # every SD 1.x, SD 2.x and SDXL UNet denoises 4-channel latents
@@ -24,10 +25,13 @@ _DIFFUSERS_MARK = "encoder.down_blocks."
 
 
 def read_vae_file(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The ldm-layout VAE weights (no prefix) of a VAE file or of a single-file checkpoint's VAE;
-    CheckpointError naming the file when it holds no 4-channel SD VAE."""
-    path = readable_file(path, "VAE file", f"a VAE file ({SINGLE_FILE}, .pt or .bin)")
-    state = read_state_dict(path)
+    """The ldm-layout VAE weights (no prefix) of a VAE file, a diffusers ``vae/`` folder or a single-file
+    checkpoint's VAE; CheckpointError naming the file when it holds no 4-channel SD VAE."""
+    path = Path(path)
+    if path.is_dir():  # a diffusers model's vae/ folder
+        state = read_part(path.parent, path.name)
+    else:
+        state = read_state_dict(readable_file(path, "VAE file", f"a VAE file ({SINGLE_FILE}, .pt or .bin)"))
     if any(k.startswith(VAE_PREFIX) for k in state):
         state = {k[len(VAE_PREFIX):]: v for k, v in state.items() if k.startswith(VAE_PREFIX)}
     elif any(k.startswith(_DIFFUSERS_MARK) for k in state):
