@@ -172,3 +172,14 @@ def test_eval_refuses_to_write_over_the_vae_file(ldznet, files, tiny_model_files
                           "--data", "world:test:1", "--json", vae)
     assert (code, err) == (2, f"ldznet eval: error: {vae}: the same file as the VAE; give each output its own name\n")
     assert Path(vae).read_bytes() == before
+
+
+def test_a_head_trains_on_a_checkpoint_without_a_vae_given_its_vae_file(ldznet, files, tmp_path) -> None:
+    run = tmp_path / "run"
+    code, out, err = ldznet("train", "--arch", "znet", "--model", files["no-vae"], "--vae", files["ldm"], "--data",
+                            "world:train:2", "-o", run, "--resolution", 64, "--batch-size", 2, "--steps", 1)
+    assert (code, err) == (0, "") and "znet head, 1 steps" in out
+    assert read_metadata(run / "head.safetensors")["training"]["sd_model"] == "no-vae.safetensors (VAE vae.safetensors)"
+    code, _, err = ldznet("train", "--arch", "znet", "--model", files["no-vae"], "--data", "world:train:2", "-o",
+                          tmp_path / "run2", "--resolution", 64, "--batch-size", 2, "--steps", 1)
+    assert code == 2 and "no-vae.safetensors: sd-v1: the file has no VAE" in err

@@ -27,6 +27,7 @@ from ..modeling.ldznet import FUSIONS
 from ..outputs import writable_folder
 from ..precision import PRECISIONS, autocast_dtype
 from ..sd.checkpoint import load_stable_diffusion
+from ..sd.vae_file import read_vae_file
 from ..train import distributed
 from ..train.augment import TEMPLATES
 from ..train.config import (FIELD_LIMITS, PRESETS, SCHEDULES, TrainConfig, check_values, compose_config,
@@ -60,10 +61,12 @@ def train(args: argparse.Namespace) -> Trainer:
     writable_folder(args.output)  # before the model loads and the data opens, not at the first checkpoint
     device, joined = distributed.init_from_env(resolve_device(args.device))
     try:
-        backbone = load_stable_diffusion(args.model, device, autocast_dtype(config.precision) or torch.float32)
+        vae = read_vae_file(args.vae) if args.vae is not None else None
+        backbone = load_stable_diffusion(args.model, device, autocast_dtype(config.precision) or torch.float32,
+                                         vae=vae)
         source = open_source(config.data, size=config.resolution, domain=args.domain)
-        trainer = Trainer(backbone, source, config, args.output, model_name=Path(args.model).name,
-                          resuming=args.resume)
+        model_name = Path(args.model).name + (f" (VAE {Path(args.vae).name})" if args.vae is not None else "")
+        trainer = Trainer(backbone, source, config, args.output, model_name=model_name, resuming=args.resume)
         if args.resume:
             trainer.resume()
         trainer.run()
@@ -96,6 +99,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                             "(official: the released model's recipe)")
     p.add_argument("--arch", choices=ARCHITECTURES)
     p.add_argument("--model", required=True, metavar="SD.safetensors", help="SD v1 checkpoint (frozen backbone)")
+    p.add_argument("--vae", metavar="VAE.safetensors", help="VAE file used in place of the model's VAE, or where its "
+                                                            "file has none (as for ldznet mask; again with --resume)")
     p.add_argument("--domain", help="paint micro-world scenes in this domain only (cartoon or photo)")
     p.add_argument("--data", metavar="SPEC",
                    help=f"data spec, e.g. world:train:5000 or phrasecut:DIR:train (docs/datasets.md; default {d.data})")
