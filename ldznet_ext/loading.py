@@ -84,6 +84,11 @@ def resolve_mask_model(mask_model: str | os.PathLike | None, head: str | os.Path
     return path
 
 
+def model_label(model: str | os.PathLike, vae: str | os.PathLike | None = None) -> str:
+    """How messages and records name a model file loaded with a VAE file (or without)."""
+    return Path(model).name + (f" (VAE {Path(vae).name})" if vae is not None else "")
+
+
 def check_vae_choice(vae: str | os.PathLike | None, mask_model: str | os.PathLike | None) -> None:
     """LdznetError when a VAE file is given beside a mask model: the VAE replaces the model's, and with a
     mask model the masks come from the mask model, whose own VAE its head reads."""
@@ -144,8 +149,7 @@ def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = No
     # A mask model serves the head alone: only what the head reads is loaded.
     backbone = load(mask_model or model, device=device, dtype=torch_dtype, zero_shot=head is None,
                     parts="mask" if mask_model else "all", vae=vae_state)
-    name = (Path(mask_model or model).name + (f" (VAE {Path(vae).name})" if vae is not None else "")
-            + (f" with {Path(head).name}" if head is not None else ""))
+    name = model_label(mask_model or model, vae) + (f" with {Path(head).name}" if head is not None else "")
     return build_segmenter(backbone, head_module, head_config,
                            ModelSettings(resolution=resolution, timestep=timestep, draws=draws, seed=seed),
                            name=name, head_name=Path(head).name if head is not None else "head")

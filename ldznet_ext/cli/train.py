@@ -21,7 +21,7 @@ import torch
 from ..data.spec import open_source
 from ..errors import LdznetError
 from ..limits import bounded_number
-from ..loading import resolve_device
+from ..loading import model_label, resolve_device
 from ..modeling.build import ARCHITECTURES
 from ..modeling.ldznet import FUSIONS
 from ..outputs import writable_folder
@@ -65,8 +65,8 @@ def train(args: argparse.Namespace) -> Trainer:
         backbone = load_stable_diffusion(args.model, device, autocast_dtype(config.precision) or torch.float32,
                                          vae=vae)
         source = open_source(config.data, size=config.resolution, domain=args.domain)
-        model_name = Path(args.model).name + (f" (VAE {Path(args.vae).name})" if args.vae is not None else "")
-        trainer = Trainer(backbone, source, config, args.output, model_name=model_name, resuming=args.resume)
+        trainer = Trainer(backbone, source, config, args.output, model_name=model_label(args.model, args.vae),
+                          resuming=args.resume)
         if args.resume:
             trainer.resume()
         trainer.run()

@@ -27,8 +27,8 @@ from ..backbones.family import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointI
 from ..checkpoint_io import read_state_dict
 from ..errors import CheckpointError
 from ..limits import Limit
-from .checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, V_PREDICTION_KEY, _sub, check_family, with_vae,
-                         stable_diffusion_from_state_dict, unet_config_from_state_dict)
+from .checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, V_PREDICTION_KEY, _sub, check_family,
+                         stable_diffusion_from_state_dict, unet_config_from_state_dict, with_vae)
 from .model import StableDiffusion
 from .text import normalize_text_state_dict
 from .unet import UNetConfig
