@@ -122,6 +122,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     return tensors
 
 
+def named_path(path: str | os.PathLike) -> Path:
+    """``path`` made absolute (not resolved), so that a folder given as ``.`` or ``..`` has a name for
+    messages and records (``named_path(path).name``)."""
+    return Path(os.path.abspath(path))
+
+
 def readable_file(path: str | os.PathLike, what: str = "checkpoint", expected: str = SINGLE_FILE) -> Path:
     """``path`` once it is known to be a readable regular file; CheckpointError saying what it is
     otherwise (missing, a folder, not a regular file, unreadable). ``expected`` ends the folder message."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .backbones.family import LABELS, CheckpointInfo
-from .checkpoint_io import SINGLE_FILE, readable_file
+from .checkpoint_io import SINGLE_FILE, named_path, readable_file
 from .defaults import default_model_paths
 from .errors import CheckpointError, LdznetError
 from .factory import ModelSettings, build_segmenter
@@ -49,7 +49,7 @@ def resolve_model_paths(model: str | os.PathLike | None, head: str | os.PathLike
             head = default_head
         model = default_sd
     elif head is None and not zero_shot:
-        raise LdznetError(f"{Path(model).name}: a model of your own needs a segmentation head: pass "
+        raise LdznetError(f"{named_path(model).name}: a model of your own needs a segmentation head: pass "
                           "--head HEAD.safetensors (an LD-ZNet head trained for this model) or --zero-shot")
     if Path(model).is_dir() and not is_diffusers_folder(model):
         raise CheckpointError(f"model file {model} is a folder without {INDEX_FILE}; expected an SD checkpoint, "
@@ -68,10 +68,10 @@ def resolve_mask_model(mask_model: str | os.PathLike | None, head: str | os.Path
     if mask_model is None:
         return None
     if zero_shot or head is None:
-        raise LdznetError(f"{Path(mask_model).name}: a mask model serves a head, and zero-shot masks come from the "
-                          "model itself; pass --head HEAD.safetensors with --mask-model, or drop --mask-model")
+        raise LdznetError(f"{named_path(mask_model).name}: a mask model serves a head, and zero-shot masks come from "
+                          "the model itself; pass --head HEAD.safetensors with --mask-model, or drop --mask-model")
     if is_diffusers_folder(mask_model):
-        path, kind, info = Path(mask_model), "folder", CheckpointInfo(diffusers_family(mask_model))
+        path, kind, info = named_path(mask_model), "folder", CheckpointInfo(diffusers_family(mask_model))
     else:
         path, kind = readable_file(mask_model, "mask model file", f"an SD 1.x checkpoint, {SINGLE_FILE}, or an "
                                    f"SD 1.x diffusers folder (with {INDEX_FILE})"), "file"
@@ -86,15 +86,15 @@ def resolve_mask_model(mask_model: str | os.PathLike | None, head: str | os.Path
 
 def model_label(model: str | os.PathLike, vae: str | os.PathLike | None = None) -> str:
     """How messages and records name a model file loaded with a VAE file (or without)."""
-    return Path(model).name + (f" (VAE {Path(vae).name})" if vae is not None else "")
+    return named_path(model).name + (f" (VAE {named_path(vae).name})" if vae is not None else "")
 
 
 def check_vae_choice(vae: str | os.PathLike | None, mask_model: str | os.PathLike | None) -> None:
     """LdznetError when a VAE file is given beside a mask model: the VAE replaces the model's, and with a
     mask model the masks come from the mask model, whose own VAE its head reads."""
     if vae is not None and mask_model is not None:
-        raise LdznetError(f"{Path(vae).name}: a VAE file replaces the VAE of --model, but with --mask-model the masks "
-                          "come from the mask model and its own VAE; drop --vae, or drop --mask-model")
+        raise LdznetError(f"{named_path(vae).name}: a VAE file replaces the VAE of --model, but with --mask-model the "
+                          "masks come from the mask model and its own VAE; drop --vae, or drop --mask-model")
 
 
 def resolve_device(name: str | None = None) -> torch.device:
@@ -149,7 +149,7 @@ def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = No
     # A mask model serves the head alone: only what the head reads is loaded.
     backbone = load(mask_model or model, device=device, dtype=torch_dtype, zero_shot=head is None,
                     parts="mask" if mask_model else "all", vae=vae_state)
-    name = model_label(mask_model or model, vae) + (f" with {Path(head).name}" if head is not None else "")
+    name = model_label(mask_model or model, vae) + (f" with {named_path(head).name}" if head is not None else "")
     return build_segmenter(backbone, head_module, head_config,
                            ModelSettings(resolution=resolution, timestep=timestep, draws=draws, seed=seed),
-                           name=name, head_name=Path(head).name if head is not None else "head")
+                           name=name, head_name=named_path(head).name if head is not None else "head")

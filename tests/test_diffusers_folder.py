@@ -128,12 +128,19 @@ def test_a_bin_part_is_read_by_the_safe_reader(sd1_pair, tmp_path) -> None:
     _same_tensors(folder, sd1_pair[0])
 
 
-def test_folders_we_cannot_read_are_named(ldznet, sd1_pair, tiny_model_files, image_file, tmp_path) -> None:
+def test_folders_we_cannot_read_are_named(ldznet, sd1_pair, tiny_model_files, image_file, tmp_path,
+                                          monkeypatch) -> None:
     import shutil
     folder = shutil.copytree(sd1_pair[1], tmp_path / "no-unet")
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"^no-unet: no weights in unet/ \(found config.json\); expected one of "):
         read_diffusers_folder(folder)
+    monkeypatch.chdir(folder / "unet")  # '..' and '.' are named by the folder they stand for
+    with pytest.raises(CheckpointError, match=r"^no-unet: no weights in unet/ \(found config.json\); expected one of "):
+        read_diffusers_folder("..")
+    monkeypatch.chdir(sd1_pair[1])
+    code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", ".")
+    assert code == 2 and err.startswith("ldznet mask: error: tiny-sd1: a model of your own needs a segmentation head")
     sd2 = shutil.copytree(sd1_pair[1], tmp_path / "sd2")
     (sd2 / "text_encoder" / "config.json").write_text(json.dumps({"num_attention_heads": 16, "hidden_size": 1024}))
     code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", sd2, "--zero-shot")

@@ -109,7 +109,7 @@ def test_an_sdxl_model_takes_a_vae_file_for_zero_shot_masks(files, tmp_path) -> 
     assert _equal(load_stable_diffusion(tmp_path / "xl.safetensors", zero_shot=True, vae=other).vae.state_dict(), other)
 
 
-def test_files_that_are_no_sd_vae_are_refused_by_name(files, tiny_model_files, tmp_path) -> None:
+def test_files_that_are_no_sd_vae_are_refused_by_name(files, tiny_model_files, tmp_path, monkeypatch) -> None:
     with pytest.raises(CheckpointError, match=r"^head.safetensors: not a VAE: it has no 'encoder.conv_in.weight' "
                                               r"\(ldm layout\), 'encoder.down_blocks.\*' \(diffusers\) or "
                                               r"'first_stage_model.\*' \(a whole checkpoint\)$"):
@@ -129,6 +129,9 @@ def test_files_that_are_no_sd_vae_are_refused_by_name(files, tiny_model_files, t
     (tmp_path / "model" / "vae").mkdir(parents=True)
     with pytest.raises(CheckpointError, match=r"^model: no weights in vae/ \(found nothing\); expected one of "):
         read_vae_file(tmp_path / "model" / "vae")
+    monkeypatch.chdir(tmp_path / "model" / "vae")  # the folder given as '.' is named by its parent all the same
+    with pytest.raises(CheckpointError, match=r"^model: no weights in vae/ \(found nothing\); expected one of "):
+        read_vae_file(".")
     with pytest.raises(LdznetError, match=r"^vae.safetensors: a VAE file replaces the VAE of --model, but with "
                                           r"--mask-model the masks come from the mask model"):
         load_segmenter(files["sd"], tiny_model_files[1], mask_model=files["sd"], vae=files["ldm"])

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..backbones.family import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointInfo
-from ..checkpoint_io import read_state_dict
+from ..checkpoint_io import named_path, read_state_dict
 from ..errors import CheckpointError
 from ..limits import Limit
 from .checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, V_PREDICTION_KEY, _sub, check_family,
@@ -57,7 +57,7 @@ def is_diffusers_folder(path: str | os.PathLike) -> bool:
 def diffusers_family(path: str | os.PathLike) -> str:
     """The family of a diffusers folder from its layout and configs alone, no weight read: "sdxl" (a
     ``text_encoder_2/``), "sd2" (a 1024-d text encoder or cross-attention), else "sd-v1"."""
-    folder = Path(path)
+    folder = named_path(path)
     if (folder / "text_encoder_2").is_dir():
         return "sdxl"
     unet_config = _json(folder / "unet" / "config.json", folder)
@@ -254,7 +254,7 @@ def read_diffusers_folder(path: str | os.PathLike) -> DiffusersModel:
     """An SD 1.x or SDXL diffusers folder (``text_encoder_2/`` makes it SDXL) as a single file's tensors
     (every weight read), with the UNet and text configurations that shapes do not show as metadata.
     CheckpointError naming the folder and what it holds otherwise (an SD 2.x folder: use its single file)."""
-    folder = Path(path)
+    folder = named_path(path)
     index = _json(folder / INDEX_FILE, folder)
     kind = index.get("_class_name", "an unnamed pipeline")
     unet_config = _json(folder / "unet" / "config.json", folder)
@@ -293,10 +293,10 @@ def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = 
     (SD 1.x for a head or zero-shot, SDXL for zero-shot), with the VAE scale of ``vae/config.json``;
     ``vae``: VAE weights (``vae_file.read_vae_file``) used in place of the folder's ``vae/``."""
     if diffusers_family(path) == "sdxl":  # a head is refused before any weight is read
-        check_family(CheckpointInfo("sdxl"), Path(path).name, zero_shot, parts)
+        check_family(CheckpointInfo("sdxl"), named_path(path).name, zero_shot, parts)
     folder = read_diffusers_folder(path)
     state = folder.state if vae is None else with_vae(folder.state, vae)
-    model = stable_diffusion_from_state_dict(state, folder.metadata, Path(path).name, parts,
+    model = stable_diffusion_from_state_dict(state, folder.metadata, named_path(path).name, parts,
                                              dtype=dtype, zero_shot=zero_shot)
     if folder.scale_factor is not None:
         model.scale_factor = folder.scale_factor

@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import Tensor
 
 from ..backbones.family import VAE_FILE_KEY, VAE_PREFIX
-from ..checkpoint_io import SINGLE_FILE, read_state_dict, readable_file
+from ..checkpoint_io import SINGLE_FILE, named_path, read_state_dict, readable_file
 from ..errors import CheckpointError
 from .diffusers_folder import read_part, vae_to_ldm
 from .vae import VAEConfig
@@ -29,6 +29,7 @@ def read_vae_file(path: str | os.PathLike) -> dict[str, Tensor]:
     checkpoint's VAE; CheckpointError naming the file when it holds no 4-channel SD VAE."""
     path = Path(path)
     if path.is_dir():  # a diffusers model's vae/ folder
+        path = named_path(path)
         state = read_part(path.parent, path.name)
     else:
         state = read_state_dict(readable_file(path, "VAE file", f"a VAE file ({SINGLE_FILE}, .pt or .bin)"))
