@@ -155,13 +155,16 @@ def test_the_command_line_masks_with_a_vae_file_and_records_it(ldznet, files, ti
 @pytest.mark.parametrize(("args", "message"), [
     (("--vae", "VAE"), "vae.safetensors: --vae replaces the VAE of --model, and the embedded micro model keeps its "
                        "own; pass --model SD.safetensors with --vae"),
+    (("--vae", "FOLDER/.."), "tiny-sd1: --vae replaces the VAE of --model, and the embedded micro model keeps its "
+                             "own; pass --model SD.safetensors with --vae"),  # '..' named by the folder it stands for
     (("--model", "SD", "--mask-model", "SD", "--head", "HEAD", "--vae", "VAE"),
      "vae.safetensors: a VAE file replaces the VAE of --model, but with --mask-model the masks come from the mask "
      "model and its own VAE; drop --vae, or drop --mask-model"),
 ])
 def test_vae_choices_that_cannot_apply_are_one_line(ldznet, files, tiny_model_files, image_file, tmp_path, args,
                                                     message) -> None:
-    named = {"VAE": files["ldm"], "SD": files["sd"], "HEAD": tiny_model_files[1]}
+    named = {"VAE": files["ldm"], "SD": files["sd"], "HEAD": tiny_model_files[1],
+             "FOLDER/..": files["diffusers-folder"] / ".."}
     code, out, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", *(named.get(a, a) for a in args))
     assert (code, out, err) == (2, "", f"ldznet mask: error: {message}\n")
     assert not (tmp_path / "m.png").exists()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
 
+from ..checkpoint_io import named_path
 from ..images import MAX_PIXELS
 from ..limits import DEVICE_NAMES, DRAWS, PIXELS, RESOLUTION, SEED, TIMESTEP, bounded_number, device_name
 from ..errors import LdznetError
@@ -78,8 +78,8 @@ def segmenter_from_args(args: argparse.Namespace, refine: RefineSettings | None 
     # the head given by name: the embedded head was trained on the embedded model only
     mask_model = resolve_mask_model(args.mask_model, args.head, args.zero_shot)
     if args.vae is not None and args.model is None:
-        raise LdznetError(f"{Path(args.vae).name}: --vae replaces the VAE of --model, and the embedded micro model "
-                          "keeps its own; pass --model SD.safetensors with --vae")
+        raise LdznetError(f"{named_path(args.vae).name}: --vae replaces the VAE of --model, and the embedded micro "
+                          "model keeps its own; pass --model SD.safetensors with --vae")
     model, head = resolve_model_paths(args.model, args.head, args.zero_shot)
     segmenter = load_segmenter(model, head, mask_model=mask_model, vae=args.vae, device=args.device, dtype=args.dtype,
                                resolution=args.resolution, timestep=getattr(args, "timestep", None),
