@@ -292,11 +292,12 @@ def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = 
     """``load_stable_diffusion`` for a diffusers folder: the same model its single-file equivalent gives
     (SD 1.x for a head or zero-shot, SDXL for zero-shot), with the VAE scale of ``vae/config.json``;
     ``vae``: VAE weights (``vae_file.read_vae_file``) used in place of the folder's ``vae/``."""
+    name = named_path(path).name
     if diffusers_family(path) == "sdxl":  # a head is refused before any weight is read
-        check_family(CheckpointInfo("sdxl"), named_path(path).name, zero_shot, parts)
+        check_family(CheckpointInfo("sdxl"), name, zero_shot, parts)
     folder = read_diffusers_folder(path)
     state = folder.state if vae is None else with_vae(folder.state, vae)
-    model = stable_diffusion_from_state_dict(state, folder.metadata, named_path(path).name, parts,
+    model = stable_diffusion_from_state_dict(state, folder.metadata, name, parts,
                                              dtype=dtype, zero_shot=zero_shot)
     if folder.scale_factor is not None:
         model.scale_factor = folder.scale_factor
