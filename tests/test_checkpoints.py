@@ -30,6 +30,7 @@ from ldznet_ext.sd.checkpoint import (
     SD2_FOR_ZERO_SHOT_ONLY, SUPPORTED, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, classify, load_stable_diffusion,
     save_stable_diffusion, stable_diffusion_state_dict, unet_config_from_state_dict,
 )
+from ldznet_ext.sd.schedule import alphas_cumprod
 from ldznet_ext.sd.unet import UNetModel, unet_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -322,6 +323,29 @@ def test_ckpt_of_the_same_state_dict_loads(sd_state, tiny_sd, reference_outputs,
     assert model.text_encoder.transformer.config.num_attention_heads == 1  # 64-d / 64 per head
     with torch.no_grad():
         assert torch.equal(_outputs(model)[0], reference_outputs[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_file_stored_in_fewer_bits_loads_in_fp32_with_the_exact_schedule(sd_state, tmp_path, dtype) -> None:
+    # Community files store everything in fp16, bf16 or fp8 (Forge's fp8 checkpoints), the schedule included.
+    rounded = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd_state.items()}
+    save_file(rounded, tmp_path / "low.safetensors")
+    model = load_stable_diffusion(tmp_path / "low.safetensors")
+    loaded = stable_diffusion_state_dict(model)
+    weights = [k for k, v in rounded.items() if v.is_floating_point() and k != "alphas_cumprod"]
+    assert len(weights) > 800 and all(loaded[k].dtype == torch.float32 for k in weights)
+    assert all(torch.equal(loaded[k], rounded[k].float()) for k in weights)
+    assert torch.equal(model.schedule.alphas_cumprod, alphas_cumprod())
+    assert model.schedule.alphas_cumprod[0] < 1  # rounded, a_0 = 0.99915 would be 1 in bf16 and fp8: no noise
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_schedule_of_its_own_is_kept_in_any_precision(sd_state, tmp_path, dtype) -> None:
+    table = alphas_cumprod().clone()
+    table[-1] = 0.0  # zero terminal SNR, as some fine-tunes ship
+    save_file(sd_state | {"alphas_cumprod": table.to(dtype)}, tmp_path / "ztsnr.safetensors")
+    schedule = load_stable_diffusion(tmp_path / "ztsnr.safetensors").schedule
+    assert torch.equal(schedule.alphas_cumprod, table.to(dtype).double())
 
 
 @pytest.mark.parametrize("position_ids", [False, True])

@@ -242,3 +242,13 @@ def test_forge_makes_room_through_its_memory_manager(monkeypatch):
     device, dtype, make_room = host._placement(engine)
     make_room(10, device)
     assert (device, dtype, freed) == (torch.device("cpu"), torch.bfloat16, [(110, torch.device("cpu"))])
+
+
+def test_forge_without_a_unet_patcher_computes_in_its_computation_dtype_not_its_fp8_storage(monkeypatch):
+    memory_management = types.SimpleNamespace(get_torch_device=lambda: "cpu",
+                                              unet_dtype=lambda *a, **k: torch.float8_e4m3fn,
+                                              get_computation_dtype=lambda device, *a, **k: torch.bfloat16)
+    monkeypatch.setitem(sys.modules, "backend", types.SimpleNamespace(memory_management=memory_management))
+    monkeypatch.setattr(host, "is_forge", lambda: True)
+    device, dtype, _ = host._placement(types.SimpleNamespace())
+    assert (device, dtype) == (torch.device("cpu"), torch.bfloat16)

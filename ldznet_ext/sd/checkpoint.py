@@ -29,7 +29,7 @@ from ..checkpoint_io import (parse_config, read_metadata, read_state_dict, read_
 from ..errors import CheckpointError, LdznetError
 from .model import StableDiffusion
 from .parts import check_parts, trim_for_masks
-from .schedule import NoiseSchedule
+from .schedule import NUM_TIMESTEPS, NoiseSchedule, alphas_cumprod
 from .sd2 import OpenCLIPContext, StableDiffusion2, predicts_v
 from .sdxl import OpenCLIPTextEncoder, SDXLConditioner, StableDiffusionXL
 from .text import TextEncoder, normalize_text_state_dict, text_config
@@ -259,9 +259,22 @@ def _sd_v1_from_state_dict(state: dict[str, Tensor], described: SDMetadata, part
 
 
 def _file_schedule(state: Mapping[str, Tensor]) -> NoiseSchedule:
-    """The file's ``alphas_cumprod`` table when it holds one, else SD's default schedule."""
+    """The file's ``alphas_cumprod`` table when it holds one, else SD's default schedule. A table stored in
+    fewer bits than fp32 that is the default schedule rounded to them is that schedule at full precision:
+    fp16 moves the noise scale sqrt(1 - a_t) by 7 % at t = 0, and bf16 or fp8 round a_t near 0 to 1, so
+    that no noise would be added there at all."""
     table = state.get("alphas_cumprod")
-    return NoiseSchedule(table if table is not None and table.ndim == 1 else None)
+    if table is None or table.ndim != 1 or _is_rounded_default_schedule(table):
+        return NoiseSchedule()
+    return NoiseSchedule(table)
+
+
+def _is_rounded_default_schedule(table: Tensor) -> bool:
+    if table.dtype in (torch.float32, torch.float64) or table.shape != (NUM_TIMESTEPS,):
+        return False
+    exact = alphas_cumprod()
+    # A converter may round the fp32 table a training script saved, or the exact one.
+    return any(torch.equal(table, exact.to(via).to(table.dtype)) for via in (torch.float64, torch.float32))
 
 
 def _unet_vae_and_openclip(state: Mapping[str, Tensor], described: SDMetadata, openclip_prefix: str,

@@ -205,13 +205,17 @@ def mask_model_path(refusal: CheckpointError) -> Path:
 
 def _placement(sd_model) -> tuple[torch.device, torch.dtype, mask_model.MakeRoom | None]:
     """Where the separate model runs: the host UNet's device and precision, and, in Forge, its
-    memory manager's way to make room on the GPU (as its own models ask before loading)."""
+    memory manager's way to make room on the GPU (as its own models ask before loading). The precision
+    is the one the host computes in, never its storage type (Forge's --unet-in-fp8-e4m3fn stores fp8)."""
     if is_forge():
         from backend import memory_management
 
         patcher = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
-        device, dtype = ((torch.device(patcher.load_device), patcher.model.computation_dtype) if patcher is not None
-                         else (memory_management.get_torch_device(), memory_management.unet_dtype()))
+        if patcher is not None:
+            device, dtype = torch.device(patcher.load_device), patcher.model.computation_dtype
+        else:
+            device = torch.device(memory_management.get_torch_device())
+            dtype = memory_management.get_computation_dtype(device)
 
         def make_room(size: int, device: torch.device) -> None:
             memory_management.free_memory(size + memory_management.minimum_inference_memory(), device)
