@@ -30,6 +30,13 @@ LABELS: dict[str, str] = {
 VAE_FILE_KEY = "encoder.conv_in.weight"
 # The flags A1111 and Forge set on their loaded model, most specific first.
 _HOST_FLAGS = (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd3", "sd3"), ("is_ssd", "ssd"), ("is_flux", "flux"))
+# Add-ons users keep beside their models, named only when every tensor is theirs (a model that carries a
+# stray LoRA key stays a model). LoRA keys: kohya's "lora_unet_*" / "lora_te*_", PEFT's ".lora_A.",
+# diffusers' ".lora.down."; LyCORIS's "lycoris_*" (LoHa "hada_w*", LoKr "lokr_w*").
+_LORA_MARKS = ("lora_", ".lora.", "lycoris_", "hada_w", "lokr_w")
+# Textual inversion: A1111's .safetensors "emb_params", its .pt "string_to_param", SDXL's "clip_l" / "clip_g".
+_EMBEDDING_KEYS = ("emb_params", "string_to_param", "string_to_token", "clip_l", "clip_g")
+
 # Key prefixes that name a family outright, checked in order after the LD-ZNet files.
 _PREFIX_FAMILIES = (
     (("conditioner.embedders.",), "sdxl", "SDXL checkpoints are not supported"),
@@ -107,6 +114,12 @@ def classify(state: Mapping, metadata: Mapping | None = None) -> CheckpointInfo:
                               "`ldznet convert FILE -o head.safetensors`")
     if VAE_FILE_KEY in keys:
         return CheckpointInfo("vae", "this is a VAE file, not an SD model; pass it as --vae beside the model")
+    if keys and all(any(mark in k for mark in _LORA_MARKS) for k in keys):
+        return CheckpointInfo("lora", "this is a LoRA (weights added to an SD model), not an SD model; pass the "
+                              "model itself (masks are made without LoRAs)")
+    if keys and all(k.split(".")[0] in _EMBEDDING_KEYS for k in keys):
+        return CheckpointInfo("embedding", "this is a textual-inversion embedding, not an SD model; pass the model "
+                              "itself")
     for prefixes, family, problem in _PREFIX_FAMILIES:
         if any(k.startswith(prefixes) for k in keys):
             return CheckpointInfo(family, problem)
