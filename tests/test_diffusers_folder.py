@@ -194,3 +194,50 @@ def test_sd1_v_prediction_is_refused_from_a_folder_and_a_file(ldznet, sd1_pair, 
         assert (code, err) == (2, f"ldznet mask: error: {model.name}: an SD 1.x v-prediction model; LD-ZNet "
                                   "heads and the zero-shot score read an eps-prediction SD 1.x model: use the eps "
                                   "model it was fine-tuned from\n")
+
+
+def _with_scheduler(folder: Path, tmp_path: Path, name: str, config: dict) -> Path:
+    import shutil
+    copy = shutil.copytree(folder, tmp_path / name)
+    (copy / "scheduler").mkdir(exist_ok=True)
+    (copy / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize("config", [
+    {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+    {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "rescale_betas_zero_snr": True},
+    {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "rescale_betas_zero_snr": True},
+])
+def test_the_scheduler_config_gives_the_noise_schedule_diffusers_gives(sdxl_pair, tmp_path, config) -> None:
+    from diffusers import DDPMScheduler
+
+    from ldznet_ext.sd.diffusers_folder import load_diffusers_folder
+    from ldznet_ext.sd.schedule import ZERO_TERMINAL_ALPHA
+
+    folder = _with_scheduler(sdxl_pair[1], tmp_path, "scheduled", {"_class_name": "EulerDiscreteScheduler",
+                                                                   "num_train_timesteps": 1000, **config})
+    ours = load_diffusers_folder(folder, zero_shot=True).schedule.alphas_cumprod
+    # diffusers computes in fp32, so its last entries of a rescaled table carry 4e-5 of rounding
+    expected = DDPMScheduler(**config).alphas_cumprod.double()
+    zero_terminal_snr = config.get("rescale_betas_zero_snr", False)
+    torch.testing.assert_close(ours[:-1], expected[:-1], rtol=1e-4 if zero_terminal_snr else 1e-5, atol=0)
+    if zero_terminal_snr:
+        assert (ours[-1], expected[-1]) == (ZERO_TERMINAL_ALPHA, 0)
+    else:
+        torch.testing.assert_close(ours[-1], expected[-1], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), [
+    ("beta_schedule", "squaredcos_cap_v2", '"scaled_linear" or "linear" (SD\'s schedules)'),
+    ("num_train_timesteps", 500, "1000, as every SD model has"),
+    ("beta_end", 1.5, "a number in (0, 1)"),
+    ("rescale_betas_zero_snr", "yes", "true or false"),
+    ("trained_betas", [0.5] * 3, "null or 1000 numbers in (0, 1)"),
+])
+def test_a_scheduler_config_we_cannot_follow_is_refused(ldznet, sd1_pair, image_file, tmp_path, field, value,
+                                                        expected) -> None:
+    folder = _with_scheduler(sd1_pair[1], tmp_path, "odd", {field: value})
+    code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", folder, "--zero-shot")
+    assert (code, err) == (2, f"ldznet mask: error: odd: scheduler/scheduler_config.json: field '{field}' is "
+                              f"{json.dumps(value)[:40]}; expected {expected}\n")

@@ -19,6 +19,7 @@ from ldznet_ext.errors import CheckpointError
 from ldznet_ext.segmenter import Segmenter, SegmenterSettings
 from ldznet_ext.zeroshot import ZeroShotSettings
 from ldznet_ext.sd.checkpoint import BIGG_PREFIX, CLIP_L_PREFIX, SDXL_FOR_ZERO_SHOT_ONLY, load_stable_diffusion
+from ldznet_ext.sd.schedule import alphas_cumprod, rescale_zero_terminal_snr
 from ldznet_ext.sd.schedule import NoiseSchedule
 from ldznet_ext.sd.sdxl import OpenCLIPTextEncoder, StableDiffusionXL, size_vector, v_to_eps
 from ldznet_ext.sd.text import TextEncoder, text_config
@@ -101,6 +102,14 @@ def test_the_v_pred_marker_makes_a_v_prediction_model(tmp_path) -> None:
     with torch.no_grad():
         v = model.unet(z, t, conditioning.context, size_vector(conditioning.pooled, sizes, 8))
         assert torch.equal(model.predict_noise(z, t, conditioning), v_to_eps(v, z, model.schedule, t))
+
+
+def test_the_ztsnr_marker_rescales_the_schedule_to_zero_terminal_snr(tmp_path) -> None:
+    path = tmp_path / "tiny-ztsnr.safetensors"
+    write_safetensors(path, {**tiny_sdxl_state(), "v_pred": torch.zeros(()), "ztsnr": torch.zeros(())}, METADATA)
+    model = load_stable_diffusion(path, zero_shot=True)
+    assert model.prediction == "v"
+    assert torch.equal(model.schedule.alphas_cumprod, rescale_zero_terminal_snr(alphas_cumprod()))
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"zero_shot": True, "parts": "mask"}])

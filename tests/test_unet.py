@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import TINY, ldm_unet, tiny_inputs, tiny_unet
-from ldznet_ext.sd.schedule import NoiseSchedule, alphas_cumprod
+from ldznet_ext.sd.schedule import ZERO_TERMINAL_ALPHA, NoiseSchedule, alphas_cumprod, rescale_zero_terminal_snr
 from ldznet_ext.sd.unet import UNetConfig, UNetModel, count_parameters, timestep_embedding, unet_config
 
 ldm_util = pytest.importorskip("ldm.modules.diffusionmodules.util")
@@ -73,6 +73,17 @@ def test_alphas_cumprod_equals_ldm_exactly() -> None:
     assert ours.dtype == torch.float64 and ours.shape == (1000,)
     assert torch.equal(ours, expected)
     assert torch.equal(NoiseSchedule().alphas_cumprod, expected)
+
+
+def test_zero_terminal_snr_rescale_equals_diffusers() -> None:
+    ddim = pytest.importorskip("diffusers.schedulers.scheduling_ddim")
+    table = alphas_cumprod()
+    betas = 1 - table / torch.cat([torch.ones(1, dtype=table.dtype), table[:-1]])
+    expected = torch.cumprod(1 - ddim.rescale_zero_terminal_snr(betas), dim=0)
+    ours = rescale_zero_terminal_snr(table)
+    assert ours.dtype == torch.float64 and ours[0] == table[0] and expected[-1] == 0
+    torch.testing.assert_close(ours[:-1], expected[:-1], rtol=1e-9, atol=1e-15)
+    assert ours[-1] == ZERO_TERMINAL_ALPHA and (ours[:-1] - table[:-1] < 0).sum() == 998  # less signal everywhere
 
 
 def test_q_sample_formula_on_hand_values() -> None:

@@ -29,7 +29,7 @@ from ..checkpoint_io import (parse_config, read_metadata, read_state_dict, read_
 from ..errors import CheckpointError, LdznetError
 from .model import StableDiffusion
 from .parts import check_parts, trim_for_masks
-from .schedule import NUM_TIMESTEPS, NoiseSchedule, alphas_cumprod
+from .schedule import NUM_TIMESTEPS, NoiseSchedule, alphas_cumprod, rescale_zero_terminal_snr
 from .sd2 import OpenCLIPContext, StableDiffusion2, predicts_v
 from .sdxl import OpenCLIPTextEncoder, SDXLConditioner, StableDiffusionXL
 from .text import TextEncoder, normalize_text_state_dict, text_config
@@ -54,8 +54,10 @@ ZERO_SHOT_ONLY = {"sdxl": SDXL_FOR_ZERO_SHOT_ONLY, "sd2": SD2_FOR_ZERO_SHOT_ONLY
 SD2_TEXT_PREFIX = "cond_stage_model.model."
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 BIGG_PREFIX = "conditioner.embedders.1.model."
-# Marker tensors that v-prediction SDXL fine-tunes carry (A1111 dev, ComfyUI and Forge read them too).
+# Marker tensors that v-prediction SDXL fine-tunes carry (A1111 dev, ComfyUI and Forge read them too):
+# v-prediction, and a noise schedule rescaled to zero terminal SNR (Forge reads "ztsnr").
 V_PREDICTION_KEY = "v_pred"
+ZERO_TERMINAL_SNR_KEY = "ztsnr"
 SGM_HEAD_CHANNELS = 64  # head width of every sgm UNet with linear transformer projections (SD 2.x, SDXL)
 _TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                 "max_position_embeddings")
@@ -259,14 +261,15 @@ def _sd_v1_from_state_dict(state: dict[str, Tensor], described: SDMetadata, part
 
 
 def _file_schedule(state: Mapping[str, Tensor]) -> NoiseSchedule:
-    """The file's ``alphas_cumprod`` table when it holds one, else SD's default schedule. A table stored in
-    fewer bits than fp32 that is the default schedule rounded to them is that schedule at full precision:
-    fp16 moves the noise scale sqrt(1 - a_t) by 7 % at t = 0, and bf16 or fp8 round a_t near 0 to 1, so
-    that no noise would be added there at all."""
+    """The file's ``alphas_cumprod`` table when it holds one, else SD's default schedule; rescaled to zero
+    terminal SNR when the file carries the ``ztsnr`` marker. A table stored in fewer bits than fp32 that is
+    the default schedule rounded to them is that schedule at full precision: fp16 moves the noise scale
+    sqrt(1 - a_t) by 7 % at t = 0, and bf16 or fp8 round a_t near 0 to 1, so that no noise would be added
+    there at all."""
     table = state.get("alphas_cumprod")
     if table is None or table.ndim != 1 or _is_rounded_default_schedule(table):
-        return NoiseSchedule()
-    return NoiseSchedule(table)
+        table = alphas_cumprod()
+    return NoiseSchedule(rescale_zero_terminal_snr(table) if ZERO_TERMINAL_SNR_KEY in state else table)
 
 
 def _is_rounded_default_schedule(table: Tensor) -> bool:
@@ -314,7 +317,8 @@ def sdxl_from_state_dict(state: Mapping[str, Tensor], described: SDMetadata,
     unet, vae, bigg = _unet_vae_and_openclip(state, described, BIGG_PREFIX)
     clip_l = _text_encoder_from_state_dict(_sub(state, CLIP_L_PREFIX), described.text)
     prediction = "v" if V_PREDICTION_KEY in state else "eps"
-    return StableDiffusionXL(unet, vae, SDXLConditioner(clip_l, bigg), prediction=prediction).to(dtype)
+    return StableDiffusionXL(unet, vae, SDXLConditioner(clip_l, bigg), _file_schedule(state),
+                             prediction=prediction).to(dtype)
 
 
 def load_stable_diffusion(path: str | os.PathLike, device: str | torch.device = "cpu",

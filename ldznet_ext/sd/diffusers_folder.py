@@ -27,14 +27,16 @@ from ..backbones.family import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointI
 from ..checkpoint_io import named_path, read_state_dict
 from ..errors import CheckpointError
 from ..limits import Limit
-from .checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, V_PREDICTION_KEY, _sub, check_family,
+from .checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, V_PREDICTION_KEY, ZERO_TERMINAL_SNR_KEY, _sub, check_family,
                          stable_diffusion_from_state_dict, unet_config_from_state_dict, with_vae)
 from .model import StableDiffusion
+from .schedule import LINEAR_END, LINEAR_START, NUM_TIMESTEPS, alphas_cumprod
 from .text import normalize_text_state_dict
 from .unet import UNetConfig
 
 INDEX_FILE = "model_index.json"
 VAE_SCALE = Limit(float, 0, 100, low_open=True)  # latents = scale x posterior (SD 0.18215, SDXL 0.13025)
+_BETA = Limit(float, 0, 1, low_open=True, high_open=True)  # a noise variance per step
 # Weight files of a part, in the order they are looked for.
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                  "model.fp16.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin")
@@ -232,14 +234,52 @@ def _vae_scale(config: Mapping[str, Any], where: str) -> float | None:
     return float(value)
 
 
-def _is_v_prediction(folder: Path) -> bool:
-    """Whether the scheduler config says v-prediction; a prediction type we do not convert is refused."""
+def _scheduler_tensors(folder: Path) -> dict[str, Tensor]:
+    """What ``scheduler/scheduler_config.json`` says, as the tensors a single file carries for it: the
+    ``v_pred`` and ``ztsnr`` markers, and an ``alphas_cumprod`` table when its betas are not SD's (fields
+    it lacks take SD's values). A prediction type or beta schedule we do not model is refused."""
     path = folder / "scheduler" / "scheduler_config.json"
-    prediction = _json(path, folder).get("prediction_type", "epsilon") if path.is_file() else "epsilon"
+    config = _json(path, folder) if path.is_file() else {}
+    where = f"{folder.name}: scheduler/scheduler_config.json"
+    prediction = config.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
-        raise _field_error(prediction, "prediction_type", f"{folder.name}: scheduler/scheduler_config.json",
-                           '"epsilon" or "v_prediction"')
-    return prediction == "v_prediction"
+        raise _field_error(prediction, "prediction_type", where, '"epsilon" or "v_prediction"')
+    tensors = {}
+    if prediction == "v_prediction":
+        tensors[V_PREDICTION_KEY] = torch.zeros(())
+    zero_terminal_snr = config.get("rescale_betas_zero_snr", False)
+    if not isinstance(zero_terminal_snr, bool):
+        raise _field_error(zero_terminal_snr, "rescale_betas_zero_snr", where, "true or false")
+    if zero_terminal_snr:
+        tensors[ZERO_TERMINAL_SNR_KEY] = torch.zeros(())
+    table = _config_alphas_cumprod(config, where)
+    if not torch.equal(table, alphas_cumprod()):
+        tensors["alphas_cumprod"] = table
+    return tensors
+
+
+def _config_alphas_cumprod(config: Mapping[str, Any], where: str) -> Tensor:
+    """alphas_cumprod [1000], float64, of a scheduler config's betas: ``trained_betas``, else
+    ``beta_schedule`` "scaled_linear" (SD's) or "linear" from ``beta_start`` to ``beta_end``."""
+    steps = config.get("num_train_timesteps", NUM_TIMESTEPS)
+    if steps != NUM_TIMESTEPS or type(steps) is not int:
+        raise _field_error(steps, "num_train_timesteps", where, f"{NUM_TIMESTEPS}, as every SD model has")
+    betas = config.get("trained_betas")
+    if betas is not None:
+        if (not isinstance(betas, list) or len(betas) != NUM_TIMESTEPS
+                or not all(_BETA.accepts(beta) for beta in betas)):
+            raise _field_error(betas, "trained_betas", where, f"null or {NUM_TIMESTEPS} numbers in (0, 1)")
+        return torch.cumprod(1.0 - torch.tensor(betas, dtype=torch.float64), dim=0)
+    start, end = config.get("beta_start", LINEAR_START), config.get("beta_end", LINEAR_END)
+    for value, field in ((start, "beta_start"), (end, "beta_end")):
+        if not _BETA.accepts(value):
+            raise _field_error(value, field, where, _BETA.describe())
+    kind = config.get("beta_schedule", "scaled_linear")
+    if kind == "scaled_linear":
+        return alphas_cumprod(NUM_TIMESTEPS, start, end)
+    if kind == "linear":
+        return torch.cumprod(1.0 - torch.linspace(start, end, NUM_TIMESTEPS, dtype=torch.float64), dim=0)
+    raise _field_error(kind, "beta_schedule", where, '"scaled_linear" or "linear" (SD\'s schedules)')
 
 
 class DiffusersModel(NamedTuple):
@@ -273,8 +313,7 @@ def read_diffusers_folder(path: str | os.PathLike) -> DiffusersModel:
     if sdxl:
         bigg = clip_to_openclip(read_part(folder, "text_encoder_2"))
         state.update({BIGG_PREFIX + k: v for k, v in bigg.items()})
-    if _is_v_prediction(folder):
-        state[V_PREDICTION_KEY] = torch.zeros(())
+    state.update(_scheduler_tensors(folder))
     try:
         unet = unet_heads(unet_config_from_state_dict(_sub(state, UNET_PREFIX)), unet_config)
     except (KeyError, ValueError) as error:

@@ -16,6 +16,21 @@ def alphas_cumprod(num_timesteps: int = NUM_TIMESTEPS, start: float = LINEAR_STA
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+# The last entry A1111 and Forge give a rescaled table: with exactly 0, 1 / sqrt(a_T) would be infinite.
+ZERO_TERMINAL_ALPHA = 4.8973451890853435e-08
+
+
+def rescale_zero_terminal_snr(table: Tensor) -> Tensor:
+    """``table`` (alphas_cumprod) shifted and scaled in sqrt(a) so that the last timestep has zero SNR and
+    the first keeps its value (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are
+    Flawed", Algorithm 1), float64; the last entry is ZERO_TERMINAL_ALPHA, as the WebUIs make it."""
+    root = table.to(torch.float64).sqrt()
+    first, last = root[0], root[-1]
+    rescaled = ((root - last) * first / (first - last)) ** 2
+    rescaled[-1] = ZERO_TERMINAL_ALPHA
+    return rescaled
+
+
 class NoiseSchedule:
     """Forward diffusion q(z_t | z_0) for a given ``alphas_cumprod`` table (the host's or the SD v1 one)."""
 
