@@ -526,7 +526,7 @@ def test_info_on_files(ldznet, sd_file, sd_state, head_a, tmp_path) -> None:
     assert report["unet"] == json.loads(json.dumps(unet_config("tiny").to_dict()))
     assert report["unet_parameters"] + report["vae_parameters"] + report["text_encoder_parameters"] == \
         report["parameters"] - 1000  # alphas_cumprod
-    assert report["dtype"] == "float32"
+    assert report["dtype"] == "float32" and "prediction" not in report and "noise_schedule" not in report
 
     head_file = tmp_path / "head.safetensors"
     save_head(build_head(TINY_HEAD), TINY_HEAD, head_file, training={"steps": 3})
@@ -541,6 +541,12 @@ def test_info_on_files(ldznet, sd_file, sd_state, head_a, tmp_path) -> None:
     report = json.loads(out)
     assert code == 0 and report["family"] == "sd2" and report["usable"] == "zero-shot"
     assert report["note"] == f"{SD2_FOR_ZERO_SHOT_ONLY}."
+    marked = tmp_path / "sd2-v-ztsnr.safetensors"
+    save_file({**{k: v.contiguous().half() for k, v in _sd2_openclip(sd_state).items()}, "v_pred": torch.zeros(()),
+               "ztsnr": torch.zeros(())}, str(marked))
+    report = json.loads(ldznet("info", marked, "--json")[1])
+    assert (report["dtype"], report["prediction"], report["noise_schedule"]) == (
+        "float16", "v (the 'v_pred' marker)", "rescaled to zero terminal SNR (the 'ztsnr' marker)")
 
     partial = tmp_path / "partial.safetensors"
     save_file({k: v.contiguous() for k, v in sd_state.items() if not k.startswith(UNET_PREFIX + "middle_block.")},

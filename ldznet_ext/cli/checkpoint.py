@@ -12,8 +12,8 @@ from ..checkpoint_io import read_metadata, read_state_dict
 from ..errors import CheckpointError, LdznetError
 from ..heads import convert_official, read_head_config
 from ..modeling.build import ARCHITECTURES, build_head, head_config
-from ..sd.checkpoint import (SUPPORTED, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, ZERO_SHOT_ONLY, classify,
-                             parse_sd_metadata, unet_config_from_state_dict)
+from ..sd.checkpoint import (SUPPORTED, TEXT_PREFIX, UNET_PREFIX, V_PREDICTION_KEY, VAE_PREFIX, ZERO_SHOT_ONLY,
+                             ZERO_TERMINAL_SNR_KEY, classify, parse_sd_metadata, unet_config_from_state_dict)
 from ..sd.unet import UNET_CONFIGS, UNetModel, count_parameters, unet_config
 
 
@@ -50,8 +50,13 @@ def describe_file(path: Path) -> dict:
             info.problem = f"the UNet's {error}"
         for part, prefix in (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", TEXT_PREFIX)):
             report[f"{part}_parameters"] = sum(v.numel() for k, v in state.items() if k.startswith(prefix))
-        unet_dtype = next(v.dtype for k, v in state.items() if k.startswith(UNET_PREFIX))
+    unet_dtype = next((v.dtype for k, v in state.items() if k.startswith(UNET_PREFIX)), None)
+    if unet_dtype is not None:
         report["dtype"] = str(unet_dtype).replace("torch.", "")
+        if V_PREDICTION_KEY in state:
+            report["prediction"] = f"v (the '{V_PREDICTION_KEY}' marker)"
+        if ZERO_TERMINAL_SNR_KEY in state:
+            report["noise_schedule"] = f"rescaled to zero terminal SNR (the '{ZERO_TERMINAL_SNR_KEY}' marker)"
     if info.family in ZERO_SHOT_ONLY:
         report["usable"] = "zero-shot"
         report["note"] = f"{ZERO_SHOT_ONLY[info.family]}."
