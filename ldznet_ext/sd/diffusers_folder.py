@@ -274,12 +274,10 @@ def _config_alphas_cumprod(config: Mapping[str, Any], where: str) -> Tensor:
     for value, field in ((start, "beta_start"), (end, "beta_end")):
         if not _BETA.accepts(value):
             raise _field_error(value, field, where, _BETA.describe())
-    kind = config.get("beta_schedule", "scaled_linear")
-    if kind == "scaled_linear":
-        return alphas_cumprod(NUM_TIMESTEPS, start, end)
-    if kind == "linear":
-        return torch.cumprod(1.0 - torch.linspace(start, end, NUM_TIMESTEPS, dtype=torch.float64), dim=0)
-    raise _field_error(kind, "beta_schedule", where, '"scaled_linear" or "linear" (SD\'s schedules)')
+    spacing = config.get("beta_schedule", "scaled_linear")
+    if spacing not in ("scaled_linear", "linear"):
+        raise _field_error(spacing, "beta_schedule", where, '"scaled_linear" or "linear" (SD\'s schedules)')
+    return alphas_cumprod(NUM_TIMESTEPS, start, end, spacing)
 
 
 class DiffusersModel(NamedTuple):

@@ -10,9 +10,16 @@ LINEAR_START = 0.00085
 LINEAR_END = 0.012
 
 
-def alphas_cumprod(num_timesteps: int = NUM_TIMESTEPS, start: float = LINEAR_START, end: float = LINEAR_END) -> Tensor:
-    """Cumulative products of 1 - beta [num_timesteps], float64, as ldm's ``make_beta_schedule("linear")``."""
-    betas = torch.linspace(start ** 0.5, end ** 0.5, num_timesteps, dtype=torch.float64) ** 2
+def alphas_cumprod(num_timesteps: int = NUM_TIMESTEPS, start: float = LINEAR_START, end: float = LINEAR_END,
+                   spacing: str = "scaled_linear") -> Tensor:
+    """Cumulative products of 1 - beta [num_timesteps], float64, for betas from ``start`` to ``end``: linear in
+    sqrt(beta) ("scaled_linear", SD's: ldm's ``make_beta_schedule("linear")``) or in beta ("linear")."""
+    if spacing == "scaled_linear":
+        betas = torch.linspace(start ** 0.5, end ** 0.5, num_timesteps, dtype=torch.float64) ** 2
+    elif spacing == "linear":
+        betas = torch.linspace(start, end, num_timesteps, dtype=torch.float64)
+    else:
+        raise ValueError(f"spacing must be 'scaled_linear' or 'linear', got {spacing!r}")
     return torch.cumprod(1.0 - betas, dim=0)
 
 
