@@ -160,7 +160,8 @@ def test_head_mode_on_an_sdxl_folder_is_refused_before_reading_it(ldznet, sdxl_p
     assert code == 2 and "tiny-sdxl: sdxl: an LD-ZNet head reads SD 1.x UNet features" in err
 
 
-def test_sharded_weights_are_read_through_their_index(sd1_pair, tmp_path) -> None:
+@pytest.mark.parametrize("variant", ["", ".fp16"])  # diffusers' name for a variant's index
+def test_sharded_weights_are_read_through_their_index(sd1_pair, tmp_path, variant) -> None:
     import shutil
     folder = shutil.copytree(sd1_pair[1], tmp_path / "sharded")
     whole = folder / "unet" / "diffusion_pytorch_model.safetensors"
@@ -171,12 +172,12 @@ def test_sharded_weights_are_read_through_their_index(sd1_pair, tmp_path) -> Non
     for name, names in shards.items():
         save_file({k: state[k].contiguous() for k in names}, str(folder / "unet" / name))
     weight_map = {k: name for name, names in shards.items() for k in names}
-    index = folder / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    index = folder / "unet" / f"diffusion_pytorch_model.safetensors.index{variant}.json"
     index.write_text(json.dumps({"weight_map": weight_map}))
     _same_tensors(folder, sd1_pair[0])
     index.write_text(json.dumps({"weight_map": {keys[0]: "../vae/diffusion_pytorch_model.safetensors"}}))
-    with pytest.raises(CheckpointError, match=r"^sharded: unet/diffusion_pytorch_model.safetensors.index.json must "
-                                              r"map weights to files in unet/$"):
+    with pytest.raises(CheckpointError, match=rf"^sharded: unet/diffusion_pytorch_model.safetensors.index{variant}"
+                                              r".json must map weights to files in unet/$"):
         read_diffusers_folder(folder)
 
 

@@ -82,7 +82,8 @@ def _json(path: Path, folder: Path) -> dict[str, Any]:
 def read_part(folder: Path, part: str) -> dict[str, Tensor]:
     """All tensors of the part ``part`` (a sub-folder); sharded files through their index."""
     where = folder / part
-    for index in sorted(where.glob("*.safetensors.index.json")):
+    # diffusers names a variant's index "*.safetensors.index.fp16.json"; the full-precision one comes first
+    for index in sorted(where.glob("*.safetensors.index.json")) + sorted(where.glob("*.safetensors.index.*.json")):
         shards = set(_json(index, folder).get("weight_map", {}).values())
         if not shards or any(Path(name).name != name for name in shards):
             raise CheckpointError(f"{folder.name}: {part}/{index.name} must map weights to files in {part}/")
@@ -95,7 +96,7 @@ def read_part(folder: Path, part: str) -> dict[str, Tensor]:
             return read_state_dict(where / name)
     found = sorted(p.name for p in where.iterdir()) if where.is_dir() else []
     raise CheckpointError(f"{folder.name}: no weights in {part}/ (found {', '.join(found) or 'nothing'}); expected "
-                          f"one of {', '.join(_WEIGHT_FILES)} or a *.safetensors.index.json")
+                          f"one of {', '.join(_WEIGHT_FILES)} or a *.safetensors.index[.fp16].json")
 
 
 def _rename(key: str, pairs: tuple[tuple[str, str], ...]) -> str:
