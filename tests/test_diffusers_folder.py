@@ -181,12 +181,18 @@ def test_sharded_weights_are_read_through_their_index(sd1_pair, tmp_path, varian
         read_diffusers_folder(folder)
 
 
+def _with_scheduler(folder: Path, tmp_path: Path, name: str, config: dict) -> Path:
+    """A copy of ``folder`` named ``name`` whose scheduler/scheduler_config.json is ``config``."""
+    import shutil
+    copy = shutil.copytree(folder, tmp_path / name)
+    (copy / "scheduler").mkdir(exist_ok=True)
+    (copy / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    return copy
+
+
 def test_sd1_v_prediction_is_refused_from_a_folder_and_a_file(ldznet, sd1_pair, image_file, tmp_path) -> None:
     """An SD 1.x v-prediction model read as eps would give wrong masks with no error: refused instead."""
-    import shutil
-    folder = shutil.copytree(sd1_pair[1], tmp_path / "v-folder")
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "v_prediction"}))
+    folder = _with_scheduler(sd1_pair[1], tmp_path, "v-folder", {"prediction_type": "v_prediction"})
     single = tmp_path / "v-file.safetensors"
     write_safetensors(single, {**read_state_dict(sd1_pair[0]), "v_pred": torch.zeros(())},
                       read_metadata(sd1_pair[0]))
@@ -195,14 +201,6 @@ def test_sd1_v_prediction_is_refused_from_a_folder_and_a_file(ldznet, sd1_pair, 
         assert (code, err) == (2, f"ldznet mask: error: {model.name}: an SD 1.x v-prediction model; LD-ZNet "
                                   "heads and the zero-shot score read an eps-prediction SD 1.x model: use the eps "
                                   "model it was fine-tuned from\n")
-
-
-def _with_scheduler(folder: Path, tmp_path: Path, name: str, config: dict) -> Path:
-    import shutil
-    copy = shutil.copytree(folder, tmp_path / name)
-    (copy / "scheduler").mkdir(exist_ok=True)
-    (copy / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
-    return copy
 
 
 @pytest.mark.parametrize("config", [
