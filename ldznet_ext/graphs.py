@@ -143,7 +143,6 @@ class GraphCache:
         self._calls: OrderedDict[tuple, CapturedCall] = OrderedDict()
         self._captures: Counter[tuple] = Counter()
         self._logged: set[str] = set()
-        self._state: Hashable = None
         self._lock = threading.RLock()
 
     def __len__(self) -> int:
@@ -177,12 +176,10 @@ class GraphCache:
         return None, fingerprint
 
     def run(self, purpose: str, call: Call, inputs: Sequence[Tensor], modules: Sequence[nn.Module] | None,
-            constants: Hashable = (), state: Hashable = None) -> tuple[Tensor, ...]:
+            constants: Hashable = ()) -> tuple[Tensor, ...]:
         """``call(*inputs)``: a replay of its captured graph where that is safe (see the module's
         docstring), else eagerly. ``modules``: every module the call runs (None: never capture);
-        ``constants``: every Python value the call bakes in beyond its inputs' shapes; ``state``: the
-        host's lazily applied patches (``capture_state``): when it changes every captured call is
-        dropped, and the next capture's eager calls apply the patches before recording."""
+        ``constants``: every Python value the call bakes in beyond its inputs' shapes."""
         if not _on(inputs, self.device_type):
             return call(*inputs)  # graphs are CUDA's alone: nothing to capture, nothing worth a log line
         reason, fingerprint = ((self.disabled[purpose], ()) if purpose in self.disabled
@@ -197,9 +194,6 @@ class GraphCache:
                     tuple(map(id, modules)))
         key = (call_key, fingerprint)
         with self._lock:
-            if state != self._state:
-                self._calls.clear()
-                self._state = state
             captured = self._calls.get(key)
             if captured is None:
                 return self._capture(key, call, inputs)

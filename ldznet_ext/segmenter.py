@@ -408,9 +408,8 @@ class Segmenter:
         parts = getattr(self.backbone, "capture_modules", None)
         modules = None if parts is None else (
             (parts.image_encoder,) if encodes_image else (parts.denoiser, *(() if self.head is None else (self.head,))))
-        state = getattr(self.backbone, "capture_state", None)
         key = (constants, self.settings.zero_shot if self.zero_shot else None)
-        return self.graphs.run(purpose, call, inputs, modules, key, state() if state else None)
+        return self.graphs.run(purpose, call, inputs, modules, key)
 
     @property
     def _head_dtype(self) -> torch.dtype:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
 
 import pytest
 import torch
@@ -223,34 +222,6 @@ def test_a_backbone_without_capture_modules_runs_eagerly(tiny_sd, tiny_head):
     assert capture.captured == 0
     assert_same(got, masks(Segmenter(tiny_sd, *tiny_head, SETTINGS).with_settings(cuda_graphs=False),
                            random_image(64, 64)))
-
-
-def test_a_host_state_change_drops_every_capture(tiny_sd, tiny_head):
-    state = ["lora a"]
-    backbone = HookedBackbone(tiny_sd)
-    backbone.capture_modules = tiny_sd.capture_modules
-    backbone.capture_state = lambda: tuple(state)
-    capture = FakeCapture()
-    segmenter = Segmenter(backbone, *tiny_head, SETTINGS, graphs=fake_cache(capture))
-    image = random_image(64, 64)
-    masks(segmenter, image, [["cat"]])
-    masks(segmenter, image, [["dog"]])
-    assert capture.captured == 2
-    state.append("lora b")  # applied lazily by the next eager call: stale for every captured call
-    masks(segmenter, image, [["cat"]])
-    assert capture.captured == 4 and len(segmenter.graphs) == 2
-
-
-def test_a1111_state_is_the_lora_extensions_active_networks(monkeypatch):
-    from types import SimpleNamespace
-
-    from ldznet_ext.backbones.a1111 import A1111Backbone
-
-    monkeypatch.delitem(sys.modules, "networks", raising=False)
-    assert A1111Backbone.capture_state() == ()
-    network = SimpleNamespace(name="goblin_style", te_multiplier=1.0, unet_multiplier=0.7, dyn_dim=None)
-    monkeypatch.setitem(sys.modules, "networks", SimpleNamespace(loaded_networks=[network]))
-    assert A1111Backbone.capture_state() == (("goblin_style", 1.0, 0.7, None),)
 
 
 def test_clearing_every_cache_frees_the_captured_calls(tiny_sd, tiny_head):

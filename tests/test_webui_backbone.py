@@ -2,6 +2,8 @@
 the model's own calls, refusals, and a host model left exactly as it was after masks, also failed ones."""
 from __future__ import annotations
 
+import contextlib
+import sys
 import types
 
 import numpy as np
@@ -11,7 +13,7 @@ from torch import Tensor, nn
 
 pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
 
-from fake_webui import world  # noqa: E402
+from fake_webui import lora, world  # noqa: E402
 from fake_webui.models import FakeLatentDiffusion  # noqa: E402
 
 from ldznet_ext.backbones.a1111 import A1111Backbone, check_a1111_model  # noqa: E402
@@ -105,6 +107,41 @@ def test_masks_are_deterministic(fake):
     second = host.compute(IMAGE, request)
     assert np.array_equal(first.mask, second.mask)
     assert torch.equal(first.prediction.probability, second.prediction.probability)
+
+
+def test_masks_ignore_the_networks_the_last_generation_left(fake, monkeypatch):
+    """A1111 applies a prompt's LoRAs after the scripts' ``process`` (where ``mask:`` runs) and leaves them
+    applied after the generation: a mask comes from the checkpoint alone, and the next generation still
+    gets the networks it asked for."""
+    import modules.shared
+
+    monkeypatch.setitem(sys.modules, host.A1111_LORA_MODULE, lora)
+    hypernetworks = ["a hypernetwork"]
+    monkeypatch.setattr(modules.shared, "loaded_hypernetworks", hypernetworks, raising=False)
+    names = [name for name, module in fake.named_modules()  # where A1111's Lora reaches: UNet and text encoder
+             if isinstance(module, (nn.Linear, nn.Conv2d)) and not name.startswith("first_stage_model")]
+    g = torch.Generator().manual_seed(7)
+    weights = {name: fake.get_submodule(name).weight for name in names}
+    network = lora.Network("goblin-style", {name: torch.randn(w.shape, generator=g) * w.std()
+                                            for name, w in weights.items()})
+    checkpoint = {name: w.detach().clone() for name, w in weights.items()}
+    job = MaskJob("goblin", threshold=0.2, presence=False)  # the map itself, not a found/not-found decision
+    with lora.attached(fake, names):
+        plain = host.compute(IMAGE, job).prediction.probability
+        base = _generate(fake)
+        lora.loaded_networks.append(network)  # a generation with <lora:goblin-style:1> ran
+        styled = _generate(fake)
+        assert not torch.equal(styled, base)
+        with host.checkpoint_only(fake):  # put back before any call: what a captured graph replays
+            assert lora.loaded_networks == [] and modules.shared.loaded_hypernetworks == []
+            assert all(torch.equal(w, checkpoint[name]) for name, w in weights.items())
+        assert torch.equal(host.compute(IMAGE, job).prediction.probability, plain)
+        assert lora.loaded_networks == [network] and modules.shared.loaded_hypernetworks == ["a hypernetwork"]
+        assert torch.equal(_generate(fake), styled)
+        with monkeypatch.context() as unguarded:  # the network does move masks where it is left applied
+            unguarded.setattr(host, "checkpoint_only", lambda sd_model: contextlib.nullcontext())
+            assert not torch.equal(host.compute(IMAGE, job).prediction.probability, plain)  # masks are bit-exact
+    assert names and torch.equal(_generate(fake), base)
 
 
 def test_refusals(fake):
@@ -205,6 +242,35 @@ def test_forge_adapter_converts_x0_to_eps(fake):
         check_forge_model(engine)
     with pytest.raises(CheckpointError, match="is SDXL"):
         check_forge_model(types.SimpleNamespace(forge_objects=object(), is_sd1=False, is_sdxl=True))
+
+
+def test_forge_masks_run_on_the_unpatched_model(fake, monkeypatch):
+    """Forge leaves the last generation's LoRA patchers in ``forge_objects`` until its next generation
+    starts from ``forge_objects_original``: a mask job runs on the original parts and puts the others back."""
+    import modules.sd_models
+
+    kmodel = _KModel(fake.model.diffusion_model, fake.alphas_cumprod)
+
+    class Parts(types.SimpleNamespace):
+        def shallow_copy(self):
+            return Parts(**vars(self))
+
+    original = Parts(unet=types.SimpleNamespace(model=kmodel, load_device="cpu"), clip="clip")
+    patched = Parts(unet=types.SimpleNamespace(model=kmodel, load_device="cpu"), clip="clip with a LoRA")
+    engine = types.SimpleNamespace(forge_objects=patched, forge_objects_original=original, is_sd1=True,
+                                   is_inpaint=False)
+    loads = []
+    monkeypatch.setattr(host, "is_forge", lambda: True)
+    monkeypatch.setattr(modules.sd_models, "forge_model_reload", lambda: (engine, False), raising=False)
+    monkeypatch.setitem(sys.modules, "backend", types.SimpleNamespace(
+        memory_management=types.SimpleNamespace(load_model_gpu=loads.append)))
+    with host.job_backbone(MaskJob("cat", mode="zero-shot")) as backbone:
+        assert backbone.patcher is original.unet and engine.forge_objects.clip == "clip"
+        assert engine.forge_objects is not original  # a copy: the job cannot change Forge's own
+    assert engine.forge_objects is patched
+    with pytest.raises(RuntimeError, match="boom"), host.job_backbone(MaskJob("cat", mode="zero-shot")):
+        raise RuntimeError("boom")
+    assert engine.forge_objects is patched
 
 
 def test_forge_model_is_loaded_lazily(fake, monkeypatch):

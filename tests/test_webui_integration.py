@@ -233,6 +233,60 @@ def test_detail_pass_that_finds_nothing_says_so(server):
     assert np.array_equal(_png(result["images"][0]), _png(_txt2img(server, [])["images"][0]))
 
 
+TEST_LORA = "ldznet-test-lora"
+
+
+def _write_test_lora(webui: Path) -> None:
+    """A kohya-format LoRA (rank 4, strong random deltas) on every linear layer of the tiny model's UNet
+    transformers and text encoder, in ``models/Lora``; the UNet keys in the compvis form A1111 also reads
+    (``lora_unet_input_blocks_...``)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = webui / "models" / "Stable-diffusion" / "ldznet-test-sd.safetensors"
+    prefixes = {"model.diffusion_model.": "lora_unet_", "cond_stage_model.transformer.text_model.": "lora_te_text_model_"}
+    g, weights = torch.Generator().manual_seed(11), {}
+    with safe_open(str(model), "pt") as checkpoint:
+        for key in checkpoint.keys():
+            shape = checkpoint.get_slice(key).get_shape()
+            prefix = next((p for p in prefixes if key.startswith(p)), None)
+            if prefix is None or len(shape) != 2 or not key.endswith(".weight") or "embedding" in key \
+                    or ("transformer_blocks" not in key and "encoder.layers" not in key):
+                continue
+            name = prefixes[prefix] + key[len(prefix):-len(".weight")].replace(".", "_")
+            weights[f"{name}.lora_down.weight"] = torch.randn(4, shape[1], generator=g) * 0.3
+            weights[f"{name}.lora_up.weight"] = torch.randn(shape[0], 4, generator=g) * 0.3
+            weights[f"{name}.alpha"] = torch.tensor(4.0)
+    (webui / "models" / "Lora").mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(webui / "models" / "Lora" / f"{TEST_LORA}.safetensors"))
+
+
+def test_masks_ignore_the_last_generations_lora(server):
+    """A1111 applies a prompt's <lora:...> after the scripts ran and leaves it applied after the generation:
+    a mask taken after a LoRA generation equals one taken before, and the next generation with that LoRA
+    is the one it was before the mask."""
+    _write_test_lora(Path(WEBUI))
+    request = {"image": _b64(IMAGE), "expression": "cat", "presence": False}
+
+    def generate(prompt: str) -> np.ndarray:
+        status, result = _call(server, "/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": 128, "height": 96,
+                                                             "seed": 3, "sampler_name": "Euler"})
+        assert status == 200, result
+        assert "Networks with errors" not in json.loads(result["info"])["infotexts"][0]
+        return _png(result["images"][0])
+
+    status, before = _call(server, "/ldznet/v1/mask", request)
+    assert status == 200
+    plain = generate("a photo")
+    styled = generate(f"a photo <lora:{TEST_LORA}:1>")
+    assert not np.array_equal(plain, styled)  # the LoRA is applied to generations
+    status, after = _call(server, "/ldznet/v1/mask", request)
+    assert status == 200 and after["probability"] == before["probability"] and after["mask"] == before["mask"]
+    assert np.array_equal(generate(f"a photo <lora:{TEST_LORA}:1>"), styled)
+    assert np.array_equal(generate("a photo"), plain)
+
+
 CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 READ_IMAGES = """async (selector) => Promise.all(Array.from(gradioApp().querySelectorAll(selector)).map(async img => {

@@ -11,7 +11,6 @@ feature tap adds forward hooks for one call only.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -106,14 +105,6 @@ class A1111Backbone:
         """The VAE and the UNet: CUDA graphs may capture their calls (``graphs.py``); --medvram /
         --lowvram put offloading hooks on them, which keeps those hosts eager."""
         return CaptureModules(self.sd_model.first_stage_model, self.unet)
-
-    @staticmethod
-    def capture_state() -> tuple:
-        """The built-in Lora extension's active networks. It patches their weights into the UNet
-        lazily, in its own forward, which a replay does not run: a new set must be captured anew."""
-        networks = sys.modules.get("networks")
-        return tuple((n.name, n.te_multiplier, n.unet_multiplier, n.dyn_dim)
-                     for n in getattr(networks, "loaded_networks", ()))
 
     @property
     def downsample_factor(self) -> int:

@@ -149,9 +149,7 @@ class Backbone(Protocol):
 
     Optional: ``capture_modules`` (:class:`CaptureModules`), for a backbone whose calls a CUDA graph
     may capture (``graphs.py``): pure torch, nothing host-side that must run on every call. A
-    backbone without it always runs eagerly. ``capture_state()``, if
-    present, returns a hashable that changes whenever the same weights would compute differently
-    (a host's patches applied lazily); captured calls are keyed by it.
+    backbone without it always runs eagerly.
     """
 
     schedule: NoiseSchedule

@@ -6,12 +6,14 @@ All ``modules`` imports are lazy, inside functions: this file imports without a 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..backbones.base import Backbone
 from ..backbones.family import host_family
@@ -231,25 +233,74 @@ def job_backbone(job: MaskJob) -> Iterator[Backbone]:
     """The backbone for ``job``: an adapter over the host's model when it can serve LD-ZNet, and for
     zero-shot also over an SDXL-family or SD 2.x host model; else, for head mode, the separate SD 1.x mask model
     (loaded on first use; back on the CPU after the job unless kept on the GPU); zero-shot on other
-    families is refused with a pointer to head mode. The caller holds the GPU."""
+    families is refused with a pointer to head mode. The host's model serves as its checkpoint alone
+    (:func:`checkpoint_only`). The caller holds the GPU."""
     sd_model = _host_model()
-    refusal = _refusal(sd_model)
-    if refusal is None:
-        yield _backbone(sd_model)
-        return
-    if job.zero_shot:
-        yield _zero_shot_backbone(sd_model, refusal)
-        return
-    device, dtype, make_room = _placement(sd_model)
-    separate = engine().mask_model
-    try:
-        yield separate.get(mask_model_path(refusal), device, dtype, make_room)
-    finally:
-        from modules import shared
+    with checkpoint_only(sd_model):
+        refusal = _refusal(sd_model)
+        if refusal is None:
+            yield _backbone(sd_model)
+            return
+        if job.zero_shot:
+            yield _zero_shot_backbone(sd_model, refusal)
+            return
+        device, dtype, make_room = _placement(sd_model)
+        separate = engine().mask_model
+        try:
+            yield separate.get(mask_model_path(refusal), device, dtype, make_room)
+        finally:
+            from modules import shared
 
-        family = host_family(sd_model) if sd_model is not None else "unknown"
-        if mask_model.rests_on_cpu(engine_options().keep_on_gpu, shared.cmd_opts, family):
-            separate.rest()
+            family = host_family(sd_model) if sd_model is not None else "unknown"
+            if mask_model.rests_on_cpu(engine_options().keep_on_gpu, shared.cmd_opts, family):
+                separate.rest()
+
+
+# A1111's built-in Lora extension: its folder is on sys.path and its scripts ``import networks``.
+A1111_LORA_MODULE = "networks"
+
+
+@contextmanager
+def checkpoint_only(sd_model) -> Iterator[None]:
+    """The host's model without the LoRAs and hypernetworks of an earlier generation, while the block runs.
+
+    Both hosts apply a prompt's networks only after the scripts' ``process`` (where a ``mask:`` line is
+    masked) and leave them applied after the generation, so masks (also the API's and the tab's) would
+    depend on whichever prompt ran last. Inside the block A1111's lists of loaded networks are empty and
+    its layers hold their checkpoint weights, put back by the Lora extension's own
+    ``network_apply_weights`` (which applies the networks again on the next generation's call); Forge's
+    model holds its unpatched parts (``forge_objects_original``, what Forge starts each generation from).
+    So a mask is the one ``ldznet mask --model <checkpoint>`` gives, and a replayed CUDA graph reads the
+    checkpoint's weights as its capture did."""
+    from modules import shared
+
+    emptied = []
+    lora = sys.modules.get(A1111_LORA_MODULE)
+    a1111_lora = not is_forge() and isinstance(getattr(lora, "loaded_networks", None), list) \
+        and hasattr(lora, "network_apply_weights")
+    if a1111_lora:
+        emptied.append(lora.loaded_networks)
+    if isinstance(getattr(shared, "loaded_hypernetworks", None), list):
+        emptied.append(shared.loaded_hypernetworks)
+    kept = [list(networks) for networks in emptied]
+    forge_parts = getattr(sd_model, "forge_objects", None)
+    unpatched = getattr(sd_model, "forge_objects_original", None) if forge_parts is not None else None
+    try:
+        for networks in emptied:
+            networks.clear()
+        if a1111_lora and isinstance(sd_model, nn.Module):
+            with torch.no_grad():
+                for module in sd_model.modules():
+                    if getattr(module, "network_layer_name", None) is not None:
+                        lora.network_apply_weights(module)
+        if unpatched is not None:
+            sd_model.forge_objects = unpatched.shallow_copy()
+        yield
+    finally:
+        for networks, names in zip(emptied, kept):
+            networks[:] = names
+        if unpatched is not None:
+            sd_model.forge_objects = forge_parts
 
 
 def compute(image: ImageInput, job: MaskJob, brush: np.ndarray | None = None) -> MaskResult:
