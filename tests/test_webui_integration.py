@@ -236,15 +236,14 @@ def test_detail_pass_that_finds_nothing_says_so(server):
 TEST_LORA = "ldznet-test-lora"
 
 
-def _write_test_lora(webui: Path) -> None:
-    """A kohya-format LoRA (rank 4, strong random deltas) on every linear layer of the tiny model's UNet
-    transformers and text encoder, in ``models/Lora``; the UNet keys in the compvis form A1111 also reads
-    (``lora_unet_input_blocks_...``)."""
+def _write_test_lora(model: Path, webui: Path, scale: float) -> None:
+    """A kohya-format LoRA ``TEST_LORA`` (rank 4, random deltas of about ``scale``) on every linear layer
+    of ``model``'s UNet transformers and text encoder, in ``webui/models/Lora``. The UNet keys take the
+    compvis form both WebUIs read (``lora_unet_input_blocks_...``), so any UNet layout works."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    model = webui / "models" / "Stable-diffusion" / "ldznet-test-sd.safetensors"
     prefixes = {"model.diffusion_model.": "lora_unet_", "cond_stage_model.transformer.text_model.": "lora_te_text_model_"}
     g, weights = torch.Generator().manual_seed(11), {}
     with safe_open(str(model), "pt") as checkpoint:
@@ -255,36 +254,41 @@ def _write_test_lora(webui: Path) -> None:
                     or ("transformer_blocks" not in key and "encoder.layers" not in key):
                 continue
             name = prefixes[prefix] + key[len(prefix):-len(".weight")].replace(".", "_")
-            weights[f"{name}.lora_down.weight"] = torch.randn(4, shape[1], generator=g) * 0.3
-            weights[f"{name}.lora_up.weight"] = torch.randn(shape[0], 4, generator=g) * 0.3
+            weights[f"{name}.lora_down.weight"] = torch.randn(4, shape[1], generator=g) * scale ** 0.5
+            weights[f"{name}.lora_up.weight"] = torch.randn(shape[0], 4, generator=g) * scale ** 0.5 / 2
             weights[f"{name}.alpha"] = torch.tensor(4.0)
     (webui / "models" / "Lora").mkdir(parents=True, exist_ok=True)
     save_file(weights, str(webui / "models" / "Lora" / f"{TEST_LORA}.safetensors"))
 
 
-def test_masks_ignore_the_last_generations_lora(server):
-    """A1111 applies a prompt's <lora:...> after the scripts ran and leaves it applied after the generation:
-    a mask taken after a LoRA generation equals one taken before, and the next generation with that LoRA
-    is the one it was before the mask."""
-    _write_test_lora(Path(WEBUI))
-    request = {"image": _b64(IMAGE), "expression": "cat", "presence": False}
+def _check_masks_ignore_the_last_generations_lora(base: str, image: Image.Image, width: int, height: int) -> None:
+    """A mask taken after a generation with ``TEST_LORA`` equals one taken before, while the LoRA changes
+    generations; the next generation with the LoRA is the one it was before the mask."""
+    request = {"image": _b64(image), "expression": "cat", "presence": False}
 
     def generate(prompt: str) -> np.ndarray:
-        status, result = _call(server, "/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": 128, "height": 96,
-                                                             "seed": 3, "sampler_name": "Euler"})
+        status, result = _call(base, "/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": width,
+                                                           "height": height, "seed": 3, "sampler_name": "Euler"})
         assert status == 200, result
         assert "Networks with errors" not in json.loads(result["info"])["infotexts"][0]
         return _png(result["images"][0])
 
-    status, before = _call(server, "/ldznet/v1/mask", request)
-    assert status == 200
+    status, before = _call(base, "/ldznet/v1/mask", request)
+    assert status == 200, before
     plain = generate("a photo")
     styled = generate(f"a photo <lora:{TEST_LORA}:1>")
     assert not np.array_equal(plain, styled)  # the LoRA is applied to generations
-    status, after = _call(server, "/ldznet/v1/mask", request)
+    status, after = _call(base, "/ldznet/v1/mask", request)
     assert status == 200 and after["probability"] == before["probability"] and after["mask"] == before["mask"]
     assert np.array_equal(generate(f"a photo <lora:{TEST_LORA}:1>"), styled)
     assert np.array_equal(generate("a photo"), plain)
+
+
+def test_masks_ignore_the_last_generations_lora(server):
+    """A1111 applies a prompt's <lora:...> after the scripts ran and leaves it applied after the generation;
+    masks come from the checkpoint alone."""
+    _write_test_lora(Path(WEBUI) / "models" / "Stable-diffusion" / "ldznet-test-sd.safetensors", Path(WEBUI), 0.09)
+    _check_masks_ignore_the_last_generations_lora(server, IMAGE, 128, 96)
 
 
 CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -445,6 +449,13 @@ def test_forge_mask_line_masks_img2img(forge):
     from ldznet_ext.webui.request import from_infotext
 
     assert status == 200 and from_infotext(parsed["parameters"]) == MaskJob("cat", threshold=threshold, presence=False)
+
+
+def test_forge_masks_ignore_the_last_generations_lora(forge):
+    """Forge keeps the last generation's LoRA patchers in ``forge_objects``; masks run on the unpatched parts."""
+    forge_dir = Path(FORGE)
+    _write_test_lora(forge_dir / "models" / "Stable-diffusion" / FORGE_SD, forge_dir, 0.01)
+    _check_masks_ignore_the_last_generations_lora(forge, _forge_image(), 64, 64)
 
 
 def test_forge_zero_shot_leaves_the_next_generation_unchanged(forge):
