@@ -201,8 +201,12 @@ class _Predictor(nn.Module):
 
     def __init__(self, alphas_cumprod: Tensor):
         super().__init__()
-        self.alphas_cumprod = alphas_cumprod.float()
-        self.log_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).log()
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float())
+        self.set_sigmas(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5)
+
+    def set_sigmas(self, sigmas: Tensor) -> None:
+        self.register_buffer("sigmas", sigmas.float())
+        self.register_buffer("log_sigmas", sigmas.log().float())
 
     def timestep(self, sigma: Tensor) -> Tensor:
         return (sigma.log()[None] - self.log_sigmas[:, None]).abs().argmin(dim=0)
@@ -271,6 +275,42 @@ def test_forge_masks_run_on_the_unpatched_model(fake, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"), host.job_backbone(MaskJob("cat", mode="zero-shot")):
         raise RuntimeError("boom")
     assert engine.forge_objects is patched
+
+
+@pytest.mark.parametrize("marker, setting", [(True, "Default"), (False, "Zero Terminal SNR")])
+def test_forge_zero_terminal_snr_schedule(fake, monkeypatch, marker, setting):
+    """A model Forge samples with zero terminal SNR (its file's marker, or the setting): the rescaled schedule,
+    and the predictor's sigma table rescaled for the call only, so that the UNet sees the timestep asked for."""
+    import modules.shared
+    import modules.sd_models
+
+    from ldznet_ext.sd.schedule import rescale_zero_terminal_snr
+
+    kmodel = _KModel(fake.model.diffusion_model, fake.alphas_cumprod)
+    parts = types.SimpleNamespace(unet=types.SimpleNamespace(model=kmodel, load_device="cpu"))
+    engine = types.SimpleNamespace(forge_objects=parts, is_sd1=True, is_inpaint=False,
+                                   model_config=types.SimpleNamespace(ztsnr=marker))
+    monkeypatch.setattr(host, "is_forge", lambda: True)
+    monkeypatch.setattr(modules.sd_models, "forge_model_reload", lambda: (engine, False), raising=False)
+    monkeypatch.setitem(sys.modules, "backend", types.SimpleNamespace(
+        memory_management=types.SimpleNamespace(load_model_gpu=lambda patcher: None)))
+    monkeypatch.setitem(modules.shared.opts.data, "sd_noise_schedule", setting)
+    sigmas = kmodel.predictor.sigmas
+    with host.job_backbone(MaskJob("cat", mode="zero-shot")) as backbone:
+        assert backbone.zero_terminal_snr
+        assert torch.equal(backbone.schedule.alphas_cumprod, rescale_zero_terminal_snr(fake.alphas_cumprod))
+        z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([400, 37])
+        context = fake.get_learned_conditioning(["a", "b"])
+        with torch.no_grad():
+            expected = fake.model.diffusion_model(z, t, context=context)
+        assert torch.allclose(backbone.predict_noise(z, t, Conditioning(context)), expected, atol=2e-4, rtol=1e-4)
+    assert kmodel.predictor.sigmas is sigmas
+    modules.shared.opts.data["sd_noise_schedule"] = "Default"
+    engine.model_config.ztsnr = False
+    with host.job_backbone(MaskJob("cat", mode="zero-shot")) as backbone:
+        assert not backbone.zero_terminal_snr
+        assert torch.equal(backbone.schedule.alphas_cumprod, fake.alphas_cumprod.double())
 
 
 def test_forge_model_is_loaded_lazily(fake, monkeypatch):

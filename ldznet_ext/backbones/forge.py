@@ -8,17 +8,22 @@ KModel speaks k-diffusion: ``apply_model(x, sigma, c_crossattn=...)`` takes x = 
 and returns the denoised x0. At an SD timestep t with a_t = alphas_cumprod[t]:
 sigma_t = sqrt((1 - a_t) / a_t), x = z_t / sqrt(a_t) (the UNet sees x / sqrt(sigma^2 + 1) = z_t,
 at timestep t), and eps = (x - x0) / sigma_t.
+
+A model Forge samples with a zero-terminal-SNR schedule (its file's ``ztsnr`` marker, or the setting
+"Noise schedule for sampling" = "Zero Terminal SNR") gets the rescaled schedule here too: Forge sets
+the rescaled sigmas on the KModel's predictor only while it samples, so masks do the same for their call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from ..sd.schedule import NoiseSchedule
+from ..sd.schedule import NoiseSchedule, rescale_zero_terminal_snr
 from .base import Conditioning, UNetLayout, ldm_layout
 from .family import LABELS, check_zero_shot_prediction, host_family, sd2_variant
 from .sampling import sample_posterior
@@ -65,14 +70,16 @@ class ForgeBackbone:
     """The segmenter's Backbone over Forge's ``shared.sd_model``.
 
     ``load_model_gpu`` is ``backend.memory_management.load_model_gpu`` (injected so that tests run
-    without Forge).
+    without Forge); ``zero_terminal_snr``: Forge samples this model with the rescaled schedule.
     """
 
-    def __init__(self, sd_model, load_model_gpu: Callable[[object], object]):
+    def __init__(self, sd_model, load_model_gpu: Callable[[object], object], zero_terminal_snr: bool = False):
         self.sd_model = sd_model
         self.patcher = sd_model.forge_objects.unet
         self.load_model_gpu = load_model_gpu
-        self.schedule = NoiseSchedule(self.patcher.model.predictor.alphas_cumprod.detach())
+        alphas = self.patcher.model.predictor.alphas_cumprod.detach()
+        self.zero_terminal_snr = zero_terminal_snr
+        self.schedule = NoiseSchedule(rescale_zero_terminal_snr(alphas) if zero_terminal_snr else alphas)
 
     @property
     def unet(self) -> nn.Module:
@@ -126,5 +133,22 @@ class ForgeBackbone:
         a = self.schedule.alphas_at(t.to(self.device))
         sigma = ((1 - a) / a).sqrt()
         x = z_t.to(self.device, torch.float32) / a.sqrt()[:, None, None, None]
-        denoised = self.patcher.model.apply_model(x, sigma, **conditions)
+        with self._sampling_sigmas():
+            denoised = self.patcher.model.apply_model(x, sigma, **conditions)
         return (x - denoised.float()) / sigma[:, None, None, None]
+
+    @contextmanager
+    def _sampling_sigmas(self) -> Iterator[None]:
+        """The predictor maps sigma to the UNet's timestep through its table of sigmas: with zero terminal
+        SNR the rescaled table for the block, as Forge sets it while it samples, then its own again."""
+        if not self.zero_terminal_snr:
+            yield
+            return
+        predictor = self.patcher.model.predictor
+        sigmas = predictor.sigmas
+        table = self.schedule.alphas_cumprod
+        predictor.set_sigmas(((1 - table) / table).sqrt().to(sigmas.device))
+        try:
+            yield
+        finally:
+            predictor.set_sigmas(sigmas)

@@ -48,8 +48,8 @@ class ForgeSDXLBackbone(ForgeBackbone):
     """The segmenter's Backbone over Forge's SDXL-family ``shared.sd_model`` (``load_model_gpu`` as in
     :class:`ForgeBackbone`)."""
 
-    def __init__(self, sd_model, load_model_gpu):
-        super().__init__(sd_model, load_model_gpu)
+    def __init__(self, sd_model, load_model_gpu, zero_terminal_snr: bool = False):
+        super().__init__(sd_model, load_model_gpu, zero_terminal_snr)
         self.size_dim = sd_model.embedder.dim
 
     def encode_text(self, prompts: Sequence[str]) -> Conditioning:

@@ -121,7 +121,10 @@ def _backbone(sd_model, family: str = "sd-v1") -> Backbone:
         from ..backbones.forge_sdxl import ForgeSDXLBackbone
 
         adapter = ForgeSDXLBackbone if family == "sdxl" else ForgeBackbone
-        return adapter(sd_model, memory_management.load_model_gpu)
+        # Forge's own condition for sampling with zero terminal SNR (modules/processing.py)
+        zero_terminal_snr = opt("sd_noise_schedule") == "Zero Terminal SNR" \
+            or bool(getattr(getattr(sd_model, "model_config", None), "ztsnr", False))
+        return adapter(sd_model, memory_management.load_model_gpu, zero_terminal_snr)
     from modules import devices
 
     from ..backbones.a1111 import A1111Backbone
