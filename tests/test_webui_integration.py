@@ -17,6 +17,7 @@ import base64
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -36,9 +37,13 @@ from PIL import Image
 WEBUI = os.environ.get("LDZNET_WEBUI_DIR")
 FORGE = os.environ.get("LDZNET_FORGE_DIR")
 REPO = Path(__file__).resolve().parents[1]
-# A1111 on the CPU in fp32, without downloading CLIP (install-model writes what it reads instead).
-A1111_FLAGS = ("--no-half", "--disable-opt-split-attention", "--use-cpu", "all", "--do-not-download-clip")
-FORGE_SD, FORGE_HEAD = "ldznet-test-sd-v1-random.safetensors", "ldznet-test-sd-v1-random-head.safetensors"
+# A1111 on the CPU in fp32, without downloading CLIP (install-model writes what it reads instead), and
+# LDZNET_WEBUI_FLAGS (e.g. "--medvram" or "--lowvram": the same tests under the host's offloading).
+A1111_FLAGS = ("--no-half", "--disable-opt-split-attention", "--use-cpu", "all", "--do-not-download-clip",
+               *shlex.split(os.environ.get("LDZNET_WEBUI_FLAGS", "")))
+# The random SD's name changes with how ``full_size_sd`` builds it: the test writes the file once.
+FORGE_SD, FORGE_HEAD = "ldznet-test-sd-v1-random-2.safetensors", "ldznet-test-sd-v1-random-head.safetensors"
+OBSOLETE_FORGE_SDS = ("ldznet-test-sd-v1-random.safetensors",)  # this test's earlier files, removed
 
 
 def _call(base: str, path: str, payload=None, auth: str | None = None):
@@ -154,6 +159,8 @@ def forge(tmp_path_factory):
     forge_dir, work = Path(FORGE), tmp_path_factory.mktemp("forge")
     checkpoint = forge_dir / "models" / "Stable-diffusion" / FORGE_SD
     head = forge_dir / "models" / "ldznet" / FORGE_HEAD
+    for name in OBSOLETE_FORGE_SDS:
+        (checkpoint.parent / name).unlink(missing_ok=True)
     if not checkpoint.exists():
         save_stable_diffusion(full_size_sd(), checkpoint, dtype=torch.float16)
     if not head.exists():

@@ -55,11 +55,17 @@ def _wake(module: nn.Module, std: float = 0.01) -> nn.Module:
 
 def full_size_sd(seed: int = 0) -> StableDiffusion:
     """Random SD v1 of the real size (what Forge's loader recognises as SD 1.5; 1.07 G parameters)
-    whose UNet output depends on the text. Building it takes about a minute on one CPU core."""
+    whose UNet output depends on the text. Building it takes about a minute on one CPU core.
+
+    The text encoder's last LayerNorm gets a random bias, as trained ones have: with none, its output's
+    mean is 0 up to rounding, and Forge's default emphasis, which divides by that mean, turns some
+    prompts into NaN (exactly 0 for "cat" with torch 2.14.1)."""
     torch.manual_seed(seed)
     sd = StableDiffusion(UNetModel(unet_config("sd-v1")), AutoencoderKL(VAEConfig()),
                          TextEncoder.from_config(text_config("sd-v1")))
     _wake(sd.unet)
+    with torch.no_grad():
+        sd.text_encoder.transformer.final_layer_norm.bias.normal_(0, 0.1)
     return sd.eval().requires_grad_(False)
 
 
