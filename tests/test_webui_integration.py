@@ -298,6 +298,27 @@ def test_masks_ignore_the_last_generations_lora(server):
     _check_masks_ignore_the_last_generations_lora(server, IMAGE, 128, 96)
 
 
+def test_extra_network_tags_on_the_mask_line_stay_with_the_prompt(server):
+    """``mask: cat <lora:...>``: the tag is the generation's, so the image equals the one whose tag stands in
+    the prompt line, and the mask is the one of ``cat``."""
+    _write_test_lora(Path(WEBUI) / "models" / "Stable-diffusion" / "ldznet-test-sd.safetensors", Path(WEBUI), 0.09)
+    images = []
+    # A1111 samples an img2img's init latent from the global torch RNG, which only the previous generation
+    # seeded: the first img2img after the WebUI starts differs from later identical ones, so it only warms up.
+    for prompt in (f"a photo <lora:{TEST_LORA}:1>\nmask: cat", f"a photo\nmask: cat <lora:{TEST_LORA}:1>",
+                   f"a photo <lora:{TEST_LORA}:1>\nmask: cat"):
+        status, result = _call(server, "/sdapi/v1/img2img", {
+            "init_images": [_b64(IMAGE)], "prompt": prompt, "steps": 2, "width": 128, "height": 96, "seed": 1,
+            "sampler_name": "Euler", "denoising_strength": 0.5, "mask_blur": 0, "inpaint_full_res": False,
+            "alwayson_scripts": {"LD-ZNet mask": {"args": ["", "LD-ZNet head", 0.5, *[None] * 9, False]}}})
+        assert status == 200, result
+        infotext = json.loads(result["info"])["infotexts"][0]
+        prompt_part, parameters = infotext.split("\nSteps: ")
+        assert f"<lora:{TEST_LORA}:1>" in prompt_part and "mask" not in prompt_part and "LD-ZNet mask: cat," in parameters
+        images.append([_png(image) for image in result["images"]])
+    assert len(images[1]) == 2 and all(np.array_equal(a, b) for a, b in zip(images[1], images[2]))
+
+
 CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 READ_IMAGES = """async (selector) => Promise.all(Array.from(gradioApp().querySelectorAll(selector)).map(async img => {

@@ -26,12 +26,15 @@ from ldznet_ext.webui.request import INFOTEXT_KEYS, combine, from_args, from_inf
     ("a\n  MASK : cat{+4}\nb", "a\nb", "cat{+4}"),
     ("a masked ball, mask: no line start", "a masked ball, mask: no line start", None),
     ("no mask here", "no mask here", None),
+    ("a knight\nmask: goblin <lora:goblin_style:0.8>\nsunset", "a knight\n<lora:goblin_style:0.8>\nsunset", "goblin"),
+    ("mask: <hypernet:h:1> goblin OR sword <lora:a:1>", "<hypernet:h:1> <lora:a:1>", "goblin OR sword"),
 ])
 def test_split_mask_line(prompt, rest, expression):
     assert split_mask_line(prompt) == (rest, expression)
 
 
-@pytest.mark.parametrize("prompt, message", [("mask: a\nmask: b", "2 'mask:' lines"), ("x\nmask:  ", "empty")])
+@pytest.mark.parametrize("prompt, message", [("mask: a\nmask: b", "2 'mask:' lines"), ("x\nmask:  ", "empty"),
+                                             ("x\nmask: <lora:a:1>", "empty")])
 def test_split_mask_line_errors(prompt, message):
     with pytest.raises(LdznetError, match=message):
         split_mask_line(prompt)

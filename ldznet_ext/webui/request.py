@@ -56,6 +56,8 @@ WRITTEN_WHEN_SET = ("keep_largest", "min_area", "refine_strength", "refine_radiu
 """Infotext keys written only when not the default, so a job that leaves them alone reads as before."""
 
 _MASK_LINE = re.compile(r"^[ \t]*mask[ \t]*:(.*)(?:\n|$)", re.IGNORECASE | re.MULTILINE)
+# An extra-network tag as both WebUIs find them in prompts (modules/extra_networks.py: <lora:name:0.8>).
+_EXTRA_NETWORK_TAG = re.compile(r"<\w+:[^>]+>")
 
 
 def _job(values: Mapping[str, object]) -> MaskJob:
@@ -180,17 +182,20 @@ def split_mask_line(prompt: str) -> tuple[str, str | None]:
     """(prompt without its ``mask: <expression>`` line, the expression or None).
 
     The line may stand anywhere in the prompt; "mask:" is case-insensitive. Two mask lines are an
-    error, since which one wins would be a guess.
+    error, since which one wins would be a guess. Extra-network tags on the line (``<lora:name:0.8>``)
+    stay in the prompt, in the line's place: they are the generation's (masks use the checkpoint alone).
     """
     found = _MASK_LINE.findall(prompt)
     if not found:
         return prompt, None
     if len(found) > 1:
         raise LdznetError(f"the prompt has {len(found)} 'mask:' lines; write one, e.g. 'mask: cat OR dog'")
-    expression = " ".join(found[0].split())
+    tags = " ".join(_EXTRA_NETWORK_TAG.findall(found[0]))
+    expression = " ".join(_EXTRA_NETWORK_TAG.sub(" ", found[0]).split())
     if not expression:
         raise LdznetError("the prompt's 'mask:' line is empty; write the expression after it, e.g. 'mask: cat'")
-    return _MASK_LINE.sub("", prompt).strip(), expression
+    rest = _MASK_LINE.sub(lambda line: tags + "\n" * (bool(tags) and line.group(0).endswith("\n")), prompt)
+    return rest.strip(), expression
 
 
 def with_prompt_line(job: MaskJob, prompt: str | None) -> MaskJob:
