@@ -486,6 +486,45 @@ def test_forge_masks_ignore_the_last_generations_lora(forge):
     _check_masks_ignore_the_last_generations_lora(forge, _forge_image(), 64, 64)
 
 
+def test_forge_detail_pass_inpaints_the_instance_and_nothing_else(forge):
+    """The detail pass inside Forge (its own img2img processing for the inpaint): ``cat[1]`` on a txt2img
+    result is repainted inside that instance's padded crop and nowhere else; same seed, same image. The
+    random head's map is nearly flat, so it is thresholded at its 99th percentile (no refinement): the
+    leftmost instance is a small part of the image. (That each instance is repainted in full is the
+    A1111 detail test's, with a head that finds real objects.)"""
+    from ldznet_ext.detail import crop_box
+
+    generation = {"prompt": "a photo", "steps": 2, "width": 128, "height": 96, "seed": 5, "sampler_name": "Euler"}
+
+    def txt2img(mask_args: list, detail: list) -> tuple[np.ndarray, dict]:
+        status, result = _call(forge, "/sdapi/v1/txt2img", {
+            **generation, "alwayson_scripts": {"LD-ZNet mask": {"args": [*mask_args, *detail]}}})
+        assert status == 200, result
+        return _png(result["images"][0]), result
+
+    plain, _ = txt2img([], [])
+    request = {"image": _b64(Image.fromarray(plain)), "expression": "cat", "presence": False, "refine": False}
+    status, first = _call(forge, "/ldznet/v1/mask", request)
+    assert status == 200, first
+    threshold = round(float(np.quantile(_png(first["probability"]) / 65535, 0.99)), 4)
+    status, masked = _call(forge, "/ldznet/v1/mask", {**request, "expression": "cat[1]", "threshold": threshold,
+                                                      "instances": True})
+    assert status == 200 and len(masked["instances"]) == 1, masked
+    x0, y0, x1, y1 = box = crop_box(_png(masked["instances"][0]["mask"]), 8)
+    assert (x1 - x0) * (y1 - y0) < 0.5 * 128 * 96, box  # a crop, not the whole image
+
+    mask_args = ["", "LD-ZNet head", threshold, 0, 0, False, "replace", False, 0, 0, 1.0, 0, False]
+    detail = ["cat[1]", "", 0.6, 2, 8]
+    detailed, result = txt2img(mask_args, detail)
+    infotext = json.loads(result["info"])["infotexts"][0]
+    assert "LD-ZNet detail: cat[1]" in infotext and "LD-ZNet detail warning" not in infotext
+    changed = np.abs(detailed.astype(int) - plain.astype(int)).max(axis=2) > 0
+    assert changed[y0:y1, x0:x1].any()
+    changed[y0:y1, x0:x1] = False
+    assert not changed.any()
+    assert np.array_equal(txt2img(mask_args, detail)[0], detailed)
+
+
 def test_forge_zero_shot_leaves_the_next_generation_unchanged(forge):
     generation = {"prompt": "a photo", "steps": 2, "width": 64, "height": 64, "seed": 7, "sampler_name": "Euler"}
     status, before = _call(forge, "/sdapi/v1/txt2img", generation)
