@@ -105,6 +105,25 @@ def test_authenticated_generations_are_checked(guarded):
     assert _post(guard, "/ldznet/v1/mask", b"{}", _basic(b"u:wrong"))[0] == 401
 
 
+@pytest.mark.parametrize("body, detail", [
+    (b"", "the body is not JSON (Expecting value: line 1 column 1 (char 0))"),
+    (b'{"image": ', "the body is not JSON (Expecting value: line 1 column 11 (char 10))"),
+    (b"\xff\xfe\xfd", "the body is not JSON ("),
+    (b'"cat"', "the body must be a JSON object, got a string"),
+    (b"5", "the body must be a JSON object, got a number"),
+    (b"[]", "the body must be a JSON object, got an array"),
+    (b"null", "the body must be a JSON object, got null"),
+])
+def test_a_mask_body_that_is_no_json_object_is_one_line(monkeypatch, body, detail):
+    """Our words, not the route's list of FastAPI errors, and the host's API never sees the request."""
+    monkeypatch.setattr(modules.shared.cmd_opts, "api_auth", None)
+    host_api = Api()
+    guard = api.ApiGuard(host_api, lambda payload, is_img2img: None, api.parse_credentials(None))
+    status, answer = _post(guard, api.MASK_ROUTE, body)
+    assert status == 422 and answer["detail"].startswith(detail) and "\n" not in answer["detail"]
+    assert host_api.requests == []
+
+
 def test_without_api_auth_every_request_is_checked(monkeypatch):
     monkeypatch.setattr(modules.shared.cmd_opts, "api_auth", None)
     def check(payload, is_img2img):

@@ -174,7 +174,7 @@ def mask_response(payload, compute: Callable, check_ready: Callable[[MaskJob], N
 
     ``compute(image, job, brush) -> MaskResult`` runs under the host's queue lock."""
     if not isinstance(payload, Mapping):
-        raise ApiError(422, "the body must be a JSON object")
+        raise ApiError(422, f"the body must be a JSON object, got {_json_kind(payload)}")
     try:
         job = MaskJob.from_dict(payload, other_fields=IMAGE_FIELDS + ANSWER_FIELDS)
         instance_masks = checked_flag(payload.get("instances") or False, "instances")
@@ -220,6 +220,22 @@ def _instance_entry(instance: Instance, feather: float, with_mask: bool) -> dict
 def parse_credentials(api_auth: str | None) -> dict[str, str]:
     """--api-auth "user:password,user2:password2" -> {user: password}."""
     return dict(item.split(":", 1) for item in api_auth.split(",") if ":" in item) if api_auth else {}
+
+
+def _json_kind(value) -> str:
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "true or false", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
+def check_mask_body(body: bytes) -> None:
+    """ApiError 422, in one line, for a mask request whose body is not a JSON object (the route's own
+    validation would answer it with FastAPI's list of errors)."""
+    try:
+        payload = json.loads(body)
+    except ValueError as error:  # UnicodeDecodeError included
+        raise ApiError(422, f"the body is not JSON ({error})") from None
+    if not isinstance(payload, dict):
+        raise ApiError(422, f"the body must be a JSON object, got {_json_kind(payload)}")
 
 
 def _first_headers(scope) -> dict[str, str]:
@@ -280,6 +296,8 @@ class ApiGuard:
                 raise ApiError(401, "this server requires --api-auth credentials (HTTP Basic)")
             body = await self._read_body(receive, limit=self.max_bytes if ours else None,
                                          declared=headers.get("content-length"))
+            if path == MASK_ROUTE and scope.get("method") == "POST":
+                check_mask_body(body)
             if generation:
                 try:
                     payload = json.loads(body or b"null")
