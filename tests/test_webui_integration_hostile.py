@@ -1,5 +1,5 @@
 """Opt-in, like test_webui_integration.py (LDZNET_WEBUI_DIR): seeded random hostile requests against the
-real A1111 with the extension. Every answer to our route and to generations carrying our script args is
+real A1111 with the extension (``_hostile_forge.py``: the mask route in Forge). Every answer to our route and to generations carrying our script args is
 200, or a 4xx whose ``detail`` is one line; never a 500. The host's own fields (init images, sizes) stay
 valid: how the host answers those is its own. About a minute on a CPU.
 """
@@ -37,7 +37,8 @@ def _check(status: int, body, request) -> None:
         assert isinstance(detail, str) and "\n" not in detail and "Traceback" not in detail, (request, status, body)
 
 
-def test_hostile_mask_requests(server):
+def hostile_mask_requests(base: str) -> None:
+    """300 seeded hostile requests to ``base``'s /ldznet/v1/mask."""
     rng = random.Random(7)
     statuses = set()
     for _ in range(300):
@@ -46,10 +47,14 @@ def test_hostile_mask_requests(server):
             payload[field] = rng.choice(ODD_VALUES) if rng.random() < 0.7 else _odd_image(rng)
         if rng.random() < 0.1:
             payload = rng.choice([[], "x", 5, False])
-        status, body = _call(server, "/ldznet/v1/mask", payload)
+        status, body = _call(base, "/ldznet/v1/mask", payload)
         _check(status, body, payload)
         statuses.add(status)
     assert statuses == {200, 422}  # both answers were reached
+
+
+def test_hostile_mask_requests(server):
+    hostile_mask_requests(server)
 
 
 def test_hostile_script_args(server):
