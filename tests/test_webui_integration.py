@@ -243,7 +243,7 @@ def test_detail_pass_that_finds_nothing_says_so(server):
 TEST_LORA = "ldznet-test-lora"
 
 
-def _write_test_lora(model: Path, webui: Path, scale: float) -> None:
+def write_test_lora(model: Path, webui: Path, scale: float) -> None:
     """A kohya-format LoRA ``TEST_LORA`` (rank 4, random deltas of about ``scale``) on every linear layer
     of ``model``'s UNet transformers and text encoder, in ``webui/models/Lora``. The UNet keys take the
     compvis form both WebUIs read (``lora_unet_input_blocks_...``), so any UNet layout works."""
@@ -268,10 +268,11 @@ def _write_test_lora(model: Path, webui: Path, scale: float) -> None:
     save_file(weights, str(webui / "models" / "Lora" / f"{TEST_LORA}.safetensors"))
 
 
-def _check_masks_ignore_the_last_generations_lora(base: str, image: Image.Image, width: int, height: int) -> None:
-    """A mask taken after a generation with ``TEST_LORA`` equals one taken before, while the LoRA changes
-    generations; the next generation with the LoRA is the one it was before the mask."""
-    request = {"image": _b64(image), "expression": "cat", "presence": False}
+def check_masks_ignore_the_last_generations_lora(base: str, image: Image.Image, width: int, height: int,
+                                                 mode: str = "LD-ZNet head") -> None:
+    """A mask (in ``mode``) taken after a generation with ``TEST_LORA`` equals one taken before, while the
+    LoRA changes generations; the next generation with the LoRA is the one it was before the mask."""
+    request = {"image": _b64(image), "expression": "cat", "presence": False, "mode": mode}
 
     def generate(prompt: str) -> np.ndarray:
         status, result = _call(base, "/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": width,
@@ -294,14 +295,14 @@ def _check_masks_ignore_the_last_generations_lora(base: str, image: Image.Image,
 def test_masks_ignore_the_last_generations_lora(server):
     """A1111 applies a prompt's <lora:...> after the scripts ran and leaves it applied after the generation;
     masks come from the checkpoint alone."""
-    _write_test_lora(Path(WEBUI) / "models" / "Stable-diffusion" / "ldznet-test-sd.safetensors", Path(WEBUI), 0.09)
-    _check_masks_ignore_the_last_generations_lora(server, IMAGE, 128, 96)
+    write_test_lora(Path(WEBUI) / "models" / "Stable-diffusion" / "ldznet-test-sd.safetensors", Path(WEBUI), 0.09)
+    check_masks_ignore_the_last_generations_lora(server, IMAGE, 128, 96)
 
 
 def test_extra_network_tags_on_the_mask_line_stay_with_the_prompt(server):
     """``mask: cat <lora:...>``: the tag is the generation's, so the image equals the one whose tag stands in
     the prompt line, and the mask is the one of ``cat``."""
-    _write_test_lora(Path(WEBUI) / "models" / "Stable-diffusion" / "ldznet-test-sd.safetensors", Path(WEBUI), 0.09)
+    write_test_lora(Path(WEBUI) / "models" / "Stable-diffusion" / "ldznet-test-sd.safetensors", Path(WEBUI), 0.09)
     images = []
     # A1111 samples an img2img's init latent from the global torch RNG, which only the previous generation
     # seeded: the first img2img after the WebUI starts differs from later identical ones, so it only warms up.
@@ -482,8 +483,8 @@ def test_forge_mask_line_masks_img2img(forge):
 def test_forge_masks_ignore_the_last_generations_lora(forge):
     """Forge keeps the last generation's LoRA patchers in ``forge_objects``; masks run on the unpatched parts."""
     forge_dir = Path(FORGE)
-    _write_test_lora(forge_dir / "models" / "Stable-diffusion" / FORGE_SD, forge_dir, 0.01)
-    _check_masks_ignore_the_last_generations_lora(forge, _forge_image(), 64, 64)
+    write_test_lora(forge_dir / "models" / "Stable-diffusion" / FORGE_SD, forge_dir, 0.01)
+    check_masks_ignore_the_last_generations_lora(forge, _forge_image(), 64, 64)
 
 
 def test_forge_detail_pass_inpaints_the_instance_and_nothing_else(forge):
