@@ -333,9 +333,9 @@ READ_IMAGES = """async (selector) => Promise.all(Array.from(gradioApp().querySel
 """The pixels of every <img> that ``selector`` matches, as data URLs (data:, file= and blob: sources alike)."""
 
 
-@pytest.fixture
-def page(server):
-    """A headless Chromium page on the A1111 server, the WebUI loaded; ``page.errors``: page errors
+@contextmanager
+def _browser_page(base: str) -> Iterator:
+    """A headless Chromium page on the WebUI at ``base``, the WebUI loaded; ``page.errors``: page errors
     raised by this extension's code (the host's own page errors are left out)."""
     sync_api = pytest.importorskip("playwright.sync_api")
     chromium = os.environ.get("LDZNET_CHROMIUM") or shutil.which("chromium")
@@ -347,11 +347,25 @@ def page(server):
             page = browser.new_page(viewport={"width": 1400, "height": 1200})
             page.errors = []
             page.on("pageerror", lambda error: "ldznet" in (error.stack or "") and page.errors.append(error.stack))
-            page.goto(server)
-            page.wait_for_selector("#txt2img_send_to_ldznet_inpaint", state="attached", timeout=120_000)
+            page.goto(base)
+            page.wait_for_selector("#txt2img_send_to_ldznet_inpaint", state="attached", timeout=180_000)
             yield page
         finally:
             browser.close()
+
+
+@pytest.fixture
+def page(server):
+    """A browser page on the A1111 server (:func:`_browser_page`)."""
+    with _browser_page(server) as page:
+        yield page
+
+
+@pytest.fixture
+def forge_page(forge):
+    """A browser page on the Forge server (:func:`_browser_page`)."""
+    with _browser_page(forge) as page:
+        yield page
 
 
 def _read(page, selector: str) -> list[np.ndarray]:
@@ -524,6 +538,37 @@ def test_forge_detail_pass_inpaints_the_instance_and_nothing_else(forge):
     changed[y0:y1, x0:x1] = False
     assert not changed.any()
     assert np.array_equal(txt2img(mask_args, detail)[0], detailed)
+
+
+def test_forge_send_to_inpaint_button_in_the_browser(forge, forge_page):
+    """Forge's gradio 4 page: txt2img -> the accordion's expression and threshold -> the results-row button:
+    img2img > Inpaint upload opens with the generated image and the mask /ldznet/v1/mask gives for it. The
+    random head's map lies near 0.42, so the threshold is set there."""
+    page = forge_page
+    page.locator("#txt2img_prompt textarea").fill("a photo")
+    for name, value in (("steps", "1"), ("width", "128"), ("height", "96")):
+        page.locator(f"#txt2img_{name} input[type=number]").fill(value)
+    page.locator("#txt2img_generate").click()
+    page.wait_for_selector("#txt2img_gallery img", timeout=300_000)
+    generated = _read(page, "#txt2img_gallery img")[0]
+    page.locator("#script_txt2img_ldznet_mask_accordion .label-wrap").first.click()
+    page.locator("#script_txt2img_ldznet_mask_expression textarea").fill("cat")
+    page.locator("#script_txt2img_ldznet_mask_presence input").uncheck()
+    threshold = page.locator("#script_txt2img_ldznet_mask_threshold input[type=number]")
+    threshold.fill("0.42")
+    threshold.press("Enter")
+    page.locator("#txt2img_send_to_ldznet_inpaint").click()
+    page.wait_for_function("get_tab_index('tabs') == 1 && get_tab_index('mode_img2img') == 4 && "
+                           "!!gradioApp().querySelector('#img_inpaint_mask img')", timeout=300_000)
+    base, mask = _read(page, "#img_inpaint_base img")[0], _read(page, "#img_inpaint_mask img")[0]
+    status = page.evaluate("gradioApp().querySelector('#script_txt2img_ldznet_mask_status').innerText")
+    assert "sent to Inpaint upload with the mask of cat" in status
+    assert base.shape[:2] == (96, 128) and np.array_equal(base, generated)
+    code, direct = _call(forge, "/ldznet/v1/mask", {"image": _b64(Image.fromarray(base)), "expression": "cat",
+                                                    "presence": False, "threshold": 0.42})
+    assert code == 200 and mask.shape == (96, 128) and np.array_equal(mask, _png(direct["mask"]))
+    assert 0 < (mask > 127).mean() < 1
+    assert page.errors == []
 
 
 def test_forge_zero_shot_leaves_the_next_generation_unchanged(forge):
