@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_webui_integration import FORGE, _call, _serve
+from test_webui_integration import (FORGE, IMAGE, _call, _serve, check_masks_ignore_the_last_generations_lora,
+                                    write_test_lora)
 from test_webui_integration_sdxl import (SIZE, check_head_mode_on_the_micro_sd_v1,
                                         check_zero_shot_on_the_loaded_model)
 
@@ -74,6 +75,18 @@ def forge(tmp_path_factory):
 def test_zero_shot_masks_come_from_the_host_sdxl_model(forge):
     """Zero-shot on Forge's SDXL model (check_zero_shot_on_the_loaded_model)."""
     check_zero_shot_at_256_px(forge, Path(SDXL_FILE).stem)
+
+
+def test_zero_shot_masks_ignore_the_last_generations_lora(forge):
+    """Zero-shot on Forge's SDXL model: a LoRA the last generation left in Forge's patched parts does not
+    reach the masks (features at 128 px, generations at 64 px, to keep it quick)."""
+    forge_dir = Path(FORGE)
+    write_test_lora(forge_dir / "models" / "Stable-diffusion" / SDXL_FILE, forge_dir, 0.01)
+    assert _call(forge, "/sdapi/v1/options", {"ldznet_resolution": 128})[0] == 200
+    try:
+        check_masks_ignore_the_last_generations_lora(forge, IMAGE, 64, 64, mode="zero-shot")
+    finally:
+        assert _call(forge, "/sdapi/v1/options", {"ldznet_resolution": 0})[0] == 200
 
 
 def check_zero_shot_at_256_px(forge: str, stem: str) -> np.ndarray:
