@@ -227,6 +227,16 @@ class _KModel(nn.Module):
         return x - out.float() * sigma
 
 
+def _assert_noise_is_the_unets(fake, backbone: ForgeBackbone) -> None:
+    """The adapter's eps at two timesteps is what the UNet predicts for z_t at those timesteps."""
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([400, 37])
+    context = fake.get_learned_conditioning(["a", "b"])
+    with torch.no_grad():
+        expected = fake.model.diffusion_model(z, t, context=context)
+    assert torch.allclose(backbone.predict_noise(z, t, Conditioning(context)), expected, atol=2e-4, rtol=1e-4)
+
+
 def test_forge_adapter_converts_x0_to_eps(fake):
     kmodel = _KModel(fake.model.diffusion_model, fake.alphas_cumprod)
     loads = []
@@ -234,12 +244,7 @@ def test_forge_adapter_converts_x0_to_eps(fake):
         unet=types.SimpleNamespace(model=kmodel, load_device="cpu")), is_sd1=True, is_inpaint=False)
     check_forge_model(engine)
     backbone = ForgeBackbone(engine, loads.append)
-    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([400, 37])
-    context = fake.get_learned_conditioning(["a", "b"])
-    with torch.no_grad():
-        expected = fake.model.diffusion_model(z, t, context=context)
-    assert torch.allclose(backbone.predict_noise(z, t, Conditioning(context)), expected, atol=2e-4, rtol=1e-4)
+    _assert_noise_is_the_unets(fake, backbone)
     assert loads == [engine.forge_objects.unet]
     engine.is_inpaint = True
     with pytest.raises(CheckpointError, match="inpainting model"):
@@ -299,12 +304,7 @@ def test_forge_zero_terminal_snr_schedule(fake, monkeypatch, marker, setting):
     with host.job_backbone(MaskJob("cat", mode="zero-shot")) as backbone:
         assert backbone.zero_terminal_snr
         assert torch.equal(backbone.schedule.alphas_cumprod, rescale_zero_terminal_snr(fake.alphas_cumprod))
-        z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-        t = torch.tensor([400, 37])
-        context = fake.get_learned_conditioning(["a", "b"])
-        with torch.no_grad():
-            expected = fake.model.diffusion_model(z, t, context=context)
-        assert torch.allclose(backbone.predict_noise(z, t, Conditioning(context)), expected, atol=2e-4, rtol=1e-4)
+        _assert_noise_is_the_unets(fake, backbone)
     assert kmodel.predictor.sigmas is sigmas
     modules.shared.opts.data["sd_noise_schedule"] = "Default"
     engine.model_config.ztsnr = False

@@ -372,9 +372,9 @@ def _read(page, selector: str) -> list[np.ndarray]:
     return [_png(url.split(",", 1)[1]) for url in page.evaluate(READ_IMAGES, selector)]
 
 
-def test_send_to_inpaint_button_in_the_browser(server, page):
-    """txt2img -> the accordion's expression -> the results-row button: img2img > Inpaint upload
-    opens with the generated image, its mask and its size, and an img2img generation inpaints with that mask."""
+def _generate_and_ask_for_cat(page) -> np.ndarray:
+    """txt2img of "a photo" at 128 x 96 in one step; then the accordion opened, its expression "cat" and
+    presence off (a random head's maps are weak). Returns the generated image."""
     page.locator("#txt2img_prompt textarea").fill("a photo")
     for name, value in (("steps", "1"), ("width", "128"), ("height", "96")):
         page.locator(f"#txt2img_{name} input[type=number]").fill(value)
@@ -383,7 +383,14 @@ def test_send_to_inpaint_button_in_the_browser(server, page):
     generated = _read(page, "#txt2img_gallery img")[0]
     page.locator("#script_txt2img_ldznet_mask_accordion .label-wrap").first.click()  # not the nested Detail pass
     page.locator("#script_txt2img_ldznet_mask_expression textarea").fill("cat")
-    page.locator("#script_txt2img_ldznet_mask_presence input").uncheck()  # the tiny random head's maps are weak
+    page.locator("#script_txt2img_ldznet_mask_presence input").uncheck()
+    return generated
+
+
+def test_send_to_inpaint_button_in_the_browser(server, page):
+    """txt2img -> the accordion's expression -> the results-row button: img2img > Inpaint upload
+    opens with the generated image, its mask and its size, and an img2img generation inpaints with that mask."""
+    generated = _generate_and_ask_for_cat(page)
     page.locator("#txt2img_send_to_ldznet_inpaint").click()
     page.wait_for_function("get_tab_index('tabs') == 1 && get_tab_index('mode_img2img') == 4 && "
                            "!!gradioApp().querySelector('#img_inpaint_mask img')", timeout=300_000)
@@ -545,15 +552,7 @@ def test_forge_send_to_inpaint_button_in_the_browser(forge, forge_page):
     img2img > Inpaint upload opens with the generated image and the mask /ldznet/v1/mask gives for it. The
     random head's map lies near 0.42, so the threshold is set there."""
     page = forge_page
-    page.locator("#txt2img_prompt textarea").fill("a photo")
-    for name, value in (("steps", "1"), ("width", "128"), ("height", "96")):
-        page.locator(f"#txt2img_{name} input[type=number]").fill(value)
-    page.locator("#txt2img_generate").click()
-    page.wait_for_selector("#txt2img_gallery img", timeout=300_000)
-    generated = _read(page, "#txt2img_gallery img")[0]
-    page.locator("#script_txt2img_ldznet_mask_accordion .label-wrap").first.click()
-    page.locator("#script_txt2img_ldznet_mask_expression textarea").fill("cat")
-    page.locator("#script_txt2img_ldznet_mask_presence input").uncheck()
+    generated = _generate_and_ask_for_cat(page)
     threshold = page.locator("#script_txt2img_ldznet_mask_threshold input[type=number]")
     threshold.fill("0.42")
     threshold.press("Enter")
