@@ -20,7 +20,7 @@ from ldznet_ext.backbones.a1111 import A1111Backbone, check_a1111_model  # noqa:
 from ldznet_ext.backbones.base import Conditioning  # noqa: E402
 from ldznet_ext.backbones.forge import ForgeBackbone, check_forge_model  # noqa: E402
 from ldznet_ext.errors import CheckpointError, LdznetError  # noqa: E402
-from ldznet_ext.job import MaskJob  # noqa: E402
+from ldznet_ext.job import MODES, MaskJob  # noqa: E402
 from ldznet_ext.webui import host  # noqa: E402
 
 IMAGE = (np.random.default_rng(3).random((40, 56, 3)) * 255).astype(np.uint8)
@@ -142,6 +142,28 @@ def test_masks_ignore_the_networks_the_last_generation_left(fake, monkeypatch):
             unguarded.setattr(host, "checkpoint_only", lambda sd_model: contextlib.nullcontext())
             assert not torch.equal(host.compute(IMAGE, job).prediction.probability, plain)  # masks are bit-exact
     assert names and torch.equal(_generate(fake), base)
+
+
+@pytest.mark.parametrize("setting", ["Default", "Zero Terminal SNR"])
+def test_a1111_schedule_is_the_models_own_not_the_last_generations(fake, monkeypatch, setting):
+    """A1111 rewrites ``alphas_cumprod`` at every generation from ``alphas_cumprod_original`` (cast to fp16
+    by its setting for old seeds): masks read the original, rescaled when "Noise schedule for sampling" says
+    zero terminal SNR, whatever the last generation left."""
+    import modules.shared
+
+    from ldznet_ext.sd.schedule import rescale_zero_terminal_snr
+
+    original = fake.alphas_cumprod
+    monkeypatch.setitem(modules.shared.opts.data, "sd_noise_schedule", setting)
+    expected = rescale_zero_terminal_snr(original) if setting == "Zero Terminal SNR" else original.double()
+    fake.alphas_cumprod_original, fake.alphas_cumprod = original, original.half().float()  # a downcasting generation
+    try:
+        for mode in MODES:
+            with host.job_backbone(MaskJob("cat", mode=mode)) as backbone:
+                assert torch.equal(backbone.schedule.alphas_cumprod, expected)
+    finally:
+        fake.alphas_cumprod = original
+        del fake.alphas_cumprod_original
 
 
 def test_refusals(fake):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from ..sd.schedule import NoiseSchedule
+from ..sd.schedule import NoiseSchedule, rescale_zero_terminal_snr
 from ..sd.sdxl import PREDICTIONS, v_to_eps
 from .base import CaptureModules, Conditioning, UNetLayout, ldm_layout
 from .family import LABELS, check_zero_shot_prediction, host_family, sd2_variant
@@ -77,12 +77,20 @@ def check_torch_unet(current_unet) -> None:
 
 
 class A1111Backbone:
-    """The segmenter's Backbone over A1111's ``shared.sd_model``; ``devices`` is ``modules.devices``."""
+    """The segmenter's Backbone over A1111's ``shared.sd_model``; ``devices`` is ``modules.devices``.
 
-    def __init__(self, sd_model, devices: ModuleType):
+    The schedule is the model's own (``alphas_cumprod_original``), rescaled to zero terminal SNR when
+    ``zero_terminal_snr`` (A1111's "Noise schedule for sampling" setting): A1111 rewrites
+    ``alphas_cumprod`` from it at every generation, after the scripts' ``process`` and also cast to fp16
+    by a setting for old seeds, so that table would be the last generation's.
+    """
+
+    def __init__(self, sd_model, devices: ModuleType, zero_terminal_snr: bool = False):
         self.sd_model = sd_model
         self.devices = devices
-        self.schedule = NoiseSchedule(sd_model.alphas_cumprod.detach())
+        table = getattr(sd_model, "alphas_cumprod_original", None)
+        table = (sd_model.alphas_cumprod if table is None else table).detach()
+        self.schedule = NoiseSchedule(rescale_zero_terminal_snr(table) if zero_terminal_snr else table)
 
     @property
     def unet(self) -> nn.Module:

@@ -54,8 +54,8 @@ def check_a1111_sdxl_model(sd_model, current_unet=None) -> None:
 class A1111SDXLBackbone(A1111Backbone):
     """The segmenter's Backbone over A1111's SDXL-family ``shared.sd_model``; ``devices`` is ``modules.devices``."""
 
-    def __init__(self, sd_model, devices):
-        super().__init__(sd_model, devices)
+    def __init__(self, sd_model, devices, zero_terminal_snr: bool = False):
+        super().__init__(sd_model, devices, zero_terminal_snr)
         self.size_dim = next(embedder.outdim for embedder in sd_model.conditioner.embedders
                              if getattr(embedder, "input_key", None) == SIZE_KEYS[0])
 

@@ -114,6 +114,10 @@ def _check(sd_model) -> None:
 def _backbone(sd_model, family: str = "sd-v1") -> Backbone:
     """The Backbone adapter over a host model of ``family`` ("sd-v1", "sd2" or "sdxl"; nothing is loaded
     or moved): one adapter per host for SD 1.x and SD 2.x, one for the SDXL family."""
+    # The hosts' condition for sampling with zero terminal SNR (modules/processing.py; only Forge reads
+    # the file's marker)
+    zero_terminal_snr = opt("sd_noise_schedule") == "Zero Terminal SNR" \
+        or bool(getattr(getattr(sd_model, "model_config", None), "ztsnr", False))
     if is_forge():
         from backend import memory_management
 
@@ -121,16 +125,13 @@ def _backbone(sd_model, family: str = "sd-v1") -> Backbone:
         from ..backbones.forge_sdxl import ForgeSDXLBackbone
 
         adapter = ForgeSDXLBackbone if family == "sdxl" else ForgeBackbone
-        # Forge's own condition for sampling with zero terminal SNR (modules/processing.py)
-        zero_terminal_snr = opt("sd_noise_schedule") == "Zero Terminal SNR" \
-            or bool(getattr(getattr(sd_model, "model_config", None), "ztsnr", False))
         return adapter(sd_model, memory_management.load_model_gpu, zero_terminal_snr)
     from modules import devices
 
     from ..backbones.a1111 import A1111Backbone
     from ..backbones.a1111_sdxl import A1111SDXLBackbone
 
-    return (A1111SDXLBackbone if family == "sdxl" else A1111Backbone)(sd_model, devices)
+    return (A1111SDXLBackbone if family == "sdxl" else A1111Backbone)(sd_model, devices, zero_terminal_snr)
 
 
 def _check_zero_shot(sd_model, family: str) -> None:
