@@ -387,16 +387,23 @@ def _generate_and_ask_for_cat(page) -> np.ndarray:
     return generated
 
 
-def test_send_to_inpaint_button_in_the_browser(server, page):
-    """txt2img -> the accordion's expression -> the results-row button: img2img > Inpaint upload
-    opens with the generated image, its mask and its size, and an img2img generation inpaints with that mask."""
-    generated = _generate_and_ask_for_cat(page)
+def _send_to_inpaint(page) -> tuple[np.ndarray, np.ndarray]:
+    """Click the txt2img results row's 🎭 button: img2img > Inpaint upload opens; returns its image and
+    mask once both are there, and the accordion says the mask of cat was sent."""
     page.locator("#txt2img_send_to_ldznet_inpaint").click()
     page.wait_for_function("get_tab_index('tabs') == 1 && get_tab_index('mode_img2img') == 4 && "
                            "!!gradioApp().querySelector('#img_inpaint_mask img')", timeout=300_000)
     base, mask = _read(page, "#img_inpaint_base img")[0], _read(page, "#img_inpaint_mask img")[0]
     status = page.evaluate("gradioApp().querySelector('#script_txt2img_ldznet_mask_status').innerText")
     assert "sent to Inpaint upload with the mask of cat" in status
+    return base, mask
+
+
+def test_send_to_inpaint_button_in_the_browser(server, page):
+    """txt2img -> the accordion's expression -> the results-row button: img2img > Inpaint upload
+    opens with the generated image, its mask and its size, and an img2img generation inpaints with that mask."""
+    generated = _generate_and_ask_for_cat(page)
+    base, mask = _send_to_inpaint(page)
     size = [page.locator(f"#img2img_{name} input[type=number]").input_value() for name in ("width", "height")]
     assert size == ["128", "96"]  # opts.send_size, as with the host's own send buttons
     assert generated.shape == base.shape == (96, 128, 3) and np.array_equal(base, generated)
@@ -556,12 +563,7 @@ def test_forge_send_to_inpaint_button_in_the_browser(forge, forge_page):
     threshold = page.locator("#script_txt2img_ldznet_mask_threshold input[type=number]")
     threshold.fill("0.42")
     threshold.press("Enter")
-    page.locator("#txt2img_send_to_ldznet_inpaint").click()
-    page.wait_for_function("get_tab_index('tabs') == 1 && get_tab_index('mode_img2img') == 4 && "
-                           "!!gradioApp().querySelector('#img_inpaint_mask img')", timeout=300_000)
-    base, mask = _read(page, "#img_inpaint_base img")[0], _read(page, "#img_inpaint_mask img")[0]
-    status = page.evaluate("gradioApp().querySelector('#script_txt2img_ldznet_mask_status').innerText")
-    assert "sent to Inpaint upload with the mask of cat" in status
+    base, mask = _send_to_inpaint(page)
     assert base.shape[:2] == (96, 128) and np.array_equal(base, generated)
     code, direct = _call(forge, "/ldznet/v1/mask", {"image": _b64(Image.fromarray(base)), "expression": "cat",
                                                     "presence": False, "threshold": 0.42})
