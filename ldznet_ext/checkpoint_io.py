@@ -146,7 +146,8 @@ def readable_file(path: str | os.PathLike, what: str = "checkpoint", expected: s
     return path
 
 
-def _json_kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
+    """How an error message names the JSON type of ``value``."""
     return {dict: "a JSON object", list: "a JSON list", str: "a string", bool: "a boolean", type(None): "null",
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
@@ -162,7 +163,7 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     except (OSError, ValueError, RecursionError) as error:
         raise CheckpointError(f"{path.name}: cannot read the safetensors header ({error})") from error
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path.name}: the safetensors header is {_json_kind(header)}, not a JSON object")
+        raise CheckpointError(f"{path.name}: the safetensors header is {json_kind(header)}, not a JSON object")
     return header
 
 
@@ -176,7 +177,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         return {}
     raw = safetensors_header(path).get("__metadata__") or {}
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{path.name}: the safetensors '__metadata__' is {_json_kind(raw)}, "
+        raise CheckpointError(f"{path.name}: the safetensors '__metadata__' is {json_kind(raw)}, "
                               "not a JSON object of strings")
     metadata = {}
     for key, text in raw.items():
@@ -234,7 +235,7 @@ def _parse_value(hint: Any, value: Any, where: str, keys: tuple[str, ...], requi
 
     def refuse(expected: str) -> CheckpointError:
         shown = json.dumps(value)
-        return CheckpointError(f"{at} is {shown if len(shown) <= 40 else _json_kind(value)}; expected {expected}")
+        return CheckpointError(f"{at} is {shown if len(shown) <= 40 else json_kind(value)}; expected {expected}")
 
     if dataclasses.is_dataclass(hint):
         fields = {f.name: f for f in dataclasses.fields(hint)}

@@ -111,7 +111,7 @@ def test_authenticated_generations_are_checked(guarded):
     (b"\xff\xfe\xfd", "the body is not JSON ("),
     (b'"cat"', "the body must be a JSON object, got a string"),
     (b"5", "the body must be a JSON object, got a number"),
-    (b"[]", "the body must be a JSON object, got an array"),
+    (b"[]", "the body must be a JSON object, got a JSON list"),
     (b"null", "the body must be a JSON object, got null"),
 ])
 def test_a_mask_body_that_is_no_json_object_is_one_line(monkeypatch, body, detail):

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .. import __version__
+from ..checkpoint_io import json_kind
 from ..errors import CheckpointError, ImageError, LdznetError
 from ..images import load_image
 from ..job import MaskJob, checked_flag
@@ -173,8 +174,7 @@ def mask_response(payload, compute: Callable, check_ready: Callable[[MaskJob], N
     "score"} (+ "mask" when asked), left to right, of our mask before it meets the brush]}.
 
     ``compute(image, job, brush) -> MaskResult`` runs under the host's queue lock."""
-    if not isinstance(payload, Mapping):
-        raise ApiError(422, f"the body must be a JSON object, got {_json_kind(payload)}")
+    _check_object(payload)
     try:
         job = MaskJob.from_dict(payload, other_fields=IMAGE_FIELDS + ANSWER_FIELDS)
         instance_masks = checked_flag(payload.get("instances") or False, "instances")
@@ -222,9 +222,10 @@ def parse_credentials(api_auth: str | None) -> dict[str, str]:
     return dict(item.split(":", 1) for item in api_auth.split(",") if ":" in item) if api_auth else {}
 
 
-def _json_kind(value) -> str:
-    kinds = {dict: "an object", list: "an array", str: "a string", bool: "true or false", type(None): "null"}
-    return kinds.get(type(value), "a number")
+def _check_object(payload) -> None:
+    """ApiError 422 unless ``payload`` (a parsed JSON body) is an object."""
+    if not isinstance(payload, Mapping):
+        raise ApiError(422, f"the body must be a JSON object, got {json_kind(payload)}")
 
 
 def check_mask_body(body: bytes) -> None:
@@ -234,8 +235,7 @@ def check_mask_body(body: bytes) -> None:
         payload = json.loads(body)
     except ValueError as error:  # UnicodeDecodeError included
         raise ApiError(422, f"the body is not JSON ({error})") from None
-    if not isinstance(payload, dict):
-        raise ApiError(422, f"the body must be a JSON object, got {_json_kind(payload)}")
+    _check_object(payload)
 
 
 def _first_headers(scope) -> dict[str, str]:
