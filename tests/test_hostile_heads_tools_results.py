@@ -147,7 +147,8 @@ def test_choose_presence_level_says_when_no_level_fits(tiny_model_files, monkeyp
     head = _crafted_head(tmp_path, tiny_model_files[1], presence=True)  # its metadata is all the check reads
     tool = _tool("choose_presence_level")
     # a present phrase scored 0.005 is lost at every level from 0.01: its IoU of 1 drops to 0
-    rows = [{"present": True, "scores": [0.005], "empty": False, "iou": [1.0] * 49}]
+    rows = [{"present": True, "scores": [0.005], "empty": False, "iou": [1.0] * 49},
+            {"present": False, "scores": [0.5], "empty": False}]
     monkeypatch.setattr(tool, "collect", lambda *args: rows)
     monkeypatch.setattr(sys, "argv", ["choose_presence_level.py", str(head), "--max-drop", "5", "-o",
                                       str(tmp_path / "out.safetensors")])
@@ -156,6 +157,21 @@ def test_choose_presence_level_says_when_no_level_fits(tiny_model_files, monkeyp
     assert exit_.value.code == 2 and capsys.readouterr().err == (
         "choose_presence_level.py: error: no level keeps the present phrases' mIoU within --max-drop 5 points of "
         "100.00; allow a larger drop\n")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_choose_presence_level_needs_absent_phrases(tiny_model_files, monkeypatch, capsys, tmp_path) -> None:
+    head = _crafted_head(tmp_path, tiny_model_files[1], presence=True)
+    tool = _tool("choose_presence_level")
+    rows = [{"present": True, "scores": [0.9], "empty": False, "iou": [1.0] * 49}]  # PhraseCut names none
+    monkeypatch.setattr(tool, "collect", lambda *args: rows)
+    monkeypatch.setattr(sys, "argv", ["choose_presence_level.py", str(head), "--data", "phrasecut:d:val", "-o",
+                                      str(tmp_path / "out.safetensors")])
+    with pytest.raises(SystemExit) as exit_:
+        tool.main()
+    assert exit_.value.code == 2 and capsys.readouterr().err == (
+        "choose_presence_level.py: error: phrasecut:d:val names no absent phrase, so no presence level can be chosen "
+        "on it; use data that does (the micro world; a manifest or folder with empty masks)\n")
     assert not (tmp_path / "out.safetensors").exists()
 
 
@@ -175,7 +191,8 @@ def test_choose_presence_level_never_writes_over_its_head(tiny_model_files, monk
 def test_choose_presence_level_scores_on_the_given_model(tiny_model_files, monkeypatch, capsys, tmp_path) -> None:
     head = _crafted_head(tmp_path, tiny_model_files[1], presence=True)
     tool, seen = _tool("choose_presence_level"), []
-    rows = [{"present": True, "scores": [0.9], "empty": False, "iou": [1.0] * 49}]
+    rows = [{"present": True, "scores": [0.9], "empty": False, "iou": [1.0] * 49},
+            {"present": False, "scores": [0.5], "empty": False}]
     monkeypatch.setattr(tool, "collect", lambda *args: seen.append(args[2:]) or rows)
     monkeypatch.setattr(tool, "load_head", lambda path: (None, read_head_config(path)))
     monkeypatch.setattr(tool, "save_head", lambda *args, **kwargs: None)

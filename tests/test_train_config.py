@@ -80,11 +80,12 @@ def test_train_command_with_config_file(tiny_model_files, tmp_path, capsys):
 
 
 def test_a_presence_output_needs_negatives(tmp_path, capsys):
-    message = "presence_weight > 0 trains the presence output on absent phrases: keep negatives on (--negatives)"
+    message = ("presence_weight > 0 trains the presence output on absent phrases: keep the data's (--negatives) or "
+               "sample some (--negative-prob)")
     with pytest.raises(LdznetError) as raised:
         TrainConfig(presence_weight=1.0, negatives=False)
     assert str(raised.value) == message
-    with pytest.raises(LdznetError, match=r"keep negatives on \(--negatives\)$"):
+    with pytest.raises(LdznetError, match=r"keep the data's \(--negatives\) or sample some \(--negative-prob\)$"):
         compose_config(DEFAULTS, {"presence_weight": 1.0}, {"preset": "official"})  # the preset turns them off
     assert TrainConfig(**{**PRESETS["official"], "presence_weight": 1.0, "negatives": True}).negatives
     (tmp_path / "run.yaml").write_text("negatives: false\npresence_weight: 2\n")

@@ -5,9 +5,9 @@
 
 The kinds are those the world draws absent phrases from: absent stuff (``sand``), an absent shape (a plural,
 ``squares``), a present shape in another colour (``blue star`` beside a red star) and, failing that, a
-present colour on another shape (``red circle`` beside a red star). To return a phrase empty a model must know that none of
-the objects it could name is there: for a plural every object's shape, for a colour and a shape the shape
-of every object of that colour (the others differ in colour). A phrase is *decidable* when every such
+present colour on another shape (``red circle`` beside a red star). To return a phrase empty a model must
+know that none of the objects it could name is there: for a plural every object's shape, for a colour and
+a shape the shape of every object of that colour (the others differ in colour). A phrase is *decidable* when every such
 object covers at least ``--shape-px`` pixels (counted at 128 px): the micro VAE's decoder restores the
 shape of objects from about 400 px, not of smaller ones (docs/micro-world-experiments.md, "Does z hold the
 shape for a decoder?"). An undecidable phrase can still come back empty by a guess, but only by the same

@@ -88,6 +88,9 @@ def choose(args: argparse.Namespace) -> None:
         raise LdznetError(f"{args.output}: the same file as the head {args.head}; give the output another name")
     writable_path(args.output)  # before the evaluation, which takes minutes
     rows = collect(args.head, args.data, args.model, args.device)
+    if all(row["present"] for row in rows):  # every level would return all of nothing empty: none is better
+        raise LdznetError(f"{args.data} names no absent phrase, so no presence level can be chosen on it; use data "
+                          "that does (the micro world; a manifest or folder with empty masks)")
     base = measure(rows, None, 0)
     best = None
     for level in LEVELS:

@@ -143,9 +143,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--templates", choices=tuple(TEMPLATES), help=f"prompt templates (default {d.templates})")
     p.add_argument("--negatives", action=bool_flag,
                    help="also train on absent phrases, with empty masks (default: on)")
+    p.add_argument("--negative-prob", type=_field("negative_prob"), metavar="P",
+                   help="0 <= P < 1: with this probability a sample's phrase is replaced by one of another image of "
+                        "the micro-batch that its image does not name, with an empty mask (CLIPSeg's negatives, "
+                        "for data without absent phrases such as PhraseCut; CLIPSeg used 0.2) "
+                        f"(default {d.negative_prob:g})")
     p.add_argument("--presence-weight", type=_field("presence_weight"),
                    help="> 0: give the head a learned presence output (is the phrase in the image?), its BCE "
-                        f"added with this weight; absent phrases come from --negatives (default {d.presence_weight:g})")
+                        "added with this weight; absent phrases come from --negatives and --negative-prob "
+                        f"(default {d.presence_weight:g})")
     p.add_argument("--init", metavar="HEAD.safetensors",
                    help="start from this head file (same architecture, SD model and resolution) instead of the SD "
                         "UNet; a presence output it lacks starts fresh")

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LdznetError
-from ..limits import (ACCUMULATE, EMA_DECAY, FACTOR, GRAD_CLIP, LEARNING_RATE, LOSS_WEIGHT, LR_SCALE, PATIENCE,
-                      RESOLUTION, SEED, STEP_INTERVAL, STEPS, TRAIN_BATCH_SIZE, WARMUP, WEIGHT_DECAY, WORKERS)
+from ..limits import (ACCUMULATE, EMA_DECAY, FACTOR, GRAD_CLIP, LEARNING_RATE, LOSS_WEIGHT, LR_SCALE, NEGATIVE_PROB,
+                      PATIENCE, RESOLUTION, SEED, STEP_INTERVAL, STEPS, TRAIN_BATCH_SIZE, WARMUP, WEIGHT_DECAY, WORKERS)
 from ..modeling.build import ARCHITECTURES
 from ..modeling.ldznet import FUSIONS
 from ..precision import PRECISIONS
@@ -29,7 +29,8 @@ FIELD_LIMITS = {
     "lr": LEARNING_RATE, "new_lr_scale": LR_SCALE, "warmup": WARMUP, "plateau_factor": FACTOR,
     "plateau_patience": PATIENCE, "plateau_every": STEP_INTERVAL, "weight_decay": WEIGHT_DECAY, "ema": EMA_DECAY,
     "grad_clip": GRAD_CLIP, "pos_weight": LOSS_WEIGHT, "dice_weight": LOSS_WEIGHT, "presence_weight": LOSS_WEIGHT,
-    "seed": SEED, "workers": WORKERS, "save_every": STEP_INTERVAL, "log_every": STEP_INTERVAL}
+    "negative_prob": NEGATIVE_PROB, "seed": SEED, "workers": WORKERS, "save_every": STEP_INTERVAL,
+    "log_every": STEP_INTERVAL}
 """The bound of every numeric field, held by the command line's flags and by config files alike."""
 
 
@@ -50,12 +51,16 @@ class TrainConfig:
     loss added to the BCE (per sample, so a small object counts as much as the sky, as in the per-sample
     mIoU); decoder_init: "identity" or "default" (torch's, as the official code); sd_fusion: LD-ZNet's
     "attention" or the "concat" ablation; templates: "plain" (the phrase as is) or "phrasecut";
-    negatives: also train on absent phrases (empty masks); precision: "fp32", or "bf16"/"fp16" autocast
+    negatives: also train on the data's absent phrases (empty masks); negative_prob: CLIPSeg's negative
+    sampling, for data that names no absent phrase (PhraseCut): with this probability a sample's phrase is
+    replaced by a phrase of another image of its micro-batch that its own image does not name, with an
+    empty mask (CLIPSeg's PhraseCut loader, ``negative_prob``; an image's unnamed things can make a false
+    negative, as there); precision: "fp32", or "bf16"/"fp16" autocast
     (CUDA; the frozen SD model is loaded in it, the head's weights stay fp32); grad_checkpoint:
     recompute the head's activations in the backward pass; workers: processes that read examples ahead
     (0: read in the training process; the results are the same either way); presence_weight: > 0 gives
     the head a presence output, trained with that weight x BCE(presence logit, mask not empty) (it needs
-    ``negatives``: without absent phrases every target is "present"); init: a
+    ``negatives`` or ``negative_prob``: without absent phrases every target is "present"); init: a
     head file of the same architecture and backbone to start from (the saved head keeps its SD blocks,
     timestep and presence level; a presence output it lacks is drawn from ``seed``); freeze_head: train
     the presence output alone, every other tensor of the ``init`` head stays as it is (its maps do not
@@ -86,6 +91,7 @@ class TrainConfig:
     sd_fusion: str = "attention"
     templates: str = "plain"
     negatives: bool = True
+    negative_prob: float = 0.0
     precision: str = "fp32"
     grad_checkpoint: bool = False
     seed: int = 0
@@ -108,9 +114,12 @@ class TrainConfig:
             limit.check(getattr(self, name), name)
         if self.resolution % 64:
             raise LdznetError(f"resolution must be a multiple of 64, got {self.resolution}")
-        if self.presence_weight > 0.0 and not self.negatives:  # every phrase present: one class to learn
-            raise LdznetError("presence_weight > 0 trains the presence output on absent phrases: keep negatives on "
-                              "(--negatives)")
+        if self.presence_weight > 0.0 and not (self.negatives or self.negative_prob):  # one class to learn
+            raise LdznetError("presence_weight > 0 trains the presence output on absent phrases: keep the data's "
+                              "(--negatives) or sample some (--negative-prob)")
+        if self.negative_prob and self.batch_size < 2:
+            raise LdznetError("negative_prob draws a phrase of another image of the micro-batch: batch_size must be "
+                              f"2 or more, got {self.batch_size}")
         if self.freeze_head and not (self.init and self.presence_weight > 0.0):
             raise LdznetError("freeze_head trains the presence output of an existing head alone: it needs init "
                               "(the head file) and presence_weight > 0")

@@ -71,6 +71,7 @@ from .stream import PositionView, ShardOrder, example_rng
 __all__ = ["CHECKPOINT", "EMA", "HEAD", "LOG", "TrainConfig", "Trainer", "identity_decoder_", "is_cross_attention",
            "init_config", "is_new_layer", "training_head"]
 
+PRESENCE_CHECK_STEPS = 50  # steps after which a presence output that met no absent phrase is warned about
 CHECKPOINT = "last.pt"
 HEAD = "head.safetensors"
 NEW_LAYER_PREFIXES = ("out.", "final.", "stem.", "presence.")
@@ -105,6 +106,11 @@ def identity_decoder_(decoder: nn.Sequential, prior: float = MASK_PRIOR, offset:
         decoder[0].bias.fill_(offset)
         at_zero = decoder(torch.zeros(1, decoder[0].in_channels, 1, 1, device=decoder[0].weight.device)).mean()
         decoder[-1].bias.fill_(math.log(prior / (1.0 - prior)) - float(at_zero))
+
+
+def _phrase_key(phrase: str) -> str:
+    """``phrase`` as compared for naming the same thing: case and runs of spaces do not count."""
+    return " ".join(phrase.casefold().split())
 
 
 def training_head(backbone: StableDiffusion, arch: str, resolution: int, seed: int = 0,
@@ -196,6 +202,7 @@ class Trainer:
         self.position = 0  # this process's next data position not yet consumed (not the prefetched one)
         self.unreadable = 0  # examples skipped in this run because they could not be read
         self._unusable = 0  # consumed positions in a row without a usable sample
+        self.absent_drawn = 0  # samples of absent phrases drawn in this run (the presence output's negatives)
         self._examples: Iterator[tuple[int, Example]] | None = None
         # a resumed run's own head file has the init's config (resume() then loads every weight)
         init = (self.run_dir / HEAD if config.init else "") if resuming else config.init
@@ -253,6 +260,7 @@ class Trainer:
             self._examples = iterate_examples(view, itertools.count(self.position), self.config.workers,
                                               self._unreadable)
         batch, templates = [], TEMPLATES[self.config.templates]
+        drawn: list[tuple[Example, np.random.Generator]] = []
         while len(batch) < self.config.batch_size:
             position, example = next(self._examples)
             candidates = example.samples(self.config.negatives)
@@ -263,7 +271,29 @@ class Trainer:
             rng = example_rng(self.config.seed, self.rank, position)
             sample = fit_square(candidates[int(rng.integers(len(candidates)))], self.config.resolution, rng)
             batch.append((sample, templates[int(rng.integers(len(templates)))].format(sample.phrase)))
+            drawn.append((example, rng))
+        if self.config.negative_prob:
+            batch = [self._random_negative(i, sample, drawn) or (sample, prompt)
+                     for i, (sample, prompt) in enumerate(batch)]
+        self.absent_drawn += sum(not sample.present for sample, _ in batch)
         return batch
+
+    def _random_negative(self, index: int, sample: Sample,
+                         drawn: list[tuple[Example, np.random.Generator]]) -> tuple[Sample, str] | None:
+        """With probability ``negative_prob``, sample ``index`` made absent: a phrase that another image of
+        the micro-batch shows and its own image does not name, an empty mask (None: kept as it is)."""
+        example, rng = drawn[index]  # the example's own stream, past its phrase, crop and prompt
+        if rng.random() >= self.config.negative_prob:
+            return None
+        named = {_phrase_key(phrase) for phrase, _ in example.pairs}
+        others = sorted({phrase for j, (other, _) in enumerate(drawn) if j != index
+                         for phrase, mask in other.pairs if mask.any() and _phrase_key(phrase) not in named})
+        if not others:
+            return None
+        phrase = others[int(rng.integers(len(others)))]
+        templates = TEMPLATES[self.config.templates]
+        negative = replace(sample, phrase=phrase, mask=np.zeros_like(sample.mask))
+        return negative, templates[int(rng.integers(len(templates)))].format(phrase)
 
     def _unreadable(self, position: int, error: Exception) -> None:
         self.unreadable += 1
@@ -405,6 +435,8 @@ class Trainer:
                 while self.step < self.config.steps:
                     self.losses = (self.losses + [self.train_step()])[-self.config.log_every:]
                     bar.update(1)
+                    if self.step == first + PRESENCE_CHECK_STEPS:
+                        self._check_negatives()
                     if self.step % self.config.log_every == 0:
                         seconds = time.perf_counter() - start
                         bar.set_postfix(loss=f"{self.recent_loss:.4f}", lr=f"{self.lr:.3g}")
@@ -423,6 +455,14 @@ class Trainer:
             print(f"{self.source.description}: skipped {skipped} unreadable example(s) (warnings above)",
                   file=sys.stderr)
         return self.recent_loss
+
+    def _check_negatives(self) -> None:
+        """Warn when a presence output has only met present phrases: the data names no absent phrase."""
+        absent = round(distributed.mean_over_ranks([float(self.absent_drawn)], self.device)[0] * self.world_size)
+        if self.config.presence_weight and not absent and self.is_main:
+            print(f"warning: no absent phrase in the first {PRESENCE_CHECK_STEPS} steps' samples: the presence "
+                  f"output learns that every phrase is present; {self.source.description} names no absent phrase, "
+                  "sample some with --negative-prob (CLIPSeg used 0.2)", file=sys.stderr)
 
     @property
     def recent_loss(self) -> float:
@@ -460,7 +500,9 @@ class Trainer:
             "warmup": c.warmup, "schedule": c.schedule, "ema": c.ema, "pos_weight": c.pos_weight,
             "dice_weight": c.dice_weight,
             "decoder_init": c.decoder_init, "precision": c.precision,
-            "templates": c.templates, "negatives": c.negatives, "seed": c.seed, "final_loss": self.recent_loss,
+            "templates": c.templates, "negatives": c.negatives,
+            **({"negative_prob": c.negative_prob} if c.negative_prob else {}), "seed": c.seed,
+            "final_loss": self.recent_loss,
             **({"presence_weight": c.presence_weight, "init": Path(c.init).name, "freeze_head": c.freeze_head}
                if c.presence_weight or c.init else {})})
 
