@@ -458,8 +458,10 @@ class Trainer:
 
     def _check_negatives(self) -> None:
         """Warn when a presence output has only met present phrases: the data names no absent phrase."""
+        if not self.config.presence_weight:  # every rank returns here alike, so none waits in the sum below
+            return
         absent = round(distributed.mean_over_ranks([float(self.absent_drawn)], self.device)[0] * self.world_size)
-        if self.config.presence_weight and not absent and self.is_main:
+        if not absent and self.is_main:
             print(f"warning: no absent phrase in the first {PRESENCE_CHECK_STEPS} steps' samples: the presence "
                   f"output learns that every phrase is present; {self.source.description} names no absent phrase, "
                   "sample some with --negative-prob (CLIPSeg used 0.2)", file=sys.stderr)
