@@ -166,4 +166,5 @@ WEIGHT_DECAY = Limit(float, 0, 1)
 EMA_DECAY = Limit(float, 0, 1, high_open=True)
 GRAD_CLIP = Limit(float, 0, 1e6)
 LOSS_WEIGHT = Limit(float, 0, 1000)
+NEGATIVES = Limit(int, 1, 8)  # absent phrases a data spec's ?negatives=K adds to each example
 NEGATIVE_PROB = Limit(float, 0, 1, high_open=True)  # 1 would leave no present phrase to learn masks from

@@ -171,7 +171,8 @@ def test_choose_presence_level_needs_absent_phrases(tiny_model_files, monkeypatc
         tool.main()
     assert exit_.value.code == 2 and capsys.readouterr().err == (
         "choose_presence_level.py: error: phrasecut:d:val names no absent phrase, so no presence level can be chosen "
-        "on it; use data that does (the micro world; a manifest or folder with empty masks)\n")
+        "on it; use data that does (the micro world, a manifest or folder with empty masks) or add ?negatives=1 to "
+        "its spec\n")
     assert not (tmp_path / "out.safetensors").exists()
 
 

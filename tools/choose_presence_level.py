@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/choose_presence_level.py HEAD.safetensors --data world:val:60 -o HEAD-calibrated.safetensors
     .venv/bin/python tools/choose_presence_level.py HEAD.safetensors --model sd-v1-5.safetensors \
-        --data phrasecut:/data/VGPhraseCut_v0:val --device cuda -o HEAD-calibrated.safetensors
+        --data 'phrasecut:/data/VGPhraseCut_v0:val?negatives=1' --device cuda -o HEAD-calibrated.safetensors
 
 The head's score (sigmoid of its presence logit) is collected for every phrase of ``--data``,
 absent ones included, with each present phrase's CLIPSeg per-sample IoUs at the 49 thresholds;
@@ -90,7 +90,8 @@ def choose(args: argparse.Namespace) -> None:
     rows = collect(args.head, args.data, args.model, args.device)
     if all(row["present"] for row in rows):  # every level would return all of nothing empty: none is better
         raise LdznetError(f"{args.data} names no absent phrase, so no presence level can be chosen on it; use data "
-                          "that does (the micro world; a manifest or folder with empty masks)")
+                          "that does (the micro world, a manifest or folder with empty masks) or add ?negatives=1 to "
+                          "its spec")
     base = measure(rows, None, 0)
     best = None
     for level in LEVELS:

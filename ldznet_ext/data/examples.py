@@ -41,6 +41,11 @@ class Example:
                 if include_absent or mask.any()]
 
 
+def phrase_key(phrase: str) -> str:
+    """``phrase`` as compared for naming the same thing: case and runs of spaces do not count."""
+    return " ".join(phrase.casefold().split())
+
+
 @runtime_checkable
 class Source(Protocol):
     """A finite, indexable set of examples; ``description`` says what it is (for logs and metadata)."""

@@ -15,7 +15,9 @@
 - ``phrasecut:DIR:SPLIT[?images=DIR1,DIR2]``: PhraseCut (``phrasecut``);
 - ``refcoco:DIR:SPLIT``, ``refcoco+:DIR:SPLIT``, ``refcocog:DIR:SPLIT``
   ``[?partition=unc|google|umd&images=DIR]``: the refer toolkit's layout (``refcoco``);
-- ``aigi:DIR`` (alias ``folder:DIR``): images/NAME.png with masks/NAME/PROMPT.png (``folder``).
+- ``aigi:DIR`` (alias ``folder:DIR``): images/NAME.png with masks/NAME/PROMPT.png (``folder``);
+- any of them with ``?negatives=K`` (1..8): each example also names up to K absent phrases, phrases of
+  other examples that it does not name, with empty masks (``negatives``; for data that names none).
 
 DIR may contain ':' (the split is what follows the last one); options follow the last '?'.
 docs/datasets.md has the downloads and layouts.
@@ -33,6 +35,7 @@ from ..world.data import SceneSet, render_scene_set
 from ..world.scenes import VOCABULARY, split_seeds
 from .examples import Source
 from .manifest import ManifestSource
+from .negatives import SampledNegatives, negatives_option
 from .world import WorldSource
 
 
@@ -120,4 +123,6 @@ def open_source(spec: str, size: int = 128, domain: str | None = None) -> Source
     """Open a data source from its spec (see the module docstring); ``size`` is the render size of
     sources that render (the world), ``domain`` a micro-world domain."""
     prefix, argument, options = parse_spec(spec)
-    return SOURCES[prefix](argument, size, domain, options)
+    negatives = options.pop("negatives", None)
+    source = SOURCES[prefix](argument, size, domain, options)
+    return source if negatives is None else SampledNegatives(source, negatives_option(negatives))

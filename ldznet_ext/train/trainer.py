@@ -50,7 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..backbones.base import Conditioning
-from ..data.examples import Example, Sample, Source
+from ..data.examples import Example, Sample, Source, phrase_key
 from ..data.stream import iterate_examples, log_error
 from ..errors import CheckpointError, LdznetError
 from ..heads import load_head, save_head
@@ -106,11 +106,6 @@ def identity_decoder_(decoder: nn.Sequential, prior: float = MASK_PRIOR, offset:
         decoder[0].bias.fill_(offset)
         at_zero = decoder(torch.zeros(1, decoder[0].in_channels, 1, 1, device=decoder[0].weight.device)).mean()
         decoder[-1].bias.fill_(math.log(prior / (1.0 - prior)) - float(at_zero))
-
-
-def _phrase_key(phrase: str) -> str:
-    """``phrase`` as compared for naming the same thing: case and runs of spaces do not count."""
-    return " ".join(phrase.casefold().split())
 
 
 def training_head(backbone: StableDiffusion, arch: str, resolution: int, seed: int = 0,
@@ -285,9 +280,9 @@ class Trainer:
         example, rng = drawn[index]  # the example's own stream, past its phrase, crop and prompt
         if rng.random() >= self.config.negative_prob:
             return None
-        named = {_phrase_key(phrase) for phrase, _ in example.pairs}
+        named = {phrase_key(phrase) for phrase, _ in example.pairs}
         others = sorted({phrase for j, (other, _) in enumerate(drawn) if j != index
-                         for phrase, mask in other.pairs if mask.any() and _phrase_key(phrase) not in named})
+                         for phrase, mask in other.pairs if mask.any() and phrase_key(phrase) not in named})
         if not others:
             return None
         phrase = others[int(rng.integers(len(others)))]
