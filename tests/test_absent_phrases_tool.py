@@ -101,6 +101,7 @@ def test_the_command_reads_an_eval_file_of_the_world(tmp_path, capsys):
     ({"include_absent": False}, "evaluated without absent phrases"),
     ({"data": "phrasecut:/d:test"}, "expected micro-world data"),
     ({"data": "world:test:2"}, "present in one of the result and this micro world"),  # scene 2's phrases differ
+    ({"data": "world:test:2?negatives=1"}, "names phrases the world did not draw"),
 ])
 def test_results_it_cannot_read_are_one_line(tmp_path, capsys, change, message):
     first = make_scene(split_seeds("test")[0])

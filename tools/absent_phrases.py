@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldznet_ext.data.spec import open_source  # noqa: E402
+from ldznet_ext.data.world import WorldSource  # noqa: E402
 from ldznet_ext.errors import LdznetError  # noqa: E402
 from ldznet_ext.eval.evaluate import EvalResult  # noqa: E402
 from ldznet_ext.eval.metrics import THRESHOLDS  # noqa: E402
@@ -161,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             raise LdznetError(f"{args.result}: no sample was scored")
         side = int(round(np.sqrt(result.metrics.counts[0][0].sum())))
         source = open_source(result.data.split(" (")[0], side)  # a domain changes the paint, not the layout
+        if not isinstance(source, WorldSource):
+            raise LdznetError(f"{args.result}: data {result.data!r} names phrases the world did not draw; evaluate "
+                              "on world:SPLIT:N without ?negatives")
         rep = report(result, [render(sample_scene(int(seed)), side) for seed in source.scenes.seeds], args.shape_px)
     except LdznetError as error:
         print(f"absent_phrases: error: {error}", file=sys.stderr)
