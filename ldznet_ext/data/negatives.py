@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import LdznetError
 from ..limits import NEGATIVES
 from .examples import Example, Source, phrase_key
+from .stream import RECOVERABLE
 
 _TRIES = 16  # other examples read before an example is left without (all) its negatives
 _STREAM = 0x6E6567  # keeps these draws apart from every other seeded stream of an index
@@ -44,7 +45,7 @@ class SampledNegatives:
                 break
             try:
                 pairs = self.source[other].pairs
-            except (LdznetError, OSError):  # an unreadable other example: draw another
+            except RECOVERABLE:  # an unreadable other example (its own turn logs it): read another
                 continue
             shown = sorted({p for p, mask in pairs if mask.any() and phrase_key(p) not in named})
             if shown:
