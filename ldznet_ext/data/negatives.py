@@ -10,6 +10,8 @@ thing an image shows but its data does not name can make a false negative.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from ..errors import LdznetError
@@ -36,7 +38,7 @@ class SampledNegatives:
 
     def __getitem__(self, index: int) -> Example:
         example = self.source[index]
-        named = {phrase_key(phrase) for phrase, _ in example.pairs}
+        named = named_keys(example)
         rng = np.random.default_rng([_STREAM, index])
         negatives: list[str] = []
         others = rng.choice(len(self.source) - 1, size=min(_TRIES, len(self.source) - 1), replace=False)
@@ -44,16 +46,26 @@ class SampledNegatives:
             if len(negatives) == self.count:
                 break
             try:
-                pairs = self.source[other].pairs
+                shown = borrowable_phrases([self.source[other]], named)
             except RECOVERABLE:  # an unreadable other example (its own turn logs it): read another
                 continue
-            shown = sorted({p for p, mask in pairs if mask.any() and phrase_key(p) not in named})
             if shown:
                 phrase = shown[int(rng.integers(len(shown)))]
                 negatives.append(phrase)
                 named.add(phrase_key(phrase))
         empty = np.zeros(example.image.shape[:2], dtype=bool)
         return Example(example.key, example.image, (*example.pairs, *((p, empty) for p in negatives)))
+
+
+def named_keys(example: Example) -> set[str]:
+    """The :func:`phrase_key` of every phrase ``example`` names, present or absent."""
+    return {phrase_key(phrase) for phrase, _ in example.pairs}
+
+
+def borrowable_phrases(others: Iterable[Example], named: set[str]) -> list[str]:
+    """The phrases that ``others`` show (non-empty masks) and whose key is not in ``named``, sorted: what an
+    image that names ``named`` can be given as an absent phrase."""
+    return sorted({p for other in others for p, mask in other.pairs if mask.any() and phrase_key(p) not in named})
 
 
 def negatives_option(value: str) -> int:

@@ -50,7 +50,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..backbones.base import Conditioning
-from ..data.examples import Example, Sample, Source, phrase_key
+from ..data.examples import Example, Sample, Source
+from ..data.negatives import borrowable_phrases, named_keys
 from ..data.stream import iterate_examples, log_error
 from ..errors import CheckpointError, LdznetError
 from ..heads import load_head, save_head
@@ -280,9 +281,7 @@ class Trainer:
         example, rng = drawn[index]  # the example's own stream, past its phrase, crop and prompt
         if rng.random() >= self.config.negative_prob:
             return None
-        named = {phrase_key(phrase) for phrase, _ in example.pairs}
-        others = sorted({phrase for j, (other, _) in enumerate(drawn) if j != index
-                         for phrase, mask in other.pairs if mask.any() and phrase_key(phrase) not in named})
+        others = borrowable_phrases((other for j, (other, _) in enumerate(drawn) if j != index), named_keys(example))
         if not others:
             return None
         phrase = others[int(rng.integers(len(others)))]
