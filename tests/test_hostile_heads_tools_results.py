@@ -143,36 +143,26 @@ def test_tools_refuse_bad_arguments_in_one_line(tiny_model_files, monkeypatch, c
     assert list(tmp_path.iterdir()) == []
 
 
-def test_choose_presence_level_says_when_no_level_fits(tiny_model_files, monkeypatch, capsys, tmp_path) -> None:
+@pytest.mark.parametrize("rows, args, message", [
+    # a present phrase scored 0.005 is lost at every level from 0.01: its IoU of 1 drops to 0
+    ([{"present": True, "scores": [0.005], "empty": False, "iou": [1.0] * 49},
+      {"present": False, "scores": [0.5], "empty": False}], ["--max-drop", "5"],
+     "no level keeps the present phrases' mIoU within --max-drop 5 points of 100.00; allow a larger drop"),
+    # PhraseCut names no absent phrase: every level would return all of nothing empty
+    ([{"present": True, "scores": [0.9], "empty": False, "iou": [1.0] * 49}], ["--data", "phrasecut:d:val"],
+     "phrasecut:d:val names no absent phrase, so no presence level can be chosen on it; use data that does (the "
+     "micro world, a manifest or folder with empty masks) or add ?negatives=1 to its spec"),
+])
+def test_choose_presence_level_says_when_it_cannot_choose(tiny_model_files, monkeypatch, capsys, tmp_path, rows,
+                                                          args, message) -> None:
     head = _crafted_head(tmp_path, tiny_model_files[1], presence=True)  # its metadata is all the check reads
     tool = _tool("choose_presence_level")
-    # a present phrase scored 0.005 is lost at every level from 0.01: its IoU of 1 drops to 0
-    rows = [{"present": True, "scores": [0.005], "empty": False, "iou": [1.0] * 49},
-            {"present": False, "scores": [0.5], "empty": False}]
-    monkeypatch.setattr(tool, "collect", lambda *args: rows)
-    monkeypatch.setattr(sys, "argv", ["choose_presence_level.py", str(head), "--max-drop", "5", "-o",
+    monkeypatch.setattr(tool, "collect", lambda *_: rows)
+    monkeypatch.setattr(sys, "argv", ["choose_presence_level.py", str(head), *args, "-o",
                                       str(tmp_path / "out.safetensors")])
     with pytest.raises(SystemExit) as exit_:
         tool.main()
-    assert exit_.value.code == 2 and capsys.readouterr().err == (
-        "choose_presence_level.py: error: no level keeps the present phrases' mIoU within --max-drop 5 points of "
-        "100.00; allow a larger drop\n")
-    assert not (tmp_path / "out.safetensors").exists()
-
-
-def test_choose_presence_level_needs_absent_phrases(tiny_model_files, monkeypatch, capsys, tmp_path) -> None:
-    head = _crafted_head(tmp_path, tiny_model_files[1], presence=True)
-    tool = _tool("choose_presence_level")
-    rows = [{"present": True, "scores": [0.9], "empty": False, "iou": [1.0] * 49}]  # PhraseCut names none
-    monkeypatch.setattr(tool, "collect", lambda *args: rows)
-    monkeypatch.setattr(sys, "argv", ["choose_presence_level.py", str(head), "--data", "phrasecut:d:val", "-o",
-                                      str(tmp_path / "out.safetensors")])
-    with pytest.raises(SystemExit) as exit_:
-        tool.main()
-    assert exit_.value.code == 2 and capsys.readouterr().err == (
-        "choose_presence_level.py: error: phrasecut:d:val names no absent phrase, so no presence level can be chosen "
-        "on it; use data that does (the micro world, a manifest or folder with empty masks) or add ?negatives=1 to "
-        "its spec\n")
+    assert exit_.value.code == 2 and capsys.readouterr().err == f"choose_presence_level.py: error: {message}\n"
     assert not (tmp_path / "out.safetensors").exists()
 
 
