@@ -13,7 +13,8 @@ import torch
 
 from ldznet_ext.eval.evaluate import EvalResult
 from ldznet_ext.eval.metrics import SegmentationMetrics
-from ldznet_ext.world.scenes import make_scene, render, sample_scene, split_seeds
+from ldznet_ext.world.data import SceneSet
+from ldznet_ext.world.scenes import make_scene, phrase_labels, render, sample_scene, split_seeds
 from ldznet_ext.world.spec import OBJECT_LABEL0
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +55,11 @@ def test_lookalikes_are_the_present_phrases_that_a_shape_tells_apart(scene):
     assert tool.lookalike_objects(spec, "sky") is None
 
 
+def _as_set(scene) -> SceneSet:
+    return SceneSet(scene.size, np.array([scene.spec.seed]), scene.image[None], scene.labels[None], (scene.caption,),
+                    (phrase_labels(scene.spec),))
+
+
 def _scored(scene, absent_maps: dict[str, float]) -> EvalResult:
     """Every present phrase scored with its own mask as the map; each absent phrase with a constant map."""
     metrics = SegmentationMetrics()
@@ -66,7 +72,7 @@ def _scored(scene, absent_maps: dict[str, float]) -> EvalResult:
 
 def test_report_counts_each_kind_and_the_lookalikes_iou(scene):
     result = _scored(scene, {"sand": 0.0, "crosses": 0.0, "purple square": 0.9, "red heart": 0.1})
-    report = tool.report(result, [scene], SHAPE_PX)
+    report = tool.report(result, [scene.spec], _as_set(scene), SHAPE_PX)
     assert report["kinds"] == {
         "absent stuff": {"absent": 1, "empty": 1, "decidable": 1, "decidable_empty": 1},
         "absent shape": {"absent": 1, "empty": 1, "decidable": 0, "decidable_empty": 0},
@@ -79,7 +85,7 @@ def test_report_counts_each_kind_and_the_lookalikes_iou(scene):
     assert report["present_miou"] == pytest.approx(np.mean([m.sum() / (1 + m.sum()) for p, m in scene.phrases.items()
                                                             if p in present]))
     # Every object counts as known at 0 px: each absent phrase is decidable and nothing looks alike.
-    everything = tool.report(result, [scene], 0)
+    everything = tool.report(result, [scene.spec], _as_set(scene), 0)
     assert all(e["decidable"] == 1 for e in everything["kinds"].values()) and everything["lookalikes"] == 0
 
 

@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldznet_ext.data.spec import open_source  # noqa: E402
 from ldznet_ext.data.world import WorldSource  # noqa: E402
 from ldznet_ext.errors import LdznetError  # noqa: E402
-from ldznet_ext.eval.evaluate import EvalResult  # noqa: E402
+from ldznet_ext.eval.evaluate import EvalResult, absent_summary  # noqa: E402
 from ldznet_ext.eval.metrics import THRESHOLDS  # noqa: E402
-from ldznet_ext.world.scenes import Scene, render, sample_scene  # noqa: E402
+from ldznet_ext.world.data import SceneSet  # noqa: E402
+from ldznet_ext.world.scenes import sample_scene  # noqa: E402
 from ldznet_ext.world.spec import OBJECT_LABEL0, VOCABULARY, SceneSpec  # noqa: E402
 
 KINDS = ("absent stuff", "absent shape", "present shape, other colour", "present colour, other shape")
@@ -69,27 +70,25 @@ def lookalike_objects(spec: SceneSpec, phrase: str) -> tuple[int, ...] | None:
     return same_colour
 
 
-def report(result: EvalResult, scenes: Sequence[Scene], shape_px: float) -> dict:
+def report(result: EvalResult, specs: Sequence[SceneSpec], scenes: SceneSet, shape_px: float) -> dict:
     """Counts by kind (absent, empty, decidable, empty among decidable) and the look-alike present phrases;
-    ``scenes[i]`` is example i of the evaluation, its phrases in the examples' order."""
+    example i of the evaluation is scene i of ``scenes``, drawn from ``specs[i]``."""
     metrics = result.metrics
-    counts = np.stack(metrics.counts).astype(np.float64)
-    tp, fp, fn = counts[..., 0], counts[..., 1], counts[..., 2]
-    iou = tp / (1 + tp + fp + fn)  # CLIPSeg's per-sample IoU, as the evaluation's mIoU
-    scored_present = (tp[:, 0] + fn[:, 0]) > 0
-    best = (int(np.argmax(iou[scored_present].mean(axis=0))) if scored_present.any()
-            else int(np.argmin(np.abs(THRESHOLDS - metrics.binary_threshold))))
+    iou = metrics.sample_ious()  # CLIPSeg's per-sample IoU [N, 49], as the evaluation's mIoU
+    summary = absent_summary(metrics)
+    best = int(np.argmin(np.abs(THRESHOLDS - summary.present_miou_threshold)))
+    scored_present = np.array([c[0, 0] + c[0, 2] > 0 for c in metrics.counts])
     row = {key: i for i, key in enumerate(metrics.keys)}
-    if any(len(key) != 2 or not 0 <= key[0] < len(scenes) or not 0 <= key[1] < len(scenes[key[0]].phrases)
+    if any(len(key) != 2 or not 0 <= key[0] < len(scenes) or not 0 <= key[1] < len(scenes.phrases[key[0]])
            for key in row):
         raise LdznetError(f"{result.data}: the result's samples are not this micro world's phrases")
     kinds = {kind: {"absent": 0, "empty": 0, "decidable": 0, "decidable_empty": 0} for kind in KINDS}
     lookalikes, lookalike_iou, present = 0, 0.0, 0
-    for example, scene in enumerate(scenes):
-        spec = scene.spec
-        scale = (REFERENCE_SIDE / scene.size) ** 2
-        areas = np.bincount(scene.labels.ravel(), minlength=OBJECT_LABEL0 + len(spec.objects))[OBJECT_LABEL0:] * scale
-        for index, phrase in enumerate(scene.phrases):
+    scale = (REFERENCE_SIDE / scenes.size) ** 2
+    for example, spec in enumerate(specs):
+        labels = scenes.labels[example]
+        areas = np.bincount(labels.ravel(), minlength=OBJECT_LABEL0 + len(spec.objects))[OBJECT_LABEL0:] * scale
+        for index, phrase in enumerate(scenes.phrases[example]):
             if (example, index) not in row:
                 continue  # a shard's evaluation or an unreadable example: not scored
             r = row[(example, index)]
@@ -111,9 +110,8 @@ def report(result: EvalResult, scenes: Sequence[Scene], shape_px: float) -> dict
             if deciding is not None and all(areas[k] < shape_px for k in deciding):
                 lookalikes += 1
                 lookalike_iou += iou[r, best]
-    present_miou = float(iou[scored_present, best].mean()) if scored_present.any() else 0.0
     return {"data": result.data, "name": result.name, "shape_px": shape_px, "kinds": kinds,
-            "present": present, "present_miou": present_miou,
+            "present": present, "present_miou": summary.present_miou,
             "lookalikes": lookalikes, "lookalike_miou_points": 100 * lookalike_iou / max(present, 1),
             "threshold": float(THRESHOLDS[best])}
 
@@ -165,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(source, WorldSource):
             raise LdznetError(f"{args.result}: data {result.data!r} names phrases the world did not draw; evaluate "
                               "on world:SPLIT:N without ?negatives")
-        rep = report(result, [render(sample_scene(int(seed)), side) for seed in source.scenes.seeds], args.shape_px)
+        specs = [sample_scene(int(seed)) for seed in source.scenes.seeds]
+        rep = report(result, specs, source.scenes, args.shape_px)
     except LdznetError as error:
         print(f"absent_phrases: error: {error}", file=sys.stderr)
         return 2
