@@ -29,7 +29,7 @@ from .graphs import GraphCache, graph_cache
 from .masks.expression import parse
 from .masks.instances import Instance, find_instances
 from .masks.ops import MaskOptions, feather, select_mask
-from .masks.presence import HEAD_RULE, ZERO_SHOT_RULE, PresenceRule, TermPresence
+from .masks.presence import HEAD_RULE, UNKNOWN_WORDS, ZERO_SHOT_RULE, PresenceRule, TermPresence, knows_term
 from .masks.tree import Expression
 from .modeling.build import HeadConfig
 from .refine import RefineSettings, refine_probability
@@ -111,10 +111,11 @@ class Prediction:
 
     def missing_notes(self) -> list[str]:
         """One line per term judged not to be in the image: "no match for 'goblin' (score 0.12)"."""
-        return [f"no match for {term!r} (score {self.presence[term].score:.2f})" for term in self.missing]
+        return [f"no match for {term!r} ({self.presence[term].why or f'score {self.presence[term].score:.2f}'})"
+                for term in self.missing]
 
     def presence_report(self) -> dict[str, dict]:
-        """{term: {"found", "score"}}, JSON-ready (empty when presence is off)."""
+        """{term: {"found", "score"[, "why"]}}, JSON-ready (empty when presence is off)."""
         return {term: decision.to_dict() for term, decision in self.presence.items()}
 
     def instances(self) -> list[Instance]:
@@ -288,11 +289,23 @@ class Segmenter:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
         return self._decide(self._image, maps)
 
+    @property
+    def vocabulary(self) -> frozenset[str] | None:
+        """The words the model was trained to name, when its file lists them; None: any word."""
+        return getattr(self.backbone, "vocabulary", None)
+
     def _decide(self, state: _ImageState, maps: dict[str, Tensor]) -> dict[str, TermPresence]:
-        if not self.learned_presence:
-            return {t: self.presence_rule.decide(m) for t, m in maps.items()}
-        level = self.head_config.presence_level
-        return {t: TermPresence(state.scores[t] > level, state.scores[t]) for t in maps}
+        vocabulary = self.vocabulary
+        decisions = {}
+        for term, probability in maps.items():
+            if vocabulary is not None and not knows_term(term, vocabulary):
+                decisions[term] = UNKNOWN_WORDS
+            elif self.learned_presence:
+                score = state.scores[term]
+                decisions[term] = TermPresence(score > self.head_config.presence_level, score)
+            else:
+                decisions[term] = self.presence_rule.decide(probability)
+        return decisions
 
     def _predict(self, states: list[_ImageState], expression: str | Expression,
                  options: MaskOptions) -> list[Prediction]:

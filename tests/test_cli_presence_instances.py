@@ -44,6 +44,16 @@ def test_absent_term_is_named_and_selects_nothing(ldznet, scene_file, tmp_path) 
     assert np.array_equal(mask, first | (np.asarray(Image.open(tmp_path / "m-2.png")) > 127))
 
 
+def test_a_word_the_embedded_model_never_saw_is_named_and_selects_nothing(ldznet, scene_file, tmp_path) -> None:
+    code, out, err = ldznet("mask", scene_file[0], "goblin OR crosses", "-o", tmp_path / "m.png", "--device", "cpu")
+    assert code == 0 and err.strip() == "no match for 'goblin' (none of its words is one the model was trained on)"
+    code, _, err = ldznet("mask", scene_file[0], "goblin", "-o", tmp_path / "g.png", "--require-match", "--device", "cpu")
+    assert code == 3 and "no match for 'goblin'" in err
+    assert not np.asarray(Image.open(tmp_path / "g.png")).any()
+    code, _, err = ldznet("mask", scene_file[0], "orange goblin", "-o", tmp_path / "o.png", "--device", "cpu")
+    assert code == 0 and "goblin" not in err  # half known: the model looks for something orange
+
+
 def test_require_match_exits_3_on_an_empty_mask(ldznet, scene_file, tmp_path) -> None:
     image, _ = scene_file
     code, _, err = ldznet("mask", image, "sky", "-o", tmp_path / "e.png", "--require-match", "--device", "cpu")

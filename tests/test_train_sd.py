@@ -23,8 +23,9 @@ from ldznet_ext.sd.tokenizer import tokenize
 from ldznet_ext.world.micro import MICRO_TEXT, MICRO_UNET, MICRO_VAE, micro_recipe, micro_text_config
 from ldznet_ext.world.scenes import make_scene
 from ldznet_ext.train.schedule import lr_factor
-from ldznet_ext.world.train_sd import (GRID_FILE, LOG_FILE, SD_FILE, TEXT_FILE, VAE_FILE, contrastive_loss,
-                                       load_text_stage, pooled_text, rescale_latents_, train_sd, vae_losses)
+from ldznet_ext.world.train_sd import (GRID_FILE, LOG_FILE, SD_FILE, TEXT_FILE, VAE_FILE, WORLD_VOCABULARY,
+                                       contrastive_loss, load_text_stage, pooled_text, rescale_latents_, train_sd,
+                                       vae_losses)
 
 SMOKE = micro_recipe("smoke")
 TOKEN_EMBEDDING = "text_model.embeddings.token_embedding.weight"
@@ -127,6 +128,7 @@ def test_smoke_output_is_a_micro_sd_v1_file(smoke_run):
         assert state[key].dtype == torch.float16, key
     model = load_stable_diffusion(out / SD_FILE)
     assert model.unet.config == MICRO_UNET and model.vae.config == MICRO_VAE
+    assert model.vocabulary == WORLD_VOCABULARY  # the world's words: "no match" for any other
     config = model.text_encoder.transformer.config
     assert {k: getattr(config, k) for k in MICRO_TEXT} == MICRO_TEXT
     assert (config.vocab_size, config.max_position_embeddings) == (49408, 77)

@@ -50,6 +50,10 @@ def describe_file(path: Path) -> dict:
             info.problem = f"the UNet's {error}"
         for part, prefix in (("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", TEXT_PREFIX)):
             report[f"{part}_parameters"] = sum(v.numel() for k, v in state.items() if k.startswith(prefix))
+        if described.resolution:
+            report["resolution"] = described.resolution
+        if described.vocabulary is not None:
+            report["vocabulary"] = sorted(described.vocabulary)
     unet_dtype = next((v.dtype for k, v in state.items() if k.startswith(UNET_PREFIX)), None)
     if unet_dtype is not None:
         report["dtype"] = str(unet_dtype).replace("torch.", "")

@@ -7,18 +7,25 @@ term's **score** is the probability that the top ``area`` share of the image rea
 term is **found** when the score exceeds ``level``. The two constants were chosen on the micro
 world's validation split (``tools/calibrate_presence.py``), separately for a head and for zero-shot
 maps; a term that is not found contributes an empty map to its expression.
+
+A model trained on a closed world (the embedded micro model) lists the words it was trained to name;
+with such a model a term none of whose words is on the list is not found whatever its map says
+(``knows_term``): the map of a word a model never saw lights whatever the model finds most salient.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from torch import Tensor
 
 from ..errors import LdznetError
 
-__all__ = ["HEAD_RULE", "PresenceRule", "TermPresence", "ZERO_SHOT_RULE", "presence_score"]
+__all__ = ["HEAD_RULE", "PresenceRule", "TermPresence", "UNKNOWN_WORDS", "ZERO_SHOT_RULE", "knows_term",
+           "presence_score"]
 
 
 def presence_score(probability: Tensor, area: float) -> float:
@@ -30,15 +37,26 @@ def presence_score(probability: Tensor, area: float) -> float:
     return float(flat.kthvalue(flat.numel() - count + 1).values)
 
 
+def knows_term(term: str, vocabulary: Collection[str]) -> bool:
+    """Whether at least one word of ``term`` (letters only, compared without case) is in ``vocabulary``
+    (casefolded words): ``purple goblin`` is half known and runs; ``goblin`` is not."""
+    return any(word in vocabulary for word in re.findall(r"[^\W\d_]+", term.casefold()))
+
+
 @dataclass(frozen=True)
 class TermPresence:
-    """One term's decision: ``found`` and its ``score`` in [0, 1] (see the module docstring)."""
+    """One term's decision: ``found`` and its ``score`` in [0, 1] (see the module docstring); ``why``
+    says why a term was not found where the score does not."""
 
     found: bool
     score: float
+    why: str = ""
 
     def to_dict(self) -> dict:
-        return {"found": self.found, "score": round(self.score, 4)}
+        return {"found": self.found, "score": round(self.score, 4), **({"why": self.why} if self.why else {})}
+
+
+UNKNOWN_WORDS = TermPresence(False, 0.0, "none of its words is one the model was trained on")
 
 
 @dataclass(frozen=True)

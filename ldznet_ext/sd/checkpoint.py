@@ -64,6 +64,7 @@ _TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_at
 # Image sides an SD file's 'ldznet.resolution' may name: the smallest working side, and a cap so
 # that a crafted value cannot make the working size exhaust memory.
 RESOLUTION_RANGE = (64, 8192)
+MAX_VOCABULARY = 10_000  # words an SD file's 'ldznet.vocabulary' may list: a closed world's, not a language's
 
 
 def _sub(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -148,11 +149,12 @@ class SDMetadata(NamedTuple):
     unet: UNetConfig | None
     text: dict[str, int]
     resolution: int | None
+    vocabulary: frozenset[str] | None
 
 
 def parse_sd_metadata(metadata: Mapping, name: str) -> SDMetadata:
-    """Check the 'ldznet.unet', 'ldznet.text' and 'ldznet.resolution' fields of SD file ``name``;
-    CheckpointError naming the file and field for a value of the wrong kind."""
+    """Check the 'ldznet.unet', 'ldznet.text', 'ldznet.resolution' and 'ldznet.vocabulary' fields of SD
+    file ``name``; CheckpointError naming the file and field for a value of the wrong kind."""
     unet = parse_config(UNetConfig, metadata["unet"], f"{name}: field 'ldznet.unet'") if "unet" in metadata else None
     text = metadata.get("text", {})
     if not isinstance(text, dict) or any(k not in _TEXT_FIELDS or type(v) is not int or v < 1 for k, v in text.items()):
@@ -163,7 +165,19 @@ def parse_sd_metadata(metadata: Mapping, name: str) -> SDMetadata:
     if resolution is not None and not (type(resolution) is int and low <= resolution <= high):
         raise CheckpointError(f"{name}: field 'ldznet.resolution' is {json.dumps(resolution)[:80]}; "
                               f"expected an integer from {low} to {high} (pixels)")
-    return SDMetadata(unet, text, resolution)
+    return SDMetadata(unet, text, resolution, _vocabulary(metadata.get("vocabulary"), name))
+
+
+def _vocabulary(words: Any, name: str) -> frozenset[str] | None:
+    """'ldznet.vocabulary': the words a closed-world model was trained to name (a JSON list of
+    lower-case words), or None where the file has no such list."""
+    if words is None:
+        return None
+    if not (isinstance(words, list) and 0 < len(words) <= MAX_VOCABULARY
+            and all(isinstance(w, str) and re.fullmatch(r"[^\W\d_]{1,64}", w) and w == w.casefold() for w in words)):
+        raise CheckpointError(f"{name}: field 'ldznet.vocabulary' is {json.dumps(words)[:80]}; expected a JSON list "
+                              f"of 1 to {MAX_VOCABULARY} lower-case words")
+    return frozenset(words)
 
 
 def _read_missing(state: dict[str, Tensor], names: list[str], read: Callable[[list[str]], dict[str, Tensor]] | None,
@@ -257,7 +271,8 @@ def _sd_v1_from_state_dict(state: dict[str, Tensor], described: SDMetadata, part
     text = _text_encoder_from_state_dict(_sub(state, TEXT_PREFIX), described.text)
     # Straight to the target dtype: a detour through fp32 would hold the file's tensors and an fp32
     # copy at once (README, "Any host model").
-    return StableDiffusion(unet, vae, text, _file_schedule(state), resolution=described.resolution).to(dtype)
+    return StableDiffusion(unet, vae, text, _file_schedule(state), resolution=described.resolution,
+                           vocabulary=described.vocabulary).to(dtype)
 
 
 def _file_schedule(state: Mapping[str, Tensor]) -> NoiseSchedule:
@@ -369,6 +384,8 @@ def save_stable_diffusion(model: StableDiffusion, path: str | os.PathLike, dtype
     metadata = {"unet": model.unet.config.to_dict(), "text": {f: getattr(config, f) for f in _TEXT_FIELDS}}
     if model.resolution:
         metadata["resolution"] = model.resolution
+    if model.vocabulary is not None:
+        metadata["vocabulary"] = sorted(model.vocabulary)
     write_safetensors(path, state, metadata)
 
 

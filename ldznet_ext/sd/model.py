@@ -24,7 +24,7 @@ class StableDiffusion(nn.Module):
 
     def __init__(self, unet: UNetModel, vae: AutoencoderKL, text_encoder: TextEncoder,
                  schedule: NoiseSchedule | None = None, scale_factor: float = SCALE_FACTOR,
-                 resolution: int | None = None):
+                 resolution: int | None = None, vocabulary: frozenset[str] | None = None):
         super().__init__()
         self.unet = unet
         self.vae = vae
@@ -32,6 +32,9 @@ class StableDiffusion(nn.Module):
         self.schedule = schedule or NoiseSchedule()
         self.scale_factor = scale_factor
         self.resolution = resolution  # the image side it was trained at, when its file says so
+        # The words it was trained to name, when its file lists them (a closed world such as the embedded
+        # micro model's); None: any word (``masks.presence.knows_term``).
+        self.vocabulary = vocabulary
 
     @property
     def device(self) -> torch.device:

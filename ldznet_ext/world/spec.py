@@ -36,6 +36,11 @@ class Vocabulary:
         attribute = tuple(f"{c} {s}" for s in self.shapes for c in self.colours)
         return attribute + self.plurals + self.stuff
 
+    def phrase_words(self) -> tuple[str, ...]:
+        """Sorted set of the words phrases are made of (colours, shapes, plurals, stuff): what a model
+        trained on this world can be asked to find."""
+        return tuple(sorted({*self.colours, *self.shapes, *self.plurals, *self.stuff}))
+
     def words(self) -> tuple[str, ...]:
         """Sorted set of every word that can occur in a caption or a phrase."""
         words = {*self.shapes, *self.plurals, *self.colours, *self.stuff, *self.domains}

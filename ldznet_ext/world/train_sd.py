@@ -55,6 +55,7 @@ from ..train.schedule import lr_factor
 from .data import render_scene_set
 from .micro import MICRO_TEXT, MICRO_UNET, MICRO_VAE, MicroRecipe, micro_text_config
 from .scenes import split_seeds
+from .spec import VOCABULARY
 
 STAGES = ("vae", "text", "unet")
 VAE_FILE = "vae_stage.safetensors"
@@ -65,6 +66,7 @@ SNAPSHOT_DIR = "snapshots"
 GRID_FILE = "vae_reconstructions.png"
 PROBE_TIMESTEPS = (100, 400, 700)
 _ENCODE_BATCH = 64
+WORLD_VOCABULARY = frozenset(VOCABULARY.phrase_words())  # recorded in every SD file the stages write
 
 
 def stage_dtype(device: torch.device, name: str = "auto", stage: str = "vae") -> torch.dtype:
@@ -479,15 +481,16 @@ def _run_unet_stage(out: Path, latents: Tensor, tokens: Tensor, recipe: MicroRec
     def write_snapshot(step: int, unet: UNetModel, text: TextEncoder) -> None:
         path = snapshot_path(out, step)
         path.parent.mkdir(exist_ok=True)
-        save_stable_diffusion(StableDiffusion(unet, vae, saved_text or text, resolution=recipe.image_size), path,
-                              dtype=torch.float16)
+        save_stable_diffusion(StableDiffusion(unet, vae, saved_text or text, resolution=recipe.image_size,
+                                              vocabulary=WORLD_VOCABULARY), path, dtype=torch.float16)
         log.data["snapshots"].append({"step": step, "file": path.relative_to(out).as_posix()})
         log.write()
 
     unet, text = train_unet(latents, tokens, recipe, device, dtype, log, progress, frozen_text, unet,
                             options.snapshot_every, write_snapshot, deadline, options.text_tower != "random")
-    # the image side recorded in the file is the one zero-shot masks then run at by default
-    sd = StableDiffusion(unet.cpu(), vae, text.cpu(), resolution=recipe.image_size)
+    # the image side recorded in the file is the one zero-shot masks then run at by default, and its
+    # vocabulary lets a mask say "no match" for a word the model never saw instead of guessing
+    sd = StableDiffusion(unet.cpu(), vae, text.cpu(), resolution=recipe.image_size, vocabulary=WORLD_VOCABULARY)
     save_stable_diffusion(sd, out / SD_FILE, dtype=torch.float16)
 
 
