@@ -120,7 +120,11 @@ class Manifest:
             return file.read(1) != b"\n"
 
     def write(self, entry: dict) -> None:
-        os.write(self._fd, (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8"))
+        """Append ``entry`` as one line. A lone surrogate (a Linux file name that is not UTF-8, e.g.
+        Latin-1 "caf\\xe9.png") can only sit inside a JSON string, so backslashreplace writes it as the
+        escape ``\\udce9``: the line stays UTF-8 and reads back as the same name."""
+        line = json.dumps(entry, ensure_ascii=False) + "\n"
+        os.write(self._fd, line.encode("utf-8", errors="backslashreplace"))
 
     def close(self) -> None:
         os.close(self._fd)

@@ -252,6 +252,22 @@ def test_manifest_lines_are_whole_json_objects(batch, tmp_path):
     assert Counter(json.loads(line)["status"] for line in lines) == {"ok": 1, "skipped": 1}
 
 
+def test_a_file_name_that_is_not_utf8_is_recorded_and_resumed(batch, tmp_path):
+    """Linux file names are bytes: one in Latin-1 ("caf\xe9.png") is a str with a lone surrogate, which
+    the manifest writes as a JSON escape (valid UTF-8) instead of failing the batch with a traceback."""
+    name = os.fsdecode(b"caf\xe9.png")
+    try:
+        make_gallery(tmp_path / "in", [name, "b.png"])
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    code, stdout, err = batch()
+    assert (code, "Traceback" in err) == (0, False) and "2 written" in stdout
+    manifest = tmp_path / "out" / MANIFEST_NAME
+    manifest.read_bytes().decode("utf-8")  # the whole file stays UTF-8
+    assert statuses(manifest) == {name: ["ok"], "b.png": ["ok"]}
+    assert batch()[0] == 0 and statuses(manifest)[name] == ["ok", "skipped"]  # a manifest a rerun appends to
+
+
 def test_another_live_runs_temporaries_are_left_alone(batch, tmp_path, dead_pid):
     make_gallery(tmp_path / "in", ["a.png", "b.png"])
     out = tmp_path / "out"
