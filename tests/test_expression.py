@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 
 import pytest
 import torch
 
 from ldznet_ext.errors import ExpressionError, LdznetError
-from ldznet_ext.masks.expression import MAX_NESTING, And, Modified, Modifier, Not, Or, Term, parse
+from ldznet_ext.limits import MAX_RADIUS
+from ldznet_ext.masks.expression import MAX_NESTING, MAX_TERMS, And, Modified, Modifier, Not, Or, Term, parse
 
 A, B, C, D = Term("a"), Term("b"), Term("c"), Term("d")
 
@@ -136,6 +138,48 @@ def test_nesting_is_limited():
     assert info.value.position == 40 + 24
 
 
+def test_distinct_terms_are_limited():
+    """Each distinct term is one map at the image's size (and one head call): 667 two-letter terms
+    in 2,000 characters took 16 GB and two minutes on a 1024 x 1024 image."""
+    names = [f"t{i}" for i in range(MAX_TERMS + 1)]
+    assert len(parse(" OR ".join(names[:-1]) + " OR t0").terms()) == MAX_TERMS  # repeats are one map
+    text = " | ".join(names)
+    with pytest.raises(ExpressionError, match=f"more than {MAX_TERMS} different terms") as info:
+        parse(text)
+    assert info.value.position == text.index(names[-1])
+
+
+def test_grow_and_shrink_modifiers_are_bounded():
+    """A {+N} costs N passes over the map, so N has --grow's bound, and so has their sum."""
+    half = MAX_RADIUS / 2
+    assert parse(f"a{{+{MAX_RADIUS}}}") == Modified(A, (Modifier("+", MAX_RADIUS),))
+    assert len(parse(f"a{{+{half}}} OR b{{-{half}}}{{*9999}}").terms()) == 2  # {*w} costs one pass
+    with pytest.raises(ExpressionError, match=f"at most {MAX_RADIUS} pixels") as info:
+        parse(f"a{{-{MAX_RADIUS + 1}}}")
+    assert info.value.position == 1
+    text = f"a{{+{half}}}{{-{half}}} OR b{{+1}}"
+    with pytest.raises(ExpressionError, match=f"grow and shrink by at most {MAX_RADIUS} pixels in all") as info:
+        parse(text)
+    assert info.value.position == text.index("{+1}")
+    with pytest.raises(ExpressionError, match=f"at most {MAX_RADIUS}"):
+        Modifier("-", 1e9)
+
+
+@pytest.mark.parametrize("text, position, code", [
+    ("cat\x00dog", 3, "U+0000"),
+    ("cat OR \x1b[31mdog", 7, "U+001B"),
+    ("caf\udce9", 3, "U+DCE9"),  # a byte that is not UTF-8 in a command-line argument
+    ('"a\x7f"', 2, "U+007F"),
+])
+def test_control_characters_and_lone_surrogates_are_refused(text, position, code):
+    """They are never part of a word, and a lone surrogate cannot be written as UTF-8 (a manifest, an
+    HTTP answer, a terminal)."""
+    with pytest.raises(ExpressionError, match=re.escape(code)) as info:
+        parse(text)
+    assert info.value.position == position and "\n" not in str(info.value)
+    assert parse("a\tb\r\nOR\x1cc").terms() == ("a b", "c")  # whitespace, as str.split() reads it
+
+
 def test_parse_rejects_non_text():
     with pytest.raises(ExpressionError, match="a mask expression must be text, got bytes"):
         parse(b"cat")
@@ -259,7 +303,8 @@ def random_tree(rng: random.Random, depth: int):
         operand = random_tree(rng, depth - 1)
         while isinstance(operand, Modified):
             operand = random_tree(rng, depth - 1)
-        ops = [(op, a) for op in "+-*/" for a in AMOUNTS if not (op == "/" and a == 0)]
+        ops = [(op, a) for op in "+-*/" for a in AMOUNTS
+               if not (op == "/" and a == 0) and not (op in "+-" and a > MAX_RADIUS)]
         return Modified(operand, tuple(Modifier(*rng.choice(ops)) for _ in range(rng.randint(1, 3))))
     operands = tuple(random_tree(rng, depth - 1) for _ in range(rng.randint(2, 4)))
     return (Or if kind == "or" else And)(operands)

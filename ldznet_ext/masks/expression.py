@@ -14,6 +14,11 @@ NOT are case-sensitive whole words (separated by spaces or reserved characters),
 hold reserved characters and keywords (but no ``"``). NUMBER is ``12``, ``1.5``, ``.5`` or ``2.``,
 optionally with spaces inside the braces.
 
+Bounds, so that no expression costs unbounded time or memory: at most MAX_TERMS distinct terms (each
+is a map at the image's size), MAX_NESTING levels of parentheses and NOTs, and {+N} / {-N} adding up
+to MAX_RADIUS pixels (--grow's bound: each pixel is a pass over the map). Control characters and
+lone surrogates (bytes that are not UTF-8) are refused.
+
 The tree and its semantics (max, min, 1 - p, scaling, disk dilation/erosion) live in :mod:`.tree`;
 its node classes are re-exported here.
 """
@@ -26,14 +31,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..errors import ExpressionError
+from ..limits import MAX_RADIUS
 from .instances import ORDERS
 from .tree import KEYWORDS, MAX_INDEX, RESERVED, And, Expression, Modified, Modifier, Not, Or, Selector, Term
 
-__all__ = ["MAX_NESTING", "And", "Expression", "Modified", "Modifier", "Not", "Or", "Selector", "Term", "parse"]
+__all__ = ["MAX_NESTING", "MAX_TERMS", "And", "Expression", "Modified", "Modifier", "Not", "Or", "Selector", "Term",
+           "parse"]
 
 MAX_NESTING = 64  # parentheses plus NOTs; keeps recursion in parsing, printing and evaluation shallow
+MAX_TERMS = 16
+"""Distinct terms of one expression: each is a head call and a map at the image's size (about 100 MB
+at 2048 x 2048 through refinement), so their number bounds a mask's memory."""
 _NUMBER = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 _SELECTOR_WORD = re.compile(r"[A-Za-z]+|-?[0-9]+|,")
+# Control characters that are not whitespace (str.split() separates words at \t, \n, \x1c-\x1f, \x85),
+# and lone surrogates: the bytes that are not UTF-8 in a command-line argument, or a JSON "\udcff".
+_NOT_TEXT = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ud800-\udfff]")
 _SELECTOR_ALIASES = {"largest": ("area", (1,)), "smallest": ("area", (-1,))}
 
 
@@ -77,6 +90,9 @@ def _lex_modifier(text: str, start: int) -> tuple[Modifier, int]:
     amount = float(number.group())
     if not math.isfinite(amount):
         raise ExpressionError(f"the number in '{{{op}...}}' is too large", i)
+    if op in "+-" and amount > MAX_RADIUS:  # as --grow: each pixel of radius is a pass over the map
+        raise ExpressionError(f"'{{{op}N}}' grows or shrinks by at most {MAX_RADIUS} pixels, got {number.group()}",
+                              start)
     if op == "/" and amount == 0:
         raise ExpressionError("cannot divide by zero: '{/N}' needs N > 0", i)
     end = _skip_space(text, number.end())
@@ -208,6 +224,8 @@ class _Parser:
         self.tokens = tokens
         self.current = next(tokens)
         self.nesting = 0
+        self.terms: set[str] = set()
+        self.radius = 0.0  # of every {+N} and {-N} so far: each pixel of it is a pass over the map
 
     def peek(self) -> _Token:
         return self.current
@@ -249,7 +267,13 @@ class _Parser:
         node = self.atom(after)
         modifiers: list[Modifier | Selector] = []
         while self.peek().kind == "mod":
-            modifiers.append(self.take().modifier)
+            token = self.take()
+            if isinstance(token.modifier, Modifier) and token.modifier.op in "+-":
+                self.radius += token.modifier.amount
+                if self.radius > MAX_RADIUS:
+                    raise ExpressionError(f"an expression's {{+N}} and {{-N}} grow and shrink by at most {MAX_RADIUS} "
+                                          "pixels in all", token.pos)
+            modifiers.append(token.modifier)
         if not modifiers:
             return node
         if isinstance(node, Modified):  # "(a{+1}){*2}" is the same tree as "a{+1}{*2}"
@@ -259,6 +283,10 @@ class _Parser:
     def atom(self, after: str) -> Expression:
         token = self.take()
         if token.kind == "term":
+            self.terms.add(token.text)
+            if len(self.terms) > MAX_TERMS:
+                raise ExpressionError(f"more than {MAX_TERMS} different terms; split the expression into several "
+                                      "masks", token.pos)
             return Term(token.text)
         if token.kind != "(":
             raise ExpressionError(f"expected a term or '(' {after}, found {token.describe()}", token.pos)
@@ -281,12 +309,26 @@ class _Parser:
             raise ExpressionError(message, token.pos)
 
 
+def _check_characters(text: str) -> None:
+    """Refuse what is no part of a word and could not be written as UTF-8 to a manifest, an HTTP answer
+    or a terminal."""
+    found = _NOT_TEXT.search(text)
+    if found is None:
+        return
+    code = f"U+{ord(found.group()):04X}"
+    if "\ud800" <= found.group() <= "\udfff":
+        raise ExpressionError(f"{code} is not a character (text that is not UTF-8?); retype the expression",
+                              found.start())
+    raise ExpressionError(f"control character {code} in the expression; remove it", found.start())
+
+
 def parse(text: str) -> Expression:
     """Parse a mask expression; raises :class:`ExpressionError` with the 0-based position of the problem."""
     if not isinstance(text, str):
         raise ExpressionError(f"a mask expression must be text, got {type(text).__name__}")
     if not text.strip():
         raise ExpressionError("expected a mask expression such as 'cat OR dog', got empty text", 0)
+    _check_characters(text)
     parser = _Parser(_tokenize(text))
     node = parser.expr("at the start")
     token = parser.take()

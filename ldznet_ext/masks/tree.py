@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ExpressionError, LdznetError
-from ..limits import THRESHOLD
+from ..limits import MAX_RADIUS, THRESHOLD
 from . import ops
 from .instances import ORDERS, select_instances
 
@@ -135,6 +135,8 @@ class Modifier:
             raise _invalid(f"a modifier's amount must be a finite number >= 0, got {a!r}")
         if self.op == "/" and a == 0:
             raise _invalid("'{/N}' needs N > 0")
+        if self.op in "+-" and a > MAX_RADIUS:  # as --grow: each pixel of radius is a pass over the map
+            raise _invalid(f"'{{{self.op}N}}' grows or shrinks by at most {MAX_RADIUS} pixels, got {a!r}")
         object.__setattr__(self, "amount", float(a))
 
     def apply(self, p: Tensor) -> Tensor:
