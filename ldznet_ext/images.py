@@ -44,11 +44,27 @@ ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 _SOURCES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparency is composited over mid-grey so hidden pixels can't leak in."""
+EXTERNAL_DECODERS = ("EPS",)
+"""Pillow formats decoded by another program: EPS runs Ghostscript, an interpreter of PostScript, on the
+file. Images come from the network too (the API), so such files are not images here."""
+
+
+def open_image(source: str | os.PathLike | io.BytesIO) -> Image.Image:
+    """``Image.open`` of every format Pillow reads by itself (not EXTERNAL_DECODERS); lazy, as it is."""
+    Image.init()
+    return Image.open(source, formats=[name for name in Image.OPEN if name not in EXTERNAL_DECODERS])
+
+
+def _to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+    """Any PIL mode -> RGB; transparency is composited over mid-grey so hidden pixels can't leak in.
+    Float images (mode F) in [0, 1] are read as float arrays are (``load_image``)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(array).all():  # as in float arrays: NaN would pass as black, with a numpy warning
+            raise ImageError(f"{name}: contains NaN or infinite values")
         top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        if image.mode == "F" and array.max() <= 1.0:
+            top = 1.0
         image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -79,10 +95,10 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                 image = source
             else:
                 is_path = isinstance(source, (str, os.PathLike))
-                image = Image.open(source if is_path else io.BytesIO(source))
+                image = open_image(source if is_path else io.BytesIO(source))
             _check_size(image.width, image.height, max_pixels, name)
             image = ImageOps.exif_transpose(image)
-            rgb = _to_rgb(image)
+            rgb = _to_rgb(image, name)
             rgb.load()
     except ImageError:
         raise

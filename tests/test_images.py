@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fixtures_models import random_image
-from PIL import Image
+from PIL import EpsImagePlugin, Image
 
 from ldznet_ext.errors import ImageError, LdznetError
 from ldznet_ext.images import (MAX_ASPECT, crop_to_box, image_box, load_image, resize_probability, to_model_input,
@@ -82,13 +82,55 @@ def test_tiff_with_a_corrupt_tag_type_is_an_image_error(tag_type, raised):
 
 
 def test_out_of_memory_while_decoding_is_an_image_error(monkeypatch, tmp_path):
-    def out_of_memory(image):
+    def out_of_memory(image, *args, **kwargs):
         raise MemoryError
 
     monkeypatch.setattr("ldznet_ext.images._to_rgb", out_of_memory)
     path = tmp_path / "big.png"
     path.write_bytes(_encoded("PNG"))
     with pytest.raises(ImageError, match="^big.png: too large to decode in the memory available; downscale it$"):
+        load_image(path)
+
+
+def _tiff(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="TIFF")
+    return buffer.getvalue()
+
+
+def test_float_images_read_as_float_arrays_do():
+    """A 32-bit float TIFF (mode F) in [0, 1], as numpy and image tools write them, is read as a float
+    array is, not as 0..255 (all but black); one in 0..255 (Pillow's convert("F")) stays as it was."""
+    unit = np.random.default_rng(3).random((12, 16)).astype(np.float32)
+    assert Image.open(io.BytesIO(_tiff(unit))).mode == "F"
+    assert np.array_equal(load_image(_tiff(unit)), load_image(unit))
+    grey = random_image(12, 16, seed=4, channels=1)[..., 0]
+    assert np.array_equal(load_image(_tiff(grey.astype(np.float32))), np.dstack([grey] * 3))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_float_images_with_nan_or_inf_are_refused(value, tmp_path):
+    """As float arrays are: NaN would become 0 with a numpy warning, and the mask would be of nothing."""
+    unit = np.full((12, 16), 0.5, np.float32)
+    unit[3, 4] = value
+    path = tmp_path / "depth.tif"
+    path.write_bytes(_tiff(unit))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageError, match="^depth.tif: contains NaN or infinite values$"):
+            load_image(path)
+
+
+def test_postscript_is_never_handed_to_ghostscript(monkeypatch, tmp_path):
+    """Pillow decodes EPS by running Ghostscript on the file: an upload to the API, or any image named
+    .png, must not reach an interpreter of PostScript."""
+    def run_ghostscript(*args, **kwargs):
+        raise AssertionError("Ghostscript was run on the image")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", run_ghostscript)
+    path = tmp_path / "photo.png"
+    path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 12\nshowpage\n")
+    with pytest.raises(ImageError, match="^photo.png: not an image, or a format Pillow cannot read$"):
         load_image(path)
 
 
