@@ -113,6 +113,8 @@ def test_authenticated_generations_are_checked(guarded):
     (b"5", "the body must be a JSON object, got a number"),
     (b"[]", "the body must be a JSON object, got a JSON list"),
     (b"null", "the body must be a JSON object, got null"),
+    (b"[" * 100_000 + b"]" * 100_000, "the body is not JSON (nested too deeply)"),  # RecursionError
+    (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "the body is not JSON (nested too deeply)"),
 ])
 def test_a_mask_body_that_is_no_json_object_is_one_line(monkeypatch, body, detail):
     """Our words, not the route's list of FastAPI errors, and the host's API never sees the request."""
@@ -121,6 +123,18 @@ def test_a_mask_body_that_is_no_json_object_is_one_line(monkeypatch, body, detai
     guard = api.ApiGuard(host_api, lambda payload, is_img2img: None, api.parse_credentials(None))
     status, answer = _post(guard, api.MASK_ROUTE, body)
     assert status == 422 and answer["detail"].startswith(detail) and "\n" not in answer["detail"]
+    assert host_api.requests == []
+
+
+def test_a_generation_body_nested_too_deeply_is_422(monkeypatch):
+    """Our check reads the body first: JSON too deep for Python's parser (RecursionError, a 500 in the
+    host's FastAPI too) is answered in one line, never an exception out of the middleware."""
+    monkeypatch.setattr(modules.shared.cmd_opts, "api_auth", None)
+    host_api = Api()
+    guard = api.ApiGuard(host_api, lambda payload, is_img2img: api.check_generation(payload, is_img2img, None),
+                         api.parse_credentials(None))
+    status, answer = _post(guard, "/sdapi/v1/txt2img", b"[" * 100_000 + b"]" * 100_000)
+    assert (status, answer["detail"]) == (422, "the body is not JSON (nested too deeply)")
     assert host_api.requests == []
 
 
@@ -249,6 +263,34 @@ def test_huge_images_are_413(side, message):
     with pytest.raises(api.ApiError, match=message) as caught:
         api.decode_image(base64.b64encode(_png_header(side, side)).decode(), "image")
     assert caught.value.status == 413
+
+
+def _exif_pillow_cannot_rewrite() -> bytes:
+    """Big-endian EXIF: Orientation 6, and tag 0x0121 (a SHORT for Pillow) holding ASCII text, so that
+    exif_transpose's rewrite of the EXIF raises struct.error (found by mutating a WebP's bytes)."""
+    entries = [(0x0112, 3, 1, struct.pack(">HH", 6, 0)), (0x0121, 2, 4, b"cam\x00")]
+    return (b"MM\x00*" + struct.pack(">IH", 8, len(entries))
+            + b"".join(struct.pack(">HHI", tag, kind, count) + value for tag, kind, count, value in entries)
+            + struct.pack(">I", 0))
+
+
+@pytest.mark.parametrize("image_format", ["WEBP", "PNG"])
+def test_a_brush_mask_with_corrupt_exif_is_422(image_format):
+    """One line, as load_image says it, not a 500."""
+    buffer = io.BytesIO()
+    Image.new("RGBA", (8, 6), (0, 0, 0, 100)).save(buffer, format=image_format, exif=_exif_pillow_cannot_rewrite())
+    with pytest.raises(api.ApiError, match="^mask cannot be decoded") as caught:
+        api.decode_mask(base64.b64encode(buffer.getvalue()).decode(), "mask")
+    assert caught.value.status == 422 and "\n" not in caught.value.detail
+
+
+def test_postscript_uploads_are_no_images():
+    """EPS would be decoded by Ghostscript on the server (images.EXTERNAL_DECODERS)."""
+    eps = base64.b64encode(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 12\nshowpage\n").decode()
+    for decode, what in ((api.decode_image, "image"), (api.decode_mask, "mask")):
+        with pytest.raises(api.ApiError, match=f"^{what} is not an image Pillow can read") as caught:
+            decode(eps, what)
+        assert caught.value.status == 422
 
 
 def test_brush_masks_are_read_as_the_host_reads_them():
@@ -445,5 +487,6 @@ def test_mask_route_answers_terms_and_instances():
     assert int((_decoded(response["instances"][1]["mask"]) == 255).sum()) == 25
     response = api.mask_response({**body, "expression": "star[-1]", "instances": None}, compute, lambda job: None)
     assert [("mask" in i, i["box"]) for i in response["instances"]] == [(False, [30, 5, 35, 10])]
-    with pytest.raises(api.ApiError, match="instances must be true or false"):
-        api.mask_response({**body, "instances": "some"}, compute, lambda job: None)
+    for value in ("some", 0, "", [], {}):  # only null stands for false, as for the job's flags
+        with pytest.raises(api.ApiError, match="instances must be true or false"):
+            api.mask_response({**body, "instances": value}, compute, lambda job: None)

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 from .. import __version__
 from ..checkpoint_io import json_kind
 from ..errors import CheckpointError, ImageError, LdznetError
-from ..images import load_image
+from ..images import load_image, open_image
 from ..job import MaskJob, checked_flag
 from ..masks.instances import Instance, instance_image
 from ..outputs import render_overlay
@@ -38,6 +38,8 @@ ANSWER_FIELDS = ("instances",)  # what the answer holds; not part of the job
 GENERATION_ROUTES = ("/sdapi/v1/img2img", "/sdapi/v1/txt2img")
 MAX_REQUEST_BYTES = 64 * 2**20
 MAX_PIXELS = 4096 * 4096
+TOO_DEEP = "the body is not JSON (nested too deeply)"
+"""JSON nested beyond Python's recursion limit: a RecursionError, not a ValueError, from ``json.loads``."""
 
 
 class ApiError(Exception):
@@ -72,7 +74,7 @@ def _check_pixels(raw: bytes, what: str, max_pixels: int) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(raw)) as image:
+            with open_image(io.BytesIO(raw)) as image:
                 width, height = image.size
     except Image.DecompressionBombError:
         width = height = None  # over Pillow's own limit, which is above ours
@@ -108,13 +110,13 @@ def decode_mask(data, what: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     when it is not fully opaque, else the grey levels (``load_image``'s, so 16-bit masks scale)."""
     raw = _image_bytes(data, what, max_pixels)
     try:
-        with Image.open(io.BytesIO(raw)) as image:
+        with open_image(io.BytesIO(raw)) as image:
             if "A" in image.getbands() or "transparency" in image.info:
                 alpha = ImageOps.exif_transpose(image.convert("RGBA")).getchannel("A")
                 if alpha.getextrema() != (255, 255):
                     return np.asarray(alpha)
-    except (OSError, ValueError, SyntaxError):
-        raise ApiError(422, f"{what} cannot be decoded; the data may be truncated") from None
+    except Exception:  # noqa: BLE001 (corrupt data makes Pillow raise almost anything, as load_image says)
+        raise ApiError(422, f"{what} cannot be decoded; the data may be truncated or corrupt") from None
     return np.asarray(Image.fromarray(_load(raw, what, max_pixels)).convert("L"))
 
 
@@ -177,7 +179,8 @@ def mask_response(payload, compute: Callable, check_ready: Callable[[MaskJob], N
     _check_object(payload)
     try:
         job = MaskJob.from_dict(payload, other_fields=IMAGE_FIELDS + ANSWER_FIELDS)
-        instance_masks = checked_flag(payload.get("instances") or False, "instances")
+        instances = payload.get("instances")
+        instance_masks = checked_flag(False if instances is None else instances, "instances")
     except LdznetError as error:
         raise ApiError(422, str(error)) from None
     if not job.active:
@@ -228,14 +231,21 @@ def _check_object(payload) -> None:
         raise ApiError(422, f"the body must be a JSON object, got {json_kind(payload)}")
 
 
+def parse_body(body: bytes) -> object:
+    """The JSON of a request body; ApiError 422 in one line when it is not JSON, or nested too deeply
+    for Python's parser (a RecursionError, which the host's FastAPI answers with a 500)."""
+    try:
+        return json.loads(body)
+    except ValueError as error:  # UnicodeDecodeError included
+        raise ApiError(422, f"the body is not JSON ({error})") from None
+    except RecursionError:
+        raise ApiError(422, TOO_DEEP) from None
+
+
 def check_mask_body(body: bytes) -> None:
     """ApiError 422, in one line, for a mask request whose body is not a JSON object (the route's own
     validation would answer it with FastAPI's list of errors)."""
-    try:
-        payload = json.loads(body)
-    except ValueError as error:  # UnicodeDecodeError included
-        raise ApiError(422, f"the body is not JSON ({error})") from None
-    _check_object(payload)
+    _check_object(parse_body(body))
 
 
 def _first_headers(scope) -> dict[str, str]:
@@ -303,6 +313,8 @@ class ApiGuard:
                     payload = json.loads(body or b"null")
                 except ValueError:
                     payload = None  # the host reports malformed JSON in its own words
+                except RecursionError:  # which the host's FastAPI would answer with a 500
+                    raise ApiError(422, TOO_DEEP) from None
                 self.check_generation(payload, path.endswith("img2img"))
         except ApiError as error:
             extra = [(b"www-authenticate", b"Basic")] if error.status == 401 else []
