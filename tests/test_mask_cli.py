@@ -3,6 +3,7 @@ with exit status 2 (never a traceback) for every kind of bad input."""
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -25,6 +26,7 @@ from ldznet_ext.outputs import render_overlay
 from ldznet_ext.sd.unet import unet_config
 
 from fixtures_models import random_image
+from oracle import OracleSegmenter
 
 pytestmark = pytest.mark.usefixtures("single_thread", "every_term_found")
 
@@ -263,3 +265,62 @@ def test_an_output_where_nothing_can_be_written_stops_before_the_models_load(ldz
     code, stdout, err = ldznet("mask", image_path, "cat", "-o", tmp_path / "mask.png", "--overlay", "/proc/o.png",
                                "--model", tiny_model_files[0], "--head", tiny_model_files[1])
     assert (code, stdout) == (2, "") and err.startswith("ldznet mask: error: cannot write /proc/o.png: ")
+
+
+class _TwoStars(OracleSegmenter):
+    """Two star objects on the 64 x 64 image: an oracle, set_image reads nothing."""
+
+    def __init__(self):
+        star = torch.zeros(64, 64)
+        star[5:15, 5:15] = 0.9
+        star[30:40, 40:50] = 0.9
+        super().__init__({"star": star})
+
+    def set_image(self, image, max_pixels: int = 0) -> None:
+        pass
+
+
+@pytest.mark.parametrize("clash, mine", [
+    ("overlay", "the output"),  # --overlay m-2.png: the second instance's mask
+    ("probability", "the output"),
+    ("image", "the input image"),  # the input image is m-2.png
+])
+def test_instance_masks_never_overwrite_another_file_of_the_run(clash, mine, ldznet, tmp_path, monkeypatch):
+    """Instances are counted only after the prediction, so their names are checked then, against the
+    input and every other output, before any file is written."""
+    monkeypatch.setattr(mask_cli, "segmenter_from_args", lambda *args: (_TwoStars(), {}))
+    second = tmp_path / "m-2.png"
+    image = second if clash == "image" else tmp_path / "photo.png"
+    Image.fromarray(random_image(64, 64, seed=20)).save(image)
+    before = image.read_bytes()
+    extra = [] if clash == "image" else [f"--{clash}", second]
+    code, stdout, err = ldznet("mask", image, "star", "-o", tmp_path / "m.png", "--instances", *extra)
+    what = f"the output {second}" if mine == "the output" else "the input image"
+    assert (code, stdout) == (2, "")
+    assert err == f"ldznet mask: error: {second}: the same file as {what}; give each output its own name\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [image.name]  # nothing written
+    assert image.read_bytes() == before
+
+
+def test_the_instance_report_is_never_the_input(ldznet, tmp_path, monkeypatch):
+    monkeypatch.setattr(mask_cli, "segmenter_from_args", lambda *args: pytest.fail("the models loaded"))
+    image = tmp_path / "m-instances.json"  # a PNG, whatever its name
+    Image.fromarray(random_image(64, 64, seed=20)).save(image, format="PNG")
+    before = image.read_bytes()
+    code, _, err = ldznet("mask", image, "star", "-o", tmp_path / "m.png", "--instances")
+    assert code == 2 and err == (f"ldznet mask: error: {image}: the same file as the input image; give each "
+                                 "output its own name\n")
+    assert image.read_bytes() == before
+
+
+def test_instance_masks_are_written_with_their_report(ldznet, tmp_path, monkeypatch):
+    monkeypatch.setattr(mask_cli, "segmenter_from_args", lambda *args: (_TwoStars(), {}))
+    Image.fromarray(random_image(64, 64, seed=20)).save(tmp_path / "photo.png")
+    code, stdout, _ = ldznet("mask", tmp_path / "photo.png", "star", "-o", tmp_path / "m.png", "--instances",
+                             "--overlay", tmp_path / "o.png")
+    assert code == 0 and stdout.rstrip().endswith(", 2 instances")
+    report = json.loads((tmp_path / "m-instances.json").read_text())
+    assert [(e["order"], e["file"], e["box"]) for e in report["instances"]] == [
+        (1, "m-1.png", [5, 5, 15, 15]), (2, "m-2.png", [40, 30, 50, 40])]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m-1.png", "m-2.png", "m-instances.json", "m.png", "o.png", "photo.png"]

@@ -19,7 +19,7 @@ from ..job import MODES, ZERO_SHOT_MODE, MaskJob
 from ..limits import FEATHER, GROW, KEEP_LARGEST, MIN_AREA, REFINE_RADIUS, REFINE_STRENGTH, THRESHOLD, bounded_number
 from ..masks.expression import parse
 from ..masks.instances import instance_image
-from ..outputs import check_outputs, writable_path, write_mask, write_overlay, write_probability, writing
+from ..outputs import check_outputs, write_mask, write_overlay, write_probability, writing
 from ..segmenter import Prediction
 from .common import add_model_arguments, segmenter_from_args
 
@@ -80,13 +80,13 @@ def job_from_args(args: argparse.Namespace) -> MaskJob:
     return job
 
 
-def check_png_outputs(image: str | Path, outputs: list[str | Path]) -> None:
-    """Output names must end in .png, differ from each other and from the input image, and be writable
-    (their folders are created)."""
+def check_png_outputs(image: str | Path, outputs: list[str | Path], reports: list[str | Path] = ()) -> None:
+    """Output names must end in .png (``reports``: files of other kinds, such as the instances' JSON),
+    differ from each other and from the input image, and be writable (their folders are created)."""
     for output in outputs:
         if Path(output).suffix.lower() != ".png":
             raise LdznetError(f"{output}: outputs are PNG files; give a name ending in .png")
-    check_outputs(outputs, {image: "the input image"})
+    check_outputs([*outputs, *reports], {image: "the input image"})
 
 
 def report_missing(prediction: Prediction) -> None:
@@ -102,12 +102,11 @@ def instance_paths(output: str | Path, count: int) -> tuple[list[Path], Path]:
     return [Path(f"{stem}-{k}.png") for k in range(1, count + 1)], Path(f"{stem}-instances.json")
 
 
-def write_instances(output: str | Path, image: str | Path, prediction: Prediction, feather_radius: float) -> int:
-    """One mask per instance of the prediction and a JSON list (order, box, area, score, file);
-    returns the number of instances."""
+def write_instances(output: str | Path, prediction: Prediction, feather_radius: float) -> int:
+    """One mask per instance of the prediction and a JSON list (order, box, area, score, file), at
+    :func:`instance_paths`, which the caller has checked; returns the number of instances."""
     instances = prediction.instances()
     paths, report = instance_paths(output, len(instances))
-    check_png_outputs(image, paths)
     for instance, path in zip(instances, paths):
         with writing(path):
             write_mask(path, instance_image(instance, feather_radius))
@@ -120,16 +119,18 @@ def write_instances(output: str | Path, image: str | Path, prediction: Predictio
 
 def _run_mask(args: argparse.Namespace) -> int:
     outputs = [p for p in (args.output, args.overlay, args.probability) if p is not None]
-    if args.instances:
-        outputs.append(instance_paths(args.output, 1)[0][0])
-        writable_path(instance_paths(args.output, 0)[1])
-    check_png_outputs(args.image, outputs)
+    # With --instances, the first instance and the report now, every instance once they are counted.
+    paths, report = instance_paths(args.output, 1) if args.instances else ([], None)
+    check_png_outputs(args.image, outputs + paths, [report] if args.instances else [])
     job = job_from_args(args)
     expression = job.tree()
     image = load_image(args.image, max_pixels=args.max_pixels)
     segmenter, _ = segmenter_from_args(args, job.refine_settings())
     segmenter.set_image(image, max_pixels=args.max_pixels)
     prediction = segmenter.predict(expression, job.mask_options())
+    if args.instances:  # before any file is written: MASK-k.png may be the input, --overlay or --probability
+        paths, report = instance_paths(args.output, len(prediction.instances()))
+        check_png_outputs(args.image, outputs + paths, [report])
     mask = prediction.mask_image()
     writers = [(args.output, lambda path: write_mask(path, mask)),
                (args.probability, lambda path: write_probability(path, prediction.probability_image())),
@@ -141,7 +142,7 @@ def _run_mask(args: argparse.Namespace) -> int:
             write(path)
     found = ""
     if args.instances:
-        count = write_instances(args.output, args.image, prediction, job.feather)
+        count = write_instances(args.output, prediction, job.feather)
         found = f", {count} instance{'' if count == 1 else 's'}"
     report_missing(prediction)
     selected = float((mask >= 128).mean()) * 100
