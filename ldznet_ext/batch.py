@@ -270,15 +270,20 @@ def _remove_stale_temporaries(folder: Path, names: set[str]) -> None:
             path.unlink(missing_ok=True)
 
 
-def check_folders(input_dir: Path, output_dir: Path) -> list[Path]:
-    """The input images (:func:`list_images`); LdznetError when there are none, when the masks
-    would land among them or when the output folder cannot take files (it is created)."""
+def check_folders(input_dir: Path, output_dir: Path, instances: bool = False) -> list[Path]:
+    """The input images (:func:`list_images`); LdznetError when there are none, when the masks (or
+    with ``instances`` the objects' masks) would land among them or when the output folder cannot
+    take files (it is created)."""
     files = list_images(input_dir)
     if not files:
         raise LdznetError(f"no images in {input_dir} (looked for {', '.join(IMAGE_SUFFIXES)})")
     if outputs.same_file(output_dir, input_dir):
         raise LdznetError("the output folder is the input folder: the masks ({stem}.png) would overwrite "
                           "the images; choose another output folder")
+    if instances and outputs.same_file(output_dir / INSTANCES_FOLDER, input_dir):
+        raise LdznetError("the input folder is where --instances writes each object's mask "
+                          "({stem}-{k}.png, which would overwrite images such as a-1.png); choose another "
+                          "output folder")
     outputs.writable_folder(output_dir)
     return files
 
@@ -321,7 +326,7 @@ def run_batch(job: BatchJob, segmenter: Segmenter, manifest: Manifest,
     between groups (summary.interrupted).
     """
     callbacks = callbacks or BatchCallbacks()
-    files = check_folders(job.input_dir, job.output_dir) if job.files is None else list(job.files)
+    files = check_folders(job.input_dir, job.output_dir, job.instances) if job.files is None else list(job.files)
     job.output_dir.mkdir(parents=True, exist_ok=True)
     if job.instances:
         (job.output_dir / INSTANCES_FOLDER).mkdir(exist_ok=True)

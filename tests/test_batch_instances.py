@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from ldznet_ext.batch import BatchJob, Manifest, read_manifest, run_batch
+from ldznet_ext.batch import BatchJob, Manifest, check_folders, read_manifest, run_batch
+from ldznet_ext.errors import LdznetError
 from ldznet_ext.masks.expression import parse
 from oracle import OracleSegmenter
 
@@ -38,3 +40,20 @@ def test_manifest_has_terms_and_instances(tmp_path: Path) -> None:
     assert sorted(p.name for p in (out / "instances").iterdir()) == ["a-1-1.png", "a-1-2.png", "a-1.png", "a-2.png"]
     first = np.asarray(Image.open(out / "instances" / "a-1.png"))
     assert int((first == 255).sum()) == 36 and first[20, 3] == 255
+
+
+def test_the_input_folder_is_never_the_instances_folder(tmp_path: Path) -> None:
+    """OUT/instances as INPUT_DIR: a.png's first object would overwrite the image a-1.png, and the
+    clean-up of an earlier run's extra objects would delete images; refused before anything is written."""
+    out = tmp_path / "out"
+    source = out / "instances"
+    source.mkdir(parents=True)
+    for stem in ("a", "a-1"):
+        Image.fromarray(np.full((30, 40, 3), 7, np.uint8)).save(source / f"{stem}.png")
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    job = BatchJob(source, out, parse("star"), "star", instances=True)
+    with pytest.raises(LdznetError, match="^the input folder is where --instances writes each object's mask"):
+        with Manifest(tmp_path / "m.jsonl") as manifest:
+            run_batch(job, OracleSegmenter(_maps()), manifest)
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+    assert check_folders(source, out) == sorted(source.iterdir())  # without instances it is any input folder

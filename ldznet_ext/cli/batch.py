@@ -43,7 +43,7 @@ def _run(args: argparse.Namespace) -> int:
     job = job_from_args(args)
     input_dir, output_dir = Path(args.input_dir), Path(args.output)
     manifest_path = Path(args.manifest) if args.manifest else output_dir / MANIFEST_NAME
-    check_manifest(manifest_path, check_folders(input_dir, output_dir), output_dir)  # before the models load
+    check_manifest(manifest_path, check_folders(input_dir, output_dir, args.instances), output_dir)  # before models
     segmenter, loaded = segmenter_from_args(args, job.refine_settings())
     loaded.pop("refine")  # the job's refine, refine_strength and refine_radius say it
     batch = BatchJob(input_dir, output_dir, job.tree(), job.expression, job.mask_options(),
