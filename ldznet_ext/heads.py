@@ -38,13 +38,18 @@ def _check_keys(found: Mapping[str, Tensor], expected: Mapping[str, Tensor], nam
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = sorted(k for k in set(found) & set(expected) if found[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
+    # integer ("quantized") tensors would fail inside torch's load_state_dict with a traceback
+    integer = sorted(k for k in set(found) & set(expected)
+                     if expected[k].is_floating_point() and not found[k].is_floating_point())
+    if missing or unexpected or wrong or integer:
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:12]) + (f" ... ({len(keys)} in all)" if len(keys) > 12 else "")
         parts = [f"missing {len(missing)}: {show(missing)}" if missing else "",
                  f"unexpected {len(unexpected)}: {show(unexpected)}" if unexpected else "",
                  "wrong shape: " + show([f"{k} {tuple(found[k].shape)} != {tuple(expected[k].shape)}" for k in wrong])
-                 if wrong else ""]
+                 if wrong else "",
+                 "not floating point: " + show([f"{k} ({str(found[k].dtype).removeprefix('torch.')})" for k in integer])
+                 if integer else ""]
         raise CheckpointError(f"{name}: the weights do not match the head architecture; "
                               + "; ".join(p for p in parts if p))
 

@@ -328,3 +328,49 @@ def test_webui_install_model_refuses_crafted_unet_metadata(case, tiny_model_file
         install_model(path, webui, hf_home=tmp_path / "hf")
     assert str(error.value) == f"crafted.safetensors: {SD_CASES[case][2]}"
     assert not (webui / "models").exists()
+
+
+# ---------------------------------------------------------------- weights that do not fit what they describe
+
+
+def _refused_in_one_line(result: tuple[int, str, str], command: str, *words: str) -> None:
+    code, out, err = result
+    assert (code, out, err.count("\n")) == (2, "", 1) and err.startswith(f"ldznet {command}: error: "), err
+    for word in words:
+        assert word in err, err
+
+
+def test_a_unet_the_metadata_describes_wider_than_its_weights_is_refused_in_one_line(tiny_model_files, sd_state,
+                                                                                   image, tmp_path, ldznet):
+    sd = tiny_model_files[0]
+    path = _write(tmp_path / "wider.safetensors", sd_state,
+                  {**_raw_metadata(sd), "ldznet.unet": _unet_with(sd, model_channels=64)})
+    with pytest.raises(CheckpointError) as error:
+        load_stable_diffusion(path)
+    message = str(error.value)
+    assert "\n" not in message and "size mismatch for time_embed.0.weight" in message
+    assert message.startswith("wider.safetensors: the SD v1 weights do not fit the architecture they describe: ")
+    _refused_in_one_line(ldznet("mask", image, "cube", "-o", tmp_path / "m.png", "--model", path, "--zero-shot"),
+                         "mask", "wider.safetensors: the SD v1 weights do not fit", "size mismatch")
+
+
+def test_integer_weights_are_named(tiny_model_files, sd_state, head_state, image, tmp_path, ldznet):
+    # "quantized" files: int8 tensors where the architecture has floating-point parameters
+    sd, head = tiny_model_files
+    out = tmp_path / "m.png"
+    key = "model.diffusion_model.time_embed.0.weight"
+    path = _write(tmp_path / "int8.safetensors", {**sd_state, key: sd_state[key].to(torch.int8)}, _raw_metadata(sd))
+    message = f"int8.safetensors: tensor '{key}' is int8; expected floating-point weights (fp32, fp16, bf16 or fp8)"
+    for parts in ("all", "mask"):
+        with pytest.raises(CheckpointError) as error:
+            load_stable_diffusion(path, parts=parts)
+        assert str(error.value) == message
+    _one_line_error(ldznet("mask", image, "cube", "-o", out, "--model", path, "--zero-shot"), "mask", message)
+    int_head = _write(tmp_path / "int8-head.safetensors", {k: v.to(torch.int8) for k, v in head_state.items()},
+                      _raw_metadata(head))
+    with pytest.raises(CheckpointError, match=r"^int8-head.safetensors: the weights do not match the head "
+                                              r"architecture; not floating point: "):
+        load_head(int_head)
+    _refused_in_one_line(ldznet("mask", image, "cube", "-o", out, "--model", sd, "--head", int_head), "mask",
+                         "int8-head.safetensors: the weights do not match the head architecture; not floating point:")
+    assert not out.exists()

@@ -182,12 +182,27 @@ def _vocabulary(words: Any, name: str) -> frozenset[str] | None:
 
 def _read_missing(state: dict[str, Tensor], names: list[str], read: Callable[[list[str]], dict[str, Tensor]] | None,
                   ) -> None:
-    """Replace the meta (shape-only) tensors among ``names`` in ``state`` by the real ones from ``read``."""
+    """Replace the meta (shape-only) tensors among ``names`` in ``state`` by the real ones from ``read``;
+    CheckpointError when one of those tensors is not floating point (:func:`check_float_weights`)."""
     wanted = [k for k in names if k in state and state[k].is_meta]
     if wanted:
         if read is None:
             raise ValueError("the state dict holds tensors without data and no reader was given")
         state.update(read(wanted))
+    check_float_weights({k: state[k] for k in names if k in state})
+
+
+# Where a single file keeps model weights; integer tensors elsewhere (position_ids, EMA counters) are fine.
+_WEIGHT_PREFIXES = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", "conditioner.", "alphas_cumprod")
+
+
+def check_float_weights(state: Mapping[str, Tensor]) -> None:
+    """CheckpointError naming the first model weight of ``state`` that is not floating point: an
+    integer-quantized file (int8 weights with scales) would otherwise fail deep inside torch."""
+    for key, value in state.items():
+        if key.startswith(_WEIGHT_PREFIXES) and not key.endswith("position_ids") and not value.is_floating_point():
+            raise CheckpointError(f"tensor '{key}' is {str(value.dtype).removeprefix('torch.')}; expected "
+                                  "floating-point weights (fp32, fp16, bf16 or fp8)")
 
 
 def with_vae(state: Mapping[str, Any], vae: Mapping[str, Any]) -> dict[str, Any]:
@@ -242,8 +257,10 @@ def _guarded(name: str, family: str, build: Callable[[], StableDiffusion]) -> St
     # The architecture comes from the file's shapes and metadata: a crafted one can fail anywhere
     # in the constructors.
     except (KeyError, IndexError, ValueError, ZeroDivisionError, RuntimeError) as error:
+        # torch lists a state dict's mismatches one per line; an error is one line
+        reason = " ".join(str(error).split())[:600]
         raise CheckpointError(f"{name}: the {family} weights do not fit the architecture they describe: "
-                              f"{str(error)[:600]}") from error
+                              f"{reason}") from error
 
 
 def _sd_v1_from_state_dict(state: dict[str, Tensor], described: SDMetadata, parts: str,
