@@ -374,3 +374,30 @@ def test_integer_weights_are_named(tiny_model_files, sd_state, head_state, image
     _refused_in_one_line(ldznet("mask", image, "cube", "-o", out, "--model", sd, "--head", int_head), "mask",
                          "int8-head.safetensors: the weights do not match the head architecture; not floating point:")
     assert not out.exists()
+
+
+UNET_COUNTS = {  # the 'ldznet.unet' change, and the words of the refusal
+    "res blocks": ({"num_res_blocks": 10**6}, "num_res_blocks is 1000000; expected at most 8"),
+    "levels": ({"channel_mult": [1] * 5000, "attention_levels": [0]}, "channel_mult has 5000 levels; expected at most 8"),
+    "depth": ({"transformer_depth": 10**6}, "transformer blocks; expected at most 256"),
+    "level depths": ({"level_depths": [0, 10**5, 10**5, 10**5]}, "transformer blocks; expected at most 256"),
+}
+
+
+@pytest.mark.parametrize("case", UNET_COUNTS)
+def test_a_unet_of_millions_of_blocks_is_refused_before_it_is_built(case, tiny_model_files, sd_state, head_state,
+                                                                    image, tmp_path, ldznet):
+    # one crafted number would otherwise build millions of modules (minutes, then gigabytes)
+    sd, head = tiny_model_files
+    change, words = UNET_COUNTS[case]
+    path = _write(tmp_path / "deep.safetensors", sd_state, {**_raw_metadata(sd), "ldznet.unet": _unet_with(sd, **change)})
+    with pytest.raises(CheckpointError, match=rf"^deep.safetensors: field 'ldznet.unet': .*{words}"):
+        load_stable_diffusion(path)
+    unet = {**json.loads(_raw_metadata(head)["ldznet.head"])["unet"], **change}
+    deep_head = _write(tmp_path / "deep-head.safetensors", head_state,
+                       {**_raw_metadata(head), "ldznet.head": _head_with(head, unet=unet)})
+    with pytest.raises(CheckpointError, match=rf"^deep-head.safetensors: field 'ldznet.head', key 'unet': .*{words}"):
+        load_head(deep_head)
+    out = tmp_path / "m.png"
+    _refused_in_one_line(ldznet("mask", image, "cube", "-o", out, "--model", sd, "--head", deep_head), "mask", words)
+    _refused_in_one_line(ldznet("info", deep_head), "info", words)

@@ -24,6 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+# Bounds on the UNet's module tree (SDXL: 3 levels, 2 res blocks, 70 transformer blocks).
+MAX_LEVELS = 8
+MAX_RES_BLOCKS = 8
+MAX_TRANSFORMER_BLOCKS = 256
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """Hyper-parameters of an ldm-layout UNet (defaults: SD v1.x).
@@ -54,6 +60,23 @@ class UNetConfig:
         if self.level_depths and len(self.level_depths) != len(self.channel_mult):
             raise ValueError(f"level_depths {list(self.level_depths)} needs one depth per level "
                              f"({len(self.channel_mult)} levels in channel_mult)")
+        # Configurations come from files too: one crafted count would build millions of modules, which
+        # takes minutes and gigabytes even on the meta device. SD v1, SD 2.x and SDXL stay far below.
+        if len(self.channel_mult) > MAX_LEVELS:
+            raise ValueError(f"channel_mult has {len(self.channel_mult)} levels; expected at most {MAX_LEVELS}")
+        if self.num_res_blocks > MAX_RES_BLOCKS:
+            raise ValueError(f"num_res_blocks is {self.num_res_blocks}; expected at most {MAX_RES_BLOCKS}")
+        blocks = self.transformer_blocks()
+        if blocks > MAX_TRANSFORMER_BLOCKS:
+            raise ValueError(f"the UNet would hold {blocks} transformer blocks; expected at most "
+                             f"{MAX_TRANSFORMER_BLOCKS}")
+
+    def transformer_blocks(self) -> int:
+        """Transformer blocks in all spatial transformers: per attention level, one per res block on the
+        way down and one more on the way up, plus the middle block's."""
+        levels = len(self.channel_mult)
+        per_level = sum(self.depth_at(level) for level in set(self.attention_levels) if 0 <= level < levels)
+        return per_level * (2 * self.num_res_blocks + 1) + (self.depth_at(levels - 1) if levels else 0)
 
     def to_dict(self) -> dict:
         """The fields as JSON-ready values; the SD 2.x / SDXL options only where they are set, so that
