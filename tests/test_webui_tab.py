@@ -152,8 +152,13 @@ def test_uploaded_files_and_folder_errors(tmp_path):
         "choose an output folder": ("up1", " ", ARGS),
         "type a mask expression": ("up1", str(out), ("",)),
     }
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / MANIFEST_NAME).write_text("my notes\n")  # someone's file under the manifest's name
+    errors["not an ldznet manifest"] = ("up1", str(tmp_path / "notes"), ARGS)
     for message, (folder, output, args) in errors.items():
         modules.shared.state.begun = 0
         previews, status = tab.mask_folder(str(tmp_path / folder) if folder else "", None, output, False, *args)
         assert previews == [] and message in status and "ldznet-error" in status
         assert modules.shared.state.begun == 0  # refused before taking the GPU
+    assert (tmp_path / "notes" / MANIFEST_NAME).read_text() == "my notes\n"
+    assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == [MANIFEST_NAME]
