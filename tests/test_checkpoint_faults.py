@@ -401,3 +401,41 @@ def test_a_unet_of_millions_of_blocks_is_refused_before_it_is_built(case, tiny_m
     out = tmp_path / "m.png"
     _refused_in_one_line(ldznet("mask", image, "cube", "-o", out, "--model", sd, "--head", deep_head), "mask", words)
     _refused_in_one_line(ldznet("info", deep_head), "info", words)
+
+
+TEXT_KEY = "cond_stage_model.transformer.text_model.embeddings."
+# name: ('ldznet.text' changes, tensor changes given the file's tensors, the message after "FILE: ")
+TEXT_CASES: dict[str, tuple[dict[str, int], Callable[[dict[str, Tensor]], dict[str, Tensor]], str]] = {
+    # sizes the weights show: built as the metadata says, they would allocate gigabytes first
+    "wider than the weights": ({"hidden_size": 200000}, lambda s: {},
+                               "field 'ldznet.text', key 'hidden_size' is 200000; the weights have 64"),
+    "deeper than the weights": ({"num_hidden_layers": 100000}, lambda s: {},
+                                "field 'ldznet.text', key 'num_hidden_layers' is 100000; the weights have 2"),
+    # shapes that load but fail at the first prompt
+    "heads that do not divide": ({"num_attention_heads": 7}, lambda s: {},
+                                 "the text encoder's 7 attention heads do not divide its width 64"),
+    "too few positions": ({"max_position_embeddings": 10}, lambda s: {TEXT_KEY + "position_embedding.weight": s[TEXT_KEY + "position_embedding.weight"][:10]},
+                          "the text encoder has 10 positions; CLIP's tokenizer makes prompts of 77 tokens"),
+    "too few tokens": ({"vocab_size": 100}, lambda s: {TEXT_KEY + "token_embedding.weight": s[TEXT_KEY + "token_embedding.weight"][:100]},
+                       "the text encoder has 100 token embeddings; CLIP's tokenizer needs 49408"),
+}
+
+
+@pytest.mark.parametrize("case", TEXT_CASES)
+def test_a_text_encoder_that_cannot_encode_prompts_is_refused_at_load(case, tiny_model_files, sd_state, image,
+                                                                     tmp_path, ldznet):
+    sd, head = tiny_model_files
+    text, tensors, problem = TEXT_CASES[case]
+    metadata = _raw_metadata(sd)
+    metadata["ldznet.text"] = json.dumps({**json.loads(metadata["ldznet.text"]), **text})
+    path = _write(tmp_path / "text.safetensors", {**sd_state, **tensors(sd_state)}, metadata)
+    message = f"text.safetensors: {problem}"
+    for parts in ("all", "mask"):
+        with pytest.raises(CheckpointError) as error:
+            load_stable_diffusion(path, parts=parts)
+        assert str(error.value) == message
+    out = tmp_path / "m.png"
+    _one_line_error(ldznet("mask", image, "cube", "-o", out, "--model", path, "--zero-shot"), "mask", message)
+    _one_line_error(ldznet("mask", image, "cube", "-o", out, "--model", sd, "--head", head, "--mask-model", path),
+                    "mask", message)
+    assert not out.exists()

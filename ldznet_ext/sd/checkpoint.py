@@ -33,6 +33,7 @@ from .schedule import NUM_TIMESTEPS, NoiseSchedule, alphas_cumprod, rescale_zero
 from .sd2 import OpenCLIPContext, StableDiffusion2, predicts_v
 from .sdxl import OpenCLIPTextEncoder, SDXLConditioner, StableDiffusionXL
 from .text import TextEncoder, normalize_text_state_dict, text_config
+from .tokenizer import MAX_LENGTH, VOCAB_SIZE
 from .unet import UNetConfig, UNetModel, unet_config
 from .vae import AutoencoderKL, VAEConfig, vae_config
 
@@ -127,20 +128,37 @@ def _text_encoder_from_state_dict(state: Mapping[str, Tensor], text_fields: Mapp
     state = normalize_text_state_dict(state)
     config = text_config("sd-v1")
     hidden = _dim(state, "text_model.embeddings.token_embedding.weight", 1)
-    fields = {
+    shown = {
         "vocab_size": _dim(state, "text_model.embeddings.token_embedding.weight", 0),
         "hidden_size": hidden,
         "intermediate_size": _dim(state, "text_model.encoder.layers.0.mlp.fc1.weight", 0),
         "num_hidden_layers": len(_indices(state, r"text_model\.encoder\.layers\.(\d+)\.")),
         "max_position_embeddings": _dim(state, "text_model.embeddings.position_embedding.weight", 0),
-        "num_attention_heads": max(1, hidden // 64),
-        **text_fields,
     }
+    # The encoder is built for real, not on the meta device: sizes the metadata claims beyond the weights
+    # would be allocated before the weights are found not to fit.
+    for name, value in text_fields.items():
+        if name in shown and value != shown[name]:
+            raise CheckpointError(f"field 'ldznet.text', key '{name}' is {value}; the weights have {shown[name]}")
+    fields = {**shown, "num_attention_heads": max(1, hidden // 64), **text_fields}
+    check_text_sizes(fields["vocab_size"], fields["max_position_embeddings"], hidden, fields["num_attention_heads"])
     for name, value in fields.items():
         setattr(config, name, value)
     encoder = TextEncoder.from_config(config)
     encoder.load_text_state_dict(state)
     return encoder
+
+
+def check_text_sizes(vocab: int, positions: int, width: int, heads: int) -> None:
+    """CheckpointError unless a text encoder of these sizes can encode what CLIP's tokenizer makes
+    (``MAX_LENGTH`` ids below ``VOCAB_SIZE``); otherwise the first prompt would fail inside torch."""
+    if width % heads:
+        raise CheckpointError(f"the text encoder's {heads} attention heads do not divide its width {width}")
+    if positions < MAX_LENGTH:
+        raise CheckpointError(f"the text encoder has {positions} positions; CLIP's tokenizer makes prompts of "
+                              f"{MAX_LENGTH} tokens")
+    if vocab < VOCAB_SIZE:
+        raise CheckpointError(f"the text encoder has {vocab} token embeddings; CLIP's tokenizer needs {VOCAB_SIZE}")
 
 
 class SDMetadata(NamedTuple):
