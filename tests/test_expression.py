@@ -11,7 +11,7 @@ import torch
 
 from ldznet_ext.errors import ExpressionError, LdznetError
 from ldznet_ext.limits import MAX_RADIUS
-from ldznet_ext.masks.expression import MAX_NESTING, MAX_TERMS, And, Modified, Modifier, Not, Or, Term, parse
+from ldznet_ext.masks.expression import MAX_NESTING, MAX_SELECTORS, MAX_TERMS, And, Modified, Modifier, Not, Or, Term, parse
 
 A, B, C, D = Term("a"), Term("b"), Term("c"), Term("d")
 
@@ -147,6 +147,17 @@ def test_distinct_terms_are_limited():
     with pytest.raises(ExpressionError, match=f"more than {MAX_TERMS} different terms") as info:
         parse(text)
     assert info.value.position == text.index(names[-1])
+
+
+def test_instance_selectors_are_limited():
+    """Each selector is a connected-components pass over a map at the image's size: 660 of them fit in
+    2,000 characters and took about a minute on a 4096 x 4096 image."""
+    allowed = "a" + "[1]" * MAX_SELECTORS
+    assert len(parse(allowed).terms()) == 1
+    text = allowed + " OR b[largest]"
+    with pytest.raises(ExpressionError, match=f"more than {MAX_SELECTORS} instance selectors") as info:
+        parse(text)
+    assert info.value.position == text.index("[largest]")
 
 
 def test_grow_and_shrink_modifiers_are_bounded():

@@ -15,9 +15,9 @@ hold reserved characters and keywords (but no ``"``). NUMBER is ``12``, ``1.5``,
 optionally with spaces inside the braces.
 
 Bounds, so that no expression costs unbounded time or memory: at most MAX_TERMS distinct terms (each
-is a map at the image's size), MAX_NESTING levels of parentheses and NOTs, and {+N} / {-N} adding up
-to MAX_RADIUS pixels (--grow's bound: each pixel is a pass over the map). Control characters and
-lone surrogates (bytes that are not UTF-8) are refused.
+is a map at the image's size), MAX_SELECTORS instance selectors, MAX_NESTING levels of parentheses
+and NOTs, and {+N} / {-N} adding up to MAX_RADIUS pixels (--grow's bound: each pixel is a pass over
+the map). Control characters and lone surrogates (bytes that are not UTF-8) are refused.
 
 The tree and its semantics (max, min, 1 - p, scaling, disk dilation/erosion) live in :mod:`.tree`;
 its node classes are re-exported here.
@@ -35,13 +35,15 @@ from ..limits import MAX_RADIUS
 from .instances import ORDERS
 from .tree import KEYWORDS, MAX_INDEX, RESERVED, And, Expression, Modified, Modifier, Not, Or, Selector, Term
 
-__all__ = ["MAX_NESTING", "MAX_TERMS", "And", "Expression", "Modified", "Modifier", "Not", "Or", "Selector", "Term",
-           "parse"]
+__all__ = ["MAX_NESTING", "MAX_SELECTORS", "MAX_TERMS", "And", "Expression", "Modified", "Modifier", "Not", "Or",
+           "Selector", "Term", "parse"]
 
 MAX_NESTING = 64  # parentheses plus NOTs; keeps recursion in parsing, printing and evaluation shallow
 MAX_TERMS = 16
 """Distinct terms of one expression: each is a head call and a map at the image's size (about 100 MB
 at 2048 x 2048 through refinement), so their number bounds a mask's memory."""
+MAX_SELECTORS = 2 * MAX_TERMS
+"""Instance selectors of one expression: each finds the connected regions of a map at the image's size."""
 _NUMBER = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 _SELECTOR_WORD = re.compile(r"[A-Za-z]+|-?[0-9]+|,")
 # Control characters that are not whitespace (str.split() separates words at \t, \n, \x1c-\x1f, \x85),
@@ -226,6 +228,7 @@ class _Parser:
         self.nesting = 0
         self.terms: set[str] = set()
         self.radius = 0.0  # of every {+N} and {-N} so far: each pixel of it is a pass over the map
+        self.selectors = 0
 
     def peek(self) -> _Token:
         return self.current
@@ -273,6 +276,10 @@ class _Parser:
                 if self.radius > MAX_RADIUS:
                     raise ExpressionError(f"an expression's {{+N}} and {{-N}} grow and shrink by at most {MAX_RADIUS} "
                                           "pixels in all", token.pos)
+            if isinstance(token.modifier, Selector):
+                self.selectors += 1
+                if self.selectors > MAX_SELECTORS:
+                    raise ExpressionError(f"more than {MAX_SELECTORS} instance selectors", token.pos)
             modifiers.append(token.modifier)
         if not modifiers:
             return node
