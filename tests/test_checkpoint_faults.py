@@ -439,3 +439,19 @@ def test_a_text_encoder_that_cannot_encode_prompts_is_refused_at_load(case, tiny
     _one_line_error(ldznet("mask", image, "cube", "-o", out, "--model", sd, "--head", head, "--mask-model", path),
                     "mask", message)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("table", [torch.full((3,), 0.5), torch.full((1000,), float("nan")), torch.linspace(2, 3, 1000),
+                                   torch.full((10, 100), 0.5)], ids=["3 steps", "NaN", "above 1", "2-d"])
+def test_a_noise_schedule_that_is_none_is_refused_at_load(table, tiny_model_files, sd_state, image, tmp_path, ldznet):
+    # the schedule is looked up at the head's timestep (400) or the zero-shot ones: a short table failed
+    # there with an IndexError traceback, and NaN or values above 1 gave NaN maps
+    sd, head = tiny_model_files
+    path = _write(tmp_path / "schedule.safetensors", {**sd_state, "alphas_cumprod": table}, _raw_metadata(sd))
+    message = (f"schedule.safetensors: tensor 'alphas_cumprod' of shape {tuple(table.shape)} is no noise schedule; "
+               "expected 1000 values in [0, 1]")
+    with pytest.raises(CheckpointError) as error:
+        load_stable_diffusion(path, parts="mask")
+    assert str(error.value) == message
+    _one_line_error(ldznet("mask", image, "cube", "-o", tmp_path / "m.png", "--model", path, "--head", head), "mask",
+                    message)

@@ -317,7 +317,13 @@ def _file_schedule(state: Mapping[str, Tensor]) -> NoiseSchedule:
     sqrt(1 - a_t) by 7 % at t = 0, and bf16 or fp8 round a_t near 0 to 1, so that no noise would be added
     there at all."""
     table = state.get("alphas_cumprod")
-    if table is None or table.ndim != 1 or _is_rounded_default_schedule(table):
+    # looked up at any timestep below 1000, and a noise scale sqrt(1 - a_t) needs a_t in [0, 1] (compared in
+    # fp64: CPU kernels do not compare fp8)
+    if table is not None and (table.shape != (NUM_TIMESTEPS,)
+                              or not bool(((table.double() >= 0) & (table.double() <= 1)).all())):
+        raise CheckpointError(f"tensor 'alphas_cumprod' of shape {tuple(table.shape)} is no noise schedule; "
+                              f"expected {NUM_TIMESTEPS} values in [0, 1]")
+    if table is None or _is_rounded_default_schedule(table):
         table = alphas_cumprod()
     return NoiseSchedule(rescale_zero_terminal_snr(table) if ZERO_TERMINAL_SNR_KEY in state else table)
 
