@@ -240,3 +240,17 @@ def test_a_scheduler_config_we_cannot_follow_is_refused(ldznet, sd1_pair, image_
     code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", folder, "--zero-shot")
     assert (code, err) == (2, f"ldznet mask: error: odd: scheduler/scheduler_config.json: field '{field}' is "
                               f"{json.dumps(value)[:40]}; expected {expected}\n")
+
+
+@pytest.mark.parametrize("weight_map", [["a.safetensors"], {"w": 5}, {"w": ".."}, {"w": ""}, "a.safetensors"],
+                         ids=["a list", "a number", "the parent folder", "empty", "a string"])
+def test_an_index_whose_weight_map_names_no_files_is_refused(weight_map, sd1_pair, image_file, tmp_path, ldznet):
+    import shutil
+    folder = shutil.copytree(sd1_pair[1], tmp_path / "odd-index")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    message = "odd-index: unet/diffusion_pytorch_model.safetensors.index.json must map weights to files in unet/"
+    with pytest.raises(CheckpointError) as error:
+        read_diffusers_folder(folder)
+    assert str(error.value) == message
+    assert ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", folder, "--zero-shot") == (
+        2, "", f"ldznet mask: error: {message}\n")

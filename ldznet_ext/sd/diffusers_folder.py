@@ -84,9 +84,13 @@ def read_part(folder: Path, part: str) -> dict[str, Tensor]:
     where = folder / part
     # diffusers names a variant's index "*.safetensors.index.fp16.json"; the full-precision one comes first
     for index in sorted(where.glob("*.safetensors.index.json")) + sorted(where.glob("*.safetensors.index.*.json")):
-        shards = set(_json(index, folder).get("weight_map", {}).values())
-        if not shards or any(Path(name).name != name for name in shards):
+        weight_map = _json(index, folder).get("weight_map", {})
+        names = list(weight_map.values()) if isinstance(weight_map, dict) else []
+        # each shard a plain file name: never a path out of the part's folder, nor the folder itself
+        if not names or any(not isinstance(name, str) or Path(name).name != name or name in ("", "..")
+                            for name in names):
             raise CheckpointError(f"{folder.name}: {part}/{index.name} must map weights to files in {part}/")
+        shards = set(names)
         state: dict[str, Tensor] = {}
         for name in sorted(shards):
             state.update(read_state_dict(where / name))
