@@ -63,7 +63,10 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:  # one is missing (or unreadable)
-        return Path(a).resolve() == Path(b).resolve()
+        try:
+            return Path(a).resolve() == Path(b).resolve()
+        except RuntimeError:  # a symlink loop (Python < 3.13 raises RuntimeError for it, not OSError)
+            return Path(os.path.abspath(a)) == Path(os.path.abspath(b))
 
 
 @contextmanager

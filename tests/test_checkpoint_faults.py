@@ -20,7 +20,7 @@ from torch import Tensor
 from ldznet_ext import checkpoint_io
 from ldznet_ext.checkpoint_io import read_state_dict
 from ldznet_ext.errors import CheckpointError
-from ldznet_ext.heads import convert_official, load_head
+from ldznet_ext.heads import OFFICIAL_RELEASE, convert_official, load_head
 from ldznet_ext.sd.checkpoint import SUPPORTED, load_stable_diffusion
 
 from fixtures_models import random_image
@@ -455,3 +455,13 @@ def test_a_noise_schedule_that_is_none_is_refused_at_load(table, tiny_model_file
     assert str(error.value) == message
     _one_line_error(ldznet("mask", image, "cube", "-o", tmp_path / "m.png", "--model", path, "--head", head), "mask",
                     message)
+
+
+def test_a_symlink_loop_is_not_found_not_a_traceback(tiny_model_files, tmp_path, ldznet):
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop.name)  # resolving it raises RuntimeError, not OSError
+    out = tmp_path / "converted.safetensors"
+    _one_line_error(ldznet("convert", loop, "-o", out), "convert", f"checkpoint not found: {loop}")
+    _one_line_error(ldznet("convert", tiny_model_files[0], "-o", loop), "convert",
+                    f"{tiny_model_files[0].name} is an SD v1 checkpoint, not {OFFICIAL_RELEASE}")
+    assert not out.exists() and loop.is_symlink()
