@@ -151,3 +151,14 @@ def test_ldznet_mask_zero_shot_on_an_sdxl_file(ldznet, sdxl_file, image_file, tm
                           "--model", sdxl_file, "--zero-shot", "--resolution", 64, "--draws", 1, "--device", "cpu")
     assert (code, err) == (0, "")
     assert np.asarray(Image.open(tmp_path / "p.png")).shape == (64, 64)
+
+
+def test_integer_weights_of_an_sdxl_file_are_named_with_the_file(tmp_path):
+    path = tmp_path / "sdxl-int8.safetensors"
+    key = "model.diffusion_model.time_embed.0.weight"
+    state = tiny_sdxl_state()
+    write_safetensors(path, {**state, key: state[key].to(torch.int8)}, METADATA)
+    with pytest.raises(CheckpointError) as error:
+        load_stable_diffusion(path, zero_shot=True)
+    assert str(error.value) == (f"sdxl-int8.safetensors: tensor '{key}' is int8; expected floating-point weights "
+                                "(fp32, fp16, bf16 or fp8)")

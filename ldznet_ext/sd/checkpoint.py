@@ -259,10 +259,13 @@ def stable_diffusion_from_state_dict(state: Mapping[str, Tensor], metadata: Mapp
     check_family(info, name, zero_shot, parts)
     described = parse_sd_metadata(metadata, name)
     if info.family in ZERO_SHOT_ONLY:
-        _read_missing(state, list(state), read)
-        if info.family == "sd2":
-            return _guarded(name, "SD 2.x", lambda: sd2_from_state_dict(state, described, dtype))
-        return _guarded(name, "SDXL", lambda: sdxl_from_state_dict(state, described, dtype))
+        build = sd2_from_state_dict if info.family == "sd2" else sdxl_from_state_dict
+
+        def read_and_build() -> StableDiffusion:
+            _read_missing(state, list(state), read)  # inside _guarded: its refusals name the file
+            return build(state, described, dtype)
+
+        return _guarded(name, "SD 2.x" if info.family == "sd2" else "SDXL", read_and_build)
     return _guarded(name, "SD v1", lambda: _sd_v1_from_state_dict(state, described, parts, read, dtype))
 
 
