@@ -465,3 +465,11 @@ def test_a_symlink_loop_is_not_found_not_a_traceback(tiny_model_files, tmp_path,
     _one_line_error(ldznet("convert", tiny_model_files[0], "-o", loop), "convert",
                     f"{tiny_model_files[0].name} is an SD v1 checkpoint, not {OFFICIAL_RELEASE}")
     assert not out.exists() and loop.is_symlink()
+
+
+def test_a_file_name_with_a_line_break_keeps_the_error_on_one_line(tiny_model_files, image, tmp_path, ldznet):
+    odd = tmp_path / "two\nlines.safetensors"
+    odd.write_bytes(tiny_model_files[0].read_bytes())
+    _one_line_error(ldznet("mask", image, "cube", "-o", tmp_path / "m.png", "--model", tiny_model_files[0], "--head", odd),
+                    "mask", "two\\nlines.safetensors: not an ldznet head (no 'ldznet.head' metadata); an official "
+                    "LD-ZNet .ckpt must first be imported with `ldznet convert`")

@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(message: object) -> str:
+    """``message`` as one line of output: line breaks it carries (a file name may hold one) shown as
+    ``\\n`` and ``\\r``."""
+    return str(message).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -53,13 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():  # restores the caller's warning display when main returns
             warnings.showwarning = lambda message, *_, **__: print(
-                f"ldznet {args.command}: warning: {message}", file=sys.stderr)
+                f"ldznet {args.command}: warning: {one_line(message)}", file=sys.stderr)
             return int(args.func(args) or 0)
     except LdznetError as error:
-        print(f"ldznet {args.command}: error: {error}", file=sys.stderr)
+        print(f"ldznet {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except OSError as error:  # what no command anticipated (an unwritable -o folder, a full disk): no traceback
-        print(f"ldznet {args.command}: error: {error}", file=sys.stderr)
+        print(f"ldznet {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 1
     except MemoryError:
         print(f"ldznet {args.command}: error: out of memory", file=sys.stderr)
