@@ -518,6 +518,18 @@ def test_info_on_architectures(ldznet) -> None:
     assert code == 0 and json.loads(out)["parameters"] == 859_520_964
 
 
+def test_info_reads_a_safetensors_header_and_one_tensor(ldznet, sd_file, monkeypatch) -> None:
+    """A 7 GB SDXL file is described without reading its weights (it used to take twice its size in RAM)."""
+    from ldznet_ext.cli import checkpoint
+    read, read_tensors = [], checkpoint.read_tensors
+    monkeypatch.setattr(checkpoint, "read_state_dict", lambda path: pytest.fail("every tensor was read"))
+    monkeypatch.setattr(checkpoint, "read_tensors", lambda path, names: read.append(list(names)) or
+                        read_tensors(path, names))
+    code, out, _ = ldznet("info", sd_file, "--json")
+    assert code == 0 and json.loads(out)["dtype"] == "float32"
+    assert read == [["model.diffusion_model.input_blocks.0.0.bias"]]  # the header lists names in order
+
+
 def test_info_on_files(ldznet, sd_file, sd_state, head_a, tmp_path) -> None:
     code, out, _ = ldznet("info", sd_file, "--json")
     report = json.loads(out)

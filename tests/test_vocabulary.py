@@ -42,6 +42,7 @@ def test_the_embedded_model_lists_the_world_s_words(ldznet) -> None:
     code, out, _ = ldznet("info", default_model_paths()[0], "--json")
     report = json.loads(out)
     assert code == 0 and report["vocabulary"] == sorted(WORLD_VOCABULARY) and report["resolution"] == 128
+    assert report["dtype"] == "float16" and report["parameters"] == 7_010_739
 
 
 class _ClosedWorldOracle(OracleSegmenter):
