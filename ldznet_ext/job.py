@@ -171,14 +171,17 @@ def checked_flag(value, name: str) -> bool:
 def checked_number(value, spec: dataclasses.Field) -> int | float | None:
     """``value`` (a number or its text) checked against the field's Limit; floats are stored as
     float, integers as int (an integral float such as 3.0 from a slider or JSON counts)."""
-    limit: Limit = spec.metadata["limit"]
     if value is None and spec.metadata["optional"]:
         return None
-    if isinstance(value, str):
-        value = _parsed(value)
+    return bounded(_parsed(value) if isinstance(value, str) else value, spec.metadata["limit"], spec.name)
+
+
+def bounded(value, limit: Limit, name: str) -> int | float:
+    """``value`` (a number, not its text) checked against ``limit`` as :func:`checked_number` does;
+    LdznetError "NAME must be ..." otherwise."""
     if limit.kind is int and isinstance(value, float) and value.is_integer() and limit.accepts(int(value)):
         value = int(value)
-    limit.check(value, spec.name)
+    limit.check(value, name)
     return float(value) if limit.kind is float else int(value)
 
 

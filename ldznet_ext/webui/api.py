@@ -36,6 +36,7 @@ SCHEMA_ROUTE = "/ldznet/v1/schema"
 IMAGE_FIELDS = ("image", "mask")
 ANSWER_FIELDS = ("instances",)  # what the answer holds; not part of the job
 GENERATION_ROUTES = ("/sdapi/v1/img2img", "/sdapi/v1/txt2img")
+OPTIONS_ROUTE = "/sdapi/v1/options"
 MAX_REQUEST_BYTES = 64 * 2**20
 MAX_PIXELS = 4096 * 4096
 TOO_DEEP = "the body is not JSON (nested too deeply)"
@@ -168,6 +169,18 @@ def check_generation(payload, is_img2img: bool, check_ready: Callable[[MaskJob],
         raise ApiError(422, str(error)) from None
 
 
+def check_options(payload, check: Callable[[Mapping], None]) -> None:
+    """Validate the LD-ZNet settings of a POST /sdapi/v1/options body with ``check`` (LdznetError for
+    a bad value); ApiError 422 with the reason. The host stores whatever it is sent, so without this a
+    bad value would be answered 200 and fail every later mask."""
+    if not isinstance(payload, Mapping):
+        return  # the host answers malformed bodies itself
+    try:
+        check(payload)
+    except LdznetError as error:
+        raise ApiError(422, str(error)) from None
+
+
 def mask_response(payload, compute: Callable, check_ready: Callable[[MaskJob], None]) -> dict:
     """POST /ldznet/v1/mask: {"image": b64, "mask": optional b64 brush mask, and the MaskJob fields
     by name (:meth:`MaskJob.json_schema`; "expression" required, null = default), "instances": true
@@ -277,17 +290,19 @@ def authorized(headers: Mapping[str, str], credentials: Mapping[str, str]) -> bo
 
 
 class ApiGuard:
-    """ASGI middleware: size limit and auth for /ldznet/*, LD-ZNet arg checks for generations.
+    """ASGI middleware: size limit and auth for /ldznet/*, LD-ZNet arg checks for generations and
+    LD-ZNet settings checks for POST /sdapi/v1/options.
 
-    ``check_generation(payload, is_img2img)`` raises ApiError; bodies are read once and replayed.
-    With --api-auth, a generation request without the host's credentials goes to the host
-    unread: the host answers it (401), never our checks.
+    ``check_generation(payload, is_img2img)`` and ``check_options(payload)`` raise ApiError; bodies
+    are read once and replayed. With --api-auth, a generation or options request without the host's
+    credentials goes to the host unread: the host answers it (401), never our checks.
     """
 
     def __init__(self, app, check_generation: Callable[[object, bool], None], credentials: Mapping[str, str],
-                 max_bytes: int = MAX_REQUEST_BYTES):
+                 max_bytes: int = MAX_REQUEST_BYTES, check_options: Callable[[object], None] | None = None):
         self.app = app
         self.check_generation = check_generation
+        self.check_options = check_options
         self.credentials = dict(credentials)
         self.max_bytes = max_bytes
 
@@ -295,11 +310,12 @@ class ApiGuard:
         path = scope.get("path", "") if scope["type"] == "http" else ""
         ours = path.startswith("/ldznet/")
         generation = path in GENERATION_ROUTES and scope.get("method") == "POST"
-        if not (ours or generation):
+        options = path == OPTIONS_ROUTE and scope.get("method") == "POST" and self.check_options is not None
+        if not (ours or generation or options):
             return await self.app(scope, receive, send)
         headers = _first_headers(scope)
         allowed = authorized(headers, self.credentials)
-        if generation and not allowed:
+        if (generation or options) and not allowed:
             return await self.app(scope, receive, send)  # the host refuses it, in its own words
         try:
             if ours and not allowed:
@@ -308,14 +324,17 @@ class ApiGuard:
                                          declared=headers.get("content-length"))
             if path == MASK_ROUTE and scope.get("method") == "POST":
                 check_mask_body(body)
-            if generation:
+            if generation or options:
                 try:
                     payload = json.loads(body or b"null")
                 except ValueError:
                     payload = None  # the host reports malformed JSON in its own words
                 except RecursionError:  # which the host's FastAPI would answer with a 500
                     raise ApiError(422, TOO_DEEP) from None
-                self.check_generation(payload, path.endswith("img2img"))
+                if generation:
+                    self.check_generation(payload, path.endswith("img2img"))
+                else:
+                    self.check_options(payload)
         except ApiError as error:
             extra = [(b"www-authenticate", b"Basic")] if error.status == 401 else []
             await send({"type": "http.response.start", "status": error.status,

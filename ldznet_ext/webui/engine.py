@@ -104,7 +104,11 @@ class MaskEngine:
             raise LdznetError("no LD-ZNet head is selected: put a head .safetensors file into "
                               f"{self.heads_dir} and choose it in Settings > LD-ZNet, or use mode 'zero-shot'")
         path = self.heads_dir / options.head
-        if path.parent != self.heads_dir or not path.is_file():
+        try:
+            found = path.parent == self.heads_dir and path.is_file()
+        except OSError:  # a name the file system cannot hold (over 255 bytes as UTF-8): not a file there
+            found = False
+        if not found:
             raise CheckpointError(f"head file {options.head!r} not found in {self.heads_dir}; "
                                   "press the refresh button next to the head setting after adding files")
         return path

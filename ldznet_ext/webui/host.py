@@ -17,12 +17,12 @@ from torch import nn
 
 from ..backbones.base import Backbone
 from ..backbones.family import host_family
-from ..errors import CheckpointError
+from ..errors import CheckpointError, LdznetError
 from ..images import ImageInput
 from ..job import MODES, MaskJob
 from ..segmenter import Segmenter
-from . import mask_model
-from .engine import NO_HEAD, EngineOptions, MaskEngine, MaskResult
+from . import mask_model, settings
+from .engine import EngineOptions, MaskEngine, MaskResult
 
 HEADS_FOLDER = "ldznet"
 # Host model families that cannot serve a head but serve zero-shot masks on their own model.
@@ -73,11 +73,28 @@ def opt(key: str, default=None):
     return shared.opts.data.get(key, default)
 
 
+def setting(key: str):
+    """The value of LD-ZNet setting ``key`` (its default before the settings exist); LdznetError
+    naming the setting when it holds a value the extension cannot use (:func:`settings.checked`)."""
+    return settings.checked(key, opt(key, settings.DEFAULTS[key]))
+
+
+def control_default(key: str):
+    """:func:`setting` for a control's starting value: the UI is built whatever the settings hold, so a
+    bad value is reported in one line on stderr and the setting's default is used instead."""
+    try:
+        return setting(key)
+    except LdznetError as error:
+        print(f"LD-ZNet: {error}; the controls start at its default, {settings.DEFAULTS[key]!r}", file=sys.stderr)
+        return settings.DEFAULTS[key]
+
+
 def engine_options() -> EngineOptions:
-    timestep, resolution = int(opt("ldznet_timestep", -1)), int(opt("ldznet_resolution", 0))
-    return EngineOptions(head=opt("ldznet_head", NO_HEAD) or NO_HEAD, timestep=None if timestep < 0 else timestep,
-                         keep_on_gpu=bool(opt("ldznet_keep_on_gpu", True)), dtype=opt("ldznet_dtype", "auto"),
-                         resolution=resolution or None, cuda_graphs=bool(opt("ldznet_cuda_graphs", True)))
+    """The settings that shape a mask, checked (:func:`setting`)."""
+    timestep, resolution = setting("ldznet_timestep"), setting("ldznet_resolution")
+    return EngineOptions(head=setting("ldznet_head"), timestep=None if timestep < 0 else timestep,
+                         keep_on_gpu=setting("ldznet_keep_on_gpu"), dtype=setting("ldznet_dtype"),
+                         resolution=resolution or None, cuda_graphs=setting("ldznet_cuda_graphs"))
 
 
 def is_forge() -> bool:
@@ -204,7 +221,7 @@ def mask_model_path(refusal: CheckpointError) -> Path:
     from modules import paths, sd_models
 
     head = engine().head_path(engine_options())
-    return mask_model.choose(opt(mask_model.SETTING, mask_model.AUTOMATIC),
+    return mask_model.choose(setting(mask_model.SETTING),
                              mask_model.sd1_checkpoints(sd_models.checkpoints_list), mask_model.head_sd_model(head),
                              Path(paths.models_path) / mask_model.CHECKPOINT_FOLDER, _reason(refusal))
 

@@ -13,8 +13,8 @@ from . import api, host, script, settings, tab, ui
 
 
 def add_routes(demo, app) -> None:
-    """on_app_started: the ApiGuard middleware and, with --api/--nowebui, the /ldznet/v1 routes
-    (mask, version, schema)."""
+    """on_app_started: the ApiGuard middleware (checks of our generation args and of LD-ZNet settings
+    sent to /sdapi/v1/options) and, with --api/--nowebui, the /ldznet/v1 routes (mask, version, schema)."""
     from modules import shared
 
     cmd_opts = shared.cmd_opts
@@ -22,8 +22,11 @@ def add_routes(demo, app) -> None:
     def check(payload, is_img2img: bool) -> None:
         api.check_generation(payload, is_img2img, host.check_ready)
 
+    def check_options(payload) -> None:
+        api.check_options(payload, settings.check_options)
+
     app.middleware_stack = None  # let the app rebuild its stack with ours outermost (as the host does)
-    app.add_middleware(api.ApiGuard, check_generation=check,
+    app.add_middleware(api.ApiGuard, check_generation=check, check_options=check_options,
                        credentials=api.parse_credentials(getattr(cmd_opts, "api_auth", None)))
     if not (getattr(cmd_opts, "api", False) or getattr(cmd_opts, "nowebui", False)):
         return

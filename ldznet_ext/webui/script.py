@@ -142,9 +142,11 @@ class LdznetScript(scripts.Script):
     def postprocess_image_after_composite(self, p, pp, *args) -> None:
         self._detail(p, pp)
         job = getattr(p, "_ldznet_job", None)
-        if job is None or not host.opt("ldznet_save_masks", False):
+        if job is None:
             return
         try:
+            if not host.setting("ldznet_save_masks"):
+                return
             result = host.compute(pp.image, job.replace(combine="replace"))
         except LdznetError as error:
             print(f"{TITLE}: mask not saved: {error}", file=sys.stderr)

@@ -116,7 +116,7 @@ def build_tab():
                     refine = gr.Checkbox(True, label="Refine edges")
                     overwrite = gr.Checkbox(False, label="Redo finished masks")
                 with gr.Row():
-                    threshold = gr.Slider(0.0, 0.99, value=float(host.opt("ldznet_threshold", 0.5)), step=0.01,
+                    threshold = gr.Slider(0.0, 0.99, value=host.control_default("ldznet_threshold"), step=0.01,
                                           label="Threshold")
                     grow = gr.Slider(-64, 64, value=0, step=1, label="Grow (+) / shrink (-), px")
                     feather = gr.Slider(0, 64, value=0, step=1, label="Feather, px")

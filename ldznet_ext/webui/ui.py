@@ -61,7 +61,7 @@ def build_accordion(script, is_img2img: bool) -> list:
     import gradio as gr
 
     tab = "img2img" if is_img2img else "txt2img"
-    threshold = float(host.opt("ldznet_threshold", 0.5))
+    threshold = host.control_default("ldznet_threshold")
     with gr.Accordion(TITLE, open=False, elem_id=script.elem_id("accordion"), elem_classes=["ldznet-accordion"]):
         expression = gr.Textbox(label="Mask expression", lines=1, elem_id=script.elem_id("expression"),
                                 placeholder="goblin OR sword  ·  face{+8}  ·  person AND NOT hat  "

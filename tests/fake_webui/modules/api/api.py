@@ -10,6 +10,8 @@ it can observe, as a plain ASGI app (no FastAPI here).
   without credentials.
 - Errors are JSON ``{"error", "detail", "body", "errors"}`` (the host's exception handler).
 - txt2img/img2img answer 200 with ``images: []`` (no generation is modelled).
+- POST /sdapi/v1/options stores every key it is sent with ``shared.opts.set`` (``Api.set_config``
+  checks nothing else) and answers null.
 - GET /sdapi/v1/options answers the options of the host's ``OptionsModel``, which
   ``modules.api.models`` builds from ``opts.data_labels`` when it is imported: with --nowebui that
   is when ``webui.create_api`` imports the Api, before ``Api.__init__`` runs ``ui.create_ui`` and
@@ -79,6 +81,12 @@ class Api:
         route = (scope["path"], scope["method"])
         if route == ("/sdapi/v1/options", "GET"):
             payload = None
+        elif route == ("/sdapi/v1/options", "POST"):
+            if self.credentials is not None:
+                self._auth(scope.get("headers", []))
+            for key, value in json.loads(body).items():
+                shared.opts.set(key, value)
+            return None
         elif scope["path"] in GENERATION_ROUTES and scope["method"] == "POST":
             try:
                 payload = json.loads(body)
