@@ -73,13 +73,84 @@ def test_pasted_values():
     """PNG Info fills every control: an older image without the newer keys resets them to their
     defaults (the control values of "all" and "automatic"); missing older keys leave controls alone."""
     pasted = {name: request.pasted_value(OLD_INFOTEXT, name) for name in request.ARG_NAMES}
-    assert pasted == {"expression": "goblin OR sword{+4}", "mode": "zero-shot", "threshold": "0.35", "grow": "-3",
-                      "feather": "2.5", "invert": "True", "combine": "subtract", "refine": "False",
-                      "keep_largest": "0", "min_area": "0", "refine_strength": "1", "refine_radius": "0",
-                      "presence": "True", "detail_expression": "", "detail_prompts": "", "detail_denoising": "0.4",
-                      "detail_steps": "20", "detail_padding": "32"}
-    assert [request.pasted_value({}, name) for name in ("expression", "threshold", "min_area")] == ["", None, "0"]
+    assert pasted == {"expression": "goblin OR sword{+4}", "mode": "zero-shot", "threshold": 0.35, "grow": -3.0,
+                      "feather": 2.5, "invert": True, "combine": "subtract", "refine": False,
+                      "keep_largest": 0, "min_area": 0, "refine_strength": 1.0, "refine_radius": 0,
+                      "presence": True, "detail_expression": "", "detail_prompts": "", "detail_denoising": 0.4,
+                      "detail_steps": 20, "detail_padding": 32}
+    assert [request.pasted_value({}, name) for name in ("expression", "threshold", "min_area")] == ["", None, 0]
     assert from_args(list(pasted.values())) == from_infotext(OLD_INFOTEXT)
+    assert request.paste_problems(OLD_INFOTEXT) == []
+
+
+CONTROL_VALUES = {"expression": "", "mode": "LD-ZNet head", "threshold": 0.5, "grow": 0, "feather": 0, "invert": False,
+                  "combine": "replace", "refine": True, "keep_largest": 0, "min_area": 0, "refine_strength": 1.0,
+                  "refine_radius": 0.0, "presence": True, "detail_expression": "", "detail_prompts": "",
+                  "detail_denoising": 0.4, "detail_steps": 20, "detail_padding": 32}
+"""The accordion's controls' values before a paste (their Python types decide the host's conversion)."""
+
+
+def _host_paste(params) -> dict:
+    """The controls after A1111 v1.10.1's PNG Info paste (``infotext_utils.connect_paste``): each field's
+    value, None leaving the control, converted to the type of the control's value."""
+    controls = {}
+    for name, current in CONTROL_VALUES.items():
+        value = request.pasted_value(params, name)
+        try:
+            if value is None:
+                controls[name] = current
+            elif type(current) is bool and value == "False":
+                controls[name] = False
+            else:
+                controls[name] = float(value) if type(current) is int else type(current)(value)
+        except Exception:  # noqa: BLE001 (the host's own catch-all: the control is left as it is)
+            controls[name] = current
+    return controls
+
+
+@pytest.mark.parametrize("key, value, control, problem", [
+    ("LD-ZNet invert", "false", ("invert", False), None),  # the host's bool("false") ticked it
+    ("LD-ZNet refine", "no", ("refine", True), "LD-ZNet refine: refine must be true or false, got 'no'"),
+    ("LD-ZNet presence", "0", ("presence", True), "LD-ZNet presence: presence must be true or false, got '0'"),
+    ("LD-ZNet threshold", "nan", ("threshold", 0.5), "LD-ZNet threshold: threshold must be a number in [0, 1), "
+                                                     "got nan"),
+    ("LD-ZNet grow", "1e999", ("grow", 0), "LD-ZNet grow: grow must be a number in [-2048, 2048], got inf"),
+    ("LD-ZNet mode", "ZERO-SHOT", ("mode", "zero-shot"), None),  # the radio's own spelling
+    ("LD-ZNet combine", "merge", ("combine", "replace"), "LD-ZNet combine: combine must be one of 'replace', "
+                                                         "'add', 'subtract', 'intersect', got 'merge'"),
+    ("LD-ZNet keep largest", "-3", ("keep_largest", 0), "LD-ZNet keep largest: keep_largest must be an integer in "
+                                                        "[1, 100000], got -3"),
+    ("LD-ZNet detail steps", "20.5", ("detail_steps", 20), "LD-ZNet detail steps: detail pass: steps must be an "
+                                                           "integer in [1, 1000], got 20.5"),
+    ("LD-ZNet mask", "cat AND (dog", ("expression", "cat AND (dog"), "LD-ZNet mask: '(' is never closed: expected ')' "
+                                                                     "at position 8"),
+    ("LD-ZNet newer knob", "3", ("expression", "cat"), "LD-ZNet newer knob: not known to this version of the "
+                                                       "extension, not restored"),
+])
+def test_a_bad_infotext_value_is_never_pasted_as_another(key, value, control, problem):
+    """PNG Info on an image whose infotext was edited or written by another version: a value a control
+    cannot hold leaves it as it was and is named (the accordion's status), instead of the host's
+    conversion making it another ("false" a ticked checkbox, "nan" a slider's NaN, an unknown mode no choice)."""
+    params = {"LD-ZNet mask": "cat", key: value}
+    name, expected = control
+    assert _host_paste(params)[name] == expected
+    assert request.paste_problems(params) == ([problem] if problem else [])
+
+
+def test_every_problem_of_a_paste_is_listed():
+    params = {"LD-ZNet mask": "cat", "LD-ZNet threshold": "2", "LD-ZNet detail": "face", "LD-ZNet detail padding":
+              "-1", "LD-ZNet warning": "the mask is empty", "LD-ZNet z": "1", "Steps": "20"}
+    assert request.paste_problems(params) == [
+        "LD-ZNet threshold: threshold must be a number in [0, 1), got 2",
+        "LD-ZNet detail padding: detail pass: padding must be an integer in [0, 2048], got -1",
+        "LD-ZNet z: not known to this version of the extension, not restored"]
+    from ldznet_ext.webui import ui
+
+    assert ui.paste_status(params) == ("<p class='ldznet-error'>PNG Info: not restored: LD-ZNet threshold: threshold "
+                                       "must be a number in [0, 1), got 2; LD-ZNet detail padding: detail pass: padding "
+                                       "must be an integer in [0, 2048], got -1; LD-ZNet z: not known to this version "
+                                       "of the extension, not restored</p>")
+    assert ui.paste_status({"LD-ZNet mask": "cat"}) == ui.paste_status({"Steps": "20"}) == ""  # clears an old one
 
 
 def test_from_args_defaults_and_strings():

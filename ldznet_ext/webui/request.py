@@ -54,6 +54,12 @@ INFOTEXT_KEYS = {
 written only for a generation with a detail pass."""
 WRITTEN_WHEN_SET = ("keep_largest", "min_area", "refine_strength", "refine_radius", "presence")
 """Infotext keys written only when not the default, so a job that leaves them alone reads as before."""
+WARNING_KEY = "LD-ZNet warning"
+DETAIL_WARNING_KEY = "LD-ZNet detail warning"
+ERROR_KEY = "LD-ZNet error"
+"""Infotext keys of a warning and of an error: the host's API answer carries the infotext
+parameters, not the comments, also when a stopped generation returns no images."""
+_INFOTEXT_PREFIX = "LD-ZNet "
 
 _MASK_LINE = re.compile(r"^[ \t]*mask[ \t]*:(.*)(?:\n|$)", re.IGNORECASE | re.MULTILINE)
 # An extra-network tag as both WebUIs find them in prompts (modules/extra_networks.py: <lora:name:0.8>).
@@ -156,19 +162,52 @@ def _recorded(params: Mapping[str, str]) -> dict[str, str]:
     return {name: params[key] for name, key in INFOTEXT_KEYS.items() if key in params}
 
 
-def pasted_value(params: Mapping[str, str], name: str) -> str | None:
+def pasted_value(params: Mapping[str, str], name: str) -> str | bool | int | float | None:
     """What PNG Info and the send-to buttons put into the control of field ``name``: the recorded
-    value; when the infotext has none, "" for the expressions and the detail prompts (no mask, no
-    pass) and the control's default for WRITTEN_WHEN_SET and the detail pass's numbers (so an image
-    made without them resets them); otherwise None, which leaves the control as it is."""
+    value as the control holds it (a bool, a number, a choice as the control spells it, text); when
+    the infotext has none, "" for the expressions and the detail prompts (no mask, no pass) and the
+    control's default for WRITTEN_WHEN_SET and the detail pass's numbers (so an image made without
+    them resets them); otherwise None, which leaves the control as it is. A recorded value the field
+    refuses is None too (:func:`paste_problems` says so): the host would turn it into another value
+    ("false" or "no" into a ticked checkbox, "nan" into a slider's NaN). Text is pasted as recorded."""
     key = INFOTEXT_KEYS[name]
     if key in params:
-        return params[key]
+        if name in _TEXT_ARG_NAMES:
+            return params[key] if isinstance(params[key], str) else None
+        try:
+            return _control(name, params[key])
+        except LdznetError:
+            return None
     if name in _TEXT_ARG_NAMES:
         return ""
     if name in DETAIL_ARG_NAMES:
-        return _format(getattr(DetailPass(), name.removeprefix("detail_")))
-    return _format(control_value(MaskJob(), name)) if name in WRITTEN_WHEN_SET else None
+        return getattr(DetailPass(), name.removeprefix("detail_"))
+    return control_value(MaskJob(), name) if name in WRITTEN_WHEN_SET else None
+
+
+def _control(name: str, recorded):
+    """The control value of field ``name`` recorded as ``recorded``, checked as the job or the pass checks it."""
+    if name in DETAIL_ARG_NAMES:
+        return getattr(_detail({name: recorded}), name.removeprefix("detail_"))
+    return control_value(_job({name: recorded}), name)
+
+
+def paste_problems(params: Mapping[str, str]) -> list[str]:
+    """What PNG Info cannot restore from parsed infotext ``params``, one entry each: a recorded value
+    its field refuses (the control is left as it is; text is pasted and refused when it is used) and
+    LD-ZNet keys this version does not know (an image made by a newer one)."""
+    problems = []
+    for name, key in INFOTEXT_KEYS.items():
+        if key in params:
+            try:
+                _control(name, params[key])
+            except LdznetError as error:
+                problems.append(f"{key}: {error}")
+    known = {*INFOTEXT_KEYS.values(), WARNING_KEY, DETAIL_WARNING_KEY, ERROR_KEY}
+    unknown = [key for key in params if isinstance(key, str) and key.startswith(_INFOTEXT_PREFIX) and key not in known]
+    if unknown:
+        problems.append(f"{', '.join(unknown)}: not known to this version of the extension, not restored")
+    return problems
 
 
 def _format(value) -> str:

@@ -25,14 +25,10 @@ from ..errors import LdznetError
 from ..job import MaskJob
 from ..outputs import write_mask
 from . import detail_pass, host
-from .request import TITLE, detail_from_args, from_args, infotext, split_mask_line, with_prompt_line
+from .request import (DETAIL_WARNING_KEY, ERROR_KEY, TITLE, WARNING_KEY, detail_from_args, from_args, infotext,
+                      split_mask_line, with_prompt_line)
 
 MASK_SUFFIX = "-ldznet-mask"
-WARNING_KEY = "LD-ZNet warning"
-DETAIL_WARNING_KEY = "LD-ZNet detail warning"
-ERROR_KEY = "LD-ZNet error"
-"""Infotext keys of a warning and of an error: the host's API answer carries the infotext
-parameters, not the comments, also when a stopped generation returns no images."""
 _PROMPT_LISTS = ("all_prompts", "all_hr_prompts")
 
 

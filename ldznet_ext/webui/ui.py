@@ -21,7 +21,8 @@ from ..job import COMBINE_MODES, MODES, MaskJob
 from ..limits import FEATHER
 from ..outputs import render_overlay
 from . import host
-from .request import ARG_NAMES, INFOTEXT_KEYS, TITLE, control_value, from_args, pasted_value, with_prompt_line
+from .request import (ARG_NAMES, INFOTEXT_KEYS, TITLE, control_value, from_args, paste_problems, pasted_value,
+                      with_prompt_line)
 
 IMG2IMG_INPUTS = ("img2img_image", "img2img_sketch", "img2maskimg", "inpaint_sketch", "img_inpaint_base",
                   "img_inpaint_mask")
@@ -93,7 +94,8 @@ def build_accordion(script, is_img2img: bool) -> list:
                 preview_button.click(fn=preview_mask, _js="ldznet_preview_args",
                                      inputs=[status, _components.get("img2img_prompt", status), *inputs, *controls],
                                      outputs=[preview, status], show_progress=True)
-    script.infotext_fields = [(control, _paste(name)) for control, name in zip(controls, ARG_NAMES)]
+    script.infotext_fields = [*((control, _paste(name)) for control, name in zip(controls, ARG_NAMES)),
+                              (status, paste_status)]
     script.paste_field_names = list(INFOTEXT_KEYS.values())
     _accordions[tab] = {"controls": controls, "status": status}
     _wire_send_buttons()
@@ -146,6 +148,13 @@ def _paste(name: str):
     if pasted_value({}, name) is None:
         return INFOTEXT_KEYS[name]
     return lambda params: pasted_value(params, name)
+
+
+def paste_status(params) -> str:
+    """The accordion's status after PNG Info or a send-to button pasted ``params`` (parsed infotext): what
+    could not be restored, or nothing."""
+    problems = paste_problems(params)
+    return _status("PNG Info: not restored: " + "; ".join(problems), error=True) if problems else ""
 
 
 def _job(prompt: str | None, args) -> MaskJob:
