@@ -457,3 +457,14 @@ def test_expression_error_position():
     with pytest.raises(ExpressionError) as caught:
         MaskJob("cat AND")
     assert caught.value.position == 7
+
+
+def test_the_script_named_twice_is_refused():
+    """The host finds scripts by lower-case title and runs the last entry's args, so checking the first
+    let bad args through to the generation (its error only in the infotext)."""
+    payload = {"prompt": "x", "alwayson_scripts": {"LD-ZNet mask": {"args": ["cat"]},
+                                                   "ld-znet mask": {"args": ["cat", "nope"]}}}
+    with pytest.raises(api.ApiError) as caught:
+        api.check_generation(payload, False, lambda job: None)
+    assert (caught.value.status, caught.value.detail) == (
+        422, "alwayson_scripts names the LD-ZNet script 2 times ('LD-ZNet mask', 'ld-znet mask'); send its args once")

@@ -131,15 +131,19 @@ def _our_args(payload: Mapping) -> list | None:
     scripts = payload.get("alwayson_scripts")
     if not isinstance(scripts, Mapping):
         return None
-    for name, entry in scripts.items():
-        if isinstance(name, str) and name.lower() == TITLE.lower():
-            if not isinstance(entry, Mapping):
-                raise ApiError(422, f"alwayson_scripts[{name!r}] must be an object with 'args': {list(ARG_NAMES)}")
-            args = entry.get("args", [])
-            if not isinstance(args, list):
-                raise ApiError(422, f"alwayson_scripts[{name!r}].args must be a list in the order {list(ARG_NAMES)}")
-            return args
-    return None
+    names = [name for name in scripts if isinstance(name, str) and name.lower() == TITLE.lower()]
+    if not names:
+        return None
+    if len(names) > 1:  # the host finds scripts by lower-case title: the last entry's args would run, unchecked
+        raise ApiError(422, f"alwayson_scripts names the LD-ZNet script {len(names)} times "
+                            f"({', '.join(map(repr, names))}); send its args once")
+    name, entry = names[0], scripts[names[0]]
+    if not isinstance(entry, Mapping):
+        raise ApiError(422, f"alwayson_scripts[{name!r}] must be an object with 'args': {list(ARG_NAMES)}")
+    args = entry.get("args", [])
+    if not isinstance(args, list):
+        raise ApiError(422, f"alwayson_scripts[{name!r}].args must be a list in the order {list(ARG_NAMES)}")
+    return args
 
 
 def check_generation(payload, is_img2img: bool, check_ready: Callable[[MaskJob], None]) -> None:
