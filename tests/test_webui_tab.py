@@ -2,6 +2,7 @@
 and Interrupt through shared.state, uploads, folder errors."""
 from __future__ import annotations
 
+import html
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -162,3 +163,20 @@ def test_uploaded_files_and_folder_errors(tmp_path):
         assert modules.shared.state.begun == 0  # refused before taking the GPU
     assert (tmp_path / "notes" / MANIFEST_NAME).read_text() == "my notes\n"
     assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == [MANIFEST_NAME]
+
+
+@pytest.mark.parametrize("input_dir, output_dir, message", [
+    ("~no-such-user-ldznet/in", "OUT", "the input folder '~no-such-user-ldznet/in' starts with an unknown user's "
+                                      "home (~name)"),
+    ("IN", "~no-such-user-ldznet/out", "the output folder '~no-such-user-ldznet/out' starts with an unknown "
+                                       "user's home (~name)"),
+    ("a" * 5000, "OUT", "[Errno 36] File name too long: 'aaaa"),
+])
+def test_folder_fields_the_file_system_refuses_are_one_line(tmp_path, input_dir, output_dir, message):
+    """Path.expanduser's RuntimeError and is_dir's ENAMETOOLONG were tracebacks (gradio's "Error")."""
+    world.install(tmp_path)
+    _gallery(tmp_path / "in", 1)
+    input_dir = input_dir.replace("IN", str(tmp_path / "in"))
+    output_dir = output_dir.replace("OUT", str(tmp_path / "out"))
+    previews, status = tab.mask_folder(input_dir, None, output_dir, False, *ARGS)
+    assert previews == [] and status.startswith("<p class='ldznet-error'>" + html.escape(message))

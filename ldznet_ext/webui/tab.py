@@ -62,8 +62,16 @@ def _files(input_dir: str, uploads, output: Path) -> tuple[list[Path], Path | No
         return [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES], None
     if not input_dir.strip():
         raise LdznetError("choose an input folder or upload images")
-    folder = Path(input_dir.strip()).expanduser()
+    folder = _folder(input_dir, "input")
     return check_folders(folder, output), folder
+
+
+def _folder(text: str, what: str) -> Path:
+    """The folder typed as ``text`` ("~" expanded); LdznetError for a "~user" that is no user."""
+    try:
+        return Path(text.strip()).expanduser()
+    except RuntimeError:  # Path.expanduser: "Could not determine home directory."
+        raise LdznetError(f"the {what} folder {text.strip()!r} starts with an unknown user's home (~name)") from None
 
 
 def mask_folder(input_dir: str, uploads, output_dir: str, overwrite: bool, *args) -> tuple[list, str]:
@@ -74,7 +82,7 @@ def mask_folder(input_dir: str, uploads, output_dir: str, overwrite: bool, *args
             raise LdznetError("type a mask expression")
         if not output_dir.strip():
             raise LdznetError("choose an output folder for the masks")
-        out = Path(output_dir.strip()).expanduser()
+        out = _folder(output_dir, "output")
         files, folder = _files(input_dir, uploads, out)
         if not files:
             raise LdznetError("no images to mask")
@@ -87,7 +95,7 @@ def mask_folder(input_dir: str, uploads, output_dir: str, overwrite: bool, *args
                 Manifest(out / MANIFEST_NAME) as manifest:
             callbacks = StateCallbacks(state)
             summary = run_batch(batch, segmenter, manifest, callbacks)
-    except LdznetError as error:
+    except (LdznetError, OSError) as error:  # OSError: a path the file system refuses (name too long), a full disk
         return [], f"<p class='ldznet-error'>{html.escape(str(error))}</p>"
     counts = summary.counts
     stopped = " (interrupted)" if summary.interrupted else ""
