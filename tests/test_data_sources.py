@@ -109,6 +109,21 @@ def test_rle_decoding():
         decode_rle({"size": [3, 3], "counts": [2, 3, 3]})
 
 
+def test_hostile_rle_and_polygons_are_refused_in_one_line():
+    # an annotation's size is checked against its image before decoding: 1e10 pixels cost nothing
+    with pytest.raises(LdznetError, match="RLE of 100000x100000 on a 3x2 image"):
+        decode_rle({"size": [100000, 100000], "counts": [10**10]}, shape=(2, 3))
+    for counts in (["a"], [1.5, 4.5], [10**30], "\xff\xfe", b"\xff"):
+        with pytest.raises(LdznetError, match="RLE"):
+            decode_rle({"size": [2, 3], "counts": counts})
+    # coordinates near the float range made the crossing NaN (an IndexError); far ones are refused
+    with pytest.raises(LdznetError, match=r"coordinate is beyond \+-2147483648 px"):
+        polygon_mask([[0, 1e308, 1e308, -1e308, 0, -1e308]], 4, 4)
+    with pytest.raises(LdznetError, match="coordinate is beyond"):
+        phrasecut_mask([[[0, 0], [1e30, 0], [5, 1e30]]], 4, 4)
+    assert polygon_mask([[0, 0, 1e6, 0, 1e6, 1e6, 0, 1e6]], 2, 2).all()  # far but finite: clipped to the image
+
+
 # -- PhraseCut --------------------------------------------------------------------------------
 
 
@@ -232,6 +247,22 @@ def test_refcoco_errors(refcoco, tmp_path):
     source = open_source(f"refcoco:{refcoco}:train?images={tmp_path / 'nowhere'}")
     with pytest.raises(ImageError, match="nowhere.*COCO_train2014_000000000002.jpg: file not found"):
         source[0]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools 2.0 on numpy 2
+@pytest.mark.parametrize("rasteriser", ["pycocotools", "ours"])
+def test_refcoco_hostile_annotations_are_unreadable_examples(refcoco, rasteriser, monkeypatch):
+    """An annotation of another size, garbage counts or polygons fails its example with an LdznetError (logged and
+    skipped), never a traceback; the huge RLE used 13 GB before its size was compared with the image's."""
+    if rasteriser == "ours":
+        monkeypatch.setattr(refcoco_module, "coco_mask", None)
+    instances = json.loads((refcoco / "instances.json").read_text())
+    hostile = {"size": [100000, 100000], "counts": [10**10]}, {"size": [4, 5], "counts": ["a"]}, [5, 6, 7], [["x"] * 6]
+    for segmentation in hostile:
+        instances["annotations"][2]["segmentation"] = segmentation
+        (refcoco / "instances.json").write_text(json.dumps(instances))
+        with pytest.raises(LdznetError, match="refcoco.* annotation 21: "):
+            open_source(f"refcoco:{refcoco}:testB")[0]
 
 
 # -- AIGI folders and manifests ---------------------------------------------------------------

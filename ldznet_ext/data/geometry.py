@@ -28,18 +28,25 @@ from PIL import Image, ImageDraw
 
 from ..errors import LdznetError
 
+# Far beyond any image side, and small enough that the rasterisers' products of coordinate
+# differences stay finite (1e308 made the crossing NaN, an index of -2^63) and Pillow's ints fit.
+MAX_COORDINATE = 2.0**31
 
-def _points(polygon: Sequence, what: str) -> np.ndarray:
-    """A polygon as float64 [K, 2] (x, y): from [[x, y], ...] or a flat [x0, y0, x1, y1, ...]."""
+
+def polygon_points(polygon: Sequence, what: str) -> np.ndarray:
+    """A polygon as float64 [K, 2] (x, y): from [[x, y], ...] or a flat [x0, y0, x1, y1, ...];
+    LdznetError naming ``what`` for anything else, or a coordinate beyond +-``MAX_COORDINATE``."""
     try:
         points = np.asarray(polygon, np.float64)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, OverflowError) as error:
         raise LdznetError(f"{what}: a polygon must be numbers, got {str(polygon)[:80]}") from error
     if points.ndim == 1 and len(points) % 2 == 0:
         points = points.reshape(-1, 2)
     if points.ndim != 2 or points.shape[1] != 2 or not np.isfinite(points).all():
         raise LdznetError(f"{what}: expected a polygon as [[x, y], ...] or [x0, y0, x1, y1, ...], "
                           f"got {str(polygon)[:80]}")
+    if len(points) and np.abs(points).max() > MAX_COORDINATE:
+        raise LdznetError(f"{what}: a polygon coordinate is beyond +-{MAX_COORDINATE:.0f} px: {str(polygon)[:80]}")
     return points
 
 
@@ -48,7 +55,7 @@ def polygon_mask(polygons: Sequence[Sequence], height: int, width: int, what: st
     [height, width], by the COCO pixel-centre convention of the module docstring."""
     mask = np.zeros((height, width), bool)
     for polygon in polygons:
-        points = _points(polygon, what)
+        points = polygon_points(polygon, what)
         if len(points) >= 3:
             mask |= _even_odd(points, height, width)
     return mask
@@ -80,7 +87,7 @@ def phrasecut_mask(polygons: Sequence[Sequence], height: int, width: int, what: 
     canvas = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(canvas)
     for polygon in polygons:
-        points = _points(polygon, what)
+        points = polygon_points(polygon, what)
         if len(points) < 2:
             continue
         draw.polygon([(int(x), int(y)) for x, y in points], fill=1, outline=1)
@@ -90,7 +97,7 @@ def phrasecut_mask(polygons: Sequence[Sequence], height: int, width: int, what: 
 def decode_counts(text: str | bytes) -> list[int]:
     """The run lengths of a compressed COCO RLE string (module docstring)."""
     if isinstance(text, bytes):
-        text = text.decode("ascii")
+        text = text.decode("ascii", errors="replace")  # a non-ASCII byte is then refused as a character
     counts: list[int] = []
     position = 0
     while position < len(text):
@@ -113,16 +120,22 @@ def decode_counts(text: str | bytes) -> list[int]:
     return counts
 
 
-def decode_rle(rle: dict, what: str = "RLE") -> np.ndarray:
-    """A COCO RLE ``{"size": [h, w], "counts": list or string}`` as bool [h, w]."""
+def decode_rle(rle: dict, what: str = "RLE", shape: tuple[int, int] | None = None) -> np.ndarray:
+    """A COCO RLE ``{"size": [h, w], "counts": list or string}`` as bool [h, w]; with ``shape`` (its
+    image's [h, w]) an RLE of another size is refused before anything is decoded, so that a size of
+    100000 x 100000 in an annotation costs nothing."""
     try:
         height, width = (int(v) for v in rle["size"])
         counts = rle["counts"]
     except (KeyError, TypeError, ValueError) as error:
         raise LdznetError(f"{what}: expected {{'size': [h, w], 'counts': ...}}, got {str(rle)[:80]}") from error
-    runs = np.asarray(decode_counts(counts) if isinstance(counts, (str, bytes)) else counts, np.int64)
-    if (runs < 0).any() or runs.sum() != height * width:
-        raise LdznetError(f"{what}: the runs cover {int(runs.sum())} pixels, the mask has {height}x{width}"
-                          + (" (negative run)" if (runs < 0).any() else ""))
+    if shape is not None and (height, width) != tuple(shape):
+        raise LdznetError(f"{what}: RLE of {width}x{height} on a {shape[1]}x{shape[0]} image")
+    runs = decode_counts(counts) if isinstance(counts, (str, bytes)) else counts
+    if not isinstance(runs, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in runs):
+        raise LdznetError(f"{what}: RLE counts must be a list of integers or a string, got {str(counts)[:80]}")
+    if min(runs, default=0) < 0 or sum(runs) != height * width:  # Python ints: no overflow on huge counts
+        raise LdznetError(f"{what}: the runs cover {sum(runs)} pixels, the mask has {height}x{width}"
+                          + (" (negative run)" if min(runs, default=0) < 0 else ""))
     flat = np.repeat(np.arange(len(runs)) % 2 == 1, runs)
     return flat.reshape(width, height).T.copy()

@@ -32,7 +32,7 @@ import numpy as np
 from ..errors import ImageError, LdznetError
 from .examples import Example
 from .files import parse_options, read_image, read_json
-from .geometry import decode_rle, polygon_mask
+from .geometry import decode_rle, polygon_mask, polygon_points
 
 DEFAULT_PARTITION = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 PARTITIONS = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
@@ -55,14 +55,12 @@ def in_split(ref_split: str, split: str) -> bool:
 def segmentation_mask(segmentation: object, height: int, width: int, what: str) -> np.ndarray:
     """A COCO ``segmentation`` (polygons or RLE) as bool [height, width]."""
     if isinstance(segmentation, dict):
-        mask = decode_rle(segmentation, what)
-        if mask.shape != (height, width):
-            raise LdznetError(f"{what}: RLE of {mask.shape[1]}x{mask.shape[0]} on a {width}x{height} image")
-        return mask
+        return decode_rle(segmentation, what, (height, width))
     if not isinstance(segmentation, list):
         raise LdznetError(f"{what}: expected polygons or an RLE, got {str(segmentation)[:80]}")
     if coco_mask is not None:
-        rles = coco_mask.frPyObjects([list(map(float, p)) for p in segmentation if len(p) >= 6], height, width)
+        polygons = [polygon_points(p, what).ravel().tolist() for p in segmentation]  # checked as without it
+        rles = coco_mask.frPyObjects([p for p in polygons if len(p) >= 6], height, width)
         return coco_mask.decode(rles).any(axis=2) if rles else np.zeros((height, width), bool)
     return polygon_mask(segmentation, height, width, what)
 
