@@ -206,6 +206,17 @@ def test_bad_args_are_4xx(server):
     assert status == 422 and "position 7" in body["detail"]
 
 
+def test_bad_settings_are_422_and_not_stored(server):
+    """The host stores whatever /sdapi/v1/options is sent (an unknown key is its KeyError, a 500)."""
+    for body, detail in (({"ldznet_timestep": "abc", "ldznet_threshold": 0.3},
+                          "Settings > LD-ZNet: ldznet_timestep must be an integer in [-1, 999], got 'abc'"),
+                         ({"ldznet_treshold": 0.3}, "Settings > LD-ZNet has no setting 'ldznet_treshold'")):
+        status, answer = _call(server, "/sdapi/v1/options", body)
+        assert status == 422 and answer["detail"].startswith(detail)
+    status, options = _call(server, "/sdapi/v1/options")
+    assert status == 200 and options["ldznet_timestep"] == -1 and options["ldznet_threshold"] != 0.3
+
+
 def test_infotext_round_trip_through_png_info(server):
     status, result = _call(server, "/sdapi/v1/img2img", {
         "init_images": [_b64(IMAGE)], "prompt": "mask: cat{+2} OR dog", "steps": 1, "width": 128, "height": 96,
