@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -313,6 +315,27 @@ def test_manifest_polygons_and_bad_files(tmp_path):
     (tmp_path / "set.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:2]))
     (box, mask), (nothing, empty) = open_source(str(tmp_path / "set.jsonl"))[0].pairs
     assert (box, int(mask.sum()), nothing, int(empty.sum())) == ("box", 12, "nothing", 0)
+
+
+def _png_header(path, width: int, height: int) -> None:
+    """A PNG that claims width x height grey pixels and holds none: only its header can be read."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_a_mask_of_another_size_is_refused_from_its_header(tmp_path):
+    """Pillow's decompression-bomb error escaped as a traceback; a mask is now compared by its header's size
+    before any pixel is decoded."""
+    _image(tmp_path / "a.png", 6, 5)
+    _png_header(tmp_path / "bomb.png", 20000, 20000)  # 400 M pixels: over Pillow's limit
+    _png_header(tmp_path / "wide.png", 60000, 5)
+    for name in ("bomb.png", "wide.png"):
+        (tmp_path / "set.jsonl").write_text(json.dumps({"image": "a.png", "phrase": "x", "mask": name}))
+        with pytest.raises(ImageError, match=f"{name}: (the mask is .* but its image is 6x5|cannot read the mask)"):
+            open_source(str(tmp_path / "set.jsonl"))[0]
 
 
 def test_spec_grammar():

@@ -31,15 +31,17 @@ def read_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
     path = Path(path)
     try:
         with Image.open(path) as image:
-            mask = np.asarray(image.convert("L")) > 0
+            # the header's size first: a mask of another size is not decoded (a small PNG can hold 400 M pixels)
+            if image.size != (shape[1], shape[0]):
+                raise ImageError(f"{path}: the mask is {image.width}x{image.height} but its image is "
+                                 f"{shape[1]}x{shape[0]}")
+            return np.asarray(image.convert("L")) > 0
     except FileNotFoundError as error:
         raise ImageError(f"{path}: mask file not found") from error
-    except (OSError, ValueError, SyntaxError) as error:  # UnidentifiedImageError is an OSError
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # UnidentifiedImageError: OSError
+        if isinstance(error, ImageError):
+            raise
         raise ImageError(f"{path}: cannot read the mask ({error})") from error
-    if mask.shape != tuple(shape):
-        raise ImageError(f"{path}: the mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                         f"{shape[1]}x{shape[0]}")
-    return mask
 
 
 def read_json(path: str | os.PathLike, what: str) -> object:
