@@ -326,6 +326,21 @@ def _png_header(path, width: int, height: int) -> None:
                      + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
 
 
+def test_manifest_encoding_and_field_types(tmp_path):
+    """A non-UTF-8 manifest was a UnicodeDecodeError traceback; a null phrase was read as the text "None"."""
+    _image(tmp_path / "a.png", 6, 5)
+    path = tmp_path / "set.jsonl"
+    path.write_bytes(b'{"image": "a.png", "phrase": "caf\xe9", "polygons": []}\n')
+    with pytest.raises(LdznetError, match="set.jsonl: cannot read the manifest .'utf-8' codec can't decode"):
+        open_source(str(path))
+    for phrase in ("null", '{"a": 1}', "3"):
+        path.write_text(f'{{"image": "a.png", "phrase": {phrase}, "polygons": []}}\n')
+        with pytest.raises(LdznetError, match="set.jsonl:1: expected a JSON object with 'image', 'phrase'"):
+            open_source(str(path))
+    path.write_bytes(b'\xef\xbb\xbf{"image": "a.png", "phrase": "box", "polygons": [[1, 1, 5, 1, 5, 4]]}\n')
+    assert open_source(str(path))[0].pairs[0][0] == "box"  # a byte-order mark, as some editors write one
+
+
 def test_a_mask_of_another_size_is_refused_from_its_header(tmp_path):
     """Pillow's decompression-bomb error escaped as a traceback; a mask is now compared by its header's size
     before any pixel is decoded."""

@@ -22,8 +22,8 @@ class ManifestSource:
         self.description = f"jsonl:{self.path}"
         rows: dict[str, list[tuple[str, object]]] = {}
         try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except OSError as error:
+            lines = self.path.read_text(encoding="utf-8-sig").splitlines()  # -sig: editors that start with a BOM
+        except (OSError, UnicodeDecodeError) as error:
             raise LdznetError(f"{self.path}: cannot read the manifest ({error})") from error
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -32,12 +32,12 @@ class ManifestSource:
                 row = json.loads(line)
                 image, phrase = row["image"], row["phrase"]
                 region = row["mask"] if "mask" in row else row["polygons"]
-                if not isinstance(region, (str, list)) or not isinstance(image, str):
-                    raise TypeError(region)
+                if not isinstance(region, (str, list)) or not isinstance(image, str) or not isinstance(phrase, str):
+                    raise TypeError(region)  # a null or object phrase was trained on as the text "None"
             except (ValueError, KeyError, TypeError) as error:
                 raise LdznetError(f"{self.path}:{number}: expected a JSON object with 'image', 'phrase' and "
                                   f"'mask' (a file) or 'polygons' (a list), got {line[:120]!r}") from error
-            rows.setdefault(image, []).append((str(phrase), region))
+            rows.setdefault(image, []).append((phrase, region))
         if not rows:
             raise LdznetError(f"{self.path}: the manifest has no rows")
         self._items = list(rows.items())
