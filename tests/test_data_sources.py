@@ -364,6 +364,11 @@ def test_spec_grammar():
         parse_spec("coco:/d")
     with pytest.raises(LdznetError, match="world data takes no options"):
         open_source("world:test:1?x=1")
+    with pytest.raises(LdznetError, match="option negatives is given twice"):
+        parse_spec("world:test:5?negatives=1&negatives=2")  # the last one won silently
+    for count in ("²", "٣", "9" * 5000, "1e3", "-1"):  # int() raised ValueError tracebacks for the first three
+        with pytest.raises(LdznetError, match="expected world:SPLIT:N"):
+            open_source(f"world:test:{count}")
 
 
 def test_resize_square_is_clipseg_geometry():

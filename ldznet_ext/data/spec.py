@@ -47,7 +47,8 @@ def _open_world(argument: str, size: int, domain: str | None, options: dict[str,
             raise LdznetError("a saved scene set keeps the domains it was rendered with; drop the domain")
         return WorldSource(SceneSet.load(argument), f"world:{argument}")
     split, _, count = argument.partition(":")
-    if not count.isdigit():
+    # isascii: '²' and '٣' pass isdigit() but not int(); the length: int() refuses over 4300 digits
+    if not (count.isascii() and count.isdigit() and len(count) < 20):
         raise LdznetError(f"world data spec 'world:{argument}': expected world:SPLIT:N (e.g. world:train:5000) "
                           "or world:FILE.npz (a saved scene set)")
     if domain is not None and domain not in VOCABULARY.domains:
@@ -97,6 +98,8 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
             key, equals, value = item.partition("=")
             if not key or not equals:
                 raise LdznetError(f"data spec {spec!r}: options are KEY=VALUE joined by '&', got {item!r}")
+            if key in options:  # which one a run used would be a guess
+                raise LdznetError(f"data spec {spec!r}: option {key} is given twice")
             options[key] = value
     prefix, _, argument = body.partition(":")
     if prefix in SOURCES and argument:
