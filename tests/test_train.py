@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 
 from ldznet_ext.checkpoint_io import read_metadata
 from ldznet_ext.cli import main
-from ldznet_ext.errors import LdznetError
+from ldznet_ext.errors import CheckpointError, LdznetError
 from ldznet_ext.heads import load_head
 from ldznet_ext.sd.checkpoint import build_stable_diffusion
 from ldznet_ext.modeling.znet import upsampling_decoder
@@ -236,6 +237,39 @@ def test_resume_gives_the_uninterrupted_result(backbone, tmp_path):
     other = Trainer(backbone, source, _config(arch="ldznet", steps=6, seed=1), tmp_path / "cut")
     with pytest.raises(LdznetError, match="seed: 0 -> 1"):
         other.resume()
+
+
+def test_a_truncated_foreign_or_tampered_last_pt_is_refused_in_one_line(backbone, tmp_path, capsys):
+    """last.pt is read with weights_only (a pickle that would run code is refused, not run); a truncated, empty,
+    foreign or tampered one was a RuntimeError, EOFError, KeyError or TypeError traceback."""
+    source = open_source("world:train:2", size=SIZE)
+    config = _config(arch="znet", steps=1)
+    Trainer(backbone, source, config, tmp_path / "run").run(progress=False)
+    data = (tmp_path / "run" / CHECKPOINT).read_bytes()
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "executed"), "w"))
+
+    files = {"truncated": data[: len(data) // 2], "empty": b"", "pickle": pickle.dumps({"config": Exploit()}),
+             "list": None, "noconfig": None}
+    for name, content in files.items():
+        (tmp_path / name).mkdir()
+        if content is None:
+            torch.save([1, 2] if name == "list" else {"model": {}}, tmp_path / name / CHECKPOINT)
+        else:
+            (tmp_path / name / CHECKPOINT).write_bytes(content)
+        assert main(["train", "--model", "unused.safetensors", "-o", str(tmp_path / name), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ldznet train: error: {tmp_path / name / CHECKPOINT}: ") and err.count("\n") == 1
+        assert ("cannot resume from it" in err) or ("not a last.pt written by ldznet train" in err)
+    assert not (tmp_path / "executed").exists()
+    state = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
+    for key, value in (("model", {"x": torch.zeros(1)}), ("rng", {"torch": ["x"]}), ("step", "abc"), ("ema", None),
+                       ("data", 5)):
+        torch.save({**state, key: value}, tmp_path / "run" / CHECKPOINT)
+        with pytest.raises(CheckpointError, match="cannot resume from it, its state does not fit this run"):
+            Trainer(backbone, source, config, tmp_path / "run").resume()
 
 
 def test_saved_head_runs_in_the_segmenter(tmp_path):

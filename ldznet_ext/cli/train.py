@@ -32,7 +32,7 @@ from ..train import distributed
 from ..train.augment import TEMPLATES
 from ..train.config import (FIELD_LIMITS, PRESETS, SCHEDULES, TrainConfig, check_values, compose_config,
                             read_config_file)
-from ..train.trainer import CHECKPOINT, HEAD, Trainer
+from ..train.trainer import CHECKPOINT, HEAD, Trainer, read_checkpoint
 from .common import add_device_argument
 
 
@@ -46,7 +46,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         path = Path(args.output) / CHECKPOINT
         if not path.is_file():
             raise LdznetError(f"--resume: {path} does not exist")
-        base = torch.load(path, map_location="cpu", weights_only=True)["config"]
+        base = read_checkpoint(path)["config"]
     else:
         if "arch" not in flags and "arch" not in file_values:
             raise LdznetError("--arch is required (unless --resume or the config file sets arch)")

@@ -35,8 +35,10 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import pickle
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, fields, replace
@@ -80,6 +82,24 @@ NEW_LAYER_PARTS = (".attn3.", ".norm_sd.", ".attentionpool2D.", ".sd_concat.")
 CROSS_ATTENTION_PART = ".attn2."
 # what a resumed run may change: lengths and intervals, and how (not what) it computes
 _RESUME_FREE = ("steps", "save_every", "log_every", "precision", "grad_checkpoint", "workers")
+
+
+def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
+    """A run's ``last.pt`` as the dict :meth:`Trainer.save` wrote, read without executing pickled code
+    (``weights_only``: tensors, containers and plain values only); CheckpointError naming ``path`` for
+    a missing, truncated or foreign file, or one without the run's settings."""
+    try:
+        with warnings.catch_warnings():  # torch's own advice on a foreign pickle is to drop weights_only
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{path}: cannot resume from it: it holds Python objects other than tensors and plain "
+                              "values, which are never loaded (loading them could run code)") from error
+    except (OSError, RuntimeError, EOFError, ValueError) as error:
+        raise CheckpointError(f"{path}: cannot resume from it ({' '.join(str(error).split())[:300]})") from error
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{path}: not a last.pt written by ldznet train (no settings in it)")
+    return state
 AMP_DTYPES = {name: autocast_dtype(name) for name in PRECISIONS}  # None: no autocast
 MAX_UNUSABLE = 100  # positions in a row without a usable sample that stop a run
 TEXT_CACHE = 1024  # prompts whose context is kept (240 MB at SD v1's 77 x 768)
@@ -508,22 +528,27 @@ class Trainer:
         different number of processes is allowed but changes the data each step draws (the run no
         longer repeats an uninterrupted one)."""
         path = self.run_dir / CHECKPOINT
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except (OSError, RuntimeError) as error:
-            raise CheckpointError(f"{path}: cannot resume from it ({error})") from error
+        state = read_checkpoint(path, self.device)
         saved = TrainConfig.from_dict(state["config"])
         changed = [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(self.config, f.name)!r}"
                    for f in fields(TrainConfig)
                    if f.name not in _RESUME_FREE and getattr(saved, f.name) != getattr(self.config, f.name)]
         if changed:
             raise LdznetError(f"{path}: the run was started with other settings ({'; '.join(changed)})")
-        data = state.get("data", {})
-        positions = data.get("positions")  # absent from an older version's last.pt: the data order restarts
-        if self.is_main and (positions is None or data.get("world_size", 1) != self.world_size):
-            written = "without data positions" if positions is None else f"by {data['world_size']} process(es)"
-            print(f"warning: {path} was written {written}, resuming with {self.world_size} process(es): "
-                  "the data order differs from the uninterrupted run's", file=sys.stderr)
+        try:  # a tampered or foreign file: every key and shape is read inside, none escapes as a traceback
+            data = state.get("data", {})
+            positions = data.get("positions")  # absent from an older version's last.pt: the data order restarts
+            if self.is_main and (positions is None or data.get("world_size", 1) != self.world_size):
+                written = "without data positions" if positions is None else f"by {data['world_size']} process(es)"
+                print(f"warning: {path} was written {written}, resuming with {self.world_size} process(es): "
+                      "the data order differs from the uninterrupted run's", file=sys.stderr)
+            self._restore(state, positions)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
+            raise CheckpointError(f"{path}: cannot resume from it, its state does not fit this run "
+                                  f"({' '.join(str(error).split())[:300]})") from error
+
+    def _restore(self, state: dict, positions: list | None) -> None:
+        """Load the weights, optimiser, schedules, RNG states, step and data position of a read last.pt."""
         self.head.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
