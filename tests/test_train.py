@@ -272,6 +272,25 @@ def test_a_truncated_foreign_or_tampered_last_pt_is_refused_in_one_line(backbone
             Trainer(backbone, source, config, tmp_path / "run").resume()
 
 
+def test_train_never_writes_over_a_folder_s_files_without_resume(tmp_path, capsys):
+    """A fresh run into a folder holding a run's files appended to a user's log.csv, replaced another run's
+    last.pt and head, and overwrote the --init head when it was RUN/head.safetensors."""
+    for name, content in ((LOG, "my notes\n"), (HEAD, "my head"), (CHECKPOINT, "an earlier run")):
+        run = tmp_path / name.replace(".", "_")
+        run.mkdir()
+        (run / name).write_text(content)
+        (run / "notes.txt").write_text("mine")
+        init = ["--init", str(run / HEAD)] if name == HEAD else []
+        assert main(["train", "--arch", "znet", "--model", "unused.safetensors", "-o", str(run), *init]) == 2
+        assert capsys.readouterr().err == (f"ldznet train: error: {run} already holds {name}: continue that run with "
+                                           "--resume, or give a new folder\n")
+        assert (run / name).read_text() == content and sorted(p.name for p in run.iterdir()) == sorted([name, "notes.txt"])
+    manifest = tmp_path / "new" / "log.csv"
+    assert main(["train", "--arch", "znet", "--model", "unused.safetensors", "-o", str(tmp_path / "new"),
+                 "--data", f"jsonl:{manifest}"]) == 2
+    assert "log.csv: the same file as the data jsonl:" in capsys.readouterr().err
+
+
 def test_saved_head_runs_in_the_segmenter(tmp_path):
     backbone = build_stable_diffusion("tiny")  # f = 2: the head's logits are 4x the image, resized for the loss
     trainer = Trainer(backbone, open_source("world:train:2", size=SIZE), _config(arch="znet", steps=2), tmp_path)

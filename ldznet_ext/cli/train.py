@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from ..data.spec import open_source
+from ..data.spec import open_source, spec_file
 from ..errors import LdznetError
 from ..limits import bounded_number
 from ..loading import model_label, resolve_device
 from ..modeling.build import ARCHITECTURES
 from ..modeling.ldznet import FUSIONS
-from ..outputs import writable_folder
+from ..outputs import check_outputs, writable_folder
 from ..precision import PRECISIONS, autocast_dtype
 from ..sd.checkpoint import load_stable_diffusion
 from ..sd.vae_file import read_vae_file
@@ -32,6 +32,7 @@ from ..train import distributed
 from ..train.augment import TEMPLATES
 from ..train.config import (FIELD_LIMITS, PRESETS, SCHEDULES, TrainConfig, check_values, compose_config,
                             read_config_file)
+from ..train.logs import LOG, TENSORBOARD
 from ..train.trainer import CHECKPOINT, HEAD, Trainer, read_checkpoint
 from .common import add_device_argument
 
@@ -54,10 +55,26 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     return compose_config(base, file_values, check_values(flags, "command line"))
 
 
+def check_run_folder(args: argparse.Namespace, config: TrainConfig) -> None:
+    """Refuse a run folder whose files this run would overwrite: without --resume, one that already holds a
+    run's files (another run's weights, or a user's own log.csv); and any run file that is one of the run's
+    inputs, also through a link."""
+    run = Path(args.output)
+    if not args.resume:
+        held = [name for name in (CHECKPOINT, HEAD, LOG, TENSORBOARD) if (run / name).exists()]
+        if held:
+            raise LdznetError(f"{run} already holds {', '.join(held)}: continue that run with --resume, or give "
+                              "a new folder")
+    inputs = {args.model: "the model", args.vae: "the VAE", args.config: "the config file",
+              spec_file(config.data): f"the data {config.data}", config.init: "the head to start from"}
+    check_outputs([run / name for name in (CHECKPOINT, HEAD, LOG)], {k: v for k, v in inputs.items() if k})
+
+
 def train(args: argparse.Namespace) -> Trainer:
     """Run ``ldznet train``: join torchrun's process group if the environment describes one (and
     leave it at the end; a group the caller joined stays), train, return the finished Trainer."""
     config = resolve_config(args)
+    check_run_folder(args, config)
     writable_folder(args.output)  # before the model loads and the data opens, not at the first checkpoint
     device, joined = distributed.init_from_env(resolve_device(args.device))
     try:
