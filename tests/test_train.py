@@ -78,6 +78,28 @@ def test_saved_scene_set_source(tmp_path):
     assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(source[1].pairs, rendered[1].pairs))
 
 
+def test_a_saved_scene_set_that_does_not_fit_is_refused_in_one_line(tmp_path):
+    """Meta that is a list, lacks phrases or has too few, and arrays of other shapes were AttributeError, KeyError or
+    IndexError tracebacks (or trained on wrong masks); a file that is not a zip got numpy's advice to allow pickles."""
+    scenes = render_scene_set(range(2), 16, workers=1)
+    good = {"format": 1, "size": 16, "captions": list(scenes.captions),
+            "phrases": [{p: list(ids) for p, ids in ph.items()} for ph in scenes.phrases]}
+    arrays = {"seeds": scenes.seeds, "images": scenes.images, "labels": scenes.labels}
+    cases = [([1, 2], {}), ({**good, "phrases": good["phrases"][:1]}, {}), ({**good, "phrases": 5}, {}),
+             ({k: v for k, v in good.items() if k != "phrases"}, {}), ({**good, "size": "x"}, {}),
+             (good, {"labels": scenes.labels[:, :8, :8]}), (good, {"seeds": scenes.seeds[:1]}),
+             (good, {"images": scenes.images.astype(np.float64)})]
+    for number, (meta, changed) in enumerate(cases):
+        np.savez(tmp_path / f"{number}.npz", meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+                 **{**arrays, **changed})
+        with pytest.raises(LdznetError, match=f"{number}.npz: (not a scene set written by SceneSet.save|scene set "
+                                              "format None)"):
+            open_source(f"world:{tmp_path / f'{number}.npz'}")
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(LdznetError, match=r"text.npz: not a scene set written by SceneSet.save \(not an .npz archive\)$"):
+        open_source(f"world:{tmp_path / 'text.npz'}")
+
+
 def test_manifest_source_groups_rows_by_image(tmp_path):
     image = np.zeros((6, 8, 3), np.uint8)
     image[:, :4] = 255

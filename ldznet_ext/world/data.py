@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -60,15 +61,31 @@ class SceneSet:
     def load(cls, path: str | os.PathLike) -> SceneSet:
         """Read a set written by :meth:`save`; LdznetError for anything else."""
         try:
+            if not zipfile.is_zipfile(path):  # else numpy reads it as a pickle and advises allow_pickle
+                raise ValueError("not an .npz archive")
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(data["meta"].tobytes().decode("utf-8"))
                 arrays = {k: data[k] for k in ("seeds", "images", "labels")}
-        except (OSError, KeyError, ValueError) as error:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
             raise LdznetError(f"{path}: not a scene set written by SceneSet.save ({error})") from error
-        if meta.get("format") != _FORMAT:
-            raise LdznetError(f"{path}: scene set format {meta.get('format')!r}; expected {_FORMAT}")
-        phrases = tuple({p: tuple(ids) for p, ids in ph.items()} for ph in meta["phrases"])
-        return cls(meta["size"], captions=tuple(meta["captions"]), phrases=phrases, **arrays)
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise LdznetError(f"{path}: scene set format {found!r}; expected {_FORMAT}")
+        seeds, images, labels = arrays["seeds"], arrays["images"], arrays["labels"]
+        size, count = meta.get("size"), len(seeds) if seeds.ndim == 1 else -1
+        try:  # every array and list must agree, or a run fails (or trains on the wrong masks) scenes later
+            phrases = tuple({str(p): tuple(int(i) for i in ids) for p, ids in ph.items()} for ph in meta["phrases"])
+            captions = tuple(str(c) for c in meta["captions"])
+            if not (type(size) is int and count > 0 and seeds.dtype.kind in "iu"
+                    and images.dtype == labels.dtype == np.uint8 and images.shape == (count, size, size, 3)
+                    and labels.shape == (count, size, size)
+                    and len(phrases) == len(captions) == count):
+                raise ValueError(f"{count} seeds, images {images.dtype} {images.shape}, labels {labels.dtype} "
+                                 f"{labels.shape}, size {size!r}, {len(phrases)} phrase lists, "
+                                 f"{len(captions)} captions")
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as error:
+            raise LdznetError(f"{path}: not a scene set written by SceneSet.save ({error})") from error
+        return cls(size, seeds, images, labels, captions, phrases)
 
 
 def _render_chunk(task: tuple[Sequence[int], int, str | None]) -> tuple:
