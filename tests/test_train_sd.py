@@ -14,6 +14,7 @@ from PIL import Image
 
 from ldznet_ext.checkpoint_io import read_metadata, read_state_dict
 from ldznet_ext.cli import main
+from ldznet_ext.defaults import default_model_paths
 from ldznet_ext.errors import CheckpointError, LdznetError
 from ldznet_ext.sd.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, classify, load_stable_diffusion
 from ldznet_ext.sd.vae import SCALE_FACTOR, AutoencoderKL
@@ -24,8 +25,8 @@ from ldznet_ext.world.micro import MICRO_TEXT, MICRO_UNET, MICRO_VAE, micro_reci
 from ldznet_ext.world.scenes import make_scene
 from ldznet_ext.train.schedule import lr_factor
 from ldznet_ext.world.train_sd import (GRID_FILE, LOG_FILE, SD_FILE, TEXT_FILE, VAE_FILE, WORLD_VOCABULARY,
-                                       contrastive_loss, load_text_stage, pooled_text, rescale_latents_, train_sd,
-                                       vae_losses)
+                                       UNetOptions, contrastive_loss, load_text_stage, pooled_text, rescale_latents_,
+                                       train_sd, vae_losses)
 
 SMOKE = micro_recipe("smoke")
 TOKEN_EMBEDDING = "text_model.embeddings.token_embedding.weight"
@@ -259,3 +260,25 @@ def test_pooled_text_is_the_state_at_the_end_token():
     eot = [4, 9]  # <start>, one token per word, <end>
     assert tokens.argmax(-1).tolist() == eot
     assert torch.allclose(pooled, full[torch.arange(2), torch.tensor(eot)], atol=1e-5)
+
+
+@pytest.mark.parametrize("where", [SD_FILE, f"snapshots/{SD_FILE}"])
+def test_a_run_never_writes_over_the_model_it_starts_from(tmp_path, where):
+    model = tmp_path / where
+    model.parent.mkdir(exist_ok=True)
+    shutil.copyfile(default_model_paths()[0], model)
+    before = model.read_bytes()
+    with pytest.raises(LdznetError, match="would write over the model it starts from; give another output folder"):
+        train_sd(tmp_path, SMOKE, options=UNetOptions(init_model=model, init_unet=True))
+    assert model.read_bytes() == before and sorted(p.name for p in model.parent.iterdir()) == [SD_FILE]
+
+
+@pytest.mark.parametrize("text, reason", [("{nope", "not a training log (JSONDecodeError)"),
+                                          ("[1, 2]", "not a training log (AttributeError)"),
+                                          ('{"stages": [1]}', "its 'stages' are not a training log's")])
+def test_a_log_that_is_no_training_log_is_refused_and_kept(tmp_path, text, reason):
+    (tmp_path / LOG_FILE).write_text(text)
+    with pytest.raises(LdznetError) as error:
+        train_sd(tmp_path, SMOKE)
+    assert str(error.value).startswith(f"{tmp_path / LOG_FILE}: {reason}")
+    assert (tmp_path / LOG_FILE).read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == [LOG_FILE]

@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import LdznetError
+
 COLUMNS = ("step", "loss", "lr", "seconds", "samples_per_second")
 LOG = "log.csv"
 TENSORBOARD = "tensorboard"
@@ -44,6 +46,21 @@ class RunLog:
             self.writer.close()
 
 
+def _earlier_stages(path: Path) -> dict:
+    """The "stages" of an earlier log at ``path`` ({} when there is none); LdznetError naming the file
+    when it is no such log, which the run would otherwise end on, or overwrite."""
+    if not path.is_file():
+        return {}
+    try:
+        stages = json.loads(path.read_text(encoding="utf-8")).get("stages", {})
+    except (ValueError, AttributeError) as error:  # not UTF-8 JSON, or JSON that is no object
+        raise LdznetError(f"{path}: not a training log ({type(error).__name__}); move it away or give "
+                          "another output folder") from None
+    if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+        raise LdznetError(f"{path}: its 'stages' are not a training log's; move it away or give another output folder")
+    return stages
+
+
 class StageLog:
     """A JSON run log of training stages (the micro SD's ``train_sd_log.json``): the run's header,
     per stage ``{"log": [interval records], ...}``, and ``probes``; rewritten on every change so that
@@ -51,8 +68,7 @@ class StageLog:
 
     def __init__(self, path: Path, header: dict):
         self.path = path
-        old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        self.data = {**header, "stages": old.get("stages", {}), "probes": {}}
+        self.data = {**header, "stages": _earlier_stages(path), "probes": {}}
 
     def stage(self, name: str) -> dict:
         """Start (reset) a stage's entry and return it; fill it, then call :meth:`write`."""

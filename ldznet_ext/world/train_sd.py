@@ -40,7 +40,7 @@ from tqdm import tqdm
 from ..checkpoint_io import read_state_dict, write_safetensors
 from ..defaults import DEFAULT_SD_NAME
 from ..errors import CheckpointError, LdznetError
-from ..outputs import writable_folder
+from ..outputs import same_file, writable_folder
 from ..precision import dtype_named
 from ..sd.checkpoint import load_stable_diffusion, save_stable_diffusion
 from ..sd.model import StableDiffusion
@@ -470,6 +470,15 @@ def _checked_stages(out: Path, recipe: MicroRecipe, stages: Sequence[str] | None
     return stages, needs_text
 
 
+def _check_not_written(model: Path, out: Path) -> None:
+    """LdznetError when a run into ``out`` would write over ``model``, the file it starts from: the final
+    model, a stage file, the log or the grid, or a snapshot (every file of ``out/snapshots``)."""
+    written = [out / name for name in (SD_FILE, VAE_FILE, TEXT_FILE, LOG_FILE, GRID_FILE)]
+    if any(same_file(model, path) for path in written) or same_file(model.parent, out / SNAPSHOT_DIR):
+        raise LdznetError(f"{model}: the run into {out} would write over the model it starts from; "
+                          "give another output folder")
+
+
 def _run_unet_stage(out: Path, latents: Tensor, tokens: Tensor, recipe: MicroRecipe, device: torch.device,
                     dtype: torch.dtype, log: StageLog, progress: bool, vae: AutoencoderKL,
                     frozen_text: TextEncoder | None, unet: UNetModel | None, options: UNetOptions,
@@ -500,6 +509,8 @@ def train_sd(out: Path, recipe: MicroRecipe, device: str | torch.device = "cpu",
     """Run ``stages`` of ``recipe`` (None: all it has, or stage unet alone from ``options.init_model``)
     into directory ``out`` (created); returns the log's content."""
     stages, needs_text = _checked_stages(out, recipe, stages, options)
+    if options.init_model is not None:
+        _check_not_written(options.init_model, out)
     init = None if options.init_model is None else load_micro_sd(options.init_model)
     device = torch.device(device)
     amp = {stage: stage_dtype(device, dtype, stage) for stage in recipe_stages(recipe)}
