@@ -152,6 +152,12 @@ WORKERS = Limit(int, 0, MAX_WORKERS)
 PROCESSES = Limit(int, 1, MAX_WORKERS)
 EXAMPLES = Limit(int, 1, 100_000_000)
 BOUNDARY_TOLERANCE = Limit(float, 0, 64, low_open=True)  # pixels
+# What an eval result file may hold (EvalResult.from_dict): a sample's pixel counts are bounded by the
+# largest image any command reads; keys are (example index, phrase position); shards split examples.
+SAMPLE_PIXELS = Limit(int, 0, PIXELS.high)
+SAMPLE_KEY = Limit(int, 0, 2**63 - 1)
+EXAMPLE_COUNT = Limit(int, 0, EXAMPLES.high)
+SECONDS = Limit(float, 0)
 STEPS = Limit(int, 1, MAX_STEPS)
 STEP_INTERVAL = Limit(int, 1, MAX_STEPS)
 WARMUP = Limit(int, 0, MAX_STEPS)

@@ -250,3 +250,94 @@ def test_shard_option_counts_from_1_and_reads_the_old_first_shard(capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(["eval", "--shard", bad])
         assert "ldznet eval: warning" not in capsys.readouterr().err
+
+
+def _write_report(path, results) -> str:
+    path.write_text(json.dumps({"format": FORMAT, "version": VERSION, "results": results}))
+    return str(path)
+
+
+def _crafted(*fields) -> dict:
+    """One scored sample's result with each (dotted path, value) of ``fields`` set; a number in the
+    path indexes a list."""
+    result = _result("m", "d", 1.0)
+    result.boundary = BoundaryMetrics(1.5)
+    result.boundary.add(torch.tensor([[0.9, 0.4, 0.2, 0.1]]), np.array([[1, 1, 0, 0]], bool), key=(0, 0))
+    data = json.loads(json.dumps(result.to_dict()))
+    for path, value in fields:
+        *outer, last = (int(p) if p.isdigit() else p for p in path.split("."))
+        where = data
+        for key in outer:
+            where = where[key]
+        where[last] = value
+    return data
+
+
+@pytest.mark.parametrize("fields, message", [
+    ([("records.tp.0.0", 10**30)], "each value of 'records.tp' must be an integer in [0, 1000000000], got 10000000"),
+    ([("records.pixels.0", 10**30)], "'records.pixels' must be an integer in [0, 1000000000], got 1000000"),
+    ([("records.tp.0", [-5] * 49), ("records.fp.0", [-5] * 49)], "'records.tp' must be an integer in [0, "),
+    ([("records.intersection.0", -1)], "'records.intersection' must be an integer in [0, 1000000000], got -1"),
+    ([("records.tp.0.0", 1.5)], "'records.tp' must be an integer in [0, 1000000000], got 1.5"),
+    ([("records.fp.0.3", True)], "'records.fp' must be an integer in [0, 1000000000], got True"),
+    ([("records.tp", 5)], "'records.tp' must be 1 rows of 49 integers (one per key), got 5"),
+    ([("records.union", [2, 2])], "'records.union' must be 1 integers (one per key), got [2, 2]"),
+    ([("records", 5)], "'records' must be an object, got 5"),
+    ([("records.keys.0", [-1, 0])], "'records.keys' must be a list of lists of integers in [0, "),
+    ([("records.positives.0", 0)], "'records.tp' of sample [0, 0] is more than its mask's pixels ('positives')"),
+    ([("records.fp.0.0", 4)], "'records.fp' of sample [0, 0] is more than its pixels outside the mask"),
+    ([("records.positives.0", 5)], "'records.positives' of sample [0, 0] is more than its pixels"),
+    ([("records.intersection.0", 3)], "'records.intersection' of sample [0, 0] is more than its union"),
+    ([("binary_threshold", float("nan"))], "'binary_threshold' must be a number in [0, 1), got nan"),
+    ([("binary_threshold", "0.5")], "'binary_threshold' must be a number in [0, 1), got '0.5'"),
+    ([("examples", 10**30)], "'examples' must be an integer in [0, 100000000], got 10000000"),
+    ([("examples", -1)], "'examples' must be an integer in [0, 100000000], got -1"),
+    ([("seconds", -1)], "'seconds' must be a number >= 0, got -1"),
+    ([("seconds", "fast")], "'seconds' must be a number >= 0, got 'fast'"),
+    ([("shard", [3, 2])], "'shard' must be [K, N] with 1 <= K <= N <= 100000000, got [3, 2]"),
+    ([("shard", [1, 10**30])], "'shard' must be [K, N] with 1 <= K <= N <= 100000000, got [1, 1000000"),
+    ([("name", 5)], "'name' must be a string, got 5"),
+    ([("square", 0)], "'square' must be null or an integer in [8, 4096], got 0"),
+    ([("skipped", [[-1, "unreadable"]])], "'skipped' must be a list of [example index, reason], got [[-1, 'unre"),
+    ([("boundary.tolerance", float("nan"))], "'boundary.tolerance' must be a number in (0, 64], got nan"),
+    ([("boundary.binary_threshold", 0.3)], "'boundary.binary_threshold' must be the result's binary_threshold 0.5"),
+    ([("boundary.scores.0.0", 7)], "each value of 'boundary.scores' must be a number in [0, 1], got 7"),
+    ([("boundary.keys.0", [1, 0])], "'boundary.keys' must be the keys of 'records.keys'"),
+])
+def test_merge_refuses_values_no_evaluation_writes(tmp_path, capsys, fields, message):
+    """Each was a TypeError or OverflowError traceback, or merged into a meaningless table with exit 0."""
+    path = _write_report(tmp_path / "bad.json", [_crafted(*fields)])
+    assert main(["eval", "--merge", path]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith(f"ldznet eval: error: {path} result 0: not an ldznet eval result (")
+    assert message in captured.err
+
+
+@pytest.mark.parametrize("results, message", [
+    (5, ": 'results' must be a list of eval results, got 5"),
+    ([5], " result 0: not an ldznet eval result (expected an object, got 5)"),
+    ([{"name": "m"}], " result 0: not an ldznet eval result (no field 'records')"),
+])
+def test_merge_refuses_results_that_are_not_results(tmp_path, capsys, results, message):
+    path = _write_report(tmp_path / "bad.json", results)
+    assert main(["eval", "--merge", path]) == 2
+    assert capsys.readouterr().err == f"ldznet eval: error: {path}{message}\n"
+
+
+def test_merge_names_a_nan_threshold_not_a_difference_between_the_parts(tmp_path, capsys):
+    """NaN != NaN: two shards both at a NaN threshold were reported as parts that differ."""
+    paths = [_write_report(tmp_path / f"s{k}.json", [_crafted(("shard", [k, 2]), ("records.keys.0", [k, 0]),
+                                                                ("boundary.keys.0", [k, 0]), ("binary_threshold", float("nan")))])
+             for k in (1, 2)]
+    assert main(["eval", "--merge", *paths]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"ldznet eval: error: {paths[0]} result 0: not an ldznet eval result ('binary_threshold' must be "
+                   "a number in [0, 1), got nan)\n")
+
+
+def test_a_crafted_result_is_still_read_and_huge_shard_counts_allocate_nothing(tmp_path):
+    assert EvalResult.from_dict(_crafted()).summary == _result("m", "d", 1.0).summary
+    parts = [EvalResult.from_dict(_crafted(("shard", [k, 10**8]))) for k in (1, 2)]
+    with pytest.raises(LdznetError, match="expected shards 1..100000000 of 100000000 once each, got 1, 2"):
+        merge_results(parts)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import reprlib
 import sys
 from pathlib import Path
 
@@ -57,7 +58,10 @@ def read_results(path: str) -> list[EvalResult]:
     if version not in READABLE_VERSIONS:
         raise LdznetError(f"{path}: eval result version {version}, this ldznet reads "
                           f"{', '.join(map(str, READABLE_VERSIONS))}")
-    return [EvalResult.from_dict(r, f"{path} result {i}", version) for i, r in enumerate(report.get("results", []))]
+    results = report.get("results", [])
+    if not isinstance(results, list):
+        raise LdznetError(f"{path}: 'results' must be a list of eval results, got {reprlib.repr(results)}")
+    return [EvalResult.from_dict(r, f"{path} result {i}", version) for i, r in enumerate(results)]
 
 
 def _report(results: list[EvalResult], args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ at a fixed threshold.
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import asdict, dataclass
 
 import cv2
@@ -26,7 +27,8 @@ import numpy as np
 import torch.nn.functional as F
 from torch import Tensor
 
-from .metrics import merge_order
+from ..limits import BOUNDARY_TOLERANCE, THRESHOLD
+from .metrics import merge_order, read_keys
 
 BOUNDARY_THRESHOLDS: np.ndarray = np.round(np.arange(1, 10) / 10, 2)
 """Thresholds 0.1 .. 0.9 at which :class:`BoundaryMetrics` binarises probability maps."""
@@ -128,13 +130,24 @@ class BoundaryMetrics:
 
     @classmethod
     def from_records(cls, records: dict) -> BoundaryMetrics:
-        """The inverse of ``records()``."""
-        metrics = cls(float(records["tolerance"]), float(records["binary_threshold"]))
-        metrics.keys = [tuple(int(v) for v in k) for k in records["keys"]]
-        metrics.scores = [np.asarray(s, np.float64) for s in records["scores"]]
-        if len(metrics.scores) != len(metrics.keys) or any(s.shape != metrics.thresholds.shape for s in metrics.scores):
-            raise ValueError(f"inconsistent boundary records: {len(metrics.keys)} keys, {len(metrics.scores)} "
-                             f"score rows, {len(metrics.thresholds)} thresholds expected per row")
+        """The inverse of ``records()``; ValueError naming the field for a tolerance or threshold out of its
+        range, a key that is not a list of non-negative integers or a score that is not a number in [0, 1]."""
+        if not isinstance(records, dict):
+            raise ValueError(f"'boundary' must be an object, got {reprlib.repr(records)}")
+        for name, limit in (("tolerance", BOUNDARY_TOLERANCE), ("binary_threshold", THRESHOLD)):
+            if not limit.accepts(records[name]):
+                raise ValueError(f"'boundary.{name}' must be {limit.describe()}, got {reprlib.repr(records[name])}")
+        metrics = cls(records["tolerance"], records["binary_threshold"])
+        metrics.keys = read_keys(records["keys"], "boundary.keys")
+        scores, width = records["scores"], len(metrics.thresholds)
+        if not isinstance(scores, list) or len(scores) != len(metrics.keys) or not all(
+                isinstance(s, list) and len(s) == width for s in scores):
+            raise ValueError(f"'boundary.scores' must be {len(metrics.keys)} rows of {width} numbers (one per key), "
+                             f"got {reprlib.repr(scores)}")
+        bad = [v for row in scores for v in row if type(v) not in (int, float) or not 0 <= v <= 1][:1]
+        if bad:  # NaN fails the comparison too
+            raise ValueError(f"each value of 'boundary.scores' must be a number in [0, 1], got {reprlib.repr(bad[0])}")
+        metrics.scores = [np.asarray(s, np.float64) for s in scores]
         return metrics
 
     @classmethod

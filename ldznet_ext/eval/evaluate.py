@@ -26,6 +26,7 @@ binary threshold) beside the present phrases' mIoU.
 
 from __future__ import annotations
 
+import reprlib
 import sys
 import time
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from tqdm import tqdm
 from ..data.examples import Source, resize_square
 from ..data.stream import iterate_examples
 from ..errors import LdznetError
+from ..limits import EXAMPLE_COUNT, RENDER_SIZE, SAMPLE_KEY, SECONDS, Limit
 from ..segmenter import Segmenter
 from .boundary import BoundaryMetrics
 from .metrics import THRESHOLDS, MetricSummary, SegmentationMetrics
@@ -102,17 +104,68 @@ class EvalResult:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "result", version: int = VERSION) -> EvalResult:
-        """The result :meth:`to_dict` wrote, in a file of format ``version`` (1: shards from 0)."""
+        """The result :meth:`to_dict` wrote, in a file of format ``version`` (1: shards from 0). A value no
+        evaluation writes (wrong type, out of range, counts its pixels cannot give) is an LdznetError naming
+        ``where`` and the field: merged, it made a traceback or a table of meaningless numbers."""
         try:
-            first = int(data["shard"][0]) + (1 if version == 1 else 0)
-            return cls(str(data["name"]), str(data["data"]),
-                       SegmentationMetrics.from_records(data["records"], float(data["binary_threshold"])),
-                       float(data["seconds"]), int(data["examples"]), [(int(i), str(r)) for i, r in data["skipped"]],
-                       (first, int(data["shard"][1])), data["square"], _flag(data, "include_absent"),
-                       BoundaryMetrics.from_records(data["boundary"]) if data.get("boundary") else None,
-                       _flag(data, "presence", default=False))
-        except (KeyError, TypeError, ValueError, IndexError) as error:
-            raise LdznetError(f"{where}: not an ldznet eval result ({error!r})") from error
+            if not isinstance(data, dict):
+                raise TypeError(f"expected an object, got {reprlib.repr(data)}")
+            metrics = SegmentationMetrics.from_records(data["records"], data["binary_threshold"])
+            square = data["square"]
+            if square is not None and not RENDER_SIZE.accepts(square):
+                raise ValueError(f"'square' must be null or {RENDER_SIZE.describe()}, got {reprlib.repr(square)}")
+            return cls(_string(data, "name"), _string(data, "data"), metrics, _number(data, "seconds", SECONDS),
+                       _number(data, "examples", EXAMPLE_COUNT), _skipped(data["skipped"]),
+                       _shard(data["shard"], version), square, _flag(data, "include_absent"),
+                       _boundary(data, metrics), _flag(data, "presence", default=False))
+        except KeyError as error:
+            raise LdznetError(f"{where}: not an ldznet eval result (no field {error})") from error
+        except (TypeError, ValueError) as error:
+            raise LdznetError(f"{where}: not an ldznet eval result ({error})") from error
+
+
+def _boundary(data: dict, metrics: SegmentationMetrics) -> BoundaryMetrics | None:
+    """The boundary scores, if any: of the same samples, at the same binary threshold as ``metrics``."""
+    if not data.get("boundary"):
+        return None
+    boundary = BoundaryMetrics.from_records(data["boundary"])
+    if boundary.binary_threshold != metrics.binary_threshold:
+        raise ValueError(f"'boundary.binary_threshold' must be the result's binary_threshold "
+                         f"{metrics.binary_threshold}, got {boundary.binary_threshold}")
+    if boundary.keys != metrics.keys:
+        raise ValueError("'boundary.keys' must be the keys of 'records.keys' (each scored map's edge is scored)")
+    return boundary
+
+
+def _string(data: dict, key: str) -> str:
+    if not isinstance(data[key], str):
+        raise TypeError(f"{key!r} must be a string, got {reprlib.repr(data[key])}")
+    return data[key]
+
+
+def _number(data: dict, key: str, limit: Limit) -> float:
+    if not limit.accepts(data[key]):
+        raise ValueError(f"{key!r} must be {limit.describe()}, got {reprlib.repr(data[key])}")
+    return data[key]
+
+
+def _skipped(skipped: object) -> list[tuple[int, str]]:
+    """(example index, reason) pairs of the unreadable examples."""
+    if not isinstance(skipped, list) or not all(isinstance(s, list) and len(s) == 2 and SAMPLE_KEY.accepts(s[0])
+                                               and isinstance(s[1], str) for s in skipped):
+        raise ValueError(f"'skipped' must be a list of [example index, reason], got {reprlib.repr(skipped)}")
+    return [(i, r) for i, r in skipped]
+
+
+def _shard(shard: object, version: int) -> tuple[int, int]:
+    """[K, N] with 1 <= K <= N (0 <= K < N in version 1 files, read as K + 1), N at most the examples any
+    source may hold: a larger N names shards no run can make."""
+    first = 0 if version == 1 else 1
+    if not (isinstance(shard, list) and len(shard) == 2 and all(map(EXAMPLE_COUNT.accepts, shard))
+            and first <= shard[0] <= shard[1] - 1 + first):
+        raise ValueError(f"'shard' must be [K, N] with {first} <= K <= N{' - 1' if first == 0 else ''} <= "
+                         f"{EXAMPLE_COUNT.high}, got {reprlib.repr(shard)}")
+    return shard[0] + 1 - first, shard[1]
 
 
 def _flag(data: dict, key: str, default: bool | None = None) -> bool:
@@ -224,16 +277,16 @@ def merge_results(results: Sequence[EvalResult]) -> list[EvalResult]:
                               f"presence or binary threshold: {sorted(map(str, settings))}")
         count = parts[0].shard[1]
         shards = sorted(p.shard[0] for p in parts)
-        if shards != list(range(1, count + 1)):
+        if len(shards) != count or shards != list(range(1, count + 1)):  # no list of a crafted N's length
             raise LdznetError(f"{name} on {data}: expected shards 1..{count} of {count} once each, got "
                               f"{', '.join(map(str, shards))}")
         try:
             metrics = SegmentationMetrics.merge([p.metrics for p in parts])
+            boundary = None if parts[0].boundary is None else BoundaryMetrics.merge([p.boundary for p in parts])
         except ValueError as error:
             raise LdznetError(f"{name} on {data}: {error}") from error
         if not len(metrics):
             raise LdznetError(f"{name} on {data}: no phrases were scored in any shard")
-        boundary = None if parts[0].boundary is None else BoundaryMetrics.merge([p.boundary for p in parts])
         merged.append(EvalResult(name, data, metrics, sum(p.seconds for p in parts), sum(p.examples for p in parts),
                                  sorted(s for p in parts for s in p.skipped), (1, 1), parts[0].square,
                                  parts[0].include_absent, boundary, parts[0].presence))

@@ -22,6 +22,8 @@ a sample with an empty union, a correctly rejected absent phrase, counts 1) and 
 
 from __future__ import annotations
 
+import itertools
+import reprlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -29,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..limits import SAMPLE_KEY, SAMPLE_PIXELS, THRESHOLD
 
 THRESHOLDS: np.ndarray = np.linspace(0, 1, 51)[1:-1]
 """The 49 thresholds 0.02 .. 0.98 of CLIPSeg's FixedIntervalMetrics."""
@@ -131,6 +135,33 @@ def merge_order(keys: Sequence[Sequence[tuple[int, ...]]]) -> list[tuple[tuple[i
     return rows
 
 
+def read_keys(keys: object, field: str) -> list[tuple[int, ...]]:
+    """Sample keys as ``records()`` writes them (lists of integers in :data:`SAMPLE_KEY`'s range) as tuples;
+    ValueError naming ``field`` otherwise."""
+    if not isinstance(keys, list) or not all(isinstance(k, list) and all(map(SAMPLE_KEY.accepts, k)) for k in keys):
+        raise ValueError(f"'{field}' must be a list of lists of integers in [0, {SAMPLE_KEY.high}], "
+                         f"got {reprlib.repr(keys)}")
+    return [tuple(k) for k in keys]
+
+
+def _pixel_counts(records: dict, name: str, count: int, width: int | None = None) -> np.ndarray:
+    """``records[name]``: ``count`` integers (rows of ``width`` integers) in :data:`SAMPLE_PIXELS`' range,
+    int64 [count] ([count, width]); ValueError naming the field otherwise."""
+    rows = records[name]
+    what = f"{count} integers" if width is None else f"{count} rows of {width} integers"
+    if not isinstance(rows, list) or len(rows) != count or (
+            width is not None and not all(isinstance(r, list) and len(r) == width for r in rows)):
+        raise ValueError(f"'records.{name}' must be {what} (one per key), got {reprlib.repr(rows)}")
+    values = rows if width is None else itertools.chain.from_iterable(rows)
+    high = SAMPLE_PIXELS.high
+    # type() rather than Limit.accepts: a PhraseCut test run holds over a million counts; bool is refused too
+    bad = [v for v in values if type(v) is not int or not 0 <= v <= high][:1]
+    if bad:
+        raise ValueError(f"each value of 'records.{name}' must be {SAMPLE_PIXELS.describe()}, "
+                         f"got {reprlib.repr(bad[0])}")
+    return np.array(rows, np.int64).reshape(count, *(() if width is None else (width,)))
+
+
 class SegmentationMetrics:
     """Accumulates samples one at a time; ``summary()`` gives every metric of the module docstring.
 
@@ -181,20 +212,31 @@ class SegmentationMetrics:
 
     @classmethod
     def from_records(cls, records: dict[str, list], binary_threshold: float) -> SegmentationMetrics:
-        """The inverse of ``records()``."""
+        """The inverse of ``records()``. Records no evaluation writes raise ValueError naming the field: a
+        value that is not an integer in :data:`SAMPLE_PIXELS`' range, a count beyond what its sample's pixels
+        allow (FN and TN would be negative), a key that is not a list of non-negative integers."""
+        if not THRESHOLD.accepts(binary_threshold):
+            raise ValueError(f"'binary_threshold' must be {THRESHOLD.describe()}, got {reprlib.repr(binary_threshold)}")
+        if not isinstance(records, dict):
+            raise ValueError(f"'records' must be an object, got {reprlib.repr(records)}")
+        keys = read_keys(records["keys"], "records.keys")
+        count = len(keys)
+        tp, fp = (_pixel_counts(records, name, count, len(THRESHOLDS)) for name in ("tp", "fp"))
+        positives, pixels, intersection, union = (_pixel_counts(records, name, count)
+                                                  for name in ("positives", "pixels", "intersection", "union"))
+        for name, beyond, what in (("positives", positives > pixels, "its pixels"),
+                                   ("tp", tp > positives[:, None], "its mask's pixels ('positives')"),
+                                   ("fp", fp > (pixels - positives)[:, None], "its pixels outside the mask"),
+                                   ("intersection", intersection > union, "its union")):
+            if beyond.any():
+                sample = int(np.argmax(beyond.reshape(count, -1).any(axis=1)))
+                raise ValueError(f"'records.{name}' of sample {list(keys[sample])} is more than {what}")
         metrics = cls(binary_threshold)
-        tp, fp = np.asarray(records["tp"], np.int64), np.asarray(records["fp"], np.int64)
-        positives, pixels = np.asarray(records["positives"], np.int64), np.asarray(records["pixels"], np.int64)
-        count = len(records["keys"])
-        if not (tp.shape == fp.shape == (count, len(THRESHOLDS)) or count == 0) or not (
-                len(positives) == len(pixels) == len(records["intersection"]) == len(records["union"]) == count):
-            raise ValueError(f"inconsistent metric records: {count} keys, tp {tp.shape}, fp {fp.shape}")
         if count:
             fn, tn = positives[:, None] - tp, pixels[:, None] - positives[:, None] - fp
             metrics.counts = list(np.stack([tp, fp, fn, tn], axis=2))
-        metrics.keys = [tuple(int(v) for v in k) for k in records["keys"]]
-        metrics.intersections = [int(v) for v in records["intersection"]]
-        metrics.unions = [int(v) for v in records["union"]]
+        metrics.keys = keys
+        metrics.intersections, metrics.unions = intersection.tolist(), union.tolist()
         return metrics
 
     @classmethod
