@@ -184,6 +184,60 @@ def test_phrasecut_spec_errors_and_image_folders(phrasecut, tmp_path):
         open_source(f"phrasecut:{phrasecut}:test?colour=1")
 
 
+@pytest.mark.parametrize("polygons, reason", [
+    (5, "'Polygons' must be a list of instances, each a list of polygons [[x, y], ...], got 5"),
+    ([5], "'Polygons' must be a list of instances, each a list of polygons [[x, y], ...], got [5]"),
+    ([[5]], "expected a polygon as [[x, y], ...] or [x0, y0, x1, y1, ...], got 5"),
+    ([[[5]]], "expected a polygon as [[x, y], ...] or [x0, y0, x1, y1, ...], got [5]"),
+    ([[[[0, 0], [1, "x"], [1, 1]]]], "a polygon must be numbers, got [[0, 0], [1, 'x'], [1, 1]]"),
+    (None, "'Polygons' must be a list of instances, each a list of polygons [[x, y], ...], got None"),
+])
+def test_phrasecut_hostile_polygons_are_unreadable_examples(phrasecut, capsys, polygons, reason):
+    """A task's Polygons that is not instances of polygons of [x, y] points (a TypeError traceback when the
+    data set was opened) fails its image's example, as a bad RefCOCO annotation does: logged and skipped in
+    training and evaluation, listed by data summary; the other images still read."""
+    tasks = json.loads((phrasecut / "refer_test.json").read_text())
+    tasks[1]["Polygons"] = polygons  # the only task of image 3, example 0
+    (phrasecut / "refer_test.json").write_text(json.dumps(tasks))
+    source = open_source(f"phrasecut:{phrasecut}:test")
+    assert [p for p, _ in source[3].pairs] == ["red car", "road"]
+    message = f"{phrasecut / 'refer_test.json'} task 1 (image 3): {reason}"
+    with pytest.raises(LdznetError) as error:
+        source[0]
+    assert str(error.value) == message
+    assert main(["data", "summary", f"phrasecut:{phrasecut}:test"]) == 1
+    assert f"- unreadable example 0: {message}\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sizes, reason", [
+    ([{"image_id": 10, "width": 20}], "entry 0: expected an object with image_id, width and height (integers, sizes "
+                                      ">= 1), got {'image_id': 10, 'width': 20}"),
+    ([{"image_id": 10, "width": 20, "height": 12}, {"image_id": 5, "height": 9}],
+     "entry 1: expected an object with image_id, width and height (integers, sizes >= 1), got {'image_id': 5, "
+     "'height': 9}"),
+    ([5], "entry 0: expected an object with image_id, width and height (integers, sizes >= 1), got 5"),
+    ([{"image_id": 10, "width": "20", "height": 12}], "entry 0: expected an object with image_id, width and height "
+                                                      "(integers, sizes >= 1), got {'image_id': 10, 'width': '20', "
+                                                      "'height': 12}"),
+    ([{"image_id": 10, "width": 0, "height": 12}], "entry 0: expected an object with image_id, width and height "
+                                                   "(integers, sizes >= 1), got {'image_id': 10, 'width': 0, "
+                                                   "'height': 12}"),
+    ({"10": [20, 12]}, "expected PhraseCut's image list: a list of objects with image_id, width and height, got a "
+                       "dict"),
+])
+def test_phrasecut_image_list_must_be_objects_with_sizes(phrasecut, capsys, sizes, reason):
+    """The image list is one file for the whole data set (as RefCOCO's instances.json): an entry without a width
+    or height, or a file that is not a list of objects, refuses the data set in one line (a KeyError or
+    TypeError traceback before)."""
+    (phrasecut / "image_data_split3000.json").write_text(json.dumps(sizes))
+    message = f"{phrasecut / 'image_data_split3000.json'}: {reason}"
+    with pytest.raises(LdznetError) as error:
+        open_source(f"phrasecut:{phrasecut}:test")
+    assert str(error.value) == message
+    assert main(["data", "summary", f"phrasecut:{phrasecut}:test"]) == 1
+    assert f"INVALID: cannot open: {message}\n" in capsys.readouterr().out
+
+
 # -- RefCOCO ----------------------------------------------------------------------------------
 
 
