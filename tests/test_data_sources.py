@@ -209,6 +209,19 @@ def test_phrasecut_hostile_polygons_are_unreadable_examples(phrasecut, capsys, p
     assert f"- unreadable example 0: {message}\n" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("phrase", [None, 5, ["red", "car"]])
+def test_phrasecut_a_phrase_that_is_not_text_fails_its_example(phrasecut, phrase):
+    """str() made a null phrase the text "None", trained on as a phrase."""
+    tasks = json.loads((phrasecut / "refer_test.json").read_text())
+    tasks[1]["phrase"] = phrase  # the only task of image 3, example 0
+    (phrasecut / "refer_test.json").write_text(json.dumps(tasks))
+    source = open_source(f"phrasecut:{phrasecut}:test")
+    assert [p for p, _ in source[3].pairs] == ["red car", "road"]
+    with pytest.raises(LdznetError) as error:
+        source[0]
+    assert str(error.value) == f"{phrasecut / 'refer_test.json'} task 1 (image 3): 'phrase' must be text, got {phrase}"
+
+
 @pytest.mark.parametrize("sizes, reason", [
     ([{"image_id": 10, "width": 20}], "entry 0: expected an object with image_id, width and height (integers, sizes "
                                       ">= 1), got {'image_id': 10, 'width': 20}"),

@@ -71,9 +71,13 @@ class PhraseCutSource:
         count = 0
         for index, image_id in enumerate(self.image_ids.tolist()):
             for number, task in by_image[image_id]:
-                self.phrases.append(str(task["phrase"]))
+                where = f"{tasks_file} task {number} (image {image_id})"
+                phrase = task["phrase"]
+                self.phrases.append(phrase if isinstance(phrase, str) else "")
                 try:
-                    polygons = _task_polygons(task["Polygons"], f"{tasks_file} task {number} (image {image_id})")
+                    if not isinstance(phrase, str):  # str() would train on null as the text "None"
+                        raise LdznetError(f"{where}: 'phrase' must be text, got {str(phrase)[:80]}")
+                    polygons = _task_polygons(task["Polygons"], where)
                 except LdznetError as error:
                     self.unreadable.setdefault(index, str(error))
                     polygons = []
