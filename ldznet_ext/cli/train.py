@@ -74,8 +74,8 @@ def train(args: argparse.Namespace) -> Trainer:
     """Run ``ldznet train``: join torchrun's process group if the environment describes one (and
     leave it at the end; a group the caller joined stays), train, return the finished Trainer."""
     config = resolve_config(args)
-    check_run_folder(args, config)
     writable_folder(args.output)  # before the model loads and the data opens, not at the first checkpoint
+    check_run_folder(args, config)
     device, joined = distributed.init_from_env(resolve_device(args.device))
     try:
         vae = read_vae_file(args.vae) if args.vae is not None else None
