@@ -304,8 +304,9 @@ def test_train_never_writes_over_a_folder_s_files_without_resume(tmp_path, capsy
         (run / "notes.txt").write_text("mine")
         init = ["--init", str(run / HEAD)] if name == HEAD else []
         assert main(["train", "--arch", "znet", "--model", "unused.safetensors", "-o", str(run), *init]) == 2
-        assert capsys.readouterr().err == (f"ldznet train: error: {run} already holds {name}: continue that run with "
-                                           "--resume, or give a new folder\n")
+        reason = (": continue that run with --resume, or give a new folder" if name == CHECKPOINT else
+                  f" but no {CHECKPOINT} to resume from; remove them or give a new folder")
+        assert capsys.readouterr().err == f"ldznet train: error: {run} already holds {name}{reason}\n"
         assert (run / name).read_text() == content and sorted(p.name for p in run.iterdir()) == sorted([name, "notes.txt"])
     manifest = tmp_path / "new" / "log.csv"
     assert main(["train", "--arch", "znet", "--model", "unused.safetensors", "-o", str(tmp_path / "new"),

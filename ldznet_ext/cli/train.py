@@ -62,9 +62,12 @@ def check_run_folder(args: argparse.Namespace, config: TrainConfig) -> None:
     run = Path(args.output)
     if not args.resume:
         held = [name for name in (CHECKPOINT, HEAD, LOG, TENSORBOARD) if (run / name).exists()]
-        if held:
+        if held and (run / CHECKPOINT).exists():
             raise LdznetError(f"{run} already holds {', '.join(held)}: continue that run with --resume, or give "
                               "a new folder")
+        if held:  # a run stopped before its first checkpoint, or someone's own files: nothing to resume
+            raise LdznetError(f"{run} already holds {', '.join(held)} but no {CHECKPOINT} to resume from; "
+                              "remove them or give a new folder")
     inputs = {args.model: "the model", args.vae: "the VAE", args.config: "the config file",
               spec_file(config.data): f"the data {config.data}", config.init: "the head to start from"}
     check_outputs([run / name for name in (CHECKPOINT, HEAD, LOG)], {k: v for k, v in inputs.items() if k})
