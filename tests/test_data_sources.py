@@ -420,6 +420,19 @@ def test_a_mask_of_another_size_is_refused_from_its_header(tmp_path):
             open_source(str(tmp_path / "set.jsonl"))[0]
 
 
+def test_a_postscript_mask_is_never_handed_to_ghostscript(tmp_path, monkeypatch):
+    """A manifest's mask is decoded as images are (images.open_image): an EPS file named .png would run
+    Ghostscript when converted to grey."""
+    from PIL import EpsImagePlugin
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: pytest.fail("Ghostscript was run on a mask"))
+    _image(tmp_path / "a.png", 16, 12)
+    (tmp_path / "m.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 12\nshowpage\n")
+    (tmp_path / "set.jsonl").write_text(json.dumps({"image": "a.png", "phrase": "x", "mask": "m.png"}))
+    with pytest.raises(ImageError, match="m.png: cannot read the mask"):
+        open_source(str(tmp_path / "set.jsonl"))[0]
+
+
 def test_spec_grammar():
     assert parse_spec("phrasecut:C:/data:x/VG:test?images=a,b&x=") == ("phrasecut", "C:/data:x/VG:test",
                                                                        {"images": "a,b", "x": ""})

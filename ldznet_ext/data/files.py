@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ImageError, LdznetError
-from ..images import load_image
+from ..images import load_image, open_image
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -30,17 +30,17 @@ def read_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
     that is missing or not an image, raises ImageError naming the path."""
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:  # never Ghostscript (images.EXTERNAL_DECODERS)
             # the header's size first: a mask of another size is not decoded (a small PNG can hold 400 M pixels)
             if image.size != (shape[1], shape[0]):
                 raise ImageError(f"{path}: the mask is {image.width}x{image.height} but its image is "
                                  f"{shape[1]}x{shape[0]}")
             return np.asarray(image.convert("L")) > 0
+    except ImageError:
+        raise
     except FileNotFoundError as error:
         raise ImageError(f"{path}: mask file not found") from error
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # UnidentifiedImageError: OSError
-        if isinstance(error, ImageError):
-            raise
         raise ImageError(f"{path}: cannot read the mask ({error})") from error
 
 
