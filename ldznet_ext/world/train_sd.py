@@ -40,7 +40,7 @@ from tqdm import tqdm
 from ..checkpoint_io import read_state_dict, write_safetensors
 from ..defaults import DEFAULT_SD_NAME
 from ..errors import CheckpointError, LdznetError
-from ..outputs import same_file, writable_folder
+from ..outputs import check_outputs, same_file, writable_folder
 from ..precision import dtype_named
 from ..sd.checkpoint import load_stable_diffusion, save_stable_diffusion
 from ..sd.model import StableDiffusion
@@ -472,11 +472,13 @@ def _checked_stages(out: Path, recipe: MicroRecipe, stages: Sequence[str] | None
 
 def _check_not_written(model: Path, out: Path) -> None:
     """LdznetError when a run into ``out`` would write over ``model``, the file it starts from: the final
-    model, a stage file, the log or the grid, or a snapshot (every file of ``out/snapshots``)."""
-    written = [out / name for name in (SD_FILE, VAE_FILE, TEXT_FILE, LOG_FILE, GRID_FILE)]
-    if any(same_file(model, path) for path in written) or same_file(model.parent, out / SNAPSHOT_DIR):
-        raise LdznetError(f"{model}: the run into {out} would write over the model it starts from; "
-                          "give another output folder")
+    model, a stage file, the log or the grid (``outputs.check_outputs``), or a snapshot (every file of
+    ``out/snapshots``)."""
+    check_outputs([out / name for name in (SD_FILE, VAE_FILE, TEXT_FILE, LOG_FILE, GRID_FILE)],
+                  {model: "the model the run starts from (the initial model)"})
+    if same_file(model.parent, out / SNAPSHOT_DIR):
+        raise LdznetError(f"{model}: the run's snapshots in {out / SNAPSHOT_DIR} would write over the model the run "
+                          "starts from (the initial model); give another output folder")
 
 
 def _run_unet_stage(out: Path, latents: Tensor, tokens: Tensor, recipe: MicroRecipe, device: torch.device,
