@@ -18,7 +18,7 @@ from ..images import load_image
 from ..job import MODES, ZERO_SHOT_MODE, MaskJob
 from ..limits import FEATHER, GROW, KEEP_LARGEST, MIN_AREA, REFINE_RADIUS, REFINE_STRENGTH, THRESHOLD, bounded_number
 from ..masks.expression import parse
-from ..masks.instances import instance_image
+from ..masks.instances import Instance, instance_image
 from ..outputs import check_outputs, write_mask, write_overlay, write_probability, writing
 from ..segmenter import Prediction
 from .common import add_model_arguments, segmenter_from_args
@@ -102,10 +102,10 @@ def instance_paths(output: str | Path, count: int) -> tuple[list[Path], Path]:
     return [Path(f"{stem}-{k}.png") for k in range(1, count + 1)], Path(f"{stem}-instances.json")
 
 
-def write_instances(output: str | Path, prediction: Prediction, feather_radius: float) -> int:
-    """One mask per instance of the prediction and a JSON list (order, box, area, score, file), at
-    :func:`instance_paths`, which the caller has checked; returns the number of instances."""
-    instances = prediction.instances()
+def write_instances(output: str | Path, prediction: Prediction, instances: list[Instance],
+                    feather_radius: float) -> int:
+    """One mask per instance of the prediction (``prediction.instances()``) and a JSON list (order, box,
+    area, score, file), at :func:`instance_paths`, which the caller has checked; returns their number."""
     paths, report = instance_paths(output, len(instances))
     for instance, path in zip(instances, paths):
         with writing(path):
@@ -128,8 +128,10 @@ def _run_mask(args: argparse.Namespace) -> int:
     segmenter, _ = segmenter_from_args(args, job.refine_settings())
     segmenter.set_image(image, max_pixels=args.max_pixels)
     prediction = segmenter.predict(expression, job.mask_options())
+    # connected regions of the full-size mask: found once, for the names' check and the files
+    instances = prediction.instances() if args.instances else []
     if args.instances:  # before any file is written: MASK-k.png may be the input, --overlay or --probability
-        paths, report = instance_paths(args.output, len(prediction.instances()))
+        paths, report = instance_paths(args.output, len(instances))
         check_png_outputs(args.image, outputs + paths, [report])
     mask = prediction.mask_image()
     writers = [(args.output, lambda path: write_mask(path, mask)),
@@ -142,7 +144,7 @@ def _run_mask(args: argparse.Namespace) -> int:
             write(path)
     found = ""
     if args.instances:
-        count = write_instances(args.output, prediction, job.feather)
+        count = write_instances(args.output, prediction, instances, job.feather)
         found = f", {count} instance{'' if count == 1 else 's'}"
     report_missing(prediction)
     selected = float((mask >= 128).mean()) * 100
