@@ -316,6 +316,11 @@ def test_refcoco_errors(refcoco, tmp_path):
     source = open_source(f"refcoco:{refcoco}:train?images={tmp_path / 'nowhere'}")
     with pytest.raises(ImageError, match="nowhere.*COCO_train2014_000000000002.jpg: file not found"):
         source[0]
+    refs = json.loads((refcoco / "refs(unc).json").read_text())
+    refs[0]["sentences"][0]["sent"] = None  # str() made it the phrase "None"
+    (refcoco / "refs(unc).json").write_text(json.dumps(refs))
+    with pytest.raises(LdznetError, match=r"expected refs with .* \(TypeError\('a sentence is None, not text'\)\)"):
+        open_source(f"refcoco:{refcoco}:{refs[0]['split']}")
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools 2.0 on numpy 2

@@ -85,7 +85,7 @@ class RefCocoSource:
             for ref in refs:
                 if in_split(str(ref["split"]), split):
                     chosen.setdefault(int(ref["image_id"]), []).extend(
-                        (str(s["sent"]), int(ref["ann_id"])) for s in ref["sentences"])
+                        (_text(s["sent"]), int(ref["ann_id"])) for s in ref["sentences"])
         except (KeyError, TypeError, ValueError) as error:
             raise LdznetError(f"{refs_file}: expected refs with ann_id, image_id, split and sentences[].sent "
                               f"({error!r})") from error
@@ -153,3 +153,10 @@ def opener(dataset: str):
 open_refcoco = opener("refcoco")
 open_refcoco_plus = opener("refcoco+")
 open_refcocog = opener("refcocog")
+
+
+def _text(sentence: object) -> str:
+    """A sentence as a phrase; TypeError for one that is not text (str() made null the phrase "None")."""
+    if not isinstance(sentence, str):
+        raise TypeError(f"a sentence is {sentence!r}, not text")
+    return sentence
