@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+from ..data.files import read_json
 from ..errors import LdznetError
 
 COLUMNS = ("step", "loss", "lr", "seconds", "samples_per_second")
@@ -51,13 +52,11 @@ def _earlier_stages(path: Path) -> dict:
     when it is no such log, which the run would otherwise end on, or overwrite."""
     if not path.is_file():
         return {}
-    try:
-        stages = json.loads(path.read_text(encoding="utf-8")).get("stages", {})
-    except (ValueError, AttributeError) as error:  # not UTF-8 JSON, or JSON that is no object
-        raise LdznetError(f"{path}: not a training log ({type(error).__name__}); move it away or give "
-                          "another output folder") from None
+    log = read_json(path, "a training log; move it away or give another output folder")
+    stages = log.get("stages", {}) if isinstance(log, dict) else None
     if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
-        raise LdznetError(f"{path}: its 'stages' are not a training log's; move it away or give another output folder")
+        raise LdznetError(f"{path}: not a training log (its stages are not); move it away or give another output "
+                          "folder")
     return stages
 
 
