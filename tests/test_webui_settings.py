@@ -91,6 +91,17 @@ def test_the_api_stores_good_settings_and_names_unknown_ones(guard):
     assert "ldznet_treshold" not in modules.shared.opts.data  # the host's set() fails with a KeyError (500)
 
 
+def test_the_api_passes_stored_values_posted_back_as_the_host_does(guard):
+    """A client posting back the options it read: the host's set() skips a value equal to the stored one,
+    so a bad or unknown value config.json already held is not what this request asks to store."""
+    modules.shared.opts.data.update(ldznet_timestep="abc", ldznet_old_setting=1)  # hand-edited, older version
+    posted = dict(modules.shared.opts.data, ldznet_threshold=0.25)
+    assert _options(guard, json.dumps(posted).encode())[0] == 200
+    assert modules.shared.opts.data["ldznet_threshold"] == 0.25
+    status, answer = _options(guard, json.dumps(dict(posted, ldznet_timestep="abd")).encode())
+    assert status == 422 and "ldznet_timestep must be an integer in [-1, 999], got 'abd'" in answer["detail"]
+
+
 @pytest.mark.parametrize("key, value, message", [case for case in BAD if case[0] not in (
     "ldznet_save_masks", "ldznet_threshold", "ldznet_mask_model")])  # read after the mask, the controls'
 # starting value, and only where the loaded model cannot serve the head

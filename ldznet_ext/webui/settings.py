@@ -67,9 +67,14 @@ def _checked(key: str, value) -> object:
 
 def check_options(values: Mapping) -> None:
     """LdznetError for the first LD-ZNet setting (a key starting "ldznet_") in ``values`` that
-    :func:`checked` refuses (POST /sdapi/v1/options, before the host stores any of them)."""
+    :func:`checked` refuses (POST /sdapi/v1/options, before the host stores any of them). A value equal
+    to the stored one passes, as the host does not set it: a client that posts back what it read (an
+    options dict from GET) is not refused for what config.json already held."""
+    from . import host
+
+    unset = object()
     for key, value in values.items():
-        if isinstance(key, str) and key.startswith("ldznet_"):
+        if isinstance(key, str) and key.startswith("ldznet_") and value != host.opt(key, unset):
             checked(key, value)
 
 
