@@ -13,6 +13,7 @@ import argparse
 import math
 import numbers
 import re
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,9 +54,10 @@ class Limit:
         return above and below
 
     def check(self, value, name: str):
-        """``value`` if accepted, else LdznetError "NAME must be ..., got VALUE"."""
+        """``value`` if accepted, else LdznetError "NAME must be ..., got VALUE" (VALUE shortened as
+        ``reprlib.repr`` does: a value sent by a client may be megabytes long)."""
         if not self.accepts(value):
-            raise LdznetError(f"{name} must be {self.describe()}, got {value!r}")
+            raise LdznetError(f"{name} must be {self.describe()}, got {reprlib.repr(value)}")
         return value
 
     def parse(self, text: str):

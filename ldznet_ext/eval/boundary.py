@@ -135,8 +135,7 @@ class BoundaryMetrics:
         if not isinstance(records, dict):
             raise ValueError(f"'boundary' must be an object, got {reprlib.repr(records)}")
         for name, limit in (("tolerance", BOUNDARY_TOLERANCE), ("binary_threshold", THRESHOLD)):
-            if not limit.accepts(records[name]):
-                raise ValueError(f"'boundary.{name}' must be {limit.describe()}, got {reprlib.repr(records[name])}")
+            limit.check(records[name], f"'boundary.{name}'")
         metrics = cls(records["tolerance"], records["binary_threshold"])
         metrics.keys = read_keys(records["keys"], "boundary.keys")
         scores, width = records["scores"], len(metrics.thresholds)

@@ -144,9 +144,7 @@ def _string(data: dict, key: str) -> str:
 
 
 def _number(data: dict, key: str, limit: Limit) -> float:
-    if not limit.accepts(data[key]):
-        raise ValueError(f"{key!r} must be {limit.describe()}, got {reprlib.repr(data[key])}")
-    return data[key]
+    return limit.check(data[key], repr(key))
 
 
 def _skipped(skipped: object) -> list[tuple[int, str]]:

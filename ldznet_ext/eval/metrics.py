@@ -215,8 +215,7 @@ class SegmentationMetrics:
         """The inverse of ``records()``. Records no evaluation writes raise ValueError naming the field: a
         value that is not an integer in :data:`SAMPLE_PIXELS`' range, a count beyond what its sample's pixels
         allow (FN and TN would be negative), a key that is not a list of non-negative integers."""
-        if not THRESHOLD.accepts(binary_threshold):
-            raise ValueError(f"'binary_threshold' must be {THRESHOLD.describe()}, got {reprlib.repr(binary_threshold)}")
+        THRESHOLD.check(binary_threshold, "'binary_threshold'")
         if not isinstance(records, dict):
             raise ValueError(f"'records' must be an object, got {reprlib.repr(records)}")
         keys = read_keys(records["keys"], "records.keys")
