@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageError, LdznetError
+from ..limits import Limit
 from .examples import Example
 from .files import parse_options, read_image, read_json
 from .geometry import phrasecut_mask, polygon_points
@@ -146,15 +147,13 @@ class PhraseCutSource:
         return Example(f"phrasecut:{image_id}", image, tuple(pairs))
 
 
-def _is_integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+_IMAGE_ID, _SIDE = Limit(int), Limit(int, 1)
 
 
 def _entry_size(entry: object) -> tuple[int, int, int] | None:
     """(image_id, width, height) of one entry of the image list, or None when it is not such an entry."""
-    if not isinstance(entry, dict) or not all(_is_integer(entry.get(k)) for k in ("image_id", "width", "height")):
-        return None
-    if entry["width"] < 1 or entry["height"] < 1:
+    if not (isinstance(entry, dict) and _IMAGE_ID.accepts(entry.get("image_id"))
+            and all(_SIDE.accepts(entry.get(k)) for k in ("width", "height"))):
         return None
     return entry["image_id"], entry["width"], entry["height"]
 
