@@ -62,7 +62,7 @@ def check_run_folder(args: argparse.Namespace, config: TrainConfig) -> None:
     run = Path(args.output)
     if not args.resume:
         held = [name for name in (CHECKPOINT, HEAD, LOG, TENSORBOARD) if (run / name).exists()]
-        if held and (run / CHECKPOINT).exists():
+        if CHECKPOINT in held:
             raise LdznetError(f"{run} already holds {', '.join(held)}: continue that run with --resume, or give "
                               "a new folder")
         if held:  # a run stopped before its first checkpoint, or someone's own files: nothing to resume
