@@ -317,6 +317,19 @@ def test_check_generation():
     api.check_generation({"prompt": "no mask", "alwayson_scripts": {"other": {"args": [1]}}}, True, not_ready)
 
 
+def test_a_mask_line_in_the_negative_prompt_is_refused():
+    """Nothing masks by it, and the sampler would get the expression as words to avoid."""
+    request.check_negative_prompt("blurry, masked ball, mask: inline is text")
+    request.check_negative_prompt(None)
+    with pytest.raises(LdznetError, match="^the negative prompt has a 'mask:' line; move it to the prompt"):
+        request.check_negative_prompt("blurry\n  Mask : goblin")
+    payload = {"prompt": "a knight", "negative_prompt": "blurry\nmask: goblin"}
+    with pytest.raises(api.ApiError, match="^negative_prompt: the negative prompt has a 'mask:' line") as caught:
+        api.check_generation(payload, False, _ready)
+    assert caught.value.status == 422
+    api.check_generation({"prompt": "a knight\nmask: goblin", "negative_prompt": "blurry"}, False, _ready)
+
+
 def test_mask_response_validation():
     image = _b64(Image.new("RGB", (8, 6)))
     cases = [({"image": image}, 422, "expression is required"),

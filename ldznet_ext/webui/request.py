@@ -237,6 +237,15 @@ def split_mask_line(prompt: str) -> tuple[str, str | None]:
     return rest.strip(), expression
 
 
+def check_negative_prompt(negative_prompt: str | None) -> None:
+    """LdznetError when the negative prompt has a ``mask:`` line: nothing masks by it, and the
+    sampler would be given the expression as words to avoid, so a line typed into the wrong box
+    would cost a whole generation without the mask the user asked for."""
+    if isinstance(negative_prompt, str) and _MASK_LINE.search(negative_prompt):
+        raise LdznetError("the negative prompt has a 'mask:' line; move it to the prompt (only the prompt's "
+                          "line sets the mask)")
+
+
 def with_prompt_line(job: MaskJob, prompt: str | None) -> MaskJob:
     """The job a generation with ``prompt`` runs, and Preview shows: a ``mask:`` line in the prompt
     replaces the accordion's expression; every other setting stays the accordion's. Without a line

@@ -25,8 +25,8 @@ from ..errors import LdznetError
 from ..job import MaskJob
 from ..outputs import write_mask
 from . import detail_pass, host
-from .request import (DETAIL_WARNING_KEY, ERROR_KEY, TITLE, WARNING_KEY, detail_from_args, from_args, infotext,
-                      split_mask_line, with_prompt_line)
+from .request import (DETAIL_WARNING_KEY, ERROR_KEY, TITLE, WARNING_KEY, check_negative_prompt, detail_from_args,
+                      from_args, infotext, split_mask_line, with_prompt_line)
 
 MASK_SUFFIX = "-ldznet-mask"
 _PROMPT_LISTS = ("all_prompts", "all_hr_prompts")
@@ -36,6 +36,12 @@ def main_prompt(p) -> str:
     """The prompt of ``p``'s first image (after the host's setup_prompts), whose ``mask:`` line counts."""
     main = getattr(p, "main_prompt", None) or p.prompt
     return main if isinstance(main, str) else main[0]
+
+
+def main_negative_prompt(p) -> str:
+    """The negative prompt of ``p``'s first image (after the host's setup_prompts)."""
+    main = getattr(p, "main_negative_prompt", None) or getattr(p, "negative_prompt", "")
+    return main if isinstance(main, str) else (main[0] if main else "")
 
 
 def strip_mask_lines(p) -> None:
@@ -99,6 +105,7 @@ class LdznetScript(scripts.Script):
 
     def process(self, p, *args) -> None:
         try:
+            check_negative_prompt(main_negative_prompt(p))
             job = with_prompt_line(from_args(args), main_prompt(p))
             detail = detail_from_args(args)
             strip_mask_lines(p)
