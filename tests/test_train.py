@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,6 +260,27 @@ def test_resume_gives_the_uninterrupted_result(backbone, tmp_path):
     other = Trainer(backbone, source, _config(arch="ldznet", steps=6, seed=1), tmp_path / "cut")
     with pytest.raises(LdznetError, match="seed: 0 -> 1"):
         other.resume()
+
+
+def test_ctrl_c_while_writing_last_pt_keeps_the_previous_one_and_no_temporary(backbone, tmp_path, monkeypatch):
+    source = open_source("world:train:4", size=SIZE)
+    Trainer(backbone, source, _config(arch="ldznet", steps=2, warmup=1, log_every=2), tmp_path / "run").run(
+        progress=False)
+    before = (tmp_path / "run" / CHECKPOINT).read_bytes()
+    save = torch.save
+
+    def interrupted_save(state, path):
+        save(state, path)
+        Path(path).write_bytes(Path(path).read_bytes()[:100])  # half written when the key is pressed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    resumed = Trainer(backbone, source, _config(arch="ldznet", steps=4, warmup=1, log_every=2), tmp_path / "run")
+    resumed.resume()
+    with pytest.raises(KeyboardInterrupt):
+        resumed.run(progress=False)
+    assert (tmp_path / "run" / CHECKPOINT).read_bytes() == before
+    assert sorted(f.name for f in (tmp_path / "run").iterdir() if f.name.startswith(".")) == []
 
 
 def test_a_truncated_foreign_or_tampered_last_pt_is_refused_in_one_line(backbone, tmp_path, capsys):

@@ -505,8 +505,11 @@ class Trainer:
         if "cuda" in states[0]:
             state["rng"]["cuda"] = [r["cuda"] for r in states]
         tmp = self.run_dir / f".{CHECKPOINT}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.run_dir / CHECKPOINT)
+        try:  # Ctrl-C or a full disk mid-write keeps the previous checkpoint and leaves no partial file
+            torch.save(state, tmp)
+            os.replace(tmp, self.run_dir / CHECKPOINT)
+        finally:
+            tmp.unlink(missing_ok=True)
         c = self.config
         save_head(self.ema.module(self.head_config), self.head_config, self.run_dir / HEAD, training={
             "steps": self.step, "data": self.source.description, "sd_model": self.model_name,
