@@ -200,6 +200,32 @@ def test_cli_sample_writes_documented_files(tmp_path, capsys):
         e["file"][len("masks/"):] for e in info["phrases"])
 
 
+def test_cli_sample_into_an_earlier_sample_leaves_only_the_new_masks(tmp_path):
+    out = tmp_path / "scene"
+    assert main(["world", "sample", "--seed", "5", "-o", str(out), "--size", "32"]) == 0
+    first = {e["file"] for e in json.loads((out / "phrases.json").read_text())["phrases"]}
+    (out / "masks" / "mine.png").write_bytes(b"a user's file")
+    (out / "notes.txt").write_text("mine")
+    assert main(["world", "sample", "--seed", "6", "-o", str(out), "--size", "32"]) == 0
+    second = {e["file"] for e in json.loads((out / "phrases.json").read_text())["phrases"]}
+    assert first - second and first & second  # seed 6 names some of seed 5's phrases, not all
+    assert {f"masks/{p.name}" for p in (out / "masks").iterdir()} == second | {"masks/mine.png"}
+    assert (out / "masks" / "mine.png").read_bytes() == b"a user's file" and (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("phrases", ['{"seed": 1, "caption": "x", "phrases": [{"file": "../notes.txt"},'
+                                     ' {"file": "masks/../../notes.txt"}, {"file": "/etc/passwd"}, {"file": 3}, 7]}',
+                                     '{"phrases": [{"file": "masks/keep.png"}]}', "not json", '[1]'])
+def test_cli_sample_removes_nothing_a_foreign_phrases_json_lists(tmp_path, phrases):
+    out = tmp_path / "scene"
+    (out / "masks").mkdir(parents=True)
+    (out / "masks" / "keep.png").write_text("kept")
+    (tmp_path / "notes.txt").write_text("kept")
+    (out / "phrases.json").write_text(phrases)
+    assert main(["world", "sample", "--seed", "5", "-o", str(out), "--size", "32"]) == 0
+    assert (out / "masks" / "keep.png").read_text() == (tmp_path / "notes.txt").read_text() == "kept"
+
+
 def test_cli_split_and_errors(capsys):
     assert main(["world", "split", "test", "--count", "3"]) == 0
     assert json.loads(capsys.readouterr().out) == [1_000_000, 1_000_001, 1_000_002]

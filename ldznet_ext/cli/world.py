@@ -8,6 +8,7 @@ become ``_``: ``red_star.png``) and ``DIR/phrases.json``::
      "phrases": [{"phrase": "red star", "file": "masks/red_star.png", "area": 312, "present": true}, ...]}
 
 ``area`` is the mask's pixel count; absent phrases have ``"present": false`` and area 0.
+Sampling again into the same DIR removes the earlier sample's masks that the new one lacks.
 ``ldznet world split NAME [--count N]`` prints the first N seeds of split NAME as a JSON list.
 ``ldznet world train-sd -o DIR [--recipe full|clip|smoke] [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16]
 [--image-size PX] [--stages vae,text,unet] [--init-model FILE [--init-unet] [--text-tower T]] [--unet-steps N]
@@ -22,7 +23,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
@@ -33,14 +34,20 @@ from ..world.scenes import SPLIT_START, VOCABULARY, make_scene, split_seeds
 from .common import add_device_argument
 
 
+PHRASES_FILE = "phrases.json"
+
+
 def mask_filename(phrase: str) -> str:
     """File name of a phrase's mask: ``'red star' -> 'red_star.png'``."""
     return phrase.replace(" ", "_") + ".png"
 
 
 def write_sample(seed: int, out: Path, size: int = 128, domain: str | None = None) -> dict:
-    """Render scene ``seed`` into directory ``out`` (created); returns the phrases.json content."""
+    """Render scene ``seed`` into directory ``out`` (created); returns the phrases.json content.
+    Masks that an earlier sample in ``out`` wrote and this one does not are removed, so the folder
+    holds one sample; nothing else in it is touched."""
     writable_folder(writable_folder(out) / "masks")
+    earlier = _sample_mask_files(out / PHRASES_FILE)
     scene = make_scene(seed, size, domain)
     Image.fromarray(scene.image, "RGB").save(out / "image.png")
     entries = []
@@ -51,8 +58,24 @@ def write_sample(seed: int, out: Path, size: int = 128, domain: str | None = Non
                         "present": scene.present(phrase)})
     info = {"seed": seed, "domain": scene.spec.domain, "size": size, "caption": scene.caption,
             "phrases": entries}
-    (out / "phrases.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    (out / PHRASES_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    for file in earlier - {entry["file"] for entry in entries}:
+        (out / file).unlink(missing_ok=True)
     return info
+
+
+def _sample_mask_files(phrases_file: Path) -> set[str]:
+    """The mask files a sample's phrases.json lists (``masks/NAME.png`` only); none when there is no
+    such file or it is not one this command wrote."""
+    try:
+        info = json.loads(phrases_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not (isinstance(info, dict) and {"seed", "caption"} <= info.keys() and isinstance(info.get("phrases"), list)):
+        return set()
+    files = {entry.get("file") for entry in info["phrases"] if isinstance(entry, dict)}
+    return {f for f in files if isinstance(f, str) and PurePosixPath(f).parent == PurePosixPath("masks")
+            and f.endswith(".png")}
 
 
 def _run_sample(args: argparse.Namespace) -> int:
