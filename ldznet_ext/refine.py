@@ -40,7 +40,7 @@ RADIUS_PER_SCALE = 2.0  # automatic radius: this many coarse pixels, in output p
 MIN_RADIUS = 4.0  # output pixels
 GRID_RADIUS = 4  # the guided filter's window radius on its grid; sets the grid step radius / 4
 FULL_RANGE = 0.5  # a local probability range this large gets the full refinement weight
-BAND_PIXELS = 1 << 21  # output pixels per band of rows in the full-resolution pass
+BAND_PIXELS = 1 << 21  # output pixels per band of rows in the full-resolution pass, all maps together
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ def refine_probability(probability: Tensor, image: np.ndarray, settings: RefineS
         a, b = _coefficients(p_grid, guide, grid_radius, settings.eps)
         # Folded so that q = a . I + b takes the band's raw 0..255 colours: no full-size arithmetic.
         coefficients = (a / 255.0, b - (a * origin).sum(dim=1, keepdim=True), weight)
-    rows = max(1, BAND_PIXELS // size[1])
+    rows = max(1, BAND_PIXELS // (size[1] * maps.shape[0]))  # every map's band at once: bounded in all
     for start in range(0, size[0], rows):
         band = (start, min(size[0], start + rows))
         coarse = upsample_rows(maps, size, band)

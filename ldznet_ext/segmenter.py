@@ -93,7 +93,8 @@ class Prediction:
     """One answer: ``probability`` (the expression's combined map) and ``mask`` (after threshold,
     region filters, invert and feather), both float [H, W] in [0, 1] at the image's size;
     ``terms`` holds each term's own map [H, W] as the expression combined it: upsampled to the
-    image's size, image-guided when ``SegmenterSettings.refine`` is on, empty for a term not found;
+    image's size, image-guided when ``SegmenterSettings.refine`` is on, zero for a term not found (a
+    read-only view of one zero);
     ``presence`` each term's found / not-found decision and score (empty when presence is off);
     ``selected`` the mask before feathering, bool [H, W]."""
 
@@ -318,8 +319,10 @@ class Segmenter:
         for state in states:
             maps = self._upsample(state, terms)
             presence = self._decide(state, maps) if options.presence else {}
-            # An absent term adds nothing: "goblin OR sky" is the sky, "sky AND NOT goblin" all of it.
-            maps = {t: torch.zeros_like(m) if t in presence and not presence[t].found else m for t, m in maps.items()}
+            # An absent term adds nothing: "goblin OR sky" is the sky, "sky AND NOT goblin" all of it. Its
+            # zeros are one value expanded, not a copy of an image-size map per absent term.
+            maps = {t: m.new_zeros(()).expand_as(m) if t in presence and not presence[t].found else m
+                    for t, m in maps.items()}
             probability = tree.evaluate(maps, options.threshold)
             selected = select_mask(probability, options)
             mask = feather(selected.to(probability.dtype), options.feather)

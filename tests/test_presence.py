@@ -45,6 +45,16 @@ def test_absent_term_adds_nothing_to_the_expression() -> None:
     assert int(OracleSegmenter(_maps()).predict("goblin").mask.sum()) == 0
 
 
+@pytest.mark.parametrize("expression, selected", [("goblin{+4}", 0), ("goblin[1]", 0), ("NOT goblin", 10_000),
+                                                  ("sky AND NOT goblin{+2}", 3000), ("(goblin OR sky)[1]", 3000)])
+def test_an_absent_term_is_one_expanded_zero(expression, selected) -> None:
+    """No image-size copy per absent term (16 on an 8192 x 8192 image were 4 GB of zeros); every
+    operator still reads it as zeros."""
+    prediction = OracleSegmenter(_maps()).predict(expression)
+    assert prediction.terms["goblin"].untyped_storage().nbytes() == 4
+    assert int(prediction.mask.sum()) == selected
+
+
 def test_presence_off_keeps_every_map() -> None:
     prediction = OracleSegmenter(_maps()).predict("goblin OR sky", MaskOptions(presence=False))
     assert prediction.presence == {} and prediction.missing == []

@@ -99,6 +99,19 @@ def test_bands_give_the_same_result_as_one_pass(monkeypatch):
     assert (refine_probability(coarse, image) - whole).abs().max() < 1e-6
 
 
+def test_a_band_holds_a_bounded_number_of_pixels_whatever_the_number_of_maps(monkeypatch):
+    """16 terms on an 8192 x 8192 image: the band's temporaries are per map, so the rows per band
+    shrink with the maps (without that the full-size pass held about 1 GB more per band)."""
+    image = edge_image(90, 120, 61, noise=8.0)
+    coarse = blurred_step(9, 12, crossing=6.4, softness=1.0).expand(8, 9, 12)
+    bands = []
+    upsample = refine.upsample_rows
+    monkeypatch.setattr(refine, "upsample_rows", lambda x, size, rows: bands.append(rows) or upsample(x, size, rows))
+    monkeypatch.setattr(refine, "BAND_PIXELS", 120 * 8 * 5)  # 5 rows of 8 maps
+    refine_probability(coarse, image)
+    assert {stop - start for start, stop in bands} == {5}
+
+
 def test_never_reaches_an_object_beyond_the_radius():
     """Two identical squares; the coarse map holds only the left one. The right one, further away
     than the radius, stays exactly as bilinear left it (0)."""
