@@ -204,6 +204,9 @@ def test_bad_args_are_4xx(server):
     assert status == 422 and "threshold must be a number in [0, 1), got 1.5" in body["detail"]
     status, body = _call(server, "/ldznet/v1/mask", {"image": _b64(IMAGE), "expression": "cat AND"})
     assert status == 422 and "position 7" in body["detail"]
+    status, body = _call(server, "/sdapi/v1/txt2img", {"prompt": "x", "negative_prompt": "blurry\nmask: cat",
+                                                       "steps": 1, "width": 64, "height": 64})
+    assert status == 422 and body["detail"].startswith("negative_prompt: the negative prompt has a 'mask:' line")
 
 
 def test_bad_settings_are_422_and_not_stored(server):
