@@ -491,6 +491,9 @@ def test_forge_routes_and_validation(forge):
     assert status == 422 and "threshold must be a number in [0, 1), got 1.5" in body["detail"]
     status, body = _call(forge, "/ldznet/v1/mask", {"image": _b64(_forge_image()), "expression": "cat AND"})
     assert status == 422 and "position 7" in body["detail"]
+    status, body = _call(forge, "/sdapi/v1/txt2img", {"prompt": "x", "negative_prompt": "blurry\nmask: cat",
+                                                      "steps": 1, "width": 64, "height": 64})
+    assert status == 422 and body["detail"].startswith("negative_prompt: the negative prompt has a 'mask:' line")
 
 
 def test_forge_mask_line_masks_img2img(forge):
