@@ -32,15 +32,10 @@ MASK_SUFFIX = "-ldznet-mask"
 _PROMPT_LISTS = ("all_prompts", "all_hr_prompts")
 
 
-def main_prompt(p) -> str:
-    """The prompt of ``p``'s first image (after the host's setup_prompts), whose ``mask:`` line counts."""
-    main = getattr(p, "main_prompt", None) or p.prompt
-    return main if isinstance(main, str) else main[0]
-
-
-def main_negative_prompt(p) -> str:
-    """The negative prompt of ``p``'s first image (after the host's setup_prompts)."""
-    main = getattr(p, "main_negative_prompt", None) or getattr(p, "negative_prompt", "")
+def main_prompt(p, name: str = "prompt") -> str:
+    """The prompt (``name`` "negative_prompt": the negative prompt) of ``p``'s first image, after the
+    host's setup_prompts: the one whose ``mask:`` line counts."""
+    main = getattr(p, f"main_{name}", None) or getattr(p, name, "")
     return main if isinstance(main, str) else (main[0] if main else "")
 
 
@@ -105,7 +100,7 @@ class LdznetScript(scripts.Script):
 
     def process(self, p, *args) -> None:
         try:
-            check_negative_prompt(main_negative_prompt(p))
+            check_negative_prompt(main_prompt(p, "negative_prompt"))
             job = with_prompt_line(from_args(args), main_prompt(p))
             detail = detail_from_args(args)
             strip_mask_lines(p)
