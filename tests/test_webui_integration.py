@@ -2,8 +2,8 @@
 LDZNET_FORGE_DIR: a Forge folder. Each needs its Python environment (``venv/``, or
 LDZNET_WEBUI_PYTHON / LDZNET_FORGE_PYTHON) and its ``repositories/``.
 
-A1111: the test installs a tiny SD model and head with ``ldznet webui install-model``, links this
-repository into ``extensions/ldznet``, starts the WebUI offline in API mode on a free port of
+A1111: the test installs a tiny SD model and head with ``ldznet webui install-model``, copies this
+repository's working tree into ``extensions/ldznet``, starts the WebUI offline in API mode on a free port of
 127.0.0.1, and checks the script, the API and the infotext; the send-to-inpaint button is clicked in
 headless Chromium (needs the ``playwright`` package and a Chromium: LDZNET_CHROMIUM, or ``chromium``
 on PATH; Playwright's own browser download is not used). About a minute on a CPU.
@@ -70,15 +70,36 @@ def _png(data: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))
 
 
+COPY_MARK = ".ldznet-test-copy"
+
+
+def _install_copy(target: Path) -> None:
+    """Copy the working tree's files (tracked and untracked, not ignored) to ``target``, as an install
+    from URL leaves them. Not a symlink: the host names a linked extension's callbacks "base/...", so
+    the callback order of our metadata.ini would not apply. Replaces only a link or an earlier copy."""
+    if target.is_symlink():
+        target.unlink()
+    elif target.exists():
+        if not (target / COPY_MARK).exists():
+            pytest.fail(f"{target} was not made by these tests; move it away to run them")
+        shutil.rmtree(target)
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout
+    for name in filter(None, listed.split(b"\0")):
+        source = REPO / os.fsdecode(name)
+        if source.is_file():  # a tracked file deleted in the working tree is listed too
+            (target / os.fsdecode(name)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / os.fsdecode(name))
+    (target / COPY_MARK).write_text("a copy of the ldznet working tree made by tests/test_webui_integration.py\n")
+
+
 @contextmanager
 def _serve(webui: Path, work: Path, flags: list[str], options: dict, python_variable: str,
            auth: str | None = None) -> Iterator[str]:
-    """Link this repository into ``webui/extensions``, start the WebUI offline on a free port of
+    """Install this repository into ``webui/extensions``, start the WebUI offline on a free port of
     127.0.0.1 with ``flags``, wait for our routes, set ``options`` (with the ``--api-auth``
     credentials ``auth``); yields the base URL."""
-    link = webui / "extensions" / "ldznet"
-    if not link.exists():
-        link.symlink_to(REPO, target_is_directory=True)
+    _install_copy(webui / "extensions" / "ldznet")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -195,6 +216,22 @@ def test_mask_line_masks_img2img(server):
     assert info["infotexts"][0].startswith("a photo\n")  # the sampler's prompt lost the mask line
     used = _png(result["images"][1])  # opts.return_mask: the mask the WebUI inpainted with
     assert np.array_equal(used[..., 0] if used.ndim == 3 else used, _png(direct["mask"]))
+
+
+SOFT_INPAINTING = {"args": [True, 1, 0.5, 4, 0, 0.5, 2]}  # A1111's built-in Soft Inpainting, on, its defaults
+
+
+def test_scripts_that_read_the_mask_in_process_see_ours(server):
+    """Built-in scripts run first; metadata.ini orders our process() before those that read
+    p.image_mask in theirs. Soft Inpainting enables itself only for a p with a mask: without a brush
+    mask it saw none and stayed off (no 'Soft inpainting enabled' in the infotext, a rounded mask)."""
+    payload = {"init_images": [_b64(IMAGE)], "prompt": "a photo\nmask: cat", "steps": 1, "width": 128,
+               "height": 96, "seed": 1, "sampler_name": "Euler", "denoising_strength": 0.5,
+               "alwayson_scripts": {"LD-ZNet mask": {"args": ["", "LD-ZNet head", 0.5, *[None] * 9, False]},
+                                    "Soft Inpainting": SOFT_INPAINTING}}
+    status, result = _call(server, "/sdapi/v1/img2img", payload)
+    assert status == 200, result
+    assert "Soft inpainting enabled: True" in json.loads(result["info"])["infotexts"][0]
 
 
 def test_bad_args_are_4xx(server):

@@ -2,6 +2,10 @@
 reused p, the prompt's mask line, infotext, masks saved beside images, failures."""
 from __future__ import annotations
 
+import configparser
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -126,6 +130,23 @@ def test_a_mask_line_in_the_negative_prompt_stops_the_generation(tmp_path, is_im
     assert modules.shared.state.interrupted
     assert p.extra_generation_params["LD-ZNet error"].startswith("the negative prompt has a 'mask:' line")
     assert getattr(p, "image_mask", None) is None
+
+
+def test_metadata_ini_orders_our_process_before_the_scripts_that_read_the_mask():
+    """The host's callback name for our process() is EXTENSION/SCRIPT FILE/script_process/CLASS
+    (modules/script_callbacks.add_callback); a section under another name is silently ignored."""
+    repo = Path(__file__).resolve().parents[1]
+    config = configparser.ConfigParser()
+    config.read(repo / "metadata.ini")
+    # the host's script file is scripts/ldznet.py, where the class is imported, not defined
+    assert "from ldznet_ext.webui.script import LdznetScript" in (repo / "scripts" / "ldznet.py").read_text()
+    ours = f"ldznet/ldznet.py/script_process/{script.LdznetScript.__name__}"
+    assert config.get("Extension", "Name") == "ldznet"
+    before = re.split(r"[,\s]+", config.get(f"callbacks/{ours}", "Before").strip())
+    assert before == ["soft-inpainting/soft_inpainting.py/script_process/Script",
+                      "sd_forge_controlnet/controlnet.py/script_process/ControlNetForForgeOfficial",
+                      "sd-webui-controlnet/controlnet.py/script_process/Script"]
+    assert "process" in vars(script.LdznetScript)
 
 
 def test_txt2img_saves_a_mask_beside_each_image(tmp_path):
