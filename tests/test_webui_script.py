@@ -5,6 +5,7 @@ from __future__ import annotations
 import configparser
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -92,6 +93,32 @@ def test_combine_with_the_brush(img2img, mode):
     expected = {"add": np.maximum(ours, brush), "subtract": np.minimum(ours, 255 - brush),
                 "intersect": np.minimum(ours, brush)}[mode]
     assert np.array_equal(np.asarray(p.used_masks[0]), expected)
+
+
+class _SoftInpainting:
+    """The host's built-in Soft Inpainting as the script finds it: a title and its slice of p.script_args."""
+    args_from, args_to = 2, 9
+
+    def title(self):
+        return "Soft Inpainting"
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_a_soft_alpha_brush_is_rounded_unless_soft_inpainting_is_on(img2img, soft):
+    """The host rounds an alpha mask in p.init() unless Soft Inpainting, on, turned that off in its
+    process(), which now runs after ours: the brush is combined as the host will read it."""
+    image = _image(2)
+    alpha = np.zeros((40, 56), np.uint8)
+    alpha[:, :20], alpha[:, 20:40] = 200, 100
+    brush = Image.fromarray(np.dstack([np.full((40, 56), 255, np.uint8)] * 3 + [alpha]), "RGBA")
+    p = processing.StableDiffusionProcessingImg2Img(init_images=[image], mask=brush)
+    p.scripts = SimpleNamespace(alwayson_scripts=[_SoftInpainting()])
+    p.script_args = ("x", "y", soft, 1, 0.5, 4, 0, 0.5, 2)
+    _run(img2img, p, ("goblin", "LD-ZNet head", 0.3, 0, 0, False, "intersect"))
+    ours = host.compute(image, MaskJob("goblin", threshold=0.3)).mask
+    read = alpha if soft else np.where(alpha > 128, 255, 0).astype(np.uint8)
+    assert np.array_equal(np.asarray(p.image_mask), np.minimum(ours, read)) and ours[:, :40].any()
+    assert script.soft_inpainting_on(p) is soft
 
 
 def test_batch_tab_reuses_p(img2img):

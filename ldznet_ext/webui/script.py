@@ -30,6 +30,7 @@ from .request import (DETAIL_WARNING_KEY, ERROR_KEY, TITLE, WARNING_KEY, check_n
 
 MASK_SUFFIX = "-ldznet-mask"
 _PROMPT_LISTS = ("all_prompts", "all_hr_prompts")
+SOFT_INPAINTING = "soft inpainting"  # the built-in script's title, lower-case
 
 
 def main_prompt(p, name: str = "prompt") -> str:
@@ -55,17 +56,30 @@ def strip_mask_lines(p) -> None:
 
 def brush_mask(p, size: tuple[int, int]) -> np.ndarray | None:
     """The user's own mask on ``p`` (inpaint brush, uploaded mask, batch mask folder) as uint8
-    [H, W] at ``size`` = (W, H), read the way ``p.init()`` reads it; None when there is none or
-    when it is the mask this script set for the previous image of a batch."""
+    [H, W] at ``size`` = (W, H), read the way ``p.init()`` reads it but not rounded; None when there
+    is none or when it is the mask this script set for the previous image of a batch."""
     mask = getattr(p, "image_mask", None)
     if mask is None or mask is getattr(p, "_ldznet_mask", None):
         return None
     from modules import processing
 
-    mask = processing.create_binary_mask(mask, round=getattr(p, "mask_round", True))
+    # p.init() rounds an alpha mask unless Soft Inpainting, on and given a mask, turned rounding off in
+    # its process(), which runs after ours (metadata.ini): so its switch is read here.
+    rounded = getattr(p, "mask_round", True) and not soft_inpainting_on(p)
+    mask = processing.create_binary_mask(mask, round=rounded)
     if mask.size != size:
         mask = mask.resize(size, Image.BILINEAR)
     return np.asarray(mask, dtype=np.uint8)
+
+
+def soft_inpainting_on(p) -> bool:
+    """Whether the host's built-in Soft Inpainting (A1111 and Forge) is switched on for ``p``: the
+    first of its script args, found by its title as the host's API finds scripts."""
+    for other in getattr(getattr(p, "scripts", None), "alwayson_scripts", ()):
+        if other.title().lower() == SOFT_INPAINTING:
+            args = (getattr(p, "script_args", None) or ())[other.args_from:other.args_to]
+            return bool(args) and bool(args[0])
+    return False
 
 
 def warn(p, key: str, warning: str) -> None:
