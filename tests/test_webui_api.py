@@ -465,6 +465,45 @@ def test_options_are_in_the_api_with_nowebui(monkeypatch):
     assert modules.shared.opts.data_labels["ldznet_head"].section == ("ldznet", "LD-ZNet")
 
 
+class _StartedApp:
+    """Starlette's middleware bookkeeping (starlette/applications.py) on an app that already answers:
+    whenever its stack is reset to None, a request arrives (as from another thread) and rebuilds it."""
+
+    def __init__(self):
+        self.user_middleware = ["the host's"]
+        self._stack = self.build_middleware_stack()
+
+    @property
+    def middleware_stack(self):
+        return self._stack
+
+    @middleware_stack.setter
+    def middleware_stack(self, stack):
+        self._stack = self.build_middleware_stack() if stack is None else stack
+
+    def build_middleware_stack(self):
+        return tuple(self.user_middleware)
+
+    def add_middleware(self, cls, **options):
+        if self._stack is not None:
+            raise RuntimeError("Cannot add middleware after an application has started")
+        self.user_middleware.insert(0, (cls, options))
+
+
+def test_the_guard_is_added_while_requests_arrive(monkeypatch):
+    """The host runs on_app_started with its server up: a request between resetting the stack and adding
+    ours made Starlette refuse the middleware, so neither the guard nor our routes existed."""
+    monkeypatch.setitem(sys.modules, "starlette", SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "starlette.middleware",
+                        SimpleNamespace(Middleware=lambda cls, **options: (cls, options)))
+    monkeypatch.setattr(modules.shared.cmd_opts, "api", False, raising=False)
+    app = _StartedApp()
+    register.add_routes(None, app)
+    (guard, options), host_middleware = app.middleware_stack
+    assert guard is api.ApiGuard and host_middleware == "the host's"
+    assert set(options) == {"check_generation", "check_options", "credentials"}
+
+
 def test_mask_route_answers_terms_and_instances():
     """/ldznet/v1/mask: each term's found and score, and the objects of the mask left to right (with their
     masks when "instances" is true), from the engine's prediction (an oracle's maps here)."""

@@ -25,9 +25,14 @@ def add_routes(demo, app) -> None:
     def check_options(payload) -> None:
         api.check_options(payload, settings.check_options)
 
-    app.middleware_stack = None  # let the app rebuild its stack with ours outermost (as the host does)
-    app.add_middleware(api.ApiGuard, check_generation=check, check_options=check_options,
-                       credentials=api.parse_credentials(getattr(cmd_opts, "api_auth", None)))
+    from starlette.middleware import Middleware
+
+    # Ours outermost, and the rebuilt stack swapped in by one assignment: the server already answers
+    # (a client polling for readiness), and a request arriving between resetting the stack to None and
+    # add_middleware rebuilt it, so add_middleware raised and neither the guard nor the routes existed.
+    app.user_middleware.insert(0, Middleware(api.ApiGuard, check_generation=check, check_options=check_options,
+                                             credentials=api.parse_credentials(getattr(cmd_opts, "api_auth", None))))
+    app.middleware_stack = app.build_middleware_stack()
     if not (getattr(cmd_opts, "api", False) or getattr(cmd_opts, "nowebui", False)):
         return
     from fastapi import Body
