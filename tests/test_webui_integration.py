@@ -234,6 +234,29 @@ def test_scripts_that_read_the_mask_in_process_see_ours(server):
     assert "Soft inpainting enabled: True" in json.loads(result["info"])["infotexts"][0]
 
 
+def test_a_soft_brush_meets_the_text_mask_rounded_as_the_host_reads_it(server):
+    """An uploaded alpha mask intersected with ours: the host rounds an alpha mask (Soft Inpainting,
+    which turns that off, is off here: its switch is read from its args). The returned mask is the
+    inpaint mask doubled and clipped (processing.py, mask_for_overlay)."""
+    status, direct = _call(server, "/ldznet/v1/mask", {"image": _b64(IMAGE), "expression": "cat", "threshold": 0.5,
+                                                       "presence": False})
+    assert status == 200 and 0 < direct["coverage"] < 1
+    alpha = np.zeros((96, 128), np.uint8)
+    alpha[:, :40], alpha[:, 40:80] = 200, 100
+    brush = Image.fromarray(np.dstack([np.full((96, 128), 255, np.uint8)] * 3 + [alpha]), "RGBA")
+    args = ["", "LD-ZNet head", 0.5, *[None] * 3, "intersect", *[None] * 5, False]
+    payload = {"init_images": [_b64(IMAGE)], "mask": _b64(brush), "prompt": "a photo\nmask: cat", "steps": 1,
+               "width": 128, "height": 96, "seed": 1, "sampler_name": "Euler", "denoising_strength": 0.5,
+               "mask_blur": 0, "inpaint_full_res": False,
+               "alwayson_scripts": {"LD-ZNet mask": {"args": args}, "Soft Inpainting": {"args": [False]}}}
+    status, result = _call(server, "/sdapi/v1/img2img", payload)
+    assert status == 200, result
+    used = _png(result["images"][-1])
+    expected = np.minimum(_png(direct["mask"]), np.where(alpha > 128, 255, 0))
+    assert expected[:, :40].any() and not expected.all()
+    assert np.array_equal(used[..., 0] if used.ndim == 3 else used, expected)
+
+
 def test_bad_args_are_4xx(server):
     payload = {"init_images": [_b64(IMAGE)], "prompt": "x", "steps": 1,
                "alwayson_scripts": {"ld-znet mask": {"args": ["cat", "LD-ZNet head", 1.5]}}}
@@ -531,6 +554,18 @@ def test_forge_routes_and_validation(forge):
     status, body = _call(forge, "/sdapi/v1/txt2img", {"prompt": "x", "negative_prompt": "blurry\nmask: cat",
                                                       "steps": 1, "width": 64, "height": 64})
     assert status == 422 and body["detail"].startswith("negative_prompt: the negative prompt has a 'mask:' line")
+
+
+def test_forge_scripts_that_read_the_mask_in_process_see_ours(forge):
+    """As in A1111 (test_scripts_that_read_the_mask_in_process_see_ours), with Forge's built-in Soft
+    Inpainting; its built-in ControlNet reads the mask at the same point and is ordered the same way."""
+    payload = {"init_images": [_b64(_forge_image())], "prompt": "a photo\nmask: cat", "steps": 1, "width": 128,
+               "height": 96, "seed": 1, "sampler_name": "Euler", "denoising_strength": 0.5,
+               "alwayson_scripts": {"LD-ZNet mask": {"args": ["", "LD-ZNet head", 0.0, *[None] * 9, False]},
+                                    "Soft Inpainting": SOFT_INPAINTING}}
+    status, result = _call(forge, "/sdapi/v1/img2img", payload)
+    assert status == 200, result
+    assert "Soft inpainting enabled: True" in json.loads(result["info"])["infotexts"][0]
 
 
 def test_forge_mask_line_masks_img2img(forge):
