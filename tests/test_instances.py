@@ -109,3 +109,57 @@ def test_selection_is_exact_on_50_micro_world_scenes() -> None:
         if checked == 50:
             break
     assert checked == 50
+
+
+def _same_corner_map() -> torch.Tensor:
+    """40 x 60 map: a small corner (area 9) and a large frame (area 47) around it, apart, whose boxes
+    share the top-left corner (2, 2)."""
+    p = torch.zeros(40, 60)
+    p[2, 2:7] = p[2:7, 2] = 0.9  # small: box (2, 2, 7, 7)
+    p[2, 10:21] = p[2:21, 20] = p[20, 2:21] = 0.9  # large: box (2, 2, 21, 21)
+    return p
+
+
+@pytest.mark.parametrize("order", ["left", "top"])
+def test_equal_box_corners_put_the_larger_instance_first(order: str) -> None:
+    p = _same_corner_map()
+    found = find_instances(p > 0.5, p, order=order)
+    assert [(i.box, i.area, i.order) for i in found] == [((2, 2, 21, 21), 47, 1), ((2, 2, 7, 7), 9, 2)]
+    assert int((parse(f"x[{order} 1]").evaluate({"x": p}) > 0).sum()) == 47
+
+
+def test_ties_in_center_and_area_order_go_left_to_right() -> None:
+    """Two 4 x 4 squares as far from the centre of a 40 x 40 map (16 px): one left of it, one above."""
+    p = torch.zeros(40, 40)
+    p[18:22, 2:6] = 0.9  # left of the centre: box (2, 18, 6, 22)
+    p[2:6, 18:22] = 0.9  # above it: box (18, 2, 22, 6)
+    for order in ("center", "area"):
+        assert [i.box for i in find_instances(p > 0.5, p, order=order)] == [(2, 18, 6, 22), (18, 2, 22, 6)]
+        assert _box(parse(f"x[{order} 1]").evaluate({"x": p})) == (2, 18, 6, 22)
+    assert _box(parse("x[smallest]").evaluate({"x": p})) == (18, 2, 22, 6)
+
+
+def test_a_region_of_exactly_the_fragment_size_is_an_instance() -> None:
+    """64 x 64: 0.05 % of 4096 pixels is 2.048, so 3 pixels is the smallest instance and 2 a fragment."""
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    mask[10, 10:13] = True  # 3 pixels
+    mask[40, 40:42] = True  # 2 pixels
+    assert [(i.box, i.area) for i in find_instances(mask)] == [((10, 10, 13, 11), 3)]
+
+
+def test_an_instance_s_score_is_its_mean_probability() -> None:
+    p = torch.zeros(40, 60)
+    p[10:14, 10:14] = 0.6
+    p[10:12, 10:14] = 1.0  # half of the square at 1.0, half at 0.6
+    (instance,) = find_instances(p > 0.5, p)
+    assert instance.score == pytest.approx(0.8)
+    assert instance.to_dict() == {"order": 1, "box": [10, 10, 14, 14], "area": 16, "score": 0.8}
+
+
+@pytest.mark.parametrize("text, indices", [("x[10000]", (10000,)), ("x[-10000]", (-10000,)),
+                                           ("x[area 1, 10000]", (1, 10000))])
+def test_selector_indices_up_to_the_limit_parse(text: str, indices: tuple[int, ...]) -> None:
+    (selector,) = parse(text).modifiers
+    assert selector.indices == indices
+    with pytest.raises(ExpressionError, match="out of range"):
+        parse(text.replace("10000", "10001"))
