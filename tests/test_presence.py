@@ -30,6 +30,30 @@ def test_presence_score_is_the_value_the_top_share_reaches() -> None:
     assert not PresenceRule(0.04, 0.65).decide(p).found
 
 
+def test_found_means_above_the_level_not_at_it() -> None:
+    p = torch.zeros(10, 10)
+    p[0, 0] = 0.5  # exact in float32
+    assert PresenceRule(0.0, 0.5).decide(p) == TermPresence(False, 0.5)
+    p[0, 0] = 0.5 + 2 ** -20
+    assert PresenceRule(0.0, 0.5).decide(p).found
+
+
+def test_the_rules_are_the_documented_ones() -> None:
+    """README: with a head, found when the map's top 0.1 % reaches above 0.64; zero-shot, when its top
+    0.5 % is above 0.5. On 100 x 100 that is the 10th and the 50th largest value."""
+    def blob(pixels: int, value: float) -> torch.Tensor:
+        p = torch.zeros(100, 100)
+        p.view(-1)[:pixels] = value
+        return p
+
+    assert HEAD_RULE.decide(blob(10, 0.65)).found
+    assert not HEAD_RULE.decide(blob(10, 0.63)).found
+    assert HEAD_RULE.decide(blob(9, 0.99)) == TermPresence(False, 0.0)
+    assert ZERO_SHOT_RULE.decide(blob(50, 0.51)).found
+    assert not ZERO_SHOT_RULE.decide(blob(50, 0.49)).found
+    assert ZERO_SHOT_RULE.decide(blob(49, 0.99)) == TermPresence(False, 0.0)
+
+
 def test_rules_are_checked() -> None:
     with pytest.raises(LdznetError, match="presence level must be a number in"):
         PresenceRule(0.001, 1.0)

@@ -27,6 +27,7 @@ def test_a_term_is_known_when_one_of_its_words_is() -> None:
     assert not knows_term("goblin", WORDS)
     assert not knows_term("a redstar", WORDS)  # words, not substrings
     assert not knows_term("42 ___ !", WORDS)
+    assert knows_term("star2", WORDS) and knows_term("red_stars", WORDS)  # digits and "_" separate words
 
 
 def test_the_world_records_its_phrase_words() -> None:
