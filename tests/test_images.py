@@ -156,6 +156,19 @@ def test_bytearray_reads_as_bytes():
     assert np.array_equal(load_image(bytearray(data)), load_image(data))
 
 
+def test_an_image_of_exactly_the_pixel_limit_loads():
+    image = random_image(10, 10, seed=5)
+    assert np.array_equal(load_image(image, max_pixels=100), image)
+    assert np.array_equal(load_image(_encoded("PNG"), max_pixels=12 * 16), random_image(12, 16, seed=1))
+    with pytest.raises(ImageError, match="10x10 = 100 pixels is over the limit of 99"):
+        load_image(image, max_pixels=99)
+
+
+def test_16_bit_arrays_round_to_the_nearest_8_bit_level():
+    levels = np.array([[0, 128, 129, 385, 386, 65406, 65407, 65535]], np.uint16)  # k levels: 257 * k +- 128.5
+    assert load_image(levels)[0, :, 0].tolist() == [0, 0, 1, 1, 2, 254, 255, 255]
+
+
 @pytest.mark.parametrize("width, height, resolution, expected", [
     (1, 100000, 256, (64, 704)),      # aspect 1:8: 90.5 -> 64, 724.1 -> 704 (was 64 x 80960)
     (100000, 1, 384, (1088, 128)),    # aspect 8:1: 1086.1 -> 1088, 135.8 -> 128
@@ -179,6 +192,8 @@ def test_working_area_stays_about_resolution_squared(width, height, resolution):
     (100000, 1, (1088, 128), (0, 56, 1088, 64)),  # at least one cell of 8
     (820, 100, (1088, 128), (0, 0, 1088, 128)),   # 8.2:1 fills more than the frame's 128 rows: clamped
     (640, 480, (448, 320), (0, 0, 448, 320)),     # within MAX_ASPECT: the whole frame, as always
+    (8000, 1000, (1472, 192), (0, 0, 1472, 192)),  # exactly MAX_ASPECT: the whole frame (a band would be 184 rows)
+    (1000, 8000, (192, 1472), (0, 0, 192, 1472)),
 ])
 def test_image_box_by_hand(width, height, size, expected):
     assert image_box(width, height, size) == expected

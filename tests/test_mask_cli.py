@@ -22,7 +22,7 @@ from ldznet_ext.loading import load_segmenter
 from ldznet_ext.masks.expression import parse
 from ldznet_ext.masks.ops import MaskOptions
 from ldznet_ext.modeling.build import build_head, head_config
-from ldznet_ext.outputs import render_overlay
+from ldznet_ext.outputs import outline_width, render_overlay
 from ldznet_ext.sd.unet import unet_config
 
 from fixtures_models import random_image
@@ -148,6 +148,22 @@ def test_overlay_blends_the_mask_and_outlines_it():
     assert (overlay[mask == 0] == (10, 200, 40)).all()  # unselected pixels untouched
     assert (overlay[16:, 0:2] == (133, 100, 20)).all()  # the image border is not an outline
     assert (overlay[15:, 2] == (255, 0, 0)).all() and (overlay[15, 0:3] == (255, 0, 0)).all()
+
+
+def test_overlay_outlines_a_soft_mask_from_half_strength():
+    """The outline follows mask >= 128: a region at exactly 128 is outlined, one at 127 only blended."""
+    image = np.zeros((20, 20, 3), np.uint8)
+    mask = np.zeros((20, 20), np.uint8)
+    mask[2:9, 2:9] = 128
+    mask[11:18, 11:18] = 127
+    overlay = render_overlay(image, mask)
+    assert (overlay[2, 2:9] == (255, 0, 0)).all() and (overlay[5, 5] == (64, 0, 0)).all()  # 255 * 0.5 * 128/255
+    assert (overlay[11:18, 11:18] == (64, 0, 0)).all()  # 255 * 0.5 * 127/255 = 63.5, rounded
+
+
+@pytest.mark.parametrize("side, width", [(1024, 1), (1535, 1), (1536, 2), (2048, 2), (3072, 3), (4096, 4)])
+def test_outline_width_grows_by_one_pixel_per_1024_rounded(side, width):
+    assert outline_width(side, 10) == width and outline_width(10, side) == width
 
 
 def _sd_like(tmp_path: Path, name: str, in_channels: int, context: int) -> Path:

@@ -143,6 +143,42 @@ def test_strength_blends_between_bilinear_and_guided():
     assert (full - none).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("map_size, decided_at, settings, radius", [
+    ((10, 20), None, RefineSettings(), 20.0),  # 10x the rows, 5x the columns: the larger scale, 2 coarse pixels
+    ((10, 20), (5, 5), RefineSettings(), 40.0),  # decided on a coarser grid than the maps' own
+    ((64, 64), None, RefineSettings(), 4.0),  # 1.6x: 3.2 px, raised to MIN_RADIUS
+    ((10, 20), None, RefineSettings(radius=7.5), 7.5),  # given: used as it is
+])
+def test_automatic_radius_is_two_coarse_pixels_at_the_larger_scale(map_size, decided_at, settings, radius,
+                                                                   monkeypatch):
+    radii = []
+    grid_shape = refine._grid_shape
+    monkeypatch.setattr(refine, "_grid_shape", lambda size, r: radii.append(r) or grid_shape(size, r))
+    refine_probability(torch.full((1, *map_size), 0.5), edge_image(100, 100, 50), settings, decided_at)
+    assert radii == [radius]
+
+
+def test_a_probability_range_of_half_gets_the_full_weight():
+    """FULL_RANGE: near a step of 0.5 or more the weight is the image's structure alone; a step of 0.25
+    gets half of it."""
+    guide = torch.rand(1, 3, 12, 16, generator=torch.Generator().manual_seed(5))
+    step = torch.zeros(1, 1, 12, 16)
+    step[..., 8:] = 1.0
+    weight = {v: refine._weight(step * v, guide, 2, 1e-3, 1.0) for v in (0.25, 0.5, 1.0)}
+    assert torch.equal(weight[0.5], weight[1.0])
+    assert torch.equal(weight[0.25], weight[0.5] * 0.5)
+    assert float(weight[1.0][..., 6:10].min()) > 0 and float(weight[1.0][..., :5].max()) == 0.0
+
+
+@pytest.mark.parametrize("settings", [RefineSettings(enabled=False), RefineSettings()])
+def test_maps_outside_0_1_come_back_clamped(settings):
+    """As images.resize_probability: the result is in [0, 1] whatever the maps hold."""
+    coarse = torch.tensor([[[-0.5, 1.5], [1.5, -0.5]]])
+    refined = refine_probability(coarse, np.full((8, 8, 3), 90, np.uint8), settings)
+    assert float(refined.min()) == 0.0 and float(refined.max()) == 1.0
+    assert (refined - resize_probability(coarse, (8, 8))).abs().max() < 1e-6
+
+
 @pytest.mark.parametrize("changes", [{"strength": 1.5}, {"strength": -0.1}, {"radius": 0.5}, {"radius": float("nan")},
                                      {"eps": 0.0}, {"enabled": 1}])
 def test_bad_settings_are_refused(changes):
