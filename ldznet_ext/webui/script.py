@@ -56,8 +56,8 @@ def strip_mask_lines(p) -> None:
 
 def brush_mask(p, size: tuple[int, int]) -> np.ndarray | None:
     """The user's own mask on ``p`` (inpaint brush, uploaded mask, batch mask folder) as uint8
-    [H, W] at ``size`` = (W, H), read the way ``p.init()`` reads it but not rounded; None when there
-    is none or when it is the mask this script set for the previous image of a batch."""
+    [H, W] at ``size`` = (W, H), read the way ``p.init()`` will read it; None when there is none or
+    when it is the mask this script set for the previous image of a batch."""
     mask = getattr(p, "image_mask", None)
     if mask is None or mask is getattr(p, "_ldznet_mask", None):
         return None
