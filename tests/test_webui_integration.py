@@ -260,6 +260,28 @@ def test_a_soft_brush_meets_the_text_mask_rounded_as_the_host_reads_it(server):
     assert np.array_equal(used, np.minimum(_png(direct["mask"]), np.where(alpha > 128, 255, 0)))
 
 
+def test_a_head_chosen_in_override_settings_is_the_one_checked_and_used(server):
+    """override_settings sets the head for the request's job only; the pre-generation check judges
+    that head (not the stored "None"), and the generation masks with it."""
+    assert _call(server, "/sdapi/v1/options", {"ldznet_head": "None"})[0] == 200
+    try:
+        payload = {"init_images": [_b64(IMAGE)], "prompt": "a photo\nmask: cat", "steps": 1, "width": 128,
+                   "height": 96, "seed": 1, "sampler_name": "Euler", "denoising_strength": 0.5,
+                   "alwayson_scripts": {"LD-ZNet mask": {"args": ["", "LD-ZNet head", 0.0, *[None] * 9, False]}}}
+        status, body = _call(server, "/sdapi/v1/img2img", payload)
+        assert status in (409, 422) and "no LD-ZNet head is selected" in body["detail"]
+        payload["override_settings"] = {"ldznet_head": "ldznet-test-head.safetensors"}
+        status, result = _call(server, "/sdapi/v1/img2img", payload)
+        assert status == 200, result
+        infotext = json.loads(result["info"])["infotexts"][0]
+        assert "LD-ZNet mask: cat" in infotext and "LD-ZNet error" not in infotext
+        payload["override_settings"] = {"ldznet_timestep": "abc"}
+        status, body = _call(server, "/sdapi/v1/img2img", payload)
+        assert status == 422 and body["detail"].startswith("override_settings: Settings > LD-ZNet: ldznet_timestep")
+    finally:
+        assert _call(server, "/sdapi/v1/options", {"ldznet_head": "ldznet-test-head.safetensors"})[0] == 200
+
+
 def test_bad_args_are_4xx(server):
     payload = {"init_images": [_b64(IMAGE)], "prompt": "x", "steps": 1,
                "alwayson_scripts": {"ld-znet mask": {"args": ["cat", "LD-ZNet head", 1.5]}}}

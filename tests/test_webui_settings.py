@@ -19,7 +19,7 @@ from modules.api.api import Api  # noqa: E402
 
 from ldznet_ext.errors import LdznetError  # noqa: E402
 from ldznet_ext.job import MaskJob  # noqa: E402
-from ldznet_ext.webui import api, host, script, settings  # noqa: E402
+from ldznet_ext.webui import api, host, register, script, settings  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("every_term_found")  # option plumbing on tiny random models
 
@@ -125,6 +125,44 @@ def test_a_stored_bad_setting_stops_masks_with_its_reason(tmp_path, key, value, 
     p = processing.process_images(processing.StableDiffusionProcessingImg2Img(
         prompt="a goblin", init_images=[image]), s, ("",))
     assert "LD-ZNet error" not in p.extra_generation_params and p.batches_sampled == 1
+
+
+def test_the_generation_check_reads_the_settings_a_request_overrides(tmp_path, monkeypatch):
+    """override_settings applies to the request's job only (the host sets it before the scripts run):
+    a head chosen there is the head the mask uses, so the pre-generation check judges that one, and a
+    bad value there is a 422 naming override_settings instead of a failure mid-generation."""
+    world.install(tmp_path)
+    head = modules.shared.opts.data["ldznet_head"]
+    modules.shared.opts.data["ldznet_head"] = "None"
+    payload = {"prompt": "mask: goblin", "init_images": ["x"]}
+    with pytest.raises(api.ApiError, match="no LD-ZNet head is selected"):
+        register.check_generation(payload, True)
+    register.check_generation({**payload, "override_settings": {"ldznet_head": head, "CLIP_stop_at_last_layers": 2}},
+                              True)
+    modules.shared.opts.data["ldznet_head"] = head
+    with pytest.raises(api.ApiError) as caught:
+        register.check_generation({**payload, "override_settings": {"ldznet_timestep": "abc"}}, True)
+    assert (caught.value.status, caught.value.detail) == (
+        422, "override_settings: Settings > LD-ZNet: ldznet_timestep must be an integer in [-1, 999], got 'abc'")
+    with pytest.raises(api.ApiError, match=r"^override_settings: Settings > LD-ZNet has no setting 'ldznet_hed'"):
+        register.check_generation({**payload, "override_settings": {"ldznet_hed": head}}, True)
+    with pytest.raises(api.ApiError, match="head file 'missing.safetensors' not found"):
+        register.check_generation({**payload, "override_settings": {"ldznet_head": "missing.safetensors"}}, True)
+    assert modules.shared.opts.data["ldznet_head"] == head  # only read, never set
+
+
+def test_a_request_naming_a_checkpoint_is_not_judged_on_the_loaded_model(tmp_path, monkeypatch):
+    """The host loads the named checkpoint for the job; the loaded one says nothing about the mask."""
+    world.install(tmp_path)
+    judged = []
+    monkeypatch.setattr(host, "loaded_model", lambda: judged.append(1))
+    payload = {"prompt": "mask: goblin", "init_images": ["x"]}
+    register.check_generation({**payload, "override_settings": {"sd_model_checkpoint": "other.safetensors"}}, True)
+    assert judged == []
+    register.check_generation(payload, True)
+    assert judged == [1]
+    assert (api.names_a_checkpoint({"override_settings": {"sd_model_checkpoint": None}}),
+            api.names_a_checkpoint({"override_settings": "x"}), api.names_a_checkpoint([])) == (False, False, False)
 
 
 def test_a_bad_save_masks_setting_saves_nothing_and_says_why(tmp_path, capsys):

@@ -178,6 +178,30 @@ def check_generation(payload, is_img2img: bool, check_ready: Callable[[MaskJob],
         raise ApiError(422, str(error)) from None
 
 
+def setting_overrides(payload, checked: Callable[[str, object], object]) -> dict[str, object]:
+    """The LD-ZNet settings (keys "ldznet_...") that a generation request's ``override_settings`` sets
+    for its job, each as ``checked`` reads it; ApiError 422 naming the first one it refuses (the host
+    would set it and the mask would fail mid-generation)."""
+    overrides = payload.get("override_settings") if isinstance(payload, Mapping) else None
+    if not isinstance(overrides, Mapping):
+        return {}
+    ours = {}
+    for key, value in overrides.items():
+        if isinstance(key, str) and key.startswith("ldznet_"):
+            try:
+                ours[key] = checked(key, value)
+            except LdznetError as error:
+                raise ApiError(422, f"override_settings: {error}") from None
+    return ours
+
+
+def names_a_checkpoint(payload) -> bool:
+    """Whether a generation request's ``override_settings`` names a checkpoint, which the host loads
+    for the job: the model loaded now is then not the one its mask would run on."""
+    overrides = payload.get("override_settings") if isinstance(payload, Mapping) else None
+    return isinstance(overrides, Mapping) and overrides.get("sd_model_checkpoint") is not None
+
+
 def check_options(payload, check: Callable[[Mapping], None]) -> None:
     """Validate the LD-ZNet settings of a POST /sdapi/v1/options body with ``check`` (LdznetError for
     a bad value); ApiError 422 with the reason. The host stores whatever it is sent, so without this a

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -73,10 +74,11 @@ def opt(key: str, default=None):
     return shared.opts.data.get(key, default)
 
 
-def setting(key: str):
-    """The value of LD-ZNet setting ``key`` (its default before the settings exist); LdznetError
-    naming the setting when it holds a value the extension cannot use (:func:`settings.checked`)."""
-    return settings.checked(key, opt(key, settings.DEFAULTS[key]))
+def setting(key: str, overrides: Mapping[str, object] = MappingProxyType({})):
+    """The value of LD-ZNet setting ``key`` (its default before the settings exist), or the one
+    ``overrides`` gives it (a request's override_settings, which the host sets only for its job);
+    LdznetError naming the setting when it holds a value the extension cannot use (:func:`settings.checked`)."""
+    return settings.checked(key, overrides[key] if key in overrides else opt(key, settings.DEFAULTS[key]))
 
 
 def control_default(key: str):
@@ -89,12 +91,15 @@ def control_default(key: str):
         return settings.DEFAULTS[key]
 
 
-def engine_options() -> EngineOptions:
-    """The settings that shape a mask, checked (:func:`setting`)."""
-    timestep, resolution = setting("ldznet_timestep"), setting("ldznet_resolution")
-    return EngineOptions(head=setting("ldznet_head"), timestep=None if timestep < 0 else timestep,
-                         keep_on_gpu=setting("ldznet_keep_on_gpu"), dtype=setting("ldznet_dtype"),
-                         resolution=resolution or None, cuda_graphs=setting("ldznet_cuda_graphs"))
+def engine_options(overrides: Mapping[str, object] = MappingProxyType({})) -> EngineOptions:
+    """The settings that shape a mask, checked (:func:`setting`, with ``overrides``)."""
+    def get(key: str):
+        return setting(key, overrides)
+
+    timestep, resolution = get("ldznet_timestep"), get("ldznet_resolution")
+    return EngineOptions(head=get("ldznet_head"), timestep=None if timestep < 0 else timestep,
+                         keep_on_gpu=get("ldznet_keep_on_gpu"), dtype=get("ldznet_dtype"),
+                         resolution=resolution or None, cuda_graphs=get("ldznet_cuda_graphs"))
 
 
 def is_forge() -> bool:
@@ -214,14 +219,14 @@ def _reason(refusal: CheckpointError) -> str:
     return f"the loaded model cannot serve the LD-ZNet head ({str(refusal).split(';')[0]})"
 
 
-def mask_model_path(refusal: CheckpointError) -> Path:
+def mask_model_path(refusal: CheckpointError, overrides: Mapping[str, object] = MappingProxyType({})) -> Path:
     """The SD 1.x file the head runs on when the host's model cannot serve it (``refusal`` says why):
     the setting's choice among the host's SD 1.x checkpoints; CheckpointError saying what to put
     where when there is none. Cheap: checkpoint headers and the head's metadata only."""
     from modules import paths, sd_models
 
-    head = engine().head_path(engine_options())
-    return mask_model.choose(setting(mask_model.SETTING),
+    head = engine().head_path(engine_options(overrides))
+    return mask_model.choose(setting(mask_model.SETTING, overrides),
                              mask_model.sd1_checkpoints(sd_models.checkpoints_list), mask_model.head_sd_model(head),
                              Path(paths.models_path) / mask_model.CHECKPOINT_FOLDER, _reason(refusal))
 
@@ -356,12 +361,14 @@ def gpu_job(name: str) -> Iterator[object]:
             shared.state.end()
 
 
-def check_ready(job: MaskJob) -> None:
+def check_ready(job: MaskJob, overrides: Mapping[str, object] = MappingProxyType({}),
+                model_may_change: bool = False) -> None:
     """Cheap, non-blocking readiness check (API validation): the head exists unless zero-shot and was
     made for the loaded model, if that can serve it; if it cannot, zero-shot needs an SDXL-family or
     SD 2.x host model (else it is refused) and head mode an SD 1.x mask model among the host's checkpoints.
-    Never loads a model."""
-    sd_model = loaded_model()
+    ``overrides``: LD-ZNet settings the request sets for its job; ``model_may_change``: the request
+    names a checkpoint, so the loaded model is not judged. Never loads a model."""
+    sd_model = None if model_may_change else loaded_model()
     backbone = refusal = None
     if sd_model is not None:
         refusal = _refusal(sd_model)
@@ -369,6 +376,6 @@ def check_ready(job: MaskJob) -> None:
             backbone = _backbone(sd_model)
         elif job.zero_shot:
             backbone, refusal = _zero_shot_backbone(sd_model, refusal), None
-    engine().check(job, engine_options(), backbone)
+    engine().check(job, engine_options(overrides), backbone)
     if refusal is not None:
-        mask_model_path(refusal)
+        mask_model_path(refusal, overrides)

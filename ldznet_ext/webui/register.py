@@ -12,26 +12,32 @@ import importlib.util
 from . import api, host, script, settings, tab, ui
 
 
+def check_generation(payload, is_img2img: bool) -> None:
+    """The API guard's check of a generation request (ApiError): our script args and the prompt's mask
+    line, then what its mask needs, judged with the LD-ZNet settings the request overrides for its job
+    and, when it names a checkpoint, without judging the model loaded now."""
+    overrides, model_may_change = api.setting_overrides(payload, settings.checked), api.names_a_checkpoint(payload)
+    api.check_generation(payload, is_img2img, lambda job: host.check_ready(job, overrides, model_may_change))
+
+
+def check_options(payload) -> None:
+    """The API guard's check of POST /sdapi/v1/options (ApiError 422 for a bad LD-ZNet setting)."""
+    api.check_options(payload, settings.check_options)
+
+
 def add_routes(demo, app) -> None:
     """on_app_started: the ApiGuard middleware (checks of our generation args and of LD-ZNet settings
     sent to /sdapi/v1/options) and, with --api/--nowebui, the /ldznet/v1 routes (mask, version, schema)."""
     from modules import shared
-
-    cmd_opts = shared.cmd_opts
-
-    def check(payload, is_img2img: bool) -> None:
-        api.check_generation(payload, is_img2img, host.check_ready)
-
-    def check_options(payload) -> None:
-        api.check_options(payload, settings.check_options)
-
     from starlette.middleware import Middleware
 
+    cmd_opts = shared.cmd_opts
+    guard = Middleware(api.ApiGuard, check_generation=check_generation, check_options=check_options,
+                       credentials=api.parse_credentials(getattr(cmd_opts, "api_auth", None)))
     # Ours outermost, and the rebuilt stack swapped in by one assignment: the server already answers
     # (a client polling for readiness), and a request arriving between resetting the stack to None and
     # add_middleware rebuilt it, so add_middleware raised and neither the guard nor the routes existed.
-    app.user_middleware.insert(0, Middleware(api.ApiGuard, check_generation=check, check_options=check_options,
-                                             credentials=api.parse_credentials(getattr(cmd_opts, "api_auth", None))))
+    app.user_middleware.insert(0, guard)
     app.middleware_stack = app.build_middleware_stack()
     if not (getattr(cmd_opts, "api", False) or getattr(cmd_opts, "nowebui", False)):
         return
