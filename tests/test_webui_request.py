@@ -304,8 +304,11 @@ def test_check_generation():
     assert caught.value.status == 422
     with pytest.raises(api.ApiError, match="prompt: '\\(' is never closed"):
         api.check_generation({"prompt": "x\nmask: (cat", "init_images": ["x"]}, True, _ready)
-    with pytest.raises(api.ApiError, match="needs init_images"):
+    with pytest.raises(api.ApiError, match="^init_images: img2img has no init image to mask$"):
         api.check_generation({"prompt": "mask: cat"}, True, _ready)
+    with pytest.raises(api.ApiError, match="^init_images: img2img got 2 init images, but the host inpaints them all"):
+        api.check_generation({"prompt": "mask: cat", "init_images": ["x", "y"]}, True, _ready)
+    api.check_generation({"prompt": "cat", "init_images": ["x", "y"]}, True, _ready)  # no mask: the host's affair
     with pytest.raises(api.ApiError, match="args must be a list"):
         api.check_generation({"alwayson_scripts": {"ld-znet mask": {"args": "cat"}}}, False, _ready)
 

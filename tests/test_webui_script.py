@@ -137,6 +137,14 @@ def test_batch_tab_reuses_p(img2img):
     assert p.inpaint_full_res is True and p.used_masks[1] is not None
 
 
+def test_several_init_images_stop_the_generation(img2img):
+    """The host inpaints every init image with p.image_mask, which is made for the first."""
+    p = _run(img2img, processing.StableDiffusionProcessingImg2Img(prompt="mask: goblin",
+                                                                   init_images=[_image(1), _image(2)]))
+    assert modules.shared.state.interrupted and p.image_mask is None
+    assert p.extra_generation_params["LD-ZNet error"].startswith("img2img got 2 init images")
+
+
 def test_failure_stops_the_generation(tmp_path):
     world.install(tmp_path, head=False)
     s = script.LdznetScript()

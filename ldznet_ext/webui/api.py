@@ -28,8 +28,8 @@ from ..images import load_image, open_image
 from ..job import MaskJob, checked_flag
 from ..masks.instances import Instance, instance_image
 from ..outputs import render_overlay
-from .request import (ARG_NAMES, TITLE, ZERO_MEANS_NONE, check_negative_prompt, detail_from_args, from_args,
-                      with_prompt_line)
+from .request import (ARG_NAMES, TITLE, ZERO_MEANS_NONE, check_init_images, check_negative_prompt, detail_from_args,
+                      from_args, with_prompt_line)
 
 MASK_ROUTE = "/ldznet/v1/mask"
 VERSION_ROUTE = "/ldznet/v1/version"
@@ -168,8 +168,12 @@ def check_generation(payload, is_img2img: bool, check_ready: Callable[[MaskJob],
         raise ApiError(422, f"negative_prompt: {error}") from None
     if not (job.active or detail.active):
         return
-    if is_img2img and job.active and not payload.get("init_images"):
-        raise ApiError(422, "an LD-ZNet mask needs init_images")
+    if is_img2img and job.active:
+        images = payload.get("init_images")
+        try:
+            check_init_images(len(images) if isinstance(images, list) else int(bool(images)))
+        except LdznetError as error:
+            raise ApiError(422, f"init_images: {error}") from None
     try:
         check_ready(job if job.active else detail.mask_job(job))
     except CheckpointError as error:  # the host's model or our head file: a conflict, as on /ldznet/v1/mask

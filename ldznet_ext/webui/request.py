@@ -237,6 +237,16 @@ def split_mask_line(prompt: str) -> tuple[str, str | None]:
     return rest.strip(), expression
 
 
+def check_init_images(count: int) -> None:
+    """LdznetError unless a masked img2img has exactly one init image: the host inpaints every image
+    of the request with the one mask, which is made for the first."""
+    if count == 0:
+        raise LdznetError("img2img has no init image to mask")
+    if count > 1:
+        raise LdznetError(f"img2img got {count} init images, but the host inpaints them all with one mask, "
+                          "made for the first; send one image per request (or use the Batch tab)")
+
+
 def check_negative_prompt(negative_prompt: str | None) -> None:
     """LdznetError when the negative prompt has a ``mask:`` line: nothing masks by it, and the
     sampler would be given the expression as words to avoid, so a line typed into the wrong box

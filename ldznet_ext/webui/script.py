@@ -25,8 +25,8 @@ from ..errors import LdznetError
 from ..job import MaskJob
 from ..outputs import write_mask
 from . import detail_pass, host
-from .request import (DETAIL_WARNING_KEY, ERROR_KEY, TITLE, WARNING_KEY, check_negative_prompt, detail_from_args,
-                      from_args, infotext, split_mask_line, with_prompt_line)
+from .request import (DETAIL_WARNING_KEY, ERROR_KEY, TITLE, WARNING_KEY, check_init_images, check_negative_prompt,
+                      detail_from_args, from_args, infotext, split_mask_line, with_prompt_line)
 
 MASK_SUFFIX = "-ldznet-mask"
 _PROMPT_LISTS = ("all_prompts", "all_hr_prompts")
@@ -127,8 +127,7 @@ class LdznetScript(scripts.Script):
             fail(p, error)
 
     def _set_mask(self, p, job: MaskJob) -> None:
-        if not getattr(p, "init_images", None):
-            raise LdznetError("img2img has no init image to mask")
+        check_init_images(len(getattr(p, "init_images", None) or ()))
         image = p.init_images[0]
         result = host.compute(image, job, brush_mask(p, image.size))
         p._ldznet_mask = p.image_mask = Image.fromarray(result.mask, "L")
