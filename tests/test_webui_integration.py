@@ -282,6 +282,34 @@ def test_a_head_chosen_in_override_settings_is_the_one_checked_and_used(server):
         assert _call(server, "/sdapi/v1/options", {"ldznet_head": "ldznet-test-head.safetensors"})[0] == 200
 
 
+def test_xyz_plot_axes_set_each_cell_s_mask(server):
+    """The host's X/Y/Z plot with "[LD-ZNet] threshold: 0.1, 0.3": one generation per value, each
+    masked with its own threshold (its infotext says which), the prompt's mask line for the rest (a
+    value whose mask is empty generates nothing, as without the grid)."""
+    status, infos = _call(server, "/sdapi/v1/script-info")
+    assert status == 200
+    grid = next(info for info in infos if info["name"] == "x/y/z plot" and info["is_img2img"])
+    labels = next(arg for arg in grid["args"] if arg["label"] == "X type")["choices"]
+    assert [label for label in labels if label.startswith("[LD-ZNet]")] == [
+        "[LD-ZNet] mask", "[LD-ZNet] mode", "[LD-ZNet] threshold", "[LD-ZNet] grow", "[LD-ZNet] feather"]
+    payload = {"init_images": [_b64(IMAGE)], "prompt": "a photo\nmask: cat", "steps": 1, "width": 128,
+               "height": 96, "seed": 1, "sampler_name": "Euler", "denoising_strength": 0.5,
+               "script_name": "x/y/z plot",
+               "script_args": [labels.index("[LD-ZNet] threshold"), "0.1, 0.3", [], 0, "", [], 0, "", [],
+                               True, False, False, False, False, False, False, 0, False],
+               "alwayson_scripts": {"LD-ZNet mask": {"args": ["", "LD-ZNet head", 0.5, *[None] * 9, False]}}}
+    status, result = _call(server, "/sdapi/v1/img2img", payload)
+    assert status == 200, result
+    infotexts = [text for text in json.loads(result["info"])["infotexts"] if text]  # the grid's is None
+    for threshold in ("0.1", "0.3"):
+        assert any(f"LD-ZNet threshold: {threshold}," in text and "LD-ZNet mask: cat" in text for text in infotexts)
+    status, body = _call(server, "/sdapi/v1/img2img", {**payload, "script_args": [
+        labels.index("[LD-ZNet] threshold"), "0.1, 1.5", *payload["script_args"][2:]]})
+    # checked by the axis before the grid generates; the host answers any error of a script's run (its
+    # own axes' too) with 500 and the message
+    assert (status, body["errors"]) == (500, "threshold must be a number in [0, 1), got 1.5")
+
+
 def test_bad_args_are_4xx(server):
     payload = {"init_images": [_b64(IMAGE)], "prompt": "x", "steps": 1,
                "alwayson_scripts": {"ld-znet mask": {"args": ["cat", "LD-ZNet head", 1.5]}}}

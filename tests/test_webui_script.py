@@ -3,6 +3,7 @@ reused p, the prompt's mask line, infotext, masks saved beside images, failures.
 from __future__ import annotations
 
 import configparser
+import copy
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,10 +16,12 @@ pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
 
 from fake_webui import world  # noqa: E402
 
+import modules.scripts  # noqa: E402
 import modules.shared  # noqa: E402
 from modules import processing, script_callbacks  # noqa: E402
 
-from ldznet_ext.webui import host, script  # noqa: E402
+from ldznet_ext.webui import host, script, xyz  # noqa: E402
+from ldznet_ext.errors import LdznetError  # noqa: E402
 from ldznet_ext.job import MaskJob  # noqa: E402
 from ldznet_ext.webui.request import from_infotext  # noqa: E402
 
@@ -119,6 +122,65 @@ def test_a_soft_alpha_brush_is_rounded_unless_soft_inpainting_is_on(img2img, sof
     read = alpha if soft else np.where(alpha > 128, 255, 0).astype(np.uint8)
     assert np.array_equal(np.asarray(p.image_mask), np.minimum(ours, read)) and ours[:, :40].any()
     assert script.soft_inpainting_on(p) is soft
+
+
+class _AxisOption:
+    """The host's xyz_grid.AxisOption (scripts/xyz_grid.py), as far as the axes use it."""
+
+    def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
+        self.label, self.type, self.apply, self.confirm, self.choices = label, type, apply, confirm, choices
+
+
+@pytest.fixture
+def xyz_grid(monkeypatch):
+    """The host's X/Y/Z plot script module, found as the host loads it (module name "xyz_grid.py")."""
+    grid = SimpleNamespace(AxisOption=_AxisOption, axis_options=[_AxisOption("Nothing", str, None)])
+    data = SimpleNamespace(script_class=type("Script", (), {"__module__": "xyz_grid.py"}), module=grid)
+    monkeypatch.setattr(modules.scripts, "scripts_data", [SimpleNamespace(script_class=object, module=None), data],
+                        raising=False)
+    return grid
+
+
+def test_xyz_plot_axes_set_each_cell_s_mask(img2img, xyz_grid):
+    """As the grid runs a cell: a shallow copy of p, each axis's apply, then the scripts' process()."""
+    xyz.add_axes()
+    xyz.add_axes()  # once, whatever the host calls
+    axes = {option.label: option for option in xyz_grid.axis_options[1:]}
+    assert list(axes) == ["[LD-ZNet] mask", "[LD-ZNet] mode", "[LD-ZNet] threshold", "[LD-ZNet] grow",
+                          "[LD-ZNet] feather"]
+    assert [axes[label].type for label in axes] == [str, str, float, float, float]
+    assert axes["[LD-ZNet] mode"].choices() == ["LD-ZNet head", "zero-shot"]
+    image = _image(4)
+    base = processing.StableDiffusionProcessingImg2Img(prompt="a photo\nmask: goblin", init_images=[image])
+    masks = []
+    for expression, threshold in (("goblin", 0.3), ("sword", 0.99)):
+        cell = copy.copy(base)
+        axes["[LD-ZNet] threshold"].apply(cell, threshold, [0.3, 0.99])
+        if expression != "goblin":
+            axes["[LD-ZNet] mask"].apply(cell, expression, ["goblin", "sword"])
+        _run(img2img, cell, ("", "LD-ZNet head", 0.5, 0, 1.5))
+        job = MaskJob(expression, threshold=threshold, feather=1.5)
+        assert from_infotext(cell.extra_generation_params) == job
+        masks.append(np.asarray(cell.image_mask))
+        assert np.array_equal(masks[-1], host.compute(image, job).mask)
+    assert not np.array_equal(*masks) and not hasattr(base, "_ldznet_xyz")
+
+
+@pytest.mark.parametrize("label, values, message", [("[LD-ZNet] threshold", [0.3, 1.5], "threshold must be"),
+                                                    ("[LD-ZNet] mask", ["goblin", "goblin AND"], "position 10"),
+                                                    ("[LD-ZNet] mode", ["fast"], "mode must be one of")])
+def test_xyz_plot_values_are_checked_before_the_grid_runs(xyz_grid, label, values, message):
+    xyz.add_axes()
+    axis = next(option for option in xyz_grid.axis_options if option.label == label)
+    with pytest.raises(LdznetError, match=message):
+        axis.confirm(None, values)
+
+
+def test_a_grid_module_of_another_shape_keeps_the_ui(xyz_grid, capsys):
+    del xyz_grid.AxisOption
+    xyz.add_axes()
+    assert capsys.readouterr().err.startswith("LD-ZNet: the X/Y/Z plot axes were not added (AttributeError")
+    assert len(xyz_grid.axis_options) == 1
 
 
 def test_batch_tab_reuses_p(img2img):

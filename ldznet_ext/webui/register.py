@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from . import api, host, script, settings, tab, ui
+from . import api, host, script, settings, tab, ui, xyz
 
 
 def check_generation(payload, is_img2img: bool) -> None:
@@ -72,6 +72,7 @@ def register() -> None:
     settings.add_settings()
     script_callbacks.on_after_component(ui.remember_component)
     script_callbacks.on_ui_tabs(tab.build_tab)
+    script_callbacks.on_before_ui(xyz.add_axes)
     script_callbacks.on_app_started(add_routes)
     script_callbacks.on_model_loaded(host.model_loaded)
     script_callbacks.on_script_unloaded(host.unload)

@@ -24,7 +24,7 @@ from PIL import Image
 from ..errors import LdznetError
 from ..job import MaskJob
 from ..outputs import write_mask
-from . import detail_pass, host
+from . import detail_pass, host, xyz
 from .request import (DETAIL_WARNING_KEY, ERROR_KEY, TITLE, WARNING_KEY, check_init_images, check_negative_prompt,
                       detail_from_args, from_args, infotext, split_mask_line, with_prompt_line)
 
@@ -115,7 +115,7 @@ class LdznetScript(scripts.Script):
     def process(self, p, *args) -> None:
         try:
             check_negative_prompt(main_prompt(p, "negative_prompt"))
-            job = with_prompt_line(from_args(args), main_prompt(p))
+            job = xyz.apply(with_prompt_line(from_args(args), main_prompt(p)), p)
             detail = detail_from_args(args)
             strip_mask_lines(p)
             p._ldznet_job = job if job.active else None

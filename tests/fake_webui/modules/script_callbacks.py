@@ -16,7 +16,7 @@ def _register(name):
 
 
 for _name in ("ui_settings", "after_component", "ui_tabs", "app_started", "model_loaded", "script_unloaded",
-              "image_saved"):
+              "image_saved", "before_ui"):
     globals()[f"on_{_name}"] = _register(_name)
 
 
