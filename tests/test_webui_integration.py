@@ -624,6 +624,17 @@ def test_forge_scripts_that_read_the_mask_in_process_see_ours(forge):
     assert "Soft inpainting enabled: True" in json.loads(result["info"])["infotexts"][0]
 
 
+def test_forge_has_the_xyz_plot_axes(forge):
+    """Forge's X/Y/Z plot lists our axes as A1111's does (test_xyz_plot_axes_set_each_cell_s_mask)."""
+    status, infos = _call(forge, "/sdapi/v1/script-info")
+    assert status == 200
+    for is_img2img in (False, True):
+        grid = next(info for info in infos if info["name"] == "x/y/z plot" and info["is_img2img"] == is_img2img)
+        labels = next(arg for arg in grid["args"] if arg["label"] == "X type")["choices"]
+        assert [label for label in labels if label.startswith("[LD-ZNet]")] == [
+            "[LD-ZNet] mask", "[LD-ZNet] mode", "[LD-ZNet] threshold", "[LD-ZNet] grow", "[LD-ZNet] feather"]
+
+
 def test_forge_mask_line_masks_img2img(forge):
     """The head on Forge's UNet (the feature tap on its own modules): the route's mask is the one
     img2img inpaints with when the prompt says ``mask: cat``. The random head's maps are weak, so presence
