@@ -221,17 +221,34 @@ def test_mask_line_masks_img2img(server):
 SOFT_INPAINTING = {"args": [True, 1, 0.5, 4, 0, 0.5, 2]}  # A1111's built-in Soft Inpainting, on, its defaults
 
 
-def test_scripts_that_read_the_mask_in_process_see_ours(server):
-    """Built-in scripts run first; metadata.ini orders our process() before those that read
-    p.image_mask in theirs. Soft Inpainting enables itself only for a p with a mask: without a brush
-    mask it saw none and stayed off (no 'Soft inpainting enabled' in the infotext, a rounded mask)."""
-    payload = {"init_images": [_b64(IMAGE)], "prompt": "a photo\nmask: cat", "steps": 1, "width": 128,
+XYZ_AXES = ["[LD-ZNet] mask", "[LD-ZNet] mode", "[LD-ZNet] threshold", "[LD-ZNet] grow", "[LD-ZNet] feather"]
+
+
+def _soft_inpainting_sees_the_mask(base: str, image: Image.Image, threshold: float) -> None:
+    """img2img with a ``mask:`` line, no brush, and the built-in Soft Inpainting on: it enables itself
+    only for a p that has a mask when its process() runs."""
+    payload = {"init_images": [_b64(image)], "prompt": "a photo\nmask: cat", "steps": 1, "width": 128,
                "height": 96, "seed": 1, "sampler_name": "Euler", "denoising_strength": 0.5,
-               "alwayson_scripts": {"LD-ZNet mask": {"args": ["", "LD-ZNet head", 0.5, *[None] * 9, False]},
+               "alwayson_scripts": {"LD-ZNet mask": {"args": ["", "LD-ZNet head", threshold, *[None] * 9, False]},
                                     "Soft Inpainting": SOFT_INPAINTING}}
-    status, result = _call(server, "/sdapi/v1/img2img", payload)
+    status, result = _call(base, "/sdapi/v1/img2img", payload)
     assert status == 200, result
     assert "Soft inpainting enabled: True" in json.loads(result["info"])["infotexts"][0]
+
+
+def _xyz_axis_labels(base: str, is_img2img: bool) -> list[str]:
+    """The X type choices of the host's X/Y/Z plot script (its index is what script_args sends)."""
+    status, infos = _call(base, "/sdapi/v1/script-info")
+    assert status == 200
+    grid = next(info for info in infos if info["name"] == "x/y/z plot" and info["is_img2img"] == is_img2img)
+    return next(arg for arg in grid["args"] if arg["label"] == "X type")["choices"]
+
+
+def test_scripts_that_read_the_mask_in_process_see_ours(server):
+    """Built-in scripts run first; metadata.ini orders our process() before those that read
+    p.image_mask in theirs. Without a brush mask Soft Inpainting saw none and stayed off (no 'Soft
+    inpainting enabled' in the infotext, a rounded mask)."""
+    _soft_inpainting_sees_the_mask(server, IMAGE, 0.5)
 
 
 def test_a_soft_brush_meets_the_text_mask_rounded_as_the_host_reads_it(server):
@@ -286,12 +303,8 @@ def test_xyz_plot_axes_set_each_cell_s_mask(server):
     """The host's X/Y/Z plot with "[LD-ZNet] threshold: 0.1, 0.3": one generation per value, each
     masked with its own threshold (its infotext says which), the prompt's mask line for the rest (a
     value whose mask is empty generates nothing, as without the grid)."""
-    status, infos = _call(server, "/sdapi/v1/script-info")
-    assert status == 200
-    grid = next(info for info in infos if info["name"] == "x/y/z plot" and info["is_img2img"])
-    labels = next(arg for arg in grid["args"] if arg["label"] == "X type")["choices"]
-    assert [label for label in labels if label.startswith("[LD-ZNet]")] == [
-        "[LD-ZNet] mask", "[LD-ZNet] mode", "[LD-ZNet] threshold", "[LD-ZNet] grow", "[LD-ZNet] feather"]
+    labels = _xyz_axis_labels(server, is_img2img=True)
+    assert [label for label in labels if label.startswith("[LD-ZNet]")] == XYZ_AXES
     payload = {"init_images": [_b64(IMAGE)], "prompt": "a photo\nmask: cat", "steps": 1, "width": 128,
                "height": 96, "seed": 1, "sampler_name": "Euler", "denoising_strength": 0.5,
                "script_name": "x/y/z plot",
@@ -615,24 +628,13 @@ def test_forge_routes_and_validation(forge):
 def test_forge_scripts_that_read_the_mask_in_process_see_ours(forge):
     """As in A1111 (test_scripts_that_read_the_mask_in_process_see_ours), with Forge's built-in Soft
     Inpainting; its built-in ControlNet reads the mask at the same point and is ordered the same way."""
-    payload = {"init_images": [_b64(_forge_image())], "prompt": "a photo\nmask: cat", "steps": 1, "width": 128,
-               "height": 96, "seed": 1, "sampler_name": "Euler", "denoising_strength": 0.5,
-               "alwayson_scripts": {"LD-ZNet mask": {"args": ["", "LD-ZNet head", 0.0, *[None] * 9, False]},
-                                    "Soft Inpainting": SOFT_INPAINTING}}
-    status, result = _call(forge, "/sdapi/v1/img2img", payload)
-    assert status == 200, result
-    assert "Soft inpainting enabled: True" in json.loads(result["info"])["infotexts"][0]
+    _soft_inpainting_sees_the_mask(forge, _forge_image(), 0.0)
 
 
 def test_forge_has_the_xyz_plot_axes(forge):
     """Forge's X/Y/Z plot lists our axes as A1111's does (test_xyz_plot_axes_set_each_cell_s_mask)."""
-    status, infos = _call(forge, "/sdapi/v1/script-info")
-    assert status == 200
     for is_img2img in (False, True):
-        grid = next(info for info in infos if info["name"] == "x/y/z plot" and info["is_img2img"] == is_img2img)
-        labels = next(arg for arg in grid["args"] if arg["label"] == "X type")["choices"]
-        assert [label for label in labels if label.startswith("[LD-ZNet]")] == [
-            "[LD-ZNet] mask", "[LD-ZNet] mode", "[LD-ZNet] threshold", "[LD-ZNet] grow", "[LD-ZNet] feather"]
+        assert [label for label in _xyz_axis_labels(forge, is_img2img) if label.startswith("[LD-ZNet]")] == XYZ_AXES
 
 
 def test_forge_mask_line_masks_img2img(forge):
