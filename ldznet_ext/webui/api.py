@@ -182,15 +182,18 @@ def check_generation(payload, is_img2img: bool, check_ready: Callable[[MaskJob],
         raise ApiError(422, str(error)) from None
 
 
+def _override_settings(payload) -> Mapping:
+    """A generation request's ``override_settings`` (the settings the host sets for its job alone)."""
+    overrides = payload.get("override_settings") if isinstance(payload, Mapping) else None
+    return overrides if isinstance(overrides, Mapping) else {}
+
+
 def setting_overrides(payload, checked: Callable[[str, object], object]) -> dict[str, object]:
     """The LD-ZNet settings (keys "ldznet_...") that a generation request's ``override_settings`` sets
     for its job, each as ``checked`` reads it; ApiError 422 naming the first one it refuses (the host
     would set it and the mask would fail mid-generation)."""
-    overrides = payload.get("override_settings") if isinstance(payload, Mapping) else None
-    if not isinstance(overrides, Mapping):
-        return {}
     ours = {}
-    for key, value in overrides.items():
+    for key, value in _override_settings(payload).items():
         if isinstance(key, str) and key.startswith("ldznet_"):
             try:
                 ours[key] = checked(key, value)
@@ -202,8 +205,7 @@ def setting_overrides(payload, checked: Callable[[str, object], object]) -> dict
 def names_a_checkpoint(payload) -> bool:
     """Whether a generation request's ``override_settings`` names a checkpoint, which the host loads
     for the job: the model loaded now is then not the one its mask would run on."""
-    overrides = payload.get("override_settings") if isinstance(payload, Mapping) else None
-    return isinstance(overrides, Mapping) and overrides.get("sd_model_checkpoint") is not None
+    return _override_settings(payload).get("sd_model_checkpoint") is not None
 
 
 def check_options(payload, check: Callable[[Mapping], None]) -> None:
