@@ -465,6 +465,18 @@ def test_options_are_in_the_api_with_nowebui(monkeypatch):
     assert modules.shared.opts.data_labels["ldznet_head"].section == ("ldznet", "LD-ZNet")
 
 
+def test_an_install_the_host_would_not_order_is_named(tmp_path):
+    """metadata.ini's order applies to a real folder named ldznet (any case) only."""
+    (tmp_path / "extensions" / "LDZNet").mkdir(parents=True)
+    (tmp_path / "extensions" / "sd-webui-ldznet").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "extensions" / "ldznet").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert register.install_problem(str(tmp_path / "extensions" / "LDZNet")) is None
+    assert register.install_problem(str(tmp_path / "extensions" / "sd-webui-ldznet")) == (
+        "its folder is named 'sd-webui-ldznet', not 'ldznet'")
+    assert register.install_problem(str(tmp_path / "extensions" / "ldznet")) == "it is installed through a link"
+
+
 class _StartedApp:
     """Starlette's middleware bookkeeping (starlette/applications.py) on an app that already answers:
     whenever its stack is reset to None, a request arrives (as from another thread) and rebuilds it."""

@@ -8,6 +8,8 @@ cached head and the separate SD 1.x mask model are unloaded on unload.
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 
 from . import api, host, script, settings, tab, ui, xyz
 
@@ -63,9 +65,25 @@ def add_routes(demo, app) -> None:
     app.add_api_route(api.SCHEMA_ROUTE, api.schema_response, methods=["GET"])
 
 
+def install_problem(folder: str) -> str | None:
+    """Why the host would not apply metadata.ini's script order to the extension in ``folder`` (as the
+    host found it), or None: the order's section names the folder ``ldznet``, and the host names a
+    linked extension's callbacks ``base/...`` (modules/script_callbacks.add_callback resolves links)."""
+    if os.path.basename(folder).lower() != "ldznet":
+        return f"its folder is named {os.path.basename(folder)!r}, not 'ldznet'"
+    if os.path.realpath(folder) != os.path.abspath(folder):
+        return "it is installed through a link"
+    return None
+
+
 def register() -> None:
     """Register every callback of the extension with ``modules.script_callbacks``."""
     from modules import script_callbacks
+
+    problem = install_problem(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    if problem:
+        print(f"LD-ZNet: {problem}, so the host does not run its mask step before Soft Inpainting's and "
+              "ControlNet's, and they miss a mask typed as text; install it as extensions/ldznet", file=sys.stderr)
 
     # Now rather than on_ui_settings: with --nowebui the host builds its API's options model (the
     # keys GET /sdapi/v1/options returns) from the options it knows before those callbacks run.
