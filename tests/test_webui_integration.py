@@ -333,6 +333,9 @@ def test_bad_args_are_4xx(server):
     status, body = _call(server, "/sdapi/v1/txt2img", {"prompt": "x", "negative_prompt": "blurry\nmask: cat",
                                                        "steps": 1, "width": 64, "height": 64})
     assert status == 422 and body["detail"].startswith("negative_prompt: the negative prompt has a 'mask:' line")
+    status, body = _call(server, "/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True, "steps": 1, "width": 64,
+                                                       "height": 64, "hr_negative_prompt": "mask: cat"})
+    assert status == 422 and body["detail"].startswith("hr_negative_prompt: the negative prompt has a 'mask:' line")
     status, body = _call(server, "/sdapi/v1/img2img", {"prompt": "mask: cat", "init_images": [_b64(IMAGE)] * 2,
                                                        "steps": 1})
     assert status == 422 and body["detail"].startswith("init_images: img2img got 2 init images")

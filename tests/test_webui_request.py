@@ -331,6 +331,8 @@ def test_a_mask_line_in_the_negative_prompt_is_refused():
         api.check_generation(payload, False, _ready)
     assert caught.value.status == 422
     api.check_generation({"prompt": "a knight\nmask: goblin", "negative_prompt": "blurry"}, False, _ready)
+    with pytest.raises(api.ApiError, match="^hr_negative_prompt: the negative prompt has a 'mask:' line"):
+        api.check_generation({"prompt": "a knight", "hr_negative_prompt": "mask: goblin"}, False, _ready)
 
 
 def test_mask_response_validation():

@@ -216,14 +216,17 @@ def test_failure_stops_the_generation(tmp_path):
     assert any("no LD-ZNet head is selected" in c for c in p.comments) and p.image_mask is None
 
 
-@pytest.mark.parametrize("is_img2img", [True, False])
-def test_a_mask_line_in_the_negative_prompt_stops_the_generation(tmp_path, is_img2img):
+@pytest.mark.parametrize("is_img2img, name", [(True, "negative_prompt"), (False, "negative_prompt"),
+                                               (False, "hr_negative_prompt")])
+def test_a_mask_line_in_the_negative_prompt_stops_the_generation(tmp_path, is_img2img, name):
     world.install(tmp_path)
     s = script.LdznetScript()
     s.is_img2img = is_img2img
     kind = processing.StableDiffusionProcessingImg2Img if is_img2img else processing.StableDiffusionProcessingTxt2Img
     extra = {"init_images": [_image(1)]} if is_img2img else {}
-    p = _run(s, kind(prompt="a photo", negative_prompt="blurry\nmask: goblin", **extra))
+    p = kind(prompt="a photo", **extra)
+    setattr(p, name, "blurry\nmask: goblin")  # the hires pass's own is an attribute of the host's txt2img p
+    p = _run(s, p)
     assert modules.shared.state.interrupted
     assert p.extra_generation_params["LD-ZNet error"].startswith("the negative prompt has a 'mask:' line")
     assert getattr(p, "image_mask", None) is None

@@ -28,8 +28,8 @@ from ..images import load_image, open_image
 from ..job import MaskJob, checked_flag
 from ..masks.instances import Instance, instance_image
 from ..outputs import render_overlay
-from .request import (ARG_NAMES, TITLE, ZERO_MEANS_NONE, check_init_images, check_negative_prompt, detail_from_args,
-                      from_args, with_prompt_line)
+from .request import (ARG_NAMES, NEGATIVE_PROMPTS, TITLE, ZERO_MEANS_NONE, check_init_images, check_negative_prompt,
+                      detail_from_args, from_args, with_prompt_line)
 
 MASK_ROUTE = "/ldznet/v1/mask"
 VERSION_ROUTE = "/ldznet/v1/version"
@@ -162,10 +162,11 @@ def check_generation(payload, is_img2img: bool, check_ready: Callable[[MaskJob],
         job = with_prompt_line(job, prompt)  # the script's own rule: the prompt's line wins
     except LdznetError as error:
         raise ApiError(422, f"prompt: {error}") from None
-    try:
-        check_negative_prompt(payload.get("negative_prompt"))
-    except LdznetError as error:
-        raise ApiError(422, f"negative_prompt: {error}") from None
+    for name in NEGATIVE_PROMPTS:
+        try:
+            check_negative_prompt(payload.get(name))
+        except LdznetError as error:
+            raise ApiError(422, f"{name}: {error}") from None
     if not (job.active or detail.active):
         return
     if is_img2img and job.active:

@@ -247,6 +247,10 @@ def check_init_images(count: int) -> None:
                           "made for the first; send one image per request (or use the Batch tab)")
 
 
+NEGATIVE_PROMPTS = ("negative_prompt", "hr_negative_prompt")
+"""A generation's negative prompts by their names on ``p`` and in API bodies (the hires pass's own, when set)."""
+
+
 def check_negative_prompt(negative_prompt: str | None) -> None:
     """LdznetError when the negative prompt has a ``mask:`` line: nothing masks by it, and the
     sampler would be given the expression as words to avoid, so a line typed into the wrong box

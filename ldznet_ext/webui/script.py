@@ -25,8 +25,8 @@ from ..errors import LdznetError
 from ..job import MaskJob
 from ..outputs import write_mask
 from . import detail_pass, host, xyz
-from .request import (DETAIL_WARNING_KEY, ERROR_KEY, TITLE, WARNING_KEY, check_init_images, check_negative_prompt,
-                      detail_from_args, from_args, infotext, split_mask_line, with_prompt_line)
+from .request import (DETAIL_WARNING_KEY, ERROR_KEY, NEGATIVE_PROMPTS, TITLE, WARNING_KEY, check_init_images,
+                      check_negative_prompt, detail_from_args, from_args, infotext, split_mask_line, with_prompt_line)
 
 MASK_SUFFIX = "-ldznet-mask"
 _PROMPT_LISTS = ("all_prompts", "all_hr_prompts")
@@ -114,7 +114,8 @@ class LdznetScript(scripts.Script):
 
     def process(self, p, *args) -> None:
         try:
-            check_negative_prompt(main_prompt(p, "negative_prompt"))
+            for name in NEGATIVE_PROMPTS:
+                check_negative_prompt(main_prompt(p, name))
             job = xyz.apply(with_prompt_line(from_args(args), main_prompt(p)), p)
             detail = detail_from_args(args)
             strip_mask_lines(p)
