@@ -76,3 +76,28 @@ def test_hostile_script_args(server):
             assert "Traceback" not in " ".join(json.loads(body["info"])["infotexts"]), payload
         statuses.add(status)
     assert statuses == {200, 422}
+
+
+SETTINGS = ("ldznet_head", "ldznet_mask_model", "ldznet_timestep", "ldznet_resolution", "ldznet_threshold",
+            "ldznet_keep_on_gpu", "ldznet_cuda_graphs", "ldznet_dtype", "ldznet_save_masks", "ldznet_unknown")
+
+
+def test_hostile_override_settings(server):
+    """A generation's override_settings sets LD-ZNet settings for its job: odd values of each, an unknown
+    key, and a mask line in either negative prompt; good settings must still generate."""
+    rng = random.Random(21)
+    statuses = set()
+    for _ in range(120):
+        overrides = {key: rng.choice(ODD_VALUES + ("ldznet-test-head.safetensors", "fp16", 64, 400))
+                     for key in rng.sample(SETTINGS, rng.randrange(0, 3))}
+        payload = {"prompt": rng.choice(["a photo", "a photo\nmask: cat"]), "steps": 1, "width": 64, "height": 64,
+                   "init_images": [_b64(IMAGE)], "override_settings": overrides,
+                   "override_settings_restore_afterwards": True,
+                   rng.choice(["negative_prompt", "hr_negative_prompt"]): rng.choice(["", "blurry", "mask: cat"]),
+                   "alwayson_scripts": {"LD-ZNet mask": {"args": ["", "LD-ZNet head", 0.5]}}}
+        status, body = _call(server, "/sdapi/v1/img2img", payload)
+        _check(status, body, payload)
+        if status == 200:
+            assert "Traceback" not in " ".join(json.loads(body["info"])["infotexts"]), payload
+        statuses.add(status)
+    assert statuses == {200, 409, 422}  # 409: a head file named but not there, as on /ldznet/v1/mask
