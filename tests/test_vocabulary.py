@@ -82,3 +82,14 @@ def test_a_bad_vocabulary_field_is_refused_by_name(words) -> None:
     assert str(error.value) == (f"m.safetensors: field 'ldznet.vocabulary' is {json.dumps(words)[:80]}; expected a "
                                 "JSON list of 1 to 10000 lower-case words")
 
+
+
+def test_one_notion_of_a_word_for_vocabularies_and_terms():
+    """ldznet_ext.words: letters of any script; digits and '_' separate words; a vocabulary word is one
+    casefolded word of at most 64 letters."""
+    from ldznet_ext.words import is_vocabulary_word, words
+
+    assert words("Red star2 blue_sky, Étoile") == ["red", "star", "blue", "sky", "étoile"]
+    assert [is_vocabulary_word(w) for w in ("star", "étoile", "a" * 64, "a" * 65, "Star", "star2", "red star", "",
+                                            5, None)] == [True, True, True, False, False, False, False, False,
+                                                          False, False]

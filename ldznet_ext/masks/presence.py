@@ -16,13 +16,13 @@ with such a model a term none of whose words is on the list is not found whateve
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
 from torch import Tensor
 
 from ..errors import LdznetError
+from ..words import words
 
 __all__ = ["HEAD_RULE", "PresenceRule", "TermPresence", "UNKNOWN_WORDS", "ZERO_SHOT_RULE", "knows_term",
            "presence_score"]
@@ -40,7 +40,7 @@ def presence_score(probability: Tensor, area: float) -> float:
 def knows_term(term: str, vocabulary: Collection[str]) -> bool:
     """Whether at least one word of ``term`` (letters only, compared without case) is in ``vocabulary``
     (casefolded words): ``purple goblin`` is half known and runs; ``goblin`` is not."""
-    return any(word in vocabulary for word in re.findall(r"[^\W\d_]+", term.casefold()))
+    return any(word in vocabulary for word in words(term))
 
 
 @dataclass(frozen=True)

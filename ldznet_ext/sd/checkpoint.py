@@ -27,6 +27,7 @@ from ..backbones.family import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointI
 from ..checkpoint_io import (parse_config, read_metadata, read_state_dict, read_tensor_shapes, read_tensors,
                              write_safetensors)
 from ..errors import CheckpointError, LdznetError
+from ..words import is_vocabulary_word
 from .model import StableDiffusion
 from .parts import check_parts, trim_for_masks
 from .schedule import NUM_TIMESTEPS, NoiseSchedule, alphas_cumprod, rescale_zero_terminal_snr
@@ -192,7 +193,7 @@ def _vocabulary(words: Any, name: str) -> frozenset[str] | None:
     if words is None:
         return None
     if not (isinstance(words, list) and 0 < len(words) <= MAX_VOCABULARY
-            and all(isinstance(w, str) and re.fullmatch(r"[^\W\d_]{1,64}", w) and w == w.casefold() for w in words)):
+            and all(is_vocabulary_word(w) for w in words)):
         raise CheckpointError(f"{name}: field 'ldznet.vocabulary' is {json.dumps(words)[:80]}; expected a JSON list "
                               f"of 1 to {MAX_VOCABULARY} lower-case words")
     return frozenset(words)
