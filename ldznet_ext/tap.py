@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .backbones.base import UNetLayout
 
@@ -46,7 +47,54 @@ class _StopUNet(BaseException):
     """
 
 
-class FeatureTap:
+_Hooks = TypeVar("_Hooks", bound="UNetHooks")
+
+
+class UNetHooks:
+    """Forward hooks on a possibly shared UNet, installed for one ``with`` block: the block holds the
+    UNet's lock (:func:`unet_lock`), and the hooks act only in the thread that entered it
+    (:meth:`owns_call`). Subclasses add their hooks in :meth:`_install` and may finish their records in
+    :meth:`_finish`, after the hooks are gone and before the lock is released."""
+
+    def __init__(self, unet: nn.Module):
+        self._lock = unet_lock(unet)
+        self._thread: int | None = None
+        self._handles: list = []
+
+    def __enter__(self: _Hooks) -> _Hooks:
+        self._lock.acquire()
+        self._thread = threading.get_ident()
+        try:
+            for handle in self._install():  # one at a time, so a failure part-way removes those made
+                self._handles.append(handle)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self._thread = None
+            self._finish()
+        finally:
+            self._lock.release()
+
+    def owns_call(self) -> bool:
+        """True in the thread that entered the block: another thread's call of a shared UNet is not ours."""
+        return threading.get_ident() == self._thread
+
+    def _install(self) -> Iterator[RemovableHandle]:
+        """Register the hooks, yielding each one's handle."""
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        """After the hooks are removed: complete what they recorded."""
+
+
+class FeatureTap(UNetHooks):
     """Context manager that records the outputs of chosen spatial-transformer blocks.
 
     >>> with FeatureTap(backbone.layout, blocks=(6, 7, 8, 9, 10)) as tap:
@@ -60,32 +108,20 @@ class FeatureTap:
         self.blocks = layout.pick(layout.tapped if blocks is None else blocks)
         if not self.blocks:
             raise ValueError("choose at least one block to tap")
+        super().__init__(layout.unet)
         self.modules = [site.module for site in layout.sites]
-        self._lock = unet_lock(layout.unet)
-        self._thread: int | None = None
         self.early_exit = early_exit
         self.features: dict[int, Tensor] = {}
         self.output: Any = None
-        self._handles: list = []
 
-    def __enter__(self) -> FeatureTap:
-        self._lock.acquire()
-        self._thread = threading.get_ident()
+    def _install(self) -> Iterator[RemovableHandle]:
         last = self.blocks[-1]
         for number in self.blocks:
-            self._handles.append(self.modules[number - 1].register_forward_hook(self._hook(number, number == last)))
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._thread = None
-        self._lock.release()
+            yield self.modules[number - 1].register_forward_hook(self._hook(number, number == last))
 
     def _hook(self, number: int, is_last: bool) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            if threading.get_ident() != self._thread:  # another thread's call of a shared UNet
+            if not self.owns_call():
                 return
             self.features[number] = output
             if is_last and self.early_exit:

@@ -29,14 +29,14 @@ or N x (T + 1) (agreement, difference), and no other model calls.
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .backbones.base import Backbone, Conditioning, UNetLayout
 from .errors import LdznetError
@@ -44,7 +44,7 @@ from .graphs import Runner, eager
 from .limits import DOWNSCALE, DRAWS, PROPAGATION_STEPS, SCALE_WEIGHT, SHARPEN, TIMESTEP
 from .sd.schedule import noise_draws
 from .sd.tokenizer import BOS_ID, EOS_ID, tokenize
-from .tap import unet_lock
+from .tap import UNetHooks
 
 SCORES = ("attention", "agreement", "difference")
 
@@ -139,7 +139,7 @@ def blocks_at(layout: UNetLayout, downscales: Sequence[int]) -> tuple[int, ...]:
     return tuple(number for number, site in enumerate(layout.sites, 1) if site.downscale in downscales)
 
 
-class CrossAttentionRecorder:
+class CrossAttentionRecorder(UNetHooks):
     """Record, during one UNet call, the text cross-attention mass of chosen spatial transformers
     of a layout (``blocks``, numbered from 1; None: all) on given token spans: ``maps`` [B, h, w]
     per block in block order, averaged over heads and summed over the span. With
@@ -149,7 +149,7 @@ class CrossAttentionRecorder:
 
     Probabilities are recomputed from each module's inputs (``to_q``, ``to_k``, ``heads``, see
     ``backbones.base.TransformerSite``), since optimised attention never materialises them.
-    Thread-safe as :class:`tap.FeatureTap`: it holds the UNet's lock and records only its own
+    Thread-safe as every :class:`tap.UNetHooks`: it holds the UNet's lock and records only its own
     thread's calls.
     """
 
@@ -161,47 +161,37 @@ class CrossAttentionRecorder:
         unexposed = [site.name for site in self.self_sites if site.self_attention is None]
         if unexposed:
             raise ValueError(f"the layout does not expose the self-attention of {', '.join(unexposed)}")
-        self._lock = unet_lock(layout.unet)
-        self._thread: int | None = None
+        super().__init__(layout.unet)
         self.spans = list(spans)
         self.rows_per_image = rows_per_image
         self.maps: list[Tensor] = []
         self.affinity: Tensor | None = None
         self.affinity_size: tuple[int, int] | None = None
-        self._handles: list = []
 
-    def __enter__(self) -> CrossAttentionRecorder:
-        self._lock.acquire()
-        self._thread = threading.get_ident()
+    def _install(self) -> Iterator[RemovableHandle]:
         self.maps, self.affinity, self._affinity_count = [], None, 0
         for site in {id(s): s for s in self.sites + self.self_sites}.values():
             sizes: dict = {}
-            self._handles.append(site.module.register_forward_pre_hook(self._size_hook(sizes)))
+            yield site.module.register_forward_pre_hook(self._size_hook(sizes))
             if site in self.sites:
-                self._handles.append(site.cross_attention.register_forward_hook(self._hook(sizes), with_kwargs=True))
+                yield site.cross_attention.register_forward_hook(self._hook(sizes), with_kwargs=True)
             if site in self.self_sites:
-                self._handles.append(site.self_attention.register_forward_hook(self._self_hook(sizes)))
-        return self
+                yield site.self_attention.register_forward_hook(self._self_hook(sizes))
 
-    def __exit__(self, *exc_info) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._thread = None
-        self._lock.release()
+    def _finish(self) -> None:
         if self.affinity is not None:
             self.affinity /= self._affinity_count
 
     def _size_hook(self, sizes: dict):
         def hook(module: nn.Module, args: tuple) -> None:
-            if threading.get_ident() == self._thread:
+            if self.owns_call():
                 sizes.update(hw=tuple(args[0].shape[-2:]))
 
         return hook
 
     def _hook(self, sizes: dict):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
-            if threading.get_ident() != self._thread:  # another thread's call of a shared UNet
+            if not self.owns_call():
                 return
             x = args[0]
             q, k = _queries_keys(module, x, kwargs.get("context", args[1] if len(args) > 1 else None))
@@ -216,7 +206,7 @@ class CrossAttentionRecorder:
 
     def _self_hook(self, sizes: dict):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if threading.get_ident() != self._thread:
+            if not self.owns_call():
                 return
             x = args[0]
             q, k = _queries_keys(module, x, x)

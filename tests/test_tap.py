@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 
 import pytest
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 from conftest import TINY, tiny_inputs
 from ldznet_ext.sd.unet import timestep_embedding
 from ldznet_ext.backbones.base import LDZNET_BLOCKS, ldm_layout, spatial_transformers
-from ldznet_ext.tap import FeatureTap
+from ldznet_ext.tap import FeatureTap, unet_lock
 
 # Tiny z is 16 x 24: blocks 6 and 8-10 run at z / 4 (level 2), block 7 at z / 8 (the middle block);
 # all five have model_channels * channel_mult[2] = 64 channels (1280 at SD v1 size).
@@ -152,6 +153,24 @@ def test_hooks_are_removed_when_the_unet_raises(any_tiny_unet: nn.Module, monkey
             tap.run(_call(unet, inputs))
     assert sorted(tap.features) == [6, 7]
     assert _hooked_modules(unet) == []
+
+
+def test_a_failed_install_removes_the_hooks_made_and_frees_the_unet(
+        any_tiny_unet: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    unet = any_tiny_unet
+    layout = ldm_layout(unet)
+    # Block 8 refuses its hook after block 6's and 7's are in place.
+    monkeypatch.setattr(layout.sites[7].module, "register_forward_hook", lambda hook: (_ for _ in ()).throw(
+        RuntimeError("no hooks here")))
+    with pytest.raises(RuntimeError, match="no hooks here"):
+        with FeatureTap(layout):
+            pass
+    assert _hooked_modules(unet) == []
+    taken = []
+    thread = threading.Thread(target=lambda: taken.append(unet_lock(unet).acquire(blocking=False)))
+    thread.start()
+    thread.join()
+    assert taken == [True]
 
 
 def test_unet_is_unchanged_after_an_early_exit(any_tiny_unet: nn.Module) -> None:
