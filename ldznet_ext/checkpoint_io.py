@@ -122,6 +122,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     return tensors
 
 
+def path_argument(value: object, what: str) -> Path:
+    """A loader's path argument as a Path: text or an ``os.PathLike`` of text; CheckpointError naming
+    ``what`` for anything else (None, a number, bytes, empty text)."""
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(text, str) or not text:
+        found = repr(text) if isinstance(text, str) else type(value).__name__
+        raise CheckpointError(f"{what} must be a file path (text or pathlib.Path), got {found}")
+    return Path(text)
+
+
 def named_path(path: str | os.PathLike) -> Path:
     """``path`` made absolute (not resolved), so that a folder given as ``.`` or ``..`` has a name for
     messages and records (``named_path(path).name``)."""

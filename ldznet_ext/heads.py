@@ -16,10 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from .backbones.base import spatial_transformers
-from .checkpoint_io import read_metadata, read_state_dict, write_safetensors
+from .checkpoint_io import path_argument, read_metadata, read_state_dict, write_safetensors
+from .devices import resolve_device
 from .errors import CheckpointError, LdznetError
 from .modeling.build import HeadConfig, build_head, head_config
 from .outputs import same_file, writable_path
+from .precision import as_dtype
 from .sd.checkpoint import classify
 
 OFFICIAL_EMA_PREFIX = "model_ema."
@@ -90,8 +92,10 @@ def _build_described_head(config: HeadConfig, name: str) -> nn.Module:
 
 
 def load_head(path: str | os.PathLike, device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.float32) -> tuple[nn.Module, HeadConfig]:
-    """Load a head file; its tensors must match the architecture its metadata describes exactly."""
+              dtype: torch.dtype | str = torch.float32) -> tuple[nn.Module, HeadConfig]:
+    """Load a head file; its tensors must match the architecture its metadata describes exactly.
+    ``dtype``: a torch dtype or its name ("fp16"); ``device`` as :func:`devices.resolve_device` takes it."""
+    path, device, dtype = path_argument(path, "head file"), resolve_device(device), as_dtype(dtype)
     config = read_head_config(path)
     state = read_state_dict(path)
     head = _build_described_head(config, Path(path).name)

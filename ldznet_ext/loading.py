@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 
 from .backbones.family import LABELS, CheckpointInfo
-from .checkpoint_io import SINGLE_FILE, named_path, readable_file
+from .checkpoint_io import SINGLE_FILE, named_path, path_argument, readable_file
 from .defaults import default_model_paths
 from .errors import CheckpointError, LdznetError
 from .factory import ModelSettings, build_segmenter
 from .heads import load_head
-from .limits import RESOLUTION, check_device_name
+from .devices import resolve_device
+from .limits import RESOLUTION
 from .precision import resolve_dtype
 from .sd.checkpoint import load_stable_diffusion
 from .sd.diffusers_folder import INDEX_FILE, diffusers_family, is_diffusers_folder, load_diffusers_folder
@@ -97,29 +98,10 @@ def check_vae_choice(vae: str | os.PathLike | None, mask_model: str | os.PathLik
                           "masks come from the mask model and its own VAE; drop --vae, or drop --mask-model")
 
 
-def resolve_device(name: str | None = None) -> torch.device:
-    """A torch device from a name ("cpu", "cuda", "cuda:1", "mps"); None or "auto" picks CUDA, then
-    MPS, then the CPU. Other names (``meta``, ``xla``, ...) are refused: LdznetError."""
-    if name is not None:
-        check_device_name(name)
-    if name in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LdznetError(f"device {name!r} was asked for but CUDA is not available; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise LdznetError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) found")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise LdznetError(f"device {name!r} was asked for but MPS is not available; use --device cpu")
-    return device
-
-
 def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = None, *,
                    mask_model: str | os.PathLike | None = None, vae: str | os.PathLike | None = None,
-                   device: str | torch.device | None = None, dtype: str = "fp32", resolution: int | None = None,
+                   device: str | torch.device | None = None, dtype: str | torch.dtype = "fp32",
+                   resolution: int | None = None,
                    timestep: int | None = None, draws: int | None = None, seed: int = 0) -> Segmenter:
     """Load an SD checkpoint and optionally a head (None: zero-shot masks, where SDXL-family and SD 2.x
     models serve too) into a Segmenter.
@@ -135,7 +117,10 @@ def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = No
     ``timestep`` and ``draws`` default to the head's training timestep and one draw, or to the
     zero-shot defaults (:class:`ZeroShotSettings`); ``resolution`` None uses the head's own.
     """
-    device = device if isinstance(device, torch.device) else resolve_device(device)
+    model = path_argument(model, "model")
+    head, mask_model, vae = (None if path is None else path_argument(path, what)
+                             for path, what in ((head, "head file"), (mask_model, "mask model"), (vae, "VAE file")))
+    device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     if resolution is not None:
         RESOLUTION.check(resolution, "resolution")

@@ -26,6 +26,18 @@ def dtype_named(name: str) -> torch.dtype:
     return dtype
 
 
+def as_dtype(value: torch.dtype | str) -> torch.dtype:
+    """A model loader's ``dtype``: one of the precisions' torch dtypes, or its name (:func:`dtype_named`);
+    LdznetError for anything else."""
+    if isinstance(value, torch.dtype):
+        if value not in DTYPES.values():
+            raise LdznetError(f"unsupported dtype {value}: expected one of {', '.join(DTYPES)}")
+        return value
+    if not isinstance(value, str):
+        raise LdznetError(f"dtype must be a torch dtype or one of {', '.join(DTYPES)}, got {type(value).__name__}")
+    return dtype_named(value)
+
+
 def compute_dtype(dtype: torch.dtype, device: torch.device, warn: bool = False) -> torch.dtype:
     """``dtype``, except fp16 on the CPU, which becomes fp32 (with a warning when ``warn``): several
     PyTorch releases lack CPU kernels for half-precision convolutions and norms, and where they exist
@@ -38,10 +50,10 @@ def compute_dtype(dtype: torch.dtype, device: torch.device, warn: bool = False) 
     return dtype
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The torch dtype to compute in for the user's precision ``name`` on ``device`` (fp16 on the
-    CPU: fp32, with a warning)."""
-    return compute_dtype(dtype_named(name), device, warn=True)
+def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """The torch dtype to compute in for the user's precision ``name`` (or its torch dtype) on
+    ``device`` (fp16 on the CPU: fp32, with a warning)."""
+    return compute_dtype(as_dtype(name), device, warn=True)
 
 
 def autocast_dtype(name: str) -> torch.dtype | None:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
 from ldznet_ext import cli
 from ldznet_ext.errors import LdznetError
 from ldznet_ext.limits import SEED, Limit
-from ldznet_ext.loading import resolve_device
+from ldznet_ext.devices import resolve_device
 from ldznet_ext.masks.ops import MaskOptions
 from ldznet_ext.refine import RefineSettings
 from ldznet_ext.segmenter import SegmenterSettings
@@ -119,3 +120,35 @@ def test_the_webui_engine_options_use_the_library_limits(changes, message) -> No
     with pytest.raises(LdznetError) as error:
         EngineOptions(**changes)
     assert str(error.value) == message
+
+
+def test_a_torch_device_is_checked_as_a_name_is():
+    with pytest.raises(LdznetError, match="^the meta device computes nothing a mask can be made of; use cpu, cuda or mps$"):
+        resolve_device(torch.device("meta"))
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(LdznetError, match="^device 'cuda' was asked for but CUDA is not available; use --device cpu$"):
+            resolve_device(torch.device("cuda"))
+
+
+@pytest.mark.parametrize("loader", ["head", "model"])
+def test_the_model_loaders_check_dtype_device_and_path(loader):
+    from ldznet_ext.defaults import default_model_paths
+    from ldznet_ext.heads import load_head
+    from ldznet_ext.sd.checkpoint import load_stable_diffusion
+
+    load, path = {"head": (load_head, default_model_paths()[1]),
+                  "model": (load_stable_diffusion, default_model_paths()[0])}[loader]
+    assert next(load(path, dtype="bf16")[0].parameters() if loader == "head" else
+                load(path, dtype="bf16").unet.parameters()).dtype == torch.bfloat16
+    with pytest.raises(LdznetError, match="^unknown dtype 'half': expected one of fp32, fp16, bf16$"):
+        load(path, dtype="half")
+    with pytest.raises(LdznetError, match="^unsupported dtype torch.float64: expected one of fp32, fp16, bf16$"):
+        load(path, dtype=torch.float64)
+    with pytest.raises(LdznetError, match="^unknown device 'gpu': expected auto, cpu, cuda, cuda:N or mps$"):
+        load(path, device="gpu")
+    what = "head file" if loader == "head" else "model file"
+    for bad, found in ((None, "NoneType"), (5, "int"), (b"x.safetensors", "bytes"), ("", "''")):
+        with pytest.raises(LdznetError) as error:
+            load(bad)
+        assert str(error.value) == f"{what} must be a file path (text or pathlib.Path), got {found}"

@@ -45,7 +45,7 @@ from ldznet_ext.checkpoint_io import readable_file  # noqa: E402
 from ldznet_ext.data.spec import open_source  # noqa: E402
 from ldznet_ext.defaults import WEIGHTS_DIR  # noqa: E402
 from ldznet_ext.errors import LdznetError  # noqa: E402
-from ldznet_ext.loading import resolve_device  # noqa: E402
+from ldznet_ext.devices import resolve_device  # noqa: E402
 from ldznet_ext.outputs import writable_folder  # noqa: E402
 from ldznet_ext.sd.tokenizer import tokenize  # noqa: E402
 from ldznet_ext.train.logs import StageLog  # noqa: E402

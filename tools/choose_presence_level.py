@@ -34,7 +34,8 @@ from ldznet_ext.eval.metrics import sample_iou, threshold_counts  # noqa: E402
 from ldznet_ext.errors import LdznetError  # noqa: E402
 from ldznet_ext.heads import load_head, read_head_config, save_head  # noqa: E402
 from ldznet_ext.limits import DEVICE_NAMES, Limit, bounded_number, device_name  # noqa: E402
-from ldznet_ext.loading import load_segmenter, resolve_device, resolve_model_paths  # noqa: E402
+from ldznet_ext.devices import resolve_device  # noqa: E402
+from ldznet_ext.loading import load_segmenter, resolve_model_paths  # noqa: E402
 from ldznet_ext.outputs import same_file, writable_path  # noqa: E402
 
 LEVELS = np.round(np.arange(0.01, 1.0, 0.01), 2)

@@ -21,7 +21,8 @@ import torch
 from ..data.spec import open_source, spec_file
 from ..errors import LdznetError
 from ..limits import bounded_number
-from ..loading import model_label, resolve_device
+from ..devices import resolve_device
+from ..loading import model_label
 from ..modeling.build import ARCHITECTURES
 from ..modeling.ldznet import FUSIONS
 from ..outputs import check_outputs, writable_folder

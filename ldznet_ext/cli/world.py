@@ -90,7 +90,7 @@ def _run_split(args: argparse.Namespace) -> int:
 
 
 def _run_train_sd(args: argparse.Namespace) -> int:
-    from ..loading import resolve_device
+    from ..devices import resolve_device
     from ..world.micro import micro_recipe
     from ..world.train_sd import UNetOptions, train_sd
 

@@ -24,9 +24,11 @@ import torch
 from torch import Tensor
 
 from ..backbones.family import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointInfo, classify
-from ..checkpoint_io import (parse_config, read_metadata, read_state_dict, read_tensor_shapes, read_tensors,
-                             write_safetensors)
+from ..checkpoint_io import (parse_config, path_argument, read_metadata, read_state_dict, read_tensor_shapes,
+                             read_tensors, write_safetensors)
+from ..devices import resolve_device
 from ..errors import CheckpointError, LdznetError
+from ..precision import as_dtype
 from ..words import is_vocabulary_word
 from .model import StableDiffusion
 from .parts import check_parts, trim_for_masks
@@ -382,7 +384,7 @@ def sdxl_from_state_dict(state: Mapping[str, Tensor], described: SDMetadata,
 
 
 def load_stable_diffusion(path: str | os.PathLike, device: str | torch.device = "cpu",
-                          dtype: torch.dtype = torch.float32, parts: str = "all",
+                          dtype: torch.dtype | str = torch.float32, parts: str = "all",
                           zero_shot: bool = False, vae: Mapping[str, Tensor] | None = None) -> StableDiffusion:
     """Load an SD v1 single-file checkpoint (.safetensors, or .ckpt read without executing pickled code);
     with ``zero_shot`` (for zero-shot masks, no head) an SDXL-family or SD 2.x one too.
@@ -391,7 +393,9 @@ def load_stable_diffusion(path: str | os.PathLike, device: str | torch.device = 
     last tapped block); from a .safetensors file only those tensors are read, a .ckpt is read whole
     and the rest dropped. Running a skipped part raises LdznetError. ``vae``: VAE weights
     (``vae_file.read_vae_file``) used in place of the file's VAE, or where the file has none.
+    ``dtype``: a torch dtype or its name ("fp16"); ``device`` as :func:`devices.resolve_device` takes it.
     """
+    path, device, dtype = path_argument(path, "model file"), resolve_device(device), as_dtype(dtype)
     check_parts(parts)
     metadata = read_metadata(path)  # first: a crafted header gets its own message
     shapes = read_tensor_shapes(path)

@@ -24,9 +24,11 @@ import torch
 from torch import Tensor
 
 from ..backbones.family import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointInfo
-from ..checkpoint_io import named_path, read_state_dict
+from ..checkpoint_io import named_path, path_argument, read_state_dict
+from ..devices import resolve_device
 from ..errors import CheckpointError
 from ..limits import Limit
+from ..precision import as_dtype
 from .checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, V_PREDICTION_KEY, ZERO_TERMINAL_SNR_KEY, _sub, check_family,
                          stable_diffusion_from_state_dict, unet_config_from_state_dict, with_vae)
 from .model import StableDiffusion
@@ -329,11 +331,12 @@ def read_diffusers_folder(path: str | os.PathLike) -> DiffusersModel:
 
 
 def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = "cpu",
-                          dtype: torch.dtype = torch.float32, parts: str = "all",
+                          dtype: torch.dtype | str = torch.float32, parts: str = "all",
                           zero_shot: bool = False, vae: Mapping[str, Tensor] | None = None) -> StableDiffusion:
     """``load_stable_diffusion`` for a diffusers folder: the same model its single-file equivalent gives
     (SD 1.x for a head or zero-shot, SDXL for zero-shot), with the VAE scale of ``vae/config.json``;
     ``vae``: VAE weights (``vae_file.read_vae_file``) used in place of the folder's ``vae/``."""
+    path, device, dtype = path_argument(path, "model folder"), resolve_device(device), as_dtype(dtype)
     name = named_path(path).name
     if diffusers_family(path) == "sdxl":  # a head is refused before any weight is read
         check_family(CheckpointInfo("sdxl"), name, zero_shot, parts)
