@@ -12,9 +12,10 @@ import dataclasses
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 
-from .errors import LdznetError
-from .limits import FEATHER, GROW, KEEP_LARGEST, MIN_AREA, REFINE_RADIUS, REFINE_STRENGTH, THRESHOLD, Limit
-from .masks.expression import parse
+from .errors import ExpressionError, LdznetError
+from .limits import (FEATHER, GROW, KEEP_LARGEST, MAX_RADIUS, MIN_AREA, REFINE_RADIUS, REFINE_STRENGTH, THRESHOLD,
+                     Limit, number_from_text)
+from .masks.expression import parse, reparsed
 from .masks.ops import MaskOptions
 from .masks.tree import Expression, Modified, Modifier
 from .refine import RefineSettings
@@ -77,7 +78,14 @@ class MaskJob:
                 value = _checked_expression(value)
             object.__setattr__(self, spec.name, value)
         # ExpressionError now, with its position, rather than mid-generation
-        object.__setattr__(self, "_tree", parse(self.expression) if self.expression else None)
+        tree = parse(self.expression) if self.expression else None
+        if tree is not None and self.grow:
+            try:  # the one bound grow can break: the expression's {+N} / {-N} and grow together
+                reparsed(with_grow(tree, self.grow))
+            except ExpressionError:
+                raise LdznetError(f"grow {self.grow:g} and the expression's {{+N}} / {{-N}} add up to more than "
+                                  f"{MAX_RADIUS:g} pixels") from None
+        object.__setattr__(self, "_tree", tree)
 
     @property
     def active(self) -> bool:
@@ -189,7 +197,7 @@ def _parsed(text: str):
     """The number in ``text``, or ``text`` itself (which the Limit then refuses by name)."""
     for kind in (int, float):
         try:
-            return kind(text)
+            return number_from_text(text, kind)
         except ValueError:
             pass
     return text

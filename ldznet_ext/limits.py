@@ -57,18 +57,35 @@ class Limit:
         """``value`` if accepted, else LdznetError "NAME must be ..., got VALUE" (VALUE shortened as
         ``reprlib.repr`` does: a value sent by a client may be megabytes long)."""
         if not self.accepts(value):
-            raise LdznetError(f"{name} must be {self.describe()}, got {reprlib.repr(value)}")
+            raise LdznetError(f"{name} must be {self.describe()}, got {_shown(value)}")
         return value
 
     def parse(self, text: str):
         """``text`` as the kind within range; ValueError with a one-line reason otherwise."""
         try:
-            value = self.kind(text)
+            value = number_from_text(text, self.kind)
         except ValueError:
             raise ValueError(f"expected {self.describe()}, got {text!r}") from None
         if not self.accepts(value):
             raise ValueError(f"expected {self.describe()}, got {text}")
         return value
+
+
+def number_from_text(text: str, kind: type) -> int | float:
+    """``kind(text)`` for text written with ASCII digits and no "_" (Python's int() and float() also
+    read "1_000" and other scripts' digits, which no option, JSON value or infotext means); ValueError
+    otherwise."""
+    if not text.isascii() or "_" in text:
+        raise ValueError(f"not a number: {text!r}")
+    return kind(text)
+
+
+def _shown(value) -> str:
+    """``value`` for a message, shortened as ``reprlib.repr`` does; an integer too long for ``repr``
+    (over 4300 digits) by its size."""
+    if isinstance(value, numbers.Integral) and abs(int(value)).bit_length() > 1000:
+        return f"an integer of about {int(abs(int(value)).bit_length() * math.log10(2)) + 1} digits"
+    return reprlib.repr(value)
 
 
 def bounded_number(limit: Limit) -> Callable[[str], float]:
@@ -90,7 +107,7 @@ _DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")
 def check_device_name(name: str) -> str:
     """``name`` if it is one of :data:`DEVICE_NAMES`; LdznetError otherwise (``meta`` and other torch
     device types compute nothing a mask can be made of). Whether the device exists is
-    ``loading.resolve_device``'s to say."""
+    ``devices.resolve_device``'s to say."""
     if not isinstance(name, str) or not _DEVICE_NAME.fullmatch(name):
         raise LdznetError(f"unknown device {name!r}: expected {DEVICE_NAMES}")
     return name

@@ -62,6 +62,9 @@ def test_every_number_accepts_its_range_ends(name, low, high):
     ("combine", "xor", "combine must be one of 'replace', 'add', 'subtract', 'intersect', got 'xor'"),
     ("invert", 1, "invert must be true or false, got 1"),
     ("refine", "yes", "refine must be true or false, got 'yes'"),
+    ("min_area", "5_0", "min_area must be an integer in [0, 1000000000], got '5_0'"),
+    ("min_area", "\u0661\u0662", "min_area must be an integer in [0, 1000000000], got '\u0661\u0662'"),
+    ("threshold", "0_5", "threshold must be a number in [0, 1), got '0_5'"),
     ("expression", 5, "expression must be text, got int"),
     ("expression", "a" * 2001, "expression is 2001 characters long; the limit is 2000"),
 ])
@@ -69,6 +72,12 @@ def test_bad_values_are_refused_by_name(name, value, message):
     with pytest.raises(LdznetError) as caught:
         MaskJob(**{name: value})
     assert str(caught.value) == message
+
+
+def test_an_integer_too_long_to_print_is_described_by_its_size():
+    with pytest.raises(LdznetError) as caught:
+        MaskJob(min_area=10**5000)
+    assert str(caught.value) == "min_area must be an integer in [0, 1000000000], got an integer of about 5001 digits"
 
 
 def test_number_messages_are_the_limits_own():
@@ -90,6 +99,17 @@ def test_text_from_json_script_args_and_infotext_is_read():
     assert [type(v) for v in job.as_dict().values()] == [str, str, float, float, float, bool, str, bool, int, int,
                                                          float, float, bool]
     assert MaskJob(keep_largest=3.0, min_area=7.0).mask_options() == MaskOptions(keep_largest=3, min_area=7)
+
+
+@pytest.mark.parametrize("expression, grow", [("cat{+2048}", 1), ("cat{+2000}", 49), ("cat{-1000} OR dog{+1000}", -49)])
+def test_grow_and_the_expressions_own_add_up_to_the_bound(expression, grow):
+    """grow is one more {+N} on the whole mask: with the expression's own it may not pass 2048 pixels in
+    all, or the job's tree would be one that no text parses to."""
+    with pytest.raises(LdznetError) as caught:
+        MaskJob(expression, grow=grow)
+    assert str(caught.value) == (f"grow {grow:g} and the expression's {{+N}} / {{-N}} add up to more than 2048 "
+                                 "pixels")
+    assert str(MaskJob(expression, grow=grow - (1 if grow > 0 else -1)).tree())
 
 
 def test_expression_is_parsed_at_construction():
