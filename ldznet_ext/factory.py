@@ -22,6 +22,7 @@ from .precision import compute_dtype, dtype_named
 from .refine import RefineSettings
 from .sd.checkpoint import unet_config_from_state_dict
 from .sd.unet import UNetConfig
+from .images import type_name
 from .segmenter import Segmenter, SegmenterSettings
 from .zeroshot import ZeroShotSettings
 
@@ -52,7 +53,8 @@ class ModelSettings:
                 chosen = {k: v for k, v in (("timestep", self.timestep), ("draws", self.draws)) if v is not None}
                 return SegmenterSettings(resolution=self.resolution, seed=self.seed, refine=self.refine,
                                          zero_shot=ZeroShotSettings(**chosen), cuda_graphs=self.cuda_graphs)
-            return SegmenterSettings(resolution=self.resolution, seed=self.seed, draws=self.draws or 1,
+            return SegmenterSettings(resolution=self.resolution, seed=self.seed,
+                                     draws=1 if self.draws is None else self.draws,
                                      timestep=head_config.timestep if self.timestep is None else self.timestep,
                                      refine=self.refine, cuda_graphs=self.cuda_graphs)
         except ValueError as error:
@@ -100,7 +102,12 @@ def build_segmenter(backbone: Backbone, head: nn.Module | None = None, head_conf
     way to masks without a head) and the numbers in ``settings`` (LdznetError). ``name``: what the
     segmenter's errors call the models."""
     if (head is None) != (head_config is None):
-        raise ValueError("pass both head and head_config, or neither for zero-shot masks")
+        raise LdznetError("pass both head and head_config, or neither for zero-shot masks")
+    if not isinstance(backbone, Backbone):
+        raise LdznetError(f"backbone must be a loaded model (a Backbone, e.g. load_stable_diffusion's), got "
+                          f"{type_name(backbone)}")
+    if not isinstance(settings, ModelSettings):
+        raise LdznetError(f"settings must be ModelSettings, got {type_name(settings)}")
     segmenter_settings = settings.segmenter_settings(head_config)
     if head_config is not None:
         check_head_fits(backbone, head_config, head_name, zero_shot)

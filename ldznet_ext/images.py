@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+from .limits import PIXELS
 
 MAX_PIXELS = 100_000_000
 """Default pixel limit: larger images are refused before decoding (decompression-bomb guard)."""
@@ -56,8 +57,9 @@ def open_image(source: str | os.PathLike | io.BytesIO) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
-    """Any PIL mode -> RGB; transparency is composited over mid-grey so hidden pixels can't leak in.
-    Float images (mode F) in [0, 1] are read as float arrays are (``load_image``)."""
+    """Any PIL mode -> RGB; transparency (an alpha channel, or a PNG's transparent colour) is composited
+    over mid-grey so hidden pixels can't leak in. Float images (mode F) in [0, 1] are read as float
+    arrays are (``load_image``)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         if not np.isfinite(array).all():  # as in float arrays: NaN would pass as black, with a numpy warning
@@ -65,10 +67,15 @@ def _to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
         top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
         if image.mode == "F" and array.max() <= 1.0:
             top = 1.0
+        key = image.info.get("transparency")  # a 16-bit grey PNG's transparent value
         image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if image.mode == "P" and "transparency" in image.info:
+        if isinstance(key, int):
+            image = Image.merge("LA", (image, Image.fromarray(np.where(array == key, 0, 255).astype(np.uint8), "L")))
+    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
+    if image.mode == "La":  # premultiplied; Pillow converts it to LA only
+        image = image.convert("LA")
+    if image.mode in ("RGBA", "LA", "RGBa", "PA"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (PAD_GREY, PAD_GREY, PAD_GREY, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -84,6 +91,11 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """
     if not isinstance(source, _SOURCES):
         raise ImageError(_unsupported_source(source))
+    PIXELS.check(max_pixels, "max_pixels")
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        if not isinstance(text, str) or not text or "\0" in text:
+            raise ImageError(f"image path {text!r} is not a file name (empty, bytes or holding a NUL character)")
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, max_pixels)
     name = (Path(source).name or str(source)) if isinstance(source, (str, os.PathLike)) else "image"
@@ -104,17 +116,18 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise
     except FileNotFoundError as error:
         raise ImageError(f"{name}: file not found") from error
-    except (PermissionError, IsADirectoryError) as error:
-        raise ImageError(f"{name}: cannot read the file ({error.strerror})") from error
     except UnidentifiedImageError as error:
         raise ImageError(f"{name}: not an image, or a format Pillow cannot read") from error
     except Image.DecompressionBombError as error:  # Pillow refuses twice its MAX_IMAGE_PIXELS at open
         raise ImageError(f"{name}: too large, refused by Pillow before our pixel limit applies ({error})") from error
     except MemoryError as error:
         raise ImageError(f"{name}: too large to decode in the memory available; downscale it") from error
+    except OSError as error:
+        if error.errno is not None:  # the file system's refusal (a folder, no permission, a name too long)
+            raise ImageError(f"{name}: cannot read the file ({error.strerror})") from error
+        raise ImageError(_undecodable(name, error)) from error  # Pillow's decoders: OSError without errno
     except Exception as error:  # corrupt data makes Pillow's decoders raise almost anything (TypeError, struct.error)
-        raise ImageError(f"{name}: cannot decode the image ({type(error).__name__}: {error}); "
-                         "the file may be truncated or corrupt") from error
+        raise ImageError(_undecodable(name, error)) from error
     return np.asarray(rgb, dtype=np.uint8).copy()
 
 
@@ -122,6 +135,10 @@ def type_name(value: object) -> str:
     """A value's type as users write it: "None", "list", "torch.Tensor", "numpy.ndarray"."""
     kind = type(value)
     return "None" if value is None else f"{kind.__module__}.{kind.__qualname__}".removeprefix("builtins.")
+
+
+def _undecodable(name: str, error: Exception) -> str:
+    return f"{name}: cannot decode the image ({type(error).__name__}: {error}); the file may be truncated or corrupt"
 
 
 def _unsupported_source(source: object) -> str:
@@ -146,6 +163,8 @@ def _array_to_rgb(array: np.ndarray, max_pixels: int) -> np.ndarray:
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
         raise ImageError(f"image array of shape {array.shape}: expected [H, W], [H, W, 3] or [H, W, 4]")
     _check_size(array.shape[1], array.shape[0], max_pixels, "image array")
+    if not array.dtype.isnative:  # big-endian data from a file or another machine
+        array = array.astype(array.dtype.newbyteorder("="))
     if array.dtype == np.uint8:
         pass
     elif array.dtype == np.uint16:
@@ -153,6 +172,12 @@ def _array_to_rgb(array: np.ndarray, max_pixels: int) -> np.ndarray:
     elif np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise ImageError("image array contains NaN or infinite values")
+        low, high = float(array.min()), float(array.max())
+        # Clipping would turn 0..255 data white and [-1, 1] data half black; an 8-bit step of overshoot
+        # (a resampling filter's ringing) is clipped.
+        if low < -1 / 255 or high > 1 + 1 / 255:
+            raise ImageError(f"image array of floats in [{low:g}, {high:g}]: expected floats in [0, 1] (for 0..255 "
+                             "data divide by 255, for [-1, 1] data use (x + 1) / 2)")
         array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     else:
         raise ImageError(f"image array of dtype {array.dtype}: expected uint8, uint16 or float in [0, 1]")
@@ -221,9 +246,10 @@ def crop_to_box(maps: torch.Tensor, box: Box, size: tuple[int, int]) -> torch.Te
 
 
 def resize_probability(probability: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[..., h, w] probabilities -> [..., H, W] at ``size`` = (H, W), bilinear, clamped to [0, 1]."""
+    """[..., h, w] probabilities -> [..., H, W] at ``size`` = (H, W), bilinear, clamped to [0, 1]; always
+    a new float32 tensor (the input may be a cache that a caller must not reach)."""
     if tuple(probability.shape[-2:]) == tuple(size):
-        return probability
+        return probability.float().clamp(0.0, 1.0)
     lead = probability.shape[:-2]
     flat = probability.reshape(-1, 1, *probability.shape[-2:]).float()
     resized = F.interpolate(flat, size=tuple(size), mode="bilinear", align_corners=False)

@@ -14,7 +14,7 @@ the zero-shot probe instead.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from .images import (MAX_PIXELS, Box, ImageInput, crop_to_box, image_box, load_i
                      to_model_input, type_name, working_size)
 from .limits import DRAWS, RESOLUTION, SEED, TIMESTEP
 from .graphs import GraphCache, graph_cache
-from .masks.expression import parse
+from .masks.expression import Or, Term, parse, reparsed
 from .masks.instances import Instance, find_instances
 from .masks.ops import MaskOptions, feather, select_mask
 from .masks.presence import HEAD_RULE, UNKNOWN_WORDS, ZERO_SHOT_RULE, PresenceRule, TermPresence, knows_term
@@ -84,8 +84,20 @@ class SegmenterSettings:
             TIMESTEP.check(self.timestep, "timestep")
         DRAWS.check(self.draws, "draws")
         SEED.check(self.seed, "seed")
-        if "{}" not in self.prompt_template:
-            raise ValueError(f"prompt_template must contain '{{}}', got {self.prompt_template!r}")
+        for name in ("sample_latent", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise LdznetError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name, kind in (("zero_shot", ZeroShotSettings), ("refine", RefineSettings)):
+            if not isinstance(getattr(self, name), kind):
+                raise LdznetError(f"{name} must be {kind.__name__}, got {type_name(getattr(self, name))}")
+        try:  # exactly one "{}" and nothing else to fill
+            fits = isinstance(self.prompt_template, str) and self.prompt_template.count("{}") == 1 and \
+                self.prompt_template.format("") is not None
+        except (IndexError, KeyError, ValueError):
+            fits = False
+        if not fits:
+            raise LdznetError(f"prompt_template must be text with one '{{}}' where the term goes, got "
+                              f"{self.prompt_template!r}")
 
 
 @dataclass
@@ -172,7 +184,9 @@ class Segmenter:
         """``name``: what errors call the models (``load_segmenter`` gives the file names); ``graphs``:
         where captured calls are kept (None: the UNet's shared cache, ``graphs.graph_cache``)."""
         if (head is None) != (head_config is None):
-            raise ValueError("pass both head and head_config, or neither for zero-shot masks")
+            raise LdznetError("pass both head and head_config, or neither for zero-shot masks")
+        if not isinstance(settings, SegmenterSettings):
+            raise LdznetError(f"settings must be SegmenterSettings, got {type_name(settings)}")
         self.backbone = backbone
         self.head = head
         self.head_config = head_config
@@ -190,10 +204,12 @@ class Segmenter:
 
     @property
     def zero_shot(self) -> bool:
+        """Whether masks come from the SD model's own attention (no head)."""
         return self.head is None
 
     @property
     def resolution(self) -> int:
+        """Side of the working area: the setting, else the head's training resolution, else the model's."""
         if self.settings.resolution:
             return self.settings.resolution
         if self.head_config is not None:
@@ -204,14 +220,18 @@ class Segmenter:
 
     def set_image(self, image: ImageInput, max_pixels: int = MAX_PIXELS) -> None:
         """Load an image (path, bytes, PIL, array; at most ``max_pixels``) and encode it once; later
-        predictions reuse it."""
+        predictions reuse it. When it fails no image is set, so no later mask is one of the
+        previous image."""
+        self._image = None
         self._image = self._encode([load_image(image, max_pixels)])[0]
 
     def reset_image(self) -> None:
+        """Forget the current image (its latents and cached maps)."""
         self._image = None
 
     @property
     def is_image_set(self) -> bool:
+        """Whether an image is set (``predict`` needs one)."""
         return self._image is not None
 
     @torch.no_grad()
@@ -256,9 +276,13 @@ class Segmenter:
         a str is one term."""
         if self._image is None:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        if not isinstance(terms, (str, list, tuple)):
+            raise LdznetError(f"terms must be a string or a list of strings, got {type_name(terms)}")
         unique = list(dict.fromkeys([terms] if isinstance(terms, str) else terms))
-        if not all(isinstance(term, str) for term in unique):
-            raise LdznetError(f"terms must be strings, got {unique!r}")
+        if not unique or not all(isinstance(term, str) for term in unique):
+            raise LdznetError(f"terms must be one or more strings, got {unique!r}")
+        # The rules of a term in an expression (text, at most MAX_TERMS, no control characters)
+        reparsed(Term(unique[0]) if len(unique) == 1 else Or(tuple(Term(term) for term in unique)))
         self._fill_cache([self._image], unique)
         return self._upsample(self._image, unique)
 
@@ -312,7 +336,10 @@ class Segmenter:
                  options: MaskOptions) -> list[Prediction]:
         if not isinstance(expression, (str, Expression)):
             raise LdznetError(f"expected a mask expression as text, such as 'cat OR dog', got {type_name(expression)}")
-        tree = parse(expression) if isinstance(expression, str) else expression
+        if not isinstance(options, MaskOptions):
+            hint = "; a MaskJob gives job.tree() and job.mask_options()" if hasattr(options, "mask_options") else ""
+            raise LdznetError(f"options must be MaskOptions, got {type_name(options)}{hint}")
+        tree = parse(expression) if isinstance(expression, str) else reparsed(expression)
         terms = tree.terms()
         self._fill_cache(states, terms)
         predictions = []
@@ -433,5 +460,9 @@ class Segmenter:
 
     def with_settings(self, **changes) -> Segmenter:
         """A segmenter on the same models with changed settings (no image set)."""
+        unknown = sorted(set(changes) - {spec.name for spec in fields(SegmenterSettings)})
+        if unknown:
+            raise LdznetError(f"unknown settings {unknown}; expected some of "
+                              f"{[spec.name for spec in fields(SegmenterSettings)]}")
         return Segmenter(self.backbone, self.head, self.head_config, replace(self.settings, **changes), self.name,
                          self._graphs)

@@ -287,9 +287,75 @@ def test_predict_images_of_two_sizes_names_them(with_head):
 
 def test_terms_must_be_strings(with_head):
     with_head.set_image(random_image(64, 64, seed=3))
-    with pytest.raises(LdznetError, match=re.escape("terms must be strings, got ['sand', None]")):
+    with pytest.raises(LdznetError, match=re.escape("terms must be one or more strings, got ['sand', None]")):
         with_head.predict_terms(["sand", None])
 
 
 def test_predict_images_of_no_images_is_no_predictions(with_head):
     assert with_head.predict_images([], "cat") == []
+
+
+def _png(array: np.ndarray, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("hidden, options", [
+    (np.zeros((4, 4, 3), np.uint8), {"transparency": (0, 0, 0)}),  # RGB with a transparent colour
+    (np.zeros((4, 4), np.uint8), {"transparency": 0}),  # grey with a transparent value
+    (np.zeros((4, 4), np.uint16), {"transparency": 0}),  # 16-bit grey with one
+])
+def test_a_pngs_transparent_colour_becomes_mid_grey(hidden, options):
+    """tRNS on an RGB or grey PNG hides pixels as an alpha channel does: they must not leak their colour."""
+    array = hidden.copy()
+    array[:, 2:] = 200 * (257 if array.dtype == np.uint16 else 1)
+    rgb = load_image(_png(array, **options))
+    assert rgb[:, :2].tolist() == np.full((4, 2, 3), 128).tolist()
+    assert rgb[:, 2:].tolist() == np.full((4, 2, 3), 200).tolist()
+
+
+def test_a_premultiplied_grey_image_is_read():
+    assert load_image(Image.new("La", (3, 2), (100, 255))).tolist() == np.full((2, 3, 3), 100).tolist()
+
+
+def test_big_endian_arrays_read_as_native_ones():
+    grey = random_image(6, 5, seed=2, channels=1)[..., 0].astype(np.uint16) * 257
+    assert np.array_equal(load_image(grey.astype(">u2")), load_image(grey))
+    unit = np.random.default_rng(5).random((6, 5)).astype(np.float32)
+    assert np.array_equal(load_image(unit.astype(">f4")), load_image(unit))
+
+
+@pytest.mark.parametrize("low, high", [(0.0, 255.0), (-1.0, 1.0), (-0.01, 0.5), (0.2, 1.01)])
+def test_float_arrays_outside_0_1_are_refused_not_clipped(low, high):
+    """0..255 data clipped would be white, [-1, 1] data half black: a wrong image, silently."""
+    array = np.linspace(low, high, 12, dtype=np.float32).reshape(3, 4)
+    with pytest.raises(ImageError) as error:
+        load_image(array)
+    assert str(error.value) == (f"image array of floats in [{float(np.float32(low)):g}, {float(np.float32(high)):g}]: "
+                                "expected floats in [0, 1] (for 0..255 data divide by 255, for [-1, 1] data use "
+                                "(x + 1) / 2)")
+
+
+def test_a_resampling_overshoot_of_one_step_is_clipped():
+    array = np.array([[-0.5 / 255, 0.5, 1 + 0.5 / 255]], np.float32)
+    assert load_image(array)[0, :, 0].tolist() == [0, 128, 255]
+
+
+@pytest.mark.parametrize("max_pixels", [float("nan"), 0, 10**12, "1000", None, 1.5])
+def test_the_pixel_limit_is_checked(max_pixels):
+    with pytest.raises(LdznetError, match=r"^max_pixels must be an integer in \[1, 1000000000\], got "):
+        load_image(random_image(4, 4), max_pixels=max_pixels)
+
+
+def test_paths_that_are_not_file_names(tmp_path):
+    for path in ("", "a\0b.png"):
+        with pytest.raises(ImageError) as error:
+            load_image(path)
+        assert str(error.value) == f"image path {path!r} is not a file name (empty, bytes or holding a NUL character)"
+    afile = tmp_path / "file.png"
+    afile.write_bytes(_encoded("PNG"))
+    with pytest.raises(ImageError, match=r"^x.png: cannot read the file \(Not a directory\)$"):
+        load_image(afile / "x.png")
+    with pytest.raises(ImageError, match=r"^x+.png: cannot read the file \(File name too long\)$"):
+        load_image(tmp_path / ("x" * 300 + ".png"))

@@ -36,7 +36,7 @@ from .instances import ORDERS
 from .tree import KEYWORDS, MAX_INDEX, RESERVED, And, Expression, Modified, Modifier, Not, Or, Selector, Term
 
 __all__ = ["MAX_NESTING", "MAX_SELECTORS", "MAX_TERMS", "And", "Expression", "Modified", "Modifier", "Not", "Or",
-           "Selector", "Term", "parse"]
+           "Selector", "Term", "parse", "reparsed"]
 
 MAX_NESTING = 64  # parentheses plus NOTs; keeps recursion in parsing, printing and evaluation shallow
 MAX_TERMS = 16
@@ -344,3 +344,16 @@ def parse(text: str) -> Expression:
     if token.kind != "end":
         raise _unexpected(token, "the end")
     return node
+
+
+def reparsed(expression: Expression) -> Expression:
+    """A tree built in code held to the bounds of text: its canonical text parsed again, so that it
+    meets every rule :func:`parse` applies (ExpressionError as for text). The result evaluates as the
+    tree does."""
+    if not isinstance(expression, Expression):
+        raise ExpressionError(f"expected a mask expression, got {type(expression).__name__}")
+    try:
+        text = str(expression)
+    except RecursionError:  # far deeper than MAX_NESTING: printing it would exhaust Python's stack
+        raise ExpressionError(f"expression nested too deeply: at most {MAX_NESTING} levels of '(' and NOT") from None
+    return parse(text)

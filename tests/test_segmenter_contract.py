@@ -1,0 +1,140 @@
+"""What a caller of the Segmenter can rely on: returned maps are its own (never the segmenter's cache),
+a failed set_image leaves no image set, and every argument is checked with one clear LdznetError."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from fixtures_models import random_image
+
+from ldznet_ext.errors import ExpressionError, ImageError, LdznetError
+from ldznet_ext.factory import ModelSettings, build_segmenter
+from ldznet_ext.job import MaskJob
+from ldznet_ext.masks.expression import MAX_TERMS, parse
+from ldznet_ext.masks.ops import MaskOptions
+from ldznet_ext.masks.tree import Modified, Modifier, Not, Or, Term
+from ldznet_ext.refine import RefineSettings
+from ldznet_ext.segmenter import Segmenter, SegmenterSettings
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+PLAIN = SegmenterSettings(resolution=64, refine=RefineSettings(enabled=False))
+
+
+@pytest.fixture
+def segmenter(tiny_sd, tiny_head) -> Segmenter:
+    """Refinement off and a 64 x 64 image at resolution 64: the head's maps already have the image's
+    size, so nothing resizes them on the way out."""
+    segmenter = Segmenter(tiny_sd, *tiny_head, PLAIN)
+    segmenter.set_image(random_image(64, 64, seed=1))
+    return segmenter
+
+
+def test_a_returned_term_map_is_not_the_cache(segmenter):
+    first = segmenter.predict("cat", MaskOptions(presence=False))
+    kept = first.probability.clone()
+    first.terms["cat"].fill_(1.0)
+    segmenter.predict_terms("cat")["cat"].mul_(0.0)
+    again = segmenter.predict("cat", MaskOptions(presence=False))
+    assert torch.equal(again.probability, kept)
+    assert 0.0 < float(kept.mean()) < 1.0
+
+
+def test_a_failed_set_image_leaves_no_image(segmenter, tmp_path):
+    with pytest.raises(ImageError, match="missing.png: file not found"):
+        segmenter.set_image(tmp_path / "missing.png")
+    assert not segmenter.is_image_set
+    with pytest.raises(RuntimeError, match=re.escape("An image must be set with .set_image(...)")):
+        segmenter.predict("cat")
+
+
+def test_options_must_be_mask_options(segmenter):
+    with pytest.raises(LdznetError) as error:
+        segmenter.predict("cat", MaskJob("cat", grow=20))
+    assert str(error.value) == ("options must be MaskOptions, got ldznet_ext.job.MaskJob; a MaskJob gives "
+                                "job.tree() and job.mask_options()")
+    with pytest.raises(LdznetError, match="^options must be MaskOptions, got dict$"):
+        segmenter.predict("cat", {"threshold": 0.4})
+
+
+@pytest.mark.parametrize("terms, message", [
+    (None, "terms must be a string or a list of strings, got None"),
+    ([], "terms must be one or more strings, got []"),
+    (["cat", 5], "terms must be one or more strings, got ['cat', 5]"),
+    ("", "invalid expression tree: a term must be non-empty text with single spaces between words, got ''"),
+    ("a\x00b", "control character U+0000 in the expression; remove it at position 1"),
+    ([f"t{i}" for i in range(MAX_TERMS + 1)],
+     f"more than {MAX_TERMS} different terms; split the expression into several masks at position 102"),
+])
+def test_predict_terms_holds_terms_to_the_rules_of_an_expression(segmenter, terms, message):
+    with pytest.raises(LdznetError) as error:
+        segmenter.predict_terms(terms)
+    assert str(error.value) == message
+
+
+def test_predict_terms_takes_what_an_expression_would_quote(segmenter):
+    maps = segmenter.predict_terms(["rock & roll", "cat AND dog"])
+    assert list(maps) == ["rock & roll", "cat AND dog"]
+
+
+def test_a_tree_built_in_code_meets_the_bounds_of_text(segmenter):
+    deep = Term("cat")
+    for _ in range(3000):
+        deep = Not(deep)
+    with pytest.raises(ExpressionError, match="^expression nested too deeply: at most 64 levels"):
+        segmenter.predict(deep)
+    wide = Or(tuple(Term(f"t{i}") for i in range(MAX_TERMS + 1)))
+    with pytest.raises(ExpressionError, match=f"^more than {MAX_TERMS} different terms"):
+        segmenter.predict(wide)
+    grown = Modified(Term("cat"), (Modifier("+", 2048.0), Modifier("+", 1.0)))
+    with pytest.raises(ExpressionError, match="grow and shrink by at most 2048 pixels in all"):
+        segmenter.predict(grown)
+    tree = Or((Term("cat"), Not(Term("dog"))))
+    assert segmenter.predict(tree).expression == tree == parse("cat OR NOT dog")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"refine": False}, "refine must be RefineSettings, got bool"),
+    ({"zero_shot": None}, "zero_shot must be ZeroShotSettings, got None"),
+    ({"sample_latent": "no"}, "sample_latent must be True or False, got 'no'"),
+    ({"cuda_graphs": 1}, "cuda_graphs must be True or False, got 1"),
+    ({"prompt_template": "a {} {}"}, "prompt_template must be text with one '{}' where the term goes, got 'a {} {}'"),
+    ({"prompt_template": "{x} {}"}, "prompt_template must be text with one '{}' where the term goes, got '{x} {}'"),
+    ({"prompt_template": 5}, "prompt_template must be text with one '{}' where the term goes, got 5"),
+    ({"prompt_template": "x"}, "prompt_template must be text with one '{}' where the term goes, got 'x'"),
+    ({"resolutoin": 128}, "unknown settings ['resolutoin']; expected some of ['resolution', 'timestep', 'draws', "
+                          "'seed', 'sample_latent', 'prompt_template', 'zero_shot', 'refine', 'cuda_graphs']"),
+])
+def test_bad_settings_are_refused_when_made(segmenter, changes, message):
+    with pytest.raises(LdznetError) as error:
+        segmenter.with_settings(**changes)
+    assert str(error.value) == message
+
+
+def test_a_prompt_template_with_braces_escaped_is_taken(segmenter):
+    assert segmenter.with_settings(prompt_template="{{a}} {}").settings.prompt_template == "{{a}} {}"
+
+
+def test_zero_draws_are_refused_with_a_head_too(tiny_sd, tiny_head):
+    with pytest.raises(LdznetError, match=r"^draws must be an integer in \[1, 64\], got 0$"):
+        build_segmenter(tiny_sd, *tiny_head, ModelSettings(draws=0))
+
+
+@pytest.mark.parametrize("backbone, settings, message", [
+    ("micro-sd-v1.safetensors", ModelSettings(),
+     "backbone must be a loaded model (a Backbone, e.g. load_stable_diffusion's), got str"),
+    (None, ModelSettings(), "backbone must be a loaded model (a Backbone, e.g. load_stable_diffusion's), got None"),
+    ("tiny", {"draws": 2}, "settings must be ModelSettings, got dict"),
+])
+def test_build_segmenter_checks_its_arguments(tiny_sd, backbone, settings, message):
+    with pytest.raises(LdznetError) as error:
+        build_segmenter(tiny_sd if backbone == "tiny" else backbone, settings=settings)
+    assert str(error.value) == message
+
+
+def test_a_refine_flag_in_model_settings_is_refused_before_any_mask(tiny_sd):
+    with pytest.raises(LdznetError, match="^refine must be RefineSettings, got bool$"):
+        build_segmenter(tiny_sd, settings=ModelSettings(refine=False))
+
