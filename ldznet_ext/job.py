@@ -94,6 +94,7 @@ class MaskJob:
 
     @property
     def zero_shot(self) -> bool:
+        """Whether the job's masks come from the model's own attention (no head)."""
         return self.mode == ZERO_SHOT_MODE
 
     def tree(self) -> Expression:
@@ -103,10 +104,12 @@ class MaskJob:
         return with_grow(self._tree, self.grow)
 
     def mask_options(self) -> MaskOptions:
+        """What ``Segmenter.predict`` takes of the job: threshold, region filters, invert, feather, presence."""
         return MaskOptions(threshold=self.threshold, invert=self.invert, keep_largest=self.keep_largest,
                            min_area=self.min_area, feather=self.feather, presence=self.presence)
 
     def refine_settings(self) -> RefineSettings:
+        """The job's edge refinement, for ``ModelSettings(refine=...)`` or ``Segmenter.with_settings``."""
         return RefineSettings(enabled=self.refine, strength=self.refine_strength, radius=self.refine_radius)
 
     def replace(self, **changes) -> MaskJob:
@@ -123,6 +126,7 @@ class MaskJob:
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
+        """The job's fields in order (``from_dict``'s keys)."""
         return tuple(spec.name for spec in _fields())
 
     @classmethod
@@ -159,7 +163,7 @@ def _checked_expression(value) -> str:
     return " ".join(value.split())
 
 
-def checked_choice(value, name: str, choices: tuple[str, ...]) -> str:
+def checked_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
     """``value`` as one of ``choices`` (case and surrounding spaces ignored); LdznetError otherwise."""
     for choice in choices:
         if isinstance(value, str) and value.strip().lower() == choice.lower():
@@ -167,7 +171,7 @@ def checked_choice(value, name: str, choices: tuple[str, ...]) -> str:
     raise LdznetError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
 
 
-def checked_flag(value, name: str) -> bool:
+def checked_flag(value: object, name: str) -> bool:
     """A bool, or the text "true"/"false" in any case, as a bool; LdznetError otherwise."""
     if isinstance(value, bool):
         return value
@@ -176,7 +180,7 @@ def checked_flag(value, name: str) -> bool:
     raise LdznetError(f"{name} must be true or false, got {value!r}")
 
 
-def checked_number(value, spec: dataclasses.Field) -> int | float | None:
+def checked_number(value: object, spec: dataclasses.Field) -> int | float | None:
     """``value`` (a number or its text) checked against the field's Limit; floats are stored as
     float, integers as int (an integral float such as 3.0 from a slider or JSON counts)."""
     if value is None and spec.metadata["optional"]:
@@ -184,7 +188,7 @@ def checked_number(value, spec: dataclasses.Field) -> int | float | None:
     return bounded(_parsed(value) if isinstance(value, str) else value, spec.metadata["limit"], spec.name)
 
 
-def bounded(value, limit: Limit, name: str) -> int | float:
+def bounded(value: object, limit: Limit, name: str) -> int | float:
     """``value`` (a number, not its text) checked against ``limit`` as :func:`checked_number` does;
     LdznetError "NAME must be ..." otherwise."""
     if limit.kind is int and isinstance(value, float) and value.is_integer() and limit.accepts(int(value)):

@@ -70,6 +70,7 @@ class RefineSettings:
 
     @property
     def active(self) -> bool:
+        """Whether refinement changes anything (on, with a strength above 0)."""
         return self.enabled and self.strength > 0
 
 

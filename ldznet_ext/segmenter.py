@@ -13,7 +13,7 @@ the zero-shot probe instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
@@ -309,9 +309,20 @@ class Segmenter:
 
     def decide_presence(self, maps: dict[str, Tensor]) -> dict[str, TermPresence]:
         """Each term's found / not-found decision on the current image, for its map as
-        ``predict_terms`` gave it."""
+        ``predict_terms`` gave it (float [H, W] at the image's size, finite)."""
         if self._image is None:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        if not isinstance(maps, Mapping):
+            raise LdznetError(f"maps must be a mapping of term -> map, as predict_terms gives, got {type_name(maps)}")
+        for term, probability in maps.items():
+            if not isinstance(probability, Tensor) or not probability.is_floating_point() or \
+                    tuple(probability.shape) != self._image.size or not bool(torch.isfinite(probability).all()):
+                found = (f"{probability.dtype} tensor of shape {tuple(probability.shape)}"
+                         if isinstance(probability, Tensor) else type_name(probability))
+                raise LdznetError(f"the map of {term!r} must be a finite float tensor of the image's size "
+                                  f"{self._image.size}, got {found}")
+            if self.learned_presence and term not in self._image.scores:  # the head's score comes with its map
+                raise LdznetError(f"no presence score for {term!r} on this image; call predict_terms with it first")
         return self._decide(self._image, maps)
 
     @property

@@ -193,6 +193,8 @@ def test_the_head_presence_output_decides_and_an_absent_term_adds_nothing(tiny_s
     both = plain.predict("goblin OR sky", MaskOptions(presence=False))
     assert int(both.mask.sum()) > int(prediction.mask.sum()) > 0
     assert learned.decide_presence(maps) == prediction.presence
+    with pytest.raises(LdznetError, match="^no presence score for 'dragon' on this image; call predict_terms with it"):
+        learned.decide_presence({"dragon": maps["sky"]})
 
 
 class StubSegmenter:

@@ -138,3 +138,18 @@ def test_a_refine_flag_in_model_settings_is_refused_before_any_mask(tiny_sd):
     with pytest.raises(LdznetError, match="^refine must be RefineSettings, got bool$"):
         build_segmenter(tiny_sd, settings=ModelSettings(refine=False))
 
+
+
+def test_decide_presence_checks_its_maps(segmenter):
+    maps = segmenter.predict_terms("cat")
+    assert set(segmenter.decide_presence(maps)) == {"cat"}
+    for bad, found in ((torch.full((64, 64), float("nan")), "torch.float32 tensor of shape (64, 64)"),
+                       (torch.zeros(3), "torch.float32 tensor of shape (3,)"),
+                       (torch.zeros(64, 64, dtype=torch.int64), "torch.int64 tensor of shape (64, 64)"),
+                       ([0.5], "list")):
+        with pytest.raises(LdznetError) as error:
+            segmenter.decide_presence({"cat": bad})
+        assert str(error.value) == f"the map of 'cat' must be a finite float tensor of the image's size (64, 64), " \
+                                   f"got {found}"
+    with pytest.raises(LdznetError, match="^maps must be a mapping of term -> map, as predict_terms gives, got list$"):
+        segmenter.decide_presence([maps["cat"]])
