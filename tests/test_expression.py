@@ -12,6 +12,7 @@ import torch
 from ldznet_ext.errors import ExpressionError, LdznetError
 from ldznet_ext.limits import MAX_RADIUS
 from ldznet_ext.masks.expression import MAX_NESTING, MAX_SELECTORS, MAX_TERMS, And, Modified, Modifier, Not, Or, Term, parse
+from ldznet_ext.masks.tree import MAX_SCALE
 
 A, B, C, D = Term("a"), Term("b"), Term("c"), Term("d")
 
@@ -93,6 +94,8 @@ ERRORS = [
     ("a{+1e3}", 4, "expected '}' after '{+1', found 'e'"),
     ("a{", 1, "'{' is never closed: expected a modifier such as {+8}"),
     ("a{/0}", 3, "cannot divide by zero: '{/N}' needs N > 0"),
+    ("a{*1000001}", 1, "'{*N}' scales by at most 1000000, got 1000001"),
+    ("a{/0.0000009}", 1, "'{/N}' needs N >= 0.000001, got 0.0000009"),
     ("a{*" + "9" * 400 + "}", 3, "the number in '{*...}' is too large"),
     ("a} OR b", 1, "unexpected '}' without a '{'"),
     ("{+2} a", 0, "expected a term or '(' at the start, found '{+2}'"),
@@ -315,7 +318,8 @@ def random_tree(rng: random.Random, depth: int):
         while isinstance(operand, Modified):
             operand = random_tree(rng, depth - 1)
         ops = [(op, a) for op in "+-*/" for a in AMOUNTS
-               if not (op == "/" and a == 0) and not (op in "+-" and a > MAX_RADIUS)]
+               if not (op == "/" and a < 1 / MAX_SCALE) and not (op in "+-" and a > MAX_RADIUS)
+               and not (op == "*" and a > MAX_SCALE)]
         return Modified(operand, tuple(Modifier(*rng.choice(ops)) for _ in range(rng.randint(1, 3))))
     operands = tuple(random_tree(rng, depth - 1) for _ in range(rng.randint(2, 4)))
     return (Or if kind == "or" else And)(operands)
@@ -361,3 +365,16 @@ def test_random_texts_parse_to_canonical_fixed_points():
         assert str(parse(canonical)) == canonical
         out = tree.evaluate(maps)
         assert out.shape == (4, 5) and 0 <= out.min() and out.max() <= 1
+
+
+def test_the_largest_scale_keeps_an_absent_terms_zeros_zero():
+    """0 x inf is NaN: an unbounded {*w} turned a term's zeros (an absent term) into NaN, and NaN selects
+    nothing, also through OR and NOT."""
+    zeros, half = torch.zeros(2, 2), torch.full((2, 2), 0.5)
+    maps = {"a": zeros, "b": half}
+    assert parse("NOT a{*1000000}").evaluate(maps).tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    assert parse("NOT a{/0.000001}").evaluate(maps).tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    assert parse("a{*1000000} OR b").evaluate(maps).tolist() == [[0.5, 0.5], [0.5, 0.5]]
+    assert parse("b{*1000000}").evaluate({"b": half.half()}).tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    with pytest.raises(ExpressionError, match="scales by a factor of at most 1000000"):
+        Modifier("*", 1e39)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from ..errors import ExpressionError
 from ..limits import MAX_RADIUS
 from .instances import ORDERS
-from .tree import KEYWORDS, MAX_INDEX, RESERVED, And, Expression, Modified, Modifier, Not, Or, Selector, Term
+from .tree import KEYWORDS, MAX_INDEX, MAX_SCALE, RESERVED, And, Expression, Modified, Modifier, Not, Or, Selector, Term
 
 __all__ = ["MAX_NESTING", "MAX_SELECTORS", "MAX_TERMS", "And", "Expression", "Modified", "Modifier", "Not", "Or",
            "Selector", "Term", "parse", "reparsed"]
@@ -97,6 +97,10 @@ def _lex_modifier(text: str, start: int) -> tuple[Modifier, int]:
                               start)
     if op == "/" and amount == 0:
         raise ExpressionError("cannot divide by zero: '{/N}' needs N > 0", i)
+    if op == "*" and amount > MAX_SCALE:
+        raise ExpressionError(f"'{{*N}}' scales by at most {MAX_SCALE:.0f}, got {number.group()}", start)
+    if op == "/" and amount < 1 / MAX_SCALE:
+        raise ExpressionError(f"'{{/N}}' needs N >= {1 / MAX_SCALE:.6f}, got {number.group()}", start)
     end = _skip_space(text, number.end())
     if end == len(text):
         raise ExpressionError(f"'{{' is never closed: expected '}}' after '{{{op}{number.group()}'", start)

@@ -120,6 +120,11 @@ def _format_number(x: float) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
+MAX_SCALE = 1_000_000.0
+"""The largest factor of ``{*N}`` (and of ``{/N}``'s 1 / N): past it every pixel above 0 is 1 already, and an
+unbounded one would make 0 x inf = NaN of a term's zeros (an empty mask, silently)."""
+
+
 @dataclass(frozen=True)
 class Modifier:
     """``{op amount}``: op ``+`` dilate / ``-`` erode by ``amount`` pixels, ``*`` / ``/`` scale and clamp."""
@@ -137,6 +142,8 @@ class Modifier:
             raise _invalid("'{/N}' needs N > 0")
         if self.op in "+-" and a > MAX_RADIUS:  # as --grow: each pixel of radius is a pass over the map
             raise _invalid(f"'{{{self.op}N}}' grows or shrinks by at most {MAX_RADIUS} pixels, got {a!r}")
+        if (self.op == "*" and a > MAX_SCALE) or (self.op == "/" and a < 1 / MAX_SCALE):
+            raise _invalid(f"'{{{self.op}N}}' scales by a factor of at most {MAX_SCALE:.0f}, got {a!r}")
         object.__setattr__(self, "amount", float(a))
 
     def apply(self, p: Tensor) -> Tensor:
