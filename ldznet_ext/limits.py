@@ -101,7 +101,7 @@ def bounded_number(limit: Limit) -> Callable[[str], float]:
 
 
 DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
-_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")
+_DEVICE_NAME = re.compile(r"auto|cpu|cuda(:(0|[1-9][0-9]{0,2}))?|mps")  # torch reads no padded or huge index
 
 
 def check_device_name(name: str) -> str:

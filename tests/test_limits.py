@@ -92,7 +92,7 @@ def test_library_settings_refuse_the_same_values(make, message):
     assert str(raised.value) == message or str(raised.value).startswith(message)
 
 
-@pytest.mark.parametrize("name", ["meta", "tpu", "cuda:x", "cpu:0", "vulkan", ""])
+@pytest.mark.parametrize("name", ["meta", "tpu", "cuda:x", "cpu:0", "vulkan", "", "cuda:007", "cuda:2147483648"])
 def test_unknown_device_names_are_refused_before_loading(name):
     with pytest.raises(LdznetError, match="expected auto, cpu, cuda, cuda:N or mps"):
         resolve_device(name)
