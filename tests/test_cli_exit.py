@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -56,3 +59,24 @@ def test_a_folder_given_as_the_image_is_named(ldznet, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, err = ldznet("mask", ".", "sky", "-o", "m.png")
     assert code == 2 and err.startswith("ldznet mask: error: .: cannot read the file (")
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line_and_status_130():
+    """Before a command runs nothing is written: the process ends at once, whatever the import it was in
+    (one swallowed there used to let the mask be written with status 0, or left a traceback)."""
+    code = ("import os, signal, sys; from ldznet_ext import cli\n"
+            "def loading():\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    raise AssertionError('went on after Ctrl-C')\n"
+            "cli.build_parser = loading\n"
+            "sys.exit(cli.main(['mask', 'photo.png', 'cat', '-o', 'm.png']))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "ldznet: interrupted\n")
+
+
+def test_the_interrupt_handler_is_restored_when_the_command_runs(ldznet, monkeypatch):
+    seen = []
+    monkeypatch.setattr(mask_cli, "_run_mask", lambda args: seen.append(signal.getsignal(signal.SIGINT)) or 0)
+    before = signal.getsignal(signal.SIGINT)
+    assert ldznet("mask", "photo.png", "cat", "-o", "m.png")[0] == 0
+    assert seen == [before] and signal.getsignal(signal.SIGINT) is before

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 
@@ -50,9 +53,30 @@ def one_line(message: object) -> str:
     return str(message).replace("\r", "\\r").replace("\n", "\\n")
 
 
+def _end_at_once(signum: int, frame: object) -> None:
+    """Ctrl-C before a command runs: nothing is written yet, so end here. A KeyboardInterrupt raised in
+    the middle of importing torch can be swallowed, or turn into another error, or a traceback."""
+    sys.stderr.write("ldznet: interrupted\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+def _on_interrupt(handler: object) -> object:
+    """Install ``handler`` for SIGINT and return the one it replaces (None, and nothing changed, off the
+    main thread, where Python allows no signal handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    previous = _on_interrupt(_end_at_once)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    finally:
+        if previous is not None:
+            _on_interrupt(previous)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
