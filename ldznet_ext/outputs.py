@@ -109,6 +109,24 @@ def check_outputs(outputs: Iterable[str | os.PathLike | None], inputs: Mapping[s
         writable_path(output)
 
 
+def check_report_name(path: str | os.PathLike | None, suffixes: tuple[str, ...], option: str,
+                      earlier: re.Pattern[str] | None = None, kind: str = "") -> None:
+    """LdznetError unless a report's name (``option``'s value; None: not asked for) ends in one of
+    ``suffixes``, and, with ``earlier``, an existing file there begins as an earlier report (``kind``)
+    does: a data set's images and JSON files (PhraseCut's refer_*.json) are never overwritten by a
+    report named after them by mistake."""
+    if path is None:
+        return
+    if Path(path).suffix.lower() not in suffixes:
+        raise LdznetError(f"{path}: {option} writes a {suffixes[0]} file; give a name ending in {suffixes[0]}")
+    if earlier is None or not Path(path).is_file():
+        return
+    with open(path, "rb") as file:
+        start = file.read(4096).decode("utf-8", "replace")
+    if start.strip() and not earlier.match(start):
+        raise LdznetError(f"{path}: exists and is not {kind}; give a new name, or remove the file first")
+
+
 def writable_folder(folder: str | os.PathLike) -> Path:
     """``folder`` as a Path, created; LdznetError when it is a file or no file can be created in it."""
     folder = Path(folder)

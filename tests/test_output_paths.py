@@ -153,3 +153,43 @@ def test_eval_and_data_summary_never_write_over_what_they_read(ldznet, tmp_path,
 def test_data_summary_checks_its_output_before_reading(ldznet, tmp_path, no_work):
     code, stdout, err = ldznet("data", "summary", "world:test:1", "--json", tmp_path)
     assert (code, stdout, err) == (2, "", f"ldznet data: error: cannot write {tmp_path}: it is a folder\n")
+
+
+def test_reports_are_named_as_reports_and_replace_only_earlier_ones(ldznet, tmp_path, no_work):
+    """A data set's images and masks are not inputs the commands name (the manifest lists them), and its
+    JSON files (PhraseCut's refer_val.json) may sit beside: a report goes only to a .json / .md name, and
+    an existing .json only if an earlier report of the command wrote it."""
+    mask, annotations = tmp_path / "mask.png", tmp_path / "refer_val.json"
+    mask.write_bytes(b"\x89PNG mask stays")
+    annotations.write_text('{"refer": "stays"}\n')
+    cases = {
+        ("eval", "--data", "world:test:1", "--json", mask): f"{mask}: --json writes a .json file; give a name "
+                                                            "ending in .json",
+        ("eval", "--data", "world:test:1", "--markdown", mask): f"{mask}: --markdown writes a .md file; give a name "
+                                                                "ending in .md",
+        ("data", "summary", "world:test:1", "--json", mask): f"{mask}: --json writes a .json file; give a name "
+                                                             "ending in .json",
+        ("eval", "--data", "world:test:1", "--json", annotations):
+            f"{annotations}: exists and is not an earlier ldznet eval --json result; give a new name, or remove the "
+            "file first",
+        ("data", "summary", "world:test:1", "--json", annotations):
+            f"{annotations}: exists and is not an earlier ldznet data summary --json; give a new name, or remove the "
+            "file first",
+    }
+    for args, message in cases.items():
+        assert ldznet(*args) == (2, "", f"ldznet {args[0]}: error: {message}\n")
+    assert (mask.read_bytes(), annotations.read_text()) == (b"\x89PNG mask stays", '{"refer": "stays"}\n')
+
+
+def test_an_earlier_report_is_replaced(ldznet, tmp_path, monkeypatch):
+    """The patterns match what the commands write: a second run over the first one's report goes through."""
+    from ldznet_ext.cli.data import EARLIER_SUMMARY
+    from ldznet_ext.cli.eval import EARLIER_RESULT
+    summary = tmp_path / "summary.json"
+    assert ldznet("data", "summary", "world:test:1", "--json", summary)[0] == 0
+    assert EARLIER_SUMMARY.match(summary.read_text())
+    assert ldznet("data", "summary", "world:test:1", "--json", summary)[0] == 0
+    result = tmp_path / "result.json"
+    assert ldznet("eval", "--data", "world:test:1", "--json", result)[0] == 0
+    assert EARLIER_RESULT.match(result.read_text())
+    assert ldznet("eval", "--data", "world:test:1", "--json", result)[0] == 0

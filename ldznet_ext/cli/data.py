@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from ..data.spec import open_source, spec_file
 from ..data.stream import iterate_examples
 from ..errors import LdznetError
 from ..limits import EXAMPLES, RENDER_SIZE, WORKERS, bounded_number
-from ..outputs import check_outputs, writing
+from ..outputs import check_outputs, check_report_name, writing
 
 SHOWN_ERRORS = 10
 
@@ -102,8 +103,13 @@ def format_summary(s: DataSummary) -> str:
     return "\n".join(lines)
 
 
+EARLIER_SUMMARY = re.compile(r'\s*\[\s*\{\s*"spec"\s*:')
+"""How the summaries ``_summary`` writes begin (a list of objects whose first key is the spec)."""
+
+
 def _summary(args: argparse.Namespace) -> int:
     check_outputs((args.json,), {path: f"the data {spec}" for spec in args.specs if (path := spec_file(spec))})
+    check_report_name(args.json, (".json",), "--json", EARLIER_SUMMARY, "an earlier ldznet data summary --json")
     summaries = []
     for spec in args.specs:
         summaries.append(summarize(spec, args.size, args.workers, args.limit))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import reprlib
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..errors import LdznetError
 from ..eval.evaluate import FORMAT, READABLE_VERSIONS, VERSION, EvalResult, evaluate, merge_results
 from ..eval.tables import TABLES, build_table, default_table, markdown_table
 from ..limits import BOUNDARY_TOLERANCE, RENDER_SIZE, THRESHOLD, WORKERS, bounded_number
-from ..outputs import check_outputs, writing
+from ..outputs import check_outputs, check_report_name, writing
 from ..refine import RefineSettings
 from ..world.scenes import VOCABULARY
 from .common import add_model_arguments, add_shard_argument, parse_shard, segmenter_from_args
@@ -44,6 +45,10 @@ def eval_shard(text: str) -> tuple[int, int]:
     print(f"ldznet eval: note: --shard counts from 1 (K = 1..N, as in ldznet batch) since eval results "
           f"version {VERSION}; --merge checks that the shards cover 1..N once each", file=sys.stderr)
     return shard
+
+
+EARLIER_RESULT = re.compile(r'\s*\{\s*"format"\s*:\s*"' + FORMAT + '"')
+"""How a result that ``_report`` wrote begins (its first key is the format): only such a file is replaced."""
 
 
 def read_results(path: str) -> list[EvalResult]:
@@ -111,6 +116,8 @@ def _inputs(args: argparse.Namespace) -> dict[str, str]:
 
 def _run(args: argparse.Namespace) -> int:
     check_outputs((args.json, args.markdown), _inputs(args))  # before the work, so none of it is lost to a bad path
+    check_report_name(args.json, (".json",), "--json", EARLIER_RESULT, "an earlier ldznet eval --json result")
+    check_report_name(args.markdown, (".md", ".markdown"), "--markdown")
     if args.merge:
         return _report(merge_results([r for path in args.merge for r in read_results(path)]), args)
     segmenter, loaded = segmenter_from_args(args, RefineSettings(enabled=False) if args.no_refine else None)
