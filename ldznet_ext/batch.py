@@ -21,7 +21,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -299,12 +299,35 @@ def check_manifest(path: Path, files: Sequence[Path], output_dir: Path) -> None:
                 raise LdznetError(f"{path}: the same file as {what} {other}; give the manifest another name")
     outputs.writable_path(path)
     if not _is_manifest(path):
-        raise LdznetError(f"{path}: not an ldznet manifest (its first line is not a JSON object); "
+        raise LdznetError(f"{path}: not an ldznet manifest (its first line is not a manifest entry); "
                           "give a new file or an earlier run's manifest")
 
 
+def check_resume(path: Path, expression: str, settings: Mapping, overwrite: bool) -> None:
+    """LdznetError when the run would skip masks that another job made: the manifest's latest written
+    mask has another expression, or other values of the job's ``settings`` (keys it records). With
+    ``overwrite`` every mask is made again, so any earlier job is fine."""
+    if overwrite or not path.is_file():
+        return
+    last = next((e for e in reversed(read_manifest(path)) if isinstance(e, dict) and e.get("status") == "ok"), None)
+    if last is None:
+        return
+    recorded = last.get("settings") if isinstance(last.get("settings"), dict) else {}
+    changed = [f"{key} {recorded[key]!r} -> {value!r}" for key, value in settings.items()
+               if key in recorded and recorded[key] != value]
+    if last.get("expression") != expression:
+        changed.insert(0, f"expression {last.get('expression')!r} -> {expression!r}")
+    if changed:
+        raise LdznetError(f"{path} lists masks of another job ({'; '.join(changed)}), which this run would skip as "
+                          "done; overwrite them (--overwrite), or choose another output folder")
+
+
+MANIFEST_KEYS = frozenset({"input", "expression", "settings", "output", "status"})
+"""Keys of every manifest entry (``_Run.record``): a JSON Lines file of other objects is someone else's."""
+
+
 def _is_manifest(path: Path) -> bool:
-    """True for a missing or empty file, or one whose first line is a JSON object."""
+    """True for a missing or empty file, or one whose first line is a manifest entry."""
     try:
         with open(path, "rb") as file:
             first = file.readline(1 << 20)
@@ -313,9 +336,10 @@ def _is_manifest(path: Path) -> bool:
     if not first:
         return True
     try:
-        return isinstance(json.loads(first), dict)
+        entry = json.loads(first)
     except ValueError:  # not JSON, or not UTF-8
         return False
+    return isinstance(entry, dict) and MANIFEST_KEYS <= entry.keys()
 
 
 def run_batch(job: BatchJob, segmenter: Segmenter, manifest: Manifest,

@@ -299,17 +299,24 @@ def _manifest_case(case: str, tmp_path: Path) -> tuple[Path, str]:
     if case == "not a manifest":
         (tmp_path / "notes.jsonl").write_text("my notes\n")
         return tmp_path / "notes.jsonl", (f"{tmp_path}/notes.jsonl: not an ldznet manifest (its first line is "
-                                          "not a JSON object); give a new file or an earlier run's manifest")
+                                          "not a manifest entry); give a new file or an earlier run's manifest")
+    if case in ("package.json", "training JSONL"):
+        name, text = (("package.json", '{"name": "my-app", "version": "1.0.0"}\n') if case == "package.json" else
+                      ("train.jsonl", '{"image": "x.png", "text": "cat"}\n{"image": "y.png", "text": "dog"}\n'))
+        (tmp_path / name).write_text(text)
+        return tmp_path / name, (f"{tmp_path}/{name}: not an ldznet manifest (its first line is not a manifest "
+                                 "entry); give a new file or an earlier run's manifest")
     if case == "JSON array":
         (tmp_path / "list.json").write_text("[1, 2]\n")
         return tmp_path / "list.json", (f"{tmp_path}/list.json: not an ldznet manifest (its first line is "
-                                        "not a JSON object); give a new file or an earlier run's manifest")
+                                        "not a manifest entry); give a new file or an earlier run's manifest")
     assert case == "folder"
     return tmp_path / "in", f"{images}: a manifest is a JSON Lines file; give a name ending in .jsonl"
 
 
 @pytest.mark.parametrize("case", ["input image", "symlink to an input", "hard link to an input", "mask name",
-                                  "symlink to a mask", "not a manifest", "JSON array", "folder"])
+                                  "symlink to a mask", "not a manifest", "package.json", "training JSONL",
+                                  "JSON array", "folder"])
 def test_a_manifest_never_lands_on_a_user_file(batch, tmp_path, case, no_model_load):
     make_gallery(tmp_path / "in", ["a.png", "b.png"])
     before = {p.name: p.read_bytes() for p in (tmp_path / "in").iterdir()}
@@ -350,3 +357,22 @@ def test_unusable_outputs_stop_before_the_models_load(ldznet, tmp_path, tiny_mod
         assert code == 2 and err.startswith("ldznet batch: error: cannot write /proc/m.jsonl: ")
         code, err = batch_into("/proc")
         assert code == 2 and err.startswith("ldznet batch: error: cannot write to /proc: ")
+
+
+def test_a_folder_of_another_jobs_masks_is_not_skipped_as_done(batch, ldznet, tmp_path, tiny_model_files):
+    """Resuming is for the same job: masks of another expression or other settings in OUT_DIR would be
+    reported as "already done"; the run is refused before the models load, and --overwrite makes them again."""
+    make_gallery(tmp_path / "in", ["a.png"])
+    assert batch()[0] == 0
+    first = (tmp_path / "out" / "a.png").read_bytes()
+    sd, head = tiny_model_files
+    other = ("batch", tmp_path / "in", "cat", "-o", tmp_path / "out", "--model", sd, "--head", head, "--invert")
+    code, stdout, err = ldznet(*other)
+    manifest = tmp_path / "out" / MANIFEST_NAME
+    assert (code, stdout, err) == (2, "", f"ldznet batch: error: {manifest} lists masks of another job (expression "
+                                          "'cat OR dog' -> 'cat'; invert False -> True), which this run would skip "
+                                          "as done; overwrite them (--overwrite), or choose another output folder\n")
+    assert (tmp_path / "out" / "a.png").read_bytes() == first
+    assert batch()[1] == "0 written, 1 skipped (already done), 0 failed\n"  # the same job resumes
+    assert ldznet(*other, "--overwrite")[1] == "1 written, 0 skipped (already done), 0 failed\n"
+    assert ldznet(*other)[1] == "0 written, 1 skipped (already done), 0 failed\n"

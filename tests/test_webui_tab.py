@@ -69,6 +69,18 @@ def test_tab_masks_a_folder_resumably(tmp_path):
             "presence": True}
 
 
+def test_tab_refuses_to_skip_another_jobs_masks(tmp_path):
+    world.install(tmp_path)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    _gallery(inputs, 1)
+    assert "1 masked" in tab.mask_folder(str(inputs), None, str(out), False, *ARGS)[1]
+    other = ("sword", *ARGS[1:])
+    previews, status = tab.mask_folder(str(inputs), None, str(out), False, *other)
+    assert previews == [] and "ldznet-error" in status and "lists masks of another job (expression &#x27;goblin&#x27; " \
+        "-&gt; &#x27;sword&#x27;)" in status
+    assert "1 masked, 0 skipped" in tab.mask_folder(str(inputs), None, str(out), True, *other)[1]  # overwrite
+
+
 def test_tab_takes_every_mask_option(tmp_path):
     world.install(tmp_path)
     _gallery(tmp_path / "in", 1)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..batch import MANIFEST_NAME, BatchCallbacks, BatchJob, Manifest, check_folders, check_manifest, run_batch
+from ..batch import (MANIFEST_NAME, BatchCallbacks, BatchJob, Manifest, check_folders, check_manifest, check_resume,
+                     run_batch)
 from ..limits import BATCH_SIZE, bounded_number
 from .common import add_model_arguments, add_shard_argument, segmenter_from_args
 from .mask import add_mask_arguments, job_from_args
@@ -44,6 +45,7 @@ def _run(args: argparse.Namespace) -> int:
     input_dir, output_dir = Path(args.input_dir), Path(args.output)
     manifest_path = Path(args.manifest) if args.manifest else output_dir / MANIFEST_NAME
     check_manifest(manifest_path, check_folders(input_dir, output_dir, args.instances), output_dir)  # before models
+    check_resume(manifest_path, job.expression, job.manifest_settings(), args.overwrite)
     segmenter, loaded = segmenter_from_args(args, job.refine_settings())
     loaded.pop("refine")  # the job's refine, refine_strength and refine_radius say it
     batch = BatchJob(input_dir, output_dir, job.tree(), job.expression, job.mask_options(),

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ..batch import (IMAGE_SUFFIXES, MANIFEST_NAME, BatchCallbacks, BatchJob, Manifest, check_folders, check_manifest,
-                     run_batch)
+                     check_resume, run_batch)
 from ..errors import LdznetError
 from ..images import load_image
 from ..job import COMBINE_MODES, MODES
@@ -87,6 +87,7 @@ def mask_folder(input_dir: str, uploads, output_dir: str, overwrite: bool, *args
         if not files:
             raise LdznetError("no images to mask")
         check_manifest(out / MANIFEST_NAME, files, out)  # an unrelated file of that name is not appended to
+        check_resume(out / MANIFEST_NAME, job.expression, job.manifest_settings(), overwrite)
         # One image at a time, as in a generation: Interrupt answers after the current file and
         # memory stays at one image's (--medvram / --lowvram hosts).
         batch = BatchJob(folder, out, job.tree(), job.expression, job.mask_options(), job.manifest_settings(),
