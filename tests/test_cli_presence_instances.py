@@ -68,3 +68,29 @@ def test_one_instance_is_counted_in_the_singular(ldznet, scene_file, tmp_path) -
     image, _ = scene_file
     code, out, _ = ldznet("mask", image, "crosses[1]", "-o", tmp_path / "one.png", "--instances", "--device", "cpu")
     assert code == 0 and out.rstrip().endswith(", 1 instance")
+
+
+def test_instance_names_replace_only_an_earlier_runs_masks(ldznet, scene_file, tmp_path) -> None:
+    """NAME-k.png is a name the command derives, not one the user gave: a file of that name is replaced
+    only when the earlier run's report lists it, and a run with fewer objects removes the earlier extras."""
+    image, _ = scene_file
+    notes = tmp_path / "m-2.png"
+    notes.write_text("my notes\n")
+    code, out, err = ldznet("mask", image, "crosses", "-o", tmp_path / "m.png", "--instances", "--device", "cpu")
+    assert (code, out) == (2, "") and err == (f"ldznet mask: error: {notes}: exists and is no instance mask of an "
+                                              f"earlier run of -o {tmp_path / 'm.png'}; move it, or choose another -o\n")
+    assert notes.read_text() == "my notes\n"
+    notes.unlink()
+    assert ldznet("mask", image, "crosses", "-o", tmp_path / "m.png", "--instances", "--device", "cpu")[1].endswith(
+        ", 2 instances\n")
+    assert ldznet("mask", image, "crosses", "-o", tmp_path / "m.png", "--instances", "--device", "cpu")[0] == 0
+    assert ldznet("mask", image, "crosses[1]", "-o", tmp_path / "m.png", "--instances", "--device", "cpu")[1].endswith(
+        ", 1 instance\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-1.png", "m-instances.json", "m.png"]
+    (tmp_path / "m-instances.json").write_text('{"instances": [{"file": "../scene.png"}, {"file": "m-1.png"}]}\n')
+    assert ldznet("mask", image, "sky", "-o", tmp_path / "m.png", "--instances", "--device", "cpu")[0] == 0
+    assert image.exists()  # a report that names other files removes none of them
+    (tmp_path / "m-instances.json").write_text("my notes\n")
+    code, _, err = ldznet("mask", image, "crosses", "-o", tmp_path / "m.png", "--instances", "--device", "cpu")
+    assert code == 2 and err.startswith(f"ldznet mask: error: {tmp_path / 'm-instances.json'}: exists and is not the "
+                                        "instance report of an earlier run of -o")

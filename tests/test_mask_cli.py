@@ -296,12 +296,12 @@ class _TwoStars(OracleSegmenter):
         pass
 
 
-@pytest.mark.parametrize("clash, mine", [
-    ("overlay", "the output"),  # --overlay m-2.png: the second instance's mask
-    ("probability", "the output"),
-    ("image", "the input image"),  # the input image is m-2.png
+@pytest.mark.parametrize("clash, message", [
+    ("overlay", "{second}: --overlay names the file of instance mask 2 of -o; give it another name"),
+    ("probability", "{second}: --probability names the file of instance mask 2 of -o; give it another name"),
+    ("image", "{second}: the same file as the input image; give each output its own name"),  # the input is m-2.png
 ])
-def test_instance_masks_never_overwrite_another_file_of_the_run(clash, mine, ldznet, tmp_path, monkeypatch):
+def test_instance_masks_never_overwrite_another_file_of_the_run(clash, message, ldznet, tmp_path, monkeypatch):
     """Instances are counted only after the prediction, so their names are checked then, against the
     input and every other output, before any file is written."""
     monkeypatch.setattr(mask_cli, "segmenter_from_args", lambda *args: (_TwoStars(), {}))
@@ -311,9 +311,8 @@ def test_instance_masks_never_overwrite_another_file_of_the_run(clash, mine, ldz
     before = image.read_bytes()
     extra = [] if clash == "image" else [f"--{clash}", second]
     code, stdout, err = ldznet("mask", image, "star", "-o", tmp_path / "m.png", "--instances", *extra)
-    what = f"the output {second}" if mine == "the output" else "the input image"
     assert (code, stdout) == (2, "")
-    assert err == f"ldznet mask: error: {second}: the same file as {what}; give each output its own name\n"
+    assert err == f"ldznet mask: error: {message.format(second=second)}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == [image.name]  # nothing written
     assert image.read_bytes() == before
 

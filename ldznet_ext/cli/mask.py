@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from ..job import MODES, ZERO_SHOT_MODE, MaskJob
 from ..limits import FEATHER, GROW, KEEP_LARGEST, MIN_AREA, REFINE_RADIUS, REFINE_STRENGTH, THRESHOLD, bounded_number
 from ..masks.expression import parse
 from ..masks.instances import Instance, instance_image
-from ..outputs import check_outputs, write_mask, write_overlay, write_probability, writing
+from ..outputs import check_outputs, same_file, write_mask, write_overlay, write_probability, writing
 from ..segmenter import Prediction
 from .common import add_model_arguments, segmenter_from_args
 
@@ -102,10 +103,47 @@ def instance_paths(output: str | Path, count: int) -> tuple[list[Path], Path]:
     return [Path(f"{stem}-{k}.png") for k in range(1, count + 1)], Path(f"{stem}-instances.json")
 
 
+def earlier_instance_masks(output: str | Path) -> set[Path]:
+    """The instance masks that an earlier run's report beside ``output`` lists (only names of the form
+    NAME-k.png); LdznetError when a file of the report's name is something else."""
+    _, report = instance_paths(output, 0)
+    if not report.exists():
+        return set()
+    try:
+        entries = json.loads(report.read_text(encoding="utf-8"))["instances"]
+        files = {entry["file"] for entry in entries}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise LdznetError(f"{report}: exists and is not the instance report of an earlier run of -o {output} "
+                          f"({type(error).__name__}); move it, or choose another -o") from error
+    pattern = re.compile(re.escape(Path(output).stem) + r"-[1-9][0-9]*\.png")
+    return {report.parent / name for name in files if isinstance(name, str) and pattern.fullmatch(name)}
+
+
+def check_instance_names(args: argparse.Namespace, outputs: list[str | Path], count: int) -> None:
+    """The outputs of a run with ``count`` instances (``outputs``: -o, --overlay, --probability), as
+    :func:`check_png_outputs` checks them, and NAME-k.png beside -o NAME.png, a name the user did not give:
+    not one of the other outputs, and a file there is replaced only when an earlier run's report lists it
+    as its instance mask."""
+    output = args.output
+    paths, report = instance_paths(output, count)
+    for k, path in enumerate(paths, 1):
+        for option, named in (("--overlay", args.overlay), ("--probability", args.probability)):
+            if named is not None and same_file(path, named):
+                raise LdznetError(f"{named}: {option} names the file of instance mask {k} of -o; give it another name")
+    check_png_outputs(args.image, outputs + paths, [report])
+    earlier = earlier_instance_masks(output)
+    for path in paths:
+        if path.exists() and path not in earlier:
+            raise LdznetError(f"{path}: exists and is no instance mask of an earlier run of -o {output}; move it, or "
+                              "choose another -o")
+
+
 def write_instances(output: str | Path, prediction: Prediction, instances: list[Instance],
                     feather_radius: float) -> int:
     """One mask per instance of the prediction (``prediction.instances()``) and a JSON list (order, box,
-    area, score, file), at :func:`instance_paths`, which the caller has checked; returns their number."""
+    area, score, file), at :func:`instance_paths`, which the caller has checked (:func:`check_instance_names`);
+    an earlier run's instance masks beyond the new count are removed. Returns their number."""
+    earlier = earlier_instance_masks(output)
     paths, report = instance_paths(output, len(instances))
     for instance, path in zip(instances, paths):
         with writing(path):
@@ -114,14 +152,18 @@ def write_instances(output: str | Path, prediction: Prediction, instances: list[
     with writing(report):
         report.write_text(json.dumps({"expression": str(prediction.expression), "terms": prediction.presence_report(),
                                       "instances": entries}, indent=1) + "\n", encoding="utf-8")
+    for stale in earlier - set(paths):
+        stale.unlink(missing_ok=True)
     return len(instances)
 
 
 def _run_mask(args: argparse.Namespace) -> int:
     outputs = [p for p in (args.output, args.overlay, args.probability) if p is not None]
     # With --instances, the first instance and the report now, every instance once they are counted.
-    paths, report = instance_paths(args.output, 1) if args.instances else ([], None)
-    check_png_outputs(args.image, outputs + paths, [report] if args.instances else [])
+    if args.instances:
+        check_instance_names(args, outputs, 1)
+    else:
+        check_png_outputs(args.image, outputs)
     job = job_from_args(args)
     expression = job.tree()
     image = load_image(args.image, max_pixels=args.max_pixels)
@@ -131,8 +173,7 @@ def _run_mask(args: argparse.Namespace) -> int:
     # connected regions of the full-size mask: found once, for the names' check and the files
     instances = prediction.instances() if args.instances else []
     if args.instances:  # before any file is written: MASK-k.png may be the input, --overlay or --probability
-        paths, report = instance_paths(args.output, len(instances))
-        check_png_outputs(args.image, outputs + paths, [report])
+        check_instance_names(args, outputs, len(instances))
     mask = prediction.mask_image()
     writers = [(args.output, lambda path: write_mask(path, mask)),
                (args.probability, lambda path: write_probability(path, prediction.probability_image())),
