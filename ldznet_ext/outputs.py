@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -146,26 +147,47 @@ def _try_creating_a_file(folder: Path) -> None:
     trial.unlink()
 
 
-def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Write ``image`` as PNG to ``path`` atomically (temporary file in the same folder, fsync, rename).
-
-    On any failure (a full disk raises OSError) or interruption the temporary file is removed and
-    an existing ``path`` is left untouched.
-    """
+def stage_file(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """A temporary file beside ``path``, written by ``write`` and synced, for the caller to rename onto
+    ``path`` (``os.replace``) or remove. On any failure or interruption nothing is left."""
     path = Path(path)
     temporary = path.with_name(_temporary_name(path))
     # O_EXCL: never write into someone else's file; mode 0o666 lets the umask decide, as for any new file.
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as file:
-            image.save(file, format="PNG")
+            write(file)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    return path
+    return temporary
+
+
+def write_together(writers: Mapping[Path, Callable[[BinaryIO], object]]) -> None:
+    """Write several files so that all of them are replaced or none: each is staged beside its target
+    (:func:`stage_file`), then all are renamed in the given order; a failure while staging (a full disk)
+    or an interruption leaves every target as it was."""
+    staged: dict[Path, Path] = {}
+    try:
+        for path, write in writers.items():
+            staged[path] = stage_file(path, write)
+        for path, temporary in staged.items():
+            os.replace(temporary, path)
+    finally:
+        for temporary in staged.values():  # those not renamed
+            temporary.unlink(missing_ok=True)
+
+
+def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
+    """Write ``image`` as PNG to ``path`` atomically (temporary file in the same folder, fsync, rename).
+
+    On any failure (a full disk raises OSError) or interruption the temporary file is removed and
+    an existing ``path`` is left untouched.
+    """
+    write_together({Path(path): lambda file: image.save(file, format="PNG")})
+    return Path(path)
 
 
 def mask_image(mask: np.ndarray) -> Image.Image:

@@ -216,14 +216,49 @@ def test_cli_sample_into_an_earlier_sample_leaves_only_the_new_masks(tmp_path):
 @pytest.mark.parametrize("phrases", ['{"seed": 1, "caption": "x", "phrases": [{"file": "../notes.txt"},'
                                      ' {"file": "masks/../../notes.txt"}, {"file": "/etc/passwd"}, {"file": 3}, 7]}',
                                      '{"phrases": [{"file": "masks/keep.png"}]}', "not json", '[1]'])
-def test_cli_sample_removes_nothing_a_foreign_phrases_json_lists(tmp_path, phrases):
+def test_cli_sample_removes_nothing_a_foreign_phrases_json_lists(tmp_path, phrases, capsys):
+    """A phrases.json of the sample's shape lists only masks/NAME.png files for removal; one of another
+    shape is someone else's file, and the sample is refused rather than written over it."""
     out = tmp_path / "scene"
     (out / "masks").mkdir(parents=True)
     (out / "masks" / "keep.png").write_text("kept")
     (tmp_path / "notes.txt").write_text("kept")
     (out / "phrases.json").write_text(phrases)
-    assert main(["world", "sample", "--seed", "5", "-o", str(out), "--size", "32"]) == 0
+    ours = phrases.startswith('{"seed"')
+    assert main(["world", "sample", "--seed", "5", "-o", str(out), "--size", "32"]) == (0 if ours else 2)
     assert (out / "masks" / "keep.png").read_text() == (tmp_path / "notes.txt").read_text() == "kept"
+    if not ours:
+        assert capsys.readouterr().err == (f"ldznet world sample: error: {out / 'phrases.json'}: exists and is not a world "
+                                           "sample's; choose another -o\n")
+        assert (out / "phrases.json").read_text() == phrases and not (out / "image.png").exists()
+
+
+def test_cli_sample_never_writes_over_a_file_it_did_not_write(tmp_path, capsys):
+    out = tmp_path / "scene"
+    out.mkdir()
+    (out / "image.png").write_text("my photo")
+    assert main(["world", "sample", "--seed", "5", "-o", str(out), "--size", "32"]) == 2
+    assert capsys.readouterr().err == (f"ldznet world sample: error: {out / 'image.png'}: exists and is no file of an "
+                                       f"earlier sample in {out}; choose another -o\n")
+    assert sorted(p.name for p in out.iterdir()) == ["image.png", "masks"] and not any((out / "masks").iterdir())
+
+
+def test_cli_sample_that_fails_part_way_leaves_the_earlier_sample_whole(tmp_path, monkeypatch):
+    """A full disk (or Ctrl-C) while the new files are written: every file stays the earlier sample's."""
+    out = tmp_path / "scene"
+    assert main(["world", "sample", "--seed", "5", "-o", str(out), "--size", "32"]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real_save, saved = Image.Image.save, []
+
+    def full_disk(image, fp, *args, **kwargs):
+        if len(saved) == 3:
+            raise OSError(28, "No space left on device")
+        saved.append(fp)
+        return real_save(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    assert main(["world", "sample", "--seed", "6", "-o", str(out), "--size", "32"]) == 1
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_cli_split_and_errors(capsys):
@@ -247,5 +282,5 @@ def test_cli_unwritable_output_is_a_clear_error(tmp_path, capsys):
              ("train-sd", "--recipe", "smoke", "-o", blocker): f"{blocker} is a file, not a folder"}
     for args, message in cases.items():
         assert main(["world", *map(str, args)]) == 2
-        assert capsys.readouterr().err == f"ldznet world: error: {message}\n"
+        assert capsys.readouterr().err == f"ldznet world {args[0]}: error: {message}\n"
     assert blocker.read_text() == "" and sorted(p.name for p in tmp_path.rglob("*")) == ["file", "masks", "scene"]

@@ -27,9 +27,10 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
+from ..errors import LdznetError
 from ..limits import (MICRO_IMAGE_SIZE, MIN_SNR_GAMMA, PROCESSES, RENDER_SIZE, SCENES, SEED, STEP_INTERVAL, STEPS,
                       TIME_BUDGET, TRAIN_BATCH_SIZE, bounded_number)
-from ..outputs import writable_folder
+from ..outputs import writable_folder, write_together
 from ..world.scenes import SPLIT_START, VOCABULARY, make_scene, split_seeds
 from .common import add_device_argument
 
@@ -44,38 +45,48 @@ def mask_filename(phrase: str) -> str:
 
 def write_sample(seed: int, out: Path, size: int = 128, domain: str | None = None) -> dict:
     """Render scene ``seed`` into directory ``out`` (created); returns the phrases.json content.
-    Masks that an earlier sample in ``out`` wrote and this one does not are removed, so the folder
-    holds one sample; nothing else in it is touched."""
+    The sample's files are written together (all replaced or none, ``outputs.write_together``), over
+    an earlier sample's only: a file of those names that no earlier sample in ``out`` wrote is refused.
+    Masks that the earlier sample wrote and this one does not are removed; nothing else is touched."""
     writable_folder(writable_folder(out) / "masks")
-    earlier = _sample_mask_files(out / PHRASES_FILE)
+    earlier = _earlier_sample_files(out)
     scene = make_scene(seed, size, domain)
-    Image.fromarray(scene.image, "RGB").save(out / "image.png")
+    images = {"image.png": Image.fromarray(scene.image, "RGB")}
     entries = []
     for phrase, mask in scene.phrases.items():
         file = f"masks/{mask_filename(phrase)}"
-        Image.fromarray(mask.astype("uint8") * 255, "L").save(out / file)
+        images[file] = Image.fromarray(mask.astype("uint8") * 255, "L")
         entries.append({"phrase": phrase, "file": file, "area": int(mask.sum()),
                         "present": scene.present(phrase)})
     info = {"seed": seed, "domain": scene.spec.domain, "size": size, "caption": scene.caption,
             "phrases": entries}
-    (out / PHRASES_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    for file in earlier - {entry["file"] for entry in entries}:
+    for file in images:
+        if (out / file).exists() and file not in earlier:
+            raise LdznetError(f"{out / file}: exists and is no file of an earlier sample in {out}; choose another -o")
+    text = (json.dumps(info, indent=2) + "\n").encode("utf-8")
+    writers = {out / file: (lambda stream, image=image: image.save(stream, format="PNG"))
+               for file, image in images.items()}
+    write_together({**writers, out / PHRASES_FILE: lambda stream: stream.write(text)})  # phrases.json last
+    for file in earlier - set(images) - {"image.png"}:
         (out / file).unlink(missing_ok=True)
     return info
 
 
-def _sample_mask_files(phrases_file: Path) -> set[str]:
-    """The mask files a sample's phrases.json lists (``masks/NAME.png`` only); none when there is no
-    such file or it is not one this command wrote."""
+def _earlier_sample_files(out: Path) -> set[str]:
+    """The files an earlier sample in ``out`` wrote (image.png and the ``masks/NAME.png`` its
+    phrases.json lists); none without a phrases.json. LdznetError when phrases.json is someone else's."""
+    phrases_file = out / PHRASES_FILE
+    if not phrases_file.exists():
+        return set()
     try:
         info = json.loads(phrases_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return set()
+        info = None
     if not (isinstance(info, dict) and {"seed", "caption"} <= info.keys() and isinstance(info.get("phrases"), list)):
-        return set()
+        raise LdznetError(f"{phrases_file}: exists and is not a world sample's; choose another -o")
     files = {entry.get("file") for entry in info["phrases"] if isinstance(entry, dict)}
-    return {f for f in files if isinstance(f, str) and PurePosixPath(f).parent == PurePosixPath("masks")
-            and f.endswith(".png")}
+    return {"image.png"} | {f for f in files if isinstance(f, str) and PurePosixPath(f).parent == PurePosixPath("masks")
+                            and f.endswith(".png")}
 
 
 def _run_sample(args: argparse.Namespace) -> int:
