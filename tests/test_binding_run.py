@@ -134,9 +134,9 @@ def test_cli_options_reach_the_unet_stage(tmp_path, capsys):
     assert (log["recipe"]["unet_steps"], log["recipe"]["unet_batch"]) == (3, 4)
     assert [s["step"] for s in log["snapshots"]] == [3] and log["init"]["unet"] is False
     assert main(["world", "train-sd", "-o", str(tmp_path), "--init-unet"]) == 2
-    assert "ldznet world: error: starting from a model's UNet needs the model file" in capsys.readouterr().err
+    assert "ldznet world train-sd: error: starting from a model's UNet needs the model file" in capsys.readouterr().err
     assert main(["world", "train-sd", "-o", str(tmp_path), "--text-tower", "train"]) == 2
-    assert "ldznet world: error: text tower 'train' needs an initial model" in capsys.readouterr().err
+    assert "ldznet world train-sd: error: text tower 'train' needs an initial model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("positive, negative, expected", [

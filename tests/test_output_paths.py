@@ -145,14 +145,15 @@ def test_eval_and_data_summary_never_write_over_what_they_read(ldznet, tmp_path,
     }
     for args, message in cases.items():
         code, stdout, err = ldznet(*args)
-        assert (code, stdout, err) == (2, "", f"ldznet {args[0]}: error: {message}; give each output its own name\n")
+        command = "data summary" if args[0] == "data" else args[0]
+        assert (code, stdout, err) == (2, "", f"ldznet {command}: error: {message}; give each output its own name\n")
     assert {path.read_text() for path in inputs.values()} == {f"{path.name} stays\n" for path in inputs.values()}
     assert not table.exists()
 
 
 def test_data_summary_checks_its_output_before_reading(ldznet, tmp_path, no_work):
     code, stdout, err = ldznet("data", "summary", "world:test:1", "--json", tmp_path)
-    assert (code, stdout, err) == (2, "", f"ldznet data: error: cannot write {tmp_path}: it is a folder\n")
+    assert (code, stdout, err) == (2, "", f"ldznet data summary: error: cannot write {tmp_path}: it is a folder\n")
 
 
 def test_reports_are_named_as_reports_and_replace_only_earlier_ones(ldznet, tmp_path, no_work):
@@ -177,7 +178,8 @@ def test_reports_are_named_as_reports_and_replace_only_earlier_ones(ldznet, tmp_
             "file first",
     }
     for args, message in cases.items():
-        assert ldznet(*args) == (2, "", f"ldznet {args[0]}: error: {message}\n")
+        command = "data summary" if args[0] == "data" else args[0]
+        assert ldznet(*args) == (2, "", f"ldznet {command}: error: {message}\n")
     assert (mask.read_bytes(), annotations.read_text()) == (b"\x89PNG mask stays", '{"refer": "stays"}\n')
 
 

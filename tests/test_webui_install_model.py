@@ -157,7 +157,7 @@ def test_an_unusable_hf_cache_is_refused_before_anything_is_installed(sdxl_file,
         monkeypatch.setenv("HF_HOME", str(not_a_folder))
         assert main(["webui", "install-model", str(sdxl_file), str(webui)]) == 2
         out, err = capsys.readouterr()
-        assert out == "" and err.startswith("ldznet webui: error: Hugging Face cache (--hf-home or HF_HOME): ")
+        assert out == "" and err.startswith("ldznet webui install-model: error: Hugging Face cache (--hf-home or HF_HOME): ")
         assert err.count("\n") == 1
     assert not (webui / "models").exists() and not_a_folder.read_text() == "x"
 

@@ -80,20 +80,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # "world sample", "data summary": a group's messages name the sub-command too
+    command = " ".join(filter(None, (args.command, getattr(args, f"{args.command}_command", None))))
     try:
         with warnings.catch_warnings():  # restores the caller's warning display when main returns
             warnings.showwarning = lambda message, *_, **__: print(
-                f"ldznet {args.command}: warning: {one_line(message)}", file=sys.stderr)
+                f"ldznet {command}: warning: {one_line(message)}", file=sys.stderr)
             return int(args.func(args) or 0)
     except LdznetError as error:
-        print(f"ldznet {args.command}: error: {one_line(error)}", file=sys.stderr)
+        print(f"ldznet {command}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except OSError as error:  # what no command anticipated (an unwritable -o folder, a full disk): no traceback
-        print(f"ldznet {args.command}: error: {one_line(error)}", file=sys.stderr)
+        print(f"ldznet {command}: error: {one_line(error)}", file=sys.stderr)
         return 1
     except MemoryError:
-        print(f"ldznet {args.command}: error: out of memory", file=sys.stderr)
+        print(f"ldznet {command}: error: out of memory", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"ldznet {args.command}: interrupted", file=sys.stderr)
+        print(f"ldznet {command}: interrupted", file=sys.stderr)
         return 130
