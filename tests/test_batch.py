@@ -376,3 +376,13 @@ def test_a_folder_of_another_jobs_masks_is_not_skipped_as_done(batch, ldznet, tm
     assert batch()[1] == "0 written, 1 skipped (already done), 0 failed\n"  # the same job resumes
     assert ldznet(*other, "--overwrite")[1] == "1 written, 0 skipped (already done), 0 failed\n"
     assert ldznet(*other)[1] == "0 written, 1 skipped (already done), 0 failed\n"
+
+
+def test_a_file_name_with_a_line_break_is_one_error_line(batch, tmp_path):
+    """A name may hold a newline; printed raw it split one error in two, the second line free to look
+    like anything (the manifest keeps the name as it is)."""
+    make_gallery(tmp_path / "in", ["ok.png"])
+    (tmp_path / "in" / "bad\nERROR: fake line.png").write_text("junk")
+    code, _, err = batch()
+    assert code == 1 and err.splitlines() == [
+        "bad\\nERROR: fake line.png: not an image, or a format Pillow cannot read"]

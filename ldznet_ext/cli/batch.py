@@ -17,6 +17,7 @@ from tqdm import tqdm
 from ..batch import (MANIFEST_NAME, BatchCallbacks, BatchJob, Manifest, check_folders, check_manifest, check_resume,
                      run_batch)
 from ..limits import BATCH_SIZE, bounded_number
+from . import one_line
 from .common import add_model_arguments, add_shard_argument, segmenter_from_args
 from .mask import add_mask_arguments, job_from_args
 
@@ -33,7 +34,7 @@ class ProgressBar(BatchCallbacks):
     def file_done(self, entry: dict) -> None:
         error, name = entry["error"], Path(entry["input"]).name
         if error:  # image errors already start with the file name
-            self.bar.write(error if error.startswith(f"{name}:") else f"{name}: {error}", file=sys.stderr)
+            self.bar.write(one_line(error if error.startswith(f"{name}:") else f"{name}: {error}"), file=sys.stderr)
         self.bar.update(1)
 
     def finished(self) -> None:
