@@ -67,9 +67,39 @@ def test_oracle_scores_follow_the_plus_one_formulas():
 def test_only_absent_phrases_is_an_error():
     image = np.zeros((8, 8, 3), np.uint8)
     source = ListSource([Example("k", image, (("blue star", np.zeros((8, 8), bool)),))])
-    with pytest.raises(LdznetError, match="absent only: no phrases to evaluate"):
+    with pytest.raises(LdznetError) as error:
         evaluate(Oracle(source), source, progress=False)
+    assert str(error.value) == ("absent only: no phrases to evaluate (readable examples: 1, their phrases all absent; "
+                                "include absent phrases to score them)")
     assert evaluate(Oracle(source), source, include_absent=True, progress=False).summary.mean_iou == 1.0
+
+
+class PartlyUnreadable(ListSource):
+    """Examples 1, 2, ... are files that cannot be read (``first_readable`` False: example 0 too)."""
+
+    first_readable = True
+
+    def __getitem__(self, index):
+        if index > 0 or not self.first_readable:
+            raise LdznetError(f"mask {index}.png: file not found")
+        return super().__getitem__(index)
+
+
+def test_unreadable_examples_are_named_when_nothing_is_left_to_score():
+    """Not "all absent" when the examples could not be read at all."""
+    image = np.zeros((8, 8, 3), np.uint8)
+    broken = PartlyUnreadable([None, None, None])
+    broken.first_readable = False
+    with pytest.raises(LdznetError) as error:
+        evaluate(Oracle(broken), broken, progress=False)
+    assert str(error.value) == ("absent only: no phrases to evaluate (unreadable examples: 3 (the first, 0: "
+                                "mask 0.png: file not found))")
+    mixed = PartlyUnreadable([Example("k", image, (("blue star", np.zeros((8, 8), bool)),)), None])
+    with pytest.raises(LdznetError) as error:
+        evaluate(Oracle(mixed), mixed, progress=False)
+    assert str(error.value) == ("absent only: no phrases to evaluate (unreadable examples: 1 (the first, 1: mask 1.png: "
+                                "file not found); readable examples: 1, their phrases all absent; include absent "
+                                "phrases to score them)")
 
 
 @pytest.fixture(scope="module")

@@ -253,8 +253,13 @@ def evaluate(segmenter: Segmenter, source: Source, name: str = "model", include_
                 result.boundary.add(maps[phrase], mask, key=(index, j))
     segmenter.reset_image()
     if n == 1 and not len(result.metrics):
-        raise LdznetError(f"{source.description}: no phrases to evaluate"
-                          + ("" if include_absent else " (all absent; include absent phrases to score them)"))
+        reasons = [f"unreadable examples: {len(result.skipped)} (the first, {result.skipped[0][0]}: "
+                   f"{result.skipped[0][1]})"] if result.skipped else []
+        if result.examples and not include_absent:
+            reasons.append(f"readable examples: {result.examples}, their phrases all absent; include absent phrases "
+                           "to score them")
+        raise LdznetError(f"{source.description}: no phrases to evaluate" + (f" ({'; '.join(reasons)})"
+                                                                               if reasons else ""))
     return result
 
 
