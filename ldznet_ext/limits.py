@@ -10,6 +10,7 @@ allocation or a run that never ends; they sit well above any useful value.
 from __future__ import annotations
 
 import argparse
+import decimal
 import math
 import numbers
 import re
@@ -66,9 +67,20 @@ class Limit:
             value = number_from_text(text, self.kind)
         except ValueError:
             raise ValueError(f"expected {self.describe()}, got {text!r}") from None
-        if not self.accepts(value):
-            raise ValueError(f"expected {self.describe()}, got {text}")
+        if not self.accepts(value):  # 0.99999999999999999 is read as 1.0: say so, or the text looks in range
+            read = "" if _exactly(text, value) else f" (read as {value!r})"
+            raise ValueError(f"expected {self.describe()}, got {text}{read}")
         return value
+
+
+def _exactly(text: str, value: int | float) -> bool:
+    """Whether ``value`` is the number ``text`` writes, not a rounding of it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return True
+    try:
+        return decimal.Decimal(text.strip()) == decimal.Decimal(value)
+    except (decimal.InvalidOperation, ValueError):
+        return True
 
 
 def number_from_text(text: str, kind: type) -> int | float:

@@ -10,7 +10,7 @@ import torch
 
 from ldznet_ext import cli
 from ldznet_ext.errors import LdznetError
-from ldznet_ext.limits import SEED, Limit
+from ldznet_ext.limits import SEED, THRESHOLD, Limit
 from ldznet_ext.devices import resolve_device
 from ldznet_ext.masks.ops import MaskOptions
 from ldznet_ext.refine import RefineSettings
@@ -96,6 +96,18 @@ def test_library_settings_refuse_the_same_values(make, message):
 def test_unknown_device_names_are_refused_before_loading(name):
     with pytest.raises(LdznetError, match="expected auto, cpu, cuda, cuda:N or mps"):
         resolve_device(name)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0.99999999999999999", "expected a number in [0, 1), got 0.99999999999999999 (read as 1.0)"),
+    ("1", "expected a number in [0, 1), got 1"),
+    ("1e3", "expected a number in [0, 1), got 1e3"),
+    ("nan", "expected a number in [0, 1), got nan"),
+])
+def test_a_value_that_rounds_out_of_range_says_what_it_was_read_as(text, message):
+    with pytest.raises(ValueError) as error:
+        THRESHOLD.parse(text)
+    assert str(error.value) == message
 
 
 def test_limit_describes_and_checks():
