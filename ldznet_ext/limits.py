@@ -43,6 +43,19 @@ class Limit:
             return f"{what} {'<' if self.high_open else '<='} {high}"
         return what if self.kind is int else "a finite number"
 
+    def span(self) -> str:
+        """The range as a help text writes it: "0..64" (both ends included), else "(0, 1]"."""
+        low, high = _text(self.low), "2^63-1" if self.high == 2**63 - 1 else _text(self.high)
+        if self.low is not None and self.high is not None and not (self.low_open or self.high_open):
+            return f"{low}..{high}"
+        return self.describe().split(" in ", 1)[-1]
+
+    def stated_in(self, text: str) -> bool:
+        """Whether ``text`` (a help text) gives this range: its span, or its ends in brackets, commas
+        between digits ignored ("1,000"); 2^63-1 stands for that high end."""
+        text = re.sub(r"(?<=\d),(?=\d)", "", text)
+        return self.span() in text or self.describe().split(" in ", 1)[-1] in text
+
     def accepts(self, value: object) -> bool:
         """Whether ``value`` is of the kind (bools are not numbers here), finite and within range."""
         kind = numbers.Integral if self.kind is int else numbers.Real

@@ -37,6 +37,22 @@ def test_every_numeric_option_of_every_command_is_bounded():
     assert unbounded == []
 
 
+def test_every_bounded_option_states_its_range_in_its_help():
+    """The range is the Limit's: stated by the command's own text, or added from the Limit."""
+    def helps(parser: argparse.ArgumentParser, path: str = "ldznet"):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from helps(sub, f"{path} {name}")
+            elif hasattr(action.type, "limit"):
+                yield f"{path} {action.option_strings[-1] if action.option_strings else action.dest}", action
+    options = dict(helps(cli.build_parser()))
+    assert [name for name, action in options.items() if not action.type.limit.stated_in(action.help)] == []
+    assert options["ldznet mask --min-area"].help == "drop regions smaller than A pixels; 0..1000000000"
+    assert options["ldznet world sample --seed"].help == "scene seed; 0..2^63-1"
+    assert options["ldznet train --ema"].help.endswith("; [0, 1)")
+
+
 # The values of issue #21, and one per kind of option: each is refused by argparse (status 2) in one line.
 REFUSED = [
     (["mask", "i.png", "cat", "-o", "m.png", "--feather", "1e9"], "argument --feather: expected a number in [0, 256], got 1e9"),

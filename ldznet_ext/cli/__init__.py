@@ -44,7 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    state_ranges(parser)
     return parser
+
+
+def state_ranges(parser: argparse.ArgumentParser) -> None:
+    """Every bounded number's help gives its range (``bounded_number``'s Limit), in every sub-command:
+    added where the text a command wrote does not give it already."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                state_ranges(sub)
+            continue
+        limit = getattr(action.type, "limit", None)
+        if limit is not None and action.help is not argparse.SUPPRESS and not limit.stated_in(action.help or ""):
+            action.help = f"{action.help}; {limit.span()}" if action.help else limit.span()
 
 
 def one_line(message: object) -> str:

@@ -132,7 +132,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--workers", type=bounded_number(WORKERS), default=0,
                    help="processes reading examples, 0..64 (default 0: this one)")
     s.add_argument("--limit", type=bounded_number(EXAMPLES),
-                   help="read only the first N (>= 1) examples of each source")
+                   help="read only the first N examples of each source")
     s.add_argument("--size", type=bounded_number(RENDER_SIZE), default=128,
                    help="render size of micro-world specs, 8..4096 (default 128)")
     s.add_argument("--json", metavar="OUT.json", help="also write the summaries as JSON")

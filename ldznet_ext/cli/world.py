@@ -119,7 +119,7 @@ def _run_train_sd(args: argparse.Namespace) -> int:
 
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="render one scene with its caption and phrase masks")
-    p.add_argument("--seed", type=bounded_number(SEED), required=True, help="scene seed, an integer >= 0")
+    p.add_argument("--seed", type=bounded_number(SEED), required=True, help="scene seed")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to write into")
     p.add_argument("--size", type=bounded_number(RENDER_SIZE), default=128,
                    help="image side in pixels, 8..4096 (default 128)")
