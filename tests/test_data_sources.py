@@ -454,6 +454,11 @@ def test_spec_grammar():
     for count in ("²", "٣", "9" * 5000, "1e3", "-1"):  # int() raised ValueError tracebacks for the first three
         with pytest.raises(LdznetError, match="expected world:SPLIT:N"):
             open_source(f"world:test:{count}")
+    for count in (0, 1_000_001):  # the limits' bound, as --count's: not the seed range's own message
+        with pytest.raises(LdznetError) as error:
+            open_source(f"world:test:{count}")
+        assert str(error.value) == (f"the number of scenes in 'world:test:{count}' must be an integer in "
+                                    f"[1, 1000000], got {count}")
 
 
 def test_resize_square_is_clipseg_geometry():

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import LdznetError
+from ..limits import SCENES
 from ..world.data import SceneSet, render_scene_set
 from ..world.scenes import VOCABULARY, split_seeds
 from .examples import Source
@@ -53,6 +54,7 @@ def _open_world(argument: str, size: int, domain: str | None, options: dict[str,
                           "or world:FILE.npz (a saved scene set)")
     if domain is not None and domain not in VOCABULARY.domains:
         raise LdznetError(f"unknown domain {domain!r}; expected one of {', '.join(VOCABULARY.domains)}")
+    SCENES.check(int(count), f"the number of scenes in 'world:{argument}'")
     scenes = render_scene_set(split_seeds(split, int(count)), size, progress=sys.stderr.isatty(), domain=domain)
     return WorldSource(scenes, f"world:{argument}" + (f" ({domain})" if domain else ""), domain)
 
