@@ -109,6 +109,9 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                 is_path = isinstance(source, (str, os.PathLike))
                 image = open_image(source if is_path else io.BytesIO(source))
             _check_size(image.width, image.height, max_pixels, name)
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:  # an animation or a multi-page TIFF: say which one the mask is of
+                warnings.warn(f"{name} holds {frames} frames; masking the first", UserWarning, stacklevel=2)
             image = ImageOps.exif_transpose(image)
             rgb = _to_rgb(image, name)
             rgb.load()

@@ -184,6 +184,8 @@ def test_grow_and_shrink_modifiers_are_bounded():
     ("cat OR \x1b[31mdog", 7, "U+001B"),
     ("caf\udce9", 3, "U+DCE9"),  # a byte that is not UTF-8 in a command-line argument
     ('"a\x7f"', 2, "U+007F"),
+    ("cat \u202eOR dog", 4, "U+202E"),  # a right-to-left override: the term would print as other text
+    ("a\u2066b", 1, "U+2066"),
 ])
 def test_control_characters_and_lone_surrogates_are_refused(text, position, code):
     """They are never part of a word, and a lone surrogate cannot be written as UTF-8 (a manifest, an
@@ -192,6 +194,7 @@ def test_control_characters_and_lone_surrogates_are_refused(text, position, code
         parse(text)
     assert info.value.position == position and "\n" not in str(info.value)
     assert parse("a\tb\r\nOR\x1cc").terms() == ("a b", "c")  # whitespace, as str.split() reads it
+    assert parse("\u05e7\u05d8 OR dog").terms() == ("\u05e7\u05d8", "dog")  # right-to-left text itself is text
 
 
 def test_parse_rejects_non_text():

@@ -359,3 +359,22 @@ def test_paths_that_are_not_file_names(tmp_path):
         load_image(afile / "x.png")
     with pytest.raises(ImageError, match=r"^x+.png: cannot read the file \(File name too long\)$"):
         load_image(tmp_path / ("x" * 300 + ".png"))
+
+
+@pytest.mark.parametrize("image_format", ["GIF", "TIFF", "PNG"])
+def test_an_image_of_several_frames_says_which_is_masked(image_format, tmp_path):
+    first, second = (Image.fromarray(random_image(12, 16, seed=s)) for s in (1, 2))
+    path = tmp_path / f"anim.{image_format.lower()}"
+    first.save(path, format=image_format, save_all=True, append_images=[second])
+    with pytest.warns(UserWarning, match=r"^anim\.\w+ holds 2 frames; masking the first$"):
+        frame = load_image(path)
+    assert np.array_equal(frame, load_image(_png_of(Image.open(path))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_image(_png_of(first))  # one frame: no word
+
+
+def _png_of(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -47,8 +47,10 @@ MAX_SELECTORS = 2 * MAX_TERMS
 _NUMBER = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 _SELECTOR_WORD = re.compile(r"[A-Za-z]+|-?[0-9]+|,")
 # Control characters that are not whitespace (str.split() separates words at \t, \n, \x1c-\x1f, \x85),
-# and lone surrogates: the bytes that are not UTF-8 in a command-line argument, or a JSON "\udcff".
-_NOT_TEXT = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ud800-\udfff]")
+# the bidirectional embeddings, overrides and isolates (they make a term print as other text: a manifest,
+# a terminal line), and lone surrogates: the bytes that are not UTF-8 in a command-line argument, or a
+# JSON "\udcff".
+_NOT_TEXT = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 _SELECTOR_ALIASES = {"largest": ("area", (1,)), "smallest": ("area", (-1,))}
 
 
