@@ -107,6 +107,21 @@ def test_loads_every_weight_and_meets_the_backbone_protocol(sd2_file) -> None:
     assert torch.equal(conditioning.context, model.text_encoder.encode(["a cat"]))
 
 
+def test_an_sd2_file_as_published_loads_without_ldznet_metadata(tmp_path) -> None:
+    """Real SD 2.x files carry no ldznet metadata: heads 64 wide and the middle block's depth are read
+    from the shapes (the middle block used to be built with no transformer, and every such file was refused)."""
+    config = unet_config("tiny", model_channels=64, linear_projection=True, num_head_channels=64,
+                         level_depths=(1, 1, 1, 1), num_heads=8)  # num_heads: unused beside num_head_channels
+    unet = randomize_(UNetModel(config), seed=1)
+    state = {k: v for k, v in tiny_sd2_state().items() if not k.startswith(UNET_PREFIX)}
+    state.update({UNET_PREFIX + k: v for k, v in unet.state_dict().items()})
+    path = tmp_path / "published.safetensors"
+    write_safetensors(path, state, {})
+    model = load_stable_diffusion(path, zero_shot=True)
+    assert model.unet.config == config
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in model.unet.state_dict().items())
+
+
 @pytest.mark.parametrize(("out_bias", "marker", "prediction"),
                          [(-2.0, False, "v"), (0.0, False, "eps"), (0.0, True, "v")])
 def test_v_prediction_as_a1111_decides_it(tmp_path, out_bias, marker, prediction) -> None:

@@ -24,6 +24,7 @@ TINY_SDXL = unet_config("tiny-sdxl")
 TIME_DIM = 8  # diffusers' addition_time_embed_dim of the tiny twin (SDXL: 256)
 POOLED = TINY_SDXL.adm_in_channels - 6 * TIME_DIM
 SDXL_BASE_UNET_PARAMETERS = 2_567_463_684
+SD2_UNET_PARAMETERS = 865_910_724  # Stability AI's SD 2.x UNet (512-base and 768-v alike)
 
 
 def diffusers_config(config: UNetConfig, time_dim: int = 256) -> dict:
@@ -148,3 +149,28 @@ def test_the_sdxl_config_is_recovered_from_the_file_shapes() -> None:
     assert unet_config_from_state_dict(state) == unet_config("sdxl")
     # SD v1 keeps its plain config (heads are not in the weights: 8 assumed)
     assert unet_config_from_state_dict(UNetModel(unet_config("tiny")).state_dict()) == unet_config("tiny", num_heads=8)
+
+
+def test_the_sd2_unet_on_meta_matches_diffusers_and_is_recovered_from_its_shapes() -> None:
+    """A real SD 2.x file carries no ldznet metadata: its configuration must come from the shapes alone,
+    the middle block's depth included (no attention at the last level, whose depth was read as 0)."""
+    config = unet_config("sd2")
+    with torch.device("meta"):
+        ours = UNetModel(config)
+        reference = diffusers.UNet2DConditionModel(**diffusers_config(config))
+    assert count_parameters(ours) == count_parameters(reference) == SD2_UNET_PARAMETERS
+    checkpoint = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
+    converted = single_file.convert_ldm_unet_checkpoint(checkpoint, diffusers_config(config))
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {
+        k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    assert unet_config_from_state_dict(ours.state_dict()) == config
+
+
+def test_a_unet_whose_depth_varies_within_a_level_is_refused_by_name() -> None:
+    """SSD-1B and Vega drop transformer blocks from some of a level's transformers."""
+    with torch.device("meta"):
+        state = UNetModel(unet_config("sdxl")).state_dict()
+    thinned = {k: v for k, v in state.items() if not k.startswith("output_blocks.0.1.transformer_blocks.9.")}
+    with pytest.raises(CheckpointError, match=r"^unsupported UNet: the transformers of output_blocks\.0 are 9 deep, the "
+                                              r"first of its level 10 \(a distilled SDXL such as SSD-1B or Vega\?\)"):
+        unet_config_from_state_dict(thinned)

@@ -113,6 +113,13 @@ def unet_config_from_state_dict(state: Mapping[str, Tensor], num_heads: int = 8)
         raise CheckpointError(f"unsupported UNet: res blocks per level differ ({res_per_level})")
     context_dim = _dim(state, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", 1)
     depth = len(_indices(state, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    last = len(channel_mult) - 1
+    if last not in attention_levels:  # SD 2.x: no attention at the last level, whose depth is the middle block's
+        level_depths[last] = depth
+    elif level_depths[last] != depth:
+        raise CheckpointError(f"unsupported UNet: the middle block's transformers are {depth} deep, those of the "
+                              f"last level {level_depths[last]}")
+    _check_even_depths(state, level_depths, res_per_level[0])
     in_channels, out_channels = _dim(state, "input_blocks.0.0.weight", 1), _dim(state, "out.2.weight", 0)
     config = UNetConfig(in_channels=in_channels, out_channels=out_channels,
                         model_channels=model_channels, channel_mult=tuple(channel_mult),
@@ -125,6 +132,22 @@ def unet_config_from_state_dict(state: Mapping[str, Tensor], num_heads: int = 8)
     return dataclasses.replace(config, transformer_depth=1, level_depths=tuple(level_depths),
                                num_head_channels=SGM_HEAD_CHANNELS, linear_projection=linear,
                                adm_in_channels=adm_in_channels)
+
+
+def _check_even_depths(state: Mapping[str, Tensor], level_depths: list[int], num_res_blocks: int) -> None:
+    """CheckpointError for a UNet whose transformer depth varies within a level (distilled SDXL models such
+    as SSD-1B and Vega): the ldm UNet gives every transformer of a level one depth."""
+    last = len(level_depths) - 1
+    for part in ("input_blocks", "output_blocks"):
+        for i in _indices(state, rf"{part}\.(\d+)\."):
+            depth = len(_indices(state, rf"{part}\.{i}\.1\.transformer_blocks\.(\d+)\."))
+            # input block 0 is conv_in, then num_res_blocks + a downsample per level; output blocks
+            # num_res_blocks + 1 per level, from the last level up
+            level = (i - 1) // (num_res_blocks + 1) if part == "input_blocks" else last - i // (num_res_blocks + 1)
+            if depth and depth != level_depths[level]:
+                raise CheckpointError(f"unsupported UNet: the transformers of {part}.{i} are {depth} deep, the first "
+                                      f"of its level {level_depths[level]} (a distilled SDXL such as SSD-1B or Vega?); "
+                                      "only UNets with one depth per level load")
 
 
 def _text_encoder_from_state_dict(state: Mapping[str, Tensor], text_fields: Mapping[str, int]) -> TextEncoder:

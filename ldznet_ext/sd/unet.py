@@ -110,6 +110,9 @@ UNET_CONFIGS: dict[str, UNetConfig] = {
     # sgm's configs/inference/sd_xl_base.yaml (SDXL base 1.0 and its fine-tunes: Pony, Illustrious, ...).
     "sdxl": UNetConfig(channel_mult=(1, 2, 4), attention_levels=(1, 2), context_dim=2048, level_depths=(0, 2, 10),
                        num_head_channels=64, linear_projection=True, adm_in_channels=2816),
+    # sgm's configs/inference/v2-inference.yaml (SD 2.0 / 2.1, 512-base and 768-v): no attention at the
+    # last level, whose depth is the middle block's.
+    "sd2": UNetConfig(context_dim=1024, level_depths=(1, 1, 1, 1), num_head_channels=64, linear_projection=True),
     # SDXL's topology at test widths: no transformer at level 0, depths 1 / 2, heads of 16 channels.
     "tiny-sdxl": UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_levels=(1, 2), context_dim=96,
                             level_depths=(0, 1, 2), num_head_channels=16, linear_projection=True,
