@@ -424,8 +424,10 @@ FAMILIES = {  # case: (transform, family, what the message says was found)
     "sdxl": (_sdxl, "sdxl", "SDXL"),  # refused unless zero-shot: test_sdxl_model.py
     "inpainting": (_inpainting, "sd-v1-inpainting", "inpainting UNets (9 input channels) are not supported"),
     "diffusers": (_diffusers, "diffusers", "this is a diffusers-format file; use a single-file SD v1 checkpoint"),
-    "no-vae": (_no_vae, "sd-v1", "the file has no VAE (keys 'first_stage_model.*'"),
-    "no-text": (_no_text, "sd-v1", "the file has no text encoder (keys"),
+    "no-vae": (_no_vae, "sd-v1", "the file has no VAE ('first_stage_model.*'); give the VAE it was published with "
+                                 "as --vae VAE.safetensors"),
+    "no-text": (_no_text, "sd-v1", "the file has no text encoder ('cond_stage_model.transformer.*'); a full "
+                                   "single-file checkpoint is needed"),
     "wide-text": (_wide_text, "unknown",
                   "mismatched parts: the text encoder is 96-d but the UNet expects a 64-d context"),
     "no-unet": (_no_unet, "unknown", "no UNet found (no 'model.diffusion_model.input_blocks.0.0.weight')"),

@@ -149,6 +149,26 @@ def test_folders_we_cannot_read_are_named(ldznet, sd1_pair, tiny_model_files, im
                               "its single-file checkpoint\n")
     code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", tmp_path, "--zero-shot")
     assert code == 2 and f"model file {tmp_path} is a folder without model_index.json" in err
+    flux = shutil.copytree(sd1_pair[1], tmp_path / "flux")
+    shutil.rmtree(flux / "unet")
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", flux, "--zero-shot")
+    assert (code, err) == (2, "ldznet mask: error: flux: a diffusers folder of FluxPipeline without unet/ (a "
+                              "transformer model such as Flux or SD 3?); only UNet models (SD 1.x, SDXL) are read\n")
+
+
+def test_incomplete_sdxl_folders_are_named(ldznet, sdxl_pair, image_file, tmp_path) -> None:
+    import shutil
+    no_bigg = shutil.copytree(sdxl_pair[1], tmp_path / "no-te2")
+    shutil.rmtree(no_bigg / "text_encoder_2")
+    code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", no_bigg, "--zero-shot")
+    assert (code, err) == (2, "ldznet mask: error: no-te2: an SDXL UNet (text_time conditioning) without "
+                              "text_encoder_2/; the folder is incomplete\n")
+    refiner = shutil.copytree(sdxl_pair[1], tmp_path / "refiner")
+    shutil.rmtree(refiner / "text_encoder")
+    code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", refiner, "--zero-shot")
+    assert (code, err) == (2, "ldznet mask: error: refiner: text_encoder_2/ without text_encoder/ (an SDXL refiner?); "
+                              "refiners are not supported: use the SDXL base model or a fine-tune of it\n")
 
 
 def test_head_mode_on_an_sdxl_folder_is_refused_before_reading_it(ldznet, sdxl_pair, tiny_model_files, image_file,

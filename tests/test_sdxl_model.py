@@ -128,6 +128,41 @@ def test_a_broken_sdxl_file_is_named(tmp_path) -> None:
         load_stable_diffusion(path, zero_shot=True)
 
 
+def _refiner(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The refiner's layout: bigG alone, as conditioner.embedders.0.model."""
+    kept = {k: v for k, v in state.items() if not k.startswith(("conditioner.embedders.0.", BIGG_PREFIX))}
+    return {**kept, **{"conditioner.embedders.0.model." + k[len(BIGG_PREFIX):]: v for k, v in state.items()
+                       if k.startswith(BIGG_PREFIX)}}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("inpainting", "the SDXL UNet takes 9 input channels, not 4 (an inpainting, instruct-pix2pix or edit model); use "
+                   "the base model it was made from"),
+    ("edit", "the SDXL UNet takes 8 input channels, not 4 (an inpainting, instruct-pix2pix or edit model); use the "
+             "base model it was made from"),
+    ("refiner", "an SDXL refiner (one text encoder, OpenCLIP bigG, and aesthetic-score conditioning); refiners are "
+                "not supported: use the SDXL base model or a fine-tune of it"),
+    ("no-vae", "the file has no VAE ('first_stage_model.*'); give the VAE it was published with as --vae "
+               "VAE.safetensors"),
+])
+def test_sdxl_files_that_cannot_serve_are_named(tmp_path, case, message) -> None:
+    """They used to end in a traceback (the 9-channel conv met 4 channels) or in a KeyError's key."""
+    state = tiny_sdxl_state()
+    conv = UNET_PREFIX + "input_blocks.0.0.weight"
+    if case in ("inpainting", "edit"):
+        extra = 5 if case == "inpainting" else 4
+        state[conv] = torch.cat([state[conv], torch.zeros(state[conv].shape[0], extra, 3, 3)], 1)
+    elif case == "refiner":
+        state = _refiner(state)
+    else:
+        state = {k: v for k, v in state.items() if not k.startswith(VAE_PREFIX)}
+    path = tmp_path / f"{case}.safetensors"
+    write_safetensors(path, state, METADATA)
+    with pytest.raises(CheckpointError) as error:
+        load_stable_diffusion(path, zero_shot=True)
+    assert str(error.value) == f"{case}.safetensors: {message}"
+
+
 @pytest.mark.parametrize("settings", [ZeroShotSettings(draws=1, attention_scales=((2, 1.0),)),
                                       ZeroShotSettings(score="agreement", timestep=400, draws=2)])
 def test_zero_shot_masks_on_an_sdxl_file(sdxl_file, settings) -> None:

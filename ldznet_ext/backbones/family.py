@@ -164,10 +164,11 @@ def _classify_unet(state: Mapping, in_channels: int, model_channels: int) -> Che
     if context and text_width and text_width[0] != context[0]:
         return CheckpointInfo("unknown", f"mismatched parts: the text encoder is {text_width[0]}-d "
                               f"but the UNet expects a {context[0]}-d context", details)
-    missing = [name for name, prefix in (("VAE", VAE_PREFIX), ("text encoder", TEXT_PREFIX))
+    missing = [(name, prefix) for name, prefix in (("VAE", VAE_PREFIX), ("text encoder", TEXT_PREFIX))
                if not any(k.startswith(prefix) for k in state)]
     if missing:
-        return CheckpointInfo("sd-v1", f"the file has no {' and no '.join(missing)} "
-                              f"(keys '{VAE_PREFIX}*', '{TEXT_PREFIX}*'); a full single-file checkpoint is needed",
-                              details)
+        fix = ("give the VAE it was published with as --vae VAE.safetensors" if [n for n, _ in missing] == ["VAE"]
+               else "a full single-file checkpoint is needed")
+        parts = " and no ".join(f"{name} ('{prefix}*')" for name, prefix in missing)
+        return CheckpointInfo("sd-v1", f"the file has no {parts}; {fix}", details)
     return CheckpointInfo("sd-v1", None, details)

@@ -369,6 +369,7 @@ def _unet_vae_and_openclip(state: Mapping[str, Tensor], described: SDMetadata, o
                            ) -> tuple[UNetModel, AutoencoderKL, OpenCLIPTextEncoder]:
     """The UNet, the VAE and the open_clip text tower (under ``openclip_prefix``) of a single file whose
     tensors are all read, shaped as the tensors say."""
+    _check_parts_present(state, {"VAE": VAE_PREFIX, "OpenCLIP text encoder": openclip_prefix})
     unet_state, openclip_state = _sub(state, UNET_PREFIX), _sub(state, openclip_prefix)
     vae_state = {k: v for k, v in _sub(state, VAE_PREFIX).items() if not k.startswith("loss.")}
     with torch.device("meta"):
@@ -381,14 +382,32 @@ def _unet_vae_and_openclip(state: Mapping[str, Tensor], described: SDMetadata, o
     return unet, vae, openclip
 
 
+def _has(state: Mapping[str, Tensor], prefix: str) -> bool:
+    return any(key.startswith(prefix) for key in state)
+
+
+def _check_parts_present(state: Mapping[str, Tensor], parts: Mapping[str, str]) -> None:
+    """CheckpointError naming the parts (name -> key prefix) a file lacks; for the VAE, how to give one."""
+    missing = [f"{name} ('{prefix}*')" for name, prefix in parts.items() if not _has(state, prefix)]
+    if missing:
+        fix = "; give the VAE it was published with as --vae VAE.safetensors" if not _has(state, VAE_PREFIX) \
+            and VAE_PREFIX in parts.values() else ""
+        raise CheckpointError(f"the file has no {' and no '.join(missing)}{fix}")
+
+
+def _check_plain_unet(state: Mapping[str, Tensor], family: str, kinds: str) -> None:
+    """CheckpointError for a UNet of ``family`` that takes more than the 4 latent channels (``kinds``)."""
+    in_channels = _dim(state, UNET_PREFIX + "input_blocks.0.0.weight", 1)
+    if in_channels != 4:
+        raise CheckpointError(f"the {family} UNet takes {in_channels} input channels, not 4 ({kinds}); use the base "
+                              "model it was made from")
+
+
 def sd2_from_state_dict(state: Mapping[str, Tensor], described: SDMetadata,
                         dtype: torch.dtype = torch.float32) -> StableDiffusion2:
     """Build an SD 2.x model in ``dtype`` from a single file's tensors (all read); v-prediction when the
     file carries the ``v_pred`` marker or A1111's probe says so (``sd2.predicts_v``)."""
-    in_channels = _dim(state, UNET_PREFIX + "input_blocks.0.0.weight", 1)
-    if in_channels != 4:
-        raise CheckpointError(f"the SD 2.x UNet takes {in_channels} input channels, not 4 (an inpainting or depth "
-                              "model); use the base model it was made from")
+    _check_plain_unet(state, "SD 2.x", "an inpainting or depth model")
     unet, vae, vit_h = _unet_vae_and_openclip(state, described, SD2_TEXT_PREFIX)
     model = StableDiffusion2(unet, vae, OpenCLIPContext(vit_h), _file_schedule(state)).to(dtype)
     model.prediction = "v" if V_PREDICTION_KEY in state or predicts_v(model.unet) else "eps"
@@ -399,6 +418,11 @@ def sdxl_from_state_dict(state: Mapping[str, Tensor], described: SDMetadata,
                          dtype: torch.dtype = torch.float32) -> StableDiffusionXL:
     """Build an SDXL-family model in ``dtype`` from a single file's tensors (all read); v-prediction
     when the file carries the ``v_pred`` marker."""
+    _check_plain_unet(state, "SDXL", "an inpainting, instruct-pix2pix or edit model")
+    if not _has(state, BIGG_PREFIX) and _has(state, "conditioner.embedders.0.model."):
+        raise CheckpointError("an SDXL refiner (one text encoder, OpenCLIP bigG, and aesthetic-score conditioning); "
+                              "refiners are not supported: use the SDXL base model or a fine-tune of it")
+    _check_parts_present(state, {"CLIP ViT-L text encoder": CLIP_L_PREFIX, "OpenCLIP bigG text encoder": BIGG_PREFIX})
     unet, vae, bigg = _unet_vae_and_openclip(state, described, BIGG_PREFIX)
     clip_l = _text_encoder_from_state_dict(_sub(state, CLIP_L_PREFIX), described.text)
     prediction = "v" if V_PREDICTION_KEY in state else "eps"

@@ -62,9 +62,19 @@ def diffusers_family(path: str | os.PathLike) -> str:
     """The family of a diffusers folder from its layout and configs alone, no weight read: "sdxl" (a
     ``text_encoder_2/``), "sd2" (a 1024-d text encoder or cross-attention), else "sd-v1"."""
     folder = named_path(path)
+    if not (folder / "unet").is_dir():  # Flux, SD 3 and the like: a transformer, no UNet
+        kind = _json(folder / INDEX_FILE, folder).get("_class_name", "an unnamed pipeline")
+        raise CheckpointError(f"{folder.name}: a diffusers folder of {kind} without unet/ (a transformer model such as "
+                              "Flux or SD 3?); only UNet models (SD 1.x, SDXL) are read")
     if (folder / "text_encoder_2").is_dir():
+        if not (folder / "text_encoder").is_dir():
+            raise CheckpointError(f"{folder.name}: text_encoder_2/ without text_encoder/ (an SDXL refiner?); refiners "
+                                  "are not supported: use the SDXL base model or a fine-tune of it")
         return "sdxl"
     unet_config = _json(folder / "unet" / "config.json", folder)
+    if unet_config.get("addition_embed_type") == "text_time":
+        raise CheckpointError(f"{folder.name}: an SDXL UNet (text_time conditioning) without text_encoder_2/; the "
+                              "folder is incomplete")
     text_config = _json(folder / "text_encoder" / "config.json", folder)
     return "sd2" if 1024 in (text_config.get("hidden_size"), unet_config.get("cross_attention_dim")) else "sd-v1"
 
