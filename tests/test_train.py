@@ -25,6 +25,7 @@ from ldznet_ext.data.manifest import ManifestSource
 from ldznet_ext.data.spec import open_source
 from ldznet_ext.train.augment import PHRASECUT_TEMPLATES, fit_square
 from ldznet_ext.train.schedule import lr_factor
+import ldznet_ext.train.trainer as trainer_module
 from ldznet_ext.train.trainer import (CHECKPOINT, HEAD, LOG, TrainConfig, Trainer, identity_decoder_,
                                      is_cross_attention, is_new_layer, soft_dice_loss)
 from ldznet_ext.world.data import render_scene_set
@@ -281,6 +282,62 @@ def test_ctrl_c_while_writing_last_pt_keeps_the_previous_one_and_no_temporary(ba
         resumed.run(progress=False)
     assert (tmp_path / "run" / CHECKPOINT).read_bytes() == before
     assert sorted(f.name for f in (tmp_path / "run").iterdir() if f.name.startswith(".")) == []
+
+
+def test_ctrl_c_while_writing_the_final_head_is_resumed_to_it(backbone, tmp_path, monkeypatch):
+    """The head is written before last.pt: a run stopped while writing its final head keeps the previous
+    last.pt, so --resume trains the last steps again and writes the final head (last.pt was written first,
+    and a resume of a run "at its last step" left the older head as the final one)."""
+    source = open_source("world:train:4", size=SIZE)
+    config = _config(arch="znet", steps=4, warmup=1, save_every=2, log_every=2)
+    Trainer(backbone, source, config, tmp_path / "straight").run(progress=False)
+    real_save_head, heads = trainer_module.save_head, []
+
+    def interrupted(head, head_config, path, training):
+        if training["steps"] == 4:
+            raise KeyboardInterrupt
+        heads.append(training["steps"])
+        return real_save_head(head, head_config, path, training=training)
+
+    monkeypatch.setattr(trainer_module, "save_head", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(backbone, source, config, tmp_path / "cut").run(progress=False)
+    assert heads == [2] and torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)["step"] == 2
+    monkeypatch.setattr(trainer_module, "save_head", real_save_head)
+    resumed = Trainer(backbone, source, config, tmp_path / "cut")
+    resumed.resume()
+    resumed.run(progress=False)
+    a, b = _weights(tmp_path / "straight" / HEAD), _weights(tmp_path / "cut" / HEAD)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_another_model_another_domain_or_fewer_steps(backbone, tmp_path):
+    source = open_source("world:train:4", size=SIZE)
+    config = _config(arch="znet", steps=2, warmup=1)
+    Trainer(backbone, source, config, tmp_path / "run", model_name="a.safetensors").run(progress=False)
+    other = Trainer(backbone, source, config, tmp_path / "run", model_name="b.safetensors")
+    with pytest.raises(LdznetError, match=r"the run was started with other settings \(sd_model: 'a.safetensors' -> "
+                                          r"'b.safetensors'\)"):
+        other.resume()
+    cartoons = open_source("world:train:4", size=SIZE, domain="cartoon")
+    with pytest.raises(LdznetError, match=r"source: 'world:train:4' -> 'world:train:4 \(cartoon\)'"):
+        Trainer(backbone, cartoons, config, tmp_path / "run", model_name="a.safetensors").resume()
+    fewer = Trainer(backbone, source, _config(arch="znet", steps=1, warmup=1), tmp_path / "run",
+                    model_name="a.safetensors")
+    with pytest.raises(LdznetError, match=r"the run is at step 2, past --steps 1; give --steps 2 or more$"):
+        fewer.resume()
+
+
+def test_an_init_run_without_its_head_file_says_what_to_put_back(backbone, tmp_path):
+    source = open_source("world:train:4", size=SIZE)
+    Trainer(backbone, source, _config(arch="znet", steps=1), tmp_path / "first").run(progress=False)
+    config = _config(arch="znet", steps=1, init=str(tmp_path / "first" / HEAD))
+    Trainer(backbone, source, config, tmp_path / "run").run(progress=False)
+    (tmp_path / "run" / HEAD).rename(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(LdznetError) as error:
+        Trainer(backbone, source, config, tmp_path / "run", resuming=True)
+    assert str(error.value) == (f"{tmp_path / 'run' / HEAD} is missing: a run started from --init reads its head's "
+                                "shape from it to resume; put the run's head.safetensors back")
 
 
 def test_a_truncated_foreign_or_tampered_last_pt_is_refused_in_one_line(backbone, tmp_path, capsys):

@@ -222,6 +222,9 @@ class Trainer:
         self._examples: Iterator[tuple[int, Example]] | None = None
         # a resumed run's own head file has the init's config (resume() then loads every weight)
         init = (self.run_dir / HEAD if config.init else "") if resuming else config.init
+        if resuming and config.init and not (self.run_dir / HEAD).is_file():
+            raise LdznetError(f"{self.run_dir / HEAD} is missing: a run started from --init reads its head's shape "
+                              "from it to resume; put the run's head.safetensors back")
         self.head, self.head_config = training_head(backbone, config.arch, config.resolution, config.seed,
                                                       config.decoder_init, config.sd_fusion,
                                                       config.presence_weight > 0, init)
@@ -496,7 +499,8 @@ class Trainer:
         distributed.barrier()
 
     def _write(self, states: list[dict]) -> None:
-        state = {"config": asdict(self.config), "step": self.step, "losses": self.losses, "window": self.window,
+        state = {"config": asdict(self.config), "sd_model": self.model_name, "source": self.source.description,
+                 "step": self.step, "losses": self.losses, "window": self.window,
                  "model": self.head.state_dict(), "ema": self.ema.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "plateau": self.plateau.state_dict(), "scaler": self.scaler.state_dict(),
@@ -504,12 +508,8 @@ class Trainer:
                  "rng": {"torch": [r["torch"] for r in states]}}
         if "cuda" in states[0]:
             state["rng"]["cuda"] = [r["cuda"] for r in states]
-        tmp = self.run_dir / f".{CHECKPOINT}.tmp"
-        try:  # Ctrl-C or a full disk mid-write keeps the previous checkpoint and leaves no partial file
-            torch.save(state, tmp)
-            os.replace(tmp, self.run_dir / CHECKPOINT)
-        finally:
-            tmp.unlink(missing_ok=True)
+        # The head first: a last.pt is never newer than the head beside it (a run stopped while its final
+        # head is written resumes and writes it again, not a finished run with an older head).
         c = self.config
         save_head(self.ema.module(self.head_config), self.head_config, self.run_dir / HEAD, training={
             "steps": self.step, "data": self.source.description, "sd_model": self.model_name,
@@ -524,6 +524,12 @@ class Trainer:
             "final_loss": self.recent_loss,
             **({"presence_weight": c.presence_weight, "init": Path(c.init).name, "freeze_head": c.freeze_head}
                if c.presence_weight or c.init else {})})
+        tmp = self.run_dir / f".{CHECKPOINT}.tmp"
+        try:  # Ctrl-C or a full disk mid-write keeps the previous checkpoint and leaves no partial file
+            torch.save(state, tmp)
+            os.replace(tmp, self.run_dir / CHECKPOINT)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def resume(self) -> None:
         """Continue from RUN_DIR/last.pt at each process's saved data position; only ``steps``, the
@@ -536,6 +542,10 @@ class Trainer:
         changed = [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(self.config, f.name)!r}"
                    for f in fields(TrainConfig)
                    if f.name not in _RESUME_FREE and getattr(saved, f.name) != getattr(self.config, f.name)]
+        # what the run reads beyond its settings (absent from an older version's last.pt)
+        for key, now in (("sd_model", self.model_name), ("source", self.source.description)):
+            if key in state and state[key] != now:
+                changed.append(f"{key}: {state[key]!r} -> {now!r}")
         if changed:
             raise LdznetError(f"{path}: the run was started with other settings ({'; '.join(changed)})")
         try:  # a tampered or foreign file: every key and shape is read inside, none escapes as a traceback
@@ -546,6 +556,11 @@ class Trainer:
                 print(f"warning: {path} was written {written}, resuming with {self.world_size} process(es): "
                       "the data order differs from the uninterrupted run's", file=sys.stderr)
             self._restore(state, positions)
+            if self.step > self.config.steps:
+                raise LdznetError(f"{path}: the run is at step {self.step}, past --steps {self.config.steps}; give "
+                                  f"--steps {self.step} or more")
+        except LdznetError:
+            raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
             raise CheckpointError(f"{path}: cannot resume from it, its state does not fit this run "
                                   f"({' '.join(str(error).split())[:300]})") from error
