@@ -138,6 +138,13 @@ def test_eval_command_shards_merge_to_the_whole(files, capsys):
                  "--json", str(files / "merged.json")]) == 0
     whole, merged = (json.loads((files / n).read_text())["results"][0] for n in ("whole.json", "merged.json"))
     assert merged["summary"] == whole["summary"] and merged["records"] == whole["records"]
+    setup = merged["setup"]  # the files by name: shards on other machines find them under other paths
+    assert (setup["model"], setup["head"], setup["size"], setup["refine"]["enabled"]) == (
+        "sd.safetensors", "head.safetensors", SIZE, True) and "device" not in setup
+    assert main([*common, "--shard", "2/2", "--no-refine", "--json", str(files / "plain2.json")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--merge", str(files / "shard1.json"), str(files / "plain2.json")]) == 2
+    assert "the parts were not made alike: setup refine" in capsys.readouterr().err
 
 
 def test_eval_command_checks_its_outputs_before_evaluating(files, tmp_path, capsys, monkeypatch):

@@ -99,7 +99,8 @@ def test_boundary_scores_are_in_the_json_and_merge_exactly():
     assert summary["boundary_f"] == 1.0 and min(min(r) for r in whole.boundary.records()["scores"]) < 0.7
     plain = evaluate(Noisy(source), source, "m", progress=False, shard=(2, 3))
     assert plain.boundary is None and plain.to_dict()["boundary"] is None
-    with pytest.raises(LdznetError, match="the parts differ"):  # with and without edges, or other tolerances
+    # with and without edges, or other tolerances
+    with pytest.raises(LdznetError, match="the parts were not made alike: boundary tolerance 1.5 vs None$"):
         merge_results([shards[0], plain, shards[2]])
     with pytest.raises(ValueError, match="is in more than one part"):
         BoundaryMetrics.merge([shards[1].boundary, shards[1].boundary])  # shard 1 scored no sample
@@ -113,8 +114,16 @@ def test_merge_refuses_incomplete_or_mixed_shards():
     with pytest.raises(LdznetError, match="expected shards 1..3 of 3 once each, got 1, 1, 2, 3"):
         merge_results([*shards, shards[0]])
     other = evaluate(Noisy(source), source, "m", progress=False, shard=(2, 3), binary_threshold=0.3)
-    with pytest.raises(LdznetError, match="the parts differ"):
+    with pytest.raises(LdznetError, match=r"^m on list:fixture: the parts were not made alike: binary threshold 0.5 vs "
+                                          r"0.3$"):
         merge_results([shards[0], other, shards[2]])
+    setup = {"model": "sd.safetensors", "head": "a.safetensors", "refine": {"enabled": True}}
+    alike = [evaluate(Noisy(source), source, "m", progress=False, shard=(k, 2), setup=setup) for k in (1, 2)]
+    assert merge_results(alike)[0].setup == setup
+    other_head = evaluate(Noisy(source), source, "m", progress=False, shard=(2, 2), setup={**setup, "head": "b"})
+    with pytest.raises(LdznetError, match=r'^m on list:fixture: the parts were not made alike: setup head '
+                                          r'"a.safetensors" vs "b"$'):
+        merge_results([alike[0], other_head])
     two = merge_results([*shards, evaluate(Noisy(source), source, "n", progress=False)])
     assert [r.name for r in two] == ["m", "n"]
     a, b = SegmentationMetrics(), SegmentationMetrics()

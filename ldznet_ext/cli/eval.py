@@ -125,8 +125,18 @@ def _run(args: argparse.Namespace) -> int:
     name = args.name or (Path(loaded["head"]).stem if loaded["head"] else "zero-shot")
     result = evaluate(segmenter, source, name, include_absent=args.include_absent, binary_threshold=args.threshold,
                       shard=args.shard, workers=args.workers, square=args.square, boundary=args.boundary,
-                      presence=args.presence)
+                      presence=args.presence, setup=eval_setup(loaded, args.size or segmenter.resolution))
     return _report([result], args)
+
+
+def eval_setup(loaded: dict, size: int) -> dict:
+    """What an evaluation's maps depend on beyond its data, for ``merge_results`` to compare: the files by
+    name (shards may run on machines with other paths), precision and settings, the render size; not the
+    device (shards run on several) nor captured CUDA graphs (equal to eager)."""
+    files = ("model", "head", "mask_model", "vae")
+    setup = {key: Path(value).name if key in files and value else value for key, value in loaded.items()
+             if key not in ("device", "cuda_graphs")}
+    return json.loads(json.dumps({**setup, "size": size}))  # as the result file will hold it: tuples as lists
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -26,6 +26,7 @@ binary threshold) beside the present phrases' mIoU.
 
 from __future__ import annotations
 
+import json
 import reprlib
 import sys
 import time
@@ -55,7 +56,8 @@ class EvalResult:
 
     ``seconds`` is model time (encoding included); ``examples`` the examples read;
     ``skipped`` (example index, reason) of unreadable ones; ``boundary`` the boundary F-scores
-    when they were asked for.
+    when they were asked for; ``setup`` what the maps depend on beyond the data (model and head files by
+    name, precision, the segmenter's settings, the render size), which shards of one evaluation share.
     """
 
     name: str
@@ -69,6 +71,7 @@ class EvalResult:
     include_absent: bool = False
     boundary: BoundaryMetrics | None = None
     presence: bool = False
+    setup: dict = field(default_factory=dict)
 
     @property
     def summary(self) -> MetricSummary:
@@ -79,10 +82,13 @@ class EvalResult:
     def ms_per_mask(self) -> float:
         return 1000.0 * self.seconds / max(1, len(self.metrics))
 
-    def settings(self) -> tuple:
-        """What must agree between shards of one evaluation."""
-        return (self.name, self.data, self.shard[1], self.square, self.include_absent, self.metrics.binary_threshold,
-                None if self.boundary is None else self.boundary.tolerance, self.presence)
+    def settings(self) -> dict[str, object]:
+        """What must agree between shards of one evaluation, by name."""
+        return {"shard count": self.shard[1], "square size": self.square, "absent phrases": self.include_absent,
+                "binary threshold": self.metrics.binary_threshold,
+                "boundary tolerance": None if self.boundary is None else self.boundary.tolerance,
+                "presence": self.presence,
+                **{f"setup {key}": json.dumps(value, sort_keys=True) for key, value in self.setup.items()}}
 
     @property
     def absent_summary(self) -> AbsentSummary:
@@ -91,7 +97,8 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         """JSON-able: settings, the summary (None for a shard without samples) and the raw records."""
-        return {"name": self.name, "data": self.data, "shard": list(self.shard), "square": self.square,
+        return {"name": self.name, "data": self.data, "setup": self.setup, "shard": list(self.shard),
+                "square": self.square,
                 "include_absent": self.include_absent, "presence": self.presence,
                 "binary_threshold": self.metrics.binary_threshold,
                 "examples": self.examples, "skipped": [list(s) for s in self.skipped], "seconds": self.seconds,
@@ -117,7 +124,7 @@ class EvalResult:
             return cls(_string(data, "name"), _string(data, "data"), metrics, _number(data, "seconds", SECONDS),
                        _number(data, "examples", EXAMPLE_COUNT), _skipped(data["skipped"]),
                        _shard(data["shard"], version), square, _flag(data, "include_absent"),
-                       _boundary(data, metrics), _flag(data, "presence", default=False))
+                       _boundary(data, metrics), _flag(data, "presence", default=False), _setup(data))
         except KeyError as error:
             raise LdznetError(f"{where}: not an ldznet eval result (no field {error})") from error
         except (TypeError, ValueError) as error:
@@ -164,6 +171,14 @@ def _shard(shard: object, version: int) -> tuple[int, int]:
         raise ValueError(f"'shard' must be [K, N] with {first} <= K <= N{' - 1' if first == 0 else ''} <= "
                          f"{EXAMPLE_COUNT.high}, got {reprlib.repr(shard)}")
     return shard[0] + 1 - first, shard[1]
+
+
+def _setup(data: dict) -> dict:
+    """``data["setup"]``, a JSON object (empty in files older than the key)."""
+    setup = data.get("setup", {})
+    if not isinstance(setup, dict):
+        raise TypeError(f"'setup' must be an object, got {reprlib.repr(setup)}")
+    return setup
 
 
 def _flag(data: dict, key: str, default: bool | None = None) -> bool:
@@ -215,7 +230,7 @@ def _sync(device: torch.device) -> None:
 def evaluate(segmenter: Segmenter, source: Source, name: str = "model", include_absent: bool = False,
              binary_threshold: float = 0.5, progress: bool | None = None, shard: tuple[int, int] = (1, 1),
              workers: int = 0, square: int | None = None, boundary: float | None = None,
-             presence: bool = False) -> EvalResult:
+             presence: bool = False, setup: dict | None = None) -> EvalResult:
     """Run ``segmenter`` on the examples of ``source`` in ``shard`` (k, n), 1 <= k <= n, and count its per-phrase
     probability maps; ``workers`` processes read the examples ahead; ``boundary``: also score edges
     matched within that many pixels; ``presence``: a phrase not found is an empty map (module docstring)."""
@@ -225,7 +240,7 @@ def evaluate(segmenter: Segmenter, source: Source, name: str = "model", include_
     result = EvalResult(name, source.description, SegmentationMetrics(binary_threshold), shard=shard, square=square,
                         include_absent=include_absent,
                         boundary=None if boundary is None else BoundaryMetrics(boundary, binary_threshold),
-                        presence=presence)
+                        presence=presence, setup=setup or {})
     device = segmenter.backbone.device
     progress = sys.stderr.isatty() if progress is None else progress
     indices = range(k - 1, len(source), n)
@@ -274,10 +289,13 @@ def merge_results(results: Sequence[EvalResult]) -> list[EvalResult]:
         groups.setdefault((result.name, result.data), []).append(result)
     merged = []
     for (name, data), parts in groups.items():
-        settings = {p.settings() for p in parts}
-        if len(settings) > 1:
-            raise LdznetError(f"{name} on {data}: the parts differ in shard count, square size, absent phrases, "
-                              f"presence or binary threshold: {sorted(map(str, settings))}")
+        first = parts[0].settings()
+        for part in parts[1:]:
+            other = part.settings()
+            differ = [f"{key} {first.get(key, 'unset')} vs {other.get(key, 'unset')}"
+                      for key in dict.fromkeys([*first, *other]) if first.get(key) != other.get(key)]
+            if differ:
+                raise LdznetError(f"{name} on {data}: the parts were not made alike: {'; '.join(differ)}")
         count = parts[0].shard[1]
         shards = sorted(p.shard[0] for p in parts)
         if len(shards) != count or shards != list(range(1, count + 1)):  # no list of a crafted N's length
@@ -292,5 +310,5 @@ def merge_results(results: Sequence[EvalResult]) -> list[EvalResult]:
             raise LdznetError(f"{name} on {data}: no phrases were scored in any shard")
         merged.append(EvalResult(name, data, metrics, sum(p.seconds for p in parts), sum(p.examples for p in parts),
                                  sorted(s for p in parts for s in p.skipped), (1, 1), parts[0].square,
-                                 parts[0].include_absent, boundary, parts[0].presence))
+                                 parts[0].include_absent, boundary, parts[0].presence, parts[0].setup))
     return merged
