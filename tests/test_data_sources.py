@@ -548,3 +548,37 @@ def test_phrasecut_examples_take_the_official_crop_and_templates(phrasecut):
     assert square.mask.sum() == 6 and square.mask[5].all()  # nearest rows 1, 3, ..., 11 of the crop
     expected = np.asarray(Image.fromarray(road.image[top:top + 12, left:left + 12]).resize((6, 6), Image.BILINEAR))
     assert np.array_equal(square.image, expected)
+
+
+def _mask_files(inside: np.ndarray) -> dict[str, Image.Image]:
+    """One mask, stored as the tools that make masks store it."""
+    dark = np.zeros((*inside.shape, 3), np.uint8)
+    dark[inside] = (0, 0, 1)
+    palette = Image.fromarray(inside.astype(np.uint8), "P")
+    palette.putpalette([0, 0, 0, 0, 0, 2] + [0] * 762)  # index 1 a colour whose grey rounds to 0
+    inverted = Image.fromarray(inside.astype(np.uint8), "P")
+    inverted.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)  # index 0 shown white: still outside
+    alpha = np.dstack([inside.astype(np.uint8) * 255] * 3 + [np.full(inside.shape, 255, np.uint8)])
+    return {"grey.png": Image.fromarray(inside.astype(np.uint8) * 255), "dark.png": Image.fromarray(dark),
+            "palette.png": palette, "inverted.png": inverted,
+            "float.tif": Image.fromarray(inside.astype(np.float32) * 0.5, "F"),
+            "bits.png": Image.fromarray(inside.astype(np.uint8) * 255).convert("1"),
+            "sixteen.png": Image.fromarray(inside.astype(np.uint16) * 3),
+            "rgba.png": Image.fromarray(alpha, "RGBA"),
+            "cmyk.tif": Image.fromarray(inside.astype(np.uint8) * 255).convert("CMYK")}
+
+
+def test_a_mask_is_inside_where_any_stored_value_is_not_zero(tmp_path):
+    """docs/datasets.md: any image, non-zero = inside. Read through an 8-bit grey, a dark colour, a faint
+    palette colour or a float of 0.5 became 0 (absent phrases, silently), an inverted palette inverted."""
+    inside = np.zeros((6, 8), bool)
+    inside[1:4, 2:6] = True
+    Image.fromarray(np.full((6, 8, 3), 90, np.uint8)).save(tmp_path / "image.png")
+    lines = []
+    for name, image in _mask_files(inside).items():
+        image.save(tmp_path / name)
+        lines.append(json.dumps({"image": "image.png", "phrase": name, "mask": name}))
+    (tmp_path / "masks.jsonl").write_text("\n".join(lines) + "\n")
+    source = open_source(str(tmp_path / "masks.jsonl"))
+    read = {phrase: mask for example in (source[i] for i in range(len(source))) for phrase, mask in example.pairs}
+    assert {name: bool(np.array_equal(mask, inside)) for name, mask in read.items()} == {name: True for name in read}

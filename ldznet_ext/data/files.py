@@ -24,10 +24,28 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageError(f"{path}: {reason}") from error
 
 
+_WITH_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
+_AS_STORED = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "RGB")
+
+
+def mask_inside(image: Image.Image) -> np.ndarray:
+    """bool [H, W] of a mask image: a pixel is inside when any of its stored values is not zero, alpha
+    ignored; a palette image's values are its indices (index 0 is outside, whatever its colour, as in
+    label maps). A dark colour, a faint grey or a float of 0.5 is inside: converted to an 8-bit grey
+    first, (0, 0, 1) or 0.5 became 0. Other modes (CMYK, YCbCr, ...) are read as their RGB."""
+    if image.mode not in _AS_STORED + _WITH_ALPHA:
+        image = image.convert("RGB")
+    values = np.asarray(image)
+    if image.mode in _WITH_ALPHA:
+        values = values[..., :-1]
+    inside = values != 0
+    return inside.any(axis=-1) if inside.ndim == 3 else inside
+
+
 def read_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
-    """The mask image at ``path`` as bool [H, W]: non-zero grey level (colours converted to grey,
-    alpha ignored) is inside. It must be ``shape`` (its image's [H, W]); anything else, or a file
-    that is missing or not an image, raises ImageError naming the path."""
+    """The mask image at ``path`` as bool [H, W] (:func:`mask_inside`). It must be ``shape`` (its
+    image's [H, W]); anything else, or a file that is missing or not an image, raises ImageError
+    naming the path."""
     path = Path(path)
     try:
         with open_image(path) as image:  # never Ghostscript (images.EXTERNAL_DECODERS)
@@ -35,7 +53,7 @@ def read_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
             if image.size != (shape[1], shape[0]):
                 raise ImageError(f"{path}: the mask is {image.width}x{image.height} but its image is "
                                  f"{shape[1]}x{shape[0]}")
-            return np.asarray(image.convert("L")) > 0
+            return mask_inside(image)
     except ImageError:
         raise
     except FileNotFoundError as error:
