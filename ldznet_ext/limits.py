@@ -71,7 +71,7 @@ class Limit:
         """``value`` if accepted, else LdznetError "NAME must be ..., got VALUE" (VALUE shortened as
         ``reprlib.repr`` does: a value sent by a client may be megabytes long)."""
         if not self.accepts(value):
-            raise LdznetError(f"{name} must be {self.describe()}, got {_shown(value)}")
+            raise LdznetError(f"{name} must be {self.describe()}, got {shown(value)}")
         return value
 
     def parse(self, text: str):
@@ -105,12 +105,16 @@ def number_from_text(text: str, kind: type) -> int | float:
     return kind(text)
 
 
-def _shown(value) -> str:
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel = 2  # reprlib's 6 levels of 6 items print a nested list as 100,000 characters
+
+
+def shown(value: object) -> str:
     """``value`` for a message, shortened as ``reprlib.repr`` does; an integer too long for ``repr``
     (over 4300 digits) by its size."""
     if isinstance(value, numbers.Integral) and abs(int(value)).bit_length() > 1000:
         return f"an integer of about {int(abs(int(value)).bit_length() * math.log10(2)) + 1} digits"
-    return reprlib.repr(value)
+    return _SHORT.repr(value)
 
 
 def bounded_number(limit: Limit) -> Callable[[str], float]:

@@ -371,6 +371,48 @@ def test_aigi_folder(aigi):
         open_source(f"aigi:{aigi}")[0]
 
 
+@pytest.mark.parametrize("case, message", [
+    ("null prompt", "prompts.json: 'castle/q1.png': gives no prompt (blank, or not text: None); name the mask after "
+                    "its prompt, or give the prompt as text in prompts.json"),
+    ("list prompt", "prompts.json: 'castle/q1.png': gives no prompt (blank, or not text: ['a', 'b']); name the mask "
+                    "after its prompt, or give the prompt as text in prompts.json"),
+    ("blank name", "_.png: gives no prompt (blank, or not text: ''); name the mask after its prompt, or give the "
+                   "prompt as text in prompts.json"),
+    ("two images", "castle.jpg and castle.png share the name 'castle', which masks/castle/ stands for; keep one"),
+])
+def test_aigi_prompts_and_names_that_cannot_be_read_are_refused(aigi, case, message):
+    """A null or list prompt was trained on as the text 'None' or "['a', 'b']", _.png as a prompt of no words,
+    and of castle.png and castle.jpg one was dropped without a word."""
+    if case.endswith("prompt"):
+        (aigi / "prompts.json").write_text(json.dumps({"castle/q1.png": None if case == "null prompt" else ["a", "b"]}))
+    elif case == "blank name":
+        _mask(aigi / "masks" / "castle" / "_.png", 8, 6, None)
+    else:
+        _image(aigi / "images" / "castle.jpg", 8, 6)
+    with pytest.raises(LdznetError) as error:
+        open_source(f"aigi:{aigi}")
+    assert str(error.value).endswith(message)
+
+
+@pytest.mark.parametrize("phrase", ["", "   "])
+def test_a_manifest_row_with_a_blank_phrase_is_refused_by_line(tmp_path, phrase):
+    _image(tmp_path / "a.png", 6, 5)
+    rows = [{"image": "a.png", "phrase": "box", "polygons": []}, {"image": "a.png", "phrase": phrase, "polygons": []}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(LdznetError, match=f"^{tmp_path / 'm.jsonl'}:2: the phrase is blank$"):
+        open_source(str(tmp_path / "m.jsonl"))
+
+
+def test_json_nested_thousands_deep_is_one_line(tmp_path):
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(LdznetError, match=r"deep.jsonl:1: expected a JSON object with 'image'"):
+        open_source(str(tmp_path / "deep.jsonl"))
+    (tmp_path / "pc" / "images").mkdir(parents=True)
+    (tmp_path / "pc" / "refer_test.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(LdznetError, match=r"refer_test.json: cannot read .* \(RecursionError: "):
+        open_source(f"phrasecut:{tmp_path / 'pc'}:test")
+
+
 def test_manifest_polygons_and_bad_files(tmp_path):
     _image(tmp_path / "a.png", 6, 5)
     _corrupt(tmp_path / "bad_mask.png")

@@ -61,6 +61,30 @@ def test_bad_files_and_values(tmp_path):
         TrainConfig(dice_weight=-1.0)
 
 
+def _alias_bomb() -> str:
+    """Nine levels of ten references each: a few hundred bytes whose value has 10^9 leaves."""
+    levels = ["- &b0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"- &b{i} [{', '.join([f'*b{i - 1}'] * 10)}]" for i in range(1, 9)]
+    return "data:\n" + "".join(f"  {line}\n" for line in levels)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("latin.yaml", b"steps: 3\nseed: \xff\n", r"^.*latin.yaml: cannot read the config file \('utf-8' codec can't"),
+    ("preset.yaml", b"preset: [1]\n", r"preset.yaml: unknown preset \[1\]; expected one of official$"),
+    ("huge.yaml", b"seed: " + b"9" * 5000 + b"\n", r"huge.yaml: cannot read the YAML \(ValueError: Exceeds the limit"),
+    ("deep.yaml", b"steps: " + b"[" * 5000 + b"]" * 5000 + b"\n", r"deep.yaml: cannot read the YAML \(RecursionError"),
+    ("deep.json", b"[" * 100_000 + b"]" * 100_000, r"deep.json: not valid JSON \(maximum recursion depth"),
+    ("bomb.yaml", _alias_bomb().encode(), r"bomb.yaml: data: expected a string, got \[\['x', 'x', "),
+])
+def test_config_files_no_reader_expects_are_one_line(tmp_path, name, content, message):
+    """They were a UnicodeDecodeError, TypeError, ValueError or RecursionError traceback, or 30 s and
+    2 GB printing an alias bomb's value."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(LdznetError, match=message) as error:
+        read_config_file(tmp_path / name)
+    assert "\n" not in str(error.value) and len(str(error.value)) - len(str(tmp_path)) < 400
+
+
 def test_train_command_with_config_file(tiny_model_files, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("arch: znet\ndata: world:train:2\nresolution: 64\nbatch_size: 2\nsteps: 5\nsave_every: 1\n"

@@ -55,8 +55,8 @@ def read_results(path: str) -> list[EvalResult]:
     """The results in an ``ldznet eval --json`` file."""
     try:
         report = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise LdznetError(f"{path}: cannot read an eval result ({error})") from error
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: arrays nested thousands deep
+        raise LdznetError(f"{path}: cannot read an eval result ({type(error).__name__}: {error})") from error
     if not isinstance(report, dict) or report.get("format") != FORMAT:
         raise LdznetError(f"{path}: not written by ldznet eval --json (no \"format\": \"{FORMAT}\")")
     version = report.get("version")

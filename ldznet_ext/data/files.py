@@ -69,8 +69,8 @@ def read_json(path: str | os.PathLike, what: str) -> object:
             return json.load(file)
     except FileNotFoundError as error:
         raise LdznetError(f"{path}: not found; expected {what}") from error
-    except (OSError, ValueError) as error:
-        raise LdznetError(f"{path}: cannot read {what} ({error})") from error
+    except (OSError, ValueError, RecursionError) as error:  # RecursionError: arrays nested thousands deep
+        raise LdznetError(f"{path}: cannot read {what} ({type(error).__name__}: {error})") from error
 
 
 def parse_options(spec: str, options: dict[str, str], allowed: dict[str, str]) -> None:

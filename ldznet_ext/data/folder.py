@@ -39,7 +39,13 @@ class FolderSource:
         images_dir, masks_dir = self.root / "images", self.root / "masks"
         if not images_dir.is_dir() or not masks_dir.is_dir():
             raise LdznetError(f"{self.root}: expected the folders images/ (NAME.png) and masks/ (NAME/PROMPT.png)")
-        images = {p.stem: p for p in sorted(images_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+        images = {}
+        for path in sorted(images_dir.iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                if path.stem in images:  # masks/NAME/ names an image by its stem
+                    raise LdznetError(f"{images[path.stem]} and {path.name} share the name {path.stem!r}, which "
+                                      f"masks/{path.stem}/ stands for; keep one")
+                images[path.stem] = path
         masks = {p.name: sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
                  for p in sorted(masks_dir.iterdir()) if p.is_dir()}
         lonely = sorted(name for name in images if not masks.get(name))
@@ -55,8 +61,18 @@ class FolderSource:
             overrides = read_json(self.root / "prompts.json", 'a JSON object {"NAME/FILE.png": "prompt"}')
             if not isinstance(overrides, dict):
                 raise LdznetError(f"{self.root / 'prompts.json'}: expected an object {{\"NAME/FILE.png\": \"prompt\"}}")
-        self._items = [(images[name], [(str(overrides.get(f"{name}/{f.name}", prompt_of(f))), f)
-                                       for f in masks[name]]) for name in sorted(images)]
+        self._items = [(images[name], [(self._prompt(overrides, name, f), f) for f in masks[name]])
+                       for name in sorted(images)]
+
+    def _prompt(self, overrides: dict, name: str, mask: Path) -> str:
+        """The prompt of ``mask`` (masks/NAME/FILE): prompts.json's text for it, else its file name's."""
+        key = f"{name}/{mask.name}"
+        prompt = overrides.get(key, prompt_of(mask))
+        if not isinstance(prompt, str) or not prompt.strip():
+            where = f"{self.root / 'prompts.json'}: {key!r}" if key in overrides else str(mask)
+            raise LdznetError(f"{where}: gives no prompt (blank, or not text: {prompt!r}); name the mask after its "
+                              "prompt, or give the prompt as text in prompts.json")
+        return prompt
 
     def __len__(self) -> int:
         return len(self._items)

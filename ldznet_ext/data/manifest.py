@@ -34,9 +34,11 @@ class ManifestSource:
                 region = row["mask"] if "mask" in row else row["polygons"]
                 if not isinstance(region, (str, list)) or not isinstance(image, str) or not isinstance(phrase, str):
                     raise TypeError(region)  # a null or object phrase was trained on as the text "None"
-            except (ValueError, KeyError, TypeError) as error:
+            except (ValueError, KeyError, TypeError, RecursionError) as error:  # RecursionError: JSON nested 100k deep
                 raise LdznetError(f"{self.path}:{number}: expected a JSON object with 'image', 'phrase' and "
                                   f"'mask' (a file) or 'polygons' (a list), got {line[:120]!r}") from error
+            if not phrase.strip():  # trained on as a prompt of no words
+                raise LdznetError(f"{self.path}:{number}: the phrase is blank")
             rows.setdefault(image, []).append((phrase, region))
         if not rows:
             raise LdznetError(f"{self.path}: the manifest has no rows")

@@ -17,7 +17,8 @@ from typing import Any
 
 from ..errors import LdznetError
 from ..limits import (ACCUMULATE, EMA_DECAY, FACTOR, GRAD_CLIP, LEARNING_RATE, LOSS_WEIGHT, LR_SCALE, NEGATIVE_PROB,
-                      PATIENCE, RESOLUTION, SEED, STEP_INTERVAL, STEPS, TRAIN_BATCH_SIZE, WARMUP, WEIGHT_DECAY, WORKERS)
+                      PATIENCE, RESOLUTION, SEED, STEP_INTERVAL, STEPS, TRAIN_BATCH_SIZE, WARMUP, WEIGHT_DECAY, WORKERS,
+                      shown)
 from ..modeling.build import ARCHITECTURES
 from ..modeling.ldznet import FUSIONS
 from ..precision import PRECISIONS
@@ -168,7 +169,8 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     else:
         ok = isinstance(value, str)
     if not ok:
-        raise LdznetError(f"{name}: expected {_KIND_NAMES[type(default)]}, got {value!r}")
+        # shortened: a YAML alias bomb is a small file whose value prints as billions of items
+        raise LdznetError(f"{name}: expected {_KIND_NAMES[type(default)]}, got {shown(value)}")
     return value
 
 
@@ -186,8 +188,8 @@ def check_values(values: Mapping[str, Any], where: str) -> dict[str, Any]:
             checked[name] = value if name == "preset" else _coerce(name, value, defaults[name])
         except LdznetError as error:
             raise LdznetError(f"{where}: {error}") from None
-    if "preset" in checked and checked["preset"] not in PRESETS:
-        raise LdznetError(f"{where}: unknown preset {checked['preset']!r}; expected one of {', '.join(PRESETS)}")
+    if "preset" in checked and (not isinstance(checked["preset"], str) or checked["preset"] not in PRESETS):
+        raise LdznetError(f"{where}: unknown preset {shown(checked['preset'])}; expected one of {', '.join(PRESETS)}")
     return checked
 
 
@@ -197,7 +199,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as error:
+    except (OSError, UnicodeDecodeError) as error:
         raise LdznetError(f"{path}: cannot read the config file ({error})") from error
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml  # transformers requires PyYAML; imported here as only config files need it
@@ -206,10 +208,12 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
             values = yaml.safe_load(text)
         except yaml.YAMLError as error:
             raise LdznetError(f"{path}: not valid YAML ({_one_line(error)})") from error
+        except (ValueError, RecursionError) as error:  # an integer of 4300+ digits, brackets thousands deep
+            raise LdznetError(f"{path}: cannot read the YAML ({type(error).__name__}: {error})") from error
     else:
         try:
             values = json.loads(text)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             raise LdznetError(f"{path}: not valid JSON ({error})") from error
     if values is None:
         values = {}
