@@ -328,6 +328,29 @@ def test_resume_refuses_another_model_another_domain_or_fewer_steps(backbone, tm
         fewer.resume()
 
 
+def test_a_resumed_run_logs_each_step_once(backbone, tmp_path, monkeypatch):
+    """Rows logged after the last checkpoint of an interrupted run are logged again by the resumed run."""
+    source = open_source("world:train:4", size=SIZE)
+    config = _config(arch="znet", steps=6, warmup=1, save_every=2, log_every=1)
+    real_train_step = Trainer.train_step
+
+    def stopped_at_step_4(self):
+        if self.step == 3:  # step 3 logged, step 4 begun: the last checkpoint is step 2's
+            raise KeyboardInterrupt
+        return real_train_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", stopped_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(backbone, source, config, tmp_path / "run").run(progress=False)
+    assert [int(r["step"]) for r in csv.DictReader((tmp_path / "run" / LOG).read_text().splitlines())] == [1, 2, 3]
+    monkeypatch.setattr(Trainer, "train_step", real_train_step)
+    resumed = Trainer(backbone, source, config, tmp_path / "run")
+    resumed.resume()
+    resumed.run(progress=False)
+    assert [int(r["step"]) for r in csv.DictReader((tmp_path / "run" / LOG).read_text().splitlines())] == [
+        1, 2, 3, 4, 5, 6]
+
+
 def test_an_init_run_without_its_head_file_says_what_to_put_back(backbone, tmp_path):
     source = open_source("world:train:4", size=SIZE)
     Trainer(backbone, source, _config(arch="znet", steps=1), tmp_path / "first").run(progress=False)

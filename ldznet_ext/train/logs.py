@@ -18,10 +18,14 @@ TENSORBOARD = "tensorboard"
 
 class RunLog:
     """Appends one row per logging interval to RUN_DIR/log.csv (a resumed run continues the file)
-    and, where ``torch.utils.tensorboard`` imports, writes the same scalars to RUN_DIR/tensorboard."""
+    and, where ``torch.utils.tensorboard`` imports, writes the same scalars to RUN_DIR/tensorboard.
 
-    def __init__(self, run_dir: str | os.PathLike):
+    ``step``: where the run starts. Rows an interrupted run logged after its last checkpoint are removed,
+    since the resumed run logs those steps again."""
+
+    def __init__(self, run_dir: str | os.PathLike, step: int = 0):
         self.path = Path(run_dir) / LOG
+        self._drop_rows_after(step)
         try:
             from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
         except ImportError:
@@ -45,6 +49,21 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+    def _drop_rows_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        with open(self.path, encoding="utf-8", newline="") as file:
+            rows = list(csv.DictReader(file))
+        kept = [row for row in rows if not (row.get("step") or "").isdigit() or int(row["step"]) <= step]
+        if len(kept) == len(rows):
+            return
+        temporary = self.path.with_name(f".{LOG}.tmp")
+        with open(temporary, "w", encoding="utf-8", newline="") as file:
+            writer = csv.DictWriter(file, COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(temporary, self.path)
 
 
 def _earlier_stages(path: Path) -> dict:

@@ -443,7 +443,7 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         progress = self.is_main and (sys.stderr.isatty() if progress is None else progress)
-        log = RunLog(self.run_dir) if self.is_main else None
+        log = RunLog(self.run_dir, self.step) if self.is_main else None
         start, first = time.perf_counter(), self.step
         samples = self.config.total_batch(self.world_size)
         try:
