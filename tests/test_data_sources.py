@@ -624,3 +624,20 @@ def test_a_mask_is_inside_where_any_stored_value_is_not_zero(tmp_path):
     source = open_source(str(tmp_path / "masks.jsonl"))
     read = {phrase: mask for example in (source[i] for i in range(len(source))) for phrase, mask in example.pairs}
     assert {name: bool(np.array_equal(mask, inside)) for name, mask in read.items()} == {name: True for name in read}
+
+
+@pytest.mark.parametrize("image_id", ["1e400", "100000000000000000000000", "1.9", "true", '"7"'])
+def test_data_set_ids_that_are_not_integers_are_named(tmp_path, image_id):
+    """1e400 and 10^23 were an OverflowError traceback, 1.9 silently image 1."""
+    (tmp_path / "pc" / "images").mkdir(parents=True)
+    (tmp_path / "pc" / "refer_test.json").write_text(
+        '[{"image_id": %s, "phrase": "box", "Polygons": [[[[2, 2], [10, 2], [10, 10], [2, 10]]]]}]' % image_id)
+    with pytest.raises(LdznetError, match=r"^refer_test.json task 0: expected image_id, phrase and Polygons"):
+        open_source(f"phrasecut:{tmp_path / 'pc'}:test")
+    root = tmp_path / "rc"
+    (root / "images").mkdir(parents=True)
+    (root / "refs(unc).json").write_text(
+        '[{"image_id": %s, "ann_id": 7, "split": "val", "sentences": [{"sent": "box"}]}]' % image_id)
+    (root / "instances.json").write_text('{"images": [], "annotations": []}')
+    with pytest.raises(LdznetError, match=r"expected refs with ann_id, image_id, split and sentences\[\].sent"):
+        open_source(f"refcoco:{root}:val")

@@ -11,6 +11,7 @@ from PIL import Image
 
 from ..errors import ImageError, LdznetError
 from ..images import load_image, open_image
+from ..limits import Limit
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -60,6 +61,13 @@ def read_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
         raise ImageError(f"{path}: mask file not found") from error
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # UnidentifiedImageError: OSError
         raise ImageError(f"{path}: cannot read the mask ({error})") from error
+
+
+DATA_ID = Limit(int, 0, 2**63 - 1)
+"""An id in a data set's JSON: an integer, not a bool, nor a float such as 1.9 (int() read it as 1) or 1e400
+(int() raised OverflowError)."""
+DATA_SIDE = Limit(int, 1, 2**31 - 1)
+"""An image side in a data set's JSON."""
 
 
 def read_json(path: str | os.PathLike, what: str) -> object:

@@ -29,9 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ImageError, LdznetError
-from ..limits import Limit
 from .examples import Example
-from .files import parse_options, read_image, read_json
+from .files import DATA_ID, DATA_SIDE, parse_options, read_image, read_json
 from .geometry import phrasecut_mask, polygon_points
 
 SPLITS = ("train", "val", "test", "miniv")
@@ -54,7 +53,7 @@ class PhraseCutSource:
         by_image: dict[int, list[tuple[int, dict]]] = {}
         for number, task in enumerate(tasks):
             try:
-                by_image.setdefault(int(task["image_id"]), []).append((number, task))
+                by_image.setdefault(DATA_ID.check(task["image_id"], "image_id"), []).append((number, task))
                 _ = task["phrase"], task["Polygons"]
             except (KeyError, TypeError, ValueError) as error:
                 raise LdznetError(f"refer_{split}.json task {number}: expected image_id, phrase and Polygons, "
@@ -147,13 +146,12 @@ class PhraseCutSource:
         return Example(f"phrasecut:{image_id}", image, tuple(pairs))
 
 
-_IMAGE_ID, _SIDE = Limit(int), Limit(int, 1)
 
 
 def _entry_size(entry: object) -> tuple[int, int, int] | None:
     """(image_id, width, height) of one entry of the image list, or None when it is not such an entry."""
-    if not (isinstance(entry, dict) and _IMAGE_ID.accepts(entry.get("image_id"))
-            and all(_SIDE.accepts(entry.get(k)) for k in ("width", "height"))):
+    if not (isinstance(entry, dict) and DATA_ID.accepts(entry.get("image_id"))
+            and all(DATA_SIDE.accepts(entry.get(k)) for k in ("width", "height"))):
         return None
     return entry["image_id"], entry["width"], entry["height"]
 

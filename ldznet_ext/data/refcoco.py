@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import ImageError, LdznetError
 from .examples import Example
-from .files import parse_options, read_image, read_json
+from .files import DATA_ID, DATA_SIDE, parse_options, read_image, read_json
 from .geometry import decode_rle, polygon_mask, polygon_points
 
 DEFAULT_PARTITION = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
@@ -84,8 +84,8 @@ class RefCocoSource:
         try:
             for ref in refs:
                 if in_split(str(ref["split"]), split):
-                    chosen.setdefault(int(ref["image_id"]), []).extend(
-                        (_text(s["sent"]), int(ref["ann_id"])) for s in ref["sentences"])
+                    chosen.setdefault(DATA_ID.check(ref["image_id"], "image_id"), []).extend(
+                        (_text(s["sent"]), DATA_ID.check(ref["ann_id"], "ann_id")) for s in ref["sentences"])
         except (KeyError, TypeError, ValueError) as error:
             raise LdznetError(f"{refs_file}: expected refs with ann_id, image_id, split and sentences[].sent "
                               f"({error!r})") from error
@@ -95,10 +95,14 @@ class RefCocoSource:
         instances = read_json(self.root / "instances.json", "COCO-style images and annotations")
         wanted = {ann for pairs in chosen.values() for _, ann in pairs}
         try:
-            self.annotations = {int(a["id"]): a["segmentation"] for a in instances["annotations"]
-                                if int(a["id"]) in wanted}
-            self.image_info = {int(i["id"]): (str(i["file_name"]), int(i["height"]), int(i["width"]))
-                               for i in instances["images"] if int(i["id"]) in chosen}
+            self.annotations = {DATA_ID.check(a["id"], "id"): a["segmentation"] for a in instances["annotations"]
+                                if DATA_ID.check(a["id"], "id") in wanted}
+            self.image_info = {}
+            for info in instances["images"]:
+                image_id = DATA_ID.check(info["id"], "id")
+                if image_id in chosen:
+                    self.image_info[image_id] = (str(info["file_name"]), DATA_SIDE.check(info["height"], "height"),
+                                                 DATA_SIDE.check(info["width"], "width"))
         except (KeyError, TypeError, ValueError) as error:
             raise LdznetError(f"{self.root / 'instances.json'}: expected images (id, file_name, height, width) and "
                               f"annotations (id, segmentation) ({error!r})") from error
