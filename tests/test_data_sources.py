@@ -631,13 +631,13 @@ def test_data_set_ids_that_are_not_integers_are_named(tmp_path, image_id):
     """1e400 and 10^23 were an OverflowError traceback, 1.9 silently image 1."""
     (tmp_path / "pc" / "images").mkdir(parents=True)
     (tmp_path / "pc" / "refer_test.json").write_text(
-        '[{"image_id": %s, "phrase": "box", "Polygons": [[[[2, 2], [10, 2], [10, 10], [2, 10]]]]}]' % image_id)
+        '[{"image_id": ' + image_id + ', "phrase": "box", "Polygons": [[[[2, 2], [10, 2], [10, 10], [2, 10]]]]}]')
     with pytest.raises(LdznetError, match=r"^refer_test.json task 0: expected image_id, phrase and Polygons"):
         open_source(f"phrasecut:{tmp_path / 'pc'}:test")
     root = tmp_path / "rc"
     (root / "images").mkdir(parents=True)
     (root / "refs(unc).json").write_text(
-        '[{"image_id": %s, "ann_id": 7, "split": "val", "sentences": [{"sent": "box"}]}]' % image_id)
+        '[{"image_id": ' + image_id + ', "ann_id": 7, "split": "val", "sentences": [{"sent": "box"}]}]')
     (root / "instances.json").write_text('{"images": [], "annotations": []}')
     with pytest.raises(LdznetError, match=r"expected refs with ann_id, image_id, split and sentences\[\].sent"):
         open_source(f"refcoco:{root}:val")

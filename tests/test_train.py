@@ -100,6 +100,10 @@ def test_a_saved_scene_set_that_does_not_fit_is_refused_in_one_line(tmp_path):
     (tmp_path / "text.npz").write_text("hello")
     with pytest.raises(LdznetError, match=r"text.npz: not a scene set written by SceneSet.save \(not an .npz archive\)$"):
         open_source(f"world:{tmp_path / 'text.npz'}")
+    with pytest.raises(LdznetError, match=r"gone.npz: no such scene set file$"):  # not "not an .npz archive"
+        open_source(f"world:{tmp_path / 'gone.npz'}")
+    with pytest.raises(LdznetError, match=r"folder.npz: not a file$"):
+        open_source(f"world:{(tmp_path / 'folder.npz').mkdir() or tmp_path / 'folder.npz'}")
 
 
 def test_manifest_source_groups_rows_by_image(tmp_path):
@@ -349,6 +353,12 @@ def test_a_resumed_run_logs_each_step_once(backbone, tmp_path, monkeypatch):
     resumed.run(progress=False)
     assert [int(r["step"]) for r in csv.DictReader((tmp_path / "run" / LOG).read_text().splitlines())] == [
         1, 2, 3, 4, 5, 6]
+
+
+def test_resume_with_a_folder_for_last_pt_says_so(tmp_path, capsys):
+    (tmp_path / "run" / CHECKPOINT).mkdir(parents=True)
+    assert main(["train", "--model", "unused.safetensors", "-o", str(tmp_path / "run"), "--resume"]) == 2
+    assert capsys.readouterr().err == f"ldznet train: error: --resume: {tmp_path / 'run' / CHECKPOINT} is not a file\n"
 
 
 def test_an_init_run_without_its_head_file_says_what_to_put_back(backbone, tmp_path):

@@ -47,7 +47,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     if args.resume:
         path = Path(args.output) / CHECKPOINT
         if not path.is_file():
-            raise LdznetError(f"--resume: {path} does not exist")
+            raise LdznetError(f"--resume: {path} " + ("is not a file" if path.exists() else "does not exist"))
         base = read_checkpoint(path)["config"]
     else:
         if "arch" not in flags and "arch" not in file_values:

@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import zipfile
+from pathlib import Path
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -60,6 +61,8 @@ class SceneSet:
     @classmethod
     def load(cls, path: str | os.PathLike) -> SceneSet:
         """Read a set written by :meth:`save`; LdznetError for anything else."""
+        if not Path(path).is_file():
+            raise LdznetError(f"{path}: " + ("not a file" if Path(path).exists() else "no such scene set file"))
         try:
             if not zipfile.is_zipfile(path):  # else numpy reads it as a pickle and advises allow_pickle
                 raise ValueError("not an .npz archive")
