@@ -118,7 +118,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         raise CheckpointError(f"{path.name}: holds a {type(data).__name__}, not a state dict of tensors")
     tensors = {k: v for k, v in data.items() if isinstance(v, Tensor)}
     if not tensors:
-        raise CheckpointError(f"{path.name}: contains no tensors")
+        if "string_to_param" in data:  # A1111's .pt embeddings keep their vectors one level down
+            raise CheckpointError(f"{path.name}: a textual-inversion embedding (string_to_param), not a model")
+        nested = sorted(str(k) for k, v in data.items() if isinstance(v, Mapping))[:5]
+        raise CheckpointError(f"{path.name}: no tensors at its top level" + (
+            f" (only under {', '.join(repr(k) for k in nested)}: a wrapper, a hypernetwork or training state, not "
+            "a model's weights; only 'state_dict' is looked into)" if nested else ""))
     return tensors
 
 

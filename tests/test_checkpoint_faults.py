@@ -473,3 +473,19 @@ def test_a_file_name_with_a_line_break_keeps_the_error_on_one_line(tiny_model_fi
     _one_line_error(ldznet("mask", image, "cube", "-o", tmp_path / "m.png", "--model", tiny_model_files[0], "--head", odd),
                     "mask", "two\\nlines.safetensors: not an ldznet head (no 'ldznet.head' metadata); an official "
                     "LD-ZNet .ckpt must first be imported with `ldznet convert`")
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.zeros(2, 8)}, "name": "emb", "step": 100},
+     "emb.pt: a textual-inversion embedding (string_to_param), not a model"),
+    ({"model": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, "epoch": 3},
+     "emb.pt: no tensors at its top level (only under 'model': a wrapper, a hypernetwork or training state, not a "
+     "model's weights; only 'state_dict' is looked into)"),
+    ({"name": "nothing"}, "emb.pt: no tensors at its top level"),
+])
+def test_a_pickle_whose_tensors_are_nested_says_what_it_holds(tmp_path, content, message):
+    """They read "contains no tensors", which the file plainly does."""
+    torch.save(content, tmp_path / "emb.pt")
+    with pytest.raises(CheckpointError) as error:
+        read_state_dict(tmp_path / "emb.pt")
+    assert str(error.value) == message
