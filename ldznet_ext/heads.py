@@ -16,12 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from .backbones.base import spatial_transformers
-from .checkpoint_io import path_argument, read_metadata, read_state_dict, write_safetensors
+from .checkpoint_io import path_argument, read_metadata, read_state_dict, read_tensor_shapes, write_safetensors
 from .devices import resolve_device
 from .errors import CheckpointError, LdznetError
 from .modeling.build import HeadConfig, build_head, head_config
 from .outputs import same_file, writable_path
 from .precision import as_dtype
+from .backbones.family import LABELS
 from .sd.checkpoint import classify
 
 OFFICIAL_EMA_PREFIX = "model_ema."
@@ -69,6 +70,12 @@ def read_head_config(path: str | os.PathLike) -> HeadConfig:
     """The HeadConfig stored in a head file; CheckpointError when the file is not one of our heads."""
     metadata = read_metadata(path)
     if "head" not in metadata:
+        shapes = read_tensor_shapes(path)
+        family = classify(shapes, metadata).family if shapes else "unknown"
+        if family not in ("unknown", "ldznet-official"):  # an SD model or a VAE given in the head's place
+            role = "VAE" if family == "vae" else "model"
+            raise CheckpointError(f"{Path(path).name}: {LABELS.get(family, family)}, not an ldznet head (no "
+                                  f"'ldznet.head' metadata); use it as the {role}")
         raise CheckpointError(f"{Path(path).name}: not an ldznet head (no 'ldznet.head' metadata); "
                               "an official LD-ZNet .ckpt must first be imported with `ldznet convert`")
     return HeadConfig.from_dict(metadata["head"], f"{Path(path).name}: field 'ldznet.head'")

@@ -471,8 +471,8 @@ def test_a_file_name_with_a_line_break_keeps_the_error_on_one_line(tiny_model_fi
     odd = tmp_path / "two\nlines.safetensors"
     odd.write_bytes(tiny_model_files[0].read_bytes())
     _one_line_error(ldznet("mask", image, "cube", "-o", tmp_path / "m.png", "--model", tiny_model_files[0], "--head", odd),
-                    "mask", "two\\nlines.safetensors: not an ldznet head (no 'ldznet.head' metadata); an official "
-                    "LD-ZNet .ckpt must first be imported with `ldznet convert`")
+                    "mask", "two\\nlines.safetensors: SD 1.x, not an ldznet head (no 'ldznet.head' metadata); use it "
+                    "as the model")
 
 
 @pytest.mark.parametrize("content, message", [

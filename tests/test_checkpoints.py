@@ -497,9 +497,13 @@ def test_truncated_and_foreign_files_are_refused(sd_file, tmp_path) -> None:
 
 
 def test_head_loading_checks_metadata_and_tensors(sd_file, head_a, tmp_path) -> None:
-    with pytest.raises(CheckpointError, match=r"^tiny-sd.safetensors: not an ldznet head \(no 'ldznet.head' "
-                                              r"metadata\); an official LD-ZNet .ckpt must first be imported"):
+    with pytest.raises(CheckpointError, match=r"^tiny-sd.safetensors: SD 1.x, not an ldznet head \(no 'ldznet.head' "
+                                              r"metadata\); use it as the model$"):
         load_head(sd_file)
+    save_file({"weights": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match=r"^other.safetensors: not an ldznet head \(no 'ldznet.head' "
+                                              r"metadata\); an official LD-ZNet .ckpt must first be imported"):
+        load_head(tmp_path / "other.safetensors")
     path = tmp_path / "short.safetensors"
     save_file({k: v for k, v in head_a.items() if k != "final.0.bias"}, str(path),
               metadata={"ldznet.head": json.dumps(TINY_HEAD.to_dict())})

@@ -150,11 +150,12 @@ def test_folders_we_cannot_read_are_named(ldznet, sd1_pair, tiny_model_files, im
     code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", tmp_path, "--zero-shot")
     assert code == 2 and f"model file {tmp_path} is a folder without model_index.json" in err
     flux = shutil.copytree(sd1_pair[1], tmp_path / "flux")
-    shutil.rmtree(flux / "unet")
+    (flux / "unet").rename(flux / "transformer")
     (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", flux, "--zero-shot")
-    assert (code, err) == (2, "ldznet mask: error: flux: a diffusers folder of FluxPipeline without unet/ (a "
-                              "transformer model such as Flux or SD 3?); only UNet models (SD 1.x, SDXL) are read\n")
+    assert (code, err) == (2, "ldznet mask: error: flux: a diffusers folder of FluxPipeline with transformer/, not "
+                              "unet/ (Flux, SD 3 and other transformer models are not supported); only UNet models "
+                              "(SD 1.x, SDXL) are read\n")
 
 
 def test_incomplete_sdxl_folders_are_named(ldznet, sdxl_pair, image_file, tmp_path) -> None:

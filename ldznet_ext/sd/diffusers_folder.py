@@ -62,10 +62,11 @@ def diffusers_family(path: str | os.PathLike) -> str:
     """The family of a diffusers folder from its layout and configs alone, no weight read: "sdxl" (a
     ``text_encoder_2/``), "sd2" (a 1024-d text encoder or cross-attention), else "sd-v1"."""
     folder = named_path(path)
-    if not (folder / "unet").is_dir():  # Flux, SD 3 and the like: a transformer, no UNet
+    if (folder / "transformer").is_dir() and not (folder / "unet").is_dir():  # Flux, SD 3 and the like
         kind = _json(folder / INDEX_FILE, folder).get("_class_name", "an unnamed pipeline")
-        raise CheckpointError(f"{folder.name}: a diffusers folder of {kind} without unet/ (a transformer model such as "
-                              "Flux or SD 3?); only UNet models (SD 1.x, SDXL) are read")
+        raise CheckpointError(f"{folder.name}: a diffusers folder of {kind} with transformer/, not unet/ (Flux, SD 3 "
+                              "and other transformer models are not supported); only UNet models (SD 1.x, SDXL) are "
+                              "read")
     if (folder / "text_encoder_2").is_dir():
         if not (folder / "text_encoder").is_dir():
             raise CheckpointError(f"{folder.name}: text_encoder_2/ without text_encoder/ (an SDXL refiner?); refiners "
