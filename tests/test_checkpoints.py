@@ -417,6 +417,10 @@ def _no_unet(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for k, v in state.items() if not k.startswith(UNET_PREFIX)}
 
 
+def _ddp(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {"module." + k: v for k, v in state.items()}
+
+
 FAMILIES = {  # case: (transform, family, what the message says was found)
     # SD 2.x serves zero-shot masks only (test_sd2_model.py): a head is refused
     "sd2-openclip": (_sd2_openclip, "sd2", "SD 2.x"),
@@ -430,7 +434,10 @@ FAMILIES = {  # case: (transform, family, what the message says was found)
                                    "single-file checkpoint is needed"),
     "wide-text": (_wide_text, "unknown",
                   "mismatched parts: the text encoder is 96-d but the UNet expects a 64-d context"),
-    "no-unet": (_no_unet, "unknown", "no UNet found (no 'model.diffusion_model.input_blocks.0.0.weight')"),
+    "no-unet": (_no_unet, "unknown", "no UNet found (no 'model.diffusion_model.input_blocks.0.0.weight'); its keys "
+                                     "start with 'first_stage_model.*', 'cond_stage_model.*'"),
+    "ddp": (_ddp, "unknown", "no UNet found (no 'model.diffusion_model.input_blocks.0.0.weight'); its keys carry an "
+                             "extra prefix 'module.' (a wrapped model, e.g. saved from DDP): save it without"),
 }
 
 

@@ -9,7 +9,8 @@ meta tensors or shapes (a safetensors header read without its data) is classifie
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..errors import CheckpointError
@@ -125,12 +126,22 @@ def classify(state: Mapping, metadata: Mapping | None = None) -> CheckpointInfo:
             return CheckpointInfo(family, problem)
     conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None:
-        return CheckpointInfo("unknown", f"no UNet found (no '{UNET_PREFIX}input_blocks.0.0.weight')")
+        wrapped = [k.removesuffix(UNET_PREFIX + "input_blocks.0.0.weight") for k in keys
+                   if k.endswith("." + UNET_PREFIX + "input_blocks.0.0.weight")]
+        found = (f"; its keys carry an extra prefix {wrapped[0]!r} (a wrapped model, e.g. saved from DDP): save it "
+                 "without" if wrapped else f"; its keys start with {', '.join(_first_parts(keys))}")
+        return CheckpointInfo("unknown", f"no UNet found (no '{UNET_PREFIX}input_blocks.0.0.weight'){found}")
     shape = _shape(conv_in)
     if len(shape) != 4 or 0 in shape:
         return CheckpointInfo("unknown", f"'{UNET_PREFIX}input_blocks.0.0.weight' has shape {shape}; "
                               "expected a convolution weight [out, in, k, k]")
     return _classify_unet(state, shape[1], shape[0])
+
+
+def _first_parts(keys: Iterable[str], most: int = 4) -> list[str]:
+    """The commonest first key components, as 'module.*', for a message about a file of unknown layout."""
+    counts = Counter(key.split(".", 1)[0] for key in keys)
+    return [f"'{part}.*'" for part, _ in counts.most_common(most)]
 
 
 def _classify_unet(state: Mapping, in_channels: int, model_channels: int) -> CheckpointInfo:
