@@ -300,6 +300,10 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor], me
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata={f"ldznet.{k}": json.dumps(v) for k, v in metadata.items()})
+        # safetensors creates its file 0600: a head another user's WebUI should read, as every file we write
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from fixtures_models import perturb_, random_image
 from ldznet_ext import cli, heads
-from ldznet_ext.checkpoint_io import read_metadata, read_state_dict
+from ldznet_ext.checkpoint_io import read_metadata, read_state_dict, write_safetensors
 from ldznet_ext.errors import CheckpointError
 from ldznet_ext.heads import (
     OFFICIAL_TRAINING, convert_official, load_head, official_ema_name, official_head_state, read_head_config,
@@ -606,3 +606,13 @@ def test_convert_and_info_report_bad_files_with_status_2(ldznet, tmp_path) -> No
         assert err.startswith(f"ldznet {command[0]}: error: bad.ckpt: cannot read the file (")
     assert not (tmp_path / "out.safetensors").exists()
     assert ldznet("info") == (2, "", "ldznet info: error: give a checkpoint FILE or --arch NAME\n")
+
+
+def test_written_tensor_files_take_the_users_file_mode(tmp_path) -> None:
+    """safetensors creates its files 0600, so a head trained by one user was unreadable to a WebUI run by another."""
+    umask = os.umask(0o022)
+    try:
+        write_safetensors(tmp_path / "head.safetensors", {"w": torch.zeros(1)}, {})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "head.safetensors").stat().st_mode & 0o777 == 0o644
