@@ -274,7 +274,7 @@ def test_a_run_never_writes_over_the_model_it_starts_from(tmp_path, where):
 
 
 @pytest.mark.parametrize("text, reason", [
-    ("{nope", "cannot read a training log; move it away or give another output folder (Expecting property name"),
+    ("{nope", "cannot read a training log; move it away or give another output folder (JSONDecodeError: Expecting property name"),
     ("[1, 2]", "not a training log (its stages are not); move it away or give another output folder"),
     ('{"stages": [1]}', "not a training log (its stages are not)")])
 def test_a_log_that_is_no_training_log_is_refused_and_kept(tmp_path, text, reason):
