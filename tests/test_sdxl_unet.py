@@ -115,19 +115,25 @@ def test_unet_refuses_a_missing_or_unexpected_vector() -> None:
         plain(x, t, torch.zeros(2, 77, 64), torch.zeros(2, 80))
 
 
-def test_sdxl_base_on_meta_has_the_real_keys_and_parameter_count() -> None:
-    config = unet_config("sdxl")
+@pytest.mark.parametrize("size, parameters, keys, sites", [("sdxl", SDXL_BASE_UNET_PARAMETERS, 1680, 11),
+                                                           ("sd2", SD2_UNET_PARAMETERS, 686, 16)])
+def test_full_size_unets_on_meta_match_diffusers_and_are_recovered_from_their_shapes(size, parameters, keys,
+                                                                                   sites) -> None:
+    """A real SDXL or SD 2.x file carries no ldznet metadata: its configuration must come from the shapes
+    alone (SD 2.x: the middle block's depth too; its level has no attention, and it was read as 0)."""
+    config = unet_config(size)
     with torch.device("meta"):
         ours = UNetModel(config)
         reference = diffusers.UNet2DConditionModel(**diffusers_config(config))
-    assert count_parameters(ours) == count_parameters(reference) == SDXL_BASE_UNET_PARAMETERS
-    # Every ldm key converts to exactly the keys diffusers' SDXL UNet has, each with its shape.
+    assert count_parameters(ours) == count_parameters(reference) == parameters
+    # Every ldm key converts to exactly the keys diffusers' UNet has, each with its shape.
     checkpoint = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
     converted = single_file.convert_ldm_unet_checkpoint(checkpoint, diffusers_config(config))
     assert {k: tuple(v.shape) for k, v in converted.items()} == {
         k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    assert len(checkpoint) == 1680
-    assert len(ldm_layout(ours).sites) == 11
+    assert len(checkpoint) == keys
+    assert len(ldm_layout(ours).sites) == sites
+    assert unet_config_from_state_dict(ours.state_dict()) == config
 
 
 def test_config_metadata_round_trips_and_sd_v1_reads_as_before() -> None:
@@ -149,21 +155,6 @@ def test_the_sdxl_config_is_recovered_from_the_file_shapes() -> None:
     assert unet_config_from_state_dict(state) == unet_config("sdxl")
     # SD v1 keeps its plain config (heads are not in the weights: 8 assumed)
     assert unet_config_from_state_dict(UNetModel(unet_config("tiny")).state_dict()) == unet_config("tiny", num_heads=8)
-
-
-def test_the_sd2_unet_on_meta_matches_diffusers_and_is_recovered_from_its_shapes() -> None:
-    """A real SD 2.x file carries no ldznet metadata: its configuration must come from the shapes alone,
-    the middle block's depth included (no attention at the last level, whose depth was read as 0)."""
-    config = unet_config("sd2")
-    with torch.device("meta"):
-        ours = UNetModel(config)
-        reference = diffusers.UNet2DConditionModel(**diffusers_config(config))
-    assert count_parameters(ours) == count_parameters(reference) == SD2_UNET_PARAMETERS
-    checkpoint = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
-    converted = single_file.convert_ldm_unet_checkpoint(checkpoint, diffusers_config(config))
-    assert {k: tuple(v.shape) for k, v in converted.items()} == {
-        k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    assert unet_config_from_state_dict(ours.state_dict()) == config
 
 
 def test_a_unet_whose_depth_varies_within_a_level_is_refused_by_name() -> None:
