@@ -90,14 +90,20 @@ class SegmenterSettings:
         for name, kind in (("zero_shot", ZeroShotSettings), ("refine", RefineSettings)):
             if not isinstance(getattr(self, name), kind):
                 raise LdznetError(f"{name} must be {kind.__name__}, got {type_name(getattr(self, name))}")
-        try:  # exactly one "{}" and nothing else to fill
-            fits = isinstance(self.prompt_template, str) and self.prompt_template.count("{}") == 1 and \
-                self.prompt_template.format("") is not None
-        except (IndexError, KeyError, ValueError):
-            fits = False
-        if not fits:
+        if not _fills_one_term(self.prompt_template):
             raise LdznetError(f"prompt_template must be text with one '{{}}' where the term goes, got "
                               f"{self.prompt_template!r}")
+
+
+def _fills_one_term(template: object) -> bool:
+    """Whether ``template`` is text with one "{}" and nothing else for ``str.format`` to fill."""
+    if not isinstance(template, str) or template.count("{}") != 1:
+        return False
+    try:
+        template.format("")
+    except (IndexError, KeyError, ValueError):
+        return False
+    return True
 
 
 @dataclass
