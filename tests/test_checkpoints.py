@@ -31,6 +31,7 @@ from ldznet_ext.sd.checkpoint import (
     save_stable_diffusion, stable_diffusion_state_dict, unet_config_from_state_dict,
 )
 from ldznet_ext.sd.schedule import alphas_cumprod
+from ldznet_ext.sd.vae_file import read_vae_file
 from ldznet_ext.sd.unet import UNetModel, unet_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -616,3 +617,23 @@ def test_written_tensor_files_take_the_users_file_mode(tmp_path) -> None:
     finally:
         os.umask(umask)
     assert (tmp_path / "head.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("parts", ["all", "mask"])
+def test_vae_attention_stored_as_linear_weights_loads_as_the_convolutions(sd_file, tmp_path, parts) -> None:
+    """Older diffusers-to-ldm scripts wrote the VAE's mid-block q, k, v and proj_out as [C, C]; the diffusers
+    folder reader reshaped them, a single file, a VAE file and the lazily read mask parts were refused."""
+    state, metadata = read_state_dict(sd_file), read_metadata(sd_file)
+    linear = {k: v[:, :, 0, 0] if ".mid.attn_1." in k and k.endswith(("q.weight", "k.weight", "v.weight",
+                                                                      "proj_out.weight")) else v
+              for k, v in state.items()}
+    assert sum(v.ndim == 2 for k, v in linear.items() if ".mid.attn_1." in k) == 8  # encoder and decoder
+    write_safetensors(tmp_path / "linear.safetensors", linear, metadata)
+    loaded = load_stable_diffusion(tmp_path / "linear.safetensors", parts=parts)
+    reference = load_stable_diffusion(sd_file, parts=parts)
+    assert all(torch.equal(v, reference.vae.state_dict()[k]) for k, v in loaded.vae.state_dict().items()
+               if v.device.type != "meta")
+    vae_only = {k[len(VAE_PREFIX):]: v for k, v in linear.items() if k.startswith(VAE_PREFIX)}
+    write_safetensors(tmp_path / "vae.safetensors", vae_only, {})
+    from_file, canonical = read_vae_file(tmp_path / "vae.safetensors"), read_vae_file(sd_file)
+    assert from_file.keys() == canonical.keys() and all(torch.equal(v, canonical[k]) for k, v in from_file.items())

@@ -17,7 +17,6 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping
-from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -38,7 +37,7 @@ from .sdxl import OpenCLIPTextEncoder, SDXLConditioner, StableDiffusionXL
 from .text import TextEncoder, normalize_text_state_dict, text_config
 from .tokenizer import MAX_LENGTH, VOCAB_SIZE
 from .unet import UNetConfig, UNetModel, unet_config
-from .vae import AutoencoderKL, VAEConfig, vae_config
+from .vae import AutoencoderKL, VAEConfig, conv_attention_weights, vae_config
 
 SUPPORTED = ("SD v1.x single-file checkpoints (UNet with 4 input channels, CLIP text encoder, 768-d context); "
              "SDXL-family and SD 2.x ones for zero-shot masks")
@@ -451,10 +450,12 @@ def load_stable_diffusion(path: str | os.PathLike, device: str | torch.device = 
     if shapes is not None:  # a family that cannot serve is refused before any tensor data is read
         check_family(classify(shapes, metadata), os.path.basename(path), zero_shot, parts)
     if shapes is None or parts != "mask":
-        state, read = read_state_dict(path), None
+        state, read = conv_attention_weights(read_state_dict(path)), None
     else:  # the file's VAE tensors are never read when ``vae`` replaces them: with_vae drops them here
-        state = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
-        read = partial(read_tensors, path)
+        state = conv_attention_weights({k: torch.empty(shape, device="meta") for k, shape in shapes.items()})
+
+        def read(names: list[str]) -> dict[str, Tensor]:
+            return conv_attention_weights(read_tensors(path, names))
     if vae is not None:
         state = with_vae(state, vae)
     model = stable_diffusion_from_state_dict(state, metadata, os.path.basename(path), parts, read, dtype, zero_shot)

@@ -35,6 +35,7 @@ from .model import StableDiffusion
 from .schedule import LINEAR_END, LINEAR_START, NUM_TIMESTEPS, alphas_cumprod
 from .text import normalize_text_state_dict
 from .unet import UNetConfig
+from .vae import conv_attention_weights
 
 INDEX_FILE = "model_index.json"
 VAE_SCALE = Limit(float, 0, 100, low_open=True)  # latents = scale x posterior (SD 0.18215, SDXL 0.13025)
@@ -168,12 +169,7 @@ def vae_to_ldm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """diffusers' AutoencoderKL weights -> ldm's (no prefix); the attention's linear layers become ldm's
     1x1 convolutions."""
     up_levels = len({m[1] for k in state if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))})
-    out = {}
-    for key, value in state.items():
-        new = _vae_key(key, up_levels)
-        attention_weight = ".mid.attn_1." in new and new.endswith(".weight") and ".norm." not in new
-        out[new] = value[:, :, None, None] if attention_weight and value.ndim == 2 else value
-    return out
+    return conv_attention_weights({_vae_key(key, up_levels): value for key, value in state.items()})
 
 
 def clip_to_openclip(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -25,6 +25,17 @@ SCALE_FACTOR = 0.18215
 """SD v1 multiplies the VAE latent by this so it has roughly unit variance."""
 
 
+_LINEAR_ATTENTION = re.compile(r"(.*\.)?(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight")
+
+
+def conv_attention_weights(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with the VAE's mid-block attention weights as ldm's 1x1 convolutions [C, C, 1, 1]: diffusers
+    and single files converted from it by older scripts store them as linear [C, C] (any key prefix; tensors
+    of other names, and meta tensors' shapes alike, pass as they are)."""
+    return {key: value[:, :, None, None] if value.ndim == 2 and _LINEAR_ATTENTION.fullmatch(key) else value
+            for key, value in state.items()}
+
+
 @dataclass(frozen=True)
 class VAEConfig:
     """Hyper-parameters of an ldm ``AutoencoderKL`` with attention only in the mid blocks."""

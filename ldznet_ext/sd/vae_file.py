@@ -18,7 +18,7 @@ from ..backbones.family import VAE_FILE_KEY, VAE_PREFIX
 from ..checkpoint_io import SINGLE_FILE, named_path, read_state_dict, readable_file
 from ..errors import CheckpointError
 from .diffusers_folder import read_part, vae_to_ldm
-from .vae import VAEConfig
+from .vae import VAEConfig, conv_attention_weights
 
 LATENT_CHANNELS = 4  # every SD 1.x, SD 2.x and SDXL UNet denoises 4-channel latents
 _DIFFUSERS_MARK = "encoder.down_blocks."
@@ -40,7 +40,8 @@ def read_vae_file(path: str | os.PathLike) -> dict[str, Tensor]:
     if VAE_FILE_KEY not in state:
         raise CheckpointError(f"{path.name}: not a VAE: it has no '{VAE_FILE_KEY}' (ldm layout), "
                               f"'{_DIFFUSERS_MARK}*' (diffusers) or '{VAE_PREFIX}*' (a whole checkpoint)")
-    state = {k: v for k, v in state.items() if not k.startswith("loss.")}  # training losses some VAE files carry
+    # training losses some VAE files carry; attention weights as older converters wrote them
+    state = conv_attention_weights({k: v for k, v in state.items() if not k.startswith("loss.")})
     moments = state.get("encoder.conv_out.weight")  # mean and log-variance of each latent channel
     if moments is not None and moments.ndim == 4 and moments.shape[0] != 2 * LATENT_CHANNELS:
         raise CheckpointError(f"{path.name}: a VAE with {moments.shape[0] // 2}-channel latents (SD 3 and Flux VAEs "
