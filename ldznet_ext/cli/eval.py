@@ -21,6 +21,7 @@ import reprlib
 import sys
 from pathlib import Path
 
+from ..data.files import read_json
 from ..data.spec import open_source, spec_file
 from ..errors import LdznetError
 from ..eval.evaluate import FORMAT, READABLE_VERSIONS, VERSION, EvalResult, evaluate, merge_results
@@ -53,10 +54,7 @@ EARLIER_RESULT = re.compile(r'\s*\{\s*"format"\s*:\s*"' + FORMAT + '"')
 
 def read_results(path: str) -> list[EvalResult]:
     """The results in an ``ldznet eval --json`` file."""
-    try:
-        report = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as error:  # RecursionError: arrays nested thousands deep
-        raise LdznetError(f"{path}: cannot read an eval result ({type(error).__name__}: {error})") from error
+    report = read_json(path, "an eval result")
     if not isinstance(report, dict) or report.get("format") != FORMAT:
         raise LdznetError(f"{path}: not written by ldznet eval --json (no \"format\": \"{FORMAT}\")")
     version = report.get("version")
