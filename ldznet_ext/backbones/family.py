@@ -175,11 +175,16 @@ def _classify_unet(state: Mapping, in_channels: int, model_channels: int) -> Che
     if context and text_width and text_width[0] != context[0]:
         return CheckpointInfo("unknown", f"mismatched parts: the text encoder is {text_width[0]}-d "
                               f"but the UNet expects a {context[0]}-d context", details)
-    missing = [(name, prefix) for name, prefix in (("VAE", VAE_PREFIX), ("text encoder", TEXT_PREFIX))
-               if not any(k.startswith(prefix) for k in state)]
-    if missing:
-        fix = ("give the VAE it was published with as --vae VAE.safetensors" if [n for n, _ in missing] == ["VAE"]
-               else "a full single-file checkpoint is needed")
-        parts = " and no ".join(f"{name} ('{prefix}*')" for name, prefix in missing)
-        return CheckpointInfo("sd-v1", f"the file has no {parts}; {fix}", details)
-    return CheckpointInfo("sd-v1", None, details)
+    return CheckpointInfo("sd-v1", missing_parts(state, {"VAE": VAE_PREFIX, "text encoder": TEXT_PREFIX}), details)
+
+
+def missing_parts(state: Mapping, parts: Mapping[str, str]) -> str | None:
+    """What a file lacks of ``parts`` (name -> key prefix) and what to do, as one problem; None when it has
+    them all. A file without its VAE alone takes one with --vae."""
+    missing = [(name, prefix) for name, prefix in parts.items() if not any(k.startswith(prefix) for k in state)]
+    if not missing:
+        return None
+    fix = ("give the VAE it was published with as --vae VAE.safetensors" if [p for _, p in missing] == [VAE_PREFIX]
+           else "a full single-file checkpoint is needed")
+    listed = " and no ".join(f"{name} ('{prefix}*')" for name, prefix in missing)
+    return f"the file has no {listed}; {fix}"

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..backbones.family import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointInfo, classify
+from ..backbones.family import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointInfo, classify, missing_parts
 from ..checkpoint_io import (parse_config, path_argument, read_metadata, read_state_dict, read_tensor_shapes,
                              read_tensors, write_safetensors)
 from ..devices import resolve_device
@@ -386,12 +386,10 @@ def _has(state: Mapping[str, Tensor], prefix: str) -> bool:
 
 
 def _check_parts_present(state: Mapping[str, Tensor], parts: Mapping[str, str]) -> None:
-    """CheckpointError naming the parts (name -> key prefix) a file lacks; for the VAE, how to give one."""
-    missing = [f"{name} ('{prefix}*')" for name, prefix in parts.items() if not _has(state, prefix)]
-    if missing:
-        fix = "; give the VAE it was published with as --vae VAE.safetensors" if not _has(state, VAE_PREFIX) \
-            and VAE_PREFIX in parts.values() else ""
-        raise CheckpointError(f"the file has no {' and no '.join(missing)}{fix}")
+    """CheckpointError naming the parts (name -> key prefix) a file lacks (``family.missing_parts``)."""
+    problem = missing_parts(state, parts)
+    if problem:
+        raise CheckpointError(problem)
 
 
 def _check_plain_unet(state: Mapping[str, Tensor], family: str, kinds: str) -> None:
