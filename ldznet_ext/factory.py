@@ -17,12 +17,12 @@ from torch import nn
 
 from .backbones.base import Backbone
 from .errors import CheckpointError, LdznetError
+from .images import type_name
 from .modeling.build import HeadConfig
 from .precision import compute_dtype, dtype_named
 from .refine import RefineSettings
 from .sd.checkpoint import unet_config_from_state_dict
 from .sd.unet import UNetConfig
-from .images import type_name
 from .segmenter import Segmenter, SegmenterSettings
 from .zeroshot import ZeroShotSettings
 

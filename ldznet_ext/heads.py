@@ -16,13 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from .backbones.base import spatial_transformers
+from .backbones.family import LABELS
 from .checkpoint_io import path_argument, read_metadata, read_state_dict, read_tensor_shapes, write_safetensors
 from .devices import resolve_device
 from .errors import CheckpointError, LdznetError
 from .modeling.build import HeadConfig, build_head, head_config
 from .outputs import same_file, writable_path
 from .precision import as_dtype
-from .backbones.family import LABELS
 from .sd.checkpoint import classify
 
 OFFICIAL_EMA_PREFIX = "model_ema."

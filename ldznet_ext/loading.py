@@ -15,10 +15,10 @@ import torch
 from .backbones.family import LABELS, CheckpointInfo
 from .checkpoint_io import SINGLE_FILE, named_path, path_argument, readable_file
 from .defaults import default_model_paths
+from .devices import resolve_device
 from .errors import CheckpointError, LdznetError
 from .factory import ModelSettings, build_segmenter
 from .heads import load_head
-from .devices import resolve_device
 from .limits import RESOLUTION
 from .precision import resolve_dtype
 from .sd.checkpoint import load_stable_diffusion

@@ -146,8 +146,6 @@ class PhraseCutSource:
         return Example(f"phrasecut:{image_id}", image, tuple(pairs))
 
 
-
-
 def _entry_size(entry: object) -> tuple[int, int, int] | None:
     """(image_id, width, height) of one entry of the image list, or None when it is not such an entry."""
     if not (isinstance(entry, dict) and DATA_ID.accepts(entry.get("image_id"))
