@@ -262,14 +262,6 @@ class _Run:
         return found
 
 
-def _remove_stale_temporaries(folder: Path, names: set[str]) -> None:
-    """Temporary files that ended runs left for the outputs this run owns. Those of running processes
-    are theirs (another shard, or a second run on the same folder, is writing them)."""
-    for path in folder.iterdir():
-        if outputs.abandoned_target(path.name) in names:
-            path.unlink(missing_ok=True)
-
-
 def check_folders(input_dir: Path, output_dir: Path, instances: bool = False) -> list[Path]:
     """The input images (:func:`list_images`); LdznetError when there are none, when the masks (or
     with ``instances`` the objects' masks) would land among them or when the output folder cannot
@@ -372,7 +364,7 @@ def run_batch(job: BatchJob, segmenter: Segmenter, manifest: Manifest,
                 run.record(path, "skipped", output)
             else:
                 todo.append(path)
-        _remove_stale_temporaries(job.output_dir, owned)
+        outputs.remove_abandoned_temporaries(job.output_dir, owned)
         for group in _groups(todo, job.batch_size):
             if callbacks.stop_requested():
                 run.summary.interrupted = True

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .errors import CheckpointError
+from .outputs import replacing
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE = "a single-file .safetensors or .ckpt"
@@ -294,16 +295,11 @@ def _parse_value(hint: Any, value: Any, where: str, keys: tuple[str, ...], requi
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: Mapping[str, Any]) -> None:
-    """Write tensors with JSON metadata under ``ldznet.<key>``, atomically (temporary file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+    """Write tensors with JSON metadata under ``ldznet.<key>``, atomically (``outputs.replacing``)."""
+    with replacing(path) as temporary:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(temporary),
                   metadata={f"ldznet.{k}": json.dumps(v) for k, v in metadata.items()})
         # safetensors creates its file 0600: a head another user's WebUI should read, as every file we write
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        os.chmod(temporary, 0o666 & ~umask)

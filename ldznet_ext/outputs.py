@@ -13,6 +13,7 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import BinaryIO
 
@@ -56,6 +57,15 @@ def abandoned_target(name: str) -> str | None:
     if match is None or process_alive(int(match.group("pid"))):
         return None
     return match.group("target")
+
+
+def remove_abandoned_temporaries(folder: Path, names: set[str]) -> None:
+    """Remove the temporary files that ended processes (a kill -9, a power cut) left in ``folder`` for the
+    files ``names``. Those of running processes are theirs: another shard, or a second run on the same
+    folder, is writing them."""
+    for path in folder.iterdir():
+        if abandoned_target(path.name) in names:
+            path.unlink(missing_ok=True)
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -138,10 +148,37 @@ def writable_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
+_created_folders: ContextVar[list[Path] | None] = ContextVar("created_folders", default=None)
+
+
+@contextmanager
+def folders_removed_on_failure() -> Iterator[None]:
+    """Folders that the body creates for its outputs (:func:`writable_path`, :func:`writable_folder`) are
+    removed again when it fails or is interrupted, those left empty: a command that fails leaves no trace."""
+    token = _created_folders.set([])
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(_created_folders.get(), key=lambda f: len(f.parts), reverse=True):  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (it holds an output, or another process's file), or gone
+                pass
+        raise
+    finally:
+        _created_folders.reset(token)
+
+
 def _try_creating_a_file(folder: Path) -> None:
     """Create ``folder`` and a file in it, then remove the file. Permissions alone do not tell: root
     passes every access check, yet /proc or a read-only mount take no file."""
-    folder.mkdir(parents=True, exist_ok=True)
+    missing = [f for f in (folder, *folder.parents) if not f.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    finally:
+        created = _created_folders.get()
+        if created is not None:
+            created.extend(f for f in missing if f.is_dir())
     trial = folder / _temporary_name(folder / "trial")
     os.close(os.open(trial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     trial.unlink()
@@ -163,6 +200,21 @@ def stage_file(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> 
         temporary.unlink(missing_ok=True)
         raise
     return temporary
+
+
+@contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside ``path`` for the body to write a file under (for writers that take a name:
+    safetensors, torch.save); renamed onto ``path`` when the body ends, removed when it fails or is
+    interrupted, so ``path`` is always the old file or the whole new one. The name is :func:`stage_file`'s,
+    so that :func:`remove_abandoned_temporaries` recognises it after a crash."""
+    path = Path(path)
+    temporary = path.with_name(_temporary_name(path))
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def write_together(writers: Mapping[Path, Callable[[BinaryIO], object]]) -> None:

@@ -1,9 +1,11 @@
 """Shared fixtures: tiny UNets with random weights and ldm's twin (UNet, tap and head tests), and the
-in-process CLI runner (command tests)."""
+in-process CLI runner (command tests), the PID of an ended process (temporary files left by a crash)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -87,6 +89,15 @@ def ldznet(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, 
         out, err = capsys.readouterr()
         return code, out, err
     return run
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The PID of a process that has ended (and been reaped)."""
+    finished = subprocess.Popen([sys.executable, "-c", ""])
+    finished.wait()
+    return finished.pid
+
 
 
 from fixtures_models import *  # noqa: E402,F401,F403  (tiny SD model and head fixtures)

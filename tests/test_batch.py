@@ -6,8 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -44,14 +42,6 @@ def no_model_load(monkeypatch):
     def refuse(*args):
         raise AssertionError("the models were loaded before the outputs were checked")
     monkeypatch.setattr(batch_cli, "segmenter_from_args", refuse)
-
-
-@pytest.fixture
-def dead_pid() -> int:
-    """The PID of a process that has ended (and been reaped)."""
-    finished = subprocess.Popen([sys.executable, "-c", ""])
-    finished.wait()
-    return finished.pid
 
 
 def make_gallery(folder: Path, names: list[str], size: tuple[int, int] = (64, 64)) -> list[Path]:

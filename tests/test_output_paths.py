@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
-from ldznet_ext import heads, outputs
+from ldznet_ext import checkpoint_io, heads, outputs
 from ldznet_ext.cli import data as data_cli
 from ldznet_ext.cli import eval as eval_cli
 from ldznet_ext.errors import LdznetError
@@ -51,6 +52,60 @@ def test_process_alive():
     assert outputs.process_alive(os.getpid()) and outputs.process_alive(os.getppid())
     assert not outputs.process_alive(finished.pid)
     assert not outputs.process_alive(2**64)  # a temporary file's name can hold any number
+
+
+def test_folders_a_failed_body_created_are_removed_when_empty(tmp_path):
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        with outputs.folders_removed_on_failure():
+            outputs.writable_path(tmp_path / "a" / "b" / "mask.png")
+            outputs.writable_folder(tmp_path / "kept" / "c")
+            outputs.writable_folder(tmp_path / "d" / "e")
+            (tmp_path / "d" / "e" / "out.png").write_bytes(b"written before the failure")
+            raise KeyboardInterrupt
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "d", "d/e", "d/e/out.png", "kept"]
+    with outputs.folders_removed_on_failure():  # a body that ends well keeps them
+        outputs.writable_path(tmp_path / "f" / "mask.png")
+    assert (tmp_path / "f").is_dir()
+    outputs.writable_folder(tmp_path / "g")  # outside the context nothing is noted
+    with pytest.raises(LdznetError):
+        with outputs.folders_removed_on_failure():
+            raise LdznetError("bad input")
+    assert (tmp_path / "g").is_dir()
+
+
+@pytest.mark.parametrize("command", ["mask", "train"])
+def test_a_failed_command_leaves_no_folder_it_created(ldznet, tmp_path, command):
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"not a model")
+    out = tmp_path / "new" / "folder"
+    image = tmp_path / "image.png"
+    Image.new("RGB", (32, 32)).save(image)
+    args = {"mask": ["mask", image, "cat", "--model", model, "--zero-shot", "-o", out / "mask.png"],
+            "train": ["train", "--arch", "znet", "--model", model, "-o", out]}[command]
+    code, _, err = ldznet(*args)
+    assert code == 2 and f"ldznet {command}: error: model.safetensors: cannot read" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png", "model.safetensors"]
+
+
+def test_write_safetensors_leaves_no_temporary_and_a_killed_ones_is_recognised(tmp_path, monkeypatch, dead_pid):
+    path = tmp_path / "head.safetensors"
+    checkpoint_io.write_safetensors(path, {"w": torch.ones(2)}, {"head": {}})
+    before, temporaries = path.read_bytes(), []
+
+    def full_disk(tensors, filename, metadata):
+        Path(filename).write_bytes(b"half")
+        temporaries.append(Path(filename).name)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_io, "save_file", full_disk)
+    with pytest.raises(OSError):
+        checkpoint_io.write_safetensors(path, {"w": torch.zeros(2)}, {"head": {}})
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["head.safetensors"]
+    assert outputs.abandoned_target(temporaries[0]) is None  # ours: this process runs
+    # had this process been killed there, the next run would know the file for what it is
+    assert outputs.abandoned_target(temporaries[0].replace(str(os.getpid()), str(dead_pid))) == "head.safetensors"
 
 
 # ---------------------------------------------------------------- ldznet convert

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -286,6 +287,19 @@ def test_ctrl_c_while_writing_last_pt_keeps_the_previous_one_and_no_temporary(ba
         resumed.run(progress=False)
     assert (tmp_path / "run" / CHECKPOINT).read_bytes() == before
     assert sorted(f.name for f in (tmp_path / "run").iterdir() if f.name.startswith(".")) == []
+
+
+def test_a_run_removes_the_temporaries_a_killed_run_left(backbone, tmp_path, dead_pid):
+    run = tmp_path / "run"
+    run.mkdir()
+    left = [f".{name}.{dead_pid}-0123abcd.ldznet-tmp" for name in (CHECKPOINT, HEAD, LOG)]
+    live = f".{HEAD}.{os.getppid()}-4567cdef.ldznet-tmp"  # a process writing it now (our parent): not ours to remove
+    for name in [*left, live, f".other.{dead_pid}-89abcdef.ldznet-tmp"]:
+        (run / name).write_bytes(b"half")
+    Trainer(backbone, open_source("world:train:4", size=SIZE), _config(arch="znet", steps=1, log_every=1), run).run(
+        progress=False)
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        [live, f".other.{dead_pid}-89abcdef.ldznet-tmp", CHECKPOINT, HEAD, LOG])
 
 
 def test_ctrl_c_while_writing_the_final_head_is_resumed_to_it(backbone, tmp_path, monkeypatch):

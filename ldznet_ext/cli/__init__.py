@@ -7,7 +7,8 @@ nothing from here, and this package is imported only when the CLI starts, so ``i
 stays light. Errors are one line, ``ldznet COMMAND: error: ...``, never a traceback. Exit status:
 0 done, 1 a system error (OSError, out of memory), 2 bad input (LdznetError, and the usage errors
 argparse reports), 130 interrupted (Ctrl-C: one line, "ldznet COMMAND: interrupted"; outputs are
-written atomically, so none is left half-written). A command may return its own status too
+written atomically, so none is left half-written; the folders a failed command created for its outputs are
+removed again when they are empty). A command may return its own status too
 (``ldznet batch``: 1 when some files failed). Warnings are one line too, ``ldznet COMMAND: warning: ...``.
 """
 
@@ -88,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        # imported under the handler, as the commands' modules are (it imports numpy, PIL and cv2)
+        from ..outputs import folders_removed_on_failure
     finally:
         if previous is not None:
             _on_interrupt(previous)
@@ -100,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():  # restores the caller's warning display when main returns
             warnings.showwarning = lambda message, *_, **__: print(
                 f"ldznet {command}: warning: {one_line(message)}", file=sys.stderr)
-            return int(args.func(args) or 0)
+            with folders_removed_on_failure():  # a failed command leaves no empty output folder behind
+                return int(args.func(args) or 0)
     except LdznetError as error:
         print(f"ldznet {command}: error: {one_line(error)}", file=sys.stderr)
         return 2

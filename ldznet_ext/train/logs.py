@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..data.files import read_json
 from ..errors import LdznetError
+from ..outputs import replacing
 
 COLUMNS = ("step", "loss", "lr", "seconds", "samples_per_second")
 LOG = "log.csv"
@@ -58,12 +59,10 @@ class RunLog:
         kept = [row for row in rows if not (row.get("step") or "").isdigit() or int(row["step"]) <= step]
         if len(kept) == len(rows):
             return
-        temporary = self.path.with_name(f".{LOG}.tmp")
-        with open(temporary, "w", encoding="utf-8", newline="") as file:
+        with replacing(self.path) as temporary, open(temporary, "w", encoding="utf-8", newline="") as file:
             writer = csv.DictWriter(file, COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(kept)
-        os.replace(temporary, self.path)
 
 
 def _earlier_stages(path: Path) -> dict:

@@ -59,6 +59,7 @@ from ..errors import CheckpointError, LdznetError
 from ..heads import load_head, save_head
 from ..images import to_model_input
 from ..modeling.build import HeadConfig, build_head, init_from_sd_unet
+from ..outputs import remove_abandoned_temporaries, replacing
 from ..precision import PRECISIONS, autocast_dtype
 from ..sd.model import StableDiffusion
 from ..sd.schedule import OFFICIAL_TIMESTEPS
@@ -442,6 +443,7 @@ class Trainer:
         the mean loss of the last ``log_every`` steps."""
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_abandoned_temporaries(self.run_dir, {CHECKPOINT, HEAD, LOG})
         progress = self.is_main and (sys.stderr.isatty() if progress is None else progress)
         log = RunLog(self.run_dir, self.step) if self.is_main else None
         start, first = time.perf_counter(), self.step
@@ -524,12 +526,8 @@ class Trainer:
             "final_loss": self.recent_loss,
             **({"presence_weight": c.presence_weight, "init": Path(c.init).name, "freeze_head": c.freeze_head}
                if c.presence_weight or c.init else {})})
-        tmp = self.run_dir / f".{CHECKPOINT}.tmp"
-        try:  # Ctrl-C or a full disk mid-write keeps the previous checkpoint and leaves no partial file
-            torch.save(state, tmp)
-            os.replace(tmp, self.run_dir / CHECKPOINT)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with replacing(self.run_dir / CHECKPOINT) as temporary:  # Ctrl-C or a full disk keeps the previous one
+            torch.save(state, temporary)
 
     def resume(self) -> None:
         """Continue from RUN_DIR/last.pt at each process's saved data position; only ``steps``, the
