@@ -90,6 +90,7 @@ def test_a_mask_model_that_is_not_sd1_is_refused_by_family(ldznet, sdxl_file, ti
     assert code == 2
     assert err.startswith("ldznet mask: error: tiny-sdxl.safetensors: the mask model must be an SD 1.x checkpoint, "
                           "since the head reads SD 1.x UNet features; this file is SDXL (")
+    assert err.endswith("(SDXL checkpoints serve zero-shot masks only)\n")  # not "are not supported": they are
 
 
 def test_a_missing_mask_model_is_named(ldznet, sdxl_file, tiny_model_files, image_file, tmp_path) -> None:

@@ -40,7 +40,7 @@ _EMBEDDING_KEYS = ("emb_params", "string_to_param", "string_to_token", "clip_l",
 
 # Key prefixes that name a family outright, checked in order after the LD-ZNet files.
 _PREFIX_FAMILIES = (
-    (("conditioner.embedders.",), "sdxl", "SDXL checkpoints are not supported"),
+    (("conditioner.embedders.",), "sdxl", "SDXL checkpoints serve zero-shot masks only"),
     ((UNET_PREFIX + "joint_blocks.", "joint_blocks."), "sd3",
      "SD 3 checkpoints (an MMDiT with joint blocks, no UNet) are not supported"),
     ((UNET_PREFIX + "double_blocks.", "double_blocks."), "flux",
@@ -48,7 +48,7 @@ _PREFIX_FAMILIES = (
     (("down_blocks.", "unet.down_blocks.", "encoder.down_blocks."), "diffusers",
      "this is a diffusers-format file; use a single-file SD v1 checkpoint"),
     (("cond_stage_model.model.",), "sd2",
-     "SD 2.x checkpoints (OpenCLIP text encoder, 1024-d context) are not supported"),
+     "SD 2.x checkpoints (OpenCLIP text encoder, 1024-d context) serve zero-shot masks only"),
 )
 
 
@@ -154,7 +154,7 @@ def _classify_unet(state: Mapping, in_channels: int, model_channels: int) -> Che
         details["context_dim"] = context[0]
     if UNET_PREFIX + "label_emb.0.0.weight" in state or (context and context[0] == 2048):
         return CheckpointInfo("sdxl", "the UNet has SDXL's pooled-text and size conditioning (label_emb) or "
-                              "2048-d text context; SDXL checkpoints are not supported", details)
+                              "2048-d text context; SDXL checkpoints serve zero-shot masks only", details)
     if in_channels == 9:
         return CheckpointInfo("sd-v1-inpainting", "inpainting UNets (9 input channels) are not supported; "
                               "use the base model the inpainting model was made from", details)
@@ -165,7 +165,8 @@ def _classify_unet(state: Mapping, in_channels: int, model_channels: int) -> Che
         return CheckpointInfo("unknown", f"the UNet takes {in_channels} input channels, not 4 "
                               "(an instruct-pix2pix or other conditioned UNet?)", details)
     if context and context[0] == 1024:
-        return CheckpointInfo("sd2", "the UNet's text context is 1024-d (SD 2.x); SD 2.x is not supported", details)
+        return CheckpointInfo("sd2", "the UNet's text context is 1024-d (SD 2.x); SD 2.x checkpoints serve zero-shot "
+                              "masks only", details)
     proj_in = state.get(UNET_PREFIX + "middle_block.1.proj_in.weight")
     if proj_in is not None and len(_shape(proj_in)) != 4:
         return CheckpointInfo("unknown", "the UNet's transformers use linear projections (an SD 2.x-style UNet)",
