@@ -30,7 +30,7 @@ from PIL import Image
 
 from . import outputs
 from .errors import ImageError, LdznetError
-from .images import MAX_PIXELS, load_image
+from .images import MAX_PIXELS, load_image, open_image
 from .masks.instances import instance_image
 from .masks.ops import MaskOptions
 from .masks.tree import Expression
@@ -175,7 +175,7 @@ def _header_size(path: Path) -> tuple[int, int] | None:
     """(width, height) from the file header without decoding; None when that is unreadable (the
     decoder then reports the problem properly)."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:  # never an EPS file's reader: only images are grouped
             return image.size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None

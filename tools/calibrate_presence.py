@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +27,40 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ldznet_ext.data.examples import Source  # noqa: E402
 from ldznet_ext.data.spec import open_source  # noqa: E402
 from ldznet_ext.data.stream import iterate_examples  # noqa: E402
 from ldznet_ext.eval.metrics import sample_iou, threshold_counts  # noqa: E402
 from ldznet_ext.loading import load_segmenter, resolve_model_paths  # noqa: E402
 from ldznet_ext.masks.presence import presence_score  # noqa: E402
+from ldznet_ext.segmenter import Segmenter  # noqa: E402
 
 AREAS = (0.0, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02)  # 0.0: the peak
 LEVELS = np.round(np.arange(0.05, 0.96, 0.01), 2)
 EMPTY_AT = 0.5  # an absent phrase "comes back empty" when no pixel exceeds eval's binary threshold
+
+
+def presence_rows(segmenter: Segmenter, source: Source, scores: Callable[[dict[str, torch.Tensor]], dict[str, list]],
+                  progress: bool = False) -> list[dict]:
+    """One row per phrase of ``source``, absent ones included: its example, the phrase, present, the
+    ``scores`` of its map (``scores`` gets one image's maps, by phrase), empty (no pixel above EMPTY_AT)
+    and, for a present phrase, the CLIPSeg per-sample IoUs at the 49 thresholds."""
+    rows = []
+    for index, example in iterate_examples(source, range(len(source))):
+        segmenter.set_image(example.image)
+        maps = segmenter.predict_terms(list(dict.fromkeys(phrase for phrase, _ in example.pairs)))
+        scored = scores(maps)
+        for phrase, truth in example.pairs:
+            p = maps[phrase].float()
+            truth = torch.as_tensor(truth, dtype=torch.bool)
+            row = {"example": index, "phrase": phrase, "present": bool(truth.any()), "scores": scored[phrase],
+                   "empty": bool((p <= EMPTY_AT).all())}
+            if row["present"]:
+                row["iou"] = sample_iou(threshold_counts(p, truth)).tolist()
+            rows.append(row)
+        if progress:
+            print(f"{index + 1}/{len(source)}", file=sys.stderr)
+    return rows
 
 
 def collect(args: argparse.Namespace) -> None:
@@ -43,19 +69,8 @@ def collect(args: argparse.Namespace) -> None:
     model, head = resolve_model_paths(None, None, args.zero_shot)
     segmenter = load_segmenter(model, head, device=args.device)
     source = open_source(args.data, size=segmenter.resolution)
-    rows = []
-    for index, example in iterate_examples(source, range(len(source))):
-        segmenter.set_image(example.image)
-        maps = segmenter.predict_terms(list(dict.fromkeys(phrase for phrase, _ in example.pairs)))
-        for phrase, truth in example.pairs:
-            p = maps[phrase].float()
-            truth = torch.as_tensor(truth, dtype=torch.bool)
-            row = {"example": index, "phrase": phrase, "present": bool(truth.any()),
-                   "scores": [presence_score(p, area) for area in AREAS], "empty": bool((p <= EMPTY_AT).all())}
-            if row["present"]:
-                row["iou"] = sample_iou(threshold_counts(p, truth)).tolist()
-            rows.append(row)
-        print(f"{index + 1}/{len(source)}", file=sys.stderr)
+    rows = presence_rows(segmenter, source, lambda maps: {
+        phrase: [presence_score(p.float(), area) for area in AREAS] for phrase, p in maps.items()}, progress=True)
     Path(args.output).write_text(json.dumps({"data": args.data, "zero_shot": args.zero_shot, "areas": AREAS,
                                              "rows": rows}) + "\n", encoding="utf-8")
 
@@ -75,21 +90,30 @@ def measure(rows: list[dict], area_index: int | None, level: float) -> dict:
             "miou": 100 * float(iou.mean(0).max())}
 
 
+def best_rule(rows: list[dict], areas: int, levels: Iterable[float], max_drop: float) -> tuple[int, float, dict] | None:
+    """The (score index, level) that returns the most absent phrases empty while present-phrase mIoU
+    drops by at most ``max_drop`` points from no rule's (ties to the smaller drop), with its measures;
+    None when no rule keeps within the drop."""
+    base, best = measure(rows, None, 0)["miou"], None
+    for a in range(areas):
+        for level in levels:
+            m = measure(rows, a, float(level))
+            key = (m["absent_empty"], -(base - m["miou"]))
+            if base - m["miou"] <= max_drop and (best is None or key > best[0]):
+                best = (key, a, float(level), m)
+    return None if best is None else best[1:]
+
+
 def choose(args: argparse.Namespace) -> None:
     """Pick (area, level) on the validation features; optionally report it on test features."""
     val = json.loads(Path(args.features).read_text(encoding="utf-8"))
-    base = measure(val["rows"], None, 0)
-    best = None
-    for a, area in enumerate(val["areas"]):
-        for level in LEVELS:
-            m = measure(val["rows"], a, float(level))
-            drop = base["miou"] - m["miou"]
-            key = (m["absent_empty"], -drop)
-            if drop <= args.max_drop and (best is None or key > best[0]):
-                best = (key, area, float(level), m)
-    _, area, level, m = best
+    chosen = best_rule(val["rows"], len(val["areas"]), LEVELS, args.max_drop)
+    if chosen is None:
+        sys.exit(f"no rule keeps the present phrases' mIoU within --max-drop {args.max_drop:g} points")
+    a, level, m = chosen
+    area = val["areas"][a]
     print(json.dumps({"data": val["data"], "zero_shot": val["zero_shot"], "area": area, "level": level,
-                      "before": base, "after": m}))
+                      "before": measure(val["rows"], None, 0), "after": m}))
     if args.report:
         test = json.loads(Path(args.report).read_text(encoding="utf-8"))
         a = test["areas"].index(area)

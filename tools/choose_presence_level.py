@@ -7,7 +7,7 @@
 The head's score (sigmoid of its presence logit) is collected for every phrase of ``--data``,
 absent ones included, with each present phrase's CLIPSeg per-sample IoUs at the 49 thresholds;
 the level kept is the one that returns the most absent phrases empty while present-phrase mIoU
-drops by at most ``--max-drop`` points (``calibrate_presence.measure``, ties to the smaller
+drops by at most ``--max-drop`` points (``calibrate_presence.best_rule``, ties to the smaller
 drop). The output is the same head with ``presence_level`` set. Report on test data with
 ``ldznet eval --presence --include-absent``, never choosing there.
 """
@@ -26,11 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from calibrate_presence import EMPTY_AT, measure  # noqa: E402
+from calibrate_presence import best_rule, measure, presence_rows  # noqa: E402
 from ldznet_ext.checkpoint_io import read_metadata  # noqa: E402
 from ldznet_ext.data.spec import open_source  # noqa: E402
-from ldznet_ext.data.stream import iterate_examples  # noqa: E402
-from ldznet_ext.eval.metrics import sample_iou, threshold_counts  # noqa: E402
 from ldznet_ext.errors import LdznetError  # noqa: E402
 from ldznet_ext.heads import load_head, read_head_config, save_head  # noqa: E402
 from ldznet_ext.limits import DEVICE_NAMES, Limit, bounded_number, device_name  # noqa: E402
@@ -43,25 +41,14 @@ MAX_DROP = Limit(float, 0, 100)  # mIoU points
 
 
 def collect(head_path: str, data: str, model: str | None = None, device: str = "auto") -> list[dict]:
-    """One row per phrase: present, the head's presence score, empty (no pixel above 0.5), IoUs; on the
-    SD ``model`` the head was trained on (None: the embedded micro model)."""
+    """``calibrate_presence.presence_rows`` with the head's presence score, on the SD ``model`` the head
+    was trained on (None: the embedded micro model)."""
     torch.set_grad_enabled(False)
     model, _ = resolve_model_paths(model, head_path, False)
     segmenter = load_segmenter(model, head_path, device=resolve_device(device))
     source = open_source(data, size=segmenter.resolution)
-    rows = []
-    for _, example in iterate_examples(source, range(len(source))):
-        segmenter.set_image(example.image)
-        maps = segmenter.predict_terms(list(dict.fromkeys(phrase for phrase, _ in example.pairs)))
-        decisions = segmenter.decide_presence(maps)
-        for phrase, truth in example.pairs:
-            p, truth = maps[phrase].float(), torch.as_tensor(truth, dtype=torch.bool)
-            row = {"present": bool(truth.any()), "scores": [decisions[phrase].score],
-                   "empty": bool((p <= EMPTY_AT).all())}
-            if row["present"]:
-                row["iou"] = sample_iou(threshold_counts(p, truth)).tolist()
-            rows.append(row)
-    return rows
+    return presence_rows(segmenter, source, lambda maps: {
+        phrase: [decision.score] for phrase, decision in segmenter.decide_presence(maps).items()})
 
 
 def main() -> None:
@@ -93,21 +80,15 @@ def choose(args: argparse.Namespace) -> None:
         raise LdznetError(f"{args.data} names no absent phrase, so no presence level can be chosen on it; use data "
                           "that does (the micro world, a manifest or folder with empty masks) or add ?negatives=1 to "
                           "its spec")
-    base = measure(rows, None, 0)
-    best = None
-    for level in LEVELS:
-        m = measure(rows, 0, float(level))
-        key = (m["absent_empty"], -(base["miou"] - m["miou"]))
-        if base["miou"] - m["miou"] <= args.max_drop and (best is None or key > best[0]):
-            best = (key, float(level), m)
-    if best is None:
+    chosen = best_rule(rows, 1, LEVELS, args.max_drop)
+    if chosen is None:
         raise LdznetError(f"no level keeps the present phrases' mIoU within --max-drop {args.max_drop:g} points of "
-                          f"{base['miou']:.2f}; allow a larger drop")
-    _, level, after = best
+                          f"{measure(rows, None, 0)['miou']:.2f}; allow a larger drop")
+    _, level, after = chosen
     head, config = load_head(args.head)
     save_head(head, replace(config, presence_level=level), args.output,
               training={**read_metadata(args.head).get("training", {}), "presence_level_data": args.data})
-    print(json.dumps({"data": args.data, "level": level, "before": base, "after": after}))
+    print(json.dumps({"data": args.data, "level": level, "before": measure(rows, None, 0), "after": after}))
 
 
 if __name__ == "__main__":
