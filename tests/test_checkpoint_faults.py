@@ -77,9 +77,12 @@ SD_CASES: dict[str, tuple[Callable[[Path], dict[str, str]], dict[str, Tensor], s
     "unet levels not a list": (lambda sd: {"ldznet.unet": _unet_with(sd, channel_mult=4)}, {},
                                "field 'ldznet.unet', key 'channel_mult' is 4; expected a list of integers >= 0"),
     "resolution a string": (lambda sd: {"ldznet.resolution": '"big"'}, {},
-                            "field 'ldznet.resolution' is \"big\"; expected an integer from 64 to 8192 (pixels)"),
+                            "field 'ldznet.resolution' is \"big\"; expected an integer from 64 to 2048 (pixels)"),
     "resolution huge": (lambda sd: {"ldznet.resolution": "1000000000"}, {},
-                        "field 'ldznet.resolution' is 1000000000; expected an integer from 64 to 8192 (pixels)"),
+                        "field 'ldznet.resolution' is 1000000000; expected an integer from 64 to 2048 (pixels)"),
+    "resolution beyond --resolution's range": (lambda sd: {"ldznet.resolution": "4096"}, {},
+                                               "field 'ldznet.resolution' is 4096; expected an integer from 64 to "
+                                               "2048 (pixels)"),
     "text a list": (lambda sd: {"ldznet.text": "[]"}, {},
                     "field 'ldznet.text' is []; expected a JSON object of integers >= 1 with keys among hidden_size, "
                     "intermediate_size, num_hidden_layers, num_attention_heads, vocab_size, max_position_embeddings"),

@@ -27,6 +27,7 @@ from ..checkpoint_io import (parse_config, path_argument, read_metadata, read_st
                              read_tensors, write_safetensors)
 from ..devices import resolve_device
 from ..errors import CheckpointError, LdznetError
+from ..limits import RESOLUTION
 from ..precision import as_dtype
 from ..words import is_vocabulary_word
 from .model import StableDiffusion
@@ -64,9 +65,6 @@ ZERO_TERMINAL_SNR_KEY = "ztsnr"
 SGM_HEAD_CHANNELS = 64  # head width of every sgm UNet with linear transformer projections (SD 2.x, SDXL)
 _TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                 "max_position_embeddings")
-# Image sides an SD file's 'ldznet.resolution' may name: the smallest working side, and a cap so
-# that a crafted value cannot make the working size exhaust memory.
-RESOLUTION_RANGE = (64, 8192)
 MAX_VOCABULARY = 10_000  # words an SD file's 'ldznet.vocabulary' may list: a closed world's, not a language's
 
 
@@ -204,7 +202,7 @@ def parse_sd_metadata(metadata: Mapping, name: str) -> SDMetadata:
         raise CheckpointError(f"{name}: field 'ldznet.text' is {json.dumps(text)[:80]}; expected a JSON object of "
                               f"integers >= 1 with keys among {', '.join(_TEXT_FIELDS)}")
     resolution = metadata.get("resolution")
-    low, high = RESOLUTION_RANGE
+    low, high = RESOLUTION.low, RESOLUTION.high  # the working sides a mask may take
     if resolution is not None and not (type(resolution) is int and low <= resolution <= high):
         raise CheckpointError(f"{name}: field 'ldznet.resolution' is {json.dumps(resolution)[:80]}; "
                               f"expected an integer from {low} to {high} (pixels)")
