@@ -1,4 +1,4 @@
-"""Mask operations: exact disks, border handling, feathering, components, options and finalize."""
+"""Mask operations: exact disks, border handling, feathering, components, options and select_mask."""
 
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ from ldznet_ext.errors import LdznetError
 from ldznet_ext.masks.ops import (
     MaskOptions,
     dilate,
-    disk,
     erode,
     feather,
-    finalize,
     keep_largest_components,
     remove_small_regions,
+    select_mask,
 )
 
 DISK_1 = [
@@ -66,16 +65,9 @@ def reference_dilate(p: torch.Tensor, radius: float) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize(
-    "radius, expected",
-    [(0, [[1]]), (0.99, [[1]]), (1, DISK_1), (1.2, DISK_1), (1.5, DISK_1_5), (2, DISK_2), (3, DISK_3)],
-)
-def test_disk_is_the_true_circle(radius, expected):
-    assert disk(radius).tolist() == [[bool(v) for v in row] for row in expected]
-
-
-@pytest.mark.parametrize("radius, element", [(1, DISK_1), (2, DISK_2), (1.5, DISK_1_5)])
-def test_dilating_a_single_pixel_draws_the_disk(radius, element):
+@pytest.mark.parametrize("radius, element", [(0, [[1]]), (0.99, [[1]]), (1, DISK_1), (1.2, DISK_1), (1.5, DISK_1_5),
+                                             (2, DISK_2), (3, DISK_3)])
+def test_dilating_a_single_pixel_draws_the_true_circle(radius, element):
     p = torch.zeros(7, 9)
     p[3, 4] = 1
     expected = torch.zeros(7, 9)
@@ -284,33 +276,28 @@ PROBABILITY = t([
 ])  # fmt: skip
 
 
-def test_finalize_thresholds_strictly():
+def b(rows: list[list[int]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+def test_select_mask_thresholds_strictly():
     assert torch.equal(
-        finalize(PROBABILITY),
-        t([[1, 1, 0, 0, 0], [1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 1]]),  # 0.5 itself is background
+        select_mask(PROBABILITY),
+        b([[1, 1, 0, 0, 0], [1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 1]]),  # 0.5 itself is background
     )
-    assert torch.equal(finalize(PROBABILITY, MaskOptions(threshold=0.65)), (PROBABILITY > 0.65).float())
+    assert torch.equal(select_mask(PROBABILITY, MaskOptions(threshold=0.65)), PROBABILITY > 0.65)
 
 
-def test_finalize_inverts_after_keeping_the_largest_object():
-    out = finalize(PROBABILITY, MaskOptions(keep_largest=1, invert=True))
+def test_select_mask_inverts_after_keeping_the_largest_object():
+    out = select_mask(PROBABILITY, MaskOptions(keep_largest=1, invert=True))
     # The kept object is the 2x2 block; inverting first would have kept the background instead.
-    assert torch.equal(out, t([[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
-    out = finalize(PROBABILITY, MaskOptions(min_area=2, invert=True))
-    assert torch.equal(out, t([[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
-    out = finalize(PROBABILITY, MaskOptions(keep_largest=2, threshold=0.4))
-    assert torch.equal(out, t([[1, 1, 0, 0, 0], [1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]]))
+    assert torch.equal(out, b([[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    out = select_mask(PROBABILITY, MaskOptions(min_area=2, invert=True))
+    assert torch.equal(out, b([[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    out = select_mask(PROBABILITY, MaskOptions(keep_largest=2, threshold=0.4))
+    assert torch.equal(out, b([[1, 1, 0, 0, 0], [1, 1, 0, 1, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]]))
 
 
-def test_finalize_feathers_last():
-    options = MaskOptions(keep_largest=1, invert=True, feather=2)
-    expected = feather(finalize(PROBABILITY, MaskOptions(keep_largest=1, invert=True)), 2)
-    out = finalize(PROBABILITY, options)
-    assert torch.equal(out, expected)
-    assert 0 < out.min() and out.max() <= 1 and out.dtype == torch.float32
-
-
-def test_finalize_keeps_dtype_and_rejects_batches():
-    assert finalize(PROBABILITY.double()).dtype == torch.float64
-    with pytest.raises(LdznetError, match=r"finalize expects one map \[H, W\], got shape \(1, 4, 5\)"):
-        finalize(PROBABILITY[None])
+def test_select_mask_rejects_batches():
+    with pytest.raises(LdznetError, match=r"select_mask expects one map \[H, W\], got shape \(1, 4, 5\)"):
+        select_mask(PROBABILITY[None])

@@ -40,11 +40,6 @@ class Conditioning:
         return Conditioning(change(self.context), None if self.pooled is None else change(self.pooled),
                             {name: change(value) for name, value in self.extra.items()})
 
-    def select(self, indices: Sequence[int] | Tensor) -> Conditioning:
-        """The rows ``indices`` of every tensor."""
-        index = torch.as_tensor(indices, dtype=torch.long, device=self.context.device)
-        return self._map(lambda x: x.index_select(0, index.to(x.device)))
-
     def repeat(self, n: int) -> Conditioning:
         """The whole batch ``n`` times over ([c0, c1, c0, c1, ...] for n = 2), like ``Tensor.repeat``."""
         return self._map(lambda x: x.repeat(n, *([1] * (x.ndim - 1))))

@@ -1,5 +1,5 @@
 """Mask operations on probability maps: disk dilation/erosion, feathering, connected components,
-and the final threshold step (:class:`MaskOptions`, :func:`finalize`).
+and the final threshold step (:class:`MaskOptions`, :func:`select_mask`).
 
 Maps are float tensors ``[..., H, W]`` with values in [0, 1] on any device; sizes are in pixels of
 the map, which is the output image. Component filtering runs on the CPU with OpenCV.
@@ -23,10 +23,8 @@ from ..limits import FEATHER, KEEP_LARGEST, MIN_AREA, THRESHOLD
 __all__ = [
     "MaskOptions",
     "dilate",
-    "disk",
     "erode",
     "feather",
-    "finalize",
     "keep_largest_components",
     "remove_small_regions",
     "select_mask",
@@ -55,16 +53,6 @@ def _half_widths(radius: float, max_dy: int) -> list[int]:
             w += 1
         widths.append(w)
     return widths
-
-
-def disk(radius: float) -> Tensor:
-    """The structuring element: bool ``[2n+1, 2n+1]``, n = floor(radius), True where dx²+dy² <= radius²."""
-    radius = _check_radius(radius, "disk radius")
-    widths = _half_widths(radius, math.floor(radius))
-    n = len(widths) - 1
-    offsets = torch.arange(-n, n + 1)
-    half = torch.tensor(widths)[offsets.abs()]
-    return offsets.abs()[None, :] <= half[:, None]
 
 
 def _max_filter_disk(p: Tensor, radius: float) -> Tensor:
@@ -204,7 +192,7 @@ def remove_small_regions(mask: Tensor, min_area: int) -> Tensor:
 
 @dataclass(frozen=True)
 class MaskOptions:
-    """How :func:`finalize` turns a probability map into the final mask.
+    """How a probability map becomes the final mask: :func:`select_mask`, then :func:`feather`.
 
     threshold: a pixel is foreground when p > threshold (strict, as in CLIPSeg's metric), in [0, 1)
         (so 1 would select nothing).
@@ -236,24 +224,18 @@ class MaskOptions:
         FEATHER.check(self.feather, "feather")
 
 
-def finalize(probability: Tensor, options: MaskOptions = MaskOptions()) -> Tensor:
-    """Final mask from a probability map: float ``[H, W]`` in [0, 1] -> float ``[H, W]`` in [0, 1].
-
-    Order: threshold -> remove small regions -> keep the largest -> invert -> feather.
-    Component filters need a binary mask, so they follow the threshold; small specks go first so
-    they never count as objects. Inversion follows them so that "keep the largest object" means the
-    object the expression describes, not the background around it. Feathering comes last because it
-    makes the edges soft (it commutes with inversion, so that part of the order is free).
-    Without feathering the result holds only 0 and 1. Keeps ``probability``'s dtype and device.
-    """
-    return feather(select_mask(probability, options).to(probability.dtype), options.feather)
-
-
 def select_mask(probability: Tensor, options: MaskOptions = MaskOptions()) -> Tensor:
-    """:func:`finalize` before feathering: the bool ``[H, W]`` mask (threshold, region filters, invert)."""
-    _check_map(probability, "finalize")
+    """The bool ``[H, W]`` mask of a probability map ``[H, W]`` in [0, 1], before feathering.
+
+    Order: threshold -> remove small regions -> keep the largest -> invert. Component filters need a
+    binary mask, so they follow the threshold; small specks go first so they never count as objects.
+    Inversion follows them so that "keep the largest object" means the object the expression
+    describes, not the background around it. Feathering (:func:`feather`) comes after it all, because
+    it makes the edges soft.
+    """
+    _check_map(probability, "select_mask")
     if probability.ndim != 2:
-        raise LdznetError(f"finalize expects one map [H, W], got shape {tuple(probability.shape)}")
+        raise LdznetError(f"select_mask expects one map [H, W], got shape {tuple(probability.shape)}")
     mask = probability > options.threshold
     if options.min_area > 1:
         mask = remove_small_regions(mask, options.min_area)

@@ -60,10 +60,6 @@ class StableDiffusion2(StableDiffusion):
         super().__init__(unet, vae, text_encoder, schedule)
         self.prediction = prediction
 
-    def encode_text(self, prompts: Sequence[str]) -> Conditioning:
-        """prompts -> context [B, 77, 1024] (OpenCLIP ViT-H)."""
-        return Conditioning(self.text_encoder.encode(prompts))
-
     def predict_noise(self, z_t: Tensor, t: Tensor, conditioning: Conditioning) -> Tensor:
         t = t.to(z_t.device)
         out = self.unet(z_t, t, conditioning.context)
