@@ -60,8 +60,8 @@ class MaskJob:
     refine_strength: float = number_field(1.0, REFINE_STRENGTH, "edge refinement: 0 bilinear .. 1 fully guided")
     refine_radius: float | None = number_field(None, REFINE_RADIUS, "how far refinement may move an edge, in pixels "
                                           "(null: automatic)", optional=True)
-    # On by default: a term that is not in the image should select nothing rather than a few weak blobs;
-    # the rule is conservative (README, "Presence"), and false turns it off when recall matters more.
+    # On by default: an inpainting run on a mask of a few weak blobs, where the named thing is not, repaints
+    # what the user wanted kept; the rule is tuned to lose few present terms, and false turns it off.
     presence: bool = _flag(True, "decide per term whether it is in the image; a term not found selects nothing")
     _tree: Expression | None = field(default=None, init=False, repr=False, compare=False)
 

@@ -1,8 +1,10 @@
 """From user choices (file paths, device and dtype names, numbers) to a ready :class:`Segmenter`.
 
-Shared by the CLI and the API/WebUI front ends, so every front end accepts the same choices and
-refuses bad ones with the same messages. Checks that are cheap (files exist, names are known, the
-head fits the SD model) run before anything large is computed.
+Shared by the CLI, the Python API (``ldznet_ext.load_segmenter``) and the tools, so each accepts the
+same choices and refuses bad ones with the same messages. The WebUI builds its segmenter on the
+host's loaded model instead (``webui.engine``, through ``factory.build_segmenter``). Checks that are
+cheap (files exist, names are known, the head fits the SD model) run before anything large is
+computed.
 """
 
 from __future__ import annotations

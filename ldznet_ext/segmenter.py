@@ -42,8 +42,8 @@ def sd_features(backbone: Backbone, z: Tensor, conditioning: Conditioning, times
                 blocks: Sequence[int]) -> dict[int, Tensor]:
     """The denoiser's features {block: [B, C', h', w']} for z_t = q_sample(z [B, C, h, w], t [B], noise),
     conditioned on ``conditioning`` (B rows), in ONE call that stops after the last tapped block of
-    the backbone's layout. ``noise`` is [B or 1, C, h, w]. Inference and training both compute
-    features here."""
+    the backbone's layout. ``noise`` is [B or 1, C, h, w]. Training computes its features here;
+    inference noises z once per draw and calls :meth:`Segmenter.head_features`, which tools may replace."""
     return tapped_features(backbone, backbone.schedule.q_sample(z, timesteps, noise), timesteps, conditioning,
                            blocks)
 

@@ -24,7 +24,7 @@ per-pixel scores, summed over draws and min-max normalised to [0, 1] per map:
 For the last two, the cross-attention of the same call can be blended in. Which settings were
 tried on the micro world and how they scored: docs/micro-world-experiments.md, "Zero-shot
 variants" (``tools/zero_shot_sweep.py``). Cost: ``draws`` UNet calls on N x T latents (attention)
-or N x (T + 1) (agreement, difference), and no other model calls.
+or N x (T + 1) (agreement, difference, which also encode the empty prompt once per call).
 """
 
 from __future__ import annotations

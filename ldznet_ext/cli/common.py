@@ -75,7 +75,6 @@ def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True) 
 def segmenter_from_args(args: argparse.Namespace, refine: RefineSettings | None = None) -> tuple[Segmenter, dict]:
     """The Segmenter the model arguments describe (with ``refine``, when given), and a JSON-ready
     record of what was loaded and how. Options a command lacks take the library's defaults."""
-    # the head given by name: the embedded head was trained on the embedded model only
     mask_model = resolve_mask_model(args.mask_model, args.head, args.zero_shot)
     if args.vae is not None and args.model is None:
         raise LdznetError(f"{named_path(args.vae).name}: --vae replaces the VAE of --model, and the embedded micro "
