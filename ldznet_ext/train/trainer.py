@@ -16,8 +16,8 @@ the head learns only the logit bias and predicts background everywhere for a lon
 whose SiLUs work near their linear part (``identity_decoder_``), a gain of about 1.3; the layer
 shapes stay the official ones. Layers that do not come from the SD UNet (``out``, ``final``,
 LD-ZNet's ``attn3``, ``norm_sd`` and attention pools, RGBNet's stem) get ``new_lr_scale`` times
-the learning rate, and with ``fast_cross_attention`` so do the text cross-attention layers: on the
-micro world that halves the steps to a given loss (measured: 0.066 at step 600 vs 0.092 at 750).
+the learning rate, and with ``fast_cross_attention`` so do the text cross-attention layers, which
+on the micro world about halves the steps to a given loss (docs/training.md, "Settings").
 
 Each process reads its own shard of the examples as a stream (``data.stream.iterate_examples``, read
 ahead by ``workers`` processes) in an order that depends on (seed, rank, processes, position) alone

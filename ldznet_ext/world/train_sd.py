@@ -73,8 +73,9 @@ def stage_dtype(device: torch.device, name: str = "auto", stage: str = "vae") ->
     """Autocast dtype of ``stage`` for ``--dtype``: "float32" (no autocast), "bfloat16", or "auto".
 
     "auto" is bfloat16 on CUDA devices with bf16. On CPUs with native bf16 (AVX512-BF16/AMX) it
-    is bfloat16 for the convolution-bound VAE (measured 2.2x faster) and float32 for the
-    attention-bound UNet (PyTorch's CPU attention backward is 1.5x slower in bf16); else float32.
+    is bfloat16 for the convolution-bound VAE, which it speeds up, and float32 for the
+    attention-bound UNet, whose attention backward PyTorch runs slower in bf16 on the CPU (README,
+    "Regenerating"); else float32.
     """
     if name == "auto":
         if device.type == "cuda":
