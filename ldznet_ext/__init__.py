@@ -24,6 +24,7 @@ _EXPORTS = {
     "Prediction": "ldznet_ext.segmenter",
     "load_segmenter": "ldznet_ext.loading",
     "build_segmenter": "ldznet_ext.factory",
+    "ModelSettings": "ldznet_ext.factory",
     "load_stable_diffusion": "ldznet_ext.sd.checkpoint",
     "load_head": "ldznet_ext.heads",
     "MaskJob": "ldznet_ext.job",
@@ -33,13 +34,13 @@ _EXPORTS = {
     "LdznetError": "ldznet_ext.errors",
 }
 __all__ = [
-    "__version__", "Segmenter", "SegmenterSettings", "Prediction", "load_segmenter", "build_segmenter",
+    "__version__", "Segmenter", "SegmenterSettings", "Prediction", "load_segmenter", "build_segmenter", "ModelSettings",
     "load_stable_diffusion", "load_head", "MaskJob", "MaskOptions", "RefineSettings", "load_image", "LdznetError",
 ]
 
 if TYPE_CHECKING:
     from .errors import LdznetError
-    from .factory import build_segmenter
+    from .factory import ModelSettings, build_segmenter
     from .heads import load_head
     from .images import load_image
     from .job import MaskJob

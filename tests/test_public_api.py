@@ -1,8 +1,10 @@
 """The package root: every public name resolves to its defining module, lazily."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,12 @@ def test_every_public_name_is_the_object_its_module_defines(name: str) -> None:
 
 def test_all_lists_exactly_the_exports() -> None:
     assert sorted(ldznet_ext.__all__) == sorted(["__version__", *ldznet_ext._EXPORTS])
+
+
+def test_the_readme_lists_exactly_the_exports() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    listed = re.search(r"Every public name is importable from `ldznet_ext`[^:]*:(.*?)\.\s", readme, re.S).group(1)
+    assert sorted(re.findall(r"`(\w+)`", listed)) == sorted(ldznet_ext._EXPORTS)
 
 
 def test_an_unknown_name_is_an_attribute_error() -> None:
