@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbones.base import spatial_transformers
-from .backbones.family import LABELS
+from .backbones.family import LABELS, checkpoint_part
 from .checkpoint_io import path_argument, read_metadata, read_state_dict, read_tensor_shapes, write_safetensors
 from .devices import resolve_device
 from .errors import CheckpointError, LdznetError
@@ -138,8 +138,7 @@ def official_head_state(state: Mapping[str, Tensor], expected: Mapping[str, Tens
                                   "convert the training weights instead (--no-ema)")
         head_state = {by_ema_name.get(k, k): v for k, v in found.items()}
     else:
-        head_state = {k[len(OFFICIAL_MODEL_PREFIX):]: v for k, v in state.items()
-                      if k.startswith(OFFICIAL_MODEL_PREFIX)}
+        head_state = checkpoint_part(state, OFFICIAL_MODEL_PREFIX)
         if not head_state:
             raise CheckpointError(f"{name}: no '{OFFICIAL_MODEL_PREFIX}*' weights found")
     _check_keys(head_state, expected, name)

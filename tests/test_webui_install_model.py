@@ -106,6 +106,21 @@ def test_an_sdxl_file_without_clip_vit_l_is_refused(webui, tmp_path) -> None:
         f"odd.safetensors: no CLIP ViT-L text encoder ({CLIP_L_PREFIX}*), which an SDXL base model has")
 
 
+def test_a_clip_tower_without_its_mlp_or_unlike_its_metadata_is_refused_in_one_line(webui, tmp_path) -> None:
+    """The tower's sizes are read as the loader reads them (sd.checkpoint.text_fields): a KeyError's key was
+    the message, and metadata that contradicted the weights went into the installed config."""
+    fc1 = CLIP_L_PREFIX + "text_model.encoder.layers.0.mlp.fc1.weight"
+    state = {k: v for k, v in tiny_a1111_sdxl_state().items() if k != fc1}
+    assert _refused(state, webui, tmp_path) == (f"odd.safetensors: the text encoder has no "
+                                                f"'{fc1.removeprefix(CLIP_L_PREFIX)}' tensor")
+    path = tmp_path / "claims.safetensors"
+    write_safetensors(path, tiny_a1111_sdxl_state(), {"text": {"hidden_size": 4096}})
+    with pytest.raises(CheckpointError, match="^claims.safetensors: field 'ldznet.text', key 'hidden_size' is 4096; "
+                                              "the weights have 64$"):
+        install_model(path, webui, hf_home=tmp_path / "hf")
+    assert not (webui / "models").exists()
+
+
 def test_a_truncated_file_is_refused_before_anything_is_installed(sdxl_file, webui, tmp_path) -> None:
     short = tmp_path / "short.safetensors"
     short.write_bytes(sdxl_file.read_bytes()[:-1000])  # header intact, the last tensor cut

@@ -12,8 +12,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ..errors import CheckpointError
+
+T = TypeVar("T")
 
 # The single-file (ldm) layout every WebUI reads.
 UNET_PREFIX = "model.diffusion_model."
@@ -50,6 +53,12 @@ _PREFIX_FAMILIES = (
     (("cond_stage_model.model.",), "sd2",
      "SD 2.x checkpoints (OpenCLIP text encoder, 1024-d context) serve zero-shot masks only"),
 )
+
+
+def checkpoint_part(state: Mapping[str, T], prefix: str) -> dict[str, T]:
+    """The entries of ``state`` under ``prefix`` (one part of a single file: UNET_PREFIX, VAE_PREFIX,
+    ...), keyed without it."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def host_family(sd_model, in_channels: int | None = None, sd1_unless_told: bool = True) -> str:

@@ -12,6 +12,7 @@ from ..checkpoint_io import read_metadata, read_state_dict, read_tensor_shapes, 
 from ..errors import CheckpointError, LdznetError
 from ..heads import convert_official, read_head_config
 from ..modeling.build import ARCHITECTURES, build_head, head_config
+from ..backbones.family import checkpoint_part
 from ..sd.checkpoint import (SUPPORTED, TEXT_PREFIX, UNET_PREFIX, V_PREDICTION_KEY, VAE_PREFIX, ZERO_SHOT_ONLY,
                              ZERO_TERMINAL_SNR_KEY, classify, parse_sd_metadata, unet_config_from_state_dict)
 from ..sd.unet import UNET_CONFIGS, UNetModel, count_parameters, unet_config
@@ -40,7 +41,7 @@ def describe_file(path: Path) -> dict:
             read_head_config(path)
         report.update(metadata)
     elif info.family == "sd-v1":
-        unet = {k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+        unet = checkpoint_part(state, UNET_PREFIX)
         described = parse_sd_metadata(metadata, path.name)
         try:
             report["unet"] = (described.unet or unet_config_from_state_dict(unet)).to_dict()

@@ -22,7 +22,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..backbones.family import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointInfo, classify, missing_parts
+from ..backbones.family import (TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointInfo, checkpoint_part, classify,
+                               missing_parts)
 from ..checkpoint_io import (parse_config, path_argument, read_metadata, read_state_dict, read_tensor_shapes,
                              read_tensors, write_safetensors)
 from ..devices import resolve_device
@@ -66,10 +67,6 @@ SGM_HEAD_CHANNELS = 64  # head width of every sgm UNet with linear transformer p
 _TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                 "max_position_embeddings")
 MAX_VOCABULARY = 10_000  # words an SD file's 'ldznet.vocabulary' may list: a closed world's, not a language's
-
-
-def _sub(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _indices(state: Mapping[str, Tensor], pattern: str) -> list[int]:
@@ -147,25 +144,35 @@ def _check_even_depths(state: Mapping[str, Tensor], level_depths: list[int], num
                                       "only UNets with one depth per level load")
 
 
-def _text_encoder_from_state_dict(state: Mapping[str, Tensor], text_fields: Mapping[str, int]) -> TextEncoder:
-    state = normalize_text_state_dict(state)
-    config = text_config("sd-v1")
-    hidden = _dim(state, "text_model.embeddings.token_embedding.weight", 1)
-    shown = {
-        "vocab_size": _dim(state, "text_model.embeddings.token_embedding.weight", 0),
-        "hidden_size": hidden,
-        "intermediate_size": _dim(state, "text_model.encoder.layers.0.mlp.fc1.weight", 0),
-        "num_hidden_layers": len(_indices(state, r"text_model\.encoder\.layers\.(\d+)\.")),
-        "max_position_embeddings": _dim(state, "text_model.embeddings.position_embedding.weight", 0),
-    }
+def text_fields(state: Mapping[str, Tensor], claimed: Mapping[str, int]) -> dict[str, int]:
+    """The ``CLIPTextConfig`` fields of a CLIP text tower (``state``: its tensors, one part of a file, as
+    ``normalize_text_state_dict`` gives them) from its shapes, with the fields the file's metadata
+    ``claimed`` ('ldznet.text'); CheckpointError when a claim contradicts the weights."""
+    try:
+        hidden = _dim(state, "text_model.embeddings.token_embedding.weight", 1)
+        shown = {
+            "vocab_size": _dim(state, "text_model.embeddings.token_embedding.weight", 0),
+            "hidden_size": hidden,
+            "intermediate_size": _dim(state, "text_model.encoder.layers.0.mlp.fc1.weight", 0),
+            "num_hidden_layers": len(_indices(state, r"text_model\.encoder\.layers\.(\d+)\.")),
+            "max_position_embeddings": _dim(state, "text_model.embeddings.position_embedding.weight", 0),
+        }
+    except KeyError as error:
+        raise CheckpointError(f"the text encoder has no '{error.args[0]}' tensor") from error
     # The encoder is built for real, not on the meta device: sizes the metadata claims beyond the weights
     # would be allocated before the weights are found not to fit.
-    for name, value in text_fields.items():
+    for name, value in claimed.items():
         if name in shown and value != shown[name]:
             raise CheckpointError(f"field 'ldznet.text', key '{name}' is {value}; the weights have {shown[name]}")
-    fields = {**shown, "num_attention_heads": max(1, hidden // 64), **text_fields}
+    fields = {**shown, "num_attention_heads": max(1, hidden // 64), **claimed}
     check_text_sizes(fields["vocab_size"], fields["max_position_embeddings"], hidden, fields["num_attention_heads"])
-    for name, value in fields.items():
+    return fields
+
+
+def _text_encoder_from_state_dict(state: Mapping[str, Tensor], claimed: Mapping[str, int]) -> TextEncoder:
+    state = normalize_text_state_dict(state)
+    config = text_config("sd-v1")
+    for name, value in text_fields(state, claimed).items():
         setattr(config, name, value)
     encoder = TextEncoder.from_config(config)
     encoder.load_text_state_dict(state)
@@ -313,15 +320,15 @@ def _sd_v1_from_state_dict(state: dict[str, Tensor], described: SDMetadata, part
     if V_PREDICTION_KEY in state:  # read as eps, its masks would be wrong with no error
         raise CheckpointError("an SD 1.x v-prediction model; LD-ZNet heads and the zero-shot score read an "
                               "eps-prediction SD 1.x model: use the eps model it was fine-tuned from")
-    unet_cfg = described.unet or unet_config_from_state_dict(_sub(state, UNET_PREFIX))
+    unet_cfg = described.unet or unet_config_from_state_dict(checkpoint_part(state, UNET_PREFIX))
     with torch.device("meta"):
         unet = UNetModel(unet_cfg)
-        vae = AutoencoderKL(VAEConfig.from_state_dict(_sub(state, VAE_PREFIX)))
+        vae = AutoencoderKL(VAEConfig.from_state_dict(checkpoint_part(state, VAE_PREFIX)))
     if parts == "mask":
         trim_for_masks(unet, vae)
     _read_missing(state, [UNET_PREFIX + k for k in unet.state_dict()] + [VAE_PREFIX + k for k in vae.state_dict()]
                   + [k for k in state if k.startswith(TEXT_PREFIX)] + ["alphas_cumprod"], read)
-    unet_state, vae_state = _sub(state, UNET_PREFIX), _sub(state, VAE_PREFIX)
+    unet_state, vae_state = checkpoint_part(state, UNET_PREFIX), checkpoint_part(state, VAE_PREFIX)
     if parts == "mask":  # the skipped parts' tensors are dropped, never loaded
         unet_state = {k: unet_state[k] for k in unet.state_dict() if k in unet_state}
         vae_state = {k: vae_state[k] for k in vae.state_dict() if k in vae_state}
@@ -329,7 +336,7 @@ def _sd_v1_from_state_dict(state: dict[str, Tensor], described: SDMetadata, part
         vae_state = {k: v for k, v in vae_state.items() if not k.startswith("loss.")}
     unet.load_state_dict(unet_state, strict=True, assign=True)
     vae.load_state_dict(vae_state, strict=True, assign=True)
-    text = _text_encoder_from_state_dict(_sub(state, TEXT_PREFIX), described.text)
+    text = _text_encoder_from_state_dict(checkpoint_part(state, TEXT_PREFIX), described.text)
     # Straight to the target dtype: a detour through fp32 would hold the file's tensors and an fp32
     # copy at once (README, "Any host model").
     return StableDiffusion(unet, vae, text, _file_schedule(state), resolution=described.resolution,
@@ -367,8 +374,8 @@ def _unet_vae_and_openclip(state: Mapping[str, Tensor], described: SDMetadata, o
     """The UNet, the VAE and the open_clip text tower (under ``openclip_prefix``) of a single file whose
     tensors are all read, shaped as the tensors say."""
     _check_parts_present(state, {"VAE": VAE_PREFIX, "OpenCLIP text encoder": openclip_prefix})
-    unet_state, openclip_state = _sub(state, UNET_PREFIX), _sub(state, openclip_prefix)
-    vae_state = {k: v for k, v in _sub(state, VAE_PREFIX).items() if not k.startswith("loss.")}
+    unet_state, openclip_state = checkpoint_part(state, UNET_PREFIX), checkpoint_part(state, openclip_prefix)
+    vae_state = {k: v for k, v in checkpoint_part(state, VAE_PREFIX).items() if not k.startswith("loss.")}
     with torch.device("meta"):
         unet = UNetModel(described.unet or unet_config_from_state_dict(unet_state))
         vae = AutoencoderKL(VAEConfig.from_state_dict(vae_state))
@@ -419,7 +426,7 @@ def sdxl_from_state_dict(state: Mapping[str, Tensor], described: SDMetadata,
                               "refiners are not supported: use the SDXL base model or a fine-tune of it")
     _check_parts_present(state, {"CLIP ViT-L text encoder": CLIP_L_PREFIX, "OpenCLIP bigG text encoder": BIGG_PREFIX})
     unet, vae, bigg = _unet_vae_and_openclip(state, described, BIGG_PREFIX)
-    clip_l = _text_encoder_from_state_dict(_sub(state, CLIP_L_PREFIX), described.text)
+    clip_l = _text_encoder_from_state_dict(checkpoint_part(state, CLIP_L_PREFIX), described.text)
     prediction = "v" if V_PREDICTION_KEY in state else "eps"
     return StableDiffusionXL(unet, vae, SDXLConditioner(clip_l, bigg), _file_schedule(state),
                              prediction=prediction).to(dtype)

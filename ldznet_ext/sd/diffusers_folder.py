@@ -23,13 +23,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..backbones.family import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointInfo
+from ..backbones.family import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointInfo, checkpoint_part
 from ..checkpoint_io import named_path, path_argument, read_state_dict
 from ..devices import resolve_device
 from ..errors import CheckpointError
 from ..limits import Limit
 from ..precision import as_dtype
-from .checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, V_PREDICTION_KEY, ZERO_TERMINAL_SNR_KEY, _sub, check_family,
+from .checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, V_PREDICTION_KEY, ZERO_TERMINAL_SNR_KEY, check_family,
                          stable_diffusion_from_state_dict, unet_config_from_state_dict, with_vae)
 from .model import StableDiffusion
 from .schedule import LINEAR_END, LINEAR_START, NUM_TIMESTEPS, alphas_cumprod
@@ -327,7 +327,7 @@ def read_diffusers_folder(path: str | os.PathLike) -> DiffusersModel:
         state.update({BIGG_PREFIX + k: v for k, v in bigg.items()})
     state.update(_scheduler_tensors(folder))
     try:
-        unet = unet_heads(unet_config_from_state_dict(_sub(state, UNET_PREFIX)), unet_config)
+        unet = unet_heads(unet_config_from_state_dict(checkpoint_part(state, UNET_PREFIX)), unet_config)
     except (KeyError, ValueError) as error:
         raise CheckpointError(f"{folder.name}: the UNet in unet/ does not fit its config.json: {error}") from error
     metadata = {"unet": unet.to_dict(),

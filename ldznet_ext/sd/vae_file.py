@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ..backbones.family import VAE_FILE_KEY, VAE_PREFIX
+from ..backbones.family import VAE_FILE_KEY, VAE_PREFIX, checkpoint_part
 from ..checkpoint_io import SINGLE_FILE, named_path, read_state_dict, readable_file
 from ..errors import CheckpointError
 from .diffusers_folder import read_part, vae_to_ldm
@@ -34,7 +34,7 @@ def read_vae_file(path: str | os.PathLike) -> dict[str, Tensor]:
     else:
         state = read_state_dict(readable_file(path, "VAE file", f"a VAE file ({SINGLE_FILE}, .pt or .bin)"))
     if any(k.startswith(VAE_PREFIX) for k in state):
-        state = {k[len(VAE_PREFIX):]: v for k, v in state.items() if k.startswith(VAE_PREFIX)}
+        state = checkpoint_part(state, VAE_PREFIX)
     elif any(k.startswith(_DIFFUSERS_MARK) for k in state):
         state = vae_to_ldm(state)
     if VAE_FILE_KEY not in state:

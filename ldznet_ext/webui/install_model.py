@@ -25,7 +25,6 @@ import filecmp
 import hashlib
 import json
 import os
-import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,10 +33,11 @@ import torch
 
 from ..checkpoint_io import safetensors_header, read_metadata, read_state_dict, read_tensor_shapes, read_tensors
 from ..errors import CheckpointError, LdznetError
-from ..backbones.family import sd2_variant
+from ..backbones.family import checkpoint_part, sd2_variant
 from ..outputs import writable_folder
-from ..sd.checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, SD2_TEXT_PREFIX, SUPPORTED, TEXT_PREFIX, UNET_PREFIX,
-                             V_PREDICTION_KEY, VAE_PREFIX, classify, parse_sd_metadata, unet_config_from_state_dict)
+from ..sd.checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, SD2_TEXT_PREFIX, TEXT_PREFIX, UNET_PREFIX,
+                             V_PREDICTION_KEY, VAE_PREFIX, check_family, classify, parse_sd_metadata, text_fields,
+                             unet_config_from_state_dict)
 from ..sd.sd2 import predicts_v
 from ..sd.text import normalize_text_state_dict, text_config
 from ..sd.tokenizer import tokenizer_dir
@@ -212,23 +212,6 @@ def _first_stage_yaml(vae: VAEConfig, target: str, attn_type: str | None = None)
     return FIRST_STAGE.format(target=target, vae=vae, vae_mult=list(vae.ch_mult), attn_type_line=attn_type_line)
 
 
-def _sub(state: Mapping, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _text_fields(state: Mapping, metadata: Mapping, prefix: str = TEXT_PREFIX) -> dict:
-    """The CLIPTextConfig fields of a checkpoint's CLIP text tower (under ``prefix``), from its shapes and
-    our metadata."""
-    text = normalize_text_state_dict(_sub(state, prefix))
-    hidden = text["text_model.embeddings.token_embedding.weight"].shape[1]
-    layers = {int(m.group(1)) for k in text if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", k))}
-    return {"vocab_size": text["text_model.embeddings.token_embedding.weight"].shape[0], "hidden_size": hidden,
-            "intermediate_size": text["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-            "num_hidden_layers": len(layers), "num_attention_heads": max(1, hidden // 64),
-            "max_position_embeddings": text["text_model.embeddings.position_embedding.weight"].shape[0],
-            **metadata.get("text", {})}
-
-
 def _clip_config(fields: Mapping) -> dict:
     config = text_config("sd-v1")
     for name, value in fields.items():
@@ -328,7 +311,7 @@ def openclip_arch(state: Mapping, name: str, prefix: str = BIGG_PREFIX) -> str:
     """The open_clip architecture whose text tower has the shapes of the file's OpenCLIP embedder under
     ``prefix`` (SDXL's ``conditioner.embedders.1.model.``, SD 2.x's ``cond_stage_model.model.``);
     CheckpointError naming the file ``name`` when none has."""
-    tower = _sub(state, prefix)
+    tower = checkpoint_part(state, prefix)
     try:
         width = tower["token_embedding.weight"].shape[1]
         layers = len({k.split(".")[2] for k in tower if k.startswith("transformer.resblocks.")})
@@ -376,7 +359,7 @@ def sd2_prediction(checkpoint: Path, state: Mapping, unet: UNetConfig) -> str:
     tensors = read_tensors(checkpoint, names) if any(state[k].is_meta for k in names) else state
     with torch.device("meta"):
         model = UNetModel(unet)
-    weights = {k: v.float() for k, v in _sub(tensors, UNET_PREFIX).items()}
+    weights = {k: v.float() for k, v in checkpoint_part(tensors, UNET_PREFIX).items()}
     try:
         model.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as error:
@@ -421,13 +404,13 @@ def install_model(checkpoint: str | os.PathLike, webui_dir: str | os.PathLike, n
     state, metadata = _shapes(checkpoint), read_metadata(checkpoint)
     info = classify(state, metadata)
     sdxl, sd2 = info.family == "sdxl", info.family == "sd2"
-    if info.problem and not (sdxl or sd2):
-        raise CheckpointError(f"{checkpoint.name}: {info.family}: {info.problem}. Supported: {SUPPORTED}.")
+    check_family(info, checkpoint.name, zero_shot=True)  # SDXL and SD 2.x files serve zero-shot masks in a WebUI
     if sdxl and not any(k.startswith(CLIP_L_PREFIX) for k in state):
         raise CheckpointError(f"{checkpoint.name}: no CLIP ViT-L text encoder ({CLIP_L_PREFIX}*), which an SDXL base "
                               "model has (an SDXL refiner?); only SDXL base-architecture files are installed")
-    unet = parse_sd_metadata(metadata, checkpoint.name).unet or unet_config_from_state_dict(_sub(state, UNET_PREFIX))
-    vae = VAEConfig.from_state_dict(_sub(state, VAE_PREFIX))
+    described = parse_sd_metadata(metadata, checkpoint.name)
+    unet = described.unet or unet_config_from_state_dict(checkpoint_part(state, UNET_PREFIX))
+    vae = VAEConfig.from_state_dict(checkpoint_part(state, VAE_PREFIX))
     factor = 2 ** (len(vae.ch_mult) - 1)
     if factor != A1111_LATENT_FACTOR:
         raise CheckpointError(f"{checkpoint.name}: its VAE downsamples {factor}x, but A1111 sizes latents as "
@@ -435,7 +418,13 @@ def install_model(checkpoint: str | os.PathLike, webui_dir: str | os.PathLike, n
     name = _model_name(name, checkpoint)
     target_dir = webui_dir / "models" / "Stable-diffusion"
     clip_dir = target_dir / f"{name}.clip"
-    clip_config = None if sd2 else _clip_config(_text_fields(state, metadata, CLIP_L_PREFIX if sdxl else TEXT_PREFIX))
+    clip_config = None
+    if not sd2:
+        tower = normalize_text_state_dict(checkpoint_part(state, CLIP_L_PREFIX if sdxl else TEXT_PREFIX))
+        try:
+            clip_config = _clip_config(text_fields(tower, described.text))
+        except LdznetError as error:
+            raise CheckpointError(f"{checkpoint.name}: {error}") from error
     if sdxl:
         config = _sdxl_yaml(state, unet, vae, clip_dir, clip_config["num_hidden_layers"], checkpoint.name)
     else:
