@@ -29,10 +29,6 @@ OFFICIAL_EMA_PREFIX = "model_ema."
 OFFICIAL_MODEL_PREFIX = "model.diffusion_model."
 OFFICIAL_EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")
 OFFICIAL_RELEASE = "the official LD-ZNet release (LDZNet_txt2mask.ckpt)"
-# What `convert` says a file of another family is.
-_FAMILY_NAMES = {"ldznet-head": "an ldznet head file", "sd-v1": "an SD v1 checkpoint",
-                 "sd-v1-inpainting": "an SD v1 inpainting checkpoint", "sd2": "an SD 2.x checkpoint",
-                 "sdxl": "an SDXL checkpoint", "diffusers": "a diffusers-format checkpoint"}
 OFFICIAL_TRAINING = {"source": "official LD-ZNet release (PhraseCut)", "resolution": 384,
                      "timesteps": [300, 499]}
 
@@ -160,8 +156,9 @@ def _read_official(source: str | os.PathLike) -> dict[str, Tensor]:
     official = (OFFICIAL_EMA_PREFIX, OFFICIAL_MODEL_PREFIX + "final.", "sd_features_stage_model.")
     if "head" in metadata or not any(k.startswith(official) for k in state):
         family = classify(state, metadata).family
-        what = _FAMILY_NAMES.get(family, "not a model checkpoint this tool recognises")
-        raise CheckpointError(f"{Path(source).name} is {what}, not {OFFICIAL_RELEASE}")
+        known = family in LABELS and family != "unknown"
+        what = LABELS[family] if known else "not a model checkpoint this tool recognises"
+        raise CheckpointError(f"{Path(source).name}: {what}, not {OFFICIAL_RELEASE}")
     return state
 
 

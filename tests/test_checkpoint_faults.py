@@ -307,8 +307,8 @@ def test_a_named_pipe_is_not_opened(tmp_path, ldznet):
 def test_convert_says_what_the_file_is(tiny_model_files, tmp_path, ldznet):
     sd, head = tiny_model_files
     stray = _write(tmp_path / "stray.safetensors", {"weight": torch.zeros(2)}, {})
-    cases = {sd: "sd.safetensors is an SD v1 checkpoint", head: "head.safetensors is an ldznet head file",
-             stray: "stray.safetensors is not a model checkpoint this tool recognises"}
+    cases = {sd: "sd.safetensors: SD 1.x", head: "head.safetensors: an LD-ZNet segmentation head",
+             stray: "stray.safetensors: not a model checkpoint this tool recognises"}
     for source, what in cases.items():
         out = tmp_path / "converted.safetensors"
         message = f"{what}, not the official LD-ZNet release (LDZNet_txt2mask.ckpt)"
@@ -466,7 +466,7 @@ def test_a_symlink_loop_is_not_found_not_a_traceback(tiny_model_files, tmp_path,
     out = tmp_path / "converted.safetensors"
     _one_line_error(ldznet("convert", loop, "-o", out), "convert", f"checkpoint not found: {loop}")
     _one_line_error(ldznet("convert", tiny_model_files[0], "-o", loop), "convert",
-                    f"{tiny_model_files[0].name} is an SD v1 checkpoint, not {OFFICIAL_RELEASE}")
+                    f"{tiny_model_files[0].name}: SD 1.x, not {OFFICIAL_RELEASE}")
     assert not out.exists() and loop.is_symlink()
 
 

@@ -21,13 +21,12 @@ from ..backbones.family import host_family
 from ..errors import CheckpointError, LdznetError
 from ..images import ImageInput
 from ..job import MODES, MaskJob
+from ..sd.checkpoint import ZERO_SHOT_ONLY
 from ..segmenter import Segmenter
 from . import mask_model, settings
 from .engine import EngineOptions, MaskEngine, MaskResult
 
 HEADS_FOLDER = "ldznet"
-# Host model families that cannot serve a head but serve zero-shot masks on their own model.
-ZERO_SHOT_FAMILIES = ("sdxl", "sd2")
 _ENGINE: MaskEngine | None = None
 
 
@@ -157,7 +156,7 @@ def _backbone(sd_model, family: str = "sd-v1") -> Backbone:
 
 
 def _check_zero_shot(sd_model, family: str) -> None:
-    """CheckpointError unless the host's model of ``family`` (one of ZERO_SHOT_FAMILIES) can serve
+    """CheckpointError unless the host's model of ``family`` (one of ``sd.checkpoint.ZERO_SHOT_ONLY``) can serve
     zero-shot masks itself."""
     if is_forge():
         from ..backbones.forge import check_forge_sd2_model
@@ -178,7 +177,7 @@ def _zero_shot_backbone(sd_model, refusal: CheckpointError) -> Backbone:
     """The adapter over the host's SDXL-family or SD 2.x model for zero-shot masks (no extra download),
     where the SD 1.x path refused it (``refusal``); otherwise CheckpointError pointing to head mode."""
     family = host_family(sd_model) if sd_model is not None else None
-    if family in ZERO_SHOT_FAMILIES:
+    if family in ZERO_SHOT_ONLY:
         try:
             _check_zero_shot(sd_model, family)
         except CheckpointError as error:
