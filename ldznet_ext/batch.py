@@ -147,6 +147,17 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
     return entries
 
 
+def listed_instances(entries: Sequence) -> set[str]:
+    """The names of the instance masks that manifest ``entries`` list (their "instances" fields)."""
+    names = set()
+    for entry in entries:
+        instances = entry.get("instances") if isinstance(entry, dict) else None
+        for instance in instances if isinstance(instances, list) else ():
+            if isinstance(instance, dict) and isinstance(instance.get("file"), str):
+                names.add(Path(instance["file"]).name)
+    return names
+
+
 @dataclass
 class BatchJob:
     """One batch run: which files, which expression and options, where the results go."""
@@ -199,6 +210,9 @@ class _Run:
     def __init__(self, job: BatchJob, segmenter: Segmenter, manifest: Manifest, callbacks: BatchCallbacks):
         self.job, self.segmenter, self.manifest, self.callbacks = job, segmenter, manifest, callbacks
         self.summary = BatchSummary()
+        # The instance masks earlier runs wrote (their manifest lists them): the only files in OUT/instances
+        # this run may replace or remove; any other file there is the user's.
+        self.earlier_instances = listed_instances(read_manifest(manifest.path)) if job.instances else set()
 
     def record(self, path: Path, status: str, output: Path | None = None, error: str | None = None,
                seconds: float = 0.0, found: dict | None = None) -> None:
@@ -241,6 +255,9 @@ class _Run:
                     self.record(path, "error", error=f"cannot write {output.name}: {error.strerror or error}",
                                 seconds=seconds + share + time.perf_counter() - start)
                     continue
+                except LdznetError as error:  # a file of the user's where an instance mask would go
+                    self.record(path, "error", error=str(error), seconds=seconds + share + time.perf_counter() - start)
+                    continue
                 self.record(path, "ok", output, seconds=seconds + share + time.perf_counter() - start, found=found)
 
     def write(self, path: Path, output: Path, prediction: Prediction) -> dict:
@@ -248,14 +265,20 @@ class _Run:
         manifest fields of what was found."""
         found: dict = {"terms": prediction.presence_report()}
         if self.job.instances:
+            instances = prediction.instances()
+            targets = [self.job.instance_for(path, instance.order) for instance in instances]
+            for target in targets:  # all checked before any is written
+                if target.exists() and target.name not in self.earlier_instances:
+                    raise LdznetError(f"{INSTANCES_FOLDER}/{target.name}: exists and is no instance mask that an "
+                                      "earlier run of this folder wrote; move it, or choose another output folder")
             listed = []
-            for instance in prediction.instances():
-                target = self.job.instance_for(path, instance.order)
+            for instance, target in zip(instances, targets):
                 outputs.write_mask(target, instance_image(instance, self.job.options.feather))
                 listed.append({**instance.to_dict(), "file": str(target)})
             extra = len(listed) + 1
-            while self.job.instance_for(path, extra).exists():  # an earlier run (--overwrite) found more objects
-                self.job.instance_for(path, extra).unlink()
+            # an earlier run (--overwrite) found more objects: its masks of them go, the user's files stay
+            while (stale := self.job.instance_for(path, extra)).name in self.earlier_instances:
+                stale.unlink(missing_ok=True)
                 extra += 1
             found["instances"] = listed
         outputs.write_mask(output, prediction.mask_image())

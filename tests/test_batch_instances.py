@@ -27,13 +27,16 @@ def test_manifest_has_terms_and_instances(tmp_path: Path) -> None:
     source.mkdir()
     for stem in ("a", "a-1"):
         Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(source / f"{stem}.png")
-    (out / "instances").mkdir(parents=True)
-    Image.fromarray(np.zeros((30, 40), np.uint8)).save(out / "instances" / "a-3.png")  # from an earlier run
+    three = _maps()
+    three["star"][15:18, 15:18] = 0.9
     job = BatchJob(source, out, parse("star OR goblin"), "star OR goblin", instances=True, overwrite=True)
+    with Manifest(out / "m.jsonl") as manifest:  # an earlier run found three stars in each image
+        run_batch(job, OracleSegmenter(three), manifest)
+    assert (out / "instances" / "a-3.png").is_file()
     with Manifest(out / "m.jsonl") as manifest:
         summary = run_batch(job, OracleSegmenter(_maps()), manifest)
     assert summary.counts["ok"] == 2
-    entry = next(e for e in read_manifest(out / "m.jsonl") if Path(e["input"]).name == "a.png")
+    entry = next(e for e in read_manifest(out / "m.jsonl")[2:] if Path(e["input"]).name == "a.png")
     assert entry["terms"] == {"star": {"found": True, "score": 0.9}, "goblin": {"found": False, "score": 0.2}}
     assert [(i["order"], i["box"], i["area"], Path(i["file"]).name) for i in entry["instances"]] == [
         (1, [3, 20, 9, 26], 36, "a-1.png"), (2, [25, 5, 30, 10], 25, "a-2.png")]
@@ -57,3 +60,26 @@ def test_the_input_folder_is_never_the_instances_folder(tmp_path: Path) -> None:
             run_batch(job, OracleSegmenter(_maps()), manifest)
     assert {p.name: p.read_bytes() for p in source.iterdir()} == before
     assert check_folders(source, out) == sorted(source.iterdir())  # without instances it is any input folder
+
+
+def test_files_in_the_instances_folder_that_no_run_wrote_are_never_replaced_or_removed(tmp_path: Path) -> None:
+    source, out = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    for stem in ("a", "b"):
+        Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(source / f"{stem}.png")
+    (out / "instances").mkdir(parents=True)
+    mine = {name: bytes([k]) * 10 for k, name in enumerate(("a-2.png", "b-3.png", "b-4.png"))}
+    for name, data in mine.items():
+        (out / "instances" / name).write_bytes(data)
+    job = BatchJob(source, out, parse("star"), "star", instances=True)
+    with Manifest(out / "manifest.jsonl") as manifest:
+        summary = run_batch(job, OracleSegmenter(_maps()), manifest)
+    assert {name: (out / "instances" / name).read_bytes() for name in mine} == mine
+    assert summary.counts == {"ok": 1, "error": 1}
+    entries = {Path(e["input"]).name: e for e in read_manifest(out / "manifest.jsonl")}
+    assert entries["a.png"]["error"] == ("instances/a-2.png: exists and is no instance mask that an earlier run of "
+                                         "this folder wrote; move it, or choose another output folder")
+    assert not (out / "a.png").exists() and not (out / "instances" / "a-1.png").exists()  # nothing of a.png written
+    # b.png has two objects: b-3.png and b-4.png follow its last one but are no earlier run's: they stay
+    assert sorted(p.name for p in (out / "instances").iterdir()) == ["a-2.png", "b-1.png", "b-2.png", "b-3.png",
+                                                                     "b-4.png"]
