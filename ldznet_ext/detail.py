@@ -58,9 +58,12 @@ class DetailPass:
         return bool(self.expression)
 
     def mask_job(self, job: MaskJob) -> MaskJob:
-        """The mask job of the pass: ``job``'s settings (threshold, mode, refinement...) with this
-        expression, on the generated image alone (no brush to combine with)."""
-        return job.replace(expression=self.expression, combine="replace")
+        """The mask job of the pass: ``job``'s model and map settings (mode, threshold, refinement,
+        feather, presence) with this expression, on the generated image alone (no brush to combine
+        with). What shapes the main mask stays off: inverted, the pass would repaint the background as
+        one instance; grown, kept to the largest or without small objects, it would miss instances."""
+        return job.replace(expression=self.expression, combine="replace", invert=False, grow=0.0, keep_largest=None,
+                           min_area=0)
 
 
 @dataclass(frozen=True)

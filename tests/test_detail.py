@@ -86,6 +86,12 @@ def test_detail_pass_settings():
     assert DetailPass("face", steps=12.0).steps == 12 and isinstance(DetailPass("face", steps=12.0).steps, int)
     assert DetailPass("face").mask_job(MaskJob("cat", threshold=0.3, combine="add")) == MaskJob(
         "face", threshold=0.3, combine="replace")
+    # what shapes the main mask does not shape the pass: an inverted main mask made the pass repaint the
+    # whole background as one "instance", and keep_largest=1 left every face but one as it was
+    shaped = MaskJob("sky", mode="zero-shot", threshold=0.4, grow=20, feather=3, invert=True, refine=False,
+                     keep_largest=1, min_area=50, refine_strength=0.5, presence=False)
+    assert DetailPass("face").mask_job(shaped) == MaskJob("face", mode="zero-shot", threshold=0.4, feather=3,
+                                                          refine=False, refine_strength=0.5, presence=False)
     with pytest.raises(ExpressionError, match="at position 8$"):
         DetailPass("face AND")
     with pytest.raises(LdznetError, match=r"^denoising must be a number in \(0, 1\], got 1.5$"):
