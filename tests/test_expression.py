@@ -186,6 +186,13 @@ def test_grow_and_shrink_modifiers_are_bounded():
     ('"a\x7f"', 2, "U+007F"),
     ("cat \u202eOR dog", 4, "U+202E"),  # a right-to-left override: the term would print as other text
     ("a\u2066b", 1, "U+2066"),
+    ("sky OR\u200b grass", 6, "U+200B"),  # printed as "sky OR grass", it was one term
+    ("sky \u2060OR grass", 4, "U+2060"),
+    ("\ufeffsky", 0, "U+FEFF"),
+    ("gob\u00adlin", 3, "U+00AD"),
+    ("sky OR\u200d grass", 6, "U+200D"),  # a joiner beside ASCII joins nothing
+    ("\u200csky", 0, "U+200C"),
+    ("cat\U000e0041", 3, "U+E0041"),
 ])
 def test_control_characters_and_lone_surrogates_are_refused(text, position, code):
     """They are never part of a word, and a lone surrogate cannot be written as UTF-8 (a manifest, an
@@ -195,6 +202,9 @@ def test_control_characters_and_lone_surrogates_are_refused(text, position, code
     assert info.value.position == position and "\n" not in str(info.value)
     assert parse("a\tb\r\nOR\x1cc").terms() == ("a b", "c")  # whitespace, as str.split() reads it
     assert parse("\u05e7\u05d8 OR dog").terms() == ("\u05e7\u05d8", "dog")  # right-to-left text itself is text
+    # joiners inside words of scripts that need them (Persian "mi-khaham", an emoji family) are text
+    assert parse("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 OR \U0001f468\u200d\U0001f469").terms() == (
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "\U0001f468\u200d\U0001f469")
 
 
 def test_parse_rejects_non_text():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -47,10 +48,15 @@ MAX_SELECTORS = 2 * MAX_TERMS
 _NUMBER = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 _SELECTOR_WORD = re.compile(r"[A-Za-z]+|-?[0-9]+|,")
 # Control characters that are not whitespace (str.split() separates words at \t, \n, \x1c-\x1f, \x85),
-# the bidirectional embeddings, overrides and isolates (they make a term print as other text: a manifest,
-# a terminal line), and lone surrogates: the bytes that are not UTF-8 in a command-line argument, or a
-# JSON "\udcff".
-_NOT_TEXT = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+# lone surrogates (the bytes that are not UTF-8 in a command-line argument, or a JSON "\udcff"), and the
+# invisible format characters that make an expression print as other text (a manifest, a terminal line,
+# the WebUI's prompt box): bidirectional marks, embeddings, overrides and isolates; zero-width spaces,
+# word joiners, soft hyphens, byte order marks, invisible operators and tags ("sky OR\u200b grass" printed
+# as "sky OR grass" and was one term). The zero-width (non-)joiner joins letters in Persian, Indic scripts
+# and emoji, so it is refused only beside ASCII or at an end, where it joins nothing.
+_NOT_TEXT = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\xad\u061c\u180e\u200b\u200e\u200f\u202a-\u202e"
+                       "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\ud800-\udfff\U000e0000-\U000e007f]"
+                       "|(?:^|(?<=[\x00-\x7f]))[\u200c\u200d]|[\u200c\u200d](?=[\x00-\x7f]|$)")
 _SELECTOR_ALIASES = {"largest": ("area", (1,)), "smallest": ("area", (-1,))}
 
 
@@ -332,7 +338,8 @@ def _check_characters(text: str) -> None:
     if "\ud800" <= found.group() <= "\udfff":
         raise ExpressionError(f"{code} is not a character (text that is not UTF-8?); retype the expression",
                               found.start())
-    raise ExpressionError(f"control character {code} in the expression; remove it", found.start())
+    kind = "control" if unicodedata.category(found.group()) == "Cc" else "invisible"
+    raise ExpressionError(f"{kind} character {code} in the expression; remove it", found.start())
 
 
 def parse(text: str) -> Expression:
