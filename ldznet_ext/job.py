@@ -77,8 +77,10 @@ class MaskJob:
             else:
                 value = _checked_expression(value)
             object.__setattr__(self, spec.name, value)
-        # ExpressionError now, with its position, rather than mid-generation
-        tree = parse(self.expression) if self.expression else None
+        typed = self.expression
+        object.__setattr__(self, "expression", " ".join(typed.split()))  # one form in records and infotext
+        # ExpressionError now, with its position in the text as typed, rather than mid-generation
+        tree = parse(typed) if self.expression else None
         if tree is not None and self.grow:
             try:  # the one bound grow can break: the expression's {+N} / {-N} and grow together
                 reparsed(with_grow(tree, self.grow))
@@ -160,7 +162,7 @@ def _checked_expression(value) -> str:
         raise LdznetError(f"expression must be text, got {type(value).__name__}")
     if len(value) > MAX_EXPRESSION_CHARS:
         raise LdznetError(f"expression is {len(value)} characters long; the limit is {MAX_EXPRESSION_CHARS}")
-    return " ".join(value.split())
+    return value
 
 
 def checked_choice(value: object, name: str, choices: tuple[str, ...]) -> str:

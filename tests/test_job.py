@@ -9,6 +9,7 @@ import pytest
 
 from ldznet_ext import limits
 from ldznet_ext.errors import ExpressionError, LdznetError
+from ldznet_ext.detail import DetailPass
 from ldznet_ext.job import MaskJob, with_grow
 from ldznet_ext.masks.expression import parse
 from ldznet_ext.masks.ops import MaskOptions
@@ -116,6 +117,11 @@ def test_expression_is_parsed_at_construction():
     with pytest.raises(ExpressionError) as caught:
         MaskJob("cat AND")
     assert caught.value.position == 7
+    with pytest.raises(ExpressionError, match="found 'OR' at position 12$"):  # in the text as typed
+        MaskJob("cat    OR   OR dog")
+    with pytest.raises(ExpressionError, match="at position 6$"):
+        DetailPass("\t  cat)")
+    assert MaskJob("  cat\t OR\n dog ").expression == "cat OR dog"  # recorded in one form
     assert MaskJob("a" * 2000).expression == "a" * 2000
     assert MaskJob(" \n ").active is False
 
