@@ -9,7 +9,8 @@ import torch
 
 from ldznet_ext.errors import ExpressionError
 from ldznet_ext.masks.expression import parse
-from ldznet_ext.masks.instances import find_instances
+from ldznet_ext.masks.instances import find_instances, instance_image
+from ldznet_ext.masks.ops import feather
 from ldznet_ext.world.scenes import VOCABULARY, make_scene, split_seeds
 from ldznet_ext.world.spec import OBJECT_LABEL0
 
@@ -55,6 +56,27 @@ def test_find_instances_lists_boxes_areas_and_left_to_right_order() -> None:
     assert [(i.box, i.area, i.order) for i in found] == [((2, 20, 11, 29), 81, 1), ((50, 1, 57, 8), 49, 3),
                                                         ((30, 10, 35, 15), 25, 2)]
     assert all(i.score == pytest.approx(0.9) for i in found)
+
+
+def test_an_instance_keeps_its_box_only_and_gives_the_whole_mask_and_image_on_demand() -> None:
+    """An image of thousands of specks held one image-size mask per speck (2 GB at 1024 x 1024)."""
+    p = _boxes_map()
+    for instance in find_instances(p > 0.5, p):
+        x0, y0, x1, y1 = instance.box
+        assert tuple(instance.window.shape) == (y1 - y0, x1 - x0) and instance.size == (40, 60)
+        full = torch.zeros(40, 60, dtype=torch.bool)
+        full[y0:y1, x0:x1] = True  # the squares fill their boxes
+        assert torch.equal(instance.mask, full)
+        for radius in (0, 1.5, 6, 40):  # the blur inside the widened box equals the blur of the whole mask
+            whole = (feather(full.float(), radius).numpy() * 255.0 + 0.5).astype(np.uint8)
+            assert np.abs(instance_image(instance, radius).astype(int) - whole).max() <= 1
+
+
+def test_selection_on_empty_maps_selects_nothing() -> None:
+    for shape in ((0, 8, 8), (0, 8), (3, 0, 8)):
+        selected = parse("a[1] OR a[-1]").evaluate({"a": torch.rand(shape)})
+        assert selected.shape == shape
+    assert find_instances(torch.zeros(0, 5, dtype=torch.bool)) == []
 
 
 @pytest.mark.parametrize("text, position, words", [

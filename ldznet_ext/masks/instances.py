@@ -14,15 +14,14 @@ as Impact Pack's ASC / DSC choose a direction):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..errors import LdznetError
-from .ops import feather
+from .ops import components, feather, feather_reach
 
 __all__ = ["FRAGMENT_SHARE", "ORDERS", "Instance", "find_instances", "instance_image", "select_instances"]
 
@@ -33,13 +32,24 @@ ORDERS = ("left", "top", "center", "area")
 @dataclass(frozen=True)
 class Instance:
     """One object: ``box`` (x0, y0, x1, y1) in pixels, ends exclusive; ``area`` in pixels; ``score`` the
-    mean probability over it; ``order`` its 1-based place left to right; ``mask`` bool [H, W]."""
+    mean probability over it; ``order`` its 1-based place left to right; ``window`` bool, the object's
+    pixels inside its box; ``size`` (H, W) of the image. Only the window is stored: an image of
+    thousands of specks would otherwise hold thousands of image-size masks."""
 
     box: tuple[int, int, int, int]
     area: int
     score: float
     order: int
-    mask: Tensor
+    window: Tensor = field(repr=False)
+    size: tuple[int, int]
+
+    @property
+    def mask(self) -> Tensor:
+        """bool [H, W]: the object's pixels in the whole image."""
+        x0, y0, x1, y1 = self.box
+        full = torch.zeros(self.size, dtype=torch.bool, device=self.window.device)
+        full[y0:y1, x0:x1] = self.window
+        return full
 
     def to_dict(self) -> dict:
         """JSON-ready, without the mask."""
@@ -58,48 +68,62 @@ def _sort_key(order: str, box: tuple[int, int, int, int], area: int, size: tuple
     return -area, x0, y0
 
 
+Region = tuple[int, tuple[int, int, int, int], int]  # label, box, area
+
+
+def _regions(mask: Tensor, order: str, what: str) -> tuple[np.ndarray, list[Region]]:
+    """The component labels of a bool ``[H, W]`` mask, labelled once, and its instances as (label, box,
+    area) in ``order``, fragments left out."""
+    if order not in ORDERS:
+        raise LdznetError(f"unknown instance order {order!r}; expected one of {', '.join(ORDERS)}")
+    _, labels, stats = components(mask, what)
+    smallest = max(1, math.ceil(FRAGMENT_SHARE * mask.numel()))
+    regions = [(label, (int(x), int(y), int(x + w), int(y + h)), int(area))
+               for label, (x, y, w, h, area) in enumerate(stats[1:].tolist(), 1) if area >= smallest]
+    size = tuple(mask.shape)
+    return labels, sorted(regions, key=lambda r: _sort_key(order, r[1], r[2], size))
+
+
 def find_instances(mask: Tensor, probability: Tensor | None = None, order: str = "left") -> list[Instance]:
     """The instances of a bool ``[H, W]`` mask in ``order`` (see the module docstring); ``probability``
     [H, W] gives their scores (1.0 without it). ``Instance.order`` is always the left-to-right place."""
-    if order not in ORDERS:
-        raise LdznetError(f"unknown instance order {order!r}; expected one of {', '.join(ORDERS)}")
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.ndim != 2:
-        raise LdznetError(f"find_instances expects a bool tensor [H, W], got {getattr(mask, 'shape', mask)!r}")
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.cpu().numpy().astype(np.uint8),
-                                                               connectivity=8, ltype=cv2.CV_32S)
-    smallest = max(1, math.ceil(FRAGMENT_SHARE * mask.numel()))
-    regions = []
-    for label in range(1, count):
-        x, y, w, h, area = (int(v) for v in stats[label])
-        if area >= smallest:
-            regions.append((label, (x, y, x + w, y + h), area))
+    labels, regions = _regions(mask, order, "find_instances")
     size = tuple(mask.shape)
     left = {label: place for place, (label, _, _) in
             enumerate(sorted(regions, key=lambda r: _sort_key("left", r[1], r[2], size)), 1)}
     p = None if probability is None else probability.detach().float().cpu().numpy()
     out = []
-    for label, box, area in sorted(regions, key=lambda r: _sort_key(order, r[1], r[2], size)):
-        region = labels == label
-        score = 1.0 if p is None else float(p[region].mean())
-        out.append(Instance(box, area, score, left[label], torch.from_numpy(region).to(mask.device)))
+    for label, box, area in regions:  # each costs its box, not the image
+        x0, y0, x1, y1 = box
+        window = labels[y0:y1, x0:x1] == label
+        score = 1.0 if p is None else float(p[y0:y1, x0:x1][window].mean())
+        out.append(Instance(box, area, score, left[label], torch.from_numpy(window).to(mask.device), size))
     return out
 
 
 def instance_image(instance: Instance, feather_radius: float = 0.0) -> np.ndarray:
-    """The instance's mask as uint8 [H, W], 255 = selected, with the whole mask's soft edge."""
-    soft = feather(instance.mask.float(), feather_radius)
-    return (soft.cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+    """The instance's mask as uint8 [H, W], 255 = selected, with the whole mask's soft edge (blurred
+    within its box widened by the blur's reach, where all of it lies)."""
+    height, width = instance.size
+    x0, y0, x1, y1 = instance.box
+    reach = feather_reach(feather_radius)
+    left, top, right, bottom = max(0, x0 - reach), max(0, y0 - reach), min(width, x1 + reach), min(height, y1 + reach)
+    crop = torch.zeros((bottom - top, right - left), device=instance.window.device)
+    crop[y0 - top:y1 - top, x0 - left:x1 - left] = instance.window.float()
+    image = np.zeros((height, width), np.uint8)
+    image[top:bottom, left:right] = (feather(crop, feather_radius).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+    return image
 
 
 def select_instances(probability: Tensor, threshold: float, order: str, indices: tuple[int, ...]) -> Tensor:
     """``probability`` ``[..., H, W]`` kept only on the chosen instances of ``probability > threshold``
     (``indices`` 1-based in ``order``, negative from the end; missing ones select nothing), 0 elsewhere."""
-    if probability.ndim > 2:
+    if probability.ndim > 2:  # one map at a time
+        if not len(probability):
+            return probability.clone()
         return torch.stack([select_instances(p, threshold, order, indices) for p in probability])
-    found = find_instances(probability > threshold, None, order)
-    keep = torch.zeros(probability.shape, dtype=torch.bool, device=probability.device)
-    for index in indices:
-        position = index - 1 if index > 0 else len(found) + index
-        if 0 <= position < len(found):
-            keep |= found[position].mask
+    labels, regions = _regions(probability > threshold, order, "an instance selector")
+    chosen = [regions[i - 1 if i > 0 else len(regions) + i][0] for i in indices
+              if 0 <= (i - 1 if i > 0 else len(regions) + i) < len(regions)]
+    keep = torch.from_numpy(np.isin(labels, chosen)).to(probability.device)
     return probability * keep

@@ -22,9 +22,11 @@ from ..limits import FEATHER, KEEP_LARGEST, MIN_AREA, THRESHOLD
 
 __all__ = [
     "MaskOptions",
+    "components",
     "dilate",
     "erode",
     "feather",
+    "feather_reach",
     "keep_largest_components",
     "remove_small_regions",
     "select_mask",
@@ -116,6 +118,12 @@ def erode(p: Tensor, radius: float) -> Tensor:
     return -_max_filter_disk(-p, _check_radius(radius, "erosion radius"))
 
 
+def feather_reach(radius: float) -> int:
+    """How far :func:`feather` of ``radius`` carries a pixel: its kernel's half-width (0 for no feather)."""
+    radius = _check_radius(radius, "feather radius")
+    return 0 if radius == 0 else max(1, math.ceil(3 * radius / 2))
+
+
 def feather(mask: Tensor, radius: float) -> Tensor:
     """Soften edges ``[..., H, W] -> [..., H, W]`` with a Gaussian blur of sigma = radius / 2.
 
@@ -129,7 +137,7 @@ def feather(mask: Tensor, radius: float) -> Tensor:
     if radius == 0:
         return mask.clone()
     sigma = radius / 2
-    half = max(1, math.ceil(3 * sigma))
+    half = feather_reach(radius)
     x = torch.arange(-half, half + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     kernel = (kernel / kernel.sum()).to(device=mask.device, dtype=mask.dtype)
@@ -141,15 +149,18 @@ def feather(mask: Tensor, radius: float) -> Tensor:
     return flat.reshape(mask.shape).clamp_(0, 1)
 
 
-def _components(mask: Tensor, what: str) -> tuple[int, np.ndarray, np.ndarray]:
-    """8-connected components of a bool ``[H, W]`` mask: (count incl. background, labels, areas)."""
+def components(mask: Tensor, what: str) -> tuple[int, np.ndarray, np.ndarray]:
+    """8-connected components of a bool ``[H, W]`` mask: (count incl. background, int32 labels [H, W],
+    OpenCV's stats [count, 5]: x, y, width, height, area); LdznetError naming ``what`` for anything else."""
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.ndim != 2:
         found = f"{mask.dtype} tensor of shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
         raise LdznetError(f"{what} expects a bool tensor [H, W], got {found}")
+    if mask.numel() == 0:  # OpenCV refuses an empty image; it has the background alone
+        return 1, np.zeros(tuple(mask.shape), np.int32), np.zeros((1, 5), np.int32)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(
         mask.cpu().numpy().astype(np.uint8), connectivity=8, ltype=cv2.CV_32S
     )
-    return count, labels, stats[:, cv2.CC_STAT_AREA]
+    return count, labels, stats
 
 
 def _select(mask: Tensor, labels: np.ndarray, keep: np.ndarray) -> Tensor:
@@ -165,7 +176,8 @@ def keep_largest_components(mask: Tensor, k: int) -> Tensor:
     """
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise LdznetError(f"the number of components to keep must be an integer >= 1, got {k!r}")
-    count, labels, areas = _components(mask, "keep_largest_components")
+    count, labels, stats = components(mask, "keep_largest_components")
+    areas = stats[:, cv2.CC_STAT_AREA]
     order = np.argsort(-areas[1:], kind="stable")
     if k < len(order) and areas[1 + order[k - 1]] == areas[1 + order[k]]:
         # OpenCV's block-based labelling does not number components in raster order, so a tie at
@@ -185,7 +197,8 @@ def remove_small_regions(mask: Tensor, min_area: int) -> Tensor:
     """
     if isinstance(min_area, bool) or not isinstance(min_area, numbers.Integral) or min_area < 0:
         raise LdznetError(f"the minimum region area must be an integer number of pixels >= 0, got {min_area!r}")
-    _, labels, areas = _components(mask, "remove_small_regions")
+    _, labels, stats = components(mask, "remove_small_regions")
+    areas = stats[:, cv2.CC_STAT_AREA]
     return _select(mask, labels, areas[1:] >= min_area)
 
 
