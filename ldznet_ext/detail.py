@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import LdznetError
 from .job import MaskJob, checked_number, number_field
-from .limits import CROP_PADDING, DENOISING, SAMPLING_STEPS
+from .limits import CROP_PADDING, DENOISING, FEATHER, SAMPLING_STEPS, SEED
 from .masks.instances import Instance, instance_image
 
 SEPARATOR = "[SEP]"
@@ -104,13 +104,16 @@ def crop_box(mask: np.ndarray, padding: int) -> tuple[int, int, int, int] | None
 def plan(instances: Sequence[Instance], detail: DetailPass, prompt: str, seed: int,
          feather: float = 0.0) -> list[DetailStep]:
     """One step per instance, in the order given: its mask (feathered by ``feather`` pixels),
-    padded crop box, prompt (``prompt`` stands for an empty one) and seed (``seed`` + its index)."""
+    padded crop box, prompt (``prompt`` stands for an empty one) and seed (``seed`` + its index).
+    An instance that a feather much wider than itself fades to nothing has nothing to repaint: no step."""
+    FEATHER.check(feather, "feather")
+    SEED.check(seed, "seed")
     prompts = split_prompts(detail.prompts)
     steps = []
     for index, instance in enumerate(instances):
         mask = instance_image(instance, feather)
         box = crop_box(mask, detail.padding)
-        if box is None:  # cannot happen for a found instance; a mask with nothing to repaint is skipped
+        if box is None:
             continue
         steps.append(DetailStep(instance.order, mask, box, instance_prompt(prompts, index, prompt), seed + index))
     return steps

@@ -78,6 +78,9 @@ def test_plan_feathers_the_masks_and_the_box_covers_the_soft_edge():
 
 def test_plan_of_no_instances_is_empty():
     assert plan([], DetailPass("thing"), "p", seed=3) == []
+    for bad in ({"seed": "7"}, {"seed": 1.5}, {"seed": 2**64}, {"seed": 1, "feather": 20000}, {"seed": 1, "feather": -1}):
+        with pytest.raises(LdznetError, match=r"^(seed|feather) must be "):
+            plan([], DetailPass("thing"), "p", **bad)
 
 
 def test_detail_pass_settings():
