@@ -9,6 +9,7 @@ Every front end builds a :class:`MaskJob`: the WebUI script args and infotext (`
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 
@@ -200,12 +201,14 @@ def bounded(value: object, limit: Limit, name: str) -> int | float:
 
 
 def _parsed(text: str):
-    """The number in ``text``, or ``text`` itself (which the Limit then refuses by name)."""
+    """The number in ``text``, or ``text`` itself (which the Limit then refuses by name, as typed: 5,000
+    nines are too many digits for an int and read as a float are inf, which the user did not type)."""
     for kind in (int, float):
         try:
-            return number_from_text(text, kind)
+            number = number_from_text(text, kind)
         except ValueError:
-            pass
+            continue
+        return number if math.isfinite(number) else text
     return text
 
 

@@ -113,8 +113,8 @@ def _host_paste(params) -> dict:
     ("LD-ZNet refine", "no", ("refine", True), "LD-ZNet refine: refine must be true or false, got 'no'"),
     ("LD-ZNet presence", "0", ("presence", True), "LD-ZNet presence: presence must be true or false, got '0'"),
     ("LD-ZNet threshold", "nan", ("threshold", 0.5), "LD-ZNet threshold: threshold must be a number in [0, 1), "
-                                                     "got nan"),
-    ("LD-ZNet grow", "1e999", ("grow", 0), "LD-ZNet grow: grow must be a number in [-2048, 2048], got inf"),
+                                                     "got 'nan'"),
+    ("LD-ZNet grow", "1e999", ("grow", 0), "LD-ZNet grow: grow must be a number in [-2048, 2048], got '1e999'"),
     ("LD-ZNet mode", "ZERO-SHOT", ("mode", "zero-shot"), None),  # the radio's own spelling
     ("LD-ZNet combine", "merge", ("combine", "replace"), "LD-ZNet combine: combine must be one of 'replace', "
                                                          "'add', 'subtract', 'intersect', got 'merge'"),
