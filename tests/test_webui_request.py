@@ -5,6 +5,8 @@ import asyncio
 import base64
 import io
 import json
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,7 +19,7 @@ from ldznet_ext.job import MaskJob
 from ldznet_ext.masks.ops import MaskOptions
 from ldznet_ext.refine import RefineSettings
 from ldznet_ext.webui import api, request
-from ldznet_ext.webui.request import INFOTEXT_KEYS, combine, from_args, from_infotext, infotext, split_mask_line
+from ldznet_ext.webui.request import ARG_NAMES, INFOTEXT_KEYS, combine, from_args, from_infotext, infotext, split_mask_line
 
 
 @pytest.mark.parametrize("prompt, rest, expression", [
@@ -486,3 +488,10 @@ def test_the_script_named_twice_is_refused():
         api.check_generation(payload, False, lambda job: None)
     assert (caught.value.status, caught.value.detail) == (
         422, "alwayson_scripts names the LD-ZNet script 2 times ('LD-ZNet mask', 'ld-znet mask'); send its args once")
+
+
+def test_the_readme_lists_the_script_args_in_order() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    listed = re.search(r"`alwayson_scripts` args, in order: `\[([^\]]*)\]`", readme).group(1)
+    assert tuple(" ".join(listed.split()).split(", ")) == ARG_NAMES
+    assert f"after the {len(request.MASK_ARG_NAMES)} mask args" in " ".join(readme.split())

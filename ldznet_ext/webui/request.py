@@ -19,9 +19,8 @@ from ..errors import ExpressionError, LdznetError
 from ..job import COMBINE_MODES, MaskJob, checked_choice
 
 TITLE = "LD-ZNet mask"
-MASK_ARG_NAMES = ("expression", "mode", "threshold", "grow", "feather", "invert", "combine", "refine",
-                  "keep_largest", "min_area", "refine_strength", "refine_radius", "presence")
-"""The args of the mask job (:class:`MaskJob`'s fields)."""
+MASK_ARG_NAMES = MaskJob.field_names()
+"""The args of the mask job: :class:`MaskJob`'s fields, in order (a new field is a new last arg)."""
 DETAIL_ARG_NAMES = ("detail_expression", "detail_prompts", "detail_denoising", "detail_steps", "detail_padding")
 """The args of the detail pass (:class:`DetailPass`'s fields, prefixed)."""
 ARG_NAMES = MASK_ARG_NAMES + DETAIL_ARG_NAMES
