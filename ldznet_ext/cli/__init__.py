@@ -22,6 +22,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .. import __version__
 from ..errors import LdznetError
@@ -39,8 +40,16 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser, its usage errors one line as every other error of the CLI: the usage block it
+    prints first is what --help gives (sub-command parsers are of the same class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldznet", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="ldznet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ldznet {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:

@@ -48,10 +48,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True) 
                        help="LD-ZNet/ZNet head trained for the model (default: the embedded head, "
                             "only with the embedded model)")
     which.add_argument("--zero-shot", action="store_true",
-                       help="no head: masks from where the text changes the SD model's noise prediction")
+                       help="no head: masks from the SD model's own text cross-attention")
     group.add_argument("--resolution", type=bounded_number(RESOLUTION), metavar="R",
                        help="working side in pixels, 64..2048 (area about R^2, sides multiples of 64; default: "
-                            "the head's, 384 zero-shot)")
+                            "the head's, zero-shot the model file's recorded side, else 384)")
     if sampling:
         group.add_argument("--timestep", type=bounded_number(TIMESTEP), metavar="T",
                            help="SD timestep of the feature step, 0..999 (default: the head's, 100 zero-shot)")
