@@ -242,6 +242,11 @@ def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def selected_share(mask: np.ndarray) -> float:
+    """The share of the image a uint8 mask [H, W] selects (pixels >= 128: half or more repainted)."""
+    return float((_check(mask, np.uint8, "mask") >= 128).mean())
+
+
 def mask_image(mask: np.ndarray) -> Image.Image:
     """uint8 [H, W] (0/255, or soft when feathered) -> a mode "L" image, white = selected."""
     return Image.fromarray(_check(mask, np.uint8, "mask"))

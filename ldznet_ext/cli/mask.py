@@ -20,7 +20,7 @@ from ..job import MODES, ZERO_SHOT_MODE, MaskJob
 from ..limits import FEATHER, GROW, KEEP_LARGEST, MIN_AREA, REFINE_RADIUS, REFINE_STRENGTH, THRESHOLD, bounded_number
 from ..masks.expression import parse
 from ..masks.instances import Instance, instance_image
-from ..outputs import check_outputs, same_file, write_mask, write_overlay, write_probability, writing
+from ..outputs import check_outputs, same_file, selected_share, write_mask, write_overlay, write_probability, writing
 from ..segmenter import Prediction
 from .common import add_model_arguments, segmenter_from_args
 
@@ -188,7 +188,7 @@ def _run_mask(args: argparse.Namespace) -> int:
         count = write_instances(args.output, prediction, instances, job.feather)
         found = f", {count} instance{'' if count == 1 else 's'}"
     report_missing(prediction)
-    selected = float((mask >= 128).mean()) * 100
+    selected = selected_share(mask) * 100
     print(f"{args.output}: {mask.shape[1]}x{mask.shape[0]}, {selected:.1f}% selected by {expression}{found}")
     return NO_MATCH_STATUS if args.require_match and not mask.any() else 0
 

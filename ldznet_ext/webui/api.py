@@ -27,7 +27,7 @@ from ..errors import CheckpointError, ImageError, LdznetError
 from ..images import load_image, open_image
 from ..job import MaskJob, checked_flag
 from ..masks.instances import Instance, instance_image
-from ..outputs import render_overlay
+from ..outputs import mask_image, probability_image, render_overlay, selected_share
 from .request import (ARG_NAMES, NEGATIVE_PROMPTS, TITLE, ZERO_MEANS_NONE, check_init_images, check_negative_prompt,
                       detail_from_args, from_args, with_prompt_line)
 
@@ -52,8 +52,12 @@ class ApiError(Exception):
         self.status = status
         self.detail = detail
 
+    def content(self) -> dict:
+        """The JSON answer: {"error": "ApiError", "detail": why}."""
+        return {"error": type(self).__name__, "detail": self.detail}
+
     def body(self) -> bytes:
-        return json.dumps({"error": type(self).__name__, "detail": self.detail}).encode()
+        return json.dumps(self.content()).encode()
 
 
 def _base64_bytes(data, what: str) -> bytes:
@@ -257,9 +261,9 @@ def mask_response(payload, compute: Callable, check_ready: Callable[[MaskJob], N
         "expression": str(result.prediction.expression),
         "width": width,
         "height": height,
-        "coverage": float((result.mask >= 128).mean()),
-        "mask": encode_png(Image.fromarray(result.mask, "L")),
-        "probability": encode_png(Image.fromarray(result.prediction.probability_image().astype("<u2"))),
+        "coverage": selected_share(result.mask),
+        "mask": encode_png(mask_image(result.mask)),
+        "probability": encode_png(probability_image(result.prediction.probability_image())),
         "overlay": encode_png(Image.fromarray(render_overlay(image, result.mask))),
         "terms": result.prediction.presence_report(),
         "instances": [_instance_entry(i, job.feather, instance_masks) for i in result.prediction.instances()],
@@ -269,7 +273,7 @@ def mask_response(payload, compute: Callable, check_ready: Callable[[MaskJob], N
 def _instance_entry(instance: Instance, feather: float, with_mask: bool) -> dict:
     entry = instance.to_dict()
     if with_mask:
-        entry["mask"] = encode_png(Image.fromarray(instance_image(instance, feather), "L"))
+        entry["mask"] = encode_png(mask_image(instance_image(instance, feather)))
     return entry
 
 

@@ -7,7 +7,6 @@ cached head and the separate SD 1.x mask model are unloaded on unload.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
@@ -54,10 +53,10 @@ def add_routes(demo, app) -> None:
         try:
             return api.mask_response(payload, compute, host.check_ready)
         except api.ApiError as error:
-            return JSONResponse(status_code=error.status, content={"error": "ApiError", "detail": error.detail})
+            return JSONResponse(status_code=error.status, content=error.content())
 
     def version():
-        name = "forge" if importlib.util.find_spec("modules_forge") else "a1111"
+        name = "forge" if host.is_forge() else "a1111"
         return api.version_response(name, host.engine().list_heads(), host.engine_options().head)
 
     app.add_api_route(api.MASK_ROUTE, mask, methods=["POST"])

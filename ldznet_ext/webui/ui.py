@@ -19,7 +19,7 @@ from ..errors import LdznetError
 from ..images import load_image
 from ..job import COMBINE_MODES, MODES, MaskJob
 from ..limits import FEATHER
-from ..outputs import render_overlay
+from ..outputs import render_overlay, selected_share
 from . import host
 from .request import (ARG_NAMES, INFOTEXT_KEYS, TITLE, control_value, from_args, paste_problems, pasted_value,
                       with_prompt_line)
@@ -198,7 +198,7 @@ def preview_mask(mode, prompt, *values):
     except LdznetError as error:
         return None, _status(str(error), error=True)
     overlay = render_overlay(load_image(image), result.mask)
-    share = float((result.mask >= 128).mean())
+    share = selected_share(result.mask)
     return Image.fromarray(overlay), _status("; ".join([f"{job.expression}: {share:.1%} of the image selected",
                                                         *result.prediction.missing_notes()]))
 
