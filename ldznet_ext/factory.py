@@ -32,11 +32,12 @@ _TOPOLOGY = ("model_channels", "channel_mult", "num_res_blocks", "attention_leve
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """The user's numbers for a segmenter. resolution: working side in pixels (None: the head's own,
-    384 zero-shot); timestep: SD timestep of the feature step (None: the head's training timestep,
-    or :class:`ZeroShotSettings`' default); draws: noise draws averaged (None: 1 with a head, the
-    zero-shot default without); seed: noise seed; refine: how term maps are upsampled; cuda_graphs:
-    replay the model calls as captured CUDA graphs where safe (``graphs.py``)."""
+    """The user's numbers for a segmenter. resolution: working side in pixels (None: the head's own;
+    zero-shot the model file's, else ``zeroshot.ZERO_SHOT_RESOLUTION``); timestep: SD timestep of the
+    feature step (None: the head's training timestep, or :class:`ZeroShotSettings`' default); draws:
+    noise draws averaged (None: 1 with a head, the zero-shot default without); seed: noise seed; refine:
+    how term maps are upsampled; cuda_graphs: replay the model calls as captured CUDA graphs where safe
+    (``graphs.py``)."""
 
     resolution: int | None = None
     timestep: int | None = None

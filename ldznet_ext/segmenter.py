@@ -35,7 +35,7 @@ from .modeling.build import HeadConfig
 from .refine import RefineSettings, refine_probability
 from .sd.schedule import noise_draws
 from .tap import FeatureTap
-from .zeroshot import ZeroShotSettings, zero_shot_maps
+from .zeroshot import ZERO_SHOT_RESOLUTION, ZeroShotSettings, zero_shot_maps
 
 
 def sd_features(backbone: Backbone, z: Tensor, conditioning: Conditioning, timesteps: Tensor, noise: Tensor,
@@ -220,7 +220,7 @@ class Segmenter:
             return self.settings.resolution
         if self.head_config is not None:
             return self.head_config.latent_size * self.backbone.downsample_factor
-        return getattr(self.backbone, "resolution", None) or 384
+        return getattr(self.backbone, "resolution", None) or ZERO_SHOT_RESOLUTION
 
     # -- image -----------------------------------------------------------------------------
 

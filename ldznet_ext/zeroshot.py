@@ -49,6 +49,10 @@ from .tap import UNetHooks
 SCORES = ("attention", "agreement", "difference")
 
 
+ZERO_SHOT_RESOLUTION = 384
+"""The working side of zero-shot masks on a model whose file records none (real SD files): the paper's 384 px."""
+
+
 @dataclass(frozen=True)
 class ZeroShotSettings:
     """timestep: SD timestep of the probe (None: drawn per draw from 300..499); draws: noise draws

@@ -19,6 +19,9 @@ from ..loading import load_segmenter, resolve_mask_model, resolve_model_paths
 from ..precision import DTYPES
 from ..refine import RefineSettings
 from ..segmenter import Segmenter
+from ..zeroshot import ZERO_SHOT_RESOLUTION, ZeroShotSettings
+
+ZERO_SHOT = ZeroShotSettings()  # the defaults the help texts name
 
 DEFAULT_DEVICE = "auto"
 
@@ -51,12 +54,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, sampling: bool = True) 
                        help="no head: masks from the SD model's own text cross-attention")
     group.add_argument("--resolution", type=bounded_number(RESOLUTION), metavar="R",
                        help="working side in pixels, 64..2048 (area about R^2, sides multiples of 64; default: "
-                            "the head's, zero-shot the model file's recorded side, else 384)")
+                            f"the head's, zero-shot the model file's recorded side, else {ZERO_SHOT_RESOLUTION})")
     if sampling:
         group.add_argument("--timestep", type=bounded_number(TIMESTEP), metavar="T",
-                           help="SD timestep of the feature step, 0..999 (default: the head's, 100 zero-shot)")
+                           help=f"SD timestep of the feature step, 0..999 (default: the head's, "
+                                f"{ZERO_SHOT.timestep} zero-shot)")
         group.add_argument("--draws", type=bounded_number(DRAWS), metavar="K",
-                           help="noise draws averaged, 1..64 (default: 1 with a head, 2 zero-shot)")
+                           help=f"noise draws averaged, 1..64 (default: 1 with a head, {ZERO_SHOT.draws} zero-shot)")
         group.add_argument("--seed", type=bounded_number(SEED), default=0, metavar="S",
                            help="noise seed, 0..2^63-1 (default 0)")
     add_device_argument(group)

@@ -41,8 +41,9 @@ class EngineOptions:
     """The WebUI settings that shape a mask. head: file name in the heads folder (NO_HEAD: none);
     timestep: SD timestep of the features (None: the head's own); keep_on_gpu: leave the head on
     the GPU between calls; dtype: "auto" (the host UNet's) or one of precision.DTYPES; resolution:
-    side of the working area in pixels (None: the head's own, 384 for zero-shot); seed: noise seed
-    of the feature step; cuda_graphs: replay the model calls as captured CUDA graphs where safe."""
+    side of the working area in pixels (None: the head's own; zero-shot the model's, else
+    ``zeroshot.ZERO_SHOT_RESOLUTION``); seed: noise seed of the feature step; cuda_graphs: replay the
+    model calls as captured CUDA graphs where safe."""
 
     head: str = NO_HEAD
     timestep: int | None = None

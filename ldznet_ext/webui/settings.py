@@ -10,6 +10,7 @@ from ..job import bounded
 from ..limits import RESOLUTION, THRESHOLD, TIMESTEP, Limit
 from ..precision import DTYPES
 from . import mask_model
+from ..zeroshot import ZERO_SHOT_RESOLUTION, ZeroShotSettings
 from .engine import NO_HEAD
 
 SECTION = ("ldznet", "LD-ZNet")
@@ -116,10 +117,11 @@ def add_settings() -> None:
     option(mask_model.SETTING, f"{mask_model.SETTING_LABEL} (automatic: the one the head was trained on, else the "
            "first SD 1.x file; loaded on first use, only what the head reads)", gr.Dropdown,
            lambda: {"choices": mask_model_choices()}, refresh=refresh_mask_models, onchange=host.unload_mask_model)
-    option("ldznet_timestep", "Feature timestep (-1: the head's own; zero-shot: 100)", gr.Slider,
-           {"minimum": -1, "maximum": 999, "step": 1}, onchange=host.release)
-    option("ldznet_resolution", "Working resolution in pixels (0: the head's own; 384 for zero-shot); higher is "
-           "sharper and slower", gr.Slider, {"minimum": 0, "maximum": 1024, "step": 64})
+    option("ldznet_timestep", f"Feature timestep (-1: the head's own; zero-shot: {ZeroShotSettings().timestep})",
+           gr.Slider, {"minimum": -1, "maximum": 999, "step": 1}, onchange=host.release)
+    option("ldznet_resolution", f"Working resolution in pixels (0: the head's own; zero-shot: the model file's, "
+           f"else {ZERO_SHOT_RESOLUTION}); higher is sharper and slower", gr.Slider,
+           {"minimum": 0, "maximum": 1024, "step": 64})
     option("ldznet_threshold", "Default mask threshold", gr.Slider, {"minimum": 0.0, "maximum": 0.99, "step": 0.01})
     option("ldznet_keep_on_gpu", "Keep the head (and the SD 1.x mask model) on the GPU between masks (off: move "
            "them to the CPU after each mask; --medvram/--lowvram: the mask model always goes back)",
