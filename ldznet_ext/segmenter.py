@@ -34,25 +34,8 @@ from .masks.tree import Expression
 from .modeling.build import HeadConfig
 from .refine import RefineSettings, refine_probability
 from .sd.schedule import noise_draws
-from .tap import FeatureTap
+from .tap import tapped_features
 from .zeroshot import ZERO_SHOT_RESOLUTION, ZeroShotSettings, zero_shot_maps
-
-
-def sd_features(backbone: Backbone, z: Tensor, conditioning: Conditioning, timesteps: Tensor, noise: Tensor,
-                blocks: Sequence[int]) -> dict[int, Tensor]:
-    """The denoiser's features {block: [B, C', h', w']} for z_t = q_sample(z [B, C, h, w], t [B], noise),
-    conditioned on ``conditioning`` (B rows), in ONE call that stops after the last tapped block of
-    the backbone's layout. ``noise`` is [B or 1, C, h, w]. Training computes its features here;
-    inference noises z once per draw and calls :meth:`Segmenter.head_features`, which tools may replace."""
-    return tapped_features(backbone, backbone.schedule.q_sample(z, timesteps, noise), timesteps, conditioning,
-                           blocks)
-
-
-def tapped_features(backbone: Backbone, z_t: Tensor, timesteps: Tensor, conditioning: Conditioning,
-                    blocks: Sequence[int]) -> dict[int, Tensor]:
-    """``sd_features`` of latents already noised: one denoiser call, stopped after the last tapped block."""
-    with FeatureTap(backbone.layout, blocks, early_exit=True) as tap:
-        return tap.run(lambda: backbone.predict_noise(z_t, timesteps, conditioning))
 
 
 @dataclass(frozen=True)

@@ -12,19 +12,22 @@ only in the thread that installed them, so a UNet call of another thread is neit
 stopped; and a tap holds the UNet's re-entrant lock (:func:`unet_lock`) from ``__enter__`` to
 ``__exit__``, so two taps on one UNet run one after the other and no hook is added or removed while
 another tap's call runs. A thread may nest taps on the same UNet (the lock is re-entrant).
+
+:func:`sd_features` / :func:`tapped_features` are what inference and training call: a backbone's
+features at given blocks, in one early-stopped call.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .backbones.base import UNetLayout
+from .backbones.base import Backbone, Conditioning, UNetLayout
 
 _UNET_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _UNET_LOCKS_GUARD = threading.Lock()
@@ -144,3 +147,20 @@ class FeatureTap(UNetHooks):
                 f"the UNet call did not run tapped blocks {missing}; the torch UNet was bypassed "
                 "(a TensorRT or compiled UNet?) or does not have the backbone's layout")
         return dict(self.features)
+
+
+def sd_features(backbone: Backbone, z: Tensor, conditioning: Conditioning, timesteps: Tensor, noise: Tensor,
+                blocks: Sequence[int]) -> dict[int, Tensor]:
+    """The denoiser's features {block: [B, C', h', w']} for z_t = q_sample(z [B, C, h, w], t [B], noise),
+    conditioned on ``conditioning`` (B rows), in ONE call that stops after the last tapped block of
+    the backbone's layout. ``noise`` is [B or 1, C, h, w]. Training computes its features here;
+    inference noises z once per draw and calls :meth:`Segmenter.head_features`, which tools may replace."""
+    return tapped_features(backbone, backbone.schedule.q_sample(z, timesteps, noise), timesteps, conditioning,
+                           blocks)
+
+
+def tapped_features(backbone: Backbone, z_t: Tensor, timesteps: Tensor, conditioning: Conditioning,
+                    blocks: Sequence[int]) -> dict[int, Tensor]:
+    """``sd_features`` of latents already noised: one denoiser call, stopped after the last tapped block."""
+    with FeatureTap(backbone.layout, blocks, early_exit=True) as tap:
+        return tap.run(lambda: backbone.predict_noise(z_t, timesteps, conditioning))

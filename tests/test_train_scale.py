@@ -10,7 +10,7 @@ from ldznet_ext.errors import LdznetError
 from ldznet_ext.heads import load_head, read_head_config
 from ldznet_ext.modeling.build import HeadConfig, build_head, head_config
 from ldznet_ext.modeling.ldznet import SDConcatSpatialTransformer
-from ldznet_ext.segmenter import sd_features
+from ldznet_ext.tap import sd_features
 from ldznet_ext.data.spec import open_source
 from ldznet_ext.train.trainer import CHECKPOINT, HEAD, TrainConfig, Trainer, is_new_layer
 

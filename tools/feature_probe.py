@@ -54,7 +54,8 @@ from ldznet_ext.limits import MICRO_IMAGE_SIZE, SEED, TIMESTEP, Limit, bounded_n
 from ldznet_ext.loading import load_segmenter  # noqa: E402
 from ldznet_ext.outputs import writable_path  # noqa: E402
 from ldznet_ext.sd.schedule import noise_draws  # noqa: E402
-from ldznet_ext.segmenter import Segmenter, sd_features  # noqa: E402
+from ldznet_ext.segmenter import Segmenter  # noqa: E402
+from ldznet_ext.tap import sd_features  # noqa: E402
 from ldznet_ext.world.scenes import Scene, make_scene, split_seeds  # noqa: E402
 from ldznet_ext.world.spec import OBJECT_LABEL0, VOCABULARY, ObjectSpec  # noqa: E402
 from ldznet_ext.zeroshot import blocks_at  # noqa: E402

@@ -63,7 +63,7 @@ from ..outputs import remove_abandoned_temporaries, replacing
 from ..precision import PRECISIONS, autocast_dtype
 from ..sd.model import StableDiffusion
 from ..sd.schedule import OFFICIAL_TIMESTEPS
-from ..segmenter import sd_features
+from ..tap import sd_features
 from . import distributed
 from .augment import TEMPLATES, fit_square
 from .config import TrainConfig
