@@ -20,7 +20,8 @@ from ldznet_ext.checkpoint_io import write_safetensors
 from ldznet_ext.errors import CheckpointError
 from ldznet_ext.sd.checkpoint import SD2_FOR_ZERO_SHOT_ONLY, SD2_TEXT_PREFIX, load_stable_diffusion
 from ldznet_ext.sd.sd2 import OpenCLIPContext, StableDiffusion2
-from ldznet_ext.sd.sdxl import OpenCLIPTextEncoder, openclip_ids, v_to_eps
+from ldznet_ext.sd.openclip import OpenCLIPTextEncoder, openclip_ids
+from ldznet_ext.sd.schedule import v_to_eps
 from ldznet_ext.sd.tokenizer import EOS_ID, tokenize
 from ldznet_ext.sd.unet import UNetModel, unet_config
 from ldznet_ext.sd.vae import AutoencoderKL

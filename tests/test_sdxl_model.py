@@ -21,7 +21,9 @@ from ldznet_ext.zeroshot import ZeroShotSettings
 from ldznet_ext.sd.checkpoint import BIGG_PREFIX, CLIP_L_PREFIX, SDXL_FOR_ZERO_SHOT_ONLY, load_stable_diffusion
 from ldznet_ext.sd.schedule import alphas_cumprod, rescale_zero_terminal_snr
 from ldznet_ext.sd.schedule import NoiseSchedule
-from ldznet_ext.sd.sdxl import OpenCLIPTextEncoder, StableDiffusionXL, size_vector, v_to_eps
+from ldznet_ext.sd.openclip import OpenCLIPTextEncoder
+from ldznet_ext.sd.schedule import v_to_eps
+from ldznet_ext.sd.sdxl import StableDiffusionXL, size_vector
 from ldznet_ext.sd.text import TextEncoder, text_config
 from ldznet_ext.sd.unet import UNetModel, unet_config
 from ldznet_ext.sd.vae import AutoencoderKL, vae_config

@@ -8,7 +8,8 @@ import torch
 import transformers
 
 from conftest import randomize_
-from ldznet_ext.sd.sdxl import OpenCLIPTextEncoder, SDXLConditioner, openclip_ids, size_vector
+from ldznet_ext.sd.openclip import OpenCLIPTextEncoder, openclip_ids
+from ldznet_ext.sd.sdxl import SDXLConditioner, size_vector
 from ldznet_ext.sd.text import TextEncoder, text_config
 from ldznet_ext.sd.tokenizer import EOS_ID, tokenize
 

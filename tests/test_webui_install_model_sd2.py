@@ -18,7 +18,7 @@ from ldznet_ext.backbones.family import UNET_PREFIX
 from ldznet_ext.checkpoint_io import write_safetensors
 from ldznet_ext.errors import CheckpointError
 from ldznet_ext.sd.checkpoint import SD2_TEXT_PREFIX, load_stable_diffusion
-from ldznet_ext.sd.sdxl import OpenCLIPTextEncoder
+from ldznet_ext.sd.openclip import OpenCLIPTextEncoder
 from ldznet_ext.webui.install_model import install_model
 
 LDM = "ldm.modules."

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from ..sd.schedule import NoiseSchedule, rescale_zero_terminal_snr
-from ..sd.sdxl import PREDICTIONS, v_to_eps
+from ..sd.schedule import PREDICTIONS, v_to_eps
 from .base import CaptureModules, Conditioning, UNetLayout, ldm_layout
 from .family import LABELS, check_zero_shot_prediction, host_family, sd2_variant
 from .sampling import sample_posterior

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-from ..sd.sdxl import PREDICTIONS, pooled_text, working_size_vector
+from ..sd.schedule import PREDICTIONS
+from ..sd.sdxl import pooled_text, working_size_vector
 from .a1111 import A1111Backbone, check_torch_unet, model_name
 from .base import Conditioning
 from .family import LABELS, check_zero_shot_prediction, host_family

@@ -32,10 +32,11 @@ from ..limits import RESOLUTION
 from ..precision import as_dtype
 from ..words import is_vocabulary_word
 from .model import StableDiffusion
+from .openclip import OpenCLIPTextEncoder
 from .parts import check_parts, trim_for_masks
 from .schedule import NUM_TIMESTEPS, NoiseSchedule, alphas_cumprod, rescale_zero_terminal_snr
 from .sd2 import OpenCLIPContext, StableDiffusion2, predicts_v
-from .sdxl import OpenCLIPTextEncoder, SDXLConditioner, StableDiffusionXL
+from .sdxl import SDXLConditioner, StableDiffusionXL
 from .text import TextEncoder, normalize_text_state_dict, text_config
 from .tokenizer import MAX_LENGTH, VOCAB_SIZE
 from .unet import UNetConfig, UNetModel, unet_config

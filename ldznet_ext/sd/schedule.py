@@ -83,3 +83,14 @@ def noise_draws(seed: int, count: int, shape: tuple[int, ...], timestep: int | N
         t = timestep if timestep is not None else int(torch.randint(*OFFICIAL_TIMESTEPS, (1,), generator=generator))
         draws.append((t, torch.randn(shape, generator=generator)))
     return draws
+
+
+PREDICTIONS = ("eps", "v")
+"""What a denoiser predicts: the noise (SD 1.x, SDXL base) or v (SD 2.x 768-v, v-prediction fine-tunes)."""
+
+
+def v_to_eps(v: Tensor, z_t: Tensor, schedule: NoiseSchedule, t: Tensor) -> Tensor:
+    """eps from a v-prediction: with z_t = sqrt(a) z_0 + sqrt(1 - a) eps and v = sqrt(a) eps - sqrt(1 - a) z_0,
+    eps = sqrt(a) v + sqrt(1 - a) z_t (a = alphas_cumprod[t])."""
+    a = schedule.alphas_at(t.to(v.device))[:, None, None, None]
+    return (a.sqrt() * v.float() + (1 - a).sqrt() * z_t.float()).to(v.dtype)

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from ..backbones.base import Conditioning
 from .model import StableDiffusion
-from .schedule import NoiseSchedule
-from .sdxl import PREDICTIONS, OpenCLIPTextEncoder, openclip_ids, v_to_eps
+from .openclip import OpenCLIPTextEncoder, openclip_ids
+from .schedule import PREDICTIONS, NoiseSchedule, v_to_eps
 from .tokenizer import tokenize
 from .unet import UNetModel
 from .vae import AutoencoderKL

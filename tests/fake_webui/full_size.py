@@ -16,7 +16,7 @@ import torch
 
 from ldznet_ext.backbones.family import UNET_PREFIX, VAE_PREFIX
 from ldznet_ext.sd.checkpoint import BIGG_PREFIX, CLIP_L_PREFIX, SD2_TEXT_PREFIX
-from ldznet_ext.sd.sdxl import OpenCLIPTextEncoder
+from ldznet_ext.sd.openclip import OpenCLIPTextEncoder
 from ldznet_ext.sd.text import TextEncoder, text_config
 from ldznet_ext.sd.unet import UNetModel, unet_config
 from ldznet_ext.sd.vae import AutoencoderKL, VAEConfig

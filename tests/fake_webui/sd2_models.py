@@ -11,7 +11,7 @@ from conftest import randomize_  # tests/ is on sys.path under pytest
 from fake_webui.models import WEBUI_VAE, FakeLatentDiffusion
 from fake_webui.sdxl_models import FakeForgeEngine
 from ldznet_ext.sd.sd2 import OpenCLIPContext, StableDiffusion2
-from ldznet_ext.sd.sdxl import OpenCLIPTextEncoder
+from ldznet_ext.sd.openclip import OpenCLIPTextEncoder
 from ldznet_ext.sd.unet import UNetModel, unet_config
 from ldznet_ext.sd.vae import AutoencoderKL
 

@@ -13,7 +13,7 @@ from fake_webui.models import WEBUI_VAE
 from ldznet_ext.backbones.family import UNET_PREFIX, VAE_PREFIX
 from ldznet_ext.checkpoint_io import write_safetensors
 from ldznet_ext.sd.checkpoint import BIGG_PREFIX, CLIP_L_PREFIX
-from ldznet_ext.sd.sdxl import OpenCLIPTextEncoder
+from ldznet_ext.sd.openclip import OpenCLIPTextEncoder
 from ldznet_ext.sd.text import TextEncoder, text_config
 from ldznet_ext.sd.unet import UNetModel, unet_config
 from ldznet_ext.sd.vae import AutoencoderKL

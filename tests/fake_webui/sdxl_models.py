@@ -14,7 +14,8 @@ from conftest import randomize_  # tests/ is on sys.path under pytest
 from fake_webui.models import WEBUI_VAE
 from ldznet_ext.sd.schedule import NoiseSchedule
 from ldznet_ext.sd.sd2 import StableDiffusion2
-from ldznet_ext.sd.sdxl import OpenCLIPTextEncoder, SDXLConditioner, StableDiffusionXL
+from ldznet_ext.sd.openclip import OpenCLIPTextEncoder
+from ldznet_ext.sd.sdxl import SDXLConditioner, StableDiffusionXL
 from ldznet_ext.sd.text import TextEncoder, text_config
 from ldznet_ext.sd.unet import UNetModel, timestep_embedding, unet_config
 from ldznet_ext.sd.vae import AutoencoderKL

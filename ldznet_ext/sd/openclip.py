@@ -1,0 +1,88 @@
+"""open_clip's text tower with its key names: SDXL's second text encoder (bigG) and SD 2.x's (ViT-H).
+
+Module names follow the single file's ``conditioner.embedders.1.model.*`` (SDXL) and
+``cond_stage_model.model.*`` (SD 2.x) with the prefix removed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .tokenizer import EOS_ID
+
+# open_clip keys that are no part of the text tower's forward pass (CLIP's contrastive temperature).
+_UNUSED_OPENCLIP_KEYS = ("logit_scale",)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """open_clip's text-transformer layer: pre-norm causal self-attention and a GELU MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(
+            c_fc=nn.Linear(width, mlp_width), gelu=nn.GELU(), c_proj=nn.Linear(mlp_width, width)))
+
+    def forward(self, x: Tensor, causal_mask: Tensor) -> Tensor:
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=causal_mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class OpenCLIPTextEncoder(nn.Module):
+    """open_clip's text tower (SDXL's bigG, SD 2.x's ViT-H) with its key names; returns the
+    penultimate layer's tokens and the pooled, projected EOS token."""
+
+    def __init__(self, width: int, layers: int, heads: int, mlp_width: int, embed_dim: int,
+                 vocab_size: int = 49408, context_length: int = 77):
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.zeros(context_length, width))
+        self.transformer = nn.Module()
+        self.transformer.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_width)
+                                                   for _ in range(layers))
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.zeros(width, embed_dim))
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Tensor]) -> OpenCLIPTextEncoder:
+        """An encoder shaped as the weights ``state`` (prefix removed) say (build it on the meta device
+        and fill it with :meth:`load_text_state_dict`); heads are 64 channels wide, as in every open_clip
+        text tower SD uses."""
+        width = state["token_embedding.weight"].shape[1]
+        layers = len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")})
+        return cls(width, layers, max(1, width // 64), state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                   state["text_projection"].shape[1], state["token_embedding.weight"].shape[0],
+                   state["positional_embedding"].shape[0])
+
+    def load_text_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Strictly load open_clip text weights (the single file's prefix removed)."""
+        self.load_state_dict({k: v for k, v in state.items() if k not in _UNUSED_OPENCLIP_KEYS},
+                             strict=True, assign=True)
+
+    def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Token ids [B, T] (EOS, the largest id, ends each prompt) -> (penultimate hidden state
+        [B, T, width], pooled [B, embed_dim])."""
+        x = self.token_embedding(input_ids) + self.positional_embedding.to(self.token_embedding.weight.dtype)
+        length = input_ids.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+        penultimate = x
+        for index, block in enumerate(self.transformer.resblocks):
+            if index == len(self.transformer.resblocks) - 1:
+                penultimate = x
+            x = block(x, causal)
+        eos = input_ids.argmax(dim=-1)
+        pooled = self.ln_final(x)[torch.arange(x.shape[0], device=x.device), eos] @ self.text_projection
+        return penultimate, pooled
+
+
+def openclip_ids(ids: Tensor) -> Tensor:
+    """CLIP token ids padded as open_clip pads them: zeros after the first EOS (ViT-L pads with EOS)."""
+    after_end = (ids == EOS_ID).int().cumsum(dim=1) - (ids == EOS_ID).int() > 0
+    return ids.masked_fill(after_end, 0)
