@@ -21,8 +21,9 @@ from .masks.ops import MaskOptions
 from .masks.tree import Expression, Modified, Modifier
 from .refine import RefineSettings
 
-MODES = ("LD-ZNet head", "zero-shot")
-ZERO_SHOT_MODE = MODES[1]
+HEAD_MODE = "LD-ZNet head"
+ZERO_SHOT_MODE = "zero-shot"
+MODES = (HEAD_MODE, ZERO_SHOT_MODE)
 COMBINE_MODES = ("replace", "add", "subtract", "intersect")
 MAX_EXPRESSION_CHARS = 2000
 

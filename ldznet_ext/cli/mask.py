@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import LdznetError
 from ..images import load_image
-from ..job import MODES, ZERO_SHOT_MODE, MaskJob
+from ..job import HEAD_MODE, ZERO_SHOT_MODE, MaskJob
 from ..limits import FEATHER, GROW, KEEP_LARGEST, MIN_AREA, REFINE_RADIUS, REFINE_STRENGTH, THRESHOLD, bounded_number
 from ..masks.expression import parse
 from ..masks.instances import Instance, instance_image
@@ -71,7 +71,7 @@ def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
 def job_from_args(args: argparse.Namespace) -> MaskJob:
     """The MaskJob of EXPR, --zero-shot and the mask options. A malformed or empty EXPR is an
     ExpressionError here, before any work."""
-    job = MaskJob(expression=args.expression, mode=ZERO_SHOT_MODE if args.zero_shot else MODES[0],
+    job = MaskJob(expression=args.expression, mode=ZERO_SHOT_MODE if args.zero_shot else HEAD_MODE,
                   threshold=args.threshold, grow=args.grow, feather=args.feather, invert=args.invert,
                   refine=not args.no_refine, keep_largest=args.keep_largest, min_area=args.min_area,
                   refine_strength=args.refine_strength, refine_radius=args.refine_radius,

@@ -39,7 +39,7 @@ ANSWER_FIELDS = ("instances",)  # what the answer holds; not part of the job
 GENERATION_ROUTES = ("/sdapi/v1/img2img", "/sdapi/v1/txt2img")
 OPTIONS_ROUTE = "/sdapi/v1/options"
 MAX_REQUEST_BYTES = 64 * 2**20
-MAX_PIXELS = 4096 * 4096
+API_MAX_PIXELS = 4096 * 4096
 TOO_DEEP = "the body is not JSON (nested too deeply)"
 """JSON nested beyond Python's recursion limit: a RecursionError, not a ValueError, from ``json.loads``."""
 
@@ -105,13 +105,13 @@ def _load(raw: bytes, what: str, max_pixels: int) -> np.ndarray:
         raise ApiError(422, f"{what} cannot be decoded ({error})") from None
 
 
-def decode_image(data, what: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode_image(data, what: str, max_pixels: int = API_MAX_PIXELS) -> np.ndarray:
     """A base64 (optionally data-URL) PNG/JPEG/WebP -> RGB uint8 [H, W, 3], read by ``load_image`` as
     the CLI reads files (16-bit, alpha, EXIF); 422 when unreadable, 413 when too large."""
     return _load(_image_bytes(data, what, max_pixels), what, max_pixels)
 
 
-def decode_mask(data, what: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode_mask(data, what: str, max_pixels: int = API_MAX_PIXELS) -> np.ndarray:
     """A base64 brush mask -> uint8 [H, W], read as the host reads img2img masks: the alpha channel
     when it is not fully opaque, else the grey levels (``load_image``'s, so 16-bit masks scale)."""
     raw = _image_bytes(data, what, max_pixels)

@@ -20,7 +20,7 @@ from ..backbones.base import Backbone
 from ..backbones.family import host_family
 from ..errors import CheckpointError, LdznetError
 from ..images import ImageInput
-from ..job import MODES, MaskJob
+from ..job import HEAD_MODE, MaskJob
 from ..sd.checkpoint import ZERO_SHOT_ONLY
 from ..segmenter import Segmenter
 from . import mask_model, settings
@@ -210,7 +210,7 @@ def _refusal(sd_model) -> CheckpointError | None:
 
 def _zero_shot_refused(refusal: CheckpointError) -> CheckpointError:
     return CheckpointError(f"{refusal}. Zero-shot masks read the loaded model's own features; mode "
-                           f"{MODES[0]!r} works with any loaded model: it runs on the SD 1.x model set in "
+                           f"{HEAD_MODE!r} works with any loaded model: it runs on the SD 1.x model set in "
                            f"Settings > LD-ZNet > '{mask_model.SETTING_LABEL}'")
 
 

@@ -18,7 +18,7 @@ from ..batch import (IMAGE_SUFFIXES, MANIFEST_NAME, BatchCallbacks, BatchJob, Ma
                      check_resume, run_batch)
 from ..errors import LdznetError
 from ..images import load_image
-from ..job import COMBINE_MODES, MODES
+from ..job import COMBINE_MODES, HEAD_MODE, MODES
 from ..outputs import render_overlay
 from . import host
 from .request import from_args
@@ -120,7 +120,7 @@ def build_tab():
                 expression = gr.Textbox(label="Mask expression", placeholder="goblin OR sword",
                                         elem_id="ldznet_tab_expression")
                 with gr.Row():
-                    mode = gr.Radio(list(MODES), value=MODES[0], label="Mode")
+                    mode = gr.Radio(list(MODES), value=HEAD_MODE, label="Mode")
                     invert = gr.Checkbox(False, label="Invert")
                     refine = gr.Checkbox(True, label="Refine edges")
                     overwrite = gr.Checkbox(False, label="Redo finished masks")

@@ -17,7 +17,7 @@ from PIL import Image
 from ..detail import SEPARATOR, DetailPass
 from ..errors import LdznetError
 from ..images import load_image
-from ..job import COMBINE_MODES, MODES, MaskJob
+from ..job import COMBINE_MODES, HEAD_MODE, MODES, MaskJob
 from ..limits import FEATHER
 from ..outputs import render_overlay, selected_share
 from . import host
@@ -68,7 +68,7 @@ def build_accordion(script, is_img2img: bool) -> list:
                                 placeholder="goblin OR sword  ·  face{+8}  ·  person AND NOT hat  "
                                             "(or a line 'mask: ...' in the prompt)")
         with gr.Row():
-            mode = gr.Radio(list(MODES), value=MODES[0], label="Mode", elem_id=script.elem_id("mode"))
+            mode = gr.Radio(list(MODES), value=HEAD_MODE, label="Mode", elem_id=script.elem_id("mode"))
             combine = gr.Radio(list(COMBINE_MODES), value=COMBINE_MODES[0], visible=is_img2img,
                                label="With the brush / uploaded mask", elem_id=script.elem_id("combine"))
         with gr.Row():
