@@ -28,7 +28,7 @@ FRONT_ENDS = """
 import sys
 import ldznet_ext.batch, ldznet_ext.webui.tab
 print(sorted(name for name in sys.modules
-             if name.startswith("ldznet_ext") and any("cli" in part for part in name.split("."))))
+             if name.startswith("ldznet_ext") and name.split(".")[1:2] == ["cli"]))
 """
 
 

@@ -363,7 +363,7 @@ def _job_of(payload: dict) -> MaskJob:
         mask = np.zeros(image.shape[:2], np.uint8)
         return SimpleNamespace(mask=mask, prediction=SimpleNamespace(expression=job.expression,
                                                                      presence_report=lambda: {},
-                                                                     probability_image=lambda: mask,
+                                                                     probability_image=lambda: mask.astype(np.uint16),
                                                                      instances=lambda: []))
 
     api.mask_response({"image": _b64(Image.new("RGB", (8, 6))), **payload}, compute, _ready)
