@@ -36,8 +36,8 @@ from torch import Tensor
 from ldznet_ext.graphs import AGREEMENT, GraphCache
 from ldznet_ext.segmenter import Prediction, Segmenter, SegmenterSettings
 
-from bench_mask import (TIMESTEP, build_models, check_mask_bench_args, markdown_tables, mask_bench_parser,
-                        naive_probability)
+from bench_mask import (MAPS_AS_THEY_ARE, TIMESTEP, build_models, check_mask_bench_args, markdown_tables,
+                        mask_bench_parser, naive_probability, relative_difference)
 from common import DTYPES, environment, load_average, peak_rss_mib, sync, time_interleaved
 
 GALLERY_BATCHES = (1, 4, 16)
@@ -96,20 +96,17 @@ def maps(predictions: list[Prediction]) -> Tensor:
     return torch.stack([m.float() for p in predictions for m in (p.probability, *p.terms.values())])
 
 
-def relative_difference(got: Tensor, expected: Tensor) -> float:
-    """max |got - expected| relative to max |expected|."""
-    scale = float(expected.abs().max())
-    return float((got.to(expected.device) - expected).abs().max()) / (scale if scale > 0 else 1.0)
-
-
 def equality_checks(s: Segmenters) -> list[tuple[str, float, bool]]:
     """(case, relative difference, passed) for each case; names repeat in one case's two runs so
     that both sides see the same prompts."""
     cases: dict[str, tuple[Segmenter, Segmenter, Callable[[Segmenter], list[Prediction]]]] = {
-        "1 term": (s.graphed, s.eager, lambda seg: [seg.predict("thing 1")]),
-        "4 terms OR-ed": (s.graphed, s.eager, lambda seg: [seg.predict("thing 1 OR thing 2 OR thing 3 OR thing 4")]),
-        "zero-shot 1 term": (s.zero_shot_graphed, s.zero_shot_eager, lambda seg: [seg.predict("thing 1")]),
-        "gallery batch 4, 1 term": (s.graphed, s.eager, lambda seg: seg.predict_images(s.gallery[:4], "thing 1")),
+        "1 term": (s.graphed, s.eager, lambda seg: [seg.predict("thing 1", MAPS_AS_THEY_ARE)]),
+        "4 terms OR-ed": (s.graphed, s.eager,
+                          lambda seg: [seg.predict("thing 1 OR thing 2 OR thing 3 OR thing 4", MAPS_AS_THEY_ARE)]),
+        "zero-shot 1 term": (s.zero_shot_graphed, s.zero_shot_eager,
+                             lambda seg: [seg.predict("thing 1", MAPS_AS_THEY_ARE)]),
+        "gallery batch 4, 1 term": (s.graphed, s.eager,
+                                    lambda seg: seg.predict_images(s.gallery[:4], "thing 1", MAPS_AS_THEY_ARE)),
     }
     def fresh(segmenter: Segmenter, run: Callable[[Segmenter], list[Prediction]]) -> Tensor:
         segmenter.set_image(s.image)  # a new image state: its term cache is empty

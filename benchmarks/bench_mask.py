@@ -33,7 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ldznet_ext.graphs import AGREEMENT
 from ldznet_ext.images import to_model_input
+from ldznet_ext.masks.ops import MaskOptions
 from ldznet_ext.modeling.build import HeadConfig, build_head, head_config
 from ldznet_ext.refine import refine_probability
 from ldznet_ext.sd.model import StableDiffusion
@@ -64,6 +66,18 @@ def build_models(size: str, resolution: int, device: torch.device,
     return backbone, materialise(lambda: build_head(config), device, dtype), config
 
 
+MAPS_AS_THEY_ARE = MaskOptions(presence=False)
+"""What the checks predict with: random weights give every term one flat map, which the presence rule
+(on by default) decides "not found" and empties, and an empty map agrees with any other."""
+
+
+def relative_difference(got: Tensor, expected: Tensor) -> float:
+    """max |got - expected| relative to max |expected|; inf when ``expected`` is all zero, where a
+    comparison would pass whatever ``got`` holds."""
+    scale = float(expected.abs().max())
+    return float((got.to(expected.device) - expected).abs().max()) / scale if scale > 0 else float("inf")
+
+
 def naive_probability(backbone: StableDiffusion, head: nn.Module, config: HeadConfig, image: np.ndarray,
                       prompt: str, noise: Tensor) -> Tensor:
     """One term's map with no engine: every step once and the SD UNet run to its end (no early exit).
@@ -82,9 +96,9 @@ def naive_probability(backbone: StableDiffusion, head: nn.Module, config: HeadCo
 
 
 def run_benchmark(size: str, resolution: int, repeats: int, device_name: str, dtype_name: str,
-                  term_counts: list[int]) -> tuple[dict[str, list[float]], list[tuple[str, str, str, str]]]:
-    """Take the measurements; return {label: seconds per run} and the comparisons to print as
-    (what, numerator label, denominator label, target)."""
+                  term_counts: list[int]) -> tuple[dict[str, list[float]], list[tuple[str, str, str, str]], bool]:
+    """Take the measurements; return {label: seconds per run}, the comparisons to print as
+    (what, numerator label, denominator label, target), and whether the two paths' maps agree."""
     torch.set_flush_denormal(True)
     device, dtype = torch.device(device_name), DTYPES[dtype_name]
     backbone, head, config = build_models(size, resolution, device, dtype)
@@ -114,9 +128,10 @@ def run_benchmark(size: str, resolution: int, repeats: int, device_name: str, dt
         def refine() -> Tensor:
             return refine_probability(naive_map, image, settings.refine, decided_at=(side, side))[0]
 
-        difference = (segmenter.predict("a cat").probability.to(device) - refine()).abs().max()
-        print(f"check: the segmenter's and the naive map of one term differ by at most {float(difference):.2e}",
-              flush=True)
+        difference = relative_difference(segmenter.predict("a cat", MAPS_AS_THEY_ARE).probability, refine())
+        agreed = difference <= AGREEMENT
+        print(f"check: max |segmenter - naive| / max |naive| of one term's map = {difference:.2e} "
+              f"(<= {AGREEMENT:g}) {'PASS' if agreed else 'FAIL'}", flush=True)
         naive = "naive: VAE + text + full UNet + LD-ZNet, 1 term"
         one = "segmenter: set_image + predict, 1 term"
         refinement = "refinement of 1 term's map (part of set_image + predict)"
@@ -145,7 +160,7 @@ def run_benchmark(size: str, resolution: int, repeats: int, device_name: str, dt
             print(f"  round {round_number}/{repeats}, medians so far (ms): {medians}", file=sys.stderr, flush=True)
 
         times = time_interleaved(runs, device, repeats, report)
-    return times, comparisons
+    return times, comparisons, agreed
 
 
 def markdown_tables(times: dict[str, list[float]], comparisons: list[tuple[str, str, str, str]]) -> str:
@@ -174,8 +189,8 @@ def mask_bench_parser(description: str, repeats: int, dtype: str | None, dtype_h
 
 def check_mask_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse what :func:`mask_bench_parser`'s options cannot be (parser.error exits 2)."""
-    if args.resolution % 64:
-        parser.error(f"--resolution must be a multiple of 64, got {args.resolution}")
+    if args.resolution < 64 or args.resolution % 64:
+        parser.error(f"--resolution must be a multiple of 64 from 64 up, got {args.resolution}")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
 
@@ -196,14 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{environment(args.device, args.dtype)}, {args.size} models with random weights, image "
           f"{args.resolution}x{args.resolution} (z {args.resolution // 8}), median of {args.repeats} rounds "
           f"after 1 warm-up round; {load_average()} at the start", flush=True)
-    times, comparisons = run_benchmark(args.size, args.resolution, args.repeats, args.device, args.dtype,
-                                       list(dict.fromkeys(args.terms)))
+    times, comparisons, agreed = run_benchmark(args.size, args.resolution, args.repeats, args.device, args.dtype,
+                                               list(dict.fromkeys(args.terms)))
     print(markdown_tables(times, comparisons))
     memory = f"\n{load_average()} at the end; peak RSS {peak_rss_mib():.0f} MiB"
     if torch.device(args.device).type == "cuda":
         memory += f", peak GPU {torch.cuda.max_memory_allocated(torch.device(args.device)) / 2**20:.0f} MiB"
     print(memory)
-    return 0
+    return 0 if agreed else 1
 
 
 if __name__ == "__main__":
