@@ -129,3 +129,20 @@ def test_bad_inputs_raise() -> None:
         vae_config("sd-v2")
     with pytest.raises(LdznetError, match="multiple of 32"):
         VAEConfig(ch=48, ch_mult=(1, 2))
+
+
+def test_the_attention_gives_sdpa_contiguous_inputs(monkeypatch) -> None:
+    """Given transposed views, torch's CPU attention falls back to the kernel that builds the HW x HW
+    matrix: gigabytes for the VAE at a 1024 px working size."""
+    import ldznet_ext.sd.vae as vae_module
+
+    seen, real = [], vae_module.F.scaled_dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.append(all(t.is_contiguous() for t in (q, k, v)))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(vae_module.F, "scaled_dot_product_attention", recording)
+    with torch.no_grad():
+        AutoencoderKL(vae_config("tiny")).encode(torch.zeros(1, 3, 32, 32))
+    assert seen and all(seen)

@@ -150,8 +150,10 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         y = self.norm(x)
-        # [B, 1, HW, C]: one head, so fused SDPA kernels avoid materialising the HW x HW matrix.
-        q, k, v = (p(y).flatten(2).transpose(1, 2).unsqueeze(1) for p in (self.q, self.k, self.v))
+        # [B, 1, HW, C]: one head, so fused SDPA kernels avoid materialising the HW x HW matrix. Contiguous:
+        # given the transposed views, torch's CPU kernel falls back to the plain one, which builds that
+        # matrix (gigabytes at a 1024 px working size, which --resolution allows).
+        q, k, v = (p(y).flatten(2).transpose(1, 2).unsqueeze(1).contiguous() for p in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj_out(out.squeeze(1).transpose(1, 2).reshape(b, c, h, w))
 
