@@ -26,7 +26,7 @@ from .images import (MAX_PIXELS, Box, ImageInput, crop_to_box, image_box, load_i
                      to_model_input, type_name, working_size)
 from .limits import DRAWS, RESOLUTION, SEED, TIMESTEP
 from .graphs import GraphCache, graph_cache
-from .masks.expression import Or, Term, parse, reparsed
+from .masks.expression import MAX_TERMS, Or, Term, parse, reparsed
 from .masks.instances import Instance, find_instances
 from .masks.ops import MaskOptions, feather, select_mask
 from .masks.presence import HEAD_RULE, UNKNOWN_WORDS, ZERO_SHOT_RULE, PresenceRule, TermPresence, knows_term
@@ -147,6 +147,17 @@ class _ImageState:
     # term -> presence score of a head with a presence output, from the same head call as its map
     scores: dict[str, float] = field(default_factory=dict)
 
+    def remember(self, used: Sequence[str]) -> None:
+        """Mark the cached terms ``used`` most recent, then drop the least recently used beyond
+        MAX_CACHED_TERMS."""
+        for term in used:
+            if term in self.cache:
+                self.cache[term] = self.cache.pop(term)
+        while len(self.cache) > MAX_CACHED_TERMS:
+            oldest = next(iter(self.cache))
+            del self.cache[oldest]
+            self.scores.pop(oldest, None)
+
     @property
     def size(self) -> tuple[int, int]:
         return self.image.shape[:2]
@@ -154,6 +165,11 @@ class _ImageState:
     def crop(self, maps: Tensor) -> Tensor:
         """The part of maps over the frame (on its grid or the latent's) that covers the image."""
         return crop_to_box(maps, self.box, self.frame)
+
+
+MAX_CACHED_TERMS = 4 * MAX_TERMS
+"""Term maps one image keeps for later expressions (least recently used dropped): a long-lived image
+that sees term after term (a WebUI session, a script's loop) would otherwise keep every map."""
 
 
 class Segmenter:
@@ -164,7 +180,8 @@ class Segmenter:
     gets exactly its single-thread result. The feature tap serialises the hooked UNet calls (a lock
     per UNet, which the WebUI host's own calls of it do not take) and its hooks ignore other threads'
     calls. The current image (``set_image``) is one per Segmenter: threads that set different images
-    on one Segmenter see each other's.
+    on one Segmenter see each other's (each call reads it once: a mask is all of one image, or the
+    call raises that no image is set, while another thread's ``set_image`` runs).
     """
 
     def __init__(self, backbone: Backbone, head: nn.Module | None = None, head_config: HeadConfig | None = None,
@@ -245,11 +262,16 @@ class Segmenter:
 
     # -- prediction ------------------------------------------------------------------------
 
+    def _current(self) -> _ImageState:
+        """The current image's state, read once per call (another thread's ``set_image`` may replace it)."""
+        state = self._image
+        if state is None:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        return state
+
     def predict(self, expression: str | Expression, options: MaskOptions = MaskOptions()) -> Prediction:
         """Evaluate a mask expression on the current image."""
-        if self._image is None:
-            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
-        return self._predict([self._image], expression, options)[0]
+        return self._predict([self._current()], self._checked_tree(expression, options), options)[0]
 
     def predict_images(self, images: Sequence[ImageInput], expression: str | Expression,
                        options: MaskOptions = MaskOptions(), max_pixels: int = MAX_PIXELS) -> list[Prediction]:
@@ -257,14 +279,14 @@ class Segmenter:
         if not isinstance(images, (list, tuple)):  # a str or an array would be iterated as many "images"
             raise LdznetError(f"predict_images expects a list of images, got {type_name(images)}; "
                               "for one image use set_image and predict")
+        tree = self._checked_tree(expression, options)  # also when there is no image to predict on
         loaded = [load_image(im, max_pixels) for im in images]
-        return self._predict(self._encode(loaded), expression, options) if loaded else []
+        return self._predict(self._encode(loaded), tree, options) if loaded else []
 
     def predict_terms(self, terms: str | Sequence[str]) -> dict[str, Tensor]:
         """Each term's probability map [H, W] in [0, 1] at the current image's size (refined as set);
         a str is one term."""
-        if self._image is None:
-            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        state = self._current()
         if not isinstance(terms, (str, list, tuple)):
             raise LdznetError(f"terms must be a string or a list of strings, got {type_name(terms)}")
         unique = list(dict.fromkeys([terms] if isinstance(terms, str) else terms))
@@ -272,8 +294,8 @@ class Segmenter:
             raise LdznetError(f"terms must be one or more strings, got {unique!r}")
         # The rules of a term in an expression (text, at most MAX_TERMS, no control characters)
         reparsed(Term(unique[0]) if len(unique) == 1 else Or(tuple(Term(term) for term in unique)))
-        self._fill_cache([self._image], unique)
-        return self._upsample(self._image, unique)
+        self._fill_cache([state], unique)
+        return self._upsample(state, unique)
 
     def _upsample(self, state: _ImageState, terms: Sequence[str]) -> dict[str, Tensor]:
         """The terms' cached maps at the image's size: image-guided, or bilinear when refinement is off."""
@@ -299,20 +321,19 @@ class Segmenter:
     def decide_presence(self, maps: dict[str, Tensor]) -> dict[str, TermPresence]:
         """Each term's found / not-found decision on the current image, for its map as
         ``predict_terms`` gave it (float [H, W] at the image's size, finite)."""
-        if self._image is None:
-            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        state = self._current()
         if not isinstance(maps, Mapping):
             raise LdznetError(f"maps must be a mapping of term -> map, as predict_terms gives, got {type_name(maps)}")
         for term, probability in maps.items():
             if not isinstance(probability, Tensor) or not probability.is_floating_point() or \
-                    tuple(probability.shape) != self._image.size or not bool(torch.isfinite(probability).all()):
+                    tuple(probability.shape) != state.size or not bool(torch.isfinite(probability).all()):
                 found = (f"{probability.dtype} tensor of shape {tuple(probability.shape)}"
                          if isinstance(probability, Tensor) else type_name(probability))
                 raise LdznetError(f"the map of {term!r} must be a finite float tensor of the image's size "
-                                  f"{self._image.size}, got {found}")
-            if self.learned_presence and term not in self._image.scores:  # the head's score comes with its map
+                                  f"{state.size}, got {found}")
+            if self.learned_presence and term not in state.scores:  # the head's score comes with its map
                 raise LdznetError(f"no presence score for {term!r} on this image; call predict_terms with it first")
-        return self._decide(self._image, maps)
+        return self._decide(state, maps)
 
     @property
     def vocabulary(self) -> frozenset[str] | None:
@@ -332,14 +353,17 @@ class Segmenter:
                 decisions[term] = self.presence_rule.decide(probability)
         return decisions
 
-    def _predict(self, states: list[_ImageState], expression: str | Expression,
-                 options: MaskOptions) -> list[Prediction]:
+    @staticmethod
+    def _checked_tree(expression: str | Expression, options: MaskOptions) -> Expression:
+        """The expression parsed (text) or checked (a tree), after checking ``options``."""
         if not isinstance(expression, (str, Expression)):
             raise LdznetError(f"expected a mask expression as text, such as 'cat OR dog', got {type_name(expression)}")
         if not isinstance(options, MaskOptions):
             hint = "; a MaskJob gives job.tree() and job.mask_options()" if hasattr(options, "mask_options") else ""
             raise LdznetError(f"options must be MaskOptions, got {type_name(options)}{hint}")
-        tree = parse(expression) if isinstance(expression, str) else reparsed(expression)
+        return parse(expression) if isinstance(expression, str) else reparsed(expression)
+
+    def _predict(self, states: list[_ImageState], tree: Expression, options: MaskOptions) -> list[Prediction]:
         terms = tree.terms()
         self._fill_cache(states, terms)
         predictions = []
@@ -360,6 +384,8 @@ class Segmenter:
     def _fill_cache(self, states: list[_ImageState], terms: Sequence[str]) -> None:
         todo = [t for t in terms if any(t not in s.cache for s in states)]
         if not todo:
+            for state in states:
+                state.remember(terms)
             return
         z = torch.cat([s.z for s in states])
         conditioning = self.backbone.encode_text([self.settings.prompt_template.format(t) for t in todo])
@@ -378,6 +404,7 @@ class Segmenter:
                 state.cache[term] = state.crop(probabilities[i, j].float())
                 if self.learned_presence:
                     state.scores[term] = float(scores[i, j])
+            state.remember(terms)
 
     def _check_finite(self, values: Tensor, what: str) -> None:
         """Refuse NaN/inf (NaN weights, or fp16 overflow): thresholded, they would pass as an empty mask."""

@@ -16,7 +16,7 @@ from ldznet_ext.masks.expression import MAX_TERMS, parse
 from ldznet_ext.masks.ops import MaskOptions
 from ldznet_ext.masks.tree import Modified, Modifier, Not, Or, Term
 from ldznet_ext.refine import RefineSettings
-from ldznet_ext.segmenter import Segmenter, SegmenterSettings
+from ldznet_ext.segmenter import MAX_CACHED_TERMS, Segmenter, SegmenterSettings
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -153,3 +153,63 @@ def test_decide_presence_checks_its_maps(segmenter):
                                    f"got {found}"
     with pytest.raises(LdznetError, match="^maps must be a mapping of term -> map, as predict_terms gives, got list$"):
         segmenter.decide_presence([maps["cat"]])
+
+
+def test_an_empty_batch_checks_its_expression_and_options(segmenter):
+    with pytest.raises(LdznetError, match="^expected a mask expression as text"):
+        segmenter.predict_images([], 123)
+    with pytest.raises(ExpressionError):
+        segmenter.predict_images([], "sky OR (((")
+    with pytest.raises(LdznetError, match="^options must be MaskOptions, got str$"):
+        segmenter.predict_images([], "sky", "junk")
+    assert segmenter.predict_images([], "sky") == []
+
+
+def test_an_image_keeps_its_recently_used_term_maps_only(segmenter):
+    """A long-lived image that saw term after term kept every map (1 MB each at 512 px)."""
+    state = segmenter._image
+    for round_ in range(6):
+        segmenter.predict(" OR ".join(f"w{round_}x{i}" for i in range(MAX_TERMS)))
+    assert len(state.cache) == MAX_CACHED_TERMS == 4 * MAX_TERMS
+    assert list(state.cache)[-MAX_TERMS:] == [f"w5x{i}" for i in range(MAX_TERMS)]  # the newest stay
+    segmenter.predict("w2x0")  # a cached term used again is not the next to go
+    segmenter.predict(" OR ".join(f"new{i}" for i in range(MAX_TERMS)))
+    assert "w2x0" in state.cache and "w2x1" not in state.cache
+
+
+def test_one_segmenter_shared_by_threads_gives_masks_of_one_image_or_says_no_image_is_set(tiny_sd, tiny_head):
+    """Two threads predict while a third swaps the image: every call reads the current image once, so
+    a mask is one image's or the call says no image is set (a KeyError or AttributeError escaped)."""
+    import threading
+
+    segmenter = Segmenter(tiny_sd, *tiny_head, PLAIN)
+    images = [random_image(64, 64, seed=1), random_image(64, 64, seed=2)]
+    expected = []
+    for image in images:
+        segmenter.set_image(image)
+        expected.append(segmenter.predict("sky OR grass", MaskOptions(presence=False)).probability)
+    failures, masks = [], []
+
+    def predicting():
+        for _ in range(20):
+            try:
+                masks.append(segmenter.predict("sky OR grass", MaskOptions(presence=False)).probability)
+                segmenter.predict_terms(["sky", "water"])
+            except RuntimeError as error:
+                if "An image must be set" not in str(error):
+                    failures.append(error)
+            except Exception as error:  # noqa: BLE001 - any other is the failure under test
+                failures.append(error)
+
+    def swapping():
+        for k in range(20):
+            segmenter.set_image(images[k % 2])
+
+    threads = [threading.Thread(target=predicting), threading.Thread(target=predicting),
+               threading.Thread(target=swapping)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert all(any(torch.equal(mask, e) for e in expected) for mask in masks)
