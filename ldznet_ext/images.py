@@ -59,11 +59,15 @@ def open_image(source: str | os.PathLike | io.BytesIO) -> Image.Image:
 def _to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
     """Any PIL mode -> RGB; transparency (an alpha channel, or a PNG's transparent colour) is composited
     over mid-grey so hidden pixels can't leak in. Float images (mode F) in [0, 1] are read as float
-    arrays are (``load_image``)."""
+    arrays are (``load_image``); F and 32-bit (I) images in 0..255 or 0..65535 by that range; values
+    below 0 or above 65535 are refused, not clipped."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         if not np.isfinite(array).all():  # as in float arrays: NaN would pass as black, with a numpy warning
             raise ImageError(f"{name}: contains NaN or infinite values")
+        if array.size and (array.min() < 0 or array.max() > 65535):  # no pixel range: clipping would hide them
+            raise ImageError(f"{name}: a {image.mode} image with values from {array.min():g} to {array.max():g}; "
+                             "expected values in [0, 1], 0..255 or 0..65535")
         top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
         if image.mode == "F" and array.max() <= 1.0:
             top = 1.0

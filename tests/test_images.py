@@ -108,6 +108,18 @@ def test_float_images_read_as_float_arrays_do():
     assert np.array_equal(load_image(_tiff(grey.astype(np.float32))), np.dstack([grey] * 3))
 
 
+@pytest.mark.parametrize("mode, values, shown", [("F", (-1.0, 1.0), "-1 to 1"), ("F", (0.0, 70000.0), "0 to 70000"),
+                                                  ("I", (-5, 200), "-5 to 200")])
+def test_float_and_32_bit_images_outside_every_pixel_range_are_refused(mode, values, shown):
+    """[-1, 1] came out with its negative half black, clipped, as no float array is."""
+    array = np.linspace(*values, 12 * 16, dtype=np.float32 if mode == "F" else np.int32).reshape(12, 16)
+    image = Image.fromarray(array)
+    assert image.mode == mode
+    with pytest.raises(ImageError, match=f"^image: a {mode} image with values from {shown}; expected values in "
+                                         r"\[0, 1\], 0..255 or 0..65535$"):
+        load_image(image)
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_float_images_with_nan_or_inf_are_refused(value, tmp_path):
     """As float arrays are: NaN would become 0 with a numpy warning, and the mask would be of nothing."""
