@@ -124,7 +124,15 @@ def _tool(name: str):
     ("feature_ablation", ["--model", "."], "model . is a folder; expected "),
     ("feature_ablation", ["--data", "world:test:1", "--json", "."], "cannot write .: it is a folder"),
     ("feature_probe", ["--train", "1", "--val", "1", "--test", "1", "--json", "."], "cannot write .: it is a folder"),
-    ("binding_run", ["-o", "/dev/null"], "/dev/null is a file, not a folder"),
+    ("feature_ablation", ["--ldznet-head", "{znet}"], "micro-znet.safetensors: a znet head given as the LD-ZNet head"),
+    ("binding_run", ["-o", "/dev/null", "--unet-steps", "2"], "/dev/null is a file, not a folder"),
+    ("binding_run", ["-o", "run"], "--unet-steps auto (the default) fits the steps to --time-budget-s"),
+    ("binding_run", ["-o", "run", "--unet-steps", "2", "--snapshots", "0"], "--snapshots must be at least 1, got 0"),
+    ("binding_run", ["-o", "run", "--unet-steps", "2", "--device", "banana"], "unknown device 'banana'"),
+    ("binding_run", ["-o", "run", "--unet-steps", "2", "--init-model", "missing.safetensors"],
+     "--init-model not found: missing.safetensors"),
+    ("calibrate_presence", ["collect", "--data", "nonsense:x", "-o", "f.json"], "unknown data spec 'nonsense:x'"),
+    ("calibrate_presence", ["choose", "missing.json"], "missing.json: not found; expected a features file"),
     ("choose_presence_level", ["missing.safetensors", "-o", "x.safetensors"], "checkpoint not found: missing"),
     ("choose_presence_level", ["{head}", "-o", "x.safetensors"],
      "head.safetensors: the head has no presence output to choose a level for"),
@@ -134,7 +142,8 @@ def _tool(name: str):
 def test_tools_refuse_bad_arguments_in_one_line(tiny_model_files, monkeypatch, capsys, tmp_path, tool, args,
                                                 message) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", [f"{tool}.py", *(a.format(head=tiny_model_files[1]) for a in args)])
+    znet = ROOT / "ldznet_ext" / "world" / "weights" / "micro-znet.safetensors"
+    monkeypatch.setattr(sys, "argv", [f"{tool}.py", *(a.format(head=tiny_model_files[1], znet=znet) for a in args)])
     with pytest.raises(SystemExit) as exit_:
         _tool(tool).main()
     err = capsys.readouterr().err

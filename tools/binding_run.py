@@ -207,8 +207,17 @@ def main() -> None:
     start = time.perf_counter()
     if args.unet_steps != "auto" and not args.unet_steps.isdigit():
         parser.error(f"--unet-steps: expected an integer or auto, got {args.unet_steps!r}")
-    out, device = Path(args.output), resolve_device(args.device)
+    if args.unet_steps == "auto" and args.time_budget_s is None and not args.measure:
+        parser.error("--unet-steps auto (the default) fits the steps to --time-budget-s: give one, or an integer")
+    for option, value in (("--snapshots", args.snapshots), ("--eval-scenes", args.eval_scenes),
+                          ("--calibration-steps", args.calibration_steps), ("--unet-batch", args.unet_batch)):
+        if value is not None and value < 1:  # refused now, not after the training
+            parser.error(f"{option} must be at least 1, got {value}")
+    out = Path(args.output)
     try:
+        device = resolve_device(args.device)
+        if not args.measure:
+            readable_file(args.init_model, "--init-model")
         recipe = micro_recipe(args.recipe).with_overrides(unet_batch=args.unet_batch, image_size=args.image_size,
                                                           unet_min_snr_gamma=args.unet_min_snr_gamma)
     except LdznetError as error:

@@ -28,16 +28,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldznet_ext.data.examples import Source  # noqa: E402
+from ldznet_ext.data.files import read_json  # noqa: E402
 from ldznet_ext.data.spec import open_source  # noqa: E402
 from ldznet_ext.data.stream import iterate_examples  # noqa: E402
+from ldznet_ext.errors import LdznetError  # noqa: E402
 from ldznet_ext.eval.metrics import sample_iou, threshold_counts  # noqa: E402
+from ldznet_ext.limits import DEVICE_NAMES, Limit, bounded_number, device_name  # noqa: E402
 from ldznet_ext.loading import load_segmenter, resolve_model_paths  # noqa: E402
 from ldznet_ext.masks.presence import presence_score  # noqa: E402
+from ldznet_ext.outputs import writable_path  # noqa: E402
 from ldznet_ext.segmenter import Segmenter  # noqa: E402
 
 AREAS = (0.0, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02)  # 0.0: the peak
 LEVELS = np.round(np.arange(0.05, 0.96, 0.01), 2)
 EMPTY_AT = 0.5  # an absent phrase "comes back empty" when no pixel exceeds eval's binary threshold
+MAX_DROP = Limit(float, 0, 100)  # mIoU points
 
 
 def presence_rows(segmenter: Segmenter, source: Source, scores: Callable[[dict[str, torch.Tensor]], dict[str, list]],
@@ -65,6 +70,7 @@ def presence_rows(segmenter: Segmenter, source: Source, scores: Callable[[dict[s
 
 def collect(args: argparse.Namespace) -> None:
     """Per-phrase scores (and per-threshold IoUs of present phrases) of the embedded model on --data."""
+    writable_path(args.output)  # before the collection's minutes of work
     torch.set_grad_enabled(False)
     model, head = resolve_model_paths(None, None, args.zero_shot)
     segmenter = load_segmenter(model, head, device=args.device)
@@ -104,18 +110,29 @@ def best_rule(rows: list[dict], areas: int, levels: Iterable[float], max_drop: f
     return None if best is None else best[1:]
 
 
+def features(path: str) -> dict:
+    """A features file that ``collect`` wrote; LdznetError otherwise."""
+    data = read_json(path, "a features file of calibrate_presence.py collect")
+    if not isinstance(data, dict) or not {"data", "zero_shot", "areas", "rows"} <= data.keys():
+        raise LdznetError(f"{path}: not a features file of calibrate_presence.py collect")
+    return data
+
+
 def choose(args: argparse.Namespace) -> None:
     """Pick (area, level) on the validation features; optionally report it on test features."""
-    val = json.loads(Path(args.features).read_text(encoding="utf-8"))
+    val = features(args.features)
     chosen = best_rule(val["rows"], len(val["areas"]), LEVELS, args.max_drop)
     if chosen is None:
-        sys.exit(f"no rule keeps the present phrases' mIoU within --max-drop {args.max_drop:g} points")
+        raise LdznetError(f"no rule keeps the present phrases' mIoU within --max-drop {args.max_drop:g} points")
     a, level, m = chosen
     area = val["areas"][a]
     print(json.dumps({"data": val["data"], "zero_shot": val["zero_shot"], "area": area, "level": level,
                       "before": measure(val["rows"], None, 0), "after": m}))
     if args.report:
-        test = json.loads(Path(args.report).read_text(encoding="utf-8"))
+        test = features(args.report)
+        if test["zero_shot"] != val["zero_shot"]:
+            kinds = ["zero-shot" if f["zero_shot"] else "head" for f in (test, val)]
+            raise LdznetError(f"{args.report}: features of {kinds[0]} maps; the rule was chosen on {kinds[1]} maps")
         a = test["areas"].index(area)
         print(json.dumps({"data": test["data"], "zero_shot": test["zero_shot"], "area": area, "level": level,
                           "before": measure(test["rows"], None, 0), "after": measure(test["rows"], a, level)}))
@@ -127,14 +144,18 @@ def main() -> None:
     p = commands.add_parser("collect", help="per-phrase presence features of the embedded model")
     p.add_argument("--data", required=True, help="e.g. world:val:60 (choose) or world:test:100 (report)")
     p.add_argument("--zero-shot", action="store_true", help="zero-shot maps instead of the embedded head")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_name, default="cpu", help=f"{DEVICE_NAMES} (default cpu)")
     p.add_argument("-o", "--output", required=True, help="features JSON")
     p = commands.add_parser("choose", help="pick the rule on validation features")
     p.add_argument("features", help="features JSON of a validation split")
     p.add_argument("--report", help="features JSON of the test split: apply the chosen rule, print the numbers")
-    p.add_argument("--max-drop", type=float, default=0.5, help="allowed present mIoU drop on val, points")
+    p.add_argument("--max-drop", type=bounded_number(MAX_DROP), default=0.5,
+                   help="allowed present mIoU drop on val, points (default 0.5)")
     args = parser.parse_args()
-    (collect if args.command == "collect" else choose)(args)
+    try:
+        (collect if args.command == "collect" else choose)(args)
+    except LdznetError as error:  # a bad spec, device or file: one line, as the ldznet commands
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -26,18 +26,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from calibrate_presence import best_rule, measure, presence_rows  # noqa: E402
+from calibrate_presence import MAX_DROP, best_rule, measure, presence_rows  # noqa: E402
 from ldznet_ext.checkpoint_io import read_metadata  # noqa: E402
 from ldznet_ext.data.spec import open_source  # noqa: E402
 from ldznet_ext.errors import LdznetError  # noqa: E402
 from ldznet_ext.heads import load_head, read_head_config, save_head  # noqa: E402
-from ldznet_ext.limits import DEVICE_NAMES, Limit, bounded_number, device_name  # noqa: E402
+from ldznet_ext.limits import DEVICE_NAMES, bounded_number, device_name  # noqa: E402
 from ldznet_ext.devices import resolve_device  # noqa: E402
 from ldznet_ext.loading import load_segmenter, resolve_model_paths  # noqa: E402
 from ldznet_ext.outputs import same_file, writable_path  # noqa: E402
 
 LEVELS = np.round(np.arange(0.01, 1.0, 0.01), 2)
-MAX_DROP = Limit(float, 0, 100)  # mIoU points
 
 
 def collect(head_path: str, data: str, model: str | None = None, device: str = "auto") -> list[dict]:

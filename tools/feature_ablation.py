@@ -40,6 +40,7 @@ from ldznet_ext.defaults import WEIGHTS_DIR  # noqa: E402
 from ldznet_ext.eval.evaluate import evaluate  # noqa: E402
 from ldznet_ext.errors import LdznetError  # noqa: E402
 from ldznet_ext.eval.metrics import THRESHOLDS, SegmentationMetrics  # noqa: E402
+from ldznet_ext.heads import read_head_config  # noqa: E402
 from ldznet_ext.limits import RESOLUTION, SEED, bounded_number  # noqa: E402
 from ldznet_ext.loading import load_segmenter  # noqa: E402
 from ldznet_ext.outputs import writable_path  # noqa: E402
@@ -119,9 +120,13 @@ def run(data: str, resolution: int, seed: int, model: Path | None = None, ldznet
     """Every method's threshold and per-bin (count, IoU) on ``data`` at ``resolution``; ``model`` and the heads
     default to the embedded micro SD and heads."""
     sd = model or WEIGHTS_DIR / "micro-sd-v1.safetensors"
-    for given, what in ((model, "model"), (ldznet_head, "LD-ZNet head"), (znet_head, "ZNet head")):
+    for given, what, arch in ((model, "model", None), (ldznet_head, "LD-ZNet head", "ldznet"),
+                              (znet_head, "ZNet head", "znet")):
         if given is not None:  # refused before the first method's minutes of work, not after
             readable_file(given, what)
+            # another architecture would read no SD features: every replacement "changes nothing"
+            if arch is not None and (found := read_head_config(given).arch) != arch:
+                raise LdznetError(f"{given}: a {found} head given as the {what}")
     methods: dict[str, Callable[[], Segmenter]] = {
         "ZNet": lambda: load_segmenter(sd, znet_head or WEIGHTS_DIR / "micro-znet.safetensors", device="cpu",
                                        resolution=resolution),
