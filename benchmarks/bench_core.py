@@ -23,12 +23,13 @@ from torch import Tensor
 
 from ldznet_ext.backbones.base import LDZNET_BLOCKS, ldm_layout
 from ldznet_ext.modeling.build import build_head, head_config
+from ldznet_ext.precision import DTYPES
 from ldznet_ext.sd.schedule import NoiseSchedule
 from ldznet_ext.sd.unet import UNetModel, unet_config
 from ldznet_ext.sd.vae import SCALE_FACTOR, AutoencoderKL, vae_config
 from ldznet_ext.tap import FeatureTap
 
-from common import DTYPES, environment, materialise, peak_rss_mib, run_isolated, time_runs
+from common import device_argument, environment, materialise, peak_rss_mib, run_isolated, time_runs
 
 STAGES = ("vae_encode", "features_full", "features_early", "ldznet_head")
 TIMESTEP = 400
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=384, help="image side in pixels, a multiple of 64")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per stage (after one warm-up)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="fp16 is for GPUs")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     args = parser.parse_args(argv)

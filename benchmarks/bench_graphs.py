@@ -34,11 +34,12 @@ import torch
 from torch import Tensor
 
 from ldznet_ext.graphs import AGREEMENT, GraphCache
+from ldznet_ext.precision import DTYPES
 from ldznet_ext.segmenter import Prediction, Segmenter, SegmenterSettings
 
 from bench_mask import (MAPS_AS_THEY_ARE, TIMESTEP, build_models, check_mask_bench_args, markdown_tables,
                         mask_bench_parser, naive_probability, relative_difference)
-from common import DTYPES, environment, load_average, peak_rss_mib, sync, time_interleaved
+from common import environment, load_average, peak_rss_mib, sync, time_interleaved
 
 GALLERY_BATCHES = (1, 4, 16)
 # Goals of issue #25, for an H100 in fp16 at 384 px, SD v1 size

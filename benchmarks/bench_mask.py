@@ -37,6 +37,7 @@ from ldznet_ext.graphs import AGREEMENT
 from ldznet_ext.images import to_model_input
 from ldznet_ext.masks.ops import MaskOptions
 from ldznet_ext.modeling.build import HeadConfig, build_head, head_config
+from ldznet_ext.precision import DTYPES
 from ldznet_ext.refine import refine_probability
 from ldznet_ext.sd.model import StableDiffusion
 from ldznet_ext.sd.text import TextEncoder, text_config
@@ -45,7 +46,7 @@ from ldznet_ext.sd.vae import SCALE_FACTOR, AutoencoderKL, VAEConfig, vae_config
 from ldznet_ext.segmenter import Segmenter, SegmenterSettings
 from ldznet_ext.tap import FeatureTap
 
-from common import DTYPES, environment, load_average, materialise, peak_rss_mib, time_interleaved
+from common import device_argument, environment, load_average, materialise, peak_rss_mib, time_interleaved
 
 SIZES = ("sd-v1", "tiny")
 TIMESTEP = 400
@@ -182,7 +183,7 @@ def mask_bench_parser(description: str, repeats: int, dtype: str | None, dtype_h
     parser.add_argument("--size", choices=SIZES, default="sd-v1", help="model size (tiny: a quick check)")
     parser.add_argument("--resolution", type=int, default=384, help="image side in pixels, a multiple of 64")
     parser.add_argument("--repeats", type=int, default=repeats, help="timed rounds (after one warm-up round)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=dtype, help=dtype_help)
     return parser
 

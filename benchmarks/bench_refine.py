@@ -27,12 +27,13 @@ import torch
 from ldznet_ext.defaults import default_model_paths
 from ldznet_ext.images import resize_probability
 from ldznet_ext.loading import load_segmenter
+from ldznet_ext.precision import DTYPES
 from ldznet_ext.refine import RefineSettings, refine_probability
 from ldznet_ext.segmenter import Segmenter, SegmenterSettings
 from ldznet_ext.world.scenes import MAX_SIZE, make_scene
 
 from bench_mask import TIMESTEP, build_models
-from common import DTYPES, environment, run_isolated, sync, time_runs
+from common import device_argument, environment, run_isolated, sync, time_runs
 
 TARGET_CPU = 0.10  # refinement adds at most this share of one mask's time on the CPU
 TARGET_GPU_MS = 5.0
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=int, default=1024, help="output (image) side in pixels")
     parser.add_argument("--resolution", type=int, default=384, help="working side of the sd-v1 model")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_argument, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     parser.add_argument("--huge", type=int, default=8192, help="side of the memory test (0: skip it)")
     args = parser.parse_args(argv)

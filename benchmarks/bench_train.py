@@ -32,17 +32,18 @@ import time
 import numpy as np
 import torch
 
+from ldznet_ext.data.examples import Example
 from ldznet_ext.modeling.build import ARCHITECTURES
+from ldznet_ext.precision import DTYPES
 from ldznet_ext.sd.model import StableDiffusion
 from ldznet_ext.sd.text import TextEncoder, text_config
 from ldznet_ext.sd.unet import UNetModel, unet_config
 from ldznet_ext.sd.vae import AutoencoderKL, vae_config
 from ldznet_ext.train.config import PRECISIONS, PRESETS, TrainConfig
-from ldznet_ext.data.examples import Example
 from ldznet_ext.train.trainer import Trainer
 
 from bench_mask import SIZES, TINY_VAE
-from common import DTYPES, environment, load_average, materialise, peak_rss_mib, time_runs
+from common import device_argument, environment, load_average, materialise, peak_rss_mib, time_runs
 
 
 class SyntheticSource:
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=384, help="image side in pixels, a multiple of 64")
     parser.add_argument("--batch-size", type=int, default=4, help="samples per step (official: 4 per GPU)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after one warm-up)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--device", type=device_argument, default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                         help="dtype of the frozen SD model (fp16 on a GPU); the head trains in fp32")
     parser.add_argument("--arch", nargs="+", choices=ARCHITECTURES, default=list(ARCHITECTURES))

@@ -6,6 +6,7 @@ The scripts import this module by its bare name, so run them as ``python benchma
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 import os
 import resource
@@ -19,7 +20,17 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_parameter_registration_hook
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from ldznet_ext.devices import resolve_device
+from ldznet_ext.errors import LdznetError
+
+
+def device_argument(text: str) -> str:
+    """``--device``'s type: a device this machine has (cpu, cuda, cuda:N, mps), as the ldznet commands
+    take it; argparse's one-line error otherwise (torch's traceback came only at the first model)."""
+    try:
+        return str(resolve_device(text))
+    except LdznetError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 @contextmanager
