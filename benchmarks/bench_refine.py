@@ -121,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     parser.add_argument("--huge", type=int, default=8192, help="side of the memory test (0: skip it)")
     args = parser.parse_args(argv)
+    for option, value, low in (("--output", args.output, 64), ("--resolution", args.resolution, 64),
+                               ("--repeats", args.repeats, 1), ("--huge", args.huge, 0)):
+        if value < low:
+            parser.error(f"{option} must be at least {low}, got {value}")
+    if args.resolution % 64:
+        parser.error(f"--resolution must be a multiple of 64, got {args.resolution}")
     print(f"{environment(args.device, args.dtype)}, model {args.model}, output {args.output}x{args.output}, "
           f"median of {args.repeats} after 1 warm-up", flush=True)
     m = cost(args.model, args.output, args.resolution, args.repeats, args.device, args.dtype)

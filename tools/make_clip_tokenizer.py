@@ -37,7 +37,10 @@ def byte_symbols() -> list[str]:
 
 def read_merges(bpe_path: Path) -> list[tuple[str, str]]:
     """The merge pairs CLIP uses, in rank order (line 0 of the file is a version header)."""
-    lines = gzip.decompress(bpe_path.read_bytes()).decode("utf-8").split("\n")
+    try:
+        lines = gzip.decompress(bpe_path.read_bytes()).decode("utf-8").split("\n")
+    except (OSError, EOFError, UnicodeDecodeError) as error:  # missing, not gzip, truncated, not text
+        raise SystemExit(f"{bpe_path}: cannot read the BPE file ({type(error).__name__}: {error})") from None
     merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
     if len(merges) != NUM_MERGES or any(len(pair) != 2 for pair in merges):
         raise SystemExit(f"{bpe_path}: expected {NUM_MERGES} merge pairs after the header")
@@ -63,6 +66,8 @@ def default_bpe_path() -> Path:
 
 def write_folder(out: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
     """Write the four files; compact JSON with raw UTF-8 keeps vocab.json near its minimum size."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"{out}: a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
     config = {

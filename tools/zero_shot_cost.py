@@ -1,6 +1,6 @@
 """Cost of the zero-shot methods side by side: ms per mask and the peak memory a call adds, on the CPU.
 
-    .venv/bin/python tools/zero_shot_cost.py                 # micro model, 384 px, both methods
+    .venv/bin/python tools/zero_shot_cost.py                 # micro model, 384 px, every score
     .venv/bin/python tools/zero_shot_cost.py --unet micro --unet sd-v1   # and a random full-size SD v1 UNet
     .venv/bin/python tools/zero_shot_cost.py --unet sdxl --side 1024 --terms 1 --only attention
                                                              # a random full-size SDXL UNet at 1024 px
@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ldznet_ext.limits import RESOLUTION, bounded_number  # noqa: E402
 
 TERMS = ["red circle", "blue square", "sky", "grass"]
 SCORES = {"agreement": dict(score="agreement", timestep=400, draws=4),
@@ -97,23 +99,29 @@ def _measure(unet_size: str, score: str, side: int, terms: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--unet", action="append", default=None,
+    parser.add_argument("--unet", action="append", default=None, choices=("micro", "sd-v1", "sdxl"),
                         help="micro (default), sd-v1 and/or sdxl (random weights); repeatable")
-    parser.add_argument("--side", type=int, default=384)
+    parser.add_argument("--side", type=bounded_number(RESOLUTION), default=384,
+                        help="image side in pixels, a multiple of 64 (the working sizes)")
     parser.add_argument("--terms", type=int, default=len(TERMS), choices=range(1, len(TERMS) + 1))
     parser.add_argument("--only", choices=tuple(SCORES), help="measure one score only")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.side % 64:
+        parser.error(f"--side must be a multiple of 64, got {args.side}")
     terms = TERMS[:args.terms]
     if args.child:
         print(json.dumps(_measure(args.child[0], args.child[1], args.side, terms)))
         return
-    print("| UNet | score | ms per mask | peak memory above RSS (MiB) |")
+    print("| UNet | score | ms per mask | peak memory above RSS (MiB) |\n|---|---|---:|---:|")
     for unet_size in dict.fromkeys(args.unet or ["micro"]):
         for score in [args.only] if args.only else SCORES:
-            out = subprocess.run([sys.executable, __file__, "--side", str(args.side), "--terms", str(args.terms),
-                                  "--child", unet_size, score], check=True, capture_output=True, text=True).stdout
-            row = json.loads(out.splitlines()[-1])
+            child = subprocess.run([sys.executable, __file__, "--side", str(args.side), "--terms", str(args.terms),
+                                    "--child", unet_size, score], capture_output=True, text=True)
+            if child.returncode:  # its own error, not "returned non-zero exit status"
+                parser.exit(1, f"{parser.prog}: error: {unet_size} {score}: "
+                               f"{(child.stderr.strip().splitlines() or ['failed'])[-1]}\n")
+            row = json.loads(child.stdout.splitlines()[-1])
             print(f"| {unet_size} {args.side} px | {score} | {row['ms_per_mask']:.0f} | "
                   f"{row['peak_above_rss_mib']:.0f} |", flush=True)
 

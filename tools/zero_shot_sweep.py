@@ -24,8 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ldznet_ext.data.spec import open_source  # noqa: E402
 from ldznet_ext.defaults import WEIGHTS_DIR  # noqa: E402
+from ldznet_ext.errors import LdznetError  # noqa: E402
 from ldznet_ext.eval.evaluate import evaluate  # noqa: E402
 from ldznet_ext.loading import load_segmenter  # noqa: E402
+from ldznet_ext.outputs import writable_path  # noqa: E402
 from ldznet_ext.world.binding import binding_auc  # noqa: E402
 from ldznet_ext.zeroshot import ZeroShotSettings  # noqa: E402
 
@@ -75,9 +77,16 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variants {unknown}")
     torch.set_num_threads(1)
-    base = load_segmenter(WEIGHTS_DIR / "micro-sd-v1.safetensors", None, device="cpu")
-    source = open_source(args.data, size=base.resolution)
-    print(f"| {args.data} variant | mIoU | IoU_FG | AP | s/image |" + (" binding AUC |" if args.binding else ""))
+    try:  # refused before the first variant's minutes of work
+        if args.output:
+            writable_path(args.output)
+        base = load_segmenter(WEIGHTS_DIR / "micro-sd-v1.safetensors", None, device="cpu")
+        source = open_source(args.data, size=base.resolution)
+    except LdznetError as error:
+        parser.error(str(error))
+    header = f"| {args.data} variant | mIoU | IoU_FG | AP | s/image |" + (" binding AUC |" if args.binding else "")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
     for name in names:
         segmenter = base.with_settings(zero_shot=VARIANTS[name])
         start = time.perf_counter()
