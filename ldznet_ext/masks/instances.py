@@ -123,7 +123,7 @@ def select_instances(probability: Tensor, threshold: float, order: str, indices:
             return probability.clone()
         return torch.stack([select_instances(p, threshold, order, indices) for p in probability])
     labels, regions = _regions(probability > threshold, order, "an instance selector")
-    chosen = [regions[i - 1 if i > 0 else len(regions) + i][0] for i in indices
-              if 0 <= (i - 1 if i > 0 else len(regions) + i) < len(regions)]
+    positions = (index - 1 if index > 0 else len(regions) + index for index in indices)
+    chosen = [regions[position][0] for position in positions if 0 <= position < len(regions)]
     keep = torch.from_numpy(np.isin(labels, chosen)).to(probability.device)
     return probability * keep
