@@ -207,8 +207,6 @@ def main() -> None:
     start = time.perf_counter()
     if args.unet_steps != "auto" and not args.unet_steps.isdigit():
         parser.error(f"--unet-steps: expected an integer or auto, got {args.unet_steps!r}")
-    if args.unet_steps == "auto" and args.time_budget_s is None and not args.measure:
-        parser.error("--unet-steps auto (the default) fits the steps to --time-budget-s: give one, or an integer")
     for option, value in (("--snapshots", args.snapshots), ("--eval-scenes", args.eval_scenes),
                           ("--calibration-steps", args.calibration_steps), ("--unet-batch", args.unet_batch)):
         if value is not None and value < 1:  # refused now, not after the training
@@ -222,6 +220,8 @@ def main() -> None:
                                                           unet_min_snr_gamma=args.unet_min_snr_gamma)
     except LdznetError as error:
         parser.error(str(error))
+    if args.unet_steps == "auto" and args.time_budget_s is None and not args.measure:
+        parser.error("--unet-steps auto (the default) fits the steps to --time-budget-s: give one, or an integer")
     if args.measure and args.work:
         parser.error("--measure measures an existing run; --work names where a new one trains")
     try:

@@ -45,6 +45,7 @@ EMPTY_AT = 0.5  # an absent phrase "comes back empty" when no pixel exceeds eval
 MAX_DROP = Limit(float, 0, 100)  # mIoU points
 
 
+@torch.no_grad()
 def presence_rows(segmenter: Segmenter, source: Source, scores: Callable[[dict[str, torch.Tensor]], dict[str, list]],
                   progress: bool = False) -> list[dict]:
     """One row per phrase of ``source``, absent ones included: its example, the phrase, present, the
@@ -71,7 +72,6 @@ def presence_rows(segmenter: Segmenter, source: Source, scores: Callable[[dict[s
 def collect(args: argparse.Namespace) -> None:
     """Per-phrase scores (and per-threshold IoUs of present phrases) of the embedded model on --data."""
     writable_path(args.output)  # before the collection's minutes of work
-    torch.set_grad_enabled(False)
     model, head = resolve_model_paths(None, None, args.zero_shot)
     segmenter = load_segmenter(model, head, device=args.device)
     source = open_source(args.data, size=segmenter.resolution)

@@ -21,7 +21,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,7 +41,6 @@ LEVELS = np.round(np.arange(0.01, 1.0, 0.01), 2)
 def collect(head_path: str, data: str, model: str | None = None, device: str = "auto") -> list[dict]:
     """``calibrate_presence.presence_rows`` with the head's presence score, on the SD ``model`` the head
     was trained on (None: the embedded micro model)."""
-    torch.set_grad_enabled(False)
     model, _ = resolve_model_paths(model, head_path, False)
     segmenter = load_segmenter(model, head_path, device=resolve_device(device))
     source = open_source(data, size=segmenter.resolution)
