@@ -67,7 +67,7 @@ def _scored(scene, absent_maps: dict[str, float]) -> EvalResult:
         probability = (torch.from_numpy(truth).float() if phrase not in scene.spec.absent
                        else torch.full(truth.shape, absent_maps[phrase]))
         metrics.add(probability, truth, key=(0, index))
-    return EvalResult("m", "world:test:1", metrics, include_absent=True)
+    return EvalResult("m", "world:test:1", metrics, examples=1, include_absent=True)
 
 
 def test_report_counts_each_kind_and_the_lookalikes_iou(scene):

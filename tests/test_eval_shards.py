@@ -301,6 +301,7 @@ def _crafted(*fields) -> dict:
     ([("binary_threshold", "0.5")], "'binary_threshold' must be a number in [0, 1), got '0.5'"),
     ([("examples", 10**30)], "'examples' must be an integer in [0, 100000000], got 10000000"),
     ([("examples", -1)], "'examples' must be an integer in [0, 100000000], got -1"),
+    ([("examples", 0)], "'examples' must count at least the 1 examples its records score, got 0"),
     ([("seconds", -1)], "'seconds' must be a number >= 0, got -1"),
     ([("seconds", "fast")], "'seconds' must be a number >= 0, got 'fast'"),
     ([("shard", [3, 2])], "'shard' must be [K, N] with 1 <= K <= N <= 100000000, got [3, 2]"),

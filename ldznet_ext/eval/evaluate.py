@@ -121,8 +121,13 @@ class EvalResult:
             square = data["square"]
             if square is not None and not RENDER_SIZE.accepts(square):
                 raise ValueError(f"'square' must be null or {RENDER_SIZE.describe()}, got {reprlib.repr(square)}")
+            examples = _number(data, "examples", EXAMPLE_COUNT)
+            scored = len({key[0] for key in metrics.keys})  # keys are (example, phrase)
+            if examples < scored:
+                raise ValueError(f"'examples' must count at least the {scored} examples its records score, "
+                                 f"got {examples}")
             return cls(_string(data, "name"), _string(data, "data"), metrics, _number(data, "seconds", SECONDS),
-                       _number(data, "examples", EXAMPLE_COUNT), _skipped(data["skipped"]),
+                       examples, _skipped(data["skipped"]),
                        _shard(data["shard"], version), square, _flag(data, "include_absent"),
                        _boundary(data, metrics), _flag(data, "presence", default=False), _setup(data))
         except KeyError as error:
