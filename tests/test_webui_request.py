@@ -495,3 +495,30 @@ def test_the_readme_lists_the_script_args_in_order() -> None:
     listed = re.search(r"`alwayson_scripts` args, in order: `\[([^\]]*)\]`", readme).group(1)
     assert tuple(" ".join(listed.split()).split(", ")) == ARG_NAMES
     assert f"after the {len(request.MASK_ARG_NAMES)} mask args" in " ".join(readme.split())
+
+
+def _host_infotext_round_trip(params: dict[str, str]) -> dict[str, str]:
+    """A1111's infotext rule for a value: written as JSON when it holds a comma, colon or line break,
+    else as it is; read back through JSON when it starts and ends with a double quote."""
+    def write(text: str) -> str:
+        return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+    def read(text: str) -> str:
+        if len(text) >= 2 and text[0] == text[-1] == '"':
+            try:
+                return json.loads(text)
+            except ValueError:
+                return text
+        return text
+
+    return {key: read(write(value)) for key, value in params.items()}
+
+
+@pytest.mark.parametrize("expression", ['"rock & roll"', '"black cat"', '"a, b" OR c', 'c OR "d"', "plain"])
+def test_infotext_keeps_quoted_terms_through_the_hosts_quoting(expression):
+    """'"rock & roll"' came back as 'rock & roll': the AND of two terms, another mask."""
+    job = MaskJob(expression)
+    detail = DetailPass(expression, prompts='"a hand"')
+    params = _host_infotext_round_trip(infotext(job, detail))
+    assert from_infotext(params).expression == job.expression
+    assert request.detail_from_infotext(params) == detail

@@ -9,6 +9,7 @@ at the end, so older arg lists keep their meaning.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 
@@ -213,7 +214,12 @@ def _format(value) -> str:
     if isinstance(value, float):
         short = f"{value:g}"
         return short if float(short) == value else repr(value)  # "0.35", but never a rounded value
-    return str(value)
+    text = str(value)
+    # The host quotes a value only for a comma, colon or line break, but reads any value between double
+    # quotes as JSON: a quoted term ("rock & roll") would come back without its quotes (rock AND roll).
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return json.dumps(text, ensure_ascii=False)
+    return text
 
 
 def split_mask_line(prompt: str) -> tuple[str, str | None]:
