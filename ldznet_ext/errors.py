@@ -20,3 +20,9 @@ class ExpressionError(LdznetError):
         self.position = position
         where = f" at position {position}" if position is not None else ""
         super().__init__(f"{message}{where}")
+
+
+def unexpected(error: BaseException) -> str:
+    """An error that is not ours (out of memory, a host's failure) as the one line a front end shows:
+    "RuntimeError: CUDA out of memory. ..."."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"

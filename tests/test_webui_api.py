@@ -176,6 +176,19 @@ def _recording_compute(seen: list):
     return compute
 
 
+def test_a_failure_that_is_not_ours_is_a_one_line_500():
+    """Out of memory while the mask model loads gave the host's 500 with a traceback."""
+    def out_of_memory(image, job, brush):
+        raise RuntimeError("CUDA out of memory.\nTried to allocate 2.00 GiB")
+
+    with pytest.raises(api.ApiError) as caught:
+        api.mask_response({"image": base64.b64encode(_png_bytes(_grey16())).decode(), "expression": "cat"},
+                          out_of_memory, lambda request: None)
+    assert caught.value.status == 500
+    assert caught.value.content() == {"error": "ApiError",
+                                      "detail": "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+
+
 def test_route_reads_images_like_load_image():
     """/ldznet/v1/mask reads its image with load_image (16-bit grey scaled, not clipped to white):
     the engine and the overlay get the same pixels as the CLI."""

@@ -216,6 +216,18 @@ def test_failure_stops_the_generation(tmp_path):
     assert any("no LD-ZNet head is selected" in c for c in p.comments) and p.image_mask is None
 
 
+def test_any_failure_of_the_mask_stops_the_generation(img2img, monkeypatch):
+    """An error that is not ours (out of memory while a mask model loads) was logged by the host, which then
+    inpainted the whole image unmasked while the infotext named the mask."""
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(script.host, "compute", out_of_memory)
+    p = _run(img2img, processing.StableDiffusionProcessingImg2Img(prompt="mask: goblin", init_images=[_image(1)]))
+    assert modules.shared.state.interrupted and p.image_mask is None
+    assert p.extra_generation_params["LD-ZNet error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
 @pytest.mark.parametrize("is_img2img, name", [(True, "negative_prompt"), (False, "negative_prompt"),
                                                (False, "hr_negative_prompt")])
 def test_a_mask_line_in_the_negative_prompt_stops_the_generation(tmp_path, is_img2img, name):

@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 
 from .. import __version__
 from ..checkpoint_io import json_kind
-from ..errors import CheckpointError, ImageError, LdznetError
+from ..errors import CheckpointError, ImageError, LdznetError, unexpected
 from ..images import load_image, open_image
 from ..job import MaskJob, checked_flag
 from ..masks.instances import Instance, instance_image
@@ -257,6 +257,8 @@ def mask_response(payload, compute: Callable, check_ready: Callable[[MaskJob], N
         raise ApiError(409, str(error)) from None
     except LdznetError as error:
         raise ApiError(422, str(error)) from None
+    except Exception as error:  # noqa: BLE001 - out of memory, a host failure: one line, not the host's traceback
+        raise ApiError(500, unexpected(error)) from None
     return {
         "expression": str(result.prediction.expression),
         "width": width,

@@ -21,7 +21,7 @@ import numpy as np
 from modules import scripts, shared
 from PIL import Image
 
-from ..errors import LdznetError
+from ..errors import LdznetError, unexpected
 from ..job import MaskJob
 from ..outputs import write_mask
 from . import detail_pass, host, xyz
@@ -89,7 +89,7 @@ def warn(p, key: str, warning: str) -> None:
     print(f"{TITLE}: {warning}", file=sys.stderr)
 
 
-def fail(p, error: Exception) -> None:
+def fail(p, error: Exception | str) -> None:
     """Stop the generation with a visible reason: inpainting the wrong area is worse than nothing."""
     message = f"{TITLE}: {error}"
     print(message, file=sys.stderr)
@@ -126,6 +126,8 @@ class LdznetScript(scripts.Script):
                 self._set_mask(p, job)
         except LdznetError as error:
             fail(p, error)
+        except Exception as error:  # noqa: BLE001 - the host would log it and inpaint the whole image, unmasked
+            fail(p, unexpected(error))
 
     def _set_mask(self, p, job: MaskJob) -> None:
         check_init_images(len(getattr(p, "init_images", None) or ()))

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ..detail import SEPARATOR, DetailPass
-from ..errors import LdznetError
+from ..errors import LdznetError, unexpected
 from ..images import load_image
 from ..job import COMBINE_MODES, HEAD_MODE, MODES, MaskJob
 from ..limits import FEATHER
@@ -197,6 +197,8 @@ def preview_mask(mode, prompt, *values):
             result = host.compute(image, job, brush)
     except LdznetError as error:
         return None, _status(str(error), error=True)
+    except Exception as error:  # noqa: BLE001 - out of memory, a host failure: the status line, not a toast
+        return None, _status(unexpected(error), error=True)
     overlay = render_overlay(load_image(image), result.mask)
     share = selected_share(result.mask)
     return Image.fromarray(overlay), _status("; ".join([f"{job.expression}: {share:.1%} of the image selected",
