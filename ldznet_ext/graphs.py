@@ -154,11 +154,14 @@ class GraphCache:
         return sum(call.memory_bytes for call in self._calls.values())
 
     def clear(self) -> None:
-        """Drop every captured call (their memory is freed when no replay is running) and forget how
-        often each was captured."""
+        """Drop every captured call (their memory is freed when no replay is running), forget how often
+        each was captured and give the purposes that went eager another try: a host's model change or
+        release may have removed the reason (weights that moved on every call, a setting since changed)."""
         with self._lock:
             self._calls.clear()
             self._captures.clear()
+            self.disabled.clear()
+            self._logged.clear()
 
     def inspect(self, inputs: Sequence[Tensor], modules: Sequence[nn.Module] | None) -> tuple[str | None, tuple]:
         """Why a call on ``inputs`` running ``modules`` must run eagerly now (None: it may be captured),

@@ -328,3 +328,20 @@ def test_clear_forgets_the_capture_counts(tiny_sd, tiny_head):
     head.final[-1].weight = nn.Parameter(head.final[-1].weight.detach().clone())
     masks(graphed, image, [["cat"]])
     assert graphed.graphs.disabled == {} and len(graphed.graphs) == 2
+
+
+def test_clear_gives_a_purpose_that_went_eager_another_try(tiny_sd, tiny_head):
+    """A purpose disabled once (weights that moved on every call) stayed eager for the rest of a WebUI
+    session, through model changes and releases."""
+    head = copy.deepcopy(tiny_head[0])
+    capture = FakeCapture()
+    graphed = Segmenter(tiny_sd, head, tiny_head[1], SETTINGS, graphs=fake_cache(capture))
+    image = random_image(64, 64)
+    for _ in range(RECAPTURE_LIMIT + 1):
+        head.final[-1].weight = nn.Parameter(head.final[-1].weight.detach().clone())
+        masks(graphed, image, [["cat"]])
+    assert "head" in graphed.graphs.disabled
+    graphed.graphs.clear()
+    captured = capture.captured
+    masks(graphed, image, [["cat"]])
+    assert graphed.graphs.disabled == {} and capture.captured == captured + 2  # the encode and the head again
