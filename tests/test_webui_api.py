@@ -432,11 +432,15 @@ def test_a_head_for_another_model_is_refused_before_the_generation(tmp_path):
     with pytest.raises(CheckpointError) as caught:
         host.check_ready(MaskJob("cat"))
     assert str(caught.value) == reason
+    detail = [None] * 13 + ["face"]  # the detail pass alone: it masks the generated image
     for payload, is_img2img in (({"prompt": "mask: cat", "init_images": ["x"]}, True),
-                                ({"alwayson_scripts": {"LD-ZNet mask": {"args": ["cat"]}}}, False)):
+                                ({"alwayson_scripts": {"LD-ZNet mask": {"args": detail}}}, False)):
         with pytest.raises(api.ApiError) as caught:
             api.check_generation(payload, is_img2img, host.check_ready)
         assert (caught.value.status, caught.value.detail) == (409, reason)
+    # txt2img inpaints nothing with a mask, and the UI generates it: so does the API
+    api.check_generation({"prompt": "a knight\nmask: cat"}, False, host.check_ready)
+    api.check_generation({"alwayson_scripts": {"LD-ZNet mask": {"args": ["cat"]}}}, False, host.check_ready)
     with pytest.raises(api.ApiError) as caught:
         api.mask_response({"image": base64.b64encode(_png_bytes(_grey16())).decode(), "expression": "cat"},
                           host.compute, host.check_ready)
