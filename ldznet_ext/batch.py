@@ -73,6 +73,7 @@ class BatchSummary:
     """Files counted by manifest status ("ok", "skipped", "error") in one run."""
 
     counts: Counter = field(default_factory=Counter)
+    empty: int = 0  # of the "ok" masks, those that select nothing
     interrupted: bool = False  # stopped early by BatchCallbacks.stop_requested
 
     @property
@@ -281,7 +282,9 @@ class _Run:
                 stale.unlink(missing_ok=True)
                 extra += 1
             found["instances"] = listed
-        outputs.write_mask(output, prediction.mask_image())
+        mask = prediction.mask_image()
+        outputs.write_mask(output, mask)
+        self.summary.empty += not mask.any()
         return found
 
 

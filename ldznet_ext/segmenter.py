@@ -94,8 +94,8 @@ class Prediction:
     """One answer: ``probability`` (the expression's combined map) and ``mask`` (after threshold,
     region filters, invert and feather), both float [H, W] in [0, 1] at the image's size;
     ``terms`` holds each term's own map [H, W] as the expression combined it: upsampled to the
-    image's size, image-guided when ``SegmenterSettings.refine`` is on, zero for a term not found (a
-    read-only view of one zero);
+    image's size, image-guided when ``SegmenterSettings.refine`` is on, zero for a term not found (one
+    zero viewed at every pixel: writing one pixel writes all, so clone it first);
     ``presence`` each term's found / not-found decision and score (empty when presence is off);
     ``selected`` the mask before feathering, bool [H, W]."""
 

@@ -83,3 +83,18 @@ def test_files_in_the_instances_folder_that_no_run_wrote_are_never_replaced_or_r
     # b.png has two objects: b-3.png and b-4.png follow its last one but are no earlier run's: they stay
     assert sorted(p.name for p in (out / "instances").iterdir()) == ["a-2.png", "b-1.png", "b-2.png", "b-3.png",
                                                                      "b-4.png"]
+
+
+def test_the_summary_counts_the_masks_that_select_nothing(tmp_path: Path) -> None:
+    """Every file 'masked' with an empty mask read as a success ("2 masked, 0 skipped, 0 failed")."""
+    source, out = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    for stem in ("a", "b"):
+        Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(source / f"{stem}.png")
+    with Manifest(out / "m.jsonl") as manifest:
+        summary = run_batch(BatchJob(source, out, parse("goblin"), "goblin"), OracleSegmenter(_maps()), manifest)
+    assert summary.counts["ok"] == 2 and summary.empty == 2
+    with Manifest(out / "m.jsonl") as manifest:
+        summary = run_batch(BatchJob(source, out, parse("star"), "star", overwrite=True), OracleSegmenter(_maps()),
+                            manifest)
+    assert summary.counts["ok"] == 2 and summary.empty == 0

@@ -174,3 +174,22 @@ def test_on_the_tiny_model_in_img2img(tmp_path):
     expected = real_compute(generated, MaskJob("goblin", threshold=0.0)).mask
     assert len(processing.inpaint_calls) == 1
     assert np.array_equal(np.asarray(processing.inpaint_calls[0].image_mask), expected)
+
+
+def test_an_empty_mask_names_why_it_is_empty():
+    """An expression that selected something and a brush that took it away were reported as "nothing
+    selected at threshold 0.5"."""
+    from ldznet_ext.job import MaskJob
+    from ldznet_ext.masks.presence import TermPresence
+
+    selected = torch.zeros(4, 6, dtype=torch.bool)
+    selected[1:3, 1:3] = True
+    empty = np.zeros((4, 6), np.uint8)
+    job = MaskJob("goblin", combine="intersect")
+    found = Prediction(job.tree(), selected.float(), selected.float(), {}, {}, selected)
+    assert MaskResult(empty, found).empty_reason(job) == "'intersect' with the brush mask left nothing of 'goblin'"
+    absent = Prediction(job.tree(), torch.zeros(4, 6), torch.zeros(4, 6), {},
+                        {"goblin": TermPresence(False, 0.1)}, torch.zeros(4, 6, dtype=torch.bool))
+    assert MaskResult(empty, absent).empty_reason(job) == "no match for 'goblin'"
+    nothing = Prediction(job.tree(), torch.zeros(4, 6), torch.zeros(4, 6), {}, {}, torch.zeros(4, 6, dtype=torch.bool))
+    assert MaskResult(empty, nothing).empty_reason(job) == "nothing selected for 'goblin' at threshold 0.5"

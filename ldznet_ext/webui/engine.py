@@ -71,7 +71,11 @@ class MaskResult:
     prediction: Prediction
 
     def empty_reason(self, job: MaskJob) -> str:
-        """Why ``job`` selected nothing: the terms judged absent, else the expression and threshold."""
+        """Why ``job`` selected nothing: the brush mask it was combined with, the terms judged absent,
+        else the expression and threshold."""
+        selected = self.prediction.selected
+        if selected is not None and bool(selected.any()):  # the expression selected something; combining took it
+            return f"{job.combine!r} with the brush mask left nothing of {job.expression!r}"
         missing = ", ".join(repr(term) for term in self.prediction.missing)
         return (f"no match for {missing}" if missing else
                 f"nothing selected for {job.expression!r} at threshold {job.threshold:g}")

@@ -228,9 +228,13 @@ def send_to_inpaint(gallery, index, *args):
             result = host.compute(image, job)
     except LdznetError as error:
         return gr.update(), gr.update(), gr.update(), gr.update(), _status(str(error), error=True)
+    except Exception as error:  # noqa: BLE001 - out of memory, a host failure: the status line, not a toast
+        return gr.update(), gr.update(), gr.update(), gr.update(), _status(unexpected(error), error=True)
     width, height = image.size if host.opt("send_size", True) else (gr.update(), gr.update())
-    return (image, Image.fromarray(result.mask, "L"), width, height,
-            _status(f"sent to Inpaint upload with the mask of {job.expression}"))
+    sent = f"sent to Inpaint upload with the mask of {job.expression}"
+    status = (_status(sent) if result.mask.any() else
+              _status(f"{sent}, which is empty ({result.empty_reason(job)})", error=True))
+    return image, Image.fromarray(result.mask, "L"), width, height, status
 
 
 def _wire_send_buttons() -> None:
