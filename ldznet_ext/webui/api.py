@@ -171,17 +171,17 @@ def check_generation(payload, is_img2img: bool, check_ready: Callable[[MaskJob],
             check_negative_prompt(payload.get(name))
         except LdznetError as error:
             raise ApiError(422, f"{name}: {error}") from None
-    masks = is_img2img and job.active  # txt2img makes no mask to inpaint with (saved masks fail alone)
-    if not (masks or detail.active):
+    inpaints = is_img2img and job.active  # txt2img makes no mask to inpaint with (saved masks fail alone)
+    if not (inpaints or detail.active):
         return
-    if masks:
+    if inpaints:
         images = payload.get("init_images")
         try:
             check_init_images(len(images) if isinstance(images, list) else int(bool(images)))
         except LdznetError as error:
             raise ApiError(422, f"init_images: {error}") from None
     try:
-        check_ready(job if masks else detail.mask_job(job))
+        check_ready(job if inpaints else detail.mask_job(job))
     except CheckpointError as error:  # the host's model or our head file: a conflict, as on /ldznet/v1/mask
         raise ApiError(409, str(error)) from None
     except LdznetError as error:
