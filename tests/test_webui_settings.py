@@ -211,5 +211,5 @@ def test_a_head_name_too_long_for_the_file_system_is_not_found(tmp_path):
     world.install(tmp_path)
     modules.shared.opts.data["ldznet_head"] = name = "\u00e9" * 200 + ".safetensors"
     with pytest.raises(api.ApiError) as caught:
-        api.check_generation({"prompt": "mask: goblin"}, False, host.check_ready)
+        api.check_generation({"prompt": "mask: goblin", "init_images": ["x"]}, True, host.check_ready)
     assert caught.value.status == 409 and caught.value.detail.startswith(f"head file {name!r} not found in ")
