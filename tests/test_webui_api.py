@@ -480,6 +480,8 @@ def test_options_are_in_the_api_with_nowebui(monkeypatch):
                        "ldznet_keep_on_gpu": True, "ldznet_cuda_graphs": True, "ldznet_dtype": "auto",
                        "ldznet_save_masks": False}
     assert modules.shared.opts.data_labels["ldznet_head"].section == ("ldznet", "LD-ZNet")
+    # the default threshold is read when the controls are built: the settings page says it needs Reload UI
+    assert [key for key, info in modules.shared.opts.data_labels.items() if info.reload_ui] == ["ldznet_threshold"]
 
 
 def test_an_install_the_host_would_not_order_is_named(tmp_path):

@@ -107,8 +107,10 @@ def add_settings() -> None:
 
     from . import host
 
-    def option(key: str, label: str, *args, **kwargs) -> None:
+    def option(key: str, label: str, *args, reload_ui: bool = False, **kwargs) -> None:
         info = shared.OptionInfo(DEFAULTS[key], label, *args, **kwargs)
+        if reload_ui:  # read when the controls are built: the host says so beside the setting
+            info = info.needs_reload_ui()
         info.section = SECTION
         shared.opts.add_option(key, info)
 
@@ -122,7 +124,8 @@ def add_settings() -> None:
     option("ldznet_resolution", f"Working resolution in pixels (0: the head's own; zero-shot: the model file's, "
            f"else {ZERO_SHOT_RESOLUTION}); higher is sharper and slower", gr.Slider,
            {"minimum": 0, "maximum": 1024, "step": 64})
-    option("ldznet_threshold", "Default mask threshold", gr.Slider, {"minimum": 0.0, "maximum": 0.99, "step": 0.01})
+    option("ldznet_threshold", "Default mask threshold (of the accordion and the tab)", gr.Slider,
+           {"minimum": 0.0, "maximum": 0.99, "step": 0.01}, reload_ui=True)
     option("ldznet_keep_on_gpu", "Keep the head (and the SD 1.x mask model) on the GPU between masks (off: move "
            "them to the CPU after each mask; --medvram/--lowvram: the mask model always goes back)",
            onchange=host.release)

@@ -9,6 +9,11 @@ class OptionInfo:
                  refresh=None, **kwargs):
         self.default, self.label, self.component, self.component_args = default, label, component, component_args
         self.onchange, self.section, self.refresh = onchange, section, refresh
+        self.reload_ui = False
+
+    def needs_reload_ui(self):
+        self.reload_ui = True
+        return self
 
 
 class Options:
