@@ -77,6 +77,11 @@ class BatchSummary:
     interrupted: bool = False  # stopped early by BatchCallbacks.stop_requested
 
     @property
+    def empty_note(self) -> str:
+        """" (N of them empty)" after the count of masks written, when some select nothing; else ""."""
+        return f" ({self.empty} of them empty)" if self.empty else ""
+
+    @property
     def exit_status(self) -> int:
         """0 when every file is ok or skipped, 1 when any failed."""
         return 1 if self.counts["error"] else 0

@@ -93,8 +93,8 @@ def test_the_summary_counts_the_masks_that_select_nothing(tmp_path: Path) -> Non
         Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(source / f"{stem}.png")
     with Manifest(out / "m.jsonl") as manifest:
         summary = run_batch(BatchJob(source, out, parse("goblin"), "goblin"), OracleSegmenter(_maps()), manifest)
-    assert summary.counts["ok"] == 2 and summary.empty == 2
+    assert summary.counts["ok"] == 2 and summary.empty == 2 and summary.empty_note == " (2 of them empty)"
     with Manifest(out / "m.jsonl") as manifest:
         summary = run_batch(BatchJob(source, out, parse("star"), "star", overwrite=True), OracleSegmenter(_maps()),
                             manifest)
-    assert summary.counts["ok"] == 2 and summary.empty == 0
+    assert summary.counts["ok"] == 2 and summary.empty == 0 and summary.empty_note == ""

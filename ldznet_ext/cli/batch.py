@@ -60,9 +60,8 @@ def _run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     counts = summary.counts
-    empty = f" ({summary.empty} of them empty)" if summary.empty else ""
-    print(f"{counts['ok']} written{empty}, {counts['skipped']} skipped (already done), {counts['error']} failed"
-          + (f"; see {manifest_path}" if counts["error"] else ""))
+    print(f"{counts['ok']} written{summary.empty_note}, {counts['skipped']} skipped (already done), "
+          f"{counts['error']} failed" + (f"; see {manifest_path}" if counts["error"] else ""))
     return summary.exit_status
 
 

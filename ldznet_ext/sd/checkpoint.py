@@ -210,10 +210,9 @@ def parse_sd_metadata(metadata: Mapping, name: str) -> SDMetadata:
         raise CheckpointError(f"{name}: field 'ldznet.text' is {json.dumps(text)[:80]}; expected a JSON object of "
                               f"integers >= 1 with keys among {', '.join(_TEXT_FIELDS)}")
     resolution = metadata.get("resolution")
-    low, high = RESOLUTION.low, RESOLUTION.high  # the working sides a mask may take
-    if resolution is not None and not (type(resolution) is int and low <= resolution <= high):
+    if resolution is not None and not RESOLUTION.accepts(resolution):  # the working sides a mask may take
         raise CheckpointError(f"{name}: field 'ldznet.resolution' is {json.dumps(resolution)[:80]}; "
-                              f"expected an integer from {low} to {high} (pixels)")
+                              f"expected an integer from {RESOLUTION.low} to {RESOLUTION.high} (pixels)")
     return SDMetadata(unet, text, resolution, _vocabulary(metadata.get("vocabulary"), name))
 
 

@@ -9,8 +9,8 @@ from ..errors import LdznetError
 from ..job import bounded
 from ..limits import RESOLUTION, THRESHOLD, TIMESTEP, Limit
 from ..precision import DTYPES
-from . import mask_model
 from ..zeroshot import ZERO_SHOT_RESOLUTION, ZeroShotSettings
+from . import mask_model
 from .engine import NO_HEAD
 
 SECTION = ("ldznet", "LD-ZNet")

@@ -100,9 +100,8 @@ def mask_folder(input_dir: str, uploads, output_dir: str, overwrite: bool, *args
         return [], f"<p class='ldznet-error'>{html.escape(str(error))}</p>"
     counts = summary.counts
     stopped = " (interrupted)" if summary.interrupted else ""
-    empty = f" ({summary.empty} of them empty)" if summary.empty else ""
-    text = (f"{counts['ok']} masked{empty}, {counts['skipped']} skipped, {counts['error']} failed{stopped}; "
-            f"masks in {out}")
+    text = (f"{counts['ok']} masked{summary.empty_note}, {counts['skipped']} skipped, {counts['error']} failed"
+            f"{stopped}; masks in {out}")
     return callbacks.previews, f"<p class='ldznet-status'>{html.escape(text)}</p>"
 
 
