@@ -367,6 +367,21 @@ def test_infotext_round_trip_through_png_info(server):
     assert parsed["parameters"]["Prompt"] == ""
 
 
+def test_an_api_request_infotext_sets_the_args_as_png_info_does(server):
+    """An API request's ``infotext`` reaches our args through the fields PNG Info pastes with: each value
+    checked ("false" is False, where the host's own conversion ticks a checkbox: bool("false"))."""
+    infotext = ("a photo\nSteps: 1, Size: 128x96, LD-ZNet mask: cat, LD-ZNet mode: zero-shot, LD-ZNet threshold: 0.4, "
+                "LD-ZNet grow: 3, LD-ZNet invert: false, LD-ZNet refine: False")
+    status, result = _call(server, "/sdapi/v1/img2img", {"init_images": [_b64(IMAGE)], "infotext": infotext})
+    assert status == 200, result
+    status, parsed = _call(server, "/sdapi/v1/png-info", {"image": result["images"][0]})
+    assert status == 200
+    from ldznet_ext.job import MaskJob
+    from ldznet_ext.webui.request import from_infotext
+
+    assert from_infotext(parsed["parameters"]) == MaskJob("cat", "zero-shot", 0.4, 3, refine=False)
+
+
 MASK_ARGS = ["", "LD-ZNet head", 0.5, 0, 0, False, "replace", True, 0, 0, 1.0, 0, True]
 
 
@@ -566,6 +581,48 @@ def test_send_to_inpaint_button_in_the_browser(server, page):
                            timeout=300_000)
     outputs = _read(page, "#img2img_gallery .thumbnail-item img")
     assert any(o.shape == (96, 128, 3) and np.array_equal(o[..., 0], mask) for o in outputs)
+    assert page.errors == []
+
+
+def _accordion_values(page, tab: str) -> dict:
+    """Some controls of ``tab``'s accordion as the page shows them."""
+    control = f"#script_{tab}_ldznet_mask_"
+    return {"expression": page.locator(f"{control}expression textarea").input_value(),
+            **{name: page.locator(f"{control}{name} input[type=number]").input_value()
+               for name in ("threshold", "grow", "min_area")},
+            **{name: page.locator(f"{control}{name} input").is_checked() for name in ("invert", "presence")}}
+
+
+def test_png_info_paste_in_the_browser(server, page):
+    """The prompt's paste button (↙️) on an edited infotext: each value is checked as the job checks
+    it ("false" unticks, "nan" leaves the slider and is named), a grow beyond the slider's range kept."""
+    page.locator("#script_txt2img_ldznet_mask_accordion .label-wrap").first.click()
+    page.locator("#script_txt2img_ldznet_mask_invert input").check()
+    page.locator("#txt2img_prompt textarea").fill(
+        "a photo\nSteps: 1, LD-ZNet mask: cat, LD-ZNet threshold: nan, LD-ZNet grow: 100, LD-ZNet invert: false, "
+        "LD-ZNet min area: 40, LD-ZNet presence: False")
+    page.locator("#txt2img_tools #paste").click()
+    page.wait_for_function("gradioApp().querySelector('#script_txt2img_ldznet_mask_status').innerText.includes('PNG')",
+                           timeout=60_000)
+    assert _accordion_values(page, "txt2img") == {"expression": "cat", "threshold": "0.5", "grow": "100",
+                                                  "min_area": "40", "invert": False, "presence": False}
+    status = page.evaluate("gradioApp().querySelector('#script_txt2img_ldznet_mask_status').innerText")
+    assert status == "PNG Info: not restored: LD-ZNet threshold: threshold must be a number in [0, 1), got 'nan'"
+    assert page.errors == []
+
+
+def test_send_to_img2img_carries_the_accordion_in_the_browser(server, page):
+    """txt2img's "Send to img2img" copies every control of the accordion, as the host copies its own."""
+    _generate_and_ask_for_cat(page)
+    page.locator("#script_txt2img_ldznet_mask_grow input[type=number]").fill("5")
+    page.locator("#script_txt2img_ldznet_mask_min_area input[type=number]").fill("40")
+    page.locator("#script_txt2img_ldznet_mask_invert input").check()
+    page.locator("#txt2img_send_to_img2img").click()
+    page.wait_for_function("get_tab_index('tabs') == 1", timeout=60_000)
+    page.wait_for_function("gradioApp().querySelector('#script_img2img_ldznet_mask_expression textarea').value == 'cat'",
+                           timeout=60_000)
+    assert _accordion_values(page, "img2img") == {"expression": "cat", "threshold": "0.5", "grow": "5",
+                                                  "min_area": "40", "invert": True, "presence": False}
     assert page.errors == []
 
 

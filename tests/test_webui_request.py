@@ -85,7 +85,7 @@ def test_pasted_values():
     assert request.paste_problems(OLD_INFOTEXT) == []
 
 
-CONTROL_VALUES = {"expression": "", "mode": "LD-ZNet head", "threshold": 0.5, "grow": 0, "feather": 0, "invert": False,
+CONTROL_VALUES = {"expression": "", "mode": "LD-ZNet head", "threshold": 0.5, "grow": 0.0, "feather": 0.0, "invert": False,
                   "combine": "replace", "refine": True, "keep_largest": 0, "min_area": 0, "refine_strength": 1.0,
                   "refine_radius": 0.0, "presence": True, "detail_expression": "", "detail_prompts": "",
                   "detail_denoising": 0.4, "detail_steps": 20, "detail_padding": 32}
@@ -94,10 +94,12 @@ CONTROL_VALUES = {"expression": "", "mode": "LD-ZNet head", "threshold": 0.5, "g
 
 def _host_paste(params) -> dict:
     """The controls after A1111 v1.10.1's PNG Info paste (``infotext_utils.connect_paste``): each field's
-    value, None leaving the control, converted to the type of the control's value."""
+    value (a callable field called, a string one looked up), None leaving the control, converted to the
+    type of the control's value."""
     controls = {}
     for name, current in CONTROL_VALUES.items():
-        value = request.pasted_value(params, name)
+        key = request.PasteKey(name)
+        value = key(params) if callable(key) else params.get(key)
         try:
             if value is None:
                 controls[name] = current
@@ -108,6 +110,17 @@ def _host_paste(params) -> dict:
         except Exception:  # noqa: BLE001 (the host's own catch-all: the control is left as it is)
             controls[name] = current
     return controls
+
+
+def test_a_paste_key_is_the_infotext_key_and_its_reader():
+    """The host pastes PNG Info and an API request's infotext through a callable field, and copies the
+    controls whose string field is in ``paste_field_names`` for Send to img2img: every field is both."""
+    keys = [request.PasteKey(name) for name in ARG_NAMES]
+    assert keys == list(INFOTEXT_KEYS.values()) and all(isinstance(key, str) and callable(key) for key in keys)
+    assert [key in list(INFOTEXT_KEYS.values()) for key in keys] == [True] * len(ARG_NAMES)
+    assert {key: key.name for key in keys} == {text: name for name, text in INFOTEXT_KEYS.items()}
+    params = {"LD-ZNet mask": "cat", "LD-ZNet invert": "false", "LD-ZNet grow": "2.5", "LD-ZNet threshold": "nan"}
+    assert [key(params) for key in keys[:6]] == ["cat", None, None, 2.5, None, False]
 
 
 @pytest.mark.parametrize("key, value, control, problem", [

@@ -185,6 +185,25 @@ def pasted_value(params: Mapping[str, str], name: str) -> str | bool | int | flo
     return control_value(MaskJob(), name) if name in WRITTEN_WHEN_SET else None
 
 
+class PasteKey(str):
+    """The infotext field of control ``name`` as the host needs it: the key text (``INFOTEXT_KEYS``) that
+    is also the function reading it (:func:`pasted_value`). The host calls a callable field to paste PNG
+    Info and an API request's ``infotext`` (so a value is checked and a missing one gets its default,
+    never the host's conversion: ``bool("false")`` ticks a checkbox), and it matches string fields
+    against the script's ``paste_field_names`` to copy controls with "Send to img2img": a plain
+    function would be left behind there, a plain string pasted unchecked."""
+
+    name: str
+
+    def __new__(cls, name: str) -> PasteKey:
+        key = super().__new__(cls, INFOTEXT_KEYS[name])
+        key.name = name
+        return key
+
+    def __call__(self, params: Mapping[str, str]) -> str | bool | int | float | None:
+        return pasted_value(params, self.name)
+
+
 def _control(name: str, recorded):
     """The control value of field ``name`` recorded as ``recorded``, checked as the job or the pass checks it."""
     if name in DETAIL_ARG_NAMES:

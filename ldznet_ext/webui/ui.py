@@ -21,7 +21,7 @@ from ..job import COMBINE_MODES, HEAD_MODE, MODES, MaskJob
 from ..limits import FEATHER
 from ..outputs import render_overlay, selected_share
 from . import host
-from .request import (ARG_NAMES, INFOTEXT_KEYS, TITLE, control_value, from_args, paste_problems, pasted_value,
+from .request import (ARG_NAMES, INFOTEXT_KEYS, TITLE, PasteKey, control_value, from_args, paste_problems,
                       with_prompt_line)
 
 IMG2IMG_INPUTS = ("img2img_image", "img2img_sketch", "img2maskimg", "inpaint_sketch", "img_inpaint_base",
@@ -74,9 +74,9 @@ def build_accordion(script, is_img2img: bool) -> list:
         with gr.Row():
             threshold = gr.Slider(0.0, 0.99, value=threshold, step=0.01, label="Threshold",
                                   elem_id=script.elem_id("threshold"))
-            grow = gr.Slider(-64, 64, value=0, step=1, label="Grow (+) / shrink (-), px",
+            grow = gr.Slider(-64, 64, value=0.0, step=1, label="Grow (+) / shrink (-), px",
                              elem_id=script.elem_id("grow"))
-            feather = gr.Slider(0, min(64, FEATHER.high), value=0, step=1, label="Feather, px",
+            feather = gr.Slider(0, min(64, FEATHER.high), value=0.0, step=1, label="Feather, px",
                                 elem_id=script.elem_id("feather"))
             invert = gr.Checkbox(False, label="Invert", elem_id=script.elem_id("invert"))
             refine = gr.Checkbox(True, label="Refine edges", elem_id=script.elem_id("refine"))
@@ -94,7 +94,7 @@ def build_accordion(script, is_img2img: bool) -> list:
                 preview_button.click(fn=preview_mask, _js="ldznet_preview_args",
                                      inputs=[status, _components.get("img2img_prompt", status), *inputs, *controls],
                                      outputs=[preview, status], show_progress=True)
-    script.infotext_fields = [*((control, _paste(name)) for control, name in zip(controls, ARG_NAMES)),
+    script.infotext_fields = [*((control, PasteKey(name)) for control, name in zip(controls, ARG_NAMES)),
                               (status, paste_status)]
     script.paste_field_names = list(INFOTEXT_KEYS.values())
     _accordions[tab] = {"controls": controls, "status": status}
@@ -140,14 +140,6 @@ def detail_controls(elem_id) -> list:
             padding = gr.Slider(0, 256, value=default.padding, step=4, label="Padding around each instance, px",
                                 elem_id=elem_id("detail_padding"))
     return [expression, prompts, denoising, steps, padding]
-
-
-def _paste(name: str):
-    """The infotext field of control ``name``: a key the host reads, or a function for the ones
-    that have a value also when the infotext lacks them (:func:`request.pasted_value`)."""
-    if pasted_value({}, name) is None:
-        return INFOTEXT_KEYS[name]
-    return lambda params: pasted_value(params, name)
 
 
 def paste_status(params) -> str:
