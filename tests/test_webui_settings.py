@@ -136,18 +136,18 @@ def test_the_generation_check_reads_the_settings_a_request_overrides(tmp_path, m
     modules.shared.opts.data["ldznet_head"] = "None"
     payload = {"prompt": "mask: goblin", "init_images": ["x"]}
     with pytest.raises(api.ApiError, match="no LD-ZNet head is selected"):
-        register.check_generation(payload, True)
-    register.check_generation({**payload, "override_settings": {"ldznet_head": head, "CLIP_stop_at_last_layers": 2}},
+        register.guard_generation(payload, True)
+    register.guard_generation({**payload, "override_settings": {"ldznet_head": head, "CLIP_stop_at_last_layers": 2}},
                               True)
     modules.shared.opts.data["ldznet_head"] = head
     with pytest.raises(api.ApiError) as caught:
-        register.check_generation({**payload, "override_settings": {"ldznet_timestep": "abc"}}, True)
+        register.guard_generation({**payload, "override_settings": {"ldznet_timestep": "abc"}}, True)
     assert (caught.value.status, caught.value.detail) == (
         422, "override_settings: Settings > LD-ZNet: ldznet_timestep must be an integer in [-1, 999], got 'abc'")
     with pytest.raises(api.ApiError, match=r"^override_settings: Settings > LD-ZNet has no setting 'ldznet_hed'"):
-        register.check_generation({**payload, "override_settings": {"ldznet_hed": head}}, True)
+        register.guard_generation({**payload, "override_settings": {"ldznet_hed": head}}, True)
     with pytest.raises(api.ApiError, match="head file 'missing.safetensors' not found"):
-        register.check_generation({**payload, "override_settings": {"ldznet_head": "missing.safetensors"}}, True)
+        register.guard_generation({**payload, "override_settings": {"ldznet_head": "missing.safetensors"}}, True)
     assert modules.shared.opts.data["ldznet_head"] == head  # only read, never set
 
 
@@ -157,9 +157,9 @@ def test_a_request_naming_a_checkpoint_is_not_judged_on_the_loaded_model(tmp_pat
     judged = []
     monkeypatch.setattr(host, "loaded_model", lambda: judged.append(1))
     payload = {"prompt": "mask: goblin", "init_images": ["x"]}
-    register.check_generation({**payload, "override_settings": {"sd_model_checkpoint": "other.safetensors"}}, True)
+    register.guard_generation({**payload, "override_settings": {"sd_model_checkpoint": "other.safetensors"}}, True)
     assert judged == []
-    register.check_generation(payload, True)
+    register.guard_generation(payload, True)
     assert judged == [1]
     assert (api.names_a_checkpoint({"override_settings": {"sd_model_checkpoint": None}}),
             api.names_a_checkpoint({"override_settings": "x"}), api.names_a_checkpoint([])) == (False, False, False)

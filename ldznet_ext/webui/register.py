@@ -13,7 +13,7 @@ import sys
 from . import api, host, script, settings, tab, ui, xyz
 
 
-def check_generation(payload, is_img2img: bool) -> None:
+def guard_generation(payload, is_img2img: bool) -> None:
     """The API guard's check of a generation request (ApiError): our script args and the prompt's mask
     line, then what its mask needs, judged with the LD-ZNet settings the request overrides for its job
     and, when it names a checkpoint, without judging the model loaded now."""
@@ -21,7 +21,7 @@ def check_generation(payload, is_img2img: bool) -> None:
     api.check_generation(payload, is_img2img, lambda job: host.check_ready(job, overrides, model_may_change))
 
 
-def check_options(payload) -> None:
+def guard_options(payload) -> None:
     """The API guard's check of POST /sdapi/v1/options (ApiError 422 for a bad LD-ZNet setting)."""
     api.check_options(payload, settings.check_options)
 
@@ -33,7 +33,7 @@ def add_routes(demo, app) -> None:
     from starlette.middleware import Middleware
 
     cmd_opts = shared.cmd_opts
-    guard = Middleware(api.ApiGuard, check_generation=check_generation, check_options=check_options,
+    guard = Middleware(api.ApiGuard, check_generation=guard_generation, check_options=guard_options,
                        credentials=api.parse_credentials(getattr(cmd_opts, "api_auth", None)))
     # Ours outermost, and the rebuilt stack swapped in by one assignment: the server already answers
     # (a client polling for readiness), and a request arriving between resetting the stack to None and

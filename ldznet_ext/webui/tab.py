@@ -22,7 +22,7 @@ from ..job import COMBINE_MODES, HEAD_MODE, MODES
 from ..outputs import render_overlay
 from . import host
 from .request import from_args
-from .ui import more_mask_controls
+from .ui import map_controls, more_mask_controls
 
 PREVIEW_COUNT = 12
 
@@ -105,6 +105,10 @@ def mask_folder(input_dir: str, uploads, output_dir: str, overwrite: bool, *args
     return callbacks.previews, f"<p class='ldznet-status'>{html.escape(text)}</p>"
 
 
+def _tab_elem_id(name: str) -> str:
+    return f"ldznet_tab_{name}"
+
+
 def build_tab():
     """on_ui_tabs: [(blocks, "LD-ZNet", "ldznet")]."""
     import gradio as gr
@@ -126,12 +130,9 @@ def build_tab():
                     refine = gr.Checkbox(True, label="Refine edges")
                     overwrite = gr.Checkbox(False, label="Redo finished masks")
                 with gr.Row():
-                    threshold = gr.Slider(0.0, 0.99, value=host.control_default("ldznet_threshold"), step=0.01,
-                                          label="Threshold")
-                    grow = gr.Slider(-64, 64, value=0, step=1, label="Grow (+) / shrink (-), px")
-                    feather = gr.Slider(0, 64, value=0, step=1, label="Feather, px")
+                    threshold, grow, feather = map_controls(_tab_elem_id)
                 combine = gr.Textbox(COMBINE_MODES[0], visible=False)
-                more = more_mask_controls(lambda name: f"ldznet_tab_{name}")
+                more = more_mask_controls(_tab_elem_id)
                 with gr.Row():
                     run = gr.Button("Mask all", variant="primary", elem_id="ldznet_tab_run")
                     stop = gr.Button("Interrupt", elem_id="ldznet_tab_interrupt")

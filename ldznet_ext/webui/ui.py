@@ -62,7 +62,6 @@ def build_accordion(script, is_img2img: bool) -> list:
     import gradio as gr
 
     tab = "img2img" if is_img2img else "txt2img"
-    threshold = host.control_default("ldznet_threshold")
     with gr.Accordion(TITLE, open=False, elem_id=script.elem_id("accordion"), elem_classes=["ldznet-accordion"]):
         expression = gr.Textbox(label="Mask expression", lines=1, elem_id=script.elem_id("expression"),
                                 placeholder="goblin OR sword  ·  face{+8}  ·  person AND NOT hat  "
@@ -72,12 +71,7 @@ def build_accordion(script, is_img2img: bool) -> list:
             combine = gr.Radio(list(COMBINE_MODES), value=COMBINE_MODES[0], visible=is_img2img,
                                label="With the brush / uploaded mask", elem_id=script.elem_id("combine"))
         with gr.Row():
-            threshold = gr.Slider(0.0, 0.99, value=threshold, step=0.01, label="Threshold",
-                                  elem_id=script.elem_id("threshold"))
-            grow = gr.Slider(-64, 64, value=0.0, step=1, label="Grow (+) / shrink (-), px",
-                             elem_id=script.elem_id("grow"))
-            feather = gr.Slider(0, min(64, FEATHER.high), value=0.0, step=1, label="Feather, px",
-                                elem_id=script.elem_id("feather"))
+            threshold, grow, feather = map_controls(script.elem_id)
             invert = gr.Checkbox(False, label="Invert", elem_id=script.elem_id("invert"))
             refine = gr.Checkbox(True, label="Refine edges", elem_id=script.elem_id("refine"))
         controls = [expression, mode, threshold, grow, feather, invert, combine, refine,
@@ -100,6 +94,18 @@ def build_accordion(script, is_img2img: bool) -> list:
     _accordions[tab] = {"controls": controls, "status": status}
     _wire_send_buttons()
     return controls
+
+
+def map_controls(elem_id) -> list:
+    """Threshold, grow and feather sliders (ARG_NAMES order), for the accordion and the tab; ``elem_id(name)``
+    names each. Grow and feather hold floats: the host converts a pasted value to the type of the
+    control's value, and both take fractional pixels."""
+    import gradio as gr
+
+    return [gr.Slider(0.0, 0.99, value=host.control_default("ldznet_threshold"), step=0.01, label="Threshold",
+                      elem_id=elem_id("threshold")),
+            gr.Slider(-64, 64, value=0.0, step=1, label="Grow (+) / shrink (-), px", elem_id=elem_id("grow")),
+            gr.Slider(0, min(64, FEATHER.high), value=0.0, step=1, label="Feather, px", elem_id=elem_id("feather"))]
 
 
 def more_mask_controls(elem_id) -> list:
@@ -149,7 +155,7 @@ def paste_status(params) -> str:
     return _status("PNG Info: not restored: " + "; ".join(problems), error=True) if problems else ""
 
 
-def _job(prompt: str | None, args) -> MaskJob:
+def _accordion_job(prompt: str | None, args) -> MaskJob:
     job = with_prompt_line(from_args(args), prompt)
     if not job.active:
         raise LdznetError("type a mask expression (or a line 'mask: ...' in the prompt)")
@@ -183,7 +189,7 @@ def preview_mask(mode, prompt, *values):
     """Preview button: (overlay image, status html) without generating."""
     images, args = list(values[:len(IMG2IMG_INPUTS)]), values[len(IMG2IMG_INPUTS):]
     try:
-        job = _job(prompt, args)
+        job = _accordion_job(prompt, args)
         image, brush = pick_image(int(mode), images)
         with host.gpu_job("ldznet preview"):
             result = host.compute(image, job, brush)
@@ -215,7 +221,7 @@ def send_to_inpaint(gallery, index, *args):
             raise LdznetError("no image in the results gallery to send")
         index = int(index) if index is not None and 0 <= int(index) < len(gallery) else 0
         image = image_from_url_text(gallery[index])
-        job = _job(None, args)
+        job = _accordion_job(None, args)
         with host.gpu_job("ldznet send to inpaint"):
             result = host.compute(image, job)
     except LdznetError as error:
