@@ -345,6 +345,21 @@ def test_preview_uses_the_prompt_line_first(tmp_path):
     assert status.startswith("<p class='ldznet-status'>sword: ")
 
 
+def test_preview_in_inpaint_sketch_says_it_leaves_out_the_strokes(tmp_path):
+    """Inpaint sketch's mask is the strokes against the image before them, which the page does not
+    name: Preview shows the text mask and says so when the generation would combine it with them."""
+    pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")
+    world.install(tmp_path)
+    image = _grey16()
+    sketch = [None, None, None, image, None, None]
+    mask = host.compute(load_image(_png_bytes(image)), MaskJob("goblin", threshold=0.3)).mask
+    for combine in ("replace", "add"):
+        overlay, status = ui.preview_mask(3, "a photo", *sketch, "goblin", "LD-ZNet head", 0.3, 0, 0, False, combine)
+        assert np.array_equal(np.asarray(overlay), render_overlay(load_image(_png_bytes(image)), mask))
+        note = "Inpaint sketch: this is the text mask alone; the generation combines it with the mask of your strokes"
+        assert (note in html.unescape(status)) == (combine == "add")
+
+
 def test_preview_names_the_terms_not_found(tmp_path, monkeypatch):
     """Preview says which terms presence rejected (their maps gave nothing), and the found ones' share."""
     pytest.importorskip("ldm.modules.diffusionmodules.openaimodel")

@@ -27,6 +27,9 @@ from .request import (ARG_NAMES, INFOTEXT_KEYS, TITLE, PasteKey, control_value, 
 IMG2IMG_INPUTS = ("img2img_image", "img2img_sketch", "img2maskimg", "inpaint_sketch", "img_inpaint_base",
                   "img_inpaint_mask")
 """elem_ids of img2img's images, in the order of its mode tabs (the last two: Inpaint upload)."""
+INPAINT_SKETCH = IMG2IMG_INPUTS.index("inpaint_sketch")
+"""The mode tab whose mask the host derives from the strokes against the image before them, a state
+the page does not name (so Preview cannot read it)."""
 WANTED = {*IMG2IMG_INPUTS, "txt2img_gallery", "img2img_gallery", "txt2img_prompt", "img2img_prompt",
           "txt2img_send_to_extras", "img2img_send_to_extras", "img2img_width", "img2img_height"}
 _components: dict[str, object] = {}
@@ -199,8 +202,11 @@ def preview_mask(mode, prompt, *values):
         return None, _status(unexpected(error), error=True)
     overlay = render_overlay(load_image(image), result.mask)
     share = selected_share(result.mask)
-    return Image.fromarray(overlay), _status("; ".join([f"{job.expression}: {share:.1%} of the image selected",
-                                                        *result.prediction.missing_notes()]))
+    notes = [f"{job.expression}: {share:.1%} of the image selected", *result.prediction.missing_notes()]
+    if int(mode) == INPAINT_SKETCH and job.combine != "replace":
+        notes.append(f"Inpaint sketch: this is the text mask alone; the generation combines it with the mask of "
+                     f"your strokes ({job.combine})")
+    return Image.fromarray(overlay), _status("; ".join(notes))
 
 
 def unload_models() -> str:
