@@ -97,7 +97,8 @@ class Prediction:
     image's size, image-guided when ``SegmenterSettings.refine`` is on, zero for a term not found (one
     zero viewed at every pixel: writing one pixel writes all, so clone it first);
     ``presence`` each term's found / not-found decision and score (empty when presence is off);
-    ``selected`` the mask before feathering, bool [H, W]."""
+    ``selected`` the mask before feathering, bool [H, W]; ``inverted`` whether the mask is the
+    expression's inverse (``MaskOptions.invert``)."""
 
     expression: Expression
     probability: Tensor
@@ -105,6 +106,7 @@ class Prediction:
     terms: dict[str, Tensor]
     presence: dict[str, TermPresence] = field(default_factory=dict)
     selected: Tensor | None = None
+    inverted: bool = False
 
     @property
     def missing(self) -> list[str]:
@@ -121,9 +123,10 @@ class Prediction:
         return {term: decision.to_dict() for term, decision in self.presence.items()}
 
     def instances(self) -> list[Instance]:
-        """The final mask's instances, left to right (``masks.instances``), scored on ``probability``."""
+        """The final mask's instances, left to right (``masks.instances``), scored on how surely their
+        pixels are selected: ``probability``, or 1 - ``probability`` when ``inverted``."""
         selected = self.mask > 0.5 if self.selected is None else self.selected
-        return find_instances(selected, self.probability)
+        return find_instances(selected, 1 - self.probability if self.inverted else self.probability)
 
     def mask_image(self) -> np.ndarray:
         """The mask as uint8 [H, W] (0/255 unless feathered), white = selected (repaint)."""
@@ -377,7 +380,7 @@ class Segmenter:
             probability = tree.evaluate(maps, options.threshold)
             selected = select_mask(probability, options)
             mask = feather(selected.to(probability.dtype), options.feather)
-            predictions.append(Prediction(tree, probability, mask, maps, presence, selected))
+            predictions.append(Prediction(tree, probability, mask, maps, presence, selected, options.invert))
         return predictions
 
     @torch.no_grad()

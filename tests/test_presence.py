@@ -98,3 +98,14 @@ def test_prediction_instances_follow_the_final_mask() -> None:
     found = OracleSegmenter(maps).predict("goblin", MaskOptions(feather=2.0)).instances()
     assert [(i.order, i.box, i.area) for i in found] == [(1, (10, 60, 18, 68), 64), (2, (60, 60, 68, 68), 64)]
     assert [i.to_dict()["score"] for i in found] == [0.9, 0.9]
+
+
+def test_an_inverted_mask_s_instances_are_scored_on_the_inverted_map() -> None:
+    """Under invert the instances are what the expression does not describe: each one's score is how
+    surely its pixels are selected, 1 - probability, not the expression's own low probability there."""
+    maps = _maps()
+    maps["goblin"][:, :] = 0.1
+    maps["goblin"][:, 40:48] = 0.9  # a band splits the inverted mask into two objects
+    options = MaskOptions(invert=True, presence=False)
+    found = OracleSegmenter(maps).predict("goblin", options).instances()
+    assert [(i.box[0], i.box[2], i.to_dict()["score"]) for i in found] == [(0, 40, 0.9), (48, 100, 0.9)]
