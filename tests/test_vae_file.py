@@ -55,8 +55,12 @@ def files(tiny_model_files, tmp_path_factory) -> dict[str, Path]:
              "sd-other": folder / "sd-other-vae.safetensors"}
     metadata = read_metadata(sd_file)  # the tiny text tower's head count, which shapes do not show
     write_safetensors(paths["no-vae"], rest, metadata)
-    # A VAE as A1111 saves it, with a training loss's tensors that the reader drops.
+    # A VAE as A1111 saves it, with a training loss's tensors that the reader drops, and as Stability
+    # published vae-ft-mse-840000-ema-pruned, with the EMA's bookkeeping scalars (A1111 ignores them too).
     save_file({**own, "loss.logvar": torch.zeros(())}, str(paths["ldm"]))
+    paths["ema"] = folder / "vae-ft-mse-840000-ema-pruned.safetensors"
+    save_file({**own, "model_ema.decay": torch.tensor(0.9999),
+               "model_ema.num_updates": torch.tensor(840000, dtype=torch.int32)}, str(paths["ema"]))
     torch.save({"state_dict": own}, paths["pickle"])
     save_file(other, str(paths["other"]))
     write_safetensors(paths["sd-other"], {**rest, **{VAE + k: v for k, v in other.items()}}, metadata)
@@ -67,7 +71,7 @@ def files(tiny_model_files, tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-@pytest.mark.parametrize("layout", ["ldm", "sd", "diffusers", "diffusers-folder", "pickle"])
+@pytest.mark.parametrize("layout", ["ldm", "ema", "sd", "diffusers", "diffusers-folder", "pickle"])
 def test_every_layout_reads_to_the_checkpoints_vae(files, layout) -> None:
     assert _equal(read_vae_file(files[layout]), _vae_part(read_state_dict(files["sd"])))
 

@@ -22,6 +22,7 @@ from .vae import VAEConfig, conv_attention_weights
 
 LATENT_CHANNELS = 4  # every SD 1.x, SD 2.x and SDXL UNet denoises 4-channel latents
 _DIFFUSERS_MARK = "encoder.down_blocks."
+_NOT_WEIGHTS = ("loss.", "model_ema.")
 
 
 def read_vae_file(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -40,8 +41,9 @@ def read_vae_file(path: str | os.PathLike) -> dict[str, Tensor]:
     if VAE_FILE_KEY not in state:
         raise CheckpointError(f"{path.name}: not a VAE: it has no '{VAE_FILE_KEY}' (ldm layout), "
                               f"'{_DIFFUSERS_MARK}*' (diffusers) or '{VAE_PREFIX}*' (a whole checkpoint)")
-    # training losses some VAE files carry; attention weights as older converters wrote them
-    state = conv_attention_weights({k: v for k, v in state.items() if not k.startswith("loss.")})
+    # training losses and EMA bookkeeping (model_ema.decay, .num_updates) some VAE files carry, not weights;
+    # attention weights as older converters wrote them
+    state = conv_attention_weights({k: v for k, v in state.items() if not k.startswith(_NOT_WEIGHTS)})
     moments = state.get("encoder.conv_out.weight")  # mean and log-variance of each latent channel
     if moments is not None and moments.ndim == 4 and moments.shape[0] != 2 * LATENT_CHANNELS:
         raise CheckpointError(f"{path.name}: a VAE with {moments.shape[0] // 2}-channel latents (SD 3 and Flux VAEs "
