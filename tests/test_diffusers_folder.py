@@ -263,6 +263,25 @@ def test_a_scheduler_config_we_cannot_follow_is_refused(ldznet, sd1_pair, image_
                               f"{json.dumps(value)[:40]}; expected {expected}\n")
 
 
+def test_an_edm_folder_is_refused(ldznet, sdxl_pair, image_file, tmp_path) -> None:
+    """Playground v2.5's layout (an EDM scheduler, per-channel latent statistics) was read as an eps SDXL."""
+    import shutil
+    folder = _with_scheduler(sdxl_pair[1], tmp_path, "edm", {"_class_name": "EDMDPMSolverMultistepScheduler",
+                                                             "sigma_data": 0.5, "sigma_max": 80.0, "sigma_min": 0.002})
+    code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", folder, "--zero-shot")
+    assert (code, err) == (2, "ldznet mask: error: edm: scheduler/scheduler_config.json: EDMDPMSolverMultistepScheduler, "
+                              "the EDM noise schedule (Playground v2.5 and the like), not SD's; models trained with it "
+                              "are not supported\n")
+    latents = shutil.copytree(sdxl_pair[1], tmp_path / "latents")
+    config = json.loads((latents / "vae" / "config.json").read_text())
+    (latents / "vae" / "config.json").write_text(json.dumps({**config, "latents_mean": [0.0] * 4,
+                                                             "latents_std": [1.0] * 4}))
+    code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", latents, "--zero-shot")
+    assert (code, err) == (2, "ldznet mask: error: latents: vae/config.json: latents_mean / latents_std, per-channel "
+                              "latent statistics (Playground v2.5 and the like) that SD models do not have; such "
+                              "models are not supported\n")
+
+
 @pytest.mark.parametrize("weight_map", [["a.safetensors"], {"w": 5}, {"w": ".."}, {"w": ""}, "a.safetensors"],
                          ids=["a list", "a number", "the parent folder", "empty", "a string"])
 def test_an_index_whose_weight_map_names_no_files_is_refused(weight_map, sd1_pair, image_file, tmp_path, ldznet):

@@ -154,9 +154,12 @@ def test_head_mode_on_sd2_is_refused_with_what_to_do(sd2_file, kwargs) -> None:
 def test_an_sd2_inpainting_file_is_refused_by_name(tmp_path) -> None:
     state = tiny_sd2_state()
     state[UNET_PREFIX + "input_blocks.0.0.weight"] = torch.zeros(32, 9, 3, 3)
-    with pytest.raises(CheckpointError, match=r"^inpaint.safetensors: the SD 2.x UNet takes 9 input channels, not 4 "
-                                              r"\(an inpainting or depth model\); use the base model it was made from$"):
-        load_stable_diffusion(write_sd2(tmp_path / "inpaint.safetensors", state), zero_shot=True)
+    path = write_sd2(tmp_path / "inpaint.safetensors", state)
+    for zero_shot in (True, False):  # a head is not told to try --zero-shot
+        with pytest.raises(CheckpointError, match=r"^inpaint.safetensors: sd2-conditioned: the SD 2.x UNet takes 9 input "
+                                                  r"channels, not 4 \(an inpainting or depth model\); use the base model "
+                                                  r"it was made from. Supported: "):
+            load_stable_diffusion(path, zero_shot=zero_shot)
 
 
 def test_ldznet_mask_zero_shot_on_an_sd2_file(ldznet, sd2_file, tmp_path) -> None:

@@ -28,7 +28,8 @@ LABELS: dict[str, str] = {
     "sdxl": "SDXL", "sd3": "SD 3", "ssd": "SSD-1B", "flux": "Flux", "unknown": "not SD 1.x",
     "instruct-pix2pix": "an instruct-pix2pix model (8 input channels)", "diffusers": "a diffusers-format file",
     "ldznet-head": "an LD-ZNet segmentation head", "ldznet-official": "the official LD-ZNet release",
-    "vae": "a VAE",
+    "vae": "a VAE", "sdxl-conditioned": "an SDXL inpainting or edit model", "sdxl-refiner": "an SDXL refiner",
+    "sdxl-edm": "an SDXL model with the EDM noise schedule", "sd2-conditioned": "an SD 2.x inpainting or depth model",
 }
 # Every VAE layout (ldm's, diffusers') has this tensor, and no whole checkpoint has it unprefixed.
 VAE_FILE_KEY = "encoder.conv_in.weight"
@@ -40,6 +41,11 @@ _HOST_FLAGS = (("is_sdxl", "sdxl"), ("is_sd2", "sd2"), ("is_sd3", "sd3"), ("is_s
 _LORA_MARKS = ("lora_", ".lora.", "lycoris_", "hada_w", "lokr_w")
 # Textual inversion: A1111's .safetensors "emb_params", its .pt "string_to_param", SDXL's "clip_l" / "clip_g".
 _EMBEDDING_KEYS = ("emb_params", "string_to_param", "string_to_token", "clip_l", "clip_g")
+
+# What marks an SDXL refiner (bigG alone, as the first embedder) and an SDXL-family model trained with the EDM
+# noise schedule instead of SD's (CosXL's "edm_vpred.*", Playground v2.5's "edm_mean" / "edm_std": ComfyUI's markers).
+_REFINER_TEXT = "conditioner.embedders.0.model."
+_EDM_MARKS = ("edm_vpred.", "edm_mean", "edm_std")
 
 # Key prefixes that name a family outright, checked in order after the LD-ZNet files.
 _PREFIX_FAMILIES = (
@@ -132,7 +138,7 @@ def classify(state: Mapping, metadata: Mapping | None = None) -> CheckpointInfo:
                               "itself")
     for prefixes, family, problem in _PREFIX_FAMILIES:
         if any(k.startswith(prefixes) for k in keys):
-            return CheckpointInfo(family, problem)
+            return _zero_shot_variant(state, CheckpointInfo(family, problem))
     conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None:
         wrapped = [k.removesuffix(UNET_PREFIX + "input_blocks.0.0.weight") for k in keys
@@ -145,6 +151,33 @@ def classify(state: Mapping, metadata: Mapping | None = None) -> CheckpointInfo:
         return CheckpointInfo("unknown", f"'{UNET_PREFIX}input_blocks.0.0.weight' has shape {shape}; "
                               "expected a convolution weight [out, in, k, k]")
     return _classify_unet(state, shape[1], shape[0])
+
+
+def _zero_shot_variant(state: Mapping, info: CheckpointInfo) -> CheckpointInfo:
+    """``info`` of an SDXL or SD 2.x file, or the family of a model of that kind zero-shot masks cannot
+    use either (so that no message sends its user to --zero-shot): a UNet conditioned on more than the
+    latent (inpainting, depth, edit), an SDXL refiner, an SDXL-family model of the EDM noise schedule."""
+    if info.family not in ("sdxl", "sd2"):
+        return info
+    conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    in_channels = _shape(conv_in)[1] if conv_in is not None and len(_shape(conv_in)) == 4 else 4
+    label = LABELS[info.family]
+    if in_channels != 4:
+        kinds = ("an inpainting or depth model" if info.family == "sd2"
+                 else "an inpainting, instruct-pix2pix or edit model")
+        return CheckpointInfo(f"{info.family}-conditioned", f"the {label} UNet takes {in_channels} input channels, not "
+                              f"4 ({kinds}); use the base model it was made from", info.details)
+    keys = state.keys()
+    if info.family == "sdxl" and any(k.startswith(_REFINER_TEXT) for k in keys):
+        return CheckpointInfo("sdxl-refiner", "an SDXL refiner (one text encoder, OpenCLIP bigG, and aesthetic-score "
+                              "conditioning); refiners are not supported: use the SDXL base model or a fine-tune of it",
+                              info.details)
+    marks = sorted({mark for k in keys for mark in _EDM_MARKS if k.startswith(mark)})
+    if info.family == "sdxl" and marks:
+        return CheckpointInfo("sdxl-edm", f"trained with the EDM noise schedule, not SD's (its {', '.join(marks)} "
+                              "tensors: CosXL, Playground v2.5 and the like), which zero-shot masks do not model",
+                              info.details)
+    return info
 
 
 def _first_parts(keys: Iterable[str], most: int = 4) -> list[str]:
@@ -162,8 +195,9 @@ def _classify_unet(state: Mapping, in_channels: int, model_channels: int) -> Che
     if context:
         details["context_dim"] = context[0]
     if UNET_PREFIX + "label_emb.0.0.weight" in state or (context and context[0] == 2048):
-        return CheckpointInfo("sdxl", "the UNet has SDXL's pooled-text and size conditioning (label_emb) or "
-                              "2048-d text context; SDXL checkpoints serve zero-shot masks only", details)
+        return _zero_shot_variant(state, CheckpointInfo(
+            "sdxl", "the UNet has SDXL's pooled-text and size conditioning (label_emb) or 2048-d text context; SDXL "
+            "checkpoints serve zero-shot masks only", details))
     if in_channels == 9:
         return CheckpointInfo("sd-v1-inpainting", "inpainting UNets (9 input channels) are not supported; "
                               "use the base model the inpainting model was made from", details)

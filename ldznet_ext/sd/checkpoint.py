@@ -397,33 +397,21 @@ def _check_parts_present(state: Mapping[str, Tensor], parts: Mapping[str, str]) 
         raise CheckpointError(problem)
 
 
-def _check_plain_unet(state: Mapping[str, Tensor], family: str, kinds: str) -> None:
-    """CheckpointError for a UNet of ``family`` that takes more than the 4 latent channels (``kinds``)."""
-    in_channels = _dim(state, UNET_PREFIX + "input_blocks.0.0.weight", 1)
-    if in_channels != 4:
-        raise CheckpointError(f"the {family} UNet takes {in_channels} input channels, not 4 ({kinds}); use the base "
-                              "model it was made from")
-
-
 def sd2_from_state_dict(state: Mapping[str, Tensor], described: SDMetadata,
                         dtype: torch.dtype = torch.float32) -> StableDiffusion2:
     """Build an SD 2.x model in ``dtype`` from a single file's tensors (all read); v-prediction when the
     file carries the ``v_pred`` marker or A1111's probe says so (``sd2.predicts_v``)."""
-    _check_plain_unet(state, "SD 2.x", "an inpainting or depth model")
     unet, vae, vit_h = _unet_vae_and_openclip(state, described, SD2_TEXT_PREFIX)
-    model = StableDiffusion2(unet, vae, OpenCLIPContext(vit_h), _file_schedule(state)).to(dtype)
+    model = StableDiffusion2(unet, vae, OpenCLIPContext(vit_h), _file_schedule(state))
+    # probed in float32 before the cast, as A1111 probes: in bf16 a borderline UNet would answer otherwise
     model.prediction = "v" if V_PREDICTION_KEY in state or predicts_v(model.unet) else "eps"
-    return model
+    return model.to(dtype)
 
 
 def sdxl_from_state_dict(state: Mapping[str, Tensor], described: SDMetadata,
                          dtype: torch.dtype = torch.float32) -> StableDiffusionXL:
     """Build an SDXL-family model in ``dtype`` from a single file's tensors (all read); v-prediction
     when the file carries the ``v_pred`` marker."""
-    _check_plain_unet(state, "SDXL", "an inpainting, instruct-pix2pix or edit model")
-    if not _has(state, BIGG_PREFIX) and _has(state, "conditioner.embedders.0.model."):
-        raise CheckpointError("an SDXL refiner (one text encoder, OpenCLIP bigG, and aesthetic-score conditioning); "
-                              "refiners are not supported: use the SDXL base model or a fine-tune of it")
     _check_parts_present(state, {"CLIP ViT-L text encoder": CLIP_L_PREFIX, "OpenCLIP bigG text encoder": BIGG_PREFIX})
     unet, vae, bigg = _unet_vae_and_openclip(state, described, BIGG_PREFIX)
     clip_l = _text_encoder_from_state_dict(checkpoint_part(state, CLIP_L_PREFIX), described.text)

@@ -240,6 +240,9 @@ def _field_error(value: Any, field: str, where: str, expected: str) -> Checkpoin
 def _vae_scale(config: Mapping[str, Any], where: str) -> float | None:
     """``scaling_factor`` (None when unset: the family's); a scale that is no positive number would give
     every latent, and so every mask, silently wrong or NaN."""
+    if config.get("latents_mean") is not None or config.get("latents_std") is not None:
+        raise CheckpointError(f"{where}: latents_mean / latents_std, per-channel latent statistics (Playground v2.5 "
+                              "and the like) that SD models do not have; such models are not supported")
     if "scaling_factor" not in config:
         return None
     value = config["scaling_factor"]
@@ -255,6 +258,10 @@ def _scheduler_tensors(folder: Path) -> dict[str, Tensor]:
     path = folder / "scheduler" / "scheduler_config.json"
     config = _json(path, folder) if path.is_file() else {}
     where = f"{folder.name}: scheduler/scheduler_config.json"
+    kind = config.get("_class_name")
+    if "sigma_data" in config or (isinstance(kind, str) and kind.startswith("EDM")):
+        raise CheckpointError(f"{where}: {kind or 'a scheduler with sigma_data'}, the EDM noise schedule (Playground "
+                              "v2.5 and the like), not SD's; models trained with it are not supported")
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
         raise _field_error(prediction, "prediction_type", where, '"epsilon" or "v_prediction"')
