@@ -134,6 +134,14 @@ def test_v_prediction_as_a1111_decides_it(tmp_path, out_bias, marker, prediction
     assert model.prediction == prediction
 
 
+def test_v_prediction_is_probed_in_float32_whatever_the_load_dtype(tmp_path) -> None:
+    """-0.5005 - 0.5 is below -1 in float32 (v), but bf16 rounds the bias to -0.5: probed after the cast
+    the model was read as eps. A1111 probes in float32."""
+    path = write_sd2(tmp_path / "m.safetensors", tiny_sd2_state(-0.5005))
+    assert [load_stable_diffusion(path, zero_shot=True, dtype=dtype).prediction
+            for dtype in (torch.float32, torch.bfloat16)] == ["v", "v"]
+
+
 def test_a_v_model_answers_eps(tmp_path) -> None:
     state = {**tiny_sd2_state(), "v_pred": torch.zeros(())}
     model = load_stable_diffusion(write_sd2(tmp_path / "v.safetensors", state), zero_shot=True)
