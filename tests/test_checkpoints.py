@@ -340,6 +340,19 @@ def test_a_file_stored_in_fewer_bits_loads_in_fp32_with_the_exact_schedule(sd_st
     assert model.schedule.alphas_cumprod[0] < 1  # rounded, a_0 = 0.99915 would be 1 in bf16 and fp8: no noise
 
 
+@pytest.mark.parametrize("chain", [(torch.float16, torch.float8_e4m3fn), (torch.float16, torch.bfloat16),
+                                   (torch.bfloat16, torch.float8_e5m2), (torch.float16, torch.float32)],
+                         ids=["fp16-fp8", "fp16-bf16", "bf16-fp8", "fp16-fp32"])
+def test_a_schedule_rounded_twice_is_the_exact_one(sd_state, tmp_path, chain) -> None:
+    """An fp16-pruned file cast to fp8 or bf16 later (or upcast to fp32 again) rounds the stored schedule
+    twice: fp16 -> fp8 gave a_0 = 1 (no noise at t = 0) and a_300 0.5625 for 0.5905."""
+    table = alphas_cumprod()
+    for dtype in chain:
+        table = table.to(dtype)
+    save_file(sd_state | {"alphas_cumprod": table}, tmp_path / "twice.safetensors")
+    assert torch.equal(load_stable_diffusion(tmp_path / "twice.safetensors").schedule.alphas_cumprod, alphas_cumprod())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_schedule_of_its_own_is_kept_in_any_precision(sd_state, tmp_path, dtype) -> None:
     table = alphas_cumprod().clone()

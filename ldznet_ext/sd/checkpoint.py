@@ -345,8 +345,8 @@ def _sd_v1_from_state_dict(state: dict[str, Tensor], described: SDMetadata, part
 
 def _file_schedule(state: Mapping[str, Tensor]) -> NoiseSchedule:
     """The file's ``alphas_cumprod`` table when it holds one, else SD's default schedule; rescaled to zero
-    terminal SNR when the file carries the ``ztsnr`` marker. A table stored in fewer bits than fp32 that is
-    the default schedule rounded to them is that schedule at full precision: fp16 moves the noise scale
+    terminal SNR when the file carries the ``ztsnr`` marker. A table that is the default schedule rounded,
+    once or twice, whatever dtype it is stored in, is that schedule at full precision: fp16 moves the noise scale
     sqrt(1 - a_t) by 7 % at t = 0, and bf16 or fp8 round a_t near 0 to 1, so that no noise would be added
     there at all."""
     table = state.get("alphas_cumprod")
@@ -361,12 +361,22 @@ def _file_schedule(state: Mapping[str, Tensor]) -> NoiseSchedule:
     return NoiseSchedule(rescale_zero_terminal_snr(table) if ZERO_TERMINAL_SNR_KEY in state else table)
 
 
+# How a stored default schedule may have been rounded before the file's own dtype: a training script saves
+# fp32 or the exact fp64; a pruning to fp16 or bf16 may come before a later cast (to fp8, or back to fp32).
+_SCHEDULE_ROUNDINGS = ((), (torch.float32,), (torch.float16,), (torch.float32, torch.float16), (torch.bfloat16,),
+                       (torch.float32, torch.bfloat16))
+
+
 def _is_rounded_default_schedule(table: Tensor) -> bool:
-    if table.dtype in (torch.float32, torch.float64) or table.shape != (NUM_TIMESTEPS,):
+    if table.shape != (NUM_TIMESTEPS,):
         return False
-    exact = alphas_cumprod()
-    # A converter may round the fp32 table a training script saved, or the exact one.
-    return any(torch.equal(table, exact.to(via).to(table.dtype)) for via in (torch.float64, torch.float32))
+    for chain in _SCHEDULE_ROUNDINGS:
+        rounded = alphas_cumprod()
+        for dtype in chain:
+            rounded = rounded.to(dtype)
+        if torch.equal(table, rounded.to(table.dtype)):
+            return True
+    return False
 
 
 def _unet_vae_and_openclip(state: Mapping[str, Tensor], described: SDMetadata, openclip_prefix: str,
