@@ -212,14 +212,45 @@ def read_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]] | 
     if path.suffix.lower() != ".safetensors":
         return None
     shapes = {}
-    for name, entry in safetensors_header(path).items():
+    header, data_size = safetensors_header(path), _data_size(path)
+    for name, entry in header.items():
         if name == "__metadata__":
             continue
         shape = entry.get("shape") if isinstance(entry, dict) else None
         if not isinstance(shape, list) or any(type(n) is not int or n < 0 for n in shape):
             raise CheckpointError(f"{path.name}: tensor {name[:80]!r} has no valid 'shape' in the safetensors header")
+        _check_extent(path, name, entry, data_size)
         shapes[name] = tuple(shape)
     return shapes
+
+
+# Bytes per element of the safetensors dtypes.
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _data_size(path: Path) -> int:
+    """The bytes after a safetensors file's header (its header already read, so its size is plausible)."""
+    with open(path, "rb") as f:
+        return path.stat().st_size - 8 - int.from_bytes(f.read(8), "little")
+
+
+def _check_extent(path: Path, name: str, entry: dict, data_size: int) -> None:
+    """CheckpointError unless the header entry's bytes lie within the file and fit its shape and dtype: what
+    safetensors checks when it opens the file, here before a header's shapes build anything (a huge claimed
+    shape overflowed torch's size computation) or a file is offered as usable (a partial download)."""
+    offsets = entry.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{path.name}: tensor {name[:80]!r} has no valid 'data_offsets' in the safetensors "
+                              "header")
+    if offsets[1] > data_size:
+        raise CheckpointError(f"{path.name}: tensor {name[:80]!r} ends at byte {offsets[1]} of the data, but the file "
+                              f"holds {data_size}: it is truncated (an unfinished download or copy?)")
+    size = _DTYPE_BYTES.get(entry.get("dtype"))
+    if size is not None and math.prod(entry["shape"]) * size != offsets[1] - offsets[0]:
+        raise CheckpointError(f"{path.name}: tensor {name[:80]!r} of shape {entry['shape']} ({entry['dtype']}) does "
+                              f"not fit its {offsets[1] - offsets[0]} bytes; the safetensors header is corrupt")
 
 
 def read_tensors(path: str | os.PathLike, names: Iterable[str]) -> dict[str, Tensor]:

@@ -221,7 +221,7 @@ BAD_INPUTS = {
                         "wide-head.safetensors: this ldznet head was made for a different SD model "
                         "(head vs model: model_channels 64 vs 32)"),
     "truncated model": (lambda t, i, s, h: [i, "cat", "--model", _truncated(t, s, "cut.safetensors"), "--zero-shot"],
-                        "cut.safetensors: cannot read the file"),
+                        "cut.safetensors: tensor "),
     "truncated head": (lambda t, i, s, h: [i, "cat", "--model", s, "--head", _truncated(t, h, "cut-head.safetensors")],
                        "cut-head.safetensors: cannot read the file"),
     "missing model": (lambda t, i, s, h: [i, "cat", "--model", t / "absent.safetensors", "--zero-shot"],

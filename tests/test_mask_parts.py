@@ -3,6 +3,8 @@ computes the same features as the whole model, and the skipped parts refuse to r
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -91,13 +93,31 @@ def test_unknown_parts_are_refused(sd_file):
         load_stable_diffusion(sd_file, parts="head")
 
 
+def test_a_header_whose_shapes_do_not_fit_their_bytes_is_refused_before_anything_is_built(sd_file, tmp_path):
+    """A crafted entry of shape [2^40, 2^40] over 4 bytes overflowed torch's size computation (a traceback)
+    where the header's shapes build meta tensors for a partial load."""
+    raw = sd_file.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    header["model_ema.junk"] = {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 4]}
+    text = json.dumps(header).encode()
+    crafted = tmp_path / "crafted.safetensors"
+    crafted.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size:])
+    for read in (lambda path: load_stable_diffusion(path, parts="mask"), classify_file):
+        with pytest.raises(CheckpointError, match=r"^crafted.safetensors: tensor 'model_ema.junk' of shape "
+                                                  r"\[1099511627776, 1099511627776\] \(F32\) does not fit its 4 bytes; "
+                                                  r"the safetensors header is corrupt$"):
+            read(crafted)
+
+
 def test_classify_file_reads_the_header_only(sd_file, tmp_path):
     header_only = tmp_path / "cut.safetensors"
     raw = sd_file.read_bytes()
     header_only.write_bytes(raw[:8 + int.from_bytes(raw[:8], "little")])  # no tensor data at all
-    with pytest.raises(CheckpointError):
-        load_stable_diffusion(header_only)
-    assert (classify_file(header_only).family, classify_file(header_only).problem) == ("sd-v1", None)
+    for read in (load_stable_diffusion, classify_file):  # a partial download is never offered as usable
+        with pytest.raises(CheckpointError, match="^cut.safetensors: tensor .* it is truncated"):
+            read(header_only)
+    assert (classify_file(sd_file).family, classify_file(sd_file).problem) == ("sd-v1", None)
     inpainting = tmp_path / "inpainting.safetensors"
     save_file({f"{UNET_PREFIX}input_blocks.0.0.weight": torch.zeros(32, 9, 3, 3)}, str(inpainting))
     assert classify_file(inpainting).family == "sd-v1-inpainting"

@@ -160,6 +160,8 @@ def test_the_choices_and_the_automatic_default(sdxl_host, tmp_path, monkeypatch)
     from ldznet_ext.webui import settings
 
     save_stable_diffusion(tiny_sd(), sdxl_host / "0-first.safetensors")
+    whole = (sdxl_host / "0-first.safetensors").read_bytes()
+    (sdxl_host / "0-a-partial-download.safetensors").write_bytes(whole[:len(whole) // 2])  # never offered
     modules.sd_models.list_models()
     assert settings.mask_model_choices() == ["automatic", "0-first.safetensors", "sd15.safetensors"]
     head = tmp_path / "models" / "ldznet" / world.HEAD_NAME
