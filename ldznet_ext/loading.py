@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .backbones.family import LABELS, CheckpointInfo
+from .backbones.family import LABELS, VAE_MISSING, CheckpointInfo
 from .checkpoint_io import SINGLE_FILE, named_path, path_argument, readable_file
 from .defaults import default_model_paths
 from .devices import resolve_device
@@ -79,6 +79,10 @@ def resolve_mask_model(mask_model: str | os.PathLike | None, head: str | os.Path
         path, kind = readable_file(mask_model, "mask model file", f"an SD 1.x checkpoint, {SINGLE_FILE}, or an "
                                    f"SD 1.x diffusers folder (with {INDEX_FILE})"), "file"
         info = classify_file(path)
+    if info.family == "sd-v1" and info.problem == VAE_MISSING:
+        raise CheckpointError(f"{path.name}: an SD 1.x {kind} without its VAE, which a mask model must carry (a VAE "
+                              f"file replaces the VAE of --model only); run the head on it as the model instead: "
+                              f"--model {path.name} --vae VAE.safetensors --head HEAD")
     # A pickle's family is known only once it is read: load_stable_diffusion refuses it then by name.
     if info.family != PICKLE_FAMILY and (info.family != "sd-v1" or info.problem):
         found = LABELS.get(info.family, info.family) + (f" ({info.problem})" if info.problem else "")

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from fixtures_models import TINY_VAE8, image_file, random_image  # noqa: F401  (pytest fixture)
-from ldznet_ext.checkpoint_io import read_state_dict, write_safetensors
+from ldznet_ext.checkpoint_io import read_metadata, read_state_dict, write_safetensors
 from ldznet_ext.loading import load_segmenter
 from ldznet_ext.sd import checkpoint, diffusers_folder
 from ldznet_ext.sd.parts import SkippedPart
@@ -91,6 +91,21 @@ def test_a_mask_model_that_is_not_sd1_is_refused_by_family(ldznet, sdxl_file, ti
     assert err.startswith("ldznet mask: error: tiny-sdxl.safetensors: the mask model must be an SD 1.x checkpoint, "
                           "since the head reads SD 1.x UNet features; this file is SDXL (")
     assert err.endswith("(SDXL checkpoints serve zero-shot masks only)\n")  # not "are not supported": they are
+
+
+def test_a_mask_model_without_its_vae_is_sent_to_the_way_that_works(ldznet, sdxl_file, tiny_model_files, image_file,
+                                                                    tmp_path) -> None:
+    """The family's own advice (--vae) is refused beside --mask-model; the same head mask comes from the
+    file as --model with --vae."""
+    state = read_state_dict(tiny_model_files[0])
+    no_vae = tmp_path / "no-vae.safetensors"
+    write_safetensors(no_vae, {k: v for k, v in state.items() if not k.startswith("first_stage_model.")},
+                      read_metadata(tiny_model_files[0]))
+    code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", sdxl_file,
+                          "--mask-model", no_vae, "--head", tiny_model_files[1])
+    assert (code, err) == (2, "ldznet mask: error: no-vae.safetensors: an SD 1.x file without its VAE, which a mask "
+                              "model must carry (a VAE file replaces the VAE of --model only); run the head on it as "
+                              "the model instead: --model no-vae.safetensors --vae VAE.safetensors --head HEAD\n")
 
 
 def test_a_missing_mask_model_is_named(ldznet, sdxl_file, tiny_model_files, image_file, tmp_path) -> None:

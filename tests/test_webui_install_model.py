@@ -121,10 +121,29 @@ def test_a_clip_tower_without_its_mlp_or_unlike_its_metadata_is_refused_in_one_l
     assert not (webui / "models").exists()
 
 
+def test_sd1_files_a_webui_would_misread_are_refused(tiny_model_files, webui, tmp_path) -> None:
+    """An SD 1.x v-prediction file was installed with an eps config (A1111 would sample it as eps); a
+    file without its VAE was told to use --vae, which install-model does not have."""
+    from ldznet_ext.checkpoint_io import read_metadata, read_state_dict
+
+    state, metadata = read_state_dict(tiny_model_files[0]), read_metadata(tiny_model_files[0])
+    v_file, no_vae = tmp_path / "v.safetensors", tmp_path / "no-vae.safetensors"
+    write_safetensors(v_file, {**state, "v_pred": torch.zeros(())}, metadata)
+    write_safetensors(no_vae, {k: v for k, v in state.items() if not k.startswith("first_stage_model.")}, metadata)
+    with pytest.raises(CheckpointError, match="^v.safetensors: sd-v1-v-prediction: an SD 1.x v-prediction model; "):
+        install_model(v_file, webui, hf_home=tmp_path / "hf")
+    with pytest.raises(CheckpointError, match=r"^no-vae.safetensors: the file has no VAE \('first_stage_model.\*'\); "
+                                              "the WebUI builds a model from one file, so install a checkpoint with "
+                                              "its VAE$"):
+        install_model(no_vae, webui, hf_home=tmp_path / "hf")
+    assert not (webui / "models").exists()
+
+
 def test_a_truncated_file_is_refused_before_anything_is_installed(sdxl_file, webui, tmp_path) -> None:
     short = tmp_path / "short.safetensors"
     short.write_bytes(sdxl_file.read_bytes()[:-1000])  # header intact, the last tensor cut
-    with pytest.raises(CheckpointError, match="^short.safetensors: cannot read the file .*file not fully covered"):
+    with pytest.raises(CheckpointError, match=r"^short.safetensors: tensor .* ends at byte \d+ of the data, but the file "
+                                              r"holds \d+: it is truncated"):
         install_model(short, webui, hf_home=tmp_path / "hf")
     assert not (webui / "models").exists()
 

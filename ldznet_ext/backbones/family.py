@@ -30,7 +30,10 @@ LABELS: dict[str, str] = {
     "ldznet-head": "an LD-ZNet segmentation head", "ldznet-official": "the official LD-ZNet release",
     "vae": "a VAE", "sdxl-conditioned": "an SDXL inpainting or edit model", "sdxl-refiner": "an SDXL refiner",
     "sdxl-edm": "an SDXL model with the EDM noise schedule", "sd2-conditioned": "an SD 2.x inpainting or depth model",
+    "sd-v1-v-prediction": "an SD 1.x v-prediction model",
 }
+# The marker tensor of a v-prediction file (A1111's and Forge's convention, a scalar with no weight).
+V_PREDICTION_KEY = "v_pred"
 # Every VAE layout (ldm's, diffusers') has this tensor, and no whole checkpoint has it unprefixed.
 VAE_FILE_KEY = "encoder.conv_in.weight"
 # The flags A1111 and Forge set on their loaded model, most specific first.
@@ -219,6 +222,10 @@ def _classify_unet(state: Mapping, in_channels: int, model_channels: int) -> Che
     if context and text_width and text_width[0] != context[0]:
         return CheckpointInfo("unknown", f"mismatched parts: the text encoder is {text_width[0]}-d "
                               f"but the UNet expects a {context[0]}-d context", details)
+    if V_PREDICTION_KEY in state:  # read as eps, its masks would be wrong with no error
+        return CheckpointInfo("sd-v1-v-prediction", "an SD 1.x v-prediction model; LD-ZNet heads and the zero-shot "
+                              "score read an eps-prediction SD 1.x model: use the eps model it was fine-tuned from",
+                              details)
     return CheckpointInfo("sd-v1", missing_parts(state, {"VAE": VAE_PREFIX, "text encoder": TEXT_PREFIX}), details)
 
 
@@ -232,3 +239,7 @@ def missing_parts(state: Mapping, parts: Mapping[str, str]) -> str | None:
            else "a full single-file checkpoint is needed")
     listed = " and no ".join(f"{name} ('{prefix}*')" for name, prefix in missing)
     return f"the file has no {listed}; {fix}"
+
+
+VAE_MISSING = missing_parts({}, {"VAE": VAE_PREFIX})
+"""The problem of a file that lacks its VAE alone, which ``--vae`` supplies where a VAE file may replace it."""

@@ -22,8 +22,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..backbones.family import (TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointInfo, checkpoint_part, classify,
-                               missing_parts)
+from ..backbones.family import (TEXT_PREFIX, UNET_PREFIX, V_PREDICTION_KEY, VAE_PREFIX, CheckpointInfo,
+                               checkpoint_part, classify, missing_parts)
 from ..checkpoint_io import (parse_config, path_argument, read_metadata, read_state_dict, read_tensor_shapes,
                              read_tensors, write_safetensors)
 from ..devices import resolve_device
@@ -62,7 +62,6 @@ CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 BIGG_PREFIX = "conditioner.embedders.1.model."
 # Marker tensors that v-prediction SDXL fine-tunes carry (A1111 dev, ComfyUI and Forge read them too):
 # v-prediction, and a noise schedule rescaled to zero terminal SNR (Forge reads "ztsnr").
-V_PREDICTION_KEY = "v_pred"
 ZERO_TERMINAL_SNR_KEY = "ztsnr"
 SGM_HEAD_CHANNELS = 64  # head width of every sgm UNet with linear transformer projections (SD 2.x, SDXL)
 _TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
@@ -317,9 +316,6 @@ def _guarded(name: str, family: str, build: Callable[[], StableDiffusion]) -> St
 def _sd_v1_from_state_dict(state: dict[str, Tensor], described: SDMetadata, parts: str,
                            read: Callable[[list[str]], dict[str, Tensor]] | None, dtype: torch.dtype,
                            ) -> StableDiffusion:
-    if V_PREDICTION_KEY in state:  # read as eps, its masks would be wrong with no error
-        raise CheckpointError("an SD 1.x v-prediction model; LD-ZNet heads and the zero-shot score read an "
-                              "eps-prediction SD 1.x model: use the eps model it was fine-tuned from")
     unet_cfg = described.unet or unet_config_from_state_dict(checkpoint_part(state, UNET_PREFIX))
     with torch.device("meta"):
         unet = UNetModel(unet_cfg)

@@ -33,7 +33,7 @@ import torch
 
 from ..checkpoint_io import safetensors_header, read_metadata, read_state_dict, read_tensor_shapes, read_tensors
 from ..errors import CheckpointError, LdznetError
-from ..backbones.family import checkpoint_part, sd2_variant
+from ..backbones.family import VAE_MISSING, checkpoint_part, sd2_variant
 from ..outputs import writable_folder
 from ..sd.checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, SD2_TEXT_PREFIX, TEXT_PREFIX, UNET_PREFIX,
                              V_PREDICTION_KEY, VAE_PREFIX, check_family, classify, parse_sd_metadata, text_fields,
@@ -404,6 +404,9 @@ def install_model(checkpoint: str | os.PathLike, webui_dir: str | os.PathLike, n
     state, metadata = _shapes(checkpoint), read_metadata(checkpoint)
     info = classify(state, metadata)
     sdxl, sd2 = info.family == "sdxl", info.family == "sd2"
+    if info.problem == VAE_MISSING:
+        raise CheckpointError(f"{checkpoint.name}: the file has no VAE ('{VAE_PREFIX}*'); the WebUI builds a model "
+                              "from one file, so install a checkpoint with its VAE")
     check_family(info, checkpoint.name, zero_shot=True)  # SDXL and SD 2.x files serve zero-shot masks in a WebUI
     if sdxl and not any(k.startswith(CLIP_L_PREFIX) for k in state):
         raise CheckpointError(f"{checkpoint.name}: no CLIP ViT-L text encoder ({CLIP_L_PREFIX}*), which an SDXL base "
