@@ -202,6 +202,18 @@ def test_sharded_weights_are_read_through_their_index(sd1_pair, tmp_path, varian
         read_diffusers_folder(folder)
 
 
+def test_the_full_precision_weights_come_before_a_sharded_fp16_variant(sd1_pair, tmp_path) -> None:
+    """A folder with both (as a download of every variant has): the fp32 file is read, as the fp16 shards'
+    index name says they are a variant."""
+    import shutil
+    folder = shutil.copytree(sd1_pair[1], tmp_path / "both")
+    state = read_state_dict(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    save_file({k: v.half() for k, v in state.items()}, str(folder / "unet" / "fp16-1-of-1.safetensors"))
+    (folder / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json").write_text(
+        json.dumps({"weight_map": {k: "fp16-1-of-1.safetensors" for k in state}}))
+    _same_tensors(folder, sd1_pair[0])
+
+
 def _with_scheduler(folder: Path, tmp_path: Path, name: str, config: dict) -> Path:
     """A copy of ``folder`` named ``name`` whose scheduler/scheduler_config.json is ``config``."""
     import shutil
@@ -287,6 +299,7 @@ def test_an_edm_folder_is_refused(ldznet, sdxl_pair, image_file, tmp_path) -> No
 def test_an_index_whose_weight_map_names_no_files_is_refused(weight_map, sd1_pair, image_file, tmp_path, ldznet):
     import shutil
     folder = shutil.copytree(sd1_pair[1], tmp_path / "odd-index")
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()  # else read first, the index unused
     (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     message = "odd-index: unet/diffusion_pytorch_model.safetensors.index.json must map weights to files in unet/"
     with pytest.raises(CheckpointError) as error:

@@ -105,6 +105,17 @@ def test_every_loader_puts_the_vae_file_in_place(files) -> None:
         assert _equal(model.vae.state_dict(), other)
 
 
+def test_a_model_folder_is_read_without_its_vae_when_a_vae_file_replaces_it(files, tmp_path) -> None:
+    """A folder published without VAE weights takes one as a single file does; a whole model folder given
+    as the VAE gives its vae/ (it said "no weights in" the model folder)."""
+    import shutil
+    folder = shutil.copytree(files["folder"], tmp_path / "no-vae-weights")
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    other = read_vae_file(files["other"])
+    assert _equal(load_diffusers_folder(folder, vae=other).vae.state_dict(), other)
+    assert _equal(read_vae_file(files["folder"]), read_vae_file(files["diffusers-folder"]))
+
+
 def test_an_sdxl_model_takes_a_vae_file_for_zero_shot_masks(files, tmp_path) -> None:
     from test_sdxl_model import METADATA, tiny_sdxl_state
     state = {k: v for k, v in tiny_sdxl_state().items() if not k.startswith(VAE)}

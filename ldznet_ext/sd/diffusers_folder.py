@@ -40,9 +40,12 @@ from .vae import conv_attention_weights
 INDEX_FILE = "model_index.json"
 VAE_SCALE = Limit(float, 0, 100, low_open=True)  # latents = scale x posterior (SD 0.18215, SDXL 0.13025)
 _BETA = Limit(float, 0, 1, low_open=True, high_open=True)  # a noise variance per step
-# Weight files of a part, in the order they are looked for.
-_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                 "model.fp16.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin")
+# Weight files of a part (names, or patterns of sharded weights' indexes), in the order they are looked for:
+# full precision first, one file or shards, then the fp16 variant (diffusers names a variant's index
+# "*.safetensors.index.fp16.json"), then pickle-based files.
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "*.safetensors.index.json",
+                 "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors", "*.safetensors.index.*.json",
+                 "diffusion_pytorch_model.bin", "pytorch_model.bin")
 _RESNET = (("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
            ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection."))
 _UNET_TOP = (("conv_in.", "input_blocks.0.0."), ("time_embedding.linear_1.", "time_embed.0."),
@@ -94,27 +97,30 @@ def _json(path: Path, folder: Path) -> dict[str, Any]:
 
 
 def read_part(folder: Path, part: str) -> dict[str, Tensor]:
-    """All tensors of the part ``part`` (a sub-folder); sharded files through their index."""
+    """All tensors of the part ``part`` (a sub-folder): its first weights in ``_WEIGHT_FILES`` order,
+    sharded ones through their index."""
     where = folder / part
-    # diffusers names a variant's index "*.safetensors.index.fp16.json"; the full-precision one comes first
-    for index in sorted(where.glob("*.safetensors.index.json")) + sorted(where.glob("*.safetensors.index.*.json")):
-        weight_map = _json(index, folder).get("weight_map", {})
-        names = list(weight_map.values()) if isinstance(weight_map, dict) else []
-        # each shard a plain file name: never a path out of the part's folder, nor the folder itself
-        if not names or any(not isinstance(name, str) or Path(name).name != name or name in ("", "..")
-                            for name in names):
-            raise CheckpointError(f"{folder.name}: {part}/{index.name} must map weights to files in {part}/")
-        shards = set(names)
-        state: dict[str, Tensor] = {}
-        for name in sorted(shards):
-            state.update(read_state_dict(where / name))
-        return state
-    for name in _WEIGHT_FILES:
-        if (where / name).is_file():
-            return read_state_dict(where / name)
+    for pattern in _WEIGHT_FILES:
+        for path in sorted(where.glob(pattern)):
+            if path.name.endswith(".json"):
+                return _read_shards(folder, part, path)
+            if path.is_file():
+                return read_state_dict(path)
     found = sorted(p.name for p in where.iterdir()) if where.is_dir() else []
     raise CheckpointError(f"{folder.name}: no weights in {part}/ (found {', '.join(found) or 'nothing'}); expected "
-                          f"one of {', '.join(_WEIGHT_FILES)} or a *.safetensors.index[.fp16].json")
+                          f"one of {', '.join(_WEIGHT_FILES)}")
+
+
+def _read_shards(folder: Path, part: str, index: Path) -> dict[str, Tensor]:
+    weight_map = _json(index, folder).get("weight_map", {})
+    names = list(weight_map.values()) if isinstance(weight_map, dict) else []
+    # each shard a plain file name: never a path out of the part's folder, nor the folder itself
+    if not names or any(not isinstance(name, str) or Path(name).name != name or name in ("", "..") for name in names):
+        raise CheckpointError(f"{folder.name}: {part}/{index.name} must map weights to files in {part}/")
+    state: dict[str, Tensor] = {}
+    for name in sorted(set(names)):
+        state.update(read_state_dict(index.parent / name))
+    return state
 
 
 def _rename(key: str, pairs: tuple[tuple[str, str], ...]) -> str:
@@ -309,10 +315,11 @@ class DiffusersModel(NamedTuple):
     scale_factor: float | None
 
 
-def read_diffusers_folder(path: str | os.PathLike) -> DiffusersModel:
+def read_diffusers_folder(path: str | os.PathLike, with_vae: bool = True) -> DiffusersModel:
     """An SD 1.x or SDXL diffusers folder (``text_encoder_2/`` makes it SDXL) as a single file's tensors
-    (every weight read), with the UNet and text configurations that shapes do not show as metadata.
-    CheckpointError naming the folder and what it holds otherwise (an SD 2.x folder: use its single file)."""
+    (every weight read; without ``with_vae`` none of ``vae/``, which a VAE file replaces), with the UNet
+    and text configurations that shapes do not show as metadata. CheckpointError naming the folder and
+    what it holds otherwise (an SD 2.x folder: use its single file)."""
     folder = named_path(path)
     index = _json(folder / INDEX_FILE, folder)
     kind = index.get("_class_name", "an unnamed pipeline")
@@ -326,7 +333,8 @@ def read_diffusers_folder(path: str | os.PathLike) -> DiffusersModel:
                               "use its single-file checkpoint")
     layers = _int_field(unet_config, "layers_per_block", f"{folder.name}: unet/config.json")
     state = {UNET_PREFIX + k: v for k, v in unet_to_ldm(read_part(folder, "unet"), layers).items()}
-    state.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(read_part(folder, "vae")).items()})
+    if with_vae:
+        state.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(read_part(folder, "vae")).items()})
     clip_l = normalize_text_state_dict(read_part(folder, "text_encoder"))
     state.update({(CLIP_L_PREFIX if sdxl else TEXT_PREFIX) + k: v for k, v in clip_l.items()})
     if sdxl:
@@ -340,7 +348,9 @@ def read_diffusers_folder(path: str | os.PathLike) -> DiffusersModel:
     metadata = {"unet": unet.to_dict(),
                 "text": {"num_attention_heads": _int_field(text_config, "num_attention_heads",
                                                            f"{folder.name}: text_encoder/config.json")}}
-    scale = _vae_scale(_json(folder / "vae" / "config.json", folder), f"{folder.name}: vae/config.json")
+    vae_config = folder / "vae" / "config.json"
+    scale = (_vae_scale(_json(vae_config, folder), f"{folder.name}: vae/config.json")
+             if with_vae or vae_config.is_file() else None)
     return DiffusersModel(state, metadata, scale)
 
 
@@ -354,7 +364,7 @@ def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = 
     name = named_path(path).name
     if diffusers_family(path) == "sdxl":  # a head is refused before any weight is read
         check_family(CheckpointInfo("sdxl"), name, zero_shot, parts)
-    folder = read_diffusers_folder(path)
+    folder = read_diffusers_folder(path, with_vae=vae is None)
     state = folder.state if vae is None else with_vae(folder.state, vae)
     model = stable_diffusion_from_state_dict(state, folder.metadata, name, parts,
                                              dtype=dtype, zero_shot=zero_shot)

@@ -17,7 +17,7 @@ from torch import Tensor
 from ..backbones.family import VAE_FILE_KEY, VAE_PREFIX, checkpoint_part
 from ..checkpoint_io import SINGLE_FILE, named_path, read_state_dict, readable_file
 from ..errors import CheckpointError
-from .diffusers_folder import read_part, vae_to_ldm
+from .diffusers_folder import is_diffusers_folder, read_part, vae_to_ldm
 from .vae import VAEConfig, conv_attention_weights
 
 LATENT_CHANNELS = 4  # every SD 1.x, SD 2.x and SDXL UNet denoises 4-channel latents
@@ -29,9 +29,9 @@ def read_vae_file(path: str | os.PathLike) -> dict[str, Tensor]:
     """The ldm-layout VAE weights (no prefix) of a VAE file, a diffusers ``vae/`` folder or a single-file
     checkpoint's VAE; CheckpointError naming the file when it holds no 4-channel SD VAE."""
     path = Path(path)
-    if path.is_dir():  # a diffusers model's vae/ folder
+    if path.is_dir():  # a diffusers model's vae/ folder, or the model's folder, whose vae/ is taken
         path = named_path(path)
-        state = read_part(path.parent, path.name)
+        state = read_part(path, "vae") if is_diffusers_folder(path) else read_part(path.parent, path.name)
     else:
         state = read_state_dict(readable_file(path, "VAE file", f"a VAE file ({SINGLE_FILE}, .pt or .bin)"))
     if any(k.startswith(VAE_PREFIX) for k in state):
