@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .backbones.family import LABELS, VAE_MISSING, CheckpointInfo
+from .backbones.family import LABELS, NOT_MODELS, VAE_MISSING, CheckpointInfo
 from .checkpoint_io import SINGLE_FILE, named_path, path_argument, readable_file
 from .defaults import default_model_paths
 from .devices import resolve_device
@@ -24,6 +24,7 @@ from .heads import load_head
 from .limits import RESOLUTION
 from .precision import resolve_dtype
 from .sd.checkpoint import load_stable_diffusion
+from .sd.model import StableDiffusion
 from .sd.diffusers_folder import INDEX_FILE, diffusers_family, is_diffusers_folder, load_diffusers_folder
 from .sd.header import PICKLE_FAMILY, classify_file
 from .sd.vae_file import read_vae_file
@@ -54,13 +55,27 @@ def resolve_model_paths(model: str | os.PathLike | None, head: str | os.PathLike
     elif head is None and not zero_shot:
         raise LdznetError(f"{named_path(model).name}: a model of your own needs a segmentation head: pass "
                           "--head HEAD.safetensors (an LD-ZNet head trained for this model) or --zero-shot")
+    return (_model_path(model),
+            readable_file(head, "head file", "a head .safetensors file") if head is not None else None)
+
+
+def _model_path(model: str | os.PathLike) -> Path:
+    """``model`` as a readable single file or a diffusers folder; CheckpointError naming what it is otherwise."""
     if Path(model).is_dir() and not is_diffusers_folder(model):
         raise CheckpointError(f"model file {model} is a folder without {INDEX_FILE}; expected an SD checkpoint, "
                               f"{SINGLE_FILE}, or a diffusers folder")
-    model = Path(model) if is_diffusers_folder(model) else readable_file(model, "model file", f"an SD checkpoint, "
-                                                                                              f"{SINGLE_FILE}")
-    return (model,
-            readable_file(head, "head file", "a head .safetensors file") if head is not None else None)
+    return Path(model) if is_diffusers_folder(model) else readable_file(model, "model file", f"an SD checkpoint, "
+                                                                                             f"{SINGLE_FILE}")
+
+
+def _check_model_beside_mask_model(model: str | os.PathLike) -> None:
+    """CheckpointError unless ``model``, which a mask model stands in for (so it is never loaded), is a
+    model file or folder at all: not missing, and not a LoRA, an embedding, a VAE or a head by its header."""
+    path = _model_path(model)
+    if path.is_file():
+        info = classify_file(path)
+        if info.family in NOT_MODELS:
+            raise CheckpointError(f"{path.name}: {info.problem}")
 
 
 def resolve_mask_model(mask_model: str | os.PathLike | None, head: str | os.PathLike | None,
@@ -104,6 +119,13 @@ def check_vae_choice(vae: str | os.PathLike | None, mask_model: str | os.PathLik
                           "masks come from the mask model and its own VAE; drop --vae, or drop --mask-model")
 
 
+def load_model(path: str | os.PathLike, **options) -> StableDiffusion:
+    """The SD model of a single file (:func:`load_stable_diffusion`) or a diffusers folder
+    (:func:`load_diffusers_folder`), with the same ``options``."""
+    load = load_diffusers_folder if is_diffusers_folder(path) else load_stable_diffusion
+    return load(path, **options)
+
+
 def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = None, *,
                    mask_model: str | os.PathLike | None = None, vae: str | os.PathLike | None = None,
                    device: str | torch.device | None = None, dtype: str | torch.dtype = "fp32",
@@ -131,15 +153,16 @@ def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = No
     if resolution is not None:
         RESOLUTION.check(resolution, "resolution")
     mask_model = resolve_mask_model(mask_model, head)
+    if mask_model is not None:
+        _check_model_beside_mask_model(model)
     check_vae_choice(vae, mask_model)
     head_module = head_config = None
     if head is not None:
         head_module, head_config = load_head(head, device=device, dtype=torch_dtype)
     vae_state = read_vae_file(vae) if vae is not None else None
-    load = load_diffusers_folder if is_diffusers_folder(mask_model or model) else load_stable_diffusion
     # A mask model serves the head alone: only what the head reads is loaded.
-    backbone = load(mask_model or model, device=device, dtype=torch_dtype, zero_shot=head is None,
-                    parts="mask" if mask_model else "all", vae=vae_state)
+    backbone = load_model(mask_model or model, device=device, dtype=torch_dtype, zero_shot=head is None,
+                          parts="mask" if mask_model else "all", vae=vae_state)
     name = model_label(mask_model or model, vae) + (f" with {named_path(head).name}" if head is not None else "")
     return build_segmenter(backbone, head_module, head_config,
                            ModelSettings(resolution=resolution, timestep=timestep, draws=draws, seed=seed),

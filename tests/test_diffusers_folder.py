@@ -307,3 +307,18 @@ def test_an_index_whose_weight_map_names_no_files_is_refused(weight_map, sd1_pai
     assert str(error.value) == message
     assert ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", folder, "--zero-shot") == (
         2, "", f"ldznet mask: error: {message}\n")
+
+
+def test_train_takes_a_folder_as_mask_and_batch_do(sd1_pair, tmp_path) -> None:
+    """`ldznet train --model FOLDER` was refused ("a folder; expected a single-file") while mask, batch and eval
+    took it: one step from the folder and from its single file train the same head."""
+    from ldznet_ext.cli import main
+    from ldznet_ext.train.trainer import HEAD
+
+    heads = []
+    for i, model in enumerate(sd1_pair):
+        run = tmp_path / f"run{i}"
+        assert main(["train", "--arch", "znet", "--model", str(model), "--data", "world:train:2", "--resolution", "64",
+                     "--batch-size", "2", "--steps", "1", "--warmup", "0", "--device", "cpu", "-o", str(run)]) == 0
+        heads.append(read_state_dict(run / HEAD))
+    assert heads[0].keys() == heads[1].keys() and all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])

@@ -14,6 +14,7 @@ from PIL import Image
 
 from fixtures_models import TINY_VAE8, image_file, random_image  # noqa: F401  (pytest fixture)
 from ldznet_ext.checkpoint_io import read_metadata, read_state_dict, write_safetensors
+from ldznet_ext.errors import CheckpointError
 from ldznet_ext.loading import load_segmenter
 from ldznet_ext.sd import checkpoint, diffusers_folder
 from ldznet_ext.sd.parts import SkippedPart
@@ -106,6 +107,21 @@ def test_a_mask_model_without_its_vae_is_sent_to_the_way_that_works(ldznet, sdxl
     assert (code, err) == (2, "ldznet mask: error: no-vae.safetensors: an SD 1.x file without its VAE, which a mask "
                               "model must carry (a VAE file replaces the VAE of --model only); run the head on it as "
                               "the model instead: --model no-vae.safetensors --vae VAE.safetensors --head HEAD\n")
+
+
+def test_the_model_beside_a_mask_model_must_be_a_model(ldznet, sdxl_file, tiny_model_files, image_file,
+                                                      tmp_path) -> None:
+    """It is never loaded, but a missing path or a LoRA is a mistake the CLI and the library both name."""
+    lora = tmp_path / "style-lora.safetensors"
+    write_safetensors(lora, {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)}, {})
+    with pytest.raises(CheckpointError, match=r"^model file not found: .*absent.safetensors$"):
+        load_segmenter(tmp_path / "absent.safetensors", tiny_model_files[1], mask_model=tiny_model_files[0])
+    with pytest.raises(CheckpointError, match=r"^style-lora.safetensors: this is a LoRA \(weights added to an SD "
+                                              r"model\), not an SD model; pass the model itself"):
+        load_segmenter(lora, tiny_model_files[1], mask_model=tiny_model_files[0])
+    code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", lora,
+                          "--mask-model", tiny_model_files[0], "--head", tiny_model_files[1])
+    assert code == 2 and err.startswith("ldznet mask: error: style-lora.safetensors: this is a LoRA")
 
 
 def test_a_missing_mask_model_is_named(ldznet, sdxl_file, tiny_model_files, image_file, tmp_path) -> None:

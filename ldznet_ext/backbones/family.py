@@ -34,6 +34,8 @@ LABELS: dict[str, str] = {
 }
 # The marker tensor of a v-prediction file (A1111's and Forge's convention, a scalar with no weight).
 V_PREDICTION_KEY = "v_pred"
+# Families of files that are parts of or add-ons to a model, never a model.
+NOT_MODELS = ("ldznet-head", "ldznet-official", "vae", "lora", "embedding")
 # Every VAE layout (ldm's, diffusers') has this tensor, and no whole checkpoint has it unprefixed.
 VAE_FILE_KEY = "encoder.conv_in.weight"
 # The flags A1111 and Forge set on their loaded model, most specific first.

@@ -22,12 +22,11 @@ from ..data.spec import open_source, spec_file
 from ..errors import LdznetError
 from ..limits import bounded_number
 from ..devices import resolve_device
-from ..loading import model_label
+from ..loading import load_model, model_label
 from ..modeling.build import ARCHITECTURES
 from ..modeling.ldznet import FUSIONS
 from ..outputs import check_outputs, writable_folder
 from ..precision import PRECISIONS, autocast_dtype
-from ..sd.checkpoint import load_stable_diffusion
 from ..sd.vae_file import read_vae_file
 from ..train import distributed
 from ..train.augment import TEMPLATES
@@ -83,8 +82,8 @@ def train(args: argparse.Namespace) -> Trainer:
     device, joined = distributed.init_from_env(resolve_device(args.device))
     try:
         vae = read_vae_file(args.vae) if args.vae is not None else None
-        backbone = load_stable_diffusion(args.model, device, autocast_dtype(config.precision) or torch.float32,
-                                         vae=vae)
+        backbone = load_model(args.model, device=device, dtype=autocast_dtype(config.precision) or torch.float32,
+                              vae=vae)
         source = open_source(config.data, size=config.resolution, domain=args.domain)
         trainer = Trainer(backbone, source, config, args.output, model_name=model_label(args.model, args.vae),
                           resuming=args.resume)
@@ -119,7 +118,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=tuple(PRESETS), help="named settings under the file and flags "
                                                             "(official: the released model's recipe)")
     p.add_argument("--arch", choices=ARCHITECTURES)
-    p.add_argument("--model", required=True, metavar="SD.safetensors", help="SD v1 checkpoint (frozen backbone)")
+    p.add_argument("--model", required=True, metavar="SD.safetensors",
+                   help="SD v1 checkpoint or diffusers folder (frozen backbone)")
     p.add_argument("--vae", metavar="VAE.safetensors", help="VAE file used in place of the model's VAE, or where its "
                                                             "file has none (as for ldznet mask; again with --resume)")
     p.add_argument("--domain", help="paint micro-world scenes in this domain only (cartoon or photo)")
