@@ -111,6 +111,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         raise
     except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError,
             KeyError, AttributeError, TypeError) as error:
+        _check_named_by_format(path)
         raise CheckpointError(f"{path.name}: cannot read the file ({type(error).__name__}: {error}); "
                               "it may be truncated, corrupt or not a model checkpoint") from error
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
@@ -144,6 +145,26 @@ def named_path(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(path))
 
 
+def _check_named_by_format(path: Path) -> None:
+    """CheckpointError saying what to rename when a file that could not be read is of the other format than
+    its suffix says (the suffix decides how a file is read)."""
+    found = _format_by_content(path)
+    if found is not None and found != ("safetensors" if path.suffix.lower() == ".safetensors" else "pickle"):
+        right = ".safetensors" if found == "safetensors" else ".ckpt"
+        raise CheckpointError(f"{path.name}: a {found} file named {path.suffix}; rename it to {path.stem}{right}, "
+                              "the suffix that says how it is read")
+
+
+def _format_by_content(path: Path) -> str | None:
+    """"safetensors" or "pickle" by a file's first bytes (a safetensors header length then "{"; a zip
+    archive, as torch.save writes, or a pickle protocol mark), None otherwise."""
+    with open(path, "rb") as f:
+        start = f.read(9)
+    if len(start) == 9 and start[8:] == b"{" and 0 < int.from_bytes(start[:8], "little") <= 100 * 2**20:
+        return "safetensors"
+    return "pickle" if start.startswith((b"PK\x03\x04", b"\x80")) else None
+
+
 def readable_file(path: str | os.PathLike, what: str = "checkpoint", expected: str = SINGLE_FILE) -> Path:
     """``path`` once it is known to be a readable regular file; CheckpointError saying what it is
     otherwise (missing, a folder, not a regular file, unreadable). ``expected`` ends the folder message."""
@@ -159,6 +180,12 @@ def readable_file(path: str | os.PathLike, what: str = "checkpoint", expected: s
             pass
     except OSError as error:
         raise CheckpointError(f"cannot read {what} {path}: {(error.strerror or str(error)).lower()}") from error
+    if path.suffix.lower() == ".safetensors":
+        try:
+            os.fsencode(path).decode("utf-8")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{what} {ascii(path.name)}: its path is not valid UTF-8, which the safetensors "
+                                  "library cannot open; rename it (or its folder)") from None
     return path
 
 
@@ -177,6 +204,7 @@ def safetensors_header(path: Path) -> dict[str, Any]:
                 raise ValueError(f"implausible header size {header_size}")
             header = json.loads(f.read(header_size))
     except (OSError, ValueError, RecursionError) as error:
+        _check_named_by_format(path)
         raise CheckpointError(f"{path.name}: cannot read the safetensors header ({error})") from error
     if not isinstance(header, dict):
         raise CheckpointError(f"{path.name}: the safetensors header is {json_kind(header)}, not a JSON object")

@@ -492,3 +492,29 @@ def test_a_pickle_whose_tensors_are_nested_says_what_it_holds(tmp_path, content,
     with pytest.raises(CheckpointError) as error:
         read_state_dict(tmp_path / "emb.pt")
     assert str(error.value) == message
+
+
+def test_a_file_of_the_other_format_than_its_suffix_is_told_what_to_rename(tmp_path) -> None:
+    """The suffix decides how a file is read; a safetensors file named .ckpt failed as an invalid pickle
+    ("it may be truncated, corrupt ..."), a torch.save file named .safetensors as an implausible header."""
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "model.ckpt"))
+    torch.save({"state_dict": {"a": torch.zeros(2)}}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"^model.ckpt: a safetensors file named .ckpt; rename it to "
+                                              r"model.safetensors, the suffix that says how it is read$"):
+        load_stable_diffusion(tmp_path / "model.ckpt")
+    for read in (load_stable_diffusion, load_head, read_state_dict):
+        with pytest.raises(CheckpointError, match=r"^model.safetensors: a pickle file named .safetensors; rename it "
+                                                  r"to model.ckpt, the suffix that says how it is read$"):
+            read(tmp_path / "model.safetensors")
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX file names are bytes")
+def test_a_safetensors_path_that_is_not_utf8_is_told_to_be_renamed(tmp_path) -> None:
+    """The safetensors library opens UTF-8 paths only; its error read "it may be truncated, corrupt ..."."""
+    path = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.safetensors"))
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "ok.safetensors"))
+    os.rename(tmp_path / "ok.safetensors", path)
+    for read in (load_stable_diffusion, load_head, read_state_dict):
+        with pytest.raises(CheckpointError, match=r"'caf\\udce9.safetensors': its path is not valid UTF-8, which "
+                                                  r"the safetensors library cannot open; rename it \(or its folder\)$"):
+            read(path)
