@@ -33,7 +33,7 @@ import torch
 
 from ..checkpoint_io import safetensors_header, read_metadata, read_state_dict, read_tensor_shapes, read_tensors
 from ..errors import CheckpointError, LdznetError
-from ..backbones.family import VAE_MISSING, checkpoint_part, sd2_variant
+from ..backbones.family import VAE_MISSING, checkpoint_part
 from ..outputs import writable_folder
 from ..sd.checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, SD2_TEXT_PREFIX, TEXT_PREFIX, UNET_PREFIX,
                              V_PREDICTION_KEY, VAE_PREFIX, check_family, classify, parse_sd_metadata, text_fields,
@@ -378,11 +378,7 @@ def _ldm_yaml(checkpoint: Path, state: Mapping, unet: UNetConfig, vae: VAEConfig
         raise CheckpointError(f"{name}: its UNet's transformer depth differs between levels ({depths}); ldm's "
                               "UNet (SD v1, SD 2.x) has one depth for all")
     cond_stage, parameterization = SD1_COND_STAGE.format(clip_dir=json.dumps(str(clip_dir.resolve()))), "eps"
-    if sd2:
-        variant = sd2_variant(unet.in_channels)
-        if variant:
-            raise CheckpointError(f"{name}: {variant}; only SD 2.x text-to-image files (4 input channels) are "
-                                  "installed")
+    if sd2:  # an inpainting or depth file is refused by its family (classify)
         arch = openclip_arch(state, name, SD2_TEXT_PREFIX)
         if unet.context_dim != OPENCLIP_TEXT_TOWERS[arch][0]:
             raise CheckpointError(f"{name}: its UNet reads a {unet.context_dim}-wide context, but its OpenCLIP "
