@@ -139,6 +139,33 @@ def test_sd1_files_a_webui_would_misread_are_refused(tiny_model_files, webui, tm
     assert not (webui / "models").exists()
 
 
+def test_a_config_or_clip_folder_install_model_did_not_write_is_never_replaced(sdxl_file, webui, tmp_path) -> None:
+    """A user's own NAME.yaml or NAME.clip/ was overwritten; install-model's own files are replaced by a
+    reinstall of the name."""
+    from ldznet_ext.webui.install_model import CLIP_MARK, MARK
+
+    models = webui / "models" / "Stable-diffusion"
+    models.mkdir(parents=True)
+    (models / "tiny-sdxl.yaml").write_text("my own config\n")
+    with pytest.raises(CheckpointError, match=r"tiny-sdxl.yaml exists and was not written by install-model; pass "
+                                              r"--name or remove it$"):
+        install_model(sdxl_file, webui, hf_home=tmp_path / "hf")
+    assert (models / "tiny-sdxl.yaml").read_text() == "my own config\n" and sorted(models.iterdir()) == [
+        models / "tiny-sdxl.yaml"]
+    (models / "tiny-sdxl.yaml").unlink()
+    (models / "tiny-sdxl.clip").mkdir()
+    (models / "tiny-sdxl.clip" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"tiny-sdxl.clip exists and was not written by install-model"):
+        install_model(sdxl_file, webui, hf_home=tmp_path / "hf")
+    assert (models / "tiny-sdxl.clip" / "config.json").read_text() == "{}"
+    (models / "tiny-sdxl.clip" / "config.json").unlink()
+    (models / "tiny-sdxl.clip").rmdir()
+    for _ in range(2):  # the second install replaces what the first wrote
+        install_model(sdxl_file, webui, hf_home=tmp_path / "hf")
+    assert (models / "tiny-sdxl.yaml").read_text().startswith(MARK + "\n")
+    assert (models / "tiny-sdxl.clip" / CLIP_MARK).read_text() == MARK + "\n"
+
+
 def test_a_truncated_file_is_refused_before_anything_is_installed(sdxl_file, webui, tmp_path) -> None:
     short = tmp_path / "short.safetensors"
     short.write_bytes(sdxl_file.read_bytes()[:-1000])  # header intact, the last tensor cut

@@ -34,7 +34,7 @@ import torch
 from ..checkpoint_io import safetensors_header, read_metadata, read_state_dict, read_tensor_shapes, read_tensors
 from ..errors import CheckpointError, LdznetError
 from ..backbones.family import VAE_MISSING, checkpoint_part
-from ..outputs import writable_folder
+from ..outputs import replacing, writable_folder
 from ..sd.checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, SD2_TEXT_PREFIX, TEXT_PREFIX, UNET_PREFIX,
                              V_PREDICTION_KEY, VAE_PREFIX, check_family, classify, parse_sd_metadata, text_fields,
                              unet_config_from_state_dict)
@@ -274,6 +274,28 @@ def _model_name(name: str | None, checkpoint: Path) -> str:
     return name[:-len(suffix)] if suffix and name.lower().endswith(suffix.lower()) else name
 
 
+MARK = "# written by `ldznet webui install-model`, which replaces it when it installs this name again"
+CLIP_MARK = "ldznet-install-model.txt"
+"""The first line of an installed YAML, and the file in an installed CLIP folder that holds it: what
+install-model wrote, it may replace; anything else under those names is the user's."""
+
+
+def _check_ours(config_file: Path, clip_dir: Path | None) -> None:
+    """CheckpointError when the YAML or the CLIP folder an install writes exists and was not written by
+    install-model (a config of the user's, another tool's folder): it is never replaced."""
+    if config_file.exists() or config_file.is_symlink():
+        try:
+            with open(config_file, encoding="utf-8", errors="replace") as f:
+                ours = config_file.is_file() and f.readline().rstrip("\n") == MARK
+        except OSError:
+            ours = False
+        if not ours:
+            raise CheckpointError(f"{config_file} exists and was not written by install-model; pass --name or "
+                                  "remove it")
+    if clip_dir is not None and (clip_dir.exists() or clip_dir.is_symlink()) and not (clip_dir / CLIP_MARK).is_file():
+        raise CheckpointError(f"{clip_dir} exists and was not written by install-model; pass --name or remove it")
+
+
 def _needs_copy(checkpoint: Path, target: Path) -> bool:
     """Whether ``checkpoint`` must be copied to ``target``: not when it is there already; CheckpointError when
     ``target`` is another model (a WebUI model is never replaced)."""
@@ -430,6 +452,8 @@ def install_model(checkpoint: str | os.PathLike, webui_dir: str | os.PathLike, n
         config = _ldm_yaml(checkpoint, state, unet, vae, clip_dir, sd2)
     target = target_dir / f"{name}{checkpoint.suffix}"
     copy = _needs_copy(checkpoint, target)
+    config_file = target_dir / f"{name}.yaml"
+    _check_ours(config_file, clip_dir if clip_config is not None else None)
     hf_home = Path(hf_home) if hf_home else Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
     try:  # before anything is installed: a cache that cannot be filled would leave a half install
         writable_folder(hf_home / "hub")
@@ -438,8 +462,11 @@ def install_model(checkpoint: str | os.PathLike, webui_dir: str | os.PathLike, n
     target_dir.mkdir(parents=True, exist_ok=True)
     if clip_config is not None:  # SD 2.x has no CLIP ViT-L
         write_clip_folder(clip_dir, clip_config)
+        (clip_dir / CLIP_MARK).write_text(f"{MARK}\n", encoding="utf-8")
     if copy:
-        shutil.copyfile(checkpoint, target)
-    (target_dir / f"{name}.yaml").write_text(config, encoding="utf-8")
+        with replacing(target) as partial:  # an interrupted copy leaves no truncated model behind
+            shutil.copyfile(checkpoint, partial)
+    with replacing(config_file) as partial:
+        partial.write_text(f"{MARK}\n{config}", encoding="utf-8")
     fill_hf_cache(hf_home)
     return target

@@ -27,7 +27,12 @@ def installed_config(webui: Path, name: str) -> dict:
 
 
 def installed_digest(webui: Path, name: str) -> str:
-    """sha256 of the YAML installed as ``name``, with the WebUI folder's absolute path (in CLIP folder paths)
-    written as ``WEBUI`` so the digest is the same in every temporary folder."""
-    text = _installed_yaml(webui, name).replace(str(webui.resolve()), "WEBUI")
+    """sha256 of the YAML installed as ``name`` after install-model's first line (``MARK``, checked here),
+    with the WebUI folder's absolute path (in CLIP folder paths) written as ``WEBUI`` so the digest is the
+    same in every temporary folder."""
+    from ldznet_ext.webui.install_model import MARK
+
+    mark, body = _installed_yaml(webui, name).split("\n", 1)
+    assert mark == MARK
+    text = body.replace(str(webui.resolve()), "WEBUI")
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
