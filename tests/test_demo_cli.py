@@ -50,3 +50,21 @@ def test_demo_refuses_bad_arguments_before_loading_the_model(ldznet, tmp_path, n
         code, stdout, err = ldznet("demo", *args)
         assert (code, stdout, err.splitlines()[-1]) == (2, "", f"ldznet demo: error: {message}")
     assert blocker.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_demo_replaces_only_what_an_earlier_demo_wrote(ldznet, tmp_path, no_model):
+    """A user's image.png in the -o folder was overwritten; an earlier demo's files are replaced."""
+    (tmp_path / "image.png").write_text("my picture\n")
+    code, _, err = ldznet("demo", "--size", 64, "-o", tmp_path)
+    assert (code, err) == (2, f"ldznet demo: error: {tmp_path}/image.png: exists and is no file of an earlier demo in "
+                              f"{tmp_path}; choose another -o\n")
+    assert (tmp_path / "image.png").read_text() == "my picture\n"
+
+
+def test_a_second_demo_replaces_the_first(ldznet, tmp_path):
+    for expression in ("sky", "grass"):
+        code, _, _ = ldznet("demo", expression, "--size", 32, "-o", tmp_path)
+        assert code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json", "image.png", "mask.png", "overlay.png",
+                                                           "probability.png"]
+    assert '"expression": "grass"' in (tmp_path / "demo.json").read_text()

@@ -8,24 +8,31 @@ ground truth, which the world knows exactly.
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import LdznetError
 from ..limits import RENDER_SIZE, SCENE_INDEX, SEED, THRESHOLD, bounded_number
 from ..loading import load_segmenter, resolve_model_paths
 from ..masks.expression import parse
 from ..masks.ops import MaskOptions
 from ..masks.tree import Expression
-from ..outputs import save_png, writable_folder, write_mask, write_overlay, write_probability
+from ..outputs import mask_image, probability_image, render_overlay, writable_folder, write_together
 from ..world.scenes import VOCABULARY, Scene, make_scene, split_seeds
 from .common import add_device_argument
 from .mask import report_missing
 
 DEFAULT_SCENE = 7
 """Index into the test split of the scene the demo shows (one with an attribute phrase and grass)."""
+FILES = ("image.png", "mask.png", "probability.png", "overlay.png")
+RECORD = "demo.json"
+"""What a demo writes into its folder: the PNGs, then a record of the run (seed, expression, the files),
+which lets a later demo replace them; files of those names that no demo recorded are the user's."""
 
 
 def default_expression(scene: Scene) -> str:
@@ -56,12 +63,27 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
+def _check_earlier_demo(out: Path) -> None:
+    """LdznetError when ``out`` holds a file of a demo's names that no earlier demo there wrote."""
+    recorded: set[str] = set()
+    try:
+        files = json.loads((out / RECORD).read_text(encoding="utf-8")).get("files")
+        recorded = {name for name in files if name in FILES} if isinstance(files, list) else set()
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    for name in (*FILES, RECORD):
+        path = out / name
+        if (path.exists() or path.is_symlink()) and name not in recorded | ({RECORD} if recorded else set()):
+            raise LdznetError(f"{path}: exists and is no file of an earlier demo in {out}; choose another -o")
+
+
 def _run(args: argparse.Namespace) -> int:
     seed = split_seeds("test")[args.scene] if args.seed is None else args.seed
     scene = make_scene(seed, size=args.size, domain=args.domain)
     text = default_expression(scene) if args.expression is None else args.expression
     expression = parse(text)
     out = writable_folder(args.output)  # before the model loads
+    _check_earlier_demo(out)
     model, head = resolve_model_paths(None, None, zero_shot=args.zero_shot)
     segmenter = load_segmenter(model, head, device=args.device)
     start = time.perf_counter()
@@ -69,11 +91,14 @@ def _run(args: argparse.Namespace) -> int:
     prediction = segmenter.predict(expression, MaskOptions(threshold=args.threshold))
     seconds = time.perf_counter() - start
     report_missing(prediction)
-    save_png(Image.fromarray(scene.image), out / "image.png")
     mask = prediction.mask_image()
-    write_mask(out / "mask.png", mask)
-    write_probability(out / "probability.png", prediction.probability_image())
-    write_overlay(out / "overlay.png", scene.image, mask)
+    images = dict(zip(FILES, (Image.fromarray(scene.image), mask_image(mask),
+                              probability_image(prediction.probability_image()),
+                              Image.fromarray(render_overlay(scene.image, mask)))))
+    record = (json.dumps({"seed": seed, "expression": str(expression), "files": list(FILES)}) + "\n").encode()
+    write_together({**{out / name: (lambda stream, image=image: image.save(stream, format="PNG"))
+                       for name, image in images.items()},
+                    out / RECORD: lambda stream: stream.write(record)})  # the record last
     print(f"scene {seed} ({scene.spec.domain}, {scene.size} px): {scene.caption}")
     print(f"expression: {expression}  [{'zero-shot' if head is None else 'LD-ZNet head'}, {seconds * 1000:.0f} ms]")
     truth = ground_truth(scene, expression)
