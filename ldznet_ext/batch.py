@@ -326,10 +326,14 @@ def check_manifest(path: Path, files: Sequence[Path], output_dir: Path) -> None:
                           "give a new file or an earlier run's manifest")
 
 
+SAME_MASKS = frozenset({"device", "cuda_graphs"})
+"""Recorded settings whose change leaves every mask as it was (within rounding): not a job of its own."""
+
+
 def check_resume(path: Path, expression: str, settings: Mapping, overwrite: bool) -> None:
     """LdznetError when the run would skip masks that another job made: the manifest's latest written
-    mask has another expression, or other values of the job's ``settings`` (keys it records). With
-    ``overwrite`` every mask is made again, so any earlier job is fine."""
+    mask has another expression, or other values of the job's ``settings`` (keys it records, but
+    ``SAME_MASKS``). With ``overwrite`` every mask is made again, so any earlier job is fine."""
     if overwrite or not path.is_file():
         return
     last = next((e for e in reversed(read_manifest(path)) if isinstance(e, dict) and e.get("status") == "ok"), None)
@@ -337,7 +341,7 @@ def check_resume(path: Path, expression: str, settings: Mapping, overwrite: bool
         return
     recorded = last.get("settings") if isinstance(last.get("settings"), dict) else {}
     changed = [f"{key} {recorded[key]!r} -> {value!r}" for key, value in settings.items()
-               if key in recorded and recorded[key] != value]
+               if key in recorded and key not in SAME_MASKS and recorded[key] != value]
     if last.get("expression") != expression:
         changed.insert(0, f"expression {last.get('expression')!r} -> {expression!r}")
     if changed:

@@ -368,6 +368,28 @@ def test_a_folder_of_another_jobs_masks_is_not_skipped_as_done(batch, ldznet, tm
     assert ldznet(*other)[1] == "0 written, 1 skipped (already done), 0 failed\n"
 
 
+def test_masks_of_another_model_setting_or_manifest_are_not_skipped_as_done(batch, ldznet, tmp_path, tiny_model_files,
+                                                                           monkeypatch):
+    """The model's sampling (resolution, seed, dtype, ...) changes every mask but was never compared, and a
+    run given a new --manifest skipped OUT_DIR's masks of another job and recorded them as its own. A
+    device or a relative path for the same model file is the same job."""
+    make_gallery(tmp_path / "in", ["a.png"])
+    assert batch()[0] == 0
+    manifest = tmp_path / "out" / MANIFEST_NAME
+    code, _, err = batch("--resolution", "128")
+    assert (code, err) == (2, f"ldznet batch: error: {manifest} lists masks of another job (resolution 64 -> 128), "
+                              "which this run would skip as done; overwrite them (--overwrite), or choose another "
+                              "output folder\n")
+    code, _, err = ldznet("batch", tmp_path / "in", "cat", "-o", tmp_path / "out", "--manifest", tmp_path / "new.jsonl")
+    assert code == 2 and err.startswith(f"ldznet batch: error: {manifest} lists masks of another job (expression ")
+    assert not (tmp_path / "new.jsonl").exists()
+    assert batch("--device", "cpu")[1] == "0 written, 1 skipped (already done), 0 failed\n"
+    sd, head = tiny_model_files
+    monkeypatch.chdir(sd.parent)
+    assert ldznet("batch", tmp_path / "in", "cat OR dog", "-o", tmp_path / "out", "--model", sd.name, "--head",
+                  head)[1] == "0 written, 1 skipped (already done), 0 failed\n"
+
+
 def test_a_file_name_with_a_line_break_is_one_error_line(batch, tmp_path):
     """A name may hold a newline; printed raw it split one error in two, the second line free to look
     like anything (the manifest keeps the name as it is)."""

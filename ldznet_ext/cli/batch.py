@@ -46,12 +46,17 @@ def _run(args: argparse.Namespace) -> int:
     input_dir, output_dir = Path(args.input_dir), Path(args.output)
     manifest_path = Path(args.manifest) if args.manifest else output_dir / MANIFEST_NAME
     check_manifest(manifest_path, check_folders(input_dir, output_dir, args.instances), output_dir)  # before models
-    check_resume(manifest_path, job.expression, job.manifest_settings(), args.overwrite)
+    # OUT_DIR's own manifest too: a run given a new --manifest would skip that job's masks as its own.
+    manifests = dict.fromkeys([manifest_path, output_dir / MANIFEST_NAME])
+    for path in manifests:
+        check_resume(path, job.expression, job.manifest_settings(), args.overwrite)
     segmenter, loaded = segmenter_from_args(args, job.refine_settings())
     loaded.pop("refine")  # the job's refine, refine_strength and refine_radius say it
-    batch = BatchJob(input_dir, output_dir, job.tree(), job.expression, job.mask_options(),
-                     {**job.manifest_settings(), **loaded}, args.overwrite, args.shard, args.batch_size,
-                     args.max_pixels, instances=args.instances)
+    settings = {**job.manifest_settings(), **loaded}
+    for path in manifests:  # the model and its sampling are known once loaded
+        check_resume(path, job.expression, settings, args.overwrite)
+    batch = BatchJob(input_dir, output_dir, job.tree(), job.expression, job.mask_options(), settings,
+                     args.overwrite, args.shard, args.batch_size, args.max_pixels, instances=args.instances)
     try:
         with Manifest(manifest_path) as manifest:
             summary = run_batch(batch, segmenter, manifest, ProgressBar())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 
 from ..checkpoint_io import named_path
 from ..images import MAX_PIXELS
@@ -91,8 +92,10 @@ def segmenter_from_args(args: argparse.Namespace, refine: RefineSettings | None 
                                         **({} if refine is None else {"refine": refine}))
     # Only the settings that apply: a head run has no zero-shot settings and vice versa.
     unused = {"resolution", "timestep", "draws"} if segmenter.zero_shot else {"resolution", "zero_shot"}
-    record = {"model": str(model), "head": str(head) if head else None,
-              **({"mask_model": str(mask_model)} if mask_model else {}), **({"vae": str(args.vae)} if args.vae else {}),
+    # Files by their resolved paths: a record compares equal however a later run names the same file.
+    record = {"model": str(model.resolve()), "head": str(head.resolve()) if head else None,
+              **({"mask_model": str(mask_model.resolve())} if mask_model else {}),
+              **({"vae": str(Path(args.vae).resolve())} if args.vae else {}),
               "device": str(segmenter.backbone.device),
               "dtype": str(segmenter.backbone.dtype).replace("torch.", ""), "resolution": segmenter.resolution,
               **{k: v for k, v in asdict(segmenter.settings).items() if k not in unused}}
