@@ -80,9 +80,30 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
             return Path(os.path.abspath(a)) == Path(os.path.abspath(b))
 
 
+class WriteError(OSError):
+    """An output that could not be written once the work was done (a full disk): a system error, not bad
+    input (the CLI's exit status 1), whose message names the file."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
 @contextmanager
 def writing(path: str | os.PathLike) -> Iterator[None]:
-    """Turn an OSError raised inside (a full disk, a read-only folder) into LdznetError naming ``path``."""
+    """Turn an OSError raised inside (a full disk, a folder made read-only meanwhile) into a WriteError
+    naming ``path``."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as error:
+        raise WriteError(error.errno, error.strerror or str(error), str(path)) from error
+
+
+@contextmanager
+def _checking(path: str | os.PathLike) -> Iterator[None]:
+    """Turn an OSError raised while checking an output before the work into LdznetError naming ``path``:
+    an output that cannot be written there is a bad argument."""
     try:
         yield
     except OSError as error:
@@ -100,7 +121,7 @@ def writable_path(path: str | os.PathLike) -> Path:
         raise LdznetError(f"cannot write {path}: {path.parent} is a file, not a folder")
     if path.is_dir():
         raise LdznetError(f"cannot write {path}: it is a folder")
-    with writing(path):
+    with _checking(path):
         _try_creating_a_file(path.parent)
     return path
 
@@ -143,7 +164,7 @@ def writable_folder(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise LdznetError(f"{folder} is a file, not a folder")
-    with writing(f"to {folder}"):
+    with _checking(f"to {folder}"):
         _try_creating_a_file(folder)
     return folder
 
@@ -294,13 +315,3 @@ def render_overlay(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, i
 def write_mask(path: str | os.PathLike, mask: np.ndarray) -> Path:
     """Write a uint8 [H, W] mask as an 8-bit grey PNG, atomically."""
     return save_png(mask_image(mask), path)
-
-
-def write_probability(path: str | os.PathLike, probability: np.ndarray) -> Path:
-    """Write a uint16 [H, W] probability map as a 16-bit grey PNG, atomically."""
-    return save_png(probability_image(probability), path)
-
-
-def write_overlay(path: str | os.PathLike, image: np.ndarray, mask: np.ndarray) -> Path:
-    """Write :func:`render_overlay` of ``image`` and ``mask`` as an RGB PNG, atomically."""
-    return save_png(Image.fromarray(render_overlay(image, mask)), path)

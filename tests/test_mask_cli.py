@@ -71,6 +71,29 @@ def test_mask_writes_mask_probability_and_overlay(ldznet, tmp_path, tiny_model_f
     assert sorted(p.name for p in out.iterdir()) == ["mask.png", "overlay.png", "prob.png"]  # no temporaries
 
 
+def test_a_full_disk_leaves_no_output_and_is_a_system_error(ldznet, image_path, tmp_path, tiny_model_files,
+                                                             monkeypatch):
+    """The overlay (the last PNG) failed on a full disk after the mask and probability were written, and
+    the command exited 2 (bad input); every output is written together now, and the status is 1."""
+    sd, head = tiny_model_files
+    real_save = Image.Image.save
+
+    def full_disk_at_the_third(image, stream, *args, **kwargs):
+        full_disk_at_the_third.calls += 1
+        if full_disk_at_the_third.calls == 3:
+            raise OSError(28, "No space left on device")
+        return real_save(image, stream, *args, **kwargs)
+
+    full_disk_at_the_third.calls = 0
+    monkeypatch.setattr(Image.Image, "save", full_disk_at_the_third)
+    out = tmp_path / "out"
+    code, stdout, err = ldznet("mask", image_path, "cat", "-o", out / "m.png", "--probability", out / "p.png",
+                               "--overlay", out / "o.png", "--model", sd, "--head", head)
+    assert (code, stdout) == (1, "")
+    assert err == f"ldznet mask: error: cannot write {out}/m.png, {out}/p.png, {out}/o.png: No space left on device\n"
+    assert not out.exists()  # the folder it created, empty, is removed too
+
+
 def test_mask_options_reach_the_mask(ldznet, image_path, tmp_path, tiny_model_files):
     sd, head = tiny_model_files
     reference = load_segmenter(sd, head)
