@@ -32,6 +32,22 @@ def test_exit_status_and_one_line(ldznet, monkeypatch, error, code, line):
     assert ldznet("mask", "photo.png", "cat", "-o", "m.png") == (code, "", line + "\n")
 
 
+def test_an_interrupt_that_code_turned_into_another_error_is_an_interruption(ldznet, monkeypatch):
+    """safetensors catches a KeyboardInterrupt raised while it reads and raises a ValueError instead: Ctrl-C
+    during a model load was reported as a corrupt model file (status 2)."""
+    def load_interrupted(args):
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            raise ImageError("model.safetensors: cannot read the file (ValueError: ...)") from None
+
+    monkeypatch.setattr(mask_cli, "_run_mask", load_interrupted)
+    assert ldznet("mask", "photo.png", "cat", "-o", "m.png") == (130, "", "ldznet mask: interrupted\n")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the caller's handler is back
+    monkeypatch.setattr(mask_cli, "_run_mask", _raising(ImageError("photo.png: not an image")))
+    assert ldznet("mask", "photo.png", "cat", "-o", "m.png")[0] == 2  # no interrupt came this time
+
+
 def test_usage_errors_are_status_2(ldznet):
     code, stdout, err = ldznet("mask", "photo.png")
     assert code == 2 and stdout == "" and err.splitlines()[-1].startswith("ldznet mask: error: ")
@@ -75,8 +91,17 @@ def test_ctrl_c_while_the_commands_load_is_one_line_and_status_130():
 
 
 def test_the_interrupt_handler_is_restored_when_the_command_runs(ldznet, monkeypatch):
+    """A command gets Ctrl-C as a KeyboardInterrupt (not the loading phase's immediate exit), and the
+    caller's handler is back when main returns."""
     seen = []
-    monkeypatch.setattr(mask_cli, "_run_mask", lambda args: seen.append(signal.getsignal(signal.SIGINT)) or 0)
+
+    def run(args):
+        seen.append(signal.getsignal(signal.SIGINT))
+        with pytest.raises(KeyboardInterrupt):
+            seen[0](signal.SIGINT, None)
+        return 0
+
+    monkeypatch.setattr(mask_cli, "_run_mask", run)
     before = signal.getsignal(signal.SIGINT)
     assert ldznet("mask", "photo.png", "cat", "-o", "m.png")[0] == 0
-    assert seen == [before] and signal.getsignal(signal.SIGINT) is before
+    assert seen[0] is not cli._end_at_once and signal.getsignal(signal.SIGINT) is before

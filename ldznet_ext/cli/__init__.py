@@ -85,6 +85,14 @@ def _end_at_once(signum: int, frame: object) -> None:
     os._exit(130)
 
 
+def _interrupt_command(signum: int, frame: object) -> None:
+    """Ctrl-C while a command runs: KeyboardInterrupt, as Python's own handler raises it, and a note that
+    it came: code that catches broadly (safetensors reading a file) can turn it into another error,
+    which is then reported as the interruption it was, not as a corrupt file."""
+    _interrupt_command.seen = True
+    raise KeyboardInterrupt
+
+
 def _on_interrupt(handler: object) -> object:
     """Install ``handler`` for SIGINT and return the one it replaces (None, and nothing changed, off the
     main thread, where Python allows no signal handler)."""
@@ -108,21 +116,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # "world sample", "data summary": a group's messages name the sub-command too
     command = " ".join(filter(None, (args.command, getattr(args, f"{args.command}_command", None))))
+    _interrupt_command.seen = False
+    previous = _on_interrupt(_interrupt_command)
     try:
         with warnings.catch_warnings():  # restores the caller's warning display when main returns
             warnings.showwarning = lambda message, *_, **__: print(
                 f"ldznet {command}: warning: {one_line(message)}", file=sys.stderr)
             with folders_removed_on_failure():  # a failed command leaves no empty output folder behind
                 return int(args.func(args) or 0)
-    except LdznetError as error:
-        print(f"ldznet {command}: error: {one_line(error)}", file=sys.stderr)
-        return 2
-    except OSError as error:  # what no command anticipated (an unwritable -o folder, a full disk): no traceback
-        print(f"ldznet {command}: error: {one_line(error)}", file=sys.stderr)
-        return 1
-    except MemoryError:
-        print(f"ldznet {command}: error: out of memory", file=sys.stderr)
+    except (LdznetError, OSError, MemoryError) as error:
+        if _interrupt_command.seen:
+            print(f"ldznet {command}: interrupted", file=sys.stderr)
+            return 130
+        if isinstance(error, LdznetError):
+            print(f"ldznet {command}: error: {one_line(error)}", file=sys.stderr)
+            return 2
+        # what no command anticipated (an unwritable -o folder, a full disk): no traceback
+        print(f"ldznet {command}: error: {'out of memory' if isinstance(error, MemoryError) else one_line(error)}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"ldznet {command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            _on_interrupt(previous)
