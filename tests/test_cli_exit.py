@@ -53,6 +53,16 @@ def test_usage_errors_are_status_2(ldznet):
     assert code == 2 and stdout == "" and err.splitlines()[-1].startswith("ldznet mask: error: ")
 
 
+@pytest.mark.parametrize("args, line", [
+    ((), "ldznet: error: the following arguments are required: COMMAND (see ldznet --help)"),
+    (("world",), "ldznet world: error: the following arguments are required: WORLD_COMMAND (see ldznet world --help)"),
+    (("data",), "ldznet data: error: the following arguments are required: COMMAND (see ldznet data --help)"),
+])
+def test_a_missing_command_is_one_line(ldznet, args, line):
+    """It printed the whole help page on stdout (23 lines for `ldznet` alone)."""
+    assert ldznet(*args) == (2, "", line + "\n")
+
+
 def test_the_docstring_states_the_statuses():
     assert "0 done, 1 a system error (OSError, out of memory), 2 bad input" in " ".join(cli.__doc__.split())
     assert "130 interrupted" in cli.__doc__

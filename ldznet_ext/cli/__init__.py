@@ -45,13 +45,14 @@ class OneLineParser(argparse.ArgumentParser):
     prints first is what --help gives (sub-command parsers are of the same class)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+        hint = f" (see {self.prog} --help)" if message.startswith("the following arguments are required") else ""
+        self.exit(2, f"{self.prog}: error: {one_line(message)}{hint}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="ldznet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ldznet {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     state_ranges(parser)
@@ -111,9 +112,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             _on_interrupt(previous)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
     # "world sample", "data summary": a group's messages name the sub-command too
     command = " ".join(filter(None, (args.command, getattr(args, f"{args.command}_command", None))))
     _interrupt_command.seen = False

@@ -124,7 +124,7 @@ def _summary(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("data", help="inspect training and evaluation data")
     p.set_defaults(func=lambda _: p.print_help() or 2)
-    commands = p.add_subparsers(dest="data_command", metavar="COMMAND")
+    commands = p.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     s = commands.add_parser("summary", help="count and validate data sets (exit 1 if anything is unusable)")
     s.add_argument("specs", nargs="+", metavar="SPEC",
                    help="data specs: world:SPLIT:N, PATH.jsonl, phrasecut:DIR:SPLIT, refcoco:DIR:SPLIT, aigi:DIR ... "

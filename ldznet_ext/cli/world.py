@@ -191,7 +191,7 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_sa
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``world`` command group to the top-level ``ldznet`` parser."""
     parser = subparsers.add_parser("world", help="procedural micro world: scenes, captions, phrase masks")
-    sub = parser.add_subparsers(dest="world_command", metavar="WORLD_COMMAND")
+    sub = parser.add_subparsers(dest="world_command", metavar="WORLD_COMMAND", required=True)
     for add in SUBCOMMANDS:
         add(sub)
 
