@@ -351,3 +351,15 @@ def test_a_crafted_result_is_still_read_and_huge_shard_counts_allocate_nothing(t
     parts = [EvalResult.from_dict(_crafted(("shard", [k, 10**8]))) for k in (1, 2)]
     with pytest.raises(LdznetError, match="expected shards 1..100000000 of 100000000 once each, got 1, 2"):
         merge_results(parts)
+
+
+def test_merge_refuses_evaluation_options_it_would_ignore(tmp_path, capsys):
+    """--merge combines results as they were made; --data or --threshold beside it were dropped without a word."""
+    from ldznet_ext.cli import main
+
+    for extra, named in ((["--data", "world:test:1", "--threshold", "0.3"], "--data, --threshold set"),
+                         (["--model", "m.safetensors"], "--model sets")):
+        assert main(["eval", "--merge", str(tmp_path / "r.json"), *extra]) == 2
+        assert capsys.readouterr().err == (f"ldznet eval: error: {named} an evaluation, and --merge evaluates nothing: "
+                                           "it combines the results as they were made; drop "
+                                           f"{'them' if len(extra) > 2 else 'it'} or --merge\n")

@@ -94,6 +94,13 @@ def test_a_full_disk_leaves_no_output_and_is_a_system_error(ldznet, image_path, 
     assert not out.exists()  # the folder it created, empty, is removed too
 
 
+@pytest.mark.parametrize("option", ["--refine-strength", "--refine-radius"])
+def test_refinement_settings_beside_no_refine_are_refused(ldznet, image_path, tmp_path, option):
+    """They were dropped without a word."""
+    assert ldznet("mask", image_path, "cat", "-o", tmp_path / "m.png", "--no-refine", option, "1") == (
+        2, "", f"ldznet mask: error: {option} sets the edge refinement that --no-refine turns off; drop one of them\n")
+
+
 def test_mask_options_reach_the_mask(ldznet, image_path, tmp_path, tiny_model_files):
     sd, head = tiny_model_files
     reference = load_segmenter(sd, head)

@@ -117,6 +117,11 @@ def _run(args: argparse.Namespace) -> int:
     check_report_name(args.json, (".json",), "--json", EARLIER_RESULT, "an earlier ldznet eval --json result")
     check_report_name(args.markdown, (".md", ".markdown"), "--markdown")
     if args.merge:
+        given = [flag for dest, (flag, default) in args.evaluation_defaults.items() if getattr(args, dest) != default]
+        if given:
+            raise LdznetError(f"{', '.join(given)} {'sets' if len(given) == 1 else 'set'} an evaluation, and "
+                              "--merge evaluates nothing: it combines the results as they were made; drop "
+                              f"{'it' if len(given) == 1 else 'them'} or --merge")
         return _report(merge_results([r for path in args.merge for r in read_results(path)]), args)
     segmenter, loaded = segmenter_from_args(args, RefineSettings(enabled=False) if args.no_refine else None)
     source = open_source(args.data, size=args.size or segmenter.resolution, domain=args.domain)
@@ -175,4 +180,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "several RefCOCO-family data sets)")
     p.add_argument("--json", metavar="OUT.json", help="write the results (raw counts included) and the table as JSON")
     p.add_argument("--markdown", metavar="OUT.md", help="write the markdown table")
-    p.set_defaults(func=_run)
+    merging = {"--merge", "--table", "--json", "--markdown", "-h"}  # what --merge reads, or --help
+    p.set_defaults(func=_run, evaluation_defaults={
+        action.dest: (action.option_strings[0], action.default) for action in p._actions
+        if action.option_strings and not merging & set(action.option_strings)})

@@ -64,7 +64,7 @@ def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
                        help="use every term's map as it is, also of terms judged not to be in the image")
     group.add_argument("--no-refine", action="store_true",
                        help="upsample the model's maps bilinearly instead of snapping their edges to the image's")
-    group.add_argument("--refine-strength", type=bounded_number(REFINE_STRENGTH), default=1.0, metavar="S",
+    group.add_argument("--refine-strength", type=bounded_number(REFINE_STRENGTH), metavar="S",
                        help="edge refinement strength, 0 (bilinear) .. 1 (default 1)")
     group.add_argument("--refine-radius", type=bounded_number(REFINE_RADIUS), metavar="PX",
                        help=f"how far (output pixels, 1..{REFINE_RADIUS.high:g}) refinement may move an edge "
@@ -73,12 +73,15 @@ def add_mask_arguments(parser: argparse.ArgumentParser) -> None:
 
 def job_from_args(args: argparse.Namespace) -> MaskJob:
     """The MaskJob of EXPR, --zero-shot and the mask options. A malformed or empty EXPR is an
-    ExpressionError here, before any work."""
+    ExpressionError here, before any work; refinement settings beside --no-refine are an LdznetError."""
+    if args.no_refine and (args.refine_strength is not None or args.refine_radius is not None):
+        given = "--refine-strength" if args.refine_strength is not None else "--refine-radius"
+        raise LdznetError(f"{given} sets the edge refinement that --no-refine turns off; drop one of them")
     job = MaskJob(expression=args.expression, mode=ZERO_SHOT_MODE if args.zero_shot else HEAD_MODE,
                   threshold=args.threshold, grow=args.grow, feather=args.feather, invert=args.invert,
                   refine=not args.no_refine, keep_largest=args.keep_largest, min_area=args.min_area,
-                  refine_strength=args.refine_strength, refine_radius=args.refine_radius,
-                  presence=not args.no_presence)
+                  refine_radius=args.refine_radius, presence=not args.no_presence,
+                  **({} if args.refine_strength is None else {"refine_strength": args.refine_strength}))
     if not job.active:  # a job may have no mask, a command needs one: the parser says what one looks like
         parse(job.expression)
     return job
