@@ -94,6 +94,15 @@ def test_a_full_disk_leaves_no_output_and_is_a_system_error(ldznet, image_path, 
     assert not out.exists()  # the folder it created, empty, is removed too
 
 
+def test_the_summary_says_an_inverted_mask_is_inverted(ldznet, image_path, tmp_path, tiny_model_files):
+    sd, head = tiny_model_files
+    common = (image_path, "cat", "--model", sd, "--head", head, "--no-presence")
+    plain = ldznet("mask", *common, "-o", tmp_path / "a.png")[1]
+    inverted = ldznet("mask", *common, "-o", tmp_path / "b.png", "--invert")[1]
+    share = float(plain.split(", ")[1].split("%")[0])
+    assert inverted == f"{tmp_path}/b.png: 64x64, {100 - share:.1f}% selected by cat, inverted\n"
+
+
 @pytest.mark.parametrize("option", ["--refine-strength", "--refine-radius"])
 def test_refinement_settings_beside_no_refine_are_refused(ldznet, image_path, tmp_path, option):
     """They were dropped without a word."""

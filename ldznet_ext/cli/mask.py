@@ -194,7 +194,8 @@ def _run_mask(args: argparse.Namespace) -> int:
         found = f", {count} instance{'' if count == 1 else 's'}"
     report_missing(prediction)
     selected = selected_share(mask) * 100
-    print(f"{args.output}: {mask.shape[1]}x{mask.shape[0]}, {selected:.1f}% selected by {expression}{found}")
+    inverted = ", inverted" if job.invert else ""
+    print(f"{args.output}: {mask.shape[1]}x{mask.shape[0]}, {selected:.1f}% selected by {expression}{inverted}{found}")
     return NO_MATCH_STATUS if args.require_match and not mask.any() else 0
 
 
@@ -210,7 +211,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="mask to write: 8-bit grey, 255 = selected")
     parser.add_argument("--overlay", metavar="OVERLAY.png", help="also write the image with the mask in red")
     parser.add_argument("--probability", metavar="PROB.png",
-                        help="also write the expression's probability map as 16-bit grey")
+                        help="also write the expression's probability map as 16-bit grey (before --invert)")
     parser.add_argument("--instances", action="store_true",
                         help="also write one mask per object, MASK-1.png, MASK-2.png, ... left to right, and "
                              "MASK-instances.json (order, box, area, score, file)")
