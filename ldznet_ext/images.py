@@ -51,9 +51,13 @@ file. Images come from the network too (the API), so such files are not images h
 
 
 def open_image(source: str | os.PathLike | io.BytesIO) -> Image.Image:
-    """``Image.open`` of every format Pillow reads by itself (not EXTERNAL_DECODERS); lazy, as it is."""
+    """``Image.open`` of every format Pillow reads by itself (not EXTERNAL_DECODERS); lazy, as it is.
+    Pillow's decompression-bomb warning (at open, above 89M pixels) is not shown: our own pixel limits
+    are the guard, and the caller's one-line refusal says what it is."""
     Image.init()
-    return Image.open(source, formats=[name for name in Image.OPEN if name not in EXTERNAL_DECODERS])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(source, formats=[name for name in Image.OPEN if name not in EXTERNAL_DECODERS])
 
 
 def _to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
@@ -104,21 +108,18 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         return _array_to_rgb(source, max_pixels)
     name = (Path(source).name or str(source)) if isinstance(source, (str, os.PathLike)) else "image"
     try:
-        # Our own pixel limit is the guard; Pillow's bomb warning (at open, above 89M pixels) is noise.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if isinstance(source, Image.Image):
-                image = source
-            else:
-                is_path = isinstance(source, (str, os.PathLike))
-                image = open_image(source if is_path else io.BytesIO(source))
-            _check_size(image.width, image.height, max_pixels, name)
-            frames = getattr(image, "n_frames", 1)
-            if frames > 1:  # an animation or a multi-page TIFF: say which one the mask is of
-                warnings.warn(f"{name} holds {frames} frames; masking the first", UserWarning, stacklevel=2)
-            image = ImageOps.exif_transpose(image)
-            rgb = _to_rgb(image, name)
-            rgb.load()
+        if isinstance(source, Image.Image):
+            image = source
+        else:
+            is_path = isinstance(source, (str, os.PathLike))
+            image = open_image(source if is_path else io.BytesIO(source))
+        _check_size(image.width, image.height, max_pixels, name)
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1:  # an animation or a multi-page TIFF: say which one the mask is of
+            warnings.warn(f"{name} holds {frames} frames; masking the first", UserWarning, stacklevel=2)
+        image = ImageOps.exif_transpose(image)
+        rgb = _to_rgb(image, name)
+        rgb.load()
     except ImageError:
         raise
     except FileNotFoundError as error:

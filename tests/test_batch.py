@@ -398,3 +398,15 @@ def test_a_file_name_with_a_line_break_is_one_error_line(batch, tmp_path):
     code, _, err = batch()
     assert code == 1 and err.splitlines() == [
         "bad\\nERROR: fake line.png: not an image, or a format Pillow cannot read"]
+
+
+def test_pillows_bomb_warning_is_not_printed_beside_the_files_error(batch, tmp_path):
+    """Grouping images by their header size opened a 90 M pixel file without the warning filter that
+    load_image has: Pillow's multi-line 'could be decompression bomb DOS attack' came before our line."""
+    from test_mask_cli import png_header
+
+    make_gallery(tmp_path / "in", ["ok.png"])
+    (tmp_path / "in" / "huge.png").write_bytes(png_header(9500, 9500))  # above Pillow's 89 M warning
+    code, _, err = batch()
+    assert code == 1 and err.splitlines() == [line for line in err.splitlines() if line.startswith("huge.png: ")]
+    assert len(err.splitlines()) == 1
