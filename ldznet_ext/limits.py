@@ -172,6 +172,7 @@ SCALE_WEIGHT = Limit(float, 0, 1000)
 SEED = Limit(int, 0, 2**63 - 1)  # torch.Generator.manual_seed's range
 PIXELS = Limit(int, 1, 1_000_000_000)  # --max-pixels: an image's pixel count
 BATCH_SIZE = Limit(int, 1, 64)  # images predicted together
+SHARDS = Limit(int, 1, 1_000_000)  # N of --shard K/N: more shards than any machine pool runs
 
 # Masks (MaskOptions) and edge refinement (RefineSettings)
 THRESHOLD = Limit(float, 0, 1, high_open=True)

@@ -130,9 +130,11 @@ def test_shard_arguments():
     parts = [shard(files, k, 4) for k in (1, 2, 3, 4)]
     assert sorted(sum(parts, [])) == sorted(files) and parts[1] == [Path("1.png"), Path("5.png"), Path("9.png")]
     assert parse_shard("2/4") == (2, 4)
-    for bad in ("0/3", "4/3", "3", "a/b", "1/0"):
+    # other scripts' digits and "_" are no numbers here, as in every other option; N is bounded
+    for bad in ("0/3", "4/3", "3", "a/b", "1/0", "３/４", "1_0/2_0", "1/1000001"):
         with pytest.raises(Exception, match="K/N"):
             parse_shard(bad)
+    assert parse_shard(" 1/1000000") == (1, 1_000_000)
 
 
 def test_bad_files_are_recorded_and_the_rest_succeed(batch, tmp_path):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..checkpoint_io import named_path
 from ..images import MAX_PIXELS
-from ..limits import DEVICE_NAMES, DRAWS, PIXELS, RESOLUTION, SEED, TIMESTEP, bounded_number, device_name
+from ..limits import (DEVICE_NAMES, DRAWS, PIXELS, RESOLUTION, SEED, SHARDS, TIMESTEP, bounded_number, device_name,
+                      number_from_text)
 from ..errors import LdznetError
 from ..loading import load_segmenter, resolve_mask_model, resolve_model_paths
 from ..precision import DTYPES
@@ -103,13 +104,14 @@ def segmenter_from_args(args: argparse.Namespace, refine: RefineSettings | None 
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """An argparse type: "K/N" -> (K, N) with 1 <= K <= N, shard K of N counted from 1."""
+    """An argparse type: "K/N" -> (K, N) with 1 <= K <= N <= SHARDS.high, shard K of N counted from 1,
+    written with ASCII digits as every other number."""
     try:
-        k, n = (int(part) for part in text.split("/"))
+        k, n = (number_from_text(part, int) for part in text.split("/"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected K/N such as 2/4, got {text!r}") from None
-    if not 1 <= k <= n:
-        raise argparse.ArgumentTypeError(f"expected 1 <= K <= N in K/N, got {text!r}")
+    if not (1 <= k <= n and SHARDS.accepts(n)):
+        raise argparse.ArgumentTypeError(f"expected 1 <= K <= N <= {SHARDS.high:,} in K/N, got {text!r}")
     return k, n
 
 

@@ -26,7 +26,7 @@ from ..data.spec import open_source, spec_file
 from ..errors import LdznetError
 from ..eval.evaluate import FORMAT, READABLE_VERSIONS, VERSION, EvalResult, evaluate, merge_results
 from ..eval.tables import TABLES, build_table, default_table, markdown_table
-from ..limits import BOUNDARY_TOLERANCE, RENDER_SIZE, THRESHOLD, WORKERS, bounded_number
+from ..limits import BOUNDARY_TOLERANCE, RENDER_SIZE, SHARDS, THRESHOLD, WORKERS, bounded_number, number_from_text
 from ..outputs import check_outputs, check_report_name, writing
 from ..refine import RefineSettings
 from ..world.scenes import VOCABULARY
@@ -38,14 +38,26 @@ def eval_shard(text: str) -> tuple[int, int]:
     given, since eval counted from 0 until version 2 of its result files: "0/N", which only the old
     counting wrote, is read as the first shard (1/N)."""
     k, _, n = text.partition("/")
-    if k.strip() == "0" and n.strip().isdigit() and int(n) >= 1:
-        print(f"ldznet eval: warning: --shard {text} counts from 0, which is deprecated: read as 1/{int(n)} "
+    try:
+        count = number_from_text(n, int) if k.strip() == "0" else None
+    except ValueError:
+        count = None
+    if count is not None and SHARDS.accepts(count):
+        print(f"ldznet eval: warning: --shard {text} counts from 0, which is deprecated: read as 1/{count} "
               f"(shards are 1..N, as in ldznet batch)", file=sys.stderr)
-        return 1, int(n)
+        return 1, count
     shard = parse_shard(text)
     print(f"ldznet eval: note: --shard counts from 1 (K = 1..N, as in ldznet batch) since eval results "
           f"version {VERSION}; --merge checks that the shards cover 1..N once each", file=sys.stderr)
     return shard
+
+
+def _table_number(text: str) -> int:
+    """``--table``'s type: a number written with ASCII digits (argparse then checks it is one of TABLES)."""
+    try:
+        return number_from_text(text, int)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(map(str, TABLES))}, got {text!r}") from None
 
 
 EARLIER_RESULT = re.compile(r'\s*\{\s*"format"\s*:\s*"' + FORMAT + '"')
@@ -175,7 +187,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "also print the share of absent phrases returned empty and the present phrases' mIoU")
     p.add_argument("--threshold", type=bounded_number(THRESHOLD), default=0.5,
                    help="threshold of the binary mean/cumulative IoU, 0 <= T < 1 (default 0.5)")
-    p.add_argument("--table", type=int, choices=tuple(TABLES),
+    p.add_argument("--table", type=_table_number, choices=tuple(TABLES),
                    help="table shape: 1 PhraseCut, 2 AIGI, 3 RefCOCO family, 4 ablation (default 1, or 3 for "
                         "several RefCOCO-family data sets)")
     p.add_argument("--json", metavar="OUT.json", help="write the results (raw counts included) and the table as JSON")
