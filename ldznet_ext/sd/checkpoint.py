@@ -302,8 +302,8 @@ def _guarded(name: str, family: str, build: Callable[[], StableDiffusion]) -> St
     """``build()``, its failures as CheckpointError naming the file ``name``."""
     try:
         return build()
-    except LdznetError as error:
-        raise CheckpointError(f"{name}: {error}") from error
+    except LdznetError as error:  # named once: the reader's own errors (a truncated file) name it already
+        raise CheckpointError(str(error) if str(error).startswith(f"{name}: ") else f"{name}: {error}") from error
     # The architecture comes from the file's shapes and metadata: a crafted one can fail anywhere
     # in the constructors.
     except (KeyError, IndexError, ValueError, ZeroDivisionError, RuntimeError) as error:
