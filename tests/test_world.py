@@ -268,7 +268,9 @@ def test_cli_split_and_errors(capsys):
         main(["world", "sample", "--seed", "-4", "-o", "unused"])
     assert refused.value.code == 2
     assert "argument --seed: expected an integer in [0, 9223372036854775807], got -4" in capsys.readouterr().err
-    assert main(["world"]) == 2
+    with pytest.raises(SystemExit) as refused:  # a missing command is a usage error, one line
+        main(["world"])
+    assert refused.value.code == 2
 
 
 def test_cli_unwritable_output_is_a_clear_error(tmp_path, capsys):
