@@ -24,9 +24,9 @@ from .heads import load_head
 from .limits import RESOLUTION
 from .precision import resolve_dtype
 from .sd.checkpoint import load_stable_diffusion
-from .sd.model import StableDiffusion
 from .sd.diffusers_folder import INDEX_FILE, diffusers_family, is_diffusers_folder, load_diffusers_folder
 from .sd.header import PICKLE_FAMILY, classify_file
+from .sd.model import StableDiffusion
 from .sd.vae_file import read_vae_file
 from .segmenter import Segmenter
 
