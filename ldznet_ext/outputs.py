@@ -253,13 +253,18 @@ def write_together(writers: Mapping[Path, Callable[[BinaryIO], object]]) -> None
             temporary.unlink(missing_ok=True)
 
 
+def png_writer(image: Image.Image) -> Callable[[BinaryIO], object]:
+    """A writer for :func:`write_together` that saves ``image`` as PNG."""
+    return lambda stream: image.save(stream, format="PNG")
+
+
 def save_png(image: Image.Image, path: str | os.PathLike) -> Path:
     """Write ``image`` as PNG to ``path`` atomically (temporary file in the same folder, fsync, rename).
 
     On any failure (a full disk raises OSError) or interruption the temporary file is removed and
     an existing ``path`` is left untouched.
     """
-    write_together({Path(path): lambda file: image.save(file, format="PNG")})
+    write_together({Path(path): png_writer(image)})
     return Path(path)
 
 

@@ -22,7 +22,7 @@ from ..loading import load_segmenter, resolve_model_paths
 from ..masks.expression import parse
 from ..masks.ops import MaskOptions
 from ..masks.tree import Expression
-from ..outputs import mask_image, probability_image, render_overlay, writable_folder, write_together
+from ..outputs import mask_image, png_writer, probability_image, render_overlay, writable_folder, write_together
 from ..world.scenes import VOCABULARY, Scene, make_scene, split_seeds
 from .common import add_device_argument
 from .mask import report_missing
@@ -71,9 +71,10 @@ def _check_earlier_demo(out: Path) -> None:
         recorded = {name for name in files if name in FILES} if isinstance(files, list) else set()
     except (OSError, ValueError, AttributeError, TypeError):
         pass
+    replaceable = {*recorded, RECORD} if recorded else set()
     for name in (*FILES, RECORD):
         path = out / name
-        if (path.exists() or path.is_symlink()) and name not in recorded | ({RECORD} if recorded else set()):
+        if (path.exists() or path.is_symlink()) and name not in replaceable:
             raise LdznetError(f"{path}: exists and is no file of an earlier demo in {out}; choose another -o")
 
 
@@ -96,8 +97,7 @@ def _run(args: argparse.Namespace) -> int:
                               probability_image(prediction.probability_image()),
                               Image.fromarray(render_overlay(scene.image, mask)))))
     record = (json.dumps({"seed": seed, "expression": str(expression), "files": list(FILES)}) + "\n").encode()
-    write_together({**{out / name: (lambda stream, image=image: image.save(stream, format="PNG"))
-                       for name, image in images.items()},
+    write_together({**{out / name: png_writer(image) for name, image in images.items()},
                     out / RECORD: lambda stream: stream.write(record)})  # the record last
     print(f"scene {seed} ({scene.spec.domain}, {scene.size} px): {scene.caption}")
     print(f"expression: {expression}  [{'zero-shot' if head is None else 'LD-ZNet head'}, {seconds * 1000:.0f} ms]")

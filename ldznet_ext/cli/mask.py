@@ -22,8 +22,8 @@ from ..job import HEAD_MODE, ZERO_SHOT_MODE, MaskJob
 from ..limits import FEATHER, GROW, KEEP_LARGEST, MIN_AREA, REFINE_RADIUS, REFINE_STRENGTH, THRESHOLD, bounded_number
 from ..masks.expression import parse
 from ..masks.instances import Instance, instance_image
-from ..outputs import (check_outputs, mask_image, probability_image, render_overlay, same_file, selected_share,
-                       write_mask, write_together, writing)
+from ..outputs import (check_outputs, mask_image, png_writer, probability_image, render_overlay, same_file,
+                       selected_share, write_mask, write_together, writing)
 from ..segmenter import Prediction
 from .common import add_model_arguments, segmenter_from_args
 
@@ -181,13 +181,12 @@ def _run_mask(args: argparse.Namespace) -> int:
     if args.instances:  # before any file is written: MASK-k.png may be the input, --overlay or --probability
         check_instance_names(args, outputs, len(instances))
     mask = prediction.mask_image()
-    images = {args.output: lambda: mask_image(mask),
-              args.probability: lambda: probability_image(prediction.probability_image()),
-              args.overlay: lambda: Image.fromarray(render_overlay(image, mask))}
+    images = {args.output: mask_image(mask),
+              args.probability: args.probability and probability_image(prediction.probability_image()),
+              args.overlay: args.overlay and Image.fromarray(render_overlay(image, mask))}
     # all together: a full disk at the last one leaves every output as it was
     with writing(", ".join(str(path) for path in images if path is not None)):
-        write_together({Path(path): (lambda stream, make=make: make().save(stream, format="PNG"))
-                        for path, make in images.items() if path is not None})
+        write_together({Path(path): png_writer(picture) for path, picture in images.items() if path is not None})
     found = ""
     if args.instances:
         count = write_instances(args.output, prediction, instances, job.feather)

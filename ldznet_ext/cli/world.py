@@ -30,7 +30,7 @@ from PIL import Image
 from ..errors import LdznetError
 from ..limits import (MICRO_IMAGE_SIZE, MIN_SNR_GAMMA, PROCESSES, RENDER_SIZE, SCENES, SEED, STEP_INTERVAL, STEPS,
                       TIME_BUDGET, TRAIN_BATCH_SIZE, bounded_number)
-from ..outputs import writable_folder, write_together
+from ..outputs import png_writer, writable_folder, write_together
 from ..world.scenes import SPLIT_START, VOCABULARY, make_scene, split_seeds
 from .common import add_device_argument
 
@@ -64,8 +64,7 @@ def write_sample(seed: int, out: Path, size: int = 128, domain: str | None = Non
         if (out / file).exists() and file not in earlier:
             raise LdznetError(f"{out / file}: exists and is no file of an earlier sample in {out}; choose another -o")
     text = (json.dumps(info, indent=2) + "\n").encode("utf-8")
-    writers = {out / file: (lambda stream, image=image: image.save(stream, format="PNG"))
-               for file, image in images.items()}
+    writers = {out / file: png_writer(image) for file, image in images.items()}
     write_together({**writers, out / PHRASES_FILE: lambda stream: stream.write(text)})  # phrases.json last
     for file in earlier - set(images) - {"image.png"}:
         (out / file).unlink(missing_ok=True)
