@@ -32,13 +32,16 @@ _EXPORTS = {
     "RefineSettings": "ldznet_ext.refine",
     "load_image": "ldznet_ext.images",
     "LdznetError": "ldznet_ext.errors",
+    "default_model_paths": "ldznet_ext.defaults",
 }
 __all__ = [
     "__version__", "Segmenter", "SegmenterSettings", "Prediction", "load_segmenter", "build_segmenter", "ModelSettings",
     "load_stable_diffusion", "load_head", "MaskJob", "MaskOptions", "RefineSettings", "load_image", "LdznetError",
+    "default_model_paths",
 ]
 
 if TYPE_CHECKING:
+    from .defaults import default_model_paths
     from .errors import LdznetError
     from .factory import ModelSettings, build_segmenter
     from .heads import load_head

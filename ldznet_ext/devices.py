@@ -31,9 +31,11 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
             return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
         device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise LdznetError(f"device {str(device)!r} was asked for but CUDA is not available; use --device cpu")
+        raise LdznetError(f"device {str(device)!r} was asked for but CUDA is not available; use the CPU "
+                          "(--device cpu, device='cpu')")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise LdznetError(f"device {str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s) found")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise LdznetError(f"device {str(device)!r} was asked for but MPS is not available; use --device cpu")
+        raise LdznetError(f"device {str(device)!r} was asked for but MPS is not available; use the CPU "
+                          "(--device cpu, device='cpu')")
     return device

@@ -1,8 +1,8 @@
 """Reading any user image safely, and the resizing both ways between it and the model.
 
 Input images come in every mode PIL knows (RGBA, LA, P, L, 16-bit, CMYK), EXIF-rotated, huge,
-truncated or not images at all. Everything becomes an upright 8-bit RGB array or a clear
-ImageError. The model works at a "working size" (area about resolution^2, aspect kept, sides
+truncated or not images at all. Everything becomes an 8-bit RGB array (a file upright, as viewers show
+it) or a clear ImageError. The model works at a "working size" (area about resolution^2, aspect kept, sides
 multiples of 64, as the official inference); masks come back at the image's own size.
 
 An image more elongated than MAX_ASPECT (a 1 x 100000 strip) would otherwise get a working size
@@ -91,7 +91,9 @@ def _to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
 
 
 def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """An upright RGB image as uint8 [H, W, 3].
+    """An RGB image as uint8 [H, W, 3]: a file's or bytes' upright (turned by its EXIF orientation, as
+    viewers show it), a PIL image's or an array's as its pixels are (a pipeline that holds a decoded image
+    inpaints those pixels, so the mask must fit them).
 
     ``source``: a path, encoded bytes, a PIL image or an array ([H, W] grey, [H, W, 3] RGB or
     [H, W, 4] RGBA; uint8, uint16 or float in [0, 1]). Raises ImageError for any other type, and for
@@ -117,7 +119,8 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         frames = getattr(image, "n_frames", 1)
         if frames > 1:  # an animation or a multi-page TIFF: say which one the mask is of
             warnings.warn(f"{name} holds {frames} frames; masking the first", UserWarning, stacklevel=2)
-        image = ImageOps.exif_transpose(image)
+        if image is not source:  # a decoded PIL image's pixels are what its holder masks and inpaints
+            image = ImageOps.exif_transpose(image)
         rgb = _to_rgb(image, name)
         rgb.load()
     except ImageError:
@@ -153,7 +156,8 @@ def _unsupported_source(source: object) -> str:
     hint = ""
     if isinstance(source, torch.Tensor):
         # A tensor's layout ([3, H, W] or [H, W, 3]) and range ([0, 1] or [-1, 1]) can't be told apart reliably.
-        hint = "; convert it, e.g. a [3, H, W] tensor in [0, 1]: tensor.permute(1, 2, 0).cpu().numpy()"
+        hint = ("; convert it to [H, W, 3] in [0, 1], e.g. a [3, H, W] one: x.detach().float().permute(1, 2, 0)"
+                ".cpu().numpy() (a batch [N, 3, H, W]: x[0] first; a VAE decode's [-1, 1]: (x + 1) / 2 first)")
     return f"expected a path, bytes, PIL image or numpy array as the image, got {type_name(source)}{hint}"
 
 

@@ -145,6 +145,9 @@ def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = No
     ``timestep`` and ``draws`` default to the head's training timestep and one draw, or to the
     zero-shot defaults (:class:`ZeroShotSettings`); ``resolution`` None uses the head's own.
     """
+    if model is None:
+        raise CheckpointError("model is None: give an SD checkpoint's path; the embedded micro model is "
+                              "load_segmenter(*ldznet_ext.default_model_paths())")
     model = path_argument(model, "model")
     head, mask_model, vae = (None if path is None else path_argument(path, what)
                              for path, what in ((head, "head file"), (mask_model, "mask model"), (vae, "VAE file")))

@@ -269,7 +269,7 @@ class Segmenter:
         """The current image's state, read once per call (another thread's ``set_image`` may replace it)."""
         state = self._image
         if state is None:
-            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+            raise LdznetError("An image must be set with .set_image(...) before mask prediction.")
         return state
 
     def predict(self, expression: str | Expression, options: MaskOptions = MaskOptions()) -> Prediction:

@@ -146,9 +146,21 @@ def test_postscript_is_never_handed_to_ghostscript(monkeypatch, tmp_path):
         load_image(path)
 
 
+def test_the_tensor_recipe_works_on_what_a_pipeline_decodes():
+    """The hint's recipe failed on a tensor that tracks gradients (numpy()), a bf16 one, a batch and the
+    VAE's [-1, 1]: followed as it says, each is read as the image it holds."""
+    image = torch.rand(3, 16, 24)
+    decoded = (image * 2 - 1)[None].bfloat16().requires_grad_(True)  # [1, 3, H, W] in [-1, 1]
+    x = (decoded[0] + 1) / 2
+    converted = load_image(x.detach().float().permute(1, 2, 0).cpu().numpy())
+    expected = load_image(image.bfloat16().float().permute(1, 2, 0).numpy())
+    assert converted.shape == (16, 24, 3) and np.abs(converted.astype(int) - expected.astype(int)).max() <= 1
+
+
 @pytest.mark.parametrize("source, found", [
-    (torch.zeros(3, 8, 8), "torch.Tensor; convert it, e.g. a [3, H, W] tensor in [0, 1]: "
-                           "tensor.permute(1, 2, 0).cpu().numpy()"),
+    (torch.zeros(3, 8, 8), "torch.Tensor; convert it to [H, W, 3] in [0, 1], e.g. a [3, H, W] one: "
+                           "x.detach().float().permute(1, 2, 0).cpu().numpy() (a batch [N, 3, H, W]: x[0] first; "
+                           "a VAE decode's [-1, 1]: (x + 1) / 2 first)"),
     (None, "None"),
     ([[0, 0, 0]], "list"),
     (io.BytesIO(b"png"), "_io.BytesIO"),

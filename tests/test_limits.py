@@ -155,7 +155,7 @@ def test_a_torch_device_is_checked_as_a_name_is():
         resolve_device(torch.device("meta"))
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(LdznetError, match="^device 'cuda' was asked for but CUDA is not available; use --device cpu$"):
+        with pytest.raises(LdznetError, match=r"^device 'cuda' was asked for but CUDA is not available; use the CPU \(--device cpu, device='cpu'\)$"):
             resolve_device(torch.device("cuda"))
 
 

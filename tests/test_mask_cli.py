@@ -297,7 +297,7 @@ def test_cuda_asked_for_without_cuda(ldznet, image_path, tmp_path, tiny_model_fi
     sd, head = tiny_model_files
     code, _, err = ldznet("mask", image_path, "cat", "-o", tmp_path / "m.png", "--model", sd, "--head", head,
                           "--device", "cuda")
-    assert code == 2 and "device 'cuda' was asked for but CUDA is not available; use --device cpu" in err
+    assert code == 2 and "device 'cuda' was asked for but CUDA is not available; use the CPU (--device cpu, device='cpu')" in err
 
 
 @pytest.mark.parametrize("link", ["symlink", "hard link"])

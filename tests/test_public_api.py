@@ -38,9 +38,12 @@ def test_importing_the_package_loads_no_torch() -> None:
 
 
 def test_the_readme_example_runs_on_the_embedded_model(tmp_path) -> None:
-    from ldznet_ext import MaskJob, load_segmenter
-    from ldznet_ext.defaults import default_model_paths
+    from ldznet_ext import LdznetError, MaskJob, default_model_paths, load_segmenter
     from ldznet_ext.world.scenes import make_scene
+
+    with pytest.raises(LdznetError, match=r"^model is None: give an SD checkpoint's path; the embedded micro model "
+                                          r"is load_segmenter\(\*ldznet_ext.default_model_paths\(\)\)$"):
+        load_segmenter(None)
 
     segmenter = load_segmenter(*default_model_paths())
     scene = make_scene(1000007, size=256)  # the demo's scene

@@ -169,6 +169,11 @@ def test_exif_rotated_jpeg_gives_the_upright_size(with_head, tmp_path):
     decoded = np.asarray(Image.open(path).convert("RGB"))  # the stored pixels, orientation not applied
     with_head.set_image(np.rot90(decoded, k=-1).copy())
     assert torch.equal(from_file.probability, with_head.predict("cat").probability)
+    # A PIL image a pipeline decoded is masked as its pixels are: it inpaints those (the mask was rotated)
+    with_head.set_image(Image.open(path))
+    pixels = with_head.predict("cat")
+    with_head.set_image(decoded)
+    assert pixels.mask.shape == (40, 64) and torch.equal(pixels.probability, with_head.predict("cat").probability)
 
 
 def _png(image: Image.Image) -> bytes:
@@ -215,9 +220,10 @@ def test_working_size_by_hand(width, height, resolution, expected):
 
 def test_predict_before_set_image_says_what_to_do(with_head):
     message = re.escape("An image must be set with .set_image(...) before mask prediction.")
-    with pytest.raises(RuntimeError, match=message):
+    # LdznetError, as every refusal of the API: a script catching it around set_image is not surprised here
+    with pytest.raises(LdznetError, match=message):
         with_head.predict("cat")
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(LdznetError, match=message):
         with_head.predict_terms(["cat"])
 
 

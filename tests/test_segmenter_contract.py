@@ -46,7 +46,7 @@ def test_a_failed_set_image_leaves_no_image(segmenter, tmp_path):
     with pytest.raises(ImageError, match="missing.png: file not found"):
         segmenter.set_image(tmp_path / "missing.png")
     assert not segmenter.is_image_set
-    with pytest.raises(RuntimeError, match=re.escape("An image must be set with .set_image(...)")):
+    with pytest.raises(LdznetError, match=re.escape("An image must be set with .set_image(...)")):
         segmenter.predict("cat")
 
 
@@ -195,7 +195,7 @@ def test_one_segmenter_shared_by_threads_gives_masks_of_one_image_or_says_no_ima
             try:
                 masks.append(segmenter.predict("sky OR grass", MaskOptions(presence=False)).probability)
                 segmenter.predict_terms(["sky", "water"])
-            except RuntimeError as error:
+            except LdznetError as error:
                 if "An image must be set" not in str(error):
                     failures.append(error)
             except Exception as error:  # noqa: BLE001 - any other is the failure under test
