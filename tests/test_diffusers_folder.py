@@ -275,9 +275,13 @@ def test_a_scheduler_config_we_cannot_follow_is_refused(ldznet, sd1_pair, image_
                               f"{json.dumps(value)[:40]}; expected {expected}\n")
 
 
-def test_an_edm_folder_is_refused(ldznet, sdxl_pair, image_file, tmp_path) -> None:
-    """Playground v2.5's layout (an EDM scheduler, per-channel latent statistics) was read as an eps SDXL."""
+def test_an_edm_folder_is_refused(ldznet, sdxl_pair, image_file, tmp_path, monkeypatch) -> None:
+    """Playground v2.5's layout (an EDM scheduler, per-channel latent statistics) was read as an eps SDXL;
+    it is refused from its configs, before any weight is read."""
     import shutil
+
+    from ldznet_ext.sd import diffusers_folder
+    monkeypatch.setattr(diffusers_folder, "read_state_dict", lambda path: pytest.fail(f"{path} was read"))
     folder = _with_scheduler(sdxl_pair[1], tmp_path, "edm", {"_class_name": "EDMDPMSolverMultistepScheduler",
                                                              "sigma_data": 0.5, "sigma_max": 80.0, "sigma_min": 0.002})
     code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", folder, "--zero-shot")

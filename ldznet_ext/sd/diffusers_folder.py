@@ -332,6 +332,11 @@ def read_diffusers_folder(path: str | os.PathLike, with_vae: bool = True) -> Dif
                               "text encoder (SD 2.x?); diffusers folders of SD 1.x and SDXL are read, for SD 2.x "
                               "use its single-file checkpoint")
     layers = _int_field(unet_config, "layers_per_block", f"{folder.name}: unet/config.json")
+    # the configs first: a schedule or latent statistics that are not SD's are refused before gigabytes are read
+    schedule = _scheduler_tensors(folder)
+    vae_config = folder / "vae" / "config.json"
+    scale = (_vae_scale(_json(vae_config, folder), f"{folder.name}: vae/config.json")
+             if with_vae or vae_config.is_file() else None)
     state = {UNET_PREFIX + k: v for k, v in unet_to_ldm(read_part(folder, "unet"), layers).items()}
     if with_vae:
         state.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(read_part(folder, "vae")).items()})
@@ -340,7 +345,7 @@ def read_diffusers_folder(path: str | os.PathLike, with_vae: bool = True) -> Dif
     if sdxl:
         bigg = clip_to_openclip(read_part(folder, "text_encoder_2"))
         state.update({BIGG_PREFIX + k: v for k, v in bigg.items()})
-    state.update(_scheduler_tensors(folder))
+    state.update(schedule)
     try:
         unet = unet_heads(unet_config_from_state_dict(checkpoint_part(state, UNET_PREFIX)), unet_config)
     except (KeyError, ValueError) as error:
@@ -348,9 +353,6 @@ def read_diffusers_folder(path: str | os.PathLike, with_vae: bool = True) -> Dif
     metadata = {"unet": unet.to_dict(),
                 "text": {"num_attention_heads": _int_field(text_config, "num_attention_heads",
                                                            f"{folder.name}: text_encoder/config.json")}}
-    vae_config = folder / "vae" / "config.json"
-    scale = (_vae_scale(_json(vae_config, folder), f"{folder.name}: vae/config.json")
-             if with_vae or vae_config.is_file() else None)
     return DiffusersModel(state, metadata, scale)
 
 
