@@ -313,6 +313,19 @@ def test_no_output_is_a_link_to_the_input_image(link, ldznet, image_path, tmp_pa
     assert image_path.read_bytes() == before and not (tmp_path / "mask.png").exists()
 
 
+@pytest.mark.parametrize("which", ["model", "head"])
+def test_no_output_is_a_link_to_a_model_file(which, ldznet, image_path, tmp_path, tiny_model_files, monkeypatch):
+    """README says so of every command; mask compared its outputs with the image alone."""
+    monkeypatch.setattr(mask_cli, "segmenter_from_args", lambda *args: pytest.fail("the models loaded"))
+    target = tiny_model_files[0] if which == "model" else tiny_model_files[1]
+    alias = tmp_path / "alias.png"
+    alias.hardlink_to(target)
+    code, _, err = ldznet("mask", image_path, "cat", "-o", alias, "--model", tiny_model_files[0],
+                          "--head", tiny_model_files[1])
+    assert (code, err) == (2, f"ldznet mask: error: {alias}: the same file as the {which}; give each output its own "
+                              "name\n")
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no file can be created")
 def test_an_output_where_nothing_can_be_written_stops_before_the_models_load(ldznet, image_path, tmp_path,
                                                                              tiny_model_files, monkeypatch):

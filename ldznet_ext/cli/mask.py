@@ -87,13 +87,16 @@ def job_from_args(args: argparse.Namespace) -> MaskJob:
     return job
 
 
-def check_png_outputs(image: str | Path, outputs: list[str | Path], reports: list[str | Path] = ()) -> None:
+def check_png_outputs(args: argparse.Namespace, outputs: list[str | Path], reports: list[str | Path] = ()) -> None:
     """Output names must end in .png (``reports``: files of other kinds, such as the instances' JSON),
-    differ from each other and from the input image, and be writable (their folders are created)."""
+    differ from each other and from the run's inputs (the image, the model files), also through a link,
+    and be writable (their folders are created)."""
     for output in outputs:
         if Path(output).suffix.lower() != ".png":
             raise LdznetError(f"{output}: outputs are PNG files; give a name ending in .png")
-    check_outputs([*outputs, *reports], {image: "the input image"})
+    inputs = {args.image: "the input image", args.model: "the model", args.mask_model: "the mask model",
+              args.vae: "the VAE", args.head: "the head"}
+    check_outputs([*outputs, *reports], {path: what for path, what in inputs.items() if path})
 
 
 def report_missing(prediction: Prediction) -> None:
@@ -136,7 +139,7 @@ def check_instance_names(args: argparse.Namespace, outputs: list[str | Path], co
         for option, named in (("--overlay", args.overlay), ("--probability", args.probability)):
             if named is not None and same_file(path, named):
                 raise LdznetError(f"{named}: {option} names the file of instance mask {k} of -o; give it another name")
-    check_png_outputs(args.image, outputs + paths, [report])
+    check_png_outputs(args, outputs + paths, [report])
     earlier = earlier_instance_masks(output)
     for path in paths:
         if path.exists() and path not in earlier:
@@ -169,7 +172,7 @@ def _run_mask(args: argparse.Namespace) -> int:
     if args.instances:
         check_instance_names(args, outputs, 1)
     else:
-        check_png_outputs(args.image, outputs)
+        check_png_outputs(args, outputs)
     job = job_from_args(args)
     expression = job.tree()
     image = load_image(args.image, max_pixels=args.max_pixels)
