@@ -60,8 +60,8 @@ ZERO_SHOT_ONLY = {"sdxl": SDXL_FOR_ZERO_SHOT_ONLY, "sd2": SD2_FOR_ZERO_SHOT_ONLY
 SD2_TEXT_PREFIX = "cond_stage_model.model."
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 BIGG_PREFIX = "conditioner.embedders.1.model."
-# Marker tensors that v-prediction SDXL fine-tunes carry (A1111 dev, ComfyUI and Forge read them too):
-# v-prediction, and a noise schedule rescaled to zero terminal SNR (Forge reads "ztsnr").
+# Beside the v-prediction marker (family.V_PREDICTION_KEY), v-prediction SDXL fine-tunes may carry this one
+# (Forge reads it): a noise schedule rescaled to zero terminal SNR.
 ZERO_TERMINAL_SNR_KEY = "ztsnr"
 SGM_HEAD_CHANNELS = 64  # head width of every sgm UNet with linear transformer projections (SD 2.x, SDXL)
 _TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
@@ -366,8 +366,9 @@ _SCHEDULE_ROUNDINGS = ((), (torch.float32,), (torch.float16,), (torch.float32, t
 def _is_rounded_default_schedule(table: Tensor) -> bool:
     if table.shape != (NUM_TIMESTEPS,):
         return False
+    exact = alphas_cumprod()
     for chain in _SCHEDULE_ROUNDINGS:
-        rounded = alphas_cumprod()
+        rounded = exact
         for dtype in chain:
             rounded = rounded.to(dtype)
         if torch.equal(table, rounded.to(table.dtype)):
@@ -390,10 +391,6 @@ def _unet_vae_and_openclip(state: Mapping[str, Tensor], described: SDMetadata, o
     vae.load_state_dict(vae_state, strict=True, assign=True)
     openclip.load_text_state_dict(openclip_state)
     return unet, vae, openclip
-
-
-def _has(state: Mapping[str, Tensor], prefix: str) -> bool:
-    return any(key.startswith(prefix) for key in state)
 
 
 def _check_parts_present(state: Mapping[str, Tensor], parts: Mapping[str, str]) -> None:
