@@ -127,7 +127,7 @@ def test_radius_below_one_is_a_copy():
         assert torch.equal(erode(p, radius), p)
 
 
-@pytest.mark.parametrize("shape", [(7, 5), (13, 17), (1, 9), (9, 1), (2, 3, 11)])
+@pytest.mark.parametrize("shape", [(7, 5), (13, 17), (1, 9), (9, 1), (20, 6), (6, 20), (2, 3, 11)])
 @pytest.mark.parametrize("radius", [1, 1.5, 2, 2.9, 4, 7.3, 12])
 def test_dilate_and_erode_match_brute_force(shape, radius):
     p = torch.rand(shape, generator=torch.Generator().manual_seed(len(shape) * 100 + shape[-1]))

@@ -57,18 +57,36 @@ def _half_widths(radius: float, max_dy: int) -> list[int]:
     return widths
 
 
+def _widen(segment: Tensor, half_width: int) -> Tensor:
+    """The horizontal max of half-width ``half_width`` from that of ``half_width - 1`` (``segment``),
+    over the columns inside the map.
+
+    Why one maximum per step from the second on: windows of half-width w - 1 centred one column left
+    and right overlap and together cover the window of half-width w. At the map's edges the window is
+    cut, so the edge column takes its one neighbour's window, which already holds every column inside.
+    """
+    if half_width == 1:  # a half-width-0 "window" is the pixel alone: the two neighbours do not cover it
+        wider = segment.clone()
+        torch.maximum(wider[..., 1:], segment[..., :-1], out=wider[..., 1:])
+        torch.maximum(wider[..., :-1], segment[..., 1:], out=wider[..., :-1])
+        return wider
+    wider = torch.empty_like(segment)
+    torch.maximum(segment[..., :-2], segment[..., 2:], out=wider[..., 1:-1])
+    wider[..., 0] = segment[..., 1]
+    wider[..., -1] = segment[..., -2]
+    return wider
+
+
 def _max_filter_disk(p: Tensor, radius: float) -> Tensor:
     """Grey-scale max over the disk of ``radius`` around each pixel, ignoring pixels outside the map.
 
     Why this decomposition: the disk is a stack of horizontal segments, one per row offset dy, of
-    half-width w(dy). A 1-D horizontal max of half-width w+1 is the max of the half-width-w result
-    shifted by one pixel left and right, so walking w upwards costs two elementwise maxima per step,
-    and each row offset adds one more. That is O(radius) full-map operations: exact, any device, no
-    kernel of radius² taps; faster than cv2.dilate with the same disk at large radii and as fast on a
-    GPU (README, "Benchmarks"), so there is no separate OpenCV path.
-    Offsets beyond the map's size see only padding, so the radius is cut to the map's extent.
-    Padding with -inf ("ignore outside pixels") equals replicate padding for a centred convex
-    element: the border pixel a replicated one copies is always closer, hence inside the disk too.
+    half-width w(dy). Walking w upwards costs one elementwise maximum per step (:func:`_widen`), and
+    each row offset adds one more, over the rows that offset keeps inside the map. That is O(radius)
+    map-sized operations: exact, any device, no kernel of radius² taps, nothing computed for pixels
+    outside the map; faster than cv2.dilate with the same disk at large radii and as fast on a GPU
+    (README, "Benchmarks"), so there is no separate OpenCV path. Offsets beyond the map's size see
+    nothing, so the radius is cut to the map's extent.
     """
     height, width = p.shape[-2:]
     if p.numel() == 0:
@@ -76,25 +94,22 @@ def _max_filter_disk(p: Tensor, radius: float) -> Tensor:
     if radius * radius >= (height - 1) ** 2 + (width - 1) ** 2:  # the disk covers the whole map
         return p.amax(dim=(-2, -1), keepdim=True).expand_as(p).clone()
     widths = _half_widths(radius, height - 1)
-    ny = len(widths) - 1
     nx = min(widths[0], width - 1)
-    if ny == 0 and nx == 0:
+    if len(widths) == 1 and nx == 0:
         return p.clone()
-    padded = F.pad(p.reshape(-1, 1, height, width), (nx, nx, ny, ny), value=-math.inf)
-    padded = padded.reshape(*p.shape[:-2], height + 2 * ny, width + 2 * nx)
-    out = torch.full_like(p, -math.inf)
     # rows[w] lists the row offsets whose segment half-width is w (capped at the map width).
     rows: dict[int, list[int]] = {}
     for dy, w in enumerate(widths):
         rows.setdefault(min(w, nx), []).extend([dy] if dy == 0 else [dy, -dy])
-    segment = padded  # segment[..., :, j] = max over columns j .. j + 2w of padded, i.e. centre j + w - nx
+    out = torch.full_like(p, -math.inf)
+    segment = p  # segment[..., y, x]: max of p over columns x - w .. x + w of row y, inside the map
     for w in range(nx + 1):
-        if w == 1:
-            segment = torch.maximum(torch.maximum(padded[..., :-2], padded[..., 1:-1]), padded[..., 2:])
-        elif w > 1:
-            segment = torch.maximum(segment[..., :-2], segment[..., 2:])
+        if w > 0:
+            segment = _widen(segment, w)
         for dy in rows.get(w, ()):
-            torch.maximum(out, segment[..., ny + dy : ny + dy + height, nx - w : nx - w + width], out=out)
+            # out[y] takes segment[y + dy] for the rows y where y + dy is inside the map.
+            kept = out[..., max(0, -dy) : height - max(0, dy), :]
+            torch.maximum(kept, segment[..., max(0, dy) : height + min(0, dy), :], out=kept)
     return out
 
 
