@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from .errors import ExpressionError, LdznetError
 from .limits import (FEATHER, GROW, KEEP_LARGEST, MAX_RADIUS, MIN_AREA, REFINE_RADIUS, REFINE_STRENGTH, THRESHOLD,
                      Limit, number_from_text)
-from .masks.expression import parse, reparsed
+from .masks.expression import MAX_CHARS, parse, reparsed
 from .masks.ops import MaskOptions
 from .masks.tree import Expression, Modified, Modifier
 from .refine import RefineSettings
@@ -25,7 +25,6 @@ HEAD_MODE = "LD-ZNet head"
 ZERO_SHOT_MODE = "zero-shot"
 MODES = (HEAD_MODE, ZERO_SHOT_MODE)
 COMBINE_MODES = ("replace", "add", "subtract", "intersect")
-MAX_EXPRESSION_CHARS = 2000
 
 
 def number_field(default, limit: Limit, description: str, optional: bool = False):
@@ -162,8 +161,6 @@ def _fields() -> tuple[dataclasses.Field, ...]:
 def _checked_expression(value) -> str:
     if not isinstance(value, str):
         raise LdznetError(f"expression must be text, got {type(value).__name__}")
-    if len(value) > MAX_EXPRESSION_CHARS:
-        raise LdznetError(f"expression is {len(value)} characters long; the limit is {MAX_EXPRESSION_CHARS}")
     return value
 
 
@@ -224,7 +221,7 @@ def _field_schema(spec: dataclasses.Field) -> dict:
     elif "flag" in metadata:
         schema = {"type": "boolean"}
     else:
-        schema = {"type": "string", "maxLength": MAX_EXPRESSION_CHARS}
+        schema = {"type": "string", "maxLength": MAX_CHARS}
     return {**schema, "default": spec.default, "description": metadata["description"]}
 
 

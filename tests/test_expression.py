@@ -11,7 +11,8 @@ import torch
 
 from ldznet_ext.errors import ExpressionError, LdznetError
 from ldznet_ext.limits import MAX_RADIUS
-from ldznet_ext.masks.expression import MAX_NESTING, MAX_SELECTORS, MAX_TERMS, And, Modified, Modifier, Not, Or, Term, parse
+from ldznet_ext.masks.expression import (MAX_CHARS, MAX_NESTING, MAX_SELECTORS, MAX_TERMS, And, Modified, Modifier, Not,
+                                         Or, Term, parse, reparsed)
 from ldznet_ext.masks.tree import MAX_SCALE
 
 A, B, C, D = Term("a"), Term("b"), Term("c"), Term("d")
@@ -150,6 +151,26 @@ def test_distinct_terms_are_limited():
     with pytest.raises(ExpressionError, match=f"more than {MAX_TERMS} different terms") as info:
         parse(text)
     assert info.value.position == text.index(names[-1])
+
+
+def test_text_is_limited_in_length():
+    """The bound holds wherever text is parsed (the Python API's predict as well as a job): it is what
+    keeps the count of operations of one expression small."""
+    assert len(parse("a" * MAX_CHARS).terms()) == 1
+    with pytest.raises(ExpressionError, match=f"^expression is {MAX_CHARS + 1} characters long; the limit is "
+                                              f"{MAX_CHARS}$"):
+        parse("a" * (MAX_CHARS + 1))
+
+
+def test_a_tree_is_held_to_what_text_of_the_bound_can_make():
+    """A tree is checked by its canonical text, which spells operators out (``a&b`` is ``a AND b``):
+    every tree that text within the bound makes passes, and an OR of 100,000 repeats of one term (one
+    map, but 100,000 maxima over the image) is refused."""
+    dense = "&".join(["a"] * ((MAX_CHARS + 1) // 2))  # the most operators the bound allows
+    assert len(dense) in (MAX_CHARS - 1, MAX_CHARS)
+    assert str(reparsed(parse(dense))).count(" AND ") == dense.count("&")
+    with pytest.raises(ExpressionError, match="^expression is .* characters long written out"):
+        reparsed(Or(tuple(Term("a") for _ in range(100_000))))
 
 
 def test_instance_selectors_are_limited():

@@ -91,8 +91,16 @@ def test_a_tree_built_in_code_meets_the_bounds_of_text(segmenter):
     grown = Modified(Term("cat"), (Modifier("+", 2048.0), Modifier("+", 1.0)))
     with pytest.raises(ExpressionError, match="grow and shrink by at most 2048 pixels in all"):
         segmenter.predict(grown)
+    repeats = Or(tuple(Term("cat") for _ in range(100_000)))  # one map, 100,000 maxima over the image
+    with pytest.raises(ExpressionError, match="^expression is 699996 characters long written out; the limit is 8000"):
+        segmenter.predict(repeats)
     tree = Or((Term("cat"), Not(Term("dog"))))
     assert segmenter.predict(tree).expression == tree == parse("cat OR NOT dog")
+
+
+def test_text_is_held_to_the_length_a_job_allows(segmenter):
+    with pytest.raises(ExpressionError, match="^expression is 2001 characters long; the limit is 2000$"):
+        segmenter.predict("cat " * 500 + "a")
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -14,7 +14,8 @@ NOT are case-sensitive whole words (separated by spaces or reserved characters),
 hold reserved characters and keywords (but no ``"``). NUMBER is ``12``, ``1.5``, ``.5`` or ``2.``,
 optionally with spaces inside the braces.
 
-Bounds, so that no expression costs unbounded time or memory: at most MAX_TERMS distinct terms (each
+Bounds, so that no expression costs unbounded time or memory: at most MAX_CHARS characters (which
+bounds its operations), MAX_TERMS distinct terms (each
 is a map at the image's size), MAX_SELECTORS instance selectors, MAX_NESTING levels of parentheses
 and NOTs, and {+N} / {-N} adding up to MAX_RADIUS pixels (--grow's bound: each pixel is a pass over
 the map). Control characters and lone surrogates (bytes that are not UTF-8) are refused.
@@ -36,9 +37,16 @@ from ..limits import MAX_RADIUS
 from .instances import ORDERS
 from .tree import KEYWORDS, MAX_INDEX, MAX_SCALE, RESERVED, And, Expression, Modified, Modifier, Not, Or, Selector, Term
 
-__all__ = ["MAX_NESTING", "MAX_SELECTORS", "MAX_TERMS", "And", "Expression", "Modified", "Modifier", "Not", "Or",
-           "Selector", "Term", "parse", "reparsed"]
+__all__ = ["MAX_CHARS", "MAX_NESTING", "MAX_SELECTORS", "MAX_TERMS", "And", "Expression", "Modified", "Modifier",
+           "Not", "Or", "Selector", "Term", "parse", "reparsed"]
 
+MAX_CHARS = 2000
+"""The length of an expression's text: it bounds the number of operations (each a pass over a map at the
+image's size) that repeats of the same terms add."""
+MAX_TREE_CHARS = 4 * MAX_CHARS
+"""The length of a tree's canonical text (:func:`reparsed`), which spells operators out: text within
+MAX_CHARS writes out to less than 3.5 times its length (``a&a`` is ``a AND a``; at most MAX_NESTING ``!``
+become ``NOT``), so no tree that text makes is refused, and one built in code is held to the same work."""
 MAX_NESTING = 64  # parentheses plus NOTs; keeps recursion in parsing, printing and evaluation shallow
 MAX_TERMS = 16
 """Distinct terms of one expression: each is a head call and a map at the image's size (about 100 MB
@@ -348,6 +356,12 @@ def parse(text: str) -> Expression:
         raise ExpressionError(f"a mask expression must be text, got {type(text).__name__}")
     if not text.strip():
         raise ExpressionError("expected a mask expression such as 'cat OR dog', got empty text", 0)
+    if len(text) > MAX_CHARS:
+        raise ExpressionError(f"expression is {len(text)} characters long; the limit is {MAX_CHARS}")
+    return _parse(text)
+
+
+def _parse(text: str) -> Expression:
     _check_characters(text)
     parser = _Parser(_tokenize(text))
     node = parser.expr("at the start")
@@ -369,4 +383,7 @@ def reparsed(expression: Expression) -> Expression:
         text = str(expression)
     except RecursionError:  # far deeper than MAX_NESTING: printing it would exhaust Python's stack
         raise ExpressionError(f"expression nested too deeply: at most {MAX_NESTING} levels of '(' and NOT") from None
-    return parse(text)
+    if len(text) > MAX_TREE_CHARS:
+        raise ExpressionError(f"expression is {len(text)} characters long written out; the limit is "
+                              f"{MAX_TREE_CHARS} (and {MAX_CHARS} for text)")
+    return _parse(text)
