@@ -142,11 +142,15 @@ def official_head_state(state: Mapping[str, Tensor], expected: Mapping[str, Tens
 
 
 def _check_head_output(source: str | os.PathLike, target: str | os.PathLike) -> None:
-    """LdznetError unless ``target`` is a writable .safetensors name other than ``source``."""
+    """LdznetError unless ``target`` is a new, writable .safetensors name (so neither ``source`` nor a user's
+    model)."""
     if Path(target).suffix.lower() != ".safetensors":
         raise LdznetError(f"{target}: a head is written as .safetensors; give a name ending in .safetensors")
     if same_file(source, target):
         raise LdznetError(f"{target}: the same file as the checkpoint {source}; give the head another name")
+    if os.path.lexists(target):
+        raise LdznetError(f"{target}: the file exists; convert writes a new head file, so give a new name "
+                          "(or remove the old file first)")
     writable_path(target)
 
 

@@ -147,6 +147,17 @@ def test_convert_never_writes_over_its_checkpoint(ldznet, official, tmp_path, li
     assert official.read_bytes() == before
 
 
+def test_convert_never_writes_over_an_existing_file(ldznet, official, tmp_path, no_reading):
+    """README: convert -o must be a new name; a user's model named by mistake is not replaced."""
+    model = tmp_path / "v1-5-pruned-emaonly.safetensors"
+    model.write_bytes(b"the user's model")
+    code, stdout, err = ldznet("convert", official, "--no-ema", "-o", model)
+    assert (code, stdout) == (2, "")
+    assert err == (f"ldznet convert: error: {model}: the file exists; convert writes a new head file, so give "
+                   "a new name (or remove the old file first)\n")
+    assert model.read_bytes() == b"the user's model"
+
+
 def test_convert_checks_its_output_before_reading(ldznet, official, tmp_path, no_reading):
     (tmp_path / "file").write_text("")
     cases = {tmp_path / "head.ckpt": f"{tmp_path}/head.ckpt: a head is written as .safetensors; "
