@@ -24,7 +24,7 @@ from ldznet_ext.sd.tokenizer import tokenize
 from ldznet_ext.world.micro import MICRO_TEXT, MICRO_UNET, MICRO_VAE, micro_recipe, micro_text_config
 from ldznet_ext.world.scenes import make_scene
 from ldznet_ext.train.schedule import lr_factor
-from ldznet_ext.world.train_sd import (GRID_FILE, LOG_FILE, SD_FILE, TEXT_FILE, VAE_FILE, WORLD_VOCABULARY,
+from ldznet_ext.world.train_sd import (GRID_FILE, LOG_FILE, SD_FILE, SNAPSHOT_DIR, TEXT_FILE, VAE_FILE, WORLD_VOCABULARY,
                                        UNetOptions, contrastive_loss, load_text_stage, pooled_text, rescale_latents_,
                                        train_sd, vae_losses)
 
@@ -275,11 +275,32 @@ def test_a_run_never_writes_over_the_model_it_starts_from(tmp_path, where):
 
 @pytest.mark.parametrize("text, reason", [
     ("{nope", "cannot read a training log; move it away or give another output folder (JSONDecodeError: Expecting property name"),
-    ("[1, 2]", "not a training log (its stages are not); move it away or give another output folder"),
-    ('{"stages": [1]}', "not a training log (its stages are not)")])
+    ("[1, 2]", "not a training log of `ldznet world train-sd` (no recipe and stages); move it away or give another "
+               "output folder"),
+    ('{"recipe": {}, "stages": [1]}', "not a training log of `ldznet world train-sd` (no recipe and stages)")])
 def test_a_log_that_is_no_training_log_is_refused_and_kept(tmp_path, text, reason):
     (tmp_path / LOG_FILE).write_text(text)
     with pytest.raises(LdznetError) as error:
         train_sd(tmp_path, SMOKE)
     assert str(error.value).startswith(f"{tmp_path / LOG_FILE}: {reason}")
     assert (tmp_path / LOG_FILE).read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == [LOG_FILE]
+
+
+@pytest.mark.parametrize("files", [{SD_FILE: b"the user's model"}, {GRID_FILE: b"a picture"},
+                                   {SD_FILE: b"the user's model", LOG_FILE: b'{"my": "log"}'},
+                                   {f"{SNAPSHOT_DIR}/mine.safetensors": b"kept"}])
+def test_a_folder_of_files_no_run_wrote_is_refused_and_kept(tmp_path, files):
+    """Only a folder an earlier run wrote (its train_sd_log.json says so) has its files replaced."""
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(LdznetError) as error:
+        train_sd(tmp_path, SMOKE)
+    first = sorted(files)[0]
+    if LOG_FILE in files:
+        assert str(error.value) == (f"{tmp_path / LOG_FILE}: not a training log of `ldznet world train-sd` (no recipe "
+                                    "and stages); move it away or give another output folder")
+    else:
+        assert str(error.value) == (f"{tmp_path}: holds {first}, which no earlier `ldznet world train-sd` run wrote "
+                                    f"(there is no {LOG_FILE}); give another output folder or move it away")
+    assert all((tmp_path / name).read_bytes() == content for name, content in files.items())

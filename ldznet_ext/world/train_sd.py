@@ -471,6 +471,22 @@ def _checked_stages(out: Path, recipe: MicroRecipe, stages: Sequence[str] | None
     return stages, needs_text
 
 
+def _check_earlier_run(out: Path, stages: Sequence[str]) -> None:
+    """LdznetError when ``out`` holds a file that running ``stages`` writes (the grid; the final model and
+    its snapshots, a stage's file) but no log: an earlier run's log is what shows its files are the run's
+    to replace (the log itself is checked as it is read, :class:`~ldznet_ext.train.logs.StageLog`). The
+    stage files a later stage reads are its inputs."""
+    if (out / LOG_FILE).exists():
+        return
+    written = {"vae": [VAE_FILE], "text": [TEXT_FILE], "unet": [SD_FILE]}
+    found = [name for name in (GRID_FILE, *(n for stage in stages for n in written[stage])) if (out / name).exists()]
+    if "unet" in stages and (out / SNAPSHOT_DIR).is_dir():
+        found += sorted(f"{SNAPSHOT_DIR}/{entry.name}" for entry in (out / SNAPSHOT_DIR).iterdir())
+    if found:
+        raise LdznetError(f"{out}: holds {found[0]}, which no earlier `ldznet world train-sd` run wrote (there is no "
+                          f"{LOG_FILE}); give another output folder or move it away")
+
+
 def _check_not_written(model: Path, out: Path) -> None:
     """LdznetError when a run into ``out`` would write over ``model``, the file it starts from: the final
     model, a stage file, the log or the grid (``outputs.check_outputs``), or a snapshot (every file of
@@ -514,6 +530,7 @@ def train_sd(out: Path, recipe: MicroRecipe, device: str | torch.device = "cpu",
     stages, needs_text = _checked_stages(out, recipe, stages, options)
     if options.init_model is not None:
         _check_not_written(options.init_model, out)
+    _check_earlier_run(out, stages)
     init = None if options.init_model is None else load_micro_sd(options.init_model)
     device = torch.device(device)
     amp = {stage: stage_dtype(device, dtype, stage) for stage in recipe_stages(recipe)}
