@@ -218,6 +218,24 @@ def test_merge_command_writes_markdown_and_json(tmp_path, capsys):
     assert main(["eval", "--merge", str(tmp_path / "x.json")]) == 2
 
 
+def test_markdown_replaces_only_an_earlier_table_and_keeps_its_cells(tmp_path, capsys):
+    source = _source()
+    report = {"format": FORMAT, "version": VERSION, "table": None,
+              "results": [evaluate(Noisy(source), source, "LD|ZNet\nv2", progress=False).to_dict()]}
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my notes\n")
+    assert main(["eval", "--merge", str(tmp_path / "r.json"), "--markdown", str(notes)]) == 2
+    assert capsys.readouterr().err == (f"ldznet eval: error: {notes}: exists and is not an earlier ldznet eval "
+                                       "--markdown table; give a new name, or remove the file first\n")
+    assert notes.read_text() == "# my notes\n"
+    table = tmp_path / "table.md"
+    for _ in range(2):  # the second run replaces the first's table
+        assert main(["eval", "--merge", str(tmp_path / "r.json"), "--markdown", str(table)]) == 0
+    row = table.read_text().splitlines()[4]
+    assert row.startswith("| LD\\|ZNet v2 | ") and row.count(" | ") == 5  # one cell, as the header has
+
+
 def test_shards_count_from_1_and_version_1_files_from_0(tmp_path, capsys):
     """Since version 2 of the result files, eval's shards are 1..N like batch's; a version-1 file
     (shards 0..N-1) is read as 1-based, so old and new shards of one evaluation still merge."""

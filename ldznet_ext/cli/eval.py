@@ -25,7 +25,7 @@ from ..data.files import read_json
 from ..data.spec import open_source, spec_file
 from ..errors import LdznetError
 from ..eval.evaluate import FORMAT, READABLE_VERSIONS, VERSION, EvalResult, evaluate, merge_results
-from ..eval.tables import TABLES, build_table, default_table, markdown_table
+from ..eval.tables import EARLIER_TABLE, TABLES, build_table, default_table, markdown_table
 from ..limits import BOUNDARY_TOLERANCE, RENDER_SIZE, SHARDS, THRESHOLD, WORKERS, bounded_number, number_from_text
 from ..outputs import check_outputs, check_report_name, writing
 from ..refine import RefineSettings
@@ -127,7 +127,8 @@ def _inputs(args: argparse.Namespace) -> dict[str, str]:
 def _run(args: argparse.Namespace) -> int:
     check_outputs((args.json, args.markdown), _inputs(args))  # before the work, so none of it is lost to a bad path
     check_report_name(args.json, (".json",), "--json", EARLIER_RESULT, "an earlier ldznet eval --json result")
-    check_report_name(args.markdown, (".md", ".markdown"), "--markdown")
+    check_report_name(args.markdown, (".md", ".markdown"), "--markdown", EARLIER_TABLE,
+                      "an earlier ldznet eval --markdown table")
     if args.merge:
         given = [flag for dest, (flag, default) in args.evaluation_defaults.items() if getattr(args, dest) != default]
         if given:

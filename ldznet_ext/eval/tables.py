@@ -14,6 +14,7 @@ cover more than one data set.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from ..errors import LdznetError
@@ -28,6 +29,8 @@ TABLES: dict[int, tuple[str, str, tuple[tuple[str, str], ...]]] = {
     4: ("Diffusion features via cross-attention or concatenation (paper Table 4)", "Diffusion features via", FULL),
 }
 """Table number -> (title, first column, (column label, MetricSummary field) ...)."""
+EARLIER_TABLE = re.compile(r"\s*(?:" + "|".join(re.escape(title) for title, _, _ in TABLES.values()) + ")\n")
+"""How a markdown file that ``eval --markdown`` wrote begins (a table's title): only such a file is replaced."""
 
 
 def dataset_label(data: str) -> str:
@@ -61,10 +64,14 @@ def build_table(results: Sequence[EvalResult], number: int) -> dict:
 def markdown_table(table: dict) -> str:
     """The table of ``build_table`` as markdown (numbers with one decimal, '-' where missing)."""
     def cell(value: object) -> str:
-        return "-" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.1f}"
+        return " ".join(str(value).split()).replace("|", "\\|")  # a name's '|' or line break would split the row
 
     numeric = [not isinstance(v, str) for v in table["rows"][0]] if table["rows"] else []
-    lines = [f"| {' | '.join(table['columns'])} |",
+    lines = [f"| {' | '.join(cell(c) for c in table['columns'])} |",
              "|" + "|".join("---:" if numeric and numeric[i] else "---" for i in range(len(table["columns"]))) + "|"]
     lines += [f"| {' | '.join(cell(v) for v in row)} |" for row in table["rows"]]
     return "\n".join(lines)
