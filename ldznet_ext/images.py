@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, special_file_kind
 from .limits import PIXELS
 
 MAX_PIXELS = 100_000_000
@@ -54,6 +54,8 @@ def open_image(source: str | os.PathLike | io.BytesIO) -> Image.Image:
     """``Image.open`` of every format Pillow reads by itself (not EXTERNAL_DECODERS); lazy, as it is.
     Pillow's decompression-bomb warning (at open, above 89M pixels) is not shown: our own pixel limits
     are the guard, and the caller's one-line refusal says what it is."""
+    if isinstance(source, (str, os.PathLike)) and (kind := special_file_kind(source)):
+        raise ImageError(f"{Path(source).name}: {kind}, not an image file")
     Image.init()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import ImageError, LdznetError
+from ..errors import ImageError, LdznetError, special_file_kind
 from ..images import load_image, open_image
 from ..limits import Limit
 
@@ -72,6 +72,8 @@ DATA_SIDE = Limit(int, 1, 2**31 - 1)
 
 def read_json(path: str | os.PathLike, what: str) -> object:
     """A JSON file, or LdznetError naming ``what`` it should have been."""
+    if kind := special_file_kind(path):
+        raise LdznetError(f"{path}: {kind}, not a file; expected {what}")
     try:
         with open(path, encoding="utf-8") as file:
             return json.load(file)

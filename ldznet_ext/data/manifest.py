@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import LdznetError
+from ..errors import LdznetError, special_file_kind
 from .examples import Example
 from .files import read_image, read_mask
 from .geometry import polygon_mask
@@ -21,6 +21,8 @@ class ManifestSource:
         self.path = Path(path)
         self.description = f"jsonl:{self.path}"
         rows: dict[str, list[tuple[str, object]]] = {}
+        if kind := special_file_kind(self.path):
+            raise LdznetError(f"{self.path}: {kind}, not a manifest file")
         try:
             lines = self.path.read_text(encoding="utf-8-sig").splitlines()  # -sig: editors that start with a BOM
         except (OSError, UnicodeDecodeError) as error:

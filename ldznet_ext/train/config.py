@@ -8,17 +8,19 @@ command-line flags.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import LdznetError
+from ..errors import LdznetError, special_file_kind
 from ..limits import (ACCUMULATE, EMA_DECAY, FACTOR, GRAD_CLIP, LEARNING_RATE, LOSS_WEIGHT, LR_SCALE, NEGATIVE_PROB,
                       PATIENCE, RESOLUTION, SEED, STEP_INTERVAL, STEPS, TRAIN_BATCH_SIZE, WARMUP, WEIGHT_DECAY, WORKERS,
-                      shown)
+                      number_from_text, shown)
 from ..modeling.build import ARCHITECTURES
 from ..modeling.ldznet import FUSIONS
 from ..precision import PRECISIONS
@@ -162,9 +164,10 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, float):
-        try:
-            value, ok = (value, False) if isinstance(value, bool) else (float(value), True)
-        except (TypeError, ValueError):
+        try:  # text as a flag's (no other scripts' digits, no "_"); an int too large for a float is no number
+            number = number_from_text(value, float) if isinstance(value, str) else float(value)
+            value, ok = (value, False) if isinstance(value, bool) else (number, True)
+        except (TypeError, ValueError, OverflowError):
             ok = False
     else:
         ok = isinstance(value, str)
@@ -197,15 +200,22 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The settings in a YAML (.yaml, .yml) or JSON file: one mapping of TrainConfig fields (and
     optionally ``preset``), checked and typed."""
     path = Path(path)
+    if kind := special_file_kind(path):
+        raise LdznetError(f"{path}: {kind}, not a config file")
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise LdznetError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; a config file holds a few "
+                              "settings")
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise LdznetError(f"{path}: cannot read the config file ({error})") from error
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml  # transformers requires PyYAML; imported here as only config files need it
 
         try:
-            values = yaml.safe_load(text)
+            values = yaml.load(text, Loader=_yaml_loader())
         except yaml.YAMLError as error:
             raise LdznetError(f"{path}: not valid YAML ({_one_line(error)})") from error
         except (ValueError, RecursionError) as error:  # an integer of 4300+ digits, brackets thousands deep
@@ -220,6 +230,33 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise LdznetError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
     return check_values(values, str(path))
+
+
+MAX_CONFIG_BYTES = 1024 * 1024
+"""A config file's size: far beyond every field written out, and a bound on what a mistaken path reads."""
+
+
+@functools.cache
+def _yaml_loader() -> type:
+    """PyYAML's safe loader with YAML 1.2's numbers: PyYAML reads YAML 1.1, where ``1:20`` is 80 (base 60),
+    ``017`` is 15 (octal) and ``0x10``, ``1_000`` are numbers, none of which a flag takes; here they are
+    text, which a number field refuses, and a number is written in decimal as on the command line."""
+    import yaml
+
+    int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, pattern) for tag, pattern in resolvers if tag not in (int_tag, float_tag)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(int_tag, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+    Loader.add_implicit_resolver(float_tag, re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"
+                                                       r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+                                 list("-+0123456789."))
+    Loader.add_constructor(int_tag, lambda loader, node: int(loader.construct_scalar(node)))  # 017 is 17
+    return Loader
 
 
 def _one_line(error: Exception) -> str:
