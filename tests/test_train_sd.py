@@ -6,6 +6,8 @@ import json
 import math
 import re
 import shutil
+import signal
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from ldznet_ext.defaults import default_model_paths
 from ldznet_ext.errors import CheckpointError, LdznetError
 from ldznet_ext.sd.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, classify, load_stable_diffusion
 from ldznet_ext.sd.vae import SCALE_FACTOR, AutoencoderKL
+from ldznet_ext.world import data as world_data
 from ldznet_ext.world.data import SceneSet, render_scene_set
 from ldznet_ext.sd.text import TextEncoder
 from ldznet_ext.sd.tokenizer import tokenize
@@ -69,6 +72,34 @@ def test_scene_set_is_the_same_with_worker_processes():
     photos = render_scene_set([4, 7], 16, workers=1, domain="photo")
     np.testing.assert_array_equal(photos.images[0], make_scene(4, 16, "photo").image)
     assert [c.split()[1] for c in photos.captions] == ["photo", "photo"]
+
+
+def test_render_workers_leave_ctrl_c_to_the_parent(monkeypatch):
+    """Each worker starts by ignoring SIGINT (the pool's initializer), so Ctrl-C prints the parent's one
+    line, not every worker's traceback. The pool here runs its initializer and tasks in this process."""
+    started = []
+
+    class InlinePool:
+        def __init__(self, processes, initializer):
+            started.append(processes)
+            initializer()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def imap(self, function, tasks):
+            return map(function, tasks)
+
+    monkeypatch.setattr(world_data.multiprocessing, "get_context", lambda method: SimpleNamespace(Pool=InlinePool))
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        render_scene_set(range(2 * world_data._CHUNK), 16, workers=2)
+        assert started == [2] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_latent_rescaling_keeps_reconstructions_and_gives_unit_std():

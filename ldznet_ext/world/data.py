@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import zipfile
 from pathlib import Path
 from collections.abc import Iterable, Sequence
@@ -104,6 +105,12 @@ def default_workers() -> int:
     return max(1, min(16, cores))
 
 
+def _ignore_interrupts() -> None:
+    """A render worker's start: Ctrl-C reaches every process of the terminal, and the parent alone reports
+    it (the pool ends its workers); a worker would print its own traceback of the interrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def render_scene_set(seeds: Iterable[int], size: int = 128, workers: int | None = None,
                      progress: bool = False, domain: str | None = None) -> SceneSet:
     """Render scenes ``seeds`` at ``size`` px into a :class:`SceneSet`, all painted in ``domain``
@@ -125,7 +132,7 @@ def render_scene_set(seeds: Iterable[int], size: int = 128, workers: int | None 
             bar.update(len(task[0]))
     else:
         # spawn: forking a process that already runs torch's thread pools can deadlock.
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)), _ignore_interrupts) as pool:
             for part in pool.imap(_render_chunk, tasks):
                 parts.append(part)
                 bar.update(len(part[2]))
