@@ -268,6 +268,27 @@ def test_resume_gives_the_uninterrupted_result(backbone, tmp_path):
         other.resume()
 
 
+def test_resuming_a_finished_run_writes_its_head_again(backbone, tmp_path):
+    """docs/training.md: a resume writes the head again, also of a run that has no step left (its head
+    deleted, or replaced by a link to another file, which stays as it is)."""
+    source = open_source("world:train:4", size=SIZE)
+    config = _config(arch="ldznet", steps=2, warmup=1, log_every=2)
+    Trainer(backbone, source, config, tmp_path / "run").run(progress=False)
+    written = _weights(tmp_path / "run" / HEAD)
+    (tmp_path / "run" / HEAD).unlink()
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"another file")
+    for _ in range(2):  # missing, then a link to another file
+        resumed = Trainer(backbone, source, config, tmp_path / "run")
+        resumed.resume()
+        resumed.run(progress=False)
+        again = _weights(tmp_path / "run" / HEAD)
+        assert all(torch.equal(written[k], again[k]) for k in written)
+        (tmp_path / "run" / HEAD).unlink()
+        (tmp_path / "run" / HEAD).symlink_to(other)
+    assert other.read_bytes() == b"another file"
+
+
 def test_ctrl_c_while_writing_last_pt_keeps_the_previous_one_and_no_temporary(backbone, tmp_path, monkeypatch):
     source = open_source("world:train:4", size=SIZE)
     Trainer(backbone, source, _config(arch="ldznet", steps=2, warmup=1, log_every=2), tmp_path / "run").run(

@@ -465,6 +465,8 @@ class Trainer:
                                        "samples_per_second": round((self.step - first) * samples / seconds, 3)})
                     if self.step % self.config.save_every == 0 or self.step == self.config.steps:
                         self.save()
+                if self.step == first:  # a finished run resumed: its head is written again, as after a step
+                    self.save()
         finally:
             self.close_reader()
             if log is not None:
