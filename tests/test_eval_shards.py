@@ -279,6 +279,17 @@ def test_shard_option_counts_from_1_and_reads_the_old_first_shard(capsys):
         assert "ldznet eval: warning" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("table", [["--markdown", "t.md"], ["--table", "2"]])
+def test_a_shard_makes_no_table_and_says_so(ldznet, table, tmp_path, monkeypatch):
+    """A shard's results are of part of the data: its table is written after --merge, not silently never."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = ldznet("eval", "--data", "world:test:2", "--shard", "1/2", *table)
+    assert (code, out) == (2, "")
+    assert err.splitlines()[-1] == (f"ldznet eval: error: {table[0]} makes a table of the whole evaluation, and --shard 1/2 evaluates "
+                   "part of it: write each shard's --json, then ldznet eval --merge them with " + table[0])
+    assert not (tmp_path / "t.md").exists()
+
+
 def _write_report(path, results) -> str:
     path.write_text(json.dumps({"format": FORMAT, "version": VERSION, "results": results}))
     return str(path)

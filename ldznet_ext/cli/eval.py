@@ -136,6 +136,10 @@ def _run(args: argparse.Namespace) -> int:
                               "--merge evaluates nothing: it combines the results as they were made; drop "
                               f"{'it' if len(given) == 1 else 'them'} or --merge")
         return _report(merge_results([r for path in args.merge for r in read_results(path)]), args)
+    if args.shard[1] > 1 and (args.markdown or args.table):
+        flag = "--markdown" if args.markdown else "--table"
+        raise LdznetError(f"{flag} makes a table of the whole evaluation, and --shard {args.shard[0]}/{args.shard[1]} "
+                          f"evaluates part of it: write each shard's --json, then ldznet eval --merge them with {flag}")
     segmenter, loaded = segmenter_from_args(args, RefineSettings(enabled=False) if args.no_refine else None)
     source = open_source(args.data, size=args.size or segmenter.resolution, domain=args.domain)
     name = args.name or (Path(loaded["head"]).stem if loaded["head"] else "zero-shot")
