@@ -262,11 +262,22 @@ def test_bad_stages_are_refused(tmp_path):
         train_sd(tmp_path, SMOKE, stages=["vae", "unet", "head"])
     with pytest.raises(LdznetError, match="recipe 'full' has vae, unet"):
         train_sd(tmp_path, micro_recipe("full"), stages=["text"])
+    with pytest.raises(LdznetError, match=r"^stage vae given twice in \['vae', 'vae'\]; give each stage once$"):
+        train_sd(tmp_path, SMOKE, stages=["vae", "vae"])
     with pytest.raises(CheckpointError, match="vae_stage.safetensors not found: run stage vae first"):
         train_sd(tmp_path, SMOKE, stages=["unet"])
     (tmp_path / VAE_FILE).touch()
     with pytest.raises(CheckpointError, match="text_stage.safetensors not found: run stage text first"):
         train_sd(tmp_path, SMOKE, stages=["unet"])
+
+
+@pytest.mark.parametrize("option", [["--unet-steps", "5"], ["--unet-batch", "2"], ["--unet-min-snr-gamma", "5"],
+                                    ["--snapshot-every", "5"], ["--time-budget-s", "60"]])
+def test_stage_unet_options_without_stage_unet_are_refused(tmp_path, capsys, option):
+    assert main(["world", "train-sd", "-o", str(tmp_path), "--stages", "vae", *option, *SMOKE_ARGS]) == 2
+    assert capsys.readouterr().err == (f"ldznet world train-sd: error: {option[0]} sets stage unet, which --stages "
+                                       "vae does not run; drop it or add unet to --stages\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_contrastive_loss_is_clips_symmetric_cross_entropy():

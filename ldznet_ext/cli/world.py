@@ -105,6 +105,13 @@ def _run_train_sd(args: argparse.Namespace) -> int:
     from ..world.train_sd import UNetOptions, train_sd
 
     stages = None if args.stages is None else [s.strip() for s in args.stages.split(",") if s.strip()]
+    unet_options = {"--unet-steps": args.unet_steps, "--unet-batch": args.unet_batch,
+                    "--unet-min-snr-gamma": args.unet_min_snr_gamma, "--snapshot-every": args.snapshot_every,
+                    "--time-budget-s": args.time_budget_s}
+    given = next((flag for flag, value in unet_options.items() if value is not None), None)
+    if stages is not None and "unet" not in stages and given:
+        raise LdznetError(f"{given} sets stage unet, which --stages {','.join(stages)} does not run; drop it or add "
+                          "unet to --stages")
     recipe = micro_recipe(args.recipe).with_overrides(
         seed=args.seed, image_size=args.image_size, unet_steps=args.unet_steps, unet_batch=args.unet_batch,
         unet_min_snr_gamma=args.unet_min_snr_gamma)

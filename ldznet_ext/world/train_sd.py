@@ -464,6 +464,9 @@ def _checked_stages(out: Path, recipe: MicroRecipe, stages: Sequence[str] | None
     if not stages or any(s not in available for s in stages):
         raise LdznetError(f"unknown or no training stages {list(stages)}; recipe {recipe.name!r} has "
                           f"{', '.join(available)}")
+    twice = next((s for s in stages if stages.count(s) > 1), None)
+    if twice:
+        raise LdznetError(f"stage {twice} given twice in {list(stages)}; give each stage once")
     needs_text = "unet" in stages and "text" in available and "text" not in stages
     for stage, name, needed in (("vae", VAE_FILE, "vae" not in stages), ("text", TEXT_FILE, needs_text)):
         if needed and not (out / name).is_file():
