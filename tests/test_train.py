@@ -432,6 +432,8 @@ def test_a_truncated_foreign_or_tampered_last_pt_is_refused_in_one_line(backbone
         err = capsys.readouterr().err
         assert err.startswith(f"ldznet train: error: {tmp_path / name / CHECKPOINT}: ") and err.count("\n") == 1
         assert ("cannot resume from it" in err) or ("not a last.pt written by ldznet train" in err)
+        if name == "empty":
+            assert err.endswith(f"{CHECKPOINT}: cannot resume from it: the file is empty\n")
     assert not (tmp_path / "executed").exists()
     state = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
     for key, value in (("model", {"x": torch.zeros(1)}), ("rng", {"torch": ["x"]}), ("step", "abc"), ("ema", None),

@@ -85,6 +85,14 @@ CROSS_ATTENTION_PART = ".attn2."
 _RESUME_FREE = ("steps", "save_every", "log_every", "precision", "grad_checkpoint", "workers")
 
 
+def _reason(error: BaseException) -> str:
+    """An error of torch's reader as part of one line: its type when it says nothing (a KeyError's bare
+    key), at most 300 characters, and "..." where it is cut."""
+    text = " ".join(str(error).split())
+    text = f"{type(error).__name__}: {text}" if isinstance(error, KeyError) or not text else text
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
     """A run's ``last.pt`` as the dict :meth:`Trainer.save` wrote, read without executing pickled code
     (``weights_only``: tensors, containers and plain values only); CheckpointError naming ``path`` for
@@ -97,7 +105,9 @@ def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise CheckpointError(f"{path}: cannot resume from it: it holds Python objects other than tensors and plain "
                               "values, which are never loaded (loading them could run code)") from error
     except (OSError, RuntimeError, EOFError, ValueError) as error:
-        raise CheckpointError(f"{path}: cannot resume from it ({' '.join(str(error).split())[:300]})") from error
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise CheckpointError(f"{path}: cannot resume from it: the file is empty") from error
+        raise CheckpointError(f"{path}: cannot resume from it ({_reason(error)})") from error
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{path}: not a last.pt written by ldznet train (no settings in it)")
     return state
@@ -563,7 +573,7 @@ class Trainer:
             raise
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
             raise CheckpointError(f"{path}: cannot resume from it, its state does not fit this run "
-                                  f"({' '.join(str(error).split())[:300]})") from error
+                                  f"({_reason(error)})") from error
 
     def _restore(self, state: dict, positions: list | None) -> None:
         """Load the weights, optimiser, schedules, RNG states, step and data position of a read last.pt."""
