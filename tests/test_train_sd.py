@@ -102,6 +102,19 @@ def test_render_workers_leave_ctrl_c_to_the_parent(monkeypatch):
         signal.signal(signal.SIGINT, previous)
 
 
+def test_scenes_beyond_the_machines_memory_are_refused_before_rendering(monkeypatch, ldznet):
+    """world:train:1000000 rendered into memory for 15 minutes, then the kernel ended it without a word."""
+    monkeypatch.setattr(world_data, "physical_memory", lambda: 2**30)  # a 1 GiB machine
+    assert len(render_scene_set(range(2), 16, workers=1)) == 2
+    monkeypatch.setattr(world_data, "_render_chunk", lambda task: pytest.fail("rendered"))
+    with pytest.raises(LdznetError) as error:
+        render_scene_set(range(8193), 128, workers=1)
+    assert str(error.value) == ("8,193 scenes at 128 px take about 1.0 GiB of memory to render (they are held in "
+                                "memory), more than this machine's 1.0 GiB: use fewer scenes or a smaller size")
+    code, out, _ = ldznet("data", "summary", "world:train:1000000")
+    assert code == 1 and "INVALID: cannot open: 1,000,000 scenes at 128 px take about 122.1 GiB" in out
+
+
 def test_latent_rescaling_keeps_reconstructions_and_gives_unit_std():
     torch.manual_seed(0)
     vae = AutoencoderKL(MICRO_VAE).eval().requires_grad_(False)

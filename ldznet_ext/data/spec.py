@@ -5,7 +5,8 @@
 
 - ``world:SPLIT:N``: the first N scenes of a micro-world split (train, val, test; the seed ranges
   are fixed, see ``world.scenes.split_seeds``), rendered once at the requested size into memory
-  (about 65 KB a scene at 128 px), in parallel processes (so a script that opens one needs the
+  (about 65 KB a scene at 128 px, twice that while rendering; a set beyond the machine's memory is
+  refused before rendering), in parallel processes (so a script that opens one needs the
   ``if __name__ == "__main__":`` guard of multiprocessing); ``world:FILE.npz``: a saved scene set;
 - ``jsonl:PATH`` or ``PATH.jsonl``: a manifest, one JSON object a line, ``{"image": "a.png",
   "phrase": "red star", "mask": "a_red_star.png"}`` (a mask is any image, non-zero = inside) or

@@ -105,6 +105,25 @@ def default_workers() -> int:
     return max(1, min(16, cores))
 
 
+def physical_memory() -> int | None:
+    """This machine's memory in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_memory(count: int, size: int) -> None:
+    """LdznetError when ``count`` scenes at ``size`` px cannot be held in this machine's memory: a scene set
+    is rendered into memory (an RGB image and a label map per scene, and its chunks once more while they
+    are joined), and past the machine's memory the kernel ends the process without a word, hours in."""
+    needed, memory = 2 * count * size * size * 4, physical_memory()
+    if memory and needed > memory:
+        raise LdznetError(f"{count:,} scenes at {size} px take about {needed / 2**30:.1f} GiB of memory to render "
+                          f"(they are held in memory), more than this machine's {memory / 2**30:.1f} GiB: use fewer "
+                          "scenes or a smaller size")
+
+
 def _ignore_interrupts() -> None:
     """A render worker's start: Ctrl-C reaches every process of the terminal, and the parent alone reports
     it (the pool ends its workers); a worker would print its own traceback of the interrupt."""
@@ -122,6 +141,7 @@ def render_scene_set(seeds: Iterable[int], size: int = 128, workers: int | None 
     seeds = np.asarray(list(seeds), dtype=np.int64)
     if seeds.ndim != 1 or len(seeds) == 0:
         raise LdznetError(f"a scene set needs at least one seed, got {len(seeds)}")
+    _check_memory(len(seeds), size)
     workers = default_workers() if workers is None else workers
     tasks = [(seeds[i:i + _CHUNK].tolist(), size, domain) for i in range(0, len(seeds), _CHUNK)]
     bar = tqdm(total=len(seeds), desc=f"render {size} px", unit="scene", disable=not progress)
