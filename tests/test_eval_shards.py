@@ -290,6 +290,14 @@ def test_a_shard_makes_no_table_and_says_so(ldznet, table, tmp_path, monkeypatch
     assert not (tmp_path / "t.md").exists()
 
 
+@pytest.mark.parametrize("data", ["rows.jsonl", "jsonl:rows.jsonl", "world:scenes.npz"])
+def test_a_render_size_for_data_that_is_not_rendered_is_refused(ldznet, data):
+    code, out, err = ldznet("eval", "--data", data, "--size", "512")
+    assert (code, out) == (2, "")
+    assert err == (f"ldznet eval: error: --size is the size micro-world scenes are rendered at, and {data} is not "
+                   "rendered (world:SPLIT:N is): drop --size\n")
+
+
 def _write_report(path, results) -> str:
     path.write_text(json.dumps({"format": FORMAT, "version": VERSION, "results": results}))
     return str(path)

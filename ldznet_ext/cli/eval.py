@@ -136,6 +136,10 @@ def _run(args: argparse.Namespace) -> int:
                               "--merge evaluates nothing: it combines the results as they were made; drop "
                               f"{'it' if len(given) == 1 else 'them'} or --merge")
         return _report(merge_results([r for path in args.merge for r in read_results(path)]), args)
+    prefix, _, rest = args.data.partition(":")
+    if args.size is not None and (prefix != "world" or rest.endswith(".npz")):
+        raise LdznetError(f"--size is the size micro-world scenes are rendered at, and {args.data} is not rendered "
+                          "(world:SPLIT:N is): drop --size")
     if args.shard[1] > 1 and (args.markdown or args.table):
         flag = "--markdown" if args.markdown else "--table"
         raise LdznetError(f"{flag} makes a table of the whole evaluation, and --shard {args.shard[0]}/{args.shard[1]} "
