@@ -95,3 +95,12 @@ def test_config_numbers_in_decimal_keep_their_values(tmp_path) -> None:
     path = _written(tmp_path / "run.yaml", "steps: 017\nlr: 5e-7\nwarmup: +3\nseed: 0\n")
     assert read_config_file(path) == {"steps": 17, "lr": 5e-7, "warmup": 3, "seed": 0}
     assert read_config_file(_written(tmp_path / "run.json", json.dumps({"steps": 17}))) == {"steps": 17}
+
+
+def test_plateau_settings_without_the_plateau_schedule_are_refused() -> None:
+    from ldznet_ext.train.config import TrainConfig
+
+    assert TrainConfig(schedule="plateau", plateau_every=5).plateau_every == 5
+    with pytest.raises(LdznetError, match="^plateau_factor=0.25, plateau_every=5 set the plateau schedule, and the "
+                                          "schedule is 'constant': drop them or use schedule 'plateau'$"):
+        TrainConfig(schedule="constant", plateau_factor=0.25, plateau_every=5)

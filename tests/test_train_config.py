@@ -140,7 +140,7 @@ def test_flags_and_config_files_share_one_bound_per_field(tmp_path, capsys):
         TrainConfig(ema=1.0)
     with pytest.raises(LdznetError, match=r"^plateau_patience must be an integer in \[0, 10000\], got 100000$"):
         TrainConfig(plateau_patience=100_000)
-    assert TrainConfig(plateau_patience=0).plateau_patience == 0  # torch's patience 0: cut after every bad window
+    assert TrainConfig(schedule="plateau", plateau_patience=0).plateau_patience == 0  # torch's patience 0: cut after every bad window
 
 
 def test_a_run_folder_that_is_a_file_is_refused_before_the_model_loads(tmp_path, capsys):

@@ -115,6 +115,11 @@ class TrainConfig:
             raise LdznetError(f"sd_fusion={self.sd_fusion!r} is an LD-ZNet option; {self.arch} reads no SD features")
         for name, limit in FIELD_LIMITS.items():  # a config file is held to the flags' bounds (NaN too)
             limit.check(getattr(self, name), name)
+        plateau = [f"{name}={getattr(self, name)}" for name in ("plateau_factor", "plateau_patience", "plateau_every")
+                   if getattr(self, name) != _PLATEAU_DEFAULTS[name]]
+        if plateau and self.schedule != "plateau":
+            raise LdznetError(f"{', '.join(plateau)} set the plateau schedule, and the schedule is {self.schedule!r}: "
+                              "drop them or use schedule 'plateau'")
         if self.resolution % 64:
             raise LdznetError(f"resolution must be a multiple of 64, got {self.resolution}")
         if self.presence_weight > 0.0 and not (self.negatives or self.negative_prob):  # one class to learn
@@ -155,6 +160,10 @@ gradient checkpointing."""
 
 
 _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+_PLATEAU_DEFAULTS = {name: getattr(TrainConfig, name) for name in ("plateau_factor", "plateau_patience",
+                                                                     "plateau_every")}
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
