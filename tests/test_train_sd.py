@@ -115,6 +115,17 @@ def test_scenes_beyond_the_machines_memory_are_refused_before_rendering(monkeypa
     assert code == 1 and "INVALID: cannot open: 1,000,000 scenes at 128 px take about 122.1 GiB" in out
 
 
+def test_a_saved_set_that_unpacks_beyond_the_machines_memory_is_refused(monkeypatch, tmp_path):
+    """A 2 MB .npz of zeros declared 2.3 GB of scenes; np.load unpacked them before any check."""
+    path = tmp_path / "scenes.npz"
+    render_scene_set([3, 4], 16, workers=1).save(path)
+    assert len(SceneSet.load(path)) == 2
+    monkeypatch.setattr(world_data, "physical_memory", lambda: 1024)
+    with pytest.raises(LdznetError, match=f"^{path}: its arrays take 0.0 GiB of memory unpacked, more than this "
+                                          "machine's 0.0 GiB$"):
+        SceneSet.load(path)
+
+
 def test_latent_rescaling_keeps_reconstructions_and_gives_unit_std():
     torch.manual_seed(0)
     vae = AutoencoderKL(MICRO_VAE).eval().requires_grad_(False)

@@ -67,9 +67,16 @@ class SceneSet:
         try:
             if not zipfile.is_zipfile(path):  # else numpy reads it as a pickle and advises allow_pickle
                 raise ValueError("not an .npz archive")
+            with zipfile.ZipFile(path) as archive:  # what its arrays take once unpacked, as its directory says
+                unpacked, memory = sum(info.file_size for info in archive.infolist()), physical_memory()
+            if memory and unpacked > memory:  # a few MB of zeros unpack to any size
+                raise LdznetError(f"{path}: its arrays take {unpacked / 2**30:.1f} GiB of memory unpacked, more than "
+                                  f"this machine's {memory / 2**30:.1f} GiB")
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(data["meta"].tobytes().decode("utf-8"))
                 arrays = {k: data[k] for k in ("seeds", "images", "labels")}
+        except LdznetError:
+            raise
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
             raise LdznetError(f"{path}: not a scene set written by SceneSet.save ({error})") from error
         if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
