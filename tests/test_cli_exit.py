@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
@@ -79,6 +80,21 @@ def test_warnings_are_one_line_and_the_display_is_restored(ldznet, monkeypatch):
     assert ldznet("mask", "photo.png", "sky", "-o", "m.png") == (
         0, "", "ldznet mask: warning: prompt 'sky sky…' has 200 tokens but CLIP reads 75: dropped the last 125\n")
     assert warnings.showwarning is shown
+
+
+def test_log_warnings_are_one_line_of_the_command_too(ldznet, monkeypatch):
+    """The library logs what a host routes (a skipped example, a CUDA-graph fallback); the CLI shows each
+    as its own warnings, and removes its handler after the command."""
+    def log(args):
+        logging.getLogger("ldznet_ext.data").warning("skipping example %d: %s", 2, "2.png: file not found")
+        logging.getLogger("ldznet_ext.data").info("not shown")
+        return 0
+
+    monkeypatch.setattr(mask_cli, "_run_mask", log)
+    handlers = list(logging.getLogger("ldznet_ext").handlers)
+    assert ldznet("mask", "photo.png", "sky", "-o", "m.png") == (
+        0, "", "ldznet mask: warning: skipping example 2: 2.png: file not found\n")
+    assert logging.getLogger("ldznet_ext").handlers == handlers
 
 
 def test_a_folder_given_as_the_image_is_named(ldznet, tmp_path, monkeypatch):

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import signal
 import sys
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NoReturn
 
 from .. import __version__
@@ -102,6 +104,28 @@ def _on_interrupt(handler: object) -> object:
     return signal.signal(signal.SIGINT, handler)
 
 
+class _CommandWarnings(logging.Handler):
+    """The library's log warnings (a skipped example, a CUDA-graph fallback) as the command's own one-line
+    warnings; a host that imports the library routes its logger as it likes."""
+
+    def __init__(self, command: str):
+        super().__init__(logging.WARNING)
+        self.command = command
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"ldznet {self.command}: warning: {one_line(record.getMessage())}", file=sys.stderr)
+
+
+@contextmanager
+def _log_warnings(command: str) -> Iterator[None]:
+    logger, handler = logging.getLogger("ldznet_ext"), _CommandWarnings(command)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     previous = _on_interrupt(_end_at_once)
     try:
@@ -117,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _interrupt_command.seen = False
     previous = _on_interrupt(_interrupt_command)
     try:
-        with warnings.catch_warnings():  # restores the caller's warning display when main returns
+        with warnings.catch_warnings(), _log_warnings(command):  # both restore the caller's display at the end
             warnings.showwarning = lambda message, *_, **__: print(
                 f"ldznet {command}: warning: {one_line(message)}", file=sys.stderr)
             with folders_removed_on_failure():  # a failed command leaves no empty output folder behind

@@ -493,9 +493,9 @@ class Trainer:
             return
         absent = round(distributed.mean_over_ranks([float(self.absent_drawn)], self.device)[0] * self.world_size)
         if not absent and self.is_main:
-            print(f"warning: no absent phrase in the first {PRESENCE_CHECK_STEPS} steps' samples: the presence "
-                  f"output learns that every phrase is present; {self.source.description} names no absent phrase, "
-                  "sample some with --negative-prob (CLIPSeg used 0.2)", file=sys.stderr)
+            warnings.warn(f"no absent phrase in the first {PRESENCE_CHECK_STEPS} steps' samples: the presence "
+                          f"output learns that every phrase is present; {self.source.description} names no absent "
+                          "phrase, sample some with --negative-prob (CLIPSeg used 0.2)", UserWarning, stacklevel=2)
 
     @property
     def recent_loss(self) -> float:
@@ -563,8 +563,8 @@ class Trainer:
             positions = data.get("positions")  # absent from an older version's last.pt: the data order restarts
             if self.is_main and (positions is None or data.get("world_size", 1) != self.world_size):
                 written = "without data positions" if positions is None else f"by {data['world_size']} process(es)"
-                print(f"warning: {path} was written {written}, resuming with {self.world_size} process(es): "
-                      "the data order differs from the uninterrupted run's", file=sys.stderr)
+                warnings.warn(f"{path} was written {written}, resuming with {self.world_size} process(es): the data "
+                              "order differs from the uninterrupted run's", UserWarning, stacklevel=2)
             self._restore(state, positions)
             if self.step > self.config.steps:
                 raise LdznetError(f"{path}: the run is at step {self.step}, past --steps {self.config.steps}; give "
