@@ -83,7 +83,7 @@ class Limit:
         if not self.accepts(value):  # 0.99999999999999999 is read as 1.0: say so, or the text looks in range
             read = "" if _exactly(text, value) else f" (read as {value!r})"
             raise ValueError(f"expected {self.describe()}, got {text}{read}")
-        return value
+        return value + 0 if value == 0 else value  # "-0" is 0: a report would print "t = -0"
 
 
 def _exactly(text: str, value: int | float) -> bool:

@@ -4,6 +4,7 @@ library's settings objects refuse the same values with the same words (``ldznet_
 from __future__ import annotations
 
 import argparse
+import math
 
 import pytest
 import torch
@@ -132,6 +133,7 @@ def test_limit_describes_and_checks():
     assert not Limit(float, 0, 2).accepts(True) and Limit(float, 0, 2).accepts(2)
     with pytest.raises(ValueError, match=r"expected an integer in \[0, 2\], got '1.5'"):
         Limit(int, 0, 2).parse("1.5")
+    assert math.copysign(1, THRESHOLD.parse("-0")) == 1  # a report prints t = 0, not t = -0
     with pytest.raises(LdznetError) as error:  # a client's value may be megabytes: quoted shortened, one line
         Limit(float, 0, 1).check("x" * 5000 + "\n", "threshold")
     assert str(error.value) == f"threshold must be a number in [0, 1], got '{'x' * 12}...{'x' * 11}\\n'"

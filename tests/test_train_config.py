@@ -94,7 +94,7 @@ def test_train_command_with_config_file(tiny_model_files, tmp_path, capsys):
     assert main([*common, "--config", str(config), "--steps", "1", "--lr", "3e-4"]) == 0
     saved = torch.load(run / CHECKPOINT, weights_only=True)["config"]
     assert (saved["arch"], saved["steps"], saved["lr"], saved["batch_size"]) == ("znet", 1, 3e-4, 2)
-    assert "znet head, 1 steps on world:train:2 with 1 process(es)" in capsys.readouterr().out
+    assert "znet head, 1 step on world:train:2 with 1 process(es)" in capsys.readouterr().out
     config.write_text("steps: 2\n")  # a resumed run takes its saved settings, then the file, then the flags
     assert main([*common, "--resume", "--config", str(config)]) == 0
     assert read_metadata(run / HEAD)["training"]["steps"] == 2

@@ -99,7 +99,8 @@ def train(args: argparse.Namespace) -> Trainer:
 def _run(args: argparse.Namespace) -> int:
     trainer = train(args)
     if trainer.is_main:
-        print(f"{Path(args.output) / HEAD}: {trainer.config.arch} head, {trainer.step} steps on "
+        steps = f"{trainer.step} step{'s' * (trainer.step != 1)}"
+        print(f"{Path(args.output) / HEAD}: {trainer.config.arch} head, {steps} on "
               f"{trainer.source.description} with {trainer.world_size} process(es), loss {trainer.recent_loss:.4f}")
     return 0
 
