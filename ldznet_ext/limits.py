@@ -206,7 +206,7 @@ BOUNDARY_TOLERANCE = Limit(float, 0, 64, low_open=True)  # pixels
 SAMPLE_PIXELS = Limit(int, 0, PIXELS.high)
 SAMPLE_KEY = Limit(int, 0, 2**63 - 1)
 EXAMPLE_COUNT = Limit(int, 0, EXAMPLES.high)
-SECONDS = Limit(float, 0)
+SECONDS = Limit(float, 0, 1e9)  # an evaluation's seconds: about 32 years (1e308 printed 'inf ms per mask')
 STEPS = Limit(int, 1, MAX_STEPS)
 STEP_INTERVAL = Limit(int, 1, MAX_STEPS)
 WARMUP = Limit(int, 0, MAX_STEPS)

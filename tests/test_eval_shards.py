@@ -339,8 +339,9 @@ def _crafted(*fields) -> dict:
     ([("examples", 10**30)], "'examples' must be an integer in [0, 100000000], got 10000000"),
     ([("examples", -1)], "'examples' must be an integer in [0, 100000000], got -1"),
     ([("examples", 0)], "'examples' must count at least the 1 examples its records score, got 0"),
-    ([("seconds", -1)], "'seconds' must be a number >= 0, got -1"),
-    ([("seconds", "fast")], "'seconds' must be a number >= 0, got 'fast'"),
+    ([("seconds", -1)], "'seconds' must be a number in [0, 1000000000], got -1"),
+    ([("seconds", "fast")], "'seconds' must be a number in [0, 1000000000], got 'fast'"),
+    ([("seconds", 1e308)], "'seconds' must be a number in [0, 1000000000], got 1e+308"),  # printed 'inf ms per mask'
     ([("shard", [3, 2])], "'shard' must be [K, N] with 1 <= K <= N <= 100000000, got [3, 2]"),
     ([("shard", [1, 10**30])], "'shard' must be [K, N] with 1 <= K <= N <= 100000000, got [1, 1000000"),
     ([("name", 5)], "'name' must be a string, got 5"),

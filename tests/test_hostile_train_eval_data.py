@@ -104,3 +104,15 @@ def test_plateau_settings_without_the_plateau_schedule_are_refused() -> None:
     with pytest.raises(LdznetError, match="^plateau_factor=0.25, plateau_every=5 set the plateau schedule, and the "
                                           "schedule is 'constant': drop them or use schedule 'plateau'$"):
         TrainConfig(schedule="constant", plateau_factor=0.25, plateau_every=5)
+
+
+@pytest.mark.parametrize("version", [True, 2.0, "2"])
+def test_a_result_file_version_must_be_an_integer(ldznet, tmp_path, version) -> None:
+    from ldznet_ext.eval.evaluate import FORMAT
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"format": FORMAT, "version": version, "results": []}))
+    code, out, err = ldznet("eval", "--merge", path)
+    assert (code, out) == (2, "")
+    assert err == f"ldznet eval: error: {path}: eval result version {version}, this ldznet reads 1, 2\n"
+

@@ -70,7 +70,7 @@ def read_results(path: str) -> list[EvalResult]:
     if not isinstance(report, dict) or report.get("format") != FORMAT:
         raise LdznetError(f"{path}: not written by ldznet eval --json (no \"format\": \"{FORMAT}\")")
     version = report.get("version")
-    if version not in READABLE_VERSIONS:
+    if type(version) is not int or version not in READABLE_VERSIONS:  # true == 1 and 2.0 == 2 in Python
         raise LdznetError(f"{path}: eval result version {version}, this ldznet reads "
                           f"{', '.join(map(str, READABLE_VERSIONS))}")
     results = report.get("results", [])
