@@ -199,7 +199,7 @@ def test_a_head_trains_on_a_checkpoint_without_a_vae_given_its_vae_file(ldznet, 
     run = tmp_path / "run"
     code, out, err = ldznet("train", "--arch", "znet", "--model", files["no-vae"], "--vae", files["ldm"], "--data",
                             "world:train:2", "-o", run, "--resolution", 64, "--batch-size", 2, "--steps", 1)
-    assert (code, err) == (0, "") and "znet head, 1 steps" in out
+    assert (code, err) == (0, "") and "znet head, 1 step" in out
     assert read_metadata(run / "head.safetensors")["training"]["sd_model"] == "no-vae.safetensors (VAE vae.safetensors)"
     code, _, err = ldznet("train", "--arch", "znet", "--model", files["no-vae"], "--data", "world:train:2", "-o",
                           tmp_path / "run2", "--resolution", 64, "--batch-size", 2, "--steps", 1)
