@@ -133,7 +133,7 @@ def test_merge_refuses_incomplete_or_mixed_shards():
         SegmentationMetrics.merge([a, b])
 
 
-def test_unreadable_examples_are_skipped_and_listed(tmp_path):
+def test_unreadable_examples_are_skipped_and_listed(tmp_path, capsys):
     Image.fromarray(np.full((4, 4, 3), 50, np.uint8)).save(tmp_path / "good.png")
     (tmp_path / "bad.png").write_bytes(b"not a png")
     rows = [{"image": "bad.png", "phrase": "x", "polygons": [[0, 0, 2, 0, 2, 2]]},
@@ -145,6 +145,19 @@ def test_unreadable_examples_are_skipped_and_listed(tmp_path):
     result = evaluate(Noisy([source[1]]), source, progress=False, workers=2)
     assert result.examples == 1 and len(result.metrics) == 1
     assert [i for i, _ in result.skipped] == [0] and str(tmp_path / "bad.png") in result.skipped[0][1]
+    report = {"format": FORMAT, "version": VERSION, "table": None, "results": [result.to_dict()]}
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    assert main(["eval", "--merge", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "1 masks of 1 examples (1 unreadable, skipped)" in out
+    assert f"\n  unreadable example 0: {result.skipped[0][1]}\n" in out  # named, not only counted
+    report["results"][0]["skipped"] = [[i, f"reason {i}"] for i in range(5)]
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    assert main(["eval", "--merge", str(tmp_path / "r.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[lines.index("  unreadable example 0: reason 0"):][:4] == [
+        "  unreadable example 0: reason 0", "  unreadable example 1: reason 1", "  unreadable example 2: reason 2",
+        "  and 2 more (every one in the --json result's 'skipped')"]
 
 
 def test_square_protocol_scores_binary_iou_on_the_original_mask():

@@ -64,6 +64,10 @@ EARLIER_RESULT = re.compile(r'\s*\{\s*"format"\s*:\s*"' + FORMAT + '"')
 """How a result that ``_report`` wrote begins (its first key is the format): only such a file is replaced."""
 
 
+SKIPPED_SHOWN = 3
+"""Unreadable examples a report names (a data set with thousands of them would bury the table)."""
+
+
 def read_results(path: str) -> list[EvalResult]:
     """The results in an ``ldznet eval --json`` file."""
     report = read_json(path, "an eval result")
@@ -90,6 +94,10 @@ def _report(results: list[EvalResult], args: argparse.Namespace) -> int:
                   f"{f' ({len(r.skipped)} unreadable, skipped)' if r.skipped else ''}; best mIoU at t = "
                   f"{s.miou_threshold:.2f}, IoU_FG at t = {s.iou_fg_threshold:.2f}; mean/cum IoU at t = "
                   f"{s.binary_threshold:g}; {r.ms_per_mask:.1f} ms per mask")
+            for index, reason in r.skipped[:SKIPPED_SHOWN]:
+                print(f"  unreadable example {index}: {reason}")
+            if len(r.skipped) > SKIPPED_SHOWN:
+                print(f"  and {len(r.skipped) - SKIPPED_SHOWN} more (every one in the --json result's 'skipped')")
             if r.include_absent:
                 a = r.absent_summary
                 print(f"absent phrases{' (presence decided)' if r.presence else ''}: {a.absent_empty} of {a.absent} "
