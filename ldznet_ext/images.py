@@ -168,7 +168,7 @@ def _check_size(width: int, height: int, max_pixels: int, name: str) -> None:
         raise ImageError(f"{name}: empty image ({width}x{height})")
     if width * height > max_pixels:
         raise ImageError(f"{name}: {width}x{height} = {width * height:,} pixels is over the limit of "
-                         f"{max_pixels:,}; downscale it or raise the pixel limit")
+                         f"{max_pixels:,}; downscale it, or raise the limit (mask and batch: --max-pixels)")
 
 
 def _array_to_rgb(array: np.ndarray, max_pixels: int) -> np.ndarray:

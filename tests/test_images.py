@@ -184,7 +184,8 @@ def test_an_image_of_exactly_the_pixel_limit_loads():
     image = random_image(10, 10, seed=5)
     assert np.array_equal(load_image(image, max_pixels=100), image)
     assert np.array_equal(load_image(_encoded("PNG"), max_pixels=12 * 16), random_image(12, 16, seed=1))
-    with pytest.raises(ImageError, match="10x10 = 100 pixels is over the limit of 99"):
+    with pytest.raises(ImageError, match=r"10x10 = 100 pixels is over the limit of 99; downscale it, or raise the "
+                                         r"limit \(mask and batch: --max-pixels\)$"):
         load_image(image, max_pixels=99)
 
 
