@@ -115,8 +115,8 @@ class TrainConfig:
             raise LdznetError(f"sd_fusion={self.sd_fusion!r} is an LD-ZNet option; {self.arch} reads no SD features")
         for name, limit in FIELD_LIMITS.items():  # a config file is held to the flags' bounds (NaN too)
             limit.check(getattr(self, name), name)
-        plateau = [f"{name}={getattr(self, name)}" for name in ("plateau_factor", "plateau_patience", "plateau_every")
-                   if getattr(self, name) != _PLATEAU_DEFAULTS[name]]
+        plateau = [f"{name}={getattr(self, name)}" for name, default in _PLATEAU_DEFAULTS.items()
+                   if getattr(self, name) != default]
         if plateau and self.schedule != "plateau":
             raise LdznetError(f"{', '.join(plateau)} set the plateau schedule, and the schedule is {self.schedule!r}: "
                               "drop them or use schedule 'plateau'")
