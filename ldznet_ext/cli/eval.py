@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from ..data.files import read_json
-from ..data.spec import open_source, spec_file
+from ..data.spec import open_source, renders_scenes, spec_file
 from ..errors import LdznetError
 from ..eval.evaluate import FORMAT, READABLE_VERSIONS, VERSION, EvalResult, evaluate, merge_results
 from ..eval.tables import EARLIER_TABLE, TABLES, build_table, default_table, markdown_table
@@ -144,8 +144,7 @@ def _run(args: argparse.Namespace) -> int:
                               "--merge evaluates nothing: it combines the results as they were made; drop "
                               f"{'it' if len(given) == 1 else 'them'} or --merge")
         return _report(merge_results([r for path in args.merge for r in read_results(path)]), args)
-    prefix, _, rest = args.data.partition(":")
-    if args.size is not None and (prefix != "world" or rest.endswith(".npz")):
+    if args.size is not None and renders_scenes(args.data) is False:
         raise LdznetError(f"--size is the size micro-world scenes are rendered at, and {args.data} is not rendered "
                           "(world:SPLIT:N is): drop --size")
     if args.shard[1] > 1 and (args.markdown or args.table):

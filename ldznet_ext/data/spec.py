@@ -125,6 +125,16 @@ def spec_file(spec: str) -> Path | None:
     return None
 
 
+def renders_scenes(spec: str) -> bool | None:
+    """Whether opening ``spec`` renders micro-world scenes (world:SPLIT:N, the one source a render size
+    applies to); None for text that is not a spec (opening it says why)."""
+    try:
+        prefix, argument, _ = parse_spec(spec)
+    except LdznetError:
+        return None
+    return prefix == "world" and not argument.endswith(".npz")
+
+
 def open_source(spec: str, size: int = 128, domain: str | None = None) -> Source:
     """Open a data source from its spec (see the module docstring); ``size`` is the render size of
     sources that render (the world), ``domain`` a micro-world domain."""
