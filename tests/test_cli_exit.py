@@ -64,6 +64,28 @@ def test_a_missing_command_is_one_line(ldznet, args, line):
     assert ldznet(*args) == (2, "", line + "\n")
 
 
+@pytest.mark.parametrize("args, line", [
+    (("mask", "photo.png", "cat", "-o", "a.png", "-o", "b.png"),
+     "ldznet mask: error: argument -o/--output: given twice ('a.png', then 'b.png'); give it once"),
+    (("mask", "photo.png", "cat", "-o", "a.png", "--threshold", "0.3", "--threshold", "0.6"),
+     "ldznet mask: error: argument --threshold: given twice ('0.3', then '0.6'); give it once"),
+    (("world", "sample", "--seed", "1", "--seed", "2", "-o", "s.png"),
+     "ldznet world sample: error: argument --seed: given twice ('1', then '2'); give it once"),
+])
+def test_an_option_given_twice_with_two_values_is_refused(ldznet, monkeypatch, tmp_path, args, line):
+    """argparse keeps the last value without a word: `mask -o a.png -o b.png` wrote b.png alone."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mask_cli, "_run_mask", _raising(AssertionError("ran")))
+    assert ldznet(*args) == (2, "", line + "\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_option_repeated_with_its_value_is_one_option(ldznet, monkeypatch):
+    monkeypatch.setattr(mask_cli, "_run_mask", lambda args: print(args.output, args.threshold))
+    assert ldznet("mask", "photo.png", "cat", "-o", "a.png", "-o", "a.png", "--threshold", "0.5",
+                  "--threshold", "0.50") == (0, "a.png 0.5\n", "")
+
+
 def test_the_docstring_states_the_statuses():
     assert "0 done, 1 a system error (OSError, out of memory), 2 bad input" in " ".join(cli.__doc__.split())
     assert "130 interrupted" in cli.__doc__

@@ -42,9 +42,41 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+def _given_once(action_class: type[argparse.Action]) -> type[argparse.Action]:
+    """``action_class`` refusing a second, different value for its destination in one command line:
+    argparse keeps the last one without a word (``-o a.png -o b.png`` wrote b.png alone)."""
+
+    class GivenOnce(action_class):
+        def __call__(self, parser, namespace, values, option_string=None):
+            value = self.const if self.nargs == 0 else values
+            given = parser.given_values
+            if self.dest in given and given[self.dest] != value:
+                raise argparse.ArgumentError(
+                    self, f"given twice ('{given[self.dest]}', then '{value}'); give it once")
+            given[self.dest] = value
+            super().__call__(parser, namespace, values, option_string)
+
+    GivenOnce.__name__ = f"GivenOnce{action_class.__name__}"
+    return GivenOnce
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse's parser, its usage errors one line as every other error of the CLI: the usage block it
-    prints first is what --help gives (sub-command parsers are of the same class)."""
+    prints first is what --help gives (sub-command parsers are of the same class). An option that takes
+    one value is refused when a command line gives it twice with different values."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.given_values: dict[str, object] = {}
+        for name, action_class in (("store", argparse._StoreAction), ("store_const", argparse._StoreConstAction),
+                                   ("store_true", argparse._StoreTrueAction),
+                                   ("store_false", argparse._StoreFalseAction)):
+            self.register("action", name, _given_once(action_class))
+        self.register("action", None, self._registry_get("action", "store"))
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.given_values = {}
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
         hint = f" (see {self.prog} --help)" if message.startswith("the following arguments are required") else ""
