@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .errors import CheckpointError
+from .errors import CheckpointError, special_file_kind
 from .outputs import replacing
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -167,14 +167,14 @@ def _format_by_content(path: Path) -> str | None:
 
 def readable_file(path: str | os.PathLike, what: str = "checkpoint", expected: str = SINGLE_FILE) -> Path:
     """``path`` once it is known to be a readable regular file; CheckpointError saying what it is
-    otherwise (missing, a folder, not a regular file, unreadable). ``expected`` ends the folder message."""
+    otherwise (missing, a folder, a pipe or device, unreadable). ``expected`` ends the folder message."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{what} {path} is a folder; expected {expected}")
     if not path.exists():
         raise CheckpointError(f"{what} not found: {path}")
-    if not path.is_file():  # a FIFO or device: opening it could block or never end
-        raise CheckpointError(f"{what} {path} is not a regular file; expected {expected}")
+    if kind := special_file_kind(path):
+        raise CheckpointError(f"{what} {path} is {kind}, not a file; expected {expected}")
     try:
         with open(path, "rb"):
             pass

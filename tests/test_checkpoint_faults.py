@@ -298,7 +298,7 @@ def test_a_named_pipe_is_not_opened(tmp_path, ldznet):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-    _one_line_error(result, "info", f"checkpoint {pipe} is not a regular file; expected {FOLDER_EXPECTED}")
+    _one_line_error(result, "info", f"checkpoint {pipe} is a pipe, not a file; expected {FOLDER_EXPECTED}")
 
 
 # ---------------------------------------------------------------- convert given the wrong file
