@@ -18,13 +18,15 @@ from ldznet_ext.checkpoint_io import read_metadata, read_state_dict
 from ldznet_ext.cli import main
 from ldznet_ext.defaults import default_model_paths
 from ldznet_ext.errors import CheckpointError, LdznetError
-from ldznet_ext.sd.checkpoint import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, classify, load_stable_diffusion
+from ldznet_ext.sd.checkpoint import (TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, classify, load_stable_diffusion,
+                                      save_stable_diffusion)
 from ldznet_ext.sd.vae import SCALE_FACTOR, AutoencoderKL
 from ldznet_ext.world import data as world_data
 from ldznet_ext.world.data import SceneSet, render_scene_set
 from ldznet_ext.sd.text import TextEncoder
 from ldznet_ext.sd.tokenizer import tokenize
-from ldznet_ext.world.micro import MICRO_TEXT, MICRO_UNET, MICRO_VAE, micro_recipe, micro_text_config
+from ldznet_ext.world import train_sd as train_sd_module
+from ldznet_ext.world.micro import MICRO_TEXT, MICRO_UNET, MICRO_VAE, build_micro_sd, micro_recipe, micro_text_config
 from ldznet_ext.world.scenes import make_scene
 from ldznet_ext.train.schedule import lr_factor
 from ldznet_ext.world.train_sd import (GRID_FILE, LOG_FILE, SD_FILE, SNAPSHOT_DIR, TEXT_FILE, VAE_FILE, WORLD_VOCABULARY,
@@ -370,3 +372,27 @@ def test_a_folder_of_files_no_run_wrote_is_refused_and_kept(tmp_path, files):
         assert str(error.value) == (f"{tmp_path}: holds {first}, which no earlier `ldznet world train-sd` run wrote "
                                     f"(there is no {LOG_FILE}); give another output folder or move it away")
     assert all((tmp_path / name).read_bytes() == content for name, content in files.items())
+
+
+def test_snapshots_that_would_not_fit_on_the_disk_are_refused_before_rendering(tmp_path, capsys, monkeypatch):
+    """--snapshot-every 1 over 2,000 steps writes 28 GB, one 14 MB micro SD a step: the run filled the disk
+    hours in. The snapshots' size is compared with the free space before any scene is rendered."""
+    one = train_sd_module.snapshot_bytes()
+    save_stable_diffusion(build_micro_sd(), tmp_path / "snapshot.safetensors", dtype=torch.float16)
+    assert one <= (tmp_path / "snapshot.safetensors").stat().st_size <= 1.02 * one
+    free = 3 * one + 1  # room for three snapshots
+
+    def render(*args, **kwargs):
+        raise RuntimeError("rendering")
+
+    monkeypatch.setattr(train_sd_module.shutil, "disk_usage", lambda path: SimpleNamespace(free=free))
+    monkeypatch.setattr(train_sd_module, "render_scene_set", render)
+    out = tmp_path / "run"
+    args = ["world", "train-sd", "-o", str(out), "--unet-steps", "8", *SMOKE_ARGS]
+    assert main([*args, "--snapshot-every", "2"]) == 2  # four snapshots
+    assert capsys.readouterr().err == (
+        f"ldznet world train-sd: error: snapshots every 2 steps: 4 files of {one / 1e6:.1f} MB, "
+        f"{4 * one / 1e9:.2f} GB in all, and {out} has {free / 1e9:.2f} GB free; snapshot less often\n")
+    assert not out.exists()
+    with pytest.raises(RuntimeError, match="rendering"):  # two fit: the run goes on to render
+        main([*args, "--snapshot-every", "3"])

@@ -183,7 +183,8 @@ def _add_train_sd(sub: argparse._SubParsersAction) -> None:
                         "plain eps MSE; Hang et al. use 5)")
     p.add_argument("--snapshot-every", type=bounded_number(STEP_INTERVAL), metavar="K",
                    help="write the EMA weights every K steps of stage unet as "
-                        "DIR/snapshots/micro-sd-v1-stepNNNNNN.safetensors")
+                        "DIR/snapshots/micro-sd-v1-stepNNNNNN.safetensors (14 MB each; refused before the run "
+                        "when they would not fit on the disk)")
     p.add_argument("--time-budget-s", type=bounded_number(TIME_BUDGET), metavar="S",
                    help="stop stage unet after the step that ends S seconds after the run's start "
                         "(the final file and probes are still written)")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -490,6 +491,26 @@ def _check_earlier_run(out: Path, stages: Sequence[str]) -> None:
                           f"{LOG_FILE}); give another output folder or move it away")
 
 
+def snapshot_bytes() -> int:
+    """About the size of one snapshot file: a micro SD v1's tensors in fp16 (the file's header adds about 1 %)."""
+    with torch.device("meta"):
+        parts = (UNetModel(MICRO_UNET), AutoencoderKL(MICRO_VAE), TextEncoder.from_config(micro_text_config()))
+    return 2 * sum(tensor.numel() for part in parts for tensor in part.state_dict().values())
+
+
+def _check_snapshot_space(out: Path, recipe: MicroRecipe, options: UNetOptions) -> None:
+    """LdznetError when stage unet's snapshots would not fit in the free space of ``out``'s disk, which they
+    would fill hours into the run (each is a whole micro SD)."""
+    if options.snapshot_every <= 0:
+        return
+    count, one = recipe.unet_steps // options.snapshot_every, snapshot_bytes()
+    free = shutil.disk_usage(out).free
+    if count * one > free:
+        raise LdznetError(f"snapshots every {options.snapshot_every} steps: {count} files of {one / 1e6:.1f} MB, "
+                          f"{count * one / 1e9:.2f} GB in all, and {out} has {free / 1e9:.2f} GB free; "
+                          "snapshot less often")
+
+
 def _check_not_written(model: Path, out: Path) -> None:
     """LdznetError when a run into ``out`` would write over ``model``, the file it starts from: the final
     model, a stage file, the log or the grid (``outputs.check_outputs``), or a snapshot (every file of
@@ -538,6 +559,8 @@ def train_sd(out: Path, recipe: MicroRecipe, device: str | torch.device = "cpu",
     device = torch.device(device)
     amp = {stage: stage_dtype(device, dtype, stage) for stage in recipe_stages(recipe)}
     writable_folder(out)  # after every argument check, before the rendering
+    if "unet" in stages:
+        _check_snapshot_space(out, recipe, options)
     start = time.perf_counter()
     deadline = None if options.time_budget_s is None else start + options.time_budget_s
     log = StageLog(out / LOG_FILE, {"recipe": recipe.to_dict(), "device": str(device), "platform": platform_record(),
