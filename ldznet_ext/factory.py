@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .backbones.base import Backbone
+from .backbones.base import Backbone, is_backbone
 from .errors import CheckpointError, LdznetError
 from .images import type_name
 from .modeling.build import HeadConfig
@@ -104,7 +104,7 @@ def build_segmenter(backbone: Backbone, head: nn.Module | None = None, head_conf
     segmenter's errors call the models."""
     if (head is None) != (head_config is None):
         raise LdznetError("pass both head and head_config, or neither for zero-shot masks")
-    if not isinstance(backbone, Backbone):
+    if not is_backbone(backbone):
         raise LdznetError(f"backbone must be a loaded model (a Backbone, e.g. load_stable_diffusion's), got "
                           f"{type_name(backbone)}")
     if not isinstance(settings, ModelSettings):

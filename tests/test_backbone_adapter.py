@@ -11,7 +11,7 @@ import torch
 from fixtures_models import random_image
 from torch import Tensor
 
-from ldznet_ext.backbones.base import LDZNET_BLOCKS, Backbone, Conditioning, UNetLayout, ldm_layout
+from ldznet_ext.backbones.base import LDZNET_BLOCKS, Backbone, Conditioning, UNetLayout, is_backbone, ldm_layout
 from ldznet_ext.segmenter import Segmenter, SegmenterSettings
 from ldznet_ext.zeroshot import ZeroShotSettings
 
@@ -65,7 +65,7 @@ def _maps(backbone, head, settings) -> list[dict[str, Tensor]]:
 def test_an_adapter_with_pooled_conditioning_runs_through_the_segmenter(kind, tiny_sd, tiny_head):
     head, settings = (tiny_head, HEAD) if kind == "head" else (None, ZERO_SHOT)
     toy = PooledBackbone(tiny_sd, weight=0.0)
-    assert isinstance(toy, Backbone)
+    assert is_backbone(toy)
     reference, silent = _maps(tiny_sd, head, settings), _maps(toy, head, settings)
     assert toy.calls == (1 if kind == "head" else 2)  # one batched call per draw, through the toy
     for expected, got in zip(reference, silent):  # a pooled vector of weight 0: our SD v1's maps exactly
@@ -94,3 +94,25 @@ def test_the_ldm_layout_names_each_transformer_and_its_resolution(tiny_sd):
     assert layout.sites[0].cross_attention is tiny_sd.unet.input_blocks[1][1].transformer_blocks[0].attn2
     with pytest.raises(TypeError, match="Linear is not an ldm-layout UNet"):
         ldm_layout(torch.nn.Linear(2, 2))
+
+
+class _ModuleMembers:
+    """Members found only by a dynamic lookup, as a torch module's submodules are (``nn.Module.__getattr__``)."""
+
+    def __init__(self, absent: str = ""):
+        self.absent = absent
+
+    def __getattr__(self, name: str):
+        if name in ("device", "downsample_factor", "dtype", "encode_image", "encode_text", "layout",
+                    "predict_noise", "schedule", "unet") and name != self.absent:
+            return None
+        raise AttributeError(name)
+
+
+def test_a_backbone_is_told_by_its_members_as_the_model_provides_them():
+    """From Python 3.12 on, a runtime-checkable protocol's isinstance looks members up statically and
+    misses a torch module's submodules: every model (its ``unet`` is a submodule) was refused there."""
+    assert is_backbone(_ModuleMembers())
+    assert not is_backbone(_ModuleMembers(absent="unet")) and not is_backbone(object())
+    with pytest.raises(TypeError):  # the protocol is not runtime-checkable: the static check cannot come back
+        isinstance(_ModuleMembers(), Backbone)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import randomize_
 from fixtures_models import TINY_VAE8, random_image
-from ldznet_ext.backbones.base import Backbone
+from ldznet_ext.backbones.base import is_backbone
 from ldznet_ext.backbones.family import UNET_PREFIX, VAE_PREFIX
 from ldznet_ext.checkpoint_io import write_safetensors
 from ldznet_ext.errors import CheckpointError
@@ -97,7 +97,7 @@ def test_vit_h_context_matches_transformers() -> None:
 
 def test_loads_every_weight_and_meets_the_backbone_protocol(sd2_file) -> None:
     model = load_stable_diffusion(sd2_file, zero_shot=True)
-    assert isinstance(model, StableDiffusion2) and isinstance(model, Backbone)
+    assert isinstance(model, StableDiffusion2) and is_backbone(model)
     assert (model.scale_factor, model.downsample_factor) == (0.18215, 8)
     state = tiny_sd2_state()
     loaded = {UNET_PREFIX + k: v for k, v in model.unet.state_dict().items()}

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import randomize_
 from fixtures_models import image_file, random_image  # noqa: F401  (pytest fixture)
-from ldznet_ext.backbones.base import Backbone
+from ldznet_ext.backbones.base import is_backbone
 from ldznet_ext.backbones.family import UNET_PREFIX, VAE_PREFIX
 from ldznet_ext.checkpoint_io import write_safetensors
 from ldznet_ext.errors import CheckpointError
@@ -59,7 +59,7 @@ def sdxl_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_loads_every_weight_and_meets_the_backbone_protocol(sdxl_file) -> None:
     model = load_stable_diffusion(sdxl_file, zero_shot=True)
-    assert isinstance(model, StableDiffusionXL) and isinstance(model, Backbone)
+    assert isinstance(model, StableDiffusionXL) and is_backbone(model)
     assert (model.prediction, model.scale_factor, model.size_dim) == ("eps", 0.13025, 8)
     state = tiny_sdxl_state()
     loaded = {UNET_PREFIX + k: v for k, v in model.unet.state_dict().items()}

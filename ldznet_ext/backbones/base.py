@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -138,9 +138,9 @@ def ldm_layout(unet: nn.Module, tapped: tuple[int, ...] = LDZNET_BLOCKS) -> UNet
     return UNetLayout(unet, tuple(sites), tapped)
 
 
-@runtime_checkable
 class Backbone(Protocol):
-    """What the segmenter needs from a diffusion model (ours or a host's).
+    """What the segmenter needs from a diffusion model (ours or a host's); :func:`is_backbone` tells
+    whether an object has it all.
 
     Optional: ``capture_modules`` (:class:`CaptureModules`), for a backbone whose calls a CUDA graph
     may capture (``graphs.py``): pure torch, nothing host-side that must run on every call. A
@@ -174,3 +174,14 @@ class Backbone(Protocol):
 
     def predict_noise(self, z_t: Tensor, t: Tensor, conditioning: Conditioning) -> Tensor:
         """One denoiser call: eps [B, C, h, w] for z_t [B, C, h, w] at integer timesteps t [B]."""
+
+
+_BACKBONE_MEMBERS = tuple(sorted({*Backbone.__annotations__,
+                                   *(name for name in vars(Backbone) if not name.startswith("_"))}))
+
+
+def is_backbone(candidate: object) -> bool:
+    """Whether ``candidate`` has every member of :class:`Backbone`. Not a runtime-checkable protocol's
+    isinstance: from Python 3.12 on, that looks members up statically, and so misses every torch
+    module's submodules (``unet``), refusing each model."""
+    return all(hasattr(candidate, name) for name in _BACKBONE_MEMBERS)

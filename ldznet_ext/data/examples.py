@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -46,7 +46,6 @@ def phrase_key(phrase: str) -> str:
     return " ".join(phrase.casefold().split())
 
 
-@runtime_checkable
 class Source(Protocol):
     """A finite, indexable set of examples; ``description`` says what it is (for logs and metadata)."""
 
