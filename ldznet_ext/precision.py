@@ -6,6 +6,7 @@ Names are the short ones every front end shows ("fp32", "fp16", "bf16"); the mic
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -54,6 +55,15 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
     """The torch dtype to compute in for the user's precision ``name`` (or its torch dtype) on
     ``device`` (fp16 on the CPU: fp32, with a warning)."""
     return compute_dtype(as_dtype(name), device, warn=True)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device``'s type; None or float32: a context that changes nothing. Not
+    torch's disabled autocast there: torch < 2.3 refuses float32 as the CPU's autocast dtype even when
+    autocast is off (A1111 v1.10 installs torch 2.1)."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def autocast_dtype(name: str) -> torch.dtype | None:

@@ -11,6 +11,7 @@ from ldznet_ext.errors import LdznetError
 from ldznet_ext.precision import (
     DTYPES,
     PRECISIONS,
+    autocast,
     autocast_dtype,
     compute_dtype,
     dtype_named,
@@ -49,3 +50,16 @@ def test_one_dtype_table_in_the_package():
     holders = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if table.search(p.read_text()))
     assert holders == ["precision.py"]
     assert set(DTYPES) == set(PRECISIONS)
+
+
+def test_float32_or_no_autocast_enters_no_torch_autocast(monkeypatch):
+    """torch < 2.3 refuses float32 as the CPU's autocast dtype even in a disabled autocast: every fp32
+    training run failed on the torch 2.1 that A1111 v1.10 installs."""
+    entered = []
+    monkeypatch.setattr(torch, "autocast", lambda device_type, dtype: entered.append((device_type, dtype)))
+    cpu = torch.device("cpu")
+    with autocast(cpu, None), autocast(cpu, torch.float32):
+        pass
+    assert entered == []
+    autocast(cpu, torch.bfloat16)
+    assert entered == [("cpu", torch.bfloat16)]

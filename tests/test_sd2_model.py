@@ -19,7 +19,8 @@ from ldznet_ext.backbones.family import UNET_PREFIX, VAE_PREFIX
 from ldznet_ext.checkpoint_io import write_safetensors
 from ldznet_ext.errors import CheckpointError
 from ldznet_ext.sd.checkpoint import SD2_FOR_ZERO_SHOT_ONLY, SD2_TEXT_PREFIX, load_stable_diffusion
-from ldznet_ext.sd.sd2 import OpenCLIPContext, StableDiffusion2
+from ldznet_ext.sd import checkpoint
+from ldznet_ext.sd.sd2 import OpenCLIPContext, StableDiffusion2, predicts_v
 from ldznet_ext.sd.openclip import OpenCLIPTextEncoder, openclip_ids
 from ldznet_ext.sd.schedule import v_to_eps
 from ldznet_ext.sd.tokenizer import EOS_ID, tokenize
@@ -140,6 +141,23 @@ def test_v_prediction_is_probed_in_float32_whatever_the_load_dtype(tmp_path) -> 
     path = write_sd2(tmp_path / "m.safetensors", tiny_sd2_state(-0.5005))
     assert [load_stable_diffusion(path, zero_shot=True, dtype=dtype).prediction
             for dtype in (torch.float32, torch.bfloat16)] == ["v", "v"]
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+def test_v_prediction_is_probed_in_float32_whatever_the_files_dtype(tmp_path, monkeypatch, stored) -> None:
+    """A file stored in fp16 or bf16 was probed in that dtype (its tensors become the UNet's): not as A1111
+    probes, and on torch < 2.2 an fp16 file failed to load on the CPU (no fp16 matmul there)."""
+    state = {k: v.to(stored) if v.is_floating_point() else v for k, v in tiny_sd2_state(-2.0).items()}
+    probed = []
+
+    def probe(unet):
+        probed.append({p.dtype for p in unet.parameters()})
+        return predicts_v(unet)
+
+    monkeypatch.setattr(checkpoint, "predicts_v", probe)
+    model = load_stable_diffusion(write_sd2(tmp_path / "m.safetensors", state), zero_shot=True, dtype=stored)
+    assert probed == [{torch.float32}] and model.prediction == "v"
+    assert {p.dtype for p in model.unet.parameters()} == {stored}
 
 
 def test_a_v_model_answers_eps(tmp_path) -> None:

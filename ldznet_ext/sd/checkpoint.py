@@ -371,7 +371,8 @@ def _is_rounded_default_schedule(table: Tensor) -> bool:
         rounded = exact
         for dtype in chain:
             rounded = rounded.to(dtype)
-        if torch.equal(table, rounded.to(table.dtype)):
+        # compared in float64, which holds every value of every dtype exactly: torch < 2.2 has no equal for fp8
+        if torch.equal(table.double(), rounded.to(table.dtype).double()):
             return True
     return False
 
@@ -406,8 +407,9 @@ def sd2_from_state_dict(state: Mapping[str, Tensor], described: SDMetadata,
     file carries the ``v_pred`` marker or A1111's probe says so (``sd2.predicts_v``)."""
     unet, vae, vit_h = _unet_vae_and_openclip(state, described, SD2_TEXT_PREFIX)
     model = StableDiffusion2(unet, vae, OpenCLIPContext(vit_h), _file_schedule(state))
-    # probed in float32 before the cast, as A1111 probes: in bf16 a borderline UNet would answer otherwise
-    model.prediction = "v" if V_PREDICTION_KEY in state or predicts_v(model.unet) else "eps"
+    # probed in float32, as A1111 probes, whatever the file's and the load's dtype: in fp16 or bf16 a borderline
+    # UNet would answer otherwise (and torch < 2.2 has no fp16 matmul on the CPU); cast to dtype next anyway
+    model.prediction = "v" if V_PREDICTION_KEY in state or predicts_v(model.unet.float()) else "eps"
     return model.to(dtype)
 
 

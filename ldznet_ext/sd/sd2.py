@@ -68,7 +68,8 @@ class StableDiffusion2(StableDiffusion):
 
 @torch.no_grad()
 def predicts_v(unet: UNetModel) -> bool:
-    """A1111's v-prediction probe for SD 2.x UNets (module docstring), in the UNet's dtype and device."""
+    """A1111's v-prediction probe for SD 2.x UNets (module docstring), in the UNet's dtype and device (A1111's:
+    float32)."""
     weight = unet.time_embed[0].weight
     x = torch.full((1, unet.config.in_channels, 8, 8), _PROBE_VALUE, dtype=weight.dtype, device=weight.device)
     context = torch.full((1, 2, unet.config.context_dim), _PROBE_VALUE, dtype=weight.dtype, device=weight.device)

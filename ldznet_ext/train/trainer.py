@@ -60,7 +60,7 @@ from ..heads import load_head, save_head
 from ..images import to_model_input
 from ..modeling.build import HeadConfig, build_head, init_from_sd_unet
 from ..outputs import remove_abandoned_temporaries, replacing
-from ..precision import PRECISIONS, autocast_dtype
+from ..precision import PRECISIONS, autocast, autocast_dtype
 from ..sd.model import StableDiffusion
 from ..sd.schedule import OFFICIAL_TIMESTEPS
 from ..tap import sd_features
@@ -380,12 +380,12 @@ class Trainer:
         if arch == "ldznet":
             t = torch.randint(*OFFICIAL_TIMESTEPS, (len(batch),), generator=generator)
             noise = torch.randn(inputs.shape, generator=generator)
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), autocast(self.device, self.amp_dtype):
                 features = sd_features(self.backbone, inputs.to(self.backbone.dtype),
                                        conditioning.to(dtype=self.backbone.dtype), t.to(self.device),
                                        noise.to(self.device), self.head_config.sd_blocks)
         c = self.config
-        with self._autocast():
+        with autocast(self.device, self.amp_dtype):
             args = (inputs, context) if features is None else (inputs, context, features)
             output = self.model(*args, with_presence=True) if c.presence_weight else self.model(*args)
         logits, presence = output if c.presence_weight else (output, None)
@@ -402,10 +402,6 @@ class Trainer:
         if c.dice_weight:
             loss = loss + c.dice_weight * soft_dice_loss(logits, target)
         return loss
-
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                              enabled=self.amp_dtype is not None)
 
     def train_step(self) -> float:
         """One optimiser step over ``accumulate`` micro-batches per process; returns the step's mean

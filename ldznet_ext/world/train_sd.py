@@ -42,7 +42,7 @@ from ..checkpoint_io import read_state_dict, write_safetensors
 from ..defaults import DEFAULT_SD_NAME
 from ..errors import CheckpointError, LdznetError
 from ..outputs import check_outputs, same_file, writable_folder
-from ..precision import dtype_named
+from ..precision import autocast, dtype_named
 from ..sd.checkpoint import load_stable_diffusion, save_stable_diffusion
 from ..sd.model import StableDiffusion
 from ..sd.schedule import NoiseSchedule
@@ -87,10 +87,6 @@ def stage_dtype(device: torch.device, name: str = "auto", stage: str = "vae") ->
     if name not in ("float32", "bfloat16"):
         raise LdznetError(f"unknown training dtype {name!r}; expected auto, float32 or bfloat16")
     return dtype_named(name)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def to_model_images(images: Tensor) -> Tensor:
@@ -178,7 +174,7 @@ def train_vae(images: Tensor, recipe: MicroRecipe, device: torch.device, dtype: 
         patches = images[tuple(i.to(images.device) for i in (index.view(-1, 1, 1), rows, cols))]
         x = to_model_images(patches.to(device))
         x = torch.where(flip, x.flip(-1), x)
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             mean, logvar = vae.encode_moments(x)
             y = vae.decode(mean + (0.5 * logvar).exp() * noise)
         return vae_losses(x, y.float(), mean.float(), logvar.float(), recipe.vae_mse_weight, recipe.vae_kl_weight)
@@ -194,7 +190,7 @@ def encode_means(vae: AutoencoderKL, images: Tensor, dtype: torch.dtype = torch.
     device = vae.quant_conv.weight.device
     out = []
     for i in range(0, len(images), _ENCODE_BATCH):
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             out.append(vae.encode(to_model_images(images[i:i + _ENCODE_BATCH].to(device))).float())
     return torch.cat(out)
 
@@ -277,7 +273,7 @@ def train_text(latents: Tensor, tokens: Tensor, recipe: MicroRecipe, device: tor
         index = torch.randperm(len(latents), generator=generator)[:b].to(device)  # distinct: no false negatives
         flip = (torch.rand(b, generator=generator) < 0.5).view(b, 1, 1, 1).to(device)
         x = torch.where(flip, latents[index].flip(-1), latents[index])
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             image = model["image"](x)
             caption = model["projection"](pooled_text(model["text"], tokens[index]))
         return {"loss": contrastive_loss(image.float(), caption.float(), log_scale)}
@@ -332,7 +328,7 @@ def train_unet(latents: Tensor, tokens: Tensor, recipe: MicroRecipe, device: tor
         noise = torch.randn((b, *latents.shape[1:]), generator=generator).to(device)
         index = index.to(device)
         z_t = schedule.q_sample(latents[index], t, noise)
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             eps = model["unet"](z_t, t.to(device), encode(torch.where(drop, empty, tokens[index])))
         if not recipe.unet_min_snr_gamma:
             return {"loss": F.mse_loss(eps.float(), noise)}
