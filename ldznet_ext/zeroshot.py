@@ -41,7 +41,8 @@ from torch.utils.hooks import RemovableHandle
 from .backbones.base import Backbone, Conditioning, UNetLayout
 from .errors import LdznetError
 from .graphs import Runner, eager
-from .limits import DOWNSCALE, DRAWS, PROPAGATION_STEPS, SCALE_WEIGHT, SHARPEN, TIMESTEP
+from .limits import (ATTENTION_BLOCK, CROSS_ATTENTION, DOWNSCALE, DRAWS, PROPAGATION_STEPS, SCALE_WEIGHT, SHARPEN,
+                     TIMESTEP, shown)
 from .sd.schedule import noise_draws
 from .sd.tokenizer import BOS_ID, EOS_ID, tokenize
 from .tap import UNetHooks
@@ -85,19 +86,27 @@ class ZeroShotSettings:
         DRAWS.check(self.draws, "draws")
         if self.timestep is not None:
             TIMESTEP.check(self.timestep, "timestep")
-        if self.score not in SCORES:
-            raise ValueError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
-        if not 0.0 <= self.cross_attention <= 1.0:
-            raise ValueError(f"cross_attention weight must be in [0, 1], got {self.cross_attention}")
-        if self.attention_blocks is not None and (not self.attention_blocks or min(self.attention_blocks) < 1):
-            raise ValueError(f"attention_blocks must be None or block numbers >= 1, got {self.attention_blocks}")
-        if self.attention_scales is not None and (
-                not self.attention_scales or sum(w for _, w in self.attention_scales) <= 0):
-            raise ValueError(f"attention_scales must hold (downscale, weight) pairs with a positive weight, "
-                             f"got {self.attention_scales}")
-        for downscale, weight in self.attention_scales or ():
-            DOWNSCALE.check(downscale, "attention scale downscale")
-            SCALE_WEIGHT.check(weight, "attention scale weight")
+        if not isinstance(self.score, str) or self.score not in SCORES:
+            raise LdznetError(f"score must be one of {', '.join(SCORES)}, got {shown(self.score)}")
+        CROSS_ATTENTION.check(self.cross_attention, "cross_attention")
+        if self.attention_blocks is not None:
+            if not isinstance(self.attention_blocks, tuple) or not self.attention_blocks:
+                raise LdznetError(f"attention_blocks must be None or a tuple of block numbers, "
+                                  f"got {shown(self.attention_blocks)}")
+            for block in self.attention_blocks:
+                ATTENTION_BLOCK.check(block, "attention block")
+        if self.attention_scales is not None:
+            scales = self.attention_scales
+            if not (isinstance(scales, tuple) and scales
+                    and all(isinstance(pair, tuple) and len(pair) == 2 for pair in scales)):
+                raise LdznetError(f"attention_scales must hold (downscale, weight) pairs with a positive weight, "
+                                  f"got {shown(scales)}")
+            for downscale, weight in scales:
+                DOWNSCALE.check(downscale, "attention scale downscale")
+                SCALE_WEIGHT.check(weight, "attention scale weight")
+            if sum(weight for _, weight in scales) <= 0:
+                raise LdznetError(f"attention_scales must hold (downscale, weight) pairs with a positive weight, "
+                                  f"got {shown(scales)}")
         if self.self_attention_scale is not None:
             DOWNSCALE.check(self.self_attention_scale, "self_attention_scale")
         PROPAGATION_STEPS.check(self.propagation_steps, "propagation_steps")
