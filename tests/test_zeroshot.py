@@ -149,9 +149,9 @@ def test_bad_settings_are_one_ldznet_error(kwargs, message):
 def test_bad_blocks(tiny_sd):
     count = len(CrossAttentionRecorder(tiny_sd.layout, []).sites)
     message = rf"attention blocks \[{count + 1}\] do not exist: this UNet has spatial-transformer blocks 1-{count}"
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(LdznetError, match=message):
         CrossAttentionRecorder(tiny_sd.layout, [], blocks=[1, count + 1])
-    with pytest.raises(ValueError, match=r"no spatial transformer at attention scales \[16\]"):
+    with pytest.raises(LdznetError, match=r"no spatial transformer at attention scales \[16\]"):
         zero_shot_maps(tiny_sd, torch.zeros(1, 4, 8, 8), ["cat"], tiny_sd.encode_text(["cat"]),
                        ZeroShotSettings(score="attention", draws=1, attention_scales=((16, 1.0),)))
 

@@ -17,6 +17,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
+from ..errors import LdznetError
 from ..sd.schedule import NoiseSchedule
 
 LDZNET_BLOCKS: tuple[int, ...] = (6, 7, 8, 9, 10)
@@ -100,12 +101,13 @@ class UNetLayout:
     tapped: tuple[int, ...]
 
     def pick(self, blocks: Iterable[int] | None, what: str = "blocks") -> tuple[int, ...]:
-        """``blocks`` sorted without repeats (None: all); ValueError naming ``what`` for a number
+        """``blocks`` sorted without repeats (None: all); LdznetError naming ``what`` for a number
         this layout lacks."""
         numbers = tuple(range(1, len(self.sites) + 1)) if blocks is None else tuple(sorted(set(blocks)))
         bad = [b for b in numbers if not 1 <= b <= len(self.sites)]
         if bad:
-            raise ValueError(f"{what} {bad} do not exist: this UNet has spatial-transformer blocks 1-{len(self.sites)}")
+            raise LdznetError(f"{what} {bad} do not exist: this UNet has spatial-transformer blocks "
+                              f"1-{len(self.sites)}")
         return numbers
 
 # How an ldm UNet's resampling layers change the level (the latent's side is halved per level).
