@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import pytest
 
@@ -13,6 +14,21 @@ from ldznet_ext.errors import LdznetError, special_file_kind
 from ldznet_ext.train.config import MAX_CONFIG_BYTES, read_config_file
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _timed_out(signum: int, frame: object) -> None:
+    raise TimeoutError("blocked on a pipe or a device: the special-file check did not refuse it")
+
+
+@pytest.fixture(autouse=True)
+def _fail_instead_of_hanging():
+    """A regression of the special-file checks would block the suite forever on a pipe, or read /dev/zero
+    until the machine's memory ends: each test here fails after 30 seconds instead."""
+    previous = signal.signal(signal.SIGALRM, _timed_out)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture
