@@ -233,3 +233,21 @@ def test_an_expression_that_is_not_text_is_one_clear_error(with_head, expression
     with pytest.raises(LdznetError) as error:
         with_head.predict(expression)
     assert str(error.value) == f"expected a mask expression as text, such as 'cat OR dog', got {name}"
+
+
+def test_a_heads_maps_over_several_draws_are_their_mean(tiny_models64, monkeypatch):
+    """draws > 1 averages the head's probabilities over the noise draws: the threshold reads a probability,
+    never a sum that reaches ``draws``."""
+    image, draws = random_image(64, 64, seed=4), noise_draws(7, 2, (1, 4, 8, 8), 300)
+    settings = SegmenterSettings(resolution=64, draws=2, timestep=300, seed=7, refine=RefineSettings(enabled=False))
+
+    def maps(chosen):
+        monkeypatch.setattr("ldznet_ext.segmenter.noise_draws", lambda *args: chosen)
+        segmenter = Segmenter(*tiny_models64, settings)
+        segmenter.set_image(image)
+        return segmenter.predict_terms(["cat", "dog"])
+
+    both, first, second = maps(draws), maps(draws[:1]), maps(draws[1:])
+    for term in ("cat", "dog"):
+        assert torch.allclose(both[term], (first[term] + second[term]) / 2, atol=1e-6)
+        assert (first[term] - second[term]).abs().max() > 1e-4  # the draws really differ
