@@ -90,17 +90,20 @@ class ZeroShotSettings:
             raise LdznetError(f"score must be one of {', '.join(SCORES)}, got {shown(self.score)}")
         CROSS_ATTENTION.check(self.cross_attention, "cross_attention")
         if self.attention_blocks is not None:
-            if not isinstance(self.attention_blocks, tuple) or not self.attention_blocks:
+            if not isinstance(self.attention_blocks, (tuple, list)) or not self.attention_blocks:
                 raise LdznetError(f"attention_blocks must be None or a tuple of block numbers, "
                                   f"got {shown(self.attention_blocks)}")
             for block in self.attention_blocks:
                 ATTENTION_BLOCK.check(block, "attention block")
+            object.__setattr__(self, "attention_blocks", tuple(self.attention_blocks))  # a list, as a script passes
         if self.attention_scales is not None:
             scales = self.attention_scales
-            if not (isinstance(scales, tuple) and scales
-                    and all(isinstance(pair, tuple) and len(pair) == 2 for pair in scales)):
+            if not (isinstance(scales, (tuple, list)) and scales
+                    and all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in scales)):
                 raise LdznetError(f"attention_scales must hold (downscale, weight) pairs with a positive weight, "
                                   f"got {shown(scales)}")
+            object.__setattr__(self, "attention_scales", tuple(tuple(pair) for pair in scales))
+            scales = self.attention_scales
             for downscale, weight in scales:
                 DOWNSCALE.check(downscale, "attention scale downscale")
                 SCALE_WEIGHT.check(weight, "attention scale weight")

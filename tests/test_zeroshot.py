@@ -146,6 +146,12 @@ def test_bad_settings_are_one_ldznet_error(kwargs, message):
     assert str(error.value) == message
 
 
+def test_lists_are_taken_as_tuples():
+    settings = ZeroShotSettings(attention_blocks=[3, 1], attention_scales=[[2, 0.5], (1, 1.0)])
+    assert (settings.attention_blocks, settings.attention_scales) == ((3, 1), ((2, 0.5), (1, 1.0)))
+    assert settings == ZeroShotSettings(attention_blocks=(3, 1), attention_scales=((2, 0.5), (1, 1.0)))
+
+
 def test_bad_blocks(tiny_sd):
     count = len(CrossAttentionRecorder(tiny_sd.layout, []).sites)
     message = rf"attention blocks \[{count + 1}\] do not exist: this UNet has spatial-transformer blocks 1-{count}"
