@@ -131,6 +131,10 @@ def test_merge_refuses_incomplete_or_mixed_shards():
         metrics.add(torch.zeros(2, 2), np.eye(2, dtype=bool), key=(0, 1))
     with pytest.raises(ValueError, match=r"sample \[0, 1\] is in more than one part"):
         SegmentationMetrics.merge([a, b])
+    other_threshold = SegmentationMetrics(0.3)
+    other_threshold.add(torch.zeros(2, 2), np.eye(2, dtype=bool), key=(1, 0))
+    with pytest.raises(ValueError, match=r"^parts measured at different binary thresholds: \[0.3, 0.5\]$"):
+        SegmentationMetrics.merge([a, other_threshold])
 
 
 def test_unreadable_examples_are_skipped_and_listed(tmp_path, capsys):

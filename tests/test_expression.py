@@ -92,6 +92,7 @@ ERRORS = [
     ("a{+}", 3, "expected a number after '{+', found '}'"),
     ("a{+3", 1, "'{' is never closed: expected '}' after '{+3'"),
     ("a{+3 x}", 5, "expected '}' after '{+3', found 'x'"),
+    ("a{+8]", 4, "expected '}' after '{+8', found ']'"),  # a modifier closes with '}' only
     ("a{+1e3}", 4, "expected '}' after '{+1', found 'e'"),
     ("a{", 1, "'{' is never closed: expected a modifier such as {+8}"),
     ("a{/0}", 3, "cannot divide by zero: '{/N}' needs N > 0"),
@@ -140,6 +141,19 @@ def test_nesting_is_limited():
     with pytest.raises(ExpressionError, match="nested too deeply") as info:
         parse("(" * 40 + "!" * 30 + "a" + ")" * 40)
     assert info.value.position == 40 + 24
+
+
+def test_nesting_is_counted_per_operand_not_over_the_whole_expression():
+    """Each NOT and each '(' is left when its operand ends: without that, MAX_NESTING + 1 siblings
+    were refused as nested too deeply."""
+    count = MAX_NESTING + 1
+    assert parse(" OR ".join(["NOT a"] * count)) == Or(tuple(Not(A) for _ in range(count)))
+    assert parse(" OR ".join(["(a)"] * count)) == Or(tuple(A for _ in range(count)))
+
+
+def test_selector_names_ignore_case_and_quoted_whitespace_collapses():
+    assert parse("cat[LARGEST]") == parse("cat[largest]")
+    assert parse('"big   cat"') == parse('"big cat"') == Term("big cat")
 
 
 def test_distinct_terms_are_limited():
@@ -213,6 +227,7 @@ def test_grow_and_shrink_modifiers_are_bounded():
     ("gob\u00adlin", 3, "U+00AD"),
     ("sky OR\u200d grass", 6, "U+200D"),  # a joiner beside ASCII joins nothing
     ("\u200csky", 0, "U+200C"),
+    ("\u200d\u043a\u043e\u0442", 0, "U+200D"),  # at the start it joins nothing, even before non-ASCII
     ("cat\U000e0041", 3, "U+E0041"),
 ])
 def test_control_characters_and_lone_surrogates_are_refused(text, position, code):
@@ -328,6 +343,8 @@ def test_evaluate_rejects_missing_or_mismatched_maps():
     differ = r"the maps for 'a' and 'b' differ: \(2, 2\) torch.float32 on cpu vs \(3, 2\)"
     with pytest.raises(LdznetError, match=differ):
         parse("a OR b").evaluate({"a": MAPS["a"], "b": torch.zeros(3, 2)})
+    with pytest.raises(LdznetError, match=r"^threshold must be a number in \[0, 1\), got 2$"):
+        parse("a").evaluate(MAPS, threshold=2)
     not_float = r"the map for 'a' must be a float tensor \[H, W\] or \[B, H, W\], got torch.int64"
     with pytest.raises(LdznetError, match=not_float):
         parse("a").evaluate({"a": torch.zeros(2, 2, dtype=torch.long)})

@@ -104,6 +104,8 @@ def test_float_images_read_as_float_arrays_do():
     unit = np.random.default_rng(3).random((12, 16)).astype(np.float32)
     assert Image.open(io.BytesIO(_tiff(unit))).mode == "F"
     assert np.array_equal(load_image(_tiff(unit)), load_image(unit))
+    edges = np.array([[0.0, 0.5, 1.0]], np.float32)  # 1.0 itself is in [0, 1]: white, not 0..255's near-black
+    assert load_image(_tiff(edges)).tolist() == [[[0, 0, 0], [128, 128, 128], [255, 255, 255]]]
     grey = random_image(12, 16, seed=4, channels=1)[..., 0]
     assert np.array_equal(load_image(_tiff(grey.astype(np.float32))), np.dstack([grey] * 3))
 

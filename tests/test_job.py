@@ -44,6 +44,7 @@ def test_every_number_accepts_its_range_ends(name, low, high):
     ("threshold", True, "threshold must be a number in [0, 1), got True"),
     ("threshold", "half", "threshold must be a number in [0, 1), got 'half'"),
     ("threshold", "nan", "threshold must be a number in [0, 1), got 'nan'"),
+    ("threshold", None, "threshold must be a number in [0, 1), got None"),  # only optional numbers may be None
     ("grow", 2048.5, "grow must be a number in [-2048, 2048], got 2048.5"),
     ("grow", -2049, "grow must be a number in [-2048, 2048], got -2049"),
     ("grow", math.inf, "grow must be a number in [-2048, 2048], got inf"),

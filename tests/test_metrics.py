@@ -112,6 +112,21 @@ def test_perfect_and_empty_predictions():
     s = nothing.summary()
     assert (s.miou, s.iou_fg, s.ap, s.mean_iou, s.cumulative_iou) == (0.0, 0.0, 0.0, 0.5, 0.0)
 
+    absent = SegmentationMetrics()  # only rejected absent phrases: every union is empty
+    absent.add(torch.zeros(2, 2), np.zeros((2, 2), dtype=bool))
+    assert (absent.summary().mean_iou, absent.summary().cumulative_iou) == (1.0, 1.0)
+
+
+def test_records_with_more_true_positives_than_positives_are_refused():
+    metrics = SegmentationMetrics()
+    metrics.add(torch.ones(2, 2), np.eye(2, dtype=bool), key=(0, 1))  # TP 2 = positives at every threshold
+    records = metrics.records()
+    assert SegmentationMetrics.from_records(records, 0.5).records() == records
+    records["tp"][0][0] = records["positives"][0] + 1
+    with pytest.raises(ValueError, match=r"^'records.tp' of sample \[0, 1\] is more than its mask's pixels "
+                                         r"\('positives'\)$"):
+        SegmentationMetrics.from_records(records, 0.5)
+
 
 def test_summary_needs_samples():
     with pytest.raises(ValueError, match="no samples"):

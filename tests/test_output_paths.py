@@ -4,10 +4,12 @@ cannot take a file, and `ldznet convert`, which must never overwrite the checkpo
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -106,6 +108,39 @@ def test_write_safetensors_leaves_no_temporary_and_a_killed_ones_is_recognised(t
     assert outputs.abandoned_target(temporaries[0]) is None  # ours: this process runs
     # had this process been killed there, the next run would know the file for what it is
     assert outputs.abandoned_target(temporaries[0].replace(str(os.getpid()), str(dead_pid))) == "head.safetensors"
+
+
+def _full_disk(stream) -> None:
+    stream.write(b"half")
+    raise OSError(28, "No space left on device")
+
+
+def test_a_failed_writer_leaves_no_temporary_and_every_target_as_it_was(tmp_path):
+    with pytest.raises(OSError):
+        outputs.stage_file(tmp_path / "mask.png", _full_disk)
+    assert os.listdir(tmp_path) == []
+    first = tmp_path / "first.png"
+    first.write_bytes(b"old")
+    with pytest.raises(OSError):  # the first file was staged when the second failed
+        outputs.write_together({first: lambda stream: stream.write(b"new"), tmp_path / "second.png": _full_disk})
+    assert os.listdir(tmp_path) == ["first.png"] and first.read_bytes() == b"old"
+
+
+def test_a_report_suffix_is_read_in_any_case_and_an_empty_file_may_be_replaced(tmp_path):
+    earlier = re.compile(r"\{")
+    outputs.check_report_name(tmp_path / "r.JSON", (".json",), "--json", earlier, "a report")
+    empty = tmp_path / "empty.json"
+    empty.write_bytes(b"")  # holds nothing to lose
+    outputs.check_report_name(empty, (".json",), "--json", earlier, "a report")
+    other = tmp_path / "other.json"
+    other.write_text("[]")
+    with pytest.raises(LdznetError, match=f"^{re.escape(str(other))}: exists and is not a report; give a new name"):
+        outputs.check_report_name(other, (".json",), "--json", earlier, "a report")
+
+
+def test_a_mask_selects_a_pixel_from_128_up():
+    assert outputs.selected_share(np.full((2, 2), 128, np.uint8)) == 1.0
+    assert outputs.selected_share(np.array([[127, 128]], np.uint8)) == 0.5
 
 
 # ---------------------------------------------------------------- ldznet convert

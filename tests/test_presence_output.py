@@ -195,6 +195,10 @@ def test_the_head_presence_output_decides_and_an_absent_term_adds_nothing(tiny_s
     assert learned.decide_presence(maps) == prediction.presence
     with pytest.raises(LdznetError, match="^no presence score for 'dragon' on this image; call predict_terms with it"):
         learned.decide_presence({"dragon": maps["sky"]})
+    score = prediction.presence["sky"].score  # a score at the level is not found: found means above it
+    at_level = Segmenter(tiny_sd, SkyOnly(head, sky), replace(config, presence=True, presence_level=score), settings)
+    at_level.set_image(image)
+    assert at_level.predict("sky").presence == {"sky": TermPresence(False, score)}
 
 
 class StubSegmenter:

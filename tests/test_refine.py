@@ -158,6 +158,12 @@ def test_automatic_radius_is_two_coarse_pixels_at_the_larger_scale(map_size, dec
     assert radii == [radius]
 
 
+def test_the_filter_grid_is_never_finer_than_the_image():
+    """A radius below GRID_RADIUS filters at the image's own size; above it the grid coarsens by radius / 4."""
+    assert refine._grid_shape((48, 64), 2.0) == ((48, 64), 2)
+    assert refine._grid_shape((48, 64), 8.0) == ((24, 32), 4)
+
+
 def test_a_probability_range_of_half_gets_the_full_weight():
     """FULL_RANGE: near a step of 0.5 or more the weight is the image's structure alone; a step of 0.25
     gets half of it."""

@@ -16,7 +16,7 @@ from ldznet_ext.masks.expression import MAX_TERMS, parse
 from ldznet_ext.masks.ops import MaskOptions
 from ldznet_ext.masks.tree import Modified, Modifier, Not, Or, Term
 from ldznet_ext.refine import RefineSettings
-from ldznet_ext.segmenter import MAX_CACHED_TERMS, Segmenter, SegmenterSettings
+from ldznet_ext.segmenter import MAX_CACHED_TERMS, Prediction, Segmenter, SegmenterSettings
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -123,6 +123,13 @@ def test_bad_settings_are_refused_when_made(segmenter, changes, message):
 
 def test_a_prompt_template_with_braces_escaped_is_taken(segmenter):
     assert segmenter.with_settings(prompt_template="{{a}} {}").settings.prompt_template == "{{a}} {}"
+
+
+def test_a_predictions_images_round_to_the_nearest_level():
+    half = torch.full((1, 2), 0.5)
+    prediction = Prediction(parse("cat"), half, half, {})
+    assert prediction.mask_image().tolist() == [[128, 128]]
+    assert prediction.probability_image().tolist() == [[32768, 32768]]
 
 
 def test_zero_draws_are_refused_with_a_head_too(tiny_sd, tiny_head):

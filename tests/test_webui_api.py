@@ -103,6 +103,17 @@ def test_authenticated_generations_are_checked(guarded):
     assert _post(guard, "/sdapi/v1/txt2img", good, _basic(b"u:p"))[0] == 200
     assert host_api.requests == [{"prompt": "a cat\nmask: cat"}]
     assert _post(guard, "/ldznet/v1/mask", b"{}", _basic(b"u:wrong"))[0] == 401
+    lower = [(b"authorization", b"basic " + base64.b64encode(b"u:p"))]  # the host takes the scheme in any case
+    assert _post(guard, "/sdapi/v1/txt2img", BAD_ARGS, lower)[0] == 422
+
+
+def test_a_token_without_a_colon_is_refused_even_for_an_empty_password():
+    """The token "u" splits to user "u" and password "", which matched a stored "": the host refuses it."""
+    def header(token: bytes) -> dict[str, str]:
+        return {"authorization": "Basic " + base64.b64encode(token).decode()}
+
+    assert api.authorized(header(b"u:"), {"u": ""})
+    assert not api.authorized(header(b"u"), {"u": ""})
 
 
 @pytest.mark.parametrize("body, detail", [
@@ -315,7 +326,8 @@ def test_brush_masks_are_read_as_the_host_reads_them():
                       .convert("L"))
     assert np.array_equal(grey, levels)
     alpha = Image.fromarray(np.dstack([np.zeros_like(levels)] * 3 + [levels]), "RGBA")
-    for image in (Image.fromarray(levels), Image.fromarray(levels.astype(np.uint16) * 257), alpha):
+    opaque = Image.fromarray(np.dstack([levels] * 3 + [np.full_like(levels, 255)]), "RGBA")  # its greys, not alpha
+    for image in (Image.fromarray(levels), Image.fromarray(levels.astype(np.uint16) * 257), alpha, opaque):
         assert np.array_equal(api.decode_mask(base64.b64encode(_png_bytes(image)).decode(), "mask"), levels)
 
 

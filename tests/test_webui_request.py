@@ -236,6 +236,7 @@ EIGHT = ["cat", "zero-shot", 0.5, 0, 0, False, "add", True]
     ([*EIGHT, None, None, 2], r"^refine_strength must be a number in \[0, 1\], got 2$"),
     ([*EIGHT, None, None, None, 0.5], r"^refine_radius must be a number in \[1, 2048\], got 0.5$"),
     ([*EIGHT] * 3, "got 24 args, expected at most 18"),
+    ([None] * (len(ARG_NAMES) + 1), f"^got {len(ARG_NAMES) + 1} args, expected at most {len(ARG_NAMES)}: "),
     (["cat OR"], "expected a term"),
 ])
 def test_from_args_errors(args, message):

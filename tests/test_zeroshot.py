@@ -19,6 +19,7 @@ from ldznet_ext.zeroshot import (
     ZeroShotSettings,
     blocks_at,
     head_mean_attention,
+    normalize_maps,
     propagate,
     term_token_spans,
     zero_shot_maps,
@@ -168,6 +169,12 @@ def test_head_mean_attention_is_the_mean_of_each_heads_softmax():
     expected = sum(torch.exp(q[h] @ k[h].T / 2) / torch.exp(q[h] @ k[h].T / 2).sum(-1, keepdim=True)
                    for h in range(3)) / 3
     assert (head_mean_attention(q, k) - expected).abs().max() <= 1e-6
+
+
+def test_normalize_maps_spans_each_map_and_makes_a_constant_one_zero():
+    """Without a floor on the spread a constant map divided 0 by 0: NaN, not the documented 0."""
+    maps = torch.stack([torch.ones(2, 2), torch.tensor([[1.0, 3.0], [2.0, 5.0]])])
+    assert normalize_maps(maps).tolist() == [[[0.0, 0.0], [0.0, 0.0]], [[0.0, 0.5], [0.25, 1.0]]]
 
 
 def test_propagate_is_a_power_of_the_affinity():
