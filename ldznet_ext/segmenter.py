@@ -13,6 +13,7 @@ the zero-shot probe instead.
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
@@ -79,14 +80,16 @@ class SegmenterSettings:
 
 
 def _fills_one_term(template: object) -> bool:
-    """Whether ``template`` is text with one "{}" and nothing else for ``str.format`` to fill."""
-    if not isinstance(template, str) or template.count("{}") != 1:
+    """Whether ``template`` is text with one "{}" and nothing else for ``str.format`` to fill (escaped
+    braces, ``{{}}``, are text: counting "{}" in it took "{{}}" for the term's place)."""
+    if not isinstance(template, str):
         return False
     try:
-        template.format("")
-    except (IndexError, KeyError, ValueError):
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError:  # an unmatched brace
         return False
-    return True
+    return fields == [("", "", None)]
 
 
 @dataclass

@@ -112,6 +112,9 @@ def test_text_is_held_to_the_length_a_job_allows(segmenter):
     ({"prompt_template": "{x} {}"}, "prompt_template must be text with one '{}' where the term goes, got '{x} {}'"),
     ({"prompt_template": 5}, "prompt_template must be text with one '{}' where the term goes, got 5"),
     ({"prompt_template": "x"}, "prompt_template must be text with one '{}' where the term goes, got 'x'"),
+    ({"prompt_template": "a photo of {{}}"},  # an escaped '{}' holds no term: every term was the same prompt
+     "prompt_template must be text with one '{}' where the term goes, got 'a photo of {{}}'"),
+    ({"prompt_template": "{0} {0}"}, "prompt_template must be text with one '{}' where the term goes, got '{0} {0}'"),
     ({"resolutoin": 128}, "unknown settings ['resolutoin']; expected some of ['resolution', 'timestep', 'draws', "
                           "'seed', 'sample_latent', 'prompt_template', 'zero_shot', 'refine', 'cuda_graphs']"),
 ])
@@ -122,7 +125,8 @@ def test_bad_settings_are_refused_when_made(segmenter, changes, message):
 
 
 def test_a_prompt_template_with_braces_escaped_is_taken(segmenter):
-    assert segmenter.with_settings(prompt_template="{{a}} {}").settings.prompt_template == "{{a}} {}"
+    for template in ("{{a}} {}", "{{}} {}", "{} {{}}"):
+        assert segmenter.with_settings(prompt_template=template).settings.prompt_template == template
 
 
 def test_a_predictions_images_round_to_the_nearest_level():
