@@ -115,11 +115,15 @@ def _serve(webui: Path, work: Path, flags: list[str], options: dict, python_vari
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            try:
-                if _call(base, "/ldznet/v1/version", auth=auth)[0] == 200:
-                    break
-            except OSError:
-                pass
+            # Not before the host says its start is over: with the UI, the server answers before create_api()
+            # adds the API's middleware, and a request in between makes that raise (starlette 0.26), ending
+            # the WebUI. Both hosts print this line after the app_started callbacks (which add our routes).
+            if "Startup time:" in (work / "server.log").read_text(errors="replace"):
+                try:
+                    if _call(base, "/ldznet/v1/version", auth=auth)[0] == 200:
+                        break
+                except OSError:
+                    pass
             if process.poll() is not None:
                 break
             time.sleep(2)
