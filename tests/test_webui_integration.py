@@ -105,7 +105,8 @@ def _serve(webui: Path, work: Path, flags: list[str], options: dict, python_vari
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     python = os.environ.get(python_variable, str(webui / "venv" / "bin" / "python"))
-    env = {**os.environ, "HF_HOME": str(work / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HOME": str(work / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1"}  # its log lines as they come: the start is read from them
     command = [python, "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-version-check",
                "--api", "--no-download-sd-model", "--no-hashing", "--server-name", "127.0.0.1", "--port", str(port),
                *flags]
