@@ -98,18 +98,15 @@ class ZeroShotSettings:
             object.__setattr__(self, "attention_blocks", tuple(self.attention_blocks))  # a list, as a script passes
         if self.attention_scales is not None:
             scales = self.attention_scales
-            if not (isinstance(scales, (tuple, list)) and scales
-                    and all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in scales)):
+            pairs = isinstance(scales, (tuple, list)) and all(
+                isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in scales)
+            for downscale, weight in scales if pairs else ():
+                DOWNSCALE.check(downscale, "attention scale downscale")
+                SCALE_WEIGHT.check(weight, "attention scale weight")
+            if not pairs or sum(weight for _, weight in scales) <= 0:
                 raise LdznetError(f"attention_scales must hold (downscale, weight) pairs with a positive weight, "
                                   f"got {shown(scales)}")
             object.__setattr__(self, "attention_scales", tuple(tuple(pair) for pair in scales))
-            scales = self.attention_scales
-            for downscale, weight in scales:
-                DOWNSCALE.check(downscale, "attention scale downscale")
-                SCALE_WEIGHT.check(weight, "attention scale weight")
-            if sum(weight for _, weight in scales) <= 0:
-                raise LdznetError(f"attention_scales must hold (downscale, weight) pairs with a positive weight, "
-                                  f"got {shown(scales)}")
         if self.self_attention_scale is not None:
             DOWNSCALE.check(self.self_attention_scale, "self_attention_scale")
         PROPAGATION_STEPS.check(self.propagation_steps, "propagation_steps")
