@@ -71,11 +71,11 @@ def _earlier_stages(path: Path) -> dict:
     if not path.is_file():
         return {}
     log = read_json(path, "a training log; move it away or give another output folder")
-    stages = log.get("stages") if isinstance(log, dict) else None
+    recipe, stages = (log.get("recipe"), log.get("stages")) if isinstance(log, dict) else (None, None)
     # A run's log always has both from its first write: a file without them is someone else's, which the
     # run would overwrite, with the files the log stands for.
-    if (not isinstance(log.get("recipe") if isinstance(log, dict) else None, dict) or not isinstance(stages, dict)
-            or not all(isinstance(v, dict) for v in stages.values())):
+    if not (isinstance(recipe, dict) and isinstance(stages, dict)
+            and all(isinstance(v, dict) for v in stages.values())):
         raise LdznetError(f"{path}: not a training log of `ldznet world train-sd` (no recipe and stages); move it "
                           "away or give another output folder")
     return stages
