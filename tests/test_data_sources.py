@@ -17,6 +17,7 @@ from ldznet_ext.cli import main
 from ldznet_ext.errors import ImageError, LdznetError
 from ldznet_ext.data import refcoco as refcoco_module
 from ldznet_ext.data.examples import Example, resize_square
+from ldznet_ext.data import geometry
 from ldznet_ext.data.geometry import decode_counts, decode_rle, phrasecut_mask, polygon_mask
 from ldznet_ext.data.spec import open_source, parse_spec
 from ldznet_ext.data.stream import iterate_examples
@@ -64,6 +65,29 @@ def test_polygon_mask_uses_pixel_centres():
     assert clipped.sum() == 4 and clipped[:2, :2].all()
     with pytest.raises(LdznetError, match="expected a polygon"):
         polygon_mask([[1, 2, 3]], 4, 4)
+
+
+def test_polygon_rows_in_blocks_equal_one_block(monkeypatch):
+    """A polygon of many vertices is filled a few rows at a time (bounded memory): block edges
+    must neither drop nor shift a row."""
+    rng = np.random.default_rng(1)
+    angles = np.sort(rng.uniform(0, 2 * np.pi, 40))
+    radii = rng.uniform(5, 19, 40)
+    star = np.stack([20 + radii * np.cos(angles), 20 + radii * np.sin(angles)], 1).ravel().tolist()
+    whole = polygon_mask([star], 40, 40)
+    assert 300 < whole.sum() < 1200
+    monkeypatch.setattr(geometry, "_CROSSINGS_PER_BLOCK", 3 * 40)  # 3 rows a block
+    assert np.array_equal(polygon_mask([star], 40, 40), whole)
+
+
+def test_world_objects_and_coco_polygons_share_one_rasteriser():
+    """The micro world's masks follow the same pixel-centre rule as COCO polygons, ties included:
+    a centre exactly on the triangle's right edge is outside in both."""
+    from ldznet_ext.world import spec
+    corners = np.array([[0, 0], [4, 0], [0, 4]], np.float64)
+    world = spec.polygon_mask(corners / 5, 5, (0, 0, 5, 5))
+    assert np.array_equal(world, polygon_mask([corners.tolist()], 5, 5))
+    assert not world[2, 1]  # centre (1.5, 2.5) lies on the edge x + y = 4
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools 2.0 on numpy 2

@@ -2,12 +2,13 @@
 
 Two polygon conventions are in use and they differ on boundary pixels:
 
-- ``polygon_mask`` (COCO, JSONL manifests): coordinates are continuous, pixel (row r, column c)
-  covers the unit square [c, c + 1) x [r, r + 1) and is inside when its centre (c + 0.5, r + 0.5)
-  is inside the polygon by the even-odd rule (a centre exactly on a left edge counts as inside,
-  on a right edge as outside), so the rectangle (1, 1)-(5, 4) covers 4 x 3 = 12 pixels. Without
-  pycocotools this is how COCO polygons are rasterised; pycocotools' own rasteriser (used when it
-  is installed) can differ by a pixel along the boundary.
+- ``polygon_mask`` (COCO, JSONL manifests; its ``even_odd_fill`` also draws the micro world's
+  objects): coordinates are continuous, pixel (row r, column c) covers the unit square
+  [c, c + 1) x [r, r + 1) and is inside when its centre (c + 0.5, r + 0.5) is inside the polygon
+  by the even-odd rule (a centre exactly on a left edge counts as inside, on a right edge as
+  outside), so the rectangle (1, 1)-(5, 4) covers 4 x 3 = 12 pixels. Without pycocotools this is
+  how COCO polygons are rasterised; pycocotools' own rasteriser (used when it is installed) can
+  differ by a pixel along the boundary.
 - ``phrasecut_mask`` (PhraseCut): the dataset's own evaluator truncates the coordinates to
   integers and draws each polygon filled *and* outlined with Pillow, so the square (2, 2)-(5, 5)
   covers 4 x 4 = 16 pixels.
@@ -31,6 +32,8 @@ from ..errors import LdznetError
 # Far beyond any image side, and small enough that the rasterisers' products of coordinate
 # differences stay finite (1e308 made the crossing NaN, an index of -2^63) and Pillow's ints fit.
 MAX_COORDINATE = 2.0**31
+# Row-edge pairs one block of ``even_odd_fill``'s rows compares at once: its bool arrays' bytes.
+_CROSSINGS_PER_BLOCK = 1 << 22
 
 
 def polygon_points(polygon: Sequence, what: str) -> np.ndarray:
@@ -55,30 +58,47 @@ def polygon_mask(polygons: Sequence[Sequence], height: int, width: int, what: st
     [height, width], by the COCO pixel-centre convention of the module docstring."""
     mask = np.zeros((height, width), bool)
     for polygon in polygons:
-        points = polygon_points(polygon, what)
-        if len(points) >= 3:
-            mask |= _even_odd(points, height, width)
+        mask |= even_odd_fill(polygon_points(polygon, what), height, width)
     return mask
 
 
-def _even_odd(points: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Pixels whose centre is inside one polygon (even-odd rule) as bool [height, width]."""
-    toggles = np.zeros((height, width + 1), np.int32)
-    x0, y0 = points[:, 0], points[:, 1]
-    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
-    for ax, ay, bx, by in zip(x0, y0, x1, y1):
-        if ay == by:
-            continue
-        # Rows whose centre line y = r + 0.5 the edge crosses, half-open so shared vertices count once.
-        low, high = min(ay, by), max(ay, by)
-        rows = np.arange(max(0, int(np.ceil(low - 0.5))), min(height, int(np.ceil(high - 0.5))))
-        if not len(rows):
-            continue
-        x = ax + (rows + 0.5 - ay) * (bx - ax) / (by - ay)
-        # The first pixel whose centre is right of (or on) the crossing.
-        start = np.clip(np.ceil(x - 0.5), 0, width).astype(np.int64)
-        np.add.at(toggles, (rows, start), 1)
-    return (np.cumsum(toggles, axis=1)[:, :width] % 2).astype(bool)
+def even_odd_fill(points: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Which pixels of a ``height x width`` grid have their centre (c + 0.5, r + 0.5) inside the
+    polygon ``points`` (float [K, 2], x and y in pixels) by the even-odd rule, as bool: a centre
+    exactly on a left edge is inside, on a right edge outside (the module docstring's convention).
+    The one polygon rasteriser: COCO polygons and manifests here, the micro world's objects."""
+    inside = np.zeros((height, width), bool)
+    if len(points) < 3:
+        return inside
+    a = points
+    b = np.roll(points, -1, axis=0)
+    # Only the rows the polygon spans: a small polygon on a large image costs its own size.
+    first_row = max(0, int(np.ceil(a[:, 1].min() - 0.5)))
+    end_row = min(height, int(np.ceil(a[:, 1].max() - 0.5)))
+    if first_row >= end_row:
+        return inside
+    # Rows in blocks, so that a polygon of many vertices on a tall image needs bounded memory.
+    block = max(1, _CROSSINGS_PER_BLOCK // len(points))
+    for top in range(first_row, end_row, block):
+        bottom = min(top + block, end_row)
+        inside[top:bottom] = _fill_rows(a, b, top, bottom, width)
+    return inside
+
+
+def _fill_rows(a: np.ndarray, b: np.ndarray, top: int, bottom: int, width: int) -> np.ndarray:
+    """``even_odd_fill``'s rows top..bottom - 1 for the edges a[k] -> b[k]."""
+    centres = np.arange(top, bottom) + 0.5
+    # Scanline through each row's centre: edges crossing it (half-open in y, so a vertex on the
+    # line counts once) toggle inside/outside for every centre right of (or on) the crossing.
+    crosses = (a[None, :, 1] <= centres[:, None]) != (b[None, :, 1] <= centres[:, None])
+    row, edge = np.nonzero(crosses)
+    t = (centres[row] - a[edge, 1]) / (b[edge, 1] - a[edge, 1])
+    x = a[edge, 0] + t * (b[edge, 0] - a[edge, 0])
+    start = np.clip(np.ceil(x - 0.5), 0, width).astype(np.int64)
+    rows = bottom - top
+    toggles = np.bincount(row * (width + 1) + start, minlength=rows * (width + 1)).astype(np.uint8)
+    parity = np.cumsum(toggles.reshape(rows, width + 1)[:, :width], axis=1, dtype=np.uint8) & 1  # survives wrap-around
+    return parity.view(bool)
 
 
 def phrasecut_mask(polygons: Sequence[Sequence], height: int, width: int, what: str = "polygon") -> np.ndarray:

@@ -14,6 +14,8 @@ from functools import cache
 import cv2
 import numpy as np
 
+from ..data.geometry import even_odd_fill
+
 
 @dataclass(frozen=True)
 class Vocabulary:
@@ -247,20 +249,9 @@ def polygon_mask(polygon: np.ndarray, size: int, box: tuple[int, int, int, int],
     x0, y0, x1, y1 = box
     n = samples
     h, w = (y1 - y0) * n, (x1 - x0) * n
-    a = polygon * (size * n) - np.array([x0 * n, y0 * n])
-    b = np.roll(a, -1, axis=0)
-    centres = np.arange(h) + 0.5
-    # Scanline through each sample row: edges crossing it (half-open in y, so a vertex on
-    # the line counts once) toggle inside/outside for every sample centre right of the crossing.
-    cross = (a[None, :, 1] <= centres[:, None]) != (b[None, :, 1] <= centres[:, None])
-    row, edge = np.nonzero(cross)
-    t = (centres[row] - a[edge, 1]) / (b[edge, 1] - a[edge, 1])
-    x = a[edge, 0] + t * (b[edge, 0] - a[edge, 0])
-    first = np.clip(np.floor(x - 0.5).astype(np.int64) + 1, 0, w)
-    toggles = np.bincount(row * (w + 1) + first, minlength=h * (w + 1)).astype(np.uint8).reshape(h, w + 1)
-    inside = np.cumsum(toggles[:, :w], axis=1, dtype=np.uint8) & 1  # parity survives uint8 wrap-around
+    inside = even_odd_fill(polygon * (size * n) - np.array([x0 * n, y0 * n]), h, w)
     if n == 1:
-        return inside.view(bool)
+        return inside
     return cv2.resize(inside.astype(np.float32), (w // n, h // n), interpolation=cv2.INTER_AREA)
 
 
