@@ -23,6 +23,7 @@ _EXPORTS = {
     "SegmenterSettings": "ldznet_ext.segmenter",
     "Prediction": "ldznet_ext.segmenter",
     "load_segmenter": "ldznet_ext.loading",
+    "segmenter_from_pipeline": "ldznet_ext.loading",
     "build_segmenter": "ldznet_ext.factory",
     "ModelSettings": "ldznet_ext.factory",
     "load_stable_diffusion": "ldznet_ext.sd.checkpoint",
@@ -35,7 +36,8 @@ _EXPORTS = {
     "default_model_paths": "ldznet_ext.defaults",
 }
 __all__ = [
-    "__version__", "Segmenter", "SegmenterSettings", "Prediction", "load_segmenter", "build_segmenter", "ModelSettings",
+    "__version__", "Segmenter", "SegmenterSettings", "Prediction", "load_segmenter", "segmenter_from_pipeline",
+    "build_segmenter", "ModelSettings",
     "load_stable_diffusion", "load_head", "MaskJob", "MaskOptions", "RefineSettings", "load_image", "LdznetError",
     "default_model_paths",
 ]
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
     from .heads import load_head
     from .images import load_image
     from .job import MaskJob
-    from .loading import load_segmenter
+    from .loading import load_segmenter, segmenter_from_pipeline
     from .masks.ops import MaskOptions
     from .refine import RefineSettings
     from .sd.checkpoint import load_stable_diffusion

@@ -63,9 +63,9 @@ class ModelSettings:
 
 
 def backbone_unet_config(backbone: Backbone) -> UNetConfig:
-    """The configuration of ``backbone``'s UNet: its own, or read from the weight shapes of a host's
-    ldm-layout UNet."""
-    config = getattr(backbone.unet, "config", None)
+    """The configuration of ``backbone``'s UNet: the backbone's (``unet_config``), its UNet's own, or read from
+    the weight shapes of a host's ldm-layout UNet."""
+    config = getattr(backbone, "unet_config", None) or getattr(backbone.unet, "config", None)
     return config if isinstance(config, UNetConfig) else unet_config_from_state_dict(backbone.unet.state_dict())
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
+from .backbones.diffusers_pipeline import DiffusersBackbone
 from .backbones.family import LABELS, NOT_MODELS, VAE_MISSING, CheckpointInfo
 from .checkpoint_io import SINGLE_FILE, named_path, path_argument, readable_file
 from .defaults import default_model_paths
 from .devices import resolve_device
 from .errors import CheckpointError, LdznetError
-from .factory import ModelSettings, build_segmenter
+from .factory import ModelSettings, build_segmenter, head_dtype
 from .heads import load_head
 from .limits import RESOLUTION
 from .precision import resolve_dtype
@@ -170,3 +171,23 @@ def load_segmenter(model: str | os.PathLike, head: str | os.PathLike | None = No
     return build_segmenter(backbone, head_module, head_config,
                            ModelSettings(resolution=resolution, timestep=timestep, draws=draws, seed=seed),
                            name=name, head_name=named_path(head).name if head is not None else "head")
+
+
+def segmenter_from_pipeline(pipe, head: str | os.PathLike | None = None, *, resolution: int | None = None,
+                            timestep: int | None = None, draws: int | None = None, seed: int = 0) -> Segmenter:
+    """A Segmenter on a diffusers Stable Diffusion pipeline already loaded (SD 1.x for a head or zero-shot,
+    SD 2.x and the SDXL family for zero-shot), reusing its parts in place, on its device and dtype: see
+    ``backbones.diffusers_pipeline``. ``head``: a head file (None: zero-shot masks), computed in the
+    pipeline's dtype; the other choices as for :func:`load_segmenter`."""
+    backbone = DiffusersBackbone(pipe)
+    if resolution is not None:
+        RESOLUTION.check(resolution, "resolution")
+    head_module = head_config = None
+    if head is not None:
+        head = path_argument(head, "head file")
+        head_module, head_config = load_head(head, device=backbone.device, dtype=head_dtype("auto", backbone))
+    name = f"the {type(pipe).__name__}'s model" + (f" with {named_path(head).name}" if head is not None else "")
+    return build_segmenter(backbone, head_module, head_config,
+                           ModelSettings(resolution=resolution, timestep=timestep, draws=draws, seed=seed),
+                           name=name, head_name=named_path(head).name if head is not None else "head",
+                           zero_shot="head=None")

@@ -126,7 +126,8 @@ class FeatureTap(UNetHooks):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
             if not self.owns_call():
                 return
-            self.features[number] = output
+            # diffusers' Transformer2DModel returns (sample,) or an output object holding it.
+            self.features[number] = output if isinstance(output, Tensor) else output[0]
             if is_last and self.early_exit:
                 raise _StopUNet
 

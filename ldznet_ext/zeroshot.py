@@ -207,7 +207,9 @@ class CrossAttentionRecorder(UNetHooks):
             if not self.owns_call():
                 return
             x = args[0]
-            q, k = _queries_keys(module, x, kwargs.get("context", args[1] if len(args) > 1 else None))
+            # ldm passes the text as context=, diffusers as encoder_hidden_states=, older code positionally.
+            context = kwargs.get("context", kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None))
+            q, k = _queries_keys(module, x, context)
             probs = torch.softmax(q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1).mean(1)
             masses = torch.zeros(x.shape[0], x.shape[1], device=x.device)
             for i, span in enumerate(self.spans):

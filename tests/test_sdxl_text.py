@@ -26,10 +26,13 @@ def tiny_bigg(seed: int = 0) -> OpenCLIPTextEncoder:
     return randomize_(OpenCLIPTextEncoder(width=64, layers=3, heads=2, mlp_width=256, embed_dim=48), seed)
 
 
-def reference_bigg(ours: OpenCLIPTextEncoder) -> transformers.CLIPTextModelWithProjection:
-    config = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=256,
-                                         num_hidden_layers=3, num_attention_heads=2, max_position_embeddings=77,
-                                         hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=48,
+def reference_bigg(ours: OpenCLIPTextEncoder, width: int = 64, layers: int = 3, heads: int = 2, mlp_width: int = 256,
+                   projection: int = 48) -> transformers.CLIPTextModelWithProjection:
+    """transformers' twin of ``ours`` (of :func:`tiny_bigg`'s shape unless told), converted by diffusers."""
+    config = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=mlp_width,
+                                         num_hidden_layers=layers, num_attention_heads=heads,
+                                         max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
+                                         projection_dim=projection,
                                          bos_token_id=49406, eos_token_id=EOS_ID, pad_token_id=0)
     twin = transformers.CLIPTextModelWithProjection(config).eval()
     checkpoint = {PREFIX + k: v for k, v in ours.state_dict().items()}

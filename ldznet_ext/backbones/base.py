@@ -78,9 +78,10 @@ class CaptureModules(NamedTuple):
 
 @dataclass(frozen=True)
 class TransformerSite:
-    """One spatial transformer of a denoiser: ``module``'s output [B, C, h, w] is the feature,
-    ``cross_attention`` is its text attention (``to_q``, ``to_k``, ``heads``; called with the
-    context as second argument or ``context=``), ``self_attention`` that of its first block over its
+    """One spatial transformer of a denoiser: ``module``'s output [B, C, h, w] (or a tuple or diffusers
+    output object holding it first) is the feature, ``cross_attention`` is its text attention (``to_q``,
+    ``to_k``, ``heads``; called with the context as second argument, ``context=`` or diffusers'
+    ``encoder_hidden_states=``), ``self_attention`` that of its first block over its
     own pixels (same attributes; None where a layout does not expose it), and it runs at
     1 / ``downscale`` of the latent's side."""
 
@@ -146,7 +147,8 @@ class Backbone(Protocol):
 
     Optional: ``capture_modules`` (:class:`CaptureModules`), for a backbone whose calls a CUDA graph
     may capture (``graphs.py``): pure torch, nothing host-side that must run on every call. A
-    backbone without it always runs eagerly.
+    backbone without it always runs eagerly. ``unet_config`` (a ``sd.unet.UNetConfig``), for a
+    denoiser that is neither ours nor of ldm's layout (the head-fits-model check reads it).
     """
 
     schedule: NoiseSchedule

@@ -76,12 +76,20 @@ def diffusers_family(path: str | os.PathLike) -> str:
             raise CheckpointError(f"{folder.name}: text_encoder_2/ without text_encoder/ (an SDXL refiner?); refiners "
                                   "are not supported: use the SDXL base model or a fine-tune of it")
         return "sdxl"
-    unet_config = _json(folder / "unet" / "config.json", folder)
-    if unet_config.get("addition_embed_type") == "text_time":
+    family = unet_config_family(_json(folder / "unet" / "config.json", folder))
+    if family == "sdxl":
         raise CheckpointError(f"{folder.name}: an SDXL UNet (text_time conditioning) without text_encoder_2/; the "
                               "folder is incomplete")
     text_config = _json(folder / "text_encoder" / "config.json", folder)
-    return "sd2" if 1024 in (text_config.get("hidden_size"), unet_config.get("cross_attention_dim")) else "sd-v1"
+    return "sd2" if text_config.get("hidden_size") == 1024 else family
+
+
+def unet_config_family(config: Mapping[str, Any]) -> str:
+    """The family a diffusers UNet's config names: "sdxl" (pooled-text and size conditioning, ``text_time``),
+    "sd2" (a 1024-d cross-attention or SD 2.x's linear projections), else "sd-v1"."""
+    if config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return "sd2" if config.get("cross_attention_dim") == 1024 or config.get("use_linear_projection") else "sd-v1"
 
 
 def _json(path: Path, folder: Path) -> dict[str, Any]:
@@ -232,6 +240,22 @@ def unet_heads(unet: UNetConfig, config: Mapping[str, Any]) -> UNetConfig:
     raise ValueError(f"heads {heads} at the attention levels give no single head count or width")
 
 
+def ldm_unet_config(ldm_state: Mapping[str, Tensor], config: Mapping[str, Any], problem: str) -> UNetConfig:
+    """The UNetConfig of a diffusers UNet from its weights in ldm's layout (``unet_to_ldm``) and its
+    ``config``; CheckpointError starting with ``problem`` when they do not fit each other."""
+    try:
+        return unet_heads(unet_config_from_state_dict(ldm_state), config)
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"{problem}: {error}") from error
+
+
+def diffusers_unet_config(state: Mapping[str, Tensor], config: Mapping[str, Any], where: str) -> UNetConfig:
+    """The UNetConfig of a diffusers UNet's own weights ``state`` and ``config`` (as ``UNet2DConditionModel``
+    holds them); CheckpointError naming ``where``."""
+    layers = _int_field(config, "layers_per_block", where)
+    return ldm_unet_config(unet_to_ldm(state, layers), config, f"{where} does not fit its config")
+
+
 def _int_field(config: Mapping[str, Any], field: str, where: str) -> int:
     value = config.get(field)
     if type(value) is not int or value < 1:
@@ -346,10 +370,8 @@ def read_diffusers_folder(path: str | os.PathLike, with_vae: bool = True) -> Dif
         bigg = clip_to_openclip(read_part(folder, "text_encoder_2"))
         state.update({BIGG_PREFIX + k: v for k, v in bigg.items()})
     state.update(schedule)
-    try:
-        unet = unet_heads(unet_config_from_state_dict(checkpoint_part(state, UNET_PREFIX)), unet_config)
-    except (KeyError, ValueError) as error:
-        raise CheckpointError(f"{folder.name}: the UNet in unet/ does not fit its config.json: {error}") from error
+    unet = ldm_unet_config(checkpoint_part(state, UNET_PREFIX), unet_config,
+                           f"{folder.name}: the UNet in unet/ does not fit its config.json")
     metadata = {"unet": unet.to_dict(),
                 "text": {"num_attention_heads": _int_field(text_config, "num_attention_heads",
                                                            f"{folder.name}: text_encoder/config.json")}}

@@ -1,0 +1,150 @@
+"""Backbone adapter over a diffusers pipeline a script already holds (``StableDiffusionPipeline``,
+``StableDiffusionXLPipeline``, their img2img and inpainting variants with a 4-channel UNet): masks
+from the loaded model, with no second copy and no import of diffusers.
+
+Every call goes through the pipeline's own parts, so what a generation of the script sees is what
+the mask sees: ``vae.encode`` (the posterior's mean, times ``vae.config.scaling_factor``),
+``encode_prompt`` (its tokenizers and text encoders, with the textual inversions and LoRA scale
+loaded into them), ``unet`` (a ``UNet2DConditionModel``; SDXL's pooled text and, as the host
+adapters do, the size ids of an uncropped image of the latent's size) and the scheduler's
+``alphas_cumprod``. A v-prediction model's output (``scheduler.config.prediction_type``) is
+converted to eps. The UNet's spatial transformers (``down_blocks[i].attentions``, ``mid_block``,
+``up_blocks[i].attentions``) run in the order of an ldm UNet's, so block numbers, the blocks a head
+taps and the zero-shot scales mean the same as on a single file. Nothing is changed on the pipeline;
+the calls run eagerly (no captured CUDA graphs), and the UNet's device is the pipeline's execution
+device, so ``enable_model_cpu_offload`` keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CheckpointError
+from ..sd.diffusers_folder import diffusers_unet_config, unet_config_family
+from ..sd.schedule import NUM_TIMESTEPS, NoiseSchedule, v_to_eps
+from ..sd.unet import UNetConfig
+from .base import LDZNET_BLOCKS, Conditioning, TransformerSite, UNetLayout
+from .family import LABELS
+from .sampling import sample_posterior
+
+_PREDICTIONS = ("epsilon", "v_prediction")  # diffusers' names for eps and v, the two that convert to eps
+
+
+def pipeline_family(pipe) -> str:
+    """The family of a diffusers pipeline's model ("sd-v1", "sd2" or "sdxl"); CheckpointError saying what it
+    is instead and what to do, for a pipeline whose model LD-ZNet cannot read."""
+    kind = type(pipe).__name__
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        what = "a transformer (Flux, SD 3 and the like)" if getattr(pipe, "transformer", None) is not None else "none"
+        raise CheckpointError(f"{kind} has no UNet (it has {what}); LD-ZNet reads the spatial transformers of SD 1.x, "
+                              "SD 2.x and SDXL-family UNets: make masks with such a model (load_segmenter(FILE))")
+    config = getattr(unet, "config", None)
+    if config is None or not hasattr(unet, "down_blocks") or not hasattr(pipe, "encode_prompt"):
+        raise CheckpointError(f"{kind} is not a diffusers Stable Diffusion pipeline (a UNet2DConditionModel as "
+                              "pipe.unet and pipe.encode_prompt)")
+    in_channels = config.get("in_channels")
+    if in_channels != 4:
+        raise CheckpointError(f"{kind}'s UNet takes {in_channels} input channels, not 4 (an inpainting, depth or edit "
+                              "model); use the pipeline of the base model it was made from")
+    family = unet_config_family(config)
+    if family == "sdxl" and getattr(pipe, "text_encoder", None) is None:
+        raise CheckpointError(f"{kind} has no CLIP ViT-L text encoder (an SDXL refiner?); zero-shot masks need an "
+                              "SDXL base-family model (SDXL, Pony, Illustrious, NoobAI, SSD-1B)")
+    vae_config = getattr(getattr(pipe, "vae", None), "config", None) or {}
+    if vae_config.get("latents_mean") is not None or vae_config.get("shift_factor") is not None:
+        raise CheckpointError(f"{kind}'s VAE has latent statistics beyond SD's scale factor (Playground v2.5 and "
+                              "the like, trained with the EDM schedule), which LD-ZNet does not model")
+    scheduler = getattr(pipe, "scheduler", None)
+    table = getattr(scheduler, "alphas_cumprod", None)
+    if not isinstance(table, Tensor) or table.ndim != 1 or len(table) < NUM_TIMESTEPS:
+        raise CheckpointError(f"{kind}'s scheduler ({type(scheduler).__name__}) has no alphas_cumprod table of "
+                              f"{NUM_TIMESTEPS} steps (an EDM or flow-matching schedule?); set an SD scheduler such as "
+                              "DDIMScheduler")
+    prediction = getattr(scheduler, "config", {}).get("prediction_type", "epsilon")
+    if prediction not in _PREDICTIONS or (family == "sd-v1" and prediction != "epsilon"):
+        raise CheckpointError(f"{kind} predicts {prediction!r}; LD-ZNet reads eps-prediction SD 1.x models and eps- "
+                              f"or v-prediction SD 2.x and SDXL-family ones ({LABELS[family]} here)")
+    return family
+
+
+def diffusers_layout(unet: nn.Module, tapped: tuple[int, ...] = LDZNET_BLOCKS) -> UNetLayout:
+    """The spatial transformers of a diffusers ``UNet2DConditionModel`` in execution order: each down
+    level's, the middle's, each up level's (the deepest first), which is the order of an ldm UNet's."""
+    levels = len(unet.down_blocks)
+    parts = [(f"down_blocks.{i}", block, i) for i, block in enumerate(unet.down_blocks)]
+    parts.append(("mid_block", unet.mid_block, levels - 1))
+    parts += [(f"up_blocks.{i}", block, levels - 1 - i) for i, block in enumerate(unet.up_blocks)]
+    sites = []
+    for name, block, level in parts:
+        for index, transformer in enumerate(getattr(block, "attentions", None) or ()):
+            first = transformer.transformer_blocks[0]
+            sites.append(TransformerSite(f"{name}.attentions.{index}", transformer, first.attn2, 2 ** level,
+                                         first.attn1))
+    return UNetLayout(unet, tuple(sites), tapped)
+
+
+class DiffusersBackbone:
+    """The segmenter's Backbone over a diffusers Stable Diffusion pipeline (module docstring);
+    CheckpointError for a pipeline whose model it cannot read (:func:`pipeline_family`)."""
+
+    def __init__(self, pipe):
+        self.family = pipeline_family(pipe)
+        self.pipe = pipe
+        self.schedule = NoiseSchedule(pipe.scheduler.alphas_cumprod.detach())
+        self.v_prediction = pipe.scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
+        self.layout = diffusers_layout(pipe.unet)
+        self.unet_config: UNetConfig = diffusers_unet_config(pipe.unet.state_dict(), pipe.unet.config,
+                                                             f"{type(pipe).__name__}.unet")
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.pipe.unet
+
+    @property
+    def device(self) -> torch.device:
+        # With enable_model_cpu_offload the UNet rests on the CPU and runs on this device.
+        return torch.device(getattr(self.pipe, "_execution_device", None) or self.pipe.unet.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.unet.dtype
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode_image(self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """image [B, 3, H, W] in [-1, 1] -> z [B, 4, H/8, W/8] times the VAE's scaling factor (the posterior's
+        mean unless ``sample``)."""
+        vae = self.pipe.vae
+        posterior = vae.encode(image.to(self.device, vae.dtype)).latent_dist
+        z = sample_posterior(posterior.mean, posterior.std, generator) if sample else posterior.mean
+        return (z.float() * vae.config.scaling_factor).to(self.device)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: Sequence[str]) -> Conditioning:
+        """prompts -> the pipeline's ``encode_prompt`` context [B, 77, D] (and SDXL's pooled text [B, 1280])."""
+        encoded = self.pipe.encode_prompt(prompt=list(prompts), device=self.device, num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)
+        return Conditioning(encoded[0], encoded[2] if self.family == "sdxl" else None)
+
+    @torch.no_grad()
+    def predict_noise(self, z_t: Tensor, t: Tensor, conditioning: Conditioning) -> Tensor:
+        """eps [B, 4, h, w] from the UNet (a v-prediction model's v converted)."""
+        unet = self.pipe.unet
+        z_t, t = z_t.to(self.device), t.to(self.device)
+        extra = {}
+        if self.family == "sdxl":
+            # An uncropped image of the latent's size: original size = target size, crop (0, 0).
+            height, width = (side * self.downsample_factor for side in z_t.shape[-2:])
+            sizes = torch.tensor([height, width, 0, 0, height, width], device=self.device, dtype=unet.dtype)
+            extra["added_cond_kwargs"] = {"text_embeds": conditioning.pooled.to(self.device, unet.dtype),
+                                          "time_ids": sizes.expand(len(z_t), 6)}
+        out = unet(z_t.to(unet.dtype), t, encoder_hidden_states=conditioning.context.to(self.device, unet.dtype),
+                   return_dict=False, **extra)[0]
+        return v_to_eps(out, z_t, self.schedule, t) if self.v_prediction else out

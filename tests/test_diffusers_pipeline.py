@@ -1,0 +1,205 @@
+"""Masks on a diffusers pipeline held in memory (``segmenter_from_pipeline``): diffusers' own
+``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` built here from our tiny models, their weights
+converted by diffusers' ldm -> diffusers functions. Their maps equal those of the same models loaded our
+way (the UNet, VAE and text encoders are diffusers' and transformers' code, not ours), the pipeline is
+left as it was, and pipelines whose model cannot serve are refused by name."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fixtures_models import TINY_VAE8, random_image
+from ldznet_ext import ModelSettings, build_segmenter, load_segmenter, segmenter_from_pipeline
+from ldznet_ext.backbones.diffusers_pipeline import DiffusersBackbone, pipeline_family
+from ldznet_ext.errors import CheckpointError
+from ldznet_ext.sd.checkpoint import load_stable_diffusion
+from ldznet_ext.sd.tokenizer import load_tokenizer, tokenizer_dir
+from ldznet_ext.sd.vae import VAEConfig
+from test_sdxl_model import sdxl_file  # noqa: F401  (pytest fixture)
+from test_sdxl_text import reference_bigg
+from test_sdxl_unet import TIME_DIM, diffusers_twin
+
+diffusers = pytest.importorskip("diffusers")
+single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TERMS = ["red ball", "sky", "a cat on a mat"]
+# The SD schedule as diffusers' schedulers spell it (equal to ours to 4e-5, as test_diffusers_folder shows).
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+
+def diffusers_vae(ours, config: VAEConfig, scale: float):
+    """diffusers' AutoencoderKL with ``ours``' weights, converted by diffusers."""
+    levels = len(config.ch_mult)
+    fields = {"down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+              "block_out_channels": [config.ch * m for m in config.ch_mult], "layers_per_block": config.num_res_blocks,
+              "latent_channels": 4, "scaling_factor": scale}
+    vae = diffusers.AutoencoderKL(**fields)
+    checkpoint = {"first_stage_model." + k: v for k, v in ours.state_dict().items()}
+    vae.load_state_dict(single_file.convert_ldm_vae_checkpoint(checkpoint, fields))
+    return vae.eval().requires_grad_(False)
+
+
+def sd1_pipeline(model, **scheduler):
+    """A StableDiffusionPipeline of ``model``'s weights (its CLIP text model is transformers' already)."""
+    return diffusers.StableDiffusionPipeline(
+        vae=diffusers_vae(model.vae, TINY_VAE8, model.scale_factor), text_encoder=model.text_encoder.transformer,
+        tokenizer=load_tokenizer(), unet=diffusers_twin(model.unet, TIME_DIM).eval(),
+        scheduler=diffusers.DDIMScheduler(**SD_BETAS, clip_sample=False, **scheduler),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="module")
+def sd1_pipe(tiny_model_files):
+    return sd1_pipeline(load_stable_diffusion(tiny_model_files[0]))
+
+
+@pytest.fixture(scope="module")
+def sdxl_pair(sdxl_file):  # noqa: F811  (the fixture imported above)
+    """(our SDXL model, a StableDiffusionXLPipeline of the same weights)."""
+    model = load_stable_diffusion(sdxl_file, zero_shot=True)
+    clip_l, bigg = model.text_encoder.embedders[0], model.text_encoder.embedders[1].model
+    twin_bigg = reference_bigg(bigg, width=32, layers=2, heads=1, mlp_width=128, projection=32)
+    vae_config = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=diffusers_vae(model.vae, vae_config, model.scale_factor), text_encoder=clip_l.transformer,
+        text_encoder_2=twin_bigg, tokenizer=load_tokenizer(),
+        # open_clip pads after the end token with 0 ("!"), as SDXL's second tokenizer is configured
+        tokenizer_2=type(load_tokenizer()).from_pretrained(str(tokenizer_dir()), local_files_only=True, pad_token="!"),
+        unet=diffusers_twin(model.unet, TIME_DIM).eval(),
+        scheduler=diffusers.EulerDiscreteScheduler(**SD_BETAS))
+    return model, pipe
+
+
+def _maps(segmenter, image) -> dict[str, torch.Tensor]:
+    segmenter.set_image(image)
+    return segmenter.predict_terms(TERMS)
+
+
+def _assert_close(maps, expected) -> None:
+    """Equal but for float32 rounding in two implementations (the random head's last-layer gain
+    amplifies it to a few 1e-6); a wrong block, scale or text differs by 1e-2 and more."""
+    assert maps.keys() == expected.keys()
+    for term in TERMS:
+        scale = float(expected[term].abs().max())
+        assert scale > 0.1, term
+        assert float((maps[term] - expected[term]).abs().max()) <= 3e-5 * scale, term
+
+
+def test_sd1_pipeline_masks_equal_the_single_files(sd1_pipe, tiny_model_files) -> None:
+    image = random_image(64, 64, seed=5)
+    for head in (None, tiny_model_files[1]):  # zero-shot, then the LD-ZNet head on blocks 6-10
+        expected = _maps(load_segmenter(tiny_model_files[0], head, resolution=64), image)
+        _assert_close(_maps(segmenter_from_pipeline(sd1_pipe, head, resolution=64), image), expected)
+
+
+def test_sdxl_pipeline_zero_shot_maps_equal_the_single_file(sdxl_pair) -> None:
+    model, pipe = sdxl_pair
+    image = random_image(64, 64, seed=6)
+    expected = _maps(build_segmenter(model, settings=ModelSettings(resolution=64)), image)
+    _assert_close(_maps(segmenter_from_pipeline(pipe, resolution=64), image), expected)
+
+
+def test_a_v_prediction_scheduler_converts_the_unet_output_to_eps(sdxl_pair) -> None:
+    """The backbone's eps equals our SDXL model's for a v-prediction model (the zero-shot maps cannot show
+    it: their eps differences are v's scaled, and the maps are normalised)."""
+    model, pipe = sdxl_pair
+    v_model = copy.copy(model)
+    v_model.prediction = "v"
+    v_pipe = _with(pipe, scheduler=diffusers.EulerDiscreteScheduler(**SD_BETAS, prediction_type="v_prediction"))
+    generator = torch.Generator().manual_seed(2)
+    z_t, t = torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([100, 400])
+    backbone = DiffusersBackbone(v_pipe)
+    eps = backbone.predict_noise(z_t, t, backbone.encode_text(["red ball", "sky"]))
+    expected = v_model.predict_noise(z_t, t, model.encode_text(["red ball", "sky"]))
+    unconverted = DiffusersBackbone(pipe).predict_noise(z_t, t, backbone.encode_text(["red ball", "sky"]))
+    assert float((eps - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+    assert float((unconverted - expected).abs().max()) > 0.1 * float(expected.abs().max())
+
+
+def test_the_pipeline_is_left_as_it_was(sd1_pipe, tiny_model_files) -> None:
+    """No hook stays on any module, no weight changes, and a denoiser call gives what it gave before."""
+    modules = list(sd1_pipe.unet.modules()) + list(sd1_pipe.vae.modules())
+    weights = {k: v.clone() for k, v in sd1_pipe.unet.state_dict().items()}
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(1))
+    before = sd1_pipe.unet(z, 10, encoder_hidden_states=context).sample
+    segmenter = segmenter_from_pipeline(sd1_pipe, tiny_model_files[1], resolution=64)
+    segmenter.set_image(random_image(64, 64, seed=8))
+    segmenter.predict("red ball OR sky")
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    assert all(torch.equal(v, weights[k]) for k, v in sd1_pipe.unet.state_dict().items())
+    assert torch.equal(sd1_pipe.unet(z, 10, encoder_hidden_states=context).sample, before)
+
+
+def test_the_layout_numbers_blocks_as_an_ldm_unet_does(sd1_pipe, tiny_model_files) -> None:
+    ours = load_stable_diffusion(tiny_model_files[0]).layout
+    theirs = DiffusersBackbone(sd1_pipe).layout
+    assert [s.downscale for s in theirs.sites] == [s.downscale for s in ours.sites]
+    assert theirs.tapped == ours.tapped == (6, 7, 8, 9, 10)
+    assert [s.name for s in theirs.sites][5:10] == ["down_blocks.2.attentions.1", "mid_block.attentions.0",
+                                                    "up_blocks.1.attentions.0", "up_blocks.1.attentions.1",
+                                                    "up_blocks.1.attentions.2"]
+
+
+def test_the_family_is_read_from_the_unet_config(sd1_pipe, sdxl_pair) -> None:
+    assert pipeline_family(sd1_pipe) == "sd-v1" and pipeline_family(sdxl_pair[1]) == "sdxl"
+    assert pipeline_family(_unet_with(sd1_pipe, use_linear_projection=True)) == "sd2"
+    assert pipeline_family(_unet_with(sd1_pipe, cross_attention_dim=1024)) == "sd2"
+    v_pipe = _with(sd1_pipe, scheduler=diffusers.DDIMScheduler(**SD_BETAS, prediction_type="v_prediction"))
+    assert pipeline_family(_unet_with(v_pipe, use_linear_projection=True)) == "sd2"  # SD 2.x 768-v: served
+
+
+def test_a_head_on_an_sdxl_pipeline_is_refused_before_any_mask(sdxl_pair, tiny_model_files) -> None:
+    with pytest.raises(CheckpointError, match=r"head.safetensors: this ldznet head was made for a different SD "
+                                              r"model .*; use a head trained on this model, or head=None"):
+        segmenter_from_pipeline(sdxl_pair[1], tiny_model_files[1])
+
+
+class _Flux:
+    transformer = torch.nn.Linear(1, 1)
+
+
+def _with(pipe, **parts):
+    changed = copy.copy(pipe)
+    for name, value in parts.items():
+        setattr(changed, name, value)
+    return changed
+
+
+def _unet_with(pipe, **config):
+    unet = copy.copy(pipe.unet)
+    unet._internal_dict = diffusers.configuration_utils.FrozenDict({**pipe.unet.config, **config})
+    return _with(pipe, unet=unet)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: _Flux(), r"^_Flux has no UNet \(it has a transformer \(Flux, SD 3 and the like\)\)"),
+    (lambda p: _with(p, unet=torch.nn.Linear(1, 1)), r"is not a diffusers Stable Diffusion pipeline"),
+    (lambda p: _unet_with(p, in_channels=9), r"UNet takes 9 input channels, not 4 \(an inpainting, depth or edit "
+                                             r"model\); use the pipeline of the base model"),
+    (lambda p: _with(p, scheduler=diffusers.FlowMatchEulerDiscreteScheduler()),
+     r"\(FlowMatchEulerDiscreteScheduler\) has no alphas_cumprod table of 1000 steps"),
+    (lambda p: _with(p, scheduler=diffusers.DDIMScheduler(**SD_BETAS, prediction_type="v_prediction")),
+     r"predicts 'v_prediction'; LD-ZNet reads eps-prediction SD 1.x models .* \(SD 1.x here\)"),
+    (lambda p: _with(p, scheduler=diffusers.DDIMScheduler(**SD_BETAS, prediction_type="sample")),
+     r"predicts 'sample'"),
+])
+def test_pipelines_that_cannot_serve_are_named(sd1_pipe, change, message) -> None:
+    with pytest.raises(CheckpointError, match=message):
+        segmenter_from_pipeline(change(sd1_pipe))
+
+
+def test_an_edm_vae_and_an_sdxl_refiner_are_refused(sdxl_pair) -> None:
+    pipe = sdxl_pair[1]
+    vae = copy.copy(pipe.vae)
+    vae._internal_dict = diffusers.configuration_utils.FrozenDict({**pipe.vae.config, "latents_mean": [0.0] * 4,
+                                                                    "latents_std": [1.0] * 4})
+    with pytest.raises(CheckpointError, match=r"VAE has latent statistics beyond SD's scale factor"):
+        segmenter_from_pipeline(_with(pipe, vae=vae))
+    with pytest.raises(CheckpointError, match=r"has no CLIP ViT-L text encoder \(an SDXL refiner\?\)"):
+        segmenter_from_pipeline(_with(pipe, text_encoder=None))
