@@ -194,6 +194,23 @@ def test_pipelines_that_cannot_serve_are_named(sd1_pipe, change, message) -> Non
         segmenter_from_pipeline(change(sd1_pipe))
 
 
+def test_an_ip_adapter_in_the_unet_is_refused_also_when_loaded_after_the_segmenter(sd1_pipe, tiny_model_files):
+    segmenter = segmenter_from_pipeline(sd1_pipe, tiny_model_files[1], resolution=64)
+    segmenter.set_image(random_image(64, 64, seed=9))
+    message = r"UNet is conditioned on an image beside the text \(ip_image_proj: an IP-Adapter\?\).*unload_ip_adapter"
+    try:  # what diffusers' load_ip_adapter sets on the UNet
+        sd1_pipe.unet.encoder_hid_proj = torch.nn.Identity()
+        sd1_pipe.unet.register_to_config(encoder_hid_dim_type="ip_image_proj")
+        with pytest.raises(CheckpointError, match=message):
+            segmenter.predict("red ball")
+        with pytest.raises(CheckpointError, match=message):
+            segmenter_from_pipeline(sd1_pipe)
+    finally:
+        sd1_pipe.unet.encoder_hid_proj = None
+        sd1_pipe.unet.register_to_config(encoder_hid_dim_type=None)
+    assert segmenter.predict("red ball").mask.shape == (64, 64)
+
+
 def test_an_edm_vae_and_an_sdxl_refiner_are_refused(sdxl_pair) -> None:
     pipe = sdxl_pair[1]
     vae = copy.copy(pipe.vae)

@@ -50,6 +50,7 @@ def pipeline_family(pipe) -> str:
     if in_channels != 4:
         raise CheckpointError(f"{kind}'s UNet takes {in_channels} input channels, not 4 (an inpainting, depth or edit "
                               "model); use the pipeline of the base model it was made from")
+    check_text_only(unet, kind)
     family = unet_config_family(config)
     if family == "sdxl" and getattr(pipe, "text_encoder", None) is None:
         raise CheckpointError(f"{kind} has no CLIP ViT-L text encoder (an SDXL refiner?); zero-shot masks need an "
@@ -69,6 +70,15 @@ def pipeline_family(pipe) -> str:
         raise CheckpointError(f"{kind} predicts {prediction!r}; LD-ZNet reads eps-prediction SD 1.x models and eps- "
                               f"or v-prediction SD 2.x and SDXL-family ones ({LABELS[family]} here)")
     return family
+
+
+def check_text_only(unet: nn.Module, kind: str) -> None:
+    """CheckpointError when ``unet`` is conditioned on an image beside the text (an IP-Adapter loaded into it,
+    ``encoder_hid_proj``), which the masks' calls do not give it; ``kind`` names the pipeline."""
+    if getattr(unet, "encoder_hid_proj", None) is not None:
+        raise CheckpointError(f"{kind}'s UNet is conditioned on an image beside the text "
+                              f"({unet.config.get('encoder_hid_dim_type')}: an IP-Adapter?); masks read it conditioned "
+                              "on text alone: call pipe.unload_ip_adapter() first")
 
 
 def diffusers_layout(unet: nn.Module, tapped: tuple[int, ...] = LDZNET_BLOCKS) -> UNetLayout:
@@ -137,6 +147,7 @@ class DiffusersBackbone:
     def predict_noise(self, z_t: Tensor, t: Tensor, conditioning: Conditioning) -> Tensor:
         """eps [B, 4, h, w] from the UNet (a v-prediction model's v converted)."""
         unet = self.pipe.unet
+        check_text_only(unet, type(self.pipe).__name__)  # an IP-Adapter may have been loaded since
         z_t, t = z_t.to(self.device), t.to(self.device)
         extra = {}
         if self.family == "sdxl":
