@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldznet_ext.errors import CheckpointError
+from fixtures_models import image_file  # noqa: F401  (pytest fixture)
+from ldznet_ext.errors import CheckpointError, LdznetError
 from ldznet_ext.sd.text import TextEncoder, normalize_text_state_dict, text_config
 from ldznet_ext.sd.tokenizer import BOS_ID, EOS_ID, tokenize
 
@@ -150,3 +151,18 @@ def test_unexpected_and_duplicate_keys_are_rejected(tiny):
     old = sd_style_state(tiny, modern=False, position_ids=None)
     with pytest.raises(CheckpointError, match="appears both with and without 'text_model.'"):
         normalize_text_state_dict({**modern, **old})
+
+
+def test_a_transformers_that_hides_its_torch_models_is_named(monkeypatch, ldznet, tiny_model_files, image_file):
+    """transformers 5 on torch < 2.6 turns its torch models off; masks say what to install, in one line."""
+    import transformers
+    monkeypatch.setattr(transformers.utils, "is_torch_available", lambda: False)
+    message = (f"transformers {transformers.__version__} does not run on torch {torch.__version__} (it turns its "
+               "torch models off; transformers 5 needs torch >= 2.6): install 'transformers>=4.30,<5' or a newer torch")
+    with pytest.raises(LdznetError) as caught:
+        TextEncoder.from_config(text_config("tiny"))
+    assert str(caught.value) == message
+    code, out, err = ldznet("mask", image_file, "cat", "--model", tiny_model_files[0], "--zero-shot",
+                            "-o", image_file.parent / "m.png")
+    assert (code, out, err.strip().splitlines()) == (2, "", [f"ldznet mask: error: sd.safetensors: {message}"])
+    assert not (image_file.parent / "m.png").exists()

@@ -14,7 +14,7 @@ import torch
 import transformers
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, LdznetError
 from .tokenizer import BOS_ID, EOS_ID, MAX_LENGTH, VOCAB_SIZE, tokenize
 
 _SIZES: dict[str, dict[str, int]] = {
@@ -46,6 +46,16 @@ def text_config(size: str) -> transformers.CLIPTextConfig:
     )
 
 
+def check_transformers_torch() -> None:
+    """LdznetError when the installed transformers will not run on the installed torch: transformers 5
+    needs torch 2.6 and hides its torch models from an older one (a fresh ``pip install`` beside torch
+    2.1-2.5, A1111's torch, picks it)."""
+    if not transformers.utils.is_torch_available():
+        raise LdznetError(f"transformers {transformers.__version__} does not run on torch {torch.__version__} (it "
+                          "turns its torch models off; transformers 5 needs torch >= 2.6): install "
+                          "'transformers>=4.30,<5' or a newer torch")
+
+
 class TextEncoder(nn.Module):
     """SD v1's conditioning: prompts -> CLIP ``last_hidden_state`` (after the final layer norm)."""
 
@@ -56,6 +66,7 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_config(cls, config: transformers.CLIPTextConfig) -> TextEncoder:
         """A randomly initialised encoder; load SD weights with :meth:`load_text_state_dict`."""
+        check_transformers_torch()
         return cls(transformers.CLIPTextModel(config))
 
     def load_text_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
