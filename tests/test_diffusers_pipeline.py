@@ -1,5 +1,5 @@
 """Masks on a diffusers pipeline held in memory (``segmenter_from_pipeline``): diffusers' own
-``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` built here from our tiny models, their weights
+``StableDiffusionPipeline`` (SD 1.x, SD 2.x) / ``StableDiffusionXLPipeline`` built here from our tiny models, their weights
 converted by diffusers' ldm -> diffusers functions. Their maps equal those of the same models loaded our
 way (the UNet, VAE and text encoders are diffusers' and transformers' code, not ours), the pipeline is
 left as it was, and pipelines whose model cannot serve are refused by name."""
@@ -10,14 +10,17 @@ import copy
 
 import pytest
 import torch
+import transformers
 
 from fixtures_models import TINY_VAE8, random_image
 from ldznet_ext import ModelSettings, build_segmenter, load_segmenter, segmenter_from_pipeline
 from ldznet_ext.backbones.diffusers_pipeline import DiffusersBackbone, pipeline_family
 from ldznet_ext.errors import CheckpointError
 from ldznet_ext.sd.checkpoint import load_stable_diffusion
+from ldznet_ext.sd.text import TextEncoder
 from ldznet_ext.sd.tokenizer import load_tokenizer, tokenizer_dir
 from ldznet_ext.sd.vae import VAEConfig
+from test_sd2_model import sd2_file  # noqa: F401  (pytest fixture)
 from test_sdxl_model import sdxl_file  # noqa: F401  (pytest fixture)
 from test_sdxl_text import reference_bigg
 from test_sdxl_unet import TIME_DIM, diffusers_twin
@@ -75,6 +78,33 @@ def sdxl_pair(sdxl_file):  # noqa: F811  (the fixture imported above)
     return model, pipe
 
 
+@pytest.fixture(scope="module")
+def sd2_pair(sd2_file):  # noqa: F811  (the fixture imported above)
+    """(our SD 2.x model, a StableDiffusionPipeline of the same weights): diffusers' SD 2.x text encoder is
+    ViT-H without its last layer (test_sd2_model shows it equals ldm's penultimate + ln_final)."""
+    model = load_stable_diffusion(sd2_file, zero_shot=True)
+    vit_h = model.text_encoder.model
+    config = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=1, max_position_embeddings=77, hidden_act="gelu",
+                                         layer_norm_eps=1e-5, projection_dim=64, bos_token_id=49406,
+                                         eos_token_id=49407, pad_token_id=0)
+    checkpoint = {"cond_stage_model.model." + k: v for k, v in vit_h.state_dict().items()
+                  if not k.startswith("transformer.resblocks.2.")}
+    converted = single_file.convert_open_clip_checkpoint(transformers.CLIPTextModelWithProjection(config), checkpoint)
+    text_encoder = TextEncoder(transformers.CLIPTextModel(config))
+    text_encoder.load_text_state_dict({k: v for k, v in converted.items() if k.startswith("text_model.")})
+    table = model.schedule.alphas_cumprod
+    betas = 1 - table / torch.cat([table.new_ones(1), table[:-1]])
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=diffusers_vae(model.vae, TINY_VAE8, model.scale_factor), text_encoder=text_encoder.transformer.eval(),
+        tokenizer=type(load_tokenizer()).from_pretrained(str(tokenizer_dir()), local_files_only=True, pad_token="!"),
+        unet=diffusers_twin(model.unet, TIME_DIM).eval(),
+        scheduler=diffusers.DDIMScheduler(trained_betas=betas.float().tolist(), clip_sample=False,
+                                          prediction_type="v_prediction" if model.prediction == "v" else "epsilon"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return model, pipe
+
+
 def _maps(segmenter, image) -> dict[str, torch.Tensor]:
     segmenter.set_image(image)
     return segmenter.predict_terms(TERMS)
@@ -100,6 +130,14 @@ def test_sd1_pipeline_masks_equal_the_single_files(sd1_pipe, tiny_model_files) -
 def test_sdxl_pipeline_zero_shot_maps_equal_the_single_file(sdxl_pair) -> None:
     model, pipe = sdxl_pair
     image = random_image(64, 64, seed=6)
+    expected = _maps(build_segmenter(model, settings=ModelSettings(resolution=64)), image)
+    _assert_close(_maps(segmenter_from_pipeline(pipe, resolution=64), image), expected)
+
+
+def test_sd2_pipeline_zero_shot_maps_equal_the_single_file(sd2_pair) -> None:
+    model, pipe = sd2_pair
+    assert pipeline_family(pipe) == "sd2"
+    image = random_image(64, 64, seed=10)
     expected = _maps(build_segmenter(model, settings=ModelSettings(resolution=64)), image)
     _assert_close(_maps(segmenter_from_pipeline(pipe, resolution=64), image), expected)
 
