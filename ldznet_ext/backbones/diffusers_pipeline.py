@@ -4,8 +4,8 @@ from the loaded model, with no second copy and no import of diffusers.
 
 Every call goes through the pipeline's own parts, so what a generation of the script sees is what
 the mask sees: ``vae.encode`` (the posterior's mean, times ``vae.config.scaling_factor``),
-``encode_prompt`` (its tokenizers and text encoders, with the textual inversions and LoRA scale
-loaded into them), ``unet`` (a ``UNet2DConditionModel``; SDXL's pooled text and, as the host
+``encode_prompt`` (its tokenizers and text encoders, with the LoRAs and textual inversions loaded
+into them), ``unet`` (a ``UNet2DConditionModel``; SDXL's pooled text and, as the host
 adapters do, the size ids of an uncropped image of the latent's size) and the scheduler's
 ``alphas_cumprod``. A v-prediction model's output (``scheduler.config.prediction_type``) is
 converted to eps. The UNet's spatial transformers (``down_blocks[i].attentions``, ``mid_block``,
