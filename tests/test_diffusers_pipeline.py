@@ -14,11 +14,14 @@ import transformers
 
 from fixtures_models import TINY_VAE8, random_image
 from ldznet_ext import ModelSettings, build_segmenter, load_segmenter, segmenter_from_pipeline
-from ldznet_ext.backbones.diffusers_pipeline import DiffusersBackbone, pipeline_family
+from ldznet_ext.backbones.base import ldm_layout
+from ldznet_ext.backbones.diffusers_pipeline import DiffusersBackbone, diffusers_layout, pipeline_family
 from ldznet_ext.errors import CheckpointError
 from ldznet_ext.sd.checkpoint import load_stable_diffusion
+from ldznet_ext.sd.diffusers_folder import diffusers_unet_config
 from ldznet_ext.sd.text import TextEncoder
 from ldznet_ext.sd.tokenizer import load_tokenizer, tokenizer_dir
+from ldznet_ext.sd.unet import UNetModel, unet_config
 from ldznet_ext.sd.vae import VAEConfig
 from test_sd2_model import sd2_file  # noqa: F401  (pytest fixture)
 from test_sdxl_model import sdxl_file  # noqa: F401  (pytest fixture)
@@ -258,3 +261,32 @@ def test_an_edm_vae_and_an_sdxl_refiner_are_refused(sdxl_pair) -> None:
         segmenter_from_pipeline(_with(pipe, vae=vae))
     with pytest.raises(CheckpointError, match=r"has no CLIP ViT-L text encoder \(an SDXL refiner\?\)"):
         segmenter_from_pipeline(_with(pipe, text_encoder=None))
+
+
+# The published unet/config.json fields of SD 1.5 and SDXL base 1.0 that fix their structure.
+SD15_UNET = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "attention_head_dim": 8,
+             "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768,
+             "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+             "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3}
+SDXL_UNET = {"sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+             "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048,
+             "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": True,
+             "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+             "projection_class_embeddings_input_dim": 2816,
+             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
+
+
+@pytest.mark.parametrize("fields, size, sites", [(SD15_UNET, "sd-v1", 16), (SDXL_UNET, "sdxl", 11)])
+def test_full_size_unets_read_as_our_configs_with_the_ldm_numbering(fields, size, sites) -> None:
+    """At full size, on the meta device: diffusers' SD 1.5 and SDXL UNets give our UNet configs (what the
+    head-fits check compares) and their spatial transformers in the ldm UNet's order and scales."""
+    with torch.device("meta"):
+        theirs = diffusers.UNet2DConditionModel(**fields)
+        ours = UNetModel(unet_config(size))
+    assert diffusers_unet_config(theirs.state_dict(), theirs.config, "unet") == unet_config(size)
+    layout = diffusers_layout(theirs)
+    assert len(layout.sites) == sites
+    assert [s.downscale for s in layout.sites] == [s.downscale for s in ldm_layout(ours).sites]
+    assert [len(s.module.transformer_blocks) for s in layout.sites] == [
+        len(s.module.transformer_blocks) for s in ldm_layout(ours).sites]
