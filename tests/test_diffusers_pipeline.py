@@ -219,8 +219,12 @@ def _unet_with(pipe, **config):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda p: _Flux(), r"^_Flux has no UNet \(it has a transformer \(Flux, SD 3 and the like\)\)"),
-    (lambda p: _with(p, unet=torch.nn.Linear(1, 1)), r"is not a diffusers Stable Diffusion pipeline"),
+    (lambda p: _Flux(), r"^_Flux has a transformer, no UNet \(Flux, SD 3 and the like\)"),
+    (lambda p: _with(p, unet=torch.nn.Linear(1, 1)),
+     r"^StableDiffusionPipeline's unet is torch.nn.modules.linear.Linear, not a diffusers UNet2DConditionModel$"),
+    (lambda p: None, r"^expected a diffusers Stable Diffusion pipeline .*, got None;"),
+    (lambda p: "v1-5.safetensors", r"^expected a diffusers Stable Diffusion pipeline \(pipe.unet, "
+     r"pipe.encode_prompt\), got str; for a model file or folder use load_segmenter\(PATH\)$"),
     (lambda p: _unet_with(p, in_channels=9), r"UNet takes 9 input channels, not 4 \(an inpainting, depth or edit "
                                              r"model\); use the pipeline of the base model"),
     (lambda p: _with(p, scheduler=diffusers.FlowMatchEulerDiscreteScheduler()),

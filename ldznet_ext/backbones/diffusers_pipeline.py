@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
+from ..images import type_name
 from ..sd.diffusers_folder import diffusers_unet_config, unet_config_family
 from ..sd.schedule import NUM_TIMESTEPS, NoiseSchedule, v_to_eps
 from ..sd.unet import UNetConfig
@@ -38,14 +39,16 @@ def pipeline_family(pipe) -> str:
     is instead and what to do, for a pipeline whose model LD-ZNet cannot read."""
     kind = type(pipe).__name__
     unet = getattr(pipe, "unet", None)
-    if unet is None:
-        what = "a transformer (Flux, SD 3 and the like)" if getattr(pipe, "transformer", None) is not None else "none"
-        raise CheckpointError(f"{kind} has no UNet (it has {what}); LD-ZNet reads the spatial transformers of SD 1.x, "
-                              "SD 2.x and SDXL-family UNets: make masks with such a model (load_segmenter(FILE))")
+    if getattr(pipe, "transformer", None) is not None and unet is None:
+        raise CheckpointError(f"{kind} has a transformer, no UNet (Flux, SD 3 and the like); LD-ZNet reads the spatial "
+                              "transformers of SD 1.x, SD 2.x and SDXL-family UNets: make masks with such a model "
+                              "(load_segmenter(FILE))")
+    if unet is None or not hasattr(pipe, "encode_prompt"):
+        raise CheckpointError(f"expected a diffusers Stable Diffusion pipeline (pipe.unet, pipe.encode_prompt), got "
+                              f"{type_name(pipe)}; for a model file or folder use load_segmenter(PATH)")
     config = getattr(unet, "config", None)
-    if config is None or not hasattr(unet, "down_blocks") or not hasattr(pipe, "encode_prompt"):
-        raise CheckpointError(f"{kind} is not a diffusers Stable Diffusion pipeline (a UNet2DConditionModel as "
-                              "pipe.unet and pipe.encode_prompt)")
+    if config is None or not hasattr(unet, "down_blocks"):
+        raise CheckpointError(f"{kind}'s unet is {type_name(unet)}, not a diffusers UNet2DConditionModel")
     in_channels = config.get("in_channels")
     if in_channels != 4:
         raise CheckpointError(f"{kind}'s UNet takes {in_channels} input channels, not 4 (an inpainting, depth or edit "
