@@ -129,6 +129,13 @@ def term_token_spans(prompts: Sequence[str]) -> list[tuple[int, int]]:
     return spans
 
 
+def token_spans(backbone: Backbone, prompts: Sequence[str]) -> list[tuple[int, int]]:
+    """The content-token spans of ``prompts`` in ``backbone``'s context: its own ``token_spans`` where it
+    tokenises otherwise than SD's CLIP tokenizer does (a pipeline's textual inversions), else
+    :func:`term_token_spans`."""
+    return getattr(backbone, "token_spans", term_token_spans)(prompts)
+
+
 def head_mean_attention(q: Tensor, k: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(d)) averaged over heads: [n, m] for one batch row's queries q [H, n, d]
     and keys k [H, m, d], in fp32, one head's [n, m] at a time (never all heads' at once)."""
@@ -293,7 +300,7 @@ def attention_maps(backbone: Backbone, z: Tensor, terms: Sequence[str], conditio
         raise LdznetError(f"no spatial transformer at self_attention_scale {self_scale}")
     n, t_count = z.shape[0], len(terms)
     contexts = conditioning.repeat(n)
-    spans = term_token_spans(terms) * n
+    spans = token_spans(backbone, terms) * n
 
     def attention(z_t: Tensor, t: Tensor, *tensors: Tensor) -> tuple[Tensor]:
         with CrossAttentionRecorder(layout, spans, blocks, self_blocks, rows_per_image=t_count) as recorder:
@@ -322,7 +329,7 @@ def zero_shot_maps(backbone: Backbone, z: Tensor, terms: Sequence[str], conditio
     n, t_count = z.shape[0], len(terms)
     uncond = backbone.encode_text([""])
     contexts = Conditioning.cat([conditioning, uncond]).repeat(n)  # per image: T conditional + 1 unconditional
-    spans = [*term_token_spans(terms), None] * n
+    spans = [*token_spans(backbone, terms), None] * n
     dtype = torch.promote_types(z.dtype, torch.float32)  # fp16/bf16 models: score in fp32
     centred = (z.to(dtype) - z.to(dtype).mean((-2, -1), keepdim=True))[:, None]  # [N, 1, C, h, w]
 

@@ -233,6 +233,13 @@ def _unet_with(pipe, **config):
      r"predicts 'v_prediction'; LD-ZNet reads eps-prediction SD 1.x models .* \(SD 1.x here\)"),
     (lambda p: _with(p, scheduler=diffusers.DDIMScheduler(**SD_BETAS, prediction_type="sample")),
      r"predicts 'sample'"),
+    (lambda p: _with(p, scheduler=diffusers.DDIMScheduler(**SD_BETAS, num_train_timesteps=2000)),
+     r"\(DDIMScheduler\) has no alphas_cumprod table of 1000 steps"),
+    (lambda p: _with(p, unet=None), r"^StableDiffusionPipeline's unet is None, not a diffusers UNet2DConditionModel$"),
+    (lambda p: _with(p, vae=None, scheduler=None), r"^StableDiffusionPipeline has no vae, scheduler; masks need every "),
+    (lambda p: _with(p, text_encoder=None), r"^StableDiffusionPipeline has no text_encoder; masks need every part"),
+    (lambda p: _unet_with(p, class_embed_type="projection"),
+     r"UNet is conditioned on more than text \(class or image embeddings: unCLIP and the like\)"),
 ])
 def test_pipelines_that_cannot_serve_are_named(sd1_pipe, change, message) -> None:
     with pytest.raises(CheckpointError, match=message):
@@ -263,8 +270,9 @@ def test_an_edm_vae_and_an_sdxl_refiner_are_refused(sdxl_pair) -> None:
                                                                     "latents_std": [1.0] * 4})
     with pytest.raises(CheckpointError, match=r"VAE has latent statistics beyond SD's scale factor"):
         segmenter_from_pipeline(_with(pipe, vae=vae))
-    with pytest.raises(CheckpointError, match=r"has no CLIP ViT-L text encoder \(an SDXL refiner\?\)"):
-        segmenter_from_pipeline(_with(pipe, text_encoder=None))
+    with pytest.raises(CheckpointError, match=r"^StableDiffusionXLPipeline has no tokenizer, text_encoder \(an SDXL "
+                                              r"refiner\?\); masks need every part of an SD 1.x, SD 2.x or SDXL"):
+        segmenter_from_pipeline(_with(pipe, tokenizer=None, text_encoder=None))
 
 
 # The published unet/config.json fields of SD 1.5 and SDXL base 1.0 that fix their structure.
@@ -294,3 +302,103 @@ def test_full_size_unets_read_as_our_configs_with_the_ldm_numbering(fields, size
     assert [s.downscale for s in layout.sites] == [s.downscale for s in ldm_layout(ours).sites]
     assert [len(s.module.transformer_blocks) for s in layout.sites] == [
         len(s.module.transformer_blocks) for s in ldm_layout(ours).sites]
+
+
+class _PeftLinear(torch.nn.Module):
+    """A linear layer as peft wraps it for a LoRA (``base_layer``, ``lora_A`` / ``lora_B`` by adapter name)."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = torch.nn.ModuleDict({"default_0": torch.nn.Linear(base.in_features, rank, bias=False)})
+        self.lora_B = torch.nn.ModuleDict({"default_0": torch.nn.Linear(rank, base.out_features, bias=False)})
+        torch.nn.init.zeros_(self.lora_B["default_0"].weight)  # a LoRA of no effect: the maps stay the plain ones
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B["default_0"](self.lora_A["default_0"](x))
+
+
+def test_a_pipeline_with_a_lora_loaded_serves_heads_and_zero_shot(tiny_model_files) -> None:
+    pipe = sd1_pipeline(load_stable_diffusion(tiny_model_files[0]))
+    image = random_image(64, 64, seed=11)
+    plain = [_maps(segmenter_from_pipeline(pipe, head, resolution=64), image) for head in (None, tiny_model_files[1])]
+    for module in list(pipe.unet.modules()):
+        if type(module).__name__ == "Attention":
+            module.to_q, module.to_k, module.to_v = (_PeftLinear(m) for m in (module.to_q, module.to_k, module.to_v))
+    assert any(".base_layer." in k for k in pipe.unet.state_dict()) and any(".lora_A." in k for k in pipe.unet.state_dict())
+    for head, expected in zip((None, tiny_model_files[1]), plain):
+        _assert_close(_maps(segmenter_from_pipeline(pipe, head, resolution=64), image), expected)
+
+
+def test_a_textual_inversion_term_is_read_at_the_tokens_the_pipeline_gives_it(tiny_model_files) -> None:
+    """A new token holding the embedding of "cat" makes the same zero-shot map as "cat": its span is the one
+    token the pipeline's tokenizer makes of it (SD's tokenizer would split "<kitty>" into three pieces)."""
+    model = load_stable_diffusion(tiny_model_files[0])
+    pipe = _with(sd1_pipeline(model), tokenizer=type(load_tokenizer()).from_pretrained(str(tokenizer_dir()),
+                                                                                        local_files_only=True))
+    embeddings = pipe.text_encoder.get_input_embeddings().weight
+    cat = pipe.tokenizer("cat").input_ids[1]
+    pipe.load_textual_inversion({"<kitty>": embeddings[cat].detach().clone()}, token="<kitty>")
+    segmenter = segmenter_from_pipeline(pipe, resolution=64)
+    segmenter.set_image(random_image(64, 64, seed=12))
+    maps = segmenter.predict_terms(["cat", "<kitty>"])
+    assert segmenter.backbone.token_spans(["<kitty>", "a cat"]) == [(1, 2), (1, 3)]
+    assert float((maps["<kitty>"] - maps["cat"]).abs().max()) <= 1e-6
+
+
+def test_zero_shot_serves_a_unet_of_varying_depth_and_a_head_is_refused_by_name(sdxl_pair, tiny_model_files) -> None:
+    """SSD-1B-like: transformer depths that vary within a level, which our UNetConfig cannot describe."""
+    pipe = sdxl_pair[1]
+    fields = {**pipe.unet.config, "reverse_transformer_layers_per_block": [[2, 3, 2], [1, 2, 1], [1, 2, 1]]}
+    torch.manual_seed(0)
+    distilled = _with(pipe, unet=diffusers.UNet2DConditionModel(**{k: v for k, v in fields.items()
+                                                                    if not k.startswith("_")}).eval())
+    segmenter = segmenter_from_pipeline(distilled, resolution=64)
+    segmenter.set_image(random_image(64, 64, seed=13))
+    assert torch.isfinite(segmenter.predict_terms(["sky"])["sky"]).all()
+    with pytest.raises(CheckpointError, match=r"^StableDiffusionXLPipeline.unet does not fit its config: "):
+        segmenter_from_pipeline(distilled, tiny_model_files[1])
+
+
+def test_parts_replaced_after_the_segmenter_are_followed_or_refused(tiny_model_files) -> None:
+    pipe = sd1_pipeline(load_stable_diffusion(tiny_model_files[0]))
+    segmenter = segmenter_from_pipeline(pipe, resolution=64)
+    segmenter.set_image(random_image(64, 64, seed=14))
+    zero_snr = diffusers.DDIMScheduler(**SD_BETAS, rescale_betas_zero_snr=True)
+    pipe.scheduler = zero_snr  # read again: the schedule is the new scheduler's
+    assert torch.equal(segmenter.backbone.schedule.alphas_cumprod, zero_snr.alphas_cumprod.double())
+    pipe.scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
+    with pytest.raises(CheckpointError, match=r"\(FlowMatchEulerDiscreteScheduler\) has no alphas_cumprod table"):
+        segmenter.predict("red ball")
+    pipe.scheduler = zero_snr
+    pipe.unet = diffusers_twin(load_stable_diffusion(tiny_model_files[0]).unet, TIME_DIM)
+    with pytest.raises(CheckpointError, match=r"^the StableDiffusionPipeline's UNet was replaced after the segmenter "
+                                              r"was made; make a new one with segmenter_from_pipeline\(pipe\)$"):
+        segmenter.predict("red ball")
+    pipe.unet = copy.deepcopy(pipe.unet).to("meta")
+    with pytest.raises(CheckpointError, match=r"^the StableDiffusionPipeline's UNet is on the meta device \(no "
+                                              r"weights\); load its weights first$"):
+        segmenter_from_pipeline(pipe)
+
+
+def test_a_compiled_unet_is_read_through_its_wrapper(sd1_pipe, tiny_model_files) -> None:
+    """torch.compile wraps the UNet (its weights' names gain '_orig_mod.'); the layout and the head check read
+    the module it wraps. (Only made here: compiling on the CPU takes minutes.)"""
+    compiled = _with(sd1_pipe, unet=torch.compile(sd1_pipe.unet))
+    segmenter = segmenter_from_pipeline(compiled, tiny_model_files[1], resolution=64)
+    assert segmenter.backbone.layout.unet is sd1_pipe.unet
+    assert segmenter.backbone.layout.sites[5].module is sd1_pipe.unet.down_blocks[2].attentions[1]
+
+
+@pytest.mark.parametrize("dtype, hint", [
+    (torch.float16, "it overflows in float16, as its config's force_upcast says: set pipe.vae.to(torch.float32) or "
+                    "use an fp16-fixed VAE"),
+    (torch.float32, "its weights may be corrupt")])
+def test_a_vae_that_overflows_says_what_to_do(sd1_pipe, dtype, hint) -> None:
+    vae = copy.deepcopy(sd1_pipe.vae)
+    with torch.no_grad():  # beyond float16's range (65504); in float32, a weight that is not a number
+        vae.quant_conv.bias.fill_(1e5 if dtype == torch.float16 else float("nan"))
+    segmenter = segmenter_from_pipeline(_with(sd1_pipe, vae=vae.to(dtype)), resolution=64)
+    with pytest.raises(CheckpointError) as caught:
+        segmenter.set_image(random_image(64, 64, seed=15))
+    assert str(caught.value) == f"the StableDiffusionPipeline's VAE produced NaN/inf latents; {hint}"

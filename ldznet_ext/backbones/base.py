@@ -149,6 +149,8 @@ class Backbone(Protocol):
     may capture (``graphs.py``): pure torch, nothing host-side that must run on every call. A
     backbone without it always runs eagerly. ``unet_config`` (a ``sd.unet.UNetConfig``), for a
     denoiser that is neither ours nor of ldm's layout (the head-fits-model check reads it).
+    ``token_spans(prompts)``, for a backbone whose tokenizer may differ from SD's CLIP tokenizer
+    (``zeroshot.token_spans``).
     """
 
     schedule: NoiseSchedule

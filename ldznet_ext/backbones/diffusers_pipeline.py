@@ -17,7 +17,8 @@ device, so ``enable_model_cpu_offload`` keeps working.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +33,14 @@ from .family import LABELS
 from .sampling import sample_posterior
 
 _PREDICTIONS = ("epsilon", "v_prediction")  # diffusers' names for eps and v, the two that convert to eps
+# The text parts encode_prompt reads, by family.
+_TEXT_PARTS = {"sd-v1": ("tokenizer", "text_encoder"), "sd2": ("tokenizer", "text_encoder"),
+               "sdxl": ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")}
+
+
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (its ``_orig_mod``), or ``module`` itself."""
+    return getattr(module, "_orig_mod", module)
 
 
 def pipeline_family(pipe) -> str:
@@ -43,28 +52,41 @@ def pipeline_family(pipe) -> str:
         raise CheckpointError(f"{kind} has a transformer, no UNet (Flux, SD 3 and the like); LD-ZNet reads the spatial "
                               "transformers of SD 1.x, SD 2.x and SDXL-family UNets: make masks with such a model "
                               "(load_segmenter(FILE))")
-    if unet is None or not hasattr(pipe, "encode_prompt"):
+    if not hasattr(pipe, "unet") or not hasattr(pipe, "encode_prompt"):
         raise CheckpointError(f"expected a diffusers Stable Diffusion pipeline (pipe.unet, pipe.encode_prompt), got "
                               f"{type_name(pipe)}; for a model file or folder use load_segmenter(PATH)")
-    config = getattr(unet, "config", None)
-    if config is None or not hasattr(unet, "down_blocks"):
-        raise CheckpointError(f"{kind}'s unet is {type_name(unet)}, not a diffusers UNet2DConditionModel")
+    base = unwrapped(unet) if unet is not None else None
+    if not any(cls.__name__ == "UNet2DConditionModel" for cls in type(base).__mro__):
+        raise CheckpointError(f"{kind}'s unet is {type_name(base)}, not a diffusers UNet2DConditionModel")
+    config = base.config
     in_channels = config.get("in_channels")
     if in_channels != 4:
         raise CheckpointError(f"{kind}'s UNet takes {in_channels} input channels, not 4 (an inpainting, depth or edit "
                               "model); use the pipeline of the base model it was made from")
+    if config.get("class_embed_type") or config.get("num_class_embeds") or \
+            config.get("addition_embed_type") not in (None, "text_time"):
+        raise CheckpointError(f"{kind}'s UNet is conditioned on more than text (class or image embeddings: unCLIP and "
+                              "the like); LD-ZNet reads SD 1.x, SD 2.x and SDXL-family UNets")
     check_text_only(unet, kind)
     family = unet_config_family(config)
-    if family == "sdxl" and getattr(pipe, "text_encoder", None) is None:
-        raise CheckpointError(f"{kind} has no CLIP ViT-L text encoder (an SDXL refiner?); zero-shot masks need an "
-                              "SDXL base-family model (SDXL, Pony, Illustrious, NoobAI, SSD-1B)")
-    vae_config = getattr(getattr(pipe, "vae", None), "config", None) or {}
+    missing = [name for name in ("vae", "scheduler", *_TEXT_PARTS[family]) if getattr(pipe, name, None) is None]
+    if missing:
+        refiner = " (an SDXL refiner?)" if family == "sdxl" and "text_encoder" in missing else ""
+        raise CheckpointError(f"{kind} has no {', '.join(missing)}{refiner}; masks need every part of an SD 1.x, "
+                              "SD 2.x or SDXL base-family pipeline")
+    vae_config = pipe.vae.config
     if vae_config.get("latents_mean") is not None or vae_config.get("shift_factor") is not None:
         raise CheckpointError(f"{kind}'s VAE has latent statistics beyond SD's scale factor (Playground v2.5 and "
                               "the like, trained with the EDM schedule), which LD-ZNet does not model")
-    scheduler = getattr(pipe, "scheduler", None)
+    check_scheduler(pipe.scheduler, family, kind)
+    return family
+
+
+def check_scheduler(scheduler, family: str, kind: str) -> None:
+    """CheckpointError unless ``scheduler`` holds an SD noise schedule (``alphas_cumprod`` of NUM_TIMESTEPS steps)
+    and predicts what ``family`` may (SD 1.x eps; SD 2.x and SDXL eps or v); ``kind`` names the pipeline."""
     table = getattr(scheduler, "alphas_cumprod", None)
-    if not isinstance(table, Tensor) or table.ndim != 1 or len(table) < NUM_TIMESTEPS:
+    if not isinstance(table, Tensor) or table.shape != (NUM_TIMESTEPS,):
         raise CheckpointError(f"{kind}'s scheduler ({type(scheduler).__name__}) has no alphas_cumprod table of "
                               f"{NUM_TIMESTEPS} steps (an EDM or flow-matching schedule?); set an SD scheduler such as "
                               "DDIMScheduler")
@@ -72,21 +94,28 @@ def pipeline_family(pipe) -> str:
     if prediction not in _PREDICTIONS or (family == "sd-v1" and prediction != "epsilon"):
         raise CheckpointError(f"{kind} predicts {prediction!r}; LD-ZNet reads eps-prediction SD 1.x models and eps- "
                               f"or v-prediction SD 2.x and SDXL-family ones ({LABELS[family]} here)")
-    return family
 
 
 def check_text_only(unet: nn.Module, kind: str) -> None:
     """CheckpointError when ``unet`` is conditioned on an image beside the text (an IP-Adapter loaded into it,
     ``encoder_hid_proj``), which the masks' calls do not give it; ``kind`` names the pipeline."""
+    unet = unwrapped(unet)
     if getattr(unet, "encoder_hid_proj", None) is not None:
         raise CheckpointError(f"{kind}'s UNet is conditioned on an image beside the text "
                               f"({unet.config.get('encoder_hid_dim_type')}: an IP-Adapter?); masks read it conditioned "
                               "on text alone: call pipe.unload_ip_adapter() first")
 
 
+def base_weights(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A UNet's own weights without the LoRA layers peft wraps around its layers (``x.base_layer.weight``
+    is ``x.weight``; ``x.lora_A...`` are the LoRA's)."""
+    return {name.replace(".base_layer.", "."): value for name, value in state.items() if ".lora_" not in name}
+
+
 def diffusers_layout(unet: nn.Module, tapped: tuple[int, ...] = LDZNET_BLOCKS) -> UNetLayout:
     """The spatial transformers of a diffusers ``UNet2DConditionModel`` in execution order: each down
     level's, the middle's, each up level's (the deepest first), which is the order of an ldm UNet's."""
+    unet = unwrapped(unet)
     levels = len(unet.down_blocks)
     parts = [(f"down_blocks.{i}", block, i) for i, block in enumerate(unet.down_blocks)]
     parts.append(("mid_block", unet.mid_block, levels - 1))
@@ -107,15 +136,47 @@ class DiffusersBackbone:
     def __init__(self, pipe):
         self.family = pipeline_family(pipe)
         self.pipe = pipe
-        self.schedule = NoiseSchedule(pipe.scheduler.alphas_cumprod.detach())
-        self.v_prediction = pipe.scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
+        self.kind = type(pipe).__name__
         self.layout = diffusers_layout(pipe.unet)
-        self.unet_config: UNetConfig = diffusers_unet_config(pipe.unet.state_dict(), pipe.unet.config,
-                                                             f"{type(pipe).__name__}.unet")
+        self._scheduler = None
+        self._schedule()
 
     @property
     def unet(self) -> nn.Module:
-        return self.pipe.unet
+        return self._current_unet()
+
+    def _current_unet(self) -> nn.Module:
+        """The pipeline's UNet: the one the layout was read from (CheckpointError once it is replaced), with
+        weights somewhere (a UNet moved to the meta device has none, unless offloading hooks bring them)."""
+        unet = self.pipe.unet
+        if unet is None or unwrapped(unet) is not self.layout.unet:
+            raise CheckpointError(f"the {self.kind}'s UNet was replaced after the segmenter was made; make a new one "
+                                  "with segmenter_from_pipeline(pipe)")
+        if next(unet.parameters()).is_meta and not any(hasattr(m, "_hf_hook") for m in unet.modules()):
+            raise CheckpointError(f"the {self.kind}'s UNet is on the meta device (no weights); load its weights first")
+        return unet
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        """The pipeline's current scheduler's noise schedule (read again when the scheduler is replaced)."""
+        return self._schedule()[0]
+
+    def _schedule(self) -> tuple[NoiseSchedule, bool]:
+        """(schedule, whether the model predicts v) of the pipeline's current scheduler."""
+        scheduler = self.pipe.scheduler
+        if scheduler is not self._scheduler:
+            check_scheduler(scheduler, self.family, self.kind)
+            v_prediction = scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
+            self._read = NoiseSchedule(scheduler.alphas_cumprod.detach()), v_prediction
+            self._scheduler = scheduler
+        return self._read
+
+    @functools.cached_property
+    def unet_config(self) -> UNetConfig:
+        """The UNet's configuration in our terms, for the head-fits check (heads only: zero-shot masks also
+        serve UNets whose shapes our UNetConfig cannot describe, such as SSD-1B's)."""
+        unet = unwrapped(self.pipe.unet)
+        return diffusers_unet_config(base_weights(unet.state_dict()), unet.config, f"{self.kind}.unet")
 
     @property
     def device(self) -> torch.device:
@@ -130,13 +191,35 @@ class DiffusersBackbone:
     def downsample_factor(self) -> int:
         return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
 
+    def token_spans(self, prompts: Sequence[str]) -> list[tuple[int, int]]:
+        """For each prompt, the [start, stop) positions of its content tokens as ``encode_prompt`` tokenises it:
+        with the pipeline's tokenizer, after its textual inversions' tokens are expanded."""
+        tokenizer = self.pipe.tokenizer
+        convert = getattr(self.pipe, "maybe_convert_prompt", None)
+        spans = []
+        for prompt in prompts:
+            text = convert(prompt, tokenizer) if convert is not None else prompt
+            ids = tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids
+            start = 1 if ids and ids[0] == tokenizer.bos_token_id else 0
+            stop = ids.index(tokenizer.eos_token_id, start) if tokenizer.eos_token_id in ids[start:] else len(ids)
+            spans.append((start, stop))
+        return spans
+
     @torch.no_grad()
     def encode_image(self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
         """image [B, 3, H, W] in [-1, 1] -> z [B, 4, H/8, W/8] times the VAE's scaling factor (the posterior's
-        mean unless ``sample``)."""
+        mean unless ``sample``); CheckpointError for NaN/inf latents (an fp16 VAE that overflows)."""
         vae = self.pipe.vae
         posterior = vae.encode(image.to(self.device, vae.dtype)).latent_dist
         z = sample_posterior(posterior.mean, posterior.std, generator) if sample else posterior.mean
+        if not bool(torch.isfinite(z).all()):
+            if vae.dtype == torch.float32:
+                hint = "its weights may be corrupt"
+            else:
+                upcast = ", as its config's force_upcast says" if vae.config.get("force_upcast") else ""
+                hint = (f"it overflows in {str(vae.dtype).removeprefix('torch.')}{upcast}: set "
+                        "pipe.vae.to(torch.float32) or use an fp16-fixed VAE")
+            raise CheckpointError(f"the {self.kind}'s VAE produced NaN/inf latents; {hint}")
         return (z.float() * vae.config.scaling_factor).to(self.device)
 
     @torch.no_grad()
@@ -149,8 +232,9 @@ class DiffusersBackbone:
     @torch.no_grad()
     def predict_noise(self, z_t: Tensor, t: Tensor, conditioning: Conditioning) -> Tensor:
         """eps [B, 4, h, w] from the UNet (a v-prediction model's v converted)."""
-        unet = self.pipe.unet
-        check_text_only(unet, type(self.pipe).__name__)  # an IP-Adapter may have been loaded since
+        unet = self._current_unet()
+        check_text_only(unet, self.kind)  # an IP-Adapter may have been loaded since
+        schedule, v_prediction = self._schedule()
         z_t, t = z_t.to(self.device), t.to(self.device)
         extra = {}
         if self.family == "sdxl":
@@ -161,4 +245,4 @@ class DiffusersBackbone:
                                           "time_ids": sizes.expand(len(z_t), 6)}
         out = unet(z_t.to(unet.dtype), t, encoder_hidden_states=conditioning.context.to(self.device, unet.dtype),
                    return_dict=False, **extra)[0]
-        return v_to_eps(out, z_t, self.schedule, t) if self.v_prediction else out
+        return v_to_eps(out, z_t, schedule, t) if v_prediction else out
