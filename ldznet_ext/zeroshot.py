@@ -44,7 +44,7 @@ from .graphs import Runner, eager
 from .limits import (ATTENTION_BLOCK, CROSS_ATTENTION, DOWNSCALE, DRAWS, PROPAGATION_STEPS, SCALE_WEIGHT, SHARPEN,
                      TIMESTEP, shown)
 from .sd.schedule import noise_draws
-from .sd.tokenizer import BOS_ID, EOS_ID, tokenize
+from .sd.tokenizer import term_token_spans
 from .tap import UNetHooks
 
 SCORES = ("attention", "agreement", "difference")
@@ -120,19 +120,10 @@ def normalize_maps(maps: Tensor) -> Tensor:
     return ((flat - low) / (high - low).clamp_min(1e-12)).reshape(maps.shape)
 
 
-def term_token_spans(prompts: Sequence[str]) -> list[tuple[int, int]]:
-    """For each prompt, the [start, stop) positions of its content tokens in a CLIP-tokenised context."""
-    spans = []
-    for ids in tokenize(prompts).tolist():
-        stop = ids.index(EOS_ID) if EOS_ID in ids else len(ids)
-        spans.append((1 if ids[0] == BOS_ID else 0, stop))
-    return spans
-
-
 def token_spans(backbone: Backbone, prompts: Sequence[str]) -> list[tuple[int, int]]:
     """The content-token spans of ``prompts`` in ``backbone``'s context: its own ``token_spans`` where it
-    tokenises otherwise than SD's CLIP tokenizer does (a pipeline's textual inversions), else
-    :func:`term_token_spans`."""
+    tokenises otherwise than SD's CLIP tokenizer does (textual inversions: a host's, a pipeline's), else
+    ``sd.tokenizer.term_token_spans``."""
     return getattr(backbone, "token_spans", term_token_spans)(prompts)
 
 

@@ -19,8 +19,10 @@ from fake_webui.models import FakeLatentDiffusion  # noqa: E402
 from ldznet_ext.backbones.a1111 import A1111Backbone, check_a1111_model  # noqa: E402
 from ldznet_ext.backbones.base import Conditioning  # noqa: E402
 from ldznet_ext.backbones.forge import ForgeBackbone, check_forge_model  # noqa: E402
+from ldznet_ext import zeroshot  # noqa: E402
 from ldznet_ext.errors import CheckpointError, LdznetError  # noqa: E402
 from ldznet_ext.job import MODES, MaskJob  # noqa: E402
+from ldznet_ext.sd.tokenizer import term_token_spans  # noqa: E402
 from ldznet_ext.webui import host  # noqa: E402
 
 IMAGE = (np.random.default_rng(3).random((40, 56, 3)) * 255).astype(np.uint8)
@@ -257,6 +259,22 @@ def _assert_noise_is_the_unets(fake, backbone: ForgeBackbone) -> None:
     with torch.no_grad():
         expected = fake.model.diffusion_model(z, t, context=context)
     assert torch.allclose(backbone.predict_noise(z, t, Conditioning(context)), expected, atol=2e-4, rtol=1e-4)
+
+
+def test_zero_shot_reads_a_term_where_the_hosts_text_wrapper_puts_it(fake, monkeypatch):
+    """A textual-inversion embedding takes as many positions as it has vectors (A1111's and Forge's
+    tokenize_line count them), not the pieces SD's tokenizer makes of its name; a wrapper without
+    tokenize_line keeps SD's tokenizer's spans."""
+    backbone = _backbone(fake)
+    assert zeroshot.token_spans(backbone, ["red ball", ""]) == term_token_spans(["red ball", ""]) == [(1, 3), (1, 1)]
+    counts = {"ldznetkitty": 2, "red ball": 2, "a" * 400: 90}
+    monkeypatch.setattr(fake.cond_stage_model, "tokenize_line", lambda line: ([], counts[line]), raising=False)
+    assert zeroshot.token_spans(backbone, list(counts)) == [(1, 3), (1, 3), (1, 76)]  # the first chunk's 75
+    assert term_token_spans(["ldznetkitty"]) != [(1, 3)]
+    kmodel = _KModel(fake.model.diffusion_model, fake.alphas_cumprod)
+    engine = types.SimpleNamespace(text_processing_engine=types.SimpleNamespace(tokenize_line=lambda line: ([], 1)),
+                                   forge_objects=types.SimpleNamespace(unet=types.SimpleNamespace(model=kmodel)))
+    assert zeroshot.token_spans(ForgeBackbone(engine, None), ["ldznetkitty"]) == [(1, 2)]
 
 
 def test_forge_adapter_converts_x0_to_eps(fake):

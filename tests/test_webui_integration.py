@@ -155,6 +155,7 @@ def a1111(tmp_path_factory, extra_flags: tuple[str, ...] = (), auth: str | None 
 
     webui, work = Path(WEBUI), tmp_path_factory.mktemp("webui")
     save_stable_diffusion(tiny_sd(), work / "ldznet-test-sd.safetensors")
+    _write_kitty(webui, work / "ldznet-test-sd.safetensors")
     install_model(work / "ldznet-test-sd.safetensors", webui, hf_home=work / "hf")
     (webui / "models" / "ldznet").mkdir(parents=True, exist_ok=True)
     save_head(*tiny_head(), webui / "models" / "ldznet" / "ldznet-test-head.safetensors")
@@ -163,6 +164,24 @@ def a1111(tmp_path_factory, extra_flags: tuple[str, ...] = (), auth: str | None 
     with _serve(webui, work, flags, {"ldznet_head": "ldznet-test-head.safetensors", "return_mask": True},
                 "LDZNET_WEBUI_PYTHON", auth) as base:
         yield base
+
+
+KITTY = "ldznetkitty"  # the test's textual-inversion embedding in the hosts' embeddings/
+
+
+def _write_kitty(webui: Path, checkpoint: Path) -> None:
+    """A textual-inversion embedding of one vector in ``webui``'s embeddings/: the token embedding of "cat" of
+    the SD 1.x ``checkpoint`` the host loads."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ldznet_ext.sd.tokenizer import tokenize
+
+    with safe_open(str(checkpoint), "pt") as f:
+        table = f.get_slice(next(k for k in f.keys() if k.endswith("token_embedding.weight")))
+        vector = table[int(tokenize(["cat"])[0, 1])].float()
+    (webui / "embeddings").mkdir(exist_ok=True)
+    save_file({"emb_params": vector.reshape(1, -1).contiguous()}, str(webui / "embeddings" / f"{KITTY}.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +212,7 @@ def forge(tmp_path_factory):
     if not head.exists():
         head.parent.mkdir(parents=True, exist_ok=True)
         save_head(*full_size_head(), head, dtype=torch.float16)
+    _write_kitty(forge_dir, checkpoint)
     flags = ["--skip-install", "--always-cpu", "--ckpt", str(checkpoint)]
     options = {"ldznet_head": FORGE_HEAD, "ldznet_resolution": 128, "return_mask": True}
     with _serve(forge_dir, work, flags, options, "LDZNET_FORGE_PYTHON") as base:
@@ -255,6 +275,19 @@ def test_scripts_that_read_the_mask_in_process_see_ours(server):
     p.image_mask in theirs. Without a brush mask Soft Inpainting saw none and stayed off (no 'Soft
     inpainting enabled' in the infotext, a rounded mask)."""
     _soft_inpainting_sees_the_mask(server, IMAGE, 0.5)
+
+
+def test_a_textual_inversion_term_is_read_where_the_host_puts_its_vector(server):
+    """The embedding (one vector: the model's own token embedding of "cat") makes the zero-shot map of
+    "cat": A1111's text wrapper puts it at one position, where the cross-attention is read; SD's tokenizer
+    splits its name into pieces and would read the end tokens after it too."""
+    maps = []
+    for term in ("cat", KITTY):
+        status, body = _call(server, "/ldznet/v1/mask", {"image": _b64(IMAGE), "expression": term, "mode": "zero-shot",
+                                                         "presence": False})
+        assert status == 200, body
+        maps.append(_png(body["probability"]))
+    assert maps[0].std() > 0 and np.array_equal(maps[0], maps[1])
 
 
 def test_a_soft_brush_meets_the_text_mask_rounded_as_the_host_reads_it(server):
@@ -794,6 +827,17 @@ def test_forge_send_to_inpaint_button_in_the_browser(forge, forge_page):
     assert code == 200 and mask.shape == (96, 128) and np.array_equal(mask, _png(direct["mask"]))
     assert 0 < (mask > 127).mean() < 1
     assert page.errors == []
+
+
+def test_forge_reads_a_textual_inversion_term_where_its_text_engine_puts_the_vector(forge):
+    """As on A1111: the one-vector embedding of "cat" makes the zero-shot map of "cat"."""
+    maps = []
+    for term in ("cat", KITTY):
+        status, body = _call(forge, "/ldznet/v1/mask", {"image": _b64(_forge_image(1)), "expression": term,
+                                                        "mode": "zero-shot", "presence": False})
+        assert status == 200, body
+        maps.append(_png(body["probability"]))
+    assert maps[0].std() > 0 and np.array_equal(maps[0], maps[1])
 
 
 def test_forge_zero_shot_leaves_the_next_generation_unchanged(forge):

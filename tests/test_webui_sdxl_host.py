@@ -53,12 +53,15 @@ def test_a1111_sdxl_adapter_calls(tmp_path):
         z, t = ours.encode_image(x), torch.tensor([400, 10])
         assert torch.equal(backbone.predict_noise(z, t, conditioning), ours.predict_noise(z, t, expected))
     assert backbone.downsample_factor == 8 and len(backbone.layout.sites) == len(ours.layout.sites) == 11
+    assert backbone.text_wrapper() is loaded.conditioner.embedders[0]  # whose tokenize_line places the tokens
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_forge_sdxl_adapter_matches_our_sdxl(prediction_type):
     engine = FakeForgeSDXL(tiny_sdxl("eps" if prediction_type == "epsilon" else "v"), prediction_type)
     backbone, ours, loads = checked_forge_adapter(engine, check_forge_sdxl_model, ForgeSDXLBackbone)
+    engine.text_processing_engine_l = types.SimpleNamespace(tokenize_line=lambda line: ([], 4))
+    assert backbone.token_spans(["a cat"]) == [(1, 5)]  # the ViT-L engine places the tokens
     with torch.no_grad():
         conditioning, expected = backbone.encode_text(["a cat", ""]), ours.encode_text(["a cat", ""])
         assert torch.equal(conditioning.context, expected.context) and torch.equal(conditioning.pooled, expected.pooled)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError
 from ..sd.schedule import NoiseSchedule, rescale_zero_terminal_snr
 from ..sd.schedule import PREDICTIONS, v_to_eps
-from .base import CaptureModules, Conditioning, UNetLayout, ldm_layout
+from .base import CaptureModules, Conditioning, UNetLayout, ldm_layout, wrapper_token_spans
 from .family import LABELS, check_zero_shot_prediction, host_family, sd2_variant
 from .sampling import sample_posterior
 
@@ -130,6 +130,14 @@ class A1111Backbone:
             else:
                 z = posterior.mode()
             return self.sd_model.get_first_stage_encoding(z).float()
+
+    def token_spans(self, prompts: Sequence[str]) -> list[tuple[int, int]]:
+        """Each prompt's content tokens as the host's text wrapper places them (its textual inversions)."""
+        return wrapper_token_spans(self.text_wrapper(), prompts)
+
+    def text_wrapper(self):
+        """The WebUI's CLIP (SD 2.x: OpenCLIP) wrapper, whose ``tokenize_line`` places a prompt's tokens."""
+        return self.sd_model.cond_stage_model
 
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str]) -> Conditioning:

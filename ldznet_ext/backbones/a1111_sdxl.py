@@ -60,6 +60,10 @@ class A1111SDXLBackbone(A1111Backbone):
         self.size_dim = next(embedder.outdim for embedder in sd_model.conditioner.embedders
                              if getattr(embedder, "input_key", None) == SIZE_KEYS[0])
 
+    def text_wrapper(self):
+        """The CLIP ViT-L embedder's wrapper (the OpenCLIP one places the tokens alike)."""
+        return self.sd_model.conditioner.embedders[0]
+
     @torch.no_grad()
     def encode_image(self, image: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
         """image [B, 3, H, W] in [-1, 1] -> z [B, 4, H/8, W/8] times the model's scale factor, the posterior

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import LdznetError
 from ..sd.schedule import NoiseSchedule
+from ..sd.tokenizer import CHUNK_TOKENS, term_token_spans
 
 LDZNET_BLOCKS: tuple[int, ...] = (6, 7, 8, 9, 10)
 """The blocks LD-ZNet taps in an SD v1 UNet: input_blocks[8][1], middle_block[1], output_blocks[3..5][1]."""
@@ -139,6 +140,17 @@ def ldm_layout(unet: nn.Module, tapped: tuple[int, ...] = LDZNET_BLOCKS) -> UNet
                 # A level change takes effect for the layers after it.
                 level += _LEVEL_STEP.get(type(layer).__name__, 0)
     return UNetLayout(unet, tuple(sites), tapped)
+
+
+def wrapper_token_spans(wrapper: object, prompts: Sequence[str]) -> list[tuple[int, int]]:
+    """Each prompt's content-token span in the context of a WebUI host's CLIP wrapper (A1111's, Forge's text
+    engine): positions 1 to 1 + the count its ``tokenize_line`` gives (a textual-inversion embedding takes as
+    many positions as it has vectors, emphasis brackets none), within the first chunk of 75; SD's CLIP
+    tokenizer's spans for a wrapper without ``tokenize_line``."""
+    tokenize_line = getattr(wrapper, "tokenize_line", None)
+    if tokenize_line is None:
+        return term_token_spans(prompts)
+    return [(1, 1 + min(int(tokenize_line(prompt)[1]), CHUNK_TOKENS)) for prompt in prompts]
 
 
 class Backbone(Protocol):

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from ..sd.schedule import NoiseSchedule, rescale_zero_terminal_snr
-from .base import Conditioning, UNetLayout, ldm_layout
+from .base import Conditioning, UNetLayout, ldm_layout, wrapper_token_spans
 from .family import LABELS, check_zero_shot_prediction, host_family, sd2_variant
 from .sampling import sample_posterior
 
@@ -113,6 +113,14 @@ class ForgeBackbone:
             z = vae.encode(image.movedim(1, -1) * 0.5 + 0.5)
             z = vae.first_stage_model.process_in(z)
         return z.clone().to(self.device)  # a normal tensor, not an inference-mode one
+
+    def token_spans(self, prompts: Sequence[str]) -> list[tuple[int, int]]:
+        """Each prompt's content tokens as Forge's text engine places them (its textual inversions)."""
+        return wrapper_token_spans(self.text_engine(), prompts)
+
+    def text_engine(self):
+        """Forge's CLIP text engine, whose ``tokenize_line`` places a prompt's tokens (None if it has none)."""
+        return getattr(self.sd_model, "text_processing_engine", None)
 
     def encode_text(self, prompts: Sequence[str]) -> Conditioning:
         """prompts -> context [B, 77k, 768] (SD 2.x: 1024) through Forge's text engine (emphasis, embeddings)."""

@@ -52,6 +52,10 @@ class ForgeSDXLBackbone(ForgeBackbone):
         super().__init__(sd_model, load_model_gpu, zero_terminal_snr)
         self.size_dim = sd_model.embedder.dim
 
+    def text_engine(self):
+        """The CLIP ViT-L text engine (the OpenCLIP one places the tokens alike)."""
+        return getattr(self.sd_model, "text_processing_engine_l", None)
+
     def encode_text(self, prompts: Sequence[str]) -> Conditioning:
         """prompts -> context [B, 77k, 2048] and the pooled text of Forge's vector [B, 1280]."""
         with torch.inference_mode():

@@ -21,7 +21,8 @@ MAX_LENGTH = 77
 BOS_ID = 49406
 EOS_ID = 49407
 VOCAB_SIZE = 49408
-_CONTENT_LENGTH = MAX_LENGTH - 2
+CHUNK_TOKENS = MAX_LENGTH - 2
+"""Content tokens of one 77-token context (a WebUI host's chunk)."""
 _WHITESPACE = regex.compile(r"\s+")
 
 
@@ -65,13 +66,22 @@ def tokenize(prompts: Sequence[str]) -> torch.LongTensor:
     ids = torch.full((len(texts), MAX_LENGTH), EOS_ID, dtype=torch.long)
     ids[:, 0] = BOS_ID
     for row, (prompt, content) in enumerate(zip(prompts, encoded)):
-        if len(content) > _CONTENT_LENGTH:
-            dropped = len(content) - _CONTENT_LENGTH
+        if len(content) > CHUNK_TOKENS:
+            dropped = len(content) - CHUNK_TOKENS
             warnings.warn(
-                f"prompt {_shorten(prompt)!r} has {len(content)} tokens but CLIP reads {_CONTENT_LENGTH}: "
+                f"prompt {_shorten(prompt)!r} has {len(content)} tokens but CLIP reads {CHUNK_TOKENS}: "
                 f"dropped the last {dropped}",
                 stacklevel=2,
             )
-            content = content[:_CONTENT_LENGTH]
+            content = content[:CHUNK_TOKENS]
         ids[row, 1 : 1 + len(content)] = torch.tensor(content, dtype=torch.long)
     return ids
+
+
+def term_token_spans(prompts: Sequence[str]) -> list[tuple[int, int]]:
+    """For each prompt, the [start, stop) positions of its content tokens in a CLIP-tokenised context."""
+    spans = []
+    for ids in tokenize(prompts).tolist():
+        stop = ids.index(EOS_ID) if EOS_ID in ids else len(ids)
+        spans.append((1 if ids[0] == BOS_ID else 0, stop))
+    return spans
