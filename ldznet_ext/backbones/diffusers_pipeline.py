@@ -55,7 +55,7 @@ def pipeline_family(pipe) -> str:
     if not hasattr(pipe, "unet") or not hasattr(pipe, "encode_prompt"):
         raise CheckpointError(f"expected a diffusers Stable Diffusion pipeline (pipe.unet, pipe.encode_prompt), got "
                               f"{type_name(pipe)}; for a model file or folder use load_segmenter(PATH)")
-    base = unwrapped(unet) if unet is not None else None
+    base = unwrapped(unet)
     if not any(cls.__name__ == "UNet2DConditionModel" for cls in type(base).__mro__):
         raise CheckpointError(f"{kind}'s unet is {type_name(base)}, not a diffusers UNet2DConditionModel")
     config = base.config
@@ -129,6 +129,12 @@ def diffusers_layout(unet: nn.Module, tapped: tuple[int, ...] = LDZNET_BLOCKS) -
     return UNetLayout(unet, tuple(sites), tapped)
 
 
+def _read_scheduler(scheduler) -> tuple[NoiseSchedule, bool]:
+    """(the noise schedule, whether the model predicts v) of a scheduler :func:`check_scheduler` passed."""
+    return (NoiseSchedule(scheduler.alphas_cumprod.detach()),
+            scheduler.config.get("prediction_type", "epsilon") == "v_prediction")
+
+
 class DiffusersBackbone:
     """The segmenter's Backbone over a diffusers Stable Diffusion pipeline (module docstring);
     CheckpointError for a pipeline whose model it cannot read (:func:`pipeline_family`)."""
@@ -138,8 +144,8 @@ class DiffusersBackbone:
         self.pipe = pipe
         self.kind = type(pipe).__name__
         self.layout = diffusers_layout(pipe.unet)
-        self._scheduler = None
-        self._schedule()
+        # pipeline_family checked this scheduler; _schedule checks and reads a replacement
+        self._scheduler, self._read = pipe.scheduler, _read_scheduler(pipe.scheduler)
 
     @property
     def unet(self) -> nn.Module:
@@ -166,9 +172,7 @@ class DiffusersBackbone:
         scheduler = self.pipe.scheduler
         if scheduler is not self._scheduler:
             check_scheduler(scheduler, self.family, self.kind)
-            v_prediction = scheduler.config.get("prediction_type", "epsilon") == "v_prediction"
-            self._read = NoiseSchedule(scheduler.alphas_cumprod.detach()), v_prediction
-            self._scheduler = scheduler
+            self._scheduler, self._read = scheduler, _read_scheduler(scheduler)
         return self._read
 
     @functools.cached_property
