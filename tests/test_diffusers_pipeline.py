@@ -50,6 +50,12 @@ def diffusers_vae(ours, config: VAEConfig, scale: float):
     return vae.eval().requires_grad_(False)
 
 
+def own_tokenizer(**options):
+    """A CLIPTokenizer of its own (not the package's shared one: a textual inversion adds tokens to it);
+    ``pad_token="!"`` as open_clip pads (SD 2.x's and SDXL's second tokenizer: 0 after the end token)."""
+    return transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir()), local_files_only=True, **options)
+
+
 def sd1_pipeline(model, **scheduler):
     """A StableDiffusionPipeline of ``model``'s weights (its CLIP text model is transformers' already)."""
     return diffusers.StableDiffusionPipeline(
@@ -74,8 +80,7 @@ def sdxl_pair(sdxl_file):  # noqa: F811  (the fixture imported above)
     pipe = diffusers.StableDiffusionXLPipeline(
         vae=diffusers_vae(model.vae, vae_config, model.scale_factor), text_encoder=clip_l.transformer,
         text_encoder_2=twin_bigg, tokenizer=load_tokenizer(),
-        # open_clip pads after the end token with 0 ("!"), as SDXL's second tokenizer is configured
-        tokenizer_2=type(load_tokenizer()).from_pretrained(str(tokenizer_dir()), local_files_only=True, pad_token="!"),
+        tokenizer_2=own_tokenizer(pad_token="!"),
         unet=diffusers_twin(model.unet, TIME_DIM).eval(),
         scheduler=diffusers.EulerDiscreteScheduler(**SD_BETAS))
     return model, pipe
@@ -100,7 +105,7 @@ def sd2_pair(sd2_file):  # noqa: F811  (the fixture imported above)
     betas = 1 - table / torch.cat([table.new_ones(1), table[:-1]])
     pipe = diffusers.StableDiffusionPipeline(
         vae=diffusers_vae(model.vae, TINY_VAE8, model.scale_factor), text_encoder=text_encoder.transformer.eval(),
-        tokenizer=type(load_tokenizer()).from_pretrained(str(tokenizer_dir()), local_files_only=True, pad_token="!"),
+        tokenizer=own_tokenizer(pad_token="!"),
         unet=diffusers_twin(model.unet, TIME_DIM).eval(),
         scheduler=diffusers.DDIMScheduler(trained_betas=betas.float().tolist(), clip_sample=False,
                                           prediction_type="v_prediction" if model.prediction == "v" else "epsilon"),
@@ -334,8 +339,7 @@ def test_a_textual_inversion_term_is_read_at_the_tokens_the_pipeline_gives_it(ti
     """A new token holding the embedding of "cat" makes the same zero-shot map as "cat": its span is the one
     token the pipeline's tokenizer makes of it (SD's tokenizer would split "<kitty>" into three pieces)."""
     model = load_stable_diffusion(tiny_model_files[0])
-    pipe = _with(sd1_pipeline(model), tokenizer=type(load_tokenizer()).from_pretrained(str(tokenizer_dir()),
-                                                                                        local_files_only=True))
+    pipe = _with(sd1_pipeline(model), tokenizer=own_tokenizer())
     embeddings = pipe.text_encoder.get_input_embeddings().weight
     cat = pipe.tokenizer("cat").input_ids[1]
     pipe.load_textual_inversion({"<kitty>": embeddings[cat].detach().clone()}, token="<kitty>")
