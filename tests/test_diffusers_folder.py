@@ -5,6 +5,7 @@ folder equal, bit for bit, those of its single file; folders we cannot read are 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,23 @@ def test_sd1_folder_masks_equal_the_single_files(ldznet, sd1_pair, tiny_model_fi
     from_folder = _masks(ldznet, image_file, sd1_pair[1], tmp_path, "folder", *args)
     from_file = _masks(ldznet, image_file, sd1_pair[0], tmp_path, "file", *args)
     assert all(np.array_equal(a, b) for a, b in zip(from_folder, from_file)) and from_file[1].std() > 0
+
+
+def test_a_hub_cache_snapshot_of_symlinks_reads_as_its_folder(ldznet, sd1_pair, tiny_model_files, image_file,
+                                                              tmp_path) -> None:
+    """The Hugging Face cache's layout: snapshots/REV/<part>/<file> are links to blobs/<hash> (no suffix)."""
+    blobs, snapshot = tmp_path / "hub" / "blobs", tmp_path / "hub" / "snapshots" / "0123abc"
+    blobs.mkdir(parents=True)
+    for path in sorted(p for p in sd1_pair[1].rglob("*") if p.is_file()):
+        blob = blobs / f"blob{len(list(blobs.iterdir()))}"
+        blob.write_bytes(path.read_bytes())
+        link = snapshot / path.relative_to(sd1_pair[1])
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    args = ("--head", tiny_model_files[1])
+    from_snapshot = _masks(ldznet, image_file, snapshot, tmp_path, "snapshot", *args)
+    from_folder = _masks(ldznet, image_file, sd1_pair[1], tmp_path, "folder", *args)
+    assert all(np.array_equal(a, b) for a, b in zip(from_snapshot, from_folder)) and from_folder[1].std() > 0
 
 
 def test_sdxl_folder_zero_shot_masks_equal_the_single_files(ldznet, sdxl_pair, image_file, tmp_path) -> None:
