@@ -27,6 +27,8 @@ from ..errors import CheckpointError
 from ..images import type_name
 from ..sd.diffusers_folder import diffusers_unet_config, unet_config_family
 from ..sd.schedule import NUM_TIMESTEPS, NoiseSchedule, v_to_eps
+from ..sd.sdxl import working_sizes
+from ..sd.tokenizer import content_span
 from ..sd.unet import UNetConfig
 from .base import LDZNET_BLOCKS, Conditioning, TransformerSite, UNetLayout
 from .family import LABELS
@@ -204,9 +206,7 @@ class DiffusersBackbone:
         for prompt in prompts:
             text = convert(prompt, tokenizer) if convert is not None else prompt
             ids = tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids
-            start = 1 if ids and ids[0] == tokenizer.bos_token_id else 0
-            stop = ids.index(tokenizer.eos_token_id, start) if tokenizer.eos_token_id in ids[start:] else len(ids)
-            spans.append((start, stop))
+            spans.append(content_span(ids, tokenizer.bos_token_id, tokenizer.eos_token_id))
         return spans
 
     @torch.no_grad()
@@ -242,11 +242,8 @@ class DiffusersBackbone:
         z_t, t = z_t.to(self.device), t.to(self.device)
         extra = {}
         if self.family == "sdxl":
-            # An uncropped image of the latent's size: original size = target size, crop (0, 0).
-            height, width = (side * self.downsample_factor for side in z_t.shape[-2:])
-            sizes = torch.tensor([height, width, 0, 0, height, width], device=self.device, dtype=unet.dtype)
             extra["added_cond_kwargs"] = {"text_embeds": conditioning.pooled.to(self.device, unet.dtype),
-                                          "time_ids": sizes.expand(len(z_t), 6)}
+                                          "time_ids": working_sizes(z_t, self.downsample_factor).to(unet.dtype)}
         out = unet(z_t.to(unet.dtype), t, encoder_hidden_states=conditioning.context.to(self.device, unet.dtype),
                    return_dict=False, **extra)[0]
         return v_to_eps(out, z_t, schedule, t) if v_prediction else out

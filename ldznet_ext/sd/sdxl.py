@@ -40,14 +40,19 @@ def pooled_text(vector: Tensor, dim: int) -> Tensor:
     return vector[:, :vector.shape[1] - 6 * dim]
 
 
-def working_size_vector(pooled: Tensor, z: Tensor, downsample_factor: int, dim: int) -> Tensor:
-    """The vector y for latents ``z`` [B, C, h, w]: an image of their size (h, w times
-    ``downsample_factor``), uncropped and not resized (original = target size, crop 0, 0), as A1111
+def working_sizes(z: Tensor, downsample_factor: int) -> Tensor:
+    """The six size numbers [B, 6] (int64) for latents ``z`` [B, C, h, w]: an image of their size (h, w
+    times ``downsample_factor``), uncropped and not resized (original = target size, crop 0, 0), as A1111
     and Forge condition a generation of that size."""
     height, width = (side * downsample_factor for side in z.shape[-2:])
     sizes = torch.zeros(z.shape[0], 6, dtype=torch.long, device=z.device)  # filled, not copied from the host:
     sizes[:, 0::4], sizes[:, 1::4] = height, width  # a CUDA graph can hold fills (original and target size)
-    return size_vector(pooled, sizes, dim)
+    return sizes
+
+
+def working_size_vector(pooled: Tensor, z: Tensor, downsample_factor: int, dim: int) -> Tensor:
+    """The vector y for latents ``z`` [B, C, h, w]: ``pooled`` and the :func:`working_sizes` embedded."""
+    return size_vector(pooled, working_sizes(z, downsample_factor), dim)
 
 
 class SDXLConditioner(nn.Module):

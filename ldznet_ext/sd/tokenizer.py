@@ -78,10 +78,14 @@ def tokenize(prompts: Sequence[str]) -> torch.LongTensor:
     return ids
 
 
+def content_span(ids: Sequence[int], bos_id: int = BOS_ID, eos_id: int = EOS_ID) -> tuple[int, int]:
+    """The [start, stop) positions of the content tokens of one tokenised prompt: after its start token,
+    before its first end token."""
+    start = 1 if ids and ids[0] == bos_id else 0
+    stop = ids.index(eos_id, start) if eos_id in ids[start:] else len(ids)
+    return start, stop
+
+
 def term_token_spans(prompts: Sequence[str]) -> list[tuple[int, int]]:
     """For each prompt, the [start, stop) positions of its content tokens in a CLIP-tokenised context."""
-    spans = []
-    for ids in tokenize(prompts).tolist():
-        stop = ids.index(EOS_ID) if EOS_ID in ids else len(ids)
-        spans.append((1 if ids[0] == BOS_ID else 0, stop))
-    return spans
+    return [content_span(ids) for ids in tokenize(prompts).tolist()]
