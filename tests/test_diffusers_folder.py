@@ -1,9 +1,10 @@
-"""Diffusers-format folders (SD 1.x, SDXL), built here from our tiny single files with diffusers' own
+"""Diffusers-format folders (SD 1.x, SD 2.x, SDXL), built here from our tiny single files with diffusers' own
 ldm -> diffusers conversion: our reader gives back the single file's tensors exactly, and masks from a
 folder equal, bit for bit, those of its single file; folders we cannot read are refused by name."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -20,6 +21,7 @@ from ldznet_ext.errors import CheckpointError
 from ldznet_ext.sd.diffusers_folder import read_diffusers_folder
 from ldznet_ext.sd.unet import UNetConfig, unet_config
 from ldznet_ext.sd.vae import VAEConfig
+from test_sd2_model import TINY_SD2_UNET, tiny_sd2_state, write_sd2
 from test_sdxl_model import METADATA as SDXL_METADATA, tiny_sdxl_state
 from test_sdxl_unet import TIME_DIM, diffusers_config
 
@@ -28,6 +30,7 @@ single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 BIGG_PREFIX = "conditioner.embedders.1.model."
+SD2_PREFIX = "cond_stage_model.model."
 # tensors the diffusers layout has no place for: the schedule (the scheduler's config) and CLIP's temperature
 NOT_IN_DIFFUSERS = ("alphas_cumprod", BIGG_PREFIX + "logit_scale")
 
@@ -39,8 +42,10 @@ def _save(folder: Path, part: str, state: dict[str, torch.Tensor], config: dict,
 
 
 def write_folder(folder: Path, ldm: dict[str, torch.Tensor], unet: UNetConfig, vae: VAEConfig, text_heads: int,
-                 sdxl: bool = False, scale: float = 0.18215) -> Path:
-    """A diffusers folder of the single file ``ldm``, each part converted by diffusers' own functions."""
+                 sdxl: bool = False, scale: float = 0.18215, sd2_layers: int = 0) -> Path:
+    """A diffusers folder of the single file ``ldm``, each part converted by diffusers' own functions;
+    ``sd2_layers``: the layers of the file's SD 2.x text tower, of which the folder gets all but the last (as
+    diffusers' SD_2_TEXT_ENCODER_KEYS_TO_IGNORE leaves out ViT-H's 24th)."""
     blocks = len(vae.ch_mult)
     (folder / "model_index.json").parent.mkdir(parents=True, exist_ok=True)
     pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
@@ -52,8 +57,14 @@ def write_folder(folder: Path, ldm: dict[str, torch.Tensor], unet: UNetConfig, v
                   "scaling_factor": scale}
     _save(folder, "vae", single_file.convert_ldm_vae_checkpoint(ldm, vae_fields), vae_fields,
           "diffusion_pytorch_model.safetensors")
-    _save(folder, "text_encoder", single_file.convert_ldm_clip_checkpoint(ldm), {"num_attention_heads": text_heads,
-          "hidden_size": 64}, "model.safetensors")
+    if sd2_layers:
+        last = f"{SD2_PREFIX}transformer.resblocks.{sd2_layers - 1}."
+        text = single_file.convert_open_clip_checkpoint(None, {k: v for k, v in ldm.items() if not k.startswith(last)})
+        text_fields = {"num_hidden_layers": sd2_layers - 1, "hidden_act": "gelu"}
+    else:
+        text, text_fields = single_file.convert_ldm_clip_checkpoint(ldm), {}
+    _save(folder, "text_encoder", text, {"num_attention_heads": text_heads, "hidden_size": 64, **text_fields},
+          "model.safetensors")
     if sdxl:
         bigg = single_file.convert_open_clip_checkpoint(None, ldm, prefix=BIGG_PREFIX)
         _save(folder, "text_encoder_2", bigg, {"num_attention_heads": 1}, "model.safetensors")
@@ -78,9 +89,19 @@ def sdxl_pair(tmp_path_factory) -> tuple[Path, Path]:
     return base / "tiny-sdxl.safetensors", folder
 
 
-def _same_tensors(folder: Path, single: Path) -> None:
+@pytest.fixture(scope="module")
+def sd2_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(an SD 2.x single file with SD's noise schedule, its diffusers folder)."""
+    base = tmp_path_factory.mktemp("sd2")
+    state = {k: v for k, v in tiny_sd2_state().items() if k != "alphas_cumprod"}
+    write_sd2(base / "tiny-sd2.safetensors", state)
+    folder = write_folder(base / "tiny-sd2", state, TINY_SD2_UNET, TINY_VAE8, text_heads=1, sd2_layers=3)
+    return base / "tiny-sd2.safetensors", folder
+
+
+def _same_tensors(folder: Path, single: Path, not_in_diffusers: tuple[str, ...] = NOT_IN_DIFFUSERS) -> None:
     got = read_diffusers_folder(folder).state
-    expected = {k: v for k, v in read_state_dict(single).items() if k not in NOT_IN_DIFFUSERS}
+    expected = {k: v for k, v in read_state_dict(single).items() if not k.startswith(not_in_diffusers)}
     assert sorted(got) == sorted(expected)
     assert [k for k in expected if not torch.equal(got[k], expected[k])] == []
 
@@ -95,6 +116,23 @@ def test_sdxl_folder_converts_back_exactly(sdxl_pair) -> None:
     _same_tensors(sdxl_pair[1], sdxl_pair[0])
     read = read_diffusers_folder(sdxl_pair[1])
     assert read.metadata["unet"] == unet_config("tiny-sdxl").to_dict() and read.scale_factor == 0.13025
+
+
+def test_sd2_folder_converts_back_exactly_but_for_the_towers_unread_parts(sd2_pair) -> None:
+    """The folder lacks the text tower's last layer and projection (and CLIP's temperature), which SD 2.x's
+    context does not read; it says the tower ldm builds is one layer deeper than its text encoder."""
+    unread = ("transformer.resblocks.2.", "text_projection", "logit_scale")
+    _same_tensors(sd2_pair[1], sd2_pair[0], tuple(SD2_PREFIX + k for k in unread))
+    metadata = read_diffusers_folder(sd2_pair[1]).metadata
+    assert metadata["text"] == {"num_hidden_layers": 3}
+    unet, levels = UNetConfig(**metadata["unet"]), range(len(TINY_SD2_UNET.channel_mult))
+    # the same heads and depths (the folder's config spells them otherwise: num_heads unused, depths given)
+    width = TINY_SD2_UNET.model_channels
+    assert [unet.heads_at(width * m) for m in unet.channel_mult] == [TINY_SD2_UNET.heads_at(width * m)
+                                                                          for m in TINY_SD2_UNET.channel_mult]
+    assert [unet.depth_at(level) for level in levels] == [TINY_SD2_UNET.depth_at(level) for level in levels]
+    assert dataclasses.replace(unet, num_heads=0, level_depths=None) == dataclasses.replace(
+        TINY_SD2_UNET, num_heads=0, level_depths=None)
 
 
 def _masks(ldznet, image, model, tmp_path, name, *mode) -> list[np.ndarray]:
@@ -137,6 +175,21 @@ def test_sdxl_folder_zero_shot_masks_equal_the_single_files(ldznet, sdxl_pair, i
     assert all(np.array_equal(a, b) for a, b in zip(from_folder, from_file)) and from_file[1].std() > 0
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_sd2_folder_zero_shot_masks_equal_the_single_files(ldznet, sd2_pair, image_file, tmp_path,
+                                                          prediction) -> None:
+    folder = _with_scheduler(sd2_pair[1], tmp_path, "folder", {"prediction_type": prediction})
+    single = sd2_pair[0]
+    if prediction == "v_prediction":
+        single = tmp_path / "v.safetensors"
+        write_safetensors(single, {**read_state_dict(sd2_pair[0]), "v_pred": torch.zeros(())},
+                          read_metadata(sd2_pair[0]))
+    args = ("--zero-shot", "--resolution", 64, "--draws", 1)
+    from_folder = _masks(ldznet, image_file, folder, tmp_path, "folder", *args)
+    from_file = _masks(ldznet, image_file, single, tmp_path, "file", *args)
+    assert all(np.array_equal(a, b) for a, b in zip(from_folder, from_file)) and from_file[1].std() > 0
+
+
 def test_a_bin_part_is_read_by_the_safe_reader(sd1_pair, tmp_path) -> None:
     import shutil
     folder = shutil.copytree(sd1_pair[1], tmp_path / "bin-folder")
@@ -162,9 +215,8 @@ def test_folders_we_cannot_read_are_named(ldznet, sd1_pair, tiny_model_files, im
     sd2 = shutil.copytree(sd1_pair[1], tmp_path / "sd2")
     (sd2 / "text_encoder" / "config.json").write_text(json.dumps({"num_attention_heads": 16, "hidden_size": 1024}))
     code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", sd2, "--zero-shot")
-    assert (code, err) == (2, "ldznet mask: error: sd2: a diffusers folder of StableDiffusionPipeline with a 1024-d "
-                              "text encoder (SD 2.x?); diffusers folders of SD 1.x and SDXL are read, for SD 2.x use "
-                              "its single-file checkpoint\n")
+    assert (code, err) == (2, "ldznet mask: error: sd2: text_encoder/config.json: field 'hidden_size' is 1024; "
+                              "expected 64, the width of its weights\n")
     code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", tmp_path, "--zero-shot")
     assert code == 2 and f"model file {tmp_path} is a folder without model_index.json" in err
     flux = shutil.copytree(sd1_pair[1], tmp_path / "flux")
@@ -173,7 +225,7 @@ def test_folders_we_cannot_read_are_named(ldznet, sd1_pair, tiny_model_files, im
     code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", flux, "--zero-shot")
     assert (code, err) == (2, "ldznet mask: error: flux: a diffusers folder of FluxPipeline with transformer/, not "
                               "unet/ (Flux, SD 3 and other transformer models are not supported); only UNet models "
-                              "(SD 1.x, SDXL) are read\n")
+                              "(SD 1.x, SD 2.x, SDXL) are read\n")
 
 
 def test_incomplete_sdxl_folders_are_named(ldznet, sdxl_pair, image_file, tmp_path) -> None:
@@ -190,13 +242,35 @@ def test_incomplete_sdxl_folders_are_named(ldznet, sdxl_pair, image_file, tmp_pa
                               "refiners are not supported: use the SDXL base model or a fine-tune of it\n")
 
 
-def test_head_mode_on_an_sdxl_folder_is_refused_before_reading_it(ldznet, sdxl_pair, tiny_model_files, image_file,
-                                                                   tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("family", ["sdxl", "sd2"])
+def test_head_mode_on_an_sdxl_or_sd2_folder_is_refused_before_reading_it(ldznet, request, tiny_model_files,
+                                                                         image_file, tmp_path, monkeypatch,
+                                                                         family) -> None:
     from ldznet_ext.sd import diffusers_folder
+    folder = request.getfixturevalue(f"{family}_pair")[1]
     monkeypatch.setattr(diffusers_folder, "read_state_dict", lambda path: pytest.fail(f"{path} was read"))
-    code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", sdxl_pair[1],
+    code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", folder,
                           "--head", tiny_model_files[1])
-    assert code == 2 and "tiny-sdxl: sdxl: an LD-ZNet head reads SD 1.x UNet features" in err
+    assert code == 2 and f"tiny-{family}: {family}: an LD-ZNet head reads SD 1.x UNet features" in err
+
+
+@pytest.mark.parametrize(("fields", "problem"), [
+    ({"hidden_act": "quick_gelu"}, "field 'hidden_act' is \"quick_gelu\"; expected \"gelu\", as SD 2.x's OpenCLIP "
+                                   "text encoder has"),
+    ({"hidden_act": None}, "field 'hidden_act' is \"quick_gelu\"; expected \"gelu\", as SD 2.x's OpenCLIP text "
+                           "encoder has"),  # transformers' default
+    ({"hidden_size": 1024}, "field 'hidden_size' is 1024; expected 64, the width of its weights"),
+])
+def test_an_sd2_text_encoder_config_that_misdescribes_its_tower_is_refused(ldznet, sd2_pair, image_file, tmp_path,
+                                                                            fields, problem) -> None:
+    """Read as configured, the tower would run with the wrong activation: every context silently off."""
+    import shutil
+    folder = shutil.copytree(sd2_pair[1], tmp_path / "odd")
+    config_file = folder / "text_encoder" / "config.json"
+    config = {**json.loads(config_file.read_text()), **fields}
+    config_file.write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", folder, "--zero-shot")
+    assert (code, err) == (2, f"ldznet mask: error: odd: text_encoder/config.json: {problem}\n")
 
 
 @pytest.mark.parametrize("variant", ["", ".fp16"])  # diffusers' name for a variant's index

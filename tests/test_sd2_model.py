@@ -20,7 +20,7 @@ from ldznet_ext.checkpoint_io import write_safetensors
 from ldznet_ext.errors import CheckpointError
 from ldznet_ext.sd.checkpoint import SD2_FOR_ZERO_SHOT_ONLY, SD2_TEXT_PREFIX, load_stable_diffusion
 from ldznet_ext.sd import checkpoint
-from ldznet_ext.sd.sd2 import OpenCLIPContext, StableDiffusion2, predicts_v
+from ldznet_ext.sd.sd2 import OpenCLIPContext, StableDiffusion2, context_blocks, predicts_v
 from ldznet_ext.sd.openclip import OpenCLIPTextEncoder, openclip_ids
 from ldznet_ext.sd.schedule import v_to_eps
 from ldznet_ext.sd.tokenizer import EOS_ID, tokenize
@@ -75,7 +75,7 @@ def sd2_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_vit_h_context_matches_transformers() -> None:
     """ldm's penultimate + ln_final is transformers' last_hidden_state of the tower without its last layer
     (diffusers' SD 2.x text encoder has 23 of ViT-H's 24 layers)."""
-    ours = OpenCLIPContext(tiny_vit_h())
+    ours = OpenCLIPContext(tiny_vit_h(), blocks=2)
     config = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                                          num_attention_heads=1, max_position_embeddings=77, hidden_act="gelu",
                                          layer_norm_eps=1e-5, projection_dim=64, bos_token_id=49406,
@@ -122,6 +122,39 @@ def test_an_sd2_file_as_published_loads_without_ldznet_metadata(tmp_path) -> Non
     model = load_stable_diffusion(path, zero_shot=True)
     assert model.unet.config == config
     assert all(torch.equal(v, unet.state_dict()[k]) for k, v in model.unet.state_dict().items())
+
+
+def test_a_file_converted_from_diffusers_without_the_towers_last_layer_gives_the_same_context(tmp_path) -> None:
+    """diffusers' conversion to a single file writes SD 2.x's tower without its last layer and projection,
+    which the context never reads; A1111 loads it into the whole tower. Such a file was refused ('text_projection');
+    with the projection kept it was read one layer short. Here the tiny tower plays ViT-H: the file says its depth,
+    where ViT-H's width says it (:func:`context_blocks`)."""
+    state = tiny_sd2_state()
+    whole = load_stable_diffusion(write_sd2(tmp_path / "whole.safetensors", state), zero_shot=True)
+    unread = tuple(SD2_TEXT_PREFIX + k for k in ("transformer.resblocks.2.", "text_projection", "logit_scale"))
+    short = {k: v for k, v in state.items() if not k.startswith(unread)}
+    converted = tmp_path / "converted.safetensors"
+    for kept in ({}, {SD2_TEXT_PREFIX + "text_projection": state[SD2_TEXT_PREFIX + "text_projection"]}):
+        write_safetensors(converted, {**short, **kept}, {**METADATA, "text": {"num_hidden_layers": 3}})
+        model = load_stable_diffusion(converted, zero_shot=True)
+        assert len(model.text_encoder.model.transformer.resblocks) == 2 and model.text_encoder.blocks == 2
+        assert torch.equal(model.text_encoder.encode(PROMPTS), whole.text_encoder.encode(PROMPTS))
+    write_safetensors(converted, short, {**METADATA, "text": {"num_hidden_layers": 4}})
+    with pytest.raises(CheckpointError, match=r"^converted.safetensors: its OpenCLIP text encoder holds 2 layers; "
+                                              r"SD 2.x's context runs 3 of the tower's 4$"):
+        load_stable_diffusion(converted, zero_shot=True)
+
+
+def test_the_context_runs_all_but_the_last_layer_of_the_tower_ldm_builds() -> None:
+    """ViT-H-14 (width 1024) is 24 layers deep in every SD 2.x config: a file of 24 or 23 layers runs 23."""
+    assert [context_blocks(1024, held) for held in (24, 23)] == [23, 23]
+    assert [context_blocks(64, 3), context_blocks(64, 2, depth=3), context_blocks(64, 3, depth=3)] == [2, 2, 2]
+    with pytest.raises(CheckpointError, match=r"^its OpenCLIP text encoder holds 22 layers; SD 2.x's context runs "
+                                              r"23 of the tower's 24$"):
+        context_blocks(1024, 22)
+    with pytest.raises(CheckpointError, match=r"^its OpenCLIP text tower is 1 layer deep; SD 2.x's context reads the "
+                                              r"layer before the last$"):
+        context_blocks(64, 1)
 
 
 @pytest.mark.parametrize(("out_bias", "marker", "prediction"),

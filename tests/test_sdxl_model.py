@@ -128,6 +128,11 @@ def test_a_broken_sdxl_file_is_named(tmp_path) -> None:
     with pytest.raises(CheckpointError, match=r"^broken.safetensors: the SDXL weights do not fit the architecture "
                                               r"they describe: (?s:.*)Missing key\(s\) in state_dict: \"ln_final.weight\""):
         load_stable_diffusion(path, zero_shot=True)
+    state = {k: v for k, v in tiny_sdxl_state().items() if k != BIGG_PREFIX + "text_projection"}
+    write_safetensors(path, state, METADATA)  # SD 2.x's tower may lack it; SDXL's pooled text reads it
+    with pytest.raises(CheckpointError, match=r"^broken.safetensors: its OpenCLIP bigG text encoder has no "
+                                              r"text_projection, which SDXL's pooled text needs$"):
+        load_stable_diffusion(path, zero_shot=True)
 
 
 def _refiner(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

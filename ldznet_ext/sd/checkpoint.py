@@ -35,7 +35,7 @@ from .model import StableDiffusion
 from .openclip import OpenCLIPTextEncoder
 from .parts import check_parts, trim_for_masks
 from .schedule import NUM_TIMESTEPS, NoiseSchedule, alphas_cumprod, rescale_zero_terminal_snr
-from .sd2 import OpenCLIPContext, StableDiffusion2, predicts_v
+from .sd2 import OpenCLIPContext, StableDiffusion2, context_blocks, predicts_v
 from .sdxl import SDXLConditioner, StableDiffusionXL
 from .text import TextEncoder, normalize_text_state_dict, text_config
 from .tokenizer import MAX_LENGTH, VOCAB_SIZE
@@ -406,7 +406,9 @@ def sd2_from_state_dict(state: Mapping[str, Tensor], described: SDMetadata,
     """Build an SD 2.x model in ``dtype`` from a single file's tensors (all read); v-prediction when the
     file carries the ``v_pred`` marker or A1111's probe says so (``sd2.predicts_v``)."""
     unet, vae, vit_h = _unet_vae_and_openclip(state, described, SD2_TEXT_PREFIX)
-    model = StableDiffusion2(unet, vae, OpenCLIPContext(vit_h), _file_schedule(state))
+    blocks = context_blocks(vit_h.ln_final.weight.shape[0], len(vit_h.transformer.resblocks),
+                            described.text.get("num_hidden_layers"))
+    model = StableDiffusion2(unet, vae, OpenCLIPContext(vit_h, blocks), _file_schedule(state))
     # probed in float32, as A1111 probes, whatever the file's and the load's dtype: in fp16 or bf16 a borderline
     # UNet would answer otherwise (and torch < 2.2 has no fp16 matmul on the CPU); cast to dtype next anyway
     model.prediction = "v" if V_PREDICTION_KEY in state or predicts_v(model.unet.float()) else "eps"
@@ -418,6 +420,8 @@ def sdxl_from_state_dict(state: Mapping[str, Tensor], described: SDMetadata,
     """Build an SDXL-family model in ``dtype`` from a single file's tensors (all read); v-prediction
     when the file carries the ``v_pred`` marker."""
     _check_parts_present(state, {"CLIP ViT-L text encoder": CLIP_L_PREFIX, "OpenCLIP bigG text encoder": BIGG_PREFIX})
+    if BIGG_PREFIX + "text_projection" not in state:
+        raise CheckpointError("its OpenCLIP bigG text encoder has no text_projection, which SDXL's pooled text needs")
     unet, vae, bigg = _unet_vae_and_openclip(state, described, BIGG_PREFIX)
     clip_l = _text_encoder_from_state_dict(checkpoint_part(state, CLIP_L_PREFIX), described.text)
     prediction = "v" if V_PREDICTION_KEY in state else "eps"

@@ -1,7 +1,9 @@
-"""Diffusers-format model folders (SD 1.x and SDXL) read into the single-file (ldm) layout.
+"""Diffusers-format model folders (SD 1.x, SD 2.x and SDXL) read into the single-file (ldm) layout.
 
 A folder holds ``model_index.json`` and one sub-folder per part: ``unet/``, ``vae/``, ``text_encoder/``
-(and SDXL's ``text_encoder_2/``), each with a ``config.json`` and its weights. Only what the folder
+(and SDXL's ``text_encoder_2/``), each with a ``config.json`` and its weights. SD 2.x's text encoder
+is transformers' CLIP model of open_clip's ViT-H tower less its last layer and projection (diffusers'
+``SD_2_TEXT_ENCODER_KEYS_TO_IGNORE``), whose last hidden state is the context ldm reads. Only what the folder
 holds is read: no download, weights from ``.safetensors`` (a ``.bin`` only through
 ``checkpoint_io.read_state_dict``, which unpickles tensors alone), sharded weights through their
 ``*.safetensors.index.json``. The key mapping follows the two layouts' definitions (diffusers'
@@ -29,9 +31,10 @@ from ..devices import resolve_device
 from ..errors import CheckpointError
 from ..limits import Limit
 from ..precision import as_dtype
-from .checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, V_PREDICTION_KEY, ZERO_TERMINAL_SNR_KEY, check_family,
-                         stable_diffusion_from_state_dict, unet_config_from_state_dict, with_vae)
+from .checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, SD2_TEXT_PREFIX, V_PREDICTION_KEY, ZERO_TERMINAL_SNR_KEY,
+                         check_family, stable_diffusion_from_state_dict, unet_config_from_state_dict, with_vae)
 from .model import StableDiffusion
+from .openclip import tower_layers
 from .schedule import LINEAR_END, LINEAR_START, NUM_TIMESTEPS, alphas_cumprod
 from .text import normalize_text_state_dict
 from .unet import UNetConfig
@@ -69,8 +72,8 @@ def diffusers_family(path: str | os.PathLike) -> str:
     if (folder / "transformer").is_dir() and not (folder / "unet").is_dir():  # Flux, SD 3 and the like
         kind = _json(folder / INDEX_FILE, folder).get("_class_name", "an unnamed pipeline")
         raise CheckpointError(f"{folder.name}: a diffusers folder of {kind} with transformer/, not unet/ (Flux, SD 3 "
-                              "and other transformer models are not supported); only UNet models (SD 1.x, SDXL) are "
-                              "read")
+                              "and other transformer models are not supported); only UNet models (SD 1.x, SD 2.x, "
+                              "SDXL) are read")
     if (folder / "text_encoder_2").is_dir():
         if not (folder / "text_encoder").is_dir():
             raise CheckpointError(f"{folder.name}: text_encoder_2/ without text_encoder/ (an SDXL refiner?); refiners "
@@ -186,24 +189,27 @@ def vae_to_ldm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return conv_attention_weights({_vae_key(key, up_levels): value for key, value in state.items()})
 
 
-def clip_to_openclip(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """transformers' CLIPTextModelWithProjection weights (SDXL's text_encoder_2) -> open_clip's text tower."""
+def clip_to_openclip(state: Mapping[str, Tensor], part: str) -> dict[str, Tensor]:
+    """transformers' CLIP text weights of the folder's ``part`` (SDXL's text_encoder_2, a
+    CLIPTextModelWithProjection; SD 2.x's text_encoder, without projection) -> open_clip's text tower."""
     state = dict(state)
     projection = state.pop("text_projection.weight", None)
-    if projection is None:
-        raise CheckpointError("text_encoder_2 has no 'text_projection.weight' (a CLIPTextModelWithProjection)")
     text = normalize_text_state_dict(state)
-    out = {"token_embedding.weight": text.pop("text_model.embeddings.token_embedding.weight"),
-           "positional_embedding": text.pop("text_model.embeddings.position_embedding.weight"),
-           "ln_final.weight": text.pop("text_model.final_layer_norm.weight"),
-           "ln_final.bias": text.pop("text_model.final_layer_norm.bias"),
-           "text_projection": projection.T.contiguous()}
+    try:
+        out = {"token_embedding.weight": text.pop("text_model.embeddings.token_embedding.weight"),
+               "positional_embedding": text.pop("text_model.embeddings.position_embedding.weight"),
+               "ln_final.weight": text.pop("text_model.final_layer_norm.weight"),
+               "ln_final.bias": text.pop("text_model.final_layer_norm.bias")}
+    except KeyError as error:
+        raise CheckpointError(f"{part} has no {error} weight") from None
+    if projection is not None:
+        out["text_projection"] = projection.T.contiguous()
     layer_names = (("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("self_attn.out_proj.", "attn.out_proj."),
                    ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."))
     for key in sorted(text):
         m = re.match(r"text_model\.encoder\.layers\.(\d+)\.(.*)", key)
         if m is None:
-            raise CheckpointError(f"text_encoder_2: unexpected weight {key!r}")
+            raise CheckpointError(f"{part}: unexpected weight {key!r}")
         block, rest = f"transformer.resblocks.{m[1]}.", m[2]
         if q := re.match(r"self_attn\.q_proj\.(weight|bias)", rest):
             name = f"text_model.encoder.layers.{m[1]}.self_attn.{{}}_proj.{q[1]}"
@@ -261,6 +267,17 @@ def _int_field(config: Mapping[str, Any], field: str, where: str) -> int:
     if type(value) is not int or value < 1:
         raise _field_error(value, field, where, "an integer >= 1")
     return value
+
+
+def _check_vit_h_config(config: Mapping[str, Any], tower: Mapping[str, Tensor], where: str) -> None:
+    """CheckpointError unless an SD 2.x text encoder's config describes open_clip's tower ``tower``: its
+    width, and the exact GELU open_clip's towers use (transformers' CLIP defaults to quick_gelu)."""
+    width = tower["token_embedding.weight"].shape[1]
+    if config.get("hidden_size") != width:
+        raise _field_error(config.get("hidden_size"), "hidden_size", where, f"{width}, the width of its weights")
+    if config.get("hidden_act", "quick_gelu") != "gelu":
+        raise _field_error(config.get("hidden_act", "quick_gelu"), "hidden_act", where,
+                           '"gelu", as SD 2.x\'s OpenCLIP text encoder has')
 
 
 def _field_error(value: Any, field: str, where: str, expected: str) -> CheckpointError:
@@ -340,21 +357,16 @@ class DiffusersModel(NamedTuple):
 
 
 def read_diffusers_folder(path: str | os.PathLike, with_vae: bool = True) -> DiffusersModel:
-    """An SD 1.x or SDXL diffusers folder (``text_encoder_2/`` makes it SDXL) as a single file's tensors
+    """An SD 1.x, SD 2.x or SDXL diffusers folder (``diffusers_family``) as a single file's tensors
     (every weight read; without ``with_vae`` none of ``vae/``, which a VAE file replaces), with the UNet
     and text configurations that shapes do not show as metadata. CheckpointError naming the folder and
-    what it holds otherwise (an SD 2.x folder: use its single file)."""
+    what it holds otherwise."""
     folder = named_path(path)
-    index = _json(folder / INDEX_FILE, folder)
-    kind = index.get("_class_name", "an unnamed pipeline")
+    _json(folder / INDEX_FILE, folder)  # a folder without it is refused as no diffusers folder
     unet_config = _json(folder / "unet" / "config.json", folder)
     text_config = _json(folder / "text_encoder" / "config.json", folder)
     family = diffusers_family(folder)
     sdxl = family == "sdxl"
-    if family == "sd2":
-        raise CheckpointError(f"{folder.name}: a diffusers folder of {kind} with a 1024-d "
-                              "text encoder (SD 2.x?); diffusers folders of SD 1.x and SDXL are read, for SD 2.x "
-                              "use its single-file checkpoint")
     layers = _int_field(unet_config, "layers_per_block", f"{folder.name}: unet/config.json")
     # the configs first: a schedule or latent statistics that are not SD's are refused before gigabytes are read
     schedule = _scheduler_tensors(folder)
@@ -364,30 +376,37 @@ def read_diffusers_folder(path: str | os.PathLike, with_vae: bool = True) -> Dif
     state = {UNET_PREFIX + k: v for k, v in unet_to_ldm(read_part(folder, "unet"), layers).items()}
     if with_vae:
         state.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(read_part(folder, "vae")).items()})
-    clip_l = normalize_text_state_dict(read_part(folder, "text_encoder"))
-    state.update({(CLIP_L_PREFIX if sdxl else TEXT_PREFIX) + k: v for k, v in clip_l.items()})
+    text_heads = _int_field(text_config, "num_attention_heads", f"{folder.name}: text_encoder/config.json")
+    text = {"num_attention_heads": text_heads}
+    if family == "sd2":
+        vit_h = clip_to_openclip(read_part(folder, "text_encoder"), "text_encoder")
+        _check_vit_h_config(text_config, vit_h, f"{folder.name}: text_encoder/config.json")
+        state.update({SD2_TEXT_PREFIX + k: v for k, v in vit_h.items()})
+        # the tower ldm builds is one layer deeper than diffusers' (its last, unread layer left out)
+        text = {"num_hidden_layers": tower_layers(vit_h) + 1}
+    else:
+        clip_l = normalize_text_state_dict(read_part(folder, "text_encoder"))
+        state.update({(CLIP_L_PREFIX if sdxl else TEXT_PREFIX) + k: v for k, v in clip_l.items()})
     if sdxl:
-        bigg = clip_to_openclip(read_part(folder, "text_encoder_2"))
+        bigg = clip_to_openclip(read_part(folder, "text_encoder_2"), "text_encoder_2")
         state.update({BIGG_PREFIX + k: v for k, v in bigg.items()})
     state.update(schedule)
     unet = ldm_unet_config(checkpoint_part(state, UNET_PREFIX), unet_config,
                            f"{folder.name}: the UNet in unet/ does not fit its config.json")
-    metadata = {"unet": unet.to_dict(),
-                "text": {"num_attention_heads": _int_field(text_config, "num_attention_heads",
-                                                           f"{folder.name}: text_encoder/config.json")}}
-    return DiffusersModel(state, metadata, scale)
+    return DiffusersModel(state, {"unet": unet.to_dict(), "text": text}, scale)
 
 
 def load_diffusers_folder(path: str | os.PathLike, device: str | torch.device = "cpu",
                           dtype: torch.dtype | str = torch.float32, parts: str = "all",
                           zero_shot: bool = False, vae: Mapping[str, Tensor] | None = None) -> StableDiffusion:
     """``load_stable_diffusion`` for a diffusers folder: the same model its single-file equivalent gives
-    (SD 1.x for a head or zero-shot, SDXL for zero-shot), with the VAE scale of ``vae/config.json``;
-    ``vae``: VAE weights (``vae_file.read_vae_file``) used in place of the folder's ``vae/``."""
+    (SD 1.x for a head or zero-shot, SD 2.x and SDXL for zero-shot), with the VAE scale of
+    ``vae/config.json``; ``vae``: VAE weights (``vae_file.read_vae_file``) used in place of the folder's
+    ``vae/``."""
     path, device, dtype = path_argument(path, "model folder"), resolve_device(device), as_dtype(dtype)
     name = named_path(path).name
-    if diffusers_family(path) == "sdxl":  # a head is refused before any weight is read
-        check_family(CheckpointInfo("sdxl"), name, zero_shot, parts)
+    # a head is refused before any weight is read
+    check_family(CheckpointInfo(diffusers_family(path)), name, zero_shot, parts)
     folder = read_diffusers_folder(path, with_vae=vae is None)
     state = folder.state if vae is None else with_vae(folder.state, vae)
     model = stable_diffusion_from_state_dict(state, folder.metadata, name, parts,

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from ..errors import LdznetError
 from .tokenizer import EOS_ID
 
 # open_clip keys that are no part of the text tower's forward pass (CLIP's contrastive temperature).
@@ -39,7 +40,7 @@ class OpenCLIPTextEncoder(nn.Module):
     """open_clip's text tower (SDXL's bigG, SD 2.x's ViT-H) with its key names; returns the
     penultimate layer's tokens and the pooled, projected EOS token."""
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_width: int, embed_dim: int,
+    def __init__(self, width: int, layers: int, heads: int, mlp_width: int, embed_dim: int | None,
                  vocab_size: int = 49408, context_length: int = 77):
         super().__init__()
         self.token_embedding = nn.Embedding(vocab_size, width)
@@ -48,7 +49,9 @@ class OpenCLIPTextEncoder(nn.Module):
         self.transformer.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, mlp_width)
                                                    for _ in range(layers))
         self.ln_final = nn.LayerNorm(width)
-        self.text_projection = nn.Parameter(torch.zeros(width, embed_dim))
+        # None: a tower without its projection (SD 2.x's, as diffusers' conversion writes it), which only the
+        # pooled output reads
+        self.text_projection = None if embed_dim is None else nn.Parameter(torch.zeros(width, embed_dim))
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Tensor]) -> OpenCLIPTextEncoder:
@@ -56,9 +59,10 @@ class OpenCLIPTextEncoder(nn.Module):
         and fill it with :meth:`load_text_state_dict`); heads are 64 channels wide, as in every open_clip
         text tower SD uses."""
         width = state["token_embedding.weight"].shape[1]
-        layers = len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")})
-        return cls(width, layers, max(1, width // 64), state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                   state["text_projection"].shape[1], state["token_embedding.weight"].shape[0],
+        projection = state.get("text_projection")
+        return cls(width, tower_layers(state), max(1, width // 64),
+                   state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+                   None if projection is None else projection.shape[1], state["token_embedding.weight"].shape[0],
                    state["positional_embedding"].shape[0])
 
     def load_text_state_dict(self, state: Mapping[str, Tensor]) -> None:
@@ -66,20 +70,34 @@ class OpenCLIPTextEncoder(nn.Module):
         self.load_state_dict({k: v for k, v in state.items() if k not in _UNUSED_OPENCLIP_KEYS},
                              strict=True, assign=True)
 
+    def hidden_state(self, input_ids: Tensor, blocks: int) -> Tensor:
+        """Token ids [B, T] -> the tokens after the first ``blocks`` layers [B, T, width]."""
+        x = self.token_embedding(input_ids) + self.positional_embedding.to(self.token_embedding.weight.dtype)
+        for block in self.transformer.resblocks[:blocks]:
+            x = block(x, _causal_mask(x))
+        return x
+
     def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Token ids [B, T] (EOS, the largest id, ends each prompt) -> (penultimate hidden state
         [B, T, width], pooled [B, embed_dim])."""
-        x = self.token_embedding(input_ids) + self.positional_embedding.to(self.token_embedding.weight.dtype)
-        length = input_ids.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
-        penultimate = x
-        for index, block in enumerate(self.transformer.resblocks):
-            if index == len(self.transformer.resblocks) - 1:
-                penultimate = x
-            x = block(x, causal)
+        if self.text_projection is None:
+            raise LdznetError("this OpenCLIP text tower has no text_projection, which its pooled output needs")
+        penultimate = self.hidden_state(input_ids, len(self.transformer.resblocks) - 1)
+        x = self.transformer.resblocks[-1](penultimate, _causal_mask(penultimate))
         eos = input_ids.argmax(dim=-1)
         pooled = self.ln_final(x)[torch.arange(x.shape[0], device=x.device), eos] @ self.text_projection
         return penultimate, pooled
+
+
+def _causal_mask(x: Tensor) -> Tensor:
+    """The attention mask [T, T] of tokens ``x`` [B, T, width]: True where a token may not look (later ones)."""
+    length = x.shape[1]
+    return torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+
+
+def tower_layers(state: Mapping[str, Tensor]) -> int:
+    """How many layers (``transformer.resblocks.N``) an open_clip text tower's weights hold."""
+    return len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")})
 
 
 def openclip_ids(ids: Tensor) -> Tensor:

@@ -3,7 +3,11 @@
 
 ldm's ``FrozenOpenCLIPEmbedder`` (layer "penultimate", configs/stable-diffusion/v2-inference.yaml)
 runs the open_clip text tower to its penultimate layer and applies ``ln_final`` to it: the
-[B, 77, 1024] context. Module names follow the single file's ``cond_stage_model.model.*``.
+[B, 77, 1024] context. Module names follow the single file's ``cond_stage_model.model.*``. A1111
+builds ViT-H-14's tower (24 layers) and loads a file into it non-strictly, so a file without the last
+layer and the projection, which the context never reads (diffusers' scripts/convert_diffusers_to_
+original_stable_diffusion.py writes 23 layers), gives the same context; so does a diffusers folder,
+whose text encoder is the tower less its last layer.
 
 A 768-v file (SD 2.0-v, 2.1) and a 512 eps file (SD 2.0-base, 2.1-base) hold the same tensors: no
 field says which prediction a file makes. A1111 v1.10.1 (``sd_models_config.
@@ -20,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backbones.base import Conditioning
+from ..errors import CheckpointError
 from .model import StableDiffusion
 from .openclip import OpenCLIPTextEncoder, openclip_ids
 from .schedule import PREDICTIONS, NoiseSchedule, v_to_eps
@@ -29,14 +34,33 @@ from .vae import AutoencoderKL
 
 # A1111's probe: input and context value, timestep, and the mean (output - input) below which it reads v.
 _PROBE_VALUE, _PROBE_TIMESTEP, _PROBE_V_BELOW = 0.5, 999, -1.0
+# open_clip's ViT-H-14 text tower (width, layers), the one ldm's configs build for every SD 2.x model
+VIT_H_WIDTH, VIT_H_LAYERS = 1024, 24
+
+
+def context_blocks(width: int, held: int, depth: int | None = None) -> int:
+    """How many open_clip layers SD 2.x's context runs: all but the last of the tower ldm builds, ``depth``
+    layers deep (None: ViT-H-14's at its width, else the ``held`` layers a file holds). A file may hold
+    the tower without its last layer, as diffusers' conversion to a single file writes it; CheckpointError
+    when it holds fewer than the context runs."""
+    if depth is None:
+        depth = VIT_H_LAYERS if width == VIT_H_WIDTH else held
+    if depth < 2:
+        raise CheckpointError(f"its OpenCLIP text tower is {depth} layer deep; SD 2.x's context reads the layer before "
+                              "the last")
+    if held < depth - 1:
+        raise CheckpointError(f"its OpenCLIP text encoder holds {held} layers; SD 2.x's context runs {depth - 1} of "
+                              f"the tower's {depth}")
+    return depth - 1
 
 
 class OpenCLIPContext(nn.Module):
-    """SD 2.x's text conditioning: ``ln_final`` of open_clip's penultimate layer (``model`` is the tower)."""
+    """SD 2.x's text conditioning: ``ln_final`` of the tokens after the first ``blocks`` layers of the open_clip
+    tower ``model`` (ldm's "penultimate": :func:`context_blocks`)."""
 
-    def __init__(self, model: OpenCLIPTextEncoder):
+    def __init__(self, model: OpenCLIPTextEncoder, blocks: int):
         super().__init__()
-        self.model = model
+        self.model, self.blocks = model, blocks
 
     @property
     def context_dim(self) -> int:
@@ -45,8 +69,7 @@ class OpenCLIPContext(nn.Module):
     def encode(self, prompts: Sequence[str]) -> Tensor:
         """Prompts -> context [B, 77, width] on the module's device (open_clip pads with zeros)."""
         ids = openclip_ids(tokenize(prompts)).to(self.model.token_embedding.weight.device)
-        penultimate, _ = self.model(ids)
-        return self.model.ln_final(penultimate)
+        return self.model.ln_final(self.model.hidden_state(ids, self.blocks))
 
 
 class StableDiffusion2(StableDiffusion):

@@ -38,6 +38,7 @@ from ..outputs import replacing, writable_folder
 from ..sd.checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, SD2_TEXT_PREFIX, TEXT_PREFIX, UNET_PREFIX,
                              V_PREDICTION_KEY, VAE_PREFIX, check_family, classify, parse_sd_metadata, text_fields,
                              unet_config_from_state_dict)
+from ..sd.openclip import tower_layers
 from ..sd.sd2 import predicts_v
 from ..sd.text import normalize_text_state_dict, text_config
 from ..sd.tokenizer import tokenizer_dir
@@ -336,8 +337,7 @@ def openclip_arch(state: Mapping, name: str, prefix: str = BIGG_PREFIX) -> str:
     tower = checkpoint_part(state, prefix)
     try:
         width = tower["token_embedding.weight"].shape[1]
-        layers = len({k.split(".")[2] for k in tower if k.startswith("transformer.resblocks.")})
-        shape = (width, layers, tower["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        shape = (width, tower_layers(tower), tower["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
                  tower["text_projection"].shape[1])
         context = (tower["token_embedding.weight"].shape[0], tower["positional_embedding"].shape[0])
     except (KeyError, IndexError) as error:

@@ -22,7 +22,7 @@ def tiny_sd2(prediction: str = "eps", in_channels: int = 4) -> StableDiffusion2:
                                             in_channels=in_channels)), seed=1)
     vae = randomize_(AutoencoderKL(WEBUI_VAE), seed=2, std=0.05)
     tower = randomize_(OpenCLIPTextEncoder(width=64, layers=3, heads=1, mlp_width=256, embed_dim=64), seed=4)
-    return StableDiffusion2(unet, vae, OpenCLIPContext(tower), prediction=prediction).eval()
+    return StableDiffusion2(unet, vae, OpenCLIPContext(tower, blocks=2), prediction=prediction).eval()
 
 
 def fake_a1111_sd2(sd: StableDiffusion2, conditioning_key: str = "crossattn") -> FakeLatentDiffusion:
