@@ -182,6 +182,22 @@ def test_the_pipeline_is_left_as_it_was(sd1_pipe, tiny_model_files) -> None:
     assert torch.equal(sd1_pipe.unet(z, 10, encoder_hidden_states=context).sample, before)
 
 
+def test_a_pipeline_under_model_cpu_offload_gives_the_same_maps_and_generates_as_before(tiny_model_files) -> None:
+    """accelerate's hooks wrap each part's forward and move it to the execution device (here "cpu:0": no GPU):
+    zero-shot and head maps equal the plain pipeline's, and a generation after the masks equals its."""
+    pytest.importorskip("accelerate")
+    plain, offloaded = (sd1_pipeline(load_stable_diffusion(tiny_model_files[0])) for _ in range(2))
+    offloaded.enable_model_cpu_offload(device="cpu")
+    assert hasattr(offloaded.unet, "_hf_hook") and offloaded._execution_device == torch.device("cpu:0")
+    image = random_image(64, 64, seed=5)
+    for head in (None, tiny_model_files[1]):
+        expected = _maps(segmenter_from_pipeline(plain, head, resolution=64), image)
+        _assert_close(_maps(segmenter_from_pipeline(offloaded, head, resolution=64), image), expected)
+    generated = [pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images for pipe in (plain, offloaded)]
+    assert generated[0].std() > 0 and (generated[0] == generated[1]).all()
+
+
 def test_the_layout_numbers_blocks_as_an_ldm_unet_does(sd1_pipe, tiny_model_files) -> None:
     ours = load_stable_diffusion(tiny_model_files[0]).layout
     theirs = DiffusersBackbone(sd1_pipe).layout
