@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -60,7 +61,8 @@ def write_folder(folder: Path, ldm: dict[str, torch.Tensor], unet: UNetConfig, v
     if sd2_layers:
         last = f"{SD2_PREFIX}transformer.resblocks.{sd2_layers - 1}."
         text = single_file.convert_open_clip_checkpoint(None, {k: v for k, v in ldm.items() if not k.startswith(last)})
-        text_fields = {"num_hidden_layers": sd2_layers - 1, "hidden_act": "gelu"}
+        text_fields = {"num_hidden_layers": sd2_layers - 1, "hidden_act": "gelu", "intermediate_size": 256,
+                       "layer_norm_eps": 1e-5, "vocab_size": 49408, "max_position_embeddings": 77}
     else:
         text, text_fields = single_file.convert_ldm_clip_checkpoint(ldm), {}
     _save(folder, "text_encoder", text, {"num_attention_heads": text_heads, "hidden_size": 64, **text_fields},
@@ -190,6 +192,47 @@ def test_sd2_folder_zero_shot_masks_equal_the_single_files(ldznet, sd2_pair, ima
     assert all(np.array_equal(a, b) for a, b in zip(from_folder, from_file)) and from_file[1].std() > 0
 
 
+def test_an_sd2_text_encoder_of_missing_or_odd_weights_is_refused(ldznet, sd2_pair, image_file, tmp_path) -> None:
+    """These failed inside the conversion, with a traceback."""
+    import shutil
+    for name, change, problem in [
+        ("no-k", lambda state: state.pop("text_model.encoder.layers.0.self_attn.k_proj.weight"),
+         "text_encoder: not a CLIP text model's weights ('text_model.encoder.layers.0.self_attn.k_proj.weight' is "
+         "missing)"),
+        ("flat", lambda state: state.update({"text_model.embeddings.token_embedding.weight": torch.zeros(64)}),
+         "text_encoder/config.json: not the weights of a CLIP text model (not enough values to unpack (expected 2, "
+         "got 1))"),
+    ]:
+        folder = shutil.copytree(sd2_pair[1], tmp_path / name)
+        weights = folder / "text_encoder" / "model.safetensors"
+        state = read_state_dict(weights)
+        change(state)
+        save_file(state, str(weights))
+        code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", folder, "--zero-shot")
+        assert (code, err) == (2, f"ldznet mask: error: {name}: {problem}\n")
+
+
+@pytest.mark.parametrize(("config", "problem"), [
+    ({"in_channels": 7}, "takes 7 input channels, not 4 (an inpainting, depth, upscaler or edit model); use the base "
+                         "model it was made from"),
+    ({"class_embed_type": "projection", "projection_class_embeddings_input_dim": 2048},
+     "is conditioned on more than text (class or image embeddings: unCLIP and the like); LD-ZNet reads SD 1.x, SD "
+     "2.x and SDXL-family UNets"),
+])
+def test_a_folder_of_a_unet_conditioned_on_more_than_text_is_refused_before_its_weights_are_read(
+        ldznet, sd2_pair, image_file, tmp_path, monkeypatch, config, problem) -> None:
+    """SD 2.x's x4 upscaler and unCLIP: unCLIP was refused as weights that do not fit, after all were read."""
+    import shutil
+
+    from ldznet_ext.sd import diffusers_folder
+    folder = shutil.copytree(sd2_pair[1], tmp_path / "variant")
+    config_file = folder / "unet" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **config}))
+    monkeypatch.setattr(diffusers_folder, "read_state_dict", lambda path: pytest.fail(f"{path} was read"))
+    code, _, err = ldznet("mask", image_file, "cat", "-o", tmp_path / "m.png", "--model", folder, "--zero-shot")
+    assert (code, err) == (2, f"ldznet mask: error: variant: unet/config.json: the UNet {problem}\n")
+
+
 def test_a_bin_part_is_read_by_the_safe_reader(sd1_pair, tmp_path) -> None:
     import shutil
     folder = shutil.copytree(sd1_pair[1], tmp_path / "bin-folder")
@@ -254,16 +297,45 @@ def test_head_mode_on_an_sdxl_or_sd2_folder_is_refused_before_reading_it(ldznet,
     assert code == 2 and f"tiny-{family}: {family}: an LD-ZNet head reads SD 1.x UNet features" in err
 
 
+@pytest.mark.parametrize("layers", [2, 1])
+def test_an_sd2_folders_context_is_its_text_encoders_last_hidden_state(sd2_pair, tmp_path, layers) -> None:
+    """As transformers runs the folder's text encoder: the layers its config says (the folder holds 2; run 1,
+    the second is left unread, as diffusers leaves ViT-H's 24th)."""
+    import shutil
+
+    from ldznet_ext.sd.diffusers_folder import load_diffusers_folder
+    from ldznet_ext.sd.openclip import openclip_ids
+    from ldznet_ext.sd.tokenizer import tokenize
+    folder = shutil.copytree(sd2_pair[1], tmp_path / "folder")
+    config_file = folder / "text_encoder" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "num_hidden_layers": layers}))
+    prompts = ["a red cat on a mat", "sky", ""]
+    reference = transformers.CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True).eval()
+    with torch.no_grad():
+        expected = reference(input_ids=openclip_ids(tokenize(prompts))).last_hidden_state
+        context = load_diffusers_folder(folder, zero_shot=True).text_encoder.encode(prompts)
+    assert float((context - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
+
+
 @pytest.mark.parametrize(("fields", "problem"), [
     ({"hidden_act": "quick_gelu"}, "field 'hidden_act' is \"quick_gelu\"; expected \"gelu\", as SD 2.x's OpenCLIP "
                                    "text encoder has"),
     ({"hidden_act": None}, "field 'hidden_act' is \"quick_gelu\"; expected \"gelu\", as SD 2.x's OpenCLIP text "
                            "encoder has"),  # transformers' default
     ({"hidden_size": 1024}, "field 'hidden_size' is 1024; expected 64, the width of its weights"),
+    ({"num_attention_heads": 2}, "field 'num_attention_heads' is 2; expected 1, heads 64 channels wide, as "
+                                 "open_clip's towers have"),
+    ({"layer_norm_eps": 1e-6}, "field 'layer_norm_eps' is 1e-06; expected 1e-05, open_clip's"),
+    ({"intermediate_size": None}, "field 'intermediate_size' is 2048; expected 256, its weights' MLP width"),
+    ({"num_hidden_layers": 3}, "field 'num_hidden_layers' is 3; expected 2, the layers its weights hold (or 1, "
+                               "leaving the last unread)"),
+    ({"num_hidden_layers": "2"}, "field 'num_hidden_layers' is \"2\"; expected 2, the layers its weights hold (or "
+                                 "1, leaving the last unread)"),
 ])
 def test_an_sd2_text_encoder_config_that_misdescribes_its_tower_is_refused(ldznet, sd2_pair, image_file, tmp_path,
                                                                             fields, problem) -> None:
-    """Read as configured, the tower would run with the wrong activation: every context silently off."""
+    """Read as configured, the tower would run otherwise than its weights were trained: every context silently
+    off (the head count and depth were taken from the weights, the activation and epsilon were ignored)."""
     import shutil
     folder = shutil.copytree(sd2_pair[1], tmp_path / "odd")
     config_file = folder / "text_encoder" / "config.json"

@@ -246,8 +246,8 @@ def _unet_with(pipe, **config):
     (lambda p: None, r"^expected a diffusers Stable Diffusion pipeline .*, got None;"),
     (lambda p: "v1-5.safetensors", r"^expected a diffusers Stable Diffusion pipeline \(pipe.unet, "
      r"pipe.encode_prompt\), got str; for a model file or folder use load_segmenter\(PATH\)$"),
-    (lambda p: _unet_with(p, in_channels=9), r"UNet takes 9 input channels, not 4 \(an inpainting, depth or edit "
-                                             r"model\); use the pipeline of the base model"),
+    (lambda p: _unet_with(p, in_channels=9), r"UNet takes 9 input channels, not 4 \(an inpainting, depth, upscaler "
+                                             r"or edit model\); use the base model it was made from"),
     (lambda p: _with(p, scheduler=diffusers.FlowMatchEulerDiscreteScheduler()),
      r"\(FlowMatchEulerDiscreteScheduler\) has no alphas_cumprod table of 1000 steps"),
     (lambda p: _with(p, scheduler=diffusers.DDIMScheduler(**SD_BETAS, prediction_type="v_prediction")),

@@ -139,19 +139,22 @@ def test_a_file_converted_from_diffusers_without_the_towers_last_layer_gives_the
         model = load_stable_diffusion(converted, zero_shot=True)
         assert len(model.text_encoder.model.transformer.resblocks) == 2 and model.text_encoder.blocks == 2
         assert torch.equal(model.text_encoder.encode(PROMPTS), whole.text_encoder.encode(PROMPTS))
-    write_safetensors(converted, short, {**METADATA, "text": {"num_hidden_layers": 4}})
-    with pytest.raises(CheckpointError, match=r"^converted.safetensors: its OpenCLIP text encoder holds 2 layers; "
-                                              r"SD 2.x's context runs 3 of the tower's 4$"):
-        load_stable_diffusion(converted, zero_shot=True)
+    for depth, held, tensors in ((4, 2, short), (2, 3, state)):  # layers neither all of the tower nor all but one
+        write_safetensors(converted, tensors, {**METADATA, "text": {"num_hidden_layers": depth}})
+        with pytest.raises(CheckpointError, match=rf"^converted.safetensors: its OpenCLIP text encoder holds {held} "
+                                                  rf"layers; SD 2.x's context runs {depth - 1} of a tower {depth} deep, "
+                                                  r"held whole or without its last layer$"):
+            load_stable_diffusion(converted, zero_shot=True)
 
 
 def test_the_context_runs_all_but_the_last_layer_of_the_tower_ldm_builds() -> None:
     """ViT-H-14 (width 1024) is 24 layers deep in every SD 2.x config: a file of 24 or 23 layers runs 23."""
     assert [context_blocks(1024, held) for held in (24, 23)] == [23, 23]
     assert [context_blocks(64, 3), context_blocks(64, 2, depth=3), context_blocks(64, 3, depth=3)] == [2, 2, 2]
-    with pytest.raises(CheckpointError, match=r"^its OpenCLIP text encoder holds 22 layers; SD 2.x's context runs "
-                                              r"23 of the tower's 24$"):
-        context_blocks(1024, 22)
+    for held in (22, 25):
+        with pytest.raises(CheckpointError, match=rf"^its OpenCLIP text encoder holds {held} layers; SD 2.x's context "
+                                                  r"runs 23 of a tower 24 deep, held whole or without its last layer$"):
+            context_blocks(1024, held)
     with pytest.raises(CheckpointError, match=r"^its OpenCLIP text tower is 1 layer deep; SD 2.x's context reads the "
                                               r"layer before the last$"):
         context_blocks(64, 1)
@@ -210,15 +213,63 @@ def test_head_mode_on_sd2_is_refused_with_what_to_do(sd2_file, kwargs) -> None:
     assert str(error.value).startswith(f"tiny-sd2.safetensors: sd2: {SD2_FOR_ZERO_SHOT_ONLY}. Supported: ")
 
 
-def test_an_sd2_inpainting_file_is_refused_by_name(tmp_path) -> None:
+@pytest.mark.parametrize(("channels", "unclip", "variant"), [
+    (9, False, r"an SD 2.x inpainting model \(9 input channels\)"),
+    (5, False, r"an SD 2.x depth model \(5 input channels: a depth map beside the latent\)"),
+    (7, False, r"an SD 2.x x4 upscaler \(7 input channels: the low-resolution image beside the latent\)"),
+    (4, True, r"an SD 2.x unCLIP model \(conditioned on an image embedding\)"),
+])
+def test_sd2_models_conditioned_on_more_than_text_are_refused_by_name(tmp_path, channels, unclip, variant) -> None:
+    """unCLIP was refused as weights that "do not fit" (its label_emb), the upscaler as an inpainting or depth model."""
     state = tiny_sd2_state()
-    state[UNET_PREFIX + "input_blocks.0.0.weight"] = torch.zeros(32, 9, 3, 3)
-    path = write_sd2(tmp_path / "inpaint.safetensors", state)
+    state[UNET_PREFIX + "input_blocks.0.0.weight"] = torch.zeros(32, channels, 3, 3)
+    if unclip:  # the image embedding's projection, as SD 2.1 unCLIP's
+        state[UNET_PREFIX + "label_emb.0.0.weight"] = torch.zeros(128, 1024)
+    path = write_sd2(tmp_path / "variant.safetensors", state)
     for zero_shot in (True, False):  # a head is not told to try --zero-shot
-        with pytest.raises(CheckpointError, match=r"^inpaint.safetensors: sd2-conditioned: the SD 2.x UNet takes 9 input "
-                                                  r"channels, not 4 \(an inpainting or depth model\); use the base model "
-                                                  r"it was made from. Supported: "):
+        with pytest.raises(CheckpointError, match=rf"^variant.safetensors: sd2-conditioned: {variant}; use the base "
+                                                  r"model it was made from. Supported: "):
             load_stable_diffusion(path, zero_shot=zero_shot)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda s: s.update({SD2_TEXT_PREFIX + "token_embedding.weight": torch.zeros(100, 64)}),
+     "the text encoder has 100 token embeddings; CLIP's tokenizer needs 49408"),
+    (lambda s: s.update({SD2_TEXT_PREFIX + "positional_embedding": torch.zeros(10, 64)}),
+     "the text encoder has 10 positions; CLIP's tokenizer makes prompts of 77 tokens"),
+    (lambda s: [s.pop(k) for k in list(s) if k.startswith(SD2_TEXT_PREFIX + "transformer.")],
+     r"its OpenCLIP text encoder has no layers \(no transformer.resblocks.\*\)"),
+])
+def test_an_sd2_text_tower_that_cannot_encode_a_prompt_is_refused(tmp_path, change, message) -> None:
+    """These failed at the first prompt, inside torch."""
+    state = tiny_sd2_state()
+    change(state)
+    with pytest.raises(CheckpointError, match=rf"^odd.safetensors: {message}$"):
+        load_stable_diffusion(write_sd2(tmp_path / "odd.safetensors", state), zero_shot=True)
+
+
+def test_an_sd2_text_tower_narrower_than_the_unets_context_is_refused(tmp_path) -> None:
+    """A 64-d context into a UNet that reads 48: it failed at the first mask, inside torch."""
+    unet = UNetModel(unet_config("tiny", linear_projection=True, num_head_channels=16, context_dim=48)).state_dict()
+    state = {k: v for k, v in tiny_sd2_state().items() if not k.startswith(UNET_PREFIX)}
+    state.update({UNET_PREFIX + k: v for k, v in unet.items()})
+    write_safetensors(tmp_path / "odd.safetensors", state,
+                      {"unet": unet_config("tiny", linear_projection=True, num_head_channels=16,
+                                           context_dim=48).to_dict()})
+    with pytest.raises(CheckpointError, match=r"^odd.safetensors: mismatched parts: the text encoders give a 64-d "
+                                              r"context but the UNet expects a 48-d context$"):
+        load_stable_diffusion(tmp_path / "odd.safetensors", zero_shot=True)
+
+
+@pytest.mark.parametrize("claim", [{"hidden_size": 128}, {"num_attention_heads": 2}, {"vocab_size": 50000}])
+def test_an_sd2_files_text_metadata_that_contradicts_its_weights_is_refused(tmp_path, claim) -> None:
+    """Ignored before: a head count of 2 claimed for a tower run with one."""
+    (name, value), = claim.items()
+    shown = {"hidden_size": 64, "num_attention_heads": 1, "vocab_size": 49408}[name]
+    write_safetensors(tmp_path / "odd.safetensors", tiny_sd2_state(), {**METADATA, "text": claim})
+    with pytest.raises(CheckpointError, match=rf"^odd.safetensors: field 'ldznet.text', key '{name}' is {value}; the "
+                                              rf"weights have {shown}$"):
+        load_stable_diffusion(tmp_path / "odd.safetensors", zero_shot=True)
 
 
 def test_ldznet_mask_zero_shot_on_an_sd2_file(ldznet, sd2_file, tmp_path) -> None:

@@ -106,8 +106,8 @@ def test_an_sd2_inpainting_file_is_refused(webui, tmp_path) -> None:
     key = UNET_PREFIX + "input_blocks.0.0.weight"
     state[key] = torch.cat([state[key]] * 3, dim=1)[:, :9]
     assert _refused(state, webui, tmp_path).startswith(
-        "odd.safetensors: sd2-conditioned: the SD 2.x UNet takes 9 input channels, not 4 (an inpainting or depth "
-        "model); use the base model it was made from. Supported: ")
+        "odd.safetensors: sd2-conditioned: an SD 2.x inpainting model (9 input channels); use the base model it was "
+        "made from. Supported: ")
 
 
 def test_an_sd2_tower_open_clip_does_not_register_is_refused(webui, tmp_path) -> None:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from ..images import type_name
-from ..sd.diffusers_folder import diffusers_unet_config, unet_config_family
+from ..sd.diffusers_folder import diffusers_unet_config, unet_config_family, unet_config_problem
 from ..sd.schedule import NUM_TIMESTEPS, NoiseSchedule, v_to_eps
 from ..sd.sdxl import working_sizes
 from ..sd.tokenizer import content_span
@@ -61,14 +61,9 @@ def pipeline_family(pipe) -> str:
     if not any(cls.__name__ == "UNet2DConditionModel" for cls in type(base).__mro__):
         raise CheckpointError(f"{kind}'s unet is {type_name(base)}, not a diffusers UNet2DConditionModel")
     config = base.config
-    in_channels = config.get("in_channels")
-    if in_channels != 4:
-        raise CheckpointError(f"{kind}'s UNet takes {in_channels} input channels, not 4 (an inpainting, depth or edit "
-                              "model); use the pipeline of the base model it was made from")
-    if config.get("class_embed_type") or config.get("num_class_embeds") or \
-            config.get("addition_embed_type") not in (None, "text_time"):
-        raise CheckpointError(f"{kind}'s UNet is conditioned on more than text (class or image embeddings: unCLIP and "
-                              "the like); LD-ZNet reads SD 1.x, SD 2.x and SDXL-family UNets")
+    problem = unet_config_problem(config)
+    if problem:
+        raise CheckpointError(f"{kind}'s UNet {problem}")
     check_text_only(unet, kind)
     family = unet_config_family(config)
     missing = [name for name in ("vae", "scheduler", *_TEXT_PARTS[family]) if getattr(pipe, name, None) is None]

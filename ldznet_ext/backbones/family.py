@@ -29,7 +29,8 @@ LABELS: dict[str, str] = {
     "instruct-pix2pix": "an instruct-pix2pix model (8 input channels)", "diffusers": "a diffusers-format file",
     "ldznet-head": "an LD-ZNet segmentation head", "ldznet-official": "the official LD-ZNet release",
     "vae": "a VAE", "sdxl-conditioned": "an SDXL inpainting or edit model", "sdxl-refiner": "an SDXL refiner",
-    "sdxl-edm": "an SDXL model with the EDM noise schedule", "sd2-conditioned": "an SD 2.x inpainting or depth model",
+    "sdxl-edm": "an SDXL model with the EDM noise schedule",
+    "sd2-conditioned": "an SD 2.x inpainting, depth, upscaler or unCLIP model",
     "sd-v1-v-prediction": "an SD 1.x v-prediction model",
 }
 # The marker tensor of a v-prediction file (A1111's and Forge's convention, a scalar with no weight).
@@ -97,6 +98,8 @@ def sd2_variant(in_channels: int, conditioning_key: str | None = None) -> str | 
         return "an SD 2.x inpainting model (9 input channels)"
     if in_channels == 5:
         return "an SD 2.x depth model (5 input channels: a depth map beside the latent)"
+    if in_channels == 7:
+        return "an SD 2.x x4 upscaler (7 input channels: the low-resolution image beside the latent)"
     if in_channels != 4 or conditioning_key not in (None, "crossattn"):
         return f"an SD 2.x model conditioned on more than text ({in_channels} input channels)"
     return None
@@ -166,13 +169,16 @@ def _zero_shot_variant(state: Mapping, info: CheckpointInfo) -> CheckpointInfo:
         return info
     conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
     in_channels = _shape(conv_in)[1] if conv_in is not None and len(_shape(conv_in)) == 4 else 4
-    label = LABELS[info.family]
-    if in_channels != 4:
-        kinds = ("an inpainting or depth model" if info.family == "sd2"
-                 else "an inpainting, instruct-pix2pix or edit model")
-        return CheckpointInfo(f"{info.family}-conditioned", f"the {label} UNet takes {in_channels} input channels, not "
-                              f"4 ({kinds}); use the base model it was made from", info.details)
     keys = state.keys()
+    if info.family == "sd2":  # unCLIP's image embedding enters where SDXL's size conditioning does: label_emb
+        unclip = any(k.startswith(UNET_PREFIX + "label_emb.") for k in keys)
+        variant = sd2_variant(in_channels, "crossattn-adm" if unclip else None)
+        if variant:
+            return CheckpointInfo("sd2-conditioned", f"{variant}; use the base model it was made from", info.details)
+    elif in_channels != 4:
+        return CheckpointInfo("sdxl-conditioned", f"the SDXL UNet takes {in_channels} input channels, not 4 (an "
+                              "inpainting, instruct-pix2pix or edit model); use the base model it was made from",
+                              info.details)
     if info.family == "sdxl" and any(k.startswith(_REFINER_TEXT) for k in keys):
         return CheckpointInfo("sdxl-refiner", "an SDXL refiner (one text encoder, OpenCLIP bigG, and aesthetic-score "
                               "conditioning); refiners are not supported: use the SDXL base model or a fine-tune of it",

@@ -32,7 +32,7 @@ from ..limits import RESOLUTION
 from ..precision import as_dtype
 from ..words import is_vocabulary_word
 from .model import StableDiffusion
-from .openclip import OpenCLIPTextEncoder
+from .openclip import OpenCLIPTextEncoder, tower_layers
 from .parts import check_parts, trim_for_masks
 from .schedule import NUM_TIMESTEPS, NoiseSchedule, alphas_cumprod, rescale_zero_terminal_snr
 from .sd2 import OpenCLIPContext, StableDiffusion2, context_blocks, predicts_v
@@ -161,12 +161,18 @@ def text_fields(state: Mapping[str, Tensor], claimed: Mapping[str, int]) -> dict
         raise CheckpointError(f"the text encoder has no '{error.args[0]}' tensor") from error
     # The encoder is built for real, not on the meta device: sizes the metadata claims beyond the weights
     # would be allocated before the weights are found not to fit.
-    for name, value in claimed.items():
-        if name in shown and value != shown[name]:
-            raise CheckpointError(f"field 'ldznet.text', key '{name}' is {value}; the weights have {shown[name]}")
+    _check_text_claims(shown, claimed)
     fields = {**shown, "num_attention_heads": max(1, hidden // 64), **claimed}
     check_text_sizes(fields["vocab_size"], fields["max_position_embeddings"], hidden, fields["num_attention_heads"])
     return fields
+
+
+def _check_text_claims(shown: Mapping[str, int], claimed: Mapping[str, int]) -> None:
+    """CheckpointError when a field the file's metadata ``claimed`` ('ldznet.text') is not what the weights
+    show (``shown``: the fields their shapes tell)."""
+    for name, value in claimed.items():
+        if name in shown and value != shown[name]:
+            raise CheckpointError(f"field 'ldznet.text', key '{name}' is {value}; the weights have {shown[name]}")
 
 
 def _text_encoder_from_state_dict(state: Mapping[str, Tensor], claimed: Mapping[str, int]) -> TextEncoder:
@@ -384,10 +390,15 @@ def _unet_vae_and_openclip(state: Mapping[str, Tensor], described: SDMetadata, o
     _check_parts_present(state, {"VAE": VAE_PREFIX, "OpenCLIP text encoder": openclip_prefix})
     unet_state, openclip_state = checkpoint_part(state, UNET_PREFIX), checkpoint_part(state, openclip_prefix)
     vae_state = {k: v for k, v in checkpoint_part(state, VAE_PREFIX).items() if not k.startswith("loss.")}
+    if not tower_layers(openclip_state):
+        raise CheckpointError("its OpenCLIP text encoder has no layers (no transformer.resblocks.*)")
     with torch.device("meta"):
         unet = UNetModel(described.unet or unet_config_from_state_dict(unet_state))
         vae = AutoencoderKL(VAEConfig.from_state_dict(vae_state))
         openclip = OpenCLIPTextEncoder.from_state_dict(openclip_state)
+    width = openclip.ln_final.weight.shape[0]
+    heads = openclip.transformer.resblocks[0].attn.num_heads
+    check_text_sizes(openclip.token_embedding.num_embeddings, openclip.positional_embedding.shape[0], width, heads)
     unet.load_state_dict(unet_state, strict=True, assign=True)
     vae.load_state_dict(vae_state, strict=True, assign=True)
     openclip.load_text_state_dict(openclip_state)
@@ -406,9 +417,15 @@ def sd2_from_state_dict(state: Mapping[str, Tensor], described: SDMetadata,
     """Build an SD 2.x model in ``dtype`` from a single file's tensors (all read); v-prediction when the
     file carries the ``v_pred`` marker or A1111's probe says so (``sd2.predicts_v``)."""
     unet, vae, vit_h = _unet_vae_and_openclip(state, described, SD2_TEXT_PREFIX)
-    blocks = context_blocks(vit_h.ln_final.weight.shape[0], len(vit_h.transformer.resblocks),
-                            described.text.get("num_hidden_layers"))
-    model = StableDiffusion2(unet, vae, OpenCLIPContext(vit_h, blocks), _file_schedule(state))
+    width = vit_h.ln_final.weight.shape[0]
+    _check_text_claims({"hidden_size": width, "intermediate_size": vit_h.transformer.resblocks[0].mlp.c_fc.out_features,
+                        "num_attention_heads": vit_h.transformer.resblocks[0].attn.num_heads,
+                        "vocab_size": vit_h.token_embedding.num_embeddings,
+                        "max_position_embeddings": vit_h.positional_embedding.shape[0]}, described.text)
+    blocks = context_blocks(width, len(vit_h.transformer.resblocks), described.text.get("num_hidden_layers"))
+    text = OpenCLIPContext(vit_h, blocks)
+    _check_context_fits(text.context_dim, unet)
+    model = StableDiffusion2(unet, vae, text, _file_schedule(state))
     # probed in float32, as A1111 probes, whatever the file's and the load's dtype: in fp16 or bf16 a borderline
     # UNet would answer otherwise (and torch < 2.2 has no fp16 matmul on the CPU); cast to dtype next anyway
     model.prediction = "v" if V_PREDICTION_KEY in state or predicts_v(model.unet.float()) else "eps"
@@ -424,9 +441,17 @@ def sdxl_from_state_dict(state: Mapping[str, Tensor], described: SDMetadata,
         raise CheckpointError("its OpenCLIP bigG text encoder has no text_projection, which SDXL's pooled text needs")
     unet, vae, bigg = _unet_vae_and_openclip(state, described, BIGG_PREFIX)
     clip_l = _text_encoder_from_state_dict(checkpoint_part(state, CLIP_L_PREFIX), described.text)
+    text = SDXLConditioner(clip_l, bigg)
+    _check_context_fits(text.context_dim, unet)
     prediction = "v" if V_PREDICTION_KEY in state else "eps"
-    return StableDiffusionXL(unet, vae, SDXLConditioner(clip_l, bigg), _file_schedule(state),
-                             prediction=prediction).to(dtype)
+    return StableDiffusionXL(unet, vae, text, _file_schedule(state), prediction=prediction).to(dtype)
+
+
+def _check_context_fits(width: int, unet: UNetModel) -> None:
+    """CheckpointError unless the text encoders' context is as wide as the UNet's cross-attention reads."""
+    if width != unet.config.context_dim:
+        raise CheckpointError(f"mismatched parts: the text encoders give a {width}-d context but the UNet expects a "
+                              f"{unet.config.context_dim}-d context")
 
 
 def load_stable_diffusion(path: str | os.PathLike, device: str | torch.device = "cpu",

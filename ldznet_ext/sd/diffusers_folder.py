@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import transformers
 from torch import Tensor
 
 from ..backbones.family import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CheckpointInfo, checkpoint_part
@@ -74,17 +75,35 @@ def diffusers_family(path: str | os.PathLike) -> str:
         raise CheckpointError(f"{folder.name}: a diffusers folder of {kind} with transformer/, not unet/ (Flux, SD 3 "
                               "and other transformer models are not supported); only UNet models (SD 1.x, SD 2.x, "
                               "SDXL) are read")
+    unet_config = _json(folder / "unet" / "config.json", folder)
+    problem = unet_config_problem(unet_config)
+    if problem:
+        raise CheckpointError(f"{folder.name}: unet/config.json: the UNet {problem}")
     if (folder / "text_encoder_2").is_dir():
         if not (folder / "text_encoder").is_dir():
             raise CheckpointError(f"{folder.name}: text_encoder_2/ without text_encoder/ (an SDXL refiner?); refiners "
                                   "are not supported: use the SDXL base model or a fine-tune of it")
         return "sdxl"
-    family = unet_config_family(_json(folder / "unet" / "config.json", folder))
+    family = unet_config_family(unet_config)
     if family == "sdxl":
         raise CheckpointError(f"{folder.name}: an SDXL UNet (text_time conditioning) without text_encoder_2/; the "
                               "folder is incomplete")
     text_config = _json(folder / "text_encoder" / "config.json", folder)
     return "sd2" if text_config.get("hidden_size") == 1024 else family
+
+
+def unet_config_problem(config: Mapping[str, Any]) -> str | None:
+    """Why a diffusers UNet of ``config`` is none LD-ZNet reads, and what to do, completing "the UNet ..."
+    (None: a text-to-image UNet of 4 input channels)."""
+    in_channels = config.get("in_channels", 4)  # UNet2DConditionModel's default
+    if in_channels != 4:
+        return (f"takes {json.dumps(in_channels)[:20]} input channels, not 4 (an inpainting, depth, upscaler or edit "
+                "model); use the base model it was made from")
+    if (config.get("class_embed_type") or config.get("num_class_embeds")
+            or config.get("addition_embed_type") not in (None, "text_time")):
+        return ("is conditioned on more than text (class or image embeddings: unCLIP and the like); LD-ZNet reads SD "
+                "1.x, SD 2.x and SDXL-family UNets")
+    return None
 
 
 def unet_config_family(config: Mapping[str, Any]) -> str:
@@ -189,19 +208,25 @@ def vae_to_ldm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return conv_attention_weights({_vae_key(key, up_levels): value for key, value in state.items()})
 
 
-def clip_to_openclip(state: Mapping[str, Tensor], part: str) -> dict[str, Tensor]:
-    """transformers' CLIP text weights of the folder's ``part`` (SDXL's text_encoder_2, a
-    CLIPTextModelWithProjection; SD 2.x's text_encoder, without projection) -> open_clip's text tower."""
+def clip_to_openclip(state: Mapping[str, Tensor], where: str) -> dict[str, Tensor]:
+    """transformers' CLIP text weights (SDXL's text_encoder_2, a CLIPTextModelWithProjection; SD 2.x's
+    text_encoder, without projection) -> open_clip's text tower; CheckpointError naming ``where`` (the
+    folder and part) for weights of another layout."""
+    try:
+        return _clip_to_openclip(state, where)
+    except (KeyError, IndexError, RuntimeError) as error:  # a missing q/k/v part, shapes torch.cat refuses
+        reason = f"'{error.args[0]}' is missing" if isinstance(error, KeyError) else " ".join(str(error).split())
+        raise CheckpointError(f"{where}: not a CLIP text model's weights ({reason[:300]})") from error
+
+
+def _clip_to_openclip(state: Mapping[str, Tensor], where: str) -> dict[str, Tensor]:
     state = dict(state)
     projection = state.pop("text_projection.weight", None)
     text = normalize_text_state_dict(state)
-    try:
-        out = {"token_embedding.weight": text.pop("text_model.embeddings.token_embedding.weight"),
-               "positional_embedding": text.pop("text_model.embeddings.position_embedding.weight"),
-               "ln_final.weight": text.pop("text_model.final_layer_norm.weight"),
-               "ln_final.bias": text.pop("text_model.final_layer_norm.bias")}
-    except KeyError as error:
-        raise CheckpointError(f"{part} has no {error} weight") from None
+    out = {"token_embedding.weight": text.pop("text_model.embeddings.token_embedding.weight"),
+           "positional_embedding": text.pop("text_model.embeddings.position_embedding.weight"),
+           "ln_final.weight": text.pop("text_model.final_layer_norm.weight"),
+           "ln_final.bias": text.pop("text_model.final_layer_norm.bias")}
     if projection is not None:
         out["text_projection"] = projection.T.contiguous()
     layer_names = (("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."), ("self_attn.out_proj.", "attn.out_proj."),
@@ -209,7 +234,7 @@ def clip_to_openclip(state: Mapping[str, Tensor], part: str) -> dict[str, Tensor
     for key in sorted(text):
         m = re.match(r"text_model\.encoder\.layers\.(\d+)\.(.*)", key)
         if m is None:
-            raise CheckpointError(f"{part}: unexpected weight {key!r}")
+            raise CheckpointError(f"{where}: unexpected weight {key!r}")
         block, rest = f"transformer.resblocks.{m[1]}.", m[2]
         if q := re.match(r"self_attn\.q_proj\.(weight|bias)", rest):
             name = f"text_model.encoder.layers.{m[1]}.self_attn.{{}}_proj.{q[1]}"
@@ -269,15 +294,35 @@ def _int_field(config: Mapping[str, Any], field: str, where: str) -> int:
     return value
 
 
-def _check_vit_h_config(config: Mapping[str, Any], tower: Mapping[str, Tensor], where: str) -> None:
-    """CheckpointError unless an SD 2.x text encoder's config describes open_clip's tower ``tower``: its
-    width, and the exact GELU open_clip's towers use (transformers' CLIP defaults to quick_gelu)."""
-    width = tower["token_embedding.weight"].shape[1]
-    if config.get("hidden_size") != width:
-        raise _field_error(config.get("hidden_size"), "hidden_size", where, f"{width}, the width of its weights")
-    if config.get("hidden_act", "quick_gelu") != "gelu":
-        raise _field_error(config.get("hidden_act", "quick_gelu"), "hidden_act", where,
-                           '"gelu", as SD 2.x\'s OpenCLIP text encoder has')
+def _vit_h_depth(config: Mapping[str, Any], tower: Mapping[str, Tensor], where: str) -> int:
+    """The depth of the tower ldm builds for an SD 2.x folder's text encoder: one layer more than its
+    config's ``num_hidden_layers``, which diffusers runs (the last hidden state is the context).
+    CheckpointError unless the config, read as transformers reads it (its CLIPTextConfig's defaults for
+    what it leaves out), describes open_clip's tower ``tower`` (open_clip weights of the folder)."""
+    defaults = transformers.CLIPTextConfig()
+    try:
+        vocab, width = tower["token_embedding.weight"].shape
+        expected = {
+            "hidden_size": (width, "the width of its weights"),
+            "intermediate_size": (tower["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], "its weights' MLP width"),
+            "num_attention_heads": (max(1, width // 64), "heads 64 channels wide, as open_clip's towers have"),
+            "vocab_size": (vocab, "its weights' token embeddings"),
+            "max_position_embeddings": (tower["positional_embedding"].shape[0], "its weights' positions"),
+            "hidden_act": ("gelu", "as SD 2.x's OpenCLIP text encoder has"),
+            "layer_norm_eps": (1e-5, "open_clip's"),
+        }
+    except (KeyError, ValueError, IndexError) as error:  # a weight missing or of another rank
+        raise CheckpointError(f"{where}: not the weights of a CLIP text model ({error})") from None
+    for field, (value, why) in expected.items():
+        if config.get(field, getattr(defaults, field)) != value:
+            raise _field_error(config.get(field, getattr(defaults, field)), field, where,
+                               f"{json.dumps(value)}, {why}")
+    layers = config.get("num_hidden_layers", defaults.num_hidden_layers)
+    held = tower_layers(tower)
+    if type(layers) is not int or not held - 1 <= layers <= held or layers < 1:
+        raise _field_error(layers, "num_hidden_layers", where, f"{held}, the layers its weights hold (or {held - 1}, "
+                           "leaving the last unread)")
+    return layers + 1
 
 
 def _field_error(value: Any, field: str, where: str, expected: str) -> CheckpointError:
@@ -376,19 +421,17 @@ def read_diffusers_folder(path: str | os.PathLike, with_vae: bool = True) -> Dif
     state = {UNET_PREFIX + k: v for k, v in unet_to_ldm(read_part(folder, "unet"), layers).items()}
     if with_vae:
         state.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(read_part(folder, "vae")).items()})
-    text_heads = _int_field(text_config, "num_attention_heads", f"{folder.name}: text_encoder/config.json")
-    text = {"num_attention_heads": text_heads}
+    text_where = f"{folder.name}: text_encoder/config.json"
     if family == "sd2":
-        vit_h = clip_to_openclip(read_part(folder, "text_encoder"), "text_encoder")
-        _check_vit_h_config(text_config, vit_h, f"{folder.name}: text_encoder/config.json")
+        vit_h = clip_to_openclip(read_part(folder, "text_encoder"), f"{folder.name}: text_encoder")
         state.update({SD2_TEXT_PREFIX + k: v for k, v in vit_h.items()})
-        # the tower ldm builds is one layer deeper than diffusers' (its last, unread layer left out)
-        text = {"num_hidden_layers": tower_layers(vit_h) + 1}
+        text = {"num_hidden_layers": _vit_h_depth(text_config, vit_h, text_where)}
     else:
+        text = {"num_attention_heads": _int_field(text_config, "num_attention_heads", text_where)}
         clip_l = normalize_text_state_dict(read_part(folder, "text_encoder"))
         state.update({(CLIP_L_PREFIX if sdxl else TEXT_PREFIX) + k: v for k, v in clip_l.items()})
     if sdxl:
-        bigg = clip_to_openclip(read_part(folder, "text_encoder_2"), "text_encoder_2")
+        bigg = clip_to_openclip(read_part(folder, "text_encoder_2"), f"{folder.name}: text_encoder_2")
         state.update({BIGG_PREFIX + k: v for k, v in bigg.items()})
     state.update(schedule)
     unet = ldm_unet_config(checkpoint_part(state, UNET_PREFIX), unet_config,

@@ -40,17 +40,17 @@ VIT_H_WIDTH, VIT_H_LAYERS = 1024, 24
 
 def context_blocks(width: int, held: int, depth: int | None = None) -> int:
     """How many open_clip layers SD 2.x's context runs: all but the last of the tower ldm builds, ``depth``
-    layers deep (None: ViT-H-14's at its width, else the ``held`` layers a file holds). A file may hold
-    the tower without its last layer, as diffusers' conversion to a single file writes it; CheckpointError
-    when it holds fewer than the context runs."""
+    layers deep (None: ViT-H-14's at its width, else the ``held`` layers a file holds). A file holds the
+    tower whole or without its last layer (as diffusers' conversion to a single file writes it);
+    CheckpointError otherwise."""
     if depth is None:
         depth = VIT_H_LAYERS if width == VIT_H_WIDTH else held
     if depth < 2:
         raise CheckpointError(f"its OpenCLIP text tower is {depth} layer deep; SD 2.x's context reads the layer before "
                               "the last")
-    if held < depth - 1:
+    if not depth - 1 <= held <= depth:
         raise CheckpointError(f"its OpenCLIP text encoder holds {held} layers; SD 2.x's context runs {depth - 1} of "
-                              f"the tower's {depth}")
+                              f"a tower {depth} deep, held whole or without its last layer")
     return depth - 1
 
 
