@@ -21,7 +21,7 @@ from ldznet_ext.errors import CheckpointError
 from ldznet_ext.sd.checkpoint import SD2_FOR_ZERO_SHOT_ONLY, SD2_TEXT_PREFIX, load_stable_diffusion
 from ldznet_ext.sd import checkpoint
 from ldznet_ext.sd.sd2 import OpenCLIPContext, StableDiffusion2, context_blocks, predicts_v
-from ldznet_ext.sd.openclip import OpenCLIPTextEncoder, openclip_ids
+from ldznet_ext.sd.openclip import OpenCLIPTextEncoder, openclip_ids, registered_layers
 from ldznet_ext.sd.schedule import v_to_eps
 from ldznet_ext.sd.tokenizer import EOS_ID, tokenize
 from ldznet_ext.sd.unet import UNetModel, unet_config
@@ -128,7 +128,7 @@ def test_a_file_converted_from_diffusers_without_the_towers_last_layer_gives_the
     """diffusers' conversion to a single file writes SD 2.x's tower without its last layer and projection,
     which the context never reads; A1111 loads it into the whole tower. Such a file was refused ('text_projection');
     with the projection kept it was read one layer short. Here the tiny tower plays ViT-H: the file says its depth,
-    where ViT-H's width says it (:func:`context_blocks`)."""
+    where the shape of a registered open_clip tower says it (:func:`context_blocks`)."""
     state = tiny_sd2_state()
     whole = load_stable_diffusion(write_sd2(tmp_path / "whole.safetensors", state), zero_shot=True)
     unread = tuple(SD2_TEXT_PREFIX + k for k in ("transformer.resblocks.2.", "text_projection", "logit_scale"))
@@ -148,16 +148,18 @@ def test_a_file_converted_from_diffusers_without_the_towers_last_layer_gives_the
 
 
 def test_the_context_runs_all_but_the_last_layer_of_the_tower_ldm_builds() -> None:
-    """ViT-H-14 (width 1024) is 24 layers deep in every SD 2.x config: a file of 24 or 23 layers runs 23."""
-    assert [context_blocks(1024, held) for held in (24, 23)] == [23, 23]
-    assert [context_blocks(64, 3), context_blocks(64, 2, depth=3), context_blocks(64, 3, depth=3)] == [2, 2, 2]
+    """Every SD 2.x config builds ViT-H-14, 24 layers deep: a file of 24 or 23 layers runs 23."""
+    vit_h = registered_layers(1024, 4096)
+    assert vit_h == 24 and [context_blocks(held, vit_h) for held in (24, 23)] == [23, 23]
+    assert [context_blocks(3), context_blocks(2, depth=3), context_blocks(3, depth=3)] == [2, 2, 2]
+    assert registered_layers(64, 256) is None  # the tiny towers here: the file's layers, or its metadata, say
     for held in (22, 25):
         with pytest.raises(CheckpointError, match=rf"^its OpenCLIP text encoder holds {held} layers; SD 2.x's context "
                                                   r"runs 23 of a tower 24 deep, held whole or without its last layer$"):
-            context_blocks(1024, held)
+            context_blocks(held, vit_h)
     with pytest.raises(CheckpointError, match=r"^its OpenCLIP text tower is 1 layer deep; SD 2.x's context reads the "
                                               r"layer before the last$"):
-        context_blocks(64, 1)
+        context_blocks(1)
 
 
 @pytest.mark.parametrize(("out_bias", "marker", "prediction"),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fake_webui.installs import installed_config, installed_digest, webui  # noqa: F401  (webui: a pytest fixture)
-from fake_webui.sd2_file import tiny_a1111_sd2_state, write_tiny_a1111_sd2
+from fake_webui.sd2_file import METADATA as SD2_METADATA, tiny_a1111_sd2_state, write_tiny_a1111_sd2
 from fake_webui.sdxl_file import OPENCLIP_ARCH
 from ldznet_ext.backbones.family import UNET_PREFIX
 from ldznet_ext.checkpoint_io import write_safetensors
@@ -111,9 +111,31 @@ def test_an_sd2_inpainting_file_is_refused(webui, tmp_path) -> None:
 
 
 def test_an_sd2_tower_open_clip_does_not_register_is_refused(webui, tmp_path) -> None:
-    state = {k: v for k, v in tiny_a1111_sd2_state().items() if ".resblocks.9." not in k}
+    """Without two of ViT-S-32-alt's layers: none A1111 builds."""
+    last_two = tuple(f"{SD2_TEXT_PREFIX}transformer.resblocks.{i}." for i in (8, 9))
+    state = {k: v for k, v in tiny_a1111_sd2_state().items() if not k.startswith(last_two)}
     assert _refused(state, webui, tmp_path).startswith(
-        "odd.safetensors: its OpenCLIP text tower (width, layers, MLP width, embedding width) = (256, 9, 1024, 256)")
+        "odd.safetensors: its OpenCLIP text tower (width, layers, MLP width, embedding width) = (256, 8, 1024, 256)")
+
+
+# What SD 2.x's context does not read of ViT-S-32-alt's 10 layers, and diffusers' conversion leaves out.
+UNREAD = tuple(SD2_TEXT_PREFIX + k for k in ("transformer.resblocks.9.", "text_projection", "logit_scale"))
+
+
+def test_an_sd2_file_without_the_towers_unread_layer_gets_the_whole_files_yaml(webui, tmp_path) -> None:
+    """As diffusers' conversion writes SD 2.x files (A1111 loads them into the whole tower): it was refused.
+    Our loader reads the registered tower's depth from the shape and gives the whole file's context."""
+    whole, converted = tmp_path / "whole.safetensors", tmp_path / "converted.safetensors"
+    write_tiny_a1111_sd2(whole)
+    state = tiny_a1111_sd2_state()
+    write_safetensors(converted, {k: v.half() for k, v in state.items() if not k.startswith(UNREAD)},
+                      SD2_METADATA)
+    for path in (whole, converted):
+        install_model(path, webui, hf_home=tmp_path / "hf")
+    assert installed_config(webui, "converted") == installed_config(webui, "whole")
+    prompts = ["a red cat", ""]
+    contexts = [load_stable_diffusion(path, zero_shot=True).text_encoder.encode(prompts) for path in (whole, converted)]
+    assert torch.equal(*contexts) and contexts[0].std() > 0
 
 
 def test_a_unet_context_other_than_the_towers_width_is_refused(webui, tmp_path) -> None:

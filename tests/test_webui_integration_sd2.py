@@ -22,7 +22,11 @@ from test_webui_integration import A1111_FLAGS, WEBUI, _b64, _call, _png, _serve
 from test_webui_integration_sdxl import (ZERO_SHOT, _scene, _title, check_head_mode_on_the_micro_sd_v1,
                                         check_loaded_and_generating)
 
-EPS_NAME, V_NAME = "ldznet-test-sd2", "ldznet-test-sd2-v"
+EPS_NAME, V_NAME, CONVERTED_NAME = "ldznet-test-sd2", "ldznet-test-sd2-v", "ldznet-test-sd2-converted"
+# What diffusers' conversion script leaves out of an SD 2.x file: the tower's last layer (ViT-S-32-alt's 10th
+# here) and projection, which the context does not read, and CLIP's temperature.
+UNREAD = ("cond_stage_model.model.transformer.resblocks.9.", "cond_stage_model.model.text_projection",
+          "cond_stage_model.model.logit_scale")
 # Largest difference between the host's zero-shot map and `ldznet mask`'s on the same file: ldm's
 # attention, VAE and OpenCLIP code against ours, in fp32 (a few steps of the 16-bit PNG).
 CLI_TOLERANCE = 2e-3
@@ -34,8 +38,9 @@ def server(tmp_path_factory):
     checkpoints and the micro head selected; the work folder keeps the original files."""
     if not WEBUI:
         pytest.skip("set LDZNET_WEBUI_DIR to an A1111 v1.10.1 folder to run")
-    from fake_webui.sd2_file import write_tiny_a1111_sd2
+    from fake_webui.sd2_file import METADATA, tiny_a1111_sd2_state, write_tiny_a1111_sd2
 
+    from ldznet_ext.checkpoint_io import write_safetensors
     from ldznet_ext.defaults import default_model_paths
     from ldznet_ext.webui.install_model import install_model
 
@@ -44,6 +49,9 @@ def server(tmp_path_factory):
     write_tiny_a1111_sd2(work / f"{V_NAME}.safetensors", seed=1, v_by_probe=True)  # another model
     checkpoint = install_model(work / f"{EPS_NAME}.safetensors", webui, hf_home=work / "hf")
     install_model(work / f"{V_NAME}.safetensors", webui, hf_home=work / "hf")
+    write_safetensors(work / f"{CONVERTED_NAME}.safetensors", {k: v.half() for k, v in tiny_a1111_sd2_state().items()
+                                                               if not k.startswith(UNREAD)}, METADATA)
+    install_model(work / f"{CONVERTED_NAME}.safetensors", webui, hf_home=work / "hf")
     sd, head = default_model_paths()
     install_model(sd, webui, hf_home=work / "hf")
     (webui / "models" / "ldznet").mkdir(parents=True, exist_ok=True)
@@ -79,12 +87,13 @@ def test_the_sd2_file_is_loaded_and_generates(server):
 def test_zero_shot_masks_come_from_the_host_sd2_model(server):
     """Zero-shot on the loaded SD 2.x model, the eps file and then the v one (A1111 builds it from the
     v2-inference-v.yaml shape install-model wrote): a non-flat map, the same for the same request, equal
-    within CLI_TOLERANCE to `ldznet mask` on the same file, and another map for the other model."""
+    within CLI_TOLERANCE to `ldznet mask` on the same file, and another map for the other model. The eps file
+    as diffusers' conversion writes it (A1111 loads it into the whole tower) gives the eps file's map."""
     base, work = server
     models = {Path(m["filename"]).stem: m for m in _call(base, "/sdapi/v1/sd-models")[1]}
     maps = {}
     try:
-        for name, prediction in ((EPS_NAME, "eps"), (V_NAME, "v")):
+        for name, prediction in ((EPS_NAME, "eps"), (V_NAME, "v"), (CONVERTED_NAME, "eps")):
             config = yaml.safe_load(Path(models[name]["config"]).read_text())  # the YAML A1111 builds from
             assert config["model"]["params"]["parameterization"] == prediction
             assert _call(base, "/sdapi/v1/options", {"sd_model_checkpoint": models[name]["title"]})[0] == 200
@@ -100,6 +109,7 @@ def test_zero_shot_masks_come_from_the_host_sd2_model(server):
     finally:
         assert _call(base, "/sdapi/v1/options", {"sd_model_checkpoint": models[EPS_NAME]["title"]})[0] == 200
     assert np.abs(maps[EPS_NAME] - maps[V_NAME]).max() > 0.1
+    assert np.array_equal(maps[CONVERTED_NAME], maps[EPS_NAME])
 
 
 def test_head_mode_on_the_micro_sd_v1_inpaints_with_the_routes_mask(server):

@@ -17,6 +17,12 @@ from .tokenizer import EOS_ID
 
 # open_clip keys that are no part of the text tower's forward pass (CLIP's contrastive temperature).
 _UNUSED_OPENCLIP_KEYS = ("logit_scale",)
+# open_clip's registered text towers (its model_configs/*.json), which ldm and sgm configs build by name:
+# (width, layers, MLP width, embedding width). SDXL's is ViT-bigG-14, SD 2.x's ViT-H-14; the small ones
+# serve tests on the real WebUIs.
+OPENCLIP_TEXT_TOWERS = {"ViT-bigG-14": (1280, 32, 5120, 1280), "ViT-H-14": (1024, 24, 4096, 1024),
+                        "ViT-L-14": (768, 12, 3072, 768), "ViT-B-32": (512, 12, 2048, 512),
+                        "ViT-S-32-alt": (256, 10, 1024, 256)}
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -93,6 +99,12 @@ def _causal_mask(x: Tensor) -> Tensor:
     """The attention mask [T, T] of tokens ``x`` [B, T, width]: True where a token may not look (later ones)."""
     length = x.shape[1]
     return torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+
+
+def registered_layers(width: int, mlp_width: int) -> int | None:
+    """The layers of the registered open_clip text tower of this width and MLP width (None: none is)."""
+    return next((layers for tower_width, layers, tower_mlp, _ in OPENCLIP_TEXT_TOWERS.values()
+                 if (tower_width, tower_mlp) == (width, mlp_width)), None)
 
 
 def tower_layers(state: Mapping[str, Tensor]) -> int:

@@ -34,17 +34,12 @@ from .vae import AutoencoderKL
 
 # A1111's probe: input and context value, timestep, and the mean (output - input) below which it reads v.
 _PROBE_VALUE, _PROBE_TIMESTEP, _PROBE_V_BELOW = 0.5, 999, -1.0
-# open_clip's ViT-H-14 text tower (width, layers), the one ldm's configs build for every SD 2.x model
-VIT_H_WIDTH, VIT_H_LAYERS = 1024, 24
-
-
-def context_blocks(width: int, held: int, depth: int | None = None) -> int:
+def context_blocks(held: int, depth: int | None = None) -> int:
     """How many open_clip layers SD 2.x's context runs: all but the last of the tower ldm builds, ``depth``
-    layers deep (None: ViT-H-14's at its width, else the ``held`` layers a file holds). A file holds the
-    tower whole or without its last layer (as diffusers' conversion to a single file writes it);
-    CheckpointError otherwise."""
+    layers deep (None: the ``held`` layers a file holds). A file holds the tower whole or without its last
+    layer (as diffusers' conversion to a single file writes it); CheckpointError otherwise."""
     if depth is None:
-        depth = VIT_H_LAYERS if width == VIT_H_WIDTH else held
+        depth = held
     if depth < 2:
         raise CheckpointError(f"its OpenCLIP text tower is {depth} layer deep; SD 2.x's context reads the layer before "
                               "the last")

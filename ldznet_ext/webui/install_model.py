@@ -38,7 +38,7 @@ from ..outputs import replacing, writable_folder
 from ..sd.checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, SD2_TEXT_PREFIX, TEXT_PREFIX, UNET_PREFIX,
                              V_PREDICTION_KEY, VAE_PREFIX, check_family, classify, parse_sd_metadata, text_fields,
                              unet_config_from_state_dict)
-from ..sd.openclip import tower_layers
+from ..sd.openclip import OPENCLIP_TEXT_TOWERS, tower_layers
 from ..sd.sd2 import predicts_v
 from ..sd.text import normalize_text_state_dict, text_config
 from ..sd.tokenizer import tokenizer_dir
@@ -50,9 +50,6 @@ A1111_LATENT_FACTOR = 8  # A1111 sizes latents as image // 8 (opt_f) whatever th
 # Text towers of open_clip 2.20's registered architectures (open_clip/model_configs/*.json), by name:
 # (width, layers, MLP width, embedding width); each has 77 positions, 49408 tokens and heads 64 wide.
 # ViT-bigG-14 is SDXL's; ViT-S-32-alt has the smallest registered text tower (test models).
-OPENCLIP_TEXT_TOWERS = {"ViT-bigG-14": (1280, 32, 5120, 1280), "ViT-H-14": (1024, 24, 4096, 1024),
-                        "ViT-L-14": (768, 12, 3072, 768), "ViT-B-32": (512, 12, 2048, 512),
-                        "ViT-S-32-alt": (256, 10, 1024, 256)}
 COMPARE_CHUNK = 16 * 2**20  # bytes of each file held at once when comparing two checkpoints
 OPENCLIP_CONTEXT = (49408, 77)  # (vocabulary, positions) of every registered OpenAI-tokenizer text tower
 
@@ -333,22 +330,36 @@ def _same_model(checkpoint: Path, target: Path) -> bool:
 def openclip_arch(state: Mapping, name: str, prefix: str = BIGG_PREFIX) -> str:
     """The open_clip architecture whose text tower has the shapes of the file's OpenCLIP embedder under
     ``prefix`` (SDXL's ``conditioner.embedders.1.model.``, SD 2.x's ``cond_stage_model.model.``);
-    CheckpointError naming the file ``name`` when none has."""
+    CheckpointError naming the file ``name`` when none has. SD 2.x's may lack the last layer and the
+    projection, which its context does not read (A1111 loads the file into the whole tower non-strictly)."""
     tower = checkpoint_part(state, prefix)
     try:
         width = tower["token_embedding.weight"].shape[1]
-        shape = (width, tower_layers(tower), tower["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                 tower["text_projection"].shape[1])
+        projection = tower["text_projection"].shape[1] if "text_projection" in tower else None
+        shape = (width, tower_layers(tower), tower["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], projection)
         context = (tower["token_embedding.weight"].shape[0], tower["positional_embedding"].shape[0])
     except (KeyError, IndexError) as error:
         raise CheckpointError(f"{name}: the OpenCLIP text tower ({prefix}*) lacks {error}") from None
-    arch = next((arch for arch, tower_shape in OPENCLIP_TEXT_TOWERS.items() if tower_shape == shape), None)
+    arch = next((arch for arch, tower_shape in OPENCLIP_TEXT_TOWERS.items()
+                 if _fits(shape, tower_shape, unread_allowed=prefix == SD2_TEXT_PREFIX)), None)
     if arch is None or context != OPENCLIP_CONTEXT:
         known = "; ".join(f"{arch} {tower_shape}" for arch, tower_shape in OPENCLIP_TEXT_TOWERS.items())
         raise CheckpointError(f"{name}: its OpenCLIP text tower (width, layers, MLP width, embedding width) = {shape}, "
                               f"vocabulary and positions {context}, is no open_clip architecture A1111 can build; "
                               f"expected one of: {known}, with {OPENCLIP_CONTEXT}")
     return arch
+
+
+def _fits(shape: tuple, tower_shape: tuple[int, int, int, int], unread_allowed: bool) -> bool:
+    """Whether a file's tower ``shape`` (width, layers, MLP width, projection width or None) is the registered
+    ``tower_shape``; with ``unread_allowed`` also without its last layer or its projection."""
+    width, layers, mlp, projection = shape
+    registered_width, registered_layers, registered_mlp, registered_projection = tower_shape
+    if (width, mlp) != (registered_width, registered_mlp):
+        return False
+    if unread_allowed:
+        return layers in (registered_layers, registered_layers - 1) and projection in (registered_projection, None)
+    return (layers, projection) == (registered_layers, registered_projection)
 
 
 def _sdxl_yaml(state: Mapping, unet: UNetConfig, vae: VAEConfig, clip_dir: Path, clip_layers: int, name: str) -> str:
