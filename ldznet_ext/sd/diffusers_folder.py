@@ -35,7 +35,7 @@ from ..precision import as_dtype
 from .checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, SD2_TEXT_PREFIX, V_PREDICTION_KEY, ZERO_TERMINAL_SNR_KEY,
                          check_family, stable_diffusion_from_state_dict, unet_config_from_state_dict, with_vae)
 from .model import StableDiffusion
-from .openclip import tower_layers
+from .openclip import tower_heads, tower_layers
 from .schedule import LINEAR_END, LINEAR_START, NUM_TIMESTEPS, alphas_cumprod
 from .text import normalize_text_state_dict
 from .unet import UNetConfig
@@ -305,7 +305,7 @@ def _vit_h_depth(config: Mapping[str, Any], tower: Mapping[str, Tensor], where: 
         expected = {
             "hidden_size": (width, "the width of its weights"),
             "intermediate_size": (tower["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], "its weights' MLP width"),
-            "num_attention_heads": (max(1, width // 64), "heads 64 channels wide, as open_clip's towers have"),
+            "num_attention_heads": (tower_heads(width), "heads 64 channels wide, as open_clip's towers have"),
             "vocab_size": (vocab, "its weights' token embeddings"),
             "max_position_embeddings": (tower["positional_embedding"].shape[0], "its weights' positions"),
             "hidden_act": ("gelu", "as SD 2.x's OpenCLIP text encoder has"),

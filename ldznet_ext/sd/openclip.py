@@ -62,11 +62,10 @@ class OpenCLIPTextEncoder(nn.Module):
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Tensor]) -> OpenCLIPTextEncoder:
         """An encoder shaped as the weights ``state`` (prefix removed) say (build it on the meta device
-        and fill it with :meth:`load_text_state_dict`); heads are 64 channels wide, as in every open_clip
-        text tower SD uses."""
+        and fill it with :meth:`load_text_state_dict`); its heads as :func:`tower_heads` says."""
         width = state["token_embedding.weight"].shape[1]
         projection = state.get("text_projection")
-        return cls(width, tower_layers(state), max(1, width // 64),
+        return cls(width, tower_layers(state), tower_heads(width),
                    state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
                    None if projection is None else projection.shape[1], state["token_embedding.weight"].shape[0],
                    state["positional_embedding"].shape[0])
@@ -105,6 +104,12 @@ def registered_layers(width: int, mlp_width: int) -> int | None:
     """The layers of the registered open_clip text tower of this width and MLP width (None: none is)."""
     return next((layers for tower_width, layers, tower_mlp, _ in OPENCLIP_TEXT_TOWERS.values()
                  if (tower_width, tower_mlp) == (width, mlp_width)), None)
+
+
+def tower_heads(width: int) -> int:
+    """The attention heads of an open_clip text tower ``width`` wide: heads of 64 channels, as in every
+    tower SD uses."""
+    return max(1, width // 64)
 
 
 def tower_layers(state: Mapping[str, Tensor]) -> int:
