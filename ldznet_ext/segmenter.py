@@ -14,8 +14,10 @@ the zero-shot probe instead.
 from __future__ import annotations
 
 import string
+import threading
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -152,6 +154,8 @@ class _ImageState:
     cache: dict[str, Tensor] = field(default_factory=dict)
     # term -> presence score of a head with a presence output, from the same head call as its map
     scores: dict[str, float] = field(default_factory=dict)
+    # held while the cache is read or changed: threads sharing the Segmenter share its image's cache
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def remember(self, used: Sequence[str]) -> None:
         """Mark the cached terms ``used`` most recent, then drop the least recently used beyond
@@ -176,6 +180,13 @@ class _ImageState:
 MAX_CACHED_TERMS = 4 * MAX_TERMS
 """Term maps one image keeps for later expressions (least recently used dropped): a long-lived image
 that sees term after term (a WebUI session, a script's loop) would otherwise keep every map."""
+
+
+class _KnownTerms(NamedTuple):
+    """What one call knows of its terms on one image: term -> map as the model gave it, term -> presence score."""
+
+    maps: dict[str, Tensor]
+    scores: dict[str, float]
 
 
 class Segmenter:
@@ -300,18 +311,19 @@ class Segmenter:
             raise LdznetError(f"terms must be one or more strings, got {unique!r}")
         # The rules of a term in an expression (text, at most MAX_TERMS, no control characters)
         reparsed(Term(unique[0]) if len(unique) == 1 else Or(tuple(Term(term) for term in unique)))
-        self._fill_cache([state], unique)
-        return self._upsample(state, unique)
+        (known,) = self._fill_cache([state], unique)
+        return self._upsample(state, known.maps)
 
-    def _upsample(self, state: _ImageState, terms: Sequence[str]) -> dict[str, Tensor]:
-        """The terms' cached maps at the image's size: image-guided, or bilinear when refinement is off."""
+    def _upsample(self, state: _ImageState, maps: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The terms' maps as the model gave them (``_fill_cache``) at the image's size: image-guided, or
+        bilinear when refinement is off."""
         refine = self.settings.refine
-        if not refine.active or not terms:
-            return {t: resize_probability(state.cache[t], state.size) for t in terms}
+        if not refine.active or not maps:
+            return {t: resize_probability(m, state.size) for t, m in maps.items()}
         # One model gives all maps of an image the same size, so they are refined as one stack.
-        maps = refine_probability(torch.stack([state.cache[t] for t in terms]), state.image, refine,
-                                  decided_at=tuple(state.crop(state.z).shape[-2:]))
-        return dict(zip(terms, maps))
+        refined = refine_probability(torch.stack(list(maps.values())), state.image, refine,
+                                     decided_at=tuple(state.crop(state.z).shape[-2:]))
+        return dict(zip(maps, refined))
 
     @property
     def presence_rule(self) -> PresenceRule:
@@ -337,23 +349,27 @@ class Segmenter:
                          if isinstance(probability, Tensor) else type_name(probability))
                 raise LdznetError(f"the map of {term!r} must be a finite float tensor of the image's size "
                                   f"{state.size}, got {found}")
-            if self.learned_presence and term not in state.scores:  # the head's score comes with its map
+        with state.lock:
+            scores = dict(state.scores)
+        for term in maps:
+            if self.learned_presence and term not in scores:  # the head's score comes with its map
                 raise LdznetError(f"no presence score for {term!r} on this image; call predict_terms with it first")
-        return self._decide(state, maps)
+        return self._decide(maps, scores)
 
     @property
     def vocabulary(self) -> frozenset[str] | None:
         """The words the model was trained to name, when its file lists them; None: any word."""
         return getattr(self.backbone, "vocabulary", None)
 
-    def _decide(self, state: _ImageState, maps: dict[str, Tensor]) -> dict[str, TermPresence]:
+    def _decide(self, maps: Mapping[str, Tensor], scores: Mapping[str, float]) -> dict[str, TermPresence]:
+        """Each term's decision from its map, or from its presence score (``scores``) where the head has one."""
         vocabulary = self.vocabulary
         decisions = {}
         for term, probability in maps.items():
             if vocabulary is not None and not knows_term(term, vocabulary):
                 decisions[term] = UNKNOWN_WORDS
             elif self.learned_presence:
-                score = state.scores[term]
+                score = scores[term]
                 decisions[term] = TermPresence(score > self.head_config.presence_level, score)
             else:
                 decisions[term] = self.presence_rule.decide(probability)
@@ -371,11 +387,10 @@ class Segmenter:
 
     def _predict(self, states: list[_ImageState], tree: Expression, options: MaskOptions) -> list[Prediction]:
         terms = tree.terms()
-        self._fill_cache(states, terms)
         predictions = []
-        for state in states:
-            maps = self._upsample(state, terms)
-            presence = self._decide(state, maps) if options.presence else {}
+        for state, known in zip(states, self._fill_cache(states, terms)):
+            maps = self._upsample(state, known.maps)
+            presence = self._decide(maps, known.scores) if options.presence else {}
             # An absent term adds nothing: "goblin OR sky" is the sky, "sky AND NOT goblin" all of it. Its
             # zeros are one value expanded, not a copy of an image-size map per absent term.
             maps = {t: m.new_zeros(()).expand_as(m) if t in presence and not presence[t].found else m
@@ -387,12 +402,25 @@ class Segmenter:
         return predictions
 
     @torch.no_grad()
-    def _fill_cache(self, states: list[_ImageState], terms: Sequence[str]) -> None:
-        todo = [t for t in terms if any(t not in s.cache for s in states)]
-        if not todo:
-            for state in states:
+    def _fill_cache(self, states: list[_ImageState], terms: Sequence[str]) -> list[_KnownTerms]:
+        """Each state's maps (and presence scores) of ``terms``: the cached ones, and the others computed and
+        cached. What a call read or computed is what it answers with, though another thread's call on the same
+        image may evict those terms from the cache meanwhile (the model runs outside the lock)."""
+        known = []
+        for state in states:
+            with state.lock:
+                known.append(_KnownTerms({t: state.cache[t] for t in terms if t in state.cache},
+                                         {t: state.scores[t] for t in terms if t in state.scores}))
+        todo = [t for t in terms if any(t not in k.maps for k in known)]
+        if todo:
+            self._compute(states, todo, known)
+        for state in states:
+            with state.lock:
                 state.remember(terms)
-            return
+        return [_KnownTerms({t: k.maps[t] for t in terms}, k.scores) for k in known]  # in the order asked
+
+    def _compute(self, states: list[_ImageState], todo: list[str], known: list[_KnownTerms]) -> None:
+        """The maps (and scores) of the terms ``todo`` on every state, into its cache and ``known``."""
         z = torch.cat([s.z for s in states])
         conditioning = self.backbone.encode_text([self.settings.prompt_template.format(t) for t in todo])
         if self.zero_shot:
@@ -406,11 +434,11 @@ class Segmenter:
         if self.learned_presence:  # a NaN score is below every level: the term would pass as absent
             self._check_finite(scores, "presence scores")
         for i, state in enumerate(states):
-            for j, term in enumerate(todo):
-                state.cache[term] = state.crop(probabilities[i, j].float())
-                if self.learned_presence:
-                    state.scores[term] = float(scores[i, j])
-            state.remember(terms)
+            with state.lock:
+                for j, term in enumerate(todo):
+                    known[i].maps[term] = state.cache[term] = state.crop(probabilities[i, j].float())
+                    if self.learned_presence:
+                        known[i].scores[term] = state.scores[term] = float(scores[i, j])
 
     def _check_finite(self, values: Tensor, what: str) -> None:
         """Refuse NaN/inf (NaN weights, or fp16 overflow): thresholded, they would pass as an empty mask."""

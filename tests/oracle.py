@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ldznet_ext.masks.ops import MaskOptions
-from ldznet_ext.segmenter import Segmenter, _ImageState
+from ldznet_ext.segmenter import Segmenter, _ImageState, _KnownTerms
 
 
 class OracleSegmenter(Segmenter):
@@ -32,9 +32,11 @@ class OracleSegmenter(Segmenter):
         """The oracle's prediction once per image (the images themselves are not read)."""
         return [self.predict(expression, options) for _ in images]
 
-    def _fill_cache(self, states: list[_ImageState], terms: Sequence[str]) -> None:
-        """Nothing to compute."""
+    def _compute(self, states: list[_ImageState], todo: list[str], known: list[_KnownTerms]) -> None:
+        """The oracle's maps (zeros for a term without one) stand in for the model's, at the image's size."""
+        for state, terms in zip(states, known):
+            for term in todo:
+                terms.maps[term] = self.maps[term] if term in self.maps else torch.zeros(state.image.shape[:2])
 
-    def _upsample(self, state: _ImageState, terms: Sequence[str]) -> dict[str, Tensor]:
-        shape = state.image.shape[:2]
-        return {t: self.maps[t].clone() if t in self.maps else torch.zeros(shape) for t in terms}
+    def _upsample(self, state: _ImageState, maps: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {t: m.clone() for t, m in maps.items()}

@@ -8,7 +8,8 @@ import threading
 import torch
 from fixtures_models import one_thread, random_image
 
-from ldznet_ext.segmenter import Segmenter, SegmenterSettings
+from ldznet_ext.masks.expression import MAX_TERMS
+from ldznet_ext.segmenter import MAX_CACHED_TERMS, Segmenter, SegmenterSettings
 from ldznet_ext.tap import FeatureTap
 
 JOBS = [(random_image(64, 64, seed=40 + i), [f"term {i}", f"thing {i}"]) for i in range(4)]
@@ -91,3 +92,29 @@ def test_zero_shot_with_cross_attention_in_threads(tiny_sd):
     for expected, got in zip(alone, together):
         assert isinstance(got, dict), got
         assert all(torch.equal(expected[t], got[t]) for t in expected)
+
+
+def test_a_cached_term_evicted_by_another_call_meanwhile_is_still_answered(tiny_sd, tiny_head, monkeypatch):
+    """Another thread's call may evict the oldest cached terms while a call computes its new ones (here that
+    call runs inside the first one's text encoding, the interleaving made certain): a term the first call had
+    found cached was read back as a KeyError."""
+    head, config = tiny_head
+    segmenter = Segmenter(tiny_sd, head, config, SegmenterSettings(resolution=64))
+    image = random_image(64, 64, seed=7)
+    expected = {t: _predict(segmenter.with_settings(), image, [t])[t] for t in ("oldest", "new")}  # as computed below
+    segmenter.set_image(image)
+    segmenter.predict_terms(["oldest"])
+    others = [f"other {i}" for i in range(MAX_CACHED_TERMS - 1)]
+    for start in range(0, len(others), MAX_TERMS):  # the cache is full, "oldest" its least recently used
+        segmenter.predict_terms(others[start:start + MAX_TERMS])
+    encode, interleaved = tiny_sd.encode_text, []
+
+    def encode_and_let_another_call_run(prompts):
+        if not interleaved:
+            interleaved.append(prompts)
+            segmenter.predict_terms(["one more"])  # evicts "oldest"
+        return encode(prompts)
+
+    monkeypatch.setattr(tiny_sd, "encode_text", encode_and_let_another_call_run)
+    got = segmenter.predict_terms(["oldest", "new"])
+    assert interleaved and all(torch.equal(expected[t], got[t]) for t in expected)
