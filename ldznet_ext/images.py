@@ -30,6 +30,8 @@ from .limits import PIXELS
 
 MAX_PIXELS = 100_000_000
 """Default pixel limit: larger images are refused before decoding (decompression-bomb guard)."""
+# How far float pixels in [0, 1] may overshoot it (a resampling filter's ringing, an 8-bit step): clipped.
+FLOAT_OVERSHOOT = 1 / 255
 SIDE_MULTIPLE = 64
 MAX_ASPECT = 8.0
 """Longest side / shortest side of a working frame. Up to it panoramas keep the whole working area;
@@ -71,11 +73,12 @@ def _to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
         array = np.asarray(image, dtype=np.float64)
         if not np.isfinite(array).all():  # as in float arrays: NaN would pass as black, with a numpy warning
             raise ImageError(f"{name}: contains NaN or infinite values")
-        if array.size and (array.min() < 0 or array.max() > 65535):  # no pixel range: clipping would hide them
+        unit = image.mode == "F" and array.size and array.max() <= 1 + FLOAT_OVERSHOOT  # [0, 1], as float arrays
+        if array.size and (array.min() < (-FLOAT_OVERSHOOT if unit else 0) or array.max() > 65535):
             raise ImageError(f"{name}: a {image.mode} image with values from {array.min():g} to {array.max():g}; "
-                             "expected values in [0, 1], 0..255 or 0..65535")
+                             "expected values in [0, 1], 0..255 or 0..65535")  # no pixel range: clipping hides them
         top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        if image.mode == "F" and array.max() <= 1.0:
+        if unit:
             top = 1.0
         key = image.info.get("transparency")  # a 16-bit grey PNG's transparent value
         image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
@@ -187,9 +190,8 @@ def _array_to_rgb(array: np.ndarray, max_pixels: int) -> np.ndarray:
         if not np.isfinite(array).all():
             raise ImageError("image array contains NaN or infinite values")
         low, high = float(array.min()), float(array.max())
-        # Clipping would turn 0..255 data white and [-1, 1] data half black; an 8-bit step of overshoot
-        # (a resampling filter's ringing) is clipped.
-        if low < -1 / 255 or high > 1 + 1 / 255:
+        # Clipping would turn 0..255 data white and [-1, 1] data half black; FLOAT_OVERSHOOT is clipped.
+        if low < -FLOAT_OVERSHOOT or high > 1 + FLOAT_OVERSHOOT:
             raise ImageError(f"image array of floats in [{low:g}, {high:g}]: expected floats in [0, 1] (for 0..255 "
                              "data divide by 255, for [-1, 1] data use (x + 1) / 2)")
         array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)

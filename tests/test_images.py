@@ -108,6 +108,11 @@ def test_float_images_read_as_float_arrays_do():
     assert load_image(_tiff(edges)).tolist() == [[[0, 0, 0], [128, 128, 128], [255, 255, 255]]]
     grey = random_image(12, 16, seed=4, channels=1)[..., 0]
     assert np.array_equal(load_image(_tiff(grey.astype(np.float32))), np.dstack([grey] * 3))
+    # a resampling filter's ringing past 0 and 1, which a float array may carry too: it was read as 0..255
+    rings = unit.copy()
+    rings[0, :2] = (1.0000001, -0.001)
+    assert np.array_equal(load_image(Image.fromarray(rings)), load_image(rings))
+    assert load_image(rings).max() == 255
 
 
 @pytest.mark.parametrize("mode, values, shown", [("F", (-1.0, 1.0), "-1 to 1"), ("F", (0.0, 70000.0), "0 to 70000"),
