@@ -186,16 +186,7 @@ def checked_number(value: object, spec: dataclasses.Field) -> int | float | None
     float, integers as int (an integral float such as 3.0 from a slider or JSON counts)."""
     if value is None and spec.metadata["optional"]:
         return None
-    return bounded(_parsed(value) if isinstance(value, str) else value, spec.metadata["limit"], spec.name)
-
-
-def bounded(value: object, limit: Limit, name: str) -> int | float:
-    """``value`` (a number, not its text) checked against ``limit`` as :func:`checked_number` does;
-    LdznetError "NAME must be ..." otherwise."""
-    if limit.kind is int and isinstance(value, float) and value.is_integer() and limit.accepts(int(value)):
-        value = int(value)
-    limit.check(value, name)
-    return float(value) if limit.kind is float else int(value)
+    return spec.metadata["limit"].bounded(_parsed(value) if isinstance(value, str) else value, spec.name)
 
 
 def _parsed(text: str):

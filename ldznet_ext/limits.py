@@ -74,6 +74,15 @@ class Limit:
             raise LdznetError(f"{name} must be {self.describe()}, got {shown(value)}")
         return value
 
+    def bounded(self, value: object, name: str) -> int | float:
+        """``value`` (a number, not its text) checked as :meth:`check` does and stored as the kind: floats as
+        float (a Fraction or numpy number would reach torch as itself), integers as int (an integral float
+        such as 3.0 from a slider or JSON counts)."""
+        if self.kind is int and isinstance(value, float) and value.is_integer() and self.accepts(int(value)):
+            value = int(value)
+        self.check(value, name)
+        return float(value) if self.kind is float else int(value)
+
     def parse(self, text: str):
         """``text`` as the kind within range; ValueError with a one-line reason otherwise."""
         try:

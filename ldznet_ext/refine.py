@@ -63,10 +63,11 @@ class RefineSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise LdznetError(f"refine enabled must be True or False, got {self.enabled!r}")
-        REFINE_STRENGTH.check(self.strength, "refine strength")
+        # stored as float: a Fraction or numpy number would reach torch as itself
+        object.__setattr__(self, "strength", REFINE_STRENGTH.bounded(self.strength, "refine strength"))
         if self.radius is not None:
-            REFINE_RADIUS.check(self.radius, "refine radius")
-        REFINE_EPS.check(self.eps, "refine eps")
+            object.__setattr__(self, "radius", REFINE_RADIUS.bounded(self.radius, "refine radius"))
+        object.__setattr__(self, "eps", REFINE_EPS.bounded(self.eps, "refine eps"))
 
     @property
     def active(self) -> bool:

@@ -94,7 +94,7 @@ def _fills_one_term(template: object) -> bool:
     return fields == [("", "", None)]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a generated == would ask the tensors for their truth
 class Prediction:
     """One answer: ``probability`` (the expression's combined map) and ``mask`` (after threshold,
     region filters, invert and feather), both float [H, W] in [0, 1] at the image's size;

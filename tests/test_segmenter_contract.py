@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from fixtures_models import random_image
@@ -232,3 +233,22 @@ def test_one_segmenter_shared_by_threads_gives_masks_of_one_image_or_says_no_ima
         thread.join()
     assert failures == []
     assert all(any(torch.equal(mask, e) for e in expected) for mask in masks)
+
+
+def test_results_and_options_compare_and_store_plain_numbers(tiny_sd, tiny_head):
+    """A Prediction's or an Instance's == asked its tensors for their truth (RuntimeError); a Fraction or numpy
+    number passed the options' bounds and reached torch as itself (TypeError there)."""
+    import copy
+    from fractions import Fraction
+
+    head, config = tiny_head
+    segmenter = Segmenter(tiny_sd, head, config, SegmenterSettings(resolution=64))
+    segmenter.set_image(random_image(64, 64, seed=3))
+    options = MaskOptions(threshold=Fraction(1, 2), feather=np.float32(2), min_area=np.int64(0))
+    assert (options.threshold, options.feather, options.min_area) == (0.5, 2.0, 0)
+    assert [type(v) for v in (options.threshold, options.feather, options.min_area)] == [float, float, int]
+    assert type(RefineSettings(strength=Fraction(1, 2)).strength) is float
+    prediction = segmenter.predict("cat", options)
+    assert prediction == prediction and prediction != copy.deepcopy(prediction)
+    instances = segmenter.predict("cat", MaskOptions(threshold=0, presence=False)).instances()
+    assert instances and all(i == i and i != copy.deepcopy(i) for i in instances)

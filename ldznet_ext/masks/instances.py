@@ -29,7 +29,7 @@ FRAGMENT_SHARE = 0.0005  # 0.05 % of the image: at 512 x 512, regions under 132 
 ORDERS = ("left", "top", "center", "area")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: a generated == would ask the window tensor for its truth
 class Instance:
     """One object: ``box`` (x0, y0, x1, y1) in pixels, ends exclusive; ``area`` in pixels; ``score`` the
     mean probability over it; ``order`` its 1-based place left to right; ``window`` bool, the object's

@@ -240,15 +240,16 @@ class MaskOptions:
     presence: bool = True
 
     def __post_init__(self) -> None:
-        THRESHOLD.check(self.threshold, "threshold")
+        # stored as float / int: a Fraction or numpy number would reach torch as itself
+        object.__setattr__(self, "threshold", THRESHOLD.bounded(self.threshold, "threshold"))
         if not isinstance(self.invert, bool):
             raise LdznetError(f"invert must be True or False, got {self.invert!r}")
         if not isinstance(self.presence, bool):
             raise LdznetError(f"presence must be True or False, got {self.presence!r}")
         if self.keep_largest is not None:
-            KEEP_LARGEST.check(self.keep_largest, "keep_largest")
-        MIN_AREA.check(self.min_area, "min_area")
-        FEATHER.check(self.feather, "feather")
+            object.__setattr__(self, "keep_largest", KEEP_LARGEST.bounded(self.keep_largest, "keep_largest"))
+        object.__setattr__(self, "min_area", MIN_AREA.bounded(self.min_area, "min_area"))
+        object.__setattr__(self, "feather", FEATHER.bounded(self.feather, "feather"))
 
 
 def select_mask(probability: Tensor, options: MaskOptions = MaskOptions()) -> Tensor:

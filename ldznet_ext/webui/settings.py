@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..errors import LdznetError
-from ..job import bounded
 from ..limits import RESOLUTION, THRESHOLD, TIMESTEP, Limit
 from ..precision import DTYPES
 from ..zeroshot import ZERO_SHOT_RESOLUTION, ZeroShotSettings
@@ -42,16 +41,16 @@ def _checked(key: str, value) -> object:
             raise LdznetError(f"{key} must be true or false, got {value!r}")
         return value
     if key == "ldznet_timestep":
-        return bounded(value, _TIMESTEP_SETTING, key)
+        return _TIMESTEP_SETTING.bounded(value, key)
     if key == "ldznet_resolution":
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
             return 0
         try:
-            return bounded(value, RESOLUTION, key)
+            return RESOLUTION.bounded(value, key)
         except LdznetError:
             raise LdznetError(f"{key} must be 0 (the head's own) or {RESOLUTION.describe()}, got {value!r}") from None
     if key == "ldznet_threshold":
-        return bounded(value, THRESHOLD, key)
+        return THRESHOLD.bounded(value, key)
     if key == "ldznet_dtype":
         if value not in DTYPE_CHOICES:
             raise LdznetError(f"{key} must be one of {', '.join(DTYPE_CHOICES)}, got {value!r}")
