@@ -27,7 +27,7 @@ from .backbones.base import Backbone, Conditioning
 from .errors import LdznetError
 from .images import (MAX_PIXELS, Box, ImageInput, crop_to_box, image_box, load_image, resize_probability,
                      to_model_input, type_name, working_size)
-from .limits import DRAWS, RESOLUTION, SEED, TIMESTEP
+from .limits import BATCH_SIZE, DRAWS, RESOLUTION, SEED, TIMESTEP
 from .graphs import GraphCache, graph_cache
 from .masks.expression import MAX_TERMS, Or, Term, parse, reparsed
 from .masks.instances import Instance, find_instances
@@ -292,10 +292,14 @@ class Segmenter:
 
     def predict_images(self, images: Sequence[ImageInput], expression: str | Expression,
                        options: MaskOptions = MaskOptions(), max_pixels: int = MAX_PIXELS) -> list[Prediction]:
-        """Evaluate one expression on a list of same-size images in one batch (the current image is kept)."""
+        """Evaluate one expression on a list of same-size images in one batch (the current image is kept);
+        at most ``BATCH_SIZE.high`` images, which with every term go through the model at once."""
         if not isinstance(images, (list, tuple)):  # a str or an array would be iterated as many "images"
             raise LdznetError(f"predict_images expects a list of images, got {type_name(images)}; "
                               "for one image use set_image and predict")
+        if len(images) > BATCH_SIZE.high:  # a gallery in one call would end out of memory, not in masks
+            raise LdznetError(f"predict_images takes at most {BATCH_SIZE.high} images at once, got {len(images)}; "
+                              "call it once per part of the list")
         tree = self._checked_tree(expression, options)  # also when there is no image to predict on
         loaded = [load_image(im, max_pixels) for im in images]
         return self._predict(self._encode(loaded), tree, options) if loaded else []

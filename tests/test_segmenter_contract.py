@@ -252,3 +252,17 @@ def test_results_and_options_compare_and_store_plain_numbers(tiny_sd, tiny_head)
     assert prediction == prediction and prediction != copy.deepcopy(prediction)
     instances = segmenter.predict("cat", MaskOptions(threshold=0, presence=False)).instances()
     assert instances and all(i == i and i != copy.deepcopy(i) for i in instances)
+
+
+def test_predict_images_takes_at_most_a_batch_of_images(tiny_sd, tiny_head):
+    """All images and terms go through the model at once: a gallery in one call would end out of memory, not in
+    masks; the bound is the CLI's --batch-size."""
+    from ldznet_ext.limits import BATCH_SIZE
+
+    head, config = tiny_head
+    segmenter = Segmenter(tiny_sd, head, config, SegmenterSettings(resolution=64))
+    image = random_image(64, 64, seed=3)
+    assert len(segmenter.predict_images([image] * 2, "cat")) == 2
+    with pytest.raises(LdznetError, match=rf"^predict_images takes at most {BATCH_SIZE.high} images at once, got "
+                                          rf"{BATCH_SIZE.high + 1}; call it once per part of the list$"):
+        segmenter.predict_images([image] * (BATCH_SIZE.high + 1), "cat")
