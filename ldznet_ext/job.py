@@ -116,7 +116,11 @@ class MaskJob:
         return RefineSettings(enabled=self.refine, strength=self.refine_strength, radius=self.refine_radius)
 
     def replace(self, **changes) -> MaskJob:
-        """A copy with ``changes`` (validated as in the constructor)."""
+        """A copy with ``changes`` (validated as in the constructor); LdznetError naming an unknown field."""
+        known = {spec.name for spec in _fields()}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise LdznetError(f"unknown fields {unknown}; expected some of {sorted(known)}")
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict:

@@ -27,7 +27,7 @@ from .backbones.base import Backbone, Conditioning
 from .errors import LdznetError
 from .images import (MAX_PIXELS, Box, ImageInput, crop_to_box, image_box, load_image, resize_probability,
                      to_model_input, type_name, working_size)
-from .limits import BATCH_SIZE, DRAWS, RESOLUTION, SEED, TIMESTEP
+from .limits import BATCH_SIZE, DRAWS, RESOLUTION, SEED, TIMESTEP, shown
 from .graphs import GraphCache, graph_cache
 from .masks.expression import MAX_TERMS, Or, Term, parse, reparsed
 from .masks.instances import Instance, find_instances
@@ -310,9 +310,10 @@ class Segmenter:
         state = self._current()
         if not isinstance(terms, (str, list, tuple)):
             raise LdznetError(f"terms must be a string or a list of strings, got {type_name(terms)}")
-        unique = list(dict.fromkeys([terms] if isinstance(terms, str) else terms))
-        if not unique or not all(isinstance(term, str) for term in unique):
-            raise LdznetError(f"terms must be one or more strings, got {unique!r}")
+        listed = [terms] if isinstance(terms, str) else list(terms)
+        if not listed or not all(isinstance(term, str) for term in listed):
+            raise LdznetError(f"terms must be one or more strings, got {shown(listed)}")
+        unique = list(dict.fromkeys(listed))
         # The rules of a term in an expression (text, at most MAX_TERMS, no control characters)
         reparsed(Term(unique[0]) if len(unique) == 1 else Or(tuple(Term(term) for term in unique)))
         (known,) = self._fill_cache([state], unique)

@@ -143,6 +143,8 @@ def test_replace_validates_and_the_job_is_frozen():
     assert FULL.replace(expression="cat").tree() == parse("cat{-3}")
     with pytest.raises(LdznetError, match=r"^threshold must be a number in \[0, 1\), got 2$"):
         FULL.replace(threshold=2)
+    with pytest.raises(LdznetError, match=r"^unknown fields \['thresold'\]; expected some of \[.*'threshold'"):
+        FULL.replace(thresold=0.3)  # was dataclasses' raw TypeError
     with pytest.raises(dataclasses.FrozenInstanceError):
         FULL.threshold = 0.1
     assert hash(FULL) == hash(MaskJob(**FULL.as_dict()))

@@ -64,6 +64,7 @@ def test_options_must_be_mask_options(segmenter):
     (None, "terms must be a string or a list of strings, got None"),
     ([], "terms must be one or more strings, got []"),
     (["cat", 5], "terms must be one or more strings, got ['cat', 5]"),
+    ([["cat"]], "terms must be one or more strings, got [['cat']]"),  # was "unhashable type: 'list'"
     ("", "invalid expression tree: a term must be non-empty text with single spaces between words, got ''"),
     ("a\x00b", "control character U+0000 in the expression; remove it at position 1"),
     ([f"t{i}" for i in range(MAX_TERMS + 1)],
