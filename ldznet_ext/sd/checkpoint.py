@@ -32,7 +32,7 @@ from ..limits import RESOLUTION
 from ..precision import as_dtype
 from ..words import is_vocabulary_word
 from .model import StableDiffusion
-from .openclip import OpenCLIPTextEncoder, registered_layers, tower_layers
+from .openclip import OpenCLIPTextEncoder, registered_layers, tower_fields, tower_layers
 from .parts import check_parts, trim_for_masks
 from .schedule import NUM_TIMESTEPS, NoiseSchedule, alphas_cumprod, rescale_zero_terminal_snr
 from .sd2 import OpenCLIPContext, StableDiffusion2, context_blocks, predicts_v
@@ -417,14 +417,11 @@ def sd2_from_state_dict(state: Mapping[str, Tensor], described: SDMetadata,
     """Build an SD 2.x model in ``dtype`` from a single file's tensors (all read); v-prediction when the
     file carries the ``v_pred`` marker or A1111's probe says so (``sd2.predicts_v``)."""
     unet, vae, vit_h = _unet_vae_and_openclip(state, described, SD2_TEXT_PREFIX)
-    width = vit_h.ln_final.weight.shape[0]
-    mlp_width = vit_h.transformer.resblocks[0].mlp.c_fc.out_features
-    _check_text_claims({"hidden_size": width, "intermediate_size": mlp_width,
-                        "num_attention_heads": vit_h.transformer.resblocks[0].attn.num_heads,
-                        "vocab_size": vit_h.token_embedding.num_embeddings,
-                        "max_position_embeddings": vit_h.positional_embedding.shape[0]}, described.text)
+    shown = tower_fields(checkpoint_part(state, SD2_TEXT_PREFIX))
+    _check_text_claims(shown, described.text)
     # the tower ldm builds: what the file says, else the registered one of its shape (every SD 2.x: ViT-H-14)
-    depth = described.text.get("num_hidden_layers") or registered_layers(width, mlp_width)
+    depth = described.text.get("num_hidden_layers") or registered_layers(shown["hidden_size"],
+                                                                         shown["intermediate_size"])
     blocks = context_blocks(len(vit_h.transformer.resblocks), depth)
     text = OpenCLIPContext(vit_h, blocks)
     _check_context_fits(text.context_dim, unet)

@@ -35,7 +35,7 @@ from ..precision import as_dtype
 from .checkpoint import (BIGG_PREFIX, CLIP_L_PREFIX, SD2_TEXT_PREFIX, V_PREDICTION_KEY, ZERO_TERMINAL_SNR_KEY,
                          check_family, stable_diffusion_from_state_dict, unet_config_from_state_dict, with_vae)
 from .model import StableDiffusion
-from .openclip import tower_heads, tower_layers
+from .openclip import tower_fields, tower_layers
 from .schedule import LINEAR_END, LINEAR_START, NUM_TIMESTEPS, alphas_cumprod
 from .text import normalize_text_state_dict
 from .unet import UNetConfig
@@ -301,22 +301,19 @@ def _vit_h_depth(config: Mapping[str, Any], tower: Mapping[str, Tensor], where: 
     what it leaves out), describes open_clip's tower ``tower`` (open_clip weights of the folder)."""
     defaults = transformers.CLIPTextConfig()
     try:
-        vocab, width = tower["token_embedding.weight"].shape
-        expected = {
-            "hidden_size": (width, "the width of its weights"),
-            "intermediate_size": (tower["transformer.resblocks.0.mlp.c_fc.weight"].shape[0], "its weights' MLP width"),
-            "num_attention_heads": (tower_heads(width), "heads 64 channels wide, as open_clip's towers have"),
-            "vocab_size": (vocab, "its weights' token embeddings"),
-            "max_position_embeddings": (tower["positional_embedding"].shape[0], "its weights' positions"),
-            "hidden_act": ("gelu", "as SD 2.x's OpenCLIP text encoder has"),
-            "layer_norm_eps": (1e-5, "open_clip's"),
-        }
+        shown = tower_fields(tower)
     except (KeyError, ValueError, IndexError) as error:  # a weight missing or of another rank
         raise CheckpointError(f"{where}: not the weights of a CLIP text model ({error})") from None
-    for field, (value, why) in expected.items():
+    why = {"hidden_size": "the width of its weights", "intermediate_size": "its weights' MLP width",
+           "num_attention_heads": "heads 64 channels wide, as open_clip's towers have",
+           "vocab_size": "its weights' token embeddings", "max_position_embeddings": "its weights' positions"}
+    expected = {**{field: (value, why[field]) for field, value in shown.items()},
+                "hidden_act": ("gelu", "as SD 2.x's OpenCLIP text encoder has"),
+                "layer_norm_eps": (1e-5, "open_clip's")}
+    for field, (value, reason) in expected.items():
         if config.get(field, getattr(defaults, field)) != value:
             raise _field_error(config.get(field, getattr(defaults, field)), field, where,
-                               f"{json.dumps(value)}, {why}")
+                               f"{json.dumps(value)}, {reason}")
     layers = config.get("num_hidden_layers", defaults.num_hidden_layers)
     held = tower_layers(tower)
     if type(layers) is not int or not held - 1 <= layers <= held or layers < 1:

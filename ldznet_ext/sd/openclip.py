@@ -112,6 +112,16 @@ def tower_heads(width: int) -> int:
     return max(1, width // 64)
 
 
+def tower_fields(state: Mapping[str, Tensor]) -> dict[str, int]:
+    """The ``CLIPTextConfig`` fields the weights of an open_clip text tower (prefix removed) show, but its
+    depth (``tower_layers``: a file may hold the tower without its last layer); KeyError / ValueError for
+    weights of another layout."""
+    vocab, width = state["token_embedding.weight"].shape
+    return {"hidden_size": width, "intermediate_size": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+            "num_attention_heads": tower_heads(width), "vocab_size": vocab,
+            "max_position_embeddings": state["positional_embedding"].shape[0]}
+
+
 def tower_layers(state: Mapping[str, Tensor]) -> int:
     """How many layers (``transformer.resblocks.N``) an open_clip text tower's weights hold."""
     return len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")})
